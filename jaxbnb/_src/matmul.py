@@ -1,0 +1,150 @@
+"""`matmul_4bit`: x @ W.T with a frozen 4-bit W, differentiable in x and bias.
+
+The weight is dequantized to the compute dtype inside the op (never saved as
+a residual), and the backward pass is `dx = g @ W` with the same dequantized
+weight, as bitsandbytes' `MatMul4Bit`. There is no gradient for W.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxbnb._src import ops
+from jaxbnb._src import validation
+from jaxbnb._src.quant_state import QuantState
+
+__all__ = ["matmul_4bit", "dequantize_weight"]
+
+
+def dequantize_weight(packed: jax.Array, quant_state: QuantState,
+                      dtype) -> jax.Array:
+  """The `[N, K]` weight dequantized straight to `dtype` (fp32 product)."""
+  from jaxbnb._src import reference  # pylint: disable=g-import-not-at-top
+
+  qs = quant_state
+  flat = ops._from_storage(packed)  # pylint: disable=protected-access
+  absmax = ops._nested_absmax(qs)  # pylint: disable=protected-access
+  w = reference.dequantize_4bit(flat, absmax, qs.numel, qs.blocksize,
+                                qs.quant_type, jnp.dtype(dtype))
+  return w.reshape(qs.shape)
+
+
+def _forward(x2d, bias, packed, qs, transposed):
+  w = dequantize_weight(packed, qs, x2d.dtype)
+  if transposed:  # a deprecated [K, N] weight
+    w = w.T
+  acc = jax.lax.dot_general(
+      x2d, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+  )
+  if bias is not None:
+    acc = acc + bias.astype(jnp.float32)
+  return acc.astype(x2d.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _matmul(x2d, bias, packed, qs, transposed):
+  return _forward(x2d, bias, packed, qs, transposed)
+
+
+def _matmul_fwd(x2d, bias, packed, qs, transposed):
+  return _forward(x2d, bias, packed, qs, transposed), (bias, packed, qs)
+
+
+def _matmul_bwd(transposed, res, g):
+  bias, packed, qs = res
+  w = dequantize_weight(packed, qs, g.dtype)
+  if transposed:
+    w = w.T
+  dx = jax.lax.dot_general(
+      g, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+  ).astype(g.dtype)
+  dbias = None
+  if bias is not None:
+    dbias = jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
+  zeros = jax.tree.map(_zero_cotangent, (packed, qs))
+  return (dx, dbias) + zeros
+
+
+def _zero_cotangent(leaf):
+  if jnp.issubdtype(leaf.dtype, jnp.inexact):
+    return jnp.zeros_like(leaf)
+  return jnp.zeros(leaf.shape, jax.dtypes.float0)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul_4bit(
+    A: jax.Array,  # pylint: disable=invalid-name
+    B: jax.Array,  # pylint: disable=invalid-name
+    quant_state: QuantState,
+    bias: jax.Array | None = None,
+    *,
+    dtype=None,
+) -> jax.Array:
+  """`A @ W.T (+ bias)` for a 4-bit `W` of shape `quant_state.shape = [N, K]`.
+
+  The weight is dequantized to the compute dtype (fp32 code x absmax, one
+  rounding), the product accumulates in float32 and is rounded once to the
+  compute dtype; this is bitsandbytes' dequantize + linear. Gradients flow
+  to `A` and `bias` (`dA = g @ W`); the 4-bit weight is frozen.
+
+  Args:
+    A: float activations `[..., K]`.
+    B: packed weight from `quantize_4bit` (any `quant_storage`).
+    quant_state: its `QuantState`; `shape` must be 2-D `[N, K]`.
+    bias: optional `[N]`.
+    dtype: compute dtype (bitsandbytes' `compute_dtype`); default `A.dtype`.
+      The result is returned in `A.dtype`.
+
+  Returns:
+    `[..., N]` in `A.dtype`.
+
+  Raises:
+    TypeError: if `A` is not a float array.
+    ValueError: if the state is not 2-D or the inner dimensions differ.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> w = jax.random.normal(jax.random.key(0), (16, 64))
+    >>> packed, qs = F.quantize_4bit(w, quant_type="nf4")
+    >>> x = jnp.ones((2, 3, 64), jnp.bfloat16)
+    >>> y = F.matmul_4bit(x, packed, qs)
+    >>> y.shape, y.dtype
+    ((2, 3, 16), dtype(bfloat16))
+  """
+  fn = "matmul_4bit"
+  validation.check_float_array(A, "A", fn)
+  if not isinstance(quant_state, QuantState):
+    raise TypeError(
+        f"{fn}: `quant_state` must be a QuantState, got "
+        f"{type(quant_state).__name__}."
+    )
+  if len(quant_state.shape) != 2:
+    raise ValueError(
+        f"{fn}: quant_state.shape must be 2-D [N, K], got {quant_state.shape}."
+    )
+  validation.check_quant_type(quant_state.quant_type,
+                              "quant_state.quant_type", fn)
+  k = A.shape[-1]
+  transposed = ops._deprecated_kn(quant_state, k)  # pylint: disable=protected-access
+  n_out = quant_state.shape[1] if transposed else quant_state.shape[0]
+  if not transposed and k != quant_state.shape[1]:
+    raise ValueError(
+        f"{fn}: A.shape[-1]={k} must equal K of the weight shape "
+        f"[N, K]={list(quant_state.shape)}."
+    )
+  if bias is not None and tuple(bias.shape) != (n_out,):
+    raise ValueError(
+        f"{fn}: `bias` must have shape ({n_out},), got {tuple(bias.shape)}."
+    )
+  compute = jnp.dtype(dtype) if dtype is not None else A.dtype
+  x2d = jnp.asarray(A).astype(compute).reshape(-1, k)
+  if bias is not None:
+    bias = jnp.asarray(bias).astype(compute)
+  y = _matmul(x2d, bias, B, quant_state, transposed)
+  return y.reshape(*A.shape[:-1], n_out).astype(A.dtype)

@@ -1,0 +1,49 @@
+"""Argument checks shared by the public ops: clear errors at the boundary."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_TYPES = ("nf4", "fp4")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+QUANT_STORAGE_DTYPES = ("uint8", "int8", "float16", "bfloat16", "float32")
+
+
+def dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def check_float_array(a, name: str, fn: str) -> None:
+  """`a` must be a non-empty fp32/fp16/bf16 array."""
+  if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+    raise TypeError(f"{fn}: `{name}` must be an array, got {type(a).__name__}.")
+  if dtype_name(a.dtype) not in FLOAT_DTYPES:
+    raise TypeError(
+        f"{fn}: `{name}` must have dtype float32, float16 or bfloat16, got "
+        f"{dtype_name(a.dtype)}."
+    )
+  if a.size == 0:
+    raise ValueError(
+        f"{fn}: `{name}` must have at least one element, got shape "
+        f"{tuple(a.shape)}."
+    )
+
+
+def check_blocksize(blocksize, allowed, name: str = "blocksize",
+                    fn: str = "") -> None:
+  if isinstance(blocksize, bool) or blocksize not in allowed:
+    prefix = f"{fn}: " if fn else ""
+    raise ValueError(
+        f"{prefix}`{name}` must be one of {allowed}, got {blocksize!r}."
+    )
+
+
+def check_quant_type(quant_type, name: str = "quant_type",
+                     fn: str = "") -> None:
+  if quant_type not in QUANT_TYPES:
+    prefix = f"{fn}: " if fn else ""
+    raise ValueError(
+        f"{prefix}`{name}` must be 'nf4' or 'fp4', got {quant_type!r}."
+    )
