@@ -192,7 +192,7 @@ def test_quantize_blockwise_matches_bnb(name):
                                atol=2 * np.spacing(G8[name + "/offset"]))
   else:
     helpers.assert_bits_equal(qs.absmax, G8[name + "/absmax"], err_msg=name)
-    out = F.dequantize_blockwise(q, qs)
+    out = F.dequantize_blockwise(jnp.asarray(G8[name + "/q"]), qs)
     assert out.dtype == jnp.dtype(dtype_name)
     expected = helpers.golden_array(G8[name + "/dequant"], dtype_name)
     helpers.assert_bits_equal(out, expected, err_msg=name)
