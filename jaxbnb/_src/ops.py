@@ -221,7 +221,7 @@ def dequantize_4bit(
     >>> from jaxbnb import functional as F
     >>> packed, qs = F.quantize_4bit(jnp.linspace(-1, 1, 8), quant_type="nf4")
     >>> F.dequantize_4bit(packed, qs)
-    Array([-1.        , -0.6961928 , -0.39491749, -0.09105004,  0.07958031,
+    Array([-1.        , -0.6961928 , -0.3949175 , -0.18477343,  0.1609302 ,
             0.44070983,  0.72295684,  1.        ], dtype=float32)
   """
   fn = "dequantize_4bit"
@@ -415,8 +415,8 @@ def int8_vectorwise_quant(
     >>> ca, stats, cols = F.int8_vectorwise_quant(
     ...     jnp.asarray([[1.0, -2.0, 8.0], [0.5, 1.0, 0.0]], jnp.float16), 6.0)
     >>> ca, stats, cols
-    (Array([[ 64, -127,    0],
-           [ 64,  127,    0]], dtype=int8), Array([2., 1.], dtype=float32), Array([2], dtype=int32))
+    (Array([[  64, -127,    0],
+           [  64,  127,    0]], dtype=int8), Array([2., 1.], dtype=float32), Array([2], dtype=int32))
   """
   ca, stats, mask = int8_vectorwise_quant_mask(A, threshold)
   if mask is None:
@@ -463,7 +463,7 @@ def int8_vectorwise_dequant(A: jax.Array, stats: jax.Array) -> jax.Array:  # pyl
     >>> from jaxbnb import functional as F
     >>> F.int8_vectorwise_dequant(jnp.asarray([[127, -64]], jnp.int8),
     ...                           jnp.asarray([2.0]))
-    Array([[ 2.       , -1.0078741]], dtype=float32)
+    Array([[ 2.      , -1.007874]], dtype=float32)
   """
   fn = "int8_vectorwise_dequant"
   if not hasattr(A, "dtype") or A.dtype != jnp.int8:

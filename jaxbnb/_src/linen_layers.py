@@ -1,0 +1,115 @@
+"""Flax Linen 4-bit layer: `Dense4bit`, a drop-in for `flax.linen.Dense`.
+
+The packed weight is a `Params4bit` in the variable collection
+`"quantized"` (not `"params"`), so `jax.grad` over `variables["params"]` and
+Optax never touch it; the float bias stays in `"params"`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxbnb._src import validation
+from jaxbnb._src.matmul import matmul_4bit
+from jaxbnb._src.quant_state import Params4bit
+
+__all__ = ["QUANTIZED", "Dense4bit", "DenseNF4", "DenseFP4"]
+
+QUANTIZED = "quantized"
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+class Dense4bit(nn.Module):
+  """A 4-bit `nn.Dense`: `y = x @ W.T + b` with W stored in NF4/FP4.
+
+  `init` draws the float kernel with `kernel_init` and quantizes it at once;
+  the weight is stored as bitsandbytes' `Linear4bit` stores it (the
+  `[features, in_features]` transpose of a Flax kernel).
+
+  Example usage::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbnb.linen import Dense4bit
+    >>> layer = Dense4bit(features=32, quant_type="nf4")
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 64)))
+    >>> sorted(variables), variables["params"]["bias"].shape
+    (['params', 'quantized'], (32,))
+    >>> layer.apply(variables, jnp.ones((2, 64))).shape
+    (2, 32)
+
+  Attributes:
+    features: output features.
+    use_bias: whether to add a bias.
+    dtype: computation dtype (bitsandbytes' `compute_dtype`); None infers it
+      from the input, bias and original weight dtype.
+    param_dtype: dtype of the initial float kernel and of the bias.
+    quant_type: "nf4" or "fp4" (bitsandbytes' default "fp4").
+    blocksize: elements per absmax block (32 ... 4096).
+    compress_statistics: double-quantize the absmax.
+    quant_storage: dtype the packed bytes are viewed as.
+    kernel_init: initializer of the float `[in, out]` kernel.
+    bias_init: initializer of the bias.
+  """
+
+  features: int
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  quant_type: str = "fp4"
+  blocksize: int = 64
+  compress_statistics: bool = True
+  quant_storage: Any = jnp.uint8
+  kernel_init: Callable[..., jax.Array] = default_kernel_init
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """Applies the layer to `inputs` `[..., in_features]`."""
+    name = type(self).__name__
+    validation.check_quant_type(self.quant_type, fn=name)
+    validation.check_blocksize(self.blocksize, validation.BLOCKSIZES_4BIT,
+                               fn=name)
+    in_features = inputs.shape[-1]
+
+    def init_weight():
+      kernel = self.kernel_init(self.make_rng("params"),
+                                (in_features, self.features),
+                                self.param_dtype)
+      return Params4bit.from_float(
+          kernel.T, blocksize=self.blocksize, quant_type=self.quant_type,
+          compress_statistics=self.compress_statistics,
+          quant_storage=self.quant_storage)
+
+    w: Params4bit = self.variable(QUANTIZED, "kernel", init_weight).value
+    if tuple(w.shape) != (self.features, in_features):
+      raise ValueError(
+          f"{name}: the quantized kernel has shape {list(w.shape)}, expected "
+          f"[features, in_features]=[{self.features}, {in_features}]."
+      )
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,),
+                        self.param_dtype)
+    dtype = self.dtype
+    if dtype is None:
+      dtype = jnp.result_type(inputs.dtype, w.quant_state.dtype,
+                              *(() if bias is None else (bias.dtype,)))
+    return matmul_4bit(inputs.astype(dtype), w.data, w.quant_state,
+                       None if bias is None else bias.astype(dtype))
+
+
+class DenseNF4(Dense4bit):
+  """`Dense4bit` with `quant_type="nf4"`."""
+
+  quant_type: str = "nf4"
+
+
+class DenseFP4(Dense4bit):
+  """`Dense4bit` with `quant_type="fp4"`."""
+
+  quant_type: str = "fp4"
