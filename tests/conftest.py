@@ -7,6 +7,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
+# The fixture generator needs torch + bitsandbytes on CUDA; never collect it.
+collect_ignore = ["golden/make_golden.py"]
+
 
 def pytest_collection_modifyitems(config, items):
   del config
