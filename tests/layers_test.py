@@ -17,7 +17,8 @@ from jaxbnb import nnx as jn
 
 def _reference(x, w: F.Params4bit, bias, dtype):
   wd = F.dequantize_4bit(w.data, w.quant_state).astype(dtype)
-  y = jnp.dot(x.astype(dtype), wd.T, preferred_element_type=jnp.float32)
+  y = jnp.dot(x.astype(dtype), wd.T, preferred_element_type=jnp.float32,
+              precision=jax.lax.Precision.HIGHEST)
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y.astype(dtype)

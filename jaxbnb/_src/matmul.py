@@ -18,6 +18,10 @@ from jaxbnb._src.quant_state import QuantState
 
 __all__ = ["matmul_4bit", "dequantize_weight"]
 
+# A float32 compute dtype means a true float32 product (as PyTorch without
+# TF32), not XLA's default TF32 passes on NVIDIA GPUs.
+_PRECISION = jax.lax.Precision.HIGHEST
+
 
 def dequantize_weight(packed: jax.Array, quant_state: QuantState,
                       dtype) -> jax.Array:
@@ -37,7 +41,8 @@ def _forward(x2d, bias, packed, qs, transposed):
   if transposed:  # a deprecated [K, N] weight
     w = w.T
   acc = jax.lax.dot_general(
-      x2d, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+      x2d, w, (((1,), (1,)), ((), ())), precision=_PRECISION,
+      preferred_element_type=jnp.float32,
   )
   if bias is not None:
     acc = acc + bias.astype(jnp.float32)
@@ -59,7 +64,8 @@ def _matmul_bwd(transposed, res, g):
   if transposed:
     w = w.T
   dx = jax.lax.dot_general(
-      g, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+      g, w, (((1,), (0,)), ((), ())), precision=_PRECISION,
+      preferred_element_type=jnp.float32,
   ).astype(g.dtype)
   dbias = None
   if bias is not None:
