@@ -60,8 +60,9 @@ def _nested_absmax(qs: QuantState) -> jax.Array:
       qs.absmax, qs.nested_absmax, qs.nested_code, qs.nested_blocksize,
       jnp.float32,
   )
-  # A separate fp32 add after the product, as bnb does (no FMA contraction
-  # can merge them because the product is rounded by the gather boundary).
+  # A separate fp32 add after the rounded product, as bnb does: the barrier
+  # keeps XLA from contracting the two into an FMA under jit.
+  deq = jax.lax.optimization_barrier(deq)
   return deq + qs.offset.astype(jnp.float32)
 
 
@@ -151,6 +152,7 @@ def quantize_4bit(
   blocksize = 64 if blocksize is None else blocksize
   validation.check_blocksize(blocksize, validation.BLOCKSIZES_4BIT, fn=fn)
   validation.check_quant_type(quant_type, fn=fn)
+  blocksize = int(blocksize)
   A = jnp.asarray(A)
   packed, absmax = _quantize_4bit_flat(A.reshape(-1), blocksize, quant_type)
   code = jnp.asarray(codebooks.get_4bit_type(quant_type))
@@ -307,6 +309,7 @@ def quantize_blockwise(
   fn = "quantize_blockwise"
   validation.check_float_array(A, "A", fn)
   validation.check_blocksize(blocksize, validation.BLOCKSIZES_8BIT, fn=fn)
+  blocksize = int(blocksize)
   A = jnp.asarray(A)
   if code is None:
     code = codebooks.create_dynamic_map(signed=True)

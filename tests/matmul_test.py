@@ -1,0 +1,400 @@
+"""Tests of matmul_4bit: forward, gradients, compute dtype, errors, sharding.
+
+The accuracy bound follows bitsandbytes' `test_matmul_4bit` (mean absolute
+error against the float matmul with B = randn(N, K) / sqrt(K)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxbnb import functional as F
+
+
+@functools.lru_cache(maxsize=None)
+def _normal(shape, seed, dtype=jnp.float32):
+  return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _weight(n, k, quant_type="nf4", blocksize=64, nested=False,
+            dtype=jnp.float32, storage=jnp.uint8, seed=100):
+  w = _normal((n, k), seed, dtype) / jnp.sqrt(jnp.asarray(k, dtype))
+  packed, qs = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                               compress_statistics=nested,
+                               quant_storage=storage)
+  return w, packed, qs
+
+
+def _ref(x, packed, qs, bias=None, compute=None):
+  """x @ W.T (+ bias) with W dequantized to `compute`, fp32 accumulation.
+
+  Like bitsandbytes 0.50, the weight is dequantized straight to the compute
+  dtype (fp32 code * absmax, one rounding), not to quant_state.dtype first.
+  """
+  compute = jnp.dtype(compute or x.dtype)
+  w = F.dequantize_4bit(packed, dataclasses.replace(qs, dtype=compute.name))
+  assert w.dtype == compute
+  y = jnp.dot(x.astype(compute), w.T, preferred_element_type=jnp.float32,
+              precision=jax.lax.Precision.HIGHEST)
+  if bias is not None:
+    y = y + bias.astype(compute).astype(jnp.float32)
+  return y.astype(compute).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------
+# 1. Forward
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant_type,nested,storage", [
+    ("nf4", False, jnp.uint8), ("fp4", True, jnp.uint8),
+    ("nf4", True, jnp.bfloat16)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("lead", [(2, 3), (5,), ()])
+def test_forward_matches_dequantized_matmul(lead, with_bias, quant_type,
+                                            nested, storage):
+  n, k = 48, 128
+  _, packed, qs = _weight(n, k, quant_type, 64, nested, storage=storage)
+  x = _normal((*lead, k), 1)
+  bias = _normal((n,), 2) if with_bias else None
+  y = F.matmul_4bit(x, packed, qs, bias)
+  assert y.shape == (*lead, n) and y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), np.asarray(_ref(x, packed, qs,
+                                                            bias)),
+                             atol=1e-5, rtol=0)
+  # Bias really is added.
+  if with_bias:
+    y0 = F.matmul_4bit(x, packed, qs)
+    np.testing.assert_allclose(np.asarray(y - y0),
+                               np.broadcast_to(np.asarray(bias), y.shape),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_forward_half_precision(dtype):
+  n, k = 64, 256
+  _, packed, qs = _weight(n, k, "nf4", 64, True, dtype=dtype)
+  x = _normal((3, k), 3, dtype)
+  bias = _normal((n,), 4, dtype)
+  y = F.matmul_4bit(x, packed, qs, bias)
+  assert y.dtype == dtype and y.shape == (3, n)
+  ref = _ref(x, packed, qs, bias)
+  # One rounding of an fp32 accumulator: at most one ulp of the output dtype.
+  np.testing.assert_allclose(np.asarray(y, np.float32),
+                             np.asarray(ref, np.float32),
+                             rtol=2 * float(jnp.finfo(dtype).eps), atol=1e-3)
+
+
+def _bnb_bound(quant_type, blocksize):
+  if quant_type == "nf4" or blocksize <= 64:
+    return 0.115
+  if blocksize <= 256:
+    return 0.13
+  return 0.16
+
+
+@pytest.mark.parametrize("quant_type,blocksize", [
+    ("nf4", 64), ("nf4", 4096), ("fp4", 32), ("fp4", 128), ("fp4", 4096)])
+@pytest.mark.parametrize("m,n,k", [(1, 256, 128), (40, 512, 128),
+                                   (9, 640, 128), (7, 384, 256)])
+def test_error_against_float_matmul(m, n, k, quant_type, blocksize):
+  w, packed, qs = _weight(n, k, quant_type, blocksize, seed=k)
+  x = _normal((m, k), 5)
+  y = F.matmul_4bit(x, packed, qs)
+  exact = jnp.dot(x, w.T, precision=jax.lax.Precision.HIGHEST)
+  err = float(jnp.mean(jnp.abs(y - exact)))
+  assert err < _bnb_bound(quant_type, blocksize), err
+  assert err > 1e-3  # the weight really was quantized
+  np.testing.assert_allclose(np.asarray(y),
+                             np.asarray(_ref(x, packed, qs)), atol=1e-5)
+
+
+def test_same_result_for_every_quant_storage():
+  x = _normal((4, 128), 6)
+  ys = []
+  for storage in (jnp.uint8, jnp.int8, jnp.float16, jnp.bfloat16, jnp.float32):
+    _, packed, qs = _weight(32, 128, "fp4", 128, True, storage=storage)
+    assert packed.dtype == storage
+    ys.append(np.asarray(F.matmul_4bit(x, packed, qs)))
+  for y in ys[1:]:
+    np.testing.assert_array_equal(y, ys[0])
+
+
+# --------------------------------------------------------------------------
+# 2. Gradients and transformations
+# --------------------------------------------------------------------------
+
+N, K = 48, 128
+
+
+def _loss(x, bias, packed, qs, g):
+  return jnp.sum(F.matmul_4bit(x, packed, qs, bias) * g)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+def test_grad_x_and_bias(lead, nested):
+  _, packed, qs = _weight(N, K, "nf4", 64, nested)
+  w = F.dequantize_4bit(packed, qs)
+  x = _normal((*lead, K), 7)
+  bias = _normal((N,), 8)
+  g = _normal((*lead, N), 9)
+  dx, dbias = jax.grad(_loss, argnums=(0, 1))(x, bias, packed, qs, g)
+  assert dx.shape == x.shape and dx.dtype == x.dtype
+  assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
+  np.testing.assert_allclose(
+      np.asarray(dx),
+      np.asarray(jnp.dot(g, w, precision=jax.lax.Precision.HIGHEST)),
+      atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dbias),
+                             np.asarray(g).reshape(-1, N).sum(0), atol=1e-5)
+  # Plain sum: dx = ones @ W.
+  dx1 = jax.grad(lambda x: F.matmul_4bit(x, packed, qs).sum())(x)
+  np.testing.assert_allclose(np.asarray(dx1),
+                             np.broadcast_to(np.asarray(w).sum(0), x.shape),
+                             atol=1e-5)
+
+
+def test_grad_under_jit_vmap_and_checkpoint():
+  _, packed, qs = _weight(N, K, "fp4", 128, True)
+  w = F.dequantize_4bit(packed, qs)
+  x = _normal((4, 5, K), 10)
+  bias = _normal((N,), 11)
+  g = _normal((4, 5, N), 12)
+  expected = np.asarray(jnp.dot(g, w, precision=jax.lax.Precision.HIGHEST))
+
+  grad = jax.grad(_loss, argnums=(0, 1))
+  dx_j, db_j = jax.jit(grad)(x, bias, packed, qs, g)
+  np.testing.assert_allclose(np.asarray(dx_j), expected, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(db_j), np.asarray(g).sum((0, 1)),
+                             atol=1e-4)
+
+  # vmap over the leading batch axis of x (and g): per-example gradients.
+  per_ex = jax.vmap(grad, in_axes=(0, None, None, None, 0))
+  dx_v, db_v = per_ex(x, bias, packed, qs, g)
+  assert dx_v.shape == x.shape and db_v.shape == (4, N)
+  np.testing.assert_allclose(np.asarray(dx_v), expected, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(db_v), np.asarray(g).sum(1),
+                             atol=1e-5)
+  dx_jv, _ = jax.jit(per_ex)(x, bias, packed, qs, g)
+  np.testing.assert_allclose(np.asarray(dx_jv), expected, atol=1e-5)
+
+  # Forward under vmap.
+  y_v = jax.vmap(F.matmul_4bit, in_axes=(0, None, None))(x, packed, qs)
+  np.testing.assert_allclose(np.asarray(y_v),
+                             np.asarray(F.matmul_4bit(x, packed, qs)),
+                             atol=1e-6)
+
+  # Rematerialization.
+  dx_c, db_c = jax.jit(jax.grad(jax.checkpoint(_loss), argnums=(0, 1)))(
+      x, bias, packed, qs, g)
+  np.testing.assert_allclose(np.asarray(dx_c), expected, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(db_c), np.asarray(db_j), atol=1e-6)
+
+
+def test_no_gradient_to_quantized_weight():
+  _, packed, qs = _weight(N, K, "nf4", 64, True)
+  x = _normal((3, K), 13)
+  assert qs.nested_absmax.dtype == jnp.float32
+
+  def loss_of_state(nested_absmax, offset, code):
+    st = dataclasses.replace(qs, nested_absmax=nested_absmax, offset=offset,
+                             code=code)
+    return jnp.sum(F.matmul_4bit(x, packed, st) ** 2)
+
+  grads = jax.grad(loss_of_state, argnums=(0, 1, 2))(
+      qs.nested_absmax, qs.offset, qs.code)
+  for g, leaf in zip(grads, (qs.nested_absmax, qs.offset, qs.code)):
+    assert g.shape == leaf.shape
+    assert not np.any(np.asarray(g)), g
+  # Differentiating w.r.t. the whole state (integer leaves included) works
+  # and gives no gradient either.
+  gs = jax.grad(lambda st: jnp.sum(F.matmul_4bit(x, packed, st)),
+                allow_int=True)(qs)
+  for leaf in jax.tree.leaves(gs):
+    if leaf.dtype != jax.dtypes.float0:
+      assert not np.any(np.asarray(leaf))
+
+
+def test_grad_compute_dtype_bf16_on_fp32_input():
+  _, packed, qs = _weight(N, K, "nf4", 64, False)
+  w16 = F.dequantize_4bit(packed, qs).astype(jnp.bfloat16)
+  x = _normal((5, K), 14)
+  g = _normal((5, N), 15)
+  dx = jax.grad(lambda x: jnp.sum(
+      F.matmul_4bit(x, packed, qs, dtype=jnp.bfloat16) * g))(x)
+  assert dx.dtype == jnp.float32
+  ref = jnp.dot(g.astype(jnp.bfloat16), w16,
+                preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(ref, np.float32),
+                             rtol=2**-7, atol=1e-2)
+
+
+# --------------------------------------------------------------------------
+# 3. The compute dtype argument
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_compute_on_fp32_input(with_bias):
+  n, k = 64, 256
+  _, packed, qs = _weight(n, k, "nf4", 64, True)
+  x = _normal((2, 3, k), 16)
+  bias = _normal((n,), 17) if with_bias else None
+  y = F.matmul_4bit(x, packed, qs, bias, dtype=jnp.bfloat16)
+  assert y.dtype == jnp.float32 and y.shape == (2, 3, n)
+  y_np = np.asarray(y)
+  # The result was rounded to bf16 before the cast back to fp32.
+  np.testing.assert_array_equal(
+      np.asarray(y.astype(jnp.bfloat16).astype(jnp.float32)), y_np)
+  ref = _ref(x, packed, qs, bias, compute=jnp.bfloat16)
+  np.testing.assert_allclose(y_np, np.asarray(ref), rtol=2**-7, atol=2e-2)
+  # It differs from the fp32 computation (the argument is not ignored).
+  y32 = np.asarray(F.matmul_4bit(x, packed, qs, bias))
+  assert not np.array_equal(y32, y_np)
+  np.testing.assert_allclose(y_np, y32, rtol=0.05, atol=0.05)
+
+
+def test_fp32_compute_on_bf16_input():
+  _, packed, qs = _weight(N, K, "nf4", 64, False, dtype=jnp.bfloat16)
+  x = _normal((4, K), 18, jnp.bfloat16)
+  y = F.matmul_4bit(x, packed, qs, dtype=jnp.float32)
+  assert y.dtype == jnp.bfloat16
+  ref = _ref(x.astype(jnp.float32), packed, qs).astype(jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(y, np.float32),
+                             np.asarray(ref, np.float32), rtol=2**-8,
+                             atol=1e-3)
+
+
+# --------------------------------------------------------------------------
+# 4. Errors and the deprecated [K, N] weight
+# --------------------------------------------------------------------------
+
+
+def test_wrong_inner_dimension():
+  _, packed, qs = _weight(N, K)
+  with pytest.raises(ValueError, match=r"A\.shape"):
+    F.matmul_4bit(_normal((3, K + 1), 19), packed, qs)
+
+
+def test_one_dimensional_quant_state():
+  w = _normal((N * K,), 20)
+  packed, qs = F.quantize_4bit(w, quant_type="nf4")
+  with pytest.raises(ValueError, match=r"quant_state\.shape"):
+    F.matmul_4bit(_normal((3, K), 19), packed, qs)
+
+
+@pytest.mark.parametrize("bias_shape", [(N + 1,), (1, N), (K,), ()])
+def test_bias_of_wrong_shape(bias_shape):
+  _, packed, qs = _weight(N, K)
+  with pytest.raises(ValueError, match="bias"):
+    F.matmul_4bit(_normal((3, K), 19), packed, qs, jnp.zeros(bias_shape))
+
+
+def test_bad_activation_and_state_types():
+  _, packed, qs = _weight(N, K)
+  with pytest.raises(TypeError, match="`A`"):
+    F.matmul_4bit(jnp.ones((3, K), jnp.int32), packed, qs)
+  with pytest.raises(TypeError, match="quant_state"):
+    F.matmul_4bit(_normal((3, K), 19), packed, qs.as_dict())
+
+
+def test_deprecated_kn_weight_warns_and_computes():
+  w_nk, _, _ = _weight(N, K)
+  packed, qs = F.quantize_4bit(w_nk.T, quant_type="nf4")  # [K, N]
+  assert qs.shape == (K, N)
+  x = _normal((2, 3, K), 21)
+  bias = _normal((N,), 22)
+  with pytest.warns(DeprecationWarning, match=r"quant_state\.shape"):
+    y = F.matmul_4bit(x, packed, qs, bias)
+  assert y.shape == (2, 3, N)
+  w_kn = F.dequantize_4bit(packed, qs)
+  ref = jnp.dot(x, w_kn, precision=jax.lax.Precision.HIGHEST) + bias
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5)
+  # Gradients take the transposed path too.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    dx = jax.grad(lambda x: F.matmul_4bit(x, packed, qs, bias).sum())(x)
+  np.testing.assert_allclose(
+      np.asarray(dx), np.broadcast_to(np.asarray(w_kn).sum(1), x.shape),
+      atol=1e-5)
+
+
+def test_square_weight_does_not_warn():
+  _, packed, qs = _weight(K, K)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", DeprecationWarning)
+    y = F.matmul_4bit(_normal((2, K), 23), packed, qs)
+  assert y.shape == (2, K)
+
+
+# --------------------------------------------------------------------------
+# 5. shard_map over the 8 virtual CPU devices
+# --------------------------------------------------------------------------
+
+
+def _mesh():
+  devices = jax.devices()
+  if len(devices) < 2:
+    pytest.skip("needs several devices (conftest forces 8 CPU devices)")
+  return Mesh(np.asarray(devices), ("data",))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_shard_map_batch_sharded(nested):
+  mesh = _mesh()
+  ndev = mesh.devices.size
+  _, packed, qs = _weight(N, K, "nf4", 64, nested)
+  x = _normal((2 * ndev, 3, K), 24)
+  bias = _normal((N,), 25)
+
+  f = jax.shard_map(
+      lambda x, b, p, s: F.matmul_4bit(x, p, s, b), mesh=mesh,
+      in_specs=(P("data"), P(), P(), P()), out_specs=P("data"))
+  y = jax.jit(f)(x, bias, packed, qs)
+  assert y.shape == (2 * ndev, 3, N)
+  expected = F.matmul_4bit(x, packed, qs, bias)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(expected), atol=1e-6)
+
+  # And its gradient with respect to the sharded activations (no bias; see
+  # the xfail below for the bias case).
+  g = _normal((2 * ndev, 3, N), 26)
+  dx = jax.jit(jax.grad(lambda x: jnp.sum(f(x, None, packed, qs) * g)))(x)
+  w = F.dequantize_4bit(packed, qs)
+  np.testing.assert_allclose(
+      np.asarray(dx),
+      np.asarray(jnp.dot(g, w, precision=jax.lax.Precision.HIGHEST)),
+      atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "library bug: matmul_4bit's custom_vjp returns a device-varying dbias "
+    "for a replicated bias inside shard_map (check_vma), which JAX rejects"))
+def test_shard_map_grad_with_replicated_bias():
+  mesh = _mesh()
+  ndev = mesh.devices.size
+  _, packed, qs = _weight(N, K, "nf4", 64, False)
+  x = _normal((2 * ndev, K), 27)
+  bias = _normal((N,), 28)
+  g = _normal((2 * ndev, N), 29)
+  f = jax.shard_map(
+      lambda x, b: F.matmul_4bit(x, packed, qs, b), mesh=mesh,
+      in_specs=(P("data"), P()), out_specs=P("data"))
+  dx, db = jax.jit(jax.grad(lambda x, b: jnp.sum(f(x, b) * g),
+                            argnums=(0, 1)))(x, bias)
+  w = F.dequantize_4bit(packed, qs)
+  np.testing.assert_allclose(
+      np.asarray(dx),
+      np.asarray(jnp.dot(g, w, precision=jax.lax.Precision.HIGHEST)),
+      atol=1e-5)
+  np.testing.assert_allclose(np.asarray(db), np.asarray(g).sum(0), atol=1e-5)
