@@ -90,8 +90,8 @@ def _assert_state_equal(a: F.QuantState, b: F.QuantState):
 
 _ERR_CASES = (
     [("float32", qt, bs) for qt in ("nf4", "fp4") for bs in BLOCKSIZES_4BIT]
-    + [(dt, qt, bs) for dt in ("float16", "bfloat16") for qt in ("nf4", "fp4")
-       for bs in (64, 4096)])
+    + [("float16", "nf4", 64), ("float16", "fp4", 4096),
+       ("bfloat16", "fp4", 64), ("bfloat16", "nf4", 4096)])
 
 
 @pytest.mark.parametrize("dtype,quant_type,blocksize", _ERR_CASES)
@@ -111,9 +111,8 @@ def test_4bit_quant_error_statistics(dtype, quant_type, blocksize):
 
 
 @pytest.mark.parametrize("dtype,blocksize,quant_type", [
-    ("float32", 32, "nf4"), ("float32", 64, "nf4"), ("float32", 128, "nf4"),
-    ("float32", 32, "fp4"), ("float32", 64, "fp4"), ("float32", 128, "fp4"),
-    ("float16", 64, "fp4"), ("float16", 128, "nf4")])
+    ("float32", 32, "nf4"), ("float32", 64, "fp4"), ("float32", 128, "fp4"),
+    ("float16", 128, "nf4"), ("float16", 32, "fp4")])
 def test_4bit_compressed_stats(dtype, blocksize, quant_type):
   a = _randn((1024, 1024), dtype)
   packed, qs = F.quantize_4bit(a, blocksize=blocksize, quant_type=quant_type,
@@ -130,8 +129,8 @@ def test_4bit_compressed_stats(dtype, blocksize, quant_type):
 
 
 @pytest.mark.parametrize("dtype,blocksize,nested", [
-    ("float32", 64, False), ("float32", 64, True), ("float32", 4096, False),
-    ("float32", 4096, True), ("bfloat16", 256, True), ("float16", 1024, False)])
+    ("float32", 64, False), ("float32", 4096, True), ("bfloat16", 256, True),
+    ("float16", 1024, False)])
 def test_blockwise_8bit_randn(dtype, blocksize, nested):
   a = _randn((256, 1024), dtype, seed=1)
   q, qs = F.quantize_blockwise(a, blocksize=blocksize, nested=nested)
@@ -144,8 +143,8 @@ def test_blockwise_8bit_randn(dtype, blocksize, nested):
   assert rel < 0.018, rel
 
 
-@pytest.mark.parametrize("blocksize,nested", [(64, False), (512, True),
-                                              (4096, False), (4096, True)])
+@pytest.mark.parametrize("blocksize,nested", [(64, True), (512, False),
+                                              (4096, True)])
 def test_blockwise_8bit_rand_unsigned(blocksize, nested):
   a = jax.random.uniform(jax.random.key(2), (256, 1024), jnp.float32)
   code = F.create_dynamic_map(signed=False)
@@ -236,9 +235,9 @@ def test_quant_storage_is_a_bitcast(quant_type):
                               err_msg=str(storage))
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("shape,blocksize", [((7,), 64), ((3, 5), 32),
-                                             ((1, 65), 64), ((129,), 64)])
+@pytest.mark.parametrize("shape,blocksize,quant_type", [
+    ((7,), 64, "nf4"), ((3, 5), 32, "fp4"), ((1, 65), 64, "fp4"),
+    ((129,), 64, "nf4")])
 def test_odd_element_count_matches_zero_padding(shape, blocksize, quant_type):
   # Padding with one zero changes no absmax and the pad nibble is the code of
   # 0, so the packed bytes of x and [x, 0] must be identical.
@@ -630,7 +629,7 @@ def test_params4bit_missing_weight():
 
 @pytest.mark.parametrize("shape,dtype", [
     ((1, 2, 4), "float16"), ((8, 128, 256), "float16"),
-    ((8, 128, 256), "float32"), ((64, 96), "bfloat16"), ((3, 1, 7), "float32")])
+    ((64, 96), "bfloat16"), ((3, 1, 7), "float32")])
 def test_int8_vectorwise_quant_within_one(shape, dtype):
   a = _randn(shape, dtype, seed=14)
   ca, stats, cols = F.int8_vectorwise_quant(a)
