@@ -396,7 +396,7 @@ def test_quantize_under_jit_matches_eager(quant_type, nested, storage):
   else:
     helpers.assert_bits_equal(qs_j.offset, qs_e.offset)
     # XLA contracts `absmax - mean` into an FMA under jit, so the nested
-    # absmax may move by one ulp (see test_nested_dequantize_under_jit_...).
+    # absmax may move by one ulp (see test_nested_quantize_under_jit_...).
     np.testing.assert_allclose(np.asarray(qs_j.nested_absmax),
                                np.asarray(qs_e.nested_absmax), rtol=3e-7)
 
@@ -421,6 +421,19 @@ def test_nested_dequantize_under_jit_is_bit_exact():
                                compress_statistics=True)
   helpers.assert_bits_equal(jax.jit(F.dequantize_4bit)(packed, qs),
                             F.dequantize_4bit(packed, qs))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "library bug: under jax.jit XLA fuses `absmax - sum(absmax) * (1/n)` "
+    "(ops._double_quantize) into an FMA, so the nested absmax differs from "
+    "eager/bitsandbytes (rounded mean, then subtract) by one ulp"))
+def test_nested_quantize_under_jit_is_bit_exact():
+  a = _randn((64, 96), "bfloat16", seed=12)
+  f = functools.partial(F.quantize_4bit, blocksize=128, quant_type="nf4",
+                        compress_statistics=True)
+  _, qs_e = f(a)
+  _, qs_j = jax.jit(f)(a)
+  _assert_state_equal(qs_e, qs_j)
 
 
 def test_blockwise_8bit_under_jit_matches_eager():
