@@ -120,7 +120,8 @@ def test_layers_under_jit_vmap_grad():
   w = variables[jl.QUANTIZED]["kernel"]
   gx = jax.grad(lambda xi: jnp.sum(layer.apply(variables, xi)))(x)
   wd = F.dequantize_4bit(w.data, w.quant_state)
-  np.testing.assert_allclose(gx, jnp.ones((6, 16)) @ wd, rtol=1e-5, atol=1e-5)
+  ref = jnp.dot(jnp.ones((6, 16)), wd, precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(gx, ref, rtol=1e-5, atol=1e-5)
   # Gradient w.r.t. params reaches only the bias.
   gp = jax.grad(lambda p: jnp.sum(layer.apply(
       {"params": p, jl.QUANTIZED: variables[jl.QUANTIZED]}, x)))(
