@@ -423,10 +423,6 @@ def test_nested_dequantize_under_jit_is_bit_exact():
                             F.dequantize_4bit(packed, qs))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: under jax.jit XLA fuses `absmax - sum(absmax) * (1/n)` "
-    "(ops._double_quantize) into an FMA, so the nested absmax differs from "
-    "eager/bitsandbytes (rounded mean, then subtract) by one ulp"))
 def test_nested_quantize_under_jit_is_bit_exact():
   a = _randn((64, 96), "bfloat16", seed=12)
   f = functools.partial(F.quantize_4bit, blocksize=128, quant_type="nf4",

@@ -45,7 +45,8 @@ def _quantize_blockwise_flat(flat, code, blocksize):
 
 def _double_quantize(absmax: jax.Array, nested_blocksize: int):
   """bnb's nested absmax: offset = mean, 8-bit blockwise codes of the rest."""
-  offset = jnp.mean(absmax)
+  # Round the mean before subtracting (no FMA under jit), as bnb does.
+  offset = jax.lax.optimization_barrier(jnp.mean(absmax))
   code = jnp.asarray(codebooks.create_dynamic_map(signed=True))
   q, nested_absmax = _quantize_blockwise_flat(absmax - offset, code,
                                               nested_blocksize)
