@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxbnb._src import validation
-from jaxbnb._src.matmul import matmul_4bit
+from jaxbnb._src.matmul import apply_4bit_layer
 from jaxbnb._src.quant_state import Params4bit
 
 __all__ = ["QUANTIZED", "Dense4bit", "DenseNF4", "DenseFP4"]
@@ -95,12 +95,7 @@ class Dense4bit(nn.Module):
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,),
                         self.param_dtype)
-    dtype = self.dtype
-    if dtype is None:
-      dtype = jnp.result_type(inputs.dtype, w.quant_state.dtype,
-                              *(() if bias is None else (bias.dtype,)))
-    return matmul_4bit(inputs.astype(dtype), w.data, w.quant_state,
-                       None if bias is None else bias.astype(dtype))
+    return apply_4bit_layer(inputs, w, bias, self.dtype)
 
 
 class DenseNF4(Dense4bit):

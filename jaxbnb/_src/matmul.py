@@ -154,3 +154,16 @@ def matmul_4bit(
     bias = jnp.asarray(bias).astype(compute)
   y = _matmul(x2d, bias, B, quant_state, transposed)
   return y.reshape(*A.shape[:-1], n_out).astype(A.dtype)
+
+
+def apply_4bit_layer(inputs, weight, bias, dtype):
+  """The 4-bit layer forward shared by linen `Dense4bit` and NNX `Linear4bit`.
+
+  `dtype=None` infers the compute dtype from the input, the original weight
+  dtype and the bias, as Flax's `promote_dtype` does.
+  """
+  if dtype is None:
+    dtype = jnp.result_type(inputs.dtype, weight.quant_state.dtype,
+                            *(() if bias is None else (bias.dtype,)))
+  return matmul_4bit(inputs.astype(dtype), weight.data, weight.quant_state,
+                     None if bias is None else bias.astype(dtype))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbnb._src import validation
-from jaxbnb._src.matmul import matmul_4bit
+from jaxbnb._src.matmul import apply_4bit_layer
 from jaxbnb._src.quant_state import Params4bit
 
 __all__ = ["QuantizedWeight", "Linear4bit", "LinearNF4", "LinearFP4"]
@@ -156,12 +156,7 @@ class Linear4bit(nnx.Module):
     """Applies the layer to `inputs` `[..., in_features]`."""
     w: Params4bit = self.weight.get_value()
     bias = self.bias[...] if self.bias is not None else None
-    dtype = self.dtype
-    if dtype is None:
-      dtype = jnp.result_type(inputs.dtype, w.quant_state.dtype,
-                              *(() if bias is None else (bias.dtype,)))
-    return matmul_4bit(inputs.astype(dtype), w.data, w.quant_state,
-                       None if bias is None else bias.astype(dtype))
+    return apply_4bit_layer(inputs, w, bias, self.dtype)
 
 
 class LinearNF4(Linear4bit):
