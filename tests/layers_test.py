@@ -210,3 +210,97 @@ def test_layer_bad_input():
     ok.apply(variables, jnp.ones((1, 8)))
   with pytest.raises(TypeError, match="quantize_params"):
     jl.quantize_params([1, 2, 3])
+
+
+class _Block(nn.Module):
+  """fc1 already 4-bit, fc2 a float Dense (or 4-bit when `dense4` is set)."""
+  dense4: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(jl.DenseNF4(64, name="fc1")(x))
+    dense = jl.DenseNF4 if self.dense4 else nn.Dense
+    return dense(32, name="fc2")(x)
+
+
+class _Mixed(nn.Module):
+  dense4: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = _Block(self.dense4, name="block")(x)
+    return jl.DenseNF4(16, name="out")(x)
+
+
+def test_quantize_params_merges_existing_quantized_collection():
+  x = jax.random.normal(jax.random.key(0), (4, 32))
+  variables = _Mixed().init(jax.random.key(1), x)
+  old = variables[jl.QUANTIZED]
+  assert set(old) == {"block", "out"} and set(old["block"]) == {"fc1"}
+  assert "kernel" in variables["params"]["block"]["fc2"]
+  out = jl.quantize_params(variables, quant_type="nf4")
+  q = out[jl.QUANTIZED]
+  assert set(q) == {"block", "out"}
+  assert set(q["block"]) == {"fc1", "fc2"}  # merged, not replaced
+  assert q["block"]["fc1"]["kernel"] is old["block"]["fc1"]["kernel"]
+  assert q["out"]["kernel"] is old["out"]["kernel"]
+  assert "kernel" not in out["params"]["block"]["fc2"]
+  y4 = _Mixed(dense4=True).apply(out, x)
+  y = _Mixed().apply(variables, x)
+  assert y4.shape == y.shape == (4, 16)
+  assert float(jnp.abs(y4 - y).mean()) < 0.1 * float(jnp.abs(y).mean()) + 0.05
+
+
+def test_quantize_params_rejects_kernel_in_both_collections():
+  x = jnp.ones((2, 32))
+  variables = _Mixed().init(jax.random.key(1), x)
+  params = dict(variables["params"])
+  params["out"] = {**params["out"], "kernel": jnp.ones((64, 16))}
+  with pytest.raises(ValueError, match="out/kernel"):
+    jl.quantize_params({**variables, "params": params})
+
+
+def test_fixed_type_nnx_layers_reject_conflicting_quant_type():
+  linear = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+  for cls, good, bad in ((jn.LinearNF4, "nf4", "fp4"),
+                         (jn.LinearFP4, "fp4", "nf4")):
+    msg = f"`quant_type`.*'{good}'.*'{bad}'"
+    with pytest.raises(ValueError, match=msg):
+      cls.from_linear(linear, quant_type=bad)
+    with pytest.raises(ValueError, match=msg):
+      cls(64, 32, quant_type=bad, rngs=nnx.Rngs(0))
+    wrong = F.Params4bit.from_float(jnp.ones((32, 64)), quant_type=bad)
+    with pytest.raises(ValueError, match=f"`weight`.*'{good}'.*'{bad}'"):
+      cls(64, 32, weight=wrong, use_bias=False)
+    for layer in (cls.from_linear(linear), cls.from_linear(
+        linear, quant_type=good), cls(64, 32, quant_type=good,
+                                      rngs=nnx.Rngs(0))):
+      assert type(layer) is cls
+      assert layer.weight.get_value().quant_state.quant_type == good
+
+
+def test_fixed_type_linen_layers_reject_conflicting_quant_type():
+  x = jnp.ones((2, 32))
+  for cls, good, bad in ((jl.DenseNF4, "nf4", "fp4"),
+                         (jl.DenseFP4, "fp4", "nf4")):
+    with pytest.raises(ValueError, match=f"`quant_type`.*'{good}'.*'{bad}'"):
+      cls(8, quant_type=bad).init(jax.random.key(0), x)
+    variables = cls(8, quant_type=good).init(jax.random.key(0), x)
+    assert variables[jl.QUANTIZED]["kernel"].quant_state.quant_type == good
+    wrong = jl.Dense4bit(8, quant_type=bad).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=f"kernel.*'{good}'.*'{bad}'"):
+      cls(8).apply(wrong, x)
+
+
+def test_layers_reject_0d_inputs():
+  layer = jn.Linear4bit(16, 8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"`inputs`.*\[\.\.\., in_features\]"):
+    layer(jnp.float32(1.0))
+  with pytest.raises(ValueError, match=r"`inputs`.*in_features.*16.*8"):
+    layer(jnp.ones((2, 8)))
+  dense = jl.Dense4bit(8)
+  with pytest.raises(ValueError, match=r"`inputs`.*\[\.\.\., in_features\]"):
+    dense.init(jax.random.key(0), jnp.float32(1.0))
+  variables = dense.init(jax.random.key(0), jnp.ones((1, 16)))
+  with pytest.raises(ValueError, match=r"`inputs`.*\[\.\.\., in_features\]"):
+    dense.apply(variables, jnp.float32(1.0))

@@ -15,6 +15,8 @@ from flax import linen as nn
 
 from jaxbnb._src import validation
 from jaxbnb._src.matmul import apply_4bit_layer
+from jaxbnb._src.nnx_layers import check_fixed_quant_type
+from jaxbnb._src.nnx_layers import check_inputs
 from jaxbnb._src.quant_state import Params4bit
 
 __all__ = ["QUANTIZED", "Dense4bit", "DenseNF4", "DenseFP4"]
@@ -67,13 +69,25 @@ class Dense4bit(nn.Module):
   kernel_init: Callable[..., jax.Array] = default_kernel_init
   bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
 
+  _fixed_quant_type = None  # "nf4" / "fp4" in DenseNF4 / DenseFP4
+
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    """Applies the layer to `inputs` `[..., in_features]`."""
+    """Applies the layer to `inputs` `[..., in_features]`.
+
+    Raises:
+      ValueError: for a bad quant_type or blocksize, a 0-d `inputs`, a
+        quantized kernel whose shape is not `[features, in_features]`, or
+        (for `DenseNF4`/`DenseFP4`) a `quant_type` or quantized kernel of
+        the other type.
+    """
     name = type(self).__name__
+    fixed = self._fixed_quant_type
+    check_fixed_quant_type(fixed, self.quant_type, name)
     validation.check_quant_type(self.quant_type, fn=name)
     validation.check_blocksize(self.blocksize, validation.BLOCKSIZES_4BIT,
                                fn=name)
+    check_inputs(inputs, None, name)
     in_features = inputs.shape[-1]
 
     def init_weight():
@@ -91,6 +105,11 @@ class Dense4bit(nn.Module):
           f"{name}: the quantized kernel has shape {list(w.shape)}, expected "
           f"[features, in_features]=[{self.features}, {in_features}]."
       )
+    if fixed is not None and w.quant_state.quant_type != fixed:
+      raise ValueError(
+          f"{name}: the quantized kernel must have quant_type {fixed!r}, got "
+          f"{w.quant_state.quant_type!r}."
+      )
     bias = None
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,),
@@ -99,12 +118,14 @@ class Dense4bit(nn.Module):
 
 
 class DenseNF4(Dense4bit):
-  """`Dense4bit` with `quant_type="nf4"`."""
+  """`Dense4bit` with `quant_type="nf4"` (another quant_type is an error)."""
 
   quant_type: str = "nf4"
+  _fixed_quant_type = "nf4"
 
 
 class DenseFP4(Dense4bit):
-  """`Dense4bit` with `quant_type="fp4"`."""
+  """`Dense4bit` with `quant_type="fp4"` (another quant_type is an error)."""
 
   quant_type: str = "fp4"
+  _fixed_quant_type = "fp4"

@@ -32,6 +32,26 @@ def _check_config(quant_type, blocksize, fn):
   validation.check_blocksize(blocksize, validation.BLOCKSIZES_4BIT, fn=fn)
 
 
+def check_fixed_quant_type(fixed, quant_type, fn):
+  """A fixed-type layer (NF4/FP4) takes only its own `quant_type`."""
+  if fixed is not None and quant_type != fixed:
+    raise ValueError(
+        f"{fn}: `quant_type` must be {fixed!r} (or left out), got "
+        f"{quant_type!r}."
+    )
+
+
+def check_inputs(inputs, in_features, fn):
+  """`inputs` must be `[..., in_features]` (`in_features` None: any)."""
+  shape = tuple(jnp.shape(inputs))
+  if not shape or (in_features is not None and shape[-1] != in_features):
+    want = "" if in_features is None else f" with in_features={in_features}"
+    raise ValueError(
+        f"{fn}: `inputs` must have shape [..., in_features]{want}, got shape "
+        f"{shape}."
+    )
+
+
 class Linear4bit(nnx.Module):
   """A 4-bit drop-in for `nnx.Linear`: `y = x @ W.T + b` with W in NF4/FP4.
 
@@ -72,10 +92,12 @@ class Linear4bit(nnx.Module):
 
   Raises:
     ValueError: for a bad quant_type, blocksize or a `weight` whose shape is
-      not `[out_features, in_features]`.
+      not `[out_features, in_features]` (or, for `LinearNF4`/`LinearFP4`, a
+      `quant_type` or `weight` of the other type).
   """
 
   _default_quant_type = "fp4"
+  _fixed_quant_type = None  # "nf4" / "fp4" in LinearNF4 / LinearFP4
 
   def __init__(
       self,
@@ -121,6 +143,13 @@ class Linear4bit(nnx.Module):
           f"[out_features, in_features]=[{out_features}, {in_features}], "
           f"got {list(weight.shape)}."
       )
+    elif (self._fixed_quant_type is not None
+          and weight.quant_state.quant_type != self._fixed_quant_type):
+      raise ValueError(
+          f"{type(self).__name__}: `weight` must be quantized with quant_type "
+          f"{self._fixed_quant_type!r}, got "
+          f"{weight.quant_state.quant_type!r}."
+      )
     if use_bias and bias is None:
       raise ValueError(f"{type(self).__name__}: use_bias=True needs `bias`.")
     self.weight = QuantizedWeight(weight)
@@ -137,7 +166,14 @@ class Linear4bit(nnx.Module):
 
     Returns:
       The 4-bit layer with the same bias.
+
+    Raises:
+      ValueError: if `quant_type` conflicts with a fixed-type class
+        (`LinearNF4.from_linear(..., quant_type="fp4")`).
     """
+    if "quant_type" in kwargs:
+      check_fixed_quant_type(cls._fixed_quant_type, kwargs["quant_type"],
+                             f"{cls.__name__}.from_linear")
     kernel = linear.kernel[...]
     q_kwargs = {k: kwargs.pop(k) for k in ("quant_type", "blocksize",
                                            "compress_statistics",
@@ -154,24 +190,32 @@ class Linear4bit(nnx.Module):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """Applies the layer to `inputs` `[..., in_features]`."""
+    check_inputs(inputs, self.in_features, type(self).__name__)
     w: Params4bit = self.weight.get_value()
     bias = self.bias[...] if self.bias is not None else None
     return apply_4bit_layer(inputs, w, bias, self.dtype)
 
 
 class LinearNF4(Linear4bit):
-  """`Linear4bit` with `quant_type="nf4"`."""
+  """`Linear4bit` with `quant_type="nf4"` (another quant_type is an error)."""
 
   _default_quant_type = "nf4"
+  _fixed_quant_type = "nf4"
 
   def __init__(self, in_features: int, out_features: int, **kwargs):
+    check_fixed_quant_type("nf4", kwargs.get("quant_type", "nf4"),
+                           type(self).__name__)
     kwargs["quant_type"] = "nf4"
     super().__init__(in_features, out_features, **kwargs)
 
 
 class LinearFP4(Linear4bit):
-  """`Linear4bit` with `quant_type="fp4"`."""
+  """`Linear4bit` with `quant_type="fp4"` (another quant_type is an error)."""
+
+  _fixed_quant_type = "fp4"
 
   def __init__(self, in_features: int, out_features: int, **kwargs):
+    check_fixed_quant_type("fp4", kwargs.get("quant_type", "fp4"),
+                           type(self).__name__)
     kwargs["quant_type"] = "fp4"
     super().__init__(in_features, out_features, **kwargs)

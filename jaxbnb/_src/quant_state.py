@@ -31,6 +31,17 @@ def _np(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def _allclose(a, b) -> bool:
+  """bitsandbytes' `torch.allclose(a, b, atol=1e-6)`; None only equals None."""
+  if a is None or b is None:
+    return a is None and b is None
+  a, b = _np(a), _np(b)
+  if a.shape != b.shape:
+    return False
+  return bool(np.allclose(a.astype(np.float64), b.astype(np.float64),
+                          atol=1e-6))
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantState:
   """State needed to dequantize a blockwise-quantized array.
@@ -64,6 +75,50 @@ class QuantState:
   nested_blocksize: int = dataclasses.field(
       default=256, metadata=dict(static=True)
   )
+
+  def __eq__(self, other: object) -> bool:
+    """Value equality, as bitsandbytes' `QuantState.__eq__` defines it.
+
+    Two states are equal when `quant_type`, `blocksize`, `shape` and `dtype`
+    match, `absmax` and `code` are allclose (`atol=1e-6`), both `offset`s
+    are None or allclose, and the nested states (`nested_absmax`,
+    `nested_code`, `nested_blocksize`; bitsandbytes' `state2`) are both
+    absent or equal. Anything that is not a `QuantState` is unequal. The
+    arrays are compared on the host, so this does not work on traced
+    values inside `jax.jit`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxbnb import functional as F
+      >>> _, a = F.quantize_4bit(jnp.ones((8, 8)), quant_type="nf4")
+      >>> _, b = F.quantize_4bit(jnp.ones((8, 8)), quant_type="nf4")
+      >>> _, c = F.quantize_4bit(jnp.ones((8, 8)), quant_type="fp4")
+      >>> a == b, a == c, a == "nf4"
+      (True, False, False)
+    """
+    if not isinstance(other, QuantState):
+      return False  # as bitsandbytes (NotImplemented lets numpy broadcast)
+    if (self.quant_type, self.blocksize, tuple(self.shape),
+        str(self.dtype)) != (other.quant_type, other.blocksize,
+                             tuple(other.shape), str(other.dtype)):
+      return False
+    if self.nested != other.nested:
+      return False
+    if self.nested and self.nested_blocksize != other.nested_blocksize:
+      return False
+    return all(
+        _allclose(a, b) for a, b in (
+            (self.absmax, other.absmax),
+            (self.code, other.code),
+            (self.offset, other.offset),
+            (self.nested_absmax, other.nested_absmax),
+            (self.nested_code, other.nested_code),
+        )
+    )
+
+  # `@dataclass(frozen=True)` still generates `__hash__` over all fields
+  # (unchanged: it fails on the unhashable arrays; a QuantState is a pytree,
+  # never a static argument).
 
   @property
   def nested(self) -> bool:

@@ -62,12 +62,15 @@ def quantize_params(
 
   Returns:
     For a Linen tree: a variables dict `{"params": ..., "quantized": ...}`
-    for the Dense4bit model (quantized kernels removed from "params"). For
-    an NNX module: the same module, modified in place.
+    for the Dense4bit model (quantized kernels removed from "params"); the
+    other collections of a variables dict are kept, and an existing
+    "quantized" collection (layers that were 4-bit already) is merged with
+    the new kernels. For an NNX module: the same module, modified in place.
 
   Raises:
     TypeError: if `target` is neither a mapping nor an NNX module.
-    ValueError: for a bad quant_type or blocksize.
+    ValueError: for a bad quant_type or blocksize, or a float kernel whose
+      path is already in the "quantized" collection.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -92,13 +95,32 @@ def quantize_params(
   if isinstance(target, Mapping):
     if set(target) >= {"params"} and isinstance(target["params"], Mapping):
       out = _quantize_linen(target["params"], skip, qkw)
-      rest = {k: v for k, v in target.items() if k != "params"}
-      return {**rest, **out}
+      rest = {k: v for k, v in target.items()
+              if k not in ("params", QUANTIZED)}
+      quantized = _merge(target.get(QUANTIZED, {}), out[QUANTIZED], "")
+      return {**rest, "params": out["params"], QUANTIZED: quantized}
     return _quantize_linen(target, skip, qkw)
   raise TypeError(
       "quantize_params: `target` must be a Linen params mapping or an "
       f"nnx.Module, got {type(target).__name__}."
   )
+
+
+def _merge(old: Mapping, new: Mapping, path: str) -> dict:
+  """Nested merge of newly quantized kernels into an existing collection."""
+  out = dict(old)
+  for key, value in new.items():
+    sub = f"{path}/{key}" if path else str(key)
+    if key not in out:
+      out[key] = value
+    elif isinstance(out[key], Mapping) and isinstance(value, Mapping):
+      out[key] = _merge(out[key], value, sub)
+    else:
+      raise ValueError(
+          f"quantize_params: {sub!r} is both a float kernel in 'params' and "
+          f"an entry of the existing {QUANTIZED!r} collection; remove one."
+      )
+  return out
 
 
 def _quantize_linen(params: Mapping, skip, qkw):
