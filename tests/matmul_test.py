@@ -367,8 +367,7 @@ def test_shard_map_batch_sharded(nested):
   expected = F.matmul_4bit(x, packed, qs, bias)
   np.testing.assert_allclose(np.asarray(y), np.asarray(expected), atol=1e-6)
 
-  # And its gradient with respect to the sharded activations (no bias; see
-  # the xfail below for the bias case).
+  # And its gradient with respect to the sharded activations.
   g = _normal((2 * ndev, 3, N), 26)
   dx = jax.jit(jax.grad(lambda x: jnp.sum(f(x, None, packed, qs) * g)))(x)
   w = F.dequantize_4bit(packed, qs)
@@ -378,9 +377,6 @@ def test_shard_map_batch_sharded(nested):
       atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "library bug: matmul_4bit's custom_vjp returns a device-varying dbias "
-    "for a replicated bias inside shard_map (check_vma), which JAX rejects"))
 def test_shard_map_grad_with_replicated_bias():
   mesh = _mesh()
   ndev = mesh.devices.size

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
   demo.add_argument("--batch", type=int, default=8)
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(func=_demo)
+  from jaxbnb._src import bench  # pylint: disable=g-import-not-at-top
+  bench.add_parser(sub)
   args = parser.parse_args(argv)
   for name in ("rows", "cols", "batch"):
     if getattr(args, name, 1) < 1:

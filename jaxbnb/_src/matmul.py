@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxbnb._src import kernels
 from jaxbnb._src import ops
 from jaxbnb._src import validation
 from jaxbnb._src.quant_state import QuantState
@@ -26,17 +27,19 @@ _PRECISION = jax.lax.Precision.HIGHEST
 def dequantize_weight(packed: jax.Array, quant_state: QuantState,
                       dtype) -> jax.Array:
   """The `[N, K]` weight dequantized straight to `dtype` (fp32 product)."""
-  from jaxbnb._src import reference  # pylint: disable=g-import-not-at-top
-
   qs = quant_state
   flat = ops._from_storage(packed)  # pylint: disable=protected-access
-  absmax = ops._nested_absmax(qs)  # pylint: disable=protected-access
-  w = reference.dequantize_4bit(flat, absmax, qs.numel, qs.blocksize,
-                                qs.quant_type, jnp.dtype(dtype))
+  w = ops.dequantize_flat(flat, qs, dtype)
   return w.reshape(qs.shape)
 
 
 def _forward(x2d, bias, packed, qs, transposed):
+  impl = kernels.current_impl()
+  if impl is not None and not transposed:
+    flat = ops._from_storage(packed)  # pylint: disable=protected-access
+    y = kernels.gemv(x2d, flat, qs, bias, impl)
+    if y is not None:
+      return y
   w = dequantize_weight(packed, qs, x2d.dtype)
   if transposed:  # a deprecated [K, N] weight
     w = w.T
@@ -152,8 +155,37 @@ def matmul_4bit(
   x2d = jnp.asarray(A).astype(compute).reshape(-1, k)
   if bias is not None:
     bias = jnp.asarray(bias).astype(compute)
+  x2d, bias = _match_vma((x2d, bias), (x2d, bias, B, quant_state))
   y = _matmul(x2d, bias, B, quant_state, transposed)
   return y.reshape(*A.shape[:-1], n_out).astype(A.dtype)
+
+
+def _varying(v) -> frozenset:
+  t = jax.typeof(v)
+  mat = getattr(t, "manual_axis_type", None)
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(t, "vma", ()) or ())
+
+
+def _match_vma(args, like):
+  """`args` cast to device-varying over every mesh axis `like` varies over.
+
+  Inside `shard_map`, a replicated activation or bias that meets a sharded
+  weight (or sharded activations) must be cast to varying before the custom
+  VJP, so that its cotangent is summed over those axes (the transpose of
+  the cast) instead of being left device-varying.
+  """
+  leaves = [v for v in jax.tree.leaves(like) if hasattr(v, "dtype")]
+  varying = frozenset().union(*(_varying(v) for v in leaves))
+  out = []
+  for a in args:
+    if a is None or not varying:
+      out.append(a)
+      continue
+    missing = tuple(sorted(varying - _varying(a)))
+    out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+  return tuple(out)
 
 
 def apply_4bit_layer(inputs, weight, bias, dtype):

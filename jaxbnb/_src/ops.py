@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbnb._src import codebooks
+from jaxbnb._src import kernels
 from jaxbnb._src import reference
 from jaxbnb._src import validation
 from jaxbnb._src.quant_state import QuantState
@@ -33,9 +34,15 @@ __all__ = [
 ]
 
 
-@functools.partial(jax.jit, static_argnames=("blocksize", "quant_type"))
 def _quantize_4bit_flat(flat, blocksize, quant_type):
-  return reference.quantize_4bit(flat, blocksize, quant_type)
+  return _quantize_4bit_jit(flat, blocksize, quant_type,
+                            kernels.current_impl())
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("blocksize", "quant_type", "impl"))
+def _quantize_4bit_jit(flat, blocksize, quant_type, impl):
+  return kernels.quantize_4bit_flat(flat, blocksize, quant_type, impl)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize",))
@@ -252,15 +259,54 @@ def dequantize_4bit(
         f"{fn}: packed `A` has {packed.shape[0]} bytes, expected "
         f"(n + 1) // 2 = {(n + 1) // 2} for shape {qs.shape}."
     )
-  out = _dequantize_4bit_jit(packed, _nested_absmax(qs), n, qs.blocksize,
-                             qs.quant_type, qs.dtype)
+  if qs.absmax.shape[0] != -(-n // qs.blocksize):
+    raise ValueError(
+        f"{fn}: absmax has {qs.absmax.shape[0]} entries, expected "
+        f"ceil(n / blocksize) = {-(-n // qs.blocksize)} for shape {qs.shape} "
+        f"and blocksize {qs.blocksize}."
+    )
+  out = dequantize_flat(packed, qs)
   return out.reshape(qs.shape)
+
+
+def dequantize_flat(packed: jax.Array, qs: QuantState, dtype=None,
+                    impl: str | None | bool = False) -> jax.Array:
+  """The flat dequantized array of `qs.numel` elements (kernel or reference).
+
+  `impl=False` reads the current kernel mode.
+  """
+  if impl is False:
+    impl = kernels.current_impl()
+  dtype = jnp.dtype(qs.dtype if dtype is None else dtype).name
+  n = qs.numel
+  if impl is not None and kernels.can_dequantize(n, qs.blocksize, dtype):
+    nested = None
+    absmax = qs.absmax
+    if qs.nested:
+      nested = (qs.nested_absmax, qs.nested_code, qs.offset)
+    return _dequantize_kernel_jit(packed, absmax, nested, n, qs.blocksize,
+                                  qs.quant_type, dtype, qs.nested_blocksize,
+                                  impl)
+  if impl is not None:
+    kernels._fallback(f"dequantize_4bit of {n} elements")  # pylint: disable=protected-access
+  return _dequantize_4bit_jit(packed, _nested_absmax(qs), n, qs.blocksize,
+                              qs.quant_type, dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
 def _dequantize_4bit_jit(packed, absmax, n, blocksize, quant_type, dtype):
   return reference.dequantize_4bit(packed, absmax, n, blocksize, quant_type,
                                    jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
+def _dequantize_kernel_jit(packed, absmax, nested, n, blocksize, quant_type,
+                           dtype, nested_blocksize, impl):
+  from pallas_kernels import dequantize_4bit as dk  # pylint: disable=g-import-not-at-top
+  return dk.dequantize_4bit(
+      packed, absmax, jnp.asarray(codebooks.code_for(quant_type)),
+      numel=n, blocksize=blocksize, dtype=jnp.dtype(dtype), nested=nested,
+      nested_blocksize=nested_blocksize, interpret=impl == "interpret")
 
 
 def dequantize_nf4(A, quant_state=None, absmax=None, blocksize=None, **kw):  # pylint: disable=invalid-name

@@ -1,0 +1,110 @@
+"""Which implementation serves an op: a Pallas kernel or the jnp reference.
+
+The mode is read when an op is traced, so a function jitted under one mode
+keeps that choice; jaxbnb's own jitted helpers take the mode as a static
+argument and retrace when it changes.
+
+Modes:
+
+* ``"auto"`` (default): Pallas kernels on NVIDIA GPUs where their `can_use`
+  accepts the shape, the pure-jnp reference everywhere else.
+* ``"reference"``: always the pure-jnp reference (the switch that forces it).
+* ``"pallas"``: always the kernels, compiled for the GPU; an op whose kernel
+  cannot run raises instead of falling back.
+* ``"interpret"``: the kernels in Pallas interpret mode (any backend, slow;
+  this is how CPU tests exercise the kernels).
+
+The environment variable ``JAXBNB_KERNELS`` sets the initial mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import jax
+
+__all__ = ["MODES", "kernel_mode", "get_kernel_mode", "set_kernel_mode",
+           "use_kernels"]
+
+MODES = ("auto", "reference", "pallas", "interpret")
+
+
+def _check(mode: str) -> str:
+  if mode not in MODES:
+    raise ValueError(
+        f"kernel mode must be one of {MODES}, got {mode!r}.")
+  return mode
+
+
+class _State(threading.local):
+
+  def __init__(self):
+    super().__init__()
+    self.mode = _check(os.environ.get("JAXBNB_KERNELS", "auto"))
+
+
+_STATE = _State()
+
+
+def get_kernel_mode() -> str:
+  """The current kernel mode (see the module docstring).
+
+  Examples:
+    >>> import jaxbnb
+    >>> jaxbnb.get_kernel_mode() in jaxbnb.KERNEL_MODES
+    True
+  """
+  return _STATE.mode
+
+
+def set_kernel_mode(mode: str) -> None:
+  """Sets the kernel mode for this thread: auto, reference, pallas, interpret.
+
+  Examples:
+    >>> import jaxbnb
+    >>> old = jaxbnb.get_kernel_mode()
+    >>> jaxbnb.set_kernel_mode("reference")
+    >>> jaxbnb.set_kernel_mode(old)
+  """
+  _STATE.mode = _check(mode)
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str):
+  """Context manager that sets the kernel mode inside its block.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jaxbnb
+    >>> from jaxbnb import functional as F
+    >>> with jaxbnb.kernel_mode("reference"):  # never a Pallas kernel
+    ...   packed, qs = F.quantize_4bit(jnp.ones((64, 64)))
+  """
+  old = _STATE.mode
+  _STATE.mode = _check(mode)
+  try:
+    yield
+  finally:
+    _STATE.mode = old
+
+
+def _on_nvidia_gpu() -> bool:
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return False
+  return dev.platform == "gpu" and "nvidia" in dev.device_kind.lower()
+
+
+def use_kernels(mode: str | None = None) -> tuple[bool, bool]:
+  """(use a kernel, in interpret mode) for `mode` (default: the current)."""
+  mode = _STATE.mode if mode is None else mode
+  if mode == "reference":
+    return False, False
+  if mode == "interpret":
+    return True, True
+  if mode == "pallas":
+    return True, False
+  return _on_nvidia_gpu(), False

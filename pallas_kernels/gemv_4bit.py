@@ -1,0 +1,334 @@
+"""Fused 4-bit dequantize-and-multiply for decoding: `y = x @ W.T`, M small.
+
+`W` is a bitsandbytes 4-bit weight `[N, K]` (flattened row-major, blocks of
+`blocksize` along K, even element in the high nibble), `x` is `[M, K]`.
+Each program owns `block_n` rows of `W` and walks its share of K, loading
+each packed byte once (streamed, evict-first). A byte is decoded with one
+gather from a 256-entry table holding both of its values, or, for float32
+inputs, two gathers from the 16-entry fp32 table; a double-quantized absmax
+is decoded in place. Two variants:
+
+* ``"reduce"`` (M = 1..4): multiply by the even/odd halves of `x` in fp32,
+  scale by the absmax per block and accumulate elementwise; one reduction
+  at the end.
+* ``"dot"`` (larger M): per quantization block, the decoded `[block_n,
+  blocksize/2]` halves go through the tensor cores against `x`'s halves
+  (swap-AB: the weight rows are the MMA's M dimension), and the fp32 result
+  is scaled by that block's absmax.
+
+With `split_k > 1` the programs of one row tile split K and write fp32
+partial sums that the caller adds (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _backend
+from pallas_kernels._backend import pl
+from pallas_kernels._backend import pltriton
+from pallas_kernels.dequantize_4bit import decode_absmax
+
+__all__ = ["can_use", "gemv_4bit", "default_config", "pair_table"]
+
+_HI = np.uint32(0xFFFF0000)
+
+
+def can_use(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
+  """Whether the fused kernel serves `[m, k] @ [n, k].T` (else dequant+dot)."""
+  return (_backend.available() and m >= 1 and n >= 1
+          and k % blocksize == 0 and 32 <= blocksize <= 4096
+          and blocksize & (blocksize - 1) == 0
+          and jnp.dtype(dtype) in (jnp.float32, jnp.float16, jnp.bfloat16))
+
+
+def pair_table(lut: jax.Array) -> jax.Array:
+  """uint32 [256]: byte b -> bf16 bits of (code[b >> 4] << 16 | code[b & 15]).
+
+  The codes are rounded to bfloat16 (as bitsandbytes' own GEMV does when it
+  casts its table to the compute dtype).
+  """
+  bits = jax.lax.bitcast_convert_type(
+      lut.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+  b = jnp.arange(256, dtype=jnp.uint32)
+  return (bits[b >> 4] << 16) | bits[b & 15]
+
+
+def _pow2_floor(v: int) -> int:
+  return 1 << (max(1, v).bit_length() - 1)
+
+
+def _pow2_ceil(v: int) -> int:
+  return 1 << (max(1, v) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
+                   num_sms: int = 132) -> tuple:
+  """(variant, block_n, block_kb, split_k, num_warps, num_stages)."""
+  half = blocksize // 2
+  nkb = k // blocksize
+  if m <= 4 or jnp.dtype(dtype) == jnp.float32:
+    variant, block_n, warps = "reduce", 16, 4
+    block_kb = max(1, min(_pow2_floor(max(1, 256 // half)),
+                          _pow2_floor(nkb)))
+  else:
+    variant, block_n, warps = "dot", 64, 4
+    block_kb = max(1, min(4, _pow2_floor(nkb)))
+  tiles = -(-n // block_n)
+  steps = -(-nkb // block_kb)
+  split_k = 1
+  while tiles * split_k < 2 * num_sms and split_k * 2 <= steps:
+    split_k *= 2
+  return (variant, block_n, block_kb, split_k, warps, 3)
+
+
+def _decode(w, lut_ref, pair):
+  """fp32 values of the high and low nibbles of int32 bytes `w`."""
+  if pair:
+    u = lut_ref[w]
+    hi = jax.lax.bitcast_convert_type(u & _HI, jnp.float32)
+    lo = jax.lax.bitcast_convert_type(u << np.uint32(16), jnp.float32)
+    return hi, lo
+  return lut_ref[w >> 4], lut_ref[w & 15]
+
+
+def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
+            nested_blocksize, nested_len, variant, has_bias, split_k,
+            compute_dtype, pair, interpret):
+  refs = list(refs)
+  xe_ref, xo_ref, w_ref, am_ref = refs[:4]
+  refs = refs[4:]
+  if dq:
+    nested_ref, code2_ref, off_ref = refs[:3]
+    refs = refs[3:]
+  lut_ref = refs.pop(0)
+  bias_ref = refs.pop(0) if has_bias else None
+  out_ref = refs.pop(0)
+
+  i = pl.program_id(0)
+  s = pl.program_id(1)
+  row0 = i * block_n
+  rows = row0 + jnp.arange(block_n, dtype=jnp.int32)
+  row_ok = rows < n
+  need_kmask = split_k * steps * block_kb != nkb
+  off = off_ref[0] if dq else None
+
+  def absmax_of(am, kbs, ok):
+    if not dq:
+      return am
+    flat = (jnp.minimum(rows, n - 1)[:, None] * nkb
+            + jnp.minimum(kbs, nkb - 1)[None, :])
+    am = decode_absmax(am, flat, nested_ref, code2_ref, off,
+                       nested_blocksize, nested_len, interpret)
+    return jnp.where(ok, am, 0.0)
+
+  if variant == "reduce":
+    def body(t, accs):
+      kb0 = (s * steps + t) * block_kb
+      kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
+      ok2 = row_ok[:, None]
+      if need_kmask:
+        ok2 = ok2 & (kbs < nkb)[None, :]
+      ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
+      ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
+      w = pltriton.load(
+          w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :],
+          mask=ok3, other=0, eviction_policy="evict_first").astype(jnp.int32)
+      am = pltriton.load(
+          am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)],
+          mask=ok2, other=0)
+      am = absmax_of(am, kbs, ok2)[:, :, None]
+      hi, lo = _decode(w, lut_ref, pair)
+      xmask = None
+      if need_kmask:
+        xmask = jnp.broadcast_to((kbs < nkb)[:, None], (block_kb, half))
+      new = []
+      for r in range(m):
+        rr = jnp.int32(r)
+        xe_r = xe_ref.at[rr, pl.ds(kb0, block_kb), :]
+        xo_r = xo_ref.at[rr, pl.ds(kb0, block_kb), :]
+        if xmask is None:
+          xe, xo = pltriton.load(xe_r), pltriton.load(xo_r)
+        else:
+          xe = pltriton.load(xe_r, mask=xmask, other=0)
+          xo = pltriton.load(xo_r, mask=xmask, other=0)
+        new.append(accs[r] + (hi * xe[None] + lo * xo[None]) * am)
+      return tuple(new)
+
+    shape = (block_n, block_kb, half)
+    init = tuple(jnp.zeros(shape, jnp.float32) for _ in range(m))
+    accs = jax.lax.fori_loop(0, steps, body, init)
+    for r in range(m):
+      y = jnp.sum(jnp.sum(accs[r], axis=2), axis=1)
+      if split_k == 1:
+        if has_bias:
+          y = y + pltriton.load(bias_ref.at[pl.ds(row0, block_n)],
+                                mask=row_ok, other=0).astype(jnp.float32)
+        pltriton.store(out_ref.at[jnp.int32(r), pl.ds(row0, block_n)],
+                       y.astype(out_ref.dtype), mask=row_ok)
+      else:
+        pltriton.store(
+            out_ref.at[s, jnp.int32(r), pl.ds(row0, block_n)], y, mask=row_ok)
+    return
+
+  # "dot": xe_ref/xo_ref are [m_pad, nkb, half] in the compute dtype.
+  m_pad = xe_ref.shape[0]
+  m_ok = jnp.arange(m_pad, dtype=jnp.int32) < m
+  precision = (jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32
+               else None)
+  dims = (((1,), (1,)), ((), ()))
+
+  def body(t, acc):
+    for j in range(block_kb):
+      kb = (s * steps + t) * block_kb + j
+      ok_r = row_ok
+      if need_kmask:
+        ok_r = ok_r & (kb < nkb)
+      ok_w = jnp.broadcast_to(ok_r[:, None], (block_n, half))
+      w = pltriton.load(w_ref.at[pl.ds(row0, block_n), kb, :], mask=ok_w,
+                        other=0, eviction_policy="evict_first")
+      am = pltriton.load(am_ref.at[pl.ds(row0, block_n), kb], mask=ok_r,
+                         other=0)
+      am = absmax_of(am[:, None], jnp.full((1,), kb, jnp.int32),
+                     ok_r[:, None])
+      hi, lo = _decode(w.astype(jnp.int32), lut_ref, pair)
+      ok_x = m_ok[:, None]
+      if need_kmask:
+        ok_x = ok_x & (kb < nkb)
+      ok_x = jnp.broadcast_to(ok_x, (m_pad, half))
+      xe = pltriton.load(xe_ref.at[:, kb, :], mask=ok_x, other=0)
+      xo = pltriton.load(xo_ref.at[:, kb, :], mask=ok_x, other=0)
+      p = jax.lax.dot_general(hi.astype(compute_dtype), xe, dims,
+                              precision=precision,
+                              preferred_element_type=jnp.float32)
+      p = p + jax.lax.dot_general(lo.astype(compute_dtype), xo, dims,
+                                  precision=precision,
+                                  preferred_element_type=jnp.float32)
+      acc = acc + p * am
+    return acc
+
+  acc = jax.lax.fori_loop(0, steps, body,
+                          jnp.zeros((block_n, m_pad), jnp.float32))
+  if split_k == 1 and has_bias:
+    b = pltriton.load(bias_ref.at[pl.ds(row0, block_n)], mask=row_ok,
+                      other=0).astype(jnp.float32)
+    acc = acc + b[:, None]
+  omask = jnp.broadcast_to(row_ok[:, None] & m_ok[None, :], (block_n, m_pad))
+  if split_k == 1:
+    pltriton.store(out_ref.at[pl.ds(row0, block_n), :],
+                   acc.astype(out_ref.dtype), mask=omask)
+  else:
+    pltriton.store(out_ref.at[s, pl.ds(row0, block_n), :], acc, mask=omask)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("n", "k", "blocksize", "nested_blocksize", "config",
+                     "interpret"))
+def gemv_4bit(
+    x: jax.Array,
+    packed: jax.Array,
+    absmax: jax.Array,
+    lut: jax.Array,
+    *,
+    n: int,
+    k: int,
+    blocksize: int,
+    nested: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    nested_blocksize: int = 256,
+    bias: jax.Array | None = None,
+    config: tuple | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+  """`x @ W.T (+ bias)` for a packed 4-bit `W` of shape `[n, k]`.
+
+  Args:
+    x: `[m, k]` float32/float16/bfloat16; also the compute and output dtype.
+    packed: uint8 `[n * k / 2]` (bitsandbytes order).
+    absmax: float32 `[n * k / blocksize]`, or uint8 codes when `nested`.
+    lut: float32 `[16]` code table.
+    n: rows of `W` (output features).
+    k: columns of `W` (input features), a multiple of `blocksize`.
+    blocksize: quantization block size.
+    nested: (nested_absmax, nested code [256], offset) for double quant.
+    nested_blocksize: absmax codes per nested absmax.
+    bias: optional `[n]`.
+    config: (variant, block_n, block_kb, split_k, num_warps, num_stages);
+      default from `default_config`.
+    interpret: run in Pallas interpret mode (CPU tests).
+
+  Returns:
+    `[m, n]` in `x.dtype`, accumulated in fp32.
+  """
+  m = x.shape[0]
+  dtype = jnp.dtype(x.dtype)
+  half = blocksize // 2
+  nkb = k // blocksize
+  if config is None:
+    config = default_config(m, n, k, blocksize, dtype.name)
+  variant, block_n, block_kb, split_k, num_warps, num_stages = config
+  steps = -(-(-(-nkb // block_kb)) // split_k)
+  w3 = packed.reshape(n, nkb, half)
+  dq = nested is not None
+  am2 = absmax.reshape(n, nkb)
+  pair = dtype != jnp.float32
+  x3 = x.reshape(m, nkb, half, 2)
+  if variant == "reduce":
+    xe = x3[..., 0].astype(jnp.float32)
+    xo = x3[..., 1].astype(jnp.float32)
+    out_rows = m
+  else:
+    m_pad = max(16, _pow2_ceil(m))
+    xe = jnp.pad(x3[..., 0], ((0, m_pad - m), (0, 0), (0, 0)))
+    xo = jnp.pad(x3[..., 1], ((0, m_pad - m), (0, 0), (0, 0)))
+    out_rows = m_pad
+  args = [xe, xo, w3, am2]
+  nested_len = 0
+  if dq:
+    nested_absmax, code2, offset = nested
+    nested_len = nested_absmax.shape[0]
+    args += [nested_absmax.astype(jnp.float32), code2.astype(jnp.float32),
+             jnp.asarray(offset, jnp.float32).reshape(1)]
+  args.append(pair_table(lut) if pair else lut.astype(jnp.float32))
+  has_bias = bias is not None and split_k == 1
+  if has_bias:
+    args.append(bias)
+  args = _backend.same_vma(*args)
+  if variant == "reduce":
+    shape = (m, n)
+  else:
+    shape = (n, out_rows)
+  if split_k == 1:
+    out_shape = _backend.out_struct(shape, dtype, *args)
+  else:
+    out_shape = _backend.out_struct((split_k,) + shape, jnp.float32, *args)
+  kernel = functools.partial(
+      _kernel, m=m, n=n, nkb=nkb, block_kb=block_kb, half=half,
+      block_n=block_n, steps=steps, dq=dq, nested_blocksize=nested_blocksize,
+      nested_len=nested_len, variant=variant, has_bias=has_bias,
+      split_k=split_k, compute_dtype=dtype, pair=pair, interpret=interpret)
+  out = pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=(pl.cdiv(n, block_n), split_k),
+      compiler_params=_backend.compiler_params(num_warps=num_warps,
+                                               num_stages=num_stages),
+      interpret=interpret,
+      name=f"jaxbnb_gemv_4bit_{variant}",
+      cost_estimate=pl.CostEstimate(
+          flops=2 * m * n * k, transcendentals=0,
+          bytes_accessed=n * k // 2 + n * nkb * (1 if dq else 4)
+          + m * k * dtype.itemsize + m * n * dtype.itemsize),
+  )(*args)
+  if split_k > 1:
+    out = jnp.sum(out, axis=0)
+  if variant == "dot":
+    out = out[:, :m].T
+  if split_k > 1 and bias is not None:
+    out = out + bias.astype(jnp.float32)
+  return out.astype(dtype)

@@ -1,0 +1,206 @@
+"""Blockwise 4-bit (NF4/FP4) quantization kernel, bitsandbytes' format.
+
+One program quantizes `block_rows` quantization blocks: it reads the block
+(even and odd elements as two strided halves), takes the fp32 absmax
+(NaN ignored), scales by the fp32 reciprocal, maps each value with the
+strict-`>` decision thresholds and packs two codes per byte, the even
+element in the high nibble. The result is bit-identical to jaxbnb's pure-jnp
+reference (`jaxbnb._src.reference.quantize_4bit`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _backend
+from pallas_kernels._backend import pl
+from pallas_kernels._backend import pltriton
+from pallas_kernels._backend import _ZERO, _ONE
+
+__all__ = ["can_use", "quantize_4bit"]
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def can_use(numel: int, blocksize: int, dtype) -> bool:
+  """Whether the kernel serves this quantization (else use the reference)."""
+  return (_backend.available() and numel > 0
+          and blocksize >= 32 and blocksize & (blocksize - 1) == 0
+          and blocksize <= 4096
+          and jnp.dtype(dtype) in (jnp.float32, jnp.float16, jnp.bfloat16))
+
+
+def _nf4_codes(x, thresholds):
+  """Number of the 15 sorted thresholds strictly below x, as a 4-step tree.
+
+  Binary search with strict `>` at each level: the threshold compared at a
+  level is picked by selects on the bits found so far (11 selects and 4
+  compares instead of 15 compares and adds). NaN compares false: code 0.
+  """
+  bits = []
+  for level in range(4):
+    step = 8 >> level
+    # Candidate threshold indices for every prefix of earlier bits.
+    def pick(prefix_bits, base):
+      if len(prefix_bits) == len(bits):
+        return thresholds[base + step - 1]
+      b = bits[len(prefix_bits)]
+      size = 8 >> len(prefix_bits)
+      return jnp.where(b, pick(prefix_bits + [1], base + size),
+                       pick(prefix_bits + [0], base))
+    t = pick([], 0) if bits else thresholds[step - 1]
+    bits.append(x > t)
+  q = jnp.zeros(x.shape, jnp.int32)
+  for level, b in enumerate(bits):
+    q = q | (b.astype(jnp.int32) << (3 - level))
+  return q
+
+
+def _fp4_codes(x, t):
+  # t = (t1, ..., t7) as in bitsandbytes' dQuantizeFP4 tree.
+  t1, t2, t3, t4, t5, t6, t7 = t
+  sign = jnp.where(x < 0, 8, 0)
+  a = jnp.abs(x)
+  hi = jnp.where(a > t2, jnp.where(a > t3, 3, 2), jnp.where(a > t4, 5, 4))
+  lo = jnp.where(a > t5, jnp.where(a > t6, 7, 6), jnp.where(a > t7, 1, 0))
+  return jnp.where(a > t1, hi, lo) + sign
+
+
+def _unpack_pair(u, in_dtype):
+  """fp32 (even, odd) elements of uint32 words holding two 16-bit floats."""
+  if in_dtype == jnp.bfloat16:
+    even = jax.lax.bitcast_convert_type(u << np.uint32(16), jnp.float32)
+    odd = jax.lax.bitcast_convert_type(u & np.uint32(0xFFFF0000),
+                                       jnp.float32)
+    return even, odd
+  lo = (u & np.uint32(0xFFFF)).astype(jnp.uint16)
+  hi = (u >> np.uint32(16)).astype(jnp.uint16)
+  even = jax.lax.bitcast_convert_type(lo, in_dtype).astype(jnp.float32)
+  odd = jax.lax.bitcast_convert_type(hi, in_dtype).astype(jnp.float32)
+  return even, odd
+
+
+def _kernel(x_ref, packed_ref, absmax_ref, *, nblocks, numel, block_rows,
+            half, quant_type, thresholds, load_u32, in_dtype):
+  pid = pl.program_id(0)
+  rows = pid * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+  row_ok = rows < nblocks
+  mask = jnp.broadcast_to(row_ok[:, None], (block_rows, half))
+  if load_u32:  # a pair of 16-bit floats per uint32 word, little-endian
+    u = pltriton.load(x_ref, mask=mask, other=0)
+    xe, xo = _unpack_pair(u, in_dtype)
+  else:
+    xe = pltriton.load(x_ref.at[:, :, _ZERO()], mask=mask, other=0)
+    xo = pltriton.load(x_ref.at[:, :, _ONE()], mask=mask, other=0)
+    xe = xe.astype(jnp.float32)
+    xo = xo.astype(jnp.float32)
+  if numel is not None:  # a partial last block: mask the padding
+    idx = rows[:, None] * (2 * half) + 2 * jnp.arange(half, dtype=jnp.int32)
+    ok_e = idx < numel
+    ok_o = idx + 1 < numel
+  neg = jnp.float32(-_F32_MAX)
+  ae = jnp.abs(xe)
+  ao = jnp.abs(xo)
+  ae = jnp.where(ae != ae, neg, ae)
+  ao = jnp.where(ao != ao, neg, ao)
+  if numel is not None:
+    ae = jnp.where(ok_e, ae, neg)
+    ao = jnp.where(ok_o, ao, neg)
+  absmax = jnp.maximum(jnp.max(ae, axis=1), jnp.max(ao, axis=1))
+  recip = jnp.float32(1.0) / absmax
+  se = xe * recip[:, None]
+  so = xo * recip[:, None]
+  if numel is not None:
+    se = jnp.where(ok_e, se, 0.0)
+    so = jnp.where(ok_o, so, 0.0)
+  if quant_type == "nf4":
+    qe, qo = _nf4_codes(se, thresholds), _nf4_codes(so, thresholds)
+  else:
+    qe, qo = _fp4_codes(se, thresholds), _fp4_codes(so, thresholds)
+  packed = ((qe << 4) | qo).astype(jnp.uint8)
+  pltriton.store(packed_ref, packed, mask=mask)
+  pltriton.store(absmax_ref, absmax, mask=row_ok)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("blocksize", "quant_type", "thresholds", "block_rows",
+                     "num_warps", "load_u32", "interpret"))
+def quantize_4bit(
+    flat: jax.Array,
+    *,
+    blocksize: int,
+    quant_type: str,
+    thresholds: tuple[float, ...],
+    block_rows: int | None = None,
+    num_warps: int = 4,
+    load_u32: bool | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Quantizes a flat float array in blocks of `blocksize`.
+
+  Args:
+    flat: 1-D float32/float16/bfloat16 array of n elements.
+    blocksize: elements per absmax block (a power of two, 32..4096).
+    quant_type: "nf4" or "fp4".
+    thresholds: NF4: the 15 sorted fp32 decision thresholds; FP4: the seven
+      thresholds t1..t7 of bitsandbytes' FP4 tree (as Python floats holding
+      fp32 values).
+    block_rows: quantization blocks per program (power of two).
+    num_warps: Triton warps per program.
+    load_u32: read 16-bit inputs as uint32 pairs (contiguous loads);
+      default True for float16/bfloat16.
+    interpret: run in Pallas interpret mode (CPU tests).
+
+  Returns:
+    (packed uint8 [(n + 1) // 2], absmax float32 [ceil(n / blocksize)]).
+  """
+  n = flat.shape[0]
+  nblocks = -(-n // blocksize)
+  half = blocksize // 2
+  if block_rows is None:
+    block_rows = max(1, min(64, 4096 // blocksize))
+  padded = nblocks * blocksize
+  if padded != n:
+    flat = jnp.pad(flat, (0, padded - n))
+  in_dtype = jnp.dtype(flat.dtype)
+  if load_u32 is None:
+    load_u32 = in_dtype.itemsize == 2
+  if load_u32:
+    x3 = jax.lax.bitcast_convert_type(flat.reshape(nblocks, half, 2),
+                                      jnp.uint32)
+    spec = pl.BlockSpec((block_rows, half), lambda i: (i, 0))
+  else:
+    x3 = flat.reshape(nblocks, half, 2)
+    spec = pl.BlockSpec((block_rows, half, 2), lambda i: (i, 0, 0))
+  grid = (pl.cdiv(nblocks, block_rows),)
+  (x3,) = _backend.same_vma(x3)
+  kernel = functools.partial(
+      _kernel, nblocks=nblocks, numel=None if padded == n else n,
+      block_rows=block_rows, half=half, quant_type=quant_type,
+      thresholds=thresholds, load_u32=load_u32, in_dtype=in_dtype)
+  packed, absmax = pl.pallas_call(
+      kernel,
+      out_shape=(_backend.out_struct((nblocks, half), jnp.uint8, x3),
+                 _backend.out_struct((nblocks,), jnp.float32, x3)),
+      grid=grid,
+      in_specs=[spec],
+      out_specs=(pl.BlockSpec((block_rows, half), lambda i: (i, 0)),
+                 pl.BlockSpec((block_rows,), lambda i: (i,))),
+      compiler_params=_backend.compiler_params(num_warps=num_warps,
+                                               num_stages=2),
+      interpret=interpret,
+      name=f"jaxbnb_quantize_{quant_type}",
+      cost_estimate=pl.CostEstimate(
+          flops=20 * padded, transcendentals=0,
+          bytes_accessed=padded * flat.dtype.itemsize + padded // 2
+          + 4 * nblocks),
+  )(x3)
+  packed = packed.reshape(-1)
+  if padded != n:
+    packed = packed[:(n + 1) // 2]
+  return packed, absmax

@@ -1,0 +1,75 @@
+"""pallas_kernels.quantize_4bit against the pure-jnp reference (bit exact)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbnb._src import reference
+from pallas_kernels import quantize_4bit as qk
+from tests.kernels import _util
+
+CASES = [
+    # (numel, blocksize, quant_type, dtype, block_rows)
+    (64 * 37, 64, "nf4", jnp.bfloat16, None),    # partial last program
+    (1001, 64, "fp4", jnp.float16, 4),           # odd n: partial block, pad
+    (4096 * 3 + 5, 128, "nf4", jnp.float16, 8),
+    (300, 32, "fp4", jnp.bfloat16, None),
+    (8192 + 64, 4096, "nf4", jnp.float32, 1),    # big blocks, partial last
+    (777, 256, "nf4", jnp.float32, 2),
+    (2, 64, "fp4", jnp.float32, None),           # a single pair
+]
+
+
+@pytest.mark.parametrize("numel,blocksize,quant_type,dtype,block_rows",
+                         CASES)
+def test_interpret_matches_reference(numel, blocksize, quant_type, dtype,
+                                     block_rows):
+  x = jnp.asarray(_util.rng_array(numel, numel, dtype, scale=3.0))
+  x = x.at[min(5, numel - 1)].set(jnp.nan)
+  if numel > 200:
+    x = x.at[100:100 + blocksize].set(0.0)       # an all-zero block
+    x = x.at[150].set(jnp.inf)
+  packed, absmax = qk.quantize_4bit(
+      x, blocksize=blocksize, quant_type=quant_type,
+      thresholds=_util.thresholds(quant_type), block_rows=block_rows,
+      interpret=True)
+  ref_packed, ref_absmax = reference.quantize_4bit(x, blocksize, quant_type)
+  np.testing.assert_array_equal(np.asarray(packed), np.asarray(ref_packed))
+  np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
+
+
+@pytest.mark.parametrize("load_u32", [False, True])
+def test_load_modes_agree(load_u32):
+  x = jnp.asarray(_util.rng_array(64 * 9, 1, jnp.bfloat16))
+  packed, absmax = qk.quantize_4bit(
+      x, blocksize=64, quant_type="nf4", thresholds=_util.thresholds("nf4"),
+      load_u32=load_u32, interpret=True)
+  ref_packed, ref_absmax = reference.quantize_4bit(x, 64, "nf4")
+  np.testing.assert_array_equal(np.asarray(packed), np.asarray(ref_packed))
+  np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
+
+
+def test_can_use():
+  assert qk.can_use(4096, 64, jnp.bfloat16)
+  assert not qk.can_use(0, 64, jnp.bfloat16)
+  assert not qk.can_use(4096, 48, jnp.float32)
+  assert not qk.can_use(4096, 64, jnp.int8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("numel,blocksize", [(1 << 20, 64), (12345, 128),
+                                             (64 * 1000 + 17, 32),
+                                             (1 << 16, 4096)])
+def test_gpu_matches_reference(quant_type, dtype, numel, blocksize):
+  x = jnp.asarray(_util.rng_array(numel, 7, dtype, scale=2.0))
+  x = x.at[3].set(jnp.nan)
+  packed, absmax = qk.quantize_4bit(
+      x, blocksize=blocksize, quant_type=quant_type,
+      thresholds=_util.thresholds(quant_type))
+  ref_packed, ref_absmax = reference.quantize_4bit(x, blocksize, quant_type)
+  np.testing.assert_array_equal(np.asarray(packed), np.asarray(ref_packed))
+  np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
