@@ -43,6 +43,11 @@ def _forward(x2d, bias, packed, qs, transposed):
   w = dequantize_weight(packed, qs, x2d.dtype)
   if transposed:  # a deprecated [K, N] weight
     w = w.T
+  if impl == "gpu" and bias is None and x2d.dtype != jnp.float32:
+    # cuBLAS accumulates in fp32 and rounds once to the 16-bit output;
+    # asking XLA for an fp32 result would write (and re-read) it in fp32.
+    return jax.lax.dot_general(x2d, w, (((1,), (1,)), ((), ())),
+                               preferred_element_type=x2d.dtype)
   acc = jax.lax.dot_general(
       x2d, w, (((1,), (1,)), ((), ())), precision=_PRECISION,
       preferred_element_type=jnp.float32,
@@ -66,10 +71,14 @@ def _matmul_bwd(transposed, res, g):
   w = dequantize_weight(packed, qs, g.dtype)
   if transposed:
     w = w.T
-  dx = jax.lax.dot_general(
-      g, w, (((1,), (0,)), ((), ())), precision=_PRECISION,
-      preferred_element_type=jnp.float32,
-  ).astype(g.dtype)
+  if kernels.current_impl() == "gpu" and g.dtype != jnp.float32:
+    dx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())),
+                             preferred_element_type=g.dtype)
+  else:
+    dx = jax.lax.dot_general(
+        g, w, (((1,), (0,)), ((), ())), precision=_PRECISION,
+        preferred_element_type=jnp.float32,
+    ).astype(g.dtype)
   dbias = None
   if bias is not None:
     dbias = jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
