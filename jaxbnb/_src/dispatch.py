@@ -23,8 +23,6 @@ import contextlib
 import os
 import threading
 
-import jax
-
 __all__ = ["MODES", "kernel_mode", "get_kernel_mode", "set_kernel_mode",
            "use_kernels"]
 
@@ -90,14 +88,6 @@ def kernel_mode(mode: str):
     _STATE.mode = old
 
 
-def _on_nvidia_gpu() -> bool:
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return False
-  return dev.platform == "gpu" and "nvidia" in dev.device_kind.lower()
-
-
 def use_kernels(mode: str | None = None) -> tuple[bool, bool]:
   """(use a kernel, in interpret mode) for `mode` (default: the current)."""
   mode = _STATE.mode if mode is None else mode
@@ -107,4 +97,5 @@ def use_kernels(mode: str | None = None) -> tuple[bool, bool]:
     return True, True
   if mode == "pallas":
     return True, False
-  return _on_nvidia_gpu(), False
+  from pallas_kernels import _backend  # pylint: disable=g-import-not-at-top
+  return _backend.available() and _backend.on_nvidia_gpu(), False
