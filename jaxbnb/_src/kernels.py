@@ -61,17 +61,17 @@ def quantize_4bit_flat(flat, blocksize, quant_type, impl):
 
 
 def dequantize_4bit_flat(packed, absmax, nested, n, blocksize, quant_type,
-                         dtype, impl):
-  """Flat dequantized array; `nested` = (nested_absmax, code, offset)|None.
+                         dtype, nested_blocksize, impl):
+  """Flat dequantized array through the kernel.
 
-  Without a kernel, a nested absmax must already be decoded by the caller
-  (`absmax` is then float32 and `nested` None).
+  `nested` = (nested_absmax, nested code, offset) for a double-quantized
+  absmax (then `absmax` holds its uint8 codes), else None.
   """
   from pallas_kernels import dequantize_4bit as dk  # pylint: disable=g-import-not-at-top
   return dk.dequantize_4bit(
       packed, absmax, _lut(quant_type), numel=n, blocksize=blocksize,
       dtype=jnp.dtype(dtype), nested=nested,
-      interpret=impl == "interpret")
+      nested_blocksize=nested_blocksize, interpret=impl == "interpret")
 
 
 def can_dequantize(n, blocksize, dtype) -> bool:

@@ -302,11 +302,9 @@ def _dequantize_4bit_jit(packed, absmax, n, blocksize, quant_type, dtype):
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
 def _dequantize_kernel_jit(packed, absmax, nested, n, blocksize, quant_type,
                            dtype, nested_blocksize, impl):
-  from pallas_kernels import dequantize_4bit as dk  # pylint: disable=g-import-not-at-top
-  return dk.dequantize_4bit(
-      packed, absmax, jnp.asarray(codebooks.code_for(quant_type)),
-      numel=n, blocksize=blocksize, dtype=jnp.dtype(dtype), nested=nested,
-      nested_blocksize=nested_blocksize, interpret=impl == "interpret")
+  return kernels.dequantize_4bit_flat(packed, absmax, nested, n, blocksize,
+                                      quant_type, dtype, nested_blocksize,
+                                      impl)
 
 
 def dequantize_nf4(A, quant_state=None, absmax=None, blocksize=None, **kw):  # pylint: disable=invalid-name
