@@ -8,7 +8,12 @@ import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 # The fixture generator needs torch + bitsandbytes on CUDA; never collect it.
-collect_ignore = ["golden/make_golden.py"]
+collect_ignore = [
+    "golden/make_golden.py",
+    "golden/make_bnb_llama_golden.py",
+    "golden/make_llama_golden.py",
+    "golden/make_smollm2_golden.py",
+]
 
 
 def pytest_collection_modifyitems(config, items):

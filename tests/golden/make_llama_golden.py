@@ -1,0 +1,158 @@
+"""Writes tests/golden/llama/: tiny random HF models + transformers outputs.
+
+Run with the oracle venv (PyTorch + transformers, CPU is enough):
+
+  .oracle/bin/python tests/golden/make_llama_golden.py
+
+For each model (llama with llama3 RoPE and an untied head; qwen2 with q/k/v
+biases and tied embeddings; mistral with an 8-token sliding window and an
+explicit head_dim) it saves an HF folder (config.json + fp32
+model.safetensors) and expected.npz:
+  ids [2, 24], logits [2, 24, V]       plain batch
+  short_ids [1, 15], short_logits     the second prompt, unpadded
+  padded_ids [2, 24], padded_mask     left-padded batch (row 1 = short_ids)
+  padded_logits                       with position_ids = cumsum(mask) - 1
+  greedy [2, 10]                      generate(do_sample=False) new tokens
+  inv_freq, attention_scaling         the rotary embedding's buffers
+rope.npz holds inverse frequencies of more RoPE types (config json per key).
+Never imported by the tests (conftest collect_ignore).
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import transformers
+from transformers import modeling_rope_utils
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama")
+SEQ, SHORT, NEW = 24, 15, 10
+
+MODELS = {
+    "llama3": transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                         "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64},
+        tie_word_embeddings=False, initializer_range=0.1,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "qwen2": transformers.Qwen2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True, initializer_range=0.25,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "mistral": transformers.MistralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, head_dim=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, sliding_window=8,
+        tie_word_embeddings=False, initializer_range=0.2,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+}
+
+ROPE = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+             "original_max_position_embeddings": 2048},
+    "yarn_mscale": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                    "original_max_position_embeddings": 1024,
+                    "mscale": 0.707, "mscale_all_dim": 1.0,
+                    "beta_fast": 16, "beta_slow": 2},
+}
+
+
+MAX_POS = {"llama3": 65536, "yarn": 8192}
+
+
+def randomize(model, gen):
+  """Norm weights and biases away from 1/0, so those paths are tested."""
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+      elif name.endswith(".bias"):
+        p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def make_model(name, config, seed):
+  torch.manual_seed(seed)
+  gen = torch.Generator().manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(
+      config, dtype=torch.float32, attn_implementation="eager")
+  randomize(model, gen)
+  model.eval()
+  folder = os.path.join(OUT, name)
+  model.save_pretrained(folder, safe_serialization=True)
+
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, config.vocab_size, size=(2, SEQ)).astype(np.int64)
+  short = ids[1:, :SHORT].copy()
+  padded = np.zeros_like(ids)
+  mask = np.zeros_like(ids)
+  padded[0], mask[0] = ids[0], 1
+  padded[1, SEQ - SHORT:], mask[1, SEQ - SHORT:] = short[0], 1
+  t = torch.from_numpy
+  with torch.no_grad():
+    logits = model(t(ids)).logits.numpy()
+    short_logits = model(t(short)).logits.numpy()
+    pos = (t(mask).cumsum(-1) - 1).clamp(min=0)
+    padded_logits = model(t(padded), attention_mask=t(mask),
+                          position_ids=pos).logits.numpy()
+    gc = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
+        pad_token_id=0, eos_token_id=None, bos_token_id=1)
+    out = model.generate(t(padded), attention_mask=t(mask),
+                         generation_config=gc).numpy()
+  greedy = out[:, SEQ:]
+  assert greedy.shape == (2, NEW), greedy.shape
+  rotary = model.model.rotary_emb
+  np.savez_compressed(
+      os.path.join(folder, "expected.npz"), ids=ids, logits=logits,
+      short_ids=short, short_logits=short_logits, padded_ids=padded,
+      padded_mask=mask, padded_logits=padded_logits, greedy=greedy,
+      inv_freq=rotary.inv_freq.numpy(),
+      attention_scaling=np.float32(rotary.attention_scaling))
+  print(name, "greedy", greedy.tolist())
+
+
+def make_rope():
+  arrays = {}
+  for key, params in ROPE.items():
+    cfg = transformers.LlamaConfig(
+        hidden_size=256, num_attention_heads=4, head_dim=64,
+        num_hidden_layers=1, max_position_embeddings=MAX_POS.get(key, 4096),
+        rope_parameters=dict(params))
+    fn = modeling_rope_utils.ROPE_INIT_FUNCTIONS[params["rope_type"]] if (
+        params["rope_type"] != "default") else (
+            transformers.models.llama.modeling_llama.LlamaRotaryEmbedding
+            .compute_default_rope_parameters)
+    inv, scale = fn(cfg)
+    arrays[key + "/config"] = np.array(json.dumps(cfg.to_dict()))
+    arrays[key + "/inv_freq"] = inv.numpy().astype(np.float32)
+    arrays[key + "/attention_factor"] = np.float32(scale)
+  np.savez_compressed(os.path.join(OUT, "rope.npz"), **arrays)
+
+
+def main():
+  os.makedirs(OUT, exist_ok=True)
+  for seed, (name, config) in enumerate(MODELS.items()):
+    make_model(name, config, seed)
+  make_rope()
+  with open(os.path.join(OUT, "VERSIONS.txt"), "w") as f:
+    f.write(f"torch {torch.__version__}\ntransformers "
+            f"{transformers.__version__}\npython {sys.version.split()[0]}\n")
+
+
+if __name__ == "__main__":
+  main()

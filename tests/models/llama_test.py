@@ -1,0 +1,337 @@
+"""LlamaForCausalLM vs transformers (tests/golden/llama, fp32 tiny models)."""
+
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+from flax import nnx
+
+from jaxbnb._src.llama import Linear
+from jaxbnb._src.nnx_layers import Linear4bit, QuantizedWeight
+from jaxbnb._src.quant_state import Params4bit
+from jaxbnb.models import KVCache, LlamaConfig, LlamaForCausalLM
+from jaxbnb.models import QuantizationConfig
+
+GOLDEN = pathlib.Path(__file__).parent.parent / "golden" / "llama"
+NAMES = ["llama3", "qwen2", "mistral"]
+
+
+def _config(name) -> LlamaConfig:
+  return LlamaConfig.from_hf(json.loads((GOLDEN / name / "config.json")
+                                        .read_text()))
+
+
+def _tensors(name) -> dict[str, np.ndarray]:
+  return safetensors.numpy.load_file(GOLDEN / name / "model.safetensors")
+
+
+def _expected(name):
+  return np.load(GOLDEN / name / "expected.npz")
+
+
+def load(name, *, quantization=None, tensors=None):
+  """A tiny stand-in for the converter: abstract model, then set_value."""
+  cfg = _config(name)
+  tensors = dict(_tensors(name) if tensors is None else tensors)
+  model = nnx.eval_shape(lambda: LlamaForCausalLM(
+      cfg, quantization=quantization, rngs=nnx.Rngs(0)))
+  quantized = {}
+  for hf_name, var in model.iter_variables():
+    value = tensors.pop(hf_name)
+    if isinstance(var, QuantizedWeight):
+      quantized[hf_name] = (var, value)
+    else:
+      assert var.get_value().shape == value.shape, hf_name
+      var.set_value(jnp.asarray(value))
+  assert not tensors, f"unused checkpoint tensors: {sorted(tensors)}"
+  if quantized:  # quantize every weight in one compiled call
+    q = quantization
+    packed = jax.jit(lambda ws: {n: Params4bit.from_float(
+        w, quant_type=q.bnb_4bit_quant_type, blocksize=q.bnb_4bit_blocksize,
+        compress_statistics=q.bnb_4bit_use_double_quant,
+        quant_storage=q.quant_storage) for n, w in ws.items()})(
+            {n: v for n, (_, v) in quantized.items()})
+    for n, (var, _) in quantized.items():
+      var.set_value(packed[n])
+  return model
+
+
+Q4 = QuantizationConfig.nf4(compute_dtype="float32")
+
+
+@functools.lru_cache(maxsize=None)
+def model4_of(name):
+  return load(name, quantization=Q4)
+
+
+@functools.lru_cache(maxsize=None)
+def model_of(name):
+  return load(name)
+
+
+def _jitted(model):
+  """model(...) as a jitted function of the split weights."""
+  graph, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, ids, cache=None, mask=None, positions=None):
+    return nnx.merge(graph, state)(ids, positions=positions, cache=cache,
+                                   attention_mask=mask)
+
+  return functools.partial(run, state)
+
+
+@functools.lru_cache(maxsize=None)
+def run_of(name):
+  return _jitted(model_of(name))
+
+
+def _close(actual, expected, rel=1e-5):
+  err = float(np.max(np.abs(np.asarray(actual) - expected)))
+  scale = float(np.max(np.abs(expected)))
+  assert err <= rel * scale + 1e-6, f"max abs diff {err} (scale {scale})"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_transformers(name):
+  exp = _expected(name)
+  ids = jnp.asarray(exp["ids"], jnp.int32)
+  logits, cache = run_of(name)(ids, mask=jnp.ones_like(ids))
+  assert cache is None and logits.dtype == jnp.float32
+  _close(logits, exp["logits"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_left_padded_batch_equals_unpadded_rows(name):
+  exp = _expected(name)
+  mask = exp["padded_mask"].astype(bool)
+  logits, _ = run_of(name)(jnp.asarray(exp["padded_ids"], jnp.int32),
+                           mask=jnp.asarray(mask, jnp.int32))
+  logits = np.asarray(logits)
+  _close(logits[mask], exp["padded_logits"][mask])
+  short = exp["short_ids"].shape[1]
+  _close(logits[1, -short:], exp["short_logits"][0])
+  _close(logits[0], exp["logits"][0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cached_decode_and_greedy_tokens_match_transformers(name):
+  # Prefill 12 slots of the left-padded batch, feed the rest of the prompt
+  # one token at a time (the short row's first real tokens arrive inside the
+  # prefill pads; the mistral window of 8 slides across the cache), then
+  # decode greedily as transformers' generate(do_sample=False) did.
+  exp = _expected(name)
+  model = model_of(name)
+  ids = jnp.asarray(exp["padded_ids"], jnp.int32)
+  mask = jnp.asarray(exp["padded_mask"], jnp.int32)
+  run = run_of(name)
+  cache = KVCache.init(model.config, batch=2, max_len=34)
+  logits, cache = run(ids[:, :12], cache, mask[:, :12])
+  out = [logits]
+  for t in range(12, ids.shape[1]):
+    logits, cache = run(ids[:, t:t + 1], cache, mask[:, t:t + 1])
+    out.append(logits)
+  out = np.concatenate(out, axis=1)
+  real = exp["padded_mask"].astype(bool)
+  _close(out[real], exp["padded_logits"][real])
+  assert int(cache.index) == ids.shape[1]
+  np.testing.assert_array_equal(cache.positions, real.sum(1))
+  np.testing.assert_array_equal(cache.mask[:, :ids.shape[1]], real)
+
+  tokens = []
+  for _ in range(exp["greedy"].shape[1]):
+    nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+    tokens.append(nxt)
+    logits, cache = run(nxt, cache, jnp.ones_like(nxt))
+  np.testing.assert_array_equal(np.concatenate(tokens, 1), exp["greedy"])
+
+
+def test_explicit_positions():
+  exp = _expected("llama3")
+  run = run_of("llama3")
+  ids = jnp.asarray(exp["ids"], jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  same, _ = run(ids, positions=pos)
+  _close(same, exp["logits"])
+  # RoPE is relative: a common shift keeps the logits, a stretch does not.
+  shifted, _ = run(ids, positions=pos + 100)
+  _close(shifted, exp["logits"], rel=1e-4)
+  stretched, _ = run(ids, positions=pos * 3)
+  assert not np.allclose(stretched, exp["logits"], atol=1e-2)
+  _close(stretched[:, 0], exp["logits"][:, 0])  # sees only itself
+
+
+def test_4bit_model_equals_dequantized_float_model():
+  name = "qwen2"  # 4-bit q/k/v with biases
+  m4 = model4_of(name)
+  linears = dict(m4.named_linears())
+  assert isinstance(linears["model.layers.0.self_attn.q_proj"], Linear4bit)
+  deq = jax.jit(lambda vs: {
+      n: v.dequantize() if isinstance(v, Params4bit) else v
+      for n, v in vs.items()})(
+          {n: v.get_value() for n, v in m4.iter_variables()})
+  m_float = load(name, tensors={n: np.asarray(v) for n, v in deq.items()})
+  exp = _expected(name)
+  ids = jnp.asarray(exp["ids"], jnp.int32)
+  l4, _ = _jitted(m4)(ids)
+  lf, _ = _jitted(m_float)(ids)
+  _close(l4, np.asarray(lf))
+  # ... and 4-bit really changed the weights (the logits move).
+  assert not np.allclose(l4, exp["logits"], atol=1e-3)
+
+
+def test_4bit_abstract_model_and_grads():
+  cfg = _config("qwen2")
+  abstract = nnx.eval_shape(lambda: LlamaForCausalLM(
+      cfg, quantization=Q4, rngs=nnx.Rngs(0)))
+  w = abstract.model.layers[1].mlp.down_proj.weight.get_value()
+  assert isinstance(w, Params4bit) and w.quant_state.shape == (32, 64)
+  assert isinstance(w.data, jax.ShapeDtypeStruct)
+  untied = nnx.eval_shape(lambda: LlamaForCausalLM(
+      _config("llama3"), quantization=Q4, rngs=nnx.Rngs(0)))
+  assert isinstance(untied.lm_head, Linear)  # skipped by default
+  assert isinstance(untied.model.layers[1].mlp.up_proj, Linear4bit)
+  model = model4_of("qwen2")
+  ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+  grads = nnx.jit(nnx.grad(lambda m: m(ids)[0].std()))(model)
+  leaves = jax.tree.leaves(nnx.state(grads))
+  assert leaves and all(jnp.issubdtype(x.dtype, jnp.floating) for x in leaves)
+  assert not jax.tree.leaves(nnx.state(grads, QuantizedWeight))
+  bias_grad = grads.model.layers[0].self_attn.q_proj.bias[...]
+  assert float(jnp.abs(bias_grad).sum()) > 0
+
+
+def test_float_grad_matches_finite_difference():
+  model = model_of("qwen2")
+  ids = jnp.asarray(_expected("qwen2")["ids"][:, :8], jnp.int32)
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params):
+    logits, _ = nnx.merge(graph, params, rest)(ids)
+    return jax.nn.logsumexp(logits, axis=-1).mean() - logits[..., 5].mean()
+
+  direction = jax.tree.map(
+      lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
+  grads = jax.jit(jax.grad(loss))(params)
+  analytic = sum(jnp.vdot(g, d) for g, d in zip(
+      jax.tree.leaves(grads), jax.tree.leaves(direction)))
+  eps, loss_fn = 1e-3, jax.jit(loss)
+  numeric = (loss_fn(jax.tree.map(lambda p, d: p + eps * d, params, direction))
+             - loss_fn(jax.tree.map(lambda p, d: p - eps * d, params,
+                                    direction))) / (2 * eps)
+  assert float(analytic) == pytest.approx(float(numeric), rel=2e-2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_variable_names_and_parameter_count(name):
+  tensors = _tensors(name)
+  model = model_of(name)
+  names = [n for n, _ in model.iter_variables()]
+  assert sorted(names) == sorted(tensors)
+  assert model.num_parameters() == sum(t.size for t in tensors.values())
+  assert (model.lm_head is None) == model.config.tie_word_embeddings
+
+
+def test_bf16_model_runs_close_to_float32():
+  exp = _expected("llama3")
+  m = nnx.eval_shape(lambda: LlamaForCausalLM(
+      _config("llama3"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+      rngs=nnx.Rngs(0)))
+  for n, var in m.iter_variables():
+    var.set_value(jnp.asarray(_tensors("llama3")[n], jnp.bfloat16))
+  cache = KVCache.init(m.config, 2, 30, jnp.bfloat16)
+  logits, cache = _jitted(m)(jnp.asarray(exp["ids"], jnp.int32), cache)
+  assert logits.dtype == jnp.float32 and cache.k.dtype == jnp.bfloat16
+  _close(logits, exp["logits"], rel=0.05)
+
+
+# -- config ------------------------------------------------------------------
+
+
+def test_from_hf_reads_each_family():
+  llama, qwen, mistral = (_config(n) for n in NAMES)
+  assert llama.rope_type == "llama3" and not llama.tie_word_embeddings
+  assert llama.rope_scaling_dict["original_max_position_embeddings"] == 64
+  assert qwen.attention_bias and not qwen.o_proj_bias
+  assert qwen.tie_word_embeddings and qwen.sliding_window is None
+  assert qwen.rope_theta == 1e6
+  assert mistral.sliding_window == 8 and mistral.head_dim == 16
+  assert not mistral.attention_bias and mistral.eos_token_id == (2,)
+
+
+def test_from_hf_transformers4_keys_and_architectures():
+  base = dict(vocab_size=64, hidden_size=32, intermediate_size=64,
+              num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=1, rope_theta=500000.0,
+              max_position_embeddings=1024)
+  cfg = LlamaConfig.from_hf({
+      **base, "architectures": ["LlamaForCausalLM"],
+      "rope_scaling": {"type": "linear", "factor": 2.0},
+      "torch_dtype": "bfloat16", "eos_token_id": [5, 6]})
+  assert cfg.model_type == "llama" and cfg.rope_theta == 500000.0
+  assert cfg.rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}
+  assert cfg.torch_dtype == "bfloat16" and cfg.eos_token_id == (5, 6)
+  cfg = LlamaConfig.from_hf({
+      **base, "model_type": "llama",
+      "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                       "low_freq_factor": 1.0, "high_freq_factor": 4.0}})
+  assert cfg.rope_scaling_dict["original_max_position_embeddings"] == 1024
+  qwen = LlamaConfig.from_hf({**base, "model_type": "qwen2",
+                              "use_sliding_window": True,
+                              "sliding_window": 16, "max_window_layers": 1})
+  assert qwen.layer_types == ("full_attention", "sliding_attention")
+  assert [qwen.layer_sliding_window(i) for i in range(2)] == [None, 16]
+  assert LlamaConfig.from_hf(qwen.to_hf()) == qwen
+  assert hash(cfg) == hash(LlamaConfig.from_hf(cfg.to_hf()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_to_hf_round_trips_and_transformers_reads_it(name):
+  transformers = pytest.importorskip("transformers")
+  cfg = _config(name)
+  assert LlamaConfig.from_hf(cfg.to_hf()) == cfg
+  hf = transformers.AutoConfig.for_model(**cfg.to_hf())
+  assert type(hf).__name__.lower().startswith(cfg.model_type)
+  assert LlamaConfig.from_hf(hf.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"model_type": "gpt2"}, ValueError, "model_type 'gpt2'.*llama"),
+    ({"num_key_value_heads": 3}, ValueError, "num_key_value_heads"),
+    ({"hidden_size": 30}, ValueError, "hidden_size"),
+    ({"hidden_act": "gelu"}, NotImplementedError, "gelu"),
+    ({"rope_scaling": {"type": "yarn"}}, ValueError, "factor"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2}},
+     NotImplementedError, "longrope"),
+    ({"vocab_size": None}, ValueError, "vocab_size"),
+])
+def test_bad_configs(change, error, match):
+  d = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+       "intermediate_size": 64, "num_hidden_layers": 2,
+       "num_attention_heads": 4, **change}
+  with pytest.raises(error, match=match):
+    LlamaConfig.from_hf(d)
+
+
+def test_bad_model_arguments():
+  cfg = _config("mistral")
+  with pytest.raises(NotImplementedError, match="load_in_8bit"):
+    LlamaForCausalLM(cfg, quantization=QuantizationConfig(load_in_8bit=True),
+                     rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="LlamaConfig"):
+    LlamaForCausalLM(cfg.to_hf(), rngs=nnx.Rngs(0))
+  model = model_of("mistral")
+  ids = jnp.zeros((2, 4), jnp.int32)
+  with pytest.raises(ValueError, match="input_ids"):
+    model(ids[0])
+  with pytest.raises(ValueError, match="attention_mask"):
+    model(ids, attention_mask=jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match="cache"):
+    model(ids, cache=KVCache.init(cfg, batch=3, max_len=8))
+  with pytest.raises(ValueError, match="max_len"):
+    model(ids, cache=KVCache.init(cfg, batch=2, max_len=3))
