@@ -744,3 +744,5 @@ def add_parser(subparsers) -> None:
   rep.add_argument("--md", required=True, help="markdown file to write")
   rep.add_argument("--plot", help="matmul plot image to write (matplotlib)")
   rep.set_defaults(func=_report)
+  from jaxbnb._src import bench_decode  # pylint: disable=g-import-not-at-top
+  bench_decode.add_decode_parser(sub)

