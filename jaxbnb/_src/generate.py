@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxbnb._src import llama
 from jaxbnb._src import sampling
 from jaxbnb._src.kv_cache import KVCache
 
@@ -195,20 +194,6 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
   return out
 
 
-def _head(model, x):
-  """The model's output head on hidden states `x` (float32 logits).
-
-  The prefill needs logits of the last position only; applying the head to
-  that position alone avoids a `[batch, prompt, vocab]` float32 array.
-  Mirrors `LlamaForCausalLM.__call__`.
-  """
-  if model.lm_head is None:
-    return model.model.embed_tokens.attend(x)
-  if isinstance(model.lm_head, llama.Linear):
-    return model.lm_head(x, float32_out=True)
-  return model.lm_head(x).astype(jnp.float32)
-
-
 class Generator:
   """Compiled generation for one model; reuse it across calls.
 
@@ -278,7 +263,7 @@ class Generator:
     batch = ids.shape[0]
     cache = KVCache.init(self.config, batch, max_len, self.dtype)
     x, cache = model.model(ids, None, cache, mask)
-    logits = _head(model, x[:, -1])
+    logits = model.logits(x[:, -1])
     seen = None
     if penalize:
       seen = jnp.zeros((batch, self.config.vocab_size), bool)

@@ -414,13 +414,26 @@ class LlamaForCausalLM(nnx.Module):
     _check_call(self.config, input_ids, positions, cache, attention_mask)
     x, cache = self.model(jnp.asarray(input_ids), positions, cache,
                           attention_mask)
+    return self.logits(x), cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """The output head on final hidden states `[..., hidden]`.
+
+    `generate` applies it to the last position only, which avoids a
+    `[batch, prompt, vocab]` array during prefill.
+
+    Args:
+      hidden: the final (normed) hidden states.
+
+    Returns:
+      float32 logits `[..., vocab]` (the tied embedding when
+      `tie_word_embeddings`).
+    """
     if self.lm_head is None:
-      logits = self.model.embed_tokens.attend(x)
-    elif isinstance(self.lm_head, Linear):
-      logits = self.lm_head(x, float32_out=True)
-    else:
-      logits = self.lm_head(x).astype(jnp.float32)
-    return logits, cache
+      return self.model.embed_tokens.attend(hidden)
+    if isinstance(self.lm_head, Linear):
+      return self.lm_head(hidden, float32_out=True)
+    return self.lm_head(hidden).astype(jnp.float32)
 
   def named_linears(self) -> Iterator[tuple[str, nnx.Module]]:
     """Yields `(hf_module_path, linear)` for every `Linear`/`Linear4bit`."""
