@@ -13,6 +13,7 @@ collect_ignore = [
     "golden/make_bnb_llama_golden.py",
     "golden/make_llama_golden.py",
     "golden/make_smollm2_golden.py",
+    "golden/make_bnb_optim_golden.py",
 ]
 
 

@@ -746,3 +746,5 @@ def add_parser(subparsers) -> None:
   rep.set_defaults(func=_report)
   from jaxbnb._src import bench_decode  # pylint: disable=g-import-not-at-top
   bench_decode.add_decode_parser(sub)
+  from jaxbnb._src import bench_optim  # pylint: disable=g-import-not-at-top
+  bench_optim.add_optim_parser(sub)

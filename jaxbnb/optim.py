@@ -1,0 +1,73 @@
+"""bitsandbytes' 8-bit (and 32-bit, paged) optimizers for Optax.
+
+See `jaxbnb._src.optim` for the semantics; every name mirrors a
+`bitsandbytes.optim` class (`adamw8bit` <-> `AdamW8bit`).
+"""
+
+from jaxbnb._src.optim import Optimizer8bitState as Optimizer8bitState
+from jaxbnb._src.optim import adagrad32bit as adagrad32bit
+from jaxbnb._src.optim import adagrad8bit as adagrad8bit
+from jaxbnb._src.optim import adam32bit as adam32bit
+from jaxbnb._src.optim import adam8bit as adam8bit
+from jaxbnb._src.optim import adamw32bit as adamw32bit
+from jaxbnb._src.optim import adamw8bit as adamw8bit
+from jaxbnb._src.optim import ademamix32bit as ademamix32bit
+from jaxbnb._src.optim import ademamix8bit as ademamix8bit
+from jaxbnb._src.optim import lion32bit as lion32bit
+from jaxbnb._src.optim import lion8bit as lion8bit
+from jaxbnb._src.optim import paged_adam32bit as paged_adam32bit
+from jaxbnb._src.optim import paged_adam8bit as paged_adam8bit
+from jaxbnb._src.optim import paged_adamw32bit as paged_adamw32bit
+from jaxbnb._src.optim import paged_adamw8bit as paged_adamw8bit
+from jaxbnb._src.optim import paged_ademamix32bit as paged_ademamix32bit
+from jaxbnb._src.optim import paged_ademamix8bit as paged_ademamix8bit
+from jaxbnb._src.optim import paged_lion32bit as paged_lion32bit
+from jaxbnb._src.optim import paged_lion8bit as paged_lion8bit
+from jaxbnb._src.optim import rmsprop32bit as rmsprop32bit
+from jaxbnb._src.optim import rmsprop8bit as rmsprop8bit
+from jaxbnb._src.optim import scale_by_adagrad8bit as scale_by_adagrad8bit
+from jaxbnb._src.optim import scale_by_adam8bit as scale_by_adam8bit
+from jaxbnb._src.optim import scale_by_ademamix8bit as scale_by_ademamix8bit
+from jaxbnb._src.optim import scale_by_lion8bit as scale_by_lion8bit
+from jaxbnb._src.optim import scale_by_momentum8bit as scale_by_momentum8bit
+from jaxbnb._src.optim import scale_by_rmsprop8bit as scale_by_rmsprop8bit
+from jaxbnb._src.optim import sgd32bit as sgd32bit
+from jaxbnb._src.optim import sgd8bit as sgd8bit
+from jaxbnb._src.optim_rules import Hyper as Hyper
+from jaxbnb._src.optim_state import Quantized8bit as Quantized8bit
+from jaxbnb._src.optim_state import quantize_state as quantize_state
+
+__all__ = [
+    "Hyper",
+    "Optimizer8bitState",
+    "Quantized8bit",
+    "adagrad32bit",
+    "adagrad8bit",
+    "adam32bit",
+    "adam8bit",
+    "adamw32bit",
+    "adamw8bit",
+    "ademamix32bit",
+    "ademamix8bit",
+    "lion32bit",
+    "lion8bit",
+    "paged_adam32bit",
+    "paged_adam8bit",
+    "paged_adamw32bit",
+    "paged_adamw8bit",
+    "paged_ademamix32bit",
+    "paged_ademamix8bit",
+    "paged_lion32bit",
+    "paged_lion8bit",
+    "quantize_state",
+    "rmsprop32bit",
+    "rmsprop8bit",
+    "scale_by_adagrad8bit",
+    "scale_by_adam8bit",
+    "scale_by_ademamix8bit",
+    "scale_by_lion8bit",
+    "scale_by_momentum8bit",
+    "scale_by_rmsprop8bit",
+    "sgd32bit",
+    "sgd8bit",
+]

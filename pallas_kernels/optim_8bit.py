@@ -1,0 +1,430 @@
+"""Fused blockwise 8-bit optimizer update (bitsandbytes' optimizer kernels).
+
+One pass per step: each program loads `block_rows` blocks of 256 elements of
+the parameter, the gradient, the uint8 codes of the states and their old
+per-block absmax; dequantizes the states through the two 256-entry dynamic
+maps; applies the update rule in float32; takes the new per-block absmax
+(max |s| over the block, a reduction inside the program); requantizes with
+bitsandbytes' binary search (7 steps from pivot 127, then the midpoint
+comparison, ties as in CUDA) plus the sign fix for the signed map; and
+writes the new parameter (its own dtype), codes and absmax.
+
+The rules mirror jaxbnb's pure-jnp reference (`jaxbnb._src.optim_rules.
+update_8bit`) operation by operation, including where a value is rounded to
+the parameter dtype, the tail-block padding (gradient 0, parameter 0,
+signed codes 128, unsigned codes 0) and the NaN/Inf rule (a non-finite
+gradient resets that element's state to 0 and keeps its parameter).
+
+Kinds: "adam" (Adam, AdamW), "ademamix", "momentum" (SGD, optionally
+nesterov), "rmsprop", "adagrad", "lion". Hyper-parameters that change
+during training (lr, the step, the bias corrections, AdEMAMix's alpha and
+beta3 schedules) and the betas, eps and weight decay come in as one small
+float32 array, so a new learning rate or step never recompiles; only the
+kind, nesterov, "weight decay > 0" and the dtypes are static.
+
+This is a leaf module: it imports jax only; the maps are array inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _backend
+from pallas_kernels._backend import pl
+from pallas_kernels._backend import pltriton
+
+__all__ = ["BLOCKSIZE", "KINDS", "SCALARS", "can_use", "num_states",
+           "optimizer_update_8bit", "pack_scalars"]
+
+BLOCKSIZE = 256
+KINDS = ("adam", "ademamix", "momentum", "rmsprop", "adagrad", "lion")
+_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+# Layout of the float32 scalar array (unused slots are ignored).
+SCALARS = ("lr", "step", "beta1", "beta2", "eps", "weight_decay",
+           "corr1", "corr2", "alpha", "beta3")
+_S = {name: i for i, name in enumerate(SCALARS)}
+
+
+def num_states(kind: str) -> int:
+  """2 for adam/ademamix, 1 for the 1-state kinds."""
+  return 2 if kind in ("adam", "ademamix") else 1
+
+
+def can_use(kind: str, n: int, dtype) -> bool:
+  """Whether the kernel serves this update (else use the reference).
+
+  Args:
+    kind: the update rule (one of `KINDS`).
+    n: number of parameter elements.
+    dtype: the parameter dtype.
+  """
+  return (_backend.available() and kind in KINDS and n > 0
+          and n < 2**31 - 2 * BLOCKSIZE
+          and jnp.dtype(dtype) in _DTYPES)
+
+
+# ------------------------------------------------------------ float helpers
+
+
+def _asm(op: str, nargs: int, *args):
+  a = jnp.broadcast_arrays(*args)
+  return pltriton.elementwise_inline_asm(
+      f"{op}.f32 $0, " + ", ".join(f"${i + 1}" for i in range(nargs)) + ";",
+      args=list(a),
+      constraints="=r" + ",r" * nargs,
+      pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(a[0].shape, jnp.float32)],
+  )[0]
+
+
+def _div(a, b, interpret):
+  """IEEE fp32 division (Triton's `/` is the approximate `div.full`)."""
+  if interpret:
+    return a / b
+  return _asm("div.rn", 2, a, b)
+
+
+def _sqrt(a, interpret):
+  """IEEE fp32 square root."""
+  if interpret:
+    return jnp.sqrt(a)
+  return _asm("sqrt.rn", 1, a)
+
+
+def _round_to(x, dtype):
+  """bnb's `T(x)`: round to the parameter dtype, read back as float32."""
+  if dtype == jnp.float32:
+    return x
+  return x.astype(dtype).astype(jnp.float32)
+
+
+def _sgn(x):
+  return (x > 0).astype(jnp.float32) - (x < 0).astype(jnp.float32)
+
+
+# ----------------------------------------------------------- requantization
+
+
+def _quantize(x, q_ref):
+  """Nearest code of fp32 `x` by bitsandbytes' binary search (int32).
+
+  Returns (code, its map value). The 7-step search from pivot 127 (steps
+  64..1) and the midpoint rule of `dQuantize`; the first two levels pick
+  their pivot value from scalars, the rest gather from the map.
+  """
+  shape = x.shape
+  v127 = q_ref[127]
+  up0 = x > v127
+  pivot = jnp.where(up0, jnp.int32(191), jnp.int32(63))
+  lower_pivot = jnp.where(up0, jnp.int32(127), jnp.int32(0))
+  upper_pivot = jnp.where(up0, jnp.int32(255), jnp.int32(127))
+  lower = jnp.where(up0, v127, jnp.float32(-1.0))
+  upper = jnp.where(up0, jnp.float32(1.0), v127)
+  val = jnp.where(up0, q_ref[191], q_ref[63])
+  # Level 1 from scalars: pivots 63 / 191 -> 31, 95 / 159, 223.
+  up1 = x > val
+  lower_pivot = jnp.where(up1, pivot, lower_pivot)
+  lower = jnp.where(up1, val, lower)
+  upper_pivot = jnp.where(up1, upper_pivot, pivot)
+  upper = jnp.where(up1, upper, val)
+  pivot = jnp.where(up1, pivot + 32, pivot - 32)
+  val = jnp.where(up0, jnp.where(up1, q_ref[223], q_ref[159]),
+                  jnp.where(up1, q_ref[95], q_ref[31]))
+  for step in (16, 8, 4, 2, 1):
+    go_up = x > val
+    lower_pivot = jnp.where(go_up, pivot, lower_pivot)
+    lower = jnp.where(go_up, val, lower)
+    upper_pivot = jnp.where(go_up, upper_pivot, pivot)
+    upper = jnp.where(go_up, upper, val)
+    pivot = jnp.where(go_up, pivot + step, pivot - step)
+    val = q_ref[pivot]
+  del shape
+  upper = jnp.where(upper_pivot == 255, q_ref[255], upper)
+  lower = jnp.where(lower_pivot == 0, q_ref[0], lower)
+  above = x > val
+  mid_up = (upper + val) * jnp.float32(0.5)
+  mid_lo = (lower + val) * jnp.float32(0.5)
+  take_up = above & (x > mid_up)
+  take_lo = (~above) & (x < mid_lo)
+  code = jnp.where(take_up, upper_pivot, jnp.where(take_lo, lower_pivot,
+                                                   pivot))
+  value = jnp.where(take_up, upper, jnp.where(take_lo, lower, val))
+  return code, value
+
+
+def _requantize(s, absmax, q_ref, signed, interpret):
+  """uint8-valued int32 codes of fp32 blocks `s` [R, 256] (+ sign fix)."""
+  x = _div(s, absmax[:, None], interpret)
+  code, value = _quantize(x, q_ref)
+  if signed:
+    flip = jnp.signbit(value) != jnp.signbit(s)
+    code = jnp.where(flip, code + jnp.where(s > 0, 1, -1), code) & 255
+  return code
+
+
+# ------------------------------------------------------------------ kernel
+
+
+def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
+            layout, interpret):
+  nst = num_states(kind)
+  stacked = kind == "ademamix"
+  if nst == 2:
+    (h_ref, q1_ref, q2_ref, p_ref, g_ref, c1_ref, a1_ref, c2_ref, a2_ref,
+     po_ref, c1o_ref, a1o_ref, c2o_ref, a2o_ref) = refs
+  else:
+    (h_ref, q1_ref, p_ref, g_ref, c1_ref, a1_ref,
+     po_ref, c1o_ref, a1o_ref) = refs
+  r = block_rows
+  f32 = jnp.float32
+  pid = pl.program_id(0)
+  rows = pid * r + jnp.arange(r, dtype=jnp.int32)
+  row_ok = rows < nblocks
+  if layout == "flat":
+    idx = pid * (r * BLOCKSIZE) + jnp.arange(r * BLOCKSIZE, dtype=jnp.int32)
+    mask = idx < n
+    shape2 = (r, BLOCKSIZE)
+
+    def load(ref, other):
+      return pltriton.load(ref, mask=mask, other=other).reshape(shape2)
+
+    def store(ref, v):
+      pltriton.store(ref, v.reshape(-1), mask=mask)
+  else:
+    mask = jnp.broadcast_to(row_ok[:, None], (r, BLOCKSIZE))
+
+    def load(ref, other):
+      return pltriton.load(ref, mask=mask, other=other)
+
+    def store(ref, v):
+      pltriton.store(ref, v, mask=mask)
+
+  def sub(ref, k):  # the k-th stacked state (AdEMAMix's state1)
+    return ref if k is None else ref.at[jnp.int32(k)]
+
+  def load_state(c_ref, a_ref, q_ref, pad_code, k=None):
+    c = load(sub(c_ref, k), pad_code).astype(jnp.int32)
+    am = pltriton.load(sub(a_ref, k), mask=row_ok, other=0)
+    return q_ref[c] * am[:, None]
+
+  def store_state(s, c_ref, a_ref, q_ref, signed, k=None):
+    am = jnp.max(jnp.abs(s), axis=1)
+    code = _requantize(s, am, q_ref, signed, interpret)
+    store(sub(c_ref, k), code.astype(jnp.uint8))
+    pltriton.store(sub(a_ref, k), am, mask=row_ok)
+
+  hs = lambda name: h_ref[_S[name]]
+  lr, b1, b2 = hs("lr"), hs("beta1"), hs("beta2")
+  eps, wd = hs("eps"), hs("weight_decay")
+  one = f32(1.0)
+  pf = load(p_ref, 0).astype(f32)
+  gf = _round_to(load(g_ref, 0).astype(f32), dtype)
+  finite = jnp.abs(gf) < jnp.inf
+  zero = f32(0.0)
+
+  if nst == 2:
+    c1, c2 = hs("corr1"), hs("corr2")
+    s2 = load_state(c2_ref, a2_ref, q2_ref, 0)
+    s2 = jnp.where(finite, (s2 * b2) + (((one - b2) * gf) * gf), zero)
+    if kind == "adam":
+      s1 = load_state(c1_ref, a1_ref, q1_ref, 128)
+      s1 = jnp.where(finite, (s1 * b1) + ((one - b1) * gf), zero)
+      # Inline asm takes blocks, not scalars: divide the broadcast values.
+      step_size = _div(jnp.full(pf.shape, -lr * c2, f32),
+                       jnp.full(pf.shape, c1, f32), interpret)
+      new = _round_to(
+          pf + (step_size * _div(s1, _sqrt(s2, interpret) + (c2 * eps),
+                                 interpret)), dtype)
+      states1 = [s1]
+    else:
+      alpha, b3 = hs("alpha"), hs("beta3")
+      m1 = load_state(c1_ref, a1_ref, q1_ref, 128, 0)
+      m2 = load_state(c1_ref, a1_ref, q1_ref, 128, 1)
+      m1 = jnp.where(finite, (m1 * b1) + ((one - b1) * gf), zero)
+      m2 = jnp.where(finite, (m2 * b3) + ((one - b3) * gf), zero)
+      num = _div(m1, c1, interpret) + (alpha * m2)
+      den = _div(_sqrt(s2, interpret), c2, interpret) + eps
+      new = _round_to(pf - lr * _div(num, den, interpret), dtype)
+      states1 = [m1, m2]
+    if has_wd:
+      new = _round_to(new * (one - (lr * wd)), dtype)
+    new = jnp.where(finite, new, pf)
+    for k, s in enumerate(states1):
+      store_state(s, c1o_ref, a1o_ref, q1_ref, True, k if stacked else None)
+    store_state(s2, c2o_ref, a2o_ref, q2_ref, False)
+  else:
+    s1 = load_state(c1_ref, a1_ref, q1_ref, 128)
+    gv = gf
+    if has_wd:
+      if kind == "lion":
+        pf_l = _round_to(pf * (one - lr * wd), dtype)
+      else:
+        gv = gv + pf * wd
+    if kind == "momentum":
+      s1 = jnp.where(hs("step") == 1, gv, (s1 * b1) + gv)
+    elif kind == "lion":
+      upd = _round_to(lr * _sgn((s1 * b1) + ((one - b1) * gv)), dtype)
+      s1 = s1 * b2 + ((one - b2) * gv)
+    elif kind == "rmsprop":
+      s1 = s1 * b1 + ((one - b1) * (gv * gv))
+    else:  # adagrad
+      s1 = s1 + (gv * gv)
+    s1 = jnp.where(finite, s1, zero)
+    if kind == "momentum":
+      d = gv + b1 * s1 if nesterov else s1
+      new = pf - lr * d
+    elif kind == "lion":
+      new = (pf_l if has_wd else pf) - upd
+    else:  # rmsprop, adagrad: the raw gradient in the numerator
+      new = pf - lr * _div(gf, _sqrt(s1, interpret) + eps, interpret)
+    new = jnp.where(finite, _round_to(new, dtype), pf)
+    store_state(s1, c1o_ref, a1o_ref, q1_ref, True)
+  store(po_ref, new.astype(dtype))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("kind", "nesterov", "has_wd", "block_rows", "num_warps",
+                     "layout", "alias", "interpret"))
+def optimizer_update_8bit(
+    p: jax.Array,
+    g: jax.Array,
+    codes1: jax.Array,
+    absmax1: jax.Array,
+    codes2: jax.Array | None,
+    absmax2: jax.Array | None,
+    qmap1: jax.Array,
+    qmap2: jax.Array | None,
+    scalars: jax.Array,
+    *,
+    kind: str,
+    nesterov: bool = False,
+    has_wd: bool = False,
+    block_rows: int = 4,
+    num_warps: int = 4,
+    layout: str | None = None,
+    alias: bool = False,
+    interpret: bool = False,
+):
+  """One fused 8-bit blockwise optimizer step for one flat leaf.
+
+  Args:
+    p: parameters, flat [n], float32/float16/bfloat16.
+    g: gradient, flat [n] (any float dtype; rounded to p's dtype first).
+    codes1: uint8 codes of state1 (signed map), [n] (AdEMAMix: [2, n]).
+    absmax1: float32 [nblocks] (AdEMAMix: [2, nblocks]).
+    codes2: uint8 codes of state2 (unsigned map) [n], or None (1-state).
+    absmax2: float32 [nblocks], or None.
+    qmap1: the signed dynamic map, float32 [256].
+    qmap2: the unsigned dynamic map, float32 [256], or None.
+    scalars: float32 [len(SCALARS)]: lr, step, beta1, beta2, eps,
+      weight_decay, corr1 = 1 - beta1^step, corr2 = sqrt(1 - beta2^step),
+      alpha and beta3 (AdEMAMix, after their schedules).
+    kind: one of `KINDS`.
+    nesterov: momentum only.
+    has_wd: whether weight_decay > 0 (static, as in the reference).
+    block_rows: 256-element blocks per program (power of two).
+    num_warps: Triton warps per program.
+    layout: "rows" (a [nblocks, 256] view; needs n % 256 == 0) or "flat"
+      (1-D loads masked at n, any n); default "rows" when it applies.
+    alias: write the states (and p) in place of their inputs
+      (`input_output_aliases`; pays off when the caller donates them).
+    interpret: run in Pallas interpret mode (CPU tests).
+
+  Returns:
+    (new_p [n] in p's dtype, new codes1, new absmax1, new codes2, new
+    absmax2); the last two are None for 1-state kinds.
+  """
+  n = p.shape[0]
+  nblocks = -(-n // BLOCKSIZE)
+  nst = num_states(kind)
+  stacked = kind == "ademamix"
+  dtype = jnp.dtype(p.dtype)
+  if layout is None:
+    layout = "rows" if n % BLOCKSIZE == 0 else "flat"
+  if layout == "rows" and n % BLOCKSIZE:
+    raise ValueError(f"layout 'rows' needs n % {BLOCKSIZE} == 0, got n={n}.")
+  r = block_rows
+  lead = (2,) if stacked else ()
+  if layout == "rows":
+    view = lambda a, ld=(): a.reshape(ld + (nblocks, BLOCKSIZE))
+    espec = lambda ld=(): pl.BlockSpec(
+        ld + (r, BLOCKSIZE), lambda i: (0,) * len(ld) + (i, 0))
+  else:
+    view = lambda a, ld=(): a.reshape(ld + (n,))
+    espec = lambda ld=(): pl.BlockSpec(
+        ld + (r * BLOCKSIZE,), lambda i: (0,) * len(ld) + (i,))
+  aspec = lambda ld=(): pl.BlockSpec(ld + (r,),
+                                     lambda i: (0,) * len(ld) + (i,))
+  full = lambda a: pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
+  scalars = scalars.astype(jnp.float32)
+  qmap1 = qmap1.astype(jnp.float32)
+  args = [scalars, qmap1]
+  if nst == 2:
+    qmap2 = qmap2.astype(jnp.float32)
+    args.append(qmap2)
+  n_tables = len(args)
+  args += [view(p), view(g), view(codes1, lead),
+           absmax1.astype(jnp.float32).reshape(lead + (nblocks,))]
+  specs = [full(a) for a in args[:n_tables]]
+  specs += [espec(), espec(), espec(lead), aspec(lead)]
+  if nst == 2:
+    args += [view(codes2), absmax2.astype(jnp.float32).reshape(nblocks)]
+    specs += [espec(), aspec()]
+  args = _backend.same_vma(*args)
+  like = args[n_tables]
+  out_shape = [_backend.out_struct(args[n_tables].shape, dtype, like),
+               _backend.out_struct(args[n_tables + 2].shape, jnp.uint8, like),
+               _backend.out_struct(lead + (nblocks,), jnp.float32, like)]
+  out_specs = [espec(), espec(lead), aspec(lead)]
+  if nst == 2:
+    out_shape += [_backend.out_struct(args[n_tables + 4].shape, jnp.uint8,
+                                      like),
+                  _backend.out_struct((nblocks,), jnp.float32, like)]
+    out_specs += [espec(), aspec()]
+  aliases = {}
+  if alias:
+    aliases = {n_tables: 0, n_tables + 2: 1, n_tables + 3: 2}
+    if nst == 2:
+      aliases.update({n_tables + 4: 3, n_tables + 5: 4})
+  kernel = functools.partial(
+      _kernel, kind=kind, nesterov=nesterov, has_wd=has_wd, dtype=dtype,
+      n=n, nblocks=nblocks, block_rows=r, layout=layout, interpret=interpret)
+  state_bytes = nst + (1 if stacked else 0)
+  outs = pl.pallas_call(
+      kernel,
+      out_shape=tuple(out_shape),
+      grid=(pl.cdiv(nblocks, r),),
+      in_specs=specs,
+      out_specs=tuple(out_specs),
+      input_output_aliases=aliases,
+      compiler_params=_backend.compiler_params(num_warps=num_warps,
+                                               num_stages=1),
+      interpret=interpret,
+      name=f"jaxbnb_optim_8bit_{kind}",
+      cost_estimate=pl.CostEstimate(
+          flops=60 * n, transcendentals=2 * n,
+          bytes_accessed=n * (2 * dtype.itemsize + g.dtype.itemsize
+                              + 2 * state_bytes) + 8 * nblocks * state_bytes),
+  )(*args)
+  new_p = outs[0].reshape(n)
+  c1 = outs[1].reshape(lead + (n,))
+  a1 = outs[2]
+  if nst == 2:
+    return new_p, c1, a1, outs[3].reshape(n), outs[4]
+  return new_p, c1, a1, None, None
+
+
+def pack_scalars(**kw) -> jax.Array:
+  """The float32 scalar array from keyword values (missing ones are 0)."""
+  unknown = set(kw) - set(SCALARS)
+  if unknown:
+    raise ValueError(f"pack_scalars: unknown names {sorted(unknown)}; "
+                     f"expected some of {SCALARS}.")
+  return jnp.stack([jnp.asarray(kw.get(k, 0.0), jnp.float32).reshape(())
+                    for k in SCALARS])
+

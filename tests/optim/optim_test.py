@@ -1,0 +1,245 @@
+"""Tests of `jaxbnb.optim` in the manner of bnb's tests/test_optim.py.
+
+8-bit trajectories track 32-bit ones (bnb's tolerances, states re-synced
+after each step), per-leaf 8/32-bit selection, optax composition, schedules
+without recompilation, and hyper-parameter validation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxbnb import optim
+from jaxbnb._src import optim_rules
+from jaxbnb._src.optim_state import Quantized8bit
+
+# bnb test_optimizer8bit: (mean |dp|, mean rel |dp|) bounds per dtype.
+PARAM_TOL = {jnp.float32: (6e-5, 6e-4), jnp.bfloat16: (1.7e-4, 1.6e-3)}
+
+OPTIMIZERS_8BIT = {
+    "adam": lambda **k: optim.adam8bit(**k),
+    "lion": lambda **k: optim.lion8bit(**k),
+    "sgd": lambda **k: optim.sgd8bit(0.01, 0.9, **k),
+    "rmsprop": lambda **k: optim.rmsprop8bit(0.01, 0.9, **k),
+    "ademamix": lambda **k: optim.ademamix8bit(**k),
+    "ademamix_sched": lambda **k: optim.ademamix8bit(t_alpha=20, t_beta3=20,
+                                                     **k),
+}
+
+
+def _dequant(s):
+  return s.dequantize() if isinstance(s, Quantized8bit) else s
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS_8BIT))
+def test_8bit_tracks_32bit(name, dtype):
+  shape = (128, 65)  # 8320 elements: 8-bit state, a partial last block
+  opt8 = OPTIMIZERS_8BIT[name]()
+  opt32 = OPTIMIZERS_8BIT[name](optim_bits=32)
+  rng = np.random.default_rng(0)
+  p8 = {"w": jnp.asarray(rng.standard_normal(shape) * 0.1, dtype)}
+  st8, st32 = opt8.init(p8), opt32.init(p8)
+  assert isinstance(st8.state1["w"], Quantized8bit)
+  assert st32.state1["w"].dtype == jnp.float32
+
+  @jax.jit
+  def step(g, p, st8, st32):
+    u8, st8 = opt8.update(g, st8, p)
+    u32, st32 = opt32.update(g, st32, p)
+    return optax.apply_updates(p, u8), optax.apply_updates(p, u32), st8, st32
+
+  max_err, max_rel = PARAM_TOL[dtype]
+  for _ in range(20):
+    g = {"w": jnp.asarray(0.01 * rng.standard_normal(shape), dtype)}
+    new8, new32, st8, st32 = step(g, p8, st8, st32)
+    for s8, s32 in [(st8.state1["w"], st32.state1["w"]),
+                    (st8.state2["w"], st32.state2["w"])]:
+      if s8 is None:
+        continue
+      a, b = np.asarray(_dequant(s8)), np.asarray(s32)
+      bad = ~np.isclose(a, b, atol=3e-3, rtol=1e-3)
+      assert bad.sum() < 20, bad.sum()
+    a = np.asarray(new8["w"], np.float32)
+    b = np.asarray(new32["w"], np.float32)
+    err = np.abs(a - b)
+    assert err.mean() < max_err, err.mean()
+    assert (err / (np.abs(b) + 1e-9)).mean() < max_rel
+    # Resync the 32-bit run to the 8-bit one, as bnb's test does.
+    st32 = st32._replace(
+        state1=jax.tree.map(_dequant, st8.state1,
+                            is_leaf=lambda x: isinstance(x, Quantized8bit)),
+        state2=jax.tree.map(_dequant, st8.state2,
+                            is_leaf=lambda x: isinstance(x, Quantized8bit)))
+    p8 = new8
+
+
+def test_adam32bit_matches_optax_adamw():
+  """bnb decays after the step, optax with it: O(lr^2 wd) apart."""
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(rng.standard_normal((64, 80)), jnp.float32)}
+  ours = optim.adamw32bit(1e-3, weight_decay=1e-2)
+  ref = optax.adamw(1e-3, weight_decay=1e-2)
+  a, b = params, params
+  sa, sb = ours.init(a), ref.init(b)
+  for _ in range(20):
+    g = {"w": jnp.asarray(0.01 * rng.standard_normal((64, 80)), jnp.float32)}
+    ua, sa = ours.update(g, sa, a)
+    ub, sb = ref.update(g, sb, b)
+    a, b = optax.apply_updates(a, ua), optax.apply_updates(b, ub)
+  np.testing.assert_allclose(np.asarray(a["w"]), np.asarray(b["w"]),
+                             atol=1e-6, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(sa.state1["w"]),
+                             np.asarray(sb[0].mu["w"]), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
+                         ids=["fp32", "bf16"])
+def test_apply_updates_lands_on_the_rule_result(dtype):
+  rng = np.random.default_rng(2)
+  p = jnp.asarray(rng.standard_normal((64, 80)), dtype)
+  g = jnp.asarray(0.01 * rng.standard_normal((64, 80)), dtype)
+  opt = optim.adamw8bit(1e-2)
+  st = opt.init({"w": p})
+  u, st2 = opt.update({"w": g}, st, {"w": p})
+  h = optim_rules.Hyper("adam", weight_decay=1e-2)
+  want, _, _ = optim_rules.update_8bit("adam", p, g, st.state1["w"],
+                                       st.state2["w"], lr=1e-2, step=1,
+                                       hyper=h)
+  got = optax.apply_updates({"w": p}, u)["w"]
+  assert got.dtype == dtype
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  if dtype == jnp.bfloat16:  # new - p is exact in float32
+    np.testing.assert_array_equal(got, want)
+  else:  # exact when new - p is (Sterbenz: p/2 <= new <= 2p), else ulp(p)
+    pn = np.asarray(p)
+    sterbenz = (want / pn >= 0.5) & (want / pn <= 2.0)
+    np.testing.assert_array_equal(got[sterbenz], want[sterbenz])
+    big = np.maximum(np.abs(pn), np.abs(want - pn))
+    assert np.all(np.abs(got - want) <= np.spacing(big))
+  assert int(st2.count) == 1
+
+
+def test_min_8bit_size_and_override_choose_32bit_leaves():
+  params = {"big": jnp.ones((64, 64)), "small": jnp.ones((63, 64)),
+            "pinned": jnp.ones((64, 64)), "bias": jnp.ones((64,))}
+  keep = lambda path, leaf: "pinned" in jax.tree_util.keystr(path)
+  st = optim.adam8bit(override=keep).init(params)
+  kinds = {k: isinstance(v, Quantized8bit) for k, v in st.state1.items()}
+  assert kinds == {"big": True, "small": False, "pinned": False,
+                   "bias": False}
+  mask = {"big": True, "small": False, "pinned": False, "bias": False}
+  st = optim.lion8bit(override=mask, min_8bit_size=64).init(params)
+  kinds = {k: isinstance(v, Quantized8bit) for k, v in st.state1.items()}
+  assert kinds == {"big": False, "small": True, "pinned": True, "bias": True}
+  assert all(v is None for v in st.state2.values())
+  st = optim.ademamix8bit().init(params)
+  assert st.state1["big"].codes.shape == (2, 64, 64)
+  assert st.state1["big"].absmax.shape == (2, 16)
+  assert st.state1["small"].shape == (2, 63, 64)
+  assert isinstance(optim.adam32bit().init(params).state1["big"], jax.Array)
+
+
+def test_mixed_tree_updates_and_jit_state_roundtrip():
+  params = {"a": jnp.ones((64, 64)), "b": jnp.ones((10,))}
+  opt = optim.adamw8bit(1e-3)
+  st = opt.init(params)
+  step = jax.jit(lambda g, s, p: opt.update(g, s, p))
+  g = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), params)
+  u, st = step(g, st, params)
+  assert jax.tree.structure(u) == jax.tree.structure(params)
+  leaves = jax.tree.leaves(st)
+  assert {np.dtype(x.dtype).name for x in leaves} == {"int32", "uint8",
+                                                       "float32"}
+  back = jax.tree.unflatten(jax.tree.structure(st), leaves)
+  assert isinstance(back.state1["a"], Quantized8bit)
+
+
+def test_chain_composition_matches_alias():
+  """clip -> scale_by_adam8bit -> lr gives the alias' states bit for bit."""
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.asarray(rng.standard_normal((64, 80)), jnp.float32)}
+  chained = optax.chain(optax.clip_by_global_norm(1.0),
+                        optim.scale_by_adam8bit(),
+                        optax.scale_by_learning_rate(1e-3))
+  alias = optim.adam8bit(1e-3)
+  clip = optax.clip_by_global_norm(1.0)
+  sc, sa = chained.init(params), alias.init(params)
+  for _ in range(3):
+    g = {"w": jnp.asarray(rng.standard_normal((64, 80)), jnp.float32)}
+    uc, sc = chained.update(g, sc)
+    gc, _ = clip.update(g, clip.init(params))
+    ua, sa = alias.update(gc, sa, params)
+    np.testing.assert_allclose(np.asarray(uc["w"]), np.asarray(ua["w"]),
+                               atol=3e-7, rtol=1e-4)  # new_p - p: ulp(p)
+  np.testing.assert_array_equal(np.asarray(sc[1].state1["w"].codes),
+                                np.asarray(sa.state1["w"].codes))
+  np.testing.assert_array_equal(np.asarray(sc[1].state2["w"].absmax),
+                                np.asarray(sa.state2["w"].absmax))
+
+
+def test_schedule_and_step_never_recompile():
+  params = {"w": jnp.ones((64, 64))}
+  sched = optax.linear_schedule(0.0, 1e-2, 10)
+  opt = optim.adam8bit(sched)
+  traces = []
+
+  @jax.jit
+  def step(p, s):
+    traces.append(1)
+    g = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), p)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  st = opt.init(params)
+  p1, st = step(params, st)  # lr = sched(0) = 0: no move
+  np.testing.assert_array_equal(np.asarray(p1["w"]), 1.0)
+  p2, st = step(p1, st)
+  p3, st = step(p2, st)
+  assert len(traces) == 1
+  assert int(st.count) == 3
+  assert float(p3["w"][0, 0]) < float(p2["w"][0, 0]) < 1.0
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: optim.adam8bit(-1e-3), "learning_rate=-0.001"),
+    (lambda: optim.adam8bit(b1=1.0), "b1=1.0"),
+    (lambda: optim.adamw32bit(b2=-0.1), "adamw32bit: b2"),
+    (lambda: optim.adam8bit(eps=-1e-8), "eps=-1e-08"),
+    (lambda: optim.adamw8bit(weight_decay=-1.0), "weight_decay=-1.0"),
+    (lambda: optim.lion8bit(b2=1.5), "b2=1.5"),
+    (lambda: optim.sgd8bit(0.1, momentum=0.0), "momentum=0.0"),
+    (lambda: optim.rmsprop8bit(alpha=0.0), "alpha=0.0"),
+    (lambda: optim.ademamix8bit(b3=1.0), "b3=1.0"),
+    (lambda: optim.ademamix8bit(t_alpha=-1), "t_alpha=-1"),
+    (lambda: optim.adam8bit(optim_bits=16), "optim_bits=16"),
+    (lambda: optim.scale_by_adam8bit(b1=-0.5), "b1=-0.5"),
+])
+def test_bad_hyperparameters_raise(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_bad_inputs_raise():
+  opt = optim.adam8bit()
+  with pytest.raises(TypeError, match="floating-point"):
+    opt.init({"step": jnp.zeros((3,), jnp.int32)})
+  params = {"w": jnp.ones((4,))}
+  with pytest.raises(ValueError, match="needs `params`"):
+    opt.update(params, opt.init(params))
+
+
+def test_paged_matches_unpaged():
+  params = {"w": jnp.ones((64, 80))}
+  g = {"w": jnp.full((64, 80), 0.01)}
+  a, b = optim.paged_adamw8bit(), optim.adamw8bit()
+  ua, sa = a.update(g, a.init(params), params)
+  ub, sb = b.update(g, b.init(params), params)
+  np.testing.assert_array_equal(np.asarray(ua["w"]), np.asarray(ub["w"]))
+  np.testing.assert_array_equal(np.asarray(sa.state1["w"].codes),
+                                np.asarray(sb.state1["w"].codes))

@@ -1,0 +1,64 @@
+"""Paged optimizers: state placement in host memory (JAX memory kinds)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbnb._src import optim_paged
+from jaxbnb._src import optim_state
+from tests.optim import _common
+
+HOST = optim_paged.host_memory_kind()
+
+
+def _state_kinds(opt_state):
+  st = _common.state_of(opt_state)
+  return {k for k in jax.tree.leaves(optim_paged.memory_kinds(
+      (st.state1, st.state2)))}
+
+
+def test_to_host_and_back_keeps_values_and_static_fields():
+  assert HOST in optim_paged.HOST_KINDS  # CPU exposes pinned_host
+  q = optim_state.quantize_state(jnp.linspace(-1, 1, 600), signed=True)
+  tree = {"q": q, "f": jnp.arange(5.0), "none": None, "n": 3}
+  host = optim_paged.to_host(tree)
+  kinds = optim_paged.memory_kinds(host)
+  assert kinds["q"].codes == kinds["q"].absmax == kinds["f"] == HOST
+  assert kinds["none"] is None and host["n"] == 3 and host["q"].signed
+  back = optim_paged.to_device(host)
+  assert optim_paged.memory_kinds(back)["f"] == optim_paged.DEVICE_KIND
+  _common.assert_trees_bitwise_equal(back, tree)
+
+
+def test_jitted_round_trip_outputs_host_memory_and_keeps_sharding():
+  mesh = jax.make_mesh((len(jax.devices()),), ("x",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+  x = optim_paged.to_host(jax.device_put(jnp.arange(64.0), sharding))
+  assert x.sharding.memory_kind == HOST
+
+  @jax.jit
+  def f(s):
+    return optim_paged.to_host(optim_paged.to_device(s) * 2)
+
+  y = f(x)
+  assert y.sharding.memory_kind == HOST
+  assert y.sharding.spec == sharding.spec
+  np.testing.assert_array_equal(np.asarray(y), 2 * np.arange(64.0))
+
+
+def test_paged_state_on_host_and_bitwise_equal_to_unpaged(name="adamw8bit"):
+  params = _common.make_params()
+  paged_opt, step = _common.optimizer("paged_" + name)
+  opt = _common.optimizer(name)[0]
+  ps, pst = params, paged_opt.init(params)
+  assert _state_kinds(pst) == {HOST}
+  ps, pst = _common.train("paged_" + name, ps, pst, 0, 3)
+  assert _state_kinds(pst) == {HOST}
+  assert len(step.traces) == 1, "paged step retraced"
+  p, st = _common.train(name, params, opt.init(params), 0, 3)
+  assert _state_kinds(st) == {optim_paged.DEVICE_KIND}
+  _common.assert_trees_bitwise_equal(ps, p)
+  _common.assert_trees_bitwise_equal(
+      optim_paged.to_device(_common.state_of(pst)), _common.state_of(st))
