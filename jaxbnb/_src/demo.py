@@ -31,6 +31,7 @@ def run_demo(opts: argparse.Namespace) -> int:
   from jaxbnb._src import gguf_source  # pylint: disable=g-import-not-at-top
   from jaxbnb._src import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from jaxbnb._src.quant_config import QuantizationConfig  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.quant_state import Params4bit  # pylint: disable=g-import-not-at-top
   from jaxbnb._src.quantize_model import memory_footprint  # pylint: disable=g-import-not-at-top
 
   try:
@@ -50,15 +51,14 @@ def run_demo(opts: argparse.Namespace) -> int:
                                   progress=not opts.quiet)
   load_s = time.perf_counter() - t0
   tok = tokenizer_lib.load_tokenizer(src)
-  n_params = sum(int(x.size) for x in jax.tree.leaves(
-      nnx.state(model, nnx.Param)))
-  n_params += sum(int(v.get_value().quant_state.numel)
-                  for _, v in _quantized(model))
+  n_params = model.num_parameters()
   fp16 = 2 * n_params
   nf4 = memory_footprint(nnx.state(model))
   print(f"loaded and quantized to NF4 + double quant in {load_s:.1f}s: "
         f"{n_params:,} parameters")
-  linear = sum(memory_footprint(v.get_value()) for _, v in _quantized(model))
+  linear = sum(memory_footprint(m.weight.get_value())
+               for _, m in model.named_linears()
+               if isinstance(m.weight.get_value(), Params4bit))
   print(f"memory: fp16 {_mib(fp16)} -> NF4 {_mib(nf4)} ({nf4 / fp16:.2f}x; "
         f"the 4-bit linears take {_mib(linear)}, the 16-bit embeddings and "
         f"norms the rest)")
@@ -82,14 +82,6 @@ def run_demo(opts: argparse.Namespace) -> int:
         f"tokens/s decoding (prefill {result.prefill_seconds * 1e3:.0f} ms; "
         f"compilation, {result.compile_seconds:.1f}s, not counted)")
   return 0
-
-
-def _quantized(model):
-  from jaxbnb._src.nnx_layers import QuantizedWeight  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  for path, var in nnx.iter_graph(model):
-    if isinstance(var, QuantizedWeight):
-      yield path, var
 
 
 def add_demo_parser(sub) -> None:
