@@ -36,6 +36,9 @@ from jaxbnb._src.optim import sgd8bit as sgd8bit
 from jaxbnb._src.optim_rules import Hyper as Hyper
 from jaxbnb._src.optim_state import Quantized8bit as Quantized8bit
 from jaxbnb._src.optim_state import quantize_state as quantize_state
+from jaxbnb._src.optim_interop import from_bnb_state_dict as from_bnb_state_dict
+from jaxbnb._src.optim_interop import to_bnb_state_dict as to_bnb_state_dict
+from jaxbnb._src.optim_interop import to_torch_state_dict as to_torch_state_dict
 
 __all__ = [
     "Hyper",
@@ -59,6 +62,7 @@ __all__ = [
     "paged_ademamix8bit",
     "paged_lion32bit",
     "paged_lion8bit",
+    "from_bnb_state_dict",
     "quantize_state",
     "rmsprop32bit",
     "rmsprop8bit",
@@ -70,4 +74,6 @@ __all__ = [
     "scale_by_rmsprop8bit",
     "sgd32bit",
     "sgd8bit",
+    "to_bnb_state_dict",
+    "to_torch_state_dict",
 ]

@@ -26,7 +26,7 @@ def _trained(name, steps=3):
 
 def test_layout_two_state():
   _, params, state = _trained("adamw8bit")
-  sd = optim_interop.to_bnb_state_dict(state, params)
+  sd = optim.to_bnb_state_dict(state, params)
   assert list(sd) == [BIAS, KERNEL, EMBED]  # jax.tree.leaves order
   k = sd[KERNEL]
   assert sorted(k) == ["absmax1", "absmax2", "qmap1", "qmap2", "state1",
@@ -54,11 +54,11 @@ def test_layout_two_state():
 
 def test_layout_one_state_and_ademamix():
   _, params, state = _trained("lion8bit", steps=1)
-  sd = optim_interop.to_bnb_state_dict(state, params)
+  sd = optim.to_bnb_state_dict(state, params)
   assert sorted(sd[KERNEL]) == ["absmax1", "qmap1", "state1", "step"]
   assert sorted(sd[BIAS]) == ["state1", "step"]
   _, params, state = _trained("ademamix8bit", steps=1)
-  sd = optim_interop.to_bnb_state_dict(state, params)
+  sd = optim.to_bnb_state_dict(state, params)
   assert sd[KERNEL]["state1"].shape == (2, 64, 80)
   assert sd[KERNEL]["absmax1"].shape == (2, 20)
   assert sd[KERNEL]["state2"].shape == (64, 80)
@@ -72,9 +72,9 @@ def test_layout_one_state_and_ademamix():
 def test_round_trip_bit_identical_and_training_continues(name, layout):
   opt, params, state = _trained(name)
   if layout == "paths":
-    sd = optim_interop.to_bnb_state_dict(state, params)
+    sd = optim.to_bnb_state_dict(state, params)
   else:
-    sd = optim_interop.to_torch_state_dict(
+    sd = optim.to_torch_state_dict(
         state, params, {"lr": 1e-3}, wrap=layout == "torch")
     assert sd["param_groups"] == [{"lr": 1e-3, "params": [0, 1, 2]}]
     if layout == "torch":
@@ -82,7 +82,7 @@ def test_round_trip_bit_identical_and_training_continues(name, layout):
     else:  # torch.save / json turn int keys into str keys: accept both
       sd["state"] = {str(i): v for i, v in sd["state"].items()}
   template = opt.init(params)
-  back = optim_interop.from_bnb_state_dict(sd, params, template)
+  back = optim.from_bnb_state_dict(sd, params, template)
   _common.assert_trees_bitwise_equal(back, state)
   cont = _common.train(name, params, back, 3, 5)
   ref = _common.train(name, params, state, 3, 5)
@@ -91,9 +91,9 @@ def test_round_trip_bit_identical_and_training_continues(name, layout):
 
 def test_import_into_paged_optimizer_stays_on_host():
   _, params, state = _trained("adamw8bit")
-  sd = optim_interop.to_bnb_state_dict(state, params)
+  sd = optim.to_bnb_state_dict(state, params)
   paged = optim.paged_adamw8bit(1e-3)
-  back = optim_interop.from_bnb_state_dict(sd, params, paged.init(params))
+  back = optim.from_bnb_state_dict(sd, params, paged.init(params))
   st = _common.state_of(back)
   kinds = set(jax.tree.leaves(optim_paged.memory_kinds((st.state1,
                                                         st.state2))))
@@ -110,9 +110,9 @@ def _bad(sd, key, field, value):
 
 def test_import_errors_are_clear():
   opt, params, state = _trained("adamw8bit", steps=1)
-  sd = optim_interop.to_bnb_state_dict(state, params)
+  sd = optim.to_bnb_state_dict(state, params)
   tmpl = opt.init(params)
-  imp = lambda d: optim_interop.from_bnb_state_dict(d, params, tmpl)
+  imp = lambda d: optim.from_bnb_state_dict(d, params, tmpl)
   with pytest.raises(ValueError, match=r"state1: expected uint8 of shape "
                      r"\(64, 80\), got uint8 of shape \(80, 64\)"):
     imp(_bad(sd, KERNEL, "state1", sd[KERNEL]["state1"].T))
@@ -136,6 +136,6 @@ def test_import_errors_are_clear():
   with pytest.raises(ValueError, match="param_groups list 2 parameters"):
     imp({"state": {}, "param_groups": [{"params": [0, 1]}]})
   with pytest.raises(ValueError, match="exactly one jaxbnb Optimizer8bit"):
-    optim_interop.to_bnb_state_dict((), params)
+    optim.to_bnb_state_dict((), params)
   with pytest.raises(TypeError, match="state_dict: expected a mapping"):
     imp([1, 2])
