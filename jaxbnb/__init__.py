@@ -6,12 +6,12 @@ Flax-dependent modules are imported on demand: `import jaxbnb.nnx`.
 """
 
 from jaxbnb import functional as functional
-from jaxbnb._src.dispatch import MODES as KERNEL_MODES
-from jaxbnb._src.dispatch import get_kernel_mode as get_kernel_mode
-from jaxbnb._src.dispatch import kernel_mode as kernel_mode
-from jaxbnb._src.dispatch import set_kernel_mode as set_kernel_mode
-from jaxbnb._src.quant_state import Params4bit as Params4bit
-from jaxbnb._src.quant_state import QuantState as QuantState
+from jaxbnb._src.quant.dispatch import MODES as KERNEL_MODES
+from jaxbnb._src.quant.dispatch import get_kernel_mode as get_kernel_mode
+from jaxbnb._src.quant.dispatch import kernel_mode as kernel_mode
+from jaxbnb._src.quant.dispatch import set_kernel_mode as set_kernel_mode
+from jaxbnb._src.quant.state import Params4bit as Params4bit
+from jaxbnb._src.quant.state import QuantState as QuantState
 
 __version__ = "0.1.0"
 

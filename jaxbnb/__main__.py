@@ -2,6 +2,6 @@
 
 import sys
 
-from jaxbnb._src.cli import main
+from jaxbnb._src.tools.cli import main
 
 sys.exit(main())

@@ -8,16 +8,16 @@ which transformers + bitsandbytes load. `save_checkpoint` /
 `restore_checkpoint` use orbax.
 """
 
-from jaxbnb._src.checkpoint_source import CheckpointSource as CheckpointSource
-from jaxbnb._src.checkpoint_source import open_checkpoint as open_checkpoint
-from jaxbnb._src.convert import checkpoint_info as checkpoint_info
-from jaxbnb._src.convert import from_pretrained as from_pretrained
-from jaxbnb._src.convert import save_pretrained as save_pretrained
-from jaxbnb._src.gguf_source import GGUFSource as GGUFSource
-from jaxbnb._src.gguf_source import smollm2_gguf_path as smollm2_gguf_path
-from jaxbnb._src.orbax_io import restore_checkpoint as restore_checkpoint
-from jaxbnb._src.orbax_io import save_checkpoint as save_checkpoint
-from jaxbnb._src.tokenizer import load_tokenizer as load_tokenizer
+from jaxbnb._src.io.checkpoint_source import CheckpointSource as CheckpointSource
+from jaxbnb._src.io.checkpoint_source import open_checkpoint as open_checkpoint
+from jaxbnb._src.io.convert import checkpoint_info as checkpoint_info
+from jaxbnb._src.io.convert import from_pretrained as from_pretrained
+from jaxbnb._src.io.convert import save_pretrained as save_pretrained
+from jaxbnb._src.io.gguf_source import GGUFSource as GGUFSource
+from jaxbnb._src.io.gguf_source import smollm2_gguf_path as smollm2_gguf_path
+from jaxbnb._src.io.orbax_io import restore_checkpoint as restore_checkpoint
+from jaxbnb._src.io.orbax_io import save_checkpoint as save_checkpoint
+from jaxbnb._src.io.tokenizer import load_tokenizer as load_tokenizer
 
 __all__ = [
     "CheckpointSource",

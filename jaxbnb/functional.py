@@ -5,27 +5,27 @@ bit-identical to bitsandbytes' CUDA kernels (see docs/porting.md for the
 few documented exceptions).
 """
 
-from jaxbnb._src.codebooks import create_dynamic_map as create_dynamic_map
-from jaxbnb._src.codebooks import create_fp8_map as create_fp8_map
-from jaxbnb._src.codebooks import create_linear_map as create_linear_map
-from jaxbnb._src.codebooks import create_normal_map as create_normal_map
-from jaxbnb._src.codebooks import get_4bit_type as get_4bit_type
-from jaxbnb._src.matmul import matmul_4bit as matmul_4bit
-from jaxbnb._src.ops import dequantize_4bit as dequantize_4bit
-from jaxbnb._src.ops import dequantize_blockwise as dequantize_blockwise
-from jaxbnb._src.ops import dequantize_fp4 as dequantize_fp4
-from jaxbnb._src.ops import dequantize_nf4 as dequantize_nf4
-from jaxbnb._src.ops import int8_mm_dequant as int8_mm_dequant
-from jaxbnb._src.ops import int8_vectorwise_dequant as int8_vectorwise_dequant
-from jaxbnb._src.ops import int8_vectorwise_quant as int8_vectorwise_quant
-from jaxbnb._src.ops import int8_vectorwise_quant_mask as int8_vectorwise_quant_mask
-from jaxbnb._src.ops import quantize_4bit as quantize_4bit
-from jaxbnb._src.ops import quantize_blockwise as quantize_blockwise
-from jaxbnb._src.ops import quantize_fp4 as quantize_fp4
-from jaxbnb._src.ops import quantize_nf4 as quantize_nf4
-from jaxbnb._src.quant_state import Int8Params as Int8Params
-from jaxbnb._src.quant_state import Params4bit as Params4bit
-from jaxbnb._src.quant_state import QuantState as QuantState
+from jaxbnb._src.quant.codebooks import create_dynamic_map as create_dynamic_map
+from jaxbnb._src.quant.codebooks import create_fp8_map as create_fp8_map
+from jaxbnb._src.quant.codebooks import create_linear_map as create_linear_map
+from jaxbnb._src.quant.codebooks import create_normal_map as create_normal_map
+from jaxbnb._src.quant.codebooks import get_4bit_type as get_4bit_type
+from jaxbnb._src.quant.matmul import matmul_4bit as matmul_4bit
+from jaxbnb._src.quant.ops import dequantize_4bit as dequantize_4bit
+from jaxbnb._src.quant.ops import dequantize_blockwise as dequantize_blockwise
+from jaxbnb._src.quant.ops import dequantize_fp4 as dequantize_fp4
+from jaxbnb._src.quant.ops import dequantize_nf4 as dequantize_nf4
+from jaxbnb._src.quant.ops import int8_mm_dequant as int8_mm_dequant
+from jaxbnb._src.quant.ops import int8_vectorwise_dequant as int8_vectorwise_dequant
+from jaxbnb._src.quant.ops import int8_vectorwise_quant as int8_vectorwise_quant
+from jaxbnb._src.quant.ops import int8_vectorwise_quant_mask as int8_vectorwise_quant_mask
+from jaxbnb._src.quant.ops import quantize_4bit as quantize_4bit
+from jaxbnb._src.quant.ops import quantize_blockwise as quantize_blockwise
+from jaxbnb._src.quant.ops import quantize_fp4 as quantize_fp4
+from jaxbnb._src.quant.ops import quantize_nf4 as quantize_nf4
+from jaxbnb._src.quant.state import Int8Params as Int8Params
+from jaxbnb._src.quant.state import Params4bit as Params4bit
+from jaxbnb._src.quant.state import QuantState as QuantState
 
 __all__ = [
     "Int8Params",

@@ -1,12 +1,12 @@
 """Flax Linen layers with bitsandbytes' 4-bit weights."""
 
-from jaxbnb._src.linen_layers import QUANTIZED as QUANTIZED
-from jaxbnb._src.linen_layers import Dense4bit as Dense4bit
-from jaxbnb._src.linen_layers import DenseFP4 as DenseFP4
-from jaxbnb._src.linen_layers import DenseNF4 as DenseNF4
-from jaxbnb._src.quantize_model import DEFAULT_SKIP_MODULES as DEFAULT_SKIP_MODULES
-from jaxbnb._src.quantize_model import memory_footprint as memory_footprint
-from jaxbnb._src.quantize_model import quantize_params as quantize_params
+from jaxbnb._src.layers.dense4bit import QUANTIZED as QUANTIZED
+from jaxbnb._src.layers.dense4bit import Dense4bit as Dense4bit
+from jaxbnb._src.layers.dense4bit import DenseFP4 as DenseFP4
+from jaxbnb._src.layers.dense4bit import DenseNF4 as DenseNF4
+from jaxbnb._src.layers.quantize_model import DEFAULT_SKIP_MODULES as DEFAULT_SKIP_MODULES
+from jaxbnb._src.layers.quantize_model import memory_footprint as memory_footprint
+from jaxbnb._src.layers.quantize_model import quantize_params as quantize_params
 
 __all__ = [
     "DEFAULT_SKIP_MODULES",

@@ -21,22 +21,22 @@ Example usage::
   5
 """
 
-from jaxbnb._src.convert import from_pretrained as from_pretrained
-from jaxbnb._src.convert import save_pretrained as save_pretrained
-from jaxbnb._src.estimate import MemoryEstimate as MemoryEstimate
-from jaxbnb._src.estimate import estimate_memory as estimate_memory
-from jaxbnb._src.generate import GenerationConfig as GenerationConfig
-from jaxbnb._src.generate import GenerationResult as GenerationResult
-from jaxbnb._src.generate import Generator as Generator
-from jaxbnb._src.generate import generate as generate
-from jaxbnb._src.generate import generate_text as generate_text
-from jaxbnb._src.kv_cache import KVCache as KVCache
-from jaxbnb._src.llama import LlamaForCausalLM as LlamaForCausalLM
-from jaxbnb._src.llama_config import LlamaConfig as LlamaConfig
-from jaxbnb._src.perplexity import PerplexityResult as PerplexityResult
-from jaxbnb._src.perplexity import evaluate_text as evaluate_text
-from jaxbnb._src.perplexity import perplexity as perplexity
-from jaxbnb._src.quant_config import QuantizationConfig as QuantizationConfig
+from jaxbnb._src.io.convert import from_pretrained as from_pretrained
+from jaxbnb._src.io.convert import save_pretrained as save_pretrained
+from jaxbnb._src.io.estimate import MemoryEstimate as MemoryEstimate
+from jaxbnb._src.io.estimate import estimate_memory as estimate_memory
+from jaxbnb._src.models.generate import GenerationConfig as GenerationConfig
+from jaxbnb._src.models.generate import GenerationResult as GenerationResult
+from jaxbnb._src.models.generate import Generator as Generator
+from jaxbnb._src.models.generate import generate as generate
+from jaxbnb._src.models.generate import generate_text as generate_text
+from jaxbnb._src.models.kv_cache import KVCache as KVCache
+from jaxbnb._src.models.llama import LlamaForCausalLM as LlamaForCausalLM
+from jaxbnb._src.models.config import LlamaConfig as LlamaConfig
+from jaxbnb._src.models.perplexity import PerplexityResult as PerplexityResult
+from jaxbnb._src.models.perplexity import evaluate_text as evaluate_text
+from jaxbnb._src.models.perplexity import perplexity as perplexity
+from jaxbnb._src.layers.quant_config import QuantizationConfig as QuantizationConfig
 
 __all__ = [
     "GenerationConfig",

@@ -1,44 +1,44 @@
 """bitsandbytes' 8-bit (and 32-bit, paged) optimizers for Optax.
 
-See `jaxbnb._src.optim` for the semantics; every name mirrors a
+See `jaxbnb._src.optim.aliases` for the semantics; every name mirrors a
 `bitsandbytes.optim` class (`adamw8bit` <-> `AdamW8bit`).
 """
 
-from jaxbnb._src.optim import Optimizer8bitState as Optimizer8bitState
-from jaxbnb._src.optim import adagrad32bit as adagrad32bit
-from jaxbnb._src.optim import adagrad8bit as adagrad8bit
-from jaxbnb._src.optim import adam32bit as adam32bit
-from jaxbnb._src.optim import adam8bit as adam8bit
-from jaxbnb._src.optim import adamw32bit as adamw32bit
-from jaxbnb._src.optim import adamw8bit as adamw8bit
-from jaxbnb._src.optim import ademamix32bit as ademamix32bit
-from jaxbnb._src.optim import ademamix8bit as ademamix8bit
-from jaxbnb._src.optim import lion32bit as lion32bit
-from jaxbnb._src.optim import lion8bit as lion8bit
-from jaxbnb._src.optim import paged_adam32bit as paged_adam32bit
-from jaxbnb._src.optim import paged_adam8bit as paged_adam8bit
-from jaxbnb._src.optim import paged_adamw32bit as paged_adamw32bit
-from jaxbnb._src.optim import paged_adamw8bit as paged_adamw8bit
-from jaxbnb._src.optim import paged_ademamix32bit as paged_ademamix32bit
-from jaxbnb._src.optim import paged_ademamix8bit as paged_ademamix8bit
-from jaxbnb._src.optim import paged_lion32bit as paged_lion32bit
-from jaxbnb._src.optim import paged_lion8bit as paged_lion8bit
-from jaxbnb._src.optim import rmsprop32bit as rmsprop32bit
-from jaxbnb._src.optim import rmsprop8bit as rmsprop8bit
-from jaxbnb._src.optim import scale_by_adagrad8bit as scale_by_adagrad8bit
-from jaxbnb._src.optim import scale_by_adam8bit as scale_by_adam8bit
-from jaxbnb._src.optim import scale_by_ademamix8bit as scale_by_ademamix8bit
-from jaxbnb._src.optim import scale_by_lion8bit as scale_by_lion8bit
-from jaxbnb._src.optim import scale_by_momentum8bit as scale_by_momentum8bit
-from jaxbnb._src.optim import scale_by_rmsprop8bit as scale_by_rmsprop8bit
-from jaxbnb._src.optim import sgd32bit as sgd32bit
-from jaxbnb._src.optim import sgd8bit as sgd8bit
-from jaxbnb._src.optim_rules import Hyper as Hyper
-from jaxbnb._src.optim_state import Quantized8bit as Quantized8bit
-from jaxbnb._src.optim_state import quantize_state as quantize_state
-from jaxbnb._src.optim_interop import from_bnb_state_dict as from_bnb_state_dict
-from jaxbnb._src.optim_interop import to_bnb_state_dict as to_bnb_state_dict
-from jaxbnb._src.optim_interop import to_torch_state_dict as to_torch_state_dict
+from jaxbnb._src.optim.aliases import Optimizer8bitState as Optimizer8bitState
+from jaxbnb._src.optim.aliases import adagrad32bit as adagrad32bit
+from jaxbnb._src.optim.aliases import adagrad8bit as adagrad8bit
+from jaxbnb._src.optim.aliases import adam32bit as adam32bit
+from jaxbnb._src.optim.aliases import adam8bit as adam8bit
+from jaxbnb._src.optim.aliases import adamw32bit as adamw32bit
+from jaxbnb._src.optim.aliases import adamw8bit as adamw8bit
+from jaxbnb._src.optim.aliases import ademamix32bit as ademamix32bit
+from jaxbnb._src.optim.aliases import ademamix8bit as ademamix8bit
+from jaxbnb._src.optim.aliases import lion32bit as lion32bit
+from jaxbnb._src.optim.aliases import lion8bit as lion8bit
+from jaxbnb._src.optim.aliases import paged_adam32bit as paged_adam32bit
+from jaxbnb._src.optim.aliases import paged_adam8bit as paged_adam8bit
+from jaxbnb._src.optim.aliases import paged_adamw32bit as paged_adamw32bit
+from jaxbnb._src.optim.aliases import paged_adamw8bit as paged_adamw8bit
+from jaxbnb._src.optim.aliases import paged_ademamix32bit as paged_ademamix32bit
+from jaxbnb._src.optim.aliases import paged_ademamix8bit as paged_ademamix8bit
+from jaxbnb._src.optim.aliases import paged_lion32bit as paged_lion32bit
+from jaxbnb._src.optim.aliases import paged_lion8bit as paged_lion8bit
+from jaxbnb._src.optim.aliases import rmsprop32bit as rmsprop32bit
+from jaxbnb._src.optim.aliases import rmsprop8bit as rmsprop8bit
+from jaxbnb._src.optim.aliases import scale_by_adagrad8bit as scale_by_adagrad8bit
+from jaxbnb._src.optim.aliases import scale_by_adam8bit as scale_by_adam8bit
+from jaxbnb._src.optim.aliases import scale_by_ademamix8bit as scale_by_ademamix8bit
+from jaxbnb._src.optim.aliases import scale_by_lion8bit as scale_by_lion8bit
+from jaxbnb._src.optim.aliases import scale_by_momentum8bit as scale_by_momentum8bit
+from jaxbnb._src.optim.aliases import scale_by_rmsprop8bit as scale_by_rmsprop8bit
+from jaxbnb._src.optim.aliases import sgd32bit as sgd32bit
+from jaxbnb._src.optim.aliases import sgd8bit as sgd8bit
+from jaxbnb._src.optim.rules import Hyper as Hyper
+from jaxbnb._src.optim.state import Quantized8bit as Quantized8bit
+from jaxbnb._src.optim.state import quantize_state as quantize_state
+from jaxbnb._src.optim.interop import from_bnb_state_dict as from_bnb_state_dict
+from jaxbnb._src.optim.interop import to_bnb_state_dict as to_bnb_state_dict
+from jaxbnb._src.optim.interop import to_torch_state_dict as to_torch_state_dict
 
 __all__ = [
     "Hyper",

@@ -11,6 +11,6 @@ as array inputs and never import jaxbnb. All use Pallas' Triton lowering
   states, update, requantize with the sign fix) for bitsandbytes' kinds.
 
 Each module has `can_use(...)`; jaxbnb falls back to its pure-jnp reference
-(`jaxbnb._src.reference`) where a kernel cannot run. Every kernel runs under
+(`jaxbnb._src.quant.reference`) where a kernel cannot run. Every kernel runs under
 `interpret=True` on CPU (tests/kernels/).
 """

@@ -4,7 +4,7 @@
 in fp32, the even element in the high nibble. A double-quantized absmax
 (uint8 codes, an fp32 absmax per 256 codes and an fp32 offset) is decoded
 inside the kernel, so the whole op is one pass over the packed bytes.
-Bit-identical to `jaxbnb._src.reference.dequantize_4bit`.
+Bit-identical to `jaxbnb._src.quant.reference.dequantize_4bit`.
 """
 
 from __future__ import annotations

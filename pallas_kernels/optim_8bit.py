@@ -9,7 +9,7 @@ bitsandbytes' binary search (7 steps from pivot 127, then the midpoint
 comparison, ties as in CUDA) plus the sign fix for the signed map; and
 writes the new parameter (its own dtype), codes and absmax.
 
-The rules mirror jaxbnb's pure-jnp reference (`jaxbnb._src.optim_rules.
+The rules mirror jaxbnb's pure-jnp reference (`jaxbnb._src.optim.rules.
 update_8bit`) operation by operation, including where a value is rounded to
 the parameter dtype, the tail-block padding (gradient 0, parameter 0,
 signed codes 128, unsigned codes 0) and the NaN/Inf rule (a non-finite

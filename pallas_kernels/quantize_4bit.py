@@ -5,7 +5,7 @@ One program quantizes `block_rows` quantization blocks: it reads the block
 (NaN ignored), scales by the fp32 reciprocal, maps each value with the
 strict-`>` decision thresholds and packs two codes per byte, the even
 element in the high nibble. The result is bit-identical to jaxbnb's pure-jnp
-reference (`jaxbnb._src.reference.quantize_4bit`).
+reference (`jaxbnb._src.quant.reference.quantize_4bit`).
 """
 
 from __future__ import annotations

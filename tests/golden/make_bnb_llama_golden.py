@@ -1,4 +1,4 @@
-"""Regenerates the tiny bitsandbytes-quantized Llama fixtures (tests/convert).
+"""Regenerates the tiny bitsandbytes-quantized Llama fixtures (tests/io).
 
 Run with torch, transformers and bitsandbytes (>= 0.48, CPU backend is
 enough) importable; jaxbnb is never imported here:

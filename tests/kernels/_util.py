@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxbnb._src import kernels
+from jaxbnb._src.quant import kernels
 
 
 def on_gpu() -> bool:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from jaxbnb import functional as F
-from jaxbnb._src import codebooks
-from jaxbnb._src import ops
-from jaxbnb._src import reference
+from jaxbnb._src.quant import codebooks
+from jaxbnb._src.quant import ops
+from jaxbnb._src.quant import reference
 from pallas_kernels import dequantize_4bit as dk
 from tests.kernels import _util
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxbnb import functional as F
-from jaxbnb._src import codebooks
+from jaxbnb._src.quant import codebooks
 from pallas_kernels import gemv_4bit as gk
 from tests.kernels import _util
 

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbnb._src import kernels
-from jaxbnb._src import optim_rules
-from jaxbnb._src import optim_state
+from jaxbnb._src.quant import kernels
+from jaxbnb._src.optim import rules as optim_rules
+from jaxbnb._src.optim import state as optim_state
 from pallas_kernels import optim_8bit as ok
 
 

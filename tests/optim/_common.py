@@ -84,7 +84,7 @@ def assert_trees_bitwise_equal(a, b):
 
 def state_of(opt_state):
   """The Optimizer8bitState inside an optax state (maybe a chain)."""
-  from jaxbnb._src import optim  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.optim import aliases as optim  # pylint: disable=g-import-not-at-top
   cls = optim.Optimizer8bitState
   found = [x for x in jax.tree.leaves(
       opt_state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]

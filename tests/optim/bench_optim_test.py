@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from jaxbnb._src import bench_optim
-from jaxbnb._src import cli
+from jaxbnb._src.tools import bench_optim
+from jaxbnb._src.tools import cli
 
 
 def test_bench_optim_quick(tmp_path, capsys):

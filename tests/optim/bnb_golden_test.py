@@ -49,8 +49,8 @@ import optax
 import pytest
 
 from jaxbnb import optim
-from jaxbnb._src import optim_interop
-from jaxbnb._src import optim_state
+from jaxbnb._src.optim import interop as optim_interop
+from jaxbnb._src.optim import state as optim_state
 from tests import helpers
 
 FIXTURES = os.path.join(helpers.GOLDEN, "bnb_optim")

@@ -6,7 +6,7 @@ import jax
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxbnb._src import optim_state
+from jaxbnb._src.optim import state as optim_state
 from tests.optim import _common
 
 NAMES = ["adamw8bit", "lion8bit", "ademamix8bit"]

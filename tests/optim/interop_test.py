@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from jaxbnb import optim
-from jaxbnb._src import optim_interop
-from jaxbnb._src import optim_paged
-from jaxbnb._src import optim_state
+from jaxbnb._src.optim import interop as optim_interop
+from jaxbnb._src.optim import paged as optim_paged
+from jaxbnb._src.optim import state as optim_state
 from tests.optim import _common
 
 KERNEL = "['dense']['kernel']"  # 5120 elements: 8-bit, 20 blocks

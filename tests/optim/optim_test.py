@@ -14,8 +14,8 @@ import optax
 import pytest
 
 from jaxbnb import optim
-from jaxbnb._src import optim_rules
-from jaxbnb._src.optim_state import Quantized8bit
+from jaxbnb._src.optim import rules as optim_rules
+from jaxbnb._src.optim.state import Quantized8bit
 
 # bnb test_optimizer8bit: (mean |dp|, mean rel |dp|) bounds per dtype.
 PARAM_TOL = {jnp.float32: (6e-5, 6e-4), jnp.bfloat16: (1.7e-4, 1.6e-3)}

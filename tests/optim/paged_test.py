@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbnb._src import optim_paged
-from jaxbnb._src import optim_state
+from jaxbnb._src.optim import paged as optim_paged
+from jaxbnb._src.optim import state as optim_state
 from tests.optim import _common
 
 HOST = optim_paged.host_memory_kind()

@@ -16,9 +16,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxbnb._src import optim_rules
-from jaxbnb._src import optim_state
-from jaxbnb._src.optim_rules import Hyper
+from jaxbnb._src.optim import rules as optim_rules
+from jaxbnb._src.optim import state as optim_state
+from jaxbnb._src.optim.rules import Hyper
 
 # bnb test_optimizer32bit tolerances (atol, rtol) per parameter dtype.
 TOL32 = {jnp.float32: (1e-6, 1e-5), jnp.bfloat16: (1e-3, 1e-2)}

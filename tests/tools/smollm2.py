@@ -19,7 +19,7 @@ EXCERPT = os.path.join(HERE, "..", "data", "persuasion_excerpt.txt")
 
 
 def gguf_path() -> str:
-  from jaxbnb._src.gguf_source import smollm2_gguf_path  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.io.gguf_source import smollm2_gguf_path  # pylint: disable=g-import-not-at-top
   try:
     return smollm2_gguf_path()
   except FileNotFoundError as e:

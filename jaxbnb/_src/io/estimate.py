@@ -1,0 +1,261 @@
+"""How much memory a Llama-family model needs in each weight format.
+
+`estimate_memory` counts parameters from the architecture alone (a
+`LlamaConfig`, an HF `config.json` dict, an HF folder or GGUF file, or a
+well-known model name) and returns the bytes of the weights as
+
+  * fp32, and fp16/bf16 (2 bytes per parameter);
+  * int8: LLM.int8 (bitsandbytes `Linear8bitLt`): int8 linear weights plus a
+    float32 scale per output row (`SCB`); embeddings, norms, biases and
+    `lm_head` stay 16-bit;
+  * nf4 / fp4 (same size): linear weights packed two per byte plus a float32
+    absmax per block of `blocksize` and the 16-entry float32 code; the rest
+    16-bit, `lm_head` included (transformers' default skip);
+  * nf4 + double quantization: the absmax as uint8 codes, with a float32
+    absmax per 256 of them, a 256-entry float32 code and a float32 offset.
+
+The 4-bit numbers are exactly what `jaxbnb` allocates for a
+`LlamaForCausalLM` with bf16 `param_dtype` (see `jaxbnb.nnx.memory_footprint`).
+
+Which GPUs fit: weights times `headroom` (1.2 by default: HF accelerate's
+model-memory estimator advises adding up to 20% for inference, after
+EleutherAI's measurements) must fit in the card's memory (GiB). The KV cache
+(`kv_cache_bytes`) comes on top and grows with batch and context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+__all__ = ["MemoryEstimate", "estimate_memory", "KNOWN_MODELS", "GPU_SIZES_GB",
+           "FORMATS"]
+
+GPU_SIZES_GB = (8, 12, 16, 24, 40, 48, 80)
+FORMATS = ("fp32", "bf16", "int8", "nf4", "nf4+dq")
+_FORMAT_LABELS = {"fp32": "fp32", "bf16": "fp16/bf16", "int8": "int8 (LLM.int8)",
+                  "nf4": "nf4/fp4", "nf4+dq": "nf4/fp4 + double quant"}
+_NESTED_BLOCK = 256  # bitsandbytes' block size for double quantization
+
+# HF config.json fields of some well-known models (architecture only).
+_COMMON = dict(hidden_act="silu", model_type="llama")
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True,
+                         max_position_embeddings=8192),
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048,
+                           intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4,
+                           max_position_embeddings=2048),
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096,
+                       intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096),
+    "mistral-7b": dict(vocab_size=32000, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=32768),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4,
+                       attention_bias=True, model_type="qwen2",
+                       max_position_embeddings=32768),
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=8192),
+    "llama-3-70b": dict(vocab_size=128256, hidden_size=8192,
+                        intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8,
+                        max_position_embeddings=8192),
+}
+for _cfg in KNOWN_MODELS.values():
+  for _k, _v in _COMMON.items():
+    _cfg.setdefault(_k, _v)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """Weight memory of one architecture in each format.
+
+  Attributes:
+    name: model name or path it was computed for.
+    num_parameters: all parameters (a tied head counted once).
+    linear_parameters: elements of the quantizable linear weights (attention
+      and MLP projections; not `lm_head`).
+    weight_bytes: format ("fp32", "bf16", "int8", "nf4", "nf4+dq") -> bytes.
+    kv_cache_bytes_per_token: bf16 K and V of all layers for one token.
+    blocksize: 4-bit absmax block size used.
+    headroom: multiplier applied to the weights when checking GPU fit.
+  """
+
+  name: str
+  num_parameters: int
+  linear_parameters: int
+  weight_bytes: Mapping[str, int]
+  kv_cache_bytes_per_token: int
+  blocksize: int = 64
+  headroom: float = 1.2
+
+  def kv_cache_bytes(self, tokens: int, batch: int = 1) -> int:
+    """bf16 KV cache bytes for `batch` sequences of `tokens` tokens."""
+    return self.kv_cache_bytes_per_token * tokens * batch
+
+  def required_bytes(self, fmt: str, *, tokens: int = 0,
+                     batch: int = 1) -> int:
+    """Weights x headroom, plus the KV cache of `tokens` x `batch`."""
+    if fmt not in self.weight_bytes:
+      raise ValueError(f"MemoryEstimate: unknown format {fmt!r}; expected one "
+                       f"of {list(self.weight_bytes)}")
+    return (math.ceil(self.weight_bytes[fmt] * self.headroom)
+            + self.kv_cache_bytes(tokens, batch))
+
+  def fits(self, fmt: str, *, tokens: int = 0, batch: int = 1,
+           gpu_sizes_gb=GPU_SIZES_GB) -> list[int]:
+    """GPU sizes (GiB) from `gpu_sizes_gb` that hold `required_bytes`."""
+    need = self.required_bytes(fmt, tokens=tokens, batch=batch)
+    return [g for g in gpu_sizes_gb if need <= g * 2**30]
+
+  def smallest_gpu(self, fmt: str, **kwargs) -> int | None:
+    """Smallest size in `GPU_SIZES_GB` that fits, or None."""
+    sizes = self.fits(fmt, **kwargs)
+    return sizes[0] if sizes else None
+
+  def to_markdown(self, *, tokens: int = 0, batch: int = 1) -> str:
+    """A markdown table: format, weight GiB, with headroom, smallest GPU."""
+    lines = [
+        f"{self.name}: {self.num_parameters:,} parameters "
+        f"({self.linear_parameters:,} in quantizable linears), 4-bit block "
+        f"size {self.blocksize}, headroom x{self.headroom:g}"
+        + (f", KV cache {tokens} tokens x {batch}" if tokens else ""),
+        "",
+        "| format | weights | x headroom" + (" + KV" if tokens else "")
+        + " | smallest GPU |",
+        "| --- | --- | --- | --- |",
+    ]
+    for fmt in self.weight_bytes:
+      need = self.required_bytes(fmt, tokens=tokens, batch=batch)
+      gpu = self.smallest_gpu(fmt, tokens=tokens, batch=batch)
+      lines.append(
+          f"| {_FORMAT_LABELS.get(fmt, fmt)} | {_gib(self.weight_bytes[fmt])} "
+          f"| {_gib(need)} | {f'{gpu} GB' if gpu else '> 80 GB'} |")
+    lines.append("")
+    lines.append(f"KV cache (bf16): {self.kv_cache_bytes_per_token:,} bytes "
+                 "per token")
+    return "\n".join(lines)
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _resolve_config(config) -> tuple[str, Any]:
+  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.models.config import LlamaConfig
+  # pylint: enable=g-import-not-at-top
+
+  if isinstance(config, LlamaConfig):
+    return "config", config
+  if isinstance(config, Mapping):
+    d = dict(config)
+    if "model_type" not in d and "architectures" not in d:
+      d["model_type"] = "llama"  # a bare shape dict
+    return str(d.get("_name_or_path") or "config"), LlamaConfig.from_hf(d)
+  if isinstance(config, (str, os.PathLike)):
+    key = os.fspath(config)
+    if key.lower() in KNOWN_MODELS:
+      return key.lower(), LlamaConfig.from_hf(KNOWN_MODELS[key.lower()])
+    if os.path.isdir(key):
+      path = os.path.join(key, "config.json")
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"estimate_memory: folder {key!r} has no "
+                                "config.json")
+      with open(path, encoding="utf-8") as f:
+        return key, LlamaConfig.from_hf(json.load(f))
+    if os.path.isfile(key):
+      if key.endswith(".json"):
+        with open(key, encoding="utf-8") as f:
+          return key, LlamaConfig.from_hf(json.load(f))
+      from jaxbnb._src.io.gguf_source import GGUFSource  # pylint: disable=g-import-not-at-top
+      return key, LlamaConfig.from_hf(GGUFSource(key).config)
+    raise ValueError(
+        f"estimate_memory: `config` {key!r} is neither an existing folder or "
+        f"file nor a known model name ({', '.join(KNOWN_MODELS)})")
+  raise TypeError("estimate_memory: `config` must be a LlamaConfig, a config "
+                  f"dict, a path or a model name, got {type(config).__name__}")
+
+
+def _linears(cfg) -> list[tuple[int, int, bool]]:
+  """(out, in, has_bias) of every quantizable linear (one per layer kind)."""
+  h, hd = cfg.hidden_size, cfg.head_dim
+  q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+  i, bias, mlp_bias = cfg.intermediate_size, cfg.attention_bias, cfg.mlp_bias
+  per_layer = [(q, h, bias), (kv, h, bias), (kv, h, bias),
+               (h, q, cfg.o_proj_bias),
+               (i, h, mlp_bias), (i, h, mlp_bias), (h, i, mlp_bias)]
+  return per_layer * cfg.num_hidden_layers
+
+
+def estimate_memory(config, *, blocksize: int = 64,
+                    headroom: float = 1.2) -> MemoryEstimate:
+  """Estimates the weight memory of a Llama-family model in each format.
+
+  Args:
+    config: a `LlamaConfig`, an HF `config.json` dict, a path (HF folder,
+      config.json, or `.gguf` file) or a name from `KNOWN_MODELS`
+      ("llama-3-8b", "mistral-7b", ...).
+    blocksize: 4-bit absmax block size.
+    headroom: memory multiplier for GPU fit (activations, workspace).
+
+  Returns:
+    A `MemoryEstimate`.
+
+  Raises:
+    ValueError: unknown name / missing path, bad blocksize or headroom.
+    TypeError: `config` of another type.
+
+  Example:
+    >>> e = estimate_memory("llama-3-8b")
+    >>> e.num_parameters
+    8030261248
+    >>> round(e.weight_bytes["nf4"] / 2**30, 2), e.smallest_gpu("nf4")
+    (5.61, 8)
+    >>> e.smallest_gpu("bf16")
+    24
+  """
+  if not isinstance(blocksize, int) or blocksize < 2:
+    raise ValueError(f"estimate_memory: `blocksize` must be an int >= 2, got "
+                     f"{blocksize!r}")
+  if not headroom >= 1.0:
+    raise ValueError(f"estimate_memory: `headroom` must be >= 1, got "
+                     f"{headroom!r}")
+  name, cfg = _resolve_config(config)
+  linears = _linears(cfg)
+  lin_w = sum(o * i for o, i, _ in linears)
+  lin_b = sum(o for o, _, b in linears if b)
+  norms = (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size
+  embed = cfg.vocab_size * cfg.hidden_size
+  head = 0 if cfg.tie_word_embeddings else embed
+  other = embed + head + norms + lin_b  # kept 16-bit in quantized formats
+  total = lin_w + other
+
+  int8 = sum(o * i + 4 * o for o, i, _ in linears) + 2 * other
+  nf4 = dq = 2 * other
+  for o, i, _ in linears:
+    n = o * i
+    blocks = -(-n // blocksize)
+    packed = -(-n // 2) + 16 * 4  # bytes + the 16-entry float32 code
+    nf4 += packed + 4 * blocks
+    dq += (packed + blocks + 4 * -(-blocks // _NESTED_BLOCK)
+           + 256 * 4 + 4)
+  kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+  return MemoryEstimate(
+      name=name, num_parameters=total, linear_parameters=lin_w,
+      weight_bytes={"fp32": 4 * total, "bf16": 2 * total, "int8": int8,
+                    "nf4": nf4, "nf4+dq": dq},
+      kv_cache_bytes_per_token=kv, blocksize=blocksize, headroom=headroom)

@@ -1,0 +1,465 @@
+"""Llama-family decoders (Llama, Mistral, Qwen2) in Flax NNX.
+
+Attribute paths mirror Hugging Face parameter names, so the checkpoint tensor
+"model.layers.3.self_attn.q_proj.weight" is
+`model.model.layers[3].self_attn.q_proj.weight`, and float linears keep
+PyTorch's `[out_features, in_features]` orientation. With a
+`QuantizationConfig` the linears become `Linear4bit` (bitsandbytes layout),
+except the ones `quantization.skips(path)` keeps in full precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxbnb._src.models import rope
+from jaxbnb._src.models.kv_cache import KVCache
+from jaxbnb._src.models.config import LlamaConfig
+from jaxbnb._src.layers.linear4bit import Linear4bit
+from jaxbnb._src.layers.quant_config import QuantizationConfig
+from jaxbnb._src.quant.state import Params4bit
+
+__all__ = [
+    "Embedding", "Linear", "RMSNorm", "Attention", "MLP", "DecoderLayer",
+    "LlamaModel", "LlamaForCausalLM",
+]
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+def _normal(std: float):
+  return nnx.initializers.normal(std)
+
+
+class Embedding(nnx.Module):
+  """Token embeddings; `.weight` is `[vocab, hidden]` like PyTorch's."""
+
+  def __init__(self, num_embeddings: int, features: int, *, dtype: Any,
+               param_dtype: Any, init_std: float, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.weight = nnx.Param(_normal(init_std)(
+        rngs.params(), (num_embeddings, features), param_dtype))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Tied output head: float32 logits `x @ weight.T`."""
+    w = self.weight[...].astype(self.dtype)
+    return jnp.einsum("...h,vh->...v", x.astype(self.dtype), w,
+                      preferred_element_type=jnp.float32)
+
+
+class Linear(nnx.Module):
+  """Float linear `y = x @ weight.T + bias` with `.weight` `[out, in]`."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+               dtype: Any, param_dtype: Any, init_std: float,
+               rngs: nnx.Rngs):
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+    self.weight = nnx.Param(_normal(init_std)(
+        rngs.params(), (out_features, in_features), param_dtype))
+    self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
+                 if use_bias else nnx.data(None))
+
+  def __call__(self, x: jax.Array, *, float32_out: bool = False) -> jax.Array:
+    w = self.weight[...].astype(self.dtype)
+    y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w,
+                   preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y if float32_out else y.astype(self.dtype)
+
+
+def _make_linear(in_features, out_features, *, use_bias, path, dtype,
+                 param_dtype, config: LlamaConfig,
+                 quantization: QuantizationConfig | None, rngs):
+  if quantization is not None and quantization.load_in_8bit:
+    raise NotImplementedError(
+        "LlamaForCausalLM: quantization with load_in_8bit=True is not "
+        "supported: LLM.int8 layers are not in jaxbnb yet; use "
+        "load_in_4bit=True.")
+  if (quantization is not None and quantization.load_in_4bit
+      and not quantization.skips(path)):
+    return Linear4bit(
+        in_features, out_features, use_bias=use_bias,
+        dtype=quantization.compute_dtype, param_dtype=param_dtype,
+        quant_type=quantization.bnb_4bit_quant_type,
+        blocksize=quantization.bnb_4bit_blocksize,
+        compress_statistics=quantization.bnb_4bit_use_double_quant,
+        quant_storage=quantization.quant_storage,
+        kernel_init=_normal(config.initializer_range), rngs=rngs)
+  return Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                param_dtype=param_dtype, init_std=config.initializer_range,
+                rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, as transformers' `LlamaRMSNorm`."""
+
+  def __init__(self, features: int, *, eps: float, param_dtype: Any):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((features,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(x.dtype) * h.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU MLP: `down(silu(gate(x)) * up(x))`."""
+
+  def __init__(self, config: LlamaConfig, *, path: str, **kw):
+    h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+    self.dtype = kw["dtype"]
+    self.gate_proj = _make_linear(h, i, use_bias=b, path=path + ".gate_proj",
+                                  config=config, **kw)
+    self.up_proj = _make_linear(h, i, use_bias=b, path=path + ".up_proj",
+                                config=config, **kw)
+    self.down_proj = _make_linear(i, h, use_bias=b, path=path + ".down_proj",
+                                  config=config, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate = self.gate_proj(x).astype(self.dtype)
+    up = self.up_proj(x).astype(self.dtype)
+    return self.down_proj(jax.nn.silu(gate) * up).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE and an optional sliding window."""
+
+  def __init__(self, config: LlamaConfig, *, path: str, **kw):
+    self.config = config
+    self.dtype = kw["dtype"]
+    h, d = config.hidden_size, config.head_dim
+    nq, nkv = config.num_attention_heads, config.num_key_value_heads
+    qkv_bias = config.attention_bias
+    self.q_proj = _make_linear(h, nq * d, use_bias=qkv_bias,
+                               path=path + ".q_proj", config=config, **kw)
+    self.k_proj = _make_linear(h, nkv * d, use_bias=qkv_bias,
+                               path=path + ".k_proj", config=config, **kw)
+    self.v_proj = _make_linear(h, nkv * d, use_bias=qkv_bias,
+                               path=path + ".v_proj", config=config, **kw)
+    self.o_proj = _make_linear(nq * d, h, use_bias=config.o_proj_bias,
+                               path=path + ".o_proj", config=config, **kw)
+
+  def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
+    """Attends `x` `[B, T, H]`.
+
+    Args:
+      x: hidden states.
+      cos: RoPE cos `[B, T, head_dim]`.
+      sin: RoPE sin.
+      allowed: bool `[B, T, S]`, which keys each query sees.
+      kv_cache: `(k, v, layer)`: the stacked caches `[L, B, S, kv_heads,
+        head_dim]` and this layer's index, or None (then S == T and the keys
+        are the new tokens).
+      index: the slot of the first new token in `kv_cache`.
+
+    Returns:
+      `(output [B, T, H], (k, v))`: the updated stacked caches (or this
+      call's keys/values when there is no cache).
+    """
+    cfg = self.config
+    b, t, _ = x.shape
+    d, nkv = cfg.head_dim, cfg.num_key_value_heads
+    g = cfg.num_key_value_groups
+    q = self.q_proj(x).astype(self.dtype).reshape(b, t, nkv * g, d)
+    k = self.k_proj(x).astype(self.dtype).reshape(b, t, nkv, d)
+    v = self.v_proj(x).astype(self.dtype).reshape(b, t, nkv, d)
+    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+    if kv_cache is not None:
+      # Write the new keys/values into the stacked cache in place (the
+      # buffer is donated by the decode loop), then read this layer's slice.
+      ck, cv, layer = kv_cache
+      zero = jnp.zeros((), jnp.int32)
+      start = (jnp.asarray(layer, jnp.int32), zero, index, zero, zero)
+      ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
+      cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), start)
+      new_kv = (ck, cv)
+      k, v = ck[layer], cv[layer]
+    else:
+      new_kv = (k, v)
+    k, v = k.astype(self.dtype), v.astype(self.dtype)
+    q = q.reshape(b, t, nkv, g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                        preferred_element_type=jnp.float32)
+    scores = scores * np.float32(d ** -0.5)
+    scores = jnp.where(allowed[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v,
+                     preferred_element_type=jnp.float32).astype(self.dtype)
+    out = self.o_proj(out.reshape(b, t, nkv * g * d)).astype(self.dtype)
+    return out, new_kv
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention + MLP block."""
+
+  def __init__(self, config: LlamaConfig, *, path: str, **kw):
+    eps, pd = config.rms_norm_eps, kw["param_dtype"]
+    self.input_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pd)
+    self.self_attn = Attention(config, path=path + ".self_attn", **kw)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps,
+                                            param_dtype=pd)
+    self.mlp = MLP(config, path=path + ".mlp", **kw)
+
+  def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
+    h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed,
+                               kv_cache, index)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, new_kv
+
+
+def _check_call(config, input_ids, positions, cache, attention_mask):
+  shape = tuple(jnp.shape(input_ids))
+  if len(shape) != 2 or not jnp.issubdtype(jnp.asarray(input_ids).dtype,
+                                           jnp.integer):
+    raise ValueError(
+        "LlamaForCausalLM: `input_ids` must be an integer array [batch, "
+        f"seq], got shape {shape} dtype {jnp.asarray(input_ids).dtype}.")
+  for name, arr in (("attention_mask", attention_mask),
+                    ("positions", positions)):
+    if arr is not None and tuple(jnp.shape(arr)) != shape:
+      raise ValueError(
+          f"LlamaForCausalLM: `{name}` must have the shape of `input_ids` "
+          f"{shape}, got {tuple(jnp.shape(arr))}.")
+  if cache is not None:
+    if not isinstance(cache, KVCache):
+      raise TypeError(
+          "LlamaForCausalLM: `cache` must be a KVCache or None, got "
+          f"{type(cache).__name__}.")
+    want = (config.num_hidden_layers, shape[0])
+    if cache.k.shape[:2] != want or cache.k.shape[3:] != (
+        config.num_key_value_heads, config.head_dim):
+      raise ValueError(
+          "LlamaForCausalLM: `cache` does not fit this model and batch: "
+          f"k has shape {cache.k.shape}, want [{want[0]}, {want[1]}, max_len, "
+          f"{config.num_key_value_heads}, {config.head_dim}].")
+    if shape[1] > cache.max_len:
+      raise ValueError(
+          f"LlamaForCausalLM: {shape[1]} new tokens do not fit a cache of "
+          f"max_len={cache.max_len}.")
+
+
+class LlamaModel(nnx.Module):
+  """Embeddings, decoder layers and the final norm (HF `model.` prefix)."""
+
+  def __init__(self, config: LlamaConfig, **kw):
+    self.config = config
+    self.embed_tokens = Embedding(
+        config.vocab_size, config.hidden_size, dtype=kw["dtype"],
+        param_dtype=kw["param_dtype"], init_std=config.initializer_range,
+        rngs=kw["rngs"])
+    self.layers = nnx.List([
+        DecoderLayer(config, path=f"model.layers.{i}", **kw)
+        for i in range(config.num_hidden_layers)])
+    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                        param_dtype=kw["param_dtype"])
+
+  def __call__(self, input_ids, positions=None, cache=None,
+               attention_mask=None):
+    """Returns the final hidden states `[B, T, H]` and the updated cache."""
+    cfg = self.config
+    b, t = input_ids.shape
+    new_mask = (jnp.ones((b, t), bool) if attention_mask is None
+                else jnp.asarray(attention_mask).astype(bool))
+    steps = new_mask.astype(jnp.int32)
+    before = jnp.cumsum(steps, axis=1) - steps  # real tokens before, per row
+    if cache is None:
+      index = jnp.zeros((), jnp.int32)
+      key_mask = new_mask
+      start_pos = jnp.zeros((b,), jnp.int32)
+    else:
+      index = jnp.asarray(cache.index, jnp.int32)
+      key_mask = jax.lax.dynamic_update_slice(cache.mask, new_mask,
+                                              (jnp.zeros((), jnp.int32), index))
+      start_pos = cache.positions
+    if positions is None:
+      positions = start_pos[:, None] + before
+    positions = jnp.asarray(positions, jnp.int32)
+
+    s = key_mask.shape[1]
+    q_slot = index + jnp.arange(t, dtype=jnp.int32)
+    k_slot = jnp.arange(s, dtype=jnp.int32)
+    allowed = (k_slot[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]
+    windows = {cfg.layer_sliding_window(i) for i in range(len(self.layers))}
+    masks = {None: allowed}
+    if windows - {None}:
+      # Distance in real tokens between query and key slots.
+      count = jnp.cumsum(key_mask.astype(jnp.int32), axis=1)
+      q_count = jnp.take_along_axis(
+          count, jnp.broadcast_to(q_slot[None], (b, t)), axis=1)
+      dist = q_count[:, :, None] - count[:, None, :]
+      for w in windows - {None}:
+        masks[w] = allowed & (dist < w)
+
+    x = self.embed_tokens(input_ids)
+    cos, sin = rope.rope_cos_sin(cfg, positions, x.dtype)
+    ck, cv = (None, None) if cache is None else (cache.k, cache.v)
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (ck, cv, i)
+      x, (k, v) = layer(x, cos, sin, masks[cfg.layer_sliding_window(i)], kv,
+                        index)
+      if cache is not None:
+        ck, cv = k, v
+    x = self.norm(x)
+    if cache is None:
+      return x, None
+    next_pos = jnp.max(jnp.where(new_mask, positions + 1,
+                                 cache.positions[:, None]), axis=1)
+    cache = KVCache(k=ck, v=cv, mask=key_mask,
+                    index=index + t, positions=next_pos.astype(jnp.int32))
+    return x, cache
+
+
+class LlamaForCausalLM(nnx.Module):
+  """A Llama/Mistral/Qwen2 causal language model.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxbnb.models import KVCache, LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                   num_hidden_layers=2, num_attention_heads=4,
+    ...                   num_key_value_heads=2)
+    >>> model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+    >>> ids = jnp.array([[1, 5, 7]])
+    >>> logits, _ = model(ids)
+    >>> logits.shape, logits.dtype
+    ((1, 3, 64), dtype('float32'))
+    >>> cache = KVCache.init(cfg, batch=1, max_len=8)
+    >>> step_logits, cache = model(ids, cache=cache)
+    >>> int(cache.index), cache.positions.tolist()
+    (3, [3])
+    >>> bool(jnp.allclose(step_logits, logits, atol=1e-5))
+    True
+
+  Args:
+    config: the architecture.
+    dtype: activation/compute dtype (logits are always float32).
+    param_dtype: dtype of float weights, norms and biases.
+    quantization: with `load_in_4bit`, linears not skipped by
+      `quantization.skips(path)` are `Linear4bit` computing in
+      `quantization.compute_dtype`.
+    rngs: random generators for the initial weights (normal with
+      `config.initializer_range`; norms one, biases zero).
+
+  Raises:
+    NotImplementedError: for `load_in_8bit` quantization.
+    TypeError: for a `config` or `quantization` of the wrong type.
+  """
+
+  def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32,
+               quantization: QuantizationConfig | None = None,
+               rngs: nnx.Rngs):
+    if not isinstance(config, LlamaConfig):
+      raise TypeError(
+          "LlamaForCausalLM: `config` must be a LlamaConfig, got "
+          f"{type(config).__name__} (use LlamaConfig.from_hf for a dict).")
+    if quantization is not None and not isinstance(quantization,
+                                                   QuantizationConfig):
+      raise TypeError(
+          "LlamaForCausalLM: `quantization` must be a QuantizationConfig or "
+          f"None, got {type(quantization).__name__}.")
+    self.config = config
+    self.quantization = quantization
+    self.dtype = jnp.dtype(dtype)
+    self.param_dtype = jnp.dtype(param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+              quantization=quantization, rngs=rngs)
+    self.model = LlamaModel(config, **kw)
+    if config.tie_word_embeddings:
+      self.lm_head = nnx.data(None)
+    else:
+      self.lm_head = _make_linear(config.hidden_size, config.vocab_size,
+                                  use_bias=False, path="lm_head",
+                                  config=config, **kw)
+
+  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+               cache: KVCache | None = None,
+               attention_mask: jax.Array | None = None,
+               ) -> tuple[jax.Array, KVCache | None]:
+    """Runs the model on `input_ids` `[B, T]`.
+
+    Args:
+      input_ids: int token ids; batches are LEFT-padded.
+      positions: int `[B, T]` RoPE positions; by default each row counts its
+        real tokens (from `cache.positions` with a cache, else from 0).
+      cache: a `KVCache`; the T tokens are written at slots
+        `cache.index ... cache.index + T - 1`. The caller must keep
+        `index + T <= max_len` (not checked under jit).
+      attention_mask: `[B, T]`, 1 for real tokens, 0 for padding (which is
+        neither attended to nor advances `positions`). Default: all real.
+
+    Returns:
+      `(logits, cache)`: float32 `[B, T, vocab]` and the updated cache (None
+      without one).
+
+    Raises:
+      ValueError: for badly shaped inputs or a cache of another model/batch.
+    """
+    _check_call(self.config, input_ids, positions, cache, attention_mask)
+    x, cache = self.model(jnp.asarray(input_ids), positions, cache,
+                          attention_mask)
+    return self.logits(x), cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """The output head on final hidden states `[..., hidden]`.
+
+    `generate` applies it to the last position only, which avoids a
+    `[batch, prompt, vocab]` array during prefill.
+
+    Args:
+      hidden: the final (normed) hidden states.
+
+    Returns:
+      float32 logits `[..., vocab]` (the tied embedding when
+      `tie_word_embeddings`).
+    """
+    if self.lm_head is None:
+      return self.model.embed_tokens.attend(hidden)
+    if isinstance(self.lm_head, Linear):
+      return self.lm_head(hidden, float32_out=True)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+  def named_linears(self) -> Iterator[tuple[str, nnx.Module]]:
+    """Yields `(hf_module_path, linear)` for every `Linear`/`Linear4bit`."""
+    for path, node in nnx.iter_graph(self):
+      if isinstance(node, (Linear, Linear4bit)):
+        yield ".".join(map(str, path)), node
+
+  def iter_variables(self) -> Iterator[tuple[str, nnx.Variable]]:
+    """Yields `(hf_name, variable)` for every weight, e.g.
+
+    `("model.layers.0.self_attn.q_proj.weight", <nnx.Param>)`. A 4-bit
+    linear's weight is a `QuantizedWeight` holding a `Params4bit` (its
+    bitsandbytes tensors are `Params4bit.state_dict(hf_name)`). A tied head
+    has no entry ("lm_head.weight" is absent).
+    """
+    for path, node in nnx.iter_graph(self):
+      if isinstance(node, nnx.Variable):
+        yield ".".join(map(str, path)), node
+
+  def num_parameters(self) -> int:
+    """Logical parameter count (a 4-bit weight counts its float elements)."""
+    total = 0
+    for _, var in self.iter_variables():
+      value = var.get_value()
+      if isinstance(value, Params4bit):
+        total += int(np.prod(value.quant_state.shape))
+      else:
+        total += int(np.prod(value.shape))
+    return total

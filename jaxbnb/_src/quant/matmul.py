@@ -1,0 +1,210 @@
+"""`matmul_4bit`: x @ W.T with a frozen 4-bit W, differentiable in x and bias.
+
+The weight is dequantized to the compute dtype inside the op (never saved as
+a residual), and the backward pass is `dx = g @ W` with the same dequantized
+weight, as bitsandbytes' `MatMul4Bit`. There is no gradient for W.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxbnb._src.quant import kernels
+from jaxbnb._src.quant import ops
+from jaxbnb._src.quant import validation
+from jaxbnb._src.quant.state import QuantState
+
+__all__ = ["matmul_4bit", "dequantize_weight"]
+
+# A float32 compute dtype means a true float32 product (as PyTorch without
+# TF32), not XLA's default TF32 passes on NVIDIA GPUs.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def dequantize_weight(packed: jax.Array, quant_state: QuantState,
+                      dtype) -> jax.Array:
+  """The `[N, K]` weight dequantized straight to `dtype` (fp32 product)."""
+  qs = quant_state
+  flat = ops._from_storage(packed)  # pylint: disable=protected-access
+  w = ops.dequantize_flat(flat, qs, dtype)
+  return w.reshape(qs.shape)
+
+
+def _forward(x2d, bias, packed, qs, transposed):
+  impl = kernels.current_impl()
+  if impl is not None and not transposed:
+    flat = ops._from_storage(packed)  # pylint: disable=protected-access
+    y = kernels.gemv(x2d, flat, qs, bias, impl)
+    if y is not None:
+      return y
+  w = dequantize_weight(packed, qs, x2d.dtype)
+  if transposed:  # a deprecated [K, N] weight
+    w = w.T
+  if impl == "gpu" and bias is None and x2d.dtype != jnp.float32:
+    # cuBLAS accumulates in fp32 and rounds once to the 16-bit output;
+    # asking XLA for an fp32 result would write (and re-read) it in fp32.
+    return jax.lax.dot_general(x2d, w, (((1,), (1,)), ((), ())),
+                               preferred_element_type=x2d.dtype)
+  acc = jax.lax.dot_general(
+      x2d, w, (((1,), (1,)), ((), ())), precision=_PRECISION,
+      preferred_element_type=jnp.float32,
+  )
+  if bias is not None:
+    acc = acc + bias.astype(jnp.float32)
+  return acc.astype(x2d.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _matmul(x2d, bias, packed, qs, transposed):
+  return _forward(x2d, bias, packed, qs, transposed)
+
+
+def _matmul_fwd(x2d, bias, packed, qs, transposed):
+  return _forward(x2d, bias, packed, qs, transposed), (bias, packed, qs)
+
+
+def _matmul_bwd(transposed, res, g):
+  bias, packed, qs = res
+  w = dequantize_weight(packed, qs, g.dtype)
+  if transposed:
+    w = w.T
+  if kernels.current_impl() == "gpu" and g.dtype != jnp.float32:
+    dx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())),
+                             preferred_element_type=g.dtype)
+  else:
+    dx = jax.lax.dot_general(
+        g, w, (((1,), (0,)), ((), ())), precision=_PRECISION,
+        preferred_element_type=jnp.float32,
+    ).astype(g.dtype)
+  dbias = None
+  if bias is not None:
+    dbias = jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
+  zeros = jax.tree.map(_zero_cotangent, (packed, qs))
+  return (dx, dbias) + zeros
+
+
+def _zero_cotangent(leaf):
+  if jnp.issubdtype(leaf.dtype, jnp.inexact):
+    return jnp.zeros_like(leaf)
+  return jnp.zeros(leaf.shape, jax.dtypes.float0)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul_4bit(
+    A: jax.Array,  # pylint: disable=invalid-name
+    B: jax.Array,  # pylint: disable=invalid-name
+    quant_state: QuantState,
+    bias: jax.Array | None = None,
+    *,
+    dtype=None,
+) -> jax.Array:
+  """`A @ W.T (+ bias)` for a 4-bit `W` of shape `quant_state.shape = [N, K]`.
+
+  The weight is dequantized to the compute dtype (fp32 code x absmax, one
+  rounding), the product accumulates in float32 and is rounded once to the
+  compute dtype; this is bitsandbytes' dequantize + linear. Gradients flow
+  to `A` and `bias` (`dA = g @ W`); the 4-bit weight is frozen.
+
+  Args:
+    A: float activations `[..., K]`.
+    B: packed weight from `quantize_4bit` (any `quant_storage`).
+    quant_state: its `QuantState`; `shape` must be 2-D `[N, K]`.
+    bias: optional `[N]`.
+    dtype: compute dtype (bitsandbytes' `compute_dtype`); default `A.dtype`.
+      The result is returned in `A.dtype`.
+
+  Returns:
+    `[..., N]` in `A.dtype`.
+
+  Raises:
+    TypeError: if `A` is not a float array.
+    ValueError: if the state is not 2-D or the inner dimensions differ.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> w = jax.random.normal(jax.random.key(0), (16, 64))
+    >>> packed, qs = F.quantize_4bit(w, quant_type="nf4")
+    >>> x = jnp.ones((2, 3, 64), jnp.bfloat16)
+    >>> y = F.matmul_4bit(x, packed, qs)
+    >>> y.shape, y.dtype
+    ((2, 3, 16), dtype(bfloat16))
+  """
+  fn = "matmul_4bit"
+  validation.check_float_array(A, "A", fn)
+  if not isinstance(quant_state, QuantState):
+    raise TypeError(
+        f"{fn}: `quant_state` must be a QuantState, got "
+        f"{type(quant_state).__name__}."
+    )
+  if len(quant_state.shape) != 2:
+    raise ValueError(
+        f"{fn}: quant_state.shape must be 2-D [N, K], got {quant_state.shape}."
+    )
+  validation.check_quant_type(quant_state.quant_type,
+                              "quant_state.quant_type", fn)
+  k = A.shape[-1]
+  transposed = ops._deprecated_kn(quant_state, k)  # pylint: disable=protected-access
+  n_out = quant_state.shape[1] if transposed else quant_state.shape[0]
+  if not transposed and k != quant_state.shape[1]:
+    raise ValueError(
+        f"{fn}: A.shape[-1]={k} must equal K of the weight shape "
+        f"[N, K]={list(quant_state.shape)}."
+    )
+  if bias is not None and tuple(bias.shape) != (n_out,):
+    raise ValueError(
+        f"{fn}: `bias` must have shape ({n_out},), got {tuple(bias.shape)}."
+    )
+  compute = jnp.dtype(dtype) if dtype is not None else A.dtype
+  x2d = jnp.asarray(A).astype(compute).reshape(-1, k)
+  if bias is not None:
+    bias = jnp.asarray(bias).astype(compute)
+  x2d, bias = _match_vma((x2d, bias), (x2d, bias, B, quant_state))
+  y = _matmul(x2d, bias, B, quant_state, transposed)
+  return y.reshape(*A.shape[:-1], n_out).astype(A.dtype)
+
+
+def _varying(v) -> frozenset:
+  t = jax.typeof(v)
+  mat = getattr(t, "manual_axis_type", None)
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(t, "vma", ()) or ())
+
+
+def _match_vma(args, like):
+  """`args` cast to device-varying over every mesh axis `like` varies over.
+
+  Inside `shard_map`, a replicated activation or bias that meets a sharded
+  weight (or sharded activations) must be cast to varying before the custom
+  VJP, so that its cotangent is summed over those axes (the transpose of
+  the cast) instead of being left device-varying.
+  """
+  leaves = [v for v in jax.tree.leaves(like) if hasattr(v, "dtype")]
+  varying = frozenset().union(*(_varying(v) for v in leaves))
+  out = []
+  for a in args:
+    if a is None or not varying:
+      out.append(a)
+      continue
+    missing = tuple(sorted(varying - _varying(a)))
+    out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+  return tuple(out)
+
+
+def apply_4bit_layer(inputs, weight, bias, dtype):
+  """The 4-bit layer forward shared by linen `Dense4bit` and NNX `Linear4bit`.
+
+  `dtype=None` infers the compute dtype from the input, the original weight
+  dtype and the bias, as Flax's `promote_dtype` does.
+  """
+  if dtype is None:
+    dtype = jnp.result_type(inputs.dtype, weight.quant_state.dtype,
+                            *(() if bias is None else (bias.dtype,)))
+  return matmul_4bit(inputs.astype(dtype), weight.data, weight.quant_state,
+                     None if bias is None else bias.astype(dtype))

@@ -1,0 +1,571 @@
+"""Public quantization ops: validate, then run the reference (or a kernel).
+
+Names, defaults and semantics follow `bitsandbytes.functional`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbnb._src.quant import codebooks
+from jaxbnb._src.quant import kernels
+from jaxbnb._src.quant import reference
+from jaxbnb._src.quant import validation
+from jaxbnb._src.quant.state import QuantState
+
+__all__ = [
+    "quantize_4bit",
+    "dequantize_4bit",
+    "quantize_nf4",
+    "quantize_fp4",
+    "dequantize_nf4",
+    "dequantize_fp4",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "int8_vectorwise_quant",
+    "int8_vectorwise_dequant",
+    "int8_mm_dequant",
+]
+
+
+def _quantize_4bit_flat(flat, blocksize, quant_type):
+  return _quantize_4bit_jit(flat, blocksize, quant_type,
+                            kernels.current_impl())
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("blocksize", "quant_type", "impl"))
+def _quantize_4bit_jit(flat, blocksize, quant_type, impl):
+  return kernels.quantize_4bit_flat(flat, blocksize, quant_type, impl)
+
+
+@functools.partial(jax.jit, static_argnames=("blocksize",))
+def _quantize_blockwise_flat(flat, code, blocksize):
+  return reference.quantize_blockwise(flat, code, blocksize)
+
+
+def _double_quantize(absmax: jax.Array, nested_blocksize: int):
+  """bnb's nested absmax: offset = mean, 8-bit blockwise codes of the rest."""
+  # Round the mean before subtracting (no FMA under jit), as bnb does.
+  offset = jax.lax.optimization_barrier(jnp.mean(absmax))
+  code = jnp.asarray(codebooks.create_dynamic_map(signed=True))
+  q, nested_absmax = _quantize_blockwise_flat(absmax - offset, code,
+                                              nested_blocksize)
+  return q, nested_absmax, offset, code
+
+
+def _nested_absmax(qs: QuantState) -> jax.Array:
+  """fp32 absmax of a (possibly nested) state, as bnb reconstructs it."""
+  if not qs.nested:
+    return qs.absmax.astype(jnp.float32)
+  deq = reference.dequantize_blockwise(
+      qs.absmax, qs.nested_absmax, qs.nested_code, qs.nested_blocksize,
+      jnp.float32,
+  )
+  # A separate fp32 add after the rounded product, as bnb does: the barrier
+  # keeps XLA from contracting the two into an FMA under jit.
+  deq = jax.lax.optimization_barrier(deq)
+  return deq + qs.offset.astype(jnp.float32)
+
+
+def _to_storage(packed: jax.Array, quant_storage) -> jax.Array:
+  storage = jnp.dtype(quant_storage)
+  if storage.name not in validation.QUANT_STORAGE_DTYPES:
+    raise ValueError(
+        "quantize_4bit: `quant_storage` must be one of "
+        f"{validation.QUANT_STORAGE_DTYPES}, got {storage.name}."
+    )
+  nbytes = packed.shape[0]
+  if storage.itemsize == 1:
+    out = jax.lax.bitcast_convert_type(packed, storage)
+  else:
+    if nbytes % storage.itemsize:
+      raise ValueError(
+          "quantize_4bit: the packed weight has "
+          f"{nbytes} bytes, not a multiple of the {storage.name} itemsize "
+          f"{storage.itemsize}; use quant_storage=uint8 or an element count "
+          f"divisible by {2 * storage.itemsize}."
+      )
+    out = jax.lax.bitcast_convert_type(
+        packed.reshape(-1, storage.itemsize), storage
+    )
+  return out.reshape(-1, 1)
+
+
+def _from_storage(a: jax.Array) -> jax.Array:
+  a = a.reshape(-1)
+  if a.dtype == jnp.uint8:
+    return a
+  if jnp.dtype(a.dtype).itemsize == 1:
+    return jax.lax.bitcast_convert_type(a, jnp.uint8)
+  return jax.lax.bitcast_convert_type(a, jnp.uint8).reshape(-1)
+
+
+def quantize_4bit(
+    A: jax.Array,  # pylint: disable=invalid-name
+    blocksize: int | None = None,
+    compress_statistics: bool = False,
+    quant_type: str = "fp4",
+    quant_storage=jnp.uint8,
+) -> tuple[jax.Array, QuantState]:
+  """Blockwise 4-bit (NF4/FP4) quantization, bit-exact with bitsandbytes.
+
+  The array is flattened row-major and split into blocks of `blocksize`
+  elements (the last block may be partial); each block is scaled by its
+  absmax and every element mapped to a 4-bit code, two codes per byte with
+  the even element in the high nibble.
+
+  Args:
+    A: float32, float16 or bfloat16 array of any shape. A Flax `[in, out]`
+      kernel should be passed transposed, as bitsandbytes quantizes the
+      PyTorch `[out, in]` weight.
+    blocksize: elements per block, one of 32, 64, ..., 4096 (default 64).
+    compress_statistics: double quantization: the absmax is stored as 8-bit
+      codes of `absmax - mean(absmax)` with a float32 absmax per 256 blocks.
+    quant_type: "nf4" or "fp4" (bitsandbytes' default is "fp4").
+    quant_storage: dtype the packed bytes are viewed as (a bitcast): uint8,
+      int8, float16, bfloat16 or float32.
+
+  Returns:
+    `(packed, quant_state)`: packed of shape `[(n + 1) // 2 // itemsize, 1]`
+    and dtype `quant_storage`, and the `QuantState`.
+
+  Raises:
+    TypeError: if `A` is not a float array.
+    ValueError: for an empty `A`, a blocksize or quant_type not allowed, or a
+      quant_storage whose itemsize does not divide the packed byte count.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> w = jax.random.normal(jax.random.key(0), (64, 32), jnp.bfloat16)
+    >>> packed, qs = F.quantize_4bit(w, quant_type="nf4",
+    ...                              compress_statistics=True)
+    >>> packed.shape, packed.dtype, qs.absmax.dtype, qs.shape
+    ((1024, 1), dtype('uint8'), dtype('uint8'), (64, 32))
+    >>> F.dequantize_4bit(packed, qs).dtype
+    dtype(bfloat16)
+
+  References:
+    Dettmers et al., QLoRA: Efficient Finetuning of Quantized LLMs, 2023.
+  """
+  fn = "quantize_4bit"
+  validation.check_float_array(A, "A", fn)
+  blocksize = 64 if blocksize is None else blocksize
+  validation.check_blocksize(blocksize, validation.BLOCKSIZES_4BIT, fn=fn)
+  validation.check_quant_type(quant_type, fn=fn)
+  blocksize = int(blocksize)
+  A = jnp.asarray(A)
+  packed, absmax = _quantize_4bit_flat(A.reshape(-1), blocksize, quant_type)
+  code = jnp.asarray(codebooks.get_4bit_type(quant_type))
+  common = dict(shape=tuple(A.shape), dtype=validation.dtype_name(A.dtype),
+                blocksize=blocksize, quant_type=quant_type, code=code)
+  if compress_statistics:
+    q, nested_absmax, offset, ncode = _double_quantize(absmax, 256)
+    qs = QuantState(absmax=q, offset=offset, nested_absmax=nested_absmax,
+                    nested_code=ncode, nested_blocksize=256, **common)
+  else:
+    qs = QuantState(absmax=absmax, **common)
+  return _to_storage(packed, quant_storage), qs
+
+
+def quantize_nf4(A, blocksize=None, compress_statistics=False,  # pylint: disable=invalid-name
+                 quant_storage=jnp.uint8):
+  """`quantize_4bit` with `quant_type="nf4"`."""
+  return quantize_4bit(A, blocksize, compress_statistics, "nf4", quant_storage)
+
+
+def quantize_fp4(A, blocksize=None, compress_statistics=False,  # pylint: disable=invalid-name
+                 quant_storage=jnp.uint8):
+  """`quantize_4bit` with `quant_type="fp4"`."""
+  return quantize_4bit(A, blocksize, compress_statistics, "fp4", quant_storage)
+
+
+def _check_packed(A, fn):  # pylint: disable=invalid-name
+  if not hasattr(A, "dtype"):
+    raise TypeError(f"{fn}: `A` must be an array, got {type(A).__name__}.")
+  if validation.dtype_name(A.dtype) not in validation.QUANT_STORAGE_DTYPES:
+    raise TypeError(
+        f"{fn}: packed `A` must have a quant_storage dtype "
+        f"{validation.QUANT_STORAGE_DTYPES}, got {validation.dtype_name(A.dtype)}."
+    )
+
+
+def dequantize_4bit(
+    A: jax.Array,  # pylint: disable=invalid-name
+    quant_state: QuantState | None = None,
+    absmax: jax.Array | None = None,
+    blocksize: int | None = None,
+    quant_type: str = "fp4",
+    *,
+    shape: tuple[int, ...] | None = None,
+    dtype=None,
+) -> jax.Array:
+  """Dequantizes packed 4-bit codes: `dtype(code[q] * absmax[block])`.
+
+  Args:
+    A: packed bytes from `quantize_4bit` (any `quant_storage` dtype).
+    quant_state: the state from `quantize_4bit`. If None, `absmax`, `shape`
+      and `dtype` must be given (bitsandbytes takes them from `out`).
+    absmax: float32 per-block absmax, used only without `quant_state`.
+    blocksize: used only without `quant_state` (default 64).
+    quant_type: used only without `quant_state`.
+    shape: output shape, used only without `quant_state`.
+    dtype: output dtype, used only without `quant_state`.
+
+  Returns:
+    The array of `quant_state.shape` in `quant_state.dtype`.
+
+  Raises:
+    ValueError: if neither a state nor absmax/shape/dtype are given, or the
+      packed size does not match the shape.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> packed, qs = F.quantize_4bit(jnp.linspace(-1, 1, 8), quant_type="nf4")
+    >>> F.dequantize_4bit(packed, qs)
+    Array([-1.        , -0.6961928 , -0.3949175 , -0.18477343,  0.1609302 ,
+            0.44070983,  0.72295684,  1.        ], dtype=float32)
+  """
+  fn = "dequantize_4bit"
+  _check_packed(A, fn)
+  if quant_state is None:
+    if absmax is None or shape is None or dtype is None:
+      raise ValueError(
+          f"{fn}: without `quant_state`, `absmax`, `shape` and `dtype` are "
+          "all required."
+      )
+    blocksize = 64 if blocksize is None else blocksize
+    validation.check_blocksize(blocksize, validation.BLOCKSIZES_4BIT, fn=fn)
+    validation.check_quant_type(quant_type, fn=fn)
+    quant_state = QuantState(
+        absmax=jnp.asarray(absmax, jnp.float32),
+        code=jnp.asarray(codebooks.get_4bit_type(quant_type)),
+        shape=tuple(shape), dtype=validation.dtype_name(dtype),
+        blocksize=blocksize, quant_type=quant_type)
+  qs = quant_state
+  validation.check_quant_type(qs.quant_type, "quant_state.quant_type", fn)
+  packed = _from_storage(jnp.asarray(A))
+  n = qs.numel
+  if packed.shape[0] != (n + 1) // 2:
+    raise ValueError(
+        f"{fn}: packed `A` has {packed.shape[0]} bytes, expected "
+        f"(n + 1) // 2 = {(n + 1) // 2} for shape {qs.shape}."
+    )
+  if qs.absmax.shape[0] != -(-n // qs.blocksize):
+    raise ValueError(
+        f"{fn}: absmax has {qs.absmax.shape[0]} entries, expected "
+        f"ceil(n / blocksize) = {-(-n // qs.blocksize)} for shape {qs.shape} "
+        f"and blocksize {qs.blocksize}."
+    )
+  out = dequantize_flat(packed, qs)
+  return out.reshape(qs.shape)
+
+
+def dequantize_flat(packed: jax.Array, qs: QuantState, dtype=None,
+                    impl: str | None | bool = False) -> jax.Array:
+  """The flat dequantized array of `qs.numel` elements (kernel or reference).
+
+  `impl=False` reads the current kernel mode.
+  """
+  if impl is False:
+    impl = kernels.current_impl()
+  dtype = jnp.dtype(qs.dtype if dtype is None else dtype).name
+  n = qs.numel
+  if impl is not None and kernels.can_dequantize(n, qs.blocksize, dtype):
+    nested = None
+    absmax = qs.absmax
+    if qs.nested:
+      nested = (qs.nested_absmax, qs.nested_code, qs.offset)
+    return _dequantize_kernel_jit(packed, absmax, nested, n, qs.blocksize,
+                                  qs.quant_type, dtype, qs.nested_blocksize,
+                                  impl)
+  if impl is not None:
+    kernels._fallback(f"dequantize_4bit of {n} elements")  # pylint: disable=protected-access
+  return _dequantize_4bit_jit(packed, _nested_absmax(qs), n, qs.blocksize,
+                              qs.quant_type, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _dequantize_4bit_jit(packed, absmax, n, blocksize, quant_type, dtype):
+  return reference.dequantize_4bit(packed, absmax, n, blocksize, quant_type,
+                                   jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
+def _dequantize_kernel_jit(packed, absmax, nested, n, blocksize, quant_type,
+                           dtype, nested_blocksize, impl):
+  return kernels.dequantize_4bit_flat(packed, absmax, nested, n, blocksize,
+                                      quant_type, dtype, nested_blocksize,
+                                      impl)
+
+
+def dequantize_nf4(A, quant_state=None, absmax=None, blocksize=None, **kw):  # pylint: disable=invalid-name
+  """`dequantize_4bit` with `quant_type="nf4"`."""
+  return dequantize_4bit(A, quant_state, absmax, blocksize, "nf4", **kw)
+
+
+def dequantize_fp4(A, quant_state=None, absmax=None, blocksize=None, **kw):  # pylint: disable=invalid-name
+  """`dequantize_4bit` with `quant_type="fp4"`."""
+  return dequantize_4bit(A, quant_state, absmax, blocksize, "fp4", **kw)
+
+
+def quantize_blockwise(
+    A: jax.Array,  # pylint: disable=invalid-name
+    code: jax.Array | None = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+) -> tuple[jax.Array, QuantState]:
+  """8-bit blockwise quantization with a 256-entry code (bitsandbytes').
+
+  Each block of `blocksize` elements of the flattened array is scaled by its
+  absmax and mapped to the nearest code with bitsandbytes' binary search.
+
+  Args:
+    A: float32, float16 or bfloat16 array.
+    code: 256 sorted float32 values; default the signed dynamic map.
+    blocksize: one of 64, 128, ..., 4096.
+    nested: also quantize the absmax (offset = mean, same blocksize).
+
+  Returns:
+    `(q, quant_state)`: uint8 codes of A's shape and the `QuantState`.
+
+  Raises:
+    TypeError: if `A` is not a float array.
+    ValueError: for an empty `A`, a bad blocksize or a code that is not 256
+      values.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> q, qs = F.quantize_blockwise(jnp.linspace(-1, 1, 300), blocksize=256)
+    >>> q.dtype, qs.absmax.shape
+    (dtype('uint8'), (2,))
+    >>> float(abs(F.dequantize_blockwise(q, qs) - jnp.linspace(-1, 1, 300)).max()) < 0.01
+    True
+  """
+  fn = "quantize_blockwise"
+  validation.check_float_array(A, "A", fn)
+  validation.check_blocksize(blocksize, validation.BLOCKSIZES_8BIT, fn=fn)
+  blocksize = int(blocksize)
+  A = jnp.asarray(A)
+  if code is None:
+    code = codebooks.create_dynamic_map(signed=True)
+  code = jnp.asarray(code, jnp.float32)
+  if code.shape != (256,):
+    raise ValueError(f"{fn}: `code` must have shape (256,), got {code.shape}.")
+  q, absmax = _quantize_blockwise_flat(A.reshape(-1), code, blocksize)
+  common = dict(shape=tuple(A.shape), dtype=validation.dtype_name(A.dtype),
+                blocksize=blocksize, code=code)
+  if nested:
+    q2, nested_absmax, offset, ncode = _double_quantize(absmax, blocksize)
+    qs = QuantState(absmax=q2, offset=offset, nested_absmax=nested_absmax,
+                    nested_code=ncode, nested_blocksize=blocksize, **common)
+  else:
+    qs = QuantState(absmax=absmax, **common)
+  return q.reshape(A.shape), qs
+
+
+def dequantize_blockwise(
+    A: jax.Array,  # pylint: disable=invalid-name
+    quant_state: QuantState | None = None,
+    absmax: jax.Array | None = None,
+    code: jax.Array | None = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+) -> jax.Array:
+  """Dequantizes 8-bit blockwise codes: `dtype(code[q] * absmax[block])`.
+
+  Args:
+    A: uint8 codes.
+    quant_state: the state from `quantize_blockwise`; if None, `absmax` is
+      required and the output is float32 (as bitsandbytes).
+    absmax: float32 per-block absmax (without `quant_state`).
+    code: the 256-entry code (without `quant_state`; default dynamic map).
+    blocksize: the blocksize (without `quant_state`).
+    nested: unused without a state (kept for bitsandbytes' signature).
+
+  Returns:
+    The dequantized array of A's shape, in `quant_state.dtype` (float32
+    without a state).
+
+  Raises:
+    TypeError: if `A` is not uint8.
+    ValueError: if neither a state nor absmax is given.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> q, qs = F.quantize_blockwise(jnp.ones((4, 64)), blocksize=64)
+    >>> F.dequantize_blockwise(q, qs)[0, :3]
+    Array([1., 1., 1.], dtype=float32)
+  """
+  del nested
+  fn = "dequantize_blockwise"
+  if not hasattr(A, "dtype") or A.dtype != jnp.uint8:
+    raise TypeError(
+        f"{fn}: `A` must be a uint8 array, got "
+        f"{getattr(A, 'dtype', type(A).__name__)}."
+    )
+  if quant_state is None:
+    if absmax is None:
+      raise ValueError(f"{fn}: requires either `quant_state` or `absmax`.")
+    validation.check_blocksize(blocksize, validation.BLOCKSIZES_8BIT, fn=fn)
+    if code is None:
+      code = codebooks.create_dynamic_map(signed=True)
+    quant_state = QuantState(absmax=jnp.asarray(absmax, jnp.float32),
+                             code=jnp.asarray(code, jnp.float32),
+                             shape=tuple(A.shape), dtype="float32",
+                             blocksize=blocksize)
+  qs = quant_state
+  A = jnp.asarray(A)
+  out = reference.dequantize_blockwise(
+      A.reshape(-1), _nested_absmax(qs), qs.code, qs.blocksize,
+      jnp.dtype(qs.dtype))
+  return out.reshape(A.shape)
+
+
+def int8_vectorwise_quant(
+    A: jax.Array, threshold: float = 0.0  # pylint: disable=invalid-name
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Row-wise absmax int8 quantization (LLM.int8), as bitsandbytes' CUDA op.
+
+  `CA[r, j] = rint(A[r, j] * 127 / absmax_r)`. With `threshold > 0`,
+  elements with `|A| >= threshold` are outliers: they are excluded from the
+  row absmax and, when there is more than one row, their whole columns are
+  zeroed in `CA` (they go through the fp16 outlier matmul instead).
+
+  Args:
+    A: float array `[..., cols]` (bitsandbytes' CUDA path requires float16;
+      other float dtypes are accepted and their absmax taken in that dtype).
+    threshold: outlier threshold; 0 disables the decomposition.
+
+  Returns:
+    `(CA, row_stats, outlier_cols)`: int8 of A's shape, float32 row absmax of
+    shape `[rows]`, and the sorted int32 indices of outlier columns (None
+    when `threshold == 0`). Under `jax.jit` with `threshold > 0` use
+    `int8_vectorwise_quant_mask`, which returns a boolean column mask.
+
+  Raises:
+    TypeError: if `A` is not a float array.
+    ValueError: for a negative threshold or an empty `A`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> ca, stats, cols = F.int8_vectorwise_quant(
+    ...     jnp.asarray([[1.0, -2.0, 8.0], [0.5, 1.0, 0.0]], jnp.float16), 6.0)
+    >>> ca, stats, cols
+    (Array([[  64, -127,    0],
+           [  64,  127,    0]], dtype=int8), Array([2., 1.], dtype=float32), Array([2], dtype=int32))
+  """
+  ca, stats, mask = int8_vectorwise_quant_mask(A, threshold)
+  if mask is None:
+    return ca, stats, None
+  if isinstance(mask, jax.core.Tracer):
+    raise NotImplementedError(
+        "int8_vectorwise_quant: outlier column indices have a data-dependent "
+        "length and cannot be traced; use int8_vectorwise_quant_mask under "
+        "jax.jit."
+    )
+  return ca, stats, jnp.asarray(np.flatnonzero(np.asarray(mask)), jnp.int32)
+
+
+def int8_vectorwise_quant_mask(A: jax.Array, threshold: float = 0.0):  # pylint: disable=invalid-name
+  """`int8_vectorwise_quant` with a boolean outlier-column mask (jittable).
+
+  Returns:
+    `(CA, row_stats, mask)` with `mask` a bool `[cols]` array, or None when
+    `threshold == 0`.
+  """
+  fn = "int8_vectorwise_quant"
+  validation.check_float_array(A, "A", fn)
+  threshold = float(threshold)
+  if threshold < 0.0 or math.isnan(threshold):
+    raise ValueError(f"{fn}: `threshold` must be >= 0, got {threshold}.")
+  A = jnp.asarray(A)
+  a2d = A.reshape(-1, A.shape[-1])
+  ca, stats, mask = reference.int8_vectorwise_quant(a2d, threshold)
+  return ca.reshape(A.shape), stats, mask
+
+
+def int8_vectorwise_dequant(A: jax.Array, stats: jax.Array) -> jax.Array:  # pylint: disable=invalid-name
+  """`A * stats[:, None] / 127` in float32 (bitsandbytes' constant).
+
+  Args:
+    A: int8 `[rows, cols]` (or `[..., cols]`).
+    stats: float32 row absmax, one per row.
+
+  Returns:
+    float32 array of A's shape.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> F.int8_vectorwise_dequant(jnp.asarray([[127, -64]], jnp.int8),
+    ...                           jnp.asarray([2.0]))
+    Array([[ 2.      , -1.007874]], dtype=float32)
+  """
+  fn = "int8_vectorwise_dequant"
+  if not hasattr(A, "dtype") or A.dtype != jnp.int8:
+    raise TypeError(
+        f"{fn}: `A` must be int8, got {getattr(A, 'dtype', type(A).__name__)}."
+    )
+  A = jnp.asarray(A)
+  rows = A.size // A.shape[-1]
+  stats = jnp.asarray(stats)
+  if stats.size != rows:
+    raise ValueError(
+        f"{fn}: `stats` must have one entry per row ({rows}), got shape "
+        f"{stats.shape}."
+    )
+  out = reference.int8_vectorwise_dequant(A.reshape(rows, -1), stats)
+  return out.reshape(A.shape)
+
+
+def int8_mm_dequant(
+    A: jax.Array,  # pylint: disable=invalid-name
+    row_stats: jax.Array,
+    col_stats: jax.Array,
+    bias: jax.Array | None = None,
+) -> jax.Array:
+  """float16 `A * row * col / 127**2 + bias` of an int32 int8-GEMM result.
+
+  Args:
+    A: int32 `[rows, cols]` accumulator of `CA @ CB.T`.
+    row_stats: float32 `[rows]` (activation absmax).
+    col_stats: float32 `[cols]` (weight `SCB`).
+    bias: optional `[cols]`.
+
+  Returns:
+    float16 `[rows, cols]`.
+  """
+  fn = "int8_mm_dequant"
+  if not hasattr(A, "dtype") or A.dtype != jnp.int32:
+    raise TypeError(
+        f"{fn}: `A` must be int32, got {getattr(A, 'dtype', type(A).__name__)}."
+    )
+  A = jnp.asarray(A)
+  a2d = A.reshape(-1, A.shape[-1])
+  out = reference.int8_mm_dequant(a2d, jnp.asarray(row_stats).reshape(-1),
+                                  jnp.asarray(col_stats).reshape(-1), bias)
+  return out.reshape(A.shape)
+
+
+def _deprecated_kn(quant_state: QuantState, k: int) -> bool:
+  n_, k_ = quant_state.shape
+  if k == n_ and k != k_:
+    warnings.warn(
+        "matmul_4bit: the weight was quantized from a [K, N] array "
+        f"(quant_state.shape={list(quant_state.shape)}); quantize the "
+        "[N, K] (out_features, in_features) weight instead.",
+        DeprecationWarning, stacklevel=3)
+    return True
+  return False

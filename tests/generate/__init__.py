@@ -1,1 +1,0 @@
-"""Tests for sampling and generation."""

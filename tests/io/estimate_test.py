@@ -1,0 +1,99 @@
+"""estimate_memory: hand-computed bytes, and jaxbnb's real allocations."""
+
+import json
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from jaxbnb._src.io.estimate import estimate_memory
+from jaxbnb._src.io.estimate import KNOWN_MODELS
+from jaxbnb._src.layers.quantize_model import memory_footprint
+from jaxbnb.models import LlamaConfig
+from jaxbnb.models import LlamaForCausalLM
+from jaxbnb.models import QuantizationConfig
+
+TINY = dict(vocab_size=10, hidden_size=8, intermediate_size=16,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            tie_word_embeddings=False)
+
+
+def test_hand_computed_tiny():
+  e = estimate_memory(TINY)
+  # Linears [out, in]: q 8x8, k 4x8, v 4x8, o 8x8, gate/up 16x8, down 8x16.
+  assert e.linear_parameters == 64 + 32 + 32 + 64 + 3 * 128  # 576
+  # + embeddings 80 + head 80 + norms 3 * 8 = 184.
+  assert e.num_parameters == 760
+  w = e.weight_bytes
+  assert w["fp32"] == 3040 and w["bf16"] == 1520
+  # int8 weights + fp32 SCB per output row (64 rows) + 184 16-bit params.
+  assert w["int8"] == 576 + 4 * 64 + 2 * 184
+  # nf4: 288 packed bytes, 10 blocks of 64 -> 40 absmax bytes, 7 codes of
+  # 16 float32, 184 16-bit params.
+  assert w["nf4"] == 288 + 40 + 7 * 64 + 368
+  # double quant: 10 uint8 absmax, per linear one fp32 nested absmax, a
+  # 256-entry fp32 nested code and an fp32 offset.
+  assert w["nf4+dq"] == 288 + 10 + 7 * (64 + 4 + 1024 + 4) + 368
+  assert e.kv_cache_bytes_per_token == 2 * 1 * 1 * 4 * 2
+  assert e.kv_cache_bytes(100, batch=3) == 16 * 300
+
+
+@pytest.mark.parametrize("fmt,quant", [
+    ("bf16", None),
+    ("nf4", QuantizationConfig.nf4(double_quant=False)),
+    ("nf4", QuantizationConfig.fp4(double_quant=False)),
+    ("nf4+dq", QuantizationConfig.nf4(double_quant=True)),
+])
+def test_matches_jaxbnb_allocation(fmt, quant):
+  cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, attention_bias=True)
+  model = nnx.eval_shape(lambda: LlamaForCausalLM(
+      cfg, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, quantization=quant,
+      rngs=nnx.Rngs(0)))
+  e = estimate_memory(cfg)
+  assert e.weight_bytes[fmt] == memory_footprint(model)
+  assert e.num_parameters == model.num_parameters()
+
+
+def test_known_models_parameter_counts():
+  # Published parameter counts.
+  assert estimate_memory("llama-2-7b").num_parameters == 6_738_415_616
+  assert estimate_memory("Llama-3-8B").num_parameters == 8_030_261_248
+  assert estimate_memory("mistral-7b").num_parameters == 7_241_732_096
+  assert estimate_memory("qwen2.5-7b").num_parameters == 7_615_616_512
+  assert estimate_memory("tinyllama-1.1b").num_parameters == 1_100_048_384
+  assert estimate_memory("smollm2-135m").num_parameters == 134_515_008
+  assert set(KNOWN_MODELS) >= {"llama-3-70b"}
+
+
+def test_gpu_fit():
+  e = estimate_memory("llama-3-8b")
+  assert e.smallest_gpu("bf16") == 24  # 14.96 GiB x 1.2 = 17.9 GiB
+  assert e.fits("nf4") == [8, 12, 16, 24, 40, 48, 80]
+  assert e.smallest_gpu("fp32") == 40
+  assert estimate_memory("llama-3-70b").smallest_gpu("bf16") is None
+  assert estimate_memory("llama-3-70b").smallest_gpu("nf4") == 48
+  # A long KV cache moves the 4-bit 8B model off an 8 GB card.
+  assert e.smallest_gpu("nf4", tokens=32768, batch=1) == 12
+  loose = estimate_memory("llama-3-8b", headroom=1.0)
+  assert loose.required_bytes("bf16") == loose.weight_bytes["bf16"]
+  table = e.to_markdown()
+  assert "| nf4/fp4 | 5.61 GiB |" in table and "24 GB" in table
+
+
+def test_inputs(tmp_path):
+  (tmp_path / "config.json").write_text(
+      json.dumps(dict(TINY, model_type="llama")))
+  assert estimate_memory(tmp_path).num_parameters == 760
+  assert estimate_memory(tmp_path / "config.json").num_parameters == 760
+  assert estimate_memory(LlamaConfig.from_hf(
+      dict(TINY, model_type="llama"))).num_parameters == 760
+  with pytest.raises(ValueError, match="known model name"):
+    estimate_memory("gpt-5")
+  with pytest.raises(TypeError, match="config"):
+    estimate_memory(3)
+  with pytest.raises(ValueError, match="blocksize"):
+    estimate_memory(TINY, blocksize=0)
+  with pytest.raises(ValueError, match="unknown format"):
+    estimate_memory(TINY).required_bytes("int4")

@@ -1,0 +1,49 @@
+"""Tests of the orbax save/restore of (quantized) models."""
+
+import jax
+import pytest
+from flax import nnx
+
+from jaxbnb._src.io import orbax_io
+from jaxbnb._src.quant.state import Params4bit
+from tests.io import common
+
+
+@pytest.mark.parametrize("variant", common.QUANTIZED + ("orig",))
+def test_roundtrip_bit_identical(variant, tmp_path):
+  model = common.load(variant)
+  path = tmp_path / "ckpt"
+  orbax_io.save_checkpoint(model, path)
+  restored = orbax_io.restore_checkpoint(path)
+  assert restored.config == model.config
+  assert restored.quantization == model.quantization
+  assert (restored.dtype, restored.param_dtype) == (model.dtype,
+                                                    model.param_dtype)
+  common.assert_states_identical(model, restored)
+  for (_, a), (_, b) in zip(model.iter_variables(),
+                            restored.iter_variables()):
+    a, b = a.get_value(), b.get_value()
+    if isinstance(a, Params4bit):  # static metadata survives too
+      assert a.quant_state.shape == b.quant_state.shape
+      assert a.quant_state.dtype == b.quant_state.dtype
+      assert a.quant_state.nested == b.quant_state.nested
+      assert b.data.dtype == a.data.dtype
+
+
+def test_restore_like_and_overwrite(tmp_path):
+  model = common.load("fp4_fp32")
+  path = tmp_path / "ckpt"
+  orbax_io.save_checkpoint(model, path)
+  with pytest.raises(FileExistsError, match="overwrite"):
+    orbax_io.save_checkpoint(model, path)
+  orbax_io.save_checkpoint(model, path, overwrite=True)
+  abstract = nnx.eval_shape(lambda: model)
+  assert isinstance(jax.tree.leaves(nnx.state(abstract))[0],
+                    jax.ShapeDtypeStruct)
+  common.assert_states_identical(orbax_io.restore_checkpoint(path, like=abstract),
+                          model)
+
+
+def test_not_a_checkpoint(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a jaxbnb orbax"):
+    orbax_io.restore_checkpoint(tmp_path)

@@ -1,0 +1,221 @@
+"""Tests for `jaxbnb._src.models.generate` on tiny random and golden models."""
+
+import dataclasses
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from jaxbnb._src.models import generate as gen_lib
+from jaxbnb._src.models.generate import GenerationConfig, generate
+from jaxbnb._src.models.llama import LlamaForCausalLM
+from jaxbnb._src.models.config import LlamaConfig
+from jaxbnb._src.layers.quant_config import QuantizationConfig
+
+GOLDEN = os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden",
+                      "llama")
+CFG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, eos_token_id=(), initializer_range=0.3)
+PROMPTS = [[5, 17, 3, 40, 2, 9, 11], [60, 1], [33, 34, 35, 36]]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return LlamaForCausalLM(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def gen(model):
+  # The Generator `generate(model, ...)` uses, so compiled code is shared.
+  return gen_lib._generator_for(model)
+
+
+def naive_greedy(model, prompts, n, width=32):
+  """Full recompute, no cache: the reference for greedy decoding.
+
+  The sequence sits right-padded in a fixed `width` buffer (one compile);
+  causal attention makes the padding after position `len - 1` irrelevant.
+  """
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids)[0])
+  out = []
+  for prompt in prompts:
+    ids = list(prompt)
+    for _ in range(n):
+      buf = np.zeros((1, width), np.int32)
+      buf[0, :len(ids)] = ids
+      logits = forward(state, jnp.asarray(buf))
+      ids.append(int(np.argmax(np.asarray(logits[0, len(ids) - 1]))))
+    out.append(ids[len(prompt):])
+  return out
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+  return naive_greedy(model, PROMPTS, 9)
+
+
+def test_greedy_matches_naive_loop_and_batching(gen, reference):
+  batched = gen.generate(PROMPTS, max_new_tokens=9)
+  assert batched.sequences == reference
+  assert batched.new_tokens == 27 and batched.prompt_tokens == 13
+  for p, want in zip(PROMPTS, reference):
+    assert gen.generate([p], max_new_tokens=9).sequences == [want]
+  assert batched.prefill_seconds > 0 and batched.decode_seconds > 0
+  assert batched.tokens_per_second > 0
+
+
+def test_no_recompile_on_same_shapes(gen):
+  gen.generate(PROMPTS, max_new_tokens=9)
+  before = gen.num_compiles
+  # Same batch; prompt lengths in the same bucket; other traced options.
+  gen.generate([[1, 2], [3], [4, 5, 6, 7, 8]], max_new_tokens=7,
+               top_k=3, pad_token_id=1, seed=4)
+  gen.generate(PROMPTS, max_new_tokens=9, repetition_penalty=1.0)
+  assert gen.num_compiles == before
+
+
+def test_stop_tokens_end_rows(gen, reference):
+  stop = reference[0][3]
+  assert stop not in reference[0][:3]
+  out = gen.generate(PROMPTS, max_new_tokens=9, stop_token_ids=[stop])
+  for got, full in zip(out.sequences, reference):
+    want = full[:full.index(stop)] if stop in full else full
+    assert got == want
+  assert out.new_tokens == sum(map(len, out.sequences))
+  # A stop as the very first token gives an empty row.
+  first = reference[1][0]
+  out = gen.generate([PROMPTS[1]], max_new_tokens=9, stop_token_ids=[first])
+  assert out.sequences == [[]] and out.new_tokens == 0
+
+
+def test_default_stop_is_model_eos(reference):
+  seq = reference[0]
+  stop = seq[2]
+  # Same weights (same rngs), but the config names `stop` as EOS.
+  m = LlamaForCausalLM(dataclasses.replace(CFG, eos_token_id=(stop,)),
+                       rngs=nnx.Rngs(0))
+  out = generate(m, PROMPTS[:1], max_new_tokens=9)
+  assert out.sequences == [seq[:seq.index(stop)]]
+
+
+def test_sampling_seeds(gen, reference):
+  kw = dict(max_new_tokens=9, do_sample=True, temperature=1.5)
+  a = gen.generate(PROMPTS, seed=1, **kw).sequences
+  assert gen.generate(PROMPTS, seed=1, **kw).sequences == a
+  assert gen.generate(PROMPTS, seed=2, **kw).sequences != a
+  # top_k=1 sampling is greedy.
+  assert gen.generate(PROMPTS, seed=3, top_k=1, **kw).sequences == reference
+
+
+def test_repetition_penalty_changes_output(gen, reference):
+  out = gen.generate(PROMPTS, max_new_tokens=9, repetition_penalty=1e4)
+  for p, seq in zip(PROMPTS, out.sequences):
+    assert len(set(seq)) == len(seq)  # huge penalty: no repeats
+    assert not set(seq) & set(p)
+  assert out.sequences != reference or all(
+      len(set(r)) == len(r) for r in reference)
+
+
+def test_stream_deltas_concatenate_to_sequences(gen, reference):
+  calls = []
+  out = gen.generate(PROMPTS, max_new_tokens=9, stream=calls.append)
+  assert len(calls) >= 3  # the prefill's token, then chunks of 4
+  assert all(len(c) == len(PROMPTS) for c in calls)
+  joined = [sum((c[b] for c in calls), []) for b in range(len(PROMPTS))]
+  assert joined == out.sequences == reference
+
+
+def test_generate_caches_generator_per_model(model):
+  generate(model, [[1, 2, 3]], max_new_tokens=3)
+  g = gen_lib._GENERATORS[model]
+  n = g.num_compiles
+  generate(model, [[4, 5]], max_new_tokens=3)
+  assert gen_lib._GENERATORS[model] is g and g.num_compiles == n
+
+
+def test_quantized_model_generates():
+  quant = QuantizationConfig.nf4(double_quant=True, compute_dtype="float32")
+  cfg = dataclasses.replace(CFG, num_hidden_layers=1)
+  m = LlamaForCausalLM(cfg, quantization=quant, rngs=nnx.Rngs(0))
+  want = naive_greedy(m, PROMPTS[:1], 5)
+  assert generate(m, PROMPTS[:1], max_new_tokens=5).sequences == want
+
+
+@pytest.mark.parametrize("family", sorted(
+    os.path.basename(d) for d in glob.glob(os.path.join(GOLDEN, "*"))
+    if os.path.isdir(d)))
+def test_matches_transformers_greedy(family):
+  folder = os.path.join(GOLDEN, family)
+  with open(os.path.join(folder, "config.json")) as f:
+    cfg = LlamaConfig.from_hf(json.load(f))
+  m = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  tensors = load_file(os.path.join(folder, "model.safetensors"))
+  for name, var in m.iter_variables():
+    var.set_value(jnp.asarray(tensors[name]))
+  exp = np.load(os.path.join(folder, "expected.npz"))
+  prompts = [row[mask.astype(bool)].tolist()
+             for row, mask in zip(exp["padded_ids"], exp["padded_mask"])]
+  out = generate(m, prompts, max_new_tokens=exp["greedy"].shape[1],
+                 stop_token_ids=())
+  assert out.sequences == exp["greedy"].tolist()
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_p=-0.1), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(stop_token_ids=["a"]), "stop_token_ids"),
+    (dict(pad_token_id=-1), "pad_token_id"),
+    (dict(max_length=1), "max_length"),
+])
+def test_config_validation(kw, field):
+  with pytest.raises(ValueError, match=f"`{field}`"):
+    GenerationConfig(**kw)
+
+
+def test_config_normalizes_stop_ids():
+  assert GenerationConfig(stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
+  assert GenerationConfig(stop_token_ids=5).stop_token_ids == (5,)
+  assert GenerationConfig(temperature=0.0).temperature == 0.0  # greedy: ok
+
+
+def test_bad_arguments(gen):
+  with pytest.raises(TypeError, match="unknown generation options"):
+    gen.generate(PROMPTS, max_new_token=3)
+  with pytest.raises(TypeError, match="wrap a single prompt"):
+    gen.generate([1, 2, 3])
+  with pytest.raises(ValueError, match=r"`prompts\[1\]` is empty"):
+    gen.generate([[1], []])
+  with pytest.raises(ValueError, match="outside"):
+    gen.generate([[1, 96]])
+  with pytest.raises(ValueError, match="max_length"):
+    gen.generate([[1, 2, 3]], max_new_tokens=8, max_length=10)
+  with pytest.raises(TypeError, match="config"):
+    gen.generate([[1]], config={"max_new_tokens": 3})
+
+
+def test_explicit_max_length(gen, reference):
+  # 7-token prompt + 9 new tokens in exactly 16 slots (no bucketing).
+  out = gen.generate(PROMPTS, max_new_tokens=9, max_length=16)
+  assert out.sequences == reference
+
+
+def test_benchmark_decode(gen):
+  r = gen.benchmark_decode(batch=2, prompt_len=5, steps=3, reps=2)
+  assert r["batch"] == 2 and r["steps"] == 3 and len(r["decode_samples_s"]) == 2
+  assert r["tokens_per_s"] == pytest.approx(2 * 3 / r["decode_s"])
+  n = gen.num_compiles
+  gen.benchmark_decode(batch=2, prompt_len=5, steps=3, reps=1)
+  assert gen.num_compiles == n

@@ -1,0 +1,94 @@
+"""CPU smoke test of `jaxbnb bench` (matmul, quant, report)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from jaxbnb._src.tools import bench
+from jaxbnb._src.tools import cli
+
+
+def _positive_numbers(row, key):
+  values = [v for v in row[key].values() if v is not None]
+  assert values, (key, row)
+  assert all(math.isfinite(v) and v > 0 for v in values), (key, row)
+
+
+def test_bench_matmul_quant_report(tmp_path, capsys):
+  mm, q = tmp_path / "mm.json", tmp_path / "q.json"
+  assert cli.main(["bench", "matmul", "--quick", "--shapes", "128x256",
+                   "--m", "1,4", "--out", str(mm)]) == 0
+  assert cli.main(["bench", "quant", "--quick", "--sizes", "4096",
+                   "--out", str(q)]) == 0
+  out = capsys.readouterr().out
+  assert "128x256" in out and "dequantize" in out
+
+  doc = json.loads(mm.read_text())
+  meta = doc["meta"]
+  for key in ("device_kind", "date_utc", "jax_version", "jaxlib_version",
+              "torch_version", "bitsandbytes_version", "copy_bandwidth_gbs",
+              "bf16_peak_tflops", "args"):
+    assert key in meta, key
+  assert meta["benchmark"] == "matmul" and meta["copy_bandwidth_gbs"] > 0
+  assert meta["args"]["shapes"] == [[128, 256]]
+  assert [(r["shape"], r["m"]) for r in doc["results"]] == [
+      ("128x256", 1), ("128x256", 4)]
+  for r in doc["results"]:
+    assert set(r["us"]) == set(bench.MATMUL_COLUMNS)
+    for col in ("jaxbnb", "jaxbnb-ref", "xla-bf16"):
+      assert r["us"][col] > 0 and math.isfinite(r["us"][col]), (col, r)
+      assert r["timing"][col]["n_rot"] >= 2
+    assert not r["errors"]
+    for key in ("floor_us", "floor_mem_us", "floor_compute_us",
+                "speedup_vs_bf16", "pct_of_floor"):
+      assert r[key] > 0 and math.isfinite(r[key]), key
+    assert r["bytes_4bit"] == bench.matmul_bytes(r["m"], 128, 256)
+
+  doc = json.loads(q.read_text())
+  assert doc["meta"]["benchmark"] == "quant"
+  assert {(r["op"], r["double_quant"]) for r in doc["results"]} == {
+      ("quantize", False), ("quantize", True), ("dequantize", False),
+      ("dequantize", True)}
+  for r in doc["results"]:
+    assert r["numel"] == 4096 and not r["errors"]
+    for key in ("us", "gbs", "pct_copy_bw"):
+      _positive_numbers(r, key)
+    assert r["floor_us"] > 0
+
+  md, png = tmp_path / "tables.md", tmp_path / "plot.png"
+  assert cli.main(["bench", "report", "--inputs", str(mm), str(q),
+                   "--md", str(md), "--plot", str(png)]) == 0
+  text = md.read_text()
+  assert "| shape NxK | M |" in text and "| op | elements |" in text
+  assert "copy bandwidth" in text and "128x256" in text
+  assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["matmul", "--shapes", "12x"], "'12x'"),
+    (["matmul", "--m", "1,0"], "'1,0'"),
+    (["quant", "--sizes", "2^x"], "'2^x'"),
+    (["matmul", "--reps", "0"], "'0'"),
+])
+def test_bench_bad_args(argv, needle, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["bench", *argv])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert argv[1] in err and needle in err and "expected" in err
+
+
+def test_parse_helpers():
+  assert bench.parse_shapes("4096x14336") == [(4096, 14336)]
+  assert bench.parse_ints("2^10,3") == [1024, 3]
+  for text in ("12x", "x4", "1x2x3", "0x4", ""):
+    with pytest.raises(ValueError, match="NxK"):
+      bench.parse_shapes(text)
+  # Double quant: a uint8 code per 64 values, fp32 per 256 blocks, a table.
+  n = 14336 * 4096
+  assert bench.quant_bytes(n) == n // 2 + n // 64 + n // 64 // 256 * 4 + 1024
+  assert bench.quant_bytes(n, 64, False) == n // 2 + n // 64 * 4
+  assert bench.n_rotations(1) == 64 and bench.n_rotations(10**12) == 2
