@@ -10,7 +10,7 @@ from jaxbnb._src.quant.dispatch import MODES as KERNEL_MODES
 from jaxbnb._src.quant.dispatch import get_kernel_mode as get_kernel_mode
 from jaxbnb._src.quant.dispatch import kernel_mode as kernel_mode
 from jaxbnb._src.quant.dispatch import set_kernel_mode as set_kernel_mode
-from jaxbnb._src.quant.state import Params4bit as Params4bit
+from jaxbnb._src.quant.weights import Params4bit as Params4bit
 from jaxbnb._src.quant.state import QuantState as QuantState
 
 __version__ = "0.1.0"

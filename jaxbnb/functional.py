@@ -11,6 +11,7 @@ from jaxbnb._src.quant.codebooks import create_linear_map as create_linear_map
 from jaxbnb._src.quant.codebooks import create_normal_map as create_normal_map
 from jaxbnb._src.quant.codebooks import get_4bit_type as get_4bit_type
 from jaxbnb._src.quant.matmul import matmul_4bit as matmul_4bit
+from jaxbnb._src.quant.matmul import matmul_int8 as matmul_int8
 from jaxbnb._src.quant.ops import dequantize_4bit as dequantize_4bit
 from jaxbnb._src.quant.ops import dequantize_blockwise as dequantize_blockwise
 from jaxbnb._src.quant.ops import dequantize_fp4 as dequantize_fp4
@@ -23,14 +24,16 @@ from jaxbnb._src.quant.ops import quantize_4bit as quantize_4bit
 from jaxbnb._src.quant.ops import quantize_blockwise as quantize_blockwise
 from jaxbnb._src.quant.ops import quantize_fp4 as quantize_fp4
 from jaxbnb._src.quant.ops import quantize_nf4 as quantize_nf4
-from jaxbnb._src.quant.state import Int8Params as Int8Params
-from jaxbnb._src.quant.state import Params4bit as Params4bit
+from jaxbnb._src.quant.weights import Int8Params as Int8Params
+from jaxbnb._src.quant.weights import Params4bit as Params4bit
+from jaxbnb._src.quant.weights import QuantizedArray as QuantizedArray
 from jaxbnb._src.quant.state import QuantState as QuantState
 
 __all__ = [
     "Int8Params",
     "Params4bit",
     "QuantState",
+    "QuantizedArray",
     "create_dynamic_map",
     "create_fp8_map",
     "create_linear_map",
@@ -45,6 +48,7 @@ __all__ = [
     "int8_vectorwise_quant",
     "int8_vectorwise_quant_mask",
     "matmul_4bit",
+    "matmul_int8",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_fp4",

@@ -13,4 +13,14 @@ as array inputs and never import jaxbnb. All use Pallas' Triton lowering
 Each module has `can_use(...)`; jaxbnb falls back to its pure-jnp reference
 (`jaxbnb._src.quant.reference`) where a kernel cannot run. Every kernel runs under
 `interpret=True` on CPU (tests/kernels/).
+
+The package-level names (`available`, `on_nvidia_gpu`, `match_vma`,
+`varying_axes`) are what jaxbnb uses; the modules' other names are private.
 """
+
+from pallas_kernels._backend import available as available
+from pallas_kernels._backend import match_vma as match_vma
+from pallas_kernels._backend import on_nvidia_gpu as on_nvidia_gpu
+from pallas_kernels._backend import varying_axes as varying_axes
+
+__all__ = ["available", "match_vma", "on_nvidia_gpu", "varying_axes"]

@@ -13,6 +13,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+try:  # jax's own flag for shard_map's varying-axes check (no public API)
+  from jax._src import config as _jax_config
+except ImportError:  # pragma: no cover
+  _jax_config = None
+
 try:  # pragma: no cover - depends on the installed JAX
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as pltriton
@@ -21,7 +26,7 @@ except ImportError:  # pragma: no cover
   pltriton = None
 
 __all__ = ["available", "compiler_params", "pl", "pltriton", "add_rn",
-           "on_nvidia_gpu"]
+           "on_nvidia_gpu", "varying_axes", "match_vma", "same_vma"]
 
 
 def available() -> bool:
@@ -61,12 +66,13 @@ def add_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
   )[0]
 
 
-def _ZERO():  # pylint: disable=invalid-name
+def zero_index():
   """A traced scalar index 0 (interpret mode's discharge needs an array)."""
   return jnp.int32(0)
 
 
-def _ONE():  # pylint: disable=invalid-name
+def one_index():
+  """A traced scalar index 1."""
   return jnp.int32(1)
 
 
@@ -90,29 +96,41 @@ def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
 
 def _checking_vma() -> bool:
   try:
-    from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
-    return bool(jax_config._check_vma.value)  # pylint: disable=protected-access
-  except (ImportError, AttributeError):  # pragma: no cover
+    return bool(_jax_config._check_vma.value)  # pylint: disable=protected-access
+  except AttributeError:  # pragma: no cover
     return False
 
 
-def _varying(a) -> frozenset:
-  mat = getattr(jax.typeof(a), "manual_axis_type", None)
-  return frozenset(mat.varying) if mat is not None else frozenset()
+def varying_axes(a) -> frozenset:
+  """The mesh axes `a` varies over inside `shard_map` (empty outside)."""
+  t = jax.typeof(a)
+  mat = getattr(t, "manual_axis_type", None)
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(t, "vma", ()) or ())
 
 
-def same_vma(*args):
-  """Inside `shard_map`, casts every input to vary over the same mesh axes.
+def match_vma(args, like):
+  """`args` cast to device-varying over every mesh axis `like` varies over.
 
-  A Pallas call (and its interpret-mode loop) needs all its operands to
-  agree on the axes they vary over; replicated inputs (a code table, a
-  replicated activation) are cast to varying, which is free.
+  The one home of the shard_map varying cast. A Pallas call (and its
+  interpret-mode loop) needs all its operands to agree on the axes they vary
+  over, and inside jaxbnb's custom VJPs a replicated activation or bias that
+  meets a sharded weight must be cast to varying so that its cotangent is
+  summed over those axes (the transpose of the cast). The cast is free.
+  `None` entries of `args` pass through.
   """
-  varying = frozenset().union(*(_varying(a) for a in args))
+  leaves = [v for v in jax.tree.leaves(like) if hasattr(v, "dtype")]
+  varying = frozenset().union(*(varying_axes(v) for v in leaves))
   if not varying:
     return list(args)
   out = []
   for a in args:
-    missing = tuple(sorted(varying - _varying(a)))
+    missing = () if a is None else tuple(sorted(varying - varying_axes(a)))
     out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
   return out
+
+
+def same_vma(*args):
+  """`match_vma(args, args)`: every input varies over the same mesh axes."""
+  return match_vma(args, args)

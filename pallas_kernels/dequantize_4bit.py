@@ -18,7 +18,7 @@ import numpy as np
 from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
-from pallas_kernels._backend import _ZERO, _ONE
+from pallas_kernels._backend import zero_index, one_index
 
 __all__ = ["can_use", "dequantize_4bit", "decode_absmax"]
 
@@ -66,8 +66,8 @@ def _kernel(*refs, nblocks, block_rows, half, dq, nested_blocksize,
     mask3 = jnp.broadcast_to(mask[:, :, None], (block_rows, half, 2))
     pltriton.store(out_ref, jnp.stack([vh, vl], axis=-1), mask=mask3)
   else:
-    pltriton.store(out_ref.at[:, :, _ZERO()], vh, mask=mask)
-    pltriton.store(out_ref.at[:, :, _ONE()], vl, mask=mask)
+    pltriton.store(out_ref.at[:, :, zero_index()], vh, mask=mask)
+    pltriton.store(out_ref.at[:, :, one_index()], vl, mask=mask)
 
 
 @functools.partial(

@@ -19,7 +19,7 @@ import numpy as np
 from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
-from pallas_kernels._backend import _ZERO, _ONE
+from pallas_kernels._backend import zero_index, one_index
 
 __all__ = ["can_use", "quantize_4bit"]
 
@@ -94,8 +94,8 @@ def _kernel(x_ref, packed_ref, absmax_ref, *, nblocks, numel, block_rows,
     u = pltriton.load(x_ref, mask=mask, other=0)
     xe, xo = _unpack_pair(u, in_dtype)
   else:
-    xe = pltriton.load(x_ref.at[:, :, _ZERO()], mask=mask, other=0)
-    xo = pltriton.load(x_ref.at[:, :, _ONE()], mask=mask, other=0)
+    xe = pltriton.load(x_ref.at[:, :, zero_index()], mask=mask, other=0)
+    xo = pltriton.load(x_ref.at[:, :, one_index()], mask=mask, other=0)
     xe = xe.astype(jnp.float32)
     xo = xo.astype(jnp.float32)
   if numel is not None:  # a partial last block: mask the padding

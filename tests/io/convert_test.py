@@ -12,7 +12,7 @@ from jaxbnb._src.io import convert
 from jaxbnb._src.io.checkpoint_source import open_checkpoint
 from jaxbnb._src.io.checkpoint_source import write_safetensors
 from jaxbnb._src.layers.quant_config import QuantizationConfig
-from jaxbnb._src.quant.state import Params4bit
+from jaxbnb._src.quant.weights import Params4bit
 from tests.io import common
 
 # -- float checkpoints --------------------------------------------------------

@@ -11,9 +11,8 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from jaxbnb._src.models.llama import Linear
-from jaxbnb._src.layers.linear4bit import Linear4bit, QuantizedWeight
-from jaxbnb._src.quant.state import Params4bit
+from jaxbnb.functional import Params4bit
+from jaxbnb.nnx import Linear, Linear4bit, QuantizedWeight
 from jaxbnb.models import KVCache, LlamaConfig, LlamaForCausalLM
 from jaxbnb.models import QuantizationConfig
 

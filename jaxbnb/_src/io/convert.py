@@ -35,9 +35,9 @@ from jaxbnb._src.io.checkpoint_source import open_checkpoint
 from jaxbnb._src.io.checkpoint_source import write_safetensors
 from jaxbnb._src.models.llama import LlamaForCausalLM
 from jaxbnb._src.models.config import LlamaConfig
-from jaxbnb._src.layers.linear4bit import QuantizedWeight
+from jaxbnb._src.layers.common import QuantizedWeight
 from jaxbnb._src.layers.quant_config import QuantizationConfig
-from jaxbnb._src.quant.state import Params4bit
+from jaxbnb._src.quant.weights import Params4bit
 
 __all__ = ["from_pretrained", "save_pretrained", "checkpoint_info",
            "parse_size"]

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxbnb._src.layers.common import apply_quantized
+from jaxbnb._src.layers.common import check_fixed_quant_type
+from jaxbnb._src.layers.common import check_inputs
 from jaxbnb._src.quant import validation
-from jaxbnb._src.quant.matmul import apply_4bit_layer
-from jaxbnb._src.layers.linear4bit import check_fixed_quant_type
-from jaxbnb._src.layers.linear4bit import check_inputs
-from jaxbnb._src.quant.state import Params4bit
+from jaxbnb._src.quant.weights import Params4bit
 
 __all__ = ["QUANTIZED", "Dense4bit", "DenseNF4", "DenseFP4"]
 
@@ -114,7 +114,7 @@ class Dense4bit(nn.Module):
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,),
                         self.param_dtype)
-    return apply_4bit_layer(inputs, w, bias, self.dtype)
+    return apply_quantized(inputs, w, bias, self.dtype)
 
 
 class DenseNF4(Dense4bit):

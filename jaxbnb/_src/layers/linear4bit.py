@@ -1,7 +1,7 @@
 """Flax NNX 4-bit layers: `Linear4bit`, `LinearNF4`, `LinearFP4`.
 
-The packed weight lives in a `QuantizedWeight` variable, which is not an
-`nnx.Param`: `nnx.grad`, `nnx.Optimizer` and `nnx.split(model, nnx.Param)`
+Built on `QuantizedLinear` (layers/common.py): the packed weight lives in a
+`QuantizedWeight` variable, which is not an `nnx.Param`: `nnx.grad`, `nnx.Optimizer` and `nnx.split(model, nnx.Param)`
 never see it. Gradients flow to the activations and the float bias.
 """
 
@@ -13,18 +13,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxbnb._src.layers.common import QuantizedLinear
+from jaxbnb._src.layers.common import check_fixed_quant_type
 from jaxbnb._src.quant import validation
-from jaxbnb._src.quant.matmul import apply_4bit_layer
-from jaxbnb._src.quant.state import Params4bit
+from jaxbnb._src.quant.weights import Params4bit
 
-__all__ = ["QuantizedWeight", "Linear4bit", "LinearNF4", "LinearFP4"]
+__all__ = ["Linear4bit", "LinearNF4", "LinearFP4"]
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
-
-
-class QuantizedWeight(nnx.Variable):
-  """A frozen quantized weight (a `Params4bit`); never a trainable `Param`."""
 
 
 def _check_config(quant_type, blocksize, fn):
@@ -32,27 +29,7 @@ def _check_config(quant_type, blocksize, fn):
   validation.check_blocksize(blocksize, validation.BLOCKSIZES_4BIT, fn=fn)
 
 
-def check_fixed_quant_type(fixed, quant_type, fn):
-  """A fixed-type layer (NF4/FP4) takes only its own `quant_type`."""
-  if fixed is not None and quant_type != fixed:
-    raise ValueError(
-        f"{fn}: `quant_type` must be {fixed!r} (or left out), got "
-        f"{quant_type!r}."
-    )
-
-
-def check_inputs(inputs, in_features, fn):
-  """`inputs` must be `[..., in_features]` (`in_features` None: any)."""
-  shape = tuple(jnp.shape(inputs))
-  if not shape or (in_features is not None and shape[-1] != in_features):
-    want = "" if in_features is None else f" with in_features={in_features}"
-    raise ValueError(
-        f"{fn}: `inputs` must have shape [..., in_features]{want}, got shape "
-        f"{shape}."
-    )
-
-
-class Linear4bit(nnx.Module):
+class Linear4bit(QuantizedLinear):
   """A 4-bit drop-in for `nnx.Linear`: `y = x @ W.T + b` with W in NF4/FP4.
 
   The weight is stored exactly as bitsandbytes' `Linear4bit` stores it: the
@@ -118,11 +95,6 @@ class Linear4bit(nnx.Module):
       rngs: nnx.Rngs | None = None,
   ):
     _check_config(quant_type, blocksize, type(self).__name__)
-    self.in_features = in_features
-    self.out_features = out_features
-    self.use_bias = use_bias
-    self.dtype = dtype
-    self.param_dtype = param_dtype
     if weight is None:
       if rngs is None:
         raise ValueError(
@@ -137,23 +109,17 @@ class Linear4bit(nnx.Module):
           quant_storage=quant_storage)
       if use_bias:
         bias = bias_init(rngs.params(), (out_features,), param_dtype)
-    elif tuple(weight.shape) != (out_features, in_features):
-      raise ValueError(
-          f"{type(self).__name__}: `weight` must have shape "
-          f"[out_features, in_features]=[{out_features}, {in_features}], "
-          f"got {list(weight.shape)}."
-      )
     elif (self._fixed_quant_type is not None
+          and tuple(weight.shape) == (out_features, in_features)
           and weight.quant_state.quant_type != self._fixed_quant_type):
       raise ValueError(
           f"{type(self).__name__}: `weight` must be quantized with quant_type "
           f"{self._fixed_quant_type!r}, got "
           f"{weight.quant_state.quant_type!r}."
       )
-    if use_bias and bias is None:
-      raise ValueError(f"{type(self).__name__}: use_bias=True needs `bias`.")
-    self.weight = QuantizedWeight(weight)
-    self.bias = nnx.Param(jnp.asarray(bias)) if use_bias else nnx.data(None)
+    self._init_quantized(in_features, out_features, weight, bias,
+                         use_bias=use_bias, dtype=dtype,
+                         param_dtype=param_dtype)
 
   @classmethod
   def from_linear(cls, linear: nnx.Linear, **kwargs) -> "Linear4bit":
@@ -187,14 +153,6 @@ class Linear4bit(nnx.Module):
     kwargs.setdefault("param_dtype", linear.param_dtype)
     return cls(linear.in_features, linear.out_features, use_bias=use_bias,
                weight=weight, bias=bias, **kwargs)
-
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    """Applies the layer to `inputs` `[..., in_features]`."""
-    check_inputs(inputs, self.in_features, type(self).__name__)
-    w: Params4bit = self.weight.get_value()
-    bias = self.bias[...] if self.bias is not None else None
-    return apply_4bit_layer(inputs, w, bias, self.dtype)
-
 
 class LinearNF4(Linear4bit):
   """`Linear4bit` with `quant_type="nf4"` (another quant_type is an error)."""

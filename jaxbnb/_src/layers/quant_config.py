@@ -10,22 +10,16 @@ HuggingFace `config.json`, so checkpoints move both ways.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from jaxbnb._src.layers.skip import DEFAULT_SKIP_MODULES
+from jaxbnb._src.layers.skip import skips
 from jaxbnb._src.quant import validation
 
 __all__ = ["QuantizationConfig", "DEFAULT_SKIP_MODULES"]
 
-# transformers keeps the output head in full precision when
-# `llm_int8_skip_modules` is None (`get_keys_to_not_convert`); embeddings are
-# not linear layers, so they are never quantized.
-DEFAULT_SKIP_MODULES = ("lm_head",)
-
-_COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
-_STORAGE_DTYPES = ("uint8", "int8", "float16", "bfloat16", "float32")
 
 
 def _dtype_name(value: Any, name: str, allowed: tuple[str, ...]) -> str:
@@ -54,8 +48,8 @@ class QuantizationConfig:
     load_in_8bit: LLM.int8 linear layers.
     llm_int8_threshold: the LLM.int8 outlier threshold.
     llm_int8_skip_modules: module names (or glob patterns) kept in full
-      precision, for 4-bit and 8-bit alike; None keeps `lm_head`, like
-      transformers.
+      precision, for 4-bit and 8-bit alike; None keeps `lm_head` (and
+      embeddings, which Llama models never quantize), like transformers.
     llm_int8_enable_fp32_cpu_offload: recorded for compatibility only.
     llm_int8_has_fp16_weight: recorded for compatibility only.
     bnb_4bit_compute_dtype: dtype the 4-bit matmuls run in ("float32",
@@ -127,11 +121,11 @@ class QuantizationConfig:
     object.__setattr__(
         self, "bnb_4bit_compute_dtype",
         _dtype_name(self.bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype",
-                    _COMPUTE_DTYPES))
+                    validation.FLOAT_DTYPES))
     object.__setattr__(
         self, "bnb_4bit_quant_storage",
         _dtype_name(self.bnb_4bit_quant_storage, "bnb_4bit_quant_storage",
-                    _STORAGE_DTYPES))
+                    validation.QUANT_STORAGE_DTYPES))
 
   @classmethod
   def nf4(cls, *, double_quant: bool = True, compute_dtype: Any = "bfloat16",
@@ -187,18 +181,7 @@ class QuantizationConfig:
     """
     if not self.quantized:
       return True
-    parts = module_path.split(".")
-    for pattern in self.skip_modules:
-      if any(c in pattern for c in "*?["):
-        if fnmatch.fnmatch(module_path, pattern) or any(
-            fnmatch.fnmatch(p, pattern) for p in parts):
-          return True
-      elif (module_path == pattern or module_path.endswith("." + pattern)
-            or pattern in parts
-            or ("." in pattern and ("." + pattern + ".") in
-                ("." + module_path + "."))):
-        return True
-    return False
+    return skips(module_path, self.skip_modules)
 
   def to_dict(self) -> dict[str, Any]:
     """The `quantization_config` dict, keys in transformers' order."""

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 
-from jaxbnb._src.quant import validation
 from jaxbnb._src.layers.dense4bit import QUANTIZED
 from jaxbnb._src.layers.linear4bit import Linear4bit
-from jaxbnb._src.quant.state import Params4bit
+from jaxbnb._src.layers.skip import DEFAULT_SKIP_MODULES
+from jaxbnb._src.layers.skip import skips
+from jaxbnb._src.quant import validation
+from jaxbnb._src.quant.weights import Params4bit
 
-__all__ = ["DEFAULT_SKIP_MODULES", "quantize_params", "memory_footprint"]
-
-# Like transformers' defaults for bitsandbytes: the output head and the
-# embeddings stay in full precision.
-DEFAULT_SKIP_MODULES = ("lm_head", "*embed*", "*wte*", "*wpe*")
+__all__ = ["quantize_params", "memory_footprint"]
 
 
-def _skipped(path: str, skip_modules: Iterable[str]) -> bool:
-  parts = path.split("/")
-  for pattern in skip_modules:
-    if fnmatch.fnmatch(path, pattern) or any(
-        fnmatch.fnmatch(p, pattern) for p in parts):
-      return True
-  return False
+def _skipped(path: str, skip_modules) -> bool:
+  return skips(path, skip_modules, sep="/")
 
 
 def quantize_params(

@@ -4,7 +4,8 @@ Attribute paths mirror Hugging Face parameter names, so the checkpoint tensor
 "model.layers.3.self_attn.q_proj.weight" is
 `model.model.layers[3].self_attn.q_proj.weight`, and float linears keep
 PyTorch's `[out_features, in_features]` orientation. With a
-`QuantizationConfig` the linears become `Linear4bit` (bitsandbytes layout),
+`QuantizationConfig` the linears become quantized (bitsandbytes layout;
+every linear is built by `layers.factory.make_linear`),
 except the ones `quantization.skips(path)` keeps in full precision.
 """
 
@@ -21,9 +22,12 @@ from flax import nnx
 from jaxbnb._src.models import rope
 from jaxbnb._src.models.kv_cache import KVCache
 from jaxbnb._src.models.config import LlamaConfig
-from jaxbnb._src.layers.linear4bit import Linear4bit
+from jaxbnb._src.layers.common import QuantizedLinear
+from jaxbnb._src.layers.factory import make_linear
+from jaxbnb._src.layers.linear import Linear
+from jaxbnb._src.layers.linear import precision_for
 from jaxbnb._src.layers.quant_config import QuantizationConfig
-from jaxbnb._src.quant.state import Params4bit
+from jaxbnb._src.quant.weights import QuantizedArray
 
 __all__ = [
     "Embedding", "Linear", "RMSNorm", "Attention", "MLP", "DecoderLayer",
@@ -53,53 +57,8 @@ class Embedding(nnx.Module):
     """Tied output head: float32 logits `x @ weight.T`."""
     w = self.weight[...].astype(self.dtype)
     return jnp.einsum("...h,vh->...v", x.astype(self.dtype), w,
+                      precision=precision_for(self.dtype),
                       preferred_element_type=jnp.float32)
-
-
-class Linear(nnx.Module):
-  """Float linear `y = x @ weight.T + bias` with `.weight` `[out, in]`."""
-
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
-               dtype: Any, param_dtype: Any, init_std: float,
-               rngs: nnx.Rngs):
-    self.in_features = in_features
-    self.out_features = out_features
-    self.dtype = dtype
-    self.weight = nnx.Param(_normal(init_std)(
-        rngs.params(), (out_features, in_features), param_dtype))
-    self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype))
-                 if use_bias else nnx.data(None))
-
-  def __call__(self, x: jax.Array, *, float32_out: bool = False) -> jax.Array:
-    w = self.weight[...].astype(self.dtype)
-    y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), w,
-                   preferred_element_type=jnp.float32)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
-    return y if float32_out else y.astype(self.dtype)
-
-
-def _make_linear(in_features, out_features, *, use_bias, path, dtype,
-                 param_dtype, config: LlamaConfig,
-                 quantization: QuantizationConfig | None, rngs):
-  if quantization is not None and quantization.load_in_8bit:
-    raise NotImplementedError(
-        "LlamaForCausalLM: quantization with load_in_8bit=True is not "
-        "supported: LLM.int8 layers are not in jaxbnb yet; use "
-        "load_in_4bit=True.")
-  if (quantization is not None and quantization.load_in_4bit
-      and not quantization.skips(path)):
-    return Linear4bit(
-        in_features, out_features, use_bias=use_bias,
-        dtype=quantization.compute_dtype, param_dtype=param_dtype,
-        quant_type=quantization.bnb_4bit_quant_type,
-        blocksize=quantization.bnb_4bit_blocksize,
-        compress_statistics=quantization.bnb_4bit_use_double_quant,
-        quant_storage=quantization.quant_storage,
-        kernel_init=_normal(config.initializer_range), rngs=rngs)
-  return Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
-                param_dtype=param_dtype, init_std=config.initializer_range,
-                rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -121,12 +80,12 @@ class MLP(nnx.Module):
   def __init__(self, config: LlamaConfig, *, path: str, **kw):
     h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
     self.dtype = kw["dtype"]
-    self.gate_proj = _make_linear(h, i, use_bias=b, path=path + ".gate_proj",
-                                  config=config, **kw)
-    self.up_proj = _make_linear(h, i, use_bias=b, path=path + ".up_proj",
-                                config=config, **kw)
-    self.down_proj = _make_linear(i, h, use_bias=b, path=path + ".down_proj",
-                                  config=config, **kw)
+    kw["init_std"] = config.initializer_range
+    self.gate_proj = make_linear(h, i, use_bias=b, path=path + ".gate_proj",
+                                 **kw)
+    self.up_proj = make_linear(h, i, use_bias=b, path=path + ".up_proj", **kw)
+    self.down_proj = make_linear(i, h, use_bias=b, path=path + ".down_proj",
+                                 **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     gate = self.gate_proj(x).astype(self.dtype)
@@ -143,14 +102,15 @@ class Attention(nnx.Module):
     h, d = config.hidden_size, config.head_dim
     nq, nkv = config.num_attention_heads, config.num_key_value_heads
     qkv_bias = config.attention_bias
-    self.q_proj = _make_linear(h, nq * d, use_bias=qkv_bias,
-                               path=path + ".q_proj", config=config, **kw)
-    self.k_proj = _make_linear(h, nkv * d, use_bias=qkv_bias,
-                               path=path + ".k_proj", config=config, **kw)
-    self.v_proj = _make_linear(h, nkv * d, use_bias=qkv_bias,
-                               path=path + ".v_proj", config=config, **kw)
-    self.o_proj = _make_linear(nq * d, h, use_bias=config.o_proj_bias,
-                               path=path + ".o_proj", config=config, **kw)
+    kw["init_std"] = config.initializer_range
+    self.q_proj = make_linear(h, nq * d, use_bias=qkv_bias,
+                              path=path + ".q_proj", **kw)
+    self.k_proj = make_linear(h, nkv * d, use_bias=qkv_bias,
+                              path=path + ".k_proj", **kw)
+    self.v_proj = make_linear(h, nkv * d, use_bias=qkv_bias,
+                              path=path + ".v_proj", **kw)
+    self.o_proj = make_linear(nq * d, h, use_bias=config.o_proj_bias,
+                              path=path + ".o_proj", **kw)
 
   def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
     """Attends `x` `[B, T, H]`.
@@ -192,11 +152,13 @@ class Attention(nnx.Module):
     k, v = k.astype(self.dtype), v.astype(self.dtype)
     q = q.reshape(b, t, nkv, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                        precision=precision_for(self.dtype),
                         preferred_element_type=jnp.float32)
     scores = scores * np.float32(d ** -0.5)
     scores = jnp.where(allowed[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v,
+                     precision=precision_for(self.dtype),
                      preferred_element_type=jnp.float32).astype(self.dtype)
     out = self.o_proj(out.reshape(b, t, nkv * g * d)).astype(self.dtype)
     return out, new_kv
@@ -384,9 +346,9 @@ class LlamaForCausalLM(nnx.Module):
     if config.tie_word_embeddings:
       self.lm_head = nnx.data(None)
     else:
-      self.lm_head = _make_linear(config.hidden_size, config.vocab_size,
-                                  use_bias=False, path="lm_head",
-                                  config=config, **kw)
+      self.lm_head = make_linear(config.hidden_size, config.vocab_size,
+                                 use_bias=False, path="lm_head",
+                                 init_std=config.initializer_range, **kw)
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                cache: KVCache | None = None,
@@ -436,17 +398,17 @@ class LlamaForCausalLM(nnx.Module):
     return self.lm_head(hidden).astype(jnp.float32)
 
   def named_linears(self) -> Iterator[tuple[str, nnx.Module]]:
-    """Yields `(hf_module_path, linear)` for every `Linear`/`Linear4bit`."""
+    """Yields `(hf_module_path, linear)` for every float or quantized linear."""
     for path, node in nnx.iter_graph(self):
-      if isinstance(node, (Linear, Linear4bit)):
+      if isinstance(node, (Linear, QuantizedLinear)):
         yield ".".join(map(str, path)), node
 
   def iter_variables(self) -> Iterator[tuple[str, nnx.Variable]]:
     """Yields `(hf_name, variable)` for every weight, e.g.
 
     `("model.layers.0.self_attn.q_proj.weight", <nnx.Param>)`. A 4-bit
-    linear's weight is a `QuantizedWeight` holding a `Params4bit` (its
-    bitsandbytes tensors are `Params4bit.state_dict(hf_name)`). A tied head
+    linear's weight is a `QuantizedWeight` holding a `QuantizedArray` (its
+    bitsandbytes tensors are `value.state_dict(hf_name[:-len("weight")])`). A tied head
     has no entry ("lm_head.weight" is absent).
     """
     for path, node in nnx.iter_graph(self):
@@ -458,8 +420,8 @@ class LlamaForCausalLM(nnx.Module):
     total = 0
     for _, var in self.iter_variables():
       value = var.get_value()
-      if isinstance(value, Params4bit):
-        total += int(np.prod(value.quant_state.shape))
+      if isinstance(value, QuantizedArray):
+        total += int(np.prod(value.shape))
       else:
         total += int(np.prod(value.shape))
     return total

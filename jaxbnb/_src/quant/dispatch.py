@@ -23,8 +23,10 @@ import contextlib
 import os
 import threading
 
+import pallas_kernels
+
 __all__ = ["MODES", "kernel_mode", "get_kernel_mode", "set_kernel_mode",
-           "use_kernels"]
+           "use_kernels", "resolve", "no_kernel"]
 
 MODES = ("auto", "reference", "pallas", "interpret")
 
@@ -97,5 +99,35 @@ def use_kernels(mode: str | None = None) -> tuple[bool, bool]:
     return True, True
   if mode == "pallas":
     return True, False
-  from pallas_kernels import _backend  # pylint: disable=g-import-not-at-top
-  return _backend.available() and _backend.on_nvidia_gpu(), False
+  return pallas_kernels.available() and pallas_kernels.on_nvidia_gpu(), False
+
+
+def resolve(mode: str | None = None) -> str:
+  """The mode that serves an op traced now: "reference", "pallas" or "interpret".
+
+  "auto" resolves to "pallas" on an NVIDIA GPU with the Pallas backend and to
+  "reference" everywhere else. Every kernel bridge (`quant.kernels`,
+  `optim.kernels`) takes this resolved mode as its static `mode` argument.
+
+  Examples:
+    >>> from jaxbnb._src.quant import dispatch
+    >>> dispatch.resolve("interpret")
+    'interpret'
+  """
+  use, interpret = use_kernels(mode)
+  if not use:
+    return "reference"
+  return "interpret" if interpret else "pallas"
+
+
+def no_kernel(what: str) -> None:
+  """The one place that decides what happens when no kernel fits an op.
+
+  Under mode "pallas" it raises `NotImplementedError` (the user asked for the
+  kernels only); under "auto" and "interpret" it returns and the caller runs
+  the pure-jnp reference.
+  """
+  if get_kernel_mode() == "pallas":
+    raise NotImplementedError(
+        f"kernel mode 'pallas': no Pallas kernel serves {what}; use mode "
+        "'auto' to fall back to the reference.")

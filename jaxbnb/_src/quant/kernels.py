@@ -1,9 +1,10 @@
 """Bridges jaxbnb's ops to the Pallas kernels in `pallas_kernels`.
 
-Each function takes `impl`, decided at trace time by `dispatch.use_kernels`:
-None (the pure-jnp reference), "gpu" (compiled kernels) or "interpret"
-(Pallas interpret mode). A kernel whose `can_use` rejects the shape falls
-back to the reference unless the mode is "pallas", which raises.
+Each function takes `mode`, the resolved kernel mode `dispatch.resolve()`
+returns at trace time: "reference" (the pure-jnp reference), "pallas"
+(compiled kernels) or "interpret" (Pallas interpret mode). A kernel whose
+`can_use` rejects the shape returns None (or runs the reference) after
+`dispatch.no_kernel`, the one place that decides whether that is an error.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels import dequantize_4bit as dk
+from pallas_kernels import gemv_4bit as gk
+from pallas_kernels import quantize_4bit as qk
 
 from jaxbnb._src.quant import codebooks
 from jaxbnb._src.quant import dispatch
@@ -22,18 +27,13 @@ GEMV_MAX_M = 64
 
 
 def current_impl() -> str | None:
-  """"gpu", "interpret" or None for the current kernel mode."""
-  use, interpret = dispatch.use_kernels()
-  if not use:
-    return None
-  return "interpret" if interpret else "gpu"
+  """Deprecated spelling kept for the optimizer bridge until it moves."""
+  mode = dispatch.resolve()
+  return {"reference": None, "pallas": "gpu"}.get(mode, mode)
 
 
 def _fallback(what: str) -> None:
-  if dispatch.get_kernel_mode() == "pallas":
-    raise NotImplementedError(
-        f"kernel mode 'pallas': no Pallas kernel serves {what}; use mode "
-        "'auto' to fall back to the reference.")
+  dispatch.no_kernel(what)
 
 
 def _thresholds(quant_type: str) -> tuple[float, ...]:
@@ -47,44 +47,48 @@ def _lut(quant_type: str) -> jax.Array:
   return jnp.asarray(codebooks.code_for(quant_type), jnp.float32)
 
 
-def quantize_4bit_flat(flat, blocksize, quant_type, impl):
+def quantize_4bit_flat(flat, blocksize, quant_type, mode):
   """(packed uint8, absmax f32) of a flat array."""
-  if impl is not None:
-    from pallas_kernels import quantize_4bit as qk  # pylint: disable=g-import-not-at-top
+  if mode != "reference":
     if qk.can_use(flat.shape[0], blocksize, flat.dtype):
       return qk.quantize_4bit(
           flat, blocksize=blocksize, quant_type=quant_type,
           thresholds=_thresholds(quant_type),
-          interpret=impl == "interpret")
-    _fallback(f"quantize_4bit of {flat.shape[0]} {flat.dtype} elements")
+          interpret=mode == "interpret")
+    dispatch.no_kernel(
+        f"quantize_4bit of {flat.shape[0]} {flat.dtype} elements")
   return reference.quantize_4bit(flat, blocksize, quant_type)
 
 
 def dequantize_4bit_flat(packed, absmax, nested, n, blocksize, quant_type,
-                         dtype, nested_blocksize, impl):
+                         dtype, nested_blocksize, mode):
   """Flat dequantized array through the kernel.
 
   `nested` = (nested_absmax, nested code, offset) for a double-quantized
   absmax (then `absmax` holds its uint8 codes), else None.
   """
-  from pallas_kernels import dequantize_4bit as dk  # pylint: disable=g-import-not-at-top
   return dk.dequantize_4bit(
       packed, absmax, _lut(quant_type), numel=n, blocksize=blocksize,
       dtype=jnp.dtype(dtype), nested=nested,
-      nested_blocksize=nested_blocksize, interpret=impl == "interpret")
+      nested_blocksize=nested_blocksize, interpret=mode == "interpret")
 
 
 def can_dequantize(n, blocksize, dtype) -> bool:
-  from pallas_kernels import dequantize_4bit as dk  # pylint: disable=g-import-not-at-top
   return dk.can_use(n, blocksize, dtype)
 
 
-def gemv(x2d, packed, qs, bias, impl):
-  """`x2d @ W.T + bias` through the fused kernel, or None if it cannot."""
-  from pallas_kernels import gemv_4bit as gk  # pylint: disable=g-import-not-at-top
+def gemv(x2d, packed, qs, bias, mode):
+  """`x2d @ W.T + bias` through the fused kernel, or None if it cannot.
+
+  M above `GEMV_MAX_M` is not the GEMV's work (the caller dequantizes with
+  the kernel and multiplies), so it returns None without `no_kernel`.
+  """
   m, k = x2d.shape
   n = qs.shape[0]
-  if m > GEMV_MAX_M or not gk.can_use(m, n, k, qs.blocksize, x2d.dtype):
+  if m > GEMV_MAX_M:
+    return None
+  if not gk.can_use(m, n, k, qs.blocksize, x2d.dtype):
+    dispatch.no_kernel(f"the 4-bit GEMV of [{m}, {k}] x [{n}, {k}]")
     return None
   nested = None
   if qs.nested:
@@ -93,7 +97,7 @@ def gemv(x2d, packed, qs, bias, impl):
       x2d, packed, qs.absmax, _lut(qs.quant_type), n=n, k=k,
       blocksize=qs.blocksize, nested=nested,
       nested_blocksize=qs.nested_blocksize if qs.nested else 256,
-      bias=bias, interpret=impl == "interpret")
+      bias=bias, interpret=mode == "interpret")
 
 
 def optimizer_update_8bit(kind, p, g, state1, state2, *, lr, step, hyper,

@@ -11,13 +11,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import pallas_kernels
 
+from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import kernels
 from jaxbnb._src.quant import ops
+from jaxbnb._src.quant import reference
 from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.state import QuantState
 
-__all__ = ["matmul_4bit", "dequantize_weight"]
+__all__ = ["matmul_4bit", "matmul_int8", "dequantize_weight"]
 
 # A float32 compute dtype means a true float32 product (as PyTorch without
 # TF32), not XLA's default TF32 passes on NVIDIA GPUs.
@@ -28,22 +31,22 @@ def dequantize_weight(packed: jax.Array, quant_state: QuantState,
                       dtype) -> jax.Array:
   """The `[N, K]` weight dequantized straight to `dtype` (fp32 product)."""
   qs = quant_state
-  flat = ops._from_storage(packed)  # pylint: disable=protected-access
+  flat = ops.from_storage(packed)
   w = ops.dequantize_flat(flat, qs, dtype)
   return w.reshape(qs.shape)
 
 
 def _forward(x2d, bias, packed, qs, transposed):
-  impl = kernels.current_impl()
-  if impl is not None and not transposed:
-    flat = ops._from_storage(packed)  # pylint: disable=protected-access
-    y = kernels.gemv(x2d, flat, qs, bias, impl)
+  mode = dispatch.resolve()
+  if mode != "reference" and not transposed:
+    flat = ops.from_storage(packed)
+    y = kernels.gemv(x2d, flat, qs, bias, mode)
     if y is not None:
       return y
   w = dequantize_weight(packed, qs, x2d.dtype)
   if transposed:  # a deprecated [K, N] weight
     w = w.T
-  if impl == "gpu" and bias is None and x2d.dtype != jnp.float32:
+  if mode == "pallas" and bias is None and x2d.dtype != jnp.float32:
     # cuBLAS accumulates in fp32 and rounds once to the 16-bit output;
     # asking XLA for an fp32 result would write (and re-read) it in fp32.
     return jax.lax.dot_general(x2d, w, (((1,), (1,)), ((), ())),
@@ -71,7 +74,7 @@ def _matmul_bwd(transposed, res, g):
   w = dequantize_weight(packed, qs, g.dtype)
   if transposed:
     w = w.T
-  if kernels.current_impl() == "gpu" and g.dtype != jnp.float32:
+  if dispatch.resolve() == "pallas" and g.dtype != jnp.float32:
     dx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())),
                              preferred_element_type=g.dtype)
   else:
@@ -149,7 +152,7 @@ def matmul_4bit(
   validation.check_quant_type(quant_state.quant_type,
                               "quant_state.quant_type", fn)
   k = A.shape[-1]
-  transposed = ops._deprecated_kn(quant_state, k)  # pylint: disable=protected-access
+  transposed = ops.deprecated_kn(quant_state, k)
   n_out = quant_state.shape[1] if transposed else quant_state.shape[0]
   if not transposed and k != quant_state.shape[1]:
     raise ValueError(
@@ -164,47 +167,81 @@ def matmul_4bit(
   x2d = jnp.asarray(A).astype(compute).reshape(-1, k)
   if bias is not None:
     bias = jnp.asarray(bias).astype(compute)
-  x2d, bias = _match_vma((x2d, bias), (x2d, bias, B, quant_state))
+  x2d, bias = pallas_kernels.match_vma((x2d, bias),
+                                       (x2d, bias, B, quant_state))
   y = _matmul(x2d, bias, B, quant_state, transposed)
   return y.reshape(*A.shape[:-1], n_out).astype(A.dtype)
 
 
-def _varying(v) -> frozenset:
-  t = jax.typeof(v)
-  mat = getattr(t, "manual_axis_type", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(t, "vma", ()) or ())
+@jax.custom_vjp
+def _int8_matmul(x2d, cb, scb, bias):
+  ca, row_stats, _ = reference.int8_vectorwise_quant(x2d, 0.0)
+  acc = jax.lax.dot_general(ca, cb, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  out = reference.int8_mm_dequant(acc, row_stats, scb, bias)
+  return out.astype(x2d.dtype)
 
 
-def _match_vma(args, like):
-  """`args` cast to device-varying over every mesh axis `like` varies over.
+def _int8_matmul_fwd(x2d, cb, scb, bias):
+  return _int8_matmul(x2d, cb, scb, bias), (cb, scb, bias)
 
-  Inside `shard_map`, a replicated activation or bias that meets a sharded
-  weight (or sharded activations) must be cast to varying before the custom
-  VJP, so that its cotangent is summed over those axes (the transpose of
-  the cast) instead of being left device-varying.
+
+def _int8_matmul_bwd(res, g):
+  cb, scb, bias = res
+  w = reference.int8_vectorwise_dequant(cb, scb)
+  dx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())),
+                           precision=_PRECISION,
+                           preferred_element_type=jnp.float32).astype(g.dtype)
+  dbias = None
+  if bias is not None:
+    dbias = jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
+  return (dx, _zero_cotangent(cb), jnp.zeros_like(scb), dbias)
+
+
+_int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
+
+
+def matmul_int8(
+    A: jax.Array,  # pylint: disable=invalid-name
+    CB: jax.Array,  # pylint: disable=invalid-name
+    SCB: jax.Array,  # pylint: disable=invalid-name
+    bias: jax.Array | None = None,
+) -> jax.Array:
+  """`A @ W.T (+ bias)` for an LLM.int8 weight `W ~= CB * SCB / 127`.
+
+  bitsandbytes' `Linear8bitLt` forward with threshold 0: `A` is quantized
+  row-wise to int8, multiplied with `CB` in int32 and dequantized with both
+  scales in float32 (rounded through float16, as bitsandbytes' epilogue);
+  the result is returned in `A.dtype`. Gradients flow to `A` and `bias`.
+
+  Args:
+    A: float activations `[..., K]`.
+    CB: int8 weight rows `[N, K]`.
+    SCB: float32 row absmax `[N]`.
+    bias: optional `[N]`.
+
+  Returns:
+    `[..., N]` in `A.dtype`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> w = F.Int8Params.from_float(jnp.eye(4))
+    >>> F.matmul_int8(jnp.asarray([[1.0, 2.0, 3.0, 4.0]]), w.CB, w.SCB)
+    Array([[1.0078125, 2.015625 , 2.9921875, 4.       ]], dtype=float32)
   """
-  leaves = [v for v in jax.tree.leaves(like) if hasattr(v, "dtype")]
-  varying = frozenset().union(*(_varying(v) for v in leaves))
-  out = []
-  for a in args:
-    if a is None or not varying:
-      out.append(a)
-      continue
-    missing = tuple(sorted(varying - _varying(a)))
-    out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
-  return tuple(out)
-
-
-def apply_4bit_layer(inputs, weight, bias, dtype):
-  """The 4-bit layer forward shared by linen `Dense4bit` and NNX `Linear4bit`.
-
-  `dtype=None` infers the compute dtype from the input, the original weight
-  dtype and the bias, as Flax's `promote_dtype` does.
-  """
-  if dtype is None:
-    dtype = jnp.result_type(inputs.dtype, weight.quant_state.dtype,
-                            *(() if bias is None else (bias.dtype,)))
-  return matmul_4bit(inputs.astype(dtype), weight.data, weight.quant_state,
-                     None if bias is None else bias.astype(dtype))
+  fn = "matmul_int8"
+  validation.check_float_array(A, "A", fn)
+  if getattr(CB, "dtype", None) != jnp.int8 or jnp.ndim(CB) != 2:
+    raise TypeError(f"{fn}: `CB` must be a 2-D int8 array, got "
+                    f"{getattr(CB, 'dtype', type(CB).__name__)} of shape "
+                    f"{tuple(jnp.shape(CB))}.")
+  n, k = CB.shape
+  if A.shape[-1] != k:
+    raise ValueError(f"{fn}: `A` must have shape [..., {k}], got "
+                     f"{tuple(A.shape)}.")
+  x2d = jnp.asarray(A).reshape(-1, k)
+  if bias is not None:
+    bias = jnp.asarray(bias)
+  y = _int8_matmul(x2d, CB, jnp.asarray(SCB, jnp.float32), bias)
+  return y.reshape(*A.shape[:-1], n)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbnb._src.quant import codebooks
+from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import kernels
 from jaxbnb._src.quant import reference
 from jaxbnb._src.quant import validation
@@ -35,14 +36,13 @@ __all__ = [
 
 
 def _quantize_4bit_flat(flat, blocksize, quant_type):
-  return _quantize_4bit_jit(flat, blocksize, quant_type,
-                            kernels.current_impl())
+  return _quantize_4bit_jit(flat, blocksize, quant_type, dispatch.resolve())
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("blocksize", "quant_type", "impl"))
-def _quantize_4bit_jit(flat, blocksize, quant_type, impl):
-  return kernels.quantize_4bit_flat(flat, blocksize, quant_type, impl)
+                   static_argnames=("blocksize", "quant_type", "mode"))
+def _quantize_4bit_jit(flat, blocksize, quant_type, mode):
+  return kernels.quantize_4bit_flat(flat, blocksize, quant_type, mode)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize",))
@@ -74,7 +74,7 @@ def _nested_absmax(qs: QuantState) -> jax.Array:
   return deq + qs.offset.astype(jnp.float32)
 
 
-def _to_storage(packed: jax.Array, quant_storage) -> jax.Array:
+def to_storage(packed: jax.Array, quant_storage) -> jax.Array:
   storage = jnp.dtype(quant_storage)
   if storage.name not in validation.QUANT_STORAGE_DTYPES:
     raise ValueError(
@@ -98,7 +98,7 @@ def _to_storage(packed: jax.Array, quant_storage) -> jax.Array:
   return out.reshape(-1, 1)
 
 
-def _from_storage(a: jax.Array) -> jax.Array:
+def from_storage(a: jax.Array) -> jax.Array:
   a = a.reshape(-1)
   if a.dtype == jnp.uint8:
     return a
@@ -172,7 +172,7 @@ def quantize_4bit(
                     nested_code=ncode, nested_blocksize=256, **common)
   else:
     qs = QuantState(absmax=absmax, **common)
-  return _to_storage(packed, quant_storage), qs
+  return to_storage(packed, quant_storage), qs
 
 
 def quantize_nf4(A, blocksize=None, compress_statistics=False,  # pylint: disable=invalid-name
@@ -252,7 +252,7 @@ def dequantize_4bit(
         blocksize=blocksize, quant_type=quant_type)
   qs = quant_state
   validation.check_quant_type(qs.quant_type, "quant_state.quant_type", fn)
-  packed = _from_storage(jnp.asarray(A))
+  packed = from_storage(jnp.asarray(A))
   n = qs.numel
   if packed.shape[0] != (n + 1) // 2:
     raise ValueError(
@@ -270,25 +270,25 @@ def dequantize_4bit(
 
 
 def dequantize_flat(packed: jax.Array, qs: QuantState, dtype=None,
-                    impl: str | None | bool = False) -> jax.Array:
+                    mode: str | None = None) -> jax.Array:
   """The flat dequantized array of `qs.numel` elements (kernel or reference).
 
-  `impl=False` reads the current kernel mode.
+  `mode=None` resolves the current kernel mode (`dispatch.resolve`).
   """
-  if impl is False:
-    impl = kernels.current_impl()
+  if mode is None:
+    mode = dispatch.resolve()
   dtype = jnp.dtype(qs.dtype if dtype is None else dtype).name
   n = qs.numel
-  if impl is not None and kernels.can_dequantize(n, qs.blocksize, dtype):
+  if mode != "reference" and kernels.can_dequantize(n, qs.blocksize, dtype):
     nested = None
     absmax = qs.absmax
     if qs.nested:
       nested = (qs.nested_absmax, qs.nested_code, qs.offset)
     return _dequantize_kernel_jit(packed, absmax, nested, n, qs.blocksize,
                                   qs.quant_type, dtype, qs.nested_blocksize,
-                                  impl)
-  if impl is not None:
-    kernels._fallback(f"dequantize_4bit of {n} elements")  # pylint: disable=protected-access
+                                  mode)
+  if mode != "reference":
+    dispatch.no_kernel(f"dequantize_4bit of {n} elements")
   return _dequantize_4bit_jit(packed, _nested_absmax(qs), n, qs.blocksize,
                               qs.quant_type, dtype)
 
@@ -301,10 +301,10 @@ def _dequantize_4bit_jit(packed, absmax, n, blocksize, quant_type, dtype):
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
 def _dequantize_kernel_jit(packed, absmax, nested, n, blocksize, quant_type,
-                           dtype, nested_blocksize, impl):
+                           dtype, nested_blocksize, mode):
   return kernels.dequantize_4bit_flat(packed, absmax, nested, n, blocksize,
                                       quant_type, dtype, nested_blocksize,
-                                      impl)
+                                      mode)
 
 
 def dequantize_nf4(A, quant_state=None, absmax=None, blocksize=None, **kw):  # pylint: disable=invalid-name
@@ -559,7 +559,12 @@ def int8_mm_dequant(
   return out.reshape(A.shape)
 
 
-def _deprecated_kn(quant_state: QuantState, k: int) -> bool:
+def deprecated_kn(quant_state: QuantState, k: int) -> bool:
+  """Whether a `[N, K]` matmul got a weight quantized as `[K, N]` (warns).
+
+  bitsandbytes accepts such a weight with a DeprecationWarning and uses its
+  transpose; `matmul_4bit` does the same.
+  """
   n_, k_ = quant_state.shape
   if k == n_ and k != k_:
     warnings.warn(

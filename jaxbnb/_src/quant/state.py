@@ -3,10 +3,8 @@
 `QuantState` mirrors `bitsandbytes.functional.QuantState`: arrays are pytree
 leaves, `shape`/`dtype`/`blocksize`/`quant_type` are static metadata, so the
 state goes through `jax.jit`, `vmap`, orbax and `jax.tree` utilities.
-`Params4bit` bundles the packed weight with its state and converts to and
-from bitsandbytes' checkpoint keys (`weight`, `weight.absmax`,
-`weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`,
-`weight.quant_state.bitsandbytes__nf4|fp4`).
+The quantized weights built on it (`Params4bit`, `Int8Params`) live in
+`weights.py`.
 """
 
 from __future__ import annotations
@@ -22,20 +20,18 @@ import numpy as np
 
 from jaxbnb._src.quant import validation
 
-__all__ = ["QuantState", "Params4bit", "Int8Params"]
+__all__ = ["QuantState", "to_numpy", "allclose"]
 
-_JSON_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _np(x) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
+  """`x` (a jax or numpy array) as a host numpy array."""
   return np.asarray(jax.device_get(x))
 
 
-def _allclose(a, b) -> bool:
+def allclose(a, b) -> bool:
   """bitsandbytes' `torch.allclose(a, b, atol=1e-6)`; None only equals None."""
   if a is None or b is None:
     return a is None and b is None
-  a, b = _np(a), _np(b)
+  a, b = to_numpy(a), to_numpy(b)
   if a.shape != b.shape:
     return False
   return bool(np.allclose(a.astype(np.float64), b.astype(np.float64),
@@ -107,7 +103,7 @@ class QuantState:
     if self.nested and self.nested_blocksize != other.nested_blocksize:
       return False
     return all(
-        _allclose(a, b) for a, b in (
+        allclose(a, b) for a, b in (
             (self.absmax, other.absmax),
             (self.code, other.code),
             (self.offset, other.offset),
@@ -153,19 +149,19 @@ class QuantState:
     """
     d: dict[str, Any] = {
         "quant_type": self.quant_type,
-        "absmax": _np(self.absmax),
+        "absmax": to_numpy(self.absmax),
         "blocksize": self.blocksize,
-        "quant_map": _np(self.code).astype(np.float32),
+        "quant_map": to_numpy(self.code).astype(np.float32),
         "dtype": self.dtype,
         "shape": tuple(self.shape),
     }
     if self.nested:
       d.update({
-          "nested_absmax": _np(self.nested_absmax).astype(np.float32),
+          "nested_absmax": to_numpy(self.nested_absmax).astype(np.float32),
           "nested_blocksize": self.nested_blocksize,
-          "nested_quant_map": _np(self.nested_code).astype(np.float32).copy(),
+          "nested_quant_map": to_numpy(self.nested_code).astype(np.float32).copy(),
           "nested_dtype": "float32",
-          "nested_offset": float(np.float32(_np(self.offset))),
+          "nested_offset": float(np.float32(to_numpy(self.offset))),
       })
     if not packed or self.quant_type is None:
       return d
@@ -232,9 +228,9 @@ class QuantState:
             f"{sorted(qs_dict)}."
         )
     dtype = str(qs_dict["dtype"])
-    if dtype not in _JSON_DTYPES:
+    if dtype not in validation.FLOAT_DTYPES:
       raise ValueError(
-          f"QuantState.from_dict: dtype must be one of {_JSON_DTYPES}, got "
+          f"QuantState.from_dict: dtype must be one of {validation.FLOAT_DTYPES}, got "
           f"{dtype!r}."
       )
     quant_type = qs_dict["quant_type"]
@@ -292,160 +288,4 @@ jax.tree_util.register_dataclass(
     data_fields=["absmax", "code", "offset", "nested_absmax", "nested_code"],
     meta_fields=["shape", "dtype", "blocksize", "quant_type",
                  "nested_blocksize"],
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Params4bit:
-  """A 4-bit weight: packed bytes plus their `QuantState`.
-
-  The weight is stored as bitsandbytes stores it: the `[out, in]` matrix
-  flattened row-major, two codes per byte (even element in the high nibble),
-  shape `[(n + 1) // 2, 1]` of uint8, or the same bytes viewed as
-  `quant_storage`.
-
-  Attributes:
-    data: packed bytes, `[(n + 1) // 2 // itemsize, 1]` of `quant_storage`.
-    quant_state: the `QuantState` (shape, dtype, blocksize, quant_type).
-  """
-
-  data: jax.Array
-  quant_state: QuantState
-
-  @property
-  def shape(self) -> tuple[int, ...]:
-    """Shape of the original (unquantized) weight."""
-    return self.quant_state.shape
-
-  @property
-  def quant_storage(self):
-    """dtype of the packed storage."""
-    return self.data.dtype
-
-  def state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
-    """bitsandbytes' checkpoint entries for this weight.
-
-    Args:
-      prefix: the module prefix, e.g. `"model.layers.0.mlp.up_proj."`.
-
-    Returns:
-      `{prefix + "weight": packed, prefix + "weight.absmax": ..., ...}` as
-      numpy arrays, exactly as `bnb.nn.Linear4bit.state_dict()` writes them.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from jaxbnb import functional as F
-      >>> w = F.Params4bit.from_float(jnp.ones((4, 8)), quant_type="nf4")
-      >>> sorted(w.state_dict("fc."))[:2]
-      ['fc.weight', 'fc.weight.absmax']
-    """
-    out = {prefix + "weight": _np(self.data)}
-    for k, v in self.quant_state.as_dict(packed=True).items():
-      out[prefix + "weight." + k] = v
-    return out
-
-  @classmethod
-  def from_state_dict(
-      cls, state: Mapping[str, Any], prefix: str = ""
-  ) -> "Params4bit":
-    """Loads a weight from bitsandbytes' checkpoint entries, bit-exactly.
-
-    Args:
-      state: a state dict (e.g. from `safetensors.numpy.load_file`).
-      prefix: the module prefix the keys start with.
-
-    Returns:
-      The `Params4bit`, with the packed storage dtype kept as stored.
-
-    Raises:
-      ValueError: if the weight or its quant state is missing or the packed
-        size does not match the recorded shape.
-    """
-    wkey = prefix + "weight"
-    if wkey not in state:
-      raise ValueError(f"Params4bit.from_state_dict: missing {wkey!r}.")
-    sub = {k[len(wkey) + 1:]: v for k, v in state.items()
-           if k.startswith(wkey + ".")}
-    qs = QuantState.from_dict(sub)
-    data = np.asarray(state[wkey])
-    nbytes = data.size * data.dtype.itemsize
-    expected = (qs.numel + 1) // 2
-    if nbytes != expected:
-      raise ValueError(
-          f"Params4bit.from_state_dict: {wkey!r} holds {nbytes} bytes, "
-          f"expected (n + 1) // 2 = {expected} for shape {qs.shape}."
-      )
-    return cls(jnp.asarray(data.reshape(-1, 1)), qs)
-
-  @classmethod
-  def from_float(cls, weight, **kwargs) -> "Params4bit":
-    """Quantizes a float `[out, in]` weight (see `quantize_4bit` for kwargs).
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from jaxbnb import functional as F
-      >>> F.Params4bit.from_float(jnp.ones((4, 8))).data.shape
-      (16, 1)
-    """
-    from jaxbnb._src.quant import ops  # pylint: disable=g-import-not-at-top
-
-    packed, qs = ops.quantize_4bit(weight, **kwargs)
-    return cls(packed, qs)
-
-  def dequantize(self) -> jax.Array:
-    """The float weight in its original dtype and shape."""
-    from jaxbnb._src.quant import ops  # pylint: disable=g-import-not-at-top
-
-    return ops.dequantize_4bit(self.data, self.quant_state)
-
-
-jax.tree_util.register_dataclass(
-    Params4bit, data_fields=["data", "quant_state"], meta_fields=[]
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class Int8Params:
-  """An LLM.int8 weight: int8 rows `CB` `[out, in]` and fp32 row absmax `SCB`.
-
-  Attributes:
-    CB: int8 `[out, in]`.
-    SCB: float32 `[out]`; `W ~= CB * SCB[:, None] / 127`.
-  """
-
-  CB: jax.Array  # pylint: disable=invalid-name
-  SCB: jax.Array  # pylint: disable=invalid-name
-
-  def state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
-    """bitsandbytes' `Linear8bitLt` entries: `weight`, `SCB`, `weight_format`."""
-    return {
-        prefix + "weight": _np(self.CB),
-        prefix + "SCB": _np(self.SCB).astype(np.float32),
-        prefix + "weight_format": np.asarray(0, np.uint8),
-    }
-
-  @classmethod
-  def from_state_dict(cls, state: Mapping[str, Any], prefix: str = ""):
-    """Loads `weight` (int8) and `SCB`; only the row format (0) exists."""
-    for k in ("weight", "SCB"):
-      if prefix + k not in state:
-        raise ValueError(f"Int8Params.from_state_dict: missing {prefix + k!r}.")
-    fmt = state.get(prefix + "weight_format", np.asarray(0))
-    if int(np.asarray(fmt)) != 0:
-      raise ValueError(
-          "Int8Params.from_state_dict: only weight_format 0 ('row') is "
-          f"supported, got {int(np.asarray(fmt))}."
-      )
-    cb = np.asarray(state[prefix + "weight"])
-    if cb.dtype != np.int8:
-      raise ValueError(
-          f"Int8Params.from_state_dict: {prefix}weight must be int8, got "
-          f"{cb.dtype}."
-      )
-    return cls(jnp.asarray(cb), jnp.asarray(np.asarray(state[prefix + "SCB"],
-                                                       np.float32)))
-
-
-jax.tree_util.register_dataclass(
-    Int8Params, data_fields=["CB", "SCB"], meta_fields=[]
 )

@@ -1,0 +1,97 @@
+"""What every quantized layer shares: the frozen-weight variable, the input
+checks, the compute-dtype rule and the NNX base class.
+
+A quantized layer holds a `QuantizedArray` (any format) and calls its
+`matmul`; nothing here asks which format it is. A new format's NNX layer
+subclasses `QuantizedLinear` and only adds how it builds its weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbnb._src.quant.weights import QuantizedArray
+
+__all__ = ["QuantizedWeight", "QuantizedLinear", "apply_quantized",
+           "check_inputs", "check_fixed_quant_type"]
+
+
+class QuantizedWeight(nnx.Variable):
+  """A frozen quantized weight (a `QuantizedArray`); never a trainable `Param`.
+
+  `nnx.grad`, `nnx.Optimizer(..., wrt=nnx.Param)` and
+  `nnx.split(model, nnx.Param)` never see it.
+  """
+
+
+def check_fixed_quant_type(fixed, quant_type, fn):
+  """A fixed-type layer (NF4/FP4) takes only its own `quant_type`."""
+  if fixed is not None and quant_type != fixed:
+    raise ValueError(
+        f"{fn}: `quant_type` must be {fixed!r} (or left out), got "
+        f"{quant_type!r}."
+    )
+
+
+def check_inputs(inputs, in_features, fn):
+  """`inputs` must be `[..., in_features]` (`in_features` None: any)."""
+  shape = tuple(jnp.shape(inputs))
+  if not shape or (in_features is not None and shape[-1] != in_features):
+    want = "" if in_features is None else f" with in_features={in_features}"
+    raise ValueError(
+        f"{fn}: `inputs` must have shape [..., in_features]{want}, got shape "
+        f"{shape}."
+    )
+
+
+def apply_quantized(inputs: jax.Array, weight: QuantizedArray,
+                    bias: jax.Array | None, dtype: Any) -> jax.Array:
+  """The quantized layer forward shared by linen and NNX layers.
+
+  `dtype=None` infers the compute dtype from the input, the original weight
+  dtype and the bias, as Flax's `promote_dtype` does.
+  """
+  if dtype is None:
+    dtype = jnp.result_type(inputs.dtype, weight.dtype,
+                            *(() if bias is None else (bias.dtype,)))
+  return weight.matmul(inputs.astype(dtype),
+                       None if bias is None else bias.astype(dtype))
+
+
+class QuantizedLinear(nnx.Module):
+  """Base of the NNX quantized linears: `y = x @ W.T + b`, W frozen.
+
+  Holds `in_features`, `out_features`, `dtype`, `param_dtype`, the weight in
+  a `QuantizedWeight` and the float bias in an `nnx.Param` (or None).
+  Subclasses build the weight and call `_init_quantized`.
+  """
+
+  def _init_quantized(self, in_features: int, out_features: int,
+                      weight: QuantizedArray, bias: jax.Array | None, *,
+                      use_bias: bool, dtype: Any, param_dtype: Any) -> None:
+    name = type(self).__name__
+    if tuple(weight.shape) != (out_features, in_features):
+      raise ValueError(
+          f"{name}: `weight` must have shape "
+          f"[out_features, in_features]=[{out_features}, {in_features}], "
+          f"got {list(weight.shape)}."
+      )
+    if use_bias and bias is None:
+      raise ValueError(f"{name}: use_bias=True needs `bias`.")
+    self.in_features = in_features
+    self.out_features = out_features
+    self.use_bias = use_bias
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.weight = QuantizedWeight(weight)
+    self.bias = nnx.Param(jnp.asarray(bias)) if use_bias else nnx.data(None)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """Applies the layer to `inputs` `[..., in_features]`."""
+    check_inputs(inputs, self.in_features, type(self).__name__)
+    bias = self.bias[...] if self.bias is not None else None
+    return apply_quantized(inputs, self.weight.get_value(), bias, self.dtype)
