@@ -20,11 +20,11 @@ import time
 
 import jax.numpy as jnp
 
-from jaxbnb._src.io.convert import from_pretrained
-from jaxbnb._src.io.gguf_source import smollm2_gguf_path
-from jaxbnb._src.models.perplexity import perplexity
-from jaxbnb._src.layers.quant_config import QuantizationConfig
-from jaxbnb._src.io.tokenizer import load_tokenizer
+from jaxbnb.convert import from_pretrained
+from jaxbnb.convert import load_tokenizer
+from jaxbnb.convert import smollm2_gguf_path
+from jaxbnb.models import QuantizationConfig
+from jaxbnb.models import perplexity
 
 REFERENCE = {"fp32": 33.533, "bf16": 33.528, "nf4": 41.730}
 

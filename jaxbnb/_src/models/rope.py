@@ -96,15 +96,9 @@ def _yarn(theta: float, dim: int, max_pos: int,
 def inverse_frequencies(config: LlamaConfig) -> tuple[np.ndarray, float]:
   """RoPE inverse frequencies and the cos/sin scale of `config`.
 
-  Example::
-
-    >>> from jaxbnb.models import LlamaConfig
-    >>> from jaxbnb._src.models.rope import inverse_frequencies
-    >>> cfg = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8,
-    ...                   num_hidden_layers=1, num_attention_heads=2)
-    >>> inv, scale = inverse_frequencies(cfg)
-    >>> inv.shape, inv[0], scale
-    ((4,), np.float32(1.0), 1.0)
+  For a head dimension of 8 and the default rope, the frequencies are
+  `theta ** (-[0, 2, 4, 6] / 8)` and the scale is 1 (tests/models/rope_test.py
+  checks every rope type against transformers).
 
   Args:
     config: the model config (its `rope_theta`, `head_dim`, `rope_scaling`).

@@ -106,13 +106,9 @@ def resolve(mode: str | None = None) -> str:
   """The mode that serves an op traced now: "reference", "pallas" or "interpret".
 
   "auto" resolves to "pallas" on an NVIDIA GPU with the Pallas backend and to
-  "reference" everywhere else. Every kernel bridge (`quant.kernels`,
-  `optim.kernels`) takes this resolved mode as its static `mode` argument.
-
-  Examples:
-    >>> from jaxbnb._src.quant import dispatch
-    >>> dispatch.resolve("interpret")
-    'interpret'
+  "reference" everywhere else; the other modes resolve to themselves. Every
+  kernel bridge (`quant.kernels`, `optim.kernels`) takes this resolved mode
+  as its static `mode` argument.
   """
   use, interpret = use_kernels(mode)
   if not use:
