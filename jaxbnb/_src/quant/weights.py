@@ -369,8 +369,13 @@ class Int8Params(QuantizedArray):
     }
 
   @classmethod
-  def from_state_dict(cls, state: Mapping[str, Any], prefix: str = ""):
-    """Loads `weight` (int8) and `SCB`; only the row format (0) exists."""
+  def from_state_dict(cls, state: Mapping[str, Any], prefix: str = "",
+                      dtype: str = "float16") -> "Int8Params":
+    """Loads `weight` (int8) and `SCB`; only the row format (0) exists.
+
+    bitsandbytes does not store the original dtype (the module has it);
+    `dtype` names it (default float16, as `Linear8bitLt`).
+    """
     for k in ("weight", "SCB"):
       if prefix + k not in state:
         raise ValueError(f"Int8Params.from_state_dict: missing {prefix + k!r}.")
@@ -386,8 +391,9 @@ class Int8Params(QuantizedArray):
           f"Int8Params.from_state_dict: {prefix}weight must be int8, got "
           f"{cb.dtype}."
       )
-    return cls(jnp.asarray(cb), jnp.asarray(np.asarray(state[prefix + "SCB"],
-                                                       np.float32)))
+    return cls(jnp.asarray(cb),
+               jnp.asarray(np.asarray(state[prefix + "SCB"], np.float32)),
+               jnp.dtype(dtype).name)
 
 
 jax.tree_util.register_dataclass(

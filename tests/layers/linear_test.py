@@ -1,0 +1,97 @@
+"""The float `Linear` and the float32 precision rule (no silent TF32)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxbnb.models import LlamaConfig, LlamaForCausalLM, QuantizationConfig
+from jaxbnb.nnx import Linear, Linear4bit, make_linear, weight_format
+
+
+def _dot_precisions(fn, *args) -> list[str]:
+  """The precision of every dot in the lowered StableHLO of `fn(*args)`."""
+  text = jax.jit(fn).lower(*args).as_text()
+  dots = [l for l in text.splitlines() if "dot_general" in l]
+  assert dots, "no dot_general in the lowered program"
+  out = []
+  for line in dots:
+    m = re.search(r"precision(?:_config)? = \[([^\]]*)\]", line)
+    out.append(m.group(1) if m else "DEFAULT")
+  return out
+
+
+def test_linear_matches_numpy_in_float32():
+  layer = Linear(8, 4, use_bias=True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, init_std=0.5, rngs=nnx.Rngs(0))
+  layer.bias[...] = jnp.arange(4, dtype=jnp.float32)
+  x = jax.random.normal(jax.random.key(1), (3, 8))
+  want = (np.asarray(x, np.float64) @ np.asarray(layer.weight[...],
+                                                 np.float64).T
+          + np.arange(4))
+  # float32 accumulation over 8 products: a few ulps of |y| ~ 1.
+  np.testing.assert_allclose(np.asarray(layer(x)), want, rtol=0, atol=2e-6)
+
+
+def test_float32_model_computes_in_float32_not_tf32():
+  cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                    num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, tie_word_embeddings=True)
+  model = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+
+  def logits(state, ids):
+    return nnx.merge(graphdef, state)(ids)[0]
+
+  precisions = _dot_precisions(logits, state, jnp.ones((1, 4), jnp.int32))
+  assert all("HIGHEST" in p for p in precisions), precisions
+
+
+def test_bfloat16_model_keeps_the_default_precision():
+  cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                    num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1)
+  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+
+  def logits(state, ids):
+    return nnx.merge(graphdef, state)(ids)[0]
+
+  precisions = _dot_precisions(logits, state, jnp.ones((1, 4), jnp.int32))
+  assert not any("HIGHEST" in p for p in precisions), precisions
+
+
+@pytest.mark.parametrize("path, want", [
+    ("model.layers.0.mlp.up_proj", "4bit"),
+    ("lm_head", None),
+    ("model.layers.0.self_attn.o_proj", None),
+])
+def test_factory_follows_the_config_and_skip_list(path, want):
+  q = QuantizationConfig.nf4(llm_int8_skip_modules=["lm_head", "o_proj"])
+  assert weight_format(q, path) == want
+  layer = make_linear(32, 16, use_bias=False, path=path, dtype=jnp.float32,
+                      param_dtype=jnp.float32, init_std=0.02,
+                      quantization=q, rngs=nnx.Rngs(0))
+  assert isinstance(layer, Linear4bit if want else Linear)
+  if want:
+    qs = layer.weight.get_value().quant_state
+    assert (qs.quant_type, qs.blocksize, qs.nested) == ("nf4", 64, True)
+    assert layer.dtype == jnp.bfloat16  # the config's compute dtype
+
+
+def test_factory_without_quantization_is_float():
+  layer = make_linear(8, 4, use_bias=True, path="mlp.up_proj",
+                      dtype=jnp.float32, param_dtype=jnp.float32,
+                      init_std=0.02, quantization=None, rngs=nnx.Rngs(0))
+  assert isinstance(layer, Linear) and layer.weight.shape == (4, 8)
+
+
+def test_factory_refuses_8bit_until_llm_int8_layers_exist():
+  q = QuantizationConfig(load_in_8bit=True)
+  with pytest.raises(NotImplementedError, match="load_in_8bit"):
+    make_linear(8, 4, use_bias=False, path="mlp.up_proj", dtype=jnp.float32,
+                param_dtype=jnp.float32, init_std=0.02, quantization=q,
+                rngs=nnx.Rngs(0))
