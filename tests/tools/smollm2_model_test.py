@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxbnb._src.io.convert import from_pretrained
-from jaxbnb._src.models.generate import generate
-from jaxbnb._src.models.perplexity import perplexity
+from jaxbnb.convert import from_pretrained
+from jaxbnb.models import generate
+from jaxbnb.models import perplexity
 from tests.tools import smollm2
 
 WIDTH = 64  # prompts are right-padded to this width

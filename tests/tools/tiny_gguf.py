@@ -1,5 +1,7 @@
 """Writers of tiny GGUF Llama files for the tools tests (no download needed)."""
 
+# `gguf` is slow to import: the writer imports it where it is used.
+
 from __future__ import annotations
 
 import os

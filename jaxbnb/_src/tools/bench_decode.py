@@ -16,23 +16,32 @@ prefill) subtracted. The floor is the bytes every step must read (weights and
 KV cache) over the measured copy bandwidth.
 """
 
+# torch, transformers, bitsandbytes and matplotlib are optional and slow to
+# import: the torch implementations and the plot import them where used.
+
 from __future__ import annotations
 
 import argparse
 import datetime
 import gc
-import json
-import os
 import platform
 import statistics
-import sys
 import time
 
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxbnb import models
+# The well-known model shapes of `jaxbnb estimate` have no public name.
 from jaxbnb._src.io import estimate
+from jaxbnb._src.tools import argtypes
+from jaxbnb._src.tools import measure
+from jaxbnb._src.tools import report
 
-__all__ = ["add_decode_parser", "run_decode", "SHAPES", "decode_bytes"]
+__all__ = ["IMPLS", "SHAPES", "add_parsers", "decode_bytes",
+           "decode_table", "plot_decode", "run_decode"]
 
 # name -> LlamaConfig kwargs: the well-known shapes of `jaxbnb estimate`, and
 # a tiny one for smoke tests.
@@ -44,10 +53,6 @@ SHAPES = {
 }
 IMPLS = ("jax-bf16", "jax-nf4-dq", "jax-nf4", "torch-bf16",
          "torch-bnb-nf4-dq", "torch-bnb-nf4")
-
-
-def _log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
 
 
 def decode_bytes(shape: dict, batch: int, context: int, quant: str | None,
@@ -79,50 +84,34 @@ def decode_bytes(shape: dict, batch: int, context: int, quant: str | None,
   return wbytes + head + cache
 
 
-def _copy_bandwidth() -> float:
-  """Device copy bandwidth (bytes/s, read + write), as `bench matmul` does."""
-  import argparse as _argparse  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.tools import bench  # pylint: disable=g-import-not-at-top
-
-  opts = _argparse.Namespace(quick=False, reps=5, warmup=1)
-  return bench._roofs(opts)[0]  # pylint: disable=protected-access
-
-
 def _jax_decode(opts, shape) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from jaxbnb._src.models.generate import Generator  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.models.llama import LlamaForCausalLM  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.models.config import LlamaConfig  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.layers.quant_config import QuantizationConfig  # pylint: disable=g-import-not-at-top
-
   quant = None
   if opts.impl == "jax-nf4-dq":
-    quant = QuantizationConfig.nf4(double_quant=True, compute_dtype="bfloat16")
+    quant = models.QuantizationConfig.nf4(double_quant=True,
+                                          compute_dtype="bfloat16")
   elif opts.impl == "jax-nf4":
-    quant = QuantizationConfig.nf4(double_quant=False,
-                                   compute_dtype="bfloat16")
-  cfg = LlamaConfig(**shape)
+    quant = models.QuantizationConfig.nf4(double_quant=False,
+                                          compute_dtype="bfloat16")
+  cfg = models.LlamaConfig(**shape)
   t0 = time.perf_counter()
-  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                           quantization=quant, rngs=nnx.Rngs(0))
+  model = models.LlamaForCausalLM(
+      cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, quantization=quant,
+      rngs=nnx.Rngs(0))
   jax.block_until_ready(nnx.state(model))
   gc.collect()
   dev = jax.local_devices()[0]
   stats = dev.memory_stats() or {}
   out = {"build_s": time.perf_counter() - t0,
          "weights_bytes_in_use": stats.get("bytes_in_use"), "rows": []}
-  _log(f"{opts.impl}: built in {out['build_s']:.1f}s, "
-       f"{(stats.get('bytes_in_use') or 0) / 2**30:.2f} GiB in use")
-  gen = Generator(model)
+  report.log(f"{opts.impl}: built in {out['build_s']:.1f}s, "
+             f"{(stats.get('bytes_in_use') or 0) / 2**30:.2f} GiB in use")
+  gen = models.Generator(model)
   for batch in opts.batches:
     r = gen.benchmark_decode(batch=batch, prompt_len=opts.prompt_len,
                              steps=opts.steps, reps=opts.reps)
     row = {"batch": batch, **r}
     out["rows"].append(row)
-    _log(f"  batch {batch}: {row}")
+    report.log(f"  batch {batch}: {row}")
   stats = dev.memory_stats() or {}
   out["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
   return out
@@ -171,7 +160,7 @@ def _torch_decode(opts, shape) -> dict:
   out = {"build_s": time.perf_counter() - t0,
          "weights_bytes_in_use": torch.cuda.memory_allocated(), "rows": [],
          "versions": versions}
-  _log(f"{opts.impl}: built in {out['build_s']:.1f}s")
+  report.log(f"{opts.impl}: built in {out['build_s']:.1f}s")
   gen = torch.Generator(device="cuda").manual_seed(0)
   for batch in opts.batches:
     ids = torch.randint(3, shape["vocab_size"], (batch, opts.prompt_len),
@@ -197,7 +186,7 @@ def _torch_decode(opts, shape) -> dict:
            "tokens_per_s": batch * opts.steps / med,
            "ms_per_step": 1e3 * med / opts.steps}
     out["rows"].append(row)
-    _log(f"  batch {batch}: {row['tokens_per_s']:.1f} tok/s")
+    report.log(f"  batch {batch}: {row['tokens_per_s']:.1f} tok/s")
   out["peak_bytes_in_use"] = torch.cuda.max_memory_allocated()
   return out
 
@@ -212,12 +201,11 @@ def run_decode(opts: argparse.Namespace) -> dict:
          "date": datetime.date.today().isoformat(),
          "python": platform.python_version()}
   try:
-    import jax  # pylint: disable=g-import-not-at-top
     doc["device"] = jax.devices()[0].device_kind
     doc["jax"] = jax.__version__
-    if jax.devices()[0].platform == "gpu" and not opts.impl.startswith(
-        "torch"):
-      doc["copy_bytes_per_s"] = _copy_bandwidth()
+    if measure.on_gpu() and not opts.impl.startswith("torch"):
+      # As `bench matmul` measures it.
+      doc["copy_bytes_per_s"] = measure.copy_bandwidth(reps=5, warmup=1)
   except Exception as e:  # pylint: disable=broad-except
     doc["jax_error"] = str(e)
   if opts.impl.startswith("jax"):
@@ -230,11 +218,7 @@ def run_decode(opts: argparse.Namespace) -> dict:
     ctx = opts.prompt_len + opts.steps / 2
     row["floor_bytes"] = decode_bytes(shape, row["batch"], ctx, quant)
   if opts.json:
-    tmp = opts.json + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-    with open(tmp, "w") as f:
-      json.dump(doc, f, indent=1)
-    os.replace(tmp, opts.json)
+    report.write_json(doc, opts.json)
   return doc
 
 
@@ -308,27 +292,26 @@ def plot_decode(docs: list[dict], path: str,
   plt.close(fig)
 
 
-def add_decode_parser(sub) -> None:
-  """Adds `decode` to the `jaxbnb bench` subcommands."""
+def add_parsers(sub) -> None:
+  """Adds `decode` and `decode-report` to the `jaxbnb bench` subcommands.
+
+  Args:
+    sub: the subparsers action of `jaxbnb bench`.
+  """
   p = sub.add_parser("decode", help="end-to-end decode tokens/s of a "
                      "random Llama-shaped model (one implementation)")
   p.add_argument("--impl", choices=IMPLS, required=True)
   p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3-8b")
-  p.add_argument("--layers", type=int, default=0,
+  p.add_argument("--layers", type=argtypes.number(int, 0), default=0,
                  help="override the number of layers (0: the shape's)")
-  p.add_argument("--batch", type=lambda s: [int(v) for v in s.split(",")],
-                 default=[1, 8], dest="batches",
-                 help="comma-separated batch sizes")
-  p.add_argument("--prompt-len", type=int, default=128)
-  p.add_argument("--steps", type=int, default=128)
-  p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--batch", type=argtypes.int_list(1, "1,8"), default=[1, 8],
+                 dest="batches", help="comma-separated batch sizes")
+  p.add_argument("--prompt-len", type=argtypes.number(int, 1), default=128)
+  p.add_argument("--steps", type=argtypes.number(int, 1), default=128)
+  p.add_argument("--reps", type=argtypes.number(int, 1), default=3)
   p.add_argument("--json", help="write the JSON document here")
 
   def run(opts):
-    if any(b < 1 for b in opts.batches) or min(opts.prompt_len,
-                                             opts.steps) < 1:
-      raise SystemExit("jaxbnb bench decode: --batch, --prompt-len and "
-                       "--steps must be >= 1")
     doc = run_decode(opts)
     print("\n".join(decode_table([doc])))
     return 0
@@ -338,15 +321,12 @@ def add_decode_parser(sub) -> None:
                        "markdown table (+ plot)")
   rep.add_argument("--inputs", nargs="+", required=True)
   rep.add_argument("--plot", help="image to write (matplotlib)")
-  rep.add_argument("--copy-gbs", type=float, default=None,
+  rep.add_argument("--copy-gbs", type=argtypes.number(float, 0), default=None,
                    help="copy bandwidth in GB/s for the floor (default: "
                    "measured in the runs)")
 
-  def report(opts):
-    docs = []
-    for path in opts.inputs:
-      with open(path) as f:
-        docs.append(json.load(f))
+  def run_report(opts):
+    docs = report.read_json(opts.inputs)
     bw = opts.copy_gbs * 1e9 if opts.copy_gbs else None
     print("\n".join(decode_table(docs, bw)))
     if opts.plot:
@@ -354,4 +334,4 @@ def add_decode_parser(sub) -> None:
           (d["copy_bytes_per_s"] for d in docs if d.get("copy_bytes_per_s")),
           default=None))
     return 0
-  rep.set_defaults(func=report)
+  rep.set_defaults(func=run_report)

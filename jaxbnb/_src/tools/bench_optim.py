@@ -19,7 +19,7 @@ over `--reps` calls of (call time / n). State memory is the bytes of the
 optimizer state's arrays, split by memory kind (device vs host).
 
 The floor is the bytes one step must move over the measured copy bandwidth
-(`bench._roofs`, read + write counted): per fp32 parameter, read and write
+(`measure.roofs`, read + write counted): per fp32 parameter, read and write
 p (8 B), read g (4 B) and read and write the states: 16 B for 8-bit AdamW
 (2 x 1 B codes, read and written) and 28 B for fp32 AdamW (2 x 4 B states,
 read and written). The paged variant additionally moves its 2 B/param of
@@ -33,21 +33,25 @@ import gc
 import json
 import math
 import os
-import statistics
 import time
 import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxbnb._src.tools import bench
-from jaxbnb._src.quant import dispatch
+import jaxbnb
+from jaxbnb import optim
+# Where paged state lives (`HOST_KINDS`, `host_memory_kind`) has no public
+# name; the state-memory columns need it.
 from jaxbnb._src.optim import paged as optim_paged
+from jaxbnb._src.tools import argtypes
+from jaxbnb._src.tools import measure
+from jaxbnb._src.tools import report
 
-__all__ = ["COLUMNS", "LLAMA_1B", "add_optim_parser", "bytes_per_param",
-           "parse_sizes", "run_optim", "tree_shapes"]
+__all__ = ["COLUMNS", "LLAMA_1B", "add_parsers", "bytes_per_param",
+           "optim_table", "parse_columns", "parse_sizes", "run_optim",
+           "tree_shapes"]
 
 COLUMNS = ("optax-adamw", "adamw8bit", "paged_adamw8bit", "bnb-adamw8bit",
            "torch-adamw-fused")
@@ -92,6 +96,21 @@ def parse_sizes(text: str) -> list[str]:
           f"G are powers of 2), got {text!r}") from None
     out.append(item)
   return out
+
+
+def parse_columns(text: str) -> list[str]:
+  """Parses `--skip`: comma-separated names from `COLUMNS`.
+
+  Examples:
+    >>> parse_columns("bnb-adamw8bit, torch-adamw-fused,")
+    ['bnb-adamw8bit', 'torch-adamw-fused']
+  """
+  names = [c.strip() for c in text.split(",") if c.strip()]
+  bad = [c for c in names if c not in COLUMNS]
+  if bad:
+    raise ValueError(f"expected names from {','.join(COLUMNS)}, got "
+                     f"{','.join(bad)!r}")
+  return names
 
 
 def tree_shapes(size: str) -> dict[str, tuple[int, ...]]:
@@ -164,7 +183,6 @@ def _state_bytes(tree) -> dict:
 def _jax_optimizer(column):
   if column == "optax-adamw":
     return optax.adamw(LR)
-  from jaxbnb import optim  # pylint: disable=g-import-not-at-top
   if column == "adamw8bit":
     return optim.adamw8bit(LR)
   return optim.paged_adamw8bit(LR)
@@ -180,7 +198,7 @@ def _time_jax_step(opts, column, shapes) -> dict:
     updates, s = opt.update(g, s, p)
     return optax.apply_updates(p, updates), g, s
 
-  with dispatch.kernel_mode("auto"):
+  with jaxbnb.kernel_mode("auto"):
     fn = jax.jit(step, donate_argnums=(0, 1, 2))
     carry = (params, grads, state)
     del params, grads, state
@@ -200,8 +218,8 @@ def _time_jax_step(opts, column, shapes) -> dict:
         jax.block_until_ready(carry)
         samples.append((time.perf_counter() - t0) / n)
   del carry
-  return {**bench._summary(samples, n_steps=n,  # pylint: disable=protected-access
-                           method="jax.jit step loop, donated, no sync"),
+  return {**measure.summarize(samples, n_steps=n,
+                              method="jax.jit step loop, donated, no sync"),
           **mem}
 
 
@@ -235,8 +253,7 @@ def _time_torch_step(opts, torch, make_opt, shapes) -> dict:
                     if isinstance(v, torch.Tensor) and v.numel() > 256)
   del opt, params
   torch.cuda.empty_cache()
-  return {**bench._summary(samples, n_steps=n,  # pylint: disable=protected-access
-                           method="eager, CUDA events"),
+  return {**measure.summarize(samples, n_steps=n, method="eager, CUDA events"),
           "state_bytes": state_bytes, "state_bytes_host": 0}
 
 
@@ -258,15 +275,14 @@ def run_optim(opts: argparse.Namespace) -> dict:
     if getattr(opts, name, None) is None:
       setattr(opts, name, value)
   sizes = opts.sizes or list(QUICK_SIZES if quick else DEFAULT_SIZES)
-  torch, bnb, skipped = bench._load_torch(  # pylint: disable=protected-access
-      not opts.no_bnb)
+  torch, bnb, skipped = measure.load_torch(not opts.no_bnb)
   if skipped:
-    bench._log(f"bitsandbytes / torch columns skipped: {skipped}")  # pylint: disable=protected-access
-  copy_bw, _ = bench._roofs(opts)  # pylint: disable=protected-access
+    report.log(f"bitsandbytes / torch columns skipped: {skipped}")
+  copy_bw, _ = measure.roofs(quick=opts.quick, reps=opts.reps,
+                             warmup=opts.warmup)
   dev = jax.devices()[0]
-  meta = {"benchmark": "optim", "schema_version": 1,
-          "device_kind": dev.device_kind, "platform": dev.platform,
-          "jax_version": jax.__version__, "optax_version": optax.__version__,
+  meta = {"benchmark": "optim", "schema_version": 1, **report.environment(),
+          "optax_version": optax.__version__,
           "kernel_mode": "auto",
           "host_memory_kind": optim_paged.host_memory_kind(dev),
           "torch_version": getattr(torch, "__version__", None),
@@ -282,7 +298,7 @@ def run_optim(opts: argparse.Namespace) -> dict:
     row = {"size": size, "numel": numel, "leaves": len(shapes),
            "columns": {}, "errors": {}}
     for col in _columns(opts, torch, bnb):
-      bench._log(f"{size} ({numel:,} params): {col}")  # pylint: disable=protected-access
+      report.log(f"{size} ({numel:,} params): {col}")
       if col == "bnb-adamw8bit":
         args = (opts, torch, lambda p: bnb.optim.AdamW8bit(p, lr=LR), shapes)
         fn = _time_torch_step
@@ -292,7 +308,7 @@ def run_optim(opts: argparse.Namespace) -> dict:
         fn = _time_torch_step
       else:
         fn, args = _time_jax_step, (opts, col, shapes)
-      bench._measure(row["columns"], row["errors"], col, fn, *args)  # pylint: disable=protected-access
+      measure.record(row["columns"], row["errors"], col, fn, *args)
       gc.collect()
       if col in row["columns"]:
         r = row["columns"][col]
@@ -308,7 +324,7 @@ def optim_table(doc) -> tuple[list[str], list[list]]:
   headers = ["size", "params", "optimizer", "step ms", "floor ms",
              "% of floor", "state MB (device)", "state MB (host)"]
   rows = []
-  fmt = bench._fmt  # pylint: disable=protected-access
+  fmt = report.fmt
   for r in doc["results"]:
     for col in COLUMNS:
       if col in r["columns"]:
@@ -323,37 +339,37 @@ def optim_table(doc) -> tuple[list[str], list[list]]:
   return headers, rows
 
 
-def add_optim_parser(sub) -> None:
-  """Adds `optim` to the `jaxbnb bench` subcommands."""
+def add_parsers(sub) -> None:
+  """Adds `optim` to the `jaxbnb bench` subcommands.
+
+  Args:
+    sub: the subparsers action of `jaxbnb bench`.
+  """
   p = sub.add_parser("optim", help="optimizer step time and state memory: "
                      "optax.adamw, jaxbnb (paged_)adamw8bit, bitsandbytes")
-  p.add_argument("--sizes", type=bench._arg_type(parse_sizes), help=(  # pylint: disable=protected-access
+  p.add_argument("--sizes", type=argtypes.from_parser(parse_sizes), help=(
       "parameter counts (K/M/G = 2^10/2^20/2^30) or llama-1b, "
       "comma-separated (default 16M,64M,llama-1b; --quick 64K)"))
   p.add_argument("--quick", action="store_true",
                  help="tiny sizes, few repetitions (CPU smoke test)")
-  p.add_argument("--reps", type=int, help="timed calls (default 20)")
-  p.add_argument("--warmup", type=int, help="untimed steps (default 3)")
-  p.add_argument("--target-ms", type=float,
+  p.add_argument("--reps", type=argtypes.number(int, 1),
+                 help="timed calls (default 20)")
+  p.add_argument("--warmup", type=argtypes.number(int, 0),
+                 help="untimed steps (default 3)")
+  p.add_argument("--target-ms", type=argtypes.number(float, 0.0),
                  help="time per timed call (default 50; --quick 0)")
-  p.add_argument("--skip", default="", type=lambda s: [
-      c.strip() for c in s.split(",") if c.strip()],
+  p.add_argument("--skip", default=[], type=argtypes.from_parser(parse_columns),
                  help="columns to skip, comma-separated: " + ",".join(COLUMNS))
   p.add_argument("--no-bnb", action="store_true",
                  help="skip the bitsandbytes and torch columns")
   p.add_argument("--json", help="write the JSON document here")
 
   def run(opts):
-    bad = [c for c in opts.skip if c not in COLUMNS]
-    if bad:
-      raise SystemExit(f"jaxbnb bench optim: --skip expects names from "
-                       f"{','.join(COLUMNS)}, got {bad}")
     doc = run_optim(opts)
     headers, rows = optim_table(doc)
-    print("\n".join(bench._markdown_table(headers, rows)))  # pylint: disable=protected-access
+    print("\n".join(report.markdown_table(headers, rows)))
     if opts.json:
-      with open(opts.json, "w") as f:
-        json.dump(doc, f, indent=1)
-      bench._log(f"wrote {opts.json}")  # pylint: disable=protected-access
+      report.write_json(doc, opts.json)
+      report.log(f"wrote {opts.json}")
     return 0
   p.set_defaults(func=run)

