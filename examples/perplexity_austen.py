@@ -39,9 +39,11 @@ def formats(blocksize):
   return {
       "fp32": dict(),
       "bf16": dict(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16),
-      "nf4": dict(quantization=q4("nf4", False)),
-      "nf4+dq": dict(quantization=q4("nf4", True)),
-      "fp4": dict(quantization=q4("fp4", False)),
+      # float32 embeddings and norms, so only the 4-bit linears differ
+      # from the fp32 row (a quantized GGUF otherwise loads them in bf16).
+      "nf4": dict(quantization=q4("nf4", False), param_dtype=jnp.float32),
+      "nf4+dq": dict(quantization=q4("nf4", True), param_dtype=jnp.float32),
+      "fp4": dict(quantization=q4("fp4", False), param_dtype=jnp.float32),
   }
 
 

@@ -158,3 +158,43 @@ def test_gguf_dispatch(tmp_path, monkeypatch):
   path.write_bytes(b"GGUF")
   assert isinstance(cs.open_checkpoint(path), Fake)
   assert seen == [str(path)]
+
+
+def test_float8_round_trip(tmp_path):
+  tensors = {
+      "e4m3": np.asarray([[0.5, -1.0, 448.0]], ml_dtypes.float8_e4m3fn),
+      "e5m2": np.asarray([0.25, -2.0], ml_dtypes.float8_e5m2),
+      "f32": np.arange(3, dtype=np.float32),
+  }
+  src = cs.open_checkpoint(_folder(tmp_path, tensors))
+  for name, want in tensors.items():
+    got = src.load(name)
+    assert got.dtype == want.dtype and src.dtype(name) == want.dtype, name
+    assert got.tobytes() == want.tobytes(), name
+
+
+def test_unsupported_dtype_names_file_and_tensor(tmp_path):
+  (tmp_path / "config.json").write_text("{}")
+  safetensors.numpy.save_file({"c": np.ones(2, np.complex64)},
+                              str(tmp_path / "model.safetensors"))
+  with pytest.raises(ValueError, match=r"model\.safetensors'?:c: unsupported"):
+    cs.open_checkpoint(tmp_path)
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+  path = tmp_path / "x.safetensors"
+  cs.write_safetensors(str(path), {"a": np.ones(3, np.float32)})
+  before = path.read_bytes()
+
+  def broken(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+      f.write(b"partial")
+    raise OSError("disk full")
+
+  monkeypatch.setattr(safetensors.numpy, "save_file", broken)
+  with pytest.raises(OSError, match="disk full"):
+    cs.write_safetensors(str(path), {"a": np.zeros(3, np.float32)})
+  assert path.read_bytes() == before
+  assert os.listdir(tmp_path) == ["x.safetensors"]
+  with pytest.raises(TypeError, match="'o'.*unsupported dtype"):
+    cs.write_safetensors(str(path), {"o": np.asarray(["x"], object)})

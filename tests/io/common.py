@@ -78,7 +78,7 @@ def logits(model, ids):
 def model_tensors(model):
   """The checkpoint tensors a model writes, as numpy."""
   out = {}
-  for tensors in convert._iter_module_tensors(model):  # pylint: disable=protected-access
+  for tensors in convert.iter_checkpoint_tensors(model):
     out.update(tensors)
   return out
 
@@ -98,6 +98,3 @@ def assert_states_identical(a, b):
     assert x.dtype == y.dtype and x.shape == y.shape
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
-
-def logits(model, ids):
-  return np.asarray(model(jnp.asarray(ids))[0])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -9,11 +10,13 @@ import numpy as np
 import pytest
 
 from jaxbnb._src.io import convert
+from jaxbnb._src.io import orbax_io
 from jaxbnb._src.io.checkpoint_source import open_checkpoint
 from jaxbnb._src.io.checkpoint_source import write_safetensors
 from jaxbnb._src.layers.quant_config import QuantizationConfig
 from jaxbnb._src.quant.weights import Params4bit
 from tests.io import common
+from tests.tools import tiny_gguf
 
 # -- float checkpoints --------------------------------------------------------
 
@@ -228,19 +231,116 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
   calls.clear()
   with pytest.raises(OSError, match="disk full"):
     convert.save_pretrained(model, target, max_shard_size=50_000,
-                            progress=False)
+                            overwrite=True, progress=False)
   assert os.listdir(tmp_path) == ["out"]
   assert sorted(os.listdir(target)) == ["config.json", "tokenizer.json"]
   assert (target / "config.json").read_text() == "old"
 
   monkeypatch.undo()
-  convert.save_pretrained(model, target, progress=False)  # replaces, keeps tok
+  convert.save_pretrained(model, target, overwrite=True,
+                          progress=False)  # replaces, keeps tok
   assert sorted(os.listdir(target)) == [
       "config.json", "generation_config.json", "model.safetensors",
       "tokenizer.json"]
   assert os.listdir(tmp_path) == ["out"]
   common.assert_states_identical(convert.from_pretrained(target, progress=False),
                           model)
+
+
+# -- safe destinations --------------------------------------------------------
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+  return {f: open(os.path.join(folder, f), "rb").read()
+          for f in sorted(os.listdir(folder))}
+
+
+def test_savers_refuse_the_source_checkpoint(tmp_path):
+  src = common.copy_checkpoint("orig", str(tmp_path / "src"))
+  model = convert.from_pretrained(src, quantization=QuantizationConfig.nf4(),
+                                  progress=False)
+  before = _snapshot(src)
+  savers = {
+      "save_pretrained": lambda p: convert.save_pretrained(
+          model, p, overwrite=True, progress=False),
+      "save_checkpoint": lambda p: orbax_io.save_checkpoint(
+          model, p, overwrite=True),
+  }
+  cases = {"is": src, "lies inside": os.path.join(src, "nf4"),
+           "contains": str(tmp_path)}
+  for fn, save in savers.items():
+    for where, dst in cases.items():
+      with pytest.raises(ValueError, match=f"{fn}: the destination") as e:
+        save(dst)
+      msg = str(e.value)
+      assert f"{os.path.realpath(dst)!r} {where} {os.path.realpath(src)!r}" in (
+          msg), msg
+  assert _snapshot(src) == before
+  assert os.listdir(tmp_path) == ["src"]
+  convert.save_pretrained(model, tmp_path / "elsewhere", progress=False)
+
+
+def test_gguf_source_folder_is_protected(tmp_path):
+  gguf = tiny_gguf.write_tiny_gguf(tmp_path / "tiny.gguf",
+                                   tiny_gguf.tiny_weights())
+  model = convert.from_pretrained(gguf, progress=False)
+  for dst in (tmp_path, gguf):
+    with pytest.raises(ValueError, match="tiny.gguf"):
+      convert.save_pretrained(model, dst, overwrite=True, progress=False)
+  assert os.listdir(tmp_path) == ["tiny.gguf"]
+
+
+def test_existing_folder_needs_overwrite(tmp_path):
+  model = common.load("orig")
+  target = tmp_path / "out"
+  target.mkdir()  # an empty folder is fine
+  convert.save_pretrained(model, target, progress=False)
+  before = _snapshot(target)
+  with pytest.raises(FileExistsError,
+                     match=r"overwrite=True \(--overwrite") as e:
+    convert.save_pretrained(model, target, progress=False)
+  assert repr(str(target)) in str(e.value)
+  assert _snapshot(target) == before
+  convert.save_pretrained(model, target, overwrite=True, progress=False)
+  assert os.listdir(tmp_path) == ["out"]
+
+
+def test_output_permissions_follow_umask(tmp_path):
+  model = common.load("fp4_fp32")
+  old = os.umask(0o027)
+  try:
+    convert.save_pretrained(model, tmp_path / "hf", max_shard_size=60_000,
+                            progress=False)
+    orbax_io.save_checkpoint(model, tmp_path / "orbax")
+  finally:
+    os.umask(old)
+  mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)
+  assert mode(tmp_path / "hf") == 0o750 and mode(tmp_path / "orbax") == 0o750
+  for f in os.listdir(tmp_path / "hf"):
+    assert mode(tmp_path / "hf" / f) == 0o640, f
+
+
+# -- dtypes of unquantized tensors --------------------------------------------
+
+
+def test_gguf_quantized_keeps_16bit_tensors(tmp_path):
+  gguf = tiny_gguf.write_tiny_gguf(tmp_path / "tiny.gguf",
+                                   tiny_gguf.tiny_weights())
+  q = QuantizationConfig.nf4()
+  model = convert.from_pretrained(gguf, quantization=q, progress=False)
+  out = tmp_path / "nf4"
+  convert.save_pretrained(model, out, progress=False)
+  saved = common.read_all(str(out))
+  for name in ("model.embed_tokens.weight", "model.norm.weight",
+               "model.layers.0.input_layernorm.weight"):
+    assert saved[name].dtype == ml_dtypes.bfloat16, name
+  assert common.read_config(str(out))["dtype"] == "bfloat16"
+  # An explicit param_dtype wins; a float (unquantized) load stays float32.
+  f32 = convert.from_pretrained(gguf, quantization=q, param_dtype="float32",
+                                progress=False)
+  assert f32.model.embed_tokens.weight[...].dtype == jnp.float32
+  plain = convert.from_pretrained(gguf, progress=False)
+  assert plain.model.embed_tokens.weight[...].dtype == jnp.float32
 
 
 def test_parse_size():

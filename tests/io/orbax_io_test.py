@@ -1,11 +1,15 @@
 """Tests of the orbax save/restore of (quantized) models."""
 
+import json
+import os
+
 import jax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from jaxbnb._src.io import orbax_io
-from jaxbnb._src.quant.state import Params4bit
+from jaxbnb._src.quant.weights import Params4bit
 from tests.io import common
 
 
@@ -47,3 +51,34 @@ def test_restore_like_and_overwrite(tmp_path):
 def test_not_a_checkpoint(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a jaxbnb orbax"):
     orbax_io.restore_checkpoint(tmp_path)
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+  model = common.load("fp4_fp32")
+  path = tmp_path / "ckpt"
+  orbax_io.save_checkpoint(model, path)
+  before = sorted(os.listdir(path))
+
+  def fail(self):  # after orbax has written the new state
+    raise OSError("disk full")
+
+  monkeypatch.setattr(ocp.StandardCheckpointer, "wait_until_finished", fail)
+  with pytest.raises(OSError, match="disk full"):
+    orbax_io.save_checkpoint(common.load("orig"), path, overwrite=True)
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == ["ckpt"]  # no temporary folder left
+  assert sorted(os.listdir(path)) == before
+  common.assert_states_identical(orbax_io.restore_checkpoint(path), model)
+
+
+def test_restores_layouts_without_format(tmp_path):
+  """Checkpoints of jaxbnb 0.1 have 4-bit layouts without "format"."""
+  model = common.load("nf4_dq_bf16")
+  path = tmp_path / "ckpt"
+  orbax_io.save_checkpoint(model, path)
+  meta_path = path / "jaxbnb_model.json"
+  meta = json.loads(meta_path.read_text())
+  assert {v.pop("format") for v in meta["quantized_weights"].values()} == {
+      "4bit"}
+  meta_path.write_text(json.dumps(meta))
+  common.assert_states_identical(orbax_io.restore_checkpoint(path), model)

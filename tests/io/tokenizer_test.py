@@ -43,11 +43,12 @@ def test_tiny_gguf_save_reload(tiny_path, tmp_path):
 def test_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     load_tokenizer(tmp_path / "nope.gguf")
-  spm = tiny_gguf.write_tiny_gguf(tmp_path / "spm.gguf",
-                                  tiny_gguf.tiny_weights(),
-                                  tokenizer_model="llama")
-  with pytest.raises(NotImplementedError, match="tokenizer.ggml.model is 'llama'"):
-    load_tokenizer(spm)
+  other = tiny_gguf.write_tiny_gguf(tmp_path / "rwkv.gguf",
+                                    tiny_gguf.tiny_weights(),
+                                    tokenizer_model="rwkv")
+  with pytest.raises(NotImplementedError,
+                     match="tokenizer.ggml.model is 'rwkv'"):
+    load_tokenizer(other)
   bare = tiny_gguf.write_tiny_gguf(tmp_path / "bare.gguf",
                                    tiny_gguf.tiny_weights(), tokenizer=False)
   with pytest.raises(ValueError, match="no tokenizer metadata"):
@@ -55,6 +56,17 @@ def test_errors(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="cannot load a tokenizer"):
     load_tokenizer(tmp_path / "empty")
+
+
+def test_sentencepiece_gguf_goes_through_transformers(tmp_path):
+  """transformers' conversion also covers SentencePiece ("llama") files."""
+  spm = tiny_gguf.write_tiny_gguf(tmp_path / "spm.gguf",
+                                  tiny_gguf.tiny_weights(),
+                                  tokenizer_model="llama")
+  tok = load_tokenizer(spm)
+  assert tok.eos_token == "<|im_end|>"
+  ids = tok("the<|im_end|>", add_special_tokens=False)["input_ids"]
+  assert ids[-1] == tiny_gguf.tiny_tokens().index("<|im_end|>")
 
 
 # --------------------------------------------------------------------------

@@ -95,3 +95,17 @@ def test_factory_refuses_8bit_until_llm_int8_layers_exist():
     make_linear(8, 4, use_bias=False, path="mlp.up_proj", dtype=jnp.float32,
                 param_dtype=jnp.float32, init_std=0.02, quantization=q,
                 rngs=nnx.Rngs(0))
+
+
+def test_users_can_still_ask_for_tf32():
+  layer = Linear(8, 4, use_bias=False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, init_std=0.5, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+
+  def f(state, x):
+    return nnx.merge(graphdef, state)(x)
+
+  x = jnp.ones((2, 8))
+  assert all("HIGHEST" in p for p in _dot_precisions(f, state, x))
+  with jax.default_matmul_precision("tensorfloat32"):
+    assert not any("HIGHEST" in p for p in _dot_precisions(f, state, x))

@@ -1,7 +1,7 @@
 """Loading and saving Hugging Face / bitsandbytes checkpoints.
 
 `from_pretrained` builds a `LlamaForCausalLM` from an HF folder (float or
-bitsandbytes 4-bit), or a GGUF file, streaming one tensor at a time: the
+bitsandbytes-quantized), or a GGUF file, streaming one tensor at a time: the
 model is first built abstractly (`nnx.eval_shape`, no memory), then each
 tensor is read, cast or quantized on the device, and stored, so peak host
 memory stays near the final model size plus one float tensor.
@@ -10,6 +10,11 @@ memory stays near the final model size plus one float tensor.
 `quantization_config`, safetensors with `weight.absmax`,
 `weight.quant_state.bitsandbytes__nf4`, ...), which
 `transformers.AutoModelForCausalLM.from_pretrained` loads with bitsandbytes.
+
+Quantized weights go through their interface (`QuantizedArray`: `state_dict`,
+`from_state_dict`, `weights.FORMATS`); which format a layer gets is
+`layers.factory.quantize_weight`'s decision. Only reading a checkpoint's
+keys knows bitsandbytes' naming (`_quantized_weights`).
 """
 
 from __future__ import annotations
@@ -21,31 +26,35 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
+from jaxbnb._src.io import paths
 from jaxbnb._src.io.checkpoint_source import CheckpointSource
 from jaxbnb._src.io.checkpoint_source import open_checkpoint
 from jaxbnb._src.io.checkpoint_source import write_safetensors
-from jaxbnb._src.models.llama import LlamaForCausalLM
-from jaxbnb._src.models.config import LlamaConfig
+from jaxbnb._src.io.gguf_source import GGUFSource
 from jaxbnb._src.layers.common import QuantizedWeight
+from jaxbnb._src.layers.factory import quantize_weight
 from jaxbnb._src.layers.quant_config import QuantizationConfig
-from jaxbnb._src.quant.weights import Params4bit
+from jaxbnb._src.models.config import LlamaConfig
+from jaxbnb._src.models.llama import LlamaForCausalLM
+from jaxbnb._src.quant import weights
 
 __all__ = ["from_pretrained", "save_pretrained", "checkpoint_info",
-           "parse_size"]
+           "iter_checkpoint_tensors", "parse_size"]
 
 _QS_MARK = ".quant_state.bitsandbytes__"
-# bitsandbytes' per-weight tensors besides the quant_state blob.
+# bitsandbytes' per-weight tensors besides the 4-bit quant_state blob.
 _AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax",
                  ".nested_quant_map")
+# LLM.int8's per-module tensors besides the int8 weight.
+_INT8_SUFFIXES = (".SCB", ".weight_format")
 # Buffers old checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Files save_pretrained owns in a target folder (others are carried over).
@@ -65,8 +74,6 @@ _FIXED_FIELDS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
 def _progress(iterable, total: int, desc: str, enabled: bool):
   if not enabled:
     return iterable
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-
   return tqdm(iterable, total=total, desc=desc, unit="tensor", leave=False)
 
 
@@ -103,12 +110,44 @@ def _read_blob(src: CheckpointSource, name: str) -> dict[str, Any]:
         f"{e}") from e
 
 
+def _quantized_weights(names: list[str]) -> dict[str, tuple[str, list[str]]]:
+  """The bitsandbytes-quantized weights among a checkpoint's tensor names.
+
+  The format shows in the keys: a 4-bit weight `<m>.weight` comes with a
+  `<m>.weight.quant_state.bitsandbytes__nf4|fp4` JSON blob (and `absmax`,
+  `quant_map`, `nested_absmax`, `nested_quant_map`); an LLM.int8 weight
+  with its row scales `<m>.SCB` (and `<m>.weight_format`).
+
+  Returns:
+    `{"<m>.weight": (format, [its other tensor names])}`, with the formats
+    of `weights.FORMATS`.
+  """
+  found: dict[str, tuple[str, list[str]]] = {}
+  for n in names:
+    if _QS_MARK in n:
+      found[n[:n.index(_QS_MARK)]] = (weights.Params4bit.format, [])
+    elif n.endswith(".SCB"):
+      found[n[:-len("SCB")] + "weight"] = (weights.Int8Params.format, [])
+  for n in names:
+    if _QS_MARK in n:
+      owner = n[:n.index(_QS_MARK)]
+    elif n.endswith(_AUX_SUFFIXES):
+      owner = n[:n.rindex(".")]
+    elif n.endswith(_INT8_SUFFIXES):
+      owner = n[:n.rindex(".")] + ".weight"
+    else:
+      continue
+    if owner in found:
+      found[owner][1].append(n)
+  return found
+
+
 @dataclasses.dataclass(frozen=True)
 class _Prequant:
-  """What a bitsandbytes 4-bit checkpoint holds."""
+  """What a bitsandbytes-quantized checkpoint holds."""
 
   config: QuantizationConfig
-  groups: dict[str, list[str]]  # "<module>.weight" -> its extra keys
+  groups: dict[str, tuple[str, list[str]]]  # see _quantized_weights
 
 
 def _detect_prequantized(src: CheckpointSource) -> _Prequant | None:
@@ -121,6 +160,7 @@ def _detect_prequantized(src: CheckpointSource) -> _Prequant | None:
         f"Checkpoint {src.path!r} is quantized with quant_method "
         f"{qc.get('quant_method')!r}; only bitsandbytes checkpoints (or float "
         "ones) can be loaded.")
+  groups = _quantized_weights(names)
   scb = [n for n in names if n.endswith(".SCB")]
   if scb or (qc is not None and (qc.get("load_in_8bit") or
                                  qc.get("_load_in_8bit"))):
@@ -129,34 +169,21 @@ def _detect_prequantized(src: CheckpointSource) -> _Prequant | None:
         f"checkpoint{' (e.g. tensor ' + repr(scb[0]) + ')' if scb else ''}: "
         "LLM.int8 layers are not in jaxbnb yet. Load the float checkpoint "
         "with quantization=QuantizationConfig.nf4() instead.")
-  blobs = [n for n in names if _QS_MARK in n]
   in_config = qc is not None and bool(qc.get("load_in_4bit") or
                                       qc.get("_load_in_4bit"))
-  if not blobs and not in_config:
+  if not groups and not in_config:
     return None
-  if not blobs:
+  if not groups:
     raise ValueError(
         f"Checkpoint {src.path!r}: config.json says load_in_4bit but no "
         f"tensor has a '{_QS_MARK}nf4|fp4' entry; it is not a saved "
         "bitsandbytes 4-bit checkpoint.")
-  groups: dict[str, list[str]] = {}
-  for blob in blobs:
-    wkey = blob[:blob.index(_QS_MARK)]
-    groups[wkey] = []
-  for n in names:
-    if _QS_MARK in n:
-      groups[n[:n.index(_QS_MARK)]].append(n)
-      continue
-    for suffix in _AUX_SUFFIXES:
-      if n.endswith(suffix) and n[:-len(suffix)] in groups:
-        groups[n[:-len(suffix)]].append(n)
-        break
-  first = _read_blob(src, blobs[0])
+  wkey, (_, extra) = next(iter(groups.items()))
+  first = _read_blob(src, next(n for n in extra if _QS_MARK in n))
   blocksize = int(first.get("blocksize", 64))
   if in_config:
     config = QuantizationConfig.from_dict(qc)
   else:
-    wkey = blobs[0][:blobs[0].index(_QS_MARK)]
     storage = np.dtype(src.dtype(wkey)).name
     config = QuantizationConfig(
         load_in_4bit=True, bnb_4bit_quant_type=first["quant_type"],
@@ -184,8 +211,10 @@ def _check_conflict(passed: QuantizationConfig, ckpt: QuantizationConfig,
         "checkpoint to quantize differently.")
 
 
-def _default_param_dtype(src: CheckpointSource, config: Mapping[str, Any]):
-  name = config.get("dtype") or config.get("torch_dtype")
+def _checkpoint_dtype(src: CheckpointSource) -> jnp.dtype:
+  """The float dtype of a checkpoint: config.json's, else its first float
+  tensor's, else float32."""
+  name = src.config.get("dtype") or src.config.get("torch_dtype")
   if isinstance(name, str):
     with contextlib.suppress(TypeError):
       dt = jnp.dtype(name.removeprefix("torch."))
@@ -196,6 +225,22 @@ def _default_param_dtype(src: CheckpointSource, config: Mapping[str, Any]):
     if np.issubdtype(dt, np.floating) or dt.name == "bfloat16":
       return jnp.dtype(dt)
   return jnp.dtype(jnp.float32)
+
+
+def _default_param_dtype(src: CheckpointSource, quantizing: bool):
+  """The float weights' dtype when the caller names none.
+
+  The checkpoint's own dtype (transformers' `dtype="auto"`), except that a
+  GGUF file of llama.cpp-quantized tensors being quantized on load keeps its
+  unquantized tensors (embeddings, norms, the head) in bfloat16: those
+  tensors come out of the GGUF decoder as float32 although the file holds
+  them in 8 bits or fewer, and float32 embeddings would make the 4-bit model
+  nearly twice the size. A float32 Hugging Face checkpoint stays float32.
+  """
+  dt = _checkpoint_dtype(src)
+  if quantizing and dt == jnp.float32 and isinstance(src, GGUFSource):
+    return jnp.dtype(jnp.bfloat16)
+  return dt
 
 
 def _is_float(dt) -> bool:
@@ -222,11 +267,14 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
 
   Tensors are streamed one at a time: float weights are cast to
   `param_dtype`; linears that `quantization` does not skip are quantized on
-  the device right away (`Params4bit.from_float` of the `[out, in]` weight),
-  so the float model is never held in memory. A bitsandbytes 4-bit
-  checkpoint (`quantization_config` with `load_in_4bit`, or
+  the device right away (`quantize_weight` of the `[out, in]` weight), so
+  the float model is never held in memory. A bitsandbytes 4-bit checkpoint
+  (`quantization_config` with `load_in_4bit`, or
   `*.weight.quant_state.bitsandbytes__*` tensors) is loaded bit-exactly,
   without re-quantization.
+
+  The model remembers `path`: `save_pretrained` and `save_checkpoint`
+  refuse to write into (or around) the checkpoint it came from.
 
   Args:
     path: an HF folder (safetensors, sharded or not, or `pytorch_model.bin`
@@ -238,8 +286,11 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
       error (its compute dtype may differ and is used).
     dtype: activation/compute dtype of the non-quantized layers; default
       `param_dtype`.
-    param_dtype: dtype of the float weights; default the checkpoint's
-      (config.json `dtype`/`torch_dtype`, else its first float tensor).
+    param_dtype: dtype of the float (unquantized) weights; default the
+      checkpoint's (config.json `dtype`/`torch_dtype`, else its first float
+      tensor), except that a quantized GGUF file quantized on load gets
+      bfloat16 (its tensors decode to float32 but are stored in <= 8 bits). A pre-quantized checkpoint
+      keeps its stored dtype.
     progress: show a tqdm progress bar over the tensors.
 
   Returns:
@@ -252,12 +303,11 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
     NotImplementedError: for LLM.int8 (8-bit) checkpoints.
 
   Examples:
-    >>> import jaxbnb
-    >>> from jaxbnb._src.io.convert import from_pretrained
-    >>> from jaxbnb._src.layers.quant_config import QuantizationConfig
-    >>> model = from_pretrained("tests/golden/bnb_llama/orig",
-    ...                         quantization=QuantizationConfig.nf4(),
-    ...                         progress=False)  # doctest: +SKIP
+    >>> from jaxbnb import convert, models
+    >>> model = convert.from_pretrained(
+    ...     "tests/golden/bnb_llama/orig",
+    ...     quantization=models.QuantizationConfig.nf4(),
+    ...     progress=False)  # doctest: +SKIP
     >>> model.config.num_hidden_layers  # doctest: +SKIP
     2
   """
@@ -271,46 +321,37 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
     else:
       _check_conflict(quantization, pre.config, src.path)
   param_dtype = (_dtype_or_none(param_dtype, "param_dtype")
-                 or _default_param_dtype(src, src.config))
+                 or _default_param_dtype(
+                     src, quantizing=pre is None and quantization is not None))
   dtype = _dtype_or_none(dtype, "dtype") or param_dtype
 
   model = nnx.eval_shape(lambda: LlamaForCausalLM(
       config, dtype=dtype, param_dtype=param_dtype, quantization=quantization,
       rngs=nnx.Rngs(0)))
   variables = dict(model.iter_variables())
-  names = src.names()
-  present = set(names)
   groups = pre.groups if pre is not None else {}
-  plan = _plan(src, variables, present, groups, config)
+  plan = _plan(src, variables, set(src.names()), groups, config)
 
-  it = _progress(plan, len(plan), "Loading weights", progress)
-  for hf_name, kind in it:
+  for hf_name, kind in _progress(plan, len(plan), "Loading weights", progress):
     var = variables[hf_name]
     if kind == "prequantized":
-      keys = [hf_name] + groups[hf_name]
-      state = {k: src.load(k) for k in keys}
+      fmt, extra = groups[hf_name]
+      state = {k: src.load(k) for k in (hf_name, *extra)}
       try:
-        value = Params4bit.from_state_dict(state, hf_name[:-len("weight")])
+        value = weights.FORMATS[fmt].from_state_dict(
+            state, hf_name[:-len("weight")])
       except ValueError as e:
         raise ValueError(f"{src.path!r}: {src.describe(hf_name)}: {e}") from e
+      del state
       want = tuple(var.get_value().shape)
       if tuple(value.shape) != want:
         raise _shape_error(src, hf_name, want, value.shape)
     elif kind == "quantize":
-      arr = src.load(hf_name)
-      w = jnp.asarray(arr).astype(param_dtype)
-      del arr
-      q = quantization
-      value = Params4bit.from_float(
-          w, quant_type=q.bnb_4bit_quant_type,
-          blocksize=q.bnb_4bit_blocksize,
-          compress_statistics=q.bnb_4bit_use_double_quant,
-          quant_storage=q.quant_storage)
+      w = jnp.asarray(src.load(hf_name)).astype(param_dtype)
+      value = quantize_weight(quantization, hf_name[:-len(".weight")], w)
       del w
     else:
-      arr = src.load(hf_name)
-      value = jnp.asarray(arr).astype(param_dtype)
-      del arr
+      value = jnp.asarray(src.load(hf_name)).astype(param_dtype)
     var.set_value(value)
 
   missing = [n for n, v in model.iter_variables() if any(
@@ -319,11 +360,12 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
   if missing:  # a bug, not a user error: every variable had a plan entry
     raise AssertionError(f"from_pretrained: variables left unfilled: "
                          f"{missing[:5]}")
+  paths.record_source(model, src.path)
   return model
 
 
 def _plan(src: CheckpointSource, variables: dict[str, nnx.Variable],
-          present: set[str], groups: dict[str, list[str]],
+          present: set[str], groups: dict[str, tuple[str, list[str]]],
           config: LlamaConfig) -> list[tuple[str, str]]:
   """Checks names and shapes before reading anything; returns the work."""
   plan = []
@@ -333,8 +375,13 @@ def _plan(src: CheckpointSource, variables: dict[str, nnx.Variable],
     value = var.get_value()
     if isinstance(var, QuantizedWeight):
       if hf_name in groups:
+        stored, extra = groups[hf_name]
+        if stored != value.format:
+          raise ValueError(
+              f"{src.path!r}: tensor {src.describe(hf_name)} is stored in "
+              f"the {stored!r} format but the model expects {value.format!r}.")
         plan.append((hf_name, "prequantized"))
-        used.update([hf_name, *groups[hf_name]])
+        used.update([hf_name, *extra])
         continue
       if hf_name not in present:
         missing.append(hf_name)
@@ -351,9 +398,9 @@ def _plan(src: CheckpointSource, variables: dict[str, nnx.Variable],
       continue
     if hf_name in groups:
       raise ValueError(
-          f"{src.path!r}: tensor {src.describe(hf_name)} is stored 4-bit "
-          "quantized but the model keeps this layer in float (check "
-          "`llm_int8_skip_modules` of `quantization`).")
+          f"{src.path!r}: tensor {src.describe(hf_name)} is stored "
+          f"quantized ({groups[hf_name][0]}) but the model keeps this layer "
+          "in float (check `llm_int8_skip_modules` of `quantization`).")
     if hf_name not in present:
       missing.append(hf_name)
       continue
@@ -415,12 +462,33 @@ def _host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _iter_module_tensors(model: LlamaForCausalLM
-                         ) -> Iterator[dict[str, np.ndarray]]:
-  """Yields the checkpoint tensors of each weight, in model order."""
+def iter_checkpoint_tensors(model: LlamaForCausalLM
+                            ) -> Iterator[dict[str, np.ndarray]]:
+  """Yields the checkpoint tensors of each weight, in model order.
+
+  A quantized weight gives bitsandbytes' entries (`QuantizedArray.
+  state_dict`), a float weight `{hf_name: array}`; all as numpy arrays on
+  the host. These are the tensors `save_pretrained` writes.
+
+  Examples:
+    >>> from flax import nnx
+    >>> from jaxbnb import convert, models
+    >>> cfg = models.LlamaConfig(vocab_size=64, hidden_size=64,
+    ...                          intermediate_size=128, num_hidden_layers=1,
+    ...                          num_attention_heads=4, num_key_value_heads=2)
+    >>> model = models.LlamaForCausalLM(
+    ...     cfg, quantization=models.QuantizationConfig.nf4(),
+    ...     rngs=nnx.Rngs(0))
+    >>> tensors = {}
+    >>> for t in convert.iter_checkpoint_tensors(model):
+    ...   tensors.update(t)
+    >>> w = "model.layers.0.mlp.up_proj.weight"
+    >>> tensors[w].dtype, tensors[w + ".absmax"].dtype, len(tensors)
+    (dtype('uint8'), dtype('uint8'), 47)
+  """
   for hf_name, var in model.iter_variables():
     value = var.get_value()
-    if isinstance(value, Params4bit):
+    if isinstance(value, weights.QuantizedArray):
       yield value.state_dict(hf_name[:-len("weight")])
     else:
       yield {hf_name: _host(value)}
@@ -441,71 +509,50 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
 
 
 def save_pretrained(model: LlamaForCausalLM, path: str | os.PathLike, *,
-                    max_shard_size: int | str = "5GB",
+                    max_shard_size: int | str = "5GB", overwrite: bool = False,
                     progress: bool = True) -> None:
   """Saves `model` as an HF folder that transformers + bitsandbytes load.
 
-  Writes `config.json` (with `quantization_config` for a 4-bit model),
+  Writes `config.json` (with `quantization_config` for a quantized model),
   `generation_config.json`, and `model.safetensors`, or
   `model-0000k-of-0000n.safetensors` shards plus
   `model.safetensors.index.json` when the tensors exceed `max_shard_size`.
-  4-bit linears are written in bitsandbytes' format
-  (`Params4bit.state_dict`), float tensors as they are (bf16 stays bf16). A
-  tied head writes no `lm_head.weight`.
+  Quantized linears are written in bitsandbytes' format
+  (`QuantizedArray.state_dict`), float tensors as they are (bf16 stays
+  bf16). A tied head writes no `lm_head.weight`.
 
-  The write is atomic: everything goes to a temporary folder beside `path`
-  which then replaces it; on any error the temporary folder is removed and
-  an existing `path` is left untouched. Files of an existing `path` that
-  are not checkpoint files (e.g. tokenizer files) are kept.
+  The write is atomic: everything goes to a new folder beside `path`, which
+  then replaces it; on any error the new folder is removed and an existing
+  `path` is left untouched. Replacing a non-empty folder needs
+  `overwrite=True`; its files that are not checkpoint files (e.g. tokenizer
+  files) are kept. A model loaded with `from_pretrained` is never written
+  into, around or over the checkpoint it came from.
 
   Args:
-    model: a `LlamaForCausalLM` (float or 4-bit).
+    model: a `LlamaForCausalLM` (float or quantized).
     path: the output folder.
     max_shard_size: largest shard, bytes or a string like "5GB" / "2GiB"
       (a single weight larger than this gets a shard of its own).
+    overwrite: replace the checkpoint in an existing non-empty folder.
     progress: show a tqdm progress bar.
 
   Raises:
     TypeError: if `model` is not a `LlamaForCausalLM`.
-    ValueError: for a bad `max_shard_size` or a `path` that is a file.
+    ValueError: for a bad `max_shard_size`, a `path` that is a file, or a
+      `path` that is, contains or lies inside the checkpoint `model` was
+      loaded from (the message names both).
+    FileExistsError: if `path` is a non-empty folder and `overwrite` is
+      False.
   """
   if not isinstance(model, LlamaForCausalLM):
     raise TypeError("save_pretrained: `model` must be a LlamaForCausalLM, "
                     f"got {type(model).__name__}.")
   limit = parse_size(max_shard_size)
-  target = os.path.abspath(os.fspath(path))
-  if os.path.exists(target) and not os.path.isdir(target):
-    raise ValueError(f"save_pretrained: {target!r} exists and is not a "
-                     "folder.")
-  parent = os.path.dirname(target)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-",
-                         dir=parent)
-  try:
-    _write_folder(model, tmp, limit, progress)
-    if os.path.isdir(target):
-      for entry in os.listdir(target):  # keep tokenizer files and the like
-        if not _OWN_FILES.match(entry):
-          src_p, dst_p = os.path.join(target, entry), os.path.join(tmp, entry)
-          if os.path.isdir(src_p):
-            shutil.copytree(src_p, dst_p, symlinks=True)
-          else:
-            shutil.copy2(src_p, dst_p, follow_symlinks=False)
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-",
-                             dir=parent)
-      os.rmdir(old)
-      os.rename(target, old)
-      try:
-        os.rename(tmp, target)
-      except BaseException:
-        os.rename(old, target)
-        raise
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, target)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  paths.write_folder_atomic(
+      path, lambda folder: _write_folder(model, folder, limit, progress),
+      overwrite=overwrite, fn="save_pretrained",
+      source=paths.source_of(model),
+      keep=lambda entry: not _OWN_FILES.match(entry))
 
 
 def _write_folder(model: LlamaForCausalLM, folder: str, limit: int,
@@ -532,7 +579,7 @@ def _write_folder(model: LlamaForCausalLM, folder: str, limit: int,
     shards.append((name, list(current), size))
     current, size = {}, 0
 
-  for tensors in _progress(_iter_module_tensors(model), n_vars,
+  for tensors in _progress(iter_checkpoint_tensors(model), n_vars,
                            "Saving weights", progress):
     nbytes = sum(a.nbytes for a in tensors.values())
     if current and size + nbytes > limit:
@@ -583,8 +630,8 @@ def checkpoint_info(path: str | os.PathLike | CheckpointSource
     `compute_dtype`, `quantized_linears`.
 
   Examples:
-    >>> from jaxbnb._src.io.convert import checkpoint_info
-    >>> info = checkpoint_info(
+    >>> from jaxbnb import convert
+    >>> info = convert.checkpoint_info(
     ...     "tests/golden/bnb_llama/nf4_dq_bf16")  # doctest: +SKIP
     >>> info["quantization"]["quant_type"], info["config"]["num_hidden_layers"]
     ... # doctest: +SKIP
@@ -601,8 +648,13 @@ def checkpoint_info(path: str | os.PathLike | CheckpointSource
   by_dtype: dict[str, int] = collections.Counter()
   bytes_by: dict[str, int] = collections.Counter()
   names = src.names()
-  blobs = {n[:n.index(_QS_MARK)]: n for n in names if _QS_MARK in n}
-  aux = {n for w in blobs for n in names if n.startswith(w + ".")}
+  groups = _quantized_weights(names)
+  aux = {n for _, extra in groups.values() for n in extra}
+  blobs = {w: next(n for n in extra if _QS_MARK in n)
+           for w, (fmt, extra) in groups.items()
+           if fmt == weights.Params4bit.format}
+  int8 = [w for w, (fmt, _) in groups.items()
+          if fmt == weights.Int8Params.format]
   params = 0
   first_blob = None
   for n in names:
@@ -619,13 +671,11 @@ def checkpoint_info(path: str | os.PathLike | CheckpointSource
       params += math.prod(shape)
   quant = None
   qc = src.quantization_config
-  if blobs or any(n.endswith(".SCB") for n in names) or (
-      qc and qc.get("quant_method", "bitsandbytes") == "bitsandbytes"):
-    eight = any(n.endswith(".SCB") for n in names) or bool(
-        qc and qc.get("load_in_8bit"))
+  if groups or (qc and qc.get("quant_method", "bitsandbytes") ==
+                "bitsandbytes"):
+    eight = bool(int8) or bool(qc and qc.get("load_in_8bit"))
     quant = {"method": "bitsandbytes", "bits": 8 if eight else 4,
-             "quantized_linears": len(blobs) if not eight else sum(
-                 n.endswith(".SCB") for n in names)}
+             "quantized_linears": len(int8) if eight else len(blobs)}
     if not eight:
       fb = first_blob or {}
       storage = (np.dtype(src.dtype(next(iter(blobs)))).name if blobs

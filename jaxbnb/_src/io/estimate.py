@@ -31,6 +31,9 @@ import math
 import os
 from typing import Any, Mapping
 
+from jaxbnb._src.io import gguf_source
+from jaxbnb._src.models.config import LlamaConfig
+
 __all__ = ["MemoryEstimate", "estimate_memory", "KNOWN_MODELS", "GPU_SIZES_GB",
            "FORMATS"]
 
@@ -154,11 +157,7 @@ def _gib(n: int) -> str:
   return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def _resolve_config(config) -> tuple[str, Any]:
-  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.models.config import LlamaConfig
-  # pylint: enable=g-import-not-at-top
-
+def _resolve_config(config) -> tuple[str, LlamaConfig]:
   if isinstance(config, LlamaConfig):
     return "config", config
   if isinstance(config, Mapping):
@@ -181,8 +180,7 @@ def _resolve_config(config) -> tuple[str, Any]:
       if key.endswith(".json"):
         with open(key, encoding="utf-8") as f:
           return key, LlamaConfig.from_hf(json.load(f))
-      from jaxbnb._src.io.gguf_source import GGUFSource  # pylint: disable=g-import-not-at-top
-      return key, LlamaConfig.from_hf(GGUFSource(key).config)
+      return key, LlamaConfig.from_hf(gguf_source.GGUFSource(key).config)
     raise ValueError(
         f"estimate_memory: `config` {key!r} is neither an existing folder or "
         f"file nor a known model name ({', '.join(KNOWN_MODELS)})")

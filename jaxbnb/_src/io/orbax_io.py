@@ -3,107 +3,73 @@
 `save_checkpoint` stores the model's `nnx.state` with orbax (packed 4-bit
 bytes, absmax, nested statistics, quant_storage dtype and float weights,
 bit-for-bit) and, beside it, `jaxbnb_model.json` with the `LlamaConfig`, the
-`QuantizationConfig`, the dtypes and the static layout of every 4-bit
+`QuantizationConfig`, the dtypes and the static layout of every quantized
 weight, so `restore_checkpoint` can rebuild the abstract model without any
 other input. Loading an orbax checkpoint is much faster than converting an
 HF checkpoint again (no quantization, no tensor-by-tensor reading).
+
+Quantized weights are handled through their interface (`layout()` and
+`weights.from_layout`), whatever their format.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxbnb._src.models.llama import LlamaForCausalLM
-from jaxbnb._src.models.config import LlamaConfig
+from jaxbnb._src.io import paths
 from jaxbnb._src.layers.quant_config import QuantizationConfig
-from jaxbnb._src.quant.state import Params4bit
-from jaxbnb._src.quant.state import QuantState
+from jaxbnb._src.models.config import LlamaConfig
+from jaxbnb._src.models.llama import LlamaForCausalLM
+from jaxbnb._src.quant import weights
 
 __all__ = ["save_checkpoint", "restore_checkpoint"]
 
 _META = "jaxbnb_model.json"
 _STATE = "state"
 _FORMAT = "jaxbnb-orbax-llama"
-_ARRAY_FIELDS = ("absmax", "code", "offset", "nested_absmax", "nested_code")
-
-
-def _spec(x) -> list[Any] | None:
-  return None if x is None else [list(x.shape), jnp.dtype(x.dtype).name]
-
-
-def _quant_layout(p: Params4bit) -> dict[str, Any]:
-  qs = p.quant_state
-  return {
-      "data": _spec(p.data),
-      **{f: _spec(getattr(qs, f)) for f in _ARRAY_FIELDS},
-      "shape": list(qs.shape), "dtype": qs.dtype, "blocksize": qs.blocksize,
-      "quant_type": qs.quant_type, "nested_blocksize": qs.nested_blocksize,
-  }
-
-
-def _abstract_params4bit(layout: dict[str, Any]) -> Params4bit:
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-  def sds(spec):
-    if spec is None:
-      return None
-    return jax.ShapeDtypeStruct(tuple(spec[0]), jnp.dtype(spec[1]),
-                                sharding=sharding)
-
-  qs = QuantState(
-      **{f: sds(layout[f]) for f in _ARRAY_FIELDS},
-      shape=tuple(layout["shape"]), dtype=layout["dtype"],
-      blocksize=int(layout["blocksize"]), quant_type=layout["quant_type"],
-      nested_blocksize=int(layout["nested_blocksize"]))
-  return Params4bit(sds(layout["data"]), qs)
-
-
-def _checkpointer():
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  return ocp.StandardCheckpointer()
 
 
 def save_checkpoint(model: LlamaForCausalLM, path: str | os.PathLike, *,
                     overwrite: bool = False) -> None:
-  """Saves `model` (float or 4-bit) as an orbax checkpoint folder.
+  """Saves `model` (float or quantized) as an orbax checkpoint folder.
+
+  The write is atomic: the checkpoint goes to a new folder beside `path`,
+  which then replaces it; on any error the new folder is removed and an
+  existing checkpoint at `path` is left as it was.
 
   Args:
     model: the `LlamaForCausalLM`.
     path: output folder; holds `state/` (orbax) and `jaxbnb_model.json`.
-    overwrite: replace an existing `path` (otherwise it is an error).
+    overwrite: replace an existing non-empty `path` (otherwise an error).
 
   Raises:
     TypeError: if `model` is not a `LlamaForCausalLM`.
-    FileExistsError: if `path` exists and `overwrite` is False.
+    FileExistsError: if `path` is a non-empty folder and `overwrite` is
+      False.
+    ValueError: if `path` is a file, or is, contains or lies inside the
+      checkpoint `model` was loaded from with `from_pretrained`.
 
   Examples:
-    >>> from jaxbnb._src.io.orbax_io import save_checkpoint, restore_checkpoint
-    >>> save_checkpoint(model, "/tmp/ckpt")  # doctest: +SKIP
-    >>> model = restore_checkpoint("/tmp/ckpt")  # doctest: +SKIP
+    >>> from jaxbnb import convert
+    >>> convert.save_checkpoint(model, "/tmp/ckpt")  # doctest: +SKIP
+    >>> model = convert.restore_checkpoint("/tmp/ckpt")  # doctest: +SKIP
   """
   if not isinstance(model, LlamaForCausalLM):
     raise TypeError("save_checkpoint: `model` must be a LlamaForCausalLM, "
                     f"got {type(model).__name__}.")
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path):
-    if not overwrite:
-      raise FileExistsError(
-          f"save_checkpoint: {path!r} already exists (pass overwrite=True).")
-    shutil.rmtree(path)
   layouts = {}
   for name, var in model.iter_variables():
     value = var.get_value()
-    if isinstance(value, Params4bit):
-      layouts[name] = _quant_layout(value)
+    if isinstance(value, weights.QuantizedArray):
+      layouts[name] = value.layout()
   q = model.quantization
   meta = {
       "format": _FORMAT,
@@ -115,16 +81,17 @@ def save_checkpoint(model: LlamaForCausalLM, path: str | os.PathLike, *,
       "quantized_weights": layouts,
   }
   _, state = nnx.split(model)
-  os.makedirs(path)
-  try:
-    ckptr = _checkpointer()
-    ckptr.save(os.path.join(path, _STATE), nnx.to_pure_dict(state))
+
+  def write(folder: str) -> None:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(folder, _STATE), nnx.to_pure_dict(state))
     ckptr.wait_until_finished()
-    with open(os.path.join(path, _META), "w", encoding="utf-8") as f:
+    with open(os.path.join(folder, _META), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2)
-  except BaseException:
-    shutil.rmtree(path, ignore_errors=True)
-    raise
+
+  paths.write_folder_atomic(path, write, overwrite=overwrite,
+                            fn="save_checkpoint",
+                            source=paths.source_of(model))
 
 
 def _read_meta(path: str) -> dict[str, Any]:
@@ -160,6 +127,7 @@ def restore_checkpoint(path: str | os.PathLike,
   """
   path = os.path.abspath(os.fspath(path))
   meta = _read_meta(path)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   if like is None:
     config = LlamaConfig.from_hf(meta["config"])
     q = meta.get("quantization")
@@ -167,12 +135,12 @@ def restore_checkpoint(path: str | os.PathLike,
     like = nnx.eval_shape(lambda: LlamaForCausalLM(
         config, dtype=meta["dtype"], param_dtype=meta["param_dtype"],
         quantization=quantization, rngs=nnx.Rngs(0)))
+    # Layouts without "format" (jaxbnb 0.1) are 4-bit; from_layout knows.
     layouts = meta.get("quantized_weights", {})
     for name, var in like.iter_variables():
       if name in layouts:
-        var.set_value(_abstract_params4bit(layouts[name]))
+        var.set_value(weights.from_layout(layouts[name], sharding))
   graphdef, state = nnx.split(like)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def abstract(x):
     if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
@@ -183,6 +151,7 @@ def restore_checkpoint(path: str | os.PathLike,
     return x
 
   target = jax.tree.map(abstract, nnx.to_pure_dict(state))
-  restored = _checkpointer().restore(os.path.join(path, _STATE), target)
+  restored = ocp.StandardCheckpointer().restore(os.path.join(path, _STATE),
+                                                target)
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)

@@ -1,50 +1,47 @@
 """Tokenizers for jaxbnb models: a HF folder or the metadata of a GGUF file.
 
 A HF folder goes through `transformers.AutoTokenizer` (local files only). A
-GGUF file carries its tokenizer as metadata (`tokenizer.ggml.*`); for
-byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`: GPT-2, SmolLM,
-Llama 3, Qwen2, ...) we build the equivalent `tokenizers` BPE model with a
-ByteLevel pre-tokenizer and decoder, mark the control tokens as special, and
-wrap it in a `transformers.PreTrainedTokenizerFast` with the file's
-bos/eos/pad/unk tokens and chat template. Save it with `save_pretrained`.
+GGUF file carries its tokenizer as metadata (`tokenizer.ggml.*`), which
+transformers' own GGUF conversion (`convert_gguf_tokenizer`, what
+`AutoTokenizer.from_pretrained(folder, gguf_file=name)` uses) turns into a
+fast tokenizer: byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2, ...),
+SentencePiece and Unigram vocabularies, control tokens marked special, and
+the file's bos/eos/pad/unk tokens, BOS/EOS flags and chat template.
+
+`AutoTokenizer.from_pretrained(..., gguf_file=...)` itself is not called:
+its GGUF metadata reader imports torch (transformers 5.24:
+`transformers/integrations/gguf/reader.py` starts with `import torch`), which
+jaxbnb does not need. The metadata comes from the `gguf` package instead (as
+the weights do, `GGUFSource`), and the conversion is transformers'.
+
+transformers and tokenizers belong to the Hugging Face extra (`pip install
+'jaxbnb[hf]'`); they are imported (through `extras.require`) only when a
+tokenizer is loaded.
 """
 
 from __future__ import annotations
 
-import functools
 import os
+
+from jaxbnb._src.io import extras
+from jaxbnb._src.io import gguf_source
 
 __all__ = ["load_tokenizer"]
 
-# How each `tokenizer.ggml.pre` splits text before BPE. None: GPT-2's own
-# regex (the ByteLevel pre-tokenizer with use_regex=True).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_SPLITS = {
-    None: None,
-    "default": None,
-    "gpt2": None,
-    "gpt-2": None,
-    "smollm": None,
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-}
-_CONTROL = 3  # llama.cpp token types: 1 normal, 3 control, 4 user-defined.
-_USER_DEFINED = 4
+_FEATURE = "loading a tokenizer"
+# `tokenizer.ggml.*` id keys -> the tokenizer's special-token arguments.
+_SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                "unk_token": "unknown_token_id",
+                "pad_token": "padding_token_id"}
 
 
-
-def _quiet_transformers() -> None:
+def _transformers():
   # jaxbnb uses transformers for tokenizers only; its "PyTorch was not
   # found" advisory is noise here (a user's own setting wins).
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  extras.require("tokenizers", _FEATURE)  # transformers imports it lazily
+  return extras.require("transformers", _FEATURE)
+
 
 def load_tokenizer(path: str | os.PathLike):
   """Loads the tokenizer of a HF model folder or a GGUF file.
@@ -54,21 +51,23 @@ def load_tokenizer(path: str | os.PathLike):
       files) or a `.gguf` file.
 
   Returns:
-    A `transformers.PreTrainedTokenizerFast`. For a GGUF file it has the
-    file's `bos_token`/`eos_token`/`pad_token`/`unk_token` and
-    `chat_template`, and adds no BOS (`tokenizer.ggml.add_bos_token`).
+    A `transformers` fast tokenizer. For a GGUF file it has the file's
+    `bos_token`/`eos_token`/`pad_token`/`unk_token` and `chat_template`,
+    and adds a BOS only where `tokenizer.ggml.add_bos_token` says so.
 
   Raises:
     FileNotFoundError: `path` does not exist.
-    NotImplementedError: a GGUF tokenizer that is not byte-level BPE
-      (`tokenizer.ggml.model` other than "gpt2"), or an unknown
-      `tokenizer.ggml.pre` split.
+    ImportError: transformers is not installed (`pip install
+      'jaxbnb[hf]'`).
+    NotImplementedError: a GGUF tokenizer model transformers cannot
+      convert (`tokenizer.ggml.model`).
     ValueError: a GGUF file without tokenizer metadata, or a folder without
       tokenizer files.
 
   Example:
-    >>> from jaxbnb._src.io.gguf_source import smollm2_gguf_path
-    >>> tok = load_tokenizer(smollm2_gguf_path())  # doctest: +SKIP
+    >>> from jaxbnb import convert
+    >>> tok = convert.load_tokenizer(
+    ...     convert.smollm2_gguf_path())  # doctest: +SKIP
     >>> tok.apply_chat_template(
     ...     [{"role": "user", "content": "Hi"}], add_generation_prompt=True,
     ...     tokenize=False).endswith("<|im_start|>assistant\\n")
@@ -92,121 +91,57 @@ def _is_gguf(path: str) -> bool:
 
 
 def _load_hf(path: str):
-  _quiet_transformers()
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-
+  transformers = _transformers()
   try:
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(path,
+                                                      local_files_only=True)
   except (OSError, ValueError) as e:
     raise ValueError(
         f"cannot load a tokenizer from folder {path!r}: {e}") from e
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_alphabet() -> dict[int, str]:
-  """GPT-2's byte -> printable character map (as in `bytes_to_unicode`)."""
-  keep = (list(range(ord("!"), ord("~") + 1))
-          + list(range(ord("\xa1"), ord("\xac") + 1))
-          + list(range(ord("\xae"), ord("\xff") + 1)))
-  chars = list(keep)
-  extra = 0
-  for b in range(256):
-    if b not in keep:
-      keep.append(b)
-      chars.append(256 + extra)
-      extra += 1
-  return {b: chr(c) for b, c in zip(keep, chars)}
-
-
 def _load_gguf(path: str):
-  # pylint: disable=g-import-not-at-top
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models
-  from tokenizers import pre_tokenizers, processors
-  _quiet_transformers()
-  from transformers import PreTrainedTokenizerFast
-
-  from jaxbnb._src.io.gguf_source import open_reader, read_metadata
-  # pylint: enable=g-import-not-at-top
-
-  meta = read_metadata(open_reader(path))
-  kind = meta.get("tokenizer.ggml.model")
-  if kind is None or "tokenizer.ggml.tokens" not in meta:
+  transformers = _transformers()
+  try:
+    mapping = extras.require(
+        "transformers.integrations.gguf.gguf_tokenizer_mapping", _FEATURE)
+  except ImportError as e:
+    raise ImportError(
+        f"GGUF tokenizers need transformers' GGUF conversion "
+        "(transformers.integrations.gguf, tested with transformers 5.24); "
+        f"transformers {transformers.__version__} lacks it: "
+        f"pip install -U 'jaxbnb[hf]'") from e
+  meta = gguf_source.read_metadata(gguf_source.open_reader(path))
+  if "tokenizer.ggml.model" not in meta or "tokenizer.ggml.tokens" not in meta:
     raise ValueError(f"GGUF file {path!r} has no tokenizer metadata "
                      "(tokenizer.ggml.model / tokenizer.ggml.tokens)")
-  if kind != "gpt2":
-    raise NotImplementedError(
-        f"GGUF file {path!r}: tokenizer.ggml.model is {kind!r}; only byte-"
-        "level BPE ('gpt2') tokenizers can be built from GGUF metadata. Use "
-        "the model's HF tokenizer folder instead.")
-  pre = meta.get("tokenizer.ggml.pre")
-  if pre not in _PRE_SPLITS:
-    raise NotImplementedError(
-        f"GGUF file {path!r}: tokenizer.ggml.pre is {pre!r}; supported: "
-        f"{sorted(k for k in _PRE_SPLITS if k)}")
-  tokens = [str(t) for t in meta["tokenizer.ggml.tokens"]]
-  types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-  merges = meta.get("tokenizer.ggml.merges")
-  if merges is None:
-    raise ValueError(f"GGUF file {path!r} has no tokenizer.ggml.merges")
-
-  alphabet = _byte_alphabet()
-  letters = set(alphabet.values())
-
-  def spelled(token: str) -> str:
-    # Byte-level vocabularies spell every token in the byte alphabet; a token
-    # that is not (rare llama.cpp spelling) is re-spelled from its UTF-8.
-    if set(token) <= letters:
-      return token
-    return "".join(alphabet[b] for b in token.encode("utf-8"))
-
-  vocab = {}
-  for i, (token, kind_) in enumerate(zip(tokens, types)):
-    key = token if kind_ in (_CONTROL, _USER_DEFINED) else spelled(token)
-    vocab.setdefault(key, i)
-  pairs = [tuple(m.split(" ", 1)) for m in merges]
-  model = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
-                     byte_fallback=False)
-  backend = Tokenizer(model)
-  split = _PRE_SPLITS[pre]
-  if split is None:
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                     use_regex=True)
-  else:
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-  backend.decoder = decoders.ByteLevel()
-  backend.add_special_tokens([
-      AddedToken(t, special=True, normalized=False)
-      for t, k in zip(tokens, types) if k == _CONTROL])
-  backend.add_tokens([
-      AddedToken(t, special=False, normalized=False)
-      for t, k in zip(tokens, types) if k == _USER_DEFINED])
-
-  def token(key: str):
+  # The grouping of transformers' `get_gguf_tokenizer`, on our metadata.
+  groups = {
+      group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+              if f"tokenizer.{key}" in meta}
+      for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()}
+  spec, init = groups["tokenizer"], groups["tokenizer_config"]
+  if spec.get("tokenizer_type") == "llama":
+    # As transformers: llama.cpp adds BOS to a SentencePiece vocabulary
+    # whose file does not say otherwise.
+    init.setdefault("add_bos_token", True)
+  elif spec.get("tokenizer_type") == "gemma4":
+    init["add_bos_token"] = False  # its chat template writes <bos> itself
+  tokens = spec["tokens"]
+  for arg, key in _SPECIAL_IDS.items():
     idx = meta.get(f"tokenizer.ggml.{key}")
-    return tokens[int(idx)] if idx is not None and int(idx) < len(tokens) \
-        else None
-
-  special = {
-      "bos_token": token("bos_token_id"),
-      "eos_token": token("eos_token_id"),
-      "pad_token": token("padding_token_id"),
-      "unk_token": token("unknown_token_id"),
-  }
-  bos = special["bos_token"]
-  if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
-    bos_id = vocab.get(bos, tokens.index(bos))
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-        special_tokens=[(bos, bos_id)])
-  tok = PreTrainedTokenizerFast(
-      tokenizer_object=backend,
-      clean_up_tokenization_spaces=False,
-      **{k: v for k, v in special.items() if v is not None})
-  template = meta.get("tokenizer.chat_template")
-  if template:
-    tok.chat_template = str(template)
+    if idx is not None and 0 <= int(idx) < len(tokens):
+      init[arg] = tokens[int(idx)]
+  try:
+    backend, extra = mapping.convert_gguf_tokenizer(
+        meta["general.architecture"], spec)
+  except ValueError as e:  # "Cannot build a tokenizer ... stating ..."
+    raise NotImplementedError(
+        f"GGUF file {path!r}: tokenizer.ggml.model is "
+        f"{spec.get('tokenizer_type')!r}, which transformers cannot convert: "
+        f"{e} Use the model's HF tokenizer folder instead.") from e
+  tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=backend, clean_up_tokenization_spaces=False,
+      **init, **extra)
   tok.name_or_path = path
   return tok

@@ -20,8 +20,11 @@ def precision_for(dtype: Any) -> jax.lax.Precision | None:
   """float32 computes in true float32 (transformers' default), not TF32.
 
   XLA multiplies float32 matrices in TF32 on NVIDIA GPUs unless asked for
-  `HIGHEST`; 16-bit dtypes keep the default.
+  `HIGHEST`; 16-bit dtypes keep the default. A user who asks for TF32 (or any
+  precision) with `jax.default_matmul_precision(...)` gets what they asked.
   """
+  if jax.config.jax_default_matmul_precision is not None:
+    return None
   if dtype is not None and jnp.dtype(dtype) == jnp.float32:
     return jax.lax.Precision.HIGHEST
   return None

@@ -1,0 +1,197 @@
+"""Safe output paths: atomic writes that never destroy a model's source.
+
+Every saver (`save_pretrained`, `save_checkpoint`, `write_safetensors`)
+writes into a fresh temporary folder or file beside its destination and
+renames it into place, so a failure leaves the old files as they were.
+Folders and files get the usual permissions (`0o777 & ~umask` and
+`0o666 & ~umask`, as `os.makedirs` and `open`; `tempfile.mkdtemp` would
+give 0700, safetensors 0600).
+
+`from_pretrained` records the checkpoint a model came from
+(`record_source`); a saver refuses a destination that is, contains or lies
+inside that checkpoint (`check_destination`), which would otherwise replace
+the original weights by the converted ones.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+import weakref
+from typing import Any, Callable
+
+__all__ = ["record_source", "source_of", "check_destination",
+           "write_folder_atomic", "write_file_atomic"]
+
+# model -> the checkpoint path it was loaded from. A side table rather than
+# an attribute: a Python attribute of an nnx.Module becomes part of its
+# graphdef, so models loaded from different paths would compile separately
+# and print the path in their repr.
+_SOURCES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def record_source(model: Any, path: str | os.PathLike) -> None:
+  """Remembers that `model` was loaded from the checkpoint at `path`."""
+  _SOURCES[model] = os.path.realpath(os.fspath(path))
+
+
+def source_of(model: Any) -> str | None:
+  """The checkpoint `model` was loaded from (`record_source`), or None."""
+  return _SOURCES.get(model)
+
+
+def _within(path: str, folder: str) -> bool:
+  return os.path.commonpath([path, folder]) == folder
+
+
+def check_destination(dst: str | os.PathLike, source: str | None,
+                      fn: str) -> None:
+  """Refuses a destination that is, contains or lies inside `source`.
+
+  Args:
+    dst: where `fn` is about to write.
+    source: the checkpoint (folder or file) the model was loaded from, or
+      None (nothing to protect).
+    fn: the caller's name, for the message.
+
+  Raises:
+    ValueError: naming both paths.
+
+  Examples:
+    >>> check_destination("/m/out", "/m/src", "save")
+    >>> check_destination("/m/src/q", "/m/src", "save")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: save: the destination '/m/src/q' lies inside '/m/src', ...
+  """
+  if source is None:
+    return
+  d = os.path.realpath(os.fspath(dst))
+  s = os.path.realpath(source)
+  if d == s:
+    where = "is"
+  elif _within(d, s):
+    where = "lies inside"
+  elif _within(s, d):
+    where = "contains"
+  else:
+    return
+  raise ValueError(
+      f"{fn}: the destination {d!r} {where} {s!r}, the checkpoint the model "
+      "was loaded from; writing there could destroy it. Choose another "
+      "folder.")
+
+
+def _fresh_name(parent: str, prefix: str) -> str:
+  return os.path.join(parent, f"{prefix}{secrets.token_hex(4)}")
+
+
+def _make_folder(parent: str, prefix: str) -> str:
+  """A new empty folder in `parent`, mode `0o777 & ~umask`."""
+  while True:
+    path = _fresh_name(parent, prefix)
+    try:
+      os.mkdir(path)  # mode 0o777, less the umask
+      return path
+    except FileExistsError:
+      continue
+
+
+def write_folder_atomic(target: str | os.PathLike,
+                        write: Callable[[str], None], *, overwrite: bool,
+                        fn: str, source: str | None = None,
+                        keep: Callable[[str], bool] | None = None) -> str:
+  """Writes a folder with `write(tmp)`, then renames it to `target`.
+
+  `write` fills a new folder beside `target` (same parent, so the renames
+  stay on one file system). An existing `target` is swapped out only once
+  `write` has succeeded, and deleted after the swap; on any error the
+  temporary folder is removed and `target` is untouched.
+
+  Args:
+    target: the output folder.
+    write: fills the folder whose path it gets.
+    overwrite: allow replacing a non-empty `target`.
+    fn: the caller's name, for messages.
+    source: the checkpoint the model was loaded from (see
+      `check_destination`), or None.
+    keep: entries of an existing `target` to carry over into the new folder
+      (e.g. tokenizer files); None keeps nothing.
+
+  Returns:
+    The absolute path written.
+
+  Raises:
+    ValueError: `target` is a file, or overlaps `source`.
+    FileExistsError: `target` is a non-empty folder and `overwrite` is False.
+  """
+  target = os.path.realpath(os.fspath(target))
+  check_destination(target, source, fn)
+  exists = os.path.exists(target)
+  if exists and not os.path.isdir(target):
+    raise ValueError(f"{fn}: {target!r} exists and is not a folder.")
+  if exists and os.listdir(target) and not overwrite:
+    raise FileExistsError(
+        f"{fn}: {target!r} already exists and is not empty; pass "
+        "overwrite=True (--overwrite on the command line) to replace it.")
+  parent, base = os.path.split(target)
+  os.makedirs(parent, exist_ok=True)
+  tmp = _make_folder(parent, f".{base}.tmp-")
+  try:
+    write(tmp)
+    if not exists:
+      os.rename(tmp, target)
+      return target
+    os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+    for entry in os.listdir(target):
+      if keep is not None and keep(entry):
+        src_p, dst_p = os.path.join(target, entry), os.path.join(tmp, entry)
+        if os.path.isdir(src_p) and not os.path.islink(src_p):
+          shutil.copytree(src_p, dst_p, symlinks=True)
+        else:
+          shutil.copy2(src_p, dst_p, follow_symlinks=False)
+    old = _fresh_name(parent, f".{base}.old-")
+    os.rename(target, old)
+    try:
+      os.rename(tmp, target)
+    except BaseException:
+      os.rename(old, target)
+      raise
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+  return target
+
+
+def write_file_atomic(path: str | os.PathLike,
+                      write: Callable[[str], Any]) -> Any:
+  """Calls `write(tmp)` on a temporary name beside `path`, then renames.
+
+  Returns what `write` returns; on an error the temporary file is removed
+  and an existing `path` is untouched.
+  """
+  path = os.fspath(path)
+  parent, base = os.path.split(os.path.abspath(path))
+  while True:
+    tmp = _fresh_name(parent, f".{base}.tmp-")
+    try:
+      os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+      break
+    except FileExistsError:
+      continue
+  try:
+    # The mode a new file gets (0o666 & ~umask). Writers that replace the
+    # file (safetensors writes its own temporary file, mode 0600, and
+    # renames it) lose it, so it is restored.
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
+    out = write(tmp)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+    raise
+  return out
