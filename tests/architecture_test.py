@@ -217,4 +217,4 @@ def test_models_and_convert_import_no_optional_packages():
                          "jaxbnb.linen")
   assert "flax" in loaded  # the check sees imports at all
   assert not loaded & {"transformers", "tokenizers", "gguf", "torch",
-                       "jinja2"}, sorted(loaded)
+                       "jinja2", "orbax"}, sorted(loaded)

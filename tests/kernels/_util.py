@@ -18,7 +18,7 @@ def modes():
 
 
 def thresholds(quant_type):
-  return kernels._thresholds(quant_type)  # pylint: disable=protected-access
+  return kernels.thresholds(quant_type)
 
 
 def rng_array(shape, seed, dtype, scale=1.0):

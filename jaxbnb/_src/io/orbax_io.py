@@ -21,9 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxbnb._src.io import extras
 from jaxbnb._src.io import paths
 from jaxbnb._src.layers.quant_config import QuantizationConfig
 from jaxbnb._src.models.config import LlamaConfig
@@ -31,6 +31,12 @@ from jaxbnb._src.models.llama import LlamaForCausalLM
 from jaxbnb._src.quant import weights
 
 __all__ = ["save_checkpoint", "restore_checkpoint"]
+
+
+def _orbax():
+  """orbax.checkpoint, from the `[orbax]` extra (imported when first used)."""
+  return extras.require("orbax.checkpoint", "orbax checkpoints",
+                        extra="orbax")
 
 _META = "jaxbnb_model.json"
 _STATE = "state"
@@ -83,7 +89,7 @@ def save_checkpoint(model: LlamaForCausalLM, path: str | os.PathLike, *,
   _, state = nnx.split(model)
 
   def write(folder: str) -> None:
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = _orbax().StandardCheckpointer()
     ckptr.save(os.path.join(folder, _STATE), nnx.to_pure_dict(state))
     ckptr.wait_until_finished()
     with open(os.path.join(folder, _META), "w", encoding="utf-8") as f:
@@ -151,7 +157,7 @@ def restore_checkpoint(path: str | os.PathLike,
     return x
 
   target = jax.tree.map(abstract, nnx.to_pure_dict(state))
-  restored = ocp.StandardCheckpointer().restore(os.path.join(path, _STATE),
+  restored = _orbax().StandardCheckpointer().restore(os.path.join(path, _STATE),
                                                 target)
   nnx.replace_by_pure_dict(state, restored)
   return nnx.merge(graphdef, state)
