@@ -1,10 +1,12 @@
 """bitsandbytes' 8-bit (and 32-bit, paged) optimizers for Optax.
 
-See `jaxbnb._src.optim.aliases` for the semantics; every name mirrors a
-`bitsandbytes.optim` class (`adamw8bit` <-> `AdamW8bit`).
+Every factory returns an `optax.GradientTransformation` and mirrors a
+`bitsandbytes.optim` class (`adamw8bit` <-> `AdamW8bit`), with its defaults
+and update order; the `scale_by_*8bit` blocks give the update direction for
+`optax.chain`. Importing this module needs JAX and Optax only (no Flax).
+See docs/optim.md for the semantics.
 """
 
-from jaxbnb._src.optim.aliases import Optimizer8bitState as Optimizer8bitState
 from jaxbnb._src.optim.aliases import adagrad32bit as adagrad32bit
 from jaxbnb._src.optim.aliases import adagrad8bit as adagrad8bit
 from jaxbnb._src.optim.aliases import adam32bit as adam32bit
@@ -34,6 +36,7 @@ from jaxbnb._src.optim.aliases import scale_by_rmsprop8bit as scale_by_rmsprop8b
 from jaxbnb._src.optim.aliases import sgd32bit as sgd32bit
 from jaxbnb._src.optim.aliases import sgd8bit as sgd8bit
 from jaxbnb._src.optim.rules import Hyper as Hyper
+from jaxbnb._src.optim.state import Optimizer8bitState as Optimizer8bitState
 from jaxbnb._src.optim.state import Quantized8bit as Quantized8bit
 from jaxbnb._src.optim.state import quantize_state as quantize_state
 from jaxbnb._src.optim.interop import from_bnb_state_dict as from_bnb_state_dict

@@ -20,9 +20,13 @@ nesterov), "rmsprop", "adagrad", "lion". Hyper-parameters that change
 during training (lr, the step, the bias corrections, AdEMAMix's alpha and
 beta3 schedules) and the betas, eps and weight decay come in as one small
 float32 array, so a new learning rate or step never recompiles; only the
-kind, nesterov, "weight decay > 0" and the dtypes are static.
+kind, nesterov, "weight decay > 0" (or None: decided per step from the
+scalar, for a traced weight decay) and the dtypes are static.
 
-This is a leaf module: it imports jax only; the maps are array inputs.
+This is a leaf module: it imports jax only; the maps are array inputs. Its
+`KINDS`, `TWO_STATE_KINDS` and `BLOCKSIZE` repeat jaxbnb's (`jaxbnb._src.
+optim.rules` / `state`), which are their home; tests/kernels/optim_8bit_test.py
+asserts that the two agree.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
-__all__ = ["BLOCKSIZE", "KINDS", "SCALARS", "can_use", "num_states",
-           "optimizer_update_8bit", "pack_scalars"]
+__all__ = ["BLOCKSIZE", "KINDS", "SCALARS", "TWO_STATE_KINDS", "can_use",
+           "num_states", "optimizer_update_8bit", "pack_scalars"]
 
 BLOCKSIZE = 256
-KINDS = ("adam", "ademamix", "momentum", "rmsprop", "adagrad", "lion")
+KINDS = ("adam", "ademamix", "lion", "momentum", "rmsprop", "adagrad")
+TWO_STATE_KINDS = ("adam", "ademamix")
 _DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 
 # Layout of the float32 scalar array (unused slots are ignored).
@@ -51,7 +56,7 @@ _S = {name: i for i, name in enumerate(SCALARS)}
 
 def num_states(kind: str) -> int:
   """2 for adam/ademamix, 1 for the 1-state kinds."""
-  return 2 if kind in ("adam", "ademamix") else 1
+  return 2 if kind in TWO_STATE_KINDS else 1
 
 
 def can_use(kind: str, n: int, dtype) -> bool:
@@ -104,6 +109,11 @@ def _round_to(x, dtype):
 
 def _sgn(x):
   return (x > 0).astype(jnp.float32) - (x < 0).astype(jnp.float32)
+
+
+def _if_decay(has_wd, wd, decayed, plain):
+  """`decayed` with weight decay on; with `has_wd` None, where `wd > 0`."""
+  return decayed if has_wd else jnp.where(wd > 0, decayed, plain)
 
 
 # ----------------------------------------------------------- requantization
@@ -250,20 +260,22 @@ def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
       den = _div(_sqrt(s2, interpret), c2, interpret) + eps
       new = _round_to(pf - lr * _div(num, den, interpret), dtype)
       states1 = [m1, m2]
-    if has_wd:
-      new = _round_to(new * (one - (lr * wd)), dtype)
+    if has_wd is not False:
+      new = _if_decay(has_wd, wd, _round_to(new * (one - (lr * wd)), dtype),
+                      new)
     new = jnp.where(finite, new, pf)
     for k, s in enumerate(states1):
       store_state(s, c1o_ref, a1o_ref, q1_ref, True, k if stacked else None)
     store_state(s2, c2o_ref, a2o_ref, q2_ref, False)
   else:
     s1 = load_state(c1_ref, a1_ref, q1_ref, 128)
-    gv = gf
-    if has_wd:
+    gv, pf_l = gf, pf
+    if has_wd is not False:
       if kind == "lion":
-        pf_l = _round_to(pf * (one - lr * wd), dtype)
+        pf_l = _if_decay(has_wd, wd, _round_to(pf * (one - lr * wd), dtype),
+                         pf)
       else:
-        gv = gv + pf * wd
+        gv = _if_decay(has_wd, wd, gv + pf * wd, gv)
     if kind == "momentum":
       s1 = jnp.where(hs("step") == 1, gv, (s1 * b1) + gv)
     elif kind == "lion":
@@ -278,7 +290,7 @@ def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
       d = gv + b1 * s1 if nesterov else s1
       new = pf - lr * d
     elif kind == "lion":
-      new = (pf_l if has_wd else pf) - upd
+      new = pf_l - upd
     else:  # rmsprop, adagrad: the raw gradient in the numerator
       new = pf - lr * _div(gf, _sqrt(s1, interpret) + eps, interpret)
     new = jnp.where(finite, _round_to(new, dtype), pf)
@@ -303,7 +315,7 @@ def optimizer_update_8bit(
     *,
     kind: str,
     nesterov: bool = False,
-    has_wd: bool = False,
+    has_wd: bool | None = False,
     block_rows: int = 4,
     num_warps: int = 4,
     layout: str | None = None,
@@ -326,7 +338,8 @@ def optimizer_update_8bit(
       alpha and beta3 (AdEMAMix, after their schedules).
     kind: one of `KINDS`.
     nesterov: momentum only.
-    has_wd: whether weight_decay > 0 (static, as in the reference).
+    has_wd: whether weight_decay > 0 (static, as in the reference), or
+      None to decide it per step from the scalar (a traced weight decay).
     block_rows: 256-element blocks per program (power of two).
     num_warps: Triton warps per program.
     layout: "rows" (a [nblocks, 256] view; needs n % 256 == 0) or "flat"
@@ -341,6 +354,7 @@ def optimizer_update_8bit(
   """
   n = p.shape[0]
   nblocks = -(-n // BLOCKSIZE)
+  has_wd = None if has_wd is None else bool(has_wd)
   nst = num_states(kind)
   stacked = kind == "ademamix"
   dtype = jnp.dtype(p.dtype)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbnb._src.quant import kernels
+from jaxbnb._src.optim import kernels
 from jaxbnb._src.optim import rules as optim_rules
 from jaxbnb._src.optim import state as optim_state
 from pallas_kernels import optim_8bit as ok
@@ -68,7 +68,7 @@ def _ulp_diff(a, b, dtype):
   return int(np.max(np.abs(ai - bi))) if ai.size else 0
 
 
-def _check_steps(kind, shape, dtype, *, steps, impl, wd=0.0, nesterov=False,
+def _check_steps(kind, shape, dtype, *, steps, mode, wd=0.0, nesterov=False,
                  p_ulps=1, p_exact=0.99, seed=0, code_mismatch=0.0):
   rng = np.random.default_rng(seed)
   hyper = _hyper(kind, wd, nesterov)
@@ -81,7 +81,7 @@ def _check_steps(kind, shape, dtype, *, steps, impl, wd=0.0, nesterov=False,
   ref = jax.jit(lambda p, g, s1, s2, lr, t: optim_rules.update_8bit(
       kind, p, g, s1, s2, lr=lr, step=t, hyper=hyper))
   fused = jax.jit(lambda p, g, s1, s2, lr, t: kernels.optimizer_update_8bit(
-      kind, p, g, s1, s2, lr=lr, step=t, hyper=hyper, impl=impl))
+      kind, p, g, s1, s2, lr=lr, step=t, hyper=hyper, mode=mode))
   for t in range(1, steps + 1):
     g = jax.device_put(_grad(shape, rng, t), jax.devices()[0])
     # A schedule: a new lr every step, no recompile.
@@ -155,7 +155,7 @@ def test_interpret_matches_reference(kind, shape, dtype, wd, nesterov,
   tol = {}
   if kind in ("rmsprop", "adagrad"):  # see above: an fp32 state can differ
     tol = dict(code_mismatch=0.01)    # by an ulp, so can a block's absmax
-  _check_steps(kind, shape, dtype, steps=2, impl="interpret", wd=wd,
+  _check_steps(kind, shape, dtype, steps=2, mode="interpret", wd=wd,
                nesterov=nesterov, p_exact=p_exact, **tol)
 
 
@@ -168,7 +168,7 @@ def test_partial_block_uses_its_valid_elements_only():
   hyper = _hyper("momentum")
   new_p, n1, _ = kernels.optimizer_update_8bit(
       "momentum", p, g, s1, None, lr=0.1, step=1, hyper=hyper,
-      impl="interpret")
+      mode="interpret")
   np.testing.assert_array_equal(np.asarray(n1.absmax), [0.0, 0.5])
   assert float(new_p[256]) == np.float32(1.0) - np.float32(0.1) * 0.5
   assert int(n1.codes[256]) == 255          # +1.0 of the signed map
@@ -181,15 +181,47 @@ def test_bridge_declines():
   s2 = optim_state.Quantized8bit.zeros((512,), False)
   args = ("adam", p, p, s1, s2)
   assert kernels.optimizer_update_8bit(*args, lr=0.1, step=1, hyper=hyper,
-                                       impl=None) is None
+                                       mode="reference") is None
   # Missing state2 for a 2-state kind: no kernel.
   assert kernels.optimizer_update_8bit("adam", p, p, s1, None, lr=0.1,
                                        step=1, hyper=hyper,
-                                       impl="interpret") is None
+                                       mode="interpret") is None
   pi = jnp.ones((512,), jnp.int32)
   assert kernels.optimizer_update_8bit("adam", pi, pi, s1, s2, lr=0.1,
                                        step=1, hyper=hyper,
-                                       impl="interpret") is None
+                                       mode="interpret") is None
+
+
+def test_constants_agree_with_jaxbnb():
+  """pallas_kernels never imports jaxbnb, so it repeats jaxbnb's kinds and
+  block size (whose home is jaxbnb's optim package): they must agree."""
+  assert ok.KINDS == optim_rules.KINDS
+  assert ok.TWO_STATE_KINDS == optim_rules.TWO_STATE_KINDS
+  assert ok.BLOCKSIZE == optim_state.BLOCKSIZE
+  for kind in optim_rules.KINDS:
+    assert ok.num_states(kind) == optim_rules.num_states(kind), kind
+
+
+@pytest.mark.parametrize("kind", ["adam", "lion", "momentum"])
+def test_traced_weight_decay_matches_static(kind):
+  """A traced weight decay (optax.inject_hyperparams) reaches the kernel as
+  has_wd=None and gives the static results bit for bit, 0 included."""
+  shape = (300,)
+  rng = np.random.default_rng(7)
+  p = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+  g = jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 0.1)
+  s1, s2 = _init_states(kind, shape, rng)
+  fused = jax.jit(lambda p, g, s1, s2, wd: kernels.optimizer_update_8bit(
+      kind, p, g, s1, s2, lr=0.01, step=2, hyper=_hyper(kind, wd),
+      mode="interpret"))
+  for wd in (0.0, 0.1):
+    ref = jax.jit(lambda p, g, s1, s2, wd=wd: optim_rules.update_8bit(
+        kind, p, g, s1, s2, lr=0.01, step=2, hyper=_hyper(kind, wd)))
+    got = jax.tree.leaves(fused(p, g, s1, s2, jnp.float32(wd)))
+    want = jax.tree.leaves(ref(p, g, s1, s2))
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                    err_msg=f"{kind} wd={wd}")
 
 
 def test_can_use():
@@ -229,7 +261,7 @@ def test_gpu_matches_reference(kind, shape, dtype, wd):
   # 2.4%, up to 64 ulp of a value near zero; bf16: 1 ulp), so the GPU check
   # uses bnb's 32-bit test tolerance for float32 parameters and 1 ulp for
   # 16-bit ones; codes and absmax stay tight.
-  _check_steps(kind, shape, dtype, steps=4, impl="gpu", wd=wd,
+  _check_steps(kind, shape, dtype, steps=4, mode="pallas", wd=wd,
                p_ulps=None, p_exact=0.9, code_mismatch=1e-3)
 
 

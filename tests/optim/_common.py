@@ -1,4 +1,4 @@
-"""Shared helpers of the io tests (paged, checkpoint, interop)."""
+"""Shared helpers of the optim tests (paged, checkpoint, interop, wrappers)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxbnb import optim
+
 
 @functools.cache
 def optimizer(name: str):
@@ -16,7 +18,6 @@ def optimizer(name: str):
 
   Cached so that the tests share one compiled step per optimizer.
   """
-  from jaxbnb import optim  # pylint: disable=g-import-not-at-top
   opt = getattr(optim, name)(1e-3)
   return opt, make_step(opt)
 
@@ -84,7 +85,6 @@ def assert_trees_bitwise_equal(a, b):
 
 def state_of(opt_state):
   """The Optimizer8bitState inside an optax state (maybe a chain)."""
-  from jaxbnb._src.optim import aliases as optim  # pylint: disable=g-import-not-at-top
   cls = optim.Optimizer8bitState
   found = [x for x in jax.tree.leaves(
       opt_state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]

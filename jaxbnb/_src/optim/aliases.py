@@ -15,27 +15,47 @@ Two families:
 Every leaf with at least `min_8bit_size` elements keeps its states as uint8
 codes + a float32 absmax per 256-block (`Quantized8bit`) when
 `optim_bits == 8` and `override` does not pin it to 32 bits; other leaves
-keep float32 states, as in bnb. The per-leaf rules live in
-`optim_rules`; an 8-bit leaf goes through the fused kernel bridge
-(`kernels.optimizer_update_8bit`) when a kernel serves it.
+keep float32 states, as in bnb. The per-leaf rules live in `rules`; an 8-bit
+leaf goes through the fused kernel bridge (`kernels.optimizer_update_8bit`)
+when a kernel serves it.
 
 The learning rate may be a float or an optax schedule, evaluated at the
-traced step count, so a new learning rate or step never recompiles.
+traced step count, so a new learning rate or step never recompiles. Under
+`optax.inject_hyperparams` every float hyper-parameter (learning rate,
+betas, eps, weight decay...) arrives as an array and may be changed between
+steps. `optim_bits` and `min_8bit_size` decide the state's layout in `init`
+(they are unused by `update`): they may be concrete arrays, but not traced
+ones.
+
+A paged state (`paged=True`) lives in host memory between steps; an update
+keeps it in the memory space it arrived in (see `paged`), so a state
+restored into device memory stays there, with a warning.
+
+Parameters may be boxed, as in `nnx.state(model)` (`nnx.Param`) or linen's
+`nn.Partitioned`: a state with the parameter's shape and dtype kind keeps
+its box (and so its sharding metadata), an 8-bit state is not boxed (a box
+holds one array).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any
+import warnings
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+import numpy as np
 import optax
 
-from jaxbnb._src.quant import kernels
+from jaxbnb._src.optim import kernels as optim_kernels
+from jaxbnb._src.optim import paged as optim_paged
 from jaxbnb._src.optim import rules as optim_rules
 from jaxbnb._src.optim.rules import Hyper
+from jaxbnb._src.optim.state import Optimizer8bitState
 from jaxbnb._src.optim.state import Quantized8bit
+from jaxbnb._src.quant import dispatch
 
 __all__ = [
     "Optimizer8bitState",
@@ -58,79 +78,168 @@ Override = Any  # None | pytree of bools | Callable[[path, leaf], bool]
 
 _NO_PARAMS = ("{name}: `update` needs `params` (bnb's update reads the "
               "parameters); call `update(grads, state, params)`.")
-
-
-class Optimizer8bitState(NamedTuple):
-  """Optax state of the bitsandbytes optimizers.
-
-  Attributes:
-    count: int32 scalar, the number of updates done (bnb's `step` - 1).
-    state1: per leaf a `Quantized8bit` (8-bit) or a float32 array (32-bit),
-      the params' tree structure (AdEMAMix: leading axis 2, [m1; m2]).
-    state2: like `state1` for Adam/AdEMAMix's second moment, None per leaf
-      for the 1-state optimizers.
-  """
-
-  count: jax.Array
-  state1: Any
-  state2: Any
+_TRACED_SETTING = (
+    "{name}: {args} arrived as traced arrays in `init`, but they decide "
+    "which leaves keep 8-bit state. optax.inject_hyperparams turns every "
+    "number into an array: call init outside jax.jit / jax.eval_shape, or "
+    "pass static_args={args!r} to optax.inject_hyperparams.")
+_TRACED = object()  # a static setting that arrived as a tracer
+_PAGED_ON_DEVICE = (
+    "{name}: the paged optimizer state arrived typed as device memory and "
+    "stays there (an update keeps the memory space, which is part of the "
+    "state's type under jit). Orbax restores arrays typed as device memory "
+    "and jax.eval_shape drops memory kinds: after a restore, move the "
+    "state's `state1` and `state2` back with jax.device_put(x, "
+    "jax.memory.Space.Host).")
 
 
 # ------------------------------------------------------------- validation
 
 
+def _number(fn: str, name: str, value):
+  """A scalar hyper-parameter as a Python number; None if it is traced."""
+  if isinstance(value, (bool, int, float)):
+    return value
+  if isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    arr = np.asarray(value)
+  except (TypeError, ValueError):
+    arr = None
+  if arr is None or arr.ndim != 0 or arr.dtype.kind not in "biuf":
+    raise ValueError(f"{fn}: {name} must be a scalar number, got "
+                     f"{name}={value!r}.")
+  return arr.item()
+
+
 def _check_nonneg(fn: str, name: str, value) -> None:
-  if value is None or callable(value):
+  if callable(value):  # a schedule
     return
-  if not isinstance(value, (int, float)) and hasattr(value, "ndim"):
-    try:  # a concrete array; skip tracers
-      value = float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-      return
-  if not value >= 0.0:
-    raise ValueError(f"{fn}: {name} must be >= 0, got {name}={value!r}.")
+  v = _number(fn, name, value)
+  if v is not None and not v >= 0.0:
+    raise ValueError(f"{fn}: {name} must be >= 0, got {name}={v!r}.")
 
 
 def _check_beta(fn: str, name: str, value) -> None:
-  if not 0.0 <= value < 1.0:
+  v = _number(fn, name, value)
+  if v is not None and not 0.0 <= v < 1.0:
+    raise ValueError(f"{fn}: {name} must be in [0, 1), got {name}={v!r}.")
+
+
+def _check_momentum(fn: str, momentum) -> None:
+  v = _number(fn, "momentum", momentum)
+  if v is not None and not 0.0 < v < 1.0:
     raise ValueError(
-        f"{fn}: {name} must be in [0, 1), got {name}={value!r}.")
+        f"{fn}: momentum must be in (0, 1) (bnb does not support SGD "
+        f"without momentum), got momentum={v!r}.")
 
 
-def _check_common(fn: str, *, optim_bits, min_8bit_size) -> None:
-  if optim_bits not in (8, 32):
+def _check_rmsprop(fn: str, alpha, eps) -> None:
+  v = _number(fn, "alpha", alpha)
+  if v is not None and not 0.0 < v < 1.0:
+    raise ValueError(f"{fn}: alpha must be in (0, 1) (bnb rejects alpha=0), "
+                     f"got alpha={v!r}.")
+  _check_nonneg(fn, "eps", eps)
+
+
+def _static_int(fn: str, name: str, value):
+  """An integer setting as a Python int (concrete arrays too), or _TRACED."""
+  if isinstance(value, jax.core.Tracer):
+    return _TRACED
+  v = _number(fn, name, value)
+  if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+    raise ValueError(f"{fn}: {name} must be an int >= 0, got {name}={v!r}.")
+  return v
+
+
+def _settings(fn: str, optim_bits, min_8bit_size):
+  """(optim_bits, min_8bit_size) as Python ints or _TRACED."""
+  bits = (_TRACED if isinstance(optim_bits, jax.core.Tracer)
+          else _number(fn, "optim_bits", optim_bits))
+  if bits is not _TRACED and bits not in (8, 32):
     raise ValueError(f"{fn}: optim_bits must be 8 or 32, got "
-                     f"optim_bits={optim_bits!r}.")
-  if not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-    raise ValueError(f"{fn}: min_8bit_size must be an int >= 0, got "
-                     f"min_8bit_size={min_8bit_size!r}.")
+                     f"optim_bits={bits!r}.")
+  return bits, _static_int(fn, "min_8bit_size", min_8bit_size)
 
 
-def _check_steps(fn: str, name: str, value) -> None:
-  if value is not None and (not isinstance(value, int) or value < 0):
-    raise ValueError(f"{fn}: {name} must be None or an int >= 0, got "
-                     f"{name}={value!r}.")
+def _steps(fn: str, name: str, value):
+  """A scheduler length: None, a Python int, or a traced array (dynamic)."""
+  if value is None or isinstance(value, jax.core.Tracer):
+    return value
+  return _static_int(fn, name, value)
+
+
+def _check_ademamix(fn, b1, b2, b3, alpha, t_alpha, t_beta3, eps):
+  _check_beta(fn, "b1", b1)
+  _check_beta(fn, "b2", b2)
+  _check_beta(fn, "b3", b3)
+  _check_nonneg(fn, "alpha", alpha)
+  _check_nonneg(fn, "eps", eps)
+  t_alpha = _steps(fn, "t_alpha", t_alpha)
+  t_beta3 = _steps(fn, "t_beta3", t_beta3)
+  v1, v3 = _number(fn, "b1", b1), _number(fn, "b3", b3)
+  if (isinstance(t_beta3, int) and t_beta3 > 0 and v1 is not None
+      and v3 is not None and (v1 == 0.0 or v3 == 0.0)):
+    raise ValueError(f"{fn}: the beta3 schedule (t_beta3={t_beta3}) needs "
+                     f"b1 > 0 and b3 > 0, got b1={v1!r}, b3={v3!r}.")
+  return t_alpha, t_beta3
+
+
+# ------------------------------------------------------------ boxed leaves
+
+
+_VALUE_PATH = (jax.tree_util.GetAttrKey("value"),)
+
+
+def _is_box(x) -> bool:
+  """Whether `x` boxes one array: a pytree node whose one child is `.value`.
+
+  `nnx.state(model)` boxes every parameter in an `nnx.Variable` and linen's
+  `nn.with_partitioning` in an `nn.Partitioned`, with metadata (sharding)
+  in the node's static data.
+  """
+  if x is None or isinstance(x, (jax.Array, np.ndarray, np.generic, dict,
+                                 list, tuple)):
+    return False
+  children = jax.tree_util.tree_flatten_with_path(
+      x, is_leaf=lambda y: y is not x)[0]
+  return (len(children) == 1 and children[0][0] == _VALUE_PATH
+          and hasattr(children[0][1], "shape"))
+
+
+def _unbox(item):
+  return jax.tree.leaves(item)[0] if _is_box(item) else item
+
+
+def _rebox(item, state, leaf):
+  """`state` in `item`'s box where it is an array like the parameter.
+
+  A box holds one array (flax's `nnx.Optimizer` copies a parameter's
+  metadata, e.g. its sharding, to a boxed state), so a `Quantized8bit`, a
+  stacked AdEMAMix state or None stays unboxed.
+  """
+  if (_is_box(item) and isinstance(state, jax.Array)
+      and state.shape == leaf.shape):
+    return jax.tree.structure(item).unflatten([state])
+  return state
+
+
+def _is_leaf_state(x) -> bool:
+  return x is None or isinstance(x, Quantized8bit)
 
 
 # ----------------------------------------------------------- per-leaf work
 
 
-def _update_leaf_8bit(kind, p, g, s1, s2, *, lr, step, hyper):
-  """One 8-bit leaf: the fused kernel when one serves it, else the rules."""
-  bridge = getattr(kernels, "optimizer_update_8bit", None)
-  if bridge is not None:
-    out = bridge(kind, p, g, s1, s2, lr=lr, step=step, hyper=hyper,
-                 impl=kernels.current_impl())
+def _update_leaf(kind, p, g, s1, s2, *, lr, step, hyper, mode):
+  """One leaf: the fused kernel when one serves it, else the rules."""
+  if isinstance(s1, Quantized8bit):
+    out = optim_kernels.optimizer_update_8bit(
+        kind, p, g, s1, s2, lr=lr, step=step, hyper=hyper, mode=mode)
     if out is not None:
       return out
-  return optim_rules.update_8bit(kind, p, g, s1, s2, lr=lr, step=step,
-                                 hyper=hyper)
-
-
-def _update_leaf(kind, p, g, s1, s2, *, lr, step, hyper):
-  if isinstance(s1, Quantized8bit):
-    return _update_leaf_8bit(kind, p, g, s1, s2, lr=lr, step=step,
-                             hyper=hyper)
+    return optim_rules.update_8bit(kind, p, g, s1, s2, lr=lr, step=step,
+                                   hyper=hyper)
   return optim_rules.update_32bit(kind, p, g, s1, s2, lr=lr, step=step,
                                   hyper=hyper)
 
@@ -152,13 +261,33 @@ def _override_flags(fn: str, override: Override, params) -> list[bool]:
   return [bool(f) for f in flags]
 
 
+def _where(path) -> str:
+  return jax.tree_util.keystr(path) or "the leaf"
+
+
 def _check_leaf(fn: str, path, leaf) -> None:
   dtype = getattr(leaf, "dtype", None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(
         f"{fn}: every parameter leaf must be a floating-point array; "
-        f"{jax.tree_util.keystr(path) or 'the leaf'} is "
-        f"{type(leaf).__name__} with dtype {dtype}.")
+        f"{_where(path)} is {type(leaf).__name__} with dtype {dtype}.")
+
+
+def _check_update(fn: str, kind: str, path, g, p, s1) -> None:
+  """The gradient of one leaf against its parameter and its state."""
+  if not jnp.issubdtype(g.dtype, jnp.floating):
+    raise TypeError(f"{fn}: gradients must be floating-point arrays, got "
+                    f"dtype {g.dtype} for {_where(path)}.")
+  if p is not None and tuple(g.shape) != tuple(p.shape):
+    raise ValueError(
+        f"{fn}: the gradient of {_where(path)} has shape {tuple(g.shape)}, "
+        f"but the parameter has shape {tuple(p.shape)}.")
+  lead = 1 if kind == "ademamix" else 0
+  want = tuple(s1.shape)[lead:]
+  if tuple(g.shape) != want:
+    raise ValueError(
+        f"{fn}: the gradient of {_where(path)} has shape {tuple(g.shape)}, "
+        f"but the optimizer state was initialized for shape {want}.")
 
 
 def _init_leaf(kind: str, leaf, use8: bool):
@@ -174,13 +303,8 @@ def _init_leaf(kind: str, leaf, use8: bool):
   return s1, s2
 
 
-def _paged():
-  from jaxbnb._src.optim import paged as optim_paged  # pylint: disable=g-import-not-at-top
-  return optim_paged
-
-
-def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits: int,
-               min_8bit_size: int, override: Override, paged: bool,
+def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits,
+               min_8bit_size, override: Override, paged: bool,
                direction: bool) -> optax.GradientTransformation:
   """The shared init/update of every optimizer in this module.
 
@@ -190,24 +314,30 @@ def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits: int,
   `new_p - p`.
   """
   kind = hyper.kind
+  optim_bits, min_8bit_size = _settings(fn, optim_bits, min_8bit_size)
 
   def init_fn(params):
-    with_path = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, leaf in with_path:
-      _check_leaf(fn, path, leaf)
+    traced = tuple(name for name, v in (("optim_bits", optim_bits),
+                                        ("min_8bit_size", min_8bit_size))
+                   if v is _TRACED)
+    if traced:
+      raise ValueError(_TRACED_SETTING.format(name=fn, args=traced))
+    items, treedef = jax.tree_util.tree_flatten_with_path(params,
+                                                          is_leaf=_is_box)
     keep32 = _override_flags(fn, override, params)
-    leaves, treedef = jax.tree.flatten(params)
     s1s, s2s = [], []
-    for leaf, k32 in zip(leaves, keep32):
+    for (path, item), k32 in zip(items, keep32):
+      leaf = _unbox(item)
+      _check_leaf(fn, path, leaf)
       use8 = (optim_bits == 8 and math.prod(leaf.shape) >= min_8bit_size
               and not k32)
       s1, s2 = _init_leaf(kind, leaf, use8)
-      s1s.append(s1)
-      s2s.append(s2)
-    state1 = jax.tree.unflatten(treedef, s1s)
-    state2 = jax.tree.unflatten(treedef, s2s)
+      s1s.append(_rebox(item, s1, leaf))
+      s2s.append(_rebox(item, s2, leaf))
+    state1 = treedef.unflatten(s1s)
+    state2 = treedef.unflatten(s2s)
     if paged:
-      state1, state2 = _paged().to_host((state1, state2))
+      state1, state2 = optim_paged.to_host((state1, state2))
     return Optimizer8bitState(count=jnp.zeros([], jnp.int32), state1=state1,
                               state2=state2)
 
@@ -223,31 +353,49 @@ def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits: int,
     else:
       lr = jnp.asarray(learning_rate, jnp.float32)
     state1, state2 = state.state1, state.state2
+    on_host = paged and optim_paged.in_host_memory((state1, state2))
+    if paged and not on_host:
+      warnings.warn(_PAGED_ON_DEVICE.format(name=fn), stacklevel=2)
     if paged:
-      state1, state2 = _paged().to_device((state1, state2))
-    grads, treedef = jax.tree.flatten(updates)
-    s1s = treedef.flatten_up_to(state1)
-    s2s = treedef.flatten_up_to(state2)
-    ps = (treedef.flatten_up_to(params) if not direction
-          else [jnp.zeros(g.shape, jnp.float32) for g in grads])
+      state1, state2 = optim_paged.to_device((state1, state2))
+    grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    # The states keep their own structure (init's: boxes, masked nodes),
+    # one entry per gradient leaf in the same order.
+    s1s, def1 = jax.tree.flatten(state1, is_leaf=_is_leaf_state)
+    s2s, def2 = jax.tree.flatten(state2, is_leaf=_is_leaf_state)
+    if not len(s1s) == len(s2s) == len(grads):
+      raise ValueError(
+          f"{fn}: the updates have {len(grads)} leaves but the optimizer "
+          f"state holds {len(s1s)}; init the optimizer with parameters of "
+          "the updates' structure.")
+    if direction:
+      ps = [None] * len(grads)
+    else:
+      try:
+        ps = treedef.flatten_up_to(params)
+      except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{fn}: params must have the structure of the updates "
+            f"({treedef}): {e}") from None
+    mode = dispatch.resolve()
     out_u, out_s1, out_s2 = [], [], []
-    for p, g, s1, s2 in zip(ps, grads, s1s, s2s):
-      if not jnp.issubdtype(g.dtype, jnp.floating):
-        raise TypeError(f"{fn}: gradients must be floating-point arrays, got "
-                        f"dtype {g.dtype}.")
+    for (path, g), p, s1, s2 in zip(grads, ps, s1s, s2s):
+      _check_update(fn, kind, path, g, p, s1)
+      if direction:
+        p = jnp.zeros(g.shape, jnp.float32)
       new_p, n1, n2 = _update_leaf(kind, p, g, s1, s2, lr=lr, step=step,
-                                   hyper=hyper)
+                                   hyper=hyper, mode=mode)
       if direction:
         out_u.append(jnp.float32(0.0) - new_p)  # +0 for no move, not -0
       else:
         out_u.append(new_p.astype(jnp.float32) - p.astype(jnp.float32))
       out_s1.append(n1)
       out_s2.append(n2)
-    state1 = jax.tree.unflatten(treedef, out_s1)
-    state2 = jax.tree.unflatten(treedef, out_s2)
-    if paged:
-      state1, state2 = _paged().to_host((state1, state2))
-    new_updates = jax.tree.unflatten(treedef, out_u)
+    state1 = def1.unflatten(out_s1)
+    state2 = def2.unflatten(out_s2)
+    if on_host:  # the memory space is part of the state's type: keep it
+      state1, state2 = optim_paged.to_host((state1, state2))
+    new_updates = treedef.unflatten(out_u)
     return new_updates, Optimizer8bitState(count=step, state1=state1,
                                            state2=state2)
 
@@ -258,20 +406,20 @@ def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits: int,
 
 
 def _block(fn, hyper, optim_bits, min_8bit_size, override, paged):
-  _check_common(fn, optim_bits=optim_bits, min_8bit_size=min_8bit_size)
   return _transform(fn, hyper, None, optim_bits=optim_bits,
                     min_8bit_size=min_8bit_size, override=override,
                     paged=paged, direction=True)
 
 
-def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-                      *, optim_bits: int = 8, min_8bit_size: int = 4096,
-                      override: Override = None, paged: bool = False
-                      ) -> optax.GradientTransformation:
+def scale_by_adam8bit(b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+                      eps: ArrayLike = 1e-8, *, optim_bits: int = 8,
+                      min_8bit_size: int = 4096, override: Override = None,
+                      paged: bool = False) -> optax.GradientTransformation:
   """Adam's direction `m_hat / (sqrt(v_hat) + eps)` with 8-bit states.
 
   bnb's 8-bit blockwise Adam with lr=1 and no weight decay; chain it with
-  `optax.scale_by_learning_rate` (and `optax.add_decayed_weights`).
+  `optax.scale_by_learning_rate` (and `optax.add_decayed_weights`). See
+  :func:`jaxbnb.optim.adam8bit` for the bnb-exact alias.
 
   Args:
     b1: first-moment decay, in [0, 1).
@@ -286,14 +434,16 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   Returns:
     An `optax.GradientTransformation`.
 
-  >>> import optax
-  >>> opt = optax.chain(optax.clip_by_global_norm(1.0), scale_by_adam8bit(),
-  ...                   optax.scale_by_learning_rate(1e-3))
-  >>> params = {"w": jnp.ones((64, 64))}
-  >>> state = opt.init(params)
-  >>> updates, state = opt.update({"w": jnp.full((64, 64), 0.1)}, state)
-  >>> round(float(updates["w"][0, 0]), 6)
-  -0.001
+  Examples:
+    >>> import optax
+    >>> opt = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                   scale_by_adam8bit(),
+    ...                   optax.scale_by_learning_rate(1e-3))
+    >>> params = {"w": jnp.ones((64, 64))}
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": jnp.full((64, 64), 0.1)}, state)
+    >>> updates["w"].shape, round(float(updates["w"][0, 0]), 6)
+    ((64, 64), -0.001)
   """
   fn = "scale_by_adam8bit"
   _check_beta(fn, "b1", b1)
@@ -303,42 +453,76 @@ def scale_by_adam8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                 min_8bit_size, override, paged)
 
 
-def scale_by_ademamix8bit(b1: float = 0.9, b2: float = 0.999,
-                          b3: float = 0.9999, alpha: float = 5.0,
+def scale_by_ademamix8bit(b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+                          b3: ArrayLike = 0.9999, alpha: ArrayLike = 5.0,
                           t_alpha: int | None = None,
-                          t_beta3: int | None = None, eps: float = 1e-8, *,
-                          optim_bits: int = 8, min_8bit_size: int = 4096,
+                          t_beta3: int | None = None, eps: ArrayLike = 1e-8,
+                          *, optim_bits: int = 8, min_8bit_size: int = 4096,
                           override: Override = None, paged: bool = False
                           ) -> optax.GradientTransformation:
   """AdEMAMix's direction `(m1_hat + alpha m2) / (sqrt(nu_hat) + eps)`.
 
-  Args: as `ademamix8bit`, without learning rate and weight decay.
+  See :func:`jaxbnb.optim.ademamix8bit` for the bnb-exact alias.
 
-  >>> opt = scale_by_ademamix8bit()
-  >>> s = opt.init({"w": jnp.ones((8,))})
-  >>> u, s = opt.update({"w": jnp.ones((8,))}, s)
-  >>> round(float(u["w"][0]), 4)  # m1_hat = 1, m2 = 1e-4, nu_hat = 1
-  1.0005
+  Args:
+    b1: fast EMA decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    b3: slow EMA decay, in [0, 1).
+    alpha: weight of the slow EMA, >= 0.
+    t_alpha: alpha warm-up steps (None: constant alpha).
+    t_beta3: b3 warm-up steps (None: constant b3).
+    eps: epsilon, >= 0.
+    optim_bits: 8 (blockwise 8-bit states) or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`
+      saying which leaves keep 32-bit states.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Examples:
+    >>> opt = scale_by_ademamix8bit()
+    >>> s = opt.init({"w": jnp.ones((8,))})
+    >>> u, s = opt.update({"w": jnp.ones((8,))}, s)
+    >>> round(float(u["w"][0]), 4)  # m1_hat = 1, m2 = 1e-4, nu_hat = 1
+    1.0005
   """
   fn = "scale_by_ademamix8bit"
-  _check_ademamix(fn, b1, b2, b3, alpha, t_alpha, t_beta3, eps)
+  t_alpha, t_beta3 = _check_ademamix(fn, b1, b2, b3, alpha, t_alpha, t_beta3,
+                                     eps)
   return _block(fn, Hyper("ademamix", beta1=b1, beta2=b2, beta3=b3,
                           alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3,
                           eps=eps),
                 optim_bits, min_8bit_size, override, paged)
 
 
-def scale_by_lion8bit(b1: float = 0.9, b2: float = 0.99, *,
+def scale_by_lion8bit(b1: ArrayLike = 0.9, b2: ArrayLike = 0.99, *,
                       optim_bits: int = 8, min_8bit_size: int = 4096,
                       override: Override = None, paged: bool = False
                       ) -> optax.GradientTransformation:
   """Lion's direction `sign(b1 m + (1 - b1) g)`; m decays with b2.
 
-  >>> opt = scale_by_lion8bit()
-  >>> s = opt.init({"w": jnp.ones((3,))})
-  >>> u, s = opt.update({"w": jnp.array([0.5, -2.0, 0.0])}, s)
-  >>> u["w"].tolist()
-  [1.0, -1.0, 0.0]
+  See :func:`jaxbnb.optim.lion8bit` for the bnb-exact alias.
+
+  Args:
+    b1: mixes the state and the gradient inside the sign, in [0, 1).
+    b2: decay of the state, in [0, 1).
+    optim_bits: 8 (blockwise 8-bit states) or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`
+      saying which leaves keep 32-bit states.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Examples:
+    >>> opt = scale_by_lion8bit()
+    >>> s = opt.init({"w": jnp.ones((3,))})
+    >>> u, s = opt.update({"w": jnp.array([0.5, -2.0, 0.0])}, s)
+    >>> u["w"].tolist()
+    [1.0, -1.0, 0.0]
   """
   fn = "scale_by_lion8bit"
   _check_beta(fn, "b1", b1)
@@ -347,20 +531,35 @@ def scale_by_lion8bit(b1: float = 0.9, b2: float = 0.99, *,
                 min_8bit_size, override, paged)
 
 
-def scale_by_momentum8bit(momentum: float = 0.9, *, nesterov: bool = False,
-                          optim_bits: int = 8, min_8bit_size: int = 4096,
-                          override: Override = None, paged: bool = False
+def scale_by_momentum8bit(momentum: ArrayLike = 0.9, *,
+                          nesterov: bool = False, optim_bits: int = 8,
+                          min_8bit_size: int = 4096, override: Override = None,
+                          paged: bool = False
                           ) -> optax.GradientTransformation:
   """Heavy-ball momentum `m = momentum m + g` (m = g at the first step).
 
   With `nesterov`, the direction is `g + momentum m` (bnb ignores nesterov).
+  See :func:`jaxbnb.optim.sgd8bit` for the bnb-exact alias.
 
-  >>> opt = scale_by_momentum8bit(0.5)
-  >>> s = opt.init({"w": jnp.ones((2,))})
-  >>> u, s = opt.update({"w": jnp.ones((2,))}, s)
-  >>> u, s = opt.update({"w": jnp.ones((2,))}, s)
-  >>> u["w"].tolist()
-  [1.5, 1.5]
+  Args:
+    momentum: in (0, 1).
+    nesterov: use the Nesterov direction above.
+    optim_bits: 8 (blockwise 8-bit states) or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`
+      saying which leaves keep 32-bit states.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Examples:
+    >>> opt = scale_by_momentum8bit(0.5)
+    >>> s = opt.init({"w": jnp.ones((2,))})
+    >>> u, s = opt.update({"w": jnp.ones((2,))}, s)
+    >>> u, s = opt.update({"w": jnp.ones((2,))}, s)
+    >>> u["w"].tolist()
+    [1.5, 1.5]
   """
   fn = "scale_by_momentum8bit"
   _check_momentum(fn, momentum)
@@ -368,17 +567,32 @@ def scale_by_momentum8bit(momentum: float = 0.9, *, nesterov: bool = False,
                 optim_bits, min_8bit_size, override, paged)
 
 
-def scale_by_rmsprop8bit(alpha: float = 0.99, eps: float = 1e-8, *,
+def scale_by_rmsprop8bit(alpha: ArrayLike = 0.99, eps: ArrayLike = 1e-8, *,
                          optim_bits: int = 8, min_8bit_size: int = 4096,
                          override: Override = None, paged: bool = False
                          ) -> optax.GradientTransformation:
   """RMSprop's direction `g / (sqrt(v) + eps)`, `v = alpha v + (1-alpha) g²`.
 
-  >>> opt = scale_by_rmsprop8bit(alpha=0.75, eps=0.0)
-  >>> s = opt.init({"w": jnp.ones((2,))})
-  >>> u, s = opt.update({"w": jnp.ones((2,))}, s)
-  >>> u["w"].tolist()
-  [2.0, 2.0]
+  See :func:`jaxbnb.optim.rmsprop8bit` for the bnb-exact alias.
+
+  Args:
+    alpha: squared-gradient decay, in (0, 1).
+    eps: epsilon, >= 0.
+    optim_bits: 8 (blockwise 8-bit states) or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`
+      saying which leaves keep 32-bit states.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Examples:
+    >>> opt = scale_by_rmsprop8bit(alpha=0.75, eps=0.0)
+    >>> s = opt.init({"w": jnp.ones((2,))})
+    >>> u, s = opt.update({"w": jnp.ones((2,))}, s)
+    >>> u["w"].tolist()
+    [2.0, 2.0]
   """
   fn = "scale_by_rmsprop8bit"
   _check_rmsprop(fn, alpha, eps)
@@ -386,16 +600,30 @@ def scale_by_rmsprop8bit(alpha: float = 0.99, eps: float = 1e-8, *,
                 optim_bits, min_8bit_size, override, paged)
 
 
-def scale_by_adagrad8bit(eps: float = 1e-10, *, optim_bits: int = 8,
+def scale_by_adagrad8bit(eps: ArrayLike = 1e-10, *, optim_bits: int = 8,
                          min_8bit_size: int = 4096, override: Override = None,
                          paged: bool = False) -> optax.GradientTransformation:
   """Adagrad's direction `g / (sqrt(sum g²) + eps)`.
 
-  >>> opt = scale_by_adagrad8bit()
-  >>> s = opt.init({"w": jnp.ones((2,))})
-  >>> u, s = opt.update({"w": jnp.full((2,), 3.0)}, s)
-  >>> u["w"].tolist()
-  [1.0, 1.0]
+  See :func:`jaxbnb.optim.adagrad8bit` for the bnb-exact alias.
+
+  Args:
+    eps: epsilon, >= 0.
+    optim_bits: 8 (blockwise 8-bit states) or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`
+      saying which leaves keep 32-bit states.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Examples:
+    >>> opt = scale_by_adagrad8bit()
+    >>> s = opt.init({"w": jnp.ones((2,))})
+    >>> u, s = opt.update({"w": jnp.full((2,), 3.0)}, s)
+    >>> u["w"].tolist()
+    [1.0, 1.0]
   """
   fn = "scale_by_adagrad8bit"
   _check_nonneg(fn, "eps", eps)
@@ -403,41 +631,13 @@ def scale_by_adagrad8bit(eps: float = 1e-10, *, optim_bits: int = 8,
                 optim_bits, min_8bit_size, override, paged)
 
 
-def _check_ademamix(fn, b1, b2, b3, alpha, t_alpha, t_beta3, eps):
-  _check_beta(fn, "b1", b1)
-  _check_beta(fn, "b2", b2)
-  _check_beta(fn, "b3", b3)
-  _check_nonneg(fn, "alpha", alpha)
-  _check_nonneg(fn, "eps", eps)
-  _check_steps(fn, "t_alpha", t_alpha)
-  _check_steps(fn, "t_beta3", t_beta3)
-  if t_beta3 and (b1 == 0.0 or b3 == 0.0):
-    raise ValueError(f"{fn}: the beta3 schedule (t_beta3={t_beta3}) needs "
-                     f"b1 > 0 and b3 > 0, got b1={b1!r}, b3={b3!r}.")
-
-
-def _check_momentum(fn, momentum):
-  if not isinstance(momentum, (int, float)) or not 0.0 < momentum < 1.0:
-    raise ValueError(
-        f"{fn}: momentum must be in (0, 1) (bnb does not support SGD "
-        f"without momentum), got momentum={momentum!r}.")
-
-
-def _check_rmsprop(fn, alpha, eps):
-  if not 0.0 < alpha < 1.0:
-    raise ValueError(f"{fn}: alpha must be in (0, 1) (bnb rejects alpha=0), "
-                     f"got alpha={alpha!r}.")
-  _check_nonneg(fn, "eps", eps)
-
-
-# ----------------------------------------------------------------- aliases
+# ------------------------------------------------- shared alias builders
 
 
 def _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size, override,
-           paged, weight_decay):
+           paged):
   _check_nonneg(fn, "learning_rate", learning_rate)
-  _check_nonneg(fn, "weight_decay", weight_decay)
-  _check_common(fn, optim_bits=optim_bits, min_8bit_size=min_8bit_size)
+  _check_nonneg(fn, "weight_decay", hyper.weight_decay)
   return _transform(fn, hyper, learning_rate, optim_bits=optim_bits,
                     min_8bit_size=min_8bit_size, override=override,
                     paged=paged, direction=False)
@@ -451,11 +651,62 @@ def _adam(fn, learning_rate, b1, b2, eps, weight_decay, optim_bits,
   hyper = Hyper("adam", beta1=b1, beta2=b2, eps=eps,
                 weight_decay=weight_decay)
   return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
-                override, paged, weight_decay)
+                override, paged)
 
 
-def adam8bit(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.999,
-             eps: float = 1e-8, weight_decay: float = 0.0, *,
+def _lion(fn, learning_rate, b1, b2, weight_decay, optim_bits, min_8bit_size,
+          override, paged):
+  _check_beta(fn, "b1", b1)
+  _check_beta(fn, "b2", b2)
+  hyper = Hyper("lion", beta1=b1, beta2=b2, weight_decay=weight_decay)
+  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+                override, paged)
+
+
+def _sgd(fn, learning_rate, momentum, nesterov, weight_decay, optim_bits,
+         min_8bit_size, override, paged):
+  _check_momentum(fn, momentum)
+  hyper = Hyper("momentum", beta1=momentum, beta2=0.0, nesterov=nesterov,
+                weight_decay=weight_decay)
+  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+                override, paged)
+
+
+def _rmsprop(fn, learning_rate, alpha, eps, weight_decay, optim_bits,
+             min_8bit_size, override, paged):
+  _check_rmsprop(fn, alpha, eps)
+  hyper = Hyper("rmsprop", beta1=alpha, beta2=0.0, eps=eps,
+                weight_decay=weight_decay)
+  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+                override, paged)
+
+
+def _adagrad(fn, learning_rate, eps, weight_decay, optim_bits, min_8bit_size,
+             override, paged):
+  _check_nonneg(fn, "eps", eps)
+  hyper = Hyper("adagrad", beta1=0.0, beta2=0.0, eps=eps,
+                weight_decay=weight_decay)
+  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+                override, paged)
+
+
+def _ademamix(fn, learning_rate, b1, b2, b3, alpha, t_alpha, t_beta3, eps,
+              weight_decay, optim_bits, min_8bit_size, override, paged):
+  t_alpha, t_beta3 = _check_ademamix(fn, b1, b2, b3, alpha, t_alpha, t_beta3,
+                                     eps)
+  hyper = Hyper("ademamix", beta1=b1, beta2=b2, beta3=b3, alpha=alpha,
+                t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
+                weight_decay=weight_decay)
+  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+                override, paged)
+
+
+# ------------------------------------------------------------ 8-bit aliases
+
+
+def adam8bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+             b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+             eps: ArrayLike = 1e-8, weight_decay: ArrayLike = 0.0, *,
              optim_bits: int = 8, min_8bit_size: int = 4096,
              override: Override = None, paged: bool = False
              ) -> optax.GradientTransformation:
@@ -474,7 +725,7 @@ def adam8bit(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.999,
     b2: second-moment decay, in [0, 1).
     eps: epsilon, >= 0.
     weight_decay: decoupled weight decay, >= 0.
-    optim_bits: 8 or 32 (32: bnb's 32-bit kernels for every leaf).
+    optim_bits: 8 or 32 (32: bnb's 32-bit rules for every leaf).
     min_8bit_size: leaves with fewer elements keep float32 states.
     override: None, a pytree of bools or `callable(path, leaf) -> bool`;
       True keeps that leaf's states in 32 bits (bnb's GlobalOptimManager).
@@ -484,48 +735,61 @@ def adam8bit(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.999,
     An `optax.GradientTransformation` whose `update` needs `params` and
     returns `new_params - params` (float32).
 
-  >>> import optax
-  >>> params = {"w": jnp.ones((64, 64))}
-  >>> opt = adam8bit(learning_rate=1e-2)
-  >>> state = opt.init(params)
-  >>> updates, state = opt.update({"w": jnp.ones((64, 64))}, state, params)
-  >>> round(float(optax.apply_updates(params, updates)["w"][0, 0]), 4)
-  0.99
+  References:
+    Dettmers et al., 8-bit Optimizers via Block-wise Quantization, 2022.
+
+  Examples:
+    >>> import optax
+    >>> params = {"w": jnp.ones((64, 64))}
+    >>> opt = adam8bit(learning_rate=1e-2)
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": jnp.ones((64, 64))}, state, params)
+    >>> new = optax.apply_updates(params, updates)
+    >>> new["w"].shape, new["w"].dtype, round(float(new["w"][0, 0]), 4)
+    ((64, 64), dtype('float32'), 0.99)
   """
   return _adam("adam8bit", learning_rate, b1, b2, eps, weight_decay,
                optim_bits, min_8bit_size, override, paged)
 
 
-def adamw8bit(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.999,
-              eps: float = 1e-8, weight_decay: float = 1e-2, *,
+def adamw8bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+              b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+              eps: ArrayLike = 1e-8, weight_decay: ArrayLike = 1e-2, *,
               optim_bits: int = 8, min_8bit_size: int = 4096,
               override: Override = None, paged: bool = False
               ) -> optax.GradientTransformation:
-  """bitsandbytes' `AdamW8bit`: `adam8bit` with `weight_decay=1e-2`.
+  """bitsandbytes' `AdamW8bit`: :func:`adam8bit` with `weight_decay=1e-2`.
 
-  Args: see `adam8bit`.
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 8 or 32 (32: bnb's 32-bit rules for every leaf).
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`;
+      True keeps that leaf's states in 32 bits.
+    paged: keep the states in host memory between steps.
 
-  >>> opt = adamw8bit()
-  >>> params = {"w": jnp.ones((4,))}
-  >>> u, _ = opt.update({"w": jnp.zeros((4,))}, opt.init(params), params)
-  >>> round(float(u["w"][0]), 7)  # only the decay: 1 * (1 - 1e-3 * 1e-2) - 1
-  -1e-05
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params` and
+    returns `new_params - params` (float32).
+
+  Examples:
+    >>> opt = adamw8bit()
+    >>> params = {"w": jnp.ones((4,))}
+    >>> u, _ = opt.update({"w": jnp.zeros((4,))}, opt.init(params), params)
+    >>> round(float(u["w"][0]), 7)  # only the decay: 1 * (1 - 1e-3 * 1e-2) - 1
+    -1e-05
   """
   return _adam("adamw8bit", learning_rate, b1, b2, eps, weight_decay,
                optim_bits, min_8bit_size, override, paged)
 
 
-def _lion(fn, learning_rate, b1, b2, weight_decay, optim_bits, min_8bit_size,
-          override, paged):
-  _check_beta(fn, "b1", b1)
-  _check_beta(fn, "b2", b2)
-  hyper = Hyper("lion", beta1=b1, beta2=b2, weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
-                override, paged, weight_decay)
-
-
-def lion8bit(learning_rate=1e-4, b1: float = 0.9, b2: float = 0.99,
-             weight_decay: float = 0.0, *, optim_bits: int = 8,
+def lion8bit(learning_rate: optax.ScalarOrSchedule = 1e-4,
+             b1: ArrayLike = 0.9, b2: ArrayLike = 0.99,
+             weight_decay: ArrayLike = 0.0, *, optim_bits: int = 8,
              min_8bit_size: int = 4096, override: Override = None,
              paged: bool = False) -> optax.GradientTransformation:
   """bitsandbytes' `Lion8bit`.
@@ -533,31 +797,37 @@ def lion8bit(learning_rate=1e-4, b1: float = 0.9, b2: float = 0.99,
   `p = T(p (1 - lr wd)); p = T(p - T(lr sign(b1 m + (1-b1) g)));
   m = b2 m + (1-b2) g` (decoupled decay first, as bnb's kernel).
 
-  Args: as `adam8bit` (b1 mixes the sign input, b2 decays the state).
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: mixes the state and the gradient inside the sign, in [0, 1).
+    b2: decay of the state, in [0, 1).
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 8 or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`;
+      True keeps that leaf's states in 32 bits.
+    paged: keep the states in host memory between steps.
 
-  >>> params = {"w": jnp.zeros((2,))}
-  >>> opt = lion8bit(learning_rate=0.5)
-  >>> u, _ = opt.update({"w": jnp.array([1.0, -3.0])}, opt.init(params), params)
-  >>> u["w"].tolist()
-  [-0.5, 0.5]
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> params = {"w": jnp.zeros((2,))}
+    >>> opt = lion8bit(learning_rate=0.5)
+    >>> u, _ = opt.update({"w": jnp.array([1.0, -3.0])}, opt.init(params),
+    ...                   params)
+    >>> u["w"].tolist()
+    [-0.5, 0.5]
   """
   return _lion("lion8bit", learning_rate, b1, b2, weight_decay, optim_bits,
                min_8bit_size, override, paged)
 
 
-def _sgd(fn, learning_rate, momentum, nesterov, weight_decay, optim_bits,
-         min_8bit_size, override, paged):
-  _check_momentum(fn, momentum)
-  hyper = Hyper("momentum", beta1=momentum, beta2=0.0, nesterov=nesterov,
-                weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
-                override, paged, weight_decay)
-
-
-def sgd8bit(learning_rate, momentum: float, nesterov: bool = False,
-            weight_decay: float = 0.0, *, optim_bits: int = 8,
-            min_8bit_size: int = 4096, override: Override = None,
-            paged: bool = False) -> optax.GradientTransformation:
+def sgd8bit(learning_rate: optax.ScalarOrSchedule, momentum: ArrayLike,
+            nesterov: bool = False, weight_decay: ArrayLike = 0.0, *,
+            optim_bits: int = 8, min_8bit_size: int = 4096,
+            override: Override = None, paged: bool = False
+            ) -> optax.GradientTransformation:
   """bitsandbytes' `SGD8bit` (momentum required, as in bnb).
 
   `g = g + wd p` (coupled); `m = g` at step 1 else `m = momentum m + g`;
@@ -565,33 +835,33 @@ def sgd8bit(learning_rate, momentum: float, nesterov: bool = False,
   (PyTorch's form; bnb accepts the flag but its kernels ignore it).
 
   Args:
-    learning_rate: a float >= 0 or an optax schedule.
+    learning_rate: a float >= 0 or an optax schedule of the step count.
     momentum: in (0, 1); bnb rejects 0.
     nesterov: use the Nesterov form above.
     weight_decay: coupled L2 weight decay, >= 0.
-    optim_bits, min_8bit_size, override, paged: see `adam8bit`.
+    optim_bits: 8 or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`;
+      True keeps that leaf's states in 32 bits.
+    paged: keep the states in host memory between steps.
 
-  >>> params = {"w": jnp.ones((2,))}
-  >>> opt = sgd8bit(0.1, momentum=0.9)
-  >>> u, _ = opt.update({"w": jnp.ones((2,))}, opt.init(params), params)
-  >>> [round(v, 6) for v in u["w"].tolist()]
-  [-0.1, -0.1]
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> params = {"w": jnp.ones((2,))}
+    >>> opt = sgd8bit(0.1, momentum=0.9)
+    >>> u, _ = opt.update({"w": jnp.ones((2,))}, opt.init(params), params)
+    >>> [round(v, 6) for v in u["w"].tolist()]
+    [-0.1, -0.1]
   """
   return _sgd("sgd8bit", learning_rate, momentum, nesterov, weight_decay,
               optim_bits, min_8bit_size, override, paged)
 
 
-def _rmsprop(fn, learning_rate, alpha, eps, weight_decay, optim_bits,
-             min_8bit_size, override, paged):
-  _check_rmsprop(fn, alpha, eps)
-  hyper = Hyper("rmsprop", beta1=alpha, beta2=0.0, eps=eps,
-                weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
-                override, paged, weight_decay)
-
-
-def rmsprop8bit(learning_rate=1e-2, alpha: float = 0.99, eps: float = 1e-8,
-                weight_decay: float = 0.0, *, optim_bits: int = 8,
+def rmsprop8bit(learning_rate: optax.ScalarOrSchedule = 1e-2,
+                alpha: ArrayLike = 0.99, eps: ArrayLike = 1e-8,
+                weight_decay: ArrayLike = 0.0, *, optim_bits: int = 8,
                 min_8bit_size: int = 4096, override: Override = None,
                 paged: bool = False) -> optax.GradientTransformation:
   """bitsandbytes' `RMSprop8bit` (not centered).
@@ -600,61 +870,70 @@ def rmsprop8bit(learning_rate=1e-2, alpha: float = 0.99, eps: float = 1e-8,
   bnb's 8-bit kernel puts the raw gradient in the numerator (the 32-bit
   kernel the decayed one); both are reproduced.
 
-  Args: as `adam8bit`, with alpha in (0, 1) the squared-gradient decay.
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    alpha: squared-gradient decay, in (0, 1).
+    eps: epsilon, >= 0.
+    weight_decay: coupled L2 weight decay, >= 0.
+    optim_bits: 8 or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`;
+      True keeps that leaf's states in 32 bits.
+    paged: keep the states in host memory between steps.
 
-  >>> params = {"w": jnp.ones((2,))}
-  >>> opt = rmsprop8bit(learning_rate=0.1, alpha=0.75, eps=0.0)
-  >>> u, _ = opt.update({"w": jnp.ones((2,))}, opt.init(params), params)
-  >>> [round(v, 6) for v in u["w"].tolist()]
-  [-0.2, -0.2]
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> params = {"w": jnp.ones((2,))}
+    >>> opt = rmsprop8bit(learning_rate=0.1, alpha=0.75, eps=0.0)
+    >>> u, _ = opt.update({"w": jnp.ones((2,))}, opt.init(params), params)
+    >>> [round(v, 6) for v in u["w"].tolist()]
+    [-0.2, -0.2]
   """
   return _rmsprop("rmsprop8bit", learning_rate, alpha, eps, weight_decay,
                   optim_bits, min_8bit_size, override, paged)
 
 
-def _adagrad(fn, learning_rate, eps, weight_decay, optim_bits, min_8bit_size,
-             override, paged):
-  _check_nonneg(fn, "eps", eps)
-  hyper = Hyper("adagrad", beta1=0.0, beta2=0.0, eps=eps,
-                weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
-                override, paged, weight_decay)
-
-
-def adagrad8bit(learning_rate=1e-2, eps: float = 1e-10,
-                weight_decay: float = 0.0, *, optim_bits: int = 8,
-                min_8bit_size: int = 4096, override: Override = None,
-                paged: bool = False) -> optax.GradientTransformation:
+def adagrad8bit(learning_rate: optax.ScalarOrSchedule = 1e-2,
+                eps: ArrayLike = 1e-10, weight_decay: ArrayLike = 0.0, *,
+                optim_bits: int = 8, min_8bit_size: int = 4096,
+                override: Override = None, paged: bool = False
+                ) -> optax.GradientTransformation:
   """bitsandbytes' `Adagrad8bit` (no lr decay, zero initial accumulator).
 
   `v = v + (g + wd p)²; p = T(p - lr g / (sqrt(v) + eps))`.
 
-  Args: see `adam8bit`.
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    eps: epsilon, >= 0.
+    weight_decay: coupled L2 weight decay, >= 0.
+    optim_bits: 8 or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`;
+      True keeps that leaf's states in 32 bits.
+    paged: keep the states in host memory between steps.
 
-  >>> params = {"w": jnp.ones((2,))}
-  >>> opt = adagrad8bit(learning_rate=0.1)
-  >>> u, _ = opt.update({"w": jnp.full((2,), 2.0)}, opt.init(params), params)
-  >>> [round(v, 6) for v in u["w"].tolist()]
-  [-0.1, -0.1]
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> params = {"w": jnp.ones((2,))}
+    >>> opt = adagrad8bit(learning_rate=0.1)
+    >>> u, _ = opt.update({"w": jnp.full((2,), 2.0)}, opt.init(params),
+    ...                   params)
+    >>> [round(v, 6) for v in u["w"].tolist()]
+    [-0.1, -0.1]
   """
   return _adagrad("adagrad8bit", learning_rate, eps, weight_decay,
                   optim_bits, min_8bit_size, override, paged)
 
 
-def _ademamix(fn, learning_rate, b1, b2, b3, alpha, t_alpha, t_beta3, eps,
-              weight_decay, optim_bits, min_8bit_size, override, paged):
-  _check_ademamix(fn, b1, b2, b3, alpha, t_alpha, t_beta3, eps)
-  hyper = Hyper("ademamix", beta1=b1, beta2=b2, beta3=b3, alpha=alpha,
-                t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
-                weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
-                override, paged, weight_decay)
-
-
-def ademamix8bit(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.999,
-                 b3: float = 0.9999, alpha: float = 5.0,
+def ademamix8bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+                 b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+                 b3: ArrayLike = 0.9999, alpha: ArrayLike = 5.0,
                  t_alpha: int | None = None, t_beta3: int | None = None,
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *,
+                 eps: ArrayLike = 1e-8, weight_decay: ArrayLike = 1e-2, *,
                  optim_bits: int = 8, min_8bit_size: int = 4096,
                  override: Override = None, paged: bool = False
                  ) -> optax.GradientTransformation:
@@ -665,68 +944,519 @@ def ademamix8bit(learning_rate=1e-3, b1: float = 0.9, b2: float = 0.999,
   p = T(p (1 - lr wd))`, state1 = [m1; m2] (signed map), state2 = nu.
   `alpha_t`/`b3_t` follow bnb's schedulers when `t_alpha`/`t_beta3` are set.
 
-  Args: as `adam8bit`, plus b3 (slow EMA decay), alpha (its weight) and the
-  scheduler lengths t_alpha, t_beta3 (None: constant).
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: fast EMA decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    b3: slow EMA decay, in [0, 1).
+    alpha: weight of the slow EMA, >= 0.
+    t_alpha: alpha warm-up steps (None: constant alpha).
+    t_beta3: b3 warm-up steps (None: constant b3).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 8 or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`;
+      True keeps that leaf's states in 32 bits.
+    paged: keep the states in host memory between steps.
 
-  >>> params = {"w": jnp.ones((3,))}
-  >>> opt = ademamix8bit(learning_rate=0.1, weight_decay=0.0)
-  >>> u, _ = opt.update({"w": jnp.ones((3,))}, opt.init(params), params)
-  >>> round(float(u["w"][0]), 5)  # -0.1 * (1 + 5 * 1e-4) / (1 + 1e-8)
-  -0.10005
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  References:
+    Pagliardini et al., The AdEMAMix Optimizer: Better, Faster, Older, 2024.
+
+  Examples:
+    >>> params = {"w": jnp.ones((3,))}
+    >>> opt = ademamix8bit(learning_rate=0.1, weight_decay=0.0)
+    >>> u, _ = opt.update({"w": jnp.ones((3,))}, opt.init(params), params)
+    >>> round(float(u["w"][0]), 5)  # -0.1 * (1 + 5 * 1e-4) / (1 + 1e-8)
+    -0.10005
   """
   return _ademamix("ademamix8bit", learning_rate, b1, b2, b3, alpha, t_alpha,
                    t_beta3, eps, weight_decay, optim_bits, min_8bit_size,
                    override, paged)
 
 
-# -------------------------------------------------- 32-bit and paged aliases
+# ----------------------------------------------------------- 32-bit aliases
 
 
-def _variant(base: Callable, name: str, optim_bits: int, paged: bool,
-             summary: str) -> Callable:
-  def make(*args, **kwargs):
-    kwargs.setdefault("optim_bits", optim_bits)
-    kwargs.setdefault("paged", paged)
-    try:
-      return base(*args, **kwargs)
-    except ValueError as e:  # name the function the user called
-      raise ValueError(str(e).replace(f"{base.__name__}:", f"{name}:", 1)
-                       ) from None
-  make.__name__ = make.__qualname__ = name
-  make.__doc__ = (f"{summary}\n\n  Same arguments as `{base.__name__}` "
-                  f"(optim_bits={optim_bits}, paged={paged} by default).\n")
-  return make
+def adam32bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+              b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+              eps: ArrayLike = 1e-8, weight_decay: ArrayLike = 0.0, *,
+              optim_bits: int = 32, min_8bit_size: int = 4096,
+              override: Override = None, paged: bool = False
+              ) -> optax.GradientTransformation:
+  """bitsandbytes' `Adam32bit`: :func:`adam8bit` with float32 states.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`adam8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = adam32bit().init({"w": jnp.zeros((64, 64))})
+    >>> state.state1["w"].shape, state.state1["w"].dtype
+    ((64, 64), dtype('float32'))
+  """
+  return _adam("adam32bit", learning_rate, b1, b2, eps, weight_decay,
+               optim_bits, min_8bit_size, override, paged)
 
 
-adam32bit = _variant(adam8bit, "adam32bit", 32, False,
-                     "bitsandbytes' `Adam32bit`: float32 states.")
-adamw32bit = _variant(adamw8bit, "adamw32bit", 32, False,
-                      "bitsandbytes' `AdamW32bit`: float32 states.")
-lion32bit = _variant(lion8bit, "lion32bit", 32, False,
-                     "bitsandbytes' `Lion32bit`: float32 states.")
-sgd32bit = _variant(sgd8bit, "sgd32bit", 32, False,
-                    "bitsandbytes' `SGD32bit`: float32 states.")
-rmsprop32bit = _variant(rmsprop8bit, "rmsprop32bit", 32, False,
-                        "bitsandbytes' `RMSprop32bit`: float32 states.")
-adagrad32bit = _variant(adagrad8bit, "adagrad32bit", 32, False,
-                        "bitsandbytes' `Adagrad32bit`: float32 states.")
-ademamix32bit = _variant(ademamix8bit, "ademamix32bit", 32, False,
-                         "bitsandbytes' `AdEMAMix32bit`: float32 states.")
-paged_adam8bit = _variant(adam8bit, "paged_adam8bit", 8, True,
-                          "bitsandbytes' `PagedAdam8bit`: host-memory states.")
-paged_adamw8bit = _variant(adamw8bit, "paged_adamw8bit", 8, True,
-                           "bitsandbytes' `PagedAdamW8bit`: host-memory "
-                           "states.")
-paged_lion8bit = _variant(lion8bit, "paged_lion8bit", 8, True,
-                          "bitsandbytes' `PagedLion8bit`: host-memory states.")
-paged_ademamix8bit = _variant(ademamix8bit, "paged_ademamix8bit", 8, True,
-                              "bitsandbytes' `PagedAdEMAMix8bit`: host-memory "
-                              "states.")
-paged_adam32bit = _variant(adam8bit, "paged_adam32bit", 32, True,
-                           "bitsandbytes' `PagedAdam32bit`.")
-paged_adamw32bit = _variant(adamw8bit, "paged_adamw32bit", 32, True,
-                            "bitsandbytes' `PagedAdamW32bit`.")
-paged_lion32bit = _variant(lion8bit, "paged_lion32bit", 32, True,
-                           "bitsandbytes' `PagedLion32bit`.")
-paged_ademamix32bit = _variant(ademamix8bit, "paged_ademamix32bit", 32, True,
-                               "bitsandbytes' `PagedAdEMAMix32bit`.")
+def adamw32bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+               b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+               eps: ArrayLike = 1e-8, weight_decay: ArrayLike = 1e-2, *,
+               optim_bits: int = 32, min_8bit_size: int = 4096,
+               override: Override = None, paged: bool = False
+               ) -> optax.GradientTransformation:
+  """bitsandbytes' `AdamW32bit`: :func:`adamw8bit` with float32 states.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`adamw8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = adamw32bit().init({"w": jnp.zeros((64, 64))})
+    >>> state.state2["w"].shape, state.state2["w"].dtype
+    ((64, 64), dtype('float32'))
+  """
+  return _adam("adamw32bit", learning_rate, b1, b2, eps, weight_decay,
+               optim_bits, min_8bit_size, override, paged)
+
+
+def lion32bit(learning_rate: optax.ScalarOrSchedule = 1e-4,
+              b1: ArrayLike = 0.9, b2: ArrayLike = 0.99,
+              weight_decay: ArrayLike = 0.0, *, optim_bits: int = 32,
+              min_8bit_size: int = 4096, override: Override = None,
+              paged: bool = False) -> optax.GradientTransformation:
+  """bitsandbytes' `Lion32bit`: :func:`lion8bit` with float32 states.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: mixes the state and the gradient inside the sign, in [0, 1).
+    b2: decay of the state, in [0, 1).
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`lion8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = lion32bit().init({"w": jnp.zeros((64, 64))})
+    >>> state.state1["w"].dtype, state.state2["w"]
+    (dtype('float32'), None)
+  """
+  return _lion("lion32bit", learning_rate, b1, b2, weight_decay, optim_bits,
+               min_8bit_size, override, paged)
+
+
+def sgd32bit(learning_rate: optax.ScalarOrSchedule, momentum: ArrayLike,
+             nesterov: bool = False, weight_decay: ArrayLike = 0.0, *,
+             optim_bits: int = 32, min_8bit_size: int = 4096,
+             override: Override = None, paged: bool = False
+             ) -> optax.GradientTransformation:
+  """bitsandbytes' `SGD32bit`: :func:`sgd8bit` with float32 states.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    momentum: in (0, 1); bnb rejects 0.
+    nesterov: use the Nesterov form (see :func:`sgd8bit`).
+    weight_decay: coupled L2 weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`sgd8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = sgd32bit(0.1, momentum=0.9).init({"w": jnp.zeros((64, 64))})
+    >>> state.state1["w"].shape, state.state1["w"].dtype
+    ((64, 64), dtype('float32'))
+  """
+  return _sgd("sgd32bit", learning_rate, momentum, nesterov, weight_decay,
+              optim_bits, min_8bit_size, override, paged)
+
+
+def rmsprop32bit(learning_rate: optax.ScalarOrSchedule = 1e-2,
+                 alpha: ArrayLike = 0.99, eps: ArrayLike = 1e-8,
+                 weight_decay: ArrayLike = 0.0, *, optim_bits: int = 32,
+                 min_8bit_size: int = 4096, override: Override = None,
+                 paged: bool = False) -> optax.GradientTransformation:
+  """bitsandbytes' `RMSprop32bit`: :func:`rmsprop8bit` with float32 states.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    alpha: squared-gradient decay, in (0, 1).
+    eps: epsilon, >= 0.
+    weight_decay: coupled L2 weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`rmsprop8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = rmsprop32bit().init({"w": jnp.zeros((64, 64))})
+    >>> state.state1["w"].shape, state.state1["w"].dtype
+    ((64, 64), dtype('float32'))
+  """
+  return _rmsprop("rmsprop32bit", learning_rate, alpha, eps, weight_decay,
+                  optim_bits, min_8bit_size, override, paged)
+
+
+def adagrad32bit(learning_rate: optax.ScalarOrSchedule = 1e-2,
+                 eps: ArrayLike = 1e-10, weight_decay: ArrayLike = 0.0, *,
+                 optim_bits: int = 32, min_8bit_size: int = 4096,
+                 override: Override = None, paged: bool = False
+                 ) -> optax.GradientTransformation:
+  """bitsandbytes' `Adagrad32bit`: :func:`adagrad8bit` with float32 states.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    eps: epsilon, >= 0.
+    weight_decay: coupled L2 weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`adagrad8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = adagrad32bit().init({"w": jnp.zeros((64, 64))})
+    >>> state.state1["w"].shape, state.state1["w"].dtype
+    ((64, 64), dtype('float32'))
+  """
+  return _adagrad("adagrad32bit", learning_rate, eps, weight_decay,
+                  optim_bits, min_8bit_size, override, paged)
+
+
+def ademamix32bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+                  b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+                  b3: ArrayLike = 0.9999, alpha: ArrayLike = 5.0,
+                  t_alpha: int | None = None, t_beta3: int | None = None,
+                  eps: ArrayLike = 1e-8, weight_decay: ArrayLike = 1e-2, *,
+                  optim_bits: int = 32, min_8bit_size: int = 4096,
+                  override: Override = None, paged: bool = False
+                  ) -> optax.GradientTransformation:
+  """bitsandbytes' `AdEMAMix32bit`: :func:`ademamix8bit`, float32 states.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: fast EMA decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    b3: slow EMA decay, in [0, 1).
+    alpha: weight of the slow EMA, >= 0.
+    t_alpha: alpha warm-up steps (None: constant alpha).
+    t_beta3: b3 warm-up steps (None: constant b3).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`ademamix8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = ademamix32bit().init({"w": jnp.zeros((64, 64))})
+    >>> state.state1["w"].shape, state.state1["w"].dtype  # [m1; m2]
+    ((2, 64, 64), dtype('float32'))
+  """
+  return _ademamix("ademamix32bit", learning_rate, b1, b2, b3, alpha,
+                   t_alpha, t_beta3, eps, weight_decay, optim_bits,
+                   min_8bit_size, override, paged)
+
+
+# ------------------------------------------------------------ paged aliases
+
+
+def paged_adam8bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+                   b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+                   eps: ArrayLike = 1e-8, weight_decay: ArrayLike = 0.0, *,
+                   optim_bits: int = 8, min_8bit_size: int = 4096,
+                   override: Override = None, paged: bool = True
+                   ) -> optax.GradientTransformation:
+  """bitsandbytes' `PagedAdam8bit`: :func:`adam8bit`, state in host memory.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 8 or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: True: the states live in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = paged_adam8bit().init({"w": jnp.zeros((64, 64))})
+    >>> codes = state.state1["w"].codes
+    >>> codes.dtype, codes.sharding.memory_kind
+    (dtype('uint8'), 'pinned_host')
+  """
+  return _adam("paged_adam8bit", learning_rate, b1, b2, eps, weight_decay,
+               optim_bits, min_8bit_size, override, paged)
+
+
+def paged_adamw8bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+                    b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+                    eps: ArrayLike = 1e-8, weight_decay: ArrayLike = 1e-2, *,
+                    optim_bits: int = 8, min_8bit_size: int = 4096,
+                    override: Override = None, paged: bool = True
+                    ) -> optax.GradientTransformation:
+  """bitsandbytes' `PagedAdamW8bit`: :func:`adamw8bit`, host-memory state.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 8 or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: True: the states live in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = paged_adamw8bit().init({"w": jnp.zeros((64, 64))})
+    >>> codes = state.state2["w"].codes
+    >>> codes.dtype, codes.sharding.memory_kind
+    (dtype('uint8'), 'pinned_host')
+  """
+  return _adam("paged_adamw8bit", learning_rate, b1, b2, eps, weight_decay,
+               optim_bits, min_8bit_size, override, paged)
+
+
+def paged_lion8bit(learning_rate: optax.ScalarOrSchedule = 1e-4,
+                   b1: ArrayLike = 0.9, b2: ArrayLike = 0.99,
+                   weight_decay: ArrayLike = 0.0, *, optim_bits: int = 8,
+                   min_8bit_size: int = 4096, override: Override = None,
+                   paged: bool = True) -> optax.GradientTransformation:
+  """bitsandbytes' `PagedLion8bit`: :func:`lion8bit`, state in host memory.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: mixes the state and the gradient inside the sign, in [0, 1).
+    b2: decay of the state, in [0, 1).
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 8 or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: True: the states live in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = paged_lion8bit().init({"w": jnp.zeros((64, 64))})
+    >>> codes = state.state1["w"].codes
+    >>> codes.dtype, codes.sharding.memory_kind
+    (dtype('uint8'), 'pinned_host')
+  """
+  return _lion("paged_lion8bit", learning_rate, b1, b2, weight_decay,
+               optim_bits, min_8bit_size, override, paged)
+
+
+def paged_ademamix8bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+                       b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+                       b3: ArrayLike = 0.9999, alpha: ArrayLike = 5.0,
+                       t_alpha: int | None = None,
+                       t_beta3: int | None = None, eps: ArrayLike = 1e-8,
+                       weight_decay: ArrayLike = 1e-2, *, optim_bits: int = 8,
+                       min_8bit_size: int = 4096, override: Override = None,
+                       paged: bool = True) -> optax.GradientTransformation:
+  """bitsandbytes' `PagedAdEMAMix8bit`: :func:`ademamix8bit`, host state.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: fast EMA decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    b3: slow EMA decay, in [0, 1).
+    alpha: weight of the slow EMA, >= 0.
+    t_alpha: alpha warm-up steps (None: constant alpha).
+    t_beta3: b3 warm-up steps (None: constant b3).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 8 or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: True: the states live in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = paged_ademamix8bit().init({"w": jnp.zeros((64, 64))})
+    >>> codes = state.state1["w"].codes
+    >>> codes.shape, codes.sharding.memory_kind
+    ((2, 64, 64), 'pinned_host')
+  """
+  return _ademamix("paged_ademamix8bit", learning_rate, b1, b2, b3, alpha,
+                   t_alpha, t_beta3, eps, weight_decay, optim_bits,
+                   min_8bit_size, override, paged)
+
+
+def paged_adam32bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+                    b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+                    eps: ArrayLike = 1e-8, weight_decay: ArrayLike = 0.0, *,
+                    optim_bits: int = 32, min_8bit_size: int = 4096,
+                    override: Override = None, paged: bool = True
+                    ) -> optax.GradientTransformation:
+  """bitsandbytes' `PagedAdam32bit`: :func:`adam32bit`, host-memory state.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`paged_adam8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: True: the states live in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = paged_adam32bit().init({"w": jnp.zeros((64, 64))})
+    >>> state.state1["w"].dtype, state.state1["w"].sharding.memory_kind
+    (dtype('float32'), 'pinned_host')
+  """
+  return _adam("paged_adam32bit", learning_rate, b1, b2, eps, weight_decay,
+               optim_bits, min_8bit_size, override, paged)
+
+
+def paged_adamw32bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+                     b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+                     eps: ArrayLike = 1e-8, weight_decay: ArrayLike = 1e-2,
+                     *, optim_bits: int = 32, min_8bit_size: int = 4096,
+                     override: Override = None, paged: bool = True
+                     ) -> optax.GradientTransformation:
+  """bitsandbytes' `PagedAdamW32bit`: :func:`adamw32bit`, host state.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: first-moment decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`paged_adamw8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: True: the states live in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = paged_adamw32bit().init({"w": jnp.zeros((64, 64))})
+    >>> state.state2["w"].dtype, state.state2["w"].sharding.memory_kind
+    (dtype('float32'), 'pinned_host')
+  """
+  return _adam("paged_adamw32bit", learning_rate, b1, b2, eps, weight_decay,
+               optim_bits, min_8bit_size, override, paged)
+
+
+def paged_lion32bit(learning_rate: optax.ScalarOrSchedule = 1e-4,
+                    b1: ArrayLike = 0.9, b2: ArrayLike = 0.99,
+                    weight_decay: ArrayLike = 0.0, *, optim_bits: int = 32,
+                    min_8bit_size: int = 4096, override: Override = None,
+                    paged: bool = True) -> optax.GradientTransformation:
+  """bitsandbytes' `PagedLion32bit`: :func:`lion32bit`, host-memory state.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: mixes the state and the gradient inside the sign, in [0, 1).
+    b2: decay of the state, in [0, 1).
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`paged_lion8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: True: the states live in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = paged_lion32bit().init({"w": jnp.zeros((64, 64))})
+    >>> state.state1["w"].dtype, state.state1["w"].sharding.memory_kind
+    (dtype('float32'), 'pinned_host')
+  """
+  return _lion("paged_lion32bit", learning_rate, b1, b2, weight_decay,
+               optim_bits, min_8bit_size, override, paged)
+
+
+def paged_ademamix32bit(learning_rate: optax.ScalarOrSchedule = 1e-3,
+                        b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
+                        b3: ArrayLike = 0.9999, alpha: ArrayLike = 5.0,
+                        t_alpha: int | None = None,
+                        t_beta3: int | None = None, eps: ArrayLike = 1e-8,
+                        weight_decay: ArrayLike = 1e-2, *,
+                        optim_bits: int = 32, min_8bit_size: int = 4096,
+                        override: Override = None, paged: bool = True
+                        ) -> optax.GradientTransformation:
+  """bitsandbytes' `PagedAdEMAMix32bit`: :func:`ademamix32bit`, host state.
+
+  Args:
+    learning_rate: a float >= 0 or an optax schedule of the step count.
+    b1: fast EMA decay, in [0, 1).
+    b2: second-moment decay, in [0, 1).
+    b3: slow EMA decay, in [0, 1).
+    alpha: weight of the slow EMA, >= 0.
+    t_alpha: alpha warm-up steps (None: constant alpha).
+    t_beta3: b3 warm-up steps (None: constant b3).
+    eps: epsilon, >= 0.
+    weight_decay: decoupled weight decay, >= 0.
+    optim_bits: 32 (8 gives :func:`paged_ademamix8bit`).
+    min_8bit_size: with `optim_bits=8`, smaller leaves keep float32 states.
+    override: see :func:`adam8bit`.
+    paged: True: the states live in host memory between steps.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` needs `params`.
+
+  Examples:
+    >>> state = paged_ademamix32bit().init({"w": jnp.zeros((64, 64))})
+    >>> state.state1["w"].shape, state.state1["w"].sharding.memory_kind
+    ((2, 64, 64), 'pinned_host')
+  """
+  return _ademamix("paged_ademamix32bit", learning_rate, b1, b2, b3, alpha,
+                   t_alpha, t_beta3, eps, weight_decay, optim_bits,
+                   min_8bit_size, override, paged)

@@ -49,14 +49,9 @@ QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
 _TENSOR_KEYS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
 
 
-def _state_class():
-  from jaxbnb._src.optim import aliases as optim  # pylint: disable=g-import-not-at-top
-  return optim.Optimizer8bitState
-
-
 def _find(opt_state):
   """The (only) `Optimizer8bitState` inside `opt_state` (e.g. a chain)."""
-  cls = _state_class()
+  cls = optim_state.Optimizer8bitState
   found = [x for x in jax.tree.leaves(
       opt_state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]
   if len(found) != 1:
@@ -68,7 +63,7 @@ def _find(opt_state):
 
 
 def _replace(opt_state, new):
-  cls = _state_class()
+  cls = optim_state.Optimizer8bitState
   return jax.tree.map(lambda x: new if isinstance(x, cls) else x, opt_state,
                       is_leaf=lambda x: isinstance(x, cls))
 

@@ -18,6 +18,16 @@ numbers) pass through unchanged, and so does everything on a platform whose
 devices expose no host memory. On CPU, `"device"` and `"pinned_host"` are
 both host RAM: placement is recorded in the array's sharding, and results are
 bit-identical to the unpaged optimizer.
+
+An update keeps the state in the memory space it came in
+(`in_host_memory`): the memory space is part of an array's type inside
+`jit`, and wrappers that select between the old and the new state
+(`optax.MultiSteps`, `jax.lax.cond`, a `scan` over steps) need both of the
+same type. A paged state that arrives typed as device memory thus stays
+there, and the optimizer warns. That is what a checkpoint restore gives:
+`jax.eval_shape` drops memory kinds, and orbax restores arrays whose type
+says device memory even when their sharding says `pinned_host`;
+`jax.device_put(x, jax.memory.Space.Host)` moves them back (type included).
 """
 
 from __future__ import annotations
@@ -27,8 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["DEVICE_KIND", "HOST_KINDS", "host_memory_kind", "memory_kinds",
-           "to_device", "to_host"]
+__all__ = ["DEVICE_KIND", "HOST_KINDS", "host_memory_kind", "in_host_memory",
+           "memory_kinds", "to_device", "to_host"]
 
 DEVICE_KIND = "device"
 HOST_KINDS = ("pinned_host", "unpinned_host")
@@ -94,6 +104,35 @@ def _tree_kind(tree, want_host: bool) -> str | None:
   if want_host:
     return host_memory_kind(device)
   return DEVICE_KIND if DEVICE_KIND in _kinds(device) else None
+
+
+def in_host_memory(tree) -> bool:
+  """Whether the arrays of `tree` are typed as host memory (the paged home).
+
+  Reads the memory space from the arrays' types (`jax.typeof(x).
+  memory_space`), which is what `jit` sees, so it works on concrete arrays
+  and tracers alike. True as well where there is nothing to page: no
+  arrays, or a platform without a host memory kind.
+
+  Args:
+    tree: a pytree of arrays (e.g. `Optimizer8bitState.state1`).
+
+  Returns:
+    False if an array of `tree` is in device memory, else True.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> in_host_memory(to_host([jnp.zeros(4)])), in_host_memory([jnp.zeros(4)])
+    (True, False)
+  """
+  if host_memory_kind() is None:
+    return True
+  for leaf in jax.tree.leaves(tree):
+    if _is_array(leaf):
+      space = getattr(jax.typeof(leaf), "memory_space", None)
+      if space is not None and space != jax.memory.Space.Host:
+        return False
+  return True
 
 
 def to_host(tree):

@@ -27,7 +27,12 @@ Differences from bnb, all deliberate:
   updated buffer), which is PyTorch's SGD nesterov.
 
 `lr` and `step` are traced scalars (step counts from 1), so changing them
-never recompiles; everything in `Hyper` is static.
+never recompiles. `Hyper.kind` and `Hyper.nesterov` are static; its numbers
+are Python numbers (folded into the compiled program) or scalar arrays,
+traced when `optax.inject_hyperparams` feeds them from the optimizer state,
+in which case the choices that depend on them ("weight decay > 0", "the
+AdEMAMix schedules are on") are made per step with `jnp.where`, with the
+same results.
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ __all__ = [
     "TWO_STATE_KINDS",
     "Hyper",
     "ademamix_schedule",
+    "bias_corrections",
     "num_states",
     "update_32bit",
     "update_8bit",
+    "weight_decay_on",
 ]
 
 KINDS = ("adam", "ademamix", "lion", "momentum", "rmsprop", "adagrad")
@@ -60,7 +67,10 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Hyper:
-  """Static hyper-parameters of one update rule (bnb's kernel arguments).
+  """Hyper-parameters of one update rule (bnb's kernel arguments).
+
+  `kind` and `nesterov` are static. The numbers are Python numbers or scalar
+  arrays (traced under `optax.inject_hyperparams`); see the module docstring.
 
   Attributes:
     kind: "adam" (Adam and AdamW), "ademamix", "lion", "momentum" (SGD),
@@ -76,8 +86,9 @@ class Hyper:
       rmsprop, adagrad) weight decay, as in bnb.
     nesterov: momentum only (see the module docstring).
 
-  >>> Hyper("adam").beta2
-  0.999
+  Examples:
+    >>> Hyper("adam").beta2
+    0.999
   """
 
   kind: str
@@ -100,14 +111,60 @@ class Hyper:
 def num_states(kind: str) -> int:
   """2 for adam/ademamix (state1 and state2), 1 for the others.
 
-  >>> num_states("adam"), num_states("lion")
-  (2, 1)
+  Examples:
+    >>> num_states("adam"), num_states("lion")
+    (2, 1)
   """
   return 2 if kind in TWO_STATE_KINDS else 1
 
 
-def _c(x) -> np.float32:
-  return np.float32(x)
+def _c(x):
+  """float32 constant of a Python number, float32 scalar of an array."""
+  if isinstance(x, (int, float, np.number)):
+    return np.float32(x)
+  return jnp.asarray(x, _F32)
+
+
+def _positive(x) -> bool | None:
+  """`x > 0` for a Python number (None counts as 0), None for an array."""
+  if x is None or isinstance(x, (int, float, np.number)):
+    return bool(x is not None and x > 0)
+  return None
+
+
+def _if_positive(x, make, otherwise):
+  """`make()` where `x > 0`, else `otherwise`; decided statically if it can.
+
+  With a Python number the branch is chosen while tracing (the compiled
+  program holds only one side); with an array (a traced hyper-parameter)
+  both sides are computed and `jnp.where` picks per step.
+  """
+  on = _positive(x)
+  if on is False:
+    return otherwise
+  value = make()
+  return value if on else jnp.where(_c(x) > 0, value, otherwise)
+
+
+def weight_decay_on(hyper: Hyper) -> bool | None:
+  """Whether `hyper` decays weights: True/False, or None when it is traced.
+
+  The fused kernel takes this as its static `has_wd` (None: decided per
+  step from the scalar, like the reference rules do).
+
+  Args:
+    hyper: the rule's hyper-parameters.
+
+  Returns:
+    `hyper.weight_decay > 0` for a Python number, None for an array.
+
+  Examples:
+    >>> weight_decay_on(Hyper("adam", weight_decay=1e-2))
+    True
+    >>> weight_decay_on(Hyper("adam", weight_decay=jnp.float32(0.0))) is None
+    True
+  """
+  return _positive(hyper.weight_decay)
 
 
 def _round_to(x: jax.Array, dtype) -> jax.Array:
@@ -122,10 +179,27 @@ def _sgn(x: jax.Array) -> jax.Array:
   return (x > 0).astype(_F32) - (x < 0).astype(_F32)
 
 
-def _corrections(h: Hyper, step: jax.Array):
-  """(1 - b1^t, sqrt(1 - b2^t)) in float32."""
-  c1 = _c(1.0) - jnp.power(_c(h.beta1), step)
-  c2 = jnp.sqrt(_c(1.0) - jnp.power(_c(h.beta2), step))
+def bias_corrections(hyper: Hyper, step) -> tuple[jax.Array, jax.Array]:
+  """Adam's bias corrections `(1 - b1^t, sqrt(1 - b2^t))` in float32.
+
+  The reference rules and the fused kernel (which takes them as scalars)
+  both use this expression, so they agree bit for bit.
+
+  Args:
+    hyper: the rule's hyper-parameters (`beta1`, `beta2`).
+    step: the step number t, 1 for the first update (traced scalar).
+
+  Returns:
+    `(corr1, corr2)`, float32 scalars.
+
+  Examples:
+    >>> c1, c2 = bias_corrections(Hyper("adam"), jnp.float32(1))
+    >>> round(float(c1), 6), round(float(c2), 6)
+    (0.1, 0.031623)
+  """
+  step = jnp.asarray(step, _F32)
+  c1 = _c(1.0) - jnp.power(_c(hyper.beta1), step)
+  c2 = jnp.sqrt(_c(1.0) - jnp.power(_c(hyper.beta2), step))
   return c1, c2
 
 
@@ -137,22 +211,43 @@ def ademamix_schedule(h: Hyper, step: jax.Array):
   step/t_beta3`. bnb evaluates these in Python float64 and passes float32;
   we evaluate them in float32 on the traced step (a few ulp apart).
 
-  >>> a, b3 = ademamix_schedule(Hyper("ademamix", t_alpha=10), jnp.float32(5))
-  >>> float(a), round(float(b3), 4)
-  (2.5, 0.9999)
+  Args:
+    h: the rule's hyper-parameters (`alpha`, `t_alpha`, `beta1`, `beta3`,
+      `t_beta3`).
+    step: the step number, 1 for the first update (traced scalar).
+
+  Returns:
+    `(alpha_t, beta3_t)`, float32 scalars.
+
+  Examples:
+    >>> a, b3 = ademamix_schedule(Hyper("ademamix", t_alpha=10),
+    ...                           jnp.float32(5))
+    >>> float(a), round(float(b3), 4)
+    (2.5, 0.9999)
   """
   step = jnp.asarray(step, _F32)
   alpha = jnp.asarray(_c(h.alpha))
   beta3 = jnp.asarray(_c(h.beta3))
-  if h.t_alpha:
-    alpha = jnp.minimum(step * _c(h.alpha) / _c(h.t_alpha), _c(h.alpha))
-  if h.t_beta3:
-    ln1, ln3 = _c(math.log(h.beta1)), _c(math.log(h.beta3))
+
+  def alpha_t():
+    return jnp.minimum(step * _c(h.alpha) / _c(h.t_alpha), _c(h.alpha))
+
+  def beta3_t():
+    ln1, ln3 = _log(h.beta1), _log(h.beta3)
     s = step / _c(h.t_beta3)
-    beta3 = jnp.minimum(
+    return jnp.minimum(
         jnp.exp((ln1 * ln3) / (((_c(1.0) - s) * ln3) + (s * ln1))),
         _c(h.beta3))
-  return alpha, beta3
+
+  return (_if_positive(h.t_alpha, alpha_t, alpha),
+          _if_positive(h.t_beta3, beta3_t, beta3))
+
+
+def _log(x):
+  """float32 ln x: of the float64 log for a Python number, as bnb does."""
+  if isinstance(x, (int, float, np.number)):
+    return _c(math.log(x))
+  return jnp.log(_c(x))
 
 
 def _check(kind: str, hyper: Hyper) -> None:
@@ -184,12 +279,13 @@ def update_32bit(kind: str, p: jax.Array, g: jax.Array, s1: jax.Array,
   Returns:
     (new_p in p's dtype, new_s1, new_s2).
 
-  >>> p = jnp.ones((3,)); g = jnp.full((3,), 0.5)
-  >>> z = jnp.zeros((3,))
-  >>> new_p, s1, s2 = update_32bit("adam", p, g, z, z, lr=0.1, step=1,
-  ...                              hyper=Hyper("adam"))
-  >>> [round(v, 4) for v in new_p.tolist()]
-  [0.9, 0.9, 0.9]
+  Examples:
+    >>> p = jnp.ones((3,)); g = jnp.full((3,), 0.5)
+    >>> z = jnp.zeros((3,))
+    >>> new_p, s1, s2 = update_32bit("adam", p, g, z, z, lr=0.1, step=1,
+    ...                              hyper=Hyper("adam"))
+    >>> [round(v, 4) for v in new_p.tolist()]
+    [0.9, 0.9, 0.9]
   """
   _check(kind, hyper)
   h = hyper
@@ -201,7 +297,7 @@ def update_32bit(kind: str, p: jax.Array, g: jax.Array, s1: jax.Array,
   b1, b2, eps, wd = _c(h.beta1), _c(h.beta2), _c(h.eps), _c(h.weight_decay)
   one = _c(1.0)
   if kind in TWO_STATE_KINDS:
-    c1, c2 = _corrections(h, step)
+    c1, c2 = bias_corrections(h, step)
     if kind == "adam":
       s1 = s1 * b1 + ((one - b1) * gf)
       s2 = s2 * b2 + ((one - b2) * (gf * gf))
@@ -217,19 +313,20 @@ def update_32bit(kind: str, p: jax.Array, g: jax.Array, s1: jax.Array,
           pf - lr * (((m1 / c1) + (alpha * m2)) / ((jnp.sqrt(s2) / c2) + eps)),
           dt)
       s1 = jnp.stack([m1, m2])
-    if h.weight_decay > 0:
-      new = _round_to(new * (one - (lr * wd)), dt)
+    new = _if_positive(h.weight_decay,
+                       lambda: _round_to(new * (one - (lr * wd)), dt), new)
     return new.astype(dt), s1, s2
 
-  if h.weight_decay > 0 and kind != "lion":
-    gf = _round_to(gf + (pf * wd), dt)
+  if kind != "lion":
+    gf = _if_positive(h.weight_decay, lambda: _round_to(gf + (pf * wd), dt),
+                      gf)
   if kind == "momentum":
     s1 = jnp.where(step == 1, gf, s1 * b1 + gf)
     d = gf + b1 * s1 if h.nesterov else s1
     new = _round_to(pf + (-lr * d), dt)
   elif kind == "lion":
-    if h.weight_decay > 0:
-      pf = _round_to(pf * (one - lr * wd), dt)
+    pf = _if_positive(h.weight_decay,
+                      lambda: _round_to(pf * (one - lr * wd), dt), pf)
     new = _round_to(pf - (lr * _sgn(s1 * b1 + ((one - b1) * gf))), dt)
     s1 = s1 * b2 + ((one - b2) * gf)
   elif kind == "rmsprop":
@@ -299,13 +396,14 @@ def update_8bit(kind: str, p: jax.Array, g: jax.Array, state1: Quantized8bit,
   Returns:
     (new_p in p's dtype, new_state1, new_state2).
 
-  >>> p = jnp.ones((512,)); g = jnp.full((512,), 0.5)
-  >>> s1 = Quantized8bit.zeros((512,), signed=True)
-  >>> s2 = Quantized8bit.zeros((512,), signed=False)
-  >>> new_p, s1, s2 = update_8bit("adam", p, g, s1, s2, lr=0.1, step=1,
-  ...                             hyper=Hyper("adam"))
-  >>> round(float(new_p[0]), 4), round(float(s1.dequantize()[0]), 4)
-  (0.9, 0.05)
+  Examples:
+    >>> p = jnp.ones((512,)); g = jnp.full((512,), 0.5)
+    >>> s1 = Quantized8bit.zeros((512,), signed=True)
+    >>> s2 = Quantized8bit.zeros((512,), signed=False)
+    >>> new_p, s1, s2 = update_8bit("adam", p, g, s1, s2, lr=0.1, step=1,
+    ...                             hyper=Hyper("adam"))
+    >>> round(float(new_p[0]), 4), round(float(s1.dequantize()[0]), 4)
+    (0.9, 0.05)
   """
   _check(kind, hyper)
   if (state2 is None) != (num_states(kind) == 1):
@@ -328,7 +426,7 @@ def update_8bit(kind: str, p: jax.Array, g: jax.Array, state1: Quantized8bit,
   if kind in TWO_STATE_KINDS:
     s2 = _load_state(state2, n)
     s2 = jnp.where(finite, (s2 * b2) + (((one - b2) * gf) * gf), 0.0)
-    c1, c2 = _corrections(h, step)
+    c1, c2 = bias_corrections(h, step)
     if kind == "adam":
       s1 = jnp.where(finite, (s1 * b1) + ((one - b1) * gf), 0.0)
       step_size = (-lr * c2) / c1
@@ -342,19 +440,19 @@ def update_8bit(kind: str, p: jax.Array, g: jax.Array, state1: Quantized8bit,
           pf - lr * (((m1 / c1) + (alpha * m2)) / ((jnp.sqrt(s2) / c2) + eps)),
           dt)
       s1 = jnp.stack([m1, m2])
-    if h.weight_decay > 0:
-      new = _round_to(new * (one - (lr * wd)), dt)
+    new = _if_positive(h.weight_decay,
+                       lambda: _round_to(new * (one - (lr * wd)), dt), new)
     new = jnp.where(finite, new, pf)
     new_s1 = _store_state(s1, True, shape)
     new_s2 = _store_state(s2, False, shape)
     return _from_blocks(new, shape).astype(dt), new_s1, new_s2
 
-  gv = gf
-  if h.weight_decay > 0:
-    if kind == "lion":
-      pf_l = _round_to(pf * (one - lr * wd), dt)
-    else:
-      gv = gv + pf * wd  # a float register: not rounded to T
+  gv, pf_l = gf, pf
+  if kind == "lion":
+    pf_l = _if_positive(h.weight_decay,
+                        lambda: _round_to(pf * (one - lr * wd), dt), pf)
+  else:  # a float register: not rounded to T
+    gv = _if_positive(h.weight_decay, lambda: gv + pf * wd, gv)
   if kind == "momentum":
     s1 = jnp.where(step == 1, gv, (s1 * b1) + gv)
   elif kind == "lion":
@@ -370,7 +468,7 @@ def update_8bit(kind: str, p: jax.Array, g: jax.Array, state1: Quantized8bit,
     d = gv + b1 * s1 if h.nesterov else s1
     new = pf - lr * d
   elif kind == "lion":
-    new = (pf_l if h.weight_decay > 0 else pf) - upd
+    new = pf_l - upd
   else:  # rmsprop, adagrad: the numerator is the raw gradient (no decay)
     new = pf - lr * (gf / (jnp.sqrt(s1) + eps))
   new = jnp.where(finite, _round_to(new, dt), pf)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ from jaxbnb._src.quant import reference
 
 __all__ = [
     "BLOCKSIZE",
+    "Optimizer8bitState",
     "Quantized8bit",
     "dequantize",
     "num_blocks",
@@ -61,8 +63,9 @@ def _map_np(signed: bool) -> np.ndarray:
 def signed_map() -> np.ndarray:
   """bnb's signed 8-bit dynamic map (`qmap1`), float32 [256].
 
-  >>> float(signed_map()[127]), float(signed_map()[255])
-  (0.0, 1.0)
+  Examples:
+    >>> float(signed_map()[127]), float(signed_map()[255])
+    (0.0, 1.0)
   """
   return _map_np(True)
 
@@ -70,8 +73,9 @@ def signed_map() -> np.ndarray:
 def unsigned_map() -> np.ndarray:
   """bnb's unsigned 8-bit dynamic map (`qmap2`), float32 [256].
 
-  >>> float(unsigned_map()[0]), float(unsigned_map()[255])
-  (0.0, 1.0)
+  Examples:
+    >>> float(unsigned_map()[0]), float(unsigned_map()[255])
+    (0.0, 1.0)
   """
   return _map_np(False)
 
@@ -93,9 +97,10 @@ class Quantized8bit:
     signed: which map the codes index (static): True -> signed `qmap1`,
       False -> unsigned `qmap2`.
 
-  >>> q = Quantized8bit.zeros((4, 300), signed=True)
-  >>> q.codes.shape, q.absmax.shape, float(q.dequantize().sum())
-  ((4, 300), (5,), 0.0)
+  Examples:
+    >>> q = Quantized8bit.zeros((4, 300), signed=True)
+    >>> q.codes.shape, q.absmax.shape, float(q.dequantize().sum())
+    ((4, 300), (5,), 0.0)
   """
 
   codes: jax.Array
@@ -131,6 +136,34 @@ class Quantized8bit:
                absmax=jnp.zeros(lead + (nb,), jnp.float32), signed=signed)
 
 
+class Optimizer8bitState(NamedTuple):
+  """Optax state of every `jaxbnb.optim` optimizer (8-bit, 32-bit, paged).
+
+  `state1` and `state2` mirror the parameter tree down to one entry per
+  parameter leaf: a `Quantized8bit` (8-bit state), a float32 array (32-bit
+  state) or None (`state2` of the 1-state optimizers). Static settings
+  (which leaves are 8-bit, the map of each state) live in the tree
+  structure, never in a leaf, so the state passes through `jax.jit`,
+  `flax.nnx.Optimizer`, orbax and optax's wrappers unchanged.
+
+  Attributes:
+    count: the number of updates done (bnb's `step` - 1).
+    state1: first state per leaf (AdEMAMix: leading axis 2, `[m1; m2]`).
+    state2: second moment per leaf for Adam/AdEMAMix, else None per leaf.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbnb import optim
+    >>> state = optim.adam8bit().init({"w": jnp.zeros((64, 64))})
+    >>> type(state).__name__, state.count.dtype, state.state1["w"].codes.dtype
+    ('Optimizer8bitState', dtype('int32'), dtype('uint8'))
+  """
+
+  count: jax.Array  # shape=(), dtype=jnp.int32.
+  state1: Any
+  state2: Any
+
+
 def _pad_blocks(flat: jax.Array) -> jax.Array:
   """[n] -> [nblocks, 256], zero padded."""
   n = flat.shape[-1]
@@ -144,9 +177,17 @@ def _pad_blocks(flat: jax.Array) -> jax.Array:
 def dequantize(q: Quantized8bit) -> jax.Array:
   """float32 values of a `Quantized8bit` (any leading stacking).
 
-  >>> x = jnp.linspace(-1.0, 1.0, 512)
-  >>> bool(jnp.max(jnp.abs(dequantize(quantize_state(x, True)) - x)) < 0.02)
-  True
+  Args:
+    q: the quantized state.
+
+  Returns:
+    float32 array of `q.codes`' shape.
+
+  Examples:
+    >>> x = jnp.linspace(-1.0, 1.0, 512)
+    >>> y = dequantize(quantize_state(x, True))
+    >>> y.shape, y.dtype, bool(jnp.max(jnp.abs(y - x)) < 0.02)
+    ((512,), dtype('float32'), True)
   """
   lead = q.absmax.shape[:-1]
   shape = q.codes.shape[len(lead):]
@@ -188,11 +229,12 @@ def quantize_state(x: jax.Array, signed: bool, *, stacked: bool = False
   Returns:
     A `Quantized8bit` with absmax = max|x| per 256-block of the flat leaf.
 
-  >>> q = quantize_state(jnp.array([0.5, -0.25, 0.0, 1e-3]), signed=True)
-  >>> q.absmax.tolist()
-  [0.5]
-  >>> [round(v, 3) for v in q.dequantize().tolist()[:3]]
-  [0.5, -0.25, 0.0]
+  Examples:
+    >>> q = quantize_state(jnp.array([0.5, -0.25, 0.0, 1e-3]), signed=True)
+    >>> q.codes.dtype, q.absmax.tolist()
+    (dtype('uint8'), [0.5])
+    >>> [round(v, 3) for v in q.dequantize().tolist()[:3]]
+    [0.5, -0.25, 0.0]
   """
   x = jnp.asarray(x, jnp.float32)
   lead = x.shape[:1] if stacked else ()
