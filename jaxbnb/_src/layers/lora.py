@@ -1,0 +1,968 @@
+"""LoRA adapters on float and quantized linears (PEFT's `LoraConfig`).
+
+`apply_lora` wraps the linear layers a `LoRAConfig` targets in
+`LoRALinear`, which keeps the frozen base layer (a float `Linear` or any
+`QuantizedLinear`, e.g. 4-bit: QLoRA) and adds `lora_A` `[r, in]` and
+`lora_B` `[out, r]` as `nnx.LoRAParam`s, so `wrt=nnx.LoRAParam` selects
+exactly the adapters. The math, initialisation and names are PEFT's
+(`peft.tuners.lora.layer.Linear`, `peft.tuners.lora.dora`):
+
+  y = base(x) + (dropout(x) @ A.T @ B.T) * scaling,  scaling = alpha / r
+  (alpha / sqrt(r) with rsLoRA), the adapter term in the adapter dtype
+  (float32 by default), added to the base output in float32 and the sum
+  cast back to its dtype (a quantized base: the term cast first, as PEFT's
+  bitsandbytes layers do).
+
+DoRA adds a magnitude `m` `[out]` and rescales the adapted weight row-wise:
+`y = base(x) + (m / ||W + s B A|| - 1) * (x W^T) + m / ||W + s B A|| * s x
+A^T B^T`, the norm detached from the gradient and computed from the
+dequantized weight for a quantized base.
+
+`merge_lora` folds the adapters into the base weights (PEFT's
+`merge_and_unload`); `Dense4bitLoRA` is the linen version of a LoRA 4-bit
+layer. Reading and writing PEFT adapter folders is `io/peft.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+from jaxbnb._src.layers.common import QuantizedLinear
+from jaxbnb._src.layers.dense4bit import QUANTIZED
+from jaxbnb._src.layers.dense4bit import Dense4bit
+from jaxbnb._src.layers.dense4bit import default_kernel_init
+from jaxbnb._src.layers.linear import Linear
+from jaxbnb._src.layers.linear import precision_for
+from jaxbnb._src.quant.weights import Params4bit
+from jaxbnb._src.quant.weights import QuantizedArray
+
+__all__ = [
+    "ALL_LINEAR", "DEFAULT_TARGET_MODULES", "OUTPUT_HEAD", "LoRAConfig",
+    "LoRALinear", "Dense4bitLoRA", "apply_lora", "merge_lora", "unload_lora",
+    "attach_adapters", "find_targets", "linear_layers", "lora_layers",
+    "lora_output", "dora_weight_norm", "dense_weight", "init_lora_A",
+    "init_lora_B",
+]
+
+ALL_LINEAR = "all-linear"
+# PEFT's default `target_modules` for the Llama family (llama, mistral,
+# qwen2: TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
+# The output head "all-linear" leaves out (PEFT: get_output_embeddings()).
+OUTPUT_HEAD = "lm_head"
+_INITS = (True, False, "gaussian")
+
+# adapter_config.json fields that never change the math (kept as read).
+_BOOKKEEPING = ("revision", "inference_mode", "auto_mapping", "peft_version",
+                "runtime_config", "megatron_core", "qalora_group_size")
+# What to_dict writes besides the fields: PEFT's defaults of the options
+# jaxbnb does not implement (they must stay at these values).
+_WRITTEN = {"alpha_pattern": {}, "auto_mapping": None, "inference_mode": True,
+            "layers_pattern": None, "layers_to_transform": None,
+            "lora_bias": False, "rank_pattern": {}, "revision": None}
+
+
+def _falsy(value: Any) -> bool:
+  return value is None or value is False or (
+      isinstance(value, (str, list, tuple, dict, set)) and not value)
+
+
+def _names(value: Any, name: str) -> str | tuple[str, ...] | None:
+  """None, a regex string, or a tuple of module names (sets sorted)."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, (set, frozenset)):
+    value = sorted(value)
+  if not isinstance(value, Iterable):
+    raise ValueError(f"LoRAConfig: `{name}` must be a list of module names, "
+                     f"a regex string or None, got {value!r}.")
+  value = tuple(value)
+  if not all(isinstance(v, str) and v for v in value):
+    raise ValueError(f"LoRAConfig: `{name}` must hold non-empty strings, got "
+                     f"{value!r}.")
+  return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+  """LoRA hyperparameters: PEFT's `LoraConfig`, as a frozen dataclass.
+
+  `to_dict` / `from_dict` read and write PEFT's `adapter_config.json`.
+  Options that would change the math and are not implemented raise
+  `NotImplementedError` rather than give a silently different model.
+
+  Attributes:
+    r: adapter rank (> 0).
+    lora_alpha: the scale numerator (> 0): scaling is `lora_alpha / r`, or
+      `lora_alpha / sqrt(r)` with `use_rslora`.
+    lora_dropout: dropout rate on the adapter input in training, in [0, 1).
+    target_modules: the modules to adapt, matched as PEFT does: a list of
+      names, each matching a module path exactly or as a suffix after a
+      ".", e.g. `["q_proj", "v_proj"]`; a string is a regex that must match
+      the whole path; `"all-linear"` is every linear layer but the output
+      head (`lm_head`); None means PEFT's default for the Llama family,
+      `["q_proj", "v_proj"]`.
+    exclude_modules: modules never adapted (same matching; None: none).
+    use_rslora: rank-stabilised scaling `lora_alpha / sqrt(r)`.
+    use_dora: weight-decomposed LoRA (a trained magnitude per output).
+    bias: only "none" (no bias is trained).
+    init_lora_weights: True: A kaiming-uniform (PyTorch `nn.Linear`'s
+      default, bound `1/sqrt(in)`), B zeros (the adapted model starts equal
+      to the base); "gaussian": A normal with std `1/r`, B zeros; False: B
+      kaiming-uniform too (the model changes at once; for tests).
+    modules_to_save: only None (fully trained module copies are not
+      supported).
+    fan_in_fan_out: only False (jaxbnb's linears store `[out, in]`).
+    task_type: PEFT's task type, recorded ("CAUSAL_LM").
+    base_model_name_or_path: the base model the adapter belongs to,
+      recorded.
+    extra: other `adapter_config.json` fields, kept as read and written
+      back (not compared).
+
+  Raises:
+    ValueError: for a bad r, lora_alpha, lora_dropout, regex or init value.
+    NotImplementedError: for `bias` other than "none", `modules_to_save`,
+      `fan_in_fan_out`, and PEFT initialisations that change the base
+      weights ("pissa", "olora", "loftq", "corda", ...).
+
+  Examples:
+    >>> from jaxbnb.lora import LoRAConfig
+    >>> cfg = LoRAConfig(r=16, lora_alpha=32, target_modules=["q_proj"])
+    >>> cfg.scaling, cfg.matches("model.layers.0.self_attn.q_proj")
+    (2.0, True)
+    >>> d = cfg.to_dict()
+    >>> d["peft_type"], d["target_modules"], LoRAConfig.from_dict(d) == cfg
+    ('LORA', ['q_proj'], True)
+  """
+
+  r: int = 8
+  lora_alpha: float = 8
+  lora_dropout: float = 0.0
+  target_modules: str | tuple[str, ...] | None = None
+  exclude_modules: str | tuple[str, ...] | None = None
+  use_rslora: bool = False
+  use_dora: bool = False
+  bias: str = "none"
+  init_lora_weights: bool | str = True
+  modules_to_save: tuple[str, ...] | None = None
+  fan_in_fan_out: bool = False
+  task_type: str | None = "CAUSAL_LM"
+  base_model_name_or_path: str | None = None
+  extra: Mapping[str, Any] = dataclasses.field(
+      default_factory=dict, compare=False, hash=False, repr=False)
+
+  def __post_init__(self):
+    r = self.r
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+      raise ValueError(f"LoRAConfig: `r` must be a positive int, got {r!r}.")
+    a = self.lora_alpha
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0:
+      raise ValueError(
+          f"LoRAConfig: `lora_alpha` must be a number > 0, got {a!r}.")
+    d = self.lora_dropout
+    if (isinstance(d, bool) or not isinstance(d, (int, float))
+        or not 0 <= d < 1):
+      raise ValueError(
+          f"LoRAConfig: `lora_dropout` must be in [0, 1), got {d!r}.")
+    object.__setattr__(self, "lora_dropout", float(d))
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"LoRAConfig: `{name}` must be a bool, got "
+                         f"{getattr(self, name)!r}.")
+    if self.bias != "none":
+      if self.bias in ("all", "lora_only"):
+        raise NotImplementedError(
+            f"LoRAConfig: bias={self.bias!r} (training the base biases) is "
+            "not supported; jaxbnb supports bias='none' only.")
+      raise ValueError(f"LoRAConfig: `bias` must be 'none', 'all' or "
+                       f"'lora_only', got {self.bias!r}.")
+    init = self.init_lora_weights
+    if isinstance(init, str) and init.lower() == "gaussian":
+      object.__setattr__(self, "init_lora_weights", "gaussian")
+    elif isinstance(init, str):
+      raise NotImplementedError(
+          f"LoRAConfig: init_lora_weights={init!r} is not supported (jaxbnb "
+          f"implements {_INITS}). PiSSA, OLoRA, LoftQ and CorDA adapters "
+          "belong to a modified base model: convert them to plain LoRA with "
+          "PEFT's `path_initial_model_for_weight_conversion` first.")
+    elif not isinstance(init, bool):
+      raise ValueError(f"LoRAConfig: `init_lora_weights` must be one of "
+                       f"{_INITS}, got {init!r}.")
+    if self.fan_in_fan_out:
+      raise NotImplementedError(
+          "LoRAConfig: fan_in_fan_out=True (GPT-2 style Conv1D weights) is "
+          "not supported; jaxbnb's linears store [out, in] weights.")
+    if not _falsy(self.modules_to_save):
+      raise NotImplementedError(
+          f"LoRAConfig: modules_to_save={self.modules_to_save!r} (fully "
+          "trained copies of whole modules) is not supported by jaxbnb; "
+          "only LoRA adapters on linear layers are.")
+    object.__setattr__(self, "modules_to_save", None)
+    for name in ("target_modules", "exclude_modules"):
+      value = _names(getattr(self, name), name)
+      if isinstance(value, str) and value.lower() != ALL_LINEAR:
+        try:
+          re.compile(value)
+        except re.error as e:
+          raise ValueError(f"LoRAConfig: `{name}` {value!r} is not a valid "
+                           f"regex: {e}") from e
+      if value == ():
+        raise ValueError(f"LoRAConfig: `{name}` is empty; use None.")
+      object.__setattr__(self, name, value)
+    if isinstance(self.target_modules, str) and (
+        self.target_modules.lower() == ALL_LINEAR):
+      object.__setattr__(self, "target_modules", ALL_LINEAR)
+    object.__setattr__(self, "extra", dict(self.extra))
+
+  @property
+  def scaling(self) -> float:
+    """`lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA."""
+    if self.use_rslora:
+      return self.lora_alpha / math.sqrt(self.r)
+    return self.lora_alpha / self.r
+
+  @property
+  def all_linear(self) -> bool:
+    """Whether `target_modules` is the "all-linear" shorthand."""
+    return self.target_modules == ALL_LINEAR
+
+  def excludes(self, path: str) -> bool:
+    """Whether `exclude_modules` names the module at dotted `path`."""
+    return _match(self.exclude_modules, path)
+
+  def matches(self, path: str) -> bool:
+    """Whether `target_modules` names the module at dotted `path`.
+
+    PEFT's rule: a regex string must match the whole path, a list entry the
+    whole path or its end after a "."; excluded modules never match.
+    "all-linear" is resolved against a model (`find_targets`), not here.
+    """
+    if self.excludes(path):
+      return False
+    tm = self.target_modules
+    if tm == ALL_LINEAR:
+      raise ValueError("LoRAConfig.matches: 'all-linear' depends on the "
+                       "model; use find_targets(model, config).")
+    return _match(DEFAULT_TARGET_MODULES if tm is None else tm, path)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The `adapter_config.json` contents (PEFT's field names).
+
+    Unsupported PEFT options are written at their defaults; fields read by
+    `from_dict` that jaxbnb does not use are written back unchanged.
+    """
+    tm = self.target_modules
+    out = dict(_WRITTEN)
+    out.update(self.extra)
+    out.update({
+        "peft_type": "LORA",
+        "task_type": self.task_type,
+        "base_model_name_or_path": self.base_model_name_or_path,
+        "r": self.r,
+        "lora_alpha": self.lora_alpha,
+        "lora_dropout": self.lora_dropout,
+        "target_modules": (list(DEFAULT_TARGET_MODULES) if tm is None
+                           else tm if isinstance(tm, str) else list(tm)),
+        "exclude_modules": (self.exclude_modules
+                            if not isinstance(self.exclude_modules, tuple)
+                            else list(self.exclude_modules)),
+        "use_rslora": self.use_rslora,
+        "use_dora": self.use_dora,
+        "bias": self.bias,
+        "init_lora_weights": self.init_lora_weights,
+        "modules_to_save": None,
+        "fan_in_fan_out": False,
+    })
+    return out
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "LoRAConfig":
+    """Reads PEFT's `adapter_config.json` contents.
+
+    Args:
+      d: the parsed JSON object.
+
+    Returns:
+      The config; fields jaxbnb does not use are kept in `extra`.
+
+    Raises:
+      ValueError: `peft_type` is not "LORA", or a bad value.
+      NotImplementedError: an option that changes the adapter's math and
+        that jaxbnb does not implement (`rank_pattern`, `alpha_pattern`,
+        `layers_to_transform`, `lora_bias`, `modules_to_save`, variants
+        such as aLoRA or QALoRA, ... set away from its default), naming it.
+    """
+    if not isinstance(d, Mapping):
+      raise ValueError("LoRAConfig.from_dict: expected a JSON object, got "
+                       f"{type(d).__name__}.")
+    peft_type = d.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+      raise ValueError(f"LoRAConfig.from_dict: peft_type must be 'LORA', got "
+                       f"{peft_type!r} (only LoRA adapters are supported).")
+    own = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    kwargs, extra = {}, {}
+    for key, value in d.items():
+      if key == "peft_type":
+        continue
+      if key in own:
+        kwargs[key] = value
+      elif key in _BOOKKEEPING:
+        if key != "inference_mode":
+          extra[key] = value
+      elif key in _WRITTEN and value == _WRITTEN[key]:
+        continue
+      elif _falsy(value):
+        extra[key] = value
+      else:
+        raise NotImplementedError(
+            f"LoRAConfig.from_dict: {key}={value!r} changes the adapter's "
+            "math and is not supported by jaxbnb (it supports r, lora_alpha, "
+            "lora_dropout, target_modules, exclude_modules, use_rslora, "
+            "use_dora and init_lora_weights).")
+    return cls(**kwargs, extra=extra)
+
+
+def _match(names: str | tuple[str, ...] | None, path: str) -> bool:
+  if names is None:
+    return False
+  if isinstance(names, str):
+    return re.fullmatch(names, path) is not None
+  return path in names or any(path.endswith("." + n) for n in names)
+
+
+# ----------------------------------------------------------------------------
+# the math, shared by the NNX and linen layers
+
+
+def init_lora_A(key: jax.Array, r: int, in_features: int, init: bool | str,
+                dtype: Any) -> jax.Array:
+  """PEFT's initial A `[r, in]`: kaiming-uniform(a=sqrt(5)), or N(0, 1/r)."""
+  if init == "gaussian":
+    return (jax.random.normal(key, (r, in_features), jnp.float32)
+            / r).astype(dtype)
+  bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5))
+  return jax.random.uniform(key, (r, in_features), jnp.float32, -bound,
+                            bound).astype(dtype)
+
+
+def init_lora_B(key: jax.Array, out_features: int, r: int, init: bool | str,
+                dtype: Any) -> jax.Array:
+  """PEFT's initial B `[out, r]`: zeros, or kaiming-uniform for `False`."""
+  if init is False:
+    bound = 1.0 / math.sqrt(r)
+    return jax.random.uniform(key, (out_features, r), jnp.float32, -bound,
+                              bound).astype(dtype)
+  return jnp.zeros((out_features, r), dtype)
+
+
+def dora_weight_norm(weight: jax.Array, lora_A: jax.Array, lora_B: jax.Array,
+                     scaling: float) -> jax.Array:
+  """`||W + scaling * B @ A||` per output row `[out]`, in A's dtype."""
+  dt = lora_A.dtype
+  delta = jnp.matmul(lora_B, lora_A, precision=precision_for(dt))
+  return jnp.linalg.norm(weight.astype(dt) + scaling * delta, axis=1)
+
+
+def lora_output(inputs: jax.Array, base_output: jax.Array, *,
+                lora_A: jax.Array, lora_B: jax.Array, scaling: float,
+                dropout: Callable[[jax.Array], jax.Array] | None = None,
+                magnitude: jax.Array | None = None,
+                weight: jax.Array | None = None,
+                bias: jax.Array | None = None,
+                round_first: bool = False) -> jax.Array:
+  """The base output plus the (Do)LoRA term, as PEFT computes it.
+
+  Args:
+    inputs: the layer input `[..., in]`.
+    base_output: the base layer's output `[..., out]` (bias included).
+    lora_A: `[r, in]`; its dtype is the adapter compute dtype.
+    lora_B: `[out, r]`.
+    scaling: the adapter scale.
+    dropout: the training dropout on the adapter input, or None (eval, or
+      a rate of 0).
+    magnitude: DoRA's magnitude `[out]`, or None for plain LoRA.
+    weight: DoRA only: the base weight `[out, in]` (dequantized).
+    bias: DoRA only: the base bias (subtracted from `base_output`).
+    round_first: plain LoRA only: round the adapter term to the output
+      dtype before adding it (PEFT's bitsandbytes layers do; its float
+      layers add in float32 and round the sum).
+
+  Returns:
+    `[..., out]` in `base_output`'s dtype.
+  """
+  dt = lora_A.dtype
+  acc = jnp.promote_types(base_output.dtype, dt)
+  prec = precision_for(dt)
+  x = inputs.astype(dt)
+  xd = x if dropout is None else dropout(x)
+  h = jnp.einsum("...i,ri->...r", xd, lora_A, precision=prec)
+  lora = jnp.einsum("...r,or->...o", h, lora_B.astype(dt), precision=prec)
+  out = base_output.astype(acc)
+  if magnitude is None:
+    if round_first:
+      return base_output + (lora * scaling).astype(base_output.dtype)
+    return (out + (lora * scaling).astype(acc)).astype(base_output.dtype)
+  w = weight.astype(dt)
+  norm = jax.lax.stop_gradient(dora_weight_norm(
+      w, lora_A, jax.lax.stop_gradient(lora_B.astype(dt)), scaling))
+  mns = (magnitude.astype(dt) / norm).astype(acc)
+  if dropout is None:  # PEFT: the base output less the bias, in its dtype
+    base_result = (base_output if bias is None else base_output
+                   - bias.astype(base_output.dtype)).astype(acc)
+  else:
+    base_result = jnp.einsum("...i,oi->...o", xd, w,
+                             precision=prec).astype(acc)
+  dora = (mns - 1) * base_result + mns * (lora * scaling).astype(acc)
+  return (out + dora).astype(base_output.dtype)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype),
+                   jnp.zeros((), x.dtype))
+
+
+def dense_weight(layer: nnx.Module) -> jax.Array:
+  """The float `[out, in]` weight of a `Linear` or `QuantizedLinear`."""
+  if isinstance(layer, Linear):
+    return layer.weight[...]
+  return layer.weight.get_value().dequantize()
+
+
+def _bias(layer: nnx.Module) -> jax.Array | None:
+  return None if layer.bias is None else layer.bias[...]
+
+
+# ----------------------------------------------------------------------------
+# NNX
+
+
+class LoRALinear(nnx.Module):
+  """A frozen linear plus a trainable LoRA (or DoRA) adapter.
+
+  `base_layer` is the wrapped float `Linear` or `QuantizedLinear` (its
+  weight stays a `Param` / `QuantizedWeight`); `lora_A` `[r, in]`,
+  `lora_B` `[out, r]` and, for DoRA, `lora_magnitude_vector` `[out]` are
+  `nnx.LoRAParam`s, so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` trains
+  exactly the adapters. The attribute names are PEFT's: the adapter of the
+  module at `model.layers.0.self_attn.q_proj` is saved as
+  `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+
+  Dropout (`config.lora_dropout > 0`) acts on the adapter input in training
+  only: it starts in evaluation mode; `model.train()` / `model.eval()`
+  switch it.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxbnb.nnx import Linear4bit
+    >>> from jaxbnb.lora import LoRAConfig, LoRALinear
+    >>> base = Linear4bit(64, 32, quant_type="nf4", rngs=nnx.Rngs(0))
+    >>> layer = LoRALinear(base, LoRAConfig(r=4, lora_alpha=8),
+    ...                    rngs=nnx.Rngs(1))
+    >>> layer.lora_A.shape, layer.lora_B.shape, layer.scaling
+    ((4, 64), (32, 4), 2.0)
+    >>> bool(jnp.all(layer(jnp.ones((2, 64))) == base(jnp.ones((2, 64)))))
+    True
+
+  Args:
+    base_layer: the frozen `Linear` or `QuantizedLinear`.
+    config: the hyperparameters (default `LoRAConfig()`).
+    lora_dtype: dtype of the adapter weights and of the adapter math.
+    lora_A: initial `[r, in]` (default: `config.init_lora_weights`).
+    lora_B: initial `[out, r]`.
+    lora_magnitude_vector: DoRA's initial magnitude `[out]` (default: the
+      row norms of `W + scaling * B @ A`, W dequantized).
+    rngs: random generators for the initial adapters (`params`) and the
+      dropout (`dropout`); may be None when both adapters are given and
+      there is no dropout.
+
+  Raises:
+    TypeError: `base_layer` is not a `Linear` or `QuantizedLinear`.
+    ValueError: an initial array of the wrong shape, or missing `rngs`.
+  """
+
+  def __init__(self, base_layer: nnx.Module, config: LoRAConfig | None = None,
+               *, lora_dtype: Any = jnp.float32,
+               lora_A: jax.Array | None = None,
+               lora_B: jax.Array | None = None,
+               lora_magnitude_vector: jax.Array | None = None,
+               rngs: nnx.Rngs | None = None):
+    if not isinstance(base_layer, (Linear, QuantizedLinear)):
+      raise TypeError(
+          "LoRALinear: `base_layer` must be a jaxbnb Linear or "
+          f"QuantizedLinear, got {type(base_layer).__name__}.")
+    config = LoRAConfig() if config is None else config
+    self.base_layer = base_layer
+    self.config = config
+    self.in_features = base_layer.in_features
+    self.out_features = base_layer.out_features
+    self.r = config.r
+    self.scaling = config.scaling
+    self.use_dora = config.use_dora
+    dt = jnp.dtype(lora_dtype)
+    needs = [n for n, v in (("lora_A", lora_A), ("lora_B", lora_B))
+             if v is None]
+    if (needs or config.lora_dropout > 0) and rngs is None:
+      raise ValueError("LoRALinear: `rngs` is required to initialize "
+                       f"{needs or 'the dropout'}.")
+    init = config.init_lora_weights
+    if lora_A is None:
+      lora_A = init_lora_A(rngs.params(), self.r, self.in_features, init, dt)
+    if lora_B is None:
+      lora_B = init_lora_B(rngs.params(), self.out_features, self.r, init, dt)
+    lora_A = self._checked("lora_A", lora_A, (self.r, self.in_features), dt)
+    lora_B = self._checked("lora_B", lora_B, (self.out_features, self.r), dt)
+    self.lora_A = nnx.LoRAParam(lora_A)
+    self.lora_B = nnx.LoRAParam(lora_B)
+    if config.use_dora:
+      if lora_magnitude_vector is None:
+        lora_magnitude_vector = dora_weight_norm(
+            dense_weight(base_layer), lora_A, lora_B, self.scaling)
+      m = self._checked("lora_magnitude_vector", lora_magnitude_vector,
+                        (self.out_features,), dt)
+      self.lora_magnitude_vector = nnx.LoRAParam(m)
+    else:
+      if lora_magnitude_vector is not None:
+        raise ValueError("LoRALinear: `lora_magnitude_vector` needs "
+                         "use_dora=True.")
+      self.lora_magnitude_vector = nnx.data(None)
+    if config.lora_dropout > 0:
+      self.lora_dropout = nnx.Dropout(config.lora_dropout, deterministic=True,
+                                      rngs=rngs)
+    else:
+      self.lora_dropout = nnx.data(None)
+
+  @staticmethod
+  def _checked(name, value, shape, dtype) -> jax.Array:
+    value = jnp.asarray(value)
+    if tuple(value.shape) != shape:
+      raise ValueError(f"LoRALinear: `{name}` must have shape {list(shape)}, "
+                       f"got {list(value.shape)}.")
+    return value.astype(dtype)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """`base(x)` plus the adapter term (see `lora_output`)."""
+    y = self.base_layer(inputs)
+    drop = self.lora_dropout
+    dropout = None if drop is None or drop.deterministic else drop
+    m = self.lora_magnitude_vector
+    dora = {}
+    if m is not None:
+      dora = dict(magnitude=m[...], weight=dense_weight(self.base_layer),
+                  bias=_bias(self.base_layer))
+    return lora_output(inputs, y, lora_A=self.lora_A[...],
+                       lora_B=self.lora_B[...], scaling=self.scaling,
+                       dropout=dropout,
+                       round_first=isinstance(self.base_layer,
+                                              QuantizedLinear), **dora)
+
+  def delta_weight(self) -> jax.Array:
+    """`scaling * B @ A` `[out, in]` in the adapter dtype."""
+    a = self.lora_A[...]
+    return self.scaling * jnp.matmul(self.lora_B[...], a,
+                                     precision=precision_for(a.dtype))
+
+  def merged_weight(self) -> jax.Array:
+    """The float weight with the adapter folded in, in the adapter dtype.
+
+    LoRA: `W + scaling * B @ A`; DoRA: that, times `m / ||.||` per row
+    (PEFT's `merge`). W is dequantized for a quantized base.
+    """
+    a = self.lora_A[...]
+    w = dense_weight(self.base_layer).astype(a.dtype) + self.delta_weight()
+    if self.lora_magnitude_vector is None:
+      return w
+    m = self.lora_magnitude_vector[...]
+    return (m / jnp.linalg.norm(w, axis=1))[:, None] * w
+
+  def merge(self, *, requantize: bool = True) -> nnx.Module:
+    """A copy of the base layer with the adapter folded in.
+
+    See `merge_lora` for the rounding; this layer is left unchanged.
+
+    Args:
+      requantize: for a quantized base, quantize the merged weight again
+        with the same settings (else return a float `Linear`).
+
+    Returns:
+      A `Linear` or a layer of the base's type.
+    """
+    base = self.base_layer
+    w = self.merged_weight()
+    if isinstance(base, Linear):
+      out = nnx.clone(base)
+      out.weight.set_value(w.astype(base.weight.get_value().dtype))
+      return out
+    q: QuantizedArray = base.weight.get_value()
+    w = w.astype(q.dtype)
+    if requantize:
+      out = nnx.clone(base)
+      out.weight.set_value(_requantize(q, w))
+      return out
+    dtype = base.dtype if base.dtype is not None else jnp.dtype(q.dtype)
+    bias = _bias(base)
+    out = nnx.eval_shape(lambda: Linear(
+        base.in_features, base.out_features, use_bias=bias is not None,
+        dtype=dtype, param_dtype=w.dtype, init_std=0.0, rngs=nnx.Rngs(0)))
+    out.weight.set_value(w)
+    if bias is not None:
+      out.bias.set_value(bias.astype(w.dtype))
+    return out
+
+
+def _requantize(q: QuantizedArray, w: jax.Array) -> QuantizedArray:
+  """`w` quantized with `q`'s settings."""
+  if isinstance(q, Params4bit):
+    qs = q.quant_state
+    return Params4bit.from_float(
+        w, blocksize=qs.blocksize, quant_type=qs.quant_type,
+        compress_statistics=qs.nested, quant_storage=q.quant_storage)
+  return type(q).from_float(w)
+
+
+# ----------------------------------------------------------------------------
+# whole models
+
+
+def _path(path: tuple[Any, ...]) -> str:
+  return ".".join(map(str, path))
+
+
+def lora_layers(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
+  """`(dotted path, layer)` of every `LoRALinear` of `model`, in order."""
+  return [(_path(p), n) for p, n in nnx.iter_graph(model)
+          if isinstance(n, LoRALinear)]
+
+
+def linear_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+  """`(dotted path, layer)` of the linears a LoRA may target.
+
+  Float `Linear`s, `QuantizedLinear`s and `LoRALinear`s (not their
+  `base_layer`), in graph order; paths equal Hugging Face module names for
+  jaxbnb models.
+  """
+  wrapped = {p for p, _ in lora_layers(model)}
+  out = []
+  for p, node in nnx.iter_graph(model):
+    path = _path(p)
+    if any(path.startswith(w + ".") or (w == "" and path) for w in wrapped):
+      continue
+    if isinstance(node, (Linear, QuantizedLinear, LoRALinear)):
+      out.append((path, node))
+  return out
+
+
+def find_targets(model: nnx.Module, config: LoRAConfig) -> list[str]:
+  """The dotted paths of the linears `config.target_modules` selects.
+
+  Raises:
+    ValueError: nothing matches (the message lists some linear names), or
+      a matching module is not a linear layer.
+  """
+  linears = dict(linear_layers(model))
+  if config.all_linear:
+    found = [p for p in linears if p != OUTPUT_HEAD and not config.excludes(p)]
+  else:
+    found = []
+    for p, node in nnx.iter_graph(model):
+      path = _path(p)
+      if not isinstance(node, nnx.Module) or not config.matches(path):
+        continue
+      if path in linears:
+        found.append(path)
+      elif not any(path.startswith(k + ".") for k in linears):
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches {path!r}, a "
+            f"{type(node).__name__}: LoRA applies to linear layers only.")
+    order = {p: i for i, p in enumerate(linears)}
+    found.sort(key=order.__getitem__)
+  if not found:
+    names = sorted({p.rsplit(".", 1)[-1] for p in linears})
+    example = next(iter(linears), None)
+    raise ValueError(
+        f"target_modules={config.target_modules!r} matches no linear layer "
+        f"of {type(model).__name__}; its linear layers are named {names} "
+        f"(full paths such as {example!r}).")
+  return found
+
+
+def _parent(model: nnx.Module, path: str) -> tuple[Any, str | int]:
+  parts = path.split(".")
+  node = model
+  for part in parts[:-1]:
+    node = node[int(part)] if part.isdigit() else getattr(node, part)
+  last = parts[-1]
+  return node, (int(last) if last.isdigit() else last)
+
+
+def _replace(model: nnx.Module, path: str, new: nnx.Module) -> nnx.Module:
+  """Puts `new` at `path`; returns the (possibly new) root."""
+  if not path:
+    return new
+  parent, key = _parent(model, path)
+  if isinstance(key, int):
+    parent[key] = new
+  else:
+    setattr(parent, key, new)
+  return model
+
+
+def _check_fresh(model: nnx.Module, fn: str) -> None:
+  wrapped = lora_layers(model)
+  if wrapped:
+    raise ValueError(
+        f"{fn}: the model already has LoRA adapters (e.g. at "
+        f"{wrapped[0][0]!r}); jaxbnb holds one adapter per model: merge_lora "
+        "or unload_lora first.")
+
+
+def attach_adapters(model: nnx.Module, config: LoRAConfig,
+                    targets: Iterable[str], *, rngs: nnx.Rngs | None,
+                    lora_dtype: Any = jnp.float32,
+                    weights: Mapping[str, Mapping[str, Any]] | None = None,
+                    ) -> nnx.Module:
+  """Wraps the linears at `targets` in `LoRALinear`s, in place.
+
+  Args:
+    model: the model.
+    config: the hyperparameters every adapter gets.
+    targets: dotted paths of linear layers.
+    rngs: random generators (initial adapters, dropout).
+    lora_dtype: adapter dtype.
+    weights: optional initial arrays per path (`{"lora_A": ..., "lora_B":
+      ..., "lora_magnitude_vector": ...}`).
+
+  Returns:
+    The model (the new root if `model` itself was a target).
+  """
+  linears = dict(linear_layers(model))
+  for path in targets:
+    kw = dict((weights or {}).get(path, {}))
+    layer = LoRALinear(linears[path], config, lora_dtype=lora_dtype,
+                       rngs=rngs, **kw)
+    model = _replace(model, path, layer)
+  return model
+
+
+def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs,
+               lora_dtype: Any = jnp.float32) -> nnx.Module:
+  """Adds LoRA adapters to the linears `config` targets, in place.
+
+  Each targeted float `Linear` or `QuantizedLinear` (e.g. a 4-bit
+  `Linear4bit`: QLoRA) is replaced by a `LoRALinear` holding it; the module
+  paths stay the Hugging Face names. Train the adapters with
+  `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`.
+
+  Args:
+    model: an NNX model whose linears are jaxbnb layers (e.g. a
+      `LlamaForCausalLM`).
+    config: the `LoRAConfig`.
+    rngs: random generators for the initial adapters and the dropout.
+    lora_dtype: dtype of the adapters and of their math (PEFT: float32).
+
+  Returns:
+    The model (the `LoRALinear` itself when `model` is a single targeted
+    linear).
+
+  Raises:
+    TypeError: `config` is not a `LoRAConfig`.
+    ValueError: nothing matches `target_modules`, a match is not a linear,
+      or the model already has adapters.
+
+  Examples:
+    >>> import jax
+    >>> from flax import nnx
+    >>> from jaxbnb import models
+    >>> from jaxbnb.lora import LoRAConfig, apply_lora
+    >>> cfg = models.LlamaConfig(vocab_size=64, hidden_size=32,
+    ...                          intermediate_size=64, num_hidden_layers=1,
+    ...                          num_attention_heads=4, num_key_value_heads=2)
+    >>> model = models.LlamaForCausalLM(
+    ...     cfg, quantization=models.QuantizationConfig.nf4(),
+    ...     rngs=nnx.Rngs(0))
+    >>> model = apply_lora(model, LoRAConfig(r=4, target_modules="all-linear"),
+    ...                    rngs=nnx.Rngs(1))
+    >>> q = model.model.layers[0].self_attn.q_proj
+    >>> type(q).__name__, type(q.base_layer).__name__, q.lora_A.shape
+    ('LoRALinear', 'Linear4bit', (4, 32))
+    >>> sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+    2048
+  """
+  if not isinstance(config, LoRAConfig):
+    raise TypeError("apply_lora: `config` must be a LoRAConfig, got "
+                    f"{type(config).__name__}.")
+  _check_fresh(model, "apply_lora")
+  targets = find_targets(model, config)
+  return attach_adapters(model, config, targets, rngs=rngs,
+                         lora_dtype=lora_dtype)
+
+
+def merge_lora(model: nnx.Module, *, requantize: bool = True) -> nnx.Module:
+  """Folds every adapter into its base layer (PEFT's `merge_and_unload`).
+
+  In place: each `LoRALinear` is replaced by its base layer with the merged
+  weight (LoRA: `W + scaling * B @ A`; DoRA: that times `m / ||.||` per
+  row). A float base keeps its dtype (the sum is rounded to it). A quantized
+  base is dequantized, the adapter added in float32 and the result rounded
+  to the weight's original dtype; then `requantize=True` quantizes it again
+  with the same settings (quant type, blocksize, double quantization,
+  storage) as PEFT does for bitsandbytes layers, so the merged model differs
+  from the adapted one by the 4-bit rounding of the new weight (up to half
+  a code step times the block's absmax per element); `requantize=False`
+  makes the layer a float `Linear` instead (exact up to the dtype rounding;
+  its compute dtype is the base's, or the weight's when that is None).
+
+  The adapters are gone afterwards: save them first (`save_adapter`) or
+  keep a copy (`nnx.clone`) to go back.
+
+  Args:
+    model: a model with `LoRALinear` layers.
+    requantize: for quantized bases, quantize the merged weight again.
+
+  Returns:
+    The model (the merged layer itself when `model` is a `LoRALinear`).
+
+  Raises:
+    ValueError: the model has no LoRA adapters.
+  """
+  layers = lora_layers(model)
+  if not layers:
+    raise ValueError("merge_lora: the model has no LoRA adapters.")
+  for path, layer in layers:
+    model = _replace(model, path, layer.merge(requantize=requantize))
+  return model
+
+
+def unload_lora(model: nnx.Module) -> nnx.Module:
+  """Removes every adapter, restoring the base layers (PEFT's `unload`).
+
+  Returns:
+    The model (the base layer itself when `model` is a `LoRALinear`).
+
+  Raises:
+    ValueError: the model has no LoRA adapters.
+  """
+  layers = lora_layers(model)
+  if not layers:
+    raise ValueError("unload_lora: the model has no LoRA adapters.")
+  for path, layer in layers:
+    model = _replace(model, path, layer.base_layer)
+  return model
+
+
+# ----------------------------------------------------------------------------
+# linen
+
+
+class Dense4bitLoRA(nn.Module):
+  """A linen `Dense4bit` with a LoRA (or DoRA) adapter: QLoRA for linen.
+
+  The 4-bit base is the submodule `base_layer` (packed weight in the
+  `"quantized"` collection, bias in `"params"`); the adapters are the
+  params `lora_A` `[r, in]`, `lora_B` `[features, r]` and, for DoRA,
+  `lora_magnitude_vector` `[features]`, so `jax.grad` over
+  `variables["params"]` trains them (and the bias, if any: mask it out of
+  the optimizer to train the adapters only). Same math as the NNX
+  `LoRALinear`.
+
+  Example usage::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbnb.lora import Dense4bitLoRA
+    >>> layer = Dense4bitLoRA(features=32, r=4, quant_type="nf4")
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 64)))
+    >>> p = variables["params"]
+    >>> sorted(p), p["lora_A"].shape, p["lora_B"].shape
+    (['base_layer', 'lora_A', 'lora_B'], (4, 64), (32, 4))
+    >>> layer.apply(variables, jnp.ones((2, 64))).shape
+    (2, 32)
+
+  Attributes:
+    features: output features.
+    r: adapter rank.
+    lora_alpha: scale numerator (scaling `lora_alpha / r`).
+    lora_dropout: adapter-input dropout rate in training (rng "dropout").
+    use_rslora: scaling `lora_alpha / sqrt(r)`.
+    use_dora: DoRA's magnitude vector.
+    init_lora_weights: True, "gaussian" or False (see `LoRAConfig`).
+    lora_dtype: dtype of the adapters and their math.
+    deterministic: disables the dropout (also a call argument).
+    use_bias: whether the base adds a bias.
+    dtype: base computation dtype (None: inferred).
+    param_dtype: dtype of the initial float kernel and of the bias.
+    quant_type: "nf4" or "fp4".
+    blocksize: elements per absmax block.
+    compress_statistics: double-quantize the absmax.
+    quant_storage: dtype the packed bytes are viewed as.
+    kernel_init: initializer of the float `[in, out]` base kernel.
+    bias_init: initializer of the bias.
+  """
+
+  features: int
+  r: int = 8
+  lora_alpha: float = 8
+  lora_dropout: float = 0.0
+  use_rslora: bool = False
+  use_dora: bool = False
+  init_lora_weights: bool | str = True
+  lora_dtype: Any = jnp.float32
+  deterministic: bool | None = None
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  quant_type: str = "fp4"
+  blocksize: int = 64
+  compress_statistics: bool = True
+  quant_storage: Any = jnp.uint8
+  kernel_init: Callable[..., jax.Array] = default_kernel_init
+  bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array,
+               deterministic: bool | None = None) -> jax.Array:
+    """Applies the layer to `inputs` `[..., in_features]`.
+
+    Raises:
+      ValueError: as `Dense4bit`, or for bad LoRA hyperparameters.
+    """
+    cfg = LoRAConfig(r=self.r, lora_alpha=self.lora_alpha,
+                     lora_dropout=self.lora_dropout,
+                     use_rslora=self.use_rslora, use_dora=self.use_dora,
+                     init_lora_weights=self.init_lora_weights)
+    base = Dense4bit(
+        features=self.features, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, quant_type=self.quant_type,
+        blocksize=self.blocksize,
+        compress_statistics=self.compress_statistics,
+        quant_storage=self.quant_storage, kernel_init=self.kernel_init,
+        bias_init=self.bias_init, name="base_layer")
+    y = base(inputs)
+    n_in, dt = inputs.shape[-1], jnp.dtype(self.lora_dtype)
+    init = cfg.init_lora_weights
+    a = self.param("lora_A", lambda k: init_lora_A(k, cfg.r, n_in, init, dt))
+    b = self.param("lora_B",
+                   lambda k: init_lora_B(k, self.features, cfg.r, init, dt))
+    dropout = None
+    if cfg.lora_dropout > 0 and not nn.merge_param(
+        "deterministic", self.deterministic, deterministic):
+      key = self.make_rng("dropout")
+      dropout = lambda x: _dropout(x, cfg.lora_dropout, key)
+    dora = {}
+    if cfg.use_dora:
+      weight = base.variables[QUANTIZED]["kernel"].dequantize()
+      bias = base.variables["params"]["bias"] if self.use_bias else None
+      m = self.param("lora_magnitude_vector", lambda k: dora_weight_norm(
+          weight, a, b, cfg.scaling))
+      dora = dict(magnitude=m, weight=weight, bias=bias)
+    return lora_output(inputs, y, lora_A=a, lora_B=b, scaling=cfg.scaling,
+                       dropout=dropout, round_first=True, **dora)
