@@ -14,6 +14,7 @@ collect_ignore = [
     "golden/make_llama_golden.py",
     "golden/make_smollm2_golden.py",
     "golden/make_bnb_optim_golden.py",
+    "golden/make_peft_golden.py",
 ]
 
 

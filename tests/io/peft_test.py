@@ -446,3 +446,19 @@ def test_golden_merged_equals_unmerged(case):
   # Both sides re-quantize W + delta to NF4; a float32 rounding difference
   # can move an element across a code boundary, so this is looser.
   _close(_logits(model, ids), exp["merged_logits"], 1e-3)
+
+
+@pytest.mark.parametrize("save", ["save_pretrained", "save_checkpoint"])
+def test_full_checkpoints_refuse_a_model_with_adapters(tmp_path, save):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxbnb import convert, lora, models  # pylint: disable=g-import-not-at-top
+  cfg = models.LlamaConfig(vocab_size=32, hidden_size=16,
+                           intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1)
+  model = models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  lora.apply_lora(model, lora.LoRAConfig(r=2, target_modules=["q_proj"]),
+                  rngs=nnx.Rngs(1))
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match="save_adapter.*merge_lora"):
+    getattr(convert, save)(model, out)
+  assert not out.exists()

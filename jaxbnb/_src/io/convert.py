@@ -41,6 +41,7 @@ from jaxbnb._src.io.checkpoint_source import write_safetensors
 from jaxbnb._src.io.gguf_source import GGUFSource
 from jaxbnb._src.layers.common import QuantizedWeight
 from jaxbnb._src.layers.factory import quantize_weight
+from jaxbnb._src.layers.lora import check_no_lora
 from jaxbnb._src.layers.quant_config import QuantizationConfig
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.models.llama import LlamaForCausalLM
@@ -538,7 +539,9 @@ def save_pretrained(model: LlamaForCausalLM, path: str | os.PathLike, *,
 
   Raises:
     TypeError: if `model` is not a `LlamaForCausalLM`.
-    ValueError: for a bad `max_shard_size`, a `path` that is a file, or a
+    ValueError: for a model with LoRA adapters (save them with
+      `jaxbnb.lora.save_adapter` or merge them first), a bad
+      `max_shard_size`, a `path` that is a file, or a
       `path` that is, contains or lies inside the checkpoint `model` was
       loaded from (the message names both).
     FileExistsError: if `path` is a non-empty folder and `overwrite` is
@@ -547,6 +550,7 @@ def save_pretrained(model: LlamaForCausalLM, path: str | os.PathLike, *,
   if not isinstance(model, LlamaForCausalLM):
     raise TypeError("save_pretrained: `model` must be a LlamaForCausalLM, "
                     f"got {type(model).__name__}.")
+  check_no_lora(model, "save_pretrained")
   limit = parse_size(max_shard_size)
   paths.write_folder_atomic(
       path, lambda folder: _write_folder(model, folder, limit, progress),

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxbnb._src.io import extras
 from jaxbnb._src.io import paths
+from jaxbnb._src.layers.lora import check_no_lora
 from jaxbnb._src.layers.quant_config import QuantizationConfig
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.models.llama import LlamaForCausalLM
@@ -71,6 +72,7 @@ def save_checkpoint(model: LlamaForCausalLM, path: str | os.PathLike, *,
   if not isinstance(model, LlamaForCausalLM):
     raise TypeError("save_checkpoint: `model` must be a LlamaForCausalLM, "
                     f"got {type(model).__name__}.")
+  check_no_lora(model, "save_checkpoint")
   layouts = {}
   for name, var in model.iter_variables():
     value = var.get_value()

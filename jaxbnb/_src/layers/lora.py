@@ -644,6 +644,24 @@ def lora_layers(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
           if isinstance(n, LoRALinear)]
 
 
+def check_no_lora(model: nnx.Module, fn: str) -> None:
+  """Raises if `model` holds LoRA adapters (a full checkpoint cannot).
+
+  Base-model checkpoints (bitsandbytes' format, orbax model checkpoints)
+  have no place for adapters: writing one would give a checkpoint that
+  loads as a different model, or not at all.
+
+  Raises:
+    ValueError: naming the first adapted module and the two ways out.
+  """
+  found = lora_layers(model)
+  if found:
+    raise ValueError(
+        f"{fn}: the model has LoRA adapters ({found[0][0]!r} and "
+        f"{len(found) - 1} more); save them with jaxbnb.lora.save_adapter, "
+        "or fold them in with jaxbnb.lora.merge_lora first.")
+
+
 def linear_layers(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
   """`(dotted path, layer)` of the linears a LoRA may target.
 
