@@ -29,7 +29,7 @@ SRC = ROOT / "jaxbnb" / "_src"
 
 # Lower rank may not import higher rank; same rank only within a package.
 RANK = {"pallas_kernels": 0, "quant": 1, "optim": 2, "layers": 2,
-        "models": 3, "io": 4, "tools": 5}
+        "models": 3, "io": 4, "train": 4, "tools": 5}
 # Packages that may be imported inside a function: optional and heavy.
 LAZY_OK = {"torch", "bitsandbytes", "gguf", "matplotlib", "transformers",
            "tokenizers", "scipy", "tqdm", "orbax", "jinja2", "safetensors",

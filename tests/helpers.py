@@ -57,3 +57,73 @@ def error_stats(a, b):
   err = np.abs(a - b)
   rel = err / (np.abs(a) + 1e-8)
   return err.mean(), rel.mean()
+
+
+# --------------------------------------------------------------------------
+# Honest error bounds for float32-accumulated products (derived, not tuned)
+# --------------------------------------------------------------------------
+
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def ulp(x, dtype) -> np.ndarray:
+  """One unit in the last place of `dtype` at magnitude |x| (elementwise)."""
+  nmant = {np.dtype(np.float32): 23, np.dtype(np.float16): 10,
+           np.dtype(ml_dtypes.bfloat16): 7}[np.dtype(dtype)]
+  tiny = {23: 2.0 ** -126, 10: 2.0 ** -14, 7: 2.0 ** -126}[nmant]
+  a = np.maximum(np.abs(np.asarray(x, np.float64)), tiny)
+  return 2.0 ** (np.floor(np.log2(a)) - nmant)
+
+
+def matmul_bound(x, w, out_dtype, *, weight_rel=0.0, bias=None):
+  """(exact, bound): `x @ w.T (+ bias)` in float64 and the largest honest
+  |y - exact| for any `y` accumulated in float32 in any order and rounded
+  once to `out_dtype`.
+
+  * float32 accumulation of K products: each product and each of the K - 1
+    additions rounds once, so |acc - exact| <= K * u * sum|x||w| <= K * eps
+    / 2 * sum|x||w| (Higham's gamma_K); two such results differ by at most
+    twice that, hence the bound uses K * eps (independent of order).
+  * `weight_rel`: a documented relative rounding of each weight on one side
+    (e.g. a bf16 code table, 2**-8), adds weight_rel * sum|x||w|.
+  * a bias added in float32 rounds once more (eps * |result|).
+  * the final rounding to a 16-bit `out_dtype` moves the value by up to one
+    ulp there (two results straddling a rounding midpoint).
+  """
+  x64 = np.asarray(np.asarray(x).astype(np.float32), np.float64)
+  w64 = np.asarray(np.asarray(w).astype(np.float32), np.float64)
+  k = x64.shape[-1]
+  exact = x64 @ w64.T
+  mag = np.abs(x64) @ np.abs(w64).T
+  bound = (k * F32_EPS + weight_rel) * mag
+  if bias is not None:
+    exact = exact + np.asarray(np.asarray(bias).astype(np.float32),
+                               np.float64)
+    bound = bound + F32_EPS * np.abs(exact)
+  if np.dtype(out_dtype) != np.float32:
+    bound = bound + ulp(np.abs(exact) + bound, out_dtype)
+  return exact, bound
+
+
+def assert_within(actual, exact, bound, err_msg=""):
+  """|actual - exact| <= bound elementwise, reporting the worst element."""
+  actual = np.asarray(np.asarray(actual).astype(np.float32), np.float64)
+  exact = np.broadcast_to(np.asarray(exact, np.float64), actual.shape)
+  bound = np.broadcast_to(np.asarray(bound, np.float64), actual.shape)
+  err = np.abs(actual - exact)
+  bad = ~(err <= bound)
+  if bad.any():
+    i = np.unravel_index(np.argmax(np.where(bad, err - bound, -np.inf)),
+                         err.shape)
+    raise AssertionError(
+        f"{err_msg}: {int(bad.sum())} of {err.size} elements beyond the "
+        f"bound; worst at {i}: |{actual[i]} - {exact[i]}| = {err[i]:.3g} > "
+        f"{bound[i]:.3g}")
+
+
+def sum_bound(a, axis):
+  """Largest honest difference of two float32 sums of `a` along `axis`
+  (any order): (n - 1) additions, each side within (n - 1) * u * sum|a|."""
+  a = np.asarray(np.asarray(a).astype(np.float32), np.float64)
+  n = a.shape[axis]
+  return max(n - 1, 0) * F32_EPS * np.abs(a).sum(axis)

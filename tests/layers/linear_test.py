@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxbnb.models import LlamaConfig, LlamaForCausalLM, QuantizationConfig
 from jaxbnb.nnx import Linear, Linear4bit, make_linear, weight_format
+from tests import helpers
 
 
 def _dot_precisions(fn, *args) -> list[str]:
@@ -29,11 +30,12 @@ def test_linear_matches_numpy_in_float32():
                  param_dtype=jnp.float32, init_std=0.5, rngs=nnx.Rngs(0))
   layer.bias[...] = jnp.arange(4, dtype=jnp.float32)
   x = jax.random.normal(jax.random.key(1), (3, 8))
-  want = (np.asarray(x, np.float64) @ np.asarray(layer.weight[...],
-                                                 np.float64).T
-          + np.arange(4))
-  # float32 accumulation over 8 products: a few ulps of |y| ~ 1.
-  np.testing.assert_allclose(np.asarray(layer(x)), want, rtol=0, atol=2e-6)
+  # float32 accumulation over K = 8 products and the bias add, against
+  # float64 (helpers.matmul_bound: K * eps * sum|x||w| + eps * |y|).
+  want, bound = helpers.matmul_bound(x, layer.weight[...], jnp.float32,
+                                     bias=layer.bias[...])
+  helpers.assert_within(layer(x), want, bound, "Linear")
+  np.testing.assert_array_equal(layer.bias[...], np.arange(4))
 
 
 def test_float32_model_computes_in_float32_not_tf32():

@@ -1,7 +1,6 @@
 """Tests for `jaxbnb._src.models.generate` on tiny random and golden models."""
 
 import dataclasses
-import glob
 import json
 import os
 
@@ -113,6 +112,21 @@ def test_sampling_seeds(gen, reference):
   assert gen.generate(PROMPTS, seed=2, **kw).sequences != a
   # top_k=1 sampling is greedy.
   assert gen.generate(PROMPTS, seed=3, top_k=1, **kw).sequences == reference
+  # So are top_p=0 (only the most likely token survives) and a temperature
+  # near 0: the options reach every step, not only the first.
+  assert gen.generate(PROMPTS, seed=3, top_p=0.0, **kw).sequences == reference
+  assert gen.generate(PROMPTS, seed=3, max_new_tokens=9, do_sample=True,
+                      temperature=1e-5).sequences == reference
+
+
+def test_each_sampling_step_draws_with_its_own_key():
+  # Uniform logits (a zero output head): a key reused at every step would
+  # repeat one token for the whole sequence.
+  flat = LlamaForCausalLM(CFG, rngs=nnx.Rngs(0))
+  head = flat.lm_head if flat.lm_head is not None else flat.model.embed_tokens
+  head.weight[...] = jnp.zeros_like(head.weight[...])
+  out = generate(flat, PROMPTS, max_new_tokens=9, do_sample=True, seed=1)
+  assert all(len(set(seq)) > 1 for seq in out.sequences), out.sequences
 
 
 def test_repetition_penalty_changes_output(gen, reference):
@@ -149,11 +163,18 @@ def test_quantized_model_generates():
   assert generate(m, PROMPTS[:1], max_new_tokens=5).sequences == want
 
 
-@pytest.mark.parametrize("family", sorted(
-    os.path.basename(d) for d in glob.glob(os.path.join(GOLDEN, "*"))
-    if os.path.isdir(d)))
+# A fixed list, not a glob: a missing fixture must fail, never vanish from
+# the parametrization.
+FAMILIES = ["llama3", "mistral", "qwen2"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_matches_transformers_greedy(family):
   folder = os.path.join(GOLDEN, family)
+  for f in ("config.json", "model.safetensors", "expected.npz"):
+    assert os.path.isfile(os.path.join(folder, f)), (
+        f"golden fixture {family}/{f} is missing "
+        "(tests/golden/make_llama_golden.py)")
   with open(os.path.join(folder, "config.json")) as f:
     cfg = LlamaConfig.from_hf(json.load(f))
   m = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))

@@ -40,7 +40,16 @@ def test_4bit_model_kernels_match_reference(quant_type, compute):
       got = _logits(model, ids[:, :m])
     with kernel_mode("reference"):
       want = _logits(model, ids[:, :m])
-    tol = 2e-2 if compute == "bfloat16" else 2e-3
+    # float32: the kernels differ from the reference only in float32
+    # summation order (dequantization is bit-exact, the fp32 GEMV uses the
+    # fp32 code table): ~sqrt(K) * u per stage, 1e-5 of the logit scale in
+    # all, as llama_test's REL_FP32 (H200: 5e-7 at M = 1, exact at M = 80).
+    # bfloat16: the GEMV multiplies with codes rounded to bf16, up to 2**-7
+    # relative per weight from the reference's bf16 weight; across the 2
+    # layers' 7 quantized linears these mostly average out (H200: 0.007 to
+    # 0.010 at M = 1, exact at M = 80); 2e-2 is twice that, far below a
+    # wrong code or absmax (O(1)).
+    tol = 2e-2 if compute == "bfloat16" else 1e-5
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < tol, (m, err)
 

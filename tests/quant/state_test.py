@@ -26,9 +26,12 @@ def test_equal_states_compare_equal(quant_type, compress):
   a = _state(quant_type, compress)
   b = _state(quant_type, compress)  # same values, distinct arrays
   assert a.absmax is not b.absmax
-  assert a == b
+  assert a == b and b == a  # symmetric
   assert not a != b  # pylint: disable=unneeded-not
-  assert a == a
+  # Host copies (numpy leaves) compare equal to the device arrays.
+  host = jax.tree.map(np.asarray, a)
+  assert isinstance(host.absmax, np.ndarray)
+  assert host == a and a == host
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -39,11 +42,24 @@ def test_equal_after_bnb_dict_round_trip(compress):
 
 
 def test_absmax_and_code_compared_with_tolerance():
+  # bitsandbytes compares with torch.allclose(atol=1e-6) and its default
+  # rtol=1e-5: |a - b| <= 1e-6 + 1e-5 * |b|. Pinned from both sides, so a
+  # wider (or exact) comparison fails.
   qs = _state("nf4")
+  a3 = float(np.asarray(qs.absmax)[3])
+  tol = 1e-6 + 1e-5 * a3
+  inside = dataclasses.replace(qs, absmax=qs.absmax.at[3].add(0.9 * tol))
+  assert inside == qs
+  outside = dataclasses.replace(qs, absmax=qs.absmax.at[3].add(1.1 * tol))
+  assert outside != qs
   close = dataclasses.replace(qs, absmax=qs.absmax + 1e-7)
   assert close == qs
   far = dataclasses.replace(qs, absmax=qs.absmax.at[3].add(1e-3))
   assert far != qs
+  code_in = dataclasses.replace(qs, code=qs.code.at[5].add(5e-7))
+  assert code_in == qs
+  code_out = dataclasses.replace(qs, code=qs.code.at[5].add(2e-6 + 1e-5))
+  assert code_out != qs
   code = dataclasses.replace(qs, code=qs.code.at[0].set(-0.5))
   assert code != qs
   fewer = dataclasses.replace(qs, absmax=qs.absmax[:-1])

@@ -7,6 +7,7 @@ import pytest
 
 from jaxbnb import functional as F
 from jaxbnb._src.quant import weights
+from tests import helpers
 
 FORMATS = [
     pytest.param(lambda w: F.Params4bit.from_float(
@@ -35,20 +36,25 @@ def test_interface(make):
   bias = jnp.arange(48, dtype=jnp.float32)
   y = q.matmul(x, bias)
   assert y.shape == (5, 48) and y.dtype == jnp.float32
-  # The product equals x @ dequantized.T up to the format's own rounding of
-  # x (none for 4-bit; int8 rows for LLM.int8: |err| <= sum|w| * absmax/254).
-  ref = np.asarray(x, np.float64) @ np.asarray(deq, np.float64).T + np.arange(48)
+  # The product equals x @ dequantized.T up to the format's own rounding:
+  # 4-bit: only the float32 accumulation (helpers.matmul_bound); LLM.int8:
+  # also x's row-wise int8 rounding (half a step, absmax_row / 254, per
+  # element), its fp32 epilogue and the float16 rounding of bnb's output.
+  exact, bound = helpers.matmul_bound(x, deq, jnp.float32, bias=bias)
   if q.format == "int8":
-    bound = (np.abs(np.asarray(deq)).sum(1)[None, :]
-             * np.abs(np.asarray(x)).max(1)[:, None] / 254 + 1e-3)
-    assert np.all(np.abs(np.asarray(y) - ref) <= bound)
-  else:
-    np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=1e-4)
-  # Gradients reach x and the bias, through the dequantized weight.
+    d = np.abs(np.asarray(deq, np.float64))
+    xa = np.abs(np.asarray(x, np.float64))
+    bound = (bound + xa.max(1)[:, None] / 254 * d.sum(1)[None, :]
+             + 4 * helpers.F32_EPS * xa @ d.T
+             + helpers.ulp(np.abs(exact) + 1e-2, np.float16))
+  helpers.assert_within(y, exact, bound, q.format)
+  # Gradients reach x and the bias, through the dequantized weight: dx is
+  # ones @ W (a float32 column sum over 48 rows), dbias counts the rows.
   gx, gb = jax.grad(lambda x, b: q.matmul(x, b).sum(), argnums=(0, 1))(x, bias)
-  np.testing.assert_allclose(np.asarray(gx),
-                             np.broadcast_to(np.asarray(deq).sum(0), x.shape),
-                             rtol=1e-5, atol=1e-5)
+  d = np.asarray(deq)
+  helpers.assert_within(gx, np.broadcast_to(d.astype(np.float64).sum(0),
+                                            x.shape),
+                        helpers.sum_bound(d, 0), "dx")
   np.testing.assert_array_equal(np.asarray(gb), np.full(48, 5.0))
 
 

@@ -42,7 +42,12 @@ class _State(threading.local):
 
   def __init__(self):
     super().__init__()
-    self.mode = _check(os.environ.get("JAXBNB_KERNELS", "auto"))
+    mode = os.environ.get("JAXBNB_KERNELS", "auto")
+    if mode not in MODES:
+      raise ValueError(
+          f"environment variable JAXBNB_KERNELS must be one of {MODES}, got "
+          f"{mode!r}.")
+    self.mode = mode
 
 
 _STATE = _State()

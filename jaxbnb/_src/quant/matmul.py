@@ -75,8 +75,13 @@ def _matmul_bwd(transposed, res, g):
   if transposed:
     w = w.T
   if dispatch.resolve() == "pallas" and g.dtype != jnp.float32:
+    # 16-bit operands on the tensor cores (default precision), summed in
+    # float32 and rounded once, as bnb's torch matmul. Asking XLA for a
+    # 16-bit result instead lets it rewrite a small-M product (M = 1) as a
+    # reduction of 16-bit-rounded products: ~100 ulp off on an H200.
     dx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())),
-                             preferred_element_type=g.dtype)
+                             preferred_element_type=jnp.float32
+                             ).astype(g.dtype)
   else:
     dx = jax.lax.dot_general(
         g, w, (((1,), (0,)), ((), ())), precision=_PRECISION,

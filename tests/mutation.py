@@ -1,0 +1,590 @@
+"""Mutation check: the fast tests must catch curated semantic bugs.
+
+  python -m tests.mutation              # every mutant, 2 at a time
+  python -m tests.mutation --list       # the table below
+  python -m tests.mutation --only kv-cache-slot-off --only rope-off
+  python -m tests.mutation --jobs 4
+
+Each mutant in `MUTANTS` is one deliberate bug: an exact piece of source
+text and its replacement, and the tests that must catch it. For each one,
+the source tree (jaxbnb, pallas_kernels, tests, pyproject.toml, README.md,
+docs) is copied to a temporary folder, the text is replaced there (never in
+the working tree), and `pytest -x` runs the mutant's tests in the copy. The
+mutant is killed when pytest exits with 1 (a test failed). Exit 2 to 5 (a
+collection or import error, a usage error, no tests) means the mutant or its
+selection is broken: it is reported as an error, not a kill.
+
+The union of all the selections also runs once on an unmutated copy (the
+first job, alongside the mutants); it must pass, or no kill means anything.
+First of all, and again inside every pytest run (a `-p` probe plugin), the
+check asserts that `import jaxbnb` loads the copy: the working tree is
+installed in editable mode, and `PYTHONPATH` puts the copy ahead of the
+editable finder (which sits after the path finder on `sys.meta_path`).
+
+A mutant whose text is not found exactly once fails the whole check before
+anything runs: a refactor that moves the code must update the table, never
+silently skip a mutant. The exit status is 0 only when the baseline passes
+and every mutant is killed.
+
+To add a mutant with a new feature: append one `Mutant(...)` row (see
+docs/testing.md): a short name, the file, text that occurs exactly once in
+it, the bug, and the few fast tests (node ids; the most likely killer
+first, since `-x` stops at the first failure) that must catch it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  """One deliberate bug and the tests that must catch it.
+
+  Attributes:
+    name: short unique id (`--only NAME`).
+    path: the mutated file, relative to the repository root.
+    old: source text that must occur exactly once in `path`.
+    new: its replacement (the bug).
+    tests: pytest node ids (files, `file::test`, `file::test[param]`), the
+      most likely killer first.
+  """
+
+  name: str
+  path: str
+  old: str
+  new: str
+  tests: tuple[str, ...]
+
+
+# Selections shared by several mutants.
+_LLAMA = "tests/models/llama_test.py"
+_LOGITS = _LLAMA + "::test_logits_match_transformers"
+_DECODE = _LLAMA + "::test_cached_decode_and_greedy_tokens_match_transformers"
+_SAMPLING = "tests/models/sampling_test.py"
+_GENERATE_SAMPLING = "tests/models/generate_test.py::test_sampling_seeds"
+_BNB4 = "tests/quant/bnb_golden_test.py"
+_Q4 = _BNB4 + "::test_quantize_4bit_matches_bnb"
+_DQ4 = _BNB4 + "::test_dequantize_4bit_of_bnb_state_is_exact"
+# bitsandbytes golden cases: plain NF4, odd-sized FP4, nested NF4 (3 nested
+# blocks) and nested FP4 in bfloat16.
+_BNB4_CASES = ("[sweep_nf4_float32_64_0]", "[odd_fp4_bfloat16]",
+               "[bignest_nf4_float32]", "[sweep_fp4_bfloat16_64_1]")
+_OPTIM_GOLDEN = "tests/optim/bnb_golden_test.py"
+_STEP = _OPTIM_GOLDEN + "::test_step_by_step_from_imported_bnb_state"
+_RULES = "tests/optim/rules_test.py"
+_FIRST_STEP = _RULES + "::test_first_step_8bit_close_to_32bit"
+
+
+def _cases(test: str, *ids: str) -> tuple[str, ...]:
+  return tuple(test + i for i in ids)
+
+
+# fmt: off
+MUTANTS: tuple[Mutant, ...] = (
+    # ----------------------------------------------------------- models
+    Mutant("rope-off", "jaxbnb/_src/models/llama.py",
+           "q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)",
+           "q, k = q, k",
+           (_LOGITS + "[llama3]",)),
+    Mutant("rope-rotation-reversed", "jaxbnb/_src/models/rope.py",
+           "jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)",
+           "jnp.concatenate([x[..., half:], -x[..., :half]], axis=-1)",
+           (_LOGITS + "[llama3]",)),
+    Mutant("kv-cache-slot-off", "jaxbnb/_src/models/llama.py",
+           "start = (jnp.asarray(layer, jnp.int32), zero, index, zero, zero)",
+           "start = (jnp.asarray(layer, jnp.int32), zero, index + 1, zero, "
+           "zero)",
+           (_DECODE + "[llama3]",)),
+    Mutant("causal-mask-future-leak", "jaxbnb/_src/models/llama.py",
+           "allowed = (k_slot[None, :] <= q_slot[:, None])[None]",
+           "allowed = (k_slot[None, :] <= q_slot[:, None] + 1)[None]",
+           (_LOGITS + "[llama3]",)),
+    Mutant("sliding-window-off-by-one", "jaxbnb/_src/models/llama.py",
+           "masks[w] = allowed & (dist < w)",
+           "masks[w] = allowed & (dist <= w)",
+           (_LOGITS + "[mistral]",)),
+    Mutant("gqa-grouping-interleaved", "jaxbnb/_src/models/llama.py",
+           "q = q.reshape(b, t, nkv, g, d)",
+           "q = q.reshape(b, t, g, nkv, d).swapaxes(2, 3)",
+           (_LOGITS + "[llama3]",)),
+    Mutant("rmsnorm-weight-dropped", "jaxbnb/_src/models/llama.py",
+           "return self.weight[...].astype(x.dtype) * h.astype(x.dtype)",
+           "return h.astype(x.dtype)",
+           (_LOGITS + "[llama3]",)),
+    Mutant("rmsnorm-eps-dropped", "jaxbnb/_src/models/llama.py",
+           "keepdims=True) + self.eps)",
+           "keepdims=True))",
+           (_LOGITS + "[llama3]", _LOGITS + "[qwen2]", _LOGITS + "[mistral]")),
+    Mutant("top-k-ignored", "jaxbnb/_src/models/sampling.py",
+           "keep = jnp.where(top_k > 0, rank < top_k, True)",
+           "keep = jnp.where(top_k > 0, rank >= 0, True)",
+           (_SAMPLING,)),
+    Mutant("top-p-ignored", "jaxbnb/_src/models/sampling.py",
+           "return keep & keep_p",
+           "return keep",
+           (_SAMPLING,)),
+    Mutant("temperature-ignored", "jaxbnb/_src/models/sampling.py",
+           "logits = logits.astype(jnp.float32) / jnp.asarray(temperature, "
+           "jnp.float32)",
+           "logits = logits.astype(jnp.float32)",
+           (_SAMPLING,)),
+    Mutant("repetition-penalty-inverted", "jaxbnb/_src/models/sampling.py",
+           "jnp.where(logits > 0, logits / penalty, logits * penalty)",
+           "jnp.where(logits > 0, logits * penalty, logits / penalty)",
+           (_SAMPLING,)),
+    # generate(): the sampling options and keys must reach every step.
+    Mutant("generate-top-p-not-forwarded", "jaxbnb/_src/models/generate.py",
+           'top_p=params["top_p"])',
+           "top_p=1.0)",
+           (_GENERATE_SAMPLING,)),
+    Mutant("generate-temperature-not-forwarded",
+           "jaxbnb/_src/models/generate.py",
+           'temperature=params[\n            "temperature"]',
+           "temperature=1.0",
+           (_GENERATE_SAMPLING,)),
+    Mutant("generate-same-key-every-step", "jaxbnb/_src/models/generate.py",
+           "sampling.step_keys(keys, step)",
+           "sampling.step_keys(keys, 0)",
+           ("tests/models/generate_test.py::"
+            "test_each_sampling_step_draws_with_its_own_key",)),
+    # ----------------------------------------------------------- quant
+    Mutant("4bit-pack-nibbles-swapped", "jaxbnb/_src/quant/reference.py",
+           "packed = (q[:, 0] << 4) | q[:, 1]",
+           "packed = (q[:, 1] << 4) | q[:, 0]",
+           _cases(_Q4, *_BNB4_CASES)),
+    Mutant("4bit-unpack-nibbles-swapped", "jaxbnb/_src/quant/reference.py",
+           "jnp.stack([packed >> 4, packed & 0xF], axis=-1)",
+           "jnp.stack([packed & 0xF, packed >> 4], axis=-1)",
+           _cases(_DQ4, *_BNB4_CASES)),
+    Mutant("4bit-absmax-not-applied", "jaxbnb/_src/quant/reference.py",
+           "return (table[codes] * scale).astype(dtype)",
+           "return table[codes].astype(dtype)",
+           _cases(_DQ4, *_BNB4_CASES)),
+    Mutant("nf4-code-entry-changed", "jaxbnb/_src/quant/codebooks.py",
+           "        0.07958029955625534,",
+           "        0.08958029955625534,",
+           (_BNB4 + "::test_maps_match_bnb", *_cases(_DQ4, *_BNB4_CASES))),
+    Mutant("fp4-sign-flipped", "jaxbnb/_src/quant/reference.py",
+           "sign = jnp.where(x < 0, jnp.uint8(8), jnp.uint8(0))",
+           "sign = jnp.where(x > 0, jnp.uint8(8), jnp.uint8(0))",
+           _cases(_Q4, *_BNB4_CASES)),
+    Mutant("double-quant-offset-dropped", "jaxbnb/_src/quant/ops.py",
+           "return deq + qs.offset.astype(jnp.float32)",
+           "return deq",
+           _cases(_DQ4, *_BNB4_CASES)),
+    Mutant("double-quant-offset-not-subtracted", "jaxbnb/_src/quant/ops.py",
+           "_quantize_blockwise_flat(absmax - offset, code,",
+           "_quantize_blockwise_flat(absmax, code,",
+           _cases(_Q4, *_BNB4_CASES)),
+    Mutant("int8-outlier-compare-flipped", "jaxbnb/_src/quant/reference.py",
+           "outliers = absval >= thr",
+           "outliers = absval < thr",
+           (_BNB4 + "::test_int8_vectorwise_quant_matches_bnb",)),
+    Mutant("int8-negative-outliers-missed", "jaxbnb/_src/quant/reference.py",
+           "outliers = absval >= thr",
+           "outliers = a2d >= thr",
+           (_BNB4 + "::test_int8_vectorwise_quant_matches_bnb",
+            "tests/quant/ops_test.py::test_int8_vectorwise_quant_outliers")),
+    Mutant("matmul-4bit-grad-uses-w-transposed", "jaxbnb/_src/quant/matmul.py",
+           "        g, w, (((1,), (0,)), ((), ())), precision=_PRECISION,",
+           "        g, w, (((1,), (1,)), ((), ())), precision=_PRECISION,",
+           ("tests/quant/matmul_test.py::test_grad_x_and_bias",)),
+    # The same bug where it keeps the shapes right: a square weight
+    # (q_proj, o_proj) gets dx = g @ W.T.
+    Mutant("matmul-4bit-grad-square-weight-transposed",
+           "jaxbnb/_src/quant/matmul.py",
+           "  w = dequantize_weight(packed, qs, g.dtype)\n",
+           "  w = dequantize_weight(packed, qs, g.dtype)\n"
+           "  w = w.T if w.shape[0] == w.shape[1] else w\n",
+           ("tests/quant/matmul_test.py::test_grad_x_and_bias",)),
+    Mutant("state-dict-drops-nested-absmax", "jaxbnb/_src/quant/weights.py",
+           '      out[prefix + "weight." + k] = v',
+           '      if k != "nested_absmax":\n'
+           '        out[prefix + "weight." + k] = v',
+           ("tests/quant/weights_test.py::test_state_dict_and_layout_round_trip",
+            "tests/quant/ops_test.py::test_params4bit_state_dict_round_trip")),
+    Mutant("orbax-layout-drops-nested-absmax", "jaxbnb/_src/quant/weights.py",
+           '_QS_ARRAYS = ("absmax", "code", "offset", "nested_absmax", '
+           '"nested_code")',
+           '_QS_ARRAYS = ("absmax", "code", "offset", "nested_code")',
+           ("tests/quant/weights_test.py::test_state_dict_and_layout_round_trip",
+            "tests/io/orbax_io_test.py::test_roundtrip_bit_identical")),
+    # ----------------------------------------------------------- layers
+    Mutant("quantized-bias-dropped", "jaxbnb/_src/layers/common.py",
+           "None if bias is None else bias.astype(dtype))",
+           "None)",
+           ("tests/layers/layers_test.py::test_linen_dense4bit_equals_dequant_dot",
+            _LLAMA + "::test_4bit_model_equals_dequantized_float_model")),
+    Mutant("quantized-bias-negated", "jaxbnb/_src/layers/common.py",
+           "None if bias is None else bias.astype(dtype))",
+           "None if bias is None else -bias.astype(dtype))",
+           ("tests/layers/layers_test.py::test_linen_dense4bit_equals_dequant_dot",
+            _LLAMA + "::test_4bit_model_equals_dequantized_float_model")),
+    Mutant("linear-bias-dropped", "jaxbnb/_src/layers/linear.py",
+           "y = y + self.bias[...].astype(jnp.float32)",
+           "y = y",
+           ("tests/layers/linear_test.py::test_linear_matches_numpy_in_float32",
+            _LOGITS + "[qwen2]")),
+    Mutant("linear-bias-negated", "jaxbnb/_src/layers/linear.py",
+           "y = y + self.bias[...].astype(jnp.float32)",
+           "y = y - self.bias[...].astype(jnp.float32)",
+           ("tests/layers/linear_test.py::test_linear_matches_numpy_in_float32",
+            _LOGITS + "[qwen2]")),
+    # ----------------------------------------------------------- optim
+    # jaxbnb/_src/optim/rules.py: `update_8bit` (the 2-state branch, then
+    # the 1-state one) and `update_32bit`, the reference the CPU runs.
+    Mutant("optim-8bit-2state-no-op", "jaxbnb/_src/optim/rules.py",
+           "    new = jnp.where(finite, new, pf)\n",
+           "    new = pf\n",
+           (_STEP + "[adam8bit]", _FIRST_STEP + "[adam]")),
+    Mutant("optim-8bit-adam-half-step", "jaxbnb/_src/optim/rules.py",
+           "step_size = (-lr * c2) / c1",
+           "step_size = (-0.5 * lr * c2) / c1",
+           (_STEP + "[adam8bit]", _FIRST_STEP + "[adam]")),
+    Mutant("optim-8bit-1state-no-op", "jaxbnb/_src/optim/rules.py",
+           "new = jnp.where(finite, _round_to(new, dt), pf)",
+           "new = pf",
+           (_STEP + "[lion8bit]", _STEP + "[sgd8bit]", _FIRST_STEP + "[lion]")),
+    Mutant("optim-8bit-absmax-not-requantized", "jaxbnb/_src/optim/rules.py",
+           "    new_s1 = _store_state(s1, True, shape)\n"
+           "    new_s2 = _store_state(s2, False, shape)\n",
+           "    new_s1 = dataclasses.replace(_store_state(s1, True, shape),\n"
+           "                                 absmax=state1.absmax)\n"
+           "    new_s2 = dataclasses.replace(_store_state(s2, False, shape),\n"
+           "                                 absmax=state2.absmax)\n",
+           (_RULES + "::test_8bit_states_requantized_with_new_absmax",
+            _STEP + "[adam8bit]")),
+    Mutant("optim-32bit-adam-half-step", "jaxbnb/_src/optim/rules.py",
+           "step_size = -lr * c2 / c1",
+           "step_size = -0.5 * lr * c2 / c1",
+           _cases(_RULES + "::test_update_32bit_matches_float64_formulas",
+                  "[adam-fp32]", "[adam-bf16]")),
+)
+# fmt: on
+
+# Written next to the copies and loaded with `-p`: records which jaxbnb the
+# pytest process imported (at the end, so it never imports jax before the
+# tests' conftest sets XLA_FLAGS).
+_PROBE = '''
+import os, sys
+
+
+def pytest_sessionfinish(session, exitstatus):
+  mod = sys.modules.get("jaxbnb")
+  if mod is None:
+    try:
+      import jaxbnb as mod
+    except Exception:  # pylint: disable=broad-except; reported by the check
+      mod = None
+  with open(os.environ["JAXBNB_MUTATION_PROBE"], "w") as f:
+    f.write(getattr(mod, "__file__", "") or "")
+'''
+
+_COPIED = ("jaxbnb", "pallas_kernels", "tests", "pyproject.toml", "README.md",
+           "docs")
+_IGNORE = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.pyc",
+                                 ".pytest_cache")
+
+
+class StaleMutant(Exception):
+  """A mutant's text is not found exactly once: the table needs updating."""
+
+
+def check_table(mutants=MUTANTS, root: pathlib.Path = ROOT) -> None:
+  """Raises StaleMutant unless every mutant applies exactly once."""
+  names = [m.name for m in mutants]
+  dupes = sorted({n for n in names if names.count(n) > 1})
+  if dupes:
+    raise StaleMutant(f"duplicate mutant names: {dupes}")
+  problems = []
+  for m in mutants:
+    if m.old == m.new:
+      problems.append(f"{m.name}: `new` equals `old`")
+    if not m.tests:
+      problems.append(f"{m.name}: no tests selected")
+    for t in m.tests:
+      if not (root / t.split("::")[0]).is_file():
+        problems.append(f"{m.name}: test file of {t!r} not found")
+    src = root / m.path
+    if not src.is_file():
+      problems.append(f"{m.name}: {m.path} not found")
+      continue
+    count = src.read_text(encoding="utf-8").count(m.old)
+    if count != 1:
+      problems.append(f"{m.name}: the old text occurs {count} times in "
+                      f"{m.path} (must be exactly once):\n"
+                      + textwrap.indent(m.old, "    | "))
+  if problems:
+    raise StaleMutant("stale mutation table (tests/mutation.py):\n  "
+                      + "\n  ".join(problems))
+
+
+def make_copy(dest: pathlib.Path) -> pathlib.Path:
+  dest.mkdir(parents=True)
+  for name in _COPIED:
+    src = ROOT / name
+    if src.is_dir():
+      shutil.copytree(src, dest / name, ignore=_IGNORE, symlinks=True)
+    elif src.is_file():
+      shutil.copy2(src, dest / name)
+  return dest
+
+
+def apply(m: Mutant, tree: pathlib.Path) -> None:
+  """Applies `m` to the copy at `tree` (never to the working tree)."""
+  assert tree.resolve() != ROOT, "refusing to mutate the working tree"
+  src = tree / m.path
+  text = src.read_text(encoding="utf-8")
+  if text.count(m.old) != 1:
+    raise StaleMutant(f"{m.name}: old text occurs {text.count(m.old)} times "
+                      f"in {m.path}")
+  src.write_text(text.replace(m.old, m.new), encoding="utf-8")
+
+
+def _env(tree: pathlib.Path, probe_dir: pathlib.Path,
+         probe_out: pathlib.Path) -> dict[str, str]:
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  # The copy first: it shadows the editable install's finder, which sits
+  # after the path-based finder on sys.meta_path (asserted by the probe).
+  env["PYTHONPATH"] = os.pathsep.join([str(tree), str(probe_dir)])
+  env["PYTHONDONTWRITEBYTECODE"] = "1"
+  env["JAXBNB_MUTATION_PROBE"] = str(probe_out)
+  env.pop("PYTEST_ADDOPTS", None)
+  return env
+
+
+@dataclasses.dataclass
+class Result:
+  name: str
+  status: str  # "killed", "survived", "error", "timeout"
+  seconds: float
+  rc: int | None
+  detail: str  # the killing test, or why it is an error
+  output: str
+
+
+_FAILED = re.compile(r"^(FAILED|ERROR) (\S+)", re.MULTILINE)
+
+
+def run_pytest(tree: pathlib.Path, tests, probe_dir: pathlib.Path,
+               timeout: float, label: str) -> tuple[int | None, str, float,
+                                                    str]:
+  """pytest on `tests` in `tree`: (rc, output, seconds, imported jaxbnb)."""
+  probe_out = tree.parent / f"{label}.probe"
+  cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+         "-p", "no:randomly", "-p", "_mutation_probe", *tests]
+  start = time.monotonic()
+  try:
+    proc = subprocess.run(cmd, cwd=tree, env=_env(tree, probe_dir, probe_out),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout, check=False)
+    rc, out = proc.returncode, proc.stdout
+  except subprocess.TimeoutExpired as e:
+    out = e.stdout or ""
+    rc = None
+    out = out if isinstance(out, str) else out.decode(errors="replace")
+  seconds = time.monotonic() - start
+  imported = probe_out.read_text() if probe_out.exists() else ""
+  return rc, out, seconds, imported
+
+
+def _inside(path: str, tree: pathlib.Path) -> bool:
+  try:
+    return pathlib.Path(path).resolve().is_relative_to(tree.resolve())
+  except (OSError, ValueError):
+    return False
+
+
+def check_isolation(tree: pathlib.Path, probe_dir: pathlib.Path) -> str:
+  """`import jaxbnb` in the pytest environment resolves inside the copy."""
+  probe_out = tree.parent / "isolation.probe"
+  code = ("import jaxbnb, pallas_kernels; "
+          "print(jaxbnb.__file__); print(pallas_kernels.__file__)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=tree,
+                       env=_env(tree, probe_dir, probe_out),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, check=False).stdout
+  files = out.split()
+  if len(files) != 2 or not all(_inside(f, tree) for f in files):
+    raise SystemExit(
+        "mutation check: the copy's jaxbnb is not the one imported (the "
+        f"editable install wins?); imported:\n{out}")
+  return files[0]
+
+
+def run_mutant(m: Mutant, work: pathlib.Path, probe_dir: pathlib.Path,
+               timeout: float, keep: bool) -> Result:
+  tree = make_copy(work / m.name / "tree")
+  try:
+    apply(m, tree)
+    rc, out, seconds, imported = run_pytest(tree, m.tests, probe_dir, timeout,
+                                            m.name)
+  finally:
+    if not keep:
+      shutil.rmtree(work / m.name, ignore_errors=True)
+  if rc is None:
+    return Result(m.name, "timeout", seconds, rc,
+                  f"no result in {timeout:.0f}s", out)
+  if not _inside(imported, tree):
+    return Result(m.name, "error", seconds, rc,
+                  f"imported jaxbnb from {imported or '?'}, not the copy", out)
+  failed = _FAILED.findall(out)
+  if rc == 1 and failed:
+    return Result(m.name, "killed", seconds, rc, failed[0][1], out)
+  if rc == 0:
+    return Result(m.name, "survived", seconds, rc, "all selected tests pass",
+                  out)
+  why = {1: "exit 1 without a failed test", 2: "interrupted (collection or "
+         "import error)", 3: "pytest internal error", 4: "usage error",
+         5: "no tests collected"}.get(rc, f"exit {rc}")
+  return Result(m.name, "error", seconds, rc, why, out)
+
+
+def baseline_selection(mutants) -> list[str]:
+  """The union of the selections (a file given whole covers its tests)."""
+  out: list[str] = []
+  for m in mutants:
+    for t in m.tests:
+      if t not in out:
+        out.append(t)
+  files = {t for t in out if "::" not in t}
+  return [t for t in out if "::" not in t or t.split("::")[0] not in files]
+
+
+BASELINE = "(baseline: unmutated)"
+
+
+def run_baseline(selection, work: pathlib.Path, probe_dir: pathlib.Path,
+                 timeout: float, keep: bool) -> Result:
+  """The union of the selections on an unmutated copy: it must pass."""
+  tree = make_copy(work / "baseline" / "tree")
+  try:
+    rc, out, seconds, imported = run_pytest(tree, selection, probe_dir,
+                                            timeout, "baseline")
+  finally:
+    if not keep:
+      shutil.rmtree(work / "baseline", ignore_errors=True)
+  lines = out.strip().splitlines()
+  summary = lines[-1].strip("= ") if lines else ""
+  if not _inside(imported, tree):
+    return Result(BASELINE, "error", seconds, rc,
+                  f"imported jaxbnb from {imported or '?'}, not the copy", out)
+  if rc != 0:
+    return Result(BASELINE, "failed", seconds, rc,
+                  f"exit {rc}: {summary}", out)
+  return Result(BASELINE, "passed", seconds, rc,
+                f"{len(selection)} selections: {summary}", out)
+
+
+def _tail(text: str, lines: int = 25) -> str:
+  return textwrap.indent("\n".join(text.rstrip().splitlines()[-lines:]),
+                         "    | ")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m tests.mutation",
+      description="Apply curated semantic mutants to a temporary copy of the "
+      "source and check that the fast tests catch each one.")
+  parser.add_argument("--jobs", type=int, default=2,
+                      help="mutants run in parallel (default 2)")
+  parser.add_argument("--list", action="store_true",
+                      help="print the mutant table and exit")
+  parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                      help="run only this mutant (repeatable; comma lists)")
+  parser.add_argument("--timeout", type=float, default=600,
+                      help="seconds per pytest run (default 600)")
+  parser.add_argument("--keep", action="store_true",
+                      help="keep the temporary copies (for debugging)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="print the pytest output of every mutant")
+  args = parser.parse_args(argv)
+
+  check_table()
+  mutants = list(MUTANTS)
+  if args.only:
+    wanted = [n for o in args.only for n in o.split(",") if n]
+    unknown = sorted(set(wanted) - {m.name for m in mutants})
+    if unknown:
+      parser.error(f"unknown mutant(s) {unknown}; see --list")
+    mutants = [m for m in mutants if m.name in wanted]
+
+  if args.list:
+    for m in mutants:
+      print(f"{m.name}\n  {m.path}\n  - {m.old!r}\n  + {m.new!r}")
+      for t in m.tests:
+        print(f"    {t}")
+    print(f"{len(mutants)} mutants")
+    return 0
+
+  start = time.monotonic()
+  work = pathlib.Path(tempfile.mkdtemp(prefix="jaxbnb-mutation-"))
+  try:
+    probe_dir = work / "probe"
+    probe_dir.mkdir()
+    (probe_dir / "_mutation_probe.py").write_text(_PROBE, encoding="utf-8")
+    imported = check_isolation(make_copy(work / "isolation" / "tree"),
+                               probe_dir)
+    print(f"isolation: pytest runs import the copy's jaxbnb ({imported})")
+    shutil.rmtree(work / "isolation", ignore_errors=True)
+
+    # The baseline is the longest run: it goes first, the mutants fill the
+    # other workers and its verdict gates the result at the end.
+    selection = baseline_selection(mutants)
+    results, base = [], None
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+      futures = [pool.submit(run_baseline, selection, work, probe_dir,
+                             args.timeout * 2, args.keep)]
+      futures += [pool.submit(run_mutant, m, work, probe_dir, args.timeout,
+                              args.keep) for m in mutants]
+      for fut in concurrent.futures.as_completed(futures):
+        r = fut.result()
+        print(f"{r.status.upper():9s} {r.name:42s} {r.seconds:5.0f}s  "
+              f"{r.detail}", flush=True)
+        if r.name == BASELINE:
+          base = r
+          if r.status != "passed" or args.verbose:
+            print(_tail(r.output, 40))
+          continue
+        results.append(r)
+        if args.verbose or r.status != "killed":
+          print(_tail(r.output))
+  finally:
+    if not args.keep:
+      shutil.rmtree(work, ignore_errors=True)
+    else:
+      print(f"copies kept in {work}")
+
+  order = {m.name: i for i, m in enumerate(mutants)}
+  results.sort(key=lambda r: order[r.name])
+  killed = [r for r in results if r.status == "killed"]
+  bad = [r for r in results if r.status != "killed"]
+  print(f"\n{len(killed)} of {len(results)} mutants killed "
+        f"(baseline {base.seconds:.0f}s, total "
+        f"{time.monotonic() - start:.0f}s with {args.jobs} jobs)")
+  for r in bad:
+    print(f"  {r.status}: {r.name} ({r.detail})")
+  if base.status != "passed":
+    print(f"the selected tests fail on the unmutated copy ({base.detail}): "
+          "fix them first; no kill above means anything")
+    return 2
+  return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,239 @@
+"""LLM.int8 weights (`Int8Params`) and `matmul_int8` against bitsandbytes.
+
+The golden values (tests/golden/bnb_8bit.npz, from make_golden.py) are
+bitsandbytes 0.50.2 on CUDA: `int8_vectorwise_quant` of fp16 weights (what
+`bnb.nn.Int8Params` stores as `CB`/`SCB`), `int8_linear_matmul` and the
+`int8_mm_dequant` epilogue (what `Linear8bitLt`'s forward computes).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbnb import functional as F
+from tests import helpers
+
+G8 = helpers.load_golden("bnb_8bit.npz")
+
+
+def _fp16(name):
+  return jnp.asarray(G8[name])
+
+
+# --------------------------------------------------------------------------
+# Int8Params: from_float, state dict, errors
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["iv0", "iv4"])  # threshold-0 fixtures
+def test_from_float_matches_bnb_int8params(name):
+  # bnb.nn.Int8Params quantizes the fp16 weight with int8_vectorwise_quant
+  # (threshold 0): CB is its int8 rows, SCB its float32 row absmax.
+  assert float(G8[name + "/threshold"]) == 0.0
+  w = _fp16(name + "/input")
+  q = F.Int8Params.from_float(w)
+  assert q.CB.dtype == jnp.int8 and q.CB.shape == w.shape
+  assert q.SCB.dtype == jnp.float32 and q.SCB.shape == (w.shape[0],)
+  assert q.dtype == "float16" and q.shape == w.shape
+  np.testing.assert_array_equal(np.asarray(q.CB), G8[name + "/CA"])
+  helpers.assert_bits_equal(q.SCB, G8[name + "/stats"], err_msg=name)
+  # dequantize() is bnb's int8_vectorwise_dequant, in the weight's dtype.
+  deq = q.dequantize()
+  assert deq.dtype == jnp.float16
+  helpers.assert_bits_equal(
+      deq, G8[name + "/dequant"].astype(np.float16), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_from_float_keeps_dtype_and_rows(dtype):
+  w = jax.random.normal(jax.random.key(0), (12, 40), jnp.float32).astype(
+      dtype)
+  q = F.Int8Params.from_float(w)
+  assert q.dtype == jnp.dtype(dtype).name
+  cb, scb, cols = F.int8_vectorwise_quant(w)
+  assert cols is None
+  np.testing.assert_array_equal(np.asarray(q.CB), np.asarray(cb))
+  helpers.assert_bits_equal(q.SCB, scb)
+  # Every row reaches +-127 at its absmax.
+  assert np.all(np.abs(np.asarray(q.CB, np.int32)).max(1) == 127)
+  assert q.dequantize().dtype == dtype
+
+
+def test_from_float_errors():
+  with pytest.raises(TypeError, match="unexpected arguments.*'threshold'"):
+    F.Int8Params.from_float(jnp.ones((4, 8)), threshold=6.0)
+  with pytest.raises(ValueError, match=r"2-D \[out, in\].*\(8,\)"):
+    F.Int8Params.from_float(jnp.ones((8,)))
+  with pytest.raises(TypeError, match="`A`"):
+    F.Int8Params.from_float(jnp.ones((4, 8), jnp.int32))
+
+
+def test_state_dict_is_bnb_linear8bitlt_format():
+  q = F.Int8Params.from_float(_fp16("mm/W"))
+  sd = q.state_dict("model.fc.")
+  assert sorted(sd) == ["model.fc.SCB", "model.fc.weight",
+                        "model.fc.weight_format"]
+  assert all(isinstance(v, np.ndarray) for v in sd.values())
+  assert sd["model.fc.weight"].dtype == np.int8
+  assert sd["model.fc.weight"].shape == (24, 64)
+  assert sd["model.fc.SCB"].dtype == np.float32
+  assert sd["model.fc.SCB"].shape == (24,)
+  # weight_format: a uint8 scalar, 0 = "row" (bnb's only layout since 0.45).
+  assert sd["model.fc.weight_format"].dtype == np.uint8
+  assert sd["model.fc.weight_format"].shape == ()
+  assert int(sd["model.fc.weight_format"]) == 0
+  np.testing.assert_array_equal(sd["model.fc.weight"], np.asarray(q.CB))
+  helpers.assert_bits_equal(sd["model.fc.SCB"], q.SCB)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_state_dict_round_trip(dtype):
+  w = jax.random.normal(jax.random.key(1), (16, 32)).astype(dtype)
+  q = F.Int8Params.from_float(w)
+  other = F.Int8Params.from_float(2 * w[:4])
+  state = {**q.state_dict("a."), **other.state_dict("a.b.")}
+  back = F.Int8Params.from_state_dict(state, "a.", dtype=dtype)
+  assert back == q and back.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(back.CB), np.asarray(q.CB))
+  helpers.assert_bits_equal(back.SCB, q.SCB)
+  helpers.assert_bits_equal(back.dequantize(), q.dequantize())
+  assert F.Int8Params.from_state_dict(state, "a.b.", dtype=dtype) == other
+  # bnb stores no dtype: the default is Linear8bitLt's float16.
+  assert F.Int8Params.from_state_dict(state, "a.").dtype == "float16"
+  # weight_format is optional (older checkpoints omit it).
+  del state["a.weight_format"]
+  assert F.Int8Params.from_state_dict(state, "a.", dtype=dtype) == q
+
+
+def test_from_state_dict_errors():
+  state = F.Int8Params.from_float(jnp.ones((4, 8))).state_dict("fc.")
+  for key in ("weight", "SCB"):
+    broken = {k: v for k, v in state.items() if k != "fc." + key}
+    with pytest.raises(ValueError, match=f"missing 'fc.{key}'"):
+      F.Int8Params.from_state_dict(broken, "fc.")
+  with pytest.raises(ValueError, match="missing 'fc2.weight'"):
+    F.Int8Params.from_state_dict(state, "fc2.")
+  for dtype in (np.uint8, np.int16, np.float16):
+    wrong = {**state, "fc.weight": state["fc.weight"].astype(dtype)}
+    with pytest.raises(ValueError, match="fc.weight must be int8, got "
+                       + np.dtype(dtype).name):
+      F.Int8Params.from_state_dict(wrong, "fc.")
+  for fmt in (1, 2, 3):  # col32, col_turing, col_ampere (bnb <= 0.44)
+    tiled = {**state, "fc.weight_format": np.asarray(fmt, np.uint8)}
+    with pytest.raises(ValueError,
+                       match=f"only weight_format 0 .* got {fmt}"):
+      F.Int8Params.from_state_dict(tiled, "fc.")
+
+
+# --------------------------------------------------------------------------
+# matmul_int8: bnb's Linear8bitLt forward (threshold 0)
+# --------------------------------------------------------------------------
+
+
+def test_matmul_int8_matches_bnb():
+  # A fp16 [8, 64] x W fp16 [24, 64]: bnb quantizes both row-wise, runs the
+  # int8 GEMM (exact int32) and the fp16 epilogue. Same steps, same bits.
+  a, w = _fp16("mm/A"), _fp16("mm/W")
+  q = F.Int8Params.from_float(w)
+  y = F.matmul_int8(a, q.CB, q.SCB)
+  assert y.dtype == jnp.float16 and y.shape == (8, 24)
+  helpers.assert_bits_equal(y, G8["mm/out"], err_msg="no bias")
+  # The interface method is the same computation.
+  helpers.assert_bits_equal(q.matmul(a), G8["mm/out"], err_msg="matmul()")
+  # The int32 accumulator itself equals bnb's int8_linear_matmul.
+  ca, sa, _ = F.int8_vectorwise_quant(a)
+  acc = jax.lax.dot_general(ca, q.CB, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  np.testing.assert_array_equal(np.asarray(acc), G8["mm/acc"])
+  # With the fp16 bias: bnb fuses it with fmaf, jaxbnb adds it after the
+  # rounded product; identical unless within an fp32 ulp of an fp16 tie.
+  yb = F.matmul_int8(a, q.CB, q.SCB, _fp16("mm/bias"))
+  ref = G8["mm/out_bias"]
+  same = helpers.bits(np.asarray(yb)) == helpers.bits(ref)
+  diff = np.abs(np.asarray(yb, np.float64) - ref.astype(np.float64))
+  assert np.all(same | (diff <= helpers.ulp(ref, np.float16))), diff.max()
+  assert same.mean() >= 0.99, same.mean()
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 5)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_int8_shapes_dtypes_and_bound(lead, dtype):
+  w = jax.random.normal(jax.random.key(2), (20, 48)) / 7
+  q = F.Int8Params.from_float(w)
+  x = jax.random.normal(jax.random.key(3), (*lead, 48)).astype(dtype)
+  bias = jax.random.normal(jax.random.key(4), (20,)).astype(dtype)
+  y = F.matmul_int8(x, q.CB, q.SCB, bias)
+  assert y.shape == (*lead, 20) and y.dtype == dtype
+  # Error against x @ dequant(W).T + bias: x's row-wise int8 rounding (half
+  # a step, absmax_row / 254, per element), the fp32 epilogue (3 roundings),
+  # the fp16 rounding of bnb's epilogue, and the final cast to `dtype`.
+  x2 = np.asarray(x.astype(jnp.float32), np.float64).reshape(-1, 48)
+  wd = np.asarray(q.dequantize(), np.float64)
+  exact = x2 @ wd.T + np.asarray(bias.astype(jnp.float32), np.float64)
+  step = np.abs(x2).max(1, keepdims=True) / 254
+  bound = (step * np.abs(wd).sum(1)[None, :]
+           + 4 * helpers.F32_EPS * np.abs(x2) @ np.abs(wd).T
+           + helpers.ulp(np.abs(exact) + 1e-2, np.float16))
+  if dtype != jnp.float32:
+    bound = bound + helpers.ulp(np.abs(exact) + bound, dtype)
+  helpers.assert_within(np.asarray(y.astype(jnp.float32)).reshape(-1, 20),
+                        exact, bound, "int8 matmul")
+  # Not vacuous: dropping the bias would leave most elements out of bounds.
+  b = np.abs(np.asarray(bias.astype(jnp.float32), np.float64))[None, :]
+  assert (b > bound).mean() > 0.75, (b > bound).mean()
+
+
+def test_matmul_int8_gradients_jit_and_vmap():
+  w = jax.random.normal(jax.random.key(5), (16, 32))
+  q = F.Int8Params.from_float(w)
+  x = jax.random.normal(jax.random.key(6), (4, 3, 32))
+  bias = jax.random.normal(jax.random.key(7), (16,))
+  g = jax.random.normal(jax.random.key(8), (4, 3, 16))
+
+  def loss(x, b):
+    return jnp.sum(F.matmul_int8(x, q.CB, q.SCB, b) * g)
+
+  dx, db = jax.grad(loss, argnums=(0, 1))(x, bias)
+  # bnb's MatMul8bitLt backward: grad_A = grad_out @ (CB * SCB / 127), with
+  # the dequantized weight in float32 (the same dot: bit-identical).
+  wd = F.int8_vectorwise_dequant(q.CB, q.SCB)
+  helpers.assert_bits_equal(
+      dx, jnp.dot(g.reshape(-1, 16), wd,
+                  precision=jax.lax.Precision.HIGHEST).reshape(x.shape))
+  helpers.assert_within(db, np.asarray(g, np.float64).sum((0, 1)),
+                        helpers.sum_bound(np.asarray(g).reshape(-1, 16), 0),
+                        "dbias")
+  # No gradient reaches the frozen int8 weight or its scales.
+  gs = jax.grad(lambda s: loss(x, bias) + jnp.sum(
+      F.matmul_int8(x, q.CB, s)), allow_int=True)(q.SCB)
+  assert not np.any(np.asarray(gs))
+  # jit and vmap run the same computation.
+  y = F.matmul_int8(x, q.CB, q.SCB, bias)
+  helpers.assert_bits_equal(jax.jit(F.matmul_int8)(x, q.CB, q.SCB, bias), y)
+  y_v = jax.vmap(lambda xi: F.matmul_int8(xi, q.CB, q.SCB, bias))(x)
+  helpers.assert_bits_equal(y_v, y)
+  dx_j, db_j = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, bias)
+  # Under jit XLA may fuse the dequantization into the dot and sum in
+  # another order: the float32 reduction bound over N = 16.
+  exact, bound = helpers.matmul_bound(np.asarray(g).reshape(-1, 16),
+                                      np.asarray(wd).T, jnp.float32)
+  helpers.assert_within(np.asarray(dx_j).reshape(-1, 32), exact, bound,
+                        "jit dx")
+  helpers.assert_within(db_j, np.asarray(g, np.float64).sum((0, 1)),
+                        helpers.sum_bound(np.asarray(g).reshape(-1, 16), 0),
+                        "jit dbias")
+
+
+def test_matmul_int8_errors():
+  q = F.Int8Params.from_float(jnp.ones((4, 8)))
+  with pytest.raises(TypeError, match="`A`"):
+    F.matmul_int8(jnp.ones((2, 8), jnp.int32), q.CB, q.SCB)
+  with pytest.raises(TypeError, match="`CB` must be a 2-D int8 array"):
+    F.matmul_int8(jnp.ones((2, 8)), q.CB.astype(jnp.int32), q.SCB)
+  with pytest.raises(TypeError, match="`CB` must be a 2-D int8 array"):
+    F.matmul_int8(jnp.ones((2, 8)), q.CB.reshape(-1), q.SCB)
+  with pytest.raises(ValueError, match=r"`A` must have shape \[\.\.\., 8\]"):
+    F.matmul_int8(jnp.ones((2, 7)), q.CB, q.SCB)
