@@ -4,7 +4,7 @@ Reads the source with `ast` (every import, at module level or inside a
 function) and checks the rules docs/architecture.md states:
 
 * `jaxbnb._src` subpackages import only downwards:
-  tools -> io -> models -> layers -> quant -> pallas_kernels, with optim
+  tools -> train -> io -> models -> layers -> quant -> pallas_kernels, with optim
   beside layers (it may import quant only);
 * no import cycle between jaxbnb's modules, counting function-level imports;
 * function-level imports only for optional heavy third-party packages;
@@ -29,7 +29,7 @@ SRC = ROOT / "jaxbnb" / "_src"
 
 # Lower rank may not import higher rank; same rank only within a package.
 RANK = {"pallas_kernels": 0, "quant": 1, "optim": 2, "layers": 2,
-        "models": 3, "io": 4, "train": 4, "tools": 5}
+        "models": 3, "io": 4, "train": 5, "tools": 6}
 # Packages that may be imported inside a function: optional and heavy.
 LAZY_OK = {"torch", "bitsandbytes", "gguf", "matplotlib", "transformers",
            "tokenizers", "scipy", "tqdm", "orbax", "jinja2", "safetensors",
