@@ -24,15 +24,6 @@ def golden(variant: str) -> str:
   return os.path.join(GOLDEN, variant)
 
 
-def golden_device() -> str:
-  """"cuda" or "cpu": where bitsandbytes quantized the fixtures."""
-  with open(os.path.join(GOLDEN, "VERSIONS.txt")) as f:
-    for line in f:
-      if line.startswith("device"):
-        return line.split()[1]
-  return "cpu"
-
-
 def golden_logits(variant: str):
   d = np.load(os.path.join(golden(variant), "logits.npz"))
   return d["input_ids"], d["logits"]
