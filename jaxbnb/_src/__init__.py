@@ -16,6 +16,8 @@ docs/architecture.md):
 * `io/`: checkpoints in and out (safetensors, bitsandbytes, GGUF, torch
   `.bin`, orbax), tokenizers, memory estimates. Imports `models`, `layers`,
   `quant`.
+* `train/`: LoRA/QLoRA fine-tuning (data, loss, step, checkpoints, loop).
+  Imports `io`, `models`, `layers`, `optim`, `quant`.
 * `tools/`: the `jaxbnb` command line, the demo and the benchmarks. May
   import anything, the public modules included.
 """

@@ -18,23 +18,30 @@ import argparse
 from collections.abc import Sequence
 import json
 import os
+import re
 import sys
 import time
 import traceback
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 
 import jaxbnb
 from jaxbnb import convert
 from jaxbnb import functional as F
+from jaxbnb import lora
 from jaxbnb import models
 from jaxbnb import nnx as jaxbnb_nnx
+from jaxbnb import train
 # The well-known model names of `jaxbnb estimate` have no public name.
 from jaxbnb._src.io import estimate as estimate_lib
+# The output-folder rules of `finetune`, checked before the model loads.
+from jaxbnb._src.train import loop as train_loop
 from jaxbnb._src.tools import argtypes
 from jaxbnb._src.tools import bench
 from jaxbnb._src.tools import demo as demo_lib
+from jaxbnb._src.tools.model_source import ModelSource
 
 __all__ = ["USER_ERRORS", "build_parser", "error_message", "folder_bytes",
            "main"]
@@ -155,20 +162,21 @@ def _load_tokenizer(path: str, arg: str):
     raise _UsageError(f"argument {arg}: no usable tokenizer: {e}") from e
 
 
-def _check_destination(src: str, dst: str, overwrite: bool) -> None:
+def _check_destination(src: str, dst: str, overwrite: bool,
+                       arg: str = "DST", src_arg: str = "SRC") -> None:
   """Refuses DST early, before a long load, where saving would fail.
 
   `jaxbnb.convert.save_pretrained` makes the same checks (and is the
   authority); these only spare loading the model first.
   """
   if os.path.isfile(dst):
-    raise _UsageError(f"argument DST: {dst!r} is a file, not a folder")
+    raise _UsageError(f"argument {arg}: {dst!r} is a file, not a folder")
   src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
   if os.path.commonpath([src_real, dst_real]) in (src_real, dst_real):
-    raise _UsageError(f"argument DST: {dst!r} is, contains or lies inside "
-                      f"SRC {src!r}; choose another output folder")
+    raise _UsageError(f"argument {arg}: {dst!r} is, contains or lies inside "
+                      f"{src_arg} {src!r}; choose another output folder")
   if not overwrite and os.path.isdir(dst) and os.listdir(dst):
-    raise _UsageError(f"argument DST: folder {dst!r} is not empty; pass "
+    raise _UsageError(f"argument {arg}: folder {dst!r} is not empty; pass "
                       "--overwrite to replace the model in it")
 
 
@@ -225,7 +233,11 @@ def _generate(args) -> int:
     raise _UsageError("argument --chat: the tokenizer has no chat template")
   if args.system is not None and not chat:
     raise _UsageError("argument --system: needs --chat")
+  if args.adapter is not None:
+    _adapter_folder(args.adapter)
   model = _load_model(args, path)
+  if args.adapter is not None:
+    model = _apply_adapter(model, args.adapter)
   stream = None
   if args.stream:
     stream = lambda text: print(text, end="", flush=True)
@@ -247,6 +259,24 @@ def _generate(args) -> int:
         f"prefill {result.prefill_seconds:.2f} s, decode "
         f"{result.tokens_per_second:.1f} tok/s]", file=sys.stderr)
   return 0
+
+
+def _adapter_folder(path: str) -> str:
+  """Checks that --adapter is a PEFT adapter folder (before a long load)."""
+  if not os.path.isdir(path):
+    raise _UsageError(f"argument --adapter: {path!r} is not a folder")
+  for name in ("adapter_config.json", "adapter_model.safetensors"):
+    if not os.path.isfile(os.path.join(path, name)):
+      raise _UsageError(f"argument --adapter: {path!r} has no {name}")
+  return path
+
+
+def _apply_adapter(model, path: str):
+  """`lora.load_adapter`, its errors as `argument --adapter` errors."""
+  try:
+    return lora.load_adapter(model, path)
+  except (ValueError, NotImplementedError, OSError) as e:
+    raise _UsageError(f"argument --adapter: {error_message(e)}") from e
 
 
 def _read_text(path: str, arg: str) -> str:
@@ -375,6 +405,9 @@ def _add_model_commands(sub) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stream", action=argparse.BooleanOptionalAction,
                  default=False, help="print text as it is generated")
+  p.add_argument("--adapter", metavar="DIR", default=None,
+                 help="apply this PEFT LoRA adapter folder (e.g. written by "
+                 "`jaxbnb finetune`) to the model")
   _add_quant_args(p, "none")
 
   p = add("eval", _eval, "perplexity of a model on a text file",
@@ -402,6 +435,223 @@ def _add_model_commands(sub) -> None:
   p = add("info", _info, "describe a checkpoint without loading it",
           ("checkpoint", "CHECKPOINT", model_help))
   p.add_argument("--json", action="store_true", help="print JSON")
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning commands: finetune, merge.
+
+
+def parse_targets(text: str) -> str | tuple[str, ...]:
+  r"""`--target`: "all-linear", comma-separated module names, or a regex.
+
+  Names (letters, digits, "_" and ".") select a module whose path equals
+  one or ends with "." + it, as PEFT's list form; anything else is a regex
+  that must match the whole module path.
+
+  Examples:
+    >>> parse_targets("q_proj,v_proj"), parse_targets("all-linear")
+    (('q_proj', 'v_proj'), 'all-linear')
+    >>> parse_targets(r".*\.(q|v)_proj")
+    '.*\\.(q|v)_proj'
+  """
+  text = text.strip()
+  if text.lower() == "all-linear":
+    return "all-linear"
+  if re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", text):
+    return tuple(t.strip() for t in text.split(","))
+  try:
+    re.compile(text)
+  except re.error as e:
+    raise ValueError(f"expected all-linear, module names separated by "
+                     f"commas, or a regex; {text!r} is not a valid regex "
+                     f"({e})") from None
+  return text
+
+
+def _check_seq_len(path: str, seq_len: int) -> None:
+  """Refuses --seq-len beyond the checkpoint's context, before loading."""
+  try:
+    cfg = models.LlamaConfig.from_hf(convert.open_checkpoint(path).config)
+  except (ValueError, NotImplementedError, KeyError):
+    return  # from_pretrained reports an unusable checkpoint itself
+  if seq_len > cfg.max_position_embeddings:
+    raise _UsageError(
+        f"argument --seq-len: {seq_len} exceeds the model's "
+        f"max_position_embeddings ({cfg.max_position_embeddings})")
+
+
+def _finetune(args) -> int:
+  path = _existing(args.model, "MODEL")
+  try:
+    data = train.read_data(args.data)
+  except (ValueError, OSError) as e:
+    raise _UsageError(f"argument --data: {error_message(e)}") from e
+  try:
+    lora_cfg = lora.LoRAConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, target_modules=args.target,
+        base_model_name_or_path=args.base_model_name)
+    cfg = train.TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        learning_rate=args.lr, warmup_steps=args.warmup,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        grad_accum=args.grad_accum, seed=args.seed,
+        eval_every=args.eval_every, log_every=args.log_every,
+        save_every=args.save_every, eval_split=args.eval_split,
+        remat=args.remat, optimizer=args.optimizer)
+  except (ValueError, NotImplementedError) as e:
+    raise _UsageError(error_message(e)) from e
+  if args.resume and args.overwrite:
+    raise _UsageError("argument --resume: not allowed with --overwrite")
+  try:
+    train_loop.check_out_dir(args.out, resume=args.resume,
+                             overwrite=args.overwrite)
+  except (ValueError, OSError) as e:
+    raise _UsageError(f"argument --out: {error_message(e)}") from e
+  _check_seq_len(path, args.seq_len)
+  tok = _load_tokenizer(path, "MODEL")
+  model = _load_model(args, path)
+  try:
+    lora.find_targets(model, lora_cfg)
+  except ValueError as e:
+    raise _UsageError(f"argument --target: {error_message(e)}") from e
+  result = train.finetune(
+      model, tok, data, cfg, lora_cfg, args.out, resume=args.resume,
+      overwrite=args.overwrite, rngs=nnx.Rngs(args.seed),
+      progress=not args.quiet)
+  done = (f"steps {result.start_step + 1}-{cfg.steps}" if result.steps
+          else "nothing left to train")
+  line = f"wrote the adapter to {result.out_dir} ({done}"
+  if result.losses:
+    line += f"; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+  if len(result.evals) >= 2:
+    line += (f"; held-out perplexity {result.evals[0][2]:.3f} -> "
+             f"{result.evals[-1][2]:.3f}")
+  elif result.evals:
+    line += f"; held-out perplexity {result.evals[-1][2]:.3f}"
+  print(line + f"; {result.seconds:.1f} s)")
+  return 0
+
+
+def _merge(args) -> int:
+  path = _existing(args.model, "MODEL")
+  _adapter_folder(args.adapter)
+  _check_destination(path, args.out, args.overwrite, "OUT", "MODEL")
+  if os.path.realpath(args.out) == os.path.realpath(args.adapter):
+    raise _UsageError("argument OUT: is the adapter folder; choose another "
+                      "output folder")
+  t0 = time.perf_counter()
+  model = convert.from_pretrained(path, dtype=args.dtype,
+                                  param_dtype=args.dtype,
+                                  progress=not args.quiet)
+  if model.quantization is not None:
+    raise _UsageError(
+        f"argument MODEL: {path!r} is a quantized checkpoint; merge into the "
+        "float model it was made from (then --quant to quantize the result)")
+  model = _apply_adapter(model, args.adapter)
+  model = lora.merge_lora(model, requantize=False)
+  if args.quant != "none":
+    model = convert.from_pretrained(ModelSource(model, path),
+                                    quantization=_quantization(args),
+                                    progress=not args.quiet)
+  try:
+    tok = convert.load_tokenizer(path)
+  except (ValueError, NotImplementedError, OSError) as e:
+    tok = None
+    print(f"warning: no tokenizer copied ({e})", file=sys.stderr)
+  convert.save_pretrained(model, args.out, overwrite=args.overwrite,
+                          progress=not args.quiet)
+  if tok is not None:
+    tok.save_pretrained(args.out)
+  what = "float" if args.quant == "none" else (
+      f"{args.quant}{' + double quant' if args.double_quant else ''}, "
+      f"blocksize {args.blocksize}")
+  print(f"wrote {args.out} (merged; {what}; "
+        f"{folder_bytes(args.out) / 2**20:,.1f} MiB) in "
+        f"{time.perf_counter() - t0:.1f} s")
+  return 0
+
+
+def _add_train_commands(sub) -> None:
+  """Adds finetune and merge."""
+  int_from = lambda lo: argtypes.number(int, lo)
+  model_help = "an HF model folder or a .gguf file"
+  help_ = ("train a LoRA/QLoRA adapter on a text or JSONL file; writes a "
+           "PEFT adapter, metrics.jsonl, loss.png and checkpoints to OUT")
+  p = sub.add_parser("finetune", help=help_, description=help_)
+  p.add_argument("model", metavar="MODEL", help=model_help)
+  p.add_argument("--data", required=True, metavar="FILE",
+                 help="UTF-8 text (one document), or .jsonl with "
+                 '{"messages": [...]}, {"prompt": ..., "completion": ...} '
+                 'or {"text": ...} per line')
+  p.add_argument("--out", required=True, metavar="DIR",
+                 help="output folder")
+  p.add_argument("--lora-r", type=int_from(1), default=8,
+                 help="adapter rank (default 8)")
+  p.add_argument("--lora-alpha", type=argtypes.number(float, 0,
+                                                      lo_open=True),
+                 default=16.0, help="scale numerator (default 16)")
+  p.add_argument("--lora-dropout", type=argtypes.number(float, 0, 1,
+                                                        hi_open=True),
+                 default=0.05, help="adapter dropout (default 0.05)")
+  p.add_argument("--target", type=argtypes.from_parser(parse_targets),
+                 default="all-linear",
+                 help="modules to adapt: all-linear (default), names "
+                 "separated by commas (q_proj,v_proj) or a regex on the "
+                 "module path")
+  p.add_argument("--steps", type=int_from(1), default=100)
+  p.add_argument("--batch-size", type=int_from(1), default=4,
+                 help="sequences per micro-batch (default 4)")
+  p.add_argument("--seq-len", type=int_from(2), default=512,
+                 help="tokens per sequence (default 512)")
+  p.add_argument("--lr", type=argtypes.number(float, 0, lo_open=True),
+                 default=2e-4, help="peak learning rate (default 2e-4)")
+  p.add_argument("--warmup", type=int_from(0), default=0,
+                 help="warmup steps before the cosine decay (default 0)")
+  p.add_argument("--weight-decay", type=argtypes.number(float, 0),
+                 default=0.0)
+  p.add_argument("--max-grad-norm", type=argtypes.number(float, 0),
+                 default=1.0, help="gradient clipping (0: none; default 1)")
+  p.add_argument("--grad-accum", type=int_from(1), default=1,
+                 help="micro-batches per optimizer step (default 1)")
+  p.add_argument("--seed", type=int_from(0), default=0)
+  p.add_argument("--eval-split", type=argtypes.number(float, 0, 1,
+                                                      hi_open=True),
+                 default=0.1, help="fraction held out for the evaluation "
+                 "perplexity (default 0.1; 0: none)")
+  p.add_argument("--eval-every", type=int_from(0), default=0,
+                 help="evaluate every N steps (default 0: before and after)")
+  p.add_argument("--log-every", type=int_from(1), default=1)
+  p.add_argument("--save-every", type=int_from(0), default=50,
+                 help="checkpoint every N steps (default 50; 0: at the end)")
+  p.add_argument("--optimizer", choices=train.OPTIMIZERS,
+                 default="adamw8bit")
+  p.add_argument("--remat", action=argparse.BooleanOptionalAction,
+                 default=False,
+                 help="recompute each decoder layer in the backward pass")
+  p.add_argument("--base-model-name", default=None,
+                 help="base_model_name_or_path recorded in "
+                 "adapter_config.json (default: MODEL)")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the latest checkpoint in OUT")
+  p.add_argument("--overwrite", action="store_true",
+                 help="start afresh in a non-empty OUT")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  _add_quant_args(p, "nf4")
+  p.set_defaults(func=_finetune)
+
+  help_ = ("fold a LoRA adapter into a model and save it (float, or "
+           "quantized again with --quant)")
+  p = sub.add_parser("merge", help=help_, description=help_)
+  p.add_argument("model", metavar="MODEL", help=model_help)
+  p.add_argument("out", metavar="OUT", help="output folder")
+  p.add_argument("--adapter", required=True, metavar="DIR",
+                 help="the PEFT adapter folder")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing model folder at OUT")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  _add_quant_args(p, "none")
+  p.set_defaults(func=_merge)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -442,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
   demo.set_defaults(func=_demo)
   bench.add_parser(sub)
   _add_model_commands(sub)
+  _add_train_commands(sub)
   return parser
 
 

@@ -1,0 +1,1 @@
+"""Fine-tuning LoRA/QLoRA adapters: data, loss, train step, loop."""

@@ -1,0 +1,259 @@
+"""The optimizer, the jitted train and eval steps, gradient checkpointing.
+
+`train_step` takes `grad_accum` micro-batches `[A, B, T]` and scans over
+them inside one `nnx.jit` program: each micro-batch's summed token loss is
+differentiated with respect to the adapters only
+(`nnx.DiffState(0, nnx.LoRAParam)`), the gradients and token counts are
+summed, and the optimizer (`nnx.Optimizer(..., wrt=nnx.LoRAParam)`) gets
+their sum divided by the total count: exactly the gradient of the mean
+token loss of the whole `[A * B, T]` batch, whatever the masks.
+
+With `remat=True` every decoder layer of the model runs under
+`nnx.remat` (`jax.checkpoint`): its activations are recomputed in the
+backward pass instead of kept, one layer at a time. The layers are wrapped
+only while the loss is traced (the model's structure, and so its module
+paths and adapter names, never change).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Iterator, Mapping
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxbnb._src.optim import aliases as optim_aliases
+from jaxbnb._src.train.config import TrainConfig
+from jaxbnb._src.train.data import TokenizedData
+from jaxbnb._src.train.loss import token_nll
+
+__all__ = ["learning_rate_schedule", "make_optimizer", "RematLayer",
+           "rematerialized", "decoder_layers", "train_step", "eval_step",
+           "evaluate"]
+
+
+def learning_rate_schedule(config: TrainConfig
+                           ) -> Callable[[jax.Array], jax.Array]:
+  """The learning rate as a function of the optimizer's update count.
+
+  Update `count` (0-based) is step `k = count + 1`: `lr * k / W` for
+  `k <= W` (warmup), then `lr * (1 + cos(pi * (k - W - 1) / (S - W))) / 2`
+  (a cosine decay from `lr` at step `W + 1` towards 0 after step `S`), with
+  `W = warmup_steps`, `S = steps`. This is Hugging Face's
+  `get_cosine_schedule_with_warmup` shifted by one step, so no step has a
+  learning rate of 0.
+
+  Examples:
+    >>> from jaxbnb.train import TrainConfig, learning_rate_schedule
+    >>> lr = learning_rate_schedule(TrainConfig(steps=4, warmup_steps=2,
+    ...                                         learning_rate=1.0))
+    >>> [round(float(lr(c)), 3) for c in range(4)]
+    [0.5, 1.0, 1.0, 0.5]
+  """
+  peak, warm, steps = config.learning_rate, config.warmup_steps, config.steps
+
+  def schedule(count):
+    k = jnp.asarray(count, jnp.float32) + 1
+    warmup = peak * k / max(warm, 1)
+    progress = jnp.clip((k - warm - 1) / max(steps - warm, 1), 0.0, 1.0)
+    decay = peak * 0.5 * (1 + jnp.cos(jnp.float32(math.pi) * progress))
+    return jnp.where(k <= warm, warmup, decay)
+
+  return schedule
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """Clipping, then the configured AdamW on the `learning_rate_schedule`.
+
+  Configs with the same optimizer settings give the same transformation
+  object (cached), so their optimizers share a compiled train step.
+
+  Args:
+    config: the run's settings (`optimizer`, `learning_rate`,
+      `warmup_steps`, `steps`, `weight_decay`, `max_grad_norm`).
+
+  Returns:
+    `optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)` (no
+    clipping for `max_grad_norm=0`), where adamw is
+    `jaxbnb.optim.adamw8bit`, `jaxbnb.optim.paged_adamw8bit` or
+    `optax.adamw`.
+  """
+  return _optimizer(config.optimizer, config.learning_rate,
+                    config.warmup_steps, config.steps, config.weight_decay,
+                    config.max_grad_norm)
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(name: str, learning_rate: float, warmup_steps: int,
+               steps: int, weight_decay: float, max_grad_norm: float
+               ) -> optax.GradientTransformation:
+  lr = learning_rate_schedule(TrainConfig(
+      steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps))
+  if name == "adamw8bit":
+    opt = optim_aliases.adamw8bit(lr, weight_decay=weight_decay)
+  elif name == "paged_adamw8bit":
+    opt = optim_aliases.paged_adamw8bit(lr, weight_decay=weight_decay)
+  else:
+    opt = optax.adamw(lr, weight_decay=weight_decay)
+  if max_grad_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), opt)
+  return opt
+
+
+# ---------------------------------------------------------------------------
+# gradient checkpointing
+
+
+@nnx.remat
+def _checkpointed(layer, x, cos, sin, allowed):
+  return layer(x, cos, sin, allowed)[0]
+
+
+class RematLayer(nnx.Module):
+  """A decoder layer whose activations are recomputed in the backward pass.
+
+  Calls without a KV cache go through `nnx.remat`; with a cache (decoding)
+  the layer runs as it is.
+  """
+
+  def __init__(self, layer: nnx.Module):
+    self.layer = layer
+
+  def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
+    if kv_cache is not None:
+      return self.layer(x, cos, sin, allowed, kv_cache, index)
+    return _checkpointed(self.layer, x, cos, sin, allowed), (None, None)
+
+
+def decoder_layers(model: nnx.Module) -> nnx.List:
+  """`model.model.layers` of a `LlamaForCausalLM`.
+
+  Raises:
+    ValueError: the model has no such list.
+  """
+  layers = getattr(getattr(model, "model", None), "layers", None)
+  if not isinstance(layers, nnx.List):
+    raise ValueError(
+        "remat=True needs a model whose decoder layers are the nnx.List "
+        f"`model.model.layers` (a LlamaForCausalLM); got "
+        f"{type(model).__name__}.")
+  return layers
+
+
+@contextlib.contextmanager
+def rematerialized(model: nnx.Module) -> Iterator[nnx.Module]:
+  """Wraps each decoder layer in a `RematLayer` for the `with` block."""
+  layers = decoder_layers(model)
+  originals = list(layers)
+  for i, layer in enumerate(originals):
+    layers[i] = RematLayer(layer)
+  try:
+    yield model
+  finally:
+    for i, layer in enumerate(originals):
+      layers[i] = layer
+
+
+# ---------------------------------------------------------------------------
+# steps
+
+
+def _nll(model, input_ids, attention_mask, loss_mask, remat: bool):
+  with rematerialized(model) if remat else contextlib.nullcontext():
+    logits, _ = model(input_ids, attention_mask=attention_mask)
+  return token_nll(logits, input_ids, loss_mask)
+
+
+_grad_fn = nnx.value_and_grad(_nll, argnums=nnx.DiffState(0, nnx.LoRAParam),
+                              has_aux=True)
+
+
+@nnx.jit(static_argnames=("remat",))
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
+               batch: Mapping[str, jax.Array], *, remat: bool = False
+               ) -> dict[str, jax.Array]:
+  """One optimizer step over `grad_accum` micro-batches.
+
+  Args:
+    model: the model with adapters (`nnx.LoRAParam`), updated in place.
+    optimizer: `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`.
+    batch: `input_ids`, `attention_mask`, `loss_mask`, each `[A, B, T]`
+      (A micro-batches of B sequences).
+    remat: recompute each decoder layer in the backward pass.
+
+  Returns:
+    `loss` (mean over the target tokens of all micro-batches, float32),
+    `grad_norm` (global norm of that mean's gradient, before clipping) and
+    `targets` (number of target tokens).
+  """
+  # The whole state is the scan's carry: NNX merges graph nodes only from
+  # values of the current trace level (the frozen weights pass through
+  # unchanged; the RNG counts of the adapter dropout advance).
+  graphdef, state = nnx.split(model)
+
+  def micro(carry, mb):
+    state, gsum, count = carry
+    m = nnx.merge(graphdef, state)
+    (nll, n), g = _grad_fn(m, mb["input_ids"], mb["attention_mask"],
+                           mb["loss_mask"], remat)
+    _, state = nnx.split(m)
+    return (state, jax.tree.map(jnp.add, gsum, g), count + n), nll
+
+  zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.LoRAParam))
+  (state, gsum, count), nlls = jax.lax.scan(
+      micro, (state, zeros, jnp.zeros((), jnp.int32)), dict(batch))
+  nnx.update(model, state)
+  denom = jnp.maximum(count, 1).astype(jnp.float32)
+  grads = jax.tree.map(lambda g: g / denom, gsum)
+  grad_norm = optax.tree.norm(grads)
+  optimizer.update(model, grads)
+  return {"loss": jnp.sum(nlls) / denom, "grad_norm": grad_norm,
+          "targets": count}
+
+
+@nnx.jit
+def eval_step(model: nnx.Module, batch: Mapping[str, jax.Array]
+              ) -> tuple[jax.Array, jax.Array]:
+  """`(nll_sum, count)` of the target tokens of a `[B, T]` batch."""
+  logits, _ = model(batch["input_ids"],
+                    attention_mask=batch["attention_mask"])
+  return token_nll(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def evaluate(model: nnx.Module, data: TokenizedData, batch_size: int
+             ) -> tuple[float, float]:
+  """Mean token loss and perplexity of `model` on `data`.
+
+  The model is called as it is (call `model.eval()` first to turn the
+  adapter dropout off). The last batch is padded with empty rows, so one
+  program serves every batch.
+
+  Returns:
+    `(loss, perplexity)`: the mean negative log-likelihood per target token
+    (summed in float64 across batches) and its exp.
+  """
+  total, count = 0.0, 0
+  n = len(data)
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    part = data.take(idx)
+    arrays = {"input_ids": part.input_ids,
+              "attention_mask": part.attention_mask,
+              "loss_mask": part.loss_mask}
+    pad = batch_size - len(idx)
+    if pad:
+      arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:],
+                                                v.dtype)])
+                for k, v in arrays.items()}
+    nll, c = eval_step(model, {k: jnp.asarray(v) for k, v in arrays.items()})
+    total += float(nll)
+    count += int(c)
+  loss = total / max(count, 1)
+  return loss, math.exp(min(loss, 700.0))
