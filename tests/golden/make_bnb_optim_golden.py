@@ -4,18 +4,29 @@ Run on a CUDA machine with torch and bitsandbytes 0.50.2 importable:
 
   python tests/golden/make_bnb_optim_golden.py --out tests/golden/bnb_optim
 
-It writes:
-  * ``inputs.npz``: per parameter dtype (``float32``, ``bfloat16``) the seeded
-    initial parameter ``<dtype>/p0`` of shape SHAPE and the ``<dtype>/grads``
-    of STEPS steps, ``[STEPS, *SHAPE]``. Step 3 of the float32 gradients
-    holds a NaN and an Inf (zeros in the bfloat16 gradients).
-  * ``<case>.npz`` per optimizer case (CASES): ``meta`` (JSON: bnb class,
-    kwargs, dtype, shape, steps, and the ``state_dict()`` layout with tensors
-    written as ``"tensor:<dtype>:<shape>"``), ``qmap1``/``qmap2`` (8-bit
-    cases), and after each step k = 1..STEPS ``step<k>/p`` plus the state
-    tensors ``step<k>/state1``, ``state2``, ``absmax1``, ``absmax2`` (those
-    the optimizer has).
+It writes (format version 2, ``format_version`` in every file):
+  * ``inputs.npz``: ``format_version``; per parameter dtype (``float32``,
+    ``bfloat16``) the seeded initial parameter ``<dtype>/p0`` of shape SHAPE
+    and the clean gradients ``<dtype>/grads`` of STEPS steps,
+    ``[STEPS, *SHAPE]``, all finite; and ``float32/nan_grads``,
+    ``[NAN_STEPS, *SHAPE]``: the first NAN_STEPS - 1 clean gradients, then one
+    holding a NaN and an Inf (NAN_ELEMENTS).
+  * ``<case>.npz`` per optimizer case (CASES): ``format_version``, ``meta``
+    (JSON: bnb class, kwargs, dtype, shape, steps, nan_steps, nan_elements,
+    and the ``state_dict()`` layout with tensors written as
+    ``"tensor:<dtype>:<shape>"``), ``qmap1``/``qmap2`` (8-bit cases), and
+    after each step k = 1..STEPS of the clean trajectory ``step<k>/p`` plus
+    the state tensors ``step<k>/state1``, ``state2``, ``absmax1``,
+    ``absmax2`` (those the optimizer has). The float32 cases also hold the
+    NaN trajectory, a fresh optimizer from the same p0 fed ``nan_grads``:
+    ``nan/step<k>/...`` for k = 1..NAN_STEPS (meta ``nan_steps``; 0 for the
+    bfloat16 case, which has no NaN trajectory).
   * ``VERSIONS.txt``: torch, bitsandbytes, CUDA and device.
+
+Format version 1 (no ``format_version`` key) had one 5-step trajectory with
+the NaN/Inf at step 3, which cut the comparison of the 1-state optimizers
+(they do not reset a NaN state) to 2 steps; version 2 keeps the clean
+trajectory NaN-free so every step of every optimizer is compared.
 
 SHAPE has 4288 elements (>= bnb's min_8bit_size of 4096, so the state is
 8-bit) and 17 blocks of 256, the last one partial. Arrays are stored as raw
@@ -32,8 +43,11 @@ import torch
 
 import bitsandbytes as bnb
 
+FORMAT_VERSION = 2
 SHAPE = (64, 67)
-STEPS = 5
+STEPS = 20
+NAN_STEPS = 3  # the NaN trajectory: 2 clean steps, then the NaN/Inf step
+NAN_ELEMENTS = {"nan": (0, 0), "inf": (5, 7)}
 SEED = 1234
 
 # name -> (bnb class name, kwargs, parameter dtype)
@@ -62,19 +76,38 @@ def bits(t: torch.Tensor) -> np.ndarray:
 
 
 def make_inputs(device):
-  """Seeded p0 and gradients per dtype (torch tensors on `device`)."""
+  """Seeded p0, clean gradients and (float32) NaN-trajectory gradients per
+  dtype: {dtype: (p0, grads, nan_grads or None)} (torch, on `device`)."""
   gen = torch.Generator().manual_seed(SEED)
   p0 = torch.randn(SHAPE, generator=gen)
   grads = torch.randn((STEPS, *SHAPE), generator=gen) * 0.01
   # Non-finite gradients: bnb leaves those elements' params alone and resets
-  # their state (checked by the tests for every optimizer).
-  grads[2, 0, 0] = float("nan")
-  grads[2, 5, 7] = float("inf")
-  out = {"float32": (p0.to(device), grads.to(device))}
-  finite = torch.where(torch.isfinite(grads), grads, torch.zeros_like(grads))
+  # their state (the 2-state kernels; the 1-state ones do not). A separate
+  # trajectory, so the clean one stays comparable at every step.
+  nan_grads = grads[:NAN_STEPS].clone()
+  nan_grads[NAN_STEPS - 1][NAN_ELEMENTS["nan"]] = float("nan")
+  nan_grads[NAN_STEPS - 1][NAN_ELEMENTS["inf"]] = float("inf")
+  out = {"float32": (p0.to(device), grads.to(device), nan_grads.to(device))}
   out["bfloat16"] = (p0.to(torch.bfloat16).to(device),
-                     finite.to(torch.bfloat16).to(device))
+                     grads.to(torch.bfloat16).to(device), None)
   return out
+
+
+def trajectory(cls_name, kwargs, p0, grads, prefix=""):
+  """Runs a fresh bnb optimizer over `grads`: ({prefix}step<k>/... arrays,
+  the final optimizer state, the optimizer)."""
+  p = torch.nn.Parameter(p0.clone())
+  opt = getattr(bnb.optim, cls_name)([p], **kwargs)
+  out = {}
+  for k in range(1, grads.shape[0] + 1):
+    p.grad = grads[k - 1].clone()
+    opt.step()
+    st = opt.state[p]
+    out[f"{prefix}step{k}/p"] = bits(p.data)
+    for key in STATE_KEYS:
+      if key in st:
+        out[f"{prefix}step{k}/{key}"] = bits(st[key])
+  return out, opt.state[p], opt
 
 
 def layout(state_dict):
@@ -92,27 +125,22 @@ def layout(state_dict):
 
 def run_case(name, inputs):
   cls_name, kwargs, dtype = CASES[name]
-  p0, grads = inputs[dtype]
-  p = torch.nn.Parameter(p0.clone())
-  opt = getattr(bnb.optim, cls_name)([p], **kwargs)
-  out = {}
-  for k in range(1, STEPS + 1):
-    p.grad = grads[k - 1].clone()
-    opt.step()
-    st = opt.state[p]
-    out[f"step{k}/p"] = bits(p.data)
-    for key in STATE_KEYS:
-      if key in st:
-        out[f"step{k}/{key}"] = bits(st[key])
-  st = opt.state[p]
+  p0, grads, nan_grads = inputs[dtype]
+  out, st, opt = trajectory(cls_name, kwargs, p0, grads)
   for key in ("qmap1", "qmap2"):
     if key in st:
       out[key] = bits(st[key])
   sd = opt.state_dict()
+  if nan_grads is not None:
+    out.update(trajectory(cls_name, kwargs, p0, nan_grads, prefix="nan/")[0])
   meta = {"name": name, "class": cls_name, "kwargs": kwargs, "dtype": dtype,
-          "shape": list(SHAPE), "steps": STEPS, "state_dict": layout(sd),
+          "shape": list(SHAPE), "steps": STEPS,
+          "nan_steps": NAN_STEPS if nan_grads is not None else 0,
+          "nan_elements": {k: list(v) for k, v in NAN_ELEMENTS.items()},
+          "format_version": FORMAT_VERSION, "state_dict": layout(sd),
           "state_keys": sorted(k for k in STATE_KEYS if k in st)}
   out["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+  out["format_version"] = np.asarray(FORMAT_VERSION, np.int32)
   return out
 
 
@@ -126,10 +154,12 @@ def main():
   opts = parser.parse_args()
   os.makedirs(opts.out, exist_ok=True)
   inputs = make_inputs(opts.device)
-  arrays = {}
-  for dtype, (p0, grads) in inputs.items():
+  arrays = {"format_version": np.asarray(FORMAT_VERSION, np.int32)}
+  for dtype, (p0, grads, nan_grads) in inputs.items():
     arrays[f"{dtype}/p0"] = bits(p0)
     arrays[f"{dtype}/grads"] = bits(grads)
+    if nan_grads is not None:
+      arrays[f"{dtype}/nan_grads"] = bits(nan_grads)
   np.savez_compressed(os.path.join(opts.out, "inputs.npz"), **arrays)
   for name in opts.cases.split(","):
     np.savez_compressed(os.path.join(opts.out, f"{name}.npz"),

@@ -16,6 +16,7 @@ import pytest
 from jaxbnb import optim
 from jaxbnb._src.optim import rules as optim_rules
 from jaxbnb._src.optim.state import Quantized8bit
+from tests import helpers
 
 # bnb test_optimizer8bit: (mean |dp|, mean rel |dp|) bounds per dtype.
 PARAM_TOL = {jnp.float32: (6e-5, 6e-4), jnp.bfloat16: (1.7e-4, 1.6e-3)}
@@ -243,3 +244,71 @@ def test_paged_matches_unpaged():
   np.testing.assert_array_equal(np.asarray(ua["w"]), np.asarray(ub["w"]))
   np.testing.assert_array_equal(np.asarray(sa.state1["w"].codes),
                                 np.asarray(sb.state1["w"].codes))
+
+
+# ------------------------------------- scale_by_*8bit blocks on 8-bit leaves
+
+# block -> (the block, the bnb-exact alias with the same rule and no weight
+# decay, learning rate). Both see the same gradients, so their 8-bit states
+# must be identical and the block's direction times -lr must be the alias'
+# parameter step.
+_LR = 1e-3
+BLOCKS = {
+    "adam": (lambda: optim.scale_by_adam8bit(),
+             lambda: optim.adam8bit(_LR)),
+    "ademamix": (lambda: optim.scale_by_ademamix8bit(),
+                 lambda: optim.ademamix8bit(_LR, weight_decay=0.0)),
+    "lion": (lambda: optim.scale_by_lion8bit(), lambda: optim.lion8bit(_LR)),
+    "momentum": (lambda: optim.scale_by_momentum8bit(0.9),
+                 lambda: optim.sgd8bit(_LR, 0.9)),
+    "rmsprop": (lambda: optim.scale_by_rmsprop8bit(),
+                lambda: optim.rmsprop8bit(_LR)),
+    "adagrad": (lambda: optim.scale_by_adagrad8bit(),
+                lambda: optim.adagrad8bit(_LR)),
+}
+
+
+def _q8(state):
+  return [x for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, Quantized8bit))
+          if isinstance(x, Quantized8bit)]
+
+
+@pytest.mark.parametrize("kind", sorted(BLOCKS))
+def test_scale_by_8bit_block_matches_its_alias_on_an_8bit_leaf(kind):
+  make_block, make_alias = BLOCKS[kind]
+  shape = (64, 67)  # 4288 >= min_8bit_size 4096: 8-bit states
+  rng = np.random.default_rng(7)
+  p = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32)}
+  block = optax.chain(make_block(), optax.scale_by_learning_rate(_LR))
+  alias = make_alias()
+  bs, as_ = block.init(p), alias.init(p)
+  for s in (bs, as_):
+    q = _q8(s)
+    assert q and all(x.codes.dtype == jnp.uint8 for x in q), (kind, s)
+    assert sum(x.codes.size for x in q) >= np.prod(shape), kind
+  bstep = jax.jit(block.update)
+  astep = jax.jit(lambda g, s, p: alias.update(g, s, p))
+  for t in range(1, 4):
+    g = {"w": jnp.asarray(0.01 * rng.standard_normal(shape), jnp.float32)}
+    bu, bs = bstep(g, bs, p)
+    au, as_ = astep(g, as_, p)
+    # The states depend on the gradients only (no weight decay): identical.
+    for x, y in zip(_q8(bs), _q8(as_), strict=True):
+      assert x.codes.dtype == jnp.uint8
+      np.testing.assert_array_equal(np.asarray(x.codes), np.asarray(y.codes))
+      np.testing.assert_array_equal(np.asarray(x.absmax),
+                                    np.asarray(y.absmax))
+    # The alias rounds p + step once in float32 (one ulp of p, either side of
+    # a midpoint), the block's -lr * direction is a float32 product of the
+    # same direction (a few eps of the step): far below the step itself
+    # (lr * O(1) = 1e-3 vs ulp(|p| ~ 1) ~ 1e-7), so a wrong scale fails.
+    new_p = optax.apply_updates(p, au)
+    want = np.asarray(new_p["w"], np.float64) - np.asarray(p["w"], np.float64)
+    mag = np.abs(np.asarray(p["w"], np.float64)) + np.abs(want)
+    bound = helpers.ulp(mag, np.float32) + 4 * helpers.F32_EPS * np.abs(want)
+    helpers.assert_within(np.asarray(bu["w"]), want, bound,
+                          err_msg=f"{kind} step {t}")
+    # (a no-op or half-strength block fails: the bound is a few % at most)
+    assert np.median(bound / np.maximum(np.abs(want), 1e-30)) < 0.05, kind
+    p = new_p
