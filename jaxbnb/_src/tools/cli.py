@@ -205,22 +205,32 @@ def _convert(args) -> int:
   _check_destination(src, args.dst, args.overwrite)
   t0 = time.perf_counter()
   model = _load_model(args, src)
+  _save_with_tokenizer(model, src, args.dst, args)
+  print(f"wrote {args.dst} ({_describe_quant(args)}; "
+        f"{folder_bytes(args.dst) / 2**20:,.1f} MiB) in "
+        f"{time.perf_counter() - t0:.1f} s")
+  return 0
+
+
+def _save_with_tokenizer(model, tokenizer_src, out, args) -> None:
+  """`save_pretrained` into `out`, plus the tokenizer of `tokenizer_src`."""
   try:
-    tok = convert.load_tokenizer(src)
+    tok = convert.load_tokenizer(tokenizer_src)
   except (ValueError, NotImplementedError, OSError) as e:
     tok = None
     print(f"warning: no tokenizer copied ({e})", file=sys.stderr)
-  convert.save_pretrained(model, args.dst, overwrite=args.overwrite,
+  convert.save_pretrained(model, out, overwrite=args.overwrite,
                           progress=not args.quiet)
   if tok is not None:
-    tok.save_pretrained(args.dst)
-  size = folder_bytes(args.dst)
-  what = "float" if args.quant == "none" else (
-      f"{args.quant}{' + double quant' if args.double_quant else ''}, "
-      f"blocksize {args.blocksize}")
-  print(f"wrote {args.dst} ({what}; {size / 2**20:,.1f} MiB) in "
-        f"{time.perf_counter() - t0:.1f} s")
-  return 0
+    tok.save_pretrained(out)
+
+
+def _describe_quant(args) -> str:
+  """"float" or e.g. "nf4 + double quant, blocksize 64" from the options."""
+  if args.quant == "none":
+    return "float"
+  dq = " + double quant" if args.double_quant else ""
+  return f"{args.quant}{dq}, blocksize {args.blocksize}"
 
 
 def _generate(args) -> int:
@@ -554,19 +564,8 @@ def _merge(args) -> int:
     model = convert.from_pretrained(ModelSource(model, path),
                                     quantization=_quantization(args),
                                     progress=not args.quiet)
-  try:
-    tok = convert.load_tokenizer(path)
-  except (ValueError, NotImplementedError, OSError) as e:
-    tok = None
-    print(f"warning: no tokenizer copied ({e})", file=sys.stderr)
-  convert.save_pretrained(model, args.out, overwrite=args.overwrite,
-                          progress=not args.quiet)
-  if tok is not None:
-    tok.save_pretrained(args.out)
-  what = "float" if args.quant == "none" else (
-      f"{args.quant}{' + double quant' if args.double_quant else ''}, "
-      f"blocksize {args.blocksize}")
-  print(f"wrote {args.out} (merged; {what}; "
+  _save_with_tokenizer(model, path, args.out, args)
+  print(f"wrote {args.out} (merged; {_describe_quant(args)}; "
         f"{folder_bytes(args.out) / 2**20:,.1f} MiB) in "
         f"{time.perf_counter() - t0:.1f} s")
   return 0
