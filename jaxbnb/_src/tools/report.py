@@ -20,6 +20,7 @@ import jax
 import jaxlib
 
 import jaxbnb
+from jaxbnb._src.io import paths as io_paths
 
 __all__ = ["environment", "fmt", "format_table", "log", "markdown_table",
            "read_json", "write_json"]
@@ -105,10 +106,12 @@ def write_json(doc: Any, path: str | os.PathLike) -> None:
   """
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(doc, f, indent=1)
-  os.replace(tmp, path)
+
+  def write(tmp: str) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(doc, f, indent=1)
+
+  io_paths.write_file_atomic(path, write)
 
 
 def read_json(paths: Iterable[str | os.PathLike]) -> list[Any]:
