@@ -46,6 +46,7 @@ from jaxbnb._src.layers.quant_config import QuantizationConfig
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.models.llama import LlamaForCausalLM
 from jaxbnb._src.quant import weights
+from jaxbnb._src.quant.state import to_numpy
 
 __all__ = ["from_pretrained", "save_pretrained", "checkpoint_info",
            "iter_checkpoint_tensors", "parse_size"]
@@ -459,10 +460,6 @@ def parse_size(size: int | str) -> int:
   return n
 
 
-def _host(x) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
-
-
 def iter_checkpoint_tensors(model: LlamaForCausalLM
                             ) -> Iterator[dict[str, np.ndarray]]:
   """Yields the checkpoint tensors of each weight, in model order.
@@ -492,7 +489,7 @@ def iter_checkpoint_tensors(model: LlamaForCausalLM
     if isinstance(value, weights.QuantizedArray):
       yield value.state_dict(hf_name[:-len("weight")])
     else:
-      yield {hf_name: _host(value)}
+      yield {hf_name: to_numpy(value)}
 
 
 def _hf_config(model: LlamaForCausalLM) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import json
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
@@ -34,6 +33,7 @@ from jaxbnb._src.layers.lora import attach_adapters
 from jaxbnb._src.layers.lora import find_targets
 from jaxbnb._src.layers.lora import linear_layers
 from jaxbnb._src.layers.lora import lora_layers
+from jaxbnb._src.quant.state import to_numpy
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "KEY_PREFIX",
            "adapter_config", "adapter_state_dict", "save_adapter",
@@ -73,13 +73,11 @@ def adapter_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   out = {}
   for path, layer in lora_layers(model):
     prefix = KEY_PREFIX + (path + "." if path else "")
-    out[prefix + "lora_A.weight"] = np.asarray(jax.device_get(
-        layer.lora_A[...]))
-    out[prefix + "lora_B.weight"] = np.asarray(jax.device_get(
-        layer.lora_B[...]))
+    out[prefix + "lora_A.weight"] = to_numpy(layer.lora_A[...])
+    out[prefix + "lora_B.weight"] = to_numpy(layer.lora_B[...])
     if layer.lora_magnitude_vector is not None:
-      out[prefix + "lora_magnitude_vector"] = np.asarray(jax.device_get(
-          layer.lora_magnitude_vector[...]))
+      out[prefix + "lora_magnitude_vector"] = to_numpy(
+          layer.lora_magnitude_vector[...])
   return out
 
 

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from jaxbnb._src.optim import state as optim_state
+from jaxbnb._src.quant.state import to_numpy
 
 __all__ = ["QUANT_STATE_KEY", "from_bnb_state_dict", "to_bnb_state_dict",
            "to_torch_state_dict"]
@@ -77,21 +78,17 @@ def _per_leaf(params, tree, what):
         f"{what}: its tree does not match the params tree {treedef}") from e
 
 
-def _np(x):
-  return np.asarray(jax.device_get(x))
-
-
 def _export_leaf(s1, s2, step: int) -> dict:
   out = {}
   for i, s in ((1, s1), (2, s2)):
     if s is None:
       continue
     if isinstance(s, optim_state.Quantized8bit):
-      out[f"state{i}"] = _np(s.codes)
-      out[f"absmax{i}"] = _np(s.absmax)
+      out[f"state{i}"] = to_numpy(s.codes)
+      out[f"absmax{i}"] = to_numpy(s.absmax)
       out[f"qmap{i}"] = np.array(s.qmap, np.float32)
     else:
-      out[f"state{i}"] = _np(s)
+      out[f"state{i}"] = to_numpy(s)
   out["step"] = step
   return out
 
@@ -120,7 +117,7 @@ def to_bnb_state_dict(opt_state, params) -> dict[str, dict[str, Any]]:
     (['state1', 'state2', 'step'], dtype('float32'))
   """
   st = _find(opt_state)
-  step = int(_np(st.count))
+  step = int(to_numpy(st.count))
   s1 = _per_leaf(params, st.state1, "opt_state.state1")
   s2 = _per_leaf(params, st.state2, "opt_state.state2")
   paths = [jax.tree_util.keystr(p) for p, _ in
@@ -314,9 +311,9 @@ def from_bnb_state_dict(state_dict: Mapping, params, opt_state):
     raise ValueError(
         f"state_dict: the parameters have different steps {sorted(steps)}; "
         "jaxbnb keeps one step count for all of them")
-  step = steps.pop() if steps else int(_np(template.count))
+  step = steps.pop() if steps else int(to_numpy(template.count))
   treedef = jax.tree.structure(params)
-  count = jax.device_put(np.asarray(step, _np(template.count).dtype),
+  count = jax.device_put(np.asarray(step, to_numpy(template.count).dtype),
                          template.count.sharding)
   new = template._replace(  # pylint: disable=protected-access
       count=count,
