@@ -10,6 +10,11 @@ from jaxbnb._src.quant.codebooks import create_fp8_map as create_fp8_map
 from jaxbnb._src.quant.codebooks import create_linear_map as create_linear_map
 from jaxbnb._src.quant.codebooks import create_normal_map as create_normal_map
 from jaxbnb._src.quant.codebooks import get_4bit_type as get_4bit_type
+from jaxbnb._src.quant.int8 import int8_double_quant as int8_double_quant
+from jaxbnb._src.quant.int8 import int8_linear_matmul as int8_linear_matmul
+from jaxbnb._src.quant.int8 import matmul_8bit as matmul_8bit
+from jaxbnb._src.quant.int8 import matmul_8bit_fp16_weights as matmul_8bit_fp16_weights
+from jaxbnb._src.quant.int8 import quantize_int8_weight as quantize_int8_weight
 from jaxbnb._src.quant.matmul import matmul_4bit as matmul_4bit
 from jaxbnb._src.quant.matmul import matmul_int8 as matmul_int8
 from jaxbnb._src.quant.ops import dequantize_4bit as dequantize_4bit
@@ -43,14 +48,19 @@ __all__ = [
     "dequantize_fp4",
     "dequantize_nf4",
     "get_4bit_type",
+    "int8_double_quant",
+    "int8_linear_matmul",
     "int8_mm_dequant",
     "int8_vectorwise_dequant",
     "int8_vectorwise_quant",
     "int8_vectorwise_quant_mask",
     "matmul_4bit",
+    "matmul_8bit",
+    "matmul_8bit_fp16_weights",
     "matmul_int8",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_fp4",
+    "quantize_int8_weight",
     "quantize_nf4",
 ]

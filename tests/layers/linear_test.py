@@ -91,12 +91,18 @@ def test_factory_without_quantization_is_float():
   assert isinstance(layer, Linear) and layer.weight.shape == (4, 8)
 
 
-def test_factory_refuses_8bit_until_llm_int8_layers_exist():
-  q = QuantizationConfig(load_in_8bit=True)
-  with pytest.raises(NotImplementedError, match="load_in_8bit"):
-    make_linear(8, 4, use_bias=False, path="mlp.up_proj", dtype=jnp.float32,
-                param_dtype=jnp.float32, init_std=0.02, quantization=q,
-                rngs=nnx.Rngs(0))
+def test_factory_builds_frozen_int8_layers_for_load_in_8bit():
+  q = QuantizationConfig(load_in_8bit=True, llm_int8_threshold=5.0)
+  layer = make_linear(8, 4, use_bias=False, path="mlp.up_proj",
+                      dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                      init_std=0.02, quantization=q, rngs=nnx.Rngs(0))
+  assert type(layer).__name__ == "Linear8bitLt"
+  assert layer.threshold == 5.0 and not layer.has_fp16_weights
+  assert not jax.tree.leaves(nnx.state(layer, nnx.Param))  # frozen, no bias
+  skipped = make_linear(8, 4, use_bias=False, path="lm_head",
+                        dtype=jnp.float32, param_dtype=jnp.float32,
+                        init_std=0.02, quantization=q, rngs=nnx.Rngs(0))
+  assert type(skipped).__name__ == "Linear"
 
 
 def test_users_can_still_ask_for_tf32():

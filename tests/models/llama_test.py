@@ -387,9 +387,6 @@ def test_bad_configs(change, error, match):
 
 def test_bad_model_arguments():
   cfg = _config("mistral")
-  with pytest.raises(NotImplementedError, match="load_in_8bit"):
-    LlamaForCausalLM(cfg, quantization=QuantizationConfig(load_in_8bit=True),
-                     rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match="LlamaConfig"):
     LlamaForCausalLM(cfg.to_hf(), rngs=nnx.Rngs(0))
   model = model_of("mistral")

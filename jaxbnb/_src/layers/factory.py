@@ -1,8 +1,8 @@
 """The linear factory: one function builds every linear of a model.
 
 `make_linear` turns a `QuantizationConfig` and a module path into the layer
-that path gets: a float `Linear`, a 4-bit `Linear4bit`, and later an 8-bit or
-LoRA-wrapped linear. `quantize_weight` is the same decision for a single
+that path gets: a float `Linear`, a 4-bit `Linear4bit` or an LLM.int8
+`Linear8bitLt`. `quantize_weight` is the same decision for a single
 float weight (the converters use it). Adding a layer type means one branch
 here and a new file beside this one.
 """
@@ -16,16 +16,13 @@ from flax import nnx
 
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.layers.linear4bit import Linear4bit
+from jaxbnb._src.layers.linear8bit import Linear8bitLt
 from jaxbnb._src.layers.quant_config import QuantizationConfig
+from jaxbnb._src.quant import int8
 from jaxbnb._src.quant.weights import Params4bit
 from jaxbnb._src.quant.weights import QuantizedArray
 
 __all__ = ["weight_format", "make_linear", "quantize_weight"]
-
-_INT8_MISSING = (
-    "quantization with load_in_8bit=True is not supported yet: LLM.int8 "
-    "layers are not in jaxbnb; use load_in_4bit=True.")
-
 
 def weight_format(quantization: QuantizationConfig | None,
                   path: str) -> str | None:
@@ -56,17 +53,17 @@ def quantize_weight(quantization: QuantizationConfig | None, path: str,
                     weight: jax.Array) -> jax.Array | QuantizedArray:
   """The float `[out, in]` weight of the linear at `path` as it is stored.
 
-  Returns `weight` unchanged where the path stays in full precision.
-
-  Raises:
-    NotImplementedError: for `load_in_8bit` (no LLM.int8 layers yet).
+  Returns `weight` unchanged where the path stays in full precision, a
+  `Params4bit` for `load_in_4bit` and, for `load_in_8bit`, the
+  `Int8Params` bitsandbytes' `Int8Params` makes (row-wise int8 of the
+  float16-cast weight).
   """
   fmt = weight_format(quantization, path)
   if fmt is None:
     return weight
   if fmt == "4bit":
     return Params4bit.from_float(weight, **_params4bit_kwargs(quantization))
-  raise NotImplementedError(f"{path}: {_INT8_MISSING}")
+  return int8.quantize_int8_weight(weight)
 
 
 def make_linear(in_features: int, out_features: int, *, use_bias: bool,
@@ -80,7 +77,8 @@ def make_linear(in_features: int, out_features: int, *, use_bias: bool,
     out_features: output features.
     use_bias: whether the layer has a bias.
     path: the Hugging Face module path, e.g. "model.layers.0.mlp.up_proj".
-    dtype: computation dtype of a float layer (a quantized layer computes in
+    dtype: computation dtype of a float layer and of an 8-bit layer's
+      input and output (a 4-bit layer computes in
       `quantization.compute_dtype`).
     param_dtype: dtype of float weights and biases.
     init_std: standard deviation of the normal weight initializer.
@@ -88,10 +86,10 @@ def make_linear(in_features: int, out_features: int, *, use_bias: bool,
     rngs: random number generators.
 
   Returns:
-    A `Linear` or a `Linear4bit` (every layer takes `[..., in_features]`).
-
-  Raises:
-    NotImplementedError: for `load_in_8bit` (no LLM.int8 layers yet).
+    A `Linear`, a `Linear4bit` or, for `load_in_8bit`, a frozen
+    `Linear8bitLt` (`has_fp16_weights=False`, `threshold =
+    quantization.llm_int8_threshold`; `llm_int8_has_fp16_weight` is
+    recorded only, not honoured). Every layer takes `[..., in_features]`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -115,4 +113,8 @@ def make_linear(in_features: int, out_features: int, *, use_bias: bool,
         dtype=quantization.compute_dtype, param_dtype=param_dtype,
         kernel_init=nnx.initializers.normal(init_std), rngs=rngs,
         **_params4bit_kwargs(quantization))
-  raise NotImplementedError(f"{path}: {_INT8_MISSING}")
+  return Linear8bitLt(
+      in_features, out_features, use_bias=use_bias, has_fp16_weights=False,
+      threshold=quantization.llm_int8_threshold, dtype=dtype,
+      param_dtype=param_dtype, kernel_init=nnx.initializers.normal(init_std),
+      rngs=rngs)

@@ -42,6 +42,8 @@ from jaxbnb._src.layers.dense4bit import Dense4bit
 from jaxbnb._src.layers.dense4bit import default_kernel_init
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.layers.linear import precision_for
+from jaxbnb._src.quant import int8
+from jaxbnb._src.quant.weights import Int8Params
 from jaxbnb._src.quant.weights import Params4bit
 from jaxbnb._src.quant.weights import QuantizedArray
 
@@ -432,10 +434,17 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
 
 
 def dense_weight(layer: nnx.Module) -> jax.Array:
-  """The float `[out, in]` weight of a `Linear` or `QuantizedLinear`."""
+  """The float `[out, in]` weight of a `Linear` or `QuantizedLinear`.
+
+  A quantized weight is dequantized; a `Linear8bitLt` with
+  `has_fp16_weights=True` holds a float weight, returned as is.
+  """
   if isinstance(layer, Linear):
     return layer.weight[...]
-  return layer.weight.get_value().dequantize()
+  value = layer.weight.get_value()
+  if isinstance(value, QuantizedArray):
+    return value.dequantize()
+  return value
 
 
 def _bias(layer: nnx.Module) -> jax.Array | None:
@@ -599,7 +608,8 @@ class LoRALinear(nnx.Module):
     """
     base = self.base_layer
     w = self.merged_weight()
-    if isinstance(base, Linear):
+    if not isinstance(base.weight.get_value(), QuantizedArray):
+      # a float Linear, or a Linear8bitLt with has_fp16_weights=True
       out = nnx.clone(base)
       out.weight.set_value(w.astype(base.weight.get_value().dtype))
       return out
@@ -627,6 +637,10 @@ def _requantize(q: QuantizedArray, w: jax.Array) -> QuantizedArray:
     return Params4bit.from_float(
         w, blocksize=qs.blocksize, quant_type=qs.quant_type,
         compress_statistics=qs.nested, quant_storage=q.quant_storage)
+  if isinstance(q, Int8Params):
+    # PEFT: `bnb.nn.Int8Params(merged).to(device)`, i.e. the float16-cast
+    # weight quantized row-wise.
+    return int8.quantize_int8_weight(w)
   return type(q).from_float(w)
 
 

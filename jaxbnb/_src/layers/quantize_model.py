@@ -1,4 +1,5 @@
-"""Quantize the Dense/Linear kernels of a whole model, and count its bytes."""
+"""Quantize the Dense/Linear kernels of a whole model (4-bit or LLM.int8),
+and count its bytes."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from flax import nnx
 
 from jaxbnb._src.layers.dense4bit import QUANTIZED
 from jaxbnb._src.layers.linear4bit import Linear4bit
+from jaxbnb._src.layers.linear8bit import Linear8bitLt
+from jaxbnb._src.layers.linear8bit import check_threshold
 from jaxbnb._src.layers.skip import DEFAULT_SKIP_MODULES
 from jaxbnb._src.layers.skip import skips
+from jaxbnb._src.quant import int8
 from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.weights import Params4bit
 
@@ -31,14 +35,18 @@ def quantize_params(
     quant_storage: Any = np.uint8,
     skip_modules: Iterable[str] | None = None,
     dtype: Any = None,
+    bits: int = 4,
+    threshold: float = 0.0,
 ):
-  """Turns the Dense/Linear kernels of a model into 4-bit weights.
+  """Turns the Dense/Linear kernels of a model into 4-bit or int8 weights.
 
   Works on a Linen parameter tree (for a model whose `nn.Dense` layers are
-  replaced by `jaxbnb.linen.Dense4bit` at the same paths) or on an NNX
-  module (its `nnx.Linear` layers are replaced in place by `Linear4bit`).
-  Modules whose path matches a `skip_modules` pattern stay in full
-  precision, like bitsandbytes' `llm_int8_skip_modules`.
+  replaced by `jaxbnb.linen.Dense4bit`, or for `bits=8`
+  `jaxbnb.linen.Dense8bit(has_fp16_weights=False)`, at the same paths) or
+  on an NNX module (its `nnx.Linear` layers are replaced in place by
+  `Linear4bit`, or for `bits=8` by a frozen `Linear8bitLt`). Modules whose
+  path matches a `skip_modules` pattern stay in full precision, like
+  bitsandbytes' `llm_int8_skip_modules`.
 
   Args:
     target: a Linen `params` tree (a mapping; a `{"params": ...}` variables
@@ -51,6 +59,13 @@ def quantize_params(
       and each of its parts; default `DEFAULT_SKIP_MODULES` (lm_head and
       embeddings).
     dtype: computation dtype of the new NNX layers (default: the Linear's).
+    bits: 4 (NF4/FP4, `Params4bit`) or 8 (LLM.int8, `Int8Params` quantized
+      from the float16-cast kernel as bitsandbytes). `quant_type`,
+      `blocksize`, `compress_statistics` and `quant_storage` apply to 4
+      bits only.
+    threshold: `bits=8` only: the outlier threshold of the new NNX
+      `Linear8bitLt` layers (transformers' `llm_int8_threshold`; a Linen
+      `Dense8bit` takes it as an attribute).
 
   Returns:
     For a Linen tree: a variables dict `{"params": ..., "quantized": ...}`
@@ -61,8 +76,9 @@ def quantize_params(
 
   Raises:
     TypeError: if `target` is neither a mapping nor an NNX module.
-    ValueError: for a bad quant_type or blocksize, or a float kernel whose
-      path is already in the "quantized" collection.
+    ValueError: for a bad quant_type, blocksize, bits or threshold (or a
+      threshold with `bits=4`), or a float kernel whose path is already in
+      the "quantized" collection.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -74,24 +90,37 @@ def quantize_params(
     >>> model = quantize_params(model, quant_type="nf4")
     >>> type(model.layers[0]).__name__, before, memory_footprint(model)
     ('Linear4bit', 1051648, 140488)
+    >>> model = nnx.Sequential(nnx.Linear(256, 512, rngs=nnx.Rngs(0)))
+    >>> model = quantize_params(model, bits=8, threshold=6.0)
+    >>> type(model.layers[0]).__name__, model.layers[0].threshold
+    ('Linear8bitLt', 6.0)
   """
-  validation.check_quant_type(quant_type, fn="quantize_params")
-  validation.check_blocksize(blocksize, validation.BLOCKSIZES_4BIT,
-                             fn="quantize_params")
+  fn = "quantize_params"
+  if isinstance(bits, bool) or bits not in (4, 8):
+    raise ValueError(f"{fn}: `bits` must be 4 or 8, got {bits!r}.")
+  threshold = check_threshold(threshold, fn)
+  if bits == 4:
+    if threshold:
+      raise ValueError(f"{fn}: `threshold` applies to bits=8 only, got "
+                       f"threshold={threshold} with bits=4.")
+    validation.check_quant_type(quant_type, fn=fn)
+    validation.check_blocksize(blocksize, validation.BLOCKSIZES_4BIT, fn=fn)
+    qkw = dict(quant_type=quant_type, blocksize=blocksize,
+               compress_statistics=compress_statistics,
+               quant_storage=quant_storage)
+  else:
+    qkw = dict(threshold=threshold)
   skip = DEFAULT_SKIP_MODULES if skip_modules is None else tuple(skip_modules)
-  qkw = dict(quant_type=quant_type, blocksize=blocksize,
-             compress_statistics=compress_statistics,
-             quant_storage=quant_storage)
   if isinstance(target, nnx.Module):
-    return _quantize_nnx(target, skip, qkw, dtype)
+    return _quantize_nnx(target, skip, qkw, dtype, bits)
   if isinstance(target, Mapping):
     if set(target) >= {"params"} and isinstance(target["params"], Mapping):
-      out = _quantize_linen(target["params"], skip, qkw)
+      out = _quantize_linen(target["params"], skip, qkw, bits)
       rest = {k: v for k, v in target.items()
               if k not in ("params", QUANTIZED)}
       quantized = _merge(target.get(QUANTIZED, {}), out[QUANTIZED], "")
       return {**rest, "params": out["params"], QUANTIZED: quantized}
-    return _quantize_linen(target, skip, qkw)
+    return _quantize_linen(target, skip, qkw, bits)
   raise TypeError(
       "quantize_params: `target` must be a Linen params mapping or an "
       f"nnx.Module, got {type(target).__name__}."
@@ -115,7 +144,14 @@ def _merge(old: Mapping, new: Mapping, path: str) -> dict:
   return out
 
 
-def _quantize_linen(params: Mapping, skip, qkw):
+def _quantize_kernel(kernel, qkw, bits):
+  """A Linen `[in, out]` kernel as the `[out, in]` quantized weight."""
+  if bits == 8:
+    return int8.quantize_int8_weight(kernel.T)
+  return Params4bit.from_float(kernel.T, **qkw)
+
+
+def _quantize_linen(params: Mapping, skip, qkw, bits):
   def walk(node, path):
     kept, quantized = {}, {}
     for key, value in node.items():
@@ -128,7 +164,7 @@ def _quantize_linen(params: Mapping, skip, qkw):
           quantized[key] = q
       elif (key == "kernel" and getattr(value, "ndim", 0) == 2
             and not _skipped(path, skip)):
-        quantized[key] = Params4bit.from_float(value.T, **qkw)
+        quantized[key] = _quantize_kernel(value, qkw, bits)
       else:
         kept[key] = value
     return kept, quantized
@@ -137,7 +173,7 @@ def _quantize_linen(params: Mapping, skip, qkw):
   return {"params": kept, QUANTIZED: quantized}
 
 
-def _quantize_nnx(module: nnx.Module, skip, qkw, dtype):
+def _quantize_nnx(module: nnx.Module, skip, qkw, dtype, bits):
   targets = []
   for path, sub in nnx.iter_modules(module):
     if isinstance(sub, nnx.Linear) and path:
@@ -147,7 +183,10 @@ def _quantize_nnx(module: nnx.Module, skip, qkw, dtype):
     kw = dict(qkw)
     if dtype is not None:
       kw["dtype"] = dtype
-    new = Linear4bit.from_linear(linear, **kw)
+    if bits == 8:
+      new = Linear8bitLt.from_linear(linear, has_fp16_weights=False, **kw)
+    else:
+      new = Linear4bit.from_linear(linear, **kw)
     parent = module
     for key in path[:-1]:
       parent = parent[key] if isinstance(key, int) else getattr(parent, key)
@@ -163,8 +202,8 @@ def memory_footprint(target: Any) -> int:
   """Bytes held by the arrays of a pytree, variables dict or NNX module.
 
   Args:
-    target: any pytree of arrays (Linen variables, a `Params4bit`, ...) or
-      an `nnx.Module`.
+    target: any pytree of arrays (Linen variables, a `Params4bit`, an
+      `Int8Params`, ...) or an `nnx.Module`.
 
   Returns:
     The total number of bytes of all array leaves.

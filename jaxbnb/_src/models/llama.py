@@ -12,6 +12,7 @@ except the ones `quantization.skips(path)` keeps in full precision.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import os
 from typing import Any
 
 import jax
@@ -35,6 +36,26 @@ __all__ = [
 ]
 
 _NEG = float(np.finfo(np.float32).min)
+
+
+def _fused_attention(dtype: Any, head_dim: int) -> bool:
+  """Whether attention without a KV cache runs as cuDNN flash attention.
+
+  `JAXBNB_ATTENTION`: "auto" (the default: on a CUDA GPU, for float16 and
+  bfloat16 with a head size cuDNN takes), "cudnn" (the same, or an error
+  where cuDNN cannot run it) or "xla" (always the einsum path).
+  """
+  choice = os.environ.get("JAXBNB_ATTENTION", "auto").lower()
+  if choice not in ("auto", "cudnn", "xla"):
+    raise ValueError("JAXBNB_ATTENTION must be 'auto', 'cudnn' or 'xla', "
+                     f"got {choice!r}.")
+  if choice == "xla":
+    return False
+  if choice == "cudnn":
+    return True
+  return (jax.default_backend() == "gpu"
+          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128)
 
 
 def _normal(std: float):
@@ -150,6 +171,19 @@ class Attention(nnx.Module):
     else:
       new_kv = (k, v)
     k, v = k.astype(self.dtype), v.astype(self.dtype)
+    if kv_cache is None and t > 1 and _fused_attention(self.dtype, d):
+      # Flash attention (cuDNN) when nothing is cached (training, eval,
+      # perplexity): the [B, heads, T, S] scores are never written to
+      # memory. A query that may see no key (a padding row) is allowed its
+      # own position: its output is unused, but an all-masked row would be
+      # NaN in cuDNN where the einsum path below gives a finite value.
+      none = ~jnp.any(allowed, axis=-1, keepdims=True)
+      mask = allowed | (none & jnp.eye(t, dtype=bool))
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=mask[:, None], scale=d ** -0.5,
+          implementation="cudnn")
+      out = self.o_proj(out.reshape(b, t, nkv * g * d)).astype(self.dtype)
+      return out, new_kv
     q = q.reshape(b, t, nkv, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
                         precision=precision_for(self.dtype),
@@ -314,12 +348,13 @@ class LlamaForCausalLM(nnx.Module):
     param_dtype: dtype of float weights, norms and biases.
     quantization: with `load_in_4bit`, linears not skipped by
       `quantization.skips(path)` are `Linear4bit` computing in
-      `quantization.compute_dtype`.
+      `quantization.compute_dtype`; with `load_in_8bit` they are frozen
+      LLM.int8 `Linear8bitLt` layers (`llm_int8_threshold`) computing in
+      `dtype`.
     rngs: random generators for the initial weights (normal with
       `config.initializer_range`; norms one, biases zero).
 
   Raises:
-    NotImplementedError: for `load_in_8bit` quantization.
     TypeError: for a `config` or `quantization` of the wrong type.
   """
 
