@@ -24,7 +24,9 @@ Example usage::
 from jaxbnb._src.io.convert import from_pretrained as from_pretrained
 from jaxbnb._src.io.convert import save_pretrained as save_pretrained
 from jaxbnb._src.io.estimate import MemoryEstimate as MemoryEstimate
+from jaxbnb._src.io.estimate import TrainingMemoryEstimate as TrainingMemoryEstimate
 from jaxbnb._src.io.estimate import estimate_memory as estimate_memory
+from jaxbnb._src.io.estimate import estimate_training_memory as estimate_training_memory
 from jaxbnb._src.models.generate import GenerationConfig as GenerationConfig
 from jaxbnb._src.models.generate import GenerationResult as GenerationResult
 from jaxbnb._src.models.generate import Generator as Generator
@@ -49,6 +51,7 @@ __all__ = [
     "PerplexityResult",
     "QuantizationConfig",
     "estimate_memory",
+    "estimate_training_memory",
     "evaluate_text",
     "from_pretrained",
     "generate",

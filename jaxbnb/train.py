@@ -23,6 +23,7 @@ from jaxbnb._src.train.loop import plot_losses as plot_losses
 from jaxbnb._src.train.loop import read_metrics as read_metrics
 from jaxbnb._src.train.loss import causal_lm_loss as causal_lm_loss
 from jaxbnb._src.train.loss import token_nll as token_nll
+from jaxbnb._src.train.step import commit_to_device as commit_to_device
 from jaxbnb._src.train.step import evaluate as evaluate
 from jaxbnb._src.train.step import learning_rate_schedule as learning_rate_schedule
 from jaxbnb._src.train.step import make_optimizer as make_optimizer
@@ -36,6 +37,7 @@ __all__ = [
     "batch_arrays",
     "batch_indices",
     "causal_lm_loss",
+    "commit_to_device",
     "encode_records",
     "evaluate",
     "finetune",

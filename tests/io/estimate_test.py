@@ -97,3 +97,43 @@ def test_inputs(tmp_path):
     estimate_memory(TINY, blocksize=0)
   with pytest.raises(ValueError, match="unknown format"):
     estimate_memory(TINY).required_bytes("int4")
+
+
+def test_training_estimate_hand_computed():
+  from jaxbnb.models import estimate_training_memory
+  e = estimate_training_memory(TINY, weights="bf16", batch=2, seq=3,
+                               lora_r=2, target_modules=("q_proj", "down_proj"),
+                               optimizer="adamw")
+  assert e.weights == estimate_memory(TINY).weight_bytes["bf16"]
+  # q_proj 8x8 and down_proj 8x16 adapters: 2 * (8 + 8) + 2 * (16 + 8).
+  n_lora = 32 + 48
+  assert e.adapters == 12 * n_lora and e.optimizer == 8 * n_lora
+  tokens = 6
+  assert e.saved_activations == 1 * 2 * tokens * 8  # one layer's bf16 input
+  # q 8 + k 4 + v 4 + attention out 8 (2 * 8 + 2 * 4) and gate, up, their
+  # product (3 * 16), bf16 values and gradients; fp32 scores + bf16 probs.
+  assert e.layer_working_set == (2 * tokens * (16 + 8 + 48) * 2
+                                 + 2 * 2 * 3 * 3 * 6)
+  assert e.logits == 10 * tokens * 10
+  assert e.total_bytes == sum(e.breakdown().values())
+  no_remat = estimate_training_memory(TINY, weights="bf16", batch=2, seq=3,
+                                      lora_r=2, remat=False,
+                                      target_modules="q_proj")
+  assert no_remat.saved_activations == no_remat.layer_working_set
+  eight = estimate_training_memory(TINY, batch=2, seq=3, lora_r=2,
+                                   target_modules=("q_proj", "down_proj"))
+  assert eight.optimizer == pytest.approx((2 + 8 / 256) * n_lora, abs=1)
+  assert eight.weights == estimate_memory(TINY).weight_bytes["nf4+dq"]
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(weights="int4"), "`weights`"),
+    (dict(optimizer="sgd"), "`optimizer`"),
+    (dict(batch=0), "`batch`"),
+    (dict(seq=1.5), "`seq`"),
+    (dict(target_modules=("q_proj", "lm_head")), "lm_head"),
+])
+def test_training_estimate_bad_arguments(kwargs, needle):
+  from jaxbnb.models import estimate_training_memory
+  with pytest.raises(ValueError, match=needle):
+    estimate_training_memory(TINY, **kwargs)

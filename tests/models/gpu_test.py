@@ -83,3 +83,54 @@ def test_smollm2_nf4_answers_on_gpu():
                               max_new_tokens=24, return_result=True)
   assert "Paris" in res.texts[0], res.texts[0]
   assert res.tokens_per_second > 0
+
+
+def _attention_model():
+  from flax import nnx
+  from jaxbnb import models
+  cfg = models.LlamaConfig(vocab_size=128, hidden_size=128,
+                           intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=256)
+  return models.LlamaForCausalLM(cfg, dtype=jnp.bfloat16,
+                                 param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_attention_matches_einsum_path(monkeypatch, padded):
+  """cuDNN flash attention (the default without a KV cache on the GPU)
+  against the einsum path: logits and the gradient of the loss."""
+  from flax import nnx
+  model = _attention_model()
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, 128, (2, 64)), jnp.int32)
+  mask = np.ones((2, 64), bool)
+  if padded:
+    mask[1, :9] = False  # left padding: rows with no visible key
+  mask = jnp.asarray(mask)
+
+  def loss(m):
+    logits, _ = m(ids, attention_mask=mask)
+    return jnp.mean(jnp.where(mask[:, :, None], logits.astype(jnp.float32),
+                              0.0) ** 2), logits
+
+  def run(impl):
+    monkeypatch.setenv("JAXBNB_ATTENTION", impl)
+    (val, logits), g = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    return (np.asarray(logits, np.float32),
+            np.asarray(g["model"]["layers"][0]["self_attn"]["q_proj"]
+                       ["weight"][...], np.float32))
+
+  got_logits, got_g = run("cudnn")
+  want_logits, want_g = run("xla")
+  keep = np.asarray(mask)
+  assert np.all(np.isfinite(got_logits)) and np.all(np.isfinite(got_g))
+  # Both paths compute in bf16 with float32 softmax statistics; cuDNN
+  # rescales online and rounds P to bf16 per tile, the einsum path once:
+  # a few bf16 ulps (2**-8 relative) of the attention output, carried
+  # through two layers. 3e-2 of the logit scale is ~8 such ulps; dropping
+  # the mask, the scale or the GQA grouping moves logits by O(1).
+  scale = np.abs(want_logits[keep]).max()
+  assert np.abs(got_logits[keep] - want_logits[keep]).max() < 3e-2 * scale
+  gscale = np.abs(want_g).max()
+  assert np.abs(got_g - want_g).max() < 5e-2 * gscale

@@ -94,3 +94,25 @@ def test_parse_helpers():
   assert bench_matmul.quant_bytes(n, 64, False) == n // 2 + n // 64 * 4
   assert bench_matmul.n_rotations(1) == 64
   assert bench_matmul.n_rotations(10**12) == 2
+
+
+def test_bench_qlora_tiny(tmp_path, capsys):
+  out = tmp_path / "qlora.json"
+  assert cli.main(["bench", "qlora", "--impl", "jax-nf4-dq", "--shape",
+                   "tiny", "--layers", "1", "--batch", "1", "--seq", "16",
+                   "--warmup", "1", "--steps", "2", "--lora-r", "4",
+                   "--json", str(out)]) == 0
+  doc = json.loads(out.read_text())
+  assert doc["kind"] == "qlora" and doc["shape"]["num_hidden_layers"] == 1
+  assert len(doc["steps_s"]) == 2 and len(doc["losses"]) == 3
+  assert all(math.isfinite(x) for x in doc["losses"])
+  assert doc["tokens_per_s"] == pytest.approx(16 / doc["step_s"])
+  # r 4 on the 7 projections of the tiny layer (h 128, kv 64, i 256):
+  # q and o 128 + 128, k and v 64 + 128, gate, up and down 256 + 128.
+  assert doc["adapter_parameters"] == 4 * (2 * (128 + 128) + 2 * (64 + 128)
+                                           + 3 * (256 + 128))
+  assert doc["estimate_bytes"] == sum(doc["estimate"].values())
+  # The adapters train: the loss of a repeated batch goes down.
+  assert doc["losses"][-1] < doc["losses"][0]
+  assert cli.main(["bench", "qlora-report", "--inputs", str(out)]) == 0
+  assert "| jax-nf4-dq | 1x16 |" in capsys.readouterr().out

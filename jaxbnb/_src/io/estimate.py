@@ -34,7 +34,8 @@ from typing import Any, Mapping
 from jaxbnb._src.io import gguf_source
 from jaxbnb._src.models.config import LlamaConfig
 
-__all__ = ["MemoryEstimate", "estimate_memory", "KNOWN_MODELS", "GPU_SIZES_GB",
+__all__ = ["MemoryEstimate", "TrainingMemoryEstimate", "estimate_memory",
+           "estimate_training_memory", "KNOWN_MODELS", "GPU_SIZES_GB",
            "FORMATS"]
 
 GPU_SIZES_GB = (8, 12, 16, 24, 40, 48, 80)
@@ -257,3 +258,136 @@ def estimate_memory(config, *, blocksize: int = 64,
       weight_bytes={"fp32": 4 * total, "bf16": 2 * total, "int8": int8,
                     "nf4": nf4, "nf4+dq": dq},
       kv_cache_bytes_per_token=kv, blocksize=blocksize, headroom=headroom)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingMemoryEstimate:
+  """Device memory of one (Q)LoRA training step, by part.
+
+  Attributes:
+    weights: the frozen base model in its format.
+    adapters: LoRA parameters, their gradient and its accumulator (float32).
+    optimizer: the optimizer state of the adapters.
+    saved_activations: what the backward pass keeps from the forward pass
+      (with gradient checkpointing, each decoder layer's bf16 input).
+    layer_working_set: the largest transient of one decoder layer's
+      backward pass (its recomputed activations and their gradients).
+    logits: the output head's logits, their float32 log-softmax and
+      gradient.
+  """
+
+  weights: int
+  adapters: int
+  optimizer: int
+  saved_activations: int
+  layer_working_set: int
+  logits: int
+
+  @property
+  def total_bytes(self) -> int:
+    """The sum of the parts: the predicted peak."""
+    return sum(self.breakdown().values())
+
+  def breakdown(self) -> dict[str, int]:
+    """Part name -> bytes."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def to_markdown(self) -> str:
+    """A markdown table of the parts and the total."""
+    lines = ["| part | memory |", "| --- | ---: |"]
+    lines += [f"| {k.replace('_', ' ')} | {_gib(v)} |"
+              for k, v in self.breakdown().items()]
+    lines.append(f"| **total (predicted peak)** | **{_gib(self.total_bytes)}** |")
+    return "\n".join(lines)
+
+
+_OPTIMIZER_BYTES = {  # state bytes per adapter parameter
+    "adamw8bit": 2 + 2 * 4 / 256,  # two uint8 states + float32 absmax/256
+    "paged_adamw8bit": 2 + 2 * 4 / 256,
+    "adamw": 8,
+}
+_ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                "up_proj", "down_proj")
+
+
+def estimate_training_memory(config, *, weights: str = "nf4+dq",
+                             batch: int = 1, seq: int = 2048,
+                             lora_r: int = 16,
+                             target_modules=_ALL_TARGETS,
+                             remat: bool = True,
+                             optimizer: str = "paged_adamw8bit",
+                             blocksize: int = 64) -> TrainingMemoryEstimate:
+  """Predicts the peak device memory of a jaxbnb (Q)LoRA training step.
+
+  The model of `jaxbnb.train.train_step`: bf16 compute, float32 adapters on
+  the `target_modules` projections of every layer, loss in float32. Parts:
+
+  * the frozen weights (`estimate_memory`'s bytes for `weights`);
+  * adapters: 12 bytes per parameter (float32 value, gradient and the
+    micro-batch accumulator), plus the optimizer's state;
+  * with `remat`, each layer's bf16 input `[batch, seq, hidden]`; without,
+    every layer's working set;
+  * one layer's backward working set: the bf16 projections' outputs
+    (q, k, v, attention output, gate, up, their product) and as many
+    gradients, plus the float32 attention scores and their bf16
+    probabilities `[batch, heads, seq, seq]` (the attention is not fused);
+  * the logits: bf16, their float32 log-softmax and its gradient
+    (10 bytes per logit).
+
+  Args:
+    config: what `estimate_memory` takes (a name, a path, a config).
+    weights: the base model's format, a key of `FORMATS`.
+    batch: sequences per micro-batch.
+    seq: tokens per sequence.
+    lora_r: adapter rank.
+    target_modules: projection names that get adapters.
+    remat: gradient checkpointing per decoder layer.
+    optimizer: "adamw8bit", "paged_adamw8bit" or "adamw".
+    blocksize: 4-bit absmax block size.
+
+  Returns:
+    A `TrainingMemoryEstimate`.
+
+  Raises:
+    ValueError: an unknown `weights` format or optimizer, or a size < 1.
+
+  Example:
+    >>> e = estimate_training_memory("llama-3-8b", batch=2, seq=2048)
+    >>> round(e.weights / 2**30, 2), round(e.total_bytes / 2**30, 1)
+    (5.31, 14.1)
+  """
+  fn = "estimate_training_memory"
+  if weights not in FORMATS:
+    raise ValueError(f"{fn}: `weights` must be one of {list(FORMATS)}, got "
+                     f"{weights!r}")
+  if optimizer not in _OPTIMIZER_BYTES:
+    raise ValueError(f"{fn}: `optimizer` must be one of "
+                     f"{list(_OPTIMIZER_BYTES)}, got {optimizer!r}")
+  for name, value in (("batch", batch), ("seq", seq), ("lora_r", lora_r)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{fn}: `{name}` must be an int >= 1, got {value!r}")
+  targets = ((target_modules,) if isinstance(target_modules, str)
+             else tuple(target_modules))
+  unknown = sorted(set(targets) - set(_ALL_TARGETS))
+  if unknown:
+    raise ValueError(f"{fn}: `target_modules` must be projection names "
+                     f"from {list(_ALL_TARGETS)}, got {unknown}")
+  _, cfg = _resolve_config(config)
+  base = estimate_memory(cfg, blocksize=blocksize).weight_bytes[weights]
+  h, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+  nq, nkv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+  i = cfg.intermediate_size
+  shapes = {"q_proj": (nq, h), "k_proj": (nkv, h), "v_proj": (nkv, h),
+            "o_proj": (h, nq), "gate_proj": (i, h), "up_proj": (i, h),
+            "down_proj": (h, i)}
+  n_lora = layers * sum(lora_r * sum(shapes[t]) for t in targets)
+  tokens = batch * seq
+  per_layer = 2 * tokens * (2 * nq + 2 * nkv + 3 * i) * 2  # values + grads
+  scores = batch * cfg.num_attention_heads * seq * seq * (4 + 2)
+  working = per_layer + scores
+  saved = layers * 2 * tokens * h if remat else layers * working
+  return TrainingMemoryEstimate(
+      weights=base, adapters=12 * n_lora,
+      optimizer=math.ceil(_OPTIMIZER_BYTES[optimizer] * n_lora),
+      saved_activations=saved, layer_working_set=working,
+      logits=10 * tokens * cfg.vocab_size)

@@ -3,7 +3,8 @@
 * `matmul`, `quant`, `report`: 4-bit matmul and (de)quantization against
   bf16, bitsandbytes and a bandwidth floor (`bench_matmul`);
 * `decode`, `decode-report`: end-to-end decode tokens/s (`bench_decode`);
-* `optim`: optimizer step time and state memory (`bench_optim`).
+* `optim`: optimizer step time and state memory (`bench_optim`);
+* `qlora`, `qlora-report`: the (Q)LoRA training step (`bench_train`).
 
 They share the timing helpers of `measure` and the reporting helpers of
 `report`.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from jaxbnb._src.tools import bench_decode
 from jaxbnb._src.tools import bench_matmul
 from jaxbnb._src.tools import bench_optim
+from jaxbnb._src.tools import bench_train
 
 __all__ = ["add_parser"]
 
@@ -32,3 +34,4 @@ def add_parser(subparsers) -> None:
   bench_matmul.add_parsers(sub)
   bench_decode.add_parsers(sub)
   bench_optim.add_parsers(sub)
+  bench_train.add_parsers(sub)

@@ -51,7 +51,7 @@ SHAPES = {
                  num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512),
 }
-IMPLS = ("jax-bf16", "jax-nf4-dq", "jax-nf4", "torch-bf16",
+IMPLS = ("jax-bf16", "jax-nf4-dq", "jax-nf4", "jax-int8", "torch-bf16",
          "torch-bnb-nf4-dq", "torch-bnb-nf4")
 
 
@@ -63,7 +63,7 @@ def decode_bytes(shape: dict, batch: int, context: int, quant: str | None,
     shape: LlamaConfig kwargs.
     batch: rows.
     context: mean number of cached tokens per row during the measured steps.
-    quant: None (bf16), "nf4" or "nf4-dq".
+    quant: None (bf16), "nf4", "nf4-dq" or "int8" (LLM.int8).
     blocksize: 4-bit block size.
 
   Returns:
@@ -76,6 +76,8 @@ def decode_bytes(shape: dict, batch: int, context: int, quant: str | None,
   linear = n * (h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * f)
   if quant is None:
     wbytes = 2 * linear
+  elif quant == "int8":  # int8 rows + a float32 scale per row
+    wbytes = linear + 4 * n * (heads * d + 2 * kv * d + h + 2 * f + h)
   else:
     per_block = 1 + 4 / 256 if quant == "nf4-dq" else 4
     wbytes = linear / 2 + linear / blocksize * per_block
@@ -92,6 +94,9 @@ def _jax_decode(opts, shape) -> dict:
   elif opts.impl == "jax-nf4":
     quant = models.QuantizationConfig.nf4(double_quant=False,
                                           compute_dtype="bfloat16")
+  elif opts.impl == "jax-int8":
+    quant = models.QuantizationConfig(load_in_8bit=True,
+                                      llm_int8_threshold=6.0)
   cfg = models.LlamaConfig(**shape)
   t0 = time.perf_counter()
   model = models.LlamaForCausalLM(
@@ -213,7 +218,8 @@ def run_decode(opts: argparse.Namespace) -> dict:
   else:
     doc.update(_torch_decode(opts, shape))
   quant = {"jax-nf4-dq": "nf4-dq", "torch-bnb-nf4-dq": "nf4-dq",
-           "jax-nf4": "nf4", "torch-bnb-nf4": "nf4"}.get(opts.impl)
+           "jax-nf4": "nf4", "torch-bnb-nf4": "nf4",
+           "jax-int8": "int8"}.get(opts.impl)
   for row in doc["rows"]:
     ctx = opts.prompt_len + opts.steps / 2
     row["floor_bytes"] = decode_bytes(shape, row["batch"], ctx, quant)

@@ -120,24 +120,67 @@ def _existing(path: str, arg: str, *, gguf_ok: bool = True) -> str:
                     "(with config.json) nor a .gguf file")
 
 
+# The 4-bit options: None when not given, so --quant int8 can refuse them.
+_4BIT_OPTIONS = (("double_quant", "--double-quant/--no-double-quant", True),
+                 ("blocksize", "--blocksize", 64),
+                 ("compute_dtype", "--compute-dtype", "bfloat16"))
+_INT8_THRESHOLD = 6.0  # transformers' llm_int8_threshold default
+
+
 def _add_quant_args(p: argparse.ArgumentParser, default: str) -> None:
-  p.add_argument("--quant", choices=["nf4", "fp4", "none"], default=default,
-                 help=f"quantize linear layers while loading (default "
-                 f"{default}; a bitsandbytes checkpoint loads as stored)")
+  p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"],
+                 default=default,
+                 help=f"quantize linear layers while loading: 4-bit nf4 / "
+                 f"fp4, or LLM.int8 rows (int8) (default {default}; a "
+                 "bitsandbytes checkpoint loads as stored)")
   p.add_argument("--double-quant", action=argparse.BooleanOptionalAction,
-                 default=True, help="double-quantize the 4-bit absmax")
-  p.add_argument("--blocksize", type=int, default=64,
+                 default=None,
+                 help="double-quantize the 4-bit absmax (default on)")
+  p.add_argument("--blocksize", type=int, default=None,
                  help="4-bit block size (default 64)")
-  p.add_argument("--compute-dtype", choices=_DTYPES, default="bfloat16",
+  p.add_argument("--compute-dtype", choices=_DTYPES, default=None,
                  help="dtype of the 4-bit matmuls (default bfloat16)")
+  p.add_argument("--int8-threshold", type=argtypes.number(float, 0),
+                 default=None,
+                 help="LLM.int8 outlier threshold on the activations, with "
+                 f"--quant int8 (default {_INT8_THRESHOLD:g}, as transformers"
+                 "; 0: no outlier columns)")
   p.add_argument("--dtype", choices=_DTYPES, default=None,
                  help="dtype of the float weights and activations (default: "
                  "the checkpoint's)")
 
 
+def _check_quant_args(args) -> None:
+  """Refuses options of the other quantization; fills in the defaults."""
+  if args.quant == "int8":
+    given = [flag for attr, flag, _ in _4BIT_OPTIONS
+             if getattr(args, attr) is not None]
+    if given:
+      raise _UsageError(
+          f"argument {given[0]}: applies to 4-bit quantization (--quant nf4 "
+          "or fp4), not --quant int8 (LLM.int8 rows have no blocks; its "
+          "option is --int8-threshold)")
+  elif args.int8_threshold is not None:
+    raise _UsageError(
+        f"argument --int8-threshold: needs --quant int8 (got --quant "
+        f"{args.quant})")
+  # (Filled for the chosen quantization only, so checking again passes.)
+  if args.quant == "int8":
+    if args.int8_threshold is None:
+      args.int8_threshold = _INT8_THRESHOLD
+    return
+  for attr, _, default in _4BIT_OPTIONS:
+    if getattr(args, attr) is None:
+      setattr(args, attr, default)
+
+
 def _quantization(args):
+  _check_quant_args(args)
   if args.quant == "none":
     return None
+  if args.quant == "int8":
+    return models.QuantizationConfig(
+        load_in_8bit=True, llm_int8_threshold=args.int8_threshold)
   try:
     return models.QuantizationConfig(
         load_in_4bit=True, bnb_4bit_quant_type=args.quant,
@@ -226,9 +269,13 @@ def _save_with_tokenizer(model, tokenizer_src, out, args) -> None:
 
 
 def _describe_quant(args) -> str:
-  """"float" or e.g. "nf4 + double quant, blocksize 64" from the options."""
+  """"float", "int8, threshold 6" or e.g. "nf4 + double quant, blocksize
+  64" from the options."""
+  _check_quant_args(args)
   if args.quant == "none":
     return "float"
+  if args.quant == "int8":
+    return f"int8, threshold {args.int8_threshold:g}"
   dq = " + double quant" if args.double_quant else ""
   return f"{args.quant}{dq}, blocksize {args.blocksize}"
 
@@ -345,6 +392,15 @@ def _estimate(args) -> int:
   except (ValueError, FileNotFoundError) as err:
     raise _UsageError(f"argument MODEL_OR_NAME: {err}") from err
   print(e.to_markdown(tokens=args.tokens, batch=args.batch))
+  if args.train:
+    weights = {"qlora": "nf4+dq", "lora": "bf16"}[args.train]
+    t = models.estimate_training_memory(
+        target, weights=weights, batch=args.batch, seq=args.seq,
+        lora_r=args.lora_r, blocksize=args.blocksize)
+    print(f"\n{args.train} training step ({weights} base, LoRA r "
+          f"{args.lora_r} on the 7 projections, batch {args.batch} x "
+          f"{args.seq}, gradient checkpointing, paged 8-bit AdamW):\n")
+    print(t.to_markdown())
   return 0
 
 
@@ -440,7 +496,15 @@ def _add_model_commands(sub) -> None:
                  help="multiplier on the weights for GPU fit (default 1.2)")
   p.add_argument("--tokens", type=int_from(0), default=0,
                  help="add a bf16 KV cache of this many tokens")
-  p.add_argument("--batch", type=int_from(1), default=1)
+  p.add_argument("--batch", type=int_from(1), default=1,
+                 help="sequences (KV cache and --train)")
+  p.add_argument("--train", choices=("qlora", "lora"), default=None,
+                 help="also predict a LoRA training step's peak memory on "
+                 "an NF4 + double quant (qlora) or bf16 (lora) base")
+  p.add_argument("--seq", type=int_from(1), default=2048,
+                 help="tokens per sequence for --train (default 2048)")
+  p.add_argument("--lora-r", type=int_from(1), default=16,
+                 help="adapter rank for --train (default 16)")
 
   p = add("info", _info, "describe a checkpoint without loading it",
           ("checkpoint", "CHECKPOINT", model_help))

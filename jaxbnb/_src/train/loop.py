@@ -49,6 +49,7 @@ from jaxbnb._src.train.data import TokenizedData
 from jaxbnb._src.train.data import batch_arrays
 from jaxbnb._src.train.data import batch_indices
 from jaxbnb._src.train.data import prepare_data
+from jaxbnb._src.train.step import commit_to_device
 from jaxbnb._src.train.step import evaluate
 from jaxbnb._src.train.step import learning_rate_schedule
 from jaxbnb._src.train.step import make_optimizer
@@ -381,6 +382,7 @@ def finetune(model: nnx.Module, tokenizer: Any, data: Any,
   if not has_adapters:
     model = apply_lora(model, lora_config, rngs=rngs)
   optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.LoRAParam)
+  commit_to_device(model, optimizer)
   _commit(model, optimizer)
   start_step, position = 0, 0
   if meta is not None:

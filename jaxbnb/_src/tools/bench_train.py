@@ -1,0 +1,181 @@
+"""`jaxbnb bench qlora`: the (Q)LoRA training step of a Llama-shaped model.
+
+One implementation per process (so the peak memory is its own):
+
+  jaxbnb bench qlora --impl jax-nf4-dq --json out/qlora.json
+  jaxbnb bench qlora --impl jax-bf16 --json out/lora-bf16.json
+
+The model is random-initialized with real shapes (Llama-3-8B by default):
+speed and memory do not depend on the values. The step is
+`jaxbnb.train.train_step` as `jaxbnb finetune` runs it: LoRA r 16, alpha 32,
+dropout 0.05 on the seven projections, bf16 compute with float32 adapters,
+gradient checkpointing per decoder layer, bitsandbytes' paged 8-bit AdamW
+over the adapters, clipping at norm 1. Tokens/s is `batch * seq` over the
+median step time (after `--warmup` steps); the peak is the device's
+`peak_bytes_in_use`, next to `jaxbnb estimate --train`'s prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+import statistics
+import time
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from jaxbnb import lora
+from jaxbnb import models
+from jaxbnb import train
+from jaxbnb._src.tools import argtypes
+from jaxbnb._src.tools import bench_decode
+from jaxbnb._src.tools import measure
+from jaxbnb._src.tools import report
+
+__all__ = ["IMPLS", "TARGETS", "add_parsers", "run_qlora", "qlora_table"]
+
+IMPLS = ("jax-nf4-dq", "jax-bf16")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+           "down_proj")
+
+
+def _build(opts, shape):
+  quant = None
+  if opts.impl == "jax-nf4-dq":
+    quant = models.QuantizationConfig.nf4(double_quant=True,
+                                          compute_dtype="bfloat16")
+  cfg = models.LlamaConfig(**shape)
+  model = models.LlamaForCausalLM(
+      cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, quantization=quant,
+      rngs=nnx.Rngs(0))
+  lcfg = lora.LoRAConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha,
+                         lora_dropout=0.05, target_modules=TARGETS)
+  model = lora.apply_lora(model, lcfg, rngs=nnx.Rngs(1))
+  model.train()
+  tcfg = train.TrainConfig(steps=opts.steps, batch_size=opts.batch,
+                           seq_len=opts.seq, optimizer=opts.optimizer,
+                           remat=opts.remat, learning_rate=2e-4)
+  optimizer = nnx.Optimizer(model, train.make_optimizer(tcfg),
+                            wrt=nnx.LoRAParam)
+  train.commit_to_device(model, optimizer)
+  return cfg, model, optimizer
+
+
+def run_qlora(opts: argparse.Namespace) -> dict:
+  """Builds, times and returns (and writes) one implementation's document."""
+  shape = dict(bench_decode.SHAPES[opts.shape])
+  if opts.layers:
+    shape["num_hidden_layers"] = opts.layers
+  doc = {"kind": "qlora", "impl": opts.impl, "shape_name": opts.shape,
+         "shape": shape, "batch": opts.batch, "seq": opts.seq,
+         "lora_r": opts.lora_r, "lora_alpha": opts.lora_alpha,
+         "remat": opts.remat, "optimizer": opts.optimizer,
+         "date": datetime.date.today().isoformat(),
+         "python": platform.python_version(), "jax": jax.__version__,
+         "device": jax.devices()[0].device_kind}
+  t0 = time.perf_counter()
+  cfg, model, optimizer = _build(opts, shape)
+  jax.block_until_ready(nnx.state(model))
+  gc.collect()
+  dev = jax.local_devices()[0]
+  stats = dev.memory_stats() or {}
+  doc["build_s"] = time.perf_counter() - t0
+  doc["bytes_in_use_after_build"] = stats.get("bytes_in_use")
+  doc["adapter_parameters"] = int(sum(
+      x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
+  report.log(f"{opts.impl}: built in {doc['build_s']:.1f}s, "
+             f"{(stats.get('bytes_in_use') or 0) / 2**30:.2f} GiB in use, "
+             f"{doc['adapter_parameters']:,} adapter parameters")
+  key = jax.random.key(0)
+  ids = jax.random.randint(key, (1, opts.batch, opts.seq), 0,
+                           min(cfg.vocab_size, 128000), jnp.int32)
+  ones = jnp.ones(ids.shape, bool)
+  batch = {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
+  times, losses = [], []
+  for step in range(opts.warmup + opts.steps):
+    t = time.perf_counter()
+    out = train.train_step(model, optimizer, batch, remat=opts.remat)
+    loss = float(out["loss"])  # waits for the step
+    dt = time.perf_counter() - t
+    losses.append(loss)
+    if step >= opts.warmup:
+      times.append(dt)
+    report.log(f"  step {step}: loss {loss:.3f}, {dt * 1e3:.0f} ms")
+  med = statistics.median(times)
+  stats = dev.memory_stats() or {}
+  doc.update(step_s=med, steps_s=times, losses=losses,
+             tokens_per_s=opts.batch * opts.seq / med,
+             peak_bytes_in_use=stats.get("peak_bytes_in_use"))
+  fmt = "nf4+dq" if opts.impl == "jax-nf4-dq" else "bf16"
+  est = models.estimate_training_memory(
+      cfg, weights=fmt, batch=opts.batch, seq=opts.seq, lora_r=opts.lora_r,
+      target_modules=TARGETS, remat=opts.remat)
+  doc["estimate_bytes"] = est.total_bytes
+  doc["estimate"] = est.breakdown()
+  if opts.json:
+    report.write_json(doc, opts.json)
+  return doc
+
+
+def qlora_table(docs: list[dict]) -> list[str]:
+  """Markdown rows: implementation, tokens/s, step, peak, estimate."""
+  rows = []
+  for d in docs:
+    peak = d.get("peak_bytes_in_use")
+    est = d.get("estimate_bytes")
+    rows.append([
+        d["impl"], f"{d['batch']}x{d['seq']}", f"{d['tokens_per_s']:,.0f}",
+        f"{d['step_s'] * 1e3:.0f} ms",
+        report.fmt(peak / 2**30 if peak else None, " GiB"),
+        report.fmt(est / 2**30 if est else None, " GiB")])
+  return report.markdown_table(
+      ["impl", "batch x seq", "tokens/s", "step", "peak memory",
+       "jaxbnb estimate --train"], rows)
+
+
+def add_parsers(sub) -> None:
+  """Adds `qlora` to the `jaxbnb bench` subcommands.
+
+  Args:
+    sub: the subparsers action of `jaxbnb bench`.
+  """
+  p = sub.add_parser("qlora", help="(Q)LoRA training step tokens/s and peak "
+                     "memory of a random Llama-shaped model")
+  p.add_argument("--impl", choices=IMPLS, required=True)
+  p.add_argument("--shape", choices=sorted(bench_decode.SHAPES),
+                 default="llama-3-8b")
+  p.add_argument("--layers", type=argtypes.number(int, 0), default=0,
+                 help="override the number of layers (0: the shape's)")
+  p.add_argument("--batch", type=argtypes.number(int, 1), default=2)
+  p.add_argument("--seq", type=argtypes.number(int, 2), default=2048)
+  p.add_argument("--lora-r", type=argtypes.number(int, 1), default=16)
+  p.add_argument("--lora-alpha", type=argtypes.number(float, 0,
+                                                      lo_open=True),
+                 default=32.0)
+  p.add_argument("--optimizer", choices=train.OPTIMIZERS,
+                 default="paged_adamw8bit")
+  p.add_argument("--no-remat", dest="remat", action="store_false",
+                 help="keep every layer's activations (no gradient "
+                 "checkpointing)")
+  p.add_argument("--warmup", type=argtypes.number(int, 0), default=3)
+  p.add_argument("--steps", type=argtypes.number(int, 1), default=10)
+  p.add_argument("--json", help="write the JSON document here")
+
+  def run(opts):
+    doc = run_qlora(opts)
+    print("\n".join(qlora_table([doc])))
+    return 0
+  p.set_defaults(func=run)
+
+  rep = sub.add_parser("qlora-report", help="qlora JSON results -> "
+                       "markdown table")
+  rep.add_argument("--inputs", nargs="+", required=True)
+
+  def run_report(opts):
+    print("\n".join(qlora_table(report.read_json(opts.inputs))))
+    return 0
+  rep.set_defaults(func=run_report)
