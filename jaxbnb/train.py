@@ -17,6 +17,8 @@ from jaxbnb._src.train.data import encode_records as encode_records
 from jaxbnb._src.train.data import pack_texts as pack_texts
 from jaxbnb._src.train.data import prepare_data as prepare_data
 from jaxbnb._src.train.data import read_data as read_data
+from jaxbnb._src.train.layerwise import layerwise_train_step as layerwise_train_step
+from jaxbnb._src.train.layerwise import supports_layerwise as supports_layerwise
 from jaxbnb._src.train.loop import FinetuneResult as FinetuneResult
 from jaxbnb._src.train.loop import finetune as finetune
 from jaxbnb._src.train.loop import plot_losses as plot_losses
@@ -41,6 +43,7 @@ __all__ = [
     "encode_records",
     "evaluate",
     "finetune",
+    "layerwise_train_step",
     "learning_rate_schedule",
     "make_optimizer",
     "pack_texts",
@@ -48,6 +51,7 @@ __all__ = [
     "prepare_data",
     "read_data",
     "read_metrics",
+    "supports_layerwise",
     "token_nll",
     "train_step",
 ]

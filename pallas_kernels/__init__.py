@@ -7,6 +7,9 @@ as array inputs and never import jaxbnb. All use Pallas' Triton lowering
 * `quantize_4bit`: blockwise NF4/FP4 quantization, bitsandbytes' format.
 * `dequantize_4bit`: dequantization, double-quantized absmax decoded inline.
 * `gemv_4bit`: fused dequantize-and-multiply for small M ("reduce", "dot").
+* `int8_matmul`: the LLM.int8 forward for decoding (M <= 16): int8 weight
+  read once, int32 tensor-core product, outlier stream and bitsandbytes'
+  epilogue fused.
 * `optim_8bit`: fused 8-bit blockwise optimizer update (dequantize the
   states, update, requantize with the sign fix) for bitsandbytes' kinds.
 

@@ -103,7 +103,7 @@ def test_training_estimate_hand_computed():
   from jaxbnb.models import estimate_training_memory
   e = estimate_training_memory(TINY, weights="bf16", batch=2, seq=3,
                                lora_r=2, target_modules=("q_proj", "down_proj"),
-                               optimizer="adamw")
+                               optimizer="adamw", head_chunk=4)
   assert e.weights == estimate_memory(TINY).weight_bytes["bf16"]
   # q_proj 8x8 and down_proj 8x16 adapters: 2 * (8 + 8) + 2 * (16 + 8).
   n_lora = 32 + 48
@@ -114,7 +114,9 @@ def test_training_estimate_hand_computed():
   # product (3 * 16), bf16 values and gradients; fp32 scores + bf16 probs.
   assert e.layer_working_set == (2 * tokens * (16 + 8 + 48) * 2
                                  + 2 * 2 * 3 * 3 * 6)
-  assert e.logits == 10 * tokens * 10
+  assert e.logits == 12 * 4 * 10  # one chunk of 4 tokens
+  whole = estimate_training_memory(TINY, batch=2, seq=3, head_chunk=None)
+  assert whole.logits == 12 * tokens * 10
   assert e.total_bytes == sum(e.breakdown().values())
   no_remat = estimate_training_memory(TINY, weights="bf16", batch=2, seq=3,
                                       lora_r=2, remat=False,
@@ -131,6 +133,7 @@ def test_training_estimate_hand_computed():
     (dict(optimizer="sgd"), "`optimizer`"),
     (dict(batch=0), "`batch`"),
     (dict(seq=1.5), "`seq`"),
+    (dict(head_chunk=0), "`head_chunk`"),
     (dict(target_modules=("q_proj", "lm_head")), "lm_head"),
 ])
 def test_training_estimate_bad_arguments(kwargs, needle):

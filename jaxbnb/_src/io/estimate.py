@@ -316,6 +316,7 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
                              target_modules=_ALL_TARGETS,
                              remat: bool = True,
                              optimizer: str = "paged_adamw8bit",
+                             head_chunk: int | None = 1024,
                              blocksize: int = 64) -> TrainingMemoryEstimate:
   """Predicts the peak device memory of a jaxbnb (Q)LoRA training step.
 
@@ -331,8 +332,9 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
     (q, k, v, attention output, gate, up, their product) and as many
     gradients, plus the float32 attention scores and their bf16
     probabilities `[batch, heads, seq, seq]` (the attention is not fused);
-  * the logits: bf16, their float32 log-softmax and its gradient
-    (10 bytes per logit).
+  * the logits of `head_chunk` tokens at a time (`finetune`'s layer by
+    layer step; None: all tokens at once, as `train_step`): float32 logits,
+    their log-softmax and its gradient (12 bytes per logit).
 
   Args:
     config: what `estimate_memory` takes (a name, a path, a config).
@@ -343,6 +345,7 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
     target_modules: projection names that get adapters.
     remat: gradient checkpointing per decoder layer.
     optimizer: "adamw8bit", "paged_adamw8bit" or "adamw".
+    head_chunk: tokens per chunk of the output head and loss, or None.
     blocksize: 4-bit absmax block size.
 
   Returns:
@@ -354,7 +357,7 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
   Example:
     >>> e = estimate_training_memory("llama-3-8b", batch=2, seq=2048)
     >>> round(e.weights / 2**30, 2), round(e.total_bytes / 2**30, 1)
-    (5.31, 14.1)
+    (5.31, 10.6)
   """
   fn = "estimate_training_memory"
   if weights not in FORMATS:
@@ -363,7 +366,10 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
   if optimizer not in _OPTIMIZER_BYTES:
     raise ValueError(f"{fn}: `optimizer` must be one of "
                      f"{list(_OPTIMIZER_BYTES)}, got {optimizer!r}")
-  for name, value in (("batch", batch), ("seq", seq), ("lora_r", lora_r)):
+  sizes = [("batch", batch), ("seq", seq), ("lora_r", lora_r)]
+  if head_chunk is not None:
+    sizes.append(("head_chunk", head_chunk))
+  for name, value in sizes:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{fn}: `{name}` must be an int >= 1, got {value!r}")
   targets = ((target_modules,) if isinstance(target_modules, str)
@@ -390,4 +396,4 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
       weights=base, adapters=12 * n_lora,
       optimizer=math.ceil(_OPTIMIZER_BYTES[optimizer] * n_lora),
       saved_activations=saved, layer_working_set=working,
-      logits=10 * tokens * cfg.vocab_size)
+      logits=12 * min(tokens, head_chunk or tokens) * cfg.vocab_size)

@@ -32,7 +32,7 @@ from jaxbnb._src.quant.weights import QuantizedArray
 
 __all__ = [
     "Embedding", "Linear", "RMSNorm", "Attention", "MLP", "DecoderLayer",
-    "LlamaModel", "LlamaForCausalLM",
+    "LlamaModel", "LlamaForCausalLM", "output_logits",
 ]
 
 _NEG = float(np.finfo(np.float32).min)
@@ -263,9 +263,16 @@ class LlamaModel(nnx.Module):
     self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
                         param_dtype=kw["param_dtype"])
 
-  def __call__(self, input_ids, positions=None, cache=None,
-               attention_mask=None):
-    """Returns the final hidden states `[B, T, H]` and the updated cache."""
+  def attention_inputs(self, input_ids, positions=None, cache=None,
+                       attention_mask=None) -> dict[str, Any]:
+    """What every decoder layer of a call shares, besides the hidden states.
+
+    Returns:
+      A dict: `positions` `[B, T]`, `masks` (one bool `[B, T, S]` mask of
+      the keys each query sees per layer, in layer order), `index` (the
+      cache slot of the first new token), `key_mask` `[B, S]` and
+      `new_mask` `[B, T]` (real tokens).
+    """
     cfg = self.config
     b, t = input_ids.shape
     new_mask = (jnp.ones((b, t), bool) if attention_mask is None
@@ -300,13 +307,25 @@ class LlamaModel(nnx.Module):
       for w in windows - {None}:
         masks[w] = allowed & (dist < w)
 
+    return dict(positions=positions, index=index, key_mask=key_mask,
+                new_mask=new_mask,
+                masks=[masks[cfg.layer_sliding_window(i)]
+                       for i in range(len(self.layers))])
+
+  def __call__(self, input_ids, positions=None, cache=None,
+               attention_mask=None):
+    """Returns the final hidden states `[B, T, H]` and the updated cache."""
+    cfg, t = self.config, input_ids.shape[1]
+    inputs = self.attention_inputs(input_ids, positions, cache,
+                                   attention_mask)
+    positions, index = inputs["positions"], inputs["index"]
+    key_mask, new_mask = inputs["key_mask"], inputs["new_mask"]
     x = self.embed_tokens(input_ids)
     cos, sin = rope.rope_cos_sin(cfg, positions, x.dtype)
     ck, cv = (None, None) if cache is None else (cache.k, cache.v)
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (ck, cv, i)
-      x, (k, v) = layer(x, cos, sin, masks[cfg.layer_sliding_window(i)], kv,
-                        index)
+      x, (k, v) = layer(x, cos, sin, inputs["masks"][i], kv, index)
       if cache is not None:
         ck, cv = k, v
     x = self.norm(x)
@@ -317,6 +336,17 @@ class LlamaModel(nnx.Module):
     cache = KVCache(k=ck, v=cv, mask=key_mask,
                     index=index + t, positions=next_pos.astype(jnp.int32))
     return x, cache
+
+
+def output_logits(lm_head: nnx.Module | None, embed_tokens: nnx.Module,
+                  hidden: jax.Array) -> jax.Array:
+  """float32 logits of final hidden states: `lm_head`, or the tied
+  embedding when it is None."""
+  if lm_head is None:
+    return embed_tokens.attend(hidden)
+  if isinstance(lm_head, Linear):
+    return lm_head(hidden, float32_out=True)
+  return lm_head(hidden).astype(jnp.float32)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -426,11 +456,7 @@ class LlamaForCausalLM(nnx.Module):
       float32 logits `[..., vocab]` (the tied embedding when
       `tie_word_embeddings`).
     """
-    if self.lm_head is None:
-      return self.model.embed_tokens.attend(hidden)
-    if isinstance(self.lm_head, Linear):
-      return self.lm_head(hidden, float32_out=True)
-    return self.lm_head(hidden).astype(jnp.float32)
+    return output_logits(self.lm_head, self.model.embed_tokens, hidden)
 
   def named_linears(self) -> Iterator[tuple[str, nnx.Module]]:
     """Yields `(hf_module_path, linear)` for every float or quantized linear."""

@@ -29,6 +29,12 @@ exactly nothing to a float32 sum, so the result equals the gathered one up
 to the order in which the float32 accumulator adds the outlier products.
 The masked product costs a full 16-bit matmul; it is skipped (`lax.cond`)
 when a batch has no outlier column.
+
+With a frozen weight and at most 16 rows (decoding), the Pallas kernel
+`pallas_kernels.int8_matmul` serves the forward where the kernel mode
+(`dispatch.resolve()`) allows: it reads the int8 weight once for the int32
+product and the outlier stream, with the same result (bit-exact without
+outliers; with outliers up to the float32 summation order).
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import int8_matmul as int8_kernel
+
+from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import reference
 from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.weights import Int8Params
@@ -164,13 +173,45 @@ def _zero_int8(cb):
 # frozen int8 weight -------------------------------------------------------
 
 
+def _kernel_forward(x2d, cb, scb, bias, threshold):
+  """`_forward` through the Pallas decode kernel, or None if it does not serve.
+
+  Decode sizes only (M <= `int8_kernel.MAX_M`); larger M is XLA's int8 dot
+  (`_forward`), not a missing kernel. The activations are quantized here
+  exactly as in `_forward`; the kernel reads the int8 weight once for both
+  the int32 product and the outlier stream.
+  """
+  mode = dispatch.resolve()
+  m, k = x2d.shape
+  n = cb.shape[0]
+  if mode == "reference" or not 1 <= m <= int8_kernel.MAX_M:
+    return None
+  if not int8_kernel.can_use(m, n, k, x2d.dtype):
+    dispatch.no_kernel(f"the LLM.int8 matmul of [{m}, {k}] x [{n}, {k}] "
+                       f"({jnp.dtype(x2d.dtype).name})")
+    return None
+  ca, sca, mask = reference.int8_vectorwise_quant(
+      x2d.astype(jnp.float16), threshold)
+  x_out = None
+  if mask is not None:
+    x_out = jnp.where(mask[None, :], x2d, jnp.zeros((), x2d.dtype))
+  return int8_kernel.int8_matmul(
+      ca, sca, cb, scb, dtype=jnp.dtype(x2d.dtype), bias=bias,
+      x_outlier=x_out, outlier_cols=mask, interpret=mode == "interpret")
+
+
+def _forward_frozen(x2d, cb, scb, bias, threshold):
+  y = _kernel_forward(x2d, cb, scb, bias, threshold)
+  return _forward(x2d, cb, scb, bias, threshold) if y is None else y
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _matmul_frozen(x2d, cb, scb, bias, threshold):
-  return _forward(x2d, cb, scb, bias, threshold)
+  return _forward_frozen(x2d, cb, scb, bias, threshold)
 
 
 def _matmul_frozen_fwd(x2d, cb, scb, bias, threshold):
-  return _forward(x2d, cb, scb, bias, threshold), (cb, scb, bias)
+  return _forward_frozen(x2d, cb, scb, bias, threshold), (cb, scb, bias)
 
 
 def _matmul_frozen_bwd(threshold, res, g):

@@ -7,7 +7,8 @@ One implementation per process (so the peak memory is its own):
 
 The model is random-initialized with real shapes (Llama-3-8B by default):
 speed and memory do not depend on the values. The step is
-`jaxbnb.train.train_step` as `jaxbnb finetune` runs it: LoRA r 16, alpha 32,
+`jaxbnb.train.layerwise_train_step` (or, with `--step jit`,
+`train.train_step` as one program) as `jaxbnb finetune` runs it: LoRA r 16, alpha 32,
 dropout 0.05 on the seven projections, bf16 compute with float32 adapters,
 gradient checkpointing per decoder layer, bitsandbytes' paged 8-bit AdamW
 over the adapters, clipping at norm 1. Tokens/s is `batch * seq` over the
@@ -74,9 +75,14 @@ def run_qlora(opts: argparse.Namespace) -> dict:
          "shape": shape, "batch": opts.batch, "seq": opts.seq,
          "lora_r": opts.lora_r, "lora_alpha": opts.lora_alpha,
          "remat": opts.remat, "optimizer": opts.optimizer,
+         "step": opts.step,
          "date": datetime.date.today().isoformat(),
          "python": platform.python_version(), "jax": jax.__version__,
          "device": jax.devices()[0].device_kind}
+  if opts.step == "layerwise" and not opts.remat:
+    raise ValueError("bench qlora: --step layerwise recomputes each layer "
+                     "(gradient checkpointing); use --step jit with "
+                     "--no-remat")
   t0 = time.perf_counter()
   cfg, model, optimizer = _build(opts, shape)
   jax.block_until_ready(nnx.state(model))
@@ -98,7 +104,10 @@ def run_qlora(opts: argparse.Namespace) -> dict:
   times, losses = [], []
   for step in range(opts.warmup + opts.steps):
     t = time.perf_counter()
-    out = train.train_step(model, optimizer, batch, remat=opts.remat)
+    if opts.step == "layerwise":
+      out = train.layerwise_train_step(model, optimizer, batch)
+    else:
+      out = train.train_step(model, optimizer, batch, remat=opts.remat)
     loss = float(out["loss"])  # waits for the step
     dt = time.perf_counter() - t
     losses.append(loss)
@@ -161,6 +170,11 @@ def add_parsers(sub) -> None:
   p.add_argument("--no-remat", dest="remat", action="store_false",
                  help="keep every layer's activations (no gradient "
                  "checkpointing)")
+  p.add_argument("--step", choices=("layerwise", "jit"),
+                 default="layerwise",
+                 help="layerwise: `train.layerwise_train_step` (one compiled "
+                 "program per layer kind, what `finetune` runs with remat); "
+                 "jit: `train.train_step`, the whole step one program")
   p.add_argument("--warmup", type=argtypes.number(int, 0), default=3)
   p.add_argument("--steps", type=argtypes.number(int, 1), default=10)
   p.add_argument("--json", help="write the JSON document here")

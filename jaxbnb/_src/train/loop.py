@@ -49,6 +49,8 @@ from jaxbnb._src.train.data import TokenizedData
 from jaxbnb._src.train.data import batch_arrays
 from jaxbnb._src.train.data import batch_indices
 from jaxbnb._src.train.data import prepare_data
+from jaxbnb._src.train.layerwise import layerwise_train_step
+from jaxbnb._src.train.layerwise import supports_layerwise
 from jaxbnb._src.train.step import commit_to_device
 from jaxbnb._src.train.step import evaluate
 from jaxbnb._src.train.step import learning_rate_schedule
@@ -464,6 +466,9 @@ def _run(model, optimizer, train, held_out, config, out, lora_dict,
   try:
     if held_out is not None and start_step == 0:
       run_eval(0)
+    # With remat, one compiled program per layer kind instead of one per
+    # layer (the same numbers; see train/layerwise.py).
+    layerwise = config.remat and supports_layerwise(model)
     elapsed = 0.0
     warm_time, warm_tokens = 0.0, 0  # after this call's first (compiling) step
     for step in range(start_step + 1, config.steps + 1):
@@ -471,7 +476,10 @@ def _run(model, optimizer, train, held_out, config, out, lora_dict,
       arrays = batch_arrays(train, index, shape)
       batch = {k: jnp.asarray(v) for k, v in arrays.items()}
       t0 = time.perf_counter()
-      out_step = train_step(model, optimizer, batch, remat=config.remat)
+      if layerwise:
+        out_step = layerwise_train_step(model, optimizer, batch)
+      else:
+        out_step = train_step(model, optimizer, batch, remat=config.remat)
       loss = float(out_step["loss"])
       dt = time.perf_counter() - t0
       position += per_step

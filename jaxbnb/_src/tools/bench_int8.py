@@ -1,0 +1,285 @@
+"""`jaxbnb bench int8`: the LLM.int8 matmul at decode and prefill sizes.
+
+For a weight `[N, K]` (default 14336 x 4096, a Llama-3-8B MLP projection)
+and M rows of bf16 activations, times
+
+* `jaxbnb`: `matmul_8bit` in the current kernel mode (auto: the Pallas
+  decode kernel for M <= 16 on an NVIDIA GPU, XLA's int8 dot otherwise),
+  including the activation quantization;
+* `jaxbnb-ref`: the same in kernel mode "reference" (XLA only);
+* `kernel`: the Pallas kernel alone on pre-quantized activations (M <= 16,
+  only where the kernels run);
+* `xla-bf16`: `x @ W.T` with a bf16 weight;
+* `xla-int8`: XLA's `s8 x s8 -> s32` dot alone (no quantization, no
+  epilogue);
+* `floor`: the int8 weight's bytes over the measured copy bandwidth;
+
+at threshold 0 and at threshold 6 with `--outliers` planted outlier columns
+(|x| = 8 in every other row; the other activations are clipped to 5.5).
+`--sweep` also times the kernel alone over 48 tile configurations at
+M <= 16 and threshold 6 (`sweep_configs`). Timing follows `bench matmul` (`measure.time_jax`: a jitted loop
+over rotating weights that together exceed the L2). The results go to a
+JSON file (`--out`) and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import time
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+import jaxbnb
+from jaxbnb import functional as F
+from jaxbnb._src.quant import dispatch
+from jaxbnb._src.quant import reference
+from jaxbnb._src.tools import argtypes
+from jaxbnb._src.tools import bench_matmul
+from jaxbnb._src.tools import measure
+from jaxbnb._src.tools import report
+from pallas_kernels import int8_matmul as int8_kernel
+
+__all__ = ["COLUMNS", "add_parsers", "planted_x", "run_int8", "sweep_configs",
+           "table"]
+
+COLUMNS = ("jaxbnb", "jaxbnb-ref", "kernel", "xla-bf16", "xla-int8")
+DEFAULT_M = (1, 16, 256, 4096)
+THRESHOLD = 6.0
+_CONTRACT = (((1,), (1,)), ((), ()))
+
+
+def sweep_configs() -> list[tuple]:
+  """Kernel configurations `--sweep` times: (block_n, block_k, split_k,
+  num_warps, num_stages); 48 of them."""
+  return list(itertools.product((16, 32, 64, 128), (256, 512, 1024), (1, 2),
+                                (4,), (3, 4)))
+
+
+def planted_x(key, m: int, k: int, n_outliers: int) -> jax.Array:
+  """bf16 `[m, k]` activations, |x| <= 5.5 except `n_outliers` columns.
+
+  The outlier columns are spread over K; every other row holds +-8 there.
+  """
+  x = jnp.clip(measure.random_bf16(key, (m, k)), -5.5, 5.5)
+  if n_outliers:
+    cols = jnp.linspace(0, k - 1, n_outliers + 2).astype(jnp.int32)[1:-1]
+    sign = jnp.where(jnp.arange(n_outliers) % 2 == 0, 8.0, -8.0)
+    x = x.at[0::2, cols].set(sign.astype(x.dtype))
+  return x
+
+
+def _time(opts, fn, slots, floor_s, mode=None) -> dict:
+  inner = measure.n_inner(opts.target_ms * 1e-3, len(slots) * floor_s)
+  with jaxbnb.kernel_mode(mode or jaxbnb.get_kernel_mode()):
+    samples = measure.time_jax(fn, slots, inner, opts.reps, opts.warmup)
+  return measure.summarize(samples, n_rot=len(slots), n_inner=inner,
+                           method="jax.jit fori_loop")
+
+
+def _kernel_fn(threshold, config, interpret):
+  """The kernel alone on the quantized inputs `_kernel_args` makes."""
+  def fn(ca, sca, x_out, mask, weight):
+    return int8_kernel.int8_matmul(
+        ca, sca, weight.CB, weight.SCB, dtype=jnp.bfloat16,
+        x_outlier=x_out if threshold > 0 else None,
+        outlier_cols=mask if threshold > 0 else None, config=config,
+        interpret=interpret)
+  return fn
+
+
+def _kernel_args(x, threshold):
+  ca, sca, mask = reference.int8_vectorwise_quant(
+      x.astype(jnp.float16), threshold)
+  if mask is None:
+    mask = jnp.zeros((x.shape[1],), jnp.bool_)
+  x_out = jnp.where(mask[None, :], x, jnp.zeros((), x.dtype))
+  return ca, sca, x_out, mask
+
+
+def run_int8(opts: argparse.Namespace) -> dict:
+  """Runs `bench int8` with parsed options; returns the JSON document."""
+  quick = opts.quick
+  for name, value in {"reps": 3 if quick else 30, "warmup": 1 if quick else 2,
+                      "target_ms": 0.0 if quick else 5.0,
+                      "rotate_mb": 0.0 if quick else 200.0}.items():
+    if getattr(opts, name) is None:
+      setattr(opts, name, value)
+  n = opts.n or (256 if quick else 14336)
+  k = opts.k or (512 if quick else 4096)
+  ms = opts.m or ([1, 16] if quick else list(DEFAULT_M))
+  copy_bw = measure.copy_bandwidth(quick=quick, reps=opts.reps,
+                                   warmup=opts.warmup)
+  report.log(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+  mode = dispatch.resolve()
+  kernels = mode != "reference"
+  budget = opts.rotate_mb * 1e6
+  rot8 = bench_matmul.n_rotations(n * k, budget, 2, opts.max_rot)
+  rot16 = bench_matmul.n_rotations(2 * n * k, budget, 2, opts.max_rot)
+  with jaxbnb.kernel_mode("reference"):
+    quant = jax.jit(F.quantize_int8_weight)
+    w8 = [quant(measure.random_bf16(jax.random.key(100 + i), (n, k),
+                                    k ** -0.5)) for i in range(rot8)]
+  w16 = [measure.random_bf16(jax.random.key(200 + i), (n, k), k ** -0.5)
+         for i in range(rot16)]
+  floor_s = n * k / copy_bw
+  dot16 = lambda a, w: lax.dot_general(a, w, _CONTRACT)
+  dot8 = lambda a, w: lax.dot_general(a, w.CB, _CONTRACT,
+                                      preferred_element_type=jnp.int32)
+  results, sweep = [], []
+  for m in ms:
+    x = planted_x(jax.random.key(m), m, k, opts.outliers)
+    shared, errors_shared = {}, {}
+    report.log(f"int8 [{n}x{k}] M={m} (rotating {rot8} int8 / {rot16} bf16 "
+               "weights)")
+    measure.record(shared, errors_shared, "xla-bf16", _time, opts, dot16,
+                   tuple((x, w) for w in w16), floor_s)
+    ca0 = reference.int8_vectorwise_quant(x.astype(jnp.float16), 0.0)[0]
+    measure.record(shared, errors_shared, "xla-int8", _time, opts, dot8,
+                   tuple((ca0, w) for w in w8), floor_s)
+    for threshold in (0.0, THRESHOLD):
+      t0 = time.perf_counter()
+      timings, errors = dict(shared), dict(errors_shared)
+      mm8 = functools.partial(_matmul_8bit, threshold=threshold)
+      slots = tuple((x, w) for w in w8)
+      measure.record(timings, errors, "jaxbnb", _time, opts, mm8, slots,
+                     floor_s)
+      if not opts.no_ref:
+        measure.record(timings, errors, "jaxbnb-ref", _time, opts, mm8,
+                       slots, floor_s, "reference")
+      use_kernel = kernels and int8_kernel.can_use(m, n, k, jnp.bfloat16)
+      if use_kernel:
+        kargs = _kernel_args(x, threshold)
+        kslots = tuple((*kargs, w) for w in w8)
+        interpret = mode == "interpret"
+        measure.record(timings, errors, "kernel", _time, opts,
+                       _kernel_fn(threshold, None, interpret), kslots,
+                       floor_s)
+        sweeping = opts.sweep and threshold > 0
+        for config in (sweep_configs() if sweeping else ()):
+          t, e = {}, {}
+          measure.record(t, e, "kernel", _time, opts,
+                         _kernel_fn(threshold, config, interpret), kslots,
+                         floor_s)
+          sweep.append({"m": m, "threshold": threshold,
+                        "config": list(config),
+                        "us": t.get("kernel", {}).get("median_us"),
+                        "error": e.get("kernel")})
+      n_out = 0
+      if threshold > 0:
+        mask = reference.int8_vectorwise_quant(x.astype(jnp.float16),
+                                               threshold)[2]
+        n_out = int(jnp.sum(mask))
+      us = {c: timings.get(c, {}).get("median_us") for c in COLUMNS}
+      j = us["jaxbnb"]
+      results.append({
+          "n": n, "k": k, "m": m, "threshold": threshold,
+          "outlier_cols": n_out, "weight_bytes": n * k,
+          "floor_us": floor_s * 1e6, "us": us,
+          "default_config": (list(int8_kernel.default_config(m, n, k))
+                             if m <= int8_kernel.MAX_M else None),
+          "pct_of_floor": 100 * floor_s * 1e6 / j if j else None,
+          "speedup_vs_bf16": us["xla-bf16"] / j if j and us["xla-bf16"]
+                             else None,
+          "timing": timings, "errors": errors})
+      report.log("  threshold " + f"{threshold:g}: " + ", ".join(
+          f"{c} {report.fmt(v)}" for c, v in us.items() if v)
+                 + f" us ({time.perf_counter() - t0:.1f} s)")
+  meta = {
+      "benchmark": "int8", "schema_version": 1, **report.environment(),
+      "kernel_mode": jaxbnb.get_kernel_mode(), "resolved_mode": mode,
+      "kernels_enabled": kernels, "copy_bandwidth_gbs": copy_bw / 1e9,
+      "n": n, "k": k, "dtype": "bfloat16", "threshold": THRESHOLD,
+      "planted_outliers": opts.outliers,
+      "args": json.loads(json.dumps(vars(opts), default=str)),
+  }
+  return {"meta": meta, "results": results, "sweep": sweep}
+
+
+def _matmul_8bit(x, w, *, threshold):
+  return F.matmul_8bit(x, w, threshold=threshold)
+
+
+def table(doc) -> tuple[list[str], list[list[str]]]:
+  """(headers, rows) of the results table."""
+  rows = []
+  for r in doc["results"]:
+    rows.append([f"{r['n']}x{r['k']}", r["m"], f"{r['threshold']:g}",
+                 r["outlier_cols"],
+                 *(report.fmt(r["us"][c]) for c in COLUMNS),
+                 report.fmt(r["floor_us"]),
+                 report.fmt(r["pct_of_floor"], "%"),
+                 report.fmt(r["speedup_vs_bf16"], "x")])
+  return (["shape NxK", "M", "threshold", "outlier cols", *COLUMNS, "floor",
+           "% of floor", "vs bf16"], rows)
+
+
+def _sweep_table(doc) -> tuple[list[str], list[list[str]]]:
+  rows = sorted(doc["sweep"], key=lambda s: (s["m"], s["threshold"],
+                                             s["us"] or float("inf")))
+  return (["M", "threshold", "block_n, block_k, split_k, warps, stages",
+           "kernel us"],
+          [[s["m"], f"{s['threshold']:g}", str(tuple(s["config"])),
+            report.fmt(s["us"]) if s["us"] else "failed"] for s in rows])
+
+
+def _run(opts) -> int:
+  doc = run_int8(opts)
+  m = doc["meta"]
+  print(f"**int8** on {m['device_kind']}, {m['date_utc']}: jax "
+        f"{m['jax_version']}, jaxbnb {m['jaxbnb_version']} (kernel mode "
+        f"{m['kernel_mode']} -> {m['resolved_mode']}); copy bandwidth "
+        f"{report.fmt(m['copy_bandwidth_gbs'])} GB/s; bf16 activations, "
+        f"{m['planted_outliers']} planted outlier columns at threshold "
+        f"{m['threshold']:g}. Times in us per op (median).")
+  print()
+  print("\n".join(report.markdown_table(*table(doc))))
+  if doc["sweep"]:
+    print()
+    print("\n".join(report.markdown_table(*_sweep_table(doc))))
+  report.write_json(doc, opts.out)
+  report.log(f"wrote {opts.out}")
+  return 0
+
+
+def add_parsers(sub) -> None:
+  """Adds `int8` to the `jaxbnb bench` subcommands.
+
+  Args:
+    sub: the subparsers action of `jaxbnb bench`.
+  """
+  p = sub.add_parser("int8", help="LLM.int8 matmul_8bit vs XLA bf16 and "
+                     "int8 dots and the weight-bandwidth floor")
+  p.add_argument("--n", type=argtypes.number(int, 1),
+                 help="output features N (default 14336; --quick 256)")
+  p.add_argument("--k", type=argtypes.number(int, 1),
+                 help="input features K (default 4096; --quick 512)")
+  p.add_argument("--m", type=argtypes.from_parser(bench_matmul.parse_ints,
+                                                   "1,16,4096"),
+                 help=("rows of x, comma-separated (default "
+                       + ",".join(map(str, DEFAULT_M)) + "; --quick 1,16)"))
+  p.add_argument("--outliers", type=argtypes.number(int, 0), default=5,
+                 help="planted outlier columns at threshold 6 (default 5)")
+  p.add_argument("--sweep", action="store_true", help=(
+      "also time the kernel alone over 48 tile configurations (M <= 16, "
+      "threshold 6; about a minute per M on a GPU)"))
+  p.add_argument("--quick", action="store_true",
+                 help="tiny sizes, few repetitions (CPU smoke test)")
+  p.add_argument("--reps", type=argtypes.number(int, 1),
+                 help="timed repetitions (default 30; --quick 3)")
+  p.add_argument("--warmup", type=argtypes.number(int, 0),
+                 help="untimed runs after compiling (default 2; --quick 1)")
+  p.add_argument("--target-ms", type=argtypes.number(float, 0.0),
+                 help="device time per timed call (default 5; --quick 0)")
+  p.add_argument("--rotate-mb", type=argtypes.number(float, 0.0), help=(
+      "MB of distinct weights to rotate over (default 200; --quick 0)"))
+  p.add_argument("--max-rot", type=argtypes.number(int, 1), default=64,
+                 help="at most this many rotating copies (default 64)")
+  p.add_argument("--no-ref", action="store_true", help="skip jaxbnb-ref")
+  p.add_argument("--out", default="jaxbnb_bench_int8.json",
+                 help="JSON results file (default jaxbnb_bench_int8.json)")
+  p.set_defaults(func=_run)

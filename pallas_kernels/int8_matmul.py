@@ -1,0 +1,315 @@
+"""LLM.int8 forward for decoding (M <= 16): one pass over the int8 weight.
+
+`y = fp16(CA @ CB.T * row * SCB * 6.200012e-05 (+ bias))`, bitsandbytes'
+`Linear8bitLt` with a frozen int8 weight, plus, for `threshold > 0`, the
+outlier stream `x_out @ ((CB * SCB / 127).astype(dtype)).T` accumulated in
+float32 (`x_out` is `x` with the non-outlier columns zeroed).
+
+The caller quantizes the few activation rows (int8 `CA [M, K]`, float32 row
+statistics, the masked outlier activations and the outlier column mask);
+this kernel streams the weight. Each program owns `block_n` rows of `CB`
+and walks its share of K in `block_k` steps. Every `[block_n, block_k]`
+int8 tile is loaded once (evict-first) and feeds
+
+* the exact int32 product with `CA` (padded to 16 rows) on the tensor cores
+  (swap-AB: the weight rows are the MMA's M dimension), and
+* only for K tiles holding an outlier column (a per-tile flag, `lax.cond`),
+  bitsandbytes' dequantized weight `(CB.f32 * SCB) * (1/127)` rounded to the
+  activation dtype, multiplied with the masked activations and accumulated
+  in float32. With `threshold == 0` this code is not even traced.
+
+The epilogue (row and column scales, bitsandbytes' constant, the fp16
+rounding, the bias, the outlier sum and the final cast) runs in the kernel
+when `split_k == 1`; with `split_k > 1` the programs of one row tile split
+K, write int32 (and float32) partial sums and the same epilogue runs in XLA
+on their (exact, resp. deterministic) sum.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _backend
+from pallas_kernels._backend import pl
+from pallas_kernels._backend import pltriton
+
+__all__ = ["can_use", "default_config", "epilogue", "int8_matmul", "MAX_M"]
+
+MAX_M = 16
+_M_PAD = 16  # the tensor-core N dimension (dot dims >= 16)
+_MM_DEQUANT = np.float32(6.200012e-05)  # bitsandbytes' 1/127**2
+_INV_127 = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127
+_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+_DIMS = (((1,), (1,)), ((), ()))  # [a, K] x [b, K] -> [a, b]
+
+
+def can_use(m: int, n: int, k: int, dtype) -> bool:
+  """Whether the kernel serves `[m, k] @ [n, k].T` in `dtype`.
+
+  M up to 16 (decode); K below 2**17 keeps `127 * 128 * K` in int32.
+  """
+  return (_backend.available() and 1 <= m <= MAX_M and n >= 1
+          and 1 <= k < 2**17 and jnp.dtype(dtype) in _DTYPES)
+
+
+def _pow2_floor(v: int) -> int:
+  return 1 << (max(1, v).bit_length() - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
+  """(block_n, block_k, split_k, num_warps, num_stages).
+
+  Tiles of 32 weight rows and up to 512 bytes of K (16 KB per step); K is
+  split only when the row tiles alone give fewer than two programs per SM.
+  """
+  del m
+  block_n = 32
+  block_k = max(32, min(512, _pow2_floor(k)))
+  tiles = -(-n // block_n)
+  steps = -(-k // block_k)
+  split_k = 1
+  while tiles * split_k < 2 * num_sms and split_k * 4 <= steps:
+    split_k *= 2
+  return (block_n, block_k, split_k, 4, 4)
+
+
+def dequantized_weight(cb, scb, dtype):
+  """bitsandbytes' `(CB * SCB / 127).to(dtype)`: two fp32 products, a cast."""
+  w = cb.astype(jnp.float32) * scb
+  return (w * _INV_127).astype(dtype)
+
+
+def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add):
+  """bitsandbytes' int8 epilogue on int32 `acc` (+ the outlier sum).
+
+  `fp16(acc * row * scb * 6.200012e-05 (+ bias))`, a float16 bias added
+  before the one rounding to fp16 (bitsandbytes' fused case; here a separate
+  fp32 addition, never an FMA), any other bias added to the fp16 result and
+  rounded again, then cast to `dtype`; with `out_acc` (the float32 outlier
+  sum) `dtype(out_acc + float32(y))`. `row` and `scb` broadcast against
+  `acc`. `exact_add(a, b)` is the fp32 `a + b` that is never contracted.
+  """
+  out = acc.astype(jnp.float32) * row
+  out = out * scb
+  out = out * _MM_DEQUANT
+  if bias is not None and bias.dtype == jnp.float16:
+    out = exact_add(out, bias.astype(jnp.float32)).astype(jnp.float16)
+  else:
+    out = out.astype(jnp.float16)
+    if bias is not None:
+      out = (out.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
+          jnp.float16)
+  out = out.astype(dtype)
+  if out_acc is None:
+    return out
+  return (out_acc + out.astype(jnp.float32)).astype(dtype)
+
+
+def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
+            has_bias, dtype, interpret):
+  refs = list(refs)
+  ca_ref, row_ref, cb_ref, scb_ref = refs[:4]
+  refs = refs[4:]
+  if outliers:
+    xo_ref, flag_ref = refs[:2]
+    refs = refs[2:]
+  bias_ref = refs.pop(0) if has_bias else None
+  out_refs = refs
+
+  i = pl.program_id(0)
+  s = pl.program_id(1)
+  row0 = i * block_n
+  rows = row0 + jnp.arange(block_n, dtype=jnp.int32)
+  need_nmask = n % block_n != 0
+  need_kmask = k % block_k != 0 or split_k * steps * block_k > k
+  row_ok = rows < n
+  precision = (jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None)
+
+  def body(t, accs):
+    kt = s * steps + t
+    k0 = pl.multiple_of(kt * block_k, block_k)
+    cb_at = cb_ref.at[pl.ds(row0, block_n), pl.ds(k0, block_k)]
+    if need_nmask or need_kmask:
+      ok = jnp.ones((block_n, block_k), jnp.bool_)
+      if need_nmask:
+        ok = ok & row_ok[:, None]
+      if need_kmask:
+        cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
+        ok = ok & (cols < k)[None, :]
+      cb = pltriton.load(cb_at, mask=ok, other=0,
+                         eviction_policy="evict_first")
+    else:
+      cb = pltriton.load(cb_at, eviction_policy="evict_first")
+    # CA and the outlier activations are padded to whole tiles (zeros).
+    ca = ca_ref[:, pl.ds(k0, block_k)]
+    acc = accs[0] + jax.lax.dot_general(cb, ca, _DIMS,
+                                        preferred_element_type=jnp.int32)
+    if not outliers:
+      return (acc,)
+
+    def add_outliers(acc_out):
+      xo = xo_ref[:, pl.ds(k0, block_k)]
+      w = dequantized_weight(cb, scb[:, None], dtype)
+      return acc_out + jax.lax.dot_general(
+          w, xo, _DIMS, precision=precision,
+          preferred_element_type=jnp.float32)
+
+    acc_out = jax.lax.cond(flag_ref[kt] != 0, add_outliers, lambda a: a,
+                           accs[1])
+    return acc, acc_out
+
+  if need_nmask:
+    scb = pltriton.load(scb_ref.at[pl.ds(row0, block_n)], mask=row_ok,
+                        other=0)
+  else:
+    scb = scb_ref[pl.ds(row0, block_n)]
+  init = (jnp.zeros((block_n, _M_PAD), jnp.int32),)
+  if outliers:
+    init += (jnp.zeros((block_n, _M_PAD), jnp.float32),)
+  accs = jax.lax.fori_loop(0, steps, body, init)
+
+  lanes = jnp.arange(_M_PAD, dtype=jnp.int32)
+  cols = lanes[None, :]
+  if split_k > 1:
+    # Partial sums [split_k, m, n]; the caller sums them and runs the
+    # epilogue. Rows are picked out of the [block_n, 16] tile exactly.
+    for r in range(m):
+      for acc, out_ref in zip(accs, out_refs):
+        v = jnp.sum(jnp.where(cols == r, acc, jnp.zeros_like(acc)), axis=1)
+        at = out_ref.at[s, jnp.int32(r), pl.ds(row0, block_n)]
+        if need_nmask:
+          pltriton.store(at, v, mask=row_ok)
+        else:
+          pltriton.store(at, v)
+    return
+
+  row_all = row_ref[...]  # [16] float32, zero-padded
+  bias = None
+  if has_bias:
+    if need_nmask:
+      bias = pltriton.load(bias_ref.at[pl.ds(row0, block_n)], mask=row_ok,
+                           other=0)
+    else:
+      bias = bias_ref[pl.ds(row0, block_n)]
+  exact_add = functools.partial(_exact_add, interpret=interpret)
+  out_ref = out_refs[0]
+  for r in range(m):
+    sel = cols == r
+    a = jnp.sum(jnp.where(sel, accs[0], jnp.zeros_like(accs[0])), axis=1)
+    rs = jnp.sum(jnp.where(lanes == r, row_all, jnp.zeros_like(row_all)))
+    o = None
+    if outliers:
+      o = jnp.sum(jnp.where(sel, accs[1], jnp.zeros_like(accs[1])), axis=1)
+    y = epilogue(a, rs, scb, bias, o, dtype, exact_add)
+    at = out_ref.at[jnp.int32(r), pl.ds(row0, block_n)]
+    if need_nmask:
+      pltriton.store(at, y, mask=row_ok)
+    else:
+      pltriton.store(at, y)
+
+
+def _exact_add(a, b, interpret):
+  return _backend.add_rn(a, b, interpret)
+
+
+def _xla_exact_add(a, b):
+  return jax.lax.optimization_barrier(a) + b
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "config", "interpret"))
+def int8_matmul(
+    ca: jax.Array,
+    row_stats: jax.Array,
+    cb: jax.Array,
+    scb: jax.Array,
+    *,
+    dtype,
+    bias: jax.Array | None = None,
+    x_outlier: jax.Array | None = None,
+    outlier_cols: jax.Array | None = None,
+    config: tuple | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+  """bitsandbytes' LLM.int8 forward `[m, k] x [n, k] -> [m, n]` for m <= 16.
+
+  Args:
+    ca: int8 `[m, k]`, the row-wise quantized activations (outlier columns
+      zeroed).
+    row_stats: float32 `[m]`, their row absmax.
+    cb: int8 `[n, k]`, the weight (read once, never copied).
+    scb: float32 `[n]`, the weight's row absmax.
+    dtype: the activation dtype: the output dtype and that of the outlier
+      stream (float32, float16 or bfloat16).
+    bias: optional `[n]`; a float16 bias is added before the fp16 rounding,
+      any other after it (bitsandbytes).
+    x_outlier: optional `[m, k]` activations in `dtype`, zero outside the
+      outlier columns; with it the outlier stream is added.
+    outlier_cols: bool `[k]`, the outlier column mask (with `x_outlier`);
+      K tiles without an outlier column skip the outlier work.
+    config: (block_n, block_k, split_k, num_warps, num_stages); default
+      from `default_config`. `block_n`, `block_k` powers of two >= 16, 32.
+    interpret: run in Pallas interpret mode (CPU tests).
+
+  Returns:
+    `[m, n]` in `dtype`.
+  """
+  m, k = ca.shape
+  n = cb.shape[0]
+  dtype = jnp.dtype(dtype)
+  if config is None:
+    config = default_config(m, n, k)
+  block_n, block_k, split_k, num_warps, num_stages = config
+  nkt = -(-k // block_k)
+  steps = -(-nkt // split_k)
+  kp = split_k * steps * block_k  # K of the padded activations
+  outliers = x_outlier is not None
+
+  ca_p = jnp.pad(ca, ((0, _M_PAD - m), (0, kp - k)))
+  row_p = jnp.pad(row_stats.astype(jnp.float32), (0, _M_PAD - m))
+  args = [ca_p, row_p, cb, scb.astype(jnp.float32)]
+  if outliers:
+    xo = jnp.pad(x_outlier.astype(dtype), ((0, _M_PAD - m), (0, kp - k)))
+    if outlier_cols is None:
+      outlier_cols = jnp.any(x_outlier != 0, axis=0)
+    flags = jnp.pad(outlier_cols, (0, kp - k)).reshape(-1, block_k)
+    args += [xo, jnp.any(flags, axis=1).astype(jnp.int32)]
+  has_bias = bias is not None and split_k == 1
+  if has_bias:
+    args.append(bias)
+  args = _backend.same_vma(*args)
+  if split_k == 1:
+    out_shape = [_backend.out_struct((m, n), dtype, *args)]
+  else:
+    out_shape = [_backend.out_struct((split_k, m, n), jnp.int32, *args)]
+    if outliers:
+      out_shape.append(
+          _backend.out_struct((split_k, m, n), jnp.float32, *args))
+  kernel = functools.partial(
+      _kernel, m=m, n=n, k=k, block_n=block_n, block_k=block_k, steps=steps,
+      split_k=split_k, outliers=outliers, has_bias=has_bias, dtype=dtype,
+      interpret=interpret)
+  outs = pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid=(pl.cdiv(n, block_n), split_k),
+      compiler_params=_backend.compiler_params(num_warps=num_warps,
+                                               num_stages=num_stages),
+      interpret=interpret,
+      name="jaxbnb_int8_matmul",
+      cost_estimate=pl.CostEstimate(
+          flops=2 * m * n * k * (2 if outliers else 1), transcendentals=0,
+          bytes_accessed=n * k + 4 * n + m * k * (1 + dtype.itemsize)
+          + m * n * dtype.itemsize),
+  )(*args)
+  if split_k == 1:
+    return outs[0]
+  acc = jnp.sum(outs[0], axis=0)
+  out_acc = jnp.sum(outs[1], axis=0) if outliers else None
+  return epilogue(acc, row_stats.astype(jnp.float32)[:, None],
+                  scb.astype(jnp.float32)[None, :], bias, out_acc, dtype,
+                  _xla_exact_add)

@@ -1,0 +1,117 @@
+"""The layer-by-layer training step equals the one-program remat step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxbnb import models
+from jaxbnb import train
+from jaxbnb._src.train import layerwise
+from jaxbnb.lora import LoRAConfig
+from tests.train import common
+
+SGD = optax.sgd(1.0)  # a step moves each adapter by minus its gradient
+
+
+def _chat_like(a):
+  """`[a, 2, 16]` batches with uneven target counts (padding, prompts)."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, 99, (a, 2, 16))
+  length = np.array([16, 7, 12, 9][:2 * a]).reshape(a, 2, 1)
+  first = np.array([1, 5, 2, 4][:2 * a]).reshape(a, 2, 1)
+  pos = np.arange(16)
+  return {"input_ids": jnp.asarray(ids, jnp.int32),
+          "attention_mask": jnp.asarray(pos < length),
+          "loss_mask": jnp.asarray((pos < length) & (pos >= first))}
+
+
+def _run(step, lora, batch, steps=2, **model_kw):
+  model = common.lora_model(lora=lora, **model_kw)
+  model.train()  # dropout on: both steps must draw the same masks
+  opt = nnx.Optimizer(model, SGD, wrt=nnx.LoRAParam)
+  outs = []
+  for _ in range(steps):
+    before = common.lora_arrays(model)
+    out = step(model, opt, batch)
+    grads = [b - a for a, b in zip(common.lora_arrays(model), before)]
+    outs.append((out, grads))
+  return outs
+
+
+@pytest.mark.parametrize("quant, dropout, accum, chunk", [
+    (None, 0.0, 1, 1024),
+    (models.QuantizationConfig.nf4(compute_dtype="float32"), 0.3, 2, 5),
+])
+def test_layerwise_step_equals_remat_train_step(quant, dropout, accum, chunk):
+  lora = LoRAConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                    target_modules="all-linear", init_lora_weights=False)
+  batch = _chat_like(accum)
+  want = _run(lambda m, o, b: train.train_step(m, o, b, remat=True), lora,
+              batch, quantization=quant)
+  got = _run(lambda m, o, b: train.layerwise_train_step(m, o, b,
+                                                        chunk=chunk),
+             lora, batch, quantization=quant)
+  # float32 throughout; the two differ only in summation order (the loss
+  # per chunk, the gradients per layer): a few float32 ulps of sums over
+  # 2 x 16 tokens and 32..64 features; 1e-5 relative is ~100 ulp (measured
+  # 5e-7 of the largest gradient). The second step starts from adapters
+  # that moved by a whole gradient (SGD, rate 1), which magnifies those
+  # ulps: train_step with and without remat differ by 3.3e-5 of the
+  # largest gradient there, so 2e-4. A missing chunk, a wrong mask or
+  # another dropout draw moves the loss and gradients by percents.
+  for k, ((out_g, g_g), (out_w, g_w)) in enumerate(zip(got, want)):
+    tol = 1e-5 if k == 0 else 2e-4
+    assert int(out_g["targets"]) == int(out_w["targets"])
+    np.testing.assert_allclose(float(out_g["loss"]), float(out_w["loss"]),
+                               rtol=tol)
+    np.testing.assert_allclose(float(out_g["grad_norm"]),
+                               float(out_w["grad_norm"]), rtol=tol)
+    scale = max(float(np.abs(g).max()) for g in g_w)
+    for x, y in zip(g_g, g_w):
+      np.testing.assert_allclose(x, y, rtol=tol, atol=tol * scale)
+
+
+def test_layerwise_step_tied_head_and_one_program_per_layer(monkeypatch):
+  cfg = models.LlamaConfig(vocab_size=64, hidden_size=32,
+                           intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2,
+                           tie_word_embeddings=True)
+  from jaxbnb import lora as lora_lib
+  make = lambda: lora_lib.apply_lora(
+      models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)),
+      LoRAConfig(r=2, target_modules=("q_proj", "down_proj"),
+                 init_lora_weights=False), rngs=nnx.Rngs(1))
+  batch = _chat_like(1)
+  batch = {k: v % 64 if k == "input_ids" else v for k, v in batch.items()}
+  traces = []
+  real = layerwise._layer_forward.__wrapped__
+
+  def counting(*args):
+    traces.append(1)
+    return real(*args)
+  monkeypatch.setattr(layerwise, "_layer_forward",
+                      jax.jit(counting, static_argnums=0))
+  a, b = make(), make()
+  out_a = train.layerwise_train_step(
+      a, nnx.Optimizer(a, SGD, wrt=nnx.LoRAParam), batch)
+  out_b = train.train_step(b, nnx.Optimizer(b, SGD, wrt=nnx.LoRAParam),
+                           batch, remat=True)
+  assert len(traces) == 1  # three layers, one traced program
+  np.testing.assert_allclose(float(out_a["loss"]), float(out_b["loss"]),
+                             rtol=1e-5)
+  for x, y in zip(common.lora_arrays(a), common.lora_arrays(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_layerwise_refuses_adapters_outside_the_layers():
+  model = common.tiny_model()
+  with pytest.raises(ValueError, match="decoder layers"):
+    train.layerwise_train_step(model, None, _chat_like(1))
+  model = common.lora_model()
+  with pytest.raises(ValueError, match="`chunk`"):
+    train.layerwise_train_step(model, None, _chat_like(1), chunk=0)
+  assert train.supports_layerwise(model)
+  assert not train.supports_layerwise(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
