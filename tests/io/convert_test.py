@@ -439,12 +439,15 @@ def test_unknown_architecture(tmp_path):
     convert.from_pretrained(folder, progress=False)
 
 
-def test_int8_checkpoint_not_implemented(tmp_path):
+def test_int8_scb_beside_a_float_weight(tmp_path):
+  # LLM.int8 checkpoints load (tests/io/int8_checkpoint_test.py); an SCB
+  # beside a float weight is not one.
   def add(t):
     t["model.layers.0.mlp.up_proj.SCB"] = np.ones(256, np.float32)
 
   folder = _orig_with(tmp_path, add)
-  with pytest.raises(NotImplementedError, match="LLM.int8.*up_proj.SCB"):
+  with pytest.raises(ValueError, match="up_proj.weight has dtype bfloat16 "
+                     "beside an `SCB`"):
     convert.from_pretrained(folder, progress=False)
 
 

@@ -495,3 +495,22 @@ def test_gpu_forward_matches_the_transcription(dtype):
   y = jax.jit(F.matmul_8bit, static_argnames="threshold")(xj, qj, bj,
                                                           threshold=6.0)
   _assert_forward(np.asarray(y), x, q, bias, 6.0, "gpu")
+
+
+@pytest.mark.parametrize("n_out", [64, 65, 200])
+def test_many_outlier_columns(n_out):
+  """Up to 64 outlier columns are gathered, more go through the masked
+  product over all of K: both are bnb's sum (the bound of the numpy
+  transcription)."""
+  rng = np.random.default_rng(n_out)
+  k, n = 256, 24
+  x = rng.standard_normal((5, k)).astype(np.float32)
+  cols = rng.choice(k, n_out, replace=False)
+  x[1, cols] = 7.0 + rng.random(n_out)
+  x = jnp.asarray(x, jnp.bfloat16)
+  q = F.quantize_int8_weight(jnp.asarray(rng.standard_normal((n, k)),
+                                         jnp.float32))
+  y = F.matmul_8bit(x, q, threshold=6.0)
+  _assert_forward(y, np.asarray(x), q, None, 6.0, f"{n_out} outlier columns")
+  y0 = F.matmul_8bit(x, q, threshold=0.0)
+  assert not np.array_equal(np.asarray(y0), np.asarray(y))

@@ -430,3 +430,75 @@ def test_convert_passes_overwrite(monkeypatch, gguf_path, tmp_path, capsys):
   assert cli.main(["convert", gguf_path, out, "--quiet"]) == 0
   assert cli.main(["convert", gguf_path, out, "--quiet", "--overwrite"]) == 0
   assert calls == [False, True]
+
+
+# ---------------------------------------------------------------------------
+# LLM.int8: --quant int8 and --int8-threshold.
+
+def test_convert_int8_then_info_generate_eval(gguf_path, tmp_path, capsys):
+  out = str(tmp_path / "int8")
+  assert cli.main(["convert", gguf_path, out, "--quant", "int8",
+                   "--int8-threshold", "4", "--dtype", "float32",
+                   "--quiet"]) == 0
+  assert "(int8, threshold 4;" in capsys.readouterr().out
+  with open(os.path.join(out, "config.json")) as f:
+    qc = json.load(f)["quantization_config"]
+  assert (qc["load_in_8bit"], qc["load_in_4bit"], qc["llm_int8_threshold"],
+          qc["quant_method"]) == (True, False, 4.0, "bitsandbytes")
+  tensors = safetensors.numpy.load_file(os.path.join(out,
+                                                     "model.safetensors"))
+  w = "model.layers.0.mlp.up_proj."
+  assert tensors[w + "weight"].dtype.name == "int8"
+  assert tensors[w + "SCB"].dtype.name == "float32"
+  assert tensors[w + "weight_format"].shape == ()
+  assert cli.main(["info", out]) == 0
+  assert "bits=8" in capsys.readouterr().out
+  assert cli.main(["info", out, "--json"]) == 0
+  q = json.loads(capsys.readouterr().out)["quantization"]
+  assert (q["bits"], q["threshold"]) == (8, 4.0)
+  # The int8 checkpoint loads as stored (--quant none) or with --quant int8.
+  for extra in ([], ["--quant", "int8"]):
+    assert cli.main(["generate", out, "--prompt", "the", "--no-chat",
+                     "--max-new-tokens", "3", "--quiet", *extra]) == 0
+    assert "tok/s" in capsys.readouterr().err
+  text = tmp_path / "t.txt"
+  text.write_text("the other sat in the sun and the rain " * 4)
+  assert cli.main(["eval", out, "--text", str(text), "--window", "32",
+                   "--quiet"]) == 0
+  assert capsys.readouterr().out.startswith("perplexity ")
+  # Quantizing on load from the GGUF for eval directly.
+  assert cli.main(["eval", gguf_path, "--text", str(text), "--window", "32",
+                   "--quant", "int8", "--quiet"]) == 0
+  assert capsys.readouterr().out.startswith("perplexity ")
+  # A 4-bit request on the int8 checkpoint is a one-line error.
+  assert cli.main(["generate", out, "--prompt", "the", "--no-chat",
+                   "--quant", "nf4", "--quiet"]) == 2
+  line = _one_line(capsys, "jaxbnb generate: error: ")
+  assert "load_in_8bit" in line
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--quant", "int8", "--blocksize", "128"], "argument --blocksize: "
+     "applies to 4-bit"),
+    (["--quant", "int8", "--no-double-quant"], "argument --double-quant"),
+    (["--quant", "int8", "--compute-dtype", "float32"],
+     "argument --compute-dtype"),
+    (["--int8-threshold", "3"], "argument --int8-threshold: needs --quant "
+     "int8 (got --quant nf4)"),
+])
+def test_int8_option_errors(extra, needle, gguf_path, tmp_path, capsys):
+  out = str(tmp_path / "o")
+  assert cli.main(["convert", gguf_path, out, "--quiet", *extra]) == 2
+  line = _one_line(capsys, "jaxbnb convert: error: ")
+  assert needle in line
+  assert not os.path.exists(out)
+
+
+def test_int8_threshold_must_be_a_number_at_least_0(capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["convert", "/nope", "/tmp/x", "--quant", "int8",
+              "--int8-threshold", "-1"])
+  assert e.value.code == 2
+  line = _one_line(capsys, "jaxbnb convert: error: argument "
+                   "--int8-threshold: ")
+  assert "expected a number >= 0, got '-1'" in line

@@ -8,7 +8,8 @@ memory stays near the final model size plus one float tensor.
 
 `save_pretrained` writes the HF + bitsandbytes format (config.json with
 `quantization_config`, safetensors with `weight.absmax`,
-`weight.quant_state.bitsandbytes__nf4`, ...), which
+`weight.quant_state.bitsandbytes__nf4`, ... for 4-bit; int8 `weight`, `SCB`
+and `weight_format` for LLM.int8), which
 `transformers.AutoModelForCausalLM.from_pretrained` loads with bitsandbytes.
 
 Quantized weights go through their interface (`QuantizedArray`: `state_dict`,
@@ -67,6 +68,9 @@ _OWN_FILES = re.compile(
 _FIXED_FIELDS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
                  "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage",
                  "bnb_4bit_blocksize")
+# The same for an LLM.int8 checkpoint (its threshold may be overridden: it
+# only applies to the activations).
+_FIXED_FIELDS_INT8 = ("load_in_4bit", "load_in_8bit")
 
 
 # ----------------------------------------------------------------------------
@@ -163,27 +167,37 @@ def _detect_prequantized(src: CheckpointSource) -> _Prequant | None:
         f"{qc.get('quant_method')!r}; only bitsandbytes checkpoints (or float "
         "ones) can be loaded.")
   groups = _quantized_weights(names)
-  scb = [n for n in names if n.endswith(".SCB")]
-  if scb or (qc is not None and (qc.get("load_in_8bit") or
-                                 qc.get("_load_in_8bit"))):
-    raise NotImplementedError(
-        f"Checkpoint {src.path!r} is an LLM.int8 (8-bit bitsandbytes) "
-        f"checkpoint{' (e.g. tensor ' + repr(scb[0]) + ')' if scb else ''}: "
-        "LLM.int8 layers are not in jaxbnb yet. Load the float checkpoint "
-        "with quantization=QuantizationConfig.nf4() instead.")
-  in_config = qc is not None and bool(qc.get("load_in_4bit") or
-                                      qc.get("_load_in_4bit"))
-  if not groups and not in_config:
+  fmts = {fmt for fmt, _ in groups.values()}
+  if len(fmts) > 1:
+    int8 = next(w for w, (f, _) in groups.items()
+                if f == weights.Int8Params.format)
+    four = next(w for w, (f, _) in groups.items()
+                if f == weights.Params4bit.format)
+    raise ValueError(
+        f"Checkpoint {src.path!r} mixes LLM.int8 weights (e.g. {int8!r}) and "
+        f"4-bit weights (e.g. {four!r}); a model has one quantization.")
+  in_config_4 = qc is not None and bool(qc.get("load_in_4bit") or
+                                        qc.get("_load_in_4bit"))
+  in_config_8 = qc is not None and bool(qc.get("load_in_8bit") or
+                                        qc.get("_load_in_8bit"))
+  if weights.Int8Params.format in fmts or (in_config_8 and not groups):
+    return _detect_int8(src, qc if in_config_8 else None, groups,
+                        conflicting_4bit=in_config_4)
+  if not groups and not in_config_4:
     return None
   if not groups:
     raise ValueError(
         f"Checkpoint {src.path!r}: config.json says load_in_4bit but no "
         f"tensor has a '{_QS_MARK}nf4|fp4' entry; it is not a saved "
         "bitsandbytes 4-bit checkpoint.")
+  if in_config_8:
+    raise ValueError(
+        f"Checkpoint {src.path!r}: config.json says load_in_8bit but its "
+        "tensors are bitsandbytes 4-bit ones (quant_state entries).")
   wkey, (_, extra) = next(iter(groups.items()))
   first = _read_blob(src, next(n for n in extra if _QS_MARK in n))
   blocksize = int(first.get("blocksize", 64))
-  if in_config:
+  if in_config_4:
     config = QuantizationConfig.from_dict(qc)
   else:
     storage = np.dtype(src.dtype(wkey)).name
@@ -197,10 +211,66 @@ def _detect_prequantized(src: CheckpointSource) -> _Prequant | None:
   return _Prequant(config, groups)
 
 
+# bitsandbytes' `utils.LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING`.
+_WEIGHT_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
+
+
+def _detect_int8(src: CheckpointSource, qc: dict[str, Any] | None,
+                 groups: dict[str, tuple[str, list[str]]],
+                 conflicting_4bit: bool) -> _Prequant:
+  """An LLM.int8 checkpoint: int8 `weight` + `SCB` (+ `weight_format`).
+
+  Every `weight_format` (a uint8 scalar) is read and checked here, before
+  any weight: only 0 ("row") exists since bitsandbytes 0.45; the tiled
+  layouts older versions saved after a forward pass are refused.
+  """
+  if conflicting_4bit:
+    raise ValueError(
+        f"Checkpoint {src.path!r}: config.json says load_in_4bit but its "
+        "tensors are LLM.int8 ones (`SCB` entries).")
+  if not groups and qc is not None and qc.get("llm_int8_has_fp16_weight"):
+    # bitsandbytes writes no SCB for has_fp16_weights=True: float weights,
+    # quantized here on load (jaxbnb's int8 linears are frozen).
+    return _Prequant(QuantizationConfig.from_dict(qc), {})
+  if not groups:
+    raise ValueError(
+        f"Checkpoint {src.path!r}: config.json says load_in_8bit but no "
+        "tensor has an `SCB` entry; it is not a saved bitsandbytes LLM.int8 "
+        "checkpoint.")
+  present = set(src.names())
+  for wkey, (_, extra) in groups.items():
+    if wkey not in present:
+      raise ValueError(
+          f"Checkpoint {src.path!r} has {extra[0]!r} but no {wkey!r}.")
+    if np.dtype(src.dtype(wkey)) != np.int8:
+      raise ValueError(
+          f"{src.path!r}: tensor {src.describe(wkey)} has dtype "
+          f"{np.dtype(src.dtype(wkey)).name} beside an `SCB` entry; an "
+          "LLM.int8 weight is int8.")
+    for n in extra:
+      if not n.endswith(".weight_format"):
+        continue
+      raw = np.asarray(src.load(n))
+      value = int(raw.reshape(-1)[0]) if raw.size == 1 else None
+      if value != 0:
+        shown = (f"{value} ({_WEIGHT_FORMATS[value]!r})"
+                 if value in _WEIGHT_FORMATS else repr(raw.tolist()))
+        raise ValueError(
+            f"{src.path!r}: tensor {src.describe(n)} is weight_format "
+            f"{shown}; only 0 ('row') is supported. Tiled int8 layouts "
+            "come from bitsandbytes <= 0.44 saving after a forward pass; "
+            "re-save the model with bitsandbytes >= 0.45 (or load the float "
+            "checkpoint with load_in_8bit).")
+  config = (QuantizationConfig.from_dict(qc) if qc is not None
+            else QuantizationConfig(load_in_8bit=True))
+  return _Prequant(config, groups)
+
+
 def _check_conflict(passed: QuantizationConfig, ckpt: QuantizationConfig,
                     path: str) -> None:
+  fixed = _FIXED_FIELDS_INT8 if ckpt.load_in_8bit else _FIXED_FIELDS
   diffs = [f"{f}: passed {getattr(passed, f)!r}, checkpoint "
-           f"{getattr(ckpt, f)!r}" for f in _FIXED_FIELDS
+           f"{getattr(ckpt, f)!r}" for f in fixed
            if getattr(passed, f) != getattr(ckpt, f)]
   if passed.skip_modules != ckpt.skip_modules:
     diffs.append(f"llm_int8_skip_modules: passed {list(passed.skip_modules)}"
@@ -223,6 +293,8 @@ def _checkpoint_dtype(src: CheckpointSource) -> jnp.dtype:
       if jnp.issubdtype(dt, jnp.floating):
         return dt
   for n in src.names():
+    if n.endswith(_AUX_SUFFIXES + _INT8_SUFFIXES):  # float32 statistics
+      continue
     dt = np.dtype(src.dtype(n))
     if np.issubdtype(dt, np.floating) or dt.name == "bfloat16":
       return jnp.dtype(dt)
@@ -272,8 +344,9 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
   the device right away (`quantize_weight` of the `[out, in]` weight), so
   the float model is never held in memory. A bitsandbytes 4-bit checkpoint
   (`quantization_config` with `load_in_4bit`, or
-  `*.weight.quant_state.bitsandbytes__*` tensors) is loaded bit-exactly,
-  without re-quantization.
+  `*.weight.quant_state.bitsandbytes__*` tensors) or LLM.int8 checkpoint
+  (`load_in_8bit`, or int8 `*.weight` with `*.SCB` and `*.weight_format`
+  tensors) is loaded bit-exactly, without re-quantization.
 
   The model remembers `path`: `save_pretrained` and `save_checkpoint`
   refuse to write into (or around) the checkpoint it came from.
@@ -284,8 +357,11 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
     quantization: a `QuantizationConfig` (or HF `quantization_config` dict)
       to quantize a float checkpoint; None loads it in float. For a
       bitsandbytes checkpoint None means "as stored"; a config that differs
-      in quant type, double quant, storage, blocksize or skip modules is an
-      error (its compute dtype may differ and is used).
+      in bits, quant type, double quant, storage, blocksize or skip modules
+      is an error (its compute dtype, or LLM.int8 threshold, may differ and
+      is used). `QuantizationConfig(load_in_8bit=True)` quantizes to
+      LLM.int8 rows (`quantize_int8_weight`: the weight cast to float16,
+      row absmax), `lm_head` kept in float by default as in transformers.
     dtype: activation/compute dtype of the non-quantized layers; default
       `param_dtype`.
     param_dtype: dtype of the float (unquantized) weights; default the
@@ -301,8 +377,9 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
   Raises:
     FileNotFoundError: missing folder, config.json or weight file.
     ValueError: unsupported architecture, missing / unexpected tensors,
-      shape mismatches, truncated files, or a conflicting `quantization`.
-    NotImplementedError: for LLM.int8 (8-bit) checkpoints.
+      shape mismatches, truncated files, a conflicting `quantization`, or
+      an LLM.int8 checkpoint with a tiled `weight_format` (1, 2 or 3, from
+      bitsandbytes <= 0.44; the message names the tensor and the value).
 
   Examples:
     >>> from jaxbnb import convert, models
@@ -339,9 +416,13 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
     if kind == "prequantized":
       fmt, extra = groups[hf_name]
       state = {k: src.load(k) for k in (hf_name, *extra)}
+      kwargs = {}
+      if fmt == weights.Int8Params.format:
+        # bitsandbytes stores no original dtype for int8 rows: the model's.
+        kwargs["dtype"] = jnp.dtype(param_dtype).name
       try:
         value = weights.FORMATS[fmt].from_state_dict(
-            state, hf_name[:-len("weight")])
+            state, hf_name[:-len("weight")], **kwargs)
       except ValueError as e:
         raise ValueError(f"{src.path!r}: {src.describe(hf_name)}: {e}") from e
       del state
@@ -627,8 +708,10 @@ def checkpoint_info(path: str | os.PathLike | CheckpointSource
     its float elements), `num_tensors`, `tensors_by_dtype`,
     `bytes_by_dtype`, `total_bytes`, `shards` (file names), and
     `quantization`: None, or a dict with `method` ("bitsandbytes"),
-    `bits`, `quant_type`, `double_quant`, `blocksize`, `quant_storage`,
-    `compute_dtype`, `quantized_linears`.
+    `bits`, `quantized_linears` and, for 4 bits, `quant_type`,
+    `double_quant`, `blocksize`, `quant_storage`, `compute_dtype`; for 8
+    bits (LLM.int8), `threshold` (config.json's, else transformers'
+    default 6.0).
 
   Examples:
     >>> from jaxbnb import convert
@@ -677,7 +760,9 @@ def checkpoint_info(path: str | os.PathLike | CheckpointSource
     eight = bool(int8) or bool(qc and qc.get("load_in_8bit"))
     quant = {"method": "bitsandbytes", "bits": 8 if eight else 4,
              "quantized_linears": len(int8) if eight else len(blobs)}
-    if not eight:
+    if eight:
+      quant["threshold"] = float((qc or {}).get("llm_int8_threshold", 6.0))
+    else:
       fb = first_blob or {}
       storage = (np.dtype(src.dtype(next(iter(blobs)))).name if blobs
                  else (qc or {}).get("bnb_4bit_quant_storage"))

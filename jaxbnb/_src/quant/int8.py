@@ -131,6 +131,12 @@ def _dequantized(cb, scb, dtype):
   return reference.int8_vectorwise_dequant(cb, scb).astype(dtype)
 
 
+# Outlier columns up to this many go through a gathered [M, n] x [n, N]
+# product; more (activations with outliers everywhere) through a masked
+# product over all of K.
+_GATHERED_COLUMNS = 64
+
+
 def _forward(x2d, cb, scb, bias, threshold):
   """bnb's `MatMul8bitLt.forward` on `[M, K]`; returns `x2d.dtype`."""
   ca, sca, mask = reference.int8_vectorwise_quant(
@@ -139,16 +145,40 @@ def _forward(x2d, cb, scb, bias, threshold):
   if mask is None:
     return out
 
-  def add_outliers(out):
+  def finish(acc, out):
+    return (acc + out.astype(jnp.float32)).astype(x2d.dtype)
+
+  def all_columns(out):
     # bnb: out.addmm(A[:, cols], dequant(CB[:, cols]).to(A.dtype).T). The
     # other columns are zero here: same sum, static shapes.
     x_out = jnp.where(mask[None, :], x2d, jnp.zeros((), x2d.dtype))
     w = _dequantized(cb, scb, x2d.dtype)
     acc = jax.lax.dot_general(x_out, w, _CONTRACT_LAST, precision=_HIGHEST,
                               preferred_element_type=jnp.float32)
-    return (acc + out.astype(jnp.float32)).astype(x2d.dtype)
+    return finish(acc, out)
 
-  return jax.lax.cond(jnp.any(mask), add_outliers, lambda out: out, out)
+  cap = min(_GATHERED_COLUMNS, mask.shape[0])
+
+  def gathered(out):
+    # The same product on the (at most `cap`) outlier columns gathered:
+    # [M, cap] x [cap, N] instead of a 16-bit GEMM over all of K. Unused
+    # slots hold zeros.
+    cols = jnp.nonzero(mask, size=cap, fill_value=0)[0]
+    used = jnp.arange(cap) < jnp.sum(mask)
+    x_sub = jnp.where(used[None, :], x2d[:, cols], jnp.zeros((), x2d.dtype))
+    w_sub = _dequantized(cb[:, cols], scb, x2d.dtype)
+    # In float32: the same exact products of x.dtype values (a small
+    # product; XLA:CPU has no 16-bit x 16-bit -> float32 dot for it).
+    acc = jax.lax.dot_general(x_sub.astype(jnp.float32),
+                              w_sub.astype(jnp.float32), _CONTRACT_LAST,
+                              precision=_HIGHEST,
+                              preferred_element_type=jnp.float32)
+    return finish(acc, out)
+
+  count = jnp.sum(mask, dtype=jnp.int32)
+  return jax.lax.switch(jnp.where(count == 0, 0, jnp.where(count <= cap, 1,
+                                                           2)),
+                        [lambda out: out, gathered, all_columns], out)
 
 
 def _grad_input(g, cb, scb, dtype):
@@ -181,6 +211,15 @@ def _kernel_forward(x2d, cb, scb, bias, threshold):
   exactly as in `_forward`; the kernel reads the int8 weight once for both
   the int32 product and the outlier stream.
   """
+  if dispatch.get_kernel_mode() == "auto":
+    # Not by default. Measured on the H200 (docs/benchmarks.md, LLM.int8),
+    # 4096 -> 14336: without outliers XLA's int8 dot is faster (M = 1:
+    # 20.0 vs 25.2 us, M = 16: 23.8 vs 29.2 us); with threshold 6 the
+    # kernel is faster (53.9 vs 62.7 us) but, compiled, its output differs
+    # from bitsandbytes' by one bf16 ulp in about 10% of the elements
+    # (tests/kernels/int8_matmul_test.py, GPU cases). "pallas" and
+    # "interpret" still run it.
+    return None
   mode = dispatch.resolve()
   m, k = x2d.shape
   n = cb.shape[0]

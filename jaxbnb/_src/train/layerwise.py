@@ -166,11 +166,30 @@ def _micro_batch(model, layers, head, input_ids, attention_mask, loss_mask,
   return nll, count, grads
 
 
-@nnx.jit
-def _apply(model, optimizer, grads, denom):
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_state(graphdef, lora, opt_state, frozen, grads, denom):
+  model, optimizer = nnx.merge(graphdef, lora, opt_state, frozen)
   grads = jax.tree.map(lambda g: g / denom, grads)
   norm = optax.tree.norm(grads)
   optimizer.update(model, grads)
+  return (norm, nnx.state(model, nnx.LoRAParam),
+          nnx.state(optimizer, nnx.OptState))  # each node's own paths
+
+
+def _apply(model, optimizer, grads, denom):
+  """`optimizer.update(model, grads / denom)`; returns the gradient norm.
+
+  Only the adapters and the optimizer state go out of the compiled
+  program: returning the whole model (as `nnx.jit` does) would make XLA
+  write a copy of every frozen weight each step (measured: the peak grew
+  by the model's size, +15 GiB for a bf16 8B base).
+  """
+  graphdef, lora, opt_state, frozen = nnx.split(
+      (model, optimizer), nnx.LoRAParam, nnx.OptState, ...)
+  norm, lora, opt_state = _apply_state(graphdef, lora, opt_state, frozen,
+                                       grads, denom)
+  nnx.update(model, lora)
+  nnx.update(optimizer, opt_state)
   return norm
 
 
