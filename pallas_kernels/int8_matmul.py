@@ -37,7 +37,8 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
-__all__ = ["can_use", "default_config", "epilogue", "int8_matmul", "MAX_M"]
+__all__ = ["can_use", "default_config", "epilogue", "int8_matmul", "MAX_M",
+           "round_to_float16"]
 
 MAX_M = 16
 _M_PAD = 16  # the tensor-core N dimension (dot dims >= 16)
@@ -84,7 +85,22 @@ def dequantized_weight(cb, scb, dtype):
   return (w * _INV_127).astype(dtype)
 
 
-def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add):
+def round_to_float16(x):
+  """float32 -> float16 (ties to even) that XLA cannot skip: on the GPU, XLA
+  may turn `f32 -> f16 -> bf16` into `f32 -> bf16` (excess precision). The
+  same as `jaxbnb`'s `quant.reference.round_to_float16` (a test checks)."""
+  normal = jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
+  subnormal = jnp.round(x * np.float32(2.0**24)) * np.float32(2.0**-24)
+  return jnp.where(jnp.abs(x) < np.float32(2.0**-14), subnormal,
+                   normal).astype(jnp.float16)
+
+
+def _kernel_float16(x):
+  return x.astype(jnp.float16)  # Triton's conversion is never skipped
+
+
+def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add,
+             to_float16=_kernel_float16):
   """bitsandbytes' int8 epilogue on int32 `acc` (+ the outlier sum).
 
   `fp16(acc * row * scb * 6.200012e-05 (+ bias))`, a float16 bias added
@@ -98,12 +114,11 @@ def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add):
   out = out * scb
   out = out * _MM_DEQUANT
   if bias is not None and bias.dtype == jnp.float16:
-    out = exact_add(out, bias.astype(jnp.float32)).astype(jnp.float16)
+    out = to_float16(exact_add(out, bias.astype(jnp.float32)))
   else:
-    out = out.astype(jnp.float16)
+    out = to_float16(out)
     if bias is not None:
-      out = (out.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
-          jnp.float16)
+      out = to_float16(out.astype(jnp.float32) + bias.astype(jnp.float32))
   out = out.astype(dtype)
   if out_acc is None:
     return out
@@ -312,4 +327,4 @@ def int8_matmul(
   out_acc = jnp.sum(outs[1], axis=0) if outliers else None
   return epilogue(acc, row_stats.astype(jnp.float32)[:, None],
                   scb.astype(jnp.float32)[None, :], bias, out_acc, dtype,
-                  _xla_exact_add)
+                  _xla_exact_add, round_to_float16)

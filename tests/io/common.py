@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -62,8 +63,16 @@ def load(variant, **kw):
   return _MODELS[key]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, ids):
+  return nnx.merge(graphdef, state)(ids)[0]
+
+
 def logits(model, ids):
-  return np.asarray(model(jnp.asarray(ids))[0])
+  """Float32 logits, jitted (one compilation per model structure: eager
+  calls of a quantized model are slow on the CPU)."""
+  graphdef, state = nnx.split(model)
+  return np.asarray(_logits(graphdef, state, jnp.asarray(ids)))
 
 
 def model_tensors(model):

@@ -514,3 +514,26 @@ def test_many_outlier_columns(n_out):
   _assert_forward(y, np.asarray(x), q, None, 6.0, f"{n_out} outlier columns")
   y0 = F.matmul_8bit(x, q, threshold=0.0)
   assert not np.array_equal(np.asarray(y0), np.asarray(y))
+
+
+def test_round_to_float16_is_numpys_float16():
+  """The rounding that keeps bnb's float16 epilogue on the GPU (XLA may skip
+  an f32 -> f16 -> bf16 round trip) equals numpy's float16 cast: normals,
+  ties, subnormals (reduce_precision alone flushes them), overflow, signs."""
+  from jaxbnb._src.quant import reference
+  from pallas_kernels import int8_matmul as ik
+  rng = np.random.default_rng(0)
+  half = np.float32(2.0**-25)  # half of the smallest subnormal spacing
+  x = np.concatenate([
+      rng.standard_normal(4000).astype(np.float32) * 10.0 ** rng.integers(
+          -9, 5, 4000),
+      np.float32([0.0, -0.0, 65504, 65519.99, 65520, -70000, 6e-5, 6.1e-5,
+                  2.0**-14, 2.0**-14 - 2.0**-25, 3 * half, 5 * half,
+                  1 + 2.0**-11, 1 + 3 * 2.0**-11, -(1 + 2.0**-11)])])
+  with np.errstate(over="ignore"):  # 70000 -> -inf on purpose
+    want = x.astype(np.float16)
+  got = np.asarray(reference.round_to_float16(jnp.asarray(x))).astype(
+      np.float16)
+  np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+  got_k = np.asarray(ik.round_to_float16(jnp.asarray(x)))
+  np.testing.assert_array_equal(got_k.view(np.uint16), want.view(np.uint16))

@@ -121,8 +121,9 @@ def _scaled_mm(ca, cb, sca, scb, bias):
     return reference.int8_mm_dequant(acc, sca, scb, bias)
   out = reference.int8_mm_dequant(acc, sca, scb)
   if bias is not None:  # `out.add_(bias)` on the float16 buffer
-    out = (out.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
-        jnp.float16)
+    out = reference.round_to_float16(
+        out.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
+            jnp.float16)
   return out
 
 
