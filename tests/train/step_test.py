@@ -186,3 +186,18 @@ def test_learning_rate_schedule_and_config_errors():
       train.TrainConfig(**kw)
   assert train.make_optimizer(FAST) is train.make_optimizer(
       train.TrainConfig(**FAST.to_dict()))
+
+
+def test_train_step_does_not_copy_the_frozen_weights():
+  """The compiled step returns the adapters, optimizer state and RNG counts
+  only (an `nnx.jit` over the model returned, so copied, every frozen
+  weight each step)."""
+  model = common.lora_model()
+  opt = _optimizer(model, FAST)
+  batch = _batch(_chat_like(), np.arange(2), (1, 2))
+  parts = nnx.split((model, opt), step_lib._MUTABLE, ...)
+  compiled = step_lib._train_step.lower(*parts, batch, False).compile()
+  out = compiled.memory_analysis().output_size_in_bytes
+  nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))
+  assert out <= nbytes(parts[1]) + 1024  # + the three scalars
+  assert nbytes(parts[2]) > 2 * out  # the frozen weights stay in

@@ -198,24 +198,26 @@ _grad_fn = nnx.value_and_grad(_nll, argnums=nnx.DiffState(0, nnx.LoRAParam),
                               has_aux=True)
 
 
-@nnx.jit(static_argnames=("remat",))
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
-               batch: Mapping[str, jax.Array], *, remat: bool = False
-               ) -> dict[str, jax.Array]:
-  """One optimizer step over `grad_accum` micro-batches.
+# What a step changes: the adapters, the optimizer state, the dropout's RNG
+# counts. Only these leave the compiled programs; an `nnx.jit` over the
+# model would return (so copy) every frozen weight too (measured: the peak
+# grew by the base model's size).
+_MUTABLE = (nnx.LoRAParam, nnx.OptState, nnx.RngState)
 
-  Args:
-    model: the model with adapters (`nnx.LoRAParam`), updated in place.
-    optimizer: `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`.
-    batch: `input_ids`, `attention_mask`, `loss_mask`, each `[A, B, T]`
-      (A micro-batches of B sequences).
-    remat: recompute each decoder layer in the backward pass.
 
-  Returns:
-    `loss` (mean over the target tokens of all micro-batches, float32),
-    `grad_norm` (global norm of that mean's gradient, before clipping) and
-    `targets` (number of target tokens).
-  """
+def _run(jitted, nodes, *args):
+  """Calls `jitted(graphdef, changing, frozen, *args)` -> `(out, states)`
+  and writes each node's returned state back into it."""
+  graphdef, changing, frozen = nnx.split(tuple(nodes), _MUTABLE, ...)
+  out, states = jitted(graphdef, changing, frozen, *args)
+  for node, state in zip(nodes, states):
+    nnx.update(node, state)
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _train_step(graphdef, changing, frozen, batch, remat):
+  model, optimizer = nnx.merge(graphdef, changing, frozen)
   # The whole state is the scan's carry: NNX merges graph nodes only from
   # values of the current trace level (the frozen weights pass through
   # unchanged; the RNG counts of the adapter dropout advance).
@@ -237,17 +239,44 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
   grads = jax.tree.map(lambda g: g / denom, gsum)
   grad_norm = optax.tree.norm(grads)
   optimizer.update(model, grads)
-  return {"loss": jnp.sum(nlls) / denom, "grad_norm": grad_norm,
-          "targets": count}
+  out = {"loss": jnp.sum(nlls) / denom, "grad_norm": grad_norm,
+         "targets": count}
+  return out, (nnx.state(model, _MUTABLE), nnx.state(optimizer, _MUTABLE))
 
 
-@nnx.jit
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
+               batch: Mapping[str, jax.Array], *, remat: bool = False
+               ) -> dict[str, jax.Array]:
+  """One optimizer step over `grad_accum` micro-batches.
+
+  Args:
+    model: the model with adapters (`nnx.LoRAParam`), updated in place.
+    optimizer: `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`.
+    batch: `input_ids`, `attention_mask`, `loss_mask`, each `[A, B, T]`
+      (A micro-batches of B sequences).
+    remat: recompute each decoder layer in the backward pass.
+
+  Returns:
+    `loss` (mean over the target tokens of all micro-batches, float32),
+    `grad_norm` (global norm of that mean's gradient, before clipping) and
+    `targets` (number of target tokens).
+  """
+  return _run(_train_step, (model, optimizer), dict(batch), remat)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_step(graphdef, changing, frozen, batch):
+  (model,) = nnx.merge(graphdef, changing, frozen)
+  logits, _ = model(batch["input_ids"],
+                    attention_mask=batch["attention_mask"])
+  out = token_nll(logits, batch["input_ids"], batch["loss_mask"])
+  return out, (nnx.state(model, _MUTABLE),)
+
+
 def eval_step(model: nnx.Module, batch: Mapping[str, jax.Array]
               ) -> tuple[jax.Array, jax.Array]:
   """`(nll_sum, count)` of the target tokens of a `[B, T]` batch."""
-  logits, _ = model(batch["input_ids"],
-                    attention_mask=batch["attention_mask"])
-  return token_nll(logits, batch["input_ids"], batch["loss_mask"])
+  return _run(_eval_step, (model,), dict(batch))
 
 
 def evaluate(model: nnx.Module, data: TokenizedData, batch_size: int
