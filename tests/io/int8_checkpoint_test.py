@@ -392,3 +392,41 @@ def test_orbax_layouts_that_fit_no_model(tmp_path):
   with pytest.raises(ValueError, match="not an embedding format|do not "
                      "match"):
     orbax_io.restore_checkpoint(path)
+
+
+# -- transformers + bitsandbytes load our folder (GPU machine) -----------------
+
+
+@pytest.mark.gpu
+def test_transformers_and_bitsandbytes_load_our_int8_folder(tmp_path):
+  """transformers + bitsandbytes (CUDA) read jaxbnb's saved int8 folder into
+  `Linear8bitLt` layers holding our CB/SCB, and compute our logits."""
+  torch = pytest.importorskip("torch")
+  bnb = pytest.importorskip("bitsandbytes")
+  transformers = pytest.importorskip("transformers")
+  model = _int8_model(param_dtype="float32")
+  out = tmp_path / "int8"
+  convert.save_pretrained(model, out)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      out, device_map="cuda", dtype=torch.float32)
+  ours = model.model.layers[0].self_attn.q_proj.weight.get_value()
+  theirs = hf.model.layers[0].self_attn.q_proj
+  assert isinstance(theirs, bnb.nn.Linear8bitLt)
+  np.testing.assert_array_equal(theirs.weight.data.cpu().numpy(),
+                                np.asarray(ours.CB))
+  np.testing.assert_array_equal(theirs.state.SCB.cpu().numpy()
+                                if theirs.state.SCB is not None
+                                else theirs.weight.SCB.cpu().numpy(),
+                                np.asarray(ours.SCB))
+  ids = np.random.default_rng(0).integers(0, 128, (2, 16))
+  want = common.logits(model, ids)
+  with torch.no_grad():
+    got = hf(torch.from_numpy(ids).cuda()).logits.float().cpu().numpy()
+  # Same int8 numerics on both sides; the float parts (attention, norms,
+  # the float32 head) differ in summation order, which can move an
+  # activation across an int8 rounding boundary now and then (one code of
+  # absmax/127 on one input of a row). 2% of the logit scale covers a few
+  # such flips; a wrong SCB, a transposed CB or no outlier handling moves
+  # the logits by more (tests above: 3% SCB scaling doubles the error).
+  scale = np.abs(want).max()
+  assert np.abs(got - want).max() < 0.02 * scale
