@@ -23,11 +23,13 @@ from jaxbnb._src.io.gguf_source import GGUFSource as GGUFSource
 from jaxbnb._src.io.gguf_source import smollm2_gguf_path as smollm2_gguf_path
 from jaxbnb._src.io.orbax_io import restore_checkpoint as restore_checkpoint
 from jaxbnb._src.io.orbax_io import save_checkpoint as save_checkpoint
+from jaxbnb._src.io.sharding import ShardingRules as ShardingRules
 from jaxbnb._src.io.tokenizer import load_tokenizer as load_tokenizer
 
 __all__ = [
     "CheckpointSource",
     "GGUFSource",
+    "ShardingRules",
     "checkpoint_info",
     "from_pretrained",
     "iter_checkpoint_tensors",

@@ -263,6 +263,18 @@ class SafetensorsSource(_FolderSource):
     self._file(name)
     return SAFETENSORS_DTYPES[self._info[name][0]]
 
+  def load_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """`load(name)[index]`, reading only that part of the file (float8
+    tensors, which safetensors cannot slice, are read whole)."""
+    fpath = self._file(name)
+    if self._info[name][0] in _RAW_TAGS:
+      return self.load(name)[tuple(index)]
+    try:
+      return np.asarray(self._handles[fpath].get_slice(name)[tuple(index)])
+    except Exception as e:  # safetensors' own error types vary
+      raise ValueError(f"Could not read {self.describe(name)}[{index}]: "
+                       f"{e}") from e
+
   def load(self, name: str) -> np.ndarray:
     fpath = self._file(name)
     tag, shape = self._info[name]

@@ -36,6 +36,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxbnb._src.io import paths
+from jaxbnb._src.io import sharding as sharding_lib
 from jaxbnb._src.io.checkpoint_source import CheckpointSource
 from jaxbnb._src.io.checkpoint_source import open_checkpoint
 from jaxbnb._src.io.checkpoint_source import write_safetensors
@@ -336,7 +337,9 @@ def _shape_error(src, name, expected, got) -> ValueError:
 def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
                     quantization: QuantizationConfig | Mapping | None = None,
                     dtype: Any = None, param_dtype: Any = None,
-                    progress: bool = True) -> LlamaForCausalLM:
+                    progress: bool = True, mesh: jax.sharding.Mesh | None = None,
+                    sharding: sharding_lib.ShardingRules | Mapping | None = None
+                    ) -> LlamaForCausalLM:
   """Loads a Llama-family checkpoint, optionally quantizing it on the fly.
 
   Tensors are streamed one at a time: float weights are cast to
@@ -370,6 +373,15 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
       bfloat16 (its tensors decode to float32 but are stored in <= 8 bits). A pre-quantized checkpoint
       keeps its stored dtype.
     progress: show a tqdm progress bar over the tensors.
+    mesh: a `jax.sharding.Mesh` (axes among "data", "fsdp", "tensor") to
+      load onto: every parameter becomes a `jax.Array` sharded by
+      `sharding`'s rules, and each device receives only its slice (float
+      tensors of a safetensors folder are read slice by slice; a 4-bit
+      weight without double quantization is quantized one row shard at a
+      time). See `ShardingRules` and docs/distributed.md.
+    sharding: a `ShardingRules` (or a dict of its fields); default
+      `ShardingRules()`: FSDP over "fsdp", tensor parallelism over
+      "tensor", where the mesh has them. Needs `mesh`.
 
   Returns:
     The `LlamaForCausalLM`, every variable filled from the checkpoint.
@@ -379,7 +391,10 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
     ValueError: unsupported architecture, missing / unexpected tensors,
       shape mismatches, truncated files, a conflicting `quantization`, or
       an LLM.int8 checkpoint with a tiled `weight_format` (1, 2 or 3, from
-      bitsandbytes <= 0.44; the message names the tensor and the value).
+      bitsandbytes <= 0.44; the message names the tensor and the value),
+      or, with `mesh`, an axis that does not divide the dimension it splits,
+      a row shard cutting a 4-bit block, or an axis the mesh lacks (the
+      message names the axis, the parameter and the dimension).
 
   Examples:
     >>> from jaxbnb import convert, models
@@ -390,6 +405,9 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
     >>> model.config.num_hidden_layers  # doctest: +SKIP
     2
   """
+  if sharding is not None and mesh is None:
+    raise ValueError("from_pretrained: `sharding` needs a `mesh`.")
+  rules = sharding_lib.resolve(sharding) if mesh is not None else None
   src = open_checkpoint(path)
   config = LlamaConfig.from_hf(src.config)
   quantization = _as_quantization(quantization)
@@ -410,9 +428,22 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
   variables = dict(model.iter_variables())
   groups = pre.groups if pre is not None else {}
   plan = _plan(src, variables, set(src.names()), groups, config)
+  specs = {}
+  if mesh is not None:  # every spec checked before anything is read
+    for hf_name, _ in plan:
+      value = variables[hf_name].get_value()
+      specs[hf_name] = (
+          sharding_lib.quantized_specs(rules, hf_name, value, mesh)
+          if isinstance(value, weights.QuantizedArray) else
+          sharding_lib.param_spec(rules, hf_name, value.shape, mesh))
 
   for hf_name, kind in _progress(plan, len(plan), "Loading weights", progress):
     var = variables[hf_name]
+    if mesh is not None:
+      var.set_value(_load_sharded(src, hf_name, kind, var.get_value(),
+                                  specs[hf_name], mesh, groups, quantization,
+                                  param_dtype))
+      continue
     if kind == "prequantized":
       fmt, extra = groups[hf_name]
       state = {k: src.load(k) for k in (hf_name, *extra)}
@@ -445,6 +476,61 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
                          f"{missing[:5]}")
   paths.record_source(model, src.path)
   return model
+
+
+def _load_prequantized(src, hf_name, groups, param_dtype):
+  fmt, extra = groups[hf_name]
+  state = {k: src.load(k) for k in (hf_name, *extra)}
+  kwargs = {}
+  if fmt == weights.Int8Params.format:
+    # bitsandbytes stores no original dtype for int8 rows: the model's.
+    kwargs["dtype"] = jnp.dtype(param_dtype).name
+  try:
+    return weights.FORMATS[fmt].from_state_dict(
+        state, hf_name[:-len("weight")], **kwargs)
+  except ValueError as e:
+    raise ValueError(f"{src.path!r}: {src.describe(hf_name)}: {e}") from e
+
+
+def _load_sharded(src, hf_name, kind, abstract, spec, mesh, groups,
+                  quantization, param_dtype):
+  """One parameter of `from_pretrained(..., mesh=mesh)`, already sharded.
+
+  Float tensors are read slice by slice; a 4-bit weight without double
+  quantization (or an int8 one) is quantized one row shard at a time (its
+  rows hold whole blocks, quantized independently: the same bytes as the
+  whole tensor quantized at once); other quantized weights are built whole
+  on the host, this tensor only, and each device takes its slice.
+  """
+  read = sharding_lib.slice_reader(src, hf_name)
+  if kind == "float":
+    return sharding_lib.read_sharded(
+        abstract.shape, spec, mesh, read,
+        lambda a: np.asarray(a).astype(param_dtype))
+  module = hf_name[:-len(".weight")]
+  if kind == "quantize":
+    data_spec = jax.tree.leaves(spec, is_leaf=lambda x: isinstance(
+        x, jax.sharding.PartitionSpec))[0]
+    n = sharding_lib.row_shards(data_spec, mesh)
+    nested = (isinstance(abstract, weights.Params4bit)
+              and abstract.quant_state.offset is not None)
+    if n > 1 and not nested:
+      rows = abstract.shape[0] // n
+      return sharding_lib.build_by_rows(
+          abstract, spec, mesh, n, lambda i: quantize_weight(
+              quantization, module, jnp.asarray(read(
+                  (slice(i * rows, (i + 1) * rows), slice(None))
+              )).astype(param_dtype)))
+    w = jnp.asarray(src.load(hf_name)).astype(param_dtype)
+    value = quantize_weight(quantization, module, w)
+    del w
+  else:
+    value = _load_prequantized(src, hf_name, groups, param_dtype)
+    if tuple(value.shape) != tuple(abstract.shape):
+      raise _shape_error(src, hf_name, abstract.shape, value.shape)
+  host = jax.tree.map(np.asarray, value)
+  del value
+  return sharding_lib.place(host, spec, mesh)
 
 
 def _plan(src: CheckpointSource, variables: dict[str, nnx.Variable],
