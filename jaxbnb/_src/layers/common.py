@@ -80,14 +80,24 @@ class QuantizedLinear(nnx.Module):
           f"[out_features, in_features]=[{out_features}, {in_features}], "
           f"got {list(weight.shape)}."
       )
+    self._init_linear(in_features, out_features, QuantizedWeight(weight),
+                      bias, use_bias=use_bias, dtype=dtype,
+                      param_dtype=param_dtype)
+
+  def _init_linear(self, in_features: int, out_features: int,
+                   weight: nnx.Variable, bias: jax.Array | None, *,
+                   use_bias: bool, dtype: Any, param_dtype: Any) -> None:
+    """Sets the attributes every linear of this family has; `weight` is
+    the variable that holds it (frozen `QuantizedWeight` or a trainable
+    `nnx.Param`)."""
     if use_bias and bias is None:
-      raise ValueError(f"{name}: use_bias=True needs `bias`.")
+      raise ValueError(f"{type(self).__name__}: use_bias=True needs `bias`.")
     self.in_features = in_features
     self.out_features = out_features
     self.use_bias = use_bias
     self.dtype = dtype
     self.param_dtype = param_dtype
-    self.weight = QuantizedWeight(weight)
+    self.weight = weight
     self.bias = nnx.Param(jnp.asarray(bias)) if use_bias else nnx.data(None)
 
   def __call__(self, inputs: jax.Array) -> jax.Array:

@@ -156,15 +156,9 @@ class Linear8bitLt(QuantizedLinear):
     self.has_fp16_weights = has_fp16_weights
     self.threshold = threshold
     if has_fp16_weights:
-      if use_bias and bias is None:
-        raise ValueError(f"{name}: use_bias=True needs `bias`.")
-      self.in_features = in_features
-      self.out_features = out_features
-      self.use_bias = use_bias
-      self.dtype = dtype
-      self.param_dtype = param_dtype
-      self.weight = nnx.Param(weight)
-      self.bias = nnx.Param(jnp.asarray(bias)) if use_bias else nnx.data(None)
+      self._init_linear(in_features, out_features, nnx.Param(weight), bias,
+                        use_bias=use_bias, dtype=dtype,
+                        param_dtype=param_dtype)
     else:
       self._init_quantized(in_features, out_features, weight, bias,
                            use_bias=use_bias, dtype=dtype,
