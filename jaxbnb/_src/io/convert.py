@@ -445,21 +445,8 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
                                   param_dtype))
       continue
     if kind == "prequantized":
-      fmt, extra = groups[hf_name]
-      state = {k: src.load(k) for k in (hf_name, *extra)}
-      kwargs = {}
-      if fmt == weights.Int8Params.format:
-        # bitsandbytes stores no original dtype for int8 rows: the model's.
-        kwargs["dtype"] = jnp.dtype(param_dtype).name
-      try:
-        value = weights.FORMATS[fmt].from_state_dict(
-            state, hf_name[:-len("weight")], **kwargs)
-      except ValueError as e:
-        raise ValueError(f"{src.path!r}: {src.describe(hf_name)}: {e}") from e
-      del state
-      want = tuple(var.get_value().shape)
-      if tuple(value.shape) != want:
-        raise _shape_error(src, hf_name, want, value.shape)
+      value = _load_prequantized(src, hf_name, groups, param_dtype,
+                                 var.get_value().shape)
     elif kind == "quantize":
       w = jnp.asarray(src.load(hf_name)).astype(param_dtype)
       value = quantize_weight(quantization, hf_name[:-len(".weight")], w)
@@ -478,7 +465,9 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
   return model
 
 
-def _load_prequantized(src, hf_name, groups, param_dtype):
+def _load_prequantized(src, hf_name, groups, param_dtype, want_shape):
+  """A bitsandbytes-quantized weight as stored, checked against the model's
+  `want_shape`."""
   fmt, extra = groups[hf_name]
   state = {k: src.load(k) for k in (hf_name, *extra)}
   kwargs = {}
@@ -486,10 +475,13 @@ def _load_prequantized(src, hf_name, groups, param_dtype):
     # bitsandbytes stores no original dtype for int8 rows: the model's.
     kwargs["dtype"] = jnp.dtype(param_dtype).name
   try:
-    return weights.FORMATS[fmt].from_state_dict(
+    value = weights.FORMATS[fmt].from_state_dict(
         state, hf_name[:-len("weight")], **kwargs)
   except ValueError as e:
     raise ValueError(f"{src.path!r}: {src.describe(hf_name)}: {e}") from e
+  if tuple(value.shape) != tuple(want_shape):
+    raise _shape_error(src, hf_name, want_shape, value.shape)
+  return value
 
 
 def _load_sharded(src, hf_name, kind, abstract, spec, mesh, groups,
@@ -525,9 +517,8 @@ def _load_sharded(src, hf_name, kind, abstract, spec, mesh, groups,
     value = quantize_weight(quantization, module, w)
     del w
   else:
-    value = _load_prequantized(src, hf_name, groups, param_dtype)
-    if tuple(value.shape) != tuple(abstract.shape):
-      raise _shape_error(src, hf_name, abstract.shape, value.shape)
+    value = _load_prequantized(src, hf_name, groups, param_dtype,
+                               abstract.shape)
   host = jax.tree.map(np.asarray, value)
   del value
   return sharding_lib.place(host, spec, mesh)
