@@ -195,7 +195,7 @@ def test_train_step_does_not_copy_the_frozen_weights():
   model = common.lora_model()
   opt = _optimizer(model, FAST)
   batch = _batch(_chat_like(), np.arange(2), (1, 2))
-  parts = nnx.split((model, opt), step_lib._MUTABLE, ...)
+  parts = nnx.split((model, opt), step_lib.MUTABLE, ...)
   compiled = step_lib._train_step.lower(*parts, batch, False).compile()
   out = compiled.memory_analysis().output_size_in_bytes
   nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))

@@ -36,6 +36,7 @@ from flax import nnx
 
 from jaxbnb._src.models import llama
 from jaxbnb._src.models import rope
+from jaxbnb._src.train import step as step_lib
 from jaxbnb._src.train.step import decoder_layers
 
 __all__ = ["layerwise_train_step", "supports_layerwise"]
@@ -167,30 +168,15 @@ def _micro_batch(model, layers, head, input_ids, attention_mask, loss_mask,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply_state(graphdef, lora, opt_state, frozen, grads, denom):
-  model, optimizer = nnx.merge(graphdef, lora, opt_state, frozen)
+def _apply(graphdef, changing, frozen, grads, denom):
+  """`optimizer.update(model, grads / denom)` and the gradient norm; only
+  what changes leaves the program (`step._run`)."""
+  model, optimizer = nnx.merge(graphdef, changing, frozen)
   grads = jax.tree.map(lambda g: g / denom, grads)
   norm = optax.tree.norm(grads)
   optimizer.update(model, grads)
-  return (norm, nnx.state(model, nnx.LoRAParam),
-          nnx.state(optimizer, nnx.OptState))  # each node's own paths
-
-
-def _apply(model, optimizer, grads, denom):
-  """`optimizer.update(model, grads / denom)`; returns the gradient norm.
-
-  Only the adapters and the optimizer state go out of the compiled
-  program: returning the whole model (as `nnx.jit` does) would make XLA
-  write a copy of every frozen weight each step (measured: the peak grew
-  by the model's size, +15 GiB for a bf16 8B base).
-  """
-  graphdef, lora, opt_state, frozen = nnx.split(
-      (model, optimizer), nnx.LoRAParam, nnx.OptState, ...)
-  norm, lora, opt_state = _apply_state(graphdef, lora, opt_state, frozen,
-                                       grads, denom)
-  nnx.update(model, lora)
-  nnx.update(optimizer, opt_state)
-  return norm
+  return norm, (nnx.state(model, step_lib.MUTABLE),
+                nnx.state(optimizer, step_lib.MUTABLE))
 
 
 def layerwise_train_step(model: nnx.Module, optimizer: nnx.Optimizer,
@@ -258,6 +244,6 @@ def layerwise_train_step(model: nnx.Module, optimizer: nnx.Optimizer,
   flat = [(p, by_path[tuple(p)]) for p, _ in nnx.to_flat_state(template)]
   grads = nnx.from_flat_state(flat)
   denom = jnp.maximum(total_count, 1).astype(jnp.float32)
-  norm = _apply(model, optimizer, grads, denom)
+  norm = step_lib.run_updating(_apply, (model, optimizer), grads, denom)
   return {"loss": total_nll / denom, "grad_norm": norm,
           "targets": total_count}

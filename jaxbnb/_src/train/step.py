@@ -36,7 +36,7 @@ from jaxbnb._src.train.loss import token_nll
 
 __all__ = ["learning_rate_schedule", "make_optimizer", "RematLayer",
            "rematerialized", "decoder_layers", "train_step", "eval_step",
-           "commit_to_device",
+           "commit_to_device", "run_updating", "MUTABLE",
            "evaluate"]
 
 
@@ -202,13 +202,13 @@ _grad_fn = nnx.value_and_grad(_nll, argnums=nnx.DiffState(0, nnx.LoRAParam),
 # counts. Only these leave the compiled programs; an `nnx.jit` over the
 # model would return (so copy) every frozen weight too (measured: the peak
 # grew by the base model's size).
-_MUTABLE = (nnx.LoRAParam, nnx.OptState, nnx.RngState)
+MUTABLE = (nnx.LoRAParam, nnx.OptState, nnx.RngState)
 
 
-def _run(jitted, nodes, *args):
+def run_updating(jitted, nodes, *args):
   """Calls `jitted(graphdef, changing, frozen, *args)` -> `(out, states)`
   and writes each node's returned state back into it."""
-  graphdef, changing, frozen = nnx.split(tuple(nodes), _MUTABLE, ...)
+  graphdef, changing, frozen = nnx.split(tuple(nodes), MUTABLE, ...)
   out, states = jitted(graphdef, changing, frozen, *args)
   for node, state in zip(nodes, states):
     nnx.update(node, state)
@@ -241,7 +241,7 @@ def _train_step(graphdef, changing, frozen, batch, remat):
   optimizer.update(model, grads)
   out = {"loss": jnp.sum(nlls) / denom, "grad_norm": grad_norm,
          "targets": count}
-  return out, (nnx.state(model, _MUTABLE), nnx.state(optimizer, _MUTABLE))
+  return out, (nnx.state(model, MUTABLE), nnx.state(optimizer, MUTABLE))
 
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
@@ -261,7 +261,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
     `grad_norm` (global norm of that mean's gradient, before clipping) and
     `targets` (number of target tokens).
   """
-  return _run(_train_step, (model, optimizer), dict(batch), remat)
+  return run_updating(_train_step, (model, optimizer), dict(batch), remat)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -270,13 +270,13 @@ def _eval_step(graphdef, changing, frozen, batch):
   logits, _ = model(batch["input_ids"],
                     attention_mask=batch["attention_mask"])
   out = token_nll(logits, batch["input_ids"], batch["loss_mask"])
-  return out, (nnx.state(model, _MUTABLE),)
+  return out, (nnx.state(model, MUTABLE),)
 
 
 def eval_step(model: nnx.Module, batch: Mapping[str, jax.Array]
               ) -> tuple[jax.Array, jax.Array]:
   """`(nll_sum, count)` of the target tokens of a `[B, T]` batch."""
-  return _run(_eval_step, (model,), dict(batch))
+  return run_updating(_eval_step, (model,), dict(batch))
 
 
 def evaluate(model: nnx.Module, data: TokenizedData, batch_size: int
