@@ -36,7 +36,7 @@ from jaxbnb._src.models.config import LlamaConfig
 
 __all__ = ["MemoryEstimate", "TrainingMemoryEstimate", "estimate_memory",
            "estimate_training_memory", "KNOWN_MODELS", "GPU_SIZES_GB",
-           "FORMATS"]
+           "FORMATS", "PROJECTIONS"]
 
 GPU_SIZES_GB = (8, 12, 16, 24, 40, 48, 80)
 FORMATS = ("fp32", "bf16", "int8", "nf4", "nf4+dq")
@@ -306,14 +306,15 @@ _OPTIMIZER_BYTES = {  # state bytes per adapter parameter
     "paged_adamw8bit": 2 + 2 * 4 / 256,
     "adamw": 8,
 }
-_ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+# The seven projections of a decoder layer (the QLoRA targets).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                 "up_proj", "down_proj")
 
 
 def estimate_training_memory(config, *, weights: str = "nf4+dq",
                              batch: int = 1, seq: int = 2048,
                              lora_r: int = 16,
-                             target_modules=_ALL_TARGETS,
+                             target_modules=PROJECTIONS,
                              remat: bool = True,
                              optimizer: str = "paged_adamw8bit",
                              head_chunk: int | None = 1024,
@@ -374,10 +375,10 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
       raise ValueError(f"{fn}: `{name}` must be an int >= 1, got {value!r}")
   targets = ((target_modules,) if isinstance(target_modules, str)
              else tuple(target_modules))
-  unknown = sorted(set(targets) - set(_ALL_TARGETS))
+  unknown = sorted(set(targets) - set(PROJECTIONS))
   if unknown:
     raise ValueError(f"{fn}: `target_modules` must be projection names "
-                     f"from {list(_ALL_TARGETS)}, got {unknown}")
+                     f"from {list(PROJECTIONS)}, got {unknown}")
   _, cfg = _resolve_config(config)
   base = estimate_memory(cfg, blocksize=blocksize).weight_bytes[weights]
   h, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jaxbnb import lora
 from jaxbnb import models
 from jaxbnb import train
+from jaxbnb._src.io import estimate
 from jaxbnb._src.tools import argtypes
 from jaxbnb._src.tools import bench_decode
 from jaxbnb._src.tools import measure
@@ -40,8 +41,7 @@ from jaxbnb._src.tools import report
 __all__ = ["IMPLS", "TARGETS", "add_parsers", "run_qlora", "qlora_table"]
 
 IMPLS = ("jax-nf4-dq", "jax-bf16")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-           "down_proj")
+TARGETS = estimate.PROJECTIONS  # all seven projections
 
 
 def _build(opts, shape):
