@@ -308,7 +308,7 @@ _OPTIMIZER_BYTES = {  # state bytes per adapter parameter
 }
 # The seven projections of a decoder layer (the QLoRA targets).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                "up_proj", "down_proj")
+               "up_proj", "down_proj")
 
 
 def estimate_training_memory(config, *, weights: str = "nf4+dq",
