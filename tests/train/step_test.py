@@ -201,3 +201,25 @@ def test_train_step_does_not_copy_the_frozen_weights():
   nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))
   assert out <= nbytes(parts[1]) + 1024  # + the three scalars
   assert nbytes(parts[2]) > 2 * out  # the frozen weights stay in
+
+
+def test_commit_to_device_makes_the_second_step_reuse_the_program():
+  """A fresh model holds uncommitted arrays, the paged optimizer's state is
+  committed (pinned host memory) and a step returns committed ones; `jax.jit`
+  keys its cache on that, so without `commit_to_device` the second step
+  compiles the whole step again."""
+  batch = _batch(_chat_like(), np.arange(2), (1, 2))
+  paged = train.TrainConfig(optimizer="paged_adamw8bit")
+
+  def programs(commit):
+    model = common.lora_model(seed=3 if commit else 4)
+    opt = _optimizer(model, paged)
+    if commit:
+      train.commit_to_device(model, opt)
+    before = step_lib._train_step._cache_size()
+    for _ in range(2):
+      train.train_step(model, opt, batch)
+    return step_lib._train_step._cache_size() - before
+
+  assert programs(commit=False) == 2  # the behaviour it fixes
+  assert programs(commit=True) == 1
