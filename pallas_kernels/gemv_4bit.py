@@ -69,22 +69,39 @@ def _pow2_ceil(v: int) -> int:
 @functools.lru_cache(maxsize=None)
 def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
                    num_sms: int = 132) -> tuple:
-  """(variant, block_n, block_kb, split_k, num_warps, num_stages)."""
+  """(variant, block_n, block_kb, split_k, num_warps, num_stages, table,
+  prefetch).
+
+  `table` is "pair" (one gather per byte from a 256-entry table of both
+  values) or "nibble" (two gathers per byte from the 16-entry table);
+  `prefetch` ("reduce" only) loads the next step's bytes before decoding the
+  current ones.
+
+  Chosen from two sweeps on the H200 (docs/benchmarks.md, 4-bit GEMV
+  tuning; NF4 + DQ, bf16, on 14336x4096, 4096x14336, 4096x4096, 1024x4096):
+  at M = 1 no tile shape, table or prefetch setting moved the 14336x4096
+  time outside 36-40 us; 32-row tiles with prefetch won on 4096x4096 (13.9
+  against 16.9 us), the 16-entry table at M = 2..4 (76 against 91 us), and
+  128-row "dot" tiles at M > 4 (97.7 against 103.6 us on 14336x4096, 25.1
+  against 37.4 on 4096x4096 at M = 16).
+  """
   half = blocksize // 2
   nkb = k // blocksize
-  if m <= 4 or jnp.dtype(dtype) == jnp.float32:
-    variant, block_n, warps = "reduce", 16, 4
-    block_kb = max(1, min(_pow2_floor(max(1, 256 // half)),
+  f32 = jnp.dtype(dtype) == jnp.float32
+  if m <= 4 or f32:
+    variant, block_n, warps, prefetch = "reduce", 32, 4, True
+    table = "pair" if m == 1 else "nibble"
+    block_kb = max(1, min(_pow2_floor(max(1, 128 // half)),
                           _pow2_floor(nkb)))
   else:
-    variant, block_n, warps = "dot", 64, 4
-    block_kb = max(1, min(4, _pow2_floor(nkb)))
+    variant, block_n, warps, prefetch, table = "dot", 128, 4, False, "pair"
+    block_kb = max(1, min(4 if m <= 16 else 2, _pow2_floor(nkb)))
   tiles = -(-n // block_n)
   steps = -(-nkb // block_kb)
   split_k = 1
   while tiles * split_k < 2 * num_sms and split_k * 2 <= steps:
     split_k *= 2
-  return (variant, block_n, block_kb, split_k, warps, 3)
+  return (variant, block_n, block_kb, split_k, warps, 3, table, prefetch)
 
 
 def _decode(w, lut_ref, pair):
@@ -99,7 +116,7 @@ def _decode(w, lut_ref, pair):
 
 def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
             nested_blocksize, nested_len, variant, has_bias, split_k,
-            compute_dtype, pair, interpret):
+            compute_dtype, pair, prefetch, interpret):
   refs = list(refs)
   xe_ref, xo_ref, w_ref, am_ref = refs[:4]
   refs = refs[4:]
@@ -128,22 +145,34 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
     return jnp.where(ok, am, 0.0)
 
   if variant == "reduce":
-    def body(t, accs):
+    def load(t, live=None):
+      """Step `t`'s packed bytes and raw absmax (masked off unless `live`)."""
+      kb0 = (s * steps + t) * block_kb
+      kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
+      ok2 = row_ok[:, None]
+      if need_kmask:
+        ok2 = ok2 & (kbs < nkb)[None, :]
+      if live is not None:
+        ok2 = ok2 & live
+      ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
+      ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
+      w = pltriton.load(
+          w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :],
+          mask=ok3, other=0, eviction_policy="evict_first")
+      am = pltriton.load(
+          am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)],
+          mask=ok2, other=0)
+      return w, am
+
+    def step(t, w, am, accs):
       kb0 = (s * steps + t) * block_kb
       kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
       ok2 = row_ok[:, None]
       if need_kmask:
         ok2 = ok2 & (kbs < nkb)[None, :]
       ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
-      ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
-      w = pltriton.load(
-          w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :],
-          mask=ok3, other=0, eviction_policy="evict_first").astype(jnp.int32)
-      am = pltriton.load(
-          am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)],
-          mask=ok2, other=0)
       am = absmax_of(am, kbs, ok2)[:, :, None]
-      hi, lo = _decode(w, lut_ref, pair)
+      hi, lo = _decode(w.astype(jnp.int32), lut_ref, pair)
       xmask = None
       if need_kmask:
         xmask = jnp.broadcast_to((kbs < nkb)[:, None], (block_kb, half))
@@ -160,9 +189,23 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
         new.append(accs[r] + (hi * xe[None] + lo * xo[None]) * am)
       return tuple(new)
 
+    if prefetch:
+      # Software pipelining: step t + 1's bytes are requested before step
+      # t's are decoded, so their memory latency overlaps the arithmetic.
+      def body(t, carry):
+        accs, w, am = carry
+        nxt = load(t + 1, t + 1 < steps)
+        return (step(t, w, am, accs),) + nxt
+    else:
+      def body(t, accs):
+        return step(t, *load(t), accs)
+
     shape = (block_n, block_kb, half)
     init = tuple(jnp.zeros(shape, jnp.float32) for _ in range(m))
-    accs = jax.lax.fori_loop(0, steps, body, init)
+    if prefetch:
+      accs = jax.lax.fori_loop(0, steps, body, (init,) + load(0))[0]
+    else:
+      accs = jax.lax.fori_loop(0, steps, body, init)
     for r in range(m):
       y = jnp.sum(jnp.sum(accs[r], axis=2), axis=1)
       if split_k == 1:
@@ -176,8 +219,16 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
             out_ref.at[s, jnp.int32(r), pl.ds(row0, block_n)], y, mask=row_ok)
     return
 
-  # "dot": xe_ref/xo_ref are [m_pad, nkb, half] in the compute dtype.
+  # "dot"/"dotk": xe_ref/xo_ref are [m_pad, nkb, half] in the compute dtype.
   m_pad = xe_ref.shape[0]
+  if variant == "dotk":
+    _dotk(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref,
+          absmax_of=absmax_of, row0=row0, rows=rows, row_ok=row_ok, s=s,
+          m=m, m_pad=m_pad, nkb=nkb, block_kb=block_kb, half=half,
+          block_n=block_n, steps=steps, need_kmask=need_kmask,
+          has_bias=has_bias, split_k=split_k, compute_dtype=compute_dtype,
+          pair=pair)
+    return
   m_ok = jnp.arange(m_pad, dtype=jnp.int32) < m
   precision = (jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32
                else None)
@@ -226,6 +277,64 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
     pltriton.store(out_ref.at[s, pl.ds(row0, block_n), :], acc, mask=omask)
 
 
+def _dotk(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
+          absmax_of, row0, rows, row_ok, s, m, m_pad, nkb, block_kb, half,
+          block_n, steps, need_kmask, has_bias, split_k, compute_dtype, pair):
+  """The "dotk" variant: dequantize a `[block_n, block_kb * blocksize]` tile.
+
+  Each weight value is `code * absmax` rounded to the compute dtype (the
+  value `dequantize_4bit` gives), and one tensor-core product per tile
+  multiplies it with `x` (swap-AB: the weight rows are the MMA's M).
+  """
+  del rows
+  m_ok = jnp.arange(m_pad, dtype=jnp.int32) < m
+  dims = (((1,), (1,)), ((), ()))
+  width = block_kb * half
+
+  def body(t, acc):
+    kb0 = (s * steps + t) * block_kb
+    kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
+    ok2 = row_ok[:, None]
+    if need_kmask:
+      ok2 = ok2 & (kbs < nkb)[None, :]
+    ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
+    ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
+    w = pltriton.load(
+        w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :],
+        mask=ok3, other=0, eviction_policy="evict_first").astype(jnp.int32)
+    am = pltriton.load(am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)],
+                       mask=ok2, other=0)
+    am = absmax_of(am, kbs, ok2)[:, :, None]
+    hi, lo = _decode(w, lut_ref, pair)
+    hi = (hi * am).astype(compute_dtype).reshape(block_n, width)
+    lo = (lo * am).astype(compute_dtype).reshape(block_n, width)
+    ok_x = m_ok[:, None, None]
+    if need_kmask:
+      ok_x = ok_x & (kbs < nkb)[None, :, None]
+    ok_x = jnp.broadcast_to(ok_x, (m_pad, block_kb, half))
+    xe = pltriton.load(xe_ref.at[:, pl.ds(kb0, block_kb), :], mask=ok_x,
+                       other=0).reshape(m_pad, width)
+    xo = pltriton.load(xo_ref.at[:, pl.ds(kb0, block_kb), :], mask=ok_x,
+                       other=0).reshape(m_pad, width)
+    acc = acc + jax.lax.dot_general(hi, xe, dims,
+                                    preferred_element_type=jnp.float32)
+    return acc + jax.lax.dot_general(lo, xo, dims,
+                                     preferred_element_type=jnp.float32)
+
+  acc = jax.lax.fori_loop(0, steps, body,
+                          jnp.zeros((block_n, m_pad), jnp.float32))
+  if split_k == 1 and has_bias:
+    b = pltriton.load(bias_ref.at[pl.ds(row0, block_n)], mask=row_ok,
+                      other=0).astype(jnp.float32)
+    acc = acc + b[:, None]
+  omask = jnp.broadcast_to(row_ok[:, None] & m_ok[None, :], (block_n, m_pad))
+  if split_k == 1:
+    pltriton.store(out_ref.at[pl.ds(row0, block_n), :],
+                   acc.astype(out_ref.dtype), mask=omask)
+  else:
+    pltriton.store(out_ref.at[s, pl.ds(row0, block_n), :], acc, mask=omask)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("n", "k", "blocksize", "nested_blocksize", "config",
@@ -258,8 +367,8 @@ def gemv_4bit(
     nested: (nested_absmax, nested code [256], offset) for double quant.
     nested_blocksize: absmax codes per nested absmax.
     bias: optional `[n]`.
-    config: (variant, block_n, block_kb, split_k, num_warps, num_stages);
-      default from `default_config`.
+    config: (variant, block_n, block_kb, split_k, num_warps, num_stages[,
+      table[, prefetch]]); default from `default_config`.
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
@@ -271,13 +380,22 @@ def gemv_4bit(
   nkb = k // blocksize
   if config is None:
     config = default_config(m, n, k, blocksize, dtype.name)
-  variant, block_n, block_kb, split_k, num_warps, num_stages = config
+  variant, block_n, block_kb, split_k, num_warps, num_stages = config[:6]
+  table = config[6] if len(config) > 6 else "pair"
+  prefetch = bool(config[7]) if len(config) > 7 else False
+  if table not in ("pair", "nibble"):
+    raise ValueError(f"config: table must be 'pair' or 'nibble', got {table!r}")
   steps = -(-(-(-nkb // block_kb)) // split_k)
   w3 = packed.reshape(n, nkb, half)
   dq = nested is not None
   am2 = absmax.reshape(n, nkb)
-  pair = dtype != jnp.float32
+  pair = dtype != jnp.float32 and table == "pair"
   x3 = x.reshape(m, nkb, half, 2)
+  if variant not in ("reduce", "dot", "dotk"):
+    raise ValueError(
+        f"config: variant must be 'reduce', 'dot' or 'dotk', got {variant!r}")
+  if variant == "dotk" and dtype == jnp.float32:
+    raise ValueError("config: variant 'dotk' needs 16-bit x, got float32")
   if variant == "reduce":
     xe = x3[..., 0].astype(jnp.float32)
     xo = x3[..., 1].astype(jnp.float32)
@@ -294,7 +412,13 @@ def gemv_4bit(
     nested_len = nested_absmax.shape[0]
     args += [nested_absmax.astype(jnp.float32), code2.astype(jnp.float32),
              jnp.asarray(offset, jnp.float32).reshape(1)]
-  args.append(pair_table(lut) if pair else lut.astype(jnp.float32))
+  if pair:
+    args.append(pair_table(lut))
+  elif dtype == jnp.float32 or variant == "dotk":
+    # "dotk" rounds code * absmax once, as `dequantize_4bit` does.
+    args.append(lut.astype(jnp.float32))
+  else:  # the codes rounded to bfloat16, as in the pair table
+    args.append(lut.astype(jnp.bfloat16).astype(jnp.float32))
   has_bias = bias is not None and split_k == 1
   if has_bias:
     args.append(bias)
@@ -311,7 +435,8 @@ def gemv_4bit(
       _kernel, m=m, n=n, nkb=nkb, block_kb=block_kb, half=half,
       block_n=block_n, steps=steps, dq=dq, nested_blocksize=nested_blocksize,
       nested_len=nested_len, variant=variant, has_bias=has_bias,
-      split_k=split_k, compute_dtype=dtype, pair=pair, interpret=interpret)
+      split_k=split_k, compute_dtype=dtype, pair=pair, prefetch=prefetch,
+      interpret=interpret)
   out = pl.pallas_call(
       kernel,
       out_shape=out_shape,
@@ -327,7 +452,7 @@ def gemv_4bit(
   )(*args)
   if split_k > 1:
     out = jnp.sum(out, axis=0)
-  if variant == "dot":
+  if variant != "reduce":
     out = out[:, :m].T
   if split_k > 1 and bias is not None:
     out = out + bias.astype(jnp.float32)

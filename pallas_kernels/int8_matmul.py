@@ -38,7 +38,7 @@ from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
 __all__ = ["can_use", "default_config", "epilogue", "int8_matmul", "MAX_M",
-           "round_to_float16"]
+           "round_to_dtype", "round_to_float16"]
 
 MAX_M = 16
 _M_PAD = 16  # the tensor-core N dimension (dot dims >= 16)
@@ -63,20 +63,24 @@ def _pow2_floor(v: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
-  """(block_n, block_k, split_k, num_warps, num_stages).
+  """(block_n, block_k, split_k, num_warps, num_stages, outliers).
 
-  Tiles of 32 weight rows and up to 512 bytes of K (16 KB per step); K is
-  split only when the row tiles alone give fewer than two programs per SM.
+  Tiles of 64 weight rows and up to 256 bytes of K (16 KB per step); K is
+  split only while the row tiles fill less than one wave of SMs. Measured
+  on the H200 (docs/benchmarks.md, `jaxbnb bench int8 --sweep`, 4096 ->
+  14336, threshold 6): 31.2 us at M = 1 and 29.6 us at M = 16, against
+  52.5 and 55.7 us for the earlier 32 x 512 tiles split over K; the
+  branch skipping outlier-free tiles beats the branch-free product.
   """
   del m
-  block_n = 32
-  block_k = max(32, min(512, _pow2_floor(k)))
+  block_n = 64
+  block_k = max(32, min(256, _pow2_floor(k)))
   tiles = -(-n // block_n)
   steps = -(-k // block_k)
   split_k = 1
-  while tiles * split_k < 2 * num_sms and split_k * 4 <= steps:
+  while tiles * split_k < num_sms and split_k * 4 <= steps:
     split_k *= 2
-  return (block_n, block_k, split_k, 4, 4)
+  return (block_n, block_k, split_k, 4, 3, "skip")
 
 
 def dequantized_weight(cb, scb, dtype):
@@ -99,12 +103,29 @@ def round_to_float16(x):
                    normal).astype(jnp.float16)
 
 
+def round_to_dtype(x, dtype):
+  """float32 `x` rounded to `dtype`'s precision, kept in float32, in a way
+  XLA cannot skip (its excess-precision pass drops `f32 -> bf16 -> f32`
+  round trips): bfloat16 through `reduce_precision`, float16 through
+  `round_to_float16`, float32 unchanged."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16:
+    return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+  if dtype == jnp.float16:
+    return round_to_float16(x).astype(jnp.float32)
+  return x
+
+
+def _kernel_round_to(x, dtype):
+  return x.astype(dtype).astype(jnp.float32)  # Triton never skips these
+
+
 def _kernel_float16(x):
   return x.astype(jnp.float16)  # Triton's conversion is never skipped
 
 
 def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add,
-             to_float16=_kernel_float16):
+             to_float16=_kernel_float16, round_to=_kernel_round_to):
   """bitsandbytes' int8 epilogue on int32 `acc` (+ the outlier sum).
 
   `fp16(acc * row * scb * 6.200012e-05 (+ bias))`, a float16 bias added
@@ -123,14 +144,13 @@ def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add,
     out = to_float16(out)
     if bias is not None:
       out = to_float16(out.astype(jnp.float32) + bias.astype(jnp.float32))
-  out = out.astype(dtype)
   if out_acc is None:
-    return out
-  return (out_acc + out.astype(jnp.float32)).astype(dtype)
+    return out.astype(dtype)
+  return (out_acc + round_to(out.astype(jnp.float32), dtype)).astype(dtype)
 
 
 def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
-            has_bias, dtype, interpret):
+            has_bias, dtype, skip_clean, interpret):
   refs = list(refs)
   ca_ref, row_ref, cb_ref, scb_ref = refs[:4]
   refs = refs[4:]
@@ -178,8 +198,11 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
           w, xo, _DIMS, precision=precision,
           preferred_element_type=jnp.float32)
 
-    acc_out = jax.lax.cond(flag_ref[kt] != 0, add_outliers, lambda a: a,
-                           accs[1])
+    if skip_clean:
+      acc_out = jax.lax.cond(flag_ref[kt] != 0, add_outliers, lambda a: a,
+                             accs[1])
+    else:  # branch-free: no control flow in the loop to stop pipelining
+      acc_out = add_outliers(accs[1])
     return acc, acc_out
 
   if need_nmask:
@@ -270,8 +293,11 @@ def int8_matmul(
       outlier columns; with it the outlier stream is added.
     outlier_cols: bool `[k]`, the outlier column mask (with `x_outlier`);
       K tiles without an outlier column skip the outlier work.
-    config: (block_n, block_k, split_k, num_warps, num_stages); default
-      from `default_config`. `block_n`, `block_k` powers of two >= 16, 32.
+    config: (block_n, block_k, split_k, num_warps, num_stages[, outliers]);
+      default from `default_config`. `outliers` is "skip" (K tiles without
+      an outlier column skip the outlier product, behind a branch) or
+      "always" (every tile adds it, branch-free). `block_n`, `block_k`
+      powers of two >= 16, 32.
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
@@ -282,7 +308,8 @@ def int8_matmul(
   dtype = jnp.dtype(dtype)
   if config is None:
     config = default_config(m, n, k)
-  block_n, block_k, split_k, num_warps, num_stages = config
+  block_n, block_k, split_k, num_warps, num_stages = config[:5]
+  skip_clean = (config[5] if len(config) > 5 else "skip") == "skip"
   nkt = -(-k // block_k)
   steps = -(-nkt // split_k)
   kp = split_k * steps * block_k  # K of the padded activations
@@ -311,7 +338,7 @@ def int8_matmul(
   kernel = functools.partial(
       _kernel, m=m, n=n, k=k, block_n=block_n, block_k=block_k, steps=steps,
       split_k=split_k, outliers=outliers, has_bias=has_bias, dtype=dtype,
-      interpret=interpret)
+      skip_clean=skip_clean, interpret=interpret)
   outs = pl.pallas_call(
       kernel,
       out_shape=out_shape,
@@ -331,4 +358,4 @@ def int8_matmul(
   out_acc = jnp.sum(outs[1], axis=0) if outliers else None
   return epilogue(acc, row_stats.astype(jnp.float32)[:, None],
                   scb.astype(jnp.float32)[None, :], bias, out_acc, dtype,
-                  _xla_exact_add, round_to_float16)
+                  _xla_exact_add, round_to_float16, round_to_dtype)

@@ -98,3 +98,43 @@ def test_gpu_matches_dequant_matmul(m, n, k, dtype):
                    blocksize=64,
                    nested=(qs.nested_absmax, qs.nested_code, qs.offset))
   _check(y, x, packed, qs, None)
+
+
+@pytest.mark.parametrize("m,config", [
+    (1, ("reduce", 16, 4, 2, 4, 3, "nibble", True)),
+    (3, ("reduce", 16, 2, 3, 4, 3, "pair", True)),
+    (2, ("reduce", 8, 8, 1, 4, 3, "nibble", False)),
+])
+def test_interpret_table_and_prefetch_options_match(m, config):
+  """The 16-entry table and the prefetching loop give the default's bits."""
+  n, k = 70, 64 * 12
+  w = jnp.asarray(_util.rng_array((n, k), 5, jnp.bfloat16))
+  x = jnp.asarray(_util.rng_array((m, k), 6, jnp.bfloat16))
+  packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+  nest = (qs.nested_absmax, qs.nested_code, qs.offset)
+  call = lambda cfg: gk.gemv_4bit(
+      x, packed.reshape(-1), qs.absmax, jnp.asarray(codebooks.code_for("nf4")),
+      n=n, k=k, blocksize=64, nested=nest, config=cfg, interpret=True)
+  y = call(config)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(call(
+      ("reduce",) + config[1:6])))
+  _check(y, x, packed, qs, None)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_interpret_dotk_equals_dequantize_then_matmul(m):
+  """"dotk" multiplies by `dequantize_4bit`'s values: fp32 sums of exact
+  products of x and the dequantized weight."""
+  n, k = 70, 64 * 12
+  w = jnp.asarray(_util.rng_array((n, k), 7, jnp.bfloat16))
+  x = jnp.asarray(_util.rng_array((m, k), 8, jnp.bfloat16))
+  packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+  y = gk.gemv_4bit(
+      x, packed.reshape(-1), qs.absmax, jnp.asarray(codebooks.code_for("nf4")),
+      n=n, k=k, blocksize=64,
+      nested=(qs.nested_absmax, qs.nested_code, qs.offset),
+      config=("dotk", 32, 2, 2, 4, 3, "nibble"), interpret=True)
+  w_ref = np.asarray(F.dequantize_4bit(packed, qs).astype(jnp.float32),
+                     np.float64).reshape(n, k)
+  exact, bound = helpers.matmul_bound(x, w_ref, x.dtype)
+  helpers.assert_within(y, exact, bound, "gemv dotk")

@@ -142,12 +142,15 @@ def _forward(x2d, cb, scb, bias, threshold):
   """bnb's `MatMul8bitLt.forward` on `[M, K]`; returns `x2d.dtype`."""
   ca, sca, mask = reference.int8_vectorwise_quant(
       x2d.astype(jnp.float16), threshold)
-  out = _scaled_mm(ca, cb, sca, scb, bias).astype(x2d.dtype)
+  out = _scaled_mm(ca, cb, sca, scb, bias)  # float16
   if mask is None:
-    return out
+    return out.astype(x2d.dtype)
+  # Roundings XLA's excess precision would skip on the GPU (float16 ->
+  # bfloat16 -> float32 taken as float16 -> float32) are pinned.
+  round_to = functools.partial(int8_kernel.round_to_dtype, dtype=x2d.dtype)
 
   def finish(acc, out):
-    return (acc + out.astype(jnp.float32)).astype(x2d.dtype)
+    return (acc + round_to(out.astype(jnp.float32))).astype(x2d.dtype)
 
   def all_columns(out):
     # bnb: out.addmm(A[:, cols], dequant(CB[:, cols]).to(A.dtype).T). The
@@ -167,11 +170,12 @@ def _forward(x2d, cb, scb, bias, threshold):
     cols = jnp.nonzero(mask, size=cap, fill_value=0)[0]
     used = jnp.arange(cap) < jnp.sum(mask)
     x_sub = jnp.where(used[None, :], x2d[:, cols], jnp.zeros((), x2d.dtype))
-    w_sub = _dequantized(cb[:, cols], scb, x2d.dtype)
+    w_sub = round_to(
+        _dequantized(cb[:, cols], scb, x2d.dtype).astype(jnp.float32))
     # In float32: the same exact products of x.dtype values (a small
     # product; XLA:CPU has no 16-bit x 16-bit -> float32 dot for it).
-    acc = jax.lax.dot_general(x_sub.astype(jnp.float32),
-                              w_sub.astype(jnp.float32), _CONTRACT_LAST,
+    acc = jax.lax.dot_general(x_sub.astype(jnp.float32), w_sub,
+                              _CONTRACT_LAST,
                               precision=_HIGHEST,
                               preferred_element_type=jnp.float32)
     return finish(acc, out)
@@ -179,7 +183,8 @@ def _forward(x2d, cb, scb, bias, threshold):
   count = jnp.sum(mask, dtype=jnp.int32)
   return jax.lax.switch(jnp.where(count == 0, 0, jnp.where(count <= cap, 1,
                                                            2)),
-                        [lambda out: out, gathered, all_columns], out)
+                        [lambda out: out.astype(x2d.dtype), gathered,
+                         all_columns], out)
 
 
 def _grad_input(g, cb, scb, dtype):
@@ -212,14 +217,11 @@ def _kernel_forward(x2d, cb, scb, bias, threshold):
   exactly as in `_forward`; the kernel reads the int8 weight once for both
   the int32 product and the outlier stream.
   """
-  if dispatch.get_kernel_mode() == "auto":
-    # Not by default. Measured on the H200 (docs/benchmarks.md, LLM.int8),
-    # 4096 -> 14336: without outliers XLA's int8 dot is faster (M = 1:
-    # 20.0 vs 25.2 us, M = 16: 23.8 vs 29.2 us); with threshold 6 the
-    # kernel is faster (53.9 vs 62.7 us) but, compiled, its output differs
-    # from bitsandbytes' by one bf16 ulp in about 10% of the elements
-    # (tests/kernels/int8_matmul_test.py, GPU cases). "pallas" and
-    # "interpret" still run it.
+  if dispatch.get_kernel_mode() == "auto" and not threshold > 0:
+    # Without outliers XLA's int8 dot is faster (measured on the H200,
+    # docs/benchmarks.md, LLM.int8, 4096 -> 14336: M = 1 20.0 vs 25.2 us,
+    # M = 16 23.8 vs 29.2 us); with a threshold the kernel reads the weight
+    # once for both streams and XLA needs a data-dependent outlier gather.
     return None
   mode = dispatch.resolve()
   m, k = x2d.shape

@@ -55,9 +55,9 @@ _CONTRACT = (((1,), (1,)), ((), ()))
 
 def sweep_configs() -> list[tuple]:
   """Kernel configurations `--sweep` times: (block_n, block_k, split_k,
-  num_warps, num_stages); 48 of them."""
-  return list(itertools.product((16, 32, 64, 128), (256, 512, 1024), (1, 2),
-                                (4,), (3, 4)))
+  num_warps, num_stages, outliers); 48 of them."""
+  return list(itertools.product((32, 64, 128), (256, 512), (1, 2), (4,),
+                                (3, 4), ("skip", "always")))
 
 
 def planted_x(key, m: int, k: int, n_outliers: int) -> jax.Array:
