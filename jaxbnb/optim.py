@@ -3,7 +3,10 @@
 Every factory returns an `optax.GradientTransformation` and mirrors a
 `bitsandbytes.optim` class (`adamw8bit` <-> `AdamW8bit`), with its defaults
 and update order; the `scale_by_*8bit` blocks give the update direction for
-`optax.chain`. Importing this module needs JAX and Optax only (no Flax).
+`optax.chain`; `fused_step` / `apply_updates_fused` run an alias's step in
+place (donated buffers), bit-identical to `tx.update` then
+`optax.apply_updates`. Importing this module needs JAX and Optax only (no
+Flax).
 See docs/optim.md for the semantics.
 """
 
@@ -35,6 +38,8 @@ from jaxbnb._src.optim.aliases import scale_by_momentum8bit as scale_by_momentum
 from jaxbnb._src.optim.aliases import scale_by_rmsprop8bit as scale_by_rmsprop8bit
 from jaxbnb._src.optim.aliases import sgd32bit as sgd32bit
 from jaxbnb._src.optim.aliases import sgd8bit as sgd8bit
+from jaxbnb._src.optim.fused import apply_updates_fused as apply_updates_fused
+from jaxbnb._src.optim.fused import fused_step as fused_step
 from jaxbnb._src.optim.rules import Hyper as Hyper
 from jaxbnb._src.optim.state import Optimizer8bitState as Optimizer8bitState
 from jaxbnb._src.optim.state import Quantized8bit as Quantized8bit
@@ -55,6 +60,7 @@ __all__ = [
     "adamw8bit",
     "ademamix32bit",
     "ademamix8bit",
+    "apply_updates_fused",
     "lion32bit",
     "lion8bit",
     "paged_adam32bit",
@@ -66,6 +72,7 @@ __all__ = [
     "paged_lion32bit",
     "paged_lion8bit",
     "from_bnb_state_dict",
+    "fused_step",
     "quantize_state",
     "rmsprop32bit",
     "rmsprop8bit",

@@ -7,7 +7,12 @@ maps; applies the update rule in float32; takes the new per-block absmax
 (max |s| over the block, a reduction inside the program); requantizes with
 bitsandbytes' binary search (7 steps from pivot 127, then the midpoint
 comparison, ties as in CUDA) plus the sign fix for the signed map; and
-writes the new parameter (its own dtype), codes and absmax.
+writes the new parameter (its own dtype), codes and absmax. With
+`apply_updates=True` the parameter written is `p + (new_p - p)` instead,
+each operation rounded on its own: exactly what `optax.apply_updates` makes
+of the `new_p - p` update that jaxbnb's optax transformations return, so a
+fused in-place step (`alias=True`, donated buffers) lands on the optax
+path's parameters bit for bit without reading p twice.
 
 The rules mirror jaxbnb's pure-jnp reference (`jaxbnb._src.optim.rules.
 update_8bit`) operation by operation, including where a value is rounded to
@@ -52,6 +57,10 @@ _DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 SCALARS = ("lr", "step", "beta1", "beta2", "eps", "weight_decay",
            "corr1", "corr2", "alpha", "beta3")
 _S = {name: i for i, name in enumerate(SCALARS)}
+# One derived slot the wrapper appends: Adam's step size
+# `(-lr * corr2) / corr1`, a scalar division done once per call in XLA
+# (IEEE, as the reference does it) instead of once per element.
+_STEP_SIZE = len(SCALARS)
 
 
 def num_states(kind: str) -> int:
@@ -105,6 +114,19 @@ def _round_to(x, dtype):
   if dtype == jnp.float32:
     return x
   return x.astype(dtype).astype(jnp.float32)
+
+
+def _apply_update(pf, new, interpret):
+  """`pf + (new - pf)` in float32, each op rounded on its own (no FMA).
+
+  `optax.apply_updates(p, u)` with the update `u = new - p` of jaxbnb's
+  transformations: `new` itself may end in a product (weight decay), which
+  the compiler must not contract into the subtraction.
+  """
+  if interpret:  # the barrier keeps XLA from fusing `new`'s product in
+    new = jax.lax.optimization_barrier(new)
+    return pf + (new - pf)
+  return _asm("add.rn", 2, pf, _asm("sub.rn", 2, new, pf))
 
 
 def _sgn(x):
@@ -180,7 +202,7 @@ def _requantize(s, absmax, q_ref, signed, interpret):
 
 
 def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
-            layout, interpret):
+            layout, apply_updates, interpret):
   nst = num_states(kind)
   stacked = kind == "ademamix"
   if nst == 2:
@@ -243,9 +265,7 @@ def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
     if kind == "adam":
       s1 = load_state(c1_ref, a1_ref, q1_ref, 128)
       s1 = jnp.where(finite, (s1 * b1) + ((one - b1) * gf), zero)
-      # Inline asm takes blocks, not scalars: divide the broadcast values.
-      step_size = _div(jnp.full(pf.shape, -lr * c2, f32),
-                       jnp.full(pf.shape, c1, f32), interpret)
+      step_size = h_ref[_STEP_SIZE]
       new = _round_to(
           pf + (step_size * _div(s1, _sqrt(s2, interpret) + (c2 * eps),
                                  interpret)), dtype)
@@ -295,13 +315,15 @@ def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
       new = pf - lr * _div(gf, _sqrt(s1, interpret) + eps, interpret)
     new = jnp.where(finite, _round_to(new, dtype), pf)
     store_state(s1, c1o_ref, a1o_ref, q1_ref, True)
+  if apply_updates:
+    new = _apply_update(pf, new, interpret)
   store(po_ref, new.astype(dtype))
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("kind", "nesterov", "has_wd", "block_rows", "num_warps",
-                     "layout", "alias", "interpret"))
+                     "layout", "alias", "apply_updates", "interpret"))
 def optimizer_update_8bit(
     p: jax.Array,
     g: jax.Array,
@@ -320,6 +342,7 @@ def optimizer_update_8bit(
     num_warps: int = 4,
     layout: str | None = None,
     alias: bool = False,
+    apply_updates: bool = False,
     interpret: bool = False,
 ):
   """One fused 8-bit blockwise optimizer step for one flat leaf.
@@ -346,11 +369,28 @@ def optimizer_update_8bit(
       (1-D loads masked at n, any n); default "rows" when it applies.
     alias: write the states (and p) in place of their inputs
       (`input_output_aliases`; pays off when the caller donates them).
+    apply_updates: write `p + (new_p - p)` (each op rounded on its own,
+      then cast to p's dtype), which is what `optax.apply_updates` computes
+      from the `new_p - p` update of jaxbnb's transformations, instead of
+      `new_p`. Both are the same for most elements; not for all.
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
     (new_p [n] in p's dtype, new codes1, new absmax1, new codes2, new
     absmax2); the last two are None for 1-state kinds.
+
+  Examples:
+    >>> n = 512
+    >>> p = jnp.ones((n,))
+    >>> z = jnp.zeros((n,), jnp.uint8)
+    >>> a = jnp.zeros((n // BLOCKSIZE,))
+    >>> q = jnp.linspace(-1.0, 1.0, 256)
+    >>> sc = pack_scalars(lr=0.1, step=1, beta1=0.9)
+    >>> out = optimizer_update_8bit(p, p, z, a, None, None, q, None, sc,
+    ...                             kind="momentum", alias=True,
+    ...                             apply_updates=True, interpret=True)
+    >>> round(float(out[0][0]), 4), out[3] is None
+    (0.9, True)
   """
   n = p.shape[0]
   nblocks = -(-n // BLOCKSIZE)
@@ -375,7 +415,12 @@ def optimizer_update_8bit(
   aspec = lambda ld=(): pl.BlockSpec(ld + (r,),
                                      lambda i: (0,) * len(ld) + (i,))
   full = lambda a: pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
-  scalars = scalars.astype(jnp.float32)
+  scalars = scalars.astype(jnp.float32).reshape(len(SCALARS))
+  step_size = jnp.float32(0.0)
+  if kind == "adam":
+    step_size = ((-scalars[_S["lr"]]) * scalars[_S["corr2"]]) / scalars[
+        _S["corr1"]]
+  scalars = jnp.concatenate([scalars, step_size[None]])
   qmap1 = qmap1.astype(jnp.float32)
   args = [scalars, qmap1]
   if nst == 2:
@@ -407,7 +452,8 @@ def optimizer_update_8bit(
       aliases.update({n_tables + 4: 3, n_tables + 5: 4})
   kernel = functools.partial(
       _kernel, kind=kind, nesterov=nesterov, has_wd=has_wd, dtype=dtype,
-      n=n, nblocks=nblocks, block_rows=r, layout=layout, interpret=interpret)
+      n=n, nblocks=nblocks, block_rows=r, layout=layout,
+      apply_updates=apply_updates, interpret=interpret)
   state_bytes = nst + (1 if stacked else 0)
   outs = pl.pallas_call(
       kernel,

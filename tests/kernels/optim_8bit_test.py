@@ -15,12 +15,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxbnb._src.optim import kernels
 from jaxbnb._src.optim import rules as optim_rules
 from jaxbnb._src.optim import state as optim_state
 from pallas_kernels import optim_8bit as ok
+from tests.kernels import _util
 
 
 def _hyper(kind, wd=0.0, nesterov=False):
@@ -286,3 +288,38 @@ def test_gpu_aliased_and_block_rows_agree():
   for other in outs[1:]:
     for a, b in zip(outs[0], other):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("mode", _util.modes())
+@pytest.mark.parametrize("kind,dtype,wd", [
+    ("adam", jnp.float32, 0.01),
+    ("lion", jnp.float32, 0.1),
+    ("momentum", jnp.float16, 0.0),
+])
+def test_apply_updates_writes_what_optax_applies(mode, kind, dtype, wd):
+  """apply_updates=True (the fused in-place step) writes exactly
+  `optax.apply_updates(p, new_p - p)`, with the same states; near-zero
+  parameters make that differ from new_p itself (checked for float32)."""
+  n = 2 * 256 + 77
+  rng = np.random.default_rng(11)
+  pv = rng.standard_normal(n).astype(np.float32)
+  pv[:64] *= 1e-5
+  p = jnp.asarray(pv).astype(dtype)
+  g = jnp.asarray(rng.standard_normal(n).astype(np.float32) * 0.1)
+  g = g.at[5].set(jnp.nan)
+  s1, s2 = _init_states(kind, (n,), rng)
+  hyper = _hyper(kind, wd)
+  run = jax.jit(lambda p, g, s1, s2, fuse: kernels.optimizer_update_8bit(
+      kind, p, g, s1, s2, lr=0.01, step=3, hyper=hyper, mode=mode,
+      apply_updates=fuse), static_argnums=4)
+  new_p, *states = run(p, g, s1, s2, False)
+  got, *got_states = run(p, g, s1, s2, True)
+  want = optax.apply_updates(
+      p, new_p.astype(jnp.float32) - p.astype(jnp.float32))
+  assert got.dtype == p.dtype
+  np.testing.assert_array_equal(
+      np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+  for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(got_states)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if dtype == jnp.float32:
+    assert (np.asarray(got) != np.asarray(new_p)).any()

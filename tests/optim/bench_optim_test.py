@@ -21,7 +21,8 @@ def test_bench_optim_quick(tmp_path, capsys):
   [row] = doc["results"]
   assert row["numel"] == 16384 and not row["errors"], row["errors"]
   cols = row["columns"]
-  assert set(cols) == {"optax-adamw", "adamw8bit", "paged_adamw8bit"}
+  assert set(cols) == {"optax-adamw", "adamw8bit", "adamw8bit-fused",
+                       "paged_adamw8bit"}
   for c in cols.values():
     assert c["median_us"] > 0 and math.isfinite(c["median_us"])
     assert c["floor_us"] > 0
@@ -30,6 +31,9 @@ def test_bench_optim_quick(tmp_path, capsys):
   eight = 2 * 16384 + 2 * 4 * 16384 // 256
   assert eight <= cols["adamw8bit"]["state_bytes"] <= eight + 64
   assert cols["adamw8bit"]["state_bytes_host"] == 0
+  assert (cols["adamw8bit-fused"]["state_bytes"]
+          == cols["adamw8bit"]["state_bytes"])
+  assert "adamw8bit-fused" in text
   assert cols["paged_adamw8bit"]["state_bytes_host"] == eight
   assert cols["paged_adamw8bit"]["state_bytes"] <= 64  # only the count
 

@@ -49,6 +49,7 @@ from jax.typing import ArrayLike
 import numpy as np
 import optax
 
+from jaxbnb._src.optim import fused as optim_fused
 from jaxbnb._src.optim import kernels as optim_kernels
 from jaxbnb._src.optim import paged as optim_paged
 from jaxbnb._src.optim import rules as optim_rules
@@ -244,6 +245,30 @@ def _update_leaf(kind, p, g, s1, s2, *, lr, step, hyper, mode):
                                   hyper=hyper)
 
 
+def _fused_leaf(kind, p, g, s1, s2, *, lr, step, hyper, mode):
+  """One leaf of a fused step (`optim_fused.apply_updates_fused`).
+
+  Returns `(new_p, s1, s2, written)`. Where the kernel serves the leaf,
+  `written` is `optax.apply_updates(p, new_p - p)` computed by the kernel
+  over p's (donated) buffer, and the states come from that same call;
+  `new_p` then comes from a second, plain update that only exists to give
+  `update` its exact return value: it is dead code (removed by jit) unless
+  a transformation after this one uses the updates. Elsewhere `written` is
+  None and the step applies the update as `optax.apply_updates` does.
+  """
+  if isinstance(s1, Quantized8bit):
+    out = optim_kernels.optimizer_update_8bit(
+        kind, p, g, s1, s2, lr=lr, step=step, hyper=hyper, mode=mode,
+        apply_updates=True)
+    if out is not None:
+      written, n1, n2 = out
+      new_p = _update_leaf(kind, p, g, s1, s2, lr=lr, step=step,
+                           hyper=hyper, mode=mode)[0]
+      return new_p, n1, n2, written
+  return (*_update_leaf(kind, p, g, s1, s2, lr=lr, step=step, hyper=hyper,
+                        mode=mode), None)
+
+
 def _override_flags(fn: str, override: Override, params) -> list[bool]:
   """Per-leaf "keep 32-bit" flags in the order of `jax.tree.leaves`."""
   with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -378,17 +403,26 @@ def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits,
             f"{fn}: params must have the structure of the updates "
             f"({treedef}): {e}") from None
     mode = dispatch.resolve()
+    # Inside `apply_updates_fused`, a full step (not a direction block)
+    # also writes each parameter in place and says so to the recorder.
+    recorder = None if direction else optim_fused.active_recorder()
     out_u, out_s1, out_s2 = [], [], []
     for (path, g), p, s1, s2 in zip(grads, ps, s1s, s2s):
       _check_update(fn, kind, path, g, p, s1)
       if direction:
         p = jnp.zeros(g.shape, jnp.float32)
-      new_p, n1, n2 = _update_leaf(kind, p, g, s1, s2, lr=lr, step=step,
-                                   hyper=hyper, mode=mode)
+      if recorder is None:
+        new_p, n1, n2 = _update_leaf(kind, p, g, s1, s2, lr=lr, step=step,
+                                     hyper=hyper, mode=mode)
+      else:
+        new_p, n1, n2, written = _fused_leaf(
+            kind, p, g, s1, s2, lr=lr, step=step, hyper=hyper, mode=mode)
       if direction:
         out_u.append(jnp.float32(0.0) - new_p)  # +0 for no move, not -0
       else:
         out_u.append(new_p.astype(jnp.float32) - p.astype(jnp.float32))
+        if recorder is not None:
+          recorder.add(out_u[-1], p, written)
       out_s1.append(n1)
       out_s2.append(n2)
     state1 = def1.unflatten(out_s1)

@@ -55,11 +55,13 @@ def _scalars(kind: str, hyper: rules.Hyper, lr, step) -> jax.Array:
 def optimizer_update_8bit(kind: str, p: jax.Array, g: jax.Array,
                           state1: optim_state.Quantized8bit,
                           state2: optim_state.Quantized8bit | None, *, lr,
-                          step, hyper: rules.Hyper, mode: str):
+                          step, hyper: rules.Hyper, mode: str,
+                          apply_updates: bool = False):
   """One fused 8-bit blockwise optimizer step, or None if no kernel serves it.
 
   Same contract as `rules.update_8bit` (which it equals bit for bit in
-  interpret mode).
+  interpret mode), or, with `apply_updates`, the in-place variant of the
+  fused step (`jaxbnb.optim.apply_updates_fused`).
 
   Args:
     kind: the rule ("adam", "ademamix", "lion", "momentum", "rmsprop",
@@ -73,6 +75,10 @@ def optimizer_update_8bit(kind: str, p: jax.Array, g: jax.Array,
     hyper: the rule's hyper-parameters (`rules.Hyper`).
     mode: the resolved kernel mode, `dispatch.resolve()`: "reference",
       "pallas" or "interpret".
+    apply_updates: return `optax.apply_updates(p, new_p - p)` (computed
+      in the kernel) in place of `new_p`, and write it and the states over
+      their inputs (`input_output_aliases`: in place when the caller
+      donates p and the state).
 
   Returns:
     `(new_p, new_state1, new_state2)` with `Quantized8bit` states, or None
@@ -108,6 +114,7 @@ def optimizer_update_8bit(kind: str, p: jax.Array, g: jax.Array,
       jnp.asarray(optim_state.unsigned_map()) if two else None,
       _scalars(kind, hyper, lr, step), kind=kind,
       nesterov=bool(hyper.nesterov), has_wd=rules.weight_decay_on(hyper),
+      alias=apply_updates, apply_updates=apply_updates,
       interpret=mode == "interpret")
   new_s1 = optim_state.Quantized8bit(
       codes=c1.reshape(state1.codes.shape), absmax=a1, signed=True)

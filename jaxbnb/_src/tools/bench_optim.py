@@ -6,13 +6,17 @@ step (update + `optax.apply_updates`) of
 
 * `optax-adamw`: `optax.adamw` with fp32 state,
 * `adamw8bit`: `jaxbnb.optim.adamw8bit` (kernel mode `auto`),
+* `adamw8bit-fused`: the same optimizer through
+  `jaxbnb.optim.apply_updates_fused`: the kernel writes the new parameter
+  and state in place of the donated ones (no update array, no second pass),
 * `paged_adamw8bit`: the same with its state in host memory,
 * `bnb-adamw8bit` / `torch-adamw-fused`: `bnb.optim.AdamW8bit` and
   `torch.optim.AdamW(fused=True)` when torch and bitsandbytes import on a
   CUDA device (CUDA events around an eager loop of steps).
 
 Method: the JAX step is one jitted function of (params, grads, state) with
-all three donated (the gradients pass through, aliased, so a loop can feed
+all three donated (update + `optax.apply_updates`, or `apply_updates_fused`
+for the fused column) (the gradients pass through, aliased, so a loop can feed
 them back). A timed call is a Python loop of `n` steps dispatched without a
 host sync, then one `block_until_ready`; the reported time is the median
 over `--reps` calls of (call time / n). State memory is the bytes of the
@@ -22,7 +26,9 @@ The floor is the bytes one step must move over the measured copy bandwidth
 (`measure.roofs`, read + write counted): per fp32 parameter, read and write
 p (8 B), read g (4 B) and read and write the states: 16 B for 8-bit AdamW
 (2 x 1 B codes, read and written) and 28 B for fp32 AdamW (2 x 4 B states,
-read and written). The paged variant additionally moves its 2 B/param of
+read and written). The unfused 8-bit step moves 12 B more (XLA reads the
+kernel's new p and p, and writes the new p); the fused one moves the floor's
+16 B. The paged variant additionally moves its 2 B/param of
 state over the host link twice (in and out), which is reported, not floored.
 """
 
@@ -53,8 +59,9 @@ __all__ = ["COLUMNS", "LLAMA_1B", "add_parsers", "bytes_per_param",
            "optim_table", "parse_columns", "parse_sizes", "run_optim",
            "tree_shapes"]
 
-COLUMNS = ("optax-adamw", "adamw8bit", "paged_adamw8bit", "bnb-adamw8bit",
-           "torch-adamw-fused")
+COLUMNS = ("optax-adamw", "adamw8bit", "adamw8bit-fused", "paged_adamw8bit",
+           "bnb-adamw8bit", "torch-adamw-fused")
+_FUSED_COLUMNS = ("adamw8bit-fused",)
 _TORCH_COLUMNS = ("bnb-adamw8bit", "torch-adamw-fused")
 DEFAULT_SIZES = ("16M", "64M", "llama-1b")
 QUICK_SIZES = ("64K",)
@@ -183,7 +190,7 @@ def _state_bytes(tree) -> dict:
 def _jax_optimizer(column):
   if column == "optax-adamw":
     return optax.adamw(LR)
-  if column == "adamw8bit":
+  if column in ("adamw8bit", "adamw8bit-fused"):
     return optim.adamw8bit(LR)
   return optim.paged_adamw8bit(LR)
 
@@ -195,6 +202,9 @@ def _time_jax_step(opts, column, shapes) -> dict:
   mem = _state_bytes(state)
 
   def step(p, g, s):
+    if column in _FUSED_COLUMNS:
+      p, s = optim.apply_updates_fused(opt, g, s, p)
+      return p, g, s
     updates, s = opt.update(g, s, p)
     return optax.apply_updates(p, updates), g, s
 
@@ -346,7 +356,8 @@ def add_parsers(sub) -> None:
     sub: the subparsers action of `jaxbnb bench`.
   """
   p = sub.add_parser("optim", help="optimizer step time and state memory: "
-                     "optax.adamw, jaxbnb (paged_)adamw8bit, bitsandbytes")
+                     "optax.adamw, jaxbnb (paged_)adamw8bit, adamw8bit fused "
+                     "in place, bitsandbytes")
   p.add_argument("--sizes", type=argtypes.from_parser(parse_sizes), help=(
       "parameter counts (K/M/G = 2^10/2^20/2^30) or llama-1b, "
       "comma-separated (default 16M,64M,llama-1b; --quick 64K)"))
