@@ -24,6 +24,7 @@ from jaxbnb._src.io.gguf_source import smollm2_gguf_path as smollm2_gguf_path
 from jaxbnb._src.io.orbax_io import restore_checkpoint as restore_checkpoint
 from jaxbnb._src.io.orbax_io import save_checkpoint as save_checkpoint
 from jaxbnb._src.io.sharding import ShardingRules as ShardingRules
+from jaxbnb._src.io.sharding import parse_mesh as parse_mesh
 from jaxbnb._src.io.tokenizer import load_tokenizer as load_tokenizer
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "iter_checkpoint_tensors",
     "load_tokenizer",
     "open_checkpoint",
+    "parse_mesh",
     "restore_checkpoint",
     "save_checkpoint",
     "save_pretrained",

@@ -25,6 +25,7 @@ from jaxbnb._src.train.loop import plot_losses as plot_losses
 from jaxbnb._src.train.loop import read_metrics as read_metrics
 from jaxbnb._src.train.loss import causal_lm_loss as causal_lm_loss
 from jaxbnb._src.train.loss import token_nll as token_nll
+from jaxbnb._src.train.mesh import shard_for_training as shard_for_training
 from jaxbnb._src.train.step import commit_to_device as commit_to_device
 from jaxbnb._src.train.step import evaluate as evaluate
 from jaxbnb._src.train.step import learning_rate_schedule as learning_rate_schedule
@@ -51,6 +52,7 @@ __all__ = [
     "prepare_data",
     "read_data",
     "read_metrics",
+    "shard_for_training",
     "supports_layerwise",
     "token_nll",
     "train_step",

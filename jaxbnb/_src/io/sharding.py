@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxbnb._src.quant import weights
 
-__all__ = ["ShardingRules", "param_spec", "quantized_specs"]
+__all__ = ["ShardingRules", "param_spec", "parse_mesh", "quantized_specs"]
 
 _COLUMN = re.compile(
     r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
@@ -57,6 +57,72 @@ _VOCAB = re.compile(r"(^|\.)(embed_tokens|lm_head)\.weight$")
 # Leaves of a quantized weight that hold its rows (split); all others are
 # small statistics (replicated).
 _ROW_LEAVES = {"data", "absmax", "CB", "SCB"}
+# The mesh axes the rules and the training loop know.
+MESH_AXES = ("data", "fsdp", "tensor")
+_MESH_ITEM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*([^,=]*?)\s*$")
+
+
+def parse_mesh(spec: str, devices: Sequence[Any] | None = None,
+               *, axis_names: Sequence[str] = MESH_AXES,
+               flag: str = "--mesh") -> Mesh:
+  """A `Mesh` from a command-line spec such as `"data=2,fsdp=4"`.
+
+  The axes come in the order written; the devices fill them row-major
+  (the last axis varies fastest, so it spans neighbouring devices).
+
+  Args:
+    spec: comma-separated `name=size` items, e.g. `"fsdp=8"`,
+      `"data=2,fsdp=2,tensor=2"`.
+    devices: the devices to lay out (default: `jax.devices()`); the sizes
+      must multiply to exactly their number.
+    axis_names: the axis names accepted (default: "data", "fsdp",
+      "tensor").
+    flag: the option named in error messages.
+
+  Returns:
+    A `jax.sharding.Mesh` over `devices`.
+
+  Raises:
+    ValueError: naming `flag`, if an item is not `name=size`, a name is
+      unknown or repeated, a size is not a positive integer, or the sizes
+      do not multiply to the number of devices.
+
+  Examples:
+    >>> import jax
+    >>> mesh = parse_mesh("fsdp=1", jax.devices()[:1])
+    >>> dict(mesh.shape)
+    {'fsdp': 1}
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f"{flag}: expected comma-separated name=size items "
+                     f"such as 'data=2,fsdp=4', received {spec!r}.")
+  names: list[str] = []
+  sizes: list[int] = []
+  for item in spec.split(","):
+    m = _MESH_ITEM.match(item)
+    if m is None:
+      raise ValueError(
+          f"{flag}: expected comma-separated name=size items such as "
+          f"'data=2,fsdp=4', received {spec!r} (bad item {item.strip()!r}).")
+    name, size = m.group(1), m.group(2)
+    if name not in axis_names:
+      raise ValueError(f"{flag}: unknown mesh axis {name!r} in {spec!r}; "
+                       f"expected one of {list(axis_names)}.")
+    if name in names:
+      raise ValueError(f"{flag}: mesh axis {name!r} is given twice in "
+                       f"{spec!r}.")
+    if not re.fullmatch(r"[0-9]+", size) or int(size) < 1:
+      raise ValueError(f"{flag}: the size of mesh axis {name!r} must be a "
+                       f"positive integer, received {size!r} in {spec!r}.")
+    names.append(name)
+    sizes.append(int(size))
+  total = math.prod(sizes)
+  if total != len(devices):
+    raise ValueError(
+        f"{flag}: the axis sizes of {spec!r} multiply to {total}, expected "
+        f"the number of devices, {len(devices)}.")
+  return Mesh(np.array(devices, dtype=object).reshape(sizes), tuple(names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +172,14 @@ class ShardingRules:
       raise ValueError(f"ShardingRules: fsdp and tensor are the same mesh "
                        f"axis {out[0]!r}.")
     return out[0], out[1]
+
+  def axes(self, mesh: Mesh) -> tuple[str | None, str | None]:
+    """`(fsdp axis, tensor axis)` these rules use on `mesh` (None: none).
+
+    Raises:
+      ValueError: a named axis the mesh lacks, or fsdp == tensor.
+    """
+    return self._axes(mesh)
 
   def spec(self, name: str, shape: Sequence[int], mesh: Mesh) -> P:
     """The `PartitionSpec` of the float parameter `name` of `shape`.
@@ -335,10 +409,10 @@ def build_by_rows(abstract: Any, specs: Any, mesh: Mesh, n_shards: int,
 
   `make_shard(i)` returns the weight of row shard `i` of `n_shards` (e.g.
   those rows read and quantized alone); each device takes its leaves from
-  the shard it holds, replicated leaves from shard 0. Correct when the rows
-  of a shard are quantized independently of the others (whole blocks, no
-  statistics over the whole tensor: not double quantization, whose
-  `offset` is the mean of every absmax).
+  the shard it holds, replicated leaves from one this process built.
+  Correct when the rows of a shard are quantized independently of the
+  others (whole blocks, no statistics over the whole tensor: not double
+  quantization, whose `offset` is the mean of every absmax).
 
   Args:
     abstract: the weight's abstract value (global shapes, static fields).
@@ -365,7 +439,10 @@ def build_by_rows(abstract: Any, specs: Any, mesh: Mesh, n_shards: int,
       if split:
         i = (idx[0].start or 0) // n0
         return shard(i)[j][(slice(None),) + tuple(idx[1:])]
-      return shard(0)[j][tuple(idx)]
+      # A replicated leaf is the same in every shard: take it from one this
+      # process has already built (the row leaves come first), so that on
+      # several hosts each process reads only its own rows.
+      return shard(min(cache) if cache else 0)[j][tuple(idx)]
 
     out.append(jax.make_array_from_callback(
         tuple(a.shape), NamedSharding(mesh, s), cb))

@@ -2,7 +2,8 @@
 
 What lives here: `LlamaConfig` (`config`), rotary embeddings (`rope`), the
 KV cache (`kv_cache`), the model (`llama`), sampling (`sampling`),
-generation (`generate`) and perplexity (`perplexity`). Every linear comes
+generation (`generate`), tensor-parallel decoding of a sharded model
+(`tensor_parallel`) and perplexity (`perplexity`). Every linear comes
 from `layers.factory.make_linear`.
 
 May import: `layers`, `quant`, Flax, jax, numpy. Never io or tools

@@ -11,6 +11,13 @@ KV cache is donated, so decoding updates it in place.
 Host round-trips: one per chunk (32 tokens by default; 4 when streaming), and
 the next chunk is dispatched before the host reads the previous one, so the
 device does not wait on Python between chunks.
+
+A model whose weights live on a device mesh (`from_pretrained(...,
+mesh=mesh)`) decodes tensor-parallel with no change to the call: the KV
+cache is split by key/value heads over the "tensor" axis (its rows over
+"data" when the batch divides), quantized linears run on their own rows on
+each device (`models/tensor_parallel.py`), and GSPMD partitions the rest.
+Greedy decoding gives the tokens of the single-device model.
 """
 
 from __future__ import annotations
@@ -28,8 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from jaxbnb._src.models import sampling
+from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.models.kv_cache import KVCache
 
 __all__ = [
@@ -220,13 +230,23 @@ class Generator:
     2
 
   Args:
-    model: a `LlamaForCausalLM` (float or 4-bit).
+    model: a `LlamaForCausalLM` (float or 4-bit), on one device or sharded
+      on a mesh.
     chunk_size: decode steps per device call.
     stream_chunk_size: decode steps per call when streaming.
+    tensor_axis: the mesh axis of tensor parallelism when the weights are
+      sharded (used where the mesh has it).
+    data_axis: the mesh axis batch rows are split over (where the mesh has
+      it and the batch divides).
+
+  Raises:
+    ValueError: for a bad `chunk_size`, or a tensor axis whose size does
+      not divide the model's key/value heads.
   """
 
   def __init__(self, model, *, chunk_size: int = 32,
-               stream_chunk_size: int = 4):
+               stream_chunk_size: int = 4, tensor_axis: str | None = "tensor",
+               data_axis: str | None = "data"):
     for name, v in (("chunk_size", chunk_size),
                     ("stream_chunk_size", stream_chunk_size)):
       if not _is_int(v) or v < 1:
@@ -237,6 +257,8 @@ class Generator:
     self._compiled: dict[tuple, Any] = {}
     self.num_compiles = 0
     self.graphdef = None
+    self.tensor_axis, self.data_axis = tensor_axis, data_axis
+    self.tp = None
     self.update(model)
 
   def update(self, model) -> None:
@@ -247,9 +269,13 @@ class Generator:
         raise TypeError("Generator: `model` must be a LlamaForCausalLM, got "
                         f"{type(model).__name__}.")
     graphdef, state = nnx.split(model)
-    if graphdef != self.graphdef:
+    tp = tensor_parallel.from_arrays(state, axis=self.tensor_axis,
+                                     data_axis=self.data_axis)
+    if tp is not None:
+      tp.check(model.config)
+    if graphdef != self.graphdef or tp != self.tp:
       self._compiled.clear()
-    self.graphdef, self.state = graphdef, state
+    self.graphdef, self.state, self.tp = graphdef, state, tp
     self._state_sig = tuple((x.shape, str(x.dtype))
                             for x in jax.tree.leaves(state))
     self.config = model.config
@@ -257,12 +283,42 @@ class Generator:
 
   # ---------------------------------------------------------------- traced
 
+  def _shard_cache(self, cache: KVCache) -> KVCache:
+    """The cache constrained to its mesh layout (heads over the tensor
+    axis, rows over the data axis); unchanged on one device."""
+    tp = self.tp
+    if tp is None:
+      return cache
+    kv = tp.cache_sharding(cache.batch)
+    rows = lambda a: jax.lax.with_sharding_constraint(  # noqa: E731
+        a, tp.rows_sharding(cache.batch, a.ndim))
+    return dataclasses.replace(
+        cache, k=jax.lax.with_sharding_constraint(cache.k, kv),
+        v=jax.lax.with_sharding_constraint(cache.v, kv),
+        mask=rows(cache.mask), positions=rows(cache.positions))
+
+  def _on_every_host(self, *arrays):
+    """`arrays` replicated on the mesh, so that every process can read
+    them (the host reads tokens and counts; they are a few bytes)."""
+    if self.tp is None:
+      return arrays
+    rep = NamedSharding(self.tp.mesh, PartitionSpec())
+    return tuple(jax.lax.with_sharding_constraint(a, rep) for a in arrays)
+
   def _prefill_fn(self, max_len, do_sample, penalize, state, ids, mask, keys,
                   params, stop_ids):
+    with tensor_parallel.activate(self.tp):
+      return self._prefill_body(max_len, do_sample, penalize, state, ids,
+                                mask, keys, params, stop_ids)
+
+  def _prefill_body(self, max_len, do_sample, penalize, state, ids, mask,
+                    keys, params, stop_ids):
     model = nnx.merge(self.graphdef, state)
     batch = ids.shape[0]
-    cache = KVCache.init(self.config, batch, max_len, self.dtype)
+    cache = self._shard_cache(
+        KVCache.init(self.config, batch, max_len, self.dtype))
     x, cache = model.model(ids, None, cache, mask)
+    cache = self._shard_cache(cache)
     logits = model.logits(x[:, -1])
     seen = None
     if penalize:
@@ -277,6 +333,7 @@ class Generator:
     first = jnp.where(emit, tok, params["pad"])
     if penalize:
       seen = seen.at[jnp.arange(batch), tok].set(True)
+    first, done, count = self._on_every_host(first, done, count)
     carry = dict(cache=cache, last=first, done=done, count=count,
                  step=jnp.ones((), jnp.int32), keys=keys, seen=seen)
     return carry, first
@@ -296,6 +353,7 @@ class Generator:
     done = carry["done"]
     logits, cache = model(carry["last"][:, None], cache=carry["cache"],
                           attention_mask=~done[:, None])
+    cache = self._shard_cache(cache)
     seen = carry["seen"]
     tok = self._pick(logits[:, 0], carry["keys"], carry["step"], params,
                      do_sample, seen)
@@ -311,6 +369,11 @@ class Generator:
     return carry, out
 
   def _chunk_fn(self, chunk, do_sample, state, carry, params, stop_ids):
+    with tensor_parallel.activate(self.tp):
+      return self._chunk_body(chunk, do_sample, state, carry, params,
+                              stop_ids)
+
+  def _chunk_body(self, chunk, do_sample, state, carry, params, stop_ids):
     model = nnx.merge(self.graphdef, state)
     batch = carry["last"].shape[0]
     buf = jnp.full((batch, chunk), params["pad"], jnp.int32)
@@ -326,16 +389,20 @@ class Generator:
 
     _, carry, buf = jax.lax.while_loop(cond, body,
                                        (jnp.zeros((), jnp.int32), carry, buf))
-    return carry, buf, carry["count"], jnp.all(carry["done"])
+    buf, count, all_done = self._on_every_host(buf, carry["count"],
+                                               jnp.all(carry["done"]))
+    return carry, buf, count, all_done
 
   def _bench_fn(self, steps, state, carry):
     model = nnx.merge(self.graphdef, state)
 
     def body(_, c):
       logits, cache = model(c["last"][:, None], cache=c["cache"])
-      return dict(c, cache=cache, last=sampling.greedy(logits[:, 0]))
+      return dict(c, cache=self._shard_cache(cache),
+                  last=sampling.greedy(logits[:, 0]))
 
-    return jax.lax.fori_loop(0, steps, body, carry)
+    with tensor_parallel.activate(self.tp):
+      return jax.lax.fori_loop(0, steps, body, carry)
 
   # ----------------------------------------------------------- compilation
 

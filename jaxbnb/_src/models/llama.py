@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxbnb._src.models import rope
+from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.models.kv_cache import KVCache
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.layers.common import QuantizedLinear
@@ -56,6 +57,12 @@ def _fused_attention(dtype: Any, head_dim: int) -> bool:
   return (jax.default_backend() == "gpu"
           and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
           and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def _linear(layer: nnx.Module, x: jax.Array) -> jax.Array:
+  """`layer(x)`; a quantized layer runs on its own rows per device while
+  `tensor_parallel.activate` is on (see models/tensor_parallel.py)."""
+  return tensor_parallel.linear(layer, x)
 
 
 def _normal(std: float):
@@ -109,9 +116,9 @@ class MLP(nnx.Module):
                                  **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate = self.gate_proj(x).astype(self.dtype)
-    up = self.up_proj(x).astype(self.dtype)
-    return self.down_proj(jax.nn.silu(gate) * up).astype(self.dtype)
+    gate = _linear(self.gate_proj, x).astype(self.dtype)
+    up = _linear(self.up_proj, x).astype(self.dtype)
+    return _linear(self.down_proj, jax.nn.silu(gate) * up).astype(self.dtype)
 
 
 class Attention(nnx.Module):
@@ -154,9 +161,9 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     d, nkv = cfg.head_dim, cfg.num_key_value_heads
     g = cfg.num_key_value_groups
-    q = self.q_proj(x).astype(self.dtype).reshape(b, t, nkv * g, d)
-    k = self.k_proj(x).astype(self.dtype).reshape(b, t, nkv, d)
-    v = self.v_proj(x).astype(self.dtype).reshape(b, t, nkv, d)
+    q = _linear(self.q_proj, x).astype(self.dtype).reshape(b, t, nkv * g, d)
+    k = _linear(self.k_proj, x).astype(self.dtype).reshape(b, t, nkv, d)
+    v = _linear(self.v_proj, x).astype(self.dtype).reshape(b, t, nkv, d)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
     if kv_cache is not None:
       # Write the new keys/values into the stacked cache in place (the
@@ -182,8 +189,8 @@ class Attention(nnx.Module):
       out = jax.nn.dot_product_attention(
           q, k, v, mask=mask[:, None], scale=d ** -0.5,
           implementation="cudnn")
-      out = self.o_proj(out.reshape(b, t, nkv * g * d)).astype(self.dtype)
-      return out, new_kv
+      out = _linear(self.o_proj, out.reshape(b, t, nkv * g * d))
+      return out.astype(self.dtype), new_kv
     q = q.reshape(b, t, nkv, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
                         precision=precision_for(self.dtype),
@@ -194,8 +201,8 @@ class Attention(nnx.Module):
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v,
                      precision=precision_for(self.dtype),
                      preferred_element_type=jnp.float32).astype(self.dtype)
-    out = self.o_proj(out.reshape(b, t, nkv * g * d)).astype(self.dtype)
-    return out, new_kv
+    out = _linear(self.o_proj, out.reshape(b, t, nkv * g * d))
+    return out.astype(self.dtype), new_kv
 
 
 class DecoderLayer(nnx.Module):
@@ -346,7 +353,7 @@ def output_logits(lm_head: nnx.Module | None, embed_tokens: nnx.Module,
     return embed_tokens.attend(hidden)
   if isinstance(lm_head, Linear):
     return lm_head(hidden, float32_out=True)
-  return lm_head(hidden).astype(jnp.float32)
+  return _linear(lm_head, hidden).astype(jnp.float32)
 
 
 class LlamaForCausalLM(nnx.Module):

@@ -10,6 +10,12 @@ Errors are one line on stderr, `jaxbnb <command>: error: <message>`:
 
 `jaxbnb --debug ...` (the flag may also follow the command) or
 `JAXBNB_DEBUG=1` prints the full traceback as well.
+
+Several hosts: start the same command once per host with `jaxbnb
+--coordinator HOST:PORT --num-processes N --process-id I <command> ...`
+(or the environment variables `JAX_COORDINATOR_ADDRESS`,
+`JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`); `jax.distributed.initialize` then
+joins every process's devices, and `--mesh` lays out all of them.
 """
 
 from __future__ import annotations
@@ -38,13 +44,14 @@ from jaxbnb import train
 from jaxbnb._src.io import estimate as estimate_lib
 # The output-folder rules of `finetune`, checked before the model loads.
 from jaxbnb._src.train import loop as train_loop
+from jaxbnb._src.train import mesh as train_mesh
 from jaxbnb._src.tools import argtypes
 from jaxbnb._src.tools import bench
 from jaxbnb._src.tools import demo as demo_lib
 from jaxbnb._src.tools.model_source import ModelSource
 
-__all__ = ["USER_ERRORS", "build_parser", "error_message", "folder_bytes",
-           "main"]
+__all__ = ["USER_ERRORS", "build_parser", "distributed_options",
+           "error_message", "folder_bytes", "main"]
 
 # Exceptions that report a bad input (an argument, a checkpoint, a text
 # file) or a missing optional package: one line and exit status 2.
@@ -191,11 +198,11 @@ def _quantization(args):
     raise _UsageError(f"argument --blocksize: {e}") from e
 
 
-def _load_model(args, path: str):
+def _load_model(args, path: str, mesh=None):
   dtype = args.dtype
   return convert.from_pretrained(path, quantization=_quantization(args),
                                  dtype=dtype, param_dtype=dtype,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, mesh=mesh)
 
 
 def _load_tokenizer(path: str, arg: str):
@@ -280,8 +287,21 @@ def _describe_quant(args) -> str:
   return f"{args.quant}{dq}, blocksize {args.blocksize}"
 
 
+def _parse_mesh(args):
+  """`--mesh` as a `Mesh` over every device of every process (or None)."""
+  if args.mesh is None:
+    return None
+  try:
+    return convert.parse_mesh(args.mesh)
+  except ValueError as e:
+    raise _UsageError(f"argument {error_message(e)}") from e
+
+
 def _generate(args) -> int:
   path = _existing(args.model, "MODEL")
+  mesh = _parse_mesh(args)
+  # On several processes every one runs the same program; one prints.
+  main_process = jax.process_index() == 0
   tok = _load_tokenizer(path, "MODEL")
   chat = args.chat
   if chat is None:
@@ -292,11 +312,11 @@ def _generate(args) -> int:
     raise _UsageError("argument --system: needs --chat")
   if args.adapter is not None:
     _adapter_folder(args.adapter)
-  model = _load_model(args, path)
+  model = _load_model(args, path, mesh=mesh)
   if args.adapter is not None:
     model = _apply_adapter(model, args.adapter)
   stream = None
-  if args.stream:
+  if args.stream and main_process:
     stream = lambda text: print(text, end="", flush=True)
   try:
     result = models.generate_text(
@@ -308,6 +328,8 @@ def _generate(args) -> int:
         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
   except (TypeError, ValueError) as e:
     raise _UsageError(str(e)) from e
+  if not main_process:
+    return 0
   if args.stream:
     print()
   else:
@@ -474,6 +496,12 @@ def _add_model_commands(sub) -> None:
   p.add_argument("--adapter", metavar="DIR", default=None,
                  help="apply this PEFT LoRA adapter folder (e.g. written by "
                  "`jaxbnb finetune`) to the model")
+  p.add_argument("--mesh", default=None, metavar="AXES",
+                 help="decode tensor-parallel on a device mesh, e.g. "
+                 "'tensor=2' (the KV cache and every linear split over "
+                 "'tensor', batch rows over 'data'); the sizes multiply to "
+                 "the number of devices of all processes (see "
+                 "docs/distributed.md)")
   _add_quant_args(p, "none")
 
   p = add("eval", _eval, "perplexity of a model on a text file",
@@ -554,8 +582,23 @@ def _check_seq_len(path: str, seq_len: int) -> None:
         f"max_position_embeddings ({cfg.max_position_embeddings})")
 
 
+def _finetune_mesh(args):
+  """`--mesh` as a `Mesh` (None without it), checked against
+  `--batch-size` before anything loads."""
+  mesh = _parse_mesh(args)
+  if mesh is None:
+    return None
+  try:
+    train_mesh.check_batch_size(args.batch_size, mesh,
+                                prefix="argument --batch-size: ")
+  except ValueError as e:
+    raise _UsageError(error_message(e)) from e
+  return mesh
+
+
 def _finetune(args) -> int:
   path = _existing(args.model, "MODEL")
+  mesh = _finetune_mesh(args)
   try:
     data = train.read_data(args.data)
   except (ValueError, OSError) as e:
@@ -584,7 +627,8 @@ def _finetune(args) -> int:
     raise _UsageError(f"argument --out: {error_message(e)}") from e
   _check_seq_len(path, args.seq_len)
   tok = _load_tokenizer(path, "MODEL")
-  model = _load_model(args, path)
+  # on a mesh, each device reads and quantizes only its shard of the base
+  model = _load_model(args, path, mesh=mesh)
   try:
     lora.find_targets(model, lora_cfg)
   except ValueError as e:
@@ -592,7 +636,7 @@ def _finetune(args) -> int:
   result = train.finetune(
       model, tok, data, cfg, lora_cfg, args.out, resume=args.resume,
       overwrite=args.overwrite, rngs=nnx.Rngs(args.seed),
-      progress=not args.quiet)
+      progress=not args.quiet, mesh=mesh)
   done = (f"steps {result.start_step + 1}-{cfg.steps}" if result.steps
           else "nothing left to train")
   line = f"wrote the adapter to {result.out_dir} ({done}"
@@ -699,6 +743,12 @@ def _add_train_commands(sub) -> None:
                  help="continue from the latest checkpoint in OUT")
   p.add_argument("--overwrite", action="store_true",
                  help="start afresh in a non-empty OUT")
+  p.add_argument("--mesh", default=None, metavar="AXES",
+                 help="train on a device mesh (FSDP-QLoRA), e.g. "
+                 "fsdp=8 or data=2,fsdp=4 (axes data, fsdp, tensor; the "
+                 "sizes must multiply to the device count): the 4-bit base, "
+                 "adapters and optimizer state are split over fsdp, each "
+                 "batch over data x fsdp (see docs/distributed.md)")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   _add_quant_args(p, "nf4")
   p.set_defaults(func=_finetune)
@@ -740,6 +790,20 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--debug", action="store_true",
                       help="print the full traceback of an error (also: "
                       "JAXBNB_DEBUG=1); may also follow the command")
+  dist = parser.add_argument_group(
+      "several hosts", "run one process per host with the same command and "
+      "these flags before it (or JAX_COORDINATOR_ADDRESS, "
+      "JAX_NUM_PROCESSES, JAX_PROCESS_ID); jax.distributed joins them into "
+      "one set of devices for --mesh")
+  dist.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                    help="address of process 0, which every process "
+                    "connects to")
+  dist.add_argument("--num-processes", metavar="N", default=None,
+                    type=argtypes.number(int, 1),
+                    help="how many processes take part")
+  dist.add_argument("--process-id", metavar="I", default=None,
+                    type=argtypes.number(int, 0),
+                    help="this process's index, 0 ... N-1")
   sub = parser.add_subparsers(dest="command", required=True)
   demo_lib.add_demo_parser(sub)
   demo = sub.add_parser(
@@ -757,6 +821,63 @@ def build_parser() -> argparse.ArgumentParser:
   _add_model_commands(sub)
   _add_train_commands(sub)
   return parser
+
+
+_DIST_ENV = (("coordinator", "--coordinator", "JAX_COORDINATOR_ADDRESS"),
+             ("num_processes", "--num-processes", "JAX_NUM_PROCESSES"),
+             ("process_id", "--process-id", "JAX_PROCESS_ID"))
+
+
+def distributed_options(args: argparse.Namespace,
+                        environ=None) -> dict | None:
+  """`jax.distributed.initialize` keywords from the flags or environment.
+
+  A flag wins over its environment variable (`JAX_COORDINATOR_ADDRESS`,
+  `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`).
+
+  Returns:
+    None when none is set (one process), else `coordinator_address`,
+    `num_processes` and `process_id`.
+
+  Raises:
+    ValueError: naming the flag, for a coordinator that is not HOST:PORT,
+      a process id outside [0, N), or only some of the three.
+  """
+  environ = os.environ if environ is None else environ
+  got = {}
+  for attr, flag, env in _DIST_ENV:
+    value = getattr(args, attr, None)
+    if value is None and environ.get(env, "").strip():
+      value = environ[env].strip()
+      if attr != "coordinator":
+        if not re.fullmatch(r"[0-9]+", value):
+          raise ValueError(f"{flag}: expected an integer from {env}, "
+                           f"received {value!r}.")
+        value = int(value)
+    got[attr] = value
+  if all(v is None for v in got.values()):
+    return None
+  missing = [flag for attr, flag, _ in _DIST_ENV if got[attr] is None]
+  if missing:
+    raise ValueError(
+        f"{missing[0]}: several processes need --coordinator, "
+        "--num-processes and --process-id together (or "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); "
+        f"missing {', '.join(missing)}.")
+  if not re.fullmatch(r"\S+:[0-9]+", got["coordinator"]):
+    raise ValueError(f"--coordinator: expected HOST:PORT, received "
+                     f"{got['coordinator']!r}.")
+  if got["num_processes"] < 1:
+    raise ValueError(f"--num-processes: expected an integer >= 1, received "
+                     f"{got['num_processes']}.")
+  if not 0 <= got["process_id"] < got["num_processes"]:
+    raise ValueError(
+        f"--process-id: expected 0 ... {got['num_processes'] - 1} (for "
+        f"--num-processes {got['num_processes']}), received "
+        f"{got['process_id']}.")
+  return {"coordinator_address": got["coordinator"],
+          "num_processes": got["num_processes"],
+          "process_id": got["process_id"]}
 
 
 def _debug_from_env() -> bool:
@@ -809,6 +930,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   debug = args.debug or bool(extra) or _debug_from_env()
   prog = f"jaxbnb {args.command}"
   try:
+    dist = distributed_options(args)
+  except ValueError as e:
+    parser.error(f"argument {error_message(e)}")
+  try:
+    if dist is not None:
+      jax.distributed.initialize(**dist)
     return args.func(args)
   except KeyboardInterrupt:
     _print_error(f"{prog}: interrupted", debug)

@@ -8,6 +8,12 @@ checkpoint is written beside its final name and renamed into place, so a
 checkpoint folder is complete or absent; the oldest are deleted beyond
 `keep`.
 
+On a device mesh the arrays are saved from their shards and hold global
+values, so a checkpoint does not depend on the mesh it was written from:
+`restore_checkpoint` reads each array onto the sharding its counterpart in
+the model or optimizer has now (place those on the new mesh first, as
+`finetune` does), e.g. from fsdp=4 x data=2 onto fsdp=8 or one device.
+
 orbax-checkpoint is the `[orbax]` extra, imported when a checkpoint is
 written or read.
 """
@@ -115,6 +121,9 @@ def read_meta(folder: str) -> dict[str, Any]:
 def restore_checkpoint(folder: str, model: nnx.Module,
                        optimizer: nnx.Optimizer) -> dict[str, Any]:
   """Restores a checkpoint into `model` and `optimizer`, bit for bit.
+
+  Each array lands with the sharding of the array it replaces (whatever
+  mesh, or single device, the checkpoint was written from).
 
   Returns:
     Its `meta.json`.

@@ -167,16 +167,17 @@ def _micro_batch(model, layers, head, input_ids, attention_mask, loss_mask,
   return nll, count, grads
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, changing, frozen, grads, denom):
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _apply(graphdef, changing, frozen, grads, denom, where=None):
   """`optimizer.update(model, grads / denom)` and the gradient norm; only
-  what changes leaves the program (`step._run`)."""
+  what changes leaves the program (`step.run_updating`)."""
   model, optimizer = nnx.merge(graphdef, changing, frozen)
   grads = jax.tree.map(lambda g: g / denom, grads)
   norm = optax.tree.norm(grads)
   optimizer.update(model, grads)
-  return norm, (nnx.state(model, step_lib.MUTABLE),
-                nnx.state(optimizer, step_lib.MUTABLE))
+  return norm, step_lib.constrain((nnx.state(model, step_lib.MUTABLE),
+                                   nnx.state(optimizer, step_lib.MUTABLE)),
+                                  where)
 
 
 def layerwise_train_step(model: nnx.Module, optimizer: nnx.Optimizer,

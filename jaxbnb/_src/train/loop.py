@@ -28,13 +28,14 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxbnb._src.io import paths
+from jaxbnb._src.io import sharding as sharding_lib
 from jaxbnb._src.io.peft import ADAPTER_CONFIG
 from jaxbnb._src.io.peft import ADAPTER_WEIGHTS
 from jaxbnb._src.io.peft import save_adapter
@@ -43,6 +44,7 @@ from jaxbnb._src.layers.lora import apply_lora
 from jaxbnb._src.layers.lora import find_targets
 from jaxbnb._src.layers.lora import lora_layers
 from jaxbnb._src.train import checkpoint
+from jaxbnb._src.train import mesh as mesh_lib
 from jaxbnb._src.train.config import RESUME_FIELDS
 from jaxbnb._src.train.config import TrainConfig
 from jaxbnb._src.train.data import TokenizedData
@@ -259,6 +261,8 @@ def finetune(model: nnx.Module, tokenizer: Any, data: Any,
              rngs: nnx.Rngs, eval_data: Any = None, progress: bool = True,
              base_model_name_or_path: str | None = None,
              callback: Callable[[int, dict[str, Any]], None] | None = None,
+             mesh: jax.sharding.Mesh | None = None,
+             sharding: sharding_lib.ShardingRules | Mapping | None = None,
              ) -> FinetuneResult:
   """Fine-tunes LoRA adapters of a (4-bit) model on text or chat data.
 
@@ -275,6 +279,15 @@ def finetune(model: nnx.Module, tokenizer: Any, data: Any,
   checkpointed in `OUT/checkpoints`; `resume=True` continues from the
   latest one and computes exactly the losses the uninterrupted run would
   have (same settings and data required; the message names a difference).
+
+  On a device mesh (FSDP-QLoRA, `mesh=`): the frozen base is split by
+  `sharding`'s rules (a base loaded with `from_pretrained(..., mesh=mesh)`
+  already is), each adapter along its largest dimension over "fsdp", the
+  optimizer state like its parameter, and every batch along its batch
+  axis over "data" and "fsdp" (see `jaxbnb.train.shard_for_training` and
+  docs/distributed.md). The losses are the single-device run's up to
+  float summation order. Checkpoints are written sharded and resume on any
+  mesh (or one device): they hold global arrays.
 
   Args:
     model: the base model (e.g. `jaxbnb.convert.from_pretrained(path,
@@ -298,16 +311,24 @@ def finetune(model: nnx.Module, tokenizer: Any, data: Any,
     base_model_name_or_path: recorded in `adapter_config.json` (default: the
       checkpoint the model was loaded from).
     callback: called as `callback(step, metrics)` after each step.
+    mesh: a `jax.sharding.Mesh` (axes among "data", "fsdp", "tensor", e.g.
+      `jaxbnb.convert.parse_mesh("data=2,fsdp=4")`) to train on. Default:
+      the mesh the model's weights are already sharded on, if any, else one
+      device.
+    sharding: `ShardingRules` (or a dict of its fields) for the base;
+      default `ShardingRules()`. Needs a mesh.
 
   Returns:
     A `FinetuneResult`.
 
   Raises:
-    TypeError: `config` or `lora_config` of the wrong type.
+    TypeError: `config`, `lora_config` or `mesh` of the wrong type.
     ValueError: unusable data, a `seq_len` beyond the model's
       `max_position_embeddings`, targets that match no linear layer, a
       model with adapters and a `lora_config`, a checkpoint made with other
-      settings or data.
+      settings or data, `sharding` without a mesh, a `batch_size` that the
+      mesh's "data" x "fsdp" size does not divide, or an axis of the rules
+      that does not divide the dimension it splits.
     FileExistsError: a non-empty `out_dir` without `resume` or `overwrite`.
 
   Examples:
@@ -342,6 +363,14 @@ def finetune(model: nnx.Module, tokenizer: Any, data: Any,
   if lora_config is not None and not isinstance(lora_config, LoRAConfig):
     raise TypeError("finetune: `lora_config` must be a LoRAConfig or None, "
                     f"got {type(lora_config).__name__}.")
+  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError("finetune: `mesh` must be a jax.sharding.Mesh or None, "
+                    f"got {type(mesh).__name__}.")
+  mesh = mesh if mesh is not None else mesh_lib.model_mesh(model)
+  if sharding is not None and mesh is None:
+    raise ValueError("finetune: `sharding` needs a `mesh`.")
+  if mesh is not None:
+    mesh_lib.check_batch_size(config.batch_size, mesh, sharding)
   max_pos = getattr(getattr(model, "config", None), "max_position_embeddings",
                     None)
   if max_pos is not None and config.seq_len > max_pos:
@@ -384,7 +413,10 @@ def finetune(model: nnx.Module, tokenizer: Any, data: Any,
   if not has_adapters:
     model = apply_lora(model, lora_config, rngs=rngs)
   optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.LoRAParam)
-  commit_to_device(model, optimizer)
+  if mesh is None:
+    commit_to_device(model, optimizer)
+  else:
+    mesh_lib.shard_for_training(model, optimizer, mesh, sharding)
   _commit(model, optimizer)
   start_step, position = 0, 0
   if meta is not None:
@@ -398,7 +430,7 @@ def finetune(model: nnx.Module, tokenizer: Any, data: Any,
   try:
     return _run(model, optimizer, train, held_out, config, out, lora_dict,
                 fingerprint, start_step, position, progress,
-                base_model_name_or_path, callback, t_start)
+                base_model_name_or_path, callback, t_start, mesh, sharding)
   except BaseException:
     if not checkpoint.list_checkpoints(out):
       # nothing resumable: leave the folder as it was found
@@ -421,7 +453,8 @@ def _remove_own(out: str) -> None:
 
 def _run(model, optimizer, train, held_out, config, out, lora_dict,
          fingerprint, start_step, position, progress,
-         base_model_name_or_path, callback, t_start) -> FinetuneResult:
+         base_model_name_or_path, callback, t_start, mesh=None,
+         sharding=None) -> FinetuneResult:
   metrics_path = os.path.join(out, METRICS)
   if start_step:
     _truncate_metrics(out, start_step)
@@ -441,7 +474,8 @@ def _run(model, optimizer, train, held_out, config, out, lora_dict,
 
   def run_eval(step):
     model.eval()
-    loss, ppl = evaluate(model, held_out, config.batch_size)
+    loss, ppl = evaluate(model, held_out, config.batch_size, mesh=mesh,
+                         sharding=sharding)
     model.train()
     evals.append((step, loss, ppl))
     _append(metrics_path, {"step": step, "eval_loss": loss, "eval_ppl": ppl})
@@ -474,7 +508,11 @@ def _run(model, optimizer, train, held_out, config, out, lora_dict,
     for step in range(start_step + 1, config.steps + 1):
       index = batch_indices(len(train), position, per_step, config.seed)
       arrays = batch_arrays(train, index, shape)
-      batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+      if mesh is None:
+        batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+      else:  # [A, B, T]: B over "data" x "fsdp"
+        where = mesh_lib.batch_sharding(mesh, 3, 1, sharding)
+        batch = {k: jax.device_put(v, where) for k, v in arrays.items()}
       t0 = time.perf_counter()
       if layerwise:
         out_step = layerwise_train_step(model, optimizer, batch)

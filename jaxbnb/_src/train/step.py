@@ -21,22 +21,25 @@ import contextlib
 import functools
 import math
 from collections.abc import Iterator, Mapping
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from jaxbnb._src.optim import aliases as optim_aliases
+from jaxbnb._src.train import mesh as mesh_lib
 from jaxbnb._src.train.config import TrainConfig
 from jaxbnb._src.train.data import TokenizedData
 from jaxbnb._src.train.loss import token_nll
 
 __all__ = ["learning_rate_schedule", "make_optimizer", "RematLayer",
            "rematerialized", "decoder_layers", "train_step", "eval_step",
-           "commit_to_device", "run_updating", "MUTABLE",
+           "commit_to_device", "run_updating", "placements", "constrain",
+           "MUTABLE",
            "evaluate"]
 
 
@@ -205,18 +208,56 @@ _grad_fn = nnx.value_and_grad(_nll, argnums=nnx.DiffState(0, nnx.LoRAParam),
 MUTABLE = (nnx.LoRAParam, nnx.OptState, nnx.RngState)
 
 
+def placements(nodes) -> tuple[tuple[NamedSharding | None, ...], ...] | None:
+  """The `NamedSharding` of each `MUTABLE` leaf of each of `nodes` (None
+  for a leaf that has none), or None when no leaf is on a multi-device
+  mesh. Hashable: a static argument of the jitted steps."""
+  out, sharded = [], False
+  for node in nodes:
+    row = []
+    for x in jax.tree.leaves(nnx.state(node, MUTABLE)):
+      s = getattr(x, "sharding", None)
+      if isinstance(s, NamedSharding) and s.mesh.size > 1:
+        row.append(s)
+        sharded = True
+      else:
+        row.append(None)
+    out.append(tuple(row))
+  return tuple(out) if sharded else None
+
+
+def constrain(states, where):
+  """`states` (one per node) with each leaf constrained to its `where`
+  entry (`placements`), so a step returns the adapters, optimizer state
+  and RNG state sharded as they came in: the next step then reuses the
+  compiled program, and XLA never picks another layout for them."""
+  if where is None:
+    return states
+  out = []
+  for state, row in zip(states, where):
+    leaves, treedef = jax.tree.flatten(state)
+    if len(leaves) != len(row):  # a bug: the same filter, the same tree
+      raise AssertionError(f"{len(leaves)} leaves, {len(row)} placements")
+    out.append(jax.tree.unflatten(treedef, [
+        x if s is None else jax.lax.with_sharding_constraint(x, s)
+        for x, s in zip(leaves, row)]))
+  return tuple(out)
+
+
 def run_updating(jitted, nodes, *args):
-  """Calls `jitted(graphdef, changing, frozen, *args)` -> `(out, states)`
-  and writes each node's returned state back into it."""
+  """Calls `jitted(graphdef, changing, frozen, *args, placements(nodes))`
+  -> `(out, states)` and writes each node's returned state back into it.
+
+  On a single device the last argument is None (no constraint)."""
   graphdef, changing, frozen = nnx.split(tuple(nodes), MUTABLE, ...)
-  out, states = jitted(graphdef, changing, frozen, *args)
+  out, states = jitted(graphdef, changing, frozen, *args, placements(nodes))
   for node, state in zip(nodes, states):
     nnx.update(node, state)
   return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _train_step(graphdef, changing, frozen, batch, remat):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _train_step(graphdef, changing, frozen, batch, remat, where=None):
   model, optimizer = nnx.merge(graphdef, changing, frozen)
   # The whole state is the scan's carry: NNX merges graph nodes only from
   # values of the current trace level (the frozen weights pass through
@@ -241,7 +282,8 @@ def _train_step(graphdef, changing, frozen, batch, remat):
   optimizer.update(model, grads)
   out = {"loss": jnp.sum(nlls) / denom, "grad_norm": grad_norm,
          "targets": count}
-  return out, (nnx.state(model, MUTABLE), nnx.state(optimizer, MUTABLE))
+  return out, constrain((nnx.state(model, MUTABLE),
+                        nnx.state(optimizer, MUTABLE)), where)
 
 
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
@@ -264,13 +306,13 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
   return run_updating(_train_step, (model, optimizer), dict(batch), remat)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_step(graphdef, changing, frozen, batch):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _eval_step(graphdef, changing, frozen, batch, where=None):
   (model,) = nnx.merge(graphdef, changing, frozen)
   logits, _ = model(batch["input_ids"],
                     attention_mask=batch["attention_mask"])
   out = token_nll(logits, batch["input_ids"], batch["loss_mask"])
-  return out, (nnx.state(model, MUTABLE),)
+  return out, constrain((nnx.state(model, MUTABLE),), where)
 
 
 def eval_step(model: nnx.Module, batch: Mapping[str, jax.Array]
@@ -279,7 +321,8 @@ def eval_step(model: nnx.Module, batch: Mapping[str, jax.Array]
   return run_updating(_eval_step, (model,), dict(batch))
 
 
-def evaluate(model: nnx.Module, data: TokenizedData, batch_size: int
+def evaluate(model: nnx.Module, data: TokenizedData, batch_size: int, *,
+             mesh: jax.sharding.Mesh | None = None, sharding: Any = None
              ) -> tuple[float, float]:
   """Mean token loss and perplexity of `model` on `data`.
 
@@ -287,10 +330,20 @@ def evaluate(model: nnx.Module, data: TokenizedData, batch_size: int
   adapter dropout off). The last batch is padded with empty rows, so one
   program serves every batch.
 
+  Args:
+    model: the model.
+    data: the held-out sequences.
+    batch_size: sequences per batch.
+    mesh: a device mesh to split each batch over ("data" x the FSDP axis
+      of `sharding`, see `jaxbnb.train.finetune`); None: as it comes.
+    sharding: the `ShardingRules` (or a dict of its fields) of the run.
+
   Returns:
     `(loss, perplexity)`: the mean negative log-likelihood per target token
     (summed in float64 across batches) and its exp.
   """
+  if mesh is not None:
+    where = mesh_lib.batch_sharding(mesh, 2, 0, sharding)
   total, count = 0.0, 0
   n = len(data)
   for start in range(0, n, batch_size):
@@ -304,7 +357,11 @@ def evaluate(model: nnx.Module, data: TokenizedData, batch_size: int
       arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:],
                                                 v.dtype)])
                 for k, v in arrays.items()}
-    nll, c = eval_step(model, {k: jnp.asarray(v) for k, v in arrays.items()})
+    if mesh is None:
+      batch = {k: jnp.asarray(v) for k, v in arrays.items()}
+    else:
+      batch = {k: jax.device_put(v, where) for k, v in arrays.items()}
+    nll, c = eval_step(model, batch)
     total += float(nll)
     count += int(c)
   loss = total / max(count, 1)

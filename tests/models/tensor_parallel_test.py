@@ -1,0 +1,195 @@
+"""Tensor-parallel decoding on a device mesh (8 virtual CPU devices).
+
+A model loaded with `from_pretrained(..., mesh=mesh)` decodes through the
+plain `generate` call: the KV cache split by key/value heads over
+"tensor", quantized linears on their own rows per device
+(models/tensor_parallel.py). Greedy tokens must be those of the
+single-device model, and the compiled decode step must never all-gather a
+quantized weight.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbnb
+from jaxbnb import convert
+from jaxbnb import models
+from jaxbnb._src.io import sharding as sharding_lib
+from jaxbnb._src.models import sampling
+from jaxbnb._src.models import tensor_parallel
+from jaxbnb.nnx import Linear8bitLt
+from jaxbnb.nnx import LinearNF4
+
+# 8 query heads, 4 key/value heads: "tensor" may be 2 or 4. With hidden 256
+# the row shards of q_proj fill whole nested (double-quant) blocks of 256
+# absmax values, those of k_proj at tensor=4 do not: both paths run.
+CONFIG = dict(vocab_size=256, hidden_size=256, intermediate_size=512,
+              num_hidden_layers=2, num_attention_heads=8,
+              num_key_value_heads=4, head_dim=32, initializer_range=0.1,
+              max_position_embeddings=256)
+QUANT = {
+    "float32": None,
+    "nf4-dq": models.QuantizationConfig.nf4(compute_dtype="float32"),
+}
+PROMPTS = [[5, 17, 42, 7, 99], [3, 8], [200, 1, 2], [9]]
+NEW = 6
+
+
+def _mesh(spec):
+  n = 1
+  for item in spec.split(","):
+    n *= int(item.split("=")[1])
+  return convert.parse_mesh(spec, jax.devices()[:n])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  cfg = models.LlamaConfig(**CONFIG)
+  model = models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(3))
+  path = str(tmp_path_factory.mktemp("tp") / "model")
+  convert.save_pretrained(model, path, progress=False)
+  return path
+
+
+_REFERENCE = {}
+
+
+def _load(folder, quant, mesh=None):
+  return convert.from_pretrained(folder, quantization=QUANT[quant],
+                                 param_dtype="float32", progress=False,
+                                 mesh=mesh)
+
+
+def _reference(folder, quant):
+  if quant not in _REFERENCE:
+    _REFERENCE[quant] = models.generate(
+        _load(folder, quant), PROMPTS, max_new_tokens=NEW,
+        stop_token_ids=()).sequences
+  return _REFERENCE[quant]
+
+
+@pytest.mark.parametrize("spec,quant", [
+    ("tensor=2", "nf4-dq"),
+    ("tensor=4", "nf4-dq"),
+    ("data=4,tensor=2", "nf4-dq"),
+    ("tensor=4", "float32"),
+])
+def test_greedy_tokens_match_single_device(folder, spec, quant):
+  mesh = _mesh(spec)
+  model = _load(folder, quant, mesh)
+  gen = models.Generator(model)
+  out = gen.generate(PROMPTS, max_new_tokens=NEW, stop_token_ids=())
+  assert out.sequences == _reference(folder, quant)
+  # The compiled prefill leaves the KV cache split by heads over "tensor"
+  # (and its 4 rows over "data").
+  prefill = [c for k, c in gen._compiled.items() if k[1] == "prefill"]
+  cache = prefill[0].output_shardings[0]["cache"]
+  data = "data" if "data" in mesh.shape else None
+  for kv in (cache.k, cache.v):
+    assert kv.spec == P(None, data, None, "tensor"), kv.spec
+  # The model's weights were not moved or replaced.
+  q = model.model.layers[0].self_attn.q_proj.weight.get_value()
+  leaf = q if quant == "float32" else q.data
+  assert leaf.sharding.spec[0] == "tensor"
+
+
+def test_tensor_axis_must_divide_kv_heads(folder):
+  model = _load(folder, "float32", _mesh("tensor=8"))
+  with pytest.raises(ValueError, match=r"'tensor' \(size 8\).*"
+                     r"num_key_value_heads, got 4"):
+    models.generate(model, [[1, 2]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kind,rows,cols", [
+    ("nf4", 256, 256), ("nf4", 128, 64), ("int8", 64, 128)])
+def test_row_shards_run_the_layer_forward(kind, rows, cols):
+  # NF4 256 x 256 at tensor=4: each shard's 256 absmax codes fill one
+  # nested block (sliced); 128 x 64: 32 codes per shard (dequantized
+  # first). LLM.int8 with threshold 6: the outlier columns of the input
+  # are found on the whole input, on every device alike.
+  mesh = _mesh("tensor=4")
+  if kind == "nf4":
+    layer = LinearNF4(cols, rows, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  else:
+    layer = Linear8bitLt(cols, rows, has_fp16_weights=False, threshold=6.0,
+                         dtype=jnp.float32, rngs=nnx.Rngs(0))
+  layer.bias.set_value(jnp.linspace(-1.0, 1.0, rows))
+  x = jax.random.normal(jax.random.key(1), (3, 1, cols))
+  x = x.at[:, :, 5].set(9.0)  # an outlier column
+  want = layer(x)
+  w = layer.weight.get_value()
+  specs = sharding_lib.quantized_specs(
+      sharding_lib.ShardingRules(), "layers.0.mlp.up_proj.weight", w, mesh)
+  layer.weight.set_value(jax.tree.map(
+      lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), w, specs,
+      is_leaf=lambda s: isinstance(s, P)))
+  layer.bias.set_value(jax.device_put(layer.bias[...],
+                                      NamedSharding(mesh, P("tensor"))))
+  tp = tensor_parallel.TensorParallel(mesh, "tensor", None)
+
+  @jax.jit
+  def run(x):
+    with tensor_parallel.activate(tp):
+      return tensor_parallel.linear(layer, x)
+
+  got = run(x)
+  assert got.sharding.spec == P(None, None, "tensor")
+  # The same weight, the same float32 sums over the whole input: equal up
+  # to the order XLA adds in.
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+
+def _decode_hlo(gen):
+  """The compiled text of one decode chunk (the 4-bit kernels interpreted),
+  after a prefill run in reference mode."""
+  ids = jnp.ones((1, 32), jnp.int32)
+  mask = jnp.ones((1, 32), bool)
+  keys = sampling.row_keys(0, 1)
+  params = dict(temperature=jnp.float32(1), top_k=jnp.int32(0),
+                top_p=jnp.float32(1), repetition_penalty=jnp.float32(1),
+                max_new_tokens=jnp.int32(4), pad=jnp.int32(0))
+  stop = jnp.full((4,), -1, jnp.int32)
+  with jaxbnb.kernel_mode("reference"):
+    prefill, _ = gen._prefill(128, False, False, gen.state, ids, mask, keys,
+                              params, stop)
+    carry, _ = prefill(gen.state, ids, mask, keys, params, stop)
+  with jaxbnb.kernel_mode("interpret"):
+    chunk, _ = gen._chunk(1, False, gen.state, carry, params, stop)
+  return chunk.as_text()
+
+
+def _all_gathers(hlo):
+  """(dtype, elements) of every all-gather result in `hlo`."""
+  out = []
+  for dtype, dims in re.findall(r"= (\w+)\[([0-9,]*)\]\S* all-gather\(", hlo):
+    out.append((dtype, int(np.prod([int(d) for d in dims.split(",") if d]))))
+  return out
+
+
+def test_decode_step_never_gathers_a_quantized_weight(tmp_path):
+  cfg = models.LlamaConfig(vocab_size=128, hidden_size=64,
+                           intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=4,
+                           head_dim=16, max_position_embeddings=256)
+  convert.save_pretrained(models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)),
+                          str(tmp_path), progress=False)
+  model = _load(str(tmp_path), "nf4-dq", _mesh("tensor=4"))
+  # The kernels (interpreted here; compiled on a GPU) are opaque to GSPMD.
+  # Without shard_map it gathers the packed bytes (uint8) of the weights
+  # before every kernel call, at every step...
+  plain = _all_gathers(_decode_hlo(models.Generator(model, tensor_axis=None)))
+  assert any(dtype == "u8" for dtype, _ in plain), plain
+  # ...with it, only activations move: float32, at most a [1, 1, 128]
+  # row (the MLP's hidden input of down_proj), never the 128 x 64 / 2
+  # = 4096 packed bytes of one weight.
+  gathers = _all_gathers(_decode_hlo(models.Generator(model)))
+  assert gathers, "expected the activations of o_proj/down_proj gathered"
+  assert all(dtype in ("f32", "s32", "pred") for dtype, _ in gathers), gathers
+  assert max(n for _, n in gathers) <= 128, gathers

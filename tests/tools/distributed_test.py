@@ -1,0 +1,213 @@
+"""Two processes on this machine as two hosts (`jax.distributed`, gloo).
+
+Each worker is a fresh Python with one CPU device. It runs
+
+  jaxbnb --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I \
+      generate MODEL --mesh tensor=2 ...
+
+so the model is loaded onto a mesh spanning both processes and decoded
+tensor-parallel, then loads it again through `from_pretrained(mesh=)` and
+computes logits. The tokens and logits must be those of one process, and
+each process must read from the safetensors file only its own rows.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxbnb import convert
+from jaxbnb import models
+from jaxbnb._src.tools import cli
+from tests.tools import tiny_gguf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+QUANT = ["--quant", "nf4", "--no-double-quant", "--compute-dtype", "float32",
+         "--dtype", "float32"]
+GENERATE = ["--prompt", "the", "--no-chat", "--max-new-tokens", "8",
+            "--quiet", *QUANT]
+IDS = [[3, 70, 200, 5, 9, 41], [7, 7, 120, 66, 1, 250]]
+
+_WORKER = r"""
+import contextlib, io, json, sys
+pid, port, folder, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+generate = json.loads(sys.argv[5])
+ids = json.loads(sys.argv[6])
+from jaxbnb._src.io import checkpoint_source as cs
+reads = []
+slice_of, whole_of = cs.SafetensorsSource.load_slice, cs.SafetensorsSource.load
+
+def load_slice(self, name, index):
+  reads.append([name, list(self._info[name][1]),
+                [[s.start, s.stop] for s in index]])
+  return slice_of(self, name, index)
+
+def load(self, name):
+  reads.append([name, list(self._info[name][1]), "whole"])
+  return whole_of(self, name)
+
+cs.SafetensorsSource.load_slice, cs.SafetensorsSource.load = load_slice, load
+from jaxbnb._src.tools import cli
+text = io.StringIO()
+with contextlib.redirect_stdout(text):
+  rc = cli.main(["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                 "--process-id", str(pid), "generate", folder,
+                 "--mesh", "tensor=2", *generate])
+cli_reads = list(reads)
+
+import jax, numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxbnb import convert, models
+mesh = convert.parse_mesh("tensor=2")
+model = convert.from_pretrained(
+    folder, quantization=models.QuantizationConfig.nf4(
+        double_quant=False, compute_dtype="float32"),
+    param_dtype="float32", progress=False, mesh=mesh)
+graphdef, state = nnx.split(model)
+logits = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0],
+                 out_shardings=NamedSharding(mesh, P()))(state, np.array(ids))
+with open(out, "w") as f:
+  json.dump({"rc": rc, "text": text.getvalue(), "reads": cli_reads,
+             "processes": jax.process_count(),
+             "devices": [len(jax.devices()), len(jax.local_devices())],
+             "logits": np.asarray(logits).tolist()}, f)
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  # vocab 272 splits over 2; rows of every 4-bit weight hold whole blocks.
+  tmp = tmp_path_factory.mktemp("dist")
+  gguf = tiny_gguf.write_tiny_gguf(
+      tmp / "tiny.gguf", tiny_gguf.tiny_weights(seed=5, tied=False,
+                                                vocab=272))
+  out = str(tmp / "model")
+  assert cli.main(["convert", gguf, out, "--quant", "none", "--dtype",
+                   "float32", "--quiet"]) == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def workers(folder, tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("workers")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  port = str(_free_port())
+  procs, outs = [], []
+  try:
+    for pid in range(2):
+      outs.append(tmp / f"worker{pid}.json")
+      procs.append(subprocess.Popen(
+          [sys.executable, "-c", _WORKER, str(pid), port, folder,
+           str(outs[-1]), json.dumps(GENERATE), json.dumps(IDS)],
+          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+          text=True))
+    logs = [p.communicate(timeout=180)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-4000:]
+  return [json.loads(o.read_text()) for o in outs]
+
+
+def test_two_processes_generate_from_the_command_line(workers):
+  # (That the tokens are one device's: tests/models/tensor_parallel_test.py;
+  # the logits of this mesh: below.)
+  for w in workers:
+    assert w["rc"] == 0
+    assert w["processes"] == 2 and w["devices"] == [2, 1]
+  # Process 0 prints the text; the other runs the same program silently.
+  assert workers[0]["text"].strip()
+  assert workers[1]["text"] == ""
+
+
+def test_two_processes_compute_the_logits_of_one(folder, workers):
+  single = convert.from_pretrained(
+      folder, quantization=models.QuantizationConfig.nf4(
+          double_quant=False, compute_dtype="float32"),
+      param_dtype="float32", progress=False)
+  want = np.asarray(single(np.array(IDS))[0])
+  for w in workers:
+    got = np.asarray(w["logits"])
+    # Bit-identical weights; only the order of a few float32 sums differs.
+    np.testing.assert_allclose(got, want, rtol=0,
+                               atol=1e-5 * np.abs(want).max())
+
+
+def test_each_process_reads_only_its_rows(workers):
+  seen = {}
+  for pid, w in enumerate(workers):
+    assert w["reads"], "no reads logged"
+    for name, shape, index in w["reads"]:
+      assert index != "whole", f"process {pid} read all of {name}"
+      if len(shape) < 2:
+        continue  # norm weights: replicated, each process reads them
+      half = shape[0] // 2
+      assert index == [[pid * half, (pid + 1) * half], [None, None]], (
+          pid, name, index)
+      seen.setdefault(name, set()).add(pid)
+  # Every matrix was split: each process read its half, the other the rest.
+  assert seen and all(p == {0, 1} for p in seen.values()), seen
+
+
+def _options(argv, environ=None):
+  args = cli.build_parser().parse_args([*argv, "info", "x"])
+  return cli.distributed_options(args, environ or {})
+
+
+def test_distributed_options_from_flags_or_environment():
+  assert _options([]) is None
+  want = {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+  assert _options(["--coordinator", "h:1", "--num-processes", "2",
+                   "--process-id", "1"]) == want
+  env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
+         "JAX_PROCESS_ID": "0"}
+  assert _options(["--process-id", "1"], env) == want  # the flag wins
+
+
+@pytest.mark.parametrize("argv,env,needle", [
+    (["--coordinator", "h:1"], {}, "--num-processes: several processes "
+     "need --coordinator, --num-processes and --process-id together"),
+    (["--coordinator", "h", "--num-processes", "2", "--process-id", "0"], {},
+     "--coordinator: expected HOST:PORT, received 'h'"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+     {}, "--process-id: expected 0 ... 1 (for --num-processes 2), "
+     "received 2"),
+    ([], {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two",
+          "JAX_PROCESS_ID": "0"}, "--num-processes: expected an integer "
+     "from JAX_NUM_PROCESSES, received 'two'"),
+])
+def test_bad_distributed_options_are_usage_errors(argv, env, needle,
+                                                  monkeypatch, capsys):
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(k, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(SystemExit) as e:
+    cli.main([*argv, "info", "x"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jaxbnb: error: argument ") and needle in err, err
+
+
+def test_generate_mesh_is_checked_before_loading(folder, capsys):
+  assert cli.main(["generate", folder, "--prompt", "x", "--mesh",
+                   "tensor=3"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jaxbnb generate: error: argument --mesh: ")
+  assert "multiply to 3, expected the number of devices, 8" in err, err
