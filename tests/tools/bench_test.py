@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+
 import pytest
 
 from jaxbnb._src.tools import bench_matmul
@@ -116,3 +118,21 @@ def test_bench_qlora_tiny(tmp_path, capsys):
   assert doc["losses"][-1] < doc["losses"][0]
   assert cli.main(["bench", "qlora-report", "--inputs", str(out)]) == 0
   assert "| jax-nf4-dq | 1x16 |" in capsys.readouterr().out
+
+
+def test_bench_qlora_on_a_mesh_equals_one_device(tmp_path, capsys):
+  """`--mesh` splits the run as `finetune --mesh` does: same losses."""
+  args = ["bench", "qlora", "--impl", "jax-nf4-dq", "--shape", "tiny",
+          "--layers", "1", "--batch", "8", "--seq", "16", "--warmup", "0",
+          "--steps", "1", "--lora-r", "4", "--optimizer", "adamw8bit"]
+  one, mesh = tmp_path / "one.json", tmp_path / "mesh.json"
+  assert cli.main(args + ["--json", str(one)]) == 0
+  assert cli.main(args + ["--mesh", "data=4,fsdp=2", "--json",
+                          str(mesh)]) == 0
+  a, b = (json.loads(p.read_text()) for p in (one, mesh))
+  assert b["mesh"] == {"data": 4, "fsdp": 2} and b["devices"] == 8
+  np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-5)
+  assert "| jax-nf4-dq (data=4,fsdp=2) | 8x16 |" in capsys.readouterr().out
+  capsys.readouterr()
+  assert cli.main(args[:8] + ["--batch", "4", "--mesh", "fsdp=8"]) != 0
+  assert "--batch 4 must be a multiple" in capsys.readouterr().err

@@ -14,6 +14,13 @@ gradient checkpointing per decoder layer, bitsandbytes' paged 8-bit AdamW
 over the adapters, clipping at norm 1. Tokens/s is `batch * seq` over the
 median step time (after `--warmup` steps); the peak is the device's
 `peak_bytes_in_use`, next to `jaxbnb estimate --train`'s prediction.
+
+With `--mesh data=D,fsdp=F` the model, adapters and optimizer state are
+split as `jaxbnb finetune --mesh` splits them (`train.shard_for_training`)
+and each batch over "data" x "fsdp"; `--batch` is then the global batch,
+and the peak is the largest of the devices' peaks:
+
+  jaxbnb bench qlora --impl jax-nf4-dq --mesh fsdp=2 --batch 4
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import jax.numpy as jnp
 from jaxbnb import lora
 from jaxbnb import models
 from jaxbnb import train
+from jaxbnb import convert
 from jaxbnb._src.io import estimate
+from jaxbnb._src.train import mesh as train_mesh
 from jaxbnb._src.tools import argtypes
 from jaxbnb._src.tools import bench_decode
 from jaxbnb._src.tools import measure
@@ -66,6 +75,13 @@ def _build(opts, shape):
   return cfg, model, optimizer
 
 
+def _max_stat(key: str):
+  """The largest `key` of the local devices' memory stats (None off GPU)."""
+  vals = [(d.memory_stats() or {}).get(key) for d in jax.local_devices()]
+  vals = [v for v in vals if v is not None]
+  return max(vals) if vals else None
+
+
 def run_qlora(opts: argparse.Namespace) -> dict:
   """Builds, times and returns (and writes) one implementation's document."""
   shape = dict(bench_decode.SHAPES[opts.shape])
@@ -83,24 +99,35 @@ def run_qlora(opts: argparse.Namespace) -> dict:
     raise ValueError("bench qlora: --step layerwise recomputes each layer "
                      "(gradient checkpointing); use --step jit with "
                      "--no-remat")
+  mesh = None
+  if opts.mesh is not None:
+    mesh = convert.parse_mesh(opts.mesh)
+    train_mesh.check_batch_size(opts.batch, mesh,
+                           prefix="bench qlora: --batch ")
+    doc["mesh"] = dict(mesh.shape)
+  doc["devices"] = 1 if mesh is None else mesh.size
   t0 = time.perf_counter()
   cfg, model, optimizer = _build(opts, shape)
+  if mesh is not None:
+    train.shard_for_training(model, optimizer, mesh)
   jax.block_until_ready(nnx.state(model))
   gc.collect()
-  dev = jax.local_devices()[0]
-  stats = dev.memory_stats() or {}
   doc["build_s"] = time.perf_counter() - t0
-  doc["bytes_in_use_after_build"] = stats.get("bytes_in_use")
+  doc["bytes_in_use_after_build"] = _max_stat("bytes_in_use")
   doc["adapter_parameters"] = int(sum(
       x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
+  in_use = doc["bytes_in_use_after_build"] or 0
   report.log(f"{opts.impl}: built in {doc['build_s']:.1f}s, "
-             f"{(stats.get('bytes_in_use') or 0) / 2**30:.2f} GiB in use, "
+             f"{in_use / 2**30:.2f} GiB in use, "
              f"{doc['adapter_parameters']:,} adapter parameters")
   key = jax.random.key(0)
   ids = jax.random.randint(key, (1, opts.batch, opts.seq), 0,
                            min(cfg.vocab_size, 128000), jnp.int32)
   ones = jnp.ones(ids.shape, bool)
   batch = {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
+  if mesh is not None:  # [1, B, T]: B over "data" x "fsdp"
+    where = train_mesh.batch_sharding(mesh, 3, 1)
+    batch = {k: jax.device_put(v, where) for k, v in batch.items()}
   times, losses = [], []
   for step in range(opts.warmup + opts.steps):
     t = time.perf_counter()
@@ -115,10 +142,9 @@ def run_qlora(opts: argparse.Namespace) -> dict:
       times.append(dt)
     report.log(f"  step {step}: loss {loss:.3f}, {dt * 1e3:.0f} ms")
   med = statistics.median(times)
-  stats = dev.memory_stats() or {}
   doc.update(step_s=med, steps_s=times, losses=losses,
              tokens_per_s=opts.batch * opts.seq / med,
-             peak_bytes_in_use=stats.get("peak_bytes_in_use"))
+             peak_bytes_in_use=_max_stat("peak_bytes_in_use"))
   fmt = "nf4+dq" if opts.impl == "jax-nf4-dq" else "bf16"
   est = models.estimate_training_memory(
       cfg, weights=fmt, batch=opts.batch, seq=opts.seq, lora_r=opts.lora_r,
@@ -136,14 +162,16 @@ def qlora_table(docs: list[dict]) -> list[str]:
   for d in docs:
     peak = d.get("peak_bytes_in_use")
     est = d.get("estimate_bytes")
+    mesh = ",".join(f"{k}={v}" for k, v in (d.get("mesh") or {}).items())
     rows.append([
-        d["impl"], f"{d['batch']}x{d['seq']}", f"{d['tokens_per_s']:,.0f}",
+        d["impl"] + (f" ({mesh})" if mesh else ""),
+        f"{d['batch']}x{d['seq']}", f"{d['tokens_per_s']:,.0f}",
         f"{d['step_s'] * 1e3:.0f} ms",
         report.fmt(peak / 2**30 if peak else None, " GiB"),
         report.fmt(est / 2**30 if est else None, " GiB")])
   return report.markdown_table(
-      ["impl", "batch x seq", "tokens/s", "step", "peak memory",
-       "jaxbnb estimate --train"], rows)
+      ["impl", "batch x seq", "tokens/s", "step", "peak memory (per device)",
+       "jaxbnb estimate --train (one device)"], rows)
 
 
 def add_parsers(sub) -> None:
@@ -177,6 +205,10 @@ def add_parsers(sub) -> None:
                  "jit: `train.train_step`, the whole step one program")
   p.add_argument("--warmup", type=argtypes.number(int, 0), default=3)
   p.add_argument("--steps", type=argtypes.number(int, 1), default=10)
+  p.add_argument("--mesh", default=None, metavar="AXES",
+                 help="split the run over a device mesh as `finetune "
+                 "--mesh` does, e.g. 'fsdp=2' or 'data=2,fsdp=4' (sizes "
+                 "multiply to the number of devices); --batch is global")
   p.add_argument("--json", help="write the JSON document here")
 
   def run(opts):
