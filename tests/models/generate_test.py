@@ -240,3 +240,18 @@ def test_benchmark_decode(gen):
   n = gen.num_compiles
   gen.benchmark_decode(batch=2, prompt_len=5, steps=3, reps=1)
   assert gen.num_compiles == n
+
+
+def test_kernel_mode_is_part_of_the_compile_cache_key(model):
+  """A program traced under one kernel mode is not reused under another."""
+  import jaxbnb  # pylint: disable=import-outside-toplevel
+  g = gen_lib.Generator(model)
+  g.generate([[1, 2, 3]], max_new_tokens=2)
+  n = g.num_compiles
+  with jaxbnb.kernel_mode("reference"):
+    g.generate([[1, 2, 3]], max_new_tokens=2)
+  assert g.num_compiles > n
+  m = g.num_compiles
+  with jaxbnb.kernel_mode("reference"):
+    g.generate([[1, 2, 3]], max_new_tokens=2)
+  assert g.num_compiles == m

@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec
 from jaxbnb._src.models import sampling
 from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.models.kv_cache import KVCache
+from jaxbnb._src.quant import dispatch
 
 __all__ = [
     "GenerationConfig",
@@ -407,8 +408,12 @@ class Generator:
   # ----------------------------------------------------------- compilation
 
   def _get(self, key, fn, *args):
-    """The compiled `fn` for `key`, compiling it for `args` on a miss."""
-    key = (self._state_sig, *key)
+    """The compiled `fn` for `key`, compiling it for `args` on a miss.
+
+    The kernel mode is part of the key: it decides, at trace time, which
+    ops the program holds (`jaxbnb.kernel_mode`).
+    """
+    key = (self._state_sig, dispatch.get_kernel_mode(), *key)
     hit = self._compiled.get(key)
     if hit is not None:
       return hit, 0.0
