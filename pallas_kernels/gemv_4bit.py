@@ -4,13 +4,14 @@
 `blocksize` along K, even element in the high nibble), `x` is `[M, K]`.
 Each program owns `block_n` rows of `W` and walks its share of K, loading
 each packed byte once (streamed, evict-first). A byte is decoded with one
-gather from a 256-entry table holding both of its values, or, for float32
-inputs, two gathers from the 16-entry fp32 table; a double-quantized absmax
-is decoded in place. Two variants:
+gather from a 256-entry table holding both of its values ("pair"), or two
+gathers from the 16-entry table ("nibble"; always for float32 inputs); a
+double-quantized absmax is decoded in place. Two variants:
 
 * ``"reduce"`` (M = 1..4): multiply by the even/odd halves of `x` in fp32,
   scale by the absmax per block and accumulate elementwise; one reduction
-  at the end.
+  at the end. With `prefetch`, step t + 1's bytes are loaded before step
+  t's are decoded.
 * ``"dot"`` (larger M): per quantization block, the decoded `[block_n,
   blocksize/2]` halves go through the tensor cores against `x`'s halves
   (swap-AB: the weight rows are the MMA's M dimension), and the fp32 result
@@ -219,16 +220,8 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
             out_ref.at[s, jnp.int32(r), pl.ds(row0, block_n)], y, mask=row_ok)
     return
 
-  # "dot"/"dotk": xe_ref/xo_ref are [m_pad, nkb, half] in the compute dtype.
+  # "dot": xe_ref/xo_ref are [m_pad, nkb, half] in the compute dtype.
   m_pad = xe_ref.shape[0]
-  if variant == "dotk":
-    _dotk(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref,
-          absmax_of=absmax_of, row0=row0, rows=rows, row_ok=row_ok, s=s,
-          m=m, m_pad=m_pad, nkb=nkb, block_kb=block_kb, half=half,
-          block_n=block_n, steps=steps, need_kmask=need_kmask,
-          has_bias=has_bias, split_k=split_k, compute_dtype=compute_dtype,
-          pair=pair)
-    return
   m_ok = jnp.arange(m_pad, dtype=jnp.int32) < m
   precision = (jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32
                else None)
@@ -262,64 +255,6 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
                                   preferred_element_type=jnp.float32)
       acc = acc + p * am
     return acc
-
-  acc = jax.lax.fori_loop(0, steps, body,
-                          jnp.zeros((block_n, m_pad), jnp.float32))
-  if split_k == 1 and has_bias:
-    b = pltriton.load(bias_ref.at[pl.ds(row0, block_n)], mask=row_ok,
-                      other=0).astype(jnp.float32)
-    acc = acc + b[:, None]
-  omask = jnp.broadcast_to(row_ok[:, None] & m_ok[None, :], (block_n, m_pad))
-  if split_k == 1:
-    pltriton.store(out_ref.at[pl.ds(row0, block_n), :],
-                   acc.astype(out_ref.dtype), mask=omask)
-  else:
-    pltriton.store(out_ref.at[s, pl.ds(row0, block_n), :], acc, mask=omask)
-
-
-def _dotk(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
-          absmax_of, row0, rows, row_ok, s, m, m_pad, nkb, block_kb, half,
-          block_n, steps, need_kmask, has_bias, split_k, compute_dtype, pair):
-  """The "dotk" variant: dequantize a `[block_n, block_kb * blocksize]` tile.
-
-  Each weight value is `code * absmax` rounded to the compute dtype (the
-  value `dequantize_4bit` gives), and one tensor-core product per tile
-  multiplies it with `x` (swap-AB: the weight rows are the MMA's M).
-  """
-  del rows
-  m_ok = jnp.arange(m_pad, dtype=jnp.int32) < m
-  dims = (((1,), (1,)), ((), ()))
-  width = block_kb * half
-
-  def body(t, acc):
-    kb0 = (s * steps + t) * block_kb
-    kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
-    ok2 = row_ok[:, None]
-    if need_kmask:
-      ok2 = ok2 & (kbs < nkb)[None, :]
-    ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
-    ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
-    w = pltriton.load(
-        w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :],
-        mask=ok3, other=0, eviction_policy="evict_first").astype(jnp.int32)
-    am = pltriton.load(am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)],
-                       mask=ok2, other=0)
-    am = absmax_of(am, kbs, ok2)[:, :, None]
-    hi, lo = _decode(w, lut_ref, pair)
-    hi = (hi * am).astype(compute_dtype).reshape(block_n, width)
-    lo = (lo * am).astype(compute_dtype).reshape(block_n, width)
-    ok_x = m_ok[:, None, None]
-    if need_kmask:
-      ok_x = ok_x & (kbs < nkb)[None, :, None]
-    ok_x = jnp.broadcast_to(ok_x, (m_pad, block_kb, half))
-    xe = pltriton.load(xe_ref.at[:, pl.ds(kb0, block_kb), :], mask=ok_x,
-                       other=0).reshape(m_pad, width)
-    xo = pltriton.load(xo_ref.at[:, pl.ds(kb0, block_kb), :], mask=ok_x,
-                       other=0).reshape(m_pad, width)
-    acc = acc + jax.lax.dot_general(hi, xe, dims,
-                                    preferred_element_type=jnp.float32)
-    return acc + jax.lax.dot_general(lo, xo, dims,
-                                     preferred_element_type=jnp.float32)
 
   acc = jax.lax.fori_loop(0, steps, body,
                           jnp.zeros((block_n, m_pad), jnp.float32))
@@ -391,11 +326,9 @@ def gemv_4bit(
   am2 = absmax.reshape(n, nkb)
   pair = dtype != jnp.float32 and table == "pair"
   x3 = x.reshape(m, nkb, half, 2)
-  if variant not in ("reduce", "dot", "dotk"):
+  if variant not in ("reduce", "dot"):
     raise ValueError(
-        f"config: variant must be 'reduce', 'dot' or 'dotk', got {variant!r}")
-  if variant == "dotk" and dtype == jnp.float32:
-    raise ValueError("config: variant 'dotk' needs 16-bit x, got float32")
+        f"config: variant must be 'reduce' or 'dot', got {variant!r}")
   if variant == "reduce":
     xe = x3[..., 0].astype(jnp.float32)
     xo = x3[..., 1].astype(jnp.float32)
@@ -414,8 +347,7 @@ def gemv_4bit(
              jnp.asarray(offset, jnp.float32).reshape(1)]
   if pair:
     args.append(pair_table(lut))
-  elif dtype == jnp.float32 or variant == "dotk":
-    # "dotk" rounds code * absmax once, as `dequantize_4bit` does.
+  elif dtype == jnp.float32:
     args.append(lut.astype(jnp.float32))
   else:  # the codes rounded to bfloat16, as in the pair table
     args.append(lut.astype(jnp.bfloat16).astype(jnp.float32))
@@ -452,7 +384,7 @@ def gemv_4bit(
   )(*args)
   if split_k > 1:
     out = jnp.sum(out, axis=0)
-  if variant != "reduce":
+  if variant == "dot":
     out = out[:, :m].T
   if split_k > 1 and bias is not None:
     out = out + bias.astype(jnp.float32)

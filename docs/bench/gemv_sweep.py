@@ -1,6 +1,6 @@
 """The 4-bit GEMV tuning sweeps of docs/benchmarks.md (run on the GPU).
 
-    python docs/bench/gemv_sweep.py a 270   # tiles, tables, "dot"/"dotk"
+    python docs/bench/gemv_sweep.py a 270   # tiles, tables, "dot" tiles
     python docs/bench/gemv_sweep.py b 165   # prefetch; XLA's own fusions
     python docs/bench/gemv_sweep.py plot OUT.png A.jsonl B.jsonl
 
@@ -8,7 +8,9 @@ NF4 + double quantization, bf16; each configuration of
 `pallas_kernels.gemv_4bit` is timed with `measure.time_jax` over three
 rotating weights, next to XLA's bf16 matmul; one JSON line per (shape, M)
 goes to $OUT/gemv_sweep_<set>.jsonl. The second argument is a time budget
-in seconds.
+in seconds. The recorded run of set a also timed a "dotk" variant (a
+whole dequantized tile per tensor-core product); it never won and was
+removed from the kernel.
 """
 import itertools
 import json
@@ -78,9 +80,9 @@ def configs(which, n, k, m):
                     st, tb))
     else:
       for var, bn, kb, w_, tb in itertools.product(
-          ("dot", "dotk"), (32, 64, 128), (1, 2, 4), (4, 8),
+          ("dot",), (32, 64, 128), (1, 2, 4), (4, 8),
           ("pair", "nibble")):
-        if not (var == "dot" and tb == "pair" and w_ == 8):
+        if not (tb == "pair" and w_ == 8):
           out.append((var, bn, kb, split_for(n, k, bn, kb), w_, 3, tb))
   else:
     for bn, kb, pf, tb in itertools.product((8, 16, 32), (4, 8, 16),

@@ -119,22 +119,3 @@ def test_interpret_table_and_prefetch_options_match(m, config):
   np.testing.assert_array_equal(np.asarray(y), np.asarray(call(
       ("reduce",) + config[1:6])))
   _check(y, x, packed, qs, None)
-
-
-@pytest.mark.parametrize("m", [1, 5])
-def test_interpret_dotk_equals_dequantize_then_matmul(m):
-  """"dotk" multiplies by `dequantize_4bit`'s values: fp32 sums of exact
-  products of x and the dequantized weight."""
-  n, k = 70, 64 * 12
-  w = jnp.asarray(_util.rng_array((n, k), 7, jnp.bfloat16))
-  x = jnp.asarray(_util.rng_array((m, k), 8, jnp.bfloat16))
-  packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-  y = gk.gemv_4bit(
-      x, packed.reshape(-1), qs.absmax, jnp.asarray(codebooks.code_for("nf4")),
-      n=n, k=k, blocksize=64,
-      nested=(qs.nested_absmax, qs.nested_code, qs.offset),
-      config=("dotk", 32, 2, 2, 4, 3, "nibble"), interpret=True)
-  w_ref = np.asarray(F.dequantize_4bit(packed, qs).astype(jnp.float32),
-                     np.float64).reshape(n, k)
-  exact, bound = helpers.matmul_bound(x, w_ref, x.dtype)
-  helpers.assert_within(y, exact, bound, "gemv dotk")
