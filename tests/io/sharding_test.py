@@ -34,6 +34,14 @@ import common
 from jaxbnb import convert, models
 from jaxbnb._src.io import sharding as sl
 from jaxbnb._src.quant import weights
+from jaxbnb._src.io import checkpoint_source as cs
+
+WHOLE = []  # tensors read whole from a safetensors file
+_load = cs.SafetensorsSource.load
+def _recording_load(self, name):
+    WHOLE.append(name)
+    return _load(self, name)
+cs.SafetensorsSource.load = _recording_load
 
 devs = np.array(jax.devices())
 assert len(devs) == 8, devs
@@ -65,8 +73,12 @@ for cname, (variant, kw) in CASES.items():
     ref_vars = dict(ref.iter_variables())
     ref_logits = common.logits(ref, ids)
     for mname, mesh in MESHES.items():
+        WHOLE.clear()
         model = convert.from_pretrained(common.golden(variant), progress=False,
                                         mesh=mesh, **kw)
+        # Row tensors of a quantized linear read whole (the big ones).
+        whole_rows = sorted({n for n in WHOLE if n.endswith(
+            ("proj.weight", "proj.weight.absmax", "proj.SCB"))})
         bad = []
         n_sharded = 0
         for name, var in model.iter_variables():
@@ -96,7 +108,35 @@ for cname, (variant, kw) in CASES.items():
         rel = float(np.max(np.abs(logits - ref_logits)) /
                     np.max(np.abs(ref_logits)))
         out[f"{cname}/{mname}"] = dict(bad=bad[:5], n_sharded=n_sharded,
-                                       rel=rel)
+                                       rel=rel, whole_rows=whole_rows[:5])
+
+# More stored formats, on one mesh: 4-bit packed into bfloat16 storage (two
+# bytes an element), and a transformers int8 checkpoint saved here.
+import tempfile
+int8_dir = tempfile.mkdtemp()
+int8_kw = dict(param_dtype="float32", quantization=models.QuantizationConfig(
+    load_in_8bit=True, llm_int8_threshold=6.0))
+convert.save_pretrained(common.load("orig", **int8_kw), int8_dir)
+for cname, folder, kw in (
+        ("prequantized_nf4_bf16storage", common.golden("nf4_bf16storage_tied"),
+         {}),
+        ("prequantized_int8", int8_dir, dict(param_dtype="float32"))):
+    mesh = MESHES["tensor8"]
+    ref = convert.from_pretrained(folder, progress=False, **kw)
+    ref_vars = dict(ref.iter_variables())
+    WHOLE.clear()
+    model = convert.from_pretrained(folder, progress=False, mesh=mesh, **kw)
+    whole_rows = sorted({n for n in WHOLE if n.endswith(
+        ("proj.weight", "proj.weight.absmax", "proj.SCB"))})
+    bad = []
+    for name, var in model.iter_variables():
+        for leaf, want in zip(jax.tree.leaves(var.get_value()),
+                              jax.tree.leaves(ref_vars[name].get_value())):
+            want = np.asarray(want)
+            for sh in leaf.addressable_shards:
+                if np.asarray(sh.data).tobytes() != want[sh.index].tobytes():
+                    bad.append(f"{name}: shard {sh.index} differs")
+    out[cname] = dict(bad=bad[:5], whole_rows=whole_rows[:5])
 
 def error(**kw):
     try:
@@ -147,6 +187,22 @@ def test_sharded_load_matches_single_device(results, case, mesh):
   # checkpoint computes in bfloat16, whose ulp is 2**-8: 1e-2.)
   tol = 1e-2 if case == "prequantized_nf4_dq" else 1e-5
   assert r["rel"] <= tol, r["rel"]
+  if case in ("float32", "prequantized_nf4_dq"):
+    # Each device's rows are read as slices: no process reads a projection
+    # (packed bytes, absmax codes) whole. (Quantize-on-load with double
+    # quantization needs the whole tensor's absmax mean: read whole.)
+    assert r["whole_rows"] == [], r["whole_rows"]
+
+
+@pytest.mark.parametrize("case", ["prequantized_nf4_bf16storage",
+                                  "prequantized_int8"])
+def test_prequantized_rows_are_read_as_slices(results, case):
+  """bitsandbytes 4-bit (bfloat16 storage) and transformers int8 folders:
+  every shard holds the single-device bytes, and no process reads a
+  projection's row tensors whole."""
+  r = results[case]
+  assert r["bad"] == [], r["bad"]
+  assert r["whole_rows"] == [], r["whole_rows"]
 
 
 def test_axis_that_does_not_divide_names_axis_parameter_dimension(results):

@@ -484,6 +484,92 @@ def _load_prequantized(src, hf_name, groups, param_dtype, want_shape):
   return value
 
 
+def _load_prequantized_rows(src, hf_name, groups, param_dtype, want_shape,
+                            row0, rows):
+  """Rows `row0 : row0 + rows` of a bitsandbytes-quantized weight, reading
+  only their part of the row-ordered tensors.
+
+  A 4-bit weight's packed bytes and absmax (codes) run row after row, so
+  whole rows are a contiguous range of each; the small statistics (code
+  tables, double quantization's nested absmax and offset) are read whole
+  and belong to the whole tensor (the shard's absmax codes index them by
+  their global block, as `quantized_specs` lays them out). An int8 weight
+  reads its rows and row scales. The shard is a weight of shape
+  `[rows, in]`.
+  """
+  fmt, extra = groups[hf_name]
+  out, inn = (int(d) for d in want_shape)
+  # Each shard checks its own piece; here the whole recorded shape.
+  got = _recorded_shape(src, hf_name, fmt, extra)
+  if got is not None and tuple(got) != (out, inn):
+    raise _shape_error(src, hf_name, want_shape, got)
+
+  def rows_of(key, per_row):
+    lo, hi = row0 * per_row, (row0 + rows) * per_row
+    if lo != int(lo) or hi != int(hi):
+      raise ValueError(f"{src.path!r}: {src.describe(key)}: rows {row0}.."
+                       f"{row0 + rows} do not start at a whole element.")
+    nd = len(src.shape(key))
+    return src.load_slice(key, (slice(int(lo), int(hi)),)
+                          + (slice(None),) * (nd - 1))
+
+  state = {}
+  if fmt == weights.Params4bit.format:
+    itemsize = np.dtype(src.dtype(hf_name)).itemsize
+    state[hf_name] = rows_of(hf_name, inn / 2 / itemsize)
+    qs_key = next(k for k in extra if "quant_state." in k)
+    for key in extra:
+      if key.endswith(".absmax"):
+        blocksize = _recorded_blocksize(src, qs_key)
+        state[key] = rows_of(key, inn / blocksize)
+      elif key == qs_key:
+        blob = json.loads(bytes(np.asarray(src.load(key)).astype(np.uint8))
+                          .decode("utf-8"))
+        blob["shape"] = [rows, inn]
+        state[key] = np.frombuffer(json.dumps(blob).encode("utf-8"),
+                                   np.uint8)
+      else:
+        state[key] = src.load(key)
+    return _load_prequantized(_Given(src, state), hf_name, groups,
+                              param_dtype, (rows, inn))
+  for key in (hf_name, *extra):
+    per_row = 1 if len(src.shape(key)) and src.shape(key)[0] == out else None
+    state[key] = rows_of(key, 1) if per_row else src.load(key)
+  return _load_prequantized(_Given(src, state), hf_name, groups, param_dtype,
+                            (rows, inn))
+
+
+class _Given:
+  """A checkpoint source answering `load` from `state` (already read)."""
+
+  def __init__(self, src, state):
+    self.path, self._src, self._state = src.path, src, state
+
+  def load(self, name):
+    return self._state[name]
+
+  def describe(self, name):
+    return self._src.describe(name)
+
+
+def _recorded_blocksize(src, qs_key) -> int:
+  blob = json.loads(bytes(np.asarray(src.load(qs_key)).astype(np.uint8))
+                    .decode("utf-8"))
+  return int(blob["blocksize"])
+
+
+def _recorded_shape(src, hf_name, fmt, extra):
+  """The weight's shape as the checkpoint records it (None if unknown)."""
+  if fmt == weights.Params4bit.format:
+    qs_key = next((k for k in extra if "quant_state." in k), None)
+    if qs_key is None:
+      return None
+    blob = json.loads(bytes(np.asarray(src.load(qs_key)).astype(np.uint8))
+                      .decode("utf-8"))
+    return tuple(int(d) for d in blob["shape"])
+  return tuple(src.shape(hf_name))
+
+
 def _load_sharded(src, hf_name, kind, abstract, spec, mesh, groups,
                   quantization, param_dtype):
   """One parameter of `from_pretrained(..., mesh=mesh)`, already sharded.
@@ -517,6 +603,19 @@ def _load_sharded(src, hf_name, kind, abstract, spec, mesh, groups,
     value = quantize_weight(quantization, module, w)
     del w
   else:
+    data_spec = jax.tree.leaves(spec, is_leaf=lambda x: isinstance(
+        x, jax.sharding.PartitionSpec))[0]
+    n = sharding_lib.row_shards(data_spec, mesh)
+    fmt, extra = groups[hf_name]
+    by_rows = hasattr(src, "load_slice") and (
+        fmt != weights.Params4bit.format
+        or any("quant_state." in k for k in extra))
+    if n > 1 and by_rows:
+      rows = abstract.shape[0] // n
+      return sharding_lib.build_by_rows(
+          abstract, spec, mesh, n, lambda i: _load_prequantized_rows(
+              src, hf_name, groups, param_dtype, abstract.shape,
+              i * rows, rows))
     value = _load_prequantized(src, hf_name, groups, param_dtype,
                                abstract.shape)
   host = jax.tree.map(np.asarray, value)
