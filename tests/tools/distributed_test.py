@@ -72,11 +72,24 @@ model = convert.from_pretrained(
 graphdef, state = nnx.split(model)
 logits = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0],
                  out_shardings=NamedSharding(mesh, P()))(state, np.array(ids))
+# Double quantization: each process quantizes its rows; the absmax of all
+# rows is double-quantized once (exchanged between the processes).
+reads.clear()
+model = convert.from_pretrained(
+    folder, quantization=models.QuantizationConfig.nf4(
+        double_quant=True, compute_dtype="float32"),
+    param_dtype="float32", progress=False, mesh=mesh)
+graphdef, state = nnx.split(model)
+dq_logits = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0],
+                    out_shardings=NamedSharding(mesh, P()))(state,
+                                                            np.array(ids))
 with open(out, "w") as f:
   json.dump({"rc": rc, "text": text.getvalue(), "reads": cli_reads,
+             "dq_reads": list(reads),
              "processes": jax.process_count(),
              "devices": [len(jax.devices()), len(jax.local_devices())],
-             "logits": np.asarray(logits).tolist()}, f)
+             "logits": np.asarray(logits).tolist(),
+             "dq_logits": np.asarray(dq_logits).tolist()}, f)
 """
 
 
@@ -149,11 +162,23 @@ def test_two_processes_compute_the_logits_of_one(folder, workers):
                                atol=1e-5 * np.abs(want).max())
 
 
-def test_each_process_reads_only_its_rows(workers):
+def test_double_quantized_load_equals_one_process(folder, workers):
+  single = convert.from_pretrained(
+      folder, quantization=models.QuantizationConfig.nf4(
+          double_quant=True, compute_dtype="float32"),
+      param_dtype="float32", progress=False)
+  want = np.asarray(single(np.array(IDS))[0])
+  for w in workers:
+    np.testing.assert_allclose(np.asarray(w["dq_logits"]), want, rtol=0,
+                               atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("reads", ["reads", "dq_reads"])
+def test_each_process_reads_only_its_rows(workers, reads):
   seen = {}
   for pid, w in enumerate(workers):
-    assert w["reads"], "no reads logged"
-    for name, shape, index in w["reads"]:
+    assert w[reads], "no reads logged"
+    for name, shape, index in w[reads]:
       assert index != "whole", f"process {pid} read all of {name}"
       if len(shape) < 2:
         continue  # norm weights: replicated, each process reads them

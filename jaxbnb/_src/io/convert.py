@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from jaxbnb._src.io import paths
@@ -47,6 +49,7 @@ from jaxbnb._src.layers.lora import check_no_lora
 from jaxbnb._src.layers.quant_config import QuantizationConfig
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.models.llama import LlamaForCausalLM
+from jaxbnb._src.quant import ops as quant_ops
 from jaxbnb._src.quant import weights
 from jaxbnb._src.quant.state import to_numpy
 
@@ -570,15 +573,72 @@ def _recorded_shape(src, hf_name, fmt, extra):
   return tuple(src.shape(hf_name))
 
 
+def _local_row_shards(data_spec, mesh, shape, n) -> list[int]:
+  """The row shards (of `n`) that this process's devices hold, in order."""
+  per = shape[0] // n
+  where = NamedSharding(mesh, data_spec).addressable_devices_indices_map(
+      tuple(shape))
+  return sorted({(idx[0].start or 0) // per for idx in where.values()})
+
+
+def _quantize_rows_nested(abstract, spec, data_spec, mesh, n, quantization,
+                          module, read, param_dtype):
+  """A 4-bit weight with double quantization, quantized row shard by row
+  shard.
+
+  Each process reads and quantizes only the row shards its devices hold
+  (float32 absmax); then the whole tensor's absmax (every shard's, in row
+  order; on several processes exchanged with `process_allgather`, a
+  float per block) is double-quantized at once, so the bytes are those of
+  the whole tensor quantized in one piece: the offset is the mean of all
+  of them.
+  """
+  out, inn = (int(d) for d in abstract.shape)
+  rows = out // n
+  per = rows * inn // abstract.quant_state.blocksize
+  single = dataclasses.replace(quantization, bnb_4bit_use_double_quant=False)
+  mine = _local_row_shards(data_spec, mesh, abstract.data.shape, n)
+  parts = {i: quantize_weight(single, module, jnp.asarray(read(
+      (slice(i * rows, (i + 1) * rows), slice(None)))).astype(param_dtype))
+           for i in mine}
+  local = np.concatenate(
+      [np.asarray(parts[i].quant_state.absmax, np.float32) for i in mine])
+  if jax.process_count() == 1:
+    full = local  # every shard is this process's, in order
+  else:
+    k = int(np.max(multihost_utils.process_allgather(np.int32(len(mine)))))
+    ids = np.full(k, -1, np.int32)
+    ids[:len(mine)] = mine
+    vals = np.zeros(k * per, np.float32)
+    vals[:local.size] = local
+    all_ids = np.asarray(multihost_utils.process_allgather(ids))
+    all_vals = np.asarray(multihost_utils.process_allgather(vals))
+    full = np.zeros(n * per, np.float32)
+    for pid_ids, pid_vals in zip(all_ids, all_vals):
+      for j, i in enumerate(pid_ids):
+        if i >= 0:
+          full[i * per:(i + 1) * per] = pid_vals[j * per:(j + 1) * per]
+  first = parts[mine[0]].quant_state
+  whole = quant_ops.double_quantize(dataclasses.replace(
+      first, absmax=jnp.asarray(full), shape=(out, inn)))
+
+  def make(i):
+    qs = dataclasses.replace(whole, absmax=whole.absmax[i * per:(i + 1) * per],
+                             shape=(rows, inn))
+    return weights.Params4bit(parts[i].data, qs)
+  return sharding_lib.build_by_rows(abstract, spec, mesh, n, make)
+
+
 def _load_sharded(src, hf_name, kind, abstract, spec, mesh, groups,
                   quantization, param_dtype):
   """One parameter of `from_pretrained(..., mesh=mesh)`, already sharded.
 
-  Float tensors are read slice by slice; a 4-bit weight without double
-  quantization (or an int8 one) is quantized one row shard at a time (its
-  rows hold whole blocks, quantized independently: the same bytes as the
-  whole tensor quantized at once); other quantized weights are built whole
-  on the host, this tensor only, and each device takes its slice.
+  Float tensors are read slice by slice; a weight quantized on load is
+  quantized one row shard at a time (its rows hold whole blocks, quantized
+  independently: the same bytes as the whole tensor quantized at once;
+  double quantization then runs once over every shard's absmax); a
+  pre-quantized one reads its rows' ranges (`_load_prequantized_rows`).
+  Other sources build the tensor whole on the host and slice it.
   """
   read = sharding_lib.slice_reader(src, hf_name)
   if kind == "float":
@@ -592,6 +652,9 @@ def _load_sharded(src, hf_name, kind, abstract, spec, mesh, groups,
     n = sharding_lib.row_shards(data_spec, mesh)
     nested = (isinstance(abstract, weights.Params4bit)
               and abstract.quant_state.offset is not None)
+    if n > 1 and nested:
+      return _quantize_rows_nested(abstract, spec, data_spec, mesh, n,
+                                   quantization, module, read, param_dtype)
     if n > 1 and not nested:
       rows = abstract.shape[0] // n
       return sharding_lib.build_by_rows(

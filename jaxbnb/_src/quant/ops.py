@@ -21,6 +21,7 @@ from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.state import QuantState
 
 __all__ = [
+    "double_quantize",
     "quantize_4bit",
     "dequantize_4bit",
     "quantize_nf4",
@@ -58,6 +59,23 @@ def _double_quantize(absmax: jax.Array, nested_blocksize: int):
   q, nested_absmax = _quantize_blockwise_flat(absmax - offset, code,
                                               nested_blocksize)
   return q, nested_absmax, offset, code
+
+
+def double_quantize(qs: QuantState) -> QuantState:
+  """`qs` (float32 absmax) with its absmax double-quantized as
+  `quantize_4bit(..., compress_statistics=True)` does it.
+
+  The same arithmetic on the same absmax array gives the same bytes, so a
+  weight quantized piece by piece (its absmax then joined, in order) ends
+  up bit-identical to the whole tensor quantized at once.
+  """
+  if qs.nested:
+    raise ValueError("double_quantize: `qs` is already double-quantized.")
+  q, nested_absmax, offset, ncode = _double_quantize(qs.absmax, 256)
+  return QuantState(absmax=q, offset=offset, nested_absmax=nested_absmax,
+                    nested_code=ncode, nested_blocksize=256, code=qs.code,
+                    shape=qs.shape, dtype=qs.dtype, blocksize=qs.blocksize,
+                    quant_type=qs.quant_type)
 
 
 def _nested_absmax(qs: QuantState) -> jax.Array:
@@ -166,12 +184,9 @@ def quantize_4bit(
   code = jnp.asarray(codebooks.get_4bit_type(quant_type))
   common = dict(shape=tuple(A.shape), dtype=validation.dtype_name(A.dtype),
                 blocksize=blocksize, quant_type=quant_type, code=code)
+  qs = QuantState(absmax=absmax, **common)
   if compress_statistics:
-    q, nested_absmax, offset, ncode = _double_quantize(absmax, 256)
-    qs = QuantState(absmax=q, offset=offset, nested_absmax=nested_absmax,
-                    nested_code=ncode, nested_blocksize=256, **common)
-  else:
-    qs = QuantState(absmax=absmax, **common)
+    qs = double_quantize(qs)
   return to_storage(packed, quant_storage), qs
 
 
