@@ -561,7 +561,15 @@ class LoRALinear(nnx.Module):
 
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """`base(x)` plus the adapter term (see `lora_output`)."""
-    y = self.base_layer(inputs)
+    return self.add_adapter(inputs, self.base_layer(inputs))
+
+  def add_adapter(self, inputs: jax.Array, y: jax.Array) -> jax.Array:
+    """The layer's output given its base layer's output `y = base(inputs)`.
+
+    `__call__` is `add_adapter(x, base_layer(x))`; a caller that runs the
+    base layer its own way (e.g. per device, tensor-parallel) adds the
+    adapter term with this.
+    """
     drop = self.lora_dropout
     dropout = None if drop is None or drop.deterministic else drop
     m = self.lora_magnitude_vector

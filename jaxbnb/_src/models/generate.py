@@ -56,6 +56,19 @@ _LENGTH_BUCKET = 128  # cache lengths are rounded up to a multiple of this
 _STOP_BUCKET = 4  # the stop-id list is padded (with -1) to a multiple of this
 
 
+def _onto_mesh(state, mesh):
+  """`state` with every array that is not on `mesh` (e.g. adapters added
+  on one device after a sharded load) replicated onto it."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def put(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated)
+  return jax.tree.map(put, state)
+
+
 def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
@@ -274,6 +287,7 @@ class Generator:
                                      data_axis=self.data_axis)
     if tp is not None:
       tp.check(model.config)
+      state = _onto_mesh(state, tp.mesh)
     if graphdef != self.graphdef or tp != self.tp:
       self._compiled.clear()
     self.graphdef, self.state, self.tp = graphdef, state, tp

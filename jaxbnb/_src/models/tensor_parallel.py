@@ -32,6 +32,11 @@ replicated. A shard whose blocks fill whole nested blocks takes its slice
 of the nested absmax; otherwise its absmax is dequantized to float32 first
 (the same arithmetic as `dequantize_4bit`, bit for bit).
 
+A LoRA adapter on a quantized linear (QLoRA) keeps its base on this
+path: the base runs per device, and the adapter's small float product is
+added under GSPMD (`LoRALinear.add_adapter`). DoRA, which needs the dense
+base weight, runs the whole layer under GSPMD.
+
 `activate(tp)` turns this on while a function is traced; `Generator` does
 it for its compiled functions when the model's weights live on a mesh.
 """
@@ -52,6 +57,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxbnb._src.layers.common import QuantizedLinear
+from jaxbnb._src.layers.lora import LoRALinear
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant.weights import Int8Params
@@ -172,8 +178,15 @@ def linear(layer, x: jax.Array) -> jax.Array:
   """`layer(x)`, through `shard_map` when it is quantized and a
   `TensorParallel` is active (see the module docstring)."""
   tp = _CURRENT.get()
-  if (tp is None or tp.axis is None or tp.size == 1 or x.ndim < 2
-      or not isinstance(layer, QuantizedLinear)):
+  if tp is None or tp.axis is None or tp.size == 1 or x.ndim < 2:
+    return layer(x)
+  if (isinstance(layer, LoRALinear)
+      and isinstance(layer.base_layer, QuantizedLinear)
+      and layer.lora_magnitude_vector is None):
+    # QLoRA: the quantized base per device, the (small, float) adapter
+    # term under GSPMD. (DoRA needs the dense base weight: GSPMD.)
+    return layer.add_adapter(x, linear(layer.base_layer, x))
+  if not isinstance(layer, QuantizedLinear):
     return layer(x)
   weight = layer.weight.get_value()
   bias = None if layer.bias is None else layer.bias[...]
