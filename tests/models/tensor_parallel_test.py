@@ -173,14 +173,19 @@ def _all_gathers(hlo):
   return out
 
 
-def test_decode_step_never_gathers_a_quantized_weight(tmp_path):
+def _one_layer_model(path, mesh_spec):
+  """A 1-layer NF4 + DQ model (hidden 64) loaded onto a mesh."""
   cfg = models.LlamaConfig(vocab_size=128, hidden_size=64,
                            intermediate_size=128, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=4,
                            head_dim=16, max_position_embeddings=256)
   convert.save_pretrained(models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)),
-                          str(tmp_path), progress=False)
-  model = _load(str(tmp_path), "nf4-dq", _mesh("tensor=4"))
+                          str(path), progress=False)
+  return _load(str(path), "nf4-dq", _mesh(mesh_spec))
+
+
+def test_decode_step_never_gathers_a_quantized_weight(tmp_path):
+  model = _one_layer_model(tmp_path, "tensor=4")
   # The kernels (interpreted here; compiled on a GPU) are opaque to GSPMD.
   # Without shard_map it gathers the packed bytes (uint8) of the weights
   # before every kernel call, at every step...
@@ -224,13 +229,6 @@ def test_qlora_adapters_decode_tensor_parallel(folder, tmp_path):
                                       stop_token_ids=()).sequences
   assert got == want
   # No packed weight is gathered for a decode step of an adapted model.
-  cfg = models.LlamaConfig(vocab_size=128, hidden_size=64,
-                           intermediate_size=128, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=4,
-                           head_dim=16, max_position_embeddings=256)
-  convert.save_pretrained(models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)),
-                          str(tmp_path), progress=False)
-  small = _with_adapters(_load(str(tmp_path), "nf4-dq", _mesh("tensor=4")),
-                         3)
+  small = _with_adapters(_one_layer_model(tmp_path, "tensor=4"), 3)
   gathers = _all_gathers(_decode_hlo(models.Generator(small)))
   assert all(dtype != "u8" for dtype, _ in gathers), gathers

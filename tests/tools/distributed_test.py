@@ -149,27 +149,20 @@ def test_two_processes_generate_from_the_command_line(workers):
   assert workers[1]["text"] == ""
 
 
-def test_two_processes_compute_the_logits_of_one(folder, workers):
+@pytest.mark.parametrize("double_quant,key", [(False, "logits"),
+                                              (True, "dq_logits")])
+def test_two_processes_compute_the_logits_of_one(folder, workers,
+                                                 double_quant, key):
+  # With double quantization each process quantized only its rows and the
+  # two exchanged their absmax (see convert._quantize_rows_nested).
   single = convert.from_pretrained(
       folder, quantization=models.QuantizationConfig.nf4(
-          double_quant=False, compute_dtype="float32"),
+          double_quant=double_quant, compute_dtype="float32"),
       param_dtype="float32", progress=False)
   want = np.asarray(single(np.array(IDS))[0])
   for w in workers:
-    got = np.asarray(w["logits"])
     # Bit-identical weights; only the order of a few float32 sums differs.
-    np.testing.assert_allclose(got, want, rtol=0,
-                               atol=1e-5 * np.abs(want).max())
-
-
-def test_double_quantized_load_equals_one_process(folder, workers):
-  single = convert.from_pretrained(
-      folder, quantization=models.QuantizationConfig.nf4(
-          double_quant=True, compute_dtype="float32"),
-      param_dtype="float32", progress=False)
-  want = np.asarray(single(np.array(IDS))[0])
-  for w in workers:
-    np.testing.assert_allclose(np.asarray(w["dq_logits"]), want, rtol=0,
+    np.testing.assert_allclose(np.asarray(w[key]), want, rtol=0,
                                atol=1e-5 * np.abs(want).max())
 
 
