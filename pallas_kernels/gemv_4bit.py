@@ -81,28 +81,32 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
   Chosen from two sweeps on the H200 (docs/benchmarks.md, 4-bit GEMV
   tuning; NF4 + DQ, bf16, on 14336x4096, 4096x14336, 4096x4096, 1024x4096):
   at M = 1 no tile shape, table or prefetch setting moved the 14336x4096
-  time outside 36-40 us; 32-row tiles with prefetch won on 4096x4096 (13.9
-  against 16.9 us), the 16-entry table at M = 2..4 (76 against 91 us), and
-  128-row "dot" tiles at M > 4 (97.7 against 103.6 us on 14336x4096, 25.1
-  against 37.4 on 4096x4096 at M = 16).
+  time outside 36-40 us, so M = 1 keeps its earlier tiles; at M = 2..4,
+  8-row tiles with 8 warps (78 against 92 us); at M > 4, 128-row "dot"
+  tiles (97.7 against 103.6 us on 14336x4096, 25.1 against 37.4 on
+  4096x4096 at M = 16). `prefetch` and the "nibble" table stay opt-in:
+  their compiled output has not yet been checked on a GPU.
   """
   half = blocksize // 2
   nkb = k // blocksize
   f32 = jnp.dtype(dtype) == jnp.float32
-  if m <= 4 or f32:
-    variant, block_n, warps, prefetch = "reduce", 32, 4, True
-    table = "pair" if m == 1 else "nibble"
+  if m == 1 or f32:
+    variant, block_n, warps, stages = "reduce", 16, 4, 3
+    block_kb = max(1, min(_pow2_floor(max(1, 256 // half)),
+                          _pow2_floor(nkb)))
+  elif m <= 4:
+    variant, block_n, warps, stages = "reduce", 8, 8, 2
     block_kb = max(1, min(_pow2_floor(max(1, 128 // half)),
                           _pow2_floor(nkb)))
   else:
-    variant, block_n, warps, prefetch, table = "dot", 128, 4, False, "pair"
+    variant, block_n, warps, stages = "dot", 128, 4, 3
     block_kb = max(1, min(4 if m <= 16 else 2, _pow2_floor(nkb)))
   tiles = -(-n // block_n)
   steps = -(-nkb // block_kb)
   split_k = 1
   while tiles * split_k < 2 * num_sms and split_k * 2 <= steps:
     split_k *= 2
-  return (variant, block_n, block_kb, split_k, warps, 3, table, prefetch)
+  return (variant, block_n, block_kb, split_k, warps, stages, "pair", False)
 
 
 def _decode(w, lut_ref, pair):
