@@ -65,24 +65,21 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxbnb import convert, models
 mesh = convert.parse_mesh("tensor=2")
-model = convert.from_pretrained(
-    folder, quantization=models.QuantizationConfig.nf4(
-        double_quant=False, compute_dtype="float32"),
-    param_dtype="float32", progress=False, mesh=mesh)
-graphdef, state = nnx.split(model)
-logits = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0],
+
+def mesh_logits(double_quant):
+  model = convert.from_pretrained(
+      folder, quantization=models.QuantizationConfig.nf4(
+          double_quant=double_quant, compute_dtype="float32"),
+      param_dtype="float32", progress=False, mesh=mesh)
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0],
                  out_shardings=NamedSharding(mesh, P()))(state, np.array(ids))
+
+logits = mesh_logits(False)
 # Double quantization: each process quantizes its rows; the absmax of all
 # rows is double-quantized once (exchanged between the processes).
 reads.clear()
-model = convert.from_pretrained(
-    folder, quantization=models.QuantizationConfig.nf4(
-        double_quant=True, compute_dtype="float32"),
-    param_dtype="float32", progress=False, mesh=mesh)
-graphdef, state = nnx.split(model)
-dq_logits = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i)[0],
-                    out_shardings=NamedSharding(mesh, P()))(state,
-                                                            np.array(ids))
+dq_logits = mesh_logits(True)
 with open(out, "w") as f:
   json.dump({"rc": rc, "text": text.getvalue(), "reads": cli_reads,
              "dq_reads": list(reads),

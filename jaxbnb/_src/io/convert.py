@@ -487,28 +487,42 @@ def _load_prequantized(src, hf_name, groups, param_dtype, want_shape):
   return value
 
 
-def _load_prequantized_rows(src, hf_name, groups, param_dtype, want_shape,
-                            row0, rows):
-  """Rows `row0 : row0 + rows` of a bitsandbytes-quantized weight, reading
-  only their part of the row-ordered tensors.
+def _prequantized_rows(src, hf_name, groups, param_dtype, want_shape):
+  """`shard(row0, rows)`: rows `row0 : row0 + rows` of a bitsandbytes-
+  quantized weight, reading only their part of the row-ordered tensors.
 
   A 4-bit weight's packed bytes and absmax (codes) run row after row, so
   whole rows are a contiguous range of each; the small statistics (code
-  tables, double quantization's nested absmax and offset) are read whole
-  and belong to the whole tensor (the shard's absmax codes index them by
-  their global block, as `quantized_specs` lays them out). An int8 weight
-  reads its rows and row scales. The shard is a weight of shape
-  `[rows, in]`.
+  tables, double quantization's nested absmax and offset) are read whole,
+  once, and belong to the whole tensor (the shard's absmax codes index
+  them by their global block, as `quantized_specs` lays them out). An int8
+  weight reads its rows and row scales. A shard is a weight of shape
+  `[rows, in]`. The recorded shape is checked here, once.
   """
   fmt, extra = groups[hf_name]
   out, inn = (int(d) for d in want_shape)
-  # Each shard checks its own piece; here the whole recorded shape.
-  got = _recorded_shape(src, hf_name, fmt, extra)
-  if got is not None and tuple(got) != (out, inn):
+  is_4bit = fmt == weights.Params4bit.format
+  qs_key = next((k for k in extra if "quant_state." in k), None)
+  meta = None
+  if is_4bit:
+    meta = json.loads(bytes(np.asarray(src.load(qs_key)).astype(np.uint8))
+                      .decode("utf-8"))
+    got = tuple(int(d) for d in meta["shape"])
+  else:
+    got = tuple(src.shape(hf_name))
+  if got != (out, inn):
     raise _shape_error(src, hf_name, want_shape, got)
+  if is_4bit:  # elements of each row-ordered tensor per weight row
+    per_row = {hf_name: inn / 2 / np.dtype(src.dtype(hf_name)).itemsize}
+    per_row.update({k: inn / int(meta["blocksize"]) for k in extra
+                    if k.endswith(".absmax")})
+  else:
+    per_row = {k: 1 for k in (hf_name, *extra)
+               if len(src.shape(k)) and src.shape(k)[0] == out}
+  small = {k: src.load(k) for k in extra if k not in per_row and k != qs_key}
 
-  def rows_of(key, per_row):
-    lo, hi = row0 * per_row, (row0 + rows) * per_row
+  def rows_of(key, row0, rows):
+    lo, hi = row0 * per_row[key], (row0 + rows) * per_row[key]
     if lo != int(lo) or hi != int(hi):
       raise ValueError(f"{src.path!r}: {src.describe(key)}: rows {row0}.."
                        f"{row0 + rows} do not start at a whole element.")
@@ -516,30 +530,15 @@ def _load_prequantized_rows(src, hf_name, groups, param_dtype, want_shape,
     return src.load_slice(key, (slice(int(lo), int(hi)),)
                           + (slice(None),) * (nd - 1))
 
-  state = {}
-  if fmt == weights.Params4bit.format:
-    itemsize = np.dtype(src.dtype(hf_name)).itemsize
-    state[hf_name] = rows_of(hf_name, inn / 2 / itemsize)
-    qs_key = next(k for k in extra if "quant_state." in k)
-    for key in extra:
-      if key.endswith(".absmax"):
-        blocksize = _recorded_blocksize(src, qs_key)
-        state[key] = rows_of(key, inn / blocksize)
-      elif key == qs_key:
-        blob = json.loads(bytes(np.asarray(src.load(key)).astype(np.uint8))
-                          .decode("utf-8"))
-        blob["shape"] = [rows, inn]
-        state[key] = np.frombuffer(json.dumps(blob).encode("utf-8"),
-                                   np.uint8)
-      else:
-        state[key] = src.load(key)
+  def shard(row0, rows):
+    state = dict(small)
+    state.update({k: rows_of(k, row0, rows) for k in per_row})
+    if is_4bit:
+      state[qs_key] = np.frombuffer(
+          json.dumps(dict(meta, shape=[rows, inn])).encode("utf-8"), np.uint8)
     return _load_prequantized(_Given(src, state), hf_name, groups,
                               param_dtype, (rows, inn))
-  for key in (hf_name, *extra):
-    per_row = 1 if len(src.shape(key)) and src.shape(key)[0] == out else None
-    state[key] = rows_of(key, 1) if per_row else src.load(key)
-  return _load_prequantized(_Given(src, state), hf_name, groups, param_dtype,
-                            (rows, inn))
+  return shard
 
 
 class _Given:
@@ -553,24 +552,6 @@ class _Given:
 
   def describe(self, name):
     return self._src.describe(name)
-
-
-def _recorded_blocksize(src, qs_key) -> int:
-  blob = json.loads(bytes(np.asarray(src.load(qs_key)).astype(np.uint8))
-                    .decode("utf-8"))
-  return int(blob["blocksize"])
-
-
-def _recorded_shape(src, hf_name, fmt, extra):
-  """The weight's shape as the checkpoint records it (None if unknown)."""
-  if fmt == weights.Params4bit.format:
-    qs_key = next((k for k in extra if "quant_state." in k), None)
-    if qs_key is None:
-      return None
-    blob = json.loads(bytes(np.asarray(src.load(qs_key)).astype(np.uint8))
-                      .decode("utf-8"))
-    return tuple(int(d) for d in blob["shape"])
-  return tuple(src.shape(hf_name))
 
 
 def _local_row_shards(data_spec, mesh, shape, n) -> list[int]:
@@ -637,7 +618,7 @@ def _load_sharded(src, hf_name, kind, abstract, spec, mesh, groups,
   quantized one row shard at a time (its rows hold whole blocks, quantized
   independently: the same bytes as the whole tensor quantized at once;
   double quantization then runs once over every shard's absmax); a
-  pre-quantized one reads its rows' ranges (`_load_prequantized_rows`).
+  pre-quantized one reads its rows' ranges (`_prequantized_rows`).
   Other sources build the tensor whole on the host and slice it.
   """
   read = sharding_lib.slice_reader(src, hf_name)
@@ -646,17 +627,17 @@ def _load_sharded(src, hf_name, kind, abstract, spec, mesh, groups,
         abstract.shape, spec, mesh, read,
         lambda a: np.asarray(a).astype(param_dtype))
   module = hf_name[:-len(".weight")]
+  data_spec = jax.tree.leaves(spec, is_leaf=lambda x: isinstance(
+      x, jax.sharding.PartitionSpec))[0]
+  n = sharding_lib.row_shards(data_spec, mesh)  # row shards
+  rows = abstract.shape[0] // n
   if kind == "quantize":
-    data_spec = jax.tree.leaves(spec, is_leaf=lambda x: isinstance(
-        x, jax.sharding.PartitionSpec))[0]
-    n = sharding_lib.row_shards(data_spec, mesh)
     nested = (isinstance(abstract, weights.Params4bit)
               and abstract.quant_state.offset is not None)
     if n > 1 and nested:
       return _quantize_rows_nested(abstract, spec, data_spec, mesh, n,
                                    quantization, module, read, param_dtype)
     if n > 1 and not nested:
-      rows = abstract.shape[0] // n
       return sharding_lib.build_by_rows(
           abstract, spec, mesh, n, lambda i: quantize_weight(
               quantization, module, jnp.asarray(read(
@@ -666,19 +647,15 @@ def _load_sharded(src, hf_name, kind, abstract, spec, mesh, groups,
     value = quantize_weight(quantization, module, w)
     del w
   else:
-    data_spec = jax.tree.leaves(spec, is_leaf=lambda x: isinstance(
-        x, jax.sharding.PartitionSpec))[0]
-    n = sharding_lib.row_shards(data_spec, mesh)
     fmt, extra = groups[hf_name]
     by_rows = hasattr(src, "load_slice") and (
         fmt != weights.Params4bit.format
         or any("quant_state." in k for k in extra))
     if n > 1 and by_rows:
-      rows = abstract.shape[0] // n
-      return sharding_lib.build_by_rows(
-          abstract, spec, mesh, n, lambda i: _load_prequantized_rows(
-              src, hf_name, groups, param_dtype, abstract.shape,
-              i * rows, rows))
+      shard = _prequantized_rows(src, hf_name, groups, param_dtype,
+                                 abstract.shape)
+      return sharding_lib.build_by_rows(abstract, spec, mesh, n,
+                                        lambda i: shard(i * rows, rows))
     value = _load_prequantized(src, hf_name, groups, param_dtype,
                                abstract.shape)
   host = jax.tree.map(np.asarray, value)
