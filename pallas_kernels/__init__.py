@@ -10,6 +10,8 @@ as array inputs and never import jaxbnb. All use Pallas' Triton lowering
 * `int8_matmul`: the LLM.int8 forward for decoding (M <= 16): int8 weight
   read once, int32 tensor-core product, outlier stream and bitsandbytes'
   epilogue fused.
+* `int8_gemm`: the LLM.int8 forward for larger M: tiled int8 GEMM with the
+  gathered outlier columns and bitsandbytes' epilogue fused.
 * `optim_8bit`: fused 8-bit blockwise optimizer update (dequantize the
   states, update, requantize with the sign fix) for bitsandbytes' kinds.
 

@@ -37,10 +37,11 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
-__all__ = ["can_use", "default_config", "epilogue", "int8_matmul", "MAX_M",
-           "round_to_dtype", "round_to_float16"]
+__all__ = ["can_use", "default_config", "epilogue", "GATHER_SLOTS",
+           "int8_matmul", "MAX_M", "round_to_dtype", "round_to_float16"]
 
 MAX_M = 16
+GATHER_SLOTS = 16  # outlier columns the "gather" mode loads one by one
 _M_PAD = 16  # the tensor-core N dimension (dot dims >= 16)
 _MM_DEQUANT = np.float32(6.200012e-05)  # bitsandbytes' 1/127**2
 _INV_127 = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127
@@ -150,11 +151,13 @@ def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add,
 
 
 def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
-            has_bias, dtype, skip_clean, interpret):
+            has_bias, dtype, skip_clean, gather, interpret):
   refs = list(refs)
   ca_ref, row_ref, cb_ref, scb_ref = refs[:4]
   refs = refs[4:]
   if outliers:
+    # "gather": the outlier activations [16, C] and their column indices;
+    # otherwise the masked activations [16, K] and the per-K-tile flags.
     xo_ref, flag_ref = refs[:2]
     refs = refs[2:]
   bias_ref = refs.pop(0) if has_bias else None
@@ -188,7 +191,7 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
     ca = ca_ref[:, pl.ds(k0, block_k)]
     acc = accs[0] + jax.lax.dot_general(cb, ca, _DIMS,
                                         preferred_element_type=jnp.int32)
-    if not outliers:
+    if not outliers or gather:
       return (acc,)
 
     def add_outliers(acc_out):
@@ -211,9 +214,31 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
   else:
     scb = scb_ref[pl.ds(row0, block_n)]
   init = (jnp.zeros((block_n, _M_PAD), jnp.int32),)
-  if outliers:
+  if outliers and not gather:
     init += (jnp.zeros((block_n, _M_PAD), jnp.float32),)
   accs = jax.lax.fori_loop(0, steps, body, init)
+  if gather:
+    # After the (branch-free, pipelined) int8 loop: the C outlier columns
+    # of this row tile, one strided column load each (unused slots repeat
+    # column 0, whose activations are zero), dequantized as bitsandbytes
+    # does and multiplied with the gathered activations. Split-K programs
+    # other than the first add nothing.
+    c = xo_ref.shape[1]
+    slots = jnp.arange(c, dtype=jnp.int32)[None, :]
+    w = jnp.zeros((block_n, c), jnp.float32)
+    for j in range(c):
+      at = cb_ref.at[pl.ds(row0, block_n), pl.ds(flag_ref[j], 1)]
+      if need_nmask:
+        col = pltriton.load(at, mask=row_ok[:, None], other=0)
+      else:
+        col = pltriton.load(at)
+      w = jnp.where(slots == j, col.astype(jnp.float32), w)
+    w = dequantized_weight(w, scb[:, None], dtype)
+    xo = xo_ref[...]
+    if split_k > 1:
+      xo = jnp.where(s == 0, xo, jnp.zeros_like(xo))
+    accs += (jax.lax.dot_general(w, xo, _DIMS, precision=precision,
+                                 preferred_element_type=jnp.float32),)
 
   lanes = jnp.arange(_M_PAD, dtype=jnp.int32)
   cols = lanes[None, :]
@@ -295,21 +320,58 @@ def int8_matmul(
       K tiles without an outlier column skip the outlier work.
     config: (block_n, block_k, split_k, num_warps, num_stages[, outliers]);
       default from `default_config`. `outliers` is "skip" (K tiles without
-      an outlier column skip the outlier product, behind a branch) or
-      "always" (every tile adds it, branch-free). `block_n`, `block_k`
-      powers of two >= 16, 32.
+      an outlier column skip the outlier product, behind a branch),
+      "always" (every tile adds it, branch-free) or "gather" (the int8
+      loop alone, then the first `GATHER_SLOTS` outlier columns loaded
+      one by one and multiplied once; more outlier columns than that run
+      as "skip"). `block_n`, `block_k` powers of two >= 16, 32.
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
     `[m, n]` in `dtype`.
   """
   m, k = ca.shape
-  n = cb.shape[0]
   dtype = jnp.dtype(dtype)
   if config is None:
-    config = default_config(m, n, k)
+    config = default_config(m, cb.shape[0], k)
+  mode = config[5] if len(config) > 5 else "skip"
+  if mode not in ("skip", "always", "gather"):
+    raise ValueError(f"int8_matmul: config[5] (outliers) must be 'skip', "
+                     f"'always' or 'gather', got {mode!r}.")
+  call = functools.partial(_int8_matmul, ca, row_stats, cb, scb, dtype=dtype,
+                           bias=bias, interpret=interpret)
+  if x_outlier is None:
+    return call(config=config)
+  if outlier_cols is None:
+    outlier_cols = jnp.any(x_outlier != 0, axis=0)
+  if mode != "gather":
+    return call(x_outlier=x_outlier, outlier_cols=outlier_cols,
+                config=config)
+  slots = min(GATHER_SLOTS, k)
+  cols = jnp.nonzero(outlier_cols, size=slots, fill_value=0)[0]
+  count = jnp.sum(outlier_cols, dtype=jnp.int32)
+  used = jnp.arange(slots) < count
+  x_sub = jnp.where(used[None, :], x_outlier[:, cols],
+                    jnp.zeros((), x_outlier.dtype))
+  skip = (*config[:5], "skip")
+  return jax.lax.cond(
+      count <= slots,
+      lambda: call(x_outlier=x_sub, outlier_cols=cols.astype(jnp.int32),
+                   config=config),
+      lambda: call(x_outlier=x_outlier, outlier_cols=outlier_cols,
+                   config=skip))
+
+
+def _int8_matmul(ca, row_stats, cb, scb, *, dtype, bias, config, interpret,
+                 x_outlier=None, outlier_cols=None):
+  """The pallas_call; "gather" passes `x_outlier [m, C]` and the int32
+  column indices `outlier_cols [C]`."""
+  m, k = ca.shape
+  n = cb.shape[0]
   block_n, block_k, split_k, num_warps, num_stages = config[:5]
-  skip_clean = (config[5] if len(config) > 5 else "skip") == "skip"
+  mode = config[5] if len(config) > 5 else "skip"
+  skip_clean = mode == "skip"
+  gather = mode == "gather" and x_outlier is not None
   nkt = -(-k // block_k)
   steps = -(-nkt // split_k)
   kp = split_k * steps * block_k  # K of the padded activations
@@ -318,10 +380,13 @@ def int8_matmul(
   ca_p = jnp.pad(ca, ((0, _M_PAD - m), (0, kp - k)))
   row_p = jnp.pad(row_stats.astype(jnp.float32), (0, _M_PAD - m))
   args = [ca_p, row_p, cb, scb.astype(jnp.float32)]
-  if outliers:
+  if gather:
+    c = x_outlier.shape[1]
+    cp = max(16, 1 << (c - 1).bit_length())  # a dot dimension: pow2 >= 16
+    args += [jnp.pad(x_outlier.astype(dtype), ((0, _M_PAD - m), (0, cp - c))),
+             jnp.pad(outlier_cols, (0, cp - c))]
+  elif outliers:
     xo = jnp.pad(x_outlier.astype(dtype), ((0, _M_PAD - m), (0, kp - k)))
-    if outlier_cols is None:
-      outlier_cols = jnp.any(x_outlier != 0, axis=0)
     flags = jnp.pad(outlier_cols, (0, kp - k)).reshape(-1, block_k)
     args += [xo, jnp.any(flags, axis=1).astype(jnp.int32)]
   has_bias = bias is not None and split_k == 1
@@ -338,7 +403,7 @@ def int8_matmul(
   kernel = functools.partial(
       _kernel, m=m, n=n, k=k, block_n=block_n, block_k=block_k, steps=steps,
       split_k=split_k, outliers=outliers, has_bias=has_bias, dtype=dtype,
-      skip_clean=skip_clean, interpret=interpret)
+      skip_clean=skip_clean, gather=gather, interpret=interpret)
   outs = pl.pallas_call(
       kernel,
       out_shape=out_shape,

@@ -130,6 +130,10 @@ CASES = [
     (2, 50, 256, jnp.float16, 6.0, None, (16, 64, 1, 4, 3, "always")),
     (16, 64, 512, jnp.float16, 0.0, jnp.float32, (32, 128, 1, 4, 3)),
     (2, 70, 96, jnp.bfloat16, 0.0, jnp.bfloat16, (16, 32, 4, 4, 3)),
+    (3, 40, 200, jnp.float16, 6.0, jnp.float16, (16, 64, 1, 4, 3, "gather")),
+    (5, 33, 128, jnp.bfloat16, 6.0, None, (32, 32, 2, 4, 3, "gather")),
+    (16, 48, 300, jnp.float32, 6.0, jnp.float32, (16, 32, 2, 4, 3, "gather")),
+    (1, 64, 256, jnp.bfloat16, 0.0, None, (16, 64, 1, 4, 3, "gather")),
 ]
 
 
@@ -152,6 +156,26 @@ def test_interpret_threshold_without_outliers():
   with jaxbnb.kernel_mode("reference"):
     ref = F.matmul_8bit(x, weight, bias, threshold=6.0)
   helpers.assert_bits_equal(y, ref)
+
+
+@pytest.mark.parametrize("n_cols", [16, 17, 40])
+def test_interpret_gather_slots_and_fallback(n_cols):
+  """16 outlier columns fill the "gather" slots; more run as "skip"."""
+  x, weight, bias = _inputs(4, 40, 256, jnp.bfloat16, 6.0, seed=n_cols,
+                            outlier_cols=tuple(range(1, 6 * n_cols, 6)),
+                            bias_dtype=jnp.bfloat16)
+  assert int(jnp.sum(jnp.any(jnp.abs(x) >= 6.0, axis=0))) == n_cols
+  y = _call(x, weight, bias, 6.0, (16, 64, 1, 4, 3, "gather"))
+  _check(y, x, weight, bias, 6.0)
+  skip = _call(x, weight, bias, 6.0, (16, 64, 1, 4, 3, "skip"))
+  if n_cols > ik.GATHER_SLOTS:
+    helpers.assert_bits_equal(y, skip)
+
+
+def test_bad_outlier_mode():
+  x, weight, _ = _inputs(2, 32, 64, jnp.bfloat16, 6.0)
+  with pytest.raises(ValueError, match=r"config\[5\].*'sideways'"):
+    _call(x, weight, None, 6.0, (16, 32, 1, 4, 3, "sideways"))
 
 
 def test_interpret_under_jit_and_vmap():
@@ -221,7 +245,7 @@ def test_matmul_8bit_dispatches_in_interpret_mode(monkeypatch, threshold):
 def test_matmul_8bit_large_m_and_reference_mode_skip_kernel(monkeypatch):
   calls = _spy(monkeypatch)
   x, weight, _ = _inputs(17, 32, 64, jnp.float16, 6.0, seed=1)
-  with jaxbnb.kernel_mode("pallas"):  # M > 16 is XLA's int8 dot: no error
+  with jaxbnb.kernel_mode("pallas"):  # M > 16 is int8_gemm's
     jax.eval_shape(lambda a: F.matmul_8bit(a, weight, threshold=6.0), x)
   with jaxbnb.kernel_mode("reference"):
     F.matmul_8bit(x[:2], weight, threshold=6.0)
@@ -289,7 +313,9 @@ def test_gpu_matches_bnb_semantics(m, n, k, dtype, threshold):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(32, 512, 1, 4, 4), (64, 256, 2, 4, 3),
-                                    (16, 256, 4, 4, 3), (128, 128, 1, 8, 3)])
+                                    (16, 256, 4, 4, 3), (128, 128, 1, 8, 3),
+                                    (64, 256, 1, 4, 3, "gather"),
+                                    (32, 512, 2, 4, 4, "gather")])
 def test_gpu_configs(config):
   x, weight, bias = _inputs(16, 1000, 4096, jnp.bfloat16, 6.0, seed=2,
                             outlier_cols=(3, 700, 701, 2048, 4000),
@@ -326,4 +352,5 @@ def test_bench_int8_quick(tmp_path, capsys):
   doc = json.loads(out.read_text())
   assert doc["meta"]["benchmark"] == "int8" and len(doc["results"]) == 2
   assert all(r["us"]["jaxbnb"] for r in doc["results"])
-  assert len(bench_int8.sweep_configs()) == 48  # 24 tiles, skip or always
+  assert len(bench_int8.sweep_configs()) == 48  # 24 tiles, skip or gather
+  assert len(bench_int8.gemm_sweep_configs()) == 12

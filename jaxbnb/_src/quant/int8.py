@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import int8_gemm
 from pallas_kernels import int8_matmul as int8_kernel
 
 from jaxbnb._src.quant import dispatch
@@ -138,6 +139,16 @@ def _dequantized(cb, scb, dtype):
 _GATHERED_COLUMNS = 64
 
 
+def _gather_outliers(x2d, cb, scb, mask, cap):
+  """The first `cap` outlier columns: `(x[:, cols], dequant(CB[:, cols]))`,
+  both in `x2d.dtype`, zeros in the slots past the outlier count."""
+  cols = jnp.nonzero(mask, size=cap, fill_value=0)[0]
+  used = jnp.arange(cap) < jnp.sum(mask)
+  x_sub = jnp.where(used[None, :], x2d[:, cols], jnp.zeros((), x2d.dtype))
+  w_sub = _dequantized(cb[:, cols], scb, x2d.dtype)
+  return x_sub, w_sub
+
+
 def _forward(x2d, cb, scb, bias, threshold):
   """bnb's `MatMul8bitLt.forward` on `[M, K]`; returns `x2d.dtype`."""
   ca, sca, mask = reference.int8_vectorwise_quant(
@@ -167,11 +178,8 @@ def _forward(x2d, cb, scb, bias, threshold):
     # The same product on the (at most `cap`) outlier columns gathered:
     # [M, cap] x [cap, N] instead of a 16-bit GEMM over all of K. Unused
     # slots hold zeros.
-    cols = jnp.nonzero(mask, size=cap, fill_value=0)[0]
-    used = jnp.arange(cap) < jnp.sum(mask)
-    x_sub = jnp.where(used[None, :], x2d[:, cols], jnp.zeros((), x2d.dtype))
-    w_sub = round_to(
-        _dequantized(cb[:, cols], scb, x2d.dtype).astype(jnp.float32))
+    x_sub, w_sub = _gather_outliers(x2d, cb, scb, mask, cap)
+    w_sub = round_to(w_sub.astype(jnp.float32))
     # In float32: the same exact products of x.dtype values (a small
     # product; XLA:CPU has no 16-bit x 16-bit -> float32 dot for it).
     acc = jax.lax.dot_general(x_sub.astype(jnp.float32), w_sub,
@@ -210,36 +218,59 @@ def _zero_int8(cb):
 
 
 def _kernel_forward(x2d, cb, scb, bias, threshold):
-  """`_forward` through the Pallas decode kernel, or None if it does not serve.
+  """`_forward` through a Pallas kernel, or None if none serves.
 
-  Decode sizes only (M <= `int8_kernel.MAX_M`); larger M is XLA's int8 dot
-  (`_forward`), not a missing kernel. The activations are quantized here
-  exactly as in `_forward`; the kernel reads the int8 weight once for both
-  the int32 product and the outlier stream.
+  M <= `int8_kernel.MAX_M` (decoding): the decode kernel, which reads the
+  int8 weight once for the int32 product and the outlier stream. Larger M:
+  the tiled int8 GEMM (`pallas_kernels.int8_gemm`) with bitsandbytes'
+  epilogue and the gathered outlier columns fused; more than
+  `_GATHERED_COLUMNS` outlier columns take XLA's masked path. The
+  activations are quantized here exactly as in `_forward`.
   """
-  if dispatch.get_kernel_mode() == "auto" and not threshold > 0:
-    # Without outliers XLA's int8 dot is faster (measured on the H200,
-    # docs/benchmarks.md, LLM.int8, 4096 -> 14336: M = 1 20.0 vs 25.2 us,
-    # M = 16 23.8 vs 29.2 us); with a threshold the kernel reads the weight
-    # once for both streams and XLA needs a data-dependent outlier gather.
-    return None
-  mode = dispatch.resolve()
   m, k = x2d.shape
   n = cb.shape[0]
-  if mode == "reference" or not 1 <= m <= int8_kernel.MAX_M:
+  decode = m <= int8_kernel.MAX_M
+  if (dispatch.get_kernel_mode() == "auto" and decode
+      and not threshold > 0):
+    # Without outliers XLA's int8 dot is faster at decode sizes (measured
+    # on the H200, docs/benchmarks.md, LLM.int8, 4096 -> 14336: M = 1 20.0
+    # vs 25.2 us, M = 16 23.8 vs 29.2 us); with a threshold the kernel
+    # reads the weight once for both streams.
     return None
-  if not int8_kernel.can_use(m, n, k, x2d.dtype):
+  mode = dispatch.resolve()
+  if mode == "reference":
+    return None
+  kernel = int8_kernel if decode else int8_gemm
+  if not kernel.can_use(m, n, k, x2d.dtype):
     dispatch.no_kernel(f"the LLM.int8 matmul of [{m}, {k}] x [{n}, {k}] "
                        f"({jnp.dtype(x2d.dtype).name})")
     return None
+  interpret = mode == "interpret"
+  dtype = jnp.dtype(x2d.dtype)
   ca, sca, mask = reference.int8_vectorwise_quant(
       x2d.astype(jnp.float16), threshold)
-  x_out = None
-  if mask is not None:
-    x_out = jnp.where(mask[None, :], x2d, jnp.zeros((), x2d.dtype))
-  return int8_kernel.int8_matmul(
-      ca, sca, cb, scb, dtype=jnp.dtype(x2d.dtype), bias=bias,
-      x_outlier=x_out, outlier_cols=mask, interpret=mode == "interpret")
+  if decode:
+    x_out = None
+    if mask is not None:
+      x_out = jnp.where(mask[None, :], x2d, jnp.zeros((), x2d.dtype))
+    return int8_kernel.int8_matmul(
+        ca, sca, cb, scb, dtype=dtype, bias=bias, x_outlier=x_out,
+        outlier_cols=mask, interpret=interpret)
+  gemm = functools.partial(int8_gemm.int8_gemm, ca, sca, cb, scb,
+                           dtype=dtype, bias=bias, interpret=interpret)
+  if mask is None:
+    return gemm()
+  cap = min(_GATHERED_COLUMNS, k)
+
+  def fused(_):
+    x_sub, w_sub = _gather_outliers(x2d, cb, scb, mask, cap)
+    return gemm(x_sub=x_sub, w_sub=w_sub)
+
+  def everywhere(_):  # outliers in more than `cap` columns: rare
+    return _forward(x2d, cb, scb, bias, threshold)
+
+  return jax.lax.cond(jnp.sum(mask, dtype=jnp.int32) <= cap, fused,
+                      everywhere, None)
 
 
 def _forward_frozen(x2d, cb, scb, bias, threshold):

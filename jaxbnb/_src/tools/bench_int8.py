@@ -3,12 +3,13 @@
 For a weight `[N, K]` (default 14336 x 4096, a Llama-3-8B MLP projection)
 and M rows of bf16 activations, times
 
-* `jaxbnb`: `matmul_8bit` in the current kernel mode (auto: the Pallas
-  decode kernel for M <= 16 on an NVIDIA GPU, XLA's int8 dot otherwise),
-  including the activation quantization;
+* `jaxbnb`: `matmul_8bit` in the current kernel mode (auto on an NVIDIA
+  GPU: the Pallas decode kernel for M <= 16 with a threshold, XLA's int8
+  dot for M <= 16 without, `int8_gemm` above), including the activation
+  quantization;
 * `jaxbnb-ref`: the same in kernel mode "reference" (XLA only);
-* `kernel`: the Pallas kernel alone on pre-quantized activations (M <= 16,
-  only where the kernels run);
+* `kernel`: the Pallas kernel alone on pre-quantized activations (the
+  decode kernel for M <= 16, `int8_gemm` above; only where kernels run);
 * `xla-bf16`: `x @ W.T` with a bf16 weight;
 * `xla-int8`: XLA's `s8 x s8 -> s32` dot alone (no quantization, no
   epilogue);
@@ -16,8 +17,9 @@ and M rows of bf16 activations, times
 
 at threshold 0 and at threshold 6 with `--outliers` planted outlier columns
 (|x| = 8 in every other row; the other activations are clipped to 5.5).
-`--sweep` also times the kernel alone over 48 tile configurations at
-M <= 16 and threshold 6 (`sweep_configs`). Timing follows `bench matmul` (`measure.time_jax`: a jitted loop
+`--sweep` also times the kernel alone at threshold 6 over 48 tile
+configurations at M <= 16 (`sweep_configs`) and 12 at larger M
+(`gemm_sweep_configs`). Timing follows `bench matmul` (`measure.time_jax`: a jitted loop
 over rotating weights that together exceed the L2). The results go to a
 JSON file (`--out`) and a markdown table on stdout.
 """
@@ -42,10 +44,12 @@ from jaxbnb._src.tools import argtypes
 from jaxbnb._src.tools import bench_matmul
 from jaxbnb._src.tools import measure
 from jaxbnb._src.tools import report
+from jaxbnb._src.quant import int8 as int8_ops
+from pallas_kernels import int8_gemm
 from pallas_kernels import int8_matmul as int8_kernel
 
-__all__ = ["COLUMNS", "add_parsers", "planted_x", "run_int8", "sweep_configs",
-           "table"]
+__all__ = ["COLUMNS", "add_parsers", "gemm_sweep_configs", "planted_x",
+           "run_int8", "sweep_configs", "table"]
 
 COLUMNS = ("jaxbnb", "jaxbnb-ref", "kernel", "xla-bf16", "xla-int8")
 DEFAULT_M = (1, 16, 256, 4096)
@@ -57,7 +61,18 @@ def sweep_configs() -> list[tuple]:
   """Kernel configurations `--sweep` times: (block_n, block_k, split_k,
   num_warps, num_stages, outliers); 48 of them."""
   return list(itertools.product((32, 64, 128), (256, 512), (1, 2), (4,),
-                                (3, 4), ("skip", "always")))
+                                (3, 4), ("skip", "gather")))
+
+
+def gemm_sweep_configs() -> list[tuple]:
+  """`int8_gemm` configurations `--sweep` times at M > 16: (block_m,
+  block_n, block_k, group_m, num_warps, num_stages); 12 of them."""
+  return [(128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 3),
+          (128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3),
+          (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 4),
+          (64, 256, 128, 8, 4, 3), (128, 128, 256, 8, 8, 2),
+          (256, 128, 64, 8, 8, 4), (128, 64, 128, 8, 4, 4),
+          (128, 256, 128, 8, 8, 4), (64, 128, 128, 8, 4, 4)]
 
 
 def planted_x(key, m: int, k: int, n_outliers: int) -> jax.Array:
@@ -82,8 +97,19 @@ def _time(opts, fn, slots, floor_s, mode=None) -> dict:
 
 
 def _kernel_fn(threshold, config, interpret):
-  """The kernel alone on the quantized inputs `_kernel_args` makes."""
+  """The kernel alone on the quantized inputs `_kernel_args` makes: the
+  decode kernel for M <= 16, `int8_gemm` with the gathered outlier columns
+  above."""
   def fn(ca, sca, x_out, mask, weight):
+    if ca.shape[0] > int8_kernel.MAX_M:
+      kw = {}
+      if threshold > 0:
+        x_sub, w_sub = int8_ops._gather_outliers(  # pylint: disable=protected-access
+            x_out, weight.CB, weight.SCB, mask, min(64, x_out.shape[1]))
+        kw = dict(x_sub=x_sub, w_sub=w_sub)
+      return int8_gemm.int8_gemm(ca, sca, weight.CB, weight.SCB,
+                                 dtype=jnp.bfloat16, config=config,
+                                 interpret=interpret, **kw)
     return int8_kernel.int8_matmul(
         ca, sca, weight.CB, weight.SCB, dtype=jnp.bfloat16,
         x_outlier=x_out if threshold > 0 else None,
@@ -151,7 +177,9 @@ def run_int8(opts: argparse.Namespace) -> dict:
       if not opts.no_ref:
         measure.record(timings, errors, "jaxbnb-ref", _time, opts, mm8,
                        slots, floor_s, "reference")
-      use_kernel = kernels and int8_kernel.can_use(m, n, k, jnp.bfloat16)
+      decode = m <= int8_kernel.MAX_M
+      use_kernel = kernels and (int8_kernel if decode else int8_gemm).can_use(
+          m, n, k, jnp.bfloat16)
       if use_kernel:
         kargs = _kernel_args(x, threshold)
         kslots = tuple((*kargs, w) for w in w8)
@@ -160,7 +188,8 @@ def run_int8(opts: argparse.Namespace) -> dict:
                        _kernel_fn(threshold, None, interpret), kslots,
                        floor_s)
         sweeping = opts.sweep and threshold > 0
-        for config in (sweep_configs() if sweeping else ()):
+        configs = sweep_configs() if decode else gemm_sweep_configs()
+        for config in (configs if sweeping else ()):
           t, e = {}, {}
           measure.record(t, e, "kernel", _time, opts,
                          _kernel_fn(threshold, config, interpret), kslots,
@@ -180,8 +209,9 @@ def run_int8(opts: argparse.Namespace) -> dict:
           "n": n, "k": k, "m": m, "threshold": threshold,
           "outlier_cols": n_out, "weight_bytes": n * k,
           "floor_us": floor_s * 1e6, "us": us,
-          "default_config": (list(int8_kernel.default_config(m, n, k))
-                             if m <= int8_kernel.MAX_M else None),
+          "default_config": list(
+              (int8_kernel if m <= int8_kernel.MAX_M else int8_gemm)
+              .default_config(m, n, k)),
           "pct_of_floor": 100 * floor_s * 1e6 / j if j else None,
           "speedup_vs_bf16": us["xla-bf16"] / j if j and us["xla-bf16"]
                              else None,
@@ -221,8 +251,9 @@ def table(doc) -> tuple[list[str], list[list[str]]]:
 def _sweep_table(doc) -> tuple[list[str], list[list[str]]]:
   rows = sorted(doc["sweep"], key=lambda s: (s["m"], s["threshold"],
                                              s["us"] or float("inf")))
-  return (["M", "threshold", "block_n, block_k, split_k, warps, stages",
-           "kernel us"],
+  return (["M", "threshold", "config (decode: block_n, block_k, split_k, "
+           "warps, stages, outliers; gemm: block_m, block_n, block_k, "
+           "group_m, warps, stages)", "kernel us"],
           [[s["m"], f"{s['threshold']:g}", str(tuple(s["config"])),
             report.fmt(s["us"]) if s["us"] else "failed"] for s in rows])
 
@@ -265,8 +296,9 @@ def add_parsers(sub) -> None:
   p.add_argument("--outliers", type=argtypes.number(int, 0), default=5,
                  help="planted outlier columns at threshold 6 (default 5)")
   p.add_argument("--sweep", action="store_true", help=(
-      "also time the kernel alone over 48 tile configurations (M <= 16, "
-      "threshold 6; about a minute per M on a GPU)"))
+      "also time the kernel alone over its tile configurations at "
+      "threshold 6 (48 for M <= 16, 12 above; about a minute per M on a "
+      "GPU)"))
   p.add_argument("--quick", action="store_true",
                  help="tiny sizes, few repetitions (CPU smoke test)")
   p.add_argument("--reps", type=argtypes.number(int, 1),

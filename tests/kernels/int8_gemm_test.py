@@ -1,0 +1,211 @@
+"""pallas_kernels.int8_gemm (LLM.int8 forward at prefill sizes) against
+bitsandbytes' semantics computed independently in numpy.
+
+The golden value and its bound are int8_matmul_test's: bit-exact without
+outliers; with outliers within the float32 summation-order bound of the
+exact sum (the kernel adds the gathered outlier products in float32 in the
+tensor cores' order).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbnb
+from jaxbnb import functional as F
+from jaxbnb._src.quant import int8 as int8_ops
+from jaxbnb._src.quant import reference
+from pallas_kernels import int8_gemm as ig
+from tests import helpers
+from tests.kernels.int8_matmul_test import _check
+from tests.kernels.int8_matmul_test import _golden
+from tests.kernels.int8_matmul_test import _inputs
+
+
+def _call(x, weight, bias, threshold, config=None, interpret=True, cap=64):
+  ca, sca, mask = reference.int8_vectorwise_quant(
+      x.astype(jnp.float16), threshold)
+  kw = {}
+  if mask is not None:
+    x_sub, w_sub = int8_ops._gather_outliers(  # pylint: disable=protected-access
+        x, weight.CB, weight.SCB, mask, min(cap, x.shape[1]))
+    kw = dict(x_sub=x_sub, w_sub=w_sub)
+  return ig.int8_gemm(ca, sca, weight.CB, weight.SCB, dtype=x.dtype,
+                      bias=bias, config=config, interpret=interpret, **kw)
+
+
+CASES = [
+    # (m, n, k, dtype, threshold, bias dtype, config)
+    (40, 50, 200, jnp.float16, 6.0, jnp.float16, (16, 32, 32, 2, 4, 3)),
+    (33, 64, 128, jnp.bfloat16, 0.0, None, (32, 32, 64, 8, 4, 3)),
+    (20, 70, 96, jnp.float32, 6.0, jnp.float32, (16, 64, 32, 1, 4, 3)),
+    (64, 64, 256, jnp.bfloat16, 6.0, jnp.bfloat16, (64, 64, 128, 8, 4, 3)),
+    (17, 48, 64, jnp.bfloat16, 6.0, jnp.float16, None),
+    (100, 24, 160, jnp.float16, 0.0, jnp.float32, (32, 16, 64, 3, 4, 3)),
+]
+
+
+@pytest.mark.parametrize("m,n,k,dtype,threshold,bias_dtype,config", CASES)
+def test_interpret_matches_bnb_semantics(m, n, k, dtype, threshold,
+                                         bias_dtype, config):
+  x, weight, bias = _inputs(m, n, k, dtype, threshold, seed=m + n,
+                            bias_dtype=bias_dtype)
+  y = _call(x, weight, bias, threshold, config)
+  _check(y, x, weight, bias, threshold)
+
+
+def test_interpret_unused_outlier_slots_add_nothing():
+  """Fewer outlier columns than slots, and none at all: the zero slots
+  leave the bit-exact int8 result alone."""
+  x, weight, bias = _inputs(24, 40, 96, jnp.bfloat16, 0.0, seed=11,
+                            bias_dtype=jnp.bfloat16)
+  x = jnp.clip(x, -5.0, 5.0)
+  y = _call(x, weight, bias, 6.0, (16, 32, 32, 2, 4, 3))
+  with jaxbnb.kernel_mode("reference"):
+    ref = F.matmul_8bit(x, weight, bias, threshold=6.0)
+  helpers.assert_bits_equal(y, ref)
+
+
+def test_default_config_and_can_use():
+  assert ig.default_config(4096, 14336, 4096) == (128, 128, 128, 8, 8, 3)
+  assert ig.default_config(32, 14336, 4096)[0] == 64
+  assert ig.default_config(32, 8, 40)[2] == 32
+  assert ig.can_use(4096, 14336, 4096, jnp.bfloat16)
+  assert not ig.can_use(4096, 14336, 2**17, jnp.bfloat16)
+  assert not ig.can_use(4096, 64, 64, jnp.int8)
+
+
+# ---------------------------------------------------------------------------
+# dispatch from jaxbnb.functional.matmul_8bit (M > 16)
+# ---------------------------------------------------------------------------
+
+
+def _spy(monkeypatch):
+  calls = []
+  original = ig.int8_gemm
+
+  def spy(*args, **kwargs):
+    calls.append((kwargs.get("interpret"), kwargs.get("x_sub") is not None))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(ig, "int8_gemm", spy)
+  return calls
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_matmul_8bit_dispatches_in_interpret_mode(monkeypatch, threshold):
+  calls = _spy(monkeypatch)
+  x, weight, bias = _inputs(40, 48, 192, jnp.float16, threshold, seed=9,
+                            bias_dtype=jnp.float16)
+  x3 = x.reshape(2, 20, 192)
+  with jaxbnb.kernel_mode("interpret"):
+    y = jax.jit(lambda a: F.matmul_8bit(a, weight, bias,
+                                        threshold=threshold))(x3)
+  assert calls == [(True, threshold > 0)]
+  assert y.shape == (2, 20, 48)
+  _check(y.reshape(40, 48), x, weight, bias, threshold)
+  with jaxbnb.kernel_mode("reference"):
+    ref = F.matmul_8bit(x3, weight, bias, threshold=threshold)
+  if threshold == 0.0:
+    helpers.assert_bits_equal(y, ref)
+  else:
+    _, bound, _ = _golden(x, weight.CB, weight.SCB, bias, threshold)
+    helpers.assert_within(y.reshape(40, 48), np.asarray(
+        ref.reshape(40, 48).astype(jnp.float32), np.float64), 2 * bound)
+
+
+def test_more_outlier_columns_than_slots_take_the_masked_path(monkeypatch):
+  """70 outlier columns (> 64 slots): `lax.cond` picks XLA's masked product
+  over all of K, still bitsandbytes' result."""
+  monkeypatch.setattr(int8_ops, "_GATHERED_COLUMNS", 64)
+  x, weight, bias = _inputs(20, 32, 128, jnp.float32, 6.0, seed=3,
+                            outlier_cols=tuple(range(0, 140, 2)),
+                            bias_dtype=jnp.float32)
+  assert int(jnp.sum(jnp.any(jnp.abs(x) >= 6.0, axis=0))) == 64
+  x = x.at[1, 1:13:2].set(9.0)  # 6 more outlier columns: 70 in all
+  with jaxbnb.kernel_mode("interpret"):
+    y = jax.jit(lambda a: F.matmul_8bit(a, weight, bias, threshold=6.0))(x)
+  _check(y, x, weight, bias, 6.0)
+
+
+def test_grad_in_interpret_mode():
+  x, weight, bias = _inputs(24, 32, 96, jnp.float32, 6.0, seed=4,
+                            bias_dtype=jnp.float32)
+
+  def loss(a, b):
+    return jnp.sum(F.matmul_8bit(a, weight, b, threshold=6.0) ** 2)
+
+  with jaxbnb.kernel_mode("interpret"):
+    gx, gb = jax.grad(loss, argnums=(0, 1))(x, bias)
+  with jaxbnb.kernel_mode("reference"):
+    rx, rb = jax.grad(loss, argnums=(0, 1))(x, bias)
+  np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gb, rb, rtol=1e-5, atol=1e-5)
+
+
+def test_lowers_for_cuda():
+  try:
+    from jax._src.mesh import AbstractDevice  # pylint: disable=g-import-not-at-top
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H200", platform="gpu", num_cores=132))
+  except (ImportError, TypeError) as e:
+    pytest.skip(f"no abstract GPU device in this JAX: {e}")
+  s = jax.ShapeDtypeStruct
+  m, n, k = 300, 1000, 4096 + 96
+  args = (s((m, k), jnp.int8), s((m,), jnp.float32), s((n, k), jnp.int8),
+          s((n,), jnp.float32))
+  kw = dict(bias=s((n,), jnp.float16), x_sub=s((m, 64), jnp.float16),
+            w_sub=s((n, 64), jnp.float16))
+  f = jax.jit(functools.partial(ig.int8_gemm, dtype=jnp.float16))
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = f.trace(*args, **kw).lower(lowering_platforms=("cuda",)).as_text()
+  assert "jaxbnb_int8_gemm" in text
+
+
+# ---------------------------------------------------------------------------
+# compiled on the GPU
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", [(4096, 4096, 4096), (300, 1000, 4096 + 96),
+                                   (17, 14336, 4096)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_gpu_matches_bnb_semantics(m, n, k, dtype, threshold):
+  x, weight, bias = _inputs(m, n, k, dtype, threshold, seed=m,
+                            outlier_cols=(3, 700, 701, 2048, 4000),
+                            bias_dtype=dtype)
+  y = _call(x, weight, bias, threshold, interpret=False)
+  _check(y, x, weight, bias, threshold)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(128, 128, 128, 8, 8, 3),
+                                    (128, 256, 64, 8, 8, 4),
+                                    (64, 128, 128, 4, 4, 3)])
+def test_gpu_configs(config):
+  x, weight, bias = _inputs(1000, 1000, 4096, jnp.bfloat16, 6.0, seed=2,
+                            outlier_cols=(3, 700, 701, 2048, 4000),
+                            bias_dtype=jnp.float16)
+  y = _call(x, weight, bias, 6.0, config=config, interpret=False)
+  _check(y, x, weight, bias, 6.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_gpu_matmul_8bit_dispatch(monkeypatch, threshold):
+  calls = _spy(monkeypatch)
+  x, weight, bias = _inputs(512, 4096, 4096, jnp.bfloat16, threshold,
+                            seed=7, outlier_cols=(3, 700, 701, 2048, 4000),
+                            bias_dtype=jnp.bfloat16)
+  with jaxbnb.kernel_mode("pallas"):
+    y = jax.jit(lambda a: F.matmul_8bit(a, weight, bias,
+                                        threshold=threshold))(x)
+  assert calls == [(False, threshold > 0)]
+  _check(y, x, weight, bias, threshold)
