@@ -37,11 +37,11 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
-__all__ = ["can_use", "default_config", "epilogue", "GATHER_SLOTS",
-           "int8_matmul", "MAX_M", "round_to_dtype", "round_to_float16"]
+__all__ = ["can_use", "default_config", "epilogue", "int8_matmul", "MAX_M",
+           "OUTLIER_MODES", "round_to_dtype", "round_to_float16"]
 
 MAX_M = 16
-GATHER_SLOTS = 16  # outlier columns the "gather" mode loads one by one
+OUTLIER_MODES = ("skip", "always", "after")
 _M_PAD = 16  # the tensor-core N dimension (dot dims >= 16)
 _MM_DEQUANT = np.float32(6.200012e-05)  # bitsandbytes' 1/127**2
 _INV_127 = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127
@@ -81,7 +81,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
   split_k = 1
   while tiles * split_k < num_sms and split_k * 4 <= steps:
     split_k *= 2
-  return (block_n, block_k, split_k, 4, 3, "skip")
+  return (block_n, block_k, split_k, 4, 3, "after")
 
 
 def dequantized_weight(cb, scb, dtype):
@@ -151,13 +151,13 @@ def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add,
 
 
 def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
-            has_bias, dtype, skip_clean, gather, interpret):
+            has_bias, dtype, mode, interpret):
   refs = list(refs)
   ca_ref, row_ref, cb_ref, scb_ref = refs[:4]
   refs = refs[4:]
   if outliers:
-    # "gather": the outlier activations [16, C] and their column indices;
-    # otherwise the masked activations [16, K] and the per-K-tile flags.
+    # "skip", "always": per-K-tile flags; "after": the flagged K tiles'
+    # indices, their count last.
     xo_ref, flag_ref = refs[:2]
     refs = refs[2:]
   bias_ref = refs.pop(0) if has_bias else None
@@ -191,22 +191,37 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
     ca = ca_ref[:, pl.ds(k0, block_k)]
     acc = accs[0] + jax.lax.dot_general(cb, ca, _DIMS,
                                         preferred_element_type=jnp.int32)
-    if not outliers or gather:
+    if not outliers or mode == "after":
       return (acc,)
-
-    def add_outliers(acc_out):
-      xo = xo_ref[:, pl.ds(k0, block_k)]
-      w = dequantized_weight(cb, scb[:, None], dtype)
-      return acc_out + jax.lax.dot_general(
-          w, xo, _DIMS, precision=precision,
-          preferred_element_type=jnp.float32)
-
-    if skip_clean:
-      acc_out = jax.lax.cond(flag_ref[kt] != 0, add_outliers, lambda a: a,
-                             accs[1])
-    else:  # branch-free: no control flow in the loop to stop pipelining
-      acc_out = add_outliers(accs[1])
+    add = functools.partial(add_outliers, cb, k0)
+    if mode == "skip":
+      acc_out = jax.lax.cond(flag_ref[kt] != 0, add, lambda a: a, accs[1])
+    else:  # "always", branch-free: no control flow to stop pipelining
+      acc_out = add(accs[1])
     return acc, acc_out
+
+  def load_cb(k0):
+    cb_at = cb_ref.at[pl.ds(row0, block_n), pl.ds(k0, block_k)]
+    if need_nmask or need_kmask:
+      ok = jnp.ones((block_n, block_k), jnp.bool_)
+      if need_nmask:
+        ok = ok & row_ok[:, None]
+      if need_kmask:
+        cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
+        ok = ok & (cols < k)[None, :]
+      return pltriton.load(cb_at, mask=ok, other=0)
+    return pltriton.load(cb_at)
+
+  def add_outliers(cb, k0, acc_out):
+    xo = xo_ref[:, pl.ds(k0, block_k)]
+    w = dequantized_weight(cb, scb[:, None], dtype)
+    return acc_out + jax.lax.dot_general(
+        w, xo, _DIMS, precision=precision,
+        preferred_element_type=jnp.float32)
+
+  def after_body(j, acc_out):
+    k0 = pl.multiple_of(flag_ref[j] * block_k, block_k)
+    return add_outliers(load_cb(k0), k0, acc_out)
 
   if need_nmask:
     scb = pltriton.load(scb_ref.at[pl.ds(row0, block_n)], mask=row_ok,
@@ -214,31 +229,18 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
   else:
     scb = scb_ref[pl.ds(row0, block_n)]
   init = (jnp.zeros((block_n, _M_PAD), jnp.int32),)
-  if outliers and not gather:
+  if outliers and mode != "after":
     init += (jnp.zeros((block_n, _M_PAD), jnp.float32),)
   accs = jax.lax.fori_loop(0, steps, body, init)
-  if gather:
-    # After the (branch-free, pipelined) int8 loop: the C outlier columns
-    # of this row tile, one strided column load each (unused slots repeat
-    # column 0, whose activations are zero), dequantized as bitsandbytes
-    # does and multiplied with the gathered activations. Split-K programs
-    # other than the first add nothing.
-    c = xo_ref.shape[1]
-    slots = jnp.arange(c, dtype=jnp.int32)[None, :]
-    w = jnp.zeros((block_n, c), jnp.float32)
-    for j in range(c):
-      at = cb_ref.at[pl.ds(row0, block_n), pl.ds(flag_ref[j], 1)]
-      if need_nmask:
-        col = pltriton.load(at, mask=row_ok[:, None], other=0)
-      else:
-        col = pltriton.load(at)
-      w = jnp.where(slots == j, col.astype(jnp.float32), w)
-    w = dequantized_weight(w, scb[:, None], dtype)
-    xo = xo_ref[...]
+  if outliers and mode == "after":
+    # After the branch-free (pipelined) int8 loop, a second pass over only
+    # the K tiles holding an outlier column, mostly still in L2; the first
+    # split-K program takes them all.
+    count = flag_ref[flag_ref.shape[0] - 1]
     if split_k > 1:
-      xo = jnp.where(s == 0, xo, jnp.zeros_like(xo))
-    accs += (jax.lax.dot_general(w, xo, _DIMS, precision=precision,
-                                 preferred_element_type=jnp.float32),)
+      count = jnp.where(s == 0, count, 0)
+    accs += (jax.lax.fori_loop(0, count, after_body,
+                               jnp.zeros((block_n, _M_PAD), jnp.float32)),)
 
   lanes = jnp.arange(_M_PAD, dtype=jnp.int32)
   cols = lanes[None, :]
@@ -320,58 +322,25 @@ def int8_matmul(
       K tiles without an outlier column skip the outlier work.
     config: (block_n, block_k, split_k, num_warps, num_stages[, outliers]);
       default from `default_config`. `outliers` is "skip" (K tiles without
-      an outlier column skip the outlier product, behind a branch),
-      "always" (every tile adds it, branch-free) or "gather" (the int8
-      loop alone, then the first `GATHER_SLOTS` outlier columns loaded
-      one by one and multiplied once; more outlier columns than that run
-      as "skip"). `block_n`, `block_k` powers of two >= 16, 32.
+      an outlier column skip the outlier product, behind a branch in the
+      int8 loop), "always" (every tile adds it, branch-free) or "after"
+      (the int8 loop alone, then a second loop over only the K tiles with
+      an outlier column). `block_n`, `block_k` powers of two >= 16, 32.
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
     `[m, n]` in `dtype`.
   """
   m, k = ca.shape
+  n = cb.shape[0]
   dtype = jnp.dtype(dtype)
   if config is None:
-    config = default_config(m, cb.shape[0], k)
-  mode = config[5] if len(config) > 5 else "skip"
-  if mode not in ("skip", "always", "gather"):
-    raise ValueError(f"int8_matmul: config[5] (outliers) must be 'skip', "
-                     f"'always' or 'gather', got {mode!r}.")
-  call = functools.partial(_int8_matmul, ca, row_stats, cb, scb, dtype=dtype,
-                           bias=bias, interpret=interpret)
-  if x_outlier is None:
-    return call(config=config)
-  if outlier_cols is None:
-    outlier_cols = jnp.any(x_outlier != 0, axis=0)
-  if mode != "gather":
-    return call(x_outlier=x_outlier, outlier_cols=outlier_cols,
-                config=config)
-  slots = min(GATHER_SLOTS, k)
-  cols = jnp.nonzero(outlier_cols, size=slots, fill_value=0)[0]
-  count = jnp.sum(outlier_cols, dtype=jnp.int32)
-  used = jnp.arange(slots) < count
-  x_sub = jnp.where(used[None, :], x_outlier[:, cols],
-                    jnp.zeros((), x_outlier.dtype))
-  skip = (*config[:5], "skip")
-  return jax.lax.cond(
-      count <= slots,
-      lambda: call(x_outlier=x_sub, outlier_cols=cols.astype(jnp.int32),
-                   config=config),
-      lambda: call(x_outlier=x_outlier, outlier_cols=outlier_cols,
-                   config=skip))
-
-
-def _int8_matmul(ca, row_stats, cb, scb, *, dtype, bias, config, interpret,
-                 x_outlier=None, outlier_cols=None):
-  """The pallas_call; "gather" passes `x_outlier [m, C]` and the int32
-  column indices `outlier_cols [C]`."""
-  m, k = ca.shape
-  n = cb.shape[0]
+    config = default_config(m, n, k)
   block_n, block_k, split_k, num_warps, num_stages = config[:5]
   mode = config[5] if len(config) > 5 else "skip"
-  skip_clean = mode == "skip"
-  gather = mode == "gather" and x_outlier is not None
+  if mode not in OUTLIER_MODES:
+    raise ValueError(f"int8_matmul: config[5] (outliers) must be one of "
+                     f"{OUTLIER_MODES}, got {mode!r}.")
   nkt = -(-k // block_k)
   steps = -(-nkt // split_k)
   kp = split_k * steps * block_k  # K of the padded activations
@@ -380,15 +349,16 @@ def _int8_matmul(ca, row_stats, cb, scb, *, dtype, bias, config, interpret,
   ca_p = jnp.pad(ca, ((0, _M_PAD - m), (0, kp - k)))
   row_p = jnp.pad(row_stats.astype(jnp.float32), (0, _M_PAD - m))
   args = [ca_p, row_p, cb, scb.astype(jnp.float32)]
-  if gather:
-    c = x_outlier.shape[1]
-    cp = max(16, 1 << (c - 1).bit_length())  # a dot dimension: pow2 >= 16
-    args += [jnp.pad(x_outlier.astype(dtype), ((0, _M_PAD - m), (0, cp - c))),
-             jnp.pad(outlier_cols, (0, cp - c))]
-  elif outliers:
+  if outliers:
     xo = jnp.pad(x_outlier.astype(dtype), ((0, _M_PAD - m), (0, kp - k)))
-    flags = jnp.pad(outlier_cols, (0, kp - k)).reshape(-1, block_k)
-    args += [xo, jnp.any(flags, axis=1).astype(jnp.int32)]
+    if outlier_cols is None:
+      outlier_cols = jnp.any(x_outlier != 0, axis=0)
+    flags = jnp.any(jnp.pad(outlier_cols, (0, kp - k)).reshape(-1, block_k),
+                    axis=1)
+    if mode == "after":  # the flagged tiles' indices, then their count
+      tiles = jnp.nonzero(flags, size=flags.shape[0], fill_value=0)[0]
+      flags = jnp.concatenate([tiles, jnp.sum(flags, keepdims=True)])
+    args += [xo, flags.astype(jnp.int32)]
   has_bias = bias is not None and split_k == 1
   if has_bias:
     args.append(bias)
@@ -403,7 +373,7 @@ def _int8_matmul(ca, row_stats, cb, scb, *, dtype, bias, config, interpret,
   kernel = functools.partial(
       _kernel, m=m, n=n, k=k, block_n=block_n, block_k=block_k, steps=steps,
       split_k=split_k, outliers=outliers, has_bias=has_bias, dtype=dtype,
-      skip_clean=skip_clean, gather=gather, interpret=interpret)
+      mode=mode, interpret=interpret)
   outs = pl.pallas_call(
       kernel,
       out_shape=out_shape,

@@ -27,16 +27,14 @@ from tests.kernels.int8_matmul_test import _golden
 from tests.kernels.int8_matmul_test import _inputs
 
 
-def _call(x, weight, bias, threshold, config=None, interpret=True, cap=64):
+def _call(x, weight, bias, threshold, config=None, interpret=True,
+          slots=64):
   ca, sca, mask = reference.int8_vectorwise_quant(
       x.astype(jnp.float16), threshold)
-  kw = {}
-  if mask is not None:
-    x_sub, w_sub = int8_ops._gather_outliers(  # pylint: disable=protected-access
-        x, weight.CB, weight.SCB, mask, min(cap, x.shape[1]))
-    kw = dict(x_sub=x_sub, w_sub=w_sub)
   return ig.int8_gemm(ca, sca, weight.CB, weight.SCB, dtype=x.dtype,
-                      bias=bias, config=config, interpret=interpret, **kw)
+                      bias=bias, x=None if mask is None else x,
+                      outlier_cols=mask, slots=slots, config=config,
+                      interpret=interpret)
 
 
 CASES = [
@@ -72,7 +70,7 @@ def test_interpret_unused_outlier_slots_add_nothing():
 
 
 def test_default_config_and_can_use():
-  assert ig.default_config(4096, 14336, 4096) == (128, 128, 128, 8, 8, 3)
+  assert ig.default_config(4096, 14336, 4096) == (128, 128, 128, 8, 4, 3)
   assert ig.default_config(32, 14336, 4096)[0] == 64
   assert ig.default_config(32, 8, 40)[2] == 32
   assert ig.can_use(4096, 14336, 4096, jnp.bfloat16)
@@ -90,7 +88,7 @@ def _spy(monkeypatch):
   original = ig.int8_gemm
 
   def spy(*args, **kwargs):
-    calls.append((kwargs.get("interpret"), kwargs.get("x_sub") is not None))
+    calls.append((kwargs.get("interpret"), kwargs.get("x") is not None))
     return original(*args, **kwargs)
 
   monkeypatch.setattr(ig, "int8_gemm", spy)
@@ -119,9 +117,19 @@ def test_matmul_8bit_dispatches_in_interpret_mode(monkeypatch, threshold):
         ref.reshape(40, 48).astype(jnp.float32), np.float64), 2 * bound)
 
 
-def test_more_outlier_columns_than_slots_take_the_masked_path(monkeypatch):
-  """70 outlier columns (> 64 slots): `lax.cond` picks XLA's masked product
-  over all of K, still bitsandbytes' result."""
+@pytest.mark.parametrize("slots", [2, 3, 16])
+def test_interpret_overflowing_slots(slots):
+  """More outlier columns than slots: the masked product over the flagged
+  K tiles; as many as slots: the gathered product. Both bnb's result."""
+  x, weight, bias = _inputs(24, 40, 160, jnp.float16, 6.0, seed=slots,
+                            outlier_cols=(3, 70, 71), bias_dtype=jnp.float16)
+  y = _call(x, weight, bias, 6.0, (16, 32, 32, 2, 4, 3), slots=slots)
+  _check(y, x, weight, bias, 6.0)
+
+
+def test_more_outlier_columns_than_slots_through_matmul_8bit(monkeypatch):
+  """70 outlier columns (> 64 slots) through `matmul_8bit`: the kernel's
+  masked product over the flagged K tiles, still bitsandbytes' result."""
   monkeypatch.setattr(int8_ops, "_GATHERED_COLUMNS", 64)
   x, weight, bias = _inputs(20, 32, 128, jnp.float32, 6.0, seed=3,
                             outlier_cols=tuple(range(0, 140, 2)),
@@ -159,8 +167,8 @@ def test_lowers_for_cuda():
   m, n, k = 300, 1000, 4096 + 96
   args = (s((m, k), jnp.int8), s((m,), jnp.float32), s((n, k), jnp.int8),
           s((n,), jnp.float32))
-  kw = dict(bias=s((n,), jnp.float16), x_sub=s((m, 64), jnp.float16),
-            w_sub=s((n, 64), jnp.float16))
+  kw = dict(bias=s((n,), jnp.float16), x=s((m, k), jnp.float16),
+            outlier_cols=s((k,), jnp.bool_))
   f = jax.jit(functools.partial(ig.int8_gemm, dtype=jnp.float16))
   with jax.sharding.use_abstract_mesh(mesh):
     text = f.trace(*args, **kw).lower(lowering_platforms=("cuda",)).as_text()

@@ -130,10 +130,10 @@ CASES = [
     (2, 50, 256, jnp.float16, 6.0, None, (16, 64, 1, 4, 3, "always")),
     (16, 64, 512, jnp.float16, 0.0, jnp.float32, (32, 128, 1, 4, 3)),
     (2, 70, 96, jnp.bfloat16, 0.0, jnp.bfloat16, (16, 32, 4, 4, 3)),
-    (3, 40, 200, jnp.float16, 6.0, jnp.float16, (16, 64, 1, 4, 3, "gather")),
-    (5, 33, 128, jnp.bfloat16, 6.0, None, (32, 32, 2, 4, 3, "gather")),
-    (16, 48, 300, jnp.float32, 6.0, jnp.float32, (16, 32, 2, 4, 3, "gather")),
-    (1, 64, 256, jnp.bfloat16, 0.0, None, (16, 64, 1, 4, 3, "gather")),
+    (3, 40, 200, jnp.float16, 6.0, jnp.float16, (16, 64, 1, 4, 3, "after")),
+    (5, 33, 128, jnp.bfloat16, 6.0, None, (32, 32, 2, 4, 3, "after")),
+    (16, 48, 300, jnp.float32, 6.0, jnp.float32, (16, 32, 2, 4, 3, "after")),
+    (1, 64, 256, jnp.bfloat16, 0.0, None, (16, 64, 1, 4, 3, "after")),
 ]
 
 
@@ -158,18 +158,22 @@ def test_interpret_threshold_without_outliers():
   helpers.assert_bits_equal(y, ref)
 
 
-@pytest.mark.parametrize("n_cols", [16, 17, 40])
-def test_interpret_gather_slots_and_fallback(n_cols):
-  """16 outlier columns fill the "gather" slots; more run as "skip"."""
-  x, weight, bias = _inputs(4, 40, 256, jnp.bfloat16, 6.0, seed=n_cols,
-                            outlier_cols=tuple(range(1, 6 * n_cols, 6)),
-                            bias_dtype=jnp.bfloat16)
-  assert int(jnp.sum(jnp.any(jnp.abs(x) >= 6.0, axis=0))) == n_cols
-  y = _call(x, weight, bias, 6.0, (16, 64, 1, 4, 3, "gather"))
+@pytest.mark.parametrize("cols", [(), (0,), (5, 6, 300), tuple(range(0, 512, 20))])
+def test_interpret_after_mode_equals_skip(cols):
+  """"after" (a second loop over the flagged K tiles) adds the same
+  products as "skip" in the same order without split K (bit-identical),
+  for no flagged tile, one, a few, and all of them."""
+  x, weight, bias = _inputs(4, 40, 512, jnp.bfloat16, 6.0, seed=len(cols),
+                            outlier_cols=cols, bias_dtype=jnp.bfloat16)
+  if not cols:
+    x = jnp.clip(x, -5.0, 5.0)
+  y = _call(x, weight, bias, 6.0, (16, 32, 1, 4, 3, "after"))
   _check(y, x, weight, bias, 6.0)
-  skip = _call(x, weight, bias, 6.0, (16, 64, 1, 4, 3, "skip"))
-  if n_cols > ik.GATHER_SLOTS:
-    helpers.assert_bits_equal(y, skip)
+  skip = _call(x, weight, bias, 6.0, (16, 32, 1, 4, 3, "skip"))
+  helpers.assert_bits_equal(y, skip)
+  # Split K: the first program takes every flagged tile.
+  _check(_call(x, weight, bias, 6.0, (16, 32, 4, 4, 3, "after")), x, weight,
+         bias, 6.0)
 
 
 def test_bad_outlier_mode():
@@ -197,7 +201,7 @@ def test_can_use_and_config():
   assert not ik.can_use(1, 64, 64, jnp.int32)
   block_n, block_k, split_k, _, _, outliers = ik.default_config(
       1, 14336, 4096)
-  assert (block_n, block_k, split_k, outliers) == (64, 256, 1, "skip")
+  assert (block_n, block_k, split_k, outliers) == (64, 256, 1, "after")
   assert ik.default_config(1, 4096, 4096)[2] > 1        # fills the SMs
   assert ik.default_config(1, 8, 40)[1] == 32
 
@@ -283,7 +287,7 @@ def test_lowers_for_cuda():
   m, n, k = 3, 1000, 4096 + 96
   args = (s((m, k), jnp.int8), s((m,), jnp.float32), s((n, k), jnp.int8),
           s((n,), jnp.float32))
-  for config in (None, (64, 256, 2, 4, 3)):
+  for config in (None, (64, 256, 2, 4, 3), (64, 256, 2, 4, 3, "after")):
     kw = dict(bias=s((n,), jnp.float16), x_outlier=s((m, k), jnp.float16),
               outlier_cols=s((k,), jnp.bool_))
     f = jax.jit(functools.partial(ik.int8_matmul, dtype=jnp.float16,
@@ -314,8 +318,8 @@ def test_gpu_matches_bnb_semantics(m, n, k, dtype, threshold):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(32, 512, 1, 4, 4), (64, 256, 2, 4, 3),
                                     (16, 256, 4, 4, 3), (128, 128, 1, 8, 3),
-                                    (64, 256, 1, 4, 3, "gather"),
-                                    (32, 512, 2, 4, 4, "gather")])
+                                    (64, 256, 1, 4, 3, "after"),
+                                    (32, 512, 2, 4, 4, "after")])
 def test_gpu_configs(config):
   x, weight, bias = _inputs(16, 1000, 4096, jnp.bfloat16, 6.0, seed=2,
                             outlier_cols=(3, 700, 701, 2048, 4000),
@@ -352,5 +356,5 @@ def test_bench_int8_quick(tmp_path, capsys):
   doc = json.loads(out.read_text())
   assert doc["meta"]["benchmark"] == "int8" and len(doc["results"]) == 2
   assert all(r["us"]["jaxbnb"] for r in doc["results"])
-  assert len(bench_int8.sweep_configs()) == 48  # 24 tiles, skip or gather
+  assert len(bench_int8.sweep_configs()) == 48  # 24 tiles, skip or after
   assert len(bench_int8.gemm_sweep_configs()) == 12

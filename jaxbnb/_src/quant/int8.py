@@ -223,8 +223,8 @@ def _kernel_forward(x2d, cb, scb, bias, threshold):
   M <= `int8_kernel.MAX_M` (decoding): the decode kernel, which reads the
   int8 weight once for the int32 product and the outlier stream. Larger M:
   the tiled int8 GEMM (`pallas_kernels.int8_gemm`) with bitsandbytes'
-  epilogue and the gathered outlier columns fused; more than
-  `_GATHERED_COLUMNS` outlier columns take XLA's masked path. The
+  epilogue and the outlier product fused (up to `_GATHERED_COLUMNS`
+  gathered columns; more through the K tiles that hold them). The
   activations are quantized here exactly as in `_forward`.
   """
   m, k = x2d.shape
@@ -256,21 +256,10 @@ def _kernel_forward(x2d, cb, scb, bias, threshold):
     return int8_kernel.int8_matmul(
         ca, sca, cb, scb, dtype=dtype, bias=bias, x_outlier=x_out,
         outlier_cols=mask, interpret=interpret)
-  gemm = functools.partial(int8_gemm.int8_gemm, ca, sca, cb, scb,
-                           dtype=dtype, bias=bias, interpret=interpret)
-  if mask is None:
-    return gemm()
-  cap = min(_GATHERED_COLUMNS, k)
-
-  def fused(_):
-    x_sub, w_sub = _gather_outliers(x2d, cb, scb, mask, cap)
-    return gemm(x_sub=x_sub, w_sub=w_sub)
-
-  def everywhere(_):  # outliers in more than `cap` columns: rare
-    return _forward(x2d, cb, scb, bias, threshold)
-
-  return jax.lax.cond(jnp.sum(mask, dtype=jnp.int32) <= cap, fused,
-                      everywhere, None)
+  x_out = None if mask is None else x2d
+  return int8_gemm.int8_gemm(ca, sca, cb, scb, dtype=dtype, bias=bias,
+                             x=x_out, outlier_cols=mask,
+                             slots=_GATHERED_COLUMNS, interpret=interpret)
 
 
 def _forward_frozen(x2d, cb, scb, bias, threshold):

@@ -44,7 +44,6 @@ from jaxbnb._src.tools import argtypes
 from jaxbnb._src.tools import bench_matmul
 from jaxbnb._src.tools import measure
 from jaxbnb._src.tools import report
-from jaxbnb._src.quant import int8 as int8_ops
 from pallas_kernels import int8_gemm
 from pallas_kernels import int8_matmul as int8_kernel
 
@@ -61,18 +60,18 @@ def sweep_configs() -> list[tuple]:
   """Kernel configurations `--sweep` times: (block_n, block_k, split_k,
   num_warps, num_stages, outliers); 48 of them."""
   return list(itertools.product((32, 64, 128), (256, 512), (1, 2), (4,),
-                                (3, 4), ("skip", "gather")))
+                                (3, 4), ("skip", "after")))
 
 
 def gemm_sweep_configs() -> list[tuple]:
   """`int8_gemm` configurations `--sweep` times at M > 16: (block_m,
   block_n, block_k, group_m, num_warps, num_stages); 12 of them."""
-  return [(128, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 3),
-          (128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3),
-          (128, 128, 64, 8, 4, 4), (128, 256, 64, 8, 8, 4),
-          (64, 256, 128, 8, 4, 3), (128, 128, 256, 8, 8, 2),
-          (256, 128, 64, 8, 8, 4), (128, 64, 128, 8, 4, 4),
-          (128, 256, 128, 8, 8, 4), (64, 128, 128, 8, 4, 4)]
+  return [(128, 128, 128, 8, 4, 3), (128, 128, 128, 8, 8, 3),
+          (128, 128, 128, 8, 4, 4), (128, 128, 128, 4, 4, 3),
+          (128, 128, 128, 16, 4, 3), (128, 256, 128, 8, 4, 3),
+          (256, 128, 128, 8, 4, 3), (128, 128, 64, 8, 4, 4),
+          (128, 128, 64, 8, 4, 5), (64, 128, 128, 8, 4, 3),
+          (128, 256, 128, 8, 8, 3), (64, 256, 128, 8, 4, 3)]
 
 
 def planted_x(key, m: int, k: int, n_outliers: int) -> jax.Array:
@@ -102,14 +101,11 @@ def _kernel_fn(threshold, config, interpret):
   above."""
   def fn(ca, sca, x_out, mask, weight):
     if ca.shape[0] > int8_kernel.MAX_M:
-      kw = {}
-      if threshold > 0:
-        x_sub, w_sub = int8_ops._gather_outliers(  # pylint: disable=protected-access
-            x_out, weight.CB, weight.SCB, mask, min(64, x_out.shape[1]))
-        kw = dict(x_sub=x_sub, w_sub=w_sub)
-      return int8_gemm.int8_gemm(ca, sca, weight.CB, weight.SCB,
-                                 dtype=jnp.bfloat16, config=config,
-                                 interpret=interpret, **kw)
+      return int8_gemm.int8_gemm(
+          ca, sca, weight.CB, weight.SCB, dtype=jnp.bfloat16,
+          x=x_out if threshold > 0 else None,
+          outlier_cols=mask if threshold > 0 else None, config=config,
+          interpret=interpret)
     return int8_kernel.int8_matmul(
         ca, sca, weight.CB, weight.SCB, dtype=jnp.bfloat16,
         x_outlier=x_out if threshold > 0 else None,
