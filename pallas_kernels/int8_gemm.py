@@ -1,22 +1,29 @@
 """LLM.int8 forward for prefill and training sizes (M > 16): a tiled int8 GEMM.
 
 `y = fp16(CA @ CB.T * row * SCB * 6.200012e-05 (+ bias))` as bitsandbytes'
-`Linear8bitLt` with a frozen int8 weight, plus, for `threshold > 0`, the
-outlier product `x_sub @ w_sub.T` accumulated in float32, where the caller
-has gathered the (few) outlier columns: `x_sub [M, C]` holds the outlier
-activations and `w_sub [N, C]` bitsandbytes' dequantized weight columns
-`(CB[:, cols] * SCB / 127).astype(dtype)`, zeros in unused slots.
+`Linear8bitLt` with a frozen int8 weight, plus, for `threshold > 0`,
+bitsandbytes' 16-bit outlier product: the outlier columns of the
+activations times the same columns of the dequantized weight
+`(CB * SCB / 127).astype(dtype)`, accumulated in float32 and added to the
+int8 result before the one rounding to `dtype`.
 
 Each program owns a `[block_m, block_n]` output tile (grouped launch order
 for L2 reuse) and walks K in `block_k` steps: int8 x int8 -> int32 on the
-tensor cores (both operands K-major, the layout int8 MMAs want). After the
-loop one `[block_m, C] x [C, block_n]` product in `dtype` with float32
-accumulation adds the outlier stream, and bitsandbytes' epilogue (row and
-column scales, its constant, the fp16 rounding, the bias, the outlier sum
-and the final cast) runs on the tile before the one store. Nothing of
-size `[M, N]` but the output is ever written: XLA's int8 dot writes an
-int32 `[M, N]` product and reads it back for the epilogue, and its outlier
-product another float32 `[M, N]`.
+tensor cores (both operands K-major, the layout int8 MMAs want). The loop
+has no branch, so the pipeliner keeps it fed. After it, up to `slots`
+gathered outlier columns (`x[:, cols]` and the dequantized `CB[:, cols]`,
+a `[block_m, C] x [C, block_n]` product) are added, then bitsandbytes'
+epilogue (row and column scales, its constant, the fp16 rounding, the bias,
+the outlier sum and the final cast) runs on the tile before the one store:
+nothing of size `[M, N]` but the output is written (XLA's int8 dot writes
+an int32 `[M, N]` product and reads it back for the epilogue).
+
+More outlier columns than `slots` (activations with outliers everywhere)
+leave the slots empty; a second kernel (`_overflow_kernel`) then adds the
+masked product over the K tiles that hold outlier columns to the finished
+output in place. It is always launched (no host round trip to decide) and
+returns at once when there is no overflow. A data-dependent loop inside the
+GEMM itself measured 2.8x slower on the H200.
 """
 
 from __future__ import annotations
@@ -63,40 +70,30 @@ def default_config(m: int, n: int, k: int) -> tuple:
   return (block_m, 128, block_k, 8, 4, 3)
 
 
-def _kernel(*refs, m, n, k, block_m, block_n, block_k, group_m, outliers,
-            has_bias, dtype, interpret):
-  refs = list(refs)
-  ca_ref, row_ref, cb_ref, scb_ref = refs[:4]
-  refs = refs[4:]
-  if outliers:
-    xs_ref, ws_ref, x_ref, keep_ref, tiles_ref = refs[:5]
-    refs = refs[5:]
-  bias_ref = refs.pop(0) if has_bias else None
-  out_ref = refs[0]
+class _Tile:
+  """One program's output tile and its masked loads."""
 
-  # Grouped launch order: `group_m` row tiles share each weight tile in L2.
-  pid = pl.program_id(0)
-  tiles_m = pl.cdiv(m, block_m)
-  tiles_n = pl.cdiv(n, block_n)
-  per_group = group_m * tiles_n
-  first_m = (pid // per_group) * group_m
-  size_m = jnp.minimum(tiles_m - first_m, group_m)
-  pid_m = first_m + (pid % per_group) % size_m
-  pid_n = (pid % per_group) // size_m
-  row0 = pid_m * block_m
-  col0 = pid_n * block_n
-  rows = row0 + jnp.arange(block_m, dtype=jnp.int32)
-  cols = col0 + jnp.arange(block_n, dtype=jnp.int32)
-  row_ok = rows < m
-  col_ok = cols < n
-  need_m = m % block_m != 0
-  need_n = n % block_n != 0
-  need_k = k % block_k != 0
+  def __init__(self, m, n, k, block_m, block_n, block_k, row0, col0):
+    self.block_m, self.block_n, self.block_k = block_m, block_n, block_k
+    self.k = k
+    self.row0, self.col0 = row0, col0
+    self.row_ok = row0 + jnp.arange(block_m, dtype=jnp.int32) < m
+    self.col_ok = col0 + jnp.arange(block_n, dtype=jnp.int32) < n
+    self.need_m = m % block_m != 0
+    self.need_n = n % block_n != 0
+    self.need_k = k % block_k != 0
 
-  def load(ref, idx, shape, ok_rows, need_rows, kcols=None):
-    ok = None
-    if need_rows:
-      ok = ok_rows[:, None]
+  def _kcols(self, k0):
+    if not self.need_k:
+      return None
+    return (k0 + jnp.arange(self.block_k, dtype=jnp.int32)) < self.k
+
+  def _load(self, ref, start, size, ok_rows, need_rows, k0=None, width=None):
+    kcols = None if k0 is None else self._kcols(k0)
+    idx = (pl.ds(start, size),
+           slice(None) if k0 is None else pl.ds(k0, self.block_k))
+    shape = (size, width if k0 is None else self.block_k)
+    ok = ok_rows[:, None] if need_rows else None
     if kcols is not None:
       ok = kcols[None, :] if ok is None else ok & kcols[None, :]
     if ok is None:
@@ -104,94 +101,137 @@ def _kernel(*refs, m, n, k, block_m, block_n, block_k, group_m, outliers,
     return pltriton.load(ref.at[idx], mask=jnp.broadcast_to(ok, shape),
                          other=0)
 
+  def rows(self, ref, k0=None, width=None):
+    """`ref[rows of the tile, K tile at k0 (or all `width` columns)]`."""
+    return self._load(ref, self.row0, self.block_m, self.row_ok, self.need_m,
+                      k0, width)
+
+  def cols(self, ref, k0=None, width=None):
+    """`ref[columns of the tile (rows of the weight), K tile or all]`."""
+    return self._load(ref, self.col0, self.block_n, self.col_ok, self.need_n,
+                      k0, width)
+
+  def vec(self, ref, along_rows):
+    start, size, ok, need = ((self.row0, self.block_m, self.row_ok,
+                              self.need_m) if along_rows else
+                             (self.col0, self.block_n, self.col_ok,
+                              self.need_n))
+    if need:
+      return pltriton.load(ref.at[pl.ds(start, size)], mask=ok, other=0)
+    return pltriton.load(ref.at[pl.ds(start, size)])
+
+  def store(self, ref, y):
+    at = ref.at[pl.ds(self.row0, self.block_m), pl.ds(self.col0, self.block_n)]
+    if self.need_m or self.need_n:
+      pltriton.store(at, y, mask=self.row_ok[:, None] & self.col_ok[None, :])
+    else:
+      pltriton.store(at, y)
+
+  def load_out(self, ref):
+    at = ref.at[pl.ds(self.row0, self.block_m), pl.ds(self.col0, self.block_n)]
+    if self.need_m or self.need_n:
+      return pltriton.load(
+          at, mask=self.row_ok[:, None] & self.col_ok[None, :], other=0)
+    return pltriton.load(at)
+
+
+def _dot_f32(a, b, dtype, interpret):
+  """`a @ b.T` of 16-bit (or float32) tiles, float32 accumulation."""
+  if interpret:  # XLA:CPU has no 16-bit x 16-bit -> f32 dot; exact in f32
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, _DIMS, precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def _grouped(pid, m, n, block_m, block_n, group_m):
+  """Grouped launch order: `group_m` row tiles share each weight tile."""
+  tiles_m = pl.cdiv(m, block_m)
+  tiles_n = pl.cdiv(n, block_n)
+  per_group = group_m * tiles_n
+  first_m = (pid // per_group) * group_m
+  size_m = jnp.minimum(tiles_m - first_m, group_m)
+  pid_m = first_m + (pid % per_group) % size_m
+  pid_n = (pid % per_group) // size_m
+  return pid_m * block_m, pid_n * block_n
+
+
+def _kernel(*refs, m, n, k, block_m, block_n, block_k, group_m, outliers,
+            has_bias, dtype, interpret):
+  refs = list(refs)
+  ca_ref, row_ref, cb_ref, scb_ref = refs[:4]
+  refs = refs[4:]
+  if outliers:
+    xs_ref, ws_ref = refs[:2]
+    refs = refs[2:]
+  bias_ref = refs.pop(0) if has_bias else None
+  out_ref = refs[0]
+  row0, col0 = _grouped(pl.program_id(0), m, n, block_m, block_n, group_m)
+  tile = _Tile(m, n, k, block_m, block_n, block_k, row0, col0)
+
   def body(t, acc):
     k0 = pl.multiple_of(t * block_k, block_k)
-    kcols = None
-    if need_k:
-      kcols = (k0 + jnp.arange(block_k, dtype=jnp.int32)) < k
-    a = load(ca_ref, (pl.ds(row0, block_m), pl.ds(k0, block_k)),
-             (block_m, block_k), row_ok,
-             need_m, kcols)
-    b = load(cb_ref, (pl.ds(col0, block_n), pl.ds(k0, block_k)),
-             (block_n, block_k), col_ok,
-             need_n, kcols)
+    a = tile.rows(ca_ref, k0)
+    b = tile.cols(cb_ref, k0)
     return acc + jax.lax.dot_general(a, b, _DIMS,
                                      preferred_element_type=jnp.int32)
 
   acc = jax.lax.fori_loop(0, pl.cdiv(k, block_k), body,
                           jnp.zeros((block_m, block_n), jnp.int32))
-
-  def load_vec(ref, start, size, ok, need):
-    if need:
-      return pltriton.load(ref.at[pl.ds(start, size)], mask=ok, other=0)
-    return pltriton.load(ref.at[pl.ds(start, size)])
-
-  row = load_vec(row_ref, row0, block_m, row_ok, need_m)
-  scb = load_vec(scb_ref, col0, block_n, col_ok, need_n)
-
   out_acc = None
   if outliers:
-    precision = (jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None)
     c = xs_ref.shape[1]
-    xs = load(xs_ref, (pl.ds(row0, block_m), slice(None)), (block_m, c),
-              row_ok, need_m)
-    ws = load(ws_ref, (pl.ds(col0, block_n), slice(None)), (block_n, c),
-              col_ok, need_n)
-    if interpret:  # XLA:CPU has no 16-bit x 16-bit -> f32 dot (exact)
-      xs, ws = xs.astype(jnp.float32), ws.astype(jnp.float32)
-    out_acc = jax.lax.dot_general(xs, ws, _DIMS, precision=precision,
-                                  preferred_element_type=jnp.float32)
+    out_acc = _dot_f32(tile.rows(xs_ref, width=c), tile.cols(ws_ref, width=c),
+                       dtype, interpret)
+  row = tile.vec(row_ref, along_rows=True)
+  scb = tile.vec(scb_ref, along_rows=False)
+  bias = tile.vec(bias_ref, along_rows=False)[None, :] if has_bias else None
+  exact_add = functools.partial(_backend.add_rn, interpret=interpret)
+  tile.store(out_ref, int8_matmul.epilogue(
+      acc, row[:, None], scb[None, :], bias, out_acc, dtype, exact_add))
 
-    def overflow(j, out_acc):
-      # More outlier columns than slots (the slots are then empty): the
-      # masked activations times the dequantized weight, K tile by K tile,
-      # only over the tiles holding an outlier column.
+
+def _overflow_kernel(x_ref, keep_ref, tiles_ref, cb_ref, scb_ref, y_ref,
+                     out_ref, *, m, n, k, block_m, block_n, block_k, dtype,
+                     interpret):
+  del y_ref  # aliased with out_ref
+  tile = _Tile(m, n, k, block_m, block_n, block_k,
+               pl.program_id(0) * block_m, pl.program_id(1) * block_n)
+  count = tiles_ref[tiles_ref.shape[0] - 1]
+
+  @pl.when(count > 0)
+  def _():
+    scb = tile.vec(scb_ref, along_rows=False)
+
+    def body(j, out_acc):
       k0 = pl.multiple_of(tiles_ref[j] * block_k, block_k)
-      kcols = None
-      if need_k:
-        kcols = (k0 + jnp.arange(block_k, dtype=jnp.int32)) < k
-      xt = load(x_ref, (pl.ds(row0, block_m), pl.ds(k0, block_k)),
-                (block_m, block_k), row_ok, need_m, kcols)
+      xt = tile.rows(x_ref, k0)
       keep = keep_ref[pl.ds(k0, block_k)] != 0
       xt = jnp.where(keep[None, :], xt, jnp.zeros_like(xt))
-      cb = load(cb_ref, (pl.ds(col0, block_n), pl.ds(k0, block_k)),
-                (block_n, block_k), col_ok, need_n, kcols)
-      w = int8_matmul.dequantized_weight(cb, scb[:, None], dtype)
-      if interpret:
-        xt, w = xt.astype(jnp.float32), w.astype(jnp.float32)
-      return out_acc + jax.lax.dot_general(
-          xt, w, _DIMS, precision=precision,
-          preferred_element_type=jnp.float32)
+      w = int8_matmul.dequantized_weight(tile.cols(cb_ref, k0),
+                                         scb[:, None], dtype)
+      return out_acc + _dot_f32(xt, w, dtype, interpret)
 
-    out_acc = jax.lax.fori_loop(0, tiles_ref[tiles_ref.shape[0] - 1],
-                                overflow, out_acc)
-  bias = None
-  if has_bias:
-    bias = load_vec(bias_ref, col0, block_n, col_ok, need_n)[None, :]
-  exact_add = functools.partial(_backend.add_rn, interpret=interpret)
-  y = int8_matmul.epilogue(acc, row[:, None], scb[None, :], bias, out_acc,
-                           dtype, exact_add)
-  at = out_ref.at[pl.ds(row0, block_m), pl.ds(col0, block_n)]
-  if need_m or need_n:
-    pltriton.store(at, y, mask=row_ok[:, None] & col_ok[None, :])
-  else:
-    pltriton.store(at, y)
+    out_acc = jax.lax.fori_loop(0, count, body,
+                                jnp.zeros((block_m, block_n), jnp.float32))
+    # The finished output is the int8 result rounded to `dtype` (the empty
+    # slots added exactly 0): bitsandbytes' `dtype(outliers + int8 part)`.
+    y = tile.load_out(out_ref).astype(jnp.float32)
+    tile.store(out_ref, (out_acc + y).astype(dtype))
 
 
 def _outlier_args(x, outlier_cols, cb, scb, dtype, slots, block_k):
-  """(x_sub, w_sub, x, keep, tiles): the gathered slots (empty when the
-  outliers overflow them) and, for the overflow, the column mask padded to
-  whole K tiles and the flagged tiles' indices with their count last (0
-  unless the slots overflow)."""
+  """The gathered slots (empty when the outlier columns overflow them) and,
+  for the overflow, the column mask padded to whole K tiles and the flagged
+  K tiles' indices with their count last (0 unless the slots overflow)."""
   k = x.shape[1]
   count = jnp.sum(outlier_cols, dtype=jnp.int32)
   fits = count <= slots
   cols = jnp.nonzero(outlier_cols, size=slots, fill_value=0)[0]
   used = (jnp.arange(slots) < count) & fits
   x_sub = jnp.where(used[None, :], x[:, cols], jnp.zeros((), dtype))
-  w_sub = int8_matmul.dequantized_weight(cb[:, cols],
-                                          scb.astype(jnp.float32)[:, None],
-                                          dtype)
+  w_sub = int8_matmul.dequantized_weight(
+      cb[:, cols], scb.astype(jnp.float32)[:, None], dtype)
   cp = max(16, 1 << (slots - 1).bit_length())  # a dot dimension: pow2 >= 16
   x_sub = jnp.pad(x_sub, ((0, 0), (0, cp - slots)))
   w_sub = jnp.pad(w_sub, ((0, 0), (0, cp - slots)))
@@ -200,7 +240,7 @@ def _outlier_args(x, outlier_cols, cb, scb, dtype, slots, block_k):
   tiles = jnp.nonzero(flags, size=flags.shape[0], fill_value=0)[0]
   n_tiles = jnp.where(fits, 0, jnp.sum(flags, dtype=jnp.int32))
   tiles = jnp.concatenate([tiles.astype(jnp.int32), n_tiles[None]])
-  return [x_sub, w_sub, x, keep.astype(jnp.int32), tiles]
+  return (x_sub, w_sub), (keep.astype(jnp.int32), tiles)
 
 
 @functools.partial(jax.jit,
@@ -215,7 +255,7 @@ def int8_gemm(
     bias: jax.Array | None = None,
     x: jax.Array | None = None,
     outlier_cols: jax.Array | None = None,
-    slots: int = 64,
+    slots: int = 32,
     config: tuple | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -231,14 +271,12 @@ def int8_gemm(
       product (float32, float16 or bfloat16).
     bias: optional `[n]`; a float16 bias is added before the fp16 rounding,
       any other after it (bitsandbytes).
-    x: optional `[m, k]`, the activations (in `dtype`), with
-      `outlier_cols`: their outlier columns are added as bitsandbytes'
-      16-bit outlier product.
+    x: optional `[m, k]` activations (in `dtype`), with `outlier_cols`:
+      their outlier columns are added as bitsandbytes' 16-bit product.
     outlier_cols: bool `[k]`, the outlier column mask.
-    slots: how many outlier columns are gathered (`x[:, cols]` and the
-      dequantized `CB[:, cols]`) for one product after the int8 loop;
-      with more than that the kernel adds the masked product over the K
-      tiles holding an outlier column instead (same sum, slower).
+    slots: how many outlier columns are gathered for the one product after
+      the int8 loop; more than that go through the overflow kernel (the
+      same sum, slower).
     config: (block_m, block_n, block_k, group_m, num_warps, num_stages),
       powers of two (block_k >= 32); default from `default_config`.
     interpret: run in Pallas interpret mode (CPU tests).
@@ -255,8 +293,10 @@ def int8_gemm(
   outliers = x is not None
   args = [ca, row_stats.astype(jnp.float32), cb, scb.astype(jnp.float32)]
   if outliers:
-    args += _outlier_args(x.astype(dtype), outlier_cols, cb, scb, dtype,
-                          min(slots, k), block_k)
+    x = x.astype(dtype)
+    sub, overflow = _outlier_args(x, outlier_cols, cb, scb, dtype,
+                                  min(slots, k), block_k)
+    args += list(sub)
   has_bias = bias is not None
   if has_bias:
     args.append(bias)
@@ -265,16 +305,31 @@ def int8_gemm(
       _kernel, m=m, n=n, k=k, block_m=block_m, block_n=block_n,
       block_k=block_k, group_m=group_m, outliers=outliers,
       has_bias=has_bias, dtype=dtype, interpret=interpret)
-  grid = pl.cdiv(m, block_m) * pl.cdiv(n, block_n)
-  return pl.pallas_call(
+  params = _backend.compiler_params(num_warps=num_warps,
+                                    num_stages=num_stages)
+  y = pl.pallas_call(
       kernel,
       out_shape=_backend.out_struct((m, n), dtype, *args),
-      grid=(grid,),
-      compiler_params=_backend.compiler_params(num_warps=num_warps,
-                                               num_stages=num_stages),
+      grid=(pl.cdiv(m, block_m) * pl.cdiv(n, block_n),),
+      compiler_params=params,
       interpret=interpret,
       name="jaxbnb_int8_gemm",
       cost_estimate=pl.CostEstimate(
           flops=2 * m * n * k, transcendentals=0,
           bytes_accessed=n * k + m * k + m * n * dtype.itemsize),
+  )(*args)
+  if not outliers:
+    return y
+  args = _backend.same_vma(x, *overflow, cb, scb.astype(jnp.float32), y)
+  kernel = functools.partial(
+      _overflow_kernel, m=m, n=n, k=k, block_m=block_m, block_n=block_n,
+      block_k=block_k, dtype=dtype, interpret=interpret)
+  return pl.pallas_call(
+      kernel,
+      out_shape=_backend.out_struct((m, n), dtype, *args),
+      grid=(pl.cdiv(m, block_m), pl.cdiv(n, block_n)),
+      input_output_aliases={len(args) - 1: 0},
+      compiler_params=params,
+      interpret=interpret,
+      name="jaxbnb_int8_gemm_overflow",
   )(*args)

@@ -38,10 +38,9 @@ from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
 __all__ = ["can_use", "default_config", "epilogue", "int8_matmul", "MAX_M",
-           "OUTLIER_MODES", "round_to_dtype", "round_to_float16"]
+           "round_to_dtype", "round_to_float16"]
 
 MAX_M = 16
-OUTLIER_MODES = ("skip", "always", "after")
 _M_PAD = 16  # the tensor-core N dimension (dot dims >= 16)
 _MM_DEQUANT = np.float32(6.200012e-05)  # bitsandbytes' 1/127**2
 _INV_127 = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127
@@ -81,7 +80,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
   split_k = 1
   while tiles * split_k < num_sms and split_k * 4 <= steps:
     split_k *= 2
-  return (block_n, block_k, split_k, 4, 3, "after")
+  return (block_n, block_k, split_k, 4, 3, "skip")
 
 
 def dequantized_weight(cb, scb, dtype):
@@ -151,13 +150,11 @@ def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add,
 
 
 def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
-            has_bias, dtype, mode, interpret):
+            has_bias, dtype, skip_clean, interpret):
   refs = list(refs)
   ca_ref, row_ref, cb_ref, scb_ref = refs[:4]
   refs = refs[4:]
   if outliers:
-    # "skip", "always": per-K-tile flags; "after": the flagged K tiles'
-    # indices, their count last.
     xo_ref, flag_ref = refs[:2]
     refs = refs[2:]
   bias_ref = refs.pop(0) if has_bias else None
@@ -191,37 +188,22 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
     ca = ca_ref[:, pl.ds(k0, block_k)]
     acc = accs[0] + jax.lax.dot_general(cb, ca, _DIMS,
                                         preferred_element_type=jnp.int32)
-    if not outliers or mode == "after":
+    if not outliers:
       return (acc,)
-    add = functools.partial(add_outliers, cb, k0)
-    if mode == "skip":
-      acc_out = jax.lax.cond(flag_ref[kt] != 0, add, lambda a: a, accs[1])
-    else:  # "always", branch-free: no control flow to stop pipelining
-      acc_out = add(accs[1])
+
+    def add_outliers(acc_out):
+      xo = xo_ref[:, pl.ds(k0, block_k)]
+      w = dequantized_weight(cb, scb[:, None], dtype)
+      return acc_out + jax.lax.dot_general(
+          w, xo, _DIMS, precision=precision,
+          preferred_element_type=jnp.float32)
+
+    if skip_clean:
+      acc_out = jax.lax.cond(flag_ref[kt] != 0, add_outliers, lambda a: a,
+                             accs[1])
+    else:  # branch-free: no control flow in the loop to stop pipelining
+      acc_out = add_outliers(accs[1])
     return acc, acc_out
-
-  def load_cb(k0):
-    cb_at = cb_ref.at[pl.ds(row0, block_n), pl.ds(k0, block_k)]
-    if need_nmask or need_kmask:
-      ok = jnp.ones((block_n, block_k), jnp.bool_)
-      if need_nmask:
-        ok = ok & row_ok[:, None]
-      if need_kmask:
-        cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
-        ok = ok & (cols < k)[None, :]
-      return pltriton.load(cb_at, mask=ok, other=0)
-    return pltriton.load(cb_at)
-
-  def add_outliers(cb, k0, acc_out):
-    xo = xo_ref[:, pl.ds(k0, block_k)]
-    w = dequantized_weight(cb, scb[:, None], dtype)
-    return acc_out + jax.lax.dot_general(
-        w, xo, _DIMS, precision=precision,
-        preferred_element_type=jnp.float32)
-
-  def after_body(j, acc_out):
-    k0 = pl.multiple_of(flag_ref[j] * block_k, block_k)
-    return add_outliers(load_cb(k0), k0, acc_out)
 
   if need_nmask:
     scb = pltriton.load(scb_ref.at[pl.ds(row0, block_n)], mask=row_ok,
@@ -229,18 +211,9 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
   else:
     scb = scb_ref[pl.ds(row0, block_n)]
   init = (jnp.zeros((block_n, _M_PAD), jnp.int32),)
-  if outliers and mode != "after":
+  if outliers:
     init += (jnp.zeros((block_n, _M_PAD), jnp.float32),)
   accs = jax.lax.fori_loop(0, steps, body, init)
-  if outliers and mode == "after":
-    # After the branch-free (pipelined) int8 loop, a second pass over only
-    # the K tiles holding an outlier column, mostly still in L2; the first
-    # split-K program takes them all.
-    count = flag_ref[flag_ref.shape[0] - 1]
-    if split_k > 1:
-      count = jnp.where(s == 0, count, 0)
-    accs += (jax.lax.fori_loop(0, count, after_body,
-                               jnp.zeros((block_n, _M_PAD), jnp.float32)),)
 
   lanes = jnp.arange(_M_PAD, dtype=jnp.int32)
   cols = lanes[None, :]
@@ -322,10 +295,9 @@ def int8_matmul(
       K tiles without an outlier column skip the outlier work.
     config: (block_n, block_k, split_k, num_warps, num_stages[, outliers]);
       default from `default_config`. `outliers` is "skip" (K tiles without
-      an outlier column skip the outlier product, behind a branch in the
-      int8 loop), "always" (every tile adds it, branch-free) or "after"
-      (the int8 loop alone, then a second loop over only the K tiles with
-      an outlier column). `block_n`, `block_k` powers of two >= 16, 32.
+      an outlier column skip the outlier product, behind a branch) or
+      "always" (every tile adds it, branch-free). `block_n`, `block_k`
+      powers of two >= 16, 32.
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
@@ -338,9 +310,10 @@ def int8_matmul(
     config = default_config(m, n, k)
   block_n, block_k, split_k, num_warps, num_stages = config[:5]
   mode = config[5] if len(config) > 5 else "skip"
-  if mode not in OUTLIER_MODES:
-    raise ValueError(f"int8_matmul: config[5] (outliers) must be one of "
-                     f"{OUTLIER_MODES}, got {mode!r}.")
+  if mode not in ("skip", "always"):
+    raise ValueError(f"int8_matmul: config[5] (outliers) must be 'skip' or "
+                     f"'always', got {mode!r}.")
+  skip_clean = mode == "skip"
   nkt = -(-k // block_k)
   steps = -(-nkt // split_k)
   kp = split_k * steps * block_k  # K of the padded activations
@@ -353,12 +326,8 @@ def int8_matmul(
     xo = jnp.pad(x_outlier.astype(dtype), ((0, _M_PAD - m), (0, kp - k)))
     if outlier_cols is None:
       outlier_cols = jnp.any(x_outlier != 0, axis=0)
-    flags = jnp.any(jnp.pad(outlier_cols, (0, kp - k)).reshape(-1, block_k),
-                    axis=1)
-    if mode == "after":  # the flagged tiles' indices, then their count
-      tiles = jnp.nonzero(flags, size=flags.shape[0], fill_value=0)[0]
-      flags = jnp.concatenate([tiles, jnp.sum(flags, keepdims=True)])
-    args += [xo, flags.astype(jnp.int32)]
+    flags = jnp.pad(outlier_cols, (0, kp - k)).reshape(-1, block_k)
+    args += [xo, jnp.any(flags, axis=1).astype(jnp.int32)]
   has_bias = bias is not None and split_k == 1
   if has_bias:
     args.append(bias)
@@ -373,7 +342,7 @@ def int8_matmul(
   kernel = functools.partial(
       _kernel, m=m, n=n, k=k, block_n=block_n, block_k=block_k, steps=steps,
       split_k=split_k, outliers=outliers, has_bias=has_bias, dtype=dtype,
-      mode=mode, interpret=interpret)
+      skip_clean=skip_clean, interpret=interpret)
   outs = pl.pallas_call(
       kernel,
       out_shape=out_shape,

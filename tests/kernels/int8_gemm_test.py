@@ -18,7 +18,6 @@ import pytest
 
 import jaxbnb
 from jaxbnb import functional as F
-from jaxbnb._src.quant import int8 as int8_ops
 from jaxbnb._src.quant import reference
 from pallas_kernels import int8_gemm as ig
 from tests import helpers
@@ -128,9 +127,10 @@ def test_interpret_overflowing_slots(slots):
 
 
 def test_more_outlier_columns_than_slots_through_matmul_8bit(monkeypatch):
-  """70 outlier columns (> 64 slots) through `matmul_8bit`: the kernel's
-  masked product over the flagged K tiles, still bitsandbytes' result."""
-  monkeypatch.setattr(int8_ops, "_GATHERED_COLUMNS", 64)
+  """70 outlier columns (> 32 slots) through `matmul_8bit`: the overflow
+  kernel's masked product over the flagged K tiles, still bitsandbytes'
+  result; the XLA reference takes its masked path too (> 64 columns)."""
+  calls = _spy(monkeypatch)
   x, weight, bias = _inputs(20, 32, 128, jnp.float32, 6.0, seed=3,
                             outlier_cols=tuple(range(0, 140, 2)),
                             bias_dtype=jnp.float32)
@@ -138,7 +138,12 @@ def test_more_outlier_columns_than_slots_through_matmul_8bit(monkeypatch):
   x = x.at[1, 1:13:2].set(9.0)  # 6 more outlier columns: 70 in all
   with jaxbnb.kernel_mode("interpret"):
     y = jax.jit(lambda a: F.matmul_8bit(a, weight, bias, threshold=6.0))(x)
+  assert calls == [(True, True)]
   _check(y, x, weight, bias, 6.0)
+  with jaxbnb.kernel_mode("reference"):
+    ref = F.matmul_8bit(x, weight, bias, threshold=6.0)
+  _, bound, _ = _golden(x, weight.CB, weight.SCB, bias, 6.0)
+  helpers.assert_within(y, np.asarray(ref, np.float64), 2 * bound)
 
 
 def test_grad_in_interpret_mode():
@@ -181,15 +186,21 @@ def test_lowers_for_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k", [(4096, 4096, 4096), (300, 1000, 4096 + 96),
-                                   (17, 14336, 4096)])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_gpu_matches_bnb_semantics(m, n, k, dtype, threshold):
+@pytest.mark.parametrize("m,n,k,dtype,threshold,slots", [
+    (4096, 4096, 4096, jnp.bfloat16, 0.0, 32),
+    (4096, 4096, 4096, jnp.bfloat16, 6.0, 32),
+    (300, 1000, 4096 + 96, jnp.bfloat16, 6.0, 32),
+    (300, 1000, 4096 + 96, jnp.float16, 6.0, 32),
+    (300, 1000, 4096 + 96, jnp.float32, 6.0, 32),
+    (300, 1000, 4096 + 96, jnp.float16, 0.0, 32),
+    (17, 14336, 4096, jnp.bfloat16, 6.0, 32),
+    (300, 1000, 4096 + 96, jnp.bfloat16, 6.0, 2),  # the overflow kernel
+])
+def test_gpu_matches_bnb_semantics(m, n, k, dtype, threshold, slots):
   x, weight, bias = _inputs(m, n, k, dtype, threshold, seed=m,
                             outlier_cols=(3, 700, 701, 2048, 4000),
                             bias_dtype=dtype)
-  y = _call(x, weight, bias, threshold, interpret=False)
+  y = _call(x, weight, bias, threshold, interpret=False, slots=slots)
   _check(y, x, weight, bias, threshold)
 
 

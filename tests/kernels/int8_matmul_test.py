@@ -66,8 +66,10 @@ def _golden(x, cb, scb, bias, threshold):
   dtype = _NP[jnp.dtype(x.dtype)]
   ca, sca, mask = reference.int8_vectorwise_quant(
       jnp.asarray(x).astype(jnp.float16), threshold)
-  acc = np.asarray(ca, np.int64) @ np.asarray(cb, np.int64).T
-  assert np.all(np.abs(acc) < 2**31)
+  # float64 BLAS is exact here (|acc| <= 128 * 128 * K < 2**53) and far
+  # faster than numpy's int64 matmul at prefill sizes.
+  assert 128 * 128 * ca.shape[1] < 2**31
+  acc = np.asarray(ca, np.float64) @ np.asarray(cb, np.float64).T
   scb = np.asarray(scb, np.float32)
   out = acc.astype(np.float32) * np.asarray(sca, np.float32)[:, None]
   out = out * scb[None, :]
@@ -130,10 +132,6 @@ CASES = [
     (2, 50, 256, jnp.float16, 6.0, None, (16, 64, 1, 4, 3, "always")),
     (16, 64, 512, jnp.float16, 0.0, jnp.float32, (32, 128, 1, 4, 3)),
     (2, 70, 96, jnp.bfloat16, 0.0, jnp.bfloat16, (16, 32, 4, 4, 3)),
-    (3, 40, 200, jnp.float16, 6.0, jnp.float16, (16, 64, 1, 4, 3, "after")),
-    (5, 33, 128, jnp.bfloat16, 6.0, None, (32, 32, 2, 4, 3, "after")),
-    (16, 48, 300, jnp.float32, 6.0, jnp.float32, (16, 32, 2, 4, 3, "after")),
-    (1, 64, 256, jnp.bfloat16, 0.0, None, (16, 64, 1, 4, 3, "after")),
 ]
 
 
@@ -158,30 +156,6 @@ def test_interpret_threshold_without_outliers():
   helpers.assert_bits_equal(y, ref)
 
 
-@pytest.mark.parametrize("cols", [(), (0,), (5, 6, 300), tuple(range(0, 512, 20))])
-def test_interpret_after_mode_equals_skip(cols):
-  """"after" (a second loop over the flagged K tiles) adds the same
-  products as "skip" in the same order without split K (bit-identical),
-  for no flagged tile, one, a few, and all of them."""
-  x, weight, bias = _inputs(4, 40, 512, jnp.bfloat16, 6.0, seed=len(cols),
-                            outlier_cols=cols, bias_dtype=jnp.bfloat16)
-  if not cols:
-    x = jnp.clip(x, -5.0, 5.0)
-  y = _call(x, weight, bias, 6.0, (16, 32, 1, 4, 3, "after"))
-  _check(y, x, weight, bias, 6.0)
-  skip = _call(x, weight, bias, 6.0, (16, 32, 1, 4, 3, "skip"))
-  helpers.assert_bits_equal(y, skip)
-  # Split K: the first program takes every flagged tile.
-  _check(_call(x, weight, bias, 6.0, (16, 32, 4, 4, 3, "after")), x, weight,
-         bias, 6.0)
-
-
-def test_bad_outlier_mode():
-  x, weight, _ = _inputs(2, 32, 64, jnp.bfloat16, 6.0)
-  with pytest.raises(ValueError, match=r"config\[5\].*'sideways'"):
-    _call(x, weight, None, 6.0, (16, 32, 1, 4, 3, "sideways"))
-
-
 def test_interpret_under_jit_and_vmap():
   x, weight, bias = _inputs(3, 40, 128, jnp.bfloat16, 6.0, seed=5,
                             bias_dtype=jnp.bfloat16)
@@ -201,7 +175,7 @@ def test_can_use_and_config():
   assert not ik.can_use(1, 64, 64, jnp.int32)
   block_n, block_k, split_k, _, _, outliers = ik.default_config(
       1, 14336, 4096)
-  assert (block_n, block_k, split_k, outliers) == (64, 256, 1, "after")
+  assert (block_n, block_k, split_k, outliers) == (64, 256, 1, "skip")
   assert ik.default_config(1, 4096, 4096)[2] > 1        # fills the SMs
   assert ik.default_config(1, 8, 40)[1] == 32
 
@@ -287,7 +261,7 @@ def test_lowers_for_cuda():
   m, n, k = 3, 1000, 4096 + 96
   args = (s((m, k), jnp.int8), s((m,), jnp.float32), s((n, k), jnp.int8),
           s((n,), jnp.float32))
-  for config in (None, (64, 256, 2, 4, 3), (64, 256, 2, 4, 3, "after")):
+  for config in (None, (64, 256, 2, 4, 3)):
     kw = dict(bias=s((n,), jnp.float16), x_outlier=s((m, k), jnp.float16),
               outlier_cols=s((k,), jnp.bool_))
     f = jax.jit(functools.partial(ik.int8_matmul, dtype=jnp.float16,
@@ -317,9 +291,7 @@ def test_gpu_matches_bnb_semantics(m, n, k, dtype, threshold):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(32, 512, 1, 4, 4), (64, 256, 2, 4, 3),
-                                    (16, 256, 4, 4, 3), (128, 128, 1, 8, 3),
-                                    (64, 256, 1, 4, 3, "after"),
-                                    (32, 512, 2, 4, 4, "after")])
+                                    (16, 256, 4, 4, 3), (128, 128, 1, 8, 3)])
 def test_gpu_configs(config):
   x, weight, bias = _inputs(16, 1000, 4096, jnp.bfloat16, 6.0, seed=2,
                             outlier_cols=(3, 700, 701, 2048, 4000),
@@ -356,5 +328,5 @@ def test_bench_int8_quick(tmp_path, capsys):
   doc = json.loads(out.read_text())
   assert doc["meta"]["benchmark"] == "int8" and len(doc["results"]) == 2
   assert all(r["us"]["jaxbnb"] for r in doc["results"])
-  assert len(bench_int8.sweep_configs()) == 48  # 24 tiles, skip or after
+  assert len(bench_int8.sweep_configs()) == 48  # 24 tiles, skip or always
   assert len(bench_int8.gemm_sweep_configs()) == 12

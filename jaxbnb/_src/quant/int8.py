@@ -223,8 +223,8 @@ def _kernel_forward(x2d, cb, scb, bias, threshold):
   M <= `int8_kernel.MAX_M` (decoding): the decode kernel, which reads the
   int8 weight once for the int32 product and the outlier stream. Larger M:
   the tiled int8 GEMM (`pallas_kernels.int8_gemm`) with bitsandbytes'
-  epilogue and the outlier product fused (up to `_GATHERED_COLUMNS`
-  gathered columns; more through the K tiles that hold them). The
+  epilogue and the outlier product fused (up to 32 gathered columns; more
+  through the K tiles that hold them, in a second kernel). The
   activations are quantized here exactly as in `_forward`.
   """
   m, k = x2d.shape
@@ -258,8 +258,7 @@ def _kernel_forward(x2d, cb, scb, bias, threshold):
         outlier_cols=mask, interpret=interpret)
   x_out = None if mask is None else x2d
   return int8_gemm.int8_gemm(ca, sca, cb, scb, dtype=dtype, bias=bias,
-                             x=x_out, outlier_cols=mask,
-                             slots=_GATHERED_COLUMNS, interpret=interpret)
+                             x=x_out, outlier_cols=mask, interpret=interpret)
 
 
 def _forward_frozen(x2d, cb, scb, bias, threshold):

@@ -60,7 +60,7 @@ def sweep_configs() -> list[tuple]:
   """Kernel configurations `--sweep` times: (block_n, block_k, split_k,
   num_warps, num_stages, outliers); 48 of them."""
   return list(itertools.product((32, 64, 128), (256, 512), (1, 2), (4,),
-                                (3, 4), ("skip", "after")))
+                                (3, 4), ("skip", "always")))
 
 
 def gemm_sweep_configs() -> list[tuple]:
