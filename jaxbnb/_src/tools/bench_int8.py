@@ -47,8 +47,8 @@ from jaxbnb._src.tools import report
 from pallas_kernels import int8_gemm
 from pallas_kernels import int8_matmul as int8_kernel
 
-__all__ = ["COLUMNS", "add_parsers", "gemm_sweep_configs", "planted_x",
-           "run_int8", "sweep_configs", "table"]
+__all__ = ["COLUMNS", "add_parsers", "gemm_sweep_configs", "parse_configs",
+           "planted_x", "run_int8", "sweep_configs", "table"]
 
 COLUMNS = ("jaxbnb", "jaxbnb-ref", "kernel", "xla-bf16", "xla-int8")
 DEFAULT_M = (1, 16, 256, 4096)
@@ -183,8 +183,11 @@ def run_int8(opts: argparse.Namespace) -> dict:
         measure.record(timings, errors, "kernel", _time, opts,
                        _kernel_fn(threshold, None, interpret), kslots,
                        floor_s)
-        sweeping = opts.sweep and threshold > 0
-        configs = sweep_configs() if decode else gemm_sweep_configs()
+        sweeping = (opts.sweep or opts.configs) and threshold > 0
+        if opts.configs:
+          configs = [c for c in opts.configs if _is_decode_config(c) == decode]
+        else:
+          configs = sweep_configs() if decode else gemm_sweep_configs()
         for config in (configs if sweeping else ()):
           t, e = {}, {}
           measure.record(t, e, "kernel", _time, opts,
@@ -224,6 +227,31 @@ def run_int8(opts: argparse.Namespace) -> dict:
       "args": json.loads(json.dumps(vars(opts), default=str)),
   }
   return {"meta": meta, "results": results, "sweep": sweep}
+
+
+def _is_decode_config(config) -> bool:
+  return len(config) == 5 or isinstance(config[-1], str)
+
+
+def parse_configs(text: str) -> list[tuple]:
+  """`--configs`: ';'-separated tuples, e.g. "64,256,1,4,3,skip;128,128,
+  128,8,4,3". Five numbers (and an optional outlier mode) are a decode
+  kernel config, six numbers an `int8_gemm` config."""
+  configs = []
+  for item in text.split(";"):
+    fields = [f.strip() for f in item.split(",") if f.strip()]
+    if len(fields) not in (5, 6):
+      raise ValueError(f"each config needs 5 or 6 comma-separated fields, "
+                       f"got {item!r}")
+    config = tuple(int(f) if f.isdigit() else f for f in fields)
+    if not all(isinstance(f, int) for f in config[:5]):
+      raise ValueError(f"the first 5 fields must be integers, got {item!r}")
+    if isinstance(config[-1], str) and (
+        config[-1] not in int8_kernel.OUTLIER_MODES):
+      raise ValueError(f"the outlier mode must be one of "
+                       f"{int8_kernel.OUTLIER_MODES}, got {config[-1]!r}")
+    configs.append(config)
+  return configs
 
 
 def _matmul_8bit(x, w, *, threshold):
@@ -295,6 +323,10 @@ def add_parsers(sub) -> None:
       "also time the kernel alone over its tile configurations at "
       "threshold 6 (48 for M <= 16, 12 above; about a minute per M on a "
       "GPU)"))
+  p.add_argument("--configs", type=argtypes.from_parser(parse_configs), help=(
+          "time the kernel alone at threshold 6 over these configurations "
+          "instead of --sweep's: ';'-separated, 5 numbers and an optional "
+          "outlier mode (decode kernel, M <= 16) or 6 numbers (int8_gemm)"))
   p.add_argument("--quick", action="store_true",
                  help="tiny sizes, few repetitions (CPU smoke test)")
   p.add_argument("--reps", type=argtypes.number(int, 1),
