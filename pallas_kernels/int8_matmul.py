@@ -41,7 +41,7 @@ __all__ = ["can_use", "default_config", "epilogue", "int8_matmul", "MAX_M",
            "OUTLIER_MODES", "round_to_dtype", "round_to_float16"]
 
 MAX_M = 16
-OUTLIER_MODES = ("skip", "always", "tail")
+OUTLIER_MODES = ("skip", "always")
 _M_PAD = 16  # the tensor-core N dimension (dot dims >= 16)
 _MM_DEQUANT = np.float32(6.200012e-05)  # bitsandbytes' 1/127**2
 _INV_127 = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127
@@ -71,7 +71,9 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
   on the H200 (docs/benchmarks.md, `jaxbnb bench int8 --sweep`, 4096 ->
   14336, threshold 6): 31.2 us at M = 1 and 29.6 us at M = 16, against
   52.5 and 55.7 us for the earlier 32 x 512 tiles split over K; the
-  branch skipping outlier-free tiles beats the branch-free product.
+  branch skipping outlier-free tiles beats the branch-free product (36.0
+  us) and the branch-free int8 loop followed by a second loop over the
+  flagged tiles (34.9 us, a data-dependent one 38.9 us).
   """
   del m
   block_n = 64
@@ -81,7 +83,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
   split_k = 1
   while tiles * split_k < num_sms and split_k * 4 <= steps:
     split_k *= 2
-  return (block_n, block_k, split_k, 4, 3, "tail")
+  return (block_n, block_k, split_k, 4, 3, "skip")
 
 
 def dequantized_weight(cb, scb, dtype):
@@ -151,7 +153,7 @@ def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add,
 
 
 def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
-            has_bias, dtype, mode, interpret):
+            has_bias, dtype, skip_clean, interpret):
   refs = list(refs)
   ca_ref, row_ref, cb_ref, scb_ref = refs[:4]
   refs = refs[4:]
@@ -189,38 +191,22 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
     ca = ca_ref[:, pl.ds(k0, block_k)]
     acc = accs[0] + jax.lax.dot_general(cb, ca, _DIMS,
                                         preferred_element_type=jnp.int32)
-    if not outliers or mode == "tail":
+    if not outliers:
       return (acc,)
-    add = functools.partial(add_outliers, cb, k0)
-    if mode == "skip":
-      acc_out = jax.lax.cond(flag_ref[kt] != 0, add, lambda a: a, accs[1])
+
+    def add_outliers(acc_out):
+      xo = xo_ref[:, pl.ds(k0, block_k)]
+      w = dequantized_weight(cb, scb[:, None], dtype)
+      return acc_out + jax.lax.dot_general(
+          w, xo, _DIMS, precision=precision,
+          preferred_element_type=jnp.float32)
+
+    if skip_clean:
+      acc_out = jax.lax.cond(flag_ref[kt] != 0, add_outliers, lambda a: a,
+                             accs[1])
     else:  # branch-free: no control flow in the loop to stop pipelining
-      acc_out = add(accs[1])
+      acc_out = add_outliers(accs[1])
     return acc, acc_out
-
-  def add_outliers(cb, k0, acc_out):
-    xo = xo_ref[:, pl.ds(k0, block_k)]
-    w = dequantized_weight(cb, scb[:, None], dtype)
-    return acc_out + jax.lax.dot_general(
-        w, xo, _DIMS, precision=precision,
-        preferred_element_type=jnp.float32)
-
-  def tail_body(t, acc_out):
-    kt = s * steps + t
-    k0 = pl.multiple_of(kt * block_k, block_k)
-
-    def add(acc_out):
-      cb_at = cb_ref.at[pl.ds(row0, block_n), pl.ds(k0, block_k)]
-      ok = jnp.ones((block_n, block_k), jnp.bool_)
-      if need_nmask:
-        ok = ok & row_ok[:, None]
-      if need_kmask:
-        cols = k0 + jnp.arange(block_k, dtype=jnp.int32)
-        ok = ok & (cols < k)[None, :]
-      cb = pltriton.load(cb_at, mask=ok, other=0)
-      return add_outliers(cb, k0, acc_out)
-
-    return jax.lax.cond(flag_ref[kt] != 0, add, lambda a: a, acc_out)
 
   if need_nmask:
     scb = pltriton.load(scb_ref.at[pl.ds(row0, block_n)], mask=row_ok,
@@ -228,15 +214,9 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
   else:
     scb = scb_ref[pl.ds(row0, block_n)]
   init = (jnp.zeros((block_n, _M_PAD), jnp.int32),)
-  if outliers and mode != "tail":
+  if outliers:
     init += (jnp.zeros((block_n, _M_PAD), jnp.float32),)
   accs = jax.lax.fori_loop(0, steps, body, init)
-  if outliers and mode == "tail":
-    # The int8 loop above has no branch; a second loop over the same K
-    # tiles adds the outlier product where a tile holds an outlier column
-    # (those weight tiles read again, mostly from L2).
-    accs += (jax.lax.fori_loop(0, steps, tail_body,
-                               jnp.zeros((block_n, _M_PAD), jnp.float32)),)
 
   lanes = jnp.arange(_M_PAD, dtype=jnp.int32)
   cols = lanes[None, :]
@@ -318,11 +298,9 @@ def int8_matmul(
       K tiles without an outlier column skip the outlier work.
     config: (block_n, block_k, split_k, num_warps, num_stages[, outliers]);
       default from `default_config`. `outliers` is "skip" (K tiles without
-      an outlier column skip the outlier product, behind a branch in the
-      int8 loop), "always" (every tile adds it, branch-free) or "tail"
-      (the int8 loop without a branch, then a second loop over the K tiles
-      adding the product where a tile holds an outlier column). `block_n`,
-      `block_k` powers of two >= 16, 32.
+      an outlier column skip the outlier product, behind a branch) or
+      "always" (every tile adds it, branch-free). `block_n`, `block_k`
+      powers of two >= 16, 32.
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
@@ -338,6 +316,7 @@ def int8_matmul(
   if mode not in OUTLIER_MODES:
     raise ValueError(f"int8_matmul: config[5] (outliers) must be one of "
                      f"{OUTLIER_MODES}, got {mode!r}.")
+  skip_clean = mode == "skip"
   nkt = -(-k // block_k)
   steps = -(-nkt // split_k)
   kp = split_k * steps * block_k  # K of the padded activations
@@ -366,7 +345,7 @@ def int8_matmul(
   kernel = functools.partial(
       _kernel, m=m, n=n, k=k, block_n=block_n, block_k=block_k, steps=steps,
       split_k=split_k, outliers=outliers, has_bias=has_bias, dtype=dtype,
-      mode=mode, interpret=interpret)
+      skip_clean=skip_clean, interpret=interpret)
   outs = pl.pallas_call(
       kernel,
       out_shape=out_shape,

@@ -132,8 +132,6 @@ CASES = [
     (2, 50, 256, jnp.float16, 6.0, None, (16, 64, 1, 4, 3, "always")),
     (16, 64, 512, jnp.float16, 0.0, jnp.float32, (32, 128, 1, 4, 3)),
     (2, 70, 96, jnp.bfloat16, 0.0, jnp.bfloat16, (16, 32, 4, 4, 3)),
-    (3, 40, 200, jnp.float16, 6.0, jnp.float16, (16, 64, 1, 4, 3, "tail")),
-    (16, 48, 300, jnp.float32, 6.0, jnp.float32, (16, 32, 2, 4, 3, "tail")),
 ]
 
 
@@ -156,23 +154,6 @@ def test_interpret_threshold_without_outliers():
   with jaxbnb.kernel_mode("reference"):
     ref = F.matmul_8bit(x, weight, bias, threshold=6.0)
   helpers.assert_bits_equal(y, ref)
-
-
-@pytest.mark.parametrize("cols", [(), (0,), (5, 6, 300),
-                                  tuple(range(0, 512, 20))])
-@pytest.mark.parametrize("split_k", [1, 4])
-def test_interpret_tail_mode_equals_skip(cols, split_k):
-  """"tail" (the outlier product in a second loop over the K tiles) adds
-  the same products in the same order as "skip": bit-identical, for no
-  flagged tile, one, a few and all of them."""
-  x, weight, bias = _inputs(4, 40, 512, jnp.bfloat16, 6.0, seed=len(cols),
-                            outlier_cols=cols, bias_dtype=jnp.bfloat16)
-  if not cols:
-    x = jnp.clip(x, -5.0, 5.0)
-  y = _call(x, weight, bias, 6.0, (16, 32, split_k, 4, 3, "tail"))
-  _check(y, x, weight, bias, 6.0)
-  skip = _call(x, weight, bias, 6.0, (16, 32, split_k, 4, 3, "skip"))
-  helpers.assert_bits_equal(y, skip)
 
 
 def test_bad_outlier_mode():
@@ -200,7 +181,7 @@ def test_can_use_and_config():
   assert not ik.can_use(1, 64, 64, jnp.int32)
   block_n, block_k, split_k, _, _, outliers = ik.default_config(
       1, 14336, 4096)
-  assert (block_n, block_k, split_k, outliers) == (64, 256, 1, "tail")
+  assert (block_n, block_k, split_k, outliers) == (64, 256, 1, "skip")
   assert ik.default_config(1, 4096, 4096)[2] > 1        # fills the SMs
   assert ik.default_config(1, 8, 40)[1] == 32
 
@@ -286,7 +267,7 @@ def test_lowers_for_cuda():
   m, n, k = 3, 1000, 4096 + 96
   args = (s((m, k), jnp.int8), s((m,), jnp.float32), s((n, k), jnp.int8),
           s((n,), jnp.float32))
-  for config in (None, (64, 256, 2, 4, 3), (64, 256, 1, 4, 3, "tail")):
+  for config in (None, (64, 256, 2, 4, 3), (64, 256, 1, 4, 3, "always")):
     kw = dict(bias=s((n,), jnp.float16), x_outlier=s((m, k), jnp.float16),
               outlier_cols=s((k,), jnp.bool_))
     f = jax.jit(functools.partial(ik.int8_matmul, dtype=jnp.float16,
@@ -317,8 +298,7 @@ def test_gpu_matches_bnb_semantics(m, n, k, dtype, threshold):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(32, 512, 1, 4, 4), (64, 256, 2, 4, 3),
                                     (16, 256, 4, 4, 3), (128, 128, 1, 8, 3),
-                                    (64, 256, 1, 4, 3, "tail"),
-                                    (32, 512, 2, 4, 4, "tail")])
+                                    (64, 256, 1, 4, 3, "always")])
 def test_gpu_configs(config):
   x, weight, bias = _inputs(16, 1000, 4096, jnp.bfloat16, 6.0, seed=2,
                             outlier_cols=(3, 700, 701, 2048, 4000),
@@ -357,9 +337,9 @@ def test_bench_int8_quick(tmp_path, capsys):
   assert all(r["us"]["jaxbnb"] for r in doc["results"])
   assert len(bench_int8.sweep_configs()) == 48  # 24 tiles, skip or always
   assert len(bench_int8.gemm_sweep_configs()) == 12
-  assert bench_int8.parse_configs("64,256,1,4,3,tail; 128,128,128,8,4,3") == [
-      (64, 256, 1, 4, 3, "tail"), (128, 128, 128, 8, 4, 3)]
-  for bad, match in (("1,2", "5 or 6"), ("64,256,1,4,x,tail", "integers"),
+  assert bench_int8.parse_configs("64,256,1,4,3,skip; 128,128,128,8,4,3") == [
+      (64, 256, 1, 4, 3, "skip"), (128, 128, 128, 8, 4, 3)]
+  for bad, match in (("1,2", "5 or 6"), ("64,256,1,4,x,skip", "integers"),
                      ("64,256,1,4,3,sideways", "outlier mode")):
     with pytest.raises(ValueError, match=match):
       bench_int8.parse_configs(bad)

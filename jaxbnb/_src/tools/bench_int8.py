@@ -19,7 +19,8 @@ at threshold 0 and at threshold 6 with `--outliers` planted outlier columns
 (|x| = 8 in every other row; the other activations are clipped to 5.5).
 `--sweep` also times the kernel alone at threshold 6 over 48 tile
 configurations at M <= 16 (`sweep_configs`) and 12 at larger M
-(`gemm_sweep_configs`). Timing follows `bench matmul` (`measure.time_jax`: a jitted loop
+(`gemm_sweep_configs`); `--configs` times a list of your own instead.
+Timing follows `bench matmul` (`measure.time_jax`: a jitted loop
 over rotating weights that together exceed the L2). The results go to a
 JSON file (`--out`) and a markdown table on stdout.
 """
