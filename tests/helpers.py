@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -127,3 +128,20 @@ def sum_bound(a, axis):
   a = np.asarray(np.asarray(a).astype(np.float32), np.float64)
   n = a.shape[axis]
   return max(n - 1, 0) * F32_EPS * np.abs(a).sum(axis)
+
+
+def lowered_for_h200(fn, *args, **kwargs) -> str:
+  """`jax.jit(fn)` lowered for CUDA on an abstract H200 (no GPU needed):
+  the StableHLO text, with any Pallas kernel lowered to Triton. Skips the
+  test on a JAX without abstract GPU devices."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  try:
+    from jax._src.mesh import AbstractDevice  # pylint: disable=g-import-not-at-top
+    mesh = jax.sharding.AbstractMesh((), (), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H200", platform="gpu", num_cores=132))
+  except (ImportError, TypeError) as e:
+    pytest.skip(f"no abstract GPU device in this JAX: {e}")
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(fn).trace(*args, **kwargs).lower(
+        lowering_platforms=("cuda",)).as_text()
+
