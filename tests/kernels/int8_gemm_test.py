@@ -146,6 +146,37 @@ def test_more_outlier_columns_than_slots_through_matmul_8bit(monkeypatch):
   helpers.assert_within(y, np.asarray(ref, np.float64), 2 * bound)
 
 
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_fp16_weights_forward_and_grads_through_the_kernel(monkeypatch,
+                                                           threshold):
+  """`matmul_8bit_fp16_weights` (a trainable float weight quantized in each
+  call) runs its forward through int8_gemm; values and gradients match the
+  XLA path."""
+  calls = _spy(monkeypatch)
+  x, _, bias = _inputs(24, 40, 96, jnp.float32, threshold, seed=6,
+                       bias_dtype=jnp.float32)
+  w = jnp.asarray(np.random.default_rng(6).standard_normal((40, 96)),
+                  jnp.float32) * 0.05
+
+  def loss(a, w, b):
+    return jnp.sum(F.matmul_8bit_fp16_weights(a, w, b,
+                                              threshold=threshold) ** 2)
+
+  with jaxbnb.kernel_mode("interpret"):
+    y = F.matmul_8bit_fp16_weights(x, w, bias, threshold=threshold)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(x, w, bias)
+  assert calls and all(c == (True, threshold > 0) for c in calls)
+  with jaxbnb.kernel_mode("reference"):
+    ref = F.matmul_8bit_fp16_weights(x, w, bias, threshold=threshold)
+    ref_grads = jax.grad(loss, argnums=(0, 1, 2))(x, w, bias)
+  if threshold == 0.0:
+    helpers.assert_bits_equal(y, ref)
+  else:
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
 def test_lowers_for_cuda():
   s = jax.ShapeDtypeStruct
   m, n, k = 300, 1000, 4096 + 96

@@ -30,11 +30,14 @@ to the order in which the float32 accumulator adds the outlier products.
 The masked product costs a full 16-bit matmul; it is skipped (`lax.cond`)
 when a batch has no outlier column.
 
-With a frozen weight and at most 16 rows (decoding), the Pallas kernel
-`pallas_kernels.int8_matmul` serves the forward where the kernel mode
-(`dispatch.resolve()`) allows: it reads the int8 weight once for the int32
-product and the outlier stream, with the same result (bit-exact without
-outliers; with outliers up to the float32 summation order).
+Where the kernel mode (`dispatch.resolve()`) allows, Pallas kernels serve
+the forward of both weight modes (the float weight is quantized first):
+`pallas_kernels.int8_matmul` for at most 16 rows (decoding; it reads the
+int8 weight once for the int32 product and the outlier stream) and
+`pallas_kernels.int8_gemm` above (int8 tensor cores with the epilogue and
+the outlier product fused). Both give the same result as the XLA path:
+bit-exact without outliers, with outliers up to the float32 summation
+order.
 """
 
 from __future__ import annotations
@@ -296,12 +299,12 @@ def _quantize_weight(w):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _matmul_fp16_weights(x2d, w, bias, threshold):
   cb, scb = _quantize_weight(w)
-  return _forward(x2d, cb, scb, bias, threshold)
+  return _forward_frozen(x2d, cb, scb, bias, threshold)
 
 
 def _matmul_fp16_weights_fwd(x2d, w, bias, threshold):
   cb, scb = _quantize_weight(w)
-  y = _forward(x2d, cb, scb, bias, threshold)
+  y = _forward_frozen(x2d, cb, scb, bias, threshold)
   return y, (x2d, cb, scb, bias, jnp.zeros((0,), w.dtype))
 
 
