@@ -100,6 +100,26 @@ def test_gpu_matches_dequant_matmul(m, n, k, dtype):
   _check(y, x, packed, qs, None)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,config", [
+    (1, ("reduce", 16, 4, 2, 4, 3, "nibble", True)),
+    (3, ("reduce", 8, 2, 4, 8, 2, "pair", True)),
+    (2, ("reduce", 8, 8, 1, 4, 3, "nibble", False)),
+])
+def test_gpu_table_and_prefetch_options(m, config):
+  """The opt-in table and prefetch settings, compiled."""
+  n, k = 1000, 4096
+  w = jnp.asarray(_util.rng_array((n, k), 7, jnp.bfloat16))
+  x = jnp.asarray(_util.rng_array((m, k), 8, jnp.bfloat16))
+  packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+  y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
+                   jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
+                   blocksize=64,
+                   nested=(qs.nested_absmax, qs.nested_code, qs.offset),
+                   config=config)
+  _check(y, x, packed, qs, None)
+
+
 @pytest.mark.parametrize("m,config", [
     (1, ("reduce", 16, 4, 2, 4, 3, "nibble", True)),
     (3, ("reduce", 16, 2, 3, 4, 3, "pair", True)),
