@@ -18,6 +18,12 @@ int8 tile is loaded once (evict-first) and feeds
   activation dtype, multiplied with the masked activations and accumulated
   in float32. With `threshold == 0` this code is not even traced.
 
+Config mode "split" (opt-in, not yet timed on a GPU) instead runs the
+int8 loop without any branch (the threshold-0 kernel) and then a second,
+small kernel (`add_outlier_columns`) that gathers only the outlier columns
+of the weight, 16 at a time, and adds their product to the finished
+output in place.
+
 The epilogue (row and column scales, bitsandbytes' constant, the fp16
 rounding, the bias, the outlier sum and the final cast) runs in the kernel
 when `split_k == 1`; with `split_k > 1` the programs of one row tile split
@@ -37,11 +43,13 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
-__all__ = ["can_use", "default_config", "epilogue", "int8_matmul", "MAX_M",
-           "OUTLIER_MODES", "round_to_dtype", "round_to_float16"]
+__all__ = ["add_outlier_columns", "can_use", "default_config", "epilogue",
+           "int8_matmul", "MAX_M", "OUTLIER_MODES", "round_to_dtype",
+           "round_to_float16"]
 
 MAX_M = 16
-OUTLIER_MODES = ("skip", "always")
+OUTLIER_MODES = ("skip", "always", "split")
+_SLOTS = 16  # outlier columns per step of the "split" outlier kernel
 _M_PAD = 16  # the tensor-core N dimension (dot dims >= 16)
 _MM_DEQUANT = np.float32(6.200012e-05)  # bitsandbytes' 1/127**2
 _INV_127 = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127
@@ -298,8 +306,9 @@ def int8_matmul(
       K tiles without an outlier column skip the outlier work.
     config: (block_n, block_k, split_k, num_warps, num_stages[, outliers]);
       default from `default_config`. `outliers` is "skip" (K tiles without
-      an outlier column skip the outlier product, behind a branch) or
-      "always" (every tile adds it, branch-free). `block_n`, `block_k`
+      an outlier column skip the outlier product, behind a branch),
+      "always" (every tile adds it, branch-free) or "split" (this kernel
+      without outliers, then `add_outlier_columns`). `block_n`, `block_k`
       powers of two >= 16, 32.
     interpret: run in Pallas interpret mode (CPU tests).
 
@@ -316,6 +325,16 @@ def int8_matmul(
   if mode not in OUTLIER_MODES:
     raise ValueError(f"int8_matmul: config[5] (outliers) must be one of "
                      f"{OUTLIER_MODES}, got {mode!r}.")
+  if mode == "split":  # (beyond int32 flat offsets: "skip")
+    mode, config = "skip", (*config[:5], "skip")
+    if x_outlier is not None and n * k < 2**31:
+      y = int8_matmul(ca, row_stats, cb, scb, dtype=dtype, bias=bias,
+                      config=config, interpret=interpret)
+      if outlier_cols is None:
+        outlier_cols = jnp.any(x_outlier != 0, axis=0)
+      return add_outlier_columns(y, x_outlier, outlier_cols, cb, scb,
+                                 dtype=dtype, block_n=config[0],
+                                 interpret=interpret)
   skip_clean = mode == "skip"
   nkt = -(-k // block_k)
   steps = -(-nkt // split_k)
@@ -366,3 +385,100 @@ def int8_matmul(
   return epilogue(acc, row_stats.astype(jnp.float32)[:, None],
                   scb.astype(jnp.float32)[None, :], bias, out_acc, dtype,
                   _xla_exact_add, round_to_float16, round_to_dtype)
+
+
+def _outlier_kernel(xs_ref, cols_ref, cbf_ref, scb_ref, y_ref, out_ref, *, m,
+                    n, k, block_n, slots, dtype, interpret):
+  del y_ref  # aliased with out_ref
+  row0 = pl.program_id(0) * block_n
+  rows = row0 + jnp.arange(block_n, dtype=jnp.int32)
+  row_ok = rows < n
+  need_nmask = n % block_n != 0
+  count = cols_ref[cols_ref.shape[0] - 1]
+
+  @pl.when(count > 0)
+  def _():
+    if need_nmask:
+      scb = pltriton.load(scb_ref.at[pl.ds(row0, block_n)], mask=row_ok,
+                          other=0)
+    else:
+      scb = scb_ref[pl.ds(row0, block_n)]
+    base = jnp.minimum(rows, n - 1) * k  # in bounds; masked rows unused
+
+    def body(j, acc):
+      c0 = pl.multiple_of(j * slots, slots)
+      idx = cols_ref[pl.ds(c0, slots)]
+      w = cbf_ref[base[:, None] + idx[None, :]]  # [block_n, slots] gather
+      w = dequantized_weight(w, scb[:, None], dtype)
+      xs = xs_ref[:, pl.ds(c0, slots)]
+      if interpret:  # XLA:CPU has no 16-bit x 16-bit -> f32 dot; exact
+        w, xs = w.astype(jnp.float32), xs.astype(jnp.float32)
+      precision = (jax.lax.Precision.HIGHEST if dtype == jnp.float32
+                   else None)
+      return acc + jax.lax.dot_general(w, xs, _DIMS, precision=precision,
+                                       preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(count, slots), body,
+                            jnp.zeros((block_n, _M_PAD), jnp.float32))
+    lanes = jnp.arange(_M_PAD, dtype=jnp.int32)[None, :]
+    for r in range(m):
+      o = jnp.sum(jnp.where(lanes == r, acc, jnp.zeros_like(acc)), axis=1)
+      at = out_ref.at[jnp.int32(r), pl.ds(row0, block_n)]
+      if need_nmask:
+        y = pltriton.load(at, mask=row_ok, other=0)
+        pltriton.store(at, (o + y.astype(jnp.float32)).astype(dtype),
+                       mask=row_ok)
+      else:
+        y = pltriton.load(at)
+        pltriton.store(at, (o + y.astype(jnp.float32)).astype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "block_n", "interpret"))
+def add_outlier_columns(
+    y: jax.Array,
+    x_outlier: jax.Array,
+    outlier_cols: jax.Array,
+    cb: jax.Array,
+    scb: jax.Array,
+    *,
+    dtype,
+    block_n: int = 64,
+    interpret: bool = False,
+) -> jax.Array:
+  """`dtype(x_out @ dequant(CB).T + y)`: the outlier stream added to `y`.
+
+  `y [m, n]` is the finished int8 result in `dtype` (its fp16 value
+  rounded to `dtype`), `x_outlier [m, k]` the activations (only the
+  outlier columns are read), `outlier_cols` the bool `[k]` mask. The
+  outlier columns are compacted (in order), and each program gathers its
+  `block_n` weight rows' bytes of 16 columns at a time, dequantizes them as
+  bitsandbytes does and multiplies them in float32 on the tensor cores;
+  `y` is updated in place (aliased) and left alone when there is no
+  outlier column. That is bitsandbytes' `dtype(outliers + int8 part)`.
+  `n * k` must stay below 2**31 (flat int32 offsets).
+  """
+  m, k = x_outlier.shape
+  n = cb.shape[0]
+  dtype = jnp.dtype(dtype)
+  kc = -(-k // _SLOTS) * _SLOTS
+  count = jnp.sum(outlier_cols, dtype=jnp.int32)
+  cols = jnp.nonzero(outlier_cols, size=k, fill_value=0)[0].astype(jnp.int32)
+  used = jnp.arange(k) < count
+  xs = jnp.where(used[None, :], x_outlier.astype(dtype)[:, cols],
+                 jnp.zeros((), dtype))
+  xs = jnp.pad(xs, ((0, _M_PAD - m), (0, kc - k)))
+  cols = jnp.concatenate([jnp.pad(cols, (0, kc - k)), count[None]])
+  args = _backend.same_vma(xs, cols, cb.reshape(-1), scb.astype(jnp.float32),
+                           y)
+  kernel = functools.partial(_outlier_kernel, m=m, n=n, k=k, block_n=block_n,
+                             slots=_SLOTS, dtype=dtype, interpret=interpret)
+  return pl.pallas_call(
+      kernel,
+      out_shape=_backend.out_struct((m, n), dtype, *args),
+      grid=(pl.cdiv(n, block_n),),
+      input_output_aliases={4: 0},
+      compiler_params=_backend.compiler_params(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="jaxbnb_int8_outlier_columns",
+  )(*args)
+

@@ -132,6 +132,8 @@ CASES = [
     (2, 50, 256, jnp.float16, 6.0, None, (16, 64, 1, 4, 3, "always")),
     (16, 64, 512, jnp.float16, 0.0, jnp.float32, (32, 128, 1, 4, 3)),
     (2, 70, 96, jnp.bfloat16, 0.0, jnp.bfloat16, (16, 32, 4, 4, 3)),
+    (3, 40, 200, jnp.float16, 6.0, jnp.float16, (16, 64, 1, 4, 3, "split")),
+    (16, 48, 300, jnp.float32, 6.0, jnp.float32, (16, 32, 2, 4, 3, "split")),
 ]
 
 
@@ -154,6 +156,27 @@ def test_interpret_threshold_without_outliers():
   with jaxbnb.kernel_mode("reference"):
     ref = F.matmul_8bit(x, weight, bias, threshold=6.0)
   helpers.assert_bits_equal(y, ref)
+
+
+@pytest.mark.parametrize("cols,config", [
+    ((), (16, 32, 1, 4, 3, "split")),
+    ((0,), (16, 64, 2, 4, 3, "split")),
+    ((5, 6, 300), (32, 64, 1, 4, 3, "split")),
+    (tuple(range(1, 500, 13)), (16, 32, 4, 4, 3, "split")),  # 39: 3 steps
+])
+def test_interpret_split_mode(cols, config):
+  """"split": the int8 kernel without outliers, then the outlier columns
+  gathered 16 at a time and added in place; none leaves the int8 result
+  alone (bit-identical to "skip")."""
+  x, weight, bias = _inputs(5, 40, 512, jnp.bfloat16, 6.0, seed=len(cols),
+                            outlier_cols=cols, bias_dtype=jnp.bfloat16)
+  if not cols:
+    x = jnp.clip(x, -5.0, 5.0)
+  y = _call(x, weight, bias, 6.0, config)
+  _check(y, x, weight, bias, 6.0)
+  if not cols:
+    helpers.assert_bits_equal(
+        y, _call(x, weight, bias, 6.0, (*config[:5], "skip")))
 
 
 def test_bad_outlier_mode():
@@ -264,7 +287,8 @@ def test_lowers_for_cuda():
           s((n,), jnp.float32))
   kw = dict(bias=s((n,), jnp.float16), x_outlier=s((m, k), jnp.float16),
             outlier_cols=s((k,), jnp.bool_))
-  for config in (None, (64, 256, 2, 4, 3), (64, 256, 1, 4, 3, "always")):
+  for config in (None, (64, 256, 2, 4, 3), (64, 256, 1, 4, 3, "always"),
+                 (64, 256, 1, 4, 3, "split")):
     text = helpers.lowered_for_h200(functools.partial(
         ik.int8_matmul, dtype=jnp.float16, config=config), *args, **kw)
     assert "jaxbnb_int8_matmul" in text
@@ -291,7 +315,9 @@ def test_gpu_matches_bnb_semantics(m, n, k, dtype, threshold):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [(32, 512, 1, 4, 4), (64, 256, 2, 4, 3),
                                     (16, 256, 4, 4, 3), (128, 128, 1, 8, 3),
-                                    (64, 256, 1, 4, 3, "always")])
+                                    (64, 256, 1, 4, 3, "always"),
+                                    (64, 256, 1, 4, 3, "split"),
+                                    (32, 256, 2, 4, 3, "split")])
 def test_gpu_configs(config):
   x, weight, bias = _inputs(16, 1000, 4096, jnp.bfloat16, 6.0, seed=2,
                             outlier_cols=(3, 700, 701, 2048, 4000),
