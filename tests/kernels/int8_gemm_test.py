@@ -24,6 +24,7 @@ from tests import helpers
 from tests.kernels.int8_matmul_test import _check
 from tests.kernels.int8_matmul_test import _golden
 from tests.kernels.int8_matmul_test import _inputs
+from tests.kernels.int8_matmul_test import spy_gemm
 
 
 def _call(x, weight, bias, threshold, config=None, interpret=True,
@@ -82,40 +83,6 @@ def test_default_config_and_can_use():
 # ---------------------------------------------------------------------------
 
 
-def _spy(monkeypatch):
-  calls = []
-  original = ig.int8_gemm
-
-  def spy(*args, **kwargs):
-    calls.append((kwargs.get("interpret"), kwargs.get("x") is not None))
-    return original(*args, **kwargs)
-
-  monkeypatch.setattr(ig, "int8_gemm", spy)
-  return calls
-
-
-@pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_matmul_8bit_dispatches_in_interpret_mode(monkeypatch, threshold):
-  calls = _spy(monkeypatch)
-  x, weight, bias = _inputs(40, 48, 192, jnp.float16, threshold, seed=9,
-                            bias_dtype=jnp.float16)
-  x3 = x.reshape(2, 20, 192)
-  with jaxbnb.kernel_mode("interpret"):
-    y = jax.jit(lambda a: F.matmul_8bit(a, weight, bias,
-                                        threshold=threshold))(x3)
-  assert calls == [(True, threshold > 0)]
-  assert y.shape == (2, 20, 48)
-  _check(y.reshape(40, 48), x, weight, bias, threshold)
-  with jaxbnb.kernel_mode("reference"):
-    ref = F.matmul_8bit(x3, weight, bias, threshold=threshold)
-  if threshold == 0.0:
-    helpers.assert_bits_equal(y, ref)
-  else:
-    _, bound, _ = _golden(x, weight.CB, weight.SCB, bias, threshold)
-    helpers.assert_within(y.reshape(40, 48), np.asarray(
-        ref.reshape(40, 48).astype(jnp.float32), np.float64), 2 * bound)
-
-
 @pytest.mark.parametrize("slots", [2, 3, 16])
 def test_interpret_overflowing_slots(slots):
   """More outlier columns than slots: the masked product over the flagged
@@ -130,7 +97,7 @@ def test_more_outlier_columns_than_slots_through_matmul_8bit(monkeypatch):
   """70 outlier columns (> 32 slots) through `matmul_8bit`: the overflow
   kernel's masked product over the flagged K tiles, still bitsandbytes'
   result; the XLA reference takes its masked path too (> 64 columns)."""
-  calls = _spy(monkeypatch)
+  calls = spy_gemm(monkeypatch)
   x, weight, bias = _inputs(20, 32, 128, jnp.float32, 6.0, seed=3,
                             outlier_cols=tuple(range(0, 140, 2)),
                             bias_dtype=jnp.float32)
@@ -152,7 +119,7 @@ def test_fp16_weights_forward_and_grads_through_the_kernel(monkeypatch,
   """`matmul_8bit_fp16_weights` (a trainable float weight quantized in each
   call) runs its forward through int8_gemm; values and gradients match the
   XLA path."""
-  calls = _spy(monkeypatch)
+  calls = spy_gemm(monkeypatch)
   x, _, bias = _inputs(24, 40, 96, jnp.float32, threshold, seed=6,
                        bias_dtype=jnp.float32)
   w = jnp.asarray(np.random.default_rng(6).standard_normal((40, 96)),
@@ -228,7 +195,7 @@ def test_gpu_configs(config):
 @pytest.mark.gpu
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 def test_gpu_matmul_8bit_dispatch(monkeypatch, threshold):
-  calls = _spy(monkeypatch)
+  calls = spy_gemm(monkeypatch)
   x, weight, bias = _inputs(512, 4096, 4096, jnp.bfloat16, threshold,
                             seed=7, outlier_cols=(3, 700, 701, 2048, 4000),
                             bias_dtype=jnp.bfloat16)

@@ -36,6 +36,7 @@ import jaxbnb
 from jaxbnb import functional as F
 from jaxbnb._src.quant import reference
 from jaxbnb._src.tools import bench_int8
+from pallas_kernels import int8_gemm as ig
 from pallas_kernels import int8_matmul as ik
 from tests import helpers
 
@@ -214,39 +215,53 @@ def test_can_use_and_config():
 # ---------------------------------------------------------------------------
 
 
-def _spy(monkeypatch):
+def _spy(monkeypatch, module=ik, name="int8_matmul",
+         record=lambda kwargs: kwargs.get("interpret")):
+  """Records `record(kwargs)` for each call of `module.name`."""
   calls = []
-  original = ik.int8_matmul
+  original = getattr(module, name)
 
   def spy(*args, **kwargs):
-    calls.append(kwargs.get("interpret"))
+    calls.append(record(kwargs))
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(ik, "int8_matmul", spy)
+  monkeypatch.setattr(module, name, spy)
   return calls
 
 
+def spy_gemm(monkeypatch):
+  """Calls of `int8_gemm`: (interpret, outlier activations given)."""
+  return _spy(monkeypatch, ig, "int8_gemm", lambda kwargs: (
+      kwargs.get("interpret"), kwargs.get("x") is not None))
+
+
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_matmul_8bit_dispatches_in_interpret_mode(monkeypatch, threshold):
-  calls = _spy(monkeypatch)
-  x, weight, bias = _inputs(6, 48, 192, jnp.bfloat16, threshold, seed=9,
-                            bias_dtype=jnp.bfloat16)
-  x3 = x.reshape(2, 3, 192)
+@pytest.mark.parametrize("m,dtype,kernel", [
+    (6, jnp.bfloat16, "decode"), (40, jnp.float16, "gemm")])
+def test_matmul_8bit_dispatches_in_interpret_mode(monkeypatch, threshold, m,
+                                                  dtype, kernel):
+  if kernel == "decode":
+    calls, want = _spy(monkeypatch), [True]
+  else:
+    calls, want = spy_gemm(monkeypatch), [(True, threshold > 0)]
+  x, weight, bias = _inputs(m, 48, 192, dtype, threshold, seed=9,
+                            bias_dtype=dtype)
+  x3 = x.reshape(2, m // 2, 192)
   with jaxbnb.kernel_mode("interpret"):
     y = jax.jit(lambda a: F.matmul_8bit(a, weight, bias,
                                         threshold=threshold))(x3)
-  assert calls == [True]
+  assert calls == want
   with jaxbnb.kernel_mode("reference"):
     ref = F.matmul_8bit(x3, weight, bias, threshold=threshold)
   assert len(calls) == 1
-  assert y.shape == ref.shape == (2, 3, 48)
-  _check(y.reshape(6, 48), x, weight, bias, threshold)
+  assert y.shape == ref.shape == (2, m // 2, 48)
+  _check(y.reshape(m, 48), x, weight, bias, threshold)
   if threshold == 0.0:
     helpers.assert_bits_equal(y, ref)
   else:
     _, bound, _ = _golden(x, weight.CB, weight.SCB, bias, threshold)
-    helpers.assert_within(y.reshape(6, 48), np.asarray(
-        ref.reshape(6, 48).astype(jnp.float32), np.float64), 2 * bound)
+    helpers.assert_within(y.reshape(m, 48), np.asarray(
+        ref.reshape(m, 48).astype(jnp.float32), np.float64), 2 * bound)
 
 
 def test_matmul_8bit_large_m_and_reference_mode_skip_kernel(monkeypatch):
