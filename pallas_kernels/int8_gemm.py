@@ -135,15 +135,6 @@ class _Tile:
     return pltriton.load(at)
 
 
-def _dot_f32(a, b, dtype, interpret):
-  """`a @ b.T` of 16-bit (or float32) tiles, float32 accumulation."""
-  if interpret:  # XLA:CPU has no 16-bit x 16-bit -> f32 dot; exact in f32
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  return jax.lax.dot_general(a, b, _DIMS, precision=precision,
-                             preferred_element_type=jnp.float32)
-
-
 def _grouped(pid, m, n, block_m, block_n, group_m):
   """Grouped launch order: `group_m` row tiles share each weight tile."""
   tiles_m = pl.cdiv(m, block_m)
@@ -181,8 +172,9 @@ def _kernel(*refs, m, n, k, block_m, block_n, block_k, group_m, outliers,
   out_acc = None
   if outliers:
     c = xs_ref.shape[1]
-    out_acc = _dot_f32(tile.rows(xs_ref, width=c), tile.cols(ws_ref, width=c),
-                       dtype, interpret)
+    out_acc = int8_matmul.dot_f32(tile.rows(xs_ref, width=c),
+                                  tile.cols(ws_ref, width=c), dtype,
+                                  interpret)
   row = tile.vec(row_ref, along_rows=True)
   scb = tile.vec(scb_ref, along_rows=False)
   bias = tile.vec(bias_ref, along_rows=False)[None, :] if has_bias else None
@@ -210,7 +202,7 @@ def _overflow_kernel(x_ref, keep_ref, tiles_ref, cb_ref, scb_ref, y_ref,
       xt = jnp.where(keep[None, :], xt, jnp.zeros_like(xt))
       w = int8_matmul.dequantized_weight(tile.cols(cb_ref, k0),
                                          scb[:, None], dtype)
-      return out_acc + _dot_f32(xt, w, dtype, interpret)
+      return out_acc + int8_matmul.dot_f32(xt, w, dtype, interpret)
 
     out_acc = jax.lax.fori_loop(0, count, body,
                                 jnp.zeros((block_m, block_n), jnp.float32))

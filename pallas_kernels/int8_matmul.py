@@ -43,8 +43,8 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
-__all__ = ["add_outlier_columns", "can_use", "default_config", "epilogue",
-           "int8_matmul", "MAX_M", "OUTLIER_MODES", "round_to_dtype",
+__all__ = ["add_outlier_columns", "can_use", "default_config", "dot_f32",
+           "epilogue", "int8_matmul", "MAX_M", "OUTLIER_MODES", "round_to_dtype",
            "round_to_float16"]
 
 MAX_M = 16
@@ -266,6 +266,15 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
       pltriton.store(at, y)
 
 
+def dot_f32(a, b, dtype, interpret):
+  """`a @ b.T` of `dtype` tiles in a kernel, float32 accumulation."""
+  if interpret:  # XLA:CPU has no 16-bit x 16-bit -> f32 dot; exact in f32
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, _DIMS, precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
 def _exact_add(a, b, interpret):
   return _backend.add_rn(a, b, interpret)
 
@@ -410,13 +419,8 @@ def _outlier_kernel(xs_ref, cols_ref, cbf_ref, scb_ref, y_ref, out_ref, *, m,
       idx = cols_ref[pl.ds(c0, slots)]
       w = cbf_ref[base[:, None] + idx[None, :]]  # [block_n, slots] gather
       w = dequantized_weight(w, scb[:, None], dtype)
-      xs = xs_ref[:, pl.ds(c0, slots)]
-      if interpret:  # XLA:CPU has no 16-bit x 16-bit -> f32 dot; exact
-        w, xs = w.astype(jnp.float32), xs.astype(jnp.float32)
-      precision = (jax.lax.Precision.HIGHEST if dtype == jnp.float32
-                   else None)
-      return acc + jax.lax.dot_general(w, xs, _DIMS, precision=precision,
-                                       preferred_element_type=jnp.float32)
+      return acc + dot_f32(w, xs_ref[:, pl.ds(c0, slots)], dtype,
+                           interpret)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(count, slots), body,
                             jnp.zeros((block_n, _M_PAD), jnp.float32))
