@@ -44,8 +44,8 @@ from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
 __all__ = ["add_outlier_columns", "can_use", "default_config", "dot_f32",
-           "epilogue", "int8_matmul", "MAX_M", "OUTLIER_MODES", "round_to_dtype",
-           "round_to_float16"]
+           "epilogue", "int8_matmul", "MAX_M", "OUTLIER_MODES",
+           "round_to_dtype", "round_to_float16"]
 
 MAX_M = 16
 OUTLIER_MODES = ("skip", "always", "split")
