@@ -45,10 +45,10 @@ from pallas_kernels._backend import pltriton
 
 __all__ = ["add_outlier_columns", "can_use", "default_config", "dot_f32",
            "epilogue", "int8_matmul", "MAX_M", "OUTLIER_MODES",
-           "round_to_dtype", "round_to_float16"]
+           "outlier_limbs", "round_to_dtype", "round_to_float16"]
 
 MAX_M = 16
-OUTLIER_MODES = ("skip", "always", "split")
+OUTLIER_MODES = ("skip", "always", "split", "limbs")
 _SLOTS = 16  # outlier columns per step of the "split" outlier kernel
 _M_PAD = 16  # the tensor-core N dimension (dot dims >= 16)
 _MM_DEQUANT = np.float32(6.200012e-05)  # bitsandbytes' 1/127**2
@@ -161,10 +161,13 @@ def epilogue(acc, row, scb, bias, out_acc, dtype, exact_add,
 
 
 def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
-            has_bias, dtype, skip_clean, interpret):
+            limbs, has_bias, dtype, skip_clean, interpret):
   refs = list(refs)
   ca_ref, row_ref, cb_ref, scb_ref = refs[:4]
   refs = refs[4:]
+  lanes = ca_ref.shape[0]  # 16, or 4 * limbs for the "limbs" stream
+  if limbs:
+    xscale_ref = refs.pop(0)
   if outliers:
     xo_ref, flag_ref = refs[:2]
     refs = refs[2:]
@@ -221,19 +224,43 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
                         other=0)
   else:
     scb = scb_ref[pl.ds(row0, block_n)]
-  init = (jnp.zeros((block_n, _M_PAD), jnp.int32),)
+  init = (jnp.zeros((block_n, lanes), jnp.int32),)
   if outliers:
     init += (jnp.zeros((block_n, _M_PAD), jnp.float32),)
   accs = jax.lax.fori_loop(0, steps, body, init)
 
-  lanes = jnp.arange(_M_PAD, dtype=jnp.int32)
-  cols = lanes[None, :]
+  cols = jnp.arange(lanes, dtype=jnp.int32)[None, :]
+
+  def pick(acc, r):  # column r of a [block_n, lanes] tile, exactly
+    return jnp.sum(jnp.where(cols == r, acc, jnp.zeros_like(acc)), axis=1)
+
+  if limbs:
+    # Lanes [limbs * l, limbs * (l + 1)) hold limb l of the outlier
+    # activations (l = 1, 2, 3: weights 2**14, 2**7, 1; l = 0: CA).
+    shift = limbs.bit_length() - 1
+    part, lane_row = cols >> shift, cols & (limbs - 1)
+    weight = jnp.where(part == 1, np.float32(2.0**14), jnp.where(
+        part == 2, np.float32(2.0**7), jnp.where(
+            part == 3, np.float32(1.0), np.float32(0.0))))
+    combined = accs[0].astype(jnp.float32) * weight
+    xscale = xscale_ref[...]
+    lanes1 = jnp.arange(lanes, dtype=jnp.int32)
+
+    def outlier_row(r):
+      o = jnp.sum(jnp.where(lane_row == r, combined,
+                            jnp.zeros_like(combined)), axis=1)
+      xs = jnp.sum(jnp.where(lanes1 == r, xscale, jnp.zeros_like(xscale)))
+      return ((o * scb) * _INV_127) * xs
+  elif outliers:
+    outlier_row = lambda r: pick(accs[1], r)  # noqa: E731
+  else:
+    outlier_row = lambda r: None  # noqa: E731
+
   if split_k > 1:
     # Partial sums [split_k, m, n]; the caller sums them and runs the
-    # epilogue. Rows are picked out of the [block_n, 16] tile exactly.
+    # epilogue. Rows are picked out of the [block_n, lanes] tile exactly.
     for r in range(m):
-      for acc, out_ref in zip(accs, out_refs):
-        v = jnp.sum(jnp.where(cols == r, acc, jnp.zeros_like(acc)), axis=1)
+      for v, out_ref in zip((pick(accs[0], r), outlier_row(r)), out_refs):
         at = out_ref.at[s, jnp.int32(r), pl.ds(row0, block_n)]
         if need_nmask:
           pltriton.store(at, v, mask=row_ok)
@@ -241,7 +268,7 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
           pltriton.store(at, v)
     return
 
-  row_all = row_ref[...]  # [16] float32, zero-padded
+  row_all = row_ref[...]  # [lanes] float32, zero-padded
   bias = None
   if has_bias:
     if need_nmask:
@@ -251,19 +278,53 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
       bias = bias_ref[pl.ds(row0, block_n)]
   exact_add = functools.partial(_exact_add, interpret=interpret)
   out_ref = out_refs[0]
+  lanes1 = jnp.arange(lanes, dtype=jnp.int32)
   for r in range(m):
-    sel = cols == r
-    a = jnp.sum(jnp.where(sel, accs[0], jnp.zeros_like(accs[0])), axis=1)
-    rs = jnp.sum(jnp.where(lanes == r, row_all, jnp.zeros_like(row_all)))
-    o = None
-    if outliers:
-      o = jnp.sum(jnp.where(sel, accs[1], jnp.zeros_like(accs[1])), axis=1)
-    y = epilogue(a, rs, scb, bias, o, dtype, exact_add)
+    a = pick(accs[0], r)
+    rs = jnp.sum(jnp.where(lanes1 == r, row_all, jnp.zeros_like(row_all)))
+    y = epilogue(a, rs, scb, bias, outlier_row(r), dtype, exact_add)
     at = out_ref.at[jnp.int32(r), pl.ds(row0, block_n)]
     if need_nmask:
       pltriton.store(at, y, mask=row_ok)
     else:
       pltriton.store(at, y)
+
+
+def _limb_lanes(m: int) -> int:
+  """Rows per block of the "limbs" activations: 4 blocks fill 16, 32 or 64
+  tensor-core lanes."""
+  return 4 if m <= 4 else 8 if m <= 8 else 16
+
+
+def outlier_limbs(x_outlier: jax.Array) -> tuple[tuple[jax.Array, ...],
+                                                 jax.Array]:
+  """The outlier activations as three int8 digits and a row scale.
+
+  Row r of `x_outlier [m, k]` becomes `q = round(x * 2**-e_r)` with
+  `|q| <= 2**20` (`e_r` from the row's absmax, a power of two, so 16-bit
+  values within 2**12 of the absmax are exact), split into digits
+  `q = hi * 2**14 + mid * 2**7 + lo` with every digit in [-64, 64]. The int8
+  weight times each digit is an exact int32 product on the tensor cores;
+  the kernel recombines them in float32 and scales by `2**e_r * SCB / 127`.
+  A row with a non-finite value gets a NaN scale (so the output is NaN, as
+  bitsandbytes' float product would be).
+
+  Returns:
+    `((hi, mid, lo), scale)`: int8 `[m, k]` digits, float32 `[m]` scale.
+  """
+  x = x_outlier.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=1)
+  _, ex = jnp.frexp(amax)  # amax < 2**ex
+  e = jnp.maximum(ex - 20, -126)
+  finite = jnp.isfinite(amax)
+  q = jnp.round(jnp.ldexp(jnp.where(finite[:, None], x, 0.0),
+                          -e[:, None])).astype(jnp.int32)
+  hi = (q + 2**13) >> 14
+  r = q - (hi << 14)
+  mid = (r + 2**6) >> 7
+  lo = r - (mid << 7)
+  scale = jnp.where(finite, jnp.ldexp(jnp.float32(1.0), e), jnp.nan)
+  return tuple(v.astype(jnp.int8) for v in (hi, mid, lo)), scale
 
 
 def dot_f32(a, b, dtype, interpret):
@@ -348,11 +409,22 @@ def int8_matmul(
   nkt = -(-k // block_k)
   steps = -(-nkt // split_k)
   kp = split_k * steps * block_k  # K of the padded activations
-  outliers = x_outlier is not None
+  has_outliers = x_outlier is not None
+  limbs = _limb_lanes(m) if has_outliers and mode == "limbs" else 0
+  outliers = has_outliers and not limbs  # the float stream in the loop
 
-  ca_p = jnp.pad(ca, ((0, _M_PAD - m), (0, kp - k)))
-  row_p = jnp.pad(row_stats.astype(jnp.float32), (0, _M_PAD - m))
-  args = [ca_p, row_p, cb, scb.astype(jnp.float32)]
+  row_p = row_stats.astype(jnp.float32)
+  if limbs:  # [CA; hi; mid; lo], each padded to `limbs` rows
+    digits, xscale = outlier_limbs(x_outlier)
+    ca_p = jnp.concatenate([
+        jnp.pad(v, ((0, limbs - m), (0, kp - k))) for v in (ca, *digits)])
+    row_p = jnp.pad(row_p, (0, 4 * limbs - m))
+    args = [ca_p, row_p, cb, scb.astype(jnp.float32),
+            jnp.pad(xscale, (0, 4 * limbs - m))]
+  else:
+    ca_p = jnp.pad(ca, ((0, _M_PAD - m), (0, kp - k)))
+    args = [ca_p, jnp.pad(row_p, (0, _M_PAD - m)), cb,
+            scb.astype(jnp.float32)]
   if outliers:
     xo = jnp.pad(x_outlier.astype(dtype), ((0, _M_PAD - m), (0, kp - k)))
     if outlier_cols is None:
@@ -367,13 +439,13 @@ def int8_matmul(
     out_shape = [_backend.out_struct((m, n), dtype, *args)]
   else:
     out_shape = [_backend.out_struct((split_k, m, n), jnp.int32, *args)]
-    if outliers:
+    if has_outliers:
       out_shape.append(
           _backend.out_struct((split_k, m, n), jnp.float32, *args))
   kernel = functools.partial(
       _kernel, m=m, n=n, k=k, block_n=block_n, block_k=block_k, steps=steps,
-      split_k=split_k, outliers=outliers, has_bias=has_bias, dtype=dtype,
-      skip_clean=skip_clean, interpret=interpret)
+      split_k=split_k, outliers=outliers, limbs=limbs, has_bias=has_bias,
+      dtype=dtype, skip_clean=skip_clean, interpret=interpret)
   outs = pl.pallas_call(
       kernel,
       out_shape=out_shape,
@@ -383,14 +455,15 @@ def int8_matmul(
       interpret=interpret,
       name="jaxbnb_int8_matmul",
       cost_estimate=pl.CostEstimate(
-          flops=2 * m * n * k * (2 if outliers else 1), transcendentals=0,
+          flops=2 * m * n * k * (2 if has_outliers else 1),
+          transcendentals=0,
           bytes_accessed=n * k + 4 * n + m * k * (1 + dtype.itemsize)
           + m * n * dtype.itemsize),
   )(*args)
   if split_k == 1:
     return outs[0]
   acc = jnp.sum(outs[0], axis=0)
-  out_acc = jnp.sum(outs[1], axis=0) if outliers else None
+  out_acc = jnp.sum(outs[1], axis=0) if has_outliers else None
   return epilogue(acc, row_stats.astype(jnp.float32)[:, None],
                   scb.astype(jnp.float32)[None, :], bias, out_acc, dtype,
                   _xla_exact_add, round_to_float16, round_to_dtype)

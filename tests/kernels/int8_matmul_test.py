@@ -62,8 +62,14 @@ def _inputs(m, n, k, dtype, threshold, seed=0, outlier_cols=(3, 7, 100),
   return jnp.asarray(x).astype(dtype), weight, bias
 
 
-def _golden(x, cb, scb, bias, threshold):
-  """(exact float64 result, bound, int8-only result) in numpy."""
+def _golden(x, cb, scb, bias, threshold, limbs=False):
+  """(exact float64 result, bound, int8-only result) in numpy.
+
+  With `limbs` (the "limbs" outlier stream: the activations as int8 digits
+  of 2**-20 of their row absmax times the unrounded weight) the bound also
+  holds the weight's rounding to the dtype, which bitsandbytes does and
+  that stream skips (u_dtype per term), and the digits' rounding.
+  """
   dtype = _NP[jnp.dtype(x.dtype)]
   ca, sca, mask = reference.int8_vectorwise_quant(
       jnp.asarray(x).astype(jnp.float16), threshold)
@@ -96,12 +102,19 @@ def _golden(x, cb, scb, bias, threshold):
   terms = np.abs(x_out) @ np.abs(w).T + np.abs(o)
   n_terms = int(mask.sum()) + 1
   bound = (n_terms + 1) * helpers.F32_EPS * terms
+  if limbs:
+    u = {np.float32: 2.0**-24, np.float16: 2.0**-11}.get(dtype, 2.0**-8)
+    wx = np.abs(x_out) @ np.abs(w).T
+    amax = np.abs(x_out).max(axis=1, keepdims=True)
+    digits = 2.0**-20 * amax * (np.abs(w) @ mask.astype(np.float64))[None]
+    bound = bound + 2 * u * wx + digits + 4 * helpers.F32_EPS * terms
   bound = bound + helpers.ulp(np.abs(exact) + bound, dtype)
   return exact, bound, out
 
 
-def _check(y, x, weight, bias, threshold):
-  exact, bound, int8_only = _golden(x, weight.CB, weight.SCB, bias, threshold)
+def _check(y, x, weight, bias, threshold, limbs=False):
+  exact, bound, int8_only = _golden(x, weight.CB, weight.SCB, bias, threshold,
+                                    limbs)
   assert y.dtype == x.dtype and y.shape == exact.shape
   if bound is None:
     helpers.assert_bits_equal(y, exact, err_msg="int8 matmul")
@@ -135,6 +148,11 @@ CASES = [
     (2, 70, 96, jnp.bfloat16, 0.0, jnp.bfloat16, (16, 32, 4, 4, 3)),
     (3, 40, 200, jnp.float16, 6.0, jnp.float16, (16, 64, 1, 4, 3, "split")),
     (16, 48, 300, jnp.float32, 6.0, jnp.float32, (16, 32, 2, 4, 3, "split")),
+    (1, 50, 256, jnp.bfloat16, 6.0, jnp.bfloat16, (16, 64, 1, 4, 3, "limbs")),
+    (3, 40, 200, jnp.float16, 6.0, jnp.float16, (16, 64, 1, 4, 3, "limbs")),
+    (6, 33, 300, jnp.bfloat16, 6.0, None, (32, 32, 2, 4, 3, "limbs")),
+    (16, 48, 300, jnp.float32, 6.0, jnp.float32, (16, 32, 2, 4, 3, "limbs")),
+    (9, 40, 128, jnp.float16, 0.0, None, (16, 64, 1, 4, 3, "limbs")),
 ]
 
 
@@ -144,7 +162,8 @@ def test_interpret_matches_bnb_semantics(m, n, k, dtype, threshold,
   x, weight, bias = _inputs(m, n, k, dtype, threshold, seed=m + n,
                             bias_dtype=bias_dtype)
   y = _call(x, weight, bias, threshold, config)
-  _check(y, x, weight, bias, threshold)
+  _check(y, x, weight, bias, threshold,
+         limbs=config is not None and config[5:] == ("limbs",))
 
 
 def test_interpret_threshold_without_outliers():
@@ -159,25 +178,52 @@ def test_interpret_threshold_without_outliers():
   helpers.assert_bits_equal(y, ref)
 
 
+@pytest.mark.parametrize("mode", ["split", "limbs"])
 @pytest.mark.parametrize("cols,config", [
-    ((), (16, 32, 1, 4, 3, "split")),
-    ((0,), (16, 64, 2, 4, 3, "split")),
-    ((5, 6, 300), (32, 64, 1, 4, 3, "split")),
-    (tuple(range(1, 500, 13)), (16, 32, 4, 4, 3, "split")),  # 39: 3 steps
+    ((), (16, 32, 1, 4, 3)),
+    ((0,), (16, 64, 2, 4, 3)),
+    ((5, 6, 300), (32, 64, 1, 4, 3)),
+    (tuple(range(1, 500, 13)), (16, 32, 4, 4, 3)),  # 39: 3 steps of 16
 ])
-def test_interpret_split_mode(cols, config):
+def test_interpret_split_and_limbs_modes(cols, config, mode):
   """"split": the int8 kernel without outliers, then the outlier columns
-  gathered 16 at a time and added in place; none leaves the int8 result
-  alone (bit-identical to "skip")."""
+  gathered 16 at a time and added in place. "limbs": the outlier
+  activations as int8 digits in the int8 product's spare lanes. Without
+  outlier columns both leave the int8 result alone (bit-identical to
+  "skip")."""
   x, weight, bias = _inputs(5, 40, 512, jnp.bfloat16, 6.0, seed=len(cols),
                             outlier_cols=cols, bias_dtype=jnp.bfloat16)
   if not cols:
     x = jnp.clip(x, -5.0, 5.0)
-  y = _call(x, weight, bias, 6.0, config)
-  _check(y, x, weight, bias, 6.0)
+  y = _call(x, weight, bias, 6.0, (*config, mode))
+  _check(y, x, weight, bias, 6.0, limbs=mode == "limbs")
   if not cols:
-    helpers.assert_bits_equal(
-        y, _call(x, weight, bias, 6.0, (*config[:5], "skip")))
+    helpers.assert_bits_equal(y, _call(x, weight, bias, 6.0, (*config, "skip")))
+
+
+def test_outlier_limbs_digits():
+  """The digits are int8 in [-64, 64] and rebuild the activations: exactly
+  for bfloat16 values within 2**12 of the row absmax; a non-finite row
+  gets a NaN scale."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((4, 300)).astype(np.float32)
+  x *= 2.0 ** rng.integers(-11, 8, size=x.shape)
+  x[1] = 0.0
+  x[2, 7] = 1e30
+  x = jnp.asarray(x).astype(jnp.bfloat16)
+  x = x.at[3, 5].set(jnp.inf)
+  (hi, mid, lo), scale = ik.outlier_limbs(x)
+  for d in (hi, mid, lo):
+    assert d.dtype == jnp.int8 and int(jnp.max(jnp.abs(d))) <= 64
+  q = (np.asarray(hi, np.int64) * 2**14 + np.asarray(mid, np.int64) * 2**7
+       + np.asarray(lo))
+  back = q * np.asarray(scale, np.float64)[:, None]
+  xf = np.asarray(x.astype(jnp.float32), np.float64)
+  amax = np.abs(xf[:3]).max(axis=1, keepdims=True)
+  near = np.abs(xf[:3]) >= amax * 2.0**-12
+  np.testing.assert_array_equal(back[:3][near], xf[:3][near])
+  assert np.all(np.abs(back[:3] - xf[:3]) <= 2.0**-20 * amax)
+  assert np.all(back[1] == 0) and np.isnan(scale[3])
 
 
 def test_bad_outlier_mode():
@@ -303,7 +349,8 @@ def test_lowers_for_cuda():
   kw = dict(bias=s((n,), jnp.float16), x_outlier=s((m, k), jnp.float16),
             outlier_cols=s((k,), jnp.bool_))
   for config in (None, (64, 256, 2, 4, 3), (64, 256, 1, 4, 3, "always"),
-                 (64, 256, 1, 4, 3, "split")):
+                 (64, 256, 1, 4, 3, "split"), (64, 256, 1, 4, 3, "limbs"),
+                 (64, 256, 2, 4, 3, "limbs")):
     text = helpers.lowered_for_h200(functools.partial(
         ik.int8_matmul, dtype=jnp.float16, config=config), *args, **kw)
     assert "jaxbnb_int8_matmul" in text
@@ -332,13 +379,16 @@ def test_gpu_matches_bnb_semantics(m, n, k, dtype, threshold):
                                     (16, 256, 4, 4, 3), (128, 128, 1, 8, 3),
                                     (64, 256, 1, 4, 3, "always"),
                                     (64, 256, 1, 4, 3, "split"),
-                                    (32, 256, 2, 4, 3, "split")])
-def test_gpu_configs(config):
-  x, weight, bias = _inputs(16, 1000, 4096, jnp.bfloat16, 6.0, seed=2,
+                                    (32, 256, 2, 4, 3, "split"),
+                                    (64, 256, 1, 4, 3, "limbs"),
+                                    (64, 256, 2, 4, 3, "limbs")])
+@pytest.mark.parametrize("m", [1, 16])
+def test_gpu_configs(config, m):
+  x, weight, bias = _inputs(m, 1000, 4096, jnp.bfloat16, 6.0, seed=2,
                             outlier_cols=(3, 700, 701, 2048, 4000),
                             bias_dtype=jnp.float16)
   y = _call(x, weight, bias, 6.0, config=config, interpret=False)
-  _check(y, x, weight, bias, 6.0)
+  _check(y, x, weight, bias, 6.0, limbs=config[5:] == ("limbs",))
 
 
 @pytest.mark.gpu
