@@ -75,13 +75,16 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
   """(block_n, block_k, split_k, num_warps, num_stages, outliers).
 
   Tiles of 64 weight rows and up to 256 bytes of K (16 KB per step); K is
-  split only while the row tiles fill less than one wave of SMs. Measured
-  on the H200 (docs/benchmarks.md, `jaxbnb bench int8 --sweep`, 4096 ->
-  14336, threshold 6): 31.2 us at M = 1 and 29.6 us at M = 16, against
-  52.5 and 55.7 us for the earlier 32 x 512 tiles split over K; the
-  branch skipping outlier-free tiles beats the branch-free product (36.0
-  us) and the branch-free int8 loop followed by a second loop over the
-  flagged tiles (34.9 us, a data-dependent one 38.9 us).
+  split only while the row tiles fill less than one wave of SMs. The
+  outlier stream rides in the int8 product as int8 digits ("limbs"), so
+  the loop has no branch. Measured on the H200 (docs/benchmarks.md,
+  `jaxbnb bench int8 --configs`, 4096 -> 14336, threshold 6, 5 outlier
+  columns): 22.1 us at M = 1 and 28.4 us at M = 16 (the int8 loop alone:
+  19.8 and 19.6), against 31.5 and 29.5 for a branch that skips the K
+  tiles without outliers ("skip"), 41.8 for a second kernel that gathers
+  the outlier columns ("split"), 36.0 for the float product in every tile
+  ("always"); other tiles of "limbs" measured 22.4-25.1 (M = 1) and
+  29.4-41.8 us (M = 16).
   """
   del m
   block_n = 64
@@ -91,7 +94,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
   split_k = 1
   while tiles * split_k < num_sms and split_k * 4 <= steps:
     split_k *= 2
-  return (block_n, block_k, split_k, 4, 3, "skip")
+  return (block_n, block_k, split_k, 4, 3, "limbs")
 
 
 def dequantized_weight(cb, scb, dtype):
@@ -391,7 +394,7 @@ def int8_matmul(
   if config is None:
     config = default_config(m, n, k)
   block_n, block_k, split_k, num_warps, num_stages = config[:5]
-  mode = config[5] if len(config) > 5 else "skip"
+  mode = config[5] if len(config) > 5 else "limbs"
   if mode not in OUTLIER_MODES:
     raise ValueError(f"int8_matmul: config[5] (outliers) must be one of "
                      f"{OUTLIER_MODES}, got {mode!r}.")
