@@ -66,33 +66,6 @@ def add_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
   )[0]
 
 
-def div_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
-  """IEEE fp32 `a / b` (Triton's `/` is the approximate `div.full.f32`)."""
-  if interpret:
-    return a / b
-  a, b = jnp.broadcast_arrays(a, b)
-  return pltriton.elementwise_inline_asm(
-      "div.rn.f32 $0, $1, $2;",
-      args=[a, b],
-      constraints="=r,r,r",
-      pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-  )[0]
-
-
-def rint(x: jax.Array, interpret: bool) -> jax.Array:
-  """fp32 rounded to the nearest integer, ties to even (`jnp.round`)."""
-  if interpret:
-    return jnp.round(x)
-  return pltriton.elementwise_inline_asm(
-      "cvt.rni.f32.f32 $0, $1;",
-      args=[x],
-      constraints="=r,r",
-      pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
-  )[0]
-
-
 def zero_index():
   """A traced scalar index 0 (interpret mode's discharge needs an array)."""
   return jnp.int32(0)

@@ -40,12 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _backend
-from pallas_kernels import int8_quant
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
 __all__ = ["add_outlier_columns", "can_use", "default_config", "dot_f32",
-           "epilogue", "int8_decode", "int8_matmul", "MAX_M", "OUTLIER_MODES",
+           "epilogue", "int8_matmul", "MAX_M", "OUTLIER_MODES",
            "outlier_limbs", "round_to_dtype", "round_to_float16"]
 
 MAX_M = 16
@@ -247,8 +246,8 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
         part == 2, np.float32(2.0**7), jnp.where(
             part == 3, np.float32(1.0), np.float32(0.0))))
     combined = accs[0].astype(jnp.float32) * weight
-    xscale = xscale_ref[...]  # [limbs]
-    lanes1 = jnp.arange(xscale.shape[0], dtype=jnp.int32)
+    xscale = xscale_ref[...]
+    lanes1 = jnp.arange(lanes, dtype=jnp.int32)
 
     def outlier_row(r):
       o = jnp.sum(jnp.where(lane_row == r, combined,
@@ -272,7 +271,7 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
           pltriton.store(at, v)
     return
 
-  row_all = row_ref[...]  # [16] or [limbs] float32, zero-padded
+  row_all = row_ref[...]  # [lanes] float32, zero-padded
   bias = None
   if has_bias:
     if need_nmask:
@@ -282,7 +281,7 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
       bias = bias_ref[pl.ds(row0, block_n)]
   exact_add = functools.partial(_exact_add, interpret=interpret)
   out_ref = out_refs[0]
-  lanes1 = jnp.arange(row_all.shape[0], dtype=jnp.int32)
+  lanes1 = jnp.arange(lanes, dtype=jnp.int32)
   for r in range(m):
     a = pick(accs[0], r)
     rs = jnp.sum(jnp.where(lanes1 == r, row_all, jnp.zeros_like(row_all)))
@@ -307,8 +306,7 @@ def outlier_limbs(x_outlier: jax.Array) -> tuple[tuple[jax.Array, ...],
   Row r of `x_outlier [m, k]` becomes `q = round(x * 2**-e_r)` with
   `|q| <= 2**20` (`e_r` from the row's absmax, a power of two, so 16-bit
   values within 2**12 of the absmax are exact), split into digits
-  `q = hi * 2**14 + mid * 2**7 + lo` with every digit in [-64, 64]
-  (`e_r` from the exponent bits: `int8_quant.limb_exponent`). The int8
+  `q = hi * 2**14 + mid * 2**7 + lo` with every digit in [-64, 64]. The int8
   weight times each digit is an exact int32 product on the tensor cores;
   the kernel recombines them in float32 and scales by `2**e_r * SCB / 127`.
   A row with a non-finite value gets a NaN scale (so the output is NaN, as
@@ -319,15 +317,16 @@ def outlier_limbs(x_outlier: jax.Array) -> tuple[tuple[jax.Array, ...],
   """
   x = x_outlier.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x), axis=1)
-  pow2, inv, _ = int8_quant.limb_exponent(amax)
+  _, ex = jnp.frexp(amax)  # amax < 2**ex
+  e = jnp.maximum(ex - 20, -126)
   finite = jnp.isfinite(amax)
-  q = jnp.round(jnp.where(finite[:, None], x, 0.0) * inv[:, None])
-  q = q.astype(jnp.int32)
+  q = jnp.round(jnp.ldexp(jnp.where(finite[:, None], x, 0.0),
+                          -e[:, None])).astype(jnp.int32)
   hi = (q + 2**13) >> 14
   r = q - (hi << 14)
   mid = (r + 2**6) >> 7
   lo = r - (mid << 7)
-  scale = jnp.where(finite, pow2, jnp.nan)
+  scale = jnp.where(finite, jnp.ldexp(jnp.float32(1.0), e), jnp.nan)
   return tuple(v.astype(jnp.int8) for v in (hi, mid, lo)), scale
 
 
@@ -409,98 +408,32 @@ def int8_matmul(
       return add_outlier_columns(y, x_outlier, outlier_cols, cb, scb,
                                  dtype=dtype, block_n=config[0],
                                  interpret=interpret)
+  skip_clean = mode == "skip"
   nkt = -(-k // block_k)
   steps = -(-nkt // split_k)
   kp = split_k * steps * block_k  # K of the padded activations
-  if x_outlier is not None and mode == "limbs":
-    limbs = _limb_lanes(m)
+  has_outliers = x_outlier is not None
+  limbs = _limb_lanes(m) if has_outliers and mode == "limbs" else 0
+  outliers = has_outliers and not limbs  # the float stream in the loop
+
+  row_p = row_stats.astype(jnp.float32)
+  if limbs:  # [CA; hi; mid; lo], each padded to `limbs` rows
     digits, xscale = outlier_limbs(x_outlier)
-    a = jnp.concatenate([
+    ca_p = jnp.concatenate([
         jnp.pad(v, ((0, limbs - m), (0, kp - k))) for v in (ca, *digits)])
-    pad = (0, limbs - m)
-    return _launch(a, jnp.pad(row_stats.astype(jnp.float32), pad), cb, scb,
-                   m=m, k=k, dtype=dtype, config=config, bias=bias,
-                   xscale=jnp.pad(xscale, pad), interpret=interpret)
-  args = [jnp.pad(ca, ((0, _M_PAD - m), (0, kp - k))),
-          jnp.pad(row_stats.astype(jnp.float32), (0, _M_PAD - m))]
-  stream = None
-  if x_outlier is not None:
+    row_p = jnp.pad(row_p, (0, 4 * limbs - m))
+    args = [ca_p, row_p, cb, scb.astype(jnp.float32),
+            jnp.pad(xscale, (0, 4 * limbs - m))]
+  else:
+    ca_p = jnp.pad(ca, ((0, _M_PAD - m), (0, kp - k)))
+    args = [ca_p, jnp.pad(row_p, (0, _M_PAD - m)), cb,
+            scb.astype(jnp.float32)]
+  if outliers:
     xo = jnp.pad(x_outlier.astype(dtype), ((0, _M_PAD - m), (0, kp - k)))
     if outlier_cols is None:
       outlier_cols = jnp.any(x_outlier != 0, axis=0)
     flags = jnp.pad(outlier_cols, (0, kp - k)).reshape(-1, block_k)
-    stream = (xo, jnp.any(flags, axis=1).astype(jnp.int32))
-  return _launch(*args, cb, scb, m=m, k=k, dtype=dtype, config=config,
-                 bias=bias, stream=stream, interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=("threshold", "config",
-                                             "interpret"))
-def int8_decode(
-    x: jax.Array,
-    cb: jax.Array,
-    scb: jax.Array,
-    *,
-    threshold: float,
-    bias: jax.Array | None = None,
-    config: tuple | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-  """`matmul_8bit`'s decode forward from the activations, threshold > 0.
-
-  The "limbs" stream: the activations are quantized by one Pallas program
-  (`int8_quant.quantize_decode_activations`, bit-equal to bitsandbytes'
-  row-wise quantization and `outlier_limbs`), then the weight is streamed
-  once. (The other streams take XLA-quantized inputs: `int8_matmul`.)
-
-  Args:
-    x: `[m, k]` activations, m <= 16, in float32, float16 or bfloat16 (the
-      output dtype).
-    cb: int8 `[n, k]` weight.
-    scb: float32 `[n]` weight row absmax.
-    threshold: the outlier threshold (> 0).
-    bias: optional `[n]`.
-    config: as `int8_matmul`'s.
-    interpret: Pallas interpret mode (CPU tests).
-
-  Returns:
-    `[m, n]` in x's dtype.
-  """
-  m, k = x.shape
-  n = cb.shape[0]
-  if not threshold > 0:
-    raise ValueError(f"int8_decode: threshold must be > 0, got {threshold}.")
-  if config is None:
-    config = default_config(m, n, k)
-  if len(config) > 5 and config[5] != "limbs":
-    raise ValueError(f"int8_decode: config[5] must be 'limbs' (other "
-                     f"streams: int8_matmul), got {config[5]!r}.")
-  block_k, split_k = config[1], config[2]
-  kp = split_k * (-(-(-(-k // block_k)) // split_k)) * block_k
-  a, row, xscale = int8_quant.quantize_decode_activations(
-      x, threshold=threshold, limbs=_limb_lanes(m), kp=kp,
-      interpret=interpret)
-  return _launch(a, row, cb, scb, m=m, k=k, dtype=jnp.dtype(x.dtype),
-                 config=config, bias=bias, xscale=xscale, interpret=interpret)
-
-
-def _launch(a, row, cb, scb, *, m, k, dtype, config, bias=None, xscale=None,
-            stream=None, interpret=False):
-  """The pallas_call on padded operands: `a [lanes, kp]` int8 (`CA`, or
-  with `xscale` the "limbs" blocks), `row` the padded row absmax, `stream`
-  the float outlier stream's (activations, K-tile flags) or None."""
-  n = cb.shape[0]
-  block_n, block_k, split_k, num_warps, num_stages = config[:5]
-  steps = a.shape[1] // (split_k * block_k)
-  limbs = 0 if xscale is None else a.shape[0] // 4
-  outliers = stream is not None  # the float stream in the loop
-  has_outliers = outliers or limbs > 0
-  skip_clean = len(config) < 6 or config[5] == "skip"
-  args = [a, row, cb, scb.astype(jnp.float32)]
-  if limbs:
-    args.append(xscale)
-  if outliers:
-    args += list(stream)
+    args += [xo, jnp.any(flags, axis=1).astype(jnp.int32)]
   has_bias = bias is not None and split_k == 1
   if has_bias:
     args.append(bias)
@@ -534,7 +467,7 @@ def _launch(a, row, cb, scb, *, m, k, dtype, config, bias=None, xscale=None,
     return outs[0]
   acc = jnp.sum(outs[0], axis=0)
   out_acc = jnp.sum(outs[1], axis=0) if has_outliers else None
-  return epilogue(acc, row[:m, None],
+  return epilogue(acc, row_stats.astype(jnp.float32)[:, None],
                   scb.astype(jnp.float32)[None, :], bias, out_acc, dtype,
                   _xla_exact_add, round_to_float16, round_to_dtype)
 

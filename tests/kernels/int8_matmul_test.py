@@ -279,14 +279,6 @@ def _spy(monkeypatch, module=ik, name="int8_matmul",
   return calls
 
 
-def spy_decode(monkeypatch):
-  """Calls of the decode kernel: `int8_matmul` (threshold 0) or
-  `int8_decode` (threshold > 0), recording `interpret`."""
-  calls = _spy(monkeypatch)
-  calls_decode = _spy(monkeypatch, ik, "int8_decode")
-  return calls, calls_decode
-
-
 def spy_gemm(monkeypatch):
   """Calls of `int8_gemm`: (interpret, outlier activations given)."""
   return _spy(monkeypatch, ig, "int8_gemm", lambda kwargs: (
@@ -299,9 +291,7 @@ def spy_gemm(monkeypatch):
 def test_matmul_8bit_dispatches_in_interpret_mode(monkeypatch, threshold, m,
                                                   dtype, kernel):
   if kernel == "decode":
-    matmul_calls, decode_calls = spy_decode(monkeypatch)
-    calls = decode_calls if threshold > 0 else matmul_calls
-    want = [True]
+    calls, want = _spy(monkeypatch), [True]
   else:
     calls, want = spy_gemm(monkeypatch), [(True, threshold > 0)]
   x, weight, bias = _inputs(m, 48, 192, dtype, threshold, seed=9,
@@ -327,13 +317,13 @@ def test_matmul_8bit_dispatches_in_interpret_mode(monkeypatch, threshold, m,
 
 
 def test_matmul_8bit_large_m_and_reference_mode_skip_kernel(monkeypatch):
-  matmul_calls, decode_calls = spy_decode(monkeypatch)
+  calls = _spy(monkeypatch)
   x, weight, _ = _inputs(17, 32, 64, jnp.float16, 6.0, seed=1)
   with jaxbnb.kernel_mode("pallas"):  # M > 16 is int8_gemm's
     jax.eval_shape(lambda a: F.matmul_8bit(a, weight, threshold=6.0), x)
   with jaxbnb.kernel_mode("reference"):
     F.matmul_8bit(x[:2], weight, threshold=6.0)
-  assert not matmul_calls and not decode_calls
+  assert not calls
 
 
 @pytest.mark.parametrize("m", [2, 24])  # the decode kernel, int8_gemm
@@ -410,8 +400,7 @@ def test_gpu_configs(config, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 def test_gpu_matmul_8bit_dispatch(monkeypatch, threshold):
-  matmul_calls, decode_calls = spy_decode(monkeypatch)
-  calls = decode_calls if threshold > 0 else matmul_calls
+  calls = _spy(monkeypatch)
   x, weight, bias = _inputs(4, 4096, 4096, jnp.bfloat16, threshold, seed=7,
                             outlier_cols=(3, 700, 701, 2048, 4000),
                             bias_dtype=jnp.bfloat16)

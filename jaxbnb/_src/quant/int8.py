@@ -224,12 +224,10 @@ def _kernel_forward(x2d, cb, scb, bias, threshold):
   """`_forward` through a Pallas kernel, or None if none serves.
 
   M <= `int8_kernel.MAX_M` (decoding): the decode kernel, which reads the
-  int8 weight once for the int32 product and the outlier stream (with a
-  threshold, `int8_decode`: the rows quantized by one Pallas program and
-  the outlier activations carried as int8 digits). Larger M:
+  int8 weight once for the int32 product and the outlier stream. Larger M:
   the tiled int8 GEMM (`pallas_kernels.int8_gemm`) with bitsandbytes'
   epilogue and the outlier product fused (up to 32 gathered columns; more
-  through the K tiles that hold them, in a second kernel). Elsewhere the
+  through the K tiles that hold them, in a second kernel). The
   activations are quantized here exactly as in `_forward`.
   """
   m, k = x2d.shape
@@ -252,16 +250,15 @@ def _kernel_forward(x2d, cb, scb, bias, threshold):
     return None
   interpret = mode == "interpret"
   dtype = jnp.dtype(x2d.dtype)
-  if decode and threshold > 0:
-    # One Pallas program quantizes the rows (bit-equal to
-    # `int8_vectorwise_quant`), then the weight is read once.
-    return int8_kernel.int8_decode(x2d, cb, scb, threshold=float(threshold),
-                                   bias=bias, interpret=interpret)
   ca, sca, mask = reference.int8_vectorwise_quant(
       x2d.astype(jnp.float16), threshold)
   if decode:
-    return int8_kernel.int8_matmul(ca, sca, cb, scb, dtype=dtype, bias=bias,
-                                   interpret=interpret)
+    x_out = None
+    if mask is not None:
+      x_out = jnp.where(mask[None, :], x2d, jnp.zeros((), x2d.dtype))
+    return int8_kernel.int8_matmul(
+        ca, sca, cb, scb, dtype=dtype, bias=bias, x_outlier=x_out,
+        outlier_cols=mask, interpret=interpret)
   x_out = None if mask is None else x2d
   return int8_gemm.int8_gemm(ca, sca, cb, scb, dtype=dtype, bias=bias,
                              x=x_out, outlier_cols=mask, interpret=interpret)
