@@ -118,6 +118,25 @@ def test_layerwise_refuses_adapters_outside_the_layers():
   assert not train.supports_layerwise(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
 
 
+def test_layerwise_catches_adapters_added_after_its_check():
+  """The structure check runs once per model (host time); an adapter added
+  outside the layers afterwards is still refused before anything runs."""
+  model = common.lora_model()
+  model.train()
+  opt = nnx.Optimizer(model, SGD, wrt=nnx.LoRAParam)
+  train.layerwise_train_step(model, opt, _chat_like(1))
+  model.extra = nnx.LoRAParam(jnp.ones((3,)))
+  before = jax.tree.leaves(nnx.state(model, (nnx.LoRAParam, nnx.RngState)))
+  with pytest.raises(ValueError, match="decoder layers"):
+    train.layerwise_train_step(model, opt, _chat_like(1))
+  after = jax.tree.leaves(nnx.state(model, (nnx.LoRAParam, nnx.RngState)))
+  for x, y in zip(before, after):
+    np.testing.assert_array_equal(jax.random.key_data(x) if jnp.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x, jax.random.key_data(y)
+        if jnp.issubdtype(y.dtype, jax.dtypes.prng_key) else y)
+  assert not train.supports_layerwise(model)
+
+
 def test_optimizer_update_does_not_copy_the_frozen_weights():
   """The update program returns the adapters and optimizer state only (an
   `nnx.jit` over the model returned, so copied, every frozen weight)."""

@@ -208,14 +208,19 @@ _grad_fn = nnx.value_and_grad(_nll, argnums=nnx.DiffState(0, nnx.LoRAParam),
 MUTABLE = (nnx.LoRAParam, nnx.OptState, nnx.RngState)
 
 
-def placements(nodes) -> tuple[tuple[NamedSharding | None, ...], ...] | None:
+def placements(nodes, states=None
+               ) -> tuple[tuple[NamedSharding | None, ...], ...] | None:
   """The `NamedSharding` of each `MUTABLE` leaf of each of `nodes` (None
   for a leaf that has none), or None when no leaf is on a multi-device
-  mesh. Hashable: a static argument of the jitted steps."""
+  mesh. Hashable: a static argument of the jitted steps. `states`: the
+  nodes' `MUTABLE` states when the caller already has them (one graph
+  walk fewer)."""
+  if states is None:
+    states = [nnx.state(node, MUTABLE) for node in nodes]
   out, sharded = [], False
-  for node in nodes:
+  for state in states:
     row = []
-    for x in jax.tree.leaves(nnx.state(node, MUTABLE)):
+    for x in jax.tree.leaves(state):
       s = getattr(x, "sharding", None)
       if isinstance(s, NamedSharding) and s.mesh.size > 1:
         row.append(s)
@@ -250,7 +255,8 @@ def run_updating(jitted, nodes, *args):
 
   On a single device the last argument is None (no constraint)."""
   graphdef, changing, frozen = nnx.split(tuple(nodes), MUTABLE, ...)
-  out, states = jitted(graphdef, changing, frozen, *args, placements(nodes))
+  where = placements(nodes, [changing[i] for i in range(len(nodes))])
+  out, states = jitted(graphdef, changing, frozen, *args, where)
   for node, state in zip(nodes, states):
     nnx.update(node, state)
   return out
