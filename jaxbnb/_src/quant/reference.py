@@ -9,8 +9,6 @@ argument checking: `jaxbnb._src.quant.ops` validates at the public boundary.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,12 +187,7 @@ def int8_vectorwise_quant(
   if threshold > 0.0:
     thr = jnp.asarray(threshold, a2d.dtype)
     outliers = absval >= thr
-    if rows <= 16:
-      # The same mask as an elementwise OR of the rows, which XLA can fuse
-      # into the consumers (a column reduction is a kernel of its own).
-      mask = functools.reduce(jnp.logical_or, list(outliers))
-    else:
-      mask = jnp.any(outliers, axis=0)
+    mask = jnp.any(outliers, axis=0)
     absval = jnp.where(outliers, jnp.zeros_like(absval), absval)
   absval = jnp.where(jnp.isnan(absval), jnp.zeros_like(absval), absval)
   row_absmax = jnp.max(absval, axis=1).astype(jnp.float32)
