@@ -20,6 +20,7 @@ collect_ignore = [
     "golden/make_smollm2_golden.py",
     "golden/make_bnb_optim_golden.py",
     "golden/make_peft_golden.py",
+    "golden/make_bnb_int8_golden.py",
 ]
 
 
