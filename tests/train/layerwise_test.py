@@ -120,7 +120,7 @@ def test_layerwise_refuses_adapters_outside_the_layers():
 
 def test_layerwise_catches_adapters_added_after_its_check():
   """The structure check runs once per model (host time); an adapter added
-  outside the layers afterwards is still refused before anything runs."""
+  outside the layers afterwards is still refused before anything changes."""
   model = common.lora_model()
   model.train()
   opt = nnx.Optimizer(model, SGD, wrt=nnx.LoRAParam)

@@ -153,23 +153,24 @@ def _add(a, b):
 
 def _micro_batch(model, layers, head, input_ids, attention_mask, loss_mask,
                  chunk):
-  """Loss, count and per-layer adapter gradients of one micro-batch; the
-  layers' dropout RNG states advance as in a forward pass."""
+  """Loss, count, per-layer adapter gradients of one micro-batch, and each
+  layer's state after its forward pass (its dropout RNG counts advanced),
+  for the caller to write back: the model itself is left as it was."""
   inner = model.model
   inputs = inner.attention_inputs(input_ids, attention_mask=attention_mask)
   embed_def, embed_state = nnx.split(inner.embed_tokens)
   x = _embed(embed_def, embed_state, input_ids)
   cos, sin = rope.rope_cos_sin(inner.config, inputs["positions"], x.dtype)
   graphdef = nnx.graphdef(layers[0])
-  saved = []
+  saved, afters = [], []
   for i, layer in enumerate(layers):
-    # A snapshot (new leaves): `nnx.update` below changes the layer's
-    # variables, and the backward pass needs the RNG counts of before.
-    before = jax.tree.map(lambda v: v, nnx.state(layer))
+    # The backward pass recomputes the forward from this state (the same
+    # dropout masks); the caller writes `after` back once all is queued.
+    before = nnx.state(layer)
     saved.append((before, x))
     x, after = _layer_forward(graphdef, before, x, cos, sin,
                               inputs["masks"][i])
-    nnx.update(layer, after)
+    afters.append(after)
   head_def, head_state = nnx.split(head)
   nll, count, grad = _head_loss(head_def, head_state, x, input_ids,
                                 loss_mask, chunk)
@@ -178,7 +179,7 @@ def _micro_batch(model, layers, head, input_ids, attention_mask, loss_mask,
     before, x_in = saved.pop()
     grad, grads[i] = _layer_backward(graphdef, before, x_in, cos, sin,
                                      inputs["masks"][i], grad)
-  return nll, count, grads
+  return nll, count, grads, afters
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
@@ -240,19 +241,24 @@ def layerwise_train_step(model: nnx.Module, optimizer: nnx.Optimizer,
       raise ValueError(_UNSUPPORTED)
     _CHECKED[model] = True
   layers = decoder_layers(model)
-  # Cheap recheck (one layer's walk): the adapters are still all in the
-  # layers, so nothing runs on a model changed since the check.
-  template = nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
-  if len(template) != len(layers) * len(_lora_paths(layers[0])):
-    _CHECKED.pop(model, None)
-    raise ValueError(_UNSUPPORTED)
   head = _Head(model)
   total_nll, total_count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
   layer_grads = [None] * len(layers)
+  template = None
   for a in range(batch["input_ids"].shape[0]):
-    nll, count, grads = _micro_batch(
+    nll, count, grads, afters = _micro_batch(
         model, layers, head, batch["input_ids"][a],
         batch["attention_mask"][a], batch["loss_mask"][a], chunk)
+    if template is None:
+      # A cheap recheck (one layer's walk; done while the device runs the
+      # queued layers): the adapters are still all in the layers. Nothing
+      # in the model has changed yet if this raises.
+      template = nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+      if len(template) != len(layers) * len(_lora_paths(layers[0])):
+        _CHECKED.pop(model, None)
+        raise ValueError(_UNSUPPORTED)
+    for layer, after in zip(layers, afters):
+      nnx.update(layer, after)
     total_nll, total_count = total_nll + nll, total_count + count
     layer_grads = [_add(s, g) for s, g in zip(layer_grads, grads)]
   # The per-layer gradients in the structure of the model's adapters.
