@@ -29,9 +29,9 @@ The outlier stream, config mode (`config[5]`):
   and accumulated in float32 (31.5 / 29.5 us: the branch stops Triton's
   software pipelining).
 * "always": the same product in every tile, branch-free (36.0 us).
-* "split": the int8 loop alone, then a second kernel
-  (`add_outlier_columns`) that gathers the outlier weight columns 16 at a
-  time and adds their product in place (41.8 us).
+
+(A second kernel gathering the outlier weight columns after the int8 loop
+measured 41.8 us and was removed; docs/benchmarks.md.)
 
 With `threshold == 0` no outlier code is traced.
 
@@ -54,13 +54,12 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
-__all__ = ["add_outlier_columns", "can_use", "default_config", "dot_f32",
+__all__ = ["can_use", "default_config", "dot_f32",
            "epilogue", "int8_matmul", "MAX_M", "OUTLIER_MODES",
            "outlier_limbs", "round_to_dtype", "round_to_float16"]
 
 MAX_M = 16
-OUTLIER_MODES = ("skip", "always", "split", "limbs")
-_SLOTS = 16  # outlier columns per step of the "split" outlier kernel
+OUTLIER_MODES = ("skip", "always", "limbs")
 _M_PAD = 16  # the tensor-core N dimension (dot dims >= 16)
 _MM_DEQUANT = np.float32(6.200012e-05)  # bitsandbytes' 1/127**2
 _INV_127 = np.float32(7.874015718698502e-3)  # bitsandbytes' 1/127
@@ -93,7 +92,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
   columns): 22.1 us at M = 1 and 28.4 us at M = 16 (the int8 loop alone:
   19.8 and 19.6), against 31.5 and 29.5 for a branch that skips the K
   tiles without outliers ("skip"), 41.8 for a second kernel that gathers
-  the outlier columns ("split"), 36.0 for the float product in every tile
+  the outlier columns (removed), 36.0 for the float product in every tile
   ("always"); other tiles of "limbs" measured 22.4-25.1 (M = 1) and
   29.4-41.8 us (M = 16).
   """
@@ -243,7 +242,8 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
     init += (jnp.zeros((block_n, _M_PAD), jnp.float32),)
   accs = jax.lax.fori_loop(0, steps, body, init)
 
-  cols = jnp.arange(lanes, dtype=jnp.int32)[None, :]
+  lane = jnp.arange(lanes, dtype=jnp.int32)
+  cols = lane[None, :]
 
   def pick(acc, r):  # column r of a [block_n, lanes] tile, exactly
     return jnp.sum(jnp.where(cols == r, acc, jnp.zeros_like(acc)), axis=1)
@@ -258,12 +258,11 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
             part == 3, np.float32(1.0), np.float32(0.0))))
     combined = accs[0].astype(jnp.float32) * weight
     xscale = xscale_ref[...]
-    lanes1 = jnp.arange(lanes, dtype=jnp.int32)
 
     def outlier_row(r):
       o = jnp.sum(jnp.where(lane_row == r, combined,
                             jnp.zeros_like(combined)), axis=1)
-      xs = jnp.sum(jnp.where(lanes1 == r, xscale, jnp.zeros_like(xscale)))
+      xs = jnp.sum(jnp.where(lane == r, xscale, jnp.zeros_like(xscale)))
       return ((o * scb) * _INV_127) * xs
   elif outliers:
     outlier_row = lambda r: pick(accs[1], r)  # noqa: E731
@@ -292,10 +291,9 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
       bias = bias_ref[pl.ds(row0, block_n)]
   exact_add = functools.partial(_exact_add, interpret=interpret)
   out_ref = out_refs[0]
-  lanes1 = jnp.arange(lanes, dtype=jnp.int32)
   for r in range(m):
     a = pick(accs[0], r)
-    rs = jnp.sum(jnp.where(lanes1 == r, row_all, jnp.zeros_like(row_all)))
+    rs = jnp.sum(jnp.where(lane == r, row_all, jnp.zeros_like(row_all)))
     y = epilogue(a, rs, scb, bias, outlier_row(r), dtype, exact_add)
     at = out_ref.at[jnp.int32(r), pl.ds(row0, block_n)]
     if need_nmask:
@@ -407,16 +405,6 @@ def int8_matmul(
   if mode not in OUTLIER_MODES:
     raise ValueError(f"int8_matmul: config[5] (outliers) must be one of "
                      f"{OUTLIER_MODES}, got {mode!r}.")
-  if mode == "split":  # (beyond int32 flat offsets: "skip")
-    mode, config = "skip", (*config[:5], "skip")
-    if x_outlier is not None and n * k < 2**31:
-      y = int8_matmul(ca, row_stats, cb, scb, dtype=dtype, bias=bias,
-                      config=config, interpret=interpret)
-      if outlier_cols is None:
-        outlier_cols = jnp.any(x_outlier != 0, axis=0)
-      return add_outlier_columns(y, x_outlier, outlier_cols, cb, scb,
-                                 dtype=dtype, block_n=config[0],
-                                 interpret=interpret)
   skip_clean = mode == "skip"
   nkt = -(-k // block_k)
   steps = -(-nkt // split_k)
@@ -479,95 +467,3 @@ def int8_matmul(
   return epilogue(acc, row_stats.astype(jnp.float32)[:, None],
                   scb.astype(jnp.float32)[None, :], bias, out_acc, dtype,
                   _xla_exact_add, round_to_float16, round_to_dtype)
-
-
-def _outlier_kernel(xs_ref, cols_ref, cbf_ref, scb_ref, y_ref, out_ref, *, m,
-                    n, k, block_n, slots, dtype, interpret):
-  del y_ref  # aliased with out_ref
-  row0 = pl.program_id(0) * block_n
-  rows = row0 + jnp.arange(block_n, dtype=jnp.int32)
-  row_ok = rows < n
-  need_nmask = n % block_n != 0
-  count = cols_ref[cols_ref.shape[0] - 1]
-
-  @pl.when(count > 0)
-  def _():
-    if need_nmask:
-      scb = pltriton.load(scb_ref.at[pl.ds(row0, block_n)], mask=row_ok,
-                          other=0)
-    else:
-      scb = scb_ref[pl.ds(row0, block_n)]
-    base = jnp.minimum(rows, n - 1) * k  # in bounds; masked rows unused
-
-    def body(j, acc):
-      c0 = pl.multiple_of(j * slots, slots)
-      idx = cols_ref[pl.ds(c0, slots)]
-      w = cbf_ref[base[:, None] + idx[None, :]]  # [block_n, slots] gather
-      w = dequantized_weight(w, scb[:, None], dtype)
-      return acc + dot_f32(w, xs_ref[:, pl.ds(c0, slots)], dtype,
-                           interpret)
-
-    acc = jax.lax.fori_loop(0, pl.cdiv(count, slots), body,
-                            jnp.zeros((block_n, _M_PAD), jnp.float32))
-    lanes = jnp.arange(_M_PAD, dtype=jnp.int32)[None, :]
-    for r in range(m):
-      o = jnp.sum(jnp.where(lanes == r, acc, jnp.zeros_like(acc)), axis=1)
-      at = out_ref.at[jnp.int32(r), pl.ds(row0, block_n)]
-      if need_nmask:
-        y = pltriton.load(at, mask=row_ok, other=0)
-        pltriton.store(at, (o + y.astype(jnp.float32)).astype(dtype),
-                       mask=row_ok)
-      else:
-        y = pltriton.load(at)
-        pltriton.store(at, (o + y.astype(jnp.float32)).astype(dtype))
-
-
-@functools.partial(jax.jit, static_argnames=("dtype", "block_n", "interpret"))
-def add_outlier_columns(
-    y: jax.Array,
-    x_outlier: jax.Array,
-    outlier_cols: jax.Array,
-    cb: jax.Array,
-    scb: jax.Array,
-    *,
-    dtype,
-    block_n: int = 64,
-    interpret: bool = False,
-) -> jax.Array:
-  """`dtype(x_out @ dequant(CB).T + y)`: the outlier stream added to `y`.
-
-  `y [m, n]` is the finished int8 result in `dtype` (its fp16 value
-  rounded to `dtype`), `x_outlier [m, k]` the activations (only the
-  outlier columns are read), `outlier_cols` the bool `[k]` mask. The
-  outlier columns are compacted (in order), and each program gathers its
-  `block_n` weight rows' bytes of 16 columns at a time, dequantizes them as
-  bitsandbytes does and multiplies them in float32 on the tensor cores;
-  `y` is updated in place (aliased) and left alone when there is no
-  outlier column. That is bitsandbytes' `dtype(outliers + int8 part)`.
-  `n * k` must stay below 2**31 (flat int32 offsets).
-  """
-  m, k = x_outlier.shape
-  n = cb.shape[0]
-  dtype = jnp.dtype(dtype)
-  kc = -(-k // _SLOTS) * _SLOTS
-  count = jnp.sum(outlier_cols, dtype=jnp.int32)
-  cols = jnp.nonzero(outlier_cols, size=k, fill_value=0)[0].astype(jnp.int32)
-  used = jnp.arange(k) < count
-  xs = jnp.where(used[None, :], x_outlier.astype(dtype)[:, cols],
-                 jnp.zeros((), dtype))
-  xs = jnp.pad(xs, ((0, _M_PAD - m), (0, kc - k)))
-  cols = jnp.concatenate([jnp.pad(cols, (0, kc - k)), count[None]])
-  args = _backend.same_vma(xs, cols, cb.reshape(-1), scb.astype(jnp.float32),
-                           y)
-  kernel = functools.partial(_outlier_kernel, m=m, n=n, k=k, block_n=block_n,
-                             slots=_SLOTS, dtype=dtype, interpret=interpret)
-  return pl.pallas_call(
-      kernel,
-      out_shape=_backend.out_struct((m, n), dtype, *args),
-      grid=(pl.cdiv(n, block_n),),
-      input_output_aliases={4: 0},
-      compiler_params=_backend.compiler_params(num_warps=4, num_stages=1),
-      interpret=interpret,
-      name="jaxbnb_int8_outlier_columns",
-  )(*args)
-

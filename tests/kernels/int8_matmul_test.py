@@ -151,8 +151,6 @@ CASES = [
     (2, 50, 256, jnp.float16, 6.0, None, (16, 64, 1, 4, 3, "always")),
     (16, 64, 512, jnp.float16, 0.0, jnp.float32, (32, 128, 1, 4, 3)),
     (2, 70, 96, jnp.bfloat16, 0.0, jnp.bfloat16, (16, 32, 4, 4, 3)),
-    (3, 40, 200, jnp.float16, 6.0, jnp.float16, (16, 64, 1, 4, 3, "split")),
-    (16, 48, 300, jnp.float32, 6.0, jnp.float32, (16, 32, 2, 4, 3, "split")),
     (1, 50, 256, jnp.bfloat16, 6.0, jnp.bfloat16, (16, 64, 1, 4, 3, "limbs")),
     (3, 40, 200, jnp.float16, 6.0, jnp.float16, (16, 64, 1, 4, 3, "limbs")),
     (6, 33, 300, jnp.bfloat16, 6.0, None, (32, 32, 2, 4, 3, "limbs")),
@@ -182,25 +180,22 @@ def test_interpret_threshold_without_outliers():
   helpers.assert_bits_equal(y, ref)
 
 
-@pytest.mark.parametrize("mode", ["split", "limbs"])
 @pytest.mark.parametrize("cols,config", [
     ((), (16, 32, 1, 4, 3)),
     ((0,), (16, 64, 2, 4, 3)),
     ((5, 6, 300), (32, 64, 1, 4, 3)),
-    (tuple(range(1, 500, 13)), (16, 32, 4, 4, 3)),  # 39: 3 steps of 16
+    (tuple(range(1, 500, 13)), (16, 32, 4, 4, 3)),  # 39 outlier columns
 ])
-def test_interpret_split_and_limbs_modes(cols, config, mode):
-  """"split": the int8 kernel without outliers, then the outlier columns
-  gathered 16 at a time and added in place. "limbs": the outlier
-  activations as int8 digits in the int8 product's spare lanes. Without
-  outlier columns both leave the int8 result alone (bit-identical to
-  "skip")."""
+def test_interpret_limbs_mode(cols, config):
+  """"limbs": the outlier activations as int8 digits in the int8 product's
+  spare lanes, from none to 39 outlier columns. Without outlier columns it
+  leaves the int8 result alone (bit-identical to "skip")."""
   x, weight, bias = _inputs(5, 40, 512, jnp.bfloat16, 6.0, seed=len(cols),
                             outlier_cols=cols, bias_dtype=jnp.bfloat16)
   if not cols:
     x = jnp.clip(x, -5.0, 5.0)
-  y = _call(x, weight, bias, 6.0, (*config, mode))
-  _check(y, x, weight, bias, 6.0, limbs=mode == "limbs")
+  y = _call(x, weight, bias, 6.0, (*config, "limbs"))
+  _check(y, x, weight, bias, 6.0, limbs=True)
   if not cols:
     helpers.assert_bits_equal(y, _call(x, weight, bias, 6.0, (*config, "skip")))
 
@@ -355,7 +350,7 @@ def test_lowers_for_cuda():
   kw = dict(bias=s((n,), jnp.float16), x_outlier=s((m, k), jnp.float16),
             outlier_cols=s((k,), jnp.bool_))
   for config in (None, (64, 256, 2, 4, 3), (64, 256, 1, 4, 3, "always"),
-                 (64, 256, 1, 4, 3, "split"), (64, 256, 1, 4, 3, "limbs"),
+                 (64, 256, 1, 4, 3, "limbs"),
                  (64, 256, 2, 4, 3, "limbs")):
     text = helpers.lowered_for_h200(functools.partial(
         ik.int8_matmul, dtype=jnp.float16, config=config), *args, **kw)
@@ -384,8 +379,6 @@ def test_gpu_matches_bnb_semantics(m, n, k, dtype, threshold):
 @pytest.mark.parametrize("config", [(32, 512, 1, 4, 4), (64, 256, 2, 4, 3),
                                     (16, 256, 4, 4, 3), (128, 128, 1, 8, 3),
                                     (64, 256, 1, 4, 3, "always"),
-                                    (64, 256, 1, 4, 3, "split"),
-                                    (32, 256, 2, 4, 3, "split"),
                                     (64, 256, 1, 4, 3, "limbs"),
                                     (64, 256, 2, 4, 3, "limbs")])
 @pytest.mark.parametrize("m", [1, 16])
