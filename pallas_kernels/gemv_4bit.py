@@ -32,6 +32,7 @@ import numpy as np
 from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
+from pallas_kernels import lut_decode
 from pallas_kernels.dequantize_4bit import decode_absmax
 
 __all__ = ["can_use", "gemv_4bit", "default_config", "pair_table"]
@@ -121,9 +122,92 @@ def _decode(w, lut_ref, pair):
   return lut_ref[w >> 4], lut_ref[w & 15]
 
 
+def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
+         absmax_of, row0, row_ok, s, m, nkb, block_kb, half, block_n, steps,
+         has_bias, split_k, compute_dtype, pair, prefetch, code, interpret):
+  """The "mma" variant: per step, `block_kb` quantization blocks of
+  `block_n` rows decoded and scaled by their absmax in the compute dtype
+  (in registers with byte permutes when `code` is given, `lut_decode`),
+  then one tensor-core product per nibble half against `x`'s halves
+  (swap-AB; `x` is padded to 16 or more lanes and to whole steps)."""
+  m_pad = xe_ref.shape[0]
+  width = block_kb * half
+  need_kmask = split_k * steps * block_kb != nkb
+  dims = (((1,), (1,)), ((), ()))
+
+  def load(t, live=None):
+    kb0 = (s * steps + t) * block_kb
+    kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
+    ok2 = row_ok[:, None]
+    if need_kmask:
+      ok2 = ok2 & (kbs < nkb)[None, :]
+    if live is not None:
+      ok2 = ok2 & live
+    ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
+    ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
+    w = pltriton.load(
+        w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :],
+        mask=ok3, other=0, eviction_policy="evict_first")
+    am = pltriton.load(
+        am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)],
+        mask=ok2, other=0)
+    return w, am
+
+  def step(t, w, am, acc):
+    kb0 = (s * steps + t) * block_kb
+    kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
+    ok2 = row_ok[:, None]
+    if need_kmask:
+      ok2 = ok2 & (kbs < nkb)[None, :]
+    ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
+    am = absmax_of(am, kbs, ok2)
+    shape = (block_n, block_kb, half)
+    if code is not None:
+      scale = jnp.broadcast_to(
+          lut_decode.scale_words(am, compute_dtype)[:, :, None], shape)
+      hi, lo = lut_decode.decode_scaled(
+          w, scale, code, compute_dtype, interpret,
+          table=lut_ref[...] if interpret else None)
+    else:  # gathers from the 16-entry table, the same values
+      hi, lo = _decode(w.astype(jnp.int32), lut_ref, False)
+      am = am.astype(compute_dtype).astype(jnp.float32)[:, :, None]
+      hi = (hi * am).astype(compute_dtype)
+      lo = (lo * am).astype(compute_dtype)
+    # x is zero beyond K (padded), so masked-off weight bytes add nothing.
+    x0 = pl.multiple_of(kb0 * half, half)
+    xe = xe_ref[:, pl.ds(x0, width)]
+    xo = xo_ref[:, pl.ds(x0, width)]
+    acc = acc + jax.lax.dot_general(hi.reshape(block_n, width), xe, dims,
+                                    preferred_element_type=jnp.float32)
+    return acc + jax.lax.dot_general(lo.reshape(block_n, width), xo, dims,
+                                     preferred_element_type=jnp.float32)
+
+  init = jnp.zeros((block_n, m_pad), jnp.float32)
+  if prefetch:
+    def body(t, carry):
+      acc, w, am = carry
+      nxt = load(t + 1, t + 1 < steps)
+      return (step(t, w, am, acc),) + nxt
+    acc = jax.lax.fori_loop(0, steps, body, (init,) + load(0))[0]
+  else:
+    acc = jax.lax.fori_loop(0, steps,
+                            lambda t, acc: step(t, *load(t), acc), init)
+  m_ok = jnp.arange(m_pad, dtype=jnp.int32) < m
+  if split_k == 1 and has_bias:
+    b = pltriton.load(bias_ref.at[pl.ds(row0, block_n)], mask=row_ok,
+                      other=0).astype(jnp.float32)
+    acc = acc + b[:, None]
+  omask = jnp.broadcast_to(row_ok[:, None] & m_ok[None, :], (block_n, m_pad))
+  if split_k == 1:
+    pltriton.store(out_ref.at[pl.ds(row0, block_n), :],
+                   acc.astype(out_ref.dtype), mask=omask)
+  else:
+    pltriton.store(out_ref.at[s, pl.ds(row0, block_n), :], acc, mask=omask)
+
+
 def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
             nested_blocksize, nested_len, variant, has_bias, split_k,
-            compute_dtype, pair, prefetch, interpret):
+            compute_dtype, pair, prefetch, code, interpret):
   refs = list(refs)
   xe_ref, xo_ref, w_ref, am_ref = refs[:4]
   refs = refs[4:]
@@ -150,6 +234,14 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
     am = decode_absmax(am, flat, nested_ref, code2_ref, off,
                        nested_blocksize, nested_len, interpret)
     return jnp.where(ok, am, 0.0)
+
+  if variant == "mma":
+    _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref,
+         absmax_of=absmax_of, row0=row0, row_ok=row_ok, s=s, m=m, nkb=nkb,
+         block_kb=block_kb, half=half, block_n=block_n, steps=steps,
+         has_bias=has_bias, split_k=split_k, compute_dtype=compute_dtype,
+         pair=pair, prefetch=prefetch, code=code, interpret=interpret)
+    return
 
   if variant == "reduce":
     def load(t, live=None):
@@ -279,7 +371,7 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
 @functools.partial(
     jax.jit,
     static_argnames=("n", "k", "blocksize", "nested_blocksize", "config",
-                     "interpret"))
+                     "code", "interpret"))
 def gemv_4bit(
     x: jax.Array,
     packed: jax.Array,
@@ -293,6 +385,7 @@ def gemv_4bit(
     nested_blocksize: int = 256,
     bias: jax.Array | None = None,
     config: tuple | None = None,
+    code: tuple[float, ...] | None = None,
     interpret: bool = False,
 ) -> jax.Array:
   """`x @ W.T (+ bias)` for a packed 4-bit `W` of shape `[n, k]`.
@@ -309,7 +402,9 @@ def gemv_4bit(
     nested_blocksize: absmax codes per nested absmax.
     bias: optional `[n]`.
     config: (variant, block_n, block_kb, split_k, num_warps, num_stages[,
-      table[, prefetch]]); default from `default_config`.
+      table[, prefetch]]); default from `default_config`. Table "prmt"
+      ("mma" only) decodes in registers and needs `code`.
+    code: the 16 code values of `lut` as floats (static), for "prmt".
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
@@ -324,25 +419,42 @@ def gemv_4bit(
   variant, block_n, block_kb, split_k, num_warps, num_stages = config[:6]
   table = config[6] if len(config) > 6 else "pair"
   prefetch = bool(config[7]) if len(config) > 7 else False
-  if table not in ("pair", "nibble"):
-    raise ValueError(f"config: table must be 'pair' or 'nibble', got {table!r}")
+  if table not in ("pair", "nibble", "prmt"):
+    raise ValueError(
+        f"config: table must be 'pair', 'nibble' or 'prmt', got {table!r}")
+  if table == "prmt" and (variant != "mma" or code is None
+                          or dtype == jnp.float32):
+    raise ValueError(
+        "config: table 'prmt' needs variant 'mma', 16-bit x and `code`; got "
+        f"variant {variant!r}, x {dtype.name}, code "
+        f"{'given' if code is not None else 'None'}")
   steps = -(-(-(-nkb // block_kb)) // split_k)
   w3 = packed.reshape(n, nkb, half)
   dq = nested is not None
   am2 = absmax.reshape(n, nkb)
-  pair = dtype != jnp.float32 and table == "pair"
+  pair = dtype != jnp.float32 and table == "pair" and variant != "mma"
   x3 = x.reshape(m, nkb, half, 2)
-  if variant not in ("reduce", "dot"):
+  if variant not in ("reduce", "dot", "mma"):
     raise ValueError(
-        f"config: variant must be 'reduce' or 'dot', got {variant!r}")
+        f"config: variant must be 'reduce', 'dot' or 'mma', got {variant!r}")
+  if variant == "mma" and dtype == jnp.float32:
+    raise ValueError("config: variant 'mma' needs 16-bit x, got float32")
   if variant == "reduce":
     xe = x3[..., 0].astype(jnp.float32)
     xo = x3[..., 1].astype(jnp.float32)
     out_rows = m
-  else:
+  elif variant == "dot":
     m_pad = max(16, _pow2_ceil(m))
     xe = jnp.pad(x3[..., 0], ((0, m_pad - m), (0, 0), (0, 0)))
     xo = jnp.pad(x3[..., 1], ((0, m_pad - m), (0, 0), (0, 0)))
+    out_rows = m_pad
+  else:  # "mma": [m_pad, K / 2] halves, zero-padded to whole steps
+    m_pad = max(16, _pow2_ceil(m))
+    kpad = (split_k * steps * block_kb - nkb) * half
+    xe = jnp.pad(x3[..., 0].reshape(m, nkb * half), ((0, m_pad - m),
+                                                     (0, kpad)))
+    xo = jnp.pad(x3[..., 1].reshape(m, nkb * half), ((0, m_pad - m),
+                                                     (0, kpad)))
     out_rows = m_pad
   args = [xe, xo, w3, am2]
   nested_len = 0
@@ -351,7 +463,9 @@ def gemv_4bit(
     nested_len = nested_absmax.shape[0]
     args += [nested_absmax.astype(jnp.float32), code2.astype(jnp.float32),
              jnp.asarray(offset, jnp.float32).reshape(1)]
-  if pair:
+  if variant == "mma":  # codes in the compute dtype ("prmt": the twin's)
+    args.append(lut.astype(dtype).astype(jnp.float32))
+  elif pair:
     args.append(pair_table(lut))
   elif dtype == jnp.float32:
     args.append(lut.astype(jnp.float32))
@@ -374,7 +488,7 @@ def gemv_4bit(
       block_n=block_n, steps=steps, dq=dq, nested_blocksize=nested_blocksize,
       nested_len=nested_len, variant=variant, has_bias=has_bias,
       split_k=split_k, compute_dtype=dtype, pair=pair, prefetch=prefetch,
-      interpret=interpret)
+      code=code if table == "prmt" else None, interpret=interpret)
   out = pl.pallas_call(
       kernel,
       out_shape=out_shape,
@@ -390,7 +504,7 @@ def gemv_4bit(
   )(*args)
   if split_k > 1:
     out = jnp.sum(out, axis=0)
-  if variant == "dot":
+  if variant != "reduce":
     out = out[:, :m].T
   if split_k > 1 and bias is not None:
     out = out + bias.astype(jnp.float32)

@@ -40,14 +40,27 @@ def rng_array(shape, seed, dtype, scale=1.0):
   return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
 
 
-def kernel_weight(packed, qs, compute_dtype) -> np.ndarray:
+def kernel_weight(packed, qs, compute_dtype, in_dtype=False) -> np.ndarray:
   """float64 `[N, K]` weight the fused 4-bit GEMV really multiplies with.
 
   float32 inputs: the fp32 code table times the fp32 absmax (exactly the
   reference's weight before its one rounding). 16-bit inputs: the codes
   rounded to bfloat16 (`gemv_4bit.pair_table`, documented there) times the
   fp32 absmax. The nested absmax is decoded as the reference decodes it.
+  `in_dtype` (the "mma" variant's byte-permute decode, `lut_decode`): the
+  code and the absmax rounded to the 16-bit compute dtype, their product
+  rounded to it once (bitsandbytes' GEMV weight).
   """
+  if in_dtype:
+    dt = np.dtype(jnp.dtype(compute_dtype))
+    lut = np.asarray(codebooks.code_for(qs.quant_type), np.float32)
+    codes = np.asarray(reference.unpack_4bit(ops.from_storage(packed),
+                                             qs.numel))
+    absmax = np.asarray(ops._nested_absmax(qs), np.float32)  # pylint: disable=protected-access
+    scale = np.repeat(absmax.astype(dt).astype(np.float32),
+                      qs.blocksize)[:qs.numel]
+    w = (lut.astype(dt).astype(np.float32)[codes] * scale).astype(dt)
+    return w.astype(np.float64).reshape(qs.shape)
   lut = np.asarray(codebooks.code_for(qs.quant_type), np.float32)
   if jnp.dtype(compute_dtype) != jnp.float32:
     lut = np.asarray(jnp.asarray(lut).astype(jnp.bfloat16), np.float32)

@@ -31,19 +31,41 @@ CASES = [
     (16, 100, 32 * 10, 32, "fp4", jnp.float16, False, None),
     (9, 64, 64 * 5, 64, "nf4", jnp.bfloat16, True, ("dot", 32, 4, 1, 4, 3)),
     (4, 17, 4096, 4096, "nf4", jnp.float32, False, None),
+    # "mma": the byte-permute decode, scaled in the compute dtype
+    (1, 70, 64 * 12, 64, "nf4", jnp.bfloat16, True,
+     ("mma", 32, 4, 2, 4, 3, "prmt", False)),
+    (3, 33, 64 * 7, 64, "fp4", jnp.float16, False,
+     ("mma", 16, 2, 2, 4, 3, "prmt", True)),
+    (16, 64, 128 * 6, 128, "nf4", jnp.float16, True,
+     ("mma", 64, 2, 1, 4, 3, "prmt", False)),
+    (40, 100, 32 * 10, 32, "fp4", jnp.bfloat16, False,
+     ("mma", 32, 4, 1, 4, 3, "prmt", True)),
+    (9, 64, 64 * 5, 64, "nf4", jnp.bfloat16, True,
+     ("mma", 32, 2, 1, 4, 3, "nibble", False)),
 ]
 
 
-def _check(y, x, packed, qs, bias):
-  w = _util.kernel_weight(packed, qs, x.dtype)
+def _code(quant_type):
+  return tuple(float(c) for c in codebooks.code_for(quant_type))
+
+
+def _check(y, x, packed, qs, bias, config=None):
+  in_dtype = config is not None and config[0] == "mma"
+  w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=in_dtype)
   exact, bound = helpers.matmul_bound(x, w, x.dtype, bias=bias)
   helpers.assert_within(y, exact, bound, f"gemv {x.dtype}")
   # The kernel's weight is the reference weight up to the bf16 code table
   # (unit roundoff 2**-8) and the reference's own rounding to the compute
-  # dtype (2**-8 bf16, 2**-11 fp16, 2**-24 fp32), relative.
+  # dtype (2**-8 bf16, 2**-11 fp16, 2**-24 fp32), relative; "mma" rounds
+  # the code, the absmax and their product to the compute dtype (three
+  # unit roundoffs against the reference's one).
   w_ref = np.asarray(F.dequantize_4bit(packed, qs).astype(jnp.float32))
+  u = {jnp.float32: helpers.F32_EPS / 2, jnp.bfloat16: 2.0**-8,
+       jnp.float16: 2.0**-11}[jnp.dtype(x.dtype).type]
   rel = {jnp.float32: helpers.F32_EPS, jnp.bfloat16: 2.0**-7,
          jnp.float16: 2.0**-8 + 2.0**-11}[jnp.dtype(x.dtype).type]
+  if in_dtype:
+    rel = 4.1 * u
   assert np.all(np.abs(w - w_ref) <= rel * np.abs(w_ref) + 1e-30)
 
 
@@ -61,9 +83,9 @@ def test_interpret_matches_dequant_matmul(m, n, k, blocksize, quant_type,
   y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
                    jnp.asarray(codebooks.code_for(quant_type)), n=n, k=k,
                    blocksize=blocksize, nested=nest, bias=bias, config=config,
-                   interpret=True)
+                   code=_code(quant_type), interpret=True)
   assert y.shape == (m, n) and y.dtype == dtype
-  _check(y, x, packed, qs, bias)
+  _check(y, x, packed, qs, bias, config)
 
 
 def test_pair_table():
@@ -139,3 +161,28 @@ def test_interpret_table_and_prefetch_options_match(m, config):
   np.testing.assert_array_equal(np.asarray(y), np.asarray(call(
       ("reduce",) + config[1:6])))
   _check(y, x, packed, qs, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+@pytest.mark.parametrize("config", [
+    ("mma", 64, 4, 1, 4, 3, "prmt", False),
+    ("mma", 128, 8, 2, 4, 3, "prmt", True),
+    ("mma", 32, 2, 2, 4, 3, "nibble", False),
+])
+@pytest.mark.parametrize("dtype,quant_type", [(jnp.bfloat16, "nf4"),
+                                              (jnp.float16, "fp4")])
+def test_gpu_mma_variant(m, config, dtype, quant_type):
+  """The "mma" variant compiled (the inline-PTX decode on the GPU)."""
+  n, k = 1000, 4096 + 64 * 3
+  w = jnp.asarray(_util.rng_array((n, k), 9, dtype))
+  x = jnp.asarray(_util.rng_array((m, k), 10, dtype))
+  bias = jnp.asarray(_util.rng_array((n,), 11, dtype))
+  packed, qs = F.quantize_4bit(w, quant_type=quant_type,
+                               compress_statistics=True)
+  y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
+                   jnp.asarray(codebooks.code_for(quant_type)), n=n, k=k,
+                   blocksize=64,
+                   nested=(qs.nested_absmax, qs.nested_code, qs.offset),
+                   bias=bias, config=config, code=_code(quant_type))
+  _check(y, x, packed, qs, bias, config)

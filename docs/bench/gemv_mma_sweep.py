@@ -1,0 +1,123 @@
+"""The "mma" 4-bit GEMV sweep of docs/benchmarks.md (run on the GPU).
+
+    python docs/bench/gemv_mma_sweep.py a 240   # coarse, 14336x4096
+    python docs/bench/gemv_mma_sweep.py b 240   # the best tiles, all shapes
+
+NF4 + double quantization, bf16. Each configuration of
+`pallas_kernels.gemv_4bit`'s "mma" variant (the byte-permute decode,
+`pallas_kernels/lut_decode.py`) is checked against `x @ dequantize(W).T`
+and timed with `measure.time_jax` over three rotating weights, next to the
+current default configuration and XLA's bf16 matmul; one JSON line per
+(shape, M) goes to $OUT/gemv_mma_<set>.jsonl. The second argument is a
+time budget in seconds.
+"""
+import itertools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbnb import functional as F
+from jaxbnb._src.quant import codebooks
+from jaxbnb._src.tools import measure
+from pallas_kernels import gemv_4bit as gk
+
+LUT = jnp.asarray(codebooks.code_for("nf4"))
+CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
+SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096),
+          (6144, 4096)]
+
+
+def split_for(n, k, block_n, block_kb, waves, sms=132):
+  nkb, s = k // 64, 1
+  tiles, steps = -(-n // block_n), -(-nkb // block_kb)
+  while tiles * s < waves * sms and s * 2 <= steps:
+    s *= 2
+  return s
+
+
+def make(n, k, nslots=3):
+  slots = []
+  for i in range(nslots):
+    w = jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)
+    packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    slots.append((packed.reshape(-1), qs.absmax, qs.nested_absmax,
+                  qs.nested_code, qs.offset, w, qs, packed))
+  return slots
+
+
+def median_us(fn, slots):
+  return float(np.median(measure.time_jax(fn, slots, rounds=20, reps=5,
+                                          warmup=1))) * 1e6
+
+
+def configs(which, n, k, m):
+  out = []
+  if which == "a":
+    for bn, kb, pf, waves in itertools.product(
+        (32, 64, 128), (2, 4, 8), (False, True), (1, 2)):
+      out.append(("mma", bn, kb, split_for(n, k, bn, kb, waves), 4, 3,
+                  "prmt", pf))
+    for bn, w_, st in ((64, 8, 3), (64, 4, 4), (128, 8, 3), (128, 4, 4)):
+      out.append(("mma", bn, 4, split_for(n, k, bn, 4, 1), w_, st, "prmt",
+                  False))
+    return list(dict.fromkeys(out))
+    for bn, kb, pf, waves in itertools.product(
+        (64, 128), (4, 8), (False, True), (1, 2)):
+      out.append(("mma", bn, kb, split_for(n, k, bn, kb, waves), 4, 3,
+                  "prmt", pf))
+  return list(dict.fromkeys(out))
+
+
+def main(which, budget_s):
+  out = open(os.path.join(os.environ.get("OUT", "/tmp"),
+                          f"gemv_mma_{which}.jsonl"), "w")
+  t_end = time.time() + budget_s
+  shapes = SHAPES[:1] if which == "a" else SHAPES
+  for n, k in shapes:
+    base = make(n, k)
+    ms = (1, 16, 4, 64)
+    for m in ms:
+      if time.time() > t_end:
+        break
+      x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
+      w_deq = F.dequantize_4bit(base[0][7], base[0][6]).astype(jnp.float32)
+      ref = np.asarray(x.astype(jnp.float32) @ w_deq.T)
+      scale = float(np.max(np.abs(ref)))
+      rec = dict(n=n, k=k, m=m,
+                 xla_bf16=median_us(lambda x, w: x @ w.T,
+                                    [(x, s[5]) for s in base]),
+                 floor=(n * k / 2 + n * k / 256 + m * k * 2) / 3.1e12 * 1e6)
+      args = [(x,) + s[:5] for s in base]
+      res = []
+      for c in [None] + configs(which, n, k, m):
+        if time.time() > t_end:
+          break
+        f = lambda *a, c=c: gk.gemv_4bit(  # noqa: E731
+            a[0], a[1], a[2], LUT, n=n, k=k, blocksize=64,
+            nested=(a[3], a[4], a[5]), config=c,
+            code=CODE if c is not None else None)
+        try:
+          y = np.asarray(jax.jit(f)(*args[0]).astype(jnp.float32))
+          err = float(np.max(np.abs(y - ref))) / scale
+          res.append((str(c), median_us(f, args), err))
+        except Exception as e:  # pylint: disable=broad-except
+          res.append((str(c), f"ERR {type(e).__name__}: {str(e)[:300]}",
+                      None))
+      rec["all"] = res
+      out.write(json.dumps(rec) + "\n")
+      out.flush()
+      ok = sorted((r for r in res if isinstance(r[1], float)),
+                  key=lambda r: r[1])
+      errs = [r for r in res if not isinstance(r[1], float)]
+      print(f"N={n} K={k} M={m}: bf16 {rec['xla_bf16']:.1f} floor "
+            f"{rec['floor']:.1f} default {res[0][1]} best {ok[:3]} "
+            f"errors {len(errs)} {errs[:1]}", flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], float(sys.argv[2]))

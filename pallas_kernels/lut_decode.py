@@ -1,0 +1,216 @@
+"""4-bit codes to 16-bit values in registers: byte permutes, no memory gather.
+
+The GEMV's decode used to gather each byte's values from a table in memory
+(a dependent load per byte). Here the 16-entry code table, rounded to the
+compute dtype (bfloat16 or float16), lives in eight 32-bit immediates: the
+low bytes of the 16 values in four registers, the high bytes in four more.
+`prmt.b32` picks any 4 bytes out of two registers by 3-bit selectors, so a
+packed word of four bnb bytes (eight nibbles) decodes with 12 permutes for
+the two byte tables (8 entries per permute, a third permute picks by the
+nibble's top bit), 4 permutes to pair low and high bytes into 16-bit
+values, and one packed multiply per two values by the block's absmax (in
+the compute dtype, as bitsandbytes' own GEMV multiplies `quant_map[code] *
+absmax` in that dtype): about 3 instructions per weight.
+
+The instruction list `_program` is written once; `ptx` renders it for
+`pltriton.elementwise_inline_asm` and `emulate` runs it on numpy words, so
+the CPU tests check the very instructions the GPU runs. `decode_scaled` is
+the kernel-facing entry: inline asm when compiled, a jnp twin (the same
+values: table lookup in the compute dtype, product rounded once) in
+interpret mode.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels._backend import pltriton
+
+__all__ = ["decode_scaled", "emulate", "ptx", "scale_words", "split_pairs",
+           "table_words"]
+
+_DTYPES = {"bfloat16": "bf16x2", "float16": "f16x2"}
+
+
+def table_words(code: tuple[float, ...], dtype) -> tuple[int, ...]:
+  """The 16 codes in `dtype` as 8 words: low bytes of codes 0-3, 4-7, 8-11,
+  12-15, then the high bytes likewise (byte i of a word = code 4w + i)."""
+  bits = np.asarray(code, np.float32).astype(jnp.dtype(dtype)).view(
+      np.uint16).astype(np.uint32)
+  lo, hi = bits & 0xFF, bits >> 8
+  words = []
+  for part in (lo, hi):
+    for w in range(4):
+      q = part[4 * w:4 * w + 4]
+      words.append(int(q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24))
+  return tuple(words)
+
+
+def _program(words):
+  """(op, dst, srcs) over named registers. In: `w` (4 bnb bytes; byte j
+  is element j of the packed group), `s0`-`s3` (element j's scale in both
+  16-bit halves). Out: `o0`-`o3`, element j's pair of values times its
+  scale: the high nibble's in the low half, the low nibble's in the high
+  half (memory order of the two weights)."""
+  ops = []
+  for i, v in enumerate(words):
+    ops.append(("mov", f"t{i}", (v,)))
+  ops += [
+      ("and", "m", ("w", 0x77777777)),     # 3-bit selectors, nibble-wise
+      ("and", "q", ("w", 0x88888888)),     # each nibble's top bit ...
+      ("shr", "q", ("q", 1)),              # ... as 4: pick from the 2nd word
+      ("or", "q", ("q", 0x32103210)),
+      ("shr", "m1", ("m", 16)),
+      ("shr", "q1", ("q", 16)),
+  ]
+  for half, (sel, pick) in enumerate((("m", "q"), ("m1", "q1"))):
+    for part, base in (("l", 0), ("h", 4)):   # low bytes, high bytes
+      ops += [
+          ("prmt", "a", (f"t{base}", f"t{base + 1}", sel)),
+          ("prmt", "b", (f"t{base + 2}", f"t{base + 3}", sel)),
+          ("prmt", f"{part}{half}", ("a", "b", pick)),
+      ]
+  # l0 = low bytes of the values of nibbles (lo0, hi0, lo1, hi1), h0 their
+  # high bytes (byte j's high nibble is the word's nibble 2j + 1).
+  ops += [
+      ("prmt", "p0", ("l0", "h0", 0x4051)),  # (hi0, lo0) of byte 0
+      ("prmt", "p1", ("l0", "h0", 0x6273)),  # (hi1, lo1) of byte 1
+      ("prmt", "p2", ("l1", "h1", 0x4051)),
+      ("prmt", "p3", ("l1", "h1", 0x6273)),
+  ]
+  ops += [("mul", f"o{j}", (f"p{j}", f"s{j}")) for j in range(4)]
+  return ops
+
+
+@functools.lru_cache(maxsize=None)
+def ptx(code: tuple[float, ...], dtype_name: str) -> str:
+  """The inline PTX: operands $0-$3 out (o0-o3), $4 = w, $5-$8 = s0-s3."""
+  vec = _DTYPES[dtype_name]
+  ops = _program(table_words(code, jnp.dtype(dtype_name)))
+  names = {"o0": "$0", "o1": "$1", "o2": "$2", "o3": "$3", "w": "$4",
+           "s0": "$5", "s1": "$6", "s2": "$7", "s3": "$8"}
+  regs = sorted({d for _, d, _ in ops} - set(names))
+  # Outputs are written only after every input is read (no early clobber).
+  out = ["{", f".reg .b32 {', '.join(regs + ['r0', 'r1', 'r2', 'r3', 'z'])};",
+         "mov.b32 z, 0x80008000;"]  # -0 in both halves
+  def r(v):
+    return names.get(v, v) if isinstance(v, str) else f"0x{v:08x}"
+  for op, d, s in ops:
+    dst = {"o0": "r0", "o1": "r1", "o2": "r2", "o3": "r3"}.get(d, d)
+    if op == "mov":
+      out.append(f"mov.b32 {dst}, {r(s[0])};")
+    elif op in ("and", "or"):
+      out.append(f"{op}.b32 {dst}, {r(s[0])}, {r(s[1])};")
+    elif op == "shr":
+      out.append(f"shr.u32 {dst}, {r(s[0])}, {s[1]};")
+    elif op == "prmt":
+      out.append(f"prmt.b32 {dst}, {r(s[0])}, {r(s[1])}, {r(s[2])};")
+    elif op == "mul":  # x * s + (-0): one rounding, the sign of zero kept
+      out.append(f"fma.rn.{vec} {dst}, {r(s[0])}, {r(s[1])}, z;")
+  out += [f"mov.b32 $%d, r%d;" % (i, i) for i in range(4)]
+  out.append("}")
+  return "\n".join(out)
+
+
+def _prmt(a, b, c):
+  """PTX `prmt.b32` default mode, vectorized over uint32 numpy arrays."""
+  src = (b.astype(np.uint64) << 32) | a.astype(np.uint64)
+  out = np.zeros_like(a, np.uint32)
+  for k in range(4):
+    sel = (c >> (4 * k)) & 0xF
+    byte = ((src >> (8 * (sel & 7)).astype(np.uint64)) & 0xFF).astype(
+        np.uint32)
+    sign = np.where(byte & 0x80, 0xFF, 0).astype(np.uint32)
+    out |= np.where(sel & 8, sign, byte) << (8 * k)
+  return out
+
+
+def _mul_pairs(a, b, dtype):
+  """Two packed 16-bit values times two, rounded once (the fma above)."""
+  def unpack(v):
+    lo = (v & 0xFFFF).astype(np.uint16).view(dtype).astype(np.float32)
+    hi = (v >> 16).astype(np.uint16).view(dtype).astype(np.float32)
+    return lo, hi
+  (alo, ahi), (blo, bhi) = unpack(a), unpack(b)
+  lo = (alo * blo).astype(dtype).view(np.uint16)
+  hi = (ahi * bhi).astype(dtype).view(np.uint16)
+  return lo.astype(np.uint32) | (hi.astype(np.uint32) << 16)
+
+
+def emulate(code, dtype, w, scales):
+  """Runs `_program` on uint32 numpy words `w` and the four scale words
+  (`scales[j]`: element j's scale in both halves); returns (o0, .., o3)."""
+  dtype = jnp.dtype(dtype)
+  env = {"w": np.asarray(w, np.uint32)}
+  for j in range(4):
+    env[f"s{j}"] = np.asarray(scales[j], np.uint32)
+  val = lambda v: env[v] if isinstance(v, str) else np.uint32(v)  # noqa: E731
+  for op, d, s in _program(table_words(code, dtype)):
+    if op == "mov":
+      env[d] = np.broadcast_to(np.uint32(s[0]), env["w"].shape)
+    elif op == "and":
+      env[d] = val(s[0]) & val(s[1])
+    elif op == "or":
+      env[d] = val(s[0]) | val(s[1])
+    elif op == "shr":
+      env[d] = val(s[0]) >> np.uint32(s[1])
+    elif op == "prmt":
+      env[d] = _prmt(val(s[0]), val(s[1]), val(s[2]))
+    elif op == "mul":
+      env[d] = _mul_pairs(val(s[0]), val(s[1]), dtype)
+  return tuple(env[f"o{i}"] for i in range(4))
+
+
+def scale_words(scale, dtype):
+  """uint32: `scale` rounded to `dtype`, its 16 bits in both halves."""
+  bits = jax.lax.bitcast_convert_type(scale.astype(dtype), jnp.uint16)
+  bits = bits.astype(jnp.uint32)
+  return bits | (bits << 16)
+
+
+def split_pairs(u, dtype):
+  """uint32 pairs -> (low-half values, high-half values) in `dtype`."""
+  lo = jax.lax.bitcast_convert_type(u.astype(jnp.uint16), dtype)
+  hi = jax.lax.bitcast_convert_type((u >> 16).astype(jnp.uint16), dtype)
+  return lo, hi
+
+
+def decode_scaled(w, scale, code, dtype, interpret, table=None):
+  """Values of the high and low nibbles of uint8 `w`, times `scale`.
+
+  Args:
+    w: uint8 bytes (a Triton tile; its elements per thread come in 4s).
+    scale: uint32, same shape: each byte's absmax in `dtype`, in both
+      16-bit halves (`scale_words`; built once per block, broadcast).
+    code: the 16 code values (static).
+    dtype: bfloat16 or float16, the values' dtype.
+    interpret: the jnp twin instead of the inline asm.
+    table: for the twin, float32 `[16]` holding `code` rounded to `dtype`
+      (inside a kernel: the loaded table input, since kernels cannot
+      capture constants); by default built from `code`.
+
+  Returns:
+    `(hi, lo)` in `dtype`: `code[w >> 4] * s` and `code[w & 15] * s`, the
+    code rounded to `dtype` and the product rounded once.
+  """
+  dtype = jnp.dtype(dtype)
+  if interpret:
+    if table is None:
+      table = jnp.asarray(np.asarray(code, np.float32).astype(dtype).astype(
+          np.float32))
+    wi = w.astype(jnp.int32)
+    s = split_pairs(scale, dtype)[0].astype(jnp.float32)
+    return ((table[wi >> 4] * s).astype(dtype),
+            (table[wi & 15] * s).astype(dtype))
+  (pairs,) = pltriton.elementwise_inline_asm(
+      ptx(tuple(float(c) for c in code), dtype.name),
+      args=[w, scale],
+      constraints="=r,=r,=r,=r,r,r,r,r,r",
+      pack=4,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.uint32)],
+  )
+  return split_pairs(pairs, dtype)
