@@ -112,7 +112,8 @@ def main() -> None:
                args.device)
   with open(os.path.join(args.out, "VERSIONS.txt"), "w") as f:
     f.write(f"torch {torch.__version__}\ntransformers {transformers.__version__}"
-            f"\nbitsandbytes {bnb.__version__}\ndevice {args.device}\n")
+            f"\nbitsandbytes {bnb.__version__}\ndevice "
+            f"{torch.cuda.get_device_name()}\n")
 
 
 if __name__ == "__main__":
