@@ -252,6 +252,8 @@ def _detect_int8(src: CheckpointSource, qc: dict[str, Any] | None,
           f"{np.dtype(src.dtype(wkey)).name} beside an `SCB` entry; an "
           "LLM.int8 weight is int8.")
     for n in extra:
+      if n.endswith(".SCB"):
+        _check_scb(src, n, wkey)
       if not n.endswith(".weight_format"):
         continue
       raw = np.asarray(src.load(n))
@@ -268,6 +270,24 @@ def _detect_int8(src: CheckpointSource, qc: dict[str, Any] | None,
   config = (QuantizationConfig.from_dict(qc) if qc is not None
             else QuantizationConfig(load_in_8bit=True))
   return _Prequant(config, groups)
+
+
+def _check_scb(src: CheckpointSource, scb: str, wkey: str) -> None:
+  """`SCB` (from its metadata, before any weight is read): float32, one row
+  scale per row of the int8 weight, as bitsandbytes writes it."""
+  dtype = np.dtype(src.dtype(scb))
+  if dtype != np.float32:
+    raise ValueError(
+        f"{src.path!r}: tensor {src.describe(scb)} has dtype {dtype.name}; "
+        "an LLM.int8 row scale `SCB` is float32 (as bitsandbytes writes "
+        "it).")
+  wshape = tuple(int(d) for d in src.shape(wkey))
+  got = tuple(int(d) for d in src.shape(scb))
+  if len(wshape) == 2 and got != wshape[:1]:
+    raise ValueError(
+        f"{src.path!r}: tensor {src.describe(scb)} has shape {list(got)}; "
+        f"expected [{wshape[0]}], one row scale per row of "
+        f"{src.describe(wkey)} {list(wshape)}.")
 
 
 def _check_conflict(passed: QuantizationConfig, ckpt: QuantizationConfig,
@@ -688,8 +708,10 @@ def _plan(src: CheckpointSource, variables: dict[str, nnx.Variable],
       if not _is_float(src.dtype(hf_name)):
         raise ValueError(
             f"{src.path!r}: tensor {src.describe(hf_name)} is "
-            f"{np.dtype(src.dtype(hf_name)).name} without a bitsandbytes "
-            "quant_state; cannot quantize it.")
+            f"{np.dtype(src.dtype(hf_name)).name} without bitsandbytes' "
+            f"quantization tensors beside it (an LLM.int8 "
+            f"{hf_name[:-len('weight')] + 'SCB'!r} or a 4-bit quant_state); "
+            "cannot quantize it.")
       if tuple(src.shape(hf_name)) != tuple(value.shape):
         raise _shape_error(src, hf_name, value.shape, src.shape(hf_name))
       plan.append((hf_name, "quantize"))

@@ -35,9 +35,14 @@ the forward of both weight modes (the float weight is quantized first):
 `pallas_kernels.int8_matmul` for at most 16 rows (decoding; it reads the
 int8 weight once for the int32 product and the outlier stream) and
 `pallas_kernels.int8_gemm` above (int8 tensor cores with the epilogue and
-the outlier product fused). Both give the same result as the XLA path:
-bit-exact without outliers, with outliers up to the float32 summation
-order.
+the outlier product fused). Both give the same result as the XLA path
+without outliers, bit for bit. With outliers the GEMM differs from it only
+in the float32 summation order; the decode kernel's default outlier
+stream ("limbs") multiplies the unrounded dequantized weight with the
+outlier activations as int8 digits of 2**-20 of their row absmax, where
+bitsandbytes rounds `CB * SCB / 127` to the activation dtype first: up to
+one unit of the dtype per outlier term more (tests/quant/
+int8_bnb_golden_test.py measures both against bitsandbytes).
 """
 
 from __future__ import annotations

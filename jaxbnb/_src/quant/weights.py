@@ -379,21 +379,37 @@ class Int8Params(QuantizedArray):
     for k in ("weight", "SCB"):
       if prefix + k not in state:
         raise ValueError(f"Int8Params.from_state_dict: missing {prefix + k!r}.")
-    fmt = state.get(prefix + "weight_format", np.asarray(0))
-    if int(np.asarray(fmt)) != 0:
+    fn = "Int8Params.from_state_dict"
+    fmt = np.asarray(state.get(prefix + "weight_format", np.asarray(0)))
+    if fmt.size != 1 or int(fmt.reshape(-1)[0]) != 0:
+      shown = int(fmt.reshape(-1)[0]) if fmt.size == 1 else fmt.tolist()
       raise ValueError(
-          "Int8Params.from_state_dict: only weight_format 0 ('row') is "
-          f"supported, got {int(np.asarray(fmt))}."
+          f"{fn}: only weight_format 0 ('row') is supported, got {shown}."
       )
     cb = np.asarray(state[prefix + "weight"])
     if cb.dtype != np.int8:
       raise ValueError(
-          f"Int8Params.from_state_dict: {prefix}weight must be int8, got "
-          f"{cb.dtype}."
+          f"{fn}: {prefix}weight must be int8, got {cb.dtype}."
       )
-    return cls(jnp.asarray(cb),
-               jnp.asarray(np.asarray(state[prefix + "SCB"], np.float32)),
-               jnp.dtype(dtype).name)
+    if cb.ndim != 2:
+      raise ValueError(f"{fn}: {prefix}weight must be 2-D [out, in], got "
+                       f"shape {list(cb.shape)}.")
+    scb = np.asarray(state[prefix + "SCB"])
+    if scb.dtype != np.float32:
+      raise ValueError(f"{fn}: {prefix}SCB must be float32 (bitsandbytes' "
+                       f"row scales), got {scb.dtype}.")
+    if scb.shape != cb.shape[:1]:
+      raise ValueError(
+          f"{fn}: {prefix}SCB must have shape [{cb.shape[0]}] (one row "
+          f"scale per row of {prefix}weight {list(cb.shape)}), got "
+          f"{list(scb.shape)}.")
+    bad = ~(np.isfinite(scb) & (scb >= 0))
+    if bad.any():
+      i = int(np.flatnonzero(bad)[0])
+      raise ValueError(
+          f"{fn}: {prefix}SCB must hold finite row absmax values >= 0; "
+          f"{int(bad.sum())} do not (row {i}: {scb[i]}).")
+    return cls(jnp.asarray(cb), jnp.asarray(scb), jnp.dtype(dtype).name)
 
 
 jax.tree_util.register_dataclass(
