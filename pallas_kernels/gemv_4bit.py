@@ -76,7 +76,7 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
 
   `table` is "pair" (one gather per byte from a 256-entry table of both
   values) or "nibble" (two gathers per byte from the 16-entry table);
-  `prefetch` ("reduce" only) loads the next step's bytes before decoding the
+  `prefetch` loads the next step's bytes before decoding the
   current ones.
 
   Chosen from two sweeps on the H200 (docs/benchmarks.md, 4-bit GEMV
@@ -184,11 +184,16 @@ def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
 
   init = jnp.zeros((block_n, m_pad), jnp.float32)
   if prefetch:
+    # Software pipelining in registers, `prefetch` steps deep: step t + d's
+    # bytes are requested before step t's are decoded (Triton pipelines
+    # only loads that feed a dot; these feed the decode).
+    d = int(prefetch)
     def body(t, carry):
-      acc, w, am = carry
-      nxt = load(t + 1, t + 1 < steps)
-      return (step(t, w, am, acc),) + nxt
-    acc = jax.lax.fori_loop(0, steps, body, (init,) + load(0))[0]
+      acc, queue = carry[0], carry[1:]
+      nxt = load(t + d, t + d < steps)
+      return (step(t, *queue[0], acc),) + queue[1:] + (nxt,)
+    first = tuple(load(jnp.int32(j), j < steps) for j in range(d))
+    acc = jax.lax.fori_loop(0, steps, body, (init,) + first)[0]
   else:
     acc = jax.lax.fori_loop(0, steps,
                             lambda t, acc: step(t, *load(t), acc), init)
@@ -418,7 +423,7 @@ def gemv_4bit(
     config = default_config(m, n, k, blocksize, dtype.name)
   variant, block_n, block_kb, split_k, num_warps, num_stages = config[:6]
   table = config[6] if len(config) > 6 else "pair"
-  prefetch = bool(config[7]) if len(config) > 7 else False
+  prefetch = int(config[7]) if len(config) > 7 else 0
   if table not in ("pair", "nibble", "prmt"):
     raise ValueError(
         f"config: table must be 'pair', 'nibble' or 'prmt', got {table!r}")

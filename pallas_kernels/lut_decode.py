@@ -206,11 +206,12 @@ def decode_scaled(w, scale, code, dtype, interpret, table=None):
     s = split_pairs(scale, dtype)[0].astype(jnp.float32)
     return ((table[wi >> 4] * s).astype(dtype),
             (table[wi & 15] * s).astype(dtype))
+  # Triton's integers are signless: int32 out (and in), the bits the same.
   (pairs,) = pltriton.elementwise_inline_asm(
       ptx(tuple(float(c) for c in code), dtype.name),
-      args=[w, scale],
+      args=[w, jax.lax.bitcast_convert_type(scale, jnp.int32)],
       constraints="=r,=r,=r,=r,r,r,r,r,r",
       pack=4,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.uint32)],
+      result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)],
   )
-  return split_pairs(pairs, dtype)
+  return split_pairs(jax.lax.bitcast_convert_type(pairs, jnp.uint32), dtype)

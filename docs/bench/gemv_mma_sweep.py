@@ -2,6 +2,7 @@
 
     python docs/bench/gemv_mma_sweep.py a 240   # coarse, 14336x4096
     python docs/bench/gemv_mma_sweep.py b 240   # the best tiles, all shapes
+    python docs/bench/gemv_mma_sweep.py c 240   # prefetch depth
 
 NF4 + double quantization, bf16. Each configuration of
 `pallas_kernels.gemv_4bit`'s "mma" variant (the byte-permute decode,
@@ -66,10 +67,18 @@ def configs(which, n, k, m):
       out.append(("mma", bn, 4, split_for(n, k, bn, 4, 1), w_, st, "prmt",
                   False))
     return list(dict.fromkeys(out))
+  if which == "c":  # prefetch depth
     for bn, kb, pf, waves in itertools.product(
-        (64, 128), (4, 8), (False, True), (1, 2)):
+        (64, 128), (1, 2, 4), (2, 4), (1, 2)):
       out.append(("mma", bn, kb, split_for(n, k, bn, kb, waves), 4, 3,
                   "prmt", pf))
+    for pf in (2, 4):
+      out.append(("mma", 32, 2, split_for(n, k, 32, 2, 1), 4, 3, "prmt", pf))
+    return list(dict.fromkeys(out))
+  for bn, kb, pf, waves in itertools.product(
+      (64, 128), (4, 8), (False, True), (1, 2)):
+    out.append(("mma", bn, kb, split_for(n, k, bn, kb, waves), 4, 3,
+                "prmt", pf))
   return list(dict.fromkeys(out))
 
 
@@ -77,10 +86,10 @@ def main(which, budget_s):
   out = open(os.path.join(os.environ.get("OUT", "/tmp"),
                           f"gemv_mma_{which}.jsonl"), "w")
   t_end = time.time() + budget_s
-  shapes = SHAPES[:1] if which == "a" else SHAPES
+  shapes = {"a": SHAPES[:1], "c": [SHAPES[0], SHAPES[2]]}.get(which, SHAPES)
   for n, k in shapes:
     base = make(n, k)
-    ms = (1, 16, 4, 64)
+    ms = (1, 16) if which == "c" else (1, 16, 4, 64)
     for m in ms:
       if time.time() > t_end:
         break

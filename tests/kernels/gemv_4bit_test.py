@@ -40,6 +40,8 @@ CASES = [
      ("mma", 64, 2, 1, 4, 3, "prmt", False)),
     (40, 100, 32 * 10, 32, "fp4", jnp.bfloat16, False,
      ("mma", 32, 4, 1, 4, 3, "prmt", True)),
+    (2, 50, 64 * 9, 64, "nf4", jnp.bfloat16, True,
+     ("mma", 16, 1, 2, 4, 3, "prmt", 3)),
     (9, 64, 64 * 5, 64, "nf4", jnp.bfloat16, True,
      ("mma", 32, 2, 1, 4, 3, "nibble", False)),
 ]
@@ -167,7 +169,7 @@ def test_interpret_table_and_prefetch_options_match(m, config):
 @pytest.mark.parametrize("m", [1, 3, 16, 40])
 @pytest.mark.parametrize("config", [
     ("mma", 64, 4, 1, 4, 3, "prmt", False),
-    ("mma", 128, 8, 2, 4, 3, "prmt", True),
+    ("mma", 64, 2, 2, 4, 3, "prmt", 3),
     ("mma", 32, 2, 2, 4, 3, "nibble", False),
 ])
 @pytest.mark.parametrize("dtype,quant_type", [(jnp.bfloat16, "nf4"),
