@@ -70,7 +70,7 @@ def _pow2_ceil(v: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
-                   num_sms: int = 132) -> tuple:
+                   num_sms: int = 132, mma: bool = False) -> tuple:
   """(variant, block_n, block_kb, split_k, num_warps, num_stages, table,
   prefetch).
 
@@ -93,6 +93,20 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
   half = blocksize // 2
   nkb = k // blocksize
   f32 = jnp.dtype(dtype) == jnp.float32
+  if mma and m > 1 and not f32:
+    # The byte-permute decode with tensor-core products (`mma=True` when
+    # the caller passes `code`): docs/benchmarks.md, "mma" sweeps on the
+    # H200, 14336x4096: M = 4 42.7 us (was 75.9), M = 16 41.6 (was 95.2),
+    # M = 64 48.5 (was 108.4); 4096x4096, M = 16: 16.5 (was 25.1).
+    block_n = 64 if m <= 16 else 128
+    block_kb = max(1, min(_pow2_floor(max(1, 64 // half)), _pow2_floor(nkb)))
+    tiles = -(-n // block_n)
+    steps = -(-nkb // block_kb)
+    split_k = 1
+    while tiles * split_k < 2 * num_sms and split_k * 2 <= steps:
+      split_k *= 2
+    return ("mma", block_n, block_kb, split_k, 4, 3, "prmt",
+            1 if m <= 16 else 0)
   if m == 1 or f32:
     variant, block_n, warps, stages = "reduce", 16, 4, 3
     block_kb = max(1, min(_pow2_floor(max(1, 256 // half)),
@@ -135,22 +149,23 @@ def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
   need_kmask = split_k * steps * block_kb != nkb
   dims = (((1,), (1,)), ((), ()))
 
-  def load(t, live=None):
+  need_nmask = w_ref.shape[0] % block_n != 0
+
+  def load(t):
     kb0 = (s * steps + t) * block_kb
+    w_at = w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :]
+    am_at = am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)]
+    if not (need_nmask or need_kmask):  # unmasked: vectorized byte loads
+      return (pltriton.load(w_at, eviction_policy="evict_first"),
+              pltriton.load(am_at))
     kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
     ok2 = row_ok[:, None]
     if need_kmask:
       ok2 = ok2 & (kbs < nkb)[None, :]
-    if live is not None:
-      ok2 = ok2 & live
     ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
     ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
-    w = pltriton.load(
-        w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :],
-        mask=ok3, other=0, eviction_policy="evict_first")
-    am = pltriton.load(
-        am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)],
-        mask=ok2, other=0)
+    w = pltriton.load(w_at, mask=ok3, other=0, eviction_policy="evict_first")
+    am = pltriton.load(am_at, mask=ok2, other=0)
     return w, am
 
   def step(t, w, am, acc):
@@ -187,12 +202,13 @@ def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
     # Software pipelining in registers, `prefetch` steps deep: step t + d's
     # bytes are requested before step t's are decoded (Triton pipelines
     # only loads that feed a dot; these feed the decode).
+    # Beyond the last step the last tile is loaded again (no mask).
     d = int(prefetch)
     def body(t, carry):
       acc, queue = carry[0], carry[1:]
-      nxt = load(t + d, t + d < steps)
+      nxt = load(jnp.minimum(t + d, steps - 1))
       return (step(t, *queue[0], acc),) + queue[1:] + (nxt,)
-    first = tuple(load(jnp.int32(j), j < steps) for j in range(d))
+    first = tuple(load(jnp.int32(min(j, steps - 1))) for j in range(d))
     acc = jax.lax.fori_loop(0, steps, body, (init,) + first)[0]
   else:
     acc = jax.lax.fori_loop(0, steps,
@@ -420,7 +436,8 @@ def gemv_4bit(
   half = blocksize // 2
   nkb = k // blocksize
   if config is None:
-    config = default_config(m, n, k, blocksize, dtype.name)
+    config = default_config(m, n, k, blocksize, dtype.name,
+                            mma=code is not None)
   variant, block_n, block_kb, split_k, num_warps, num_stages = config[:6]
   table = config[6] if len(config) > 6 else "pair"
   prefetch = int(config[7]) if len(config) > 7 else 0

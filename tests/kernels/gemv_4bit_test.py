@@ -87,7 +87,8 @@ def test_interpret_matches_dequant_matmul(m, n, k, blocksize, quant_type,
                    blocksize=blocksize, nested=nest, bias=bias, config=config,
                    code=_code(quant_type), interpret=True)
   assert y.shape == (m, n) and y.dtype == dtype
-  _check(y, x, packed, qs, bias, config)
+  _check(y, x, packed, qs, bias, config or gk.default_config(
+      m, n, k, blocksize, jnp.dtype(dtype).name, mma=True))
 
 
 def test_pair_table():

@@ -29,6 +29,7 @@ import jaxbnb
 from jaxbnb import functional as F
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import kernels
+from pallas_kernels import gemv_4bit as gk
 from tests import helpers
 from tests.kernels import _util
 
@@ -195,7 +196,7 @@ def _check_matmul(y, x, packed, qs, bias=None, err_msg="", gemv=True):
   """y against x @ W.T (+ bias) with the W the serving path multiplies with.
 
   The kernels with M <= GEMV_MAX_M: the fused GEMV's weight
-  (`_util.kernel_weight`); larger M, and the reference (`gemv=False`): the
+  (`_util.kernel_weight`, per the variant the dispatch picks); larger M, and the reference (`gemv=False`): the
   weight dequantized to the compute dtype (the dequantization kernel is
   bit-exact), then a float32-accumulated dot. Bound: `helpers.matmul_bound`.
   """
@@ -203,7 +204,9 @@ def _check_matmul(y, x, packed, qs, bias=None, err_msg="", gemv=True):
   x2 = np.asarray(x.astype(jnp.float32)).reshape(m, -1)
   if (gemv and m <= kernels.GEMV_MAX_M
       and x.shape[-1] % qs.blocksize == 0):
-    w = _util.kernel_weight(packed, qs, x.dtype)
+    cfg = gk.default_config(m, qs.shape[0], x.shape[-1], qs.blocksize,
+                            jnp.dtype(x.dtype).name, mma=True)
+    w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=cfg[0] == "mma")
   else:
     w = np.asarray(F.dequantize_4bit(packed, qs).astype(x.dtype).astype(
         jnp.float32))

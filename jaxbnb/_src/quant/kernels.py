@@ -34,6 +34,11 @@ def thresholds(quant_type: str) -> tuple[float, ...]:
   return tuple(float(t[f"t{i}"]) for i in range(1, 8))
 
 
+def code(quant_type: str) -> tuple[float, ...]:
+  """The 16 code values as static floats (the GEMV's in-register decode)."""
+  return tuple(float(c) for c in codebooks.code_for(quant_type))
+
+
 def lut(quant_type: str) -> jax.Array:
   """The 16-entry NF4/FP4 code table the kernels take as an input."""
   return jnp.asarray(codebooks.code_for(quant_type), jnp.float32)
@@ -89,4 +94,4 @@ def gemv(x2d, packed, qs, bias, mode):
       x2d, packed, qs.absmax, lut(qs.quant_type), n=n, k=k,
       blocksize=qs.blocksize, nested=nested,
       nested_blocksize=qs.nested_blocksize if qs.nested else 256,
-      bias=bias, interpret=mode == "interpret")
+      bias=bias, code=code(qs.quant_type), interpret=mode == "interpret")
