@@ -6,16 +6,22 @@ Each program owns `block_n` rows of `W` and walks its share of K, loading
 each packed byte once (streamed, evict-first). A byte is decoded with one
 gather from a 256-entry table holding both of its values ("pair"), or two
 gathers from the 16-entry table ("nibble"; always for float32 inputs); a
-double-quantized absmax is decoded in place. Two variants:
+double-quantized absmax is decoded in place. Three variants:
 
-* ``"reduce"`` (M = 1..4): multiply by the even/odd halves of `x` in fp32,
-  scale by the absmax per block and accumulate elementwise; one reduction
-  at the end. With `prefetch`, step t + 1's bytes are loaded before step
-  t's are decoded.
-* ``"dot"`` (larger M): per quantization block, the decoded `[block_n,
-  blocksize/2]` halves go through the tensor cores against `x`'s halves
+* ``"reduce"`` (M = 1, and 2..4 without `code`): multiply by the even/odd
+  halves of `x` in fp32, scale by the absmax per block and accumulate
+  elementwise; one reduction at the end. With `prefetch`, step t + 1's
+  bytes are loaded before step t's are decoded.
+* ``"dot"`` (larger M without `code`, or fp32): per quantization block,
+  the decoded `[block_n, blocksize/2]` halves go through the tensor cores
+  against `x`'s halves
   (swap-AB: the weight rows are the MMA's M dimension), and the fp32 result
   is scaled by that block's absmax.
+* ``"mma"`` (16-bit x, M = 2..64 by default): each step's bytes are decoded
+  in registers with byte permutes (`lut_decode`, no memory gather), scaled
+  by the absmax in the compute dtype (bitsandbytes' GEMV weight), and go
+  through the tensor cores against `x`'s halves, one product per nibble
+  half and step; `prefetch` keeps that many steps' bytes in flight.
 
 With `split_k > 1` the programs of one row tile split K and write fp32
 partial sums that the caller adds (deterministic, no atomics).
@@ -138,7 +144,7 @@ def _decode(w, lut_ref, pair):
 
 def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
          absmax_of, row0, row_ok, s, m, nkb, block_kb, half, block_n, steps,
-         has_bias, split_k, compute_dtype, pair, prefetch, code, interpret):
+         has_bias, split_k, compute_dtype, prefetch, code, interpret):
   """The "mma" variant: per step, `block_kb` quantization blocks of
   `block_n` rows decoded and scaled by their absmax in the compute dtype
   (in registers with byte permutes when `code` is given, `lut_decode`),
@@ -261,7 +267,7 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
          absmax_of=absmax_of, row0=row0, row_ok=row_ok, s=s, m=m, nkb=nkb,
          block_kb=block_kb, half=half, block_n=block_n, steps=steps,
          has_bias=has_bias, split_k=split_k, compute_dtype=compute_dtype,
-         pair=pair, prefetch=prefetch, code=code, interpret=interpret)
+         prefetch=prefetch, code=code, interpret=interpret)
     return
 
   if variant == "reduce":

@@ -3,6 +3,7 @@
     python docs/bench/gemv_mma_sweep.py a 240   # coarse, 14336x4096
     python docs/bench/gemv_mma_sweep.py b 240   # the best tiles, all shapes
     python docs/bench/gemv_mma_sweep.py c 240   # prefetch depth
+    python docs/bench/gemv_mma_sweep.py plot OUT.png BEFORE.json AFTER.json
 
 NF4 + double quantization, bf16. Each configuration of
 `pallas_kernels.gemv_4bit`'s "mma" variant (the byte-permute decode,
@@ -128,5 +129,41 @@ def main(which, budget_s):
             f"errors {len(errs)} {errs[:1]}", flush=True)
 
 
+def plot(png, before, after):
+  """`jaxbnb bench matmul` results before and after, per shape and M."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  runs = [json.load(open(p))["results"] for p in (before, after)]
+  shapes = [s for s in dict.fromkeys(r["shape"] for r in runs[1])]
+  fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.8))
+  for ax, shape in zip(np.atleast_1d(axes), shapes):
+    new = [r for r in runs[1] if r["shape"] == shape]
+    old = {r["m"]: r for r in runs[0] if r["shape"] == shape}
+    ms = [r["m"] for r in new]
+    ax.plot(ms, [r["us"]["jaxbnb"] for r in new], "o-", c="tab:blue",
+            label="jaxbnb (mma at M >= 2)")
+    mo = [m for m in ms if m in old]
+    if mo:
+      ax.plot(mo, [old[m]["us"]["jaxbnb"] for m in mo], "o--", c="0.6",
+              label="jaxbnb, 2026-11-30")
+    ax.plot(ms, [r["us"]["xla-bf16"] for r in new], "s-", c="tab:red",
+            label="XLA bf16")
+    ax.plot(ms, [r["us"]["bnb"] for r in new], "^-", c="tab:green",
+            label="bitsandbytes")
+    ax.plot(ms, [r["floor_mem_us"] for r in new], "k:", label="floor")
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"{shape} (NF4 + DQ, bf16)", fontsize=9)
+    ax.set_xlabel("M")
+    ax.set_ylabel("us")
+    ax.set_ylim(bottom=0)
+  np.atleast_1d(axes)[0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(png, dpi=110)
+
+
 if __name__ == "__main__":
-  main(sys.argv[1], float(sys.argv[2]))
+  if sys.argv[1] == "plot":
+    plot(*sys.argv[2:])
+  else:
+    main(sys.argv[1], float(sys.argv[2]))
