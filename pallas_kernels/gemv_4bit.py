@@ -144,8 +144,7 @@ def _decode(w, lut_ref, pair):
 
 def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
          absmax_of, row0, row_ok, s, m, nkb, block_kb, half, block_n, steps,
-         has_bias, split_k, compute_dtype, prefetch, code, anchor_ref,
-         interpret):
+         has_bias, split_k, compute_dtype, prefetch, code, interpret):
   """The "mma" variant: per step, `block_kb` quantization blocks of
   `block_n` rows decoded and scaled by their absmax in the compute dtype
   (in registers with byte permutes when `code` is given, `lut_decode`),
@@ -205,42 +204,7 @@ def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
                                      preferred_element_type=jnp.float32)
 
   init = jnp.zeros((block_n, m_pad), jnp.float32)
-  if anchor_ref is not None and not (need_nmask or need_kmask):
-    # Each quantization block's bytes also feed an int8 product with zeros
-    # (`anchor_ref`): Triton's pipeliner streams only loads that feed a dot
-    # through shared memory, several steps ahead; the decode then reads
-    # the bytes from there. The zero product is added (exactly 0).
-    zeros = anchor_ref[...]
-
-    def anchored(t, carry):
-      acc, acc_i = carry
-      for j in range(block_kb):
-        kb = (s * steps + t) * block_kb + j
-        wj = pltriton.load(w_ref.at[pl.ds(row0, block_n), kb, :],
-                           eviction_policy="evict_first")
-        acc_i = acc_i + jax.lax.dot_general(
-            jax.lax.bitcast_convert_type(wj, jnp.int8), zeros, dims,
-            preferred_element_type=jnp.int32)
-        amj = am_ref[pl.ds(row0, block_n), pl.ds(kb, 1)]
-        amj = absmax_of(amj, jnp.full((1,), kb, jnp.int32),
-                        jnp.ones((block_n, 1), jnp.bool_))
-        scale = jnp.broadcast_to(lut_decode.scale_words(amj, compute_dtype),
-                                 (block_n, half))
-        hi, lo = lut_decode.decode_scaled(
-            wj, scale, code, compute_dtype, interpret,
-            table=lut_ref[...] if interpret else None)
-        x0 = pl.multiple_of(kb * half, half)
-        acc = acc + jax.lax.dot_general(hi, xe_ref[:, pl.ds(x0, half)], dims,
-                                        preferred_element_type=jnp.float32)
-        acc = acc + jax.lax.dot_general(lo, xo_ref[:, pl.ds(x0, half)], dims,
-                                        preferred_element_type=jnp.float32)
-      return acc, acc_i
-
-    acc, acc_i = jax.lax.fori_loop(
-        0, steps, anchored,
-        (init, jnp.zeros((block_n, zeros.shape[0]), jnp.int32)))
-    acc = acc + jnp.sum(acc_i, axis=1, keepdims=True).astype(jnp.float32)
-  elif prefetch:
+  if prefetch:
     # Software pipelining in registers, `prefetch` steps deep: step t + d's
     # bytes are requested before step t's are decoded (Triton pipelines
     # only loads that feed a dot; these feed the decode).
@@ -270,7 +234,7 @@ def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
 
 def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
             nested_blocksize, nested_len, variant, has_bias, split_k,
-            compute_dtype, pair, prefetch, code, anchor, interpret):
+            compute_dtype, pair, prefetch, code, interpret):
   refs = list(refs)
   xe_ref, xo_ref, w_ref, am_ref = refs[:4]
   refs = refs[4:]
@@ -278,7 +242,6 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
     nested_ref, code2_ref, off_ref = refs[:3]
     refs = refs[3:]
   lut_ref = refs.pop(0)
-  anchor_ref = refs.pop(0) if anchor else None
   bias_ref = refs.pop(0) if has_bias else None
   out_ref = refs.pop(0)
 
@@ -304,8 +267,7 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
          absmax_of=absmax_of, row0=row0, row_ok=row_ok, s=s, m=m, nkb=nkb,
          block_kb=block_kb, half=half, block_n=block_n, steps=steps,
          has_bias=has_bias, split_k=split_k, compute_dtype=compute_dtype,
-         prefetch=prefetch, code=code, anchor_ref=anchor_ref,
-         interpret=interpret)
+         prefetch=prefetch, code=code, interpret=interpret)
     return
 
   if variant == "reduce":
@@ -485,10 +447,6 @@ def gemv_4bit(
   variant, block_n, block_kb, split_k, num_warps, num_stages = config[:6]
   table = config[6] if len(config) > 6 else "pair"
   prefetch = int(config[7]) if len(config) > 7 else 0
-  anchor = bool(config[8]) if len(config) > 8 else False
-  if anchor and (variant != "mma" or table != "prmt"):
-    raise ValueError("config: the anchor product needs variant 'mma' with "
-                     f"table 'prmt', got {variant!r}, {table!r}")
   if table not in ("pair", "nibble", "prmt"):
     raise ValueError(
         f"config: table must be 'pair', 'nibble' or 'prmt', got {table!r}")
@@ -541,8 +499,6 @@ def gemv_4bit(
     args.append(lut.astype(jnp.float32))
   else:  # the codes rounded to bfloat16, as in the pair table
     args.append(lut.astype(jnp.bfloat16).astype(jnp.float32))
-  if anchor:
-    args.append(jnp.zeros((16, half), jnp.int8))
   has_bias = bias is not None and split_k == 1
   if has_bias:
     args.append(bias)
@@ -560,8 +516,7 @@ def gemv_4bit(
       block_n=block_n, steps=steps, dq=dq, nested_blocksize=nested_blocksize,
       nested_len=nested_len, variant=variant, has_bias=has_bias,
       split_k=split_k, compute_dtype=dtype, pair=pair, prefetch=prefetch,
-      code=code if table == "prmt" else None, anchor=anchor,
-      interpret=interpret)
+      code=code if table == "prmt" else None, interpret=interpret)
   out = pl.pallas_call(
       kernel,
       out_shape=out_shape,

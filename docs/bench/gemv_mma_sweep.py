@@ -3,7 +3,6 @@
     python docs/bench/gemv_mma_sweep.py a 240   # coarse, 14336x4096
     python docs/bench/gemv_mma_sweep.py b 240   # the best tiles, all shapes
     python docs/bench/gemv_mma_sweep.py c 240   # prefetch depth
-    python docs/bench/gemv_mma_sweep.py d 150   # the anchor product
     python docs/bench/gemv_mma_sweep.py plot OUT.png BEFORE.json AFTER.json
 
 NF4 + double quantization, bf16. Each configuration of
@@ -69,13 +68,6 @@ def configs(which, n, k, m):
       out.append(("mma", bn, 4, split_for(n, k, bn, 4, 1), w_, st, "prmt",
                   False))
     return list(dict.fromkeys(out))
-  if which == "d":  # the anchor product (loads streamed through smem)
-    for bn, kb, st, waves in ((64, 2, 3, 1), (64, 4, 3, 1), (128, 2, 3, 1),
-                              (64, 2, 4, 2), (64, 4, 4, 1), (128, 4, 3, 2),
-                              (64, 1, 4, 1), (32, 4, 4, 1)):
-      out.append(("mma", bn, kb, split_for(n, k, bn, kb, waves), 4, st,
-                  "prmt", 0, True))
-    return list(dict.fromkeys(out))
   if which == "c":  # prefetch depth
     for bn, kb, pf, waves in itertools.product(
         (64, 128), (1, 2, 4), (2, 4), (1, 2)):
@@ -95,11 +87,10 @@ def main(which, budget_s):
   out = open(os.path.join(os.environ.get("OUT", "/tmp"),
                           f"gemv_mma_{which}.jsonl"), "w")
   t_end = time.time() + budget_s
-  shapes = {"a": SHAPES[:1], "c": [SHAPES[0], SHAPES[2]],
-            "d": [SHAPES[0], SHAPES[2]]}.get(which, SHAPES)
+  shapes = {"a": SHAPES[:1], "c": [SHAPES[0], SHAPES[2]]}.get(which, SHAPES)
   for n, k in shapes:
     base = make(n, k)
-    ms = (1, 16) if which in "cd" else (1, 16, 4, 64)
+    ms = (1, 16) if which == "c" else (1, 16, 4, 64)
     for m in ms:
       if time.time() > t_end:
         break
