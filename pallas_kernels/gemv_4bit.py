@@ -142,6 +142,24 @@ def _decode(w, lut_ref, pair):
   return lut_ref[w >> 4], lut_ref[w & 15]
 
 
+def _store_lanes(acc, out_ref, bias_ref, *, row0, row_ok, s, m, has_bias,
+                 split_k):
+  """Writes a `[block_n, m_pad]` swap-AB tile: the first `m` lanes of the
+  rows inside N, with the bias when K is not split (else fp32 partials)."""
+  block_n, m_pad = acc.shape
+  m_ok = jnp.arange(m_pad, dtype=jnp.int32) < m
+  if split_k == 1 and has_bias:
+    b = pltriton.load(bias_ref.at[pl.ds(row0, block_n)], mask=row_ok,
+                      other=0).astype(jnp.float32)
+    acc = acc + b[:, None]
+  omask = jnp.broadcast_to(row_ok[:, None] & m_ok[None, :], (block_n, m_pad))
+  if split_k == 1:
+    pltriton.store(out_ref.at[pl.ds(row0, block_n), :],
+                   acc.astype(out_ref.dtype), mask=omask)
+  else:
+    pltriton.store(out_ref.at[s, pl.ds(row0, block_n), :], acc, mask=omask)
+
+
 def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
          absmax_of, row0, row_ok, s, m, nkb, block_kb, half, block_n, steps,
          has_bias, split_k, compute_dtype, prefetch, code, interpret):
@@ -219,17 +237,8 @@ def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
   else:
     acc = jax.lax.fori_loop(0, steps,
                             lambda t, acc: step(t, *load(t), acc), init)
-  m_ok = jnp.arange(m_pad, dtype=jnp.int32) < m
-  if split_k == 1 and has_bias:
-    b = pltriton.load(bias_ref.at[pl.ds(row0, block_n)], mask=row_ok,
-                      other=0).astype(jnp.float32)
-    acc = acc + b[:, None]
-  omask = jnp.broadcast_to(row_ok[:, None] & m_ok[None, :], (block_n, m_pad))
-  if split_k == 1:
-    pltriton.store(out_ref.at[pl.ds(row0, block_n), :],
-                   acc.astype(out_ref.dtype), mask=omask)
-  else:
-    pltriton.store(out_ref.at[s, pl.ds(row0, block_n), :], acc, mask=omask)
+  _store_lanes(acc, out_ref, bias_ref, row0=row0, row_ok=row_ok, s=s, m=m,
+               has_bias=has_bias, split_k=split_k)
 
 
 def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
@@ -383,16 +392,8 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
 
   acc = jax.lax.fori_loop(0, steps, body,
                           jnp.zeros((block_n, m_pad), jnp.float32))
-  if split_k == 1 and has_bias:
-    b = pltriton.load(bias_ref.at[pl.ds(row0, block_n)], mask=row_ok,
-                      other=0).astype(jnp.float32)
-    acc = acc + b[:, None]
-  omask = jnp.broadcast_to(row_ok[:, None] & m_ok[None, :], (block_n, m_pad))
-  if split_k == 1:
-    pltriton.store(out_ref.at[pl.ds(row0, block_n), :],
-                   acc.astype(out_ref.dtype), mask=omask)
-  else:
-    pltriton.store(out_ref.at[s, pl.ds(row0, block_n), :], acc, mask=omask)
+  _store_lanes(acc, out_ref, bias_ref, row0=row0, row_ok=row_ok, s=s, m=m,
+               has_bias=has_bias, split_k=split_k)
 
 
 @functools.partial(
