@@ -242,38 +242,34 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
     init += (jnp.zeros((block_n, _M_PAD), jnp.float32),)
   accs = jax.lax.fori_loop(0, steps, body, init)
 
-  lane = jnp.arange(lanes, dtype=jnp.int32)
-  cols = lane[None, :]
-
-  def pick(acc, r):  # column r of a [block_n, lanes] tile, exactly
-    return jnp.sum(jnp.where(cols == r, acc, jnp.zeros_like(acc)), axis=1)
-
+  # The [block_n, lanes] accumulator -> [block_n, width] tiles, one column
+  # per activation row: the int32 product, and the float32 outlier sum.
   if limbs:
     # Lanes [limbs * l, limbs * (l + 1)) hold limb l of the outlier
     # activations (l = 1, 2, 3: weights 2**14, 2**7, 1; l = 0: CA).
-    shift = limbs.bit_length() - 1
-    part, lane_row = cols >> shift, cols & (limbs - 1)
-    weight = jnp.where(part == 1, np.float32(2.0**14), jnp.where(
-        part == 2, np.float32(2.0**7), jnp.where(
-            part == 3, np.float32(1.0), np.float32(0.0))))
-    combined = accs[0].astype(jnp.float32) * weight
-    xscale = xscale_ref[...]
-
-    def outlier_row(r):
-      o = jnp.sum(jnp.where(lane_row == r, combined,
-                            jnp.zeros_like(combined)), axis=1)
-      xs = jnp.sum(jnp.where(lane == r, xscale, jnp.zeros_like(xscale)))
-      return ((o * scb) * _INV_127) * xs
-  elif outliers:
-    outlier_row = lambda r: pick(accs[1], r)  # noqa: E731
+    width = limbs
+    acc, hi, mid, lo = jnp.split(accs[0], 4, axis=1)
+    f32 = jnp.float32
+    digits = ((hi.astype(f32) * np.float32(2.0**14)
+               + mid.astype(f32) * np.float32(2.0**7)) + lo.astype(f32))
+    xscale = xscale_ref[pl.ds(0, width)]
+    out_acc = ((digits * scb[:, None]) * _INV_127) * xscale[None, :]
   else:
-    outlier_row = lambda r: None  # noqa: E731
+    width = lanes
+    acc = accs[0]
+    out_acc = accs[1] if outliers else None
+  lane = jnp.arange(width, dtype=jnp.int32)
+
+  def pick(v, r):  # column r of a [block_n, width] tile, exactly
+    return jnp.sum(jnp.where(lane[None, :] == r, v, jnp.zeros_like(v)),
+                   axis=1)
 
   if split_k > 1:
     # Partial sums [split_k, m, n]; the caller sums them and runs the
-    # epilogue. Rows are picked out of the [block_n, lanes] tile exactly.
+    # epilogue. Rows are picked out of the [block_n, width] tile exactly.
     for r in range(m):
-      for v, out_ref in zip((pick(accs[0], r), outlier_row(r)), out_refs):
+      vals = (pick(acc, r), None if out_acc is None else pick(out_acc, r))
+      for v, out_ref in zip(vals, out_refs):
         at = out_ref.at[s, jnp.int32(r), pl.ds(row0, block_n)]
         if need_nmask:
           pltriton.store(at, v, mask=row_ok)
@@ -281,7 +277,6 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
           pltriton.store(at, v)
     return
 
-  row_all = row_ref[...]  # [lanes] float32, zero-padded
   bias = None
   if has_bias:
     if need_nmask:
@@ -291,10 +286,24 @@ def _kernel(*refs, m, n, k, block_n, block_k, steps, split_k, outliers,
       bias = bias_ref[pl.ds(row0, block_n)]
   exact_add = functools.partial(_exact_add, interpret=interpret)
   out_ref = out_refs[0]
+  row_all = row_ref[pl.ds(0, width)]  # float32, zero-padded
+  if m == width:
+    # The whole [m, block_n] output tile in one epilogue and one store.
+    y = epilogue(acc, row_all[None, :], scb[:, None],
+                 None if bias is None else bias[:, None], out_acc, dtype,
+                 exact_add)
+    at = out_ref.at[pl.ds(0, m), pl.ds(row0, block_n)]
+    if need_nmask:
+      pltriton.store(at, y.T, mask=jnp.broadcast_to(row_ok[None, :],
+                                                    (m, block_n)))
+    else:
+      pltriton.store(at, y.T)
+    return
   for r in range(m):
-    a = pick(accs[0], r)
     rs = jnp.sum(jnp.where(lane == r, row_all, jnp.zeros_like(row_all)))
-    y = epilogue(a, rs, scb, bias, outlier_row(r), dtype, exact_add)
+    y = epilogue(pick(acc, r), rs, scb, bias,
+                 None if out_acc is None else pick(out_acc, r), dtype,
+                 exact_add)
     at = out_ref.at[jnp.int32(r), pl.ds(row0, block_n)]
     if need_nmask:
       pltriton.store(at, y, mask=row_ok)

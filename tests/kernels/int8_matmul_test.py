@@ -156,6 +156,13 @@ CASES = [
     (6, 33, 300, jnp.bfloat16, 6.0, None, (32, 32, 2, 4, 3, "limbs")),
     (16, 48, 300, jnp.float32, 6.0, jnp.float32, (16, 32, 2, 4, 3, "limbs")),
     (9, 40, 128, jnp.float16, 0.0, None, (16, 64, 1, 4, 3, "limbs")),
+    # M equal to the lanes per limb (4, 8, 16): the whole-tile epilogue.
+    (4, 50, 256, jnp.bfloat16, 6.0, jnp.bfloat16, (16, 64, 1, 4, 3, "limbs")),
+    (8, 40, 200, jnp.float16, 6.0, jnp.float16, (32, 64, 1, 4, 3, "limbs")),
+    (16, 48, 300, jnp.bfloat16, 6.0, jnp.float32, (16, 32, 1, 4, 3, "limbs")),
+    (16, 70, 256, jnp.float16, 6.0, None, (64, 64, 1, 4, 3, "limbs")),
+    (16, 33, 160, jnp.float32, 0.0, jnp.float16, (32, 32, 1, 4, 3)),
+    (16, 40, 200, jnp.bfloat16, 6.0, jnp.bfloat16, (16, 64, 1, 4, 3, "skip")),
 ]
 
 
@@ -342,9 +349,10 @@ def test_matmul_8bit_grad_in_interpret_mode(m):
 # ---------------------------------------------------------------------------
 
 
-def test_lowers_for_cuda():
+@pytest.mark.parametrize("m", [3, 4, 16])  # 4, 16: whole-tile epilogue
+def test_lowers_for_cuda(m):
   s = jax.ShapeDtypeStruct
-  m, n, k = 3, 1000, 4096 + 96
+  n, k = 1000, 4096 + 96
   args = (s((m, k), jnp.int8), s((m,), jnp.float32), s((n, k), jnp.int8),
           s((n,), jnp.float32))
   kw = dict(bias=s((n,), jnp.float16), x_outlier=s((m, k), jnp.float16),
