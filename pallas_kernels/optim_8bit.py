@@ -28,9 +28,14 @@ float32 array, so a new learning rate or step never recompiles; only the
 kind, nesterov, "weight decay > 0" (or None: decided per step from the
 scalar, for a traced weight decay) and the dtypes are static.
 
-This is a leaf module: it imports jax only; the maps are array inputs. Its
-`KINDS`, `TWO_STATE_KINDS` and `BLOCKSIZE` repeat jaxbnb's (`jaxbnb._src.
-optim.rules` / `state`), which are their home; tests/kernels/optim_8bit_test.py
+Requantizing with lookup tables (`quantize_tables`, built on the host from
+a concrete map and checked there) gives the search's codes in two lookups
+instead of five; without them the kernel runs the search.
+
+This is a leaf module: it imports jax and numpy only; the maps are array
+inputs. Its `KINDS`, `TWO_STATE_KINDS` and `BLOCKSIZE` repeat jaxbnb's
+(`jaxbnb._src.optim.rules` / `state`), which are their home;
+tests/kernels/optim_8bit_test.py
 asserts that the two agree.
 """
 
@@ -40,13 +45,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
 __all__ = ["BLOCKSIZE", "KINDS", "SCALARS", "TWO_STATE_KINDS", "can_use",
-           "num_states", "optimizer_update_8bit", "pack_scalars"]
+           "num_states", "optimizer_update_8bit", "pack_scalars",
+           "quantize_tables", "search_codes"]
 
 BLOCKSIZE = 256
 KINDS = ("adam", "ademamix", "lion", "momentum", "rmsprop", "adagrad")
@@ -188,29 +195,172 @@ def _quantize(x, q_ref):
   return code, value
 
 
-def _requantize(s, absmax, q_ref, signed, interpret):
-  """uint8-valued int32 codes of fp32 blocks `s` [R, 256] (+ sign fix)."""
+def _requantize(s, absmax, q_ref, signed, interpret, lut=None):
+  """uint8-valued int32 codes of fp32 blocks `s` [R, 256] (+ sign fix).
+
+  `lut`: the `(lo_ref, aux_ref)` of `quantize_tables`, or None for the
+  binary search.
+  """
   x = _div(s, absmax[:, None], interpret)
-  code, value = _quantize(x, q_ref)
+  if lut is None:
+    code, value = _quantize(x, q_ref)
+    negative = jnp.signbit(value)
+  else:
+    lo_ref, aux_ref = lut
+    code = _quantize_lut(x, lo_ref, aux_ref)
+    negative = code < aux_ref[256].astype(jnp.int32)
   if signed:
-    flip = jnp.signbit(value) != jnp.signbit(s)
+    flip = negative != jnp.signbit(s)
     code = jnp.where(flip, code + jnp.where(s > 0, 1, -1), code) & 255
   return code
+
+
+# |x| below 2**-24 (biased exponent 103) shares the first bucket.
+_LUT_MIN_EXPONENT = 103
+_LUT_BITS = (5, 6, 7, 8)  # mantissa bits of the bucket key, tried in order
+
+
+def _lut_bits(nb: int) -> int:
+  return ((nb - 1) // (127 - _LUT_MIN_EXPONENT)).bit_length() - 1
+
+
+def _bucket_key(x, nb, bits):
+  """Bucket of fp32 `x`: sign, exponent and the top `bits` mantissa bits
+  of |x| (clamped to [2**-24, 1]); the negative buckets follow the
+  positive ones. Works on numpy and jax arrays."""
+  u = x.view(np.int32) if isinstance(x, np.ndarray) else (
+      jax.lax.bitcast_convert_type(x, jnp.int32))
+  key = ((u & 0x7FFFFFFF) >> (23 - bits)) - (_LUT_MIN_EXPONENT << bits)
+  key = key.clip(0, nb - 1) if isinstance(x, np.ndarray) else jnp.clip(
+      key, 0, nb - 1)
+  return (np.where if isinstance(x, np.ndarray) else jnp.where)(
+      u < 0, key + nb, key)
+
+
+def _quantize_lut(x, lo_ref, aux_ref):
+  """`_quantize`'s code by two lookups: the bucket's lowest code, plus one
+  if `x` is past that code's upper threshold (see `quantize_tables`)."""
+  nb = lo_ref.shape[0] // 2
+  x = jnp.where(x == x, x, jnp.float32(-1.0))  # NaN: code 0, as the search
+  lo = lo_ref[_bucket_key(x, nb, _lut_bits(nb))].astype(jnp.int32)
+  return lo + (x > aux_ref[lo]).astype(jnp.int32)
+
+
+def search_codes(x: np.ndarray, qmap: np.ndarray) -> np.ndarray:
+  """bitsandbytes' `dQuantize<0>` code of float32 `x` (numpy, int32).
+
+  The 7-step binary search from pivot 127 and the midpoint rule, the host
+  twin of the kernel's `_quantize` (used to build and check the tables).
+  """
+  q = np.asarray(qmap, np.float32)
+  x = np.asarray(x, np.float32)
+  pivot = np.full(x.shape, 127, np.int32)
+  upper_pivot = np.full(x.shape, 255, np.int32)
+  lower_pivot = np.zeros(x.shape, np.int32)
+  lower = np.full(x.shape, -1.0, np.float32)
+  upper = np.full(x.shape, 1.0, np.float32)
+  val = q[pivot]
+  for step in (64, 32, 16, 8, 4, 2, 1):
+    go_up = x > val
+    lower_pivot = np.where(go_up, pivot, lower_pivot)
+    lower = np.where(go_up, val, lower)
+    upper_pivot = np.where(go_up, upper_pivot, pivot)
+    upper = np.where(go_up, upper, val)
+    pivot = np.where(go_up, pivot + step, pivot - step)
+    val = q[pivot]
+  upper = np.where(upper_pivot == 255, q[255], upper)
+  lower = np.where(lower_pivot == 0, q[0], lower)
+  above = x > val
+  take_up = above & (x > (upper + val) * np.float32(0.5))
+  take_lo = ~above & (x < (lower + val) * np.float32(0.5))
+  return np.where(take_up, upper_pivot,
+                  np.where(take_lo, lower_pivot, pivot)).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(qmap_bytes: bytes):
+  q = np.frombuffer(qmap_bytes, np.float32)
+  if q.shape != (256,) or not np.all(np.isfinite(q)) or np.any(
+      q[1:] < q[:-1]):
+    return None
+  neg = np.signbit(q)
+  n_neg = int(neg.sum())
+  if not np.all(neg[:n_neg]):  # the sign fix reads the sign off the code
+    return None
+  # The search picks the nearest code; ties between codes i and i + 1 go
+  # to the even one: past the midpoint for even i, at it for odd i.
+  mid = (q[:-1] + q[1:]) * np.float32(0.5)
+  odd = np.arange(255) % 2 == 1
+  thr = np.where(odd, np.nextafter(mid, np.float32(-np.inf)), mid)
+  aux = np.concatenate([thr, [np.inf, n_neg]]).astype(np.float32)
+  for bits in _LUT_BITS:
+    nb = ((127 - _LUT_MIN_EXPONENT) << bits) + 1
+    first = ((np.arange(nb, dtype=np.int64) + (_LUT_MIN_EXPONENT << bits))
+             << (23 - bits))
+    first[0] = 0
+    last = first + (1 << (23 - bits)) - 1
+    last[-1] = 0x7F800000  # the last bucket reaches +inf
+    small = first.astype(np.uint32).view(np.float32)
+    large = last.astype(np.uint32).view(np.float32)
+    lo = np.concatenate([search_codes(small, q), search_codes(-large, q)])
+    hi = np.concatenate([search_codes(large, q), search_codes(-small, q)])
+    if np.all(hi - lo <= 1):  # one threshold at most per bucket
+      return lo.astype(np.uint8), aux
+  return None
+
+
+def quantize_tables(qmap) -> tuple[np.ndarray, np.ndarray] | None:
+  """Lookup tables that requantize to `qmap` in two lookups, or None.
+
+  The search's code is monotone in x, so it is the count of the 255
+  thresholds below x (`thr[i]`, the midpoint of codes i and i + 1, one
+  float lower for odd i where the tie goes up). Buckets of x by sign,
+  exponent and a few mantissa bits hold at most one threshold each, so the
+  code is `lo[bucket] + (x > thr[lo[bucket]])`: the kernel does two
+  lookups where the search does five, and reads the sign off the code.
+  Checked on the host bucket by bucket against `search_codes`; a map
+  whose buckets would need more than one threshold (none of
+  bitsandbytes' maps) returns None, and the kernel searches.
+
+  Args:
+    qmap: a sorted float32 `[256]` map (numpy), negative values first.
+
+  Returns:
+    `(lo, aux)`: uint8 `[2 * buckets]` lowest codes, float32 `[257]` (the
+    255 thresholds, +inf, and the count of negative codes); or None.
+
+  Examples:
+    >>> q = np.linspace(-1.0, 1.0, 256, dtype=np.float32)
+    >>> lo, aux = quantize_tables(q)
+    >>> int(aux[256]), lo.dtype
+    (128, dtype('uint8'))
+  """
+  q = np.ascontiguousarray(np.asarray(qmap, np.float32))
+  return _tables(q.tobytes())
 
 
 # ------------------------------------------------------------------ kernel
 
 
 def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
-            layout, apply_updates, interpret):
+            layout, apply_updates, lut, interpret):
   nst = num_states(kind)
   stacked = kind == "ademamix"
+  refs = list(refs)
+  h_ref, q1_ref = refs[:2]
+  q2_ref = refs.pop(2) if nst == 2 else None
+  refs = refs[2:]
+  luts = {}
+  if lut:
+    luts[True] = (refs[0], refs[1])
+    if nst == 2:
+      luts[False] = (refs[2], refs[3])
+    refs = refs[2 * nst:]
   if nst == 2:
-    (h_ref, q1_ref, q2_ref, p_ref, g_ref, c1_ref, a1_ref, c2_ref, a2_ref,
+    (p_ref, g_ref, c1_ref, a1_ref, c2_ref, a2_ref,
      po_ref, c1o_ref, a1o_ref, c2o_ref, a2o_ref) = refs
   else:
-    (h_ref, q1_ref, p_ref, g_ref, c1_ref, a1_ref,
-     po_ref, c1o_ref, a1o_ref) = refs
+    (p_ref, g_ref, c1_ref, a1_ref, po_ref, c1o_ref, a1o_ref) = refs
   r = block_rows
   f32 = jnp.float32
   pid = pl.program_id(0)
@@ -245,7 +395,7 @@ def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
 
   def store_state(s, c_ref, a_ref, q_ref, signed, k=None):
     am = jnp.max(jnp.abs(s), axis=1)
-    code = _requantize(s, am, q_ref, signed, interpret)
+    code = _requantize(s, am, q_ref, signed, interpret, luts.get(signed))
     store(sub(c_ref, k), code.astype(jnp.uint8))
     pltriton.store(sub(a_ref, k), am, mask=row_ok)
 
@@ -334,6 +484,8 @@ def optimizer_update_8bit(
     qmap1: jax.Array,
     qmap2: jax.Array | None,
     scalars: jax.Array,
+    tables1: tuple[jax.Array, jax.Array] | None = None,
+    tables2: tuple[jax.Array, jax.Array] | None = None,
     *,
     kind: str,
     nesterov: bool = False,
@@ -359,6 +511,9 @@ def optimizer_update_8bit(
     scalars: float32 [len(SCALARS)]: lr, step, beta1, beta2, eps,
       weight_decay, corr1 = 1 - beta1^step, corr2 = sqrt(1 - beta2^step),
       alpha and beta3 (AdEMAMix, after their schedules).
+    tables1: `quantize_tables(qmap1)`, or None: the states are then
+      requantized by the binary search (same codes, more lookups).
+    tables2: `quantize_tables(qmap2)` (2-state kinds, with `tables1`).
     kind: one of `KINDS`.
     nesterov: momentum only.
     has_wd: whether weight_decay > 0 (static, as in the reference), or
@@ -426,6 +581,16 @@ def optimizer_update_8bit(
   if nst == 2:
     qmap2 = qmap2.astype(jnp.float32)
     args.append(qmap2)
+  lut = tables1 is not None
+  if (tables2 is not None) != (lut and nst == 2):
+    raise ValueError(f"optimizer_update_8bit({kind!r}): tables2 must be "
+                     f"given with tables1 for a 2-state kind and not "
+                     f"otherwise, got tables1={lut}, "
+                     f"tables2={tables2 is not None}.")
+  if lut:
+    for tables in (tables1, tables2)[:nst]:
+      args += [jnp.asarray(tables[0], jnp.uint8),
+               jnp.asarray(tables[1], jnp.float32)]
   n_tables = len(args)
   args += [view(p), view(g), view(codes1, lead),
            absmax1.astype(jnp.float32).reshape(lead + (nblocks,))]
@@ -453,7 +618,7 @@ def optimizer_update_8bit(
   kernel = functools.partial(
       _kernel, kind=kind, nesterov=nesterov, has_wd=has_wd, dtype=dtype,
       n=n, nblocks=nblocks, block_rows=r, layout=layout,
-      apply_updates=apply_updates, interpret=interpret)
+      apply_updates=apply_updates, lut=lut, interpret=interpret)
   state_bytes = nst + (1 if stacked else 0)
   outs = pl.pallas_call(
       kernel,

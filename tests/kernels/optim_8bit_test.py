@@ -10,6 +10,7 @@ and bound the differences XLA's and Triton's FMA contraction allow.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -323,3 +324,112 @@ def test_apply_updates_writes_what_optax_applies(mode, kind, dtype, wd):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   if dtype == jnp.float32:
     assert (np.asarray(got) != np.asarray(new_p)).any()
+
+
+# ---------------------------------------------------------------------------
+# requantization by lookup tables (`quantize_tables`)
+# ---------------------------------------------------------------------------
+
+
+def _probe_values(q, rng):
+  """Every threshold and map value +- 3 ulps, bucket edges, random values
+  over the decades, and the special values."""
+  mid = (q[:-1] + q[1:]) * np.float32(0.5)
+  near = []
+  for v in np.concatenate([mid, q]).astype(np.float32):
+    w = v
+    for _ in range(3):
+      w = np.nextafter(w, np.float32(-np.inf))
+    for _ in range(7):
+      near.append(w)
+      w = np.nextafter(w, np.float32(np.inf))
+  edges = (np.arange(1, 3200, dtype=np.uint32) << np.uint32(16)) + np.uint32(
+      103 << 23)
+  edges = np.concatenate([edges, edges - 1]).view(np.float32)
+  rand = (10.0 ** rng.uniform(-9, 0, 200_000)).astype(np.float32)
+  special = np.array([0.0, 1.0, 1e-30, 2.0**-24, 2.0**-25, np.inf, np.nan,
+                      1.5, 3e38], np.float32)
+  pos = np.concatenate([np.asarray(near, np.float32), edges, rand, special])
+  return np.concatenate([pos, -pos]).astype(np.float32)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_tables_give_the_search_codes(signed):
+  """The kernel's two-lookup requantization (`_quantize_lut`) equals
+  bitsandbytes' binary search (`search_codes`, and the kernel's own
+  `_quantize`) on every threshold +- 3 ulps, the bucket edges, 400k random
+  values over nine decades, +-0, +-inf, NaN and values past 1."""
+  q = optim_state.signed_map() if signed else optim_state.unsigned_map()
+  lo, aux = ok.quantize_tables(q)
+  x = _probe_values(q, np.random.default_rng(0))
+  want = ok.search_codes(x, q)
+  got = np.asarray(ok._quantize_lut(jnp.asarray(x), jnp.asarray(lo),
+                                    jnp.asarray(aux)))
+  np.testing.assert_array_equal(got, want)
+  search, _ = ok._quantize(jnp.asarray(x), jnp.asarray(q))
+  np.testing.assert_array_equal(np.asarray(search), want)
+  # The sign of a code's value, read off the code.
+  assert int(aux[256]) == int(np.signbit(q).sum())
+
+
+def test_quantize_tables_refuse_maps_they_cannot_serve():
+  lin = np.linspace(-1.0, 1.0, 256, dtype=np.float32)
+  assert ok.quantize_tables(lin) is not None
+  crowded = lin.copy()
+  crowded[200:204] = np.float32(0.5) + np.arange(4, dtype=np.float32) * 1e-7
+  crowded.sort()
+  assert ok.quantize_tables(crowded) is None  # 3 thresholds in one bucket
+  assert ok.quantize_tables(lin[::-1]) is None  # not sorted
+  assert ok.quantize_tables(lin[:128]) is None  # not 256 values
+  nan = lin.copy()
+  nan[3] = np.nan
+  assert ok.quantize_tables(nan) is None
+
+
+def _direct_args(kind, n, rng):
+  p = jnp.asarray(rng.standard_normal(n).astype(np.float32))
+  g = rng.standard_normal(n).astype(np.float32) * 0.1
+  g[3], g[300] = np.nan, np.inf
+  g[512:768] = 0.0
+  s1, s2 = _init_states(kind, (n,), rng)
+  codes1 = np.asarray(s1.codes).copy()
+  absmax1 = np.asarray(s1.absmax).copy()
+  codes1[..., 512:768] = 127        # an all-zero block: 0 / 0 in the
+  absmax1[..., 2] = 0.0             # requantization (NaN -> code 0)
+  s1 = optim_state.Quantized8bit(jnp.asarray(codes1), jnp.asarray(absmax1),
+                                 signed=True)
+  sc = ok.pack_scalars(lr=1e-3, step=3, beta1=0.9, beta2=0.999, eps=1e-8,
+                       weight_decay=0.01, corr1=1 - 0.9**3,
+                       corr2=math.sqrt(1 - 0.999**3), alpha=5.0,
+                       beta3=0.9999)
+  two = s2 is not None
+  maps = (jnp.asarray(optim_state.signed_map()),
+          jnp.asarray(optim_state.unsigned_map()) if two else None)
+  tables = (ok.quantize_tables(optim_state.signed_map()),
+            ok.quantize_tables(optim_state.unsigned_map()) if two else None)
+  states = (s1.codes, s1.absmax, s2.codes if two else None,
+            s2.absmax if two else None)
+  return (p, jnp.asarray(g), *states, *maps, sc), tables
+
+
+@pytest.mark.parametrize("mode", _util.modes())
+@pytest.mark.parametrize("kind", ["adam", "ademamix", "lion", "rmsprop"])
+def test_tables_and_search_give_identical_steps(mode, kind):
+  """The kernel with `quantize_tables` and with the binary search writes
+  the same codes, absmax and parameters, bit for bit (NaN/inf gradients,
+  a zero-gradient block and an all-zero state block included)."""
+  n = 4 * 256 + 77
+  args, tables = _direct_args(kind, n, np.random.default_rng(5))
+  run = functools.partial(ok.optimizer_update_8bit, kind=kind, has_wd=True,
+                          interpret=mode == "interpret")
+  plain = run(*args)
+  fast = run(*args, *tables)
+  for a, b in zip(plain, fast):
+    if a is not None:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tables_must_come_in_pairs():
+  args, tables = _direct_args("adam", 1024, np.random.default_rng(1))
+  with pytest.raises(ValueError, match="tables2 must be given with tables1"):
+    ok.optimizer_update_8bit(*args, tables[0], kind="adam", interpret=True)

@@ -106,13 +106,20 @@ def optimizer_update_8bit(kind: str, p: jax.Array, g: jax.Array,
   n = math.prod(p.shape)
   lead = (2,) if kind == "ademamix" else ()
   two = state2 is not None
+  # Lookup tables for the requantization (two lookups instead of the
+  # binary search's five); None for both if either map has none.
+  tables = [optim_8bit.quantize_tables(optim_state.signed_map())]
+  if two:
+    tables.append(optim_8bit.quantize_tables(optim_state.unsigned_map()))
+  if any(t is None for t in tables):
+    tables = [None]
   new_p, c1, a1, c2, a2 = optim_8bit.optimizer_update_8bit(
       p.reshape(n), g.reshape(n), state1.codes.reshape(lead + (n,)),
       state1.absmax, state2.codes.reshape(n) if two else None,
       state2.absmax if two else None,
       jnp.asarray(optim_state.signed_map()),
       jnp.asarray(optim_state.unsigned_map()) if two else None,
-      _scalars(kind, hyper, lr, step), kind=kind,
+      _scalars(kind, hyper, lr, step), *tables, kind=kind,
       nesterov=bool(hyper.nesterov), has_wd=rules.weight_decay_on(hyper),
       alias=apply_updates, apply_updates=apply_updates,
       interpret=mode == "interpret")
