@@ -427,9 +427,11 @@ def int8_matmul(
     digits, xscale = outlier_limbs(x_outlier)
     ca_p = jnp.concatenate([
         jnp.pad(v, ((0, limbs - m), (0, kp - k))) for v in (ca, *digits)])
-    row_p = jnp.pad(row_p, (0, 4 * limbs - m))
+    # The epilogue reads `limbs` row scales: no padding (no extra XLA
+    # kernel) when M fills them.
+    row_p = jnp.pad(row_p, (0, limbs - m))
     args = [ca_p, row_p, cb, scb.astype(jnp.float32),
-            jnp.pad(xscale, (0, 4 * limbs - m))]
+            jnp.pad(xscale, (0, limbs - m))]
   else:
     ca_p = jnp.pad(ca, ((0, _M_PAD - m), (0, kp - k)))
     args = [ca_p, jnp.pad(row_p, (0, _M_PAD - m)), cb,

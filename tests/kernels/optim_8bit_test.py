@@ -304,7 +304,7 @@ def test_apply_updates_writes_what_optax_applies(mode, kind, dtype, wd):
   n = 2 * 256 + 77
   rng = np.random.default_rng(11)
   pv = rng.standard_normal(n).astype(np.float32)
-  pv[:64] *= 1e-5
+  pv[:400] *= np.float32(10.0) ** -rng.uniform(2, 7, 400).astype(np.float32)
   p = jnp.asarray(pv).astype(dtype)
   g = jnp.asarray(rng.standard_normal(n).astype(np.float32) * 0.1)
   g = g.at[5].set(jnp.nan)
