@@ -36,14 +36,15 @@ OUTLIER_COLS = (3, 17, 40)
 # --------------------------------------------------------------------------
 
 
-def _bnb_forward(x, cb, scb, bias, threshold):
+def _bnb_forward(x, cb, scb, bias, threshold, codes=None):
   """bitsandbytes' `MatMul8bitLt.forward` in numpy (section 2.7).
 
   Returns `(base, exact, bound)`: `base` is the int8 path in x's dtype
   (bit-exact: integer GEMM and the same float32 operations in the same
   order), `exact` the float64 value of `base + outlier stream` and `bound`
   the largest honest distance of a correct result from `exact` (0 where the
-  result must equal `base` bit for bit).
+  result must equal `base` bit for bit). `codes`: the activations' int8
+  codes to use instead of numpy's (the GPU's, see `_near_tie_codes`).
   """
   x = np.asarray(x)
   dt = x.dtype
@@ -62,6 +63,9 @@ def _bnb_forward(x, cb, scb, bias, threshold):
   q[outliers] = 0
   if x2.shape[0] > 1:
     q[:, cols] = 0                                 # whole outlier columns
+  if codes is not None:
+    _near_tie_codes(codes, q, xh, absmax)
+    q = np.asarray(codes, np.int8)
   acc = q.astype(np.int64) @ np.asarray(cb).astype(np.int64).T
   prod = (acc.astype(np.float32) * absmax[:, None]) * np.asarray(
       scb, np.float32)[None, :]
@@ -96,6 +100,23 @@ def _bnb_forward(x, cb, scb, bias, threshold):
   return base.reshape(shape), exact.reshape(shape), bound.reshape(shape)
 
 
+def _near_tie_codes(codes, q, xh, absmax):
+  """Asserts that `codes` equal numpy's `q` except at rounding ties.
+
+  XLA:GPU's float32 division is not correctly rounded (measured on the
+  H200: `127 / absmax` one ulp off), so `x * (127 / absmax)` can land on
+  the other side of a .5 tie, as bitsandbytes' own `__fdividef` does: such
+  a code may differ by one; no other may.
+  """
+  codes = np.asarray(codes).astype(np.int64)
+  diff = codes != q
+  with np.errstate(divide="ignore", invalid="ignore"):
+    v = xh.astype(np.float64) * (127.0 / absmax.astype(np.float64))[:, None]
+  tie = np.abs(np.abs(v - np.trunc(v)) - 0.5) <= 1e-5 * np.abs(v)
+  assert np.all(np.abs(codes - q)[diff] == 1), "a code off by more than one"
+  assert np.all(tie[diff]), "a code off away from a rounding tie"
+
+
 def _inputs(dtype, lead=(8,), k=64, n=24, seed=0, planted=True):
   """x `[*lead, k]` with planted outlier columns, an Int8Params, a bias."""
   kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
@@ -114,8 +135,8 @@ def _inputs(dtype, lead=(8,), k=64, n=24, seed=0, planted=True):
   return x, F.quantize_int8_weight(jnp.asarray(w)), bias, w
 
 
-def _assert_forward(y, x, q, bias, threshold, msg=""):
-  base, exact, bound = _bnb_forward(x, q.CB, q.SCB, bias, threshold)
+def _assert_forward(y, x, q, bias, threshold, msg="", codes=None):
+  base, exact, bound = _bnb_forward(x, q.CB, q.SCB, bias, threshold, codes)
   y = np.asarray(y)
   assert y.dtype == x.dtype and y.shape == base.shape, (y.dtype, y.shape)
   plain = bound == 0
@@ -494,7 +515,10 @@ def test_gpu_forward_matches_the_transcription(dtype):
   xj, bj, qj = jax.device_put((jnp.asarray(x), jnp.asarray(bias), q), dev)
   y = jax.jit(F.matmul_8bit, static_argnames="threshold")(xj, qj, bj,
                                                           threshold=6.0)
-  _assert_forward(np.asarray(y), x, q, bias, 6.0, "gpu")
+  # The activation codes the GPU made (near-tie flips checked there).
+  codes = jax.jit(lambda a: F.int8_vectorwise_quant(a, 6.0)[0])(
+      xj.astype(jnp.float16))
+  _assert_forward(np.asarray(y), x, q, bias, 6.0, "gpu", codes)
 
 
 @pytest.mark.parametrize("n_out", [64, 65, 200])
@@ -537,3 +561,16 @@ def test_round_to_float16_is_numpys_float16():
   np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
   got_k = np.asarray(ik.round_to_float16(jnp.asarray(x)))
   np.testing.assert_array_equal(got_k.view(np.uint16), want.view(np.uint16))
+
+
+def test_near_tie_codes_allows_only_tie_flips():
+  """The GPU test's code check: a code at an exact .5 tie may flip by one
+  (XLA:GPU's division is not correctly rounded); any other may not."""
+  xh = np.array([[1.1875, 0.5, -2.375]], np.float16)
+  absmax = np.array([2.375], np.float32)
+  q = np.array([[63, 27, -127]], np.int64)  # 1.1875 * 127 / 2.375 = 63.5
+  _near_tie_codes(np.array([[64, 27, -127]]), q, xh, absmax)
+  with pytest.raises(AssertionError, match="away from a rounding tie"):
+    _near_tie_codes(np.array([[63, 26, -127]]), q, xh, absmax)
+  with pytest.raises(AssertionError, match="more than one"):
+    _near_tie_codes(np.array([[65, 27, -127]]), q, xh, absmax)
