@@ -161,8 +161,9 @@ def _store_lanes(acc, out_ref, bias_ref, *, row0, row_ok, s, m, has_bias,
 
 
 def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
-         absmax_of, row0, row_ok, s, m, nkb, block_kb, half, block_n, steps,
-         has_bias, split_k, compute_dtype, prefetch, code, interpret):
+         absmax_of, block_mask, row0, row_ok, s, m, nkb, block_kb, half,
+         block_n, steps, has_bias, split_k, compute_dtype, prefetch, code,
+         interpret):
   """The "mma" variant: per step, `block_kb` quantization blocks of
   `block_n` rows decoded and scaled by their absmax in the compute dtype
   (in registers with byte permutes when `code` is given, `lut_decode`),
@@ -176,29 +177,19 @@ def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
   need_nmask = w_ref.shape[0] % block_n != 0
 
   def load(t):
-    kb0 = (s * steps + t) * block_kb
+    kb0, _, ok2 = block_mask(t)
     w_at = w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :]
     am_at = am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)]
     if not (need_nmask or need_kmask):  # unmasked: vectorized byte loads
       return (pltriton.load(w_at, eviction_policy="evict_first"),
               pltriton.load(am_at))
-    kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
-    ok2 = row_ok[:, None]
-    if need_kmask:
-      ok2 = ok2 & (kbs < nkb)[None, :]
-    ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
     ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
     w = pltriton.load(w_at, mask=ok3, other=0, eviction_policy="evict_first")
     am = pltriton.load(am_at, mask=ok2, other=0)
     return w, am
 
   def step(t, w, am, acc):
-    kb0 = (s * steps + t) * block_kb
-    kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
-    ok2 = row_ok[:, None]
-    if need_kmask:
-      ok2 = ok2 & (kbs < nkb)[None, :]
-    ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
+    kb0, kbs, ok2 = block_mask(t)
     am = absmax_of(am, kbs, ok2)
     shape = (block_n, block_kb, half)
     if code is not None:
@@ -271,9 +262,22 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
                        nested_blocksize, nested_len, interpret)
     return jnp.where(ok, am, 0.0)
 
+  def block_mask(t, live=None):
+    """Step `t`'s first quantization block, its `block_kb` block indices
+    and their `[block_n, block_kb]` mask (rows, K; off unless `live`)."""
+    kb0 = (s * steps + t) * block_kb
+    kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
+    ok = row_ok[:, None]
+    if need_kmask:
+      ok = ok & (kbs < nkb)[None, :]
+    if live is not None:
+      ok = ok & live
+    return kb0, kbs, jnp.broadcast_to(ok, (block_n, block_kb))
+
   if variant == "mma":
     _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref,
-         absmax_of=absmax_of, row0=row0, row_ok=row_ok, s=s, m=m, nkb=nkb,
+         absmax_of=absmax_of, block_mask=block_mask, row0=row0,
+         row_ok=row_ok, s=s, m=m, nkb=nkb,
          block_kb=block_kb, half=half, block_n=block_n, steps=steps,
          has_bias=has_bias, split_k=split_k, compute_dtype=compute_dtype,
          prefetch=prefetch, code=code, interpret=interpret)
@@ -282,14 +286,7 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
   if variant == "reduce":
     def load(t, live=None):
       """Step `t`'s packed bytes and raw absmax (masked off unless `live`)."""
-      kb0 = (s * steps + t) * block_kb
-      kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
-      ok2 = row_ok[:, None]
-      if need_kmask:
-        ok2 = ok2 & (kbs < nkb)[None, :]
-      if live is not None:
-        ok2 = ok2 & live
-      ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
+      kb0, _, ok2 = block_mask(t, live)
       ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
       w = pltriton.load(
           w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :],
@@ -300,12 +297,7 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
       return w, am
 
     def step(t, w, am, accs):
-      kb0 = (s * steps + t) * block_kb
-      kbs = kb0 + jnp.arange(block_kb, dtype=jnp.int32)
-      ok2 = row_ok[:, None]
-      if need_kmask:
-        ok2 = ok2 & (kbs < nkb)[None, :]
-      ok2 = jnp.broadcast_to(ok2, (block_n, block_kb))
+      kb0, kbs, ok2 = block_mask(t)
       am = absmax_of(am, kbs, ok2)[:, :, None]
       hi, lo = _decode(w.astype(jnp.int32), lut_ref, pair)
       xmask = None

@@ -25,36 +25,14 @@ import numpy as np
 
 from jaxbnb import functional as F
 from jaxbnb._src.quant import codebooks
-from jaxbnb._src.tools import measure
 from pallas_kernels import gemv_4bit as gk
+
+from gemv_sweep import make, median_us, split_for  # docs/bench, run as a script
 
 LUT = jnp.asarray(codebooks.code_for("nf4"))
 CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096),
           (6144, 4096)]
-
-
-def split_for(n, k, block_n, block_kb, waves, sms=132):
-  nkb, s = k // 64, 1
-  tiles, steps = -(-n // block_n), -(-nkb // block_kb)
-  while tiles * s < waves * sms and s * 2 <= steps:
-    s *= 2
-  return s
-
-
-def make(n, k, nslots=3):
-  slots = []
-  for i in range(nslots):
-    w = jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)
-    packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    slots.append((packed.reshape(-1), qs.absmax, qs.nested_absmax,
-                  qs.nested_code, qs.offset, w, qs, packed))
-  return slots
-
-
-def median_us(fn, slots):
-  return float(np.median(measure.time_jax(fn, slots, rounds=20, reps=5,
-                                          warmup=1))) * 1e6
 
 
 def configs(which, n, k, m):

@@ -31,10 +31,11 @@ LUT = jnp.asarray(codebooks.code_for("nf4"))
 SHAPES = [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]
 
 
-def split_for(n, k, block_n, block_kb, sms=132):
+def split_for(n, k, block_n, block_kb, waves=2, sms=132):
+  """Split-K that fills `waves` waves of SMs (at most one block a step)."""
   nkb, s = k // 64, 1
   tiles, steps = -(-n // block_n), -(-nkb // block_kb)
-  while tiles * s < 2 * sms and s * 2 <= steps:
+  while tiles * s < waves * sms and s * 2 <= steps:
     s *= 2
   return s
 
@@ -45,7 +46,7 @@ def make(n, k, nslots=3):
     w = jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16)
     packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
     slots.append((packed.reshape(-1), qs.absmax, qs.nested_absmax,
-                  qs.nested_code, qs.offset, w))
+                  qs.nested_code, qs.offset, w, qs, packed))
   return slots
 
 
