@@ -88,13 +88,12 @@ def test_layerwise_step_tied_head_and_one_program_per_layer(monkeypatch):
   batch = _chat_like(1)
   batch = {k: v % 64 if k == "input_ids" else v for k, v in batch.items()}
   traces = []
-  real = layerwise._layer_forward.__wrapped__
+  real = layerwise._forward_leaves
 
   def counting(*args):
     traces.append(1)
     return real(*args)
-  monkeypatch.setattr(layerwise, "_layer_forward",
-                      jax.jit(counting, static_argnums=0))
+  monkeypatch.setattr(layerwise, "_forward_leaves", counting)
   a, b = make(), make()
   out_a = train.layerwise_train_step(
       a, nnx.Optimizer(a, SGD, wrt=nnx.LoRAParam), batch)
@@ -154,3 +153,47 @@ def test_optimizer_update_does_not_copy_the_frozen_weights():
   # (+ the norm and the output tuple's bookkeeping: 636 bytes measured)
   assert out <= nbytes(parts[1]) + 1024  # adapters + optimizer state
   assert nbytes(parts[2]) > out  # the frozen weights stay in
+
+
+def test_layerwise_walks_the_layers_once_and_follows_replaced_variables(
+    monkeypatch):
+  """The layers' graphs are walked once per model (`_Plan`); values set
+  between steps (`nnx.update`) are read live, and a variable replaced by a
+  new object makes the next step walk again and train the new one."""
+  made = []
+  real_init = layerwise._Plan.__init__
+
+  def counting(self, model):
+    made.append(1)
+    real_init(self, model)
+  monkeypatch.setattr(layerwise._Plan, "__init__", counting)
+  lora = LoRAConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+  batch = _chat_like(1)
+  a, b = common.lora_model(lora=lora), common.lora_model(lora=lora)
+  opt_a = nnx.Optimizer(a, SGD, wrt=nnx.LoRAParam)
+  opt_b = nnx.Optimizer(b, SGD, wrt=nnx.LoRAParam)
+  for _ in range(2):
+    train.layerwise_train_step(a, opt_a, batch)
+  assert len(made) == 1
+  # New values through nnx.update: the next step must use them (b is
+  # the reference: a model that never ran a layerwise step).
+  nnx.update(b, nnx.state(a, nnx.LoRAParam))
+  shifted = jax.tree.map(lambda v: v * 0.5, nnx.state(a, nnx.LoRAParam))
+  nnx.update(a, shifted)
+  nnx.update(b, shifted)
+  out_a = train.layerwise_train_step(a, opt_a, batch)
+  out_b = train.train_step(b, opt_b, batch, remat=True)
+  assert len(made) == 1
+  np.testing.assert_allclose(float(out_a["loss"]), float(out_b["loss"]),
+                             rtol=1e-5)
+  # A replaced adapter variable: a new plan, and the new variable trains.
+  proj = a.model.layers[1].self_attn.q_proj
+  old = proj.lora_B
+  proj.lora_B = nnx.LoRAParam(jnp.full(old.shape, 0.01, old.dtype))
+  new_var = proj.lora_B
+  before = np.asarray(new_var.get_value())
+  train.layerwise_train_step(a, nnx.Optimizer(a, SGD, wrt=nnx.LoRAParam),
+                             batch)
+  assert len(made) == 2
+  assert proj.lora_B is new_var
+  assert not np.array_equal(np.asarray(new_var.get_value()), before)
