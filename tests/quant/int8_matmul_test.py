@@ -516,7 +516,7 @@ def test_gpu_forward_matches_the_transcription(dtype):
   y = jax.jit(F.matmul_8bit, static_argnames="threshold")(xj, qj, bj,
                                                           threshold=6.0)
   # The activation codes the GPU made (near-tie flips checked there).
-  codes = jax.jit(lambda a: F.int8_vectorwise_quant(a, 6.0)[0])(
+  codes = jax.jit(lambda a: F.int8_vectorwise_quant_mask(a, 6.0)[0])(
       xj.astype(jnp.float16))
   _assert_forward(np.asarray(y), x, q, bias, 6.0, "gpu", codes)
 
