@@ -197,3 +197,25 @@ def test_layerwise_walks_the_layers_once_and_follows_replaced_variables(
   assert len(made) == 2
   assert proj.lora_B is new_var
   assert not np.array_equal(np.asarray(new_var.get_value()), before)
+
+
+def test_layerwise_follows_a_switch_to_eval_mode():
+  """`model.eval()` between steps changes a static attribute (the dropout's
+  `deterministic`) that the cached programs hold: the next step must see
+  it (with dropout 0.5 still on, the loss would differ by percents)."""
+  lora = LoRAConfig(r=4, lora_dropout=0.5, target_modules="all-linear",
+                    init_lora_weights=False)
+  batch = _chat_like(1)
+  a, b = common.lora_model(lora=lora), common.lora_model(lora=lora)
+  a.train()
+  b.train()
+  opt_a = nnx.Optimizer(a, SGD, wrt=nnx.LoRAParam)
+  opt_b = nnx.Optimizer(b, SGD, wrt=nnx.LoRAParam)
+  train.layerwise_train_step(a, opt_a, batch)
+  train.train_step(b, opt_b, batch, remat=True)
+  a.eval()
+  b.eval()
+  out_a = train.layerwise_train_step(a, opt_a, batch)
+  out_b = train.train_step(b, opt_b, batch, remat=True)
+  np.testing.assert_allclose(float(out_a["loss"]), float(out_b["loss"]),
+                             rtol=2e-4)

@@ -22,14 +22,15 @@ The result equals `train_step(..., remat=True)` up to float summation order
 live in the decoder layers only, as `apply_lora` puts them on the
 projections; `supports_layerwise` says whether a model qualifies.
 
-Host time: the decoder layers are walked once per model (`_Plan`), which
-keeps each layer's `Variable`s in the order of its state's leaves and one
-compiled forward and backward taking those leaves; each step reads and
-writes the values directly and checks, by identity along the cached paths,
-that the layers still hold the same modules and variables (the walk is
-redone when they do not). Walking 32 layers' NNX graphs every step cost
-most of the step's host time (measured: 63% on a CPU), and a step on the
-GPU waited for it.
+Host time: the model and optimizer are walked once (`_Plan`,
+`_UpdatePlan`), which keep each layer's `Variable`s in the order of its
+state's leaves, one compiled forward and backward taking those leaves, and
+the update's split. Each step reads and writes the values directly, after
+checking every graph node's attributes against the plan (names, and the
+identity of each variable and child): anything added, removed or replaced
+since makes it check and walk everything again. Walking the NNX graphs
+every step cost most of the step's host time (measured: 63% on a CPU for
+the layers alone), and a step on the GPU waited for it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flax.nnx import graphlib
 
 from jaxbnb._src.models import llama
 from jaxbnb._src.models import rope
@@ -75,11 +77,11 @@ class _Plan:
   """One walk of a model's decoder layers, reused by every step.
 
   `variables[i]` holds layer i's `Variable`s in the order of
-  `nnx.state(layer)` (`paths`); their values' leaves, in that order, are
-  the state's leaves (`treedef`; a 4-bit weight's value has several).
-  `forward`/`backward` are the compiled layer programs taking those leaves. `valid(model)` re-resolves
-  every cached path and compares identities (a few thousand attribute
-  reads, no graph walk).
+  `nnx.state(layer)`; their values' leaves, in that order, are the state's
+  leaves (`treedef`; a 4-bit weight's value has several). `forward` and
+  `backward` are the compiled layer programs taking those leaves.
+  `updates` holds the `_UpdatePlan` of each optimizer used with the model,
+  whose `valid` tells whether anything in either changed.
   """
 
   def __init__(self, model: nnx.Module):
@@ -88,37 +90,17 @@ class _Plan:
     self.graphdef = nnx.graphdef(layers[0])
     state = nnx.state(layers[0])
     self.treedef = jax.tree.structure(state)
-    self.paths = tuple(tuple(p) for p, _ in nnx.to_flat_state(state))
     self.variables = tuple(
         tuple(jax.tree.leaves(nnx.variables(layer), is_leaf=_IS_VARIABLE))
         for layer in layers)
     self.rng = tuple(i for i, v in enumerate(self.variables[0])
                      if isinstance(v, nnx.RngState))
-    self.lora_paths = tuple(
-        ("model", "layers", i) + tuple(p)
-        for i, layer in enumerate(layers) for p in _lora_paths(layer))
     self.forward = jax.jit(functools.partial(
         _forward_leaves, self.graphdef, self.treedef))
     self.backward = jax.jit(functools.partial(
         _backward_leaves, self.graphdef, self.treedef), donate_argnums=5)
-
-  def valid(self, model: nnx.Module) -> bool:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or len(layers) != len(self.layers):
-      return False
-    for layer, cached, variables in zip(layers, self.layers, self.variables):
-      if layer is not cached or len(variables) != len(self.paths):
-        return False
-      for path, variable in zip(self.paths, variables):
-        node = layer
-        try:
-          for key in path:
-            node = _child(node, key)
-        except (AttributeError, IndexError, KeyError, TypeError):
-          return False
-        if node is not variable:
-          return False
-    return True
+    self.updates: "weakref.WeakKeyDictionary[Any, _UpdatePlan]" = (
+        weakref.WeakKeyDictionary())
 
   def values(self, i: int) -> list[jax.Array]:
     """Layer i's state leaves, read off its variables."""
@@ -127,12 +109,91 @@ class _Plan:
       out.extend(jax.tree.leaves(v.get_value()))
     return out
 
-  def rng_values(self) -> list[list[jax.Array]]:
-    return [[vs[j].get_value() for j in self.rng] for vs in self.variables]
-
   def set_rng(self, i: int, values) -> None:
     for j, value in zip(self.rng, values):
       self.variables[i][j].set_value(value)
+
+
+def _fingerprint(node) -> tuple:
+  """A graph node's attributes: names and the identity of each value.
+
+  A variable or child replaced or added changes it, and so does a static
+  attribute set to another value (`model.eval()` sets the dropout's
+  `deterministic`, which the cached graphdef holds)."""
+  return tuple((key, id(value)) for key, value in
+               graphlib.get_node_impl(node).node_dict(node).items())
+
+
+class _UpdatePlan:
+  """One walk of `(model, optimizer)` for the update program.
+
+  Holds the split's graphdef, the `MUTABLE` ("changing") and other
+  ("frozen") variables in the order of their states' leaves, and the
+  fingerprint of every graph node below the two roots (the plan keeps those
+  nodes and their attributes' values, so their identities stay unique; it
+  keeps no reference to the roots, whose fingerprints it compares too). `valid` re-resolves each
+  node's path and compares fingerprints: any variable or module added,
+  removed or replaced anywhere in the model or optimizer invalidates it.
+  """
+
+  def __init__(self, nodes):
+    graphdef, changing, frozen = nnx.split(nodes, step_lib.MUTABLE, ...)
+    self.graphdef = graphdef
+    self.treedefs = (jax.tree.structure(changing), jax.tree.structure(frozen))
+    cvars, fvars = nnx.variables(nodes, step_lib.MUTABLE, ...)
+    self.variables = tuple(
+        tuple(jax.tree.leaves(v, is_leaf=_IS_VARIABLE)) for v in (cvars, fvars))
+    self.value_defs = tuple(jax.tree.structure(v.get_value())
+                            for v in self.variables[0])
+    self.roots = tuple(_fingerprint(n) for n in nodes)
+    self.graph = []
+    for path, node in nnx.iter_graph(nodes):
+      if (len(path) > 1 and graphlib.is_graph_node(node)
+          and not isinstance(node, nnx.Variable)):
+        attrs = tuple(graphlib.get_node_impl(node).node_dict(node).values())
+        self.graph.append((tuple(path), node, _fingerprint(node), attrs))
+    # The roots' attribute values too (the ids compared must stay unique).
+    self.root_attrs = tuple(
+        tuple(graphlib.get_node_impl(n).node_dict(n).values()) for n in nodes)
+    # The leaves read off the variables must be the split's, in order.
+    for state, variables in zip((changing, frozen), self.variables):
+      if [id(x) for x in jax.tree.leaves(state)] != [
+          id(x) for v in variables for x in jax.tree.leaves(v.get_value())]:
+        raise ValueError("layerwise_train_step: the split's leaves do not "
+                         "follow its variables")
+
+  def valid(self, nodes) -> bool:
+    if tuple(_fingerprint(n) for n in nodes) != self.roots:
+      return False
+    for path, node, fingerprint, _ in self.graph:
+      current = nodes
+      try:
+        for key in path:
+          current = _child(current, key)
+      except (AttributeError, IndexError, KeyError, TypeError):
+        return False
+      if current is not node or _fingerprint(node) != fingerprint:
+        return False
+    return True
+
+  def read(self):
+    """`(graphdef, changing, frozen)`, as `nnx.split(nodes, MUTABLE, ...)`."""
+    states = []
+    for treedef, variables in zip(self.treedefs, self.variables):
+      leaves = [x for v in variables for x in jax.tree.leaves(v.get_value())]
+      states.append(jax.tree.unflatten(treedef, leaves))
+    return (self.graphdef, *states)
+
+  def write(self, states) -> None:
+    """Writes the update's `MUTABLE` states (one per node) back."""
+    leaves = jax.tree.leaves(states)
+    at = 0
+    for variable, treedef in zip(self.variables[0], self.value_defs):
+      k = treedef.num_leaves
+      variable.set_value(jax.tree.unflatten(treedef, leaves[at:at + k]))
+      at += k
+    if at != len(leaves):  # a bug: the same filter, the same tree
+      raise AssertionError(f"{len(leaves)} leaves, {at} expected")
 
 
 # Each model's `_Plan` (walking every layer's graph each step measured 0.6 s
@@ -316,13 +377,16 @@ def layerwise_train_step(model: nnx.Module, optimizer: nnx.Optimizer,
     raise ValueError(f"layerwise_train_step: `chunk` must be an int >= 1, "
                      f"got {chunk!r}")
   plan = _PLANS.get(model)
-  if plan is None or not plan.valid(model):
+  update = None if plan is None else plan.updates.get(optimizer)
+  if update is None or not update.valid((model, optimizer)):
+    # First step, a new optimizer, or something in either changed: check
+    # and walk everything again.
     _PLANS.pop(model, None)
     if not supports_layerwise(model):
       raise ValueError(_UNSUPPORTED)
     plan = _PLANS[model] = _Plan(model)
+    update = plan.updates[optimizer] = _UpdatePlan((model, optimizer))
   head = _Head(model)
-  rng_before = plan.rng_values()
   total_nll, total_count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
   layer_grads = [None] * len(plan.layers)
   for a in range(batch["input_ids"].shape[0]):
@@ -340,20 +404,10 @@ def layerwise_train_step(model: nnx.Module, optimizer: nnx.Optimizer,
       flat.append((("model", "layers", i) + tuple(path), leaf))
   grads = nnx.from_flat_state(flat)
   denom = jnp.maximum(total_count, 1).astype(jnp.float32)
-  # The update's split walks the model and optimizer anyway: it also
-  # checks that every adapter is still in the layers (one added elsewhere
-  # since the plan was made is refused, and the RNG counts the forward
-  # passes advanced are put back, so nothing has changed).
-  nodes = (model, optimizer)
-  graphdef, lora, rest, frozen = nnx.split(nodes, nnx.LoRAParam,
-                                           step_lib.MUTABLE, ...)
-  if len(jax.tree.leaves(lora)) != len(plan.lora_paths):
-    for i, values in enumerate(rng_before):
-      plan.set_rng(i, values)
-    _PLANS.pop(model, None)
-    raise ValueError(_UNSUPPORTED)
-  changing = nnx.merge_state(lora, rest)
-  norm = step_lib.run_updating(_apply, nodes, grads, denom,
-                               split=(graphdef, changing, frozen))
+  graphdef, changing, frozen = update.read()
+  where = step_lib.placements((model, optimizer),
+                              [changing[i] for i in range(2)])
+  norm, states = _apply(graphdef, changing, frozen, grads, denom, where)
+  update.write(states)
   return {"loss": total_nll / denom, "grad_norm": norm,
           "targets": total_count}

@@ -249,15 +249,12 @@ def constrain(states, where):
   return tuple(out)
 
 
-def run_updating(jitted, nodes, *args, split=None):
+def run_updating(jitted, nodes, *args):
   """Calls `jitted(graphdef, changing, frozen, *args, placements(nodes))`
   -> `(out, states)` and writes each node's returned state back into it.
 
-  On a single device the last argument is None (no constraint). `split`:
-  `nnx.split(tuple(nodes), MUTABLE, ...)` when the caller has made it."""
-  if split is None:
-    split = nnx.split(tuple(nodes), MUTABLE, ...)
-  graphdef, changing, frozen = split
+  On a single device the last argument is None (no constraint)."""
+  graphdef, changing, frozen = nnx.split(tuple(nodes), MUTABLE, ...)
   where = placements(nodes, [changing[i] for i in range(len(nodes))])
   out, states = jitted(graphdef, changing, frozen, *args, where)
   for node, state in zip(nodes, states):
