@@ -6,7 +6,8 @@ as array inputs and never import jaxbnb. All use Pallas' Triton lowering
 
 * `quantize_4bit`: blockwise NF4/FP4 quantization, bitsandbytes' format.
 * `dequantize_4bit`: dequantization, double-quantized absmax decoded inline.
-* `gemv_4bit`: fused dequantize-and-multiply for small M ("reduce", "dot").
+* `gemv_4bit`: fused dequantize-and-multiply for small M ("reduce", "dot",
+  "mma").
 * `int8_matmul`: the LLM.int8 forward for decoding (M <= 16): int8 weight
   read once, int32 tensor-core product, outlier stream and bitsandbytes'
   epilogue fused.
@@ -14,6 +15,9 @@ as array inputs and never import jaxbnb. All use Pallas' Triton lowering
   gathered outlier columns and bitsandbytes' epilogue fused.
 * `optim_8bit`: fused 8-bit blockwise optimizer update (dequantize the
   states, update, requantize with the sign fix) for bitsandbytes' kinds.
+* `code_tables`: quantization to a sorted 8-bit map (bitsandbytes' dynamic
+  maps) in two lookups instead of its binary search, bit for bit.
+* `lut_decode`: the 4-bit codes decoded in registers (byte permutes).
 
 Each module has `can_use(...)`; jaxbnb falls back to its pure-jnp reference
 (`jaxbnb._src.quant.reference`) where a kernel cannot run. Every kernel runs under

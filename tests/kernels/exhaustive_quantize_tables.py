@@ -1,7 +1,7 @@
 """Every float32 in [-1, 1] through `quantize_tables` against the search.
 
 Not part of the pytest run (about 15 minutes on two CPU cores): run it
-after changing `pallas_kernels.optim_8bit`'s tables or bucket key with
+after changing `pallas_kernels.code_tables` with
 
     python -m tests.kernels.exhaustive_quantize_tables
 
@@ -19,14 +19,14 @@ import sys
 import numpy as np
 
 from jaxbnb._src.optim import state as optim_state
-from pallas_kernels import optim_8bit
+from pallas_kernels import code_tables
 
 
 def lut_codes(x: np.ndarray, lo: np.ndarray, aux: np.ndarray) -> np.ndarray:
-  """numpy twin of the kernel's `_quantize_lut`."""
+  """numpy twin of `code_tables.quantize_lut`."""
   nb = lo.shape[0] // 2
   x = np.where(np.isnan(x), np.float32(-1.0), x).astype(np.float32)
-  key = optim_8bit._bucket_key(x, nb, optim_8bit._lut_bits(nb))
+  key = code_tables._bucket_key(x, nb, code_tables._lut_bits(nb))
   code = lo[key].astype(np.int32)
   return code + (x > aux[code])
 
@@ -37,15 +37,15 @@ def main() -> int:
   bad = 0
   for name, qmap in (("signed", optim_state.signed_map()),
                      ("unsigned", optim_state.unsigned_map())):
-    lo, aux = optim_8bit.quantize_tables(qmap)
+    lo, aux = code_tables.quantize_tables(qmap)
     for sign in (0, 0x80000000):
       for start in range(0, last + 1, chunk):
         u = np.arange(start, min(start + chunk, last + 1), dtype=np.uint32)
         x = (u | np.uint32(sign)).view(np.float32)
-        bad += int(np.sum(optim_8bit.search_codes(x, qmap)
+        bad += int(np.sum(code_tables.search_codes(x, qmap)
                           != lut_codes(x, lo, aux)))
     x = np.array([np.nan, -np.nan, np.inf, -np.inf, 1.5, -1.5], np.float32)
-    bad += int(np.sum(optim_8bit.search_codes(x, qmap)
+    bad += int(np.sum(code_tables.search_codes(x, qmap)
                       != lut_codes(x, lo, aux)))
     print(f"{name} map: {bad} mismatches so far", flush=True)
   return 1 if bad else 0

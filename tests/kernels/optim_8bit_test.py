@@ -22,6 +22,7 @@ import pytest
 from jaxbnb._src.optim import kernels
 from jaxbnb._src.optim import rules as optim_rules
 from jaxbnb._src.optim import state as optim_state
+from pallas_kernels import code_tables
 from pallas_kernels import optim_8bit as ok
 from tests.kernels import _util
 
@@ -360,10 +361,10 @@ def test_quantize_tables_give_the_search_codes(signed):
   `_quantize`) on every threshold +- 3 ulps, the bucket edges, 400k random
   values over nine decades, +-0, +-inf, NaN and values past 1."""
   q = optim_state.signed_map() if signed else optim_state.unsigned_map()
-  lo, aux = ok.quantize_tables(q)
+  lo, aux = code_tables.quantize_tables(q)
   x = _probe_values(q, np.random.default_rng(0))
-  want = ok.search_codes(x, q)
-  got = np.asarray(ok._quantize_lut(jnp.asarray(x), jnp.asarray(lo),
+  want = code_tables.search_codes(x, q)
+  got = np.asarray(code_tables.quantize_lut(jnp.asarray(x), jnp.asarray(lo),
                                     jnp.asarray(aux)))
   np.testing.assert_array_equal(got, want)
   search, _ = ok._quantize(jnp.asarray(x), jnp.asarray(q))
@@ -374,16 +375,16 @@ def test_quantize_tables_give_the_search_codes(signed):
 
 def test_quantize_tables_refuse_maps_they_cannot_serve():
   lin = np.linspace(-1.0, 1.0, 256, dtype=np.float32)
-  assert ok.quantize_tables(lin) is not None
+  assert code_tables.quantize_tables(lin) is not None
   crowded = lin.copy()
   crowded[200:204] = np.float32(0.5) + np.arange(4, dtype=np.float32) * 1e-7
   crowded.sort()
-  assert ok.quantize_tables(crowded) is None  # 3 thresholds in one bucket
-  assert ok.quantize_tables(lin[::-1]) is None  # not sorted
-  assert ok.quantize_tables(lin[:128]) is None  # not 256 values
+  assert code_tables.quantize_tables(crowded) is None  # 3 thresholds in one bucket
+  assert code_tables.quantize_tables(lin[::-1]) is None  # not sorted
+  assert code_tables.quantize_tables(lin[:128]) is None  # not 256 values
   nan = lin.copy()
   nan[3] = np.nan
-  assert ok.quantize_tables(nan) is None
+  assert code_tables.quantize_tables(nan) is None
 
 
 def _direct_args(kind, n, rng):
@@ -405,8 +406,8 @@ def _direct_args(kind, n, rng):
   two = s2 is not None
   maps = (jnp.asarray(optim_state.signed_map()),
           jnp.asarray(optim_state.unsigned_map()) if two else None)
-  tables = (ok.quantize_tables(optim_state.signed_map()),
-            ok.quantize_tables(optim_state.unsigned_map()) if two else None)
+  tables = (code_tables.quantize_tables(optim_state.signed_map()),
+            code_tables.quantize_tables(optim_state.unsigned_map()) if two else None)
   states = (s1.codes, s1.absmax, s2.codes if two else None,
             s2.absmax if two else None)
   return (p, jnp.asarray(g), *states, *maps, sc), tables

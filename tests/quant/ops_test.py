@@ -789,3 +789,34 @@ def test_int8_vectorwise_dequant_bad_stats():
     F.int8_vectorwise_dequant(ca, stats[:-1])
   with pytest.raises(TypeError, match="`A`"):
     F.int8_vectorwise_dequant(ca.astype(jnp.int32), stats)
+
+
+def test_nested_quantization_by_tables_equals_the_search():
+  """Double quantization outside the "reference" kernel mode finds each
+  nested code with `pallas_kernels.code_tables` (two lookups); the bytes
+  equal the reference's binary search, on absmax spread over decades, ties
+  and exact map values included, and through `quantize_4bit` end to end."""
+  import jaxbnb  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.quant import codebooks  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  q = np.asarray(codebooks.create_dynamic_map(signed=True), np.float32)
+  absmax = np.concatenate([
+      10.0 ** rng.uniform(-6, 2, 3000), q[128:] + 1.0,
+      np.full(256, 0.5), np.zeros(256), rng.exponential(1.0, 1000)])
+  absmax = jnp.asarray(absmax.astype(np.float32))
+  outs = []
+  for mode in ("reference", "interpret"):
+    with jaxbnb.kernel_mode(mode):
+      outs.append(ops._double_quantize(absmax, 256))
+  for a, b in zip(outs[0], outs[1]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  x = jnp.asarray(rng.standard_normal((64, 512)).astype(np.float32))
+  states = []
+  for mode in ("reference", "interpret"):
+    with jaxbnb.kernel_mode(mode):
+      states.append(F.quantize_4bit(x, quant_type="nf4",
+                                    compress_statistics=True)[1])
+  np.testing.assert_array_equal(np.asarray(states[0].absmax),
+                                np.asarray(states[1].absmax))
+  np.testing.assert_array_equal(np.asarray(states[0].nested_absmax),
+                                np.asarray(states[1].nested_absmax))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxbnb._src.optim import rules
 from jaxbnb._src.optim import state as optim_state
 from jaxbnb._src.quant import dispatch
+from pallas_kernels import code_tables
 from pallas_kernels import optim_8bit
 
 __all__ = ["optimizer_update_8bit"]
@@ -108,9 +109,9 @@ def optimizer_update_8bit(kind: str, p: jax.Array, g: jax.Array,
   two = state2 is not None
   # Lookup tables for the requantization (two lookups instead of the
   # binary search's five); None for both if either map has none.
-  tables = [optim_8bit.quantize_tables(optim_state.signed_map())]
+  tables = [code_tables.quantize_tables(optim_state.signed_map())]
   if two:
-    tables.append(optim_8bit.quantize_tables(optim_state.unsigned_map()))
+    tables.append(code_tables.quantize_tables(optim_state.unsigned_map()))
   if any(t is None for t in tables):
     tables = [None]
   new_p, c1, a1, c2, a2 = optim_8bit.optimizer_update_8bit(

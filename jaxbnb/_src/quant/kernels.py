@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import code_tables
 from pallas_kernels import dequantize_4bit as dk
 from pallas_kernels import gemv_4bit as gk
 from pallas_kernels import quantize_4bit as qk
@@ -55,6 +56,25 @@ def quantize_4bit_flat(flat, blocksize, quant_type, mode):
     dispatch.no_kernel(
         f"quantize_4bit of {flat.shape[0]} {flat.dtype} elements")
   return reference.quantize_4bit(flat, blocksize, quant_type)
+
+
+def quantize_blockwise_flat(flat, code_np, blocksize, mode):
+  """(uint8 codes, float32 absmax) of bitsandbytes' 8-bit blockwise
+  quantization to the concrete map `code_np` (numpy [256]).
+
+  Each value's code comes from two lookups (`code_tables`, bit-identical to
+  the reference's binary search) unless `mode` is "reference" or the map
+  has no tables.
+  """
+  tables = None if mode == "reference" else code_tables.quantize_tables(
+      code_np)
+  codes_fn = None
+  if tables is not None:
+    lo, aux = (jnp.asarray(t) for t in tables)
+    codes_fn = lambda x: code_tables.quantize_lut(x, lo, aux).astype(  # noqa: E731
+        jnp.uint8)
+  return reference.quantize_blockwise(flat, jnp.asarray(code_np, jnp.float32),
+                                      blocksize, codes_fn)
 
 
 def dequantize_4bit_flat(packed, absmax, nested, n, blocksize, quant_type,

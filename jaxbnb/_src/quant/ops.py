@@ -51,13 +51,21 @@ def _quantize_blockwise_flat(flat, code, blocksize):
   return reference.quantize_blockwise(flat, code, blocksize)
 
 
+@functools.partial(jax.jit, static_argnames=("blocksize", "mode"))
+def _quantize_nested(flat, blocksize, mode):
+  return kernels.quantize_blockwise_flat(
+      flat, np.asarray(codebooks.create_dynamic_map(signed=True), np.float32),
+      blocksize, mode)
+
+
 def _double_quantize(absmax: jax.Array, nested_blocksize: int):
-  """bnb's nested absmax: offset = mean, 8-bit blockwise codes of the rest."""
+  """bnb's nested absmax: offset = mean, 8-bit blockwise codes of the rest
+  (two table lookups per value outside the "reference" kernel mode)."""
   # Round the mean before subtracting (no FMA under jit), as bnb does.
   offset = jax.lax.optimization_barrier(jnp.mean(absmax))
   code = jnp.asarray(codebooks.create_dynamic_map(signed=True))
-  q, nested_absmax = _quantize_blockwise_flat(absmax - offset, code,
-                                              nested_blocksize)
+  q, nested_absmax = _quantize_nested(absmax - offset, nested_blocksize,
+                                      dispatch.resolve())
   return q, nested_absmax, offset, code
 
 

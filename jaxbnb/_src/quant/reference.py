@@ -149,12 +149,19 @@ def quantize_8bit_codes(x: jax.Array, code: jax.Array) -> jax.Array:
 
 
 def quantize_blockwise(
-    flat: jax.Array, code: jax.Array, blocksize: int
+    flat: jax.Array, code: jax.Array, blocksize: int, codes_fn=None
 ) -> tuple[jax.Array, jax.Array]:
-  """8-bit blockwise quantization of a flat array with a 256-entry code."""
+  """8-bit blockwise quantization of a flat array with a 256-entry code.
+
+  `codes_fn(x)`: the uint8 codes of the scaled values, when another
+  implementation of `quantize_8bit_codes(x, code)` gives them (the lookup
+  tables of `pallas_kernels.code_tables`).
+  """
   n = flat.shape[0]
   absmax = _blockwise_absmax(flat, blocksize)
   x = _scaled(flat, absmax, blocksize, n)
+  if codes_fn is not None:
+    return codes_fn(x), absmax
   return quantize_8bit_codes(x, code), absmax
 
 
