@@ -1,4 +1,4 @@
-"""Pallas GPU kernels for jaxbnb (a leaf package: imports jax only).
+"""Pallas GPU kernels for jaxbnb (a leaf package: imports jax and numpy only).
 
 Kernels receive their lookup tables (NF4/FP4 codes, the nested 8-bit map)
 as array inputs and never import jaxbnb. All use Pallas' Triton lowering
