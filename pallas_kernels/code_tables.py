@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["quantize_lut", "quantize_tables", "search_codes"]
+__all__ = ["quantize_lut", "quantize_tables", "search", "search_codes"]
 
 
 # |x| below 2**-24 (biased exponent 103) shares the first bucket.
@@ -60,36 +60,60 @@ def quantize_lut(x, lo_ref, aux_ref):
   return lo + (x > aux_ref[lo]).astype(jnp.int32)
 
 
-def search_codes(x: np.ndarray, qmap: np.ndarray) -> np.ndarray:
-  """bitsandbytes' `dQuantize<0>` code of float32 `x` (numpy, int32).
+def search(x, q_ref, xp=jnp):
+  """Nearest code of fp32 `x` by bitsandbytes' binary search (int32).
 
-  The 7-step binary search from pivot 127 and the midpoint rule, the host
-  twin of `optim_8bit`'s `_quantize` and of `jaxbnb`'s reference (used to
-  build and check the tables).
+  Returns (code, its map value). The 7-step search from pivot 127 (steps
+  64..1) and the midpoint rule of `dQuantize<0>`; the first two levels
+  pick their pivot value from scalars, the rest gather from the map.
+  `q_ref`: the map (a ref in a kernel, or an array); `xp`: `jnp` (also in
+  a Pallas kernel) or `np` (on the host).
   """
+  i32, f32 = xp.int32, xp.float32
+  v127 = q_ref[127]
+  up0 = x > v127
+  pivot = xp.where(up0, i32(191), i32(63))
+  lower_pivot = xp.where(up0, i32(127), i32(0))
+  upper_pivot = xp.where(up0, i32(255), i32(127))
+  lower = xp.where(up0, v127, f32(-1.0))
+  upper = xp.where(up0, f32(1.0), v127)
+  val = xp.where(up0, q_ref[191], q_ref[63])
+  # Level 1 from scalars: pivots 63 / 191 -> 31, 95 / 159, 223.
+  up1 = x > val
+  lower_pivot = xp.where(up1, pivot, lower_pivot)
+  lower = xp.where(up1, val, lower)
+  upper_pivot = xp.where(up1, upper_pivot, pivot)
+  upper = xp.where(up1, upper, val)
+  pivot = xp.where(up1, pivot + 32, pivot - 32)
+  val = xp.where(up0, xp.where(up1, q_ref[223], q_ref[159]),
+                 xp.where(up1, q_ref[95], q_ref[31]))
+  for step in (16, 8, 4, 2, 1):
+    go_up = x > val
+    lower_pivot = xp.where(go_up, pivot, lower_pivot)
+    lower = xp.where(go_up, val, lower)
+    upper_pivot = xp.where(go_up, upper_pivot, pivot)
+    upper = xp.where(go_up, upper, val)
+    pivot = xp.where(go_up, pivot + step, pivot - step)
+    val = q_ref[pivot]
+  upper = xp.where(upper_pivot == 255, q_ref[255], upper)
+  lower = xp.where(lower_pivot == 0, q_ref[0], lower)
+  above = x > val
+  mid_up = (upper + val) * f32(0.5)
+  mid_lo = (lower + val) * f32(0.5)
+  take_up = above & (x > mid_up)
+  take_lo = (~above) & (x < mid_lo)
+  code = xp.where(take_up, upper_pivot, xp.where(take_lo, lower_pivot,
+                                                  pivot))
+  value = xp.where(take_up, upper, xp.where(take_lo, lower, val))
+  return code, value
+
+
+def search_codes(x: np.ndarray, qmap: np.ndarray) -> np.ndarray:
+  """bitsandbytes' `dQuantize<0>` code of float32 `x` (numpy, int32): `search`
+  on the host (builds and checks the tables)."""
   q = np.asarray(qmap, np.float32)
   x = np.asarray(x, np.float32)
-  pivot = np.full(x.shape, 127, np.int32)
-  upper_pivot = np.full(x.shape, 255, np.int32)
-  lower_pivot = np.zeros(x.shape, np.int32)
-  lower = np.full(x.shape, -1.0, np.float32)
-  upper = np.full(x.shape, 1.0, np.float32)
-  val = q[pivot]
-  for step in (64, 32, 16, 8, 4, 2, 1):
-    go_up = x > val
-    lower_pivot = np.where(go_up, pivot, lower_pivot)
-    lower = np.where(go_up, val, lower)
-    upper_pivot = np.where(go_up, upper_pivot, pivot)
-    upper = np.where(go_up, upper, val)
-    pivot = np.where(go_up, pivot + step, pivot - step)
-    val = q[pivot]
-  upper = np.where(upper_pivot == 255, q[255], upper)
-  lower = np.where(lower_pivot == 0, q[0], lower)
-  above = x > val
-  take_up = above & (x > (upper + val) * np.float32(0.5))
-  take_lo = ~above & (x < (lower + val) * np.float32(0.5))
-  return np.where(take_up, upper_pivot,
-                  np.where(take_lo, lower_pivot, pivot)).astype(np.int32)
+  return search(x, q, np)[0].astype(np.int32)
 
 
 @functools.lru_cache(maxsize=8)

@@ -146,53 +146,6 @@ def _if_decay(has_wd, wd, decayed, plain):
 # ----------------------------------------------------------- requantization
 
 
-def _quantize(x, q_ref):
-  """Nearest code of fp32 `x` by bitsandbytes' binary search (int32).
-
-  Returns (code, its map value). The 7-step search from pivot 127 (steps
-  64..1) and the midpoint rule of `dQuantize`; the first two levels pick
-  their pivot value from scalars, the rest gather from the map.
-  """
-  shape = x.shape
-  v127 = q_ref[127]
-  up0 = x > v127
-  pivot = jnp.where(up0, jnp.int32(191), jnp.int32(63))
-  lower_pivot = jnp.where(up0, jnp.int32(127), jnp.int32(0))
-  upper_pivot = jnp.where(up0, jnp.int32(255), jnp.int32(127))
-  lower = jnp.where(up0, v127, jnp.float32(-1.0))
-  upper = jnp.where(up0, jnp.float32(1.0), v127)
-  val = jnp.where(up0, q_ref[191], q_ref[63])
-  # Level 1 from scalars: pivots 63 / 191 -> 31, 95 / 159, 223.
-  up1 = x > val
-  lower_pivot = jnp.where(up1, pivot, lower_pivot)
-  lower = jnp.where(up1, val, lower)
-  upper_pivot = jnp.where(up1, upper_pivot, pivot)
-  upper = jnp.where(up1, upper, val)
-  pivot = jnp.where(up1, pivot + 32, pivot - 32)
-  val = jnp.where(up0, jnp.where(up1, q_ref[223], q_ref[159]),
-                  jnp.where(up1, q_ref[95], q_ref[31]))
-  for step in (16, 8, 4, 2, 1):
-    go_up = x > val
-    lower_pivot = jnp.where(go_up, pivot, lower_pivot)
-    lower = jnp.where(go_up, val, lower)
-    upper_pivot = jnp.where(go_up, upper_pivot, pivot)
-    upper = jnp.where(go_up, upper, val)
-    pivot = jnp.where(go_up, pivot + step, pivot - step)
-    val = q_ref[pivot]
-  del shape
-  upper = jnp.where(upper_pivot == 255, q_ref[255], upper)
-  lower = jnp.where(lower_pivot == 0, q_ref[0], lower)
-  above = x > val
-  mid_up = (upper + val) * jnp.float32(0.5)
-  mid_lo = (lower + val) * jnp.float32(0.5)
-  take_up = above & (x > mid_up)
-  take_lo = (~above) & (x < mid_lo)
-  code = jnp.where(take_up, upper_pivot, jnp.where(take_lo, lower_pivot,
-                                                   pivot))
-  value = jnp.where(take_up, upper, jnp.where(take_lo, lower, val))
-  return code, value
-
-
 def _requantize(s, absmax, q_ref, signed, interpret, lut=None):
   """uint8-valued int32 codes of fp32 blocks `s` [R, 256] (+ sign fix).
 
@@ -201,7 +154,7 @@ def _requantize(s, absmax, q_ref, signed, interpret, lut=None):
   """
   x = _div(s, absmax[:, None], interpret)
   if lut is None:
-    code, value = _quantize(x, q_ref)
+    code, value = code_tables.search(x, q_ref)
     negative = jnp.signbit(value)
   else:
     lo_ref, aux_ref = lut

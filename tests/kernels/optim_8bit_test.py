@@ -358,7 +358,7 @@ def _probe_values(q, rng):
 def test_quantize_tables_give_the_search_codes(signed):
   """The kernel's two-lookup requantization (`_quantize_lut`) equals
   bitsandbytes' binary search (`search_codes`, and the kernel's own
-  `_quantize`) on every threshold +- 3 ulps, the bucket edges, 400k random
+  `code_tables.search` in jnp) on every threshold +- 3 ulps, the bucket edges, 400k random
   values over nine decades, +-0, +-inf, NaN and values past 1."""
   q = optim_state.signed_map() if signed else optim_state.unsigned_map()
   lo, aux = code_tables.quantize_tables(q)
@@ -367,7 +367,7 @@ def test_quantize_tables_give_the_search_codes(signed):
   got = np.asarray(code_tables.quantize_lut(jnp.asarray(x), jnp.asarray(lo),
                                     jnp.asarray(aux)))
   np.testing.assert_array_equal(got, want)
-  search, _ = ok._quantize(jnp.asarray(x), jnp.asarray(q))
+  search, _ = code_tables.search(jnp.asarray(x), jnp.asarray(q))
   np.testing.assert_array_equal(np.asarray(search), want)
   # The sign of a code's value, read off the code.
   assert int(aux[256]) == int(np.signbit(q).sum())
