@@ -356,10 +356,11 @@ def _probe_values(q, rng):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_quantize_tables_give_the_search_codes(signed):
-  """The kernel's two-lookup requantization (`_quantize_lut`) equals
-  bitsandbytes' binary search (`search_codes`, and the kernel's own
-  `code_tables.search` in jnp) on every threshold +- 3 ulps, the bucket edges, 400k random
-  values over nine decades, +-0, +-inf, NaN and values past 1."""
+  """The kernel's two-lookup requantization (`quantize_lut`) equals
+  bitsandbytes' binary search (`search_codes` on the host, and
+  `code_tables.search` in jnp) on every threshold +- 3 ulps, the bucket
+  edges, 400k random values over nine decades, +-0, +-inf, NaN and values
+  past 1."""
   q = optim_state.signed_map() if signed else optim_state.unsigned_map()
   lo, aux = code_tables.quantize_tables(q)
   x = _probe_values(q, np.random.default_rng(0))
@@ -379,7 +380,8 @@ def test_quantize_tables_refuse_maps_they_cannot_serve():
   crowded = lin.copy()
   crowded[200:204] = np.float32(0.5) + np.arange(4, dtype=np.float32) * 1e-7
   crowded.sort()
-  assert code_tables.quantize_tables(crowded) is None  # 3 thresholds in one bucket
+  # Three thresholds in one bucket:
+  assert code_tables.quantize_tables(crowded) is None
   assert code_tables.quantize_tables(lin[::-1]) is None  # not sorted
   assert code_tables.quantize_tables(lin[:128]) is None  # not 256 values
   nan = lin.copy()
@@ -407,7 +409,8 @@ def _direct_args(kind, n, rng):
   maps = (jnp.asarray(optim_state.signed_map()),
           jnp.asarray(optim_state.unsigned_map()) if two else None)
   tables = (code_tables.quantize_tables(optim_state.signed_map()),
-            code_tables.quantize_tables(optim_state.unsigned_map()) if two else None)
+            code_tables.quantize_tables(optim_state.unsigned_map())
+            if two else None)
   states = (s1.codes, s1.absmax, s2.codes if two else None,
             s2.absmax if two else None)
   return (p, jnp.asarray(g), *states, *maps, sc), tables

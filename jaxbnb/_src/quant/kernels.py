@@ -71,8 +71,9 @@ def quantize_blockwise_flat(flat, code_np, blocksize, mode):
   codes_fn = None
   if tables is not None:
     lo, aux = (jnp.asarray(t) for t in tables)
-    codes_fn = lambda x: code_tables.quantize_lut(x, lo, aux).astype(  # noqa: E731
-        jnp.uint8)
+
+    def codes_fn(x):
+      return code_tables.quantize_lut(x, lo, aux).astype(jnp.uint8)
   return reference.quantize_blockwise(flat, jnp.asarray(code_np, jnp.float32),
                                       blocksize, codes_fn)
 

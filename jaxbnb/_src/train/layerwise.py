@@ -129,11 +129,12 @@ class _UpdatePlan:
 
   Holds the split's graphdef, the `MUTABLE` ("changing") and other
   ("frozen") variables in the order of their states' leaves, and the
-  fingerprint of every graph node below the two roots (the plan keeps those
-  nodes and their attributes' values, so their identities stay unique; it
-  keeps no reference to the roots, whose fingerprints it compares too). `valid` re-resolves each
-  node's path and compares fingerprints: any variable or module added,
-  removed or replaced anywhere in the model or optimizer invalidates it.
+  fingerprint of every graph node below the two roots. The plan keeps
+  those nodes and their attributes' values, so the identities it compares
+  stay unique; it keeps no reference to the roots themselves, whose
+  fingerprints it compares too. `valid` re-resolves each node's path and
+  compares fingerprints: any variable or module added, removed or replaced
+  anywhere in the model or optimizer invalidates it.
   """
 
   def __init__(self, nodes):
