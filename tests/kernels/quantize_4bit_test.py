@@ -73,3 +73,40 @@ def test_gpu_matches_reference(quant_type, dtype, numel, blocksize):
   ref_packed, ref_absmax = reference.quantize_4bit(x, blocksize, quant_type)
   np.testing.assert_array_equal(np.asarray(packed), np.asarray(ref_packed))
   np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
+
+
+def _nf4_ties(numel, dtype):
+  """Values on and next to every NF4 threshold (times the block's absmax
+  of 1), and random ones."""
+  t = np.asarray(_util.thresholds("nf4"), np.float32)
+  near = np.concatenate([t, np.nextafter(t, np.float32(2)),
+                         np.nextafter(t, np.float32(-2)), -t, [1.0, -1.0]])
+  x = _util.rng_array(numel, 11, np.float32, scale=1.0)
+  x = np.clip(np.asarray(x, np.float32), -1.0, 1.0)
+  x[:near.size] = near
+  x[::64] = 1.0  # every block's absmax is exactly 1
+  return jnp.asarray(x).astype(dtype)
+
+
+@pytest.mark.parametrize("mode", _util.modes())
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gather_tree_gives_the_same_codes(mode, dtype):
+  """NF4 with the last two tree levels' thresholds gathered from a table
+  (`gather=True`) equals the select tree and the reference, on every
+  threshold, its neighbours and random values; FP4 ignores the option."""
+  x = _nf4_ties(64 * 40 + 10, dtype)
+  x = x.at[7].set(jnp.nan)
+  outs = []
+  for gather in (False, True):
+    outs.append(qk.quantize_4bit(
+        x, blocksize=64, quant_type="nf4", thresholds=_util.thresholds("nf4"),
+        gather=gather, interpret=mode == "interpret"))
+  ref_packed, ref_absmax = reference.quantize_4bit(x, 64, "nf4")
+  for packed, absmax in outs:
+    np.testing.assert_array_equal(np.asarray(packed), np.asarray(ref_packed))
+    np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
+  fp4 = qk.quantize_4bit(x, blocksize=64, quant_type="fp4",
+                         thresholds=_util.thresholds("fp4"), gather=True,
+                         interpret=mode == "interpret")
+  np.testing.assert_array_equal(
+      np.asarray(fp4[0]), np.asarray(reference.quantize_4bit(x, 64, "fp4")[0]))
