@@ -22,7 +22,8 @@ The outlier stream, config mode (`config[5]`):
   recombines the digits in float32 and scales by `2**e * SCB / 127`. The
   weight is the unrounded dequantized one, where bitsandbytes rounds
   `CB * SCB / 127` to the activation dtype first (one rounding per outlier
-  term). Measured on the H200: 22.1 us at M = 1 and 28.4 at M = 16.
+  term). Measured on the H200: 22.3 us at M = 1 and 24.2 at M = 16 (28.4
+  before the epilogue worked on whole tiles).
 * "skip": only for K tiles holding an outlier column (a per-tile flag,
   `lax.cond`), bitsandbytes' dequantized weight `(CB.f32 * SCB) * (1/127)`
   rounded to the activation dtype, multiplied with the masked activations
@@ -94,7 +95,8 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
   tiles without outliers ("skip"), 41.8 for a second kernel that gathers
   the outlier columns (removed), 36.0 for the float product in every tile
   ("always"); other tiles of "limbs" measured 22.4-25.1 (M = 1) and
-  29.4-41.8 us (M = 16).
+  29.4-41.8 us (M = 16). With the whole-tile epilogue (2026-12-01) this
+  tile stayed the best at M = 16 (25.2 us; others 25.3-36.1).
   """
   del m
   block_n = 64
