@@ -67,6 +67,11 @@ def _lora_paths(node) -> list[tuple[Any, ...]]:
 _IS_VARIABLE = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
 
 
+def _leaves(variables) -> list:
+  """The leaves of `variables`' values, in order (a state's leaves)."""
+  return [x for v in variables for x in jax.tree.leaves(v.get_value())]
+
+
 def _child(node, key):
   if isinstance(key, str) and hasattr(node, key):
     return getattr(node, key)
@@ -104,10 +109,7 @@ class _Plan:
 
   def values(self, i: int) -> list[jax.Array]:
     """Layer i's state leaves, read off its variables."""
-    out = []
-    for v in self.variables[i]:
-      out.extend(jax.tree.leaves(v.get_value()))
-    return out
+    return _leaves(self.variables[i])
 
   def set_rng(self, i: int, values) -> None:
     for j, value in zip(self.rng, values):
@@ -159,7 +161,7 @@ class _UpdatePlan:
     # The leaves read off the variables must be the split's, in order.
     for state, variables in zip((changing, frozen), self.variables):
       if [id(x) for x in jax.tree.leaves(state)] != [
-          id(x) for v in variables for x in jax.tree.leaves(v.get_value())]:
+          id(x) for x in _leaves(variables)]:
         raise ValueError("layerwise_train_step: the split's leaves do not "
                          "follow its variables")
 
@@ -181,8 +183,7 @@ class _UpdatePlan:
     """`(graphdef, changing, frozen)`, as `nnx.split(nodes, MUTABLE, ...)`."""
     states = []
     for treedef, variables in zip(self.treedefs, self.variables):
-      leaves = [x for v in variables for x in jax.tree.leaves(v.get_value())]
-      states.append(jax.tree.unflatten(treedef, leaves))
+      states.append(jax.tree.unflatten(treedef, _leaves(variables)))
     return (self.graphdef, *states)
 
   def write(self, states) -> None:
