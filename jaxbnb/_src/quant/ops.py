@@ -54,8 +54,7 @@ def _quantize_blockwise_flat(flat, code, blocksize):
 @functools.partial(jax.jit, static_argnames=("blocksize", "mode"))
 def _quantize_nested(flat, blocksize, mode):
   return kernels.quantize_blockwise_flat(
-      flat, np.asarray(codebooks.create_dynamic_map(signed=True), np.float32),
-      blocksize, mode)
+      flat, codebooks.create_dynamic_map(signed=True), blocksize, mode)
 
 
 def _double_quantize(absmax: jax.Array, nested_blocksize: int):
