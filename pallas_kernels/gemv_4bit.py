@@ -8,16 +8,18 @@ gather from a 256-entry table holding both of its values ("pair"), or two
 gathers from the 16-entry table ("nibble"; always for float32 inputs); a
 double-quantized absmax is decoded in place. Three variants:
 
-* ``"reduce"`` (M = 1, and 2..4 without `code`): multiply by the even/odd
-  halves of `x` in fp32, scale by the absmax per block and accumulate
-  elementwise; one reduction at the end. With `prefetch`, step t + 1's
-  bytes are loaded before step t's are decoded.
+* ``"reduce"`` (M = 1..2 with `code`, 1..4 without): multiply by the
+  even/odd halves of `x` in fp32, scale by the absmax per block and
+  accumulate elementwise; one reduction at the end. With table "prmt"
+  (the default for 16-bit x and `code`) the bytes are decoded in registers
+  and scaled in the compute dtype as in "mma", then widened to fp32. With
+  `prefetch`, step t + 1's bytes are loaded before step t's are decoded.
 * ``"dot"`` (larger M without `code`, or fp32): per quantization block,
   the decoded `[block_n, blocksize/2]` halves go through the tensor cores
   against `x`'s halves
   (swap-AB: the weight rows are the MMA's M dimension), and the fp32 result
   is scaled by that block's absmax.
-* ``"mma"`` (16-bit x, M = 2..64 by default): each step's bytes are decoded
+* ``"mma"`` (16-bit x, M = 3..64 by default): each step's bytes are decoded
   in registers with byte permutes (`lut_decode`, no memory gather), scaled
   by the absmax in the compute dtype (bitsandbytes' GEMV weight), and go
   through the tensor cores against `x`'s halves, one product per nibble
@@ -41,7 +43,8 @@ from pallas_kernels._backend import pltriton
 from pallas_kernels import lut_decode
 from pallas_kernels.dequantize_4bit import decode_absmax
 
-__all__ = ["can_use", "gemv_4bit", "default_config", "pair_table"]
+__all__ = ["can_use", "gemv_4bit", "default_config", "pair_table",
+           "scales_in_compute_dtype"]
 
 _HI = np.uint32(0xFFFF0000)
 
@@ -52,6 +55,12 @@ def can_use(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
           and k % blocksize == 0 and 32 <= blocksize <= 4096
           and blocksize & (blocksize - 1) == 0
           and jnp.dtype(dtype) in (jnp.float32, jnp.float16, jnp.bfloat16))
+
+
+def scales_in_compute_dtype(config: tuple) -> bool:
+  """Whether `config` multiplies code and absmax in the compute dtype (as
+  bitsandbytes' GEMV does): the "mma" variant and the "prmt" table."""
+  return config[0] == "mma" or (len(config) > 6 and config[6] == "prmt")
 
 
 def pair_table(lut: jax.Array) -> jax.Array:
@@ -99,7 +108,7 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
   half = blocksize // 2
   nkb = k // blocksize
   f32 = jnp.dtype(dtype) == jnp.float32
-  if mma and m > 1 and not f32:
+  if mma and m > 2 and not f32:
     # The byte-permute decode with tensor-core products (`mma=True` when
     # the caller passes `code`): docs/benchmarks.md, "mma" sweeps on the
     # H200, 14336x4096: M = 4 42.7 us (was 75.9), M = 16 41.6 (was 95.2),
@@ -113,6 +122,18 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
       split_k *= 2
     return ("mma", block_n, block_kb, split_k, 4, 3, "prmt",
             1 if m <= 16 else 0)
+  if mma and m <= 2 and not f32:
+    # The byte-permute decode without tensor cores, one step per program:
+    # thousands of short programs keep more bytes in flight than a loop.
+    # docs/benchmarks.md, "in-register decode at M = 1 and 2" (H200): at
+    # M = 1 on 14336x4096 33.6 us against 35.6 for the best gathering
+    # configuration in a sweep of ~150; at M = 2 40.3 against 45.3 for
+    # "mma". Under ncu the kernel issues from 63% of its SM's slots and
+    # reads DRAM at 21% of peak: its instruction count, not memory,
+    # limits it.
+    block_kb = max(1, min(_pow2_floor(max(1, 256 // half)), _pow2_floor(nkb)))
+    steps = -(-nkb // block_kb)
+    return ("reduce", 32, block_kb, steps, 4, 1, "prmt", 0)
   if m == 1 or f32:
     variant, block_n, warps, stages = "reduce", 16, 4, 3
     block_kb = max(1, min(_pow2_floor(max(1, 256 // half)),
@@ -284,22 +305,35 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
     return
 
   if variant == "reduce":
+    unmasked = not (need_kmask or w_ref.shape[0] % block_n)
+
     def load(t, live=None):
       """Step `t`'s packed bytes and raw absmax (masked off unless `live`)."""
       kb0, _, ok2 = block_mask(t, live)
+      w_at = w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :]
+      am_at = am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)]
+      if unmasked and live is None:  # vectorized byte loads
+        return (pltriton.load(w_at, eviction_policy="evict_first"),
+                pltriton.load(am_at))
       ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
-      w = pltriton.load(
-          w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :],
-          mask=ok3, other=0, eviction_policy="evict_first")
-      am = pltriton.load(
-          am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)],
-          mask=ok2, other=0)
+      w = pltriton.load(w_at, mask=ok3, other=0, eviction_policy="evict_first")
+      am = pltriton.load(am_at, mask=ok2, other=0)
       return w, am
 
     def step(t, w, am, accs):
       kb0, kbs, ok2 = block_mask(t)
-      am = absmax_of(am, kbs, ok2)[:, :, None]
-      hi, lo = _decode(w.astype(jnp.int32), lut_ref, pair)
+      am = absmax_of(am, kbs, ok2)
+      if code is not None:  # in registers, scaled in the compute dtype
+        scale = jnp.broadcast_to(
+            lut_decode.scale_words(am, compute_dtype)[:, :, None],
+            (block_n, block_kb, half))
+        hi, lo = lut_decode.decode_scaled_f32(
+            w, scale, code, compute_dtype, interpret,
+            table=lut_ref[...] if interpret else None)
+        am = None
+      else:
+        am = am[:, :, None]
+        hi, lo = _decode(w.astype(jnp.int32), lut_ref, pair)
       xmask = None
       if need_kmask:
         xmask = jnp.broadcast_to((kbs < nkb)[:, None], (block_kb, half))
@@ -313,7 +347,8 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
         else:
           xe = pltriton.load(xe_r, mask=xmask, other=0)
           xo = pltriton.load(xo_r, mask=xmask, other=0)
-        new.append(accs[r] + (hi * xe[None] + lo * xo[None]) * am)
+        p = hi * xe[None] + lo * xo[None]
+        new.append(accs[r] + (p if am is None else p * am))
       return tuple(new)
 
     if prefetch:
@@ -423,7 +458,7 @@ def gemv_4bit(
     bias: optional `[n]`.
     config: (variant, block_n, block_kb, split_k, num_warps, num_stages[,
       table[, prefetch]]); default from `default_config`. Table "prmt"
-      ("mma" only) decodes in registers and needs `code`.
+      ("reduce" or "mma") decodes in registers and needs `code`.
     code: the 16 code values of `lut` as floats (static), for "prmt".
     interpret: run in Pallas interpret mode (CPU tests).
 
@@ -443,10 +478,11 @@ def gemv_4bit(
   if table not in ("pair", "nibble", "prmt"):
     raise ValueError(
         f"config: table must be 'pair', 'nibble' or 'prmt', got {table!r}")
-  if table == "prmt" and (variant != "mma" or code is None
+  if table == "prmt" and (variant == "dot" or code is None
                           or dtype == jnp.float32):
     raise ValueError(
-        "config: table 'prmt' needs variant 'mma', 16-bit x and `code`; got "
+        "config: table 'prmt' needs variant 'reduce' or 'mma', 16-bit x and "
+        "`code`; got "
         f"variant {variant!r}, x {dtype.name}, code "
         f"{'given' if code is not None else 'None'}")
   steps = -(-(-(-nkb // block_kb)) // split_k)
@@ -484,7 +520,7 @@ def gemv_4bit(
     nested_len = nested_absmax.shape[0]
     args += [nested_absmax.astype(jnp.float32), code2.astype(jnp.float32),
              jnp.asarray(offset, jnp.float32).reshape(1)]
-  if variant == "mma":  # codes in the compute dtype ("prmt": the twin's)
+  if variant == "mma" or table == "prmt":  # codes in the compute dtype
     args.append(lut.astype(dtype).astype(jnp.float32))
   elif pair:
     args.append(pair_table(lut))

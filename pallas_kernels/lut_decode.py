@@ -30,8 +30,8 @@ import numpy as np
 
 from pallas_kernels._backend import pltriton
 
-__all__ = ["decode_scaled", "emulate", "ptx", "scale_words", "split_pairs",
-           "table_words"]
+__all__ = ["decode_scaled", "decode_scaled_f32", "emulate", "ptx",
+           "scale_words", "split_pairs", "table_words"]
 
 _DTYPES = {"bfloat16": "bf16x2", "float16": "f16x2"}
 
@@ -206,6 +206,11 @@ def decode_scaled(w, scale, code, dtype, interpret, table=None):
     s = split_pairs(scale, dtype)[0].astype(jnp.float32)
     return ((table[wi >> 4] * s).astype(dtype),
             (table[wi & 15] * s).astype(dtype))
+  return split_pairs(_pairs(w, scale, code, dtype), dtype)
+
+
+def _pairs(w, scale, code, dtype):
+  """The inline asm: uint32 pairs (high nibble's value in the low half)."""
   # Triton's integers are signless: int32 out (and in), the bits the same.
   (pairs,) = pltriton.elementwise_inline_asm(
       ptx(tuple(float(c) for c in code), dtype.name),
@@ -214,4 +219,24 @@ def decode_scaled(w, scale, code, dtype, interpret, table=None):
       pack=4,
       result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)],
   )
-  return split_pairs(jax.lax.bitcast_convert_type(pairs, jnp.uint32), dtype)
+  return jax.lax.bitcast_convert_type(pairs, jnp.uint32)
+
+
+def decode_scaled_f32(w, scale, code, dtype, interpret, table=None):
+  """`decode_scaled`'s values widened to float32 (exactly).
+
+  For bfloat16 the widening is one bit operation per value on the packed
+  pair (a bf16 value is the top half of its float32), so a GEMV that
+  multiplies and accumulates in float32 pays no conversion instructions.
+
+  Returns:
+    `(hi, lo)` float32, the values of `decode_scaled`.
+  """
+  dtype = jnp.dtype(dtype)
+  if interpret or dtype != jnp.bfloat16:
+    hi, lo = decode_scaled(w, scale, code, dtype, interpret, table)
+    return hi.astype(jnp.float32), lo.astype(jnp.float32)
+  u = _pairs(w, scale, code, dtype)
+  return (jax.lax.bitcast_convert_type(u << np.uint32(16), jnp.float32),
+          jax.lax.bitcast_convert_type(u & np.uint32(0xFFFF0000),
+                                       jnp.float32))

@@ -47,7 +47,7 @@ def kernel_weight(packed, qs, compute_dtype, in_dtype=False) -> np.ndarray:
   reference's weight before its one rounding). 16-bit inputs: the codes
   rounded to bfloat16 (`gemv_4bit.pair_table`, documented there) times the
   fp32 absmax. The nested absmax is decoded as the reference decodes it.
-  `in_dtype` (the "mma" variant's byte-permute decode, `lut_decode`): the
+  `in_dtype` (the byte-permute decode, `lut_decode`: "mma", "prmt"): the
   code and the absmax rounded to the 16-bit compute dtype, their product
   rounded to it once (bitsandbytes' GEMV weight).
   """

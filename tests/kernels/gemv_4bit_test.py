@@ -10,6 +10,9 @@ is far outside it.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,6 +47,14 @@ CASES = [
      ("mma", 16, 1, 2, 4, 3, "prmt", 3)),
     (9, 64, 64 * 5, 64, "nf4", jnp.bfloat16, True,
      ("mma", 32, 2, 1, 4, 3, "nibble", False)),
+    # "reduce" with the byte-permute decode: masked rows; unmasked loads;
+    # masked K with the prefetching loop
+    (1, 70, 64 * 12, 64, "nf4", jnp.bfloat16, True,
+     ("reduce", 16, 4, 3, 4, 1, "prmt", 0)),
+    (1, 64, 64 * 8, 64, "fp4", jnp.float16, False,
+     ("reduce", 16, 2, 4, 4, 1, "prmt", 0)),
+    (3, 33, 64 * 7, 64, "nf4", jnp.bfloat16, True,
+     ("reduce", 16, 2, 2, 4, 3, "prmt", True)),
 ]
 
 
@@ -52,7 +63,7 @@ def _code(quant_type):
 
 
 def _check(y, x, packed, qs, bias, config=None):
-  in_dtype = config is not None and config[0] == "mma"
+  in_dtype = config is not None and gk.scales_in_compute_dtype(config)
   w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=in_dtype)
   exact, bound = helpers.matmul_bound(x, w, x.dtype, bias=bias)
   helpers.assert_within(y, exact, bound, f"gemv {x.dtype}")
@@ -183,6 +194,53 @@ def test_gpu_mma_variant(m, config, dtype, quant_type):
   bias = jnp.asarray(_util.rng_array((n,), 11, dtype))
   packed, qs = F.quantize_4bit(w, quant_type=quant_type,
                                compress_statistics=True)
+  y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
+                   jnp.asarray(codebooks.code_for(quant_type)), n=n, k=k,
+                   blocksize=64,
+                   nested=(qs.nested_absmax, qs.nested_code, qs.offset),
+                   bias=bias, config=config, code=_code(quant_type))
+  _check(y, x, packed, qs, bias, config)
+
+
+@pytest.mark.parametrize("config", [
+    ("reduce", 16, 4, 16, 4, 1, "prmt", 0),    # unmasked, one step
+    ("reduce", 32, 2, 2, 2, 3, "prmt", True),  # masked rows, prefetch
+    None,                                      # M = 1's default
+])
+def test_reduce_prmt_lowers_for_cuda(config):
+  """The in-register decode without tensor cores lowers to Triton."""
+  s = jax.ShapeDtypeStruct
+  n, k = 1000, 4096
+  nkb = k // 64
+  fn = functools.partial(gk.gemv_4bit, n=n, k=k, blocksize=64, config=config,
+                         code=_code("nf4"))
+  text = helpers.lowered_for_h200(
+      fn, s((1, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
+      s((n * nkb,), jnp.uint8), s((16,), jnp.float32),
+      nested=(s((-(-n * nkb // 256),), jnp.float32), s((256,), jnp.float32),
+              s((), jnp.float32)))
+  assert "jaxbnb_gemv_4bit_reduce" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("config", [
+    None,
+    ("reduce", 16, 4, 16, 4, 1, "prmt", 0),
+    ("reduce", 32, 2, 2, 2, 3, "prmt", True),
+])
+@pytest.mark.parametrize("dtype,quant_type", [(jnp.bfloat16, "nf4"),
+                                              (jnp.float16, "fp4")])
+def test_gpu_reduce_prmt_variant(m, config, dtype, quant_type):
+  """The "reduce" variant with the in-register decode, compiled."""
+  n, k = 1000, 4096
+  w = jnp.asarray(_util.rng_array((n, k), 12, dtype))
+  x = jnp.asarray(_util.rng_array((m, k), 13, dtype))
+  bias = jnp.asarray(_util.rng_array((n,), 14, dtype))
+  packed, qs = F.quantize_4bit(w, quant_type=quant_type,
+                               compress_statistics=True)
+  if config is None:
+    config = gk.default_config(m, n, k, 64, jnp.dtype(dtype).name, mma=True)
   y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
                    jnp.asarray(codebooks.code_for(quant_type)), n=n, k=k,
                    blocksize=64,

@@ -206,7 +206,7 @@ def _check_matmul(y, x, packed, qs, bias=None, err_msg="", gemv=True):
       and x.shape[-1] % qs.blocksize == 0):
     cfg = gk.default_config(m, qs.shape[0], x.shape[-1], qs.blocksize,
                             jnp.dtype(x.dtype).name, mma=True)
-    w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=cfg[0] == "mma")
+    w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=gk.scales_in_compute_dtype(cfg))
   else:
     w = np.asarray(F.dequantize_4bit(packed, qs).astype(x.dtype).astype(
         jnp.float32))
