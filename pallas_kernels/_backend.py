@@ -66,6 +66,26 @@ def add_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
   )[0]
 
 
+def fma_rn(a: jax.Array, b: jax.Array, c: jax.Array,
+           interpret: bool) -> jax.Array:
+  """fp32 `a * b + c` as one fused multiply-add (one rounding).
+
+  Triton leaves a product and a sum apart (two instructions, two
+  roundings); a kernel bound by its instruction count asks for the FMA.
+  In interpret mode XLA decides (the product may be rounded first).
+  """
+  if interpret:
+    return a * b + c
+  a, b, c = jnp.broadcast_arrays(a, b, c)
+  return pltriton.elementwise_inline_asm(
+      "fma.rn.f32 $0, $1, $2, $3;",
+      args=[a, b, c],
+      constraints="=r,r,r,r",
+      pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+  )[0]
+
+
 def zero_index():
   """A traced scalar index 0 (interpret mode's discharge needs an array)."""
   return jnp.int32(0)

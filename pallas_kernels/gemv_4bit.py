@@ -347,8 +347,11 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
         else:
           xe = pltriton.load(xe_r, mask=xmask, other=0)
           xo = pltriton.load(xo_r, mask=xmask, other=0)
-        p = hi * xe[None] + lo * xo[None]
-        new.append(accs[r] + (p if am is None else p * am))
+        if am is None:  # two FMAs a byte (Triton would not fuse them)
+          acc = _backend.fma_rn(hi, xe[None], accs[r], interpret)
+          new.append(_backend.fma_rn(lo, xo[None], acc, interpret))
+        else:
+          new.append(accs[r] + (hi * xe[None] + lo * xo[None]) * am)
       return tuple(new)
 
     if prefetch:
