@@ -125,12 +125,11 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
   if mma and m <= 2 and not f32:
     # The byte-permute decode without tensor cores, one step per program:
     # thousands of short programs keep more bytes in flight than a loop.
-    # docs/benchmarks.md, "in-register decode at M = 1 and 2" (H200): at
-    # M = 1 on 14336x4096 33.6 us against 35.6 for the best gathering
-    # configuration in a sweep of ~150; at M = 2 40.3 against 45.3 for
-    # "mma". Under ncu the kernel issues from 63% of its SM's slots and
-    # reads DRAM at 21% of peak: its instruction count, not memory,
-    # limits it.
+    # docs/benchmarks.md, "4-bit GEMV at M = 1 and 2" (H200, `jaxbnb bench
+    # matmul`): 14336x4096 M = 1 25.2 us (was 34.9 with the gathering
+    # kernel), M = 2 33.1 (was 37-40 with "mma"). Under ncu it issues
+    # from ~60% of its SM's slots and reads DRAM at under 30%: its
+    # instruction count (~14.6 per byte), not memory, limits it.
     block_kb = max(1, min(_pow2_floor(max(1, 256 // half)), _pow2_floor(nkb)))
     steps = -(-nkb // block_kb)
     return ("reduce", 32, block_kb, steps, 4, 1, "prmt", 0)

@@ -107,7 +107,8 @@ def main(which, budget_s):
             f"errors {len(errs)} {errs[:1]}", flush=True)
 
 
-def plot(png, before, after):
+def plot(png, before, after, new_label="jaxbnb (mma at M >= 2)",
+         old_label="jaxbnb, 2026-11-30"):
   """`jaxbnb bench matmul` results before and after, per shape and M."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -120,11 +121,11 @@ def plot(png, before, after):
     old = {r["m"]: r for r in runs[0] if r["shape"] == shape}
     ms = [r["m"] for r in new]
     ax.plot(ms, [r["us"]["jaxbnb"] for r in new], "o-", c="tab:blue",
-            label="jaxbnb (mma at M >= 2)")
+            label=new_label)
     mo = [m for m in ms if m in old]
     if mo:
       ax.plot(mo, [old[m]["us"]["jaxbnb"] for m in mo], "o--", c="0.6",
-              label="jaxbnb, 2026-11-30")
+              label=old_label)
     ax.plot(ms, [r["us"]["xla-bf16"] for r in new], "s-", c="tab:red",
             label="XLA bf16")
     ax.plot(ms, [r["us"]["bnb"] for r in new], "^-", c="tab:green",
