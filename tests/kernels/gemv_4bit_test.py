@@ -247,3 +247,19 @@ def test_gpu_reduce_prmt_variant(m, config, dtype, quant_type):
                    nested=(qs.nested_absmax, qs.nested_code, qs.offset),
                    bias=bias, config=config, code=_code(quant_type))
   _check(y, x, packed, qs, bias, config)
+
+
+def test_interpret_twin_keeps_the_compute_dtype_rounding():
+  """A shape and tile where XLA once dropped the twin's f32 -> bf16 -> f32
+  round trip (its excess-precision rule): the result must still be the
+  product of `x` and the weight rounded to bfloat16 (`lut_decode.round_to`)."""
+  n, k = 64, 512
+  w = jnp.asarray(_util.rng_array((n, k), 0, jnp.bfloat16))
+  x = jnp.asarray(_util.rng_array((1, k), 1, jnp.bfloat16))
+  packed, qs = F.quantize_4bit(w, quant_type="nf4")
+  config = ("reduce", 32, 8, 1, 4, 1, "prmt", 0)
+  y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
+                   jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
+                   blocksize=64, config=config, code=_code("nf4"),
+                   interpret=True)
+  _check(y, x, packed, qs, None, config)

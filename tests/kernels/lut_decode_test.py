@@ -88,3 +88,12 @@ def test_lowers_for_cuda():
         s((-(-n * k // 64 // 256),), jnp.float32), s((256,), jnp.float32),
         s((), jnp.float32))
     assert "jaxbnb_gemv_4bit_mma" in text
+
+
+def test_round_to_is_kept_under_jit():
+  """`round_to` rounds even where a consumer works in float32 under jit."""
+  x = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    y = jax.jit(lambda v, d=dtype: ld.round_to(v, d) * 3.0 + 1.0)(x)
+    want = np.asarray(jnp.asarray(x).astype(dtype)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(y), want * np.float32(3) + 1)
