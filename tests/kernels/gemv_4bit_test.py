@@ -188,12 +188,19 @@ def test_interpret_table_and_prefetch_options_match(m, config):
                                               (jnp.float16, "fp4")])
 def test_gpu_mma_variant(m, config, dtype, quant_type):
   """The "mma" variant compiled (the inline-PTX decode on the GPU)."""
-  n, k = 1000, 4096 + 64 * 3
-  w = jnp.asarray(_util.rng_array((n, k), 9, dtype))
-  x = jnp.asarray(_util.rng_array((m, k), 10, dtype))
-  bias = jnp.asarray(_util.rng_array((n,), 11, dtype))
+  _check_compiled(m, 1000, 4096 + 64 * 3, dtype, quant_type, config, seed=9)
+
+
+def _check_compiled(m, n, k, dtype, quant_type, config, seed):
+  """The compiled kernel (in-register decode, `code` given, double quant,
+  bias) against the documented weight; `config` None: the default."""
+  w = jnp.asarray(_util.rng_array((n, k), seed, dtype))
+  x = jnp.asarray(_util.rng_array((m, k), seed + 1, dtype))
+  bias = jnp.asarray(_util.rng_array((n,), seed + 2, dtype))
   packed, qs = F.quantize_4bit(w, quant_type=quant_type,
                                compress_statistics=True)
+  if config is None:
+    config = gk.default_config(m, n, k, 64, jnp.dtype(dtype).name, mma=True)
   y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
                    jnp.asarray(codebooks.code_for(quant_type)), n=n, k=k,
                    blocksize=64,
@@ -233,20 +240,7 @@ def test_reduce_prmt_lowers_for_cuda(config):
                                               (jnp.float16, "fp4")])
 def test_gpu_reduce_prmt_variant(m, config, dtype, quant_type):
   """The "reduce" variant with the in-register decode, compiled."""
-  n, k = 1000, 4096
-  w = jnp.asarray(_util.rng_array((n, k), 12, dtype))
-  x = jnp.asarray(_util.rng_array((m, k), 13, dtype))
-  bias = jnp.asarray(_util.rng_array((n,), 14, dtype))
-  packed, qs = F.quantize_4bit(w, quant_type=quant_type,
-                               compress_statistics=True)
-  if config is None:
-    config = gk.default_config(m, n, k, 64, jnp.dtype(dtype).name, mma=True)
-  y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
-                   jnp.asarray(codebooks.code_for(quant_type)), n=n, k=k,
-                   blocksize=64,
-                   nested=(qs.nested_absmax, qs.nested_code, qs.offset),
-                   bias=bias, config=config, code=_code(quant_type))
-  _check(y, x, packed, qs, bias, config)
+  _check_compiled(m, 1000, 4096, dtype, quant_type, config, seed=12)
 
 
 def test_interpret_twin_keeps_the_compute_dtype_rounding():
