@@ -71,6 +71,8 @@ class Mutant:
 
 
 # Selections shared by several mutants.
+_GEMV_TWIN = ("tests/kernels/gemv_4bit_test.py::"
+              "test_interpret_twin_keeps_the_compute_dtype_rounding")
 _LLAMA = "tests/models/llama_test.py"
 _LOGITS = _LLAMA + "::test_logits_match_transformers"
 _DECODE = _LLAMA + "::test_cached_decode_and_greedy_tokens_match_transformers"
@@ -95,6 +97,15 @@ def _cases(test: str, *ids: str) -> tuple[str, ...]:
 
 # fmt: off
 MUTANTS: tuple[Mutant, ...] = (
+    # ---------------------------------------------------------- kernels
+    Mutant("gemv-prmt-odd-half-gets-even-x", "pallas_kernels/gemv_4bit.py",
+           "new.append(_backend.fma_rn(lo, xo[None], acc, interpret))",
+           "new.append(_backend.fma_rn(lo, xe[None], acc, interpret))",
+           (_GEMV_TWIN,)),
+    Mutant("round-to-excess-precision", "pallas_kernels/lut_decode.py",
+           "return jax.lax.optimization_barrier(x.astype(dtype)).astype(",
+           "return (x.astype(dtype)).astype(",
+           (_GEMV_TWIN,)),
     # ----------------------------------------------------------- models
     Mutant("rope-off", "jaxbnb/_src/models/llama.py",
            "q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)",
