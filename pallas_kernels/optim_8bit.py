@@ -47,6 +47,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _backend
 from pallas_kernels import code_tables
+from pallas_kernels import lut_decode
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
@@ -114,10 +115,16 @@ def _sqrt(a, interpret):
   return _asm("sqrt.rn", 1, a)
 
 
-def _round_to(x, dtype):
-  """bnb's `T(x)`: round to the parameter dtype, read back as float32."""
+def _round_to(x, dtype, interpret):
+  """bnb's `T(x)`: round to the parameter dtype, read back as float32.
+
+  In interpret mode through `lut_decode.round_to` (XLA may otherwise drop
+  the pair of conversions); Triton keeps them.
+  """
   if dtype == jnp.float32:
     return x
+  if interpret:
+    return lut_decode.round_to(x, dtype)
   return x.astype(dtype).astype(jnp.float32)
 
 
@@ -231,7 +238,7 @@ def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
   eps, wd = hs("eps"), hs("weight_decay")
   one = f32(1.0)
   pf = load(p_ref, 0).astype(f32)
-  gf = _round_to(load(g_ref, 0).astype(f32), dtype)
+  gf = _round_to(load(g_ref, 0).astype(f32), dtype, interpret)
   finite = jnp.abs(gf) < jnp.inf
   zero = f32(0.0)
 
@@ -245,7 +252,7 @@ def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
       step_size = h_ref[_STEP_SIZE]
       new = _round_to(
           pf + (step_size * _div(s1, _sqrt(s2, interpret) + (c2 * eps),
-                                 interpret)), dtype)
+                                 interpret)), dtype, interpret)
       states1 = [s1]
     else:
       alpha, b3 = hs("alpha"), hs("beta3")
@@ -255,10 +262,11 @@ def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
       m2 = jnp.where(finite, (m2 * b3) + ((one - b3) * gf), zero)
       num = _div(m1, c1, interpret) + (alpha * m2)
       den = _div(_sqrt(s2, interpret), c2, interpret) + eps
-      new = _round_to(pf - lr * _div(num, den, interpret), dtype)
+      new = _round_to(pf - lr * _div(num, den, interpret), dtype, interpret)
       states1 = [m1, m2]
     if has_wd is not False:
-      new = _if_decay(has_wd, wd, _round_to(new * (one - (lr * wd)), dtype),
+      new = _if_decay(has_wd, wd,
+                      _round_to(new * (one - (lr * wd)), dtype, interpret),
                       new)
     new = jnp.where(finite, new, pf)
     for k, s in enumerate(states1):
@@ -269,14 +277,16 @@ def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
     gv, pf_l = gf, pf
     if has_wd is not False:
       if kind == "lion":
-        pf_l = _if_decay(has_wd, wd, _round_to(pf * (one - lr * wd), dtype),
+        pf_l = _if_decay(has_wd, wd,
+                         _round_to(pf * (one - lr * wd), dtype, interpret),
                          pf)
       else:
         gv = _if_decay(has_wd, wd, gv + pf * wd, gv)
     if kind == "momentum":
       s1 = jnp.where(hs("step") == 1, gv, (s1 * b1) + gv)
     elif kind == "lion":
-      upd = _round_to(lr * _sgn((s1 * b1) + ((one - b1) * gv)), dtype)
+      upd = _round_to(lr * _sgn((s1 * b1) + ((one - b1) * gv)), dtype,
+                      interpret)
       s1 = s1 * b2 + ((one - b2) * gv)
     elif kind == "rmsprop":
       s1 = s1 * b1 + ((one - b1) * (gv * gv))
@@ -290,7 +300,7 @@ def _kernel(*refs, kind, nesterov, has_wd, dtype, n, nblocks, block_rows,
       new = pf_l - upd
     else:  # rmsprop, adagrad: the raw gradient in the numerator
       new = pf - lr * _div(gf, _sqrt(s1, interpret) + eps, interpret)
-    new = jnp.where(finite, _round_to(new, dtype), pf)
+    new = jnp.where(finite, _round_to(new, dtype, interpret), pf)
     store_state(s1, c1o_ref, a1o_ref, q1_ref, True)
   if apply_updates:
     new = _apply_update(pf, new, interpret)
