@@ -526,13 +526,14 @@ def gemv_4bit(
     args += [nested_absmax.astype(jnp.float32), code2.astype(jnp.float32),
              jnp.asarray(offset, jnp.float32).reshape(1)]
   if variant == "mma" or table == "prmt":  # codes in the compute dtype
-    args.append(lut_decode.round_to(lut, dtype))
+    args.append(_backend.round_to_dtype(lut.astype(jnp.float32), dtype))
   elif pair:
     args.append(pair_table(lut))
   elif dtype == jnp.float32:
     args.append(lut.astype(jnp.float32))
   else:  # the codes rounded to bfloat16, as in the pair table
-    args.append(lut_decode.round_to(lut, jnp.bfloat16))
+    args.append(_backend.round_to_dtype(lut.astype(jnp.float32),
+                                        jnp.bfloat16))
   has_bias = bias is not None and split_k == 1
   if has_bias:
     args.append(bias)

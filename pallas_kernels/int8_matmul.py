@@ -54,6 +54,8 @@ import numpy as np
 from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
+from pallas_kernels._backend import round_to_dtype
+from pallas_kernels._backend import round_to_float16
 
 __all__ = ["can_use", "default_config", "dot_f32",
            "epilogue", "int8_matmul", "MAX_M", "OUTLIER_MODES",
@@ -113,33 +115,6 @@ def dequantized_weight(cb, scb, dtype):
   """bitsandbytes' `(CB * SCB / 127).to(dtype)`: two fp32 products, a cast."""
   w = cb.astype(jnp.float32) * scb
   return (w * _INV_127).astype(dtype)
-
-
-def round_to_float16(x):
-  """float32 -> float16 (ties to even) that XLA cannot skip: on the GPU, XLA
-  may turn `f32 -> f16 -> bf16` into `f32 -> bf16` (excess precision;
-  measured on an H200: 441 of 4096 LLM.int8 outputs one bf16 ulp off).
-  Normal values go through `reduce_precision` (which flushes float16
-  subnormals), subnormals through rounding on their fixed 2**-24 grid.
-  jaxbnb's reference epilogue (`quant.reference.int8_mm_dequant`) uses it
-  too."""
-  normal = jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
-  subnormal = jnp.round(x * np.float32(2.0**24)) * np.float32(2.0**-24)
-  return jnp.where(jnp.abs(x) < np.float32(2.0**-14), subnormal,
-                   normal).astype(jnp.float16)
-
-
-def round_to_dtype(x, dtype):
-  """float32 `x` rounded to `dtype`'s precision, kept in float32, in a way
-  XLA cannot skip (its excess-precision pass drops `f32 -> bf16 -> f32`
-  round trips): bfloat16 through `reduce_precision`, float16 through
-  `round_to_float16`, float32 unchanged."""
-  dtype = jnp.dtype(dtype)
-  if dtype == jnp.bfloat16:
-    return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
-  if dtype == jnp.float16:
-    return round_to_float16(x).astype(jnp.float32)
-  return x
 
 
 def _kernel_round_to(x, dtype):

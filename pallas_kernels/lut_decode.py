@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._backend import pltriton
+from pallas_kernels._backend import round_to_dtype
 
 __all__ = ["decode_scaled", "decode_scaled_f32", "emulate", "ptx",
-           "round_to", "scale_words", "split_pairs", "table_words"]
+           "scale_words", "split_pairs", "table_words"]
 
 _DTYPES = {"bfloat16": "bf16x2", "float16": "f16x2"}
 
@@ -173,17 +174,6 @@ def emulate(code, dtype, w, scales):
   return tuple(env[f"o{i}"] for i in range(4))
 
 
-def round_to(x, dtype):
-  """float32 `x` rounded to `dtype`'s precision, kept in float32.
-
-  `x.astype(dtype).astype(jnp.float32)` says the same, but XLA may drop
-  that pair of conversions (its excess-precision rule), and did, in the
-  interpret twin. An optimization barrier between them keeps both.
-  (`lax.reduce_precision` would too, but it flushes float16 subnormals.)
-  """
-  return jax.lax.optimization_barrier(x.astype(dtype)).astype(jnp.float32)
-
-
 def scale_words(scale, dtype):
   """uint32: `scale` rounded to `dtype`, its 16 bits in both halves."""
   bits = jax.lax.bitcast_convert_type(scale.astype(dtype), jnp.uint16)
@@ -223,8 +213,8 @@ def decode_scaled(w, scale, code, dtype, interpret, table=None):
           np.float32))
     wi = w.astype(jnp.int32)
     s = split_pairs(scale, dtype)[0].astype(jnp.float32)
-    return (round_to(table[wi >> 4] * s, dtype).astype(dtype),
-            round_to(table[wi & 15] * s, dtype).astype(dtype))
+    return (round_to_dtype(table[wi >> 4] * s, dtype).astype(dtype),
+            round_to_dtype(table[wi & 15] * s, dtype).astype(dtype))
   return split_pairs(_pairs(w, scale, code, dtype), dtype)
 
 

@@ -47,7 +47,6 @@ import jax.numpy as jnp
 
 from pallas_kernels import _backend
 from pallas_kernels import code_tables
-from pallas_kernels import lut_decode
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
@@ -118,13 +117,13 @@ def _sqrt(a, interpret):
 def _round_to(x, dtype, interpret):
   """bnb's `T(x)`: round to the parameter dtype, read back as float32.
 
-  In interpret mode through `lut_decode.round_to` (XLA may otherwise drop
-  the pair of conversions); Triton keeps them.
+  In interpret mode through `_backend.round_to_dtype` (XLA may otherwise
+  drop the pair of conversions); Triton keeps them.
   """
   if dtype == jnp.float32:
     return x
   if interpret:
-    return lut_decode.round_to(x, dtype)
+    return _backend.round_to_dtype(x, dtype)
   return x.astype(dtype).astype(jnp.float32)
 
 

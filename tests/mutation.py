@@ -102,9 +102,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "new.append(_backend.fma_rn(lo, xo[None], acc, interpret))",
            "new.append(_backend.fma_rn(lo, xe[None], acc, interpret))",
            (_GEMV_TWIN,)),
-    Mutant("round-to-excess-precision", "pallas_kernels/lut_decode.py",
-           "return jax.lax.optimization_barrier(x.astype(dtype)).astype(",
-           "return (x.astype(dtype)).astype(",
+    Mutant("round-to-excess-precision", "pallas_kernels/_backend.py",
+           "return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)",
+           "return x.astype(jnp.bfloat16).astype(jnp.float32)",
            (_GEMV_TWIN,)),
     # ----------------------------------------------------------- models
     Mutant("rope-off", "jaxbnb/_src/models/llama.py",

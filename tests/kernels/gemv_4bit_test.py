@@ -246,7 +246,7 @@ def test_gpu_reduce_prmt_variant(m, config, dtype, quant_type):
 def test_interpret_twin_keeps_the_compute_dtype_rounding():
   """A shape and tile where XLA once dropped the twin's f32 -> bf16 -> f32
   round trip (its excess-precision rule): the result must still be the
-  product of `x` and the weight rounded to bfloat16 (`lut_decode.round_to`)."""
+  product of `x` and the weight rounded to bfloat16 (`_backend.round_to_dtype`)."""
   n, k = 64, 512
   w = jnp.asarray(_util.rng_array((n, k), 0, jnp.bfloat16))
   x = jnp.asarray(_util.rng_array((1, k), 1, jnp.bfloat16))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxbnb._src.quant import codebooks
+from pallas_kernels import _backend
 from pallas_kernels import gemv_4bit as gk
 from pallas_kernels import lut_decode as ld
 from tests import helpers
@@ -90,16 +91,16 @@ def test_lowers_for_cuda():
     assert "jaxbnb_gemv_4bit_mma" in text
 
 
-def test_round_to_rounds_as_astype_does():
-  """`round_to` gives `astype(dtype)`'s values, float16 subnormals included
-  (`lax.reduce_precision` would flush those); that XLA keeps its rounding
-  inside a kernel is `gemv_4bit_test`'s
+def test_round_to_dtype_rounds_as_astype_does():
+  """`round_to_dtype` gives `astype(dtype)`'s values, float16 subnormals
+  included (`lax.reduce_precision` alone would flush those); that XLA keeps
+  its rounding inside a kernel is `gemv_4bit_test`'s
   `test_interpret_twin_keeps_the_compute_dtype_rounding`."""
   rng = np.random.default_rng(0)
   x = np.concatenate([rng.standard_normal(2048),
                       rng.uniform(-2e-5, 2e-5, 2048)]).astype(np.float32)
   for dtype in (jnp.bfloat16, jnp.float16):
-    y = np.asarray(jax.jit(lambda v, d=dtype: ld.round_to(v, d))(x))
+    y = np.asarray(jax.jit(lambda v, d=dtype: _backend.round_to_dtype(v, d))(x))
     want = np.asarray(jnp.asarray(x).astype(dtype)).astype(np.float32)
     assert np.any(want != x)
     np.testing.assert_array_equal(y, want)
