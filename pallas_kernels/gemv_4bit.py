@@ -132,7 +132,7 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
     # instruction count (~14.6 per byte), not memory, limits it.
     block_kb = max(1, min(_pow2_floor(max(1, 256 // half)), _pow2_floor(nkb)))
     steps = -(-nkb // block_kb)
-    # Blocks over 512 bytes (blocksize > 1024) take fewer rows, so that a
+    # Blocks of 512 bytes or more (blocksize >= 1024) take fewer rows, so a
     # program's bytes stay near 8 KB (measured only for blocksize 64).
     block_n = max(8, min(32, _pow2_floor(max(1, 8192 // (block_kb * half)))))
     return ("reduce", block_n, block_kb, steps, 4, 1, "prmt", 0)
