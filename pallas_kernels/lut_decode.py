@@ -88,20 +88,18 @@ def _program(words):
 
 
 @functools.lru_cache(maxsize=None)
-def ptx(code: tuple[float, ...], dtype_name: str,
-        tables_in: bool = False) -> str:
-  """The inline PTX: operands $0-$3 out (o0-o3), $4 = w, $5-$8 = s0-s3;
-  with `tables_in`, the eight table words come in as operands (registers
-  the compiler loads once) instead of being moved into place each time:
-  with `pack=4` a 32-bit operand takes four registers (one per element),
-  so word i is $(9 + 4i) and its three twins go unread."""
+def ptx(code: tuple[float, ...], dtype_name: str) -> str:
+  """The inline PTX: operands $0-$3 out (o0-o3), $4 = w, $5-$8 = s0-s3,
+  then the eight table words (registers the compiler loads once, where
+  `mov`s into place would run at every call). With `pack=4` a 32-bit
+  operand takes four registers (one per element), so word i is $(9 + 4i)
+  and its three twins go unread."""
   vec = _DTYPES[dtype_name]
   ops = _program(table_words(code, jnp.dtype(dtype_name)))
   names = {"o0": "$0", "o1": "$1", "o2": "$2", "o3": "$3", "w": "$4",
            "s0": "$5", "s1": "$6", "s2": "$7", "s3": "$8"}
-  if tables_in:
-    ops = [op for op in ops if op[0] != "mov"]
-    names.update({f"t{i}": f"${9 + 4 * i}" for i in range(8)})
+  ops = [op for op in ops if op[0] != "mov"]
+  names.update({f"t{i}": f"${9 + 4 * i}" for i in range(8)})
   regs = sorted({d for _, d, _ in ops} - set(names))
   # Outputs are written only after every input is read (no early clobber).
   out = ["{", f".reg .b32 {', '.join(regs + ['r0', 'r1', 'r2', 'r3', 'z'])};",
@@ -110,9 +108,7 @@ def ptx(code: tuple[float, ...], dtype_name: str,
     return names.get(v, v) if isinstance(v, str) else f"0x{v:08x}"
   for op, d, s in ops:
     dst = {"o0": "r0", "o1": "r1", "o2": "r2", "o3": "r3"}.get(d, d)
-    if op == "mov":
-      out.append(f"mov.b32 {dst}, {r(s[0])};")
-    elif op in ("and", "or"):
+    if op in ("and", "or"):
       out.append(f"{op}.b32 {dst}, {r(s[0])}, {r(s[1])};")
     elif op == "shr":
       out.append(f"shr.u32 {dst}, {r(s[0])}, {s[1]};")
@@ -218,22 +214,17 @@ def decode_scaled(w, scale, code, dtype, interpret, table=None):
   return split_pairs(_pairs(w, scale, code, dtype), dtype)
 
 
-# Whether the asm takes the table words as operands (see `ptx`).
-TABLES_IN = True
-
-
 def _pairs(w, scale, code, dtype):
   """The inline asm: uint32 pairs (high nibble's value in the low half)."""
   # Triton's integers are signless: int32 out (and in), the bits the same.
   code = tuple(float(c) for c in code)
   args = [w, jax.lax.bitcast_convert_type(scale, jnp.int32)]
-  if TABLES_IN:
-    args += [jnp.full(w.shape, np.uint32(v).view(np.int32), jnp.int32)
-             for v in table_words(code, dtype)]
+  args += [jnp.full(w.shape, np.uint32(v).view(np.int32), jnp.int32)
+           for v in table_words(code, dtype)]
   (pairs,) = pltriton.elementwise_inline_asm(
-      ptx(code, dtype.name, TABLES_IN),
+      ptx(code, dtype.name),
       args=args,
-      constraints="=r,=r,=r,=r,r,r,r,r,r" + ",r" * (32 * TABLES_IN),
+      constraints="=r,=r,=r,=r,r,r,r,r,r" + ",r" * 32,
       pack=4,
       result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)],
   )

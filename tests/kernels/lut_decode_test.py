@@ -5,6 +5,7 @@ table lookup in the compute dtype; and its jnp twin against the same."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +71,16 @@ def test_table_words_hold_the_codes():
 
 
 def test_ptx_is_one_block_per_word():
+  """16 byte permutes and 4 products per word; the table words are read
+  from operands $9, $13, ..., $37 (one register of each 4-register
+  operand under `pack=4`), never moved into place."""
   text = ld.ptx(_code("fp4"), "float16")
   assert text.count("prmt.b32") == 16 and text.count("fma.rn.f16x2") == 4
   assert "bf16x2" in ld.ptx(_code("fp4"), "bfloat16")
+  assert "mov.b32 t" not in text
+  used = set(re.findall(r"\$(\d+)", text))
+  assert {str(9 + 4 * i) for i in range(8)} <= used
+  assert not used & {str(9 + 4 * i + j) for i in range(8) for j in (1, 2, 3)}
 
 
 def test_lowers_for_cuda():
