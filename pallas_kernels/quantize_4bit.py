@@ -3,10 +3,12 @@
 One program quantizes `block_rows` quantization blocks: it reads the block
 (even and odd elements as two strided halves), takes the fp32 absmax
 (NaN ignored), scales by the fp32 reciprocal, maps each value with the
-strict-`>` decision thresholds (NF4: the last two levels of the tree read
-their threshold from a 16-entry table) and packs two codes per byte, the
-even element in the high nibble. The result is bit-identical to jaxbnb's pure-jnp
-reference (`jaxbnb._src.quant.reference.quantize_4bit`).
+strict-`>` decision thresholds (NF4: by default one lookup of the value's
+bucket, its top 12 bits, and one comparison, `bucket_table`; else a tree
+whose last two levels read their threshold from a 16-entry table; FP4:
+bitsandbytes' tree) and packs two codes per byte, the even element in the
+high nibble. The result is bit-identical to jaxbnb's pure-jnp reference
+(`jaxbnb._src.quant.reference.quantize_4bit`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,60 @@ def _nf4_codes_gather(x, thresholds, t_ref):
   return base + jnp.where(b3, 1, 0)
 
 
+# `_nf4_codes_bucket`: a float32's top 12 bits (sign, exponent, 3 mantissa
+# bits) name its bucket; no NF4 threshold shares a bucket with another.
+_BUCKET_SHIFT = 20
+
+
+@functools.lru_cache(maxsize=None)
+def bucket_table(thresholds: tuple[float, ...]) -> np.ndarray:
+  """uint8 `[4096]`: per bucket, the count of thresholds strictly below its
+  smallest value, for `_nf4_codes_bucket`.
+
+  A bucket holds the float32s sharing their top 12 bits (sign, exponent,
+  3 mantissa bits): one contiguous range of values. With at most one
+  threshold in each, a value's code is `lo + (x > t[lo])`, `t` the
+  thresholds then +inf (the next threshold above the bucket's start: if
+  it lies beyond the bucket, no value of the bucket passes it). The
+  infinities' buckets hold their codes (+inf: 15, -inf: 0) and the NaNs'
+  code 0, as the tree gives them; a signalling NaN, which shares +inf's
+  bucket, cannot come out of the kernel's multiply (the product of a NaN
+  is quiet). Checked against a count of the thresholds on all 2.1e9
+  float32s in [-1, 1] (0 mismatches; not in CI).
+
+  Raises:
+    ValueError: thresholds two of which share a bucket (not NF4's).
+  """
+  t = np.asarray(thresholds, np.float32)
+  b = np.arange(1 << (32 - _BUCKET_SHIFT), dtype=np.uint32)
+  first = (b << _BUCKET_SHIFT).view(np.float32)
+  last = ((b << _BUCKET_SHIFT) | ((1 << _BUCKET_SHIFT) - 1)).view(np.float32)
+  neg = (b >> (31 - _BUCKET_SHIFT)) == 1
+  low = np.where(neg, last, first)     # the bucket's smallest value
+  high = np.where(neg, first, last)    # and its largest
+  special = ((b << _BUCKET_SHIFT) & 0x7F800000) == 0x7F800000
+  with np.errstate(invalid="ignore"):
+    lo = np.sum(t[None, :] < low[:, None], axis=1)
+    inside = (t[None, :] >= low[:, None]) & (t[None, :] < high[:, None])
+  if np.any(inside[~special].sum(axis=1) > 1):
+    raise ValueError("bucket_table: two thresholds share a bucket")
+  lo[special] = 0                                   # NaN -> 0, -inf -> 0
+  lo[0x7F800000 >> _BUCKET_SHIFT] = len(t)          # +inf -> 15
+  return lo.astype(np.uint8)
+
+
+def _nf4_codes_bucket(x, lo_ref, t_ref):
+  """`_nf4_codes` by one lookup of x's bucket (`bucket_table`) and one
+  comparison with the next threshold (`t_ref`: the 15 thresholds, then
+  +inf). The same strict comparisons, so the same codes. The buckets
+  that normalized weights fall in sit in two runs of about 50 bytes, so
+  a warp's lookups touch few sectors."""
+  idx = jax.lax.bitcast_convert_type(x, jnp.uint32) >> np.uint32(
+      _BUCKET_SHIFT)
+  lo = lo_ref[idx.astype(jnp.int32)].astype(jnp.int32)
+  return lo + jnp.where(x > t_ref[lo], 1, 0)
+
+
 def _fp4_codes(x, t):
   # t = (t1, ..., t7) as in bitsandbytes' dQuantizeFP4 tree.
   t1, t2, t3, t4, t5, t6, t7 = t
@@ -101,8 +157,10 @@ def _unpack_pair(u, in_dtype):
 
 
 def _kernel(x_ref, *refs, nblocks, numel, block_rows, half, quant_type,
-            thresholds, load_u32, in_dtype, gather):
-  if gather:
+            thresholds, load_u32, in_dtype, gather, bucket):
+  if bucket:
+    lo_ref, t_ref, packed_ref, absmax_ref = refs
+  elif gather:
     t_ref, packed_ref, absmax_ref = refs
   else:
     packed_ref, absmax_ref = refs
@@ -137,7 +195,10 @@ def _kernel(x_ref, *refs, nblocks, numel, block_rows, half, quant_type,
   if numel is not None:
     se = jnp.where(ok_e, se, 0.0)
     so = jnp.where(ok_o, so, 0.0)
-  if quant_type == "nf4" and gather:
+  if bucket:
+    qe = _nf4_codes_bucket(se, lo_ref, t_ref)
+    qo = _nf4_codes_bucket(so, lo_ref, t_ref)
+  elif quant_type == "nf4" and gather:
     qe = _nf4_codes_gather(se, thresholds, t_ref)
     qo = _nf4_codes_gather(so, thresholds, t_ref)
   elif quant_type == "nf4":
@@ -152,7 +213,8 @@ def _kernel(x_ref, *refs, nblocks, numel, block_rows, half, quant_type,
 @functools.partial(
     jax.jit,
     static_argnames=("blocksize", "quant_type", "thresholds", "block_rows",
-                     "num_warps", "load_u32", "gather", "interpret"))
+                     "num_warps", "load_u32", "gather", "bucket",
+                     "interpret"))
 def quantize_4bit(
     flat: jax.Array,
     *,
@@ -160,9 +222,10 @@ def quantize_4bit(
     quant_type: str,
     thresholds: tuple[float, ...],
     block_rows: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     load_u32: bool | None = None,
     gather: bool = True,
+    bucket: bool = True,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Quantizes a flat float array in blocks of `blocksize`.
@@ -175,7 +238,9 @@ def quantize_4bit(
       thresholds t1..t7 of bitsandbytes' FP4 tree (as Python floats holding
       fp32 values).
     block_rows: quantization blocks per program (power of two).
-    num_warps: Triton warps per program.
+    num_warps: Triton warps per program; default 8 for the NF4 bucket
+      lookup (2^28 bf16 values on the H200: 285.9 us against 299.7 with
+      4), else 4.
     load_u32: read 16-bit inputs as uint32 pairs (contiguous loads);
       default True for float16/bfloat16.
     gather: NF4 only: the decision tree's last two levels load their
@@ -183,6 +248,11 @@ def quantize_4bit(
       loads per value in place of ten selects; the same codes). Measured
       on the H200, 2^28 bf16 values: 467.5 against 559.0 us per call
       (host-timed, docs/benchmarks.md).
+    bucket: NF4 only, in place of the tree (the default): each value's
+      code from one lookup by its top 12 bits (`bucket_table`) and one
+      comparison. Measured on the H200, 2^28 bf16 values, 64 blocks per
+      program: 285.9 us against 389.7 for the gathering tree (under ncu
+      at 2^26: 26% fewer instructions, 62.2 against 84.4 us).
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
@@ -193,6 +263,8 @@ def quantize_4bit(
   half = blocksize // 2
   if block_rows is None:
     block_rows = max(1, min(64, 4096 // blocksize))
+  if num_warps is None:
+    num_warps = 8 if bucket and quant_type == "nf4" else 4
   padded = nblocks * blocksize
   if padded != n:
     flat = jnp.pad(flat, (0, padded - n))
@@ -212,9 +284,14 @@ def quantize_4bit(
       _kernel, nblocks=nblocks, numel=None if padded == n else n,
       block_rows=block_rows, half=half, quant_type=quant_type,
       thresholds=thresholds, load_u32=load_u32, in_dtype=in_dtype,
-      gather=gather and quant_type == "nf4")
+      gather=gather and quant_type == "nf4",
+      bucket=bucket and quant_type == "nf4")
   args, in_specs = [x3], [spec]
-  if gather and quant_type == "nf4":
+  if bucket and quant_type == "nf4":
+    lo = bucket_table(tuple(thresholds))
+    args.append(jnp.asarray(lo))
+    in_specs.append(pl.BlockSpec(lo.shape, lambda i: (0,)))
+  if (gather or bucket) and quant_type == "nf4":
     table = jnp.asarray(list(thresholds) + [float("inf")], jnp.float32)
     args.append(table)
     in_specs.append(pl.BlockSpec((16,), lambda i: (0,)))

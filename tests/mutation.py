@@ -102,6 +102,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "new.append(_backend.fma_rn(lo, xo[None], acc, interpret))",
            "new.append(_backend.fma_rn(lo, xe[None], acc, interpret))",
            (_GEMV_TWIN,)),
+    Mutant("quantize-bucket-ties-go-up", "pallas_kernels/quantize_4bit.py",
+           "return lo + jnp.where(x > t_ref[lo], 1, 0)",
+           "return lo + jnp.where(x >= t_ref[lo], 1, 0)",
+           ("tests/kernels/quantize_4bit_test.py::"
+            "test_gather_tree_gives_the_same_codes",)),
     Mutant("round-to-excess-precision", "pallas_kernels/_backend.py",
            "return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)",
            "return x.astype(jnp.bfloat16).astype(jnp.float32)",
