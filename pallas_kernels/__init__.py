@@ -5,6 +5,8 @@ as array inputs and never import jaxbnb. All use Pallas' Triton lowering
 (`_backend.py` is the one module that knows it):
 
 * `quantize_4bit`: blockwise NF4/FP4 quantization, bitsandbytes' format.
+* `quantize_nested`: double quantization's nested step (`absmax - offset`
+  to 8-bit codes per block of 256) in one pass.
 * `dequantize_4bit`: dequantization, double-quantized absmax decoded inline.
 * `gemv_4bit`: fused dequantize-and-multiply for small M ("reduce", "dot",
   "mma").

@@ -17,6 +17,7 @@ from pallas_kernels import code_tables
 from pallas_kernels import dequantize_4bit as dk
 from pallas_kernels import gemv_4bit as gk
 from pallas_kernels import quantize_4bit as qk
+from pallas_kernels import quantize_nested as nk
 
 from jaxbnb._src.quant import codebooks
 from jaxbnb._src.quant import dispatch
@@ -76,6 +77,25 @@ def quantize_blockwise_flat(flat, code_np, blocksize, mode):
       return code_tables.quantize_lut(x, lo, aux).astype(jnp.uint8)
   return reference.quantize_blockwise(flat, jnp.asarray(code_np, jnp.float32),
                                       blocksize, codes_fn)
+
+
+def quantize_nested_flat(absmax, offset, code_np, blocksize, mode,
+                         kernel=True):
+  """(uint8 codes, float32 absmax) of `absmax - offset` quantized
+  blockwise to the map `code_np` (double quantization's nested step):
+  one kernel pass outside the "reference" mode, where the map has lookup
+  tables and `kernel` is set; else `quantize_blockwise_flat` of the
+  difference."""
+  if mode != "reference" and kernel:
+    tables = code_tables.quantize_tables(code_np)
+    if tables is not None and nk.can_use(absmax.shape[0], blocksize):
+      lo, aux = (jnp.asarray(t) for t in tables)
+      return nk.quantize_nested(absmax, offset, lo, aux, blocksize=blocksize,
+                                interpret=mode == "interpret")
+    if tables is not None:
+      dispatch.no_kernel(f"nested quantization of {absmax.shape[0]} values")
+  return quantize_blockwise_flat(absmax - offset, code_np, blocksize,
+                                 mode)
 
 
 def dequantize_4bit_flat(packed, absmax, nested, n, blocksize, quant_type,

@@ -51,20 +51,24 @@ def _quantize_blockwise_flat(flat, code, blocksize):
   return reference.quantize_blockwise(flat, code, blocksize)
 
 
-@functools.partial(jax.jit, static_argnames=("blocksize", "mode"))
-def _quantize_nested(flat, blocksize, mode):
-  return kernels.quantize_blockwise_flat(
-      flat, codebooks.create_dynamic_map(signed=True), blocksize, mode)
+@functools.partial(jax.jit, static_argnames=("blocksize", "mode", "kernel"))
+def _quantize_nested(absmax, offset, blocksize, mode, kernel):
+  return kernels.quantize_nested_flat(
+      absmax, offset, codebooks.create_dynamic_map(signed=True), blocksize,
+      mode, kernel)
 
 
-def _double_quantize(absmax: jax.Array, nested_blocksize: int):
+def _double_quantize(absmax: jax.Array, nested_blocksize: int,
+                     kernel: bool = True):
   """bnb's nested absmax: offset = mean, 8-bit blockwise codes of the rest
-  (two table lookups per value outside the "reference" kernel mode)."""
+  (two table lookups per value outside the "reference" kernel mode, in one
+  kernel pass with `kernel`; 8-bit blockwise quantization, which has no
+  kernel, passes False)."""
   # Round the mean before subtracting (no FMA under jit), as bnb does.
   offset = jax.lax.optimization_barrier(jnp.mean(absmax))
   code = jnp.asarray(codebooks.create_dynamic_map(signed=True))
-  q, nested_absmax = _quantize_nested(absmax - offset, nested_blocksize,
-                                      dispatch.resolve())
+  q, nested_absmax = _quantize_nested(absmax, offset, nested_blocksize,
+                                      dispatch.resolve(), kernel)
   return q, nested_absmax, offset, code
 
 
@@ -387,7 +391,8 @@ def quantize_blockwise(
   common = dict(shape=tuple(A.shape), dtype=validation.dtype_name(A.dtype),
                 blocksize=blocksize, code=code)
   if nested:
-    q2, nested_absmax, offset, ncode = _double_quantize(absmax, blocksize)
+    q2, nested_absmax, offset, ncode = _double_quantize(absmax, blocksize,
+                                                        kernel=False)
     qs = QuantState(absmax=q2, offset=offset, nested_absmax=nested_absmax,
                     nested_code=ncode, nested_blocksize=blocksize, **common)
   else:

@@ -1,0 +1,130 @@
+"""Double quantization's nested step in one kernel: `absmax - offset`
+quantized blockwise to an 8-bit map, bitsandbytes' format.
+
+bitsandbytes' double quantization subtracts the mean of the 4-bit absmax
+(`offset`) and quantizes the rest in blocks of 256 to its signed dynamic
+map. One program here takes `block_rows` such blocks: it subtracts the
+offset, takes the fp32 absmax of each block (NaN ignored), scales by the
+fp32 reciprocal and finds each code by two lookups (`code_tables`). As XLA
+ops the same step read and wrote the absmax three times (the subtraction,
+the block maxima, the codes). The result is bit-identical to the reference
+(`jaxbnb._src.quant.reference.quantize_blockwise` of `absmax - offset` with
+the same lookups, or bitsandbytes' binary search).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _backend
+from pallas_kernels import code_tables
+from pallas_kernels._backend import pl
+from pallas_kernels._backend import pltriton
+
+__all__ = ["can_use", "quantize_nested"]
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def can_use(numel: int, blocksize: int) -> bool:
+  """Whether the kernel serves this nested quantization."""
+  return (_backend.available() and numel > 0 and blocksize >= 32
+          and blocksize & (blocksize - 1) == 0 and blocksize <= 4096)
+
+
+def _kernel(x_ref, off_ref, lo_ref, aux_ref, q_ref, absmax_ref, *, nblocks,
+            numel, block_rows, blocksize):
+  pid = pl.program_id(0)
+  rows = pid * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+  row_ok = rows < nblocks
+  mask = jnp.broadcast_to(row_ok[:, None], (block_rows, blocksize))
+  v = pltriton.load(x_ref, mask=mask, other=0) - off_ref[0]
+  a = jnp.abs(v)
+  neg = jnp.float32(-_F32_MAX)
+  a = jnp.where(a != a, neg, a)
+  if numel is not None:  # a partial last block: its padding is not data
+    idx = rows[:, None] * blocksize + jnp.arange(blocksize, dtype=jnp.int32)
+    ok = idx < numel
+    a = jnp.where(ok, a, neg)
+    v = jnp.where(ok, v, 0.0)
+  absmax = jnp.max(a, axis=1)
+  recip = jnp.float32(1.0) / absmax
+  codes = code_tables.quantize_lut(v * recip[:, None], lo_ref, aux_ref)
+  pltriton.store(q_ref, codes.astype(jnp.uint8), mask=mask)
+  pltriton.store(absmax_ref, absmax, mask=row_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("blocksize", "block_rows",
+                                             "num_warps", "interpret"))
+def quantize_nested(
+    absmax: jax.Array,
+    offset: jax.Array,
+    lo: jax.Array,
+    aux: jax.Array,
+    *,
+    blocksize: int = 256,
+    block_rows: int = 16,
+    num_warps: int = 4,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """8-bit blockwise codes of `absmax - offset` and their block absmax.
+
+  Args:
+    absmax: float32 `[n]`, the 4-bit quantization's absmax.
+    offset: float32 scalar subtracted first (bitsandbytes: the mean).
+    lo, aux: `code_tables.quantize_tables` of the 8-bit map.
+    blocksize: values per nested block (a power of two, 32..4096).
+    block_rows: nested blocks per program.
+    num_warps: Triton warps per program.
+    interpret: run in Pallas interpret mode (CPU tests).
+
+  Returns:
+    (uint8 codes `[n]`, float32 absmax `[ceil(n / blocksize)]`).
+
+  Examples:
+    >>> import numpy as np, jax.numpy as jnp
+    >>> from jaxbnb._src.quant import codebooks
+    >>> lo, aux = code_tables.quantize_tables(
+    ...     codebooks.create_dynamic_map(signed=True))
+    >>> q, am = quantize_nested(jnp.linspace(0.5, 1.5, 300), jnp.float32(1),
+    ...                         jnp.asarray(lo), jnp.asarray(aux),
+    ...                         interpret=True)
+    >>> q.shape, am.shape
+    ((300,), (2,))
+  """
+  n = absmax.shape[0]
+  nblocks = -(-n // blocksize)
+  padded = nblocks * blocksize
+  x = absmax.astype(jnp.float32)
+  if padded != n:
+    x = jnp.pad(x, (0, padded - n))
+  x2 = x.reshape(nblocks, blocksize)
+  block_rows = max(1, min(block_rows, 1 << (nblocks - 1).bit_length()))
+  kernel = functools.partial(
+      _kernel, nblocks=nblocks, numel=None if padded == n else n,
+      block_rows=block_rows, blocksize=blocksize)
+  args = _backend.same_vma(x2, jnp.asarray(offset, jnp.float32).reshape(1),
+                           lo, aux)
+  spec = pl.BlockSpec((block_rows, blocksize), lambda i: (i, 0))
+  q, nested_absmax = pl.pallas_call(
+      kernel,
+      out_shape=(_backend.out_struct((nblocks, blocksize), jnp.uint8, x2),
+                 _backend.out_struct((nblocks,), jnp.float32, x2)),
+      grid=(pl.cdiv(nblocks, block_rows),),
+      in_specs=[spec, pl.BlockSpec((1,), lambda i: (0,)),
+                pl.BlockSpec(lo.shape, lambda i: (0,)),
+                pl.BlockSpec(aux.shape, lambda i: (0,))],
+      out_specs=(pl.BlockSpec((block_rows, blocksize), lambda i: (i, 0)),
+                 pl.BlockSpec((block_rows,), lambda i: (i,))),
+      compiler_params=_backend.compiler_params(num_warps=num_warps,
+                                               num_stages=2),
+      interpret=interpret,
+      name="jaxbnb_quantize_nested",
+      cost_estimate=pl.CostEstimate(flops=8 * padded, transcendentals=0,
+                                    bytes_accessed=5 * padded + 4 * nblocks),
+  )(*args)
+  return q.reshape(-1)[:n], nested_absmax
