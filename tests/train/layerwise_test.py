@@ -147,7 +147,9 @@ def test_optimizer_update_does_not_copy_the_frozen_weights():
                       wrt=nnx.LoRAParam)
   grads = nnx.state(model, nnx.LoRAParam)
   parts = nnx.split((model, opt), step_lib.MUTABLE, ...)
-  compiled = layerwise._apply.lower(*parts, grads, jnp.float32(1)).compile()
+  update = layerwise._UpdatePlan((model, opt))
+  compiled = update.apply(None).lower(*update.read(), grads,
+                                      jnp.float32(1)).compile()
   out = compiled.memory_analysis().output_size_in_bytes
   nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))
   # (+ the norm and the output tuple's bookkeeping: 636 bytes measured)
