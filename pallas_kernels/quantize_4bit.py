@@ -243,16 +243,16 @@ def quantize_4bit(
       4), else 4.
     load_u32: read 16-bit inputs as uint32 pairs (contiguous loads);
       default True for float16/bfloat16.
-    gather: NF4 only: the decision tree's last two levels load their
-      thresholds from a 16-entry table instead of selecting them (two
-      loads per value in place of ten selects; the same codes). Measured
-      on the H200, 2^28 bf16 values: 467.5 against 559.0 us per call
-      (host-timed, docs/benchmarks.md).
+    gather: NF4 with `bucket=False` only: the decision tree's last two
+      levels load their thresholds from a 16-entry table instead of
+      selecting them (two loads per value in place of ten selects; the
+      same codes). Measured on the H200, 2^28 bf16 values: 467.5 against
+      559.0 us per call (host-timed, docs/benchmarks.md).
     bucket: NF4 only, in place of the tree (the default): each value's
       code from one lookup by its top 12 bits (`bucket_table`) and one
       comparison. Measured on the H200, 2^28 bf16 values, 64 blocks per
       program: 285.9 us against 389.7 for the gathering tree (under ncu
-      at 2^26: 26% fewer instructions, 62.2 against 84.4 us).
+      at 2^26: 32% fewer instructions, 62.2 against 84.4 us).
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
