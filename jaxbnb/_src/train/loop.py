@@ -512,7 +512,7 @@ def _run(model, optimizer, train, held_out, config, out, lora_dict,
         batch = {k: jnp.asarray(v) for k, v in arrays.items()}
       else:  # [A, B, T]: B over "data" x "fsdp"
         where = mesh_lib.batch_sharding(mesh, 3, 1, sharding)
-        batch = {k: jax.device_put(v, where) for k, v in arrays.items()}
+        batch = {k: mesh_lib.put(v, where) for k, v in arrays.items()}
       t0 = time.perf_counter()
       if layerwise:
         out_step = layerwise_train_step(model, optimizer, batch)

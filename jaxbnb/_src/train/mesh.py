@@ -47,7 +47,7 @@ from jaxbnb._src.optim.state import Quantized8bit
 from jaxbnb._src.quant import weights
 
 __all__ = ["adapter_spec", "batch_axes", "batch_sharding", "check_batch_size",
-           "model_mesh", "shard_for_training"]
+           "model_mesh", "put", "shard_for_training"]
 
 DATA = "data"
 _BASE_LAYER = ".base_layer"
@@ -129,13 +129,37 @@ def _find_param(parts: list[str], params: dict[str, Any]
   return None, ()
 
 
+def put(x: Any, sharding: NamedSharding) -> jax.Array:
+  """`jax.device_put(x, sharding)`, also onto a mesh with devices of other
+  processes (`jax.distributed`): there every process holds the same whole
+  `x` (a host or local array) and gives its own devices their slices.
+
+  Examples:
+    >>> import jax, numpy as np
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+    >>> put(np.arange(4.0), NamedSharding(mesh, P("fsdp"))).shape
+    (4,)
+  """
+  if sharding.is_fully_addressable or (
+      isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key):
+    data = put(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding,
+                                      lambda idx: host[idx])
+
+
 def _put(value: Any, specs: Any, mesh: Mesh) -> Any:
   """`value`'s arrays placed by `specs` (memory kinds kept)."""
   def one(x, spec):
     if not isinstance(x, (jax.Array, np.ndarray)):
       return x
     kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
-    return jax.device_put(x, NamedSharding(mesh, spec, memory_kind=kind))
+    return put(x, NamedSharding(mesh, spec, memory_kind=kind))
   return jax.tree.map(one, value, specs)
 
 

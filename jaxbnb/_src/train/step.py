@@ -366,7 +366,7 @@ def evaluate(model: nnx.Module, data: TokenizedData, batch_size: int, *,
     if mesh is None:
       batch = {k: jnp.asarray(v) for k, v in arrays.items()}
     else:
-      batch = {k: jax.device_put(v, where) for k, v in arrays.items()}
+      batch = {k: mesh_lib.put(v, where) for k, v in arrays.items()}
     nll, c = eval_step(model, batch)
     total += float(nll)
     count += int(c)
