@@ -1,5 +1,8 @@
 """Two processes on this machine as two hosts (`jax.distributed`, gloo).
 
+Also: two layerwise QLoRA steps on `fsdp=2` across the two processes
+(`test_two_processes_train_fsdp_as_one`).
+
 Each worker is a fresh Python with one CPU device. It runs
 
   jaxbnb --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I \
@@ -226,3 +229,83 @@ def test_generate_mesh_is_checked_before_loading(folder, capsys):
   err = capsys.readouterr().err
   assert err.startswith("jaxbnb generate: error: argument --mesh: ")
   assert "multiply to 3, expected the number of devices, 8" in err, err
+
+
+# ---------------------------------------------------------------------------
+# FSDP-QLoRA training steps across two processes.
+
+_TRAIN_SCRIPT = r"""
+import json, sys
+import jax, numpy as np, optax
+from flax import nnx
+from jaxbnb import convert, lora, models, train
+from jaxbnb._src.train import mesh as train_mesh
+args = json.loads(sys.argv[1])
+if args["pid"] is not None:
+  jax.distributed.initialize(f"127.0.0.1:{args['port']}", 2, args["pid"])
+mesh = convert.parse_mesh("fsdp=2") if args["pid"] is not None else None
+kw = {} if mesh is None else {"mesh": mesh}
+m = convert.from_pretrained(
+    args["folder"], progress=False, param_dtype="float32",
+    quantization=models.QuantizationConfig.nf4(compute_dtype="float32"),
+    **kw)
+m = lora.apply_lora(m, lora.LoRAConfig(r=4, lora_dropout=0.1,
+                                       target_modules="all-linear",
+                                       init_lora_weights=False),
+                    rngs=nnx.Rngs(1))
+m.train()
+opt = nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.LoRAParam)
+ids = np.asarray(np.random.default_rng(0).integers(0, 256, (1, 4, 16)),
+                 np.int32)
+batch = {"input_ids": ids, "attention_mask": np.ones(ids.shape, bool),
+         "loss_mask": np.ones(ids.shape, bool)}
+if mesh is not None:
+  train.shard_for_training(m, opt, mesh)
+  where = train_mesh.batch_sharding(mesh, 3, 1)
+  batch = {k: train_mesh.put(v, where) for k, v in batch.items()}
+losses = [float(train.layerwise_train_step(m, opt, batch)["loss"])
+          for _ in range(2)]
+print("RESULT" + json.dumps({"losses": losses,
+                             "processes": jax.process_count()}))
+"""
+
+
+def _train_run(folder, pid=None, port=None):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.Popen(
+      [sys.executable, "-c", _TRAIN_SCRIPT,
+       json.dumps({"pid": pid, "port": port, "folder": folder})],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+
+
+def _result(proc):
+  log = proc.communicate(timeout=240)[0]
+  lines = [l for l in log.splitlines() if l.startswith("RESULT")]
+  assert proc.returncode == 0 and lines, log[-4000:]
+  return json.loads(lines[-1][len("RESULT"):])
+
+
+def test_two_processes_train_fsdp_as_one(folder):
+  """Two processes as two hosts, `fsdp=2` over one CPU device each: the
+  4-bit base loaded shard by shard, the adapters, optimizer state and
+  batch placed onto the mesh by each process (`train.mesh.put`), two
+  layerwise QLoRA steps with dropout. The losses are one device's (only
+  the order of float32 sums differs; 1e-5 relative is ~100 ulps, another
+  dropout draw or a batch row seen twice moves them by percents)."""
+  port = str(_free_port())
+  procs = [_train_run(folder, pid, port) for pid in range(2)]
+  one = _train_run(folder)
+  try:
+    results = [_result(p) for p in procs]
+    want = _result(one)["losses"]
+  finally:
+    for p in procs + [one]:
+      if p.poll() is None:
+        p.kill()
+  for r in results:
+    assert r["processes"] == 2
+    np.testing.assert_allclose(r["losses"], want, rtol=1e-5)
+  assert want[1] < want[0]
