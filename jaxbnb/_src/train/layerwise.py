@@ -179,15 +179,12 @@ def _gathered(variables, axes: frozenset) -> tuple:
   start of the program.
   """
   out = []
-  for v in variables:
-    for x in jax.tree.leaves(v.get_value()):
-      sharding = getattr(x, "sharding", None)
-      if isinstance(sharding, NamedSharding):
-        spec = _without(sharding.spec, axes)
-        if spec != sharding.spec:
-          out.append(NamedSharding(sharding.mesh, spec))
-          continue
-      out.append(None)
+  for x in _leaves(variables):
+    sharding = getattr(x, "sharding", None)
+    spec = (_without(sharding.spec, axes)
+            if isinstance(sharding, NamedSharding) else None)
+    out.append(None if spec is None or spec == sharding.spec
+               else NamedSharding(sharding.mesh, spec))
   return tuple(out)
 
 
