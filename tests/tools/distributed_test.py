@@ -16,15 +16,18 @@ each process must read from the safetensors file only its own rows.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from jaxbnb import convert
 from jaxbnb import models
+from jaxbnb import train
 from jaxbnb._src.tools import cli
 from tests.tools import tiny_gguf
 
@@ -309,3 +312,110 @@ def test_two_processes_train_fsdp_as_one(folder):
     assert r["processes"] == 2
     np.testing.assert_allclose(r["losses"], want, rtol=1e-5)
   assert want[1] < want[0]
+
+
+# ---------------------------------------------------------------------------
+# `jaxbnb finetune` across two processes: files written once, checkpoints
+# written shard by shard and resumable on one process.
+
+_FINETUNE_SCRIPT = r"""
+import json, sys
+from jaxbnb._src.tools import cli
+args = json.loads(sys.argv[1])
+hosts = [] if args["pid"] is None else [
+    "--coordinator", f"127.0.0.1:{args['port']}", "--num-processes", "2",
+    "--process-id", str(args["pid"])]
+print("RC", cli.main([*hosts, "finetune", *args["argv"]]))
+"""
+
+
+def _finetune_run(argv, pid=None, port=None):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.Popen(
+      [sys.executable, "-c", _FINETUNE_SCRIPT,
+       json.dumps({"pid": pid, "port": port, "argv": argv})],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+
+
+def _finished(procs):
+  try:
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0 and "RC 0" in log, log[-4000:]
+  return logs
+
+
+def _adapter(out):
+  return safetensors.numpy.load_file(
+      os.path.join(out, "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finetuned(folder, tmp_path_factory):
+  """Three steps with dropout and a checkpoint every two: on `fsdp=2`
+  across two processes, and on one process (one device)."""
+  tmp = tmp_path_factory.mktemp("ft")
+  text = tmp / "austen.txt"
+  with open(os.path.join(ROOT, "tests", "data", "persuasion_excerpt.txt"),
+            encoding="utf-8") as f:
+    text.write_text(f.read()[:3000], encoding="utf-8")
+  common = ["--data", str(text), "--steps", "3", "--save-every", "2",
+            "--seq-len", "32", "--batch-size", "2", "--lora-r", "4",
+            "--lora-dropout", "0.1", "--lr", "1e-2", "--eval-every", "2",
+            *QUANT, "--quiet"]
+  two, one = str(tmp / "two"), str(tmp / "one")
+  port = str(_free_port())
+  procs = [_finetune_run([folder, "--out", two, "--mesh", "fsdp=2",
+                          *common], pid, port) for pid in range(2)]
+  procs.append(_finetune_run([folder, "--out", one, *common]))
+  logs = _finished(procs)
+  return {"two": two, "one": one, "common": common, "logs": logs,
+          "tmp": tmp, "folder": folder}
+
+
+def test_two_process_finetune_writes_each_file_once(finetuned):
+  two, one = finetuned["two"], finetuned["one"]
+  assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+  assert not [e for e in os.listdir(two) if e.startswith(".")]
+  assert sorted(os.listdir(os.path.join(two, "checkpoints"))) == [
+      "step_00000002", "step_00000003"]
+  # The losses, held-out losses and step rows: one device's, each once.
+  got, want = train.read_metrics(two), train.read_metrics(one)
+  assert [sorted(r) for r in got] == [sorted(r) for r in want]
+  assert [r["step"] for r in got] == [r["step"] for r in want]
+  for key in ("loss", "eval_loss", "grad_norm"):
+    np.testing.assert_allclose([r[key] for r in got if key in r],
+                               [r[key] for r in want if key in r],
+                               rtol=1e-5)
+  # One process reports; the adapter holds the gathered global tensors.
+  assert finetuned["logs"][0].count("wrote the adapter to") == 1
+  assert "wrote the adapter to" not in finetuned["logs"][1]
+  a, b = _adapter(two), _adapter(one)
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].shape == b[k].shape
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_two_process_checkpoint_resumes_on_one_process(finetuned):
+  """The step-2 checkpoint written shard by shard by two processes
+  resumes on one device to the same step 3 and adapter."""
+  resumed = str(finetuned["tmp"] / "resumed")
+  shutil.copytree(finetuned["two"], resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "step_00000003"))
+  _finished([_finetune_run([finetuned["folder"], "--out", resumed,
+                            "--resume", *finetuned["common"]])])
+  last = [r for r in train.read_metrics(resumed) if "loss" in r][-1]
+  want = [r for r in train.read_metrics(finetuned["two"]) if "loss" in r][-1]
+  assert last["step"] == want["step"] == 3
+  np.testing.assert_allclose(last["loss"], want["loss"], rtol=1e-5)
+  a, b = _adapter(resumed), _adapter(finetuned["two"])
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)

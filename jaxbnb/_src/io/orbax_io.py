@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxbnb._src.io import extras
 from jaxbnb._src.io import paths
+from jaxbnb._src.io import processes
 from jaxbnb._src.layers.common import QuantizedWeight
 from jaxbnb._src.layers.embedding import Embedding4bit
 from jaxbnb._src.layers.embedding import Embedding8bit
@@ -107,12 +108,14 @@ def save_checkpoint(model: LlamaForCausalLM, path: str | os.PathLike, *,
     ckptr = _orbax().StandardCheckpointer()
     ckptr.save(os.path.join(folder, _STATE), nnx.to_pure_dict(state))
     ckptr.wait_until_finished()
+    if not processes.is_primary():
+      return  # (orbax wrote this process's shards)
     with open(os.path.join(folder, _META), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2)
 
   paths.write_folder_atomic(path, write, overwrite=overwrite,
                             fn="save_checkpoint",
-                            source=paths.source_of(model))
+                            source=paths.source_of(model), collective=True)
 
 
 def _read_meta(path: str) -> dict[str, Any]:

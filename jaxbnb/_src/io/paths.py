@@ -22,6 +22,8 @@ import stat
 import weakref
 from typing import Any, Callable
 
+from jaxbnb._src.io import processes
+
 __all__ = ["record_source", "source_of", "check_destination",
            "write_folder_atomic", "write_file_atomic"]
 
@@ -102,13 +104,20 @@ def _make_folder(parent: str, prefix: str) -> str:
 def write_folder_atomic(target: str | os.PathLike,
                         write: Callable[[str], None], *, overwrite: bool,
                         fn: str, source: str | None = None,
-                        keep: Callable[[str], bool] | None = None) -> str:
+                        keep: Callable[[str], bool] | None = None,
+                        collective: bool = False) -> str:
   """Writes a folder with `write(tmp)`, then renames it to `target`.
 
   `write` fills a new folder beside `target` (same parent, so the renames
   stay on one file system). An existing `target` is swapped out only once
   `write` has succeeded, and deleted after the swap; on any error the
   temporary folder is removed and `target` is untouched.
+
+  With several processes (`jax.distributed`) every process calls this, for
+  one folder on a file system they share: they agree on the temporary
+  folder, process 0 creates and renames it, and `write` runs on process 0
+  only, or on every process with `collective=True` (orbax, which writes
+  each process's shards). An error in any process is an error in all.
 
   Args:
     target: the output folder.
@@ -119,6 +128,7 @@ def write_folder_atomic(target: str | os.PathLike,
       `check_destination`), or None.
     keep: entries of an existing `target` to carry over into the new folder
       (e.g. tokenizer files); None keeps nothing.
+    collective: with several processes, call `write` on every process.
 
   Returns:
     The absolute path written.
@@ -126,6 +136,7 @@ def write_folder_atomic(target: str | os.PathLike,
   Raises:
     ValueError: `target` is a file, or overlaps `source`.
     FileExistsError: `target` is a non-empty folder and `overwrite` is False.
+    RuntimeError: another process failed to write its part.
   """
   target = os.path.realpath(os.fspath(target))
   check_destination(target, source, fn)
@@ -136,33 +147,83 @@ def write_folder_atomic(target: str | os.PathLike,
     raise FileExistsError(
         f"{fn}: {target!r} already exists and is not empty; pass "
         "overwrite=True (--overwrite on the command line) to replace it.")
+  if processes.several():
+    return _write_folder_together(target, write, exists, keep, collective,
+                                  fn)
   parent, base = os.path.split(target)
   os.makedirs(parent, exist_ok=True)
   tmp = _make_folder(parent, f".{base}.tmp-")
   try:
     write(tmp)
-    if not exists:
-      os.rename(tmp, target)
-      return target
-    os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
-    for entry in os.listdir(target):
-      if keep is not None and keep(entry):
-        src_p, dst_p = os.path.join(target, entry), os.path.join(tmp, entry)
-        if os.path.isdir(src_p) and not os.path.islink(src_p):
-          shutil.copytree(src_p, dst_p, symlinks=True)
-        else:
-          shutil.copy2(src_p, dst_p, follow_symlinks=False)
-    old = _fresh_name(parent, f".{base}.old-")
-    os.rename(target, old)
-    try:
-      os.rename(tmp, target)
-    except BaseException:
-      os.rename(old, target)
-      raise
+    _swap_in(tmp, target, exists, keep)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  return target
+
+
+def _swap_in(tmp: str, target: str, exists: bool,
+             keep: Callable[[str], bool] | None) -> None:
+  """Renames the written `tmp` to `target`, replacing an existing one."""
+  if not exists:
+    os.rename(tmp, target)
+    return
+  parent, base = os.path.split(target)
+  os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+  for entry in os.listdir(target):
+    if keep is not None and keep(entry):
+      src_p, dst_p = os.path.join(target, entry), os.path.join(tmp, entry)
+      if os.path.isdir(src_p) and not os.path.islink(src_p):
+        shutil.copytree(src_p, dst_p, symlinks=True)
+      else:
+        shutil.copy2(src_p, dst_p, follow_symlinks=False)
+  old = _fresh_name(parent, f".{base}.old-")
+  os.rename(target, old)
+  try:
+    os.rename(tmp, target)
+  except BaseException:
+    os.rename(old, target)
+    raise
   shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_folder_together(target: str, write: Callable[[str], None],
+                           exists: bool, keep: Callable[[str], bool] | None,
+                           collective: bool, fn: str) -> str:
+  """`write_folder_atomic` for several processes (see there)."""
+  parent, base = os.path.split(target)
+  tmp = os.path.join(parent, f".{base}.tmp-{processes.shared_token()}")
+  primary = processes.is_primary()
+  # Every process has checked `target` before process 0 changes anything.
+  processes.sync(f"{fn}:checked:{tmp}")
+  error = None
+  try:
+    if primary:
+      os.makedirs(parent, exist_ok=True)
+      os.mkdir(tmp)
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  if processes.all_succeeded(error is None):
+    try:
+      if primary or collective:
+        write(tmp)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+    if processes.all_succeeded(error is None) and primary:
+      try:
+        _swap_in(tmp, target, exists, keep)
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+  ok = processes.all_succeeded(error is None)
+  if not ok and primary:
+    shutil.rmtree(tmp, ignore_errors=True)
+  processes.sync(f"{fn}:done:{tmp}")
+  if error is not None:
+    raise error
+  if not ok:
+    raise RuntimeError(
+        f"{fn}: another process failed while writing {target!r} (its own "
+        "error says why); nothing was written.")
   return target
 
 

@@ -647,7 +647,8 @@ def _finetune(args) -> int:
              f"{result.evals[-1][2]:.3f}")
   elif result.evals:
     line += f"; held-out perplexity {result.evals[-1][2]:.3f}"
-  print(line + f"; {result.seconds:.1f} s)")
+  if jax.process_index() == 0:  # on several processes, one reports
+    print(line + f"; {result.seconds:.1f} s)")
   return 0
 
 

@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxbnb._src.io import extras
 from jaxbnb._src.io import paths
+from jaxbnb._src.io import processes
 
 __all__ = ["CHECKPOINTS", "FORMAT", "list_checkpoints", "save_checkpoint",
            "restore_checkpoint"]
@@ -81,6 +82,9 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int,
                     meta: dict[str, Any], *, keep: int) -> str:
   """Writes the checkpoint of `step`; keeps the latest `keep`.
 
+  With several processes every process calls this: each writes its shards,
+  process 0 the rest.
+
   Returns:
     The checkpoint folder.
   """
@@ -94,13 +98,17 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int,
     ckptr = _orbax().StandardCheckpointer()
     ckptr.save(os.path.join(folder, _STATE), tree)
     ckptr.wait_until_finished()
+    if not processes.is_primary():
+      return  # (orbax wrote this process's shards)
     with open(os.path.join(folder, _META), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=1, sort_keys=True)
 
   path = paths.write_folder_atomic(target, write, overwrite=True,
-                                   fn="finetune")
-  for _, old in list_checkpoints(out_dir)[:-keep]:
-    shutil.rmtree(old, ignore_errors=True)
+                                   fn="finetune", collective=True)
+  if processes.is_primary():
+    for _, old in list_checkpoints(out_dir)[:-keep]:
+      shutil.rmtree(old, ignore_errors=True)
+  processes.sync(f"finetune:kept:{step}")
   return path
 
 

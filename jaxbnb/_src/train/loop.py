@@ -17,6 +17,11 @@ A run that fails or is interrupted before its first checkpoint removes the
 folder it created; after a checkpoint the folder stays, resumable
 (`resume=True`), and never holds a partial adapter.
 
+With several processes (`jax.distributed`, one per host) every process
+runs `finetune` with the same arguments and `out_dir` on a file system they
+share; process 0 writes the files, each process its shards of the
+checkpoints.
+
 matplotlib (optional) and tqdm (slow to import) are imported where they are
 used.
 """
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbnb._src.io import paths
+from jaxbnb._src.io import processes
 from jaxbnb._src.io import sharding as sharding_lib
 from jaxbnb._src.io.peft import ADAPTER_CONFIG
 from jaxbnb._src.io.peft import ADAPTER_WEIGHTS
@@ -187,6 +193,8 @@ def check_out_dir(out_dir: str | os.PathLike, *, resume: bool,
 
 
 def _append(path: str, record: dict[str, Any]) -> None:
+  if not processes.is_primary():
+    return
   with open(path, "a", encoding="utf-8") as f:
     f.write(json.dumps(record) + "\n")
 
@@ -204,15 +212,23 @@ def _truncate_metrics(out: str, step: int) -> None:
 
 def _write_adapter(model: nnx.Module, out: str,
                    base_model_name_or_path: str | None) -> None:
-  """Saves the adapter beside, then moves its two files into `out`."""
+  """Saves the adapter beside, then moves its two files into `out`.
+
+  With several processes all gather the adapters; process 0 writes."""
   tmp = os.path.join(out, ".adapter.tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
+  primary = processes.is_primary()
+  if primary:
+    shutil.rmtree(tmp, ignore_errors=True)
+  processes.sync("finetune:adapter")
   try:
     save_adapter(model, tmp, base_model_name_or_path=base_model_name_or_path)
-    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-      os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    if primary:
+      for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        os.replace(os.path.join(tmp, name), os.path.join(out, name))
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if primary:
+      shutil.rmtree(tmp, ignore_errors=True)
+  processes.sync("finetune:adapter-written")
 
 
 def _commit(*nodes: Any) -> None:
@@ -424,15 +440,21 @@ def finetune(model: nnx.Module, tokenizer: Any, data: Any,
     start_step, position = int(meta["step"]), int(meta["data_position"])
 
   created = not os.path.exists(out)
-  if overwrite and os.path.isdir(out):
-    _remove_own(out)
-  os.makedirs(out, exist_ok=True)
+  # With several processes, process 0 writes the folder's files (orbax
+  # checkpoints: each process its shards) once every process has checked it.
+  processes.sync("finetune:checked")
+  primary = processes.is_primary()
+  if primary:
+    if overwrite and os.path.isdir(out):
+      _remove_own(out)
+    os.makedirs(out, exist_ok=True)
+  processes.sync("finetune:ready")
   try:
     return _run(model, optimizer, train, held_out, config, out, lora_dict,
                 fingerprint, start_step, position, progress,
                 base_model_name_or_path, callback, t_start, mesh, sharding)
   except BaseException:
-    if not checkpoint.list_checkpoints(out):
+    if primary and not checkpoint.list_checkpoints(out):
       # nothing resumable: leave the folder as it was found
       if created:
         shutil.rmtree(out, ignore_errors=True)
@@ -456,17 +478,19 @@ def _run(model, optimizer, train, held_out, config, out, lora_dict,
          base_model_name_or_path, callback, t_start, mesh=None,
          sharding=None) -> FinetuneResult:
   metrics_path = os.path.join(out, METRICS)
-  if start_step:
+  primary = processes.is_primary()
+  if primary and start_step:
     _truncate_metrics(out, start_step)
-  else:
+  elif primary:
     open(metrics_path, "w", encoding="utf-8").close()
   info = {"train_config": config.to_dict(), "lora_config": lora_dict,
           "train_sequences": len(train), "train_targets": train.num_targets,
           "eval_sequences": 0 if held_out is None else len(held_out),
           "eval_targets": 0 if held_out is None else held_out.num_targets,
           "data_fingerprint": fingerprint}
-  with open(os.path.join(out, RUN_INFO), "w", encoding="utf-8") as f:
-    json.dump(info, f, indent=1, sort_keys=True)
+  if primary:
+    with open(os.path.join(out, RUN_INFO), "w", encoding="utf-8") as f:
+      json.dump(info, f, indent=1, sort_keys=True)
   ckpt_meta = {k: info[k] for k in ("train_config", "lora_config",
                                     "data_fingerprint")}
 
@@ -487,7 +511,7 @@ def _run(model, optimizer, train, held_out, config, out, lora_dict,
                                keep=config.keep_checkpoints)
 
   bar = None
-  if progress:
+  if progress and primary:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=config.steps, initial=start_step, desc="finetune",
                unit="step")
@@ -557,7 +581,8 @@ def _run(model, optimizer, train, held_out, config, out, lora_dict,
     if bar is not None:
       bar.close()
   _write_adapter(model, out, base_model_name_or_path)
-  plot_losses(out)
+  if primary:
+    plot_losses(out)
   return FinetuneResult(
       model=model, out_dir=out, steps=tuple(steps), losses=tuple(losses),
       evals=tuple(evals), start_step=start_step,

@@ -1,0 +1,65 @@
+"""Writing files from a run that spans several processes (`jax.distributed`).
+
+With several processes (hosts) every one runs the same program. Files are
+written once, by process 0, into a folder all of them can read (a shared
+file system); the processes wait for each other around each write, so none
+reads a folder another is still writing. Orbax checkpoints are the
+exception: every process writes its own shards (orbax coordinates them).
+
+With one process every function here is a no-op or the obvious value.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+__all__ = ["all_succeeded", "is_primary", "several", "shared_token", "sync",
+           "to_host"]
+
+
+def several() -> bool:
+  """Whether this run spans several processes."""
+  return jax.process_count() > 1
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (process 0)."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process has reached `sync(name)`."""
+  if several():
+    multihost_utils.sync_global_devices(name)
+
+
+def shared_token() -> str:
+  """A random 8-hex-digit token, the same in every process (process 0's)."""
+  token = secrets.token_hex(4)
+  if not several():
+    return token
+  raw = np.frombuffer(bytes.fromhex(token), np.uint8)
+  return bytes(np.asarray(
+      multihost_utils.broadcast_one_to_all(raw)).astype(np.uint8)).hex()
+
+
+def all_succeeded(ok: bool) -> bool:
+  """Whether `ok` holds in every process (all must call this)."""
+  if not several():
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def to_host(x) -> np.ndarray:
+  """The whole value of `x` as a numpy array, in every process.
+
+  An array sharded over devices of several processes is gathered from all
+  of them (a collective: every process must call this, in the same order).
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
