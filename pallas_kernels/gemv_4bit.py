@@ -27,6 +27,12 @@ double-quantized absmax is decoded in place. Three variants:
 
 With `split_k > 1` the programs of one row tile split K and write fp32
 partial sums that the caller adds (deterministic, no atomics).
+
+`x`'s even and odd columns (the inputs of the high and low nibbles) reach
+the kernel as one array, and "mma"/"dot" store their swap-AB tiles
+transposed, so one small XLA pass precedes the kernel and none follows.
+`gemv_4bit_group` multiplies `x` by several weights in one launch (a
+layer's q/k/v): their row tiles share the grid, each in its own branch.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ from pallas_kernels._backend import pltriton
 from pallas_kernels import lut_decode
 from pallas_kernels.dequantize_4bit import decode_absmax
 
-__all__ = ["can_use", "gemv_4bit", "default_config", "pair_table",
-           "scales_in_compute_dtype"]
+__all__ = ["can_use", "gemv_4bit", "gemv_4bit_group", "default_config",
+           "pair_table", "scales_in_compute_dtype"]
 
 _HI = np.uint32(0xFFFF0000)
 
@@ -165,34 +171,38 @@ def _decode(w, lut_ref, pair):
   return lut_ref[w >> 4], lut_ref[w & 15]
 
 
-def _store_lanes(acc, out_ref, bias_ref, *, row0, row_ok, s, m, has_bias,
-                 split_k):
-  """Writes a `[block_n, m_pad]` swap-AB tile: the first `m` lanes of the
-  rows inside N, with the bias when K is not split (else fp32 partials)."""
+def _store_lanes(acc, out_ref, bias_ref, *, row0, out0, row_ok, s, m,
+                 has_bias, split_k):
+  """Writes a `[block_n, m_pad]` swap-AB tile transposed, into the
+  `[m_pad, n]` output (so no transpose follows the kernel): the first `m`
+  lanes of the rows inside N, with the bias when K is not split (else
+  fp32 partials)."""
   block_n, m_pad = acc.shape
   m_ok = jnp.arange(m_pad, dtype=jnp.int32) < m
   if split_k == 1 and has_bias:
     b = pltriton.load(bias_ref.at[pl.ds(row0, block_n)], mask=row_ok,
                       other=0).astype(jnp.float32)
     acc = acc + b[:, None]
-  omask = jnp.broadcast_to(row_ok[:, None] & m_ok[None, :], (block_n, m_pad))
+  omask = jnp.broadcast_to(m_ok[:, None] & row_ok[None, :], (m_pad, block_n))
+  cols = pl.ds(out0 + row0, block_n)
   if split_k == 1:
-    pltriton.store(out_ref.at[pl.ds(row0, block_n), :],
-                   acc.astype(out_ref.dtype), mask=omask)
+    pltriton.store(out_ref.at[:, cols], acc.T.astype(out_ref.dtype),
+                   mask=omask)
   else:
-    pltriton.store(out_ref.at[s, pl.ds(row0, block_n), :], acc, mask=omask)
+    pltriton.store(out_ref.at[s, :, cols], acc.T, mask=omask)
 
 
-def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
-         absmax_of, block_mask, row0, row_ok, s, m, nkb, block_kb, half,
+def _mma(xs_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
+         absmax_of, block_mask, row0, out0, row_ok, s, m, nkb, block_kb, half,
          block_n, steps, has_bias, split_k, compute_dtype, prefetch, code,
          interpret):
   """The "mma" variant: per step, `block_kb` quantization blocks of
   `block_n` rows decoded and scaled by their absmax in the compute dtype
   (in registers with byte permutes when `code` is given, `lut_decode`),
   then one tensor-core product per nibble half against `x`'s halves
-  (swap-AB; `x` is padded to 16 or more lanes and to whole steps)."""
-  m_pad = xe_ref.shape[0]
+  (swap-AB; `xs` holds `x`'s even and odd columns, padded to 16 or more
+  lanes and to whole steps)."""
+  m_pad = xs_ref.shape[1]
   width = block_kb * half
   need_kmask = split_k * steps * block_kb != nkb
   dims = (((1,), (1,)), ((), ()))
@@ -228,8 +238,8 @@ def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
       lo = (lo * am).astype(compute_dtype)
     # x is zero beyond K (padded), so masked-off weight bytes add nothing.
     x0 = pl.multiple_of(kb0 * half, half)
-    xe = xe_ref[:, pl.ds(x0, width)]
-    xo = xo_ref[:, pl.ds(x0, width)]
+    xe = xs_ref[_backend.zero_index(), :, pl.ds(x0, width)]
+    xo = xs_ref[_backend.one_index(), :, pl.ds(x0, width)]
     acc = acc + jax.lax.dot_general(hi.reshape(block_n, width), xe, dims,
                                     preferred_element_type=jnp.float32)
     return acc + jax.lax.dot_general(lo.reshape(block_n, width), xo, dims,
@@ -251,26 +261,54 @@ def _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
   else:
     acc = jax.lax.fori_loop(0, steps,
                             lambda t, acc: step(t, *load(t), acc), init)
-  _store_lanes(acc, out_ref, bias_ref, row0=row0, row_ok=row_ok, s=s, m=m,
-               has_bias=has_bias, split_k=split_k)
+  _store_lanes(acc, out_ref, bias_ref, row0=row0, out0=out0, row_ok=row_ok,
+               s=s, m=m, has_bias=has_bias, split_k=split_k)
 
 
-def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
-            nested_blocksize, nested_len, variant, has_bias, split_k,
-            compute_dtype, pair, prefetch, code, interpret):
+def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
+  """One weight (`len(ns) == 1`) or several sharing `x` ("grouped"): the
+  row tiles of weight g follow those of weights 0..g-1 along the grid's
+  first axis, and its outputs follow theirs along N."""
   refs = list(refs)
-  xe_ref, xo_ref, w_ref, am_ref = refs[:4]
-  refs = refs[4:]
-  if dq:
-    nested_ref, code2_ref, off_ref = refs[:3]
-    refs = refs[3:]
+  xs_ref = refs.pop(0)
+  per = 5 if dq else 2
+  weights = [refs[g * per:(g + 1) * per] for g in range(len(ns))]
+  refs = refs[len(ns) * per:]
   lut_ref = refs.pop(0)
   bias_ref = refs.pop(0) if has_bias else None
   out_ref = refs.pop(0)
+  # (read here: interpret mode cannot read them inside a `pl.when`)
+  i, s = pl.program_id(0), pl.program_id(1)
+  if len(ns) == 1:
+    _tile(xs_ref, *weights[0], lut_ref, bias_ref, out_ref, tile=i, s=s,
+          out0=0,
+          n=ns[0], nested_len=nested_lens[0], dq=dq, has_bias=has_bias,
+          block_n=block_n, **kw)
+    return
+  first, out0 = 0, 0
+  for g, n in enumerate(ns):
+    tiles = -(-n // block_n)
+    def run(g=g, n=n, first=first, out0=out0):
+      _tile(xs_ref, *weights[g], lut_ref, bias_ref, out_ref, tile=i - first,
+            s=s, out0=out0, n=n, nested_len=nested_lens[g], dq=dq,
+            has_bias=has_bias, block_n=block_n, **kw)
+    pl.when((i >= first) & (i < first + tiles))(run)
+    first, out0 = first + tiles, out0 + n
 
-  i = pl.program_id(0)
-  s = pl.program_id(1)
-  row0 = i * block_n
+
+def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, m, n, nkb, block_kb,
+          half, block_n, steps, dq, nested_blocksize, nested_len, variant,
+          has_bias, split_k, compute_dtype, pair, prefetch, code,
+          interpret):
+  """Row tile `tile` of one weight and K split `s`, written at output
+  column `out0` on."""
+  refs = list(refs)
+  if dq:
+    nested_ref, code2_ref, off_ref = refs[:3]
+    refs = refs[3:]
+  lut_ref, bias_ref, out_ref = refs
+
+  row0 = tile * block_n
   rows = row0 + jnp.arange(block_n, dtype=jnp.int32)
   row_ok = rows < n
   need_kmask = split_k * steps * block_kb != nkb
@@ -298,8 +336,8 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
     return kb0, kbs, jnp.broadcast_to(ok, (block_n, block_kb))
 
   if variant == "mma":
-    _mma(xe_ref, xo_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref,
-         absmax_of=absmax_of, block_mask=block_mask, row0=row0,
+    _mma(xs_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref,
+         absmax_of=absmax_of, block_mask=block_mask, row0=row0, out0=out0,
          row_ok=row_ok, s=s, m=m, nkb=nkb,
          block_kb=block_kb, half=half, block_n=block_n, steps=steps,
          has_bias=has_bias, split_k=split_k, compute_dtype=compute_dtype,
@@ -342,8 +380,8 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
       new = []
       for r in range(m):
         rr = jnp.int32(r)
-        xe_r = xe_ref.at[rr, pl.ds(kb0, block_kb), :]
-        xo_r = xo_ref.at[rr, pl.ds(kb0, block_kb), :]
+        xe_r = xs_ref.at[_backend.zero_index(), rr, pl.ds(kb0, block_kb), :]
+        xo_r = xs_ref.at[_backend.one_index(), rr, pl.ds(kb0, block_kb), :]
         if xmask is None:
           xe, xo = pltriton.load(xe_r), pltriton.load(xo_r)
         else:
@@ -379,15 +417,16 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
         if has_bias:
           y = y + pltriton.load(bias_ref.at[pl.ds(row0, block_n)],
                                 mask=row_ok, other=0).astype(jnp.float32)
-        pltriton.store(out_ref.at[jnp.int32(r), pl.ds(row0, block_n)],
+        pltriton.store(out_ref.at[jnp.int32(r), pl.ds(out0 + row0, block_n)],
                        y.astype(out_ref.dtype), mask=row_ok)
       else:
         pltriton.store(
-            out_ref.at[s, jnp.int32(r), pl.ds(row0, block_n)], y, mask=row_ok)
+            out_ref.at[s, jnp.int32(r), pl.ds(out0 + row0, block_n)], y,
+            mask=row_ok)
     return
 
-  # "dot": xe_ref/xo_ref are [m_pad, nkb, half] in the compute dtype.
-  m_pad = xe_ref.shape[0]
+  # "dot": xs_ref is [2, m_pad, nkb, half] in the compute dtype.
+  m_pad = xs_ref.shape[1]
   m_ok = jnp.arange(m_pad, dtype=jnp.int32) < m
   precision = (jax.lax.Precision.HIGHEST if compute_dtype == jnp.float32
                else None)
@@ -411,8 +450,8 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
       if need_kmask:
         ok_x = ok_x & (kb < nkb)
       ok_x = jnp.broadcast_to(ok_x, (m_pad, half))
-      xe = pltriton.load(xe_ref.at[:, kb, :], mask=ok_x, other=0)
-      xo = pltriton.load(xo_ref.at[:, kb, :], mask=ok_x, other=0)
+      xe = pltriton.load(xs_ref.at[_backend.zero_index(), :, kb, :], mask=ok_x, other=0)
+      xo = pltriton.load(xs_ref.at[_backend.one_index(), :, kb, :], mask=ok_x, other=0)
       p = jax.lax.dot_general(hi.astype(compute_dtype), xe, dims,
                               precision=precision,
                               preferred_element_type=jnp.float32)
@@ -424,8 +463,8 @@ def _kernel(*refs, m, n, nkb, block_kb, half, block_n, steps, dq,
 
   acc = jax.lax.fori_loop(0, steps, body,
                           jnp.zeros((block_n, m_pad), jnp.float32))
-  _store_lanes(acc, out_ref, bias_ref, row0=row0, row_ok=row_ok, s=s, m=m,
-               has_bias=has_bias, split_k=split_k)
+  _store_lanes(acc, out_ref, bias_ref, row0=row0, out0=out0, row_ok=row_ok,
+               s=s, m=m, has_bias=has_bias, split_k=split_k)
 
 
 @functools.partial(
@@ -470,12 +509,63 @@ def gemv_4bit(
   Returns:
     `[m, n]` in `x.dtype`, accumulated in fp32.
   """
+  return _gemv(x, ((packed, absmax, nested),), lut, ns=(n,), k=k,
+               blocksize=blocksize, nested_blocksize=nested_blocksize,
+               bias=bias, config=config, code=code, interpret=interpret)[0]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("ns", "k", "blocksize", "nested_blocksize", "config",
+                     "code", "interpret"))
+def gemv_4bit_group(
+    x: jax.Array,
+    weights: tuple,
+    lut: jax.Array,
+    *,
+    ns: tuple[int, ...],
+    k: int,
+    blocksize: int,
+    nested_blocksize: int = 256,
+    config: tuple | None = None,
+    code: tuple[float, ...] | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, ...]:
+  """`x @ W_g.T` for several 4-bit weights `[n_g, k]` in one kernel launch.
+
+  For the projections that read one input (a layer's q/k/v, gate/up): one
+  program grid walks the row tiles of every weight, so at decode time the
+  small ones (k/v) do not each pay a launch, a split-K reduction and a
+  partly idle GPU. Each output equals `gemv_4bit` of its weight with the
+  same `config` (default: `default_config` for `sum(ns)` rows).
+
+  Args:
+    x: `[m, k]` float32/float16/bfloat16.
+    weights: `(packed, absmax, nested)` per weight, as `gemv_4bit` takes
+      them; all double-quantized or none.
+    lut: float32 `[16]` code table (one code for all).
+    ns: rows of each weight.
+    k, blocksize, nested_blocksize, config, code, interpret: as
+      `gemv_4bit`.
+
+  Returns:
+    The `[m, n_g]` outputs, in `x.dtype`.
+  """
+  return _gemv(x, tuple(weights), lut, ns=tuple(ns), k=k,
+               blocksize=blocksize, nested_blocksize=nested_blocksize,
+               bias=None, config=config, code=code, interpret=interpret)
+
+
+def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
+          config, code, interpret):
+  """The kernel over one or several weights (see `gemv_4bit_group`)."""
   m = x.shape[0]
   dtype = jnp.dtype(x.dtype)
   half = blocksize // 2
   nkb = k // blocksize
+  n_all = sum(ns)
   if config is None:
-    config = default_config(m, n, k, blocksize, dtype.name,
+    config = default_config(m, n_all, k, blocksize, dtype.name,
                             mma=code is not None)
   variant, block_n, block_kb, split_k, num_warps, num_stages = config[:6]
   table = config[6] if len(config) > 6 else "pair"
@@ -490,41 +580,45 @@ def gemv_4bit(
         "`code`; got "
         f"variant {variant!r}, x {dtype.name}, code "
         f"{'given' if code is not None else 'None'}")
-  steps = -(-(-(-nkb // block_kb)) // split_k)
-  w3 = packed.reshape(n, nkb, half)
-  dq = nested is not None
-  am2 = absmax.reshape(n, nkb)
-  pair = dtype != jnp.float32 and table == "pair" and variant != "mma"
-  x3 = x.reshape(m, nkb, half, 2)
   if variant not in ("reduce", "dot", "mma"):
     raise ValueError(
         f"config: variant must be 'reduce', 'dot' or 'mma', got {variant!r}")
   if variant == "mma" and dtype == jnp.float32:
     raise ValueError("config: variant 'mma' needs 16-bit x, got float32")
+  dqs = {nested is not None for _, _, nested in weights}
+  if len(dqs) != 1:
+    raise ValueError("weights: all double-quantized or none")
+  dq = dqs.pop()
+  steps = -(-(-(-nkb // block_kb)) // split_k)
+  pair = dtype != jnp.float32 and table == "pair" and variant != "mma"
+  x3 = x.reshape(m, nkb, half, 2)
+  # x's even and odd columns (the high and low nibbles' inputs) as one
+  # array [2, ...]: one small XLA pass before the kernel, not one per half.
+  xs = jnp.moveaxis(x3, -1, 0)  # [2, m, nkb, half]
   if variant == "reduce":
-    xe = x3[..., 0].astype(jnp.float32)
-    xo = x3[..., 1].astype(jnp.float32)
+    xs = xs.astype(jnp.float32)
     out_rows = m
   elif variant == "dot":
     m_pad = max(16, _pow2_ceil(m))
-    xe = jnp.pad(x3[..., 0], ((0, m_pad - m), (0, 0), (0, 0)))
-    xo = jnp.pad(x3[..., 1], ((0, m_pad - m), (0, 0), (0, 0)))
+    xs = jnp.pad(xs, ((0, 0), (0, m_pad - m), (0, 0), (0, 0)))
     out_rows = m_pad
-  else:  # "mma": [m_pad, K / 2] halves, zero-padded to whole steps
+  else:  # "mma": [2, m_pad, K / 2], zero-padded to whole steps
     m_pad = max(16, _pow2_ceil(m))
     kpad = (split_k * steps * block_kb - nkb) * half
-    xe = jnp.pad(x3[..., 0].reshape(m, nkb * half), ((0, m_pad - m),
-                                                     (0, kpad)))
-    xo = jnp.pad(x3[..., 1].reshape(m, nkb * half), ((0, m_pad - m),
-                                                     (0, kpad)))
+    xs = jnp.pad(xs.reshape(2, m, nkb * half),
+                 ((0, 0), (0, m_pad - m), (0, kpad)))
     out_rows = m_pad
-  args = [xe, xo, w3, am2]
-  nested_len = 0
-  if dq:
-    nested_absmax, code2, offset = nested
-    nested_len = nested_absmax.shape[0]
-    args += [nested_absmax.astype(jnp.float32), code2.astype(jnp.float32),
-             jnp.asarray(offset, jnp.float32).reshape(1)]
+  args = [xs]
+  nested_lens = []
+  for (packed, absmax, nested), n in zip(weights, ns):
+    args += [packed.reshape(n, nkb, half), absmax.reshape(n, nkb)]
+    if dq:
+      nested_absmax, code2, offset = nested
+      nested_lens.append(nested_absmax.shape[0])
+      args += [nested_absmax.astype(jnp.float32), code2.astype(jnp.float32),
+               jnp.asarray(offset, jnp.float32).reshape(1)]
+    else:
+      nested_lens.append(0)
   if variant == "mma" or table == "prmt":  # codes in the compute dtype
     args.append(_backend.round_to_dtype(lut.astype(jnp.float32), dtype))
   elif pair:
@@ -538,37 +632,38 @@ def gemv_4bit(
   if has_bias:
     args.append(bias)
   args = _backend.same_vma(*args)
-  if variant == "reduce":
-    shape = (m, n)
-  else:
-    shape = (n, out_rows)
+  shape = (out_rows, n_all)  # "mma" and "dot" store their tiles transposed
   if split_k == 1:
     out_shape = _backend.out_struct(shape, dtype, *args)
   else:
     out_shape = _backend.out_struct((split_k,) + shape, jnp.float32, *args)
   kernel = functools.partial(
-      _kernel, m=m, n=n, nkb=nkb, block_kb=block_kb, half=half,
+      _kernel, m=m, ns=ns, nkb=nkb, block_kb=block_kb, half=half,
       block_n=block_n, steps=steps, dq=dq, nested_blocksize=nested_blocksize,
-      nested_len=nested_len, variant=variant, has_bias=has_bias,
+      nested_lens=tuple(nested_lens), variant=variant, has_bias=has_bias,
       split_k=split_k, compute_dtype=dtype, pair=pair, prefetch=prefetch,
       code=code if table == "prmt" else None, interpret=interpret)
   out = pl.pallas_call(
       kernel,
       out_shape=out_shape,
-      grid=(pl.cdiv(n, block_n), split_k),
+      grid=(sum(-(-n // block_n) for n in ns), split_k),
       compiler_params=_backend.compiler_params(num_warps=num_warps,
                                                num_stages=num_stages),
       interpret=interpret,
       name=f"jaxbnb_gemv_4bit_{variant}",
       cost_estimate=pl.CostEstimate(
-          flops=2 * m * n * k, transcendentals=0,
-          bytes_accessed=n * k // 2 + n * nkb * (1 if dq else 4)
-          + m * k * dtype.itemsize + m * n * dtype.itemsize),
+          flops=2 * m * n_all * k, transcendentals=0,
+          bytes_accessed=n_all * k // 2 + n_all * nkb * (1 if dq else 4)
+          + m * k * dtype.itemsize + m * n_all * dtype.itemsize),
   )(*args)
   if split_k > 1:
     out = jnp.sum(out, axis=0)
   if variant != "reduce":
-    out = out[:, :m].T
+    out = out[:m]
   if split_k > 1 and bias is not None:
     out = out + bias.astype(jnp.float32)
-  return out.astype(dtype)
+  out = out.astype(dtype)
+  if len(ns) == 1:
+    return (out,)
+  starts = np.cumsum((0,) + tuple(ns))
+  return tuple(out[:, a:b] for a, b in zip(starts[:-1], starts[1:]))

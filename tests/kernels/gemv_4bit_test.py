@@ -257,3 +257,91 @@ def test_interpret_twin_keeps_the_compute_dtype_rounding():
                    blocksize=64, config=config, code=_code("nf4"),
                    interpret=True)
   _check(y, x, packed, qs, None, config)
+
+
+# ---------------------------------------------------------------------------
+# Several weights sharing x in one launch (a layer's q/k/v, gate/up).
+
+GROUP_NS = (40, 24, 72)  # none a multiple of the tiles below
+
+
+def _group_weights(ns, k, quant_type, dtype, nested, seed):
+  out = []
+  for g, n in enumerate(ns):
+    w = jnp.asarray(_util.rng_array((n, k), seed + g, dtype))
+    packed, qs = F.quantize_4bit(w, quant_type=quant_type,
+                                 compress_statistics=nested)
+    nest = (qs.nested_absmax, qs.nested_code, qs.offset) if nested else None
+    out.append((packed, qs, (packed.reshape(-1), qs.absmax, nest)))
+  return out
+
+
+@pytest.mark.parametrize("m,dtype,nested,config", [
+    (1, jnp.bfloat16, True, ("reduce", 16, 4, 3, 4, 1, "prmt", 0)),
+    (2, jnp.float16, False, ("reduce", 16, 2, 2, 4, 3, "prmt", True)),
+    (1, jnp.float32, True, ("reduce", 16, 4, 2, 4, 3, "nibble", False)),
+    (8, jnp.bfloat16, True, ("mma", 32, 2, 2, 4, 3, "prmt", 1)),
+    (16, jnp.bfloat16, False, ("mma", 64, 4, 1, 4, 3, "prmt", False)),
+    (5, jnp.float16, True, ("dot", 32, 2, 2, 4, 3)),
+])
+def test_interpret_group_equals_one_call_per_weight(m, dtype, nested, config):
+  k = 64 * 12
+  ws = _group_weights(GROUP_NS, k, "nf4", dtype, nested, seed=20)
+  x = jnp.asarray(_util.rng_array((m, k), 3, dtype))
+  lut = jnp.asarray(codebooks.code_for("nf4"))
+  ys = gk.gemv_4bit_group(x, tuple(w for _, _, w in ws), lut, ns=GROUP_NS,
+                          k=k, blocksize=64, config=config,
+                          code=_code("nf4"), interpret=True)
+  assert [y.shape for y in ys] == [(m, n) for n in GROUP_NS]
+  for y, (packed, qs, (flat, absmax, nest)), n in zip(ys, ws, GROUP_NS):
+    one = gk.gemv_4bit(x, flat, absmax, lut, n=n, k=k, blocksize=64,
+                       nested=nest, config=config, code=_code("nf4"),
+                       interpret=True)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(one))
+    _check(y, x, packed, qs, None, config)
+
+
+def test_group_mixing_double_quant_is_an_error():
+  k = 256
+  a = _group_weights((16,), k, "nf4", jnp.bfloat16, True, seed=1)[0][2]
+  b = _group_weights((16,), k, "nf4", jnp.bfloat16, False, seed=2)[0][2]
+  with pytest.raises(ValueError, match="all double-quantized or none"):
+    gk.gemv_4bit_group(jnp.ones((1, k), jnp.bfloat16), (a, b),
+                       jnp.asarray(codebooks.code_for("nf4")), ns=(16, 16),
+                       k=k, blocksize=64, code=_code("nf4"), interpret=True)
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_group_lowers_for_cuda(m):
+  """The grouped grid (one branch per weight) lowers to Triton."""
+  s = jax.ShapeDtypeStruct
+  ns, k = (4096, 1024, 1024), 4096
+  nkb = k // 64
+  weights = tuple(
+      (s((n * k // 2,), jnp.uint8), s((n * nkb,), jnp.uint8),
+       (s((-(-n * nkb // 256),), jnp.float32), s((256,), jnp.float32),
+        s((), jnp.float32))) for n in ns)
+  fn = functools.partial(gk.gemv_4bit_group, ns=ns, k=k, blocksize=64,
+                         code=_code("nf4"))
+  text = helpers.lowered_for_h200(fn, s((m, k), jnp.bfloat16), weights,
+                                  s((16,), jnp.float32))
+  assert "jaxbnb_gemv_4bit_" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 8, 16, 64])
+def test_gpu_group_equals_one_call_per_weight(m):
+  """Compiled: q/k/v-like weights in one launch, each output the one of
+  its own call with the same config."""
+  ns, k = (1000, 256, 256), 4096
+  ws = _group_weights(ns, k, "nf4", jnp.bfloat16, True, seed=30)
+  x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))
+  lut = jnp.asarray(codebooks.code_for("nf4"))
+  config = gk.default_config(m, sum(ns), k, 64, "bfloat16", mma=True)
+  ys = gk.gemv_4bit_group(x, tuple(w for _, _, w in ws), lut, ns=ns, k=k,
+                          blocksize=64, code=_code("nf4"))
+  for y, (packed, qs, (flat, absmax, nest)), n in zip(ys, ws, ns):
+    one = gk.gemv_4bit(x, flat, absmax, lut, n=n, k=k, blocksize=64,
+                       nested=nest, config=config, code=_code("nf4"))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(one))
+    _check(y, x, packed, qs, None, config)

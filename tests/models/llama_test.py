@@ -399,3 +399,30 @@ def test_bad_model_arguments():
     model(ids, cache=KVCache.init(cfg, batch=3, max_len=8))
   with pytest.raises(ValueError, match="max_len"):
     model(ids, cache=KVCache.init(cfg, batch=2, max_len=3))
+
+
+def test_grouped_projections_share_one_gemv(monkeypatch):
+  """With the kernels (interpret mode on CPU) a layer's q/k/v and its
+  gate/up each take one GEMV launch (`matmul_4bit_group`); the logits are
+  those of one launch per projection, up to the order of float32 sums."""
+  import jaxbnb  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.models import llama  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.quant import kernels  # pylint: disable=g-import-not-at-top
+  m4 = model4_of("llama3")
+  ids = jnp.asarray(_expected("llama3")["ids"], jnp.int32)[:, :4]
+  graph, state = nnx.split(m4)
+  traced = []  # the GEMV launches each trace makes: weights per launch
+  one, group = kernels.gemv, kernels.gemv_group
+  monkeypatch.setattr(kernels, "gemv", lambda *a: traced.append(1) or one(*a))
+  monkeypatch.setattr(kernels, "gemv_group", lambda x, ps, qss, mode: (
+      traced.append(len(qss)) or group(x, ps, qss, mode)))
+  run = jax.jit(lambda s, i: nnx.merge(graph, s)(i)[0])
+  with jaxbnb.kernel_mode("interpret"):
+    grouped, launches = run(state, ids), list(traced)
+    monkeypatch.setattr(llama, "_grouped_weight", lambda layer: None)
+    traced.clear()
+    single = jax.jit(lambda s, i: nnx.merge(graph, s)(i)[0])(state, ids)
+  layers = m4.config.num_hidden_layers
+  assert sorted(launches) == sorted([3, 1, 2, 1] * layers), launches
+  assert traced == [1] * 7 * layers, traced
+  _close(grouped, np.asarray(single))

@@ -260,6 +260,63 @@ def test_matmul_forward_and_grad(m, dtype, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("m", [1, 2, 8, 100])  # reduce, mma, one by one
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_group_forward_and_grad(m, dtype, mode):
+  """q/k/v-like weights through one GEMV launch: each output as its own
+  `matmul_4bit`'s (the GEMV's bound), dA summed over the weights."""
+  k, ns = 192, (40, 24, 72)
+  weights = [F.quantize_4bit(_w(n, k, 10 + i), quant_type="nf4",
+                             compress_statistics=True)
+             for i, n in enumerate(ns)]
+  x = jnp.asarray(_util.rng_array((m, k), 3, dtype)).reshape(
+      (1, m, k) if m > 1 else (m, k))
+  gs = [jnp.asarray(_util.rng_array((*x.shape[:-1], n), 5 + n, jnp.float32))
+        for n in ns]
+
+  def loss(x, group):
+    ys = (F.matmul_4bit_group(x, weights) if group else
+          [F.matmul_4bit(x, p, qs) for p, qs in weights])
+    return sum(jnp.sum(y.astype(jnp.float32) * g) for y, g in zip(ys, gs))
+
+  with jaxbnb.kernel_mode(mode):
+    ys = jax.jit(F.matmul_4bit_group)(x, weights)
+    launches = str(jax.make_jaxpr(F.matmul_4bit_group)(x, weights)).count(
+        "pallas_call")
+    dx = jax.jit(jax.grad(loss), static_argnums=1)(x, True)
+    dx_one = jax.jit(jax.grad(loss), static_argnums=1)(x, False)
+    singles = [jax.jit(F.matmul_4bit)(x, p, qs) for p, qs in weights]
+  if m <= kernels.GEMV_MAX_M:
+    assert launches == 1
+  else:  # one by one: dequantize each (a kernel each) and multiply
+    for y, y1 in zip(ys, singles):
+      np.testing.assert_array_equal(np.asarray(y), np.asarray(y1))
+  for y, (packed, qs), n in zip(ys, weights, ns):
+    assert y.shape == (*x.shape[:-1], n) and y.dtype == dtype
+    _check_matmul(y, x, packed, qs, None, f"group y n={n}")
+  # dA: the same products as one by one, summed in another order.
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(dx, np.float32),
+                             np.asarray(dx_one, np.float32), rtol=tol,
+                             atol=tol * float(jnp.abs(dx_one).max()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matmul_group_of_unlike_weights_goes_one_by_one(mode):
+  """Different block sizes cannot share a launch: the results are exactly
+  those of one `matmul_4bit` per weight."""
+  k = 256
+  weights = [F.quantize_4bit(_w(32, k, 1), blocksize=64),
+             F.quantize_4bit(_w(16, k, 2), blocksize=128)]
+  x = jnp.asarray(_util.rng_array((1, k), 3, jnp.bfloat16))
+  with jaxbnb.kernel_mode(mode):
+    ys = jax.jit(F.matmul_4bit_group)(x, weights)
+    singles = [jax.jit(F.matmul_4bit)(x, p, qs) for p, qs in weights]
+  for y, y1 in zip(ys, singles):
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y1))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_matmul_vmap_and_checkpoint(mode):
   n, k = 24, 128
   packed, qs = F.quantize_4bit(_w(n, k, 6), quant_type="fp4")

@@ -25,10 +25,13 @@ from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.models.kv_cache import KVCache
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.layers.common import QuantizedLinear
+from jaxbnb._src.layers.common import check_inputs
 from jaxbnb._src.layers.factory import make_linear
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.layers.linear import precision_for
 from jaxbnb._src.layers.quant_config import QuantizationConfig
+from jaxbnb._src.quant import matmul as matmul_lib
+from jaxbnb._src.quant.weights import Params4bit
 from jaxbnb._src.quant.weights import QuantizedArray
 
 __all__ = [
@@ -63,6 +66,33 @@ def _linear(layer: nnx.Module, x: jax.Array) -> jax.Array:
   """`layer(x)`; a quantized layer runs on its own rows per device while
   `tensor_parallel.activate` is on (see models/tensor_parallel.py)."""
   return tensor_parallel.linear(layer, x)
+
+
+def _linears(layers: tuple[nnx.Module, ...], x: jax.Array
+             ) -> list[jax.Array]:
+  """`[layer(x) for layer in layers]`. Plain 4-bit linears without bias
+  (a layer's q/k/v, its gate/up) share one GEMV launch at decode time
+  (`matmul_4bit_group`), unless tensor parallelism is active."""
+  weights = [_grouped_weight(layer) for layer in layers]
+  dtypes = ({layer.dtype for layer in layers} if None not in weights
+            else {None})
+  if (tensor_parallel.current() is None and len(dtypes) == 1
+      and None not in dtypes):
+    for layer in layers:
+      check_inputs(x, layer.in_features, type(layer).__name__)
+    ys = matmul_lib.matmul_4bit_group(
+        x.astype(dtypes.pop()), [(w.data, w.quant_state) for w in weights])
+    return ys
+  return [_linear(layer, x) for layer in layers]
+
+
+def _grouped_weight(layer: nnx.Module) -> Params4bit | None:
+  """The `Params4bit` of a plain bias-free 4-bit linear, else None."""
+  if (not isinstance(layer, QuantizedLinear) or layer.bias is not None
+      or type(layer).__call__ is not QuantizedLinear.__call__):
+    return None
+  weight = layer.weight.get_value()
+  return weight if isinstance(weight, Params4bit) else None
 
 
 def _normal(std: float):
@@ -116,8 +146,8 @@ class MLP(nnx.Module):
                                  **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate = _linear(self.gate_proj, x).astype(self.dtype)
-    up = _linear(self.up_proj, x).astype(self.dtype)
+    gate, up = (y.astype(self.dtype)
+                for y in _linears((self.gate_proj, self.up_proj), x))
     return _linear(self.down_proj, jax.nn.silu(gate) * up).astype(self.dtype)
 
 
@@ -161,9 +191,10 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     d, nkv = cfg.head_dim, cfg.num_key_value_heads
     g = cfg.num_key_value_groups
-    q = _linear(self.q_proj, x).astype(self.dtype).reshape(b, t, nkv * g, d)
-    k = _linear(self.k_proj, x).astype(self.dtype).reshape(b, t, nkv, d)
-    v = _linear(self.v_proj, x).astype(self.dtype).reshape(b, t, nkv, d)
+    q, k, v = (y.astype(self.dtype) for y in _linears(
+        (self.q_proj, self.k_proj, self.v_proj), x))
+    q = q.reshape(b, t, nkv * g, d)
+    k, v = k.reshape(b, t, nkv, d), v.reshape(b, t, nkv, d)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
     if kv_cache is not None:
       # Write the new keys/values into the stacked cache in place (the

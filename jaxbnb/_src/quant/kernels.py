@@ -115,6 +115,33 @@ def can_dequantize(n, blocksize, dtype) -> bool:
   return dk.can_use(n, blocksize, dtype)
 
 
+def can_group(m, k, dtype, qss) -> bool:
+  """Whether `gemv_group` serves `[m, k]` times these 4-bit weights in one
+  launch: M up to `GEMV_MAX_M`, one K, quantization type, block size and
+  double quantization for all."""
+  first = qss[0]
+  return m <= GEMV_MAX_M and all(
+      q.shape[1] == k and q.quant_type == first.quant_type
+      and q.blocksize == first.blocksize and q.nested == first.nested
+      and (not q.nested or q.nested_blocksize == first.nested_blocksize)
+      and gk.can_use(m, q.shape[0], k, q.blocksize, dtype) for q in qss)
+
+
+def gemv_group(x2d, packeds, qss, mode):
+  """`[x2d @ W_g.T]` for several 4-bit weights in one GEMV launch (the
+  weights pass `can_group`)."""
+  k = x2d.shape[1]
+  first = qss[0]
+  weights = tuple(
+      (p, q.absmax, (q.nested_absmax, q.nested_code, q.offset)
+       if q.nested else None) for p, q in zip(packeds, qss))
+  return gk.gemv_4bit_group(
+      x2d, weights, lut(first.quant_type), ns=tuple(q.shape[0] for q in qss),
+      k=k, blocksize=first.blocksize,
+      nested_blocksize=first.nested_blocksize if first.nested else 256,
+      code=code(first.quant_type), interpret=mode == "interpret")
+
+
 def gemv(x2d, packed, qs, bias, mode):
   """`x2d @ W.T + bias` through the fused kernel, or None if it cannot.
 

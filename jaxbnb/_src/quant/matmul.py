@@ -20,7 +20,8 @@ from jaxbnb._src.quant import reference
 from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.state import QuantState
 
-__all__ = ["matmul_4bit", "matmul_int8", "dequantize_weight"]
+__all__ = ["matmul_4bit", "matmul_4bit_group", "matmul_int8",
+           "dequantize_weight"]
 
 # A float32 compute dtype means a true float32 product (as PyTorch without
 # TF32), not XLA's default TF32 passes on NVIDIA GPUs.
@@ -176,6 +177,77 @@ def matmul_4bit(
                                        (x2d, bias, B, quant_state))
   y = _matmul(x2d, bias, B, quant_state, transposed)
   return y.reshape(*A.shape[:-1], n_out).astype(A.dtype)
+
+
+@jax.custom_vjp
+def _group(x2d, packeds, qss):
+  return kernels.gemv_group(x2d, [ops.from_storage(p) for p in packeds], qss,
+                            dispatch.resolve())
+
+
+def _group_fwd(x2d, packeds, qss):
+  return _group(x2d, packeds, qss), (packeds, qss)
+
+
+def _group_bwd(res, gs):
+  packeds, qss = res
+  dx = None
+  for g, p, qs in zip(gs, packeds, qss):
+    d = _matmul_bwd(False, (None, p, qs), g)[0].astype(jnp.float32)
+    dx = d if dx is None else dx + d
+  zeros = jax.tree.map(_zero_cotangent, (packeds, qss))
+  return (dx.astype(gs[0].dtype),) + zeros
+
+
+_group.defvjp(_group_fwd, _group_bwd)
+
+
+def matmul_4bit_group(
+    A: jax.Array,  # pylint: disable=invalid-name
+    weights: list[tuple[jax.Array, QuantState]],
+) -> list[jax.Array]:
+  """`[matmul_4bit(A, B, qs) for B, qs in weights]`, in one kernel launch
+  where the 4-bit GEMV serves them together.
+
+  For projections that read the same input (a layer's q/k/v, its
+  gate/up) at decode time (M up to 64 rows): one grid walks the rows of
+  every weight, so the small ones do not each pay a launch and a split-K
+  reduction. The weights must share K, the quantization type, block size
+  and double quantization; otherwise, with the reference ops, or for
+  larger M, each is multiplied on its own. The results are those of
+  `matmul_4bit` with the kernel configuration chosen for all rows
+  together. Differentiable in `A` (`dA = sum_g dY_g @ W_g`).
+
+  Args:
+    A: float activations `[..., K]`, in the compute dtype.
+    weights: `(packed, quant_state)` pairs, each `[N_g, K]`.
+
+  Returns:
+    The `[..., N_g]` products, in `A.dtype`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> q, k = (F.quantize_4bit(jax.random.normal(jax.random.key(i), (n, 64)))
+    ...         for i, n in enumerate((32, 16)))
+    >>> x = jnp.ones((1, 64), jnp.bfloat16)
+    >>> [y.shape for y in F.matmul_4bit_group(x, [q, k])]
+    [(1, 32), (1, 16)]
+  """
+  k = A.shape[-1]
+  if (len(weights) > 1 and dispatch.resolve() != "reference"
+      and jnp.issubdtype(A.dtype, jnp.floating)
+      and all(isinstance(qs, QuantState) and len(qs.shape) == 2
+              for _, qs in weights)):
+    qss = tuple(qs for _, qs in weights)
+    x2d = jnp.asarray(A).reshape(-1, k)
+    if kernels.can_group(x2d.shape[0], k, x2d.dtype, qss):
+      packeds = tuple(p for p, _ in weights)
+      x2d = pallas_kernels.match_vma((x2d,), (x2d, packeds, qss))[0]
+      ys = _group(x2d, packeds, qss)
+      return [y.reshape(*A.shape[:-1], qs.shape[0])
+              for y, qs in zip(ys, qss)]
+  return [matmul_4bit(A, p, qs) for p, qs in weights]
 
 
 @jax.custom_vjp
