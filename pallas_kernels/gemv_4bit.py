@@ -28,9 +28,10 @@ double-quantized absmax is decoded in place. Three variants:
 With `split_k > 1` the programs of one row tile split K and write fp32
 partial sums that the caller adds (deterministic, no atomics).
 
-`x`'s even and odd columns (the inputs of the high and low nibbles) reach
-the kernel as one array, and "mma"/"dot" store their swap-AB tiles
-transposed, so one small XLA pass precedes the kernel and none follows.
+"reduce" reads `x` as it is and splits its even and odd columns (the
+inputs of the high and low nibbles) in registers; "mma"/"dot" get them as
+one padded array (one small XLA pass) and store their swap-AB tiles
+transposed, so no pass follows the kernel.
 `gemv_4bit_group` multiplies `x` by several weights in one launch (a
 layer's q/k/v): their row tiles share the grid, each in its own branch.
 """
@@ -376,17 +377,18 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, m, n, nkb, block_kb,
         hi, lo = _decode(w.astype(jnp.int32), lut_ref, pair)
       xmask = None
       if need_kmask:
-        xmask = jnp.broadcast_to((kbs < nkb)[:, None], (block_kb, half))
+        xmask = jnp.broadcast_to((kbs < nkb)[:, None, None],
+                                 (block_kb, half, 2))
       new = []
       for r in range(m):
-        rr = jnp.int32(r)
-        xe_r = xs_ref.at[_backend.zero_index(), rr, pl.ds(kb0, block_kb), :]
-        xo_r = xs_ref.at[_backend.one_index(), rr, pl.ds(kb0, block_kb), :]
+        # x as it is ([m, nkb, half, 2], no pass before the kernel): the
+        # even and odd columns are split in registers.
+        x_r = xs_ref.at[jnp.int32(r), pl.ds(kb0, block_kb), :, :]
         if xmask is None:
-          xe, xo = pltriton.load(xe_r), pltriton.load(xo_r)
+          xr = pltriton.load(x_r)
         else:
-          xe = pltriton.load(xe_r, mask=xmask, other=0)
-          xo = pltriton.load(xo_r, mask=xmask, other=0)
+          xr = pltriton.load(x_r, mask=xmask, other=0)
+        xe, xo = (v.astype(jnp.float32) for v in jax.lax.unstack(xr, axis=2))
         if am is None:  # two FMAs a byte (Triton would not fuse them)
           acc = _backend.fma_rn(hi, xe[None], accs[r], interpret)
           new.append(_backend.fma_rn(lo, xo[None], acc, interpret))
@@ -592,20 +594,20 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   steps = -(-(-(-nkb // block_kb)) // split_k)
   pair = dtype != jnp.float32 and table == "pair" and variant != "mma"
   x3 = x.reshape(m, nkb, half, 2)
-  # x's even and odd columns (the high and low nibbles' inputs) as one
-  # array [2, ...]: one small XLA pass before the kernel, not one per half.
-  xs = jnp.moveaxis(x3, -1, 0)  # [2, m, nkb, half]
-  if variant == "reduce":
-    xs = xs.astype(jnp.float32)
+  # "mma"/"dot": x's even and odd columns (the high and low nibbles'
+  # inputs) as one array [2, ...], padded: one small XLA pass.
+  if variant == "reduce":  # x itself, split in the kernel
+    xs = x3
     out_rows = m
   elif variant == "dot":
     m_pad = max(16, _pow2_ceil(m))
-    xs = jnp.pad(xs, ((0, 0), (0, m_pad - m), (0, 0), (0, 0)))
+    xs = jnp.pad(jnp.moveaxis(x3, -1, 0),
+                 ((0, 0), (0, m_pad - m), (0, 0), (0, 0)))
     out_rows = m_pad
   else:  # "mma": [2, m_pad, K / 2], zero-padded to whole steps
     m_pad = max(16, _pow2_ceil(m))
     kpad = (split_k * steps * block_kb - nkb) * half
-    xs = jnp.pad(xs.reshape(2, m, nkb * half),
+    xs = jnp.pad(jnp.moveaxis(x3, -1, 0).reshape(2, m, nkb * half),
                  ((0, 0), (0, m_pad - m), (0, kpad)))
     out_rows = m_pad
   args = [xs]

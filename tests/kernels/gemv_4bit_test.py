@@ -332,7 +332,10 @@ def test_group_lowers_for_cuda(m):
 @pytest.mark.parametrize("m", [1, 2, 8, 16, 64])
 def test_gpu_group_equals_one_call_per_weight(m):
   """Compiled: q/k/v-like weights in one launch, each output the one of
-  its own call with the same config."""
+  its own call with the same config, up to the order in which XLA adds the
+  split-K partials (a reduction over another output width): at most one
+  unit in the last place of the bfloat16 result (seen: 1 value of
+  64 x 256 at M = 64)."""
   ns, k = (1000, 256, 256), 4096
   ws = _group_weights(ns, k, "nf4", jnp.bfloat16, True, seed=30)
   x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))
@@ -343,5 +346,7 @@ def test_gpu_group_equals_one_call_per_weight(m):
   for y, (packed, qs, (flat, absmax, nest)), n in zip(ys, ws, ns):
     one = gk.gemv_4bit(x, flat, absmax, lut, n=n, k=k, blocksize=64,
                        nested=nest, config=config, code=_code("nf4"))
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(one))
+    y32, one32 = (np.asarray(v, np.float32) for v in (y, one))
+    top = np.maximum(np.abs(y32), np.abs(one32))
+    assert np.all(np.abs(y32 - one32) <= helpers.ulp(top, jnp.bfloat16))
     _check(y, x, packed, qs, None, config)

@@ -214,9 +214,11 @@ def matmul_4bit_group(
   every weight, so the small ones do not each pay a launch and a split-K
   reduction. The weights must share K, the quantization type, block size
   and double quantization; otherwise, with the reference ops, or for
-  larger M, each is multiplied on its own. The results are those of
-  `matmul_4bit` with the kernel configuration chosen for all rows
-  together. Differentiable in `A` (`dA = sum_g dY_g @ W_g`).
+  larger M, each is multiplied on its own. Each result is the fused
+  GEMV's for its weight, with the tile configuration chosen for all rows
+  together (so its float32 sums may run in another order than a
+  `matmul_4bit` of that weight alone). Differentiable in `A`
+  (`dA = sum_g dY_g @ W_g`).
 
   Args:
     A: float activations `[..., K]`, in the compute dtype.
