@@ -419,3 +419,52 @@ def test_two_process_checkpoint_resumes_on_one_process(finetuned):
   a, b = _adapter(resumed), _adapter(finetuned["two"])
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# A checkpoint that one host cannot read.
+
+_OPEN_SCRIPT = r"""
+import json, sys
+import jax
+args = json.loads(sys.argv[1])
+jax.distributed.initialize(f"127.0.0.1:{args['port']}", 2, args["pid"])
+from jaxbnb import convert
+try:
+  convert.from_pretrained(args["folder"], progress=False,
+                          mesh=convert.parse_mesh("tensor=2"))
+  print("RESULT" + json.dumps({"error": None}))
+except Exception as e:
+  print("RESULT" + json.dumps({"error": f"{type(e).__name__}: {e}"}))
+"""
+
+
+def test_a_shard_one_host_cannot_read_fails_every_host(folder, tmp_path):
+  """Process 1's copy of the checkpoint is truncated: it reports its file,
+  and process 0 reports process 1's error instead of waiting for it."""
+  bad = tmp_path / "bad"
+  shutil.copytree(folder, bad)
+  weights = bad / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:1000])
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  port = str(_free_port())
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _OPEN_SCRIPT,
+       json.dumps({"pid": pid, "port": port,
+                   "folder": str(bad if pid else folder)})],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for pid in range(2)]
+  try:
+    errors = [_result(p)["error"] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert errors[1].startswith("ValueError: ") and str(weights) in errors[1]
+  assert "is truncated or not a safetensors file" in errors[1]
+  assert errors[0].startswith(
+      "ValueError: from_pretrained: process 1 of 2 could not open its "
+      "checkpoint: ValueError: "), errors[0]
+  assert str(weights) in errors[0]

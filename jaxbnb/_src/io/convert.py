@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from jaxbnb._src.io import paths
+from jaxbnb._src.io import processes
 from jaxbnb._src.io import sharding as sharding_lib
 from jaxbnb._src.io.checkpoint_source import CheckpointSource
 from jaxbnb._src.io.checkpoint_source import open_checkpoint
@@ -357,6 +358,31 @@ def _shape_error(src, name, expected, got) -> ValueError:
 # from_pretrained
 
 
+def _open_everywhere(path, mesh) -> CheckpointSource:
+  """`open_checkpoint(path)`; on a mesh spanning several processes, each
+  opens its own (a host may have its own copy), and a checkpoint that one
+  of them cannot open or read is an error in all of them, naming that
+  process and its error (instead of the others waiting forever for it)."""
+  if mesh is None or not processes.several():
+    return open_checkpoint(path)
+  src, error = None, None
+  try:
+    src = open_checkpoint(path)
+  except (OSError, ValueError, NotImplementedError) as e:
+    error = e
+  failed = [(i, m) for i, m in enumerate(processes.errors_of_all(
+      None if error is None else f"{type(error).__name__}: {error}"))
+            if m is not None]
+  if error is not None:
+    raise error
+  if failed:
+    i, message = failed[0]
+    raise ValueError(
+        f"from_pretrained: process {i} of {jax.process_count()} could not "
+        f"open its checkpoint: {message}")
+  return src
+
+
 def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
                     quantization: QuantizationConfig | Mapping | None = None,
                     dtype: Any = None, param_dtype: Any = None,
@@ -431,7 +457,7 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
   if sharding is not None and mesh is None:
     raise ValueError("from_pretrained: `sharding` needs a `mesh`.")
   rules = sharding_lib.resolve(sharding) if mesh is not None else None
-  src = open_checkpoint(path)
+  src = _open_everywhere(path, mesh)
   config = LlamaConfig.from_hf(src.config)
   quantization = _as_quantization(quantization)
   pre = _detect_prequantized(src)

@@ -17,8 +17,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-__all__ = ["all_succeeded", "is_primary", "several", "shared_token", "sync",
-           "to_host"]
+__all__ = ["all_succeeded", "errors_of_all", "is_primary", "several",
+           "shared_token", "sync", "to_host"]
 
 
 def several() -> bool:
@@ -52,6 +52,26 @@ def all_succeeded(ok: bool) -> bool:
   if not several():
     return ok
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+_MESSAGE_BYTES = 2048
+
+
+def errors_of_all(message: str | None) -> list[str | None]:
+  """Every process's `message` (None: no error), by process index.
+
+  All processes must call this. Messages are cut to 2 KiB (UTF-8)."""
+  if not several():
+    return [message]
+  raw = np.zeros((_MESSAGE_BYTES + 1,), np.uint8)
+  if message is not None:
+    data = message.encode("utf-8")[:_MESSAGE_BYTES]
+    raw[0] = 1
+    raw[1:1 + len(data)] = np.frombuffer(data, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(raw)).reshape(
+      -1, _MESSAGE_BYTES + 1)
+  return [bytes(r[1:]).rstrip(b"\0").decode("utf-8", "replace") if r[0]
+          else None for r in rows]
 
 
 def to_host(x) -> np.ndarray:
