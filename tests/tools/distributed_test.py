@@ -468,3 +468,58 @@ def test_a_shard_one_host_cannot_read_fails_every_host(folder, tmp_path):
       "ValueError: from_pretrained: process 1 of 2 could not open its "
       "checkpoint: ValueError: "), errors[0]
   assert str(weights) in errors[0]
+
+
+# ---------------------------------------------------------------------------
+# save_pretrained of a model split over two processes.
+
+_SAVE_SCRIPT = r"""
+import json, sys
+import jax
+args = json.loads(sys.argv[1])
+jax.distributed.initialize(f"127.0.0.1:{args['port']}", 2, args["pid"])
+from jaxbnb import convert, models
+model = convert.from_pretrained(
+    args["folder"], progress=False, mesh=convert.parse_mesh("tensor=2"),
+    quantization=models.QuantizationConfig.nf4(compute_dtype="float32"),
+    param_dtype="float32")
+convert.save_pretrained(model, args["out"], progress=False)
+print("RESULT" + json.dumps({"sharded": not next(
+    v for _, v in model.iter_variables()).get_value().is_fully_addressable}))
+"""
+
+
+def test_two_processes_save_the_checkpoint_of_one(folder, tmp_path):
+  """Loaded split over two processes (each quantizing its rows, the
+  absmax double-quantized together), saved by both: process 0 writes
+  exactly the files one process writes."""
+  out = tmp_path / "saved"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  port = str(_free_port())
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _SAVE_SCRIPT,
+       json.dumps({"pid": pid, "port": port, "folder": folder,
+                   "out": str(out)})],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for pid in range(2)]
+  try:
+    results = [_result(p) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert all(r["sharded"] for r in results)
+  one = tmp_path / "one"
+  convert.save_pretrained(convert.from_pretrained(
+      folder, progress=False, param_dtype="float32",
+      quantization=models.QuantizationConfig.nf4(compute_dtype="float32")),
+                          one, progress=False)
+  assert sorted(os.listdir(out)) == sorted(os.listdir(one))
+  assert not [e for e in os.listdir(tmp_path) if e.startswith(".")]
+  got = safetensors.numpy.load_file(out / "model.safetensors")
+  want = safetensors.numpy.load_file(one / "model.safetensors")
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -894,22 +894,30 @@ def save_pretrained(model: LlamaForCausalLM, path: str | os.PathLike, *,
                     f"got {type(model).__name__}.")
   check_no_lora(model, "save_pretrained")
   limit = parse_size(max_shard_size)
+  # With several processes all of them walk the weights (each tensor split
+  # over their devices is gathered) and process 0 writes.
   paths.write_folder_atomic(
       path, lambda folder: _write_folder(model, folder, limit, progress),
       overwrite=overwrite, fn="save_pretrained",
       source=paths.source_of(model),
-      keep=lambda entry: not _OWN_FILES.match(entry))
+      keep=lambda entry: not _OWN_FILES.match(entry), collective=True)
 
 
 def _write_folder(model: LlamaForCausalLM, folder: str, limit: int,
                   progress: bool) -> None:
+  """Writes the checkpoint into `folder`. Every process runs this (the
+  tensors sharded over several processes are gathered); process 0
+  writes."""
+  primary = processes.is_primary()
+  progress = progress and primary
   cfg = _hf_config(model)
-  _write_json(os.path.join(folder, "config.json"), cfg)
   gen = {"bos_token_id": model.config.bos_token_id,
          "eos_token_id": cfg.get("eos_token_id"),
          "pad_token_id": model.config.pad_token_id}
-  _write_json(os.path.join(folder, "generation_config.json"),
-              {k: v for k, v in gen.items() if v is not None})
+  if primary:
+    _write_json(os.path.join(folder, "config.json"), cfg)
+    _write_json(os.path.join(folder, "generation_config.json"),
+                {k: v for k, v in gen.items() if v is not None})
 
   n_vars = sum(1 for _ in model.iter_variables())
   shards: list[tuple[str, list[str], int]] = []  # (temp name, keys, bytes)
@@ -921,7 +929,8 @@ def _write_folder(model: LlamaForCausalLM, folder: str, limit: int,
     if not current:
       return
     name = f"shard-{len(shards):05d}.tmp"
-    write_safetensors(os.path.join(folder, name), current)
+    if primary:
+      write_safetensors(os.path.join(folder, name), current)
     shards.append((name, list(current), size))
     current, size = {}, 0
 
@@ -935,6 +944,8 @@ def _write_folder(model: LlamaForCausalLM, folder: str, limit: int,
   flush()
 
   n = len(shards)
+  if not primary:
+    return
   if n == 1:
     os.rename(os.path.join(folder, shards[0][0]),
               os.path.join(folder, "model.safetensors"))

@@ -27,13 +27,13 @@ import safetensors.numpy
 from flax import nnx
 
 from jaxbnb._src.io import paths
-from jaxbnb._src.io import processes
 from jaxbnb._src.io.checkpoint_source import write_safetensors
 from jaxbnb._src.layers.lora import LoRAConfig
 from jaxbnb._src.layers.lora import attach_adapters
 from jaxbnb._src.layers.lora import find_targets
 from jaxbnb._src.layers.lora import linear_layers
 from jaxbnb._src.layers.lora import lora_layers
+from jaxbnb._src.quant.state import to_numpy
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "KEY_PREFIX",
            "adapter_config", "adapter_state_dict", "save_adapter",
@@ -76,10 +76,10 @@ def adapter_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   out = {}
   for path, layer in lora_layers(model):
     prefix = KEY_PREFIX + (path + "." if path else "")
-    out[prefix + "lora_A.weight"] = processes.to_host(layer.lora_A[...])
-    out[prefix + "lora_B.weight"] = processes.to_host(layer.lora_B[...])
+    out[prefix + "lora_A.weight"] = to_numpy(layer.lora_A[...])
+    out[prefix + "lora_B.weight"] = to_numpy(layer.lora_B[...])
     if layer.lora_magnitude_vector is not None:
-      out[prefix + "lora_magnitude_vector"] = processes.to_host(
+      out[prefix + "lora_magnitude_vector"] = to_numpy(
           layer.lora_magnitude_vector[...])
   return out
 

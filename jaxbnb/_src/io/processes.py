@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 __all__ = ["all_succeeded", "errors_of_all", "is_primary", "several",
-           "shared_token", "sync", "to_host"]
+           "shared_token", "sync"]
 
 
 def several() -> bool:
@@ -72,14 +72,3 @@ def errors_of_all(message: str | None) -> list[str | None]:
       -1, _MESSAGE_BYTES + 1)
   return [bytes(r[1:]).rstrip(b"\0").decode("utf-8", "replace") if r[0]
           else None for r in rows]
-
-
-def to_host(x) -> np.ndarray:
-  """The whole value of `x` as a numpy array, in every process.
-
-  An array sharded over devices of several processes is gathered from all
-  of them (a collective: every process must call this, in the same order).
-  """
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))

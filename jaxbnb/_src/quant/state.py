@@ -17,13 +17,20 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxbnb._src.quant import validation
 
 __all__ = ["QuantState", "to_numpy", "allclose"]
 
 def to_numpy(x) -> np.ndarray:
-  """`x` (a jax or numpy array) as a host numpy array."""
+  """`x` (a jax or numpy array) as a host numpy array.
+
+  An array sharded over the devices of several processes is gathered from
+  all of them: then every process must call this, in the same order.
+  """
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
 
