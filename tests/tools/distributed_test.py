@@ -102,6 +102,39 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _spawn(script: str, *argv: str) -> subprocess.Popen:
+  """A fresh Python with one CPU device running `script` with `argv`."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.Popen([sys.executable, "-c", script, *argv], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _logs(procs, timeout: float = 300) -> list[str]:
+  """Each process's output; every one must exit with 0."""
+  try:
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-4000:]
+  return logs
+
+
+def _results(procs) -> list[dict]:
+  """The `RESULT` JSON each process printed last."""
+  out = []
+  for log in _logs(procs):
+    lines = [l for l in log.splitlines() if l.startswith("RESULT")]
+    assert lines, log[-4000:]
+    out.append(json.loads(lines[-1][len("RESULT"):]))
+  return out
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   # vocab 272 splits over 2; rows of every 4-bit weight hold whole blocks.
@@ -118,26 +151,10 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workers(folder, tmp_path_factory):
   tmp = tmp_path_factory.mktemp("workers")
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
   port = str(_free_port())
-  procs, outs = [], []
-  try:
-    for pid in range(2):
-      outs.append(tmp / f"worker{pid}.json")
-      procs.append(subprocess.Popen(
-          [sys.executable, "-c", _WORKER, str(pid), port, folder,
-           str(outs[-1]), json.dumps(GENERATE), json.dumps(IDS)],
-          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-          text=True))
-    logs = [p.communicate(timeout=180)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-4000:]
+  outs = [tmp / f"worker{pid}.json" for pid in range(2)]
+  _logs([_spawn(_WORKER, str(pid), port, folder, str(outs[pid]),
+                json.dumps(GENERATE), json.dumps(IDS)) for pid in range(2)])
   return [json.loads(o.read_text()) for o in outs]
 
 
@@ -274,21 +291,8 @@ print("RESULT" + json.dumps({"losses": losses,
 
 
 def _train_run(folder, pid=None, port=None):
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.Popen(
-      [sys.executable, "-c", _TRAIN_SCRIPT,
-       json.dumps({"pid": pid, "port": port, "folder": folder})],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
-
-
-def _result(proc):
-  log = proc.communicate(timeout=240)[0]
-  lines = [l for l in log.splitlines() if l.startswith("RESULT")]
-  assert proc.returncode == 0 and lines, log[-4000:]
-  return json.loads(lines[-1][len("RESULT"):])
+  return _spawn(_TRAIN_SCRIPT,
+                json.dumps({"pid": pid, "port": port, "folder": folder}))
 
 
 def test_two_processes_train_fsdp_as_one(folder):
@@ -299,15 +303,9 @@ def test_two_processes_train_fsdp_as_one(folder):
   the order of float32 sums differs; 1e-5 relative is ~100 ulps, another
   dropout draw or a batch row seen twice moves them by percents)."""
   port = str(_free_port())
-  procs = [_train_run(folder, pid, port) for pid in range(2)]
-  one = _train_run(folder)
-  try:
-    results = [_result(p) for p in procs]
-    want = _result(one)["losses"]
-  finally:
-    for p in procs + [one]:
-      if p.poll() is None:
-        p.kill()
+  *results, one = _results([_train_run(folder, pid, port) for pid in range(2)]
+                           + [_train_run(folder)])
+  want = one["losses"]
   for r in results:
     assert r["processes"] == 2
     np.testing.assert_allclose(r["losses"], want, rtol=1e-5)
@@ -330,25 +328,14 @@ print("RC", cli.main([*hosts, "finetune", *args["argv"]]))
 
 
 def _finetune_run(argv, pid=None, port=None):
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.Popen(
-      [sys.executable, "-c", _FINETUNE_SCRIPT,
-       json.dumps({"pid": pid, "port": port, "argv": argv})],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
+  return _spawn(_FINETUNE_SCRIPT,
+                json.dumps({"pid": pid, "port": port, "argv": argv}))
 
 
 def _finished(procs):
-  try:
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0 and "RC 0" in log, log[-4000:]
+  logs = _logs(procs)
+  for log in logs:
+    assert "RC 0" in log, log[-4000:]
   return logs
 
 
@@ -446,22 +433,10 @@ def test_a_shard_one_host_cannot_read_fails_every_host(folder, tmp_path):
   shutil.copytree(folder, bad)
   weights = bad / "model.safetensors"
   weights.write_bytes(weights.read_bytes()[:1000])
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
   port = str(_free_port())
-  procs = [subprocess.Popen(
-      [sys.executable, "-c", _OPEN_SCRIPT,
-       json.dumps({"pid": pid, "port": port,
-                   "folder": str(bad if pid else folder)})],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for pid in range(2)]
-  try:
-    errors = [_result(p)["error"] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  errors = [r["error"] for r in _results([_spawn(_OPEN_SCRIPT, json.dumps(
+      {"pid": pid, "port": port, "folder": str(bad if pid else folder)}))
+                                          for pid in range(2)])]
   assert errors[1].startswith("ValueError: ") and str(weights) in errors[1]
   assert "is truncated or not a safetensors file" in errors[1]
   assert errors[0].startswith(
@@ -494,22 +469,10 @@ def test_two_processes_save_the_checkpoint_of_one(folder, tmp_path):
   absmax double-quantized together), saved by both: process 0 writes
   exactly the files one process writes."""
   out = tmp_path / "saved"
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
   port = str(_free_port())
-  procs = [subprocess.Popen(
-      [sys.executable, "-c", _SAVE_SCRIPT,
-       json.dumps({"pid": pid, "port": port, "folder": folder,
-                   "out": str(out)})],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for pid in range(2)]
-  try:
-    results = [_result(p) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  results = _results([_spawn(_SAVE_SCRIPT, json.dumps(
+      {"pid": pid, "port": port, "folder": folder, "out": str(out)}))
+                      for pid in range(2)])
   assert all(r["sharded"] for r in results)
   one = tmp_path / "one"
   convert.save_pretrained(convert.from_pretrained(
