@@ -1,10 +1,13 @@
-"""Writing files from a run that spans several processes (`jax.distributed`).
+"""Reading and writing files in a run that spans several processes.
 
-With several processes (hosts) every one runs the same program. Files are
-written once, by process 0, into a folder all of them can read (a shared
-file system); the processes wait for each other around each write, so none
-reads a folder another is still writing. Orbax checkpoints are the
-exception: every process writes its own shards (orbax coordinates them).
+With several processes (hosts, `jax.distributed`) every one runs the same
+program. Files are written once, by process 0, into a folder all of them
+can read (a shared file system); the processes wait for each other around
+each write, so none reads a folder another is still writing. Orbax
+checkpoints are the exception: every process writes its own shards (orbax
+coordinates them). An error one process meets while reading or writing is
+shared (`all_succeeded`, `errors_of_all`), so the others stop too instead
+of waiting for it.
 
 With one process every function here is a no-op or the obvious value.
 """

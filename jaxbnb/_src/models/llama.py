@@ -80,9 +80,8 @@ def _linears(layers: tuple[nnx.Module, ...], x: jax.Array
       and None not in dtypes):
     for layer in layers:
       check_inputs(x, layer.in_features, type(layer).__name__)
-    ys = matmul_lib.matmul_4bit_group(
+    return matmul_lib.matmul_4bit_group(
         x.astype(dtypes.pop()), [(w.data, w.quant_state) for w in weights])
-    return ys
   return [_linear(layer, x) for layer in layers]
 
 
