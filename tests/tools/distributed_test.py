@@ -256,25 +256,15 @@ def test_generate_mesh_is_checked_before_loading(folder, capsys):
 
 _TRAIN_SCRIPT = r"""
 import json, sys
-import jax, numpy as np, optax
-from flax import nnx
-from jaxbnb import convert, lora, models, train
+import jax, numpy as np
+from jaxbnb import convert, train
 from jaxbnb._src.train import mesh as train_mesh
 args = json.loads(sys.argv[1])
 if args["pid"] is not None:
   jax.distributed.initialize(f"127.0.0.1:{args['port']}", 2, args["pid"])
+from tests.train.common import sgd_qlora
 mesh = convert.parse_mesh("fsdp=2") if args["pid"] is not None else None
-kw = {} if mesh is None else {"mesh": mesh}
-m = convert.from_pretrained(
-    args["folder"], progress=False, param_dtype="float32",
-    quantization=models.QuantizationConfig.nf4(compute_dtype="float32"),
-    **kw)
-m = lora.apply_lora(m, lora.LoRAConfig(r=4, lora_dropout=0.1,
-                                       target_modules="all-linear",
-                                       init_lora_weights=False),
-                    rngs=nnx.Rngs(1))
-m.train()
-opt = nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.LoRAParam)
+m, opt = sgd_qlora(args["folder"], mesh)
 ids = np.asarray(np.random.default_rng(0).integers(0, 256, (1, 4, 16)),
                  np.int32)
 batch = {"input_ids": ids, "attention_mask": np.ones(ids.shape, bool),

@@ -89,3 +89,26 @@ def frozen_state(model):
 def lora_arrays(model):
   return [np.asarray(x) for x in
           jax.tree.leaves(nnx.state(model, nnx.LoRAParam))]
+
+
+def sgd_qlora(path, mesh=None):
+  """`(model, optimizer)`: the NF4 (float32 compute) model at `path`,
+  loaded onto `mesh` when given, with LoRA r 4 and dropout 0.1 on every
+  linear (random B, so the first step already moves the loss) in train
+  mode, and plain SGD (lr 0.1) on the adapters. SGD moves the adapters by
+  the gradients themselves: Adam's normalized, 8-bit quantized steps
+  would magnify float noise into code flips when runs are compared."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from jaxbnb import convert  # pylint: disable=g-import-not-at-top
+  from jaxbnb import lora  # pylint: disable=g-import-not-at-top
+  kw = {} if mesh is None else {"mesh": mesh}
+  m = convert.from_pretrained(
+      path, progress=False, param_dtype="float32",
+      quantization=models.QuantizationConfig.nf4(compute_dtype="float32"),
+      **kw)
+  m = lora.apply_lora(m, lora.LoRAConfig(r=4, lora_dropout=0.1,
+                                         target_modules="all-linear",
+                                         init_lora_weights=False),
+                      rngs=nnx.Rngs(1))
+  m.train()
+  return m, nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.LoRAParam)

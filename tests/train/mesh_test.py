@@ -26,23 +26,13 @@ from jax.sharding import Mesh
 import optax
 from flax import nnx
 from jaxbnb import convert, lora, models, train
+from tests.train.common import sgd_qlora
 
 PATH = "tests/golden/bnb_llama/orig"
-QUANT = models.QuantizationConfig.nf4(compute_dtype="float32")
 
 
 def run(mesh, layerwise):
-  kw = {} if mesh is None else {"mesh": mesh}
-  m = convert.from_pretrained(PATH, quantization=QUANT, param_dtype="float32",
-                              progress=False, **kw)
-  m = lora.apply_lora(m, lora.LoRAConfig(r=4, lora_dropout=0.1,
-                                         target_modules="all-linear",
-                                         init_lora_weights=False),
-                      rngs=nnx.Rngs(1))
-  m.train()
-  # SGD: the adapters move by the gradients themselves (Adam's normalized,
-  # 8-bit quantized steps would magnify float noise into code flips).
-  opt = nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.LoRAParam)
+  m, opt = sgd_qlora(PATH, mesh)
   rng = np.random.default_rng(0)
   ids = jnp.asarray(rng.integers(0, 128, (2, 4, 32)), jnp.int32)
   mask = jnp.asarray(np.arange(32)[None, None] < rng.integers(20, 33, (2, 4, 1)))
