@@ -115,6 +115,12 @@ def can_dequantize(n, blocksize, dtype) -> bool:
   return dk.can_use(n, blocksize, dtype)
 
 
+def nested_of(qs):
+  """(nested_absmax, nested code, offset) of a double-quantized state (the
+  kernels' `nested` argument), else None."""
+  return (qs.nested_absmax, qs.nested_code, qs.offset) if qs.nested else None
+
+
 def can_group(m, k, dtype, qss) -> bool:
   """Whether `gemv_group` serves `[m, k]` times these 4-bit weights in one
   launch: M up to `GEMV_MAX_M`, one K, quantization type, block size and
@@ -132,9 +138,7 @@ def gemv_group(x2d, packeds, qss, mode):
   weights pass `can_group`)."""
   k = x2d.shape[1]
   first = qss[0]
-  weights = tuple(
-      (p, q.absmax, (q.nested_absmax, q.nested_code, q.offset)
-       if q.nested else None) for p, q in zip(packeds, qss))
+  weights = tuple((p, q.absmax, nested_of(q)) for p, q in zip(packeds, qss))
   return gk.gemv_4bit_group(
       x2d, weights, lut(first.quant_type), ns=tuple(q.shape[0] for q in qss),
       k=k, blocksize=first.blocksize,
@@ -155,11 +159,8 @@ def gemv(x2d, packed, qs, bias, mode):
   if not gk.can_use(m, n, k, qs.blocksize, x2d.dtype):
     dispatch.no_kernel(f"the 4-bit GEMV of [{m}, {k}] x [{n}, {k}]")
     return None
-  nested = None
-  if qs.nested:
-    nested = (qs.nested_absmax, qs.nested_code, qs.offset)
   return gk.gemv_4bit(
       x2d, packed, qs.absmax, lut(qs.quant_type), n=n, k=k,
-      blocksize=qs.blocksize, nested=nested,
+      blocksize=qs.blocksize, nested=nested_of(qs),
       nested_blocksize=qs.nested_blocksize if qs.nested else 256,
       bias=bias, code=code(qs.quant_type), interpret=mode == "interpret")

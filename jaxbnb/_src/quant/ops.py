@@ -306,13 +306,9 @@ def dequantize_flat(packed: jax.Array, qs: QuantState, dtype=None,
   dtype = jnp.dtype(qs.dtype if dtype is None else dtype).name
   n = qs.numel
   if mode != "reference" and kernels.can_dequantize(n, qs.blocksize, dtype):
-    nested = None
-    absmax = qs.absmax
-    if qs.nested:
-      nested = (qs.nested_absmax, qs.nested_code, qs.offset)
-    return _dequantize_kernel_jit(packed, absmax, nested, n, qs.blocksize,
-                                  qs.quant_type, dtype, qs.nested_blocksize,
-                                  mode)
+    return _dequantize_kernel_jit(packed, qs.absmax, kernels.nested_of(qs),
+                                  n, qs.blocksize, qs.quant_type, dtype,
+                                  qs.nested_blocksize, mode)
   if mode != "reference":
     dispatch.no_kernel(f"dequantize_4bit of {n} elements")
   return _dequantize_4bit_jit(packed, _nested_absmax(qs), n, qs.blocksize,
