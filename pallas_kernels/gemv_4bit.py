@@ -12,7 +12,10 @@ double-quantized absmax is decoded in place. Three variants:
   even/odd halves of `x` in fp32, scale by the absmax per block and
   accumulate elementwise; one reduction at the end. With table "prmt"
   (the default for 16-bit x and `code`) the bytes are decoded in registers
-  and scaled in the compute dtype as in "mma", then widened to fp32. With
+  and scaled in the compute dtype as in "mma", then widened to fp32; each
+  thread's run of bytes is folded in quarters into one FMA chain (a
+  quarter of the accumulators), and the permutes' table words are loaded,
+  not constants (the compiler kept re-creating the constants). With
   `prefetch`, step t + 1's bytes are loaded before step t's are decoded.
 * ``"dot"`` (larger M without `code`, or fp32): per quantization block,
   the decoded `[block_n, blocksize/2]` halves go through the tensor cores
@@ -120,15 +123,25 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
     # the caller passes `code`): docs/benchmarks.md, "mma" sweeps on the
     # H200, 14336x4096: M = 4 42.7 us (was 75.9), M = 16 41.6 (was 95.2),
     # M = 64 48.5 (was 108.4); 4096x4096, M = 16: 16.5 (was 25.1).
-    block_n = 64 if m <= 16 else 128
+    if m <= 16:
+      # Short programs, one or two steps each, many of them in flight:
+      # docs/benchmarks.md, "GEMV: short programs" (H200, 14336x4096:
+      # M = 8 31.2 us against 40.7 with the looping tiles below, M = 16
+      # 32.2 against 42.4). The fp32 partials grow with M and the split,
+      # so M > 8 splits half as far.
+      block_kb = max(1, min(_pow2_floor(max(1, 128 // half)),
+                            _pow2_floor(nkb)))
+      steps = -(-nkb // block_kb)
+      return ("mma", 64, block_kb, min(steps, 16 if m <= 8 else 8), 4, 1,
+              "prmt", 0)
+    block_n = 128
     block_kb = max(1, min(_pow2_floor(max(1, 64 // half)), _pow2_floor(nkb)))
     tiles = -(-n // block_n)
     steps = -(-nkb // block_kb)
     split_k = 1
     while tiles * split_k < 2 * num_sms and split_k * 2 <= steps:
       split_k *= 2
-    return ("mma", block_n, block_kb, split_k, 4, 3, "prmt",
-            1 if m <= 16 else 0)
+    return ("mma", block_n, block_kb, split_k, 4, 3, "prmt", 0)
   if mma and m <= 2 and not f32:
     # The byte-permute decode without tensor cores, one step per program:
     # thousands of short programs keep more bytes in flight than a loop.
@@ -136,7 +149,8 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
     # matmul`): 14336x4096 M = 1 25.2 us (was 34.9 with the gathering
     # kernel), M = 2 33.1 (was 37-40 with "mma"). Under ncu it issues
     # from ~60% of its SM's slots and reads DRAM at under 30%: its
-    # instruction count (~14.6 per byte), not memory, limits it.
+    # instruction count (~14.6 per byte), not memory, limits it. With the
+    # FMA chains and loaded table words ("GEMV: short programs"): 23.1 us.
     block_kb = max(1, min(_pow2_floor(max(1, 256 // half)), _pow2_floor(nkb)))
     steps = -(-nkb // block_kb)
     # Blocks of 512 bytes or more (blocksize >= 1024) take fewer rows, so a
@@ -160,6 +174,25 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
   while tiles * split_k < 2 * num_sms and split_k * 2 <= steps:
     split_k *= 2
   return (variant, block_n, block_kb, split_k, warps, stages, "pair", False)
+
+
+# "reduce" with in-register decode: each thread's run of bytes along a
+# block is folded in halves this many times, and the halves' products go
+# into one FMA chain; the accumulator is then 2**_FOLDS times smaller than
+# the tile (fewer registers, fewer additions at the end).
+_FOLDS = 2
+
+
+def _fold(v, times):
+  """`[..., L]` -> `2**times` arrays `[..., L / 2**times]` (part p holds
+  the elements `j * 2**times + p`): in-register splits of each thread's
+  contiguous elements, no data movement."""
+  parts = [v]
+  for _ in range(times):
+    parts = [q for p in parts
+             for q in jax.lax.unstack(
+                 p.reshape(*p.shape[:-1], p.shape[-1] // 2, 2), axis=-1)]
+  return parts
 
 
 def _decode(w, lut_ref, pair):
@@ -276,13 +309,15 @@ def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
   weights = [refs[g * per:(g + 1) * per] for g in range(len(ns))]
   refs = refs[len(ns) * per:]
   lut_ref = refs.pop(0)
+  words_ref = (refs.pop(0) if kw["code"] is not None
+               and kw["variant"] == "reduce" else None)
   bias_ref = refs.pop(0) if has_bias else None
   out_ref = refs.pop(0)
   # (read here: interpret mode cannot read them inside a `pl.when`)
   i, s = pl.program_id(0), pl.program_id(1)
   if len(ns) == 1:
     _tile(xs_ref, *weights[0], lut_ref, bias_ref, out_ref, tile=i, s=s,
-          out0=0,
+          out0=0, words_ref=words_ref,
           n=ns[0], nested_len=nested_lens[0], dq=dq, has_bias=has_bias,
           block_n=block_n, **kw)
     return
@@ -291,14 +326,15 @@ def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
     tiles = -(-n // block_n)
     def run(g=g, n=n, first=first, out0=out0):
       _tile(xs_ref, *weights[g], lut_ref, bias_ref, out_ref, tile=i - first,
-            s=s, out0=out0, n=n, nested_len=nested_lens[g], dq=dq,
-            has_bias=has_bias, block_n=block_n, **kw)
+            s=s, out0=out0, words_ref=words_ref, n=n,
+            nested_len=nested_lens[g], dq=dq, has_bias=has_bias,
+            block_n=block_n, **kw)
     pl.when((i >= first) & (i < first + tiles))(run)
     first, out0 = first + tiles, out0 + n
 
 
-def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, m, n, nkb, block_kb,
-          half, block_n, steps, dq, nested_blocksize, nested_len, variant,
+def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
+          block_kb, half, block_n, steps, dq, nested_blocksize, nested_len, variant,
           has_bias, split_k, compute_dtype, pair, prefetch, code,
           interpret):
   """Row tile `tile` of one weight and K split `s`, written at output
@@ -347,6 +383,7 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, m, n, nkb, block_kb,
 
   if variant == "reduce":
     unmasked = not (need_kmask or w_ref.shape[0] % block_n)
+    folds = _FOLDS if code is not None else 0
 
     def load(t, live=None):
       """Step `t`'s packed bytes and raw absmax (masked off unless `live`)."""
@@ -368,9 +405,14 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, m, n, nkb, block_kb,
         scale = jnp.broadcast_to(
             lut_decode.scale_words(am, compute_dtype)[:, :, None],
             (block_n, block_kb, half))
+        # The permutes' register operands loaded, not constants: as
+        # constants the compiler re-creates one before nearly every
+        # permute here (about 1.6 instructions a byte, seen in the SASS).
+        words = (None if interpret
+                 else [words_ref[j] for j in (0, 2, 4, 6)])
         hi, lo = lut_decode.decode_scaled_f32(
             w, scale, code, compute_dtype, interpret,
-            table=lut_ref[...] if interpret else None)
+            table=lut_ref[...] if interpret else None, words=words)
         am = None
       else:
         am = am[:, :, None]
@@ -390,8 +432,12 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, m, n, nkb, block_kb,
           xr = pltriton.load(x_r, mask=xmask, other=0)
         xe, xo = (v.astype(jnp.float32) for v in jax.lax.unstack(xr, axis=2))
         if am is None:  # two FMAs a byte (Triton would not fuse them)
-          acc = _backend.fma_rn(hi, xe[None], accs[r], interpret)
-          new.append(_backend.fma_rn(lo, xo[None], acc, interpret))
+          acc = accs[r]
+          for h, xh, l, xl in zip(_fold(hi, folds), _fold(xe, folds),
+                                  _fold(lo, folds), _fold(xo, folds)):
+            acc = _backend.fma_rn(h, xh[None], acc, interpret)
+            acc = _backend.fma_rn(l, xl[None], acc, interpret)
+          new.append(acc)
         else:
           new.append(accs[r] + (hi * xe[None] + lo * xo[None]) * am)
       return tuple(new)
@@ -407,7 +453,7 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, m, n, nkb, block_kb,
       def body(t, accs):
         return step(t, *load(t), accs)
 
-    shape = (block_n, block_kb, half)
+    shape = (block_n, block_kb, half >> folds)
     init = tuple(jnp.zeros(shape, jnp.float32) for _ in range(m))
     if prefetch:
       accs = jax.lax.fori_loop(0, steps, body, (init,) + load(0))[0]
@@ -630,6 +676,9 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   else:  # the codes rounded to bfloat16, as in the pair table
     args.append(_backend.round_to_dtype(lut.astype(jnp.float32),
                                         jnp.bfloat16))
+  if table == "prmt" and variant == "reduce":  # the permutes' operands
+    args.append(jnp.asarray(np.asarray(
+        lut_decode.table_words(code, dtype), np.uint32).view(np.int32)))
   has_bias = bias is not None and split_k == 1
   if has_bias:
     args.append(bias)
@@ -658,9 +707,11 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
           bytes_accessed=n_all * k // 2 + n_all * nkb * (1 if dq else 4)
           + m * k * dtype.itemsize + m * n_all * dtype.itemsize),
   )(*args)
+  # The padding lanes are sliced off first: the split-K sum reads only the
+  # `m` rows the kernel wrote.
   if split_k > 1:
-    out = jnp.sum(out, axis=0)
-  if variant != "reduce":
+    out = jnp.sum(out[:, :m], axis=0)
+  else:
     out = out[:m]
   if split_k > 1 and bias is not None:
     out = out + bias.astype(jnp.float32)

@@ -184,7 +184,7 @@ def split_pairs(u, dtype):
   return lo, hi
 
 
-def decode_scaled(w, scale, code, dtype, interpret, table=None):
+def decode_scaled(w, scale, code, dtype, interpret, table=None, words=None):
   """Values of the high and low nibbles of uint8 `w`, times `scale`.
 
   Args:
@@ -197,6 +197,10 @@ def decode_scaled(w, scale, code, dtype, interpret, table=None):
     table: for the twin, float32 `[16]` holding `code` rounded to `dtype`
       (inside a kernel: the loaded table input, since kernels cannot
       capture constants); by default built from `code`.
+    words: optional int32 scalars, `table_words` 0, 2, 4 and 6 loaded at
+      run time (the permutes' register operands). Given as constants,
+      the compiler re-creates them before every permute under register
+      pressure.
 
   Returns:
     `(hi, lo)` in `dtype`: `code[w >> 4] * s` and `code[w & 15] * s`, the
@@ -211,16 +215,19 @@ def decode_scaled(w, scale, code, dtype, interpret, table=None):
     s = split_pairs(scale, dtype)[0].astype(jnp.float32)
     return (round_to_dtype(table[wi >> 4] * s, dtype).astype(dtype),
             round_to_dtype(table[wi & 15] * s, dtype).astype(dtype))
-  return split_pairs(_pairs(w, scale, code, dtype), dtype)
+  return split_pairs(_pairs(w, scale, code, dtype, words), dtype)
 
 
-def _pairs(w, scale, code, dtype):
+def _pairs(w, scale, code, dtype, words=None):
   """The inline asm: uint32 pairs (high nibble's value in the low half)."""
   # Triton's integers are signless: int32 out (and in), the bits the same.
   code = tuple(float(c) for c in code)
   args = [w, jax.lax.bitcast_convert_type(scale, jnp.int32)]
   args += [jnp.full(w.shape, np.uint32(v).view(np.int32), jnp.int32)
            for v in table_words(code, dtype)]
+  if words is not None:  # the permutes' first operands, from memory
+    for j, v in zip((0, 2, 4, 6), words):
+      args[2 + j] = jnp.full(w.shape, v, jnp.int32)
   (pairs,) = pltriton.elementwise_inline_asm(
       ptx(code, dtype.name),
       args=args,
@@ -231,7 +238,8 @@ def _pairs(w, scale, code, dtype):
   return jax.lax.bitcast_convert_type(pairs, jnp.uint32)
 
 
-def decode_scaled_f32(w, scale, code, dtype, interpret, table=None):
+def decode_scaled_f32(w, scale, code, dtype, interpret, table=None,
+                      words=None):
   """`decode_scaled`'s values widened to float32 (exactly).
 
   For bfloat16 the widening is one bit operation per value on the packed
@@ -243,9 +251,9 @@ def decode_scaled_f32(w, scale, code, dtype, interpret, table=None):
   """
   dtype = jnp.dtype(dtype)
   if interpret or dtype != jnp.bfloat16:
-    hi, lo = decode_scaled(w, scale, code, dtype, interpret, table)
+    hi, lo = decode_scaled(w, scale, code, dtype, interpret, table, words)
     return hi.astype(jnp.float32), lo.astype(jnp.float32)
-  u = _pairs(w, scale, code, dtype)
+  u = _pairs(w, scale, code, dtype, words)
   return (jax.lax.bitcast_convert_type(u << np.uint32(16), jnp.float32),
           jax.lax.bitcast_convert_type(u & np.uint32(0xFFFF0000),
                                        jnp.float32))

@@ -3,6 +3,8 @@
     python docs/bench/gemv_mma_sweep.py a 240   # coarse, 14336x4096
     python docs/bench/gemv_mma_sweep.py b 240   # the best tiles, all shapes
     python docs/bench/gemv_mma_sweep.py c 240   # prefetch depth
+    python docs/bench/gemv_mma_sweep.py e 240   # one or two steps a program
+    python docs/bench/gemv_mma_sweep.py f 240   # "reduce" at M <= 2, less split-K
     python docs/bench/gemv_mma_sweep.py plot OUT.png BEFORE.json AFTER.json
 
 NF4 + double quantization, bf16. Each configuration of
@@ -46,6 +48,25 @@ def configs(which, n, k, m):
       out.append(("mma", bn, 4, split_for(n, k, bn, 4, 1), w_, st, "prmt",
                   False))
     return list(dict.fromkeys(out))
+  if which == "e":  # short programs: one or two steps each, many programs
+    nkb = k // 64
+    for bn, kb, w_, per in itertools.product(
+        (32, 64, 128), (2, 4, 8), (4, 8), (1, 2)):
+      if bn * kb * 32 > 32768 or (w_ == 8 and bn == 32):
+        continue
+      out.append(("mma", bn, kb, max(1, -(-nkb // kb) // per), w_, 1,
+                  "prmt", False))
+    return list(dict.fromkeys(out))
+  if which == "f":  # "reduce" at M = 1, 2: fewer K splits, smaller tiles
+    nkb = k // 64
+    out.append(gk.default_config(m, n, k, 64, "bfloat16", mma=True))
+    for bn, kb, w_, split in itertools.product(
+        (8, 16, 32), (4, 8), (1, 2, 4), (1, 2, 0)):
+      if bn * kb * 32 < 1024 * w_:
+        continue
+      split = split or -(-nkb // kb)
+      out.append(("reduce", bn, kb, split, w_, 1, "prmt", False))
+    return list(dict.fromkeys(out))
   if which == "c":  # prefetch depth
     for bn, kb, pf, waves in itertools.product(
         (64, 128), (1, 2, 4), (2, 4), (1, 2)):
@@ -65,10 +86,14 @@ def main(which, budget_s):
   out = open(os.path.join(os.environ.get("OUT", "/tmp"),
                           f"gemv_mma_{which}.jsonl"), "w")
   t_end = time.time() + budget_s
-  shapes = {"a": SHAPES[:1], "c": [SHAPES[0], SHAPES[2]]}.get(which, SHAPES)
+  shapes = {"a": SHAPES[:1], "c": [SHAPES[0], SHAPES[2]],
+            "e": [SHAPES[0], SHAPES[2], SHAPES[3]],
+            "f": [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[1]]}.get(which,
+                                                                 SHAPES)
   for n, k in shapes:
     base = make(n, k)
-    ms = (1, 16) if which == "c" else (1, 16, 4, 64)
+    ms = {"c": (1, 16), "e": (1, 16, 64, 4), "f": (1, 2)}.get(
+        which, (1, 16, 4, 64))
     for m in ms:
       if time.time() > t_end:
         break
