@@ -123,25 +123,27 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
     # the caller passes `code`): docs/benchmarks.md, "mma" sweeps on the
     # H200, 14336x4096: M = 4 42.7 us (was 75.9), M = 16 41.6 (was 95.2),
     # M = 64 48.5 (was 108.4); 4096x4096, M = 16: 16.5 (was 25.1).
-    if m <= 16:
-      # Short programs, one or two steps each, many of them in flight:
-      # docs/benchmarks.md, "GEMV: short programs" (H200, 14336x4096:
-      # M = 8 31.2 us against 40.7 with the looping tiles below, M = 16
-      # 32.2 against 42.4). The fp32 partials grow with M and the split,
-      # so M > 8 splits half as far.
-      block_kb = max(1, min(_pow2_floor(max(1, 128 // half)),
-                            _pow2_floor(nkb)))
-      steps = -(-nkb // block_kb)
-      return ("mma", 64, block_kb, min(steps, 16 if m <= 8 else 8), 4, 1,
-              "prmt", 0)
-    block_n = 128
+    # Short programs, one or two steps each, many of them in flight:
+    # docs/benchmarks.md, "GEMV: short programs" (H200, `jaxbnb bench
+    # matmul`, 14336x4096: M = 8 28.6 us, was 37.3 with the looping tiles
+    # below; M = 16 30.8, was 37.7). The fp32 partials grow with M and the
+    # split, so M > 8 splits half as far, and keeps the looping tiles when
+    # that leaves under two waves of programs (1024x4096, M = 16: 8.3 us
+    # short, 7.1 looping).
+    block_kb = max(1, min(_pow2_floor(max(1, 128 // half)), _pow2_floor(nkb)))
+    steps = -(-nkb // block_kb)
+    split_k = min(steps, 16 if m <= 8 else 8)
+    if m <= 8 or (m <= 16 and -(-n // 64) * split_k >= 2 * num_sms):
+      return ("mma", 64, block_kb, split_k, 4, 1, "prmt", 0)
+    block_n = 64 if m <= 16 else 128
     block_kb = max(1, min(_pow2_floor(max(1, 64 // half)), _pow2_floor(nkb)))
     tiles = -(-n // block_n)
     steps = -(-nkb // block_kb)
     split_k = 1
     while tiles * split_k < 2 * num_sms and split_k * 2 <= steps:
       split_k *= 2
-    return ("mma", block_n, block_kb, split_k, 4, 3, "prmt", 0)
+    return ("mma", block_n, block_kb, split_k, 4, 3, "prmt",
+            1 if m <= 16 else 0)
   if mma and m <= 2 and not f32:
     # The byte-permute decode without tensor cores, one step per program:
     # thousands of short programs keep more bytes in flight than a loop.

@@ -5,7 +5,8 @@
     python docs/bench/gemv_mma_sweep.py c 240   # prefetch depth
     python docs/bench/gemv_mma_sweep.py e 240   # one or two steps a program
     python docs/bench/gemv_mma_sweep.py f 240   # "reduce" at M <= 2, less split-K
-    python docs/bench/gemv_mma_sweep.py plot OUT.png BEFORE.json AFTER.json
+    python docs/bench/gemv_mma_sweep.py plot OUT.png BEFORE.json AFTER.json \
+        [NEW_LABEL OLD_LABEL]
 
 NF4 + double quantization, bf16. Each configuration of
 `pallas_kernels.gemv_4bit`'s "mma" variant (the byte-permute decode,
@@ -138,7 +139,9 @@ def plot(png, before, after, new_label="jaxbnb (mma at M >= 2)",
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  runs = [json.load(open(p))["results"] for p in (before, after)]
+  # BEFORE may name several files, comma-separated; later ones win.
+  olds = [json.load(open(p))["results"] for p in before.split(",")]
+  runs = [[r for rs in olds for r in rs], json.load(open(after))["results"]]
   shapes = [s for s in dict.fromkeys(r["shape"] for r in runs[1])]
   fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.8))
   for ax, shape in zip(np.atleast_1d(axes), shapes):
