@@ -232,3 +232,88 @@ def test_qlora_adapters_decode_tensor_parallel(folder, tmp_path):
   small = _with_adapters(_one_layer_model(tmp_path, "tensor=4"), 3)
   gathers = _all_gathers(_decode_hlo(models.Generator(small)))
   assert all(dtype != "u8" for dtype, _ in gathers), gathers
+
+
+def _collectives(hlo):
+  """(op, dtype, elements) of every collective result in `hlo`."""
+  out = []
+  for dtype, dims, op in re.findall(
+      r"= (\w+)\[([0-9,]*)\]\S* (all-gather|all-reduce|all-to-all|"
+      r"collective-permute)\(", hlo):
+    out.append((op, dtype, int(np.prod([int(d) for d in dims.split(",")
+                                        if d]))))
+  return out
+
+
+def _wide_layer_model(path, mesh_spec):
+  """A 1-layer NF4 + DQ model whose o_proj/down_proj inputs (256, 512)
+  split into whole blocks on tensor=4 (the column layout applies)."""
+  cfg = models.LlamaConfig(vocab_size=128, hidden_size=256,
+                           intermediate_size=512, num_hidden_layers=1,
+                           num_attention_heads=8, num_key_value_heads=4,
+                           head_dim=32, max_position_embeddings=256)
+  convert.save_pretrained(models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)),
+                          str(path), progress=False)
+  return _load(str(path), "nf4-dq", _mesh(mesh_spec))
+
+
+def test_row_parallel_layout_of_the_generator_state(tmp_path):
+  model = _wide_layer_model(tmp_path, "tensor=4")
+  gen = models.Generator(model)
+  layer = gen.state["model"]["layers"][0]
+  for owner, name, (out, inn) in (("self_attn", "o_proj", (256, 256)),
+                                  ("mlp", "down_proj", (256, 512))):
+    w = layer[owner][name]["weight"].get_value()
+    qs = w.quant_state
+    # The packed bytes as the [out, in / 2] matrix, split by columns; the
+    # absmax dequantized to float32 [out, in / 64], split likewise.
+    assert w.data.shape == (out, inn // 2) and w.data.dtype == jnp.uint8
+    assert w.data.sharding.spec == P(None, "tensor")
+    assert qs.absmax.shape == (out, inn // 64)
+    assert qs.absmax.dtype == jnp.float32 and not qs.nested
+    assert qs.absmax.sharding.spec == P(None, "tensor")
+    assert qs.shape == (out, inn)
+    # The model's own weight is untouched (bitsandbytes' flat layout).
+    own = getattr(getattr(model.model.layers[0], owner), name)
+    assert own.weight.get_value().data.shape == (out * inn // 2, 1)
+  # The column-parallel projections keep their row layout.
+  q = layer["self_attn"]["q_proj"]["weight"].get_value()
+  assert q.data.shape == (256 * 256 // 2, 1)
+  assert q.data.sharding.spec[0] == "tensor"
+
+
+def test_row_parallel_layout_needs_two_collectives_a_layer(tmp_path,
+                                                          monkeypatch):
+  """o_proj and down_proj each all-reduce their partial sums; no
+  activation is gathered (the row layout gathered their inputs and
+  outputs: 11 collectives a step for this 1-layer model against 5)."""
+  model = _wide_layer_model(tmp_path, "tensor=4")
+  after = _collectives(_decode_hlo(models.Generator(model)))
+  monkeypatch.setattr(tensor_parallel, "row_parallel", lambda s, tp: s)
+  before = _collectives(_decode_hlo(models.Generator(model)))
+  wide = lambda cs, op: [c for c in cs if c[0] == op and c[2] >= 256]  # noqa: E731
+  assert wide(before, "all-gather"), before
+  assert not wide(after, "all-gather"), after
+  # the embedding's and the two projections' all-reduces of [1, 1, 256]
+  assert len(wide(after, "all-reduce")) == 3, after
+  assert len(after) < len(before), (before, after)
+
+
+def test_row_parallel_keeps_rows_for_bias_and_dora(tmp_path):
+  from jaxbnb import lora  # pylint: disable=import-outside-toplevel
+  model = _wide_layer_model(tmp_path, "tensor=2")
+  lora.apply_lora(model, lora.LoRAConfig(
+      r=2, lora_alpha=4, target_modules=("o_proj",), use_dora=True),
+                  rngs=nnx.Rngs(1))
+  gen = models.Generator(model)
+  layer = gen.state["model"]["layers"][0]
+  o = layer["self_attn"]["o_proj"]["base_layer"]["weight"].get_value()
+  assert o.data.shape[1] == 1  # DoRA reads the dense base: rows
+  down = layer["mlp"]["down_proj"]["weight"].get_value()
+  assert down.data.shape == (256, 256)
+  # A bias keeps the rows too (added once, not on every device).
+  tp = tensor_parallel.TensorParallel(_mesh("tensor=2"), "tensor", None)
+  w = LinearNF4(256, 64, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  _, state = nnx.split(w)
+  out = tensor_parallel.row_parallel({"o_proj": state}, tp)
+  assert out["o_proj"]["weight"].get_value().data.shape[1] == 1

@@ -287,7 +287,7 @@ class Generator:
                                      data_axis=self.data_axis)
     if tp is not None:
       tp.check(model.config)
-      state = _onto_mesh(state, tp.mesh)
+      state = tensor_parallel.row_parallel(_onto_mesh(state, tp.mesh), tp)
     if graphdef != self.graphdef or tp != self.tp:
       self._compiled.clear()
     self.graphdef, self.state, self.tp = graphdef, state, tp

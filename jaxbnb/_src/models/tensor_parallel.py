@@ -32,10 +32,26 @@ replicated. A shard whose blocks fill whole nested blocks takes its slice
 of the nested absmax; otherwise its absmax is dequantized to float32 first
 (the same arithmetic as `dequantize_4bit`, bit for bit).
 
+**Row-parallel 4-bit layout.** Computed by output rows, o_proj and
+down_proj cost two collectives each (their input gathered, their output
+gathered for the residual). `row_parallel` (which `Generator` applies to
+its own copy of the weights, never to the model) re-lays their 4-bit
+weights by input columns: the packed bytes as the `[out, in / 2]` matrix
+they are, split over the tensor axis along the second dimension, and the
+absmax as `[out, in / blocksize]` float32 split likewise (double-quant
+codes dequantized first, as `dequantize_4bit` does, since a column slice
+does not fill whole nested blocks). A device's slice is itself a
+bitsandbytes 4-bit matrix `[out, in / T]`, so the same kernels run on it
+against the device's slice of the input (the heads or hidden units it
+already holds), and one all-reduce of the `[..., out]` partial sums (added
+in float32) replaces the two gathers. It applies where every slice holds
+whole blocks (`in` a multiple of T x blocksize) and the layer has no bias;
+the others keep the row layout.
+
 A LoRA adapter on a quantized linear (QLoRA) keeps its base on this
 path: the base runs per device, and the adapter's small float product is
 added under GSPMD (`LoRALinear.add_adapter`). DoRA, which needs the dense
-base weight, runs the whole layer under GSPMD.
+base weight, runs the whole layer under GSPMD (and keeps the row layout).
 
 `activate(tp)` turns this on while a function is traced; `Generator` does
 it for its compiled functions when the model's weights live on a mesh.
@@ -57,16 +73,21 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxbnb._src.layers.common import QuantizedLinear
+from jaxbnb._src.layers.common import apply_quantized
 from jaxbnb._src.layers.lora import LoRALinear
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant.weights import Int8Params
 from jaxbnb._src.quant.weights import Params4bit
 
-__all__ = ["TensorParallel", "activate", "current", "from_arrays", "linear"]
+__all__ = ["TensorParallel", "activate", "current", "from_arrays", "linear",
+           "row_parallel"]
 
 # Leaves of a quantized weight that hold its rows (split with them).
 _ROW_LEAVES = ("data", "absmax", "CB", "SCB")
+# The projections whose input arrives split over the tensor axis (heads,
+# hidden units): laid out by input columns by `row_parallel`.
+_ROW_PARALLEL = ("o_proj", "down_proj")
 
 _CURRENT: contextvars.ContextVar["TensorParallel | None"] = (
     contextvars.ContextVar("jaxbnb_tensor_parallel", default=None))
@@ -189,6 +210,8 @@ def linear(layer, x: jax.Array) -> jax.Array:
   if not isinstance(layer, QuantizedLinear):
     return layer(x)
   weight = layer.weight.get_value()
+  if _by_columns(weight):
+    return _columns_call(tp, layer, x)
   bias = None if layer.bias is None else layer.bias[...]
   if not _splits(weight, bias, tp.size):
     return layer(x)
@@ -272,6 +295,123 @@ def _rows_call(tp: TensorParallel, layer, x):
   # Pallas' interpret mode cannot trace its grid loop under shard_map's
   # varying-axes check (tests/quant/dispatch_test.py); compiled kernels and
   # the jnp reference keep it.
+  check = dispatch.resolve() != "interpret"
+  return jax.shard_map(body, mesh=tp.mesh, in_specs=(x_spec, state_spec),
+                       out_specs=out_spec, check_vma=check)(x, state)
+
+
+def _by_columns(weight) -> bool:
+  """Whether `weight` is in `row_parallel`'s layout (packed bytes as the
+  `[out, in / 2]` matrix, not bitsandbytes' `[n / 2, 1]`)."""
+  return (isinstance(weight, Params4bit) and weight.data.ndim == 2
+          and weight.data.shape[1] > 1)
+
+
+def _column_split(weight, bias, n: int) -> bool:
+  """Whether `weight` can be laid out by input columns over `n` devices:
+  a 4-bit weight without bias whose column slices hold whole blocks."""
+  if not isinstance(weight, Params4bit) or bias is not None or n < 2:
+    return False
+  out, inn = (int(d) for d in weight.quant_state.shape)
+  bs = weight.quant_state.blocksize
+  return inn % (n * bs) == 0 and (out * inn // 2) % weight.data.dtype.itemsize == 0
+
+
+def _float_absmax(qs):
+  """The absmax as float32, computed as `dequantize_4bit` does (the fp32
+  product code * nested absmax, then, not fused, + offset)."""
+  if not qs.nested:
+    return qs.absmax.astype(jnp.float32)
+  index = jnp.arange(qs.absmax.shape[0], dtype=jnp.int32)
+  deq = (qs.nested_code.astype(jnp.float32)[qs.absmax.astype(jnp.int32)]
+         * qs.nested_absmax.astype(jnp.float32)[index // qs.nested_blocksize])
+  return jax.lax.optimization_barrier(deq) + qs.offset.astype(jnp.float32)
+
+
+def row_parallel(state: Any, tp: TensorParallel | None) -> Any:
+  """`state` with its 4-bit o_proj/down_proj weights laid out by input
+  columns over `tp.axis` (see the module docstring); other leaves as they
+  are. A new state: the arrays it was given are not changed.
+
+  Args:
+    state: an `nnx.State` of a model on `tp.mesh` (e.g. `Generator`'s).
+    tp: the tensor-parallel setup; None or a tensor axis of size 1 returns
+      `state` unchanged.
+
+  Returns:
+    The state, with the new layout where a weight allows it (no bias,
+    whole blocks per column slice, not under DoRA).
+  """
+  if tp is None or tp.axis is None or tp.size < 2:
+    return state
+  is_w = lambda x: isinstance(x, Params4bit)  # noqa: E731
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_w)
+  names = [tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+           for path, _ in leaves]
+  present = {name for name, (_, leaf) in zip(names, leaves)
+             if leaf is not None}
+  n, axis = tp.size, tp.axis
+  cols = NamedSharding(tp.mesh, P(None, axis))
+
+  @jax.jit
+  def relayout(weight):
+    qs = weight.quant_state
+    out, inn = qs.shape
+    data = weight.data
+    if data.dtype != jnp.uint8:  # another quant_storage: its bytes
+      data = jax.lax.bitcast_convert_type(data, jnp.uint8)
+    data = jax.lax.with_sharding_constraint(
+        data.reshape(out, inn // 2), cols)
+    absmax = jax.lax.with_sharding_constraint(
+        _float_absmax(qs).reshape(out, inn // qs.blocksize), cols)
+    return Params4bit(data, dataclasses.replace(
+        qs, absmax=absmax, offset=None, nested_absmax=None,
+        nested_code=None))
+
+  new = []
+  for name, (_, leaf) in zip(names, leaves):
+    if is_w(leaf) and len(name) >= 2 and "weight" in name:
+      layer = name[:name.index("weight")]
+      owner = layer[:-1] if layer and layer[-1] == "base_layer" else layer
+      bias = object() if layer + ("bias", "value") in present else None
+      dora = any(k[:len(owner) + 1] == owner + ("lora_magnitude_vector",)
+                 for k in present)
+      if (owner and owner[-1] in _ROW_PARALLEL and not dora
+          and _column_split(leaf, bias, n)):
+        leaf = relayout(leaf)
+    new.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def _columns_call(tp: TensorParallel, layer, x):
+  """`layer(x)` for a weight in `row_parallel`'s layout: each device
+  multiplies its slice of `x`'s last dimension by its column slice of the
+  weight; the partial sums are added over `tp.axis` in float32."""
+  axis, n = tp.axis, tp.size
+  if layer.bias is not None:
+    raise ValueError("row_parallel layout: the layer must have no bias")
+  batch = tp.batch_axis(x.shape[0])
+  x_spec = P(batch, *([None] * (x.ndim - 2)), axis)
+  out_spec = P(batch, *([None] * (x.ndim - 1)))
+  graphdef, state = nnx.split(layer)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(state)
+
+  def spec(path):
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return P(None, axis) if names and names[-1] in ("data", "absmax") else P()
+
+  state_spec = jax.tree.unflatten(treedef, [spec(p) for p, _ in paths])
+
+  def body(x, state):
+    local = nnx.merge(graphdef, state)
+    w = local.weight.get_value()
+    qs = w.quant_state
+    out, inn = qs.shape
+    w = Params4bit(w.data.reshape(-1, 1), dataclasses.replace(
+        qs, shape=(out, inn // n), absmax=qs.absmax.reshape(-1)))
+    y = apply_quantized(x, w, None, local.dtype)
+    return jax.lax.psum(y.astype(jnp.float32), axis).astype(y.dtype)
+
   check = dispatch.resolve() != "interpret"
   return jax.shard_map(body, mesh=tp.mesh, in_specs=(x_spec, state_spec),
                        out_specs=out_spec, check_vma=check)(x, state)
