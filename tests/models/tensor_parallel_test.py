@@ -317,3 +317,31 @@ def test_row_parallel_keeps_rows_for_bias_and_dora(tmp_path):
   _, state = nnx.split(w)
   out = tensor_parallel.row_parallel({"o_proj": state}, tp)
   assert out["o_proj"]["weight"].get_value().data.shape[1] == 1
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_column_layout_runs_the_layer_product(nested):
+  """A bias-free 4-bit `down_proj` in the column layout on tensor=4: each
+  device multiplies its 64 input columns (one block a row), and the
+  partial sums add up to the layer's own output (float32 sums in another
+  order)."""
+  mesh = _mesh("tensor=4")
+  layer = LinearNF4(256, 96, use_bias=False, dtype=jnp.float32,
+                    compress_statistics=nested, rngs=nnx.Rngs(2))
+  x = jax.random.normal(jax.random.key(4), (2, 3, 256))
+  want = layer(x)
+  tp = tensor_parallel.TensorParallel(mesh, "tensor", None)
+  graph, state = nnx.split(layer)
+  state = tensor_parallel.row_parallel({"down_proj": state}, tp)["down_proj"]
+  w = state["weight"].get_value()
+  assert w.data.shape == (96, 128) and w.quant_state.absmax.shape == (96, 4)
+  x = jax.device_put(x, NamedSharding(mesh, P(None, None, "tensor")))
+
+  @jax.jit
+  def run(state, x):
+    with tensor_parallel.activate(tp):
+      return tensor_parallel.linear(nnx.merge(graph, state), x)
+
+  got = run(state, x)
+  assert got.sharding.spec in (P(), P(None, None, None)), got.sharding
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
