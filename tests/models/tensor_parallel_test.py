@@ -165,20 +165,33 @@ def _decode_hlo(gen):
   return chunk.as_text()
 
 
-def _all_gathers(hlo):
-  """(dtype, elements) of every all-gather result in `hlo`."""
+def _collectives(hlo):
+  """(op, dtype, elements) of every collective result in `hlo`."""
   out = []
-  for dtype, dims in re.findall(r"= (\w+)\[([0-9,]*)\]\S* all-gather\(", hlo):
-    out.append((dtype, int(np.prod([int(d) for d in dims.split(",") if d]))))
+  for dtype, dims, op in re.findall(
+      r"= (\w+)\[([0-9,]*)\]\S* (all-gather|all-reduce|all-to-all|"
+      r"collective-permute)\(", hlo):
+    out.append((op, dtype, int(np.prod([int(d) for d in dims.split(",")
+                                        if d]))))
   return out
 
 
-def _one_layer_model(path, mesh_spec):
-  """A 1-layer NF4 + DQ model (hidden 64) loaded onto a mesh."""
-  cfg = models.LlamaConfig(vocab_size=128, hidden_size=64,
-                           intermediate_size=128, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=4,
-                           head_dim=16, max_position_embeddings=256)
+def _all_gathers(hlo):
+  """(dtype, elements) of every all-gather result in `hlo`."""
+  return [(dtype, n) for op, dtype, n in _collectives(hlo)
+          if op == "all-gather"]
+
+
+def _one_layer_model(path, mesh_spec, wide=False):
+  """A 1-layer NF4 + DQ model loaded onto a mesh: hidden 64, or with `wide`
+  256 (its o_proj/down_proj inputs, 256 and 512, then split into whole
+  blocks on tensor=4: `row_parallel`'s column layout applies)."""
+  h = 256 if wide else 64
+  cfg = models.LlamaConfig(vocab_size=128, hidden_size=h,
+                           intermediate_size=2 * h, num_hidden_layers=1,
+                           num_attention_heads=8 if wide else 4,
+                           num_key_value_heads=4, head_dim=32 if wide else 16,
+                           max_position_embeddings=256)
   convert.save_pretrained(models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)),
                           str(path), progress=False)
   return _load(str(path), "nf4-dq", _mesh(mesh_spec))
@@ -234,31 +247,8 @@ def test_qlora_adapters_decode_tensor_parallel(folder, tmp_path):
   assert all(dtype != "u8" for dtype, _ in gathers), gathers
 
 
-def _collectives(hlo):
-  """(op, dtype, elements) of every collective result in `hlo`."""
-  out = []
-  for dtype, dims, op in re.findall(
-      r"= (\w+)\[([0-9,]*)\]\S* (all-gather|all-reduce|all-to-all|"
-      r"collective-permute)\(", hlo):
-    out.append((op, dtype, int(np.prod([int(d) for d in dims.split(",")
-                                        if d]))))
-  return out
-
-
-def _wide_layer_model(path, mesh_spec):
-  """A 1-layer NF4 + DQ model whose o_proj/down_proj inputs (256, 512)
-  split into whole blocks on tensor=4 (the column layout applies)."""
-  cfg = models.LlamaConfig(vocab_size=128, hidden_size=256,
-                           intermediate_size=512, num_hidden_layers=1,
-                           num_attention_heads=8, num_key_value_heads=4,
-                           head_dim=32, max_position_embeddings=256)
-  convert.save_pretrained(models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)),
-                          str(path), progress=False)
-  return _load(str(path), "nf4-dq", _mesh(mesh_spec))
-
-
 def test_row_parallel_layout_of_the_generator_state(tmp_path):
-  model = _wide_layer_model(tmp_path, "tensor=4")
+  model = _one_layer_model(tmp_path, "tensor=4", wide=True)
   gen = models.Generator(model)
   layer = gen.state["model"]["layers"][0]
   for owner, name, (out, inn) in (("self_attn", "o_proj", (256, 256)),
@@ -287,7 +277,7 @@ def test_row_parallel_layout_needs_two_collectives_a_layer(tmp_path,
   """o_proj and down_proj each all-reduce their partial sums; no
   activation is gathered (the row layout gathered their inputs and
   outputs: 11 collectives a step for this 1-layer model against 5)."""
-  model = _wide_layer_model(tmp_path, "tensor=4")
+  model = _one_layer_model(tmp_path, "tensor=4", wide=True)
   after = _collectives(_decode_hlo(models.Generator(model)))
   monkeypatch.setattr(tensor_parallel, "row_parallel", lambda s, tp: s)
   before = _collectives(_decode_hlo(models.Generator(model)))
@@ -301,7 +291,7 @@ def test_row_parallel_layout_needs_two_collectives_a_layer(tmp_path,
 
 def test_row_parallel_keeps_rows_for_bias_and_dora(tmp_path):
   from jaxbnb import lora  # pylint: disable=import-outside-toplevel
-  model = _wide_layer_model(tmp_path, "tensor=2")
+  model = _one_layer_model(tmp_path, "tensor=2", wide=True)
   lora.apply_lora(model, lora.LoRAConfig(
       r=2, lora_alpha=4, target_modules=("o_proj",), use_dora=True),
                   rngs=nnx.Rngs(1))
