@@ -336,8 +336,8 @@ def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
 
 
 def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
-          block_kb, half, block_n, steps, dq, nested_blocksize, nested_len, variant,
-          has_bias, split_k, compute_dtype, pair, prefetch, code,
+          block_kb, half, block_n, steps, dq, nested_blocksize, nested_len,
+          variant, has_bias, split_k, compute_dtype, pair, prefetch, code,
           interpret):
   """Row tile `tile` of one weight and K split `s`, written at output
   column `out0` on."""

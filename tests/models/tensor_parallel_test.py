@@ -281,7 +281,8 @@ def test_row_parallel_layout_needs_two_collectives_a_layer(tmp_path,
   after = _collectives(_decode_hlo(models.Generator(model)))
   monkeypatch.setattr(tensor_parallel, "row_parallel", lambda s, tp: s)
   before = _collectives(_decode_hlo(models.Generator(model)))
-  wide = lambda cs, op: [c for c in cs if c[0] == op and c[2] >= 256]  # noqa: E731
+  def wide(cs, op):  # collectives of whole hidden-size activations
+    return [c for c in cs if c[0] == op and c[2] >= 256]
   assert wide(before, "all-gather"), before
   assert not wide(after, "all-gather"), after
   # the embedding's and the two projections' all-reduces of [1, 1, 256]

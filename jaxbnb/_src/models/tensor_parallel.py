@@ -314,7 +314,8 @@ def _column_split(weight, bias, n: int) -> bool:
     return False
   out, inn = (int(d) for d in weight.quant_state.shape)
   bs = weight.quant_state.blocksize
-  return inn % (n * bs) == 0 and (out * inn // 2) % weight.data.dtype.itemsize == 0
+  return (inn % (n * bs) == 0
+          and (out * inn // 2) % weight.data.dtype.itemsize == 0)
 
 
 def _float_absmax(qs):
@@ -350,6 +351,8 @@ def row_parallel(state: Any, tp: TensorParallel | None) -> Any:
            for path, _ in leaves]
   present = {name for name, (_, leaf) in zip(names, leaves)
              if leaf is not None}
+  dora = {name[:-2] for name in present
+          if name[-2:] == ("lora_magnitude_vector", "value")}
   n, axis = tp.size, tp.axis
   cols = NamedSharding(tp.mesh, P(None, axis))
 
@@ -374,9 +377,7 @@ def row_parallel(state: Any, tp: TensorParallel | None) -> Any:
       layer = name[:name.index("weight")]
       owner = layer[:-1] if layer and layer[-1] == "base_layer" else layer
       bias = object() if layer + ("bias", "value") in present else None
-      dora = any(k[:len(owner) + 1] == owner + ("lora_magnitude_vector",)
-                 for k in present)
-      if (owner and owner[-1] in _ROW_PARALLEL and not dora
+      if (owner and owner[-1] in _ROW_PARALLEL and owner not in dora
           and _column_split(leaf, bias, n)):
         leaf = relayout(leaf)
     new.append(leaf)
