@@ -228,10 +228,9 @@ def _store_lanes(acc, out_ref, bias_ref, *, row0, out0, row_ok, s, m,
     pltriton.store(out_ref.at[s, :, cols], acc.T, mask=omask)
 
 
-def _mma(xs_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
-         absmax_of, block_mask, row0, out0, row_ok, s, m, nkb, block_kb, half,
-         block_n, steps, has_bias, split_k, compute_dtype, prefetch, code,
-         interpret):
+def _mma(xs_ref, lut_ref, bias_ref, out_ref, *, load, absmax_of, block_mask,
+         row0, out0, row_ok, s, m, block_kb, half, block_n, steps,
+         has_bias, split_k, compute_dtype, prefetch, code, interpret):
   """The "mma" variant: per step, `block_kb` quantization blocks of
   `block_n` rows decoded and scaled by their absmax in the compute dtype
   (in registers with byte permutes when `code` is given, `lut_decode`),
@@ -240,22 +239,7 @@ def _mma(xs_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref, *,
   lanes and to whole steps)."""
   m_pad = xs_ref.shape[1]
   width = block_kb * half
-  need_kmask = split_k * steps * block_kb != nkb
   dims = (((1,), (1,)), ((), ()))
-
-  need_nmask = w_ref.shape[0] % block_n != 0
-
-  def load(t):
-    kb0, _, ok2 = block_mask(t)
-    w_at = w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :]
-    am_at = am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)]
-    if not (need_nmask or need_kmask):  # unmasked: vectorized byte loads
-      return (pltriton.load(w_at, eviction_policy="evict_first"),
-              pltriton.load(am_at))
-    ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
-    w = pltriton.load(w_at, mask=ok3, other=0, eviction_policy="evict_first")
-    am = pltriton.load(am_at, mask=ok2, other=0)
-    return w, am
 
   def step(t, w, am, acc):
     kb0, kbs, ok2 = block_mask(t)
@@ -374,31 +358,32 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
       ok = ok & live
     return kb0, kbs, jnp.broadcast_to(ok, (block_n, block_kb))
 
+  unmasked = not (need_kmask or w_ref.shape[0] % block_n)
+
+  def load(t, live=None):
+    """Step `t`'s packed bytes and raw absmax (masked off unless `live`)."""
+    kb0, _, ok2 = block_mask(t, live)
+    w_at = w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :]
+    am_at = am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)]
+    if unmasked and live is None:  # vectorized byte loads
+      return (pltriton.load(w_at, eviction_policy="evict_first"),
+              pltriton.load(am_at))
+    ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
+    w = pltriton.load(w_at, mask=ok3, other=0, eviction_policy="evict_first")
+    am = pltriton.load(am_at, mask=ok2, other=0)
+    return w, am
+
   if variant == "mma":
-    _mma(xs_ref, w_ref, am_ref, lut_ref, bias_ref, out_ref,
+    _mma(xs_ref, lut_ref, bias_ref, out_ref, load=load,
          absmax_of=absmax_of, block_mask=block_mask, row0=row0, out0=out0,
-         row_ok=row_ok, s=s, m=m, nkb=nkb,
-         block_kb=block_kb, half=half, block_n=block_n, steps=steps,
+         row_ok=row_ok, s=s, m=m, block_kb=block_kb, half=half,
+         block_n=block_n, steps=steps,
          has_bias=has_bias, split_k=split_k, compute_dtype=compute_dtype,
          prefetch=prefetch, code=code, interpret=interpret)
     return
 
   if variant == "reduce":
-    unmasked = not (need_kmask or w_ref.shape[0] % block_n)
     folds = _FOLDS if code is not None else 0
-
-    def load(t, live=None):
-      """Step `t`'s packed bytes and raw absmax (masked off unless `live`)."""
-      kb0, _, ok2 = block_mask(t, live)
-      w_at = w_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb), :]
-      am_at = am_ref.at[pl.ds(row0, block_n), pl.ds(kb0, block_kb)]
-      if unmasked and live is None:  # vectorized byte loads
-        return (pltriton.load(w_at, eviction_policy="evict_first"),
-                pltriton.load(am_at))
-      ok3 = jnp.broadcast_to(ok2[:, :, None], (block_n, block_kb, half))
-      w = pltriton.load(w_at, mask=ok3, other=0, eviction_policy="evict_first")
-      am = pltriton.load(am_at, mask=ok2, other=0)
-      return w, am
 
     def step(t, w, am, accs):
       kb0, kbs, ok2 = block_mask(t)
@@ -500,8 +485,10 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
       if need_kmask:
         ok_x = ok_x & (kb < nkb)
       ok_x = jnp.broadcast_to(ok_x, (m_pad, half))
-      xe = pltriton.load(xs_ref.at[_backend.zero_index(), :, kb, :], mask=ok_x, other=0)
-      xo = pltriton.load(xs_ref.at[_backend.one_index(), :, kb, :], mask=ok_x, other=0)
+      xe = pltriton.load(xs_ref.at[_backend.zero_index(), :, kb, :],
+                         mask=ok_x, other=0)
+      xo = pltriton.load(xs_ref.at[_backend.one_index(), :, kb, :],
+                         mask=ok_x, other=0)
       p = jax.lax.dot_general(hi.astype(compute_dtype), xe, dims,
                               precision=precision,
                               preferred_element_type=jnp.float32)
