@@ -43,8 +43,9 @@ codes dequantized first, as `dequantize_4bit` does, since a column slice
 does not fill whole nested blocks). A device's slice is itself a
 bitsandbytes 4-bit matrix `[out, in / T]`, so the same kernels run on it
 against the device's slice of the input (the heads or hidden units it
-already holds), and one all-reduce of the `[..., out]` partial sums (added
-in float32) replaces the two gathers. It applies where every slice holds
+already holds), and one all-reduce of the `[..., out]` partial sums (each
+rounded to the compute dtype, then added in float32) replaces the two
+gathers. It applies where every slice holds
 whole blocks (`in` a multiple of T x blocksize) and the layer has no bias;
 the others keep the row layout.
 
