@@ -99,8 +99,10 @@ def _cases(test: str, *ids: str) -> tuple[str, ...]:
 MUTANTS: tuple[Mutant, ...] = (
     # ---------------------------------------------------------- kernels
     Mutant("gemv-prmt-odd-half-gets-even-x", "pallas_kernels/gemv_4bit.py",
-           "new.append(_backend.fma_rn(lo, xo[None], acc, interpret))",
-           "new.append(_backend.fma_rn(lo, xe[None], acc, interpret))",
+           "zip(_fold(hi, folds), _fold(xe, folds),\n"
+           "                                  _fold(lo, folds), _fold(xo, folds))",
+           "zip(_fold(hi, folds), _fold(xe, folds),\n"
+           "                                  _fold(lo, folds), _fold(xe, folds))",
            (_GEMV_TWIN,)),
     Mutant("quantize-bucket-ties-go-up", "pallas_kernels/quantize_4bit.py",
            "return lo + jnp.where(x > t_ref[lo], 1, 0)",
