@@ -120,6 +120,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "return x.astype(jnp.bfloat16).astype(jnp.float32)",
            (_GEMV_TWIN,)),
     # ----------------------------------------------------------- models
+    Mutant("tp-column-absmax-offset-dropped",
+           "jaxbnb/_src/models/tensor_parallel.py",
+           "return jax.lax.optimization_barrier(deq) + qs.offset.astype(",
+           "return jax.lax.optimization_barrier(deq) + 0 * qs.offset.astype(",
+           ("tests/models/tensor_parallel_test.py::"
+            "test_column_layout_runs_the_layer_product[True]",)),
     Mutant("rope-off", "jaxbnb/_src/models/llama.py",
            "q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)",
            "q, k = q, k",

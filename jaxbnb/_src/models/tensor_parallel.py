@@ -254,15 +254,10 @@ def _local_weight(weight, n: int, axis: str):
         qs.nested_absmax, shard * (blocks // nb), blocks // nb)
     return Params4bit(weight.data, dataclasses.replace(
         qs, shape=shape, nested_absmax=nested))
-  # Dequantize this shard's absmax as `dequantize_4bit` does: the fp32
-  # product code * nested absmax, then (not fused into an FMA) + offset.
-  index = shard * blocks + jnp.arange(blocks, dtype=jnp.int32)
-  deq = (qs.nested_code.astype(jnp.float32)[qs.absmax.astype(jnp.int32)]
-         * qs.nested_absmax.astype(jnp.float32)[index // nb])
-  absmax = jax.lax.optimization_barrier(deq) + qs.offset.astype(jnp.float32)
+  # Otherwise this shard's absmax dequantized, as `dequantize_4bit` does.
   return Params4bit(weight.data, dataclasses.replace(
-      qs, shape=shape, absmax=absmax, offset=None, nested_absmax=None,
-      nested_code=None))
+      qs, shape=shape, absmax=_float_absmax(qs, shard * blocks), offset=None,
+      nested_absmax=None, nested_code=None))
 
 
 def _leaf_spec(path, axis: str) -> P:
@@ -319,12 +314,14 @@ def _column_split(weight, bias, n: int) -> bool:
           and (out * inn // 2) % weight.data.dtype.itemsize == 0)
 
 
-def _float_absmax(qs):
+def _float_absmax(qs, first=0):
   """The absmax as float32, computed as `dequantize_4bit` does (the fp32
-  product code * nested absmax, then, not fused, + offset)."""
+  product code * nested absmax, then, not fused into an FMA, + offset).
+  `qs.absmax` may be a slice of the codes starting at code `first` (with
+  the whole nested statistics)."""
   if not qs.nested:
     return qs.absmax.astype(jnp.float32)
-  index = jnp.arange(qs.absmax.shape[0], dtype=jnp.int32)
+  index = first + jnp.arange(qs.absmax.shape[0], dtype=jnp.int32)
   deq = (qs.nested_code.astype(jnp.float32)[qs.absmax.astype(jnp.int32)]
          * qs.nested_absmax.astype(jnp.float32)[index // qs.nested_blocksize])
   return jax.lax.optimization_barrier(deq) + qs.offset.astype(jnp.float32)
