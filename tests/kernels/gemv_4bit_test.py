@@ -243,10 +243,15 @@ def test_gpu_reduce_prmt_variant(m, config, dtype, quant_type):
   _check_compiled(m, 1000, 4096, dtype, quant_type, config, seed=12)
 
 
-def test_interpret_twin_keeps_the_compute_dtype_rounding():
-  """A shape and tile where XLA once dropped the twin's f32 -> bf16 -> f32
-  round trip (its excess-precision rule): the result must still be the
-  product of `x` and the weight rounded to bfloat16 (`_backend.round_to_dtype`)."""
+@pytest.mark.parametrize("folds", [0, gk._FOLDS])
+def test_interpret_twin_keeps_the_compute_dtype_rounding(folds, monkeypatch):
+  """A shape and tile where XLA dropped the twin's f32 -> bf16 -> f32 round
+  trip (its excess-precision rule) when the products were accumulated
+  one element at a time (`folds` 0; the FMA chains of the default did not
+  trigger it): the result must still be the product of `x` and the weight
+  rounded to bfloat16 (`_backend.round_to_dtype`)."""
+  monkeypatch.setattr(gk, "_FOLDS", folds)
+  jax.clear_caches()  # `_FOLDS` is read when the kernel is traced
   n, k = 64, 512
   w = jnp.asarray(_util.rng_array((n, k), 0, jnp.bfloat16))
   x = jnp.asarray(_util.rng_array((1, k), 1, jnp.bfloat16))
@@ -256,6 +261,7 @@ def test_interpret_twin_keeps_the_compute_dtype_rounding():
                    jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
                    blocksize=64, config=config, code=_code("nf4"),
                    interpret=True)
+  jax.clear_caches()
   _check(y, x, packed, qs, None, config)
 
 
