@@ -120,12 +120,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "return x.astype(jnp.bfloat16).astype(jnp.float32)",
            (_GEMV_TWIN,)),
     # ----------------------------------------------------------- models
-    Mutant("tp-column-absmax-offset-dropped",
-           "jaxbnb/_src/models/tensor_parallel.py",
-           "return jax.lax.optimization_barrier(deq) + qs.offset.astype(",
-           "return jax.lax.optimization_barrier(deq) + 0 * qs.offset.astype(",
+    Mutant("tp-shard-absmax-from-code-0", "jaxbnb/_src/quant/ops.py",
+           "index = first + jnp.arange(qs.absmax.shape[0], dtype=jnp.int32)",
+           "index = jnp.arange(qs.absmax.shape[0], dtype=jnp.int32)",
            ("tests/models/tensor_parallel_test.py::"
-            "test_column_layout_runs_the_layer_product[True]",)),
+            "test_greedy_tokens_match_single_device[tensor=4-nf4-dq]",)),
     Mutant("rope-off", "jaxbnb/_src/models/llama.py",
            "q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)",
            "q, k = q, k",

@@ -56,7 +56,7 @@ def kernel_weight(packed, qs, compute_dtype, in_dtype=False) -> np.ndarray:
     lut = np.asarray(codebooks.code_for(qs.quant_type), np.float32)
     codes = np.asarray(reference.unpack_4bit(ops.from_storage(packed),
                                              qs.numel))
-    absmax = np.asarray(ops._nested_absmax(qs), np.float32)  # pylint: disable=protected-access
+    absmax = np.asarray(ops.float_absmax(qs), np.float32)
     scale = np.repeat(absmax.astype(dt).astype(np.float32),
                       qs.blocksize)[:qs.numel]
     w = (lut.astype(dt).astype(np.float32)[codes] * scale).astype(dt)
@@ -66,6 +66,6 @@ def kernel_weight(packed, qs, compute_dtype, in_dtype=False) -> np.ndarray:
     lut = np.asarray(jnp.asarray(lut).astype(jnp.bfloat16), np.float32)
   n = qs.numel
   codes = np.asarray(reference.unpack_4bit(ops.from_storage(packed), n))
-  absmax = np.asarray(ops._nested_absmax(qs), np.float64)  # pylint: disable=protected-access
+  absmax = np.asarray(ops.float_absmax(qs), np.float64)
   scale = np.repeat(absmax, qs.blocksize)[:n]
   return (lut.astype(np.float64)[codes] * scale).reshape(qs.shape)

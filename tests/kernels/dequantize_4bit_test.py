@@ -39,7 +39,7 @@ def test_interpret_matches_reference(numel, blocksize, quant_type, dtype,
                            blocksize=blocksize, dtype=dtype, nested=nest,
                            out_mode=out_mode, block_rows=block_rows,
                            interpret=True)
-  ref = reference.dequantize_4bit(packed, ops._nested_absmax(qs), numel,  # pylint: disable=protected-access
+  ref = reference.dequantize_4bit(packed, ops.float_absmax(qs), numel,
                                   blocksize, quant_type, dtype)
   assert out.dtype == ref.dtype and out.shape == (numel,)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
@@ -67,6 +67,6 @@ def test_gpu_matches_reference(nested, dtype, numel, blocksize):
                            jnp.asarray(codebooks.code_for("nf4")),
                            numel=numel, blocksize=blocksize, dtype=dtype,
                            nested=nest)
-  ref = reference.dequantize_4bit(packed, ops._nested_absmax(qs), numel,  # pylint: disable=protected-access
+  ref = reference.dequantize_4bit(packed, ops.float_absmax(qs), numel,
                                   blocksize, "nf4", dtype)
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))

@@ -78,6 +78,7 @@ from jaxbnb._src.layers.common import apply_quantized
 from jaxbnb._src.layers.lora import LoRALinear
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.quant import dispatch
+from jaxbnb._src.quant import ops
 from jaxbnb._src.quant.weights import Int8Params
 from jaxbnb._src.quant.weights import Params4bit
 
@@ -256,15 +257,20 @@ def _local_weight(weight, n: int, axis: str):
         qs, shape=shape, nested_absmax=nested))
   # Otherwise this shard's absmax dequantized, as `dequantize_4bit` does.
   return Params4bit(weight.data, dataclasses.replace(
-      qs, shape=shape, absmax=_float_absmax(qs, shard * blocks), offset=None,
-      nested_absmax=None, nested_code=None))
+      qs, shape=shape, absmax=ops.float_absmax(qs, shard * blocks),
+      offset=None, nested_absmax=None, nested_code=None))
+
+
+def _names(path) -> tuple:
+  """The keys and attribute names of a pytree path."""
+  return tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
 
 
 def _leaf_spec(path, axis: str) -> P:
   """A layer state leaf's spec: the bias and a quantized weight's row
   leaves (packed bytes, absmax; int8 rows, row scales) split over `axis`,
   the small statistics replicated."""
-  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  names = _names(path)
   if names and names[0] == "bias":
     return P(axis)
   return P(axis) if names and names[-1] in _ROW_LEAVES else P()
@@ -303,28 +309,15 @@ def _by_columns(weight) -> bool:
           and weight.data.shape[1] > 1)
 
 
-def _column_split(weight, bias, n: int) -> bool:
+def _column_split(weight, has_bias: bool, n: int) -> bool:
   """Whether `weight` can be laid out by input columns over `n` devices:
   a 4-bit weight without bias whose column slices hold whole blocks."""
-  if not isinstance(weight, Params4bit) or bias is not None or n < 2:
+  if not isinstance(weight, Params4bit) or has_bias or n < 2:
     return False
   out, inn = (int(d) for d in weight.quant_state.shape)
   bs = weight.quant_state.blocksize
   return (inn % (n * bs) == 0
           and (out * inn // 2) % weight.data.dtype.itemsize == 0)
-
-
-def _float_absmax(qs, first=0):
-  """The absmax as float32, computed as `dequantize_4bit` does (the fp32
-  product code * nested absmax, then, not fused into an FMA, + offset).
-  `qs.absmax` may be a slice of the codes starting at code `first` (with
-  the whole nested statistics)."""
-  if not qs.nested:
-    return qs.absmax.astype(jnp.float32)
-  index = first + jnp.arange(qs.absmax.shape[0], dtype=jnp.int32)
-  deq = (qs.nested_code.astype(jnp.float32)[qs.absmax.astype(jnp.int32)]
-         * qs.nested_absmax.astype(jnp.float32)[index // qs.nested_blocksize])
-  return jax.lax.optimization_barrier(deq) + qs.offset.astype(jnp.float32)
 
 
 def row_parallel(state: Any, tp: TensorParallel | None) -> Any:
@@ -345,8 +338,7 @@ def row_parallel(state: Any, tp: TensorParallel | None) -> Any:
     return state
   is_w = lambda x: isinstance(x, Params4bit)  # noqa: E731
   leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_w)
-  names = [tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
-           for path, _ in leaves]
+  names = [_names(path) for path, _ in leaves]
   present = {name for name, (_, leaf) in zip(names, leaves)
              if leaf is not None}
   dora = {name[:-2] for name in present
@@ -364,7 +356,7 @@ def row_parallel(state: Any, tp: TensorParallel | None) -> Any:
     data = jax.lax.with_sharding_constraint(
         data.reshape(out, inn // 2), cols)
     absmax = jax.lax.with_sharding_constraint(
-        _float_absmax(qs).reshape(out, inn // qs.blocksize), cols)
+        ops.float_absmax(qs).reshape(out, inn // qs.blocksize), cols)
     return Params4bit(data, dataclasses.replace(
         qs, absmax=absmax, offset=None, nested_absmax=None,
         nested_code=None))
@@ -374,9 +366,9 @@ def row_parallel(state: Any, tp: TensorParallel | None) -> Any:
     if is_w(leaf) and len(name) >= 2 and "weight" in name:
       layer = name[:name.index("weight")]
       owner = layer[:-1] if layer and layer[-1] == "base_layer" else layer
-      bias = object() if layer + ("bias", "value") in present else None
+      has_bias = layer + ("bias", "value") in present
       if (owner and owner[-1] in _ROW_PARALLEL and owner not in dora
-          and _column_split(leaf, bias, n)):
+          and _column_split(leaf, has_bias, n)):
         leaf = relayout(leaf)
     new.append(leaf)
   return jax.tree_util.tree_unflatten(treedef, new)
@@ -396,7 +388,7 @@ def _columns_call(tp: TensorParallel, layer, x):
   paths, treedef = jax.tree_util.tree_flatten_with_path(state)
 
   def spec(path):
-    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    names = _names(path)
     return P(None, axis) if names and names[-1] in ("data", "absmax") else P()
 
   state_spec = jax.tree.unflatten(treedef, [spec(p) for p, _ in paths])

@@ -89,14 +89,24 @@ def double_quantize(qs: QuantState) -> QuantState:
                     quant_type=qs.quant_type)
 
 
-def _nested_absmax(qs: QuantState) -> jax.Array:
-  """fp32 absmax of a (possibly nested) state, as bnb reconstructs it."""
+def float_absmax(qs: QuantState, first=None) -> jax.Array:
+  """fp32 absmax of a (possibly nested) state, as bnb reconstructs it.
+
+  With `first`, `qs.absmax` holds a slice of the codes starting at code
+  `first` (a shard's; may be traced), with the whole nested statistics.
+  """
   if not qs.nested:
     return qs.absmax.astype(jnp.float32)
-  deq = reference.dequantize_blockwise(
-      qs.absmax, qs.nested_absmax, qs.nested_code, qs.nested_blocksize,
-      jnp.float32,
-  )
+  if first is None:
+    deq = reference.dequantize_blockwise(
+        qs.absmax, qs.nested_absmax, qs.nested_code, qs.nested_blocksize,
+        jnp.float32,
+    )
+  else:  # the same fp32 products, each code's nested absmax by its index
+    index = first + jnp.arange(qs.absmax.shape[0], dtype=jnp.int32)
+    deq = (qs.nested_code.astype(jnp.float32)[qs.absmax.astype(jnp.int32)]
+           * qs.nested_absmax.astype(jnp.float32)[
+               index // qs.nested_blocksize])
   # A separate fp32 add after the rounded product, as bnb does: the barrier
   # keeps XLA from contracting the two into an FMA under jit.
   deq = jax.lax.optimization_barrier(deq)
@@ -311,7 +321,7 @@ def dequantize_flat(packed: jax.Array, qs: QuantState, dtype=None,
                                   qs.nested_blocksize, mode)
   if mode != "reference":
     dispatch.no_kernel(f"dequantize_4bit of {n} elements")
-  return _dequantize_4bit_jit(packed, _nested_absmax(qs), n, qs.blocksize,
+  return _dequantize_4bit_jit(packed, float_absmax(qs), n, qs.blocksize,
                               qs.quant_type, dtype)
 
 
@@ -450,7 +460,7 @@ def dequantize_blockwise(
   qs = quant_state
   A = jnp.asarray(A)
   out = reference.dequantize_blockwise(
-      A.reshape(-1), _nested_absmax(qs), qs.code, qs.blocksize,
+      A.reshape(-1), float_absmax(qs), qs.code, qs.blocksize,
       jnp.dtype(qs.dtype))
   return out.reshape(A.shape)
 
