@@ -154,7 +154,7 @@ def test_4bit_compressed_stats(dtype, blocksize, quant_type):
   # (around the coded value) times the block's nested absmax, plus the two
   # fp32 roundings of `code * nested_absmax + offset`.
   plain = np.asarray(qs0.absmax, np.float64)
-  recon = np.asarray(ops._nested_absmax(qs), np.float64)  # pylint: disable=protected-access
+  recon = np.asarray(ops.float_absmax(qs), np.float64)
   code = np.asarray(qs.nested_code, np.float64)
   q = np.asarray(qs.absmax, np.int64)
   scale = np.repeat(np.asarray(qs.nested_absmax, np.float64), 256)[:q.size]
