@@ -34,7 +34,11 @@ def can_use(numel: int, blocksize: int, dtype) -> bool:
 def decode_absmax(codes, rows, nested_ref, code2_ref, offset, nested_blocksize,
                   nested_len, interpret):
   """fp32 absmax of double-quantized blocks `rows` (inside a kernel)."""
-  grp = jnp.minimum(rows // nested_blocksize, nested_len - 1)
+  if nested_blocksize & (nested_blocksize - 1) == 0:  # a shift, not a division
+    grp = rows >> (nested_blocksize.bit_length() - 1)
+  else:
+    grp = rows // nested_blocksize
+  grp = jnp.minimum(grp, nested_len - 1)
   scale = code2_ref[codes.astype(jnp.int32)] * nested_ref[grp]
   return _backend.add_rn(scale, offset, interpret)
 

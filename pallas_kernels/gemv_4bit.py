@@ -51,6 +51,7 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 from pallas_kernels import lut_decode
+from pallas_kernels import warp_mma
 from pallas_kernels.dequantize_4bit import decode_absmax
 
 __all__ = ["can_use", "gemv_4bit", "gemv_4bit_group", "default_config",
@@ -285,6 +286,87 @@ def _mma(xs_ref, lut_ref, bias_ref, out_ref, *, load, absmax_of, block_mask,
                s=s, m=m, has_bias=has_bias, split_k=split_k)
 
 
+def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
+          row0, out0, s, m, n, blocksize, block_n, steps, split_k, has_bias,
+          compute_dtype, code, interpret):
+  """The "warp" variant (`warp_mma`): row tiles a = rows `[row0, row0 + R)`
+  and b = the next R, 64 bytes of each row a step, decoded in registers
+  and multiplied by `x` in one warp-wide tensor-core product per word.
+  `xs_ref` holds x's pairs of values, uint32 `[m, k / 2 / p, p]`."""
+  half_rows = block_n // 2
+  nb, p = warp_mma.tile_shape(blocksize)
+  parts = max(1, blocksize // 2 // p)  # tile blocks per quantization block
+  total = xs_ref.shape[1] // nb        # steps along the whole of K
+  shape = (half_rows, nb, p)
+  r = jnp.arange(half_rows, dtype=jnp.int32)
+  starts = (row0, row0 + half_rows)
+  rows = tuple(a + r for a in starts)
+  oks = tuple(v < n for v in rows)
+  # x row (r % 8) % m feeds the MMA's column r % 8: columns >= m repeat
+  # the first ones (read back from columns < m only), so no load is masked.
+  xrow = (r % 8) % m
+  masked = n % block_n != 0
+  # Table words 0, 2, 4, 6 (the permutes' register operands) as tile-shaped
+  # loads: as scalars they sit in uniform registers and are copied into
+  # ordinary ones before every permute (48 copies a step in the SASS).
+  words = None if interpret else [
+      jnp.broadcast_to(pltriton.load(words_ref.at[jnp.int32(j)])[None], shape)
+      for j in range(4)]
+
+  def step(t, acc):
+    g = s * steps + t
+    live = g < total if split_k * steps != total else None
+    sb0 = g * nb
+    scales = []
+    ws = []
+    for a, ok in zip(starts, oks):
+      ok = ok if live is None else ok & live
+      w_at = w_ref.at[pl.ds(a, half_rows), pl.ds(sb0, nb), :]
+      if masked or live is not None:
+        ws.append(pltriton.load(
+            w_at, mask=jnp.broadcast_to(ok[:, None, None], shape), other=0,
+            eviction_policy="evict_first"))
+      else:
+        ws.append(pltriton.load(w_at, eviction_policy="evict_first"))
+      # nb > 1 only when a tile block is a whole quantization block
+      am = absmax_at(a, half_rows, sb0 // parts, nb,
+                     jnp.broadcast_to(ok[:, None], (half_rows, nb)))
+      scales.append(lut_decode.scale_words(am, compute_dtype)[:, :, None])
+    if m == 1:  # one row for all: a broadcast
+      x_at = xs_ref.at[_backend.zero_index(), pl.ds(sb0, nb), :]
+    else:
+      x_at = xs_ref.at[xrow[:, None, None],
+                       (sb0 + jnp.arange(nb, dtype=jnp.int32))[None, :, None],
+                       jnp.arange(p, dtype=jnp.int32)[None, None, :]]
+    if live is None:
+      xp = pltriton.load(x_at)
+    else:
+      xp = pltriton.load(x_at, mask=live, other=0)
+    xp = jnp.broadcast_to(xp, shape)
+    return warp_mma.product(
+        ws[0], ws[1], scales[0], scales[1], xp, acc, code, compute_dtype,
+        interpret, table=lut_ref[...] if interpret else None, words=words)
+
+  acc = jnp.zeros(shape, jnp.float32)
+  if steps <= 8:  # unrolled: addresses at constant offsets
+    for t in range(steps):
+      acc = step(t, acc)
+  else:
+    acc = jax.lax.fori_loop(0, steps, step, acc)
+  ya, yb = warp_mma.row_sums(acc, m)
+  for a, ok, ys in zip(starts, oks, (ya, yb)):
+    for i, y in enumerate(ys):
+      cols = pl.ds(out0 + a, half_rows)
+      if split_k == 1:
+        if has_bias:
+          y = y + pltriton.load(bias_ref.at[pl.ds(a, half_rows)], mask=ok,
+                                other=0).astype(jnp.float32)
+        pltriton.store(out_ref.at[jnp.int32(i), cols],
+                       y.astype(out_ref.dtype), mask=ok)
+      else:
+        pltriton.store(out_ref.at[s, jnp.int32(i), cols], y, mask=ok)
+
+
 def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
   """One weight (`len(ns) == 1`) or several sharing `x` ("grouped"): the
   row tiles of weight g follow those of weights 0..g-1 along the grid's
@@ -296,7 +378,7 @@ def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
   refs = refs[len(ns) * per:]
   lut_ref = refs.pop(0)
   words_ref = (refs.pop(0) if kw["code"] is not None
-               and kw["variant"] == "reduce" else None)
+               and kw["variant"] in ("reduce", "warp") else None)
   bias_ref = refs.pop(0) if has_bias else None
   out_ref = refs.pop(0)
   # (read here: interpret mode cannot read them inside a `pl.when`)
@@ -372,6 +454,27 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
     w = pltriton.load(w_at, mask=ok3, other=0, eviction_policy="evict_first")
     am = pltriton.load(am_at, mask=ok2, other=0)
     return w, am
+
+  if variant == "warp":
+    def absmax_at(a, count, kb0, nb, ok):
+      """fp32 absmax of rows `[a, a + count)`, blocks `[kb0, kb0 + nb)`."""
+      am = pltriton.load(am_ref.at[pl.ds(a, count), pl.ds(kb0, nb)],
+                         mask=ok, other=0)
+      if not dq:
+        return am
+      r = a + jnp.arange(count, dtype=jnp.int32)
+      flat = (jnp.minimum(r, n - 1)[:, None] * nkb
+              + jnp.minimum(kb0 + jnp.arange(nb, dtype=jnp.int32),
+                            nkb - 1)[None, :])
+      am = decode_absmax(am, flat, nested_ref, code2_ref, off,
+                         nested_blocksize, nested_len, interpret)
+      return jnp.where(ok, am, 0.0)
+    _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref,
+          absmax_at=absmax_at, row0=row0, out0=out0, s=s, m=m, n=n,
+          blocksize=2 * half, block_n=block_n, steps=steps, split_k=split_k,
+          has_bias=has_bias, compute_dtype=compute_dtype, code=code,
+          interpret=interpret)
+    return
 
   if variant == "mma":
     _mma(xs_ref, lut_ref, bias_ref, out_ref, load=load,
@@ -593,6 +696,23 @@ def gemv_4bit_group(
                bias=None, config=config, code=code, interpret=interpret)
 
 
+def _check_warp(m, k, block_n, num_warps, table):
+  """The "warp" variant's limits (see `warp_mma`)."""
+  if table != "prmt":
+    raise ValueError(f"config: variant 'warp' needs table 'prmt', got "
+                     f"{table!r}")
+  if not 1 <= m <= 8:
+    raise ValueError(f"x: variant 'warp' takes 1 to 8 rows, got {m}")
+  if k % (2 * warp_mma.BYTES_PER_STEP):
+    raise ValueError(f"k: variant 'warp' needs a multiple of "
+                     f"{2 * warp_mma.BYTES_PER_STEP}, got {k}")
+  if block_n % (16 * num_warps):
+    raise ValueError(
+        "config: variant 'warp' needs block_n a multiple of 16 x num_warps "
+        f"(8 rows a warp in each of its two row tiles), got block_n "
+        f"{block_n} with {num_warps} warps")
+
+
 def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
           config, code, interpret):
   """The kernel over one or several weights (see `gemv_4bit_group`)."""
@@ -617,9 +737,11 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
         "`code`; got "
         f"variant {variant!r}, x {dtype.name}, code "
         f"{'given' if code is not None else 'None'}")
-  if variant not in ("reduce", "dot", "mma"):
-    raise ValueError(
-        f"config: variant must be 'reduce', 'dot' or 'mma', got {variant!r}")
+  if variant not in ("reduce", "dot", "mma", "warp"):
+    raise ValueError("config: variant must be 'reduce', 'dot', 'mma' or "
+                     f"'warp', got {variant!r}")
+  if variant == "warp":
+    _check_warp(m, k, block_n, num_warps, table)
   if variant == "mma" and dtype == jnp.float32:
     raise ValueError("config: variant 'mma' needs 16-bit x, got float32")
   dqs = {nested is not None for _, _, nested in weights}
@@ -627,12 +749,19 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
     raise ValueError("weights: all double-quantized or none")
   dq = dqs.pop()
   steps = -(-(-(-nkb // block_kb)) // split_k)
+  if variant == "warp":  # steps of 64 bytes a row; block_kb unused
+    steps = -(-(k // 2 // warp_mma.BYTES_PER_STEP) // split_k)
   pair = dtype != jnp.float32 and table == "pair" and variant != "mma"
   x3 = x.reshape(m, nkb, half, 2)
   # "mma"/"dot": x's even and odd columns (the high and low nibbles'
   # inputs) as one array [2, ...], padded: one small XLA pass.
   if variant == "reduce":  # x itself, split in the kernel
     xs = x3
+    out_rows = m
+  elif variant == "warp":  # x's pairs of values, one per weight byte
+    p = warp_mma.tile_shape(blocksize)[1]
+    xs = jax.lax.bitcast_convert_type(x.reshape(m, k // 2, 2),
+                                      jnp.uint32).reshape(m, k // 2 // p, p)
     out_rows = m
   elif variant == "dot":
     m_pad = max(16, _pow2_ceil(m))
@@ -648,7 +777,11 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   args = [xs]
   nested_lens = []
   for (packed, absmax, nested), n in zip(weights, ns):
-    args += [packed.reshape(n, nkb, half), absmax.reshape(n, nkb)]
+    if variant == "warp":
+      p = warp_mma.tile_shape(blocksize)[1]
+      args += [packed.reshape(n, k // 2 // p, p), absmax.reshape(n, nkb)]
+    else:
+      args += [packed.reshape(n, nkb, half), absmax.reshape(n, nkb)]
     if dq:
       nested_absmax, code2, offset = nested
       nested_lens.append(nested_absmax.shape[0])
@@ -668,6 +801,12 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   if table == "prmt" and variant == "reduce":  # the permutes' operands
     args.append(jnp.asarray(np.asarray(
         lut_decode.table_words(code, dtype), np.uint32).view(np.int32)))
+  elif table == "prmt" and variant == "warp":  # the same, once a byte
+    words = np.asarray(lut_decode.table_words(code, dtype), np.uint32)
+    args.append(jnp.asarray(np.repeat(
+        words[[0, 2, 4, 6]].view(np.int32)[:, None],
+        warp_mma.BYTES_PER_STEP, 1).reshape(
+            (4,) + warp_mma.tile_shape(blocksize))))
   has_bias = bias is not None and split_k == 1
   if has_bias:
     args.append(bias)

@@ -31,7 +31,7 @@ import numpy as np
 from pallas_kernels._backend import pltriton
 from pallas_kernels._backend import round_to_dtype
 
-__all__ = ["decode_scaled", "decode_scaled_f32", "emulate", "ptx",
+__all__ = ["decode_scaled", "decode_scaled_f32", "emulate", "ptx", "render",
            "scale_words", "split_pairs", "table_words"]
 
 _DTYPES = {"bfloat16": "bf16x2", "float16": "f16x2"}
@@ -87,6 +87,36 @@ def _program(words):
   return ops
 
 
+def render(code, dtype_name, names, prefix=""):
+  """`_program`'s decode as PTX lines (the table `mov`s left out: its
+  words come in as operands). `names` maps `w`, `s0`-`s3`, `t0`-`t7` and
+  the outputs `o0`-`o3` to registers or operands; the temporaries are
+  declared here, named with `prefix` (so two decodes share one block).
+
+  Returns:
+    `(declaration, lines)`.
+  """
+  vec = _DTYPES[dtype_name]
+  ops = [op for op in _program(table_words(code, jnp.dtype(dtype_name)))
+         if op[0] != "mov"]
+  temps = sorted({d for _, d, _ in ops} - set(names)) + ["z"]
+  names = dict(names, **{t: prefix + t for t in temps})
+  def r(v):
+    return names[v] if isinstance(v, str) else f"0x{v:08x}"
+  lines = [f"mov.b32 {r('z')}, 0x80008000;"]  # -0 in both halves
+  for op, d, s in ops:
+    if op in ("and", "or"):
+      lines.append(f"{op}.b32 {r(d)}, {r(s[0])}, {r(s[1])};")
+    elif op == "shr":
+      lines.append(f"shr.u32 {r(d)}, {r(s[0])}, {s[1]};")
+    elif op == "prmt":
+      lines.append(f"prmt.b32 {r(d)}, {r(s[0])}, {r(s[1])}, {r(s[2])};")
+    elif op == "mul":  # x * s + (-0): one rounding, the sign of zero kept
+      lines.append(f"fma.rn.{vec} {r(d)}, {r(s[0])}, {r(s[1])}, {r('z')};")
+  decl = f".reg .b32 {', '.join(prefix + t for t in temps)};"
+  return decl, lines
+
+
 @functools.lru_cache(maxsize=None)
 def ptx(code: tuple[float, ...], dtype_name: str) -> str:
   """The inline PTX: operands $0-$3 out (o0-o3), $4 = w, $5-$8 = s0-s3,
@@ -94,28 +124,12 @@ def ptx(code: tuple[float, ...], dtype_name: str) -> str:
   `mov`s into place would run at every call). With `pack=4` a 32-bit
   operand takes four registers (one per element), so word i is $(9 + 4i)
   and its three twins go unread."""
-  vec = _DTYPES[dtype_name]
-  ops = _program(table_words(code, jnp.dtype(dtype_name)))
-  names = {"o0": "$0", "o1": "$1", "o2": "$2", "o3": "$3", "w": "$4",
-           "s0": "$5", "s1": "$6", "s2": "$7", "s3": "$8"}
-  ops = [op for op in ops if op[0] != "mov"]
+  names = {"w": "$4", "s0": "$5", "s1": "$6", "s2": "$7", "s3": "$8"}
   names.update({f"t{i}": f"${9 + 4 * i}" for i in range(8)})
-  regs = sorted({d for _, d, _ in ops} - set(names))
   # Outputs are written only after every input is read (no early clobber).
-  out = ["{", f".reg .b32 {', '.join(regs + ['r0', 'r1', 'r2', 'r3', 'z'])};",
-         "mov.b32 z, 0x80008000;"]  # -0 in both halves
-  def r(v):
-    return names.get(v, v) if isinstance(v, str) else f"0x{v:08x}"
-  for op, d, s in ops:
-    dst = {"o0": "r0", "o1": "r1", "o2": "r2", "o3": "r3"}.get(d, d)
-    if op in ("and", "or"):
-      out.append(f"{op}.b32 {dst}, {r(s[0])}, {r(s[1])};")
-    elif op == "shr":
-      out.append(f"shr.u32 {dst}, {r(s[0])}, {s[1]};")
-    elif op == "prmt":
-      out.append(f"prmt.b32 {dst}, {r(s[0])}, {r(s[1])}, {r(s[2])};")
-    elif op == "mul":  # x * s + (-0): one rounding, the sign of zero kept
-      out.append(f"fma.rn.{vec} {dst}, {r(s[0])}, {r(s[1])}, z;")
+  names.update({f"o{i}": f"r{i}" for i in range(4)})
+  decl, lines = render(code, dtype_name, names)
+  out = ["{", decl, ".reg .b32 r0, r1, r2, r3;"] + lines
   out += [f"mov.b32 $%d, r%d;" % (i, i) for i in range(4)]
   out.append("}")
   return "\n".join(out)

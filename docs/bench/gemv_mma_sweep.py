@@ -5,6 +5,7 @@
     python docs/bench/gemv_mma_sweep.py c 240   # prefetch depth
     python docs/bench/gemv_mma_sweep.py e 240   # one or two steps a program
     python docs/bench/gemv_mma_sweep.py f 240   # "reduce" at M <= 2, less split-K
+    python docs/bench/gemv_mma_sweep.py g 240   # "warp" at M <= 8
     python docs/bench/gemv_mma_sweep.py plot OUT.png BEFORE.json AFTER.json \
         [NEW_LABEL OLD_LABEL]
 
@@ -68,6 +69,13 @@ def configs(which, n, k, m):
       split = split or -(-nkb // kb)
       out.append(("reduce", bn, kb, split, w_, 1, "prmt", False))
     return list(dict.fromkeys(out))
+  if which == "g":  # "warp": tensor-core products from registers, M <= 8
+    total = k // 128
+    out.append(gk.default_config(m, n, k, 64, "bfloat16", mma=True))
+    for bn, per in itertools.product((32, 64, 128), (1, 2, 4, 8)):
+      out.append(("warp", bn, 1, max(1, total // per), bn // 16, 1, "prmt",
+                  0))
+    return list(dict.fromkeys(out))
   if which == "c":  # prefetch depth
     for bn, kb, pf, waves in itertools.product(
         (64, 128), (1, 2, 4), (2, 4), (1, 2)):
@@ -89,11 +97,13 @@ def main(which, budget_s):
   t_end = time.time() + budget_s
   shapes = {"a": SHAPES[:1], "c": [SHAPES[0], SHAPES[2]],
             "e": [SHAPES[0], SHAPES[2], SHAPES[3]],
-            "f": [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[1]]}.get(which,
+            "f": [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[1]],
+            "g": [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[1]]}.get(which,
                                                                  SHAPES)
   for n, k in shapes:
     base = make(n, k)
-    ms = {"c": (1, 16), "e": (1, 16, 64, 4), "f": (1, 2)}.get(
+    ms = {"c": (1, 16), "e": (1, 16, 64, 4), "f": (1, 2),
+          "g": (1, 2, 8) if n == 14336 else (1, 8)}.get(
         which, (1, 16, 4, 64))
     for m in ms:
       if time.time() > t_end:

@@ -55,6 +55,19 @@ CASES = [
      ("reduce", 16, 2, 4, 4, 1, "prmt", 0)),
     (3, 33, 64 * 7, 64, "nf4", jnp.bfloat16, True,
      ("reduce", 16, 2, 2, 4, 3, "prmt", True)),
+    # "warp": tensor-core products from registers (M <= 8): masked rows and
+    # a K split that leaves the last program idle steps; unmasked, looping;
+    # blocks of 32 (4 a step), 128 (1) and 256 (half of one)
+    (1, 70, 128 * 5, 64, "nf4", jnp.bfloat16, True,
+     ("warp", 32, 1, 2, 2, 1, "prmt", 0)),
+    (2, 64, 128 * 10, 64, "fp4", jnp.float16, False,
+     ("warp", 64, 1, 1, 4, 1, "prmt", 0)),
+    (3, 40, 128 * 3, 32, "nf4", jnp.bfloat16, False,
+     ("warp", 16, 1, 3, 1, 1, "prmt", 0)),
+    (8, 48, 128 * 4, 128, "fp4", jnp.bfloat16, True,
+     ("warp", 32, 1, 2, 2, 1, "prmt", 0)),
+    (5, 33, 256 * 3, 256, "nf4", jnp.float16, True,
+     ("warp", 64, 1, 4, 4, 1, "prmt", 0)),
 ]
 
 
@@ -191,19 +204,20 @@ def test_gpu_mma_variant(m, config, dtype, quant_type):
   _check_compiled(m, 1000, 4096 + 64 * 3, dtype, quant_type, config, seed=9)
 
 
-def _check_compiled(m, n, k, dtype, quant_type, config, seed):
+def _check_compiled(m, n, k, dtype, quant_type, config, seed, blocksize=64):
   """The compiled kernel (in-register decode, `code` given, double quant,
   bias) against the documented weight; `config` None: the default."""
   w = jnp.asarray(_util.rng_array((n, k), seed, dtype))
   x = jnp.asarray(_util.rng_array((m, k), seed + 1, dtype))
   bias = jnp.asarray(_util.rng_array((n,), seed + 2, dtype))
-  packed, qs = F.quantize_4bit(w, quant_type=quant_type,
+  packed, qs = F.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
                                compress_statistics=True)
   if config is None:
-    config = gk.default_config(m, n, k, 64, jnp.dtype(dtype).name, mma=True)
+    config = gk.default_config(m, n, k, blocksize, jnp.dtype(dtype).name,
+                               mma=True)
   y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
                    jnp.asarray(codebooks.code_for(quant_type)), n=n, k=k,
-                   blocksize=64,
+                   blocksize=blocksize,
                    nested=(qs.nested_absmax, qs.nested_code, qs.offset),
                    bias=bias, config=config, code=_code(quant_type))
   _check(y, x, packed, qs, bias, config)
@@ -241,6 +255,43 @@ def test_reduce_prmt_lowers_for_cuda(config):
 def test_gpu_reduce_prmt_variant(m, config, dtype, quant_type):
   """The "reduce" variant with the in-register decode, compiled."""
   _check_compiled(m, 1000, 4096, dtype, quant_type, config, seed=12)
+
+
+WARP_CONFIGS = [
+    (("warp", 64, 1, 8, 4, 1, "prmt", 0), 64),
+    (("warp", 32, 1, 3, 2, 1, "prmt", 0), 64),    # idle steps in the last split
+    (("warp", 128, 1, 4, 8, 1, "prmt", 0), 128),
+    (("warp", 64, 1, 2, 4, 1, "prmt", 0), 32),    # looping (17 steps)
+    (("warp", 64, 1, 16, 4, 1, "prmt", 0), 256),
+]
+
+
+@pytest.mark.parametrize("config,blocksize", WARP_CONFIGS[:2])
+def test_warp_lowers_for_cuda(config, blocksize):
+  """The "warp" variant lowers to Triton, with the warp-wide MMA."""
+  s = jax.ShapeDtypeStruct
+  n, k, m = 1000, 4352, 3
+  nkb = k // blocksize
+  fn = functools.partial(gk.gemv_4bit, n=n, k=k, blocksize=blocksize,
+                         config=config, code=_code("nf4"))
+  text = helpers.lowered_for_h200(
+      fn, s((m, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
+      s((n * nkb,), jnp.uint8), s((16,), jnp.float32),
+      nested=(s((-(-n * nkb // 256),), jnp.float32), s((256,), jnp.float32),
+              s((), jnp.float32)))
+  assert "jaxbnb_gemv_4bit_warp" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("config,blocksize", WARP_CONFIGS)
+@pytest.mark.parametrize("dtype,quant_type", [(jnp.bfloat16, "nf4"),
+                                              (jnp.float16, "fp4")])
+def test_gpu_warp_variant(m, config, blocksize, dtype, quant_type):
+  """The "warp" variant compiled: its lane layout is Triton's choice, and
+  only the GPU shows that it is the one `warp_mma` assumes."""
+  _check_compiled(m, 1000, 4352, dtype, quant_type, config, seed=21,
+                  blocksize=blocksize)
 
 
 @pytest.mark.parametrize("folds", [0, gk._FOLDS])
@@ -289,6 +340,7 @@ def _group_weights(ns, k, quant_type, dtype, nested, seed):
     (8, jnp.bfloat16, True, ("mma", 32, 2, 2, 4, 3, "prmt", 1)),
     (16, jnp.bfloat16, False, ("mma", 64, 4, 1, 4, 3, "prmt", False)),
     (5, jnp.float16, True, ("dot", 32, 2, 2, 4, 3)),
+    (3, jnp.bfloat16, True, ("warp", 32, 1, 2, 2, 1, "prmt", 0)),
 ])
 def test_interpret_group_equals_one_call_per_weight(m, dtype, nested, config):
   k = 64 * 12
