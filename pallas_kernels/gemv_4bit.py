@@ -119,6 +119,21 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
   half = blocksize // 2
   nkb = k // blocksize
   f32 = jnp.dtype(dtype) == jnp.float32
+  if mma and 2 <= m <= 8 and not f32 and k % (2 * warp_mma.BYTES_PER_STEP) == 0:
+    # Tensor-core products straight from registers ("warp", `warp_mma`):
+    # docs/benchmarks.md, "GEMV: the warp's MMA from registers" (H200, the
+    # sweep timer, NF4 + DQ): M = 2 on 14336x4096 27.8-28.7 us (the
+    # "reduce" default 31.5), on 28672x4096 46.0 (57.2), on 6144x4096
+    # 15.1 (19.7); M = 8 on 14336x4096 32.1 ("mma" 33.2), on 28672x4096
+    # 54.3 (57.6). Four steps of 64 bytes a row per program, fewer when
+    # that leaves under two waves; M = 1 stays with "reduce" (level).
+    block_n = 64 if n >= 12288 else 128
+    total = k // (2 * warp_mma.BYTES_PER_STEP)
+    per = min(4, total)
+    while per > 1 and -(-n // block_n) * -(-total // per) < 2 * num_sms:
+      per //= 2
+    return ("warp", block_n, 1, -(-total // per), block_n // 16, 1, "prmt",
+            0)
   if mma and m > 2 and not f32:
     # The byte-permute decode with tensor-core products (`mma=True` when
     # the caller passes `code`): docs/benchmarks.md, "mma" sweeps on the
@@ -145,7 +160,7 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
       split_k *= 2
     return ("mma", block_n, block_kb, split_k, 4, 3, "prmt",
             1 if m <= 16 else 0)
-  if mma and m <= 2 and not f32:
+  if mma and m <= 2 and not f32:  # M = 1 (and M = 2 when K % 128 != 0)
     # The byte-permute decode without tensor cores, one step per program:
     # thousands of short programs keep more bytes in flight than a loop.
     # docs/benchmarks.md, "4-bit GEMV at M = 1 and 2" (H200, `jaxbnb bench
@@ -288,7 +303,7 @@ def _mma(xs_ref, lut_ref, bias_ref, out_ref, *, load, absmax_of, block_mask,
 
 def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
           row0, out0, s, m, n, blocksize, block_n, steps, split_k, has_bias,
-          compute_dtype, code, interpret):
+          compute_dtype, code, prefetch, interpret):
   """The "warp" variant (`warp_mma`): row tiles a = rows `[row0, row0 + R)`
   and b = the next R, 64 bytes of each row a step, decoded in registers
   and multiplied by `x` in one warp-wide tensor-core product per word.
@@ -306,19 +321,21 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
   # the first ones (read back from columns < m only), so no load is masked.
   xrow = (r % 8) % m
   masked = n % block_n != 0
-  # Table words 0, 2, 4, 6 (the permutes' register operands) as tile-shaped
-  # loads: as scalars they sit in uniform registers and are copied into
-  # ordinary ones before every permute (48 copies a step in the SASS).
+  # Table words 0, 2, 4, 6 (the permutes' register operands), loaded once
+  # per tile block and broadcast: as scalars they sit in uniform registers
+  # and are copied into ordinary ones before every permute (48 copies a
+  # step in the SASS); loaded per byte, each call has its own copy.
   words = None if interpret else [
-      jnp.broadcast_to(pltriton.load(words_ref.at[jnp.int32(j)])[None], shape)
+      jnp.broadcast_to(pltriton.load(words_ref.at[jnp.int32(j)])[None, :, None],
+                       shape)
       for j in range(4)]
 
-  def step(t, acc):
+  def load(t):
+    """Step `t`'s bytes, scale words and x pairs."""
     g = s * steps + t
     live = g < total if split_k * steps != total else None
     sb0 = g * nb
-    scales = []
-    ws = []
+    ws, scales = [], []
     for a, ok in zip(starts, oks):
       ok = ok if live is None else ok & live
       w_at = w_ref.at[pl.ds(a, half_rows), pl.ds(sb0, nb), :]
@@ -342,17 +359,26 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
       xp = pltriton.load(x_at)
     else:
       xp = pltriton.load(x_at, mask=live, other=0)
-    xp = jnp.broadcast_to(xp, shape)
+    return ws, scales, jnp.broadcast_to(xp, shape)
+
+  def compute(loaded, acc):
+    (wa, wb), (sa, sb), xp = loaded
     return warp_mma.product(
-        ws[0], ws[1], scales[0], scales[1], xp, acc, code, compute_dtype,
-        interpret, table=lut_ref[...] if interpret else None, words=words)
+        wa, wb, sa, sb, xp, acc, code, compute_dtype, interpret,
+        table=lut_ref[...] if interpret else None, words=words)
 
   acc = jnp.zeros(shape, jnp.float32)
   if steps <= 8:  # unrolled: addresses at constant offsets
-    for t in range(steps):
-      acc = step(t, acc)
+    if prefetch:  # every step's loads first
+      loaded = [load(t) for t in range(steps)]
+      for t in range(steps):
+        acc = compute(loaded[t], acc)
+    else:
+      for t in range(steps):
+        acc = compute(load(t), acc)
   else:
-    acc = jax.lax.fori_loop(0, steps, step, acc)
+    acc = jax.lax.fori_loop(0, steps, lambda t, acc: compute(load(t), acc),
+                            acc)
   ya, yb = warp_mma.row_sums(acc, m)
   for a, ok, ys in zip(starts, oks, (ya, yb)):
     for i, y in enumerate(ys):
@@ -473,7 +499,7 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
           absmax_at=absmax_at, row0=row0, out0=out0, s=s, m=m, n=n,
           blocksize=2 * half, block_n=block_n, steps=steps, split_k=split_k,
           has_bias=has_bias, compute_dtype=compute_dtype, code=code,
-          interpret=interpret)
+          prefetch=prefetch, interpret=interpret)
     return
 
   if variant == "mma":
@@ -801,12 +827,11 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   if table == "prmt" and variant == "reduce":  # the permutes' operands
     args.append(jnp.asarray(np.asarray(
         lut_decode.table_words(code, dtype), np.uint32).view(np.int32)))
-  elif table == "prmt" and variant == "warp":  # the same, once a byte
+  elif table == "prmt" and variant == "warp":  # the same, once a tile block
     words = np.asarray(lut_decode.table_words(code, dtype), np.uint32)
     args.append(jnp.asarray(np.repeat(
         words[[0, 2, 4, 6]].view(np.int32)[:, None],
-        warp_mma.BYTES_PER_STEP, 1).reshape(
-            (4,) + warp_mma.tile_shape(blocksize))))
+        warp_mma.tile_shape(blocksize)[0], 1)))
   has_bias = bias is not None and split_k == 1
   if has_bias:
     args.append(bias)
