@@ -9,7 +9,7 @@ as array inputs and never import jaxbnb. All use Pallas' Triton lowering
   to 8-bit codes per block of 256) in one pass.
 * `dequantize_4bit`: dequantization, double-quantized absmax decoded inline.
 * `gemv_4bit`: fused dequantize-and-multiply for small M ("reduce", "dot",
-  "mma").
+  "mma", "warp").
 * `int8_matmul`: the LLM.int8 forward for decoding (M <= 16): int8 weight
   read once, int32 tensor-core product, outlier stream and bitsandbytes'
   epilogue fused.
@@ -20,6 +20,8 @@ as array inputs and never import jaxbnb. All use Pallas' Triton lowering
 * `code_tables`: quantization to a sorted 8-bit map (bitsandbytes' dynamic
   maps) in two lookups instead of its binary search, bit for bit.
 * `lut_decode`: the 4-bit codes decoded in registers (byte permutes).
+* `warp_mma`: those values fed to a warp-wide tensor-core product
+  (`mma.sync`) from registers, for `gemv_4bit`'s "warp" variant.
 
 Each module has `can_use(...)`; jaxbnb falls back to its pure-jnp reference
 (`jaxbnb._src.quant.reference`) where a kernel cannot run. Every kernel runs under

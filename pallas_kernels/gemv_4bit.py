@@ -6,7 +6,7 @@ Each program owns `block_n` rows of `W` and walks its share of K, loading
 each packed byte once (streamed, evict-first). A byte is decoded with one
 gather from a 256-entry table holding both of its values ("pair"), or two
 gathers from the 16-entry table ("nibble"; always for float32 inputs); a
-double-quantized absmax is decoded in place. Three variants:
+double-quantized absmax is decoded in place. Four variants:
 
 * ``"reduce"`` (M = 1..2 with `code`, 1..4 without): multiply by the
   even/odd halves of `x` in fp32, scale by the absmax per block and
@@ -27,6 +27,12 @@ double-quantized absmax is decoded in place. Three variants:
   by the absmax in the compute dtype (bitsandbytes' GEMV weight), and go
   through the tensor cores against `x`'s halves, one product per nibble
   half and step; `prefetch` keeps that many steps' bytes in flight.
+* ``"warp"`` (16-bit x, M = 2..8 by default, K a multiple of 128): the
+  same decode, and the values go to the tensor cores from the registers
+  they were decoded in (`warp_mma`: one `mma.sync` per word pair, x as
+  the other operand), with no shared-memory round trip; 64 bytes a row
+  per step, two row tiles of `block_n / 2`. `prefetch` issues every
+  step's loads before the first product.
 
 With `split_k > 1` the programs of one row tile split K and write fp32
 partial sums that the caller adds (deterministic, no atomics).

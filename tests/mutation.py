@@ -104,6 +104,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "zip(_fold(hi, folds), _fold(xe, folds),\n"
            "                                  _fold(lo, folds), _fold(xe, folds))",
            (_GEMV_TWIN,)),
+    Mutant("warp-second-tile-reads-first-tiles-sums",
+           "pallas_kernels/warp_mma.py",
+           "sel = ((q // 16) == n // 2) & ((q % 4) == j)",
+           "sel = ((q // 16) == n // 2) & ((q % 4) == j % 2)",
+           ("tests/kernels/warp_mma_test.py::"
+            "test_twin_reads_back_each_rows_dot_product[2-64]",)),
+    Mutant("warp-one-absmax-per-tile-block", "pallas_kernels/gemv_4bit.py",
+           "parts = max(1, blocksize // 2 // p)",
+           "parts = 1",
+           ("tests/kernels/gemv_4bit_test.py::"
+            "test_interpret_matches_dequant_matmul"
+            "[5-33-768-256-nf4-float16-True-config21-False]",)),
     Mutant("quantize-bucket-ties-go-up", "pallas_kernels/quantize_4bit.py",
            "return lo + jnp.where(x > t_ref[lo], 1, 0)",
            "return lo + jnp.where(x >= t_ref[lo], 1, 0)",
