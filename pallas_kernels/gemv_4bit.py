@@ -32,7 +32,8 @@ double-quantized absmax is decoded in place. Four variants:
   they were decoded in (`warp_mma`: one `mma.sync` per word pair, x as
   the other operand), with no shared-memory round trip; 64 bytes a row
   per step, two row tiles of `block_n / 2`. `prefetch` issues every
-  step's loads before the first product.
+  step's loads before the first product (programs of up to 8 steps,
+  which are unrolled; longer ones loop).
 
 With `split_k > 1` the programs of one row tile split K and write fp32
 partial sums that the caller adds (deterministic, no atomics).
@@ -451,7 +452,8 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
   need_kmask = split_k * steps * block_kb != nkb
   off = off_ref[0] if dq else None
 
-  def absmax_of(am, kbs, ok):
+  def absmax_of(am, kbs, ok, rows=rows):
+    """fp32 absmax of `rows` x blocks `kbs` from the loaded `am`."""
     if not dq:
       return am
     flat = (jnp.minimum(rows, n - 1)[:, None] * nkb
@@ -492,15 +494,8 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
       """fp32 absmax of rows `[a, a + count)`, blocks `[kb0, kb0 + nb)`."""
       am = pltriton.load(am_ref.at[pl.ds(a, count), pl.ds(kb0, nb)],
                          mask=ok, other=0)
-      if not dq:
-        return am
-      r = a + jnp.arange(count, dtype=jnp.int32)
-      flat = (jnp.minimum(r, n - 1)[:, None] * nkb
-              + jnp.minimum(kb0 + jnp.arange(nb, dtype=jnp.int32),
-                            nkb - 1)[None, :])
-      am = decode_absmax(am, flat, nested_ref, code2_ref, off,
-                         nested_blocksize, nested_len, interpret)
-      return jnp.where(ok, am, 0.0)
+      return absmax_of(am, kb0 + jnp.arange(nb, dtype=jnp.int32), ok,
+                       rows=a + jnp.arange(count, dtype=jnp.int32))
     _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref,
           absmax_at=absmax_at, row0=row0, out0=out0, s=s, m=m, n=n,
           blocksize=2 * half, block_n=block_n, steps=steps, split_k=split_k,

@@ -266,6 +266,25 @@ WARP_CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("m,k,config,match", [
+    (9, 512, ("warp", 64, 1, 1, 4, 1, "prmt", 0),
+     "x: variant 'warp' takes 1 to 8 rows, got 9"),
+    (2, 448, ("warp", 64, 1, 1, 4, 1, "prmt", 0),
+     "k: .*multiple of 128, got 448"),
+    (2, 512, ("warp", 48, 1, 1, 4, 1, "prmt", 0), "block_n 48 with 4 warps"),
+    (2, 512, ("warp", 64, 1, 1, 4, 1, "nibble", 0),
+     "needs table 'prmt', got 'nibble'"),
+])
+def test_warp_config_errors_name_the_argument(m, k, config, match):
+  n = 64
+  packed, qs = F.quantize_4bit(jnp.ones((n, k), jnp.bfloat16))
+  with pytest.raises(ValueError, match=match):
+    gk.gemv_4bit(jnp.ones((m, k), jnp.bfloat16), packed.reshape(-1),
+                 qs.absmax, jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
+                 blocksize=64, config=config, code=_code("nf4"),
+                 interpret=True)
+
+
 @pytest.mark.parametrize("config,blocksize", WARP_CONFIGS[:2])
 def test_warp_lowers_for_cuda(config, blocksize):
   """The "warp" variant lowers to Triton, with the warp-wide MMA."""
