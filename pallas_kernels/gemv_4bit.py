@@ -31,9 +31,9 @@ double-quantized absmax is decoded in place. Four variants:
   same decode, and the values go to the tensor cores from the registers
   they were decoded in (`warp_mma`: one `mma.sync` per word pair, x as
   the other operand), with no shared-memory round trip; 64 bytes a row
-  per step, two row tiles of `block_n / 2`. `prefetch` requests the
-  weight bytes that many steps ahead, in a loop (without it, programs of
-  up to 8 steps are unrolled).
+  per step, two row tiles of `block_n / 2`. `prefetch` issues every
+  step's loads before the first product (programs of up to 8 steps,
+  which are unrolled; longer ones loop).
 
 With `split_k > 1` the programs of one row tile split K and write fp32
 partial sums that the caller adds (deterministic, no atomics).
@@ -314,14 +314,12 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
   """The "warp" variant (`warp_mma`): row tiles a = rows `[row0, row0 + R)`
   and b = the next R, 64 bytes of each row a step, decoded in registers
   and multiplied by `x` in one warp-wide tensor-core product per word.
-  `w_ref` holds the packed bytes as uint32 words `[n, k / 8 / pw, pw]`,
-  `xs_ref` x's pairs of values, uint32 `[m, k / 8 / pw, pw, 4]` (pair j
-  of each word's four)."""
+  `xs_ref` holds x's pairs of values, uint32 `[m, k / 2 / p, p]`."""
   half_rows = block_n // 2
-  nb, pw = warp_mma.tile_shape(blocksize)
-  parts = max(1, blocksize // 8 // pw)  # tile blocks per quantization block
-  total = xs_ref.shape[1] // nb         # steps along the whole of K
-  shape = (half_rows, nb, pw)
+  nb, p = warp_mma.tile_shape(blocksize)
+  parts = max(1, blocksize // 2 // p)  # tile blocks per quantization block
+  total = xs_ref.shape[1] // nb        # steps along the whole of K
+  shape = (half_rows, nb, p)
   r = jnp.arange(half_rows, dtype=jnp.int32)
   starts = (row0, row0 + half_rows)
   rows = tuple(a + r for a in starts)
@@ -339,13 +337,10 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
                        shape)
       for j in range(4)]
 
-  def live_of(t):
+  def load(t):
+    """Step `t`'s bytes, scale words and x pairs."""
     g = s * steps + t
-    return g, (g < total if split_k * steps != total else None)
-
-  def load_w(t):
-    """Step `t`'s bytes and scale words (tiles a and b)."""
-    g, live = live_of(t)
+    live = g < total if split_k * steps != total else None
     sb0 = g * nb
     ws, scales = [], []
     for a, ok in zip(starts, oks):
@@ -361,57 +356,36 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
       am = absmax_at(a, half_rows, sb0 // parts, nb,
                      jnp.broadcast_to(ok[:, None], (half_rows, nb)))
       scales.append(lut_decode.scale_words(am, compute_dtype)[:, :, None])
-    return tuple(ws), tuple(scales)
+    if m == 1:  # one row for all: a broadcast
+      x_at = xs_ref.at[_backend.zero_index(), pl.ds(sb0, nb), :]
+    else:
+      x_at = xs_ref.at[xrow[:, None, None],
+                       (sb0 + jnp.arange(nb, dtype=jnp.int32))[None, :, None],
+                       jnp.arange(p, dtype=jnp.int32)[None, None, :]]
+    if live is None:
+      xp = pltriton.load(x_at)
+    else:
+      xp = pltriton.load(x_at, mask=live, other=0)
+    return ws, scales, jnp.broadcast_to(xp, shape)
 
-  def load_x(t):
-    """Step `t`'s x pairs, four tiles (pair j of each word; from L1/L2: x
-    is small and read by every row)."""
-    g, live = live_of(t)
-    sb0 = g * nb
-    out = []
-    for j in range(4):
-      if m == 1:  # one row for all: a broadcast
-        x_at = xs_ref.at[_backend.zero_index(), pl.ds(sb0, nb), :,
-                         jnp.int32(j)]
-      else:
-        x_at = xs_ref.at[
-            xrow[:, None, None],
-            (sb0 + jnp.arange(nb, dtype=jnp.int32))[None, :, None],
-            jnp.arange(pw, dtype=jnp.int32)[None, None, :],
-            jnp.full((1, 1, 1), j, jnp.int32)]
-      if live is None:
-        xp = pltriton.load(x_at)
-      else:
-        xp = pltriton.load(x_at, mask=live, other=0)
-      out.append(jnp.broadcast_to(xp, shape))
-    return tuple(out)
-
-  def compute(w, xs, acc):
-    (wa, wb), (sa, sb) = w
+  def compute(loaded, acc):
+    (wa, wb), (sa, sb), xp = loaded
     return warp_mma.product(
-        wa, wb, sa, sb, xs, acc, code, compute_dtype, interpret,
+        wa, wb, sa, sb, xp, acc, code, compute_dtype, interpret,
         table=lut_ref[...] if interpret else None, words=words)
 
   acc = jnp.zeros(shape, jnp.float32)
-  if prefetch:
-    # Software pipelining in a loop, `prefetch` steps deep: step t + d's
-    # bytes are requested before step t's are decoded, and the loop's
-    # back edge keeps the compiler from moving the request later (in
-    # straight-line code `ptxas` issued them half a step ahead). Past the
-    # last step the last step's bytes are loaded again (no mask).
-    d = int(prefetch)
-    def body(t, carry):
-      acc, queue = carry[0], carry[1:]
-      nxt = load_w(jnp.minimum(t + d, steps - 1))
-      return (compute(queue[0], load_x(t), acc),) + queue[1:] + (nxt,)
-    first = tuple(load_w(jnp.int32(min(j, steps - 1))) for j in range(d))
-    acc = jax.lax.fori_loop(0, steps, body, (acc,) + first)[0]
-  elif steps <= 8:  # unrolled: addresses at constant offsets
-    for t in range(steps):
-      acc = compute(load_w(t), load_x(t), acc)
+  if steps <= 8:  # unrolled: addresses at constant offsets
+    if prefetch:  # every step's loads first
+      loaded = [load(t) for t in range(steps)]
+      for t in range(steps):
+        acc = compute(loaded[t], acc)
+    else:
+      for t in range(steps):
+        acc = compute(load(t), acc)
   else:
-    acc = jax.lax.fori_loop(
-        0, steps, lambda t, acc: compute(load_w(t), load_x(t), acc), acc)
+    acc = jax.lax.fori_loop(0, steps, lambda t, acc: compute(load(t), acc),
+                            acc)
   ya, yb = warp_mma.row_sums(acc, m)
   for a, ok, ys in zip(starts, oks, (ya, yb)):
     for i, y in enumerate(ys):
@@ -811,11 +785,10 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   if variant == "reduce":  # x itself, split in the kernel
     xs = x3
     out_rows = m
-  elif variant == "warp":  # x's pairs of values, four a word
-    pw = warp_mma.tile_shape(blocksize)[1]
+  elif variant == "warp":  # x's pairs of values, one per weight byte
+    p = warp_mma.tile_shape(blocksize)[1]
     xs = jax.lax.bitcast_convert_type(x.reshape(m, k // 2, 2),
-                                      jnp.uint32).reshape(m, k // 8 // pw,
-                                                          pw, 4)
+                                      jnp.uint32).reshape(m, k // 2 // p, p)
     out_rows = m
   elif variant == "dot":
     m_pad = max(16, _pow2_ceil(m))
@@ -831,11 +804,9 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   args = [xs]
   nested_lens = []
   for (packed, absmax, nested), n in zip(weights, ns):
-    if variant == "warp":  # the bytes as words (a bitcast, no copy)
-      pw = warp_mma.tile_shape(blocksize)[1]
-      words4 = jax.lax.bitcast_convert_type(packed.reshape(n, k // 8, 4),
-                                            jnp.uint32)
-      args += [words4.reshape(n, k // 8 // pw, pw), absmax.reshape(n, nkb)]
+    if variant == "warp":
+      p = warp_mma.tile_shape(blocksize)[1]
+      args += [packed.reshape(n, k // 2 // p, p), absmax.reshape(n, nkb)]
     else:
       args += [packed.reshape(n, nkb, half), absmax.reshape(n, nkb)]
     if dq:

@@ -50,60 +50,52 @@ _MMA_TYPES = {"bfloat16": "bf16", "float16": "f16"}
 
 
 def tile_shape(blocksize: int) -> tuple[int, int]:
-  """(nb, pw): a step's 16 words (64 bytes) of a row as `nb` quantization
-  blocks (or parts of one) of `pw` words."""
-  words = min(blocksize // 8, BYTES_PER_STEP // 4)
-  return BYTES_PER_STEP // 4 // words, words
+  """(nb, p): a step's 64 bytes of a row as `nb` quantization blocks (or
+  parts of one) of `p` bytes."""
+  half = blocksize // 2
+  p = min(half, BYTES_PER_STEP)
+  return BYTES_PER_STEP // p, p
 
 
 @functools.lru_cache(maxsize=None)
 def ptx(code: tuple[float, ...], dtype_name: str) -> str:
-  """The inline PTX, `pack=4` (a thread's four words of each tile): $0-$3
-  out (the accumulators), $4-$7 the words of tile a, $8-$11 of tile b,
-  $12 and $16 their scale words (the rest of those packs unread), $20-$35
-  x's pairs (pair j of word i at $(20 + 4j + i)), $36-$39 the accumulators
-  in, then the eight table words at $(40 + 4t). Per word: two decodes, two
-  MMAs (bytes 0-1, then 2-3), all eight in one accumulator chain."""
-  table = {f"t{i}": f"${40 + 4 * i}" for i in range(8)}
+  """The inline PTX, `pack=4`: $0-$3 out (the four fp32 accumulators),
+  $4 = word of tile a, $5 = word of tile b, $6 and $10 their scale words
+  (of four registers each, the rest unread), $14-$17 the four x pairs,
+  $18-$21 the accumulators in, then the eight table words at $(22 + 4i).
+  Two decodes, then two MMAs (bytes 0-1, then 2-3 of the words)."""
+  table = {f"t{i}": f"${22 + 4 * i}" for i in range(8)}
+  decls, lines = [], []
+  for tile, w, s in (("a", "$4", "$6"), ("b", "$5", "$10")):
+    names = dict(table, w=w, **{f"s{j}": s for j in range(4)},
+                 **{f"o{j}": f"{tile}{j}" for j in range(4)})
+    decl, body = lut_decode.render(code, dtype_name, names, prefix=tile + "_")
+    decls += [decl, f".reg .b32 {tile}0, {tile}1, {tile}2, {tile}3;"]
+    lines += body
   t = _MMA_TYPES[dtype_name]
   mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32"
-  decls, lines = [], []
-  acc = "{$36, $37, $38, $39}"
-  for i in range(4):
-    for tile, w, sc in (("a", f"${4 + i}", "$12"), ("b", f"${8 + i}", "$16")):
-      names = dict(table, w=w, **{f"s{j}": sc for j in range(4)},
-                   **{f"o{j}": f"{tile}{j}" for j in range(4)})
-      decl, body = lut_decode.render(code, dtype_name, names,
-                                     prefix=tile + "_")
-      if i == 0:
-        decls += [decl, f".reg .b32 {tile}0, {tile}1, {tile}2, {tile}3;"]
-      lines += body
-    x = [f"${20 + 4 * j + i}" for j in range(4)]
-    lines += [
-        f"{mma} {{d0, d1, d2, d3}}, {{a0, b0, a1, b1}}, {{{x[0]}, {x[1]}}}, "
-        f"{acc};",
-        f"{mma} {{d0, d1, d2, d3}}, {{a2, b2, a3, b3}}, {{{x[2]}, {x[3]}}}, "
-        "{d0, d1, d2, d3};",
-    ]
-    acc = "{d0, d1, d2, d3}"
-  lines += [f"mov.f32 ${i}, d{i};" for i in range(4)]
-  return "\n".join(["{"] + decls + [".reg .f32 d0, d1, d2, d3;"] + lines
-                   + ["}"])
+  lines += [
+      f"{mma} {{d0, d1, d2, d3}}, {{a0, b0, a1, b1}}, {{$14, $15}}, "
+      "{$18, $19, $20, $21};",
+      f"{mma} {{e0, e1, e2, e3}}, {{a2, b2, a3, b3}}, {{$16, $17}}, "
+      "{d0, d1, d2, d3};",
+  ]
+  lines += [f"mov.f32 ${i}, e{i};" for i in range(4)]
+  return "\n".join(["{"] + decls + [".reg .f32 d0, d1, d2, d3, e0, e1, e2, e3;"]
+                   + lines + ["}"])
 
 
-def product(wa, wb, sa, sb, xs, acc, code, dtype, interpret, table=None,
+def product(wa, wb, sa, sb, xp, acc, code, dtype, interpret, table=None,
             words=None):
   """`acc` plus one step's products (see the module docstring).
 
   Args:
-    wa, wb: uint32 `[R, nb, pw]` words (four bnb bytes each) of rows r and
-      R + r.
+    wa, wb: uint8 `[R, nb, p]` bytes of rows r and R + r.
     sa, sb: uint32 scale words (`lut_decode.scale_words`), broadcastable to
       the tile.
-    xs: four uint32 `[R, nb, pw]`: x's pair j of values (the pair of byte
-      j's two weights) for each word, of row `r % 8` of x (see the module
-      docstring for rows beyond M).
-    acc: float32 `[R, nb, pw]`, the accumulators.
+    xp: uint32 `[R, nb, p]`: x's pair of values for each byte (the pair of
+      the byte's two weights) of row `r % 8` of x, zero beyond M.
+    acc: float32 `[R, nb, p]`, the accumulators.
     code: the 16 code values (static).
     dtype: bfloat16 or float16.
     interpret: the jnp twin instead of the inline asm.
@@ -118,7 +110,7 @@ def product(wa, wb, sa, sb, xs, acc, code, dtype, interpret, table=None,
   sa = jnp.broadcast_to(sa, wa.shape)
   sb = jnp.broadcast_to(sb, wa.shape)
   if interpret:
-    return acc + _twin(wa, wb, sa, sb, xs, code, dtype, table)
+    return acc + _twin(wa, wb, sa, sb, xp, code, dtype, table)
   code = tuple(float(c) for c in code)
   as_i32 = lambda v: jax.lax.bitcast_convert_type(v, jnp.int32)  # noqa: E731
   tw = [jnp.full(wa.shape, np.uint32(v).view(np.int32), jnp.int32)
@@ -128,9 +120,8 @@ def product(wa, wb, sa, sb, xs, acc, code, dtype, interpret, table=None,
       tw[j] = v
   (out,) = pltriton.elementwise_inline_asm(
       ptx(code, dtype.name),
-      args=[as_i32(wa), as_i32(wb), as_i32(sa), as_i32(sb)]
-      + [as_i32(x) for x in xs] + [acc] + tw,
-      constraints="=f,=f,=f,=f" + ",r" * 16 + ",r" * 16 + ",f" * 4
+      args=[wa, wb, as_i32(sa), as_i32(sb), as_i32(xp), acc] + tw,
+      constraints="=f,=f,=f,=f,r,r" + ",r" * 8 + ",r" * 4 + ",f" * 4
       + ",r" * 32,
       pack=4,
       result_shape_dtypes=[jax.ShapeDtypeStruct(wa.shape, jnp.float32)],
@@ -138,49 +129,43 @@ def product(wa, wb, sa, sb, xs, acc, code, dtype, interpret, table=None,
   return out
 
 
-def _twin(wa, wb, sa, sb, xs, code, dtype, table):
-  """The warp's products, emulated: `[R, nb, pw]` increments."""
+def _twin(wa, wb, sa, sb, xp, code, dtype, table):
+  """The warp's products, emulated: `[R, nb, p]` increments."""
   shape = wa.shape
   rows = shape[0]
-  def as_bytes(v):  # [R, nb, pw] words -> [R, nb, pw, 4] bytes
-    return jax.lax.bitcast_convert_type(v.astype(jnp.uint32), jnp.uint8)
   def vals(w, s):
-    b = as_bytes(w)
-    s = jnp.broadcast_to(s[..., None], b.shape)
-    hi, lo = lut_decode.decode_scaled(b, s, code, dtype, True, table)
+    hi, lo = lut_decode.decode_scaled(w, s, code, dtype, True, table)
     return hi.astype(jnp.float32), lo.astype(jnp.float32)
   # (group of 8 rows, row in group g, thread c, word i, byte j)
   split = lambda v: v.reshape(rows // 8, 8, 4, 4, 4)  # noqa: E731
   ha, la = (split(v) for v in vals(wa, sa))
   hb, lb = (split(v) for v in vals(wb, sb))
-  xp = jnp.stack(xs, axis=-1)
   # x's low half pairs with the high nibble (the even weight).
   xe, xo = (split(v.astype(jnp.float32))
             for v in lut_decode.split_pairs(xp, dtype))
-  def dots(h, l):  # D[G, g, n]: row g times column n (x of row n)
-    return (jnp.einsum("Ggcij,Gncij->Ggn", h, xe,
+  def dots(h, l):  # D[G, g, i, n]: row g times column n (x of row n)
+    return (jnp.einsum("Ggcij,Gncij->Ggin", h, xe,
                        precision=jax.lax.Precision.HIGHEST)
-            + jnp.einsum("Ggcij,Gncij->Ggn", l, xo,
+            + jnp.einsum("Ggcij,Gncij->Ggin", l, xo,
                          precision=jax.lax.Precision.HIGHEST))
   da, db = dots(ha, la), dots(hb, lb)
-  # thread c gets columns 2c, 2c + 1 of both: [G, g, c] each
-  parts = [d[..., j::2] for d in (da, db) for j in (0, 1)]
+  # thread c gets columns 2c, 2c + 1: [G, g, i, c] -> [G, g, c, i]
+  parts = [jnp.swapaxes(d[..., j::2], 2, 3) for d in (da, db) for j in (0, 1)]
   return jnp.stack(parts, axis=-1).reshape(shape)
 
 
 def row_sums(acc, m):
   """`y` from the accumulators: `[m, R]` for rows r and `[m, R]` for R + r.
 
-  Each y element is one accumulator (thread `n // 2` of the row, element
-  `n % 2`, or `2 + n % 2` for the second tile), read with a masked sum
-  (no reshape, so the tile keeps its layout)."""
-  _, nb, pw = acc.shape
-  q = (jnp.arange(nb, dtype=jnp.int32)[:, None] * pw
-       + jnp.arange(pw, dtype=jnp.int32)[None, :])
+  Each y element is the sum of the tile positions that hold it (masked
+  sums: no reshape, so the tile keeps its layout)."""
+  _, nb, p = acc.shape
+  q = (jnp.arange(nb, dtype=jnp.int32)[:, None] * p
+       + jnp.arange(p, dtype=jnp.int32)[None, :])
   ya, yb = [], []
   for n in range(m):
-    for out, e in ((ya, n % 2), (yb, 2 + n % 2)):
-      sel = ((q // 4) == n // 2) & ((q % 4) == e)
+    for out, j in ((ya, n % 2), (yb, 2 + n % 2)):
+      sel = ((q // 16) == n // 2) & ((q % 4) == j)
       out.append(jnp.sum(jnp.sum(jnp.where(sel[None], acc, 0.0), axis=2),
                          axis=1))
   return ya, yb
