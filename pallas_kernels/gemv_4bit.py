@@ -8,7 +8,8 @@ gather from a 256-entry table holding both of its values ("pair"), or two
 gathers from the 16-entry table ("nibble"; always for float32 inputs); a
 double-quantized absmax is decoded in place. Four variants:
 
-* ``"reduce"`` (M = 1..2 with `code`, 1..4 without): multiply by the
+* ``"reduce"`` (M = 1 with `code`, or 2 when K is not a multiple of 128;
+  1..4 without): multiply by the
   even/odd halves of `x` in fp32, scale by the absmax per block and
   accumulate elementwise; one reduction at the end. With table "prmt"
   (the default for 16-bit x and `code`) the bytes are decoded in registers
@@ -22,7 +23,8 @@ double-quantized absmax is decoded in place. Four variants:
   against `x`'s halves
   (swap-AB: the weight rows are the MMA's M dimension), and the fp32 result
   is scaled by that block's absmax.
-* ``"mma"`` (16-bit x, M = 3..64 by default): each step's bytes are decoded
+* ``"mma"`` (16-bit x, M = 9..64 by default, from 3 when K is not a
+  multiple of 128): each step's bytes are decoded
   in registers with byte permutes (`lut_decode`, no memory gather), scaled
   by the absmax in the compute dtype (bitsandbytes' GEMV weight), and go
   through the tensor cores against `x`'s halves, one product per nibble

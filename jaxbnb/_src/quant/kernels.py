@@ -23,8 +23,9 @@ from jaxbnb._src.quant import codebooks
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import reference
 
-# The fused GEMV serves M up to here ("reduce" up to 4, then "dot"); larger
-# M dequantizes with the kernel and multiplies with XLA's dot (cuBLAS).
+# The fused GEMV serves M up to here (16-bit x: "reduce" at 1, "warp" at 2
+# to 8, "mma" above; `gemv_4bit.default_config`); larger M dequantizes with
+# the kernel and multiplies with XLA's dot (cuBLAS).
 GEMV_MAX_M = 64
 
 
