@@ -9,16 +9,17 @@ variant goes through shared memory to meet `tl.dot`'s operand layout.
 Why a tile's elements can feed the MMA as they lie: with the byte tile
 `[rows, nb, p]` (`nb * p` = 64 bytes of a row per step), Triton gives
 each thread 16 consecutive bytes of one row, four threads a row, eight
-rows a warp (lane = 4 * (row % 8) + byte // 16, checked on the compiled
-kernel's layout). The MMA's row g is lanes 4g..4g+3 and its K slots 2c..
+rows a warp (lane = 4 * (row % 8) + byte // 16: seen in the TTGIR of every tile
+shape used, and relied on by the GPU tests). The MMA's row g is lanes 4g..4g+3 and its K slots 2c..
 2c+1, 2c+8..2c+9 belong to lane 4g + c. So one inline-asm call (`pack=4`:
 one word of four bytes per thread) puts word `i` of each thread's run of
 a row into the MMA as row g (tile "a") and the same word of row `R + r`
 as row g + 8 (tile "b"); the four threads of a row supply the K slots,
 and every row's slots hold the same K positions (lanes with equal `c`
 hold the same bytes of their rows). x is the B operand: column n gets
-`x[n]` from the lanes of row 8j + n (zero for n >= M), so D[g][n] is
-`y[row, n]` summed over the four threads' words.
+`x[n % M]` from the lanes of row 8j + n, so D[g][n] is `y[row, n % M]`
+summed over the four threads' words (columns n >= M repeat the first
+ones and are never read back).
 
 The four accumulators a thread gets back (D[g][2c], D[g][2c+1],
 D[g+8][2c], D[g+8][2c+1]) are stored in the four elements of the call's
@@ -94,7 +95,7 @@ def product(wa, wb, sa, sb, xp, acc, code, dtype, interpret, table=None,
     sa, sb: uint32 scale words (`lut_decode.scale_words`), broadcastable to
       the tile.
     xp: uint32 `[R, nb, p]`: x's pair of values for each byte (the pair of
-      the byte's two weights) of row `r % 8` of x, zero beyond M.
+      the byte's two weights) of row `(r % 8) % M` of x.
     acc: float32 `[R, nb, p]`, the accumulators.
     code: the 16 code values (static).
     dtype: bfloat16 or float16.

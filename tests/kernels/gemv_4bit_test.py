@@ -299,6 +299,7 @@ def test_warp_lowers_for_cuda(config, blocksize):
       nested=(s((-(-n * nkb // 256),), jnp.float32), s((256,), jnp.float32),
               s((), jnp.float32)))
   assert "jaxbnb_gemv_4bit_warp" in text
+  assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in text
 
 
 @pytest.mark.gpu
