@@ -402,6 +402,11 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
         pltriton.store(out_ref.at[s, jnp.int32(i), cols], y, mask=ok)
 
 
+# The variants that take the permutes' table words as an input (with the
+# "prmt" table): `_gemv` adds it, `_kernel` reads it.
+_WORDS_INPUT = ("reduce", "warp")
+
+
 def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
   """One weight (`len(ns) == 1`) or several sharing `x` ("grouped"): the
   row tiles of weight g follow those of weights 0..g-1 along the grid's
@@ -413,7 +418,7 @@ def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
   refs = refs[len(ns) * per:]
   lut_ref = refs.pop(0)
   words_ref = (refs.pop(0) if kw["code"] is not None
-               and kw["variant"] in ("reduce", "warp") else None)
+               and kw["variant"] in _WORDS_INPUT else None)
   bias_ref = refs.pop(0) if has_bias else None
   out_ref = refs.pop(0)
   # (read here: interpret mode cannot read them inside a `pl.when`)
@@ -827,14 +832,13 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   else:  # the codes rounded to bfloat16, as in the pair table
     args.append(_backend.round_to_dtype(lut.astype(jnp.float32),
                                         jnp.bfloat16))
-  if table == "prmt" and variant == "reduce":  # the permutes' operands
-    args.append(jnp.asarray(np.asarray(
-        lut_decode.table_words(code, dtype), np.uint32).view(np.int32)))
-  elif table == "prmt" and variant == "warp":  # the same, once a tile block
-    words = np.asarray(lut_decode.table_words(code, dtype), np.uint32)
-    args.append(jnp.asarray(np.repeat(
-        words[[0, 2, 4, 6]].view(np.int32)[:, None],
-        warp_mma.tile_shape(blocksize)[0], 1)))
+  if table == "prmt" and variant in _WORDS_INPUT:  # the permutes' operands
+    words = np.asarray(lut_decode.table_words(code, dtype),
+                       np.uint32).view(np.int32)
+    if variant == "warp":  # words 0, 2, 4, 6, once a tile block
+      words = np.repeat(words[[0, 2, 4, 6]][:, None],
+                        warp_mma.tile_shape(blocksize)[0], 1)
+    args.append(jnp.asarray(words))
   has_bias = bias is not None and split_k == 1
   if has_bias:
     args.append(bias)
