@@ -37,6 +37,11 @@ double-quantized absmax is decoded in place. Four variants:
   step's loads before the first product (programs of up to 8 steps,
   which are unrolled; longer ones loop).
 
+* ``"tma"`` (opt-in by config; `gemv_4bit_tma`, Mosaic GPU, Hopper): the
+  weight tiles and x stream into shared memory by TMA, several steps in
+  flight; the same decode and warp-wide products as "warp", the double
+  quantization decoded in the kernel a step ahead. One launch per weight.
+
 With `split_k > 1` the programs of one row tile split K and write fp32
 partial sums that the caller adds (deterministic, no atomics).
 
@@ -60,6 +65,7 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 from pallas_kernels import lut_decode
+from pallas_kernels import gemv_4bit_tma
 from pallas_kernels import warp_mma
 from pallas_kernels.dequantize_4bit import decode_absmax
 
@@ -747,6 +753,35 @@ def _check_warp(m, k, block_n, num_warps, table):
         f"{block_n} with {num_warps} warps")
 
 
+def _gemv_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
+              config, code, interpret):
+  """The "tma" variant (`gemv_4bit_tma`), one launch per weight: config
+  ("tma", 64, bytes a row per step, split, 4, stages[, "prmt", 0])."""
+  _, block_n, bk, split, num_warps, stages = config[:6]
+  dtype = jnp.dtype(x.dtype)
+  if block_n != gemv_4bit_tma.BLOCK_N or num_warps != 4:
+    raise ValueError(
+        f"config: variant 'tma' runs {gemv_4bit_tma.BLOCK_N} rows with 4 "
+        f"warps, got block_n {block_n} with {num_warps} warps")
+  if code is None:
+    raise ValueError("code: variant 'tma' decodes in registers and needs "
+                     "the 16 code values, got None")
+  if nested_blocksize != 256:
+    raise ValueError(f"nested_blocksize: variant 'tma' needs 256, got "
+                     f"{nested_blocksize}")
+  outs = []
+  for (packed, absmax, nested), n in zip(weights, ns):
+    gemv_4bit_tma.check_config(x.shape[0], k, blocksize, dtype,
+                               nested is not None, bk, split, stages)
+    y = gemv_4bit_tma.gemv(x, packed, absmax, *nested, code=code, n=n, k=k,
+                           bk=bk, split=split, stages=stages,
+                           interpret=interpret)
+    if bias is not None:
+      y = y + bias.astype(jnp.float32)
+    outs.append(y.astype(dtype))
+  return tuple(outs)
+
+
 def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
           config, code, interpret):
   """The kernel over one or several weights (see `gemv_4bit_group`)."""
@@ -759,6 +794,10 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
     config = default_config(m, n_all, k, blocksize, dtype.name,
                             mma=code is not None)
   variant, block_n, block_kb, split_k, num_warps, num_stages = config[:6]
+  if variant == "tma":
+    return _gemv_tma(x, weights, ns=ns, k=k, blocksize=blocksize,
+                     nested_blocksize=nested_blocksize, bias=bias,
+                     config=config, code=code, interpret=interpret)
   table = config[6] if len(config) > 6 else "pair"
   prefetch = int(config[7]) if len(config) > 7 else 0
   if table not in ("pair", "nibble", "prmt"):
@@ -772,8 +811,8 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
         f"variant {variant!r}, x {dtype.name}, code "
         f"{'given' if code is not None else 'None'}")
   if variant not in ("reduce", "dot", "mma", "warp"):
-    raise ValueError("config: variant must be 'reduce', 'dot', 'mma' or "
-                     f"'warp', got {variant!r}")
+    raise ValueError("config: variant must be 'reduce', 'dot', 'mma', "
+                     f"'warp' or 'tma', got {variant!r}")
   if variant == "warp":
     _check_warp(m, k, block_n, num_warps, table)
   if variant == "mma" and dtype == jnp.float32:
