@@ -309,6 +309,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "                                 absmax=state2.absmax)\n",
            (_RULES + "::test_8bit_states_requantized_with_new_absmax",
             _STEP + "[adam8bit]")),
+    Mutant("tma-first-split-only", "pallas_kernels/gemv_4bit_tma.py",
+           "  return jnp.sum(part, axis=0)\n",
+           "  return part[0]\n",
+           ("tests/kernels/gemv_4bit_tma_test.py::"
+            "test_interpret_matches_dequant_matmul"
+            "[False-1-1000-4608-config0-bfloat16-nf4]",)),
+    Mutant("tma-absmax-offset-dropped", "pallas_kernels/gemv_4bit_tma.py",
+           "absmax = jax.lax.optimization_barrier(absmax) + offset",
+           "absmax = jax.lax.optimization_barrier(absmax)",
+           ("tests/kernels/gemv_4bit_tma_test.py::"
+            "test_interpret_matches_dequant_matmul"
+            "[False-3-64-4608-config1-float16-fp4]",)),
     Mutant("optim-32bit-adam-half-step", "jaxbnb/_src/optim/rules.py",
            "step_size = -lr * c2 / c1",
            "step_size = -0.5 * lr * c2 / c1",
