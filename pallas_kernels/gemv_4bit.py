@@ -6,7 +6,7 @@ Each program owns `block_n` rows of `W` and walks its share of K, loading
 each packed byte once (streamed, evict-first). A byte is decoded with one
 gather from a 256-entry table holding both of its values ("pair"), or two
 gathers from the 16-entry table ("nibble"; always for float32 inputs); a
-double-quantized absmax is decoded in place. Four variants:
+double-quantized absmax is decoded in place. Five variants:
 
 * ``"reduce"`` (M = 1 with `code`, or 2 when K is not a multiple of 128;
   1..4 without): multiply by the
