@@ -408,6 +408,10 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
   check_config(m, k, 64, x.dtype, True, bk, split, stages)
   code = tuple(float(c) for c in code)
   offset = jnp.asarray(offset, jnp.float32)
+  if not interpret and not available():
+    raise RuntimeError(
+        "variant 'tma' needs Mosaic GPU's inline_mgpu and emit_pipeline "
+        f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
   if interpret:
     part = _twin(x, packed, codes, nested_absmax.astype(jnp.float32),
                  nested_code, offset, code=code, n=n, k=k, split=split)
