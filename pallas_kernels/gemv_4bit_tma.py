@@ -53,6 +53,7 @@ import numpy as np
 
 from jax import lax
 
+from pallas_kernels import _backend
 from pallas_kernels import lut_decode
 
 try:  # pragma: no cover - depends on the installed JAX
@@ -70,7 +71,7 @@ __all__ = ["BLOCK_N", "available", "check_config", "default_config", "gemv",
            "step_ptx"]
 
 BLOCK_N = 64  # rows a program: 4 warps x 16 (MMA rows)
-_TYPES = {"bfloat16": ("bf16", "bf16"), "float16": ("f16", "f16")}
+_TYPES = {"bfloat16": "bf16", "float16": "f16"}  # PTX type names
 
 
 def available() -> bool:
@@ -141,8 +142,8 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, bk: int,
   total = k // 2 // bk
   v = _carry_size(bk)
   nblk = bk // 32
-  mma_t, cvt_t = _TYPES[dtype_name]
-  mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{mma_t}.{mma_t}.f32"
+  ptx_t = _TYPES[dtype_name]
+  mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ptx_t}.{ptx_t}.f32"
   w_in, x_in, t_in, c_in, n_in = (f"${v + i}" for i in range(5))
   cin = [f"${v + 5 + i}" for i in range(v)]
   words = lut_decode.table_words(code, jnp.dtype(dtype_name))
@@ -207,7 +208,7 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, bk: int,
         out += [f"shl.b32 tmp, {cr}, 2;", f"add.u32 tmp, tmp, {t_in};",
                 f"ld.shared.f32 {fr}, [tmp];",
                 f"mul.rn.f32 {fr}, {fr}, {nr};", f"add.rn.f32 {fr}, {fr}, off;",
-                f"cvt.rn.{cvt_t}.f32 {hr}, {fr};",
+                f"cvt.rn.{ptx_t}.f32 {hr}, {fr};",
                 f"mov.b32 {dst}{2 * q + j}, {{{hr}, {hr}}};"]
     return out
 
@@ -360,15 +361,13 @@ def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
   dtype = jnp.dtype(x.dtype)
   nkb = k // 64
   flat = codes.astype(jnp.int32)
-  absmax = (nested_code.astype(jnp.float32)[flat]
-            * nested_absmax[jnp.arange(flat.shape[0]) // 256])
-  absmax = jax.lax.optimization_barrier(absmax) + offset
+  absmax = _backend.add_rn(
+      nested_code.astype(jnp.float32)[flat]
+      * nested_absmax[jnp.arange(flat.shape[0]) // 256], offset, True)
   scale = lut_decode.scale_words(absmax.reshape(n, nkb, 1), dtype)
-  table = jnp.asarray(np.asarray(code, np.float32).astype(dtype).astype(
-      np.float32))
   w = packed.reshape(n, nkb, 32)
   hi, lo = lut_decode.decode_scaled(w, jnp.broadcast_to(scale, w.shape), code,
-                                    dtype, True, table=table)
+                                    dtype, True)
   wv = jnp.stack([hi, lo], -1).reshape(n, split, k // split)
   xv = x.reshape(m, split, k // split)
   return jnp.einsum("msk,nsk->smn", xv.astype(jnp.float32),
@@ -400,10 +399,20 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
   Returns:
     float32 `[m, n]`.
 
-  Example:
-    >>> from pallas_kernels import gemv_4bit_tma  # doctest: +SKIP
-    >>> y = gemv_4bit_tma.gemv(x, packed, codes, na, nc, off, code=code,
-    ...                        n=4096, k=4096)  # doctest: +SKIP
+  Example (the jnp twin, on any device; every weight is code 7 = 7.0,
+  every absmax 1 * 1 + 0):
+
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels import gemv_4bit_tma
+    >>> n, k = 64, 1024
+    >>> packed = jnp.full((n * k // 2,), 0x77, jnp.uint8)
+    >>> codes = jnp.zeros((n * k // 64,), jnp.uint8)
+    >>> y = gemv_4bit_tma.gemv(
+    ...     jnp.ones((1, k), jnp.bfloat16), packed, codes,
+    ...     jnp.ones((4,), jnp.float32), jnp.ones((256,), jnp.float32), 0.0,
+    ...     code=tuple(range(16)), n=n, k=k, interpret=True)
+    >>> y.shape, float(y[0, 0])
+    ((1, 64), 7168.0)
   """
   m = x.shape[0]
   check_config(m, k, 64, x.dtype, True, bk, split, stages)
