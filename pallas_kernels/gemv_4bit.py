@@ -682,7 +682,9 @@ def gemv_4bit(
     bias: optional `[n]`.
     config: (variant, block_n, block_kb, split_k, num_warps, num_stages[,
       table[, prefetch]]); default from `default_config`. Table "prmt"
-      ("reduce" or "mma") decodes in registers and needs `code`.
+      ("reduce" or "mma") decodes in registers and needs `code`. Variant
+      "tma" (`gemv_4bit_tma`, never the default) reads `block_kb` as bytes
+      of a row per step.
     code: the 16 code values of `lut` as floats (static), for "prmt".
     interpret: run in Pallas interpret mode (CPU tests).
 

@@ -8,6 +8,7 @@ sums and bias against the documented weight); the kernel's PTX runs under
 
 from __future__ import annotations
 
+import doctest
 import functools
 
 import jax
@@ -127,6 +128,15 @@ def test_default_config():
   for m in range(1, 65):
     assert gk.default_config(m, 14336, 4096, 64, "bfloat16",
                              mma=True)[0] != "tma"
+
+
+def test_docstring_example_runs():
+  """`gemv`'s example, run as a doctest (its printed result must match)."""
+  runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+  for test in doctest.DocTestFinder().find(tg.gemv, "gemv"):
+    runner.run(test)
+  result = runner.summarize(verbose=False)
+  assert result.attempted > 0 and result.failed == 0
 
 
 def test_step_ptx_structure():
