@@ -86,8 +86,7 @@ def can_use(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
 def scales_in_compute_dtype(config: tuple) -> bool:
   """Whether `config` multiplies code and absmax in the compute dtype (as
   bitsandbytes' GEMV does): the "mma" variant and the "prmt" table."""
-  return config[0] == "mma" or (len(config) > 6 and (
-      config[6] == "prmt" or (config[6] == "lds" and config[0] != "tma")))
+  return config[0] == "mma" or (len(config) > 6 and config[6] == "prmt")
 
 
 def pair_table(lut: jax.Array) -> jax.Array:
@@ -319,7 +318,7 @@ def _mma(xs_ref, lut_ref, bias_ref, out_ref, *, load, absmax_of, block_mask,
 
 def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
           row0, out0, s, m, n, blocksize, block_n, steps, split_k, has_bias,
-          compute_dtype, code, prefetch, interpret, lut_base=None):
+          compute_dtype, code, prefetch, interpret):
   """The "warp" variant (`warp_mma`): row tiles a = rows `[row0, row0 + R)`
   and b = the next R, 64 bytes of each row a step, decoded in registers
   and multiplied by `x` in one warp-wide tensor-core product per word.
@@ -341,7 +340,7 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
   # per tile block and broadcast: as scalars they sit in uniform registers
   # and are copied into ordinary ones before every permute (48 copies a
   # step in the SASS); loaded per byte, each call has its own copy.
-  words = None if interpret or lut_base is not None else [
+  words = None if interpret else [
       jnp.broadcast_to(pltriton.load(words_ref.at[jnp.int32(j)])[None, :, None],
                        shape)
       for j in range(4)]
@@ -381,7 +380,7 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
     (wa, wb), (sa, sb), xp = loaded
     return warp_mma.product(
         wa, wb, sa, sb, xp, acc, code, compute_dtype, interpret,
-        table=lut_ref[...] if interpret else None, words=words, lut=lut_base)
+        table=lut_ref[...] if interpret else None, words=words)
 
   acc = jnp.zeros(shape, jnp.float32)
   if steps <= 8:  # unrolled: addresses at constant offsets
@@ -414,8 +413,7 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
 _WORDS_INPUT = ("reduce", "warp")
 
 
-def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, lds_threads,
-            **kw):
+def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
   """One weight (`len(ns) == 1`) or several sharing `x` ("grouped"): the
   row tiles of weight g follow those of weights 0..g-1 along the grid's
   first axis, and its outputs follow theirs along N."""
@@ -431,11 +429,6 @@ def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, lds_threads,
   out_ref = refs.pop(0)
   # (read here: interpret mode cannot read them inside a `pl.when`)
   i, s = pl.program_id(0), pl.program_id(1)
-  # Table "lds": the shared pair table, filled once a program (before any
-  # branch: one declaration a kernel).
-  kw["lut_base"] = (lut_decode.smem_table(kw["code"], kw["compute_dtype"],
-                                          lds_threads)
-                    if lds_threads else None)
   if len(ns) == 1:
     _tile(xs_ref, *weights[0], lut_ref, bias_ref, out_ref, tile=i, s=s,
           out0=0, words_ref=words_ref,
@@ -457,7 +450,7 @@ def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, lds_threads,
 def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
           block_kb, half, block_n, steps, dq, nested_blocksize, nested_len,
           variant, has_bias, split_k, compute_dtype, pair, prefetch, code,
-          interpret, lut_base):
+          interpret):
   """Row tile `tile` of one weight and K split `s`, written at output
   column `out0` on."""
   refs = list(refs)
@@ -520,7 +513,7 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
           absmax_at=absmax_at, row0=row0, out0=out0, s=s, m=m, n=n,
           blocksize=2 * half, block_n=block_n, steps=steps, split_k=split_k,
           has_bias=has_bias, compute_dtype=compute_dtype, code=code,
-          prefetch=prefetch, interpret=interpret, lut_base=lut_base)
+          prefetch=prefetch, interpret=interpret)
     return
 
   if variant == "mma":
@@ -545,12 +538,11 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
         # The permutes' register operands loaded, not constants: as
         # constants the compiler re-creates one before nearly every
         # permute here (about 1.6 instructions a byte, seen in the SASS).
-        words = (None if interpret or lut_base is not None
+        words = (None if interpret
                  else [words_ref[j] for j in (0, 2, 4, 6)])
         hi, lo = lut_decode.decode_scaled_f32(
             w, scale, code, compute_dtype, interpret,
-            table=lut_ref[...] if interpret else None, words=words,
-            lut=lut_base)
+            table=lut_ref[...] if interpret else None, words=words)
         am = None
       else:
         am = am[:, :, None]
@@ -766,10 +758,8 @@ def _check_warp(m, k, block_n, num_warps, table):
 def _gemv_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
               config, code, interpret):
   """The "tma" variant (`gemv_4bit_tma`), one launch per weight: config
-  ("tma", 64, bytes a row per step, split, 4, stages[, decode, 0]), decode
-  "prmt" or "lds"."""
+  ("tma", 64, bytes a row per step, split, 4, stages[, "prmt", 0])."""
   _, block_n, bk, split, num_warps, stages = config[:6]
-  decode = config[6] if len(config) > 6 else "prmt"
   dtype = jnp.dtype(x.dtype)
   if block_n != gemv_4bit_tma.BLOCK_N or num_warps != 4:
     raise ValueError(
@@ -784,9 +774,9 @@ def _gemv_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   outs = []
   for (packed, absmax, nested), n in zip(weights, ns):
     gemv_4bit_tma.check_config(x.shape[0], k, blocksize, dtype,
-                               nested is not None, bk, split, stages, decode)
+                               nested is not None, bk, split, stages)
     y = gemv_4bit_tma.gemv(x, packed, absmax, *nested, code=code, n=n, k=k,
-                           bk=bk, split=split, stages=stages, decode=decode,
+                           bk=bk, split=split, stages=stages,
                            interpret=interpret)
     if bias is not None:
       y = y + bias.astype(jnp.float32)
@@ -812,19 +802,9 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
                      config=config, code=code, interpret=interpret)
   table = config[6] if len(config) > 6 else "pair"
   prefetch = int(config[7]) if len(config) > 7 else 0
-  if table not in ("pair", "nibble", "prmt", "lds"):
-    raise ValueError(f"config: table must be 'pair', 'nibble', 'prmt' or "
-                     f"'lds', got {table!r}")
-  if table == "lds" and (variant not in ("reduce", "warp") or code is None
-                         or dtype == jnp.float32 or num_warps not in (2, 4, 8)):
+  if table not in ("pair", "nibble", "prmt"):
     raise ValueError(
-        "config: table 'lds' needs variant 'reduce' or 'warp' with 2, 4 or "
-        "8 warps, "
-        f"16-bit x and `code`; got variant {variant!r} with {num_warps} "
-        f"warps, x {dtype.name}, code {'given' if code is not None else 'None'}")
-  lds = table == "lds"
-  if lds:  # the same values as "prmt": one shared load a byte instead
-    table = "prmt"
+        f"config: table must be 'pair', 'nibble' or 'prmt', got {table!r}")
   if table == "prmt" and (variant == "dot" or code is None
                           or dtype == jnp.float32):
     raise ValueError(
@@ -836,7 +816,7 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
     raise ValueError("config: variant must be 'reduce', 'dot', 'mma', "
                      f"'warp' or 'tma', got {variant!r}")
   if variant == "warp":
-    _check_warp(m, k, block_n, num_warps, "prmt" if lds else table)
+    _check_warp(m, k, block_n, num_warps, table)
   if variant == "mma" and dtype == jnp.float32:
     raise ValueError("config: variant 'mma' needs 16-bit x, got float32")
   dqs = {nested is not None for _, _, nested in weights}
@@ -914,8 +894,7 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
       block_n=block_n, steps=steps, dq=dq, nested_blocksize=nested_blocksize,
       nested_lens=tuple(nested_lens), variant=variant, has_bias=has_bias,
       split_k=split_k, compute_dtype=dtype, pair=pair, prefetch=prefetch,
-      code=code if table == "prmt" else None, interpret=interpret,
-      lds_threads=32 * num_warps if lds and not interpret else 0)
+      code=code if table == "prmt" else None, interpret=interpret)
   out = pl.pallas_call(
       kernel,
       out_shape=out_shape,

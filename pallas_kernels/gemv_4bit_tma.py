@@ -79,8 +79,7 @@ def available() -> bool:
   return _HAVE_MGPU
 
 
-def default_config(n: int, k: int, num_sms: int = 132,
-                   decode: str = "prmt") -> tuple:
+def default_config(n: int, k: int, num_sms: int = 132) -> tuple:
   """A `gemv_4bit` config of this variant for a weight `[n, k]` (k a
   multiple of 256): 128 bytes a row per step, two steps in flight, K split
   until about eight programs an SM wait (a program keeps two steps or
@@ -92,20 +91,13 @@ def default_config(n: int, k: int, num_sms: int = 132,
   tiles = -(-n // BLOCK_N)
   splits = [d for d in range(1, max(1, total // 2) + 1) if total % d == 0]
   split = next((d for d in splits if tiles * d >= 8 * num_sms), splits[-1])
-  return ("tma", BLOCK_N, 128, split, 4, 2, decode, 0)
+  return ("tma", BLOCK_N, 128, split, 4, 2, "prmt", 0)
 
 
 def check_config(m: int, k: int, blocksize: int, dtype, nested: bool,
-                 bk: int, split: int, stages: int,
-                 decode: str = "prmt") -> None:
+                 bk: int, split: int, stages: int) -> None:
   """Raises ValueError naming the argument the "tma" variant cannot take."""
   dtype = jnp.dtype(dtype)
-  if decode not in ("prmt", "lds"):
-    raise ValueError(f"config: variant 'tma' decodes with 'prmt' or 'lds', "
-                     f"got {decode!r}")
-  if decode == "lds" and bk != 128:
-    raise ValueError(f"config: variant 'tma' with decode 'lds' takes 128 "
-                     f"bytes a row per step (one swizzled tile), got {bk}")
   if not nested:
     raise ValueError("absmax: variant 'tma' needs double-quantized weights "
                      "(nested), got plain float32 absmax")
@@ -127,19 +119,16 @@ def check_config(m: int, k: int, blocksize: int, dtype, nested: bool,
     raise ValueError(f"config: stages must be >= 1, got {stages}")
 
 
-def _carry_size(bk: int, decode: str = "prmt") -> int:
+def _carry_size(bk: int) -> int:
   """Floats a lane carries between steps: 8 accumulators, the step
-  counter, then ("prmt") two scale words a 64-byte chunk or ("lds") rows a
-  and b's absmax code words and nested values; padded to 4."""
-  extra = 2 * (bk // 64) if decode == "prmt" else 4 * max(1, bk // 128)
-  return -(-(9 + extra) // 4) * 4
+  counter and two scale words a 64-byte chunk, padded to 4."""
+  return -(-(9 + 2 * (bk // 64)) // 4) * 4
 
 
 @functools.lru_cache(maxsize=None)
 def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, bk: int,
-             n: int, k: int, steps: int, n_nested: int,
-             decode: str = "prmt") -> str:
-  """One step of one lane, as inline PTX (decode "lds": `_step_ptx_lds`).
+             n: int, k: int, steps: int, n_nested: int) -> str:
+  """One step of one lane, as inline PTX.
 
   Operands: `$0 .. $(V-1)` the carry out; then the shared addresses of the
   weight tile, x's tile and the nested table (`[256]` codes, then the
@@ -148,8 +137,6 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, bk: int,
   the step counter (8), and this step's scale words from 9 (rows a and b of
   each chunk, the dtype's bits in both halves).
   """
-  if decode == "lds":
-    return _step_ptx_lds(code, dtype_name, m, bk, n, k, steps, n_nested)
   q_n = bk // 64
   nkb = k // 64
   total = k // 2 // bk
@@ -254,173 +241,6 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, bk: int,
   return "\n".join(lines)
 
 
-def _one_word(dtype_name: str) -> int:
-  """1.0 in the dtype, in both 16-bit halves (the fill's unit scale)."""
-  bits = int(np.asarray(1.0, jnp.dtype(dtype_name)).view(np.uint16))
-  return bits | bits << 16
-
-
-LUT_BYTES = 256 * 32 * 4  # the pair table: 256 entries x 32 copies
-_TABLE_WORDS = 256 * 32 + 264  # + the nested code (256), offset, padding
-
-
-@functools.lru_cache(maxsize=None)
-def _step_ptx_lds(code, dtype_name, m, bk, n, k, steps, n_nested):
-  """`step_ptx` for decode "lds": each byte's pair of values is one
-  shared-memory load from the pair table (`[256]` entries, 32 copies, lane
-  l reading copy l: no bank conflicts), the block's products go through the
-  tensor cores unscaled and the fp32 sum is scaled by its fp32 absmax.
-
-  Lane map: lane `4 g + c` reads bytes `8 c .. 8 c + 7` of every 32-byte
-  block (one absmax) of rows a and b, so the four `mma.sync` of a block
-  sum that block only. The weight tile (`[64, 128]` bytes) comes 128-byte
-  swizzled (16-byte unit u of row r at u ^ (r % 8)), so the eight rows of
-  a load hit distinct banks.
-
-  Operands: `$0 .. $(V-1)` the carry out; the shared addresses of the
-  weight tile, x's tile and the table scratch (pair table, then the nested
-  code and the offset); the global addresses of the nested code and
-  offset, of the absmax codes and of the nested absmax; the carry in:
-  accumulators, step counter, and the step's raw absmax code words and
-  nested values (rows a and b). Step 0 fills the scratch (two pair
-  entries a thread, decoded by `lut_decode`'s permutes times 1; two
-  nested code values) and waits at the warpgroup barrier.
-  """
-  q_n = bk // 64
-  kb = k // 2
-  nkb = k // 64
-  total = kb // bk
-  nblk = bk // 32
-  cw = max(1, nblk // 4)           # absmax code words a row and step
-  load = "u16" if nblk == 2 else "u32"
-  v = _carry_size(bk, "lds")
-  ptx_t = _TYPES[dtype_name]
-  mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ptx_t}.{ptx_t}.f32"
-  w_in, x_in, l_in, t_in, c_in, n_in = (f"${v + i}" for i in range(6))
-  cin = [f"${v + 6 + i}" for i in range(v)]
-  words = lut_decode.table_words(code, jnp.dtype(dtype_name))
-  rows = ("a", "b")
-  ncode = LUT_BYTES          # nested code in the scratch; offset after it
-  lines = [
-      "{",
-      ".reg .b32 tid, lane, wp, g, c, ra, wr, wa, wb, sw, xa, lb, tmp, stp, "
-      "gstep, gnext, rowa, rowb, ia, fw, zr, one;",
-      ".reg .b32 t<8>, w<4>, x<8>, pa<8>, pb<8>, f<4>;",
-      f".reg .b32 ca<{cw}>, cb<{cw}>, ka<{cw}>, kb<{cw}>;",
-      f".reg .f32 d<8>, e<4>, zf, off, fa, fb, na<{cw}>, nb<{cw}>, "
-      f"ma<{cw}>, mb<{cw}>;",
-      ".reg .b64 cp, nsp, pad, tp;",
-      ".reg .pred first;",
-  ]
-  lines += [f"mov.f32 d{i}, {cin[i]};" for i in range(8)]
-  lines += [f"cvt.rzi.u32.f32 stp, {cin[8]};"]
-  for r_, (cr, nr) in enumerate((("ca", "na"), ("cb", "nb"))):
-    base = 9 + 2 * cw * r_
-    lines += [f"mov.b32 {cr}{j}, {cin[base + j]};" for j in range(cw)]
-    lines += [f"mov.f32 {nr}{j}, {cin[base + cw + j]};" for j in range(cw)]
-  lines += [
-      "mov.b32 zr, 0;", "mov.f32 zf, 0f00000000;",
-      "mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;", "shr.u32 wp, tid, 5;",
-      "shr.u32 g, lane, 2;", "and.b32 c, lane, 3;",
-      "mad.lo.u32 ra, wp, 16, g;",
-      # Row ra's bytes 8 (c % 2) of 16-byte unit (2 blk + c / 2) ^ g.
-      f"mad.lo.u32 wr, ra, {bk}, {w_in};", "and.b32 tmp, c, 1;",
-      "mad.lo.u32 wr, tmp, 8, wr;", "shr.u32 sw, c, 1;", "xor.b32 sw, sw, g;",
-      "shl.b32 sw, sw, 4;",
-      f"rem.u32 xa, g, {m};", f"mul.lo.u32 xa, xa, {bk};",
-      "mad.lo.u32 xa, c, 8, xa;", "shl.b32 xa, xa, 2;",
-      f"add.u32 xa, xa, {x_in};",
-      f"mad.lo.u32 lb, lane, 4, {l_in};",
-      "mov.u32 tmp, %ctaid.y;", "shl.b32 tmp, tmp, 6;",
-      "add.u32 rowa, tmp, ra;", "add.u32 rowb, rowa, 8;",
-      f"min.u32 rowa, rowa, {n - 1};", f"min.u32 rowb, rowb, {n - 1};",
-      "mov.u32 tmp, %ctaid.x;", f"mad.lo.u32 gstep, tmp, {steps}, stp;",
-      "add.u32 gnext, gstep, 1;", f"min.u32 gnext, gnext, {total - 1};",
-      f"cvta.to.global.u64 cp, {c_in};", f"cvta.to.global.u64 nsp, {n_in};",
-      "setp.eq.u32 first, stp, 0;",
-  ]
-  # Step 0: thread t decodes entries 2t and 2t + 1 and stores 32 copies of
-  # each (entry e, copy l at word 32 e + l), and copies nested codes 2t and
-  # 2t + 1 (and the offset) to the scratch.
-  fill = [f"mov.b32 t{i}, 0x{u:08x};" for i, u in enumerate(words)]
-  fill += [f"mov.b32 one, 0x{_one_word(dtype_name):08x};",
-           "shl.b32 fw, tid, 1;", "mad.lo.u32 fw, fw, 257, 256;"]
-  names = {f"t{i}": f"t{i}" for i in range(8)}
-  names.update(w="fw", **{f"s{j}": "one" for j in range(4)},
-               **{f"o{j}": f"f{j}" for j in range(4)})
-  decl, body = lut_decode.render(code, dtype_name, names, prefix="u_")
-  fill += body + [f"mad.lo.u32 tmp, tid, 256, {l_in};"]
-  for e in range(2):
-    fill += [f"st.shared.v4.b32 [tmp+{128 * e + 16 * i}], "
-             f"{{f{e}, f{e}, f{e}, f{e}}};" for i in range(8)]
-  fill += [f"cvta.to.global.u64 tp, {t_in};", "mul.wide.u32 pad, tid, 8;",
-           "add.u64 pad, pad, tp;", "ld.global.nc.v2.f32 {fa, fb}, [pad];",
-           f"mad.lo.u32 tmp, tid, 8, {l_in};",
-           f"st.shared.v2.f32 [tmp+{ncode}], {{fa, fb}};",
-           "ld.global.nc.f32 fa, [tp+1024];",
-           f"st.shared.f32 [{l_in}+{ncode + 1024}], fa;",
-           "bar.sync 1, 128;"]
-  lines += [decl] + ["@first " + line for line in fill]
-  lines += [f"ld.shared.f32 off, [{l_in}+{ncode + 1024}];"]
-
-  def fetch(step, codes, nested):
-    """Step `step`'s absmax code words and nested values, rows a and b."""
-    out = []
-    for row, cr, nr in zip(("rowa", "rowb"), codes, nested):
-      out += [f"mul.lo.u32 ia, {row}, {nkb};",
-              f"mad.lo.u32 ia, {step}, {nblk}, ia;"]
-      for j in range(cw):
-        out += [f"add.u32 tmp, ia, {4 * j};", "cvt.u64.u32 pad, tmp;",
-                "add.u64 pad, pad, cp;", f"ld.global.nc.{load} {cr}{j}, [pad];",
-                "shr.u32 tmp, tmp, 8;", f"min.u32 tmp, tmp, {n_nested - 1};",
-                "mul.wide.u32 pad, tmp, 4;", "add.u64 pad, pad, nsp;",
-                f"ld.global.nc.f32 {nr}{j}, [pad];"]
-    return out
-
-  lines += ["@first " + line for line in fetch("gstep", ("ca", "cb"),
-                                                 ("na", "nb"))]
-  lines += fetch("gnext", ("ka", "kb"), ("ma", "mb"))  # for step t + 1
-  for q in range(q_n):
-    for h in range(2):
-      wi, bi = divmod(2 * q + h, 4)
-      for r_, fr in zip(rows, ("fa", "fb")):   # code * nested + offset
-        lines += [f"prmt.b32 tmp, c{r_}{wi}, zr, 0x444{bi};",
-                  f"mad.lo.u32 tmp, tmp, 4, {l_in};",
-                  f"ld.shared.f32 {fr}, [tmp+{ncode}];",
-                  f"mul.rn.f32 {fr}, {fr}, n{r_}{wi};",
-                  f"add.rn.f32 {fr}, {fr}, off;"]
-      base = 64 * q + 32 * h
-      lines += [f"xor.b32 tmp, sw, {base};", "add.u32 wa, wr, tmp;",
-                "ld.shared.v2.u32 {w0, w1}, [wa];",
-                f"ld.shared.v2.u32 {{w2, w3}}, [wa+{8 * bk}];",
-                f"ld.shared.v4.u32 {{x0, x1, x2, x3}}, [xa+{4 * base}];",
-                f"ld.shared.v4.u32 {{x4, x5, x6, x7}}, [xa+{4 * base + 16}];"]
-      for j in range(8):
-        for r_, wr in zip(rows, (f"w{j // 4}", f"w{2 + j // 4}")):
-          lines += [f"prmt.b32 tmp, {wr}, zr, 0x444{j % 4};",
-                    "mad.lo.u32 tmp, tmp, 128, lb;",
-                    f"ld.shared.b32 p{r_}{j}, [tmp];"]
-      acc = "{e0, e1, e2, e3}"
-      for i in range(4):
-        c_op = "{zf, zf, zf, zf}" if i == 0 else acc
-        lines.append(f"{mma} {acc}, {{pa{2 * i}, pb{2 * i}, pa{2 * i + 1}, "
-                     f"pb{2 * i + 1}}}, {{x{2 * i}, x{2 * i + 1}}}, {c_op};")
-      o = 4 * h
-      lines += [f"fma.rn.f32 d{o}, e0, fa, d{o};",
-                f"fma.rn.f32 d{o + 1}, e1, fa, d{o + 1};",
-                f"fma.rn.f32 d{o + 2}, e2, fb, d{o + 2};",
-                f"fma.rn.f32 d{o + 3}, e3, fb, d{o + 3};"]
-  lines += [f"mov.f32 ${i}, d{i};" for i in range(8)]
-  lines += ["add.u32 stp, stp, 1;", "cvt.rn.f32.u32 $8, stp;"]
-  for r_, (cr, nr) in enumerate((("ka", "ma"), ("kb", "mb"))):
-    base = 9 + 2 * cw * r_
-    lines += [f"mov.b32 ${base + j}, {cr}{j};" for j in range(cw)]
-    lines += [f"mov.f32 ${base + cw + j}, {nr}{j};" for j in range(cw)]
-  lines += [f"mov.f32 ${i}, 0f00000000;" for i in range(9 + 4 * cw, v)]
-  lines.append("}")
-  return "\n".join(lines)
-
-
 @functools.lru_cache(maxsize=None)
 def _finish_ptx(m: int) -> str:
   """The two chains summed and `y[:m]` of rows a and b stored to the
@@ -455,7 +275,7 @@ def _elements(arr, count):
 
 
 def _compiled(x, packed, codes, nested_absmax, table, *, code, n, k, bk,
-              split, stages, decode):
+              split, stages):
   """The Mosaic GPU kernel: fp32 partials `[split, m, n_pad]`."""
   m = x.shape[0]
   dtype = jnp.dtype(x.dtype)
@@ -463,36 +283,27 @@ def _compiled(x, packed, codes, nested_absmax, table, *, code, n, k, bk,
   total = kb // bk
   steps = total // split
   tiles = -(-n // BLOCK_N)
-  v = _carry_size(bk, decode)
-  lds = decode == "lds"
-  n_smem = 3                    # shared refs first, then global ones
-  # "lds" reads the weight tile 128-byte swizzled (one [64, 128] tile)
-  w_transforms = ((plgpu.TilingTransform((1, bk)),
-                   plgpu.SwizzleTransform(128)) if lds else ())
-  refs = 6 if lds else 5
+  v = _carry_size(bk)
   layout = plgpu.Layout.WG_STRIDED((128 * v,), vec_size=v)
   sptx = step_ptx(code, dtype.name, m, bk, n, k, steps,
-                  nested_absmax.shape[0], decode)
+                  nested_absmax.shape[0])
   fptx = _finish_ptx(m)
   f32 = ir.F32Type.get
 
   @plgpu.inline_mgpu(
-      arg_types=(plgpu.RefType(w_transforms),)
-      + (plgpu.RefType(),) * (refs - 1) + (layout,),
+      arg_types=(plgpu.RefType(),) * 5 + (layout,),
       return_type=plgpu.ShapeDtypeStruct((128 * v,), jnp.float32,
                                          layout=layout))
-  def step(ctx, *args):
+  def step(ctx, w_ref, x_ref, t_ref, c_ref, ns_ref, carry):
     del ctx
-    *refs_in, carry = args
-    smem, gmem = refs_in[:n_smem], refs_in[n_smem:]
     reg, ins = _elements(carry, v)
     res = llvm.inline_asm(
         llvm.StructType.get_literal([f32()] * v),
-        [_address(r, 32) for r in smem] + [_address(r, 64) for r in gmem]
-        + ins,
+        [_address(w_ref, 32), _address(x_ref, 32), _address(t_ref, 32),
+         _address(c_ref, 64), _address(ns_ref, 64)] + ins,
         sptx,
-        ",".join(["=f"] * v + ["r"] * len(smem) + ["l"] * len(gmem)
-                 + ["f"] * v) + ",~{memory}",
+        ",".join(["=f"] * v + ["r"] * 3 + ["l"] * 2 + ["f"] * v)
+        + ",~{memory}",
         has_side_effects=True)
     out = llvm.mlir_undef(reg.type)
     for i in range(v):
@@ -511,30 +322,20 @@ def _compiled(x, packed, codes, nested_absmax, table, *, code, n, k, bk,
                     has_side_effects=True)
 
   def jaxbnb_gemv_4bit_tma(x_gmem, w_gmem, t_gmem, c_gmem, ns_gmem, o_gmem,
-                           o_smem, *scratch):
+                           o_smem):
     i = lax.axis_index("n")
     s = lax.axis_index("s")
-    w_spec = pl.BlockSpec((BLOCK_N, bk), lambda t: (i, s * steps + t))
-    carry = plgpu.layout_cast(jnp.zeros((128 * v,), jnp.float32), layout)
-    x_spec = pl.BlockSpec((m, bk), lambda t: (0, s * steps + t))
-    if lds:  # the tables in scratch; the weight tile 128-byte swizzled
-      w_spec = plgpu.BlockSpec((BLOCK_N, bk), lambda t: (i, s * steps + t),
-                               transforms=w_transforms)
 
-      def body(_, w_smem, x_smem, carry):
-        return step(w_smem, x_smem, *scratch, t_gmem, c_gmem, ns_gmem, carry)
-      carry = plgpu.emit_pipeline(
-          body, grid=(steps,), in_specs=[w_spec, x_spec],
-          max_concurrent_steps=stages, init_carry=carry)(w_gmem, x_gmem)
-    else:
-      def body(_, w_smem, x_smem, t_smem, carry):
-        return step(w_smem, x_smem, t_smem, c_gmem, ns_gmem, carry)
-      carry = plgpu.emit_pipeline(
-          body, grid=(steps,),
-          in_specs=[w_spec, x_spec,
-                    pl.BlockSpec((3, 128), lambda t: (0, 0))],
-          max_concurrent_steps=stages, init_carry=carry)(w_gmem, x_gmem,
-                                                         t_gmem)
+    def body(_, w_smem, x_smem, t_smem, carry):
+      return step(w_smem, x_smem, t_smem, c_gmem, ns_gmem, carry)
+
+    carry = plgpu.layout_cast(jnp.zeros((128 * v,), jnp.float32), layout)
+    carry = plgpu.emit_pipeline(
+        body, grid=(steps,),
+        in_specs=[pl.BlockSpec((BLOCK_N, bk), lambda t: (i, s * steps + t)),
+                  pl.BlockSpec((m, bk), lambda t: (0, s * steps + t)),
+                  pl.BlockSpec((3, 128), lambda t: (0, 0))],
+        max_concurrent_steps=stages, init_carry=carry)(w_gmem, x_gmem, t_gmem)
     finish(o_smem, carry)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem,
@@ -545,21 +346,17 @@ def _compiled(x, packed, codes, nested_absmax, table, *, code, n, k, bk,
       jaxbnb_gemv_4bit_tma,
       out_type=jax.ShapeDtypeStruct((split, m, tiles * BLOCK_N), jnp.float32),
       grid=(tiles, split), grid_names=("n", "s"),
-      scratch_types=[plgpu.SMEM((m, BLOCK_N), jnp.float32)]
-      + ([plgpu.SMEM((_TABLE_WORDS,), jnp.uint32)] if lds else []))
+      scratch_types=[plgpu.SMEM((m, BLOCK_N), jnp.float32)])
   xw = lax.bitcast_convert_type(x.reshape(m, kb, 2), jnp.uint32)
   return kernel(xw, packed.reshape(n, kb), table, codes.reshape(-1),
                 nested_absmax)
 
 
 def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
-          k, split, decode):
-  """The kernel's values in jnp, partials per K split, `[split, m, n]`.
-
-  "prmt": weights decoded and scaled in the dtype (the absmax product and
-  sum rounded apart), products summed in fp32. "lds": the codes in the
-  dtype times x summed in fp32 per block, each sum times its fp32 absmax.
-  """
+          k, split):
+  """The kernel's values in jnp: weights decoded and scaled in the dtype
+  (the absmax product and sum rounded apart), products summed in fp32;
+  partials per K split, `[split, m, n]`."""
   m = x.shape[0]
   dtype = jnp.dtype(x.dtype)
   nkb = k // 64
@@ -567,16 +364,6 @@ def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
   absmax = _backend.add_rn(
       nested_code.astype(jnp.float32)[flat]
       * nested_absmax[jnp.arange(flat.shape[0]) // 256], offset, True)
-  if decode == "lds":
-    table = jnp.asarray(code, jnp.float32).astype(dtype).astype(jnp.float32)
-    b = packed.reshape(n, nkb, 32).astype(jnp.int32)
-    wv = table[jnp.stack([b >> 4, b & 15], -1).reshape(n, nkb, 64)]
-    xv = x.astype(jnp.float32).reshape(m, nkb, 64)
-    per_block = jnp.einsum("mbk,nbk->mnb", xv, wv,
-                           precision=jax.lax.Precision.HIGHEST)
-    per_block = per_block * absmax.reshape(1, n, nkb)
-    return jnp.sum(per_block.reshape(m, n, split, nkb // split),
-                   -1).transpose(2, 0, 1)
   scale = lut_decode.scale_words(absmax.reshape(n, nkb, 1), dtype)
   w = packed.reshape(n, nkb, 32)
   hi, lo = lut_decode.decode_scaled(w, jnp.broadcast_to(scale, w.shape), code,
@@ -592,7 +379,7 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
          nested_absmax: jax.Array, nested_code: jax.Array,
          offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
          bk: int = 128, split: int = 4, stages: int = 2,
-         decode: str = "prmt", interpret: bool = False) -> jax.Array:
+         interpret: bool = False) -> jax.Array:
   """`x @ W.T` in fp32 for a double-quantized 4-bit `W [n, k]`, blocksize 64.
 
   Args:
@@ -607,9 +394,6 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     bk: bytes of a row per pipeline step (64, 128 or 256).
     split: K splits (programs per row tile).
     stages: steps in flight.
-    decode: "prmt" (byte permutes, values scaled in the dtype as
-      bitsandbytes' GEMV) or "lds" (pairs from a shared-memory table, the
-      fp32 block sums scaled by the fp32 absmax).
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -631,7 +415,7 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     ((1, 64), 7168.0)
   """
   m = x.shape[0]
-  check_config(m, k, 64, x.dtype, True, bk, split, stages, decode)
+  check_config(m, k, 64, x.dtype, True, bk, split, stages)
   code = tuple(float(c) for c in code)
   offset = jnp.asarray(offset, jnp.float32)
   if not interpret and not available():
@@ -640,15 +424,12 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
         f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
   if interpret:
     part = _twin(x, packed, codes, nested_absmax.astype(jnp.float32),
-                 nested_code, offset, code=code, n=n, k=k, split=split,
-                 decode=decode)
+                 nested_code, offset, code=code, n=n, k=k, split=split)
   else:
     table = jnp.concatenate([nested_code.astype(jnp.float32),
                              offset.reshape(1), jnp.zeros((127,), jnp.float32)
-                             ])
-    if decode == "prmt":
-      table = table.reshape(3, 128)
+                             ]).reshape(3, 128)
     part = _compiled(x, packed, codes, nested_absmax.astype(jnp.float32),
                      table, code=code, n=n, k=k, bk=bk, split=split,
-                     stages=stages, decode=decode)[:, :, :n]
+                     stages=stages)[:, :, :n]
   return jnp.sum(part, axis=0)

@@ -28,13 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 from pallas_kernels._backend import round_to_dtype
 
-__all__ = ["SMEM_COPIES", "decode_scaled", "decode_scaled_f32", "emulate",
-           "lds_ptx", "ptx", "render", "scale_words", "smem_fill_ptx",
-           "smem_table", "split_pairs", "table_words"]
+__all__ = ["decode_scaled", "decode_scaled_f32", "emulate", "ptx", "render",
+           "scale_words", "split_pairs", "table_words"]
 
 _DTYPES = {"bfloat16": "bf16x2", "float16": "f16x2"}
 
@@ -137,86 +135,6 @@ def ptx(code: tuple[float, ...], dtype_name: str) -> str:
   return "\n".join(out)
 
 
-SMEM_COPIES = 32  # the pair table's copies in shared memory (one a lane)
-
-
-@functools.lru_cache(maxsize=None)
-def smem_fill_ptx(code: tuple[float, ...], dtype_name: str,
-                  threads: int) -> str:
-  """Inline PTX declaring the pair table in shared memory and filling it.
-
-  The table holds, for each of the 256 byte values, its pair of values in
-  `dtype_name` (the high nibble's in the low half, as `_program` makes
-  them), 32 times: entry e's copy l at word `32 e + l`, so lane l reading
-  copy l never shares a bank with another lane (32 KiB). The declaration
-  is at function scope (no enclosing braces), so one kernel may run this
-  once. The `threads` threads of the program decode `256 / threads`
-  entries each (with `_program`'s permutes, scale 1), store their copies
-  and meet at `bar.sync 0`. Operand $0 (out): the table's shared address;
-  $1: unused input (inline asm needs one; the program id).
-  """
-  per = 256 // threads
-  if per * threads != 256 or per > 4:
-    raise ValueError(f"threads: the pair table needs 64, 128 or 256 "
-                     f"threads a program, got {threads}")
-  one = int(np.asarray(1.0, jnp.dtype(dtype_name)).view(np.uint16))
-  words = table_words(code, jnp.dtype(dtype_name))
-  names = {f"t{i}": f"t{i}" for i in range(8)}
-  names.update(w="w", **{f"s{j}": "one" for j in range(4)},
-               **{f"o{j}": f"o{j}" for j in range(4)})
-  decl, body = render(code, dtype_name, names, prefix="u_")
-  lines = [f".shared .align 16 .b8 jaxbnb_pair_lut[{256 * SMEM_COPIES * 4}];",
-           "{", decl, ".reg .b32 t<8>, o<4>, w, one, tid, a;"]
-  lines += [f"mov.b32 t{i}, 0x{u:08x};" for i, u in enumerate(words)]
-  lines += [f"mov.b32 one, 0x{one | one << 16:08x};", "mov.u32 tid, %tid.x;",
-            f"mul.lo.u32 w, tid, {per};"]
-  # w's byte j = per tid + j (j < per): per tid in each byte, plus j.
-  ramp = sum(j << (8 * j) for j in range(per))
-  spread = sum(1 << (8 * j) for j in range(per))
-  lines += [f"mul.lo.u32 w, w, 0x{spread:08x};",
-            f"add.u32 w, w, 0x{ramp:08x};"]
-  lines += body
-  lines += ["mov.u32 a, jaxbnb_pair_lut;",
-            f"mad.lo.u32 a, tid, {per * SMEM_COPIES * 4}, a;"]
-  for j in range(per):
-    for i in range(SMEM_COPIES // 4):
-      lines.append(f"st.shared.v4.b32 [a+{(j * SMEM_COPIES + 4 * i) * 4}], "
-                   f"{{o{j}, o{j}, o{j}, o{j}}};")
-  lines += ["bar.sync 0;", "}", "mov.u32 $0, jaxbnb_pair_lut;"]
-  return "\n".join(lines)
-
-
-def smem_table(code, dtype, threads: int) -> jax.Array:
-  """The shared pair table (`smem_fill_ptx`), filled; returns its address
-  (int32 `[1]`) for `decode_scaled(..., lut=...)`. Call once a kernel,
-  outside loops and branches, compiled only."""
-  code = tuple(float(c) for c in code)
-  (addr,) = pltriton.elementwise_inline_asm(
-      smem_fill_ptx(code, jnp.dtype(dtype).name, threads),
-      args=[jnp.full((1,), pl.program_id(0), jnp.int32)],
-      constraints="=r,r", pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct((1,), jnp.int32)])
-  return addr
-
-
-@functools.lru_cache(maxsize=None)
-def lds_ptx(dtype_name: str) -> str:
-  """Inline PTX for four bytes: each byte's pair one shared load from the
-  pair table (copy %laneid), times its scale word in `dtype_name` (one
-  rounding, the sign of zero kept, as `_program`). Operands: $0-$3 out;
-  $4 = w; $5-$8 = s0-s3; $9 = the table's address ($10-$12 its twins)."""
-  vec = _DTYPES[dtype_name]
-  lines = ["{", ".reg .b32 l, a, p, z;", "mov.u32 l, %laneid;",
-           "mad.lo.u32 l, l, 4, $9;", "mov.b32 z, 0x80008000;"]
-  for j in range(4):
-    lines += [f"prmt.b32 a, $4, 0, 0x444{j};",
-              f"mad.lo.u32 a, a, {SMEM_COPIES * 4}, l;",
-              "ld.shared.b32 p, [a];",
-              f"fma.rn.{vec} ${j}, p, ${5 + j}, z;"]
-  lines.append("}")
-  return "\n".join(lines)
-
-
 def _prmt(a, b, c):
   """PTX `prmt.b32` default mode, vectorized over uint32 numpy arrays."""
   src = (b.astype(np.uint64) << 32) | a.astype(np.uint64)
@@ -280,8 +198,7 @@ def split_pairs(u, dtype):
   return lo, hi
 
 
-def decode_scaled(w, scale, code, dtype, interpret, table=None, words=None,
-                  lut=None):
+def decode_scaled(w, scale, code, dtype, interpret, table=None, words=None):
   """Values of the high and low nibbles of uint8 `w`, times `scale`.
 
   Args:
@@ -298,9 +215,6 @@ def decode_scaled(w, scale, code, dtype, interpret, table=None, words=None,
       run time (the permutes' register operands). Given as constants,
       the compiler re-creates them before every permute under register
       pressure.
-    lut: optional, the shared pair table's address (`smem_table`): each
-      byte is one shared load (`lds_ptx`) instead of the permutes; the
-      same values.
 
   Returns:
     `(hi, lo)` in `dtype`: `code[w >> 4] * s` and `code[w & 15] * s`, the
@@ -315,21 +229,14 @@ def decode_scaled(w, scale, code, dtype, interpret, table=None, words=None,
     s = split_pairs(scale, dtype)[0].astype(jnp.float32)
     return (round_to_dtype(table[wi >> 4] * s, dtype).astype(dtype),
             round_to_dtype(table[wi & 15] * s, dtype).astype(dtype))
-  return split_pairs(_pairs(w, scale, code, dtype, words, lut), dtype)
+  return split_pairs(_pairs(w, scale, code, dtype, words), dtype)
 
 
-def _pairs(w, scale, code, dtype, words=None, lut=None):
+def _pairs(w, scale, code, dtype, words=None):
   """The inline asm: uint32 pairs (high nibble's value in the low half)."""
   # Triton's integers are signless: int32 out (and in), the bits the same.
   code = tuple(float(c) for c in code)
   args = [w, jax.lax.bitcast_convert_type(scale, jnp.int32)]
-  if lut is not None:
-    (pairs,) = pltriton.elementwise_inline_asm(
-        lds_ptx(dtype.name),
-        args=args + [jnp.broadcast_to(lut.reshape((1,) * w.ndim), w.shape)],
-        constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", pack=4,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)])
-    return jax.lax.bitcast_convert_type(pairs, jnp.uint32)
   args += [jnp.full(w.shape, np.uint32(v).view(np.int32), jnp.int32)
            for v in table_words(code, dtype)]
   if words is not None:  # the permutes' first operands, from memory
@@ -346,7 +253,7 @@ def _pairs(w, scale, code, dtype, words=None, lut=None):
 
 
 def decode_scaled_f32(w, scale, code, dtype, interpret, table=None,
-                      words=None, lut=None):
+                      words=None):
   """`decode_scaled`'s values widened to float32 (exactly).
 
   For bfloat16 the widening is one bit operation per value on the packed
@@ -358,10 +265,9 @@ def decode_scaled_f32(w, scale, code, dtype, interpret, table=None,
   """
   dtype = jnp.dtype(dtype)
   if interpret or dtype != jnp.bfloat16:
-    hi, lo = decode_scaled(w, scale, code, dtype, interpret, table, words,
-                           lut)
+    hi, lo = decode_scaled(w, scale, code, dtype, interpret, table, words)
     return hi.astype(jnp.float32), lo.astype(jnp.float32)
-  u = _pairs(w, scale, code, dtype, words, lut)
+  u = _pairs(w, scale, code, dtype, words)
   return (jax.lax.bitcast_convert_type(u << np.uint32(16), jnp.float32),
           jax.lax.bitcast_convert_type(u & np.uint32(0xFFFF0000),
                                        jnp.float32))

@@ -59,31 +59,15 @@ def tile_shape(blocksize: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def ptx(code: tuple[float, ...], dtype_name: str, lds: bool = False) -> str:
+def ptx(code: tuple[float, ...], dtype_name: str) -> str:
   """The inline PTX, `pack=4`: $0-$3 out (the four fp32 accumulators),
   $4 = word of tile a, $5 = word of tile b, $6 and $10 their scale words
   (of four registers each, the rest unread), $14-$17 the four x pairs,
-  $18-$21 the accumulators in, then the eight table words at $(22 + 4i)
-  or (`lds`) the shared pair table's address at $22
-  (`lut_decode.smem_table`: one shared load a byte instead of the
-  permutes, the same values). Two decodes, then two MMAs (bytes 0-1, then
-  2-3 of the words)."""
+  $18-$21 the accumulators in, then the eight table words at $(22 + 4i).
+  Two decodes, then two MMAs (bytes 0-1, then 2-3 of the words)."""
   table = {f"t{i}": f"${22 + 4 * i}" for i in range(8)}
   decls, lines = [], []
-  if lds:
-    vec = {"bfloat16": "bf16x2", "float16": "f16x2"}[dtype_name]
-    decls.append(".reg .b32 l, q, v, z;")
-    lines += ["mov.u32 l, %laneid;", "mad.lo.u32 l, l, 4, $22;",
-              "mov.b32 z, 0x80008000;"]
   for tile, w, s in (("a", "$4", "$6"), ("b", "$5", "$10")):
-    if lds:
-      decls.append(f".reg .b32 {tile}0, {tile}1, {tile}2, {tile}3;")
-      for j in range(4):
-        lines += [f"prmt.b32 q, {w}, 0, 0x444{j};",
-                  f"mad.lo.u32 q, q, {lut_decode.SMEM_COPIES * 4}, l;",
-                  "ld.shared.b32 v, [q];",
-                  f"fma.rn.{vec} {tile}{j}, v, {s}, z;"]
-      continue
     names = dict(table, w=w, **{f"s{j}": s for j in range(4)},
                  **{f"o{j}": f"{tile}{j}" for j in range(4)})
     decl, body = lut_decode.render(code, dtype_name, names, prefix=tile + "_")
@@ -103,7 +87,7 @@ def ptx(code: tuple[float, ...], dtype_name: str, lds: bool = False) -> str:
 
 
 def product(wa, wb, sa, sb, xp, acc, code, dtype, interpret, table=None,
-            words=None, lut=None):
+            words=None):
   """`acc` plus one step's products (see the module docstring).
 
   Args:
@@ -119,8 +103,6 @@ def product(wa, wb, sa, sb, xp, acc, code, dtype, interpret, table=None,
     table: for the twin, float32 `[16]`: `code` rounded to `dtype`.
     words: optional int32 tiles, `table_words` 0, 2, 4, 6 loaded at run
       time (as in `lut_decode.decode_scaled`).
-    lut: optional, the shared pair table's address
-      (`lut_decode.smem_table`), for the shared-load decode.
 
   Returns:
     The new accumulators.
@@ -137,13 +119,11 @@ def product(wa, wb, sa, sb, xp, acc, code, dtype, interpret, table=None,
   if words is not None:
     for j, v in zip((0, 2, 4, 6), words):
       tw[j] = v
-  if lut is not None:
-    tw = [jnp.broadcast_to(lut.reshape((1,) * wa.ndim), wa.shape)]
   (out,) = pltriton.elementwise_inline_asm(
-      ptx(code, dtype.name, lut is not None),
+      ptx(code, dtype.name),
       args=[wa, wb, as_i32(sa), as_i32(sb), as_i32(xp), acc] + tw,
       constraints="=f,=f,=f,=f,r,r" + ",r" * 8 + ",r" * 4 + ",f" * 4
-      + ",r" * (4 * len(tw)),
+      + ",r" * 32,
       pack=4,
       result_shape_dtypes=[jax.ShapeDtypeStruct(wa.shape, jnp.float32)],
   )

@@ -40,8 +40,7 @@ def rng_array(shape, seed, dtype, scale=1.0):
   return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
 
 
-def kernel_weight(packed, qs, compute_dtype, in_dtype=False,
-                  code_dtype=jnp.bfloat16) -> np.ndarray:
+def kernel_weight(packed, qs, compute_dtype, in_dtype=False) -> np.ndarray:
   """float64 `[N, K]` weight the fused 4-bit GEMV really multiplies with.
 
   float32 inputs: the fp32 code table times the fp32 absmax (exactly the
@@ -50,9 +49,7 @@ def kernel_weight(packed, qs, compute_dtype, in_dtype=False,
   fp32 absmax. The nested absmax is decoded as the reference decodes it.
   `in_dtype` (the byte-permute decode, `lut_decode`: "mma", "prmt"): the
   code and the absmax rounded to the 16-bit compute dtype, their product
-  rounded to it once (bitsandbytes' GEMV weight). `code_dtype`: what the
-  codes are rounded to for 16-bit inputs otherwise (the "tma" variant's
-  "lds" decode keeps them in the compute dtype).
+  rounded to it once (bitsandbytes' GEMV weight).
   """
   if in_dtype:
     dt = np.dtype(jnp.dtype(compute_dtype))
@@ -66,7 +63,7 @@ def kernel_weight(packed, qs, compute_dtype, in_dtype=False,
     return w.astype(np.float64).reshape(qs.shape)
   lut = np.asarray(codebooks.code_for(qs.quant_type), np.float32)
   if jnp.dtype(compute_dtype) != jnp.float32:
-    lut = np.asarray(jnp.asarray(lut).astype(code_dtype), np.float32)
+    lut = np.asarray(jnp.asarray(lut).astype(jnp.bfloat16), np.float32)
   n = qs.numel
   codes = np.asarray(reference.unpack_4bit(ops.from_storage(packed), n))
   absmax = np.asarray(ops.float_absmax(qs), np.float64)

@@ -20,7 +20,6 @@ import pytest
 from jaxbnb import functional as F
 from jaxbnb._src.quant import codebooks
 from pallas_kernels import gemv_4bit as gk
-from pallas_kernels import lut_decode
 from tests import helpers
 from tests.kernels import _util
 
@@ -78,9 +77,7 @@ def _code(quant_type):
 
 def _check(y, x, packed, qs, bias, config=None):
   in_dtype = config is not None and gk.scales_in_compute_dtype(config)
-  lds = config is not None and config[0] == "tma" and config[6] == "lds"
-  w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=in_dtype,
-                          code_dtype=x.dtype if lds else jnp.bfloat16)
+  w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=in_dtype)
   exact, bound = helpers.matmul_bound(x, w, x.dtype, bias=bias)
   helpers.assert_within(y, exact, bound, f"gemv {x.dtype}")
   # The kernel's weight is the reference weight up to the bf16 code table
@@ -431,82 +428,3 @@ def test_gpu_group_equals_one_call_per_weight(m):
     top = np.maximum(np.abs(y32), np.abs(one32))
     assert np.all(np.abs(y32 - one32) <= helpers.ulp(top, jnp.bfloat16))
     _check(y, x, packed, qs, None, config)
-
-
-# Table "lds": the pair table in shared memory, one load a byte ("reduce"
-# and "warp"); the values of "prmt".
-LDS_CONFIGS = [
-    ("reduce", 32, 8, 8, 4, 1, "lds", 0),
-    ("reduce", 16, 4, 2, 2, 3, "lds", True),
-    ("warp", 64, 1, 8, 4, 1, "lds", 0),
-    ("warp", 128, 1, 4, 8, 1, "lds", 0),
-]
-
-
-@pytest.mark.parametrize("config", LDS_CONFIGS)
-def test_lds_table_interpret_matches_prmt(config):
-  """Interpret mode runs the "prmt" twin (the same values)."""
-  n, k, m = 130, 4352, 2
-  w = jnp.asarray(_util.rng_array((n, k), 5, jnp.bfloat16))
-  x = jnp.asarray(_util.rng_array((m, k), 6, jnp.bfloat16))
-  packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-  args = (x, packed.reshape(-1), qs.absmax,
-          jnp.asarray(codebooks.code_for("nf4")))
-  kw = dict(n=n, k=k, blocksize=64, code=_code("nf4"), interpret=True,
-            nested=(qs.nested_absmax, qs.nested_code, qs.offset))
-  y = gk.gemv_4bit(*args, config=config, **kw)
-  y_prmt = gk.gemv_4bit(*args, config=config[:6] + ("prmt",) + config[7:],
-                        **kw)
-  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_prmt))
-  _check(y, x, packed, qs, None, config)
-
-
-@pytest.mark.parametrize("config,match", [
-    (("mma", 64, 4, 1, 4, 3, "lds", 0), "table 'lds' needs variant"),
-    (("reduce", 32, 8, 8, 1, 1, "lds", 0), "with 1 warps"),
-])
-def test_lds_table_errors(config, match):
-  n, k = 64, 1024
-  packed, qs = F.quantize_4bit(jnp.ones((n, k), jnp.bfloat16),
-                               compress_statistics=True)
-  with pytest.raises(ValueError, match=match):
-    gk.gemv_4bit(jnp.ones((1, k), jnp.bfloat16), packed.reshape(-1),
-                 qs.absmax, jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
-                 blocksize=64,
-                 nested=(qs.nested_absmax, qs.nested_code, qs.offset),
-                 config=config, code=_code("nf4"), interpret=True)
-
-
-def test_lds_fill_program_builds_the_pair_table():
-  """The fill's words, decoded by `_program` (numpy), give every byte's
-  pair of code values; each thread's `per` entries are its own."""
-  code = _code("nf4")
-  want = np.asarray(gk.pair_table(jnp.asarray(code, jnp.float32)))
-  want = ((want & 0xFFFF) << 16) | (want >> 16)  # high nibble in low half
-  for threads in (64, 128, 256):
-    per = 256 // threads
-    text = lut_decode.smem_fill_ptx(code, "bfloat16", threads)
-    assert text.count("st.shared.v4.b32") == per * lut_decode.SMEM_COPIES // 4
-    assert text.startswith(".shared .align 16 .b8 jaxbnb_pair_lut[32768];")
-    tid = np.arange(threads, dtype=np.uint32)
-    spread = sum(1 << (8 * j) for j in range(per))
-    ramp = sum(j << (8 * j) for j in range(per))
-    assert f"mul.lo.u32 w, w, 0x{spread:08x};" in text
-    assert f"add.u32 w, w, 0x{ramp:08x};" in text
-    w = tid * per * spread + ramp
-    one = np.full_like(w, 0x3F803F80)
-    outs = lut_decode.emulate(code, jnp.bfloat16, w, [one] * 4)
-    got = np.stack(outs[:per], 1).reshape(-1)
-    np.testing.assert_array_equal(got, want)
-  with pytest.raises(ValueError, match="threads"):
-    lut_decode.smem_fill_ptx(code, "bfloat16", 32)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 8])
-@pytest.mark.parametrize("config", LDS_CONFIGS)
-@pytest.mark.parametrize("dtype,quant_type", [(jnp.bfloat16, "nf4"),
-                                              (jnp.float16, "fp4")])
-def test_gpu_lds_table(m, config, dtype, quant_type):
-  """The shared-memory pair table compiled: the fill, the lane's copy."""
-  _check_compiled(m, 1000, 4352, dtype, quant_type, config, seed=41)

@@ -29,9 +29,6 @@ CONFIGS = [
     ("tma", 64, 128, 2, 4, 2, "prmt", 0),
     ("tma", 64, 256, 3, 4, 3, "prmt", 0),
     ("tma", 64, 64, 4, 4, 4, "prmt", 0),
-    ("tma", 64, 128, 2, 4, 2, "lds", 0),
-    ("tma", 64, 128, 3, 4, 3, "lds", 0),
-    ("tma", 64, 128, 1, 4, 1, "lds", 0),
 ]
 
 
@@ -48,9 +45,6 @@ def _weights(n, k, quant_type, dtype, seed):
     (8, 130, 4608, CONFIGS[2], jnp.bfloat16, "nf4"),
     (5, 200, 1024, ("tma", 64, 128, 1, 4, 2, "prmt", 0), jnp.bfloat16,
      "fp4"),
-    (1, 1000, 4608, CONFIGS[3], jnp.bfloat16, "nf4"),
-    (3, 64, 4608, CONFIGS[4], jnp.float16, "fp4"),
-    (8, 130, 4608, CONFIGS[5], jnp.float16, "nf4"),
 ])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_interpret_matches_dequant_matmul(m, n, k, config, dtype, quant_type,
@@ -76,12 +70,11 @@ def test_splits_sum_to_one_pass():
   x = jnp.asarray(_util.rng_array((2, k), 2, jnp.bfloat16))
   args = (x, packed.reshape(-1), qs.absmax, qs.nested_absmax, qs.nested_code,
           qs.offset)
-  for decode in ("prmt", "lds"):
-    ys = [tg.gemv(*args, code=_code("nf4"), n=n, k=k, bk=128, split=s,
-                  decode=decode, interpret=True) for s in (1, 2, 4)]
-    for y in ys[1:]:
-      np.testing.assert_allclose(np.asarray(y), np.asarray(ys[0]), rtol=1e-5,
-                                 atol=1e-5)
+  ys = [tg.gemv(*args, code=_code("nf4"), n=n, k=k, bk=128, split=s,
+                interpret=True) for s in (1, 2, 4)]
+  for y in ys[1:]:
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ys[0]), rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("m,k,nested,blocksize,dtype,config,match", [
@@ -99,10 +92,6 @@ def test_splits_sum_to_one_pass():
      r"k: .*\(128 x 2\), got k 1152"),
     (2, 1024, True, 64, jnp.bfloat16, ("tma", 32, 128, 1, 4, 2, "prmt", 0),
      "runs 64 rows with 4 warps, got block_n 32"),
-    (2, 1024, True, 64, jnp.bfloat16, ("tma", 64, 128, 1, 4, 2, "pair", 0),
-     "config: variant 'tma' decodes with 'prmt' or 'lds', got 'pair'"),
-    (2, 1024, True, 64, jnp.bfloat16, ("tma", 64, 256, 1, 4, 2, "lds", 0),
-     "decode 'lds' takes 128 bytes a row per step .*, got 256"),
 ])
 def test_config_errors_name_the_argument(m, k, nested, blocksize, dtype,
                                          config, match):
