@@ -53,8 +53,8 @@ import numpy as np
 
 from jax import lax
 
-from pallas_kernels import _backend
 from pallas_kernels import lut_decode
+from pallas_kernels.dequantize_4bit import decode_absmax
 
 try:  # pragma: no cover - depends on the installed JAX
   from jax.experimental import pallas as pl
@@ -360,10 +360,9 @@ def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
   m = x.shape[0]
   dtype = jnp.dtype(x.dtype)
   nkb = k // 64
-  flat = codes.astype(jnp.int32)
-  absmax = _backend.add_rn(
-      nested_code.astype(jnp.float32)[flat]
-      * nested_absmax[jnp.arange(flat.shape[0]) // 256], offset, True)
+  absmax = decode_absmax(codes, jnp.arange(codes.shape[0]), nested_absmax,
+                         nested_code.astype(jnp.float32), offset, 256,
+                         nested_absmax.shape[0], True)
   scale = lut_decode.scale_words(absmax.reshape(n, nkb, 1), dtype)
   w = packed.reshape(n, nkb, 32)
   hi, lo = lut_decode.decode_scaled(w, jnp.broadcast_to(scale, w.shape), code,

@@ -316,8 +316,8 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_interpret_matches_dequant_matmul"
             "[False-1-1000-4608-config0-bfloat16-nf4]",)),
     Mutant("tma-absmax-offset-dropped", "pallas_kernels/gemv_4bit_tma.py",
-           "* nested_absmax[jnp.arange(flat.shape[0]) // 256], offset, True)",
-           "* nested_absmax[jnp.arange(flat.shape[0]) // 256], 0.0, True)",
+           "nested_code.astype(jnp.float32), offset, 256,",
+           "nested_code.astype(jnp.float32), 0.0, 256,",
            ("tests/kernels/gemv_4bit_tma_test.py::"
             "test_interpret_matches_dequant_matmul"
             "[False-3-64-4608-config1-float16-fp4]",)),
