@@ -162,13 +162,12 @@ def test_lowers_for_cuda():
   n, k, m = 1000, 2048, 3
   fn = functools.partial(gk.gemv_4bit, n=n, k=k, blocksize=64,
                          config=CONFIGS[0], code=_code("nf4"))
-  nest = (s((-(-n * k // 64 // 256),), jnp.float32), s((256,), jnp.float32),
-          s((), jnp.float32))
   try:
-    text = jax.jit(lambda *a: fn(*a[:4], nested=a[4:])).trace(
-        s((m, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
+    text = helpers.lowered_for_h200(
+        fn, s((m, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
         s((n * k // 64,), jnp.uint8), s((16,), jnp.float32),
-        *nest).lower(lowering_platforms=("cuda",)).as_text()
+        nested=(s((-(-n * k // 64 // 256),), jnp.float32),
+                s((256,), jnp.float32), s((), jnp.float32)))
   except AssertionError as e:  # no Mosaic GPU lowering rule registered
     pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
   assert "mosaic_gpu" in text
