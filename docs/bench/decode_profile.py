@@ -1,0 +1,62 @@
+"""Profile the 8B-shaped decode (random weights): GPU time per step by kernel,
+launches per step and how busy the GPU is (docs/benchmarks.md, "the decode
+step, kernel by kernel", H200, 2026-12-02). On the GPU machine:
+
+    python docs/bench/decode_profile.py jax-nf4-dq 1 64
+
+The traced `benchmark_decode(reps=1)` runs the decode loop twice (its
+warm-up run and the timed one), so the trace holds 2 x STEPS decode steps
+and two prefills. As run on 2026-12-02 the script divided by STEPS, so its
+printed "per step" times and counts are twice the real ones; `n` below is
+now 2 x STEPS. The prefill's kernels (dequantize, cuBLAS) are in the sums.
+"""
+import collections, gc, glob, os, sys, time
+import jax
+from flax import nnx
+from jaxbnb import models
+from jaxbnb._src.tools import bench_decode
+
+impl, batch = sys.argv[1], int(sys.argv[2])
+steps = int(sys.argv[3]) if len(sys.argv) > 3 else 32
+out = f"/tmp/prof_dec_{impl}_{batch}"
+model = bench_decode.random_model(dict(bench_decode.SHAPES[os.environ.get("SHAPE", "llama-3-8b")]), impl)
+jax.block_until_ready(nnx.state(model))
+gen = models.Generator(model)
+r = gen.benchmark_decode(batch=batch, prompt_len=128, steps=steps, reps=2)
+print(f"{impl} batch {batch}: {r['tokens_per_s']:.1f} tok/s, {r['ms_per_step']:.3f} ms/step")
+jax.profiler.start_trace(out)
+gen.benchmark_decode(batch=batch, prompt_len=128, steps=steps, reps=1)
+jax.profiler.stop_trace()
+f = sorted(glob.glob(f"{out}/**/*.xplane.pb", recursive=True))[-1]
+pd = jax.profiler.ProfileData.from_file(f)
+for plane in pd.planes:
+  if not plane.name.startswith("/device:GPU"):
+    continue
+  tot, cnt = collections.Counter(), collections.Counter()
+  ivs = []
+  for line in plane.lines:
+    if "Kernel" not in line.name and "Stream" not in line.name and "stream" not in line.name:
+      continue
+    for ev in line.events:
+      tot[ev.name[:90]] += ev.duration_ns; cnt[ev.name[:90]] += 1
+      ivs.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+  print(plane.name, [l.name for l in plane.lines][:8])
+  # per step: the run has 2 prefills and 2 x `steps` decode steps
+  n = 2 * steps
+  allsum = sum(tot.values())
+  print(f"  sum of kernel time {allsum/1e6:.2f} ms total; per decode step ~{allsum/n/1e3:.1f} us (includes prefills)")
+  for name, v in tot.most_common(30):
+    print(f"  {v/n/1e3:9.1f} us/step  x{cnt[name]/n:6.1f}/step  {v/cnt[name]/1e3:8.2f} us each  {name}")
+  ivs.sort()
+  busy, cur_s, cur_e = 0, None, None
+  for s, e in ivs:
+    if cur_e is None or s > cur_e:
+      if cur_e is not None:
+        busy += cur_e - cur_s
+      cur_s, cur_e = s, e
+    else:
+      cur_e = max(cur_e, e)
+  if cur_e is not None:
+    busy += cur_e - cur_s
+  span = ivs[-1][1] - ivs[0][0] if ivs else 0
+  print(f"  launches/step {len(ivs)/n:.0f}; GPU busy {busy/1e6:.2f} ms of a {span/1e6:.2f} ms span ({100*busy/max(span,1):.0f}%)")
