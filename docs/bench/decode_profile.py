@@ -10,7 +10,7 @@ and two prefills. As run on 2026-12-02 the script divided by STEPS, so its
 printed "per step" times and counts are twice the real ones; `n` below is
 now 2 x STEPS. The prefill's kernels (dequantize, cuBLAS) are in the sums.
 """
-import collections, gc, glob, os, sys, time
+import collections, glob, os, sys
 import jax
 from flax import nnx
 from jaxbnb import models

@@ -14,18 +14,9 @@ import json, os, sys, time
 import numpy as np
 import jax, jax.numpy as jnp
 sys.path.insert(0, "docs/bench")
-from jax._src.pallas.triton import lowering as L
-from jax._src.lib.mlir import ir
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
-LOOP = [0]
-_orig = L._lower_jaxpr_to_for_loop
-def _patched(ctx, *a, **kw):
-  res = _orig(ctx, *a, **kw)
-  if LOOP[0] and res:
-    res[0].owner.attributes["tt.num_stages"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), LOOP[0])
-  return res
-L._lower_jaxpr_to_for_loop = _patched
+from triton_lowering_patch import LOOP_STAGES as LOOP
 from jaxbnb import functional as F
 from jaxbnb._src.quant import codebooks
 from pallas_kernels import gemv_4bit as gk

@@ -5,7 +5,7 @@
 
 Pallas' Triton lowering emits `scf.for` without `tt.num_stages`, and Triton
 pipelines loads that feed no `tl.dot` only with that attribute; this probe
-patches the (private) lowering function to add it, so the weight bytes
+patches the (private) lowering function to add it (triton_lowering_patch.py), so the weight bytes
 stream through shared memory by cp.async, several steps ahead. The rows
 with stages 0 were meant as unpipelined controls and fail (a pallas_call
 needs num_stages >= 1); gemv_pipelined_ctrl.py has the controls.
@@ -14,17 +14,7 @@ import json, os, sys, time
 import numpy as np
 import jax, jax.numpy as jnp
 sys.path.insert(0, "docs/bench")
-from jax._src.pallas.triton import lowering as L
-from jax._src.lib.mlir import ir
-LOOP = [0]
-_orig = L._lower_jaxpr_to_for_loop
-def _patched(ctx, *a, **kw):
-  res = _orig(ctx, *a, **kw)
-  if LOOP[0] and res:
-    res[0].owner.attributes["tt.num_stages"] = ir.IntegerAttr.get(
-        ir.IntegerType.get_signless(32), LOOP[0])
-  return res
-L._lower_jaxpr_to_for_loop = _patched
+from triton_lowering_patch import LOOP_STAGES as LOOP
 from jaxbnb import functional as F
 from jaxbnb._src.quant import codebooks
 from pallas_kernels import gemv_4bit as gk

@@ -14,17 +14,7 @@ import json, os, sys, time
 import numpy as np
 import jax, jax.numpy as jnp
 sys.path.insert(0, "docs/bench")
-from jax._src.pallas.triton import lowering as L
-from jax._src.lib.mlir import ir
-NREG = [0]
-_orig = L.lower_jaxpr_to_triton_module
-def _patched(*a, **kw):
-  r = _orig(*a, **kw)
-  if NREG[0]:
-    r.module.operation.attributes["ttg.maxnreg"] = ir.IntegerAttr.get(
-        ir.IntegerType.get_signless(32), NREG[0])
-  return r
-L.lower_jaxpr_to_triton_module = _patched
+from triton_lowering_patch import MAX_REGISTERS as NREG
 from jaxbnb import functional as F
 from jaxbnb._src.quant import codebooks
 from pallas_kernels import gemv_4bit as gk
