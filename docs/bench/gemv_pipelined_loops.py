@@ -5,8 +5,9 @@
 
 Pallas' Triton lowering emits `scf.for` without `tt.num_stages`, and Triton
 pipelines loads that feed no `tl.dot` only with that attribute; this probe
-patches the (private) lowering function to add it (triton_lowering_patch.py), so the weight bytes
-stream through shared memory by cp.async, several steps ahead. The rows
+patches the (private) lowering function to add it (triton_lowering_patch.py),
+so the weight bytes stream through shared memory by cp.async, several steps
+ahead. The rows
 with stages 0 were meant as unpipelined controls and fail (a pallas_call
 needs num_stages >= 1); gemv_pipelined_ctrl.py has the controls.
 """
