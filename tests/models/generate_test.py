@@ -255,3 +255,35 @@ def test_kernel_mode_is_part_of_the_compile_cache_key(model):
   with jaxbnb.kernel_mode("reference"):
     g.generate([[1, 2, 3]], max_new_tokens=2)
   assert g.num_compiles == m
+
+
+def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
+  """In a kernel mode, one-token decode steps attend through the Pallas
+  kernel (`models/decode_kernel.py`; interpreted here, compiled in
+  tests/models/gpu_test.py): the same greedy tokens as the einsum path on a
+  bf16 model with grouped heads and ragged (left-padded) prompts, and
+  `JAXBNB_ATTENTION=xla` turns it off."""
+  import jaxbnb  # pylint: disable=import-outside-toplevel
+  from jaxbnb._src.models import decode_kernel  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(CFG, hidden_size=64, intermediate_size=96,
+                            num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16)
+  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           rngs=nnx.Rngs(1))
+  layers = []
+  real = decode_kernel.kernel.decode_attention
+  monkeypatch.setattr(decode_kernel.kernel, "decode_attention",
+                      lambda *a, **kw: layers.append(kw["layer"]) or real(
+                          *a, **kw))
+  with jaxbnb.kernel_mode("interpret"):
+    got = gen_lib.Generator(model).generate(PROMPTS, max_new_tokens=8)
+  assert sorted(set(layers)) == [0, 1]
+  with jaxbnb.kernel_mode("reference"):
+    want = gen_lib.Generator(model).generate(PROMPTS, max_new_tokens=8)
+  assert got.sequences == want.sequences
+  layers.clear()
+  monkeypatch.setenv("JAXBNB_ATTENTION", "xla")
+  with jaxbnb.kernel_mode("interpret"):
+    off = gen_lib.Generator(model).generate(PROMPTS, max_new_tokens=3)
+  assert not layers
+  assert off.sequences == [s[:3] for s in want.sequences]

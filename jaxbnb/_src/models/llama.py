@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxbnb._src.models import decode_kernel
 from jaxbnb._src.models import rope
 from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.models.kv_cache import KVCache
@@ -47,7 +48,9 @@ def _fused_attention(dtype: Any, head_dim: int) -> bool:
 
   `JAXBNB_ATTENTION`: "auto" (the default: on a CUDA GPU, for float16 and
   bfloat16 with a head size cuDNN takes), "cudnn" (the same, or an error
-  where cuDNN cannot run it) or "xla" (always the einsum path).
+  where cuDNN cannot run it) or "xla" (always the einsum path, also for
+  the one-token decode steps that otherwise run `decode_kernel`'s Pallas
+  kernel where the kernel mode resolves to the kernels).
   """
   choice = os.environ.get("JAXBNB_ATTENTION", "auto").lower()
   if choice not in ("auto", "cudnn", "xla"):
@@ -195,6 +198,15 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, nkv * g, d)
     k, v = k.reshape(b, t, nkv, d), v.reshape(b, t, nkv, d)
     q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+    run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype)
+                if kv_cache is not None and t == 1 else None)
+    if run_mode is not None:
+      # One token per row: the cache write and the attention in one
+      # kernel (models/decode_kernel.py).
+      out, new_kv = decode_kernel.attend(q, k, v, kv_cache, allowed, index,
+                                         run_mode)
+      out = _linear(self.o_proj, out.astype(self.dtype))
+      return out.astype(self.dtype), new_kv
     if kv_cache is not None:
       # Write the new keys/values into the stacked cache in place (the
       # buffer is donated by the decode loop), then read this layer's slice.

@@ -1,0 +1,260 @@
+"""Attention for one new token per row against the KV cache, in one kernel.
+
+At decode time each layer's attention was about ten small XLA kernels: the
+two cache writes, two copies of the layer's cache slice, the score
+product, the softmax's two reductions and its cast, the value product
+(docs/benchmarks.md, "The decode step, kernel by kernel"). Here one
+program per (row, key/value head[, split of the cache]) does it all:
+
+* it writes the new key and value into the stacked cache in place (the
+  cache is aliased from input to output; slot `index` of `layer`);
+* it walks the cache in blocks of `block_s` slots, the new key/value
+  taking slot `index`'s place in registers, and runs an online softmax:
+  the scores of the head's `g` query heads (padded to 16 rows for the
+  tensor cores) in float32, scaled, masked like the einsum path (a masked
+  key scores float32's lowest value, so a row that may see no key
+  averages all of them, as `jax.nn.softmax` does there), the probabilities
+  rounded to the compute dtype before the value product;
+* with one split it writes the normalized output; with several (long
+  caches, few rows) each writes its unnormalized sum, maximum and total,
+  and `decode_attention` combines them (flash-decoding).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _backend
+from pallas_kernels._backend import pl
+from pallas_kernels._backend import pltriton
+
+__all__ = ["can_use", "decode_attention", "reference"]
+
+_NEG = float(np.finfo(np.float32).min)
+_ROWS = 16  # the tensor cores' smallest M
+
+
+def can_use(head_dim: int, dtype, cache_dtype) -> bool:
+  """Whether the kernel serves this attention (else the einsum path)."""
+  return (_backend.available() and head_dim >= 16
+          and head_dim & (head_dim - 1) == 0 and head_dim <= 256
+          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+          and jnp.dtype(cache_dtype) == jnp.dtype(dtype))
+
+
+def reference(q, k_new, v_new, k_cache, v_cache, mask, index, *, layer,
+              scale):
+  """The einsum path `decode_attention` replaces (the model's, for T = 1).
+
+  Returns:
+    `(out [B, nq, d], k_cache, v_cache)`, as `decode_attention`.
+  """
+  b, nq, d = q.shape
+  nkv = k_new.shape[1]
+  zero = jnp.zeros((), jnp.int32)
+  start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32),
+           zero, zero)
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[None, :, None],
+                                         start)
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[None, :, None],
+                                         start)
+  k, v = k_cache[layer], v_cache[layer]
+  qg = q.reshape(b, nkv, nq // nkv, d)
+  s = jnp.einsum("bkgd,bskd->bkgs", qg, k,
+                 preferred_element_type=jnp.float32) * np.float32(scale)
+  s = jnp.where(mask[:, None, None, :] != 0, s, _NEG)
+  p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgs,bskd->bkgd", p, v,
+                   preferred_element_type=jnp.float32).astype(q.dtype)
+  return out.reshape(b, nq, d), k_cache, v_cache
+
+
+def _kernel(index_ref, q_ref, kn_ref, vn_ref, mask_ref, kc_ref, vc_ref,
+            *outs, layer, groups, block_s, steps, seq_len, scale, final):
+  if final:
+    o_ref, kc_out, vc_out = outs
+  else:
+    acc_ref, m_ref, l_ref, kc_out, vc_out = outs
+  b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  layer = jnp.int32(layer)  # interpret mode's discharge indexes by arrays
+  d = q_ref.shape[-1]
+  dtype = q_ref.dtype
+  index = index_ref[0]
+  kn = kn_ref[b, h, :]
+  vn = vn_ref[b, h, :]
+
+  @pl.when(sp == 0)
+  def _write():
+    kc_out[layer, b, index, h, :] = kn
+    vc_out[layer, b, index, h, :] = vn
+
+  rows = jax.lax.broadcasted_iota(jnp.int32, (_ROWS, d), 0)
+  qt = jnp.zeros((_ROWS, d), jnp.float32)
+  for j in range(groups):
+    qj = q_ref[b, h * groups + j, :].astype(jnp.float32)
+    qt = jnp.where(rows == j, qj[None, :], qt)
+  qt = qt.astype(dtype)
+  dims = (((1,), (1,)), ((), ()))
+
+  def body(t, carry):
+    m, l, acc = carry
+    start = (sp * steps + t) * block_s
+    slots = start + jnp.arange(block_s, dtype=jnp.int32)
+    ok = slots < seq_len
+    ok2 = jnp.broadcast_to(ok[:, None], (block_s, d))
+    new = jnp.broadcast_to((slots == index)[:, None], (block_s, d))
+    kt = pltriton.load(kc_ref.at[layer, b, pl.ds(start, block_s), h, :],
+                       mask=ok2, other=0)
+    vt = pltriton.load(vc_ref.at[layer, b, pl.ds(start, block_s), h, :],
+                       mask=ok2, other=0)
+    allowed = pltriton.load(mask_ref.at[b, pl.ds(start, block_s)], mask=ok,
+                            other=0)
+    kt = jnp.where(new, jnp.broadcast_to(kn[None, :], (block_s, d)), kt)
+    vt = jnp.where(new, jnp.broadcast_to(vn[None, :], (block_s, d)), vt)
+    s = jax.lax.dot_general(qt, kt, dims,
+                            preferred_element_type=jnp.float32)
+    s = s * jnp.float32(scale)
+    s = jnp.where((allowed != 0)[None, :], s, jnp.float32(_NEG))
+    s = jnp.where(ok[None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.exp(s - m_new[:, None])
+    alpha = jnp.exp(m - m_new)
+    l = l * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + jax.lax.dot_general(
+        p.astype(dtype), vt, (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32)
+    return m_new, l, acc
+
+  init = (jnp.full((_ROWS,), -jnp.inf, jnp.float32),
+          jnp.zeros((_ROWS,), jnp.float32),
+          jnp.zeros((_ROWS, d), jnp.float32))
+  if steps == 1:
+    m, l, acc = body(0, init)
+  else:
+    m, l, acc = jax.lax.fori_loop(0, steps, body, init)
+  if final:
+    out = acc / l[:, None]
+    for j in range(groups):
+      row = jnp.sum(jnp.where(rows == j, out, 0.0), axis=0)
+      o_ref[b, h * groups + j, :] = row.astype(o_ref.dtype)
+  else:
+    acc_ref[sp, b, h, :, :] = acc
+    m_ref[sp, b, h, :] = m
+    l_ref[sp, b, h, :] = l
+
+
+def _splits(batch: int, kv_heads: int, seq_len: int, block_s: int,
+            num_sms: int = 132) -> tuple[int, int]:
+  """(splits of the cache, blocks per split): one split while each program
+  has at most 8 blocks or the rows and heads alone fill the GPU."""
+  blocks = -(-seq_len // block_s)
+  split = max(1, min(-(-blocks // 8), 2 * num_sms // (batch * kv_heads)))
+  steps = -(-blocks // split)
+  return -(-blocks // steps), steps  # every split holds a real slot
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "layer", "scale", "block_s", "num_warps", "interpret"))
+def decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index, *,
+                     layer: int, scale: float, block_s: int | None = None,
+                     num_warps: int = 4, interpret: bool = False):
+  """One token per row attends to the cache, which takes its key and value.
+
+  Args:
+    q: queries `[B, nq, d]` (after RoPE), bfloat16 or float16.
+    k_new: the token's keys `[B, nkv, d]` (after RoPE), `q`'s dtype.
+    v_new: its values `[B, nkv, d]`.
+    k_cache: stacked keys `[L, B, S, nkv, d]`, `q`'s dtype.
+    v_cache: stacked values, same shape.
+    mask: `[B, S]`, nonzero where the token may see the slot (the new
+      slot included).
+    index: int32 scalar, the slot the token takes.
+    layer: which layer's cache (static).
+    scale: the score scale (`d ** -0.5`).
+    block_s: cache slots per step (default 128, fewer for short caches).
+    num_warps: Triton warps per program.
+    interpret: Pallas interpret mode (CPU tests).
+
+  Returns:
+    `(out [B, nq, d], k_cache, v_cache)`: the attention output in `q`'s
+    dtype and the caches with slot `index` of `layer` written (in place
+    when the caller donates them).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> q = jnp.ones((1, 4, 16), jnp.bfloat16)
+    >>> kv = jnp.ones((1, 2, 16), jnp.bfloat16)
+    >>> cache = jnp.zeros((2, 1, 8, 2, 16), jnp.bfloat16)
+    >>> mask = jnp.arange(8)[None] < 3
+    >>> out, kc, vc = decode_attention(q, kv, kv, cache, cache, mask,
+    ...                                jnp.int32(2), layer=1, scale=0.25,
+    ...                                interpret=True)
+    >>> out.shape, float(kc[1, 0, 2, 0, 0]), float(out[0, 0, 0])
+    ((1, 4, 16), 1.0, 0.3330078125)
+  """
+  b, nq, d = q.shape
+  n_layers, cb, seq_len, nkv, cd = k_cache.shape
+  if k_new.shape != (b, nkv, d) or v_new.shape != (b, nkv, d):
+    raise ValueError(
+        f"decode_attention: k_new and v_new must be {(b, nkv, d)}, got "
+        f"{k_new.shape} and {v_new.shape}.")
+  if (cb, cd) != (b, d) or v_cache.shape != k_cache.shape or nq % nkv:
+    raise ValueError(
+        "decode_attention: caches must be [L, B, S, nkv, d] with B, d of q "
+        f"and nq a multiple of nkv; got q {q.shape}, k_cache "
+        f"{k_cache.shape}, v_cache {v_cache.shape}.")
+  if not 0 <= layer < n_layers:
+    raise ValueError(f"decode_attention: layer must be in [0, {n_layers}), "
+                     f"got {layer}.")
+  groups = nq // nkv
+  if groups > _ROWS:
+    raise ValueError(f"decode_attention: at most {_ROWS} query heads per "
+                     f"key/value head, got {groups}.")
+  if block_s is None:
+    block_s = min(128, max(16, 1 << (seq_len - 1).bit_length()))
+  split, steps = _splits(b, nkv, seq_len, block_s)
+  final = split == 1
+  dtype = q.dtype
+  idx = jnp.asarray(index, jnp.int32).reshape(1)
+  args = _backend.same_vma(idx, q, k_new.astype(dtype), v_new.astype(dtype),
+                           jnp.asarray(mask).astype(jnp.int8), k_cache,
+                           v_cache)
+  cache_out = [_backend.out_struct(k_cache.shape, k_cache.dtype, *args)] * 2
+  if final:
+    out_shape = [_backend.out_struct((b, nq, d), dtype, *args)] + cache_out
+  else:
+    out_shape = [
+        _backend.out_struct((split, b, nkv, _ROWS, d), jnp.float32, *args),
+        _backend.out_struct((split, b, nkv, _ROWS), jnp.float32, *args),
+        _backend.out_struct((split, b, nkv, _ROWS), jnp.float32, *args),
+    ] + cache_out
+  n_out = len(out_shape)
+  kernel = functools.partial(
+      _kernel, layer=layer, groups=groups, block_s=block_s, steps=steps,
+      seq_len=seq_len, scale=float(scale), final=final)
+  cache_bytes = 4 * b * seq_len * nkv * d * jnp.dtype(dtype).itemsize
+  res = pl.pallas_call(
+      kernel,
+      out_shape=tuple(out_shape),
+      grid=(b, nkv, split),
+      input_output_aliases={5: n_out - 2, 6: n_out - 1},
+      compiler_params=_backend.compiler_params(num_warps=num_warps,
+                                               num_stages=1),
+      interpret=interpret,
+      name="jaxbnb_decode_attention",
+      cost_estimate=pl.CostEstimate(
+          flops=4 * b * nkv * _ROWS * seq_len * d, transcendentals=b * nq
+          * seq_len, bytes_accessed=cache_bytes),
+  )(*args)
+  if final:
+    return res
+  acc, m, l, k_cache, v_cache = res
+  top = jnp.max(m, axis=0)
+  w = jnp.exp(m - top[None])
+  out = jnp.sum(acc * w[..., None], axis=0) / jnp.sum(l * w, axis=0)[..., None]
+  out = out[:, :, :groups].reshape(b, nq, d).astype(dtype)
+  return out, k_cache, v_cache

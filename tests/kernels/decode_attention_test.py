@@ -1,0 +1,118 @@
+"""The one-token attention kernel against the model's einsum path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention as da
+from tests.kernels import _util
+
+
+def _inputs(b, nq, nkv, d, s, layers, seed, dtype=jnp.bfloat16):
+  rng = np.random.default_rng(seed)
+  def f(*shape):
+    return jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 2
+                       ).astype(dtype)
+  return (f(b, nq, d), f(b, nkv, d), f(b, nkv, d), f(layers, b, s, nkv, d),
+          f(layers, b, s, nkv, d), rng)
+
+
+def _check(out, kc, vc, want, kc0, vc0, layer, index):
+  ro, rk, rv = want
+  # The caches: exactly the reference's (one slot of one layer written).
+  np.testing.assert_array_equal(np.asarray(kc), np.asarray(rk))
+  np.testing.assert_array_equal(np.asarray(vc), np.asarray(rv))
+  changed = np.asarray(kc != kc0).any(axis=(1, 3, 4))
+  assert not np.delete(changed, layer, axis=0).any()
+  assert not np.delete(changed[layer], index, axis=0).any()
+  # The output: the online softmax rounds its probabilities before they
+  # are normalized, the einsum path after: within two bf16/fp16 ulps of
+  # the output's scale. Wrong masking, scale, grouping or a missed new
+  # key moves it by O(1).
+  got = np.asarray(out, np.float32)
+  ref = np.asarray(ro, np.float32)
+  assert got.shape == ref.shape and out.dtype == ro.dtype
+  tol = 2 * float(jnp.finfo(ro.dtype).eps) * max(1.0, np.abs(ref).max())
+  np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("mode", _util.modes())
+@pytest.mark.parametrize(
+    "b,nq,nkv,d,s,block_s,index",
+    [(1, 32, 8, 128, 256, None, 131),   # Llama-3-8B decode, one split
+     (2, 8, 2, 64, 40, None, 39),       # the last slot, S not a power of 2
+     (3, 4, 4, 32, 100, 16, 0),         # MHA, 7 blocks in a loop
+     (1, 4, 1, 16, 3000, 64, 2048),     # long cache: several splits
+     (2, 16, 1, 64, 520, 32, 333)])     # 16 query heads per kv head
+def test_matches_einsum_path(mode, b, nq, nkv, d, s, block_s, index):
+  q, kn, vn, kc, vc, rng = _inputs(b, nq, nkv, d, s, 3, seed=s + nq)
+  mask = rng.random((b, s)) < 0.6
+  mask[:, index] = True
+  if b > 1:
+    mask[-1] = False  # a row that may see no key: all slots weigh alike
+  mask = jnp.asarray(mask)
+  layer = 2 if s < 1000 else 1
+  kw = dict(layer=layer, scale=d ** -0.5)
+  want = da.reference(q, kn, vn, kc, vc, mask, jnp.int32(index), **kw)
+  out, kc2, vc2 = da.decode_attention(
+      q, kn, vn, kc, vc, mask, jnp.int32(index), block_s=block_s,
+      interpret=mode == "interpret", **kw)
+  _check(out, kc2, vc2, want, kc, vc, layer, index)
+
+
+@pytest.mark.parametrize("mode", _util.modes())
+def test_float16_sliding_window_and_traced_index(mode):
+  """float16, a window mask (only the last 5 slots before the token), and
+  the slot and mask as traced values of one jitted function (as in the
+  decode loop, where they change every step)."""
+  b, nq, nkv, d, s = 2, 8, 4, 32, 64
+  q, kn, vn, kc, vc, _ = _inputs(b, nq, nkv, d, s, 2, seed=7,
+                                 dtype=jnp.float16)
+  interpret = mode == "interpret"
+
+  @jax.jit
+  def step(index, kc, vc):
+    slots = jnp.arange(s)
+    mask = jnp.broadcast_to((slots <= index) & (slots > index - 5), (b, s))
+    got = da.decode_attention(q, kn, vn, kc, vc, mask, index, layer=0,
+                              scale=d ** -0.5, interpret=interpret)
+    want = da.reference(q, kn, vn, kc, vc, mask, index, layer=0,
+                        scale=d ** -0.5)
+    return got, want
+
+  for index in (3, 40):
+    got, want = step(jnp.int32(index), kc, vc)
+    _check(*got, want, kc, vc, 0, index)
+
+
+def test_splits_cover_the_cache_once():
+  """Every split holds at least one real slot (an empty one would divide
+  by zero) and together they hold all blocks once; a split walks at most
+  8 blocks unless two programs per SM are already there."""
+  for b, nkv, s, block in [(1, 8, 256, 128), (1, 8, 8192, 128),
+                           (8, 8, 8192, 128), (1, 1, 3000, 64),
+                           (1, 1, 129, 128), (64, 8, 100000, 128)]:
+    split, steps = da._splits(b, nkv, s, block)  # pylint: disable=protected-access
+    blocks = -(-s // block)
+    assert split * steps >= blocks and (split - 1) * steps < blocks
+    assert steps <= 8 or split == max(1, 2 * 132 // (b * nkv))
+
+
+def test_bad_arguments_name_what_is_wrong():
+  q, kn, vn, kc, vc, _ = _inputs(1, 4, 2, 16, 8, 2, seed=0)
+  mask = jnp.ones((1, 8), bool)
+  run = lambda *a, **kw: da.decode_attention(  # noqa: E731
+      *a, mask, jnp.int32(0), scale=0.25, interpret=True, **kw)
+  with pytest.raises(ValueError, match=r"k_new and v_new must be \(1, 2, 16\)"):
+    run(q, kn[:, :1], vn, kc, vc, layer=0)
+  with pytest.raises(ValueError, match="caches must be"):
+    run(q, kn, vn, kc[:, :, :, :, :8], vc, layer=0)
+  with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got 2"):
+    run(q, kn, vn, kc, vc, layer=2)
+  assert da.can_use(128, jnp.bfloat16, jnp.bfloat16)
+  assert not da.can_use(96, jnp.bfloat16, jnp.bfloat16)
+  assert not da.can_use(128, jnp.float32, jnp.float32)
+  assert not da.can_use(128, jnp.bfloat16, jnp.float32)
