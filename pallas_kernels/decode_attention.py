@@ -40,14 +40,22 @@ _ROWS = 16  # the tensor cores' smallest M
 
 def can_use(head_dim: int, dtype, cache_dtype) -> bool:
   """Whether the kernel serves this attention (else the einsum path)."""
-  return (_backend.available() and head_dim >= 16
+  return (_backend.available() and head_dim >= 32
           and head_dim & (head_dim - 1) == 0 and head_dim <= 256
           and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
           and jnp.dtype(cache_dtype) == jnp.dtype(dtype))
 
 
-def reference(q, k_new, v_new, k_cache, v_cache, mask, index, *, layer,
-              scale):
+def _rotate(x, cos, sin):
+  """The model's RoPE (`models/rope.py`): `x * cos + rotate_half(x) * sin`,
+  `x` `[B, heads, d]`, `cos`/`sin` `[B, d]`."""
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, None] + rot * sin[:, None]
+
+
+def reference(q, k_new, v_new, cos, sin, k_cache, v_cache, mask, index, *,
+              layer, scale):
   """The einsum path `decode_attention` replaces (the model's, for T = 1).
 
   Returns:
@@ -55,6 +63,7 @@ def reference(q, k_new, v_new, k_cache, v_cache, mask, index, *, layer,
   """
   b, nq, d = q.shape
   nkv = k_new.shape[1]
+  q, k_new = _rotate(q, cos, sin), _rotate(k_new, cos, sin)
   zero = jnp.zeros((), jnp.int32)
   start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32),
            zero, zero)
@@ -73,8 +82,24 @@ def reference(q, k_new, v_new, k_cache, v_cache, mask, index, *, layer,
   return out.reshape(b, nq, d), k_cache, v_cache
 
 
-def _kernel(index_ref, q_ref, kn_ref, vn_ref, mask_ref, kc_ref, vc_ref,
-            *outs, layer, groups, block_s, steps, seq_len, scale, final):
+def _rope(lo, hi, cos_ref, sin_ref, b, half, dtype, interpret):
+  """`x * cos + rotate_half(x) * sin` on the halves of one head's vector,
+  each product and the sum rounded to `dtype` (as 16-bit tensor ops do
+  it in transformers and in XLA on the CPU)."""
+  f32 = jnp.float32
+  def rnd(x):  # interpret mode: a rounding XLA cannot drop
+    return (_backend.round_to_dtype(x, dtype) if interpret
+            else x.astype(dtype).astype(f32))
+  c_lo, c_hi = (cos_ref[b, pl.ds(i * half, half)].astype(f32) for i in (0, 1))
+  s_lo, s_hi = (sin_ref[b, pl.ds(i * half, half)].astype(f32) for i in (0, 1))
+  lo, hi = lo.astype(f32), hi.astype(f32)
+  return ((rnd(lo * c_lo) - rnd(hi * s_lo)).astype(dtype),
+          (rnd(hi * c_hi) + rnd(lo * s_hi)).astype(dtype))
+
+
+def _kernel(index_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, mask_ref,
+            kc_ref, vc_ref, *outs, layer, groups, block_s, steps, seq_len,
+            scale, final, interpret):
   if final:
     o_ref, kc_out, vc_out = outs
   else:
@@ -82,41 +107,52 @@ def _kernel(index_ref, q_ref, kn_ref, vn_ref, mask_ref, kc_ref, vc_ref,
   b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   layer = jnp.int32(layer)  # interpret mode's discharge indexes by arrays
   d = q_ref.shape[-1]
+  half = d // 2
   dtype = q_ref.dtype
   index = index_ref[0]
-  kn = kn_ref[b, h, :]
+  lo_hi = (pl.ds(0, half), pl.ds(half, half))
+  kn = _rope(*(kn_ref[b, h, i] for i in lo_hi), cos_ref, sin_ref, b, half,
+             dtype, interpret)
   vn = vn_ref[b, h, :]
 
   @pl.when(sp == 0)
   def _write():
-    kc_out[layer, b, index, h, :] = kn
+    for i, part in zip(lo_hi, kn):
+      kc_out[layer, b, index, h, i] = part
     vc_out[layer, b, index, h, :] = vn
 
-  rows = jax.lax.broadcasted_iota(jnp.int32, (_ROWS, d), 0)
-  qt = jnp.zeros((_ROWS, d), jnp.float32)
+  # The group's query heads (after RoPE) as the rows of two half tiles.
+  rows = jax.lax.broadcasted_iota(jnp.int32, (_ROWS, half), 0)
+  q_lo = q_hi = jnp.zeros((_ROWS, half), jnp.float32)
   for j in range(groups):
-    qj = q_ref[b, h * groups + j, :].astype(jnp.float32)
-    qt = jnp.where(rows == j, qj[None, :], qt)
-  qt = qt.astype(dtype)
-  dims = (((1,), (1,)), ((), ()))
+    lo, hi = _rope(*(q_ref[b, h * groups + j, i] for i in lo_hi), cos_ref,
+                   sin_ref, b, half, dtype, interpret)
+    q_lo = jnp.where(rows == j, lo.astype(jnp.float32)[None, :], q_lo)
+    q_hi = jnp.where(rows == j, hi.astype(jnp.float32)[None, :], q_hi)
+  q_lo, q_hi = q_lo.astype(dtype), q_hi.astype(dtype)
+  nt = (((1,), (1,)), ((), ()))
 
   def body(t, carry):
     m, l, acc = carry
     start = (sp * steps + t) * block_s
     slots = start + jnp.arange(block_s, dtype=jnp.int32)
     ok = slots < seq_len
-    ok2 = jnp.broadcast_to(ok[:, None], (block_s, d))
-    new = jnp.broadcast_to((slots == index)[:, None], (block_s, d))
-    kt = pltriton.load(kc_ref.at[layer, b, pl.ds(start, block_s), h, :],
-                       mask=ok2, other=0)
-    vt = pltriton.load(vc_ref.at[layer, b, pl.ds(start, block_s), h, :],
-                       mask=ok2, other=0)
+    new = (slots == index)[:, None]
+    def tile(ref, cols, width, fresh):
+      okw = jnp.broadcast_to(ok[:, None], (block_s, width))
+      x = pltriton.load(ref.at[layer, b, pl.ds(start, block_s), h, cols],
+                        mask=okw, other=0)
+      return jnp.where(jnp.broadcast_to(new, (block_s, width)),
+                       jnp.broadcast_to(fresh[None, :], (block_s, width)), x)
+    k_lo = tile(kc_ref, lo_hi[0], half, kn[0])
+    k_hi = tile(kc_ref, lo_hi[1], half, kn[1])
+    vt = tile(vc_ref, slice(None), d, vn)
     allowed = pltriton.load(mask_ref.at[b, pl.ds(start, block_s)], mask=ok,
                             other=0)
-    kt = jnp.where(new, jnp.broadcast_to(kn[None, :], (block_s, d)), kt)
-    vt = jnp.where(new, jnp.broadcast_to(vn[None, :], (block_s, d)), vt)
-    s = jax.lax.dot_general(qt, kt, dims,
-                            preferred_element_type=jnp.float32)
+    s = (jax.lax.dot_general(q_lo, k_lo, nt,
+                             preferred_element_type=jnp.float32)
+         + jax.lax.dot_general(q_hi, k_hi, nt,
+                               preferred_element_type=jnp.float32))
     s = s * jnp.float32(scale)
     s = jnp.where((allowed != 0)[None, :], s, jnp.float32(_NEG))
     s = jnp.where(ok[None, :], s, -jnp.inf)
@@ -138,8 +174,9 @@ def _kernel(index_ref, q_ref, kn_ref, vn_ref, mask_ref, kc_ref, vc_ref,
     m, l, acc = jax.lax.fori_loop(0, steps, body, init)
   if final:
     out = acc / l[:, None]
+    rows_d = jax.lax.broadcasted_iota(jnp.int32, (_ROWS, d), 0)
     for j in range(groups):
-      row = jnp.sum(jnp.where(rows == j, out, 0.0), axis=0)
+      row = jnp.sum(jnp.where(rows_d == j, out, 0.0), axis=0)
       o_ref[b, h * groups + j, :] = row.astype(o_ref.dtype)
   else:
     acc_ref[sp, b, h, :, :] = acc
@@ -148,26 +185,35 @@ def _kernel(index_ref, q_ref, kn_ref, vn_ref, mask_ref, kc_ref, vc_ref,
 
 
 def _splits(batch: int, kv_heads: int, seq_len: int, block_s: int,
-            num_sms: int = 132) -> tuple[int, int]:
-  """(splits of the cache, blocks per split): one split while each program
-  has at most 8 blocks or the rows and heads alone fill the GPU."""
+            split: int | None = None, num_sms: int = 132) -> tuple[int, int]:
+  """(splits of the cache, blocks per split): by default one split while
+  each program has at most 8 blocks or the rows and heads alone fill the
+  GPU."""
   blocks = -(-seq_len // block_s)
-  split = max(1, min(-(-blocks // 8), 2 * num_sms // (batch * kv_heads)))
+  if split is None:
+    split = max(1, min(-(-blocks // 8), 2 * num_sms // (batch * kv_heads)))
+  split = max(1, min(split, blocks))
   steps = -(-blocks // split)
   return -(-blocks // steps), steps  # every split holds a real slot
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "layer", "scale", "block_s", "num_warps", "interpret"))
-def decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index, *,
-                     layer: int, scale: float, block_s: int | None = None,
+    "layer", "scale", "block_s", "split", "num_warps", "interpret"))
+def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
+                     index, *, layer: int, scale: float,
+                     block_s: int | None = None, split: int | None = None,
                      num_warps: int = 4, interpret: bool = False):
   """One token per row attends to the cache, which takes its key and value.
 
   Args:
-    q: queries `[B, nq, d]` (after RoPE), bfloat16 or float16.
-    k_new: the token's keys `[B, nkv, d]` (after RoPE), `q`'s dtype.
+    q: queries `[B, nq, d]` (before RoPE), bfloat16 or float16.
+    k_new: the token's keys `[B, nkv, d]` (before RoPE), `q`'s dtype.
     v_new: its values `[B, nkv, d]`.
+    cos: the token's RoPE cosines `[B, d]` (`models.rope.rope_cos_sin`),
+      applied to `q` and `k_new` as the model does (`x * cos +
+      rotate_half(x) * sin`, each product and the sum rounded to the
+      dtype).
+    sin: its sines `[B, d]`.
     k_cache: stacked keys `[L, B, S, nkv, d]`, `q`'s dtype.
     v_cache: stacked values, same shape.
     mask: `[B, S]`, nonzero where the token may see the slot (the new
@@ -176,6 +222,8 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index, *,
     layer: which layer's cache (static).
     scale: the score scale (`d ** -0.5`).
     block_s: cache slots per step (default 128, fewer for short caches).
+    split: programs per row and key/value head, each on its share of the
+      cache, combined after the kernel (default: `_splits`).
     num_warps: Triton warps per program.
     interpret: Pallas interpret mode (CPU tests).
 
@@ -186,15 +234,16 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index, *,
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> q = jnp.ones((1, 4, 16), jnp.bfloat16)
-    >>> kv = jnp.ones((1, 2, 16), jnp.bfloat16)
-    >>> cache = jnp.zeros((2, 1, 8, 2, 16), jnp.bfloat16)
+    >>> q = jnp.ones((1, 4, 32), jnp.bfloat16)
+    >>> kv = jnp.ones((1, 2, 32), jnp.bfloat16)
+    >>> cos, sin = jnp.ones((1, 32), jnp.bfloat16), jnp.zeros((1, 32))
+    >>> cache = jnp.zeros((2, 1, 8, 2, 32), jnp.bfloat16)
     >>> mask = jnp.arange(8)[None] < 3
-    >>> out, kc, vc = decode_attention(q, kv, kv, cache, cache, mask,
-    ...                                jnp.int32(2), layer=1, scale=0.25,
-    ...                                interpret=True)
+    >>> out, kc, vc = decode_attention(q, kv, kv, cos, sin, cache, cache,
+    ...                                mask, jnp.int32(2), layer=1,
+    ...                                scale=0.125, interpret=True)
     >>> out.shape, float(kc[1, 0, 2, 0, 0]), float(out[0, 0, 0])
-    ((1, 4, 16), 1.0, 0.3330078125)
+    ((1, 4, 32), 1.0, 0.96484375)
   """
   b, nq, d = q.shape
   n_layers, cb, seq_len, nkv, cd = k_cache.shape
@@ -214,15 +263,18 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index, *,
   if groups > _ROWS:
     raise ValueError(f"decode_attention: at most {_ROWS} query heads per "
                      f"key/value head, got {groups}.")
+  if cos.shape != (b, d) or sin.shape != (b, d):
+    raise ValueError(f"decode_attention: cos and sin must be {(b, d)}, got "
+                     f"{cos.shape} and {sin.shape}.")
   if block_s is None:
     block_s = min(128, max(16, 1 << (seq_len - 1).bit_length()))
-  split, steps = _splits(b, nkv, seq_len, block_s)
+  split, steps = _splits(b, nkv, seq_len, block_s, split)
   final = split == 1
   dtype = q.dtype
   idx = jnp.asarray(index, jnp.int32).reshape(1)
   args = _backend.same_vma(idx, q, k_new.astype(dtype), v_new.astype(dtype),
-                           jnp.asarray(mask).astype(jnp.int8), k_cache,
-                           v_cache)
+                           cos, sin, jnp.asarray(mask).astype(jnp.int8),
+                           k_cache, v_cache)
   cache_out = [_backend.out_struct(k_cache.shape, k_cache.dtype, *args)] * 2
   if final:
     out_shape = [_backend.out_struct((b, nq, d), dtype, *args)] + cache_out
@@ -235,13 +287,13 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, mask, index, *,
   n_out = len(out_shape)
   kernel = functools.partial(
       _kernel, layer=layer, groups=groups, block_s=block_s, steps=steps,
-      seq_len=seq_len, scale=float(scale), final=final)
+      seq_len=seq_len, scale=float(scale), final=final, interpret=interpret)
   cache_bytes = 4 * b * seq_len * nkv * d * jnp.dtype(dtype).itemsize
   res = pl.pallas_call(
       kernel,
       out_shape=tuple(out_shape),
       grid=(b, nkv, split),
-      input_output_aliases={5: n_out - 2, 6: n_out - 1},
+      input_output_aliases={7: n_out - 2, 8: n_out - 1},
       compiler_params=_backend.compiler_params(num_warps=num_warps,
                                                num_stages=1),
       interpret=interpret,

@@ -12,19 +12,32 @@ from tests.kernels import _util
 
 
 def _inputs(b, nq, nkv, d, s, layers, seed, dtype=jnp.bfloat16):
+  """q, k_new, v_new, cos, sin, k_cache, v_cache and the rng: RoPE tables
+  of Llama's kind at a random position per row."""
   rng = np.random.default_rng(seed)
   def f(*shape):
     return jnp.asarray(rng.standard_normal(shape).astype(np.float32) * 2
                        ).astype(dtype)
-  return (f(b, nq, d), f(b, nkv, d), f(b, nkv, d), f(layers, b, s, nkv, d),
-          f(layers, b, s, nkv, d), rng)
+  inv = 10000.0 ** (-np.arange(0, d, 2, dtype=np.float32) / d)
+  ang = rng.integers(0, 4096, (b, 1)).astype(np.float32) * inv
+  ang = np.concatenate([ang, ang], axis=-1)
+  cos, sin = (jnp.asarray(t(ang)).astype(dtype) for t in (np.cos, np.sin))
+  return (f(b, nq, d), f(b, nkv, d), f(b, nkv, d), cos, sin,
+          f(layers, b, s, nkv, d), f(layers, b, s, nkv, d), rng)
 
 
 def _check(out, kc, vc, want, kc0, vc0, layer, index):
   ro, rk, rv = want
-  # The caches: exactly the reference's (one slot of one layer written).
-  np.testing.assert_array_equal(np.asarray(kc), np.asarray(rk))
+  # The caches: the reference's, one slot of one layer written (RoPE with
+  # the reference's roundings; XLA on the GPU may keep the products in
+  # float32 for the reference, then they are an ulp of a product apart).
   np.testing.assert_array_equal(np.asarray(vc), np.asarray(rv))
+  kf, rkf = np.asarray(kc, np.float32), np.asarray(rk, np.float32)
+  if jax.default_backend() == "cpu":
+    np.testing.assert_array_equal(kf, rkf)
+  eps = float(jnp.finfo(rk.dtype).eps)
+  np.testing.assert_allclose(kf, rkf, rtol=eps,
+                             atol=eps * np.abs(rkf[layer, :, index]).max())
   changed = np.asarray(kc != kc0).any(axis=(1, 3, 4))
   assert not np.delete(changed, layer, axis=0).any()
   assert not np.delete(changed[layer], index, axis=0).any()
@@ -45,10 +58,11 @@ def _check(out, kc, vc, want, kc0, vc0, layer, index):
     [(1, 32, 8, 128, 256, None, 131),   # Llama-3-8B decode, one split
      (2, 8, 2, 64, 40, None, 39),       # the last slot, S not a power of 2
      (3, 4, 4, 32, 100, 16, 0),         # MHA, 7 blocks in a loop
-     (1, 4, 1, 16, 3000, 64, 2048),     # long cache: several splits
+     (1, 4, 1, 32, 3000, 64, 2048),     # long cache: several splits
      (2, 16, 1, 64, 520, 32, 333)])     # 16 query heads per kv head
 def test_matches_einsum_path(mode, b, nq, nkv, d, s, block_s, index):
-  q, kn, vn, kc, vc, rng = _inputs(b, nq, nkv, d, s, 3, seed=s + nq)
+  q, kn, vn, cos, sin, kc, vc, rng = _inputs(b, nq, nkv, d, s, 3,
+                                             seed=s + nq)
   mask = rng.random((b, s)) < 0.6
   mask[:, index] = True
   if b > 1:
@@ -56,9 +70,10 @@ def test_matches_einsum_path(mode, b, nq, nkv, d, s, block_s, index):
   mask = jnp.asarray(mask)
   layer = 2 if s < 1000 else 1
   kw = dict(layer=layer, scale=d ** -0.5)
-  want = da.reference(q, kn, vn, kc, vc, mask, jnp.int32(index), **kw)
+  want = da.reference(q, kn, vn, cos, sin, kc, vc, mask, jnp.int32(index),
+                      **kw)
   out, kc2, vc2 = da.decode_attention(
-      q, kn, vn, kc, vc, mask, jnp.int32(index), block_s=block_s,
+      q, kn, vn, cos, sin, kc, vc, mask, jnp.int32(index), block_s=block_s,
       interpret=mode == "interpret", **kw)
   _check(out, kc2, vc2, want, kc, vc, layer, index)
 
@@ -69,23 +84,40 @@ def test_float16_sliding_window_and_traced_index(mode):
   the slot and mask as traced values of one jitted function (as in the
   decode loop, where they change every step)."""
   b, nq, nkv, d, s = 2, 8, 4, 32, 64
-  q, kn, vn, kc, vc, _ = _inputs(b, nq, nkv, d, s, 2, seed=7,
-                                 dtype=jnp.float16)
+  q, kn, vn, cos, sin, kc, vc, _ = _inputs(b, nq, nkv, d, s, 2, seed=7,
+                                           dtype=jnp.float16)
   interpret = mode == "interpret"
 
   @jax.jit
   def step(index, kc, vc):
     slots = jnp.arange(s)
     mask = jnp.broadcast_to((slots <= index) & (slots > index - 5), (b, s))
-    got = da.decode_attention(q, kn, vn, kc, vc, mask, index, layer=0,
-                              scale=d ** -0.5, interpret=interpret)
-    want = da.reference(q, kn, vn, kc, vc, mask, index, layer=0,
+    got = da.decode_attention(q, kn, vn, cos, sin, kc, vc, mask, index,
+                              layer=0, scale=d ** -0.5, interpret=interpret)
+    want = da.reference(q, kn, vn, cos, sin, kc, vc, mask, index, layer=0,
                         scale=d ** -0.5)
     return got, want
 
   for index in (3, 40):
     got, want = step(jnp.int32(index), kc, vc)
     _check(*got, want, kc, vc, 0, index)
+
+
+@pytest.mark.parametrize("mode", _util.modes())
+@pytest.mark.parametrize("split", [2, 4, 100])
+def test_forced_splits(mode, split):
+  """`split` programs per head (flash-decoding), combined after the
+  kernel; more splits than blocks clamp to one block each."""
+  b, nq, nkv, d, s, index = 2, 8, 2, 64, 256, 77
+  q, kn, vn, cos, sin, kc, vc, rng = _inputs(b, nq, nkv, d, s, 2, seed=split)
+  mask = jnp.asarray(rng.random((b, s)) < 0.5).at[:, index].set(True)
+  kw = dict(layer=1, scale=d ** -0.5)
+  want = da.reference(q, kn, vn, cos, sin, kc, vc, mask, jnp.int32(index),
+                      **kw)
+  got = da.decode_attention(q, kn, vn, cos, sin, kc, vc, mask,
+                            jnp.int32(index), block_s=32, split=split,
+                            interpret=mode == "interpret", **kw)
+  _check(*got, want, kc, vc, 1, index)
 
 
 def test_splits_cover_the_cache_once():
@@ -102,17 +134,20 @@ def test_splits_cover_the_cache_once():
 
 
 def test_bad_arguments_name_what_is_wrong():
-  q, kn, vn, kc, vc, _ = _inputs(1, 4, 2, 16, 8, 2, seed=0)
+  q, kn, vn, cos, sin, kc, vc, _ = _inputs(1, 4, 2, 32, 8, 2, seed=0)
   mask = jnp.ones((1, 8), bool)
   run = lambda *a, **kw: da.decode_attention(  # noqa: E731
       *a, mask, jnp.int32(0), scale=0.25, interpret=True, **kw)
-  with pytest.raises(ValueError, match=r"k_new and v_new must be \(1, 2, 16\)"):
-    run(q, kn[:, :1], vn, kc, vc, layer=0)
+  with pytest.raises(ValueError, match=r"k_new and v_new must be \(1, 2, 32\)"):
+    run(q, kn[:, :1], vn, cos, sin, kc, vc, layer=0)
   with pytest.raises(ValueError, match="caches must be"):
-    run(q, kn, vn, kc[:, :, :, :, :8], vc, layer=0)
+    run(q, kn, vn, cos, sin, kc[..., :16], vc, layer=0)
   with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got 2"):
-    run(q, kn, vn, kc, vc, layer=2)
+    run(q, kn, vn, cos, sin, kc, vc, layer=2)
+  with pytest.raises(ValueError, match=r"cos and sin must be \(1, 32\)"):
+    run(q, kn, vn, cos[:, :16], sin, kc, vc, layer=0)
   assert da.can_use(128, jnp.bfloat16, jnp.bfloat16)
   assert not da.can_use(96, jnp.bfloat16, jnp.bfloat16)
+  assert not da.can_use(16, jnp.bfloat16, jnp.bfloat16)
   assert not da.can_use(128, jnp.float32, jnp.float32)
   assert not da.can_use(128, jnp.bfloat16, jnp.float32)

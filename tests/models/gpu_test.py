@@ -141,8 +141,9 @@ def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
   default on the GPU) against the einsum path (`JAXBNB_ATTENTION=xla`):
   Llama-3's head layout (32 query heads of 128 over 8 key/value heads), a
   left-padded batch, eight steps after the same prefill: the first
-  layer's cache bit for bit (its keys do not depend on attention), the
-  logits within a few bf16 ulps of their scale, the same greedy tokens."""
+  layer's values bit for bit and its keys within an ulp (neither depends
+  on attention), the logits within a few bf16 ulps of their scale, the
+  same greedy tokens."""
   from flax import nnx
   from jaxbnb import models
   cfg = models.LlamaConfig(vocab_size=256, hidden_size=512,
@@ -177,7 +178,11 @@ def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
   scale = np.abs(want).max()
   assert np.abs(got - want).max() < 2e-2 * scale
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+  np.testing.assert_array_equal(np.asarray(got_cache.v[0], np.float32),
+                                np.asarray(want_cache.v[0], np.float32))
   for a, b in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    np.testing.assert_array_equal(a[0], b[0])
+    # Layer 0's keys: RoPE in float32 rounded once in the kernel, XLA's
+    # fusion may contract differently: an ulp of the largest key at most.
+    assert np.abs(a[0] - b[0]).max() <= 2 ** -7 * np.abs(b[0]).max()
     assert np.abs(a - b).max() < 2e-2 * np.abs(b).max()

@@ -37,16 +37,18 @@ def mode(dtype: Any, head_dim: int, cache_dtype: Any) -> str | None:
   return resolved
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array,
-           kv_cache: tuple[jax.Array, jax.Array, int], allowed: jax.Array,
-           index: jax.Array, run_mode: str
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array,
+           sin: jax.Array, kv_cache: tuple[jax.Array, jax.Array, int],
+           allowed: jax.Array, index: jax.Array, run_mode: str
            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """Attention of one token per row, the cache updated.
+  """Attention of one token per row, RoPE applied, the cache updated.
 
   Args:
-    q: queries `[B, 1, nq, d]` after RoPE.
-    k: the token's keys `[B, 1, nkv, d]` after RoPE.
+    q: queries `[B, 1, nq, d]` before RoPE.
+    k: the token's keys `[B, 1, nkv, d]` before RoPE.
     v: its values, same shape.
+    cos: RoPE cosines `[B, 1, d]`.
+    sin: RoPE sines `[B, 1, d]`.
     kv_cache: `(k_cache, v_cache, layer)` as `Attention` takes it.
     allowed: bool `[B, 1, S]`, the slots the token sees.
     index: the token's slot.
@@ -58,7 +60,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   ck, cv, layer = kv_cache
   b, _, nq, d = q.shape
   out, ck, cv = kernel.decode_attention(
-      q[:, 0], k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype), ck, cv,
+      q[:, 0], k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype),
+      cos[:, 0].astype(q.dtype), sin[:, 0].astype(q.dtype), ck, cv,
       allowed[:, 0], index, layer=int(layer),
       scale=float(np.float32(d ** -0.5)), interpret=run_mode == "interpret")
   return out.reshape(b, 1, nq * d), (ck, cv)

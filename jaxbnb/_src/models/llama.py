@@ -197,16 +197,16 @@ class Attention(nnx.Module):
         (self.q_proj, self.k_proj, self.v_proj), x))
     q = q.reshape(b, t, nkv * g, d)
     k, v = k.reshape(b, t, nkv, d), v.reshape(b, t, nkv, d)
-    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
     run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype)
                 if kv_cache is not None and t == 1 else None)
     if run_mode is not None:
-      # One token per row: the cache write and the attention in one
+      # One token per row: RoPE, the cache write and the attention in one
       # kernel (models/decode_kernel.py).
-      out, new_kv = decode_kernel.attend(q, k, v, kv_cache, allowed, index,
-                                         run_mode)
+      out, new_kv = decode_kernel.attend(q, k, v, cos, sin, kv_cache,
+                                         allowed, index, run_mode)
       out = _linear(self.o_proj, out.astype(self.dtype))
       return out.astype(self.dtype), new_kv
+    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
     if kv_cache is not None:
       # Write the new keys/values into the stacked cache in place (the
       # buffer is donated by the decode loop), then read this layer's slice.
