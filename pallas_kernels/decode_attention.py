@@ -186,12 +186,19 @@ def _kernel(index_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, mask_ref,
 
 def _splits(batch: int, kv_heads: int, seq_len: int, block_s: int,
             split: int | None = None, num_sms: int = 132) -> tuple[int, int]:
-  """(splits of the cache, blocks per split): by default one split while
-  each program has at most 8 blocks or the rows and heads alone fill the
-  GPU."""
+  """(splits of the cache, blocks per split).
+
+  By default as many splits as give two programs per SM, at most one per
+  block: one program walking the cache alone waits on each block in turn,
+  and the combine after the kernel costs less than that (H200 sweep,
+  docs/benchmarks.md "Decode attention in one kernel": one row, 256 slots,
+  8 key/value heads: 8.1 us a call with 4 one-block splits of 64, 11.4
+  with one program of two blocks of 128; 8 rows and 2,048 slots: 34.4 us
+  with 4 splits, 64.2 with one).
+  """
   blocks = -(-seq_len // block_s)
   if split is None:
-    split = max(1, min(-(-blocks // 8), 2 * num_sms // (batch * kv_heads)))
+    split = 2 * num_sms // (batch * kv_heads)
   split = max(1, min(split, blocks))
   steps = -(-blocks // split)
   return -(-blocks // steps), steps  # every split holds a real slot
@@ -221,7 +228,7 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     index: int32 scalar, the slot the token takes.
     layer: which layer's cache (static).
     scale: the score scale (`d ** -0.5`).
-    block_s: cache slots per step (default 128, fewer for short caches).
+    block_s: cache slots per step (default 64 up to 512 slots, else 128).
     split: programs per row and key/value head, each on its share of the
       cache, combined after the kernel (default: `_splits`).
     num_warps: Triton warps per program.
@@ -266,8 +273,8 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
   if cos.shape != (b, d) or sin.shape != (b, d):
     raise ValueError(f"decode_attention: cos and sin must be {(b, d)}, got "
                      f"{cos.shape} and {sin.shape}.")
-  if block_s is None:
-    block_s = min(128, max(16, 1 << (seq_len - 1).bit_length()))
+  if block_s is None:  # the sweep's best: 64 up to 512 slots, then 128
+    block_s = 64 if seq_len <= 512 else 128
   split, steps = _splits(b, nkv, seq_len, block_s, split)
   final = split == 1
   dtype = q.dtype

@@ -122,15 +122,19 @@ def test_forced_splits(mode, split):
 
 def test_splits_cover_the_cache_once():
   """Every split holds at least one real slot (an empty one would divide
-  by zero) and together they hold all blocks once; a split walks at most
-  8 blocks unless two programs per SM are already there."""
-  for b, nkv, s, block in [(1, 8, 256, 128), (1, 8, 8192, 128),
+  by zero) and together they hold all blocks once; by default splits are
+  added up to two programs per SM, one block each at most."""
+  for b, nkv, s, block in [(1, 8, 256, 64), (1, 8, 8192, 128),
                            (8, 8, 8192, 128), (1, 1, 3000, 64),
-                           (1, 1, 129, 128), (64, 8, 100000, 128)]:
+                           (1, 1, 129, 128), (64, 8, 100000, 128),
+                           (40, 8, 256, 64)]:
     split, steps = da._splits(b, nkv, s, block)  # pylint: disable=protected-access
     blocks = -(-s // block)
     assert split * steps >= blocks and (split - 1) * steps < blocks
-    assert steps <= 8 or split == max(1, 2 * 132 // (b * nkv))
+    want = max(1, min(blocks, 2 * 132 // (b * nkv)))
+    assert -(-blocks // want) == steps
+  assert da._splits(1, 8, 256, 64) == (4, 1)  # pylint: disable=protected-access
+  assert da._splits(8, 8, 2048, 128) == (4, 4)  # pylint: disable=protected-access
 
 
 def test_bad_arguments_name_what_is_wrong():
