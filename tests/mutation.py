@@ -96,8 +96,31 @@ def _cases(test: str, *ids: str) -> tuple[str, ...]:
 
 
 # fmt: off
+_ATTN = "tests/kernels/decode_attention_test.py::"
+
 MUTANTS: tuple[Mutant, ...] = (
     # ---------------------------------------------------------- kernels
+    Mutant("decode-attn-new-key-in-the-slot-before",
+           "pallas_kernels/decode_attention.py",
+           "new = (slots == index)[:, None]",
+           "new = (slots == index - 1)[:, None]",
+           (_ATTN + "test_matches_einsum_path[1-32-8-128-256-None-131-"
+            "interpret]",)),
+    Mutant("decode-attn-mask-ignored", "pallas_kernels/decode_attention.py",
+           "s = jnp.where((allowed != 0)[None, :], s, jnp.float32(_NEG))",
+           "s = jnp.where((allowed != 2)[None, :], s, jnp.float32(_NEG))",
+           (_ATTN + "test_matches_einsum_path[1-32-8-128-256-None-131-"
+            "interpret]",)),
+    Mutant("decode-attn-splits-combined-unweighted",
+           "pallas_kernels/decode_attention.py",
+           "w = jnp.exp(m - top[None])",
+           "w = jnp.ones_like(m)",
+           (_ATTN + "test_forced_splits[4-interpret]",)),
+    Mutant("decode-attn-rope-sine-sign", "pallas_kernels/decode_attention.py",
+           "return ((rnd(lo * c_lo) - rnd(hi * s_lo)).astype(dtype),",
+           "return ((rnd(lo * c_lo) + rnd(hi * s_lo)).astype(dtype),",
+           (_ATTN + "test_matches_einsum_path[1-32-8-128-256-None-131-"
+            "interpret]",)),
     Mutant("gemv-prmt-odd-half-gets-even-x", "pallas_kernels/gemv_4bit.py",
            "zip(_fold(hi, folds), _fold(xe, folds),\n"
            "                                  _fold(lo, folds), _fold(xo, folds))",
