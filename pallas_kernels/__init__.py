@@ -17,6 +17,9 @@ Pallas' Triton lowering (`_backend.py` is the one module that knows it):
   epilogue fused.
 * `int8_gemm`: the LLM.int8 forward for larger M: tiled int8 GEMM with the
   gathered outlier columns and bitsandbytes' epilogue fused.
+* `decode_attention`: one new token per row against the KV cache (RoPE,
+  the cache write, scores, online softmax and the value product) in one
+  launch, split over the cache for long ones.
 * `optim_8bit`: fused 8-bit blockwise optimizer update (dequantize the
   states, update, requantize with the sign fix) for bitsandbytes' kinds.
 * `code_tables`: quantization to a sorted 8-bit map (bitsandbytes' dynamic

@@ -3,9 +3,11 @@
 At decode time each layer's attention was about ten small XLA kernels: the
 two cache writes, two copies of the layer's cache slice, the score
 product, the softmax's two reductions and its cast, the value product
-(docs/benchmarks.md, "The decode step, kernel by kernel"). Here one
+(docs/benchmarks.md, "Decode attention in one kernel"). Here one
 program per (row, key/value head[, split of the cache]) does it all:
 
+* it applies RoPE to the token's queries and key (the model's formula and
+  roundings);
 * it writes the new key and value into the stacked cache in place (the
   cache is aliased from input to output; slot `index` of `layer`);
 * it walks the cache in blocks of `block_s` slots, the new key/value
@@ -38,10 +40,12 @@ _NEG = float(np.finfo(np.float32).min)
 _ROWS = 16  # the tensor cores' smallest M
 
 
-def can_use(head_dim: int, dtype, cache_dtype) -> bool:
-  """Whether the kernel serves this attention (else the einsum path)."""
+def can_use(head_dim: int, dtype, cache_dtype, groups: int = 1) -> bool:
+  """Whether the kernel serves this attention (else the einsum path):
+  `groups` query heads per key/value head, at most 16."""
   return (_backend.available() and head_dim >= 32
           and head_dim & (head_dim - 1) == 0 and head_dim <= 256
+          and 1 <= groups <= _ROWS
           and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
           and jnp.dtype(cache_dtype) == jnp.dtype(dtype))
 

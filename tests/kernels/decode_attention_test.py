@@ -155,3 +155,5 @@ def test_bad_arguments_name_what_is_wrong():
   assert not da.can_use(16, jnp.bfloat16, jnp.bfloat16)
   assert not da.can_use(128, jnp.float32, jnp.float32)
   assert not da.can_use(128, jnp.bfloat16, jnp.float32)
+  assert da.can_use(128, jnp.bfloat16, jnp.bfloat16, groups=16)
+  assert not da.can_use(128, jnp.bfloat16, jnp.bfloat16, groups=32)

@@ -310,6 +310,11 @@ def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
     out = gen_lib.Generator(model).generate(PROMPTS, max_new_tokens=4)
   assert sorted(set(layers)) == [0, 1]
   assert [len(s) for s in out.sequences] == [4] * len(PROMPTS)
+  with jaxbnb.kernel_mode("interpret"):  # what the kernel does not take
+    assert decode_kernel.mode(jnp.bfloat16, 32, jnp.bfloat16, 2)
+    assert decode_kernel.mode(jnp.bfloat16, 32, jnp.bfloat16, 32) is None
+    assert decode_kernel.mode(jnp.bfloat16, 48, jnp.bfloat16, 2) is None
+    assert decode_kernel.mode(jnp.float32, 32, jnp.float32, 2) is None
   layers.clear()
   monkeypatch.setenv("JAXBNB_ATTENTION", "xla")
   with jaxbnb.kernel_mode("interpret"):

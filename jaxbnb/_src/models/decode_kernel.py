@@ -26,13 +26,15 @@ from jaxbnb._src.quant import dispatch
 __all__ = ["attend", "mode"]
 
 
-def mode(dtype: Any, head_dim: int, cache_dtype: Any) -> str | None:
-  """"pallas" or "interpret" where the kernel serves this layer, else None."""
+def mode(dtype: Any, head_dim: int, cache_dtype: Any, groups: int
+         ) -> str | None:
+  """"pallas" or "interpret" where the kernel serves this layer (`groups`
+  query heads per key/value head), else None."""
   if os.environ.get("JAXBNB_ATTENTION", "auto").lower() == "xla":
     return None
   resolved = dispatch.resolve()
   if (resolved == "reference" or tensor_parallel.current() is not None
-      or not kernel.can_use(head_dim, dtype, cache_dtype)):
+      or not kernel.can_use(head_dim, dtype, cache_dtype, groups)):
     return None
   return resolved
 

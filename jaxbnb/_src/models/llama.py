@@ -197,7 +197,7 @@ class Attention(nnx.Module):
         (self.q_proj, self.k_proj, self.v_proj), x))
     q = q.reshape(b, t, nkv * g, d)
     k, v = k.reshape(b, t, nkv, d), v.reshape(b, t, nkv, d)
-    run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype)
+    run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype, g)
                 if kv_cache is not None and t == 1 else None)
     if run_mode is not None:
       # One token per row: RoPE, the cache write and the attention in one
