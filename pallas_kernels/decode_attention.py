@@ -229,7 +229,8 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     v_cache: stacked values, same shape.
     mask: `[B, S]`, nonzero where the token may see the slot (the new
       slot included).
-    index: int32 scalar, the slot the token takes.
+    index: int32 scalar, the slot the token takes (clamped to the cache,
+      as `jax.lax.dynamic_update_slice` clamps it).
     layer: which layer's cache (static).
     scale: the score scale (`d ** -0.5`).
     block_s: cache slots per step (default 64 up to 512 slots, else 128).
@@ -282,7 +283,9 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
   split, steps = _splits(b, nkv, seq_len, block_s, split)
   final = split == 1
   dtype = q.dtype
-  idx = jnp.asarray(index, jnp.int32).reshape(1)
+  # Clamped as `dynamic_update_slice` clamps the einsum path's write: a
+  # slot past the cache never becomes a store out of bounds.
+  idx = jnp.clip(jnp.asarray(index, jnp.int32), 0, seq_len - 1).reshape(1)
   args = _backend.same_vma(idx, q, k_new.astype(dtype), v_new.astype(dtype),
                            cos, sin, jnp.asarray(mask).astype(jnp.int8),
                            k_cache, v_cache)

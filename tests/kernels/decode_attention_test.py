@@ -101,6 +101,10 @@ def test_float16_sliding_window_and_traced_index(mode):
   for index in (3, 40):
     got, want = step(jnp.int32(index), kc, vc)
     _check(*got, want, kc, vc, 0, index)
+  # A slot past the cache is clamped to the last one, as the einsum path's
+  # `dynamic_update_slice` clamps it (never a store out of bounds).
+  got, want = step(jnp.int32(s + 7), kc, vc)
+  _check(*got, want, kc, vc, 0, s - 1)
 
 
 @pytest.mark.parametrize("mode", _util.modes())

@@ -315,6 +315,10 @@ def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
     assert decode_kernel.mode(jnp.bfloat16, 32, jnp.bfloat16, 32) is None
     assert decode_kernel.mode(jnp.bfloat16, 48, jnp.bfloat16, 2) is None
     assert decode_kernel.mode(jnp.float32, 32, jnp.float32, 2) is None
+  monkeypatch.setenv("JAXBNB_ATTENTION", "fast")
+  with pytest.raises(ValueError,
+                     match="JAXBNB_ATTENTION must be .* got 'fast'"):
+    decode_kernel.mode(jnp.bfloat16, 32, jnp.bfloat16, 2)
   layers.clear()
   monkeypatch.setenv("JAXBNB_ATTENTION", "xla")
   with jaxbnb.kernel_mode("interpret"):

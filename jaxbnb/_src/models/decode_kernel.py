@@ -23,14 +23,27 @@ from pallas_kernels import decode_attention as kernel
 from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.quant import dispatch
 
-__all__ = ["attend", "mode"]
+__all__ = ["attend", "attention_choice", "mode"]
+
+
+def attention_choice() -> str:
+  """`JAXBNB_ATTENTION`, checked: "auto" (the default), "cudnn" or "xla".
+
+  Raises:
+    ValueError: for any other value.
+  """
+  choice = os.environ.get("JAXBNB_ATTENTION", "auto").lower()
+  if choice not in ("auto", "cudnn", "xla"):
+    raise ValueError("JAXBNB_ATTENTION must be 'auto', 'cudnn' or 'xla', "
+                     f"got {choice!r}.")
+  return choice
 
 
 def mode(dtype: Any, head_dim: int, cache_dtype: Any, groups: int
          ) -> str | None:
   """"pallas" or "interpret" where the kernel serves this layer (`groups`
   query heads per key/value head), else None."""
-  if os.environ.get("JAXBNB_ATTENTION", "auto").lower() == "xla":
+  if attention_choice() == "xla":
     return None
   resolved = dispatch.resolve()
   if (resolved == "reference" or tensor_parallel.current() is not None

@@ -12,7 +12,6 @@ except the ones `quantization.skips(path)` keeps in full precision.
 from __future__ import annotations
 
 from collections.abc import Iterator
-import os
 from typing import Any
 
 import jax
@@ -52,10 +51,7 @@ def _fused_attention(dtype: Any, head_dim: int) -> bool:
   the one-token decode steps that otherwise run `decode_kernel`'s Pallas
   kernel where the kernel mode resolves to the kernels).
   """
-  choice = os.environ.get("JAXBNB_ATTENTION", "auto").lower()
-  if choice not in ("auto", "cudnn", "xla"):
-    raise ValueError("JAXBNB_ATTENTION must be 'auto', 'cudnn' or 'xla', "
-                     f"got {choice!r}.")
+  choice = decode_kernel.attention_choice()
   if choice == "xla":
     return False
   if choice == "cudnn":
