@@ -268,6 +268,10 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
         "decode_attention: caches must be [L, B, S, nkv, d] with B, d of q "
         f"and nq a multiple of nkv; got q {q.shape}, k_cache "
         f"{k_cache.shape}, v_cache {v_cache.shape}.")
+  if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    raise ValueError(
+        f"decode_attention: k_cache and v_cache must be q's dtype "
+        f"{q.dtype}, got {k_cache.dtype} and {v_cache.dtype}.")
   if not 0 <= layer < n_layers:
     raise ValueError(f"decode_attention: layer must be in [0, {n_layers}), "
                      f"got {layer}.")

@@ -150,6 +150,9 @@ def test_bad_arguments_name_what_is_wrong():
     run(q, kn[:, :1], vn, cos, sin, kc, vc, layer=0)
   with pytest.raises(ValueError, match="caches must be"):
     run(q, kn, vn, cos, sin, kc[..., :16], vc, layer=0)
+  with pytest.raises(ValueError, match="k_cache and v_cache must be q's "
+                     "dtype bfloat16, got float32 and bfloat16"):
+    run(q, kn, vn, cos, sin, kc.astype(jnp.float32), vc, layer=0)
   with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got 2"):
     run(q, kn, vn, cos, sin, kc, vc, layer=2)
   with pytest.raises(ValueError, match=r"cos and sin must be \(1, 32\)"):
