@@ -164,3 +164,58 @@ def test_bad_arguments_name_what_is_wrong():
   assert not da.can_use(128, jnp.bfloat16, jnp.float32)
   assert da.can_use(128, jnp.bfloat16, jnp.bfloat16, groups=16)
   assert not da.can_use(128, jnp.bfloat16, jnp.bfloat16, groups=32)
+
+
+@pytest.mark.parametrize("mode", _util.modes())
+@pytest.mark.parametrize("b,nq,nkv,d,splits,rows",
+                         [(1, 32, 8, 128, 8, 1),   # Llama-3-8B, "reduce"
+                          (3, 8, 2, 64, 3, 16),    # padded rows ("mma")
+                          (2, 4, 4, 32, None, 2)])  # one bf16 array
+def test_qkv_input_matches_separate_heads(mode, b, nq, nkv, d, splits, rows):
+  """`decode_attention_qkv` reads q, k and v from one projection output:
+  float32 split-K partials `[splits, rows, (nq + 2 nkv) d]` added in order
+  and rounded once, or one `[rows, ...]` array; the same bits as
+  `decode_attention` on the summed, rounded and sliced heads."""
+  s, index, layer = 96, 50, 1
+  _, _, _, cos, sin, kc, vc, rng = _inputs(b, nq, nkv, d, s, 2, seed=rows)
+  width = (nq + 2 * nkv) * d
+  if splits is None:
+    qkv = jnp.asarray(rng.standard_normal((rows, width)), jnp.bfloat16)
+    flat = qkv[:b]
+  else:
+    qkv = jnp.asarray(rng.standard_normal((splits, rows, width)),
+                      jnp.float32)
+    total = qkv[0]
+    for i in range(1, splits):  # in order, as the kernel adds them
+      total = total + qkv[i]
+    flat = total[:b].astype(jnp.bfloat16)
+  q = flat[:, :nq * d].reshape(b, nq, d)
+  kn = flat[:, nq * d:(nq + nkv) * d].reshape(b, nkv, d)
+  vn = flat[:, (nq + nkv) * d:].reshape(b, nkv, d)
+  mask = jnp.asarray(rng.random((b, s)) < 0.7).at[:, index].set(True)
+  kw = dict(layer=layer, scale=d ** -0.5, interpret=mode == "interpret")
+  want = da.decode_attention(q, kn, vn, cos, sin, kc, vc, mask,
+                             jnp.int32(index), **kw)
+  got = da.decode_attention_qkv(qkv, cos, sin, kc, vc, mask,
+                                jnp.int32(index), num_heads=nq, **kw)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32),
+                                  np.asarray(w, np.float32))
+
+
+def test_qkv_input_bad_arguments_name_what_is_wrong():
+  _, _, _, cos, sin, kc, vc, _ = _inputs(1, 4, 2, 32, 8, 2, seed=0)
+  mask = jnp.ones((1, 8), bool)
+  run = lambda qkv, **kw: da.decode_attention_qkv(  # noqa: E731
+      qkv, cos, sin, kc, vc, mask, jnp.int32(0), layer=0, scale=0.25,
+      interpret=True, **kw)
+  width = (4 + 2 * 2) * 32
+  with pytest.raises(ValueError, match=r"qkv must be \[rows, \(nq \+ 2 nkv\)"
+                     r" d\] in the cache's dtype bfloat16 or float32 .*; got "
+                     r"float16 \(1, 256\)"):
+    run(jnp.ones((1, width), jnp.float16), num_heads=4)
+  with pytest.raises(ValueError, match=r"last axis must be \(nq \+ 2 nkv\) d "
+                     r"= 256 with at least 1 rows, got \(2, 1, 250\)"):
+    run(jnp.ones((2, 1, 250), jnp.float32), num_heads=4)
+  with pytest.raises(ValueError, match="at least 1 rows"):
+    run(jnp.ones((2, 0, width), jnp.float32), num_heads=4)

@@ -324,3 +324,57 @@ def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
   with jaxbnb.kernel_mode("interpret"):
     gen_lib.Generator(model).generate(PROMPTS, max_new_tokens=2)
   assert not layers
+
+
+@pytest.mark.parametrize("hidden,heads,batch", [(128, 4, 2), (1024, 8, 1)])
+def test_decode_attention_takes_the_qkv_gemv_output(monkeypatch, hidden,
+                                                     heads, batch):
+  """A 4-bit model's one-token steps hand the q/k/v GEMV's raw output to
+  the attention kernel (`decode_attention_qkv`: the split-K partials
+  added and the heads sliced there, no XLA kernel between the launches).
+  Interpreted here (compiled in tests/models/gpu_test.py): the logits and
+  caches equal those of the same kernels with the GEMV's own sum and
+  slices, bit for bit. K = 128 gives one split (the "one" input, batch 2
+  through "warp"); K = 1024 at batch 1 two ("reduce")."""
+  import jaxbnb  # pylint: disable=import-outside-toplevel
+  from jaxbnb._src.models import decode_kernel  # pylint: disable=import-outside-toplevel
+  from jaxbnb._src.models import llama  # pylint: disable=import-outside-toplevel
+  from jaxbnb._src.models.kv_cache import KVCache  # pylint: disable=import-outside-toplevel
+  from jaxbnb._src.tools import bench_decode  # pylint: disable=import-outside-toplevel
+  shape = dict(bench_decode.SHAPES["tiny"], hidden_size=hidden,
+               num_attention_heads=heads, num_key_value_heads=2,
+               vocab_size=128)
+  model = bench_decode.random_model(shape, "jax-nf4-dq")
+  cfg = model.config
+  calls = []
+  real = decode_kernel.kernel.decode_attention_qkv
+  monkeypatch.setattr(
+      decode_kernel.kernel, "decode_attention_qkv",
+      lambda qkv, *a, **kw: calls.append(qkv.shape) or real(qkv, *a, **kw))
+  ids = jnp.asarray(np.arange(5 * batch).reshape(batch, 5) % 100, jnp.int32)
+  forced = jnp.asarray(np.arange(3 * batch).reshape(batch, 3) + 7, jnp.int32)
+
+  def steps():
+    with jaxbnb.kernel_mode("interpret"):
+      cache = KVCache.init(cfg, batch=batch, max_len=8, dtype=jnp.bfloat16)
+      _, cache = nnx.jit(lambda m, x, c: m(x, cache=c))(model, ids, cache)
+      step = nnx.jit(lambda m, tok, c: m(tok, cache=c))
+      out = []
+      for i in range(forced.shape[1]):
+        logits, cache = step(model, forced[:, i:i + 1], cache)
+        out.append(np.asarray(logits[:, 0], np.float32))
+      return np.stack(out), cache
+
+  got, got_cache = steps()
+  width = (heads + 2 * 2) * (hidden // heads)
+  assert len(calls) == cfg.num_hidden_layers  # traced once, both layers
+  assert {s[-1] for s in calls} == {width}
+  assert {len(s) for s in calls} == ({2} if hidden == 128 else {3})
+  calls.clear()
+  monkeypatch.setattr(llama, "_group_partials", lambda *a: None)
+  want, want_cache = steps()
+  assert not calls
+  np.testing.assert_array_equal(got, want)
+  for a, b in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32))

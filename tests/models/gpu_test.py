@@ -186,3 +186,57 @@ def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
     # fusion may contract differently: an ulp of the largest key at most.
     assert np.abs(a[0] - b[0]).max() <= 2 ** -7 * np.abs(b[0]).max()
     assert np.abs(a - b).max() < 2e-2 * np.abs(b).max()
+
+
+def test_decode_attention_takes_the_qkv_gemv_output(monkeypatch):
+  """Compiled: a 4-bit (NF4 + DQ) model with Llama-3's head layout hands
+  the q/k/v GEMV's split-K partials to the attention kernel
+  (`decode_attention_qkv`), against the same kernels with XLA's sum and
+  slices in between: batch 1 ("reduce", 8 splits) and 4 ("warp"), eight
+  greedy steps; the same tokens, logits within a few bf16 ulps of their
+  scale (XLA may add the 8 partials in another order: an ulp of q, k or
+  v at most), the caches within an ulp."""
+  from flax import nnx
+  from jaxbnb import models
+  from jaxbnb._src.models import decode_kernel
+  from jaxbnb._src.models import llama
+  from jaxbnb._src.tools import bench_decode
+  shape = dict(bench_decode.SHAPES["tiny"], hidden_size=4096,
+               num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=256)
+  model = bench_decode.random_model(shape, "jax-nf4-dq")
+  cfg = model.config
+  calls = []
+  real = decode_kernel.kernel.decode_attention_qkv
+  monkeypatch.setattr(
+      decode_kernel.kernel, "decode_attention_qkv",
+      lambda qkv, *a, **kw: calls.append(qkv.shape) or real(qkv, *a, **kw))
+  for batch in (1, 4):
+    ids = jnp.asarray(np.random.default_rng(batch).integers(
+        0, 256, (batch, 12)), jnp.int32)
+
+    def decode(batch=batch, ids=ids):
+      cache = models.KVCache.init(cfg, batch=batch, max_len=64,
+                                  dtype=jnp.bfloat16)
+      logits, cache = nnx.jit(lambda m, x, c: m(x, cache=c))(model, ids,
+                                                             cache)
+      step = nnx.jit(lambda m, x, c: m(x, cache=c))
+      outs = []
+      for _ in range(8):
+        tok = jnp.argmax(logits[:, -1], axis=-1)[:, None].astype(jnp.int32)
+        logits, cache = step(model, tok, cache)
+        outs.append(np.asarray(logits[:, -1], np.float32))
+      return np.stack(outs), cache
+
+    with monkeypatch.context() as m:
+      got, got_cache = decode()
+      assert calls and calls[-1][-1] == (32 + 16) * 128, calls
+      calls.clear()
+      m.setattr(llama, "_group_partials", lambda *a: None)
+      want, want_cache = decode()
+      assert not calls
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+    for a, b in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      assert np.abs(a - b).max() <= 2 ** -7 * np.abs(b).max()
