@@ -34,7 +34,7 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
-__all__ = ["can_use", "decode_attention", "decode_attention_qkv", "reference"]
+__all__ = ["can_use", "decode_attention", "reference"]
 
 _NEG = float(np.finfo(np.float32).min)
 _ROWS = 16  # the tensor cores' smallest M
@@ -94,66 +94,30 @@ def _rope(lo, hi, cos_ref, sin_ref, b, half, dtype, interpret):
   def rnd(x):  # interpret mode: a rounding XLA cannot drop
     return (_backend.round_to_dtype(x, dtype) if interpret
             else x.astype(dtype).astype(f32))
-  def table(ref, i):  # [half], or [1, half] against `[heads, half]` tiles
-    t = ref[b, pl.ds(i * half, half)].astype(f32)
-    return t if lo.ndim == 1 else t[None, :]
-  c_lo, c_hi = table(cos_ref, 0), table(cos_ref, 1)
-  s_lo, s_hi = table(sin_ref, 0), table(sin_ref, 1)
+  c_lo, c_hi = (cos_ref[b, pl.ds(i * half, half)].astype(f32) for i in (0, 1))
+  s_lo, s_hi = (sin_ref[b, pl.ds(i * half, half)].astype(f32) for i in (0, 1))
   lo, hi = lo.astype(f32), hi.astype(f32)
   return ((rnd(lo * c_lo) - rnd(hi * s_lo)).astype(dtype),
           (rnd(hi * c_hi) + rnd(lo * s_hi)).astype(dtype))
 
 
-def _fetcher(refs, qkv, b, nq, nkv, dtype):
-  """`fetch(kind, head, start, width, count=None)`: the token's `width`
-  values from column `start` of query/key/value head `head` ("q", "k",
-  "v"), `[width]` in `dtype`; with `count`, heads `head .. head + count -
-  1` as a `[count, width]` tile. `qkv` None: `refs` are the separate q, k,
-  v inputs `[B, heads, d]`; "one": one `[rows, nq + 2 nkv, d]` input in
-  `dtype`; "sum": one float32 `[splits, rows, nq + 2 nkv, d]` input of
-  split-K partial sums, added here in order and rounded once (as the
-  GEMV's own sum does)."""
-  if qkv is None:
-    named = dict(zip("qkv", refs))
-    def fetch(kind, head, start, width, count=None):
-      heads = head if count is None else pl.ds(head, count)
-      return named[kind][b, heads, pl.ds(start, width)].astype(dtype)
-    return fetch
-  (ref,) = refs
-  base = {"q": 0, "k": nq, "v": nq + nkv}
-  def fetch(kind, head, start, width, count=None):
-    heads = base[kind] + head
-    at = (heads if count is None else pl.ds(heads, count),
-          pl.ds(start, width))
-    if qkv == "one":
-      return ref[(b,) + at].astype(dtype)
-    acc = ref[(0, b) + at]
-    for s in range(1, ref.shape[0]):
-      acc = acc + ref[(s, b) + at]
-    return acc.astype(dtype)
-  return fetch
-
-
-def _kernel(index_ref, *refs, layer, groups, block_s, steps, seq_len,
-            scale, final, qkv, nq, nkv, d, interpret):
-  n_src = 3 if qkv is None else 1
-  src, refs = refs[:n_src], refs[n_src:]
-  cos_ref, sin_ref, mask_ref, kc_ref, vc_ref = refs[:5]
-  outs = refs[5:]
+def _kernel(index_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, mask_ref,
+            kc_ref, vc_ref, *outs, layer, groups, block_s, steps, seq_len,
+            scale, final, interpret):
   if final:
     o_ref, kc_out, vc_out = outs
   else:
     acc_ref, m_ref, l_ref, kc_out, vc_out = outs
   b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   layer = jnp.int32(layer)  # interpret mode's discharge indexes by arrays
+  d = q_ref.shape[-1]
   half = d // 2
-  dtype = kc_ref.dtype
-  fetch = _fetcher(src, qkv, b, nq, nkv, dtype)
+  dtype = q_ref.dtype
   index = index_ref[0]
   lo_hi = (pl.ds(0, half), pl.ds(half, half))
-  kn = _rope(fetch("k", h, 0, half), fetch("k", h, half, half), cos_ref,
-             sin_ref, b, half, dtype, interpret)
-  vn = fetch("v", h, 0, d)
+  kn = _rope(*(kn_ref[b, h, i] for i in lo_hi), cos_ref, sin_ref, b, half,
+             dtype, interpret)
+  vn = vn_ref[b, h, :]
 
   @pl.when(sp == 0)
   def _write():
@@ -164,24 +128,11 @@ def _kernel(index_ref, *refs, layer, groups, block_s, steps, seq_len,
   # The group's query heads (after RoPE) as the rows of two half tiles.
   rows = jax.lax.broadcasted_iota(jnp.int32, (_ROWS, half), 0)
   q_lo = q_hi = jnp.zeros((_ROWS, half), jnp.float32)
-  if groups & (groups - 1) == 0 and groups > 1:
-    # The group's heads as one [groups, half] tile per half: fewer, larger
-    # loads (each a sum of split-K partials in the "sum" mode).
-    tiles = _rope(fetch("q", h * groups, 0, half, groups),
-                  fetch("q", h * groups, half, half, groups), cos_ref,
-                  sin_ref, b, half, dtype, interpret)
-    tiles = [t.astype(jnp.float32) for t in tiles]
-    at = jax.lax.broadcasted_iota(jnp.int32, (groups, half), 0)
-    heads = [[jnp.sum(jnp.where(at == j, t, 0.0), axis=0) for t in tiles]
-             for j in range(groups)]
-  else:
-    heads = [[t.astype(jnp.float32) for t in _rope(
-        fetch("q", h * groups + j, 0, half),
-        fetch("q", h * groups + j, half, half), cos_ref, sin_ref, b, half,
-        dtype, interpret)] for j in range(groups)]
-  for j, (lo, hi) in enumerate(heads):
-    q_lo = jnp.where(rows == j, lo[None, :], q_lo)
-    q_hi = jnp.where(rows == j, hi[None, :], q_hi)
+  for j in range(groups):
+    lo, hi = _rope(*(q_ref[b, h * groups + j, i] for i in lo_hi), cos_ref,
+                   sin_ref, b, half, dtype, interpret)
+    q_lo = jnp.where(rows == j, lo.astype(jnp.float32)[None, :], q_lo)
+    q_hi = jnp.where(rows == j, hi.astype(jnp.float32)[None, :], q_hi)
   q_lo, q_hi = q_lo.astype(dtype), q_hi.astype(dtype)
   nt = (((1,), (1,)), ((), ()))
 
@@ -307,94 +258,20 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     ((1, 4, 32), 1.0, 0.96484375)
   """
   b, nq, d = q.shape
-  nkv = k_cache.shape[3]
+  n_layers, cb, seq_len, nkv, cd = k_cache.shape
   if k_new.shape != (b, nkv, d) or v_new.shape != (b, nkv, d):
     raise ValueError(
         f"decode_attention: k_new and v_new must be {(b, nkv, d)}, got "
         f"{k_new.shape} and {v_new.shape}.")
-  dtype = q.dtype
-  return _run((q, k_new.astype(dtype), v_new.astype(dtype)), None, b, nq,
-              d, dtype, cos, sin, k_cache, v_cache, mask, index,
-              layer=layer, scale=scale, block_s=block_s, split=split,
-              num_warps=num_warps, interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "num_heads", "layer", "scale", "block_s", "split", "num_warps",
-    "interpret"))
-def decode_attention_qkv(qkv, cos, sin, k_cache, v_cache, mask, index, *,
-                         num_heads: int, layer: int, scale: float,
-                         block_s: int | None = None,
-                         split: int | None = None, num_warps: int = 4,
-                         interpret: bool = False):
-  """`decode_attention` taking q, k and v as one projection's output.
-
-  The 4-bit GEMV of a layer's q/k/v (`gemv_4bit_group(...,
-  partials=True)`) can hand its raw output over: the heads are read from
-  it in the kernel, and split-K partial sums are added there, so no XLA
-  kernel sums and slices them between the two launches.
-
-  Args:
-    qkv: `[rows, (nq + 2 nkv) d]` in the cache's dtype (q's heads, then
-      k's, then v's, as `concatenate([q, k, v], -1)` of the flattened
-      heads), or float32 `[splits, rows, (nq + 2 nkv) d]` partial sums
-      (added over the first axis in order, then rounded to the cache's
-      dtype); `rows >= B` (B and d are the cache's), rows past B unread.
-    cos, sin, k_cache, v_cache, mask, index, layer, scale, block_s, split,
-      num_warps, interpret: as `decode_attention`.
-    num_heads: nq, the query heads.
-
-  Returns:
-    `(out [B, nq, d], k_cache, v_cache)`, as `decode_attention`.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> parts = jnp.full((2, 1, 4 * 32 + 2 * 2 * 32), 0.5, jnp.float32)
-    >>> cos, sin = jnp.ones((1, 32), jnp.bfloat16), jnp.zeros((1, 32))
-    >>> cache = jnp.zeros((2, 1, 8, 2, 32), jnp.bfloat16)
-    >>> mask = jnp.arange(8)[None] < 3
-    >>> out, kc, vc = decode_attention_qkv(
-    ...     parts, cos, sin, cache, cache, mask, jnp.int32(2), num_heads=4,
-    ...     layer=1, scale=0.125, interpret=True)
-    >>> out.shape, float(kc[1, 0, 2, 0, 0]), float(out[0, 0, 0])
-    ((1, 4, 32), 1.0, 0.96484375)
-  """
-  _, b, _, nkv, d = k_cache.shape
-  cache_dtype = jnp.dtype(k_cache.dtype)
-  width = (num_heads + 2 * nkv) * d
-  if qkv.ndim == 3 and qkv.dtype == jnp.float32:
-    mode = "sum"
-  elif qkv.ndim == 2 and qkv.dtype == cache_dtype:
-    mode = "one"
-  else:
-    raise ValueError(
-        "decode_attention_qkv: qkv must be [rows, (nq + 2 nkv) d] in the "
-        f"cache's dtype {cache_dtype} or float32 [splits, rows, (nq + 2 "
-        f"nkv) d]; got {qkv.dtype} {qkv.shape}.")
-  if qkv.shape[-1] != width or qkv.shape[-2] < b:
-    raise ValueError(
-        f"decode_attention_qkv: qkv's last axis must be (nq + 2 nkv) d = "
-        f"{width} with at least {b} rows, got {qkv.shape}.")
-  qkv = qkv.reshape(qkv.shape[:-1] + (num_heads + 2 * nkv, d))
-  return _run((qkv,), mode, b, num_heads, d, cache_dtype, cos, sin, k_cache,
-              v_cache, mask, index, layer=layer, scale=scale,
-              block_s=block_s, split=split, num_warps=num_warps,
-              interpret=interpret)
-
-
-def _run(src, qkv, b, nq, d, dtype, cos, sin, k_cache, v_cache, mask, index,
-         *, layer, scale, block_s, split, num_warps, interpret):
-  """Checks the cache and launches the kernel on the q/k/v `src` refs."""
-  n_layers, cb, seq_len, nkv, cd = k_cache.shape
   if (cb, cd) != (b, d) or v_cache.shape != k_cache.shape or nq % nkv:
     raise ValueError(
         "decode_attention: caches must be [L, B, S, nkv, d] with B, d of q "
-        f"and nq a multiple of nkv; got q {(b, nq, d)}, k_cache "
+        f"and nq a multiple of nkv; got q {q.shape}, k_cache "
         f"{k_cache.shape}, v_cache {v_cache.shape}.")
-  if k_cache.dtype != dtype or v_cache.dtype != dtype:
+  if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
     raise ValueError(
         f"decode_attention: k_cache and v_cache must be q's dtype "
-        f"{dtype}, got {k_cache.dtype} and {v_cache.dtype}.")
+        f"{q.dtype}, got {k_cache.dtype} and {v_cache.dtype}.")
   if not 0 <= layer < n_layers:
     raise ValueError(f"decode_attention: layer must be in [0, {n_layers}), "
                      f"got {layer}.")
@@ -409,12 +286,13 @@ def _run(src, qkv, b, nq, d, dtype, cos, sin, k_cache, v_cache, mask, index,
     block_s = 64 if seq_len <= 512 else 128
   split, steps = _splits(b, nkv, seq_len, block_s, split)
   final = split == 1
+  dtype = q.dtype
   # Clamped as `dynamic_update_slice` clamps the einsum path's write: a
   # slot past the cache never becomes a store out of bounds.
   idx = jnp.clip(jnp.asarray(index, jnp.int32), 0, seq_len - 1).reshape(1)
-  args = _backend.same_vma(idx, *src, cos, sin,
-                           jnp.asarray(mask).astype(jnp.int8), k_cache,
-                           v_cache)
+  args = _backend.same_vma(idx, q, k_new.astype(dtype), v_new.astype(dtype),
+                           cos, sin, jnp.asarray(mask).astype(jnp.int8),
+                           k_cache, v_cache)
   cache_out = [_backend.out_struct(k_cache.shape, k_cache.dtype, *args)] * 2
   if final:
     out_shape = [_backend.out_struct((b, nq, d), dtype, *args)] + cache_out
@@ -424,17 +302,16 @@ def _run(src, qkv, b, nq, d, dtype, cos, sin, k_cache, v_cache, mask, index,
         _backend.out_struct((split, b, nkv, _ROWS), jnp.float32, *args),
         _backend.out_struct((split, b, nkv, _ROWS), jnp.float32, *args),
     ] + cache_out
-  n_out, n_in = len(out_shape), len(args)
+  n_out = len(out_shape)
   kernel = functools.partial(
       _kernel, layer=layer, groups=groups, block_s=block_s, steps=steps,
-      seq_len=seq_len, scale=float(scale), final=final, qkv=qkv, nq=nq,
-      nkv=nkv, d=d, interpret=interpret)
+      seq_len=seq_len, scale=float(scale), final=final, interpret=interpret)
   cache_bytes = 4 * b * seq_len * nkv * d * jnp.dtype(dtype).itemsize
   res = pl.pallas_call(
       kernel,
       out_shape=tuple(out_shape),
       grid=(b, nkv, split),
-      input_output_aliases={n_in - 2: n_out - 2, n_in - 1: n_out - 1},
+      input_output_aliases={7: n_out - 2, 8: n_out - 1},
       compiler_params=_backend.compiler_params(num_warps=num_warps,
                                                num_stages=1),
       interpret=interpret,

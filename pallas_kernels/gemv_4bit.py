@@ -699,7 +699,7 @@ def gemv_4bit(
 @functools.partial(
     jax.jit,
     static_argnames=("ns", "k", "blocksize", "nested_blocksize", "config",
-                     "code", "partials", "interpret"))
+                     "code", "interpret"))
 def gemv_4bit_group(
     x: jax.Array,
     weights: tuple,
@@ -711,7 +711,6 @@ def gemv_4bit_group(
     nested_blocksize: int = 256,
     config: tuple | None = None,
     code: tuple[float, ...] | None = None,
-    partials: bool = False,
     interpret: bool = False,
 ) -> tuple[jax.Array, ...]:
   """`x @ W_g.T` for several 4-bit weights `[n_g, k]` in one kernel launch.
@@ -730,21 +729,13 @@ def gemv_4bit_group(
     ns: rows of each weight.
     k, blocksize, nested_blocksize, config, code, interpret: as
       `gemv_4bit`.
-    partials: return the kernel's output as it is, for a consumer that
-      adds the split-K partial sums itself (saving the launch of that
-      sum): one array with the weights' outputs side by side along its
-      last axis, `[split_k, rows, sum(ns)]` float32 (add over the first
-      axis in order, then round to `x.dtype`), or `[rows, sum(ns)]` in
-      `x.dtype` when K is not split. `rows >= m`; rows past `m` are
-      padding.
 
   Returns:
-    The `[m, n_g]` outputs, in `x.dtype` (or the raw output, above).
+    The `[m, n_g]` outputs, in `x.dtype`.
   """
   return _gemv(x, tuple(weights), lut, ns=tuple(ns), k=k,
                blocksize=blocksize, nested_blocksize=nested_blocksize,
-               bias=None, config=config, code=code, interpret=interpret,
-               partials=partials)
+               bias=None, config=config, code=code, interpret=interpret)
 
 
 def _check_warp(m, k, block_n, num_warps, table):
@@ -794,7 +785,7 @@ def _gemv_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
 
 
 def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
-          config, code, interpret, partials=False):
+          config, code, interpret):
   """The kernel over one or several weights (see `gemv_4bit_group`)."""
   m = x.shape[0]
   dtype = jnp.dtype(x.dtype)
@@ -806,9 +797,6 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
                             mma=code is not None)
   variant, block_n, block_kb, split_k, num_warps, num_stages = config[:6]
   if variant == "tma":
-    if partials:
-      raise ValueError("partials: the 'tma' variant adds its splits itself; "
-                       "got partials=True with config variant 'tma'")
     return _gemv_tma(x, weights, ns=ns, k=k, blocksize=blocksize,
                      nested_blocksize=nested_blocksize, bias=bias,
                      config=config, code=code, interpret=interpret)
@@ -920,8 +908,6 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
           bytes_accessed=n_all * k // 2 + n_all * nkb * (1 if dq else 4)
           + m * k * dtype.itemsize + m * n_all * dtype.itemsize),
   )(*args)
-  if partials:
-    return out
   # The padding lanes are sliced off first: the split-K sum reads only the
   # `m` rows the kernel wrote.
   if split_k > 1:

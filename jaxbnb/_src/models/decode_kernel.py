@@ -23,7 +23,7 @@ from pallas_kernels import decode_attention as kernel
 from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.quant import dispatch
 
-__all__ = ["attend", "attend_qkv", "attention_choice", "mode"]
+__all__ = ["attend", "attention_choice", "mode"]
 
 
 def attention_choice() -> str:
@@ -80,29 +80,3 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array,
       allowed[:, 0], index, layer=int(layer),
       scale=float(np.float32(d ** -0.5)), interpret=run_mode == "interpret")
   return out.reshape(b, 1, nq * d), (ck, cv)
-
-
-def attend_qkv(qkv: jax.Array, num_heads: int, cos: jax.Array,
-               sin: jax.Array, kv_cache: tuple[jax.Array, jax.Array, int],
-               allowed: jax.Array, index: jax.Array, run_mode: str
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """`attend`, with q, k and v as the q/k/v GEMV's raw output.
-
-  Args:
-    qkv: `matmul.group_partials` of the layer's q/k/v projections: float32
-      `[splits, rows, (nq + 2 nkv) d]` partial sums, or `[rows, (nq + 2
-      nkv) d]` in the model's dtype; the kernel adds the partials and
-      slices the heads, so no XLA kernel runs between the two launches.
-    num_heads: the query heads, nq.
-    cos, sin, kv_cache, allowed, index, run_mode: as `attend`.
-
-  Returns:
-    `(out [B, 1, nq * d], (k_cache, v_cache))`.
-  """
-  ck, cv, layer = kv_cache
-  b, d = ck.shape[1], ck.shape[-1]
-  out, ck, cv = kernel.decode_attention_qkv(
-      qkv, cos[:, 0].astype(ck.dtype), sin[:, 0].astype(ck.dtype), ck, cv,
-      allowed[:, 0], index, num_heads=num_heads, layer=int(layer),
-      scale=float(np.float32(d ** -0.5)), interpret=run_mode == "interpret")
-  return out.reshape(b, 1, num_heads * d), (ck, cv)

@@ -84,21 +84,6 @@ def _linears(layers: tuple[nnx.Module, ...], x: jax.Array
   return [_linear(layer, x) for layer in layers]
 
 
-def _group_partials(layers: tuple[nnx.Module, ...], x: jax.Array,
-                    dtype: Any) -> jax.Array | None:
-  """The raw output of `_linears`' one GEMV launch
-  (`matmul.group_partials`), or None where `_linears` would not group
-  these layers or the layers' dtype is not `dtype`."""
-  weights = [_grouped_weight(layer) for layer in layers]
-  if (tensor_parallel.current() is not None or None in weights
-      or {layer.dtype for layer in layers} != {dtype}):
-    return None
-  for layer in layers:
-    check_inputs(x, layer.in_features, type(layer).__name__)
-  return matmul_lib.group_partials(
-      x.astype(dtype), [(w.data, w.quant_state) for w in weights])
-
-
 def _grouped_weight(layer: nnx.Module) -> Params4bit | None:
   """The `Params4bit` of a plain bias-free 4-bit linear, else None."""
   if (not isinstance(layer, QuantizedLinear) or layer.bias is not None
@@ -204,22 +189,12 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     d, nkv = cfg.head_dim, cfg.num_key_value_heads
     g = cfg.num_key_value_groups
-    projections = (self.q_proj, self.k_proj, self.v_proj)
-    run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype, g)
-                if kv_cache is not None and t == 1 else None)
-    qkv = (_group_partials(projections, x, self.dtype)
-           if run_mode is not None and kv_cache[0].shape[1] == b else None)
-    if qkv is not None:
-      # The q/k/v GEMV's raw output goes to the attention kernel, which
-      # adds its split-K partials and slices the heads itself.
-      out, new_kv = decode_kernel.attend_qkv(qkv, nkv * g, cos, sin,
-                                             kv_cache, allowed, index,
-                                             run_mode)
-      out = _linear(self.o_proj, out.astype(self.dtype))
-      return out.astype(self.dtype), new_kv
-    q, k, v = (y.astype(self.dtype) for y in _linears(projections, x))
+    q, k, v = (y.astype(self.dtype) for y in _linears(
+        (self.q_proj, self.k_proj, self.v_proj), x))
     q = q.reshape(b, t, nkv * g, d)
     k, v = k.reshape(b, t, nkv, d), v.reshape(b, t, nkv, d)
+    run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype, g)
+                if kv_cache is not None and t == 1 else None)
     if run_mode is not None:
       # One token per row: RoPE, the cache write and the attention in one
       # kernel (models/decode_kernel.py).

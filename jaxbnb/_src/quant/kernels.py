@@ -134,10 +134,9 @@ def can_group(m, k, dtype, qss) -> bool:
       and gk.can_use(m, q.shape[0], k, q.blocksize, dtype) for q in qss)
 
 
-def gemv_group(x2d, packeds, qss, mode, partials=False):
+def gemv_group(x2d, packeds, qss, mode):
   """`[x2d @ W_g.T]` for several 4-bit weights in one GEMV launch (the
-  weights pass `can_group`); with `partials`, the kernel's raw output
-  (`gemv_4bit_group(..., partials=True)`)."""
+  weights pass `can_group`)."""
   k = x2d.shape[1]
   first = qss[0]
   weights = tuple((p, q.absmax, nested_of(q)) for p, q in zip(packeds, qss))
@@ -145,8 +144,7 @@ def gemv_group(x2d, packeds, qss, mode, partials=False):
       x2d, weights, lut(first.quant_type), ns=tuple(q.shape[0] for q in qss),
       k=k, blocksize=first.blocksize,
       nested_blocksize=first.nested_blocksize if first.nested else 256,
-      code=code(first.quant_type), partials=partials,
-      interpret=mode == "interpret")
+      code=code(first.quant_type), interpret=mode == "interpret")
 
 
 def gemv(x2d, packed, qs, bias, mode):

@@ -252,33 +252,6 @@ def matmul_4bit_group(
   return [matmul_4bit(A, p, qs) for p, qs in weights]
 
 
-def group_partials(A: jax.Array,  # pylint: disable=invalid-name
-                   weights: list[tuple[jax.Array, QuantState]]
-                   ) -> jax.Array | None:
-  """The raw output of `matmul_4bit_group`'s one GEMV launch, or None.
-
-  For a consumer kernel that takes the weights' outputs side by side and
-  adds the split-K partial sums itself (the decode attention takes a
-  layer's q/k/v this way): `[splits, rows, sum N_g]` float32, or `[rows,
-  sum N_g]` in `A.dtype` when K is not split (`gemv_4bit_group`'s
-  `partials`). None where `matmul_4bit_group` would not use one launch
-  (then call it). Not differentiable: decode-time use only.
-  """
-  if (len(weights) < 2 or dispatch.resolve() == "reference"
-      or not jnp.issubdtype(A.dtype, jnp.floating)
-      or not all(isinstance(qs, QuantState) and len(qs.shape) == 2
-                 for _, qs in weights)):
-    return None
-  qss = tuple(qs for _, qs in weights)
-  x2d = jnp.asarray(A).reshape(-1, A.shape[-1])
-  if not kernels.can_group(x2d.shape[0], x2d.shape[1], x2d.dtype, qss):
-    return None
-  packeds = tuple(ops.from_storage(p) for p, _ in weights)
-  x2d = pallas_kernels.match_vma((x2d,), (x2d, packeds, qss))[0]
-  return kernels.gemv_group(x2d, packeds, qss, dispatch.resolve(),
-                            partials=True)
-
-
 @jax.custom_vjp
 def _int8_matmul(x2d, cb, scb, bias):
   ca, row_stats, _ = reference.int8_vectorwise_quant(x2d, 0.0)
