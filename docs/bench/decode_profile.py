@@ -58,5 +58,14 @@ for plane in pd.planes:
       cur_e = max(cur_e, e)
   if cur_e is not None:
     busy += cur_e - cur_s
+  # Gaps between consecutive kernels in the middle of the trace (tenth
+  # session): negative when the next launch starts before the previous
+  # kernel's recorded end.
+  mid = len(ivs) // 2
+  gaps = sorted(ivs[i + 1][0] - ivs[i][1] for i in range(max(0, mid - 400),
+                                                          min(len(ivs) - 1, mid + 400)))
+  if gaps:
+    print(f"  gaps between kernels: median {gaps[len(gaps) // 2] / 1e3:.2f} us, "
+          f"90th percentile {gaps[9 * len(gaps) // 10] / 1e3:.2f} us")
   span = ivs[-1][1] - ivs[0][0] if ivs else 0
   print(f"  launches/step {len(ivs)/n:.0f}; GPU busy {busy/1e6:.2f} ms of a {span/1e6:.2f} ms span ({100*busy/max(span,1):.0f}%)")
