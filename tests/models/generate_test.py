@@ -324,3 +324,38 @@ def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
   with jaxbnb.kernel_mode("interpret"):
     gen_lib.Generator(model).generate(PROMPTS, max_new_tokens=2)
   assert not layers
+
+
+def test_attention_switch_is_part_of_the_compile_cache_key(monkeypatch):
+  """`JAXBNB_ATTENTION` is read while the decode loop is traced, so a
+  `Generator` compiles again when it changes (and reuses each program when
+  it changes back); a bad value is an error before anything runs."""
+  import jaxbnb  # pylint: disable=import-outside-toplevel
+  from jaxbnb._src.models import decode_kernel  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(CFG, hidden_size=64, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=32)
+  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           rngs=nnx.Rngs(3))
+  calls = []
+  real = decode_kernel.kernel.decode_attention
+  monkeypatch.setattr(decode_kernel.kernel, "decode_attention",
+                      lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  gen = gen_lib.Generator(model)
+  prompts = [[5, 17, 3]]
+  with jaxbnb.kernel_mode("interpret"):
+    kernel_out = gen.generate(prompts, max_new_tokens=3)
+    compiles = gen.num_compiles
+    assert calls
+    calls.clear()
+    monkeypatch.setenv("JAXBNB_ATTENTION", "xla")
+    xla_out = gen.generate(prompts, max_new_tokens=3)
+    assert gen.num_compiles > compiles and not calls
+    compiles = gen.num_compiles
+    monkeypatch.setenv("JAXBNB_ATTENTION", "auto")
+    again = gen.generate(prompts, max_new_tokens=3)
+    assert gen.num_compiles == compiles
+    monkeypatch.setenv("JAXBNB_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="JAXBNB_ATTENTION must be"):
+      gen.generate(prompts, max_new_tokens=3)
+  assert again.sequences == kernel_out.sequences
+  assert len(xla_out.sequences[0]) == 3

@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from jaxbnb._src.models import decode_kernel
 from jaxbnb._src.models import sampling
 from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.models.kv_cache import KVCache
@@ -424,10 +425,12 @@ class Generator:
   def _get(self, key, fn, *args):
     """The compiled `fn` for `key`, compiling it for `args` on a miss.
 
-    The kernel mode is part of the key: it decides, at trace time, which
-    ops the program holds (`jaxbnb.kernel_mode`).
+    The kernel mode and `JAXBNB_ATTENTION` are part of the key: they
+    decide, at trace time, which ops the program holds
+    (`jaxbnb.kernel_mode`, models/decode_kernel.py).
     """
-    key = (self._state_sig, dispatch.get_kernel_mode(), *key)
+    key = (self._state_sig, dispatch.get_kernel_mode(),
+           decode_kernel.attention_choice(), *key)
     hit = self._compiled.get(key)
     if hit is not None:
       return hit, 0.0
