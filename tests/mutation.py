@@ -211,6 +211,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "jnp.where(logits > 0, logits * penalty, logits / penalty)",
            (_SAMPLING,)),
     # generate(): the sampling options and keys must reach every step.
+    Mutant("generate-cache-key-ignores-attention-switch",
+           "jaxbnb/_src/models/generate.py",
+           "decode_kernel.attention_choice(), *key)",
+           "*key)",
+           ("tests/models/generate_test.py::"
+            "test_attention_switch_is_part_of_the_compile_cache_key",)),
     Mutant("generate-top-p-not-forwarded", "jaxbnb/_src/models/generate.py",
            'top_p=params["top_p"])',
            "top_p=1.0)",
