@@ -9,6 +9,20 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG
                              + "=8").strip()
 
+# One persistent XLA compilation cache for every process of a test run
+# (the two xdist workers, the tests' subprocesses, the mutation check's
+# copies): many tests compile the same small programs, and on a clean
+# clone this saves about a quarter of the run (tests/layers: 98 -> 70 s).
+# Keys hold the program and the jax/jaxlib versions, so a stale entry is
+# never used. Set JAX_COMPILATION_CACHE_DIR to choose another folder.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import getpass  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      tempfile.gettempdir(), f"jaxbnb-tests-xla-cache-{getpass.getuser()}")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
