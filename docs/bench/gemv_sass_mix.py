@@ -1,0 +1,97 @@
+"""Static SASS instruction mix of the default M = 1 4-bit GEMV, by pipe
+(docs/benchmarks.md, tenth session). No GPU needed; two environments:
+
+    # 1. jax 0.11.2 with the CUDA plugin: lower for an abstract H200, keep
+    #    the Triton IR of the kernel
+    python docs/bench/gemv_sass_mix.py lower /tmp/reduce_m1.ttir
+    # 2. triton (3.9 here; XLA's own Triton may schedule a little
+    #    differently): compile for sm_90, disassemble, count
+    python docs/bench/gemv_sass_mix.py count /tmp/reduce_m1.ttir
+
+The default M = 1 program is straight-line code (one step of 8 blocks of
+32 rows, 8,192 bytes; 64 bytes a thread), so the static count per thread
+is what each thread executes.
+"""
+import collections
+import re
+import subprocess
+import sys
+
+# Hopper issue pipes (CUDA programming guide throughput table, Nsight
+# Compute's pipe names): the integer/logic pipe runs at half the FP32 rate.
+_ALU = {"PRMT", "LOP3", "SHF", "LEA", "IADD3", "SGXT", "VIADD", "VIMNMX",
+        "ISETP", "SEL", "FSEL", "IMNMX", "BMSK", "FLO", "POPC"}
+_FMA = {"FFMA", "FADD", "FMUL", "IMAD", "HFMA2", "HMUL2", "HADD2"}
+_MEM = {"LDG", "STG", "LDS", "STS", "LDC", "STSM", "LDSM", "SHFL", "BAR"}
+
+
+def lower(path):
+  sys.path[:0] = [".", "tests"]
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax._src.pallas.triton import lowering  # pylint: disable=import-outside-toplevel
+  from helpers import lowered_for_h200  # pylint: disable=import-outside-toplevel
+  from jaxbnb._src.quant import codebooks  # pylint: disable=import-outside-toplevel
+  from pallas_kernels import gemv_4bit as gk  # pylint: disable=import-outside-toplevel
+  module = lowering.lower_jaxpr_to_triton_module
+  def keep(*a, **kw):
+    result = module(*a, **kw)
+    with open(path, "w") as f:
+      f.write(result.module.operation.get_asm(enable_debug_info=False))
+    return result
+  lowering.lower_jaxpr_to_triton_module = keep
+  n, k, bs = 14336, 4096, 64
+  cfg = gk.default_config(1, n, k, bs, "bfloat16", mma=True)
+  print("config", cfg)
+  lut = jnp.asarray(codebooks.code_for("nf4"))
+  code = tuple(float(c) for c in codebooks.code_for("nf4"))
+  sd = jax.ShapeDtypeStruct
+  nested = (sd((n * k // bs // 256,), jnp.float32), sd((256,), jnp.float32),
+            sd((), jnp.float32))
+  lowered_for_h200(
+      lambda x, w, a, nq: gk.gemv_4bit(x, w, a, lut, n=n, k=k, blocksize=bs,
+                                       nested=nq, config=cfg, code=code),
+      sd((1, k), jnp.bfloat16), sd((n * k // 2,), jnp.uint8),
+      sd((n * k // bs,), jnp.uint8), nested)
+
+
+def count(path):
+  import os  # pylint: disable=import-outside-toplevel
+  import triton  # pylint: disable=import-outside-toplevel
+  from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
+  text = open(path).read()
+  # Pallas writes the eviction hint as an attribute this Triton spells
+  # another way.
+  text = re.sub(
+      r"(tt\.load [^:]*?)evictionPolicy = evict_first(.*?) :",
+      lambda m: (m.group(1).rstrip() + m.group(2) + " {cachePolicy = "
+                 "#tt.cache_policy<cache_modifier = none, eviction_policy = "
+                 "evict_first>} :"), text)
+  fixed = path + ".fixed.ttir"
+  with open(fixed, "w") as f:
+    f.write(text)
+  kernel = triton.compile(fixed, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "num_stages": 1})
+  cubin = path + ".cubin"
+  with open(cubin, "wb") as f:
+    f.write(kernel.asm["cubin"])
+  nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends",
+                          "nvidia", "bin", "nvdisasm")
+  sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True,
+                        text=True, check=True).stdout
+  ops = collections.Counter(
+      m.group(2) for m in re.finditer(
+          r"/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+  total = sum(ops.values())
+  print(f"instructions a thread: {total} (64 bytes a thread: "
+        f"{total / 64:.1f} a byte)")
+  for name, pipe in (("ALU", _ALU), ("FMA", _FMA), ("memory", _MEM)):
+    c = sum(v for o, v in ops.items() if o in pipe)
+    print(f"  {name:6s} {c:4d} ({c / 64:.2f} a byte): " + ", ".join(
+        f"{o} {v}" for o, v in ops.most_common() if o in pipe))
+  rest = {o: v for o, v in ops.items() if o not in _ALU | _FMA | _MEM}
+  print("  other  ", sum(rest.values()), rest)
+
+
+if __name__ == "__main__":
+  {"lower": lower, "count": count}[sys.argv[1]](sys.argv[2])
