@@ -10,8 +10,15 @@
 
 The default M = 1 program is straight-line code (one step of 8 blocks of
 32 rows, 8,192 bytes; 64 bytes a thread), so the static count per thread
-is what each thread executes.
+is what each thread executes. Another M and config (a tuple, as
+`gemv_4bit.default_config` returns it) and the bytes a thread, for
+straight-line (unrolled) programs only:
+
+    python docs/bench/gemv_sass_mix.py lower /tmp/warp.ttir 1 \
+        "('warp', 64, 1, 16, 4, 1, 'prmt', 0)"
+    python docs/bench/gemv_sass_mix.py count /tmp/warp.ttir 64 4
 """
+import ast
 import collections
 import re
 import subprocess
@@ -23,9 +30,10 @@ _ALU = {"PRMT", "LOP3", "SHF", "LEA", "IADD3", "SGXT", "VIADD", "VIMNMX",
         "ISETP", "SEL", "FSEL", "IMNMX", "BMSK", "FLO", "POPC"}
 _FMA = {"FFMA", "FADD", "FMUL", "IMAD", "HFMA2", "HMUL2", "HADD2"}
 _MEM = {"LDG", "STG", "LDS", "STS", "LDC", "STSM", "LDSM", "SHFL", "BAR"}
+_TENSOR = {"HMMA", "HGMMA"}
 
 
-def lower(path):
+def lower(path, m="1", config=None):
   sys.path[:0] = [".", "tests"]
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -41,7 +49,9 @@ def lower(path):
     return result
   lowering.lower_jaxpr_to_triton_module = keep
   n, k, bs = 14336, 4096, 64
-  cfg = gk.default_config(1, n, k, bs, "bfloat16", mma=True)
+  m = int(m)
+  cfg = (ast.literal_eval(config) if config
+         else gk.default_config(m, n, k, bs, "bfloat16", mma=True))
   print("config", cfg)
   lut = jnp.asarray(codebooks.code_for("nf4"))
   code = tuple(float(c) for c in codebooks.code_for("nf4"))
@@ -51,11 +61,11 @@ def lower(path):
   lowered_for_h200(
       lambda x, w, a, nq: gk.gemv_4bit(x, w, a, lut, n=n, k=k, blocksize=bs,
                                        nested=nq, config=cfg, code=code),
-      sd((1, k), jnp.bfloat16), sd((n * k // 2,), jnp.uint8),
+      sd((m, k), jnp.bfloat16), sd((n * k // 2,), jnp.uint8),
       sd((n * k // bs,), jnp.uint8), nested)
 
 
-def count(path):
+def count(path, per_thread="64", num_warps="4"):
   import os  # pylint: disable=import-outside-toplevel
   import triton  # pylint: disable=import-outside-toplevel
   from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
@@ -71,7 +81,8 @@ def count(path):
   with open(fixed, "w") as f:
     f.write(text)
   kernel = triton.compile(fixed, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4, "num_stages": 1})
+                          options={"num_warps": int(num_warps),
+                                   "num_stages": 1})
   cubin = path + ".cubin"
   with open(cubin, "wb") as f:
     f.write(kernel.asm["cubin"])
@@ -82,16 +93,18 @@ def count(path):
   ops = collections.Counter(
       m.group(2) for m in re.finditer(
           r"/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
-  total = sum(ops.values())
-  print(f"instructions a thread: {total} (64 bytes a thread: "
-        f"{total / 64:.1f} a byte)")
-  for name, pipe in (("ALU", _ALU), ("FMA", _FMA), ("memory", _MEM)):
+  total, per = sum(ops.values()), int(per_thread)
+  print(f"instructions a thread: {total} ({per} bytes a thread: "
+        f"{total / per:.1f} a byte)")
+  for name, pipe in (("ALU", _ALU), ("FMA", _FMA), ("memory", _MEM),
+                     ("tensor", _TENSOR)):
     c = sum(v for o, v in ops.items() if o in pipe)
-    print(f"  {name:6s} {c:4d} ({c / 64:.2f} a byte): " + ", ".join(
+    print(f"  {name:6s} {c:4d} ({c / per:.2f} a byte): " + ", ".join(
         f"{o} {v}" for o, v in ops.most_common() if o in pipe))
-  rest = {o: v for o, v in ops.items() if o not in _ALU | _FMA | _MEM}
+  rest = {o: v for o, v in ops.items()
+          if o not in _ALU | _FMA | _MEM | _TENSOR}
   print("  other  ", sum(rest.values()), rest)
 
 
 if __name__ == "__main__":
-  {"lower": lower, "count": count}[sys.argv[1]](sys.argv[2])
+  {"lower": lower, "count": count}[sys.argv[1]](*sys.argv[2:])
