@@ -18,8 +18,12 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import getpass  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
+  try:  # getuser() raises where no user name is known (some containers)
+    _user = getpass.getuser()
+  except (KeyError, OSError):
+    _user = str(os.getuid())
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
-      tempfile.gettempdir(), f"jaxbnb-tests-xla-cache-{getpass.getuser()}")
+      tempfile.gettempdir(), f"jaxbnb-tests-xla-cache-{_user}")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
