@@ -66,7 +66,6 @@ from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 from pallas_kernels import lut_decode
 from pallas_kernels import gemv_4bit_tma
-from pallas_kernels import smem_table
 from pallas_kernels import warp_mma
 from pallas_kernels.dequantize_4bit import decode_absmax
 
@@ -414,14 +413,10 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
 _WORDS_INPUT = ("reduce", "warp")
 
 
-def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, programs, **kw):
+def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
   """One weight (`len(ns) == 1`) or several sharing `x` ("grouped"): the
   row tiles of weight g follow those of weights 0..g-1 along the grid's
-  first axis, and its outputs follow theirs along N.
-
-  With `programs > 0` the grid is that many programs, and program p runs
-  the (row tile, K split) items p, p + programs, ... in a loop (a
-  persistent grid: the "smem" table is filled once a program)."""
+  first axis, and its outputs follow theirs along N."""
   refs = list(refs)
   xs_ref = refs.pop(0)
   per = 5 if dq else 2
@@ -434,46 +429,28 @@ def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, programs, **kw):
   out_ref = refs.pop(0)
   # (read here: interpret mode cannot read them inside a `pl.when`)
   i, s = pl.program_id(0), pl.program_id(1)
-  smem_base = None
-  if kw["smem"]:
-    smem_base = smem_table.fill(lut_ref, kw["interpret"])
-
-  def item(i, s):
-    if len(ns) == 1:
-      _tile(xs_ref, *weights[0], lut_ref, bias_ref, out_ref, tile=i, s=s,
-            out0=0, words_ref=words_ref, smem_base=smem_base,
-            n=ns[0], nested_len=nested_lens[0], dq=dq, has_bias=has_bias,
-            block_n=block_n, **kw)
-      return
-    first, out0 = 0, 0
-    for g, n in enumerate(ns):
-      tiles = -(-n // block_n)
-      def run(g=g, n=n, first=first, out0=out0):
-        _tile(xs_ref, *weights[g], lut_ref, bias_ref, out_ref,
-              tile=i - first, s=s, out0=out0, words_ref=words_ref,
-              smem_base=smem_base, n=n, nested_len=nested_lens[g], dq=dq,
-              has_bias=has_bias, block_n=block_n, **kw)
-      pl.when((i >= first) & (i < first + tiles))(run)
-      first, out0 = first + tiles, out0 + n
-
-  if not programs:
-    item(i, s)
+  if len(ns) == 1:
+    _tile(xs_ref, *weights[0], lut_ref, bias_ref, out_ref, tile=i, s=s,
+          out0=0, words_ref=words_ref,
+          n=ns[0], nested_len=nested_lens[0], dq=dq, has_bias=has_bias,
+          block_n=block_n, **kw)
     return
-  split_k = kw["split_k"]
-  total = sum(-(-n // block_n) for n in ns) * split_k
-  def body(j, carry):
-    # Past the last item a program redoes the last one (the same values
-    # written again), so no step is masked.
-    at = jnp.minimum(i + j * programs, total - 1)
-    item(at // split_k, at % split_k)
-    return carry
-  jax.lax.fori_loop(0, -(-total // programs), body, jnp.int32(0))
+  first, out0 = 0, 0
+  for g, n in enumerate(ns):
+    tiles = -(-n // block_n)
+    def run(g=g, n=n, first=first, out0=out0):
+      _tile(xs_ref, *weights[g], lut_ref, bias_ref, out_ref, tile=i - first,
+            s=s, out0=out0, words_ref=words_ref, n=n,
+            nested_len=nested_lens[g], dq=dq, has_bias=has_bias,
+            block_n=block_n, **kw)
+    pl.when((i >= first) & (i < first + tiles))(run)
+    first, out0 = first + tiles, out0 + n
 
 
-def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, smem_base,
-          m, n, nkb, block_kb, half, block_n, steps, dq, nested_blocksize,
-          nested_len, variant, has_bias, split_k, compute_dtype, pair,
-          prefetch, code, smem, interpret):
+def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
+          block_kb, half, block_n, steps, dq, nested_blocksize, nested_len,
+          variant, has_bias, split_k, compute_dtype, pair, prefetch, code,
+          interpret):
   """Row tile `tile` of one weight and K split `s`, written at output
   column `out0` on."""
   refs = list(refs)
@@ -549,9 +526,7 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, smem_base,
     return
 
   if variant == "reduce":
-    folds = _FOLDS if code is not None or smem else 0
-    lb = (smem_table.lane_base(smem_base, (block_n, block_kb, half),
-                               interpret) if smem else None)
+    folds = _FOLDS if code is not None else 0
 
     def step(t, w, am, accs):
       kb0, kbs, ok2 = block_mask(t)
@@ -569,9 +544,6 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, smem_base,
             w, scale, code, compute_dtype, interpret,
             table=lut_ref[...] if interpret else None, words=words)
         am = None
-      elif smem:  # products inside the lookup; the absmax once a block
-        hi = lo = None
-        am = am[:, :, None]
       else:
         am = am[:, :, None]
         hi, lo = _decode(w.astype(jnp.int32), lut_ref, pair)
@@ -596,17 +568,6 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, smem_base,
             acc = _backend.fma_rn(h, xh[None], acc, interpret)
             acc = _backend.fma_rn(l, xl[None], acc, interpret)
           new.append(acc)
-        elif smem:  # a byte's two products from the table lookup
-          shape = (block_n, block_kb, half)
-          prod = smem_table.products(
-              w, jnp.broadcast_to(xe[None], shape),
-              jnp.broadcast_to(xo[None], shape), lb, interpret,
-              table=lut_ref[...] if interpret else None)
-          parts = _fold(prod, folds)
-          part = parts[0]
-          for q in parts[1:]:
-            part = part + q
-          new.append(_backend.fma_rn(part, am, accs[r], interpret))
         else:
           new.append(accs[r] + (hi * xe[None] + lo * xo[None]) * am)
       return tuple(new)
@@ -841,16 +802,9 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
                      config=config, code=code, interpret=interpret)
   table = config[6] if len(config) > 6 else "pair"
   prefetch = int(config[7]) if len(config) > 7 else 0
-  programs = int(config[8]) if len(config) > 8 else 0
-  if table not in ("pair", "nibble", "prmt", "smem"):
-    raise ValueError("config: table must be 'pair', 'nibble', 'prmt' or "
-                     f"'smem', got {table!r}")
-  if table == "smem" and variant != "reduce":
-    raise ValueError(f"config: table 'smem' needs variant 'reduce', got "
-                     f"{variant!r}")
-  if programs < 0:
-    raise ValueError(f"config: programs (index 8) must be >= 0, got "
-                     f"{programs}")
+  if table not in ("pair", "nibble", "prmt"):
+    raise ValueError(
+        f"config: table must be 'pair', 'nibble' or 'prmt', got {table!r}")
   if table == "prmt" and (variant == "dot" or code is None
                           or dtype == jnp.float32):
     raise ValueError(
@@ -910,9 +864,7 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
                jnp.asarray(offset, jnp.float32).reshape(1)]
     else:
       nested_lens.append(0)
-  if table == "smem":  # both values of each byte, fp32 [2, 256]
-    args.append(smem_table.pair_values(lut, dtype))
-  elif variant == "mma" or table == "prmt":  # codes in the compute dtype
+  if variant == "mma" or table == "prmt":  # codes in the compute dtype
     args.append(_backend.round_to_dtype(lut.astype(jnp.float32), dtype))
   elif pair:
     args.append(pair_table(lut))
@@ -939,7 +891,6 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
     out_shape = _backend.out_struct((split_k,) + shape, jnp.float32, *args)
   kernel = functools.partial(
       _kernel, m=m, ns=ns, nkb=nkb, block_kb=block_kb, half=half,
-      programs=programs, smem=table == "smem",
       block_n=block_n, steps=steps, dq=dq, nested_blocksize=nested_blocksize,
       nested_lens=tuple(nested_lens), variant=variant, has_bias=has_bias,
       split_k=split_k, compute_dtype=dtype, pair=pair, prefetch=prefetch,
@@ -947,8 +898,7 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   out = pl.pallas_call(
       kernel,
       out_shape=out_shape,
-      grid=((programs, 1) if programs
-            else (sum(-(-n // block_n) for n in ns), split_k)),
+      grid=(sum(-(-n // block_n) for n in ns), split_k),
       compiler_params=_backend.compiler_params(num_warps=num_warps,
                                                num_stages=num_stages),
       interpret=interpret,

@@ -1,7 +1,11 @@
 """The shared-memory table on a persistent grid, swept on the GPU
 (docs/benchmarks.md, eleventh session).
 
+    git checkout 71388c5 -- pallas_kernels   # the table "smem" (reverted)
     python docs/bench/gemv_smem_sweep.py 240      # time budget, seconds
+
+Table "smem" and config index 8 (programs) exist only in commit 71388c5:
+they never beat the default and were reverted.
 
 NF4 + double quantization, bf16, M = 1 (and 2 on the first shape). Each
 configuration of `gemv_4bit`'s "reduce" variant with table "smem" is timed

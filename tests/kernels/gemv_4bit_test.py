@@ -68,15 +68,6 @@ CASES = [
      ("warp", 32, 1, 2, 2, 1, "prmt", 0)),
     (5, 33, 256 * 3, 256, "nf4", jnp.float16, True,
      ("warp", 64, 1, 4, 4, 1, "prmt", 0)),
-    # "reduce" with the shared-memory table: a persistent grid (programs
-    # that redo the last item), masked rows, prefetch; fp32 x; a grid of
-    # one program per item
-    (1, 70, 64 * 12, 64, "nf4", jnp.bfloat16, True,
-     ("reduce", 16, 4, 3, 4, 1, "smem", 0, 4)),
-    (2, 64, 64 * 8, 64, "fp4", jnp.float16, False,
-     ("reduce", 16, 2, 2, 4, 1, "smem", 1, 3)),
-    (1, 33, 128 * 5, 128, "nf4", jnp.float32, True,
-     ("reduce", 16, 1, 2, 4, 3, "smem", 1, 0)),
 ]
 
 
@@ -236,7 +227,6 @@ def _check_compiled(m, n, k, dtype, quant_type, config, seed, blocksize=64):
     ("reduce", 16, 4, 16, 4, 1, "prmt", 0),    # unmasked, one step
     ("reduce", 32, 2, 2, 2, 3, "prmt", True),  # masked rows, prefetch
     None,                                      # M = 1's default
-    ("reduce", 32, 8, 4, 4, 1, "smem", 1, 96),  # the shared table
 ])
 def test_reduce_prmt_lowers_for_cuda(config):
   """The in-register decode without tensor cores lowers to Triton."""
@@ -265,64 +255,6 @@ def test_reduce_prmt_lowers_for_cuda(config):
 def test_gpu_reduce_prmt_variant(m, config, dtype, quant_type):
   """The "reduce" variant with the in-register decode, compiled."""
   _check_compiled(m, 1000, 4096, dtype, quant_type, config, seed=12)
-
-
-SMEM_CONFIGS = [
-    ("reduce", 32, 8, 4, 4, 1, "smem", 0, 40),   # persistent, masked rows
-    ("reduce", 16, 4, 2, 8, 1, "smem", 1, 264),  # more programs than items
-    ("reduce", 64, 8, 8, 4, 1, "smem", 0, 0),    # one program an item
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("config", SMEM_CONFIGS)
-@pytest.mark.parametrize("dtype,quant_type", [(jnp.bfloat16, "nf4"),
-                                              (jnp.float16, "fp4")])
-def test_gpu_reduce_smem_variant(m, config, dtype, quant_type):
-  """The shared-memory table (declared, filled and read in inline PTX),
-  compiled."""
-  _check_compiled(m, 1000, 4096 + 64 * 3, dtype, quant_type, config,
-                  seed=21)
-
-
-@pytest.mark.parametrize("config,match", [
-    (("mma", 32, 4, 2, 4, 3, "smem", 0, 8), "table 'smem' needs variant"),
-    (("reduce", 32, 4, 2, 4, 3, "smem", 0, -1), r"programs \(index 8\)"),
-    (("reduce", 32, 4, 2, 4, 3, "lds"), "table must be"),
-])
-def test_smem_config_errors_name_the_argument(config, match):
-  n, k = 64, 512
-  with pytest.raises(ValueError, match=match):
-    gk.gemv_4bit(jnp.zeros((1, k), jnp.bfloat16),
-                 jnp.zeros((n * k // 2,), jnp.uint8),
-                 jnp.ones((n * k // 64,), jnp.float32),
-                 jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
-                 blocksize=64, config=config, code=_code("nf4"),
-                 interpret=True)
-
-
-def test_smem_table_rows_and_banks():
-  """`pair_values` holds each byte's two codes; the lookup's addresses
-  (row `b`, copy `lane % 16`) put a half-warp's 16 lanes on 16 distinct
-  bank pairs for any bytes."""
-  from pallas_kernels import smem_table
-  lut = jnp.asarray(codebooks.code_for("nf4"))
-  values = np.asarray(smem_table.pair_values(lut, jnp.bfloat16))
-  code = np.asarray(lut.astype(jnp.bfloat16).astype(jnp.float32))
-  b = np.arange(256)
-  np.testing.assert_array_equal(values[0], code[b >> 4])
-  np.testing.assert_array_equal(values[1], code[b & 15])
-  np.testing.assert_array_equal(
-      np.asarray(smem_table.pair_values(lut, jnp.float32)),
-      np.stack([np.asarray(lut)[b >> 4], np.asarray(lut)[b & 15]]))
-  rng = np.random.default_rng(0)
-  for _ in range(100):
-    byte = rng.integers(0, 256, 16)
-    addr = byte * smem_table.ROW_BYTES + 8 * (np.arange(16)
-                                             % smem_table.COPIES)
-    banks = (addr // 4) % 32
-    assert len(set(banks)) == 16 and np.all(banks % 2 == 0)
 
 
 WARP_CONFIGS = [

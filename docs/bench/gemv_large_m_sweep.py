@@ -1,0 +1,95 @@
+"""The fused "mma" kernel at M = 64-256, against the path that serves
+those M today (docs/benchmarks.md, eleventh session; run on the GPU).
+
+    python docs/bench/gemv_large_m_sweep.py 280      # time budget, seconds
+
+M above `GEMV_MAX_M` (64) is served by the dequantize kernel and XLA's
+dot. Here the "mma" variant of `gemv_4bit` (the byte-permute decode and
+tensor-core products, x whole in one tile) is timed at M = 64, 128 and
+256 on several tiles, next to `F.matmul_4bit` (the package's own path)
+and XLA's bf16 matmul, each with `measure.time_jax` over three rotating
+weights; each result is compared with `x @ dequantize(W).T`. NF4 + DQ,
+bf16. One JSON line per (shape, M) goes to $OUT/gemv_large_m.jsonl.
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gemv_sweep import make, median_us, split_for  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxbnb import functional as F  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxbnb._src.quant import codebooks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels import gemv_4bit as gk  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+LUT = jnp.asarray(codebooks.code_for("nf4"))
+CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
+CASES = [((14336, 4096), 256), ((14336, 4096), 128), ((14336, 4096), 64),
+         ((4096, 14336), 256), ((4096, 14336), 64), ((4096, 4096), 256),
+         ((4096, 4096), 64)]
+# (block_n, block_kb, warps, stages, prefetch)
+TILES = [(64, 2, 8, 3, 1), (128, 2, 8, 3, 1), (64, 1, 4, 3, 1),
+         (64, 2, 4, 3, 1), (64, 4, 8, 3, 1), (128, 1, 8, 3, 1),
+         (128, 2, 8, 3, 0), (64, 2, 8, 1, 2), (128, 4, 8, 3, 1),
+         (256, 1, 8, 3, 1), (128, 2, 4, 3, 1)]
+
+
+def main(budget_s):
+  out = open(os.path.join(os.environ.get("OUT", "/tmp"),
+                          "gemv_large_m.jsonl"), "w")
+  t_end = time.time() + float(budget_s)
+  made = {}
+  for (n, k), m in CASES:
+    if time.time() > t_end:
+      break
+    if (n, k) not in made:
+      made = {(n, k): make(n, k)}
+    base = made[(n, k)]
+    x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
+    rec = dict(n=n, k=k, m=m,
+               xla_bf16=median_us(lambda x, w: x @ w.T,
+                                  [(x, s[5]) for s in base]),
+               floor=(n * k / 2 + n * k / 64 + m * k * 2 + m * n * 2)
+               / 4.8e12 * 1e6)
+    packed, qs = base[0][7], base[0][6]
+    ref = np.asarray(x.astype(jnp.float32)
+                     @ F.dequantize_4bit(packed, qs).astype(jnp.float32).T)
+    scale = float(np.max(np.abs(ref)))
+    rec["package"] = median_us(
+        lambda x, p, q: F.matmul_4bit(x, p, q),
+        [(x, s[7], s[6]) for s in base])
+    args = [(x,) + s[:5] for s in base]
+    res = []
+    for bn, kb, warps, stages, pf in TILES:
+      if time.time() > t_end:
+        break
+      cfg = ("mma", bn, kb, split_for(n, k, bn, kb), warps, stages, "prmt",
+             pf)
+      f = lambda *a, c=cfg: gk.gemv_4bit(  # noqa: E731
+          a[0], a[1], a[2], LUT, n=n, k=k, blocksize=64,
+          nested=(a[3], a[4], a[5]), config=c, code=CODE)
+      try:
+        y = np.asarray(jax.jit(f)(*args[0]), np.float32)
+        err = float(np.max(np.abs(y - ref)) / scale)
+        res.append((str(cfg), median_us(f, args), err))
+      except Exception as e:  # pylint: disable=broad-except
+        res.append((str(cfg), f"ERR {type(e).__name__}: {str(e)[:300]}"))
+    rec["all"] = res
+    out.write(json.dumps(rec) + "\n")
+    out.flush()
+    ok = sorted((r for r in res if isinstance(r[1], float)),
+                key=lambda r: r[1])
+    print(f"N={n} K={k} M={m}: bf16 {rec['xla_bf16']:.1f} package "
+          f"{rec['package']:.1f} best {ok[:3]}", flush=True)
+    bad = [r for r in res if not isinstance(r[1], float) or r[2] > 2e-2]
+    if bad:
+      print("  FAILED", bad[:3], flush=True)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
