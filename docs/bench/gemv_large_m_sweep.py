@@ -1,7 +1,8 @@
 """The fused "mma" kernel at M = 64-256, against the path that serves
 those M today (docs/benchmarks.md, eleventh session; run on the GPU).
 
-    python docs/bench/gemv_large_m_sweep.py 280      # time budget, seconds
+    python docs/bench/gemv_large_m_sweep.py a 280    # M = 64-256; budget, s
+    python docs/bench/gemv_large_m_sweep.py b 280    # M = 96 and 128
 
 M above `GEMV_MAX_M` (64) is served by the dequantize kernel and XLA's
 dot. Here the "mma" variant of `gemv_4bit` (the byte-permute decode and
@@ -9,7 +10,7 @@ tensor-core products, x whole in one tile) is timed at M = 64, 128 and
 256 on several tiles, next to `F.matmul_4bit` (the package's own path)
 and XLA's bf16 matmul, each with `measure.time_jax` over three rotating
 weights; each result is compared with `x @ dequantize(W).T`. NF4 + DQ,
-bf16. One JSON line per (shape, M) goes to $OUT/gemv_large_m.jsonl.
+bf16. One JSON line per (shape, M) goes to $OUT/gemv_large_m_<set>.jsonl.
 """
 import json
 import os
@@ -37,14 +38,21 @@ TILES = [(64, 2, 8, 3, 1), (128, 2, 8, 3, 1), (64, 1, 4, 3, 1),
          (64, 2, 4, 3, 1), (64, 4, 8, 3, 1), (128, 1, 8, 3, 1),
          (128, 2, 8, 3, 0), (64, 2, 8, 1, 2), (128, 4, 8, 3, 1),
          (256, 1, 8, 3, 1), (128, 2, 4, 3, 1)]
+# Set b: the tiles that led set a at M = 128, on every shape.
+CASES_B = [((n, k), m) for m in (128, 96)
+           for n, k in ((14336, 4096), (4096, 14336), (4096, 4096),
+                        (1024, 4096), (6144, 4096))]
+TILES_B = [(64, 2, 4, 3, 1), (64, 1, 4, 3, 1), (128, 1, 8, 3, 1),
+           (128, 2, 8, 3, 0)]
 
 
-def main(budget_s):
+def main(which, budget_s):
   out = open(os.path.join(os.environ.get("OUT", "/tmp"),
-                          "gemv_large_m.jsonl"), "w")
+                          f"gemv_large_m_{which}.jsonl"), "w")
   t_end = time.time() + float(budget_s)
+  cases, tiles = (CASES, TILES) if which == "a" else (CASES_B, TILES_B)
   made = {}
-  for (n, k), m in CASES:
+  for (n, k), m in cases:
     if time.time() > t_end:
       break
     if (n, k) not in made:
@@ -65,7 +73,7 @@ def main(budget_s):
         [(x, s[7], s[6]) for s in base])
     args = [(x,) + s[:5] for s in base]
     res = []
-    for bn, kb, warps, stages, pf in TILES:
+    for bn, kb, warps, stages, pf in tiles:
       if time.time() > t_end:
         break
       cfg = ("mma", bn, kb, split_for(n, k, bn, kb), warps, stages, "prmt",
