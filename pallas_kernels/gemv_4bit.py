@@ -166,7 +166,11 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
     split_k = min(steps, 16 if m <= 8 else 8)
     if m <= 8 or (m <= 16 and -(-n // 64) * split_k >= 2 * num_sms):
       return ("mma", 64, block_kb, split_k, 4, 1, "prmt", 0)
-    block_n = 64 if m <= 16 else 128
+    # M = 65..128: 64-row tiles with prefetch (docs/benchmarks.md, "the
+    # fused kernel at M = 64-256": 14336x4096 at M = 128 67.3 us against
+    # 78.6 for 128-row tiles, 4096x14336 65.8 against 78.6).
+    narrow = m <= 16 or m > 64
+    block_n = 64 if narrow else 128
     block_kb = max(1, min(_pow2_floor(max(1, 64 // half)), _pow2_floor(nkb)))
     tiles = -(-n // block_n)
     steps = -(-nkb // block_kb)
@@ -174,7 +178,7 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
     while tiles * split_k < 2 * num_sms and split_k * 2 <= steps:
       split_k *= 2
     return ("mma", block_n, block_kb, split_k, 4, 3, "prmt",
-            1 if m <= 16 else 0)
+            1 if narrow else 0)
   if mma and m <= 2 and not f32:  # M = 1 (and M = 2 when K % 128 != 0)
     # The byte-permute decode without tensor cores, one step per program:
     # thousands of short programs keep more bytes in flight than a loop.

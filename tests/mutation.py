@@ -106,6 +106,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "new = (slots == index - 1)[:, None]",
            (_ATTN + "test_matches_einsum_path[1-32-8-128-256-None-131-"
             "interpret]",)),
+    Mutant("large-m-gemv-for-fp32", "jaxbnb/_src/quant/kernels.py",
+           "return (m <= GEMV_MAX_M and jnp.dtype(dtype) != jnp.float32",
+           "return (m <= GEMV_MAX_M",
+           ("tests/quant/dispatch_test.py::test_large_m_routing[100-float32-"
+            "None]",)),
     Mutant("decode-attn-mask-ignored", "pallas_kernels/decode_attention.py",
            "s = jnp.where((allowed != 0)[None, :], s, jnp.float32(_NEG))",
            "s = jnp.where((allowed != 2)[None, :], s, jnp.float32(_NEG))",

@@ -68,6 +68,8 @@ CASES = [
      ("warp", 32, 1, 2, 2, 1, "prmt", 0)),
     (5, 33, 256 * 3, 256, "nf4", jnp.float16, True,
      ("warp", 64, 1, 4, 4, 1, "prmt", 0)),
+    # M = 65..128's default: "mma", 64-row tiles, prefetch
+    (96, 70, 64 * 6, 64, "nf4", jnp.bfloat16, True, None),
 ]
 
 
@@ -135,7 +137,7 @@ def test_can_use_and_config():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 33, 64])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 33, 64, 100, 128])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1000, 4096 + 64 * 3)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gpu_matches_dequant_matmul(m, n, k, dtype):

@@ -195,14 +195,15 @@ def test_quantize_dequantize_kernels_equal_reference(quant_type, nested,
 def _check_matmul(y, x, packed, qs, bias=None, err_msg="", gemv=True):
   """y against x @ W.T (+ bias) with the W the serving path multiplies with.
 
-  The kernels with M <= GEMV_MAX_M: the fused GEMV's weight
-  (`_util.kernel_weight`, per the variant the dispatch picks); larger M, and the reference (`gemv=False`): the
+  The kernels where the fused GEMV serves (`kernels.gemv_serves`): its
+  weight (`_util.kernel_weight`, per the variant the dispatch picks); other
+  M, and the reference (`gemv=False`): the
   weight dequantized to the compute dtype (the dequantization kernel is
   bit-exact), then a float32-accumulated dot. Bound: `helpers.matmul_bound`.
   """
   m = int(np.prod(x.shape[:-1]))
   x2 = np.asarray(x.astype(jnp.float32)).reshape(m, -1)
-  if (gemv and m <= kernels.GEMV_MAX_M
+  if (gemv and kernels.gemv_serves(m, qs.shape[0], x.shape[-1], x.dtype)
       and x.shape[-1] % qs.blocksize == 0):
     cfg = gk.default_config(m, qs.shape[0], x.shape[-1], qs.blocksize,
                             jnp.dtype(x.dtype).name, mma=True)
@@ -259,6 +260,50 @@ def test_matmul_forward_and_grad(m, dtype, mode):
   helpers.assert_within(db_ref, db_exact, db_bound, "dbias_ref")
 
 
+def test_gemv_serves_large_m_only_for_large_16bit_weights():
+  """M = 65..128 goes to the fused GEMV for 16-bit x and weights of at
+  least 4096 x 4096 elements (where it beat dequantize + dot on the H200);
+  other M above 64 dequantizes and multiplies."""
+  serves = kernels.gemv_serves
+  assert serves(64, 16, 64, jnp.float32)
+  assert serves(65, 4096, 4096, jnp.bfloat16)
+  assert serves(128, 14336, 4096, jnp.float16)
+  assert not serves(129, 14336, 4096, jnp.bfloat16)
+  assert not serves(128, 1024, 4096, jnp.bfloat16)
+  assert not serves(100, 4096, 4096, jnp.float32)
+
+
+@pytest.mark.parametrize("m,dtype,kernel", [
+    (100, jnp.bfloat16, "jaxbnb_gemv_4bit_mma"),   # the fused "mma" kernel
+    (100, jnp.float32, None),                      # fp32: dequantize + dot
+    (129, jnp.bfloat16, None),                     # past GEMV_MAX_M
+])
+def test_large_m_routing(m, dtype, kernel, monkeypatch, request):
+  """With the weight-size threshold lowered to this small weight, the
+  dispatch sends M = 100 in bf16 to the fused kernel's default config (64
+  rows, prefetch), and the result is within the bound of its weight."""
+  n, k = 40, 192
+  # The routing is decided at trace time: no trace cached with the other
+  # threshold may serve this test, and none of this test's may outlive it.
+  jax.clear_caches()
+  request.addfinalizer(jax.clear_caches)
+  monkeypatch.setattr(kernels, "GEMV_LARGE_M_MIN_SIZE", n * k)
+  w = _w(n, k, 6)
+  x = jnp.asarray(_util.rng_array((m, k), 7, dtype))
+  packed, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+  with jaxbnb.kernel_mode("interpret"):
+    text = str(jax.make_jaxpr(F.matmul_4bit)(x, packed, qs))
+  if kernel:
+    assert kernel in text
+    cfg = gk.default_config(m, n, k, 64, jnp.dtype(dtype).name, mma=True)
+    assert cfg[:2] == ("mma", 64) and cfg[7] == 1
+  else:
+    assert "jaxbnb_gemv_4bit" not in text
+  with jaxbnb.kernel_mode("interpret"):
+    y = jax.jit(F.matmul_4bit)(x, packed, qs)
+  _check_matmul(y, x, packed, qs, None, f"M = {m}")
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("m", [1, 2, 8, 100])  # reduce, mma, one by one
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -286,7 +331,7 @@ def test_matmul_group_forward_and_grad(m, dtype, mode):
     dx = jax.jit(jax.grad(loss), static_argnums=1)(x, True)
     dx_one = jax.jit(jax.grad(loss), static_argnums=1)(x, False)
     singles = [jax.jit(F.matmul_4bit)(x, p, qs) for p, qs in weights]
-  if m <= kernels.GEMV_MAX_M:
+  if kernels.gemv_serves(m, sum(ns), x.shape[-1], dtype):
     assert launches == 1
   else:  # one by one: dequantize each (a kernel each) and multiply
     for y, y1 in zip(ys, singles):

@@ -23,10 +23,26 @@ from jaxbnb._src.quant import codebooks
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import reference
 
-# The fused GEMV serves M up to here (16-bit x: "reduce" at 1, "warp" at 2
-# to 8, "mma" above; `gemv_4bit.default_config`); larger M dequantizes with
-# the kernel and multiplies with XLA's dot (cuBLAS).
-GEMV_MAX_M = 64
+# The fused GEMV serves M up to 64 (16-bit x: "reduce" at 1, "warp" at 2
+# to 8, "mma" above; `gemv_4bit.default_config`), and up to GEMV_MAX_M for
+# 16-bit x and weights of at least GEMV_LARGE_M_MIN_SIZE elements; other
+# M dequantizes with the kernel and multiplies with XLA's dot (cuBLAS).
+# docs/benchmarks.md, "the fused kernel at M = 64-256" (H200): at M = 96
+# and 128 the "mma" kernel took 67-73 us on 14336x4096 against 80-87 for
+# dequantize + dot, 66-69 against 86-93 on 4096x14336, 30-32 against
+# 31-35 on 4096x4096 and 39 against 45-46 on 6144x4096, but 21 against
+# 17 on 1024x4096 at M = 128; at M = 256 it lost on every shape.
+GEMV_MAX_M = 128
+GEMV_LARGE_M_MIN_SIZE = 4096 * 4096
+
+
+def gemv_serves(m: int, n: int, k: int, dtype) -> bool:
+  """Whether M rows of `dtype` times a 4-bit `[n, k]` weight (or a group
+  of `n` rows in all) go to the fused GEMV rather than dequantize + dot."""
+  if m <= 64:
+    return True
+  return (m <= GEMV_MAX_M and jnp.dtype(dtype) != jnp.float32
+          and n * k >= GEMV_LARGE_M_MIN_SIZE)
 
 
 def thresholds(quant_type: str) -> tuple[float, ...]:
@@ -124,10 +140,10 @@ def nested_of(qs):
 
 def can_group(m, k, dtype, qss) -> bool:
   """Whether `gemv_group` serves `[m, k]` times these 4-bit weights in one
-  launch: M up to `GEMV_MAX_M`, one K, quantization type, block size and
-  double quantization for all."""
+  launch: M the GEMV serves (`gemv_serves`, all rows together), one K,
+  quantization type, block size and double quantization for all."""
   first = qss[0]
-  return m <= GEMV_MAX_M and all(
+  return gemv_serves(m, sum(q.shape[0] for q in qss), k, dtype) and all(
       q.shape[1] == k and q.quant_type == first.quant_type
       and q.blocksize == first.blocksize and q.nested == first.nested
       and (not q.nested or q.nested_blocksize == first.nested_blocksize)
@@ -150,12 +166,13 @@ def gemv_group(x2d, packeds, qss, mode):
 def gemv(x2d, packed, qs, bias, mode):
   """`x2d @ W.T + bias` through the fused kernel, or None if it cannot.
 
-  M above `GEMV_MAX_M` is not the GEMV's work (the caller dequantizes with
-  the kernel and multiplies), so it returns None without `no_kernel`.
+  M that `gemv_serves` leaves out is not the GEMV's work (the caller
+  dequantizes with the kernel and multiplies), so it returns None without
+  `no_kernel`.
   """
   m, k = x2d.shape
   n = qs.shape[0]
-  if m > GEMV_MAX_M:
+  if not gemv_serves(m, n, k, x2d.dtype):
     return None
   if not gk.can_use(m, n, k, qs.blocksize, x2d.dtype):
     dispatch.no_kernel(f"the 4-bit GEMV of [{m}, {k}] x [{n}, {k}]")
