@@ -8,6 +8,12 @@
     #    differently): compile for sm_90, disassemble, count
     python docs/bench/gemv_sass_mix.py count /tmp/reduce_m1.ttir
 
+A looping program (another M or config) is counted by its longest loop
+body, one step (`count PATH BYTES_A_THREAD_A_STEP WARPS STAGES loop`):
+
+    python docs/bench/gemv_sass_mix.py lower /tmp/m128.ttir 128
+    python docs/bench/gemv_sass_mix.py count /tmp/m128.ttir 32 4 3 loop
+
 The default M = 1 program is straight-line code (one step of 8 blocks of
 32 rows, 8,192 bytes; 64 bytes a thread), so the static count per thread
 is what each thread executes. Another M and config (a tuple, as
@@ -65,7 +71,8 @@ def lower(path, m="1", config=None):
       sd((n * k // bs,), jnp.uint8), nested)
 
 
-def count(path, per_thread="64", num_warps="4"):
+def count(path, per_thread="64", num_warps="4", num_stages="1",
+          loop=""):
   import os  # pylint: disable=import-outside-toplevel
   import triton  # pylint: disable=import-outside-toplevel
   from triton.backends.compiler import GPUTarget  # pylint: disable=import-outside-toplevel
@@ -80,9 +87,29 @@ def count(path, per_thread="64", num_warps="4"):
   fixed = path + ".fixed.ttir"
   with open(fixed, "w") as f:
     f.write(text)
-  kernel = triton.compile(fixed, target=GPUTarget("cuda", 90, 32),
+  # `triton.compile` of a .ttir file starts after Triton's own TTIR passes;
+  # XLA runs them (they fold `acc + dot(a, b, 0)` into `dot(a, b, acc)`,
+  # for one), so they run here first.
+  from triton._C.libtriton import ir, passes  # pylint: disable=import-outside-toplevel
+  from triton.backends.nvidia.compiler import CUDABackend  # pylint: disable=import-outside-toplevel
+  target = GPUTarget("cuda", 90, 32)
+  ctx = ir.context()
+  ir.load_dialects(ctx)
+  CUDABackend(target).load_dialects(ctx)
+  module = ir.parse_mlir_module(fixed, ctx)
+  pm = ir.pass_manager(ctx)
+  passes.common.add_inliner(pm)
+  passes.common.add_canonicalizer(pm)
+  passes.ttir.add_combine(pm)
+  passes.ttir.add_reorder_broadcast(pm)
+  passes.common.add_cse(pm)
+  passes.common.add_symbol_dce(pm)
+  pm.run(module, "make_ttir")
+  with open(fixed, "w") as f:
+    f.write(str(module))
+  kernel = triton.compile(fixed, target=target,
                           options={"num_warps": int(num_warps),
-                                   "num_stages": 1})
+                                   "num_stages": int(num_stages)})
   cubin = path + ".cubin"
   with open(cubin, "wb") as f:
     f.write(kernel.asm["cubin"])
@@ -90,6 +117,16 @@ def count(path, per_thread="64", num_warps="4"):
                           "nvidia", "bin", "nvdisasm")
   sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True,
                         text=True, check=True).stdout
+  if loop:  # the longest loop body: its label to the branch back to it
+    lines, best = sass.splitlines(), []
+    for i, line in enumerate(lines):
+      back = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+      start = back and next((j for j in range(i)
+                             if lines[j].startswith(back.group(1) + ":")),
+                            None)
+      if start is not None and i - start > len(best):
+        best = lines[start:i + 1]
+    sass = "\n".join(best)
   ops = collections.Counter(
       m.group(2) for m in re.finditer(
           r"/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
