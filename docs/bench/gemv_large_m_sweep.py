@@ -12,7 +12,6 @@ and XLA's bf16 matmul, each with `measure.time_jax` over three rotating
 weights; each result is compared with `x @ dequantize(W).T`. NF4 + DQ,
 bf16. One JSON line per (shape, M) goes to $OUT/gemv_large_m_<set>.jsonl.
 """
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gemv_sweep import make, median_us, split_for  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gemv_sweep import checked, make, median_us, record, split_for  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxbnb import functional as F  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxbnb._src.quant import codebooks  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -81,22 +80,9 @@ def main(which, budget_s):
       f = lambda *a, c=cfg: gk.gemv_4bit(  # noqa: E731
           a[0], a[1], a[2], LUT, n=n, k=k, blocksize=64,
           nested=(a[3], a[4], a[5]), config=c, code=CODE)
-      try:
-        y = np.asarray(jax.jit(f)(*args[0]), np.float32)
-        err = float(np.max(np.abs(y - ref)) / scale)
-        res.append((str(cfg), median_us(f, args), err))
-      except Exception as e:  # pylint: disable=broad-except
-        res.append((str(cfg), f"ERR {type(e).__name__}: {str(e)[:300]}"))
-    rec["all"] = res
-    out.write(json.dumps(rec) + "\n")
-    out.flush()
-    ok = sorted((r for r in res if isinstance(r[1], float)),
-                key=lambda r: r[1])
-    print(f"N={n} K={k} M={m}: bf16 {rec['xla_bf16']:.1f} package "
-          f"{rec['package']:.1f} best {ok[:3]}", flush=True)
-    bad = [r for r in res if not isinstance(r[1], float) or r[2] > 2e-2]
-    if bad:
-      print("  FAILED", bad[:3], flush=True)
+      res.append((str(cfg),) + checked(f, args, ref, scale))
+    record(out, rec, res, f"N={n} K={k} M={m}: bf16 {rec['xla_bf16']:.1f} "
+           f"package {rec['package']:.1f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ each result is also compared with the default's output. One JSON line per
 (shape, M) goes to $OUT/gemv_smem_sweep.jsonl.
 """
 import itertools
-import json
 import os
 import sys
 import time
@@ -82,22 +81,10 @@ def main(budget_s):
         if time.time() > t_end:
           break
         f = lambda *a, c=c: call(c, *a)  # noqa: E731
-        try:
-          y = np.asarray(jax.jit(f)(*args[0]), np.float32)
-          err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
-          res.append((str(c), gemv_sweep.median_us(f, args), err))
-        except Exception as e:  # pylint: disable=broad-except
-          res.append((str(c), f"ERR {type(e).__name__}: {str(e)[:300]}"))
-      rec["all"] = res
-      out.write(json.dumps(rec) + "\n")
-      out.flush()
-      ok = sorted((r for r in res if isinstance(r[1], float)),
-                  key=lambda r: r[1])
-      print(f"N={n} K={k} M={m}: bf16 {rec['xla_bf16']:.1f} default "
-            f"{res[0][1]} best {ok[:4]}", flush=True)
-      bad = [r for r in res if not isinstance(r[1], float) or r[2] > 2e-2]
-      if bad:
-        print("  FAILED", bad[:4], flush=True)
+        res.append((str(c),) + gemv_sweep.checked(
+            f, args, ref, float(np.max(np.abs(ref)))))
+      gemv_sweep.record(out, rec, res, f"N={n} K={k} M={m}: bf16 "
+                        f"{rec['xla_bf16']:.1f} default {res[0][1]}", top=4)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,30 @@ def median_us(fn, slots):
                                           warmup=1))) * 1e6
 
 
+def checked(f, args, ref, scale):
+  """`f` on `args[0]` against `ref` (max error over `scale`) and timed over
+  `args`: (median us, error), or the exception as a string."""
+  try:
+    y = np.asarray(jax.jit(f)(*args[0]), np.float32)
+    err = float(np.max(np.abs(y - ref)) / scale)
+    return median_us(f, args), err
+  except Exception as e:  # pylint: disable=broad-except
+    return (f"ERR {type(e).__name__}: {str(e)[:300]}",)
+
+
+def record(out, rec, res, head, top=3):
+  """Writes `rec` with its results `res` ((config, us, error) rows) as a
+  JSON line and prints the best `top` and any failure (error over 2%)."""
+  rec["all"] = res
+  out.write(json.dumps(rec) + "\n")
+  out.flush()
+  ok = sorted((r for r in res if isinstance(r[1], float)), key=lambda r: r[1])
+  print(f"{head} best {ok[:top]}", flush=True)
+  bad = [r for r in res if not isinstance(r[1], float) or r[2] > 2e-2]
+  if bad:
+    print("  FAILED", bad[:top], flush=True)
+
+
 def xla_fused(n, k, m):
   """Dequantize-and-reduce written in jnp, left to XLA's fusion."""
   def f(x, p, a, na, nc, off, w):
