@@ -23,15 +23,17 @@ from jaxbnb._src.quant import codebooks
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import reference
 
-# The fused GEMV serves M up to 64 (16-bit x: "reduce" at 1, "warp" at 2
-# to 8, "mma" above; `gemv_4bit.default_config`), and up to GEMV_MAX_M for
-# 16-bit x and weights of at least GEMV_LARGE_M_MIN_SIZE elements; other
-# M dequantizes with the kernel and multiplies with XLA's dot (cuBLAS).
+# The fused GEMV serves M up to GEMV_ALL_WEIGHTS_M (16-bit x: "reduce" at
+# 1, "warp" at 2 to 8, "mma" above; `gemv_4bit.default_config`), and up to
+# GEMV_MAX_M for 16-bit x and weights of at least GEMV_LARGE_M_MIN_SIZE
+# elements; other M dequantizes with the kernel and multiplies with XLA's
+# dot (cuBLAS).
 # docs/benchmarks.md, "the fused kernel at M = 64-256" (H200): at M = 96
 # and 128 the "mma" kernel took 67-73 us on 14336x4096 against 80-87 for
 # dequantize + dot, 66-69 against 86-93 on 4096x14336, 30-32 against
 # 31-35 on 4096x4096 and 39 against 45-46 on 6144x4096, but 21 against
 # 17 on 1024x4096 at M = 128; at M = 256 it lost on every shape.
+GEMV_ALL_WEIGHTS_M = 64
 GEMV_MAX_M = 128
 GEMV_LARGE_M_MIN_SIZE = 4096 * 4096
 
@@ -39,7 +41,7 @@ GEMV_LARGE_M_MIN_SIZE = 4096 * 4096
 def gemv_serves(m: int, n: int, k: int, dtype) -> bool:
   """Whether M rows of `dtype` times a 4-bit `[n, k]` weight (or a group
   of `n` rows in all) go to the fused GEMV rather than dequantize + dot."""
-  if m <= 64:
+  if m <= GEMV_ALL_WEIGHTS_M:
     return True
   return (m <= GEMV_MAX_M and jnp.dtype(dtype) != jnp.float32
           and n * k >= GEMV_LARGE_M_MIN_SIZE)

@@ -212,8 +212,9 @@ def matmul_4bit_group(
   For projections that read the same input (a layer's q/k/v, its
   gate/up) at decode time (up to 64 rows; 128 for 16-bit `A` and 4096 x
   4096 weight elements in all): one grid walks the rows of every weight,
-  so the small ones do not each pay a launch and a split-K reduction. The weights must share K, the quantization type, block size
-  and double quantization; otherwise, with the reference ops, or for
+  so the small ones do not each pay a launch and a split-K reduction. The
+  weights must share K, the quantization type, block size and double
+  quantization; otherwise, with the reference ops, or for
   larger M, each is multiplied on its own. Each result is the fused
   GEMV's for its weight, with the tile configuration chosen for all rows
   together (so its float32 sums may run in another order than a
