@@ -334,7 +334,16 @@ def test_matmul_group_forward_and_grad(m, dtype, mode):
     assert launches == 1
   else:  # one by one: dequantize each (a kernel each) and multiply
     for y, y1 in zip(ys, singles):
-      np.testing.assert_array_equal(np.asarray(y), np.asarray(y1))
+      y, y1 = np.asarray(y, np.float32), np.asarray(y1, np.float32)
+      if mode == "pallas":
+        # XLA's GPU compiler may merge the group's dots that share x into
+        # one GEMM (another accumulation order): rounding only, at most
+        # about one unit of the output dtype's last place.
+        ulp = 1e-5 if dtype == jnp.float32 else 2.0**-7
+        np.testing.assert_allclose(y, y1, rtol=0,
+                                   atol=ulp * float(np.abs(y1).max()))
+      else:
+        np.testing.assert_array_equal(y, y1)
   for y, (packed, qs), n in zip(ys, weights, ns):
     assert y.shape == (*x.shape[:-1], n) and y.dtype == dtype
     _check_matmul(y, x, packed, qs, None, f"group y n={n}")
