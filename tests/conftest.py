@@ -9,20 +9,6 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG
                              + "=8").strip()
 
-# Without a GPU plugin, XLA's CPU backend compiles with LLVM's optimization
-# level 0: most test programs run once or a few times, so compiling is most
-# of their cost (clean cache, `-n 2`: tests/layers 169 -> 116 s,
-# tests/quant + tests/optim 495 -> 415 s). The whole suite passes at this
-# level, the bit-exact golden tests included. Set the flag yourself in
-# XLA_FLAGS to choose another level.
-_OPT = "--xla_backend_optimization_level"
-if _OPT not in os.environ.get("XLA_FLAGS", ""):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  _gpu_plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin",
-                  "jax_rocm60_plugin", "jax_rocm7_plugin")
-  if not any(importlib.util.find_spec(m) for m in _gpu_plugins):
-    os.environ["XLA_FLAGS"] += f" {_OPT}=0"
-
 # One persistent XLA compilation cache for every process of a test run
 # (the two xdist workers, the tests' subprocesses, the mutation check's
 # copies): many tests compile the same small programs, and on a clean
