@@ -30,13 +30,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gemv_sweep import checked, make, median_us, record  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gemv_sweep import baseline, checked, each_case, record  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from jaxbnb import functional as F  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxbnb._src.quant import codebooks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pallas_kernels import dequantize_4bit as dk  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -93,24 +91,9 @@ def main(budget_s, quick=""):
   out = open(os.path.join(os.environ.get("OUT", "/tmp"),
                           "dequant_chunk.jsonl"), "w")
   t_end = time.time() + float(budget_s)
-  made = {}
-  for (n, k), m in ([((1024, 256), 8)] if quick else CASES):
-    if time.time() > t_end:
-      break
-    if (n, k) not in made:
-      made = {(n, k): make(n, k)}
-    base = made[(n, k)]
-    x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
-    rec = dict(n=n, k=k, m=m,
-               xla_bf16=median_us(lambda x, w: x @ w.T,
-                                  [(x, s[5]) for s in base]))
-    packed, qs = base[0][7], base[0][6]
-    ref = np.asarray(x.astype(jnp.float32)
-                     @ F.dequantize_4bit(packed, qs).astype(jnp.float32).T)
-    scale = float(np.max(np.abs(ref)))
-    rec["package"] = median_us(
-        lambda x, p, q: F.matmul_4bit(x, p, q),
-        [(x, s[7], s[6]) for s in base])
+  for n, k, m, base, x in each_case([((1024, 256), 8)] if quick else CASES,
+                                    t_end):
+    rec, ref, scale = baseline(x, base, n=n, k=k, m=m)
     args = [(x,) + s[:5] for s in base]
     res = []
     for kind in ("map", "unroll", "stream"):

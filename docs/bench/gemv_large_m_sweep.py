@@ -16,14 +16,11 @@ import os
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gemv_sweep import checked, make, median_us, record, split_for  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gemv_sweep import baseline, checked, each_case, record, split_for  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from jaxbnb import functional as F  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jaxbnb._src.quant import codebooks  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pallas_kernels import gemv_4bit as gk  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -50,26 +47,10 @@ def main(which, budget_s):
                           f"gemv_large_m_{which}.jsonl"), "w")
   t_end = time.time() + float(budget_s)
   cases, tiles = (CASES, TILES) if which == "a" else (CASES_B, TILES_B)
-  made = {}
-  for (n, k), m in cases:
-    if time.time() > t_end:
-      break
-    if (n, k) not in made:
-      made = {(n, k): make(n, k)}
-    base = made[(n, k)]
-    x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
-    rec = dict(n=n, k=k, m=m,
-               xla_bf16=median_us(lambda x, w: x @ w.T,
-                                  [(x, s[5]) for s in base]),
-               floor=(n * k / 2 + n * k / 64 + m * k * 2 + m * n * 2)
-               / 4.8e12 * 1e6)
-    packed, qs = base[0][7], base[0][6]
-    ref = np.asarray(x.astype(jnp.float32)
-                     @ F.dequantize_4bit(packed, qs).astype(jnp.float32).T)
-    scale = float(np.max(np.abs(ref)))
-    rec["package"] = median_us(
-        lambda x, p, q: F.matmul_4bit(x, p, q),
-        [(x, s[7], s[6]) for s in base])
+  for n, k, m, base, x in each_case(cases, t_end):
+    rec, ref, scale = baseline(
+        x, base, n=n, k=k, m=m,
+        floor=(n * k / 2 + n * k / 64 + m * k * 2 + m * n * 2) / 4.8e12 * 1e6)
     args = [(x,) + s[:5] for s in base]
     res = []
     for bn, kb, warps, stages, pf in tiles:

@@ -55,6 +55,32 @@ def median_us(fn, slots):
                                           warmup=1))) * 1e6
 
 
+def each_case(cases, t_end):
+  """(n, k, m, weights from `make`, bf16 x [m, k]) of each ((n, k), m) in
+  `cases` until the time `t_end`, each shape's weights made once in a row."""
+  made = {}
+  for (n, k), m in cases:
+    if time.time() > t_end:
+      return
+    if (n, k) not in made:
+      made = {(n, k): make(n, k)}
+    x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
+    yield n, k, m, made[(n, k)], x
+
+
+def baseline(x, base, **rec):
+  """`rec` with XLA's bf16 matmul and `F.matmul_4bit` timed over the weights
+  `base` (from `make`) for this x, and the reference `x @ dequantize(W).T`
+  of the first weight with its max |y|: (rec, ref, scale)."""
+  rec["xla_bf16"] = median_us(lambda x, w: x @ w.T, [(x, s[5]) for s in base])
+  packed, qs = base[0][7], base[0][6]
+  ref = np.asarray(x.astype(jnp.float32)
+                   @ F.dequantize_4bit(packed, qs).astype(jnp.float32).T)
+  rec["package"] = median_us(lambda x, p, q: F.matmul_4bit(x, p, q),
+                             [(x, s[7], s[6]) for s in base])
+  return rec, ref, float(np.max(np.abs(ref)))
+
+
 def checked(f, args, ref, scale):
   """`f` on `args[0]` against `ref` (max error over `scale`) and timed over
   `args`: (median us, error), or the exception as a string."""
