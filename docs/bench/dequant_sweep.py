@@ -7,8 +7,10 @@ Above M = 128 a 4-bit matmul is the dequantize kernel and cuBLAS; on
 14336x4096 the dequantization moves 29 MB of codes in and 117 MB of bf16
 out. This times `pallas_kernels.dequantize_4bit` (NF4 + DQ, bf16) with
 `block_rows` quantization blocks a program and `num_warps` warps, next to
-three copies that bound it: XLA's `a + 1` on 1 GiB of bf16 (the benches'
-copy bandwidth), the same on uint32 words, and writing 117 MB of zeros.
+three yardsticks: XLA's `a + 1` on 1 GiB of bf16 (the benches' copy
+bandwidth until this session), the same on uint32 words (the device's copy
+rate), and `broadcast + 1` writing 117 MB of bf16 (on the H200 this came
+out at 1.5 TB/s, a trait of XLA's 16-bit broadcast kernel, not a bound).
 Each with `measure.time_jax` over three rotating inputs; every kernel
 configuration is checked bit for bit against the default's output. One
 JSON line goes to $OUT/dequant_sweep.jsonl.
