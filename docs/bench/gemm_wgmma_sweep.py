@@ -1,0 +1,89 @@
+"""The 4-bit wgmma GEMM (`pallas_kernels.gemm_4bit_wgmma`) at M = 64-256,
+against the package's path and XLA's bf16 dot (docs/benchmarks.md,
+thirteenth session; run on the GPU).
+
+    python docs/bench/gemm_wgmma_sweep.py 300     # time budget, s
+
+NF4 + DQ, bf16. Each configuration (tile_w, tile_x, tile_k, split, stages)
+is timed with `measure.time_jax` over three rotating weights, the nested
+absmax decoded in the timed function (as a caller pays it), and compared
+with `x @ dequantize(W).T`. One JSON line per (shape, M) goes to
+$OUT/gemm_wgmma_sweep.jsonl. The first case is a small one, checked only.
+"""
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gemv_sweep import baseline, checked, each_case, record  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxbnb import functional as F  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxbnb._src.quant import codebooks, ops  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels import gemm_4bit_wgmma as gw  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
+CASES = [((256, 1024), 96), ((14336, 4096), 256), ((14336, 4096), 128),
+         ((14336, 4096), 64), ((4096, 4096), 256), ((11008, 4096), 256),
+         ((4096, 14336), 256), ((4096, 4096), 64), ((6144, 4096), 128)]
+# (tile_w, tile_x, tile_k, split, stages, variant)
+TILES = {256: [(64, 256, 64, 1, 2, "plain"), (64, 256, 64, 1, 3, "ws"),
+               (64, 256, 64, 1, 4, "ws"), (64, 256, 128, 1, 2, "ws"),
+               (128, 128, 64, 1, 4, "ws"), (128, 128, 128, 1, 3, "ws")],
+         128: [(64, 128, 64, 1, 4, "plain"), (64, 128, 64, 1, 4, "ws"),
+               (64, 128, 128, 1, 3, "ws"), (128, 128, 64, 1, 4, "ws"),
+               (128, 128, 128, 1, 3, "ws")],
+         64: [(64, 64, 128, 1, 4, "plain"), (64, 64, 128, 1, 4, "ws"),
+              (64, 64, 64, 1, 6, "ws"), (128, 64, 128, 1, 4, "ws"),
+              (128, 64, 64, 1, 6, "ws")]}
+
+
+def fn(n, k, cfg):
+  tw, tx, tk, split, stages, variant = cfg
+  def f(x, p, qs):
+    return gw.gemm(x, p.reshape(-1), ops.float_absmax(qs), code=CODE, n=n,
+                   k=k, tile_w=tw, tile_x=tx, tile_k=tk, split=split,
+                   stages=stages, variant=variant)
+  return f
+
+
+def main():
+  budget = float(sys.argv[1]) if len(sys.argv) > 1 else 300.0
+  t_end = time.time() + budget
+  out = open(os.path.join(os.environ.get("OUT", "."),
+                          "gemm_wgmma_sweep.jsonl"), "a")
+  for n, k, m, base, x in each_case(CASES, t_end):
+    tiles = TILES[min(TILES, key=lambda t: abs(t - m))]
+    if k >= 4 * n:  # few row tiles: split K
+      tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[:3]
+                       for s in (2, 4)]
+    if n * k < 2 ** 20:  # the small case: checked, not timed
+      packed, qs = base[0][7], base[0][6]
+      ref = np.asarray(x.astype(jnp.float32)
+                       @ F.dequantize_4bit(packed, qs).astype(jnp.float32).T)
+      for cfg in [(64, 64, 64, 1, 2, "plain"), (64, 128, 128, 2, 2, "ws"),
+                  (64, 64, 64, 1, 3, "ws"), (128, 128, 64, 2, 3, "ws"),
+                  (64, 256, 128, 1, 2, "ws")]:
+        try:
+          y = np.asarray(jax.jit(fn(n, k, cfg))(x, packed, qs), np.float32)
+          print("small", cfg, float(np.max(np.abs(y - ref)) / np.max(np.abs(ref))),
+                flush=True)
+        except Exception as e:  # pylint: disable=broad-except
+          print("small", cfg, f"ERR {type(e).__name__}: {str(e)[:1500]}", flush=True)
+      continue
+    rec, ref, scale = baseline(x, base, n=n, k=k, m=m)
+    res = []
+    for cfg in tiles:
+      if time.time() > t_end:
+        break
+      r = checked(fn(n, k, cfg), [(x, s[7], s[6]) for s in base], ref, scale)
+      res.append([list(cfg), *r])
+    record(out, rec, res, f"{n}x{k} M={m} xla {rec['xla_bf16']:.1f} "
+           f"package {rec['package']:.1f}", top=5)
+
+
+if __name__ == "__main__":
+  main()

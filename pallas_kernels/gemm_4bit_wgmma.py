@@ -1,0 +1,359 @@
+"""4-bit GEMM on Hopper tensor cores (wgmma), the weights decoded in registers.
+
+`y = x @ W.T` for a 4-bit `W [n, k]` (bitsandbytes' packing, blocksize 64)
+at M = 64-256, where the GEMV kernels run out of steam and dequantize +
+dot pays for a bf16 copy of W. A Mosaic GPU kernel computes the product
+transposed, `y.T = W @ x.T`, so the decoded weight is wgmma's A operand,
+which may live in registers:
+
+* A pipeline (`plgpu.emit_pipeline`, `stages` steps in flight) copies each
+  step's packed bytes `[tile_w, tile_k / 2]`, the blocks' scales and x's
+  tile `[tile_x, tile_k]` (swizzled) into shared memory by TMA.
+* One warpgroup decodes its bytes straight into wgmma's A register layout
+  (Mosaic GPU's `WGMMA_LAYOUT`: lane `4 g + c` of warp `w` holds rows
+  `16 w + g` and `+ 8`, columns `8 j + 2 c, + 1`, i.e. byte `4 j + c` of
+  each row). It reads a row's 32-byte block with two 16-byte shared loads,
+  gathers byte `c` of every word with three byte permutes per four words,
+  and decodes four bytes at a time with `lut_decode`'s permutes, scaled by
+  the block's absmax in the compute dtype (as the GEMV kernels).
+* `wgmma` multiplies them with x's tile (B, transposed in shared memory)
+  into an fp32 accumulator `[tile_w, tile_x]`.
+* The tile `y.T[tile_w, tile_x]` goes out through shared memory by TMA;
+  XLA transposes (and sums K splits).
+
+`interpret=True` runs a jnp twin with the same values (no PTX). Measured
+on the H200 in docs/benchmarks.md ("4-bit GEMM on wgmma").
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax import lax
+
+from pallas_kernels import lut_decode
+
+try:  # pragma: no cover - depends on the installed JAX
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  from jax.extend.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+  _HAVE_MGPU = all(hasattr(plgpu, a) for a in ("inline_mgpu", "emit_pipeline",
+                                                 "kernel", "ACC", "wgmma"))
+except ImportError:  # pragma: no cover
+  _HAVE_MGPU = False
+
+__all__ = ["available", "check_config", "decode_ptx", "gemm", "scale_words_t"]
+
+
+def available() -> bool:
+  """Whether this JAX has the Mosaic GPU pieces the kernel uses."""
+  return _HAVE_MGPU
+
+
+def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
+                 tile_k: int, split: int, stages: int,
+                 variant: str = "plain") -> None:
+  """Raises ValueError naming the argument the kernel cannot take."""
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    raise ValueError(f"x: the wgmma kernel takes bfloat16, got "
+                     f"{jnp.dtype(dtype).name}")
+  if tile_w not in (64, 128):
+    raise ValueError(f"tile_w: expected 64 or 128, got {tile_w}")
+  if tile_x not in (64, 128, 192, 256):
+    raise ValueError(f"tile_x: expected 64, 128, 192 or 256, got {tile_x}")
+  if tile_k not in (64, 128, 256):
+    raise ValueError(f"tile_k: expected 64, 128 or 256, got {tile_k}")
+  if variant not in ("plain", "ws"):
+    raise ValueError(f"variant: expected 'plain' or 'ws', got {variant!r}")
+  rows = tile_w * (2 if variant == "ws" else 1)
+  if n % rows:
+    raise ValueError(f"n: expected a multiple of {rows} (tile_w {tile_w}, "
+                     f"variant {variant!r}), got {n}")
+  if split < 1 or k % (tile_k * split):
+    raise ValueError(f"k: expected a multiple of tile_k x split "
+                     f"({tile_k} x {split}), got {k}")
+  if stages < 1:
+    raise ValueError(f"stages: expected >= 1, got {stages}")
+  del m
+
+
+@functools.lru_cache(maxsize=None)
+def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
+               s_stride: int | None = None) -> str:
+  """One step of one lane: the A registers of a `[tile_w, tile_k]` tile.
+
+  Operands: `$0 .. $(R-1)` out, R = `tile_w / 64 * tile_k / 8 * 2`, in
+  `WGMMA_LAYOUT`'s register order (row group i, column group j, half h:
+  `$((i * tile_k / 8 + j) * 2 + h)`); `$R` the shared address of the bytes
+  `[tile_w, tile_k / 2]`, `$(R+1)` of the scale words `[tile_k / 64,
+  tile_w]` (the absmax in bf16, in both halves; `s_stride` words apart,
+  by default tile_w).
+  """
+  groups, kb = tile_w // 64, tile_k // 64
+  s_stride = s_stride or tile_w
+  nreg = groups * tile_k // 8 * 2
+  words = lut_decode.table_words(code, jnp.bfloat16)
+  lines = [
+      "{",
+      ".reg .b32 tid, lane, wp, g, c, sel, wbase, sbase, r, wa, sa, sc, "
+      "p0, p1, ga, gb;",
+      ".reg .b32 t<8>, v<8>;",
+      f"mov.u32 wbase, ${nreg};", f"mov.u32 sbase, ${nreg + 1};",
+  ]
+  lines += [f"mov.b32 t{i}, 0x{u:08x};" for i, u in enumerate(words)]
+  lines += ["mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;",
+            "shr.u32 wp, tid, 5;", "and.b32 wp, wp, 3;",
+            "shr.u32 g, lane, 2;", "and.b32 c, lane, 3;",
+            # byte c of the first source, then byte c of the second
+            "mad.lo.u32 sel, c, 17, 64;"]
+  table = {f"t{i}": f"t{i}" for i in range(8)}
+  for i in range(groups):
+    for h in range(2):
+      lines += [f"mad.lo.u32 r, wp, 16, g;", f"add.u32 r, r, {64 * i + 8 * h};",
+                f"mad.lo.u32 wa, r, {tile_k // 2}, wbase;",
+                "mad.lo.u32 sa, r, 4, sbase;"]
+      for q in range(kb):
+        lines += [
+            f"ld.shared.v4.u32 {{v0, v1, v2, v3}}, [wa+{32 * q}];",
+            f"ld.shared.v4.u32 {{v4, v5, v6, v7}}, [wa+{32 * q + 16}];",
+            f"ld.shared.u32 sc, [sa+{4 * s_stride * q}];",
+            "prmt.b32 p0, v0, v1, sel;", "prmt.b32 p1, v2, v3, sel;",
+            "prmt.b32 ga, p0, p1, 0x5410;",
+            "prmt.b32 p0, v4, v5, sel;", "prmt.b32 p1, v6, v7, sel;",
+            "prmt.b32 gb, p0, p1, 0x5410;",
+        ]
+        for half, gw in enumerate(("ga", "gb")):
+          names = dict(table, w=gw, **{f"s{j}": "sc" for j in range(4)})
+          for jj in range(4):
+            j = 8 * q + 4 * half + jj
+            names[f"o{jj}"] = f"${(i * tile_k // 8 + j) * 2 + h}"
+          decl, body = lut_decode.render(code, "bfloat16", names, prefix="u_")
+          lines += ["{", decl] + body + ["}"]
+  lines.append("}")
+  return "\n".join(lines)
+
+
+def scale_words_t(absmax: jax.Array, n: int, k: int) -> jax.Array:
+  """uint32 `[k / 64, n]`: each block's absmax in bf16, in both halves,
+  transposed so a step's scales are one TMA tile."""
+  return lut_decode.scale_words(absmax.reshape(n, k // 64),
+                                jnp.bfloat16).T
+
+
+def _address(ref, bits):
+  return llvm.ptrtoint(ir.IntegerType.get_signless(bits),
+                       mgpu.utils.memref_ptr(ref))
+
+
+def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
+              split, stages, variant="plain"):
+  """The Mosaic GPU kernel: `y.T` partials `[split, n, m]` (m a multiple of
+  tile_x), bf16 when split is 1, else float32.
+
+  variant: "plain" (one warpgroup: decode, wgmma, wait) or "ws" (a
+  warp-specialized pipeline: one TMA warpgroup and two compute
+  warpgroups of tile_w rows each, sharing x's tile; one decodes while
+  the other's products run). Each waits for its wgmma before the next
+  decode: with the wait deferred a step (the decode of step t + 1 during
+  step t's products) the H200 returned wrong products whenever the wgmma
+  ran long enough (docs/benchmarks.md), A's registers being rewritten in
+  flight.
+  """
+  m = x.shape[0]
+  steps = k // tile_k // split
+  nreg = tile_w // 64 * tile_k // 8 * 2
+  wgs = 2 if variant == "ws" else 1
+  ptx = decode_ptx(code, tile_w, tile_k, wgs * tile_w)
+  out_dtype = jnp.bfloat16 if split == 1 else jnp.float32
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.RefType(), plgpu.RefType()),
+      return_type=plgpu.ShapeDtypeStruct((tile_w, tile_k), jnp.bfloat16,
+                                         layout=plgpu.Layout.WGMMA))
+  def decode(ctx, w_ref, s_ref):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([i32] * nreg),
+        [_address(w_ref, 32), _address(s_ref, 32)], ptx,
+        ",".join(["=r"] * nreg + ["r", "r"]), has_side_effects=True)
+    vec = ir.VectorType.get((2,), ir.BF16Type.get())
+    regs = [llvm.bitcast(vec, llvm.extractvalue(i32, res, [i]))
+            for i in range(nreg)]
+    shape = fa.WGMMA_LAYOUT.registers_shape((tile_w, tile_k))
+    arr = np.empty(shape, dtype=object)
+    for idx, reg in zip(np.ndindex(shape), regs):
+      arr[idx] = reg
+    return mgpu.FragmentedArray(_registers=arr, _layout=fa.WGMMA_LAYOUT,
+                                _is_signed=None)
+
+  x_swizzle = 128
+  x_tr = (plgpu.TilingTransform((8, x_swizzle // 2)),
+          plgpu.SwizzleTransform(x_swizzle))
+  o_bits = jnp.dtype(out_dtype).itemsize * 8
+  o_swizzle = plgpu.find_swizzle(tile_x * o_bits)
+  o_tr = (plgpu.TilingTransform((8, o_swizzle * 8 // o_bits)),
+          plgpu.SwizzleTransform(o_swizzle))
+
+  cta_w = wgs * tile_w
+
+  def specs(iw, ix, isp):
+    return [
+        plgpu.BlockSpec((cta_w, tile_k // 2),
+                        lambda t: (iw, isp * steps + t)),
+        plgpu.BlockSpec((tile_k // 64, cta_w),
+                        lambda t: (isp * steps + t, iw)),
+        plgpu.BlockSpec((tile_x, tile_k), lambda t: (ix, isp * steps + t),
+                        transforms=x_tr),
+    ]
+
+  def store(acc, o_smem, o_gmem, iw, ix, isp, wg):
+    o_smem[...] = acc.astype(out_dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(
+        o_smem, o_gmem.at[isp, pl.ds(iw * cta_w + wg * tile_w, tile_w),
+                          pl.ds(ix * tile_x, tile_x)])
+    plgpu.wait_smem_to_gmem(0)
+
+  def jaxbnb_gemm_4bit_wgmma(w_gmem, s_gmem, x_gmem, o_gmem, o_smem):
+    iw = lax.axis_index("w")
+    ix = lax.axis_index("x")
+    isp = lax.axis_index("s")
+
+    @functools.partial(pl.run_scoped,
+                       acc_ref=plgpu.ACC((tile_w, tile_x), jnp.float32))
+    def _(acc_ref):
+      def step(_, w_smem, s_smem, x_smem):
+        a = decode(w_smem, s_smem)
+        plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+        plgpu.wgmma_wait(0)
+
+      plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(iw, ix, isp),
+                          max_concurrent_steps=stages)(w_gmem, s_gmem, x_gmem)
+      store(acc_ref[...], o_smem, o_gmem, iw, ix, isp, 0)
+
+  def jaxbnb_gemm_4bit_wgmma_ws(w_gmem, s_gmem, x_gmem, o_gmem, o_smem):
+    iw = lax.axis_index("w")
+    ix = lax.axis_index("x")
+    isp = lax.axis_index("s")
+    wg = lax.axis_index("wg")
+    rows = pl.ds(wg * tile_w, tile_w)
+
+    def context(eval_pipeline):
+      @functools.partial(pl.run_scoped,
+                         acc_ref=plgpu.ACC((tile_w, tile_x), jnp.float32))
+      def _(acc_ref):
+        eval_pipeline(acc_ref)
+        store(acc_ref[...], o_smem.at[wg], o_gmem, iw, ix, isp, wg)
+
+    def step(_, w_smem, s_smem, x_smem, acc_ref):
+      a = decode(w_smem.at[rows], s_smem.at[:, rows])
+      plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+      plgpu.wgmma_wait(0)
+      return acc_ref
+
+    plgpu.emit_pipeline_warp_specialized(
+        step, grid=(steps,), memory_registers=40,
+        in_specs=specs(iw, ix, isp), wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=stages, compute_context=context,
+    )(w_gmem, s_gmem, x_gmem)
+
+  if variant == "ws":
+    kernel = plgpu.kernel(
+        jaxbnb_gemm_4bit_wgmma_ws,
+        out_type=jax.ShapeDtypeStruct((split, n, m), out_dtype),
+        grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
+        num_threads=3, thread_name="wg",
+        scratch_types=[plgpu.SMEM((2, tile_w, tile_x), out_dtype,
+                                  transforms=o_tr)])
+  else:
+    kernel = plgpu.kernel(
+        jaxbnb_gemm_4bit_wgmma,
+        out_type=jax.ShapeDtypeStruct((split, n, m), out_dtype),
+        grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
+        scratch_types=[plgpu.SMEM((tile_w, tile_x), out_dtype,
+                                  transforms=o_tr)])
+  return kernel(packed.reshape(n, k // 2), scales, x)
+
+
+def _twin(x, packed, scales, *, code, n, k, split):
+  """The kernel's values in jnp: weights decoded and scaled in bf16 (one
+  rounding), products summed in fp32; `[split, n, m]` float32."""
+  m = x.shape[0]
+  nkb = k // 64
+  sc = jnp.broadcast_to(scales.T.reshape(n, nkb, 1), (n, nkb, 32))
+  w = packed.reshape(n, nkb, 32)
+  hi, lo = lut_decode.decode_scaled(w, sc, code, jnp.bfloat16, True)
+  wv = jnp.stack([hi, lo], -1).reshape(n, split, k // split)
+  xv = x.reshape(m, split, k // split)
+  return jnp.einsum("nsk,msk->snm", wv.astype(jnp.float32),
+                    xv.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
+         code: tuple[float, ...], n: int, k: int, tile_w: int = 64,
+         tile_x: int | None = None, tile_k: int = 64, split: int = 1,
+         stages: int = 3, variant: str = "plain",
+         interpret: bool = False) -> jax.Array:
+  """`x @ W.T` for a 4-bit `W [n, k]` (blocksize 64), bf16.
+
+  Args:
+    x: `[m, k]` bfloat16.
+    packed: uint8 `[n * k / 2]`, bitsandbytes' order.
+    absmax: float32 `[n * k / 64]` (double quantization already decoded).
+    code: the 16 code values (static).
+    n, k: the weight's shape.
+    tile_w: weight rows a program (64 or 128).
+    tile_x: x rows a program (64, 128, 192 or 256; x is padded to a
+      multiple); by default m rounded up to 64, at most 256.
+    tile_k: k a pipeline step (64, 128 or 256).
+    split: K splits (programs per output tile, summed by XLA).
+    stages: steps in flight.
+    variant: "plain" or "ws" (see `_compiled`).
+    interpret: the jnp twin (CPU).
+
+  Returns:
+    bfloat16 `[m, n]`.
+
+  Example (the jnp twin, on any device; every weight is code 7 = 7.0):
+
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels import gemm_4bit_wgmma
+    >>> n, k = 64, 256
+    >>> y = gemm_4bit_wgmma.gemm(
+    ...     jnp.ones((8, k), jnp.bfloat16),
+    ...     jnp.full((n * k // 2,), 0x77, jnp.uint8),
+    ...     jnp.ones((n * k // 64,), jnp.float32),
+    ...     code=tuple(range(16)), n=n, k=k, interpret=True)
+    >>> y.shape, float(y[0, 0])
+    ((8, 64), 1792.0)
+  """
+  m = x.shape[0]
+  if tile_x is None:
+    tile_x = min(256, -(-m // 64) * 64)
+  check_config(m, n, k, x.dtype, tile_w, tile_x, tile_k, split, stages,
+               variant)
+  code = tuple(float(c) for c in code)
+  scales = scale_words_t(absmax.astype(jnp.float32), n, k)
+  if interpret:
+    part = _twin(x, packed, scales, code=code, n=n, k=k, split=split)
+  else:
+    if not available():
+      raise RuntimeError("the wgmma kernel needs Mosaic GPU's inline_mgpu, "
+                         f"emit_pipeline and wgmma; this JAX is "
+                         f"{jax.__version__}")
+    mp = -(-m // tile_x) * tile_x
+    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    part = _compiled(xp, packed, scales, code=code, n=n, k=k,
+                     tile_w=tile_w, tile_x=tile_x, tile_k=tile_k,
+                     split=split, stages=stages, variant=variant)[:, :, :m]
+  out = part[0] if split == 1 else jnp.sum(part.astype(jnp.float32), axis=0)
+  return out.T.astype(x.dtype)
