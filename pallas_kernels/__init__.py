@@ -1,8 +1,8 @@
 """Pallas GPU kernels for jaxbnb (a leaf package: imports jax and numpy only).
 
 Kernels receive their lookup tables (NF4/FP4 codes, the nested 8-bit map)
-as array inputs and never import jaxbnb. All but `gemv_4bit_tma` use
-Pallas' Triton lowering (`_backend.py` is the one module that knows it):
+as array inputs and never import jaxbnb. All but `gemv_4bit_tma` and
+`gemm_4bit_wgmma` use Pallas' Triton lowering (`_backend.py` is the one module that knows it):
 
 * `quantize_4bit`: blockwise NF4/FP4 quantization, bitsandbytes' format.
 * `quantize_nested`: double quantization's nested step (`absmax - offset`
@@ -10,8 +10,9 @@ Pallas' Triton lowering (`_backend.py` is the one module that knows it):
 * `dequantize_4bit`: dequantization, double-quantized absmax decoded inline.
 * `gemv_4bit`: fused dequantize-and-multiply for small M ("reduce", "dot",
   "mma", "warp"; "tma" by config).
-* `gemv_4bit_tma`: that GEMV on Mosaic GPU (TMA weight stream, inline PTX),
-  the one kernel not on the Triton lowering.
+* `gemv_4bit_tma`: that GEMV on Mosaic GPU (TMA weight stream, inline PTX).
+* `gemm_4bit_wgmma`: the 4-bit GEMM for M = 64-256 on Hopper (Mosaic GPU):
+  the weight decoded by inline PTX into wgmma's register operand.
 * `int8_matmul`: the LLM.int8 forward for decoding (M <= 16): int8 weight
   read once, int32 tensor-core product, outlier stream and bitsandbytes'
   epilogue fused.

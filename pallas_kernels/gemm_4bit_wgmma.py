@@ -35,6 +35,7 @@ import numpy as np
 
 from jax import lax
 
+from pallas_kernels import _backend
 from pallas_kernels import lut_decode
 
 try:  # pragma: no cover - depends on the installed JAX
@@ -49,12 +50,52 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
-__all__ = ["available", "check_config", "decode_ptx", "gemm", "scale_words_t"]
+__all__ = ["available", "can_use", "check_config", "decode_ptx",
+           "default_config", "gemm", "on_hopper", "scale_words_t"]
 
 
 def available() -> bool:
   """Whether this JAX has the Mosaic GPU pieces the kernel uses."""
   return _HAVE_MGPU
+
+
+@functools.cache
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (wgmma: compute 9.0)."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return False
+  return (dev.platform == "gpu"
+          and str(getattr(dev, "compute_capability", "")) == "9.0")
+
+
+def default_config(m: int) -> dict:
+  """The tiles for M rows of x, the best of the H200 sweep
+  (docs/benchmarks.md, "4-bit GEMM on wgmma"): one warpgroup with x's 64
+  rows at M <= 64; two compute warpgroups of 64 weight rows each, x's
+  rows in one tile of 128 or 256, above."""
+  if m <= 64:
+    return dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
+                variant="plain")
+  if m <= 128:
+    return dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=3,
+                variant="ws")
+  return dict(tile_w=64, tile_x=256, tile_k=64, split=1, stages=4,
+              variant="ws")
+
+
+def can_use(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
+  """Whether `gemm` with `default_config(m)` takes these operands."""
+  if not 1 <= m <= 256 or blocksize != 64:
+    return False
+  cfg = default_config(m)
+  try:
+    check_config(m, n, k, dtype, cfg["tile_w"], cfg["tile_x"],
+                 cfg["tile_k"], cfg["split"], cfg["stages"], cfg["variant"])
+  except ValueError:
+    return False
+  return True
 
 
 def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
@@ -153,9 +194,9 @@ def _address(ref, bits):
 
 
 def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
-              split, stages, variant="plain"):
+              split, stages, variant="plain", out_f32=False):
   """The Mosaic GPU kernel: `y.T` partials `[split, n, m]` (m a multiple of
-  tile_x), bf16 when split is 1, else float32.
+  tile_x), bf16 when split is 1 (and not `out_f32`), else float32.
 
   variant: "plain" (one warpgroup: decode, wgmma, wait) or "ws" (a
   warp-specialized pipeline: one TMA warpgroup and two compute
@@ -171,7 +212,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   nreg = tile_w // 64 * tile_k // 8 * 2
   wgs = 2 if variant == "ws" else 1
   ptx = decode_ptx(code, tile_w, tile_k, wgs * tile_w)
-  out_dtype = jnp.bfloat16 if split == 1 else jnp.float32
+  out_dtype = jnp.bfloat16 if split == 1 and not out_f32 else jnp.float32
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(), plgpu.RefType()),
@@ -268,7 +309,8 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   if variant == "ws":
     kernel = plgpu.kernel(
         jaxbnb_gemm_4bit_wgmma_ws,
-        out_type=jax.ShapeDtypeStruct((split, n, m), out_dtype),
+        out_type=_backend.out_struct((split, n, m), out_dtype, x, packed,
+                                  scales),
         grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
         num_threads=3, thread_name="wg",
         scratch_types=[plgpu.SMEM((2, tile_w, tile_x), out_dtype,
@@ -276,11 +318,13 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   else:
     kernel = plgpu.kernel(
         jaxbnb_gemm_4bit_wgmma,
-        out_type=jax.ShapeDtypeStruct((split, n, m), out_dtype),
+        out_type=_backend.out_struct((split, n, m), out_dtype, x, packed,
+                                  scales),
         grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
         scratch_types=[plgpu.SMEM((tile_w, tile_x), out_dtype,
                                   transforms=o_tr)])
-  return kernel(packed.reshape(n, k // 2), scales, x)
+  args = _backend.same_vma(packed.reshape(n, k // 2), scales, x)
+  return kernel(*args)
 
 
 def _twin(x, packed, scales, *, code, n, k, split):
@@ -301,9 +345,9 @@ def _twin(x, packed, scales, *, code, n, k, split):
 def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
          code: tuple[float, ...], n: int, k: int, tile_w: int = 64,
          tile_x: int | None = None, tile_k: int = 64, split: int = 1,
-         stages: int = 3, variant: str = "plain",
+         stages: int = 3, variant: str = "plain", bias: jax.Array | None = None,
          interpret: bool = False) -> jax.Array:
-  """`x @ W.T` for a 4-bit `W [n, k]` (blocksize 64), bf16.
+  """`x @ W.T + bias` for a 4-bit `W [n, k]` (blocksize 64), bf16.
 
   Args:
     x: `[m, k]` bfloat16.
@@ -318,6 +362,8 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
     split: K splits (programs per output tile, summed by XLA).
     stages: steps in flight.
     variant: "plain" or "ws" (see `_compiled`).
+    bias: optional `[n]`, added to the float32 sums before the one
+      rounding to bf16.
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -354,6 +400,9 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     part = _compiled(xp, packed, scales, code=code, n=n, k=k,
                      tile_w=tile_w, tile_x=tile_x, tile_k=tile_k,
-                     split=split, stages=stages, variant=variant)[:, :, :m]
+                     split=split, stages=stages, variant=variant,
+                     out_f32=bias is not None)[:, :, :m]
   out = part[0] if split == 1 else jnp.sum(part.astype(jnp.float32), axis=0)
+  if bias is not None:
+    out = out.astype(jnp.float32) + bias.astype(jnp.float32)[:, None]
   return out.T.astype(x.dtype)

@@ -15,6 +15,7 @@ import numpy as np
 
 from pallas_kernels import code_tables
 from pallas_kernels import dequantize_4bit as dk
+from pallas_kernels import gemm_4bit_wgmma as gw
 from pallas_kernels import gemv_4bit as gk
 from pallas_kernels import quantize_4bit as qk
 from pallas_kernels import quantize_nested as nk
@@ -36,6 +37,39 @@ from jaxbnb._src.quant import reference
 GEMV_ALL_WEIGHTS_M = 64
 GEMV_MAX_M = 128
 GEMV_LARGE_M_MIN_SIZE = 4096 * 4096
+
+# Before those (`matmul._forward` asks first), the wgmma GEMM (`gemm_4bit_wgmma`, Hopper only) serves
+# GEMM_MIN_M to GEMM_MAX_M rows of bf16 x times a blocksize-64 weight of at
+# least GEMM_MIN_N rows. docs/benchmarks.md, "4-bit GEMM on wgmma" (H200,
+# NF4 + DQ): on 14336x4096 it took 68 us at M = 256 against 93 for
+# dequantize + dot, 48 against 71 at M = 128 (the "mma" GEMV) and 46
+# against 55 at M = 64; on 11008x4096 at M = 256, 65 against 74. With
+# fewer rows too few programs fill the GPU: it lost on 4096 and 6144 rows.
+GEMM_MIN_M = 64
+GEMM_MAX_M = 256
+GEMM_MIN_N = 10240
+
+
+def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str) -> bool:
+  """Whether `[m, k]` times the 4-bit weight of `qs` (`[n, k]`) goes to
+  the wgmma GEMM: M, N and the dtype in its range (above), blocksize 64,
+  a kernel mode, and for "pallas" a Hopper GPU and a JAX with Mosaic GPU."""
+  if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= GEMM_MIN_N
+          and qs.blocksize == 64 and jnp.dtype(dtype) == jnp.bfloat16
+          and gw.can_use(m, n, k, qs.blocksize, dtype)):
+    return False
+  if mode == "interpret":
+    return True
+  return mode == "pallas" and gw.available() and gw.on_hopper()
+
+
+def gemm(x2d, packed, qs, absmax, bias, mode):
+  """`x2d @ W.T + bias` through the wgmma GEMM (`gemm_serves` holds);
+  `absmax` is the float32 absmax (`ops.float_absmax`)."""
+  n, k = qs.shape
+  return gw.gemm(x2d, packed, absmax, code=code(qs.quant_type),
+                 n=n, k=k, bias=bias, interpret=mode == "interpret",
+                 **gw.default_config(x2d.shape[0]))
 
 
 def gemv_serves(m: int, n: int, k: int, dtype) -> bool:
@@ -140,11 +174,15 @@ def nested_of(qs):
   return (qs.nested_absmax, qs.nested_code, qs.offset) if qs.nested else None
 
 
-def can_group(m, k, dtype, qss) -> bool:
+def can_group(m, k, dtype, qss, mode=None) -> bool:
   """Whether `gemv_group` serves `[m, k]` times these 4-bit weights in one
   launch: M the GEMV serves (`gemv_serves`, all rows together), one K,
-  quantization type, block size and double quantization for all."""
+  quantization type, block size and double quantization for all, and no
+  weight the wgmma GEMM serves (`gemm_serves`: it is faster alone)."""
   first = qss[0]
+  mode = mode or dispatch.resolve()
+  if any(gemm_serves(m, q.shape[0], k, dtype, q, mode) for q in qss):
+    return False
   return gemv_serves(m, sum(q.shape[0] for q in qss), k, dtype) and all(
       q.shape[1] == k and q.quant_type == first.quant_type
       and q.blocksize == first.blocksize and q.nested == first.nested

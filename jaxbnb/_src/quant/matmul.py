@@ -41,6 +41,9 @@ def _forward(x2d, bias, packed, qs, transposed):
   mode = dispatch.resolve()
   if mode != "reference" and not transposed:
     flat = ops.from_storage(packed)
+    m, k = x2d.shape
+    if kernels.gemm_serves(m, qs.shape[0], k, x2d.dtype, qs, mode):
+      return kernels.gemm(x2d, flat, qs, ops.float_absmax(qs), bias, mode)
     y = kernels.gemv(x2d, flat, qs, bias, mode)
     if y is not None:
       return y
@@ -218,7 +221,9 @@ def matmul_4bit_group(
   larger M, each is multiplied on its own. Each result is the fused
   GEMV's for its weight, with the tile configuration chosen for all rows
   together (so its float32 sums may run in another order than a
-  `matmul_4bit` of that weight alone). Differentiable in `A`
+  `matmul_4bit` of that weight alone). Weights the Hopper wgmma GEMM
+  serves (`kernels.gemm_serves`: 64-256 rows of bf16 `A`, 10240 weight
+  rows or more) are multiplied one by one. Differentiable in `A`
   (`dA = sum_g dY_g @ W_g`).
 
   Args:

@@ -1,0 +1,290 @@
+"""The 4-bit wgmma GEMM (`pallas_kernels.gemm_4bit_wgmma`, Mosaic GPU).
+
+On the CPU: the jnp twin against the documented weight (through
+`F.matmul_4bit`, as users reach it, and directly), the decode's PTX run by
+a small emulator for all 128 lanes of a warpgroup and read back through
+Mosaic GPU's `WGMMA_LAYOUT` (the lane map, the byte gather and the decode
+that only the GPU otherwise runs), the config errors and the dispatch
+rule. `pytest -m gpu` runs the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import doctest
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbnb
+from jaxbnb import functional as F
+from jaxbnb._src.quant import codebooks
+from jaxbnb._src.quant import kernels
+from jaxbnb._src.quant import ops
+from pallas_kernels import gemm_4bit_wgmma as gw
+from pallas_kernels import lut_decode
+from tests import helpers
+from tests.kernels import _util
+
+
+def _code(quant_type):
+  return tuple(float(c) for c in codebooks.code_for(quant_type))
+
+
+def _weights(n, k, quant_type, seed, nested=True):
+  w = jnp.asarray(_util.rng_array((n, k), seed, jnp.bfloat16))
+  return F.quantize_4bit(w, blocksize=64, quant_type=quant_type,
+                         compress_statistics=nested)
+
+
+def _check(y, x, packed, qs, bias=None):
+  """Within the fp32-accumulation bound of `x @ W.T` for the weight the
+  kernel multiplies (code and absmax rounded to bf16, product rounded
+  once, as the byte-permute GEMVs)."""
+  w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=True)
+  exact, bound = helpers.matmul_bound(x, w, x.dtype, bias=bias)
+  helpers.assert_within(y, exact, bound, "wgmma gemm")
+
+
+@pytest.mark.parametrize("m,n,k,quant_type,nested,cfg", [
+    (64, 128, 512, "nf4", True, dict(tile_w=64, tile_x=64, tile_k=128)),
+    (40, 192, 256, "fp4", False, dict(tile_w=64, tile_x=64, tile_k=64)),
+    (100, 256, 1024, "nf4", True, dict(tile_w=64, tile_x=128, tile_k=128,
+                                       split=2, variant="ws")),
+    (200, 128, 512, "fp4", True, dict(tile_w=128, tile_x=256, tile_k=64)),
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_twin_matches_documented_weight(m, n, k, quant_type, nested, cfg,
+                                        with_bias):
+  packed, qs = _weights(n, k, quant_type, n + k, nested)
+  x = jnp.asarray(_util.rng_array((m, k), m, jnp.bfloat16))
+  bias = (jnp.asarray(_util.rng_array((n,), 3, jnp.bfloat16))
+          if with_bias else None)
+  y = gw.gemm(x, packed.reshape(-1), ops.float_absmax(qs),
+              code=_code(quant_type), n=n, k=k, bias=bias, interpret=True,
+              **cfg)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  _check(y, x, packed, qs, bias)
+
+
+def test_matmul_4bit_routes_large_m_through_the_gemm():
+  """`F.matmul_4bit` (and the group call, weight by weight) under the
+  interpret mode: M = 64-256 on a weight of GEMM_MIN_N rows takes the
+  wgmma GEMM, and its products are the kernel's weight's; M = 63 and 257
+  do not."""
+  n, k = kernels.GEMM_MIN_N, 128
+  packed, qs = _weights(n, k, "nf4", 7)
+  for m, served in ((63, False), (64, True), (150, True), (256, True),
+                    (257, False)):
+    assert kernels.gemm_serves(m, n, k, jnp.bfloat16, qs, "interpret") is served
+  x = jnp.asarray(_util.rng_array((3, 50, k), 5, jnp.bfloat16))  # M = 150
+  with jaxbnb.kernel_mode("interpret"):
+    y = F.matmul_4bit(x, packed, qs)
+    ys = F.matmul_4bit_group(x, [(packed, qs), (packed, qs)])
+    assert not kernels.can_group(150, k, jnp.bfloat16, (qs, qs))
+  assert y.shape == (3, 50, n)
+  _check(y.reshape(150, n), x.reshape(150, k), packed, qs)
+  np.testing.assert_array_equal(np.asarray(ys[0], np.float32),
+                                np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize("m,n,blocksize,dtype,mode,served", [
+    (128, 14336, 64, jnp.bfloat16, "interpret", True),
+    (128, 8192, 64, jnp.bfloat16, "interpret", False),     # too few rows
+    (128, 14336, 128, jnp.bfloat16, "interpret", False),   # blocksize
+    (128, 14336, 64, jnp.float16, "interpret", False),     # dtype
+    (128, 14336, 64, jnp.bfloat16, "reference", False),
+    (128, 14400, 64, jnp.bfloat16, "interpret", False),    # n % 128
+])
+def test_gemm_serves(m, n, blocksize, dtype, mode, served):
+  qs = F.QuantState(absmax=jnp.zeros((1,)), code=jnp.zeros((16,)),
+                    shape=(n, 4096), blocksize=blocksize, quant_type="nf4",
+                    dtype=jnp.dtype(dtype).name)
+  assert kernels.gemm_serves(m, n, 4096, dtype, qs, mode) is served
+
+
+def test_pallas_mode_needs_hopper():
+  """On a machine without a Hopper GPU the "pallas" mode never picks it."""
+  qs = F.QuantState(absmax=jnp.zeros((1,)), code=jnp.zeros((16,)),
+                    shape=(14336, 4096), blocksize=64, quant_type="nf4",
+                    dtype="bfloat16")
+  assert kernels.gemm_serves(128, 14336, 4096, jnp.bfloat16, qs,
+                             "pallas") is gw.on_hopper()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tile_w=32), "tile_w: expected 64 or 128, got 32"),
+    (dict(tile_x=96), "tile_x: expected 64, 128, 192 or 256, got 96"),
+    (dict(tile_k=32), "tile_k: expected 64, 128 or 256, got 32"),
+    (dict(split=3), r"k: expected a multiple of tile_k x split \(64 x 3\)"),
+    (dict(variant="async"), "variant: expected 'plain' or 'ws', got 'async'"),
+    (dict(variant="ws", tile_w=128), r"n: expected a multiple of 256 "),
+    (dict(stages=0), "stages: expected >= 1, got 0"),
+])
+def test_config_errors_name_the_argument(kwargs, match):
+  n, k = 128, 512
+  with pytest.raises(ValueError, match=match):
+    gw.gemm(jnp.ones((64, k), jnp.bfloat16), jnp.zeros((n * k // 2,),
+                                                        jnp.uint8),
+            jnp.ones((n * k // 64,)), code=_code("nf4"), n=n, k=k,
+            interpret=True, **kwargs)
+
+
+def test_float32_x_is_refused():
+  with pytest.raises(ValueError, match="x: the wgmma kernel takes bfloat16, "
+                     "got float32"):
+    gw.gemm(jnp.ones((64, 64)), jnp.zeros((64 * 32,), jnp.uint8),
+            jnp.ones((64,)), code=_code("nf4"), n=64, k=64, interpret=True)
+
+
+def test_docstring_example_runs():
+  runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+  for test in doctest.DocTestFinder().find(gw.gemm, "gemm"):
+    runner.run(test)
+  result = runner.summarize(verbose=False)
+  assert result.attempted > 0 and result.failed == 0
+
+
+def _emulate(text, nreg, smem, w_base, s_base):
+  """Runs the decode PTX for the 128 lanes of a warpgroup on numpy uint32
+  registers; returns `[nreg, 128]` (operand i of every lane)."""
+  lanes = np.arange(128, dtype=np.uint32)
+  env = {"%tid.x": lanes, f"${nreg}": np.full(128, w_base, np.uint32),
+         f"${nreg + 1}": np.full(128, s_base, np.uint32)}
+  words = smem.view(np.uint32)
+
+  def val(tok):
+    tok = tok.strip()
+    if tok in env:
+      return env[tok]
+    return np.full(128, int(tok, 0), np.uint32)
+
+  def load(addr):
+    assert np.all(addr % 4 == 0)
+    return words[addr // 4]
+
+  for line in text.splitlines():
+    line = line.strip().rstrip(";")
+    if not line or line in "{}" or line.startswith(".reg"):
+      continue
+    op, rest = line.split(None, 1)
+    if op.startswith("ld.shared"):
+      m = re.match(r"(\{[^}]*\}|\S+),\s*\[(\S+?)(?:\+(\d+))?\]", rest)
+      regs = [r.strip() for r in m.group(1).strip("{}").split(",")]
+      base = env[m.group(2)] + np.uint32(int(m.group(3) or 0))
+      for i, r in enumerate(regs):
+        env[r] = load(base + np.uint32(4 * i))
+      continue
+    args = [a.strip() for a in rest.split(",")]
+    d, src = args[0], [val(a) for a in args[1:]]
+    if op.startswith("mov"):
+      env[d] = src[0].copy()
+    elif op.startswith("and"):
+      env[d] = src[0] & src[1]
+    elif op.startswith("or"):
+      env[d] = src[0] | src[1]
+    elif op.startswith("shr"):
+      env[d] = src[0] >> src[1]
+    elif op.startswith("add"):
+      env[d] = src[0] + src[1]
+    elif op.startswith("mad.lo"):
+      env[d] = src[0] * src[1] + src[2]
+    elif op.startswith("prmt"):
+      env[d] = lut_decode._prmt(src[0], src[1], src[2])  # pylint: disable=protected-access
+    elif op == "fma.rn.bf16x2":  # x * s + (-0): the product rounded once
+      env[d] = lut_decode._mul_pairs(src[0], src[1], jnp.bfloat16)  # pylint: disable=protected-access
+    else:
+      raise AssertionError(f"emulator: unknown instruction {line!r}")
+  return np.stack([env[f"${i}"] for i in range(nreg)])
+
+
+@pytest.mark.parametrize("tile_w,tile_k,quant_type", [
+    (64, 64, "nf4"), (64, 128, "fp4"), (128, 128, "nf4"), (64, 256, "nf4")])
+def test_decode_ptx_fills_wgmma_registers(tile_w, tile_k, quant_type):
+  """The decode's PTX, emulated lane by lane, leaves in operand
+  `(i * tile_k / 8 + j) * 2 + h` of lane `32 w + 4 g + c` the bf16 pair of
+  row `64 i + 16 w + 8 h + g`, columns `8 j + 2 c` and `+ 1`: Mosaic GPU's
+  `WGMMA_LAYOUT` (the order `inline_mgpu` hands it over in), each value the
+  code times the block's bf16 absmax, rounded once."""
+  rng = np.random.default_rng(tile_w + tile_k)
+  packed = rng.integers(0, 256, (tile_w, tile_k // 2), dtype=np.uint8)
+  absmax = rng.uniform(0.1, 3.0, (tile_w, tile_k // 64)).astype(np.float32)
+  scales = np.asarray(lut_decode.scale_words(jnp.asarray(absmax.T),
+                                             jnp.bfloat16), np.uint32)
+  smem = np.concatenate([packed.reshape(-1), scales.reshape(-1).view(
+      np.uint8)])
+  nreg = tile_w // 64 * tile_k // 8 * 2
+  out = _emulate(gw.decode_ptx(_code(quant_type), tile_w, tile_k), nreg,
+                 smem, 0, packed.size)
+  got = np.zeros((tile_w, tile_k), np.float32)
+  lane = np.arange(128)
+  w, g, c = lane // 32, lane % 32 // 4, lane % 4
+  for i in range(tile_w // 64):
+    for j in range(tile_k // 8):
+      for h in range(2):
+        pair = out[(i * tile_k // 8 + j) * 2 + h]
+        lo, hi = lut_decode.split_pairs(jnp.asarray(pair), jnp.bfloat16)
+        rows = 64 * i + 16 * w + 8 * h + g
+        got[rows, 8 * j + 2 * c] = np.asarray(lo, np.float32)
+        got[rows, 8 * j + 2 * c + 1] = np.asarray(hi, np.float32)
+  codes = np.stack([packed >> 4, packed & 15], -1).reshape(tile_w, tile_k)
+  table = np.asarray(_code(quant_type), np.float32).astype(
+      jnp.bfloat16).astype(np.float32)
+  scale = np.repeat(absmax.astype(jnp.bfloat16).astype(np.float32), 64,
+                    axis=1)
+  want = (table[codes] * scale).astype(jnp.bfloat16).astype(np.float32)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_lowers_for_cuda():
+  """Both variants lower to a Mosaic GPU module (needs JAX's CUDA plugin;
+  CPU-only installs skip)."""
+  s = jax.ShapeDtypeStruct
+  n, k, m = 256, 1024, 128
+  for variant in ("plain", "ws"):
+    fn = functools.partial(gw.gemm, code=_code("nf4"), n=n, k=k, tile_w=64,
+                           tile_x=128, tile_k=64, variant=variant)
+    try:
+      text = helpers.lowered_for_h200(
+          fn, s((m, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
+          s((n * k // 64,), jnp.float32))
+    except AssertionError as e:  # no Mosaic GPU lowering rule registered
+      pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,cfg", [
+    (64, None), (96, None), (128, None), (200, None), (256, None),
+    (256, dict(tile_w=64, tile_x=256, tile_k=64, split=2, stages=2,
+               variant="plain")),
+    (128, dict(tile_w=128, tile_x=128, tile_k=128, split=1, stages=3,
+               variant="ws")),
+])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_gpu_gemm(m, cfg, quant_type):
+  """The compiled kernel (default tiles, both variants, K split, bias)
+  against the documented weight."""
+  n, k = 1024, 2048
+  packed, qs = _weights(n, k, quant_type, m)
+  x = jnp.asarray(_util.rng_array((m, k), m + 1, jnp.bfloat16))
+  bias = jnp.asarray(_util.rng_array((n,), 2, jnp.bfloat16))
+  cfg = cfg or gw.default_config(m)
+  y = gw.gemm(x, packed.reshape(-1), ops.float_absmax(qs),
+              code=_code(quant_type), n=n, k=k, bias=bias, **cfg)
+  _check(y, x, packed, qs, bias)
+
+
+@pytest.mark.gpu
+def test_gpu_matmul_4bit_takes_the_gemm():
+  """`F.matmul_4bit` in the default ("pallas") mode on the H200: M = 128
+  on a 14336-row weight runs the wgmma GEMM (`gemm_serves`), within the
+  bound of the kernel's weight."""
+  n, k, m = 14336, 1024, 128
+  packed, qs = _weights(n, k, "nf4", 9)
+  assert kernels.gemm_serves(m, n, k, jnp.bfloat16, qs, "pallas")
+  x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))
+  _check(F.matmul_4bit(x, packed, qs), x, packed, qs)
