@@ -70,29 +70,47 @@ def on_hopper() -> bool:
           and str(getattr(dev, "compute_capability", "")) == "9.0")
 
 
-def default_config(m: int) -> dict:
+# Shared memory a block may use on Hopper (227 KiB), less room for the
+# pipeline's barriers.
+SMEM_LIMIT = 227 * 1024 - 1024
+
+
+def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
+               variant: str, out_f32: bool) -> int:
+  """Shared memory of a config: `stages` copies of a step's bytes, scales
+  and x tile, and the output tile(s) (float32 with a bias or a K split)."""
+  wgs = 2 if variant == "ws" else 1
+  step = (wgs * tile_w * tile_k // 2 + tile_k // 64 * wgs * tile_w * 4
+          + tile_x * tile_k * 2)
+  return stages * step + wgs * tile_w * tile_x * (4 if out_f32 else 2)
+
+
+def default_config(m: int, out_f32: bool = False) -> dict:
   """The tiles for M rows of x, the best of the H200 sweep
   (docs/benchmarks.md, "4-bit GEMM on wgmma"): one warpgroup with x's 64
   rows at M <= 64; two compute warpgroups of 64 weight rows each, x's
-  rows in one tile of 128 or 256, above."""
+  rows in one tile of 128 or 256, above. With a float32 output (a bias)
+  the 256-row tile keeps two steps in flight, not four (shared memory)."""
   if m <= 64:
     return dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
                 variant="plain")
   if m <= 128:
     return dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=3,
                 variant="ws")
-  return dict(tile_w=64, tile_x=256, tile_k=64, split=1, stages=4,
-              variant="ws")
+  return dict(tile_w=64, tile_x=256, tile_k=64, split=1,
+              stages=2 if out_f32 else 4, variant="ws")
 
 
-def can_use(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
-  """Whether `gemm` with `default_config(m)` takes these operands."""
+def can_use(m: int, n: int, k: int, blocksize: int, dtype,
+            out_f32: bool = False) -> bool:
+  """Whether `gemm` with `default_config(m, out_f32)` takes these operands."""
   if not 1 <= m <= 256 or blocksize != 64:
     return False
-  cfg = default_config(m)
+  cfg = default_config(m, out_f32)
   try:
     check_config(m, n, k, dtype, cfg["tile_w"], cfg["tile_x"],
-                 cfg["tile_k"], cfg["split"], cfg["stages"], cfg["variant"])
+                 cfg["tile_k"], cfg["split"], cfg["stages"], cfg["variant"],
+                 out_f32)
   except ValueError:
     return False
   return True
@@ -100,7 +118,7 @@ def can_use(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
 
 def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
                  tile_k: int, split: int, stages: int,
-                 variant: str = "plain") -> None:
+                 variant: str = "plain", out_f32: bool = False) -> None:
   """Raises ValueError naming the argument the kernel cannot take."""
   if jnp.dtype(dtype) != jnp.bfloat16:
     raise ValueError(f"x: the wgmma kernel takes bfloat16, got "
@@ -122,6 +140,14 @@ def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
                      f"({tile_k} x {split}), got {k}")
   if stages < 1:
     raise ValueError(f"stages: expected >= 1, got {stages}")
+  need = smem_bytes(tile_w, tile_x, tile_k, stages, variant,
+                    out_f32 or split > 1)
+  if need > SMEM_LIMIT:
+    raise ValueError(
+        f"stages: {stages} steps of tiles ({tile_w}, {tile_x}, {tile_k}), "
+        f"variant {variant!r}, need {need} bytes of shared memory, more than "
+        f"the {SMEM_LIMIT} a block has; expected fewer stages or smaller "
+        "tiles")
   del m
 
 
@@ -386,7 +412,7 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
   if tile_x is None:
     tile_x = min(256, -(-m // 64) * 64)
   check_config(m, n, k, x.dtype, tile_w, tile_x, tile_k, split, stages,
-               variant)
+               variant, bias is not None)
   code = tuple(float(c) for c in code)
   scales = scale_words_t(absmax.astype(jnp.float32), n, k)
   if interpret:

@@ -50,13 +50,14 @@ GEMM_MAX_M = 256
 GEMM_MIN_N = 10240
 
 
-def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str) -> bool:
+def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
+                bias: bool = False) -> bool:
   """Whether `[m, k]` times the 4-bit weight of `qs` (`[n, k]`) goes to
   the wgmma GEMM: M, N and the dtype in its range (above), blocksize 64,
   a kernel mode, and for "pallas" a Hopper GPU and a JAX with Mosaic GPU."""
   if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= GEMM_MIN_N
           and qs.blocksize == 64 and jnp.dtype(dtype) == jnp.bfloat16
-          and gw.can_use(m, n, k, qs.blocksize, dtype)):
+          and gw.can_use(m, n, k, qs.blocksize, dtype, bias)):
     return False
   if mode == "interpret":
     return True
@@ -69,7 +70,7 @@ def gemm(x2d, packed, qs, absmax, bias, mode):
   n, k = qs.shape
   return gw.gemm(x2d, packed, absmax, code=code(qs.quant_type),
                  n=n, k=k, bias=bias, interpret=mode == "interpret",
-                 **gw.default_config(x2d.shape[0]))
+                 **gw.default_config(x2d.shape[0], bias is not None))
 
 
 def gemv_serves(m: int, n: int, k: int, dtype) -> bool:

@@ -42,7 +42,8 @@ def _forward(x2d, bias, packed, qs, transposed):
   if mode != "reference" and not transposed:
     flat = ops.from_storage(packed)
     m, k = x2d.shape
-    if kernels.gemm_serves(m, qs.shape[0], k, x2d.dtype, qs, mode):
+    if kernels.gemm_serves(m, qs.shape[0], k, x2d.dtype, qs, mode,
+                           bias is not None):
       return kernels.gemm(x2d, flat, qs, ops.float_absmax(qs), bias, mode)
     y = kernels.gemv(x2d, flat, qs, bias, mode)
     if y is not None:
