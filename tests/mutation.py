@@ -106,6 +106,17 @@ MUTANTS: tuple[Mutant, ...] = (
            "new = (slots == index - 1)[:, None]",
            (_ATTN + "test_matches_einsum_path[1-32-8-128-256-None-131-"
             "interpret]",)),
+    Mutant("wgmma-gemm-gathers-the-wrong-byte",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           '"mad.lo.u32 sel, c, 17, 64;"',
+           '"mad.lo.u32 sel, c, 16, 64;"',
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_decode_ptx_fills_wgmma_registers[64-64-nf4]",)),
+    Mutant("wgmma-gemm-for-small-weights", "jaxbnb/_src/quant/kernels.py",
+           "if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= GEMM_MIN_N",
+           "if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= 128",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_gemm_serves[128-8192-64-bfloat16-interpret-False]",)),
     Mutant("large-m-gemv-for-fp32", "jaxbnb/_src/quant/kernels.py",
            "return (m <= GEMV_MAX_M and jnp.dtype(dtype) != jnp.float32",
            "return (m <= GEMV_MAX_M",
