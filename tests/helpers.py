@@ -145,3 +145,14 @@ def lowered_for_h200(fn, *args, **kwargs) -> str:
     return jax.jit(fn).trace(*args, **kwargs).lower(
         lowering_platforms=("cuda",)).as_text()
 
+
+
+def assert_docstring_examples_pass(obj, name: str) -> None:
+  """Runs the examples in `obj`'s docstring as doctests: at least one, none
+  failing (their printed results must match)."""
+  import doctest  # pylint: disable=g-import-not-at-top
+  runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+  for test in doctest.DocTestFinder().find(obj, name):
+    runner.run(test)
+  result = runner.summarize(verbose=False)
+  assert result.attempted > 0 and result.failed == 0, result

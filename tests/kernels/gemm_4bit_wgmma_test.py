@@ -10,7 +10,6 @@ rule. `pytest -m gpu` runs the compiled kernel.
 
 from __future__ import annotations
 
-import doctest
 import functools
 import re
 
@@ -156,11 +155,7 @@ def test_smem_estimate_matches_mosaic():
 
 
 def test_docstring_example_runs():
-  runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-  for test in doctest.DocTestFinder().find(gw.gemm, "gemm"):
-    runner.run(test)
-  result = runner.summarize(verbose=False)
-  assert result.attempted > 0 and result.failed == 0
+  helpers.assert_docstring_examples_pass(gw.gemm, "gemm")
 
 
 def _emulate(text, nreg, smem, w_base, s_base):

@@ -8,7 +8,6 @@ sums and bias against the documented weight); the kernel's PTX runs under
 
 from __future__ import annotations
 
-import doctest
 import functools
 
 import jax
@@ -132,11 +131,7 @@ def test_default_config():
 
 def test_docstring_example_runs():
   """`gemv`'s example, run as a doctest (its printed result must match)."""
-  runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
-  for test in doctest.DocTestFinder().find(tg.gemv, "gemv"):
-    runner.run(test)
-  result = runner.summarize(verbose=False)
-  assert result.attempted > 0 and result.failed == 0
+  helpers.assert_docstring_examples_pass(tg.gemv, "gemv")
 
 
 def test_step_ptx_structure():
