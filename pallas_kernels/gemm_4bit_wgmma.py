@@ -9,7 +9,9 @@ which may live in registers:
 * A pipeline (`plgpu.emit_pipeline`, `stages` steps in flight) copies each
   step's packed bytes `[tile_w, tile_k / 2]`, the blocks' scales and x's
   tile `[tile_x, tile_k]` (swizzled) into shared memory by TMA.
-* One warpgroup decodes its bytes straight into wgmma's A register layout
+* Each compute warpgroup (one, "plain"; or two of `tile_w` rows sharing
+  x's tile behind a TMA warpgroup, "ws") decodes its bytes straight into
+  wgmma's A register layout
   (Mosaic GPU's `WGMMA_LAYOUT`: lane `4 g + c` of warp `w` holds rows
   `16 w + g` and `+ 8`, columns `8 j + 2 c, + 1`, i.e. byte `4 j + c` of
   each row). It reads a row's 32-byte block with two 16-byte shared loads,
@@ -21,8 +23,10 @@ which may live in registers:
 * The tile `y.T[tile_w, tile_x]` goes out through shared memory by TMA;
   XLA transposes (and sums K splits).
 
-`interpret=True` runs a jnp twin with the same values (no PTX). Measured
-on the H200 in docs/benchmarks.md ("4-bit GEMM on wgmma").
+`interpret=True` runs a jnp twin with the same values (no PTX); the tests
+run the decode PTX itself through an emulator on the CPU. Measured on the
+H200 in docs/benchmarks.md ("4-bit GEMM on wgmma"); jaxbnb routes M =
+64-256 on large weights here on Hopper (`kernels.gemm_serves`).
 """
 
 from __future__ import annotations

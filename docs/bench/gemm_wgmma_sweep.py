@@ -4,11 +4,16 @@ thirteenth session; run on the GPU).
 
     python docs/bench/gemm_wgmma_sweep.py 300     # time budget, s
 
-NF4 + DQ, bf16. Each configuration (tile_w, tile_x, tile_k, split, stages)
-is timed with `measure.time_jax` over three rotating weights, the nested
+NF4 + DQ, bf16. Each configuration (tile_w, tile_x, tile_k, split, stages,
+variant) is timed with `measure.time_jax` over three rotating weights, the nested
 absmax decoded in the timed function (as a caller pays it), and compared
 with `x @ dequantize(W).T`. One JSON line per (shape, M) goes to
 $OUT/gemm_wgmma_sweep.jsonl. The first case is a small one, checked only.
+
+The table below is the third recorded run (`..._c.jsonl`). The first
+(`..._a.jsonl`) timed "plain" tiles only; the second (`..._b_async.jsonl`)
+also an "async" variant and "ws" with the wgmma wait deferred one step,
+which returned wrong products and were removed from the kernel.
 """
 import os
 import sys
@@ -69,10 +74,11 @@ def main():
                   (64, 256, 128, 1, 2, "ws")]:
         try:
           y = np.asarray(jax.jit(fn(n, k, cfg))(x, packed, qs), np.float32)
-          print("small", cfg, float(np.max(np.abs(y - ref)) / np.max(np.abs(ref))),
-                flush=True)
+          err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
+          print("small", cfg, err, flush=True)
         except Exception as e:  # pylint: disable=broad-except
-          print("small", cfg, f"ERR {type(e).__name__}: {str(e)[:1500]}", flush=True)
+          print("small", cfg, f"ERR {type(e).__name__}: {str(e)[:1500]}",
+                flush=True)
       continue
     rec, ref, scale = baseline(x, base, n=n, k=k, m=m)
     res = []

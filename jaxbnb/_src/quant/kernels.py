@@ -38,13 +38,14 @@ GEMV_ALL_WEIGHTS_M = 64
 GEMV_MAX_M = 128
 GEMV_LARGE_M_MIN_SIZE = 4096 * 4096
 
-# Before those (`matmul._forward` asks first), the wgmma GEMM (`gemm_4bit_wgmma`, Hopper only) serves
-# GEMM_MIN_M to GEMM_MAX_M rows of bf16 x times a blocksize-64 weight of at
-# least GEMM_MIN_N rows. docs/benchmarks.md, "4-bit GEMM on wgmma" (H200,
-# NF4 + DQ): on 14336x4096 it took 68 us at M = 256 against 93 for
-# dequantize + dot, 48 against 71 at M = 128 (the "mma" GEMV) and 46
-# against 55 at M = 64; on 11008x4096 at M = 256, 65 against 74. With
-# fewer rows too few programs fill the GPU: it lost on 4096 and 6144 rows.
+# Before those (`matmul._forward` asks first), the wgmma GEMM
+# (`gemm_4bit_wgmma`, Hopper only) serves GEMM_MIN_M to GEMM_MAX_M rows of
+# bf16 x times a blocksize-64 weight of at least GEMM_MIN_N rows.
+# docs/benchmarks.md, "4-bit GEMM on wgmma" (H200, NF4 + DQ, `jaxbnb bench
+# matmul`): on 14336x4096 it takes 38.7 / 41.8 / 59.2 us at M = 64 / 128 /
+# 256 where the paths before it took 48.8 / 67.8 / 95.7; on 11008x4096
+# 38.0 / 41.1 / 56.4 against 39.6 / 57.6 / 70.8. With fewer rows too few
+# programs fill the GPU: in the sweep it lost on 4096 and 6144 rows.
 GEMM_MIN_M = 64
 GEMM_MAX_M = 256
 GEMM_MIN_N = 10240
