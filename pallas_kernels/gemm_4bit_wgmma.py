@@ -86,6 +86,9 @@ def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
   wgs = 2 if variant == "ws" else 1
   step = (wgs * tile_w * tile_k // 2 + tile_k // 64 * wgs * tile_w * 4
           + tile_x * tile_k * 2)
+  if variant == "ks":  # two half-steps, and the second warpgroup's sums
+    return (stages * 2 * step + tile_w * tile_x * (4 if out_f32 else 2)
+            + tile_w * tile_x * 4)
   return stages * step + wgs * tile_w * tile_x * (4 if out_f32 else 2)
 
 
@@ -129,18 +132,22 @@ def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
                      f"{jnp.dtype(dtype).name}")
   if tile_w not in (64, 128):
     raise ValueError(f"tile_w: expected 64 or 128, got {tile_w}")
-  if tile_x not in (64, 128, 192, 256):
-    raise ValueError(f"tile_x: expected 64, 128, 192 or 256, got {tile_x}")
+  if tile_x not in (16, 32, 64, 128, 192, 256):
+    raise ValueError(f"tile_x: expected 16, 32, 64, 128, 192 or 256, got "
+                     f"{tile_x}")
   if tile_k not in (64, 128, 256):
     raise ValueError(f"tile_k: expected 64, 128 or 256, got {tile_k}")
-  if variant not in ("plain", "ws"):
-    raise ValueError(f"variant: expected 'plain' or 'ws', got {variant!r}")
+  if variant not in ("plain", "ws", "ks"):
+    raise ValueError(f"variant: expected 'plain', 'ws' or 'ks', got "
+                     f"{variant!r}")
   rows = tile_w * (2 if variant == "ws" else 1)
   if n % rows:
     raise ValueError(f"n: expected a multiple of {rows} (tile_w {tile_w}, "
                      f"variant {variant!r}), got {n}")
-  if split < 1 or k % (tile_k * split):
-    raise ValueError(f"k: expected a multiple of tile_k x split "
+  halves = 2 if variant == "ks" else 1
+  if split < 1 or k % (tile_k * split * halves):
+    raise ValueError(f"k: expected a multiple of tile_k x split"
+                     f"{' x 2 (variant ks)' if halves == 2 else ''} "
                      f"({tile_k} x {split}), got {k}")
   if stages < 1:
     raise ValueError(f"stages: expected >= 1, got {stages}")
@@ -224,23 +231,31 @@ def _address(ref, bits):
 
 
 def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
-              split, stages, variant="plain", out_f32=False):
-  """The Mosaic GPU kernel: `y.T` partials `[split, n, m]` (m a multiple of
-  tile_x), bf16 when split is 1 (and not `out_f32`), else float32.
+              split, stages, variant="plain", out_f32=False, out_t=True):
+  """The Mosaic GPU kernel: `[split, m, n]` (`out_t`, y itself) or `[split,
+  n, m]` (y.T) partials, m a multiple of tile_x; bf16 when split is 1 (and
+  not `out_f32`), else float32 (`out_t` needs bf16: Mosaic GPU stores only
+  16-bit values through a transposed shared-memory view).
 
-  variant: "plain" (one warpgroup: decode, wgmma, wait) or "ws" (a
-  warp-specialized pipeline: one TMA warpgroup and two compute
-  warpgroups of tile_w rows each, sharing x's tile; one decodes while
-  the other's products run). Each waits for its wgmma before the next
-  decode: with the wait deferred a step (the decode of step t + 1 during
-  step t's products) the H200 returned wrong products whenever the wgmma
-  ran long enough (docs/benchmarks.md), A's registers being rewritten in
-  flight.
+  variant:
+    "plain": one warpgroup: decode, wgmma, wait.
+    "ws": a warp-specialized pipeline, one TMA warpgroup and two compute
+      warpgroups of tile_w rows each, sharing x's tile; one decodes while
+      the other's products run.
+    "ks": the same pipeline, the two compute warpgroups on the same tile_w
+      rows and alternate tile_k steps (K split inside the program, the
+      second's sums added through shared memory at the end): twice the
+      programs of "ws" for weights of few rows.
+  Each waits for its wgmma before the next decode: with the wait deferred
+  a step (the decode of step t + 1 during step t's products) the H200
+  returned wrong products whenever the wgmma ran long enough
+  (docs/benchmarks.md), A's registers being rewritten in flight.
   """
   m = x.shape[0]
   steps = k // tile_k // split
   nreg = tile_w // 64 * tile_k // 8 * 2
   wgs = 2 if variant == "ws" else 1
+  steps //= 2 if variant == "ks" else 1
   ptx = decode_ptx(code, tile_w, tile_k, wgs * tile_w)
   out_dtype = jnp.bfloat16 if split == 1 and not out_f32 else jnp.float32
 
@@ -269,11 +284,15 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   x_tr = (plgpu.TilingTransform((8, x_swizzle // 2)),
           plgpu.SwizzleTransform(x_swizzle))
   o_bits = jnp.dtype(out_dtype).itemsize * 8
-  o_swizzle = plgpu.find_swizzle(tile_x * o_bits)
+  o_swizzle = plgpu.find_swizzle((tile_w if out_t else tile_x) * o_bits)
   o_tr = (plgpu.TilingTransform((8, o_swizzle * 8 // o_bits)),
           plgpu.SwizzleTransform(o_swizzle))
 
-  cta_w = wgs * tile_w
+  r_swizzle = plgpu.find_swizzle(tile_x * 32)
+  r_tr = (plgpu.TilingTransform((8, r_swizzle // 4)),
+          plgpu.SwizzleTransform(r_swizzle))
+
+  cta_w = tile_w if variant == "ks" else wgs * tile_w
 
   def specs(iw, ix, isp):
     return [
@@ -286,11 +305,15 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     ]
 
   def store(acc, o_smem, o_gmem, iw, ix, isp, wg):
-    o_smem[...] = acc.astype(out_dtype)
+    rows = pl.ds(iw * cta_w + wg * tile_w, tile_w)
+    cols = pl.ds(ix * tile_x, tile_x)
+    if out_t:
+      o_smem.transpose((1, 0))[...] = acc.astype(out_dtype)
+    else:
+      o_smem[...] = acc.astype(out_dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(
-        o_smem, o_gmem.at[isp, pl.ds(iw * cta_w + wg * tile_w, tile_w),
-                          pl.ds(ix * tile_x, tile_x)])
+        o_smem, o_gmem.at[isp, cols, rows] if out_t else o_gmem.at[isp, rows, cols])
     plgpu.wait_smem_to_gmem(0)
 
   def jaxbnb_gemm_4bit_wgmma(w_gmem, s_gmem, x_gmem, o_gmem, o_smem):
@@ -336,23 +359,79 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
         max_concurrent_steps=stages, compute_context=context,
     )(w_gmem, s_gmem, x_gmem)
 
-  if variant == "ws":
+  def ks_specs(iw, ix, isp):
+    def at(h):
+      return lambda t: 2 * (isp * steps + t) + h
+    return [spec for h in (0, 1) for spec in (
+        plgpu.BlockSpec((tile_w, tile_k // 2), lambda t, f=at(h): (iw, f(t))),
+        plgpu.BlockSpec((tile_k // 64, tile_w), lambda t, f=at(h): (f(t), iw)),
+        plgpu.BlockSpec((tile_x, tile_k), lambda t, f=at(h): (ix, f(t)),
+                        transforms=x_tr))]
+
+  def jaxbnb_gemm_4bit_wgmma_ks(w_gmem, s_gmem, x_gmem, o_gmem, o_smem,
+                                red_smem, red_bar):
+    iw = lax.axis_index("w")
+    ix = lax.axis_index("x")
+    isp = lax.axis_index("s")
+    wg = lax.axis_index("wg")
+
+    def context(eval_pipeline):
+      @functools.partial(pl.run_scoped,
+                         acc_ref=plgpu.ACC((tile_w, tile_x), jnp.float32))
+      def _(acc_ref):
+        eval_pipeline(acc_ref)
+
+        @pl.when(wg == 1)
+        def _():
+          red_smem[...] = acc_ref[...]
+          plgpu.barrier_arrive(red_bar)
+
+        @pl.when(wg == 0)
+        def _():
+          plgpu.barrier_wait(red_bar)
+          total = acc_ref[...] + plgpu.load(red_smem,
+                                            layout=plgpu.Layout.WGMMA)
+          store(total, o_smem, o_gmem, iw, ix, isp, 0)
+
+    def step(_, wa, sa, xa, wb, sb, xb, acc_ref):
+      for h, (w_smem, s_smem, x_smem) in enumerate(((wa, sa, xa),
+                                                    (wb, sb, xb))):
+        @pl.when(wg == h)
+        def _():
+          a = decode(w_smem, s_smem)
+          plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+          plgpu.wgmma_wait(0)
+      return acc_ref
+
+    plgpu.emit_pipeline_warp_specialized(
+        step, grid=(steps,), memory_registers=40,
+        in_specs=ks_specs(iw, ix, isp), wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=stages, compute_context=context,
+    )(w_gmem, s_gmem, x_gmem, w_gmem, s_gmem, x_gmem)
+
+  out_shape = (split, m, n) if out_t else (split, n, m)
+  o_tile = (tile_x, tile_w) if out_t else (tile_w, tile_x)
+  out_type = _backend.out_struct(out_shape, out_dtype, x, packed, scales)
+  if variant == "ks":
     kernel = plgpu.kernel(
-        jaxbnb_gemm_4bit_wgmma_ws,
-        out_type=_backend.out_struct((split, n, m), out_dtype, x, packed,
-                                  scales),
+        jaxbnb_gemm_4bit_wgmma_ks, out_type=out_type,
         grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
         num_threads=3, thread_name="wg",
-        scratch_types=[plgpu.SMEM((2, tile_w, tile_x), out_dtype,
-                                  transforms=o_tr)])
+        scratch_types=[
+            plgpu.SMEM(o_tile, out_dtype, transforms=o_tr),
+            plgpu.SMEM((tile_w, tile_x), jnp.float32, transforms=r_tr),
+            plgpu.Barrier(num_arrivals=1)])
+  elif variant == "ws":
+    kernel = plgpu.kernel(
+        jaxbnb_gemm_4bit_wgmma_ws, out_type=out_type,
+        grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
+        num_threads=3, thread_name="wg",
+        scratch_types=[plgpu.SMEM((2, *o_tile), out_dtype, transforms=o_tr)])
   else:
     kernel = plgpu.kernel(
-        jaxbnb_gemm_4bit_wgmma,
-        out_type=_backend.out_struct((split, n, m), out_dtype, x, packed,
-                                  scales),
+        jaxbnb_gemm_4bit_wgmma, out_type=out_type,
         grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
-        scratch_types=[plgpu.SMEM((tile_w, tile_x), out_dtype,
-                                  transforms=o_tr)])
+        scratch_types=[plgpu.SMEM(o_tile, out_dtype, transforms=o_tr)])
   args = _backend.same_vma(packed.reshape(n, k // 2), scales, x)
   return kernel(*args)
 
@@ -428,10 +507,14 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
                          f"{jax.__version__}")
     mp = -(-m // tile_x) * tile_x
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    out_t = bias is None and split == 1
     part = _compiled(xp, packed, scales, code=code, n=n, k=k,
                      tile_w=tile_w, tile_x=tile_x, tile_k=tile_k,
                      split=split, stages=stages, variant=variant,
-                     out_f32=bias is not None)[:, :, :m]
+                     out_f32=bias is not None, out_t=out_t)
+    if out_t:  # y itself, [1, mp, n]
+      return part[0, :m]
+    part = part[:, :, :m]
   out = part[0] if split == 1 else jnp.sum(part.astype(jnp.float32), axis=0)
   if bias is not None:
     out = out.astype(jnp.float32) + bias.astype(jnp.float32)[:, None]

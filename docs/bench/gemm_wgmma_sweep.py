@@ -2,7 +2,7 @@
 against the package's path and XLA's bf16 dot (docs/benchmarks.md,
 thirteenth session; run on the GPU).
 
-    python docs/bench/gemm_wgmma_sweep.py 300     # time budget, s
+    python docs/bench/gemm_wgmma_sweep.py 300 e   # time budget (s), run
 
 NF4 + DQ, bf16. Each configuration (tile_w, tile_x, tile_k, split, stages,
 variant) is timed with `measure.time_jax` over three rotating weights, the nested
@@ -31,23 +31,54 @@ from jaxbnb._src.quant import codebooks, ops  # pylint: disable=g-import-not-at-
 from pallas_kernels import gemm_4bit_wgmma as gw  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
-CASES = [((256, 1024), 96), ((14336, 4096), 256), ((14336, 4096), 128),
-         ((14336, 4096), 64), ((4096, 4096), 256), ((11008, 4096), 256),
-         ((4096, 14336), 256), ((4096, 4096), 64), ((6144, 4096), 128)]
-# (tile_w, tile_x, tile_k, split, stages, variant)
-TILES = {256: [(64, 256, 64, 1, 2, "plain"), (64, 256, 64, 1, 3, "ws"),
-               (64, 256, 64, 1, 4, "ws"), (64, 256, 128, 1, 2, "ws"),
-               (128, 128, 64, 1, 4, "ws"), (128, 128, 128, 1, 3, "ws")],
-         128: [(64, 128, 64, 1, 4, "plain"), (64, 128, 64, 1, 4, "ws"),
-               (64, 128, 128, 1, 3, "ws"), (128, 128, 64, 1, 4, "ws"),
-               (128, 128, 128, 1, 3, "ws")],
-         64: [(64, 64, 128, 1, 4, "plain"), (64, 64, 128, 1, 4, "ws"),
-              (64, 64, 64, 1, 6, "ws"), (128, 64, 128, 1, 4, "ws"),
-              (128, 64, 64, 1, 6, "ws")]}
-
+# (tile_w, tile_x, tile_k, split, stages, variant[, "old"]): "old" stores
+# y.T for XLA to transpose, as the kernel did before the fourteenth session.
+RUNS = {
+    # d: the in-kernel transposed store against "old", and the "ks"
+    # variant, on the served shapes and a few below them.
+    "d": ([((256, 1024), 96), ((14336, 4096), 64), ((14336, 4096), 16),
+           ((14336, 4096), 128), ((14336, 4096), 256), ((11008, 4096), 256),
+           ((4096, 4096), 64), ((4096, 14336), 64), ((4096, 4096), 16),
+           ((11008, 4096), 64), ((6144, 4096), 128), ((4096, 14336), 16)],
+          {256: [(64, 256, 64, 1, 4, "ws", "old"), (64, 256, 64, 1, 4, "ws"),
+                 (64, 256, 128, 1, 2, "ws"), (64, 128, 64, 1, 2, "ks")],
+           128: [(64, 128, 128, 1, 3, "ws", "old"), (64, 128, 128, 1, 3, "ws"),
+                 (64, 128, 64, 1, 2, "ks"), (64, 128, 64, 1, 3, "ks"),
+                 (64, 64, 128, 1, 2, "ks")],
+           64: [(64, 64, 128, 1, 4, "plain", "old"),
+                (64, 64, 128, 1, 4, "plain"), (64, 64, 128, 1, 2, "ks"),
+                (64, 64, 64, 1, 3, "ks"), (64, 64, 64, 1, 4, "ks"),
+                (64, 64, 64, 2, 3, "plain")],
+           16: [(64, 16, 128, 1, 4, "plain"), (64, 16, 128, 1, 2, "ks"),
+                (64, 16, 64, 1, 4, "ks"), (64, 16, 128, 1, 3, "ks"),
+                (64, 32, 128, 1, 3, "ks")]}),
+    # e: "ks" on the weights of fewer rows, where "ws" leaves SMs idle.
+    "e": ([((256, 1024), 96), ((6144, 4096), 128), ((4096, 4096), 128),
+           ((6144, 4096), 64), ((6144, 4096), 256), ((4096, 4096), 256),
+           ((11008, 4096), 128), ((6144, 4096), 96), ((4096, 14336), 128),
+           ((4096, 4096), 96), ((11008, 4096), 96)],
+          {256: [(64, 256, 64, 1, 4, "ws"), (64, 128, 64, 1, 2, "ks"),
+                 (64, 128, 64, 1, 3, "ks"), (64, 192, 64, 1, 2, "ks")],
+           128: [(64, 128, 128, 1, 3, "ws"), (64, 128, 64, 1, 3, "ks"),
+                 (64, 128, 64, 1, 2, "ks"), (64, 128, 128, 1, 2, "ks"),
+                 (64, 64, 64, 1, 3, "ks")],
+           64: [(64, 64, 128, 1, 4, "plain"), (64, 64, 128, 1, 2, "ks"),
+                (64, 64, 64, 1, 3, "ks"), (64, 64, 128, 1, 3, "ks")]}),
+}
 
 def fn(n, k, cfg):
-  tw, tx, tk, split, stages, variant = cfg
+  tw, tx, tk, split, stages, variant = cfg[:6]
+  if cfg[6:] == ("old",):
+    def f_old(x, p, qs):
+      absmax = ops.float_absmax(qs)
+      mp = -(-x.shape[0] // tx) * tx
+      xp = jnp.pad(x, ((0, mp - x.shape[0]), (0, 0)))
+      yt = gw._compiled(xp, p.reshape(-1), gw.scale_words_t(absmax, n, k),  # pylint: disable=protected-access
+                        code=CODE, n=n, k=k, tile_w=tw, tile_x=tx, tile_k=tk,
+                        split=split, stages=stages, variant=variant,
+                        out_t=False)
+      return yt[0, :, :x.shape[0]].T
+    return f_old
   def f(x, p, qs):
     return gw.gemm(x, p.reshape(-1), ops.float_absmax(qs), code=CODE, n=n,
                    k=k, tile_w=tw, tile_x=tx, tile_k=tk, split=split,
@@ -57,13 +88,14 @@ def fn(n, k, cfg):
 
 def main():
   budget = float(sys.argv[1]) if len(sys.argv) > 1 else 300.0
+  cases, tiles_by_m = RUNS[sys.argv[2] if len(sys.argv) > 2 else "e"]
   t_end = time.time() + budget
   out = open(os.path.join(os.environ.get("OUT", "."),
                           "gemm_wgmma_sweep.jsonl"), "a")
-  for n, k, m, base, x in each_case(CASES, t_end):
-    tiles = TILES[min(TILES, key=lambda t: abs(t - m))]
+  for n, k, m, base, x in each_case(cases, t_end):
+    tiles = tiles_by_m[min(tiles_by_m, key=lambda t: abs(t - m))]
     if k >= 4 * n:  # few row tiles: split K
-      tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[:3]
+      tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[1:4]
                        for s in (2, 4)]
     if n * k < 2 ** 20:  # the small case: checked, not timed
       packed, qs = base[0][7], base[0][6]
@@ -71,7 +103,9 @@ def main():
                        @ F.dequantize_4bit(packed, qs).astype(jnp.float32).T)
       for cfg in [(64, 64, 64, 1, 2, "plain"), (64, 128, 128, 2, 2, "ws"),
                   (64, 64, 64, 1, 3, "ws"), (128, 128, 64, 2, 3, "ws"),
-                  (64, 256, 128, 1, 2, "ws")]:
+                  (64, 256, 128, 1, 2, "ws"), (64, 64, 64, 1, 2, "ks"),
+                  (64, 128, 64, 1, 2, "ks"), (64, 16, 64, 1, 2, "plain"),
+                  (64, 64, 128, 1, 2, "plain", "old")]:
         try:
           y = np.asarray(jax.jit(fn(n, k, cfg))(x, packed, qs), np.float32)
           err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))

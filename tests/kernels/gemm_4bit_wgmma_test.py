@@ -54,6 +54,8 @@ def _check(y, x, packed, qs, bias=None):
     (100, 256, 1024, "nf4", True, dict(tile_w=64, tile_x=128, tile_k=128,
                                        split=2, variant="ws")),
     (200, 128, 512, "fp4", True, dict(tile_w=128, tile_x=128, tile_k=64)),
+    (16, 64, 512, "nf4", True, dict(tile_w=64, tile_x=16, tile_k=64,
+                                    variant="ks")),
 ])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_twin_matches_documented_weight(m, n, k, quant_type, nested, cfg,
@@ -116,10 +118,13 @@ def test_pallas_mode_needs_hopper():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(tile_w=32), "tile_w: expected 64 or 128, got 32"),
-    (dict(tile_x=96), "tile_x: expected 64, 128, 192 or 256, got 96"),
+    (dict(tile_x=96), "tile_x: expected 16, 32, 64, 128, 192 or 256, got 96"),
     (dict(tile_k=32), "tile_k: expected 64, 128 or 256, got 32"),
     (dict(split=3), r"k: expected a multiple of tile_k x split \(64 x 3\)"),
-    (dict(variant="async"), "variant: expected 'plain' or 'ws', got 'async'"),
+    (dict(variant="async"),
+     "variant: expected 'plain', 'ws' or 'ks', got 'async'"),
+    (dict(variant="ks", tile_k=128, split=4),
+     r"k: expected a multiple of tile_k x split x 2 \(variant ks\)"),
     (dict(variant="ws", tile_w=128), r"n: expected a multiple of 256 "),
     (dict(stages=0), "stages: expected >= 1, got 0"),
     (dict(tile_x=256, stages=6, variant="ws"),
@@ -250,11 +255,11 @@ def test_decode_ptx_fills_wgmma_registers(tile_w, tile_k, quant_type):
 
 
 def test_lowers_for_cuda():
-  """Both variants lower to a Mosaic GPU module (needs JAX's CUDA plugin;
+  """All three variants lower to a Mosaic GPU module (needs JAX's CUDA plugin;
   CPU-only installs skip)."""
   s = jax.ShapeDtypeStruct
   n, k, m = 256, 1024, 128
-  for variant in ("plain", "ws"):
+  for variant in ("plain", "ws", "ks"):
     fn = functools.partial(gw.gemm, code=_code("nf4"), n=n, k=k, tile_w=64,
                            tile_x=128, tile_k=64, variant=variant)
     try:
@@ -266,25 +271,41 @@ def test_lowers_for_cuda():
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,cfg", [
+_GPU_CASES = [
     (64, None), (96, None), (128, None), (200, None), (256, None),
     (256, dict(tile_w=64, tile_x=256, tile_k=64, split=2, stages=2,
                variant="plain")),
     (128, dict(tile_w=128, tile_x=128, tile_k=64, split=1, stages=3,
                variant="ws")),
-])
+    (64, dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=2,
+              variant="ks")),
+    (24, dict(tile_w=64, tile_x=32, tile_k=64, split=1, stages=3,
+              variant="ks")),
+    (16, dict(tile_w=64, tile_x=16, tile_k=128, split=1, stages=4,
+              variant="plain")),
+    (128, dict(tile_w=64, tile_x=128, tile_k=64, split=2, stages=2,
+               variant="ks")),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,cfg", _GPU_CASES)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_gpu_gemm(m, cfg, quant_type):
-  """The compiled kernel (default tiles, both variants, K split, bias)
-  against the documented weight."""
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gpu_gemm(m, cfg, quant_type, with_bias):
+  """The compiled kernel (default tiles, all three variants, K split, x
+  tiles of 16-256 rows) against the documented weight: with a bias
+  (float32 tile, transposed by XLA) and without (bf16 `y` stored by the
+  kernel itself, transposed in shared memory)."""
   n, k = 1024, 2048
   packed, qs = _weights(n, k, quant_type, m)
   x = jnp.asarray(_util.rng_array((m, k), m + 1, jnp.bfloat16))
-  bias = jnp.asarray(_util.rng_array((n,), 2, jnp.bfloat16))
-  cfg = cfg or gw.default_config(m, out_f32=True)
+  bias = (jnp.asarray(_util.rng_array((n,), 2, jnp.bfloat16)) if with_bias
+          else None)
+  cfg = cfg or gw.default_config(m, out_f32=with_bias)
   y = gw.gemm(x, packed.reshape(-1), ops.float_absmax(qs),
               code=_code(quant_type), n=n, k=k, bias=bias, **cfg)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
   _check(y, x, packed, qs, bias)
 
 
