@@ -125,7 +125,8 @@ def can_use(m: int, n: int, k: int, blocksize: int, dtype,
 
 def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
                  tile_k: int, split: int, stages: int,
-                 variant: str = "plain", out_f32: bool = False) -> None:
+                 variant: str = "plain", out_f32: bool = False,
+                 cluster: int = 1) -> None:
   """Raises ValueError naming the argument the kernel cannot take."""
   if jnp.dtype(dtype) != jnp.bfloat16:
     raise ValueError(f"x: the wgmma kernel takes bfloat16, got "
@@ -140,10 +141,13 @@ def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
   if variant not in ("plain", "ws", "ks"):
     raise ValueError(f"variant: expected 'plain', 'ws' or 'ks', got "
                      f"{variant!r}")
-  rows = tile_w * (2 if variant == "ws" else 1)
+  if cluster not in (1, 2, 4) or (cluster > 1 and variant == "plain"):
+    raise ValueError(f"cluster: expected 1, or 2 or 4 with variant 'ws' or "
+                     f"'ks', got {cluster} (variant {variant!r})")
+  rows = tile_w * (2 if variant == "ws" else 1) * cluster
   if n % rows:
     raise ValueError(f"n: expected a multiple of {rows} (tile_w {tile_w}, "
-                     f"variant {variant!r}), got {n}")
+                     f"variant {variant!r}, cluster {cluster}), got {n}")
   halves = 2 if variant == "ks" else 1
   if split < 1 or k % (tile_k * split * halves):
     raise ValueError(f"k: expected a multiple of tile_k x split"
@@ -231,7 +235,8 @@ def _address(ref, bits):
 
 
 def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
-              split, stages, variant="plain", out_f32=False, out_t=True):
+              split, stages, variant="plain", out_f32=False, out_t=True,
+              cluster=1):
   """The Mosaic GPU kernel: `[split, m, n]` (`out_t`, y itself) or `[split,
   n, m]` (y.T) partials, m a multiple of tile_x; bf16 when split is 1 (and
   not `out_f32`), else float32 (`out_t` needs bf16: Mosaic GPU stores only
@@ -294,6 +299,15 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
 
   cta_w = tile_w if variant == "ks" else wgs * tile_w
 
+  # With a cluster of CTAs along the weight rows, x's tile (the same for
+  # all of them) is loaded once and multicast.
+  x_collective = ("c",) if cluster > 1 else ()
+
+  def w_index():
+    if cluster > 1:
+      return lax.axis_index("w") * cluster + lax.axis_index("c")
+    return lax.axis_index("w")
+
   def specs(iw, ix, isp):
     return [
         plgpu.BlockSpec((cta_w, tile_k // 2),
@@ -301,7 +315,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
         plgpu.BlockSpec((tile_k // 64, cta_w),
                         lambda t: (isp * steps + t, iw)),
         plgpu.BlockSpec((tile_x, tile_k), lambda t: (ix, isp * steps + t),
-                        transforms=x_tr),
+                        transforms=x_tr, collective_axes=x_collective),
     ]
 
   def store(acc, o_smem, o_gmem, iw, ix, isp, wg):
@@ -334,7 +348,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       store(acc_ref[...], o_smem, o_gmem, iw, ix, isp, 0)
 
   def jaxbnb_gemm_4bit_wgmma_ws(w_gmem, s_gmem, x_gmem, o_gmem, o_smem):
-    iw = lax.axis_index("w")
+    iw = w_index()
     ix = lax.axis_index("x")
     isp = lax.axis_index("s")
     wg = lax.axis_index("wg")
@@ -366,11 +380,11 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
         plgpu.BlockSpec((tile_w, tile_k // 2), lambda t, f=at(h): (iw, f(t))),
         plgpu.BlockSpec((tile_k // 64, tile_w), lambda t, f=at(h): (f(t), iw)),
         plgpu.BlockSpec((tile_x, tile_k), lambda t, f=at(h): (ix, f(t)),
-                        transforms=x_tr))]
+                        transforms=x_tr, collective_axes=x_collective))]
 
   def jaxbnb_gemm_4bit_wgmma_ks(w_gmem, s_gmem, x_gmem, o_gmem, o_smem,
                                 red_smem, red_bar):
-    iw = lax.axis_index("w")
+    iw = w_index()
     ix = lax.axis_index("x")
     isp = lax.axis_index("s")
     wg = lax.axis_index("wg")
@@ -409,13 +423,16 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
         max_concurrent_steps=stages, compute_context=context,
     )(w_gmem, s_gmem, x_gmem, w_gmem, s_gmem, x_gmem)
 
+  cluster_kw = (dict(cluster=(cluster,), cluster_names=("c",))
+                if cluster > 1 else {})
   out_shape = (split, m, n) if out_t else (split, n, m)
   o_tile = (tile_x, tile_w) if out_t else (tile_w, tile_x)
   out_type = _backend.out_struct(out_shape, out_dtype, x, packed, scales)
   if variant == "ks":
     kernel = plgpu.kernel(
         jaxbnb_gemm_4bit_wgmma_ks, out_type=out_type,
-        grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
+        grid=(n // cta_w // cluster, m // tile_x, split),
+        grid_names=("w", "x", "s"), **cluster_kw,
         num_threads=3, thread_name="wg",
         scratch_types=[
             plgpu.SMEM(o_tile, out_dtype, transforms=o_tr),
@@ -424,7 +441,8 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   elif variant == "ws":
     kernel = plgpu.kernel(
         jaxbnb_gemm_4bit_wgmma_ws, out_type=out_type,
-        grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
+        grid=(n // cta_w // cluster, m // tile_x, split),
+        grid_names=("w", "x", "s"), **cluster_kw,
         num_threads=3, thread_name="wg",
         scratch_types=[plgpu.SMEM((2, *o_tile), out_dtype, transforms=o_tr)])
   else:
@@ -454,7 +472,8 @@ def _twin(x, packed, scales, *, code, n, k, split):
 def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
          code: tuple[float, ...], n: int, k: int, tile_w: int = 64,
          tile_x: int | None = None, tile_k: int = 64, split: int = 1,
-         stages: int = 3, variant: str = "plain", bias: jax.Array | None = None,
+         stages: int = 3, variant: str = "plain", cluster: int = 1,
+         bias: jax.Array | None = None,
          interpret: bool = False) -> jax.Array:
   """`x @ W.T + bias` for a 4-bit `W [n, k]` (blocksize 64), bf16.
 
@@ -465,12 +484,14 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
     code: the 16 code values (static).
     n, k: the weight's shape.
     tile_w: weight rows a program (64 or 128).
-    tile_x: x rows a program (64, 128, 192 or 256; x is padded to a
+    tile_x: x rows a program (16, 32, 64, 128, 192 or 256; x is padded to a
       multiple); by default m rounded up to 64, at most 256.
     tile_k: k a pipeline step (64, 128 or 256).
     split: K splits (programs per output tile, summed by XLA).
     stages: steps in flight.
-    variant: "plain" or "ws" (see `_compiled`).
+    variant: "plain", "ws" or "ks" (see `_compiled`).
+    cluster: programs along the weight rows that share one load of x's
+      tile (TMA multicast; 1, or 2 or 4 with "ws" or "ks").
     bias: optional `[n]`, added to the float32 sums before the one
       rounding to bf16.
     interpret: the jnp twin (CPU).
@@ -495,7 +516,7 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
   if tile_x is None:
     tile_x = min(256, -(-m // 64) * 64)
   check_config(m, n, k, x.dtype, tile_w, tile_x, tile_k, split, stages,
-               variant, bias is not None)
+               variant, bias is not None, cluster)
   code = tuple(float(c) for c in code)
   scales = scale_words_t(absmax.astype(jnp.float32), n, k)
   if interpret:
@@ -511,7 +532,8 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
     part = _compiled(xp, packed, scales, code=code, n=n, k=k,
                      tile_w=tile_w, tile_x=tile_x, tile_k=tile_k,
                      split=split, stages=stages, variant=variant,
-                     out_f32=bias is not None, out_t=out_t)
+                     out_f32=bias is not None, out_t=out_t,
+                     cluster=cluster)
     if out_t:  # y itself, [1, mp, n]
       return part[0, :m]
     part = part[:, :, :m]

@@ -31,8 +31,9 @@ from jaxbnb._src.quant import codebooks, ops  # pylint: disable=g-import-not-at-
 from pallas_kernels import gemm_4bit_wgmma as gw  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
-# (tile_w, tile_x, tile_k, split, stages, variant[, "old"]): "old" stores
-# y.T for XLA to transpose, as the kernel did before the fourteenth session.
+# (tile_w, tile_x, tile_k, split, stages, variant[, "old" | "cN"]): "old"
+# stores y.T for XLA to transpose, as the kernel did before the fourteenth
+# session; "c2", "c4": clusters of 2 or 4 programs sharing x's tile.
 RUNS = {
     # d: the in-kernel transposed store against "old", and the "ks"
     # variant, on the served shapes and a few below them.
@@ -52,18 +53,21 @@ RUNS = {
            16: [(64, 16, 128, 1, 4, "plain"), (64, 16, 128, 1, 2, "ks"),
                 (64, 16, 64, 1, 4, "ks"), (64, 16, 128, 1, 3, "ks"),
                 (64, 32, 128, 1, 3, "ks")]}),
-    # e: "ks" on the weights of fewer rows, where "ws" leaves SMs idle.
-    "e": ([((256, 1024), 96), ((6144, 4096), 128), ((4096, 4096), 128),
+    # e: "ks" on the weights of fewer rows, where "ws" leaves SMs idle,
+    # and x's tile multicast to clusters of 2 and 4 programs.
+    "e": ([((256, 1024), 96), ((14336, 4096), 256), ((6144, 4096), 128),
+           ((4096, 4096), 128), ((14336, 4096), 128), ((11008, 4096), 256),
            ((6144, 4096), 64), ((6144, 4096), 256), ((4096, 4096), 256),
-           ((11008, 4096), 128), ((6144, 4096), 96), ((4096, 14336), 128),
-           ((4096, 4096), 96), ((11008, 4096), 96)],
-          {256: [(64, 256, 64, 1, 4, "ws"), (64, 128, 64, 1, 2, "ks"),
-                 (64, 128, 64, 1, 3, "ks"), (64, 192, 64, 1, 2, "ks")],
-           128: [(64, 128, 128, 1, 3, "ws"), (64, 128, 64, 1, 3, "ks"),
-                 (64, 128, 64, 1, 2, "ks"), (64, 128, 128, 1, 2, "ks"),
-                 (64, 64, 64, 1, 3, "ks")],
+           ((11008, 4096), 128), ((4096, 14336), 128), ((14336, 4096), 64)],
+          {256: [(64, 256, 64, 1, 4, "ws"), (64, 256, 64, 1, 4, "ws", "c2"),
+                 (64, 256, 64, 1, 4, "ws", "c4"), (64, 128, 64, 1, 2, "ks"),
+                 (64, 128, 64, 1, 2, "ks", "c2"), (64, 192, 64, 1, 2, "ks")],
+           128: [(64, 128, 128, 1, 3, "ws"), (64, 128, 128, 1, 3, "ws", "c2"),
+                 (64, 128, 64, 1, 3, "ks"), (64, 128, 64, 1, 3, "ks", "c2"),
+                 (64, 128, 64, 1, 2, "ks"), (64, 128, 128, 1, 2, "ks")],
            64: [(64, 64, 128, 1, 4, "plain"), (64, 64, 128, 1, 2, "ks"),
-                (64, 64, 64, 1, 3, "ks"), (64, 64, 128, 1, 3, "ks")]}),
+                (64, 64, 128, 1, 2, "ks", "c2"), (64, 64, 64, 1, 3, "ks"),
+                (64, 64, 128, 1, 4, "ws", "c2")]}),
 }
 
 def fn(n, k, cfg):
@@ -79,10 +83,11 @@ def fn(n, k, cfg):
                         out_t=False)
       return yt[0, :, :x.shape[0]].T
     return f_old
+  cluster = int(cfg[6][1:]) if cfg[6:] and cfg[6].startswith("c") else 1
   def f(x, p, qs):
     return gw.gemm(x, p.reshape(-1), ops.float_absmax(qs), code=CODE, n=n,
                    k=k, tile_w=tw, tile_x=tx, tile_k=tk, split=split,
-                   stages=stages, variant=variant)
+                   stages=stages, variant=variant, cluster=cluster)
   return f
 
 
@@ -105,7 +110,9 @@ def main():
                   (64, 64, 64, 1, 3, "ws"), (128, 128, 64, 2, 3, "ws"),
                   (64, 256, 128, 1, 2, "ws"), (64, 64, 64, 1, 2, "ks"),
                   (64, 128, 64, 1, 2, "ks"), (64, 16, 64, 1, 2, "plain"),
-                  (64, 64, 128, 1, 2, "plain", "old")]:
+                  (64, 64, 128, 1, 2, "plain", "old"),
+                  (64, 256, 64, 1, 2, "ws", "c2"),
+                  (64, 128, 64, 1, 2, "ks", "c2")]:
         try:
           y = np.asarray(jax.jit(fn(n, k, cfg))(x, packed, qs), np.float32)
           err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))

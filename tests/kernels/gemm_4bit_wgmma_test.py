@@ -127,6 +127,10 @@ def test_pallas_mode_needs_hopper():
      r"k: expected a multiple of tile_k x split x 2 \(variant ks\)"),
     (dict(variant="ws", tile_w=128), r"n: expected a multiple of 256 "),
     (dict(stages=0), "stages: expected >= 1, got 0"),
+    (dict(cluster=2), r"cluster: expected 1, or 2 or 4 with variant 'ws' or "
+     r"'ks', got 2 \(variant 'plain'\)"),
+    (dict(cluster=4, variant="ks"),
+     r"n: expected a multiple of 256 \(tile_w 64, variant 'ks', cluster 4\)"),
     (dict(tile_x=256, stages=6, variant="ws"),
      "stages: 6 steps of tiles .* need .* bytes of shared memory"),
 ])
@@ -285,6 +289,10 @@ _GPU_CASES = [
               variant="plain")),
     (128, dict(tile_w=64, tile_x=128, tile_k=64, split=2, stages=2,
                variant="ks")),
+    (256, dict(tile_w=64, tile_x=256, tile_k=64, split=1, stages=2,
+               variant="ws", cluster=2)),
+    (96, dict(tile_w=64, tile_x=128, tile_k=64, split=1, stages=3,
+              variant="ks", cluster=4)),
 ]
 
 
@@ -294,7 +302,7 @@ _GPU_CASES = [
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gpu_gemm(m, cfg, quant_type, with_bias):
   """The compiled kernel (default tiles, all three variants, K split, x
-  tiles of 16-256 rows) against the documented weight: with a bias
+  tiles of 16-256 rows, clusters sharing x) against the documented weight: with a bias
   (float32 tile, transposed by XLA) and without (bf16 `y` stored by the
   kernel itself, transposed in shared memory)."""
   n, k = 1024, 2048

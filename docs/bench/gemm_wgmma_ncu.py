@@ -1,0 +1,48 @@
+"""Launches the 4-bit wgmma GEMM once per config, for Nsight Compute
+(docs/benchmarks.md, fourteenth session; run on the GPU):
+
+    ncu --clock-control none -k regex:gemm_4bit_wgmma --section ... \\
+        python docs/bench/gemm_wgmma_ncu.py
+
+NF4 + DQ, bf16, random weights of the Llama shapes. Each config is
+compiled and run once untimed (so ncu sees one launch of it), and its
+result checked against `x @ dequantize(W).T`.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbnb import functional as F
+from jaxbnb._src.quant import codebooks, ops
+from pallas_kernels import gemm_4bit_wgmma as gw
+
+CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
+# (n, k, m, tile_w, tile_x, tile_k, split, stages, variant)
+CONFIGS = [(14336, 4096, 64, 64, 64, 128, 1, 4, "plain"),
+           (14336, 4096, 64, 64, 64, 128, 1, 2, "ks"),
+           (14336, 4096, 256, 64, 256, 64, 1, 4, "ws"),
+           (6144, 4096, 128, 64, 128, 64, 1, 3, "ks")]
+
+
+def main():
+  for n, k, m, tw, tx, tk, split, stages, variant in CONFIGS:
+    kw, kx = jax.random.split(jax.random.key(n + m))
+    w = jax.random.normal(kw, (n, k), jnp.bfloat16)
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    packed, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                 compress_statistics=True)
+    absmax = ops.float_absmax(qs)
+    f = jax.jit(lambda x, p, a, tw=tw, tx=tx, tk=tk, split=split,
+                stages=stages, variant=variant, n=n, k=k: gw.gemm(
+                    x, p, a, code=CODE, n=n, k=k, tile_w=tw, tile_x=tx,
+                    tile_k=tk, split=split, stages=stages, variant=variant))
+    y = np.asarray(f(x, packed.reshape(-1), absmax), np.float32)
+    ref = np.asarray(x.astype(jnp.float32)
+                     @ F.dequantize_4bit(packed, qs).astype(jnp.float32).T)
+    err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
+    print(f"{n}x{k} M={m} {variant} ({tw}, {tx}, {tk}, {split}, {stages}) "
+          f"max error / max |y| {err:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
