@@ -9,19 +9,25 @@ which may live in registers:
 * A pipeline (`plgpu.emit_pipeline`, `stages` steps in flight) copies each
   step's packed bytes `[tile_w, tile_k / 2]`, the blocks' scales and x's
   tile `[tile_x, tile_k]` (swizzled) into shared memory by TMA.
-* Each compute warpgroup (one, "plain"; or two of `tile_w` rows sharing
-  x's tile behind a TMA warpgroup, "ws") decodes its bytes straight into
-  wgmma's A register layout
+* Each compute warpgroup decodes its bytes straight into wgmma's A
+  register layout
   (Mosaic GPU's `WGMMA_LAYOUT`: lane `4 g + c` of warp `w` holds rows
   `16 w + g` and `+ 8`, columns `8 j + 2 c, + 1`, i.e. byte `4 j + c` of
   each row). It reads a row's 32-byte block with two 16-byte shared loads,
   gathers byte `c` of every word with three byte permutes per four words,
   and decodes four bytes at a time with `lut_decode`'s permutes, scaled by
-  the block's absmax in the compute dtype (as the GEMV kernels).
+  the block's absmax in the compute dtype (as the GEMV kernels). There is
+  one compute warpgroup ("plain"), or two behind a TMA warpgroup: on
+  `tile_w` rows each, sharing x's tile ("ws"), or on the same rows and
+  alternate K steps, their sums added at the end ("ks"). With `cluster`
+  2 or 4, programs along the weight rows share one load of x's tile (TMA
+  multicast).
 * `wgmma` multiplies them with x's tile (B, transposed in shared memory)
   into an fp32 accumulator `[tile_w, tile_x]`.
-* The tile `y.T[tile_w, tile_x]` goes out through shared memory by TMA;
-  XLA transposes (and sums K splits).
+* The bf16 result is stored transposed into shared memory and goes out by
+  TMA as `y[tile_x, tile_w]`. A float32 result (a bias, or K splits to
+  sum) goes out as `y.T`, which XLA transposes: Mosaic GPU stores only
+  16-bit values through a transposed view.
 
 `interpret=True` runs a jnp twin with the same values (no PTX); the tests
 run the decode PTX itself through an emulator on the CPU. Measured on the

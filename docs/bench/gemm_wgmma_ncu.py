@@ -2,12 +2,14 @@
 (docs/benchmarks.md, fourteenth session; run on the GPU):
 
     ncu --clock-control none -k regex:gemm_4bit_wgmma --section ... \\
-        python docs/bench/gemm_wgmma_ncu.py
+        python docs/bench/gemm_wgmma_ncu.py [how many configs, default all]
 
 NF4 + DQ, bf16, random weights of the Llama shapes. Each config is
 compiled and run once untimed (so ncu sees one launch of it), and its
 result checked against `x @ dequantize(W).T`.
 """
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,13 +21,14 @@ from pallas_kernels import gemm_4bit_wgmma as gw
 CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
 # (n, k, m, tile_w, tile_x, tile_k, split, stages, variant)
 CONFIGS = [(14336, 4096, 64, 64, 64, 128, 1, 4, "plain"),
-           (14336, 4096, 64, 64, 64, 128, 1, 2, "ks"),
            (14336, 4096, 256, 64, 256, 64, 1, 4, "ws"),
+           (14336, 4096, 64, 64, 64, 128, 1, 2, "ks"),
            (6144, 4096, 128, 64, 128, 64, 1, 3, "ks")]
 
 
 def main():
-  for n, k, m, tw, tx, tk, split, stages, variant in CONFIGS:
+  count = int(sys.argv[1]) if len(sys.argv) > 1 else len(CONFIGS)
+  for n, k, m, tw, tx, tk, split, stages, variant in CONFIGS[:count]:
     kw, kx = jax.random.split(jax.random.key(n + m))
     w = jax.random.normal(kw, (n, k), jnp.bfloat16)
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
