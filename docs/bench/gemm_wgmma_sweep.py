@@ -1,6 +1,6 @@
 """The 4-bit wgmma GEMM (`pallas_kernels.gemm_4bit_wgmma`) at M = 64-256,
 against the package's path and XLA's bf16 dot (docs/benchmarks.md,
-thirteenth session; run on the GPU).
+thirteenth and fourteenth sessions; run on the GPU).
 
     python docs/bench/gemm_wgmma_sweep.py 300 e   # time budget (s), run
 
@@ -10,10 +10,13 @@ absmax decoded in the timed function (as a caller pays it), and compared
 with `x @ dequantize(W).T`. One JSON line per (shape, M) goes to
 $OUT/gemm_wgmma_sweep.jsonl. The first case is a small one, checked only.
 
-The table below is the third recorded run (`..._c.jsonl`). The first
-(`..._a.jsonl`) timed "plain" tiles only; the second (`..._b_async.jsonl`)
-also an "async" variant and "ws" with the wgmma wait deferred one step,
-which returned wrong products and were removed from the kernel.
+The thirteenth session's table is the third recorded run (`..._c.jsonl`).
+The first (`..._a.jsonl`) timed "plain" tiles only; the second
+(`..._b_async.jsonl`) also an "async" variant and "ws" with the wgmma
+wait deferred one step, which returned wrong products and were removed
+from the kernel. The fourteenth session's run d (`2026-12-03_h200_d`)
+compares the in-kernel store of `y` with the old `y.T` ("old") and times
+the "ks" variant and x tiles of 16 and 32 rows (`RUNS` below).
 """
 import os
 import sys
