@@ -324,6 +324,17 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
                         transforms=x_tr, collective_axes=x_collective),
     ]
 
+  def multiply(acc_ref, w_smem, s_smem, x_smem):
+    """One step: decode the weight tile into registers, wgmma, wait."""
+    plgpu.wgmma(acc_ref, decode(w_smem, s_smem), x_smem.transpose((1, 0)))
+    plgpu.wgmma_wait(0)
+
+  def specialized(step, in_specs, context):
+    return plgpu.emit_pipeline_warp_specialized(
+        step, grid=(steps,), memory_registers=40, in_specs=in_specs,
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages,
+        compute_context=context)
+
   def store(acc, o_smem, o_gmem, iw, ix, isp, wg):
     rows = pl.ds(iw * cta_w + wg * tile_w, tile_w)
     cols = pl.ds(ix * tile_x, tile_x)
@@ -345,9 +356,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
                        acc_ref=plgpu.ACC((tile_w, tile_x), jnp.float32))
     def _(acc_ref):
       def step(_, w_smem, s_smem, x_smem):
-        a = decode(w_smem, s_smem)
-        plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
-        plgpu.wgmma_wait(0)
+        multiply(acc_ref, w_smem, s_smem, x_smem)
 
       plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(iw, ix, isp),
                           max_concurrent_steps=stages)(w_gmem, s_gmem, x_gmem)
@@ -368,16 +377,10 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
         store(acc_ref[...], o_smem.at[wg], o_gmem, iw, ix, isp, wg)
 
     def step(_, w_smem, s_smem, x_smem, acc_ref):
-      a = decode(w_smem.at[rows], s_smem.at[:, rows])
-      plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
-      plgpu.wgmma_wait(0)
+      multiply(acc_ref, w_smem.at[rows], s_smem.at[:, rows], x_smem)
       return acc_ref
 
-    plgpu.emit_pipeline_warp_specialized(
-        step, grid=(steps,), memory_registers=40,
-        in_specs=specs(iw, ix, isp), wg_axis="wg", num_compute_wgs=2,
-        max_concurrent_steps=stages, compute_context=context,
-    )(w_gmem, s_gmem, x_gmem)
+    specialized(step, specs(iw, ix, isp), context)(w_gmem, s_gmem, x_gmem)
 
   def ks_specs(iw, ix, isp):
     def at(h):
@@ -416,18 +419,12 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     def step(_, wa, sa, xa, wb, sb, xb, acc_ref):
       for h, (w_smem, s_smem, x_smem) in enumerate(((wa, sa, xa),
                                                     (wb, sb, xb))):
-        @pl.when(wg == h)
-        def _():
-          a = decode(w_smem, s_smem)
-          plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
-          plgpu.wgmma_wait(0)
+        pl.when(wg == h)(functools.partial(multiply, acc_ref, w_smem,
+                                           s_smem, x_smem))
       return acc_ref
 
-    plgpu.emit_pipeline_warp_specialized(
-        step, grid=(steps,), memory_registers=40,
-        in_specs=ks_specs(iw, ix, isp), wg_axis="wg", num_compute_wgs=2,
-        max_concurrent_steps=stages, compute_context=context,
-    )(w_gmem, s_gmem, x_gmem, w_gmem, s_gmem, x_gmem)
+    specialized(step, ks_specs(iw, ix, isp), context)(
+        w_gmem, s_gmem, x_gmem, w_gmem, s_gmem, x_gmem)
 
   cluster_kw = (dict(cluster=(cluster,), cluster_names=("c",))
                 if cluster > 1 else {})
