@@ -16,7 +16,9 @@ The first (`..._a.jsonl`) timed "plain" tiles only; the second
 wait deferred one step, which returned wrong products and were removed
 from the kernel. The fourteenth session's run d (`2026-12-03_h200_d`)
 compares the in-kernel store of `y` with the old `y.T` ("old") and times
-the "ks" variant and x tiles of 16 and 32 rows (`RUNS` below).
+the "ks" variant and x tiles of 16 and 32 rows (`RUNS` below); run f
+(`2026-12-03_h200_f`) the multicast of x to clusters. Run e is defined
+but was not run (the GPU machine was refused that session).
 """
 import os
 import sys
