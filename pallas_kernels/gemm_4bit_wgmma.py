@@ -241,12 +241,13 @@ def _address(ref, bits):
 
 
 def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
-              split, stages, variant="plain", out_f32=False, out_t=True,
+              split, stages, variant="plain", out_f32=False, out_t=None,
               cluster=1):
   """The Mosaic GPU kernel: `[split, m, n]` (`out_t`, y itself) or `[split,
   n, m]` (y.T) partials, m a multiple of tile_x; bf16 when split is 1 (and
   not `out_f32`), else float32 (`out_t` needs bf16: Mosaic GPU stores only
-  16-bit values through a transposed shared-memory view).
+  16-bit values through a transposed shared-memory view; by default
+  `out_t` is whether the output is bf16).
 
   variant:
     "plain": one warpgroup: decode, wgmma, wait.
@@ -269,6 +270,11 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   steps //= 2 if variant == "ks" else 1
   ptx = decode_ptx(code, tile_w, tile_k, wgs * tile_w)
   out_dtype = jnp.bfloat16 if split == 1 and not out_f32 else jnp.float32
+  if out_t is None:
+    out_t = out_dtype == jnp.bfloat16
+  elif out_t and out_dtype != jnp.bfloat16:
+    raise ValueError("out_t: expected False with a float32 output (a bias "
+                     f"or split {split}), got True")
 
   @plgpu.inline_mgpu(
       arg_types=(plgpu.RefType(), plgpu.RefType()),
@@ -343,8 +349,8 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     else:
       o_smem[...] = acc.astype(out_dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(
-        o_smem, o_gmem.at[isp, cols, rows] if out_t else o_gmem.at[isp, rows, cols])
+    dst = o_gmem.at[isp, cols, rows] if out_t else o_gmem.at[isp, rows, cols]
+    plgpu.copy_smem_to_gmem(o_smem, dst)
     plgpu.wait_smem_to_gmem(0)
 
   def jaxbnb_gemm_4bit_wgmma(w_gmem, s_gmem, x_gmem, o_gmem, o_smem):
@@ -531,13 +537,11 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
                          f"{jax.__version__}")
     mp = -(-m // tile_x) * tile_x
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
-    out_t = bias is None and split == 1
     part = _compiled(xp, packed, scales, code=code, n=n, k=k,
                      tile_w=tile_w, tile_x=tile_x, tile_k=tile_k,
                      split=split, stages=stages, variant=variant,
-                     out_f32=bias is not None, out_t=out_t,
-                     cluster=cluster)
-    if out_t:  # y itself, [1, mp, n]
+                     out_f32=bias is not None, cluster=cluster)
+    if part.dtype == jnp.bfloat16:  # y itself, [1, mp, n]
       return part[0, :m]
     part = part[:, :, :m]
   out = part[0] if split == 1 else jnp.sum(part.astype(jnp.float32), axis=0)
