@@ -1,12 +1,15 @@
-"""Launches the 4-bit wgmma GEMM once per config, for Nsight Compute
-(docs/benchmarks.md, fourteenth session; run on the GPU):
+"""Launches the 4-bit wgmma GEMM once per config, and XLA's bf16 dot at
+the same shapes, for Nsight Compute (docs/benchmarks.md; run on the GPU):
 
-    ncu --clock-control none -k regex:gemm_4bit_wgmma --section ... \\
+    ncu --clock-control none --set full \\
+        -k regex:"jaxbnb_gemm_4bit|nvjet|xmma|cutlass|gemm" -o wgmma \\
         python docs/bench/gemm_wgmma_ncu.py [how many configs, default all]
 
 NF4 + DQ, bf16, random weights of the Llama shapes. Each config is
 compiled and run once untimed (so ncu sees one launch of it), and its
-result checked against `x @ dequantize(W).T`.
+result checked against `x @ dequantize(W).T` computed by numpy on the host
+(so no other GEMM reaches the profiler). Then `x @ W.T` in bf16 runs once
+per distinct (shape, M), for cuBLAS' (or XLA's) kernel beside ours.
 """
 import sys
 
@@ -19,8 +22,10 @@ from jaxbnb._src.quant import codebooks, ops
 from pallas_kernels import gemm_4bit_wgmma as gw
 
 CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
-# (n, k, m, tile_w, tile_x, tile_k, split, stages, variant)
+# (n, k, m, tile_w, tile_x, tile_k, split, stages, variant): the defaults
+# at M = 64, 128 and 256, then two "ks" configs.
 CONFIGS = [(14336, 4096, 64, 64, 64, 128, 1, 4, "plain"),
+           (14336, 4096, 128, 64, 128, 128, 1, 3, "ws"),
            (14336, 4096, 256, 64, 256, 64, 1, 4, "ws"),
            (14336, 4096, 64, 64, 64, 128, 1, 2, "ks"),
            (6144, 4096, 128, 64, 128, 64, 1, 3, "ks")]
@@ -28,6 +33,7 @@ CONFIGS = [(14336, 4096, 64, 64, 64, 128, 1, 4, "plain"),
 
 def main():
   count = int(sys.argv[1]) if len(sys.argv) > 1 else len(CONFIGS)
+  dots = []
   for n, k, m, tw, tx, tk, split, stages, variant in CONFIGS[:count]:
     kw, kx = jax.random.split(jax.random.key(n + m))
     w = jax.random.normal(kw, (n, k), jnp.bfloat16)
@@ -40,11 +46,15 @@ def main():
                     x, p, a, code=CODE, n=n, k=k, tile_w=tw, tile_x=tx,
                     tile_k=tk, split=split, stages=stages, variant=variant))
     y = np.asarray(f(x, packed.reshape(-1), absmax), np.float32)
-    ref = np.asarray(x.astype(jnp.float32)
-                     @ F.dequantize_4bit(packed, qs).astype(jnp.float32).T)
+    wd = np.asarray(F.dequantize_4bit(packed, qs).astype(jnp.float32))
+    ref = np.asarray(x.astype(jnp.float32)) @ wd.T
     err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
     print(f"{n}x{k} M={m} {variant} ({tw}, {tx}, {tk}, {split}, {stages}) "
           f"max error / max |y| {err:.4f}", flush=True)
+    if (n, k, m) not in dots:
+      dots.append((n, k, m))
+      jax.block_until_ready(jax.jit(lambda x, w: x @ w.T)(x, w))
+      print(f"{n}x{k} M={m} XLA bf16 dot", flush=True)
 
 
 if __name__ == "__main__":
