@@ -61,7 +61,8 @@ except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
 __all__ = ["available", "can_use", "check_config", "decode_ptx",
-           "default_config", "gemm", "on_hopper", "scale_words_t"]
+           "default_config", "gemm", "on_hopper", "scale_words_t",
+           "table_operands"]
 
 
 def available() -> bool:
@@ -174,7 +175,8 @@ def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
 
 @functools.lru_cache(maxsize=None)
 def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
-               s_stride: int | None = None) -> str:
+               s_stride: int | None = None, swizzle: bool = False,
+               load_table: bool = False) -> str:
   """One step of one lane: the A registers of a `[tile_w, tile_k]` tile.
 
   Operands: `$0 .. $(R-1)` out, R = `tile_w / 64 * tile_k / 8 * 2`, in
@@ -182,35 +184,63 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
   `$((i * tile_k / 8 + j) * 2 + h)`); `$R` the shared address of the bytes
   `[tile_w, tile_k / 2]`, `$(R+1)` of the scale words `[tile_k / 64,
   tile_w]` (the absmax in bf16, in both halves; `s_stride` words apart,
-  by default tile_w).
+  by default tile_w); with `load_table`, `$(R+2)` the global address of
+  `table_operands(code)`.
+
+  swizzle: the bytes as TMA's swizzle of `tile_k / 2` bytes leaves them
+    (16-byte chunk `j` of row `r` at chunk `j ^ (r * tile_k / 256 % (tile_k
+    / 32))`), so the eight rows one load instruction reads fall in
+    distinct banks; without it rows 64 bytes or more apart share banks
+    (a 4-way conflict at tile_k 128).
+  load_table: the four permutes' register operands loaded from memory
+    once a step, not written as constants: ptxas otherwise re-creates a
+    constant before every permute (an `IMAD.U32` from a uniform register,
+    15% of the kernel's instructions under Nsight Compute).
   """
   groups, kb = tile_w // 64, tile_k // 64
   s_stride = s_stride or tile_w
   nreg = groups * tile_k // 8 * 2
+  row_bytes = tile_k // 2
   words = lut_decode.table_words(code, jnp.bfloat16)
   lines = [
       "{",
       ".reg .b32 tid, lane, wp, g, c, sel, wbase, sbase, r, wa, sa, sc, "
-      "p0, p1, ga, gb;",
+      "p0, p1, ga, gb, xo, la;",
       ".reg .b32 t<8>, v<8>;",
       f"mov.u32 wbase, ${nreg};", f"mov.u32 sbase, ${nreg + 1};",
   ]
-  lines += [f"mov.b32 t{i}, 0x{u:08x};" for i, u in enumerate(words)]
+  if load_table:
+    lines.append(f"ld.global.nc.v4.u32 {{t0, t2, t4, t6}}, [${nreg + 2}];")
+  lines += [f"mov.b32 t{i}, 0x{u:08x};" for i, u in enumerate(words)
+            if not (load_table and i % 2 == 0)]
   lines += ["mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;",
             "shr.u32 wp, tid, 5;", "and.b32 wp, wp, 3;",
             "shr.u32 g, lane, 2;", "and.b32 c, lane, 3;",
             # byte c of the first source, then byte c of the second
             "mad.lo.u32 sel, c, 17, 64;"]
+  if swizzle:  # the chunk XOR of this lane's rows (it depends on g alone)
+    lines += [f"mul.lo.u32 xo, g, {row_bytes};", "shr.u32 xo, xo, 7;",
+              f"and.b32 xo, xo, {row_bytes // 16 - 1};",
+              "shl.b32 xo, xo, 4;"]
+
+  def chunk(q, b):
+    """The address of 16-byte chunk `2 q + b` of the row at `wa`."""
+    if not swizzle:
+      return [], f"[wa+{32 * q + 16 * b}]"
+    return [f"xor.b32 la, xo, {32 * q + 16 * b};",
+            "add.u32 la, la, wa;"], "[la]"
+
   table = {f"t{i}": f"t{i}" for i in range(8)}
   for i in range(groups):
     for h in range(2):
       lines += [f"mad.lo.u32 r, wp, 16, g;", f"add.u32 r, r, {64 * i + 8 * h};",
-                f"mad.lo.u32 wa, r, {tile_k // 2}, wbase;",
+                f"mad.lo.u32 wa, r, {row_bytes}, wbase;",
                 "mad.lo.u32 sa, r, 4, sbase;"]
       for q in range(kb):
+        for b, regs in ((0, "v0, v1, v2, v3"), (1, "v4, v5, v6, v7")):
+          pre, addr = chunk(q, b)
+          lines += pre + [f"ld.shared.v4.u32 {{{regs}}}, {addr};"]
         lines += [
-            f"ld.shared.v4.u32 {{v0, v1, v2, v3}}, [wa+{32 * q}];",
-            f"ld.shared.v4.u32 {{v4, v5, v6, v7}}, [wa+{32 * q + 16}];",
             f"ld.shared.u32 sc, [sa+{4 * s_stride * q}];",
             "prmt.b32 p0, v0, v1, sel;", "prmt.b32 p1, v2, v3, sel;",
             "prmt.b32 ga, p0, p1, 0x5410;",
@@ -228,6 +258,13 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
   return "\n".join(lines)
 
 
+def table_operands(code: tuple[float, ...]) -> np.ndarray:
+  """uint32 `[4]`: the table words `decode_ptx(..., load_table=True)`
+  loads (`lut_decode.table_words` 0, 2, 4 and 6)."""
+  words = lut_decode.table_words(code, jnp.bfloat16)
+  return np.asarray(words[0::2], np.uint32)
+
+
 def scale_words_t(absmax: jax.Array, n: int, k: int) -> jax.Array:
   """uint32 `[k / 64, n]`: each block's absmax in bf16, in both halves,
   transposed so a step's scales are one TMA tile."""
@@ -242,7 +279,7 @@ def _address(ref, bits):
 
 def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
               split, stages, variant="plain", out_f32=False, out_t=None,
-              cluster=1):
+              cluster=1, swizzle=False, load_table=False):
   """The Mosaic GPU kernel: `[split, m, n]` (`out_t`, y itself) or `[split,
   n, m]` (y.T) partials, m a multiple of tile_x; bf16 when split is 1 (and
   not `out_f32`), else float32 (`out_t` needs bf16: Mosaic GPU stores only
@@ -258,6 +295,8 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       rows and alternate tile_k steps (K split inside the program, the
       second's sums added through shared memory at the end): twice the
       programs of "ws" for weights of few rows.
+  `swizzle` and `load_table`: see `decode_ptx` (the weight tile then
+  arrives swizzled; the table words are one more input).
   Each waits for its wgmma before the next decode: with the wait deferred
   a step (the decode of step t + 1 during step t's products) the H200
   returned wrong products whenever the wgmma ran long enough
@@ -268,7 +307,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   nreg = tile_w // 64 * tile_k // 8 * 2
   wgs = 2 if variant == "ws" else 1
   steps //= 2 if variant == "ks" else 1
-  ptx = decode_ptx(code, tile_w, tile_k, wgs * tile_w)
+  ptx = decode_ptx(code, tile_w, tile_k, wgs * tile_w, swizzle, load_table)
   out_dtype = jnp.bfloat16 if split == 1 and not out_f32 else jnp.float32
   if out_t is None:
     out_t = out_dtype == jnp.bfloat16
@@ -276,17 +315,24 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     raise ValueError("out_t: expected False with a float32 output (a bias "
                      f"or split {split}), got True")
 
+  row_bytes = tile_k // 2
+  w_tr = ((plgpu.TilingTransform((8, row_bytes)),
+           plgpu.SwizzleTransform(row_bytes)) if swizzle else ())
+
   @plgpu.inline_mgpu(
-      arg_types=(plgpu.RefType(), plgpu.RefType()),
+      arg_types=((plgpu.RefType(transforms=w_tr), plgpu.RefType())
+                 + ((plgpu.RefType(),) if load_table else ())),
       return_type=plgpu.ShapeDtypeStruct((tile_w, tile_k), jnp.bfloat16,
                                          layout=plgpu.Layout.WGMMA))
-  def decode(ctx, w_ref, s_ref):
+  def decode(ctx, w_ref, s_ref, *t_ref):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
+    operands = [_address(w_ref, 32), _address(s_ref, 32)]
+    operands += [_address(t, 64) for t in t_ref]
     res = llvm.inline_asm(
-        llvm.StructType.get_literal([i32] * nreg),
-        [_address(w_ref, 32), _address(s_ref, 32)], ptx,
-        ",".join(["=r"] * nreg + ["r", "r"]), has_side_effects=True)
+        llvm.StructType.get_literal([i32] * nreg), operands, ptx,
+        ",".join(["=r"] * nreg + ["r", "r"] + ["l"] * len(t_ref)),
+        has_side_effects=True)
     vec = ir.VectorType.get((2,), ir.BF16Type.get())
     regs = [llvm.bitcast(vec, llvm.extractvalue(i32, res, [i]))
             for i in range(nreg)]
@@ -323,16 +369,17 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   def specs(iw, ix, isp):
     return [
         plgpu.BlockSpec((cta_w, tile_k // 2),
-                        lambda t: (iw, isp * steps + t)),
+                        lambda t: (iw, isp * steps + t), transforms=w_tr),
         plgpu.BlockSpec((tile_k // 64, cta_w),
                         lambda t: (isp * steps + t, iw)),
         plgpu.BlockSpec((tile_x, tile_k), lambda t: (ix, isp * steps + t),
                         transforms=x_tr, collective_axes=x_collective),
     ]
 
-  def multiply(acc_ref, w_smem, s_smem, x_smem):
+  def multiply(acc_ref, w_smem, s_smem, x_smem, t_gmem):
     """One step: decode the weight tile into registers, wgmma, wait."""
-    plgpu.wgmma(acc_ref, decode(w_smem, s_smem), x_smem.transpose((1, 0)))
+    a = decode(w_smem, s_smem, *([t_gmem] if load_table else []))
+    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
     plgpu.wgmma_wait(0)
 
   def specialized(step, in_specs, context):
@@ -353,7 +400,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     plgpu.copy_smem_to_gmem(o_smem, dst)
     plgpu.wait_smem_to_gmem(0)
 
-  def jaxbnb_gemm_4bit_wgmma(w_gmem, s_gmem, x_gmem, o_gmem, o_smem):
+  def jaxbnb_gemm_4bit_wgmma(w_gmem, s_gmem, x_gmem, t_gmem, o_gmem, o_smem):
     iw = lax.axis_index("w")
     ix = lax.axis_index("x")
     isp = lax.axis_index("s")
@@ -362,13 +409,14 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
                        acc_ref=plgpu.ACC((tile_w, tile_x), jnp.float32))
     def _(acc_ref):
       def step(_, w_smem, s_smem, x_smem):
-        multiply(acc_ref, w_smem, s_smem, x_smem)
+        multiply(acc_ref, w_smem, s_smem, x_smem, t_gmem)
 
       plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(iw, ix, isp),
                           max_concurrent_steps=stages)(w_gmem, s_gmem, x_gmem)
       store(acc_ref[...], o_smem, o_gmem, iw, ix, isp, 0)
 
-  def jaxbnb_gemm_4bit_wgmma_ws(w_gmem, s_gmem, x_gmem, o_gmem, o_smem):
+  def jaxbnb_gemm_4bit_wgmma_ws(w_gmem, s_gmem, x_gmem, t_gmem, o_gmem,
+                                o_smem):
     iw = w_index()
     ix = lax.axis_index("x")
     isp = lax.axis_index("s")
@@ -383,7 +431,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
         store(acc_ref[...], o_smem.at[wg], o_gmem, iw, ix, isp, wg)
 
     def step(_, w_smem, s_smem, x_smem, acc_ref):
-      multiply(acc_ref, w_smem.at[rows], s_smem.at[:, rows], x_smem)
+      multiply(acc_ref, w_smem.at[rows], s_smem.at[:, rows], x_smem, t_gmem)
       return acc_ref
 
     specialized(step, specs(iw, ix, isp), context)(w_gmem, s_gmem, x_gmem)
@@ -392,13 +440,14 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     def at(h):
       return lambda t: 2 * (isp * steps + t) + h
     return [spec for h in (0, 1) for spec in (
-        plgpu.BlockSpec((tile_w, tile_k // 2), lambda t, f=at(h): (iw, f(t))),
+        plgpu.BlockSpec((tile_w, tile_k // 2), lambda t, f=at(h): (iw, f(t)),
+                        transforms=w_tr),
         plgpu.BlockSpec((tile_k // 64, tile_w), lambda t, f=at(h): (f(t), iw)),
         plgpu.BlockSpec((tile_x, tile_k), lambda t, f=at(h): (ix, f(t)),
                         transforms=x_tr, collective_axes=x_collective))]
 
-  def jaxbnb_gemm_4bit_wgmma_ks(w_gmem, s_gmem, x_gmem, o_gmem, o_smem,
-                                red_smem, red_bar):
+  def jaxbnb_gemm_4bit_wgmma_ks(w_gmem, s_gmem, x_gmem, t_gmem, o_gmem,
+                                o_smem, red_smem, red_bar):
     iw = w_index()
     ix = lax.axis_index("x")
     isp = lax.axis_index("s")
@@ -426,7 +475,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       for h, (w_smem, s_smem, x_smem) in enumerate(((wa, sa, xa),
                                                     (wb, sb, xb))):
         pl.when(wg == h)(functools.partial(multiply, acc_ref, w_smem,
-                                           s_smem, x_smem))
+                                           s_smem, x_smem, t_gmem))
       return acc_ref
 
     specialized(step, ks_specs(iw, ix, isp), context)(
@@ -459,7 +508,8 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
         jaxbnb_gemm_4bit_wgmma, out_type=out_type,
         grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
         scratch_types=[plgpu.SMEM(o_tile, out_dtype, transforms=o_tr)])
-  args = _backend.same_vma(packed.reshape(n, k // 2), scales, x)
+  args = _backend.same_vma(packed.reshape(n, k // 2), scales, x,
+                           jnp.asarray(table_operands(code)))
   return kernel(*args)
 
 
@@ -482,6 +532,7 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
          code: tuple[float, ...], n: int, k: int, tile_w: int = 64,
          tile_x: int | None = None, tile_k: int = 64, split: int = 1,
          stages: int = 3, variant: str = "plain", cluster: int = 1,
+         swizzle: bool = False, load_table: bool = False,
          bias: jax.Array | None = None,
          interpret: bool = False) -> jax.Array:
   """`x @ W.T + bias` for a 4-bit `W [n, k]` (blocksize 64), bf16.
@@ -501,6 +552,10 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
     variant: "plain", "ws" or "ks" (see `_compiled`).
     cluster: programs along the weight rows that share one load of x's
       tile (TMA multicast; 1, or 2 or 4 with "ws" or "ks").
+    swizzle: the weight tile swizzled by TMA (no shared-memory bank
+      conflicts in the decode's loads; see `decode_ptx`).
+    load_table: the decode's table words loaded from memory (see
+      `decode_ptx`).
     bias: optional `[n]`, added to the float32 sums before the one
       rounding to bf16.
     interpret: the jnp twin (CPU).
@@ -540,7 +595,8 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
     part = _compiled(xp, packed, scales, code=code, n=n, k=k,
                      tile_w=tile_w, tile_x=tile_x, tile_k=tile_k,
                      split=split, stages=stages, variant=variant,
-                     out_f32=bias is not None, cluster=cluster)
+                     out_f32=bias is not None, cluster=cluster,
+                     swizzle=swizzle, load_table=load_table)
     if part.dtype == jnp.bfloat16:  # y itself, [1, mp, n]
       return part[0, :m]
     part = part[:, :, :m]

@@ -4,6 +4,7 @@ the same shapes, for Nsight Compute (docs/benchmarks.md; run on the GPU):
     ncu --clock-control none --set full \\
         -k regex:"jaxbnb_gemm_4bit|nvjet|xmma|cutlass|gemm" -o wgmma \\
         python docs/bench/gemm_wgmma_ncu.py [how many configs, default all]
+            [g: the fifteenth session's list, without the bf16 dots]
 
 NF4 + DQ, bf16, random weights of the Llama shapes. Each config is
 compiled and run once untimed (so ncu sees one launch of it), and its
@@ -29,12 +30,19 @@ CONFIGS = [(14336, 4096, 64, 64, 64, 128, 1, 4, "plain"),
            (14336, 4096, 256, 64, 256, 64, 1, 4, "ws"),
            (14336, 4096, 64, 64, 64, 128, 1, 2, "ks"),
            (6144, 4096, 128, 64, 128, 64, 1, 3, "ks")]
+# g: the M = 64 and 256 defaults with the weight tile swizzled and the
+# table words from memory (the tag: "sw", "lt").
+CONFIGS_G = [(14336, 4096, 64, 64, 64, 128, 1, 4, "plain", "swlt"),
+             (14336, 4096, 64, 64, 64, 128, 1, 4, "plain", "lt"),
+             (14336, 4096, 256, 64, 256, 64, 1, 4, "ws", "swlt")]
 
 
 def main():
-  count = int(sys.argv[1]) if len(sys.argv) > 1 else len(CONFIGS)
+  run_g = sys.argv[2:] == ["g"]
+  configs = CONFIGS_G if run_g else [c + ("",) for c in CONFIGS]
+  count = int(sys.argv[1]) if len(sys.argv) > 1 else len(configs)
   dots = []
-  for n, k, m, tw, tx, tk, split, stages, variant in CONFIGS[:count]:
+  for n, k, m, tw, tx, tk, split, stages, variant, tag in configs[:count]:
     kw, kx = jax.random.split(jax.random.key(n + m))
     w = jax.random.normal(kw, (n, k), jnp.bfloat16)
     x = jax.random.normal(kx, (m, k), jnp.bfloat16)
@@ -42,16 +50,17 @@ def main():
                                  compress_statistics=True)
     absmax = ops.float_absmax(qs)
     f = jax.jit(lambda x, p, a, tw=tw, tx=tx, tk=tk, split=split,
-                stages=stages, variant=variant, n=n, k=k: gw.gemm(
+                stages=stages, variant=variant, n=n, k=k, tag=tag: gw.gemm(
                     x, p, a, code=CODE, n=n, k=k, tile_w=tw, tile_x=tx,
-                    tile_k=tk, split=split, stages=stages, variant=variant))
+                    tile_k=tk, split=split, stages=stages, variant=variant,
+                    swizzle="sw" in tag, load_table="lt" in tag))
     y = np.asarray(f(x, packed.reshape(-1), absmax), np.float32)
     wd = np.asarray(F.dequantize_4bit(packed, qs).astype(jnp.float32))
     ref = np.asarray(x.astype(jnp.float32)) @ wd.T
     err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))
     print(f"{n}x{k} M={m} {variant} ({tw}, {tx}, {tk}, {split}, {stages}) "
-          f"max error / max |y| {err:.4f}", flush=True)
-    if (n, k, m) not in dots:
+          f"{tag} max error / max |y| {err:.4f}", flush=True)
+    if not run_g and (n, k, m) not in dots:
       dots.append((n, k, m))
       jax.block_until_ready(jax.jit(lambda x, w: x @ w.T)(x, w))
       print(f"{n}x{k} M={m} XLA bf16 dot", flush=True)

@@ -18,7 +18,9 @@ from the kernel. The fourteenth session's run d (`2026-12-03_h200_d`)
 compares the in-kernel store of `y` with the old `y.T` ("old") and times
 the "ks" variant and x tiles of 16 and 32 rows (`RUNS` below); run f
 (`2026-12-03_h200_f`) the multicast of x to clusters. Run e is defined
-but was not run (the GPU machine was refused that session).
+but was not run (the GPU machine was refused that session). The
+fifteenth session's run g times the swizzled weight tile and the table
+words from memory ("sw", "lt").
 """
 import os
 import sys
@@ -79,6 +81,26 @@ RUNS = {
                  (64, 256, 64, 1, 4, "ws", "c4")],
            128: [(64, 128, 128, 1, 3, "ws"),
                  (64, 128, 128, 1, 3, "ws", "c2")]}),
+    # g (fifteenth session): the weight tile swizzled ("sw", no bank
+    # conflicts in the decode's shared loads) and the table words loaded
+    # from memory ("lt", no constant re-created before each permute).
+    "g": ([((256, 1024), 96), ((14336, 4096), 64), ((14336, 4096), 256),
+           ((14336, 4096), 128), ((11008, 4096), 64), ((11008, 4096), 256),
+           ((4096, 14336), 64), ((6144, 4096), 128)],
+          {256: [(64, 256, 64, 1, 4, "ws"), (64, 256, 64, 1, 4, "ws", "sw"),
+                 (64, 256, 64, 1, 4, "ws", "lt"),
+                 (64, 256, 64, 1, 4, "ws", "swlt"),
+                 (64, 256, 128, 1, 2, "ws", "swlt")],
+           128: [(64, 128, 128, 1, 3, "ws"), (64, 128, 128, 1, 3, "ws", "sw"),
+                 (64, 128, 128, 1, 3, "ws", "lt"),
+                 (64, 128, 128, 1, 3, "ws", "swlt"),
+                 (64, 128, 64, 1, 3, "ks", "swlt")],
+           64: [(64, 64, 128, 1, 4, "plain"),
+                (64, 64, 128, 1, 4, "plain", "sw"),
+                (64, 64, 128, 1, 4, "plain", "lt"),
+                (64, 64, 128, 1, 4, "plain", "swlt"),
+                (64, 64, 256, 1, 2, "plain", "swlt"),
+                (64, 64, 128, 1, 2, "ks", "swlt")]}),
 }
 
 def fn(n, k, cfg):
@@ -94,11 +116,13 @@ def fn(n, k, cfg):
                         out_t=False)
       return yt[0, :, :x.shape[0]].T
     return f_old
-  cluster = int(cfg[6][1:]) if cfg[6:] and cfg[6].startswith("c") else 1
+  tag = cfg[6] if cfg[6:] else ""
+  cluster = int(tag[1:]) if tag.startswith("c") else 1
   def f(x, p, qs):
     return gw.gemm(x, p.reshape(-1), ops.float_absmax(qs), code=CODE, n=n,
                    k=k, tile_w=tw, tile_x=tx, tile_k=tk, split=split,
-                   stages=stages, variant=variant, cluster=cluster)
+                   stages=stages, variant=variant, cluster=cluster,
+                   swizzle="sw" in tag, load_table="lt" in tag)
   return f
 
 
@@ -123,7 +147,11 @@ def main():
                   (64, 128, 64, 1, 2, "ks"), (64, 16, 64, 1, 2, "plain"),
                   (64, 64, 128, 1, 2, "plain", "old"),
                   (64, 256, 64, 1, 2, "ws", "c2"),
-                  (64, 128, 64, 1, 2, "ks", "c2")]:
+                  (64, 128, 64, 1, 2, "ks", "c2"),
+                  (64, 64, 128, 1, 2, "plain", "swlt"),
+                  (64, 256, 64, 1, 2, "ws", "swlt"),
+                  (64, 128, 128, 1, 2, "ws", "sw"),
+                  (64, 128, 64, 1, 2, "ks", "swlt")]:
         try:
           y = np.asarray(jax.jit(fn(n, k, cfg))(x, packed, qs), np.float32)
           err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))

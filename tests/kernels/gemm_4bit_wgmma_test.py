@@ -167,12 +167,14 @@ def test_docstring_example_runs():
   helpers.assert_docstring_examples_pass(gw.gemm, "gemm")
 
 
-def _emulate(text, nreg, smem, w_base, s_base):
+def _emulate(text, nreg, smem, w_base, s_base, gmem=None):
   """Runs the decode PTX for the 128 lanes of a warpgroup on numpy uint32
-  registers; returns `[nreg, 128]` (operand i of every lane)."""
+  registers; returns `[nreg, 128]` (operand i of every lane). `gmem`:
+  uint32 words at global address 0 (operand `$(nreg + 2)`)."""
   lanes = np.arange(128, dtype=np.uint32)
   env = {"%tid.x": lanes, f"${nreg}": np.full(128, w_base, np.uint32),
-         f"${nreg + 1}": np.full(128, s_base, np.uint32)}
+         f"${nreg + 1}": np.full(128, s_base, np.uint32),
+         f"${nreg + 2}": np.zeros(128, np.uint32)}
   words = smem.view(np.uint32)
 
   def val(tok):
@@ -190,12 +192,13 @@ def _emulate(text, nreg, smem, w_base, s_base):
     if not line or line in "{}" or line.startswith(".reg"):
       continue
     op, rest = line.split(None, 1)
-    if op.startswith("ld.shared"):
+    if op.startswith(("ld.shared", "ld.global.nc")):
       m = re.match(r"(\{[^}]*\}|\S+),\s*\[(\S+?)(?:\+(\d+))?\]", rest)
       regs = [r.strip() for r in m.group(1).strip("{}").split(",")]
       base = env[m.group(2)] + np.uint32(int(m.group(3) or 0))
       for i, r in enumerate(regs):
-        env[r] = load(base + np.uint32(4 * i))
+        addr = base + np.uint32(4 * i)
+        env[r] = load(addr) if op.startswith("ld.shared") else gmem[addr // 4]
       continue
     args = [a.strip() for a in rest.split(",")]
     d, src = args[0], [val(a) for a in args[1:]]
@@ -205,8 +208,14 @@ def _emulate(text, nreg, smem, w_base, s_base):
       env[d] = src[0] & src[1]
     elif op.startswith("or"):
       env[d] = src[0] | src[1]
+    elif op.startswith("xor"):
+      env[d] = src[0] ^ src[1]
     elif op.startswith("shr"):
       env[d] = src[0] >> src[1]
+    elif op.startswith("shl"):
+      env[d] = src[0] << src[1]
+    elif op.startswith("mul.lo"):
+      env[d] = src[0] * src[1]
     elif op.startswith("add"):
       env[d] = src[0] + src[1]
     elif op.startswith("mad.lo"):
@@ -220,24 +229,46 @@ def _emulate(text, nreg, smem, w_base, s_base):
   return np.stack([env[f"${i}"] for i in range(nreg)])
 
 
-@pytest.mark.parametrize("tile_w,tile_k,quant_type", [
-    (64, 64, "nf4"), (64, 128, "fp4"), (128, 128, "nf4"), (64, 256, "nf4")])
-def test_decode_ptx_fills_wgmma_registers(tile_w, tile_k, quant_type):
+def _swizzled(packed):
+  """`[rows, b]` bytes as TMA's b-byte swizzle stores them: address bits
+  4.. XOR bits 7.. (16-byte chunks of a row permuted by the row)."""
+  rows, b = packed.shape
+  off = np.arange(rows * b).reshape(rows, b)
+  mask = b // 16 - 1
+  dst = off ^ (((off >> 7) & mask) << 4)
+  out = np.empty(rows * b, np.uint8)
+  out[dst.reshape(-1)] = packed.reshape(-1)
+  return out
+
+
+@pytest.mark.parametrize("tile_w,tile_k,quant_type,swizzle,load_table", [
+    (64, 64, "nf4", False, False), (64, 128, "fp4", False, False),
+    (128, 128, "nf4", False, False), (64, 256, "nf4", False, False),
+    (64, 64, "nf4", True, True), (64, 128, "fp4", True, False),
+    (128, 128, "nf4", False, True), (128, 256, "fp4", True, True)])
+def test_decode_ptx_fills_wgmma_registers(tile_w, tile_k, quant_type,
+                                          swizzle, load_table):
   """The decode's PTX, emulated lane by lane, leaves in operand
   `(i * tile_k / 8 + j) * 2 + h` of lane `32 w + 4 g + c` the bf16 pair of
   row `64 i + 16 w + 8 h + g`, columns `8 j + 2 c` and `+ 1`: Mosaic GPU's
   `WGMMA_LAYOUT` (the order `inline_mgpu` hands it over in), each value the
-  code times the block's bf16 absmax, rounded once."""
+  code times the block's bf16 absmax, rounded once. With `swizzle` the
+  bytes sit as TMA's swizzle puts them; with `load_table` half the table
+  words come from global memory (`table_operands`), the others are
+  constants."""
   rng = np.random.default_rng(tile_w + tile_k)
   packed = rng.integers(0, 256, (tile_w, tile_k // 2), dtype=np.uint8)
   absmax = rng.uniform(0.1, 3.0, (tile_w, tile_k // 64)).astype(np.float32)
   scales = np.asarray(lut_decode.scale_words(jnp.asarray(absmax.T),
                                              jnp.bfloat16), np.uint32)
-  smem = np.concatenate([packed.reshape(-1), scales.reshape(-1).view(
-      np.uint8)])
+  stored = _swizzled(packed) if swizzle else packed.reshape(-1)
+  smem = np.concatenate([stored, scales.reshape(-1).view(np.uint8)])
   nreg = tile_w // 64 * tile_k // 8 * 2
-  out = _emulate(gw.decode_ptx(_code(quant_type), tile_w, tile_k), nreg,
-                 smem, 0, packed.size)
+  text = gw.decode_ptx(_code(quant_type), tile_w, tile_k, swizzle=swizzle,
+                       load_table=load_table)
+  assert ("ld.global" in text) == load_table
+  out = _emulate(text, nreg, smem, 0, packed.size,
+                 gw.table_operands(_code(quant_type)))
   got = np.zeros((tile_w, tile_k), np.float32)
   lane = np.arange(128)
   w, g, c = lane // 32, lane % 32 // 4, lane % 4
@@ -293,6 +324,20 @@ _GPU_CASES = [
                variant="ws", cluster=2)),
     (96, dict(tile_w=64, tile_x=128, tile_k=64, split=1, stages=3,
               variant="ks", cluster=4)),
+    # The weight tile swizzled by TMA (rows of 32, 64 and 128 bytes) and the
+    # table words loaded from memory, alone and together, in each variant.
+    (64, dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
+              variant="plain", swizzle=True, load_table=True)),
+    (64, dict(tile_w=64, tile_x=64, tile_k=256, split=1, stages=2,
+              variant="plain", swizzle=True)),
+    (128, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=3,
+               variant="ws", swizzle=True, load_table=True)),
+    (256, dict(tile_w=64, tile_x=256, tile_k=64, split=2, stages=2,
+               variant="ws", swizzle=True)),
+    (200, dict(tile_w=64, tile_x=256, tile_k=64, split=1, stages=2,
+               variant="ws", load_table=True)),
+    (128, dict(tile_w=64, tile_x=128, tile_k=64, split=1, stages=3,
+               variant="ks", swizzle=True, load_table=True)),
 ]
 
 
@@ -302,7 +347,8 @@ _GPU_CASES = [
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_gpu_gemm(m, cfg, quant_type, with_bias):
   """The compiled kernel (default tiles, all three variants, K split, x
-  tiles of 16-256 rows, clusters sharing x) against the documented weight: with a bias
+  tiles of 16-256 rows, clusters sharing x, the weight tile swizzled, the
+  table words from memory) against the documented weight: with a bias
   (float32 tile, transposed by XLA) and without (bf16 `y` stored by the
   kernel itself, transposed in shared memory)."""
   n, k = 1024, 2048
