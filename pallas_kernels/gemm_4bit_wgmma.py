@@ -176,12 +176,14 @@ def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
 @functools.lru_cache(maxsize=None)
 def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
                s_stride: int | None = None, swizzle: bool = False,
-               load_table: bool = False) -> str:
-  """One step of one lane: the A registers of a `[tile_w, tile_k]` tile.
+               load_table: bool = False, part: int | None = None) -> str:
+  """One step of one lane: the A registers of a `[tile_w, tile_k]` tile
+  (with `part`, of its 64 columns `64 part ..`).
 
-  Operands: `$0 .. $(R-1)` out, R = `tile_w / 64 * tile_k / 8 * 2`, in
-  `WGMMA_LAYOUT`'s register order (row group i, column group j, half h:
-  `$((i * tile_k / 8 + j) * 2 + h)`); `$R` the shared address of the bytes
+  Operands: `$0 .. $(R-1)` out, R = `tile_w / 64 * cols / 8 * 2` (cols:
+  tile_k, or 64 with `part`), in `WGMMA_LAYOUT`'s register order (row
+  group i, column group j, half h: `$((i * cols / 8 + j) * 2 + h)`); `$R`
+  the shared address of the bytes
   `[tile_w, tile_k / 2]`, `$(R+1)` of the scale words `[tile_k / 64,
   tile_w]` (the absmax in bf16, in both halves; `s_stride` words apart,
   by default tile_w); with `load_table`, `$(R+2)` the global address of
@@ -198,8 +200,10 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
     15% of the kernel's instructions under Nsight Compute).
   """
   groups, kb = tile_w // 64, tile_k // 64
+  blocks = range(kb) if part is None else [part]
+  cols = 64 * len(blocks)
   s_stride = s_stride or tile_w
-  nreg = groups * tile_k // 8 * 2
+  nreg = groups * cols // 8 * 2
   row_bytes = tile_k // 2
   words = lut_decode.table_words(code, jnp.bfloat16)
   lines = [
@@ -236,7 +240,7 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
       lines += [f"mad.lo.u32 r, wp, 16, g;", f"add.u32 r, r, {64 * i + 8 * h};",
                 f"mad.lo.u32 wa, r, {row_bytes}, wbase;",
                 "mad.lo.u32 sa, r, 4, sbase;"]
-      for q in range(kb):
+      for qi, q in enumerate(blocks):
         for b, regs in ((0, "v0, v1, v2, v3"), (1, "v4, v5, v6, v7")):
           pre, addr = chunk(q, b)
           lines += pre + [f"ld.shared.v4.u32 {{{regs}}}, {addr};"]
@@ -250,8 +254,8 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
         for half, gw in enumerate(("ga", "gb")):
           names = dict(table, w=gw, **{f"s{j}": "sc" for j in range(4)})
           for jj in range(4):
-            j = 8 * q + 4 * half + jj
-            names[f"o{jj}"] = f"${(i * tile_k // 8 + j) * 2 + h}"
+            j = 8 * qi + 4 * half + jj
+            names[f"o{jj}"] = f"${(i * cols // 8 + j) * 2 + h}"
           decl, body = lut_decode.render(code, "bfloat16", names, prefix="u_")
           lines += ["{", decl] + body + ["}"]
   lines.append("}")
@@ -277,9 +281,21 @@ def _address(ref, bits):
                        mgpu.utils.memref_ptr(ref))
 
 
+def _fragments(regs, shape):
+  """i32 registers (bf16 pairs) in `WGMMA_LAYOUT`'s order as a
+  FragmentedArray of `shape`."""
+  vec = ir.VectorType.get((2,), ir.BF16Type.get())
+  layout_shape = fa.WGMMA_LAYOUT.registers_shape(shape)
+  arr = np.empty(layout_shape, dtype=object)
+  for idx, reg in zip(np.ndindex(layout_shape), regs):
+    arr[idx] = llvm.bitcast(vec, reg)
+  return mgpu.FragmentedArray(_registers=arr, _layout=fa.WGMMA_LAYOUT,
+                              _is_signed=None)
+
+
 def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
               split, stages, variant="plain", out_f32=False, out_t=None,
-              cluster=1, swizzle=False, load_table=False):
+              cluster=1, swizzle=False, load_table=False, overlap=False):
   """The Mosaic GPU kernel: `[split, m, n]` (`out_t`, y itself) or `[split,
   n, m]` (y.T) partials, m a multiple of tile_x; bf16 when split is 1 (and
   not `out_f32`), else float32 (`out_t` needs bf16: Mosaic GPU stores only
@@ -297,17 +313,17 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       programs of "ws" for weights of few rows.
   `swizzle` and `load_table`: see `decode_ptx` (the weight tile then
   arrives swizzled; the table words are one more input).
-  Each waits for its wgmma before the next decode: with the wait deferred
-  a step (the decode of step t + 1 during step t's products) the H200
-  returned wrong products whenever the wgmma ran long enough
-  (docs/benchmarks.md), A's registers being rewritten in flight.
+  Each waits for its wgmma before the next step's decode: with the wait
+  deferred a step (the decode of step t + 1 during step t's products) the
+  H200 returned wrong products whenever the wgmma ran long enough
+  (docs/benchmarks.md), A's registers being rewritten in flight. With
+  `overlap` the step is split into 64-column parts whose decodes overlap
+  the previous part's wgmma, each A operand fenced after its wait.
   """
   m = x.shape[0]
   steps = k // tile_k // split
-  nreg = tile_w // 64 * tile_k // 8 * 2
   wgs = 2 if variant == "ws" else 1
   steps //= 2 if variant == "ks" else 1
-  ptx = decode_ptx(code, tile_w, tile_k, wgs * tile_w, swizzle, load_table)
   out_dtype = jnp.bfloat16 if split == 1 and not out_f32 else jnp.float32
   if out_t is None:
     out_t = out_dtype == jnp.bfloat16
@@ -319,29 +335,50 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   w_tr = ((plgpu.TilingTransform((8, row_bytes)),
            plgpu.SwizzleTransform(row_bytes)) if swizzle else ())
 
+  def decoder(part):
+    """The decode of the step's tile (`part` None) or of its 64 columns
+    `64 part ..`, as a Pallas function of the weight, scale (and table)
+    refs."""
+    cols = tile_k if part is None else 64
+    nreg = tile_w // 64 * cols // 8 * 2
+    ptx = decode_ptx(code, tile_w, tile_k, wgs * tile_w, swizzle, load_table,
+                     part)
+
+    @plgpu.inline_mgpu(
+        arg_types=((plgpu.RefType(transforms=w_tr), plgpu.RefType())
+                   + ((plgpu.RefType(),) if load_table else ())),
+        return_type=plgpu.ShapeDtypeStruct((tile_w, cols), jnp.bfloat16,
+                                           layout=plgpu.Layout.WGMMA))
+    def decode(ctx, w_ref, s_ref, *t_ref):
+      del ctx
+      i32 = ir.IntegerType.get_signless(32)
+      operands = [_address(w_ref, 32), _address(s_ref, 32)]
+      operands += [_address(t, 64) for t in t_ref]
+      res = llvm.inline_asm(
+          llvm.StructType.get_literal([i32] * nreg), operands, ptx,
+          ",".join(["=r"] * nreg + ["r", "r"] + ["l"] * len(t_ref)),
+          has_side_effects=True)
+      regs = [llvm.extractvalue(i32, res, [i]) for i in range(nreg)]
+      return _fragments(regs, (tile_w, cols))
+
+    return decode
+
   @plgpu.inline_mgpu(
-      arg_types=((plgpu.RefType(transforms=w_tr), plgpu.RefType())
-                 + ((plgpu.RefType(),) if load_table else ())),
-      return_type=plgpu.ShapeDtypeStruct((tile_w, tile_k), jnp.bfloat16,
+      arg_types=(plgpu.Layout.WGMMA,),
+      return_type=plgpu.ShapeDtypeStruct((tile_w, 64), jnp.bfloat16,
                                          layout=plgpu.Layout.WGMMA))
-  def decode(ctx, w_ref, s_ref, *t_ref):
+  def fence(ctx, a):
+    """Keeps `a`'s registers alive (and unwritten) up to here, as CUTLASS'
+    `warpgroup_fence_operand`: an empty asm that reads and writes them."""
     del ctx
     i32 = ir.IntegerType.get_signless(32)
-    operands = [_address(w_ref, 32), _address(s_ref, 32)]
-    operands += [_address(t, 64) for t in t_ref]
+    regs = [llvm.bitcast(i32, r) for r in a.registers.flat]
     res = llvm.inline_asm(
-        llvm.StructType.get_literal([i32] * nreg), operands, ptx,
-        ",".join(["=r"] * nreg + ["r", "r"] + ["l"] * len(t_ref)),
+        llvm.StructType.get_literal([i32] * len(regs)), regs, "",
+        ",".join(["=r"] * len(regs) + [str(i) for i in range(len(regs))]),
         has_side_effects=True)
-    vec = ir.VectorType.get((2,), ir.BF16Type.get())
-    regs = [llvm.bitcast(vec, llvm.extractvalue(i32, res, [i]))
-            for i in range(nreg)]
-    shape = fa.WGMMA_LAYOUT.registers_shape((tile_w, tile_k))
-    arr = np.empty(shape, dtype=object)
-    for idx, reg in zip(np.ndindex(shape), regs):
-      arr[idx] = reg
-    return mgpu.FragmentedArray(_registers=arr, _layout=fa.WGMMA_LAYOUT,
-                                _is_signed=None)
+    return _fragments([llvm.extractvalue(i32, res, [i])
+                       for i in range(len(regs))], (tile_w, 64))
 
   x_swizzle = 128
   x_tr = (plgpu.TilingTransform((8, x_swizzle // 2)),
@@ -376,11 +413,31 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
                         transforms=x_tr, collective_axes=x_collective),
     ]
 
+  decode = decoder(None)
+  decode_part = [decoder(q) for q in range(tile_k // 64)] if overlap else []
+
   def multiply(acc_ref, w_smem, s_smem, x_smem, t_gmem):
-    """One step: decode the weight tile into registers, wgmma, wait."""
-    a = decode(w_smem, s_smem, *([t_gmem] if load_table else []))
-    plgpu.wgmma(acc_ref, a, x_smem.transpose((1, 0)))
+    """One step: decode the weight tile into registers, wgmma, wait. With
+    `overlap`, 64 columns at a time, each decoded while the previous
+    columns' wgmma runs; a fence keeps each A operand's registers until
+    its wgmma is known done."""
+    t = [t_gmem] if load_table else []
+    if not overlap:
+      plgpu.wgmma(acc_ref, decode(w_smem, s_smem, *t),
+                  x_smem.transpose((1, 0)))
+      plgpu.wgmma_wait(0)
+      return
+    prev = None
+    for q, dec in enumerate(decode_part):
+      a = dec(w_smem, s_smem, *t)
+      plgpu.wgmma(acc_ref, a,
+                  x_smem.at[:, pl.ds(64 * q, 64)].transpose((1, 0)))
+      if prev is not None:
+        plgpu.wgmma_wait(1)
+        fence(prev)
+      prev = a
     plgpu.wgmma_wait(0)
+    fence(prev)
 
   def specialized(step, in_specs, context):
     return plgpu.emit_pipeline_warp_specialized(
@@ -533,7 +590,7 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
          tile_x: int | None = None, tile_k: int = 64, split: int = 1,
          stages: int = 3, variant: str = "plain", cluster: int = 1,
          swizzle: bool = False, load_table: bool = False,
-         bias: jax.Array | None = None,
+         overlap: bool = False, bias: jax.Array | None = None,
          interpret: bool = False) -> jax.Array:
   """`x @ W.T + bias` for a 4-bit `W [n, k]` (blocksize 64), bf16.
 
@@ -556,6 +613,8 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
       conflicts in the decode's loads; see `decode_ptx`).
     load_table: the decode's table words loaded from memory (see
       `decode_ptx`).
+    overlap: each step in parts of 64 columns, each part's decode
+      overlapping the previous part's wgmma (see `_compiled`).
     bias: optional `[n]`, added to the float32 sums before the one
       rounding to bf16.
     interpret: the jnp twin (CPU).
@@ -596,7 +655,8 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
                      tile_w=tile_w, tile_x=tile_x, tile_k=tile_k,
                      split=split, stages=stages, variant=variant,
                      out_f32=bias is not None, cluster=cluster,
-                     swizzle=swizzle, load_table=load_table)
+                     swizzle=swizzle, load_table=load_table,
+                     overlap=overlap)
     if part.dtype == jnp.bfloat16:  # y itself, [1, mp, n]
       return part[0, :m]
     part = part[:, :, :m]

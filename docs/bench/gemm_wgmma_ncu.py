@@ -4,7 +4,7 @@ the same shapes, for Nsight Compute (docs/benchmarks.md; run on the GPU):
     ncu --clock-control none --set full \\
         -k regex:"jaxbnb_gemm_4bit|nvjet|xmma|cutlass|gemm" -o wgmma \\
         python docs/bench/gemm_wgmma_ncu.py [how many configs, default all]
-            [g: the fifteenth session's list, without the bf16 dots]
+            [g or h: the fifteenth session's lists, without the bf16 dots]
 
 NF4 + DQ, bf16, random weights of the Llama shapes. Each config is
 compiled and run once untimed (so ncu sees one launch of it), and its
@@ -35,11 +35,15 @@ CONFIGS = [(14336, 4096, 64, 64, 64, 128, 1, 4, "plain"),
 CONFIGS_G = [(14336, 4096, 64, 64, 64, 128, 1, 4, "plain", "swlt"),
              (14336, 4096, 64, 64, 64, 128, 1, 4, "plain", "lt"),
              (14336, 4096, 256, 64, 256, 64, 1, 4, "ws", "swlt")]
+# h: the overlapped parts ("ov") at M = 64 and 256.
+CONFIGS_H = [(14336, 4096, 64, 64, 64, 128, 1, 4, "plain", "ov"),
+             (14336, 4096, 256, 64, 256, 128, 1, 2, "ws", "ov")]
 
 
 def main():
-  run_g = sys.argv[2:] == ["g"]
-  configs = CONFIGS_G if run_g else [c + ("",) for c in CONFIGS]
+  run_g = sys.argv[2:] in (["g"], ["h"])
+  configs = ({"g": CONFIGS_G, "h": CONFIGS_H}[sys.argv[2]] if run_g
+             else [c + ("",) for c in CONFIGS])
   count = int(sys.argv[1]) if len(sys.argv) > 1 else len(configs)
   dots = []
   for n, k, m, tw, tx, tk, split, stages, variant, tag in configs[:count]:
@@ -53,7 +57,8 @@ def main():
                 stages=stages, variant=variant, n=n, k=k, tag=tag: gw.gemm(
                     x, p, a, code=CODE, n=n, k=k, tile_w=tw, tile_x=tx,
                     tile_k=tk, split=split, stages=stages, variant=variant,
-                    swizzle="sw" in tag, load_table="lt" in tag))
+                    swizzle="sw" in tag, load_table="lt" in tag,
+                    overlap="ov" in tag))
     y = np.asarray(f(x, packed.reshape(-1), absmax), np.float32)
     wd = np.asarray(F.dequantize_4bit(packed, qs).astype(jnp.float32))
     ref = np.asarray(x.astype(jnp.float32)) @ wd.T

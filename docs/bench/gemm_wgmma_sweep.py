@@ -20,7 +20,8 @@ the "ks" variant and x tiles of 16 and 32 rows (`RUNS` below); run f
 (`2026-12-03_h200_f`) the multicast of x to clusters. Run e is defined
 but was not run (the GPU machine was refused that session). The
 fifteenth session's run g times the swizzled weight tile and the table
-words from memory ("sw", "lt").
+words from memory ("sw", "lt"), run h the steps decoded in overlapped
+parts ("ov").
 """
 import os
 import sys
@@ -101,6 +102,20 @@ RUNS = {
                 (64, 64, 128, 1, 4, "plain", "swlt"),
                 (64, 64, 256, 1, 2, "plain", "swlt"),
                 (64, 64, 128, 1, 2, "ks", "swlt")]}),
+    # h: each step decoded in parts of 64 columns, each part's decode
+    # overlapping the previous part's wgmma ("ov").
+    "h": ([((256, 1024), 96), ((14336, 4096), 64), ((14336, 4096), 256),
+           ((14336, 4096), 128), ((11008, 4096), 64), ((11008, 4096), 256)],
+          {256: [(64, 256, 64, 1, 4, "ws"), (64, 256, 128, 1, 2, "ws", "ov"),
+                 (64, 256, 128, 1, 2, "ws", "ovlt")],
+           128: [(64, 128, 128, 1, 3, "ws"), (64, 128, 128, 1, 3, "ws", "ov"),
+                 (64, 128, 128, 1, 3, "ws", "ovlt"),
+                 (64, 128, 256, 1, 2, "ws", "ov")],
+           64: [(64, 64, 128, 1, 4, "plain"),
+                (64, 64, 128, 1, 4, "plain", "ov"),
+                (64, 64, 128, 1, 4, "plain", "ovlt"),
+                (64, 64, 256, 1, 2, "plain", "ov"),
+                (64, 64, 256, 1, 2, "plain", "ovswlt")]}),
 }
 
 def fn(n, k, cfg):
@@ -122,7 +137,8 @@ def fn(n, k, cfg):
     return gw.gemm(x, p.reshape(-1), ops.float_absmax(qs), code=CODE, n=n,
                    k=k, tile_w=tw, tile_x=tx, tile_k=tk, split=split,
                    stages=stages, variant=variant, cluster=cluster,
-                   swizzle="sw" in tag, load_table="lt" in tag)
+                   swizzle="sw" in tag, load_table="lt" in tag,
+                   overlap="ov" in tag)
   return f
 
 
@@ -151,7 +167,11 @@ def main():
                   (64, 64, 128, 1, 2, "plain", "swlt"),
                   (64, 256, 64, 1, 2, "ws", "swlt"),
                   (64, 128, 128, 1, 2, "ws", "sw"),
-                  (64, 128, 64, 1, 2, "ks", "swlt")]:
+                  (64, 128, 64, 1, 2, "ks", "swlt"),
+                  (64, 64, 128, 1, 2, "plain", "ov"),
+                  (64, 64, 256, 1, 2, "plain", "ovswlt"),
+                  (64, 256, 128, 1, 2, "ws", "ov"),
+                  (64, 128, 128, 1, 2, "ks", "ov")]:
         try:
           y = np.asarray(jax.jit(fn(n, k, cfg))(x, packed, qs), np.float32)
           err = float(np.max(np.abs(y - ref)) / np.max(np.abs(ref)))

@@ -289,6 +289,32 @@ def test_decode_ptx_fills_wgmma_registers(tile_w, tile_k, quant_type,
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("tile_w,tile_k,swizzle", [(64, 128, False),
+                                                   (128, 256, True)])
+def test_decode_ptx_part_is_its_columns_of_the_whole(tile_w, tile_k, swizzle):
+  """`part=q` (the overlapped step's decode of 64 columns) gives, register
+  for register, the whole tile's operands of columns `64 q .. 64 q + 63`:
+  row group i's column groups `8 q .. 8 q + 7`."""
+  rng = np.random.default_rng(7)
+  packed = rng.integers(0, 256, (tile_w, tile_k // 2), dtype=np.uint8)
+  absmax = rng.uniform(0.1, 3.0, (tile_k // 64, tile_w)).astype(np.float32)
+  scales = np.asarray(lut_decode.scale_words(jnp.asarray(absmax),
+                                             jnp.bfloat16), np.uint32)
+  stored = _swizzled(packed) if swizzle else packed.reshape(-1)
+  smem = np.concatenate([stored, scales.reshape(-1).view(np.uint8)])
+  code = _code("nf4")
+  nreg = tile_w // 64 * tile_k // 8 * 2
+  whole = _emulate(gw.decode_ptx(code, tile_w, tile_k, swizzle=swizzle),
+                   nreg, smem, 0, packed.size)
+  whole = whole.reshape(tile_w // 64, tile_k // 64, 16, 128)
+  for q in range(tile_k // 64):
+    part = _emulate(gw.decode_ptx(code, tile_w, tile_k, swizzle=swizzle,
+                                  part=q), nreg // (tile_k // 64), smem, 0,
+                    packed.size)
+    np.testing.assert_array_equal(part.reshape(tile_w // 64, 16, 128),
+                                  whole[:, q])
+
+
 def test_lowers_for_cuda():
   """All three variants lower to a Mosaic GPU module (needs JAX's CUDA plugin;
   CPU-only installs skip)."""
@@ -338,6 +364,17 @@ _GPU_CASES = [
                variant="ws", load_table=True)),
     (128, dict(tile_w=64, tile_x=128, tile_k=64, split=1, stages=3,
                variant="ks", swizzle=True, load_table=True)),
+    # Each step's decode in parts overlapping the previous part's wgmma.
+    (64, dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
+              variant="plain", overlap=True)),
+    (64, dict(tile_w=64, tile_x=64, tile_k=256, split=1, stages=2,
+              variant="plain", overlap=True, swizzle=True, load_table=True)),
+    (256, dict(tile_w=64, tile_x=256, tile_k=128, split=1, stages=2,
+               variant="ws", overlap=True)),
+    (128, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=3,
+               variant="ws", overlap=True, load_table=True)),
+    (128, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=2,
+               variant="ks", overlap=True, swizzle=True)),
 ]
 
 
@@ -348,9 +385,10 @@ _GPU_CASES = [
 def test_gpu_gemm(m, cfg, quant_type, with_bias):
   """The compiled kernel (default tiles, all three variants, K split, x
   tiles of 16-256 rows, clusters sharing x, the weight tile swizzled, the
-  table words from memory) against the documented weight: with a bias
-  (float32 tile, transposed by XLA) and without (bf16 `y` stored by the
-  kernel itself, transposed in shared memory)."""
+  table words from memory, steps decoded in overlapped parts) against the
+  documented weight: with a bias (float32 tile, transposed by XLA) and
+  without (bf16 `y` stored by the kernel itself, transposed in shared
+  memory)."""
   n, k = 1024, 2048
   packed, qs = _weights(n, k, quant_type, m)
   x = jnp.asarray(_util.rng_array((m, k), m + 1, jnp.bfloat16))
