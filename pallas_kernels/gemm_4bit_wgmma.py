@@ -99,28 +99,37 @@ def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
   return stages * step + wgs * tile_w * tile_x * (4 if out_f32 else 2)
 
 
-def default_config(m: int, out_f32: bool = False) -> dict:
-  """The tiles for M rows of x, the best of the H200 sweep
-  (docs/benchmarks.md, "4-bit GEMM on wgmma"): one warpgroup with x's 64
-  rows at M <= 64; two compute warpgroups of 64 weight rows each, x's
-  rows in one tile of 128 or 256, above. With a float32 output (a bias)
-  the 256-row tile keeps two steps in flight, not four (shared memory)."""
+def default_config(m: int, out_f32: bool = False,
+                   k: int | None = None) -> dict:
+  """The tiles for M rows of x (and K, where given), the best of the H200
+  sweeps (docs/benchmarks.md, "4-bit GEMM on wgmma" and the fifteenth
+  session's runs g and h): one warpgroup with x's 64 rows at M <= 64,
+  steps of 256 columns (128 where K is not a multiple of 256), the
+  weight tile swizzled and the table words from memory; two compute
+  warpgroups of 64 weight rows each, x's rows in one tile of 128 or 256,
+  above (the table words from memory at M <= 128). With a float32
+  output (a bias) the 256-row tile keeps two steps in flight, not four
+  (shared memory)."""
   if m <= 64:
-    return dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
-                variant="plain")
+    if k is not None and k % 256:
+      return dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
+                  variant="plain", swizzle=True, load_table=True)
+    return dict(tile_w=64, tile_x=64, tile_k=256, split=1, stages=2,
+                variant="plain", swizzle=True, load_table=True)
   if m <= 128:
     return dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=3,
-                variant="ws")
+                variant="ws", load_table=True)
   return dict(tile_w=64, tile_x=256, tile_k=64, split=1,
               stages=2 if out_f32 else 4, variant="ws")
 
 
 def can_use(m: int, n: int, k: int, blocksize: int, dtype,
             out_f32: bool = False) -> bool:
-  """Whether `gemm` with `default_config(m, out_f32)` takes these operands."""
+  """Whether `gemm` with `default_config(m, out_f32, k)` takes these
+  operands."""
   if not 1 <= m <= 256 or blocksize != 64:
     return False
-  cfg = default_config(m, out_f32)
+  cfg = default_config(m, out_f32, k)
   try:
     check_config(m, n, k, dtype, cfg["tile_w"], cfg["tile_x"],
                  cfg["tile_k"], cfg["split"], cfg["stages"], cfg["variant"],

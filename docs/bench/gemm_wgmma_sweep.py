@@ -21,7 +21,7 @@ the "ks" variant and x tiles of 16 and 32 rows (`RUNS` below); run f
 but was not run (the GPU machine was refused that session). The
 fifteenth session's run g times the swizzled weight tile and the table
 words from memory ("sw", "lt"), run h the steps decoded in overlapped
-parts ("ov").
+parts ("ov"), run i the defaults chosen from them.
 """
 import os
 import sys
@@ -115,6 +115,15 @@ RUNS = {
                 (64, 64, 128, 1, 4, "plain", "ov"),
                 (64, 64, 128, 1, 4, "plain", "ovlt"),
                 (64, 64, 256, 1, 2, "plain", "ov"),
+                (64, 64, 256, 1, 2, "plain", "ovswlt")]}),
+    # i: the defaults chosen from g and h ("package") against the old
+    # defaults and the overlapped parts, side by side.
+    "i": ([((14336, 4096), 64), ((11008, 4096), 64), ((14336, 4096), 128),
+           ((11008, 4096), 128)],
+          {128: [(64, 128, 128, 1, 3, "ws"), (64, 128, 128, 1, 3, "ws", "lt"),
+                 (64, 128, 128, 1, 3, "ws", "ovlt")],
+           64: [(64, 64, 128, 1, 4, "plain"),
+                (64, 64, 256, 1, 2, "plain", "swlt"),
                 (64, 64, 256, 1, 2, "plain", "ovswlt")]}),
 }
 

@@ -163,6 +163,18 @@ def test_smem_estimate_matches_mosaic():
                            c["stages"], c["variant"], out_f32) <= gw.SMEM_LIMIT
 
 
+def test_default_config_follows_k():
+  """M <= 64 takes steps of 256 columns where K allows, else 128; every
+  default fits shared memory and is taken by `can_use`."""
+  assert gw.default_config(64, k=4096)["tile_k"] == 256
+  assert gw.default_config(64, k=384)["tile_k"] == 128
+  assert gw.default_config(64)["tile_k"] == 256
+  for m, k in ((64, 4096), (64, 384), (128, 384), (256, 4096)):
+    assert gw.can_use(m, 10240, k, 64, jnp.bfloat16)
+    assert gw.can_use(m, 10240, k, 64, jnp.bfloat16, out_f32=True)
+  assert not gw.can_use(64, 10240, 192, 64, jnp.bfloat16)
+
+
 def test_docstring_example_runs():
   helpers.assert_docstring_examples_pass(gw.gemm, "gemm")
 
@@ -369,7 +381,7 @@ _GPU_CASES = [
               variant="plain", overlap=True)),
     (64, dict(tile_w=64, tile_x=64, tile_k=256, split=1, stages=2,
               variant="plain", overlap=True, swizzle=True, load_table=True)),
-    (256, dict(tile_w=64, tile_x=256, tile_k=128, split=1, stages=2,
+    (256, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=2,
                variant="ws", overlap=True)),
     (128, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=3,
                variant="ws", overlap=True, load_table=True)),

@@ -71,7 +71,7 @@ def gemm(x2d, packed, qs, absmax, bias, mode):
   n, k = qs.shape
   return gw.gemm(x2d, packed, absmax, code=code(qs.quant_type),
                  n=n, k=k, bias=bias, interpret=mode == "interpret",
-                 **gw.default_config(x2d.shape[0], bias is not None))
+                 **gw.default_config(x2d.shape[0], bias is not None, k))
 
 
 def gemv_serves(m: int, n: int, k: int, dtype) -> bool:
