@@ -111,7 +111,25 @@ MUTANTS: tuple[Mutant, ...] = (
            '"mad.lo.u32 sel, c, 17, 64;"',
            '"mad.lo.u32 sel, c, 16, 64;"',
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
-            "test_decode_ptx_fills_wgmma_registers[64-64-nf4]",)),
+            "test_decode_ptx_fills_wgmma_registers[64-64-nf4-False-False]",)),
+    Mutant("wgmma-gemm-swizzle-of-the-wrong-rows",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           '"shr.u32 xo, xo, 7;"',
+           '"shr.u32 xo, xo, 8;"',
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_decode_ptx_fills_wgmma_registers[64-64-nf4-True-True]",)),
+    Mutant("wgmma-gemm-loads-the-wrong-table-words",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "return np.asarray(words[0::2], np.uint32)",
+           "return np.asarray(words[1::2], np.uint32)",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_decode_ptx_fills_wgmma_registers[64-64-nf4-True-True]",)),
+    Mutant("wgmma-gemm-256-column-steps-for-any-k",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "if k is not None and k % 256:",
+           "if k is not None and k % 128:",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_default_config_follows_k",)),
     Mutant("wgmma-gemm-for-small-weights", "jaxbnb/_src/quant/kernels.py",
            "if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= GEMM_MIN_N",
            "if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= 128",
