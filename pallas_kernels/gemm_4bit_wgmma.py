@@ -24,6 +24,12 @@ which may live in registers:
   multicast).
 * `wgmma` multiplies them with x's tile (B, transposed in shared memory)
   into an fp32 accumulator `[tile_w, tile_x]`.
+* Options measured in the fifteenth session: the weight tile swizzled by
+  TMA (`swizzle`: no bank conflicts in the decode's loads), the decode's
+  register table words loaded from memory (`load_table`: ptxas otherwise
+  re-creates them before every permute), and each step decoded in parts
+  of 64 columns overlapping the previous part's wgmma (`overlap`). The
+  defaults at M <= 128 use the first two.
 * The bf16 result is stored transposed into shared memory and goes out by
   TMA as `y[tile_x, tile_w]`. A float32 result (a bias, or K splits to
   sum) goes out as `y.T`, which XLA transposes: Mosaic GPU stores only
