@@ -21,7 +21,8 @@ the "ks" variant and x tiles of 16 and 32 rows (`RUNS` below); run f
 but was not run (the GPU machine was refused that session). The
 fifteenth session's run g times the swizzled weight tile and the table
 words from memory ("sw", "lt"), run h the steps decoded in overlapped
-parts ("ov"), run i the defaults chosen from them.
+parts ("ov"), run i the defaults chosen from them (not run: no device
+time was left), run j more programs a weight (not run).
 """
 import os
 import sys
@@ -125,6 +126,18 @@ RUNS = {
            64: [(64, 64, 128, 1, 4, "plain"),
                 (64, 64, 256, 1, 2, "plain", "swlt"),
                 (64, 64, 256, 1, 2, "plain", "ovswlt")]}),
+    # j (defined for the next session, not run): more programs for the
+    # latency-bound kernel: x split in tiles of 32 rows (the weight decoded
+    # twice), K split in two, and "ks" with the new decode.
+    "j": ([((14336, 4096), 64), ((11008, 4096), 64), ((14336, 4096), 128)],
+          {128: [(64, 128, 128, 1, 3, "ws", "lt"),
+                 (64, 64, 128, 1, 3, "ws", "lt"),
+                 (64, 128, 128, 2, 2, "ws", "lt")],
+           64: [(64, 64, 256, 1, 2, "plain", "swlt"),
+                (64, 32, 256, 1, 2, "plain", "swlt"),
+                (64, 32, 128, 1, 3, "plain", "swlt"),
+                (64, 64, 256, 2, 2, "plain", "swlt"),
+                (64, 64, 256, 1, 2, "ks", "swlt")]}),
 }
 
 def fn(n, k, cfg):
