@@ -53,6 +53,7 @@ from jax import lax
 
 from pallas_kernels import _backend
 from pallas_kernels import lut_decode
+from pallas_kernels.dequantize_4bit import decode_absmax
 
 try:  # pragma: no cover - depends on the installed JAX
   from jax.experimental import pallas as pl
@@ -191,7 +192,8 @@ def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
 @functools.lru_cache(maxsize=None)
 def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
                s_stride: int | None = None, swizzle: bool = False,
-               load_table: bool = False, part: int | None = None) -> str:
+               load_table: bool = False, part: int | None = None,
+               nested: tuple[int, int] | None = None) -> str:
   """One step of one lane: the A registers of a `[tile_w, tile_k]` tile
   (with `part`, of its 64 columns `64 part ..`).
 
@@ -203,6 +205,18 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
   tile_w]` (the absmax in bf16, in both halves; `s_stride` words apart,
   by default tile_w); with `load_table`, `$(R+2)` the global address of
   `table_operands(code)`.
+
+  nested: `(blocks a row, nested blocksize)`: the absmax is decoded here
+    from the double-quantized statistics in global memory, as
+    bitsandbytes does (`nested_code[c] * nested_absmax[i // nested
+    blocksize]`, then `+ offset`, each rounded), then rounded to bf16.
+    The operands after `$R` are then the global addresses of the tile's
+    first row's codes of this step (`$(R+1)`), of code 0 (`$(R+2)`, so
+    the block's index is the difference), of `nested_absmax`, of the 256
+    nested code values and of the offset; the table words (with
+    `load_table`) last, `$(R+6)`. The nested blocksize is a power of two
+    and a multiple of `tile_k / 64`, so a step's blocks of a row share one
+    nested value.
 
   swizzle: the bytes as TMA's swizzle of `tile_k / 2` bytes leaves them
     (16-byte chunk `j` of row `r` at chunk `j ^ (r * tile_k / 256 % (tile_k
@@ -226,10 +240,24 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
       ".reg .b32 tid, lane, wp, g, c, sel, wbase, sbase, r, wa, sa, sc, "
       "p0, p1, ga, gb, xo, la;",
       ".reg .b32 t<8>, v<8>;",
-      f"mov.u32 wbase, ${nreg};", f"mov.u32 sbase, ${nreg + 1};",
+      f"mov.u32 wbase, ${nreg};",
   ]
+  if nested:
+    nkb, nbs = nested
+    if nbs & (nbs - 1) or nbs % kb:
+      raise ValueError(f"nested: the nested blocksize must be a power of two "
+                       f"and a multiple of {kb}, got {nbs}")
+    c_step, c_base, n_ptr, c2_ptr, off_ptr = (f"${nreg + 1 + i}"
+                                              for i in range(5))
+    t_ptr = f"${nreg + 6}"
+    lines += [".reg .b32 cw, cq, fl;", ".reg .b64 ca, ta;",
+              f".reg .b32 sc<{groups * 2 * len(blocks)}>;",
+              ".reg .f32 nv, av, off;", f"ld.global.nc.f32 off, [{off_ptr}];"]
+  else:
+    lines.append(f"mov.u32 sbase, ${nreg + 1};")
+    t_ptr = f"${nreg + 2}"
   if load_table:
-    lines.append(f"ld.global.nc.v4.u32 {{t0, t2, t4, t6}}, [${nreg + 2}];")
+    lines.append(f"ld.global.nc.v4.u32 {{t0, t2, t4, t6}}, [{t_ptr}];")
   lines += [f"mov.b32 t{i}, 0x{u:08x};" for i, u in enumerate(words)
             if not (load_table and i % 2 == 0)]
   lines += ["mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;",
@@ -250,24 +278,53 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
             "add.u32 la, la, wa;"], "[la]"
 
   table = {f"t{i}": f"t{i}" for i in range(8)}
+  if nested:
+    # All of the step's scales first, so their global loads are in flight
+    # during the decode: a row's codes of the step in one load (4, 2 or 1
+    # bytes), its nested value, each block's nested code value; then
+    # bitsandbytes' product and sum, rounded apart, and bf16 in both halves.
+    width = {4: "u32", 2: "u16", 1: "u8"}[len(blocks)]
+    first = blocks[0]
+    for i in range(groups):
+      for h in range(2):
+        lines += [f"mad.lo.u32 r, wp, 16, g;",
+                  f"add.u32 r, r, {64 * i + 8 * h};",
+                  f"mul.wide.u32 ta, r, {nkb};", f"add.u64 ca, {c_step}, ta;",
+                  f"ld.global.nc.{width} cw, [ca+{first}];",
+                  f"sub.u64 ta, ca, {c_base};", "cvt.u32.u64 fl, ta;",
+                  f"shr.u32 fl, fl, {nbs.bit_length() - 1};",
+                  "mul.wide.u32 ta, fl, 4;", f"add.u64 ta, ta, {n_ptr};",
+                  "ld.global.nc.f32 nv, [ta];"]
+        for qi in range(len(blocks)):
+          lines += [f"prmt.b32 cq, cw, 0, {0x4440 + qi};",
+                    "mul.wide.u32 ta, cq, 4;", f"add.u64 ta, ta, {c2_ptr};",
+                    "ld.global.nc.f32 av, [ta];", "mul.rn.f32 av, av, nv;",
+                    "add.rn.f32 av, av, off;",
+                    f"cvt.rn.bf16x2.f32 sc{(2 * i + h) * len(blocks) + qi}, "
+                    "av, av;"]
   for i in range(groups):
     for h in range(2):
       lines += [f"mad.lo.u32 r, wp, 16, g;", f"add.u32 r, r, {64 * i + 8 * h};",
-                f"mad.lo.u32 wa, r, {row_bytes}, wbase;",
-                "mad.lo.u32 sa, r, 4, sbase;"]
+                f"mad.lo.u32 wa, r, {row_bytes}, wbase;"]
+      if not nested:
+        lines.append("mad.lo.u32 sa, r, 4, sbase;")
       for qi, q in enumerate(blocks):
         for b, regs in ((0, "v0, v1, v2, v3"), (1, "v4, v5, v6, v7")):
           pre, addr = chunk(q, b)
           lines += pre + [f"ld.shared.v4.u32 {{{regs}}}, {addr};"]
+        if nested:
+          sc = f"sc{(2 * i + h) * len(blocks) + qi}"
+        else:
+          sc = "sc"
+          lines.append(f"ld.shared.u32 sc, [sa+{4 * s_stride * q}];")
         lines += [
-            f"ld.shared.u32 sc, [sa+{4 * s_stride * q}];",
             "prmt.b32 p0, v0, v1, sel;", "prmt.b32 p1, v2, v3, sel;",
             "prmt.b32 ga, p0, p1, 0x5410;",
             "prmt.b32 p0, v4, v5, sel;", "prmt.b32 p1, v6, v7, sel;",
             "prmt.b32 gb, p0, p1, 0x5410;",
         ]
         for half, gw in enumerate(("ga", "gb")):
-          names = dict(table, w=gw, **{f"s{j}": "sc" for j in range(4)})
+          names = dict(table, w=gw, **{f"s{j}": sc for j in range(4)})
           for jj in range(4):
             j = 8 * qi + 4 * half + jj
             names[f"o{jj}"] = f"${(i * cols // 8 + j) * 2 + h}"
@@ -310,12 +367,19 @@ def _fragments(regs, shape):
 
 def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
               split, stages, variant="plain", out_f32=False, out_t=None,
-              cluster=1, swizzle=False, load_table=False, overlap=False):
+              cluster=1, swizzle=False, load_table=False, overlap=False,
+              nested_blocksize=None):
   """The Mosaic GPU kernel: `[split, m, n]` (`out_t`, y itself) or `[split,
   n, m]` (y.T) partials, m a multiple of tile_x; bf16 when split is 1 (and
   not `out_f32`), else float32 (`out_t` needs bf16: Mosaic GPU stores only
   16-bit values through a transposed shared-memory view; by default
   `out_t` is whether the output is bf16).
+
+  `scales` is the scale words `[k / 64, n]` (`scale_words_t`), loaded a
+  step at a time by TMA; or, with `nested_blocksize`, the double-quantized
+  statistics `(codes [n, k / 64] uint8, nested_absmax, nested_code [256],
+  offset [1])`, read and decoded by the decode itself (`decode_ptx`'s
+  `nested`), so no XLA pass runs before the kernel.
 
   variant:
     "plain": one warpgroup: decode, wgmma, wait.
@@ -337,6 +401,9 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   """
   m = x.shape[0]
   steps = k // tile_k // split
+  kb = tile_k // 64
+  nested = (k // 64, nested_blocksize) if nested_blocksize else None
+  n_s = 4 if nested else 1  # scale inputs
   wgs = 2 if variant == "ws" else 1
   steps //= 2 if variant == "ks" else 1
   out_dtype = jnp.bfloat16 if split == 1 and not out_f32 else jnp.float32
@@ -357,21 +424,27 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     cols = tile_k if part is None else 64
     nreg = tile_w // 64 * cols // 8 * 2
     ptx = decode_ptx(code, tile_w, tile_k, wgs * tile_w, swizzle, load_table,
-                     part)
+                     part, nested)
+    n_refs = (5 if nested else 1) + (1 if load_table else 0)
 
     @plgpu.inline_mgpu(
-        arg_types=((plgpu.RefType(transforms=w_tr), plgpu.RefType())
-                   + ((plgpu.RefType(),) if load_table else ())),
+        arg_types=((plgpu.RefType(transforms=w_tr),)
+                   + (plgpu.RefType(),) * n_refs),
         return_type=plgpu.ShapeDtypeStruct((tile_w, cols), jnp.bfloat16,
                                            layout=plgpu.Layout.WGMMA))
-    def decode(ctx, w_ref, s_ref, *t_ref):
+    def decode(ctx, w_ref, *refs):
       del ctx
       i32 = ir.IntegerType.get_signless(32)
-      operands = [_address(w_ref, 32), _address(s_ref, 32)]
-      operands += [_address(t, 64) for t in t_ref]
+      # Shared refs as 32-bit addresses, global ones (nested statistics,
+      # table words) as 64-bit.
+      n_shared = 1 if not nested else 0
+      operands = [_address(w_ref, 32)]
+      operands += [_address(r, 32) for r in refs[:n_shared]]
+      operands += [_address(r, 64) for r in refs[n_shared:]]
       res = llvm.inline_asm(
           llvm.StructType.get_literal([i32] * nreg), operands, ptx,
-          ",".join(["=r"] * nreg + ["r", "r"] + ["l"] * len(t_ref)),
+          ",".join(["=r"] * nreg + ["r"] * (1 + n_shared)
+                   + ["l"] * (len(refs) - n_shared)),
           has_side_effects=True)
       regs = [llvm.extractvalue(i32, res, [i]) for i in range(nreg)]
       return _fragments(regs, (tile_w, cols))
@@ -419,32 +492,45 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     return lax.axis_index("w")
 
   def specs(iw, ix, isp):
+    s_spec = [] if nested else [
+        plgpu.BlockSpec((tile_k // 64, cta_w),
+                        lambda t: (isp * steps + t, iw))]
     return [
         plgpu.BlockSpec((cta_w, tile_k // 2),
                         lambda t: (iw, isp * steps + t), transforms=w_tr),
-        plgpu.BlockSpec((tile_k // 64, cta_w),
-                        lambda t: (isp * steps + t, iw)),
+        *s_spec,
         plgpu.BlockSpec((tile_x, tile_k), lambda t: (ix, isp * steps + t),
                         transforms=x_tr, collective_axes=x_collective),
     ]
 
+  def step_scales(s_in, s_smem, row0, step):
+    """The decode's scale operands for global step `step` of the tile_w
+    rows from `row0`: the step's scale words in shared memory, or the
+    nested statistics in global memory (the codes from that row and
+    step)."""
+    if not nested:
+      return (s_smem,)
+    c_gmem = s_in[0]
+    return (c_gmem.at[pl.ds(row0, tile_w), pl.ds(step * kb, kb)],
+            *s_in)
+
   decode = decoder(None)
   decode_part = [decoder(q) for q in range(tile_k // 64)] if overlap else []
 
-  def multiply(acc_ref, w_smem, s_smem, x_smem, t_gmem):
+  def multiply(acc_ref, w_smem, s_args, x_smem, t_gmem):
     """One step: decode the weight tile into registers, wgmma, wait. With
     `overlap`, 64 columns at a time, each decoded while the previous
     columns' wgmma runs; a fence keeps each A operand's registers until
-    its wgmma is known done."""
+    its wgmma is known done. `s_args`: from `step_scales`."""
     t = [t_gmem] if load_table else []
     if not overlap:
-      plgpu.wgmma(acc_ref, decode(w_smem, s_smem, *t),
+      plgpu.wgmma(acc_ref, decode(w_smem, *s_args, *t),
                   x_smem.transpose((1, 0)))
       plgpu.wgmma_wait(0)
       return
     prev = None
     for q, dec in enumerate(decode_part):
-      a = dec(w_smem, s_smem, *t)
+      a = dec(w_smem, *s_args, *t)
       plgpu.wgmma(acc_ref, a,
                   x_smem.at[:, pl.ds(64 * q, 64)].transpose((1, 0)))
       if prev is not None:
@@ -472,7 +558,18 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     plgpu.copy_smem_to_gmem(o_smem, dst)
     plgpu.wait_smem_to_gmem(0)
 
-  def jaxbnb_gemm_4bit_wgmma(w_gmem, s_gmem, x_gmem, t_gmem, o_gmem, o_smem):
+  def streamed(s_in):
+    """The inputs the pipeline streams: the weight, the scale words (unless
+    nested) and x."""
+    return lambda w_gmem, x_gmem: ((w_gmem, x_gmem) if nested
+                                   else (w_gmem, *s_in, x_gmem))
+
+  def unpack(refs):
+    """(weight, scale words or None, x) of a step's shared refs."""
+    return (refs[0], None, refs[1]) if nested else refs
+
+  def jaxbnb_gemm_4bit_wgmma(w_gmem, x_gmem, t_gmem, *refs):
+    s_in, (o_gmem, o_smem) = refs[:n_s], refs[n_s:]
     iw = lax.axis_index("w")
     ix = lax.axis_index("x")
     isp = lax.axis_index("s")
@@ -480,15 +577,19 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     @functools.partial(pl.run_scoped,
                        acc_ref=plgpu.ACC((tile_w, tile_x), jnp.float32))
     def _(acc_ref):
-      def step(_, w_smem, s_smem, x_smem):
-        multiply(acc_ref, w_smem, s_smem, x_smem, t_gmem)
+      def step(idx, *smem):
+        w_smem, s_smem, x_smem = unpack(smem)
+        multiply(acc_ref, w_smem,
+                 step_scales(s_in, s_smem, iw * cta_w, isp * steps + idx[0]),
+                 x_smem, t_gmem)
 
       plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(iw, ix, isp),
-                          max_concurrent_steps=stages)(w_gmem, s_gmem, x_gmem)
+                          max_concurrent_steps=stages)(
+                              *streamed(s_in)(w_gmem, x_gmem))
       store(acc_ref[...], o_smem, o_gmem, iw, ix, isp, 0)
 
-  def jaxbnb_gemm_4bit_wgmma_ws(w_gmem, s_gmem, x_gmem, t_gmem, o_gmem,
-                                o_smem):
+  def jaxbnb_gemm_4bit_wgmma_ws(w_gmem, x_gmem, t_gmem, *refs):
+    s_in, (o_gmem, o_smem) = refs[:n_s], refs[n_s:]
     iw = w_index()
     ix = lax.axis_index("x")
     isp = lax.axis_index("s")
@@ -502,11 +603,16 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
         eval_pipeline(acc_ref)
         store(acc_ref[...], o_smem.at[wg], o_gmem, iw, ix, isp, wg)
 
-    def step(_, w_smem, s_smem, x_smem, acc_ref):
-      multiply(acc_ref, w_smem.at[rows], s_smem.at[:, rows], x_smem, t_gmem)
+    def step(idx, *smem_acc):
+      *smem, acc_ref = smem_acc
+      w_smem, s_smem, x_smem = unpack(smem)
+      s_args = step_scales(s_in, None if nested else s_smem.at[:, rows],
+                           iw * cta_w + wg * tile_w, isp * steps + idx[0])
+      multiply(acc_ref, w_smem.at[rows], s_args, x_smem, t_gmem)
       return acc_ref
 
-    specialized(step, specs(iw, ix, isp), context)(w_gmem, s_gmem, x_gmem)
+    specialized(step, specs(iw, ix, isp), context)(
+        *streamed(s_in)(w_gmem, x_gmem))
 
   def ks_specs(iw, ix, isp):
     def at(h):
@@ -514,12 +620,14 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     return [spec for h in (0, 1) for spec in (
         plgpu.BlockSpec((tile_w, tile_k // 2), lambda t, f=at(h): (iw, f(t)),
                         transforms=w_tr),
-        plgpu.BlockSpec((tile_k // 64, tile_w), lambda t, f=at(h): (f(t), iw)),
+        *([] if nested else [plgpu.BlockSpec((tile_k // 64, tile_w),
+                                             lambda t, f=at(h): (f(t), iw))]),
         plgpu.BlockSpec((tile_x, tile_k), lambda t, f=at(h): (ix, f(t)),
                         transforms=x_tr, collective_axes=x_collective))]
 
-  def jaxbnb_gemm_4bit_wgmma_ks(w_gmem, s_gmem, x_gmem, t_gmem, o_gmem,
-                                o_smem, red_smem, red_bar):
+  def jaxbnb_gemm_4bit_wgmma_ks(w_gmem, x_gmem, t_gmem, *refs):
+    s_in = refs[:n_s]
+    o_gmem, o_smem, red_smem, red_bar = refs[n_s:]
     iw = w_index()
     ix = lax.axis_index("x")
     isp = lax.axis_index("s")
@@ -543,21 +651,26 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
                                             layout=plgpu.Layout.WGMMA)
           store(total, o_smem, o_gmem, iw, ix, isp, 0)
 
-    def step(_, wa, sa, xa, wb, sb, xb, acc_ref):
-      for h, (w_smem, s_smem, x_smem) in enumerate(((wa, sa, xa),
-                                                    (wb, sb, xb))):
+    def step(idx, *smem_acc):
+      *smem, acc_ref = smem_acc
+      half = len(smem) // 2
+      for h in (0, 1):
+        w_smem, s_smem, x_smem = unpack(smem[h * half:(h + 1) * half])
+        s_args = step_scales(s_in, s_smem, iw * tile_w,
+                             2 * (isp * steps + idx[0]) + h)
         pl.when(wg == h)(functools.partial(multiply, acc_ref, w_smem,
-                                           s_smem, x_smem, t_gmem))
+                                           s_args, x_smem, t_gmem))
       return acc_ref
 
-    specialized(step, ks_specs(iw, ix, isp), context)(
-        w_gmem, s_gmem, x_gmem, w_gmem, s_gmem, x_gmem)
+    streams = streamed(s_in)(w_gmem, x_gmem)
+    specialized(step, ks_specs(iw, ix, isp), context)(*streams, *streams)
 
   cluster_kw = (dict(cluster=(cluster,), cluster_names=("c",))
                 if cluster > 1 else {})
   out_shape = (split, m, n) if out_t else (split, n, m)
   o_tile = (tile_x, tile_w) if out_t else (tile_w, tile_x)
-  out_type = _backend.out_struct(out_shape, out_dtype, x, packed, scales)
+  s_inputs = tuple(scales) if nested else (scales,)
+  out_type = _backend.out_struct(out_shape, out_dtype, x, packed, *s_inputs)
   if variant == "ks":
     kernel = plgpu.kernel(
         jaxbnb_gemm_4bit_wgmma_ks, out_type=out_type,
@@ -580,8 +693,8 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
         jaxbnb_gemm_4bit_wgmma, out_type=out_type,
         grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
         scratch_types=[plgpu.SMEM(o_tile, out_dtype, transforms=o_tr)])
-  args = _backend.same_vma(packed.reshape(n, k // 2), scales, x,
-                           jnp.asarray(table_operands(code)))
+  args = _backend.same_vma(packed.reshape(n, k // 2), x,
+                           jnp.asarray(table_operands(code)), *s_inputs)
   return kernel(*args)
 
 
@@ -605,14 +718,21 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
          tile_x: int | None = None, tile_k: int = 64, split: int = 1,
          stages: int = 3, variant: str = "plain", cluster: int = 1,
          swizzle: bool = False, load_table: bool = False,
-         overlap: bool = False, bias: jax.Array | None = None,
+         overlap: bool = False, nested_blocksize: int = 256,
+         bias: jax.Array | None = None,
          interpret: bool = False) -> jax.Array:
   """`x @ W.T + bias` for a 4-bit `W [n, k]` (blocksize 64), bf16.
 
   Args:
     x: `[m, k]` bfloat16.
     packed: uint8 `[n * k / 2]`, bitsandbytes' order.
-    absmax: float32 `[n * k / 64]` (double quantization already decoded).
+    absmax: float32 `[n * k / 64]` (double quantization already decoded),
+      or the double-quantized statistics `(codes, nested_absmax,
+      nested_code, offset)` (uint8 `[n * k / 64]`, float32 `[ceil(n * k /
+      64 / nested_blocksize)]`, float32 `[256]`, float32 scalar), which
+      the kernel decodes as bitsandbytes does (each block's
+      `nested_code[code] * nested_absmax[block // nested_blocksize]`, then
+      `+ offset`, rounded apart), with no XLA pass before it.
     code: the 16 code values (static).
     n, k: the weight's shape.
     tile_w: weight rows a program (64 or 128).
@@ -630,6 +750,9 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
       `decode_ptx`).
     overlap: each step in parts of 64 columns, each part's decode
       overlapping the previous part's wgmma (see `_compiled`).
+    nested_blocksize: absmax codes a nested value covers (with the
+      double-quantized `absmax`). Decoded in the kernel when a power of
+      two and a multiple of `tile_k / 64`; else by XLA first.
     bias: optional `[n]`, added to the float32 sums before the one
       rounding to bf16.
     interpret: the jnp twin (CPU).
@@ -656,7 +779,25 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
   check_config(m, n, k, x.dtype, tile_w, tile_x, tile_k, split, stages,
                variant, bias is not None, cluster)
   code = tuple(float(c) for c in code)
-  scales = scale_words_t(absmax.astype(jnp.float32), n, k)
+  nested = None
+  if isinstance(absmax, (tuple, list)):
+    codes, nested_absmax, nested_code, offset = absmax
+    if codes.shape != (n * k // 64,) or nested_code.shape != (256,):
+      raise ValueError(
+          f"absmax: expected codes [{n * k // 64}] and nested_code [256], "
+          f"got {codes.shape} and {nested_code.shape}")
+    nbs = nested_blocksize
+    if interpret or nbs & (nbs - 1) or nbs % (tile_k // 64):
+      absmax = decode_absmax(
+          codes, jnp.arange(codes.shape[0], dtype=jnp.int32),
+          nested_absmax.astype(jnp.float32), nested_code.astype(jnp.float32),
+          jnp.asarray(offset, jnp.float32), nbs, nested_absmax.shape[0], True)
+    else:
+      nested = (codes.reshape(n, k // 64), nested_absmax.astype(jnp.float32),
+                nested_code.astype(jnp.float32),
+                jnp.asarray(offset, jnp.float32).reshape(1))
+  if nested is None:
+    scales = scale_words_t(absmax.astype(jnp.float32), n, k)
   if interpret:
     part = _twin(x, packed, scales, code=code, n=n, k=k, split=split)
   else:
@@ -666,12 +807,13 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
                          f"{jax.__version__}")
     mp = -(-m // tile_x) * tile_x
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
-    part = _compiled(xp, packed, scales, code=code, n=n, k=k,
+    part = _compiled(xp, packed, nested or scales, code=code, n=n, k=k,
                      tile_w=tile_w, tile_x=tile_x, tile_k=tile_k,
                      split=split, stages=stages, variant=variant,
                      out_f32=bias is not None, cluster=cluster,
                      swizzle=swizzle, load_table=load_table,
-                     overlap=overlap)
+                     overlap=overlap,
+                     nested_blocksize=nested_blocksize if nested else None)
     if part.dtype == jnp.bfloat16:  # y itself, [1, mp, n]
       return part[0, :m]
     part = part[:, :, :m]

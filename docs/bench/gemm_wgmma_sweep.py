@@ -22,7 +22,9 @@ but was not run (the GPU machine was refused that session). The
 fifteenth session's run g times the swizzled weight tile and the table
 words from memory ("sw", "lt"), run h the steps decoded in overlapped
 parts ("ov"), run i the defaults chosen from them (not run: no device
-time was left), run j more programs a weight (not run).
+time was left), run j more programs a weight (run in the sixteenth
+session). Run k (sixteenth session): the nested statistics decoded in the
+kernel ("dq").
 """
 import os
 import sys
@@ -138,6 +140,20 @@ RUNS = {
                 (64, 32, 128, 1, 3, "plain", "swlt"),
                 (64, 64, 256, 2, 2, "plain", "swlt"),
                 (64, 64, 256, 1, 2, "ks", "swlt")]}),
+    # k (sixteenth session): the double-quantized statistics decoded by the
+    # kernel ("dq") against the scale words made by XLA first.
+    "k": ([((14336, 4096), 256), ((14336, 4096), 64), ((14336, 4096), 128),
+           ((11008, 4096), 256)],
+          {256: [(64, 256, 64, 1, 4, "ws"), (64, 256, 64, 1, 4, "ws", "dq"),
+                 (64, 256, 128, 1, 2, "ws"), (64, 256, 128, 1, 2, "ws", "dq"),
+                 (64, 256, 64, 1, 4, "ws", "dqlt"),
+                 (64, 128, 128, 1, 3, "ws", "dqlt")],
+           128: [(64, 128, 128, 1, 3, "ws", "lt"),
+                 (64, 128, 128, 1, 3, "ws", "dqlt"),
+                 (64, 128, 256, 1, 2, "ws", "dqlt")],
+           64: [(64, 64, 256, 1, 2, "plain", "swlt"),
+                (64, 64, 256, 1, 2, "plain", "dqswlt"),
+                (64, 64, 128, 1, 4, "plain", "dqswlt")]}),
 }
 
 def fn(n, k, cfg):
@@ -156,7 +172,9 @@ def fn(n, k, cfg):
   tag = cfg[6] if cfg[6:] else ""
   cluster = int(tag[1:]) if tag.startswith("c") else 1
   def f(x, p, qs):
-    return gw.gemm(x, p.reshape(-1), ops.float_absmax(qs), code=CODE, n=n,
+    absmax = ((qs.absmax, qs.nested_absmax, qs.nested_code, qs.offset)
+              if "dq" in tag else ops.float_absmax(qs))
+    return gw.gemm(x, p.reshape(-1), absmax, code=CODE, n=n,
                    k=k, tile_w=tw, tile_x=tx, tile_k=tk, split=split,
                    stages=stages, variant=variant, cluster=cluster,
                    swizzle="sw" in tag, load_table="lt" in tag,

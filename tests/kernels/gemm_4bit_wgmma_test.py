@@ -11,6 +11,7 @@ rule. `pytest -m gpu` runs the compiled kernel.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 
 import jax
@@ -64,11 +65,34 @@ def test_twin_matches_documented_weight(m, n, k, quant_type, nested, cfg,
   x = jnp.asarray(_util.rng_array((m, k), m, jnp.bfloat16))
   bias = (jnp.asarray(_util.rng_array((n,), 3, jnp.bfloat16))
           if with_bias else None)
-  y = gw.gemm(x, packed.reshape(-1), ops.float_absmax(qs),
+  y = gw.gemm(x, packed.reshape(-1), _stats(qs, nested),
               code=_code(quant_type), n=n, k=k, bias=bias, interpret=True,
               **cfg)
   assert y.shape == (m, n) and y.dtype == jnp.bfloat16
   _check(y, x, packed, qs, bias)
+  if nested:  # the statistics decoded as `ops.float_absmax` does
+    y_float = gw.gemm(x, packed.reshape(-1), ops.float_absmax(qs),
+                      code=_code(quant_type), n=n, k=k, bias=bias,
+                      interpret=True, **cfg)
+    np.testing.assert_array_equal(np.asarray(y, np.float32),
+                                  np.asarray(y_float, np.float32))
+
+
+def _stats(qs, nested=True):
+  """`gemm`'s absmax: the double-quantized statistics (decoded by the
+  kernel), or float32."""
+  if nested and qs.nested:
+    return (qs.absmax, qs.nested_absmax, qs.nested_code, qs.offset)
+  return ops.float_absmax(qs)
+
+
+def test_nested_statistics_of_the_wrong_shape_are_refused():
+  packed, qs = _weights(64, 256, "nf4", 3)
+  x = jnp.ones((64, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"absmax: expected codes \[256\]"):
+    gw.gemm(x, packed.reshape(-1), (qs.absmax[:-1], qs.nested_absmax,
+                                    qs.nested_code, qs.offset),
+            code=_code("nf4"), n=64, k=256, interpret=True)
 
 
 def test_matmul_4bit_routes_large_m_through_the_gemm():
@@ -179,25 +203,46 @@ def test_docstring_example_runs():
   helpers.assert_docstring_examples_pass(gw.gemm, "gemm")
 
 
-def _emulate(text, nreg, smem, w_base, s_base, gmem=None):
-  """Runs the decode PTX for the 128 lanes of a warpgroup on numpy uint32
-  registers; returns `[nreg, 128]` (operand i of every lane). `gmem`:
-  uint32 words at global address 0 (operand `$(nreg + 2)`)."""
-  lanes = np.arange(128, dtype=np.uint32)
-  env = {"%tid.x": lanes, f"${nreg}": np.full(128, w_base, np.uint32),
-         f"${nreg + 1}": np.full(128, s_base, np.uint32),
-         f"${nreg + 2}": np.zeros(128, np.uint32)}
-  words = smem.view(np.uint32)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def _f32(u):
+  return (u & _MASK32).astype(np.uint32).view(np.float32)
+
+
+def _u64(f):
+  return np.asarray(f, np.float32).view(np.uint32).astype(np.uint64)
+
+
+def _emulate(text, nreg, smem, operands, gmem=b""):
+  """Runs the decode PTX for the 128 lanes of a warpgroup on numpy
+  registers (64 bits wide; 32-bit instructions keep the low half);
+  returns `[nreg, 128]` uint32 (operand i of every lane). `operands`:
+  the input operands `$(nreg + i)` by i (shared addresses into `smem`,
+  global ones into `gmem`, both bytes)."""
+  lanes = np.arange(128, dtype=np.uint64)
+  env = {"%tid.x": lanes}
+  env.update({f"${nreg + i}": np.full(128, v, np.uint64)
+              for i, v in operands.items()})
+  mems = {"shared": np.frombuffer(np.asarray(smem).tobytes(), np.uint8),
+          "global": np.frombuffer(bytes(gmem), np.uint8)}
 
   def val(tok):
     tok = tok.strip()
     if tok in env:
       return env[tok]
-    return np.full(128, int(tok, 0), np.uint32)
+    if tok.startswith("0f"):  # a float literal's bits
+      return np.full(128, int(tok[2:], 16), np.uint64)
+    return np.full(128, int(tok, 0), np.uint64)
 
-  def load(addr):
-    assert np.all(addr % 4 == 0)
-    return words[addr // 4]
+  def load(space, addr, size):
+    mem = mems[space]
+    assert np.all(addr % size == 0) and np.all(addr + size <= mem.size), space
+    out = np.zeros(128, np.uint64)
+    for b in range(size):
+      out |= mem[(addr + b).astype(np.int64)].astype(np.uint64) << np.uint64(
+          8 * b)
+    return out
 
   for line in text.splitlines():
     line = line.strip().rstrip(";")
@@ -207,38 +252,56 @@ def _emulate(text, nreg, smem, w_base, s_base, gmem=None):
     if op.startswith(("ld.shared", "ld.global.nc")):
       m = re.match(r"(\{[^}]*\}|\S+),\s*\[(\S+?)(?:\+(\d+))?\]", rest)
       regs = [r.strip() for r in m.group(1).strip("{}").split(",")]
-      base = env[m.group(2)] + np.uint32(int(m.group(3) or 0))
+      base = env[m.group(2)] + np.uint64(int(m.group(3) or 0))
+      size = {".u8": 1, "u16": 2}.get(op[-3:], 4)
       for i, r in enumerate(regs):
-        addr = base + np.uint32(4 * i)
-        env[r] = load(addr) if op.startswith("ld.shared") else gmem[addr // 4]
+        env[r] = load("shared" if op.startswith("ld.shared") else "global",
+                      base + np.uint64(size * i), size)
       continue
     args = [a.strip() for a in rest.split(",")]
     d, src = args[0], [val(a) for a in args[1:]]
+    wide = op.endswith(("64", ".wide.u32"))
     if op.startswith("mov"):
-      env[d] = src[0].copy()
+      r = src[0].copy()
     elif op.startswith("and"):
-      env[d] = src[0] & src[1]
+      r = src[0] & src[1]
     elif op.startswith("or"):
-      env[d] = src[0] | src[1]
+      r = src[0] | src[1]
     elif op.startswith("xor"):
-      env[d] = src[0] ^ src[1]
+      r = src[0] ^ src[1]
     elif op.startswith("shr"):
-      env[d] = src[0] >> src[1]
+      r = (src[0] & (~np.uint64(0) if wide else _MASK32)) >> src[1]
     elif op.startswith("shl"):
-      env[d] = src[0] << src[1]
-    elif op.startswith("mul.lo"):
-      env[d] = src[0] * src[1]
+      r = src[0] << src[1]
+    elif op.startswith(("mul.lo", "mul.wide.u32")):
+      r = (src[0] & _MASK32) * (src[1] & _MASK32)
+    elif op.startswith("add.rn.f32"):
+      r = _u64(_f32(src[0]) + _f32(src[1]))
+    elif op.startswith("mul.rn.f32"):
+      r = _u64(_f32(src[0]) * _f32(src[1]))
     elif op.startswith("add"):
-      env[d] = src[0] + src[1]
+      r = src[0] + src[1]
+    elif op.startswith("sub"):
+      r = src[0] - src[1]
     elif op.startswith("mad.lo"):
-      env[d] = src[0] * src[1] + src[2]
+      r = src[0] * src[1] + src[2]
+    elif op == "cvt.u32.u64":
+      r = src[0] & _MASK32
+    elif op == "cvt.rn.bf16x2.f32":  # d = {a, b}: a in the high half
+      hi, lo = (np.asarray(jnp.asarray(_f32(v)).astype(jnp.bfloat16).view(
+          jnp.uint16)).astype(np.uint64) for v in src)
+      r = (hi << np.uint64(16)) | lo
     elif op.startswith("prmt"):
-      env[d] = lut_decode._prmt(src[0], src[1], src[2])  # pylint: disable=protected-access
+      r = lut_decode._prmt(*(v.astype(np.uint32) for v in src)).astype(  # pylint: disable=protected-access
+          np.uint64)
     elif op == "fma.rn.bf16x2":  # x * s + (-0): the product rounded once
-      env[d] = lut_decode._mul_pairs(src[0], src[1], jnp.bfloat16)  # pylint: disable=protected-access
+      r = lut_decode._mul_pairs(src[0].astype(np.uint32),  # pylint: disable=protected-access
+                                src[1].astype(np.uint32),
+                                jnp.bfloat16).astype(np.uint64)
     else:
       raise AssertionError(f"emulator: unknown instruction {line!r}")
-  return np.stack([env[f"${i}"] for i in range(nreg)])
+    env[d] = r if wide else r & _MASK32
+  return np.stack([env[f"${i}"] for i in range(nreg)]).astype(np.uint32)
 
 
 def _swizzled(packed):
@@ -279,26 +342,96 @@ def test_decode_ptx_fills_wgmma_registers(tile_w, tile_k, quant_type,
   text = gw.decode_ptx(_code(quant_type), tile_w, tile_k, swizzle=swizzle,
                        load_table=load_table)
   assert ("ld.global" in text) == load_table
-  out = _emulate(text, nreg, smem, 0, packed.size,
-                 gw.table_operands(_code(quant_type)))
-  got = np.zeros((tile_w, tile_k), np.float32)
+  out = _emulate(text, nreg, smem, {0: 0, 1: packed.size, 2: 0},
+                 gw.table_operands(_code(quant_type)).tobytes())
+  np.testing.assert_array_equal(_read_back(out, tile_w, tile_k),
+                                _decoded(packed, absmax, quant_type))
+
+
+def _read_back(out, tile_w, cols):
+  """`[tile_w, cols]` float32 values of the decode's operands `out`
+  (`[nreg, 128]`) through `WGMMA_LAYOUT`."""
+  got = np.zeros((tile_w, cols), np.float32)
   lane = np.arange(128)
   w, g, c = lane // 32, lane % 32 // 4, lane % 4
   for i in range(tile_w // 64):
-    for j in range(tile_k // 8):
+    for j in range(cols // 8):
       for h in range(2):
-        pair = out[(i * tile_k // 8 + j) * 2 + h]
+        pair = out[(i * cols // 8 + j) * 2 + h]
         lo, hi = lut_decode.split_pairs(jnp.asarray(pair), jnp.bfloat16)
         rows = 64 * i + 16 * w + 8 * h + g
         got[rows, 8 * j + 2 * c] = np.asarray(lo, np.float32)
         got[rows, 8 * j + 2 * c + 1] = np.asarray(hi, np.float32)
-  codes = np.stack([packed >> 4, packed & 15], -1).reshape(tile_w, tile_k)
+  return got
+
+
+def _decoded(packed, absmax, quant_type):
+  """What the decode must give: the code and the block's absmax in bf16,
+  their product rounded once to bf16; `packed [rows, cols / 2]`, `absmax
+  [rows, cols / 64]` float32."""
+  rows = packed.shape[0]
+  codes = np.stack([packed >> 4, packed & 15], -1).reshape(rows, -1)
   table = np.asarray(_code(quant_type), np.float32).astype(
       jnp.bfloat16).astype(np.float32)
   scale = np.repeat(absmax.astype(jnp.bfloat16).astype(np.float32), 64,
                     axis=1)
-  want = (table[codes] * scale).astype(jnp.bfloat16).astype(np.float32)
-  np.testing.assert_array_equal(got, want)
+  return (table[codes] * scale).astype(jnp.bfloat16).astype(np.float32)
+
+
+@pytest.mark.parametrize("tile_w,tile_k,swizzle,load_table,part", [
+    (64, 256, True, True, None), (128, 128, False, False, None),
+    (64, 64, False, True, None), (128, 256, True, False, 2)])
+def test_decode_ptx_decodes_the_nested_absmax(tile_w, tile_k, swizzle,
+                                              load_table, part):
+  """With `nested`, each block's absmax comes from the double-quantized
+  statistics in global memory: the row's code byte for this step,
+  `nested_code[code] * nested_absmax[block // 256]`, then `+ offset`, in
+  fp32 and rounded apart (bitsandbytes' order, `ops.float_absmax`), then
+  bf16. The tile sits inside a larger weight (rows from tile_w of three
+  tiles, step 3 of 8), so the row and step offsets and the nested index
+  all count; with `part`, one 64-column part of the step."""
+  rng = np.random.default_rng(tile_w * 3 + tile_k)
+  kb, steps, row0, step = tile_k // 64, 8, tile_w, 3
+  nkb, rows_all = kb * steps, 3 * tile_w
+  packed = rng.integers(0, 256, (tile_w, tile_k // 2), dtype=np.uint8)
+  codes = rng.integers(0, 256, (rows_all, nkb), dtype=np.uint8)
+  nested_absmax = rng.uniform(0.5, 2.0, -(-rows_all * nkb // 256)).astype(
+      np.float32)
+  nested_code = np.asarray(codebooks.create_dynamic_map(signed=True),
+                           np.float32)
+  offset = np.float32(0.0371)
+  # Global memory: codes, nested absmax, nested code, offset, table words.
+  layout, gmem = {}, b""
+  for name, arr in (("codes", codes), ("nested", nested_absmax),
+                    ("code2", nested_code), ("offset", np.asarray([offset])),
+                    ("table", gw.table_operands(_code("nf4")))):
+    gmem += b"\0" * (-len(gmem) % 16)
+    layout[name] = len(gmem)
+    gmem += arr.tobytes()
+  flat = ((row0 + np.arange(tile_w))[:, None] * nkb + step * kb
+          + np.arange(kb)[None])
+  prod = nested_code[codes.reshape(-1)[flat]] * nested_absmax[flat // 256]
+  absmax = (prod.astype(np.float32) + offset).astype(np.float32)
+  stored = _swizzled(packed) if swizzle else packed.reshape(-1)
+  groups = tile_w // 64
+  cols = tile_k if part is None else 64
+  nreg = groups * cols // 8 * 2
+  text = gw.decode_ptx(_code("nf4"), tile_w, tile_k, swizzle=swizzle,
+                       load_table=load_table, part=part, nested=(nkb, 256))
+  assert "ld.shared.u32 sc" not in text
+  out = _emulate(text, nreg, stored, {
+      0: 0, 1: layout["codes"] + row0 * nkb + step * kb,
+      2: layout["codes"], 3: layout["nested"], 4: layout["code2"],
+      5: layout["offset"], 6: layout["table"]}, gmem)
+  want = _decoded(packed, absmax, "nf4")
+  if part is not None:
+    want = want[:, 64 * part:64 * part + 64]
+  np.testing.assert_array_equal(_read_back(out, tile_w, cols), want)
+
+
+def test_decode_ptx_refuses_a_nested_blocksize_it_cannot_index():
+  with pytest.raises(ValueError, match="nested: .*power of two.*got 96"):
+    gw.decode_ptx(_code("nf4"), 64, 128, nested=(64, 96))
 
 
 @pytest.mark.parametrize("tile_w,tile_k,swizzle", [(64, 128, False),
@@ -317,12 +450,12 @@ def test_decode_ptx_part_is_its_columns_of_the_whole(tile_w, tile_k, swizzle):
   code = _code("nf4")
   nreg = tile_w // 64 * tile_k // 8 * 2
   whole = _emulate(gw.decode_ptx(code, tile_w, tile_k, swizzle=swizzle),
-                   nreg, smem, 0, packed.size)
+                   nreg, smem, {0: 0, 1: packed.size})
   whole = whole.reshape(tile_w // 64, tile_k // 64, 16, 128)
   for q in range(tile_k // 64):
     part = _emulate(gw.decode_ptx(code, tile_w, tile_k, swizzle=swizzle,
-                                  part=q), nreg // (tile_k // 64), smem, 0,
-                    packed.size)
+                                  part=q), nreg // (tile_k // 64), smem,
+                    {0: 0, 1: packed.size})
     np.testing.assert_array_equal(part.reshape(tile_w // 64, 16, 128),
                                   whole[:, q])
 
@@ -332,13 +465,16 @@ def test_lowers_for_cuda():
   CPU-only installs skip)."""
   s = jax.ShapeDtypeStruct
   n, k, m = 256, 1024, 128
-  for variant in ("plain", "ws", "ks"):
+  stats = (s((n * k // 64,), jnp.uint8), s((n * k // 64 // 256,), jnp.float32),
+           s((256,), jnp.float32), s((), jnp.float32))
+  for variant, absmax in itertools.product(
+      ("plain", "ws", "ks"), (s((n * k // 64,), jnp.float32), stats)):
     fn = functools.partial(gw.gemm, code=_code("nf4"), n=n, k=k, tile_w=64,
                            tile_x=128, tile_k=64, variant=variant)
     try:
       text = helpers.lowered_for_h200(
-          fn, s((m, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
-          s((n * k // 64,), jnp.float32))
+          lambda x, p, a, fn=fn: fn(x, p, a), s((m, k), jnp.bfloat16),
+          s((n * k // 2,), jnp.uint8), absmax)
     except AssertionError as e:  # no Mosaic GPU lowering rule registered
       pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
     assert "mosaic_gpu" in text
@@ -391,23 +527,27 @@ _GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,cfg", _GPU_CASES)
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("case", range(len(_GPU_CASES)))
+@pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_gpu_gemm(m, cfg, quant_type, with_bias):
+def test_gpu_gemm(case, nested, with_bias):
   """The compiled kernel (default tiles, all three variants, K split, x
   tiles of 16-256 rows, clusters sharing x, the weight tile swizzled, the
   table words from memory, steps decoded in overlapped parts) against the
-  documented weight: with a bias (float32 tile, transposed by XLA) and
-  without (bf16 `y` stored by the kernel itself, transposed in shared
-  memory)."""
+  documented weight: with the double-quantized statistics decoded in the
+  kernel and with float32 absmax (scale words by TMA); with a bias
+  (float32 tile, transposed by XLA) and without (bf16 `y` stored by the
+  kernel itself, transposed in shared memory). NF4 and FP4 alternate over
+  the cases."""
+  m, cfg = _GPU_CASES[case]
+  quant_type = ("nf4", "fp4")[case % 2]
   n, k = 1024, 2048
   packed, qs = _weights(n, k, quant_type, m)
   x = jnp.asarray(_util.rng_array((m, k), m + 1, jnp.bfloat16))
   bias = (jnp.asarray(_util.rng_array((n,), 2, jnp.bfloat16)) if with_bias
           else None)
   cfg = cfg or gw.default_config(m, out_f32=with_bias)
-  y = gw.gemm(x, packed.reshape(-1), ops.float_absmax(qs),
+  y = gw.gemm(x, packed.reshape(-1), _stats(qs, nested),
               code=_code(quant_type), n=n, k=k, bias=bias, **cfg)
   assert y.shape == (m, n) and y.dtype == jnp.bfloat16
   _check(y, x, packed, qs, bias)
@@ -423,3 +563,30 @@ def test_gpu_matmul_4bit_takes_the_gemm():
   assert kernels.gemm_serves(m, n, k, jnp.bfloat16, qs, "pallas")
   x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))
   _check(F.matmul_4bit(x, packed, qs), x, packed, qs)
+
+
+@pytest.mark.parametrize("m,nested,decodes", [
+    (64, True, True), (128, True, True), (129, True, False),
+    (256, True, False), (64, False, False)])
+def test_matmul_4bit_hands_the_statistics_to_the_kernel(monkeypatch, m,
+                                                        nested, decodes):
+  """`F.matmul_4bit` gives the wgmma GEMM the double-quantized statistics
+  (decoded by the kernel) up to `GEMM_NESTED_MAX_M` rows, and float32
+  absmax above or for a plain absmax; the product is the kernel weight's
+  either way."""
+  n, k = kernels.GEMM_MIN_N, 128
+  packed, qs = _weights(n, k, "nf4", 11, nested)
+  assert kernels.gemm_decodes_nested(m, qs) is decodes
+  seen = []
+  real = gw.gemm
+
+  def spy(x, packed, absmax, **kw):
+    seen.append(isinstance(absmax, tuple))
+    return real(x, packed, absmax, **kw)
+
+  monkeypatch.setattr(gw, "gemm", spy)
+  x = jnp.asarray(_util.rng_array((m, k), 6, jnp.bfloat16))
+  with jaxbnb.kernel_mode("interpret"):
+    y = F.matmul_4bit(x, packed, qs)
+  assert seen == [decodes]
+  _check(y, x, packed, qs)

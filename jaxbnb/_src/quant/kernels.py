@@ -49,6 +49,11 @@ GEMV_LARGE_M_MIN_SIZE = 4096 * 4096
 GEMM_MIN_M = 64
 GEMM_MAX_M = 256
 GEMM_MIN_N = 10240
+# Up to GEMM_NESTED_MAX_M rows the kernel decodes the double quantization
+# itself (docs/benchmarks.md, sixteenth session: on 14336x4096 that took
+# the two XLA passes' 7 us off M = 64 and 128 and cost the kernel 3 us;
+# at M = 256 the kernel lost 9 us, so XLA decodes there).
+GEMM_NESTED_MAX_M = 128
 
 
 def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
@@ -65,12 +70,23 @@ def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
   return mode == "pallas" and gw.available() and gw.on_hopper()
 
 
+def gemm_decodes_nested(m: int, qs) -> bool:
+  """Whether the wgmma GEMM takes `qs`'s double-quantized statistics at M =
+  m and decodes them itself (no XLA pass over the absmax before it):
+  nested, and m at most GEMM_NESTED_MAX_M."""
+  return qs.nested and m <= GEMM_NESTED_MAX_M
+
+
 def gemm(x2d, packed, qs, absmax, bias, mode):
-  """`x2d @ W.T + bias` through the wgmma GEMM (`gemm_serves` holds);
-  `absmax` is the float32 absmax (`ops.float_absmax`)."""
+  """`x2d @ W.T + bias` through the wgmma GEMM (`gemm_serves` holds).
+  `absmax`: the float32 absmax (`ops.float_absmax`), or None where
+  `gemm_decodes_nested` holds."""
   n, k = qs.shape
+  if absmax is None:
+    absmax = (qs.absmax, qs.nested_absmax, qs.nested_code, qs.offset)
   return gw.gemm(x2d, packed, absmax, code=code(qs.quant_type),
                  n=n, k=k, bias=bias, interpret=mode == "interpret",
+                 nested_blocksize=qs.nested_blocksize,
                  **gw.default_config(x2d.shape[0], bias is not None, k))
 
 
