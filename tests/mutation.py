@@ -130,6 +130,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "if k is not None and k % 128:",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_follows_k",)),
+    Mutant("wgmma-gemm-nested-value-of-the-wrong-block",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           'f"shr.u32 fl, fl, {nbs.bit_length() - 1};"',
+           'f"shr.u32 fl, fl, {nbs.bit_length()};"',
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_decode_ptx_decodes_the_nested_absmax[64-256-True-True-None]",)),
+    Mutant("wgmma-gemm-decodes-nested-at-any-m", "jaxbnb/_src/quant/kernels.py",
+           "return qs.nested and m <= GEMM_NESTED_MAX_M",
+           "return qs.nested",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_matmul_4bit_hands_the_statistics_to_the_kernel[129-True-"
+            "False]",)),
     Mutant("wgmma-gemm-for-small-weights", "jaxbnb/_src/quant/kernels.py",
            "if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= GEMM_MIN_N",
            "if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= 128",
