@@ -107,7 +107,7 @@ def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
 
 
 def default_config(m: int, out_f32: bool = False,
-                   k: int | None = None) -> dict:
+                   k: int | None = None, nested: bool = False) -> dict:
   """The tiles for M rows of x (and K, where given), the best of the H200
   sweeps (docs/benchmarks.md, "4-bit GEMM on wgmma" and the fifteenth
   session's runs g and h): one warpgroup with x's 64 rows at M <= 64,
@@ -116,7 +116,10 @@ def default_config(m: int, out_f32: bool = False,
   warpgroups of 64 weight rows each, x's rows in one tile of 128 or 256,
   above (the table words from memory at M <= 128). With a float32
   output (a bias) the 256-row tile keeps two steps in flight, not four
-  (shared memory)."""
+  (shared memory). With `nested` (the kernel decodes the double
+  quantization, a few loads a step) x's 128-row tile steps 256 columns,
+  two in flight, where K allows and there is no float32 output: half the
+  steps, so half the loads' latency (sixteenth session)."""
   if m <= 64:
     if k is not None and k % 256:
       return dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
@@ -124,6 +127,9 @@ def default_config(m: int, out_f32: bool = False,
     return dict(tile_w=64, tile_x=64, tile_k=256, split=1, stages=2,
                 variant="plain", swizzle=True, load_table=True)
   if m <= 128:
+    if nested and not out_f32 and (k is None or k % 256 == 0):
+      return dict(tile_w=64, tile_x=128, tile_k=256, split=1, stages=2,
+                  variant="ws", load_table=True)
     return dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=3,
                 variant="ws", load_table=True)
   return dict(tile_w=64, tile_x=256, tile_k=64, split=1,

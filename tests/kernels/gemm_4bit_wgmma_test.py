@@ -188,11 +188,23 @@ def test_smem_estimate_matches_mosaic():
 
 
 def test_default_config_follows_k():
-  """M <= 64 takes steps of 256 columns where K allows, else 128; every
-  default fits shared memory and is taken by `can_use`."""
+  """M <= 64 takes steps of 256 columns where K allows, else 128, and so
+  does M = 65-128 when the kernel decodes the double quantization (no
+  float32 output); every default fits shared memory and is taken by
+  `can_use`."""
   assert gw.default_config(64, k=4096)["tile_k"] == 256
   assert gw.default_config(64, k=384)["tile_k"] == 128
   assert gw.default_config(64)["tile_k"] == 256
+  assert gw.default_config(128, k=4096)["tile_k"] == 128
+  assert gw.default_config(128, k=4096, nested=True)["tile_k"] == 256
+  assert gw.default_config(100, k=384, nested=True)["tile_k"] == 128
+  assert gw.default_config(128, True, 4096, nested=True)["tile_k"] == 128
+  for m, k, out_f32 in itertools.product((65, 128), (4096, 384),
+                                         (False, True)):
+    cfg = gw.default_config(m, out_f32, k, nested=True)
+    gw.check_config(m, 10240, k, jnp.bfloat16, out_f32=out_f32,
+                    **{a: cfg[a] for a in ("tile_w", "tile_x", "tile_k",
+                                           "split", "stages", "variant")})
   for m, k in ((64, 4096), (64, 384), (128, 384), (256, 4096)):
     assert gw.can_use(m, 10240, k, 64, jnp.bfloat16)
     assert gw.can_use(m, 10240, k, 64, jnp.bfloat16, out_f32=True)
@@ -546,7 +558,7 @@ def test_gpu_gemm(case, nested, with_bias):
   x = jnp.asarray(_util.rng_array((m, k), m + 1, jnp.bfloat16))
   bias = (jnp.asarray(_util.rng_array((n,), 2, jnp.bfloat16)) if with_bias
           else None)
-  cfg = cfg or gw.default_config(m, out_f32=with_bias)
+  cfg = cfg or gw.default_config(m, with_bias, k, nested=nested)
   y = gw.gemm(x, packed.reshape(-1), _stats(qs, nested),
               code=_code(quant_type), n=n, k=k, bias=bias, **cfg)
   assert y.shape == (m, n) and y.dtype == jnp.bfloat16

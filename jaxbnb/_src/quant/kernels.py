@@ -82,12 +82,14 @@ def gemm(x2d, packed, qs, absmax, bias, mode):
   `absmax`: the float32 absmax (`ops.float_absmax`), or None where
   `gemm_decodes_nested` holds."""
   n, k = qs.shape
-  if absmax is None:
+  nested = absmax is None
+  if nested:
     absmax = (qs.absmax, qs.nested_absmax, qs.nested_code, qs.offset)
   return gw.gemm(x2d, packed, absmax, code=code(qs.quant_type),
                  n=n, k=k, bias=bias, interpret=mode == "interpret",
                  nested_blocksize=qs.nested_blocksize,
-                 **gw.default_config(x2d.shape[0], bias is not None, k))
+                 **gw.default_config(x2d.shape[0], bias is not None, k,
+                                     nested=nested))
 
 
 def gemv_serves(m: int, n: int, k: int, dtype) -> bool:
