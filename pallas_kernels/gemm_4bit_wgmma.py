@@ -30,6 +30,13 @@ which may live in registers:
   re-creates them before every permute), and each step decoded in parts
   of 64 columns overlapping the previous part's wgmma (`overlap`). The
   defaults at M <= 128 use the first two.
+* The absmax arrives as bf16 scale words made by XLA (`scale_words_t`, a
+  TMA tile a step), or, given the double-quantized statistics, is decoded
+  by the decode itself (`decode_ptx`'s `nested`): each step, every lane
+  loads its rows' codes and nested values and the nested code values from
+  global memory and rounds `code * nested` and `+ offset` apart, as
+  bitsandbytes does, so no XLA pass runs before the kernel (sixteenth
+  session; `kernels.gemm_decodes_nested` says where the package uses it).
 * The bf16 result is stored transposed into shared memory and goes out by
   TMA as `y[tile_x, tile_w]`. A float32 result (a bias, or K splits to
   sum) goes out as `y.T`, which XLA transposes: Mosaic GPU stores only
