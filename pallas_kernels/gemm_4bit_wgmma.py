@@ -795,10 +795,12 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
   nested = None
   if isinstance(absmax, (tuple, list)):
     codes, nested_absmax, nested_code, offset = absmax
-    if codes.shape != (n * k // 64,) or nested_code.shape != (256,):
+    if codes.size != n * k // 64 or nested_code.size != 256:
       raise ValueError(
-          f"absmax: expected codes [{n * k // 64}] and nested_code [256], "
-          f"got {codes.shape} and {nested_code.shape}")
+          f"absmax: expected {n * k // 64} codes and 256 nested_code values, "
+          f"got shapes {codes.shape} and {nested_code.shape}")
+    codes, nested_absmax = codes.reshape(-1), nested_absmax.reshape(-1)
+    nested_code = nested_code.reshape(-1)
     nbs = nested_blocksize
     if interpret or nbs & (nbs - 1) or nbs % (tile_k // 64):
       absmax = decode_absmax(
