@@ -37,6 +37,9 @@ which may live in registers:
   global memory and rounds `code * nested` and `+ offset` apart, as
   bitsandbytes does, so no XLA pass runs before the kernel (sixteenth
   session; `kernels.gemm_decodes_nested` says where the package uses it).
+  With `prefetch` (opt-in, not yet measured on the GPU) each step makes
+  the next step's scale words first (`scales_ptx`) and the pipeline
+  carries them in registers.
 * The bf16 result is stored transposed into shared memory and goes out by
   TMA as `y[tile_x, tile_w]`. A float32 result (a bias, or K splits to
   sum) goes out as `y.T`, which XLA transposes: Mosaic GPU stores only
@@ -202,11 +205,87 @@ def check_config(m: int, n: int, k: int, dtype, tile_w: int, tile_x: int,
   del m
 
 
+def _scale_slots(tile_w: int, tile_k: int) -> tuple[int, int]:
+  """(words a row group, 64-bit words in all) of the scale words a lane
+  carries a step ahead (`scales_ptx`): rows g and g + 8 of each row group,
+  `tile_k / 64` blocks each, at least 4 words a group (wgmma's f32 layout
+  of `[tile_w, 8]` holds 4 a lane); word `(i, h, q)` is `i P + h kb + q`."""
+  groups, kb = tile_w // 64, tile_k // 64
+  per = max(2 * kb, 4)
+  return per, groups * per // 2
+
+
+def _scale_lines(groups, blocks, nested, ptrs, dst):
+  """PTX: each of this lane's rows' scale words of the step from the
+  double-quantized statistics (`decode_ptx`'s `nested`), into `dst(i, h,
+  qi)`. Needs `wp` and `g` set and the registers of `_SCALE_REGS`."""
+  nkb, nbs = nested
+  c_step, c_base, n_ptr, c2_ptr, off_ptr = ptrs
+  width = {4: "u32", 2: "u16", 1: "u8"}[len(blocks)]
+  lines = [f"ld.global.nc.f32 off, [{off_ptr}];"]
+  for i in range(groups):
+    for h in range(2):
+      lines += [f"mad.lo.u32 r, wp, 16, g;",
+                f"add.u32 r, r, {64 * i + 8 * h};",
+                f"mul.wide.u32 ta, r, {nkb};", f"add.u64 ca, {c_step}, ta;",
+                f"ld.global.nc.{width} cw, [ca+{blocks[0]}];",
+                f"sub.u64 ta, ca, {c_base};", "cvt.u32.u64 fl, ta;",
+                f"shr.u32 fl, fl, {nbs.bit_length() - 1};",
+                "mul.wide.u32 ta, fl, 4;", f"add.u64 ta, ta, {n_ptr};",
+                "ld.global.nc.f32 nv, [ta];"]
+      for qi in range(len(blocks)):
+        lines += [f"prmt.b32 cq, cw, 0, {0x4440 + qi};",
+                  "mul.wide.u32 ta, cq, 4;", f"add.u64 ta, ta, {c2_ptr};",
+                  "ld.global.nc.f32 av, [ta];", "mul.rn.f32 av, av, nv;",
+                  "add.rn.f32 av, av, off;",
+                  f"cvt.rn.bf16x2.f32 {dst(i, h, qi)}, av, av;"]
+  return lines
+
+
+_SCALE_REGS = [".reg .b32 cw, cq, fl;", ".reg .b64 ca, ta;",
+               ".reg .f32 nv, av, off;"]
+
+
+def _check_nested(nested, kb):
+  nbs = nested[1]
+  if nbs & (nbs - 1) or nbs % kb:
+    raise ValueError(f"nested: the nested blocksize must be a power of two "
+                     f"and a multiple of {kb}, got {nbs}")
+
+
+@functools.lru_cache(maxsize=None)
+def scales_ptx(tile_w: int, tile_k: int, nested: tuple[int, int]) -> str:
+  """One step's scale words of one lane from the double-quantized
+  statistics, for the next step's decode (`decode_ptx`'s `scales`).
+
+  Operands: `$0 .. $(W-1)` out, 64-bit, two words each (`_scale_slots`;
+  the first in the low half); then the global addresses of the statistics
+  as `decode_ptx`'s `nested` takes them (the tile's first row's codes of
+  the step, code 0, `nested_absmax`, the nested code values, the offset).
+  """
+  groups, kb = tile_w // 64, tile_k // 64
+  _check_nested(nested, kb)
+  per, wide = _scale_slots(tile_w, tile_k)
+  lines = ["{", ".reg .b32 tid, lane, wp, g, r;",
+           f".reg .b32 sc<{2 * wide}>;", *_SCALE_REGS,
+           "mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;",
+           "shr.u32 wp, tid, 5;", "and.b32 wp, wp, 3;", "shr.u32 g, lane, 2;"]
+  lines += [f"mov.b32 sc{j}, 0;" for j in range(2 * wide)]  # the padding
+  lines += _scale_lines(groups, range(kb), nested,
+                        [f"${wide + i}" for i in range(5)],
+                        lambda i, h, qi: f"sc{i * per + h * kb + qi}")
+  lines += [f"mov.b64 ${j}, {{sc{2 * j}, sc{2 * j + 1}}};"
+            for j in range(wide)]
+  lines.append("}")
+  return "\n".join(lines)
+
+
 @functools.lru_cache(maxsize=None)
 def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
                s_stride: int | None = None, swizzle: bool = False,
                load_table: bool = False, part: int | None = None,
-               nested: tuple[int, int] | None = None) -> str:
+               nested: tuple[int, int] | None = None,
+               scales: bool = False) -> str:
   """One step of one lane: the A registers of a `[tile_w, tile_k]` tile
   (with `part`, of its 64 columns `64 part ..`).
 
@@ -230,6 +309,10 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
     `load_table`) last, `$(R+6)`. The nested blocksize is a power of two
     and a multiple of `tile_k / 64`, so a step's blocks of a row share one
     nested value.
+  scales: the step's scale words arrive in registers, made by
+    `scales_ptx` a step ahead (so their loads' latency hides behind the
+    step before): operands `$(R+1) .. $(R+W)`, 64-bit, two words each
+    (`_scale_slots`); the table words (with `load_table`) after them.
 
   swizzle: the bytes as TMA's swizzle of `tile_k / 2` bytes leaves them
     (16-byte chunk `j` of row `r` at chunk `j ^ (r * tile_k / 256 % (tile_k
@@ -255,17 +338,16 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
       ".reg .b32 t<8>, v<8>;",
       f"mov.u32 wbase, ${nreg};",
   ]
-  if nested:
-    nkb, nbs = nested
-    if nbs & (nbs - 1) or nbs % kb:
-      raise ValueError(f"nested: the nested blocksize must be a power of two "
-                       f"and a multiple of {kb}, got {nbs}")
-    c_step, c_base, n_ptr, c2_ptr, off_ptr = (f"${nreg + 1 + i}"
-                                              for i in range(5))
+  per, wide = _scale_slots(tile_w, tile_k)
+  if scales:
+    t_ptr = f"${nreg + 1 + wide}"
+    lines.append(f".reg .b32 sc<{2 * wide}>;")
+    lines += [f"mov.b64 {{sc{2 * j}, sc{2 * j + 1}}}, ${nreg + 1 + j};"
+              for j in range(wide)]
+  elif nested:
+    _check_nested(nested, kb)
     t_ptr = f"${nreg + 6}"
-    lines += [".reg .b32 cw, cq, fl;", ".reg .b64 ca, ta;",
-              f".reg .b32 sc<{groups * 2 * len(blocks)}>;",
-              ".reg .f32 nv, av, off;", f"ld.global.nc.f32 off, [{off_ptr}];"]
+    lines += [*_SCALE_REGS, f".reg .b32 sc<{groups * 2 * len(blocks)}>;"]
   else:
     lines.append(f"mov.u32 sbase, ${nreg + 1};")
     t_ptr = f"${nreg + 2}"
@@ -291,41 +373,28 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
             "add.u32 la, la, wa;"], "[la]"
 
   table = {f"t{i}": f"t{i}" for i in range(8)}
-  if nested:
+  if nested and not scales:
     # All of the step's scales first, so their global loads are in flight
     # during the decode: a row's codes of the step in one load (4, 2 or 1
     # bytes), its nested value, each block's nested code value; then
     # bitsandbytes' product and sum, rounded apart, and bf16 in both halves.
-    width = {4: "u32", 2: "u16", 1: "u8"}[len(blocks)]
-    first = blocks[0]
-    for i in range(groups):
-      for h in range(2):
-        lines += [f"mad.lo.u32 r, wp, 16, g;",
-                  f"add.u32 r, r, {64 * i + 8 * h};",
-                  f"mul.wide.u32 ta, r, {nkb};", f"add.u64 ca, {c_step}, ta;",
-                  f"ld.global.nc.{width} cw, [ca+{first}];",
-                  f"sub.u64 ta, ca, {c_base};", "cvt.u32.u64 fl, ta;",
-                  f"shr.u32 fl, fl, {nbs.bit_length() - 1};",
-                  "mul.wide.u32 ta, fl, 4;", f"add.u64 ta, ta, {n_ptr};",
-                  "ld.global.nc.f32 nv, [ta];"]
-        for qi in range(len(blocks)):
-          lines += [f"prmt.b32 cq, cw, 0, {0x4440 + qi};",
-                    "mul.wide.u32 ta, cq, 4;", f"add.u64 ta, ta, {c2_ptr};",
-                    "ld.global.nc.f32 av, [ta];", "mul.rn.f32 av, av, nv;",
-                    "add.rn.f32 av, av, off;",
-                    f"cvt.rn.bf16x2.f32 sc{(2 * i + h) * len(blocks) + qi}, "
-                    "av, av;"]
+    nb = len(blocks)
+    lines += _scale_lines(groups, blocks, nested,
+                          [f"${nreg + 1 + i}" for i in range(5)],
+                          lambda i, h, qi: f"sc{(2 * i + h) * nb + qi}")
   for i in range(groups):
     for h in range(2):
       lines += [f"mad.lo.u32 r, wp, 16, g;", f"add.u32 r, r, {64 * i + 8 * h};",
                 f"mad.lo.u32 wa, r, {row_bytes}, wbase;"]
-      if not nested:
+      if not (nested or scales):
         lines.append("mad.lo.u32 sa, r, 4, sbase;")
       for qi, q in enumerate(blocks):
         for b, regs in ((0, "v0, v1, v2, v3"), (1, "v4, v5, v6, v7")):
           pre, addr = chunk(q, b)
           lines += pre + [f"ld.shared.v4.u32 {{{regs}}}, {addr};"]
-        if nested:
+        if scales:
+          sc = f"sc{i * per + h * kb + q}"
+        elif nested:
           sc = f"sc{(2 * i + h) * len(blocks) + qi}"
         else:
           sc = "sc"
@@ -381,7 +450,7 @@ def _fragments(regs, shape):
 def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
               split, stages, variant="plain", out_f32=False, out_t=None,
               cluster=1, swizzle=False, load_table=False, overlap=False,
-              nested_blocksize=None):
+              nested_blocksize=None, prefetch=False):
   """The Mosaic GPU kernel: `[split, m, n]` (`out_t`, y itself) or `[split,
   n, m]` (y.T) partials, m a multiple of tile_x; bf16 when split is 1 (and
   not `out_f32`), else float32 (`out_t` needs bf16: Mosaic GPU stores only
@@ -392,7 +461,10 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   step at a time by TMA; or, with `nested_blocksize`, the double-quantized
   statistics `(codes [n, k / 64] uint8, nested_absmax, nested_code [256],
   offset [1])`, read and decoded by the decode itself (`decode_ptx`'s
-  `nested`), so no XLA pass runs before the kernel.
+  `nested`), so no XLA pass runs before the kernel. With `prefetch`
+  ("plain" and "ws"), each step makes the next step's scale words
+  (`scales_ptx`) before its own decode, and the pipeline carries them in
+  registers: their loads' latency hides behind a whole step.
 
   variant:
     "plain": one warpgroup: decode, wgmma, wait.
@@ -417,6 +489,12 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   kb = tile_k // 64
   nested = (k // 64, nested_blocksize) if nested_blocksize else None
   n_s = 4 if nested else 1  # scale inputs
+  if prefetch and (not nested or variant == "ks"):
+    raise ValueError(f"prefetch: needs the double-quantized statistics and "
+                     f"variant 'plain' or 'ws', got nested {bool(nested)}, "
+                     f"variant {variant!r}")
+  per, wide = _scale_slots(tile_w, tile_k)
+  s_shape = (tile_w, 2 * per)  # wgmma's f32 layout: groups * per a lane
   wgs = 2 if variant == "ws" else 1
   steps //= 2 if variant == "ks" else 1
   out_dtype = jnp.bfloat16 if split == 1 and not out_f32 else jnp.float32
@@ -437,27 +515,34 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     cols = tile_k if part is None else 64
     nreg = tile_w // 64 * cols // 8 * 2
     ptx = decode_ptx(code, tile_w, tile_k, wgs * tile_w, swizzle, load_table,
-                     part, nested)
-    n_refs = (5 if nested else 1) + (1 if load_table else 0)
+                     part, None if prefetch else nested, scales=prefetch)
+    n_refs = (0 if prefetch else 5 if nested else 1) + (1 if load_table
+                                                         else 0)
+    s_types = (plgpu.Layout.WGMMA,) if prefetch else ()
 
     @plgpu.inline_mgpu(
-        arg_types=((plgpu.RefType(transforms=w_tr),)
+        arg_types=((plgpu.RefType(transforms=w_tr),) + s_types
                    + (plgpu.RefType(),) * n_refs),
         return_type=plgpu.ShapeDtypeStruct((tile_w, cols), jnp.bfloat16,
                                            layout=plgpu.Layout.WGMMA))
     def decode(ctx, w_ref, *refs):
       del ctx
       i32 = ir.IntegerType.get_signless(32)
+      i64 = ir.IntegerType.get_signless(64)
       # Shared refs as 32-bit addresses, global ones (nested statistics,
-      # table words) as 64-bit.
-      n_shared = 1 if not nested else 0
+      # table words) as 64-bit; scale words made a step ahead as 64-bit
+      # pairs.
       operands = [_address(w_ref, 32)]
+      if prefetch:
+        operands += [llvm.bitcast(i64, r) for r in refs[0].registers.flat]
+        refs = refs[1:]
+      n_shared = 1 if not nested else 0
       operands += [_address(r, 32) for r in refs[:n_shared]]
       operands += [_address(r, 64) for r in refs[n_shared:]]
       res = llvm.inline_asm(
           llvm.StructType.get_literal([i32] * nreg), operands, ptx,
           ",".join(["=r"] * nreg + ["r"] * (1 + n_shared)
-                   + ["l"] * (len(refs) - n_shared)),
+                   + ["l"] * (len(operands) - 1 - n_shared)),
           has_side_effects=True)
       regs = [llvm.extractvalue(i32, res, [i]) for i in range(nreg)]
       return _fragments(regs, (tile_w, cols))
@@ -516,6 +601,27 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
                         transforms=x_tr, collective_axes=x_collective),
     ]
 
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.RefType(),) * 5,
+      return_type=plgpu.ShapeDtypeStruct(s_shape, jnp.float32,
+                                         layout=plgpu.Layout.WGMMA))
+  def make_scales(ctx, *refs):
+    """A step's scale words (`scales_ptx`) as a `[tile_w, 2 per]` float32
+    array in wgmma's layout (two words a 64-bit register)."""
+    del ctx
+    i64 = ir.IntegerType.get_signless(64)
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([i64] * wide),
+        [_address(r, 64) for r in refs], scales_ptx(tile_w, tile_k, nested),
+        ",".join(["=l"] * wide + ["l"] * 5), has_side_effects=True)
+    vec = ir.VectorType.get((2,), ir.F32Type.get())
+    layout_shape = fa.WGMMA_LAYOUT.registers_shape(s_shape)
+    arr = np.empty(layout_shape, dtype=object)
+    for j, idx in enumerate(np.ndindex(layout_shape)):
+      arr[idx] = llvm.bitcast(vec, llvm.extractvalue(i64, res, [j]))
+    return mgpu.FragmentedArray(_registers=arr, _layout=fa.WGMMA_LAYOUT,
+                                _is_signed=None)
+
   def step_scales(s_in, s_smem, row0, step):
     """The decode's scale operands for global step `step` of the tile_w
     rows from `row0`: the step's scale words in shared memory, or the
@@ -571,6 +677,12 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     plgpu.copy_smem_to_gmem(o_smem, dst)
     plgpu.wait_smem_to_gmem(0)
 
+  def ahead(s_in, row0, isp, t, by):
+    """The scale words of local step `t + by` (at most the last) of the
+    tile_w rows from `row0`, made now (`make_scales`)."""
+    step = isp * steps + jnp.minimum(t + by, steps - 1)
+    return make_scales(*step_scales(s_in, None, row0, step))
+
   def streamed(s_in):
     """The inputs the pipeline streams: the weight, the scale words (unless
     nested) and x."""
@@ -596,8 +708,18 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
                  step_scales(s_in, s_smem, iw * cta_w, isp * steps + idx[0]),
                  x_smem, t_gmem)
 
-      plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs(iw, ix, isp),
-                          max_concurrent_steps=stages)(
+      def step_ahead(idx, *smem_carry):
+        *smem, scales = smem_carry
+        w_smem, _, x_smem = unpack(smem)
+        nxt = ahead(s_in, iw * cta_w, isp, idx[0], 1)
+        multiply(acc_ref, w_smem, (scales,), x_smem, t_gmem)
+        return nxt
+
+      carry = ({"init_carry": ahead(s_in, iw * cta_w, isp, 0, 0)}
+               if prefetch else {})
+      plgpu.emit_pipeline(step_ahead if prefetch else step, grid=(steps,),
+                          in_specs=specs(iw, ix, isp),
+                          max_concurrent_steps=stages, **carry)(
                               *streamed(s_in)(w_gmem, x_gmem))
       store(acc_ref[...], o_smem, o_gmem, iw, ix, isp, 0)
 
@@ -609,20 +731,30 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     wg = lax.axis_index("wg")
     rows = pl.ds(wg * tile_w, tile_w)
 
+    row0 = iw * cta_w + wg * tile_w
+
     def context(eval_pipeline):
       @functools.partial(pl.run_scoped,
                          acc_ref=plgpu.ACC((tile_w, tile_x), jnp.float32))
       def _(acc_ref):
-        eval_pipeline(acc_ref)
+        if prefetch:
+          eval_pipeline((acc_ref, ahead(s_in, row0, isp, 0, 0)))
+        else:
+          eval_pipeline(acc_ref)
         store(acc_ref[...], o_smem.at[wg], o_gmem, iw, ix, isp, wg)
 
     def step(idx, *smem_acc):
-      *smem, acc_ref = smem_acc
+      *smem, carry = smem_acc
       w_smem, s_smem, x_smem = unpack(smem)
+      if prefetch:
+        acc_ref, scales = carry
+        nxt = ahead(s_in, row0, isp, idx[0], 1)
+        multiply(acc_ref, w_smem.at[rows], (scales,), x_smem, t_gmem)
+        return acc_ref, nxt
       s_args = step_scales(s_in, None if nested else s_smem.at[:, rows],
-                           iw * cta_w + wg * tile_w, isp * steps + idx[0])
-      multiply(acc_ref, w_smem.at[rows], s_args, x_smem, t_gmem)
-      return acc_ref
+                           row0, isp * steps + idx[0])
+      multiply(carry, w_smem.at[rows], s_args, x_smem, t_gmem)
+      return carry
 
     specialized(step, specs(iw, ix, isp), context)(
         *streamed(s_in)(w_gmem, x_gmem))
@@ -732,6 +864,7 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
          stages: int = 3, variant: str = "plain", cluster: int = 1,
          swizzle: bool = False, load_table: bool = False,
          overlap: bool = False, nested_blocksize: int = 256,
+         prefetch: bool = False,
          bias: jax.Array | None = None,
          interpret: bool = False) -> jax.Array:
   """`x @ W.T + bias` for a 4-bit `W [n, k]` (blocksize 64), bf16.
@@ -766,6 +899,11 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
     nested_blocksize: absmax codes a nested value covers (with the
       double-quantized `absmax`). Decoded in the kernel when a power of
       two and a multiple of `tile_k / 64`; else by XLA first.
+    prefetch: with the statistics decoded in the kernel, each step makes
+      the next step's scale words before its own decode, carried in
+      registers ("plain" and "ws"; see `_compiled`). No effect where XLA
+      decodes the absmax (float32 `absmax`, or a nested blocksize the
+      kernel cannot index).
     bias: optional `[n]`, added to the float32 sums before the one
       rounding to bf16.
     interpret: the jnp twin (CPU).
@@ -791,6 +929,8 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
     tile_x = min(256, -(-m // 64) * 64)
   check_config(m, n, k, x.dtype, tile_w, tile_x, tile_k, split, stages,
                variant, bias is not None, cluster)
+  if prefetch and variant == "ks":
+    raise ValueError("prefetch: expected variant 'plain' or 'ws', got 'ks'")
   code = tuple(float(c) for c in code)
   nested = None
   if isinstance(absmax, (tuple, list)):
@@ -828,7 +968,8 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
                      out_f32=bias is not None, cluster=cluster,
                      swizzle=swizzle, load_table=load_table,
                      overlap=overlap,
-                     nested_blocksize=nested_blocksize if nested else None)
+                     nested_blocksize=nested_blocksize if nested else None,
+                     prefetch=prefetch and nested is not None)
     if part.dtype == jnp.bfloat16:  # y itself, [1, mp, n]
       return part[0, :m]
     part = part[:, :, :m]

@@ -24,7 +24,8 @@ words from memory ("sw", "lt"), run h the steps decoded in overlapped
 parts ("ov"), run i the defaults chosen from them (not run: no device
 time was left), run j more programs a weight (run in the sixteenth
 session). Run k (sixteenth session): the nested statistics decoded in the
-kernel ("dq").
+kernel ("dq"); run l (defined, not run): their scale words made a step
+ahead ("pf").
 """
 import os
 import sys
@@ -154,6 +155,19 @@ RUNS = {
            64: [(64, 64, 256, 1, 2, "plain", "swlt"),
                 (64, 64, 256, 1, 2, "plain", "dqswlt"),
                 (64, 64, 128, 1, 4, "plain", "dqswlt")]}),
+    # l (defined in the sixteenth session, not run): the statistics' scale
+    # words made a step ahead ("pf") against made in the step.
+    "l": ([((14336, 4096), 64), ((14336, 4096), 128), ((11008, 4096), 64),
+           ((11008, 4096), 128), ((14336, 4096), 256)],
+          {256: [(64, 256, 64, 1, 4, "ws"), (64, 256, 128, 1, 2, "ws", "dq"),
+                 (64, 256, 128, 1, 2, "ws", "dqpf"),
+                 (64, 256, 64, 1, 4, "ws", "dqpf")],
+           128: [(64, 128, 256, 1, 2, "ws", "dqlt"),
+                 (64, 128, 256, 1, 2, "ws", "dqltpf"),
+                 (64, 128, 128, 1, 3, "ws", "dqltpf")],
+           64: [(64, 64, 256, 1, 2, "plain", "dqswlt"),
+                (64, 64, 256, 1, 2, "plain", "dqswltpf"),
+                (64, 64, 128, 1, 4, "plain", "dqswltpf")]}),
 }
 
 def fn(n, k, cfg):
@@ -178,7 +192,7 @@ def fn(n, k, cfg):
                    k=k, tile_w=tw, tile_x=tx, tile_k=tk, split=split,
                    stages=stages, variant=variant, cluster=cluster,
                    swizzle="sw" in tag, load_table="lt" in tag,
-                   overlap="ov" in tag)
+                   overlap="ov" in tag, prefetch="pf" in tag)
   return f
 
 

@@ -86,6 +86,15 @@ def _stats(qs, nested=True):
   return ops.float_absmax(qs)
 
 
+def test_prefetch_takes_plain_and_ws_only():
+  packed, qs = _weights(64, 256, "nf4", 3)
+  with pytest.raises(ValueError, match="prefetch: expected variant 'plain' "
+                     "or 'ws', got 'ks'"):
+    gw.gemm(jnp.ones((64, 256), jnp.bfloat16), packed.reshape(-1),
+            _stats(qs), code=_code("nf4"), n=64, k=256, variant="ks",
+            prefetch=True, interpret=True)
+
+
 def test_nested_statistics_of_the_wrong_shape_are_refused():
   """The right number of codes in any shape is taken (`[n, k / 64]`, as
   some loaders keep them, equals the flat codes); a wrong count is refused
@@ -236,15 +245,16 @@ def _u64(f):
   return np.asarray(f, np.float32).view(np.uint32).astype(np.uint64)
 
 
-def _emulate(text, nreg, smem, operands, gmem=b""):
+def _emulate(text, nreg, smem, operands, gmem=b"", wide_out=False):
   """Runs the decode PTX for the 128 lanes of a warpgroup on numpy
   registers (64 bits wide; 32-bit instructions keep the low half);
   returns `[nreg, 128]` uint32 (operand i of every lane). `operands`:
   the input operands `$(nreg + i)` by i (shared addresses into `smem`,
-  global ones into `gmem`, both bytes)."""
+  global ones into `gmem`, both bytes; an operand may be an array, one
+  value a lane). `wide_out`: the outputs as 64-bit words."""
   lanes = np.arange(128, dtype=np.uint64)
   env = {"%tid.x": lanes}
-  env.update({f"${nreg + i}": np.full(128, v, np.uint64)
+  env.update({f"${nreg + i}": np.broadcast_to(np.asarray(v, np.uint64), 128)
               for i, v in operands.items()})
   mems = {"shared": np.frombuffer(np.asarray(smem).tobytes(), np.uint8),
           "global": np.frombuffer(bytes(gmem), np.uint8)}
@@ -279,6 +289,16 @@ def _emulate(text, nreg, smem, operands, gmem=b""):
       for i, r in enumerate(regs):
         env[r] = load("shared" if op.startswith("ld.shared") else "global",
                       base + np.uint64(size * i), size)
+      continue
+    if op == "mov.b64" and "{" in rest:  # pack two words, or unpack
+      m = re.match(r"(\{[^}]*\}|\S+),\s*(\{[^}]*\}|\S+)", rest)
+      dst, srcs = m.group(1), m.group(2)
+      if dst.startswith("{"):
+        lo, hi = (r.strip() for r in dst.strip("{}").split(","))
+        env[lo], env[hi] = env[srcs] & _MASK32, env[srcs] >> np.uint64(32)
+      else:
+        lo, hi = (val(r) for r in srcs.strip("{}").split(","))
+        env[dst] = (lo & _MASK32) | (hi << np.uint64(32))
       continue
     args = [a.strip() for a in rest.split(",")]
     d, src = args[0], [val(a) for a in args[1:]]
@@ -323,7 +343,8 @@ def _emulate(text, nreg, smem, operands, gmem=b""):
     else:
       raise AssertionError(f"emulator: unknown instruction {line!r}")
     env[d] = r if wide else r & _MASK32
-  return np.stack([env[f"${i}"] for i in range(nreg)]).astype(np.uint32)
+  out = np.stack([env[f"${i}"] for i in range(nreg)])
+  return out if wide_out else out.astype(np.uint32)
 
 
 def _swizzled(packed):
@@ -400,18 +421,22 @@ def _decoded(packed, absmax, quant_type):
   return (table[codes] * scale).astype(jnp.bfloat16).astype(np.float32)
 
 
-@pytest.mark.parametrize("tile_w,tile_k,swizzle,load_table,part", [
-    (64, 256, True, True, None), (128, 128, False, False, None),
-    (64, 64, False, True, None), (128, 256, True, False, 2)])
+@pytest.mark.parametrize("tile_w,tile_k,swizzle,load_table,part,ahead", [
+    (64, 256, True, True, None, False), (128, 128, False, False, None, False),
+    (64, 64, False, True, None, False), (128, 256, True, False, 2, False),
+    (64, 256, True, True, None, True), (128, 128, False, True, None, True),
+    (64, 64, False, False, None, True), (128, 256, True, True, 1, True)])
 def test_decode_ptx_decodes_the_nested_absmax(tile_w, tile_k, swizzle,
-                                              load_table, part):
+                                              load_table, part, ahead):
   """With `nested`, each block's absmax comes from the double-quantized
   statistics in global memory: the row's code byte for this step,
   `nested_code[code] * nested_absmax[block // 256]`, then `+ offset`, in
   fp32 and rounded apart (bitsandbytes' order, `ops.float_absmax`), then
   bf16. The tile sits inside a larger weight (rows from tile_w of three
   tiles, step 3 of 8), so the row and step offsets and the nested index
-  all count; with `part`, one 64-column part of the step."""
+  all count; with `part`, one 64-column part of the step. `ahead`: the
+  scale words made by `scales_ptx` (a step ahead in the kernel) and handed
+  to the decode in registers give the same values."""
   rng = np.random.default_rng(tile_w * 3 + tile_k)
   kb, steps, row0, step = tile_k // 64, 8, tile_w, 3
   nkb, rows_all = kb * steps, 3 * tile_w
@@ -438,13 +463,24 @@ def test_decode_ptx_decodes_the_nested_absmax(tile_w, tile_k, swizzle,
   groups = tile_w // 64
   cols = tile_k if part is None else 64
   nreg = groups * cols // 8 * 2
-  text = gw.decode_ptx(_code("nf4"), tile_w, tile_k, swizzle=swizzle,
-                       load_table=load_table, part=part, nested=(nkb, 256))
+  stats = [layout["codes"] + row0 * nkb + step * kb, layout["codes"],
+           layout["nested"], layout["code2"], layout["offset"]]
+  if ahead:
+    _, wide = gw._scale_slots(tile_w, tile_k)  # pylint: disable=protected-access
+    words = _emulate(gw.scales_ptx(tile_w, tile_k, (nkb, 256)), wide,
+                     b"", dict(enumerate(stats)), gmem, wide_out=True)
+    text = gw.decode_ptx(_code("nf4"), tile_w, tile_k, swizzle=swizzle,
+                         load_table=load_table, part=part, scales=True)
+    assert "ld.global.nc.f32" not in text
+    operands = {0: 0, **{1 + j: words[j] for j in range(wide)},
+                1 + wide: layout["table"]}
+  else:
+    text = gw.decode_ptx(_code("nf4"), tile_w, tile_k, swizzle=swizzle,
+                         load_table=load_table, part=part, nested=(nkb, 256))
+    operands = {0: 0, **{1 + i: a for i, a in enumerate(stats)},
+                6: layout["table"]}
   assert "ld.shared.u32 sc" not in text
-  out = _emulate(text, nreg, stored, {
-      0: 0, 1: layout["codes"] + row0 * nkb + step * kb,
-      2: layout["codes"], 3: layout["nested"], 4: layout["code2"],
-      5: layout["offset"], 6: layout["table"]}, gmem)
+  out = _emulate(text, nreg, stored, operands, gmem)
   want = _decoded(packed, absmax, "nf4")
   if part is not None:
     want = want[:, 64 * part:64 * part + 64]
@@ -489,10 +525,13 @@ def test_lowers_for_cuda():
   n, k, m = 256, 1024, 128
   stats = (s((n * k // 64,), jnp.uint8), s((n * k // 64 // 256,), jnp.float32),
            s((256,), jnp.float32), s((), jnp.float32))
-  for variant, absmax in itertools.product(
-      ("plain", "ws", "ks"), (s((n * k // 64,), jnp.float32), stats)):
+  for variant, absmax, prefetch in [
+      *itertools.product(("plain", "ws", "ks"),
+                         (s((n * k // 64,), jnp.float32), stats), (False,)),
+      ("plain", stats, True), ("ws", stats, True)]:
     fn = functools.partial(gw.gemm, code=_code("nf4"), n=n, k=k, tile_w=64,
-                           tile_x=128, tile_k=64, variant=variant)
+                           tile_x=128, tile_k=64, variant=variant,
+                           prefetch=prefetch)
     try:
       text = helpers.lowered_for_h200(
           lambda x, p, a, fn=fn: fn(x, p, a), s((m, k), jnp.bfloat16),
@@ -545,6 +584,17 @@ _GPU_CASES = [
                variant="ws", overlap=True, load_table=True)),
     (128, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=2,
                variant="ks", overlap=True, swizzle=True)),
+    # The statistics' scale words made a step ahead (with float32 absmax
+    # these run without): K split (the step index), two row groups and
+    # 64-column steps (padded slots), overlapped parts.
+    (64, dict(tile_w=64, tile_x=64, tile_k=256, split=1, stages=2,
+              variant="plain", swizzle=True, load_table=True, prefetch=True)),
+    (128, dict(tile_w=64, tile_x=128, tile_k=128, split=2, stages=2,
+               variant="ws", load_table=True, prefetch=True)),
+    (96, dict(tile_w=128, tile_x=128, tile_k=64, split=1, stages=3,
+              variant="plain", prefetch=True)),
+    (64, dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
+              variant="plain", overlap=True, prefetch=True)),
 ]
 
 
