@@ -218,11 +218,12 @@ def _scale_slots(tile_w: int, tile_k: int) -> tuple[int, int]:
 def _scale_lines(groups, blocks, nested, ptrs, dst):
   """PTX: each of this lane's rows' scale words of the step from the
   double-quantized statistics (`decode_ptx`'s `nested`), into `dst(i, h,
-  qi)`. Needs `wp` and `g` set and the registers of `_SCALE_REGS`."""
+  qi)`. Needs `wp` and `g` set, and the registers and the offset of
+  `_scale_regs`."""
   nkb, nbs = nested
-  c_step, c_base, n_ptr, c2_ptr, off_ptr = ptrs
+  c_step, c_base, n_ptr, c2_ptr = ptrs
   width = {4: "u32", 2: "u16", 1: "u8"}[len(blocks)]
-  lines = [f"ld.global.nc.f32 off, [{off_ptr}];"]
+  lines = []
   for i in range(groups):
     for h in range(2):
       lines += [f"mad.lo.u32 r, wp, 16, g;",
@@ -242,8 +243,10 @@ def _scale_lines(groups, blocks, nested, ptrs, dst):
   return lines
 
 
-_SCALE_REGS = [".reg .b32 cw, cq, fl;", ".reg .b64 ca, ta;",
-               ".reg .f32 nv, av, off;"]
+def _scale_regs(off_ptr):
+  """The registers `_scale_lines` uses, and the offset loaded."""
+  return [".reg .b32 cw, cq, fl;", ".reg .b64 ca, ta;",
+          ".reg .f32 nv, av, off;", f"ld.global.nc.f32 off, [{off_ptr}];"]
 
 
 def _check_nested(nested, kb):
@@ -267,12 +270,12 @@ def scales_ptx(tile_w: int, tile_k: int, nested: tuple[int, int]) -> str:
   _check_nested(nested, kb)
   per, wide = _scale_slots(tile_w, tile_k)
   lines = ["{", ".reg .b32 tid, lane, wp, g, r;",
-           f".reg .b32 sc<{2 * wide}>;", *_SCALE_REGS,
+           f".reg .b32 sc<{2 * wide}>;", *_scale_regs(f"${wide + 4}"),
            "mov.u32 tid, %tid.x;", "and.b32 lane, tid, 31;",
            "shr.u32 wp, tid, 5;", "and.b32 wp, wp, 3;", "shr.u32 g, lane, 2;"]
   lines += [f"mov.b32 sc{j}, 0;" for j in range(2 * wide)]  # the padding
   lines += _scale_lines(groups, range(kb), nested,
-                        [f"${wide + i}" for i in range(5)],
+                        [f"${wide + i}" for i in range(4)],
                         lambda i, h, qi: f"sc{i * per + h * kb + qi}")
   lines += [f"mov.b64 ${j}, {{sc{2 * j}, sc{2 * j + 1}}};"
             for j in range(wide)]
@@ -347,7 +350,9 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
   elif nested:
     _check_nested(nested, kb)
     t_ptr = f"${nreg + 6}"
-    lines += [*_SCALE_REGS, f".reg .b32 sc<{groups * 2 * len(blocks)}>;"]
+    lines += [".reg .b32 cw, cq, fl;", ".reg .b64 ca, ta;",
+              f".reg .b32 sc<{groups * 2 * len(blocks)}>;",
+              *_scale_regs(f"${nreg + 5}")[2:]]
   else:
     lines.append(f"mov.u32 sbase, ${nreg + 1};")
     t_ptr = f"${nreg + 2}"
@@ -380,7 +385,7 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
     # bitsandbytes' product and sum, rounded apart, and bf16 in both halves.
     nb = len(blocks)
     lines += _scale_lines(groups, blocks, nested,
-                          [f"${nreg + 1 + i}" for i in range(5)],
+                          [f"${nreg + 1 + i}" for i in range(4)],
                           lambda i, h, qi: f"sc{(2 * i + h) * nb + qi}")
   for i in range(groups):
     for h in range(2):

@@ -135,7 +135,8 @@ MUTANTS: tuple[Mutant, ...] = (
            'f"shr.u32 fl, fl, {nbs.bit_length() - 1};"',
            'f"shr.u32 fl, fl, {nbs.bit_length()};"',
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
-            "test_decode_ptx_decodes_the_nested_absmax[64-256-True-True-None]",)),
+            "test_decode_ptx_decodes_the_nested_absmax[64-256-True-True-None-"
+            "False]",)),
     Mutant("wgmma-gemm-decodes-nested-at-any-m", "jaxbnb/_src/quant/kernels.py",
            "return qs.nested and m <= GEMM_NESTED_MAX_M",
            "return qs.nested",
