@@ -28,6 +28,9 @@ as array inputs and never import jaxbnb. All but `gemv_4bit_tma` and
 * `lut_decode`: the 4-bit codes decoded in registers (byte permutes).
 * `warp_mma`: those values fed to a warp-wide tensor-core product
   (`mma.sync`) from registers, for `gemv_4bit`'s "warp" variant.
+* `wgmma_decode`: the PTX text of `gemm_4bit_wgmma`'s decode (wgmma's A
+  registers, the absmax from scale words or the double-quantized
+  statistics).
 
 Each module has `can_use(...)`; jaxbnb falls back to its pure-jnp reference
 (`jaxbnb._src.quant.reference`) where a kernel cannot run. Every kernel runs under

@@ -107,19 +107,19 @@ MUTANTS: tuple[Mutant, ...] = (
            (_ATTN + "test_matches_einsum_path[1-32-8-128-256-None-131-"
             "interpret]",)),
     Mutant("wgmma-gemm-gathers-the-wrong-byte",
-           "pallas_kernels/gemm_4bit_wgmma.py",
+           "pallas_kernels/wgmma_decode.py",
            '"mad.lo.u32 sel, c, 17, 64;"',
            '"mad.lo.u32 sel, c, 16, 64;"',
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_decode_ptx_fills_wgmma_registers[64-64-nf4-False-False]",)),
     Mutant("wgmma-gemm-swizzle-of-the-wrong-rows",
-           "pallas_kernels/gemm_4bit_wgmma.py",
+           "pallas_kernels/wgmma_decode.py",
            '"shr.u32 xo, xo, 7;"',
            '"shr.u32 xo, xo, 8;"',
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_decode_ptx_fills_wgmma_registers[64-64-nf4-True-True]",)),
     Mutant("wgmma-gemm-loads-the-wrong-table-words",
-           "pallas_kernels/gemm_4bit_wgmma.py",
+           "pallas_kernels/wgmma_decode.py",
            "return np.asarray(words[0::2], np.uint32)",
            "return np.asarray(words[1::2], np.uint32)",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
@@ -131,7 +131,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_follows_k",)),
     Mutant("wgmma-gemm-nested-value-of-the-wrong-block",
-           "pallas_kernels/gemm_4bit_wgmma.py",
+           "pallas_kernels/wgmma_decode.py",
            'f"shr.u32 fl, fl, {nbs.bit_length() - 1};"',
            'f"shr.u32 fl, fl, {nbs.bit_length()};"',
            ("tests/kernels/gemm_4bit_wgmma_test.py::"

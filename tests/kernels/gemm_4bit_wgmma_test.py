@@ -1,8 +1,9 @@
 """The 4-bit wgmma GEMM (`pallas_kernels.gemm_4bit_wgmma`, Mosaic GPU).
 
 On the CPU: the jnp twin against the documented weight (through
-`F.matmul_4bit`, as users reach it, and directly), the decode's PTX run by
-a small emulator for all 128 lanes of a warpgroup and read back through
+`F.matmul_4bit`, as users reach it, and directly), the decode's PTX
+(`wgmma_decode`) run by a small emulator for all 128 lanes of a
+warpgroup and read back through
 Mosaic GPU's `WGMMA_LAYOUT` (the lane map, the byte gather and the decode
 that only the GPU otherwise runs), the config errors and the dispatch
 rule. `pytest -m gpu` runs the compiled kernel.
@@ -26,6 +27,7 @@ from jaxbnb._src.quant import kernels
 from jaxbnb._src.quant import ops
 from pallas_kernels import gemm_4bit_wgmma as gw
 from pallas_kernels import lut_decode
+from pallas_kernels import wgmma_decode as wd
 from tests import helpers
 from tests.kernels import _util
 
@@ -382,11 +384,11 @@ def test_decode_ptx_fills_wgmma_registers(tile_w, tile_k, quant_type,
   stored = _swizzled(packed) if swizzle else packed.reshape(-1)
   smem = np.concatenate([stored, scales.reshape(-1).view(np.uint8)])
   nreg = tile_w // 64 * tile_k // 8 * 2
-  text = gw.decode_ptx(_code(quant_type), tile_w, tile_k, swizzle=swizzle,
+  text = wd.decode_ptx(_code(quant_type), tile_w, tile_k, swizzle=swizzle,
                        load_table=load_table)
   assert ("ld.global" in text) == load_table
   out = _emulate(text, nreg, smem, {0: 0, 1: packed.size, 2: 0},
-                 gw.table_operands(_code(quant_type)).tobytes())
+                 wd.table_operands(_code(quant_type)).tobytes())
   np.testing.assert_array_equal(_read_back(out, tile_w, tile_k),
                                 _decoded(packed, absmax, quant_type))
 
@@ -451,7 +453,7 @@ def test_decode_ptx_decodes_the_nested_absmax(tile_w, tile_k, swizzle,
   layout, gmem = {}, b""
   for name, arr in (("codes", codes), ("nested", nested_absmax),
                     ("code2", nested_code), ("offset", np.asarray([offset])),
-                    ("table", gw.table_operands(_code("nf4")))):
+                    ("table", wd.table_operands(_code("nf4")))):
     gmem += b"\0" * (-len(gmem) % 16)
     layout[name] = len(gmem)
     gmem += arr.tobytes()
@@ -466,16 +468,16 @@ def test_decode_ptx_decodes_the_nested_absmax(tile_w, tile_k, swizzle,
   stats = [layout["codes"] + row0 * nkb + step * kb, layout["codes"],
            layout["nested"], layout["code2"], layout["offset"]]
   if ahead:
-    _, wide = gw._scale_slots(tile_w, tile_k)  # pylint: disable=protected-access
-    words = _emulate(gw.scales_ptx(tile_w, tile_k, (nkb, 256)), wide,
+    _, wide = wd.scale_slots(tile_w, tile_k)
+    words = _emulate(wd.scales_ptx(tile_w, tile_k, (nkb, 256)), wide,
                      b"", dict(enumerate(stats)), gmem, wide_out=True)
-    text = gw.decode_ptx(_code("nf4"), tile_w, tile_k, swizzle=swizzle,
+    text = wd.decode_ptx(_code("nf4"), tile_w, tile_k, swizzle=swizzle,
                          load_table=load_table, part=part, scales=True)
     assert "ld.global.nc.f32" not in text
     operands = {0: 0, **{1 + j: words[j] for j in range(wide)},
                 1 + wide: layout["table"]}
   else:
-    text = gw.decode_ptx(_code("nf4"), tile_w, tile_k, swizzle=swizzle,
+    text = wd.decode_ptx(_code("nf4"), tile_w, tile_k, swizzle=swizzle,
                          load_table=load_table, part=part, nested=(nkb, 256))
     operands = {0: 0, **{1 + i: a for i, a in enumerate(stats)},
                 6: layout["table"]}
@@ -489,7 +491,7 @@ def test_decode_ptx_decodes_the_nested_absmax(tile_w, tile_k, swizzle,
 
 def test_decode_ptx_refuses_a_nested_blocksize_it_cannot_index():
   with pytest.raises(ValueError, match="nested: .*power of two.*got 96"):
-    gw.decode_ptx(_code("nf4"), 64, 128, nested=(64, 96))
+    wd.decode_ptx(_code("nf4"), 64, 128, nested=(64, 96))
 
 
 @pytest.mark.parametrize("tile_w,tile_k,swizzle", [(64, 128, False),
@@ -507,11 +509,11 @@ def test_decode_ptx_part_is_its_columns_of_the_whole(tile_w, tile_k, swizzle):
   smem = np.concatenate([stored, scales.reshape(-1).view(np.uint8)])
   code = _code("nf4")
   nreg = tile_w // 64 * tile_k // 8 * 2
-  whole = _emulate(gw.decode_ptx(code, tile_w, tile_k, swizzle=swizzle),
+  whole = _emulate(wd.decode_ptx(code, tile_w, tile_k, swizzle=swizzle),
                    nreg, smem, {0: 0, 1: packed.size})
   whole = whole.reshape(tile_w // 64, tile_k // 64, 16, 128)
   for q in range(tile_k // 64):
-    part = _emulate(gw.decode_ptx(code, tile_w, tile_k, swizzle=swizzle,
+    part = _emulate(wd.decode_ptx(code, tile_w, tile_k, swizzle=swizzle,
                                   part=q), nreg // (tile_k // 64), smem,
                     {0: 0, 1: packed.size})
     np.testing.assert_array_equal(part.reshape(tile_w // 64, 16, 128),
