@@ -597,6 +597,8 @@ _GPU_CASES = [
               variant="plain", prefetch=True)),
     (64, dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
               variant="plain", overlap=True, prefetch=True)),
+    (256, dict(tile_w=64, tile_x=256, tile_k=64, split=1, stages=2,
+               variant="ws", prefetch=True)),
 ]
 
 
