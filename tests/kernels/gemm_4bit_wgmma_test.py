@@ -609,7 +609,8 @@ _GPU_CASES = [
 def test_gpu_gemm(case, nested, with_bias):
   """The compiled kernel (default tiles, all three variants, K split, x
   tiles of 16-256 rows, clusters sharing x, the weight tile swizzled, the
-  table words from memory, steps decoded in overlapped parts) against the
+  table words from memory, steps decoded in overlapped parts, the
+  statistics' scale words made a step ahead) against the
   documented weight: with the double-quantized statistics decoded in the
   kernel and with float32 absmax (scale words by TMA); with a bias
   (float32 tile, transposed by XLA) and without (bf16 `y` stored by the
