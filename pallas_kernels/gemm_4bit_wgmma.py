@@ -470,11 +470,10 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     step = isp * steps + jnp.minimum(t + by, steps - 1)
     return make_scales(*step_scales(s_in, None, row0, step))
 
-  def streamed(s_in):
+  def streamed(w_gmem, s_in, x_gmem):
     """The inputs the pipeline streams: the weight, the scale words (unless
     nested) and x."""
-    return lambda w_gmem, x_gmem: ((w_gmem, x_gmem) if nested
-                                   else (w_gmem, *s_in, x_gmem))
+    return (w_gmem, x_gmem) if nested else (w_gmem, *s_in, x_gmem)
 
   def unpack(refs):
     """(weight, scale words or None, x) of a step's shared refs."""
@@ -507,7 +506,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       plgpu.emit_pipeline(step_ahead if prefetch else step, grid=(steps,),
                           in_specs=specs(iw, ix, isp),
                           max_concurrent_steps=stages, **carry)(
-                              *streamed(s_in)(w_gmem, x_gmem))
+                              *streamed(w_gmem, s_in, x_gmem))
       store(acc_ref[...], o_smem, o_gmem, iw, ix, isp, 0)
 
   def jaxbnb_gemm_4bit_wgmma_ws(w_gmem, x_gmem, t_gmem, *refs):
@@ -544,7 +543,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       return carry
 
     specialized(step, specs(iw, ix, isp), context)(
-        *streamed(s_in)(w_gmem, x_gmem))
+        *streamed(w_gmem, s_in, x_gmem))
 
   def ks_specs(iw, ix, isp):
     def at(h):
@@ -594,7 +593,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
                                            s_args, x_smem, t_gmem))
       return acc_ref
 
-    streams = streamed(s_in)(w_gmem, x_gmem)
+    streams = streamed(w_gmem, s_in, x_gmem)
     specialized(step, ks_specs(iw, ix, isp), context)(*streams, *streams)
 
   cluster_kw = (dict(cluster=(cluster,), cluster_names=("c",))

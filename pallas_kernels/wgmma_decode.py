@@ -167,9 +167,8 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
   elif nested:
     _check_nested(nested, kb)
     t_ptr = f"${nreg + 6}"
-    lines += [".reg .b32 cw, cq, fl;", ".reg .b64 ca, ta;",
-              f".reg .b32 sc<{groups * 2 * len(blocks)}>;",
-              *_scale_regs(f"${nreg + 5}")[2:]]
+    lines += [f".reg .b32 sc<{groups * 2 * len(blocks)}>;",
+              *_scale_regs(f"${nreg + 5}")]
   else:
     lines.append(f"mov.u32 sbase, ${nreg + 1};")
     t_ptr = f"${nreg + 2}"

@@ -39,9 +39,6 @@ CASES = [((14336, 4096), 64), ((14336, 4096), 128), ((14336, 4096), 256),
 def kernel_only(n, k, m):
   """The default config's kernel on scale words made beforehand."""
   cfg = gw.default_config(m, False, k)
-  cfg.setdefault("swizzle", False)
-  cfg.setdefault("load_table", False)
-  cfg.pop("cluster", None)
 
   def f(x, p, s):
     tx = cfg["tile_x"]
