@@ -130,7 +130,10 @@ def default_config(m: int, out_f32: bool = False,
   (shared memory). With `nested` (the kernel decodes the double
   quantization, a few loads a step) x's 128-row tile steps 256 columns,
   two in flight, where K allows and there is no float32 output: half the
-  steps, so half the loads' latency (sixteenth session)."""
+  steps, so half the loads' latency (sixteenth session); x's 256-row
+  tile steps 128 columns (two in flight; 64, four, where K is not a
+  multiple of 128) and makes each step's scale words a step ahead
+  (`prefetch`; without a float32 output; seventeenth session)."""
   if m <= 64:
     if k is not None and k % 256:
       return dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
@@ -143,6 +146,10 @@ def default_config(m: int, out_f32: bool = False,
                   variant="ws", load_table=True)
     return dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=3,
                 variant="ws", load_table=True)
+  if nested and not out_f32:
+    wide = k is None or k % 128 == 0
+    return dict(tile_w=64, tile_x=256, tile_k=128 if wide else 64, split=1,
+                stages=2 if wide else 4, variant="ws", prefetch=True)
   return dict(tile_w=64, tile_x=256, tile_k=64, split=1,
               stages=2 if out_f32 else 4, variant="ws")
 

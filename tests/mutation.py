@@ -137,12 +137,19 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_decode_ptx_decodes_the_nested_absmax[64-256-True-True-None-"
             "False]",)),
-    Mutant("wgmma-gemm-decodes-nested-at-any-m", "jaxbnb/_src/quant/kernels.py",
-           "return qs.nested and m <= GEMM_NESTED_MAX_M",
+    Mutant("wgmma-gemm-decodes-nested-at-any-m-with-a-bias",
+           "jaxbnb/_src/quant/kernels.py",
+           "return qs.nested and (not bias or m <= GEMM_NESTED_BIAS_MAX_M)",
            "return qs.nested",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_matmul_4bit_hands_the_statistics_to_the_kernel[129-True-"
-            "False]",)),
+            "True-False]",)),
+    Mutant("wgmma-gemm-no-prefetch-at-256-rows",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           'stages=2 if wide else 4, variant="ws", prefetch=True)',
+           'stages=2 if wide else 4, variant="ws")',
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_default_config_follows_k",)),
     Mutant("wgmma-gemm-for-small-weights", "jaxbnb/_src/quant/kernels.py",
            "if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= GEMM_MIN_N",
            "if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= 128",

@@ -14,7 +14,11 @@ both paths, the kernel alone on scale words made beforehand, the absmax
 step alone and XLA's bf16 dot; one JSON line per (shape, M) goes to
 $OUT/gemm_absmax_cost.jsonl (the first run, before the change, has no
 "float_path": its "package" was that path). "ncu" runs the package path once per M after
-a warm-up, so Nsight Compute lists each kernel of one call.
+a warm-up, so Nsight Compute lists each kernel of one call. "ncupf"
+(seventeenth session) runs, once each after a warm-up, the kernel on the
+statistics without and with `prefetch` (the next step's scale words made
+a step ahead) for each case, in that order, so Nsight Compute times the
+kernels themselves.
 """
 import json
 import os
@@ -58,6 +62,21 @@ def main():
       made = {(n, k): make(n, k)}
     base = made[(n, k)]
     x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
+    if what == "ncupf":
+      stats = lambda q: (q.absmax, q.nested_absmax, q.nested_code, q.offset)
+      cfgs = [dict(gw.default_config(m, False, k, nested=True))]
+      cfgs[0].pop("prefetch", None)
+      if m > 128:  # the sixteenth session's 256-row default, then this one
+        cfgs = [dict(cfgs[0], tile_k=64, stages=4), cfgs[0]]
+      for cfg in cfgs:
+        for pf in (False, True):
+          g = jax.jit(lambda x, p, q, cfg=cfg, pf=pf: gw.gemm(
+              x, p.reshape(-1), stats(q), code=CODE, n=n, k=k, prefetch=pf,
+              **cfg))
+          jax.block_until_ready(g(x, base[0][7], base[0][6]))
+          print(f"--- {n}x{k} M={m} {cfg} prefetch={pf}", flush=True)
+          jax.block_until_ready(g(x, base[1][7], base[1][6]))
+      continue
     if what == "ncu":
       f = jax.jit(lambda x, p, q: F.matmul_4bit(x, p, q))
       jax.block_until_ready(f(x, base[0][7], base[0][6]))

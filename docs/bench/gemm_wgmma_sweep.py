@@ -25,7 +25,8 @@ parts ("ov"), run i the defaults chosen from them (not run: no device
 time was left), run j more programs a weight (run in the sixteenth
 session). Run k (sixteenth session): the nested statistics decoded in the
 kernel ("dq"); run l (defined, not run): their scale words made a step
-ahead ("pf").
+ahead ("pf"; run in the seventeenth session). Run m (seventeenth
+session): K splits with the statistics on 4096-row weights.
 """
 import os
 import sys
@@ -168,6 +169,30 @@ RUNS = {
            64: [(64, 64, 256, 1, 2, "plain", "dqswlt"),
                 (64, 64, 256, 1, 2, "plain", "dqswltpf"),
                 (64, 64, 128, 1, 4, "plain", "dqswltpf")]}),
+    # m (seventeenth session): K splits with the statistics on the shapes
+    # the kernel does not serve (too few row tiles for 132 SMs: 4096 rows,
+    # the K-long 4096x14336), and at M = 256 the 128-column steps with
+    # the scale words made ahead.
+    "m": ([((4096, 14336), 64), ((4096, 4096), 64), ((4096, 14336), 256),
+           ((4096, 4096), 256), ((4096, 14336), 128), ((4096, 4096), 128),
+           ((11008, 4096), 256)],
+          {256: [(64, 256, 128, 1, 2, "ws", "dqpf"),
+                 (64, 256, 128, 2, 2, "ws", "dqpf"),
+                 (64, 256, 128, 4, 2, "ws", "dqpf"),
+                 (64, 256, 64, 2, 4, "ws", "dqpf"),
+                 (64, 128, 256, 2, 2, "ws", "dqlt"),
+                 (64, 256, 128, 2, 2, "ks", "dq")],
+           128: [(64, 128, 256, 1, 2, "ws", "dqlt"),
+                 (64, 128, 256, 2, 2, "ws", "dqlt"),
+                 (64, 128, 256, 4, 2, "ws", "dqlt"),
+                 (64, 128, 128, 4, 3, "ws", "dqlt"),
+                 (64, 128, 256, 2, 2, "ks", "dqlt")],
+           64: [(64, 64, 256, 1, 2, "plain", "dqswlt"),
+                (64, 64, 256, 2, 2, "plain", "dqswlt"),
+                (64, 64, 256, 4, 2, "plain", "dqswlt"),
+                (64, 64, 128, 4, 4, "plain", "dqswlt"),
+                (64, 64, 256, 2, 2, "ks", "dqswlt"),
+                (64, 64, 256, 4, 2, "ks", "dqswlt")]}),
 }
 
 def fn(n, k, cfg):

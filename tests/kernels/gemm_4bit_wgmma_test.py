@@ -211,8 +211,9 @@ def test_smem_estimate_matches_mosaic():
 def test_default_config_follows_k():
   """M <= 64 takes steps of 256 columns where K allows, else 128, and so
   does M = 65-128 when the kernel decodes the double quantization (no
-  float32 output); every default fits shared memory and is taken by
-  `can_use`."""
+  float32 output); M = 129-256 with the statistics steps 128 columns
+  (64 where K is not a multiple of 128) and makes the scale words a step
+  ahead; every default fits shared memory and is taken by `can_use`."""
   assert gw.default_config(64, k=4096)["tile_k"] == 256
   assert gw.default_config(64, k=384)["tile_k"] == 128
   assert gw.default_config(64)["tile_k"] == 256
@@ -220,12 +221,23 @@ def test_default_config_follows_k():
   assert gw.default_config(128, k=4096, nested=True)["tile_k"] == 256
   assert gw.default_config(100, k=384, nested=True)["tile_k"] == 128
   assert gw.default_config(128, True, 4096, nested=True)["tile_k"] == 128
-  for m, k, out_f32 in itertools.product((65, 128), (4096, 384),
-                                         (False, True)):
+  wide = gw.default_config(256, k=4096, nested=True)
+  assert (wide["tile_k"], wide["stages"], wide["prefetch"]) == (128, 2, True)
+  narrow = gw.default_config(129, k=320, nested=True)
+  assert (narrow["tile_k"], narrow["stages"], narrow["prefetch"]) == (64, 4,
+                                                                      True)
+  assert "prefetch" not in gw.default_config(256, True, 4096, nested=True)
+  assert "prefetch" not in gw.default_config(256, k=4096)
+  for m, k, out_f32 in itertools.chain(
+      itertools.product((65, 128, 129, 256), (4096, 384), (False, True)),
+      [(129, 320, False), (256, 320, True)]):
     cfg = gw.default_config(m, out_f32, k, nested=True)
     gw.check_config(m, 10240, k, jnp.bfloat16, out_f32=out_f32,
                     **{a: cfg[a] for a in ("tile_w", "tile_x", "tile_k",
                                            "split", "stages", "variant")})
+    assert gw.smem_bytes(cfg["tile_w"], cfg["tile_x"], cfg["tile_k"],
+                         cfg["stages"], cfg["variant"],
+                         out_f32) <= gw.SMEM_LIMIT
   for m, k in ((64, 4096), (64, 384), (128, 384), (256, 4096)):
     assert gw.can_use(m, 10240, k, 64, jnp.bfloat16)
     assert gw.can_use(m, 10240, k, 64, jnp.bfloat16, out_f32=True)
@@ -642,18 +654,21 @@ def test_gpu_matmul_4bit_takes_the_gemm():
   _check(F.matmul_4bit(x, packed, qs), x, packed, qs)
 
 
-@pytest.mark.parametrize("m,nested,decodes", [
-    (64, True, True), (128, True, True), (129, True, False),
-    (256, True, False), (64, False, False)])
+@pytest.mark.parametrize("m,nested,with_bias,decodes", [
+    (64, True, False, True), (128, True, False, True),
+    (129, True, False, True), (256, True, False, True),
+    (128, True, True, True), (129, True, True, False),
+    (256, True, True, False), (64, False, False, False)])
 def test_matmul_4bit_hands_the_statistics_to_the_kernel(monkeypatch, m,
-                                                        nested, decodes):
+                                                        nested, with_bias,
+                                                        decodes):
   """`F.matmul_4bit` gives the wgmma GEMM the double-quantized statistics
-  (decoded by the kernel) up to `GEMM_NESTED_MAX_M` rows, and float32
-  absmax above or for a plain absmax; the product is the kernel weight's
-  either way."""
+  (decoded by the kernel) at every M without a bias and up to
+  `GEMM_NESTED_BIAS_MAX_M` rows with one, and float32 absmax above that
+  or for a plain absmax; the product is the kernel weight's either way."""
   n, k = kernels.GEMM_MIN_N, 128
   packed, qs = _weights(n, k, "nf4", 11, nested)
-  assert kernels.gemm_decodes_nested(m, qs) is decodes
+  assert kernels.gemm_decodes_nested(m, qs, with_bias) is decodes
   seen = []
   real = gw.gemm
 
@@ -663,7 +678,9 @@ def test_matmul_4bit_hands_the_statistics_to_the_kernel(monkeypatch, m,
 
   monkeypatch.setattr(gw, "gemm", spy)
   x = jnp.asarray(_util.rng_array((m, k), 6, jnp.bfloat16))
+  bias = (jnp.asarray(_util.rng_array((n,), 7, jnp.bfloat16)) if with_bias
+          else None)
   with jaxbnb.kernel_mode("interpret"):
-    y = F.matmul_4bit(x, packed, qs)
+    y = F.matmul_4bit(x, packed, qs, bias=bias)
   assert seen == [decodes]
-  _check(y, x, packed, qs)
+  _check(y, x, packed, qs, bias)

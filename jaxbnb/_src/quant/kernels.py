@@ -49,14 +49,17 @@ GEMV_LARGE_M_MIN_SIZE = 4096 * 4096
 GEMM_MIN_M = 64
 GEMM_MAX_M = 256
 GEMM_MIN_N = 10240
-# Up to GEMM_NESTED_MAX_M rows the kernel decodes the double quantization
-# itself (docs/benchmarks.md, "wgmma GEMM: the double quantization decoded
-# in the kernel", H200): on 14336x4096 that took the two XLA passes' 7.7
-# us off each call and cost the kernel 2.6 us at M = 64, 5.3 at M = 128
-# (before its steps went to 256 columns); at M = 256 the kernel lost 8.6
-# us, so XLA decodes there. `jaxbnb bench matmul`: M = 64 37.7 -> 33.7
-# us, M = 128 43.9 -> 38.4.
-GEMM_NESTED_MAX_M = 128
+# The kernel decodes the double quantization itself (docs/benchmarks.md,
+# "wgmma GEMM: the double quantization decoded in the kernel", H200): on
+# 14336x4096 that took the two XLA passes' 7.7 us off each call and cost
+# the kernel 2.6 us at M = 64, 5.3 at M = 128 (before its steps went to
+# 256 columns); `jaxbnb bench matmul`: M = 64 37.7 -> 33.7 us, M = 128
+# 43.9 -> 38.4. At M = 129-256 the kernel lost 8.6 us until its steps went
+# to 128 columns with the scale words made a step ahead (seventeenth
+# session, Nsight Compute: 52.1-52.6 us against 48.6 + 7.6). With a bias
+# (a float32 output tile, less shared memory) that form does not fit, so
+# there XLA decodes above GEMM_NESTED_BIAS_MAX_M rows.
+GEMM_NESTED_BIAS_MAX_M = 128
 
 
 def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
@@ -73,11 +76,11 @@ def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
   return mode == "pallas" and gw.available() and gw.on_hopper()
 
 
-def gemm_decodes_nested(m: int, qs) -> bool:
+def gemm_decodes_nested(m: int, qs, bias: bool = False) -> bool:
   """Whether the wgmma GEMM takes `qs`'s double-quantized statistics at M =
   m and decodes them itself (no XLA pass over the absmax before it):
-  nested, and m at most GEMM_NESTED_MAX_M."""
-  return qs.nested and m <= GEMM_NESTED_MAX_M
+  nested, and without a bias or m at most GEMM_NESTED_BIAS_MAX_M."""
+  return qs.nested and (not bias or m <= GEMM_NESTED_BIAS_MAX_M)
 
 
 def gemm(x2d, packed, qs, absmax, bias, mode):

@@ -44,7 +44,7 @@ def _forward(x2d, bias, packed, qs, transposed):
     m, k = x2d.shape
     if kernels.gemm_serves(m, qs.shape[0], k, x2d.dtype, qs, mode,
                            bias is not None):
-      absmax = (None if kernels.gemm_decodes_nested(m, qs)
+      absmax = (None if kernels.gemm_decodes_nested(m, qs, bias is not None)
                 else ops.float_absmax(qs))
       return kernels.gemm(x2d, flat, qs, absmax, bias, mode)
     y = kernels.gemv(x2d, flat, qs, bias, mode)
