@@ -117,8 +117,35 @@ def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
   return stages * step + wgs * tile_w * tile_x * (4 if out_f32 else 2)
 
 
+# Weights of fewer rows than this fill the H200's 132 SMs only with K
+# splits (`default_config`'s `n`; sweep run m, seventeenth session).
+SPLIT_BELOW_N = 10240
+
+
+def _split_config(m: int, n: int, k: int | None) -> dict:
+  """The K-split tiles for `n < SPLIT_BELOW_N` rows and M <= 128: "ks"
+  with 256-column steps at M <= 64, "ws" with 128 at 65-128, split until
+  at least 128 programs run (at most 4), steps narrowed (more in flight)
+  where K does not take the split."""
+  if m <= 64:
+    cfg = dict(tile_w=64, tile_x=64, tile_k=256, stages=2, variant="ks",
+               swizzle=True, load_table=True)
+  else:
+    cfg = dict(tile_w=64, tile_x=128, tile_k=128, stages=3, variant="ws",
+               load_table=True)
+  tiles = n // (128 if cfg["variant"] == "ws" else 64)
+  split = next((s for s in (1, 2, 4) if tiles * s >= 128), 4)
+  halves = 2 if cfg["variant"] == "ks" else 1
+  while k is not None and cfg["tile_k"] > 64 and k % (cfg["tile_k"] * split
+                                                       * halves):
+    cfg["tile_k"] //= 2
+    cfg["stages"] = min(4, cfg["stages"] * 2)
+  return dict(cfg, split=split)
+
+
 def default_config(m: int, out_f32: bool = False,
-                   k: int | None = None, nested: bool = False) -> dict:
+                   k: int | None = None, nested: bool = False,
+                   n: int | None = None) -> dict:
   """The tiles for M rows of x (and K, where given), the best of the H200
   sweeps (docs/benchmarks.md, "4-bit GEMM on wgmma" and the fifteenth
   session's runs g and h): one warpgroup with x's 64 rows at M <= 64,
@@ -133,7 +160,14 @@ def default_config(m: int, out_f32: bool = False,
   steps, so half the loads' latency (sixteenth session); x's 256-row
   tile steps 128 columns (two in flight; 64, four, where K is not a
   multiple of 128) and makes each step's scale words a step ahead
-  (`prefetch`; without a float32 output; seventeenth session)."""
+  (`prefetch`; without a float32 output; seventeenth session). Given
+  `n` below SPLIT_BELOW_N at M <= 128, K splits fill the SMs
+  (`_split_config`; seventeenth session's sweep run m: on 4096x14336 and
+  4096x4096 at M = 64 "ks" split 2 took 38.2 and 20.2 us where unsplit
+  "plain" took 48.2 and 22.8 split 2, and the package's path 51.5 and
+  29.8)."""
+  if n is not None and n < SPLIT_BELOW_N and m <= 128:
+    return _split_config(m, n, k)
   if m <= 64:
     if k is not None and k % 256:
       return dict(tile_w=64, tile_x=64, tile_k=128, split=1, stages=4,
@@ -156,11 +190,11 @@ def default_config(m: int, out_f32: bool = False,
 
 def can_use(m: int, n: int, k: int, blocksize: int, dtype,
             out_f32: bool = False) -> bool:
-  """Whether `gemm` with `default_config(m, out_f32, k)` takes these
+  """Whether `gemm` with `default_config(m, out_f32, k, n=n)` takes these
   operands."""
   if not 1 <= m <= 256 or blocksize != 64:
     return False
-  cfg = default_config(m, out_f32, k)
+  cfg = default_config(m, out_f32, k, n=n)
   try:
     check_config(m, n, k, dtype, cfg["tile_w"], cfg["tile_x"],
                  cfg["tile_k"], cfg["split"], cfg["stages"], cfg["variant"],

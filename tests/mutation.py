@@ -151,10 +151,16 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_follows_k",)),
     Mutant("wgmma-gemm-for-small-weights", "jaxbnb/_src/quant/kernels.py",
-           "if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= GEMM_MIN_N",
-           "if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= 128",
+           "rows = n >= GEMM_MIN_N or",
+           "rows = n >= 128 or",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
-            "test_gemm_serves[128-8192-64-bfloat16-interpret-False]",)),
+            "test_gemm_serves[256-4096-4096-64-bfloat16-interpret-False]",)),
+    Mutant("wgmma-gemm-unsplit-for-few-rows",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "split = next((s for s in (1, 2, 4) if tiles * s >= 128), 4)",
+           "split = 1",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_default_config_splits_few_rows",)),
     Mutant("large-m-gemv-for-fp32", "jaxbnb/_src/quant/kernels.py",
            "return (m <= GEMV_MAX_M and jnp.dtype(dtype) != jnp.float32",
            "return (m <= GEMV_MAX_M",

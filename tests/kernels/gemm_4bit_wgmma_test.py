@@ -137,19 +137,51 @@ def test_matmul_4bit_routes_large_m_through_the_gemm():
                                 np.asarray(y, np.float32))
 
 
-@pytest.mark.parametrize("m,n,blocksize,dtype,mode,served", [
-    (128, 14336, 64, jnp.bfloat16, "interpret", True),
-    (128, 8192, 64, jnp.bfloat16, "interpret", False),     # too few rows
-    (128, 14336, 128, jnp.bfloat16, "interpret", False),   # blocksize
-    (128, 14336, 64, jnp.float16, "interpret", False),     # dtype
-    (128, 14336, 64, jnp.bfloat16, "reference", False),
-    (128, 14400, 64, jnp.bfloat16, "interpret", False),    # n % 128
+@pytest.mark.parametrize("m,n,k,blocksize,dtype,mode,served", [
+    (128, 14336, 4096, 64, jnp.bfloat16, "interpret", True),
+    (256, 14336, 4096, 64, jnp.bfloat16, "interpret", True),
+    (128, 4096, 4096, 64, jnp.bfloat16, "interpret", True),    # K split
+    (64, 4096, 14336, 64, jnp.bfloat16, "interpret", True),    # K split
+    (256, 4096, 4096, 64, jnp.bfloat16, "interpret", False),   # M > 128
+    (128, 2048, 4096, 64, jnp.bfloat16, "interpret", False),   # too few rows
+    (128, 4096, 2048, 64, jnp.bfloat16, "interpret", False),   # K short
+    (128, 14336, 4096, 128, jnp.bfloat16, "interpret", False),  # blocksize
+    (128, 14336, 4096, 64, jnp.float16, "interpret", False),   # dtype
+    (128, 14336, 4096, 64, jnp.bfloat16, "reference", False),
+    (128, 14400, 4096, 64, jnp.bfloat16, "interpret", False),  # n % 128
 ])
-def test_gemm_serves(m, n, blocksize, dtype, mode, served):
+def test_gemm_serves(m, n, k, blocksize, dtype, mode, served):
   qs = F.QuantState(absmax=jnp.zeros((1,)), code=jnp.zeros((16,)),
-                    shape=(n, 4096), blocksize=blocksize, quant_type="nf4",
+                    shape=(n, k), blocksize=blocksize, quant_type="nf4",
                     dtype=jnp.dtype(dtype).name)
-  assert kernels.gemm_serves(m, n, 4096, dtype, qs, mode) is served
+  assert kernels.gemm_serves(m, n, k, dtype, qs, mode) is served
+
+
+def test_default_config_splits_few_rows():
+  """Below SPLIT_BELOW_N rows, at M <= 128, K splits until 128 programs
+  run: "ks" (64 rows a program) at M <= 64, "ws" (128) above; the steps
+  narrow where K does not take the split; every such default passes
+  `check_config` and fits shared memory. Larger weights keep theirs."""
+  cfg = gw.default_config(64, k=4096, n=4096)
+  assert (cfg["variant"], cfg["tile_k"], cfg["split"]) == ("ks", 256, 2)
+  cfg = gw.default_config(128, k=14336, n=4096)
+  assert (cfg["variant"], cfg["tile_k"], cfg["split"]) == ("ws", 128, 4)
+  cfg = gw.default_config(64, k=11008, n=4096)
+  assert (cfg["tile_k"], cfg["stages"], cfg["split"]) == (64, 4, 2)
+  assert gw.default_config(64, k=4096, n=2048)["split"] == 4
+  assert gw.default_config(64, k=4096, n=8192)["split"] == 1
+  assert gw.default_config(64, k=4096, n=14336) == gw.default_config(
+      64, k=4096)
+  assert gw.default_config(256, k=4096, n=4096) == gw.default_config(
+      256, k=4096)
+  for m, n, k, out_f32 in itertools.product(
+      (64, 100, 128), (4096, 6144, 8192), (4096, 11008, 14336),
+      (False, True)):
+    cfg = gw.default_config(m, out_f32, k, n=n)
+    gw.check_config(m, n, k, jnp.bfloat16, out_f32=out_f32,
+                    **{a: cfg[a] for a in ("tile_w", "tile_x", "tile_k",
+                                           "split", "stages", "variant")})
+    assert gw.can_use(m, n, k, 64, jnp.bfloat16, out_f32)
 
 
 def test_pallas_mode_needs_hopper():
@@ -596,6 +628,13 @@ _GPU_CASES = [
                variant="ws", overlap=True)),
     (128, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=3,
                variant="ws", overlap=True, load_table=True)),
+    # The K-split defaults for weights of few rows (`_split_config`).
+    (64, dict(tile_w=64, tile_x=64, tile_k=256, split=2, stages=2,
+              variant="ks", swizzle=True, load_table=True)),
+    (64, dict(tile_w=64, tile_x=64, tile_k=64, split=2, stages=4,
+              variant="ks", swizzle=True, load_table=True)),
+    (128, dict(tile_w=64, tile_x=128, tile_k=128, split=4, stages=3,
+               variant="ws", load_table=True)),
     (128, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=2,
                variant="ks", overlap=True, swizzle=True)),
     # The statistics' scale words made a step ahead (with float32 absmax
@@ -643,15 +682,39 @@ def test_gpu_gemm(case, nested, with_bias):
 
 
 @pytest.mark.gpu
-def test_gpu_matmul_4bit_takes_the_gemm():
-  """`F.matmul_4bit` in the default ("pallas") mode on the H200: M = 128
-  on a 14336-row weight runs the wgmma GEMM (`gemm_serves`), within the
-  bound of the kernel's weight."""
-  n, k, m = 14336, 1024, 128
+@pytest.mark.parametrize("n,k,m", [(14336, 1024, 128), (14336, 1024, 256),
+                                   (4096, 4096, 64), (4096, 4096, 128)])
+def test_gpu_matmul_4bit_takes_the_gemm(n, k, m):
+  """`F.matmul_4bit` in the default ("pallas") mode on the H200 runs the
+  wgmma GEMM (`gemm_serves`) on a 14336-row weight and, with K split, on
+  a 4096-row one, within the bound of the kernel's weight."""
   packed, qs = _weights(n, k, "nf4", 9)
   assert kernels.gemm_serves(m, n, k, jnp.bfloat16, qs, "pallas")
   x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))
   _check(F.matmul_4bit(x, packed, qs), x, packed, qs)
+
+
+def test_matmul_4bit_splits_k_for_few_rows(monkeypatch):
+  """`F.matmul_4bit` on a 4096-row weight at M = 64 runs the wgmma GEMM
+  with K split in two ("ks"), the statistics decoded by the kernel, and
+  a bias added after the partial sums; the product is the kernel
+  weight's."""
+  n, k, m = 4096, 4096, 64
+  packed, qs = _weights(n, k, "nf4", 12)
+  seen = []
+  real = gw.gemm
+
+  def spy(x, packed, absmax, **kw):
+    seen.append((kw["split"], kw["variant"], isinstance(absmax, tuple)))
+    return real(x, packed, absmax, **kw)
+
+  monkeypatch.setattr(gw, "gemm", spy)
+  x = jnp.asarray(_util.rng_array((m, k), 13, jnp.bfloat16))
+  bias = jnp.asarray(_util.rng_array((n,), 14, jnp.bfloat16))
+  with jaxbnb.kernel_mode("interpret"):
+    y = F.matmul_4bit(x, packed, qs, bias=bias)
+  assert seen == [(2, "ks", True)]
+  _check(y, x, packed, qs, bias)
 
 
 @pytest.mark.parametrize("m,nested,with_bias,decodes", [

@@ -49,6 +49,17 @@ GEMV_LARGE_M_MIN_SIZE = 4096 * 4096
 GEMM_MIN_M = 64
 GEMM_MAX_M = 256
 GEMM_MIN_N = 10240
+# Smaller weights of GEMM_SPLIT_MIN_N rows or more and GEMM_SPLIT_MIN_K
+# columns or more go to it up to GEMM_SPLIT_MAX_M rows of x, their K split
+# over programs (`gemm_4bit_wgmma.default_config`'s `n`). Seventeenth
+# session, sweep run m (H200, NF4 + DQ, the sweep timer): 4096x14336 at M
+# = 64 38.2 us against the path before's 51.5 and XLA bf16's 43.1, at M =
+# 128 45.5 against 65.8 and 46.3; 4096x4096 20.2 against 29.8 and 23.0 at
+# M = 64, 21.6 against 33.1 and 20.0 at 128. At M = 256 no split fitted in
+# shared memory.
+GEMM_SPLIT_MIN_N = 4096
+GEMM_SPLIT_MIN_K = 4096
+GEMM_SPLIT_MAX_M = 128
 # The kernel decodes the double quantization itself (docs/benchmarks.md,
 # "wgmma GEMM: the double quantization decoded in the kernel", H200): on
 # 14336x4096 that took the two XLA passes' 7.7 us off each call and cost
@@ -67,7 +78,9 @@ def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
   """Whether `[m, k]` times the 4-bit weight of `qs` (`[n, k]`) goes to
   the wgmma GEMM: M, N and the dtype in its range (above), blocksize 64,
   a kernel mode, and for "pallas" a Hopper GPU and a JAX with Mosaic GPU."""
-  if not (GEMM_MIN_M <= m <= GEMM_MAX_M and n >= GEMM_MIN_N
+  rows = n >= GEMM_MIN_N or (GEMM_SPLIT_MIN_N <= n and m <= GEMM_SPLIT_MAX_M
+                             and k >= GEMM_SPLIT_MIN_K)
+  if not (GEMM_MIN_M <= m <= GEMM_MAX_M and rows
           and qs.blocksize == 64 and jnp.dtype(dtype) == jnp.bfloat16
           and gw.can_use(m, n, k, qs.blocksize, dtype, bias)):
     return False
@@ -95,7 +108,7 @@ def gemm(x2d, packed, qs, absmax, bias, mode):
                  n=n, k=k, bias=bias, interpret=mode == "interpret",
                  nested_blocksize=qs.nested_blocksize,
                  **gw.default_config(x2d.shape[0], bias is not None, k,
-                                     nested=nested))
+                                     nested=nested, n=n))
 
 
 def gemv_serves(m: int, n: int, k: int, dtype) -> bool:
