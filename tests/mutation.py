@@ -155,6 +155,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "rows = n >= 128 or",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_gemm_serves[256-4096-4096-64-bfloat16-interpret-False]",)),
+    Mutant("wgmma-gemm-split-breaks-groups", "jaxbnb/_src/quant/kernels.py",
+           "if any(q.shape[0] >= GEMM_MIN_N and gemm_serves(",
+           "if any(q.shape[0] >= 0 and gemm_serves(",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_group_keeps_weights_served_only_with_a_split",)),
     Mutant("wgmma-gemm-unsplit-for-few-rows",
            "pallas_kernels/gemm_4bit_wgmma.py",
            "split = next((s for s in (1, 2, 4) if tiles * s >= 128), 4)",

@@ -694,6 +694,21 @@ def test_gpu_matmul_4bit_takes_the_gemm(n, k, m):
   _check(F.matmul_4bit(x, packed, qs), x, packed, qs)
 
 
+def test_group_keeps_weights_served_only_with_a_split():
+  """A q/k/v group (4096, 1024 and 1024 rows) at M = 64 stays one GEMV
+  launch, though the wgmma GEMM would take the 4096-row weight alone
+  with K split; a 14336-row weight still leaves the group."""
+  k = 4096
+  qs = {n: F.QuantState(absmax=jnp.zeros((1,)), code=jnp.zeros((16,)),
+                        shape=(n, k), blocksize=64, quant_type="nf4",
+                        dtype="bfloat16") for n in (4096, 1024, 14336)}
+  assert kernels.gemm_serves(64, 4096, k, jnp.bfloat16, qs[4096], "interpret")
+  assert kernels.can_group(64, k, jnp.bfloat16,
+                           (qs[4096], qs[1024], qs[1024]), "interpret")
+  assert not kernels.can_group(64, k, jnp.bfloat16, (qs[14336], qs[14336]),
+                               "interpret")
+
+
 def test_matmul_4bit_splits_k_for_few_rows(monkeypatch):
   """`F.matmul_4bit` on a 4096-row weight at M = 64 runs the wgmma GEMM
   with K split in two ("ks"), the statistics decoded by the kernel, and

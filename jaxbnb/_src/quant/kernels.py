@@ -217,10 +217,14 @@ def can_group(m, k, dtype, qss, mode=None) -> bool:
   """Whether `gemv_group` serves `[m, k]` times these 4-bit weights in one
   launch: M the GEMV serves (`gemv_serves`, all rows together), one K,
   quantization type, block size and double quantization for all, and no
-  weight the wgmma GEMM serves (`gemm_serves`: it is faster alone)."""
+  weight of GEMM_MIN_N rows or more the wgmma GEMM serves (`gemm_serves`:
+  it is faster alone). A smaller weight it would serve with K split (a
+  4096 x 4096 q projection beside its k and v) stays in the group: the
+  split was measured on single weights only."""
   first = qss[0]
   mode = mode or dispatch.resolve()
-  if any(gemm_serves(m, q.shape[0], k, dtype, q, mode) for q in qss):
+  if any(q.shape[0] >= GEMM_MIN_N and gemm_serves(m, q.shape[0], k, dtype,
+                                                   q, mode) for q in qss):
     return False
   return gemv_serves(m, sum(q.shape[0] for q in qss), k, dtype) and all(
       q.shape[1] == k and q.quant_type == first.quant_type
