@@ -37,9 +37,13 @@ which may live in registers:
   values from global memory and rounds `code * nested` and `+ offset`
   apart, as bitsandbytes does, so no XLA pass runs before the kernel
   (sixteenth session; `kernels.gemm_decodes_nested` says where the
-  package uses it). With `prefetch` (opt-in, not yet measured on the GPU)
-  each step makes the next step's scale words first
-  (`wgmma_decode.scales_ptx`) and the pipeline carries them in registers.
+  package uses it). With `prefetch` each step makes the next step's
+  scale words first (`wgmma_decode.scales_ptx`) and the pipeline carries
+  them in registers: the default at M = 129-256 (seventeenth session; no
+  gain measured at M <= 128).
+* Weights of fewer than SPLIT_BELOW_N rows fill the SMs with K splits
+  (`default_config`'s `n`): each program sums a part of K in float32 and
+  XLA adds the parts.
 * The decode's PTX text is built in `wgmma_decode`.
 * The bf16 result is stored transposed into shared memory and goes out by
   TMA as `y[tile_x, tile_w]`. A float32 result (a bias, or K splits to
@@ -49,7 +53,8 @@ which may live in registers:
 `interpret=True` runs a jnp twin with the same values (no PTX); the tests
 run the decode PTX itself through an emulator on the CPU. Measured on the
 H200 in docs/benchmarks.md ("4-bit GEMM on wgmma"); jaxbnb routes M =
-64-256 on large weights here on Hopper (`kernels.gemm_serves`).
+64-256 on large weights here on Hopper, and M = 64-128 on weights of 4096
+rows or more with K split (`kernels.gemm_serves`).
 """
 
 from __future__ import annotations

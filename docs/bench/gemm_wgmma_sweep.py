@@ -26,7 +26,8 @@ time was left), run j more programs a weight (run in the sixteenth
 session). Run k (sixteenth session): the nested statistics decoded in the
 kernel ("dq"); run l (defined, not run): their scale words made a step
 ahead ("pf"; run in the seventeenth session). Run m (seventeenth
-session): K splits with the statistics on 4096-row weights.
+session): K splits with the statistics on 4096-row weights; run n: the
+same at M = 256 in x tiles of 128 rows.
 """
 import os
 import sys
@@ -193,6 +194,13 @@ RUNS = {
                 (64, 64, 128, 4, 4, "plain", "dqswlt"),
                 (64, 64, 256, 2, 2, "ks", "dqswlt"),
                 (64, 64, 256, 4, 2, "ks", "dqswlt")]}),
+    # n (seventeenth session): M = 256 on 4096-row weights in x tiles of
+    # 128 rows (the 256-row splits of run m did not fit shared memory).
+    "n": ([((4096, 14336), 256), ((4096, 4096), 256)],
+          {256: [(64, 128, 128, 2, 3, "ws", "dqlt"),
+                 (64, 128, 128, 4, 3, "ws", "dqlt"),
+                 (64, 128, 64, 4, 4, "ws", "dqlt"),
+                 (64, 64, 256, 2, 2, "ks", "dqswlt")]}),
 }
 
 def fn(n, k, cfg):

@@ -45,7 +45,7 @@ GEMV_LARGE_M_MIN_SIZE = 4096 * 4096
 # matmul`): on 14336x4096 it takes 38.7 / 41.8 / 59.2 us at M = 64 / 128 /
 # 256 where the paths before it took 48.8 / 67.8 / 95.7; on 11008x4096
 # 38.0 / 41.1 / 56.4 against 39.6 / 57.6 / 70.8. With fewer rows too few
-# programs fill the GPU: in the sweep it lost on 4096 and 6144 rows.
+# programs fill the GPU: unsplit, it lost on 4096 and 6144 rows.
 GEMM_MIN_M = 64
 GEMM_MAX_M = 256
 GEMM_MIN_N = 10240

@@ -225,8 +225,8 @@ def matmul_4bit_group(
   GEMV's for its weight, with the tile configuration chosen for all rows
   together (so its float32 sums may run in another order than a
   `matmul_4bit` of that weight alone). Weights the Hopper wgmma GEMM
-  serves (`kernels.gemm_serves`: 64-256 rows of bf16 `A`, 10240 weight
-  rows or more) are multiplied one by one. Differentiable in `A`
+  serves at full size (`kernels.gemm_serves`: 64-256 rows of bf16 `A`,
+  10240 weight rows or more) are multiplied one by one. Differentiable in `A`
   (`dA = sum_g dY_g @ W_g`).
 
   Args:
