@@ -168,9 +168,9 @@ def default_config(m: int, out_f32: bool = False,
   (`prefetch`; without a float32 output; seventeenth session). Given
   `n` below SPLIT_BELOW_N at M <= 128, K splits fill the SMs
   (`_split_config`; seventeenth session's sweep run m: on 4096x14336 and
-  4096x4096 at M = 64 "ks" split 2 took 38.2 and 20.2 us where unsplit
-  "plain" took 48.2 and 22.8 split 2, and the package's path 51.5 and
-  29.8)."""
+  4096x4096 at M = 64 "ks" split 2 took 38.2 and 20.2 us, "plain" split
+  2 48.2 and 22.8, unsplit 80.2 and 30.2, and the package's path before
+  51.5 and 29.8)."""
   if n is not None and n < SPLIT_BELOW_N and m <= 128:
     return _split_config(m, n, k)
   if m <= 64:
