@@ -59,7 +59,7 @@ def ncu_m256():
 
 def main():
   fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.8),
-                                    gridspec_kw={"width_ratios": [3, 1.3]})
+                                    gridspec_kw={"width_ratios": [3, 1.5]})
   width = 0.8 / len(RUNS)
   for j, (label, tag) in enumerate(RUNS):
     sp = speedups(tag)
@@ -79,8 +79,10 @@ def main():
   right.axhline(48.6 + 7.6, color="k", lw=0.8, ls="--",
                 label="before: kernel 48.6 + XLA passes 7.6 (14336)")
   right.set_xticks(range(len(keys)))
-  right.set_xticklabels([f"{n}\nK step {tk}\n{'prefetch' if pf else '-'}"
+  right.set_xticklabels([f"{n}\nstep {tk}\n{'pf' if pf else '-'}"
                          for n, tk, pf in keys], fontsize=7)
+  right.set_xlabel("weight rows, K step, pf: scale words made a step ahead",
+                   fontsize=7)
   right.set_ylabel("us (Nsight Compute, kernel)")
   right.set_title("M = 256, statistics decoded in the kernel")
   right.set_ylim(0, 70)
