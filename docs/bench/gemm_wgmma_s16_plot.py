@@ -64,17 +64,23 @@ def ncu_calls(tag):
   return [(m, *calls[2 * i + 1]) for i, m in enumerate((64, 128, 256))]
 
 
+def bars(ax, runs, cases, speedup_of):
+  """One group of bars a case, one bar a run: `speedup_of(tag)[case]`,
+  and the line at 1 (as fast as bf16)."""
+  width = 0.8 / len(runs)
+  for j, (label, tag) in enumerate(runs):
+    sp = speedup_of(tag)
+    xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(cases))]
+    ax.bar(xs, [sp.get(c, 0.0) for c in cases], width, label=label)
+  ax.axhline(1.0, color="k", lw=0.8)
+  ax.set_xticks(range(len(cases)))
+
+
 def main():
   fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8),
                                     gridspec_kw={"width_ratios": [3, 2]})
-  width = 0.8 / len(RUNS)
-  for j, (label, tag) in enumerate(RUNS):
-    sp = speedups(tag)
-    xs = [i + (j - (len(RUNS) - 1) / 2) * width for i in range(len(CASES))]
-    left.bar(xs, [sp.get(c, 0.0) for c in CASES], width, label=label)
-  left.axhline(1.0, color="k", lw=0.8)
+  bars(left, RUNS, CASES, speedups)
   left.axhline(1.3, color="r", lw=0.8, ls="--", label="issue 14: M = 64 target")
-  left.set_xticks(range(len(CASES)))
   left.set_xticklabels([f"{n}x4096\nM={m}" for n, m in CASES], fontsize=8)
   left.set_ylabel("speed vs XLA bf16 (same run)")
   left.set_title("jaxbnb bench matmul, NF4 + DQ, bf16 (H200)")

@@ -18,6 +18,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+sys.path.insert(0, os.path.dirname(__file__))
+from gemm_wgmma_s16_plot import bars  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 HERE = os.path.dirname(__file__)
 RUNS = [("a: session start", "s17a"),
         ("b: M = 129-256 decode the statistics, prefetch", "s17b"),
@@ -60,13 +63,7 @@ def ncu_m256():
 def main():
   fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.8),
                                     gridspec_kw={"width_ratios": [3, 1.5]})
-  width = 0.8 / len(RUNS)
-  for j, (label, tag) in enumerate(RUNS):
-    sp = speedups(tag)
-    xs = [i + (j - (len(RUNS) - 1) / 2) * width for i in range(len(CASES))]
-    left.bar(xs, [sp.get(c, 0.0) for c in CASES], width, label=label)
-  left.axhline(1.0, color="k", lw=0.8)
-  left.set_xticks(range(len(CASES)))
+  bars(left, RUNS, CASES, speedups)
   left.set_xticklabels([f"{n}x{k}\nM={m}" for n, k, m in CASES], fontsize=7)
   left.set_ylabel("speed vs XLA bf16 (same run)")
   left.set_title("jaxbnb bench matmul, NF4 + DQ, bf16 (H200)")
