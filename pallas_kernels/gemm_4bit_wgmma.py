@@ -123,12 +123,14 @@ def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
 
 
 # Weights of fewer rows than this fill the H200's 132 SMs only with K
-# splits (`default_config`'s `n`; sweep run m, seventeenth session).
+# splits, up to SPLIT_MAX_M rows of x (`default_config`'s `n`; sweep run
+# m, seventeenth session; above, no split fits shared memory).
 SPLIT_BELOW_N = 10240
+SPLIT_MAX_M = 128
 
 
 def _split_config(m: int, n: int, k: int | None) -> dict:
-  """The K-split tiles for `n < SPLIT_BELOW_N` rows and M <= 128: "ks"
+  """The K-split tiles for `n < SPLIT_BELOW_N` rows and M <= SPLIT_MAX_M: "ks"
   with 256-column steps at M <= 64, "ws" with 128 at 65-128, split until
   at least 128 programs run (at most 4), steps narrowed (more in flight)
   where K does not take the split."""
@@ -166,12 +168,12 @@ def default_config(m: int, out_f32: bool = False,
   tile steps 128 columns (two in flight; 64, four, where K is not a
   multiple of 128) and makes each step's scale words a step ahead
   (`prefetch`; without a float32 output; seventeenth session). Given
-  `n` below SPLIT_BELOW_N at M <= 128, K splits fill the SMs
+  `n` below SPLIT_BELOW_N at M <= SPLIT_MAX_M, K splits fill the SMs
   (`_split_config`; seventeenth session's sweep run m: on 4096x14336 and
   4096x4096 at M = 64 "ks" split 2 took 38.2 and 20.2 us, "plain" split
   2 48.2 and 22.8, unsplit 80.2 and 30.2, and the package's path before
   51.5 and 29.8)."""
-  if n is not None and n < SPLIT_BELOW_N and m <= 128:
+  if n is not None and n < SPLIT_BELOW_N and m <= SPLIT_MAX_M:
     return _split_config(m, n, k)
   if m <= 64:
     if k is not None and k % 256:

@@ -628,13 +628,16 @@ _GPU_CASES = [
                variant="ws", overlap=True)),
     (128, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=3,
                variant="ws", overlap=True, load_table=True)),
-    # The K-split defaults for weights of few rows (`_split_config`).
+    # The K-split defaults for weights of few rows (`_split_config`), at
+    # the indices they ran with on the H200 (an index's parity sets NF4 or
+    # FP4).
     (64, dict(tile_w=64, tile_x=64, tile_k=256, split=2, stages=2,
               variant="ks", swizzle=True, load_table=True)),
     (64, dict(tile_w=64, tile_x=64, tile_k=64, split=2, stages=4,
               variant="ks", swizzle=True, load_table=True)),
     (128, dict(tile_w=64, tile_x=128, tile_k=128, split=4, stages=3,
                variant="ws", load_table=True)),
+    # Overlapped parts in "ks".
     (128, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=2,
                variant="ks", overlap=True, swizzle=True)),
     # The statistics' scale words made a step ahead (with float32 absmax
@@ -709,6 +712,20 @@ def test_group_keeps_weights_served_only_with_a_split():
                                "interpret")
 
 
+def _spy_on_gemm(monkeypatch):
+  """A list that gets, for each call of `gw.gemm` (still run), whether it
+  took the statistics and its keyword arguments."""
+  seen = []
+  real = gw.gemm
+
+  def spy(x, packed, absmax, **kw):
+    seen.append((isinstance(absmax, tuple), kw))
+    return real(x, packed, absmax, **kw)
+
+  monkeypatch.setattr(gw, "gemm", spy)
+  return seen
+
+
 def test_matmul_4bit_splits_k_for_few_rows(monkeypatch):
   """`F.matmul_4bit` on a 4096-row weight at M = 64 runs the wgmma GEMM
   with K split in two ("ks"), the statistics decoded by the kernel, and
@@ -716,19 +733,13 @@ def test_matmul_4bit_splits_k_for_few_rows(monkeypatch):
   weight's."""
   n, k, m = 4096, 4096, 64
   packed, qs = _weights(n, k, "nf4", 12)
-  seen = []
-  real = gw.gemm
-
-  def spy(x, packed, absmax, **kw):
-    seen.append((kw["split"], kw["variant"], isinstance(absmax, tuple)))
-    return real(x, packed, absmax, **kw)
-
-  monkeypatch.setattr(gw, "gemm", spy)
+  seen = _spy_on_gemm(monkeypatch)
   x = jnp.asarray(_util.rng_array((m, k), 13, jnp.bfloat16))
   bias = jnp.asarray(_util.rng_array((n,), 14, jnp.bfloat16))
   with jaxbnb.kernel_mode("interpret"):
     y = F.matmul_4bit(x, packed, qs, bias=bias)
-  assert seen == [(2, "ks", True)]
+  assert [(kw["split"], kw["variant"], stats) for stats, kw in seen] == [
+      (2, "ks", True)]
   _check(y, x, packed, qs, bias)
 
 
@@ -747,18 +758,11 @@ def test_matmul_4bit_hands_the_statistics_to_the_kernel(monkeypatch, m,
   n, k = kernels.GEMM_MIN_N, 128
   packed, qs = _weights(n, k, "nf4", 11, nested)
   assert kernels.gemm_decodes_nested(m, qs, with_bias) is decodes
-  seen = []
-  real = gw.gemm
-
-  def spy(x, packed, absmax, **kw):
-    seen.append(isinstance(absmax, tuple))
-    return real(x, packed, absmax, **kw)
-
-  monkeypatch.setattr(gw, "gemm", spy)
+  seen = _spy_on_gemm(monkeypatch)
   x = jnp.asarray(_util.rng_array((m, k), 6, jnp.bfloat16))
   bias = (jnp.asarray(_util.rng_array((n,), 7, jnp.bfloat16)) if with_bias
           else None)
   with jaxbnb.kernel_mode("interpret"):
     y = F.matmul_4bit(x, packed, qs, bias=bias)
-  assert seen == [decodes]
+  assert [stats for stats, _ in seen] == [decodes]
   _check(y, x, packed, qs, bias)

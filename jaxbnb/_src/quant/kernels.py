@@ -48,7 +48,7 @@ GEMV_LARGE_M_MIN_SIZE = 4096 * 4096
 # programs fill the GPU: unsplit, it lost on 4096 and 6144 rows.
 GEMM_MIN_M = 64
 GEMM_MAX_M = 256
-GEMM_MIN_N = 10240
+GEMM_MIN_N = gw.SPLIT_BELOW_N  # the kernel's own tiles split K below it
 # Smaller weights of GEMM_SPLIT_MIN_N rows or more and GEMM_SPLIT_MIN_K
 # columns or more go to it up to GEMM_SPLIT_MAX_M rows of x, their K split
 # over programs (`gemm_4bit_wgmma.default_config`'s `n`). Seventeenth
@@ -59,7 +59,7 @@ GEMM_MIN_N = 10240
 # shared memory.
 GEMM_SPLIT_MIN_N = 4096
 GEMM_SPLIT_MIN_K = 4096
-GEMM_SPLIT_MAX_M = 128
+GEMM_SPLIT_MAX_M = gw.SPLIT_MAX_M
 # The kernel decodes the double quantization itself (docs/benchmarks.md,
 # "wgmma GEMM: the double quantization decoded in the kernel", H200): on
 # 14336x4096 that took the two XLA passes' 7.7 us off each call and cost
