@@ -9,6 +9,13 @@ whose last two levels read their threshold from a 16-entry table; FP4:
 bitsandbytes' tree) and packs two codes per byte, the even element in the
 high nibble. The result is bit-identical to jaxbnb's pure-jnp reference
 (`jaxbnb._src.quant.reference.quantize_4bit`).
+
+Compiled, the absmax takes no per-element NaN test: Triton lowers `max`
+to `maxnumf`, which returns the other operand of a NaN, as bitsandbytes'
+`fmaxf` does; only a block of NaNs gets its -FLT_MAX afterwards. That
+took the kernel from 242.7 to 233.4 us on 2^28 bf16 values on the H200
+(docs/benchmarks.md, eighteenth session). Interpret mode, where XLA's
+`max` returns the NaN, masks NaNs first.
 """
 
 from __future__ import annotations
@@ -157,7 +164,7 @@ def _unpack_pair(u, in_dtype):
 
 
 def _kernel(x_ref, *refs, nblocks, numel, block_rows, half, quant_type,
-            thresholds, load_u32, in_dtype, gather, bucket):
+            thresholds, load_u32, in_dtype, gather, bucket, max_skips_nan):
   if bucket:
     lo_ref, t_ref, packed_ref, absmax_ref = refs
   elif gather:
@@ -183,12 +190,15 @@ def _kernel(x_ref, *refs, nblocks, numel, block_rows, half, quant_type,
   neg = jnp.float32(-_F32_MAX)
   ae = jnp.abs(xe)
   ao = jnp.abs(xo)
-  ae = jnp.where(ae != ae, neg, ae)
-  ao = jnp.where(ao != ao, neg, ao)
+  if not max_skips_nan:  # interpret mode: XLA's `max` returns the NaN
+    ae = jnp.where(ae != ae, neg, ae)
+    ao = jnp.where(ao != ao, neg, ao)
   if numel is not None:
     ae = jnp.where(ok_e, ae, neg)
     ao = jnp.where(ok_o, ao, neg)
   absmax = jnp.maximum(jnp.max(ae, axis=1), jnp.max(ao, axis=1))
+  if max_skips_nan:  # a block of NaNs: -FLT_MAX, as bitsandbytes
+    absmax = jnp.where(absmax != absmax, neg, absmax)
   recip = jnp.float32(1.0) / absmax
   se = xe * recip[:, None]
   so = xo * recip[:, None]
@@ -285,7 +295,7 @@ def quantize_4bit(
       block_rows=block_rows, half=half, quant_type=quant_type,
       thresholds=thresholds, load_u32=load_u32, in_dtype=in_dtype,
       gather=gather and quant_type == "nf4",
-      bucket=bucket and quant_type == "nf4")
+      bucket=bucket and quant_type == "nf4", max_skips_nan=not interpret)
   args, in_specs = [x3], [spec]
   if bucket and quant_type == "nf4":
     lo = bucket_table(tuple(thresholds))

@@ -65,8 +65,10 @@ def test_can_use():
                                              (64 * 1000 + 17, 32),
                                              (1 << 16, 4096)])
 def test_gpu_matches_reference(quant_type, dtype, numel, blocksize):
+  """Compiled (`max` skips NaNs there): a NaN among values, a block of
+  NaNs (its absmax -FLT_MAX, as bitsandbytes) and a partial last block."""
   x = jnp.asarray(_util.rng_array(numel, 7, dtype, scale=2.0))
-  x = x.at[3].set(jnp.nan)
+  x = x.at[3].set(jnp.nan).at[blocksize:2 * blocksize].set(jnp.nan)
   packed, absmax = qk.quantize_4bit(
       x, blocksize=blocksize, quant_type=quant_type,
       thresholds=_util.thresholds(quant_type))
