@@ -4,6 +4,7 @@ step (docs/benchmarks.md, eighteenth session; run on the GPU).
     python docs/bench/quantize_sweep.py        # tiles, nested, package
     python docs/bench/quantize_sweep.py mean   # ways to take the offset
     python docs/bench/quantize_sweep.py pipe   # with double quantization
+    python docs/bench/quantize_sweep.py tiles  # more tiles, 30 rounds
     ncu --clock-control none --metrics gpu__time_duration.sum \\
         python docs/bench/quantize_sweep.py ncu
 
@@ -16,7 +17,9 @@ variant's bytes are checked against the default's. With `$QK_OLD` naming
 a copy of an earlier `quantize_4bit.py`, its default is timed too. One
 JSON line per measurement goes to $OUT/quantize_sweep.jsonl.
 
-"mean" times `jnp.mean` of an absmax against sums of rows first. "pipe"
+"tiles" times five tiles of the quantize kernel at 2^28 and 14336x4096
+values, 30 rounds a call, to $OUT/quantize_tiles.jsonl. "mean" times
+`jnp.mean` of an absmax against sums of rows first. "pipe"
 times the kernel, the mean and the nested kernel together, the nested
 kernel in its earlier tile (16 blocks, 4 warps) and its present one (2
 blocks, 2 warps); "ncu" runs each of those once per size after a
@@ -125,6 +128,22 @@ def sweep():
     del xs, am
 
 
+def tiles():
+  out = _out("quantize_tiles.jsonl")
+  for n in SIZES[:2]:
+    xs = _inputs(n)
+    want = None
+    for br, w in ((64, 8), (32, 4), (128, 16), (16, 2), (128, 8)):
+      f = jax.jit(lambda x, br=br, w=w: qk.quantize_4bit(
+          x, blocksize=64, quant_type="nf4", thresholds=TH, block_rows=br,
+          num_warps=w))
+      got = jax.device_get(f(*xs[0]))
+      want = got if want is None else want
+      _emit(out, n=n, block_rows=br, warps=w,
+            same=all(np.array_equal(a, b) for a, b in zip(got, want)),
+            us=median_us(f, xs, rounds=30))
+
+
 def mean_variants():
   """The offset as `jnp.mean` and as sums of `r`-value rows, then their
   sum."""
@@ -188,8 +207,8 @@ def ncu():
 
 def main():
   what = sys.argv[1] if len(sys.argv) > 1 else "sweep"
-  return {"sweep": sweep, "mean": mean_variants, "pipe": pipes,
-          "ncu": ncu}[what]()
+  return {"sweep": sweep, "tiles": tiles, "mean": mean_variants,
+          "pipe": pipes, "ncu": ncu}[what]()
 
 
 if __name__ == "__main__":
