@@ -82,9 +82,9 @@ def quantize_nested(
     lo, aux: `code_tables.quantize_tables` of the 8-bit map.
     blocksize: values per nested block (a power of two, 32..4096).
     block_rows: nested blocks per program. Two, with two warps, took
-      8.9 us under Nsight Compute for the 4.2 M absmax of 2^28 values on
-      the H200, and 4.7 for 14336x4096's; 16 blocks and four warps (the
-      earlier default) 11.6 and 7.8 (docs/benchmarks.md, eighteenth
+      10.3 us under Nsight Compute for the 4.2 M absmax of 2^28 values on
+      the H200, and 4.8 for 14336x4096's; 16 blocks and four warps (the
+      earlier default) 12.5 and 8.2 (docs/benchmarks.md, eighteenth
       session).
     num_warps: Triton warps per program.
     interpret: run in Pallas interpret mode (CPU tests).

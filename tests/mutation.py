@@ -215,6 +215,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "v = pltriton.load(x_ref, mask=mask, other=0)",
            ("tests/kernels/quantize_nested_test.py::"
             "test_the_offset_is_subtracted_inside",)),
+    Mutant("quantize-max-trusted-with-nans-in-interpret",
+           "pallas_kernels/quantize_4bit.py",
+           'bucket=bucket and quant_type == "nf4", max_skips_nan=not interpret)',
+           'bucket=bucket and quant_type == "nf4", max_skips_nan=True)',
+           ("tests/kernels/quantize_4bit_test.py::"
+            "test_interpret_matches_reference[2368-64-nf4-bfloat16-None]",)),
+    Mutant("nested-max-trusted-with-nans-in-interpret",
+           "pallas_kernels/quantize_nested.py",
+           "max_skips_nan=not interpret)",
+           "max_skips_nan=True)",
+           ("tests/kernels/quantize_nested_test.py::"
+            "test_matches_the_reference_search[10240-2-interpret]",)),
     Mutant("round-to-excess-precision", "pallas_kernels/_backend.py",
            "return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)",
            "return x.astype(jnp.bfloat16).astype(jnp.float32)",
