@@ -74,6 +74,18 @@ def _tables():
       codebooks.create_dynamic_map(signed=True)))
 
 
+def _quantize(block_rows=None, num_warps=None):
+  """The 4-bit kernel, jitted, in the tile given (None: its default)."""
+  return jax.jit(lambda x: qk.quantize_4bit(
+      x, blocksize=64, quant_type="nf4", thresholds=TH,
+      block_rows=block_rows, num_warps=num_warps))
+
+
+def _same(got, want):
+  """Whether two output tuples hold the same arrays, byte for byte."""
+  return all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
 def _inputs(n):
   return [(measure.random_bf16(jax.random.key(7 + i), (n,)),)
           for i in range(2)]
@@ -91,8 +103,7 @@ def sweep():
   lo, aux = _tables()
   for n in SIZES:
     xs = _inputs(n)
-    base = jax.jit(lambda x: qk.quantize_4bit(
-        x, blocksize=64, quant_type="nf4", thresholds=TH))
+    base = _quantize()
     want = jax.device_get(base(*xs[0]))
     floor_bytes = 2 * n + n // 2 + 4 * (n // 64)
     if old is not None:
@@ -101,12 +112,9 @@ def sweep():
       _emit(out, what="quantize_old", n=n, us=median_us(f, xs),
             floor_bytes=floor_bytes)
     for br, w in ((64, 8), (64, 4), (32, 4), (32, 8)):
-      f = jax.jit(lambda x, br=br, w=w: qk.quantize_4bit(
-          x, blocksize=64, quant_type="nf4", thresholds=TH, block_rows=br,
-          num_warps=w))
-      got = jax.device_get(f(*xs[0]))
+      f = _quantize(br, w)
       _emit(out, what="quantize", n=n, programs=None, block_rows=br, warps=w,
-            same=all(np.array_equal(a, b) for a, b in zip(got, want)),
+            same=_same(jax.device_get(f(*xs[0])), want),
             us=median_us(f, xs), floor_bytes=floor_bytes)
     am = [(base(x)[1],) for (x,) in xs]
     mean = jax.jit(jnp.mean)
@@ -117,9 +125,8 @@ def sweep():
       for w in (1, 2, 4):
         f = jax.jit(lambda a, br=br, w=w: nk.quantize_nested(
             a, off, lo, aux, block_rows=br, num_warps=w))
-        got = jax.device_get(f(*am[0]))
         _emit(out, what="nested", n=n // 64, block_rows=br, warps=w,
-              same=all(np.array_equal(a, b) for a, b in zip(got, want_n)),
+              same=_same(jax.device_get(f(*am[0])), want_n),
               us=median_us(f, am, rounds=50))
     for dq in (False, True):
       f = jax.jit(lambda x, dq=dq: F.quantize_4bit(
@@ -134,13 +141,10 @@ def tiles():
     xs = _inputs(n)
     want = None
     for br, w in ((64, 8), (32, 4), (128, 16), (16, 2), (128, 8)):
-      f = jax.jit(lambda x, br=br, w=w: qk.quantize_4bit(
-          x, blocksize=64, quant_type="nf4", thresholds=TH, block_rows=br,
-          num_warps=w))
+      f = _quantize(br, w)
       got = jax.device_get(f(*xs[0]))
       want = got if want is None else want
-      _emit(out, n=n, block_rows=br, warps=w,
-            same=all(np.array_equal(a, b) for a, b in zip(got, want)),
+      _emit(out, n=n, block_rows=br, warps=w, same=_same(got, want),
             us=median_us(f, xs, rounds=30))
 
 
@@ -190,8 +194,7 @@ def pipes():
       got = jax.device_get(f(*xs[0]))
       want = got if want is None else want
       _emit(out, what="pipe", n=n, how=name,
-            same=all(np.array_equal(a, b) for a, b in zip(got, want)),
-            us=median_us(f, xs))
+            same=_same(got, want), us=median_us(f, xs))
 
 
 def ncu():
