@@ -5,6 +5,7 @@ step (docs/benchmarks.md, eighteenth session; run on the GPU).
     python docs/bench/quantize_sweep.py mean   # ways to take the offset
     python docs/bench/quantize_sweep.py pipe   # with double quantization
     python docs/bench/quantize_sweep.py tiles  # more tiles, 30 rounds
+    QK_OLD=old_quantize_4bit.py python docs/bench/quantize_sweep.py ab
     ncu --clock-control none --metrics gpu__time_duration.sum \\
         python docs/bench/quantize_sweep.py ncu
 
@@ -148,6 +149,33 @@ def tiles():
             us=median_us(f, xs, rounds=30))
 
 
+def ab():
+  """The 4-bit kernel against `$QK_OLD`'s (an earlier copy of
+  `quantize_4bit.py`), its default and four more tiles, 30 rounds a call,
+  each checked byte for byte against the old kernel's output, to
+  $OUT/quantize_ab.jsonl (nineteenth session: one bucket word in place of
+  two dependent lookups)."""
+  out = _out("quantize_ab.jsonl")
+  spec = importlib.util.spec_from_file_location("qk_old",
+                                                os.environ["QK_OLD"])
+  old = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(old)
+  for n in SIZES:
+    xs = _inputs(n)
+    f_old = jax.jit(lambda x: old.quantize_4bit(
+        x, blocksize=64, quant_type="nf4", thresholds=TH))
+    want = jax.device_get(f_old(*xs[0]))
+    for rnd in range(2):
+      _emit(out, what="old", n=n, round=rnd,
+            us=median_us(f_old, xs, rounds=30))
+      for br, w in ((None, None), (32, 4), (128, 8), (64, 4), (128, 16)):
+        f = _quantize(br, w)
+        _emit(out, what="new", n=n, round=rnd, block_rows=br, warps=w,
+              same=_same(jax.device_get(f(*xs[0])), want),
+              us=median_us(f, xs, rounds=30))
+    del xs
+
+
 def mean_variants():
   """The offset as `jnp.mean` and as sums of `r`-value rows, then their
   sum."""
@@ -210,7 +238,7 @@ def ncu():
 
 def main():
   what = sys.argv[1] if len(sys.argv) > 1 else "sweep"
-  return {"sweep": sweep, "tiles": tiles, "mean": mean_variants,
+  return {"sweep": sweep, "tiles": tiles, "ab": ab, "mean": mean_variants,
           "pipe": pipes, "ncu": ncu}[what]()
 
 
