@@ -67,6 +67,21 @@ def add_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
   )[0]
 
 
+def mul_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
+  """fp32 `a * b` rounded on its own, never contracted into an FMA with
+  what uses it (`mul.rn.f32`; in interpret mode behind a barrier)."""
+  if interpret:
+    return jax.lax.optimization_barrier(a * b)
+  a, b = jnp.broadcast_arrays(a, b)
+  return pltriton.elementwise_inline_asm(
+      "mul.rn.f32 $0, $1, $2;",
+      args=[a, b],
+      constraints="=r,r,r",
+      pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+  )[0]
+
+
 def fma_rn(a: jax.Array, b: jax.Array, c: jax.Array,
            interpret: bool) -> jax.Array:
   """fp32 `a * b + c` as one fused multiply-add (one rounding).

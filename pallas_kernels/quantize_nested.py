@@ -25,7 +25,7 @@ from pallas_kernels import code_tables
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
-__all__ = ["can_use", "quantize_nested"]
+__all__ = ["can_use", "mean_factor", "quantize_nested"]
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -36,13 +36,28 @@ def can_use(numel: int, blocksize: int) -> bool:
           and blocksize & (blocksize - 1) == 0 and blocksize <= 4096)
 
 
-def _kernel(x_ref, off_ref, lo_ref, aux_ref, q_ref, absmax_ref, *, nblocks,
-            numel, block_rows, blocksize, max_skips_nan):
+def mean_factor(count: int) -> np.float32:
+  """The float32 `1 / count` a mean multiplies its sum by, as XLA (which
+  turns a division by a constant into that product) and torch's `mean`
+  do."""
+  return np.float32(1) / np.float32(count)
+
+
+def _kernel(x_ref, off_ref, lo_ref, aux_ref, q_ref, absmax_ref, *out_ref,
+            nblocks, numel, block_rows, blocksize, max_skips_nan, count,
+            interpret):
   pid = pl.program_id(0)
   rows = pid * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
   row_ok = rows < nblocks
   mask = jnp.broadcast_to(row_ok[:, None], (block_rows, blocksize))
-  v = pltriton.load(x_ref, mask=mask, other=0) - off_ref[0]
+  if count is None:
+    v = pltriton.load(x_ref, mask=mask, other=0) - off_ref[0]
+  else:  # the mean from the sum: every program makes it, the first stores
+    off = _backend.mul_rn(jnp.full((block_rows,), off_ref[0], jnp.float32),
+                          mean_factor(count), interpret)
+    pltriton.store(out_ref[0], off,
+                   mask=jnp.full((block_rows,), pid == 0))
+    v = pltriton.load(x_ref, mask=mask, other=0) - off[:, None]
   a = jnp.abs(v)
   neg = jnp.float32(-_F32_MAX)
   if not max_skips_nan:  # compiled, `max` is `maxnumf`: it skips NaNs
@@ -62,7 +77,8 @@ def _kernel(x_ref, off_ref, lo_ref, aux_ref, q_ref, absmax_ref, *, nblocks,
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "block_rows",
-                                             "num_warps", "interpret"))
+                                             "num_warps", "count",
+                                             "interpret"))
 def quantize_nested(
     absmax: jax.Array,
     offset: jax.Array,
@@ -72,13 +88,16 @@ def quantize_nested(
     blocksize: int = 256,
     block_rows: int = 2,
     num_warps: int = 2,
+    count: int | None = None,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, ...]:
   """8-bit blockwise codes of `absmax - offset` and their block absmax.
 
   Args:
     absmax: float32 `[n]`, the 4-bit quantization's absmax.
-    offset: float32 scalar subtracted first (bitsandbytes: the mean).
+    offset: float32 scalar subtracted first (bitsandbytes: the mean); with
+      `count`, the sum of that many values, of which the kernel takes the
+      mean first.
     lo, aux: `code_tables.quantize_tables` of the 8-bit map.
     blocksize: values per nested block (a power of two, 32..4096).
     block_rows: nested blocks per program. Two, with two warps, took
@@ -87,10 +106,16 @@ def quantize_nested(
       earlier default) 12.5 and 8.2 (docs/benchmarks.md, eighteenth
       session).
     num_warps: Triton warps per program.
+    count: when given, the offset is `offset * mean_factor(count)`, the
+      product rounded once, made inside the kernel and returned: the mean
+      from its sum without an XLA kernel of its own (under Nsight Compute
+      that kernel took 1.7-2.2 us at every size, docs/benchmarks.md,
+      eighteenth session).
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:
-    (uint8 codes `[n]`, float32 absmax `[ceil(n / blocksize)]`).
+    (uint8 codes `[n]`, float32 absmax `[ceil(n / blocksize)]`), then with
+    `count` the float32 scalar offset.
 
   Examples:
     >>> import numpy as np, jax.numpy as jnp
@@ -114,20 +139,25 @@ def quantize_nested(
   kernel = functools.partial(
       _kernel, nblocks=nblocks, numel=None if padded == n else n,
       block_rows=block_rows, blocksize=blocksize,
-      max_skips_nan=not interpret)
+      max_skips_nan=not interpret, count=count, interpret=interpret)
   args = _backend.same_vma(x2, jnp.asarray(offset, jnp.float32).reshape(1),
                            lo, aux)
   spec = pl.BlockSpec((block_rows, blocksize), lambda i: (i, 0))
-  q, nested_absmax = pl.pallas_call(
+  out_shape = [_backend.out_struct((nblocks, blocksize), jnp.uint8, x2),
+               _backend.out_struct((nblocks,), jnp.float32, x2)]
+  out_specs = [pl.BlockSpec((block_rows, blocksize), lambda i: (i, 0)),
+               pl.BlockSpec((block_rows,), lambda i: (i,))]
+  if count is not None:  # the offset, block_rows copies: program 0's
+    out_shape.append(_backend.out_struct((block_rows,), jnp.float32, x2))
+    out_specs.append(pl.BlockSpec((block_rows,), lambda i: (0,)))
+  outs = pl.pallas_call(
       kernel,
-      out_shape=(_backend.out_struct((nblocks, blocksize), jnp.uint8, x2),
-                 _backend.out_struct((nblocks,), jnp.float32, x2)),
+      out_shape=tuple(out_shape),
       grid=(pl.cdiv(nblocks, block_rows),),
       in_specs=[spec, pl.BlockSpec((1,), lambda i: (0,)),
                 pl.BlockSpec(lo.shape, lambda i: (0,)),
                 pl.BlockSpec(aux.shape, lambda i: (0,))],
-      out_specs=(pl.BlockSpec((block_rows, blocksize), lambda i: (i, 0)),
-                 pl.BlockSpec((block_rows,), lambda i: (i,))),
+      out_specs=tuple(out_specs),
       compiler_params=_backend.compiler_params(num_warps=num_warps,
                                                num_stages=2),
       interpret=interpret,
@@ -135,4 +165,7 @@ def quantize_nested(
       cost_estimate=pl.CostEstimate(flops=8 * padded, transcendentals=0,
                                     bytes_accessed=5 * padded + 4 * nblocks),
   )(*args)
-  return q.reshape(-1)[:n], nested_absmax
+  q, nested_absmax = outs[0].reshape(-1)[:n], outs[1]
+  if count is None:
+    return q, nested_absmax
+  return q, nested_absmax, outs[2][0]

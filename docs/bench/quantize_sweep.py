@@ -7,7 +7,7 @@ step (docs/benchmarks.md, eighteenth session; run on the GPU).
     python docs/bench/quantize_sweep.py tiles  # more tiles, 30 rounds
     QK_OLD=old_quantize_4bit.py python docs/bench/quantize_sweep.py ab
     ncu --clock-control none --metrics gpu__time_duration.sum \\
-        python docs/bench/quantize_sweep.py ncu
+        python docs/bench/quantize_sweep.py ncu   # or ncupkg
 
 The default mode times, for each size (bf16, NF4, blocksize 64) over two
 rotating inputs, `quantize_4bit.quantize_4bit` over blocks per program
@@ -25,7 +25,8 @@ times the kernel, the mean and the nested kernel together, the nested
 kernel in its earlier tile (16 blocks, 4 warps) and its present one (2
 blocks, 2 warps); "ncu" runs each of those once per size after a
 warm-up, so Nsight Compute times each kernel (add `--cache-control none`
-to keep what L2 holds between them).
+to keep what L2 holds between them); "ncupkg" runs `F.quantize_4bit` with
+double quantization the same way.
 
 The eighteenth session's raw files also hold two variants that were
 measured and not kept (their code is not in the package): a loop form
@@ -236,10 +237,22 @@ def ncu():
       jax.block_until_ready(f(x))
 
 
+def ncu_package():
+  """`F.quantize_4bit` with double quantization, as the package runs it,
+  once per size after a warm-up (for Nsight Compute)."""
+  f = jax.jit(lambda x: F.quantize_4bit(x, quant_type="nf4",
+                                        compress_statistics=True))
+  for n in SIZES:
+    x = measure.random_bf16(jax.random.key(1), (n,))
+    jax.block_until_ready(f(x))
+    print("ncu package", n, flush=True)
+    jax.block_until_ready(f(x))
+
+
 def main():
   what = sys.argv[1] if len(sys.argv) > 1 else "sweep"
   return {"sweep": sweep, "tiles": tiles, "ab": ab, "mean": mean_variants,
-          "pipe": pipes, "ncu": ncu}[what]()
+          "pipe": pipes, "ncu": ncu, "ncupkg": ncu_package}[what]()
 
 
 if __name__ == "__main__":

@@ -72,3 +72,26 @@ def test_the_offset_is_subtracted_inside():
   ref_q, ref_am = _reference(a, a.mean())
   np.testing.assert_array_equal(np.asarray(q1), ref_q)
   np.testing.assert_array_equal(np.asarray(am1), ref_am)
+
+
+@pytest.mark.parametrize("mode", _util.modes())
+@pytest.mark.parametrize("n", [256 * 16, 256 * 33 + 77])
+def test_the_mean_made_inside(mode, n):
+  """With `count`, the kernel takes the sum and returns the mean as XLA
+  and torch make it (`sum * float32(1 / count)`, rounded once, which for
+  a count like 8525 is not always the correctly rounded quotient), and
+  quantizes against it: the same bytes as with that offset given."""
+  a = _absmax(n, 5)
+  a[3] = 0.02
+  total = np.float32(np.sum(a, dtype=np.float64))
+  lo, aux = (jnp.asarray(t) for t in code_tables.quantize_tables(_MAP))
+  q, am, off = nk.quantize_nested(jnp.asarray(a), jnp.float32(total), lo,
+                                  aux, count=n, interpret=mode == "interpret")
+  want_off = total * (np.float32(1) / np.float32(n))
+  assert np.asarray(off).dtype == np.float32 and np.asarray(off).shape == ()
+  assert np.asarray(off) == want_off
+  with jax.default_device(jax.devices("cpu")[0]):
+    assert np.asarray(jax.jit(lambda t: t / np.float32(n))(total)) == want_off
+  ref_q, ref_am = _reference(a, want_off)
+  np.testing.assert_array_equal(np.asarray(q), ref_q)
+  np.testing.assert_array_equal(np.asarray(am), ref_am)

@@ -171,23 +171,29 @@ def quantize_blockwise_flat(flat, code_np, blocksize, mode):
                                       blocksize, codes_fn)
 
 
-def quantize_nested_flat(absmax, offset, code_np, blocksize, mode,
+def quantize_nested_flat(absmax, total, code_np, blocksize, mode,
                          kernel=True):
-  """(uint8 codes, float32 absmax) of `absmax - offset` quantized
-  blockwise to the map `code_np` (double quantization's nested step):
-  one kernel pass outside the "reference" mode, where the map has lookup
-  tables and `kernel` is set; else `quantize_blockwise_flat` of the
-  difference."""
+  """(uint8 codes, float32 absmax, offset) of double quantization's nested
+  step: the offset, the mean of `absmax` from its sum `total` (`total *
+  nk.mean_factor(n)`, rounded once), then `absmax - offset` quantized
+  blockwise to the map `code_np`. One kernel pass that also takes the mean
+  outside the "reference" mode, where the map has lookup tables and
+  `kernel` is set; else XLA's product and `quantize_blockwise_flat` of the
+  difference (the same bytes)."""
+  n = absmax.shape[0]
   if mode != "reference" and kernel:
     tables = code_tables.quantize_tables(code_np)
-    if tables is not None and nk.can_use(absmax.shape[0], blocksize):
+    if tables is not None and nk.can_use(n, blocksize):
       lo, aux = (jnp.asarray(t) for t in tables)
-      return nk.quantize_nested(absmax, offset, lo, aux, blocksize=blocksize,
-                                interpret=mode == "interpret")
+      return nk.quantize_nested(absmax, total, lo, aux, blocksize=blocksize,
+                                count=n, interpret=mode == "interpret")
     if tables is not None:
-      dispatch.no_kernel(f"nested quantization of {absmax.shape[0]} values")
-  return quantize_blockwise_flat(absmax - offset, code_np, blocksize,
-                                 mode)
+      dispatch.no_kernel(f"nested quantization of {n} values")
+  # Rounded before the subtraction (no FMA under jit), as bnb does.
+  offset = jax.lax.optimization_barrier(total * nk.mean_factor(n))
+  q, nested_absmax = quantize_blockwise_flat(absmax - offset, code_np,
+                                             blocksize, mode)
+  return q, nested_absmax, offset
 
 
 def dequantize_4bit_flat(packed, absmax, nested, n, blocksize, quant_type,

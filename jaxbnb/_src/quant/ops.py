@@ -52,9 +52,9 @@ def _quantize_blockwise_flat(flat, code, blocksize):
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "mode", "kernel"))
-def _quantize_nested(absmax, offset, blocksize, mode, kernel):
+def _quantize_nested(absmax, total, blocksize, mode, kernel):
   return kernels.quantize_nested_flat(
-      absmax, offset, codebooks.create_dynamic_map(signed=True), blocksize,
+      absmax, total, codebooks.create_dynamic_map(signed=True), blocksize,
       mode, kernel)
 
 
@@ -62,13 +62,11 @@ def _double_quantize(absmax: jax.Array, nested_blocksize: int,
                      kernel: bool = True):
   """bnb's nested absmax: offset = mean, 8-bit blockwise codes of the rest
   (two table lookups per value outside the "reference" kernel mode, in one
-  kernel pass with `kernel`; 8-bit blockwise quantization, which has no
-  kernel, passes False)."""
-  # Round the mean before subtracting (no FMA under jit), as bnb does.
-  offset = jax.lax.optimization_barrier(jnp.mean(absmax))
+  kernel pass with `kernel`, which also divides the sum; 8-bit blockwise
+  quantization, which has no kernel, passes False)."""
   code = jnp.asarray(codebooks.create_dynamic_map(signed=True))
-  q, nested_absmax = _quantize_nested(absmax, offset, nested_blocksize,
-                                      dispatch.resolve(), kernel)
+  q, nested_absmax, offset = _quantize_nested(
+      absmax, jnp.sum(absmax), nested_blocksize, dispatch.resolve(), kernel)
   return q, nested_absmax, offset, code
 
 
