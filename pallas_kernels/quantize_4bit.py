@@ -4,9 +4,9 @@ One program quantizes `block_rows` quantization blocks: it reads the block
 (even and odd elements as two strided halves), takes the fp32 absmax
 (NaN ignored), scales by the fp32 reciprocal, maps each value with the
 strict-`>` decision thresholds (NF4: by default one lookup of the value's
-bucket word, by its top 12 bits, and one comparison, `bucket_words`; else
-a tree whose last two levels read their threshold from a 16-entry table;
-FP4: bitsandbytes' tree) and packs two codes per byte, the even element in the
+bucket, its top 12 bits, and one comparison, `bucket_table`; else a tree
+whose last two levels read their threshold from a 16-entry table; FP4:
+bitsandbytes' tree) and packs two codes per byte, the even element in the
 high nibble. The result is bit-identical to jaxbnb's pure-jnp reference
 (`jaxbnb._src.quant.reference.quantize_4bit`).
 
@@ -127,42 +127,16 @@ def bucket_table(thresholds: tuple[float, ...]) -> np.ndarray:
   return lo.astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=None)
-def bucket_words(thresholds: tuple[float, ...]) -> np.ndarray:
-  """uint32 `[4096]`: `bucket_table` and the threshold to compare in one
-  word per bucket, for `_nf4_codes_bucket`.
-
-  Bits 20-23 hold the bucket's `lo`; bits 0-19 the low 20 bits of the
-  threshold `t[lo]` when it lies in the bucket (its top 12 bits are the
-  bucket's, so a value's own top bits complete it). When it lies beyond,
-  they name the bucket's largest value (all ones for a positive bucket,
-  zeros for a negative one), which no value of the bucket exceeds; a
-  NaN-led bucket compares false either way. So `lo + (x > t')` is
-  `lo + (x > t[lo])` for every float32 x: one lookup instead of two
-  dependent ones.
-  """
-  lo = bucket_table(thresholds).astype(np.uint32)
-  t = np.append(np.asarray(thresholds, np.float32),
-                np.float32(np.inf)).view(np.uint32)[lo]
-  b = np.arange(lo.size, dtype=np.uint32)
-  inside = (t >> _BUCKET_SHIFT) == b
-  low = np.uint32((1 << _BUCKET_SHIFT) - 1)
-  beyond = np.where(b >> (31 - _BUCKET_SHIFT) == 1, np.uint32(0), low)
-  return (lo << _BUCKET_SHIFT) | np.where(inside, t & low, beyond)
-
-
-def _nf4_codes_bucket(x, words_ref):
-  """`_nf4_codes` by one lookup of x's bucket word (`bucket_words`): its
-  `lo` and the threshold above it, completed by x's own top 12 bits, then
-  one comparison. The same strict comparisons, so the same codes. The
-  buckets that normalized weights fall in sit in two runs of about 50
-  words, so a warp's lookups touch few sectors."""
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  shift = np.uint32(_BUCKET_SHIFT)
-  w = words_ref[(bits >> shift).astype(jnp.int32)]
-  low = np.uint32((1 << _BUCKET_SHIFT) - 1)
-  t = jax.lax.bitcast_convert_type((bits & ~low) | (w & low), jnp.float32)
-  return (w >> shift).astype(jnp.int32) + jnp.where(x > t, 1, 0)
+def _nf4_codes_bucket(x, lo_ref, t_ref):
+  """`_nf4_codes` by one lookup of x's bucket (`bucket_table`) and one
+  comparison with the next threshold (`t_ref`: the 15 thresholds, then
+  +inf). The same strict comparisons, so the same codes. The buckets
+  that normalized weights fall in sit in two runs of about 50 bytes, so
+  a warp's lookups touch few sectors."""
+  idx = jax.lax.bitcast_convert_type(x, jnp.uint32) >> np.uint32(
+      _BUCKET_SHIFT)
+  lo = lo_ref[idx.astype(jnp.int32)].astype(jnp.int32)
+  return lo + jnp.where(x > t_ref[lo], 1, 0)
 
 
 def _fp4_codes(x, t):
@@ -192,7 +166,7 @@ def _unpack_pair(u, in_dtype):
 def _kernel(x_ref, *refs, nblocks, numel, block_rows, half, quant_type,
             thresholds, load_u32, in_dtype, gather, bucket, max_skips_nan):
   if bucket:
-    words_ref, packed_ref, absmax_ref = refs
+    lo_ref, t_ref, packed_ref, absmax_ref = refs
   elif gather:
     t_ref, packed_ref, absmax_ref = refs
   else:
@@ -232,8 +206,8 @@ def _kernel(x_ref, *refs, nblocks, numel, block_rows, half, quant_type,
     se = jnp.where(ok_e, se, 0.0)
     so = jnp.where(ok_o, so, 0.0)
   if bucket:
-    qe = _nf4_codes_bucket(se, words_ref)
-    qo = _nf4_codes_bucket(so, words_ref)
+    qe = _nf4_codes_bucket(se, lo_ref, t_ref)
+    qo = _nf4_codes_bucket(so, lo_ref, t_ref)
   elif quant_type == "nf4" and gather:
     qe = _nf4_codes_gather(se, thresholds, t_ref)
     qo = _nf4_codes_gather(so, thresholds, t_ref)
@@ -285,7 +259,7 @@ def quantize_4bit(
       same codes). Measured on the H200, 2^28 bf16 values: 467.5 against
       559.0 us per call (host-timed, docs/benchmarks.md).
     bucket: NF4 only, in place of the tree (the default): each value's
-      code from one lookup by its top 12 bits (`bucket_words`) and one
+      code from one lookup by its top 12 bits (`bucket_table`) and one
       comparison. Measured on the H200, 2^28 bf16 values, 64 blocks per
       program: 285.9 us against 389.7 for the gathering tree (under ncu
       at 2^26: 32% fewer instructions, 62.2 against 84.4 us).
@@ -324,10 +298,10 @@ def quantize_4bit(
       bucket=bucket and quant_type == "nf4", max_skips_nan=not interpret)
   args, in_specs = [x3], [spec]
   if bucket and quant_type == "nf4":
-    words = bucket_words(tuple(thresholds))
-    args.append(jnp.asarray(words))
-    in_specs.append(pl.BlockSpec(words.shape, lambda i: (0,)))
-  elif gather and quant_type == "nf4":
+    lo = bucket_table(tuple(thresholds))
+    args.append(jnp.asarray(lo))
+    in_specs.append(pl.BlockSpec(lo.shape, lambda i: (0,)))
+  if (gather or bucket) and quant_type == "nf4":
     table = jnp.asarray(list(thresholds) + [float("inf")], jnp.float32)
     args.append(table)
     in_specs.append(pl.BlockSpec((16,), lambda i: (0,)))

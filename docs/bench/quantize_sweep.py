@@ -33,7 +33,11 @@ measured and not kept (their code is not in the package): a loop form
 of the quantize kernel ("programs": each program walking every
 `programs`-th tile, the next tile's load issued before the current one
 is quantized) and L2 eviction hints ("evict": the input and the codes
-evict-first, the absmax evict-last).
+evict-first, the absmax evict-last). The nineteenth session's "ab" run
+timed a third (`quantize_words_ab_2026-12-03_h200.jsonl`, "new"): each
+NF4 code from one uint32 bucket word (the bucket's count and the low 20
+bits of the threshold inside it) in place of the uint8 count and the
+16-entry threshold table; "old" is the kernel the package keeps.
 """
 import importlib.util
 import json
@@ -213,7 +217,11 @@ def pipeline(nested_rows, nested_warps):
 
 def pipes():
   """Each `NESTED` tile timed at each size, its bytes checked against the
-  first's."""
+  first's; then `F.quantize_4bit` with double quantization as the package
+  runs it (since the nineteenth session its nested kernel takes the
+  mean's factor, so the mean is the sum alone: its offset may differ
+  from `jnp.mean`'s in the last place, so only the codes' shapes are
+  compared)."""
   out = _out("quantize_pipe.jsonl")
   for n in SIZES:
     xs = _inputs(n)
@@ -224,6 +232,13 @@ def pipes():
       want = got if want is None else want
       _emit(out, what="pipe", n=n, how=name,
             same=_same(got, want), us=median_us(f, xs))
+    f = jax.jit(lambda x: F.quantize_4bit(x, quant_type="nf4",
+                                          compress_statistics=True))
+    packed, qs = jax.device_get(f(*xs[0]))
+    _emit(out, what="pipe", n=n, how="package",
+          same=bool(np.array_equal(packed.reshape(-1), want[0])
+                    and qs.absmax.shape == want[1].shape),
+          us=median_us(f, xs))
 
 
 def ncu():
