@@ -37,9 +37,9 @@ def can_use(numel: int, blocksize: int) -> bool:
 
 
 def mean_factor(count: int) -> np.float32:
-  """The float32 `1 / count` a mean multiplies its sum by, as XLA (which
-  turns a division by a constant into that product) and torch's `mean`
-  do."""
+  """The float32 `1 / count` a mean multiplies its sum by, as XLA does
+  for `jnp.mean` (it turns a division by a constant into that product;
+  checked on the CPU by tests/kernels/quantize_nested_test.py)."""
   return np.float32(1) / np.float32(count)
 
 

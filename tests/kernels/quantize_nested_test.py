@@ -78,7 +78,7 @@ def test_the_offset_is_subtracted_inside():
 @pytest.mark.parametrize("n", [256 * 16, 256 * 33 + 77])
 def test_the_mean_made_inside(mode, n):
   """With `count`, the kernel takes the sum and returns the mean as XLA
-  and torch make it (`sum * float32(1 / count)`, rounded once, which for
+  makes it (`sum * float32(1 / count)`, rounded once, which for
   a count like 8525 is not always the correctly rounded quotient), and
   quantizes against it: the same bytes as with that offset given."""
   a = _absmax(n, 5)

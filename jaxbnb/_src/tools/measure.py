@@ -54,7 +54,8 @@ def n_inner(target_s: float, per_round_s: float) -> int:
 
 
 def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
-             rounds: int, reps: int, warmup: int) -> list[float]:
+             rounds: int, reps: int, warmup: int,
+             unroll: int = 1) -> list[float]:
   """Seconds per op of `fn(*slot)` over the tuple `slots`.
 
   A timed call is one jitted `fori_loop` of `rounds` rounds; a round is a
@@ -70,6 +71,7 @@ def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
     rounds: rounds per timed call (see `n_inner`).
     reps: timed calls.
     warmup: untimed calls after the compiling one.
+    unroll: rounds per iteration of the loop (`fori_loop`'s `unroll`).
 
   Returns:
     `reps` samples, seconds per op.
@@ -81,7 +83,8 @@ def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
         args, _ = lax.optimization_barrier((args, p))
         outs.append(fn(*args))
       return tuple(outs)
-    return lax.fori_loop(0, rounds, round_, carry)
+    return lax.fori_loop(0, rounds, round_, carry,
+                         unroll=max(1, min(unroll, rounds)))
 
   shapes = jax.eval_shape(lambda s: tuple(fn(*a) for a in s), slots)
   carry = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
