@@ -20,12 +20,21 @@ tables, which are constants), and an op that returns only the 16-value
 code table, to $OUT/harness_outputs.jsonl: what returning constants from
 the timed op costs per op.
 
-"unroll" (nineteenth session) times, 16 rounds a call, with 1, 4 and 8
-rounds per loop iteration (`time_jax`'s `unroll`): quantize with and
-without double quantization at 2^28 (one slot), the copy-bandwidth op
-(`a + 1` over 1 GiB of uint32), a 4 KB `a + 1` over 8 slots, and
-`matmul_4bit` at M = 1 on 14336x4096 NF4 + DQ over 6 weights, to
-$OUT/harness_unroll.jsonl.
+The nineteenth session also timed, 16 rounds a call, 1, 4 and 8 rounds
+per loop iteration (`fori_loop(..., unroll=k)` inside `time_jax`, since
+removed): quantize with and without double quantization at 2^28 (one
+slot), the copy-bandwidth op, a 4 KB `a + 1` over 8 slots and
+`matmul_4bit` at M = 1 on 14336x4096 over 6 weights
+(`harness_unroll_2026-12-03_h200.jsonl`). Unrolled, each op read 4-6x
+faster than its kernel alone (quantize 50 us against 211), which cannot
+be if every round ran it: unrolled, the barrier does not keep the
+rounds apart (not looked into further), so unrolling cannot shorten the
+timer's loop.
+
+"trace" (nineteenth session) runs one timed call of 4 rounds of quantize
+with double quantization at 2^28 under `jax.profiler.trace` and writes
+every GPU event in time order, with the gap before it, to
+$OUT/harness_trace.txt.
 """
 import json
 import os
@@ -66,41 +75,44 @@ def outputs():
       print(rec, flush=True)
 
 
-def unroll():
-  out = open(os.path.join(os.environ.get("OUT", "."),
-                          "harness_unroll.jsonl"), "a")
+def trace():
+  """One timed call of 4 rounds of quantize with double quantization at
+  2^28 under `jax.profiler.trace`; prints each GPU event in time order
+  with the gap before it, to $OUT/harness_trace.txt."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import gzip  # pylint: disable=import-outside-toplevel
+  d = os.path.join(os.environ.get("OUT", "."), "trace")
   x = measure.random_bf16(jax.random.key(0), (1 << 28,))
-  words = jax.random.bits(jax.random.key(1), (1 << 28,), jnp.uint32)
-  small = [(jnp.arange(1024, dtype=jnp.uint32) + i,) for i in range(8)]
-  w = [F.quantize_4bit(measure.random_bf16(jax.random.key(10 + i),
-                                           (14336, 4096), 1 / 64),
-                       quant_type="nf4", compress_statistics=True)
-       for i in range(6)]
-  v = measure.random_bf16(jax.random.key(2), (1, 4096))
-  cases = {
-      "quantize_dq_2^28": (quant, ((x,),)),
-      "quantize_2^28": (lambda a: F.quantize_4bit(a, quant_type="nf4"),
-                        ((x,),)),
-      "copy_1GiB": (lambda a: a + jnp.uint32(1), ((words,),)),
-      "add_4KB_x8": (lambda a: a + jnp.uint32(1), small),
-      "matmul_m1_14336x4096_x6": (lambda a, p, s: F.matmul_4bit(a, p, s),
-                                  tuple((v, p, s) for p, s in w)),
-  }
-  for name, (fn, slots) in cases.items():
-    for k in (1, 4, 8):
-      us = np.median(measure.time_jax(fn, slots, rounds=16, reps=5,
-                                      warmup=1, unroll=k)) * 1e6
-      rec = {"case": name, "unroll": k, "us": float(us)}
-      out.write(json.dumps(rec) + "\n")
-      print(rec, flush=True)
+  measure.time_jax(quant, ((x,),), rounds=4, reps=1, warmup=1)
+  with jax.profiler.trace(d, create_perfetto_trace=True):
+    measure.time_jax(quant, ((x,),), rounds=4, reps=1, warmup=0)
+  path = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+  doc = json.load(gzip.open(path[0]))
+  events = doc["traceEvents"] if isinstance(doc, dict) else doc
+  names = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  with open(os.path.join(os.environ.get("OUT", "."),
+                         "harness_trace.txt"), "w") as out:
+    for pid, pname in sorted(names.items()):
+      xs = sorted((e for e in events if e.get("ph") == "X"
+                   and e["pid"] == pid), key=lambda e: e["ts"])
+      out.write(f"# pid {pid} {pname}: {len(xs)} events\n")
+      if "GPU" not in pname and "gpu" not in pname:
+        continue
+      end = None
+      for e in xs:
+        gap = "" if end is None else f"{e['ts'] - end:9.2f}"
+        out.write(f"{e['ts']:16.2f} {e['dur']:9.2f} gap {gap:>9} "
+                  f"tid {e['tid']} {e['name'][:60]}\n")
+        end = max(end or 0, e["ts"] + e["dur"])
 
 
 def main():
   what = sys.argv[1] if len(sys.argv) > 1 else "time"
+  if what == "trace":
+    return trace()
   if what == "outputs":
     return outputs()
-  if what == "unroll":
-    return unroll()
   if what == "ncu":
     x = measure.random_bf16(jax.random.key(0), (1 << 28,))
     jax.block_until_ready(x)

@@ -37,7 +37,12 @@ evict-first, the absmax evict-last). The nineteenth session's "ab" run
 timed a third (`quantize_words_ab_2026-12-03_h200.jsonl`, "new"): each
 NF4 code from one uint32 bucket word (the bucket's count and the low 20
 bits of the threshold inside it) in place of the uint8 count and the
-16-entry threshold table; "old" is the kernel the package keeps.
+16-entry threshold table; "old" is the kernel the package keeps. A
+later "ab" run timed two more variants against it: buckets of the top 11
+bits (`qk_s21.py`: a 2048-entry count table, half the bytes a warp's
+lookups span) and the same with each bucket's two signs side by side
+(`qk_s21i.py`: one run of hot entries in place of two, two more
+instructions a value).
 """
 import importlib.util
 import json
@@ -155,24 +160,31 @@ def tiles():
 
 
 def ab():
-  """The 4-bit kernel against `$QK_OLD`'s (an earlier copy of
-  `quantize_4bit.py`), its default and four more tiles, 30 rounds a call,
-  each checked byte for byte against the old kernel's output, to
-  $OUT/quantize_ab.jsonl (nineteenth session: one bucket word in place of
-  two dependent lookups)."""
+  """The 4-bit kernel against earlier or variant copies of
+  `quantize_4bit.py` (`$QK_OLD`, comma-separated paths): the package's
+  default and four more tiles, and each copy's default, 30 rounds a call,
+  each checked byte for byte against the first copy's output, to
+  $OUT/quantize_ab.jsonl ("what": "new" for the package, else the
+  copy's file name; "old" when there is one copy)."""
   out = _out("quantize_ab.jsonl")
-  spec = importlib.util.spec_from_file_location("qk_old",
-                                                os.environ["QK_OLD"])
-  old = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(old)
+  paths = os.environ["QK_OLD"].split(",")
+  olds = {}
+  for path in paths:
+    name = "old" if len(paths) == 1 else os.path.basename(path)
+    spec = importlib.util.spec_from_file_location(f"qk_{len(olds)}", path)
+    olds[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(olds[name])
   for n in SIZES:
     xs = _inputs(n)
-    f_old = jax.jit(lambda x: old.quantize_4bit(
-        x, blocksize=64, quant_type="nf4", thresholds=TH))
-    want = jax.device_get(f_old(*xs[0]))
+    want = None
     for rnd in range(2):
-      _emit(out, what="old", n=n, round=rnd,
-            us=median_us(f_old, xs, rounds=30))
+      for name, mod in olds.items():
+        f = jax.jit(lambda x, mod=mod: mod.quantize_4bit(
+            x, blocksize=64, quant_type="nf4", thresholds=TH))
+        got = jax.device_get(f(*xs[0]))
+        want = got if want is None else want
+        _emit(out, what=name, n=n, round=rnd, same=_same(got, want),
+              us=median_us(f, xs, rounds=30))
       for br, w in ((None, None), (32, 4), (128, 8), (64, 4), (128, 16)):
         f = _quantize(br, w)
         _emit(out, what="new", n=n, round=rnd, block_rows=br, warps=w,

@@ -54,8 +54,7 @@ def n_inner(target_s: float, per_round_s: float) -> int:
 
 
 def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
-             rounds: int, reps: int, warmup: int,
-             unroll: int = 1) -> list[float]:
+             rounds: int, reps: int, warmup: int) -> list[float]:
   """Seconds per op of `fn(*slot)` over the tuple `slots`.
 
   A timed call is one jitted `fori_loop` of `rounds` rounds; a round is a
@@ -71,7 +70,6 @@ def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
     rounds: rounds per timed call (see `n_inner`).
     reps: timed calls.
     warmup: untimed calls after the compiling one.
-    unroll: rounds per iteration of the loop (`fori_loop`'s `unroll`).
 
   Returns:
     `reps` samples, seconds per op.
@@ -83,8 +81,7 @@ def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
         args, _ = lax.optimization_barrier((args, p))
         outs.append(fn(*args))
       return tuple(outs)
-    return lax.fori_loop(0, rounds, round_, carry,
-                         unroll=max(1, min(unroll, rounds)))
+    return lax.fori_loop(0, rounds, round_, carry)
 
   shapes = jax.eval_shape(lambda s: tuple(fn(*a) for a in s), slots)
   carry = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
