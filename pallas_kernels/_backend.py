@@ -49,6 +49,21 @@ def on_nvidia_gpu() -> bool:
   return dev.platform == "gpu" and "nvidia" in dev.device_kind.lower()
 
 
+def _f32_asm(op: str, *args: jax.Array) -> jax.Array:
+  """One fp32 PTX instruction `op` (e.g. "add.rn.f32") on `args`,
+  elementwise, as inline asm."""
+  args = jnp.broadcast_arrays(*args)
+  operands = ", ".join(f"${i + 1}" for i in range(len(args)))
+  return pltriton.elementwise_inline_asm(
+      f"{op} $0, {operands};",
+      args=list(args),
+      constraints="=r" + ",r" * len(args),
+      pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape,
+                                                jnp.float32)],
+  )[0]
+
+
 def add_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
   """fp32 `a + b` rounded on its own, never contracted into an FMA.
 
@@ -57,14 +72,7 @@ def add_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
   """
   if interpret:  # the barrier keeps XLA from fusing the product into an FMA
     return jax.lax.optimization_barrier(a) + b
-  a, b = jnp.broadcast_arrays(a, b)
-  return pltriton.elementwise_inline_asm(
-      "add.rn.f32 $0, $1, $2;",
-      args=[a, b],
-      constraints="=r,r,r",
-      pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-  )[0]
+  return _f32_asm("add.rn.f32", a, b)
 
 
 def mul_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
@@ -72,14 +80,7 @@ def mul_rn(a: jax.Array, b: jax.Array, interpret: bool) -> jax.Array:
   what uses it (`mul.rn.f32`; in interpret mode behind a barrier)."""
   if interpret:
     return jax.lax.optimization_barrier(a * b)
-  a, b = jnp.broadcast_arrays(a, b)
-  return pltriton.elementwise_inline_asm(
-      "mul.rn.f32 $0, $1, $2;",
-      args=[a, b],
-      constraints="=r,r,r",
-      pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-  )[0]
+  return _f32_asm("mul.rn.f32", a, b)
 
 
 def fma_rn(a: jax.Array, b: jax.Array, c: jax.Array,
@@ -92,14 +93,7 @@ def fma_rn(a: jax.Array, b: jax.Array, c: jax.Array,
   """
   if interpret:
     return a * b + c
-  a, b, c = jnp.broadcast_arrays(a, b, c)
-  return pltriton.elementwise_inline_asm(
-      "fma.rn.f32 $0, $1, $2, $3;",
-      args=[a, b, c],
-      constraints="=r,r,r,r",
-      pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-  )[0]
+  return _f32_asm("fma.rn.f32", a, b, c)
 
 
 def round_to_float16(x):
