@@ -104,7 +104,7 @@ def trace():
         gap = "" if end is None else f"{e['ts'] - end:9.2f}"
         out.write(f"{e['ts']:16.2f} {e['dur']:9.2f} gap {gap:>9} "
                   f"tid {e['tid']} {e['name'][:60]}\n")
-        end = max(end or 0, e["ts"] + e["dur"])
+        end = e["ts"] + e["dur"]
 
 
 def main():
