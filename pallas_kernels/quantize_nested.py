@@ -5,7 +5,9 @@ bitsandbytes' double quantization subtracts the mean of the 4-bit absmax
 (`offset`) and quantizes the rest in blocks of 256 to its signed dynamic
 map. One program here takes `block_rows` such blocks: it subtracts the
 offset, takes the fp32 absmax of each block (NaN ignored), scales by the
-fp32 reciprocal and finds each code by two lookups (`code_tables`). As XLA
+fp32 reciprocal and finds each code by two lookups (`code_tables`). Given
+the absmax's sum and count (`count`), each program also makes the offset
+itself, the sum times `mean_factor(count)`, and the first stores it. As XLA
 ops the same step read and wrote the absmax three times (the subtraction,
 the block maxima, the codes). The result is bit-identical to the reference
 (`jaxbnb._src.quant.reference.quantize_blockwise` of `absmax - offset` with

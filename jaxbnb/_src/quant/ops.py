@@ -62,8 +62,8 @@ def _double_quantize(absmax: jax.Array, nested_blocksize: int,
                      kernel: bool = True):
   """bnb's nested absmax: offset = mean, 8-bit blockwise codes of the rest
   (two table lookups per value outside the "reference" kernel mode, in one
-  kernel pass with `kernel`, which also divides the sum; 8-bit blockwise
-  quantization, which has no kernel, passes False)."""
+  kernel pass with `kernel`, which also makes the mean from the sum;
+  8-bit blockwise quantization, which has no kernel, passes False)."""
   code = jnp.asarray(codebooks.create_dynamic_map(signed=True))
   q, nested_absmax, offset = _quantize_nested(
       absmax, jnp.sum(absmax), nested_blocksize, dispatch.resolve(), kernel)
