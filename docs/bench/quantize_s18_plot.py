@@ -26,23 +26,29 @@ PARTS = [("jaxbnb_quantize_nf4", "4-bit kernel"),
          ("jaxbnb_quantize_nested", "nested kernel")]
 
 
-def ncu_runs():
-  """Per size, per tile: {part: us} of the timed (second) call."""
-  kernels = []
-  name = None
-  for line in open(os.path.join(
-      HERE, "ncu_quantize_final_2026-12-03_h200.txt")):
+def kernel_times(name):
+  """(kernel, us) per kernel Nsight Compute timed in `name` (a file in
+  this folder), in order, leaving out the kernels that make the input."""
+  kernels, kname = [], None
+  for line in open(os.path.join(HERE, name)):
     m = re.match(r"  ([A-Za-z_0-9]+) \(", line)
     if m:
-      name = m.group(1)
+      kname = m.group(1)
       continue
     m = re.search(r"gpu__time_duration.sum\s+(\S+)\s+([\d.,]+)", line)
-    if m:
+    if m and kname:
       us = float(m.group(2).replace(",", "")) * (
           1000 if m.group(1) == "ms" else 1)
-      if not name.startswith(("input_concatenate", "loop_xor",
-                              "loop_convert")):
-        kernels.append((name, us))
+      if not kname.startswith(("input_concatenate", "loop_xor",
+                               "loop_convert")):
+        kernels.append((kname, us))
+      kname = None
+  return kernels
+
+
+def ncu_runs():
+  """Per size, per tile: {part: us} of the timed (second) call."""
+  kernels = kernel_times("ncu_quantize_final_2026-12-03_h200.txt")
   calls = [kernels[i:i + 5] for i in range(0, len(kernels), 5)]
   out = {}
   for s, (n, _) in enumerate(SIZES):

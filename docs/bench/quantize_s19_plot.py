@@ -12,13 +12,15 @@ stacked, each size relative to the eighteenth session's sum.
 """
 import json
 import os
-import re
 import sys
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+sys.path.insert(0, os.path.dirname(__file__))
+from quantize_s18_plot import kernel_times  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HERE = os.path.dirname(__file__)
 SIZES = [(1 << 28, "2^28"), (14336 * 4096, "14336x4096"), (1 << 24, "2^24")]
@@ -46,29 +48,15 @@ def ab_times():
   return out
 
 
-def ncu_parts(name, timed):
-  """Per size: {kernel: us} of the `timed`-th call's kernels, in the order
-  the file lists them (each size: warm-up call, then timed call)."""
-  kernels, cur = [], None
-  for line in open(os.path.join(HERE, name)):
-    m = re.match(r"  ([A-Za-z_0-9]+) \(", line)
-    if m:
-      cur = m.group(1)
-      continue
-    m = re.search(r"gpu__time_duration.sum\s+(\S+)\s+([\d.,]+)", line)
-    if m and cur:
-      us = float(m.group(2).replace(",", ""))
-      kernels.append((cur, us * 1000 if m.group(1) == "ms" else us))
-      cur = None
-  calls, call = [], None
-  for k, us in kernels:
-    if k == "jaxbnb_quantize_nf4":
-      call = {}
-      calls.append(call)
-    if call is not None and not k.startswith(("input_concat", "loop_xor",
-                                              "loop_convert")):
-      call[k] = call.get(k, 0.0) + us
-  return calls[timed::2] if timed is not None else calls
+def ncu_calls(name):
+  """{kernel: us} per call of the package's quantize + DQ in `name`, in
+  the order the file lists them (a call starts at its 4-bit kernel)."""
+  calls = []
+  for kname, us in kernel_times(name):
+    if kname == "jaxbnb_quantize_nf4":
+      calls.append({})
+    calls[-1][kname] = calls[-1].get(kname, 0.0) + us
+  return calls
 
 
 def main(out_png):
@@ -85,8 +73,8 @@ def main(out_png):
   a.set_title("4-bit quantize kernel: NF4 code lookups (H200, bf16)")
   a.set_ylim(0.9, 1.2)
   a.legend(fontsize=8)
-  s18 = ncu_parts("ncu_quantize_final_2026-12-03_h200.txt", None)
-  s19 = ncu_parts("ncu_quantize_s19_2026-12-03_h200.txt", None)
+  s18 = ncu_calls("ncu_quantize_final_2026-12-03_h200.txt")
+  s19 = ncu_calls("ncu_quantize_s19_2026-12-03_h200.txt")
   # s18: per size four calls (16x4 warm-up, timed, 2x2 warm-up, timed):
   # the package's tile is 2x2, timed = the 4th; s19: warm-up, timed.
   rows = [("s18", [s18[4 * i + 3] for i in range(3)]),
