@@ -115,6 +115,51 @@ def test_gather_tree_gives_the_same_codes(mode, dtype):
       np.asarray(fp4[0]), np.asarray(reference.quantize_4bit(x, 64, "fp4")[0]))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("numel,block_rows,num_warps", [
+    (64 * 40 + 10, None, None), (1 << 20, 128, 8), (64 * 999 + 3, 64, 4),
+    (1 << 18, 256, 16), (64 * 33, 32, 2)])
+@pytest.mark.parametrize("swizzle", [False, True])
+def test_gpu_smem_tables_give_the_same_codes(dtype, numel, block_rows,
+                                             num_warps, swizzle):
+  """`smem=True` (the tables in shared memory, the codes by inline PTX)
+  gives the reference's bytes compiled: every threshold and its
+  neighbours, a NaN, a block of NaNs, infinities, an all-zero block, a
+  partial last block and program, in tiles of 2-16 warps."""
+  x = _nf4_ties(numel, jnp.float32)
+  x = x.at[7].set(jnp.nan).at[128:192].set(jnp.nan).at[256:320].set(0.0)
+  x = x.at[400].set(jnp.inf).at[401].set(-jnp.inf).astype(dtype)
+  packed, absmax = qk.quantize_4bit(
+      x, blocksize=64, quant_type="nf4", thresholds=_util.thresholds("nf4"),
+      block_rows=block_rows, num_warps=num_warps, smem=True, swizzle=swizzle)
+  ref_packed, ref_absmax = reference.quantize_4bit(x, 64, "nf4")
+  np.testing.assert_array_equal(np.asarray(packed), np.asarray(ref_packed))
+  np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
+
+
+def test_smem_fill_ptx_holds_the_tables():
+  """The PTX of `smem=True` declares the bucket table and the thresholds
+  (then +inf) as initialized words, copies all 260 16-byte chunks with
+  the program's threads and meets at one barrier; the lookups read the
+  thresholds at their offset."""
+  th = _util.thresholds("nf4")
+  words = np.concatenate([qk.bucket_table(th).view("<u4"),
+                          np.append(np.asarray(th, np.float32),
+                                    np.float32(np.inf)).view("<u4")])
+  for threads in (64, 128, 256, 512):
+    text = qk.smem_fill_ptx(th, threads)
+    init = text.split("= {", 1)[1].split("}", 1)[0]
+    assert [int(w, 16) for w in init.split(", ")] == words.tolist()
+    offsets = sorted(int(line.split("[sa+")[1].split("]")[0])
+                     for line in text.splitlines() if "st.shared" in line)
+    assert offsets == [16 * threads * c for c in range(len(offsets))]
+    assert (len(offsets) - 1) * threads < 260 <= len(offsets) * threads
+    assert text.count("bar.sync 0;") == 1
+  assert f"[a+{qk._SMEM_THRESHOLDS}]" in qk.smem_codes_ptx(False)
+  assert qk._SMEM_THRESHOLDS == 4096 == qk.bucket_table(th).size
+
+
 def test_bucket_table_counts_the_thresholds_below():
   """`lo[b] + (x > t[lo[b]])` (`t`: the thresholds, then +inf) is the
   number of NF4 thresholds strictly below x: on every threshold and 3

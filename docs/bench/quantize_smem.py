@@ -1,0 +1,108 @@
+"""The 4-bit quantize kernel with its tables in shared memory (`smem=True`)
+against the package's global-memory lookups (docs/benchmarks.md,
+twentieth session; run on the GPU).
+
+    python docs/bench/quantize_smem.py ab    # tiles, both ways, 2 rounds
+    ncu --clock-control none -k regex:jaxbnb_quantize \\
+        --metrics gpu__time_duration.sum,smsp__inst_executed.sum \\
+        python docs/bench/quantize_smem.py ncu
+
+"ab" times, at each size (bf16, NF4, blocksize 64), the kernel without
+and with `smem` (and its `swizzle`) in several tiles (blocks a program,
+warps), 30 rounds a call over two rotating inputs, each output checked byte for byte against
+the default's, then `F.quantize_4bit` with double quantization as the
+package runs it and with its kernel switched to `smem` (the same bytes),
+to $OUT/quantize_smem.jsonl. "ncu" runs the `NCU` variants once per
+size after a warm-up, so Nsight Compute times each and counts its instructions.
+"""
+import functools
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from jaxbnb import functional as F
+from jaxbnb._src.quant import kernels
+from jaxbnb._src.tools import measure
+from pallas_kernels import quantize_4bit as qk
+
+SIZES = [1 << 28, 14336 * 4096, 1 << 24]
+TH = kernels.thresholds("nf4")
+# (name, smem, swizzle, blocks a program, warps); None: the default tile.
+VARIANTS = [("global", False, False, None, None),
+            ("global128x16", False, False, 128, 16)] + [
+                (f"smem{'_sw' if sw else ''}{'' if br is None else f'{br}x{w}'}",
+                 True, sw, br, w)
+                for sw in (False, True)
+                for br, w in ((None, None), (128, 16), (128, 32), (64, 16))]
+NCU = ("global", "smem", "smem128x16", "smem_sw128x16")
+
+
+def median_us(fn, slots, rounds=30):
+  return float(np.median(measure.time_jax(fn, slots, rounds=rounds, reps=5,
+                                          warmup=1))) * 1e6
+
+
+def _emit(out, **rec):
+  out.write(json.dumps(rec) + "\n")
+  out.flush()
+  print(rec, flush=True)
+
+
+def _kernel(smem, swizzle=False, block_rows=None, num_warps=None):
+  return jax.jit(lambda x: qk.quantize_4bit(
+      x, blocksize=64, quant_type="nf4", thresholds=TH, smem=smem,
+      swizzle=swizzle, block_rows=block_rows, num_warps=num_warps))
+
+
+def _same(got, want):
+  return all(np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+
+
+def ab():
+  out = open(os.path.join(os.environ.get("OUT", "."), "quantize_smem.jsonl"),
+             "a")
+  print("device", jax.devices()[0].device_kind, flush=True)
+  for n in SIZES:
+    xs = [(measure.random_bf16(jax.random.key(7 + i), (n,)),)
+          for i in range(2)]
+    want = jax.device_get(_kernel(False)(*xs[0]))
+    floor_bytes = 2 * n + n // 2 + 4 * (n // 64)
+    for rnd in range(2):
+      for name, smem, sw, br, w in VARIANTS:
+        f = _kernel(smem, sw, br, w)
+        _emit(out, what="kernel", how=name, n=n, round=rnd, smem=smem,
+              swizzle=sw, block_rows=br, warps=w,
+              same=_same(jax.device_get(f(*xs[0])), want),
+              us=median_us(f, xs), floor_bytes=floor_bytes)
+    pkg = {}
+    for smem in (False, True):
+      orig = qk.quantize_4bit
+      kernels.qk.quantize_4bit = functools.partial(orig, smem=smem)
+      f = jax.jit(lambda x: F.quantize_4bit(x, quant_type="nf4",
+                                            compress_statistics=True))
+      pkg[smem] = jax.device_get(f(*xs[0]))
+      for rnd in range(2):
+        _emit(out, what="package_dq", n=n, round=rnd, smem=smem,
+              same=_same(pkg[smem], pkg[False]), us=median_us(f, xs, 10))
+      kernels.qk.quantize_4bit = orig
+    del xs
+
+
+def ncu():
+  for n in SIZES:
+    x = measure.random_bf16(jax.random.key(1), (n,))
+    for name, smem, sw, br, w in VARIANTS:
+      if name in NCU:
+        f = _kernel(smem, sw, br, w)
+        print("ncu", n, name, flush=True)  # then its two launches
+        jax.block_until_ready(f(x))
+        jax.block_until_ready(f(x))
+
+
+if __name__ == "__main__":
+  sys.exit({"ab": ab, "ncu": ncu}[sys.argv[1] if len(sys.argv) > 1
+                                   else "ab"]())
