@@ -8,12 +8,19 @@ twentieth session; run on the GPU).
         python docs/bench/quantize_smem.py ncu
 
 "ab" times, at each size (bf16, NF4, blocksize 64), the kernel without
-and with `smem` (and its `swizzle`) in several tiles (blocks a program,
-warps), 30 rounds a call over two rotating inputs, each output checked byte for byte against
-the default's, then `F.quantize_4bit` with double quantization as the
-package runs it and with its kernel switched to `smem` (the same bytes),
-to $OUT/quantize_smem.jsonl. "ncu" runs the `NCU` variants once per
-size after a warm-up, so Nsight Compute times each and counts its instructions.
+and with `smem` in several tiles (blocks a program, warps), 30 rounds a
+call over two rotating inputs, each output checked byte for byte against
+the default's, then `F.quantize_4bit` with double quantization, its
+kernel without and with `smem` (the same bytes), to
+$OUT/quantize_smem.jsonl. "ncu" runs the `NCU` variants once per size
+after a warm-up, so Nsight Compute times each and counts its
+instructions.
+
+Runs a and b (`quantize_smem_2026-12-03_h200_{a,b}.jsonl`) came from
+this script at commit 4ef622e, where `smem` was an option with a 64 x 8
+default tile and a `swizzle` variant (each negative value's bucket entry
+at `i ^ 64`, so that a value and its negation read different banks: two
+more instructions a value; measured slower and removed).
 """
 import functools
 import json
@@ -30,14 +37,12 @@ from pallas_kernels import quantize_4bit as qk
 
 SIZES = [1 << 28, 14336 * 4096, 1 << 24]
 TH = kernels.thresholds("nf4")
-# (name, smem, swizzle, blocks a program, warps); None: the default tile.
-VARIANTS = [("global", False, False, None, None),
-            ("global128x16", False, False, 128, 16)] + [
-                (f"smem{'_sw' if sw else ''}{'' if br is None else f'{br}x{w}'}",
-                 True, sw, br, w)
-                for sw in (False, True)
-                for br, w in ((None, None), (128, 16), (128, 32), (64, 16))]
-NCU = ("global", "smem", "smem128x16", "smem_sw128x16")
+# (name, smem, blocks a program, warps); None: the default tile (64 x 8
+# from global memory; 128 x 16 with smem since run c).
+VARIANTS = [("global", False, None, None), ("global128x16", False, 128, 16),
+            ("smem", True, None, None), ("smem64x8", True, 64, 8),
+            ("smem128x32", True, 128, 32), ("smem64x16", True, 64, 16)]
+NCU = ("global", "smem")
 
 
 def median_us(fn, slots, rounds=30):
@@ -51,10 +56,10 @@ def _emit(out, **rec):
   print(rec, flush=True)
 
 
-def _kernel(smem, swizzle=False, block_rows=None, num_warps=None):
+def _kernel(smem, block_rows=None, num_warps=None):
   return jax.jit(lambda x: qk.quantize_4bit(
       x, blocksize=64, quant_type="nf4", thresholds=TH, smem=smem,
-      swizzle=swizzle, block_rows=block_rows, num_warps=num_warps))
+      block_rows=block_rows, num_warps=num_warps))
 
 
 def _same(got, want):
@@ -72,10 +77,10 @@ def ab():
     want = jax.device_get(_kernel(False)(*xs[0]))
     floor_bytes = 2 * n + n // 2 + 4 * (n // 64)
     for rnd in range(2):
-      for name, smem, sw, br, w in VARIANTS:
-        f = _kernel(smem, sw, br, w)
+      for name, smem, br, w in VARIANTS:
+        f = _kernel(smem, br, w)
         _emit(out, what="kernel", how=name, n=n, round=rnd, smem=smem,
-              swizzle=sw, block_rows=br, warps=w,
+              block_rows=br, warps=w,
               same=_same(jax.device_get(f(*xs[0])), want),
               us=median_us(f, xs), floor_bytes=floor_bytes)
     pkg = {}
@@ -95,9 +100,9 @@ def ab():
 def ncu():
   for n in SIZES:
     x = measure.random_bf16(jax.random.key(1), (n,))
-    for name, smem, sw, br, w in VARIANTS:
+    for name, smem, br, w in VARIANTS:
       if name in NCU:
-        f = _kernel(smem, sw, br, w)
+        f = _kernel(smem, br, w)
         print("ncu", n, name, flush=True)  # then its two launches
         jax.block_until_ready(f(x))
         jax.block_until_ready(f(x))

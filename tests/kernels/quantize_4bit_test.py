@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxbnb._src.quant import reference
 from pallas_kernels import quantize_4bit as qk
+from tests import helpers
 from tests.kernels import _util
 
 CASES = [
@@ -120,22 +122,81 @@ def test_gather_tree_gives_the_same_codes(mode, dtype):
 @pytest.mark.parametrize("numel,block_rows,num_warps", [
     (64 * 40 + 10, None, None), (1 << 20, 128, 8), (64 * 999 + 3, 64, 4),
     (1 << 18, 256, 16), (64 * 33, 32, 2)])
-@pytest.mark.parametrize("swizzle", [False, True])
-def test_gpu_smem_tables_give_the_same_codes(dtype, numel, block_rows,
-                                             num_warps, swizzle):
-  """`smem=True` (the tables in shared memory, the codes by inline PTX)
-  gives the reference's bytes compiled: every threshold and its
-  neighbours, a NaN, a block of NaNs, infinities, an all-zero block, a
-  partial last block and program, in tiles of 2-16 warps."""
+@pytest.mark.parametrize("smem", [False, True])
+def test_gpu_lookups_give_the_same_codes(dtype, numel, block_rows, num_warps,
+                                         smem):
+  """The NF4 bucket lookup from shared memory (`smem=True`, the default:
+  the codes by inline PTX) and from global memory give the reference's
+  bytes compiled: every threshold and its neighbours, a NaN, a block of
+  NaNs, infinities, an all-zero block, a partial last block and program,
+  in tiles of 2-16 warps."""
   x = _nf4_ties(numel, jnp.float32)
   x = x.at[7].set(jnp.nan).at[128:192].set(jnp.nan).at[256:320].set(0.0)
   x = x.at[400].set(jnp.inf).at[401].set(-jnp.inf).astype(dtype)
   packed, absmax = qk.quantize_4bit(
       x, blocksize=64, quant_type="nf4", thresholds=_util.thresholds("nf4"),
-      block_rows=block_rows, num_warps=num_warps, smem=True, swizzle=swizzle)
+      block_rows=block_rows, num_warps=num_warps, smem=smem)
   ref_packed, ref_absmax = reference.quantize_4bit(x, 64, "nf4")
   np.testing.assert_array_equal(np.asarray(packed), np.asarray(ref_packed))
   np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
+
+
+@pytest.mark.gpu
+def test_gpu_two_kernels_in_one_program():
+  """Two quantize kernels of other shapes in one jitted program (each
+  declares its tables in its own function's PTX) give the reference's
+  bytes."""
+  th = _util.thresholds("nf4")
+  a = jnp.asarray(_util.rng_array(64 * 300, 3, jnp.bfloat16))
+  b = jnp.asarray(_util.rng_array(64 * 77 + 9, 4, jnp.float16))
+  got = jax.jit(lambda a, b: [qk.quantize_4bit(
+      v, blocksize=64, quant_type="nf4", thresholds=th) for v in (a, b)])(
+          a, b)
+  for v, (packed, absmax) in zip((a, b), got):
+    ref_packed, ref_absmax = reference.quantize_4bit(v, 64, "nf4")
+    np.testing.assert_array_equal(np.asarray(packed), np.asarray(ref_packed))
+    np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
+
+
+def test_smem_defaults():
+  """`smem` (the default, compiled NF4 only) takes 8,192 values and 16
+  warps a program; interpret mode and FP4 keep the global tiles."""
+  seen = []
+  real = qk.pl.pallas_call
+
+  def spy(kernel, **kw):
+    seen.append((kw["grid"], kw["compiler_params"].num_warps,
+                 kernel.keywords["smem_threads"]))
+    return real(kernel, **kw)
+  x = jax.ShapeDtypeStruct((64 * 1000,), jnp.bfloat16)
+  th = _util.thresholds("nf4")
+  qk.pl.pallas_call = spy
+  try:
+    for quant_type, interpret in (("nf4", False), ("nf4", True),
+                                  ("fp4", False)):
+      qk.quantize_4bit.trace(x, blocksize=64, quant_type=quant_type,
+                             thresholds=_util.thresholds(quant_type),
+                             interpret=interpret)
+    qk.quantize_4bit.trace(x, blocksize=64, quant_type="nf4", thresholds=th,
+                           smem=False)
+  finally:
+    qk.pl.pallas_call = real
+  assert seen == [((8,), 16, 512), ((16,), 8, 0), ((16,), 4, 0),
+                  ((16,), 8, 0)]
+
+
+def test_lowers_with_the_shared_tables():
+  """The compiled default lowers for an H200 (no GPU) with the tables'
+  PTX: their initialized global words, the shared copy and the shared
+  lookups."""
+  text = helpers.lowered_for_h200(
+      lambda x: qk.quantize_4bit(x, blocksize=64, quant_type="nf4",
+                                 thresholds=_util.thresholds("nf4")),
+      jax.ShapeDtypeStruct((64 * 4096,), jnp.bfloat16))
+  assert "jaxbnb_quantize_nf4" in text
+  for needle in ("jaxbnb_q4_g", "st.shared.v4.u32", "ld.shared.u8",
+                 "bar.sync 0"):
+    assert needle in text, needle
 
 
 def test_smem_fill_ptx_holds_the_tables():
@@ -156,7 +217,7 @@ def test_smem_fill_ptx_holds_the_tables():
     assert offsets == [16 * threads * c for c in range(len(offsets))]
     assert (len(offsets) - 1) * threads < 260 <= len(offsets) * threads
     assert text.count("bar.sync 0;") == 1
-  assert f"[a+{qk._SMEM_THRESHOLDS}]" in qk.smem_codes_ptx(False)
+  assert f"[a+{qk._SMEM_THRESHOLDS}]" in qk.SMEM_CODES_PTX
   assert qk._SMEM_THRESHOLDS == 4096 == qk.bucket_table(th).size
 
 
