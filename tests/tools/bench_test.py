@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import types
 
 import numpy as np
 
@@ -11,6 +13,7 @@ import pytest
 
 from jaxbnb._src.tools import bench_matmul
 from jaxbnb._src.tools import cli
+from jaxbnb._src.tools import measure
 
 
 def _positive_numbers(row, key):
@@ -136,3 +139,76 @@ def test_bench_qlora_on_a_mesh_equals_one_device(tmp_path, capsys):
   capsys.readouterr()
   assert cli.main(args[:8] + ["--batch", "4", "--mesh", "fsdp=8"]) != 0
   assert "--batch 4 must be a multiple" in capsys.readouterr().err
+
+
+class _FakeCuda:
+  """The parts of `torch.cuda` that `measure.time_torch` uses, on the
+  host: events read a counter of finished calls as milliseconds."""
+
+  def __init__(self):
+    self.clock = 0.0
+    self.graphs = 0
+    outer = self
+
+    class Stream:
+      def wait_stream(self, other):
+        del other
+
+    class Event:
+      def __init__(self, enable_timing=False):
+        del enable_timing
+        self.t = None
+
+      def record(self):
+        self.t = outer.clock
+
+      def synchronize(self):
+        pass
+
+      def elapsed_time(self, end):
+        return end.t - self.t
+
+    class Graph:
+      def __init__(self):
+        outer.graphs += 1
+
+      def replay(self):
+        raise AssertionError("no graph was captured")
+
+    self.Stream, self.Event, self.CUDAGraph = Stream, Event, Graph
+    self._current = Stream()
+
+  def current_stream(self):
+    return self._current
+
+  def synchronize(self):
+    pass
+
+  @contextlib.contextmanager
+  def stream(self, s):
+    del s
+    yield
+
+  @contextlib.contextmanager
+  def graph(self, g):
+    del g
+    yield
+
+
+def test_time_torch_eager_runs_the_calls_without_a_graph():
+  """`eager=` (bnb's quantize, which a graph capture would miss) times
+  the calls themselves, says why in the method, and captures no graph."""
+  cuda = _FakeCuda()
+  torch = types.SimpleNamespace(cuda=cuda)
+  done = []
+
+  def call():
+    done.append(1)
+    cuda.clock += 2.0   # 2 ms of "device time" a call
+  samples, method, inner = measure.time_torch(
+      torch, [call, call], reps=3, warmup=1, target_s=0.0,
+      eager="legacy stream")
+  assert method == "eager (legacy stream)"
+  assert cuda.graphs == 0
+  assert inner == 1 and samples == [0.002] * 3
+  assert len(done) == 2 * (2 + 1 + 1 + 1 + 3)  # side, step, probe, warm, reps

@@ -99,7 +99,7 @@ def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
 
 
 def time_torch(torch: Any, calls: Sequence[Callable[[], Any]], reps: int,
-               warmup: int, target_s: float
+               warmup: int, target_s: float, eager: str | None = None
                ) -> tuple[list[float], str, int]:
   """Times a round of torch `calls`, replayed from a CUDA graph.
 
@@ -109,10 +109,15 @@ def time_torch(torch: Any, calls: Sequence[Callable[[], Any]], reps: int,
     reps: timed samples.
     warmup: untimed replays.
     target_s: device time wanted per sample (see `n_inner`).
+    eager: if given, why not to capture a graph: the rounds run eagerly
+      (on the current stream, host launches included). For calls whose
+      work a capture would miss, such as a kernel launched on the legacy
+      default stream.
 
   Returns:
     (seconds per call, method, replays per sample). The method is
-    "cuda-graph", or "eager (...)" saying why capturing the graph failed.
+    "cuda-graph", or "eager (...)" saying why no graph was captured or
+    why capturing it failed.
   """
   def round_():
     for call in calls:
@@ -125,14 +130,17 @@ def time_torch(torch: Any, calls: Sequence[Callable[[], Any]], reps: int,
   torch.cuda.current_stream().wait_stream(side)
   torch.cuda.synchronize()
   method, step = "cuda-graph", round_
-  try:
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-      round_()
-    step = graph.replay
-  except Exception as e:  # pylint: disable=broad-except
-    method = f"eager (graph capture failed: {type(e).__name__}: {e})"[:300]
-    torch.cuda.synchronize()
+  if eager is not None:
+    method = f"eager ({eager})"
+  else:
+    try:
+      graph = torch.cuda.CUDAGraph()
+      with torch.cuda.graph(graph):
+        round_()
+      step = graph.replay
+    except Exception as e:  # pylint: disable=broad-except
+      method = f"eager (graph capture failed: {type(e).__name__}: {e})"[:300]
+      torch.cuda.synchronize()
   step()
   torch.cuda.synchronize()
   t0 = time.perf_counter()
