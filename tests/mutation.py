@@ -209,6 +209,21 @@ MUTANTS: tuple[Mutant, ...] = (
            "return lo + jnp.where(x >= t_ref[lo], 1, 0)",
            ("tests/kernels/quantize_4bit_test.py::"
             "test_gather_tree_gives_the_same_codes",)),
+    Mutant("quantize-smem-off-by-default", "pallas_kernels/quantize_4bit.py",
+           "smem_threads=32 * num_warps if shared else 0)",
+           "smem_threads=0)",
+           ("tests/kernels/quantize_4bit_test.py::test_smem_defaults",)),
+    Mutant("quantize-smem-threshold-offset", "pallas_kernels/quantize_4bit.py",
+           '_SMEM_THRESHOLDS}];",',
+           '_SMEM_THRESHOLDS - 4}];",',
+           ("tests/kernels/quantize_4bit_test.py::"
+            "test_smem_fill_ptx_holds_the_tables",)),
+    Mutant("quantize-smem-fill-skips-the-thresholds",
+           "pallas_kernels/quantize_4bit.py",
+           "for c in range(-(-chunks // threads)):",
+           "for c in range(chunks // threads):",
+           ("tests/kernels/quantize_4bit_test.py::"
+            "test_smem_fill_ptx_holds_the_tables",)),
     Mutant("nested-kernel-offset-not-subtracted",
            "pallas_kernels/quantize_nested.py",
            "v = pltriton.load(x_ref, mask=mask, other=0) - off_ref[0]",
@@ -217,8 +232,8 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_the_offset_is_subtracted_inside",)),
     Mutant("quantize-max-trusted-with-nans-in-interpret",
            "pallas_kernels/quantize_4bit.py",
-           'bucket=bucket and quant_type == "nf4", max_skips_nan=not interpret)',
-           'bucket=bucket and quant_type == "nf4", max_skips_nan=True)',
+           'quant_type == "nf4", max_skips_nan=not interpret,',
+           'quant_type == "nf4", max_skips_nan=True,',
            ("tests/kernels/quantize_4bit_test.py::"
             "test_interpret_matches_reference[2368-64-nf4-bfloat16-None]",)),
     Mutant("nested-max-trusted-with-nans-in-interpret",
