@@ -20,7 +20,11 @@ Runs a and b (`quantize_smem_2026-12-03_h200_{a,b}.jsonl`) came from
 this script at commit 4ef622e, where `smem` was an option with a 64 x 8
 default tile and a `swizzle` variant (each negative value's bucket entry
 at `i ^ 64`, so that a value and its negation read different banks: two
-more instructions a value; measured slower and removed).
+more instructions a value; measured slower and removed). Run c
+(`quantize_smem_2026-12-03_h200_c_x4.jsonl`) is `quantize_sweep.py ab`
+with `QK_OLD` naming a copy of `quantize_4bit.py` whose bucket entries
+hold the count times 4 (the threshold's shared address without a LEA;
+"old" in the file): 0.7-2.5% slower than the package ("new"), not kept.
 """
 import functools
 import json
