@@ -91,13 +91,15 @@ def ab():
     for smem in (False, True):
       orig = qk.quantize_4bit
       kernels.qk.quantize_4bit = functools.partial(orig, smem=smem)
-      f = jax.jit(lambda x: F.quantize_4bit(x, quant_type="nf4",
-                                            compress_statistics=True))
-      pkg[smem] = jax.device_get(f(*xs[0]))
-      for rnd in range(2):
-        _emit(out, what="package_dq", n=n, round=rnd, smem=smem,
-              same=_same(pkg[smem], pkg[False]), us=median_us(f, xs, 10))
-      kernels.qk.quantize_4bit = orig
+      try:
+        f = jax.jit(lambda x: F.quantize_4bit(x, quant_type="nf4",
+                                              compress_statistics=True))
+        pkg[smem] = jax.device_get(f(*xs[0]))
+        for rnd in range(2):
+          _emit(out, what="package_dq", n=n, round=rnd, smem=smem,
+                same=_same(pkg[smem], pkg[False]), us=median_us(f, xs, 10))
+      finally:
+        kernels.qk.quantize_4bit = orig
     del xs
 
 
