@@ -295,22 +295,20 @@ def _kernel(x_ref, *refs, nblocks, numel, block_rows, half, quant_type,
     se = jnp.where(ok_e, se, 0.0)
     so = jnp.where(ok_o, so, 0.0)
   if smem_threads:
-    packed = _nf4_packed_smem(se, so, addr).astype(jnp.uint8)
-    pltriton.store(packed_ref, packed, mask=mask)
-    pltriton.store(absmax_ref, absmax, mask=row_ok)
-    return
-  if bucket:
-    qe = _nf4_codes_bucket(se, lo_ref, t_ref)
-    qo = _nf4_codes_bucket(so, lo_ref, t_ref)
-  elif quant_type == "nf4" and gather:
-    qe = _nf4_codes_gather(se, thresholds, t_ref)
-    qo = _nf4_codes_gather(so, thresholds, t_ref)
-  elif quant_type == "nf4":
-    qe, qo = _nf4_codes(se, thresholds), _nf4_codes(so, thresholds)
+    packed = _nf4_packed_smem(se, so, addr)
   else:
-    qe, qo = _fp4_codes(se, thresholds), _fp4_codes(so, thresholds)
-  packed = ((qe << 4) | qo).astype(jnp.uint8)
-  pltriton.store(packed_ref, packed, mask=mask)
+    if bucket:
+      qe = _nf4_codes_bucket(se, lo_ref, t_ref)
+      qo = _nf4_codes_bucket(so, lo_ref, t_ref)
+    elif quant_type == "nf4" and gather:
+      qe = _nf4_codes_gather(se, thresholds, t_ref)
+      qo = _nf4_codes_gather(so, thresholds, t_ref)
+    elif quant_type == "nf4":
+      qe, qo = _nf4_codes(se, thresholds), _nf4_codes(so, thresholds)
+    else:
+      qe, qo = _fp4_codes(se, thresholds), _fp4_codes(so, thresholds)
+    packed = (qe << 4) | qo
+  pltriton.store(packed_ref, packed.astype(jnp.uint8), mask=mask)
   pltriton.store(absmax_ref, absmax, mask=row_ok)
 
 
