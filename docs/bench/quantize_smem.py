@@ -27,20 +27,19 @@ hold the count times 4 (the threshold's shared address without a LEA;
 "old" in the file): 0.7-2.5% slower than the package ("new"), not kept.
 """
 import functools
-import json
 import os
 import sys
 
 import jax
-import numpy as np
 
 from jaxbnb import functional as F
 from jaxbnb._src.quant import kernels
 from jaxbnb._src.tools import measure
 from pallas_kernels import quantize_4bit as qk
 
-SIZES = [1 << 28, 14336 * 4096, 1 << 24]
-TH = kernels.thresholds("nf4")
+sys.path.insert(0, os.path.dirname(__file__))
+from quantize_sweep import SIZES, _emit, _inputs, _out, _quantize, _same, median_us  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # (name, smem, blocks a program, warps); None: the default tile (64 x 8
 # from global memory; 128 x 16 with smem since run c).
 VARIANTS = [("global", False, None, None), ("global128x16", False, 128, 16),
@@ -49,44 +48,20 @@ VARIANTS = [("global", False, None, None), ("global128x16", False, 128, 16),
 NCU = ("global", "smem")
 
 
-def median_us(fn, slots, rounds=30):
-  return float(np.median(measure.time_jax(fn, slots, rounds=rounds, reps=5,
-                                          warmup=1))) * 1e6
-
-
-def _emit(out, **rec):
-  out.write(json.dumps(rec) + "\n")
-  out.flush()
-  print(rec, flush=True)
-
-
-def _kernel(smem, block_rows=None, num_warps=None):
-  return jax.jit(lambda x: qk.quantize_4bit(
-      x, blocksize=64, quant_type="nf4", thresholds=TH, smem=smem,
-      block_rows=block_rows, num_warps=num_warps))
-
-
-def _same(got, want):
-  return all(np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-
-
 def ab():
-  out = open(os.path.join(os.environ.get("OUT", "."), "quantize_smem.jsonl"),
-             "a")
+  out = _out("quantize_smem.jsonl")
   print("device", jax.devices()[0].device_kind, flush=True)
   for n in SIZES:
-    xs = [(measure.random_bf16(jax.random.key(7 + i), (n,)),)
-          for i in range(2)]
-    want = jax.device_get(_kernel(False)(*xs[0]))
+    xs = _inputs(n)
+    want = jax.device_get(_quantize(smem=False)(*xs[0]))
     floor_bytes = 2 * n + n // 2 + 4 * (n // 64)
     for rnd in range(2):
       for name, smem, br, w in VARIANTS:
-        f = _kernel(smem, br, w)
+        f = _quantize(br, w, smem)
         _emit(out, what="kernel", how=name, n=n, round=rnd, smem=smem,
               block_rows=br, warps=w,
               same=_same(jax.device_get(f(*xs[0])), want),
-              us=median_us(f, xs), floor_bytes=floor_bytes)
+              us=median_us(f, xs, rounds=30), floor_bytes=floor_bytes)
     pkg = {}
     for smem in (False, True):
       orig = qk.quantize_4bit
@@ -97,7 +72,7 @@ def ab():
         pkg[smem] = jax.device_get(f(*xs[0]))
         for rnd in range(2):
           _emit(out, what="package_dq", n=n, round=rnd, smem=smem,
-                same=_same(pkg[smem], pkg[False]), us=median_us(f, xs, 10))
+                same=_same(pkg[smem], pkg[False]), us=median_us(f, xs))
       finally:
         kernels.qk.quantize_4bit = orig
     del xs
@@ -108,7 +83,7 @@ def ncu():
     x = measure.random_bf16(jax.random.key(1), (n,))
     for name, smem, br, w in VARIANTS:
       if name in NCU:
-        f = _kernel(smem, br, w)
+        f = _quantize(br, w, smem)
         print("ncu", n, name, flush=True)  # then its two launches
         jax.block_until_ready(f(x))
         jax.block_until_ready(f(x))

@@ -85,16 +85,19 @@ def _tables():
       codebooks.create_dynamic_map(signed=True)))
 
 
-def _quantize(block_rows=None, num_warps=None):
-  """The 4-bit kernel, jitted, in the tile given (None: its default)."""
+def _quantize(block_rows=None, num_warps=None, smem=True):
+  """The 4-bit kernel, jitted, in the tile given (None: its default),
+  its NF4 tables in shared memory or not (`smem`)."""
   return jax.jit(lambda x: qk.quantize_4bit(
       x, blocksize=64, quant_type="nf4", thresholds=TH,
-      block_rows=block_rows, num_warps=num_warps))
+      block_rows=block_rows, num_warps=num_warps, smem=smem))
 
 
 def _same(got, want):
-  """Whether two output tuples hold the same arrays, byte for byte."""
-  return all(np.array_equal(a, b) for a, b in zip(got, want))
+  """Whether two outputs (pytrees of arrays) hold the same arrays, byte
+  for byte."""
+  return all(np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 
 def _inputs(n):
