@@ -158,7 +158,7 @@ def test_gpu_two_kernels_in_one_program():
     np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
 
 
-def test_smem_defaults():
+def test_smem_defaults(monkeypatch):
   """`smem` (the default, compiled NF4 only) takes 8,192 values and 16
   warps a program; interpret mode and FP4 keep the global tiles."""
   seen = []
@@ -168,19 +168,15 @@ def test_smem_defaults():
     seen.append((kw["grid"], kw["compiler_params"].num_warps,
                  kernel.keywords["smem_threads"]))
     return real(kernel, **kw)
+  monkeypatch.setattr(qk.pl, "pallas_call", spy)
   x = jax.ShapeDtypeStruct((64 * 1000,), jnp.bfloat16)
-  th = _util.thresholds("nf4")
-  qk.pl.pallas_call = spy
-  try:
-    for quant_type, interpret in (("nf4", False), ("nf4", True),
-                                  ("fp4", False)):
-      qk.quantize_4bit.trace(x, blocksize=64, quant_type=quant_type,
-                             thresholds=_util.thresholds(quant_type),
-                             interpret=interpret)
-    qk.quantize_4bit.trace(x, blocksize=64, quant_type="nf4", thresholds=th,
-                           smem=False)
-  finally:
-    qk.pl.pallas_call = real
+  for quant_type, interpret in (("nf4", False), ("nf4", True),
+                                ("fp4", False)):
+    qk.quantize_4bit.trace(x, blocksize=64, quant_type=quant_type,
+                           thresholds=_util.thresholds(quant_type),
+                           interpret=interpret)
+  qk.quantize_4bit.trace(x, blocksize=64, quant_type="nf4",
+                         thresholds=_util.thresholds("nf4"), smem=False)
   assert seen == [((8,), 16, 512), ((16,), 8, 0), ((16,), 4, 0),
                   ((16,), 8, 0)]
 
