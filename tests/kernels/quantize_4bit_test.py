@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxbnb
 from jaxbnb._src.quant import reference
 from pallas_kernels import quantize_4bit as qk
 from tests import helpers
@@ -142,6 +143,28 @@ def test_gpu_lookups_give_the_same_codes(dtype, numel, block_rows, num_warps,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype,numel", [(jnp.bfloat16, 64 * 4096 + 70),
+                                         (jnp.float32, 64 * 999 + 3)])
+def test_gpu_l2_hints_give_the_same_bytes(dtype, numel):
+  """The L2 hints (`evict=True`, taken before double quantization) change
+  no byte: the reference's codes and absmax, through
+  `F.quantize_4bit(..., compress_statistics=True)` too."""
+  from jaxbnb import functional as F  # pylint: disable=g-import-not-at-top
+  x = _nf4_ties(numel, jnp.float32).at[7].set(jnp.nan).astype(dtype)
+  packed, absmax = qk.quantize_4bit(
+      x, blocksize=64, quant_type="nf4", thresholds=_util.thresholds("nf4"),
+      evict=True)
+  ref_packed, ref_absmax = reference.quantize_4bit(x, 64, "nf4")
+  np.testing.assert_array_equal(np.asarray(packed), np.asarray(ref_packed))
+  np.testing.assert_array_equal(np.asarray(absmax), np.asarray(ref_absmax))
+  got = F.quantize_4bit(x, compress_statistics=True, quant_type="nf4")
+  with jaxbnb.kernel_mode("reference"):
+    want = F.quantize_4bit(x, compress_statistics=True, quant_type="nf4")
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.gpu
 def test_gpu_two_kernels_in_one_program():
   """Two quantize kernels of other shapes in one jitted program (each
   declares its tables in its own function's PTX) give the reference's
@@ -241,3 +264,60 @@ def test_bucket_table_counts_the_thresholds_below():
   assert (c + (special > t16[c])).tolist() == [15, 0, 0, 15, 0]
   with pytest.raises(ValueError, match="share a bucket"):
     qk.bucket_table((0.5, 0.51))
+
+
+def _triton_module(monkeypatch, fn, *args):
+  """The Triton IR text of the kernel `fn` lowers to (no GPU)."""
+  from jax._src.pallas.triton import lowering  # pylint: disable=g-import-not-at-top
+  seen = []
+  real = lowering.lower_jaxpr_to_triton_module
+
+  def spy(*a, **kw):
+    result = real(*a, **kw)
+    seen.append(str(result.module))
+    return result
+  monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", spy)
+  helpers.lowered_for_h200(fn, *args)
+  assert len(seen) == 1
+  return seen[0]
+
+
+@pytest.mark.parametrize("evict", [False, True])
+def test_l2_hints_lower_on_the_stream_and_the_absmax(monkeypatch, evict):
+  """`evict=True` reads the input and stores the codes `evict_first` and
+  stores the absmax `evict_last`; without it no hint is given."""
+  text = _triton_module(
+      monkeypatch, lambda x: qk.quantize_4bit(
+          x, blocksize=64, quant_type="nf4",
+          thresholds=_util.thresholds("nf4"), evict=evict),
+      jax.ShapeDtypeStruct((64 * 4096,), jnp.bfloat16))
+  lines = [l for l in text.splitlines() if "tt.load" in l or "tt.store" in l]
+  hinted = {("load" if "tt.load" in l else "store",
+             l.rsplit("x!tt.ptr<", 1)[-1].split(">")[0],
+             l.split("eviction_policy = ")[1].split(">")[0])
+            for l in lines if "eviction_policy" in l}
+  if evict:
+    assert hinted == {("load", "i32", "evict_first"),
+                      ("store", "i8", "evict_first"),
+                      ("store", "f32", "evict_last")}, lines
+  else:
+    assert not hinted, lines
+
+
+def test_double_quantization_asks_for_the_hints(monkeypatch):
+  """`F.quantize_4bit` asks the kernel for the L2 hints when it
+  double-quantizes the absmax next, and only then."""
+  from jaxbnb import functional as F  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.quant import kernels  # pylint: disable=g-import-not-at-top
+  seen = []
+  real = qk.quantize_4bit
+
+  def spy(*a, **kw):
+    seen.append(kw["evict"])
+    return real(*a, **kw)
+  monkeypatch.setattr(kernels.qk, "quantize_4bit", spy)
+  x = jnp.asarray(_util.rng_array(64 * 10, 1, jnp.bfloat16))
+  with jaxbnb.kernel_mode("interpret"):
+    F.quantize_4bit(x, compress_statistics=True)
+    F.quantize_4bit(x, compress_statistics=False)
+  assert seen == [True, False]

@@ -7,8 +7,8 @@ import json
 import math
 import types
 
+import jax
 import numpy as np
-
 import pytest
 
 from jaxbnb._src.tools import bench_matmul
@@ -212,3 +212,51 @@ def test_time_torch_eager_runs_the_calls_without_a_graph():
   assert cuda.graphs == 0
   assert inner == 1 and samples == [0.002] * 3
   assert len(done) == 2 * (2 + 1 + 1 + 1 + 3)  # side, step, probe, warm, reps
+
+
+def test_time_jax_takes_the_difference_of_a_long_and_a_short_call(
+    monkeypatch):
+  """A sample is (long call - short call) / (the ops between them): the
+  call's fixed cost cancels. The loop runs the rounds asked for (a
+  counter in the carry counts them), and one round is timed alone."""
+  fixed, per_op = 0.18, 0.002
+  trips = []
+  clock = [0.0]
+
+  real_jit = measure.jax.jit
+
+  def jit(fn, **kw):
+    step = real_jit(fn, **kw)
+    n = fn.keywords["n"]
+
+    def timed(slots, carry):
+      trips.append(n)
+      clock[0] += fixed + n * len(slots) * per_op
+      return step(slots, carry)
+    return timed
+  monkeypatch.setattr(measure.jax, "jit", jit)
+  monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+  x = np.zeros(4, np.float32)
+  samples = measure.time_jax(lambda a: a + 1, ((x,), (x,)), rounds=8,
+                             reps=3, warmup=1)
+  assert trips == [8, 2, 8, 2] + [8, 2] * 3
+  np.testing.assert_allclose(samples, [per_op] * 3, rtol=1e-9)
+  trips.clear()
+  samples = measure.time_jax(lambda a: a + 1, ((x,),), rounds=1, reps=2,
+                             warmup=0)
+  assert trips == [1, 1, 1]  # the compiling call, then the samples
+  np.testing.assert_allclose(samples, [fixed + per_op] * 2, rtol=1e-9)
+
+
+def test_time_jax_runs_the_rounds_it_is_given():
+  """A long call runs `rounds` rounds of every slot, a short one a
+  quarter (an op with a host callback counts them; CPU)."""
+  runs = []
+
+  def op(a):
+    jax.debug.callback(lambda: runs.append(1))
+    return a + 1
+  x = np.zeros(2, np.float32)
+  measure.time_jax(op, ((x,), (x,)), rounds=8, reps=2, warmup=0)
+  jax.effects_barrier()
+  assert len(runs) == 2 * (8 + 2 + (8 + 2) * 2)

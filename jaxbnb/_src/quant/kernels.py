@@ -138,13 +138,14 @@ def lut(quant_type: str) -> jax.Array:
   return jnp.asarray(codebooks.code_for(quant_type), jnp.float32)
 
 
-def quantize_4bit_flat(flat, blocksize, quant_type, mode):
-  """(packed uint8, absmax f32) of a flat array."""
+def quantize_4bit_flat(flat, blocksize, quant_type, mode, nested=False):
+  """(packed uint8, absmax f32) of a flat array; `nested`: the absmax will
+  be double-quantized next (the kernel keeps it in L2 for those passes)."""
   if mode != "reference":
     if qk.can_use(flat.shape[0], blocksize, flat.dtype):
       return qk.quantize_4bit(
           flat, blocksize=blocksize, quant_type=quant_type,
-          thresholds=thresholds(quant_type),
+          thresholds=thresholds(quant_type), evict=nested,
           interpret=mode == "interpret")
     dispatch.no_kernel(
         f"quantize_4bit of {flat.shape[0]} {flat.dtype} elements")

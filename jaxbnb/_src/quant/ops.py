@@ -36,14 +36,16 @@ __all__ = [
 ]
 
 
-def _quantize_4bit_flat(flat, blocksize, quant_type):
-  return _quantize_4bit_jit(flat, blocksize, quant_type, dispatch.resolve())
+def _quantize_4bit_flat(flat, blocksize, quant_type, nested=False):
+  return _quantize_4bit_jit(flat, blocksize, quant_type, dispatch.resolve(),
+                            nested)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("blocksize", "quant_type", "mode"))
-def _quantize_4bit_jit(flat, blocksize, quant_type, mode):
-  return kernels.quantize_4bit_flat(flat, blocksize, quant_type, mode)
+@functools.partial(jax.jit, static_argnames=("blocksize", "quant_type",
+                                             "mode", "nested"))
+def _quantize_4bit_jit(flat, blocksize, quant_type, mode, nested):
+  return kernels.quantize_4bit_flat(flat, blocksize, quant_type, mode,
+                                    nested)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize",))
@@ -199,7 +201,8 @@ def quantize_4bit(
   validation.check_quant_type(quant_type, fn=fn)
   blocksize = int(blocksize)
   A = jnp.asarray(A)
-  packed, absmax = _quantize_4bit_flat(A.reshape(-1), blocksize, quant_type)
+  packed, absmax = _quantize_4bit_flat(A.reshape(-1), blocksize, quant_type,
+                                       bool(compress_statistics))
   code = jnp.asarray(codebooks.get_4bit_type(quant_type))
   common = dict(shape=tuple(A.shape), dtype=validation.dtype_name(A.dtype),
                 blocksize=blocksize, quant_type=quant_type, code=code)

@@ -93,7 +93,8 @@ def _time(opts, fn, slots, floor_s, mode=None) -> dict:
   with jaxbnb.kernel_mode(mode or jaxbnb.get_kernel_mode()):
     samples = measure.time_jax(fn, slots, inner, opts.reps, opts.warmup)
   return measure.summarize(samples, n_rot=len(slots), n_inner=inner,
-                           method="jax.jit fori_loop")
+                           n_short=measure.short_rounds(inner),
+                           method=measure.JAX_METHOD)
 
 
 def _kernel_fn(threshold, config, interpret):

@@ -11,7 +11,9 @@ Python-unrolled pass over `n_rot` separately allocated inputs totalling over
 twice a 50 MB L2, so each op reads them from device memory. Each op's
 inputs pass an optimization barrier with its previous output (the donated
 loop carry): XLA cannot hoist, merge or drop the ops, at no runtime cost
-(`measure.time_jax`). The median call over the ops per call is reported.
+(`measure.time_jax`). A sample is the difference of a call of `n_inner`
+rounds and one of `n_short`, over the difference in ops (a call's fixed
+cost cancels); the median sample is reported.
 bitsandbytes and torch run one round in a CUDA graph, replayed and timed
 with CUDA events (`measure.time_torch`); they are imported only when used
 and skipped without a CUDA device.
@@ -174,7 +176,8 @@ def _jax_col(opts, fn, slots, floor_s, mode=None) -> dict:
   with jaxbnb.kernel_mode(mode or jaxbnb.get_kernel_mode()):
     samples = measure.time_jax(fn, slots, inner, opts.reps, opts.warmup)
   return measure.summarize(samples, n_rot=len(slots), n_inner=inner,
-                           method="jax.jit fori_loop")
+                           n_short=measure.short_rounds(inner),
+                           method=measure.JAX_METHOD)
 
 
 def _torch_col(opts, torch, calls, eager=None) -> dict:

@@ -24,11 +24,14 @@ import jax.numpy as jnp
 
 from jaxbnb._src.tools import report
 
-__all__ = ["copy_bandwidth", "load_torch", "matmul_peak", "n_inner",
-           "on_gpu", "random_bf16", "record", "roofs", "summarize",
-           "time_jax", "time_torch"]
+__all__ = ["JAX_METHOD", "copy_bandwidth", "load_torch", "matmul_peak", "n_inner",
+           "on_gpu", "random_bf16", "record", "roofs", "short_rounds",
+           "summarize", "time_jax", "time_torch"]
 
 MAX_INNER = 64
+# How `time_jax` samples, as the benchmarks' JSON records it.
+JAX_METHOD = ("jax.jit fori_loop, the difference of n_inner and n_short "
+              "rounds")
 
 
 def on_gpu() -> bool:
@@ -53,48 +56,79 @@ def n_inner(target_s: float, per_round_s: float) -> int:
   return max(1, min(MAX_INNER, math.ceil(target_s / per_round_s)))
 
 
+def short_rounds(rounds: int) -> int:
+  """Rounds of the short call `time_jax` subtracts: a quarter of `rounds`
+  (at least one), or 0 for a single round (timed alone).
+
+  Examples:
+    >>> short_rounds(64), short_rounds(5), short_rounds(2), short_rounds(1)
+    (16, 1, 1, 0)
+  """
+  return max(1, rounds // 4) if rounds >= 2 else 0
+
+
 def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
              rounds: int, reps: int, warmup: int) -> list[float]:
   """Seconds per op of `fn(*slot)` over the tuple `slots`.
 
-  A timed call is one jitted `fori_loop` of `rounds` rounds; a round is a
+  A timed call is one jitted `fori_loop` of rounds; a round is a
   Python-unrolled pass over the slots. Each op's inputs pass an optimization
   barrier with its previous output (the donated loop carry), so XLA cannot
-  hoist, merge or drop the ops, at no runtime cost. Trace-time settings
-  (the kernel mode) apply: call it inside the block that sets them.
+  hoist, merge or drop the ops, at no runtime cost. A sample times a call
+  of `rounds` rounds and one of `short_rounds(rounds)` (two executables)
+  and divides the difference by the difference in ops, so that a call's
+  fixed cost cancels: the dispatch, the loop's start and the host's wait,
+  about 180 us on the H200, which made a 1 GiB copy at 8 rounds a call
+  read 4-6% slow (docs/benchmarks.md, twenty-first session). A single
+  round is timed alone. Trace-time settings (the kernel mode) apply: call
+  it inside the block that sets them.
 
   Args:
     fn: the jittable op.
     slots: argument tuples of `fn`, separately allocated inputs to rotate
       over.
-    rounds: rounds per timed call (see `n_inner`).
-    reps: timed calls.
+    rounds: rounds of the long call (see `n_inner`).
+    reps: samples.
     warmup: untimed calls after the compiling one.
 
   Returns:
     `reps` samples, seconds per op.
   """
-  def run(slots, carry):
+  def run(slots, carry, *, n):
     def round_(_, prev):
       outs = []
       for args, p in zip(slots, prev):
         args, _ = lax.optimization_barrier((args, p))
         outs.append(fn(*args))
       return tuple(outs)
-    return lax.fori_loop(0, rounds, round_, carry)
+    return lax.fori_loop(0, n, round_, carry)
 
   shapes = jax.eval_shape(lambda s: tuple(fn(*a) for a in s), slots)
   carry = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  step = jax.jit(run, donate_argnums=1)
+  short = short_rounds(rounds)
+  # One executable per trip count: a count known at compile time spares
+  # each iteration the predicate's trip to the host (a traced count cost
+  # about 13 us an iteration and made the samples scatter on the H200).
+  steps = {n: jax.jit(functools.partial(run, n=n), donate_argnums=1)
+           for n in (rounds, short) if n}
   samples = []
   with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*donated buffers.*")
-    for _ in range(1 + warmup):
-      carry = jax.block_until_ready(step(slots, carry))
-    for _ in range(reps):
+
+    def call(n):
+      nonlocal carry
       t0 = time.perf_counter()
-      carry = jax.block_until_ready(step(slots, carry))
-      samples.append((time.perf_counter() - t0) / (rounds * len(slots)))
+      carry = jax.block_until_ready(steps[n](slots, carry))
+      return time.perf_counter() - t0
+
+    for _ in range(1 + warmup):
+      for n in steps:
+        call(n)
+    for _ in range(reps):
+      t = call(rounds)
+      if short:
+        t -= call(short)
+      samples.append(t / ((rounds - short) * len(slots)))
   return samples
 
 
