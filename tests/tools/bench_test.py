@@ -260,3 +260,15 @@ def test_time_jax_runs_the_rounds_it_is_given():
   measure.time_jax(op, ((x,), (x,)), rounds=8, reps=2, warmup=0)
   jax.effects_barrier()
   assert len(runs) == 2 * (8 + 2 + (8 + 2) * 2)
+
+
+def test_n_inner_leaves_a_short_call_on_the_gpu(monkeypatch):
+  """On the GPU a timed call has at least two rounds (so `time_jax`
+  subtracts a one-round call), at most `MAX_INNER`; off it, one."""
+  monkeypatch.setattr(measure, "on_gpu", lambda: True)
+  assert measure.n_inner(5e-3, 1e-2) == 2
+  assert measure.n_inner(5e-3, 1e-3) == 5
+  assert measure.n_inner(5e-3, 1e-9) == measure.MAX_INNER
+  assert measure.n_inner(0.0, 1e-3) == 1
+  monkeypatch.setattr(measure, "on_gpu", lambda: False)
+  assert measure.n_inner(5e-3, 1e-3) == 1
