@@ -210,8 +210,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/kernels/quantize_4bit_test.py::"
             "test_gather_tree_gives_the_same_codes",)),
     Mutant("quantize-smem-off-by-default", "pallas_kernels/quantize_4bit.py",
-           "smem_threads=32 * num_warps if shared else 0)",
-           "smem_threads=0)",
+           "smem_threads=32 * num_warps if shared else 0,",
+           "smem_threads=0,",
            ("tests/kernels/quantize_4bit_test.py::test_smem_defaults",)),
     Mutant("quantize-smem-threshold-offset", "pallas_kernels/quantize_4bit.py",
            '_SMEM_THRESHOLDS}];",',
@@ -224,6 +224,23 @@ MUTANTS: tuple[Mutant, ...] = (
            "for c in range(chunks // threads):",
            ("tests/kernels/quantize_4bit_test.py::"
             "test_smem_fill_ptx_holds_the_tables",)),
+    Mutant("quantize-l2-hints-never-asked",
+           "jaxbnb/_src/quant/ops.py",
+           "bool(compress_statistics))",
+           "False)",
+           ("tests/kernels/quantize_4bit_test.py::"
+            "test_double_quantization_asks_for_the_hints",)),
+    Mutant("quantize-l2-hints-swapped", "pallas_kernels/quantize_4bit.py",
+           'dict(eviction_policy="evict_last") if evict',
+           'dict(eviction_policy="evict_first") if evict',
+           ("tests/kernels/quantize_4bit_test.py::"
+            "test_l2_hints_lower_on_the_stream_and_the_absmax",)),
+    Mutant("time-jax-short-call-not-subtracted",
+           "jaxbnb/_src/tools/measure.py",
+           "        t -= call(short)",
+           "        call(short)",
+           ("tests/tools/bench_test.py::"
+            "test_time_jax_takes_the_difference_of_a_long_and_a_short_call",)),
     Mutant("nested-kernel-offset-not-subtracted",
            "pallas_kernels/quantize_nested.py",
            "v = pltriton.load(x_ref, mask=mask, other=0) - off_ref[0]",
