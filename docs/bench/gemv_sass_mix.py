@@ -39,21 +39,28 @@ _MEM = {"LDG", "STG", "LDS", "STS", "LDC", "STSM", "LDSM", "SHFL", "BAR"}
 _TENSOR = {"HMMA", "HGMMA"}
 
 
-def lower(path, m="1", config=None):
-  sys.path[:0] = [".", "tests"]
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+def keep_ttir(path):
+  """From now on, each Pallas Triton kernel lowered writes its Triton IR to
+  `path` (the last one stays)."""
   from jax._src.pallas.triton import lowering  # pylint: disable=import-outside-toplevel
-  from helpers import lowered_for_h200  # pylint: disable=import-outside-toplevel
-  from jaxbnb._src.quant import codebooks  # pylint: disable=import-outside-toplevel
-  from pallas_kernels import gemv_4bit as gk  # pylint: disable=import-outside-toplevel
   module = lowering.lower_jaxpr_to_triton_module
+
   def keep(*a, **kw):
     result = module(*a, **kw)
     with open(path, "w") as f:
       f.write(result.module.operation.get_asm(enable_debug_info=False))
     return result
   lowering.lower_jaxpr_to_triton_module = keep
+
+
+def lower(path, m="1", config=None):
+  sys.path[:0] = [".", "tests"]
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from helpers import lowered_for_h200  # pylint: disable=import-outside-toplevel
+  from jaxbnb._src.quant import codebooks  # pylint: disable=import-outside-toplevel
+  from pallas_kernels import gemv_4bit as gk  # pylint: disable=import-outside-toplevel
+  keep_ttir(path)
   n, k, bs = 14336, 4096, 64
   m = int(m)
   cfg = (ast.literal_eval(config) if config

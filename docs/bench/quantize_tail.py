@@ -41,7 +41,6 @@ import statistics
 import sys
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 from jaxbnb import functional as F
@@ -170,15 +169,7 @@ def nested():
 def hlo():
   x = measure.random_bf16(jax.random.key(0), (1 << 22,))
 
-  def run(slots, carry):
-    def round_(_, prev):
-      outs = []
-      for args, p in zip(slots, prev):
-        args, _ = lax.optimization_barrier((args, p))
-        outs.append(quant_dq(*args))
-      return tuple(outs)
-    return lax.fori_loop(0, 4, round_, carry)
-
+  run = measure.timed_loop(quant_dq, 4)
   slots = ((x,),)
   carry = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                        jax.eval_shape(lambda s: tuple(quant_dq(*a)

@@ -26,7 +26,7 @@ from jaxbnb._src.tools import report
 
 __all__ = ["JAX_METHOD", "copy_bandwidth", "load_torch", "matmul_peak", "n_inner",
            "on_gpu", "random_bf16", "record", "roofs", "short_rounds",
-           "summarize", "time_jax", "time_torch"]
+           "summarize", "time_jax", "time_torch", "timed_loop"]
 
 MAX_INNER = 64
 # How `time_jax` samples, as the benchmarks' JSON records it.
@@ -70,6 +70,23 @@ def short_rounds(rounds: int) -> int:
   return max(1, rounds // 4) if rounds >= 2 else 0
 
 
+def timed_loop(fn: Callable[..., Any], rounds: int
+               ) -> Callable[[Sequence[tuple[Any, ...]], Any], Any]:
+  """`time_jax`'s timed call, unjitted: `run(slots, carry)` runs `rounds`
+  rounds of `fn` over the slots, each op's inputs through an optimization
+  barrier with its previous output (`carry`, one output per slot), and
+  returns the last outputs."""
+  def run(slots, carry):
+    def round_(_, prev):
+      outs = []
+      for args, p in zip(slots, prev):
+        args, _ = lax.optimization_barrier((args, p))
+        outs.append(fn(*args))
+      return tuple(outs)
+    return lax.fori_loop(0, rounds, round_, carry)
+  return run
+
+
 def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
              rounds: int, reps: int, warmup: int) -> list[float]:
   """Seconds per op of `fn(*slot)` over the tuple `slots`.
@@ -97,22 +114,13 @@ def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
   Returns:
     `reps` samples, seconds per op.
   """
-  def run(slots, carry, *, n):
-    def round_(_, prev):
-      outs = []
-      for args, p in zip(slots, prev):
-        args, _ = lax.optimization_barrier((args, p))
-        outs.append(fn(*args))
-      return tuple(outs)
-    return lax.fori_loop(0, n, round_, carry)
-
   shapes = jax.eval_shape(lambda s: tuple(fn(*a) for a in s), slots)
   carry = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   short = short_rounds(rounds)
   # One executable per trip count: a count known at compile time spares
   # each iteration the predicate's trip to the host (a traced count cost
   # about 13 us an iteration and made the samples scatter on the H200).
-  steps = {n: jax.jit(functools.partial(run, n=n), donate_argnums=1)
+  steps = {n: jax.jit(timed_loop(fn, n), donate_argnums=1)
            for n in (rounds, short) if n}
   samples = []
   with warnings.catch_warnings():
