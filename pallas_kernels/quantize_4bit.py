@@ -371,8 +371,11 @@ def quantize_4bit(
       against 49.9 on 14336x4096. Ignored in interpret mode.
     evict: L2 hints: the input read and the codes stored `evict_first`,
       the absmax stored `evict_last`, so that the absmax is still in L2
-      for double quantization's passes over it. Ignored in interpret
-      mode.
+      for double quantization's passes over it (`F.quantize_4bit` sets it
+      with `compress_statistics`). The same bytes. Measured on the H200
+      (twenty-first session): quantize + DQ of 2^28 bf16 values 1.7-3.9
+      us faster; within the spread on 14336x4096 and at 2^24, and no
+      change without DQ. Ignored in interpret mode.
     interpret: run in Pallas interpret mode (CPU tests).
 
   Returns:

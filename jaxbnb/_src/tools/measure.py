@@ -24,9 +24,10 @@ import jax.numpy as jnp
 
 from jaxbnb._src.tools import report
 
-__all__ = ["JAX_METHOD", "copy_bandwidth", "load_torch", "matmul_peak", "n_inner",
-           "on_gpu", "random_bf16", "record", "roofs", "short_rounds",
-           "summarize", "time_jax", "time_torch", "timed_loop"]
+__all__ = ["JAX_METHOD", "copy_bandwidth", "load_torch", "matmul_peak",
+           "n_inner", "on_gpu", "random_bf16", "record", "roofs",
+           "short_rounds", "summarize", "time_jax", "time_torch",
+           "timed_loop"]
 
 MAX_INNER = 64
 # How `time_jax` samples, as the benchmarks' JSON records it.
@@ -99,7 +100,7 @@ def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
   and divides the difference by the difference in ops, so that a call's
   fixed cost cancels: the dispatch, the loop's start and the host's wait,
   about 180 us on the H200, which made a 1 GiB copy at 8 rounds a call
-  read 4-6% slow (docs/benchmarks.md, twenty-first session). A single
+  read 6-8% slow (docs/benchmarks.md, twenty-first session). A single
   round is timed alone. Trace-time settings (the kernel mode) apply: call
   it inside the block that sets them.
 
@@ -119,7 +120,7 @@ def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
   short = short_rounds(rounds)
   # One executable per trip count: a count known at compile time spares
   # each iteration the predicate's trip to the host (a traced count cost
-  # about 13 us an iteration and made the samples scatter on the H200).
+  # 15-20 us an iteration and made the samples scatter on the H200).
   steps = {n: jax.jit(timed_loop(fn, n), donate_argnums=1)
            for n in (rounds, short) if n}
   samples = []
