@@ -232,6 +232,8 @@ def test_time_jax_takes_the_difference_of_a_long_and_a_short_call(
 
   def jit(fn, **kw):
     step = real_jit(fn, **kw)
+    if fn not in rounds_of:  # a jit inside JAX itself: left alone
+      return step
     n = rounds_of[fn]
 
     def timed(slots, carry):

@@ -88,13 +88,7 @@ def planted_x(key, m: int, k: int, n_outliers: int) -> jax.Array:
   return x
 
 
-def _time(opts, fn, slots, floor_s, mode=None) -> dict:
-  inner = measure.n_inner(opts.target_ms * 1e-3, len(slots) * floor_s)
-  with jaxbnb.kernel_mode(mode or jaxbnb.get_kernel_mode()):
-    samples = measure.time_jax(fn, slots, inner, opts.reps, opts.warmup)
-  return measure.summarize(samples, n_rot=len(slots), n_inner=inner,
-                           n_short=measure.short_rounds(inner),
-                           method=measure.JAX_METHOD)
+_time = measure.jax_column  # one jaxbnb/XLA column
 
 
 def _kernel_fn(threshold, config, interpret):

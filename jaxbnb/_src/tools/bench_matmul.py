@@ -171,13 +171,7 @@ def _bnb_cached_code(bnb, enable: bool = True):
     bnb.functional.get_4bit_type = original
 
 
-def _jax_col(opts, fn, slots, floor_s, mode=None) -> dict:
-  inner = measure.n_inner(opts.target_ms * 1e-3, len(slots) * floor_s)
-  with jaxbnb.kernel_mode(mode or jaxbnb.get_kernel_mode()):
-    samples = measure.time_jax(fn, slots, inner, opts.reps, opts.warmup)
-  return measure.summarize(samples, n_rot=len(slots), n_inner=inner,
-                           n_short=measure.short_rounds(inner),
-                           method=measure.JAX_METHOD)
+_jax_col = measure.jax_column  # one jaxbnb/XLA column
 
 
 def _torch_col(opts, torch, calls, eager=None) -> dict:

@@ -22,9 +22,11 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from jaxbnb._src.quant import dispatch
 from jaxbnb._src.tools import report
 
-__all__ = ["JAX_METHOD", "copy_bandwidth", "load_torch", "matmul_peak",
+__all__ = ["JAX_METHOD", "copy_bandwidth", "jax_column", "load_torch",
+           "matmul_peak",
            "n_inner", "on_gpu", "random_bf16", "record", "roofs",
            "short_rounds", "summarize", "time_jax", "time_torch",
            "timed_loop"]
@@ -142,6 +144,28 @@ def time_jax(fn: Callable[..., Any], slots: Sequence[tuple[Any, ...]],
         t -= call(short)
       samples.append(t / ((rounds - short) * len(slots)))
   return samples
+
+
+def jax_column(opts: Any, fn: Callable[..., Any],
+               slots: Sequence[tuple[Any, ...]], floor_s: float,
+               mode: str | None = None) -> dict[str, Any]:
+  """A benchmark column: `fn` over `slots` by `time_jax`, summarized.
+
+  Args:
+    opts: the parsed options (`target_ms`, `reps`, `warmup`).
+    fn: the jittable op.
+    slots: its rotating argument tuples.
+    floor_s: the op's floor in seconds (sets the rounds a call).
+    mode: kernel mode to trace in (default: the current one).
+
+  Returns:
+    `summarize`'s dict with the rotation, the rounds and the method.
+  """
+  inner = n_inner(opts.target_ms * 1e-3, len(slots) * floor_s)
+  with dispatch.kernel_mode(mode or dispatch.get_kernel_mode()):
+    samples = time_jax(fn, slots, inner, opts.reps, opts.warmup)
+  return summarize(samples, n_rot=len(slots), n_inner=inner,
+                   n_short=short_rounds(inner), method=JAX_METHOD)
 
 
 def time_torch(torch: Any, calls: Sequence[Callable[[], Any]], reps: int,
