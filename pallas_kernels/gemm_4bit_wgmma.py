@@ -117,36 +117,68 @@ def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
   step = (wgs * tile_w * tile_k // 2 + tile_k // 64 * wgs * tile_w * 4
           + tile_x * tile_k * 2)
   if variant == "ks":  # two half-steps, and the second warpgroup's sums
-    return (stages * 2 * step + tile_w * tile_x * (4 if out_f32 else 2)
-            + tile_w * tile_x * 4)
+    # (in the output tile itself when that is float32)
+    return (stages * 2 * step + tile_w * tile_x * 4
+            + (0 if out_f32 else tile_w * tile_x * 2))
   return stages * step + wgs * tile_w * tile_x * (4 if out_f32 else 2)
 
 
 # Weights of fewer rows than this fill the H200's 132 SMs only with K
-# splits, up to SPLIT_MAX_M rows of x (`default_config`'s `n`; sweep run
-# m, seventeenth session; above, no split fits shared memory).
+# splits: up to SPLIT_MAX_M rows of x (`default_config`'s `n`; sweep run
+# m, seventeenth session), and up to 256 rows of x on weights of at most
+# SPLIT_WIDE_MAX_N rows (sweep runs o and p, twenty-second session; the
+# rows between take x's 256-row tile unsplit, unmeasured with a split).
 SPLIT_BELOW_N = 10240
 SPLIT_MAX_M = 128
+SPLIT_WIDE_MAX_N = 4096
 
 
 def _split_config(m: int, n: int, k: int | None) -> dict:
-  """The K-split tiles for `n < SPLIT_BELOW_N` rows and M <= SPLIT_MAX_M: "ks"
-  with 256-column steps at M <= 64, "ws" with 128 at 65-128, split until
-  at least 128 programs run (at most 4), steps narrowed (more in flight)
-  where K does not take the split."""
+  """The K-split tiles for `n < SPLIT_BELOW_N` rows: "ks" with 256-column
+  steps at M <= 64, "ws" with 128 at 65-128; at 129-256, x's 256-row tile
+  in "plain" with 128-column steps and the scale words made ahead where a
+  split of 2 fills the SMs (4096 rows), else "ks" with 64-column steps.
+  K is split until at least 128 programs run (at most 8 ways, 16 at M =
+  65-128), and the steps are narrowed (more in flight) where K does not
+  take the split or each warpgroup would get a single step, then the
+  split halved while K still does not take it.
+
+  Sweep runs o and p (twenty-second session, the sweep timer, NF4 + DQ,
+  us): 4096x14336 at M = 256 "plain" split 2 66.6 / 65.0 against the
+  path before's 86.3 / 87.0 and XLA bf16's 49.0 / 46.7; 4096x4096 23.8 /
+  26.1 against 32.1 / 29.6 and 19.1 / 17.9; 1024x4096 "ks" split 8 12.2
+  against 15.1 and 12.7 at M = 256, "ws" split 16 9.5 against 14.2 and
+  9.8 at M = 128, "ks" split 8 7.3 / 7.5 against 10.8 / 9.2 and 6.9 / 5.0
+  at M = 64."""
   if m <= 64:
     cfg = dict(tile_w=64, tile_x=64, tile_k=256, stages=2, variant="ks",
                swizzle=True, load_table=True)
-  else:
+    rows, most = 64, 8
+  elif m <= 128:
     cfg = dict(tile_w=64, tile_x=128, tile_k=128, stages=3, variant="ws",
                load_table=True)
-  tiles = n // (128 if cfg["variant"] == "ws" else 64)
-  split = next((s for s in (1, 2, 4) if tiles * s >= 128), 4)
+    rows, most = 128, 16
+  else:
+    cfg = dict(tile_w=64, tile_x=256, tile_k=128, stages=2, variant="plain",
+               prefetch=True)
+    rows, most = 64, 8
+  tiles = n // rows
+  split = next((s for s in (1, 2, 4, 8, 16) if tiles * s >= 128 or s == most),
+               most)
+  if cfg["variant"] == "plain" and split > 2:
+    cfg = dict(tile_w=64, tile_x=256, tile_k=64, stages=2, variant="ks",
+               load_table=True)
   halves = 2 if cfg["variant"] == "ks" else 1
-  while k is not None and cfg["tile_k"] > 64 and k % (cfg["tile_k"] * split
-                                                       * halves):
+  while k is not None and cfg["tile_k"] > 64 and (
+      k % (cfg["tile_k"] * split * halves)
+      or k // (cfg["tile_k"] * split * halves) < 2):
     cfg["tile_k"] //= 2
     cfg["stages"] = min(4, cfg["stages"] * 2)
+  while k is not None and split > 1 and k % (cfg["tile_k"] * split * halves):
+    split //= 2
+  if k is not None:
+    cfg["stages"] = max(1, min(cfg["stages"],
+                               k // (cfg["tile_k"] * split * halves)))
   return dict(cfg, split=split)
 
 
@@ -173,7 +205,8 @@ def default_config(m: int, out_f32: bool = False,
   4096x4096 at M = 64 "ks" split 2 took 38.2 and 20.2 us, "plain" split
   2 48.2 and 22.8, unsplit 80.2 and 30.2, and the package's path before
   51.5 and 29.8)."""
-  if n is not None and n < SPLIT_BELOW_N and m <= SPLIT_MAX_M:
+  if n is not None and n < SPLIT_BELOW_N and (m <= SPLIT_MAX_M
+                                              or n <= SPLIT_WIDE_MAX_N):
     return _split_config(m, n, k)
   if m <= 64:
     if k is not None and k % 256:
@@ -305,7 +338,8 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       the other's products run.
     "ks": the same pipeline, the two compute warpgroups on the same tile_w
       rows and alternate tile_k steps (K split inside the program, the
-      second's sums added through shared memory at the end): twice the
+      second's sums added through shared memory at the end, in the output
+      tile itself when that is float32): twice the
       programs of "ws" for weights of few rows.
   `swizzle` and `load_table`: see `wgmma_decode.decode_ptx` (the weight
   tile then arrives swizzled; the table words are one more input).
@@ -606,7 +640,11 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
 
   def jaxbnb_gemm_4bit_wgmma_ks(w_gmem, x_gmem, t_gmem, *refs):
     s_in = refs[:n_s]
-    o_gmem, o_smem, red_smem, red_bar = refs[n_s:]
+    if out_dtype == jnp.float32:  # the sums meet in the output tile
+      o_gmem, o_smem, red_bar = refs[n_s:]
+      red_smem = o_smem
+    else:
+      o_gmem, o_smem, red_smem, red_bar = refs[n_s:]
     iw = w_index()
     ix = lax.axis_index("x")
     isp = lax.axis_index("s")
@@ -658,7 +696,8 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
         num_threads=3, thread_name="wg",
         scratch_types=[
             plgpu.SMEM(o_tile, out_dtype, transforms=o_tr),
-            plgpu.SMEM((tile_w, tile_x), jnp.float32, transforms=r_tr),
+            *([] if out_dtype == jnp.float32 else
+              [plgpu.SMEM((tile_w, tile_x), jnp.float32, transforms=r_tr)]),
             plgpu.Barrier(num_arrivals=1)])
   elif variant == "ws":
     kernel = plgpu.kernel(

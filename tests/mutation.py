@@ -154,7 +154,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "rows = n >= GEMM_MIN_N or",
            "rows = n >= 128 or",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
-            "test_gemm_serves[256-4096-4096-64-bfloat16-interpret-False]",)),
+            "test_gemm_serves[256-6144-4096-64-bfloat16-interpret-False]",)),
+    Mutant("wgmma-gemm-split-only-to-128-rows-of-x",
+           "jaxbnb/_src/quant/kernels.py",
+           "and (m <= GEMM_SPLIT_MAX_M or n <= GEMM_SPLIT_WIDE_MAX_N))",
+           "and m <= GEMM_SPLIT_MAX_M)",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_gemm_serves[256-4096-4096-64-bfloat16-interpret-True]",)),
+    Mutant("wgmma-gemm-ks-sums-in-a-second-tile",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "+ (0 if out_f32 else tile_w * tile_x * 2))",
+           "+ tile_w * tile_x * (4 if out_f32 else 2))",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_default_config_splits_few_rows",)),
     Mutant("wgmma-gemm-split-breaks-groups", "jaxbnb/_src/quant/kernels.py",
            "if any(q.shape[0] >= GEMM_MIN_N and gemm_serves(",
            "if any(q.shape[0] >= 0 and gemm_serves(",
@@ -162,8 +174,8 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_group_keeps_weights_served_only_with_a_split",)),
     Mutant("wgmma-gemm-unsplit-for-few-rows",
            "pallas_kernels/gemm_4bit_wgmma.py",
-           "split = next((s for s in (1, 2, 4) if tiles * s >= 128), 4)",
-           "split = 1",
+           "if tiles * s >= 128 or s == most),",
+           "if True),",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
     Mutant("large-m-gemv-for-fp32", "jaxbnb/_src/quant/kernels.py",

@@ -27,7 +27,10 @@ session). Run k (sixteenth session): the nested statistics decoded in the
 kernel ("dq"); run l (defined, not run): their scale words made a step
 ahead ("pf"; run in the seventeenth session). Run m (seventeenth
 session): K splits with the statistics on 4096-row weights; run n: the
-same at M = 256 in x tiles of 128 rows.
+same at M = 256 in x tiles of 128 rows. Run o (twenty-second session):
+M = 256 with 64-column steps and K splits on the weights of 4096 and 11008
+rows, and splits of 8 on 1024-row weights; run p: "ks" there with two
+steps in flight (the float32 sums meeting in the output tile).
 """
 import os
 import sys
@@ -201,6 +204,47 @@ RUNS = {
                  (64, 128, 128, 4, 3, "ws", "dqlt"),
                  (64, 128, 64, 4, 4, "ws", "dqlt"),
                  (64, 64, 256, 2, 2, "ks", "dqswlt")]}),
+    # o (twenty-second session): M = 256 on the weights of 4096 and 11008
+    # rows with x's 256-row tile and 64-column steps (which fit shared
+    # memory with the float32 partials of a K split), in "ws", "plain"
+    # and "ks"; and K splits of 8 on 1024-row weights at M = 64-256.
+    "o": ([((4096, 14336), 256), ((4096, 4096), 256), ((1024, 4096), 64),
+           ((1024, 4096), 256), ((11008, 4096), 256), ((14336, 4096), 256)],
+          {256: [(64, 256, 128, 1, 2, "ws", "dqpf"),
+                 (64, 256, 64, 2, 2, "ws", "dqpf"),
+                 (64, 256, 64, 4, 2, "ws", "dqpf"),
+                 (64, 256, 64, 1, 1, "ks", "dq"),
+                 (64, 256, 64, 2, 1, "ks", "dq"),
+                 (64, 256, 64, 2, 4, "plain", "dqpf"),
+                 (64, 256, 128, 2, 2, "plain", "dqpf"),
+                 (64, 256, 64, 1, 4, "plain", "dqpf"),
+                 (64, 256, 64, 8, 4, "plain", "dqpf"),
+                 (64, 256, 64, 8, 2, "ws", "dqpf")],
+           64: [(64, 64, 256, 1, 2, "plain", "dqswlt"),
+                (64, 64, 128, 8, 4, "plain", "dqswlt"),
+                (64, 64, 256, 4, 2, "ks", "dqswlt"),
+                (64, 64, 128, 8, 2, "ks", "dqswlt"),
+                (64, 64, 64, 8, 4, "ks", "dqswlt")]}),
+    # p (twenty-second session): "ks" at x's 256-row tile with two steps
+    # in flight, now that the second warpgroup's float32 sums go through
+    # the output tile (no separate buffer), against run o's best; M = 128
+    # on 1024-row weights.
+    "p": ([((4096, 14336), 256), ((4096, 4096), 256), ((1024, 4096), 128),
+           ((1024, 4096), 256), ((1024, 4096), 64)],
+          {256: [(64, 256, 128, 2, 2, "plain", "dqpf"),
+                 (64, 256, 128, 2, 2, "plain", "dqswltpf"),
+                 (64, 256, 64, 2, 2, "ks", "dq"),
+                 (64, 256, 64, 2, 2, "ks", "dqlt"),
+                 (64, 256, 64, 2, 2, "ks", "dqswlt"),
+                 (64, 256, 64, 8, 4, "plain", "dqpf"),
+                 (64, 256, 64, 8, 2, "ks", "dqlt")],
+           128: [(64, 128, 128, 8, 3, "ws", "dqlt"),
+                 (64, 128, 128, 16, 2, "ws", "dqlt"),
+                 (64, 128, 128, 8, 2, "ks", "dqlt"),
+                 (64, 128, 128, 8, 4, "plain", "dqswlt"),
+                 (64, 128, 64, 8, 4, "plain", "dqswlt")],
+           64: [(64, 64, 128, 8, 2, "ks", "dqswlt"),
+                (64, 64, 128, 8, 4, "ks", "dqswlt")]}),
 }
 
 def fn(n, k, cfg):
@@ -231,13 +275,14 @@ def fn(n, k, cfg):
 
 def main():
   budget = float(sys.argv[1]) if len(sys.argv) > 1 else 300.0
-  cases, tiles_by_m = RUNS[sys.argv[2] if len(sys.argv) > 2 else "e"]
+  run = sys.argv[2] if len(sys.argv) > 2 else "e"
+  cases, tiles_by_m = RUNS[run]
   t_end = time.time() + budget
   out = open(os.path.join(os.environ.get("OUT", "."),
                           "gemm_wgmma_sweep.jsonl"), "a")
   for n, k, m, base, x in each_case(cases, t_end):
     tiles = tiles_by_m[min(tiles_by_m, key=lambda t: abs(t - m))]
-    if k >= 4 * n:  # few row tiles: split K
+    if k >= 4 * n and run not in ("o", "p"):  # few row tiles: split K
       tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[1:4]
                        for s in (2, 4)]
     if n * k < 2 ** 20:  # the small case: checked, not timed

@@ -142,8 +142,11 @@ def test_matmul_4bit_routes_large_m_through_the_gemm():
     (256, 14336, 4096, 64, jnp.bfloat16, "interpret", True),
     (128, 4096, 4096, 64, jnp.bfloat16, "interpret", True),    # K split
     (64, 4096, 14336, 64, jnp.bfloat16, "interpret", True),    # K split
-    (256, 4096, 4096, 64, jnp.bfloat16, "interpret", False),   # M > 128
-    (128, 2048, 4096, 64, jnp.bfloat16, "interpret", False),   # too few rows
+    (256, 4096, 4096, 64, jnp.bfloat16, "interpret", True),    # K split
+    (256, 1024, 4096, 64, jnp.bfloat16, "interpret", True),    # K split
+    (64, 1024, 4096, 64, jnp.bfloat16, "interpret", True),     # K split
+    (256, 6144, 4096, 64, jnp.bfloat16, "interpret", False),   # M > 128
+    (128, 512, 4096, 64, jnp.bfloat16, "interpret", False),    # too few rows
     (128, 4096, 2048, 64, jnp.bfloat16, "interpret", False),   # K short
     (128, 14336, 4096, 128, jnp.bfloat16, "interpret", False),  # blocksize
     (128, 14336, 4096, 64, jnp.float16, "interpret", False),   # dtype
@@ -159,9 +162,13 @@ def test_gemm_serves(m, n, k, blocksize, dtype, mode, served):
 
 def test_default_config_splits_few_rows():
   """Below SPLIT_BELOW_N rows, at M <= 128, K splits until 128 programs
-  run: "ks" (64 rows a program) at M <= 64, "ws" (128) above; the steps
-  narrow where K does not take the split; every such default passes
-  `check_config` and fits shared memory. Larger weights keep theirs."""
+  run: "ks" (64 rows a program) at M <= 64, "ws" (128) above; at M =
+  129-256 on at most SPLIT_WIDE_MAX_N rows, x's 256-row tile in "plain"
+  split 2 (4096 rows) or "ks" split 8 (1024); the steps narrow where K
+  does not take the split or would give a warpgroup a single step, and
+  no more steps are in flight than a program has; every such default
+  passes `check_config` and fits shared memory. Larger weights keep
+  theirs."""
   cfg = gw.default_config(64, k=4096, n=4096)
   assert (cfg["variant"], cfg["tile_k"], cfg["split"]) == ("ks", 256, 2)
   cfg = gw.default_config(128, k=14336, n=4096)
@@ -172,11 +179,24 @@ def test_default_config_splits_few_rows():
   assert gw.default_config(64, k=4096, n=8192)["split"] == 1
   assert gw.default_config(64, k=4096, n=14336) == gw.default_config(
       64, k=4096)
-  assert gw.default_config(256, k=4096, n=4096) == gw.default_config(
+  cfg = gw.default_config(64, k=4096, n=1024)
+  assert (cfg["variant"], cfg["tile_k"], cfg["stages"], cfg["split"]) == (
+      "ks", 128, 2, 8)
+  cfg = gw.default_config(128, k=4096, n=1024)
+  assert (cfg["variant"], cfg["tile_k"], cfg["stages"], cfg["split"]) == (
+      "ws", 128, 2, 16)
+  for m in (200, 256):
+    cfg = gw.default_config(m, k=14336, n=4096, nested=True)
+    assert (cfg["variant"], cfg["tile_x"], cfg["tile_k"], cfg["split"],
+            cfg["prefetch"]) == ("plain", 256, 128, 2, True)
+    cfg = gw.default_config(m, k=4096, n=1024)
+    assert (cfg["variant"], cfg["tile_x"], cfg["tile_k"], cfg["split"]) == (
+        "ks", 256, 64, 8)
+  assert gw.default_config(256, k=4096, n=6144) == gw.default_config(
       256, k=4096)
   for m, n, k, out_f32 in itertools.product(
-      (64, 100, 128), (4096, 6144, 8192), (4096, 11008, 14336),
-      (False, True)):
+      (64, 100, 128, 200, 256), (1024, 2048, 4096, 6144, 8192),
+      (4096, 11008, 14336), (False, True)):
     cfg = gw.default_config(m, out_f32, k, n=n)
     gw.check_config(m, n, k, jnp.bfloat16, out_f32=out_f32,
                     **{a: cfg[a] for a in ("tile_w", "tile_x", "tile_k",
@@ -637,6 +657,18 @@ _GPU_CASES = [
               variant="ks", swizzle=True, load_table=True)),
     (128, dict(tile_w=64, tile_x=128, tile_k=128, split=4, stages=3,
                variant="ws", load_table=True)),
+    # The same for 1024 rows (M = 64, 128), and at M = 129-256 on 4096 rows
+    # ("plain", the scale words made ahead) and 1024 ("ks" with x's
+    # 256-row tile, the second warpgroup's sums in the float32 output
+    # tile).
+    (64, dict(tile_w=64, tile_x=64, tile_k=128, split=8, stages=2,
+              variant="ks", swizzle=True, load_table=True)),
+    (128, dict(tile_w=64, tile_x=128, tile_k=128, split=16, stages=1,
+               variant="ws", load_table=True)),
+    (256, dict(tile_w=64, tile_x=256, tile_k=128, split=2, stages=2,
+               variant="plain", prefetch=True)),
+    (200, dict(tile_w=64, tile_x=256, tile_k=64, split=8, stages=2,
+               variant="ks", load_table=True)),
     # Overlapped parts in "ks".
     (128, dict(tile_w=64, tile_x=128, tile_k=128, split=1, stages=2,
                variant="ks", overlap=True, swizzle=True)),
@@ -686,11 +718,13 @@ def test_gpu_gemm(case, nested, with_bias):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,m", [(14336, 1024, 128), (14336, 1024, 256),
-                                   (4096, 4096, 64), (4096, 4096, 128)])
+                                   (4096, 4096, 64), (4096, 4096, 128),
+                                   (4096, 4096, 256), (1024, 4096, 64),
+                                   (1024, 4096, 100), (1024, 4096, 256)])
 def test_gpu_matmul_4bit_takes_the_gemm(n, k, m):
   """`F.matmul_4bit` in the default ("pallas") mode on the H200 runs the
   wgmma GEMM (`gemm_serves`) on a 14336-row weight and, with K split, on
-  a 4096-row one, within the bound of the kernel's weight."""
+  4096- and 1024-row ones, within the bound of the kernel's weight."""
   packed, qs = _weights(n, k, "nf4", 9)
   assert kernels.gemm_serves(m, n, k, jnp.bfloat16, qs, "pallas")
   x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))

@@ -55,11 +55,17 @@ GEMM_MIN_N = gw.SPLIT_BELOW_N  # the kernel's own tiles split K below it
 # session, sweep run m (H200, NF4 + DQ, the sweep timer): 4096x14336 at M
 # = 64 38.2 us against the path before's 51.5 and XLA bf16's 43.1, at M =
 # 128 45.5 against 65.8 and 46.3; 4096x4096 20.2 against 29.8 and 23.0 at
-# M = 64, 21.6 against 33.1 and 20.0 at 128. At M = 256 no split fitted in
-# shared memory.
-GEMM_SPLIT_MIN_N = 4096
+# M = 64, 21.6 against 33.1 and 20.0 at 128. Up to M = 256 it also serves
+# the weights of at most GEMM_SPLIT_WIDE_MAX_N rows, and down to 1024 rows
+# (twenty-second session, sweep runs o and p: 4096x14336 at M = 256 65.0-
+# 66.6 us against 86.3-87.0 and XLA's 46.7-49.0, 4096x4096 23.8-26.1
+# against 29.6-32.1 and 17.9-19.1; 1024x4096 at M = 64 / 128 / 256 7.3-7.5
+# / 9.5 / 12.2 against 9.2-10.8 / 14.2 / 15.1 and XLA's 5.0-6.9 / 9.8 /
+# 12.7).
+GEMM_SPLIT_MIN_N = 1024
 GEMM_SPLIT_MIN_K = 4096
 GEMM_SPLIT_MAX_M = gw.SPLIT_MAX_M
+GEMM_SPLIT_WIDE_MAX_N = gw.SPLIT_WIDE_MAX_N
 # The kernel decodes the double quantization itself (docs/benchmarks.md,
 # "wgmma GEMM: the double quantization decoded in the kernel", H200): on
 # 14336x4096 that took the two XLA passes' 7.7 us off each call and cost
@@ -78,8 +84,9 @@ def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
   """Whether `[m, k]` times the 4-bit weight of `qs` (`[n, k]`) goes to
   the wgmma GEMM: M, N and the dtype in its range (above), blocksize 64,
   a kernel mode, and for "pallas" a Hopper GPU and a JAX with Mosaic GPU."""
-  rows = n >= GEMM_MIN_N or (GEMM_SPLIT_MIN_N <= n and m <= GEMM_SPLIT_MAX_M
-                             and k >= GEMM_SPLIT_MIN_K)
+  rows = n >= GEMM_MIN_N or (
+      GEMM_SPLIT_MIN_N <= n and k >= GEMM_SPLIT_MIN_K
+      and (m <= GEMM_SPLIT_MAX_M or n <= GEMM_SPLIT_WIDE_MAX_N))
   if not (GEMM_MIN_M <= m <= GEMM_MAX_M and rows
           and qs.blocksize == 64 and jnp.dtype(dtype) == jnp.bfloat16
           and gw.can_use(m, n, k, qs.blocksize, dtype, bias)):
