@@ -126,22 +126,27 @@ def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
 # Weights of fewer rows than this fill the H200's 132 SMs only with K
 # splits: up to SPLIT_MAX_M rows of x (`default_config`'s `n`; sweep run
 # m, seventeenth session), and up to 256 rows of x on weights of at most
-# SPLIT_WIDE_MAX_N rows (sweep runs o and p, twenty-second session; the
-# rows between take x's 256-row tile unsplit, unmeasured with a split).
+# SPLIT_WIDE_MAX_N rows (sweep runs o and p, twenty-second session; run
+# q, twenty-third session, for 6144 and 8192 rows, which take no split).
+# The rows between take x's 256-row tile in "ws", unmeasured below 11008.
 SPLIT_BELOW_N = 10240
 SPLIT_MAX_M = 128
-SPLIT_WIDE_MAX_N = 4096
+SPLIT_WIDE_MAX_N = 8192
+# The SMs of an H100 or H200 (SXM): one wave of programs at M = 129-256.
+SMS = 132
 
 
 def _split_config(m: int, n: int, k: int | None) -> dict:
   """The K-split tiles for `n < SPLIT_BELOW_N` rows: "ks" with 256-column
   steps at M <= 64, "ws" with 128 at 65-128; at 129-256, x's 256-row tile
-  in "plain" with 128-column steps and the scale words made ahead where a
-  split of 2 fills the SMs (4096 rows), else "ks" with 64-column steps.
-  K is split until at least 128 programs run (at most 8 ways, 16 at M =
-  65-128), and the steps are narrowed (more in flight) where K does not
-  take the split or each warpgroup would get a single step, then the
-  split halved while K still does not take it.
+  in "plain" with 128-column steps and the scale words made ahead where
+  at most 2 splits fit one wave of SMS programs (4096-8192 rows), else
+  "ks" with 64-column steps. At M <= 128 K is split until at least 128
+  programs run (at most 8 ways, 16 at M = 65-128); at 129-256 as many
+  ways (at most 8) as keep the programs within one wave. The steps are
+  narrowed (more in flight) where K does not take the split or each
+  warpgroup would get a single step, then the split halved while K still
+  does not take it.
 
   Sweep runs o and p (twenty-second session, the sweep timer, NF4 + DQ,
   us): 4096x14336 at M = 256 "plain" split 2 66.6 / 65.0 against the
@@ -149,7 +154,9 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
   26.1 against 32.1 / 29.6 and 19.1 / 17.9; 1024x4096 "ks" split 8 12.2
   against 15.1 and 12.7 at M = 256, "ws" split 16 9.5 against 14.2 and
   9.8 at M = 128, "ks" split 8 7.3 / 7.5 against 10.8 / 9.2 and 6.9 / 5.0
-  at M = 64."""
+  at M = 64. Run q (twenty-third session): "plain" unsplit at M = 256
+  37.9 us on 6144x4096 and 39.2 on 8192x4096 against dequantize + dot's
+  46.0 and 51.3 and XLA's 25.1 and 27.3; split 2 45.7 and 49.4."""
   if m <= 64:
     cfg = dict(tile_w=64, tile_x=64, tile_k=256, stages=2, variant="ks",
                swizzle=True, load_table=True)
@@ -163,8 +170,11 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
                prefetch=True)
     rows, most = 64, 8
   tiles = n // rows
-  split = next((s for s in (1, 2, 4, 8, 16) if tiles * s >= 128 or s == most),
-               most)
+  if m <= 128:
+    split = next((s for s in (1, 2, 4, 8, 16)
+                  if tiles * s >= 128 or s == most), most)
+  else:  # one program an SM: x's 256-row tile keeps one warpgroup busy
+    split = max(s for s in (1, 2, 4, 8) if s == 1 or tiles * s <= SMS)
   if cfg["variant"] == "plain" and split > 2:
     cfg = dict(tile_w=64, tile_x=256, tile_k=64, stages=2, variant="ks",
                load_table=True)
@@ -200,7 +210,8 @@ def default_config(m: int, out_f32: bool = False,
   tile steps 128 columns (two in flight; 64, four, where K is not a
   multiple of 128) and makes each step's scale words a step ahead
   (`prefetch`; without a float32 output; seventeenth session). Given
-  `n` below SPLIT_BELOW_N at M <= SPLIT_MAX_M, K splits fill the SMs
+  `n` below SPLIT_BELOW_N at M <= SPLIT_MAX_M, or at most
+  SPLIT_WIDE_MAX_N at M <= 256, K splits fill the SMs where they help
   (`_split_config`; seventeenth session's sweep run m: on 4096x14336 and
   4096x4096 at M = 64 "ks" split 2 took 38.2 and 20.2 us, "plain" split
   2 48.2 and 22.8, unsplit 80.2 and 30.2, and the package's path before

@@ -154,7 +154,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "rows = n >= GEMM_MIN_N or",
            "rows = n >= 128 or",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
-            "test_gemm_serves[256-6144-4096-64-bfloat16-interpret-False]",)),
+            "test_gemm_serves[256-9216-4096-64-bfloat16-interpret-False]",)),
     Mutant("wgmma-gemm-split-only-to-128-rows-of-x",
            "jaxbnb/_src/quant/kernels.py",
            "and (m <= GEMM_SPLIT_MAX_M or n <= GEMM_SPLIT_WIDE_MAX_N))",
@@ -176,6 +176,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "pallas_kernels/gemm_4bit_wgmma.py",
            "if tiles * s >= 128 or s == most),",
            "if True),",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_default_config_splits_few_rows",)),
+    Mutant("wgmma-gemm-split-past-one-wave-at-256",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "split = max(s for s in (1, 2, 4, 8) if s == 1 or tiles * s <= SMS)",
+           "split = max(s for s in (1, 2, 4, 8) if s == 1 or tiles * s <= 2 * SMS)",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
     Mutant("large-m-gemv-for-fp32", "jaxbnb/_src/quant/kernels.py",

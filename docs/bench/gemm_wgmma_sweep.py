@@ -30,7 +30,10 @@ session): K splits with the statistics on 4096-row weights; run n: the
 same at M = 256 in x tiles of 128 rows. Run o (twenty-second session):
 M = 256 with 64-column steps and K splits on the weights of 4096 and 11008
 rows, and splits of 8 on 1024-row weights; run p: "ks" there with two
-steps in flight (the float32 sums meeting in the output tile).
+steps in flight (the float32 sums meeting in the output tile). Run q
+(twenty-third session): M = 256 on weights of 6144 and 8192 rows, and
+K splits at M = 128 on 6144-14336 rows; run r: M = 256 on 3072-9216
+rows after run q's routing, and run q's M = 128 cases its budget cut.
 """
 import os
 import sys
@@ -245,6 +248,39 @@ RUNS = {
                  (64, 128, 64, 8, 4, "plain", "dqswlt")],
            64: [(64, 64, 128, 8, 2, "ks", "dqswlt"),
                 (64, 64, 128, 8, 4, "ks", "dqswlt")]}),
+    # q (twenty-third session): weights of 6144 and 8192 rows at M = 256,
+    # which take dequantize + dot (no split measured there), and the
+    # 11008- and 14336-row weights at M = 128, where "ws" runs 86 and 112
+    # programs on 132 SMs.
+    "q": ([((6144, 4096), 256), ((8192, 4096), 256), ((11008, 4096), 128),
+           ((14336, 4096), 128), ((6144, 4096), 128)],
+          {256: [(64, 256, 128, 1, 2, "ws", "dqpf"),
+                 (64, 256, 128, 1, 2, "plain", "dqpf"),
+                 (64, 256, 128, 2, 2, "plain", "dqpf"),
+                 (64, 256, 64, 2, 2, "ws", "dqpf"),
+                 (64, 256, 64, 4, 2, "ws", "dqpf"),
+                 (64, 256, 64, 2, 2, "ks", "dqlt"),
+                 (64, 256, 64, 4, 2, "ks", "dqlt")],
+           128: [(64, 128, 256, 1, 2, "ws", "dqlt"),
+                 (64, 128, 128, 2, 3, "ws", "dqlt"),
+                 (64, 128, 128, 4, 3, "ws", "dqlt"),
+                 (64, 128, 128, 1, 4, "plain", "dqswlt"),
+                 (64, 128, 128, 2, 4, "plain", "dqswlt"),
+                 (64, 128, 128, 2, 2, "ks", "dqlt")]}),
+    # r (twenty-third session): after run q's routing, M = 256 between
+    # its measured row counts and past them (5120 and 3072 rows; 9216,
+    # still dequantize + dot, against "ws" unsplit), and run q's M = 128
+    # cases that its time budget cut.
+    "r": ([((5120, 5120), 256), ((3072, 4096), 256), ((9216, 4096), 256),
+           ((14336, 4096), 128), ((6144, 4096), 128)],
+          {256: [(64, 256, 128, 1, 2, "plain", "dqpf"),
+                 (64, 256, 128, 2, 2, "plain", "dqpf"),
+                 (64, 256, 64, 4, 2, "ks", "dqlt"),
+                 (64, 256, 128, 1, 2, "ws", "dqpf")],
+           128: [(64, 128, 128, 4, 3, "ws", "dqlt"),
+                 (64, 128, 128, 2, 3, "ws", "dqlt"),
+                 (64, 128, 128, 1, 4, "plain", "dqswlt"),
+                 (64, 128, 128, 2, 2, "ks", "dqlt")]}),
 }
 
 def fn(n, k, cfg):
@@ -282,7 +318,7 @@ def main():
                           "gemm_wgmma_sweep.jsonl"), "a")
   for n, k, m, base, x in each_case(cases, t_end):
     tiles = tiles_by_m[min(tiles_by_m, key=lambda t: abs(t - m))]
-    if k >= 4 * n and run not in ("o", "p"):  # few row tiles: split K
+    if k >= 4 * n and run not in ("o", "p", "q", "r"):  # few row tiles: split K
       tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[1:4]
                        for s in (2, 4)]
     if n * k < 2 ** 20:  # the small case: checked, not timed

@@ -145,7 +145,10 @@ def test_matmul_4bit_routes_large_m_through_the_gemm():
     (256, 4096, 4096, 64, jnp.bfloat16, "interpret", True),    # K split
     (256, 1024, 4096, 64, jnp.bfloat16, "interpret", True),    # K split
     (64, 1024, 4096, 64, jnp.bfloat16, "interpret", True),     # K split
-    (256, 6144, 4096, 64, jnp.bfloat16, "interpret", False),   # M > 128
+    (256, 6144, 4096, 64, jnp.bfloat16, "interpret", True),    # one wave
+    (256, 8192, 4096, 64, jnp.bfloat16, "interpret", True),    # one wave
+    (256, 9216, 4096, 64, jnp.bfloat16, "interpret", False),   # M > 128
+    (128, 9216, 4096, 64, jnp.bfloat16, "interpret", True),    # K split
     (128, 512, 4096, 64, jnp.bfloat16, "interpret", False),    # too few rows
     (128, 4096, 2048, 64, jnp.bfloat16, "interpret", False),   # K short
     (128, 14336, 4096, 128, jnp.bfloat16, "interpret", False),  # blocksize
@@ -164,7 +167,8 @@ def test_default_config_splits_few_rows():
   """Below SPLIT_BELOW_N rows, at M <= 128, K splits until 128 programs
   run: "ks" (64 rows a program) at M <= 64, "ws" (128) above; at M =
   129-256 on at most SPLIT_WIDE_MAX_N rows, x's 256-row tile in "plain"
-  split 2 (4096 rows) or "ks" split 8 (1024); the steps narrow where K
+  split 2 (4096 rows), unsplit (6144 and 8192 rows: one program an SM)
+  or "ks" split 8 (1024); the steps narrow where K
   does not take the split or would give a warpgroup a single step, and
   no more steps are in flight than a program has; every such default
   passes `check_config` and fits shared memory. Larger weights keep
@@ -192,10 +196,15 @@ def test_default_config_splits_few_rows():
     cfg = gw.default_config(m, k=4096, n=1024)
     assert (cfg["variant"], cfg["tile_x"], cfg["tile_k"], cfg["split"]) == (
         "ks", 256, 64, 8)
-  assert gw.default_config(256, k=4096, n=6144) == gw.default_config(
+  for n in (6144, 8192):
+    cfg = gw.default_config(256, k=4096, n=n, nested=True)
+    assert (cfg["variant"], cfg["tile_x"], cfg["tile_k"], cfg["stages"],
+            cfg["split"], cfg["prefetch"]) == ("plain", 256, 128, 2, 1, True)
+  assert gw.default_config(256, k=4096, n=2048)["split"] == 4
+  assert gw.default_config(256, k=4096, n=9216) == gw.default_config(
       256, k=4096)
   for m, n, k, out_f32 in itertools.product(
-      (64, 100, 128, 200, 256), (1024, 2048, 4096, 6144, 8192),
+      (64, 100, 128, 200, 256), (1024, 2048, 3072, 4096, 5120, 6144, 8192),
       (4096, 11008, 14336), (False, True)):
     cfg = gw.default_config(m, out_f32, k, n=n)
     gw.check_config(m, n, k, jnp.bfloat16, out_f32=out_f32,
@@ -685,6 +694,9 @@ _GPU_CASES = [
               variant="plain", overlap=True, prefetch=True)),
     (256, dict(tile_w=64, tile_x=256, tile_k=64, split=1, stages=2,
                variant="ws", prefetch=True)),
+    # At M = 129-256 on 6144 and 8192 rows: "plain", unsplit.
+    (256, dict(tile_w=64, tile_x=256, tile_k=128, split=1, stages=2,
+               variant="plain", prefetch=True)),
 ]
 
 
@@ -720,11 +732,13 @@ def test_gpu_gemm(case, nested, with_bias):
 @pytest.mark.parametrize("n,k,m", [(14336, 1024, 128), (14336, 1024, 256),
                                    (4096, 4096, 64), (4096, 4096, 128),
                                    (4096, 4096, 256), (1024, 4096, 64),
-                                   (1024, 4096, 100), (1024, 4096, 256)])
+                                   (1024, 4096, 100), (1024, 4096, 256),
+                                   (6144, 4096, 256), (8192, 4096, 200)])
 def test_gpu_matmul_4bit_takes_the_gemm(n, k, m):
   """`F.matmul_4bit` in the default ("pallas") mode on the H200 runs the
-  wgmma GEMM (`gemm_serves`) on a 14336-row weight and, with K split, on
-  4096- and 1024-row ones, within the bound of the kernel's weight."""
+  wgmma GEMM (`gemm_serves`) on a 14336-row weight, with K split on
+  4096- and 1024-row ones, and at M = 129-256 unsplit on 6144 and 8192
+  rows, within the bound of the kernel's weight."""
   packed, qs = _weights(n, k, "nf4", 9)
   assert kernels.gemm_serves(m, n, k, jnp.bfloat16, qs, "pallas")
   x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))

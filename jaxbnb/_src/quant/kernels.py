@@ -61,7 +61,10 @@ GEMM_MIN_N = gw.SPLIT_BELOW_N  # the kernel's own tiles split K below it
 # 66.6 us against 86.3-87.0 and XLA's 46.7-49.0, 4096x4096 23.8-26.1
 # against 29.6-32.1 and 17.9-19.1; 1024x4096 at M = 64 / 128 / 256 7.3-7.5
 # / 9.5 / 12.2 against 9.2-10.8 / 14.2 / 15.1 and XLA's 5.0-6.9 / 9.8 /
-# 12.7).
+# 12.7). Weights of 4097-8192 rows at M = 129-256 take it unsplit, one
+# program an SM (twenty-third session, sweep run q: 37.9 us on 6144x4096
+# and 39.2 on 8192x4096 against dequantize + dot's 46.0 and 51.3 and XLA
+# bf16's 25.1 and 27.3).
 GEMM_SPLIT_MIN_N = 1024
 GEMM_SPLIT_MIN_K = 4096
 GEMM_SPLIT_MAX_M = gw.SPLIT_MAX_M
