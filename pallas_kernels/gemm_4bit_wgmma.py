@@ -132,7 +132,7 @@ def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
 SPLIT_BELOW_N = 10240
 SPLIT_MAX_M = 128
 SPLIT_WIDE_MAX_N = 8192
-# The SMs of an H100 or H200 (SXM): one wave of programs at M = 129-256.
+# The SMs of an H100 or H200 (SXM): K splits keep the programs to one wave.
 SMS = 132
 
 
@@ -141,9 +141,12 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
   steps at M <= 64, "ws" with 128 at 65-128; at 129-256, x's 256-row tile
   in "plain" with 128-column steps and the scale words made ahead where
   at most 2 splits fit one wave of SMS programs (4096-8192 rows), else
-  "ks" with 64-column steps. At M <= 128 K is split until at least 128
-  programs run (at most 8 ways, 16 at M = 65-128); at 129-256 as many
-  ways (at most 8) as keep the programs within one wave. The steps are
+  "ks" with 64-column steps. K is split as many ways (at most 8, 16 at
+  M = 65-128) as keep the programs within one wave of SMS (sweep run s,
+  twenty-third session: on 6144x4096 at M = 64 "ks" unsplit 19.2 us
+  against split 2's 24.1, at M = 128 "ws" split 2 27.4 against split
+  4's 30.0; on 3072x4096 at M = 64 split 2 13.8 against split 4's 17.5;
+  XLA bf16 20.6, 23.4 and 17.0). The steps are
   narrowed (more in flight) where K does not take the split or each
   warpgroup would get a single step, then the split halved while K still
   does not take it.
@@ -170,11 +173,9 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
                prefetch=True)
     rows, most = 64, 8
   tiles = n // rows
-  if m <= 128:
-    split = next((s for s in (1, 2, 4, 8, 16)
-                  if tiles * s >= 128 or s == most), most)
-  else:  # one program an SM: x's 256-row tile keeps one warpgroup busy
-    split = max(s for s in (1, 2, 4, 8) if s == 1 or tiles * s <= SMS)
+  # As many ways as keep the programs within one wave of the SMs.
+  split = max(s for s in (1, 2, 4, 8, 16)
+              if s == 1 or (s <= most and tiles * s <= SMS))
   if cfg["variant"] == "plain" and split > 2:
     cfg = dict(tile_w=64, tile_x=256, tile_k=64, stages=2, variant="ks",
                load_table=True)

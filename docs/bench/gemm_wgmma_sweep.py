@@ -33,7 +33,8 @@ rows, and splits of 8 on 1024-row weights; run p: "ks" there with two
 steps in flight (the float32 sums meeting in the output tile). Run q
 (twenty-third session): M = 256 on weights of 6144 and 8192 rows, and
 K splits at M = 128 on 6144-14336 rows; run r: M = 256 on 3072-9216
-rows after run q's routing, and run q's M = 128 cases its budget cut.
+rows after run q's routing, and run q's M = 128 cases its budget cut;
+run s: one wave of K splits at M = 64 and 128 on 6144 and 3072 rows.
 """
 import os
 import sys
@@ -281,6 +282,15 @@ RUNS = {
                  (64, 128, 128, 2, 3, "ws", "dqlt"),
                  (64, 128, 128, 1, 4, "plain", "dqswlt"),
                  (64, 128, 128, 2, 2, "ks", "dqlt")]}),
+    # s (twenty-third session): at M = 64 and 128 on 6144 and 3072 rows,
+    # K splits to 128 programs or more (the default) against those that
+    # keep one wave of 132.
+    "s": ([((6144, 4096), 64), ((6144, 4096), 128), ((3072, 4096), 64)],
+          {64: [(64, 64, 256, 1, 2, "ks", "dqswlt"),
+                (64, 64, 256, 2, 2, "ks", "dqswlt"),
+                (64, 64, 256, 4, 2, "ks", "dqswlt")],
+           128: [(64, 128, 128, 2, 3, "ws", "dqlt"),
+                 (64, 128, 128, 4, 3, "ws", "dqlt")]}),
 }
 
 def fn(n, k, cfg):
@@ -318,7 +328,7 @@ def main():
                           "gemm_wgmma_sweep.jsonl"), "a")
   for n, k, m, base, x in each_case(cases, t_end):
     tiles = tiles_by_m[min(tiles_by_m, key=lambda t: abs(t - m))]
-    if k >= 4 * n and run not in ("o", "p", "q", "r"):  # few row tiles: split K
+    if k >= 4 * n and run not in ("o", "p", "q", "r", "s"):  # few row tiles: split K
       tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[1:4]
                        for s in (2, 4)]
     if n * k < 2 ** 20:  # the small case: checked, not timed

@@ -164,8 +164,9 @@ def test_gemm_serves(m, n, k, blocksize, dtype, mode, served):
 
 
 def test_default_config_splits_few_rows():
-  """Below SPLIT_BELOW_N rows, at M <= 128, K splits until 128 programs
-  run: "ks" (64 rows a program) at M <= 64, "ws" (128) above; at M =
+  """Below SPLIT_BELOW_N rows, at M <= 128, K splits as many ways as
+  keep the programs within one wave of SMS (132): "ks" (64 rows a
+  program) at M <= 64, "ws" (128) above; at M =
   129-256 on at most SPLIT_WIDE_MAX_N rows, x's 256-row tile in "plain"
   split 2 (4096 rows), unsplit (6144 and 8192 rows: one program an SM)
   or "ks" split 8 (1024); the steps narrow where K
@@ -181,6 +182,10 @@ def test_default_config_splits_few_rows():
   assert (cfg["tile_k"], cfg["stages"], cfg["split"]) == (64, 4, 2)
   assert gw.default_config(64, k=4096, n=2048)["split"] == 4
   assert gw.default_config(64, k=4096, n=8192)["split"] == 1
+  assert gw.default_config(64, k=4096, n=6144)["split"] == 1
+  assert gw.default_config(64, k=4096, n=3072)["split"] == 2
+  cfg = gw.default_config(128, k=4096, n=6144)
+  assert (cfg["variant"], cfg["split"]) == ("ws", 2)
   assert gw.default_config(64, k=4096, n=14336) == gw.default_config(
       64, k=4096)
   cfg = gw.default_config(64, k=4096, n=1024)

@@ -64,7 +64,9 @@ GEMM_MIN_N = gw.SPLIT_BELOW_N  # the kernel's own tiles split K below it
 # 12.7). Weights of 4097-8192 rows at M = 129-256 take it unsplit, one
 # program an SM (twenty-third session, sweep run q: 37.9 us on 6144x4096
 # and 39.2 on 8192x4096 against dequantize + dot's 46.0 and 51.3 and XLA
-# bf16's 25.1 and 27.3).
+# bf16's 25.1 and 27.3). At every M the split stops where the programs
+# would pass one wave of the SMs (run s: 6144x4096 at M = 64 19.2 us
+# unsplit against split 2's 24.1 and XLA's 20.6).
 GEMM_SPLIT_MIN_N = 1024
 GEMM_SPLIT_MIN_K = 4096
 GEMM_SPLIT_MAX_M = gw.SPLIT_MAX_M
