@@ -128,7 +128,9 @@ def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
 # m, seventeenth session), and up to 256 rows of x on weights of at most
 # SPLIT_WIDE_MAX_N rows (sweep runs o and p, twenty-second session; run
 # q, twenty-third session, for 6144 and 8192 rows, which take no split).
-# The rows between take x's 256-row tile in "ws", unmeasured below 11008.
+# Between SPLIT_WIDE_MAX_N and SPLIT_BELOW_N rows at M > SPLIT_MAX_M the
+# package keeps dequantize + dot (run r: "ws" unsplit 52.5 us on 9216x4096
+# against its 55.8, within the sweep's spread).
 SPLIT_BELOW_N = 10240
 SPLIT_MAX_M = 128
 SPLIT_WIDE_MAX_N = 8192
@@ -140,16 +142,15 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
   """The K-split tiles for `n < SPLIT_BELOW_N` rows: "ks" with 256-column
   steps at M <= 64, "ws" with 128 at 65-128; at 129-256, x's 256-row tile
   in "plain" with 128-column steps and the scale words made ahead where
-  at most 2 splits fit one wave of SMS programs (4096-8192 rows), else
-  "ks" with 64-column steps. K is split as many ways (at most 8, 16 at
-  M = 65-128) as keep the programs within one wave of SMS (sweep run s,
-  twenty-third session: on 6144x4096 at M = 64 "ks" unsplit 19.2 us
-  against split 2's 24.1, at M = 128 "ws" split 2 27.4 against split
-  4's 30.0; on 3072x4096 at M = 64 split 2 13.8 against split 4's 17.5;
-  XLA bf16 20.6, 23.4 and 17.0). The steps are
-  narrowed (more in flight) where K does not take the split or each
-  warpgroup would get a single step, then the split halved while K still
-  does not take it.
+  the split is 1 or 2 (more than 2112 rows), else "ks" with 64-column
+  steps. K is split as many ways (at most 8, 16 at M = 65-128) as keep
+  the programs within one wave of SMS (sweep run s, twenty-third
+  session: on 6144x4096 at M = 64 "ks" unsplit 19.2 us against split 2's
+  24.1, at M = 128 "ws" split 2 27.4 against split 4's 30.0; on 3072x4096
+  at M = 64 split 2 13.8 against split 4's 17.5; XLA bf16 20.6, 23.4 and
+  17.0). The steps are narrowed (more in flight) where K does not take
+  the split or each warpgroup would get a single step, then the split
+  halved while K still does not take it.
 
   Sweep runs o and p (twenty-second session, the sweep timer, NF4 + DQ,
   us): 4096x14336 at M = 256 "plain" split 2 66.6 / 65.0 against the

@@ -6,6 +6,7 @@ run per case, both columns from the same run).
 
     python docs/bench/gemm_wgmma_s23_plot.py OUT.png
 """
+import functools
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ CASES = [
 ]
 
 
+@functools.cache
 def load(run):
   """{(n, k, m): record} of a sweep run's JSON lines."""
   path = os.path.join(HERE, f"gemm_wgmma_2026-12-04_h200_{run}.jsonl")

@@ -166,11 +166,10 @@ def test_gemm_serves(m, n, k, blocksize, dtype, mode, served):
 def test_default_config_splits_few_rows():
   """Below SPLIT_BELOW_N rows, at M <= 128, K splits as many ways as
   keep the programs within one wave of SMS (132): "ks" (64 rows a
-  program) at M <= 64, "ws" (128) above; at M =
-  129-256 on at most SPLIT_WIDE_MAX_N rows, x's 256-row tile in "plain"
-  split 2 (4096 rows), unsplit (6144 and 8192 rows: one program an SM)
-  or "ks" split 8 (1024); the steps narrow where K
-  does not take the split or would give a warpgroup a single step, and
+  program) at M <= 64, "ws" (128) above; at M = 129-256 on at most
+  SPLIT_WIDE_MAX_N rows, x's 256-row tile in "plain" split 2 (4096
+  rows), unsplit (6144 and 8192 rows: one program an SM) or "ks" split
+  8 (1024); the steps narrow where K does not take the split or would give a warpgroup a single step, and
   no more steps are in flight than a program has; every such default
   passes `check_config` and fits shared memory. Larger weights keep
   theirs."""
