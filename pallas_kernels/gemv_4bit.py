@@ -65,6 +65,7 @@ from pallas_kernels import _backend
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 from pallas_kernels import lut_decode
+from pallas_kernels import gemv_4bit_lut
 from pallas_kernels import gemv_4bit_tma
 from pallas_kernels import warp_mma
 from pallas_kernels.dequantize_4bit import decode_absmax
@@ -788,6 +789,34 @@ def _gemv_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   return tuple(outs)
 
 
+def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
+              config, code, interpret):
+  """The "lut" variant (`gemv_4bit_lut`), one launch per weight: config
+  ("lut", rows a step (64 or 128), 128, row groups, 4, stages)."""
+  _, block_n, bk, rows, num_warps, stages = config[:6]
+  dtype = jnp.dtype(x.dtype)
+  if (block_n not in gemv_4bit_lut.STEP_ROWS
+      or (bk, num_warps) != (gemv_4bit_lut.CHUNK // 2, 4)):
+    raise ValueError(
+        "config: variant 'lut' runs 64 or 128 rows a step, "
+        f"{gemv_4bit_lut.CHUNK // 2} bytes a row and 4 warps, got block_n "
+        f"{block_n}, {bk} bytes and {num_warps} warps")
+  if code is None:
+    raise ValueError("code: variant 'lut' makes its tables from the 16 code "
+                     "values and needs them, got None")
+  outs = []
+  for (packed, absmax, nested), n in zip(weights, ns):
+    gemv_4bit_lut.check(x.shape[0], n, k, blocksize, dtype,
+                        nested is not None, nested_blocksize)
+    y = gemv_4bit_lut.gemv(x, packed, absmax, *nested, code=code, n=n, k=k,
+                           rows=rows, step_rows=block_n, stages=stages,
+                           interpret=interpret)
+    if bias is not None:
+      y = y + bias.astype(jnp.float32)
+    outs.append(y.astype(dtype))
+  return tuple(outs)
+
+
 def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
           config, code, interpret):
   """The kernel over one or several weights (see `gemv_4bit_group`)."""
@@ -800,6 +829,10 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
     config = default_config(m, n_all, k, blocksize, dtype.name,
                             mma=code is not None)
   variant, block_n, block_kb, split_k, num_warps, num_stages = config[:6]
+  if variant == "lut":
+    return _gemv_lut(x, weights, ns=ns, k=k, blocksize=blocksize,
+                     nested_blocksize=nested_blocksize, bias=bias,
+                     config=config, code=code, interpret=interpret)
   if variant == "tma":
     return _gemv_tma(x, weights, ns=ns, k=k, blocksize=blocksize,
                      nested_blocksize=nested_blocksize, bias=bias,
@@ -818,7 +851,7 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
         f"{'given' if code is not None else 'None'}")
   if variant not in ("reduce", "dot", "mma", "warp"):
     raise ValueError("config: variant must be 'reduce', 'dot', 'mma', "
-                     f"'warp' or 'tma', got {variant!r}")
+                     f"'warp', 'tma' or 'lut', got {variant!r}")
   if variant == "warp":
     _check_warp(m, k, block_n, num_warps, table)
   if variant == "mma" and dtype == jnp.float32:

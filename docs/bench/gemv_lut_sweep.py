@@ -1,0 +1,83 @@
+"""The table GEMV (`pallas_kernels.gemv_4bit_lut`) at M = 1 against the
+package's path and XLA's bf16 matmul (docs/benchmarks.md, twenty-fourth
+session; run on the GPU).
+
+    python docs/bench/gemv_lut_sweep.py 250 a   # time budget (s), run
+    python docs/bench/gemv_lut_sweep.py ncu 128 4   # for a profiler
+
+NF4 + DQ, bf16. Each configuration (row groups, stages, rows a step) is
+timed with
+`measure.time_jax` over three rotating weights and checked against
+`x @ dequantize(W).T`; one JSON line per shape goes to
+$OUT/gemv_lut_sweep.jsonl. Row groups None: `default_rows`; "half": half
+of it. Run a was the first version (the nested absmax read from global
+memory in each step, 64 rows a step); run b the nested span in shared
+memory and steps of 128 rows.
+"""
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gemv_sweep import baseline, checked, each_case, record  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxbnb._src.quant import codebooks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels import gemv_4bit_lut as lg  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
+RUNS = {
+    # a: the first measurement, the Llama-3-8B decode shapes (q/o, k/v,
+    # gate/up, down; q/k/v and gate/up as one weight).
+    "a": ([(14336, 4096), (4096, 14336), (4096, 4096), (28672, 4096),
+           (6144, 4096), (1024, 4096), (11008, 4096)],
+          [(None, 4), (None, 2), (None, 8), ("half", 4)]),
+    "b": ([(14336, 4096), (4096, 14336), (4096, 4096), (28672, 4096),
+           (11008, 4096), (6144, 4096)],
+          [(None, 4, 64), (None, 2, 128), (None, 3, 128), (None, 4, 128)]),
+}
+
+
+def profile(step_rows, stages):
+  """Two calls on 14336x4096 for a profiler (`ncu --launch-skip 1`)."""
+  n, k = 14336, 4096
+  [(_, _, _, base, x)] = list(each_case([((n, k), 1)], time.time() + 600))
+  f = jax.jit(lambda *a: lg.gemv(*a, code=CODE, n=n, k=k,
+                                 step_rows=step_rows, stages=stages))
+  for _ in range(2):
+    f(x, *base[0][:5]).block_until_ready()
+
+
+def main():
+  if sys.argv[1] == "ncu":
+    profile(int(sys.argv[2]), int(sys.argv[3]))
+    return
+  budget, run = float(sys.argv[1]), sys.argv[2]
+  shapes, cfgs = RUNS[run]
+  t_end = time.time() + budget
+  path = os.path.join(os.environ.get("OUT", "."), "gemv_lut_sweep.jsonl")
+  with open(path, "a") as out:
+    for n, k, m, base, x in each_case([(s, 1) for s in shapes], t_end):
+      rec, ref, scale = baseline(x, base, run=run, n=n, k=k, m=m)
+      res = []
+      for rows, stages, *step_rows in cfgs:
+        if time.time() > t_end:
+          break
+        step_rows = step_rows[0] if step_rows else 64
+        r = lg.default_rows(n, k)
+        r = max(1, r // 2) if rows == "half" else (rows or r)
+
+        def f(x, p, a, na, nc, off, r=r, stages=stages, sr=step_rows):
+          return lg.gemv(x, p, a, na, nc, off, code=CODE, n=n, k=k, rows=r,
+                         step_rows=sr, stages=stages)
+        args = [(x,) + tuple(s[:5]) for s in base]
+        res.append([[r, stages, step_rows], *checked(f, args, ref, scale)])
+      print(f"{n}x{k} M={m}: xla {rec['xla_bf16']:.1f} package "
+            f"{rec['package']:.1f}", flush=True)
+      record(out, rec, res, f"  {n}x{k}", top=4)
+
+
+if __name__ == "__main__":
+  main()

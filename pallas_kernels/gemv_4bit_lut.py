@@ -1,0 +1,478 @@
+"""The 4-bit GEMV at M = 1 by table lookup: x's products made once, looked up.
+
+At M = 1 every weight byte meets the same two values of x, so each program
+first makes, for its 256 columns of x, the table of every byte's products:
+for byte position `p` (columns `2p`, `2p + 1`) and byte value `b`,
+`T[p][b] = code[b >> 4] * x[2p] + code[b & 15] * x[2p + 1]` (fp32, each
+product and the sum rounded once). The weight stream then costs, a byte, a
+permute, an address, one shared load and one add: no decode, no multiply.
+The absmax scales the sum of a block's 32 bytes.
+
+* Grid: `(row groups, K chunks)`. A program owns a chunk of 256 columns
+  (128 bytes a row, four blocks of 64) and a group of rows, which a TMA
+  pipeline (`plgpu.emit_pipeline`) brings in steps of 64 rows with their
+  absmax codes (a `[64, 16]` tile, the four of this chunk among them).
+* The table (128 KiB) fills the program's shared memory before the
+  pipeline starts: word `128 b + 32 i + l` holds `T[4 l + i][b]`, so the
+  32 lanes of a warp, each looking up byte `i` of its own word `l` of a
+  row, always hit 32 distinct banks.
+* A warp takes 16 rows a step; lane `l` reads word `l` of each (bytes
+  `4l .. 4l + 3`, all in block `l // 8`) and sums its four lookups. A
+  reduce-scatter over the 8 lanes of a block leaves each lane two
+  (row, block) sums; they are scaled by the block's fp32 absmax
+  (`code2[c] * nested + offset`, product and sum rounded apart, as
+  bitsandbytes), summed over the four blocks by two shuffles, and stored
+  as the chunk's fp32 partial of the row. XLA sums the chunks.
+
+The per-thread work is inline PTX (`plgpu.inline_mgpu`). `interpret=True`
+runs a jnp twin with the same products and scales (the sums in another
+order); `pytest -m gpu` checks the PTX against it.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax import lax
+
+from pallas_kernels.dequantize_4bit import decode_absmax
+
+try:  # pragma: no cover - depends on the installed JAX
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax.extend.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm, vector
+  _HAVE_MGPU = all(hasattr(plgpu, a) for a in ("inline_mgpu", "emit_pipeline",
+                                                 "kernel", "RefType"))
+except ImportError:  # pragma: no cover
+  _HAVE_MGPU = False
+
+__all__ = ["CHUNK", "STEP_ROWS", "available", "build_ptx", "check",
+           "default_rows", "gemv", "nested_span", "smem_bytes",
+           "step_ptx"]
+
+CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
+STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
+_SMEM = 227 * 1024  # shared memory a block may use on the H100/H200
+_CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
+_CARRY = 4  # floats a thread carries between steps (the step counter)
+_DTYPES = ("bfloat16", "float16")
+
+
+def available() -> bool:
+  """Whether this JAX has the Mosaic GPU pieces the kernel uses."""
+  return _HAVE_MGPU
+
+
+def _f32(v: float) -> str:
+  """A PTX fp32 immediate, exactly."""
+  return "0f%08X" % struct.unpack("<I", struct.pack("<f", np.float32(v)))[0]
+
+
+def nested_span(rows_a_program: int, k: int) -> int:
+  """Nested absmax values a program's rows can touch in its K chunk (the
+  program copies them to shared memory), padded to whole 128s."""
+  span = ((rows_a_program - 1) * (k // 64) + 3) // 256 + 2
+  return -(-span // 128) * 128
+
+
+def _layout(n: int, k: int, rows: int, step_rows: int):
+  """(steps a program, padded rows, nested span) of a config."""
+  steps = -(-(-(-n // step_rows)) // rows)
+  return steps, rows * steps * step_rows, nested_span(steps * step_rows, k)
+
+
+def smem_bytes(n: int, k: int, rows: int, step_rows: int, stages: int) -> int:
+  """Shared memory of a config: the table, the nested table and span, and
+  the pipeline's weight and codes tiles."""
+  span = _layout(n, k, rows, step_rows)[2]
+  return (256 * CHUNK // 2 * 4 + 512 * 4 + span * 4
+          + stages * step_rows * (CHUNK // 2 + _CODES))
+
+
+def check(m: int, n: int, k: int, blocksize: int, dtype, nested: bool,
+          nested_blocksize: int = 256) -> None:
+  """Raises ValueError naming the argument this kernel cannot take."""
+  dtype = jnp.dtype(dtype)
+  if m != 1:
+    raise ValueError(f"x: the table GEMV takes 1 row, got {m}")
+  if not nested or nested_blocksize != 256:
+    raise ValueError("absmax: the table GEMV needs double-quantized weights "
+                     "with 256 codes per nested absmax, got "
+                     + ("plain float32 absmax" if not nested else
+                        f"nested_blocksize {nested_blocksize}"))
+  if blocksize != 64:
+    raise ValueError(f"blocksize: the table GEMV needs 64, got {blocksize}")
+  if dtype.name not in _DTYPES:
+    raise ValueError(f"x: the table GEMV needs bfloat16 or float16, got "
+                     f"{dtype.name}")
+  if k % (4 * CHUNK):
+    raise ValueError(f"k: the table GEMV needs a multiple of {4 * CHUNK} "
+                     f"(TMA's 16-byte rows of absmax codes), got {k}")
+  if n < 1:
+    raise ValueError(f"n: must be >= 1, got {n}")
+
+
+def default_rows(n: int, k: int, num_sms: int = 132) -> int:
+  """Row groups: as many as keep one wave of programs (one an SM, the
+  table fills most of its shared memory)."""
+  chunks = k // CHUNK
+  return max(1, min(num_sms // chunks, -(-n // STEP_ROWS[0])))
+
+
+def _span_start(lines, n, rows_a_program, nkb):
+  """PTX: `a` = the first nested index of this program's rows (clamped to
+  the last row, as the steps clamp theirs) and chunk."""
+  lines += ["mov.u32 a, %ctaid.y;", f"mul.lo.u32 a, a, {rows_a_program};",
+            f"min.u32 a, a, {n - 1};", f"mul.lo.u32 a, a, {nkb};", "mov.u32 b, %ctaid.x;",
+            "mad.lo.u32 a, b, 4, a;", "shr.u32 a, a, 8;"]
+
+
+@functools.lru_cache(maxsize=None)
+def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
+              rows_a_program: int, span: int, n_nested: int) -> str:
+  """The table, the nested code table and the program's span of nested
+  absmax, made by the program's 128 threads; then a barrier.
+
+  Operands: `$0` the table's shared address, `$1` the nested table's
+  (`[256]` codes, then the offset), `$2` the span's, `$3` x's global
+  address, `$4` the global address of the nested codes and offset (257
+  floats), `$5` the nested absmax's. Thread `t` makes column `t` of the
+  table: byte position `p = 4 (t % 32) + t // 32` of the chunk
+  `%ctaid.x`.
+  """
+  lines = [
+      "{",
+      ".reg .b32 t, l, i, a, b, w;",
+      ".reg .f32 x0, x1, e, h<16>, o<16>;",
+      ".reg .b64 px, pc, d;",
+      ".reg .b16 hx0, hx1;",
+      ".reg .pred p0;",
+      "mov.u32 t, %tid.x;", "and.b32 l, t, 31;", "shr.u32 i, t, 5;",
+      # Mosaic GPU reverses the grid: ctaid.x is the K chunk.
+      "mov.u32 a, %ctaid.x;", f"mul.lo.u32 a, a, {CHUNK};",
+      "mad.lo.u32 a, l, 8, a;", "mad.lo.u32 a, i, 2, a;",
+      "cvta.to.global.u64 px, $3;", "mul.wide.u32 d, a, 2;",
+      "add.u64 px, px, d;", "ld.global.nc.b32 w, [px];",
+  ]
+  if dtype_name == "bfloat16":
+    lines += ["shl.b32 a, w, 16;", "mov.b32 x0, a;",
+              "and.b32 a, w, 0xffff0000;", "mov.b32 x1, a;"]
+  else:
+    lines += ["mov.b32 {hx0, hx1}, w;", "cvt.f32.f16 x0, hx0;",
+              "cvt.f32.f16 x1, hx1;"]
+  for c, v in enumerate(code):
+    lines += [f"mul.rn.f32 h{c}, x0, {_f32(v)};",
+              f"mul.rn.f32 o{c}, x1, {_f32(v)};"]
+  lines += ["shl.b32 a, t, 2;", "add.u32 a, a, $0;"]
+  for b in range(256):
+    lines += [f"add.rn.f32 e, h{b >> 4}, o{b & 15};",
+              f"st.shared.f32 [a+{512 * b}], e;"]
+  lines += [
+      "cvta.to.global.u64 pc, $4;", "mul.wide.u32 d, t, 4;",
+      "add.u64 pc, pc, d;", "shl.b32 a, t, 2;", "add.u32 a, a, $1;",
+      "ld.global.nc.f32 e, [pc];", "st.shared.f32 [a], e;",
+      "ld.global.nc.f32 e, [pc+512];", "st.shared.f32 [a+512], e;",
+      "setp.eq.u32 p0, t, 0;",
+      "@p0 ld.global.nc.f32 e, [pc+1024];", "@p0 st.shared.f32 [a+1024], e;",
+  ]
+  # The span: nested[start + t + 128 j] (clamped) to span word t + 128 j.
+  _span_start(lines, n, rows_a_program, k // 64)
+  lines += ["add.u32 a, a, t;", "cvta.to.global.u64 pc, $5;",
+            "shl.b32 b, t, 2;", "add.u32 b, b, $2;"]
+  for j in range(span // 128):
+    lines += [f"add.u32 i, a, {128 * j};", f"min.u32 i, i, {n_nested - 1};",
+              "mul.wide.u32 d, i, 4;", "add.u64 d, d, pc;",
+              "ld.global.nc.f32 e, [d];", f"st.shared.f32 [b+{512 * j}], e;"]
+  lines += ["bar.sync 0;", "}"]
+  return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int) -> str:
+  """One pipeline step of one thread: `step_rows / 4` rows of its warp.
+
+  Operands: `$0 .. $3` the carry out; `$4` the weight tile's shared address
+  (`[step_rows, 128]` bytes), `$5` the codes tile's (`[step_rows, 16]`),
+  `$6` the table's, `$7` the nested table's, `$8` the nested span's; `$9`
+  the output (global, fp32 `[chunks, n_pad]`); `$10 .. $13` the carry in
+  (`$10` the step counter).
+  """
+  nkb = k // 64
+  wr = step_rows // 4  # rows a warp
+  per = wr // 8  # (row, block) sums a lane after the 8-lane reduce-scatter
+  lines = [
+      "{",
+      ".reg .b32 tid, l, wp, j, g, s, stp, r0, a, b, c, tb<4>, wa, ca, lo;",
+      f".reg .b32 w<{wr}>;",
+      f".reg .f32 v<{wr}>, t<4>, sd, kp, cv<{per}>, nv<{per}>, off;",
+      ".reg .b64 po, d;",
+      ".reg .pred p;",
+      "mov.u32 tid, %tid.x;", "and.b32 l, tid, 31;", "shr.u32 wp, tid, 5;",
+      "shr.u32 g, l, 3;", "and.b32 j, l, 7;",
+      "cvt.rzi.u32.f32 stp, $10;",
+  ]
+  _span_start(lines, n, steps * step_rows, nkb)
+  lines += [
+      "mov.u32 lo, a;",
+      # ctaid.y is the row group, ctaid.x the K chunk.
+      "mov.u32 a, %ctaid.y;", f"mad.lo.u32 a, a, {steps}, stp;",
+      f"mul.lo.u32 r0, a, {step_rows};", f"mad.lo.u32 r0, wp, {wr}, r0;",
+      "mov.u32 s, %ctaid.x;", "cvta.to.global.u64 po, $9;",
+  ]
+  # This lane's rows after the reduce-scatter: per j + q, block 4 s + g.
+  # Their nested absmax from the span, their codes from the tile (row
+  # wp wr + per j + q, column 4 (s % 4) + g).
+  for q in range(per):
+    lines += [f"mad.lo.u32 a, j, {per}, r0;", f"add.u32 a, a, {q};",
+              f"min.u32 a, a, {n - 1};", f"mul.lo.u32 a, a, {nkb};",
+              "mad.lo.u32 a, s, 4, a;", "add.u32 a, a, g;",
+              "shr.u32 a, a, 8;", "sub.u32 a, a, lo;", "shl.b32 a, a, 2;",
+              "add.u32 a, a, $8;", f"ld.shared.f32 nv{q}, [a];"]
+  lines += [f"mul.lo.u32 ca, wp, {wr};", f"mad.lo.u32 ca, j, {per}, ca;",
+            f"mul.lo.u32 ca, ca, {_CODES};", "and.b32 a, s, 3;",
+            "mad.lo.u32 ca, a, 4, ca;", "add.u32 ca, ca, g;",
+            "add.u32 ca, ca, $5;"]
+  for q in range(per):
+    lines += [f"ld.shared.u8 c, [ca+{q * _CODES}];", "shl.b32 c, c, 2;",
+              "add.u32 c, c, $7;", f"ld.shared.f32 cv{q}, [c];"]
+  lines += ["ld.shared.f32 off, [$7+1024];"]
+  # Lane bases in the table; the warp's rows of the weight tile.
+  lines += ["shl.b32 a, l, 2;", "add.u32 tb0, a, $6;",
+            "add.u32 tb1, tb0, 128;", "add.u32 tb2, tb0, 256;",
+            "add.u32 tb3, tb0, 384;",
+            f"mad.lo.u32 wa, wp, {wr * 128}, a;", "add.u32 wa, wa, $4;"]
+  lines += [f"ld.shared.u32 w{r}, [wa+{128 * r}];" for r in range(wr)]
+  for r in range(wr):
+    for i in range(4):
+      lines += [f"prmt.b32 b, w{r}, 0, {0x4440 + i};",
+                f"mad.lo.u32 b, b, 512, tb{i};",
+                f"ld.shared.f32 t{i}, [b];"]
+    lines += ["add.f32 t0, t0, t1;", "add.f32 t2, t2, t3;",
+              f"add.f32 v{r}, t0, t2;"]
+
+  def halve(count, mask):
+    """Reduce-scatter over lanes `l ^ mask`: keep half of `count` values."""
+    out = [f"and.b32 a, l, {mask};", "setp.ne.u32 p, a, 0;"]
+    for q in range(count // 2):
+      lo_, hi = f"v{q}", f"v{q + count // 2}"
+      out += [f"selp.f32 sd, {lo_}, {hi}, p;",
+              f"selp.f32 kp, {hi}, {lo_}, p;",
+              f"shfl.sync.bfly.b32 sd, sd, {mask}, 0x1f, 0xffffffff;",
+              f"add.f32 {lo_}, kp, sd;"]
+    return out
+
+  # wr rows over the 8 lanes of a block: lane j keeps rows per j + q.
+  lines += halve(wr, 4) + halve(wr // 2, 2) + halve(wr // 4, 1)
+  for q in range(per):
+    lines += [f"mul.rn.f32 cv{q}, cv{q}, nv{q};",
+              f"add.rn.f32 cv{q}, cv{q}, off;",
+              f"mul.f32 v{q}, v{q}, cv{q};"]
+  # The four blocks: lanes l ^ 16 split the rows, then l ^ 8.
+  lines += halve(per, 16)
+  if per == 2:  # 16 rows a warp: lanes l and l ^ 8 share a row
+    lines += ["shfl.sync.bfly.b32 sd, v0, 8, 0x1f, 0xffffffff;",
+              "add.f32 v0, v0, sd;",
+              "and.b32 a, l, 8;", "setp.eq.u32 p, a, 0;",
+              "shr.u32 a, l, 4;"]
+  else:  # 32: row per j + 2 (l >> 4) + (l >> 3 & 1), one a lane
+    lines += halve(2, 8)
+    lines += ["setp.eq.u32 p, j, j;", "shr.u32 a, l, 4;", "shl.b32 a, a, 1;",
+              "shr.u32 b, l, 3;", "and.b32 b, b, 1;", "add.u32 a, a, b;"]
+  lines += [f"mad.lo.u32 a, j, {per}, a;", "add.u32 a, a, r0;",
+            f"mad.lo.u32 a, s, {n_pad}, a;",
+            "mul.wide.u32 d, a, 4;", "add.u64 d, d, po;",
+            "@p st.global.f32 [d], v0;",
+            "add.u32 stp, stp, 1;", "cvt.rn.f32.u32 $0, stp;",
+            "mov.f32 $1, 0f00000000;", "mov.f32 $2, 0f00000000;",
+            "mov.f32 $3, 0f00000000;",
+            "}"]
+  return "\n".join(lines)
+
+
+def _address(ref, bits):
+  return llvm.ptrtoint(ir.IntegerType.get_signless(bits),
+                       mgpu.utils.memref_ptr(ref))
+
+
+def _compiled(x, packed, codes, nested_absmax, nested_table, *, code, n, k,
+              rows, step_rows, stages):
+  """The Mosaic GPU kernel: fp32 partials `[chunks, n_pad]`."""
+  dtype = jnp.dtype(x.dtype)
+  chunks = k // CHUNK
+  tiles = -(-n // step_rows)
+  steps, n_pad, span = _layout(n, k, rows, step_rows)
+  layout = plgpu.Layout.WG_STRIDED((128 * _CARRY,), vec_size=_CARRY)
+  bptx = build_ptx(code, dtype.name, n, k, steps * step_rows, span,
+                   nested_absmax.shape[0])
+  sptx = step_ptx(n, k, steps, n_pad, step_rows)
+  f32 = ir.F32Type.get
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 6)
+  def build(ctx, t_ref, c2_ref, sp_ref, x_ref, nc_ref, ns_ref):
+    del ctx
+    llvm.inline_asm(ir.Type.parse("!llvm.void"),
+                    [_address(t_ref, 32), _address(c2_ref, 32),
+                     _address(sp_ref, 32), _address(x_ref, 64),
+                     _address(nc_ref, 64), _address(ns_ref, 64)],
+                    bptx, "r,r,r,l,l,l,~{memory}", has_side_effects=True)
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.RefType(),) * 6 + (layout,),
+      return_type=plgpu.ShapeDtypeStruct((128 * _CARRY,), jnp.float32,
+                                         layout=layout))
+  def step(ctx, w_ref, c_ref, t_ref, c2_ref, sp_ref, o_ref, carry):
+    del ctx
+    [reg] = carry.registers.flat
+    ins = [vector.extract(reg, dynamic_position=[],
+                          static_position=ir.DenseI64ArrayAttr.get([i]))
+           for i in range(_CARRY)]
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([f32()] * _CARRY),
+        [_address(w_ref, 32), _address(c_ref, 32), _address(t_ref, 32),
+         _address(c2_ref, 32), _address(sp_ref, 32), _address(o_ref, 64)]
+        + ins,
+        sptx,
+        ",".join(["=f"] * _CARRY + ["r"] * 5 + ["l"] + ["f"] * _CARRY)
+        + ",~{memory}",
+        has_side_effects=True)
+    out = llvm.mlir_undef(reg.type)
+    for i in range(_CARRY):
+      out = vector.insert(llvm.extractvalue(f32(), res, [i]), out,
+                          dynamic_position=[],
+                          static_position=ir.DenseI64ArrayAttr.get([i]))
+    return mgpu.FragmentedArray(_registers=np.array([out]),
+                                _layout=carry.layout, _is_signed=None)
+
+  last = tiles - 1
+
+  def jaxbnb_gemv_4bit_lut(x_gmem, w_gmem, c_gmem, ns_gmem, nc_gmem, o_gmem,
+                           t_smem, c2_smem, sp_smem):
+    i = lax.axis_index("n")
+    s = lax.axis_index("s")
+    build(t_smem, c2_smem, sp_smem, x_gmem, nc_gmem, ns_gmem)
+
+    def body(_, w_smem, c_smem, carry):
+      return step(w_smem, c_smem, t_smem, c2_smem, sp_smem, o_gmem, carry)
+
+    # Steps past the last row tile re-read it; their rows are padding.
+    def tile(t):
+      return jnp.minimum(i * steps + t, last)
+
+    carry = plgpu.layout_cast(jnp.zeros((128 * _CARRY,), jnp.float32), layout)
+    plgpu.emit_pipeline(
+        body, grid=(steps,),
+        in_specs=[pl.BlockSpec((step_rows, CHUNK // 2),
+                               lambda t: (tile(t), s)),
+                  pl.BlockSpec((step_rows, _CODES),
+                               lambda t: (tile(t), s // 4))],
+        max_concurrent_steps=stages, init_carry=carry)(w_gmem, c_gmem)
+
+  kernel = plgpu.kernel(
+      jaxbnb_gemv_4bit_lut,
+      out_type=jax.ShapeDtypeStruct((chunks, n_pad), jnp.float32),
+      grid=(rows, chunks), grid_names=("n", "s"),
+      scratch_types=[plgpu.SMEM((256, CHUNK // 2), jnp.float32),
+                     plgpu.SMEM((4, 128), jnp.float32),
+                     plgpu.SMEM((span // 128, 128), jnp.float32)])
+  return kernel(x.reshape(k), packed.reshape(n, k // 2),
+                codes.reshape(n, k // 64), nested_absmax, nested_table)
+
+
+def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
+          k):
+  """The kernel's values in jnp: the byte tables (products and their sum
+  rounded once in fp32), a block's 32 lookups summed, times the fp32
+  absmax; partials per K chunk, `[chunks, n]`."""
+  chunks = k // CHUNK
+  xf = x.reshape(k // 2, 2).astype(jnp.float32)
+  c = jnp.asarray(code, jnp.float32)
+  b = packed.reshape(n, k // 2).astype(jnp.int32)
+  hi = c[b >> 4] * xf[None, :, 0]
+  lo = c[b & 15] * xf[None, :, 1]
+  blocks = (hi + lo).reshape(n, k // 64, 32).sum(-1)
+  absmax = decode_absmax(codes, jnp.arange(codes.shape[0]), nested_absmax,
+                         nested_code.astype(jnp.float32), offset, 256,
+                         nested_absmax.shape[0], True).reshape(n, k // 64)
+  return (blocks * absmax).reshape(n, chunks, 4).sum(-1).T
+
+
+def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
+         nested_absmax: jax.Array, nested_code: jax.Array,
+         offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
+         rows: int | None = None, step_rows: int = 64, stages: int = 4,
+         interpret: bool = False) -> jax.Array:
+  """`x @ W.T` in fp32 for one row of x and a double-quantized 4-bit
+  `W [n, k]` (blocksize 64, 256 codes a nested absmax).
+
+  Args:
+    x: `[1, k]` bfloat16 or float16.
+    packed: uint8 `[n * k / 2]`, bitsandbytes' order.
+    codes: uint8 `[n * k / 64]`, the absmax codes.
+    nested_absmax: float32 `[ceil(n * k / 64 / 256)]`.
+    nested_code: float32 `[256]`, the nested map.
+    offset: float32 scalar.
+    code: the 16 code values (static).
+    n, k: the weight's shape; k a multiple of 1024.
+    rows: row groups (programs a K chunk); default `default_rows`.
+    step_rows: rows a pipeline step, 64 or 128 (16 or 32 a warp).
+    stages: pipeline steps in flight.
+    interpret: the jnp twin (CPU).
+
+  Returns:
+    float32 `[1, n]`.
+
+  Example (the jnp twin, on any device; every weight is code 7 = 7.0,
+  every absmax 1 * 1 + 0):
+
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels import gemv_4bit_lut
+    >>> n, k = 64, 1024
+    >>> packed = jnp.full((n * k // 2,), 0x77, jnp.uint8)
+    >>> codes = jnp.zeros((n * k // 64,), jnp.uint8)
+    >>> y = gemv_4bit_lut.gemv(
+    ...     jnp.ones((1, k), jnp.bfloat16), packed, codes,
+    ...     jnp.ones((4,), jnp.float32), jnp.ones((256,), jnp.float32), 0.0,
+    ...     code=tuple(range(16)), n=n, k=k, interpret=True)
+    >>> y.shape, float(y[0, 0])
+    ((1, 64), 7168.0)
+  """
+  check(x.shape[0], n, k, 64, x.dtype, True)
+  code = tuple(float(c) for c in code)
+  if len(code) != 16:
+    raise ValueError(f"code: needs 16 values, got {len(code)}")
+  rows = default_rows(n, k) if rows is None else rows
+  if rows < 1:
+    raise ValueError(f"rows: must be >= 1, got {rows}")
+  if stages < 1:
+    raise ValueError(f"stages: must be >= 1, got {stages}")
+  if step_rows not in STEP_ROWS:
+    raise ValueError(f"step_rows: must be 64 or 128, got {step_rows}")
+  need = smem_bytes(n, k, rows, step_rows, stages)
+  if need > _SMEM:
+    raise ValueError(
+        f"rows/stages: {rows} row groups of {n} rows with {stages} stages of "
+        f"{step_rows} rows need {need} bytes of shared memory, more than "
+        f"{_SMEM}; take more row groups or fewer stages")
+  offset = jnp.asarray(offset, jnp.float32)
+  nested_absmax = nested_absmax.astype(jnp.float32)
+  if interpret:
+    part = _twin(x, packed, codes, nested_absmax, nested_code, offset,
+                 code=code, n=n, k=k)
+  else:
+    if not available():
+      raise RuntimeError(
+          "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
+          f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
+    table = jnp.concatenate([nested_code.astype(jnp.float32),
+                             offset.reshape(1)])
+    part = _compiled(x, packed, codes, nested_absmax, table, code=code, n=n,
+                     k=k, rows=rows, step_rows=step_rows,
+                     stages=stages)[:, :n]
+  return jnp.sum(part, axis=0)[None]

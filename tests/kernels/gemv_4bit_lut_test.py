@@ -1,0 +1,288 @@
+"""The "lut" GEMV variant (`pallas_kernels.gemv_4bit_lut`, Mosaic GPU, M = 1).
+
+Called as users' code reaches it: through `gemv_4bit` with a "lut" config.
+On the CPU the jnp twin runs (the wrapper's reshapes, row padding, chunk
+sums and bias against the documented weight), the PTX is checked by its
+structure and, where Triton's `ptxas` is installed, assembled for sm_90a;
+the kernel itself runs under `pytest -m gpu`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbnb import functional as F
+from jaxbnb._src.quant import codebooks
+from pallas_kernels import gemv_4bit as gk
+from pallas_kernels import gemv_4bit_lut as lg
+from tests import helpers
+from tests.kernels import _util
+from tests.kernels.gemv_4bit_test import _code
+
+
+def _check(y, x, packed, qs, bias):
+  """Against the weight the kernel multiplies: the fp32 codes times the
+  fp32 absmax (no rounding to the compute dtype), summed in fp32."""
+  w = _util.kernel_weight(packed, qs, jnp.float32)
+  exact, bound = helpers.matmul_bound(x, w, x.dtype, bias=bias)
+  helpers.assert_within(y, exact, bound, f"lut gemv {x.dtype}")
+
+
+def _config(rows, stages=4, step_rows=64):
+  return ("lut", step_rows, 128, rows, 4, stages)
+
+
+def _weights(n, k, quant_type, dtype, seed):
+  w = jnp.asarray(_util.rng_array((n, k), seed, dtype))
+  return F.quantize_4bit(w, blocksize=64, quant_type=quant_type,
+                         compress_statistics=True)
+
+
+def _run(x, packed, qs, n, k, config, quant_type, bias=None, interpret=True):
+  return gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
+                      jnp.asarray(codebooks.code_for(quant_type)), n=n, k=k,
+                      blocksize=64,
+                      nested=(qs.nested_absmax, qs.nested_code, qs.offset),
+                      bias=bias, config=config, code=_code(quant_type),
+                      interpret=interpret)
+
+
+@pytest.mark.parametrize("n,k,config,dtype,quant_type", [
+    (1000, 4096, _config(3), jnp.bfloat16, "nf4"),  # partial tile, padding
+    (64, 1024, _config(1, 1), jnp.float16, "fp4"),
+    (200, 2048, _config(2, 2), jnp.bfloat16, "fp4"),
+    (130, 3072, _config(8), jnp.float16, "nf4"),    # more groups than tiles
+    (300, 2048, _config(2, 2, 128), jnp.bfloat16, "nf4"),
+])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_interpret_matches_dequant_matmul(n, k, config, dtype, quant_type,
+                                          with_bias):
+  packed, qs = _weights(n, k, quant_type, dtype, n + k)
+  x = jnp.asarray(_util.rng_array((1, k), 7, dtype))
+  bias = jnp.asarray(_util.rng_array((n,), 3, dtype)) if with_bias else None
+  y = _run(x, packed, qs, n, k, config, quant_type, bias)
+  assert y.shape == (1, n) and y.dtype == dtype
+  _check(y, x, packed, qs, bias)
+
+
+def test_twin_tables_are_the_products():
+  """The table entry of byte b at position p is code[b >> 4] * x[2p] +
+  code[b & 15] * x[2p + 1]: a weight of one byte value in one column pair
+  and zeros elsewhere gives that entry times the absmax."""
+  n, k = 64, 1024
+  code = _code("nf4")
+  x = jnp.zeros((1, k), jnp.bfloat16).at[0, 10].set(3.0).at[0, 11].set(-0.5)
+  packed = jnp.full((n * k // 2,), 0x77, jnp.uint8)  # code 7 = 0.0
+  packed = packed.reshape(n, k // 2).at[:, 5].set(0xE3).reshape(-1)
+  codes = jnp.zeros((n * k // 64,), jnp.uint8)
+  y = lg.gemv(x, packed, codes, jnp.full((1,), 2.0, jnp.float32),
+              jnp.ones((256,), jnp.float32), 0.5, code=code, n=n, k=k,
+              interpret=True)
+  entry = np.float32(code[0xE]) * np.float32(3.0) + np.float32(
+      code[0x3]) * np.float32(-0.5)
+  np.testing.assert_array_equal(np.asarray(y), np.full((1, n), entry * 2.5,
+                                                       np.float32))
+
+
+@pytest.mark.parametrize("m,n,k,nested,blocksize,dtype,config,match", [
+    (2, 64, 1024, True, 64, jnp.bfloat16, _config(1),
+     "x: the table GEMV takes 1 row, got 2"),
+    (1, 64, 1024, False, 64, jnp.bfloat16, _config(1),
+     "absmax: the table GEMV needs double-quantized weights"),
+    (1, 64, 1024, True, 128, jnp.bfloat16, _config(1),
+     "blocksize: the table GEMV needs 64, got 128"),
+    (1, 64, 1024, True, 64, jnp.float32, _config(1),
+     "x: the table GEMV needs bfloat16 or float16, got float32"),
+    (1, 64, 1536, True, 64, jnp.bfloat16, _config(1),
+     "k: the table GEMV needs a multiple of 1024 .*got 1536"),
+    (1, 64, 1024, True, 64, jnp.bfloat16, ("lut", 32, 128, 1, 4, 2),
+     "runs 64 or 128 rows a step, 128 bytes a row and 4 warps, got "
+     "block_n 32"),
+    (1, 28672, 4096, True, 64, jnp.bfloat16, _config(1, 8, 128),
+     "rows/stages: 1 row groups of 28672 rows with 8 stages of 128 rows "
+     "need 309760 bytes of shared memory, more than 232448"),
+    (1, 64, 1024, True, 64, jnp.bfloat16, _config(0),
+     "rows: must be >= 1, got 0"),
+    (1, 64, 1024, True, 64, jnp.bfloat16, _config(1, 0),
+     "stages: must be >= 1, got 0"),
+])
+def test_errors_name_the_argument(m, n, k, nested, blocksize, dtype, config,
+                                  match):
+  packed, qs = F.quantize_4bit(jnp.ones((n, k), jnp.bfloat16),
+                               blocksize=blocksize,
+                               compress_statistics=nested)
+  nest = (qs.nested_absmax, qs.nested_code, qs.offset) if nested else None
+  with pytest.raises(ValueError, match=match):
+    gk.gemv_4bit(jnp.ones((m, k), dtype), packed.reshape(-1), qs.absmax,
+                 jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
+                 blocksize=blocksize, nested=nest, config=config,
+                 code=_code("nf4"), interpret=True)
+
+
+def test_code_is_required():
+  n, k = 64, 1024
+  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 4)
+  with pytest.raises(ValueError, match="code: variant 'lut'"):
+    gk.gemv_4bit(jnp.ones((1, k), jnp.bfloat16), packed.reshape(-1),
+                 qs.absmax, jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
+                 blocksize=64,
+                 nested=(qs.nested_absmax, qs.nested_code, qs.offset),
+                 config=_config(1), interpret=True)
+
+
+def test_default_rows_fill_one_wave():
+  """One program an SM: K chunks x row groups <= 132, no group without a
+  64-row tile."""
+  assert lg.default_rows(14336, 4096) == 8     # 16 chunks x 8
+  assert lg.default_rows(4096, 14336) == 2     # 56 chunks x 2
+  assert lg.default_rows(1024, 4096) == 8
+  assert lg.default_rows(100, 4096) == 2       # two tiles
+  assert lg.default_rows(4096, 65536) == 1     # 256 chunks: more than a wave
+
+
+def test_docstring_example_runs():
+  helpers.assert_docstring_examples_pass(lg.gemv, "gemv")
+
+
+def test_build_ptx_structure():
+  """Every thread stores its column's 256 entries (product and sum rounded
+  once each) and a quarter of the nested table, then one barrier."""
+  text = lg.build_ptx(_code("nf4"), "bfloat16", 1000, 4096, 384, 256, 63)
+  assert text.count("st.shared.f32 [a+") == 256 + 2  # table, code2 [128:], offset
+  # The span: 256 words, two a thread, clamped to the last nested value.
+  assert text.count("st.shared.f32 [b+") == 2
+  assert text.count("min.u32 i, i, 62;") == 2
+  assert "min.u32 a, a, 999;" in text          # the first row, clamped
+  assert text.count("mul.rn.f32") == 32 and text.count("add.rn.f32") == 256
+  assert text.count("bar.sync 0;") == 1
+  assert "shl.b32 a, w, 16;" in text         # bf16 x to fp32
+  assert "cvt.f32.f16" in lg.build_ptx(_code("fp4"), "float16", 64, 1024, 64,
+                                      128, 1)
+  # The code values are exact fp32 immediates.
+  imm = re.findall(r"mul\.rn\.f32 h(\d+), x0, 0f([0-9A-F]{8});", text)
+  assert len(imm) == 16
+  for c, bits in imm:
+    assert np.uint32(int(bits, 16)).view(np.float32) == np.float32(
+        _code("nf4")[int(c)])
+
+
+@pytest.mark.parametrize("step_rows,shuffles", [(64, 14 + 2), (128, 28 + 3)])
+def test_step_ptx_structure(step_rows, shuffles):
+  """16 or 32 rows a warp: a word load a row, four table lookups (a permute
+  and an address each), the 8-lane reduce-scatter, the fp32 absmax (rounded
+  apart) of 2 or 4 rows from the shared span, the shuffles over the four
+  blocks and one store."""
+  wr = step_rows // 4
+  text = lg.step_ptx(1000, 4096, 3, 1152, step_rows)
+  assert text.count("ld.shared.u32 w") == wr
+  assert text.count("prmt.b32 b, w") == 4 * wr
+  assert text.count("ld.shared.f32 t") == 4 * wr
+  assert text.count("shfl.sync.bfly") == shuffles
+  assert text.count("ld.shared.f32 nv") == wr // 8
+  assert "ld.global" not in text
+  assert "min.u32 a, a, 999;" in text
+  assert text.count("mul.rn.f32 cv") == wr // 8
+  assert text.count("add.rn.f32 cv") == wr // 8
+  assert text.count("@p st.global.f32") == 1
+  assert "mad.lo.u32 a, s, 1152, a;" in text  # chunk s's partial row
+
+
+def _ptxas():
+  try:
+    import triton  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                      "bin", "ptxas")
+  return path if os.path.exists(path) else shutil.which("ptxas")
+
+
+def _entry(asm, kinds):
+  """`asm` inside a kernel whose registers stand for its operands."""
+  regs = {"r": "b32", "l": "b64", "f": "f32", "=f": "f32"}
+  decl = [f".reg .{regs[t]} op{i};" for i, t in enumerate(kinds)]
+  init = [f"mov.u32 op{i}, %clock;" if t == "r" else
+          f"mov.u64 op{i}, %clock64;" if t == "l" else
+          f"mov.b32 op{i}, %clock;" for i, t in enumerate(kinds)
+          if t != "=f"]
+  ptr = next(i for i, t in enumerate(kinds) if t == "l")
+  sink = [f"st.global.f32 [op{ptr}], op{i};" for i, t in enumerate(kinds)
+          if t == "=f"]
+  body = re.sub(r"\$(\d+)", lambda mt: f"op{mt.group(1)}", asm)
+  return "\n".join([".version 8.4", ".target sm_90a", ".address_size 64",
+                    ".visible .entry k() {"] + decl + init + [body] + sink
+                   + ["ret;", "}"])
+
+
+@pytest.mark.parametrize("which", ["build", "step", "step128"])
+def test_ptx_assembles_for_sm90a(tmp_path, which):
+  """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
+  test skips where Triton is not installed)."""
+  ptxas = _ptxas()
+  if ptxas is None:
+    pytest.skip("no ptxas: Triton is not installed")
+  if which == "build":
+    src = _entry(lg.build_ptx(_code("nf4"), "float16", 14336, 4096, 1792, 512,
+                              896), ["r"] * 3 + ["l"] * 3)
+  else:
+    src = _entry(lg.step_ptx(14336, 4096, 28 // (1 + (which == "step128")),
+                             14336, 128 if which == "step128" else 64),
+                 ["=f"] * 4 + ["r"] * 5 + ["l"] + ["f"] * 4)
+  path = tmp_path / f"{which}.ptx"
+  path.write_text(src)
+  out = subprocess.run([ptxas, "-arch=sm_90a", str(path), "-o",
+                        str(tmp_path / f"{which}.cubin")],
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr
+
+
+def test_lowers_for_cuda():
+  """The kernel lowers to a Mosaic GPU module (needs JAX's CUDA plugin)."""
+  s = jax.ShapeDtypeStruct
+  n, k = 1000, 2048
+  fn = functools.partial(gk.gemv_4bit, n=n, k=k, blocksize=64,
+                         config=_config(3), code=_code("nf4"))
+  try:
+    text = helpers.lowered_for_h200(
+        fn, s((1, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
+        s((n * k // 64,), jnp.uint8), s((16,), jnp.float32),
+        nested=(s((-(-n * k // 64 // 256),), jnp.float32),
+                s((256,), jnp.float32), s((), jnp.float32)))
+  except AssertionError as e:  # no Mosaic GPU lowering rule registered
+    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,config", [
+    (1000, 4096, _config(3)),        # partial tile, padded steps
+    (14336, 4096, None),             # the default rows
+    (4096, 14336, _config(2, 2)),
+    (200, 2048, _config(4, 1)),      # groups past the last tile
+    (14336, 4096, _config(8, 4, 128)),
+    (1000, 4096, _config(3, 2, 128)),
+    (300, 2048, _config(4, 2, 128)),  # groups past the last tile
+])
+@pytest.mark.parametrize("dtype,quant_type", [(jnp.bfloat16, "nf4"),
+                                              (jnp.float16, "fp4")])
+def test_gpu_lut_variant(n, k, config, dtype, quant_type):
+  """The compiled kernel: against the documented weight and its twin."""
+  packed, qs = _weights(n, k, quant_type, dtype, n + 5)
+  x = jnp.asarray(_util.rng_array((1, k), 11, dtype))
+  bias = jnp.asarray(_util.rng_array((n,), 12, dtype))
+  config = config or _config(lg.default_rows(n, k))
+  y = _run(x, packed, qs, n, k, config, quant_type, bias, interpret=False)
+  _check(y, x, packed, qs, bias)
+  twin = _run(x, packed, qs, n, k, config, quant_type, bias, interpret=True)
+  np.testing.assert_allclose(np.asarray(y, np.float32),
+                             np.asarray(twin, np.float32), rtol=2e-2,
+                             atol=2e-2 * float(jnp.max(jnp.abs(twin))))
