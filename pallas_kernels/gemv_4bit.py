@@ -792,15 +792,16 @@ def _gemv_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
 def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
               config, code, interpret):
   """The "lut" variant (`gemv_4bit_lut`), one launch per weight: config
-  ("lut", rows a step (64 or 128), 128, row groups, 4, stages)."""
+  ("lut", rows a warpgroup a step (64 or 128), 128, row groups, compute
+  warps (4, or 8: two warpgroups beside a TMA one), stages)."""
   _, block_n, bk, rows, num_warps, stages = config[:6]
   dtype = jnp.dtype(x.dtype)
   if (block_n not in gemv_4bit_lut.STEP_ROWS
-      or (bk, num_warps) != (gemv_4bit_lut.CHUNK // 2, 4)):
+      or bk != gemv_4bit_lut.CHUNK // 2 or num_warps not in (4, 8)):
     raise ValueError(
         "config: variant 'lut' runs 64 or 128 rows a step, "
-        f"{gemv_4bit_lut.CHUNK // 2} bytes a row and 4 warps, got block_n "
-        f"{block_n}, {bk} bytes and {num_warps} warps")
+        f"{gemv_4bit_lut.CHUNK // 2} bytes a row and 4 or 8 warps, got "
+        f"block_n {block_n}, {bk} bytes and {num_warps} warps")
   if code is None:
     raise ValueError("code: variant 'lut' makes its tables from the 16 code "
                      "values and needs them, got None")
@@ -810,7 +811,7 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
                         nested is not None, nested_blocksize)
     y = gemv_4bit_lut.gemv(x, packed, absmax, *nested, code=code, n=n, k=k,
                            rows=rows, step_rows=block_n, stages=stages,
-                           interpret=interpret)
+                           wgs=num_warps // 4, interpret=interpret)
     if bias is not None:
       y = y + bias.astype(jnp.float32)
     outs.append(y.astype(dtype))

@@ -10,19 +10,23 @@ The absmax scales the sum of a block's 32 bytes.
 
 * Grid: `(row groups, K chunks)`. A program owns a chunk of 256 columns
   (128 bytes a row, four blocks of 64) and a group of rows, which a TMA
-  pipeline (`plgpu.emit_pipeline`) brings in steps of 64 rows with their
-  absmax codes (a `[64, 16]` tile, the four of this chunk among them).
+  pipeline brings in steps with their absmax codes (a `[rows, 16]` tile,
+  the four of this chunk among them): `plgpu.emit_pipeline` with one
+  compute warpgroup, or `emit_pipeline_warp_specialized` with two beside
+  a TMA warpgroup (`wgs`), each taking its own rows of a step.
 * The table (128 KiB) fills the program's shared memory before the
   pipeline starts: word `128 b + 32 i + l` holds `T[4 l + i][b]`, so the
   32 lanes of a warp, each looking up byte `i` of its own word `l` of a
-  row, always hit 32 distinct banks.
-* A warp takes 16 rows a step; lane `l` reads word `l` of each (bytes
-  `4l .. 4l + 3`, all in block `l // 8`) and sums its four lookups. A
-  reduce-scatter over the 8 lanes of a block leaves each lane two
-  (row, block) sums; they are scaled by the block's fp32 absmax
+  row, always hit 32 distinct banks. The nested absmax the program's rows
+  can touch (its "span") and the 256 nested codes are copied beside it.
+* A warp takes 16 or 32 rows a step; lane `l` reads word `l` of each
+  (bytes `4l .. 4l + 3`, all in block `l // 8`) and sums its four
+  lookups. A reduce-scatter over the 8 lanes of a block leaves each lane
+  2 or 4 (row, block) sums; they are scaled by the block's fp32 absmax
   (`code2[c] * nested + offset`, product and sum rounded apart, as
-  bitsandbytes), summed over the four blocks by two shuffles, and stored
-  as the chunk's fp32 partial of the row. XLA sums the chunks.
+  bitsandbytes), summed over the four blocks by shuffles, and stored as
+  the chunk's fp32 partial of the row. XLA sums the chunks. Each thread
+  counts its steps in shared memory.
 
 The per-thread work is inline PTX (`plgpu.inline_mgpu`). `interpret=True`
 runs a jnp twin with the same products and scales (the sums in another
@@ -61,7 +65,6 @@ CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
 STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
 _SMEM = 227 * 1024  # shared memory a block may use on the H100/H200
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
-_CARRY = 4  # floats a thread carries between steps (the step counter)
 _DTYPES = ("bfloat16", "float16")
 
 
@@ -88,12 +91,13 @@ def _layout(n: int, k: int, rows: int, step_rows: int):
   return steps, rows * steps * step_rows, nested_span(steps * step_rows, k)
 
 
-def smem_bytes(n: int, k: int, rows: int, step_rows: int, stages: int) -> int:
-  """Shared memory of a config: the table, the nested table and span, and
-  the pipeline's weight and codes tiles."""
-  span = _layout(n, k, rows, step_rows)[2]
-  return (256 * CHUNK // 2 * 4 + 512 * 4 + span * 4
-          + stages * step_rows * (CHUNK // 2 + _CODES))
+def smem_bytes(n: int, k: int, rows: int, step_rows: int, stages: int,
+               wgs: int = 1) -> int:
+  """Shared memory of a config: the table, the nested table and span, the
+  step counters and the pipeline's weight and codes tiles."""
+  span = _layout(n, k, rows, step_rows * wgs)[2]
+  return (256 * CHUNK // 2 * 4 + 512 * 4 + span * 4 + wgs * 512
+          + stages * wgs * step_rows * (CHUNK // 2 + _CODES))
 
 
 def check(m: int, n: int, k: int, blocksize: int, dtype, nested: bool,
@@ -136,29 +140,36 @@ def _span_start(lines, n, rows_a_program, nkb):
 
 @functools.lru_cache(maxsize=None)
 def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
-              rows_a_program: int, span: int, n_nested: int) -> str:
-  """The table, the nested code table and the program's span of nested
-  absmax, made by the program's 128 threads; then a barrier.
+              rows_a_program: int, span: int, n_nested: int,
+              wgs: int = 1) -> str:
+  """The table, the nested code table, the program's span of nested
+  absmax and the step counters, made by the compute threads; then a
+  barrier of every thread of the program.
 
   Operands: `$0` the table's shared address, `$1` the nested table's
-  (`[256]` codes, then the offset), `$2` the span's, `$3` x's global
-  address, `$4` the global address of the nested codes and offset (257
-  floats), `$5` the nested absmax's. Thread `t` makes column `t` of the
-  table: byte position `p = 4 (t % 32) + t // 32` of the chunk
-  `%ctaid.x`.
+  (`[256]` codes, then the offset), `$2` the span's, `$3` the step
+  counters' (one a compute thread); `$4` x's global address, `$5` the
+  global address of the nested codes and offset (257 floats), `$6` the
+  nested absmax's. Thread `t` makes column `t % 128` of the table (byte
+  position `p = 4 (t % 32) + t % 128 // 32` of the chunk `%ctaid.x`),
+  all 256 byte values with one compute warpgroup (`wgs`), half of them
+  with two. Threads past the compute warpgroups (the pipeline's memory
+  warpgroup) store nothing.
   """
   lines = [
       "{",
-      ".reg .b32 t, l, i, a, b, w;",
-      ".reg .f32 x0, x1, e, h<16>, o<16>;",
+      ".reg .b32 t, c, l, i, a, b, w;",
+      ".reg .f32 x0, x1, e, cc, h<16>, o<16>;",
       ".reg .b64 px, pc, d;",
       ".reg .b16 hx0, hx1;",
-      ".reg .pred p0;",
-      "mov.u32 t, %tid.x;", "and.b32 l, t, 31;", "shr.u32 i, t, 5;",
+      ".reg .pred p0, pw, pt, lo;",
+      "mov.u32 t, %tid.x;", "and.b32 c, t, 127;", "and.b32 l, t, 31;",
+      "shr.u32 i, c, 5;",
+      f"setp.lt.u32 pw, t, {128 * wgs};", "setp.lt.u32 pt, t, 128;",
       # Mosaic GPU reverses the grid: ctaid.x is the K chunk.
       "mov.u32 a, %ctaid.x;", f"mul.lo.u32 a, a, {CHUNK};",
       "mad.lo.u32 a, l, 8, a;", "mad.lo.u32 a, i, 2, a;",
-      "cvta.to.global.u64 px, $3;", "mul.wide.u32 d, a, 2;",
+      "cvta.to.global.u64 px, $4;", "mul.wide.u32 d, a, 2;",
       "add.u64 px, px, d;", "ld.global.nc.b32 w, [px];",
   ]
   if dtype_name == "bfloat16":
@@ -167,87 +178,103 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   else:
     lines += ["mov.b32 {hx0, hx1}, w;", "cvt.f32.f16 x0, hx0;",
               "cvt.f32.f16 x1, hx1;"]
-  for c, v in enumerate(code):
-    lines += [f"mul.rn.f32 h{c}, x0, {_f32(v)};",
-              f"mul.rn.f32 o{c}, x1, {_f32(v)};"]
-  lines += ["shl.b32 a, t, 2;", "add.u32 a, a, $0;"]
-  for b in range(256):
+  values = 256 // wgs  # byte values a thread
+  his = values // 16
+  if wgs == 1:
+    lines += [f"mul.rn.f32 h{c}, x0, {_f32(v)};" for c, v in enumerate(code)]
+    lines += ["shl.b32 a, c, 2;", "add.u32 a, a, $0;"]
+  else:  # warpgroup 1 takes byte values 128-255: high nibbles 8-15
+    lines += ["shr.u32 b, t, 7;", "setp.eq.u32 lo, b, 0;"]
+    for c in range(his):
+      lines += [f"selp.f32 cc, {_f32(code[c])}, {_f32(code[c + his])}, lo;",
+                f"mul.rn.f32 h{c}, x0, cc;"]
+    lines += ["and.b32 b, b, 1;", "shl.b32 a, c, 2;",
+              f"mad.lo.u32 a, b, {512 * values}, a;", "add.u32 a, a, $0;"]
+  lines += [f"mul.rn.f32 o{c}, x1, {_f32(v)};" for c, v in enumerate(code)]
+  for b in range(values):
     lines += [f"add.rn.f32 e, h{b >> 4}, o{b & 15};",
-              f"st.shared.f32 [a+{512 * b}], e;"]
+              f"@pw st.shared.f32 [a+{512 * b}], e;"]
   lines += [
-      "cvta.to.global.u64 pc, $4;", "mul.wide.u32 d, t, 4;",
-      "add.u64 pc, pc, d;", "shl.b32 a, t, 2;", "add.u32 a, a, $1;",
-      "ld.global.nc.f32 e, [pc];", "st.shared.f32 [a], e;",
-      "ld.global.nc.f32 e, [pc+512];", "st.shared.f32 [a+512], e;",
+      "cvta.to.global.u64 pc, $5;", "mul.wide.u32 d, c, 4;",
+      "add.u64 pc, pc, d;", "shl.b32 a, c, 2;", "add.u32 a, a, $1;",
+      "ld.global.nc.f32 e, [pc];", "@pt st.shared.f32 [a], e;",
+      "ld.global.nc.f32 e, [pc+512];", "@pt st.shared.f32 [a+512], e;",
       "setp.eq.u32 p0, t, 0;",
       "@p0 ld.global.nc.f32 e, [pc+1024];", "@p0 st.shared.f32 [a+1024], e;",
+      "shl.b32 a, t, 2;", "add.u32 a, a, $3;", "@pw st.shared.u32 [a], 0;",
   ]
-  # The span: nested[start + t + 128 j] (clamped) to span word t + 128 j.
+  # The span: nested[start + c + 128 j] (clamped) to span word c + 128 j.
   _span_start(lines, n, rows_a_program, k // 64)
-  lines += ["add.u32 a, a, t;", "cvta.to.global.u64 pc, $5;",
-            "shl.b32 b, t, 2;", "add.u32 b, b, $2;"]
+  lines += ["add.u32 a, a, c;", "cvta.to.global.u64 pc, $6;",
+            "shl.b32 b, c, 2;", "add.u32 b, b, $2;"]
   for j in range(span // 128):
     lines += [f"add.u32 i, a, {128 * j};", f"min.u32 i, i, {n_nested - 1};",
               "mul.wide.u32 d, i, 4;", "add.u64 d, d, pc;",
-              "ld.global.nc.f32 e, [d];", f"st.shared.f32 [b+{512 * j}], e;"]
+              "ld.global.nc.f32 e, [d];", f"@pt st.shared.f32 [b+{512 * j}], e;"]
   lines += ["bar.sync 0;", "}"]
   return "\n".join(lines)
 
 
 @functools.lru_cache(maxsize=None)
-def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int) -> str:
-  """One pipeline step of one thread: `step_rows / 4` rows of its warp.
+def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int,
+             wgs: int = 1) -> str:
+  """One pipeline step of one compute thread: `step_rows / 4` rows of its
+  warp, in warpgroup `tid / 128`'s `step_rows` rows of the step's tile.
 
-  Operands: `$0 .. $3` the carry out; `$4` the weight tile's shared address
-  (`[step_rows, 128]` bytes), `$5` the codes tile's (`[step_rows, 16]`),
-  `$6` the table's, `$7` the nested table's, `$8` the nested span's; `$9`
-  the output (global, fp32 `[chunks, n_pad]`); `$10 .. $13` the carry in
-  (`$10` the step counter).
+  Operands (no results): `$0` the weight tile's shared address
+  (`[wgs step_rows, 128]` bytes), `$1` the codes tile's (`[wgs step_rows,
+  16]`), `$2` the table's, `$3` the nested table's, `$4` the nested
+  span's, `$5` the step counters'; `$6` the output (global, fp32
+  `[chunks, n_pad]`).
   """
   nkb = k // 64
   wr = step_rows // 4  # rows a warp
   per = wr // 8  # (row, block) sums a lane after the 8-lane reduce-scatter
   lines = [
       "{",
-      ".reg .b32 tid, l, wp, j, g, s, stp, r0, a, b, c, tb<4>, wa, ca, lo;",
+      ".reg .b32 tid, l, wp, j, g, s, stp, r0, a, b, c, tb<4>, wa, ca, lo, "
+      "ro, sa;",
       f".reg .b32 w<{wr}>;",
       f".reg .f32 v<{wr}>, t<4>, sd, kp, cv<{per}>, nv<{per}>, off;",
       ".reg .b64 po, d;",
       ".reg .pred p;",
       "mov.u32 tid, %tid.x;", "and.b32 l, tid, 31;", "shr.u32 wp, tid, 5;",
       "shr.u32 g, l, 3;", "and.b32 j, l, 7;",
-      "cvt.rzi.u32.f32 stp, $10;",
+      # Row of this warp's first row in the step's tile: warpgroup, warp.
+      f"mul.lo.u32 ro, wp, {wr};",
+      "shl.b32 sa, tid, 2;", "add.u32 sa, sa, $5;",
+      "ld.shared.u32 stp, [sa];",
   ]
-  _span_start(lines, n, steps * step_rows, nkb)
+  _span_start(lines, n, steps * step_rows * wgs, nkb)
   lines += [
       "mov.u32 lo, a;",
       # ctaid.y is the row group, ctaid.x the K chunk.
       "mov.u32 a, %ctaid.y;", f"mad.lo.u32 a, a, {steps}, stp;",
-      f"mul.lo.u32 r0, a, {step_rows};", f"mad.lo.u32 r0, wp, {wr}, r0;",
-      "mov.u32 s, %ctaid.x;", "cvta.to.global.u64 po, $9;",
+      f"mad.lo.u32 r0, a, {step_rows * wgs}, ro;",
+      "mov.u32 s, %ctaid.x;", "cvta.to.global.u64 po, $6;",
   ]
   # This lane's rows after the reduce-scatter: per j + q, block 4 s + g.
   # Their nested absmax from the span, their codes from the tile (row
-  # wp wr + per j + q, column 4 (s % 4) + g).
+  # ro + per j + q, column 4 (s % 4) + g).
   for q in range(per):
     lines += [f"mad.lo.u32 a, j, {per}, r0;", f"add.u32 a, a, {q};",
               f"min.u32 a, a, {n - 1};", f"mul.lo.u32 a, a, {nkb};",
               "mad.lo.u32 a, s, 4, a;", "add.u32 a, a, g;",
               "shr.u32 a, a, 8;", "sub.u32 a, a, lo;", "shl.b32 a, a, 2;",
-              "add.u32 a, a, $8;", f"ld.shared.f32 nv{q}, [a];"]
-  lines += [f"mul.lo.u32 ca, wp, {wr};", f"mad.lo.u32 ca, j, {per}, ca;",
+              "add.u32 a, a, $4;", f"ld.shared.f32 nv{q}, [a];"]
+  lines += [f"mad.lo.u32 ca, j, {per}, ro;",
             f"mul.lo.u32 ca, ca, {_CODES};", "and.b32 a, s, 3;",
             "mad.lo.u32 ca, a, 4, ca;", "add.u32 ca, ca, g;",
-            "add.u32 ca, ca, $5;"]
+            "add.u32 ca, ca, $1;"]
   for q in range(per):
     lines += [f"ld.shared.u8 c, [ca+{q * _CODES}];", "shl.b32 c, c, 2;",
-              "add.u32 c, c, $7;", f"ld.shared.f32 cv{q}, [c];"]
-  lines += ["ld.shared.f32 off, [$7+1024];"]
+              "add.u32 c, c, $3;", f"ld.shared.f32 cv{q}, [c];"]
+  lines += ["ld.shared.f32 off, [$3+1024];"]
   # Lane bases in the table; the warp's rows of the weight tile.
-  lines += ["shl.b32 a, l, 2;", "add.u32 tb0, a, $6;",
+  lines += ["shl.b32 a, l, 2;", "add.u32 tb0, a, $2;",
             "add.u32 tb1, tb0, 128;", "add.u32 tb2, tb0, 256;",
             "add.u32 tb3, tb0, 384;",
-            f"mad.lo.u32 wa, wp, {wr * 128}, a;", "add.u32 wa, wa, $4;"]
+            "mad.lo.u32 wa, ro, 128, a;", "add.u32 wa, wa, $0;"]
   lines += [f"ld.shared.u32 w{r}, [wa+{128 * r}];" for r in range(wr)]
   for r in range(wr):
     for i in range(4):
@@ -289,9 +316,7 @@ def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int) -> str:
             f"mad.lo.u32 a, s, {n_pad}, a;",
             "mul.wide.u32 d, a, 4;", "add.u64 d, d, po;",
             "@p st.global.f32 [d], v0;",
-            "add.u32 stp, stp, 1;", "cvt.rn.f32.u32 $0, stp;",
-            "mov.f32 $1, 0f00000000;", "mov.f32 $2, 0f00000000;",
-            "mov.f32 $3, 0f00000000;",
+            "add.u32 stp, stp, 1;", "st.shared.u32 [sa], stp;",
             "}"]
   return "\n".join(lines)
 
@@ -302,85 +327,68 @@ def _address(ref, bits):
 
 
 def _compiled(x, packed, codes, nested_absmax, nested_table, *, code, n, k,
-              rows, step_rows, stages):
+              rows, step_rows, stages, wgs):
   """The Mosaic GPU kernel: fp32 partials `[chunks, n_pad]`."""
   dtype = jnp.dtype(x.dtype)
   chunks = k // CHUNK
-  tiles = -(-n // step_rows)
-  steps, n_pad, span = _layout(n, k, rows, step_rows)
-  layout = plgpu.Layout.WG_STRIDED((128 * _CARRY,), vec_size=_CARRY)
-  bptx = build_ptx(code, dtype.name, n, k, steps * step_rows, span,
-                   nested_absmax.shape[0])
-  sptx = step_ptx(n, k, steps, n_pad, step_rows)
-  f32 = ir.F32Type.get
+  tile_rows = step_rows * wgs
+  tiles = -(-n // tile_rows)
+  steps, n_pad, span = _layout(n, k, rows, tile_rows)
+  bptx = build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
+                   nested_absmax.shape[0], wgs)
+  sptx = step_ptx(n, k, steps, n_pad, step_rows, wgs)
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 6)
-  def build(ctx, t_ref, c2_ref, sp_ref, x_ref, nc_ref, ns_ref):
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 7)
+  def build(ctx, *refs):
     del ctx
     llvm.inline_asm(ir.Type.parse("!llvm.void"),
-                    [_address(t_ref, 32), _address(c2_ref, 32),
-                     _address(sp_ref, 32), _address(x_ref, 64),
-                     _address(nc_ref, 64), _address(ns_ref, 64)],
-                    bptx, "r,r,r,l,l,l,~{memory}", has_side_effects=True)
+                    [_address(r, 32) for r in refs[:4]]
+                    + [_address(r, 64) for r in refs[4:]],
+                    bptx, "r,r,r,r,l,l,l,~{memory}", has_side_effects=True)
 
-  @plgpu.inline_mgpu(
-      arg_types=(plgpu.RefType(),) * 6 + (layout,),
-      return_type=plgpu.ShapeDtypeStruct((128 * _CARRY,), jnp.float32,
-                                         layout=layout))
-  def step(ctx, w_ref, c_ref, t_ref, c2_ref, sp_ref, o_ref, carry):
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 7)
+  def step(ctx, *refs):
     del ctx
-    [reg] = carry.registers.flat
-    ins = [vector.extract(reg, dynamic_position=[],
-                          static_position=ir.DenseI64ArrayAttr.get([i]))
-           for i in range(_CARRY)]
-    res = llvm.inline_asm(
-        llvm.StructType.get_literal([f32()] * _CARRY),
-        [_address(w_ref, 32), _address(c_ref, 32), _address(t_ref, 32),
-         _address(c2_ref, 32), _address(sp_ref, 32), _address(o_ref, 64)]
-        + ins,
-        sptx,
-        ",".join(["=f"] * _CARRY + ["r"] * 5 + ["l"] + ["f"] * _CARRY)
-        + ",~{memory}",
-        has_side_effects=True)
-    out = llvm.mlir_undef(reg.type)
-    for i in range(_CARRY):
-      out = vector.insert(llvm.extractvalue(f32(), res, [i]), out,
-                          dynamic_position=[],
-                          static_position=ir.DenseI64ArrayAttr.get([i]))
-    return mgpu.FragmentedArray(_registers=np.array([out]),
-                                _layout=carry.layout, _is_signed=None)
+    llvm.inline_asm(ir.Type.parse("!llvm.void"),
+                    [_address(r, 32) for r in refs[:6]]
+                    + [_address(refs[6], 64)],
+                    sptx, "r,r,r,r,r,r,l,~{memory}", has_side_effects=True)
 
   last = tiles - 1
 
   def jaxbnb_gemv_4bit_lut(x_gmem, w_gmem, c_gmem, ns_gmem, nc_gmem, o_gmem,
-                           t_smem, c2_smem, sp_smem):
+                           t_smem, c2_smem, sp_smem, cnt_smem):
     i = lax.axis_index("n")
     s = lax.axis_index("s")
-    build(t_smem, c2_smem, sp_smem, x_gmem, nc_gmem, ns_gmem)
+    build(t_smem, c2_smem, sp_smem, cnt_smem, x_gmem, nc_gmem, ns_gmem)
 
-    def body(_, w_smem, c_smem, carry):
-      return step(w_smem, c_smem, t_smem, c2_smem, sp_smem, o_gmem, carry)
+    def body(_, w_smem, c_smem):
+      step(w_smem, c_smem, t_smem, c2_smem, sp_smem, cnt_smem, o_gmem)
 
     # Steps past the last row tile re-read it; their rows are padding.
     def tile(t):
       return jnp.minimum(i * steps + t, last)
 
-    carry = plgpu.layout_cast(jnp.zeros((128 * _CARRY,), jnp.float32), layout)
-    plgpu.emit_pipeline(
-        body, grid=(steps,),
-        in_specs=[pl.BlockSpec((step_rows, CHUNK // 2),
-                               lambda t: (tile(t), s)),
-                  pl.BlockSpec((step_rows, _CODES),
-                               lambda t: (tile(t), s // 4))],
-        max_concurrent_steps=stages, init_carry=carry)(w_gmem, c_gmem)
+    specs = [pl.BlockSpec((tile_rows, CHUNK // 2), lambda t: (tile(t), s)),
+             pl.BlockSpec((tile_rows, _CODES), lambda t: (tile(t), s // 4))]
+    if wgs == 1:
+      plgpu.emit_pipeline(body, grid=(steps,), in_specs=specs,
+                          max_concurrent_steps=stages)(w_gmem, c_gmem)
+    else:
+      plgpu.emit_pipeline_warp_specialized(
+          body, grid=(steps,), memory_registers=40, in_specs=specs,
+          wg_axis="wg", num_compute_wgs=wgs,
+          max_concurrent_steps=stages)(w_gmem, c_gmem)
 
+  threads = {} if wgs == 1 else dict(num_threads=wgs + 1, thread_name="wg")
   kernel = plgpu.kernel(
       jaxbnb_gemv_4bit_lut,
       out_type=jax.ShapeDtypeStruct((chunks, n_pad), jnp.float32),
-      grid=(rows, chunks), grid_names=("n", "s"),
+      grid=(rows, chunks), grid_names=("n", "s"), **threads,
       scratch_types=[plgpu.SMEM((256, CHUNK // 2), jnp.float32),
                      plgpu.SMEM((4, 128), jnp.float32),
-                     plgpu.SMEM((span // 128, 128), jnp.float32)])
+                     plgpu.SMEM((span // 128, 128), jnp.float32),
+                     plgpu.SMEM((wgs, 128), jnp.uint32)])
   return kernel(x.reshape(k), packed.reshape(n, k // 2),
                 codes.reshape(n, k // 64), nested_absmax, nested_table)
 
@@ -407,7 +415,7 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
          nested_absmax: jax.Array, nested_code: jax.Array,
          offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
          rows: int | None = None, step_rows: int = 64, stages: int = 4,
-         interpret: bool = False) -> jax.Array:
+         wgs: int = 1, interpret: bool = False) -> jax.Array:
   """`x @ W.T` in fp32 for one row of x and a double-quantized 4-bit
   `W [n, k]` (blocksize 64, 256 codes a nested absmax).
 
@@ -421,8 +429,12 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     code: the 16 code values (static).
     n, k: the weight's shape; k a multiple of 1024.
     rows: row groups (programs a K chunk); default `default_rows`.
-    step_rows: rows a pipeline step, 64 or 128 (16 or 32 a warp).
+    step_rows: rows a compute warpgroup takes a pipeline step, 64 or 128
+      (16 or 32 a warp).
     stages: pipeline steps in flight.
+    wgs: compute warpgroups: 1, or 2 beside a TMA warpgroup
+      (`emit_pipeline_warp_specialized`), each taking `step_rows` rows of
+      a step.
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -454,11 +466,13 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     raise ValueError(f"stages: must be >= 1, got {stages}")
   if step_rows not in STEP_ROWS:
     raise ValueError(f"step_rows: must be 64 or 128, got {step_rows}")
-  need = smem_bytes(n, k, rows, step_rows, stages)
+  if wgs not in (1, 2):
+    raise ValueError(f"wgs: must be 1 or 2, got {wgs}")
+  need = smem_bytes(n, k, rows, step_rows, stages, wgs)
   if need > _SMEM:
     raise ValueError(
         f"rows/stages: {rows} row groups of {n} rows with {stages} stages of "
-        f"{step_rows} rows need {need} bytes of shared memory, more than "
+        f"{wgs} x {step_rows} rows need {need} bytes of shared memory, more than "
         f"{_SMEM}; take more row groups or fewer stages")
   offset = jnp.asarray(offset, jnp.float32)
   nested_absmax = nested_absmax.astype(jnp.float32)
@@ -474,5 +488,5 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
                              offset.reshape(1)])
     part = _compiled(x, packed, codes, nested_absmax, table, code=code, n=n,
                      k=k, rows=rows, step_rows=step_rows,
-                     stages=stages)[:, :n]
+                     stages=stages, wgs=wgs)[:, :n]
   return jnp.sum(part, axis=0)[None]

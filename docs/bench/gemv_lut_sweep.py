@@ -3,16 +3,16 @@ package's path and XLA's bf16 matmul (docs/benchmarks.md, twenty-fourth
 session; run on the GPU).
 
     python docs/bench/gemv_lut_sweep.py 250 a   # time budget (s), run
-    python docs/bench/gemv_lut_sweep.py ncu 128 4   # for a profiler
+    python docs/bench/gemv_lut_sweep.py ncu 64 4 2   # for a profiler
 
-NF4 + DQ, bf16. Each configuration (row groups, stages, rows a step) is
-timed with
+NF4 + DQ, bf16. Each configuration (row groups, stages, rows a warpgroup
+a step, compute warpgroups) is timed with
 `measure.time_jax` over three rotating weights and checked against
 `x @ dequantize(W).T`; one JSON line per shape goes to
 $OUT/gemv_lut_sweep.jsonl. Row groups None: `default_rows`; "half": half
 of it. Run a was the first version (the nested absmax read from global
 memory in each step, 64 rows a step); run b the nested span in shared
-memory and steps of 128 rows.
+memory, steps of 128 rows and two compute warpgroups beside a TMA one.
 """
 import os
 import sys
@@ -36,23 +36,25 @@ RUNS = {
           [(None, 4), (None, 2), (None, 8), ("half", 4)]),
     "b": ([(14336, 4096), (4096, 14336), (4096, 4096), (28672, 4096),
            (11008, 4096), (6144, 4096)],
-          [(None, 4, 64), (None, 2, 128), (None, 3, 128), (None, 4, 128)]),
+          [(None, 4, 64, 1), (None, 4, 128, 1), (None, 2, 128, 1),
+           (None, 4, 64, 2), (None, 3, 64, 2), (None, 2, 128, 2)]),
 }
 
 
-def profile(step_rows, stages):
+def profile(step_rows, stages, wgs):
   """Two calls on 14336x4096 for a profiler (`ncu --launch-skip 1`)."""
   n, k = 14336, 4096
   [(_, _, _, base, x)] = list(each_case([((n, k), 1)], time.time() + 600))
   f = jax.jit(lambda *a: lg.gemv(*a, code=CODE, n=n, k=k,
-                                 step_rows=step_rows, stages=stages))
+                                 step_rows=step_rows, stages=stages,
+                                 wgs=wgs))
   for _ in range(2):
     f(x, *base[0][:5]).block_until_ready()
 
 
 def main():
   if sys.argv[1] == "ncu":
-    profile(int(sys.argv[2]), int(sys.argv[3]))
+    profile(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     return
   budget, run = float(sys.argv[1]), sys.argv[2]
   shapes, cfgs = RUNS[run]
@@ -62,18 +64,20 @@ def main():
     for n, k, m, base, x in each_case([(s, 1) for s in shapes], t_end):
       rec, ref, scale = baseline(x, base, run=run, n=n, k=k, m=m)
       res = []
-      for rows, stages, *step_rows in cfgs:
+      for rows, stages, *more in cfgs:
         if time.time() > t_end:
           break
-        step_rows = step_rows[0] if step_rows else 64
+        step_rows, wgs = (more + [64, 1][len(more):])[:2]
         r = lg.default_rows(n, k)
         r = max(1, r // 2) if rows == "half" else (rows or r)
 
-        def f(x, p, a, na, nc, off, r=r, stages=stages, sr=step_rows):
+        def f(x, p, a, na, nc, off, r=r, stages=stages, sr=step_rows,
+              wgs=wgs):
           return lg.gemv(x, p, a, na, nc, off, code=CODE, n=n, k=k, rows=r,
-                         step_rows=sr, stages=stages)
+                         step_rows=sr, stages=stages, wgs=wgs)
         args = [(x,) + tuple(s[:5]) for s in base]
-        res.append([[r, stages, step_rows], *checked(f, args, ref, scale)])
+        res.append([[r, stages, step_rows, wgs],
+                    *checked(f, args, ref, scale)])
       print(f"{n}x{k} M={m}: xla {rec['xla_bf16']:.1f} package "
             f"{rec['package']:.1f}", flush=True)
       record(out, rec, res, f"  {n}x{k}", top=4)

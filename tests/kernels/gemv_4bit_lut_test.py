@@ -37,8 +37,8 @@ def _check(y, x, packed, qs, bias):
   helpers.assert_within(y, exact, bound, f"lut gemv {x.dtype}")
 
 
-def _config(rows, stages=4, step_rows=64):
-  return ("lut", step_rows, 128, rows, 4, stages)
+def _config(rows, stages=4, step_rows=64, wgs=1):
+  return ("lut", step_rows, 128, rows, 4 * wgs, stages)
 
 
 def _weights(n, k, quant_type, dtype, seed):
@@ -62,6 +62,7 @@ def _run(x, packed, qs, n, k, config, quant_type, bias=None, interpret=True):
     (200, 2048, _config(2, 2), jnp.bfloat16, "fp4"),
     (130, 3072, _config(8), jnp.float16, "nf4"),    # more groups than tiles
     (300, 2048, _config(2, 2, 128), jnp.bfloat16, "nf4"),
+    (500, 1024, _config(2, 3, 64, 2), jnp.float16, "nf4"),
 ])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_interpret_matches_dequant_matmul(n, k, config, dtype, quant_type,
@@ -105,11 +106,13 @@ def test_twin_tables_are_the_products():
     (1, 64, 1536, True, 64, jnp.bfloat16, _config(1),
      "k: the table GEMV needs a multiple of 1024 .*got 1536"),
     (1, 64, 1024, True, 64, jnp.bfloat16, ("lut", 32, 128, 1, 4, 2),
-     "runs 64 or 128 rows a step, 128 bytes a row and 4 warps, got "
+     "runs 64 or 128 rows a step, 128 bytes a row and 4 or 8 warps, got "
      "block_n 32"),
     (1, 28672, 4096, True, 64, jnp.bfloat16, _config(1, 8, 128),
-     "rows/stages: 1 row groups of 28672 rows with 8 stages of 128 rows "
-     "need 309760 bytes of shared memory, more than 232448"),
+     "rows/stages: 1 row groups of 28672 rows with 8 stages of 1 x 128 "
+     "rows need 310272 bytes of shared memory, more than 232448"),
+    (1, 64, 1024, True, 64, jnp.bfloat16, ("lut", 64, 128, 1, 12, 2),
+     "4 or 8 warps, got block_n 64, 128 bytes and 12 warps"),
     (1, 64, 1024, True, 64, jnp.bfloat16, _config(0),
      "rows: must be >= 1, got 0"),
     (1, 64, 1024, True, 64, jnp.bfloat16, _config(1, 0),
@@ -158,6 +161,8 @@ def test_build_ptx_structure():
   once each) and a quarter of the nested table, then one barrier."""
   text = lg.build_ptx(_code("nf4"), "bfloat16", 1000, 4096, 384, 256, 63)
   assert text.count("st.shared.f32 [a+") == 256 + 2  # table, code2 [128:], offset
+  assert text.count("@pw st.shared.f32 [a+") == 256  # compute threads only
+  assert "@pw st.shared.u32 [a], 0;" in text   # the step counter
   # The span: 256 words, two a thread, clamped to the last nested value.
   assert text.count("st.shared.f32 [b+") == 2
   assert text.count("min.u32 i, i, 62;") == 2
@@ -167,6 +172,12 @@ def test_build_ptx_structure():
   assert "shl.b32 a, w, 16;" in text         # bf16 x to fp32
   assert "cvt.f32.f16" in lg.build_ptx(_code("fp4"), "float16", 64, 1024, 64,
                                       128, 1)
+  # Two compute warpgroups: 128 byte values a thread, the high nibble's
+  # codes chosen by the warpgroup.
+  two = lg.build_ptx(_code("nf4"), "bfloat16", 1000, 4096, 384, 256, 63, 2)
+  assert two.count("@pw st.shared.f32 [a+") == 128
+  assert two.count("selp.f32 cc") == 8
+  assert "setp.lt.u32 pw, t, 256;" in two
   # The code values are exact fp32 immediates.
   imm = re.findall(r"mul\.rn\.f32 h(\d+), x0, 0f([0-9A-F]{8});", text)
   assert len(imm) == 16
@@ -194,6 +205,9 @@ def test_step_ptx_structure(step_rows, shuffles):
   assert text.count("add.rn.f32 cv") == wr // 8
   assert text.count("@p st.global.f32") == 1
   assert "mad.lo.u32 a, s, 1152, a;" in text  # chunk s's partial row
+  assert f"mad.lo.u32 r0, a, {step_rows}, ro;" in text
+  assert f"mad.lo.u32 r0, a, {2 * step_rows}, ro;" in lg.step_ptx(
+      1000, 4096, 3, 1152, step_rows, 2)
 
 
 def _ptxas():
@@ -232,11 +246,11 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
     pytest.skip("no ptxas: Triton is not installed")
   if which == "build":
     src = _entry(lg.build_ptx(_code("nf4"), "float16", 14336, 4096, 1792, 512,
-                              896), ["r"] * 3 + ["l"] * 3)
+                              896, 2), ["r"] * 4 + ["l"] * 3)
   else:
     src = _entry(lg.step_ptx(14336, 4096, 28 // (1 + (which == "step128")),
                              14336, 128 if which == "step128" else 64),
-                 ["=f"] * 4 + ["r"] * 5 + ["l"] + ["f"] * 4)
+                 ["r"] * 6 + ["l"])
   path = tmp_path / f"{which}.ptx"
   path.write_text(src)
   out = subprocess.run([ptxas, "-arch=sm_90a", str(path), "-o",
@@ -271,6 +285,9 @@ def test_lowers_for_cuda():
     (14336, 4096, _config(8, 4, 128)),
     (1000, 4096, _config(3, 2, 128)),
     (300, 2048, _config(4, 2, 128)),  # groups past the last tile
+    (14336, 4096, _config(8, 4, 64, 2)),
+    (1000, 4096, _config(3, 2, 128, 2)),
+    (4096, 14336, _config(2, 3, 64, 2)),
 ])
 @pytest.mark.parametrize("dtype,quant_type", [(jnp.bfloat16, "nf4"),
                                               (jnp.float16, "fp4")])
