@@ -25,6 +25,7 @@ from jaxbnb._src.quant import codebooks
 from pallas_kernels import gemv_4bit as gk
 from pallas_kernels import gemv_4bit_lut as lg
 from tests import helpers
+from tests.kernels import _ptx
 from tests.kernels import _util
 from tests.kernels.gemv_4bit_test import _code
 
@@ -303,3 +304,71 @@ def test_gpu_lut_variant(n, k, config, dtype, quant_type):
   np.testing.assert_allclose(np.asarray(y, np.float32),
                              np.asarray(twin, np.float32), rtol=2e-2,
                              atol=2e-2 * float(jnp.max(jnp.abs(twin))))
+
+
+def _emulate(x, packed, qs, code, n, k, rows, step_rows, wgs):
+  """The kernel's PTX run by `_ptx` over every program: build, then each
+  pipeline step with its TMA tiles written into shared memory (rows past
+  the weight zero, as TMA fills them). fp32 partials `[chunks, n]`."""
+  chunks = k // lg.CHUNK
+  tile_rows = step_rows * wgs
+  tiles = -(-n // tile_rows)
+  steps, n_pad, span = lg._layout(n, k, rows, tile_rows)  # pylint: disable=protected-access
+  nested = np.asarray(qs.nested_absmax, np.float32)
+  table = np.concatenate([np.asarray(qs.nested_code, np.float32),
+                          np.asarray(qs.offset, np.float32).reshape(1)])
+  w2 = np.zeros((tiles * tile_rows, k // 2), np.uint8)
+  w2[:n] = np.asarray(packed).reshape(n, k // 2)
+  c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
+  c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
+  out = np.zeros((chunks, n_pad), np.float32)
+  dtype = jnp.dtype(x.dtype)
+  bptx = lg.build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
+                      nested.shape[0], wgs)
+  sptx = lg.step_ptx(n, k, steps, n_pad, step_rows, wgs)
+  t_, c2_, sp_ = 0, 256 * 512, 256 * 512 + 2048
+  cnt_ = sp_ + 4 * span
+  w_ = cnt_ + 512 * wgs
+  cd_ = w_ + tile_rows * 128
+  for i in range(rows):
+    for s in range(chunks):
+      m = _ptx.Machine(128 * (wgs + (wgs > 1)), cd_ + tile_rows * 16, (s, i))
+      xg = m.add_global(1 << 40, np.asarray(x).reshape(-1).view(np.uint16))
+      ng = m.add_global(2 << 40, table)
+      sg = m.add_global(3 << 40, nested)
+      og = m.add_global(4 << 40, out)
+      _ptx.run(bptx, m, {0: t_, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng, 6: sg})
+      m.threads = 128 * wgs
+      for t in range(steps):
+        r = min(i * steps + t, tiles - 1) * tile_rows
+        m.smem[w_:w_ + tile_rows * 128] = w2[r:r + tile_rows,
+                                             128 * s:128 * s + 128].reshape(-1)
+        q = 16 * (s // 4)
+        m.smem[cd_:cd_ + tile_rows * 16] = c2[r:r + tile_rows,
+                                              q:q + 16].reshape(-1)
+        _ptx.run(sptx, m, {0: w_, 1: cd_, 2: t_, 3: c2_, 4: sp_, 5: cnt_,
+                           6: og})
+  return out[:, :n]
+
+
+@pytest.mark.parametrize("n,k,rows,step_rows,wgs,dtype,quant_type", [
+    (200, 1024, 2, 64, 1, jnp.bfloat16, "nf4"),   # padded steps, partial tile
+    (100, 2048, 3, 128, 1, jnp.float16, "fp4"),   # a group with no tile
+    (300, 1024, 1, 64, 2, jnp.bfloat16, "nf4"),   # two compute warpgroups
+    (70, 14336 // 7, 1, 128, 2, jnp.bfloat16, "nf4"),
+])
+def test_ptx_emulated_matches_twin(n, k, rows, step_rows, wgs, dtype,
+                                   quant_type):
+  """The PTX itself on the CPU: the table's layout, the lane map, the
+  reduce-scatter, the nested span and codes, the step counter and the
+  stores give the twin's partials (fp32 sums in another order)."""
+  packed, qs = _weights(n, k, quant_type, dtype, n * 3 + k)
+  x = jnp.asarray(_util.rng_array((1, k), 5, dtype))
+  code = _code(quant_type)
+  got = _emulate(x, packed, qs, code, n, k, rows, step_rows, wgs)
+  want = np.asarray(lg._twin(  # pylint: disable=protected-access
+      x, packed.reshape(-1), qs.absmax, qs.nested_absmax.astype(jnp.float32),
+      qs.nested_code, jnp.asarray(qs.offset, jnp.float32), code=code, n=n,
+      k=k))
+  scale = float(np.max(np.abs(want)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)

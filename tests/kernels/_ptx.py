@@ -1,0 +1,208 @@
+"""A small PTX emulator for the inline-PTX blocks of the table GEMV.
+
+Runs a block for every thread of a program at once (registers are numpy
+arrays over the threads; the blocks are branch-free, predicated), with
+shared memory as a byte array and global memory as named arrays at fake
+addresses. It knows the instructions `gemv_4bit_lut` writes and raises on
+any other, so the CPU tests run the very text the GPU assembles.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_U32 = np.uint32
+_MASK = (1 << 32) - 1
+
+
+def _f32(bits):
+  return np.asarray(bits, np.uint64).astype(np.uint32).view(np.float32)
+
+
+def _bits(f):
+  return np.asarray(f, np.float32).view(np.uint32).astype(np.uint64)
+
+
+class Machine:
+  """Shared memory, global arrays and the special registers of a program."""
+
+  def __init__(self, threads: int, smem_bytes: int, ctaid: tuple[int, int]):
+    self.threads = threads
+    self.smem = np.zeros(smem_bytes, np.uint8)
+    self.ctaid = ctaid  # (x, y)
+    self.globals: dict[int, np.ndarray] = {}  # base address -> byte view
+
+  def add_global(self, base: int, array: np.ndarray) -> int:
+    self.globals[base] = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+    return base
+
+  def _global(self, addr, size):
+    out = []
+    for a in np.asarray(addr, np.uint64).tolist():
+      base = max(b for b in self.globals if b <= a)
+      buf = self.globals[base]
+      off = a - base
+      if off + size > buf.size:
+        raise IndexError(f"global access past the array at {base}: {off}")
+      out.append((buf, off))
+    return out
+
+  def load(self, space, addr, size, pred):
+    vals = np.zeros(self.threads, np.uint64)
+    if space == "shared":
+      idx = np.asarray(addr, np.int64)[pred]
+      if idx.size and idx.max() + size > self.smem.size:
+        raise IndexError(f"shared load past the end: {idx.max()}")
+      got = np.zeros(idx.size, np.uint64)
+      for b in range(size):
+        got |= self.smem[idx + b].astype(np.uint64) << np.uint64(8 * b)
+      vals[pred] = got
+      return vals
+    for t in np.nonzero(pred)[0]:
+      a = int(addr[t])
+      if space == "shared":
+        if a + size > self.smem.size:
+          raise IndexError(f"shared load past the end: {a}")
+        raw = self.smem[a:a + size]
+      else:
+        [(buf, off)] = self._global([a], size)
+        raw = buf[off:off + size]
+      vals[t] = int.from_bytes(raw.tobytes(), "little")
+    return vals
+
+  def store(self, space, addr, size, vals, pred):
+    if space == "shared":
+      idx = np.asarray(addr, np.int64)[pred]
+      if idx.size and idx.max() + size > self.smem.size:
+        raise IndexError(f"shared store past the end: {idx.max()}")
+      v = np.asarray(vals, np.uint64)[pred]
+      for b in range(size):
+        self.smem[idx + b] = ((v >> np.uint64(8 * b)) & np.uint64(0xFF)
+                              ).astype(np.uint8)
+      return
+    for t in np.nonzero(pred)[0]:
+      a = int(addr[t])
+      raw = np.frombuffer(int(vals[t]).to_bytes(8, "little")[:size], np.uint8)
+      if space == "shared":
+        if a + size > self.smem.size:
+          raise IndexError(f"shared store past the end: {a}")
+        self.smem[a:a + size] = raw
+      else:
+        [(buf, off)] = self._global([a], size)
+        buf[off:off + size] = raw
+
+
+def _imm(tok):
+  if tok.startswith("0f"):
+    return int(tok[2:], 16)
+  return int(tok, 0)
+
+
+def run(text: str, machine: Machine, operands: dict[int, int]) -> None:
+  """Runs the block `text` with `$i` bound to `operands[i]` (all threads)."""
+  n = machine.threads
+  tid = np.arange(n, dtype=np.uint64)
+  regs: dict[str, np.ndarray] = {}
+  preds: dict[str, np.ndarray] = {}
+
+  def val(tok):
+    tok = tok.strip()
+    if tok.startswith("$"):
+      return np.full(n, operands[int(tok[1:])], np.uint64)
+    if tok == "%tid.x":
+      return tid.copy()
+    if tok == "%ctaid.x":
+      return np.full(n, machine.ctaid[0], np.uint64)
+    if tok == "%ctaid.y":
+      return np.full(n, machine.ctaid[1], np.uint64)
+    if re.fullmatch(r"-?(0x[0-9a-fA-F]+|0f[0-9A-F]{8}|\d+)", tok):
+      return np.full(n, _imm(tok) & ((1 << 64) - 1), np.uint64)
+    return regs[tok]
+
+  def addr(tok):
+    m = re.fullmatch(r"\[([^\]+]+)(?:\+(\d+))?\]", tok.strip())
+    base = val(m.group(1))
+    return base + np.uint64(int(m.group(2) or 0))
+
+  for raw in text.splitlines():
+    line = raw.strip().rstrip(";")
+    if not line or line in "{}" or line.startswith(".reg"):
+      continue
+    pred = np.ones(n, bool)
+    m = re.match(r"@(!?)(\w+)\s+(.*)", line)
+    if m:
+      pred = ~preds[m.group(2)] if m.group(1) else preds[m.group(2)]
+      line = m.group(3)
+    op, _, rest = line.partition(" ")
+    args = [a.strip() for a in re.split(r",(?![^{]*\})", rest)] if rest else []
+
+    def put(name, value, pred=pred):
+      old = regs.get(name, np.zeros(n, np.uint64))
+      regs[name] = np.where(pred, np.asarray(value, np.uint64), old)
+
+    parts = op.split(".")
+    base = parts[0]
+    if base == "bar":
+      continue
+    if base == "mov" and args[0].startswith("{"):
+      lo, hi = [r.strip() for r in args[0][1:-1].split(",")]
+      v = val(args[1])
+      put(lo, v & 0xFFFF)
+      put(hi, (v >> 16) & 0xFFFF)
+    elif base == "mov":
+      put(args[0], val(args[1]))
+    elif op == "cvta.to.global.u64":
+      put(args[0], val(args[1]))
+    elif base in ("and", "shr", "shl", "add", "sub", "min") and parts[1] in (
+        "b32", "u32", "u64"):
+      a, b = val(args[1]), val(args[2])
+      width = (1 << 64) - 1 if parts[1] == "u64" else _MASK
+      res = {"and": lambda: a & b, "shr": lambda: a >> b,
+             "shl": lambda: a << b, "add": lambda: a + b,
+             "sub": lambda: a - b, "min": lambda: np.minimum(a, b)}[base]()
+      put(args[0], res & np.uint64(width))
+    elif op == "mul.lo.u32":
+      put(args[0], (val(args[1]) * val(args[2])) & np.uint64(_MASK))
+    elif op == "mad.lo.u32":
+      put(args[0], (val(args[1]) * val(args[2]) + val(args[3]))
+          & np.uint64(_MASK))
+    elif op == "mul.wide.u32":
+      put(args[0], val(args[1]) * val(args[2]))
+    elif op == "prmt.b32":
+      a, b, sel = val(args[1]), val(args[2]), val(args[3])
+      both = a | (b << np.uint64(32))
+      res = np.zeros(n, np.uint64)
+      for i in range(4):
+        s = (sel >> np.uint64(4 * i)) & np.uint64(7)
+        res |= ((both >> (np.uint64(8) * s)) & np.uint64(0xFF)) << np.uint64(
+            8 * i)
+      put(args[0], res)
+    elif base == "setp":
+      a, b = val(args[1]), val(args[2])
+      cmp = {"eq": a == b, "ne": a != b, "lt": a < b, "ge": a >= b}[parts[1]]
+      old = preds.get(args[0], np.zeros(n, bool))
+      preds[args[0]] = np.where(pred, cmp, old)
+    elif op == "selp.f32":
+      put(args[0], np.where(preds[args[3]], val(args[1]), val(args[2])))
+    elif op == "shfl.sync.bfly.b32":
+      v = val(args[1])
+      lane = tid & np.uint64(31)
+      src = (tid - lane) + (lane ^ val(args[2]))
+      put(args[0], v[src.astype(np.int64)])
+    elif base in ("add", "mul") and parts[-1] == "f32":
+      a, b = _f32(val(args[1])), _f32(val(args[2]))
+      put(args[0], _bits(a + b if base == "add" else a * b))
+    elif op == "cvt.f32.f16":
+      put(args[0], _bits(val(args[1]).astype(np.uint16).view(np.float16)
+                         .astype(np.float32)))
+    elif base in ("ld", "st"):
+      space = parts[1]
+      size = {"u8": 1, "u32": 4, "b32": 4, "f32": 4}[parts[-1]]
+      if base == "ld":
+        put(args[0], machine.load(space, addr(args[1]), size, pred))
+      else:
+        machine.store(space, addr(args[0]), size, val(args[1]), pred)
+    else:
+      raise NotImplementedError(f"PTX op not emulated: {raw.strip()}")
