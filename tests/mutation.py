@@ -184,6 +184,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "if s == 1 or (s <= most and tiles * s <= 2 * SMS))",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
+    Mutant("lut-gemv-table-lanes-collide", "pallas_kernels/gemv_4bit_lut.py",
+           '"add.u32 tb1, tb0, 128;"', '"add.u32 tb1, tb0, 256;"',
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_ptx_emulated_matches_twin",)),
+    Mutant("lut-gemv-reduce-keeps-wrong-half",
+           "pallas_kernels/gemv_4bit_lut.py",
+           'f"selp.f32 kp, {hi}, {lo_}, p;"', 'f"selp.f32 kp, {lo_}, {hi}, p;"',
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_ptx_emulated_matches_twin",)),
+    Mutant("lut-gemv-codes-column-off", "pallas_kernels/gemv_4bit_lut.py",
+           '"mad.lo.u32 ca, a, 4, ca;"', '"mad.lo.u32 ca, a, 2, ca;"',
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_ptx_emulated_matches_twin",)),
     Mutant("large-m-gemv-for-fp32", "jaxbnb/_src/quant/kernels.py",
            "return (m <= GEMV_MAX_M and jnp.dtype(dtype) != jnp.float32",
            "return (m <= GEMV_MAX_M",
