@@ -141,7 +141,7 @@ def _span_start(lines, n, rows_a_program, nkb):
 @functools.lru_cache(maxsize=None)
 def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               rows_a_program: int, span: int, n_nested: int,
-              wgs: int = 1) -> str:
+              wgs: int = 1, early: bool = False) -> str:
   """The table, the nested code table, the program's span of nested
   absmax and the step counters, made by the compute threads; then a
   barrier of every thread of the program.
@@ -154,7 +154,9 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   position `p = 4 (t % 32) + t % 128 // 32` of the chunk `%ctaid.x`),
   all 256 byte values with one compute warpgroup (`wgs`), half of them
   with two. Threads past the compute warpgroups (the pipeline's memory
-  warpgroup) store nothing.
+  warpgroup) store nothing; with `early` (two compute warpgroups) they do
+  not wait either: the compute threads meet at named barrier 15, and the
+  memory warpgroup starts the pipeline's first copies meanwhile.
   """
   lines = [
       "{",
@@ -211,7 +213,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
     lines += [f"add.u32 i, a, {128 * j};", f"min.u32 i, i, {n_nested - 1};",
               "mul.wide.u32 d, i, 4;", "add.u64 d, d, pc;",
               "ld.global.nc.f32 e, [d];", f"@pt st.shared.f32 [b+{512 * j}], e;"]
-  lines += ["bar.sync 0;", "}"]
+  lines += [f"@pw bar.sync 15, {128 * wgs};" if early else "bar.sync 0;", "}"]
   return "\n".join(lines)
 
 
@@ -327,7 +329,7 @@ def _address(ref, bits):
 
 
 def _compiled(x, packed, codes, nested_absmax, nested_table, *, code, n, k,
-              rows, step_rows, stages, wgs):
+              rows, step_rows, stages, wgs, early):
   """The Mosaic GPU kernel: fp32 partials `[chunks, n_pad]`."""
   dtype = jnp.dtype(x.dtype)
   chunks = k // CHUNK
@@ -335,7 +337,7 @@ def _compiled(x, packed, codes, nested_absmax, nested_table, *, code, n, k,
   tiles = -(-n // tile_rows)
   steps, n_pad, span = _layout(n, k, rows, tile_rows)
   bptx = build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                   nested_absmax.shape[0], wgs)
+                   nested_absmax.shape[0], wgs, early)
   sptx = step_ptx(n, k, steps, n_pad, step_rows, wgs)
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 7)
@@ -415,7 +417,8 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
          nested_absmax: jax.Array, nested_code: jax.Array,
          offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
          rows: int | None = None, step_rows: int = 64, stages: int = 4,
-         wgs: int = 1, interpret: bool = False) -> jax.Array:
+         wgs: int = 1, early: bool = False,
+         interpret: bool = False) -> jax.Array:
   """`x @ W.T` in fp32 for one row of x and a double-quantized 4-bit
   `W [n, k]` (blocksize 64, 256 codes a nested absmax).
 
@@ -435,6 +438,8 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     wgs: compute warpgroups: 1, or 2 beside a TMA warpgroup
       (`emit_pipeline_warp_specialized`), each taking `step_rows` rows of
       a step.
+    early: with two compute warpgroups, the memory warpgroup does not wait
+      for the table (`build_ptx`).
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -468,6 +473,9 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     raise ValueError(f"step_rows: must be 64 or 128, got {step_rows}")
   if wgs not in (1, 2):
     raise ValueError(f"wgs: must be 1 or 2, got {wgs}")
+  if early and wgs != 2:
+    raise ValueError("early: needs two compute warpgroups (wgs=2), got "
+                     f"wgs={wgs}")
   need = smem_bytes(n, k, rows, step_rows, stages, wgs)
   if need > _SMEM:
     raise ValueError(
@@ -488,5 +496,5 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
                              offset.reshape(1)])
     part = _compiled(x, packed, codes, nested_absmax, table, code=code, n=n,
                      k=k, rows=rows, step_rows=step_rows,
-                     stages=stages, wgs=wgs)[:, :n]
+                     stages=stages, wgs=wgs, early=early)[:, :n]
   return jnp.sum(part, axis=0)[None]

@@ -12,7 +12,8 @@ a step, compute warpgroups) is timed with
 $OUT/gemv_lut_sweep.jsonl. Row groups None: `default_rows`; "half": half
 of it. Run a was the first version (the nested absmax read from global
 memory in each step, 64 rows a step); run b the nested span in shared
-memory, steps of 128 rows and two compute warpgroups beside a TMA one.
+memory, steps of 128 rows, two compute warpgroups beside a TMA one, and
+("early") the TMA warpgroup not waiting for the table.
 """
 import os
 import sys
@@ -34,10 +35,11 @@ RUNS = {
     "a": ([(14336, 4096), (4096, 14336), (4096, 4096), (28672, 4096),
            (6144, 4096), (1024, 4096), (11008, 4096)],
           [(None, 4), (None, 2), (None, 8), ("half", 4)]),
-    "b": ([(14336, 4096), (4096, 14336), (4096, 4096), (28672, 4096),
+    "b": ([(14336, 4096), (4096, 14336), (28672, 4096), (4096, 4096),
            (11008, 4096), (6144, 4096)],
           [(None, 4, 64, 1), (None, 4, 128, 1), (None, 2, 128, 1),
-           (None, 4, 64, 2), (None, 3, 64, 2), (None, 2, 128, 2)]),
+           (None, 4, 64, 2), (None, 3, 64, 2), (None, 2, 128, 2),
+           (None, 4, 64, 2, True)]),
 }
 
 
@@ -67,16 +69,16 @@ def main():
       for rows, stages, *more in cfgs:
         if time.time() > t_end:
           break
-        step_rows, wgs = (more + [64, 1][len(more):])[:2]
+        step_rows, wgs, early = (more + [64, 1, False][len(more):])[:3]
         r = lg.default_rows(n, k)
         r = max(1, r // 2) if rows == "half" else (rows or r)
 
         def f(x, p, a, na, nc, off, r=r, stages=stages, sr=step_rows,
-              wgs=wgs):
+              wgs=wgs, early=early):
           return lg.gemv(x, p, a, na, nc, off, code=CODE, n=n, k=k, rows=r,
-                         step_rows=sr, stages=stages, wgs=wgs)
+                         step_rows=sr, stages=stages, wgs=wgs, early=early)
         args = [(x,) + tuple(s[:5]) for s in base]
-        res.append([[r, stages, step_rows, wgs],
+        res.append([[r, stages, step_rows, wgs, early],
                     *checked(f, args, ref, scale)])
       print(f"{n}x{k} M={m}: xla {rec['xla_bf16']:.1f} package "
             f"{rec['package']:.1f}", flush=True)

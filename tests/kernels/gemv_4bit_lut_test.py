@@ -372,3 +372,16 @@ def test_ptx_emulated_matches_twin(n, k, rows, step_rows, wgs, dtype,
       k=k))
   scale = float(np.max(np.abs(want)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_early_start_barrier():
+  """`early`: the compute threads meet at named barrier 15 (256 threads);
+  the memory warpgroup skips it. Only with two compute warpgroups."""
+  text = lg.build_ptx(_code("nf4"), "bfloat16", 1000, 4096, 384, 256, 63, 2,
+                      True)
+  assert "@pw bar.sync 15, 256;" in text and "bar.sync 0;" not in text
+  packed, qs = _weights(64, 1024, "nf4", jnp.bfloat16, 2)
+  with pytest.raises(ValueError, match="early: needs two compute"):
+    lg.gemv(jnp.ones((1, 1024), jnp.bfloat16), packed.reshape(-1),
+            qs.absmax, qs.nested_absmax, qs.nested_code, qs.offset,
+            code=_code("nf4"), n=64, k=1024, early=True, interpret=True)
