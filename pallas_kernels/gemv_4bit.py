@@ -789,29 +789,68 @@ def _gemv_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   return tuple(outs)
 
 
+LUT_MIN_N = 4096  # the table GEMV's default from this many rows a weight
+
+
+def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
+               nested: bool, nested_blocksize: int, code) -> bool:
+  """Whether the default at these arguments is the table GEMV
+  (`gemv_4bit_lut`, all the weights in one launch): one row of 16-bit x, NF4/FP4
+  double-quantized in blocks of 64 (256 codes a nested absmax), k a
+  multiple of 1024 and every weight at least `LUT_MIN_N` rows.
+
+  Measured on the H200 (docs/benchmarks.md, twenty-fourth session, sweep
+  run b, `jaxbnb bench matmul`): faster than the "reduce" default on
+  every Llama decode shape from 4096x4096 up; on 1024x4096 slower (7.9
+  us against 4.4 in run a), so groups with the k/v projections keep the
+  one-launch "reduce" kernel.
+  """
+  return (m == 1 and code is not None and nested and blocksize == 64
+          and nested_blocksize == 256
+          and jnp.dtype(dtype).name in ("bfloat16", "float16")
+          and k % (4 * gemv_4bit_lut.CHUNK) == 0
+          and min(ns) >= LUT_MIN_N)
+
+
 def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
               config, code, interpret):
-  """The "lut" variant (`gemv_4bit_lut`), one launch per weight: config
-  ("lut", rows a warpgroup a step (64 or 128), 128, row groups, compute
-  warps (4, or 8: two warpgroups beside a TMA one), stages)."""
-  _, block_n, bk, rows, num_warps, stages = config[:6]
+  """The "lut" variant (`gemv_4bit_lut`): config ("lut", rows a warpgroup
+  a step (64 or 128), 128, row groups, compute warps (4, or 8: two
+  warpgroups beside a TMA one), stages[, early]), one launch a weight; or
+  None, the default: all the weights in one launch
+  (`gemv_4bit_lut.gemv_group`, `group_config`)."""
   dtype = jnp.dtype(x.dtype)
-  if (block_n not in gemv_4bit_lut.STEP_ROWS
-      or bk != gemv_4bit_lut.CHUNK // 2 or num_warps not in (4, 8)):
-    raise ValueError(
-        "config: variant 'lut' runs 64 or 128 rows a step, "
-        f"{gemv_4bit_lut.CHUNK // 2} bytes a row and 4 or 8 warps, got "
-        f"block_n {block_n}, {bk} bytes and {num_warps} warps")
   if code is None:
     raise ValueError("code: variant 'lut' makes its tables from the 16 code "
                      "values and needs them, got None")
-  outs = []
-  for (packed, absmax, nested), n in zip(weights, ns):
+  for (_, _, nested), n in zip(weights, ns):
     gemv_4bit_lut.check(x.shape[0], n, k, blocksize, dtype,
                         nested is not None, nested_blocksize)
-    y = gemv_4bit_lut.gemv(x, packed, absmax, *nested, code=code, n=n, k=k,
-                           rows=rows, step_rows=block_n, stages=stages,
-                           wgs=num_warps // 4, interpret=interpret)
+  lut_weights = [(packed, absmax, *nested) for packed, absmax, nested in weights]
+  if config is None:  # the default: every weight in one launch
+    c = (gemv_4bit_lut.group_config(tuple(ns), k) if len(ns) > 1 else
+         gemv_4bit_lut.default_config(ns[0], k))
+    ys = gemv_4bit_lut.gemv_group(
+        x, lut_weights, code=code, ns=tuple(ns), k=k,
+        rows=c["rows"] if len(ns) > 1 else (c["rows"],),
+        step_rows=c["step_rows"], stages=c["stages"], wgs=c["wgs"],
+        early=c["early"], interpret=interpret)
+  else:
+    _, block_n, bk, rows, num_warps, stages = config[:6]
+    early = bool(config[6]) if len(config) > 6 else False
+    if (block_n not in gemv_4bit_lut.STEP_ROWS
+        or bk != gemv_4bit_lut.CHUNK // 2 or num_warps not in (4, 8)):
+      raise ValueError(
+          "config: variant 'lut' runs 64 or 128 rows a step, "
+          f"{gemv_4bit_lut.CHUNK // 2} bytes a row and 4 or 8 warps, got "
+          f"block_n {block_n}, {bk} bytes and {num_warps} warps")
+    ys = [gemv_4bit_lut.gemv(x, *w, code=code, n=n, k=k, rows=rows,
+                             step_rows=block_n, stages=stages,
+                             wgs=num_warps // 4, early=early,
+                             interpret=interpret)
+          for w, n in zip(lut_weights, ns)]
+  outs = []
+  for y in ys:
     if bias is not None:
       y = y + bias.astype(jnp.float32)
     outs.append(y.astype(dtype))
@@ -826,6 +865,12 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   half = blocksize // 2
   nkb = k // blocksize
   n_all = sum(ns)
+  if config is None and lut_serves(
+      m, ns, k, blocksize, dtype, all(nest is not None for _, _, nest in weights),
+      nested_blocksize, code):
+    return _gemv_lut(x, weights, ns=ns, k=k, blocksize=blocksize,
+                     nested_blocksize=nested_blocksize, bias=bias,
+                     config=None, code=code, interpret=interpret)
   if config is None:
     config = default_config(m, n_all, k, blocksize, dtype.name,
                             mma=code is not None)

@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
 __all__ = ["CHUNK", "STEP_ROWS", "available", "build_ptx", "check",
-           "default_rows", "gemv", "nested_span", "smem_bytes",
+           "default_config", "default_rows", "gemv_group", "group_config", "gemv", "nested_span", "smem_bytes",
            "step_ptx"]
 
 CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
@@ -130,10 +130,30 @@ def default_rows(n: int, k: int, num_sms: int = 132) -> int:
   return max(1, min(num_sms // chunks, -(-n // STEP_ROWS[0])))
 
 
-def _span_start(lines, n, rows_a_program, nkb):
+def default_config(n: int, k: int, num_sms: int = 132) -> dict:
+  """`gemv`'s keywords for a weight `[n, k]`: two compute warpgroups of 64
+  rows a step beside an early-starting TMA warpgroup, four steps in
+  flight, `default_rows` groups (fewer stages, then more groups, where
+  the shared memory would not hold them). The best single setting of the
+  twenty-fourth session's sweep (docs/benchmarks.md, run b: 24.1 us on
+  28672x4096 against the package's 37.2, 17.3 on 14336x4096 against
+  20.9)."""
+  cfg = dict(rows=default_rows(n, k, num_sms), step_rows=64, stages=4, wgs=2,
+             early=True)
+  while smem_bytes(n, k, cfg["rows"], 64, cfg["stages"], 2) > _SMEM:
+    if cfg["stages"] > 2:
+      cfg["stages"] -= 1
+    else:
+      cfg["rows"] *= 2
+  return cfg
+
+
+def _span_start(lines, n, rows_a_program, nkb, group0=0):
   """PTX: `a` = the first nested index of this program's rows (clamped to
-  the last row, as the steps clamp theirs) and chunk."""
-  lines += ["mov.u32 a, %ctaid.y;", f"mul.lo.u32 a, a, {rows_a_program};",
+  the last row, as the steps clamp theirs) and chunk; the weight's row
+  groups start at `group0`."""
+  lines += ["mov.u32 a, %ctaid.y;", f"sub.u32 a, a, {group0};",
+            f"mul.lo.u32 a, a, {rows_a_program};",
             f"min.u32 a, a, {n - 1};", f"mul.lo.u32 a, a, {nkb};", "mov.u32 b, %ctaid.x;",
             "mad.lo.u32 a, b, 4, a;", "shr.u32 a, a, 8;"]
 
@@ -141,7 +161,7 @@ def _span_start(lines, n, rows_a_program, nkb):
 @functools.lru_cache(maxsize=None)
 def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               rows_a_program: int, span: int, n_nested: int,
-              wgs: int = 1, early: bool = False) -> str:
+              wgs: int = 1, early: bool = False, group0: int = 0) -> str:
   """The table, the nested code table, the program's span of nested
   absmax and the step counters, made by the compute threads; then a
   barrier of every thread of the program.
@@ -156,7 +176,8 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   with two. Threads past the compute warpgroups (the pipeline's memory
   warpgroup) store nothing; with `early` (two compute warpgroups) they do
   not wait either: the compute threads meet at named barrier 15, and the
-  memory warpgroup starts the pipeline's first copies meanwhile.
+  memory warpgroup starts the pipeline's first copies meanwhile. In a
+  group of weights, this weight's row groups start at `group0`.
   """
   lines = [
       "{",
@@ -206,7 +227,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
       "shl.b32 a, t, 2;", "add.u32 a, a, $3;", "@pw st.shared.u32 [a], 0;",
   ]
   # The span: nested[start + c + 128 j] (clamped) to span word c + 128 j.
-  _span_start(lines, n, rows_a_program, k // 64)
+  _span_start(lines, n, rows_a_program, k // 64, group0)
   lines += ["add.u32 a, a, c;", "cvta.to.global.u64 pc, $6;",
             "shl.b32 b, c, 2;", "add.u32 b, b, $2;"]
   for j in range(span // 128):
@@ -219,7 +240,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
 
 @functools.lru_cache(maxsize=None)
 def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int,
-             wgs: int = 1) -> str:
+             wgs: int = 1, group0: int = 0, row0: int = 0) -> str:
   """One pipeline step of one compute thread: `step_rows / 4` rows of its
   warp, in warpgroup `tid / 128`'s `step_rows` rows of the step's tile.
 
@@ -227,7 +248,8 @@ def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int,
   (`[wgs step_rows, 128]` bytes), `$1` the codes tile's (`[wgs step_rows,
   16]`), `$2` the table's, `$3` the nested table's, `$4` the nested
   span's, `$5` the step counters'; `$6` the output (global, fp32
-  `[chunks, n_pad]`).
+  `[chunks, n_pad]`). In a group of weights, this weight's row groups
+  start at `group0` and its rows at output row `row0`.
   """
   nkb = k // 64
   wr = step_rows // 4  # rows a warp
@@ -247,11 +269,12 @@ def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int,
       "shl.b32 sa, tid, 2;", "add.u32 sa, sa, $5;",
       "ld.shared.u32 stp, [sa];",
   ]
-  _span_start(lines, n, steps * step_rows * wgs, nkb)
+  _span_start(lines, n, steps * step_rows * wgs, nkb, group0)
   lines += [
       "mov.u32 lo, a;",
       # ctaid.y is the row group, ctaid.x the K chunk.
-      "mov.u32 a, %ctaid.y;", f"mad.lo.u32 a, a, {steps}, stp;",
+      "mov.u32 a, %ctaid.y;", f"sub.u32 a, a, {group0};",
+      f"mad.lo.u32 a, a, {steps}, stp;",
       f"mad.lo.u32 r0, a, {step_rows * wgs}, ro;",
       "mov.u32 s, %ctaid.x;", "cvta.to.global.u64 po, $6;",
   ]
@@ -315,7 +338,7 @@ def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int,
     lines += ["setp.eq.u32 p, j, j;", "shr.u32 a, l, 4;", "shl.b32 a, a, 1;",
               "shr.u32 b, l, 3;", "and.b32 b, b, 1;", "add.u32 a, a, b;"]
   lines += [f"mad.lo.u32 a, j, {per}, a;", "add.u32 a, a, r0;",
-            f"mad.lo.u32 a, s, {n_pad}, a;",
+            f"add.u32 a, a, {row0};", f"mad.lo.u32 a, s, {n_pad}, a;",
             "mul.wide.u32 d, a, 4;", "add.u64 d, d, po;",
             "@p st.global.f32 [d], v0;",
             "add.u32 stp, stp, 1;", "st.shared.u32 [sa], stp;",
@@ -328,71 +351,96 @@ def _address(ref, bits):
                        mgpu.utils.memref_ptr(ref))
 
 
-def _compiled(x, packed, codes, nested_absmax, nested_table, *, code, n, k,
-              rows, step_rows, stages, wgs, early):
-  """The Mosaic GPU kernel: fp32 partials `[chunks, n_pad]`."""
+def _plan(ns, k, rows, tile_rows):
+  """Per weight: (row groups, steps, padded rows, span, first group,
+  first output row); and the total padded rows."""
+  plan, group0, row0 = [], 0, 0
+  for n, r in zip(ns, rows):
+    steps, n_pad, span = _layout(n, k, r, tile_rows)
+    plan.append((r, steps, n_pad, span, group0, row0))
+    group0 += r
+    row0 += n_pad
+  return plan, row0
+
+
+def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
+              early):
+  """The Mosaic GPU kernel over one or several weights `(packed, codes,
+  nested absmax, nested table)`: fp32 partials `[chunks, sum n_pad]`."""
   dtype = jnp.dtype(x.dtype)
   chunks = k // CHUNK
   tile_rows = step_rows * wgs
-  tiles = -(-n // tile_rows)
-  steps, n_pad, span = _layout(n, k, rows, tile_rows)
-  bptx = build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                   nested_absmax.shape[0], wgs, early)
-  sptx = step_ptx(n, k, steps, n_pad, step_rows, wgs)
+  plan, n_pad = _plan(ns, k, rows, tile_rows)
+  span = max(p[3] for p in plan)
+  ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
+                    w[2].shape[0], wgs, early, group0),
+          step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
+         for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 7)
-  def build(ctx, *refs):
-    del ctx
-    llvm.inline_asm(ir.Type.parse("!llvm.void"),
-                    [_address(r, 32) for r in refs[:4]]
-                    + [_address(r, 64) for r in refs[4:]],
-                    bptx, "r,r,r,r,l,l,l,~{memory}", has_side_effects=True)
+  def asm(text, refs, shared):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
+    def call(ctx, *refs):
+      del ctx
+      llvm.inline_asm(ir.Type.parse("!llvm.void"),
+                      [_address(r, 32) for r in refs[:shared]]
+                      + [_address(r, 64) for r in refs[shared:]],
+                      text, ",".join(["r"] * shared
+                                     + ["l"] * (len(refs) - shared))
+                      + ",~{memory}", has_side_effects=True)
+    call(*refs)
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 7)
-  def step(ctx, *refs):
-    del ctx
-    llvm.inline_asm(ir.Type.parse("!llvm.void"),
-                    [_address(r, 32) for r in refs[:6]]
-                    + [_address(refs[6], 64)],
-                    sptx, "r,r,r,r,r,r,l,~{memory}", has_side_effects=True)
-
-  last = tiles - 1
-
-  def jaxbnb_gemv_4bit_lut(x_gmem, w_gmem, c_gmem, ns_gmem, nc_gmem, o_gmem,
-                           t_smem, c2_smem, sp_smem, cnt_smem):
+  def jaxbnb_gemv_4bit_lut(x_gmem, *refs):
+    ins = refs[:4 * len(ns)]
+    o_gmem, t_smem, c2_smem, sp_smem, cnt_smem = refs[4 * len(ns):]
     i = lax.axis_index("n")
     s = lax.axis_index("s")
-    build(t_smem, c2_smem, sp_smem, cnt_smem, x_gmem, nc_gmem, ns_gmem)
+    for g, (n, (r, steps, _, _, group0, _)) in enumerate(zip(ns, plan)):
+      w_gmem, c_gmem, ns_gmem, nc_gmem = ins[4 * g:4 * g + 4]
+      bptx, sptx = ptx[g]
+      last = -(-n // tile_rows) - 1
 
-    def body(_, w_smem, c_smem):
-      step(w_smem, c_smem, t_smem, c2_smem, sp_smem, cnt_smem, o_gmem)
+      @pl.when((i >= group0) & (i < group0 + r))
+      def _(w_gmem=w_gmem, c_gmem=c_gmem, ns_gmem=ns_gmem, nc_gmem=nc_gmem,
+            bptx=bptx, sptx=sptx, steps=steps, group0=group0, last=last):
+        asm(bptx, (t_smem, c2_smem, sp_smem, cnt_smem, x_gmem, nc_gmem,
+                   ns_gmem), 4)
 
-    # Steps past the last row tile re-read it; their rows are padding.
-    def tile(t):
-      return jnp.minimum(i * steps + t, last)
+        def body(_, w_smem, c_smem):
+          asm(sptx, (w_smem, c_smem, t_smem, c2_smem, sp_smem, cnt_smem,
+                     o_gmem), 6)
 
-    specs = [pl.BlockSpec((tile_rows, CHUNK // 2), lambda t: (tile(t), s)),
-             pl.BlockSpec((tile_rows, _CODES), lambda t: (tile(t), s // 4))]
-    if wgs == 1:
-      plgpu.emit_pipeline(body, grid=(steps,), in_specs=specs,
-                          max_concurrent_steps=stages)(w_gmem, c_gmem)
-    else:
-      plgpu.emit_pipeline_warp_specialized(
-          body, grid=(steps,), memory_registers=40, in_specs=specs,
-          wg_axis="wg", num_compute_wgs=wgs,
-          max_concurrent_steps=stages)(w_gmem, c_gmem)
+        # Steps past the last row tile re-read it; their rows are padding.
+        def tile(t):
+          return jnp.minimum((i - group0) * steps + t, last)
+
+        specs = [pl.BlockSpec((tile_rows, CHUNK // 2),
+                              lambda t: (tile(t), s)),
+                 pl.BlockSpec((tile_rows, _CODES),
+                              lambda t: (tile(t), s // 4))]
+        if wgs == 1:
+          plgpu.emit_pipeline(body, grid=(steps,), in_specs=specs,
+                              max_concurrent_steps=stages)(w_gmem, c_gmem)
+        else:
+          plgpu.emit_pipeline_warp_specialized(
+              body, grid=(steps,), memory_registers=40, in_specs=specs,
+              wg_axis="wg", num_compute_wgs=wgs,
+              max_concurrent_steps=stages)(w_gmem, c_gmem)
 
   threads = {} if wgs == 1 else dict(num_threads=wgs + 1, thread_name="wg")
   kernel = plgpu.kernel(
       jaxbnb_gemv_4bit_lut,
       out_type=jax.ShapeDtypeStruct((chunks, n_pad), jnp.float32),
-      grid=(rows, chunks), grid_names=("n", "s"), **threads,
+      grid=(sum(rows), chunks), grid_names=("n", "s"), **threads,
       scratch_types=[plgpu.SMEM((256, CHUNK // 2), jnp.float32),
                      plgpu.SMEM((4, 128), jnp.float32),
                      plgpu.SMEM((span // 128, 128), jnp.float32),
                      plgpu.SMEM((wgs, 128), jnp.uint32)])
-  return kernel(x.reshape(k), packed.reshape(n, k // 2),
-                codes.reshape(n, k // 64), nested_absmax, nested_table)
+  args = []
+  for (packed, codes, nested_absmax, table), n in zip(weights, ns):
+    args += [packed.reshape(n, k // 2), codes.reshape(n, k // 64),
+             nested_absmax, table]
+  part = kernel(x.reshape(k), *args)
+  return [part[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
 
 def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
@@ -411,6 +459,106 @@ def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
                          nested_code.astype(jnp.float32), offset, 256,
                          nested_absmax.shape[0], True).reshape(n, k // 64)
   return (blocks * absmax).reshape(n, chunks, 4).sum(-1).T
+
+
+def group_config(ns: tuple[int, ...], k: int, num_sms: int = 132) -> dict:
+  """`gemv_group`'s keywords for weights `[n_g, k]`: `default_config` of
+  all their rows, its row groups shared in proportion to the rows (one at
+  least a weight), fewer stages or more groups where the shared memory
+  would not hold them."""
+  cfg = default_config(sum(ns), k, num_sms)
+  total = cfg["rows"]
+  while True:
+    rows = tuple(max(1, round(total * n / sum(ns))) for n in ns)
+    cfg["rows"] = rows
+    if _group_smem(ns, k, rows, 64, cfg["stages"], 2) <= _SMEM:
+      return cfg
+    if cfg["stages"] > 2:
+      cfg["stages"] -= 1
+    else:
+      total *= 2
+
+
+def _group_smem(ns, k, rows, step_rows, stages, wgs):
+  return max(smem_bytes(n, k, r, step_rows, stages, wgs)
+             for n, r in zip(ns, rows))
+
+
+def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
+               ns: tuple[int, ...], k: int, rows=None, step_rows: int = 64,
+               stages: int = 4, wgs: int = 1, early: bool = False,
+               interpret: bool = False) -> tuple[jax.Array, ...]:
+  """`gemv` of several weights that read the same x, in one launch (a
+  layer's gate and up projections): the programs' row groups are shared
+  among the weights, each program making its weight's table.
+
+  Args:
+    x: `[1, k]` bfloat16 or float16.
+    weights: `(packed, codes, nested_absmax, nested_code, offset)` per
+      weight, as `gemv` takes them.
+    code: the 16 code values (static), one code for all.
+    ns: rows of each weight.
+    k: columns, a multiple of 1024.
+    rows: row groups of each weight; default `group_config`'s.
+    step_rows, stages, wgs, early, interpret: as `gemv`.
+
+  Returns:
+    float32 `[1, n_g]` per weight.
+  """
+  ns = tuple(ns)
+  if len(weights) != len(ns) or not ns:
+    raise ValueError(f"weights: one per entry of ns ({len(ns)}), got "
+                     f"{len(weights)}")
+  for n in ns:
+    check(x.shape[0], n, k, 64, x.dtype, True)
+  code = tuple(float(c) for c in code)
+  if len(code) != 16:
+    raise ValueError(f"code: needs 16 values, got {len(code)}")
+  if rows is None:
+    rows = group_config(ns, k)["rows"] if len(ns) > 1 else (
+        default_rows(ns[0], k),)
+  rows = tuple(int(r) for r in (rows if isinstance(rows, (tuple, list))
+                                else (rows,)))
+  if len(rows) != len(ns) or min(rows) < 1:
+    raise ValueError(f"rows: one count >= 1 per weight ({len(ns)}), got "
+                     f"{rows if len(rows) > 1 else rows[0]}")
+  if stages < 1:
+    raise ValueError(f"stages: must be >= 1, got {stages}")
+  if step_rows not in STEP_ROWS:
+    raise ValueError(f"step_rows: must be 64 or 128, got {step_rows}")
+  if wgs not in (1, 2):
+    raise ValueError(f"wgs: must be 1 or 2, got {wgs}")
+  if early and wgs != 2:
+    raise ValueError("early: needs two compute warpgroups (wgs=2), got "
+                     f"wgs={wgs}")
+  need = _group_smem(ns, k, rows, step_rows, stages, wgs)
+  if need > _SMEM:
+    what = (f"{rows[0]} row groups of {ns[0]} rows" if len(ns) == 1 else
+            f"row groups {rows} of {ns} rows")
+    raise ValueError(
+        f"rows/stages: {what} with {stages} stages of {wgs} x {step_rows} "
+        f"rows need {need} bytes of shared memory, more than {_SMEM}; take "
+        "more row groups or fewer stages")
+  prepared = []
+  for packed, codes, nested_absmax, nested_code, offset in weights:
+    offset = jnp.asarray(offset, jnp.float32)
+    prepared.append((packed, codes, nested_absmax.astype(jnp.float32),
+                     nested_code, offset))
+  if interpret:
+    parts = [_twin(x, p, c, na, nc, off, code=code, n=n, k=k)
+             for (p, c, na, nc, off), n in zip(prepared, ns)]
+  else:
+    if not available():
+      raise RuntimeError(
+          "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
+          f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
+    parts = _compiled(
+        x, [(p, c, na, jnp.concatenate([nc.astype(jnp.float32),
+                                        off.reshape(1)]))
+            for p, c, na, nc, off in prepared],
+        code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
+        stages=stages, wgs=wgs, early=early)
+  return tuple(jnp.sum(part, axis=0)[None] for part in parts)
 
 
 def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
@@ -460,41 +608,8 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     >>> y.shape, float(y[0, 0])
     ((1, 64), 7168.0)
   """
-  check(x.shape[0], n, k, 64, x.dtype, True)
-  code = tuple(float(c) for c in code)
-  if len(code) != 16:
-    raise ValueError(f"code: needs 16 values, got {len(code)}")
-  rows = default_rows(n, k) if rows is None else rows
-  if rows < 1:
-    raise ValueError(f"rows: must be >= 1, got {rows}")
-  if stages < 1:
-    raise ValueError(f"stages: must be >= 1, got {stages}")
-  if step_rows not in STEP_ROWS:
-    raise ValueError(f"step_rows: must be 64 or 128, got {step_rows}")
-  if wgs not in (1, 2):
-    raise ValueError(f"wgs: must be 1 or 2, got {wgs}")
-  if early and wgs != 2:
-    raise ValueError("early: needs two compute warpgroups (wgs=2), got "
-                     f"wgs={wgs}")
-  need = smem_bytes(n, k, rows, step_rows, stages, wgs)
-  if need > _SMEM:
-    raise ValueError(
-        f"rows/stages: {rows} row groups of {n} rows with {stages} stages of "
-        f"{wgs} x {step_rows} rows need {need} bytes of shared memory, more than "
-        f"{_SMEM}; take more row groups or fewer stages")
-  offset = jnp.asarray(offset, jnp.float32)
-  nested_absmax = nested_absmax.astype(jnp.float32)
-  if interpret:
-    part = _twin(x, packed, codes, nested_absmax, nested_code, offset,
-                 code=code, n=n, k=k)
-  else:
-    if not available():
-      raise RuntimeError(
-          "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
-          f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
-    table = jnp.concatenate([nested_code.astype(jnp.float32),
-                             offset.reshape(1)])
-    part = _compiled(x, packed, codes, nested_absmax, table, code=code, n=n,
-                     k=k, rows=rows, step_rows=step_rows,
-                     stages=stages, wgs=wgs, early=early)[:, :n]
-  return jnp.sum(part, axis=0)[None]
+  return gemv_group(x, [(packed, codes, nested_absmax, nested_code, offset)],
+                    code=code, ns=(n,), k=k,
+                    rows=None if rows is None else (rows,),
+                    step_rows=step_rows, stages=stages, wgs=wgs, early=early,
+                    interpret=interpret)[0]

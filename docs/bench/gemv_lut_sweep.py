@@ -13,8 +13,12 @@ $OUT/gemv_lut_sweep.jsonl. Row groups None: `default_rows`; "half": half
 of it. Run a was the first version (the nested absmax read from global
 memory in each step, 64 rows a step); run b the nested span in shared
 memory, steps of 128 rows, two compute warpgroups beside a TMA one, and
-("early") the TMA warpgroup not waiting for the table.
+("early") the TMA warpgroup not waiting for the table. Run c times the
+defaults against the "reduce" kernel that was the default before
+(`python docs/bench/gemv_lut_sweep.py 150 c`), and the gate/up pair of
+the 8B shape in one launch (`gemv_4bit_group`) both ways.
 """
+import json
 import os
 import sys
 import time
@@ -23,12 +27,14 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gemv_sweep import baseline, checked, each_case, record  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gemv_sweep import baseline, checked, each_case, make, median_us, record  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxbnb._src.quant import codebooks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels import gemv_4bit as gk  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pallas_kernels import gemv_4bit_lut as lg  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
+LUT = jnp.asarray(codebooks.code_for("nf4"))
 RUNS = {
     # a: the first measurement, the Llama-3-8B decode shapes (q/o, k/v,
     # gate/up, down; q/k/v and gate/up as one weight).
@@ -40,7 +46,33 @@ RUNS = {
           [(None, 4, 64, 1), (None, 4, 128, 1), (None, 2, 128, 1),
            (None, 4, 64, 2), (None, 3, 64, 2), (None, 2, 128, 2),
            (None, 4, 64, 2, True)]),
+    "c": ([(14336, 4096), (4096, 14336), (4096, 4096), (11008, 4096),
+           (1024, 4096)], ["reduce"]),
 }
+
+
+def group_c(t_end, out):
+  """Run c's pair: gate and up of 14336x4096 in one `gemv_4bit_group` call,
+  the table default against "reduce" (the earlier default for the pair)."""
+  n, k = 14336, 4096
+  ns = (n, n)
+  made = [make(n, k, nslots=2) for _ in range(2)]
+  x = jax.random.normal(jax.random.key(99), (1, k), jnp.bfloat16)
+  slots = [tuple((made[g][i][0], made[g][i][1],
+                  (made[g][i][2], made[g][i][3], made[g][i][4]))
+                 for g in range(2)) for i in range(2)]
+  rec = {"run": "c", "ns": ns, "k": k, "m": 1}
+  for name, cfg in (("table", None),
+                    ("reduce", gk.default_config(1, 2 * n, k, 64, "bfloat16",
+                                                 mma=True))):
+    if time.time() > t_end:
+      break
+    def f(x, ws, cfg=cfg):
+      return gk.gemv_4bit_group(x, ws, LUT, ns=ns, k=k, blocksize=64,
+                                config=cfg, code=CODE)
+    rec[name] = median_us(f, [(x, w) for w in slots])
+  print(f"gate/up {ns}x{k} M=1: {rec}", flush=True)
+  out.write(json.dumps(rec) + "\n")
 
 
 def profile(step_rows, stages, wgs):
@@ -66,9 +98,19 @@ def main():
     for n, k, m, base, x in each_case([(s, 1) for s in shapes], t_end):
       rec, ref, scale = baseline(x, base, run=run, n=n, k=k, m=m)
       res = []
-      for rows, stages, *more in cfgs:
+      for cfg in cfgs:
         if time.time() > t_end:
           break
+        if cfg == "reduce":  # the earlier default, through gemv_4bit
+          old = gk.default_config(1, n, k, 64, "bfloat16", mma=True)
+
+          def f(x, p, a, na, nc, off, old=old):
+            return gk.gemv_4bit(x, p, a, LUT, n=n, k=k, blocksize=64,
+                                nested=(na, nc, off), config=old, code=CODE)
+          res.append(["reduce", *checked(
+              f, [(x,) + tuple(s[:5]) for s in base], ref, scale)])
+          continue
+        rows, stages, *more = cfg
         step_rows, wgs, early = (more + [64, 1, False][len(more):])[:3]
         r = lg.default_rows(n, k)
         r = max(1, r // 2) if rows == "half" else (rows or r)
@@ -83,6 +125,8 @@ def main():
       print(f"{n}x{k} M={m}: xla {rec['xla_bf16']:.1f} package "
             f"{rec['package']:.1f}", flush=True)
       record(out, rec, res, f"  {n}x{k}", top=4)
+    if run == "c":
+      group_c(t_end + 60, out)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_twin_tables_are_the_products():
     (1, 64, 1024, True, 64, jnp.bfloat16, ("lut", 64, 128, 1, 12, 2),
      "4 or 8 warps, got block_n 64, 128 bytes and 12 warps"),
     (1, 64, 1024, True, 64, jnp.bfloat16, _config(0),
-     "rows: must be >= 1, got 0"),
+     r"rows: one count >= 1 per weight \(1\), got 0"),
     (1, 64, 1024, True, 64, jnp.bfloat16, _config(1, 0),
      "stages: must be >= 1, got 0"),
 ])
@@ -277,6 +277,45 @@ def test_lowers_for_cuda():
   assert "mosaic_gpu" in text
 
 
+def test_group_lowers_for_cuda():
+  """Three weights in one kernel lower (one build and pipeline a weight
+  under `pl.when`)."""
+  s = jax.ShapeDtypeStruct
+  k, ns = 2048, (1000, 4096, 300)
+  ws = [(s((n * k // 2,), jnp.uint8), s((n * k // 64,), jnp.uint8),
+         s((-(-n * k // 64 // 256),), jnp.float32), s((256,), jnp.float32),
+         s((), jnp.float32)) for n in ns]
+  fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k,
+                         wgs=2, early=True)
+  try:
+    text = helpers.lowered_for_h200(lambda x, w: fn(x, w),
+                                    s((1, k), jnp.bfloat16), ws)
+  except AssertionError as e:  # no Mosaic GPU lowering rule registered
+    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ns,k", [((14336, 14336), 4096),
+                                  ((4096, 1024, 1024), 4096),
+                                  ((1000, 300), 2048)])
+def test_gpu_lut_group(ns, k):
+  """The group kernel compiled (the default config): each weight against
+  its twin and the documented weight."""
+  code = _code("nf4")
+  x = jnp.asarray(_util.rng_array((1, k), 13, jnp.bfloat16))
+  ws = [_weights(n, k, "nf4", jnp.bfloat16, 70 + i) for i, n in enumerate(ns)]
+  args = [(p.reshape(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset)
+          for p, q in ws]
+  cfg = lg.group_config(ns, k)
+  ys = lg.gemv_group(x, args, code=code, ns=ns, k=k, **cfg)
+  twins = lg.gemv_group(x, args, code=code, ns=ns, k=k, **cfg, interpret=True)
+  for y, t, (p, q) in zip(ys, twins, ws):
+    _check(y.astype(jnp.bfloat16), x, p, q, None)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(t), rtol=1e-4,
+                               atol=1e-4 * float(jnp.max(jnp.abs(t))))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,config", [
     (1000, 4096, _config(3)),        # partial tile, padded steps
@@ -306,49 +345,62 @@ def test_gpu_lut_variant(n, k, config, dtype, quant_type):
                              atol=2e-2 * float(jnp.max(jnp.abs(twin))))
 
 
-def _emulate(x, packed, qs, code, n, k, rows, step_rows, wgs):
-  """The kernel's PTX run by `_ptx` over every program: build, then each
-  pipeline step with its TMA tiles written into shared memory (rows past
-  the weight zero, as TMA fills them). fp32 partials `[chunks, n]`."""
+def _emulate(x, weights, code, ns, k, rows, step_rows, wgs):
+  """The kernel's PTX run by `_ptx` over every program of a group of
+  weights `(packed, qs)`: build, then each pipeline step with its TMA
+  tiles written into shared memory (rows past the weight zero, as TMA
+  fills them). fp32 partials `[chunks, n_g]` per weight."""
   chunks = k // lg.CHUNK
   tile_rows = step_rows * wgs
-  tiles = -(-n // tile_rows)
-  steps, n_pad, span = lg._layout(n, k, rows, tile_rows)  # pylint: disable=protected-access
-  nested = np.asarray(qs.nested_absmax, np.float32)
-  table = np.concatenate([np.asarray(qs.nested_code, np.float32),
-                          np.asarray(qs.offset, np.float32).reshape(1)])
-  w2 = np.zeros((tiles * tile_rows, k // 2), np.uint8)
-  w2[:n] = np.asarray(packed).reshape(n, k // 2)
-  c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
-  c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
+  plan, n_pad = lg._plan(ns, k, rows, tile_rows)  # pylint: disable=protected-access
+  span = max(p[3] for p in plan)
   out = np.zeros((chunks, n_pad), np.float32)
   dtype = jnp.dtype(x.dtype)
-  bptx = lg.build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                      nested.shape[0], wgs)
-  sptx = lg.step_ptx(n, k, steps, n_pad, step_rows, wgs)
   t_, c2_, sp_ = 0, 256 * 512, 256 * 512 + 2048
   cnt_ = sp_ + 4 * span
   w_ = cnt_ + 512 * wgs
   cd_ = w_ + tile_rows * 128
-  for i in range(rows):
-    for s in range(chunks):
-      m = _ptx.Machine(128 * (wgs + (wgs > 1)), cd_ + tile_rows * 16, (s, i))
-      xg = m.add_global(1 << 40, np.asarray(x).reshape(-1).view(np.uint16))
-      ng = m.add_global(2 << 40, table)
-      sg = m.add_global(3 << 40, nested)
-      og = m.add_global(4 << 40, out)
-      _ptx.run(bptx, m, {0: t_, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng, 6: sg})
-      m.threads = 128 * wgs
-      for t in range(steps):
-        r = min(i * steps + t, tiles - 1) * tile_rows
-        m.smem[w_:w_ + tile_rows * 128] = w2[r:r + tile_rows,
-                                             128 * s:128 * s + 128].reshape(-1)
-        q = 16 * (s // 4)
-        m.smem[cd_:cd_ + tile_rows * 16] = c2[r:r + tile_rows,
-                                              q:q + 16].reshape(-1)
-        _ptx.run(sptx, m, {0: w_, 1: cd_, 2: t_, 3: c2_, 4: sp_, 5: cnt_,
-                           6: og})
-  return out[:, :n]
+  for (packed, qs), n, (r, steps, _, _, group0, row0) in zip(weights, ns,
+                                                           plan):
+    tiles = -(-n // tile_rows)
+    nested = np.asarray(qs.nested_absmax, np.float32)
+    table = np.concatenate([np.asarray(qs.nested_code, np.float32),
+                            np.asarray(qs.offset, np.float32).reshape(1)])
+    w2 = np.zeros((tiles * tile_rows, k // 2), np.uint8)
+    w2[:n] = np.asarray(packed).reshape(n, k // 2)
+    c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
+    c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
+    bptx = lg.build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
+                        nested.shape[0], wgs, False, group0)
+    sptx = lg.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0)
+    for i in range(group0, group0 + r):
+      for s in range(chunks):
+        m = _ptx.Machine(128 * (wgs + (wgs > 1)), cd_ + tile_rows * 16,
+                         (s, i))
+        xg = m.add_global(1 << 40, np.asarray(x).reshape(-1).view(np.uint16))
+        ng = m.add_global(2 << 40, table)
+        sg = m.add_global(3 << 40, nested)
+        og = m.add_global(4 << 40, out)
+        _ptx.run(bptx, m, {0: t_, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng,
+                           6: sg})
+        m.threads = 128 * wgs
+        for t in range(steps):
+          q = min((i - group0) * steps + t, tiles - 1) * tile_rows
+          m.smem[w_:w_ + tile_rows * 128] = w2[
+              q:q + tile_rows, 128 * s:128 * s + 128].reshape(-1)
+          c = 16 * (s // 4)
+          m.smem[cd_:cd_ + tile_rows * 16] = c2[q:q + tile_rows,
+                                                c:c + 16].reshape(-1)
+          _ptx.run(sptx, m, {0: w_, 1: cd_, 2: t_, 3: c2_, 4: sp_, 5: cnt_,
+                             6: og})
+  return [out[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
+
+
+def _twin_parts(x, packed, qs, code, n, k):
+  return np.asarray(lg._twin(  # pylint: disable=protected-access
+      x, packed.reshape(-1), qs.absmax, qs.nested_absmax.astype(jnp.float32),
+      qs.nested_code, jnp.asarray(qs.offset, jnp.float32), code=code, n=n,
+      k=k))
 
 
 @pytest.mark.parametrize("n,k,rows,step_rows,wgs,dtype,quant_type", [
@@ -365,13 +417,59 @@ def test_ptx_emulated_matches_twin(n, k, rows, step_rows, wgs, dtype,
   packed, qs = _weights(n, k, quant_type, dtype, n * 3 + k)
   x = jnp.asarray(_util.rng_array((1, k), 5, dtype))
   code = _code(quant_type)
-  got = _emulate(x, packed, qs, code, n, k, rows, step_rows, wgs)
-  want = np.asarray(lg._twin(  # pylint: disable=protected-access
-      x, packed.reshape(-1), qs.absmax, qs.nested_absmax.astype(jnp.float32),
-      qs.nested_code, jnp.asarray(qs.offset, jnp.float32), code=code, n=n,
-      k=k))
+  [got] = _emulate(x, [(packed, qs)], code, (n,), k, (rows,), step_rows, wgs)
+  want = _twin_parts(x, packed, qs, code, n, k)
   scale = float(np.max(np.abs(want)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_ptx_emulated_group_matches_twin():
+  """A group of three weights in one launch: each program's row group
+  finds its weight (`group0`), its output rows start at `row0`, and the
+  padding of one weight never reaches the next."""
+  k, ns, rows = 1024, (130, 64, 200), (2, 1, 2)
+  code = _code("nf4")
+  x = jnp.asarray(_util.rng_array((1, k), 9, jnp.bfloat16))
+  weights = [_weights(n, k, "nf4", jnp.bfloat16, 40 + n) for n in ns]
+  got = _emulate(x, weights, code, ns, k, rows, 64, 2)
+  for g, ((packed, qs), n) in enumerate(zip(weights, ns)):
+    want = _twin_parts(x, packed, qs, code, n, k)
+    np.testing.assert_allclose(got[g], want, rtol=1e-5,
+                               atol=1e-5 * float(np.max(np.abs(want))),
+                               err_msg=f"weight {g}")
+
+
+def test_default_group_is_one_launch_of_the_tables(monkeypatch):
+  """`gemv_4bit_group` at M = 1 with every weight >= LUT_MIN_N rows (a
+  layer's gate and up) takes the table kernel by default, all weights in
+  one launch; a group with a smaller weight (k/v) keeps "reduce"."""
+  k = 1024
+  assert gk.lut_serves(1, (14336, 14336), 4096, 64, jnp.bfloat16, True, 256,
+                       _code("nf4"))
+  assert not gk.lut_serves(1, (4096, 1024, 1024), 4096, 64, jnp.bfloat16,
+                           True, 256, _code("nf4"))
+  assert not gk.lut_serves(2, (14336,), 4096, 64, jnp.bfloat16, True, 256,
+                           _code("nf4"))
+  assert not gk.lut_serves(1, (14336,), 4096, 64, jnp.bfloat16, False, 256,
+                           _code("nf4"))
+  cfg = lg.group_config((14336, 14336), 4096)
+  assert cfg["rows"] == (4, 4) and cfg["wgs"] == 2 and cfg["early"]
+  assert lg.group_config((4096, 1024, 1024), 4096)["rows"] == (5, 1, 1)
+  ns = (4096, 4160)
+  ws = [_weights(n, k, "nf4", jnp.bfloat16, 60 + i) for i, n in enumerate(ns)]
+  x = jnp.asarray(_util.rng_array((1, k), 8, jnp.bfloat16))
+  calls = []
+  real = lg.gemv_group
+  monkeypatch.setattr(lg, "gemv_group",
+                      lambda *a, **kw: calls.append(kw["ns"]) or real(*a, **kw))
+  ys = gk.gemv_4bit_group(
+      x, tuple((p.reshape(-1), q.absmax,
+                (q.nested_absmax, q.nested_code, q.offset)) for p, q in ws),
+      jnp.asarray(codebooks.code_for("nf4")), ns=ns, k=k, blocksize=64,
+      code=_code("nf4"), interpret=True)
+  assert calls == [ns]
+  for y, (p, q) in zip(ys, ws):
+    _check(y, x, p, q, None)
 
 
 def test_early_start_barrier():
