@@ -193,3 +193,15 @@ def match_vma(args, like):
 def same_vma(*args):
   """`match_vma(args, args)`: every input varies over the same mesh axes."""
   return match_vma(args, args)
+
+
+@functools.cache
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute 9.0: wgmma, TMA
+  and warpgroup register reallocation, which the Mosaic GPU kernels use)."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return False
+  return (dev.platform == "gpu"
+          and str(getattr(dev, "compute_capability", "")) == "9.0")

@@ -93,15 +93,7 @@ def available() -> bool:
   return _HAVE_MGPU
 
 
-@functools.cache
-def on_hopper() -> bool:
-  """Whether the default device is a Hopper GPU (wgmma: compute 9.0)."""
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return False
-  return (dev.platform == "gpu"
-          and str(getattr(dev, "compute_capability", "")) == "9.0")
+on_hopper = _backend.on_hopper
 
 
 # Shared memory a block may use on Hopper (227 KiB), less room for the

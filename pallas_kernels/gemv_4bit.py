@@ -6,7 +6,7 @@ Each program owns `block_n` rows of `W` and walks its share of K, loading
 each packed byte once (streamed, evict-first). A byte is decoded with one
 gather from a 256-entry table holding both of its values ("pair"), or two
 gathers from the 16-entry table ("nibble"; always for float32 inputs); a
-double-quantized absmax is decoded in place. Five variants:
+double-quantized absmax is decoded in place. Six variants:
 
 * ``"reduce"`` (M = 1 with `code`, or 2 when K is not a multiple of 128;
   1..4 without): multiply by the
@@ -41,6 +41,11 @@ double-quantized absmax is decoded in place. Five variants:
   weight tiles and x stream into shared memory by TMA, several steps in
   flight; the same decode and warp-wide products as "warp", the double
   quantization decoded in the kernel a step ahead. One launch per weight.
+* ``"lut"`` (the default at M = 1 for NF4/FP4 + DQ weights of at least
+  `LUT_MIN_N` rows on Hopper, `lut_serves`; `gemv_4bit_lut`, Mosaic GPU):
+  no decode at all: each program makes the table of x's products for
+  every byte value of its 256 columns in shared memory and looks each
+  weight byte up there. A group of such weights goes in one launch.
 
 With `split_k > 1` the programs of one row tile split K and write fp32
 partial sums that the caller adds (deterministic, no atomics).
@@ -793,14 +798,16 @@ LUT_MIN_N = 4096  # the table GEMV's default from this many rows a weight
 
 
 def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
-               nested: bool, nested_blocksize: int, code) -> bool:
+               nested: bool, nested_blocksize: int, code,
+               interpret: bool = True) -> bool:
   """Whether the default at these arguments is the table GEMV
-  (`gemv_4bit_lut`, all the weights in one launch): one row of 16-bit x, NF4/FP4
-  double-quantized in blocks of 64 (256 codes a nested absmax), k a
-  multiple of 1024 and every weight at least `LUT_MIN_N` rows.
+  (`gemv_4bit_lut`, all the weights in one launch): one row of 16-bit x,
+  NF4/FP4 double-quantized in blocks of 64 (256 codes a nested absmax), k
+  a multiple of 1024 and every weight at least `LUT_MIN_N` rows; compiled
+  (`interpret` False), a Hopper GPU and a JAX with Mosaic GPU.
 
   Measured on the H200 (docs/benchmarks.md, twenty-fourth session, sweep
-  run b, `jaxbnb bench matmul`): faster than the "reduce" default on
+  run b): faster than the "reduce" default on
   every Llama decode shape from 4096x4096 up; on 1024x4096 slower (7.9
   us against 4.4 in run a), so groups with the k/v projections keep the
   one-launch "reduce" kernel.
@@ -809,7 +816,9 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
           and nested_blocksize == 256
           and jnp.dtype(dtype).name in ("bfloat16", "float16")
           and k % (4 * gemv_4bit_lut.CHUNK) == 0
-          and min(ns) >= LUT_MIN_N)
+          and min(ns) >= LUT_MIN_N
+          and (interpret or (gemv_4bit_lut.available()
+                             and _backend.on_hopper())))
 
 
 def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
@@ -867,7 +876,7 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   n_all = sum(ns)
   if config is None and lut_serves(
       m, ns, k, blocksize, dtype, all(nest is not None for _, _, nest in weights),
-      nested_blocksize, code):
+      nested_blocksize, code, interpret):
     return _gemv_lut(x, weights, ns=ns, k=k, blocksize=blocksize,
                      nested_blocksize=nested_blocksize, bias=bias,
                      config=None, code=code, interpret=interpret)
