@@ -1,7 +1,7 @@
 """The table GEMV at M = 1 (docs/benchmarks.md, twenty-fourth session):
-per shape, XLA's bf16 matmul, the package before (the "reduce" default,
-or its grouped launch for gate/up), the table kernel's default config and
-its best config in the sweep.
+per shape, XLA's bf16 matmul, the "reduce" kernel (the default before)
+and the table kernel's default config, in sweep runs b and c (the gate/up
+pair in one launch in run c).
 
     python docs/bench/gemv_lut_s24_plot.py OUT.png RUN_B.jsonl RUN_C.jsonl
 """
@@ -23,22 +23,22 @@ def main():
     r = json.loads(line)
     times = {tuple(c[0][1:]): c[1] for c in r["all"] if isinstance(c[1], float)}
     rows[f"{r['n']}x{r['k']}"] = {
-        "XLA bf16": r["xla_bf16"], "before (reduce)": r["package"],
-        "table, default": times.get(tuple(DEFAULT[1:])),
-        "table, best of run b": min(times.values())}
+        "XLA bf16": r["xla_bf16"], "run b: reduce": r["package"],
+        "run b: table, default config": times.get(tuple(DEFAULT[1:]))}
   for line in open(run_c):
     r = json.loads(line)
     if "ns" in r:  # the gate/up pair in one launch
-      rows["gate+up 2x14336x4096"] = {"before (reduce)": r.get("reduce"),
-                                      "table, default": r.get("table")}
+      rows["gate+up 2x14336x4096"] = {"run c: reduce": r.get("reduce"),
+                                      "run c: table (default)":
+                                          r.get("table")}
       continue
     key = f"{r['n']}x{r['k']}"
     old = [c[1] for c in r["all"] if c[0] == "reduce"]
     rows.setdefault(key, {"XLA bf16": r["xla_bf16"]})
-    rows[key]["run c: default"] = r["package"]
+    rows[key]["run c: table (default)"] = r["package"]
     rows[key]["run c: reduce"] = old[0] if old else None
-  series = ["XLA bf16", "before (reduce)", "table, default",
-            "table, best of run b", "run c: reduce", "run c: default"]
+  series = ["XLA bf16", "run b: reduce", "run b: table, default config",
+            "run c: reduce", "run c: table (default)"]
   names = list(rows)
   fig, ax = plt.subplots(figsize=(12, 4.5))
   width = 0.8 / len(series)
