@@ -51,7 +51,7 @@ try:  # pragma: no cover - depends on the installed JAX
   from jax.experimental.pallas import mosaic_gpu as plgpu
   import jax.experimental.mosaic.gpu as mgpu
   from jax.extend.mlir import ir
-  from jax._src.lib.mlir.dialects import llvm, vector
+  from jax._src.lib.mlir.dialects import llvm
   _HAVE_MGPU = all(hasattr(plgpu, a) for a in ("inline_mgpu", "emit_pipeline",
                                                  "kernel", "RefType"))
 except ImportError:  # pragma: no cover
@@ -593,20 +593,22 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
   Returns:
     float32 `[1, n]`.
 
-  Example (the jnp twin, on any device; every weight is code 7 = 7.0,
-  every absmax 1 * 1 + 0):
+  Example (the jnp twin, on any device): with the codes 0..15, a byte
+  0x93 holds 9 and 3, and every absmax is its nested code 1.0 times the
+  nested absmax 2.0 plus the offset 0.5, so a row of x = 1 gives
+  (9 + 3) * 2.5 for each of the 512 bytes of a row:
 
     >>> import jax.numpy as jnp
     >>> from pallas_kernels import gemv_4bit_lut
-    >>> n, k = 64, 1024
-    >>> packed = jnp.full((n * k // 2,), 0x77, jnp.uint8)
-    >>> codes = jnp.zeros((n * k // 64,), jnp.uint8)
+    >>> n, k = 128, 1024
     >>> y = gemv_4bit_lut.gemv(
-    ...     jnp.ones((1, k), jnp.bfloat16), packed, codes,
-    ...     jnp.ones((4,), jnp.float32), jnp.ones((256,), jnp.float32), 0.0,
-    ...     code=tuple(range(16)), n=n, k=k, interpret=True)
-    >>> y.shape, float(y[0, 0])
-    ((1, 64), 7168.0)
+    ...     jnp.ones((1, k), jnp.bfloat16),
+    ...     jnp.full((n * k // 2,), 0x93, jnp.uint8),
+    ...     jnp.zeros((n * k // 64,), jnp.uint8),
+    ...     jnp.full((8,), 2.0, jnp.float32), jnp.ones((256,), jnp.float32),
+    ...     0.5, code=tuple(range(16)), n=n, k=k, interpret=True)
+    >>> y.shape, float(y[0, 5])
+    ((1, 128), 15360.0)
   """
   return gemv_group(x, [(packed, codes, nested_absmax, nested_code, offset)],
                     code=code, ns=(n,), k=k,

@@ -27,7 +27,7 @@ from pallas_kernels import gemv_4bit_lut as lg
 from tests import helpers
 from tests.kernels import _ptx
 from tests.kernels import _util
-from tests.kernels.gemv_4bit_test import _code
+from tests.kernels.gemv_4bit_test import _call_with_config, _code
 
 
 def _check(y, x, packed, qs, bias):
@@ -121,26 +121,13 @@ def test_twin_tables_are_the_products():
 ])
 def test_errors_name_the_argument(m, n, k, nested, blocksize, dtype, config,
                                   match):
-  packed, qs = F.quantize_4bit(jnp.ones((n, k), jnp.bfloat16),
-                               blocksize=blocksize,
-                               compress_statistics=nested)
-  nest = (qs.nested_absmax, qs.nested_code, qs.offset) if nested else None
   with pytest.raises(ValueError, match=match):
-    gk.gemv_4bit(jnp.ones((m, k), dtype), packed.reshape(-1), qs.absmax,
-                 jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
-                 blocksize=blocksize, nested=nest, config=config,
-                 code=_code("nf4"), interpret=True)
+    _call_with_config(m, n, k, nested, blocksize, dtype, config)
 
 
 def test_code_is_required():
-  n, k = 64, 1024
-  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 4)
   with pytest.raises(ValueError, match="code: variant 'lut'"):
-    gk.gemv_4bit(jnp.ones((1, k), jnp.bfloat16), packed.reshape(-1),
-                 qs.absmax, jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
-                 blocksize=64,
-                 nested=(qs.nested_absmax, qs.nested_code, qs.offset),
-                 config=_config(1), interpret=True)
+    _call_with_config(1, 64, 1024, True, 64, jnp.bfloat16, _config(1), code=None)
 
 
 def test_default_rows_fill_one_wave():

@@ -77,6 +77,21 @@ def _code(quant_type):
   return tuple(float(c) for c in codebooks.code_for(quant_type))
 
 
+def _call_with_config(m, n, k, nested, blocksize, dtype, config,
+                      code="nf4"):
+  """`gemv_4bit` in interpret mode on a ones weight `[n, k]` with `config`
+  and the 16 values of `code` (None: none given), for the config error
+  tests of each variant."""
+  packed, qs = F.quantize_4bit(jnp.ones((n, k), jnp.bfloat16),
+                               blocksize=blocksize,
+                               compress_statistics=nested)
+  nest = (qs.nested_absmax, qs.nested_code, qs.offset) if nested else None
+  return gk.gemv_4bit(jnp.ones((m, k), dtype), packed.reshape(-1), qs.absmax,
+                      jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
+                      blocksize=blocksize, nested=nest, config=config,
+                      code=code and _code(code), interpret=True)
+
+
 def _check(y, x, packed, qs, bias, config=None):
   in_dtype = config is not None and gk.scales_in_compute_dtype(config)
   w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=in_dtype)

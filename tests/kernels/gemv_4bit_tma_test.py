@@ -21,7 +21,8 @@ from pallas_kernels import gemv_4bit as gk
 from pallas_kernels import gemv_4bit_tma as tg
 from tests import helpers
 from tests.kernels import _util
-from tests.kernels.gemv_4bit_test import _check, _check_compiled, _code
+from tests.kernels.gemv_4bit_test import (_call_with_config, _check,
+                                         _check_compiled, _code)
 
 # (variant, block_n, bytes a row per step, split, warps, stages, table, 0)
 CONFIGS = [
@@ -95,26 +96,13 @@ def test_splits_sum_to_one_pass():
 def test_config_errors_name_the_argument(m, k, nested, blocksize, dtype,
                                          config, match):
   n = 64
-  packed, qs = F.quantize_4bit(jnp.ones((n, k), jnp.bfloat16),
-                               blocksize=blocksize,
-                               compress_statistics=nested)
-  nest = (qs.nested_absmax, qs.nested_code, qs.offset) if nested else None
   with pytest.raises(ValueError, match=match):
-    gk.gemv_4bit(jnp.ones((m, k), dtype), packed.reshape(-1), qs.absmax,
-                 jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
-                 blocksize=blocksize, nested=nest, config=config,
-                 code=_code("nf4"), interpret=True)
+    _call_with_config(m, n, k, nested, blocksize, dtype, config)
 
 
 def test_code_is_required():
-  n, k = 64, 1024
-  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 4)
   with pytest.raises(ValueError, match="code: variant 'tma'"):
-    gk.gemv_4bit(jnp.ones((2, k), jnp.bfloat16), packed.reshape(-1),
-                 qs.absmax, jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
-                 blocksize=64,
-                 nested=(qs.nested_absmax, qs.nested_code, qs.offset),
-                 config=CONFIGS[0], interpret=True)
+    _call_with_config(2, 64, 1024, True, 64, jnp.bfloat16, CONFIGS[0], code=None)
 
 
 def test_default_config():
