@@ -52,8 +52,9 @@ try:  # pragma: no cover - depends on the installed JAX
   import jax.experimental.mosaic.gpu as mgpu
   from jax.extend.mlir import ir
   from jax._src.lib.mlir.dialects import llvm
-  _HAVE_MGPU = all(hasattr(plgpu, a) for a in ("inline_mgpu", "emit_pipeline",
-                                                 "kernel", "RefType"))
+  _HAVE_MGPU = all(hasattr(plgpu, a) for a in (
+      "inline_mgpu", "emit_pipeline", "emit_pipeline_warp_specialized",
+      "kernel", "RefType"))
 except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 

@@ -208,6 +208,10 @@ def _check_matmul(y, x, packed, qs, bias=None, err_msg="", gemv=True):
     cfg = gk.default_config(m, qs.shape[0], x.shape[-1], qs.blocksize,
                             jnp.dtype(x.dtype).name, mma=True)
     w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=gk.scales_in_compute_dtype(cfg))
+    if gk.lut_serves(m, (qs.shape[0],), x.shape[-1], qs.blocksize, x.dtype,
+                     qs.nested, qs.nested_blocksize if qs.nested else 256,
+                     code="given"):
+      w = _util.kernel_weight(packed, qs, jnp.float32)  # the table's fp32 codes
   else:
     w = np.asarray(F.dequantize_4bit(packed, qs).astype(x.dtype).astype(
         jnp.float32))
@@ -301,6 +305,44 @@ def test_large_m_routing(m, dtype, kernel, monkeypatch):
   with jaxbnb.kernel_mode("interpret"):
     y = jax.jit(F.matmul_4bit)(x, packed, qs)
   _check_matmul(y, x, packed, qs, None, f"M = {m}")
+
+
+def test_m1_routing_takes_the_table_kernel(monkeypatch):
+  """At M = 1 an NF4 + DQ weight of at least `LUT_MIN_N` rows goes to the
+  table GEMV (`gemv_4bit_lut`), alone through `F.matmul_4bit` and paired
+  (a layer's gate and up) through `F.matmul_4bit_group` in one call of
+  `gemv_group`; a smaller weight in the pair keeps the "reduce" kernel.
+  The threshold is lowered to these small weights (shapes no other test
+  traces)."""
+  from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
+  n, k = 72, 1024
+  monkeypatch.setattr(gk, "LUT_MIN_N", n)
+  calls = []
+  real = gemv_4bit_lut.gemv_group
+  monkeypatch.setattr(gemv_4bit_lut, "gemv_group",
+                      lambda *a, **kw: calls.append(kw["ns"]) or real(*a, **kw))
+  x = jnp.asarray(_util.rng_array((1, k), 21, jnp.bfloat16))
+  ws = [F.quantize_4bit(_w(n, k, 22 + i, jnp.bfloat16), quant_type="nf4",
+                        compress_statistics=True) for i in range(2)]
+  with jaxbnb.kernel_mode("interpret"):
+    y = jax.jit(F.matmul_4bit)(x, *ws[0])
+    ys = jax.jit(F.matmul_4bit_group)(x, ws)
+  assert calls == [(n,), (n, n)]
+  _check_matmul(y, x, *ws[0], None, "single")
+  for y_g, (p, q) in zip(ys, ws):
+    _check_matmul(y_g, x, p, q, None, "group")
+  small = F.quantize_4bit(_w(n - 8, k, 30, jnp.bfloat16), quant_type="nf4",
+                          compress_statistics=True)
+  with jaxbnb.kernel_mode("interpret"):
+    jax.jit(F.matmul_4bit_group)(x, [ws[0], small])
+  assert calls == [(n,), (n, n)]
+  # bitsandbytes' own layout without double quantization: not the table.
+  plain = F.quantize_4bit(_w(n, k, 31, jnp.bfloat16), quant_type="nf4",
+                          compress_statistics=False)
+  with jaxbnb.kernel_mode("interpret"):
+    y = jax.jit(F.matmul_4bit)(x, *plain)
+  assert calls == [(n,), (n, n)]
+  _check_matmul(y, x, *plain, None, "plain absmax")
 
 
 @pytest.mark.parametrize("mode", MODES)
