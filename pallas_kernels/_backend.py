@@ -195,6 +195,10 @@ def same_vma(*args):
   return match_vma(args, args)
 
 
+# Shared memory a block may use on Hopper (H100/H200): 227 KiB.
+HOPPER_SMEM = 227 * 1024
+
+
 @functools.cache
 def on_hopper() -> bool:
   """Whether the default device is a Hopper GPU (compute 9.0: wgmma, TMA

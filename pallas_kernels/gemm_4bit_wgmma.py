@@ -96,9 +96,9 @@ def available() -> bool:
 on_hopper = _backend.on_hopper
 
 
-# Shared memory a block may use on Hopper (227 KiB), less room for the
-# pipeline's barriers.
-SMEM_LIMIT = 227 * 1024 - 1024
+# Shared memory a block may use on Hopper, less room for the pipeline's
+# barriers.
+SMEM_LIMIT = _backend.HOPPER_SMEM - 1024
 
 
 def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,

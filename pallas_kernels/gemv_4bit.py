@@ -835,15 +835,12 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   for (_, _, nested), n in zip(weights, ns):
     gemv_4bit_lut.check(x.shape[0], n, k, blocksize, dtype,
                         nested is not None, nested_blocksize)
-  lut_weights = [(packed, absmax, *nested) for packed, absmax, nested in weights]
+  lut_weights = [(packed, absmax, *nested)
+                 for packed, absmax, nested in weights]
   if config is None:  # the default: every weight in one launch
-    c = (gemv_4bit_lut.group_config(tuple(ns), k) if len(ns) > 1 else
-         gemv_4bit_lut.default_config(ns[0], k))
     ys = gemv_4bit_lut.gemv_group(
-        x, lut_weights, code=code, ns=tuple(ns), k=k,
-        rows=c["rows"] if len(ns) > 1 else (c["rows"],),
-        step_rows=c["step_rows"], stages=c["stages"], wgs=c["wgs"],
-        early=c["early"], interpret=interpret)
+        x, lut_weights, code=code, ns=tuple(ns), k=k, interpret=interpret,
+        **gemv_4bit_lut.group_config(tuple(ns), k))
   else:
     _, block_n, bk, rows, num_warps, stages = config[:6]
     early = bool(config[6]) if len(config) > 6 else False
@@ -874,9 +871,9 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   half = blocksize // 2
   nkb = k // blocksize
   n_all = sum(ns)
-  if config is None and lut_serves(
-      m, ns, k, blocksize, dtype, all(nest is not None for _, _, nest in weights),
-      nested_blocksize, code, interpret):
+  dq_all = all(nest is not None for _, _, nest in weights)
+  if config is None and lut_serves(m, ns, k, blocksize, dtype, dq_all,
+                                   nested_blocksize, code, interpret):
     return _gemv_lut(x, weights, ns=ns, k=k, blocksize=blocksize,
                      nested_blocksize=nested_blocksize, bias=bias,
                      config=None, code=code, interpret=interpret)

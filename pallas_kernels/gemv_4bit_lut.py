@@ -44,6 +44,7 @@ import numpy as np
 
 from jax import lax
 
+from pallas_kernels import _backend
 from pallas_kernels.dequantize_4bit import decode_absmax
 
 try:  # pragma: no cover - depends on the installed JAX
@@ -59,12 +60,11 @@ except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
 __all__ = ["CHUNK", "STEP_ROWS", "available", "build_ptx", "check",
-           "default_config", "default_rows", "gemv_group", "group_config", "gemv", "nested_span", "smem_bytes",
-           "step_ptx"]
+           "default_config", "default_rows", "gemv", "gemv_group",
+           "group_config", "nested_span", "smem_bytes", "step_ptx"]
 
 CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
 STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
-_SMEM = 227 * 1024  # shared memory a block may use on the H100/H200
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _DTYPES = ("bfloat16", "float16")
 
@@ -139,14 +139,23 @@ def default_config(n: int, k: int, num_sms: int = 132) -> dict:
   twenty-fourth session's sweep (docs/benchmarks.md, run b: 24.1 us on
   28672x4096 against the package's 37.2, 17.3 on 14336x4096 against
   20.9)."""
-  cfg = dict(rows=default_rows(n, k, num_sms), step_rows=64, stages=4, wgs=2,
-             early=True)
-  while smem_bytes(n, k, cfg["rows"], 64, cfg["stages"], 2) > _SMEM:
-    if cfg["stages"] > 2:
-      cfg["stages"] -= 1
+  rows, stages = _fit((n,), k, default_rows(n, k, num_sms), 4)
+  return dict(rows=rows[0], step_rows=64, stages=stages, wgs=2, early=True)
+
+
+def _fit(ns, k, total, stages):
+  """(row groups of each weight, stages): `total` groups shared in
+  proportion to the rows (one at least a weight), then fewer stages (down
+  to 2) and twice the groups until the shared memory holds the config of
+  two warpgroups of 64 rows."""
+  while True:
+    rows = tuple(max(1, round(total * n / sum(ns))) for n in ns)
+    if _group_smem(ns, k, rows, 64, stages, 2) <= _backend.HOPPER_SMEM:
+      return rows, stages
+    if stages > 2:
+      stages -= 1
     else:
-      cfg["rows"] *= 2
-  return cfg
+      total *= 2
 
 
 def _span_start(lines, n, rows_a_program, nkb, group0=0):
@@ -155,8 +164,9 @@ def _span_start(lines, n, rows_a_program, nkb, group0=0):
   groups start at `group0`."""
   lines += ["mov.u32 a, %ctaid.y;", f"sub.u32 a, a, {group0};",
             f"mul.lo.u32 a, a, {rows_a_program};",
-            f"min.u32 a, a, {n - 1};", f"mul.lo.u32 a, a, {nkb};", "mov.u32 b, %ctaid.x;",
-            "mad.lo.u32 a, b, 4, a;", "shr.u32 a, a, 8;"]
+            f"min.u32 a, a, {n - 1};", f"mul.lo.u32 a, a, {nkb};",
+            "mov.u32 b, %ctaid.x;", "mad.lo.u32 a, b, 4, a;",
+            "shr.u32 a, a, 8;"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,8 +244,10 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   for j in range(span // 128):
     lines += [f"add.u32 i, a, {128 * j};", f"min.u32 i, i, {n_nested - 1};",
               "mul.wide.u32 d, i, 4;", "add.u64 d, d, pc;",
-              "ld.global.nc.f32 e, [d];", f"@pt st.shared.f32 [b+{512 * j}], e;"]
-  lines += [f"@pw bar.sync 15, {128 * wgs};" if early else "bar.sync 0;", "}"]
+              "ld.global.nc.f32 e, [d];",
+              f"@pt st.shared.f32 [b+{512 * j}], e;"]
+  lines += [f"@pw bar.sync 15, {128 * wgs};" if early else "bar.sync 0;",
+            "}"]
   return "\n".join(lines)
 
 
@@ -468,16 +480,8 @@ def group_config(ns: tuple[int, ...], k: int, num_sms: int = 132) -> dict:
   least a weight), fewer stages or more groups where the shared memory
   would not hold them."""
   cfg = default_config(sum(ns), k, num_sms)
-  total = cfg["rows"]
-  while True:
-    rows = tuple(max(1, round(total * n / sum(ns))) for n in ns)
-    cfg["rows"] = rows
-    if _group_smem(ns, k, rows, 64, cfg["stages"], 2) <= _SMEM:
-      return cfg
-    if cfg["stages"] > 2:
-      cfg["stages"] -= 1
-    else:
-      total *= 2
+  cfg["rows"], cfg["stages"] = _fit(ns, k, cfg["rows"], cfg["stages"])
+  return cfg
 
 
 def _group_smem(ns, k, rows, step_rows, stages, wgs):
@@ -533,13 +537,13 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     raise ValueError("early: needs two compute warpgroups (wgs=2), got "
                      f"wgs={wgs}")
   need = _group_smem(ns, k, rows, step_rows, stages, wgs)
-  if need > _SMEM:
+  if need > _backend.HOPPER_SMEM:
     what = (f"{rows[0]} row groups of {ns[0]} rows" if len(ns) == 1 else
             f"row groups {rows} of {ns} rows")
     raise ValueError(
         f"rows/stages: {what} with {stages} stages of {wgs} x {step_rows} "
-        f"rows need {need} bytes of shared memory, more than {_SMEM}; take "
-        "more row groups or fewer stages")
+        f"rows need {need} bytes of shared memory, more than "
+        f"{_backend.HOPPER_SMEM}; take more row groups or fewer stages")
   prepared = []
   for packed, codes, nested_absmax, nested_code, offset in weights:
     offset = jnp.asarray(offset, jnp.float32)

@@ -127,7 +127,8 @@ def test_errors_name_the_argument(m, n, k, nested, blocksize, dtype, config,
 
 def test_code_is_required():
   with pytest.raises(ValueError, match="code: variant 'lut'"):
-    _call_with_config(1, 64, 1024, True, 64, jnp.bfloat16, _config(1), code=None)
+    _call_with_config(1, 64, 1024, True, 64, jnp.bfloat16, _config(1),
+                      code=None)
 
 
 def test_default_rows_fill_one_wave():
@@ -148,7 +149,8 @@ def test_build_ptx_structure():
   """Every thread stores its column's 256 entries (product and sum rounded
   once each) and a quarter of the nested table, then one barrier."""
   text = lg.build_ptx(_code("nf4"), "bfloat16", 1000, 4096, 384, 256, 63)
-  assert text.count("st.shared.f32 [a+") == 256 + 2  # table, code2 [128:], offset
+  # The table, the nested codes 128-255 and the offset.
+  assert text.count("st.shared.f32 [a+") == 256 + 2
   assert text.count("@pw st.shared.f32 [a+") == 256  # compute threads only
   assert "@pw st.shared.u32 [a], 0;" in text   # the step counter
   # The span: 256 words, two a thread, clamped to the last nested value.
