@@ -5,7 +5,8 @@ first makes, for its 256 columns of x, the table of every byte's products:
 for byte position `p` (columns `2p`, `2p + 1`) and byte value `b`,
 `T[p][b] = code[b >> 4] * x[2p] + code[b & 15] * x[2p + 1]` (fp32, each
 product and the sum rounded once). The weight stream then costs, a byte, a
-permute, an address, one shared load and one add: no decode, no multiply.
+permute (the byte into its table offset), an add of the table's base, one
+shared load and one add: no decode, no multiply.
 The absmax scales the sum of a block's 32 bytes.
 
 * Grid: `(row groups, K chunks)`. A program owns a chunk of 256 columns
@@ -15,10 +16,14 @@ The absmax scales the sum of a block's 32 bytes.
   compute warpgroup, or `emit_pipeline_warp_specialized` with two beside
   a TMA warpgroup (`wgs`), each taking its own rows of a step.
 * The table (128 KiB) fills the program's shared memory before the
-  pipeline starts: word `128 b + 32 i + l` holds `T[4 l + i][b]`, so the
-  32 lanes of a warp, each looking up byte `i` of its own word `l` of a
-  row, always hit 32 distinct banks. The nested absmax the program's rows
-  can touch (its "span") and the 256 nested codes are copied beside it.
+  pipeline starts. `T[4 l + i][b]`, the byte `i` of word `l` of a row,
+  is at byte `65536 (l >> 4) + 256 b + 4 ((l + 16 i) % 64)`: a half of
+  64 KiB for lanes 0-15 and one for lanes 16-31. The 32 lanes of a warp,
+  each looking up byte `i` of its own word `l`, hit 32 distinct banks,
+  and a lane's offset for byte value `b` is its offset for 0 with `b` as
+  byte 1, so one `prmt` makes it from the weight word. The nested absmax
+  the program's rows can touch (its "span") and the 256 nested codes are
+  copied beside it.
 * A warp takes 16 or 32 rows a step; lane `l` reads word `l` of each
   (bytes `4l .. 4l + 3`, all in block `l // 8`) and sums its four
   lookups. A reduce-scatter over the 8 lanes of a block leaves each lane
@@ -66,6 +71,7 @@ __all__ = ["CHUNK", "STEP_ROWS", "available", "build_ptx", "check",
 CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
 STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
+_ROW = 256  # bytes between a position's entries for byte values b, b + 1
 _DTYPES = ("bfloat16", "float16")
 
 
@@ -158,6 +164,15 @@ def _fit(ns, k, total, stages):
       total *= 2
 
 
+def _offset(reg: str, tmp: str) -> list[str]:
+  """PTX: `reg` (holding `l + 16 i`) becomes the table offset of byte
+  position `4 l + i` (lane `l`, byte `i` of its word) for byte value 0:
+  `65536 (l >> 4) + 4 ((l + 16 i) % 64)`; `tmp` is clobbered."""
+  return [f"and.b32 {reg}, {reg}, 63;", f"shl.b32 {reg}, {reg}, 2;",
+          f"shr.u32 {tmp}, l, 4;", f"shl.b32 {tmp}, {tmp}, 16;",
+          f"or.b32 {reg}, {reg}, {tmp};"]
+
+
 def _span_start(lines, n, rows_a_program, nkb, group0=0):
   """PTX: `a` = the first nested index of this program's rows (clamped to
   the last row, as the steps clamp theirs) and chunk; the weight's row
@@ -181,9 +196,9 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   (`[256]` codes, then the offset), `$2` the span's, `$3` the step
   counters' (one a compute thread); `$4` x's global address, `$5` the
   global address of the nested codes and offset (257 floats), `$6` the
-  nested absmax's. Thread `t` makes column `t % 128` of the table (byte
-  position `p = 4 (t % 32) + t % 128 // 32` of the chunk `%ctaid.x`),
-  all 256 byte values with one compute warpgroup (`wgs`), half of them
+  nested absmax's. Thread `t` makes the entries of byte position
+  `p = 4 l + i` (`l = t % 32`, `i = t % 128 // 32`) of the chunk
+  `%ctaid.x`, all 256 byte values with one compute warpgroup (`wgs`), half of them
   with two. Threads past the compute warpgroups (the pipeline's memory
   warpgroup) store nothing; with `early` (two compute warpgroups) they do
   not wait either: the compute threads meet at named barrier 15, and the
@@ -214,20 +229,21 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               "cvt.f32.f16 x1, hx1;"]
   values = 256 // wgs  # byte values a thread
   his = values // 16
+  # a: the table address of byte position 4 l + i for byte value 0.
+  lines += ["shl.b32 a, i, 4;", "add.u32 a, a, l;"] + _offset("a", "b")
+  lines += ["add.u32 a, a, $0;"]
   if wgs == 1:
     lines += [f"mul.rn.f32 h{c}, x0, {_f32(v)};" for c, v in enumerate(code)]
-    lines += ["shl.b32 a, c, 2;", "add.u32 a, a, $0;"]
   else:  # warpgroup 1 takes byte values 128-255: high nibbles 8-15
     lines += ["shr.u32 b, t, 7;", "setp.eq.u32 lo, b, 0;"]
     for c in range(his):
       lines += [f"selp.f32 cc, {_f32(code[c])}, {_f32(code[c + his])}, lo;",
                 f"mul.rn.f32 h{c}, x0, cc;"]
-    lines += ["and.b32 b, b, 1;", "shl.b32 a, c, 2;",
-              f"mad.lo.u32 a, b, {512 * values}, a;", "add.u32 a, a, $0;"]
+    lines += ["and.b32 b, b, 1;", f"mad.lo.u32 a, b, {_ROW * values}, a;"]
   lines += [f"mul.rn.f32 o{c}, x1, {_f32(v)};" for c, v in enumerate(code)]
   for b in range(values):
     lines += [f"add.rn.f32 e, h{b >> 4}, o{b & 15};",
-              f"@pw st.shared.f32 [a+{512 * b}], e;"]
+              f"@pw st.shared.f32 [a+{_ROW * b}], e;"]
   lines += [
       "cvta.to.global.u64 pc, $5;", "mul.wide.u32 d, c, 4;",
       "add.u64 pc, pc, d;", "shl.b32 a, c, 2;", "add.u32 a, a, $1;",
@@ -308,17 +324,17 @@ def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int,
     lines += [f"ld.shared.u8 c, [ca+{q * _CODES}];", "shl.b32 c, c, 2;",
               "add.u32 c, c, $3;", f"ld.shared.f32 cv{q}, [c];"]
   lines += ["ld.shared.f32 off, [$3+1024];"]
-  # Lane bases in the table; the warp's rows of the weight tile.
-  lines += ["shl.b32 a, l, 2;", "add.u32 tb0, a, $2;",
-            "add.u32 tb1, tb0, 128;", "add.u32 tb2, tb0, 256;",
-            "add.u32 tb3, tb0, 384;",
-            "mad.lo.u32 wa, ro, 128, a;", "add.u32 wa, wa, $0;"]
+  # The lane's table offsets (`_table_offset`) of its bytes 0-3, the
+  # warp's rows of the weight tile.
+  for i in range(4):
+    lines += [f"add.u32 tb{i}, l, {16 * i};"] + _offset(f"tb{i}", "a")
+  lines += ["shl.b32 a, l, 2;", "mad.lo.u32 wa, ro, 128, a;",
+            "add.u32 wa, wa, $0;"]
   lines += [f"ld.shared.u32 w{r}, [wa+{128 * r}];" for r in range(wr)]
   for r in range(wr):
-    for i in range(4):
-      lines += [f"prmt.b32 b, w{r}, 0, {0x4440 + i};",
-                f"mad.lo.u32 b, b, 512, tb{i};",
-                f"ld.shared.f32 t{i}, [b];"]
+    for i in range(4):  # the offset with byte i of the word as byte 1
+      lines += [f"prmt.b32 b, w{r}, tb{i}, {0x7604 + 16 * i};",
+                "add.u32 b, b, $2;", f"ld.shared.f32 t{i}, [b];"]
     lines += ["add.f32 t0, t0, t1;", "add.f32 t2, t2, t3;",
               f"add.f32 v{r}, t0, t2;"]
 

@@ -48,30 +48,41 @@ RUNS = {
            (None, 4, 64, 2, True)]),
     "c": ([(14336, 4096), (4096, 14336), (4096, 4096), (11008, 4096),
            (1024, 4096)], ["reduce"]),
+    # d (twenty-fifth session): the byte's table offset made by one prmt
+    # (the table's base added in the load); steps of 64 and 128 rows.
+    "d": ([(14336, 4096), (4096, 14336), (4096, 4096), (11008, 4096),
+           (1024, 4096), (6144, 4096)],
+          [(None, 4, 64, 2, True), (None, 2, 128, 2, True),
+           (None, 4, 64, 1), ("double", 4, 64, 2, True), "reduce"]),
 }
+GROUPS = {"c": [(14336, 14336)],
+          "d": [(14336, 14336), (4096, 1024, 1024)]}
 
 
-def group_c(t_end, out):
-  """Run c's pair: gate and up of 14336x4096 in one `gemv_4bit_group` call,
-  the table default against "reduce" (the earlier default for the pair)."""
-  n, k = 14336, 4096
-  ns = (n, n)
-  made = [make(n, k, nslots=2) for _ in range(2)]
+def group(run, ns, t_end, out):
+  """A layer's weights that read one x, in one `gemv_4bit_group` call (run
+  c: gate and up of 14336x4096; run d also q/k/v): the table kernel
+  (`group_config`) against "reduce" (the default for such groups before)."""
+  k = 4096
+  made = [make(n, k, nslots=2) for n in ns]
   x = jax.random.normal(jax.random.key(99), (1, k), jnp.bfloat16)
   slots = [tuple((made[g][i][0], made[g][i][1],
                   (made[g][i][2], made[g][i][3], made[g][i][4]))
-                 for g in range(2)) for i in range(2)]
-  rec = {"run": "c", "ns": ns, "k": k, "m": 1}
-  for name, cfg in (("table", None),
-                    ("reduce", gk.default_config(1, 2 * n, k, 64, "bfloat16",
-                                                 mma=True))):
-    if time.time() > t_end:
-      break
+                 for g in range(len(ns))) for i in range(2)]
+  rec = {"run": run, "ns": ns, "k": k, "m": 1}
+  if time.time() < t_end:
+    def table(x, ws):
+      return lg.gemv_group(x, [(p, a, *nested) for p, a, nested in ws],
+                           code=CODE, ns=ns, k=k, **lg.group_config(ns, k))
+    rec["table"] = median_us(table, [(x, w) for w in slots])
+  if time.time() < t_end:
+    cfg = gk.default_config(1, sum(ns), k, 64, "bfloat16", mma=True)
+
     def f(x, ws, cfg=cfg):
       return gk.gemv_4bit_group(x, ws, LUT, ns=ns, k=k, blocksize=64,
                                 config=cfg, code=CODE)
-    rec[name] = median_us(f, [(x, w) for w in slots])
-  print(f"gate/up {ns}x{k} M=1: {rec}", flush=True)
+    rec["reduce"] = median_us(f, [(x, w) for w in slots])
+  print(f"group {ns}x{k} M=1: {rec}", flush=True)
   out.write(json.dumps(rec) + "\n")
 
 
@@ -113,7 +124,7 @@ def main():
         rows, stages, *more = cfg
         step_rows, wgs, early = (more + [64, 1, False][len(more):])[:3]
         r = lg.default_rows(n, k)
-        r = max(1, r // 2) if rows == "half" else (rows or r)
+        r = {"half": max(1, r // 2), "double": 2 * r}.get(rows, rows or r)
 
         def f(x, p, a, na, nc, off, r=r, stages=stages, sr=step_rows,
               wgs=wgs, early=early):
@@ -125,8 +136,8 @@ def main():
       print(f"{n}x{k} M={m}: xla {rec['xla_bf16']:.1f} package "
             f"{rec['package']:.1f}", flush=True)
       record(out, rec, res, f"  {n}x{k}", top=4)
-    if run == "c":
-      group_c(t_end + 60, out)
+    for ns in GROUPS.get(run, ()):
+      group(run, ns, t_end + 60, out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,21 @@ class Machine:
     self.smem = np.zeros(smem_bytes, np.uint8)
     self.ctaid = ctaid  # (x, y)
     self.globals: dict[int, np.ndarray] = {}  # base address -> byte view
+    self.ways: dict[str, int] = {}  # shared access -> bank conflict ways
+
+  def count_ways(self, instruction: str, addr, pred) -> None:
+    """Records in `ways[instruction]` the most lanes of one warp that this
+    shared access sends to one bank with different words (1: no bank
+    conflict; lanes reading one word share it)."""
+    words = np.asarray(addr, np.int64) // 4
+    most = self.ways.get(instruction, 1)
+    for w in range(0, self.threads, 32):
+      on = pred[w:w + 32]
+      if not on.any():
+        continue
+      distinct = np.unique(words[w:w + 32][on])
+      most = max(most, int(np.bincount(distinct % 32).max()))
+    self.ways[instruction] = most
 
   def add_global(self, base: int, array: np.ndarray) -> int:
     self.globals[base] = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
@@ -155,11 +170,11 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> None:
       put(args[0], val(args[1]))
     elif op == "cvta.to.global.u64":
       put(args[0], val(args[1]))
-    elif base in ("and", "shr", "shl", "add", "sub", "min") and parts[1] in (
-        "b32", "u32", "u64"):
+    elif base in ("and", "or", "shr", "shl", "add", "sub", "min") and parts[
+        1] in ("b32", "u32", "u64"):
       a, b = val(args[1]), val(args[2])
       width = (1 << 64) - 1 if parts[1] == "u64" else _MASK
-      res = {"and": lambda: a & b, "shr": lambda: a >> b,
+      res = {"and": lambda: a & b, "or": lambda: a | b, "shr": lambda: a >> b,
              "shl": lambda: a << b, "add": lambda: a + b,
              "sub": lambda: a - b, "min": lambda: np.minimum(a, b)}[base]()
       put(args[0], res & np.uint64(width))
@@ -200,9 +215,12 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> None:
     elif base in ("ld", "st"):
       space = parts[1]
       size = {"u8": 1, "u32": 4, "b32": 4, "f32": 4}[parts[-1]]
+      where = addr(args[1] if base == "ld" else args[0])
+      if space == "shared":
+        machine.count_ways(raw.strip(), where, pred)
       if base == "ld":
-        put(args[0], machine.load(space, addr(args[1]), size, pred))
+        put(args[0], machine.load(space, where, size, pred))
       else:
-        machine.store(space, addr(args[0]), size, val(args[1]), pred)
+        machine.store(space, where, size, val(args[1]), pred)
     else:
       raise NotImplementedError(f"PTX op not emulated: {raw.strip()}")

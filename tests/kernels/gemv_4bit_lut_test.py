@@ -334,11 +334,12 @@ def test_gpu_lut_variant(n, k, config, dtype, quant_type):
                              atol=2e-2 * float(jnp.max(jnp.abs(twin))))
 
 
-def _emulate(x, weights, code, ns, k, rows, step_rows, wgs):
+def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None):
   """The kernel's PTX run by `_ptx` over every program of a group of
   weights `(packed, qs)`: build, then each pipeline step with its TMA
   tiles written into shared memory (rows past the weight zero, as TMA
-  fills them). fp32 partials `[chunks, n_g]` per weight."""
+  fills them). fp32 partials `[chunks, n_g]` per weight; `ways` (a dict)
+  gets each shared access's most bank conflict ways."""
   chunks = k // lg.CHUNK
   tile_rows = step_rows * wgs
   plan, n_pad = lg._plan(ns, k, rows, tile_rows)  # pylint: disable=protected-access
@@ -382,6 +383,9 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs):
                                                 c:c + 16].reshape(-1)
           _ptx.run(sptx, m, {0: w_, 1: cd_, 2: t_, 3: c2_, 4: sp_, 5: cnt_,
                              6: og})
+        if ways is not None:
+          for line, w in m.ways.items():
+            ways[line] = max(w, ways.get(line, 1))
   return [out[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
 
@@ -410,6 +414,26 @@ def test_ptx_emulated_matches_twin(n, k, rows, step_rows, wgs, dtype,
   want = _twin_parts(x, packed, qs, code, n, k)
   scale = float(np.max(np.abs(want)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("step_rows,wgs", [(64, 1), (128, 2)])
+def test_ptx_table_has_no_bank_conflicts(step_rows, wgs):
+  """The table's stores and lookups and the weight words' loads send the
+  32 lanes of a warp to 32 distinct banks, whatever the bytes."""
+  n, k = 2 * step_rows * wgs, 1024
+  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 7)
+  x = jnp.asarray(_util.rng_array((1, k), 3, jnp.bfloat16))
+  ways = {}
+  _emulate(x, [(packed, qs)], _code("nf4"), (n,), k, (1,), step_rows, wgs,
+           ways)
+  lookups = {l: w for l, w in ways.items() if l.startswith("ld.shared.f32 t")}
+  stores = {l: w for l, w in ways.items()
+            if l.startswith("@pw st.shared.f32 [a+")}
+  words = {l: w for l, w in ways.items() if l.startswith("ld.shared.u32 w")}
+  assert len(lookups) == 4 and len(stores) == 256 // wgs
+  assert len(words) == step_rows // 4
+  assert set(lookups.values()) == set(stores.values()) == set(
+      words.values()) == {1}, (lookups, stores, words)
 
 
 def test_ptx_emulated_group_matches_twin():
