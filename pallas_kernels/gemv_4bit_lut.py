@@ -195,8 +195,8 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   Operands: `$0` the table's shared address, `$1` the nested table's
   (`[256]` codes, then the offset), `$2` the span's, `$3` the step
   counters' (one a compute thread); `$4` x's global address, `$5` the
-  global address of the nested codes and offset (257 floats), `$6` the
-  nested absmax's. Thread `t` makes the entries of byte position
+  nested codes' (256 floats), `$6` the nested absmax's, `$7` the
+  offset's (one float). Thread `t` makes the entries of byte position
   `p = 4 l + i` (`l = t % 32`, `i = t % 128 // 32`) of the chunk
   `%ctaid.x`, all 256 byte values with one compute warpgroup (`wgs`), half of them
   with two. Threads past the compute warpgroups (the pipeline's memory
@@ -209,7 +209,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
       "{",
       ".reg .b32 t, c, l, i, a, b, w;",
       ".reg .f32 x0, x1, e, cc, h<16>, o<16>;",
-      ".reg .b64 px, pc, d;",
+      ".reg .b64 px, pc, pf, d;",
       ".reg .b16 hx0, hx1;",
       ".reg .pred p0, pw, pt, lo;",
       "mov.u32 t, %tid.x;", "and.b32 c, t, 127;", "and.b32 l, t, 31;",
@@ -250,7 +250,8 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
       "ld.global.nc.f32 e, [pc];", "@pt st.shared.f32 [a], e;",
       "ld.global.nc.f32 e, [pc+512];", "@pt st.shared.f32 [a+512], e;",
       "setp.eq.u32 p0, t, 0;",
-      "@p0 ld.global.nc.f32 e, [pc+1024];", "@p0 st.shared.f32 [a+1024], e;",
+      "cvta.to.global.u64 pf, $7;",
+      "@p0 ld.global.nc.f32 e, [pf];", "@p0 st.shared.f32 [a+1024], e;",
       "shl.b32 a, t, 2;", "add.u32 a, a, $3;", "@pw st.shared.u32 [a], 0;",
   ]
   # The span: nested[start + c + 128 j] (clamped) to span word c + 128 j.
@@ -395,7 +396,8 @@ def _plan(ns, k, rows, tile_rows):
 def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
               early):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,
-  nested absmax, nested table)`: fp32 partials `[chunks, sum n_pad]`."""
+  nested absmax, nested codes, offset `[1]`)`: fp32 partials `[chunks, sum
+  n_pad]`."""
   dtype = jnp.dtype(x.dtype)
   chunks = k // CHUNK
   tile_rows = step_rows * wgs
@@ -419,20 +421,21 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
     call(*refs)
 
   def jaxbnb_gemv_4bit_lut(x_gmem, *refs):
-    ins = refs[:4 * len(ns)]
-    o_gmem, t_smem, c2_smem, sp_smem, cnt_smem = refs[4 * len(ns):]
+    ins = refs[:5 * len(ns)]
+    o_gmem, t_smem, c2_smem, sp_smem, cnt_smem = refs[5 * len(ns):]
     i = lax.axis_index("n")
     s = lax.axis_index("s")
     for g, (n, (r, steps, _, _, group0, _)) in enumerate(zip(ns, plan)):
-      w_gmem, c_gmem, ns_gmem, nc_gmem = ins[4 * g:4 * g + 4]
+      w_gmem, c_gmem, ns_gmem, nc_gmem, off_gmem = ins[5 * g:5 * g + 5]
       bptx, sptx = ptx[g]
       last = -(-n // tile_rows) - 1
 
       @pl.when((i >= group0) & (i < group0 + r))
       def _(w_gmem=w_gmem, c_gmem=c_gmem, ns_gmem=ns_gmem, nc_gmem=nc_gmem,
-            bptx=bptx, sptx=sptx, steps=steps, group0=group0, last=last):
+            off_gmem=off_gmem, bptx=bptx, sptx=sptx, steps=steps,
+            group0=group0, last=last):
         asm(bptx, (t_smem, c2_smem, sp_smem, cnt_smem, x_gmem, nc_gmem,
-                   ns_gmem), 4)
+                   ns_gmem, off_gmem), 4)
 
         def body(_, w_smem, c_smem):
           asm(sptx, (w_smem, c_smem, t_smem, c2_smem, sp_smem, cnt_smem,
@@ -465,9 +468,10 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
                      plgpu.SMEM((span // 128, 128), jnp.float32),
                      plgpu.SMEM((wgs, 128), jnp.uint32)])
   args = []
-  for (packed, codes, nested_absmax, table), n in zip(weights, ns):
+  for (packed, codes, nested_absmax, nested_code, offset), n in zip(weights,
+                                                                   ns):
     args += [packed.reshape(n, k // 2), codes.reshape(n, k // 64),
-             nested_absmax, table]
+             nested_absmax, nested_code, offset]
   part = kernel(x.reshape(k), *args)
   return [part[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
@@ -573,9 +577,9 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
       raise RuntimeError(
           "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
           f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
+    # The offset a separate input: no XLA kernel to join it to the codes.
     parts = _compiled(
-        x, [(p, c, na, jnp.concatenate([nc.astype(jnp.float32),
-                                        off.reshape(1)]))
+        x, [(p, c, na, nc.astype(jnp.float32), off.reshape(1))
             for p, c, na, nc, off in prepared],
         code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
         stages=stages, wgs=wgs, early=early)

@@ -236,7 +236,7 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
     pytest.skip("no ptxas: Triton is not installed")
   if which == "build":
     src = _entry(lg.build_ptx(_code("nf4"), "float16", 14336, 4096, 1792, 512,
-                              896, 2), ["r"] * 4 + ["l"] * 3)
+                              896, 2), ["r"] * 4 + ["l"] * 4)
   else:
     src = _entry(lg.step_ptx(14336, 4096, 28 // (1 + (which == "step128")),
                              14336, 128 if which == "step128" else 64),
@@ -354,8 +354,8 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None):
                                                            plan):
     tiles = -(-n // tile_rows)
     nested = np.asarray(qs.nested_absmax, np.float32)
-    table = np.concatenate([np.asarray(qs.nested_code, np.float32),
-                            np.asarray(qs.offset, np.float32).reshape(1)])
+    table = np.asarray(qs.nested_code, np.float32)
+    offset = np.asarray(qs.offset, np.float32).reshape(1)
     w2 = np.zeros((tiles * tile_rows, k // 2), np.uint8)
     w2[:n] = np.asarray(packed).reshape(n, k // 2)
     c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
@@ -371,8 +371,9 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None):
         ng = m.add_global(2 << 40, table)
         sg = m.add_global(3 << 40, nested)
         og = m.add_global(4 << 40, out)
+        fg = m.add_global(5 << 40, offset)
         _ptx.run(bptx, m, {0: t_, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng,
-                           6: sg})
+                           6: sg, 7: fg})
         m.threads = 128 * wgs
         for t in range(steps):
           q = min((i - group0) * steps + t, tiles - 1) * tile_rows
