@@ -185,9 +185,18 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
     Mutant("lut-gemv-table-lanes-collide", "pallas_kernels/gemv_4bit_lut.py",
-           '"add.u32 tb1, tb0, 128;"', '"add.u32 tb1, tb0, 256;"',
+           'f"add.u32 tb{i}, l, {16 * i};"', 'f"add.u32 tb{i}, l, {32 * i};"',
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_ptx_emulated_matches_twin",)),
+    # A layout that still gives every entry its own word, but 4 lanes of a
+    # warp a bank: only the bank count sees it.
+    Mutant("lut-gemv-table-bank-conflicts", "pallas_kernels/gemv_4bit_lut.py",
+           'return [f"and.b32 {reg}, {reg}, 63;", f"shl.b32 {reg}, {reg}, 2;",',
+           'return [f"and.b32 {reg}, {reg}, 63;", f"shr.u32 {tmp}, {reg}, 4;", '
+           'f"and.b32 {reg}, {reg}, 15;", f"shl.b32 {reg}, {reg}, 2;", '
+           'f"add.u32 {reg}, {reg}, {tmp};", f"shl.b32 {reg}, {reg}, 2;",',
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_ptx_table_has_no_bank_conflicts",)),
     Mutant("lut-gemv-reduce-keeps-wrong-half",
            "pallas_kernels/gemv_4bit_lut.py",
            'f"selp.f32 kp, {hi}, {lo_}, p;"', 'f"selp.f32 kp, {lo_}, {hi}, p;"',

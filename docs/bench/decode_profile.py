@@ -3,6 +3,7 @@ launches per step and how busy the GPU is (docs/benchmarks.md, "the decode
 step, kernel by kernel", H200, 2026-12-02). On the GPU machine:
 
     python docs/bench/decode_profile.py jax-nf4-dq 1 64
+    LAYERS=4 python docs/bench/decode_profile.py jax-nf4-dq 1 16
 
 The traced `benchmark_decode(reps=1)` runs the decode loop twice (its
 warm-up run and the timed one), so the trace holds 2 x STEPS decode steps
@@ -19,7 +20,10 @@ from jaxbnb._src.tools import bench_decode
 impl, batch = sys.argv[1], int(sys.argv[2])
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 32
 out = f"/tmp/prof_dec_{impl}_{batch}"
-model = bench_decode.random_model(dict(bench_decode.SHAPES[os.environ.get("SHAPE", "llama-3-8b")]), impl)
+shape = dict(bench_decode.SHAPES[os.environ.get("SHAPE", "llama-3-8b")])
+if os.environ.get("LAYERS"):  # fewer layers: a shorter compile, same kernels
+  shape["num_hidden_layers"] = int(os.environ["LAYERS"])
+model = bench_decode.random_model(shape, impl)
 jax.block_until_ready(nnx.state(model))
 gen = models.Generator(model)
 r = gen.benchmark_decode(batch=batch, prompt_len=128, steps=steps, reps=2)
