@@ -187,7 +187,8 @@ def _span_start(lines, n, rows_a_program, nkb, group0=0):
 @functools.lru_cache(maxsize=None)
 def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               rows_a_program: int, span: int, n_nested: int,
-              wgs: int = 1, early: bool = False, group0: int = 0) -> str:
+              wgs: int = 1, early: bool = False, group0: int = 0,
+              skip: bool = False) -> str:
   """The table, the nested code table, the program's span of nested
   absmax and the step counters, made by the compute threads; then a
   barrier of every thread of the program.
@@ -196,31 +197,51 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   (`[256]` codes, then the offset), `$2` the span's, `$3` the step
   counters' (one a compute thread); `$4` x's global address, `$5` the
   nested codes' (256 floats), `$6` the nested absmax's, `$7` the
-  offset's (one float). Thread `t` makes the entries of byte position
-  `p = 4 l + i` (`l = t % 32`, `i = t % 128 // 32`) of the chunk
-  `%ctaid.x`, all 256 byte values with one compute warpgroup (`wgs`), half of them
-  with two. Threads past the compute warpgroups (the pipeline's memory
-  warpgroup) store nothing; with `early` (two compute warpgroups) they do
-  not wait either: the compute threads meet at named barrier 15, and the
-  memory warpgroup starts the pipeline's first copies meanwhile. In a
-  group of weights, this weight's row groups start at `group0`.
+  offset's (one float). Every global load comes first, so that their
+  latencies pass together and while the table is made. Thread `t` makes
+  the entries of byte position `p = 4 l + i` (`l = t % 32`,
+  `i = t % 128 // 32`) of the chunk `%ctaid.x`, all 256 byte values with
+  one compute warpgroup (`wgs`), half of them with two. Threads past the
+  compute warpgroups (the pipeline's memory warpgroup) store nothing;
+  with `skip` they branch past the whole block to its barrier. With
+  `early` (two compute warpgroups) they do not wait either: the compute
+  threads meet at named barrier 15, and the memory warpgroup starts the
+  pipeline's first copies meanwhile. In a group of weights, this weight's
+  row groups start at `group0`.
   """
+  loads = span // 128
   lines = [
       "{",
-      ".reg .b32 t, c, l, i, a, b, w;",
-      ".reg .f32 x0, x1, e, cc, h<16>, o<16>;",
+      ".reg .b32 t, c, l, i, a, b, w, q;",
+      f".reg .f32 x0, x1, e, cc, h<16>, o<16>, g<{loads + 3}>;",
       ".reg .b64 px, pc, pf, d;",
       ".reg .b16 hx0, hx1;",
       ".reg .pred p0, pw, pt, lo;",
-      "mov.u32 t, %tid.x;", "and.b32 c, t, 127;", "and.b32 l, t, 31;",
-      "shr.u32 i, c, 5;",
-      f"setp.lt.u32 pw, t, {128 * wgs};", "setp.lt.u32 pt, t, 128;",
+      "mov.u32 t, %tid.x;", f"setp.lt.u32 pw, t, {128 * wgs};",
+  ]
+  if skip:
+    lines += ["@!pw bra LUT_BUILT;"]
+  lines += [
+      "and.b32 c, t, 127;", "and.b32 l, t, 31;", "shr.u32 i, c, 5;",
+      "setp.lt.u32 pt, t, 128;", "setp.eq.u32 p0, t, 0;",
       # Mosaic GPU reverses the grid: ctaid.x is the K chunk.
       "mov.u32 a, %ctaid.x;", f"mul.lo.u32 a, a, {CHUNK};",
       "mad.lo.u32 a, l, 8, a;", "mad.lo.u32 a, i, 2, a;",
       "cvta.to.global.u64 px, $4;", "mul.wide.u32 d, a, 2;",
       "add.u64 px, px, d;", "ld.global.nc.b32 w, [px];",
+      # The nested codes (g0, g1), the offset (g2), the span (g3 on).
+      "cvta.to.global.u64 pc, $5;", "mul.wide.u32 d, c, 4;",
+      "add.u64 pc, pc, d;", "ld.global.nc.f32 g0, [pc];",
+      "ld.global.nc.f32 g1, [pc+512];", "cvta.to.global.u64 pf, $7;",
+      "@p0 ld.global.nc.f32 g2, [pf];",
   ]
+  # The span: nested[start + c + 128 j] (clamped) to span word c + 128 j.
+  _span_start(lines, n, rows_a_program, k // 64, group0)
+  lines += ["add.u32 a, a, c;", "cvta.to.global.u64 pc, $6;"]
+  for j in range(loads):
+    lines += [f"add.u32 q, a, {128 * j};", f"min.u32 q, q, {n_nested - 1};",
+              "mul.wide.u32 d, q, 4;", "add.u64 d, d, pc;",
+              f"ld.global.nc.f32 g{3 + j}, [d];"]
   if dtype_name == "bfloat16":
     lines += ["shl.b32 a, w, 16;", "mov.b32 x0, a;",
               "and.b32 a, w, 0xffff0000;", "mov.b32 x1, a;"]
@@ -244,25 +265,16 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   for b in range(values):
     lines += [f"add.rn.f32 e, h{b >> 4}, o{b & 15};",
               f"@pw st.shared.f32 [a+{_ROW * b}], e;"]
-  lines += [
-      "cvta.to.global.u64 pc, $5;", "mul.wide.u32 d, c, 4;",
-      "add.u64 pc, pc, d;", "shl.b32 a, c, 2;", "add.u32 a, a, $1;",
-      "ld.global.nc.f32 e, [pc];", "@pt st.shared.f32 [a], e;",
-      "ld.global.nc.f32 e, [pc+512];", "@pt st.shared.f32 [a+512], e;",
-      "setp.eq.u32 p0, t, 0;",
-      "cvta.to.global.u64 pf, $7;",
-      "@p0 ld.global.nc.f32 e, [pf];", "@p0 st.shared.f32 [a+1024], e;",
-      "shl.b32 a, t, 2;", "add.u32 a, a, $3;", "@pw st.shared.u32 [a], 0;",
-  ]
-  # The span: nested[start + c + 128 j] (clamped) to span word c + 128 j.
-  _span_start(lines, n, rows_a_program, k // 64, group0)
-  lines += ["add.u32 a, a, c;", "cvta.to.global.u64 pc, $6;",
+  lines += ["shl.b32 a, c, 2;", "add.u32 a, a, $1;",
+            "@pt st.shared.f32 [a], g0;", "@pt st.shared.f32 [a+512], g1;",
+            "@p0 st.shared.f32 [a+1024], g2;",
+            "shl.b32 a, t, 2;", "add.u32 a, a, $3;",
+            "@pw st.shared.u32 [a], 0;",
             "shl.b32 b, c, 2;", "add.u32 b, b, $2;"]
-  for j in range(span // 128):
-    lines += [f"add.u32 i, a, {128 * j};", f"min.u32 i, i, {n_nested - 1};",
-              "mul.wide.u32 d, i, 4;", "add.u64 d, d, pc;",
-              "ld.global.nc.f32 e, [d];",
-              f"@pt st.shared.f32 [b+{512 * j}], e;"]
+  lines += [f"@pt st.shared.f32 [b+{512 * j}], g{3 + j};"
+            for j in range(loads)]
+  if skip:
+    lines += ["LUT_BUILT:"]
   lines += [f"@pw bar.sync 15, {128 * wgs};" if early else "bar.sync 0;",
             "}"]
   return "\n".join(lines)
@@ -325,8 +337,8 @@ def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int,
     lines += [f"ld.shared.u8 c, [ca+{q * _CODES}];", "shl.b32 c, c, 2;",
               "add.u32 c, c, $3;", f"ld.shared.f32 cv{q}, [c];"]
   lines += ["ld.shared.f32 off, [$3+1024];"]
-  # The lane's table offsets (`_table_offset`) of its bytes 0-3, the
-  # warp's rows of the weight tile.
+  # The lane's table offsets (`_offset`) of its bytes 0-3; the warp's
+  # rows of the weight tile.
   for i in range(4):
     lines += [f"add.u32 tb{i}, l, {16 * i};"] + _offset(f"tb{i}", "a")
   lines += ["shl.b32 a, l, 2;", "mad.lo.u32 wa, ro, 128, a;",
@@ -394,7 +406,7 @@ def _plan(ns, k, rows, tile_rows):
 
 
 def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
-              early):
+              early, tma_skips_build):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,
   nested absmax, nested codes, offset `[1]`)`: fp32 partials `[chunks, sum
   n_pad]`."""
@@ -404,7 +416,7 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
   plan, n_pad = _plan(ns, k, rows, tile_rows)
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                    w[2].shape[0], wgs, early, group0),
+                    w[2].shape[0], wgs, early, group0, tma_skips_build),
           step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 
@@ -512,6 +524,7 @@ def _group_smem(ns, k, rows, step_rows, stages, wgs):
 def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, step_rows: int = 64,
                stages: int = 4, wgs: int = 1, early: bool = False,
+               tma_skips_build: bool = False,
                interpret: bool = False) -> tuple[jax.Array, ...]:
   """`gemv` of several weights that read the same x, in one launch (a
   layer's gate and up projections): the programs' row groups are shared
@@ -525,7 +538,7 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     ns: rows of each weight.
     k: columns, a multiple of 1024.
     rows: row groups of each weight; default `group_config`'s.
-    step_rows, stages, wgs, early, interpret: as `gemv`.
+    step_rows, stages, wgs, early, tma_skips_build, interpret: as `gemv`.
 
   Returns:
     float32 `[1, n_g]` per weight.
@@ -556,6 +569,9 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
   if early and wgs != 2:
     raise ValueError("early: needs two compute warpgroups (wgs=2), got "
                      f"wgs={wgs}")
+  if tma_skips_build and wgs != 2:
+    raise ValueError("tma_skips_build: needs two compute warpgroups (wgs=2; "
+                     f"one beside them for the TMA), got wgs={wgs}")
   need = _group_smem(ns, k, rows, step_rows, stages, wgs)
   if need > _backend.HOPPER_SMEM:
     what = (f"{rows[0]} row groups of {ns[0]} rows" if len(ns) == 1 else
@@ -582,7 +598,7 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
         x, [(p, c, na, nc.astype(jnp.float32), off.reshape(1))
             for p, c, na, nc, off in prepared],
         code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
-        stages=stages, wgs=wgs, early=early)
+        stages=stages, wgs=wgs, early=early, tma_skips_build=tma_skips_build)
   return tuple(jnp.sum(part, axis=0)[None] for part in parts)
 
 
@@ -590,7 +606,7 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
          nested_absmax: jax.Array, nested_code: jax.Array,
          offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
          rows: int | None = None, step_rows: int = 64, stages: int = 4,
-         wgs: int = 1, early: bool = False,
+         wgs: int = 1, early: bool = False, tma_skips_build: bool = False,
          interpret: bool = False) -> jax.Array:
   """`x @ W.T` in fp32 for one row of x and a double-quantized 4-bit
   `W [n, k]` (blocksize 64, 256 codes a nested absmax).
@@ -613,6 +629,10 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
       a step.
     early: with two compute warpgroups, the memory warpgroup does not wait
       for the table (`build_ptx`).
+    tma_skips_build: with two compute warpgroups, the memory warpgroup
+      branches past the table's whole block (`build_ptx`'s `skip`) instead
+      of running it with its stores off. Not measured on a GPU yet
+      (twenty-fifth session); off by default.
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -639,4 +659,4 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
                     code=code, ns=(n,), k=k,
                     rows=None if rows is None else (rows,),
                     step_rows=step_rows, stages=stages, wgs=wgs, early=early,
-                    interpret=interpret)[0]
+                    tma_skips_build=tma_skips_build, interpret=interpret)[0]

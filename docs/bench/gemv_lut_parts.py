@@ -50,7 +50,8 @@ def build_cut(code, dtype_name, n, k, rows_a_program, span, n_nested,
 
 def main():
   path = os.path.join(os.environ.get("OUT", "."), "gemv_lut_parts.jsonl")
-  cases = {"default": (BUILD, STEP, {}), "no step": (BUILD, lambda *a: "{\n}", {}),
+  cases = {"default": (BUILD, STEP, {}),
+           "no step": (BUILD, lambda *a: "{\n}", {}),
            "no table": (build_cut, STEP, {}),
            "stream": (build_cut, lambda *a: "{\n}", {}),
            "stages 5": (BUILD, STEP, {"stages": 5}),

@@ -16,7 +16,9 @@ memory, steps of 128 rows, two compute warpgroups beside a TMA one, and
 ("early") the TMA warpgroup not waiting for the table. Run c times the
 defaults against the "reduce" kernel that was the default before
 (`python docs/bench/gemv_lut_sweep.py 150 c`), and the gate/up pair of
-the 8B shape in one launch (`gemv_4bit_group`) both ways.
+the 8B shape in one launch (`gemv_4bit_group`) both ways. Run d
+(twenty-fifth session) has the byte offsets by `prmt`; run e, written
+then and not yet run, times `tma_skips_build` against the default.
 """
 import json
 import os
@@ -54,9 +56,15 @@ RUNS = {
            (1024, 4096), (6144, 4096)],
           [(None, 4, 64, 2, True), (None, 2, 128, 2, True),
            (None, 4, 64, 1), ("double", 4, 64, 2, True), "reduce"]),
+    # e (not run yet): the TMA warpgroup branching past the table's block
+    # (`tma_skips_build`) against the default, alternating.
+    "e": ([(4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096),
+           (6144, 4096)],
+          [(None, 4, 64, 2, True), (None, 4, 64, 2, True, True)] * 2),
 }
 GROUPS = {"c": [(14336, 14336)],
-          "d": [(14336, 14336), (4096, 1024, 1024)]}
+          "d": [(14336, 14336), (4096, 1024, 1024)],
+          "e": [(14336, 14336)]}
 
 
 def group(run, ns, t_end, out):
@@ -70,11 +78,15 @@ def group(run, ns, t_end, out):
                   (made[g][i][2], made[g][i][3], made[g][i][4]))
                  for g in range(len(ns))) for i in range(2)]
   rec = {"run": run, "ns": ns, "k": k, "m": 1}
-  if time.time() < t_end:
-    def table(x, ws):
+  for name, skip in (("table", False), ("table, tma_skips_build", True)):
+    if time.time() > t_end or (skip and run != "e"):
+      continue
+
+    def table(x, ws, skip=skip):
       return lg.gemv_group(x, [(p, a, *nested) for p, a, nested in ws],
-                           code=CODE, ns=ns, k=k, **lg.group_config(ns, k))
-    rec["table"] = median_us(table, [(x, w) for w in slots])
+                           code=CODE, ns=ns, k=k, tma_skips_build=skip,
+                           **lg.group_config(ns, k))
+    rec[name] = median_us(table, [(x, w) for w in slots])
   if time.time() < t_end:
     cfg = gk.default_config(1, sum(ns), k, 64, "bfloat16", mma=True)
 
@@ -122,16 +134,18 @@ def main():
               f, [(x,) + tuple(s[:5]) for s in base], ref, scale)])
           continue
         rows, stages, *more = cfg
-        step_rows, wgs, early = (more + [64, 1, False][len(more):])[:3]
+        step_rows, wgs, early, skip = (more + [64, 1, False, False][
+            len(more):])[:4]
         r = lg.default_rows(n, k)
         r = {"half": max(1, r // 2), "double": 2 * r}.get(rows, rows or r)
 
         def f(x, p, a, na, nc, off, r=r, stages=stages, sr=step_rows,
-              wgs=wgs, early=early):
+              wgs=wgs, early=early, skip=skip):
           return lg.gemv(x, p, a, na, nc, off, code=CODE, n=n, k=k, rows=r,
-                         step_rows=sr, stages=stages, wgs=wgs, early=early)
+                         step_rows=sr, stages=stages, wgs=wgs, early=early,
+                         tma_skips_build=skip)
         args = [(x,) + tuple(s[:5]) for s in base]
-        res.append([[r, stages, step_rows, wgs, early],
+        res.append([[r, stages, step_rows, wgs, early, skip],
                     *checked(f, args, ref, scale)])
       print(f"{n}x{k} M={m}: xla {rec['xla_bf16']:.1f} package "
             f"{rec['package']:.1f}", flush=True)

@@ -115,12 +115,17 @@ def _imm(tok):
   return int(tok, 0)
 
 
-def run(text: str, machine: Machine, operands: dict[int, int]) -> None:
-  """Runs the block `text` with `$i` bound to `operands[i]` (all threads)."""
+def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
+  """Runs the block `text` with `$i` bound to `operands[i]` (all threads);
+  returns the instructions each thread executed. A branch (`bra`, forward
+  only) parks its threads until its label."""
   n = machine.threads
   tid = np.arange(n, dtype=np.uint64)
   regs: dict[str, np.ndarray] = {}
   preds: dict[str, np.ndarray] = {}
+  active = np.ones(n, bool)
+  parked: dict[str, np.ndarray] = {}
+  executed = np.zeros(n, np.int64)
 
   def val(tok):
     tok = tok.strip()
@@ -145,12 +150,20 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> None:
     line = raw.strip().rstrip(";")
     if not line or line in "{}" or line.startswith(".reg"):
       continue
-    pred = np.ones(n, bool)
+    if line.endswith(":"):  # a label: its parked threads go on
+      active |= parked.pop(line[:-1], np.zeros(n, bool))
+      continue
+    executed += active
+    pred = active.copy()
     m = re.match(r"@(!?)(\w+)\s+(.*)", line)
     if m:
-      pred = ~preds[m.group(2)] if m.group(1) else preds[m.group(2)]
+      pred &= ~preds[m.group(2)] if m.group(1) else preds[m.group(2)]
       line = m.group(3)
     op, _, rest = line.partition(" ")
+    if op == "bra":
+      parked[rest.strip()] = parked.get(rest.strip(), np.zeros(n, bool)) | pred
+      active &= ~pred
+      continue
     args = [a.strip() for a in re.split(r",(?![^{]*\})", rest)] if rest else []
 
     def put(name, value, pred=pred):
@@ -224,3 +237,6 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> None:
         machine.store(space, where, size, val(args[1]), pred)
     else:
       raise NotImplementedError(f"PTX op not emulated: {raw.strip()}")
+  if parked:
+    raise ValueError(f"branch to a label the block lacks: {sorted(parked)}")
+  return executed

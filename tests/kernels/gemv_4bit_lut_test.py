@@ -155,7 +155,11 @@ def test_build_ptx_structure():
   assert "@pw st.shared.u32 [a], 0;" in text   # the step counter
   # The span: 256 words, two a thread, clamped to the last nested value.
   assert text.count("st.shared.f32 [b+") == 2
-  assert text.count("min.u32 i, i, 62;") == 2
+  assert text.count("min.u32 q, q, 62;") == 2
+  # Every global load before the first shared store: their latencies pass
+  # together, while the table is made.
+  assert text.rindex("ld.global") < text.index("st.shared")
+  assert "bra" not in text and "LUT_BUILT" not in text
   assert "min.u32 a, a, 999;" in text          # the first row, clamped
   assert text.count("mul.rn.f32") == 32 and text.count("add.rn.f32") == 256
   assert text.count("bar.sync 0;") == 1
@@ -227,16 +231,17 @@ def _entry(asm, kinds):
                    + ["ret;", "}"])
 
 
-@pytest.mark.parametrize("which", ["build", "step", "step128"])
+@pytest.mark.parametrize("which", ["build", "build_skip", "step", "step128"])
 def test_ptx_assembles_for_sm90a(tmp_path, which):
   """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
   test skips where Triton is not installed)."""
   ptxas = _ptxas()
   if ptxas is None:
     pytest.skip("no ptxas: Triton is not installed")
-  if which == "build":
+  if which.startswith("build"):
     src = _entry(lg.build_ptx(_code("nf4"), "float16", 14336, 4096, 1792, 512,
-                              896, 2), ["r"] * 4 + ["l"] * 4)
+                              896, 2, which == "build_skip", 0,
+                              which == "build_skip"), ["r"] * 4 + ["l"] * 4)
   else:
     src = _entry(lg.step_ptx(14336, 4096, 28 // (1 + (which == "step128")),
                              14336, 128 if which == "step128" else 64),
@@ -266,16 +271,17 @@ def test_lowers_for_cuda():
   assert "mosaic_gpu" in text
 
 
-def test_group_lowers_for_cuda():
+@pytest.mark.parametrize("skip", [False, True])
+def test_group_lowers_for_cuda(skip):
   """Three weights in one kernel lower (one build and pipeline a weight
-  under `pl.when`)."""
+  under `pl.when`), also with the memory warpgroup skipping the builds."""
   s = jax.ShapeDtypeStruct
   k, ns = 2048, (1000, 4096, 300)
   ws = [(s((n * k // 2,), jnp.uint8), s((n * k // 64,), jnp.uint8),
          s((-(-n * k // 64 // 256),), jnp.float32), s((256,), jnp.float32),
          s((), jnp.float32)) for n in ns]
   fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k,
-                         wgs=2, early=True)
+                         wgs=2, early=True, tma_skips_build=skip)
   try:
     text = helpers.lowered_for_h200(lambda x, w: fn(x, w),
                                     s((1, k), jnp.bfloat16), ws)
@@ -334,12 +340,29 @@ def test_gpu_lut_variant(n, k, config, dtype, quant_type):
                              atol=2e-2 * float(jnp.max(jnp.abs(twin))))
 
 
-def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None):
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 4096), (1000, 2048)])
+def test_gpu_tma_skips_build(n, k):
+  """The memory warpgroup branching past the build gives the same bits as
+  the default on the GPU."""
+  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, n + 9)
+  x = jnp.asarray(_util.rng_array((1, k), 13, jnp.bfloat16))
+  args = (x, packed.reshape(-1), qs.absmax, qs.nested_absmax, qs.nested_code,
+          qs.offset)
+  cfg = lg.default_config(n, k)
+  ys = [np.asarray(lg.gemv(*args, code=_code("nf4"), n=n, k=k, **cfg,
+                           tma_skips_build=skip)) for skip in (False, True)]
+  np.testing.assert_array_equal(ys[1], ys[0])
+
+
+def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None,
+             skip=False, executed=None):
   """The kernel's PTX run by `_ptx` over every program of a group of
   weights `(packed, qs)`: build, then each pipeline step with its TMA
   tiles written into shared memory (rows past the weight zero, as TMA
   fills them). fp32 partials `[chunks, n_g]` per weight; `ways` (a dict)
-  gets each shared access's most bank conflict ways."""
+  gets each shared access's most bank conflict ways, `executed` (a list)
+  each program's build instructions a thread; `skip`: `build_ptx`'s."""
   chunks = k // lg.CHUNK
   tile_rows = step_rows * wgs
   plan, n_pad = lg._plan(ns, k, rows, tile_rows)  # pylint: disable=protected-access
@@ -361,7 +384,7 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None):
     c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
     c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
     bptx = lg.build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                        nested.shape[0], wgs, False, group0)
+                        nested.shape[0], wgs, skip, group0, skip)
     sptx = lg.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0)
     for i in range(group0, group0 + r):
       for s in range(chunks):
@@ -372,8 +395,10 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None):
         sg = m.add_global(3 << 40, nested)
         og = m.add_global(4 << 40, out)
         fg = m.add_global(5 << 40, offset)
-        _ptx.run(bptx, m, {0: t_, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng,
-                           6: sg, 7: fg})
+        count = _ptx.run(bptx, m, {0: t_, 1: c2_, 2: sp_, 3: cnt_, 4: xg,
+                                   5: ng, 6: sg, 7: fg})
+        if executed is not None:
+          executed.append(count)
         m.threads = 128 * wgs
         for t in range(steps):
           q = min((i - group0) * steps + t, tiles - 1) * tile_rows
@@ -435,6 +460,37 @@ def test_ptx_table_has_no_bank_conflicts(step_rows, wgs):
   assert len(words) == step_rows // 4
   assert set(lookups.values()) == set(stores.values()) == set(
       words.values()) == {1}, (lookups, stores, words)
+
+
+def test_ptx_memory_warpgroup_skips_the_build():
+  """`tma_skips_build`: the memory warpgroup branches past the table's
+  block (a handful of instructions), the compute threads run all of it,
+  and the partials are the same."""
+  n, k = 300, 1024
+  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 17)
+  x = jnp.asarray(_util.rng_array((1, k), 4, jnp.bfloat16))
+  code = _code("nf4")
+  runs = {}
+  for skip in (False, True):
+    executed = []
+    [runs[skip]] = _emulate(x, [(packed, qs)], code, (n,), k, (1,), 64, 2,
+                            skip=skip, executed=executed)
+    counts = np.stack(executed)
+    if skip:
+      assert counts[:, 256:].max() <= 4 < counts[:, :256].min()
+    else:  # without it the memory warpgroup runs the block, stores off
+      assert counts[:, 256:].min() > 300
+  np.testing.assert_array_equal(runs[True], runs[False])
+  np.testing.assert_allclose(runs[True], _twin_parts(x, packed, qs, code, n,
+                                                     k), rtol=1e-5,
+                             atol=1e-5 * float(np.max(np.abs(runs[False]))))
+  text = lg.build_ptx(code, "bfloat16", n, k, 384, 256, 63, 2, True, 0, True)
+  assert text.index("@!pw bra LUT_BUILT;") < text.index("ld.global")
+  assert text.index("LUT_BUILT:") < text.index("@pw bar.sync 15, 256;")
+  with pytest.raises(ValueError, match="tma_skips_build"):
+    lg.gemv(x, packed.reshape(-1), qs.absmax, qs.nested_absmax,
+            qs.nested_code, qs.offset, code=code, n=n, k=k, wgs=1,
+            tma_skips_build=True, interpret=True)
 
 
 def test_ptx_emulated_group_matches_twin():
