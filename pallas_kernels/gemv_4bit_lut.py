@@ -408,8 +408,8 @@ def _plan(ns, k, rows, tile_rows):
 def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
               early, tma_skips_build):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,
-  nested absmax, nested codes, offset `[1]`)`: fp32 partials `[chunks, sum
-  n_pad]`."""
+  nested absmax, nested codes, offset `[1]`)`, its fp32 partials
+  `[chunks, sum n_pad]` summed over the chunks: `[1, n]` per weight."""
   dtype = jnp.dtype(x.dtype)
   chunks = k // CHUNK
   tile_rows = step_rows * wgs
@@ -484,8 +484,10 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
                                                                    ns):
     args += [packed.reshape(n, k // 2), codes.reshape(n, k // 64),
              nested_absmax, nested_code, offset]
-  part = kernel(x.reshape(k), *args)
-  return [part[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
+  # One sum of the chunks over every weight's rows (one XLA reduction for
+  # a group), then each weight's rows.
+  total = jnp.sum(kernel(x.reshape(k), *args), axis=0)
+  return [total[None, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
 
 def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
@@ -586,20 +588,19 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     prepared.append((packed, codes, nested_absmax.astype(jnp.float32),
                      nested_code, offset))
   if interpret:
-    parts = [_twin(x, p, c, na, nc, off, code=code, n=n, k=k)
-             for (p, c, na, nc, off), n in zip(prepared, ns)]
-  else:
-    if not available():
-      raise RuntimeError(
-          "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
-          f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
-    # The offset a separate input: no XLA kernel to join it to the codes.
-    parts = _compiled(
-        x, [(p, c, na, nc.astype(jnp.float32), off.reshape(1))
-            for p, c, na, nc, off in prepared],
-        code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
-        stages=stages, wgs=wgs, early=early, tma_skips_build=tma_skips_build)
-  return tuple(jnp.sum(part, axis=0)[None] for part in parts)
+    return tuple(jnp.sum(_twin(x, p, c, na, nc, off, code=code, n=n, k=k),
+                         axis=0)[None]
+                 for (p, c, na, nc, off), n in zip(prepared, ns))
+  if not available():
+    raise RuntimeError(
+        "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
+        f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
+  # The offset a separate input: no XLA kernel to join it to the codes.
+  return tuple(_compiled(
+      x, [(p, c, na, nc.astype(jnp.float32), off.reshape(1))
+          for p, c, na, nc, off in prepared],
+      code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
+      stages=stages, wgs=wgs, early=early, tma_skips_build=tma_skips_build))
 
 
 def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
