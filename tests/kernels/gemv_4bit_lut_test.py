@@ -384,7 +384,7 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None,
     c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
     c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
     bptx = lg.build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                        nested.shape[0], wgs, skip, group0, skip)
+                        nested.shape[0], wgs, False, group0, skip)
     sptx = lg.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0)
     for i in range(group0, group0 + r):
       for s in range(chunks):
