@@ -71,6 +71,7 @@ from pallas_kernels import _backend
 from pallas_kernels import lut_decode
 from pallas_kernels import wgmma_decode
 from pallas_kernels.dequantize_4bit import decode_absmax
+from pallas_kernels.split_sum import sum_splits
 
 try:  # pragma: no cover - depends on the installed JAX
   from jax.experimental import pallas as pl
@@ -852,7 +853,7 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
     if part.dtype == jnp.bfloat16:  # y itself, [1, mp, n]
       return part[0, :m]
     part = part[:, :, :m]
-  out = part[0] if split == 1 else jnp.sum(part.astype(jnp.float32), axis=0)
+  out = part[0] if split == 1 else sum_splits(part.astype(jnp.float32))
   if bias is not None:
     out = out.astype(jnp.float32) + bias.astype(jnp.float32)[:, None]
   return out.T.astype(x.dtype)

@@ -72,8 +72,10 @@ from pallas_kernels._backend import pltriton
 from pallas_kernels import lut_decode
 from pallas_kernels import gemv_4bit_lut
 from pallas_kernels import gemv_4bit_tma
+from pallas_kernels import gemv_4bit_warp_tma
 from pallas_kernels import warp_mma
 from pallas_kernels.dequantize_4bit import decode_absmax
+from pallas_kernels.split_sum import sum_splits
 
 __all__ = ["can_use", "gemv_4bit", "gemv_4bit_group", "default_config",
            "pair_table", "scales_in_compute_dtype"]
@@ -92,7 +94,8 @@ def can_use(m: int, n: int, k: int, blocksize: int, dtype) -> bool:
 def scales_in_compute_dtype(config: tuple) -> bool:
   """Whether `config` multiplies code and absmax in the compute dtype (as
   bitsandbytes' GEMV does): the "mma" variant and the "prmt" table."""
-  return config[0] == "mma" or (len(config) > 6 and config[6] == "prmt")
+  return config[0] in ("mma", "warp_tma") or (len(config) > 6
+                                              and config[6] == "prmt")
 
 
 def pair_table(lut: jax.Array) -> jax.Array:
@@ -863,6 +866,58 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   return tuple(outs)
 
 
+def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
+                    dtype, nested: bool, nested_blocksize: int, code,
+                    interpret: bool = True) -> bool:
+  """Whether the default at these arguments is the TMA warp GEMV
+  (`gemv_4bit_warp_tma`, all the weights in one launch): 2 to 8 rows of
+  16-bit x, NF4/FP4 double-quantized in blocks of 64 (256 codes a nested
+  absmax), k a multiple of 1024; compiled (`interpret` False), a Hopper
+  GPU and a JAX with Mosaic GPU. Twenty-sixth session: the "warp"
+  kernel's decode and MMA on the table GEMV's TMA pipeline
+  (docs/benchmarks.md)."""
+  return (2 <= m <= gemv_4bit_warp_tma.MAX_M and code is not None and nested
+          and blocksize == 64 and nested_blocksize == 256
+          and jnp.dtype(dtype).name in ("bfloat16", "float16")
+          and k % (4 * gemv_4bit_warp_tma.CHUNK) == 0
+          and (interpret or (gemv_4bit_warp_tma.available()
+                             and _backend.on_hopper())))
+
+
+def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
+                   config, code, interpret):
+  """The "warp_tma" variant (`gemv_4bit_warp_tma`), all the weights in one
+  launch: config ("warp_tma", 64, 128, row groups of each weight (an int
+  for one weight), 8, stages); None: `default_config`'s."""
+  dtype = jnp.dtype(x.dtype)
+  if code is None:
+    raise ValueError("code: variant 'warp_tma' decodes in registers and "
+                     "needs the 16 code values, got None")
+  for (_, _, nested), n in zip(weights, ns):
+    gemv_4bit_warp_tma.check(x.shape[0], n, k, blocksize, dtype,
+                             nested is not None, nested_blocksize)
+  if config is None:
+    cfg = gemv_4bit_warp_tma.default_config(tuple(ns), k)
+  else:
+    _, block_n, bk, rows, num_warps, stages = config[:6]
+    if (block_n != gemv_4bit_warp_tma.STEP_ROWS
+        or bk != gemv_4bit_warp_tma.CHUNK // 2 or num_warps != 8):
+      raise ValueError(
+          "config: variant 'warp_tma' runs 64 rows a step, "
+          f"{gemv_4bit_warp_tma.CHUNK // 2} bytes a row and 8 warps, got "
+          f"block_n {block_n}, {bk} bytes and {num_warps} warps")
+    cfg = dict(rows=rows, stages=stages)
+  ys = gemv_4bit_warp_tma.gemv_group(
+      x, [(packed, absmax, *nested) for packed, absmax, nested in weights],
+      code=code, ns=tuple(ns), k=k, interpret=interpret, **cfg)
+  outs = []
+  for y in ys:
+    if bias is not None:
+      y = y + bias.astype(jnp.float32)
+    outs.append(y.astype(dtype))
+  return tuple(outs)
+
+
 def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
           config, code, interpret):
   """The kernel over one or several weights (see `gemv_4bit_group`)."""
@@ -877,10 +932,19 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
     return _gemv_lut(x, weights, ns=ns, k=k, blocksize=blocksize,
                      nested_blocksize=nested_blocksize, bias=bias,
                      config=None, code=code, interpret=interpret)
+  if config is None and warp_tma_serves(m, ns, k, blocksize, dtype, dq_all,
+                                       nested_blocksize, code, interpret):
+    return _gemv_warp_tma(x, weights, ns=ns, k=k, blocksize=blocksize,
+                          nested_blocksize=nested_blocksize, bias=bias,
+                          config=None, code=code, interpret=interpret)
   if config is None:
     config = default_config(m, n_all, k, blocksize, dtype.name,
                             mma=code is not None)
   variant, block_n, block_kb, split_k, num_warps, num_stages = config[:6]
+  if variant == "warp_tma":
+    return _gemv_warp_tma(x, weights, ns=ns, k=k, blocksize=blocksize,
+                          nested_blocksize=nested_blocksize, bias=bias,
+                          config=config, code=code, interpret=interpret)
   if variant == "lut":
     return _gemv_lut(x, weights, ns=ns, k=k, blocksize=blocksize,
                      nested_blocksize=nested_blocksize, bias=bias,
@@ -903,7 +967,7 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
         f"{'given' if code is not None else 'None'}")
   if variant not in ("reduce", "dot", "mma", "warp"):
     raise ValueError("config: variant must be 'reduce', 'dot', 'mma', "
-                     f"'warp', 'tma' or 'lut', got {variant!r}")
+                     f"'warp', 'tma', 'lut' or 'warp_tma', got {variant!r}")
   if variant == "warp":
     _check_warp(m, k, block_n, num_warps, table)
   if variant == "mma" and dtype == jnp.float32:
@@ -1000,7 +1064,7 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   # The padding lanes are sliced off first: the split-K sum reads only the
   # `m` rows the kernel wrote.
   if split_k > 1:
-    out = jnp.sum(out[:, :m], axis=0)
+    out = sum_splits(out[:, :m])
   else:
     out = out[:m]
   if split_k > 1 and bias is not None:

@@ -51,6 +51,7 @@ from jax import lax
 
 from pallas_kernels import _backend
 from pallas_kernels.dequantize_4bit import decode_absmax
+from pallas_kernels.split_sum import sum_splits
 
 try:  # pragma: no cover - depends on the installed JAX
   from jax.experimental import pallas as pl
@@ -484,9 +485,9 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
                                                                    ns):
     args += [packed.reshape(n, k // 2), codes.reshape(n, k // 64),
              nested_absmax, nested_code, offset]
-  # One sum of the chunks over every weight's rows (one XLA reduction for
-  # a group), then each weight's rows.
-  total = jnp.sum(kernel(x.reshape(k), *args), axis=0)
+  # The chunks summed over every weight's rows as adds (`sum_splits`: XLA
+  # fuses them into the consumer), then each weight's rows.
+  total = sum_splits(kernel(x.reshape(k), *args))
   return [total[None, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
 

@@ -55,6 +55,7 @@ from jax import lax
 
 from pallas_kernels import lut_decode
 from pallas_kernels.dequantize_4bit import decode_absmax
+from pallas_kernels.split_sum import sum_splits
 
 try:  # pragma: no cover - depends on the installed JAX
   from jax.experimental import pallas as pl
@@ -431,4 +432,4 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     part = _compiled(x, packed, codes, nested_absmax.astype(jnp.float32),
                      table, code=code, n=n, k=k, bk=bk, split=split,
                      stages=stages)[:, :, :n]
-  return jnp.sum(part, axis=0)
+  return sum_splits(part)

@@ -4,18 +4,28 @@ step, kernel by kernel", H200, 2026-12-02). On the GPU machine:
 
     python docs/bench/decode_profile.py jax-nf4-dq 1 64
     LAYERS=4 python docs/bench/decode_profile.py jax-nf4-dq 1 16
+    SPLIT_SUM=reduce LAYERS=4 python docs/bench/decode_profile.py jax-nf4-dq 1 16
 
 The traced `benchmark_decode(reps=1)` runs the decode loop twice (its
 warm-up run and the timed one), so the trace holds 2 x STEPS decode steps
 and two prefills. As run on 2026-12-02 the script divided by STEPS, so its
 printed "per step" times and counts are twice the real ones; `n` below is
 now 2 x STEPS. The prefill's kernels (dequantize, cuBLAS) are in the sums.
+SPLIT_SUM=reduce (twenty-sixth session) sums the kernels' K-split partials
+with `jnp.sum` (an XLA reduction, as before `split_sum.sum_splits`) for an
+A/B in one call.
 """
 import collections, glob, os, sys
 import jax
 from flax import nnx
 from jaxbnb import models
 from jaxbnb._src.tools import bench_decode
+
+if os.environ.get("SPLIT_SUM") == "reduce":
+  import jax.numpy as jnp
+  from pallas_kernels import gemm_4bit_wgmma, gemv_4bit, gemv_4bit_lut, gemv_4bit_tma
+  for _mod in (gemm_4bit_wgmma, gemv_4bit, gemv_4bit_lut, gemv_4bit_tma):
+    _mod.sum_splits = lambda part: jnp.sum(part, axis=0)
 
 impl, batch = sys.argv[1], int(sys.argv[2])
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 32

@@ -1,10 +1,12 @@
-"""A small PTX emulator for the inline-PTX blocks of the table GEMV.
+"""A small PTX emulator for the inline-PTX blocks of the Mosaic GPU GEMVs.
 
 Runs a block for every thread of a program at once (registers are numpy
 arrays over the threads; the blocks are branch-free, predicated), with
 shared memory as a byte array and global memory as named arrays at fake
-addresses. It knows the instructions `gemv_4bit_lut` writes and raises on
-any other, so the CPU tests run the very text the GPU assembles.
+addresses. It knows the instructions `gemv_4bit_lut` and
+`gemv_4bit_warp_tma` write (the warp's `mma.sync` over each warp's 32
+lanes) and raises on any other, so the CPU tests run the very text the
+GPU assembles.
 """
 
 from __future__ import annotations
@@ -23,6 +25,37 @@ def _f32(bits):
 
 def _bits(f):
   return np.asarray(f, np.float32).view(np.uint32).astype(np.uint64)
+
+
+def _halves(v, kind):
+  """Two packed 16-bit values (`kind` "bf16" or "f16") as float32 (low,
+  high)."""
+  v = np.asarray(v, np.uint64)
+  lo = (v & np.uint64(0xFFFF)).astype(np.uint16)
+  hi = ((v >> np.uint64(16)) & np.uint64(0xFFFF)).astype(np.uint16)
+  if kind == "f16":
+    return lo.view(np.float16).astype(np.float32), hi.view(
+        np.float16).astype(np.float32)
+  return ((lo.astype(np.uint32) << 16).view(np.float32),
+          (hi.astype(np.uint32) << 16).view(np.float32))
+
+
+def _to16(f, kind):
+  """float32 -> 16-bit bits, rounded to nearest even."""
+  f = np.asarray(f, np.float32)
+  if kind == "f16":
+    return f.astype(np.float16).view(np.uint16).astype(np.uint64)
+  b = f.view(np.uint32).astype(np.uint64)
+  return ((b + np.uint64(0x7FFF) + ((b >> np.uint64(16)) & np.uint64(1)))
+          >> np.uint64(16)) & np.uint64(0xFFFF)
+
+
+def _pack(lo, hi, kind):
+  return _to16(lo, kind) | (_to16(hi, kind) << np.uint64(16))
+
+
+def _regs(tok):
+  return [r.strip() for r in tok.strip()[1:-1].split(",")]
 
 
 class Machine:
@@ -183,13 +216,17 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
       put(args[0], val(args[1]))
     elif op == "cvta.to.global.u64":
       put(args[0], val(args[1]))
-    elif base in ("and", "or", "shr", "shl", "add", "sub", "min") and parts[
-        1] in ("b32", "u32", "u64"):
+    elif op == "and.pred":
+      old = preds.get(args[0], np.zeros(n, bool))
+      preds[args[0]] = np.where(pred, preds[args[1]] & preds[args[2]], old)
+    elif base in ("and", "or", "shr", "shl", "add", "sub", "min", "rem"
+                  ) and parts[1] in ("b32", "u32", "u64"):
       a, b = val(args[1]), val(args[2])
       width = (1 << 64) - 1 if parts[1] == "u64" else _MASK
       res = {"and": lambda: a & b, "or": lambda: a | b, "shr": lambda: a >> b,
              "shl": lambda: a << b, "add": lambda: a + b,
-             "sub": lambda: a - b, "min": lambda: np.minimum(a, b)}[base]()
+             "sub": lambda: a - b, "min": lambda: np.minimum(a, b),
+             "rem": lambda: a % b}[base]()
       put(args[0], res & np.uint64(width))
     elif op == "mul.lo.u32":
       put(args[0], (val(args[1]) * val(args[2])) & np.uint64(_MASK))
@@ -225,6 +262,57 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
     elif op == "cvt.f32.f16":
       put(args[0], _bits(val(args[1]).astype(np.uint16).view(np.float16)
                          .astype(np.float32)))
+    elif base == "cvt" and parts[-2] in ("bf16x2", "f16x2"):
+      kind = parts[-2][:-2]
+      hi, lo = _f32(val(args[1])), _f32(val(args[2]))
+      put(args[0], _pack(lo, hi, kind))
+    elif base == "fma" and parts[-1] in ("bf16x2", "f16x2"):
+      kind = parts[-1][:-2]
+      (alo, ahi), (blo, bhi), (clo, chi) = (_halves(val(a), kind)
+                                            for a in args[1:4])
+      put(args[0], _pack(alo * blo + clo, ahi * bhi + chi, kind))
+    elif base == "mma":  # m16n8k16, A row-major, B column-major, fp32 C/D
+      assert "m16n8k16" in parts and parts[-1] == "f32", raw
+      kind = parts[-3]
+      d, a, b, c = (_regs(t) for t in args)
+      av = [_halves(val(r), kind) for r in a]
+      bv = [_halves(val(r), kind) for r in b]
+      cv = [_f32(val(r)) for r in c]
+      out = [np.zeros(n, np.uint64) for _ in range(4)]
+      for w in range(0, n, 32):
+        lanes = np.arange(w, w + 32)
+        g, q = (lanes - w) >> 2, (lanes - w) & 3
+        am = np.zeros((16, 16), np.float64)
+        bm = np.zeros((16, 8), np.float64)
+        cm = np.zeros((16, 8), np.float64)
+        for j, (row, col) in enumerate(((g, 2 * q), (g + 8, 2 * q),
+                                        (g, 2 * q + 8), (g + 8, 2 * q + 8))):
+          am[row, col] = av[j][0][lanes]
+          am[row, col + 1] = av[j][1][lanes]
+        for j, kk in enumerate((2 * q, 2 * q + 8)):
+          bm[kk, g] = bv[j][0][lanes]
+          bm[kk + 1, g] = bv[j][1][lanes]
+        for j, (row, col) in enumerate(((g, 2 * q), (g, 2 * q + 1),
+                                        (g + 8, 2 * q), (g + 8, 2 * q + 1))):
+          cm[row, col] = cv[j][lanes]
+        dm = (am @ bm + cm).astype(np.float32)
+        for j, (row, col) in enumerate(((g, 2 * q), (g, 2 * q + 1),
+                                        (g + 8, 2 * q), (g + 8, 2 * q + 1))):
+          out[j][lanes] = _bits(dm[row, col])
+      for r, v in zip(d, out):
+        put(r, v)
+    elif base in ("ld", "st") and parts[-2] == "v4":
+      space = parts[1]
+      regs4 = _regs(args[0] if base == "ld" else args[1])
+      where = addr(args[1] if base == "ld" else args[0])
+      if space == "shared":
+        machine.count_ways(raw.strip(), where, pred)
+      for j, r in enumerate(regs4):
+        at = where + np.uint64(4 * j)
+        if base == "ld":
+          put(r, machine.load(space, at, 4, pred))
+        else:
+          machine.store(space, at, 4, val(r), pred)
     elif base in ("ld", "st"):
       space = parts[1]
       size = {"u8": 1, "u32": 4, "b32": 4, "f32": 4}[parts[-1]]

@@ -1,0 +1,93 @@
+"""The TMA warp GEMV (`pallas_kernels.gemv_4bit_warp_tma`, M = 2..8)
+against the "warp" kernel it replaces as the default and XLA's bf16 matmul
+(docs/benchmarks.md, twenty-sixth session; run on the GPU):
+
+    python docs/bench/gemv_warp_tma_sweep.py 150   # time budget (s)
+
+NF4 + DQ, bf16 x. Single weights and the decode's groups (gate/up, q/k/v)
+in one `gemv_4bit_group` call, each timed with `measure.time_jax` over
+three rotating weights and checked against `x @ dequantize(W).T` (max
+error over max |y|). One JSON line a case to $OUT/gemv_warp_tma_sweep.jsonl.
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gemv_sweep import make, median_us  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxbnb import functional as F  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxbnb._src.quant import codebooks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pallas_kernels import gemv_4bit as gk  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
+LUT = jnp.asarray(codebooks.code_for("nf4"))
+K = 4096
+CASES = [((14336,), K, 8), ((14336, 14336), K, 8), ((4096,), K, 8),
+         ((4096,), 14336, 8), ((4096, 1024, 1024), K, 8),
+         ((14336,), K, 2), ((14336, 14336), K, 2), ((14336,), K, 4)]
+CONFIGS = [("warp", None), ("warp_tma", None), ("warp_tma", dict(stages=2)),
+           ("warp_tma", dict(stages=6)), ("warp_tma", dict(rows=2))]
+
+
+def main():
+  budget = float(sys.argv[1])
+  t_end = time.time() + budget
+  path = os.path.join(os.environ.get("OUT", "."), "gemv_warp_tma_sweep.jsonl")
+  made = {}
+  with open(path, "a") as out:
+    for ns, k, m in CASES:
+      if time.time() > t_end:
+        break
+      for n in ns:
+        if (n, k) not in made:
+          made[(n, k)] = make(n, k)
+      x = jax.random.normal(jax.random.key(99), (m, k), jnp.bfloat16)
+      slots = [tuple((made[(n, k)][i][0], made[(n, k)][i][1],
+                      (made[(n, k)][i][2], made[(n, k)][i][3],
+                       made[(n, k)][i][4])) for n in ns) for i in range(3)]
+      ws = [jnp.concatenate([made[(n, k)][i][5] for n in ns]) for i in range(3)]
+      rec = dict(ns=ns, k=k, m=m)
+      rec["xla_bf16"] = median_us(lambda x, w: x @ w.T, [(x, w) for w in ws])
+      ref = np.concatenate([np.asarray(
+          x.astype(jnp.float32) @ F.dequantize_4bit(
+              made[(n, k)][0][7], made[(n, k)][0][6]).astype(jnp.float32).T)
+                            for n in ns], axis=1)
+      scale = float(np.max(np.abs(ref)))
+      for name, kw in CONFIGS:
+        if time.time() > t_end:
+          break
+        if name == "warp":
+          cfg = gk.default_config(m, sum(ns), k, 64, "bfloat16", mma=True)
+        elif kw is None:
+          cfg = None
+        else:
+          base = gk.gemv_4bit_warp_tma.default_config(ns, k)
+          rows = tuple(2 * r for r in base["rows"]) if "rows" in kw else (
+              base["rows"])
+          cfg = ("warp_tma", 64, 128, rows if len(ns) > 1 else rows[0], 8,
+                 kw.get("stages", base["stages"]))
+
+        def f(x, w, cfg=cfg):
+          return gk.gemv_4bit_group(x, w, LUT, ns=ns, k=k, blocksize=64,
+                                    config=cfg, code=CODE)
+        key = name + ("" if kw is None else " " + json.dumps(kw))
+        try:
+          y = np.concatenate([np.asarray(v, np.float32)
+                              for v in jax.jit(f)(x, slots[0])], axis=1)
+          err = float(np.max(np.abs(y - ref)) / scale)
+          rec[key] = [median_us(f, [(x, s) for s in slots]), err]
+        except Exception as e:  # pylint: disable=broad-except
+          rec[key] = f"ERR {type(e).__name__}: {str(e)[:300]}"
+      print(json.dumps(rec), flush=True)
+      out.write(json.dumps(rec) + "\n")
+      out.flush()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,525 @@
+"""The 4-bit GEMV at M = 2..8 on a TMA pipeline, through the warp's MMA.
+
+The "warp" kernel (`warp_mma`, Triton) decodes each thread's bytes in
+registers and feeds them to `mma.sync.m16n8k16`; it is latency-bound,
+with one or two steps of loads in flight (docs/benchmarks.md, fifth
+session). Here the same decode and product run on the table GEMV's
+pipeline (`gemv_4bit_lut`): a TMA warpgroup streams the weight and absmax
+code tiles into shared memory, several steps ahead, while two compute
+warpgroups take them.
+
+* Grid: `(row groups, K chunks)`, as `gemv_4bit_lut`: a program owns a
+  chunk of 256 columns (128 bytes a row, four blocks of 64) and a group
+  of rows, brought in steps of 128 rows (64 a compute warpgroup, 16 a
+  warp) with their `[rows, 16]` absmax code tiles.
+* Before the pipeline the compute threads copy the chunk of x (`[M, 256]`)
+  to shared memory, a row of x at 576 bytes and each block of it at 144
+  (16 bytes of padding, so the warp's 16-byte loads hit distinct banks),
+  with the nested codes and the program's span of nested absmax.
+* A warp's 16 rows are the MMA's A: lane `4 g + c` holds block `c` of rows
+  `g` and `g + 8` (8 words each). Word `i` of row g and of row g + 8,
+  decoded by `lut_decode`'s permutes into the values times the block's
+  absmax (rounded once to x's dtype), give two MMAs: bytes 0-1, then
+  2-3. x is B: lane `4 g' + c` gives `x[g' % M]` at the columns of the
+  same bytes of block c (every lane with equal `c` holds the same byte
+  positions of its rows), so the MMA's column n is row `n % M` of x.
+* The 16 MMAs of a step accumulate in fp32; column `n < M` of the result
+  is the chunk's partial of `y[n]`, stored to `[chunks, M, rows]`. XLA
+  sums the chunks (`split_sum.sum_splits`).
+
+The per-thread work is inline PTX (`plgpu.inline_mgpu`). `interpret=True`
+runs a jnp twin: the same values (code and absmax rounded to x's dtype,
+their product rounded once), the fp32 sums in another order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax import lax
+
+from pallas_kernels import _backend
+from pallas_kernels import gemv_4bit_lut as lut
+from pallas_kernels import lut_decode
+from pallas_kernels.dequantize_4bit import decode_absmax
+from pallas_kernels.split_sum import sum_splits
+
+try:  # pragma: no cover - depends on the installed JAX
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from jax.extend.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+except ImportError:  # pragma: no cover
+  pass
+
+__all__ = ["MAX_M", "available", "build_ptx", "check", "default_config",
+           "gemv", "gemv_group", "smem_bytes", "step_ptx"]
+
+CHUNK = lut.CHUNK  # columns of x (and of W) a program: 128 bytes a row
+STEP_ROWS = 64  # rows a compute warpgroup a step: 4 warps x 16
+WGS = 2  # compute warpgroups, beside the TMA one
+MAX_M = 8  # rows of x: the MMA's 8 columns
+_CODES = 16  # absmax codes a row in the codes tile
+_XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
+_XROW = 4 * _XBLOCK  # bytes a row of x
+_MMA = {"bfloat16": "bf16", "float16": "f16"}
+
+
+def available() -> bool:
+  """Whether this JAX has the Mosaic GPU pieces the kernel uses."""
+  return lut.available()
+
+
+def check(m: int, n: int, k: int, blocksize: int, dtype, nested: bool,
+          nested_blocksize: int = 256) -> None:
+  """Raises ValueError naming the argument this kernel cannot take."""
+  dtype = jnp.dtype(dtype)
+  if not 2 <= m <= MAX_M:
+    raise ValueError(f"x: the TMA warp GEMV takes 2 to {MAX_M} rows, got {m}")
+  if not nested or nested_blocksize != 256:
+    raise ValueError(
+        "absmax: the TMA warp GEMV needs double-quantized weights with 256 "
+        "codes per nested absmax, got "
+        + ("plain float32 absmax" if not nested else
+           f"nested_blocksize {nested_blocksize}"))
+  if blocksize != 64:
+    raise ValueError(f"blocksize: the TMA warp GEMV needs 64, got "
+                     f"{blocksize}")
+  if dtype.name not in _MMA:
+    raise ValueError(f"x: the TMA warp GEMV needs bfloat16 or float16, got "
+                     f"{dtype.name}")
+  if k % (4 * CHUNK):
+    raise ValueError(f"k: the TMA warp GEMV needs a multiple of {4 * CHUNK} "
+                     f"(TMA's 16-byte rows of absmax codes), got {k}")
+  if n < 1:
+    raise ValueError(f"n: must be >= 1, got {n}")
+
+
+def smem_bytes(ns: tuple[int, ...], k: int, rows: tuple[int, ...],
+               stages: int) -> int:
+  """Shared memory of a config: x's chunk, the nested table and span, the
+  step counters and the pipeline's weight and codes tiles."""
+  span = max(lut.nested_span(lut._layout(n, k, r, STEP_ROWS * WGS)[0]  # pylint: disable=protected-access
+                             * STEP_ROWS * WGS, k) for n, r in zip(ns, rows))
+  return (MAX_M * _XROW + 512 * 4 + span * 4 + WGS * 512
+          + stages * WGS * STEP_ROWS * (CHUNK // 2 + _CODES))
+
+
+def default_config(ns: tuple[int, ...], k: int, num_sms: int = 132) -> dict:
+  """`gemv_group`'s keywords: one program an SM (`gemv_4bit_lut`'s row
+  groups, shared among the weights in proportion to their rows, one at
+  least a weight) and four steps in flight."""
+  total = lut.default_rows(sum(ns), k, num_sms)
+  rows = tuple(max(1, round(total * n / sum(ns))) for n in ns)
+  return dict(rows=rows, stages=4)
+
+
+@functools.lru_cache(maxsize=None)
+def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
+              k: int, rows_a_program: int, span: int, n_nested: int,
+              group0: int = 0) -> str:
+  """x's chunk, the nested code table, the program's span of nested
+  absmax and the step counters, copied by the compute threads; then a
+  barrier of every thread of the program.
+
+  Operands: `$0` x's shared copy, `$1` the nested table's (`[256]` codes,
+  then the offset at byte 1024 and, from byte 1056, `lut_decode`'s
+  permute words 0, 2, 4 and 6 once for each lane: a step loads them, so
+  they sit in ordinary registers; as immediates, or loaded by every lane
+  from one address, `ptxas` keeps them in uniform registers and copies
+  one before every permute), `$2` the span's, `$3` the step counters' (one a
+  compute thread); `$4` x's global address (`[m, k]`), `$5` the nested
+  codes' (256 floats), `$6` the nested absmax's, `$7` the offset's. Every
+  global load comes first. Word `u` of the chunk of x (row `u / 128`,
+  word `e = u % 128` of it) goes to `576 (u / 128) + 144 (e / 32) +
+  4 (e % 32)`. The TMA warpgroup's threads load and store nothing.
+  """
+  loads = span // 128
+  words = -(-m * 128 // (128 * WGS))  # words of x a compute thread
+  lines = [
+      "{",
+      ".reg .b32 t, c, a, b, q, e;",
+      f".reg .b32 xw<{words}>, xa<{words}>;",
+      f".reg .f32 g<{loads + 3}>;",
+      ".reg .b64 px, pc, pf, d;",
+      f".reg .pred pw, pt, p0, px<{words}>;",
+      "mov.u32 t, %tid.x;", f"setp.lt.u32 pw, t, {128 * WGS};",
+      "and.b32 c, t, 127;",
+      "setp.lt.u32 pt, t, 128;", "setp.eq.u32 p0, t, 0;",
+      "cvta.to.global.u64 px, $4;",
+  ]
+  # Mosaic GPU reverses the grid: ctaid.x is the K chunk.
+  for j in range(words):
+    lines += [f"add.u32 q, t, {128 * WGS * j};",
+              f"setp.lt.u32 px{j}, q, {128 * m};",
+              f"and.pred px{j}, px{j}, pw;",
+              "shr.u32 a, q, 7;", "and.b32 e, q, 127;",
+              # global word: row a, column 256 ctaid.x + 2 e
+              f"mul.lo.u32 b, a, {k // 2};",
+              "mov.u32 c, %ctaid.x;",
+              "mad.lo.u32 b, c, 128, b;", "add.u32 b, b, e;",
+              "mul.wide.u32 d, b, 4;", "add.u64 d, d, px;",
+              f"@px{j} ld.global.nc.b32 xw{j}, [d];",
+              # shared: 576 a + 144 (e >> 5) + 4 (e & 31)
+              f"mul.lo.u32 b, a, {_XROW};", "shr.u32 q, e, 5;",
+              f"mad.lo.u32 b, q, {_XBLOCK}, b;", "and.b32 q, e, 31;",
+              "mad.lo.u32 b, q, 4, b;", f"add.u32 xa{j}, b, $0;"]
+  lines += [
+      "and.b32 c, t, 127;",
+      "cvta.to.global.u64 pc, $5;", "mul.wide.u32 d, c, 4;",
+      "add.u64 pc, pc, d;", "@pt ld.global.nc.f32 g0, [pc];",
+      "@pt ld.global.nc.f32 g1, [pc+512];", "cvta.to.global.u64 pf, $7;",
+      "@p0 ld.global.nc.f32 g2, [pf];",
+  ]
+  lut._span_start(lines, n, rows_a_program, k // 64, group0)  # pylint: disable=protected-access
+  lines += ["add.u32 a, a, c;", "cvta.to.global.u64 pc, $6;"]
+  for j in range(loads):
+    lines += [f"add.u32 q, a, {128 * j};", f"min.u32 q, q, {n_nested - 1};",
+              "mul.wide.u32 d, q, 4;", "add.u64 d, d, pc;",
+              f"@pt ld.global.nc.f32 g{3 + j}, [d];"]
+  lines += [f"@px{j} st.shared.b32 [xa{j}], xw{j};" for j in range(words)]
+  # Thread t < 128 stores permute word 2 (t % 4) at byte 1056 + 4 t: a
+  # copy of the four for each lane.
+  words = lut_decode.table_words(code, jnp.dtype(dtype_name))
+  lines += ["and.b32 q, t, 3;", f"mov.b32 e, 0x{words[0]:08x};"]
+  for j in range(1, 4):
+    lines += [f"setp.eq.u32 p0, q, {j};",
+              f"@p0 mov.b32 e, 0x{words[2 * j]:08x};"]
+  lines += ["shl.b32 a, c, 2;", "add.u32 a, a, $1;",
+            "@pt st.shared.b32 [a+1056], e;", "setp.eq.u32 p0, t, 0;"]
+  lines += ["shl.b32 a, c, 2;", "add.u32 a, a, $1;",
+            "@pt st.shared.f32 [a], g0;", "@pt st.shared.f32 [a+512], g1;",
+            "@p0 st.shared.f32 [a+1024], g2;",
+            "shl.b32 a, t, 2;", "add.u32 a, a, $3;",
+            "@pw st.shared.u32 [a], 0;",
+            "shl.b32 b, c, 2;", "add.u32 b, b, $2;"]
+  lines += [f"@pt st.shared.f32 [b+{512 * j}], g{3 + j};"
+            for j in range(loads)]
+  lines += ["bar.sync 0;", "}"]
+  return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
+             k: int, steps: int, n_pad: int, group0: int = 0,
+             row0: int = 0) -> str:
+  """One pipeline step of one compute thread: its warp's 16 rows of the
+  step's 128-row tile (warp `tid / 32`), all 256 columns of the chunk.
+
+  Operands (no results): `$0` the weight tile's shared address
+  (`[128, 128]` bytes), `$1` the codes tile's (`[128, 16]`), `$2` x's
+  shared copy, `$3` the nested table's, `$4` the nested span's, `$5` the
+  step counters'; `$6` the output (global, fp32 `[chunks, m, n_pad]`). In
+  a group of weights, this weight's row groups start at `group0` and its
+  rows at output row `row0`.
+  """
+  nkb = k // 64
+  mma = _MMA[dtype_name]
+  mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{mma}.{mma}.f32"
+  cvt = "bf16x2" if dtype_name == "bfloat16" else "f16x2"
+  words = lut_decode.table_words(code, jnp.dtype(dtype_name))
+  table = {f"t{i}": f"tw{i}" for i in range(8)}
+  decl = None
+  lines = [
+      "{",
+      ".reg .b32 tid, l, wp, g, c, s, stp, r0, ro, a, b, lo, sa, xa, wa, "
+      "cd, sc0, sc1;",
+      ".reg .b32 tw<8>, wA<8>, wB<8>, xv<32>, pa<4>, pb<4>;",
+      ".reg .f32 d<4>, cv, nv, off, ab0, ab1;",
+      ".reg .b64 po, dd;",
+      ".reg .pred p0, p1;",
+  ]
+  # The even permute words from shared memory (`build_ptx`), the odd ones
+  # immediates (ptxas folds them into the permutes).
+  # Each lane its own copy: from one address for all, ptxas would hold
+  # them in uniform registers again.
+  lines += ["mov.u32 tid, %tid.x;", "and.b32 l, tid, 31;",
+            "shl.b32 a, l, 4;", "add.u32 a, a, $3;",
+            "ld.shared.v4.b32 {tw0, tw2, tw4, tw6}, [a+1056];"]
+  lines += [f"mov.b32 tw{i}, 0x{w:08x};" for i, w in enumerate(words)
+            if i % 2]
+  lines += [
+      "mov.u32 tid, %tid.x;", "and.b32 l, tid, 31;", "shr.u32 wp, tid, 5;",
+      "shr.u32 g, l, 2;", "and.b32 c, l, 3;",
+      "mul.lo.u32 ro, wp, 16;",  # the warp's first row in the tile
+      "shl.b32 sa, tid, 2;", "add.u32 sa, sa, $5;",
+      "ld.shared.u32 stp, [sa];",
+  ]
+  lut._span_start(lines, n, steps * STEP_ROWS * WGS, nkb, group0)  # pylint: disable=protected-access
+  lines += [
+      "mov.u32 lo, a;",
+      # ctaid.y is the row group, ctaid.x the K chunk.
+      "mov.u32 a, %ctaid.y;", f"sub.u32 a, a, {group0};",
+      f"mad.lo.u32 a, a, {steps}, stp;",
+      f"mad.lo.u32 r0, a, {STEP_ROWS * WGS}, ro;",
+      "mov.u32 s, %ctaid.x;", "cvta.to.global.u64 po, $6;",
+      "ld.shared.f32 off, [$3+1024];",
+  ]
+  # The absmax of rows g and g + 8, block 4 s + c: code2[code] * nested +
+  # offset (product and sum rounded apart), rounded to x's dtype in both
+  # halves of sc0 / sc1.
+  for h in range(2):
+    lines += [
+        f"add.u32 a, r0, g;", f"add.u32 a, a, {8 * h};",
+        f"min.u32 a, a, {n - 1};", f"mul.lo.u32 a, a, {nkb};",
+        "mad.lo.u32 a, s, 4, a;", "add.u32 a, a, c;",
+        "shr.u32 a, a, 8;", "sub.u32 a, a, lo;", "shl.b32 a, a, 2;",
+        "add.u32 a, a, $4;", "ld.shared.f32 nv, [a];",
+        f"add.u32 cd, ro, g;", f"add.u32 cd, cd, {8 * h};",
+        f"mul.lo.u32 cd, cd, {_CODES};", "and.b32 a, s, 3;",
+        "mad.lo.u32 cd, a, 4, cd;", "add.u32 cd, cd, c;",
+        "add.u32 cd, cd, $1;", "ld.shared.u8 b, [cd];", "shl.b32 b, b, 2;",
+        "add.u32 b, b, $3;", "ld.shared.f32 cv, [b];",
+        "mul.rn.f32 cv, cv, nv;", f"add.rn.f32 ab{h}, cv, off;",
+        f"cvt.rn.{cvt}.f32 sc{h}, ab{h}, ab{h};",
+    ]
+  # Weight words: block c of rows g and g + 8 of the warp's rows.
+  lines += ["add.u32 a, ro, g;", "shl.b32 a, a, 7;", "mad.lo.u32 a, c, 32, a;",
+            "add.u32 wa, a, $0;",
+            "ld.shared.v4.b32 {wA0, wA1, wA2, wA3}, [wa];",
+            "ld.shared.v4.b32 {wA4, wA5, wA6, wA7}, [wa+16];",
+            "ld.shared.v4.b32 {wB0, wB1, wB2, wB3}, [wa+1024];",
+            "ld.shared.v4.b32 {wB4, wB5, wB6, wB7}, [wa+1040];"]
+  # x: row g % m, block c.
+  lines += [f"rem.u32 a, g, {m};", f"mul.lo.u32 a, a, {_XROW};",
+            f"mad.lo.u32 a, c, {_XBLOCK}, a;", "add.u32 xa, a, $2;"]
+  lines += [f"ld.shared.v4.b32 {{xv{4 * i}, xv{4 * i + 1}, xv{4 * i + 2}, "
+            f"xv{4 * i + 3}}}, [xa+{16 * i}];" for i in range(8)]
+  lines += [f"mov.f32 d{j}, 0f00000000;" for j in range(4)]
+  for i in range(8):
+    for tile, w, sc in (("pa", f"wA{i}", "sc0"), ("pb", f"wB{i}", "sc1")):
+      names = dict(table, w=w, **{f"s{j}": sc for j in range(4)},
+                   **{f"o{j}": f"{tile}{j}" for j in range(4)})
+      dcl, body = lut_decode.render(code, dtype_name, names, prefix="u_")
+      decl = decl or dcl
+      lines += body
+    lines += [
+        f"{mma} {{d0, d1, d2, d3}}, {{pa0, pb0, pa1, pb1}}, "
+        f"{{xv{4 * i}, xv{4 * i + 1}}}, {{d0, d1, d2, d3}};",
+        f"{mma} {{d0, d1, d2, d3}}, {{pa2, pb2, pa3, pb3}}, "
+        f"{{xv{4 * i + 2}, xv{4 * i + 3}}}, {{d0, d1, d2, d3}};",
+    ]
+  # d0, d1: row g, columns 2c, 2c + 1; d2, d3: row g + 8. Column n < m is
+  # y[n]: at ((s m + n) n_pad + row0 + r0 + g (+ 8)) floats.
+  lines += [f"shl.b32 a, c, 1;", f"setp.lt.u32 p0, a, {m};",
+            f"setp.lt.u32 p1, a, {m - 1};",
+            f"mad.lo.u32 b, s, {m}, a;", f"mul.lo.u32 b, b, {n_pad};",
+            "add.u32 b, b, r0;", "add.u32 b, b, g;",
+            f"add.u32 b, b, {row0};",
+            "mul.wide.u32 dd, b, 4;", "add.u64 dd, dd, po;",
+            "@p0 st.global.f32 [dd], d0;",
+            "@p0 st.global.f32 [dd+32], d2;",
+            f"@p1 st.global.f32 [dd+{4 * n_pad}], d1;",
+            f"@p1 st.global.f32 [dd+{4 * n_pad + 32}], d3;",
+            "add.u32 stp, stp, 1;", "st.shared.u32 [sa], stp;", "}"]
+  return "\n".join(lines[:1] + [decl] + lines[1:])
+
+
+def _compiled(x, weights, *, code, ns, k, rows, stages):
+  """The Mosaic GPU kernel over one or several weights `(packed, codes,
+  nested absmax, nested codes, offset `[1]`)`: `[m, n]` fp32 per weight."""
+  m = x.shape[0]
+  dtype = jnp.dtype(x.dtype)
+  chunks = k // CHUNK
+  tile_rows = STEP_ROWS * WGS
+  plan, n_pad = lut._plan(ns, k, rows, tile_rows)  # pylint: disable=protected-access
+  span = max(p[3] for p in plan)
+  ptx = [(build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
+                    w[2].shape[0], group0),
+          step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0))
+         for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
+
+  def asm(text, refs, shared):
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
+    def call(ctx, *refs):
+      del ctx
+      llvm.inline_asm(ir.Type.parse("!llvm.void"),
+                      [lut._address(r, 32) for r in refs[:shared]]  # pylint: disable=protected-access
+                      + [lut._address(r, 64) for r in refs[shared:]],  # pylint: disable=protected-access
+                      text, ",".join(["r"] * shared
+                                     + ["l"] * (len(refs) - shared))
+                      + ",~{memory}", has_side_effects=True)
+    call(*refs)
+
+  def jaxbnb_gemv_4bit_warp_tma(x_gmem, *refs):
+    ins = refs[:5 * len(ns)]
+    o_gmem, x_smem, c2_smem, sp_smem, cnt_smem = refs[5 * len(ns):]
+    i = lax.axis_index("n")
+    s = lax.axis_index("s")
+    for g, (n, (r, steps, _, _, group0, _)) in enumerate(zip(ns, plan)):
+      w_gmem, c_gmem, ns_gmem, nc_gmem, off_gmem = ins[5 * g:5 * g + 5]
+      bptx, sptx = ptx[g]
+      last = -(-n // tile_rows) - 1
+
+      @pl.when((i >= group0) & (i < group0 + r))
+      def _(w_gmem=w_gmem, c_gmem=c_gmem, ns_gmem=ns_gmem, nc_gmem=nc_gmem,
+            off_gmem=off_gmem, bptx=bptx, sptx=sptx, steps=steps,
+            group0=group0, last=last):
+        asm(bptx, (x_smem, c2_smem, sp_smem, cnt_smem, x_gmem, nc_gmem,
+                   ns_gmem, off_gmem), 4)
+
+        def body(_, w_smem, c_smem):
+          asm(sptx, (w_smem, c_smem, x_smem, c2_smem, sp_smem, cnt_smem,
+                     o_gmem), 6)
+
+        # Steps past the last row tile re-read it; their rows are padding.
+        def tile(t):
+          return jnp.minimum((i - group0) * steps + t, last)
+
+        specs = [pl.BlockSpec((tile_rows, CHUNK // 2),
+                              lambda t: (tile(t), s)),
+                 pl.BlockSpec((tile_rows, _CODES),
+                              lambda t: (tile(t), s // 4))]
+        plgpu.emit_pipeline_warp_specialized(
+            body, grid=(steps,), memory_registers=40, in_specs=specs,
+            wg_axis="wg", num_compute_wgs=WGS,
+            max_concurrent_steps=stages)(w_gmem, c_gmem)
+
+  kernel = plgpu.kernel(
+      jaxbnb_gemv_4bit_warp_tma,
+      out_type=jax.ShapeDtypeStruct((chunks, m, n_pad), jnp.float32),
+      grid=(sum(rows), chunks), grid_names=("n", "s"),
+      num_threads=WGS + 1, thread_name="wg",
+      scratch_types=[plgpu.SMEM((MAX_M, _XROW // 4), jnp.float32),
+                     plgpu.SMEM((4, 128), jnp.float32),
+                     plgpu.SMEM((span // 128, 128), jnp.float32),
+                     plgpu.SMEM((WGS, 128), jnp.uint32)])
+  args = []
+  for (packed, codes, nested_absmax, nested_code, offset), n in zip(weights,
+                                                                   ns):
+    args += [packed.reshape(n, k // 2), codes.reshape(n, k // 64),
+             nested_absmax, nested_code, offset]
+  total = sum_splits(kernel(x, *args))
+  return [total[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
+
+
+def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
+          k):
+  """The kernel's values in jnp: each weight the code rounded to x's dtype
+  times the absmax rounded to it, the product rounded once; `x @ W.T` in
+  fp32."""
+  dtype = jnp.dtype(x.dtype)
+  c = _backend.round_to_dtype(jnp.asarray(code, jnp.float32), dtype)
+  b = packed.reshape(n, k // 2).astype(jnp.int32)
+  absmax = decode_absmax(codes, jnp.arange(codes.shape[0]), nested_absmax,
+                         nested_code.astype(jnp.float32), offset, 256,
+                         nested_absmax.shape[0], True).reshape(n, k // 64)
+  scale = jnp.repeat(_backend.round_to_dtype(absmax, dtype), 32, axis=1)
+  hi = _backend.round_to_dtype(c[b >> 4] * scale, dtype)
+  lo = _backend.round_to_dtype(c[b & 15] * scale, dtype)
+  w = jnp.stack([hi, lo], -1).reshape(n, k)
+  return jnp.einsum("mk,nk->mn", x.astype(jnp.float32), w,
+                    precision=lax.Precision.HIGHEST)
+
+
+def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
+               ns: tuple[int, ...], k: int, rows=None, stages: int = 4,
+               interpret: bool = False) -> tuple[jax.Array, ...]:
+  """`x @ W_g.T` in fp32 for 2 to 8 rows of x and several double-quantized
+  4-bit weights that read it (a layer's q/k/v, its gate/up), in one
+  launch.
+
+  Args:
+    x: `[m, k]` bfloat16 or float16, 2 <= m <= 8.
+    weights: `(packed, codes, nested_absmax, nested_code, offset)` per
+      weight, as `gemv` takes them.
+    code: the 16 code values (static), one code for all.
+    ns: rows of each weight.
+    k: columns, a multiple of 1024.
+    rows: row groups of each weight; default `default_config`'s.
+    stages: pipeline steps in flight.
+    interpret: the jnp twin (CPU).
+
+  Returns:
+    float32 `[m, n_g]` per weight.
+  """
+  ns = tuple(ns)
+  if len(weights) != len(ns) or not ns:
+    raise ValueError(f"weights: one per entry of ns ({len(ns)}), got "
+                     f"{len(weights)}")
+  for n in ns:
+    check(x.shape[0], n, k, 64, x.dtype, True)
+  if x.shape[1] != k:
+    raise ValueError(f"x: needs {k} columns, got shape {x.shape}")
+  code = tuple(float(c) for c in code)
+  if len(code) != 16:
+    raise ValueError(f"code: needs 16 values, got {len(code)}")
+  if rows is None:
+    rows = default_config(ns, k)["rows"]
+  rows = tuple(int(r) for r in (rows if isinstance(rows, (tuple, list))
+                                else (rows,)))
+  if len(rows) != len(ns) or min(rows) < 1:
+    raise ValueError(f"rows: one count >= 1 per weight ({len(ns)}), got "
+                     f"{rows if len(rows) > 1 else rows[0]}")
+  if stages < 1:
+    raise ValueError(f"stages: must be >= 1, got {stages}")
+  need = smem_bytes(ns, k, rows, stages)
+  if need > _backend.HOPPER_SMEM:
+    raise ValueError(
+        f"rows/stages: row groups {rows} of {ns} rows with {stages} stages "
+        f"need {need} bytes of shared memory, more than "
+        f"{_backend.HOPPER_SMEM}; take more row groups or fewer stages")
+  prepared = [(p, c, na.astype(jnp.float32), nc.astype(jnp.float32),
+               jnp.asarray(off, jnp.float32))
+              for p, c, na, nc, off in weights]
+  if interpret:
+    return tuple(_twin(x, *w, code=code, n=n, k=k)
+                 for w, n in zip(prepared, ns))
+  if not available():
+    raise RuntimeError(
+        "the TMA warp GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
+        f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
+  return tuple(_compiled(
+      x, [(p, c, na, nc, off.reshape(1)) for p, c, na, nc, off in prepared],
+      code=code, ns=ns, k=k, rows=rows, stages=stages))
+
+
+def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
+         nested_absmax: jax.Array, nested_code: jax.Array,
+         offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
+         rows: int | None = None, stages: int = 4,
+         interpret: bool = False) -> jax.Array:
+  """`x @ W.T` in fp32 for 2 to 8 rows of x and a double-quantized 4-bit
+  `W [n, k]` (blocksize 64, 256 codes a nested absmax).
+
+  Args:
+    x: `[m, k]` bfloat16 or float16, 2 <= m <= 8.
+    packed: uint8 `[n * k / 2]`, bitsandbytes' order.
+    codes: uint8 `[n * k / 64]`, the absmax codes.
+    nested_absmax: float32 `[ceil(n * k / 64 / 256)]`.
+    nested_code: float32 `[256]`, the nested map.
+    offset: float32 scalar.
+    code: the 16 code values (static).
+    n, k: the weight's shape; k a multiple of 1024.
+    rows: row groups (programs a K chunk); default `default_config`'s.
+    stages: pipeline steps in flight.
+    interpret: the jnp twin (CPU).
+
+  Returns:
+    float32 `[m, n]`.
+
+  Example (the jnp twin, on any device): with the codes 0..15, a byte
+  0x93 holds 9 and 3, and every absmax is its nested code 1.0 times the
+  nested absmax 2.0 plus the offset 0.5, so x = 1 gives (9 + 3) * 2.5 for
+  each of the 512 bytes of a row, in every row of x:
+
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels import gemv_4bit_warp_tma
+    >>> n, k = 128, 1024
+    >>> y = gemv_4bit_warp_tma.gemv(
+    ...     jnp.ones((3, k), jnp.bfloat16),
+    ...     jnp.full((n * k // 2,), 0x93, jnp.uint8),
+    ...     jnp.zeros((n * k // 64,), jnp.uint8),
+    ...     jnp.full((8,), 2.0, jnp.float32), jnp.ones((256,), jnp.float32),
+    ...     0.5, code=tuple(range(16)), n=n, k=k, interpret=True)
+    >>> y.shape, float(y[2, 5])
+    ((3, 128), 15360.0)
+  """
+  return gemv_group(x, [(packed, codes, nested_absmax, nested_code, offset)],
+                    code=code, ns=(n,), k=k,
+                    rows=None if rows is None else (rows,), stages=stages,
+                    interpret=interpret)[0]

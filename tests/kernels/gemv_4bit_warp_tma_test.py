@@ -1,0 +1,283 @@
+"""The "warp_tma" GEMV (`pallas_kernels.gemv_4bit_warp_tma`, Mosaic GPU, M =
+2..8).
+
+Called as users' code reaches it: through `gemv_4bit` (the default at M =
+2..8 for double-quantized blocksize-64 weights, K a multiple of 1024) and
+`gemv_4bit_group`. On the CPU the jnp twin runs against the documented
+weight (code and absmax rounded to x's dtype, their product rounded once),
+and the PTX itself runs in the emulator (`_ptx`: the x copy's layout, the
+lane map of the MMA's operands, the decode, the nested absmax, the step
+counter and the stores) and, where Triton's `ptxas` is installed, is
+assembled for sm_90a; the kernel runs under `pytest -m gpu`.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbnb import functional as F
+from jaxbnb._src.quant import codebooks
+from pallas_kernels import gemv_4bit as gk
+from pallas_kernels import gemv_4bit_lut as lg
+from pallas_kernels import gemv_4bit_warp_tma as wt
+from tests import helpers
+from tests.kernels import _ptx
+from tests.kernels import _util
+from tests.kernels.gemv_4bit_lut_test import _entry, _ptxas
+from tests.kernels.gemv_4bit_test import _code
+
+
+def _weights(n, k, quant_type, dtype, seed):
+  w = jnp.asarray(_util.rng_array((n, k), seed, dtype))
+  return F.quantize_4bit(w, blocksize=64, quant_type=quant_type,
+                         compress_statistics=True)
+
+
+def _nested(qs):
+  return (qs.nested_absmax, qs.nested_code, qs.offset)
+
+
+def _check(y, x, packed, qs, bias=None):
+  """Against the weight the kernel multiplies (`kernel_weight`,
+  `in_dtype`), fp32 sums in any order, one rounding to x's dtype."""
+  w = _util.kernel_weight(packed, qs, x.dtype, in_dtype=True)
+  exact, bound = helpers.matmul_bound(x, w, x.dtype, bias=bias)
+  helpers.assert_within(y, exact, bound, f"warp_tma gemv {x.dtype}")
+
+
+@pytest.mark.parametrize("m,n,k,dtype,quant_type,bias", [
+    (2, 200, 1024, jnp.bfloat16, "nf4", False),
+    (8, 70, 2048, jnp.float16, "fp4", True),
+    (5, 300, 1024, jnp.bfloat16, "nf4", True),
+])
+def test_default_at_m_2_to_8_matches_weight(m, n, k, dtype, quant_type, bias):
+  """`gemv_4bit` with no config takes this kernel (interpret: its twin)."""
+  packed, qs = _weights(n, k, quant_type, dtype, n + m)
+  x = jnp.asarray(_util.rng_array((m, k), m + 1, dtype))
+  b = jnp.asarray(_util.rng_array((n,), 3, dtype)) if bias else None
+  assert gk.warp_tma_serves(m, (n,), k, 64, dtype, True, 256,
+                            _code(quant_type))
+  y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
+                   jnp.asarray(codebooks.code_for(quant_type)), n=n, k=k,
+                   blocksize=64, nested=_nested(qs), bias=b,
+                   code=_code(quant_type), interpret=True)
+  assert y.shape == (m, n) and y.dtype == dtype
+  _check(y, x, packed, qs, b)
+
+
+def test_group_matches_each_weight():
+  """`gemv_4bit_group` (a layer's q/k/v): each output is its weight's."""
+  m, k, ns = 4, 1024, (256, 64, 64)
+  made = [_weights(n, k, "nf4", jnp.bfloat16, 11 + n) for n in ns]
+  x = jnp.asarray(_util.rng_array((m, k), 2, jnp.bfloat16))
+  ys = gk.gemv_4bit_group(
+      x, tuple((p.reshape(-1), q.absmax, _nested(q)) for p, q in made),
+      jnp.asarray(codebooks.code_for("nf4")), ns=ns, k=k, blocksize=64,
+      code=_code("nf4"), interpret=True)
+  for y, (p, q) in zip(ys, made):
+    _check(y, x, p, q)
+
+
+def test_not_served_where_it_cannot_run():
+  code = _code("nf4")
+  assert not gk.warp_tma_serves(1, (64,), 1024, 64, jnp.bfloat16, True, 256,
+                                code)
+  assert not gk.warp_tma_serves(9, (64,), 1024, 64, jnp.bfloat16, True, 256,
+                                code)
+  assert not gk.warp_tma_serves(4, (64,), 768, 64, jnp.bfloat16, True, 256,
+                                code)
+  assert not gk.warp_tma_serves(4, (64,), 1024, 64, jnp.bfloat16, False, 256,
+                                code)
+  assert not gk.warp_tma_serves(4, (64,), 1024, 64, jnp.float32, True, 256,
+                                code)
+  assert not gk.warp_tma_serves(4, (64,), 1024, 64, jnp.bfloat16, True, 256,
+                                code, interpret=False) or jax.devices()[
+                                    0].platform == "gpu"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(m=1), "x: the TMA warp GEMV takes 2 to 8 rows, got 1"),
+    (dict(m=9), "x: the TMA warp GEMV takes 2 to 8 rows, got 9"),
+    (dict(k=1536), "k: the TMA warp GEMV needs a multiple of 1024"),
+    (dict(stages=0), "stages: must be >= 1, got 0"),
+    (dict(rows=0), r"rows: one count >= 1 per weight \(1\), got 0"),
+    (dict(rows=1, stages=60), "rows/stages: row groups"),
+])
+def test_errors_name_the_argument(kwargs, match):
+  m, k = kwargs.pop("m", 2), kwargs.pop("k", 1024)
+  n = 64
+  packed, qs = _weights(n, 1024, "nf4", jnp.bfloat16, 1)
+  codes = qs.absmax if k == 1024 else jnp.zeros((n * k // 64,), jnp.uint8)
+  packed = packed.reshape(-1) if k == 1024 else jnp.zeros((n * k // 2,),
+                                                          jnp.uint8)
+  with pytest.raises(ValueError, match=match):
+    wt.gemv(jnp.ones((m, k), jnp.bfloat16), packed, codes, qs.nested_absmax,
+            qs.nested_code, qs.offset, code=_code("nf4"), n=n, k=k,
+            interpret=True, **kwargs)
+
+
+def test_config_names_its_shape():
+  packed, qs = _weights(64, 1024, "nf4", jnp.bfloat16, 1)
+  with pytest.raises(ValueError, match="variant 'warp_tma' runs 64 rows"):
+    gk.gemv_4bit(jnp.ones((2, 1024), jnp.bfloat16), packed.reshape(-1),
+                 qs.absmax, jnp.asarray(codebooks.code_for("nf4")), n=64,
+                 k=1024, blocksize=64, nested=_nested(qs),
+                 config=("warp_tma", 32, 128, 1, 8, 4), code=_code("nf4"),
+                 interpret=True)
+
+
+def _emulate(x, weights, code, ns, k, rows):
+  """The kernel's PTX run by `_ptx` over every program of a group of
+  weights `(packed, qs)`: build, then each pipeline step with its TMA
+  tiles written into shared memory (rows past the weight zero, as TMA
+  fills them). fp32 `[m, n_g]` per weight (the chunks summed)."""
+  m = x.shape[0]
+  chunks = k // wt.CHUNK
+  tile_rows = wt.STEP_ROWS * wt.WGS
+  plan, n_pad = lg._plan(ns, k, rows, tile_rows)  # pylint: disable=protected-access
+  span = max(p[3] for p in plan)
+  out = np.zeros((chunks, m, n_pad), np.float32)
+  dtype = jnp.dtype(x.dtype)
+  x_, c2_ = 0, wt.MAX_M * 576
+  sp_ = c2_ + 2048
+  cnt_ = sp_ + 4 * span
+  w_ = cnt_ + 512 * wt.WGS
+  cd_ = w_ + tile_rows * 128
+  for (packed, qs), n, (r, steps, _, _, group0, row0) in zip(weights, ns,
+                                                           plan):
+    tiles = -(-n // tile_rows)
+    nested = np.asarray(qs.nested_absmax, np.float32)
+    table = np.asarray(qs.nested_code, np.float32)
+    offset = np.asarray(qs.offset, np.float32).reshape(1)
+    w2 = np.zeros((tiles * tile_rows, k // 2), np.uint8)
+    w2[:n] = np.asarray(packed).reshape(n, k // 2)
+    c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
+    c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
+    bptx = wt.build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
+                        nested.shape[0], group0)
+    sptx = wt.step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0)
+    for i in range(group0, group0 + r):
+      for s in range(chunks):
+        mc = _ptx.Machine(128 * (wt.WGS + 1), cd_ + tile_rows * 16, (s, i))
+        xg = mc.add_global(1 << 40, np.asarray(x).view(np.uint16).reshape(-1))
+        ng = mc.add_global(2 << 40, table)
+        sg = mc.add_global(3 << 40, nested)
+        og = mc.add_global(4 << 40, out)
+        fg = mc.add_global(5 << 40, offset)
+        _ptx.run(bptx, mc, {0: x_, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng,
+                            6: sg, 7: fg})
+        mc.threads = 128 * wt.WGS
+        for t in range(steps):
+          q = min((i - group0) * steps + t, tiles - 1) * tile_rows
+          mc.smem[w_:w_ + tile_rows * 128] = w2[
+              q:q + tile_rows, 128 * s:128 * s + 128].reshape(-1)
+          c = 16 * (s // 4)
+          mc.smem[cd_:cd_ + tile_rows * 16] = c2[q:q + tile_rows,
+                                                 c:c + 16].reshape(-1)
+          _ptx.run(sptx, mc, {0: w_, 1: cd_, 2: x_, 3: c2_, 4: sp_, 5: cnt_,
+                              6: og})
+  total = out.sum(0)
+  return [total[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
+
+
+@pytest.mark.parametrize("m,ns,k,rows,dtype,quant_type", [
+    (3, (200,), 1024, (2,), jnp.bfloat16, "nf4"),  # padded step, 2 groups
+    (8, (100,), 2048, (1,), jnp.float16, "fp4"),   # every MMA column read
+    (5, (130, 64), 1024, (1, 1), jnp.bfloat16, "nf4"),  # a group of two
+])
+def test_ptx_emulated_matches_weight(m, ns, k, rows, dtype, quant_type):
+  """The PTX itself on the CPU gives `x @ W.T` for the documented weight
+  (within fp32 sums in any order)."""
+  made = [_weights(n, k, quant_type, dtype, 7 * n + m) for n in ns]
+  x = jnp.asarray(_util.rng_array((m, k), m, dtype))
+  got = _emulate(x, made, _code(quant_type), ns, k, rows)
+  for y, (p, q) in zip(got, made):
+    w = _util.kernel_weight(p, q, dtype, in_dtype=True)
+    exact, bound = helpers.matmul_bound(x, w, jnp.float32)
+    helpers.assert_within(y, exact, bound, "emulated warp_tma PTX")
+
+
+def test_ptx_x_loads_have_no_bank_conflicts():
+  """The copy of x: its stores and the lanes' 16-byte loads of it (one
+  quarter-warp at a time) meet distinct banks."""
+  text = wt.step_ptx(_code("nf4"), "bfloat16", 8, 256, 1024, 1, 256)
+  assert "ld.shared.v4.b32 {xv0, xv1, xv2, xv3}, [xa+0];" in text
+  # lane 4 g + c reads row g (M = 8) at 576 g + 144 c: the first 8 lanes'
+  # 16 bytes cover the 32 banks once
+  banks = set()
+  for lane in range(8):
+    g, c = lane >> 2, lane & 3
+    start = (576 * g + 144 * c) // 4
+    banks |= {(start + j) % 32 for j in range(4)}
+  assert len(banks) == 32
+
+
+@pytest.mark.parametrize("which", ["build", "step_bf16", "step_f16"])
+def test_ptx_assembles_for_sm90a(tmp_path, which):
+  """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
+  test skips where Triton is not installed)."""
+  ptxas = _ptxas()
+  if ptxas is None:
+    pytest.skip("no ptxas: Triton is not installed")
+  if which == "build":
+    src = _entry(wt.build_ptx(_code("nf4"), "bfloat16", 8, 14336, 4096, 1792,
+                              512, 896),
+                 ["r"] * 4 + ["l"] * 4)
+  else:
+    src = _entry(wt.step_ptx(_code("nf4"), "bfloat16" if which == "step_bf16"
+                             else "float16", 5, 14336, 4096, 14, 14336),
+                 ["r"] * 6 + ["l"])
+  path = tmp_path / f"{which}.ptx"
+  path.write_text(src)
+  out = subprocess.run([ptxas, "-arch=sm_90a", str(path), "-o",
+                        str(tmp_path / f"{which}.cubin")],
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr
+
+
+def test_lowers_for_cuda():
+  """The kernel lowers to a Mosaic GPU module (needs JAX's CUDA plugin)."""
+  s = jax.ShapeDtypeStruct
+  n, k = 1000, 2048
+  fn = functools.partial(gk.gemv_4bit, n=n, k=k, blocksize=64,
+                         config=("warp_tma", 64, 128, 2, 8, 4),
+                         code=_code("nf4"))
+  try:
+    text = helpers.lowered_for_h200(
+        fn, s((4, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
+        s((n * k // 64,), jnp.uint8), s((16,), jnp.float32),
+        nested=(s((-(-n * k // 64 // 256),), jnp.float32),
+                s((256,), jnp.float32), s((), jnp.float32)))
+  except AssertionError as e:  # no Mosaic GPU lowering rule registered
+    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+  assert "mosaic_gpu" in text
+
+
+_GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
+              (8, (14336, 14336), 4096), (4, (4096, 1024, 1024), 4096),
+              (3, (4096,), 14336)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(_GPU_CASES)))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_matches_weight(case, dtype):
+  """The compiled kernel against the documented weight, through
+  `gemv_4bit_group` as the model calls it."""
+  m, ns, k = _GPU_CASES[case]
+  made = [_weights(n, k, "nf4", dtype, n + g) for g, n in enumerate(ns)]
+  x = jnp.asarray(_util.rng_array((m, k), 21, dtype))
+  assert gk.warp_tma_serves(m, ns, k, 64, dtype, True, 256, _code("nf4"),
+                            interpret=False)
+  ys = gk.gemv_4bit_group(
+      x, tuple((p.reshape(-1), q.absmax, _nested(q)) for p, q in made),
+      jnp.asarray(codebooks.code_for("nf4")), ns=ns, k=k, blocksize=64,
+      code=_code("nf4"))
+  for y, (p, q) in zip(ys, made):
+    _check(y, x, p, q)
