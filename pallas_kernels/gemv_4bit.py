@@ -866,17 +866,27 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   return tuple(outs)
 
 
+WARP_TMA_MIN_SIDE = 8192  # the TMA warp GEMV's default: a side this long
+
+
 def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
                     dtype, nested: bool, nested_blocksize: int, code,
                     interpret: bool = True) -> bool:
   """Whether the default at these arguments is the TMA warp GEMV
-  (`gemv_4bit_warp_tma`, all the weights in one launch): 2 to 8 rows of
-  16-bit x, NF4/FP4 double-quantized in blocks of 64 (256 codes a nested
-  absmax), k a multiple of 1024; compiled (`interpret` False), a Hopper
-  GPU and a JAX with Mosaic GPU. Twenty-sixth session: the "warp"
-  kernel's decode and MMA on the table GEMV's TMA pipeline
-  (docs/benchmarks.md)."""
+  (`gemv_4bit_warp_tma`): 2 to 8 rows of 16-bit x, one NF4/FP4 weight
+  double-quantized in blocks of 64 (256 codes a nested absmax) with k a
+  multiple of 1024 and n or k at least `WARP_TMA_MIN_SIDE`; compiled
+  (`interpret` False), a Hopper GPU and a JAX with Mosaic GPU.
+
+  Measured on the H200 (docs/benchmarks.md, twenty-sixth session, sweep
+  at M = 8 against the "warp" kernel): 22.5 us against 27.3 on
+  14336x4096, 24.7 against 42.0 on 4096x14336; but 13.1 against 11.6 on
+  4096x4096, 16.4 against 14.8 on the q/k/v group (4096, 1024, 1024 rows)
+  and level on the gate/up pair (38.4 against 38.0; at M = 2 45.7
+  against 32.5), so smaller weights and groups keep "warp".
+  """
   return (2 <= m <= gemv_4bit_warp_tma.MAX_M and code is not None and nested
+          and len(ns) == 1 and max(ns[0], k) >= WARP_TMA_MIN_SIDE
           and blocksize == 64 and nested_blocksize == 256
           and jnp.dtype(dtype).name in ("bfloat16", "float16")
           and k % (4 * gemv_4bit_warp_tma.CHUNK) == 0

@@ -52,12 +52,13 @@ def _check(y, x, packed, qs, bias=None):
 
 
 @pytest.mark.parametrize("m,n,k,dtype,quant_type,bias", [
-    (2, 200, 1024, jnp.bfloat16, "nf4", False),
-    (8, 70, 2048, jnp.float16, "fp4", True),
-    (5, 300, 1024, jnp.bfloat16, "nf4", True),
+    (2, 200, 8192, jnp.bfloat16, "nf4", False),
+    (8, 70, 8192, jnp.float16, "fp4", True),
+    (5, 8192, 1024, jnp.bfloat16, "nf4", True),
 ])
 def test_default_at_m_2_to_8_matches_weight(m, n, k, dtype, quant_type, bias):
-  """`gemv_4bit` with no config takes this kernel (interpret: its twin)."""
+  """`gemv_4bit` with no config takes this kernel for a weight with a side
+  of `WARP_TMA_MIN_SIDE` (interpret: its twin)."""
   packed, qs = _weights(n, k, quant_type, dtype, n + m)
   x = jnp.asarray(_util.rng_array((m, k), m + 1, dtype))
   b = jnp.asarray(_util.rng_array((n,), 3, dtype)) if bias else None
@@ -72,33 +73,34 @@ def test_default_at_m_2_to_8_matches_weight(m, n, k, dtype, quant_type, bias):
 
 
 def test_group_matches_each_weight():
-  """`gemv_4bit_group` (a layer's q/k/v): each output is its weight's."""
+  """`gemv_4bit_group` (a layer's q/k/v) with a "warp_tma" config: each
+  output is its weight's."""
   m, k, ns = 4, 1024, (256, 64, 64)
   made = [_weights(n, k, "nf4", jnp.bfloat16, 11 + n) for n in ns]
   x = jnp.asarray(_util.rng_array((m, k), 2, jnp.bfloat16))
   ys = gk.gemv_4bit_group(
       x, tuple((p.reshape(-1), q.absmax, _nested(q)) for p, q in made),
       jnp.asarray(codebooks.code_for("nf4")), ns=ns, k=k, blocksize=64,
-      code=_code("nf4"), interpret=True)
+      config=("warp_tma", 64, 128, (2, 1, 1), 8, 4), code=_code("nf4"),
+      interpret=True)
   for y, (p, q) in zip(ys, made):
     _check(y, x, p, q)
 
 
-def test_not_served_where_it_cannot_run():
+def test_served_where_it_was_measured_faster():
+  """The default: one weight with a side of 8192 or more, M = 2..8,
+  double-quantized blocks of 64, 16-bit x (not groups, not 4096x4096)."""
   code = _code("nf4")
-  assert not gk.warp_tma_serves(1, (64,), 1024, 64, jnp.bfloat16, True, 256,
-                                code)
-  assert not gk.warp_tma_serves(9, (64,), 1024, 64, jnp.bfloat16, True, 256,
-                                code)
-  assert not gk.warp_tma_serves(4, (64,), 768, 64, jnp.bfloat16, True, 256,
-                                code)
-  assert not gk.warp_tma_serves(4, (64,), 1024, 64, jnp.bfloat16, False, 256,
-                                code)
-  assert not gk.warp_tma_serves(4, (64,), 1024, 64, jnp.float32, True, 256,
-                                code)
-  assert not gk.warp_tma_serves(4, (64,), 1024, 64, jnp.bfloat16, True, 256,
-                                code, interpret=False) or jax.devices()[
-                                    0].platform == "gpu"
+
+  def serves(m=4, ns=(14336,), k=4096, nested=True, dtype=jnp.bfloat16):
+    return gk.warp_tma_serves(m, ns, k, 64, dtype, nested, 256, code)
+  assert serves() and serves(ns=(4096,), k=14336) and serves(m=2)
+  assert serves(m=8, ns=(11008,))
+  assert not serves(m=1) and not serves(m=9)
+  assert not serves(ns=(4096,)) and not serves(ns=(14336, 14336))
+  assert not serves(ns=(4096, 1024, 1024))
+  assert not serves(k=8192 + 768)  # not a multiple of 1024
+  assert not serves(nested=False) and not serves(dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -273,11 +275,16 @@ def test_gpu_matches_weight(case, dtype):
   m, ns, k = _GPU_CASES[case]
   made = [_weights(n, k, "nf4", dtype, n + g) for g, n in enumerate(ns)]
   x = jnp.asarray(_util.rng_array((m, k), 21, dtype))
-  assert gk.warp_tma_serves(m, ns, k, 64, dtype, True, 256, _code("nf4"),
-                            interpret=False)
+  cfg = gk.gemv_4bit_warp_tma.default_config(ns, k)
+  if len(ns) == 1 and max(ns[0], k) >= gk.WARP_TMA_MIN_SIDE:
+    assert gk.warp_tma_serves(m, ns, k, 64, dtype, True, 256, _code("nf4"),
+                              interpret=False)
+    config = None  # the default
+  else:
+    config = ("warp_tma", 64, 128, cfg["rows"], 8, cfg["stages"])
   ys = gk.gemv_4bit_group(
       x, tuple((p.reshape(-1), q.absmax, _nested(q)) for p, q in made),
       jnp.asarray(codebooks.code_for("nf4")), ns=ns, k=k, blocksize=64,
-      code=_code("nf4"))
+      config=config, code=_code("nf4"))
   for y, (p, q) in zip(ys, made):
     _check(y, x, p, q)
