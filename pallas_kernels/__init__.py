@@ -2,7 +2,8 @@
 
 Kernels receive their lookup tables (NF4/FP4 codes, the nested 8-bit map)
 as array inputs and never import jaxbnb. All but `gemv_4bit_tma`,
-`gemv_4bit_lut` and `gemm_4bit_wgmma` use Pallas' Triton lowering
+`gemv_4bit_lut`, `gemv_4bit_warp_tma` and `gemm_4bit_wgmma` use Pallas'
+Triton lowering
 (`_backend.py` is the one module that knows it):
 
 * `quantize_4bit`: blockwise NF4/FP4 quantization, bitsandbytes' format.
@@ -10,10 +11,14 @@ as array inputs and never import jaxbnb. All but `gemv_4bit_tma`,
   to 8-bit codes per block of 256) in one pass.
 * `dequantize_4bit`: dequantization, double-quantized absmax decoded inline.
 * `gemv_4bit`: fused dequantize-and-multiply for small M ("reduce", "dot",
-  "mma", "warp", "lut"; "tma" by config).
+  "mma", "warp", "lut", "warp_tma"; "tma" by config).
 * `gemv_4bit_tma`: that GEMV on Mosaic GPU (TMA weight stream, inline PTX).
 * `gemv_4bit_lut`: the M = 1 GEMV on Mosaic GPU by lookups in a shared
   table of x's products for every byte value (Hopper).
+* `gemv_4bit_warp_tma`: the M = 2..8 GEMV on Mosaic GPU: "warp"'s decode
+  and `mma.sync` on `gemv_4bit_lut`'s TMA pipeline (Hopper).
+* `split_sum`: the K-split partials summed by adds, which XLA fuses into
+  their consumer.
 * `gemm_4bit_wgmma`: the 4-bit GEMM for M = 64-256 on Hopper (Mosaic GPU):
   the weight decoded by inline PTX into wgmma's register operand.
 * `int8_matmul`: the LLM.int8 forward for decoding (M <= 16): int8 weight

@@ -633,8 +633,9 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
       for the table (`build_ptx`).
     tma_skips_build: with two compute warpgroups, the memory warpgroup
       branches past the table's whole block (`build_ptx`'s `skip`) instead
-      of running it with its stores off. Not measured on a GPU yet
-      (twenty-fifth session); off by default.
+      of running it with its stores off. Same bits on the GPU; timed in
+      the twenty-sixth session (docs/bench/gemv_lut_sweep.py run e) with
+      no steady difference from the default; off by default.
     interpret: the jnp twin (CPU).
 
   Returns:

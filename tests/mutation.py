@@ -206,6 +206,23 @@ MUTANTS: tuple[Mutant, ...] = (
            '"mad.lo.u32 ca, a, 4, ca;"', '"mad.lo.u32 ca, a, 2, ca;"',
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_ptx_emulated_matches_twin",)),
+    # The TMA warp GEMV's PTX (run by the emulator): the MMA's A operand
+    # with rows g + 8 and bytes 1 swapped, and the x row of the MMA column.
+    Mutant("warp-tma-mma-operand-order", "pallas_kernels/gemv_4bit_warp_tma.py",
+           'f"{mma} {{d0, d1, d2, d3}}, {{pa0, pb0, pa1, pb1}}, "',
+           'f"{mma} {{d0, d1, d2, d3}}, {{pa0, pa1, pb0, pb1}}, "',
+           ("tests/kernels/gemv_4bit_warp_tma_test.py::"
+            "test_ptx_emulated_matches_weight",)),
+    Mutant("warp-tma-x-row", "pallas_kernels/gemv_4bit_warp_tma.py",
+           'lines += [f"rem.u32 a, g, {m};"', 'lines += [f"rem.u32 a, c, {m};"',
+           ("tests/kernels/gemv_4bit_warp_tma_test.py::"
+            "test_ptx_emulated_matches_weight",)),
+    # The default taking the groups the sweep found slower.
+    Mutant("warp-tma-serves-groups", "pallas_kernels/gemv_4bit.py",
+           "and len(ns) == 1 and max(ns[0], k) >= WARP_TMA_MIN_SIDE",
+           "and max(max(ns), k) >= WARP_TMA_MIN_SIDE",
+           ("tests/kernels/gemv_4bit_warp_tma_test.py::"
+            "test_served_where_it_was_measured_faster",)),
     Mutant("large-m-gemv-for-fp32", "jaxbnb/_src/quant/kernels.py",
            "return (m <= GEMV_MAX_M and jnp.dtype(dtype) != jnp.float32",
            "return (m <= GEMV_MAX_M",
@@ -494,7 +511,7 @@ MUTANTS: tuple[Mutant, ...] = (
            (_RULES + "::test_8bit_states_requantized_with_new_absmax",
             _STEP + "[adam8bit]")),
     Mutant("tma-first-split-only", "pallas_kernels/gemv_4bit_tma.py",
-           "  return jnp.sum(part, axis=0)\n",
+           "  return sum_splits(part)\n",
            "  return part[0]\n",
            ("tests/kernels/gemv_4bit_tma_test.py::"
             "test_interpret_matches_dequant_matmul"

@@ -17,8 +17,9 @@ memory, steps of 128 rows, two compute warpgroups beside a TMA one, and
 defaults against the "reduce" kernel that was the default before
 (`python docs/bench/gemv_lut_sweep.py 150 c`), and the gate/up pair of
 the 8B shape in one launch (`gemv_4bit_group`) both ways. Run d
-(twenty-fifth session) has the byte offsets by `prmt`; run e, written
-then and not yet run, times `tma_skips_build` against the default.
+(twenty-fifth session) has the byte offsets by `prmt`; run e (written
+then, run in the twenty-sixth session) times `tma_skips_build` against
+the default.
 """
 import json
 import os
