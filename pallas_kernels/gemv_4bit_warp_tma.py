@@ -38,7 +38,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax import lax
 
@@ -264,12 +263,12 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   # halves of sc0 / sc1.
   for h in range(2):
     lines += [
-        f"add.u32 a, r0, g;", f"add.u32 a, a, {8 * h};",
+        "add.u32 a, r0, g;", f"add.u32 a, a, {8 * h};",
         f"min.u32 a, a, {n - 1};", f"mul.lo.u32 a, a, {nkb};",
         "mad.lo.u32 a, s, 4, a;", "add.u32 a, a, c;",
         "shr.u32 a, a, 8;", "sub.u32 a, a, lo;", "shl.b32 a, a, 2;",
         "add.u32 a, a, $4;", "ld.shared.f32 nv, [a];",
-        f"add.u32 cd, ro, g;", f"add.u32 cd, cd, {8 * h};",
+        "add.u32 cd, ro, g;", f"add.u32 cd, cd, {8 * h};",
         f"mul.lo.u32 cd, cd, {_CODES};", "and.b32 a, s, 3;",
         "mad.lo.u32 cd, a, 4, cd;", "add.u32 cd, cd, c;",
         "add.u32 cd, cd, $1;", "ld.shared.u8 b, [cd];", "shl.b32 b, b, 2;",
@@ -305,7 +304,7 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
     ]
   # d0, d1: row g, columns 2c, 2c + 1; d2, d3: row g + 8. Column n < m is
   # y[n]: at ((s m + n) n_pad + row0 + r0 + g (+ 8)) floats.
-  lines += [f"shl.b32 a, c, 1;", f"setp.lt.u32 p0, a, {m};",
+  lines += ["shl.b32 a, c, 1;", f"setp.lt.u32 p0, a, {m};",
             f"setp.lt.u32 p1, a, {m - 1};",
             f"mad.lo.u32 b, s, {m}, a;", f"mul.lo.u32 b, b, {n_pad};",
             "add.u32 b, b, r0;", "add.u32 b, b, g;",
