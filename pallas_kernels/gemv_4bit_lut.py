@@ -406,36 +406,37 @@ def _plan(ns, k, rows, tile_rows):
   return plan, row0
 
 
-def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
-              early, tma_skips_build):
-  """The Mosaic GPU kernel over one or several weights `(packed, codes,
-  nested absmax, nested codes, offset `[1]`)`, its fp32 partials
-  `[chunks, sum n_pad]` summed over the chunks: `[1, n]` per weight."""
-  dtype = jnp.dtype(x.dtype)
-  chunks = k // CHUNK
-  tile_rows = step_rows * wgs
-  plan, n_pad = _plan(ns, k, rows, tile_rows)
-  span = max(p[3] for p in plan)
-  ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                    w[2].shape[0], wgs, early, group0, tma_skips_build),
-          step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
-         for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
+def inline_ptx(text: str, refs, shared: int) -> None:
+  """Runs the PTX block `text` (no results) with the addresses of `refs` as
+  its operands: the first `shared` as 32-bit shared-memory addresses, the
+  rest as 64-bit global ones."""
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
+  def call(ctx, *refs):
+    del ctx
+    llvm.inline_asm(ir.Type.parse("!llvm.void"),
+                    [_address(r, 32) for r in refs[:shared]]
+                    + [_address(r, 64) for r in refs[shared:]],
+                    text, ",".join(["r"] * shared
+                                   + ["l"] * (len(refs) - shared))
+                    + ",~{memory}", has_side_effects=True)
+  call(*refs)
 
-  def asm(text, refs, shared):
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
-    def call(ctx, *refs):
-      del ctx
-      llvm.inline_asm(ir.Type.parse("!llvm.void"),
-                      [_address(r, 32) for r in refs[:shared]]
-                      + [_address(r, 64) for r in refs[shared:]],
-                      text, ",".join(["r"] * shared
-                                     + ["l"] * (len(refs) - shared))
-                      + ",~{memory}", has_side_effects=True)
-    call(*refs)
 
-  def jaxbnb_gemv_4bit_lut(x_gmem, *refs):
+def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
+              wgs: int):
+  """The kernel body of a program over the weights' row groups (`_plan`),
+  named `name`: for the weight that owns row group `n`, its build PTX
+  (`ptx[g][0]`), then a TMA pipeline of its `[tile_rows, 128]` weight and
+  `[tile_rows, 16]` codes tiles of K chunk `s`, each step running its step
+  PTX (`ptx[g][1]`) on `wgs` compute warpgroups (beside a TMA one when
+  2). Refs: x, five inputs a weight, the output, then four scratch
+  buffers: the kernel's own (a table, x's copy), the nested table, the
+  span and the step counters. The build PTX gets the four scratch
+  addresses, x and the weight's nested codes, nested absmax and offset;
+  the step PTX the two tiles, the four scratch buffers and the output."""
+  def kernel(x_gmem, *refs):
     ins = refs[:5 * len(ns)]
-    o_gmem, t_smem, c2_smem, sp_smem, cnt_smem = refs[5 * len(ns):]
+    o_gmem, own_smem, c2_smem, sp_smem, cnt_smem = refs[5 * len(ns):]
     i = lax.axis_index("n")
     s = lax.axis_index("s")
     for g, (n, (r, steps, _, _, group0, _)) in enumerate(zip(ns, plan)):
@@ -447,12 +448,12 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
       def _(w_gmem=w_gmem, c_gmem=c_gmem, ns_gmem=ns_gmem, nc_gmem=nc_gmem,
             off_gmem=off_gmem, bptx=bptx, sptx=sptx, steps=steps,
             group0=group0, last=last):
-        asm(bptx, (t_smem, c2_smem, sp_smem, cnt_smem, x_gmem, nc_gmem,
-                   ns_gmem, off_gmem), 4)
+        inline_ptx(bptx, (own_smem, c2_smem, sp_smem, cnt_smem, x_gmem,
+                          nc_gmem, ns_gmem, off_gmem), 4)
 
         def body(_, w_smem, c_smem):
-          asm(sptx, (w_smem, c_smem, t_smem, c2_smem, sp_smem, cnt_smem,
-                     o_gmem), 6)
+          inline_ptx(sptx, (w_smem, c_smem, own_smem, c2_smem, sp_smem,
+                            cnt_smem, o_gmem), 6)
 
         # Steps past the last row tile re-read it; their rows are padding.
         def tile(t):
@@ -471,9 +472,29 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
               wg_axis="wg", num_compute_wgs=wgs,
               max_concurrent_steps=stages)(w_gmem, c_gmem)
 
+  kernel.__name__ = kernel.__qualname__ = name
+  return kernel
+
+
+def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
+              early, tma_skips_build):
+  """The Mosaic GPU kernel over one or several weights `(packed, codes,
+  nested absmax, nested codes, offset `[1]`)`, its fp32 partials
+  `[chunks, sum n_pad]` summed over the chunks: `[1, n]` per weight."""
+  dtype = jnp.dtype(x.dtype)
+  chunks = k // CHUNK
+  tile_rows = step_rows * wgs
+  plan, n_pad = _plan(ns, k, rows, tile_rows)
+  span = max(p[3] for p in plan)
+  ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
+                    w[2].shape[0], wgs, early, group0, tma_skips_build),
+          step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
+         for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
+
   threads = {} if wgs == 1 else dict(num_threads=wgs + 1, thread_name="wg")
   kernel = plgpu.kernel(
-      jaxbnb_gemv_4bit_lut,
+      pipelines("jaxbnb_gemv_4bit_lut", ns, plan, ptx, tile_rows, stages,
+                wgs),
       out_type=jax.ShapeDtypeStruct((chunks, n_pad), jnp.float32),
       grid=(sum(rows), chunks), grid_names=("n", "s"), **threads,
       scratch_types=[plgpu.SMEM((256, CHUNK // 2), jnp.float32),
@@ -524,6 +545,32 @@ def _group_smem(ns, k, rows, step_rows, stages, wgs):
              for n, r in zip(ns, rows))
 
 
+def group_args(weights, code, ns, rows, stages, default):
+  """The checked `(code, rows)` of a group call: one weight an entry of
+  `ns`, 16 code values, one row-group count >= 1 a weight (`rows` None:
+  `default()`; an int for one weight) and `stages` >= 1.
+
+  Raises:
+    ValueError: naming the argument.
+  """
+  if len(weights) != len(ns) or not ns:
+    raise ValueError(f"weights: one per entry of ns ({len(ns)}), got "
+                     f"{len(weights)}")
+  code = tuple(float(c) for c in code)
+  if len(code) != 16:
+    raise ValueError(f"code: needs 16 values, got {len(code)}")
+  if rows is None:
+    rows = default()
+  rows = tuple(int(r) for r in (rows if isinstance(rows, (tuple, list))
+                                else (rows,)))
+  if len(rows) != len(ns) or min(rows) < 1:
+    raise ValueError(f"rows: one count >= 1 per weight ({len(ns)}), got "
+                     f"{rows if len(rows) > 1 else rows[0]}")
+  if stages < 1:
+    raise ValueError(f"stages: must be >= 1, got {stages}")
+  return code, rows
+
+
 def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, step_rows: int = 64,
                stages: int = 4, wgs: int = 1, early: bool = False,
@@ -547,24 +594,13 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     float32 `[1, n_g]` per weight.
   """
   ns = tuple(ns)
-  if len(weights) != len(ns) or not ns:
-    raise ValueError(f"weights: one per entry of ns ({len(ns)}), got "
-                     f"{len(weights)}")
-  for n in ns:
-    check(x.shape[0], n, k, 64, x.dtype, True)
-  code = tuple(float(c) for c in code)
-  if len(code) != 16:
-    raise ValueError(f"code: needs 16 values, got {len(code)}")
-  if rows is None:
-    rows = group_config(ns, k)["rows"] if len(ns) > 1 else (
-        default_rows(ns[0], k),)
-  rows = tuple(int(r) for r in (rows if isinstance(rows, (tuple, list))
-                                else (rows,)))
-  if len(rows) != len(ns) or min(rows) < 1:
-    raise ValueError(f"rows: one count >= 1 per weight ({len(ns)}), got "
-                     f"{rows if len(rows) > 1 else rows[0]}")
-  if stages < 1:
-    raise ValueError(f"stages: must be >= 1, got {stages}")
+  if len(weights) == len(ns):
+    for n in ns:
+      check(x.shape[0], n, k, 64, x.dtype, True)
+  code, rows = group_args(
+      weights, code, ns, rows, stages,
+      lambda: group_config(ns, k)["rows"] if len(ns) > 1 else (
+          default_rows(ns[0], k),))
   if step_rows not in STEP_ROWS:
     raise ValueError(f"step_rows: must be 64 or 128, got {step_rows}")
   if wgs not in (1, 2):

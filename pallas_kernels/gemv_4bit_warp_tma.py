@@ -48,10 +48,7 @@ from pallas_kernels.dequantize_4bit import decode_absmax
 from pallas_kernels.split_sum import sum_splits
 
 try:  # pragma: no cover - depends on the installed JAX
-  from jax.experimental import pallas as pl
   from jax.experimental.pallas import mosaic_gpu as plgpu
-  from jax.extend.mlir import ir
-  from jax._src.lib.mlir.dialects import llvm
 except ImportError:  # pragma: no cover
   pass
 
@@ -332,54 +329,9 @@ def _compiled(x, weights, *, code, ns, k, rows, stages):
           step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 
-  def asm(text, refs, shared):
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
-    def call(ctx, *refs):
-      del ctx
-      llvm.inline_asm(ir.Type.parse("!llvm.void"),
-                      [lut._address(r, 32) for r in refs[:shared]]  # pylint: disable=protected-access
-                      + [lut._address(r, 64) for r in refs[shared:]],  # pylint: disable=protected-access
-                      text, ",".join(["r"] * shared
-                                     + ["l"] * (len(refs) - shared))
-                      + ",~{memory}", has_side_effects=True)
-    call(*refs)
-
-  def jaxbnb_gemv_4bit_warp_tma(x_gmem, *refs):
-    ins = refs[:5 * len(ns)]
-    o_gmem, x_smem, c2_smem, sp_smem, cnt_smem = refs[5 * len(ns):]
-    i = lax.axis_index("n")
-    s = lax.axis_index("s")
-    for g, (n, (r, steps, _, _, group0, _)) in enumerate(zip(ns, plan)):
-      w_gmem, c_gmem, ns_gmem, nc_gmem, off_gmem = ins[5 * g:5 * g + 5]
-      bptx, sptx = ptx[g]
-      last = -(-n // tile_rows) - 1
-
-      @pl.when((i >= group0) & (i < group0 + r))
-      def _(w_gmem=w_gmem, c_gmem=c_gmem, ns_gmem=ns_gmem, nc_gmem=nc_gmem,
-            off_gmem=off_gmem, bptx=bptx, sptx=sptx, steps=steps,
-            group0=group0, last=last):
-        asm(bptx, (x_smem, c2_smem, sp_smem, cnt_smem, x_gmem, nc_gmem,
-                   ns_gmem, off_gmem), 4)
-
-        def body(_, w_smem, c_smem):
-          asm(sptx, (w_smem, c_smem, x_smem, c2_smem, sp_smem, cnt_smem,
-                     o_gmem), 6)
-
-        # Steps past the last row tile re-read it; their rows are padding.
-        def tile(t):
-          return jnp.minimum((i - group0) * steps + t, last)
-
-        specs = [pl.BlockSpec((tile_rows, CHUNK // 2),
-                              lambda t: (tile(t), s)),
-                 pl.BlockSpec((tile_rows, _CODES),
-                              lambda t: (tile(t), s // 4))]
-        plgpu.emit_pipeline_warp_specialized(
-            body, grid=(steps,), memory_registers=40, in_specs=specs,
-            wg_axis="wg", num_compute_wgs=WGS,
-            max_concurrent_steps=stages)(w_gmem, c_gmem)
-
   kernel = plgpu.kernel(
-      jaxbnb_gemv_4bit_warp_tma,
+      lut.pipelines("jaxbnb_gemv_4bit_warp_tma", ns, plan, ptx, tile_rows,
+                    stages, WGS),
       out_type=jax.ShapeDtypeStruct((chunks, m, n_pad), jnp.float32),
       grid=(sum(rows), chunks), grid_names=("n", "s"),
       num_threads=WGS + 1, thread_name="wg",
@@ -437,25 +389,13 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     float32 `[m, n_g]` per weight.
   """
   ns = tuple(ns)
-  if len(weights) != len(ns) or not ns:
-    raise ValueError(f"weights: one per entry of ns ({len(ns)}), got "
-                     f"{len(weights)}")
-  for n in ns:
-    check(x.shape[0], n, k, 64, x.dtype, True)
+  if len(weights) == len(ns):
+    for n in ns:
+      check(x.shape[0], n, k, 64, x.dtype, True)
   if x.shape[1] != k:
     raise ValueError(f"x: needs {k} columns, got shape {x.shape}")
-  code = tuple(float(c) for c in code)
-  if len(code) != 16:
-    raise ValueError(f"code: needs 16 values, got {len(code)}")
-  if rows is None:
-    rows = default_config(ns, k)["rows"]
-  rows = tuple(int(r) for r in (rows if isinstance(rows, (tuple, list))
-                                else (rows,)))
-  if len(rows) != len(ns) or min(rows) < 1:
-    raise ValueError(f"rows: one count >= 1 per weight ({len(ns)}), got "
-                     f"{rows if len(rows) > 1 else rows[0]}")
-  if stages < 1:
-    raise ValueError(f"stages: must be >= 1, got {stages}")
+  code, rows = lut.group_args(weights, code, ns, rows, stages,
+                              lambda: default_config(ns, k)["rows"])
   need = smem_bytes(ns, k, rows, stages)
   if need > _backend.HOPPER_SMEM:
     raise ValueError(
