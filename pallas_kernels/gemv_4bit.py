@@ -867,6 +867,9 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
 
 
 WARP_TMA_MIN_SIDE = 8192  # the TMA warp GEMV's default: a side this long
+# and up to this many rows of x (the kernel takes 16 by config; 9-16 is
+# not yet measured on a GPU)
+WARP_TMA_MAX_M = 8
 
 
 def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
@@ -885,7 +888,7 @@ def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
   and level on the gate/up pair (38.4 against 38.0; at M = 2 45.7
   against 32.5), so smaller weights and groups keep "warp".
   """
-  return (2 <= m <= gemv_4bit_warp_tma.MAX_M and code is not None and nested
+  return (2 <= m <= WARP_TMA_MAX_M and code is not None and nested
           and len(ns) == 1 and max(ns[0], k) >= WARP_TMA_MIN_SIDE
           and blocksize == 64 and nested_blocksize == 256
           and jnp.dtype(dtype).name in ("bfloat16", "float16")

@@ -67,7 +67,9 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["CHUNK", "STEP_ROWS", "available", "build_ptx", "check",
            "default_config", "default_rows", "gemv", "gemv_group",
-           "group_config", "nested_span", "smem_bytes", "step_ptx"]
+           "group_args", "group_config", "inline_ptx", "layout",
+           "nested_span", "pipelines", "row_plan", "smem_bytes",
+           "span_start", "step_ptx"]
 
 CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
 STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
@@ -93,7 +95,7 @@ def nested_span(rows_a_program: int, k: int) -> int:
   return -(-span // 128) * 128
 
 
-def _layout(n: int, k: int, rows: int, step_rows: int):
+def layout(n: int, k: int, rows: int, step_rows: int):
   """(steps a program, padded rows, nested span) of a config."""
   steps = -(-(-(-n // step_rows)) // rows)
   return steps, rows * steps * step_rows, nested_span(steps * step_rows, k)
@@ -103,7 +105,7 @@ def smem_bytes(n: int, k: int, rows: int, step_rows: int, stages: int,
                wgs: int = 1) -> int:
   """Shared memory of a config: the table, the nested table and span, the
   step counters and the pipeline's weight and codes tiles."""
-  span = _layout(n, k, rows, step_rows * wgs)[2]
+  span = layout(n, k, rows, step_rows * wgs)[2]
   return (256 * CHUNK // 2 * 4 + 512 * 4 + span * 4 + wgs * 512
           + stages * wgs * step_rows * (CHUNK // 2 + _CODES))
 
@@ -174,7 +176,7 @@ def _offset(reg: str, tmp: str) -> list[str]:
           f"or.b32 {reg}, {reg}, {tmp};"]
 
 
-def _span_start(lines, n, rows_a_program, nkb, group0=0):
+def span_start(lines, n, rows_a_program, nkb, group0=0):
   """PTX: `a` = the first nested index of this program's rows (clamped to
   the last row, as the steps clamp theirs) and chunk; the weight's row
   groups start at `group0`."""
@@ -237,7 +239,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
       "@p0 ld.global.nc.f32 g2, [pf];",
   ]
   # The span: nested[start + c + 128 j] (clamped) to span word c + 128 j.
-  _span_start(lines, n, rows_a_program, k // 64, group0)
+  span_start(lines, n, rows_a_program, k // 64, group0)
   lines += ["add.u32 a, a, c;", "cvta.to.global.u64 pc, $6;"]
   for j in range(loads):
     lines += [f"add.u32 q, a, {128 * j};", f"min.u32 q, q, {n_nested - 1};",
@@ -312,7 +314,7 @@ def step_ptx(n: int, k: int, steps: int, n_pad: int, step_rows: int,
       "shl.b32 sa, tid, 2;", "add.u32 sa, sa, $5;",
       "ld.shared.u32 stp, [sa];",
   ]
-  _span_start(lines, n, steps * step_rows * wgs, nkb, group0)
+  span_start(lines, n, steps * step_rows * wgs, nkb, group0)
   lines += [
       "mov.u32 lo, a;",
       # ctaid.y is the row group, ctaid.x the K chunk.
@@ -394,12 +396,12 @@ def _address(ref, bits):
                        mgpu.utils.memref_ptr(ref))
 
 
-def _plan(ns, k, rows, tile_rows):
+def row_plan(ns, k, rows, tile_rows):
   """Per weight: (row groups, steps, padded rows, span, first group,
   first output row); and the total padded rows."""
   plan, group0, row0 = [], 0, 0
   for n, r in zip(ns, rows):
-    steps, n_pad, span = _layout(n, k, r, tile_rows)
+    steps, n_pad, span = layout(n, k, r, tile_rows)
     plan.append((r, steps, n_pad, span, group0, row0))
     group0 += r
     row0 += n_pad
@@ -424,7 +426,7 @@ def inline_ptx(text: str, refs, shared: int) -> None:
 
 def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
               wgs: int):
-  """The kernel body of a program over the weights' row groups (`_plan`),
+  """The kernel body of a program over the weights' row groups (`row_plan`),
   named `name`: for the weight that owns row group `n`, its build PTX
   (`ptx[g][0]`), then a TMA pipeline of its `[tile_rows, 128]` weight and
   `[tile_rows, 16]` codes tiles of K chunk `s`, each step running its step
@@ -484,7 +486,7 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
   dtype = jnp.dtype(x.dtype)
   chunks = k // CHUNK
   tile_rows = step_rows * wgs
-  plan, n_pad = _plan(ns, k, rows, tile_rows)
+  plan, n_pad = row_plan(ns, k, rows, tile_rows)
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
                     w[2].shape[0], wgs, early, group0, tma_skips_build),

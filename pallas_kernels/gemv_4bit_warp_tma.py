@@ -1,4 +1,4 @@
-"""The 4-bit GEMV at M = 2..8 on a TMA pipeline, through the warp's MMA.
+"""The 4-bit GEMV at M = 2..16 on a TMA pipeline, through the warp's MMA.
 
 The "warp" kernel (`warp_mma`, Triton) decodes each thread's bytes in
 registers and feeds them to `mma.sync.m16n8k16`; it is latency-bound,
@@ -25,7 +25,11 @@ warpgroups take them.
   positions of its rows), so the MMA's column n is row `n % M` of x.
 * The 16 MMAs of a step accumulate in fp32; column `n < M` of the result
   is the chunk's partial of `y[n]`, stored to `[chunks, M, rows]`. XLA
-  sums the chunks (`split_sum.sum_splits`).
+  sums the chunks (`split_sum.sum_splits`). From 9 rows of x the same
+  decoded words go to a second pair of MMAs a word, whose B is rows
+  `8 + g' % (M - 8)`: M = 9..16 costs 16 more MMAs a step, not a second
+  decode. The default (`gemv_4bit.warp_tma_serves`) takes M = 2..8;
+  9..16 runs by config only (not yet measured on a GPU).
 
 The per-thread work is inline PTX (`plgpu.inline_mgpu`). `interpret=True`
 runs a jnp twin: the same values (code and absmax rounded to x's dtype,
@@ -58,7 +62,7 @@ __all__ = ["MAX_M", "available", "build_ptx", "check", "default_config",
 CHUNK = lut.CHUNK  # columns of x (and of W) a program: 128 bytes a row
 STEP_ROWS = 64  # rows a compute warpgroup a step: 4 warps x 16
 WGS = 2  # compute warpgroups, beside the TMA one
-MAX_M = 8  # rows of x: the MMA's 8 columns
+MAX_M = 16  # rows of x: two MMAs of 8 columns from 9 rows on
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
 _XROW = 4 * _XBLOCK  # bytes a row of x
@@ -95,13 +99,18 @@ def check(m: int, n: int, k: int, blocksize: int, dtype, nested: bool,
     raise ValueError(f"n: must be >= 1, got {n}")
 
 
+def x_rows(m: int) -> int:
+  """Rows of x's copy in shared memory: 8, or 16 from 9 rows of x."""
+  return 8 if m <= 8 else 16
+
+
 def smem_bytes(ns: tuple[int, ...], k: int, rows: tuple[int, ...],
-               stages: int) -> int:
+               stages: int, m: int = 8) -> int:
   """Shared memory of a config: x's chunk, the nested table and span, the
   step counters and the pipeline's weight and codes tiles."""
-  span = max(lut.nested_span(lut._layout(n, k, r, STEP_ROWS * WGS)[0]  # pylint: disable=protected-access
+  span = max(lut.nested_span(lut.layout(n, k, r, STEP_ROWS * WGS)[0]
                              * STEP_ROWS * WGS, k) for n, r in zip(ns, rows))
-  return (MAX_M * _XROW + 512 * 4 + span * 4 + WGS * 512
+  return (x_rows(m) * _XROW + 512 * 4 + span * 4 + WGS * 512
           + stages * WGS * STEP_ROWS * (CHUNK // 2 + _CODES))
 
 
@@ -171,7 +180,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
       "@pt ld.global.nc.f32 g1, [pc+512];", "cvta.to.global.u64 pf, $7;",
       "@p0 ld.global.nc.f32 g2, [pf];",
   ]
-  lut._span_start(lines, n, rows_a_program, k // 64, group0)  # pylint: disable=protected-access
+  lut.span_start(lines, n, rows_a_program, k // 64, group0)
   lines += ["add.u32 a, a, c;", "cvta.to.global.u64 pc, $6;"]
   for j in range(loads):
     lines += [f"add.u32 q, a, {128 * j};", f"min.u32 q, q, {n_nested - 1};",
@@ -245,7 +254,7 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
       "shl.b32 sa, tid, 2;", "add.u32 sa, sa, $5;",
       "ld.shared.u32 stp, [sa];",
   ]
-  lut._span_start(lines, n, steps * STEP_ROWS * WGS, nkb, group0)  # pylint: disable=protected-access
+  lut.span_start(lines, n, steps * STEP_ROWS * WGS, nkb, group0)
   lines += [
       "mov.u32 lo, a;",
       # ctaid.y is the row group, ctaid.x the K chunk.
@@ -286,6 +295,13 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   lines += [f"ld.shared.v4.b32 {{xv{4 * i}, xv{4 * i + 1}, xv{4 * i + 2}, "
             f"xv{4 * i + 3}}}, [xa+{16 * i}];" for i in range(8)]
   lines += [f"mov.f32 d{j}, 0f00000000;" for j in range(4)]
+  if m > 8:  # columns 8-15: rows 8 + g % (m - 8) of x, accumulators e
+    lines += [f"rem.u32 a, g, {m - 8};", "add.u32 a, a, 8;",
+              f"mul.lo.u32 a, a, {_XROW};", f"mad.lo.u32 a, c, {_XBLOCK}, a;",
+              "add.u32 xa, a, $2;"]
+    lines += [f"ld.shared.v4.b32 {{xu{4 * i}, xu{4 * i + 1}, xu{4 * i + 2}, "
+              f"xu{4 * i + 3}}}, [xa+{16 * i}];" for i in range(8)]
+    lines += [f"mov.f32 e{j}, 0f00000000;" for j in range(4)]
   for i in range(8):
     for tile, w, sc in (("pa", f"wA{i}", "sc0"), ("pb", f"wB{i}", "sc1")):
       names = dict(table, w=w, **{f"s{j}": sc for j in range(4)},
@@ -293,12 +309,15 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
       dcl, body = lut_decode.render(code, dtype_name, names, prefix="u_")
       decl = decl or dcl
       lines += body
-    lines += [
-        f"{mma} {{d0, d1, d2, d3}}, {{pa0, pb0, pa1, pb1}}, "
-        f"{{xv{4 * i}, xv{4 * i + 1}}}, {{d0, d1, d2, d3}};",
-        f"{mma} {{d0, d1, d2, d3}}, {{pa2, pb2, pa3, pb3}}, "
-        f"{{xv{4 * i + 2}, xv{4 * i + 3}}}, {{d0, d1, d2, d3}};",
-    ]
+    for acc, xr in (("d", "xv"), ("e", "xu"))[:1 + (m > 8)]:
+      lines += [
+          f"{mma} {{{acc}0, {acc}1, {acc}2, {acc}3}}, {{pa0, pb0, pa1, pb1}}, "
+          f"{{{xr}{4 * i}, {xr}{4 * i + 1}}}, "
+          f"{{{acc}0, {acc}1, {acc}2, {acc}3}};",
+          f"{mma} {{{acc}0, {acc}1, {acc}2, {acc}3}}, {{pa2, pb2, pa3, pb3}}, "
+          f"{{{xr}{4 * i + 2}, {xr}{4 * i + 3}}}, "
+          f"{{{acc}0, {acc}1, {acc}2, {acc}3}};",
+      ]
   # d0, d1: row g, columns 2c, 2c + 1; d2, d3: row g + 8. Column n < m is
   # y[n]: at ((s m + n) n_pad + row0 + r0 + g (+ 8)) floats.
   lines += ["shl.b32 a, c, 1;", f"setp.lt.u32 p0, a, {m};",
@@ -310,8 +329,16 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
             "@p0 st.global.f32 [dd], d0;",
             "@p0 st.global.f32 [dd+32], d2;",
             f"@p1 st.global.f32 [dd+{4 * n_pad}], d1;",
-            f"@p1 st.global.f32 [dd+{4 * n_pad + 32}], d3;",
-            "add.u32 stp, stp, 1;", "st.shared.u32 [sa], stp;", "}"]
+            f"@p1 st.global.f32 [dd+{4 * n_pad + 32}], d3;"]
+  if m > 8:  # e0, e1: row g, columns 8 + 2c, 9 + 2c; e2, e3: row g + 8
+    lines += [f"setp.lt.u32 p0, a, {m - 8};", f"setp.lt.u32 p1, a, {m - 9};",
+              f"@p0 st.global.f32 [dd+{32 * n_pad}], e0;",
+              f"@p0 st.global.f32 [dd+{32 * n_pad + 32}], e2;",
+              f"@p1 st.global.f32 [dd+{36 * n_pad}], e1;",
+              f"@p1 st.global.f32 [dd+{36 * n_pad + 32}], e3;"]
+  lines += ["add.u32 stp, stp, 1;", "st.shared.u32 [sa], stp;", "}"]
+  if m > 8:
+    decl += "\n.reg .b32 xu<32>;\n.reg .f32 e<4>;"
   return "\n".join(lines[:1] + [decl] + lines[1:])
 
 
@@ -322,7 +349,7 @@ def _compiled(x, weights, *, code, ns, k, rows, stages):
   dtype = jnp.dtype(x.dtype)
   chunks = k // CHUNK
   tile_rows = STEP_ROWS * WGS
-  plan, n_pad = lut._plan(ns, k, rows, tile_rows)  # pylint: disable=protected-access
+  plan, n_pad = lut.row_plan(ns, k, rows, tile_rows)
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
                     w[2].shape[0], group0),
@@ -335,7 +362,7 @@ def _compiled(x, weights, *, code, ns, k, rows, stages):
       out_type=jax.ShapeDtypeStruct((chunks, m, n_pad), jnp.float32),
       grid=(sum(rows), chunks), grid_names=("n", "s"),
       num_threads=WGS + 1, thread_name="wg",
-      scratch_types=[plgpu.SMEM((MAX_M, _XROW // 4), jnp.float32),
+      scratch_types=[plgpu.SMEM((x_rows(m), _XROW // 4), jnp.float32),
                      plgpu.SMEM((4, 128), jnp.float32),
                      plgpu.SMEM((span // 128, 128), jnp.float32),
                      plgpu.SMEM((WGS, 128), jnp.uint32)])
@@ -370,12 +397,12 @@ def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
 def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, stages: int = 4,
                interpret: bool = False) -> tuple[jax.Array, ...]:
-  """`x @ W_g.T` in fp32 for 2 to 8 rows of x and several double-quantized
+  """`x @ W_g.T` in fp32 for 2 to 16 rows of x and several double-quantized
   4-bit weights that read it (a layer's q/k/v, its gate/up), in one
   launch.
 
   Args:
-    x: `[m, k]` bfloat16 or float16, 2 <= m <= 8.
+    x: `[m, k]` bfloat16 or float16, 2 <= m <= 16.
     weights: `(packed, codes, nested_absmax, nested_code, offset)` per
       weight, as `gemv` takes them.
     code: the 16 code values (static), one code for all.
@@ -396,7 +423,7 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     raise ValueError(f"x: needs {k} columns, got shape {x.shape}")
   code, rows = lut.group_args(weights, code, ns, rows, stages,
                               lambda: default_config(ns, k)["rows"])
-  need = smem_bytes(ns, k, rows, stages)
+  need = smem_bytes(ns, k, rows, stages, x.shape[0])
   if need > _backend.HOPPER_SMEM:
     raise ValueError(
         f"rows/stages: row groups {rows} of {ns} rows with {stages} stages "
@@ -422,11 +449,11 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
          offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
          rows: int | None = None, stages: int = 4,
          interpret: bool = False) -> jax.Array:
-  """`x @ W.T` in fp32 for 2 to 8 rows of x and a double-quantized 4-bit
+  """`x @ W.T` in fp32 for 2 to 16 rows of x and a double-quantized 4-bit
   `W [n, k]` (blocksize 64, 256 codes a nested absmax).
 
   Args:
-    x: `[m, k]` bfloat16 or float16, 2 <= m <= 8.
+    x: `[m, k]` bfloat16 or float16, 2 <= m <= 16.
     packed: uint8 `[n * k / 2]`, bitsandbytes' order.
     codes: uint8 `[n * k / 64]`, the absmax codes.
     nested_absmax: float32 `[ceil(n * k / 64 / 256)]`.

@@ -365,7 +365,7 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None,
   each program's build instructions a thread; `skip`: `build_ptx`'s."""
   chunks = k // lg.CHUNK
   tile_rows = step_rows * wgs
-  plan, n_pad = lg._plan(ns, k, rows, tile_rows)  # pylint: disable=protected-access
+  plan, n_pad = lg.row_plan(ns, k, rows, tile_rows)
   span = max(p[3] for p in plan)
   out = np.zeros((chunks, n_pad), np.float32)
   dtype = jnp.dtype(x.dtype)

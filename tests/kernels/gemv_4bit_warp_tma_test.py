@@ -72,6 +72,23 @@ def test_default_at_m_2_to_8_matches_weight(m, n, k, dtype, quant_type, bias):
   _check(y, x, packed, qs, b)
 
 
+@pytest.mark.parametrize("m", [9, 16])
+def test_config_at_m_9_to_16_matches_weight(m):
+  """A "warp_tma" config takes 9 to 16 rows of x (not the default)."""
+  n, k = 96, 1024
+  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, m)
+  x = jnp.asarray(_util.rng_array((m, k), m + 5, jnp.bfloat16))
+  assert not gk.warp_tma_serves(m, (14336,), 4096, 64, jnp.bfloat16, True,
+                                256, _code("nf4"))
+  y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
+                   jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
+                   blocksize=64, nested=_nested(qs),
+                   config=("warp_tma", 64, 128, 1, 8, 4), code=_code("nf4"),
+                   interpret=True)
+  assert y.shape == (m, n)
+  _check(y, x, packed, qs)
+
+
 def test_group_matches_each_weight():
   """`gemv_4bit_group` (a layer's q/k/v) with a "warp_tma" config: each
   output is its weight's."""
@@ -104,8 +121,8 @@ def test_served_where_it_was_measured_faster():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(m=1), "x: the TMA warp GEMV takes 2 to 8 rows, got 1"),
-    (dict(m=9), "x: the TMA warp GEMV takes 2 to 8 rows, got 9"),
+    (dict(m=1), "x: the TMA warp GEMV takes 2 to 16 rows, got 1"),
+    (dict(m=17), "x: the TMA warp GEMV takes 2 to 16 rows, got 17"),
     (dict(k=1536), "k: the TMA warp GEMV needs a multiple of 1024"),
     (dict(stages=0), "stages: must be >= 1, got 0"),
     (dict(rows=0), r"rows: one count >= 1 per weight \(1\), got 0"),
@@ -142,11 +159,11 @@ def _emulate(x, weights, code, ns, k, rows):
   m = x.shape[0]
   chunks = k // wt.CHUNK
   tile_rows = wt.STEP_ROWS * wt.WGS
-  plan, n_pad = lg._plan(ns, k, rows, tile_rows)  # pylint: disable=protected-access
+  plan, n_pad = lg.row_plan(ns, k, rows, tile_rows)
   span = max(p[3] for p in plan)
   out = np.zeros((chunks, m, n_pad), np.float32)
   dtype = jnp.dtype(x.dtype)
-  x_, c2_ = 0, wt.MAX_M * 576
+  x_, c2_ = 0, wt.x_rows(m) * 576
   sp_ = c2_ + 2048
   cnt_ = sp_ + 4 * span
   w_ = cnt_ + 512 * wt.WGS
@@ -192,6 +209,8 @@ def _emulate(x, weights, code, ns, k, rows):
     (3, (200,), 1024, (2,), jnp.bfloat16, "nf4"),  # padded step, 2 groups
     (8, (100,), 2048, (1,), jnp.float16, "fp4"),   # every MMA column read
     (5, (130, 64), 1024, (1, 1), jnp.bfloat16, "nf4"),  # a group of two
+    (16, (200,), 1024, (2,), jnp.bfloat16, "nf4"),  # two MMA column tiles
+    (11, (70,), 2048, (1,), jnp.float16, "fp4"),   # the second one partly
 ])
 def test_ptx_emulated_matches_weight(m, ns, k, rows, dtype, quant_type):
   """The PTX itself on the CPU gives `x @ W.T` for the documented weight
@@ -220,7 +239,8 @@ def test_ptx_x_loads_have_no_bank_conflicts():
   assert len(banks) == 32
 
 
-@pytest.mark.parametrize("which", ["build", "step_bf16", "step_f16"])
+@pytest.mark.parametrize("which", ["build", "step_bf16", "step_f16",
+                                   "step_m16"])
 def test_ptx_assembles_for_sm90a(tmp_path, which):
   """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
   test skips where Triton is not installed)."""
@@ -232,8 +252,9 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
                               512, 896),
                  ["r"] * 4 + ["l"] * 4)
   else:
-    src = _entry(wt.step_ptx(_code("nf4"), "bfloat16" if which == "step_bf16"
-                             else "float16", 5, 14336, 4096, 14, 14336),
+    src = _entry(wt.step_ptx(_code("nf4"), "float16" if which == "step_f16"
+                             else "bfloat16", 16 if which == "step_m16" else 5,
+                             14336, 4096, 14, 14336),
                  ["r"] * 6 + ["l"])
   path = tmp_path / f"{which}.ptx"
   path.write_text(src)
@@ -263,7 +284,7 @@ def test_lowers_for_cuda():
 
 _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
               (8, (14336, 14336), 4096), (4, (4096, 1024, 1024), 4096),
-              (3, (4096,), 14336)]
+              (3, (4096,), 14336), (16, (14336,), 4096), (11, (1000,), 2048)]
 
 
 @pytest.mark.gpu
@@ -276,7 +297,8 @@ def test_gpu_matches_weight(case, dtype):
   made = [_weights(n, k, "nf4", dtype, n + g) for g, n in enumerate(ns)]
   x = jnp.asarray(_util.rng_array((m, k), 21, dtype))
   cfg = gk.gemv_4bit_warp_tma.default_config(ns, k)
-  if len(ns) == 1 and max(ns[0], k) >= gk.WARP_TMA_MIN_SIDE:
+  if (len(ns) == 1 and max(ns[0], k) >= gk.WARP_TMA_MIN_SIDE
+      and m <= gk.WARP_TMA_MAX_M):
     assert gk.warp_tma_serves(m, ns, k, 64, dtype, True, 256, _code("nf4"),
                               interpret=False)
     config = None  # the default
