@@ -209,8 +209,8 @@ MUTANTS: tuple[Mutant, ...] = (
     # The TMA warp GEMV's PTX (run by the emulator): the MMA's A operand
     # with rows g + 8 and bytes 1 swapped, and the x row of the MMA column.
     Mutant("warp-tma-mma-operand-order", "pallas_kernels/gemv_4bit_warp_tma.py",
-           'f"{mma} {{d0, d1, d2, d3}}, {{pa0, pb0, pa1, pb1}}, "',
-           'f"{mma} {{d0, d1, d2, d3}}, {{pa0, pa1, pb0, pb1}}, "',
+           'f"{mma} {{{acc}0, {acc}1, {acc}2, {acc}3}}, {{pa0, pb0, pa1, pb1}}, "',
+           'f"{mma} {{{acc}0, {acc}1, {acc}2, {acc}3}}, {{pa0, pa1, pb0, pb1}}, "',
            ("tests/kernels/gemv_4bit_warp_tma_test.py::"
             "test_ptx_emulated_matches_weight",)),
     Mutant("warp-tma-x-row", "pallas_kernels/gemv_4bit_warp_tma.py",
