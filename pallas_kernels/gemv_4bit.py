@@ -901,7 +901,8 @@ def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
                    config, code, interpret):
   """The "warp_tma" variant (`gemv_4bit_warp_tma`), all the weights in one
   launch: config ("warp_tma", 64, 128, row groups of each weight (an int
-  for one weight), 8, stages); None: `default_config`'s."""
+  for one weight), compute warps (8, 12 or 16: 2 to 4 compute
+  warpgroups), stages); None: `default_config`'s."""
   dtype = jnp.dtype(x.dtype)
   if code is None:
     raise ValueError("code: variant 'warp_tma' decodes in registers and "
@@ -914,12 +915,13 @@ def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   else:
     _, block_n, bk, rows, num_warps, stages = config[:6]
     if (block_n != gemv_4bit_warp_tma.STEP_ROWS
-        or bk != gemv_4bit_warp_tma.CHUNK // 2 or num_warps != 8):
+        or bk != gemv_4bit_warp_tma.CHUNK // 2
+        or num_warps not in (8, 12, 16)):
       raise ValueError(
           "config: variant 'warp_tma' runs 64 rows a step, "
-          f"{gemv_4bit_warp_tma.CHUNK // 2} bytes a row and 8 warps, got "
-          f"block_n {block_n}, {bk} bytes and {num_warps} warps")
-    cfg = dict(rows=rows, stages=stages)
+          f"{gemv_4bit_warp_tma.CHUNK // 2} bytes a row and 8, 12 or 16 "
+          f"warps, got block_n {block_n}, {bk} bytes and {num_warps} warps")
+    cfg = dict(rows=rows, stages=stages, wgs=num_warps // 4)
   ys = gemv_4bit_warp_tma.gemv_group(
       x, [(packed, absmax, *nested) for packed, absmax, nested in weights],
       code=code, ns=tuple(ns), k=k, interpret=interpret, **cfg)

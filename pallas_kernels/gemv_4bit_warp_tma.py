@@ -61,7 +61,7 @@ __all__ = ["MAX_M", "available", "build_ptx", "check", "default_config",
 
 CHUNK = lut.CHUNK  # columns of x (and of W) a program: 128 bytes a row
 STEP_ROWS = 64  # rows a compute warpgroup a step: 4 warps x 16
-WGS = 2  # compute warpgroups, beside the TMA one
+WGS = 2  # compute warpgroups beside the TMA one, by default (2 to 4)
 MAX_M = 16  # rows of x: two MMAs of 8 columns from 9 rows on
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
@@ -105,13 +105,13 @@ def x_rows(m: int) -> int:
 
 
 def smem_bytes(ns: tuple[int, ...], k: int, rows: tuple[int, ...],
-               stages: int, m: int = 8) -> int:
+               stages: int, m: int = 8, wgs: int = WGS) -> int:
   """Shared memory of a config: x's chunk, the nested table and span, the
   step counters and the pipeline's weight and codes tiles."""
-  span = max(lut.nested_span(lut.layout(n, k, r, STEP_ROWS * WGS)[0]
-                             * STEP_ROWS * WGS, k) for n, r in zip(ns, rows))
-  return (x_rows(m) * _XROW + 512 * 4 + span * 4 + WGS * 512
-          + stages * WGS * STEP_ROWS * (CHUNK // 2 + _CODES))
+  span = max(lut.nested_span(lut.layout(n, k, r, STEP_ROWS * wgs)[0]
+                             * STEP_ROWS * wgs, k) for n, r in zip(ns, rows))
+  return (x_rows(m) * _XROW + 512 * 4 + span * 4 + wgs * 512
+          + stages * wgs * STEP_ROWS * (CHUNK // 2 + _CODES))
 
 
 def default_config(ns: tuple[int, ...], k: int, num_sms: int = 132) -> dict:
@@ -126,7 +126,7 @@ def default_config(ns: tuple[int, ...], k: int, num_sms: int = 132) -> dict:
 @functools.lru_cache(maxsize=None)
 def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
               k: int, rows_a_program: int, span: int, n_nested: int,
-              group0: int = 0) -> str:
+              group0: int = 0, wgs: int = WGS) -> str:
   """x's chunk, the nested code table, the program's span of nested
   absmax and the step counters, copied by the compute threads; then a
   barrier of every thread of the program.
@@ -144,7 +144,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   4 (e % 32)`. The TMA warpgroup's threads load and store nothing.
   """
   loads = span // 128
-  words = -(-m * 128 // (128 * WGS))  # words of x a compute thread
+  words = -(-m * 128 // (128 * wgs))  # words of x a compute thread
   lines = [
       "{",
       ".reg .b32 t, c, a, b, q, e;",
@@ -152,14 +152,14 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
       f".reg .f32 g<{loads + 3}>;",
       ".reg .b64 px, pc, pf, d;",
       f".reg .pred pw, pt, p0, px<{words}>;",
-      "mov.u32 t, %tid.x;", f"setp.lt.u32 pw, t, {128 * WGS};",
+      "mov.u32 t, %tid.x;", f"setp.lt.u32 pw, t, {128 * wgs};",
       "and.b32 c, t, 127;",
       "setp.lt.u32 pt, t, 128;", "setp.eq.u32 p0, t, 0;",
       "cvta.to.global.u64 px, $4;",
   ]
   # Mosaic GPU reverses the grid: ctaid.x is the K chunk.
   for j in range(words):
-    lines += [f"add.u32 q, t, {128 * WGS * j};",
+    lines += [f"add.u32 q, t, {128 * wgs * j};",
               f"setp.lt.u32 px{j}, q, {128 * m};",
               f"and.pred px{j}, px{j}, pw;",
               "shr.u32 a, q, 7;", "and.b32 e, q, 127;",
@@ -211,7 +211,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
 @functools.lru_cache(maxsize=None)
 def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
              k: int, steps: int, n_pad: int, group0: int = 0,
-             row0: int = 0) -> str:
+             row0: int = 0, wgs: int = WGS) -> str:
   """One pipeline step of one compute thread: its warp's 16 rows of the
   step's 128-row tile (warp `tid / 32`), all 256 columns of the chunk.
 
@@ -254,13 +254,13 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
       "shl.b32 sa, tid, 2;", "add.u32 sa, sa, $5;",
       "ld.shared.u32 stp, [sa];",
   ]
-  lut.span_start(lines, n, steps * STEP_ROWS * WGS, nkb, group0)
+  lut.span_start(lines, n, steps * STEP_ROWS * wgs, nkb, group0)
   lines += [
       "mov.u32 lo, a;",
       # ctaid.y is the row group, ctaid.x the K chunk.
       "mov.u32 a, %ctaid.y;", f"sub.u32 a, a, {group0};",
       f"mad.lo.u32 a, a, {steps}, stp;",
-      f"mad.lo.u32 r0, a, {STEP_ROWS * WGS}, ro;",
+      f"mad.lo.u32 r0, a, {STEP_ROWS * wgs}, ro;",
       "mov.u32 s, %ctaid.x;", "cvta.to.global.u64 po, $6;",
       "ld.shared.f32 off, [$3+1024];",
   ]
@@ -342,30 +342,31 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   return "\n".join(lines[:1] + [decl] + lines[1:])
 
 
-def _compiled(x, weights, *, code, ns, k, rows, stages):
+def _compiled(x, weights, *, code, ns, k, rows, stages, wgs):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,
   nested absmax, nested codes, offset `[1]`)`: `[m, n]` fp32 per weight."""
   m = x.shape[0]
   dtype = jnp.dtype(x.dtype)
   chunks = k // CHUNK
-  tile_rows = STEP_ROWS * WGS
+  tile_rows = STEP_ROWS * wgs
   plan, n_pad = lut.row_plan(ns, k, rows, tile_rows)
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                    w[2].shape[0], group0),
-          step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0))
+                    w[2].shape[0], group0, wgs),
+          step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0,
+                   wgs))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 
   kernel = plgpu.kernel(
       lut.pipelines("jaxbnb_gemv_4bit_warp_tma", ns, plan, ptx, tile_rows,
-                    stages, WGS),
+                    stages, wgs),
       out_type=jax.ShapeDtypeStruct((chunks, m, n_pad), jnp.float32),
       grid=(sum(rows), chunks), grid_names=("n", "s"),
-      num_threads=WGS + 1, thread_name="wg",
+      num_threads=wgs + 1, thread_name="wg",
       scratch_types=[plgpu.SMEM((x_rows(m), _XROW // 4), jnp.float32),
                      plgpu.SMEM((4, 128), jnp.float32),
                      plgpu.SMEM((span // 128, 128), jnp.float32),
-                     plgpu.SMEM((WGS, 128), jnp.uint32)])
+                     plgpu.SMEM((wgs, 128), jnp.uint32)])
   args = []
   for (packed, codes, nested_absmax, nested_code, offset), n in zip(weights,
                                                                    ns):
@@ -396,7 +397,8 @@ def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
 
 def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, stages: int = 4,
-               interpret: bool = False) -> tuple[jax.Array, ...]:
+               wgs: int = WGS, interpret: bool = False
+               ) -> tuple[jax.Array, ...]:
   """`x @ W_g.T` in fp32 for 2 to 16 rows of x and several double-quantized
   4-bit weights that read it (a layer's q/k/v, its gate/up), in one
   launch.
@@ -410,6 +412,8 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     k: columns, a multiple of 1024.
     rows: row groups of each weight; default `default_config`'s.
     stages: pipeline steps in flight.
+    wgs: compute warpgroups beside the TMA one, 2 to 4, each taking 64
+      rows of a step (3 and 4 not yet run on a GPU).
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -423,7 +427,9 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     raise ValueError(f"x: needs {k} columns, got shape {x.shape}")
   code, rows = lut.group_args(weights, code, ns, rows, stages,
                               lambda: default_config(ns, k)["rows"])
-  need = smem_bytes(ns, k, rows, stages, x.shape[0])
+  if wgs not in (2, 3, 4):
+    raise ValueError(f"wgs: must be 2, 3 or 4, got {wgs}")
+  need = smem_bytes(ns, k, rows, stages, x.shape[0], wgs)
   if need > _backend.HOPPER_SMEM:
     raise ValueError(
         f"rows/stages: row groups {rows} of {ns} rows with {stages} stages "
@@ -441,13 +447,13 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
         f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
   return tuple(_compiled(
       x, [(p, c, na, nc, off.reshape(1)) for p, c, na, nc, off in prepared],
-      code=code, ns=ns, k=k, rows=rows, stages=stages))
+      code=code, ns=ns, k=k, rows=rows, stages=stages, wgs=wgs))
 
 
 def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
          nested_absmax: jax.Array, nested_code: jax.Array,
          offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
-         rows: int | None = None, stages: int = 4,
+         rows: int | None = None, stages: int = 4, wgs: int = WGS,
          interpret: bool = False) -> jax.Array:
   """`x @ W.T` in fp32 for 2 to 16 rows of x and a double-quantized 4-bit
   `W [n, k]` (blocksize 64, 256 codes a nested absmax).
@@ -463,6 +469,7 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     n, k: the weight's shape; k a multiple of 1024.
     rows: row groups (programs a K chunk); default `default_config`'s.
     stages: pipeline steps in flight.
+    wgs: compute warpgroups, 2 to 4 (`gemv_group`).
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -488,4 +495,4 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
   return gemv_group(x, [(packed, codes, nested_absmax, nested_code, offset)],
                     code=code, ns=(n,), k=k,
                     rows=None if rows is None else (rows,), stages=stages,
-                    interpret=interpret)[0]
+                    wgs=wgs, interpret=interpret)[0]

@@ -2,7 +2,7 @@
 against the "warp" kernel it replaces as the default and XLA's bf16 matmul
 (docs/benchmarks.md, twenty-sixth session; run on the GPU):
 
-    python docs/bench/gemv_warp_tma_sweep.py 150   # time budget (s)
+    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b]   # budget (s), run
 
 NF4 + DQ, bf16 x. Single weights and the decode's groups (gate/up, q/k/v)
 in one `gemv_4bit_group` call, each timed with `measure.time_jax` over
@@ -33,15 +33,25 @@ CASES = [((14336,), K, 8), ((14336, 14336), K, 8), ((4096,), K, 8),
          ((14336,), K, 2), ((14336, 14336), K, 2), ((14336,), K, 4)]
 CONFIGS = [("warp", None), ("warp_tma", None), ("warp_tma", dict(stages=2)),
            ("warp_tma", dict(stages=6)), ("warp_tma", dict(rows=2))]
+# Run "b" (written in the twenty-sixth session after its last GPU call):
+# 12 and 16 compute warps, and M = 16 against the default there.
+RUNS = {"a": (CASES, CONFIGS),
+        "b": ([((14336,), K, 8), ((14336, 14336), K, 8), ((4096,), 14336, 8),
+               ((4096, 1024, 1024), K, 8), ((14336, 14336), K, 2),
+               ((14336,), K, 16), ((14336, 14336), K, 16), ((4096,), 14336, 16)],
+              [("default", None), ("warp_tma", dict(warps=8)),
+               ("warp_tma", dict(warps=12)), ("warp_tma", dict(warps=16)),
+               ("warp_tma", dict(warps=12, stages=6))])}
 
 
 def main():
   budget = float(sys.argv[1])
+  cases, configs = RUNS[sys.argv[2] if len(sys.argv) > 2 else "a"]
   t_end = time.time() + budget
   path = os.path.join(os.environ.get("OUT", "."), "gemv_warp_tma_sweep.jsonl")
   made = {}
   with open(path, "a") as out:
-    for ns, k, m in CASES:
+    for ns, k, m in cases:
       if time.time() > t_end:
         break
       for n in ns:
@@ -59,19 +69,19 @@ def main():
               made[(n, k)][0][7], made[(n, k)][0][6]).astype(jnp.float32).T)
                             for n in ns], axis=1)
       scale = float(np.max(np.abs(ref)))
-      for name, kw in CONFIGS:
+      for name, kw in configs:
         if time.time() > t_end:
           break
         if name == "warp":
           cfg = gk.default_config(m, sum(ns), k, 64, "bfloat16", mma=True)
-        elif kw is None:
+        elif kw is None:  # the package's default at this M
           cfg = None
         else:
           base = gk.gemv_4bit_warp_tma.default_config(ns, k)
           rows = tuple(2 * r for r in base["rows"]) if "rows" in kw else (
               base["rows"])
-          cfg = ("warp_tma", 64, 128, rows if len(ns) > 1 else rows[0], 8,
-                 kw.get("stages", base["stages"]))
+          cfg = ("warp_tma", 64, 128, rows if len(ns) > 1 else rows[0],
+                 kw.get("warps", 8), kw.get("stages", base["stages"]))
 
         def f(x, w, cfg=cfg):
           return gk.gemv_4bit_group(x, w, LUT, ns=ns, k=k, blocksize=64,

@@ -127,6 +127,7 @@ def test_served_where_it_was_measured_faster():
     (dict(stages=0), "stages: must be >= 1, got 0"),
     (dict(rows=0), r"rows: one count >= 1 per weight \(1\), got 0"),
     (dict(rows=1, stages=60), "rows/stages: row groups"),
+    (dict(wgs=1), "wgs: must be 2, 3 or 4, got 1"),
 ])
 def test_errors_name_the_argument(kwargs, match):
   m, k = kwargs.pop("m", 2), kwargs.pop("k", 1024)
@@ -143,7 +144,7 @@ def test_errors_name_the_argument(kwargs, match):
 
 def test_config_names_its_shape():
   packed, qs = _weights(64, 1024, "nf4", jnp.bfloat16, 1)
-  with pytest.raises(ValueError, match="variant 'warp_tma' runs 64 rows"):
+  with pytest.raises(ValueError, match="8, 12 or 16 warps, got block_n 32"):
     gk.gemv_4bit(jnp.ones((2, 1024), jnp.bfloat16), packed.reshape(-1),
                  qs.absmax, jnp.asarray(codebooks.code_for("nf4")), n=64,
                  k=1024, blocksize=64, nested=_nested(qs),
@@ -151,14 +152,14 @@ def test_config_names_its_shape():
                  interpret=True)
 
 
-def _emulate(x, weights, code, ns, k, rows):
+def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS):
   """The kernel's PTX run by `_ptx` over every program of a group of
   weights `(packed, qs)`: build, then each pipeline step with its TMA
   tiles written into shared memory (rows past the weight zero, as TMA
   fills them). fp32 `[m, n_g]` per weight (the chunks summed)."""
   m = x.shape[0]
   chunks = k // wt.CHUNK
-  tile_rows = wt.STEP_ROWS * wt.WGS
+  tile_rows = wt.STEP_ROWS * wgs
   plan, n_pad = lg.row_plan(ns, k, rows, tile_rows)
   span = max(p[3] for p in plan)
   out = np.zeros((chunks, m, n_pad), np.float32)
@@ -166,7 +167,7 @@ def _emulate(x, weights, code, ns, k, rows):
   x_, c2_ = 0, wt.x_rows(m) * 576
   sp_ = c2_ + 2048
   cnt_ = sp_ + 4 * span
-  w_ = cnt_ + 512 * wt.WGS
+  w_ = cnt_ + 512 * wgs
   cd_ = w_ + tile_rows * 128
   for (packed, qs), n, (r, steps, _, _, group0, row0) in zip(weights, ns,
                                                            plan):
@@ -179,11 +180,12 @@ def _emulate(x, weights, code, ns, k, rows):
     c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
     c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
     bptx = wt.build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                        nested.shape[0], group0)
-    sptx = wt.step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0)
+                        nested.shape[0], group0, wgs)
+    sptx = wt.step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0,
+                       wgs)
     for i in range(group0, group0 + r):
       for s in range(chunks):
-        mc = _ptx.Machine(128 * (wt.WGS + 1), cd_ + tile_rows * 16, (s, i))
+        mc = _ptx.Machine(128 * (wgs + 1), cd_ + tile_rows * 16, (s, i))
         xg = mc.add_global(1 << 40, np.asarray(x).view(np.uint16).reshape(-1))
         ng = mc.add_global(2 << 40, table)
         sg = mc.add_global(3 << 40, nested)
@@ -191,7 +193,7 @@ def _emulate(x, weights, code, ns, k, rows):
         fg = mc.add_global(5 << 40, offset)
         _ptx.run(bptx, mc, {0: x_, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng,
                             6: sg, 7: fg})
-        mc.threads = 128 * wt.WGS
+        mc.threads = 128 * wgs
         for t in range(steps):
           q = min((i - group0) * steps + t, tiles - 1) * tile_rows
           mc.smem[w_:w_ + tile_rows * 128] = w2[
@@ -205,19 +207,21 @@ def _emulate(x, weights, code, ns, k, rows):
   return [total[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
 
-@pytest.mark.parametrize("m,ns,k,rows,dtype,quant_type", [
-    (3, (200,), 1024, (2,), jnp.bfloat16, "nf4"),  # padded step, 2 groups
-    (8, (100,), 2048, (1,), jnp.float16, "fp4"),   # every MMA column read
-    (5, (130, 64), 1024, (1, 1), jnp.bfloat16, "nf4"),  # a group of two
-    (16, (200,), 1024, (2,), jnp.bfloat16, "nf4"),  # two MMA column tiles
-    (11, (70,), 2048, (1,), jnp.float16, "fp4"),   # the second one partly
+@pytest.mark.parametrize("m,ns,k,rows,dtype,quant_type,wgs", [
+    (3, (200,), 1024, (2,), jnp.bfloat16, "nf4", 2),  # padded step, 2 groups
+    (8, (100,), 2048, (1,), jnp.float16, "fp4", 2),   # every MMA column read
+    (5, (130, 64), 1024, (1, 1), jnp.bfloat16, "nf4", 2),  # a group of two
+    (16, (200,), 1024, (2,), jnp.bfloat16, "nf4", 2),  # two MMA column tiles
+    (11, (70,), 2048, (1,), jnp.float16, "fp4", 2),   # the second one partly
+    (4, (300,), 1024, (1,), jnp.bfloat16, "nf4", 3),  # three compute WGs
+    (16, (130,), 1024, (1,), jnp.bfloat16, "fp4", 4),  # four, 16 rows of x
 ])
-def test_ptx_emulated_matches_weight(m, ns, k, rows, dtype, quant_type):
+def test_ptx_emulated_matches_weight(m, ns, k, rows, dtype, quant_type, wgs):
   """The PTX itself on the CPU gives `x @ W.T` for the documented weight
   (within fp32 sums in any order)."""
   made = [_weights(n, k, quant_type, dtype, 7 * n + m) for n in ns]
   x = jnp.asarray(_util.rng_array((m, k), m, dtype))
-  got = _emulate(x, made, _code(quant_type), ns, k, rows)
+  got = _emulate(x, made, _code(quant_type), ns, k, rows, wgs)
   for y, (p, q) in zip(got, made):
     w = _util.kernel_weight(p, q, dtype, in_dtype=True)
     exact, bound = helpers.matmul_bound(x, w, jnp.float32)
@@ -264,16 +268,18 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
   assert out.returncode == 0, out.stderr
 
 
-def test_lowers_for_cuda():
-  """The kernel lowers to a Mosaic GPU module (needs JAX's CUDA plugin)."""
+@pytest.mark.parametrize("m,warps", [(4, 8), (16, 12), (8, 16)])
+def test_lowers_for_cuda(m, warps):
+  """The kernel lowers to a Mosaic GPU module (needs JAX's CUDA plugin),
+  with 2 to 4 compute warpgroups."""
   s = jax.ShapeDtypeStruct
   n, k = 1000, 2048
   fn = functools.partial(gk.gemv_4bit, n=n, k=k, blocksize=64,
-                         config=("warp_tma", 64, 128, 2, 8, 4),
+                         config=("warp_tma", 64, 128, 2, warps, 4),
                          code=_code("nf4"))
   try:
     text = helpers.lowered_for_h200(
-        fn, s((4, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
+        fn, s((m, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
         s((n * k // 64,), jnp.uint8), s((16,), jnp.float32),
         nested=(s((-(-n * k // 64 // 256),), jnp.float32),
                 s((256,), jnp.float32), s((), jnp.float32)))
