@@ -784,17 +784,36 @@ def _gemv_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   if nested_blocksize != 256:
     raise ValueError(f"nested_blocksize: variant 'tma' needs 256, got "
                      f"{nested_blocksize}")
-  outs = []
+  ys = []
   for (packed, absmax, nested), n in zip(weights, ns):
     gemv_4bit_tma.check_config(x.shape[0], k, blocksize, dtype,
                                nested is not None, bk, split, stages)
-    y = gemv_4bit_tma.gemv(x, packed, absmax, *nested, code=code, n=n, k=k,
-                           bk=bk, split=split, stages=stages,
-                           interpret=interpret)
-    if bias is not None:
-      y = y + bias.astype(jnp.float32)
-    outs.append(y.astype(dtype))
-  return tuple(outs)
+    ys.append(gemv_4bit_tma.gemv(x, packed, absmax, *nested, code=code, n=n,
+                                 k=k, bk=bk, split=split, stages=stages,
+                                 interpret=interpret))
+  return _with_bias(ys, bias, dtype)
+
+
+def _with_bias(ys, bias, dtype) -> tuple:
+  """The fp32 outputs of a Mosaic GPU variant, plus `bias` (fp32), in
+  `dtype`."""
+  if bias is not None:
+    ys = [y + bias.astype(jnp.float32) for y in ys]
+  return tuple(y.astype(dtype) for y in ys)
+
+
+def _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize, code,
+                 interpret) -> bool:
+  """What both Mosaic GPU GEMVs need of their arguments: the 16 code values,
+  NF4/FP4 double-quantized in blocks of 64 (256 codes a nested absmax),
+  16-bit x, k a multiple of 1024; compiled (`interpret` False), a Hopper
+  GPU and a JAX with Mosaic GPU (both kernels' `available`)."""
+  return (code is not None and nested and blocksize == 64
+          and nested_blocksize == 256
+          and jnp.dtype(dtype).name in ("bfloat16", "float16")
+          and k % (4 * gemv_4bit_lut.CHUNK) == 0
+          and (interpret or (gemv_4bit_lut.available()
+                             and _backend.on_hopper())))
 
 
 LUT_MIN_N = 4096  # the table GEMV's default from this many rows a weight
@@ -815,13 +834,9 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
   us against 4.4 in run a), so groups with the k/v projections keep the
   one-launch "reduce" kernel.
   """
-  return (m == 1 and code is not None and nested and blocksize == 64
-          and nested_blocksize == 256
-          and jnp.dtype(dtype).name in ("bfloat16", "float16")
-          and k % (4 * gemv_4bit_lut.CHUNK) == 0
-          and min(ns) >= LUT_MIN_N
-          and (interpret or (gemv_4bit_lut.available()
-                             and _backend.on_hopper())))
+  return (m == 1 and min(ns) >= LUT_MIN_N
+          and _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize,
+                           code, interpret))
 
 
 def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
@@ -858,12 +873,7 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
                              wgs=num_warps // 4, early=early,
                              interpret=interpret)
           for w, n in zip(lut_weights, ns)]
-  outs = []
-  for y in ys:
-    if bias is not None:
-      y = y + bias.astype(jnp.float32)
-    outs.append(y.astype(dtype))
-  return tuple(outs)
+  return _with_bias(ys, bias, dtype)
 
 
 WARP_TMA_MIN_SIDE = 8192  # the TMA warp GEMV's default: a side this long
@@ -888,13 +898,10 @@ def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
   and level on the gate/up pair (38.4 against 38.0; at M = 2 45.7
   against 32.5), so smaller weights and groups keep "warp".
   """
-  return (2 <= m <= WARP_TMA_MAX_M and code is not None and nested
+  return (2 <= m <= WARP_TMA_MAX_M
           and len(ns) == 1 and max(ns[0], k) >= WARP_TMA_MIN_SIDE
-          and blocksize == 64 and nested_blocksize == 256
-          and jnp.dtype(dtype).name in ("bfloat16", "float16")
-          and k % (4 * gemv_4bit_warp_tma.CHUNK) == 0
-          and (interpret or (gemv_4bit_warp_tma.available()
-                             and _backend.on_hopper())))
+          and _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize,
+                           code, interpret))
 
 
 def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
@@ -925,12 +932,7 @@ def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   ys = gemv_4bit_warp_tma.gemv_group(
       x, [(packed, absmax, *nested) for packed, absmax, nested in weights],
       code=code, ns=tuple(ns), k=k, interpret=interpret, **cfg)
-  outs = []
-  for y in ys:
-    if bias is not None:
-      y = y + bias.astype(jnp.float32)
-    outs.append(y.astype(dtype))
-  return tuple(outs)
+  return _with_bias(ys, bias, dtype)
 
 
 def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,

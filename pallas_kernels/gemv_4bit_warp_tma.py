@@ -378,19 +378,17 @@ def _compiled(x, weights, *, code, ns, k, rows, stages, wgs):
 
 def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
           k):
-  """The kernel's values in jnp: each weight the code rounded to x's dtype
-  times the absmax rounded to it, the product rounded once; `x @ W.T` in
-  fp32."""
+  """The kernel's values in jnp (`lut_decode.decode_scaled`'s twin: each
+  weight the code rounded to x's dtype times the absmax rounded to it, the
+  product rounded once); `x @ W.T` in fp32."""
   dtype = jnp.dtype(x.dtype)
-  c = _backend.round_to_dtype(jnp.asarray(code, jnp.float32), dtype)
-  b = packed.reshape(n, k // 2).astype(jnp.int32)
   absmax = decode_absmax(codes, jnp.arange(codes.shape[0]), nested_absmax,
                          nested_code.astype(jnp.float32), offset, 256,
                          nested_absmax.shape[0], True).reshape(n, k // 64)
-  scale = jnp.repeat(_backend.round_to_dtype(absmax, dtype), 32, axis=1)
-  hi = _backend.round_to_dtype(c[b >> 4] * scale, dtype)
-  lo = _backend.round_to_dtype(c[b & 15] * scale, dtype)
-  w = jnp.stack([hi, lo], -1).reshape(n, k)
+  scale = lut_decode.scale_words(jnp.repeat(absmax, 32, axis=1), dtype)
+  hi, lo = lut_decode.decode_scaled(packed.reshape(n, k // 2), scale, code,
+                                    dtype, True)
+  w = jnp.stack([hi, lo], -1).reshape(n, k).astype(jnp.float32)
   return jnp.einsum("mk,nk->mn", x.astype(jnp.float32), w,
                     precision=lax.Precision.HIGHEST)
 
