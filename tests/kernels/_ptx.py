@@ -328,3 +328,57 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
   if parked:
     raise ValueError(f"branch to a label the block lacks: {sorted(parked)}")
   return executed
+
+
+def run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs, own_bytes,
+                 out, texts, on_program=None) -> None:
+  """Every program of the Mosaic GPU GEMVs' pipeline
+  (`gemv_4bit_lut.pipelines`) over a group of weights `(packed, qs)`:
+  the build block, then each step with its TMA tiles written into shared
+  memory (rows past the weight zero, as TMA fills them). The kernel's own
+  scratch buffer (`own_bytes`) comes first in shared memory, then the
+  nested table, the span, the step counters and the two tiles; x, the
+  nested codes and absmax, `out` and the offset are global arrays.
+
+  `texts(n, steps, group0, row0, n_nested)` gives a weight's (build,
+  step) PTX; `on_program(machine, executed)`, if given, sees each program
+  after its steps with the build's executed counts. `out` is written in
+  place."""
+  c2_ = own_bytes
+  sp_ = c2_ + 2048
+  cnt_ = sp_ + 4 * span
+  w_ = cnt_ + 512 * wgs
+  cd_ = w_ + tile_rows * 128
+  for (packed, qs), n, (r, steps, _, _, group0, row0) in zip(weights, ns,
+                                                           plan):
+    tiles = -(-n // tile_rows)
+    nested = np.asarray(qs.nested_absmax, np.float32)
+    table = np.asarray(qs.nested_code, np.float32)
+    offset = np.asarray(qs.offset, np.float32).reshape(1)
+    w2 = np.zeros((tiles * tile_rows, k // 2), np.uint8)
+    w2[:n] = np.asarray(packed).reshape(n, k // 2)
+    c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
+    c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
+    bptx, sptx = texts(n, steps, group0, row0, nested.shape[0])
+    for i in range(group0, group0 + r):
+      for s in range(k // 256):
+        m = Machine(128 * (wgs + (wgs > 1)), cd_ + tile_rows * 16, (s, i))
+        xg = m.add_global(1 << 40, np.asarray(x).view(np.uint16).reshape(-1))
+        ng = m.add_global(2 << 40, table)
+        sg = m.add_global(3 << 40, nested)
+        og = m.add_global(4 << 40, out)
+        fg = m.add_global(5 << 40, offset)
+        count = run(bptx, m, {0: 0, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng,
+                              6: sg, 7: fg})
+        m.threads = 128 * wgs
+        for t in range(steps):
+          q = min((i - group0) * steps + t, tiles - 1) * tile_rows
+          m.smem[w_:w_ + tile_rows * 128] = w2[
+              q:q + tile_rows, 128 * s:128 * s + 128].reshape(-1)
+          c = 16 * (s // 4)
+          m.smem[cd_:cd_ + tile_rows * 16] = c2[q:q + tile_rows,
+                                                c:c + 16].reshape(-1)
+          run(sptx, m, {0: w_, 1: cd_, 2: 0, 3: c2_, 4: sp_, 5: cnt_,
+                        6: og})
+        if on_program is not None:
+          on_program(m, count)

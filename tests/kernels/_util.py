@@ -69,3 +69,25 @@ def kernel_weight(packed, qs, compute_dtype, in_dtype=False) -> np.ndarray:
   absmax = np.asarray(ops.float_absmax(qs), np.float64)
   scale = np.repeat(absmax, qs.blocksize)[:n]
   return (lut.astype(np.float64)[codes] * scale).reshape(qs.shape)
+
+
+def lowered_gemv_4bit(config, m: int, n: int = 1000, k: int = 2048) -> str:
+  """`gemv_4bit` with `config` for bf16 x `[m, k]` and an NF4 + DQ weight
+  `[n, k]`, lowered for CUDA on an abstract H200 (no GPU needed); the
+  calling test skips where this JAX has no Mosaic GPU lowering (a
+  CPU-only install without the CUDA plugin)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import gemv_4bit as gk  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  s = jax.ShapeDtypeStruct
+  code = tuple(float(c) for c in codebooks.code_for("nf4"))
+  fn = functools.partial(gk.gemv_4bit, n=n, k=k, blocksize=64,
+                         config=config, code=code)
+  try:
+    return helpers.lowered_for_h200(
+        fn, s((m, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
+        s((n * k // 64,), jnp.uint8), s((16,), jnp.float32),
+        nested=(s((-(-n * k // 64 // 256),), jnp.float32),
+                s((256,), jnp.float32), s((), jnp.float32)))
+  except AssertionError as e:  # no Mosaic GPU lowering rule registered
+    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")

@@ -256,19 +256,7 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
 
 def test_lowers_for_cuda():
   """The kernel lowers to a Mosaic GPU module (needs JAX's CUDA plugin)."""
-  s = jax.ShapeDtypeStruct
-  n, k = 1000, 2048
-  fn = functools.partial(gk.gemv_4bit, n=n, k=k, blocksize=64,
-                         config=_config(3), code=_code("nf4"))
-  try:
-    text = helpers.lowered_for_h200(
-        fn, s((1, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
-        s((n * k // 64,), jnp.uint8), s((16,), jnp.float32),
-        nested=(s((-(-n * k // 64 // 256),), jnp.float32),
-                s((256,), jnp.float32), s((), jnp.float32)))
-  except AssertionError as e:  # no Mosaic GPU lowering rule registered
-    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
-  assert "mosaic_gpu" in text
+  assert "mosaic_gpu" in _util.lowered_gemv_4bit(_config(3), 1)
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -369,49 +357,21 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None,
   span = max(p[3] for p in plan)
   out = np.zeros((chunks, n_pad), np.float32)
   dtype = jnp.dtype(x.dtype)
-  t_, c2_, sp_ = 0, 256 * 512, 256 * 512 + 2048
-  cnt_ = sp_ + 4 * span
-  w_ = cnt_ + 512 * wgs
-  cd_ = w_ + tile_rows * 128
-  for (packed, qs), n, (r, steps, _, _, group0, row0) in zip(weights, ns,
-                                                           plan):
-    tiles = -(-n // tile_rows)
-    nested = np.asarray(qs.nested_absmax, np.float32)
-    table = np.asarray(qs.nested_code, np.float32)
-    offset = np.asarray(qs.offset, np.float32).reshape(1)
-    w2 = np.zeros((tiles * tile_rows, k // 2), np.uint8)
-    w2[:n] = np.asarray(packed).reshape(n, k // 2)
-    c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
-    c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
-    bptx = lg.build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                        nested.shape[0], wgs, False, group0, skip)
-    sptx = lg.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0)
-    for i in range(group0, group0 + r):
-      for s in range(chunks):
-        m = _ptx.Machine(128 * (wgs + (wgs > 1)), cd_ + tile_rows * 16,
-                         (s, i))
-        xg = m.add_global(1 << 40, np.asarray(x).reshape(-1).view(np.uint16))
-        ng = m.add_global(2 << 40, table)
-        sg = m.add_global(3 << 40, nested)
-        og = m.add_global(4 << 40, out)
-        fg = m.add_global(5 << 40, offset)
-        count = _ptx.run(bptx, m, {0: t_, 1: c2_, 2: sp_, 3: cnt_, 4: xg,
-                                   5: ng, 6: sg, 7: fg})
-        if executed is not None:
-          executed.append(count)
-        m.threads = 128 * wgs
-        for t in range(steps):
-          q = min((i - group0) * steps + t, tiles - 1) * tile_rows
-          m.smem[w_:w_ + tile_rows * 128] = w2[
-              q:q + tile_rows, 128 * s:128 * s + 128].reshape(-1)
-          c = 16 * (s // 4)
-          m.smem[cd_:cd_ + tile_rows * 16] = c2[q:q + tile_rows,
-                                                c:c + 16].reshape(-1)
-          _ptx.run(sptx, m, {0: w_, 1: cd_, 2: t_, 3: c2_, 4: sp_, 5: cnt_,
-                             6: og})
-        if ways is not None:
-          for line, w in m.ways.items():
-            ways[line] = max(w, ways.get(line, 1))
+
+  def texts(n, steps, group0, row0, n_nested):
+    return (lg.build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
+                         n_nested, wgs, False, group0, skip),
+            lg.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
+
+  def on_program(m, count):
+    if executed is not None:
+      executed.append(count)
+    if ways is not None:
+      for line, w in m.ways.items():
+        ways[line] = max(w, ways.get(line, 1))
+
+  _ptx.run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs, 256 * 512,
+                    out, texts, on_program)
   return [out[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
 

@@ -13,10 +13,8 @@ assembled for sm_90a; the kernel runs under `pytest -m gpu`.
 
 from __future__ import annotations
 
-import functools
 import subprocess
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -158,51 +156,20 @@ def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS):
   tiles written into shared memory (rows past the weight zero, as TMA
   fills them). fp32 `[m, n_g]` per weight (the chunks summed)."""
   m = x.shape[0]
-  chunks = k // wt.CHUNK
   tile_rows = wt.STEP_ROWS * wgs
   plan, n_pad = lg.row_plan(ns, k, rows, tile_rows)
   span = max(p[3] for p in plan)
-  out = np.zeros((chunks, m, n_pad), np.float32)
+  out = np.zeros((k // wt.CHUNK, m, n_pad), np.float32)
   dtype = jnp.dtype(x.dtype)
-  x_, c2_ = 0, wt.x_rows(m) * 576
-  sp_ = c2_ + 2048
-  cnt_ = sp_ + 4 * span
-  w_ = cnt_ + 512 * wgs
-  cd_ = w_ + tile_rows * 128
-  for (packed, qs), n, (r, steps, _, _, group0, row0) in zip(weights, ns,
-                                                           plan):
-    tiles = -(-n // tile_rows)
-    nested = np.asarray(qs.nested_absmax, np.float32)
-    table = np.asarray(qs.nested_code, np.float32)
-    offset = np.asarray(qs.offset, np.float32).reshape(1)
-    w2 = np.zeros((tiles * tile_rows, k // 2), np.uint8)
-    w2[:n] = np.asarray(packed).reshape(n, k // 2)
-    c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
-    c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
-    bptx = wt.build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                        nested.shape[0], group0, wgs)
-    sptx = wt.step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0,
-                       wgs)
-    for i in range(group0, group0 + r):
-      for s in range(chunks):
-        mc = _ptx.Machine(128 * (wgs + 1), cd_ + tile_rows * 16, (s, i))
-        xg = mc.add_global(1 << 40, np.asarray(x).view(np.uint16).reshape(-1))
-        ng = mc.add_global(2 << 40, table)
-        sg = mc.add_global(3 << 40, nested)
-        og = mc.add_global(4 << 40, out)
-        fg = mc.add_global(5 << 40, offset)
-        _ptx.run(bptx, mc, {0: x_, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng,
-                            6: sg, 7: fg})
-        mc.threads = 128 * wgs
-        for t in range(steps):
-          q = min((i - group0) * steps + t, tiles - 1) * tile_rows
-          mc.smem[w_:w_ + tile_rows * 128] = w2[
-              q:q + tile_rows, 128 * s:128 * s + 128].reshape(-1)
-          c = 16 * (s // 4)
-          mc.smem[cd_:cd_ + tile_rows * 16] = c2[q:q + tile_rows,
-                                                 c:c + 16].reshape(-1)
-          _ptx.run(sptx, mc, {0: w_, 1: cd_, 2: x_, 3: c2_, 4: sp_, 5: cnt_,
-                              6: og})
+
+  def texts(n, steps, group0, row0, n_nested):
+    return (wt.build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
+                         n_nested, group0, wgs),
+            wt.step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0,
+                        row0, wgs))
+
+  _ptx.run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs,
+                    wt.x_rows(m) * 576, out, texts)
   total = out.sum(0)
   return [total[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
@@ -272,20 +239,8 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
 def test_lowers_for_cuda(m, warps):
   """The kernel lowers to a Mosaic GPU module (needs JAX's CUDA plugin),
   with 2 to 4 compute warpgroups."""
-  s = jax.ShapeDtypeStruct
-  n, k = 1000, 2048
-  fn = functools.partial(gk.gemv_4bit, n=n, k=k, blocksize=64,
-                         config=("warp_tma", 64, 128, 2, warps, 4),
-                         code=_code("nf4"))
-  try:
-    text = helpers.lowered_for_h200(
-        fn, s((m, k), jnp.bfloat16), s((n * k // 2,), jnp.uint8),
-        s((n * k // 64,), jnp.uint8), s((16,), jnp.float32),
-        nested=(s((-(-n * k // 64 // 256),), jnp.float32),
-                s((256,), jnp.float32), s((), jnp.float32)))
-  except AssertionError as e:  # no Mosaic GPU lowering rule registered
-    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
-  assert "mosaic_gpu" in text
+  assert "mosaic_gpu" in _util.lowered_gemv_4bit(
+      ("warp_tma", 64, 128, 2, warps, 4), m)
 
 
 _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
