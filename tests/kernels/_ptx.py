@@ -68,17 +68,20 @@ class Machine:
     self.globals: dict[int, np.ndarray] = {}  # base address -> byte view
     self.ways: dict[str, int] = {}  # shared access -> bank conflict ways
 
-  def count_ways(self, instruction: str, addr, pred) -> None:
+  def count_ways(self, instruction: str, addr, pred, size: int = 4) -> None:
     """Records in `ways[instruction]` the most lanes of one warp that this
     shared access sends to one bank with different words (1: no bank
-    conflict; lanes reading one word share it)."""
-    words = np.asarray(addr, np.int64) // 4
+    conflict; lanes reading one word share it). A 16-byte access (`size`
+    16) is served a quarter-warp (8 lanes, 4 words each) at a time."""
+    start = np.asarray(addr, np.int64) // 4
+    lanes = 32 if size <= 4 else 8
     most = self.ways.get(instruction, 1)
-    for w in range(0, self.threads, 32):
-      on = pred[w:w + 32]
+    for w in range(0, self.threads, lanes):
+      on = pred[w:w + lanes]
       if not on.any():
         continue
-      distinct = np.unique(words[w:w + 32][on])
+      words = start[w:w + lanes][on][:, None] + np.arange(max(1, size // 4))
+      distinct = np.unique(words)
       most = max(most, int(np.bincount(distinct % 32).max()))
     self.ways[instruction] = most
 
@@ -306,7 +309,7 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
       regs4 = _regs(args[0] if base == "ld" else args[1])
       where = addr(args[1] if base == "ld" else args[0])
       if space == "shared":
-        machine.count_ways(raw.strip(), where, pred)
+        machine.count_ways(raw.strip(), where, pred, 16)
       for j, r in enumerate(regs4):
         at = where + np.uint64(4 * j)
         if base == "ld":

@@ -150,7 +150,7 @@ def test_config_names_its_shape():
                  interpret=True)
 
 
-def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS):
+def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None):
   """The kernel's PTX run by `_ptx` over every program of a group of
   weights `(packed, qs)`: build, then each pipeline step with its TMA
   tiles written into shared memory (rows past the weight zero, as TMA
@@ -168,8 +168,13 @@ def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS):
             wt.step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0,
                         row0, wgs))
 
+  def on_program(mc, _):
+    if ways is not None:
+      for line, w in mc.ways.items():
+        ways[line] = max(w, ways.get(line, 1))
+
   _ptx.run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs,
-                    wt.x_rows(m) * 576, out, texts)
+                    wt.x_rows(m) * 576, out, texts, on_program)
   total = out.sum(0)
   return [total[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
@@ -195,19 +200,23 @@ def test_ptx_emulated_matches_weight(m, ns, k, rows, dtype, quant_type, wgs):
     helpers.assert_within(y, exact, bound, "emulated warp_tma PTX")
 
 
-def test_ptx_x_loads_have_no_bank_conflicts():
-  """The copy of x: its stores and the lanes' 16-byte loads of it (one
-  quarter-warp at a time) meet distinct banks."""
-  text = wt.step_ptx(_code("nf4"), "bfloat16", 8, 256, 1024, 1, 256)
-  assert "ld.shared.v4.b32 {xv0, xv1, xv2, xv3}, [xa+0];" in text
-  # lane 4 g + c reads row g (M = 8) at 576 g + 144 c: the first 8 lanes'
-  # 16 bytes cover the 32 banks once
-  banks = set()
-  for lane in range(8):
-    g, c = lane >> 2, lane & 3
-    start = (576 * g + 144 * c) // 4
-    banks |= {(start + j) % 32 for j in range(4)}
-  assert len(banks) == 32
+@pytest.mark.parametrize("m", [8, 16])
+def test_ptx_x_loads_have_no_bank_conflicts(m):
+  """The lanes' 16-byte loads of x's copy (a quarter-warp at a time) and of
+  the permute words meet distinct banks (in the emulator, on the step's
+  own addresses); the weight words' loads meet at most two lanes a bank."""
+  n, k = 128, 1024
+  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 3)
+  x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))
+  ways = {}
+  _emulate(x, [(packed, qs)], _code("nf4"), (n,), k, (1,), ways=ways)
+  xs = {l: w for l, w in ways.items() if "{xv" in l or "{xu" in l}
+  words = {l: w for l, w in ways.items() if "{tw0" in l}
+  weights = {l: w for l, w in ways.items() if "{wA" in l or "{wB" in l}
+  assert len(xs) == 8 * (1 + (m > 8)) and len(words) == 1
+  assert len(weights) == 4
+  assert set(xs.values()) == set(words.values()) == {1}, (xs, words)
+  assert max(weights.values()) <= 2, weights
 
 
 @pytest.mark.parametrize("which", ["build", "step_bf16", "step_f16",
