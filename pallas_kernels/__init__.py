@@ -15,8 +15,9 @@ Triton lowering
 * `gemv_4bit_tma`: that GEMV on Mosaic GPU (TMA weight stream, inline PTX).
 * `gemv_4bit_lut`: the M = 1 GEMV on Mosaic GPU by lookups in a shared
   table of x's products for every byte value (Hopper).
-* `gemv_4bit_warp_tma`: the M = 2..8 GEMV on Mosaic GPU: "warp"'s decode
-  and `mma.sync` on `gemv_4bit_lut`'s TMA pipeline (Hopper).
+* `gemv_4bit_warp_tma`: the M = 2..16 GEMV on Mosaic GPU (the default at
+  2..8): "warp"'s decode and `mma.sync` on `gemv_4bit_lut`'s TMA pipeline
+  (Hopper).
 * `split_sum`: the K-split partials summed by adds, which XLA fuses into
   their consumer.
 * `gemm_4bit_wgmma`: the 4-bit GEMM for M = 64-256 on Hopper (Mosaic GPU):
