@@ -231,6 +231,15 @@ def _entry(asm, kinds):
                    + ["ret;", "}"])
 
 
+def _assert_assembles(ptxas, src, stem):
+  """`src` (from `_entry`) assembles with `ptxas -arch=sm_90a`."""
+  stem.with_suffix(".ptx").write_text(src)
+  out = subprocess.run([ptxas, "-arch=sm_90a", str(stem.with_suffix(".ptx")),
+                        "-o", str(stem.with_suffix(".cubin"))],
+                       capture_output=True, text=True, check=False)
+  assert out.returncode == 0, out.stderr
+
+
 @pytest.mark.parametrize("which", ["build", "build_skip", "step", "step128"])
 def test_ptx_assembles_for_sm90a(tmp_path, which):
   """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
@@ -246,12 +255,7 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
     src = _entry(lg.step_ptx(14336, 4096, 28 // (1 + (which == "step128")),
                              14336, 128 if which == "step128" else 64),
                  ["r"] * 6 + ["l"])
-  path = tmp_path / f"{which}.ptx"
-  path.write_text(src)
-  out = subprocess.run([ptxas, "-arch=sm_90a", str(path), "-o",
-                        str(tmp_path / f"{which}.cubin")],
-                       capture_output=True, text=True, check=False)
-  assert out.returncode == 0, out.stderr
+  _assert_assembles(ptxas, src, tmp_path / which)
 
 
 def test_lowers_for_cuda():

@@ -13,7 +13,6 @@ assembled for sm_90a; the kernel runs under `pytest -m gpu`.
 
 from __future__ import annotations
 
-import subprocess
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +26,8 @@ from pallas_kernels import gemv_4bit_warp_tma as wt
 from tests import helpers
 from tests.kernels import _ptx
 from tests.kernels import _util
-from tests.kernels.gemv_4bit_lut_test import _entry, _ptxas
+from tests.kernels.gemv_4bit_lut_test import (_assert_assembles, _entry,
+                                              _ptxas)
 from tests.kernels.gemv_4bit_test import _code
 
 
@@ -236,12 +236,7 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
                              else "bfloat16", 16 if which == "step_m16" else 5,
                              14336, 4096, 14, 14336),
                  ["r"] * 6 + ["l"])
-  path = tmp_path / f"{which}.ptx"
-  path.write_text(src)
-  out = subprocess.run([ptxas, "-arch=sm_90a", str(path), "-o",
-                        str(tmp_path / f"{which}.cubin")],
-                       capture_output=True, text=True, check=False)
-  assert out.returncode == 0, out.stderr
+  _assert_assembles(ptxas, src, tmp_path / which)
 
 
 @pytest.mark.parametrize("m,warps", [(4, 8), (16, 12), (8, 16)])
