@@ -876,39 +876,48 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   return _with_bias(ys, bias, dtype)
 
 
-WARP_TMA_MIN_SIDE = 8192  # the TMA warp GEMV's default: a side this long
-# and up to this many rows of x (the kernel takes 16 by config; 9-16 is
-# not yet measured on a GPU)
-WARP_TMA_MAX_M = 8
+WARP_TMA_MIN_SIDE = 8192  # below WARP_TMA_ALL_M rows of x, the TMA warp
+# GEMV serves single weights with a side this long; from WARP_TMA_ALL_M to
+# WARP_TMA_MAX_M rows every weight and group
+WARP_TMA_ALL_M = 8
+WARP_TMA_MAX_M = 16
 
 
 def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
                     dtype, nested: bool, nested_blocksize: int, code,
                     interpret: bool = True) -> bool:
   """Whether the default at these arguments is the TMA warp GEMV
-  (`gemv_4bit_warp_tma`): 2 to 8 rows of 16-bit x, one NF4/FP4 weight
+  (`gemv_4bit_warp_tma`): 2 to 16 rows of 16-bit x, NF4/FP4 weights
   double-quantized in blocks of 64 (256 codes a nested absmax) with k a
-  multiple of 1024 and n or k at least `WARP_TMA_MIN_SIDE`; compiled
-  (`interpret` False), a Hopper GPU and a JAX with Mosaic GPU.
+  multiple of 1024; below `WARP_TMA_ALL_M` rows only a single weight with
+  n or k at least `WARP_TMA_MIN_SIDE`; compiled (`interpret` False), a
+  Hopper GPU and a JAX with Mosaic GPU.
 
-  Measured on the H200 (docs/benchmarks.md, twenty-sixth session, sweep
-  at M = 8 against the "warp" kernel): 22.5 us against 27.3 on
-  14336x4096, 24.7 against 42.0 on 4096x14336; but 13.1 against 11.6 on
-  4096x4096, 16.4 against 14.8 on the q/k/v group (4096, 1024, 1024 rows)
-  and level on the gate/up pair (38.4 against 38.0; at M = 2 45.7
-  against 32.5), so smaller weights and groups keep "warp".
+  Measured on the H200 (docs/benchmarks.md, twenty-sixth and
+  twenty-seventh sessions). M = 8: 22.5 us against the "warp" kernel's
+  27.3 on 14336x4096, 24.7 against 42.0 on 4096x14336; the 8B decode at
+  batch 8 with every weight and group on it 2,245.1 tokens/s against
+  2,081.9 with the groups and 4096x4096 on "warp" (one call; the isolated
+  sweep, whose small weights stay in L2, had put those level or 1-2 us
+  slower). M = 12 and 16 on 8 warps against "warp": 24.7 us against 26.5
+  (14336x4096, M = 16), 27.8 against 28.7 (4096x14336), 46.3 against
+  51.1 (gate/up pair), level on q/k/v. At M = 2 the gate/up pair takes
+  45.7 us against "warp"'s 32.5, so below M = 8 groups keep "warp".
   """
-  return (2 <= m <= WARP_TMA_MAX_M
-          and len(ns) == 1 and max(ns[0], k) >= WARP_TMA_MIN_SIDE
-          and _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize,
-                           code, interpret))
+  if not 2 <= m <= WARP_TMA_MAX_M:
+    return False
+  if m < WARP_TMA_ALL_M and (len(ns) != 1
+                             or max(ns[0], k) < WARP_TMA_MIN_SIDE):
+    return False
+  return _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize, code,
+                      interpret)
 
 
 def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
                    config, code, interpret):
   """The "warp_tma" variant (`gemv_4bit_warp_tma`), all the weights in one
   launch: config ("warp_tma", 64, 128, row groups of each weight (an int
-  for one weight), compute warps (8, 12 or 16: 2 to 4 compute
+  for one weight), compute warps (8 or 12: 2 or 3 compute
   warpgroups), stages); None: `default_config`'s."""
   dtype = jnp.dtype(x.dtype)
   if code is None:
@@ -923,10 +932,10 @@ def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
     _, block_n, bk, rows, num_warps, stages = config[:6]
     if (block_n != gemv_4bit_warp_tma.STEP_ROWS
         or bk != gemv_4bit_warp_tma.CHUNK // 2
-        or num_warps not in (8, 12, 16)):
+        or num_warps not in (8, 12)):
       raise ValueError(
           "config: variant 'warp_tma' runs 64 rows a step, "
-          f"{gemv_4bit_warp_tma.CHUNK // 2} bytes a row and 8, 12 or 16 "
+          f"{gemv_4bit_warp_tma.CHUNK // 2} bytes a row and 8 or 12 "
           f"warps, got block_n {block_n}, {bk} bytes and {num_warps} warps")
     cfg = dict(rows=rows, stages=stages, wgs=num_warps // 4)
   ys = gemv_4bit_warp_tma.gemv_group(

@@ -28,8 +28,9 @@ warpgroups take them.
   sums the chunks (`split_sum.sum_splits`). From 9 rows of x the same
   decoded words go to a second pair of MMAs a word, whose B is rows
   `8 + g' % (M - 8)`: M = 9..16 costs 16 more MMAs a step, not a second
-  decode. The default (`gemv_4bit.warp_tma_serves`) takes M = 2..8;
-  9..16 runs by config only (not yet measured on a GPU).
+  decode. The default (`gemv_4bit.warp_tma_serves`) takes M = 8..16 for
+  every weight and group, M = 2..7 for single weights with a side of
+  8192 or more.
 
 The per-thread work is inline PTX (`plgpu.inline_mgpu`). `interpret=True`
 runs a jnp twin: the same values (code and absmax rounded to x's dtype,
@@ -61,7 +62,7 @@ __all__ = ["MAX_M", "available", "build_ptx", "check", "default_config",
 
 CHUNK = lut.CHUNK  # columns of x (and of W) a program: 128 bytes a row
 STEP_ROWS = 64  # rows a compute warpgroup a step: 4 warps x 16
-WGS = 2  # compute warpgroups beside the TMA one, by default (2 to 4)
+WGS = 2  # compute warpgroups beside the TMA one, by default (2 or 3)
 MAX_M = 16  # rows of x: two MMAs of 8 columns from 9 rows on
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
@@ -410,8 +411,8 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     k: columns, a multiple of 1024.
     rows: row groups of each weight; default `default_config`'s.
     stages: pipeline steps in flight.
-    wgs: compute warpgroups beside the TMA one, 2 to 4, each taking 64
-      rows of a step (3 and 4 not yet run on a GPU).
+    wgs: compute warpgroups beside the TMA one, 2 or 3, each taking 64
+      rows of a step (4, emulated correctly, hung on the H200).
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -425,8 +426,8 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     raise ValueError(f"x: needs {k} columns, got shape {x.shape}")
   code, rows = lut.group_args(weights, code, ns, rows, stages,
                               lambda: default_config(ns, k)["rows"])
-  if wgs not in (2, 3, 4):
-    raise ValueError(f"wgs: must be 2, 3 or 4, got {wgs}")
+  if wgs not in (2, 3):
+    raise ValueError(f"wgs: must be 2 or 3, got {wgs}")
   need = smem_bytes(ns, k, rows, stages, x.shape[0], wgs)
   if need > _backend.HOPPER_SMEM:
     raise ValueError(

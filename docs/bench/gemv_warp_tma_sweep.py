@@ -2,7 +2,7 @@
 against the "warp" kernel it replaces as the default and XLA's bf16 matmul
 (docs/benchmarks.md, twenty-sixth session; run on the GPU):
 
-    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b]   # budget (s), run
+    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b|c]   # budget (s), run
 
 NF4 + DQ, bf16 x. Single weights and the decode's groups (gate/up, q/k/v)
 in one `gemv_4bit_group` call, each timed with `measure.time_jax` over
@@ -41,7 +41,15 @@ RUNS = {"a": (CASES, CONFIGS),
                ((14336,), K, 16), ((14336, 14336), K, 16), ((4096,), 14336, 16)],
               [("default", None), ("warp_tma", dict(warps=8)),
                ("warp_tma", dict(warps=12)), ("warp_tma", dict(warps=16)),
-               ("warp_tma", dict(warps=12, stages=6))])}
+               ("warp_tma", dict(warps=12, stages=6))]),
+        # Run "c" (twenty-seventh session; run "b" hung on the GPU at its
+        # first 16-warp config, which the kernel now refuses): M = 16 and
+        # 12 on 8 warps against the default.
+        "c": ([((14336,), K, 16), ((4096,), 14336, 16), ((14336, 14336), K, 16),
+               ((4096,), K, 16), ((4096, 1024, 1024), K, 16),
+               ((14336,), K, 12), ((4096,), 14336, 12)],
+              [("default", None), ("warp_tma", dict(warps=8)),
+               ("warp_tma", dict(warps=8, stages=6))])}
 
 
 def main():

@@ -71,17 +71,17 @@ def test_default_at_m_2_to_8_matches_weight(m, n, k, dtype, quant_type, bias):
 
 
 @pytest.mark.parametrize("m", [9, 16])
-def test_config_at_m_9_to_16_matches_weight(m):
-  """A "warp_tma" config takes 9 to 16 rows of x (not the default)."""
+def test_default_at_m_9_to_16_matches_weight(m):
+  """9 to 16 rows of x: the default for any weight (a second MMA pair on
+  x rows 8..15)."""
   n, k = 96, 1024
   packed, qs = _weights(n, k, "nf4", jnp.bfloat16, m)
   x = jnp.asarray(_util.rng_array((m, k), m + 5, jnp.bfloat16))
-  assert not gk.warp_tma_serves(m, (14336,), 4096, 64, jnp.bfloat16, True,
-                                256, _code("nf4"))
+  assert gk.warp_tma_serves(m, (n,), k, 64, jnp.bfloat16, True, 256,
+                            _code("nf4"))
   y = gk.gemv_4bit(x, packed.reshape(-1), qs.absmax,
                    jnp.asarray(codebooks.code_for("nf4")), n=n, k=k,
-                   blocksize=64, nested=_nested(qs),
-                   config=("warp_tma", 64, 128, 1, 8, 4), code=_code("nf4"),
+                   blocksize=64, nested=_nested(qs), code=_code("nf4"),
                    interpret=True)
   assert y.shape == (m, n)
   _check(y, x, packed, qs)
@@ -103,17 +103,22 @@ def test_group_matches_each_weight():
 
 
 def test_served_where_it_was_measured_faster():
-  """The default: one weight with a side of 8192 or more, M = 2..8,
-  double-quantized blocks of 64, 16-bit x (not groups, not 4096x4096)."""
+  """The default: M = 2..7 one weight with a side of 8192 or more (not
+  groups, not 4096x4096); M = 8..16 every weight and group;
+  double-quantized blocks of 64, 16-bit x."""
   code = _code("nf4")
 
   def serves(m=4, ns=(14336,), k=4096, nested=True, dtype=jnp.bfloat16):
     return gk.warp_tma_serves(m, ns, k, 64, dtype, nested, 256, code)
   assert serves() and serves(ns=(4096,), k=14336) and serves(m=2)
-  assert serves(m=8, ns=(11008,))
-  assert not serves(m=1) and not serves(m=9)
+  assert serves(m=8, ns=(11008,)) and serves(m=16, ns=(4096,), k=14336)
+  assert not serves(m=1) and not serves(m=17)
   assert not serves(ns=(4096,)) and not serves(ns=(14336, 14336))
-  assert not serves(ns=(4096, 1024, 1024))
+  assert not serves(m=7, ns=(4096, 1024, 1024))
+  for m in (8, 12, 16):
+    assert serves(m=m, ns=(4096,)) and serves(m=m, ns=(14336, 14336))
+    assert serves(m=m, ns=(4096, 1024, 1024))
+  assert not serves(m=16, k=4096 + 512)
   assert not serves(k=8192 + 768)  # not a multiple of 1024
   assert not serves(nested=False) and not serves(dtype=jnp.float32)
 
@@ -125,7 +130,8 @@ def test_served_where_it_was_measured_faster():
     (dict(stages=0), "stages: must be >= 1, got 0"),
     (dict(rows=0), r"rows: one count >= 1 per weight \(1\), got 0"),
     (dict(rows=1, stages=60), "rows/stages: row groups"),
-    (dict(wgs=1), "wgs: must be 2, 3 or 4, got 1"),
+    (dict(wgs=1), "wgs: must be 2 or 3, got 1"),
+    (dict(wgs=4), "wgs: must be 2 or 3, got 4"),
 ])
 def test_errors_name_the_argument(kwargs, match):
   m, k = kwargs.pop("m", 2), kwargs.pop("k", 1024)
@@ -142,7 +148,7 @@ def test_errors_name_the_argument(kwargs, match):
 
 def test_config_names_its_shape():
   packed, qs = _weights(64, 1024, "nf4", jnp.bfloat16, 1)
-  with pytest.raises(ValueError, match="8, 12 or 16 warps, got block_n 32"):
+  with pytest.raises(ValueError, match="8 or 12 warps, got block_n 32"):
     gk.gemv_4bit(jnp.ones((2, 1024), jnp.bfloat16), packed.reshape(-1),
                  qs.absmax, jnp.asarray(codebooks.code_for("nf4")), n=64,
                  k=1024, blocksize=64, nested=_nested(qs),
@@ -186,7 +192,7 @@ def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None):
     (16, (200,), 1024, (2,), jnp.bfloat16, "nf4", 2),  # two MMA column tiles
     (11, (70,), 2048, (1,), jnp.float16, "fp4", 2),   # the second one partly
     (4, (300,), 1024, (1,), jnp.bfloat16, "nf4", 3),  # three compute WGs
-    (16, (130,), 1024, (1,), jnp.bfloat16, "fp4", 4),  # four, 16 rows of x
+    (16, (130,), 1024, (1,), jnp.bfloat16, "fp4", 3),  # three, 16 rows of x
 ])
 def test_ptx_emulated_matches_weight(m, ns, k, rows, dtype, quant_type, wgs):
   """The PTX itself on the CPU gives `x @ W.T` for the documented weight
@@ -239,10 +245,10 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
   _assert_assembles(ptxas, src, tmp_path / which)
 
 
-@pytest.mark.parametrize("m,warps", [(4, 8), (16, 12), (8, 16)])
+@pytest.mark.parametrize("m,warps", [(4, 8), (16, 12), (8, 12)])
 def test_lowers_for_cuda(m, warps):
   """The kernel lowers to a Mosaic GPU module (needs JAX's CUDA plugin),
-  with 2 to 4 compute warpgroups."""
+  with 2 or 3 compute warpgroups."""
   assert "mosaic_gpu" in _util.lowered_gemv_4bit(
       ("warp_tma", 64, 128, 2, warps, 4), m)
 
@@ -262,8 +268,8 @@ def test_gpu_matches_weight(case, dtype):
   made = [_weights(n, k, "nf4", dtype, n + g) for g, n in enumerate(ns)]
   x = jnp.asarray(_util.rng_array((m, k), 21, dtype))
   cfg = gk.gemv_4bit_warp_tma.default_config(ns, k)
-  if (len(ns) == 1 and max(ns[0], k) >= gk.WARP_TMA_MIN_SIDE
-      and m <= gk.WARP_TMA_MAX_M):
+  if m >= gk.WARP_TMA_ALL_M or (len(ns) == 1
+                                and max(ns[0], k) >= gk.WARP_TMA_MIN_SIDE):
     assert gk.warp_tma_serves(m, ns, k, 64, dtype, True, 256, _code("nf4"),
                               interpret=False)
     config = None  # the default
