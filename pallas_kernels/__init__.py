@@ -16,7 +16,8 @@ Triton lowering
 * `gemv_4bit_lut`: the M = 1 GEMV on Mosaic GPU by lookups in a shared
   table of x's products for every byte value (Hopper).
 * `gemv_4bit_warp_tma`: the M = 2..16 GEMV on Mosaic GPU (the default at
-  2..8): "warp"'s decode and `mma.sync` on `gemv_4bit_lut`'s TMA pipeline
+  8..16 for every weight and group, at 2..7 for long single weights):
+  "warp"'s decode and `mma.sync` on `gemv_4bit_lut`'s TMA pipeline
   (Hopper).
 * `split_sum`: the K-split partials summed by adds, which XLA fuses into
   their consumer.

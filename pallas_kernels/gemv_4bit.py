@@ -29,7 +29,8 @@ double-quantized absmax is decoded in place. Six variants:
   by the absmax in the compute dtype (bitsandbytes' GEMV weight), and go
   through the tensor cores against `x`'s halves, one product per nibble
   half and step; `prefetch` keeps that many steps' bytes in flight.
-* ``"warp"`` (16-bit x, M = 2..8 by default, K a multiple of 128): the
+* ``"warp"`` (16-bit x, M = 2..7 by default where "warp_tma" does not
+  serve, M = 8 off Hopper; K a multiple of 128): the
   same decode, and the values go to the tensor cores from the registers
   they were decoded in (`warp_mma`: one `mma.sync` per word pair, x as
   the other operand), with no shared-memory round trip; 64 bytes a row
