@@ -2,7 +2,7 @@
 against the "warp" kernel it replaces as the default and XLA's bf16 matmul
 (docs/benchmarks.md, twenty-sixth session; run on the GPU):
 
-    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b|c]   # budget (s), run
+    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b|c|d]   # budget (s), run
 
 NF4 + DQ, bf16 x. Single weights and the decode's groups (gate/up, q/k/v)
 in one `gemv_4bit_group` call, each timed with `measure.time_jax` over
@@ -49,7 +49,13 @@ RUNS = {"a": (CASES, CONFIGS),
                ((4096,), K, 16), ((4096, 1024, 1024), K, 16),
                ((14336,), K, 12), ((4096,), 14336, 12)],
               [("default", None), ("warp_tma", dict(warps=8)),
-               ("warp_tma", dict(warps=8, stages=6))])}
+               ("warp_tma", dict(warps=8, stages=6))]),
+        # Run "d" (twenty-seventh session): 12 compute warps (3 warpgroups)
+        # against the default's 8.
+        "d": ([((14336,), K, 8), ((14336, 14336), K, 8), ((4096,), 14336, 8),
+               ((14336,), K, 16), ((14336, 14336), K, 16)],
+              [("default", None), ("warp_tma", dict(warps=12)),
+               ("warp_tma", dict(warps=12, stages=6))])}
 
 
 def main():
