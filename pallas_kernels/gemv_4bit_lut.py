@@ -40,6 +40,7 @@ order); `pytest -m gpu` checks the PTX against it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
 import struct
 
@@ -66,7 +67,7 @@ except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
 __all__ = ["CHUNK", "STEP_ROWS", "available", "build_ptx", "check",
-           "default_config", "default_rows", "gemv", "gemv_group",
+           "default_config", "default_rows", "fit", "gemv", "gemv_group",
            "group_args", "group_config", "inline_ptx", "layout",
            "nested_span", "pipelines", "row_plan", "smem_bytes",
            "span_start", "step_ptx"]
@@ -148,18 +149,21 @@ def default_config(n: int, k: int, num_sms: int = 132) -> dict:
   twenty-fourth session's sweep (docs/benchmarks.md, run b: 24.1 us on
   28672x4096 against the package's 37.2, 17.3 on 14336x4096 against
   20.9)."""
-  rows, stages = _fit((n,), k, default_rows(n, k, num_sms), 4)
+  rows, stages = fit((n,), default_rows(n, k, num_sms), 4,
+                      functools.partial(_group_smem, (n,), k, step_rows=64,
+                                        wgs=2))
   return dict(rows=rows[0], step_rows=64, stages=stages, wgs=2, early=True)
 
 
-def _fit(ns, k, total, stages):
+def fit(ns: tuple[int, ...], total: int, stages: int,
+        smem: Callable[..., int]) -> tuple[tuple[int, ...], int]:
   """(row groups of each weight, stages): `total` groups shared in
   proportion to the rows (one at least a weight), then fewer stages (down
-  to 2) and twice the groups until the shared memory holds the config of
-  two warpgroups of 64 rows."""
+  to 2) and twice the groups until `smem(rows=, stages=)`, the config's
+  shared memory in bytes, fits the SM's."""
   while True:
     rows = tuple(max(1, round(total * n / sum(ns))) for n in ns)
-    if _group_smem(ns, k, rows, 64, stages, 2) <= _backend.HOPPER_SMEM:
+    if smem(rows=rows, stages=stages) <= _backend.HOPPER_SMEM:
       return rows, stages
     if stages > 2:
       stages -= 1
@@ -538,7 +542,9 @@ def group_config(ns: tuple[int, ...], k: int, num_sms: int = 132) -> dict:
   least a weight), fewer stages or more groups where the shared memory
   would not hold them."""
   cfg = default_config(sum(ns), k, num_sms)
-  cfg["rows"], cfg["stages"] = _fit(ns, k, cfg["rows"], cfg["stages"])
+  cfg["rows"], cfg["stages"] = fit(
+      ns, cfg["rows"], cfg["stages"],
+      functools.partial(_group_smem, ns, k, step_rows=64, wgs=2))
   return cfg
 
 

@@ -118,10 +118,13 @@ def smem_bytes(ns: tuple[int, ...], k: int, rows: tuple[int, ...],
 def default_config(ns: tuple[int, ...], k: int, num_sms: int = 132) -> dict:
   """`gemv_group`'s keywords: one program an SM (`gemv_4bit_lut`'s row
   groups, shared among the weights in proportion to their rows, one at
-  least a weight) and four steps in flight."""
-  total = lut.default_rows(sum(ns), k, num_sms)
-  rows = tuple(max(1, round(total * n / sum(ns))) for n in ns)
-  return dict(rows=rows, stages=4)
+  least a weight) and four steps in flight; fewer stages, then more row
+  groups, where the shared memory would not hold that for 16 rows of x
+  (a long program's span of nested absmax: 28672x28672, say)."""
+  rows, stages = lut.fit(
+      tuple(ns), lut.default_rows(sum(ns), k, num_sms), 4,
+      functools.partial(smem_bytes, tuple(ns), k, m=MAX_M))
+  return dict(rows=rows, stages=stages)
 
 
 @functools.lru_cache(maxsize=None)

@@ -217,6 +217,12 @@ MUTANTS: tuple[Mutant, ...] = (
            'lines += [f"rem.u32 a, g, {m};"', 'lines += [f"rem.u32 a, c, {m};"',
            ("tests/kernels/gemv_4bit_warp_tma_test.py::"
             "test_ptx_emulated_matches_weight",)),
+    # The default config not fitted to the shared memory.
+    Mutant("warp-tma-default-unfitted", "pallas_kernels/gemv_4bit_warp_tma.py",
+           "functools.partial(smem_bytes, tuple(ns), k, m=MAX_M))",
+           "lambda **_: 0)",
+           ("tests/kernels/gemv_4bit_warp_tma_test.py::"
+            "test_default_config_fits_shared_memory",)),
     # The default taking the groups at M < 8 (slower at M = 2).
     Mutant("warp-tma-serves-groups", "pallas_kernels/gemv_4bit.py",
            "if m < WARP_TMA_ALL_M and (len(ns) != 1",

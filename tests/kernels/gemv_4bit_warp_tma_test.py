@@ -20,6 +20,7 @@ import pytest
 
 from jaxbnb import functional as F
 from jaxbnb._src.quant import codebooks
+from pallas_kernels import _backend
 from pallas_kernels import gemv_4bit as gk
 from pallas_kernels import gemv_4bit_lut as lg
 from pallas_kernels import gemv_4bit_warp_tma as wt
@@ -100,6 +101,32 @@ def test_group_matches_each_weight():
       interpret=True)
   for y, (p, q) in zip(ys, made):
     _check(y, x, p, q)
+
+
+@pytest.mark.parametrize("ns,k", [
+    ((28672,), 28672), ((14336,), 53248), ((28672, 28672), 28672),
+    ((128256,), 16384), ((16384,), 53248), ((152064,), 14336)])
+def test_default_config_fits_shared_memory(ns, k):
+  """Long programs' spans of nested absmax would overflow the SM's shared
+  memory with one row group; the default takes fewer stages, then more
+  groups, for any M the default serves (16 rows of x the most)."""
+  one = lg.default_rows(sum(ns), k)
+  assert wt.smem_bytes(ns, k, (one,) * len(ns), 4, 16) > _backend.HOPPER_SMEM
+  cfg = wt.default_config(ns, k)
+  assert wt.smem_bytes(ns, k, cfg["rows"], cfg["stages"],
+                       16) <= _backend.HOPPER_SMEM
+  assert cfg["stages"] >= 2 and min(cfg["rows"]) >= 1
+
+
+def test_default_config_of_the_measured_shapes():
+  """Where the shared memory holds it, the measured default: one program
+  an SM and four stages."""
+  assert wt.default_config((14336,), 4096) == dict(rows=(8,), stages=4)
+  assert wt.default_config((4096,), 14336) == dict(rows=(2,), stages=4)
+  assert wt.default_config((14336, 14336), 4096) == dict(rows=(4, 4),
+                                                          stages=4)
+  assert wt.default_config((4096, 1024, 1024), 4096) == dict(
+      rows=(5, 1, 1), stages=4)
 
 
 def test_served_where_it_was_measured_faster():
