@@ -879,9 +879,11 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
 
 WARP_TMA_MIN_SIDE = 8192  # below WARP_TMA_ALL_M rows of x, the TMA warp
 # GEMV serves single weights with a side this long; from WARP_TMA_ALL_M to
-# WARP_TMA_MAX_M rows every weight and group
+# WARP_TMA_MAX_M rows every weight and group of weights with at least
+# WARP_TMA_MIN_N rows each (the smallest measured: q/k/v's 1024)
 WARP_TMA_ALL_M = 8
 WARP_TMA_MAX_M = 16
+WARP_TMA_MIN_N = 1024
 
 
 def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
@@ -890,8 +892,9 @@ def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
   """Whether the default at these arguments is the TMA warp GEMV
   (`gemv_4bit_warp_tma`): 2 to 16 rows of 16-bit x, NF4/FP4 weights
   double-quantized in blocks of 64 (256 codes a nested absmax) with k a
-  multiple of 1024; below `WARP_TMA_ALL_M` rows only a single weight with
-  n or k at least `WARP_TMA_MIN_SIDE`; compiled (`interpret` False), a
+  multiple of 1024: a single weight with n or k at least
+  `WARP_TMA_MIN_SIDE`, and from `WARP_TMA_ALL_M` rows any weight or group
+  of at least `WARP_TMA_MIN_N` rows each; compiled (`interpret` False), a
   Hopper GPU and a JAX with Mosaic GPU.
 
   Measured on the H200 (docs/benchmarks.md, twenty-sixth and
@@ -907,8 +910,8 @@ def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
   """
   if not 2 <= m <= WARP_TMA_MAX_M:
     return False
-  if m < WARP_TMA_ALL_M and (len(ns) != 1
-                             or max(ns[0], k) < WARP_TMA_MIN_SIDE):
+  long_one = len(ns) == 1 and max(ns[0], k) >= WARP_TMA_MIN_SIDE
+  if not (long_one or m >= WARP_TMA_ALL_M and min(ns) >= WARP_TMA_MIN_N):
     return False
   return _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize, code,
                       interpret)

@@ -225,8 +225,8 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_default_config_fits_shared_memory",)),
     # The default taking the groups at M < 8 (slower at M = 2).
     Mutant("warp-tma-serves-groups", "pallas_kernels/gemv_4bit.py",
-           "if m < WARP_TMA_ALL_M and (len(ns) != 1",
-           "if m < WARP_TMA_ALL_M and (False",
+           "long_one = len(ns) == 1 and max(ns[0], k) >= WARP_TMA_MIN_SIDE",
+           "long_one = max(max(ns), k) >= WARP_TMA_MIN_SIDE",
            ("tests/kernels/gemv_4bit_warp_tma_test.py::"
             "test_served_where_it_was_measured_faster",)),
     Mutant("large-m-gemv-for-fp32", "jaxbnb/_src/quant/kernels.py",

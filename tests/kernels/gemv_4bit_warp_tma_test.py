@@ -73,9 +73,9 @@ def test_default_at_m_2_to_8_matches_weight(m, n, k, dtype, quant_type, bias):
 
 @pytest.mark.parametrize("m", [9, 16])
 def test_default_at_m_9_to_16_matches_weight(m):
-  """9 to 16 rows of x: the default for any weight (a second MMA pair on
-  x rows 8..15)."""
-  n, k = 96, 1024
+  """9 to 16 rows of x: the default for any weight of `WARP_TMA_MIN_N`
+  rows (a second MMA pair on x rows 8..15)."""
+  n, k = 1024, 1024
   packed, qs = _weights(n, k, "nf4", jnp.bfloat16, m)
   x = jnp.asarray(_util.rng_array((m, k), m + 5, jnp.bfloat16))
   assert gk.warp_tma_serves(m, (n,), k, 64, jnp.bfloat16, True, 256,
@@ -146,6 +146,8 @@ def test_served_where_it_was_measured_faster():
     assert serves(m=m, ns=(4096,)) and serves(m=m, ns=(14336, 14336))
     assert serves(m=m, ns=(4096, 1024, 1024))
   assert not serves(m=16, k=4096 + 512)
+  assert not serves(m=8, ns=(1000,)) and not serves(m=8, ns=(4096, 512))
+  assert serves(m=8, ns=(70,), k=8192)  # a long single weight, as below 8
   assert not serves(k=8192 + 768)  # not a multiple of 1024
   assert not serves(nested=False) and not serves(dtype=jnp.float32)
 
@@ -295,8 +297,8 @@ def test_gpu_matches_weight(case, dtype):
   made = [_weights(n, k, "nf4", dtype, n + g) for g, n in enumerate(ns)]
   x = jnp.asarray(_util.rng_array((m, k), 21, dtype))
   cfg = gk.gemv_4bit_warp_tma.default_config(ns, k)
-  if m >= gk.WARP_TMA_ALL_M or (len(ns) == 1
-                                and max(ns[0], k) >= gk.WARP_TMA_MIN_SIDE):
+  if (m >= gk.WARP_TMA_ALL_M and min(ns) >= gk.WARP_TMA_MIN_N) or (
+      len(ns) == 1 and max(ns[0], k) >= gk.WARP_TMA_MIN_SIDE):
     assert gk.warp_tma_serves(m, ns, k, 64, dtype, True, 256, _code("nf4"),
                               interpret=False)
     config = None  # the default
