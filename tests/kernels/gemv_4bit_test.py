@@ -417,16 +417,22 @@ def test_group_mixing_double_quant_is_an_error():
                        k=k, blocksize=64, code=_code("nf4"), interpret=True)
 
 
+def _qkv_shapes():
+  """(ns, k, abstract double-quantized weights) of an 8B layer's q/k/v."""
+  s = jax.ShapeDtypeStruct
+  ns, k = (4096, 1024, 1024), 4096
+  nkb = k // 64
+  return ns, k, tuple(
+      (s((n * k // 2,), jnp.uint8), s((n * nkb,), jnp.uint8),
+       (s((-(-n * nkb // 256),), jnp.float32), s((256,), jnp.float32),
+        s((), jnp.float32))) for n in ns)
+
+
 @pytest.mark.parametrize("m", [1, 8])
 def test_group_lowers_for_cuda(m):
   """The grouped grid (one branch per weight) lowers to Triton."""
   s = jax.ShapeDtypeStruct
-  ns, k = (4096, 1024, 1024), 4096
-  nkb = k // 64
-  weights = tuple(
-      (s((n * k // 2,), jnp.uint8), s((n * nkb,), jnp.uint8),
-       (s((-(-n * nkb // 256),), jnp.float32), s((256,), jnp.float32),
-        s((), jnp.float32))) for n in ns)
+  ns, k, weights = _qkv_shapes()
   fn = functools.partial(gk.gemv_4bit_group, ns=ns, k=k, blocksize=64,
                          code=_code("nf4"))
   text = helpers.lowered_for_h200(fn, s((m, k), jnp.bfloat16), weights,
@@ -452,12 +458,7 @@ def test_group_writes_one_output_a_weight(m, config):
   to its own output, so no slice of one wide array separates a weight's
   K-split sum from its consumer (XLA fuses the sum into it)."""
   s = jax.ShapeDtypeStruct
-  ns, k = (4096, 1024, 1024), 4096
-  nkb = k // 64
-  weights = tuple(
-      (s((n * k // 2,), jnp.uint8), s((n * nkb,), jnp.uint8),
-       (s((-(-n * nkb // 256),), jnp.float32), s((256,), jnp.float32),
-        s((), jnp.float32))) for n in ns)
+  ns, k, weights = _qkv_shapes()
   fn = functools.partial(gk.gemv_4bit_group, ns=ns, k=k, blocksize=64,
                          config=config, code=_code("nf4"))
   jaxpr = jax.make_jaxpr(fn)(s((m, k), jnp.bfloat16), weights,
