@@ -1,4 +1,4 @@
-"""The TMA warp GEMV (`pallas_kernels.gemv_4bit_warp_tma`, M = 2..8)
+"""The TMA warp GEMV (`pallas_kernels.gemv_4bit_warp_tma`, M = 2..16)
 against the "warp" kernel it replaces as the default and XLA's bf16 matmul
 (docs/benchmarks.md, twenty-sixth session; run on the GPU):
 
