@@ -29,8 +29,8 @@ double-quantized absmax is decoded in place. Six variants:
   by the absmax in the compute dtype (bitsandbytes' GEMV weight), and go
   through the tensor cores against `x`'s halves, one product per nibble
   half and step; `prefetch` keeps that many steps' bytes in flight.
-* ``"warp"`` (16-bit x, M = 2..7 by default where "warp_tma" does not
-  serve, M = 8 off Hopper; K a multiple of 128): the
+* ``"warp"`` (16-bit x, M = 2..8 by default where "warp_tma" does not
+  serve; K a multiple of 128): the
   same decode, and the values go to the tensor cores from the registers
   they were decoded in (`warp_mma`: one `mma.sync` per word pair, x as
   the other operand), with no shared-memory round trip; 64 bytes a row
@@ -902,10 +902,11 @@ def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
   batch 8 with every weight and group on it 2,245.1 tokens/s against
   2,081.9 with the groups and 4096x4096 on "warp" (one call; the isolated
   sweep, whose small weights stay in L2, had put those level or 1-2 us
-  slower). M = 12 and 16 on 8 warps against "warp": 24.7 us against 26.5
-  (14336x4096, M = 16), 27.8 against 28.7 (4096x14336), 46.3 against
-  51.1 (gate/up pair), level on q/k/v. At M = 2 the gate/up pair takes
-  45.7 us against "warp"'s 32.5, so below M = 8 groups keep "warp".
+  slower). M = 12 and 16 against the Triton "mma" GEMV that served them
+  before: 24.7 us against 26.5 (14336x4096, M = 16), 27.8 against 28.7
+  (4096x14336), 46.3 against 51.1 (gate/up pair), level on q/k/v. At
+  M = 2 the gate/up pair takes 45.7 us against "warp"'s 32.5, so below
+  M = 8 groups keep "warp".
   """
   if not 2 <= m <= WARP_TMA_MAX_M:
     return False
