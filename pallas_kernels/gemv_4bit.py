@@ -252,7 +252,7 @@ def _decode(w, lut_ref, pair):
   return lut_ref[w >> 4], lut_ref[w & 15]
 
 
-def _store_lanes(acc, out_ref, bias_ref, *, row0, row_ok, s, m,
+def _store_lanes(acc, out_ref, bias_ref, *, row0, out0, row_ok, s, m,
                  has_bias, split_k):
   """Writes a `[block_n, m_pad]` swap-AB tile transposed, into the
   `[m_pad, n]` output (so no transpose follows the kernel): the first `m`
@@ -265,7 +265,7 @@ def _store_lanes(acc, out_ref, bias_ref, *, row0, row_ok, s, m,
                       other=0).astype(jnp.float32)
     acc = acc + b[:, None]
   omask = jnp.broadcast_to(m_ok[:, None] & row_ok[None, :], (m_pad, block_n))
-  cols = pl.ds(row0, block_n)
+  cols = pl.ds(out0 + row0, block_n)
   if split_k == 1:
     pltriton.store(out_ref.at[:, cols], acc.T.astype(out_ref.dtype),
                    mask=omask)
@@ -274,7 +274,7 @@ def _store_lanes(acc, out_ref, bias_ref, *, row0, row_ok, s, m,
 
 
 def _mma(xs_ref, lut_ref, bias_ref, out_ref, *, load, absmax_of, block_mask,
-         row0, row_ok, s, m, block_kb, half, block_n, steps,
+         row0, out0, row_ok, s, m, block_kb, half, block_n, steps,
          has_bias, split_k, compute_dtype, prefetch, code, interpret):
   """The "mma" variant: per step, `block_kb` quantization blocks of
   `block_n` rows decoded and scaled by their absmax in the compute dtype
@@ -326,12 +326,12 @@ def _mma(xs_ref, lut_ref, bias_ref, out_ref, *, load, absmax_of, block_mask,
   else:
     acc = jax.lax.fori_loop(0, steps,
                             lambda t, acc: step(t, *load(t), acc), init)
-  _store_lanes(acc, out_ref, bias_ref, row0=row0, row_ok=row_ok,
+  _store_lanes(acc, out_ref, bias_ref, row0=row0, out0=out0, row_ok=row_ok,
                s=s, m=m, has_bias=has_bias, split_k=split_k)
 
 
 def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
-          row0, s, m, n, blocksize, block_n, steps, split_k, has_bias,
+          row0, out0, s, m, n, blocksize, block_n, steps, split_k, has_bias,
           compute_dtype, code, prefetch, interpret):
   """The "warp" variant (`warp_mma`): row tiles a = rows `[row0, row0 + R)`
   and b = the next R, 64 bytes of each row a step, decoded in registers
@@ -411,7 +411,7 @@ def _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref, *, absmax_at,
   ya, yb = warp_mma.row_sums(acc, m)
   for a, ok, ys in zip(starts, oks, (ya, yb)):
     for i, y in enumerate(ys):
-      cols = pl.ds(a, half_rows)
+      cols = pl.ds(out0 + a, half_rows)
       if split_k == 1:
         if has_bias:
           y = y + pltriton.load(bias_ref.at[pl.ds(a, half_rows)], mask=ok,
@@ -430,7 +430,7 @@ _WORDS_INPUT = ("reduce", "warp")
 def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
   """One weight (`len(ns) == 1`) or several sharing `x` ("grouped"): the
   row tiles of weight g follow those of weights 0..g-1 along the grid's
-  first axis, and each weight has its own output (no slices follow)."""
+  first axis, and its outputs follow theirs along N."""
   refs = list(refs)
   xs_ref = refs.pop(0)
   per = 5 if dq else 2
@@ -440,32 +440,33 @@ def _kernel(*refs, ns, nested_lens, dq, has_bias, block_n, **kw):
   words_ref = (refs.pop(0) if kw["code"] is not None
                and kw["variant"] in _WORDS_INPUT else None)
   bias_ref = refs.pop(0) if has_bias else None
-  out_refs = refs
+  out_ref = refs.pop(0)
   # (read here: interpret mode cannot read them inside a `pl.when`)
   i, s = pl.program_id(0), pl.program_id(1)
   if len(ns) == 1:
-    _tile(xs_ref, *weights[0], lut_ref, bias_ref, out_refs[0], tile=i, s=s,
-          words_ref=words_ref,
+    _tile(xs_ref, *weights[0], lut_ref, bias_ref, out_ref, tile=i, s=s,
+          out0=0, words_ref=words_ref,
           n=ns[0], nested_len=nested_lens[0], dq=dq, has_bias=has_bias,
           block_n=block_n, **kw)
     return
-  first = 0
+  first, out0 = 0, 0
   for g, n in enumerate(ns):
     tiles = -(-n // block_n)
-    def run(g=g, n=n, first=first):
-      _tile(xs_ref, *weights[g], lut_ref, bias_ref, out_refs[g],
-            tile=i - first, s=s, words_ref=words_ref, n=n,
+    def run(g=g, n=n, first=first, out0=out0):
+      _tile(xs_ref, *weights[g], lut_ref, bias_ref, out_ref, tile=i - first,
+            s=s, out0=out0, words_ref=words_ref, n=n,
             nested_len=nested_lens[g], dq=dq, has_bias=has_bias,
             block_n=block_n, **kw)
     pl.when((i >= first) & (i < first + tiles))(run)
-    first += tiles
+    first, out0 = first + tiles, out0 + n
 
 
-def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, words_ref, m, n, nkb,
+def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, out0, words_ref, m, n, nkb,
           block_kb, half, block_n, steps, dq, nested_blocksize, nested_len,
           variant, has_bias, split_k, compute_dtype, pair, prefetch, code,
           interpret):
-  """Row tile `tile` of one weight and K split `s`, into its output."""
+  """Row tile `tile` of one weight and K split `s`, written at output
+  column `out0` on."""
   refs = list(refs)
   if dq:
     nested_ref, code2_ref, off_ref = refs[:3]
@@ -523,7 +524,7 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, words_ref, m, n, nkb,
       return absmax_of(am, kb0 + jnp.arange(nb, dtype=jnp.int32), ok,
                        rows=a + jnp.arange(count, dtype=jnp.int32))
     _warp(xs_ref, w_ref, out_ref, bias_ref, words_ref, lut_ref,
-          absmax_at=absmax_at, row0=row0, s=s, m=m, n=n,
+          absmax_at=absmax_at, row0=row0, out0=out0, s=s, m=m, n=n,
           blocksize=2 * half, block_n=block_n, steps=steps, split_k=split_k,
           has_bias=has_bias, compute_dtype=compute_dtype, code=code,
           prefetch=prefetch, interpret=interpret)
@@ -531,7 +532,7 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, words_ref, m, n, nkb,
 
   if variant == "mma":
     _mma(xs_ref, lut_ref, bias_ref, out_ref, load=load,
-         absmax_of=absmax_of, block_mask=block_mask, row0=row0,
+         absmax_of=absmax_of, block_mask=block_mask, row0=row0, out0=out0,
          row_ok=row_ok, s=s, m=m, block_kb=block_kb, half=half,
          block_n=block_n, steps=steps,
          has_bias=has_bias, split_k=split_k, compute_dtype=compute_dtype,
@@ -608,11 +609,11 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, words_ref, m, n, nkb,
         if has_bias:
           y = y + pltriton.load(bias_ref.at[pl.ds(row0, block_n)],
                                 mask=row_ok, other=0).astype(jnp.float32)
-        pltriton.store(out_ref.at[jnp.int32(r), pl.ds(row0, block_n)],
+        pltriton.store(out_ref.at[jnp.int32(r), pl.ds(out0 + row0, block_n)],
                        y.astype(out_ref.dtype), mask=row_ok)
       else:
         pltriton.store(
-            out_ref.at[s, jnp.int32(r), pl.ds(row0, block_n)], y,
+            out_ref.at[s, jnp.int32(r), pl.ds(out0 + row0, block_n)], y,
             mask=row_ok)
     return
 
@@ -656,7 +657,7 @@ def _tile(xs_ref, w_ref, am_ref, *refs, tile, s, words_ref, m, n, nkb,
 
   acc = jax.lax.fori_loop(0, steps, body,
                           jnp.zeros((block_n, m_pad), jnp.float32))
-  _store_lanes(acc, out_ref, bias_ref, row0=row0, row_ok=row_ok,
+  _store_lanes(acc, out_ref, bias_ref, row0=row0, out0=out0, row_ok=row_ok,
                s=s, m=m, has_bias=has_bias, split_k=split_k)
 
 
@@ -1067,20 +1068,18 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
   if has_bias:
     args.append(bias)
   args = _backend.same_vma(*args)
-  # One output a weight ("mma" and "dot" store their tiles transposed).
+  shape = (out_rows, n_all)  # "mma" and "dot" store their tiles transposed
   if split_k == 1:
-    out_shape = tuple(_backend.out_struct((out_rows, n), dtype, *args)
-                      for n in ns)
+    out_shape = _backend.out_struct(shape, dtype, *args)
   else:
-    out_shape = tuple(_backend.out_struct((split_k, out_rows, n),
-                                          jnp.float32, *args) for n in ns)
+    out_shape = _backend.out_struct((split_k,) + shape, jnp.float32, *args)
   kernel = functools.partial(
       _kernel, m=m, ns=ns, nkb=nkb, block_kb=block_kb, half=half,
       block_n=block_n, steps=steps, dq=dq, nested_blocksize=nested_blocksize,
       nested_lens=tuple(nested_lens), variant=variant, has_bias=has_bias,
       split_k=split_k, compute_dtype=dtype, pair=pair, prefetch=prefetch,
       code=code if table == "prmt" else None, interpret=interpret)
-  outs = pl.pallas_call(
+  out = pl.pallas_call(
       kernel,
       out_shape=out_shape,
       grid=(sum(-(-n // block_n) for n in ns), split_k),
@@ -1094,15 +1093,15 @@ def _gemv(x, weights, lut, *, ns, k, blocksize, nested_blocksize, bias,
           + m * k * dtype.itemsize + m * n_all * dtype.itemsize),
   )(*args)
   # The padding lanes are sliced off first: the split-K sum reads only the
-  # `m` rows the kernel wrote. Each weight's sum is its own, so XLA can
-  # fuse it into that output's consumer (no slices of one wide array).
-  ys = []
-  for out in outs:
-    if split_k > 1:
-      out = sum_splits(out[:, :m])
-    else:
-      out = out[:m]
-    if split_k > 1 and bias is not None:
-      out = out + bias.astype(jnp.float32)
-    ys.append(out.astype(dtype))
-  return tuple(ys)
+  # `m` rows the kernel wrote.
+  if split_k > 1:
+    out = sum_splits(out[:, :m])
+  else:
+    out = out[:m]
+  if split_k > 1 and bias is not None:
+    out = out + bias.astype(jnp.float32)
+  out = out.astype(dtype)
+  if len(ns) == 1:
+    return (out,)
+  starts = np.cumsum((0,) + tuple(ns))
+  return tuple(out[:, a:b] for a, b in zip(starts[:-1], starts[1:]))

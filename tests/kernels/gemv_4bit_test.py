@@ -440,41 +440,6 @@ def test_group_lowers_for_cuda(m):
   assert "jaxbnb_gemv_4bit_" in text
 
 
-def _eqns(jaxpr):
-  """Every equation of `jaxpr` and of the jaxprs inside it."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for param in eqn.params.values():
-      inner = getattr(param, "jaxpr", param)
-      if hasattr(inner, "eqns"):
-        yield from _eqns(inner)
-
-
-@pytest.mark.parametrize("m,config", [
-    (1, ("reduce", 16, 4, 3, 4, 1, "prmt", 0)),
-    (8, ("mma", 32, 2, 2, 4, 3, "prmt", 1))])
-def test_group_writes_one_output_a_weight(m, config):
-  """The grouped kernel writes each weight's `[split_k, m, n_g]` partials
-  to its own output, so no slice of one wide array separates a weight's
-  K-split sum from its consumer (XLA fuses the sum into it)."""
-  s = jax.ShapeDtypeStruct
-  ns, k, weights = _qkv_shapes()
-  fn = functools.partial(gk.gemv_4bit_group, ns=ns, k=k, blocksize=64,
-                         config=config, code=_code("nf4"))
-  jaxpr = jax.make_jaxpr(fn)(s((m, k), jnp.bfloat16), weights,
-                             s((16,), jnp.float32)).jaxpr
-  eqns = list(_eqns(jaxpr))
-  calls = [e for e in eqns if e.primitive.name == "pallas_call"]
-  assert len(calls) == 1
-  assert [v.aval.shape[-1] for v in calls[0].outvars] == list(ns)
-  assert [v.aval.shape[0] for v in calls[0].outvars] == [config[3]] * 3
-  sliced = [e for e in eqns if e.primitive.name == "slice"
-            and e.invars[0] in calls[0].outvars
-            and e.params["limit_indices"][-1]
-            != e.invars[0].aval.shape[-1]]
-  assert not sliced
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 8, 16, 64])
 def test_gpu_group_equals_one_call_per_weight(m):
