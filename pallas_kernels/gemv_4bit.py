@@ -923,7 +923,8 @@ def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   """The "warp_tma" variant (`gemv_4bit_warp_tma`), all the weights in one
   launch: config ("warp_tma", 64, 128, row groups of each weight (an int
   for one weight), compute warps (8 or 12: 2 or 3 compute
-  warpgroups), stages); None: `default_config`'s."""
+  warpgroups), stages[, K chunks a program (1, 2 or 4; default 1)]);
+  None: `default_config`'s."""
   dtype = jnp.dtype(x.dtype)
   if code is None:
     raise ValueError("code: variant 'warp_tma' decodes in registers and "
@@ -935,6 +936,7 @@ def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
     cfg = gemv_4bit_warp_tma.default_config(tuple(ns), k)
   else:
     _, block_n, bk, rows, num_warps, stages = config[:6]
+    kchunks = int(config[6]) if len(config) > 6 else 1
     if (block_n != gemv_4bit_warp_tma.STEP_ROWS
         or bk != gemv_4bit_warp_tma.CHUNK // 2
         or num_warps not in (8, 12)):
@@ -942,7 +944,8 @@ def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
           "config: variant 'warp_tma' runs 64 rows a step, "
           f"{gemv_4bit_warp_tma.CHUNK // 2} bytes a row and 8 or 12 "
           f"warps, got block_n {block_n}, {bk} bytes and {num_warps} warps")
-    cfg = dict(rows=rows, stages=stages, wgs=num_warps // 4)
+    cfg = dict(rows=rows, stages=stages, wgs=num_warps // 4,
+               kchunks=kchunks)
   ys = gemv_4bit_warp_tma.gemv_group(
       x, [(packed, absmax, *nested) for packed, absmax, nested in weights],
       code=code, ns=tuple(ns), k=k, interpret=interpret, **cfg)

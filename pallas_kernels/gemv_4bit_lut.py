@@ -89,17 +89,20 @@ def _f32(v: float) -> str:
   return "0f%08X" % struct.unpack("<I", struct.pack("<f", np.float32(v)))[0]
 
 
-def nested_span(rows_a_program: int, k: int) -> int:
-  """Nested absmax values a program's rows can touch in its K chunk (the
-  program copies them to shared memory), padded to whole 128s."""
-  span = ((rows_a_program - 1) * (k // 64) + 3) // 256 + 2
+def nested_span(rows_a_program: int, k: int, blocks: int = 4) -> int:
+  """Nested absmax values a program's rows can touch in its `blocks`
+  absmax blocks of each row (a K chunk's four; the program copies them to
+  shared memory), padded to whole 128s."""
+  span = ((rows_a_program - 1) * (k // 64) + blocks - 1) // 256 + 2
   return -(-span // 128) * 128
 
 
-def layout(n: int, k: int, rows: int, step_rows: int):
-  """(steps a program, padded rows, nested span) of a config."""
+def layout(n: int, k: int, rows: int, step_rows: int, blocks: int = 4):
+  """(steps a program, padded rows, nested span) of a config whose
+  programs take `blocks` absmax blocks of each row."""
   steps = -(-(-(-n // step_rows)) // rows)
-  return steps, rows * steps * step_rows, nested_span(steps * step_rows, k)
+  return (steps, rows * steps * step_rows,
+          nested_span(steps * step_rows, k, blocks))
 
 
 def smem_bytes(n: int, k: int, rows: int, step_rows: int, stages: int,
@@ -180,14 +183,15 @@ def _offset(reg: str, tmp: str) -> list[str]:
           f"or.b32 {reg}, {reg}, {tmp};"]
 
 
-def span_start(lines, n, rows_a_program, nkb, group0=0):
+def span_start(lines, n, rows_a_program, nkb, group0=0, blocks=4):
   """PTX: `a` = the first nested index of this program's rows (clamped to
-  the last row, as the steps clamp theirs) and chunk; the weight's row
-  groups start at `group0`."""
+  the last row, as the steps clamp theirs) and its `blocks` absmax blocks
+  of a row (`%ctaid.x` counts them); the weight's row groups start at
+  `group0`."""
   lines += ["mov.u32 a, %ctaid.y;", f"sub.u32 a, a, {group0};",
             f"mul.lo.u32 a, a, {rows_a_program};",
             f"min.u32 a, a, {n - 1};", f"mul.lo.u32 a, a, {nkb};",
-            "mov.u32 b, %ctaid.x;", "mad.lo.u32 a, b, 4, a;",
+            "mov.u32 b, %ctaid.x;", f"mad.lo.u32 a, b, {blocks}, a;",
             "shr.u32 a, a, 8;"]
 
 
@@ -400,12 +404,13 @@ def _address(ref, bits):
                        mgpu.utils.memref_ptr(ref))
 
 
-def row_plan(ns, k, rows, tile_rows):
+def row_plan(ns, k, rows, tile_rows, blocks=4):
   """Per weight: (row groups, steps, padded rows, span, first group,
-  first output row); and the total padded rows."""
+  first output row); and the total padded rows. A program takes `blocks`
+  absmax blocks of each of its rows."""
   plan, group0, row0 = [], 0, 0
   for n, r in zip(ns, rows):
-    steps, n_pad, span = layout(n, k, r, tile_rows)
+    steps, n_pad, span = layout(n, k, r, tile_rows, blocks)
     plan.append((r, steps, n_pad, span, group0, row0))
     group0 += r
     row0 += n_pad
@@ -429,20 +434,25 @@ def inline_ptx(text: str, refs, shared: int) -> None:
 
 
 def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
-              wgs: int):
+              wgs: int, kchunks: int = 1):
   """The kernel body of a program over the weights' row groups (`row_plan`),
   named `name`: for the weight that owns row group `n`, its build PTX
   (`ptx[g][0]`), then a TMA pipeline of its `[tile_rows, 128]` weight and
   `[tile_rows, 16]` codes tiles of K chunk `s`, each step running its step
   PTX (`ptx[g][1]`) on `wgs` compute warpgroups (beside a TMA one when
-  2). Refs: x, five inputs a weight, the output, then four scratch
+  2). With `kchunks` > 1 a program takes the K chunks `kchunks s` to
+  `kchunks (s + 1) - 1`, in turn for each row tile, and a fifth scratch
+  buffer (the step PTX's accumulators between steps) follows the step
+  counters. Refs: x, five inputs a weight, the output, then the scratch
   buffers: the kernel's own (a table, x's copy), the nested table, the
-  span and the step counters. The build PTX gets the four scratch
-  addresses, x and the weight's nested codes, nested absmax and offset;
-  the step PTX the two tiles, the four scratch buffers and the output."""
+  span, the step counters (and the accumulators). The build PTX gets the
+  four first scratch addresses, x and the weight's nested codes, nested
+  absmax and offset; the step PTX the two tiles, the scratch buffers and
+  the output."""
   def kernel(x_gmem, *refs):
     ins = refs[:5 * len(ns)]
-    o_gmem, own_smem, c2_smem, sp_smem, cnt_smem = refs[5 * len(ns):]
+    o_gmem, own_smem, c2_smem, sp_smem, cnt_smem = refs[5 * len(ns):][:5]
+    extra = refs[5 * len(ns) + 5:]
     i = lax.axis_index("n")
     s = lax.axis_index("s")
     for g, (n, (r, steps, _, _, group0, _)) in enumerate(zip(ns, plan)):
@@ -459,22 +469,33 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
 
         def body(_, w_smem, c_smem):
           inline_ptx(sptx, (w_smem, c_smem, own_smem, c2_smem, sp_smem,
-                            cnt_smem, o_gmem), 6)
+                            cnt_smem, *extra, o_gmem), 6 + len(extra))
 
         # Steps past the last row tile re-read it; their rows are padding.
         def tile(t):
           return jnp.minimum((i - group0) * steps + t, last)
 
-        specs = [pl.BlockSpec((tile_rows, CHUNK // 2),
-                              lambda t: (tile(t), s)),
-                 pl.BlockSpec((tile_rows, _CODES),
-                              lambda t: (tile(t), s // 4))]
+        if kchunks == 1:
+          specs = [pl.BlockSpec((tile_rows, CHUNK // 2),
+                                lambda t: (tile(t), s)),
+                   pl.BlockSpec((tile_rows, _CODES),
+                                lambda t: (tile(t), s // 4))]
+        else:  # step t: row tile t // kchunks, chunk t % kchunks of s's
+          specs = [pl.BlockSpec(
+                       (tile_rows, CHUNK // 2),
+                       lambda t: (tile(t // kchunks),
+                                  s * kchunks + t % kchunks)),
+                   pl.BlockSpec(
+                       (tile_rows, _CODES),
+                       lambda t: (tile(t // kchunks),
+                                  (s * kchunks + t % kchunks) // 4))]
         if wgs == 1:
-          plgpu.emit_pipeline(body, grid=(steps,), in_specs=specs,
+          plgpu.emit_pipeline(body, grid=(steps * kchunks,), in_specs=specs,
                               max_concurrent_steps=stages)(w_gmem, c_gmem)
         else:
           plgpu.emit_pipeline_warp_specialized(
-              body, grid=(steps,), memory_registers=40, in_specs=specs,
+              body, grid=(steps * kchunks,), memory_registers=40,
+              in_specs=specs,
               wg_axis="wg", num_compute_wgs=wgs,
               max_concurrent_steps=stages)(w_gmem, c_gmem)
 

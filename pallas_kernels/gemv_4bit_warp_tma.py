@@ -40,6 +40,7 @@ their product rounded once), the fp32 sums in another order.
 from __future__ import annotations
 
 import functools
+import heapq
 
 import jax
 import jax.numpy as jnp
@@ -57,13 +58,15 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   pass
 
-__all__ = ["MAX_M", "available", "build_ptx", "check", "default_config",
-           "gemv", "gemv_group", "smem_bytes", "step_ptx"]
+__all__ = ["KCHUNKS", "MAX_M", "available", "build_ptx", "check",
+           "default_config", "gemv", "gemv_group", "makespan", "smem_bytes",
+           "step_ptx"]
 
 CHUNK = lut.CHUNK  # columns of x (and of W) a program: 128 bytes a row
 STEP_ROWS = 64  # rows a compute warpgroup a step: 4 warps x 16
 WGS = 2  # compute warpgroups beside the TMA one, by default (2 or 3)
 MAX_M = 16  # rows of x: two MMAs of 8 columns from 9 rows on
+KCHUNKS = (1, 2, 4)  # K chunks a program can take in turn
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
 _XROW = 4 * _XBLOCK  # bytes a row of x
@@ -106,31 +109,61 @@ def x_rows(m: int) -> int:
 
 
 def smem_bytes(ns: tuple[int, ...], k: int, rows: tuple[int, ...],
-               stages: int, m: int = 8, wgs: int = WGS) -> int:
-  """Shared memory of a config: x's chunk, the nested table and span, the
-  step counters and the pipeline's weight and codes tiles."""
-  span = max(lut.nested_span(lut.layout(n, k, r, STEP_ROWS * wgs)[0]
-                             * STEP_ROWS * wgs, k) for n, r in zip(ns, rows))
-  return (x_rows(m) * _XROW + 512 * 4 + span * 4 + wgs * 512
-          + stages * wgs * STEP_ROWS * (CHUNK // 2 + _CODES))
+               stages: int, m: int = 8, wgs: int = WGS,
+               kchunks: int = 1) -> int:
+  """Shared memory of a config: x's chunks, the nested table and span, the
+  step counters, the accumulators between steps (`kchunks` > 1) and the
+  pipeline's weight and codes tiles."""
+  tile = STEP_ROWS * wgs
+  span = max(lut.layout(n, k, r, tile, 4 * kchunks)[2]
+             for n, r in zip(ns, rows))
+  accs = (kchunks > 1) * (1 + (m > 8)) * 128 * wgs * 16
+  return (kchunks * x_rows(m) * _XROW + 512 * 4 + span * 4 + wgs * 512
+          + accs + stages * tile * (CHUNK // 2 + _CODES))
 
 
-def default_config(ns: tuple[int, ...], k: int, num_sms: int = 132) -> dict:
-  """`gemv_group`'s keywords: one program an SM (`gemv_4bit_lut`'s row
+def default_config(ns: tuple[int, ...], k: int, num_sms: int = 132,
+                   kchunks: int = 1) -> dict:
+  """`gemv_group`'s keywords: one program an SM (as `gemv_4bit_lut`'s row
+  groups, `kchunks` K chunks a program: `num_sms / (k / 256 / kchunks)`
   groups, shared among the weights in proportion to their rows, one at
-  least a weight) and four steps in flight; fewer stages, then more row
-  groups, where the shared memory would not hold that for 16 rows of x
-  (a long program's span of nested absmax: 28672x28672, say)."""
+  least a weight; where the rounded shares make more programs than SMs,
+  the fewest groups, down from there, with the shortest `makespan`) and
+  four steps in flight; fewer stages, then more row groups, where the
+  shared memory would not hold that for 16 rows of x (a long program's
+  span of nested absmax: 28672x28672, say)."""
+  programs = k // CHUNK // kchunks
+  total = max(1, min(num_sms // programs, -(-sum(ns) // STEP_ROWS)))
+  share = min(range(total, 0, -1), key=lambda t: makespan(
+      ns, [max(1, round(t * n / sum(ns))) for n in ns], k, kchunks,
+      num_sms))
   rows, stages = lut.fit(
-      tuple(ns), lut.default_rows(sum(ns), k, num_sms), 4,
-      functools.partial(smem_bytes, tuple(ns), k, m=MAX_M))
-  return dict(rows=rows, stages=stages)
+      tuple(ns), share, 4,
+      functools.partial(smem_bytes, tuple(ns), k, m=MAX_M, kchunks=kchunks))
+  return dict(rows=rows, stages=stages, kchunks=kchunks)
+
+
+def makespan(ns, rows, k: int, kchunks: int = 1, num_sms: int = 132,
+             start: int = 1) -> int:
+  """Pipeline steps until the last program ends, programs taken in launch
+  order (K chunks fastest) by the first free SM: weight g's row groups
+  take `ceil(tiles / rows[g]) * kchunks` steps each, plus `start` for the
+  build and the pipeline's fill. A model of the wave, not a timing: a
+  group's shares rounded up to a few more programs than SMs (q/k/v at 2
+  K chunks a program: 136 on 132 SMs, 19.2 us against 15.5 with 112 in
+  docs/benchmarks.md's run "e") cost a second wave."""
+  free = [0] * num_sms
+  for n, r in zip(ns, rows):
+    steps = -(-(-(-n // (STEP_ROWS * WGS))) // r) * kchunks + start
+    for _ in range(r * (k // CHUNK // kchunks)):
+      heapq.heapreplace(free, free[0] + steps)
+  return max(free)
 
 
 @functools.lru_cache(maxsize=None)
 def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
               k: int, rows_a_program: int, span: int, n_nested: int,
-              group0: int = 0, wgs: int = WGS) -> str:
+              group0: int = 0, wgs: int = WGS, kchunks: int = 1) -> str:
   """x's chunk, the nested code table, the program's span of nested
   absmax and the step counters, copied by the compute threads; then a
   barrier of every thread of the program.
@@ -143,12 +176,17 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   one before every permute), `$2` the span's, `$3` the step counters' (one a
   compute thread); `$4` x's global address (`[m, k]`), `$5` the nested
   codes' (256 floats), `$6` the nested absmax's, `$7` the offset's. Every
-  global load comes first. Word `u` of the chunk of x (row `u / 128`,
-  word `e = u % 128` of it) goes to `576 (u / 128) + 144 (e / 32) +
-  4 (e % 32)`. The TMA warpgroup's threads load and store nothing.
+  global load comes first. The program's `kchunks` chunks of x (from
+  chunk `kchunks %ctaid.x`) are copied one after another, `x_rows(m)`
+  rows of 576 bytes each: word `u` (word `e = u % 128` of chunk
+  `q = u / 128 % kchunks` of row `a = u / (128 kchunks)`) goes to
+  `576 (x_rows q + a) + 144 (e / 32) + 4 (e % 32)`. The TMA warpgroup's
+  threads load and store nothing.
   """
   loads = span // 128
-  words = -(-m * 128 // (128 * wgs))  # words of x a compute thread
+  lk = kchunks.bit_length() - 1
+  # words of x a compute thread
+  words = -(-m * 128 * kchunks // (128 * wgs))
   lines = [
       "{",
       ".reg .b32 t, c, a, b, q, e;",
@@ -164,16 +202,19 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   # Mosaic GPU reverses the grid: ctaid.x is the K chunk.
   for j in range(words):
     lines += [f"add.u32 q, t, {128 * wgs * j};",
-              f"setp.lt.u32 px{j}, q, {128 * m};",
+              f"setp.lt.u32 px{j}, q, {128 * m * kchunks};",
               f"and.pred px{j}, px{j}, pw;",
-              "shr.u32 a, q, 7;", "and.b32 e, q, 127;",
-              # global word: row a, column 256 ctaid.x + 2 e
+              f"shr.u32 a, q, {7 + lk};", "and.b32 e, q, 127;",
+              # q: the chunk of the program's, c: of x
+              "shr.u32 q, q, 7;", f"and.b32 q, q, {kchunks - 1};",
+              "mov.u32 c, %ctaid.x;", f"mad.lo.u32 c, c, {kchunks}, q;",
+              # global word: row a, column 256 c + 2 e
               f"mul.lo.u32 b, a, {k // 2};",
-              "mov.u32 c, %ctaid.x;",
               "mad.lo.u32 b, c, 128, b;", "add.u32 b, b, e;",
               "mul.wide.u32 d, b, 4;", "add.u64 d, d, px;",
               f"@px{j} ld.global.nc.b32 xw{j}, [d];",
-              # shared: 576 a + 144 (e >> 5) + 4 (e & 31)
+              # shared: 576 (x_rows q + a) + 144 (e >> 5) + 4 (e & 31)
+              f"mad.lo.u32 a, q, {x_rows(m)}, a;",
               f"mul.lo.u32 b, a, {_XROW};", "shr.u32 q, e, 5;",
               f"mad.lo.u32 b, q, {_XBLOCK}, b;", "and.b32 q, e, 31;",
               "mad.lo.u32 b, q, 4, b;", f"add.u32 xa{j}, b, $0;"]
@@ -184,7 +225,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
       "@pt ld.global.nc.f32 g1, [pc+512];", "cvta.to.global.u64 pf, $7;",
       "@p0 ld.global.nc.f32 g2, [pf];",
   ]
-  lut.span_start(lines, n, rows_a_program, k // 64, group0)
+  lut.span_start(lines, n, rows_a_program, k // 64, group0, 4 * kchunks)
   lines += ["add.u32 a, a, c;", "cvta.to.global.u64 pc, $6;"]
   for j in range(loads):
     lines += [f"add.u32 q, a, {128 * j};", f"min.u32 q, q, {n_nested - 1};",
@@ -215,17 +256,26 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
 @functools.lru_cache(maxsize=None)
 def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
              k: int, steps: int, n_pad: int, group0: int = 0,
-             row0: int = 0, wgs: int = WGS) -> str:
+             row0: int = 0, wgs: int = WGS, kchunks: int = 1) -> str:
   """One pipeline step of one compute thread: its warp's 16 rows of the
   step's 128-row tile (warp `tid / 32`), all 256 columns of the chunk.
 
   Operands (no results): `$0` the weight tile's shared address
   (`[128, 128]` bytes), `$1` the codes tile's (`[128, 16]`), `$2` x's
   shared copy, `$3` the nested table's, `$4` the nested span's, `$5` the
-  step counters'; `$6` the output (global, fp32 `[chunks, m, n_pad]`). In
-  a group of weights, this weight's row groups start at `group0` and its
-  rows at output row `row0`.
+  step counters'; `$6` the output (global, fp32 `[chunks / kchunks, m,
+  n_pad]`). In a group of weights, this weight's row groups start at
+  `group0` and its rows at output row `row0`.
+
+  With `kchunks` > 1 a program's step `t` takes chunk `t % kchunks` of its
+  own (x's copy of it, `x_rows(m)` rows further a chunk) for row tile
+  `t / kchunks`: the first starts the accumulators at zero, the others
+  load them from `$6` (shared, 16 bytes a thread for columns 0-7, then as
+  many for 8-15), all but the last store them there, and the last stores
+  the row tile's partial to the output, now `$7`.
   """
+  lk = kchunks.bit_length() - 1
+  out = "$7" if kchunks > 1 else "$6"
   nkb = k // 64
   mma = _MMA[dtype_name]
   mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{mma}.{mma}.f32"
@@ -235,12 +285,12 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   decl = None
   lines = [
       "{",
-      ".reg .b32 tid, l, wp, g, c, s, stp, r0, ro, a, b, lo, sa, xa, wa, "
-      "cd, sc0, sc1;",
+      ".reg .b32 tid, l, wp, g, c, s, sx, cc, stp, r0, ro, a, b, lo, sa, xa, "
+      "wa, cd, sc0, sc1, ac;",
       ".reg .b32 tw<8>, wA<8>, wB<8>, xv<32>, pa<4>, pb<4>;",
       ".reg .f32 d<4>, cv, nv, off, ab0, ab1;",
       ".reg .b64 po, dd;",
-      ".reg .pred p0, p1;",
+      ".reg .pred p0, p1, pf, pl;",
   ]
   # The even permute words from shared memory (`build_ptx`), the odd ones
   # immediates (ptxas folds them into the permutes).
@@ -258,14 +308,18 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
       "shl.b32 sa, tid, 2;", "add.u32 sa, sa, $5;",
       "ld.shared.u32 stp, [sa];",
   ]
-  lut.span_start(lines, n, steps * STEP_ROWS * wgs, nkb, group0)
+  lut.span_start(lines, n, steps * STEP_ROWS * wgs, nkb, group0,
+                 4 * kchunks)
   lines += [
       "mov.u32 lo, a;",
-      # ctaid.y is the row group, ctaid.x the K chunk.
+      # ctaid.y is the row group, ctaid.x the program's K chunks: the
+      # step's row tile stp / kchunks, its chunk s.
+      f"shr.u32 b, stp, {lk};", f"and.b32 cc, stp, {kchunks - 1};",
       "mov.u32 a, %ctaid.y;", f"sub.u32 a, a, {group0};",
-      f"mad.lo.u32 a, a, {steps}, stp;",
+      f"mad.lo.u32 a, a, {steps}, b;",
       f"mad.lo.u32 r0, a, {STEP_ROWS * wgs}, ro;",
-      "mov.u32 s, %ctaid.x;", "cvta.to.global.u64 po, $6;",
+      "mov.u32 sx, %ctaid.x;", f"mad.lo.u32 s, sx, {kchunks}, cc;",
+      f"cvta.to.global.u64 po, {out};",
       "ld.shared.f32 off, [$3+1024];",
   ]
   # The absmax of rows g and g + 8, block 4 s + c: code2[code] * nested +
@@ -293,19 +347,27 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
             "ld.shared.v4.b32 {wA4, wA5, wA6, wA7}, [wa+16];",
             "ld.shared.v4.b32 {wB0, wB1, wB2, wB3}, [wa+1024];",
             "ld.shared.v4.b32 {wB4, wB5, wB6, wB7}, [wa+1040];"]
-  # x: row g % m, block c.
-  lines += [f"rem.u32 a, g, {m};", f"mul.lo.u32 a, a, {_XROW};",
+  # x: row g % m, block c (of chunk cc's copy).
+  lines += [f"rem.u32 a, g, {m};", f"mad.lo.u32 a, cc, {x_rows(m)}, a;",
+            f"mul.lo.u32 a, a, {_XROW};",
             f"mad.lo.u32 a, c, {_XBLOCK}, a;", "add.u32 xa, a, $2;"]
   lines += [f"ld.shared.v4.b32 {{xv{4 * i}, xv{4 * i + 1}, xv{4 * i + 2}, "
             f"xv{4 * i + 3}}}, [xa+{16 * i}];" for i in range(8)]
   lines += [f"mov.f32 d{j}, 0f00000000;" for j in range(4)]
   if m > 8:  # columns 8-15: rows 8 + g % (m - 8) of x, accumulators e
     lines += [f"rem.u32 a, g, {m - 8};", "add.u32 a, a, 8;",
+              f"mad.lo.u32 a, cc, {x_rows(m)}, a;",
               f"mul.lo.u32 a, a, {_XROW};", f"mad.lo.u32 a, c, {_XBLOCK}, a;",
               "add.u32 xa, a, $2;"]
     lines += [f"ld.shared.v4.b32 {{xu{4 * i}, xu{4 * i + 1}, xu{4 * i + 2}, "
               f"xu{4 * i + 3}}}, [xa+{16 * i}];" for i in range(8)]
     lines += [f"mov.f32 e{j}, 0f00000000;" for j in range(4)]
+  accs = ("d", "e")[:1 + (m > 8)]
+  if kchunks > 1:  # pf: not the row tile's first chunk; pl: its last
+    lines += ["setp.ne.u32 pf, cc, 0;", f"setp.eq.u32 pl, cc, {kchunks - 1};",
+              "shl.b32 ac, tid, 4;", "add.u32 ac, ac, $6;"]
+    lines += [f"@pf ld.shared.v4.f32 {{{v}0, {v}1, {v}2, {v}3}}, "
+              f"[ac+{2048 * wgs * h}];" for h, v in enumerate(accs)]
   for i in range(8):
     for tile, w, sc in (("pa", f"wA{i}", "sc0"), ("pb", f"wB{i}", "sc1")):
       names = dict(table, w=w, **{f"s{j}": sc for j in range(4)},
@@ -323,10 +385,16 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
           f"{{{acc}0, {acc}1, {acc}2, {acc}3}};",
       ]
   # d0, d1: row g, columns 2c, 2c + 1; d2, d3: row g + 8. Column n < m is
-  # y[n]: at ((s m + n) n_pad + row0 + r0 + g (+ 8)) floats.
+  # y[n]: at ((sx m + n) n_pad + row0 + r0 + g (+ 8)) floats, sx the
+  # program's K chunks.
+  if kchunks > 1:
+    lines += [f"@!pl st.shared.v4.f32 [ac+{2048 * wgs * h}], "
+              f"{{{v}0, {v}1, {v}2, {v}3}};" for h, v in enumerate(accs)]
   lines += ["shl.b32 a, c, 1;", f"setp.lt.u32 p0, a, {m};",
-            f"setp.lt.u32 p1, a, {m - 1};",
-            f"mad.lo.u32 b, s, {m}, a;", f"mul.lo.u32 b, b, {n_pad};",
+            f"setp.lt.u32 p1, a, {m - 1};"]
+  if kchunks > 1:
+    lines += ["and.pred p0, p0, pl;", "and.pred p1, p1, pl;"]
+  lines += [f"mad.lo.u32 b, sx, {m}, a;", f"mul.lo.u32 b, b, {n_pad};",
             "add.u32 b, b, r0;", "add.u32 b, b, g;",
             f"add.u32 b, b, {row0};",
             "mul.wide.u32 dd, b, 4;", "add.u64 dd, dd, po;",
@@ -335,8 +403,10 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
             f"@p1 st.global.f32 [dd+{4 * n_pad}], d1;",
             f"@p1 st.global.f32 [dd+{4 * n_pad + 32}], d3;"]
   if m > 8:  # e0, e1: row g, columns 8 + 2c, 9 + 2c; e2, e3: row g + 8
-    lines += [f"setp.lt.u32 p0, a, {m - 8};", f"setp.lt.u32 p1, a, {m - 9};",
-              f"@p0 st.global.f32 [dd+{32 * n_pad}], e0;",
+    lines += [f"setp.lt.u32 p0, a, {m - 8};", f"setp.lt.u32 p1, a, {m - 9};"]
+    if kchunks > 1:
+      lines += ["and.pred p0, p0, pl;", "and.pred p1, p1, pl;"]
+    lines += [f"@p0 st.global.f32 [dd+{32 * n_pad}], e0;",
               f"@p0 st.global.f32 [dd+{32 * n_pad + 32}], e2;",
               f"@p1 st.global.f32 [dd+{36 * n_pad}], e1;",
               f"@p1 st.global.f32 [dd+{36 * n_pad + 32}], e3;"]
@@ -346,31 +416,34 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   return "\n".join(lines[:1] + [decl] + lines[1:])
 
 
-def _compiled(x, weights, *, code, ns, k, rows, stages, wgs):
+def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,
   nested absmax, nested codes, offset `[1]`)`: `[m, n]` fp32 per weight."""
   m = x.shape[0]
   dtype = jnp.dtype(x.dtype)
-  chunks = k // CHUNK
+  programs = k // CHUNK // kchunks
   tile_rows = STEP_ROWS * wgs
-  plan, n_pad = lut.row_plan(ns, k, rows, tile_rows)
+  plan, n_pad = lut.row_plan(ns, k, rows, tile_rows, 4 * kchunks)
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                    w[2].shape[0], group0, wgs),
+                    w[2].shape[0], group0, wgs, kchunks),
           step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0,
-                   wgs))
+                   wgs, kchunks))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
+  accs = ([plgpu.SMEM((1 + (m > 8), 512 * wgs), jnp.float32)]
+          if kchunks > 1 else [])
 
   kernel = plgpu.kernel(
       lut.pipelines("jaxbnb_gemv_4bit_warp_tma", ns, plan, ptx, tile_rows,
-                    stages, wgs),
-      out_type=jax.ShapeDtypeStruct((chunks, m, n_pad), jnp.float32),
-      grid=(sum(rows), chunks), grid_names=("n", "s"),
+                    stages, wgs, kchunks),
+      out_type=jax.ShapeDtypeStruct((programs, m, n_pad), jnp.float32),
+      grid=(sum(rows), programs), grid_names=("n", "s"),
       num_threads=wgs + 1, thread_name="wg",
-      scratch_types=[plgpu.SMEM((x_rows(m), _XROW // 4), jnp.float32),
+      scratch_types=[plgpu.SMEM((kchunks * x_rows(m), _XROW // 4),
+                                jnp.float32),
                      plgpu.SMEM((4, 128), jnp.float32),
                      plgpu.SMEM((span // 128, 128), jnp.float32),
-                     plgpu.SMEM((wgs, 128), jnp.uint32)])
+                     plgpu.SMEM((wgs, 128), jnp.uint32)] + accs)
   args = []
   for (packed, codes, nested_absmax, nested_code, offset), n in zip(weights,
                                                                    ns):
@@ -399,7 +472,7 @@ def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
 
 def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, stages: int = 4,
-               wgs: int = WGS, interpret: bool = False
+               wgs: int = WGS, kchunks: int = 1, interpret: bool = False
                ) -> tuple[jax.Array, ...]:
   """`x @ W_g.T` in fp32 for 2 to 16 rows of x and several double-quantized
   4-bit weights that read it (a layer's q/k/v, its gate/up), in one
@@ -416,6 +489,10 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     stages: pipeline steps in flight.
     wgs: compute warpgroups beside the TMA one, 2 or 3, each taking 64
       rows of a step (4, emulated correctly, hung on the H200).
+    kchunks: K chunks (256 columns) a program takes in turn for each of
+      its row tiles, its accumulators kept between them: 1, 2 or 4 (a
+      power of two dividing k / 256); the fp32 partials XLA sums are
+      `k / 256 / kchunks` instead of `k / 256`.
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -427,14 +504,19 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
       check(x.shape[0], n, k, 64, x.dtype, True)
   if x.shape[1] != k:
     raise ValueError(f"x: needs {k} columns, got shape {x.shape}")
-  code, rows = lut.group_args(weights, code, ns, rows, stages,
-                              lambda: default_config(ns, k)["rows"])
+  if kchunks not in KCHUNKS or (k // CHUNK) % kchunks:
+    raise ValueError(f"kchunks: must be one of {KCHUNKS} and divide "
+                     f"k / {CHUNK} = {k // CHUNK}, got {kchunks}")
+  code, rows = lut.group_args(
+      weights, code, ns, rows, stages,
+      lambda: default_config(ns, k, kchunks=kchunks)["rows"])
   if wgs not in (2, 3):
     raise ValueError(f"wgs: must be 2 or 3, got {wgs}")
-  need = smem_bytes(ns, k, rows, stages, x.shape[0], wgs)
+  need = smem_bytes(ns, k, rows, stages, x.shape[0], wgs, kchunks)
   if need > _backend.HOPPER_SMEM:
     raise ValueError(
         f"rows/stages: row groups {rows} of {ns} rows with {stages} stages "
+        f"and {kchunks} K chunks a program "
         f"need {need} bytes of shared memory, more than "
         f"{_backend.HOPPER_SMEM}; take more row groups or fewer stages")
   prepared = [(p, c, na.astype(jnp.float32), nc.astype(jnp.float32),
@@ -449,14 +531,15 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
         f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
   return tuple(_compiled(
       x, [(p, c, na, nc, off.reshape(1)) for p, c, na, nc, off in prepared],
-      code=code, ns=ns, k=k, rows=rows, stages=stages, wgs=wgs))
+      code=code, ns=ns, k=k, rows=rows, stages=stages, wgs=wgs,
+      kchunks=kchunks))
 
 
 def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
          nested_absmax: jax.Array, nested_code: jax.Array,
          offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
          rows: int | None = None, stages: int = 4, wgs: int = WGS,
-         interpret: bool = False) -> jax.Array:
+         kchunks: int = 1, interpret: bool = False) -> jax.Array:
   """`x @ W.T` in fp32 for 2 to 16 rows of x and a double-quantized 4-bit
   `W [n, k]` (blocksize 64, 256 codes a nested absmax).
 
@@ -471,7 +554,8 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     n, k: the weight's shape; k a multiple of 1024.
     rows: row groups (programs a K chunk); default `default_config`'s.
     stages: pipeline steps in flight.
-    wgs: compute warpgroups, 2 to 4 (`gemv_group`).
+    wgs: compute warpgroups, 2 or 3 (`gemv_group`).
+    kchunks: K chunks a program (`gemv_group`).
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -497,4 +581,4 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
   return gemv_group(x, [(packed, codes, nested_absmax, nested_code, offset)],
                     code=code, ns=(n,), k=k,
                     rows=None if rows is None else (rows,), stages=stages,
-                    wgs=wgs, interpret=interpret)[0]
+                    wgs=wgs, kchunks=kchunks, interpret=interpret)[0]

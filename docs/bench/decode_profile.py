@@ -13,7 +13,10 @@ printed "per step" times and counts are twice the real ones; `n` below is
 now 2 x STEPS. The prefill's kernels (dequantize, cuBLAS) are in the sums.
 SPLIT_SUM=reduce (twenty-sixth session) sums the kernels' K-split partials
 with `jnp.sum` (an XLA reduction, as before `split_sum.sum_splits`) for an
-A/B in one call.
+A/B in one call. SEQUENCE=1 (twenty-eighth session) also prints one decode
+step's kernels in launch order, from the middle of the trace: the step
+starts after a launch of the kernel that runs once a step and longest
+(the lm_head's matmul).
 """
 import collections, glob, os, sys
 import jax
@@ -81,5 +84,19 @@ for plane in pd.planes:
   if gaps:
     print(f"  gaps between kernels: median {gaps[len(gaps) // 2] / 1e3:.2f} us, "
           f"90th percentile {gaps[9 * len(gaps) // 10] / 1e3:.2f} us")
+  if os.environ.get("SEQUENCE"):
+    evs = sorted((ev.start_ns, ev.duration_ns, ev.name[:60])
+                 for line in plane.lines
+                 if "Kernel" in line.name or "tream" in line.name
+                 for ev in line.events)
+    once = [k for k in tot if cnt[k] == n]
+    head = max(once, key=lambda k: tot[k]) if once else None
+    marks = [i for i, e in enumerate(evs) if e[2] == (head or "")[:60]]
+    if len(marks) > 2:
+      a = marks[len(marks) // 2]
+      b = next(j for j in marks if j > a)
+      print(f"  one decode step, {b - a} launches after {head}:")
+      for start, dur, name in evs[a + 1:b + 1]:
+        print(f"    {(start - evs[a][0]) / 1e3:8.2f} us  {dur / 1e3:7.2f} us  {name}")
   span = ivs[-1][1] - ivs[0][0] if ivs else 0
   print(f"  launches/step {len(ivs)/n:.0f}; GPU busy {busy/1e6:.2f} ms of a {span/1e6:.2f} ms span ({100*busy/max(span,1):.0f}%)")

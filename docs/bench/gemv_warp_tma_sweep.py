@@ -2,7 +2,7 @@
 against the "warp" kernel it replaces as the default and XLA's bf16 matmul
 (docs/benchmarks.md, twenty-sixth session; run on the GPU):
 
-    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b|c|d]   # budget (s), run
+    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b|c|d|e|f]   # budget (s), run
 
 NF4 + DQ, bf16 x. Single weights and the decode's groups (gate/up, q/k/v)
 in one `gemv_4bit_group` call, each timed with `measure.time_jax` over
@@ -55,7 +55,21 @@ RUNS = {"a": (CASES, CONFIGS),
         "d": ([((14336,), K, 8), ((14336, 14336), K, 8), ((4096,), 14336, 8),
                ((14336,), K, 16), ((14336, 14336), K, 16)],
               [("default", None), ("warp_tma", dict(warps=12)),
-               ("warp_tma", dict(warps=12, stages=6))])}
+               ("warp_tma", dict(warps=12, stages=6))]),
+        # Run "e" (twenty-eighth session): 2 and 4 K chunks a program
+        # (fewer fp32 partials to write and sum) against the default's 1.
+        "e": ([((14336, 14336), K, 8), ((4096,), 14336, 8),
+               ((4096, 1024, 1024), K, 8), ((4096,), K, 8),
+               ((14336, 14336), K, 16), ((4096,), 14336, 16),
+               ((4096, 1024, 1024), K, 16)],
+              [("default", None), ("warp_tma", dict(kchunks=2)),
+               ("warp_tma", dict(kchunks=4))]),
+        # Run "f" (twenty-eighth session): run "e" again where its q/k/v
+        # rows had overshot one wave (136 programs on 132 SMs).
+        "f": ([((4096, 1024, 1024), K, 8), ((4096, 1024, 1024), K, 16),
+               ((4096,), K, 16), ((14336,), K, 8), ((14336,), K, 16)],
+              [("default", None), ("warp_tma", dict(kchunks=2)),
+               ("warp_tma", dict(kchunks=4))])}
 
 
 def main():
@@ -91,11 +105,13 @@ def main():
         elif kw is None:  # the package's default at this M
           cfg = None
         else:
-          base = gk.gemv_4bit_warp_tma.default_config(ns, k)
+          base = gk.gemv_4bit_warp_tma.default_config(
+              ns, k, kchunks=kw.get("kchunks", 1))
           rows = tuple(2 * r for r in base["rows"]) if "rows" in kw else (
               base["rows"])
           cfg = ("warp_tma", 64, 128, rows if len(ns) > 1 else rows[0],
-                 kw.get("warps", 8), kw.get("stages", base["stages"]))
+                 kw.get("warps", 8), kw.get("stages", base["stages"]),
+                 base["kchunks"])
 
         def f(x, w, cfg=cfg):
           return gk.gemv_4bit_group(x, w, LUT, ns=ns, k=k, blocksize=64,

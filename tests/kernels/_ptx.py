@@ -334,7 +334,8 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
 
 
 def run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs, own_bytes,
-                 out, texts, on_program=None) -> None:
+                 out, texts, on_program=None, kchunks=1,
+                 acc_bytes=0) -> None:
   """Every program of the Mosaic GPU GEMVs' pipeline
   (`gemv_4bit_lut.pipelines`) over a group of weights `(packed, qs)`:
   the build block, then each step with its TMA tiles written into shared
@@ -346,12 +347,16 @@ def run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs, own_bytes,
   `texts(n, steps, group0, row0, n_nested)` gives a weight's (build,
   step) PTX; `on_program(machine, executed)`, if given, sees each program
   after its steps with the build's executed counts. `out` is written in
-  place."""
+  place. With `kchunks` > 1 a program takes that many K chunks in turn
+  for each row tile (`gemv_4bit_warp_tma`), its step PTX getting a
+  scratch buffer of `acc_bytes` after the codes tile as `$6` and `out`
+  as `$7`."""
   c2_ = own_bytes
   sp_ = c2_ + 2048
   cnt_ = sp_ + 4 * span
   w_ = cnt_ + 512 * wgs
   cd_ = w_ + tile_rows * 128
+  acc_ = cd_ + tile_rows * 16
   for (packed, qs), n, (r, steps, _, _, group0, row0) in zip(weights, ns,
                                                            plan):
     tiles = -(-n // tile_rows)
@@ -364,8 +369,8 @@ def run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs, own_bytes,
     c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
     bptx, sptx = texts(n, steps, group0, row0, nested.shape[0])
     for i in range(group0, group0 + r):
-      for s in range(k // 256):
-        m = Machine(128 * (wgs + (wgs > 1)), cd_ + tile_rows * 16, (s, i))
+      for s in range(k // 256 // kchunks):
+        m = Machine(128 * (wgs + (wgs > 1)), acc_ + acc_bytes, (s, i))
         xg = m.add_global(1 << 40, np.asarray(x).view(np.uint16).reshape(-1))
         ng = m.add_global(2 << 40, table)
         sg = m.add_global(3 << 40, nested)
@@ -374,14 +379,18 @@ def run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs, own_bytes,
         count = run(bptx, m, {0: 0, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng,
                               6: sg, 7: fg})
         m.threads = 128 * wgs
-        for t in range(steps):
-          q = min((i - group0) * steps + t, tiles - 1) * tile_rows
+        for t in range(steps * kchunks):
+          q = min((i - group0) * steps + t // kchunks,
+                  tiles - 1) * tile_rows
+          chunk = s * kchunks + t % kchunks
           m.smem[w_:w_ + tile_rows * 128] = w2[
-              q:q + tile_rows, 128 * s:128 * s + 128].reshape(-1)
-          c = 16 * (s // 4)
+              q:q + tile_rows, 128 * chunk:128 * chunk + 128].reshape(-1)
+          c = 16 * (chunk // 4)
           m.smem[cd_:cd_ + tile_rows * 16] = c2[q:q + tile_rows,
                                                 c:c + 16].reshape(-1)
-          run(sptx, m, {0: w_, 1: cd_, 2: 0, 3: c2_, 4: sp_, 5: cnt_,
-                        6: og})
+          ops = {0: w_, 1: cd_, 2: 0, 3: c2_, 4: sp_, 5: cnt_, 6: og}
+          if kchunks > 1:
+            ops.update({6: acc_, 7: og})
+          run(sptx, m, ops)
         if on_program is not None:
           on_program(m, count)

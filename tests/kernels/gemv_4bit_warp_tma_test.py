@@ -121,12 +121,30 @@ def test_default_config_fits_shared_memory(ns, k):
 def test_default_config_of_the_measured_shapes():
   """Where the shared memory holds it, the measured default: one program
   an SM and four stages."""
-  assert wt.default_config((14336,), 4096) == dict(rows=(8,), stages=4)
-  assert wt.default_config((4096,), 14336) == dict(rows=(2,), stages=4)
-  assert wt.default_config((14336, 14336), 4096) == dict(rows=(4, 4),
-                                                          stages=4)
+  assert wt.default_config((14336,), 4096) == dict(rows=(8,), stages=4,
+                                                   kchunks=1)
+  assert wt.default_config((4096,), 14336) == dict(rows=(2,), stages=4,
+                                                   kchunks=1)
+  assert wt.default_config((14336, 14336), 4096) == dict(
+      rows=(4, 4), stages=4, kchunks=1)
   assert wt.default_config((4096, 1024, 1024), 4096) == dict(
-      rows=(5, 1, 1), stages=4)
+      rows=(5, 1, 1), stages=4, kchunks=1)
+
+
+def test_default_rows_keep_the_shortest_wave():
+  """Row groups shared by rounding can make a few more programs than SMs:
+  q/k/v at 2 K chunks a program would be (11, 3, 3), 136 programs, two
+  waves (measured 19.2 us against 15.5); the default takes (10, 2, 2).
+  Where the second wave is the shorter way (a 70B-shaped q/k/v: 160
+  programs of 23 steps or fewer against 128 of 33), it stays."""
+  qkv = (4096, 1024, 1024)
+  assert wt.makespan(qkv, (11, 3, 3), 4096, 2) == 14
+  assert wt.makespan(qkv, (10, 2, 2), 4096, 2) == 9
+  assert wt.default_config(qkv, 4096, kchunks=2)["rows"] == (10, 2, 2)
+  big = (8192, 1024, 1024)
+  assert wt.makespan(big, (3, 1, 1), 8192) == 23
+  assert wt.makespan(big, (2, 1, 1), 8192) == 33
+  assert wt.default_config(big, 8192)["rows"] == (3, 1, 1)
 
 
 def test_served_where_it_was_measured_faster():
@@ -161,6 +179,9 @@ def test_served_where_it_was_measured_faster():
     (dict(rows=1, stages=60), "rows/stages: row groups"),
     (dict(wgs=1), "wgs: must be 2 or 3, got 1"),
     (dict(wgs=4), "wgs: must be 2 or 3, got 4"),
+    (dict(kchunks=3), r"kchunks: must be one of \(1, 2, 4\) and divide "
+                      "k / 256 = 4, got 3"),
+    (dict(kchunks=8, k=1024), "kchunks: must be one of"),
 ])
 def test_errors_name_the_argument(kwargs, match):
   m, k = kwargs.pop("m", 2), kwargs.pop("k", 1024)
@@ -185,23 +206,25 @@ def test_config_names_its_shape():
                  interpret=True)
 
 
-def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None):
+def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None,
+             kchunks=1, partials=None):
   """The kernel's PTX run by `_ptx` over every program of a group of
   weights `(packed, qs)`: build, then each pipeline step with its TMA
   tiles written into shared memory (rows past the weight zero, as TMA
-  fills them). fp32 `[m, n_g]` per weight (the chunks summed)."""
+  fills them). fp32 `[m, n_g]` per weight (the partials summed; the
+  partials themselves appended to the list `partials`, if given)."""
   m = x.shape[0]
   tile_rows = wt.STEP_ROWS * wgs
-  plan, n_pad = lg.row_plan(ns, k, rows, tile_rows)
+  plan, n_pad = lg.row_plan(ns, k, rows, tile_rows, 4 * kchunks)
   span = max(p[3] for p in plan)
-  out = np.zeros((k // wt.CHUNK, m, n_pad), np.float32)
+  out = np.zeros((k // wt.CHUNK // kchunks, m, n_pad), np.float32)
   dtype = jnp.dtype(x.dtype)
 
   def texts(n, steps, group0, row0, n_nested):
     return (wt.build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                         n_nested, group0, wgs),
+                         n_nested, group0, wgs, kchunks),
             wt.step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0,
-                        row0, wgs))
+                        row0, wgs, kchunks))
 
   def on_program(mc, _):
     if ways is not None:
@@ -209,7 +232,10 @@ def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None):
         ways[line] = max(w, ways.get(line, 1))
 
   _ptx.run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs,
-                    wt.x_rows(m) * 576, out, texts, on_program)
+                    kchunks * wt.x_rows(m) * 576, out, texts, on_program,
+                    kchunks, (1 + (m > 8)) * 128 * wgs * 16)
+  if partials is not None:
+    partials.append(out)
   total = out.sum(0)
   return [total[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
@@ -235,6 +261,41 @@ def test_ptx_emulated_matches_weight(m, ns, k, rows, dtype, quant_type, wgs):
     helpers.assert_within(y, exact, bound, "emulated warp_tma PTX")
 
 
+@pytest.mark.parametrize("m,ns,k,rows,kchunks,wgs", [
+    (8, (200,), 2048, (2,), 2, 2),    # two chunks a program, 2 groups
+    (16, (130, 64), 2048, (1, 1), 4, 2),  # four, a group, 16 rows of x
+    (5, (300,), 1024, (1,), 4, 3),    # the whole K, three compute WGs
+    (11, (70,), 2048, (1,), 2, 2),    # the second MMA column tile partly
+])
+def test_ptx_emulated_k_chunks_a_program(m, ns, k, rows, kchunks, wgs):
+  """With `kchunks` K chunks a program the PTX keeps its accumulators
+  between a row tile's steps and writes `k / 256 / kchunks` partials:
+  `x @ W.T` within fp32 sums in any order, and each partial the sum of
+  its chunks' (the partials of one chunk a program, emulated too)."""
+  made = [_weights(n, k, "nf4", jnp.bfloat16, 3 * n + m) for n in ns]
+  x = jnp.asarray(_util.rng_array((m, k), m + 1, jnp.bfloat16))
+  parts, ones = [], []
+  got = _emulate(x, made, _code("nf4"), ns, k, rows, wgs, kchunks=kchunks,
+                 partials=parts)
+  _emulate(x, made, _code("nf4"), ns, k,
+           wt.default_config(ns, k)["rows"], wgs, partials=ones)
+  assert parts[0].shape[0] == k // wt.CHUNK // kchunks
+  for y, (p, q) in zip(got, made):
+    w = _util.kernel_weight(p, q, jnp.bfloat16, in_dtype=True)
+    exact, bound = helpers.matmul_bound(x, w, jnp.float32)
+    helpers.assert_within(y, exact, bound, "emulated warp_tma PTX")
+  # The partials by chunk group: padded rows differ between the two row
+  # plans, so compare each weight's rows.
+  plan, _ = lg.row_plan(ns, k, rows, wt.STEP_ROWS * wgs, 4 * kchunks)
+  plan1, _ = lg.row_plan(ns, k, wt.default_config(ns, k)["rows"],
+                         wt.STEP_ROWS * wgs)
+  for (_, _, _, _, _, r0), (_, _, _, _, _, r1), n in zip(plan, plan1, ns):
+    mine = parts[0][:, :, r0:r0 + n]
+    theirs = ones[0][:, :, r1:r1 + n].reshape(-1, kchunks, m, n).sum(1)
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5,
+                               atol=1e-5 * np.abs(theirs).max())
+
+
 @pytest.mark.parametrize("m", [8, 16])
 def test_ptx_x_loads_have_no_bank_conflicts(m):
   """The lanes' 16-byte loads of x's copy (a quarter-warp at a time) and of
@@ -255,31 +316,35 @@ def test_ptx_x_loads_have_no_bank_conflicts(m):
 
 
 @pytest.mark.parametrize("which", ["build", "step_bf16", "step_f16",
-                                   "step_m16"])
+                                   "step_m16", "build_k4", "step_m16_k4"])
 def test_ptx_assembles_for_sm90a(tmp_path, which):
   """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
   test skips where Triton is not installed)."""
   ptxas = _ptxas()
   if ptxas is None:
     pytest.skip("no ptxas: Triton is not installed")
-  if which == "build":
+  kchunks = 4 if which.endswith("_k4") else 1
+  if which.startswith("build"):
     src = _entry(wt.build_ptx(_code("nf4"), "bfloat16", 8, 14336, 4096, 1792,
-                              512, 896),
+                              512, 896, kchunks=kchunks),
                  ["r"] * 4 + ["l"] * 4)
   else:
     src = _entry(wt.step_ptx(_code("nf4"), "float16" if which == "step_f16"
-                             else "bfloat16", 16 if which == "step_m16" else 5,
-                             14336, 4096, 14, 14336),
-                 ["r"] * 6 + ["l"])
+                             else "bfloat16",
+                             16 if which.startswith("step_m16") else 5,
+                             14336, 4096, 14, 14336, kchunks=kchunks),
+                 ["r"] * (6 + (kchunks > 1)) + ["l"])
   _assert_assembles(ptxas, src, tmp_path / which)
 
 
-@pytest.mark.parametrize("m,warps", [(4, 8), (16, 12), (8, 12)])
-def test_lowers_for_cuda(m, warps):
+@pytest.mark.parametrize("m,warps,kchunks", [(4, 8, 1), (16, 12, 1),
+                                             (8, 12, 1), (8, 8, 2),
+                                             (16, 8, 4)])
+def test_lowers_for_cuda(m, warps, kchunks):
   """The kernel lowers to a Mosaic GPU module (needs JAX's CUDA plugin),
-  with 2 or 3 compute warpgroups."""
+  with 2 or 3 compute warpgroups and 1, 2 or 4 K chunks a program."""
   assert "mosaic_gpu" in _util.lowered_gemv_4bit(
-      ("warp_tma", 64, 128, 2, warps, 4), m)
+      ("warp_tma", 64, 128, 2, warps, 4, kchunks), m)
 
 
 _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
@@ -308,5 +373,29 @@ def test_gpu_matches_weight(case, dtype):
       x, tuple((p.reshape(-1), q.absmax, _nested(q)) for p, q in made),
       jnp.asarray(codebooks.code_for("nf4")), ns=ns, k=k, blocksize=64,
       config=config, code=_code("nf4"))
+  for y, (p, q) in zip(ys, made):
+    _check(y, x, p, q)
+
+
+_GPU_KCHUNK_CASES = [(8, (14336, 14336), 4096, 2), (16, (4096,), 14336, 4),
+                     (8, (4096, 1024, 1024), 4096, 4), (11, (1000,), 2048, 2),
+                     (3, (4096,), 4096, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(_GPU_KCHUNK_CASES)))
+def test_gpu_k_chunks_a_program_match_weight(case):
+  """Compiled with 2 or 4 K chunks a program (config's seventh entry),
+  through `gemv_4bit_group`, against the documented weight."""
+  m, ns, k, kchunks = _GPU_KCHUNK_CASES[case]
+  made = [_weights(n, k, "nf4", jnp.bfloat16, 2 * n + g)
+          for g, n in enumerate(ns)]
+  x = jnp.asarray(_util.rng_array((m, k), 23, jnp.bfloat16))
+  cfg = gk.gemv_4bit_warp_tma.default_config(ns, k, kchunks=kchunks)
+  ys = gk.gemv_4bit_group(
+      x, tuple((p.reshape(-1), q.absmax, _nested(q)) for p, q in made),
+      jnp.asarray(codebooks.code_for("nf4")), ns=ns, k=k, blocksize=64,
+      config=("warp_tma", 64, 128, cfg["rows"], 8, cfg["stages"], kchunks),
+      code=_code("nf4"))
   for y, (p, q) in zip(ys, made):
     _check(y, x, p, q)
