@@ -31,6 +31,8 @@ Triton lowering
 * `decode_attention`: one new token per row against the KV cache (RoPE,
   the cache write, scores, online softmax and the value product) in one
   launch, split over the cache for long ones.
+* `rms_norm`: RMSNorm of a few rows in one launch (the decode step's
+  norms at batch 1, where XLA runs two kernels).
 * `optim_8bit`: fused 8-bit blockwise optimizer update (dequantize the
   states, update, requantize with the sign fix) for bitsandbytes' kinds.
 * `code_tables`: quantization to a sorted 8-bit map (bitsandbytes' dynamic

@@ -16,7 +16,8 @@ with `jnp.sum` (an XLA reduction, as before `split_sum.sum_splits`) for an
 A/B in one call. SEQUENCE=1 (twenty-eighth session) also prints one decode
 step's kernels in launch order, from the middle of the trace: the step
 starts after a launch of the kernel that runs once a step and longest
-(the lm_head's matmul).
+(the lm_head's matmul). NORM=xla (twenty-eighth session) keeps XLA's
+RMSNorm at one row instead of the Pallas kernel (`models/norm_kernel.py`).
 """
 import collections, glob, os, sys
 import jax
@@ -29,6 +30,10 @@ if os.environ.get("SPLIT_SUM") == "reduce":
   from pallas_kernels import gemm_4bit_wgmma, gemv_4bit, gemv_4bit_lut, gemv_4bit_tma
   for _mod in (gemm_4bit_wgmma, gemv_4bit, gemv_4bit_lut, gemv_4bit_tma):
     _mod.sum_splits = lambda part: jnp.sum(part, axis=0)
+
+if os.environ.get("NORM") == "xla":  # twenty-eighth session: XLA's RMSNorm
+  from jaxbnb._src.models import norm_kernel
+  norm_kernel.MAX_ROWS = 0
 
 impl, batch = sys.argv[1], int(sys.argv[2])
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 32

@@ -326,6 +326,62 @@ def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
   assert not layers
 
 
+def test_rms_norm_kernel_at_one_row(monkeypatch):
+  """In a kernel mode the one-row decode steps run every RMSNorm through
+  the Pallas kernel (`models/norm_kernel.py`; interpreted here, compiled
+  in tests/models/gpu_test.py): greedy tokens as the reference path's, and
+  the teacher-forced logits within a few bf16 ulps; rows of 2 or more
+  (prefill, batches) keep XLA's norm; the gradient through the kernel is
+  the reference formula's."""
+  import jaxbnb  # pylint: disable=import-outside-toplevel
+  from jaxbnb._src.models import llama  # pylint: disable=import-outside-toplevel
+  from jaxbnb._src.models import norm_kernel  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(CFG, hidden_size=64, intermediate_size=96,
+                            num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=32)
+  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                           rngs=nnx.Rngs(3))
+  calls = []
+  real = norm_kernel.kernel.rms_norm
+  monkeypatch.setattr(norm_kernel.kernel, "rms_norm",
+                      lambda x, *a, **kw: calls.append(x.shape) or real(
+                          x, *a, **kw))
+  prompt = [[5, 17, 3, 40, 2]]
+
+  def run(mode):
+    with jaxbnb.kernel_mode(mode):
+      return gen_lib.Generator(model).generate(prompt, max_new_tokens=5)
+
+  got = run("interpret")
+  # 2 layers x 2 norms + the final norm, traced once for the decode step
+  assert calls and set(calls) == {(1, 64)}
+  assert len(calls) == 2 * cfg.num_hidden_layers + 1
+  calls.clear()
+  want = run("reference")
+  assert not calls
+  assert got.sequences == want.sequences
+  with jaxbnb.kernel_mode("interpret"):  # two rows: XLA's norm
+    gen_lib.Generator(model).generate(prompt * 2, max_new_tokens=2)
+  assert not calls
+
+  norm = llama.RMSNorm(64, eps=1e-6, param_dtype=jnp.float32)
+  norm.weight[...] = 1 + 0.1 * jnp.arange(64, dtype=jnp.float32) / 64
+  x = jnp.linspace(-3, 2, 64, dtype=jnp.float32).reshape(1, 1, 64)
+
+  def loss(norm, x):
+    return jnp.sum(norm(x.astype(jnp.bfloat16)).astype(jnp.float32) ** 2)
+
+  grads = {}
+  for mode in ("interpret", "reference"):
+    calls.clear()
+    with jaxbnb.kernel_mode(mode):
+      g_norm, g_x = nnx.grad(loss, argnums=(0, 1))(norm, x)
+    assert bool(calls) == (mode == "interpret")
+    grads[mode] = (np.asarray(g_norm.weight[...]), np.asarray(g_x))
+  for a, b in zip(grads["interpret"], grads["reference"]):
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-3 * np.abs(b).max())
+
+
 def test_attention_switch_is_part_of_the_compile_cache_key(monkeypatch):
   """`JAXBNB_ATTENTION` is read while the decode loop is traced, so a
   `Generator` compiles again when it changes (and reuses each program when

@@ -67,6 +67,30 @@ def test_generate_greedy_matches_reference_float32():
   assert outs["auto"] == outs["reference"]
 
 
+def test_one_row_decode_runs_the_norm_kernel(monkeypatch):
+  """Batch 1: the decode steps' RMSNorms run the Pallas kernel
+  (`models/norm_kernel.py`) and the greedy tokens are the reference's
+  (float32: the kernel differs in the order of a sum of squares)."""
+  from jaxbnb._src.models import norm_kernel  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = norm_kernel.kernel.rms_norm
+  monkeypatch.setattr(norm_kernel.kernel, "rms_norm",
+                      lambda x, *a, **kw: calls.append(x.shape) or real(
+                          x, *a, **kw))
+  q = QuantizationConfig.nf4(double_quant=True, compute_dtype="float32")
+  path = os.path.join(GOLDEN, "llama", "llama3")
+  outs = {}
+  for mode in ("auto", "reference"):
+    with kernel_mode(mode):
+      model = convert.from_pretrained(path, quantization=q, progress=False)
+      outs[mode] = gen_lib.generate(model, [[3, 1, 4, 1, 5, 9, 2, 6]],
+                                    max_new_tokens=12,
+                                    stop_token_ids=()).sequences
+    assert bool(calls) == (mode == "auto")
+    calls.clear()
+  assert outs["auto"] == outs["reference"]
+
+
 def test_smollm2_nf4_answers_on_gpu():
   import importlib.util  # pylint: disable=g-import-not-at-top
   from jaxbnb._src.io import gguf_source  # pylint: disable=g-import-not-at-top
