@@ -257,6 +257,24 @@ def test_kernel_mode_is_part_of_the_compile_cache_key(model):
   assert g.num_compiles == m
 
 
+def _bf16_model(hidden, heads, kv_heads, param_dtype, seed):
+  """(config, model): CFG with heads of 32, bf16 compute."""
+  cfg = dataclasses.replace(CFG, hidden_size=hidden, intermediate_size=96,
+                            num_attention_heads=heads,
+                            num_key_value_heads=kv_heads, head_dim=32)
+  return cfg, LlamaForCausalLM(cfg, dtype=jnp.bfloat16,
+                               param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def _spy(monkeypatch, owner, name, record):
+  """Wraps `owner.name` to append `record(args, kwargs)` of each call to
+  the list it returns."""
+  calls, real = [], getattr(owner, name)
+  monkeypatch.setattr(owner, name, lambda *a, **kw: calls.append(
+      record(a, kw)) or real(*a, **kw))
+  return calls
+
+
 def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
   """In a kernel mode, one-token decode steps attend through the Pallas
   kernel (`models/decode_kernel.py`; interpreted here, compiled in
@@ -268,16 +286,9 @@ def test_decode_attention_kernel_matches_einsum_path(monkeypatch):
   import jaxbnb  # pylint: disable=import-outside-toplevel
   from jaxbnb._src.models import decode_kernel  # pylint: disable=import-outside-toplevel
   from jaxbnb._src.models.kv_cache import KVCache  # pylint: disable=import-outside-toplevel
-  cfg = dataclasses.replace(CFG, hidden_size=128, intermediate_size=96,
-                            num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=32)
-  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                           rngs=nnx.Rngs(1))
-  layers = []
-  real = decode_kernel.kernel.decode_attention
-  monkeypatch.setattr(decode_kernel.kernel, "decode_attention",
-                      lambda *a, **kw: layers.append(kw["layer"]) or real(
-                          *a, **kw))
+  cfg, model = _bf16_model(128, 4, 2, jnp.bfloat16, seed=1)
+  layers = _spy(monkeypatch, decode_kernel.kernel, "decode_attention",
+                lambda a, kw: kw["layer"])
   ids = jnp.asarray([[0, 0, 5, 17, 3], [60, 1, 33, 34, 35]], jnp.int32)
   mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
   forced = jnp.asarray([[7, 9, 11, 13], [2, 4, 6, 8]], jnp.int32)
@@ -336,16 +347,9 @@ def test_rms_norm_kernel_at_one_row(monkeypatch):
   import jaxbnb  # pylint: disable=import-outside-toplevel
   from jaxbnb._src.models import llama  # pylint: disable=import-outside-toplevel
   from jaxbnb._src.models import norm_kernel  # pylint: disable=import-outside-toplevel
-  cfg = dataclasses.replace(CFG, hidden_size=64, intermediate_size=96,
-                            num_attention_heads=2, num_key_value_heads=1,
-                            head_dim=32)
-  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                           rngs=nnx.Rngs(3))
-  calls = []
-  real = norm_kernel.kernel.rms_norm
-  monkeypatch.setattr(norm_kernel.kernel, "rms_norm",
-                      lambda x, *a, **kw: calls.append(x.shape) or real(
-                          x, *a, **kw))
+  cfg, model = _bf16_model(64, 2, 1, jnp.float32, seed=3)
+  calls = _spy(monkeypatch, norm_kernel.kernel, "rms_norm",
+               lambda a, kw: a[0].shape)
   prompt = [[5, 17, 3, 40, 2]]
 
   def run(mode):
