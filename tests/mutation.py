@@ -219,10 +219,36 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_ptx_emulated_matches_weight",)),
     # The default config not fitted to the shared memory.
     Mutant("warp-tma-default-unfitted", "pallas_kernels/gemv_4bit_warp_tma.py",
-           "functools.partial(smem_bytes, tuple(ns), k, m=MAX_M))",
+           "functools.partial(smem_bytes, tuple(ns), k, m=MAX_M, kchunks=kchunks))",
            "lambda **_: 0)",
            ("tests/kernels/gemv_4bit_warp_tma_test.py::"
             "test_default_config_fits_shared_memory",)),
+    # K chunks a program: the accumulators not carried between a row
+    # tile's steps (loaded on its first chunk instead of the others).
+    Mutant("warp-tma-kchunks-accumulators-lost",
+           "pallas_kernels/gemv_4bit_warp_tma.py",
+           'lines += [f"@pf ld.shared.v4.f32 {{{v}0, {v}1, {v}2, {v}3}}, "',
+           'lines += [f"@!pf ld.shared.v4.f32 {{{v}0, {v}1, {v}2, {v}3}}, "',
+           ("tests/kernels/gemv_4bit_warp_tma_test.py::"
+            "test_ptx_emulated_k_chunks_a_program",)),
+    # The default's row groups taken as rounded, past one wave of SMs.
+    Mutant("warp-tma-rows-overshoot-the-wave",
+           "pallas_kernels/gemv_4bit_warp_tma.py",
+           "share = min(range(total, 0, -1), key=lambda t: makespan(",
+           "share = min(range(total, 0, -1), key=lambda t: 0 * makespan(",
+           ("tests/kernels/gemv_4bit_warp_tma_test.py::"
+            "test_default_rows_keep_the_shortest_wave",)),
+    # The RMSNorm kernel's mean over one value too few; the model taking
+    # it for two rows.
+    Mutant("rms-norm-mean-off", "pallas_kernels/rms_norm.py",
+           "mean = jnp.sum(x * x) / jnp.float32(features)",
+           "mean = jnp.sum(x * x) / jnp.float32(features - 1)",
+           ("tests/kernels/rms_norm_test.py::"
+            "test_interpreted_matches_reference",)),
+    Mutant("rms-norm-kernel-for-two-rows", "jaxbnb/_src/models/norm_kernel.py",
+           "if rows > MAX_ROWS or", "if rows > MAX_ROWS + 1 or",
+           ("tests/models/generate_test.py::"
+            "test_rms_norm_kernel_at_one_row",)),
     # The default taking the groups at M < 8 (slower at M = 2).
     Mutant("warp-tma-serves-groups", "pallas_kernels/gemv_4bit.py",
            "long_one = len(ns) == 1 and max(ns[0], k) >= WARP_TMA_MIN_SIDE",
