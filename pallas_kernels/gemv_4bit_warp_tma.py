@@ -125,13 +125,13 @@ def smem_bytes(ns: tuple[int, ...], k: int, rows: tuple[int, ...],
 def default_config(ns: tuple[int, ...], k: int, num_sms: int = 132,
                    kchunks: int = 1) -> dict:
   """`gemv_group`'s keywords: one program an SM (as `gemv_4bit_lut`'s row
-  groups, `kchunks` K chunks a program: `num_sms / (k / 256 / kchunks)`
-  groups, shared among the weights in proportion to their rows, one at
-  least a weight; where the rounded shares make more programs than SMs,
-  the fewest groups, down from there, with the shortest `makespan`) and
-  four steps in flight; fewer stages, then more row groups, where the
-  shared memory would not hold that for 16 rows of x (a long program's
-  span of nested absmax: 28672x28672, say)."""
+  groups, `kchunks` K chunks a program: up to `num_sms / (k / 256 /
+  kchunks)` groups, shared among the weights in proportion to their rows
+  and rounded, one at least a weight: of the shares from that count
+  down, the one whose groups end soonest by `makespan`, the largest on a
+  tie) and four steps in flight; fewer stages, then more row groups,
+  where the shared memory would not hold that for 16 rows of x (a long
+  program's span of nested absmax: 28672x28672, say)."""
   programs = k // CHUNK // kchunks
   total = max(1, min(num_sms // programs, -(-sum(ns) // STEP_ROWS)))
   share = min(range(total, 0, -1), key=lambda t: makespan(
