@@ -97,9 +97,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float,
   kernel = functools.partial(_kernel, features=features, eps=float(eps))
   if num_warps is None:
     num_warps = max(4, min(16, features // 512))
+  # Inside shard_map: x and the weight agree on the axes they vary over,
+  # and so does the output.
+  x, weight = _backend.same_vma(x, weight)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((rows, features), x.dtype),
+      out_shape=_backend.out_struct((rows, features), x.dtype, x, weight),
       grid=(rows,),
       compiler_params=_backend.compiler_params(num_warps=num_warps,
                                                num_stages=1),

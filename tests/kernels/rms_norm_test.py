@@ -87,3 +87,18 @@ def test_gpu_matches_reference(rows, features, dtype):
   _check(y, x, w, 1e-5)
   assert "jaxbnb_rms_norm" in jax.jit(
       lambda x, w: rn.rms_norm(x, w, eps=1e-5)).lower(x, w).as_text()
+
+
+def test_inside_shard_map():
+  """Inside `shard_map` over rows with a replicated weight, as a
+  data-parallel decode step calls it: each device's rows normalized
+  (interpreted, so without the varying-axes check, as
+  tests/quant/dispatch_test.py's interpret cases)."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  spec = jax.sharding.PartitionSpec
+  x, w = _inputs(len(jax.devices()), 256, jnp.bfloat16, jnp.float32, 5)
+  fn = jax.shard_map(
+      lambda x, w: rn.rms_norm(x, w, eps=1e-5, interpret=True), mesh=mesh,
+      in_specs=(spec("data"), spec()), out_specs=spec("data"),
+      check_vma=False)
+  _check(jax.jit(fn)(x, w), x, w, 1e-5)
