@@ -840,6 +840,19 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
                            code, interpret))
 
 
+def _check_weights(check, x, weights, ns, k, blocksize, nested_blocksize,
+                   code, needs: str):
+  """x's dtype, after a Mosaic GPU variant's `check` of every weight; the
+  ValueError names `code` (what `needs` it) when it is None."""
+  dtype = jnp.dtype(x.dtype)
+  if code is None:
+    raise ValueError(f"code: {needs}, got None")
+  for (_, _, nested), n in zip(weights, ns):
+    check(x.shape[0], n, k, blocksize, dtype, nested is not None,
+          nested_blocksize)
+  return dtype
+
+
 def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
               config, code, interpret):
   """The "lut" variant (`gemv_4bit_lut`): config ("lut", rows a warpgroup
@@ -847,13 +860,10 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   warpgroups beside a TMA one), stages[, early]), one launch a weight; or
   None, the default: all the weights in one launch
   (`gemv_4bit_lut.gemv_group`, `group_config`)."""
-  dtype = jnp.dtype(x.dtype)
-  if code is None:
-    raise ValueError("code: variant 'lut' makes its tables from the 16 code "
-                     "values and needs them, got None")
-  for (_, _, nested), n in zip(weights, ns):
-    gemv_4bit_lut.check(x.shape[0], n, k, blocksize, dtype,
-                        nested is not None, nested_blocksize)
+  dtype = _check_weights(
+      gemv_4bit_lut.check, x, weights, ns, k, blocksize, nested_blocksize,
+      code, "variant 'lut' makes its tables from the 16 code values and "
+      "needs them")
   lut_weights = [(packed, absmax, *nested)
                  for packed, absmax, nested in weights]
   if config is None:  # the default: every weight in one launch
@@ -925,13 +935,10 @@ def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   for one weight), compute warps (8 or 12: 2 or 3 compute
   warpgroups), stages[, K chunks a program (1, 2 or 4; default 1)]);
   None: `default_config`'s."""
-  dtype = jnp.dtype(x.dtype)
-  if code is None:
-    raise ValueError("code: variant 'warp_tma' decodes in registers and "
-                     "needs the 16 code values, got None")
-  for (_, _, nested), n in zip(weights, ns):
-    gemv_4bit_warp_tma.check(x.shape[0], n, k, blocksize, dtype,
-                             nested is not None, nested_blocksize)
+  dtype = _check_weights(
+      gemv_4bit_warp_tma.check, x, weights, ns, k, blocksize,
+      nested_blocksize, code,
+      "variant 'warp_tma' decodes in registers and needs the 16 code values")
   if config is None:
     cfg = gemv_4bit_warp_tma.default_config(tuple(ns), k)
   else:
