@@ -184,6 +184,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "if s == 1 or (s <= most and tiles * s <= 2 * SMS))",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
+    # The table GEMV taking a group (a 70B q/k/v) whose programs need two
+    # waves of the SMs.
+    Mutant("lut-serves-group-past-one-wave", "pallas_kernels/gemv_4bit.py",
+           "* (k // gemv_4bit_lut.CHUNK) <= 132)",
+           "* (k // gemv_4bit_lut.CHUNK) <= 2 * 132)",
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_default_group_is_one_launch_of_the_tables",)),
     Mutant("lut-gemv-table-lanes-collide", "pallas_kernels/gemv_4bit_lut.py",
            'f"add.u32 tb{i}, l, {16 * i};"', 'f"add.u32 tb{i}, l, {32 * i};"',
            ("tests/kernels/gemv_4bit_lut_test.py::"

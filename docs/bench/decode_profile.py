@@ -18,6 +18,9 @@ step's kernels in launch order, from the middle of the trace: the step
 starts after a launch of the kernel that runs once a step and longest
 (the lm_head's matmul). NORM=xla (twenty-eighth session) keeps XLA's
 RMSNorm at one row instead of the Pallas kernel (`models/norm_kernel.py`).
+QKV_LUT=4,2,2 (twenty-ninth session) sends batch 1's q/k/v group to the
+table GEMV (`gemv_4bit_lut.gemv_group`; by default it keeps "reduce") with
+that many row groups for q, k and v.
 """
 import collections, glob, os, sys
 import jax
@@ -34,6 +37,19 @@ if os.environ.get("SPLIT_SUM") == "reduce":
 if os.environ.get("NORM") == "xla":  # twenty-eighth session: XLA's RMSNorm
   from jaxbnb._src.models import norm_kernel
   norm_kernel.MAX_ROWS = 0
+
+if os.environ.get("QKV_LUT"):  # twenty-ninth session: q/k/v on the table GEMV
+  from pallas_kernels import gemv_4bit, gemv_4bit_lut
+  _rows = tuple(int(r) for r in os.environ["QKV_LUT"].split(","))
+  _group_config = gemv_4bit_lut.group_config
+  gemv_4bit.LUT_MIN_N = 1024
+
+  def _qkv_config(ns, k, num_sms=132):
+    cfg = _group_config(ns, k, num_sms)
+    if len(ns) == 3:
+      cfg["rows"] = _rows
+    return cfg
+  gemv_4bit_lut.group_config = _qkv_config
 
 impl, batch = sys.argv[1], int(sys.argv[2])
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 32

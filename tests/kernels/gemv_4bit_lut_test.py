@@ -476,12 +476,19 @@ def test_ptx_emulated_group_matches_twin():
 def test_default_group_is_one_launch_of_the_tables(monkeypatch):
   """`gemv_4bit_group` at M = 1 with every weight >= LUT_MIN_N rows (a
   layer's gate and up) takes the table kernel by default, all weights in
-  one launch; a group with a smaller weight (k/v) keeps "reduce"."""
+  one launch; so does a group of weights >= LUT_GROUP_MIN_N rows, LUT_MIN_N
+  in all, in one wave of programs (Llama-3-8B's q/k/v: 7 row groups x 16
+  chunks); a group with a smaller weight, too few rows or two waves (70B's
+  q/k/v: 5 x 32) keeps "reduce"."""
   k = 1024
   assert gk.lut_serves(1, (14336, 14336), 4096, 64, jnp.bfloat16, True, 256,
                        _code("nf4"))
-  assert not gk.lut_serves(1, (4096, 1024, 1024), 4096, 64, jnp.bfloat16,
-                           True, 256, _code("nf4"))
+  assert gk.lut_serves(1, (4096, 1024, 1024), 4096, 64, jnp.bfloat16,
+                       True, 256, _code("nf4"))
+  for ns, k_ in (((8192, 1024, 1024), 8192), ((2048, 512, 512), 2048),
+                 ((1024, 1024), 4096), ((1024,), 4096)):
+    assert not gk.lut_serves(1, ns, k_, 64, jnp.bfloat16, True, 256,
+                             _code("nf4")), ns
   assert not gk.lut_serves(2, (14336,), 4096, 64, jnp.bfloat16, True, 256,
                            _code("nf4"))
   assert not gk.lut_serves(1, (14336,), 4096, 64, jnp.bfloat16, False, 256,
