@@ -191,6 +191,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "* (k // gemv_4bit_lut.CHUNK) <= 2 * 132)",
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_default_group_is_one_launch_of_the_tables",)),
+    # ... and q/k/v sent back to "reduce" (the rule before the 29th session).
+    Mutant("lut-serves-no-qkv-group", "pallas_kernels/gemv_4bit.py",
+           "len(ns) > 1 and min(ns) >= LUT_GROUP_MIN_N",
+           "len(ns) > 1 and min(ns) >= LUT_MIN_N",
+           ("tests/quant/dispatch_test.py::"
+            "test_m1_qkv_group_takes_the_table_kernel",)),
     Mutant("lut-gemv-table-lanes-collide", "pallas_kernels/gemv_4bit_lut.py",
            'f"add.u32 tb{i}, l, {16 * i};"', 'f"add.u32 tb{i}, l, {32 * i};"',
            ("tests/kernels/gemv_4bit_lut_test.py::"

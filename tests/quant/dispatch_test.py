@@ -345,6 +345,31 @@ def test_m1_routing_takes_the_table_kernel(monkeypatch):
   _check_matmul(y, x, *plain, None, "plain absmax")
 
 
+def test_m1_qkv_group_takes_the_table_kernel(monkeypatch):
+  """Llama-3-8B's q/k/v (4096 + 1024 + 1024 rows, k 4096) at M = 1: one
+  `gemv_group` call of the table GEMV (its groups fit one wave), each
+  output within the GEMV's bound; 70B's (k 8192, two waves) stays off it."""
+  from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = gemv_4bit_lut.gemv_group
+  monkeypatch.setattr(gemv_4bit_lut, "gemv_group",
+                      lambda *a, **kw: calls.append(kw["ns"]) or real(*a, **kw))
+  k, ns = 4096, (4096, 1024, 1024)
+  ws = [F.quantize_4bit(_w(n, k, 40 + i, jnp.bfloat16), quant_type="nf4",
+                        compress_statistics=True) for i, n in enumerate(ns)]
+  x = jnp.asarray(_util.rng_array((1, k), 43, jnp.bfloat16))
+  with jaxbnb.kernel_mode("interpret"):
+    ys = jax.jit(F.matmul_4bit_group)(x, ws)
+  assert calls == [ns]
+  for y, (p, q) in zip(ys, ws):
+    w = _util.kernel_weight(p, q, jnp.float32)  # the table's fp32 codes
+    exact, bound = helpers.matmul_bound(np.asarray(x, np.float32), w,
+                                        jnp.bfloat16)
+    helpers.assert_within(y, exact, bound, f"q/k/v n={q.shape[0]}")
+  assert not gk.lut_serves(1, (8192, 1024, 1024), 8192, 64, jnp.bfloat16,
+                           True, 256, "code")
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("m", [1, 2, 8, 100])  # reduce, mma, one by one
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
