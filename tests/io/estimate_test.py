@@ -64,6 +64,9 @@ def test_known_models_parameter_counts():
   assert estimate_memory("qwen2.5-7b").num_parameters == 7_615_616_512
   assert estimate_memory("tinyllama-1.1b").num_parameters == 1_100_048_384
   assert estimate_memory("smollm2-135m").num_parameters == 134_515_008
+  # Llama 3.2 (tied embeddings): the model cards' 1.24B and 3.21B.
+  assert estimate_memory("llama-3.2-1b").num_parameters == 1_235_814_400
+  assert estimate_memory("llama-3.2-3b").num_parameters == 3_212_749_824
   assert set(KNOWN_MODELS) >= {"llama-3-70b"}
 
 
