@@ -19,8 +19,11 @@ starts after a launch of the kernel that runs once a step and longest
 (the lm_head's matmul). NORM=xla (twenty-eighth session) keeps XLA's
 RMSNorm at one row instead of the Pallas kernel (`models/norm_kernel.py`).
 QKV_LUT=4,2,2 (twenty-ninth session) sends batch 1's q/k/v group to the
-table GEMV (`gemv_4bit_lut.gemv_group`; by default it keeps "reduce") with
-that many row groups for q, k and v.
+table GEMV (`gemv_4bit_lut.gemv_group`) with that many row groups for q, k
+and v, whatever `gemv_4bit.lut_serves` says; QKV_LUT=reduce keeps q/k/v
+groups with a weight under `LUT_MIN_N` rows on "reduce" (the routing
+before that session). SHAPE picks another of `jaxbnb bench decode`'s
+shapes (e.g. llama-3.2-3b, llama-3-70b).
 """
 import collections, glob, os, sys
 import jax
@@ -38,11 +41,20 @@ if os.environ.get("NORM") == "xla":  # twenty-eighth session: XLA's RMSNorm
   from jaxbnb._src.models import norm_kernel
   norm_kernel.MAX_ROWS = 0
 
-if os.environ.get("QKV_LUT"):  # twenty-ninth session: q/k/v on the table GEMV
+if os.environ.get("QKV_LUT") == "reduce":  # the routing before s29
+  from pallas_kernels import gemv_4bit
+  gemv_4bit.LUT_GROUP_MIN_N = gemv_4bit.LUT_MIN_N
+elif os.environ.get("QKV_LUT"):  # twenty-ninth session: q/k/v on the table GEMV
   from pallas_kernels import gemv_4bit, gemv_4bit_lut
   _rows = tuple(int(r) for r in os.environ["QKV_LUT"].split(","))
   _group_config = gemv_4bit_lut.group_config
-  gemv_4bit.LUT_MIN_N = 1024
+  _lut_serves = gemv_4bit.lut_serves
+
+  def _serves(m, ns, k, *args, **kw):  # every q/k/v group it can take
+    three = len(ns) == 3 and min(ns) >= gemv_4bit.LUT_GROUP_MIN_N
+    return _lut_serves(m, (gemv_4bit.LUT_MIN_N,) if three else ns, k,
+                       *args, **kw)
+  gemv_4bit.lut_serves = _serves
 
   def _qkv_config(ns, k, num_sms=132):
     cfg = _group_config(ns, k, num_sms)
