@@ -285,6 +285,7 @@ def test_group_lowers_for_cuda(skip):
 @pytest.mark.gpu
 @pytest.mark.parametrize("ns,k", [((14336, 14336), 4096),
                                   ((4096, 1024, 1024), 4096),
+                                  ((3072, 1024, 1024), 3072),  # 3.2-3B
                                   ((1000, 300), 2048)])
 def test_gpu_lut_group(ns, k):
   """The group kernel compiled (the default config): each weight against
