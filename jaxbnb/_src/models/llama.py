@@ -12,7 +12,6 @@ except the ones `quantization.skips(path)` keeps in full precision.
 from __future__ import annotations
 
 from collections.abc import Iterator
-import math
 from typing import Any
 
 import jax
@@ -127,13 +126,8 @@ class RMSNorm(nnx.Module):
     self.weight = nnx.Param(jnp.ones((features,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    rows = math.prod(x.shape[:-1])
-    run_mode = norm_kernel.mode(rows, x.shape[-1], x.dtype)
-    if run_mode is not None:  # a decode step's row: one kernel
-      return norm_kernel.rms_norm(x, self.weight[...], self.eps, run_mode)
-    h = x.astype(jnp.float32)
-    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-    return self.weight[...].astype(x.dtype) * h.astype(x.dtype)
+    # One Pallas kernel for a decode step's row, else the jnp formula.
+    return norm_kernel.apply(x, self.weight[...], self.eps)
 
 
 class MLP(nnx.Module):

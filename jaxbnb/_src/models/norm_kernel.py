@@ -13,6 +13,7 @@ jnp formula (`custom_vjp`), so training sees the same derivative either way.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ from pallas_kernels import rms_norm as kernel
 from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.quant import dispatch
 
-__all__ = ["MAX_ROWS", "mode", "rms_norm"]
+__all__ = ["MAX_ROWS", "apply", "mode", "rms_norm"]
 
 MAX_ROWS = 1  # from two rows XLA makes one fusion of the norm
 
@@ -62,3 +63,12 @@ def _bwd(eps, run_mode, res, g):
 
 
 rms_norm.defvjp(_fwd, _bwd)
+
+
+def apply(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """The model's RMSNorm over the last axis of `x`: the kernel where
+  `mode` serves these rows, else the jnp formula (`kernel.reference`)."""
+  run_mode = mode(math.prod(x.shape[:-1]), x.shape[-1], x.dtype)
+  if run_mode is not None:  # a decode step's row: one kernel
+    return rms_norm(x, weight, eps, run_mode)
+  return kernel.reference(x, weight, eps)
