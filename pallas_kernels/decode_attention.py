@@ -17,6 +17,11 @@ program per (row, key/value head[, split of the cache]) does it all:
   key scores float32's lowest value, so a row that may see no key
   averages all of them, as `jax.nn.softmax` does there), the probabilities
   rounded to the compute dtype before the value product;
+* it reads the token's queries, keys and values from one array
+  (`decode_attention` concatenates them): where they are slices of one
+  GEMV's output, a layer's q/k/v, XLA writes them in one fusion where
+  three inputs took a kernel each (docs/benchmarks.md, thirtieth
+  session);
 * with one split it writes the normalized output; with several (long
   caches, few rows) each writes its unnormalized sum, maximum and total,
   and `decode_attention` combines them (flash-decoding).
@@ -101,23 +106,26 @@ def _rope(lo, hi, cos_ref, sin_ref, b, half, dtype, interpret):
           (rnd(hi * c_hi) + rnd(lo * s_hi)).astype(dtype))
 
 
-def _kernel(index_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, mask_ref,
-            kc_ref, vc_ref, *outs, layer, groups, block_s, steps, seq_len,
-            scale, final, interpret):
+def _kernel(index_ref, qkv_ref, cos_ref, sin_ref, mask_ref, kc_ref, vc_ref,
+            *outs, layer, groups, block_s, steps, seq_len, scale, final,
+            interpret):
   if final:
     o_ref, kc_out, vc_out = outs
   else:
     acc_ref, m_ref, l_ref, kc_out, vc_out = outs
   b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   layer = jnp.int32(layer)  # interpret mode's discharge indexes by arrays
-  d = q_ref.shape[-1]
+  d = qkv_ref.shape[-1]
   half = d // 2
-  dtype = q_ref.dtype
+  dtype = qkv_ref.dtype
   index = index_ref[0]
+  # The token's heads in one array: queries, then keys, then values.
+  nkv = kc_ref.shape[3]
+  nq = qkv_ref.shape[1] - 2 * nkv
   lo_hi = (pl.ds(0, half), pl.ds(half, half))
-  kn = _rope(*(kn_ref[b, h, i] for i in lo_hi), cos_ref, sin_ref, b, half,
-             dtype, interpret)
-  vn = vn_ref[b, h, :]
+  kn = _rope(*(qkv_ref[b, nq + h, i] for i in lo_hi), cos_ref, sin_ref, b,
+             half, dtype, interpret)
+  vn = qkv_ref[b, nq + nkv + h, :]
 
   @pl.when(sp == 0)
   def _write():
@@ -129,8 +137,8 @@ def _kernel(index_ref, q_ref, kn_ref, vn_ref, cos_ref, sin_ref, mask_ref,
   rows = jax.lax.broadcasted_iota(jnp.int32, (_ROWS, half), 0)
   q_lo = q_hi = jnp.zeros((_ROWS, half), jnp.float32)
   for j in range(groups):
-    lo, hi = _rope(*(q_ref[b, h * groups + j, i] for i in lo_hi), cos_ref,
-                   sin_ref, b, half, dtype, interpret)
+    lo, hi = _rope(*(qkv_ref[b, h * groups + j, i] for i in lo_hi),
+                   cos_ref, sin_ref, b, half, dtype, interpret)
     q_lo = jnp.where(rows == j, lo.astype(jnp.float32)[None, :], q_lo)
     q_hi = jnp.where(rows == j, hi.astype(jnp.float32)[None, :], q_hi)
   q_lo, q_hi = q_lo.astype(dtype), q_hi.astype(dtype)
@@ -290,9 +298,13 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
   # Clamped as `dynamic_update_slice` clamps the einsum path's write: a
   # slot past the cache never becomes a store out of bounds.
   idx = jnp.clip(jnp.asarray(index, jnp.int32), 0, seq_len - 1).reshape(1)
-  args = _backend.same_vma(idx, q, k_new.astype(dtype), v_new.astype(dtype),
-                           cos, sin, jnp.asarray(mask).astype(jnp.int8),
-                           k_cache, v_cache)
+  # The token's queries, keys and values as one input: where they are
+  # slices of one producer (a layer's q/k/v GEMV), XLA writes them in one
+  # fusion instead of a kernel each.
+  qkv = jnp.concatenate([q, k_new.astype(dtype), v_new.astype(dtype)], axis=1)
+  args = _backend.same_vma(idx, qkv, cos, sin,
+                           jnp.asarray(mask).astype(jnp.int8), k_cache,
+                           v_cache)
   cache_out = [_backend.out_struct(k_cache.shape, k_cache.dtype, *args)] * 2
   if final:
     out_shape = [_backend.out_struct((b, nq, d), dtype, *args)] + cache_out
@@ -311,7 +323,7 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
       kernel,
       out_shape=tuple(out_shape),
       grid=(b, nkv, split),
-      input_output_aliases={7: n_out - 2, 8: n_out - 1},
+      input_output_aliases={5: n_out - 2, 6: n_out - 1},
       compiler_params=_backend.compiler_params(num_warps=num_warps,
                                                num_stages=1),
       interpret=interpret,
