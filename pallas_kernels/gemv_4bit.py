@@ -43,8 +43,8 @@ double-quantized absmax is decoded in place. Six variants:
   flight; the same decode and warp-wide products as "warp", the double
   quantization decoded in the kernel a step ahead. One launch per weight.
 * ``"lut"`` (the default at M = 1 for NF4/FP4 + DQ weights of at least
-  `LUT_MIN_N` rows, and groups of at least `LUT_GROUP_MIN_N` a weight
-  that fit one wave, on Hopper, `lut_serves`; `gemv_4bit_lut`, Mosaic
+  `LUT_MIN_N` rows, and groups of at least `LUT_GROUP_MIN_N` a weight,
+  `LUT_MIN_N` in all, on Hopper, `lut_serves`; `gemv_4bit_lut`, Mosaic
   GPU): no decode at all: each program makes the table of x's products
   for every byte value of its 256 columns in shared memory and looks each
   weight byte up there. A group of such weights goes in one launch.
@@ -819,7 +819,7 @@ def _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize, code,
 
 
 LUT_MIN_N = 4096  # the table GEMV's default from this many rows a weight
-LUT_GROUP_MIN_N = 1024  # or a group's weight, the group in one wave
+LUT_GROUP_MIN_N = 1024  # or a group's weight, LUT_MIN_N in all
 
 
 def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
@@ -829,18 +829,19 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
   (`gemv_4bit_lut`, all the weights in one launch): one row of 16-bit x,
   NF4/FP4 double-quantized in blocks of 64 (256 codes a nested absmax), k
   a multiple of 1024, and every weight at least `LUT_MIN_N` rows, or, for
-  a group of weights (q/k/v), every weight at least `LUT_GROUP_MIN_N` rows,
-  `LUT_MIN_N` in all, with the group's programs (`group_config`'s row
-  groups times k / 256 chunks) in one wave of 132; compiled (`interpret`
-  False), a Hopper GPU and a JAX with Mosaic GPU.
+  a group of weights (q/k/v), every weight at least `LUT_GROUP_MIN_N` rows
+  and `LUT_MIN_N` in all; compiled (`interpret` False), a Hopper GPU and a
+  JAX with Mosaic GPU.
 
   Measured on the H200 (docs/benchmarks.md, twenty-fourth session, sweep
   run b): faster than the "reduce" default on every Llama decode shape
   from 4096x4096 up; on 1024x4096 alone slower (7.9 us against 4.4 in run
-  a). Llama-3-8B's q/k/v (4096 + 1024 + 1024 rows, row groups (5, 1, 1),
-  112 programs) in the 4-layer decode profile: 9.1 us against 11.1 for
-  "reduce" (twenty-ninth session); a 70B q/k/v (8192 + 1024 + 1024, k =
-  8192: 160 programs) keeps "reduce", unmeasured.
+  a). q/k/v groups in 4-layer decode profiles: Llama-3-8B's (4096 + 1024
+  + 1024 rows, k 4096, row groups (5, 1, 1), 112 programs) 9.1 us against
+  11.1 for "reduce" (twenty-ninth session); Llama-3.2-3B's (3072 + 1024 +
+  1024, k 3072, (7, 2, 2), 132 programs) 7.2 against 8.5; Llama-3-70B's
+  (8192 + 1024 + 1024, k 8192, (3, 1, 1), 160 programs: past one wave of
+  the SMs) 18.7 against 28.1 (thirtieth session).
   """
   if m != 1 or not _mosaic_dq64(k, blocksize, dtype, nested,
                                 nested_blocksize, code, interpret):
@@ -848,9 +849,7 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
   if min(ns) >= LUT_MIN_N:
     return True
   return (len(ns) > 1 and min(ns) >= LUT_GROUP_MIN_N
-          and sum(ns) >= LUT_MIN_N
-          and sum(gemv_4bit_lut.group_config(tuple(ns), k)["rows"])
-          * (k // gemv_4bit_lut.CHUNK) <= 132)
+          and sum(ns) >= LUT_MIN_N)
 
 
 def _check_weights(check, x, weights, ns, k, blocksize, nested_blocksize,

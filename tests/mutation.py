@@ -184,14 +184,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "if s == 1 or (s <= most and tiles * s <= 2 * SMS))",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
-    # The table GEMV taking a group (a 70B q/k/v) whose programs need two
-    # waves of the SMs.
-    Mutant("lut-serves-group-past-one-wave", "pallas_kernels/gemv_4bit.py",
-           "* (k // gemv_4bit_lut.CHUNK) <= 132)",
-           "* (k // gemv_4bit_lut.CHUNK) <= 2 * 132)",
-           ("tests/kernels/gemv_4bit_lut_test.py::"
-            "test_default_group_is_one_launch_of_the_tables",)),
-    # ... and q/k/v sent back to "reduce" (the rule before the 29th session).
+    # q/k/v sent back to "reduce" (the rule before the 29th session).
     Mutant("lut-serves-no-qkv-group", "pallas_kernels/gemv_4bit.py",
            "len(ns) > 1 and min(ns) >= LUT_GROUP_MIN_N",
            "len(ns) > 1 and min(ns) >= LUT_MIN_N",
@@ -273,6 +266,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "return (m <= GEMV_MAX_M",
            ("tests/quant/dispatch_test.py::test_large_m_routing[100-float32-"
             "None]",)),
+    # q/k/v in one input: the token's key read at a query head's offset.
+    Mutant("decode-attn-key-read-from-the-queries",
+           "pallas_kernels/decode_attention.py",
+           "kn = _rope(*(qkv_ref[b, nq + h, i] for i in lo_hi)",
+           "kn = _rope(*(qkv_ref[b, h, i] for i in lo_hi)",
+           (_ATTN + "test_matches_einsum_path[1-32-8-128-256-None-131-"
+            "interpret]",)),
     Mutant("decode-attn-mask-ignored", "pallas_kernels/decode_attention.py",
            "s = jnp.where((allowed != 0)[None, :], s, jnp.float32(_NEG))",
            "s = jnp.where((allowed != 2)[None, :], s, jnp.float32(_NEG))",

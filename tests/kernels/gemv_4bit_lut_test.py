@@ -286,6 +286,7 @@ def test_group_lowers_for_cuda(skip):
 @pytest.mark.parametrize("ns,k", [((14336, 14336), 4096),
                                   ((4096, 1024, 1024), 4096),
                                   ((3072, 1024, 1024), 3072),  # 3.2-3B
+                                  ((8192, 1024, 1024), 8192),  # 70B
                                   ((1000, 300), 2048)])
 def test_gpu_lut_group(ns, k):
   """The group kernel compiled (the default config): each weight against
@@ -478,16 +479,17 @@ def test_default_group_is_one_launch_of_the_tables(monkeypatch):
   """`gemv_4bit_group` at M = 1 with every weight >= LUT_MIN_N rows (a
   layer's gate and up) takes the table kernel by default, all weights in
   one launch; so does a group of weights >= LUT_GROUP_MIN_N rows, LUT_MIN_N
-  in all, in one wave of programs (Llama-3-8B's q/k/v: 7 row groups x 16
-  chunks); a group with a smaller weight, too few rows or two waves (70B's
-  q/k/v: 5 x 32) keeps "reduce"."""
+  in all (q/k/v of Llama-3-8B: 7 row groups x 16 chunks; of 70B: 5 x 32,
+  past one wave); a group with a smaller weight or too few rows keeps
+  "reduce"."""
   k = 1024
   assert gk.lut_serves(1, (14336, 14336), 4096, 64, jnp.bfloat16, True, 256,
                        _code("nf4"))
-  assert gk.lut_serves(1, (4096, 1024, 1024), 4096, 64, jnp.bfloat16,
-                       True, 256, _code("nf4"))
-  for ns, k_ in (((8192, 1024, 1024), 8192), ((2048, 512, 512), 2048),
-                 ((1024, 1024), 4096), ((1024,), 4096)):
+  for ns, k_ in (((4096, 1024, 1024), 4096), ((8192, 1024, 1024), 8192)):
+    assert gk.lut_serves(1, ns, k_, 64, jnp.bfloat16, True, 256,
+                         _code("nf4")), ns
+  for ns, k_ in (((2048, 512, 512), 2048), ((1024, 1024), 4096),
+                 ((1024, 1024, 1024), 4096), ((1024,), 4096)):
     assert not gk.lut_serves(1, ns, k_, 64, jnp.bfloat16, True, 256,
                              _code("nf4")), ns
   assert not gk.lut_serves(2, (14336,), 4096, 64, jnp.bfloat16, True, 256,
