@@ -41,6 +41,7 @@ order); `pytest -m gpu` checks the PTX against it.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 import functools
 import struct
 
@@ -66,17 +67,34 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
-__all__ = ["CHUNK", "STEP_ROWS", "available", "build_ptx", "check",
-           "default_config", "default_rows", "fit", "gemv", "gemv_group",
-           "group_args", "group_config", "inline_ptx", "layout",
-           "nested_span", "pipelines", "row_plan", "smem_bytes",
-           "span_start", "step_ptx"]
+__all__ = ["CHUNK", "STEP_ROWS", "SwigluInput", "available", "build_ptx",
+           "check", "default_config", "default_rows", "fit", "gemv",
+           "gemv_group", "gemv_swiglu", "group_args", "group_config",
+           "inline_ptx", "layout", "nested_span", "pipelines", "row_plan",
+           "smem_bytes", "span_start", "step_ptx", "swiglu_reference"]
 
 CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
 STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _ROW = 256  # bytes between a position's entries for byte values b, b + 1
 _DTYPES = ("bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class SwigluInput:
+  """Where a GEMV's x comes from when it is `silu(gate) * up` of an
+  earlier table GEMV's raw fp32 partials (a layer's down projection after
+  its gate/up launch): `[chunks, n_pad]` partials, gate's columns at rows
+  `0 .. n - 1`, up's from `up_row0`.
+
+  Attributes:
+    chunks: the gate/up launch's K chunks (its `k / 256`).
+    n_pad: the partials' rows, both weights padded (`row_plan`'s total).
+    up_row0: the first partial row of up (gate's padded rows).
+  """
+  chunks: int
+  n_pad: int
+  up_row0: int
 
 
 def available() -> bool:
@@ -183,6 +201,81 @@ def _offset(reg: str, tmp: str) -> list[str]:
           f"or.b32 {reg}, {reg}, {tmp};"]
 
 
+def _split_sum_order(names: list[str]) -> list[tuple[str, str, str]]:
+  """`(dst, a, b)` adds that sum `names` in `split_sum.sum_splits`'s order
+  (a pairwise tree, odd rows set aside and added after it), each into
+  its first operand; the total ends in `names[0]`."""
+  adds, aside, level = [], [], list(names)
+  while len(level) > 1:
+    if len(level) % 2:
+      aside.append(level.pop())
+    adds += [(level[2 * i], level[2 * i], level[2 * i + 1])
+             for i in range(len(level) // 2)]
+    level = level[0::2]
+  adds += [(level[0], level[0], r) for r in aside]
+  return adds
+
+
+_LOG2E_NEG = -1.4426950408889634  # -log2(e): exp(-v) = 2^(v * this)
+
+
+def swiglu_lines(swiglu: SwigluInput, dtype_name: str
+                 ) -> tuple[list[str], list[str]]:
+  """PTX of `build_ptx`'s x from gate/up partials: (the loads, the math).
+
+  The loads: with `a` the thread's first column (even) and `px` the
+  partials' global address, columns `a` and `a + 1` of gate and of up in
+  every chunk (`ld.global.nc.v2.f32`). The math, into `x0`/`x1`: each
+  column's chunks summed as `sum_splits` sums them, rounded to the
+  compute dtype (`dtype_name`); then `jax.nn.silu(g) * u` as its ops
+  read in the compute dtype, each result rounded to it: `exp(-g)` (by
+  `ex2.approx`), `1 + that`, its reciprocal (`rcp.rn`), `g` times it,
+  times `u`. Clobbers `e`, `d`, `hx0`."""
+  cvt = "bf16" if dtype_name == "bfloat16" else "f16"
+
+  def rnd(reg):
+    return [f"cvt.rn.{cvt}.f32 hx0, {reg};", f"cvt.f32.{cvt} {reg}, hx0;"]
+
+  loads = ["mul.wide.u32 d, a, 4;", "add.u64 px, px, d;"]
+  for c in range(swiglu.chunks):
+    loads += [f"ld.global.nc.v2.f32 {{pg{2 * c}, pg{2 * c + 1}}}, "
+              f"[px+{4 * c * swiglu.n_pad}];",
+              f"ld.global.nc.v2.f32 {{pu{2 * c}, pu{2 * c + 1}}}, "
+              f"[px+{4 * (c * swiglu.n_pad + swiglu.up_row0)}];"]
+  math = []
+  for col in (0, 1):
+    gate, up = (
+        [f"{p}{2 * c + col}" for c in range(swiglu.chunks)]
+        for p in ("pg", "pu"))
+    for names in (gate, up):
+      math += [f"add.rn.f32 {d}, {a}, {b};"
+               for d, a, b in _split_sum_order(names)]
+      math += rnd(names[0])
+    g, u, x = gate[0], up[0], f"x{col}"
+    math += [f"mul.rn.f32 e, {g}, {_f32(_LOG2E_NEG)};",
+             "ex2.approx.ftz.f32 e, e;"] + rnd("e")
+    math += [f"add.rn.f32 e, e, {_f32(1.0)};"] + rnd("e")
+    math += ["rcp.rn.f32 e, e;"] + rnd("e")
+    math += [f"mul.rn.f32 e, {g}, e;"] + rnd("e")
+    math += [f"mul.rn.f32 {x}, e, {u};"] + rnd(x)
+  return loads, math
+
+
+def swiglu_reference(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
+  """What `swiglu_lines` computes from the summed fp32 gate and up, in
+  numpy: `silu(g) * u` with the same formula and roundings (numpy's
+  `exp2` for `ex2.approx`)."""
+  def rnd(v):
+    return np.asarray(jnp.asarray(v, jnp.float32).astype(dtype)
+                      .astype(jnp.float32))
+
+  g, u = rnd(gate), rnd(up)
+  with np.errstate(over="ignore"):  # exp(-g) past the dtype's range: inf
+    e = rnd(np.exp2(g * np.float32(_LOG2E_NEG)))
+  s = rnd(np.float32(1) / rnd(e + np.float32(1)))
+  return jnp.asarray(rnd(rnd(g * s) * u)).astype(dtype)
+
+
 def span_start(lines, n, rows_a_program, nkb, group0=0, blocks=4):
   """PTX: `a` = the first nested index of this program's rows (clamped to
   the last row, as the steps clamp theirs) and its `blocks` absmax blocks
@@ -199,7 +292,8 @@ def span_start(lines, n, rows_a_program, nkb, group0=0, blocks=4):
 def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               rows_a_program: int, span: int, n_nested: int,
               wgs: int = 1, early: bool = False, group0: int = 0,
-              skip: bool = False) -> str:
+              skip: bool = False,
+              swiglu: SwigluInput | None = None) -> str:
   """The table, the nested code table, the program's span of nested
   absmax and the step counters, made by the compute threads; then a
   barrier of every thread of the program.
@@ -219,6 +313,10 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   threads meet at named barrier 15, and the memory warpgroup starts the
   pipeline's first copies meanwhile. In a group of weights, this weight's
   row groups start at `group0`.
+
+  With `swiglu`, `$4` is instead an earlier launch's fp32 partials
+  (`SwigluInput`) and a thread's two values of x are `silu(gate) * up`
+  of its columns (`swiglu_lines`).
   """
   loads = span // 128
   lines = [
@@ -230,6 +328,9 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
       ".reg .pred p0, pw, pt, lo;",
       "mov.u32 t, %tid.x;", f"setp.lt.u32 pw, t, {128 * wgs};",
   ]
+  if swiglu is not None:
+    lines.insert(2, f".reg .f32 pg<{2 * swiglu.chunks}>, "
+                 f"pu<{2 * swiglu.chunks}>;")
   if skip:
     lines += ["@!pw bra LUT_BUILT;"]
   lines += [
@@ -238,8 +339,14 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
       # Mosaic GPU reverses the grid: ctaid.x is the K chunk.
       "mov.u32 a, %ctaid.x;", f"mul.lo.u32 a, a, {CHUNK};",
       "mad.lo.u32 a, l, 8, a;", "mad.lo.u32 a, i, 2, a;",
-      "cvta.to.global.u64 px, $4;", "mul.wide.u32 d, a, 2;",
-      "add.u64 px, px, d;", "ld.global.nc.b32 w, [px];",
+      "cvta.to.global.u64 px, $4;",
+  ]
+  if swiglu is None:
+    lines += ["mul.wide.u32 d, a, 2;", "add.u64 px, px, d;",
+              "ld.global.nc.b32 w, [px];"]
+  else:
+    lines += swiglu_lines(swiglu, dtype_name)[0]
+  lines += [
       # The nested codes (g0, g1), the offset (g2), the span (g3 on).
       "cvta.to.global.u64 pc, $5;", "mul.wide.u32 d, c, 4;",
       "add.u64 pc, pc, d;", "ld.global.nc.f32 g0, [pc];",
@@ -253,7 +360,9 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
     lines += [f"add.u32 q, a, {128 * j};", f"min.u32 q, q, {n_nested - 1};",
               "mul.wide.u32 d, q, 4;", "add.u64 d, d, pc;",
               f"ld.global.nc.f32 g{3 + j}, [d];"]
-  if dtype_name == "bfloat16":
+  if swiglu is not None:
+    lines += swiglu_lines(swiglu, dtype_name)[1]
+  elif dtype_name == "bfloat16":
     lines += ["shl.b32 a, w, 16;", "mov.b32 x0, a;",
               "and.b32 a, w, 0xffff0000;", "mov.b32 x1, a;"]
   else:
@@ -504,17 +613,21 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
 
 
 def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
-              early, tma_skips_build):
+              early, tma_skips_build, swiglu=None, dtype=None, raw=False):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,
   nested absmax, nested codes, offset `[1]`)`, its fp32 partials
-  `[chunks, sum n_pad]` summed over the chunks: `[1, n]` per weight."""
-  dtype = jnp.dtype(x.dtype)
+  `[chunks, sum n_pad]` summed over the chunks: `[1, n]` per weight; with
+  `raw`, the partials themselves and `row_plan`'s plan. With `swiglu`,
+  `x` is an earlier launch's partials (`SwigluInput`) and `dtype` the
+  compute dtype."""
+  dtype = jnp.dtype(x.dtype if swiglu is None else dtype)
   chunks = k // CHUNK
   tile_rows = step_rows * wgs
   plan, n_pad = row_plan(ns, k, rows, tile_rows)
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                    w[2].shape[0], wgs, early, group0, tma_skips_build),
+                    w[2].shape[0], wgs, early, group0, tma_skips_build,
+                    swiglu),
           step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 
@@ -533,9 +646,12 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
                                                                    ns):
     args += [packed.reshape(n, k // 2), codes.reshape(n, k // 64),
              nested_absmax, nested_code, offset]
+  part = kernel(x.reshape(-1), *args)
+  if raw:
+    return part, plan
   # The chunks summed over every weight's rows as adds (`sum_splits`: XLA
   # fuses them into the consumer), then each weight's rows.
-  total = sum_splits(kernel(x.reshape(k), *args))
+  total = sum_splits(part)
   return [total[None, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
 
@@ -667,6 +783,98 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
           for p, c, na, nc, off in prepared],
       code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
       stages=stages, wgs=wgs, early=early, tma_skips_build=tma_skips_build))
+
+
+def _prepared(weights):
+  """Each weight's `(packed, codes, nested_absmax, nested_code, offset)`
+  as the kernel reads them: fp32 nested absmax and codes, offset `[1]`."""
+  return [(p, c, na.astype(jnp.float32),
+           nc.astype(jnp.float32), jnp.asarray(off, jnp.float32).reshape(1))
+          for p, c, na, nc, off in weights]
+
+
+def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
+                n: int, k: int, n_out: int,
+                interpret: bool = False) -> jax.Array:
+  """`down(silu(x @ gate.T) * (x @ up.T))` for one row of x (a SwiGLU
+  MLP at decode time) in two launches: gate and up in one (`gemv_group`'s
+  default config), which leaves its fp32 partials unsummed, and down,
+  whose programs make their columns of x from those partials while they
+  build their tables (`SwigluInput`, `swiglu_lines`): the partials' sum
+  and `silu(gate) * up`, a kernel of their own otherwise, are gone.
+
+  The values are the unfused path's (`gemv_group` for gate and up,
+  rounded to x's dtype, `jax.nn.silu(gate) * up`, `gemv`): the chunks
+  summed in `sum_splits`'s order, the sigmoid by `ex2.approx` and an fp32
+  reciprocal (XLA's own formula may differ by a unit in the last place
+  of the 16-bit value). `interpret=True` runs exactly that composition
+  of the jnp twins.
+
+  Args:
+    x: `[1, k]` bfloat16 or float16.
+    gate, up: `(packed, codes, nested_absmax, nested_code, offset)` of
+      the `[n, k]` weights, as `gemv` takes them.
+    down: the same of the `[n_out, n]` weight.
+    code: the 16 code values (static), one code for all three.
+    n: rows of gate and up (down's k), a multiple of 1024.
+    k: columns of gate and up, a multiple of 1024.
+    n_out: rows of down.
+    interpret: the jnp twins (CPU).
+
+  Returns:
+    float32 `[1, n_out]`.
+
+  Example (the jnp twins, on any device):
+
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels import gemv_4bit_lut
+    >>> def weight(rows, cols, byte):
+    ...   return (jnp.full((rows * cols // 2,), byte, jnp.uint8),
+    ...           jnp.zeros((rows * cols // 64,), jnp.uint8),
+    ...           jnp.full((-(-rows * cols // 64 // 256),), 1.0, jnp.float32),
+    ...           jnp.ones((256,), jnp.float32), 0.0)
+    >>> y = gemv_4bit_lut.gemv_swiglu(
+    ...     jnp.full((1, 1024), 0.001, jnp.bfloat16), weight(1024, 1024, 0x11),
+    ...     weight(1024, 1024, 0x22), weight(64, 1024, 0x11),
+    ...     code=tuple(range(16)), n=1024, k=1024, n_out=64, interpret=True)
+    >>> y.shape, y.dtype
+    ((1, 64), dtype('float32'))
+  """
+  dtype = jnp.dtype(x.dtype)
+  for n_, k_ in ((n, k), (n, k), (n_out, n)):
+    check(x.shape[0], n_, k_, 64, dtype, True)
+  for name, w, rows in (("gate", gate, n), ("up", up, n),
+                        ("down", down, n_out)):
+    if len(w) != 5:
+      raise ValueError(f"{name}: needs (packed, codes, nested_absmax, "
+                       f"nested_code, offset), got {len(w)} entries")
+  code = tuple(float(c) for c in code)
+  if len(code) != 16:
+    raise ValueError(f"code: needs 16 values, got {len(code)}")
+  gate, up, down = _prepared((gate, up, down))
+  if interpret:
+    g, u = gemv_group(x, [gate, up], code=code, ns=(n, n), k=k,
+                      interpret=True)
+    h = jax.nn.silu(g.astype(dtype)) * u.astype(dtype)
+    return gemv(h, *down, code=code, n=n_out, k=n, interpret=True)
+  if not available():
+    raise RuntimeError(
+        "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
+        f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
+  first = group_config((n, n), k)
+  part, plan = _compiled(x, [gate, up], code=code, ns=(n, n), k=k,
+                         rows=first["rows"], step_rows=first["step_rows"],
+                         stages=first["stages"], wgs=first["wgs"],
+                         early=first["early"], tma_skips_build=False,
+                         raw=True)
+  second = group_config((n_out,), n)
+  # The memory warpgroup skips the build: its copies start at once.
+  return _compiled(part, [down], code=code, ns=(n_out,), k=n,
+                   rows=second["rows"], step_rows=second["step_rows"],
+                   stages=second["stages"], wgs=second["wgs"],
+                   early=second["early"], tma_skips_build=True,
+                   swiglu=SwigluInput(k // CHUNK, part.shape[1], plan[1][5]),
+                   dtype=dtype)[0]
 
 
 def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,

@@ -44,7 +44,8 @@ def _to16(f, kind):
   """float32 -> 16-bit bits, rounded to nearest even."""
   f = np.asarray(f, np.float32)
   if kind == "f16":
-    return f.astype(np.float16).view(np.uint16).astype(np.uint64)
+    with np.errstate(over="ignore"):  # past f16's range: inf, as cvt.rn
+      return f.astype(np.float16).view(np.uint16).astype(np.uint64)
   b = f.view(np.uint32).astype(np.uint64)
   return ((b + np.uint64(0x7FFF) + ((b >> np.uint64(16)) & np.uint64(1)))
           >> np.uint64(16)) & np.uint64(0xFFFF)
@@ -71,10 +72,10 @@ class Machine:
   def count_ways(self, instruction: str, addr, pred, size: int = 4) -> None:
     """Records in `ways[instruction]` the most lanes of one warp that this
     shared access sends to one bank with different words (1: no bank
-    conflict; lanes reading one word share it). A 16-byte access (`size`
-    16) is served a quarter-warp (8 lanes, 4 words each) at a time."""
+    conflict; lanes reading one word share it). An 8- or 16-byte access
+    (`size`) is served a half or a quarter of the warp at a time."""
     start = np.asarray(addr, np.int64) // 4
-    lanes = 32 if size <= 4 else 8
+    lanes = 32 if size <= 4 else 128 // size
     most = self.ways.get(instruction, 1)
     for w in range(0, self.threads, lanes):
       on = pred[w:w + lanes]
@@ -265,6 +266,16 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
     elif op == "cvt.f32.f16":
       put(args[0], _bits(val(args[1]).astype(np.uint16).view(np.float16)
                          .astype(np.float32)))
+    elif op == "cvt.f32.bf16":
+      put(args[0], (val(args[1]) & np.uint64(0xFFFF)) << np.uint64(16))
+    elif op in ("cvt.rn.bf16.f32", "cvt.rn.f16.f32"):
+      put(args[0], _to16(_f32(val(args[1])), parts[2]))
+    elif op == "ex2.approx.ftz.f32":  # the hardware's is within 2 ulp
+      with np.errstate(over="ignore"):
+        put(args[0], _bits(np.exp2(_f32(val(args[1])))))
+    elif op == "rcp.rn.f32":
+      with np.errstate(divide="ignore"):
+        put(args[0], _bits(np.float32(1) / _f32(val(args[1]))))
     elif base == "cvt" and parts[-2] in ("bf16x2", "f16x2"):
       kind = parts[-2][:-2]
       hi, lo = _f32(val(args[1])), _f32(val(args[2]))
@@ -304,12 +315,12 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
           out[j][lanes] = _bits(dm[row, col])
       for r, v in zip(d, out):
         put(r, v)
-    elif base in ("ld", "st") and parts[-2] == "v4":
+    elif base in ("ld", "st") and parts[-2] in ("v2", "v4"):
       space = parts[1]
       regs4 = _regs(args[0] if base == "ld" else args[1])
       where = addr(args[1] if base == "ld" else args[0])
       if space == "shared":
-        machine.count_ways(raw.strip(), where, pred, 16)
+        machine.count_ways(raw.strip(), where, pred, 4 * len(regs4))
       for j, r in enumerate(regs4):
         at = where + np.uint64(4 * j)
         if base == "ld":

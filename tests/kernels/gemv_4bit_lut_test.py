@@ -24,6 +24,7 @@ from jaxbnb import functional as F
 from jaxbnb._src.quant import codebooks
 from pallas_kernels import gemv_4bit as gk
 from pallas_kernels import gemv_4bit_lut as lg
+from pallas_kernels.split_sum import sum_splits
 from tests import helpers
 from tests.kernels import _ptx
 from tests.kernels import _util
@@ -240,14 +241,20 @@ def _assert_assembles(ptxas, src, stem):
   assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("which", ["build", "build_skip", "step", "step128"])
+@pytest.mark.parametrize("which", ["build", "build_skip", "step", "step128",
+                                   "swiglu_bf16", "swiglu_f16"])
 def test_ptx_assembles_for_sm90a(tmp_path, which):
   """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
   test skips where Triton is not installed)."""
   ptxas = _ptxas()
   if ptxas is None:
     pytest.skip("no ptxas: Triton is not installed")
-  if which.startswith("build"):
+  if which.startswith("swiglu"):  # 8B's down after its gate/up
+    src = _entry(lg.build_ptx(
+        _code("nf4"), "bfloat16" if which.endswith("bf16") else "float16",
+        4096, 14336, 2048, 512, 896, 2, True, 0, True,
+        lg.SwigluInput(16, 28672, 14336)), ["r"] * 4 + ["l"] * 4)
+  elif which.startswith("build"):
     src = _entry(lg.build_ptx(_code("nf4"), "float16", 14336, 4096, 1792, 512,
                               896, 2, which == "build_skip", 0,
                               which == "build_skip"), ["r"] * 4 + ["l"] * 4)
@@ -280,6 +287,118 @@ def test_group_lowers_for_cuda(skip):
   except AssertionError as e:  # no Mosaic GPU lowering rule registered
     pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
   assert "mosaic_gpu" in text
+
+
+def _swiglu_weights(n, k, n_out, dtype, seed):
+  ws = [_weights(n, k, "nf4", dtype, seed), _weights(n, k, "nf4", dtype,
+                                                     seed + 1),
+        _weights(n_out, n, "nf4", dtype, seed + 2)]
+  args = [(p.reshape(-1), q.absmax, q.nested_absmax, q.nested_code,
+           q.offset) for p, q in ws]
+  return ws, args
+
+
+def _swiglu_check(y, x, ws, dtype):
+  """`y` against down(silu(gate) * up) with every matmul in float64 on
+  the documented weights: gate and up rounded to `dtype` and the product
+  formed as the model does, then down's bound."""
+  (gp, gq), (up_, uq), (dp, dq) = ws
+  g, u = (jnp.asarray(helpers.matmul_bound(x, _util.kernel_weight(
+      p, q, jnp.float32), x.dtype)[0], jnp.float32).astype(dtype)
+          for p, q in ((gp, gq), (up_, uq)))
+  h = jax.nn.silu(g) * u
+  w = _util.kernel_weight(dp, dq, jnp.float32)
+  exact, bound = helpers.matmul_bound(h, w, dtype)
+  # The kernel's fp32 gate and up may round to the neighbour of the exact
+  # ones' 16-bit values, and silu's roundings follow: up to 4 units in
+  # the last place of each element of h.
+  ulp = 2.0 ** (-8 if dtype == jnp.bfloat16 else -11)
+  mag = np.abs(np.asarray(h, np.float64)) @ np.abs(np.asarray(w,
+                                                               np.float64)).T
+  helpers.assert_within(y, exact, bound + 4 * ulp * mag, f"swiglu {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_swiglu_interpret_is_the_composition(dtype):
+  """`gemv_swiglu(interpret=True)` is, bit for bit, the unfused path:
+  gate and up by `gemv_group`, rounded, `jax.nn.silu(gate) * up`, then
+  `gemv`; and within the bound of float64 products."""
+  n, k, n_out = 1024, 2048, 192
+  ws, args = _swiglu_weights(n, k, n_out, dtype, 90)
+  x = jnp.asarray(_util.rng_array((1, k), 21, dtype))
+  code = _code("nf4")
+  y = lg.gemv_swiglu(x, *args, code=code, n=n, k=k, n_out=n_out,
+                     interpret=True)
+  assert y.shape == (1, n_out) and y.dtype == jnp.float32
+  g, u = lg.gemv_group(x, args[:2], code=code, ns=(n, n), k=k,
+                       interpret=True)
+  h = jax.nn.silu(g.astype(dtype)) * u.astype(dtype)
+  want = lg.gemv(h, *args[2], code=code, n=n_out, k=n, interpret=True)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+  _swiglu_check(y, x, ws, dtype)
+
+
+@pytest.mark.parametrize("what,match", [
+    ("x", "x: the table GEMV takes 1 row, got 2"),
+    ("n", "k: the table GEMV needs a multiple of 1024 .*got 1536"),
+    ("down", "down: needs \\(packed, codes, nested_absmax, nested_code, "
+             "offset\\), got 4 entries"),
+    ("code", "code: needs 16 values, got 15"),
+])
+def test_swiglu_errors_name_the_argument(what, match):
+  n, k, n_out = 1024, 1024, 64
+  _, args = _swiglu_weights(n, k, n_out, jnp.bfloat16, 3)
+  kw = dict(code=_code("nf4"), n=n, k=k, n_out=n_out, interpret=True)
+  x = jnp.ones((2 if what == "x" else 1, k), jnp.bfloat16)
+  if what == "n":
+    kw["n"] = 1536
+  if what == "down":
+    args[2] = args[2][:4]
+  if what == "code":
+    kw["code"] = kw["code"][:15]
+  with pytest.raises(ValueError, match=match):
+    lg.gemv_swiglu(x, *args, **kw)
+
+
+def test_swiglu_lowers_for_cuda():
+  """Both launches lower to Mosaic GPU (needs JAX's CUDA plugin)."""
+  s = jax.ShapeDtypeStruct
+  n, k, n_out = 2048, 1024, 1024
+
+  def shapes(rows, cols):
+    return (s((rows * cols // 2,), jnp.uint8), s((rows * cols // 64,),
+                                                  jnp.uint8),
+            s((-(-rows * cols // 64 // 256),), jnp.float32),
+            s((256,), jnp.float32), s((), jnp.float32))
+
+  fn = functools.partial(lg.gemv_swiglu, code=_code("nf4"), n=n, k=k,
+                         n_out=n_out)
+  try:
+    text = helpers.lowered_for_h200(fn, s((1, k), jnp.bfloat16),
+                                    shapes(n, k), shapes(n, k),
+                                    shapes(n_out, n))
+  except AssertionError as e:  # no Mosaic GPU lowering rule registered
+    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+  assert text.count("mosaic_gpu") >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,n_out,dtype", [
+    (14336, 4096, 4096, jnp.bfloat16),   # Llama-3-8B's MLP
+    (8192, 2048, 2048, jnp.bfloat16),    # Llama-3.2-1B's
+    (2048, 1024, 1000, jnp.float16),     # a partial tile of down
+])
+def test_gpu_swiglu(n, k, n_out, dtype):
+  """Compiled: the down partials made from gate/up's raw partials against
+  the unfused twins and the float64 products."""
+  ws, args = _swiglu_weights(n, k, n_out, dtype, 50)
+  x = jnp.asarray(_util.rng_array((1, k), 23, dtype))
+  kw = dict(code=_code("nf4"), n=n, k=k, n_out=n_out)
+  y = jax.jit(functools.partial(lg.gemv_swiglu, **kw))(x, *args)
+  twin = lg.gemv_swiglu(x, *args, **kw, interpret=True)
+  _swiglu_check(y, x, ws, dtype)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(twin), rtol=2e-2,
+                             atol=2e-2 * float(jnp.max(jnp.abs(twin))))
 
 
 @pytest.mark.gpu
@@ -457,6 +576,48 @@ def test_ptx_memory_warpgroup_skips_the_build():
     lg.gemv(x, packed.reshape(-1), qs.absmax, qs.nested_absmax,
             qs.nested_code, qs.offset, code=code, n=n, k=k, wgs=1,
             tma_skips_build=True, interpret=True)
+
+
+@pytest.mark.parametrize("dtype,chunks", [(jnp.bfloat16, 5),
+                                          (jnp.float16, 4)])
+def test_ptx_swiglu_build_matches_reference(dtype, chunks):
+  """`SwigluInput`: the build makes its x from gate/up partials, summed
+  in `sum_splits`'s order (5 chunks: one set aside), as
+  `swiglu_reference` does: the down partials are the twin's of that x."""
+  n_in, n, k, wgs = 1088, 128, 1024, 2
+  rng = np.random.default_rng(chunks)
+  part = rng.normal(0, 1.5, (chunks, 2 * n_in)).astype(np.float32)
+  part[0, :8] = [40.0, -40.0, 0.0, -0.0, 1e-3, 88.0, -88.0, 3.0]
+  swi = lg.SwigluInput(chunks, 2 * n_in, n_in)
+  packed, qs = _weights(n, k, "nf4", dtype, 31)
+  code = _code("nf4")
+  plan, n_pad = lg.row_plan((n,), k, (1,), 64 * wgs)
+  span = plan[0][3]
+  out = np.zeros((k // lg.CHUNK, n_pad), np.float32)
+
+  def texts(n_, steps, group0, row0, n_nested):
+    return (lg.build_ptx(code, jnp.dtype(dtype).name, n_, k, steps * 128,
+                         span, n_nested, wgs, True, group0, True, swi),
+            lg.step_ptx(n_, k, steps, n_pad, 64, wgs, group0, row0))
+
+  _ptx.run_pipeline(part, [(packed, qs)], (n,), k, plan, span, 128, wgs,
+                    256 * 512, out, texts)
+  total = np.asarray(sum_splits(jnp.asarray(part)))
+  x = lg.swiglu_reference(jnp.asarray(total[:k]),
+                          jnp.asarray(total[n_in:n_in + k]), dtype)[None]
+  want = _twin_parts(x, packed, qs, code, n, k)
+  np.testing.assert_allclose(out[:, :n], want, rtol=1e-5,
+                             atol=1e-5 * float(np.max(np.abs(want))))
+  # The formula is the model's `jax.nn.silu(g) * u` as XLA runs it on
+  # the CPU (each op rounded to the dtype), but for rare units in the
+  # last place where exp's approximation crosses a rounding.
+  g, u = (jnp.asarray(t).astype(dtype) for t in (total[:k],
+                                                   total[n_in:n_in + k]))
+  model = np.asarray((jax.nn.silu(g) * u).astype(jnp.float32))
+  mine = np.asarray(x[0].astype(jnp.float32))
+  ulp = 2.0 ** (-7 if dtype == jnp.bfloat16 else -10)
+  np.testing.assert_allclose(mine, model, rtol=ulp, atol=1e-6)
+  assert np.mean(mine == model) > 0.995
 
 
 def test_ptx_emulated_group_matches_twin():
