@@ -17,6 +17,7 @@ from jaxbnb._src.quant.int8 import matmul_8bit_fp16_weights as matmul_8bit_fp16_
 from jaxbnb._src.quant.int8 import quantize_int8_weight as quantize_int8_weight
 from jaxbnb._src.quant.matmul import matmul_4bit as matmul_4bit
 from jaxbnb._src.quant.matmul import matmul_4bit_group as matmul_4bit_group
+from jaxbnb._src.quant.matmul import matmul_4bit_swiglu as matmul_4bit_swiglu
 from jaxbnb._src.quant.matmul import matmul_int8 as matmul_int8
 from jaxbnb._src.quant.ops import dequantize_4bit as dequantize_4bit
 from jaxbnb._src.quant.ops import dequantize_blockwise as dequantize_blockwise
@@ -57,6 +58,7 @@ __all__ = [
     "int8_vectorwise_quant_mask",
     "matmul_4bit",
     "matmul_4bit_group",
+    "matmul_4bit_swiglu",
     "matmul_8bit",
     "matmul_8bit_fp16_weights",
     "matmul_int8",

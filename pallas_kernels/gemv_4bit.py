@@ -80,7 +80,7 @@ from pallas_kernels.dequantize_4bit import decode_absmax
 from pallas_kernels.split_sum import sum_splits
 
 __all__ = ["can_use", "gemv_4bit", "gemv_4bit_group", "default_config",
-           "pair_table", "scales_in_compute_dtype"]
+           "pair_table", "scales_in_compute_dtype", "swiglu_serves"]
 
 _HI = np.uint32(0xFFFF0000)
 
@@ -850,6 +850,20 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
     return True
   return (len(ns) > 1 and min(ns) >= LUT_GROUP_MIN_N
           and sum(ns) >= LUT_MIN_N)
+
+
+def swiglu_serves(m: int, n: int, k: int, n_out: int, blocksize: int, dtype,
+                  nested: bool, nested_blocksize: int, code,
+                  interpret: bool = True) -> bool:
+  """Whether a SwiGLU MLP's three weights (gate and up `[n, k]`, down
+  `[n_out, n]`) run as `gemv_4bit_lut.gemv_swiglu`'s two launches: where
+  the table GEMV serves gate and up together and down alone
+  (`lut_serves`), so the unfused path would run the same two kernels with
+  the partials' sums and `silu(gate) * up` in an XLA kernel between."""
+  return (lut_serves(m, (n, n), k, blocksize, dtype, nested,
+                     nested_blocksize, code, interpret)
+          and lut_serves(m, (n_out,), n, blocksize, dtype, nested,
+                         nested_blocksize, code, interpret))
 
 
 def _check_weights(check, x, weights, ns, k, blocksize, nested_blocksize,

@@ -405,6 +405,56 @@ def test_bad_model_arguments():
     model(ids, cache=KVCache.init(cfg, batch=2, max_len=3))
 
 
+def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch):
+  """At a one-row decode step of 4-bit bf16 layers the table GEMV serves
+  (widths of 4096, as Llama-3-8B's), a layer's MLP is one
+  `matmul_4bit_swiglu`: interpreted on the CPU, its logits and cache are
+  bit for bit those of the three matmuls apart, which it replaces; the
+  prefill (several rows) composes them."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.quant import kernels  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(
+      _config("llama3"), vocab_size=64, hidden_size=4096,
+      intermediate_size=4096, num_hidden_layers=1, num_attention_heads=32,
+      num_key_value_heads=8, head_dim=128)
+  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           quantization=QuantizationConfig.nf4(
+                               double_quant=True, compute_dtype="bfloat16"),
+                           rngs=nnx.Rngs(5))
+  calls = []
+  real = gemv_4bit_lut.gemv_swiglu
+  monkeypatch.setattr(gemv_4bit_lut, "gemv_swiglu",
+                      lambda *a, **kw: calls.append(a[0].shape) or real(*a,
+                                                                       **kw))
+  ids = jnp.asarray([[5, 17, 3]], jnp.int32)
+  graph, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, ids, cache):
+    return nnx.merge(graph, state)(ids, cache=cache)
+
+  def decode():
+    cache = KVCache.init(cfg, batch=1, max_len=8, dtype=jnp.bfloat16)
+    _, cache = run(state, ids, cache)
+    out = []
+    for tok in (7, 9):
+      logits, cache = run(state, jnp.asarray([[tok]], jnp.int32), cache)
+      out.append(np.asarray(logits, np.float32))
+    return np.stack(out), np.asarray(cache.k, np.float32)
+
+  with jaxbnb.kernel_mode("interpret"):
+    fused, fused_k = decode()
+    assert calls == [(1, 4096)], calls  # traced once, for the step
+    monkeypatch.setattr(kernels, "swiglu_serves", lambda *a, **kw: False)
+    run = jax.jit(run.__wrapped__)  # pylint: disable=no-member
+    apart, apart_k = decode()
+  assert calls == [(1, 4096)], calls
+  np.testing.assert_array_equal(fused, apart)
+  np.testing.assert_array_equal(fused_k, apart_k)
+  assert np.abs(fused).max() > 0
+
+
 def test_grouped_projections_share_one_gemv(monkeypatch):
   """With the kernels (interpret mode on CPU) a layer's q/k/v and its
   gate/up each take one GEMV launch (`matmul_4bit_group`); the logits are

@@ -421,6 +421,77 @@ def test_matmul_group_forward_and_grad(m, dtype, mode):
                              atol=tol * float(jnp.abs(dx_one).max()))
 
 
+def _swiglu_loss(x, weights, gs, fused):
+  gate, up, down = weights
+  if fused:
+    y = F.matmul_4bit_swiglu(x, gate, up, down)
+  else:
+    g, u = F.matmul_4bit_group(x, [gate, up])
+    y = F.matmul_4bit(jax.nn.silu(g) * u, *down)
+  return jnp.sum(y.astype(jnp.float32) * gs), y
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("m,n,n_out", [(1, 4096, 4096),  # fused at M = 1
+                                       (2, 4096, 4096),  # composed
+                                       (1, 2048, 1024)])  # down too small
+def test_matmul_swiglu_is_the_three_matmuls(monkeypatch, mode, m, n, n_out):
+  """`F.matmul_4bit_swiglu` as users call it (jitted, differentiated):
+  its values and dA are bit for bit those of `matmul_4bit_group` of gate
+  and up, `jax.nn.silu(g) * u`, `matmul_4bit` of down, which compile to
+  the same kernels; at one row, where the table GEMV serves all three,
+  it is one `gemv_swiglu` (interpreted on the CPU: the twins in the same
+  order; compiled in tests/kernels/gemv_4bit_lut_test.py)."""
+  from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = gemv_4bit_lut.gemv_swiglu
+  monkeypatch.setattr(gemv_4bit_lut, "gemv_swiglu",
+                      lambda *a, **kw: calls.append(kw["n"]) or real(*a, **kw))
+  k = 1024
+  weights = [F.quantize_4bit(_w(rows, cols, 60 + i, jnp.bfloat16),
+                             quant_type="nf4", compress_statistics=True)
+             for i, (rows, cols) in enumerate(((n, k), (n, k), (n_out, n)))]
+  x = jnp.asarray(_util.rng_array((m, k), 61, jnp.bfloat16))
+  gs = jnp.asarray(_util.rng_array((m, n_out), 62, jnp.float32))
+  step = jax.jit(jax.value_and_grad(_swiglu_loss, has_aux=True),
+                 static_argnums=3)
+  with jaxbnb.kernel_mode(mode):
+    (_, y), dx = step(x, weights, gs, True)
+    (_, want), dx_want = step(x, weights, gs, False)
+  fused = kernels.swiglu_serves(m, k, x.dtype, tuple(q for _, q in weights),
+                                mode)
+  assert fused == (m == 1 and n_out >= 4096)
+  assert calls == ([n] if fused else []), calls
+  assert y.shape == (m, n_out) and y.dtype == jnp.bfloat16
+  y, want = np.asarray(y, np.float32), np.asarray(want, np.float32)
+  if fused and mode == "pallas":
+    # The GPU's ex2.approx may move an element of silu(g) * u by a unit
+    # in the last place of bf16 from XLA's exp: a few ulps of the output.
+    np.testing.assert_allclose(y, want, rtol=0,
+                               atol=2.0**-6 * float(np.abs(want).max()))
+  else:
+    np.testing.assert_array_equal(y, want)
+  np.testing.assert_array_equal(np.asarray(dx, np.float32),
+                                np.asarray(dx_want, np.float32))
+
+
+def test_matmul_swiglu_errors_name_the_argument():
+  gate, up = (F.quantize_4bit(_w(128, 64, i)) for i in range(2))
+  down = F.quantize_4bit(_w(32, 128, 2))
+  x = jnp.ones((1, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"down's weight shape must be "
+                     r"\[32, 128\] .*got \[32, 64\]"):
+    F.matmul_4bit_swiglu(x, gate, up, F.quantize_4bit(_w(32, 64, 3)))
+  with pytest.raises(ValueError, match=r"gate's weight shape must be "
+                     r"\[128, 32\] \(A has K=32"):
+    F.matmul_4bit_swiglu(jnp.ones((1, 32), jnp.bfloat16), gate, up, down)
+  with pytest.raises(TypeError, match="`up` must be a .packed, QuantState. "
+                     "pair, got Array"):
+    F.matmul_4bit_swiglu(x, gate, up[0], down)
+  with pytest.raises(TypeError, match="A"):
+    F.matmul_4bit_swiglu(jnp.ones((1, 64), jnp.int32), gate, up, down)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_matmul_group_of_unlike_weights_goes_one_by_one(mode):
   """Different block sizes cannot share a launch: the results are exactly

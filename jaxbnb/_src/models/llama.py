@@ -144,6 +144,18 @@ class MLP(nnx.Module):
                                  **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    layers = (self.gate_proj, self.up_proj, self.down_proj)
+    weights = [_grouped_weight(layer) for layer in layers]
+    if (tensor_parallel.current() is None and None not in weights
+        and self.dtype is not None
+        and {layer.dtype for layer in layers} == {self.dtype}):
+      # Plain 4-bit linears: one op, which at decode time (one row) runs
+      # down's GEMV on gate/up's partials (`matmul_4bit_swiglu`).
+      check_inputs(x, self.gate_proj.in_features,
+                   type(self.gate_proj).__name__)
+      return matmul_lib.matmul_4bit_swiglu(
+          x.astype(self.dtype), *((w.data, w.quant_state) for w in weights)
+      ).astype(self.dtype)
     gate, up = (y.astype(self.dtype)
                 for y in _linears((self.gate_proj, self.up_proj), x))
     return _linear(self.down_proj, jax.nn.silu(gate) * up).astype(self.dtype)

@@ -17,6 +17,7 @@ from pallas_kernels import code_tables
 from pallas_kernels import dequantize_4bit as dk
 from pallas_kernels import gemm_4bit_wgmma as gw
 from pallas_kernels import gemv_4bit as gk
+from pallas_kernels import gemv_4bit_lut as lg
 from pallas_kernels import quantize_4bit as qk
 from pallas_kernels import quantize_nested as nk
 
@@ -265,6 +266,40 @@ def gemv_group(x2d, packeds, qss, mode):
       k=k, blocksize=first.blocksize,
       nested_blocksize=first.nested_blocksize if first.nested else 256,
       code=code(first.quant_type), interpret=mode == "interpret")
+
+
+def swiglu_serves(m, k, dtype, qss, mode=None) -> bool:
+  """Whether `swiglu` runs `[m, k]` of `dtype` through a SwiGLU MLP's
+  weights `qss` (gate, up, down): gate and up `[n, k]`, down `[n_out,
+  n]`, one NF4/FP4 double-quantized format, and the table GEMV serving
+  them (`gemv_4bit.swiglu_serves`: one row, Hopper, sizes)."""
+  mode = mode or dispatch.resolve()
+  gate, up, down = qss
+  n = gate.shape[0]
+  return (mode != "reference" and gate.nested
+          and gate.quant_type in ("nf4", "fp4")
+          and tuple(gate.shape) == tuple(up.shape) == (n, k)
+          and down.shape[1] == n
+          and all(q.quant_type == gate.quant_type
+                  and q.blocksize == gate.blocksize and q.nested
+                  and q.nested_blocksize == gate.nested_blocksize
+                  for q in (up, down))
+          and gk.swiglu_serves(m, n, k, down.shape[0], gate.blocksize, dtype,
+                               True, gate.nested_blocksize,
+                               code(gate.quant_type),
+                               interpret=mode == "interpret"))
+
+
+def swiglu(x2d, packeds, qss, mode):
+  """`down(silu(x2d @ gate.T) * (x2d @ up.T))` in x2d's dtype through the
+  table GEMV's two launches (`gemv_4bit_lut.gemv_swiglu`: down makes its
+  input from gate/up's partials); the weights pass `swiglu_serves`."""
+  gate, _, down = qss
+  weights = [(p, q.absmax, q.nested_absmax, q.nested_code, q.offset)
+             for p, q in zip(packeds, qss)]
+  return lg.gemv_swiglu(x2d, *weights, code=code(gate.quant_type),
+                        n=gate.shape[0], k=x2d.shape[1], n_out=down.shape[0],
+                        interpret=mode == "interpret").astype(x2d.dtype)
 
 
 def gemv(x2d, packed, qs, bias, mode):

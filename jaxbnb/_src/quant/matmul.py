@@ -20,8 +20,8 @@ from jaxbnb._src.quant import reference
 from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.state import QuantState
 
-__all__ = ["matmul_4bit", "matmul_4bit_group", "matmul_int8",
-           "dequantize_weight"]
+__all__ = ["matmul_4bit", "matmul_4bit_group", "matmul_4bit_swiglu",
+           "matmul_int8", "dequantize_weight"]
 
 # A float32 compute dtype means a true float32 product (as PyTorch without
 # TF32), not XLA's default TF32 passes on NVIDIA GPUs.
@@ -259,6 +259,107 @@ def matmul_4bit_group(
       return [y.reshape(*A.shape[:-1], qs.shape[0])
               for y, qs in zip(ys, qss)]
   return [matmul_4bit(A, p, qs) for p, qs in weights]
+
+
+def _swiglu_composed(x2d, packeds, qss):
+  """The three matmuls of `matmul_4bit_swiglu` one after another."""
+  g, u = matmul_4bit_group(x2d, list(zip(packeds[:2], qss[:2])))
+  return matmul_4bit(jax.nn.silu(g) * u, packeds[2], qss[2])
+
+
+@jax.custom_vjp
+def _swiglu(x2d, packeds, qss):
+  return kernels.swiglu(x2d, [ops.from_storage(p) for p in packeds], qss,
+                        dispatch.resolve())
+
+
+def _swiglu_fwd(x2d, packeds, qss):
+  return _swiglu(x2d, packeds, qss), (x2d, packeds, qss)
+
+
+def _swiglu_bwd(res, g):
+  x2d, packeds, qss = res
+  _, vjp = jax.vjp(lambda x: _swiglu_composed(x, packeds, qss), x2d)
+  zeros = jax.tree.map(_zero_cotangent, (packeds, qss))
+  return vjp(g) + zeros
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+def matmul_4bit_swiglu(
+    A: jax.Array,  # pylint: disable=invalid-name
+    gate: tuple[jax.Array, QuantState],
+    up: tuple[jax.Array, QuantState],
+    down: tuple[jax.Array, QuantState],
+) -> jax.Array:
+  """A SwiGLU MLP on 4-bit weights: `down(silu(A @ gate.T) * (A @ up.T))`.
+
+  The same values as `matmul_4bit_group(A, [gate, up])`, then
+  `jax.nn.silu(g) * u` in `A.dtype`, then `matmul_4bit` with `down`. At
+  one row of 16-bit `A` on a Hopper GPU, where the table GEMV serves the
+  three weights (NF4/FP4 double-quantized in blocks of 64, K and the
+  inner size multiples of 1024, `gemv_4bit.swiglu_serves`), it runs in two
+  launches: down's programs make their part of its input from gate/up's
+  fp32 partials, so the partials' sum and `silu(gate) * up` need no
+  kernel of their own (`gemv_4bit_lut.gemv_swiglu`; its sigmoid rounds
+  `exp` by the GPU's `ex2.approx`, which may differ from XLA's by a unit
+  in the last place of the 16-bit value). Otherwise, and with the
+  reference ops, the three matmuls run in turn. Differentiable in `A`
+  (through the three matmuls).
+
+  Args:
+    A: float activations `[..., K]`, in the compute dtype.
+    gate: `(packed, quant_state)` of the `[N, K]` gate projection.
+    up: the same of the `[N, K]` up projection.
+    down: the same of the `[N_out, N]` down projection.
+
+  Returns:
+    `[..., N_out]` in `A.dtype`.
+
+  Raises:
+    TypeError: if `A` is not a float array or a state is not a
+      `QuantState`.
+    ValueError: if the shapes do not chain.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbnb import functional as F
+    >>> gate, up = (F.quantize_4bit(jax.random.normal(jax.random.key(i),
+    ...                                               (128, 64)))
+    ...             for i in range(2))
+    >>> down = F.quantize_4bit(jax.random.normal(jax.random.key(2), (32, 128)))
+    >>> x = jnp.ones((1, 64), jnp.bfloat16)
+    >>> F.matmul_4bit_swiglu(x, gate, up, down).shape
+    (1, 32)
+  """
+  fn = "matmul_4bit_swiglu"
+  validation.check_float_array(A, "A", fn)
+  for name, pair in (("gate", gate), ("up", up), ("down", down)):
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+        or not isinstance(pair[1], QuantState)):
+      raise TypeError(f"{fn}: `{name}` must be a (packed, QuantState) pair, "
+                      f"got {type(pair).__name__}.")
+    if len(pair[1].shape) != 2:
+      raise ValueError(f"{fn}: {name}'s quant_state.shape must be 2-D "
+                       f"[N, K], got {pair[1].shape}.")
+  k = A.shape[-1]
+  n = gate[1].shape[0]
+  want = {"gate": (n, k), "up": (n, k), "down": (down[1].shape[0], n)}
+  for name, pair in (("gate", gate), ("up", up), ("down", down)):
+    if tuple(pair[1].shape) != want[name]:
+      raise ValueError(
+          f"{fn}: {name}'s weight shape must be {list(want[name])} (A has "
+          f"K={k}, gate N={n}), got {list(pair[1].shape)}.")
+  x2d = jnp.asarray(A).reshape(-1, k)
+  packeds = tuple(p for p, _ in (gate, up, down))
+  qss = tuple(qs for _, qs in (gate, up, down))
+  if kernels.swiglu_serves(x2d.shape[0], k, x2d.dtype, qss):
+    x2d = pallas_kernels.match_vma((x2d,), (x2d, packeds, qss))[0]
+    y = _swiglu(x2d, packeds, qss)
+  else:
+    y = _swiglu_composed(x2d, packeds, qss)
+  return y.reshape(*A.shape[:-1], y.shape[-1])
 
 
 @jax.custom_vjp
