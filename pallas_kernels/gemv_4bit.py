@@ -80,7 +80,8 @@ from pallas_kernels.dequantize_4bit import decode_absmax
 from pallas_kernels.split_sum import sum_splits
 
 __all__ = ["can_use", "gemv_4bit", "gemv_4bit_group", "default_config",
-           "pair_table", "scales_in_compute_dtype", "swiglu_serves"]
+           "pair_table", "scales_in_compute_dtype", "swiglu_serves",
+           "SWIGLU_FUSED"]
 
 _HI = np.uint32(0xFFFF0000)
 
@@ -852,16 +853,25 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
           and sum(ns) >= LUT_MIN_N)
 
 
+# Off until measured: the thirty-first session built the fused SwiGLU
+# launches and checked them on the CPU (the PTX emulated against its
+# reference, assembled by ptxas for sm_90a, lowered to Mosaic GPU), but
+# the GPU machine was withdrawn before their first compiled run.
+SWIGLU_FUSED = False
+
+
 def swiglu_serves(m: int, n: int, k: int, n_out: int, blocksize: int, dtype,
                   nested: bool, nested_blocksize: int, code,
                   interpret: bool = True) -> bool:
   """Whether a SwiGLU MLP's three weights (gate and up `[n, k]`, down
-  `[n_out, n]`) run as `gemv_4bit_lut.gemv_swiglu`'s two launches: where
-  the table GEMV serves gate and up together and down alone
-  (`lut_serves`), so the unfused path would run the same two kernels with
-  the partials' sums and `silu(gate) * up` in an XLA kernel between."""
-  return (lut_serves(m, (n, n), k, blocksize, dtype, nested,
-                     nested_blocksize, code, interpret)
+  `[n_out, n]`) run as `gemv_4bit_lut.gemv_swiglu`'s two launches: with
+  `SWIGLU_FUSED` on, where the table GEMV serves gate and up together and
+  down alone (`lut_serves`), so the unfused path would run the same two
+  kernels with the partials' sums and `silu(gate) * up` in an XLA kernel
+  between."""
+  return (SWIGLU_FUSED
+          and lut_serves(m, (n, n), k, blocksize, dtype, nested,
+                         nested_blocksize, code, interpret)
           and lut_serves(m, (n_out,), n, blocksize, dtype, nested,
                          nested_blocksize, code, interpret))
 

@@ -406,14 +406,16 @@ def test_bad_model_arguments():
 
 
 def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch):
-  """At a one-row decode step of 4-bit bf16 layers the table GEMV serves
-  (widths of 4096, as Llama-3-8B's), a layer's MLP is one
-  `matmul_4bit_swiglu`: interpreted on the CPU, its logits and cache are
-  bit for bit those of the three matmuls apart, which it replaces; the
-  prefill (several rows) composes them."""
+  """With `gemv_4bit.SWIGLU_FUSED` on, at a one-row decode step of 4-bit
+  bf16 layers the table GEMV serves (widths of 4096, as Llama-3-8B's), a
+  layer's MLP is one `matmul_4bit_swiglu`: interpreted on the CPU, its
+  logits and cache are bit for bit those of the three matmuls apart,
+  which it replaces; the prefill (several rows) composes them."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from jaxbnb._src.quant import kernels  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import gemv_4bit  # pylint: disable=g-import-not-at-top
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gemv_4bit, "SWIGLU_FUSED", True)
   cfg = dataclasses.replace(
       _config("llama3"), vocab_size=64, hidden_size=4096,
       intermediate_size=4096, num_hidden_layers=1, num_attention_heads=32,

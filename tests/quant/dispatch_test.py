@@ -436,17 +436,19 @@ def _swiglu_loss(x, weights, gs, fused):
                                        (2, 4096, 4096),  # composed
                                        (1, 2048, 1024)])  # down too small
 def test_matmul_swiglu_is_the_three_matmuls(monkeypatch, mode, m, n, n_out):
-  """`F.matmul_4bit_swiglu` as users call it (jitted, differentiated):
-  its values and dA are bit for bit those of `matmul_4bit_group` of gate
-  and up, `jax.nn.silu(g) * u`, `matmul_4bit` of down, which compile to
-  the same kernels; at one row, where the table GEMV serves all three,
-  it is one `gemv_swiglu` (interpreted on the CPU: the twins in the same
-  order; compiled in tests/kernels/gemv_4bit_lut_test.py)."""
+  """`F.matmul_4bit_swiglu` as users call it (jitted, differentiated),
+  with `gemv_4bit.SWIGLU_FUSED` on: its values and dA are bit for bit
+  those of `matmul_4bit_group` of gate and up, `jax.nn.silu(g) * u`,
+  `matmul_4bit` of down, which compile to the same kernels; at one row,
+  where the table GEMV serves all three, it is one `gemv_swiglu`
+  (interpreted on the CPU: the twins in the same order; compiled in
+  tests/kernels/gemv_4bit_lut_test.py)."""
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
   calls = []
   real = gemv_4bit_lut.gemv_swiglu
   monkeypatch.setattr(gemv_4bit_lut, "gemv_swiglu",
                       lambda *a, **kw: calls.append(kw["n"]) or real(*a, **kw))
+  monkeypatch.setattr(gk, "SWIGLU_FUSED", True)  # off by default: unmeasured
   k = 1024
   weights = [F.quantize_4bit(_w(rows, cols, 60 + i, jnp.bfloat16),
                              quant_type="nf4", compress_statistics=True)
@@ -473,6 +475,26 @@ def test_matmul_swiglu_is_the_three_matmuls(monkeypatch, mode, m, n, n_out):
     np.testing.assert_array_equal(y, want)
   np.testing.assert_array_equal(np.asarray(dx, np.float32),
                                 np.asarray(dx_want, np.float32))
+
+
+def test_matmul_swiglu_composes_by_default(monkeypatch):
+  """`gemv_4bit.SWIGLU_FUSED` is off (the fused launches are not yet
+  measured on a GPU): even where the table GEMV serves the three weights,
+  `F.matmul_4bit_swiglu` runs them apart."""
+  from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
+  assert not gk.SWIGLU_FUSED
+  calls = []
+  monkeypatch.setattr(gemv_4bit_lut, "gemv_swiglu",
+                      lambda *a, **kw: calls.append(1))
+  k, n = 1024, 4096
+  ws = [F.quantize_4bit(_w(r, c, 70 + i, jnp.bfloat16), quant_type="nf4",
+                        compress_statistics=True)
+        for i, (r, c) in enumerate(((n, k), (n, k), (n, n)))]
+  x = jnp.asarray(_util.rng_array((1, k), 71, jnp.bfloat16))
+  with jaxbnb.kernel_mode("interpret"):
+    assert not kernels.swiglu_serves(1, k, x.dtype, tuple(q for _, q in ws))
+    y = jax.jit(F.matmul_4bit_swiglu)(x, *ws)
+  assert not calls and y.shape == (1, n)
 
 
 def test_matmul_swiglu_errors_name_the_argument():

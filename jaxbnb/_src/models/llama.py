@@ -149,8 +149,8 @@ class MLP(nnx.Module):
     if (tensor_parallel.current() is None and None not in weights
         and self.dtype is not None
         and {layer.dtype for layer in layers} == {self.dtype}):
-      # Plain 4-bit linears: one op, which at decode time (one row) runs
-      # down's GEMV on gate/up's partials (`matmul_4bit_swiglu`).
+      # Plain 4-bit linears: one op, which can run down's GEMV on
+      # gate/up's partials at decode time (`matmul_4bit_swiglu`).
       check_inputs(x, self.gate_proj.in_features,
                    type(self.gate_proj).__name__)
       return matmul_lib.matmul_4bit_swiglu(

@@ -272,7 +272,8 @@ def swiglu_serves(m, k, dtype, qss, mode=None) -> bool:
   """Whether `swiglu` runs `[m, k]` of `dtype` through a SwiGLU MLP's
   weights `qss` (gate, up, down): gate and up `[n, k]`, down `[n_out,
   n]`, one NF4/FP4 double-quantized format, and the table GEMV serving
-  them (`gemv_4bit.swiglu_serves`: one row, Hopper, sizes)."""
+  them (`gemv_4bit.swiglu_serves`: `SWIGLU_FUSED` on, one row, Hopper,
+  sizes)."""
   mode = mode or dispatch.resolve()
   gate, up, down = qss
   n = gate.shape[0]

@@ -296,17 +296,19 @@ def matmul_4bit_swiglu(
   """A SwiGLU MLP on 4-bit weights: `down(silu(A @ gate.T) * (A @ up.T))`.
 
   The same values as `matmul_4bit_group(A, [gate, up])`, then
-  `jax.nn.silu(g) * u` in `A.dtype`, then `matmul_4bit` with `down`. At
-  one row of 16-bit `A` on a Hopper GPU, where the table GEMV serves the
-  three weights (NF4/FP4 double-quantized in blocks of 64, K and the
-  inner size multiples of 1024, `gemv_4bit.swiglu_serves`), it runs in two
-  launches: down's programs make their part of its input from gate/up's
-  fp32 partials, so the partials' sum and `silu(gate) * up` need no
-  kernel of their own (`gemv_4bit_lut.gemv_swiglu`; its sigmoid rounds
-  `exp` by the GPU's `ex2.approx`, which may differ from XLA's by a unit
-  in the last place of the 16-bit value). Otherwise, and with the
-  reference ops, the three matmuls run in turn. Differentiable in `A`
-  (through the three matmuls).
+  `jax.nn.silu(g) * u` in `A.dtype`, then `matmul_4bit` with `down`.
+  With `pallas_kernels.gemv_4bit.SWIGLU_FUSED` on (off by default: not
+  yet measured on a GPU), at one row of 16-bit `A` on a Hopper GPU,
+  where the table GEMV serves the three weights (NF4/FP4
+  double-quantized in blocks of 64, K and the inner size multiples of
+  1024, `gemv_4bit.swiglu_serves`), it runs in two launches: down's
+  programs make their part of its input from gate/up's fp32 partials, so
+  the partials' sum and `silu(gate) * up` need no kernel of their own
+  (`gemv_4bit_lut.gemv_swiglu`; its sigmoid rounds `exp` by the GPU's
+  `ex2.approx`, which may differ from XLA's by a unit in the last place
+  of the 16-bit value). Otherwise, and with the reference ops, the three
+  matmuls run in turn. Differentiable in `A` (through the three
+  matmuls).
 
   Args:
     A: float activations `[..., K]`, in the compute dtype.
