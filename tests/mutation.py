@@ -190,6 +190,16 @@ MUTANTS: tuple[Mutant, ...] = (
            "len(ns) > 1 and min(ns) >= LUT_MIN_N",
            ("tests/quant/dispatch_test.py::"
             "test_m1_qkv_group_takes_the_table_kernel",)),
+    Mutant("lut-swiglu-reads-gate-as-up", "pallas_kernels/gemv_4bit_lut.py",
+           'f"[px+{4 * (c * swiglu.n_pad + swiglu.up_row0)}];"',
+           'f"[px+{4 * (c * swiglu.n_pad)}];"',
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_ptx_swiglu_build_matches_reference",)),
+    Mutant("swiglu-silu-dropped", "pallas_kernels/gemv_4bit_lut.py",
+           "h = jax.nn.silu(g.astype(dtype)) * u.astype(dtype)",
+           "h = g.astype(dtype) * u.astype(dtype)",
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_swiglu_interpret_is_the_composition",)),
     Mutant("lut-gemv-table-lanes-collide", "pallas_kernels/gemv_4bit_lut.py",
            'f"add.u32 tb{i}, l, {16 * i};"', 'f"add.u32 tb{i}, l, {32 * i};"',
            ("tests/kernels/gemv_4bit_lut_test.py::"
