@@ -81,7 +81,7 @@ from pallas_kernels.split_sum import sum_splits
 
 __all__ = ["can_use", "gemv_4bit", "gemv_4bit_group", "default_config",
            "pair_table", "scales_in_compute_dtype", "swiglu_serves",
-           "SWIGLU_FUSED"]
+           "norm_serves", "NORM_FUSED", "SWIGLU_FUSED"]
 
 _HI = np.uint32(0xFFFF0000)
 
@@ -874,6 +874,23 @@ def swiglu_serves(m: int, n: int, k: int, n_out: int, blocksize: int, dtype,
                          nested_blocksize, code, interpret)
           and lut_serves(m, (n_out,), n, blocksize, dtype, nested,
                          nested_blocksize, code, interpret))
+
+
+# Off until measured, as SWIGLU_FUSED: an RMSNorm made in the table
+# GEMV's build (`gemv_4bit_lut.NormInput`), checked on the CPU only.
+NORM_FUSED = False
+
+
+def norm_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
+                nested: bool, nested_blocksize: int, code,
+                interpret: bool = True) -> bool:
+  """Whether weights that read one RMSNorm'd row (a layer's q/k/v after
+  its input norm, gate/up after the post-attention norm) take the norm
+  in the table GEMV's build (`gemv_4bit_lut.gemv_group`'s `rms_norm`):
+  with `NORM_FUSED` on, where `lut_serves` them; the unfused path runs
+  the norm as a kernel of its own before them."""
+  return NORM_FUSED and lut_serves(m, ns, k, blocksize, dtype, nested,
+                                   nested_blocksize, code, interpret)
 
 
 def _check_weights(check, x, weights, ns, k, blocksize, nested_blocksize,

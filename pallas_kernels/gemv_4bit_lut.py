@@ -52,6 +52,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import _backend
+from pallas_kernels import rms_norm as rms_norm_lib
 from pallas_kernels.dequantize_4bit import decode_absmax
 from pallas_kernels.split_sum import sum_splits
 
@@ -67,7 +68,8 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
-__all__ = ["CHUNK", "STEP_ROWS", "SwigluInput", "available", "build_ptx",
+__all__ = ["CHUNK", "NormInput", "STEP_ROWS", "SwigluInput", "available",
+           "build_ptx",
            "check", "default_config", "default_rows", "fit", "gemv",
            "gemv_group", "gemv_swiglu", "group_args", "group_config",
            "inline_ptx", "layout", "nested_span", "pipelines", "row_plan",
@@ -95,6 +97,20 @@ class SwigluInput:
   chunks: int
   n_pad: int
   up_row0: int
+
+
+@dataclasses.dataclass(frozen=True)
+class NormInput:
+  """A GEMV whose x is RMSNorm'd first, in the table build: each program
+  reads the whole row for its sum of squares (the model's RMSNorm,
+  `pallas_kernels.rms_norm.reference`, with the sum in another order),
+  then normalizes its own columns and multiplies them by the norm's
+  weight (an input of x's dtype).
+
+  Attributes:
+    eps: added to the mean square.
+  """
+  eps: float
 
 
 def available() -> bool:
@@ -261,6 +277,74 @@ def swiglu_lines(swiglu: SwigluInput, dtype_name: str
   return loads, math
 
 
+_NORM_SUMS = 1536  # bytes into the nested table's buffer: the warps' sums
+
+
+def _halves_f32(word: str, dtype_name: str, lo: str, hi: str) -> list[str]:
+  """PTX: the two 16-bit values of `word` as fp32 in `lo` and `hi`
+  (clobbers `b`, `hx0`, `hx1`)."""
+  if dtype_name == "bfloat16":
+    return [f"shl.b32 b, {word}, 16;", f"mov.b32 {lo}, b;",
+            f"and.b32 b, {word}, 0xffff0000;", f"mov.b32 {hi}, b;"]
+  return [f"mov.b32 {{hx0, hx1}}, {word};", f"cvt.f32.f16 {lo}, hx0;",
+          f"cvt.f32.f16 {hi}, hx1;"]
+
+
+def norm_lines(norm: NormInput, dtype_name: str, k: int, wgs: int
+               ) -> tuple[list[str], list[str], list[str]]:
+  """PTX of `build_ptx`'s RMSNorm of x: (its registers, the loads, the
+  math).
+
+  The loads, after x's word at `px` (`d` its byte offset): the norm
+  weight's word of the same columns (`$8`), and the row in 16-byte units,
+  unit `t + 128 wgs j` to thread `t` (none past the row). The math, after
+  `x0`/`x1` hold the thread's two values: the sum of its units' squares
+  (`fma`), the warp's by butterfly shuffles, the warps' through shared
+  memory (`_NORM_SUMS` bytes into `$1`) after named barrier 15 of the
+  compute threads, added in warp order; `r = rsqrt(sum / k + eps)`
+  (`div.rn`, `rsqrt.approx`); then `x0`/`x1` become
+  `weight * round(x r)`, rounded, as the model's RMSNorm rounds."""
+  threads = 128 * wgs
+  units = k // 8
+  loads_a = -(-units // threads)
+  cvt = "bf16" if dtype_name == "bfloat16" else "f16"
+  decls = [f".reg .b32 nw, nq<{4 * loads_a}>;",
+           ".reg .f32 ss, sv, nr, nw0, nw1;", ".reg .b64 pn;",
+           ".reg .pred pv;"]
+  loads = ["cvta.to.global.u64 pn, $8;", "add.u64 pn, pn, d;",
+           "ld.global.nc.b32 nw, [pn];",
+           "cvta.to.global.u64 pn, $4;", "mul.wide.u32 d, t, 16;",
+           "add.u64 pn, pn, d;"]
+  for j in range(loads_a):
+    regs = ", ".join(f"nq{4 * j + i}" for i in range(4))
+    loads += [f"mov.b32 nq{4 * j + i}, 0;" for i in range(4)]
+    loads += [f"setp.lt.u32 pv, t, {units - threads * j};",
+              f"@pv ld.global.nc.v4.b32 {{{regs}}}, [pn+{16 * threads * j}];"]
+  math = ["mov.f32 ss, 0f00000000;"]
+  for q in range(4 * loads_a):
+    math += _halves_f32(f"nq{q}", dtype_name, "sv", "nr")
+    math += ["fma.rn.f32 ss, sv, sv, ss;", "fma.rn.f32 ss, nr, nr, ss;"]
+  for m in (16, 8, 4, 2, 1):
+    math += [f"shfl.sync.bfly.b32 sv, ss, {m}, 0x1f, 0xffffffff;",
+             "add.rn.f32 ss, ss, sv;"]
+  math += ["and.b32 b, t, 31;", "setp.eq.u32 pv, b, 0;",
+           "shr.u32 b, t, 5;", "shl.b32 b, b, 2;", "add.u32 b, b, $1;",
+           f"@pv st.shared.f32 [b+{_NORM_SUMS}], ss;",
+           f"bar.sync 15, {threads};",
+           f"ld.shared.f32 ss, [$1+{_NORM_SUMS}];"]
+  for w in range(1, threads // 32):
+    math += [f"ld.shared.f32 sv, [$1+{_NORM_SUMS + 4 * w}];",
+             "add.rn.f32 ss, ss, sv;"]
+  math += [f"div.rn.f32 ss, ss, {_f32(float(k))};",
+           f"add.rn.f32 ss, ss, {_f32(norm.eps)};", "rsqrt.approx.f32 nr, ss;"]
+  math += _halves_f32("nw", dtype_name, "nw0", "nw1")
+  for x, wt in (("x0", "nw0"), ("x1", "nw1")):
+    math += [f"mul.rn.f32 {x}, {x}, nr;", f"cvt.rn.{cvt}.f32 hx0, {x};",
+             f"cvt.f32.{cvt} {x}, hx0;", f"mul.rn.f32 {x}, {x}, {wt};",
+             f"cvt.rn.{cvt}.f32 hx0, {x};", f"cvt.f32.{cvt} {x}, hx0;"]
+  return decls, loads, math
+
+
 def swiglu_reference(gate: jax.Array, up: jax.Array, dtype) -> jax.Array:
   """What `swiglu_lines` computes from the summed fp32 gate and up, in
   numpy: `silu(g) * u` with the same formula and roundings (numpy's
@@ -293,7 +377,8 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               rows_a_program: int, span: int, n_nested: int,
               wgs: int = 1, early: bool = False, group0: int = 0,
               skip: bool = False,
-              swiglu: SwigluInput | None = None) -> str:
+              swiglu: SwigluInput | None = None,
+              norm: NormInput | None = None) -> str:
   """The table, the nested code table, the program's span of nested
   absmax and the step counters, made by the compute threads; then a
   barrier of every thread of the program.
@@ -316,8 +401,14 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
 
   With `swiglu`, `$4` is instead an earlier launch's fp32 partials
   (`SwigluInput`) and a thread's two values of x are `silu(gate) * up`
-  of its columns (`swiglu_lines`).
+  of its columns (`swiglu_lines`). With `norm` (`NormInput`; with two compute
+  warpgroups only with `skip`; not with `swiglu`), `$8` is the norm's weight and x is
+  RMSNorm'd first (`norm_lines`).
   """
+  if norm is not None and ((wgs > 1 and not skip) or swiglu is not None):
+    raise ValueError("norm: needs skip with two compute warpgroups (the "
+                     "memory warpgroup past the block: the compute threads "
+                     "meet at a barrier in it) and no swiglu")
   loads = span // 128
   lines = [
       "{",
@@ -331,6 +422,9 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   if swiglu is not None:
     lines.insert(2, f".reg .f32 pg<{2 * swiglu.chunks}>, "
                  f"pu<{2 * swiglu.chunks}>;")
+  if norm is not None:
+    norm_decls, norm_loads, norm_math = norm_lines(norm, dtype_name, k, wgs)
+    lines[2:2] = norm_decls
   if skip:
     lines += ["@!pw bra LUT_BUILT;"]
   lines += [
@@ -346,6 +440,8 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               "ld.global.nc.b32 w, [px];"]
   else:
     lines += swiglu_lines(swiglu, dtype_name)[0]
+  if norm is not None:
+    lines += norm_loads
   lines += [
       # The nested codes (g0, g1), the offset (g2), the span (g3 on).
       "cvta.to.global.u64 pc, $5;", "mul.wide.u32 d, c, 4;",
@@ -368,6 +464,8 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   else:
     lines += ["mov.b32 {hx0, hx1}, w;", "cvt.f32.f16 x0, hx0;",
               "cvt.f32.f16 x1, hx1;"]
+  if norm is not None:
+    lines += norm_math
   values = 256 // wgs  # byte values a thread
   his = values // 16
   # a: the table address of byte position 4 l + i for byte value 0.
@@ -543,7 +641,7 @@ def inline_ptx(text: str, refs, shared: int) -> None:
 
 
 def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
-              wgs: int, kchunks: int = 1):
+              wgs: int, kchunks: int = 1, norm_weight: bool = False):
   """The kernel body of a program over the weights' row groups (`row_plan`),
   named `name`: for the weight that owns row group `n`, its build PTX
   (`ptx[g][0]`), then a TMA pipeline of its `[tile_rows, 128]` weight and
@@ -556,9 +654,12 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
   buffers: the kernel's own (a table, x's copy), the nested table, the
   span, the step counters (and the accumulators). The build PTX gets the
   four first scratch addresses, x and the weight's nested codes, nested
-  absmax and offset; the step PTX the two tiles, the scratch buffers and
-  the output."""
+  absmax and offset (and, with `norm_weight`, the ref after x: an
+  RMSNorm's weight, `NormInput`); the step PTX the two tiles, the scratch
+  buffers and the output."""
   def kernel(x_gmem, *refs):
+    norm_gmem = (refs[0],) if norm_weight else ()
+    refs = refs[len(norm_gmem):]
     ins = refs[:5 * len(ns)]
     o_gmem, own_smem, c2_smem, sp_smem, cnt_smem = refs[5 * len(ns):][:5]
     extra = refs[5 * len(ns) + 5:]
@@ -574,7 +675,7 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
             off_gmem=off_gmem, bptx=bptx, sptx=sptx, steps=steps,
             group0=group0, last=last):
         inline_ptx(bptx, (own_smem, c2_smem, sp_smem, cnt_smem, x_gmem,
-                          nc_gmem, ns_gmem, off_gmem), 4)
+                          nc_gmem, ns_gmem, off_gmem, *norm_gmem), 4)
 
         def body(_, w_smem, c_smem):
           inline_ptx(sptx, (w_smem, c_smem, own_smem, c2_smem, sp_smem,
@@ -613,13 +714,15 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
 
 
 def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
-              early, tma_skips_build, swiglu=None, dtype=None, raw=False):
+              early, tma_skips_build, swiglu=None, dtype=None, raw=False,
+              norm=None):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,
   nested absmax, nested codes, offset `[1]`)`, its fp32 partials
   `[chunks, sum n_pad]` summed over the chunks: `[1, n]` per weight; with
   `raw`, the partials themselves and `row_plan`'s plan. With `swiglu`,
   `x` is an earlier launch's partials (`SwigluInput`) and `dtype` the
-  compute dtype."""
+  compute dtype; with `norm`, `(NormInput, weight)`, x is RMSNorm'd in
+  the build (the weight in x's dtype)."""
   dtype = jnp.dtype(x.dtype if swiglu is None else dtype)
   chunks = k // CHUNK
   tile_rows = step_rows * wgs
@@ -627,14 +730,14 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
                     w[2].shape[0], wgs, early, group0, tma_skips_build,
-                    swiglu),
+                    swiglu, None if norm is None else norm[0]),
           step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 
   threads = {} if wgs == 1 else dict(num_threads=wgs + 1, thread_name="wg")
   kernel = plgpu.kernel(
       pipelines("jaxbnb_gemv_4bit_lut", ns, plan, ptx, tile_rows, stages,
-                wgs),
+                wgs, norm_weight=norm is not None),
       out_type=jax.ShapeDtypeStruct((chunks, n_pad), jnp.float32),
       grid=(sum(rows), chunks), grid_names=("n", "s"), **threads,
       scratch_types=[plgpu.SMEM((256, CHUNK // 2), jnp.float32),
@@ -646,7 +749,7 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
                                                                    ns):
     args += [packed.reshape(n, k // 2), codes.reshape(n, k // 64),
              nested_absmax, nested_code, offset]
-  part = kernel(x.reshape(-1), *args)
+  part = kernel(x.reshape(-1), *(() if norm is None else (norm[1],)), *args)
   if raw:
     return part, plan
   # The chunks summed over every weight's rows as adds (`sum_splits`: XLA
@@ -719,7 +822,7 @@ def group_args(weights, code, ns, rows, stages, default):
 def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, step_rows: int = 64,
                stages: int = 4, wgs: int = 1, early: bool = False,
-               tma_skips_build: bool = False,
+               tma_skips_build: bool = False, rms_norm=None,
                interpret: bool = False) -> tuple[jax.Array, ...]:
   """`gemv` of several weights that read the same x, in one launch (a
   layer's gate and up projections): the programs' row groups are shared
@@ -734,11 +837,24 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     k: columns, a multiple of 1024.
     rows: row groups of each weight; default `group_config`'s.
     step_rows, stages, wgs, early, tma_skips_build, interpret: as `gemv`.
+    rms_norm: `(weight [k], eps)`: multiply `rms_norm.reference(x, weight,
+      eps)` instead of x, the norm made in each program's table build
+      (`NormInput`; with two compute warpgroups, only with
+      `tma_skips_build`). The twin normalizes by the reference.
 
   Returns:
     float32 `[1, n_g]` per weight.
   """
   ns = tuple(ns)
+  if rms_norm is not None:
+    norm_weight, eps = rms_norm
+    if tuple(norm_weight.shape) != (k,):
+      raise ValueError(f"rms_norm: needs a weight of shape ({k},), got "
+                       f"{tuple(norm_weight.shape)}")
+    if wgs > 1 and not tma_skips_build:
+      raise ValueError("rms_norm: with two compute warpgroups needs "
+                       "tma_skips_build=True (the compute threads meet at a "
+                       "barrier the memory warpgroup must skip)")
   if len(weights) == len(ns):
     for n in ns:
       check(x.shape[0], n, k, 64, x.dtype, True)
@@ -770,6 +886,8 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     prepared.append((packed, codes, nested_absmax.astype(jnp.float32),
                      nested_code, offset))
   if interpret:
+    if rms_norm is not None:
+      x = rms_norm_lib.reference(x, norm_weight, eps)
     return tuple(jnp.sum(_twin(x, p, c, na, nc, off, code=code, n=n, k=k),
                          axis=0)[None]
                  for (p, c, na, nc, off), n in zip(prepared, ns))
@@ -782,7 +900,9 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
       x, [(p, c, na, nc.astype(jnp.float32), off.reshape(1))
           for p, c, na, nc, off in prepared],
       code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
-      stages=stages, wgs=wgs, early=early, tma_skips_build=tma_skips_build))
+      stages=stages, wgs=wgs, early=early, tma_skips_build=tma_skips_build,
+      norm=None if rms_norm is None else (
+          NormInput(float(eps)), norm_weight.astype(x.dtype))))
 
 
 def _prepared(weights):
@@ -794,7 +914,7 @@ def _prepared(weights):
 
 
 def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
-                n: int, k: int, n_out: int,
+                n: int, k: int, n_out: int, rms_norm=None,
                 interpret: bool = False) -> jax.Array:
   """`down(silu(x @ gate.T) * (x @ up.T))` for one row of x (a SwiGLU
   MLP at decode time) in two launches: gate and up in one (`gemv_group`'s
@@ -821,6 +941,8 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
     n: rows of gate and up (down's k), a multiple of 1024.
     k: columns of gate and up, a multiple of 1024.
     n_out: rows of down.
+    rms_norm: `(weight [k], eps)`: x RMSNorm'd first, in gate/up's table
+      builds (`gemv_group`'s `rms_norm`).
     interpret: the jnp twins (CPU).
 
   Returns:
@@ -856,7 +978,7 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
   gate, up, down = _prepared((gate, up, down))
   if interpret:
     g, u = gemv_group(x, [gate, up], code=code, ns=(n, n), k=k,
-                      interpret=True)
+                      rms_norm=rms_norm, interpret=True)
     h = jax.nn.silu(g.astype(dtype)) * u.astype(dtype)
     return gemv(h, *down, code=code, n=n_out, k=n, interpret=True)
   if not available():
@@ -864,11 +986,17 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
         "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
         f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
   first = group_config((n, n), k)
+  if rms_norm is not None and tuple(rms_norm[0].shape) != (k,):
+    raise ValueError(f"rms_norm: needs a weight of shape ({k},), got "
+                     f"{tuple(rms_norm[0].shape)}")
   part, plan = _compiled(x, [gate, up], code=code, ns=(n, n), k=k,
                          rows=first["rows"], step_rows=first["step_rows"],
                          stages=first["stages"], wgs=first["wgs"],
-                         early=first["early"], tma_skips_build=False,
-                         raw=True)
+                         early=first["early"],
+                         tma_skips_build=rms_norm is not None, raw=True,
+                         norm=None if rms_norm is None else (
+                             NormInput(float(rms_norm[1])),
+                             rms_norm[0].astype(dtype)))
   second = group_config((n_out,), n)
   # The memory warpgroup skips the build: its copies start at once.
   return _compiled(part, [down], code=code, ns=(n_out,), k=n,

@@ -273,6 +273,15 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
     elif op == "ex2.approx.ftz.f32":  # the hardware's is within 2 ulp
       with np.errstate(over="ignore"):
         put(args[0], _bits(np.exp2(_f32(val(args[1])))))
+    elif op == "fma.rn.f32":  # one rounding: the float64 sum of an exact
+      a, b, c = (_f32(val(t)).astype(np.float64) for t in args[1:4])
+      put(args[0], _bits((a * b + c).astype(np.float32)))
+    elif op == "div.rn.f32":
+      with np.errstate(divide="ignore", invalid="ignore"):
+        put(args[0], _bits(_f32(val(args[1])) / _f32(val(args[2]))))
+    elif op == "rsqrt.approx.f32":  # the hardware's is within 2 ulp
+      with np.errstate(divide="ignore", invalid="ignore"):
+        put(args[0], _bits(np.float32(1) / np.sqrt(_f32(val(args[1])))))
     elif op == "rcp.rn.f32":
       with np.errstate(divide="ignore"):
         put(args[0], _bits(np.float32(1) / _f32(val(args[1]))))
@@ -346,7 +355,7 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
 
 def run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs, own_bytes,
                  out, texts, on_program=None, kchunks=1,
-                 acc_bytes=0) -> None:
+                 acc_bytes=0, norm_weight=None) -> None:
   """Every program of the Mosaic GPU GEMVs' pipeline
   (`gemv_4bit_lut.pipelines`) over a group of weights `(packed, qs)`:
   the build block, then each step with its TMA tiles written into shared
@@ -361,7 +370,8 @@ def run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs, own_bytes,
   place. With `kchunks` > 1 a program takes that many K chunks in turn
   for each row tile (`gemv_4bit_warp_tma`), its step PTX getting a
   scratch buffer of `acc_bytes` after the codes tile as `$6` and `out`
-  as `$7`."""
+  as `$7`. `norm_weight` (an RMSNorm's, `gemv_4bit_lut.NormInput`) is
+  the build's `$8`."""
   c2_ = own_bytes
   sp_ = c2_ + 2048
   cnt_ = sp_ + 4 * span
@@ -387,8 +397,12 @@ def run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs, own_bytes,
         sg = m.add_global(3 << 40, nested)
         og = m.add_global(4 << 40, out)
         fg = m.add_global(5 << 40, offset)
-        count = run(bptx, m, {0: 0, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng,
-                              6: sg, 7: fg})
+        operands = {0: 0, 1: c2_, 2: sp_, 3: cnt_, 4: xg, 5: ng, 6: sg,
+                    7: fg}
+        if norm_weight is not None:
+          operands[8] = m.add_global(6 << 40, np.asarray(norm_weight).view(
+              np.uint16).reshape(-1))
+        count = run(bptx, m, operands)
         m.threads = 128 * wgs
         for t in range(steps * kchunks):
           q = min((i - group0) * steps + t // kchunks,

@@ -242,14 +242,21 @@ def _assert_assembles(ptxas, src, stem):
 
 
 @pytest.mark.parametrize("which", ["build", "build_skip", "step", "step128",
-                                   "swiglu_bf16", "swiglu_f16"])
+                                   "swiglu_bf16", "swiglu_f16", "norm_bf16",
+                                   "norm_f16_one_warpgroup"])
 def test_ptx_assembles_for_sm90a(tmp_path, which):
   """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
   test skips where Triton is not installed)."""
   ptxas = _ptxas()
   if ptxas is None:
     pytest.skip("no ptxas: Triton is not installed")
-  if which.startswith("swiglu"):  # 8B's down after its gate/up
+  if which.startswith("norm"):  # 8B's q/k/v after its input norm
+    wgs = 1 if which.endswith("warpgroup") else 2
+    src = _entry(lg.build_ptx(
+        _code("nf4"), "bfloat16" if "bf16" in which else "float16",
+        4096, 4096, 1024, 512, 896, wgs, wgs == 2, 0, wgs == 2, None,
+        lg.NormInput(1e-5)), ["r"] * 4 + ["l"] * 5)
+  elif which.startswith("swiglu"):  # 8B's down after its gate/up
     src = _entry(lg.build_ptx(
         _code("nf4"), "bfloat16" if which.endswith("bf16") else "float16",
         4096, 14336, 2048, 512, 896, 2, True, 0, True,
@@ -358,6 +365,25 @@ def test_swiglu_errors_name_the_argument(what, match):
     kw["code"] = kw["code"][:15]
   with pytest.raises(ValueError, match=match):
     lg.gemv_swiglu(x, *args, **kw)
+
+
+def test_norm_group_lowers_for_cuda():
+  """A group with its x RMSNorm'd in the build lowers to Mosaic GPU (the
+  norm's weight an input after x)."""
+  s = jax.ShapeDtypeStruct
+  k, ns = 2048, (2048, 1024)
+  ws = [(s((n * k // 2,), jnp.uint8), s((n * k // 64,), jnp.uint8),
+         s((-(-n * k // 64 // 256),), jnp.float32), s((256,), jnp.float32),
+         s((), jnp.float32)) for n in ns]
+  fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k,
+                         wgs=2, early=True, tma_skips_build=True)
+  try:
+    text = helpers.lowered_for_h200(
+        lambda x, w, nw: fn(x, w, rms_norm=(nw, 1e-5)),
+        s((1, k), jnp.bfloat16), ws, s((k,), jnp.bfloat16))
+  except AssertionError as e:  # no Mosaic GPU lowering rule registered
+    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+  assert "mosaic_gpu" in text
 
 
 def test_swiglu_lowers_for_cuda():
@@ -618,6 +644,68 @@ def test_ptx_swiglu_build_matches_reference(dtype, chunks):
   ulp = 2.0 ** (-7 if dtype == jnp.bfloat16 else -10)
   np.testing.assert_allclose(mine, model, rtol=ulp, atol=1e-6)
   assert np.mean(mine == model) > 0.995
+
+
+def _table_x(smem, chunk_cols):
+  """x's two values of every byte position of a program's table, read
+  back from its entries for bytes 0xF7 and 0x7F (NF4's codes 15 and 7
+  are 1.0 and 0.0): `[256]` fp32, the chunk's columns in order."""
+  table = np.asarray(smem[:256 * 512]).view(np.float32)
+  out = np.zeros(chunk_cols, np.float32)
+  for p in range(chunk_cols // 2):
+    l, i = p // 4, p % 4
+    word = 16384 * (l >> 4) + (l + 16 * i) % 64
+    out[2 * p] = table[word + 64 * 0xF7]
+    out[2 * p + 1] = table[word + 64 * 0x7F]
+  return out
+
+
+@pytest.mark.parametrize("k,wgs,dtype", [
+    (2048, 2, jnp.bfloat16),   # a 16-byte unit a thread
+    (1024, 2, jnp.bfloat16),   # half the threads load
+    (3072, 1, jnp.float16),    # one warpgroup, three units a thread
+])
+def test_ptx_norm_build_matches_reference(k, wgs, dtype):
+  """`NormInput`: every program's table holds the RMSNorm'd x of its
+  columns (`rms_norm.reference`: the sum of squares in another order and
+  an approximate rsqrt, so at most one unit in the last place apart, on
+  a few columns), and the partials are the twin's of that x."""
+  from pallas_kernels import rms_norm  # pylint: disable=g-import-not-at-top
+  n, eps = 100, 1e-5
+  x = jnp.asarray(_util.rng_array((1, k), 41, dtype)) * 3
+  weight = jnp.asarray(1 + 0.2 * _util.rng_array((k,), 42, jnp.float32),
+                       dtype)
+  packed, qs = _weights(n, k, "nf4", dtype, 43)
+  code = _code("nf4")
+  tile = 64 * wgs
+  plan, n_pad = lg.row_plan((n,), k, (1,), tile)
+  span = plan[0][3]
+  out = np.zeros((k // lg.CHUNK, n_pad), np.float32)
+  want_x = np.asarray(rms_norm.reference(x, weight, eps), np.float32)[0]
+  got_x = np.zeros(k, np.float32)
+
+  def texts(n_, steps, group0, row0, n_nested):
+    return (lg.build_ptx(code, jnp.dtype(dtype).name, n_, k, steps * tile,
+                         span, n_nested, wgs, wgs == 2, group0, wgs == 2,
+                         None, lg.NormInput(eps)),
+            lg.step_ptx(n_, k, steps, n_pad, 64, wgs, group0, row0))
+
+  def on_program(m, count):
+    del count
+    s = m.ctaid[0]
+    got_x[s * lg.CHUNK:(s + 1) * lg.CHUNK] = _table_x(m.smem, lg.CHUNK)
+
+  _ptx.run_pipeline(x, [(packed, qs)], (n,), k, plan, span, tile, wgs,
+                    256 * 512, out, texts, on_program, norm_weight=weight)
+  ulp = 2.0 ** (-7 if dtype == jnp.bfloat16 else -10)
+  np.testing.assert_allclose(got_x, want_x, rtol=ulp, atol=0)
+  assert np.mean(got_x == want_x) > 0.98, np.mean(got_x == want_x)
+  want = _twin_parts(jnp.asarray(got_x, dtype)[None], packed, qs, code, n, k)
+  np.testing.assert_allclose(out[:, :n], want, rtol=1e-5,
+                             atol=1e-5 * float(np.max(np.abs(want))))
+  with pytest.raises(ValueError, match="norm: needs skip"):
+    lg.build_ptx(code, "bfloat16", n, k, 128, span, 8, 2, True, 0, False,
+                 None, lg.NormInput(eps))
 
 
 def test_ptx_emulated_group_matches_twin():

@@ -477,6 +477,90 @@ def test_matmul_swiglu_is_the_three_matmuls(monkeypatch, mode, m, n, n_out):
                                 np.asarray(dx_want, np.float32))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("what", ["group", "swiglu"])
+def test_matmul_rms_norm_fused_is_the_norm_then_the_matmuls(monkeypatch,
+                                                           mode, what):
+  """`rms_norm=(weight, eps)` on `F.matmul_4bit_group` (a layer's q/k/v)
+  and `F.matmul_4bit_swiglu` (its MLP), jitted and differentiated: with
+  `gemv_4bit.NORM_FUSED` on, the norm is made in the table GEMV's builds
+  (one `gemv_group` with `rms_norm` a launch); interpreted, values and
+  gradients (to A and the norm's weight) are bit for bit those of
+  `rms_norm.reference` and then the matmuls, the path with the switch
+  off."""
+  from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import rms_norm  # pylint: disable=g-import-not-at-top
+  k = 1024
+  shapes = (((4096, k), (1024, k), (1024, k)) if what == "group" else
+            ((4096, k), (4096, k), (4096, 4096)))
+  weights = [F.quantize_4bit(_w(r, c, 80 + i, jnp.bfloat16),
+                             quant_type="nf4", compress_statistics=True)
+             for i, (r, c) in enumerate(shapes)]
+  x = jnp.asarray(_util.rng_array((1, k), 81, jnp.bfloat16)) * 4
+  nw = jnp.asarray(1 + 0.1 * _util.rng_array((k,), 82, jnp.float32),
+                   jnp.bfloat16)
+  outs = [r for r, _ in shapes] if what == "group" else [4096]
+  gs = [jnp.asarray(_util.rng_array((1, n), 83 + n, jnp.float32))
+        for n in outs]
+
+  def loss(x, nw):
+    if what == "group":
+      ys = F.matmul_4bit_group(x, weights, rms_norm=(nw, 1e-5))
+    else:
+      ys = [F.matmul_4bit_swiglu(x, *weights, rms_norm=(nw, 1e-5))]
+    return sum(jnp.sum(y.astype(jnp.float32) * g)
+               for y, g in zip(ys, gs)), ys
+
+  def step(x, nw):  # a new function a trace: the switches are read there
+    return jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1),
+                                      has_aux=True))(x, nw)
+
+  calls = []
+  real = gemv_4bit_lut.gemv_group
+  monkeypatch.setattr(gemv_4bit_lut, "gemv_group", lambda *a, **kw: calls.append(
+      kw.get("rms_norm") is not None) or real(*a, **kw))
+  with jaxbnb.kernel_mode(mode):
+    (_, want), dwant = step(x, nw)
+    assert True not in calls
+    monkeypatch.setattr(gk, "NORM_FUSED", True)
+    monkeypatch.setattr(gk, "SWIGLU_FUSED", True)
+    (_, ys), dgot = step(x, nw)
+  assert calls.count(True) == 1, calls
+  normed = rms_norm.reference(x, nw, 1e-5)
+  if what == "group":  # the table GEMV's fp32 codes, as the q/k/v test
+    for y, (p, q) in zip(ys, weights):
+      exact, bound = helpers.matmul_bound(
+          np.asarray(normed, np.float32),
+          _util.kernel_weight(p, q, jnp.float32), jnp.bfloat16)
+      helpers.assert_within(y, exact, bound, f"normed n={q.shape[0]}")
+  pairs = list(zip(ys, want)) + list(zip(dgot, dwant))
+  for a, b in pairs:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if mode == "pallas":  # the kernel's sum of squares and rsqrt
+      np.testing.assert_allclose(a, b, rtol=0,
+                                 atol=2.0**-5 * float(np.abs(b).max()))
+    elif what == "swiglu":
+      # Jitted whole, XLA may keep gate and up in fp32 (excess precision)
+      # in one graph and round them to bf16 in the other: a few bf16
+      # ulps of h apart, a fraction of a percent of y's scale.
+      np.testing.assert_allclose(a, b, rtol=0,
+                                 atol=2.0**-7 * float(np.abs(b).max()))
+    else:
+      np.testing.assert_array_equal(a, b)
+
+
+def test_matmul_rms_norm_errors_name_the_argument():
+  q = F.quantize_4bit(_w(32, 64, 1))
+  x = jnp.ones((1, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"rms_norm's weight must have shape "
+                     r"\(64,\) \(A's K\), got \(32,\)"):
+    F.matmul_4bit_group(x, [q], rms_norm=(jnp.ones((32,)), 1e-6))
+  with pytest.raises(TypeError, match="`rms_norm` must be a .weight, eps. "
+                     "pair, got Array"):
+    F.matmul_4bit_swiglu(x, q, q, F.quantize_4bit(_w(8, 32, 2)),
+                         rms_norm=jnp.ones((64,)))
+
+
 def test_matmul_swiglu_composes_by_default(monkeypatch):
   """`gemv_4bit.SWIGLU_FUSED` is off (the fused launches are not yet
   measured on a GPU): even where the table GEMV serves the three weights,

@@ -268,6 +268,36 @@ def gemv_group(x2d, packeds, qss, mode):
       code=code(first.quant_type), interpret=mode == "interpret")
 
 
+def norm_serves(m, k, dtype, qss, mode=None) -> bool:
+  """Whether `gemv_group_norm` serves `[m, k]` of `dtype`, RMSNorm'd,
+  times these weights in one launch: `can_group`'s conditions, NF4/FP4
+  double-quantized, and `gemv_4bit.norm_serves` (`NORM_FUSED` on, the
+  table GEMV)."""
+  mode = mode or dispatch.resolve()
+  first = qss[0]
+  return (mode != "reference" and first.nested
+          and first.quant_type in ("nf4", "fp4")
+          and can_group(m, k, dtype, qss, mode)
+          and gk.norm_serves(m, tuple(q.shape[0] for q in qss), k,
+                             first.blocksize, dtype, True,
+                             first.nested_blocksize, code(first.quant_type),
+                             interpret=mode == "interpret"))
+
+
+def gemv_group_norm(x2d, norm_weight, eps, packeds, qss, mode):
+  """`[rms_norm(x2d) @ W_g.T]` in x2d's dtype, the norm made in the table
+  GEMV's builds (the weights pass `norm_serves`)."""
+  k = x2d.shape[1]
+  ns = tuple(q.shape[0] for q in qss)
+  weights = [(p, q.absmax, q.nested_absmax, q.nested_code, q.offset)
+             for p, q in zip(packeds, qss)]
+  cfg = lg.group_config(ns, k)
+  ys = lg.gemv_group(x2d, weights, code=code(qss[0].quant_type), ns=ns, k=k,
+                     **cfg, tma_skips_build=True, rms_norm=(norm_weight, eps),
+                     interpret=mode == "interpret")
+  return tuple(y.astype(x2d.dtype) for y in ys)
+
+
 def swiglu_serves(m, k, dtype, qss, mode=None) -> bool:
   """Whether `swiglu` runs `[m, k]` of `dtype` through a SwiGLU MLP's
   weights `qss` (gate, up, down): gate and up `[n, k]`, down `[n_out,
@@ -291,15 +321,18 @@ def swiglu_serves(m, k, dtype, qss, mode=None) -> bool:
                                interpret=mode == "interpret"))
 
 
-def swiglu(x2d, packeds, qss, mode):
+def swiglu(x2d, packeds, qss, mode, rms_norm=None):
   """`down(silu(x2d @ gate.T) * (x2d @ up.T))` in x2d's dtype through the
   table GEMV's two launches (`gemv_4bit_lut.gemv_swiglu`: down makes its
-  input from gate/up's partials); the weights pass `swiglu_serves`."""
+  input from gate/up's partials); the weights pass `swiglu_serves` (and,
+  with `rms_norm` `(weight, eps)`, x RMSNorm'd first in gate/up's
+  builds, `norm_serves` for gate and up)."""
   gate, _, down = qss
   weights = [(p, q.absmax, q.nested_absmax, q.nested_code, q.offset)
              for p, q in zip(packeds, qss)]
   return lg.gemv_swiglu(x2d, *weights, code=code(gate.quant_type),
                         n=gate.shape[0], k=x2d.shape[1], n_out=down.shape[0],
+                        rms_norm=rms_norm,
                         interpret=mode == "interpret").astype(x2d.dtype)
 
 

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import pallas_kernels
+from pallas_kernels import rms_norm as rms_norm_lib
 
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import kernels
@@ -208,9 +209,46 @@ def _group_bwd(res, gs):
 _group.defvjp(_group_fwd, _group_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _group_norm(x2d, norm_weight, packeds, qss, eps):
+  return kernels.gemv_group_norm(x2d, norm_weight, eps,
+                                 [ops.from_storage(p) for p in packeds], qss,
+                                 dispatch.resolve())
+
+
+def _group_norm_fwd(x2d, norm_weight, packeds, qss, eps):
+  return (_group_norm(x2d, norm_weight, packeds, qss, eps),
+          (x2d, norm_weight, packeds, qss))
+
+
+def _group_norm_bwd(eps, res, gs):
+  x2d, norm_weight, packeds, qss = res
+  _, vjp = jax.vjp(lambda x, w: _group(rms_norm_lib.reference(x, w, eps),
+                                       packeds, qss), x2d, norm_weight)
+  zeros = jax.tree.map(_zero_cotangent, (packeds, qss))
+  return vjp(tuple(gs)) + zeros
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def _checked_norm(fn, rms_norm, k):
+  """`(weight, eps)` of an `rms_norm` argument, checked against K."""
+  if not isinstance(rms_norm, (tuple, list)) or len(rms_norm) != 2:
+    raise TypeError(f"{fn}: `rms_norm` must be a (weight, eps) pair, got "
+                    f"{type(rms_norm).__name__}.")
+  weight, eps = rms_norm
+  if tuple(jnp.shape(weight)) != (k,):
+    raise ValueError(f"{fn}: rms_norm's weight must have shape ({k},) (A's "
+                     f"K), got {tuple(jnp.shape(weight))}.")
+  return jnp.asarray(weight), float(eps)
+
+
 def matmul_4bit_group(
     A: jax.Array,  # pylint: disable=invalid-name
     weights: list[tuple[jax.Array, QuantState]],
+    *,
+    rms_norm: tuple[jax.Array, float] | None = None,
 ) -> list[jax.Array]:
   """`[matmul_4bit(A, B, qs) for B, qs in weights]`, in one kernel launch
   where the 4-bit GEMV serves them together.
@@ -229,9 +267,21 @@ def matmul_4bit_group(
   10240 weight rows or more) are multiplied one by one. Differentiable in `A`
   (`dA = sum_g dY_g @ W_g`).
 
+  With `rms_norm=(weight, eps)` the products are of `A` RMSNorm'd first
+  (Llama's: `weight * (A * rsqrt(mean(A^2) + eps))`, the normalized row
+  and the weight rounded to `A.dtype`, `pallas_kernels.rms_norm.
+  reference`); with `pallas_kernels.gemv_4bit.NORM_FUSED` on (off by
+  default: not yet measured on a GPU), where the table GEMV serves the
+  group at one row, each program makes the norm in its table build and
+  the norm needs no kernel of its own (its sum of squares in another
+  order and an approximate rsqrt: within a unit in the last place of
+  `A.dtype` of the reference); otherwise the reference norm runs first.
+  Differentiable in `A` and the norm's weight.
+
   Args:
     A: float activations `[..., K]`, in the compute dtype.
     weights: `(packed, quant_state)` pairs, each `[N_g, K]`.
+    rms_norm: optional `(weight [K], eps)`.
 
   Returns:
     The `[..., N_g]` products, in `A.dtype`.
@@ -244,8 +294,25 @@ def matmul_4bit_group(
     >>> x = jnp.ones((1, 64), jnp.bfloat16)
     >>> [y.shape for y in F.matmul_4bit_group(x, [q, k])]
     [(1, 32), (1, 16)]
+    >>> [y.shape for y in F.matmul_4bit_group(
+    ...     x, [q, k], rms_norm=(jnp.ones((64,)), 1e-6))]
+    [(1, 32), (1, 16)]
   """
   k = A.shape[-1]
+  if rms_norm is not None:
+    norm_weight, eps = _checked_norm("matmul_4bit_group", rms_norm, k)
+    validation.check_float_array(A, "A", "matmul_4bit_group")
+    qss = tuple(qs for _, qs in weights)
+    x2d = jnp.asarray(A).reshape(-1, k)
+    if (all(isinstance(qs, QuantState) and len(qs.shape) == 2 for qs in qss)
+        and kernels.norm_serves(x2d.shape[0], k, x2d.dtype, qss)):
+      packeds = tuple(p for p, _ in weights)
+      x2d, norm_weight = pallas_kernels.match_vma(
+          (x2d, norm_weight), (x2d, norm_weight, packeds, qss))
+      ys = _group_norm(x2d, norm_weight, packeds, qss, eps)
+      return [y.reshape(*A.shape[:-1], qs.shape[0])
+              for y, qs in zip(ys, qss)]
+    A = rms_norm_lib.reference(jnp.asarray(A), norm_weight, eps)
   if (len(weights) > 1 and dispatch.resolve() != "reference"
       and jnp.issubdtype(A.dtype, jnp.floating)
       and all(isinstance(qs, QuantState) and len(qs.shape) == 2
@@ -265,6 +332,28 @@ def _swiglu_composed(x2d, packeds, qss):
   """The three matmuls of `matmul_4bit_swiglu` one after another."""
   g, u = matmul_4bit_group(x2d, list(zip(packeds[:2], qss[:2])))
   return matmul_4bit(jax.nn.silu(g) * u, packeds[2], qss[2])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _swiglu_norm(x2d, norm_weight, packeds, qss, eps):
+  return kernels.swiglu(x2d, [ops.from_storage(p) for p in packeds], qss,
+                        dispatch.resolve(), rms_norm=(norm_weight, eps))
+
+
+def _swiglu_norm_fwd(x2d, norm_weight, packeds, qss, eps):
+  return (_swiglu_norm(x2d, norm_weight, packeds, qss, eps),
+          (x2d, norm_weight, packeds, qss))
+
+
+def _swiglu_norm_bwd(eps, res, g):
+  x2d, norm_weight, packeds, qss = res
+  _, vjp = jax.vjp(lambda x, w: _swiglu_composed(
+      rms_norm_lib.reference(x, w, eps), packeds, qss), x2d, norm_weight)
+  zeros = jax.tree.map(_zero_cotangent, (packeds, qss))
+  return vjp(g) + zeros
+
+
+_swiglu_norm.defvjp(_swiglu_norm_fwd, _swiglu_norm_bwd)
 
 
 @jax.custom_vjp
@@ -292,6 +381,8 @@ def matmul_4bit_swiglu(
     gate: tuple[jax.Array, QuantState],
     up: tuple[jax.Array, QuantState],
     down: tuple[jax.Array, QuantState],
+    *,
+    rms_norm: tuple[jax.Array, float] | None = None,
 ) -> jax.Array:
   """A SwiGLU MLP on 4-bit weights: `down(silu(A @ gate.T) * (A @ up.T))`.
 
@@ -307,14 +398,17 @@ def matmul_4bit_swiglu(
   (`gemv_4bit_lut.gemv_swiglu`; its sigmoid rounds `exp` by the GPU's
   `ex2.approx`, which may differ from XLA's by a unit in the last place
   of the 16-bit value). Otherwise, and with the reference ops, the three
-  matmuls run in turn. Differentiable in `A` (through the three
-  matmuls).
+  matmuls run in turn. With `rms_norm=(weight, eps)`, `A` is RMSNorm'd
+  first, as `matmul_4bit_group`'s `rms_norm` (in gate/up's table builds
+  where that serves). Differentiable in `A` and the norm's weight
+  (through the three matmuls).
 
   Args:
     A: float activations `[..., K]`, in the compute dtype.
     gate: `(packed, quant_state)` of the `[N, K]` gate projection.
     up: the same of the `[N, K]` up projection.
     down: the same of the `[N_out, N]` down projection.
+    rms_norm: optional `(weight [K], eps)`.
 
   Returns:
     `[..., N_out]` in `A.dtype`.
@@ -356,7 +450,16 @@ def matmul_4bit_swiglu(
   x2d = jnp.asarray(A).reshape(-1, k)
   packeds = tuple(p for p, _ in (gate, up, down))
   qss = tuple(qs for _, qs in (gate, up, down))
-  if kernels.swiglu_serves(x2d.shape[0], k, x2d.dtype, qss):
+  fused = kernels.swiglu_serves(x2d.shape[0], k, x2d.dtype, qss)
+  if rms_norm is not None:
+    norm_weight, eps = _checked_norm(fn, rms_norm, k)
+    if fused and kernels.norm_serves(x2d.shape[0], k, x2d.dtype, qss[:2]):
+      x2d, norm_weight = pallas_kernels.match_vma(
+          (x2d, norm_weight), (x2d, norm_weight, packeds, qss))
+      y = _swiglu_norm(x2d, norm_weight, packeds, qss, eps)
+      return y.reshape(*A.shape[:-1], y.shape[-1])
+    x2d = rms_norm_lib.reference(x2d, norm_weight, eps)
+  if fused:
     x2d = pallas_kernels.match_vma((x2d,), (x2d, packeds, qss))[0]
     y = _swiglu(x2d, packeds, qss)
   else:
