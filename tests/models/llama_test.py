@@ -405,17 +405,23 @@ def test_bad_model_arguments():
     model(ids, cache=KVCache.init(cfg, batch=2, max_len=3))
 
 
-def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch):
+@pytest.mark.parametrize("norms", [False, True])
+def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
   """With `gemv_4bit.SWIGLU_FUSED` on, at a one-row decode step of 4-bit
   bf16 layers the table GEMV serves (widths of 4096, as Llama-3-8B's), a
   layer's MLP is one `matmul_4bit_swiglu`: interpreted on the CPU, its
   logits and cache are bit for bit those of the three matmuls apart,
-  which it replaces; the prefill (several rows) composes them."""
+  which it replaces; the prefill (several rows) composes them. With
+  `NORM_FUSED` on too (`norms`), the layer's two RMSNorms are made in
+  the q/k/v and gate/up GEMVs' programs: the logits and cache within a
+  few bf16 ulps of the unfused path (the norm kernel's sum of squares
+  runs in another order)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from jaxbnb._src.quant import kernels  # pylint: disable=g-import-not-at-top
   from pallas_kernels import gemv_4bit  # pylint: disable=g-import-not-at-top
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gemv_4bit, "SWIGLU_FUSED", True)
+  monkeypatch.setattr(gemv_4bit, "NORM_FUSED", norms)
   cfg = dataclasses.replace(
       _config("llama3"), vocab_size=64, hidden_size=4096,
       intermediate_size=4096, num_hidden_layers=1, num_attention_heads=32,
@@ -424,11 +430,18 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch):
                            quantization=QuantizationConfig.nf4(
                                double_quant=True, compute_dtype="bfloat16"),
                            rngs=nnx.Rngs(5))
+  layer = model.model.layers[0]
+  for norm, scale in ((layer.input_layernorm, 0.3),
+                      (layer.post_attention_layernorm, -0.2)):
+    norm.weight[...] = (1 + scale * jnp.linspace(-1, 1, 4096)).astype(
+        jnp.bfloat16)
   calls = []
-  real = gemv_4bit_lut.gemv_swiglu
-  monkeypatch.setattr(gemv_4bit_lut, "gemv_swiglu",
-                      lambda *a, **kw: calls.append(a[0].shape) or real(*a,
-                                                                       **kw))
+  for name in ("gemv_swiglu", "gemv_group"):
+    real = getattr(gemv_4bit_lut, name)
+    monkeypatch.setattr(gemv_4bit_lut, name, (
+        lambda *a, real=real, name=name, **kw: calls.append(
+            (name, a[0].shape, kw.get("rms_norm") is not None))
+        or real(*a, **kw)))
   ids = jnp.asarray([[5, 17, 3]], jnp.int32)
   graph, state = nnx.split(model)
 
@@ -445,13 +458,23 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch):
 
   with jaxbnb.kernel_mode("interpret"):
     fused, fused_k = decode()
-    assert calls == [(1, 4096)], calls  # traced once, for the step
+    step = {c for c in calls if c[1] == (1, 4096)}
+    assert ("gemv_swiglu", (1, 4096), norms) in step, calls
+    # q/k/v: the group launch, its norm made in the build with NORM_FUSED
+    assert [c for c in step if c[0] == "gemv_group" and c[2] == norms], calls
+    calls.clear()
     monkeypatch.setattr(kernels, "swiglu_serves", lambda *a, **kw: False)
+    monkeypatch.setattr(kernels, "norm_serves", lambda *a, **kw: False)
     apart, apart_k = decode()
-  assert calls == [(1, 4096)], calls
-  np.testing.assert_array_equal(fused, apart)
-  np.testing.assert_array_equal(fused_k, apart_k)
+  assert not [c for c in calls if c[0] == "gemv_swiglu" or c[2]], calls
   assert np.abs(fused).max() > 0
+  if not norms:
+    np.testing.assert_array_equal(fused, apart)
+    np.testing.assert_array_equal(fused_k, apart_k)
+  else:
+    assert np.abs(fused - apart).max() < 3e-2 * np.abs(apart).max()
+    np.testing.assert_allclose(fused_k, apart_k, rtol=2.0**-6,
+                               atol=2.0**-6 * np.abs(apart_k).max())
 
 
 def test_grouped_projections_share_one_gemv(monkeypatch):

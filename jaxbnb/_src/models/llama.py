@@ -31,6 +31,7 @@ from jaxbnb._src.layers.factory import make_linear
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.layers.linear import precision_for
 from jaxbnb._src.layers.quant_config import QuantizationConfig
+from jaxbnb._src.quant import kernels as quant_kernels
 from jaxbnb._src.quant import matmul as matmul_lib
 from jaxbnb._src.quant.weights import Params4bit
 from jaxbnb._src.quant.weights import QuantizedArray
@@ -68,11 +69,13 @@ def _linear(layer: nnx.Module, x: jax.Array) -> jax.Array:
   return tensor_parallel.linear(layer, x)
 
 
-def _linears(layers: tuple[nnx.Module, ...], x: jax.Array
-             ) -> list[jax.Array]:
-  """`[layer(x) for layer in layers]`. Plain 4-bit linears without bias
-  (a layer's q/k/v, its gate/up) share one GEMV launch at decode time
-  (`matmul_4bit_group`), unless tensor parallelism is active."""
+def _linears(layers: tuple[nnx.Module, ...], x: jax.Array,
+             norm: "RMSNorm | None" = None) -> list[jax.Array]:
+  """`[layer(norm(x)) for layer in layers]` (`norm` None: x itself).
+  Plain 4-bit linears without bias (a layer's q/k/v, its gate/up) share
+  one GEMV launch at decode time (`matmul_4bit_group`), unless tensor
+  parallelism is active; there the norm can be made in the GEMV's
+  programs (`_fusable_norm`)."""
   weights = [_grouped_weight(layer) for layer in layers]
   dtypes = ({layer.dtype for layer in layers} if None not in weights
             else {None})
@@ -80,9 +83,28 @@ def _linears(layers: tuple[nnx.Module, ...], x: jax.Array
       and None not in dtypes):
     for layer in layers:
       check_inputs(x, layer.in_features, type(layer).__name__)
-    return matmul_lib.matmul_4bit_group(
-        x.astype(dtypes.pop()), [(w.data, w.quant_state) for w in weights])
+    dtype = dtypes.pop()
+    pairs = [(w.data, w.quant_state) for w in weights]
+    rms = _fusable_norm(norm, x, dtype, [w.quant_state for w in weights])
+    if rms is not None:
+      return matmul_lib.matmul_4bit_group(x, pairs, rms_norm=rms)
+    x = x if norm is None else norm(x)
+    return matmul_lib.matmul_4bit_group(x.astype(dtype), pairs)
+  x = x if norm is None else norm(x)
   return [_linear(layer, x) for layer in layers]
+
+
+def _fusable_norm(norm, x: jax.Array, dtype: Any, qss) -> tuple | None:
+  """`(weight, eps)` of `norm` where the GEMV of these 4-bit weights makes
+  it in its programs (`quant.kernels.norm_serves`: one row, the table
+  GEMV, `pallas_kernels.gemv_4bit.NORM_FUSED`) and x is in the layers'
+  dtype; else None (the norm runs first)."""
+  if norm is None or x.dtype != jnp.dtype(dtype):
+    return None
+  rows = int(np.prod(x.shape[:-1]))
+  if not quant_kernels.norm_serves(rows, x.shape[-1], x.dtype, tuple(qss)):
+    return None
+  return norm.weight[...], norm.eps
 
 
 def _grouped_weight(layer: nnx.Module) -> Params4bit | None:
@@ -143,21 +165,32 @@ class MLP(nnx.Module):
     self.down_proj = make_linear(i, h, use_bias=b, path=path + ".down_proj",
                                  **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, norm: "RMSNorm | None" = None
+               ) -> jax.Array:
+    """`down(silu(gate(h)) * up(h))` with `h = norm(x)` (`norm` None: x).
+
+    Plain 4-bit linears at a decode step the table GEMV serves can run as
+    `matmul_4bit_swiglu`'s two launches (down's GEMV on gate/up's
+    partials, `pallas_kernels.gemv_4bit.SWIGLU_FUSED`), the norm made in
+    gate/up's programs (`NORM_FUSED`)."""
     layers = (self.gate_proj, self.up_proj, self.down_proj)
     weights = [_grouped_weight(layer) for layer in layers]
     if (tensor_parallel.current() is None and None not in weights
         and self.dtype is not None
         and {layer.dtype for layer in layers} == {self.dtype}):
-      # Plain 4-bit linears: one op, which can run down's GEMV on
-      # gate/up's partials at decode time (`matmul_4bit_swiglu`).
       check_inputs(x, self.gate_proj.in_features,
                    type(self.gate_proj).__name__)
-      return matmul_lib.matmul_4bit_swiglu(
-          x.astype(self.dtype), *((w.data, w.quant_state) for w in weights)
-      ).astype(self.dtype)
+      qss = tuple(w.quant_state for w in weights)
+      rows = int(np.prod(x.shape[:-1]))
+      if quant_kernels.swiglu_serves(rows, x.shape[-1], self.dtype, qss):
+        rms = _fusable_norm(norm, x, self.dtype, qss[:2])
+        if rms is None and norm is not None:
+          x = norm(x)
+        return matmul_lib.matmul_4bit_swiglu(
+            x.astype(self.dtype), *((w.data, w.quant_state) for w in weights),
+            rms_norm=rms).astype(self.dtype)
     gate, up = (y.astype(self.dtype)
-                for y in _linears((self.gate_proj, self.up_proj), x))
+                for y in _linears((self.gate_proj, self.up_proj), x, norm))
     return _linear(self.down_proj, jax.nn.silu(gate) * up).astype(self.dtype)
 
 
@@ -180,8 +213,9 @@ class Attention(nnx.Module):
     self.o_proj = make_linear(nq * d, h, use_bias=config.o_proj_bias,
                               path=path + ".o_proj", **kw)
 
-  def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
-    """Attends `x` `[B, T, H]`.
+  def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None,
+               norm=None):
+    """Attends `norm(x)` `[B, T, H]` (`norm` None: x).
 
     Args:
       x: hidden states.
@@ -192,6 +226,8 @@ class Attention(nnx.Module):
         head_dim]` and this layer's index, or None (then S == T and the keys
         are the new tokens).
       index: the slot of the first new token in `kv_cache`.
+      norm: the layer's input RMSNorm, or None; a decode step's q/k/v GEMV
+        can make it in its programs (`_linears`).
 
     Returns:
       `(output [B, T, H], (k, v))`: the updated stacked caches (or this
@@ -202,7 +238,7 @@ class Attention(nnx.Module):
     d, nkv = cfg.head_dim, cfg.num_key_value_heads
     g = cfg.num_key_value_groups
     q, k, v = (y.astype(self.dtype) for y in _linears(
-        (self.q_proj, self.k_proj, self.v_proj), x))
+        (self.q_proj, self.k_proj, self.v_proj), x, norm))
     q = q.reshape(b, t, nkv * g, d)
     k, v = k.reshape(b, t, nkv, d), v.reshape(b, t, nkv, d)
     run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype, g)
@@ -267,10 +303,12 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, path=path + ".mlp", **kw)
 
   def __call__(self, x, cos, sin, allowed, kv_cache=None, index=None):
-    h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed,
-                               kv_cache, index)
+    # The norms go in with x: at a decode step the GEMVs after them can
+    # make them in their programs (`_linears`).
+    h, new_kv = self.self_attn(x, cos, sin, allowed, kv_cache, index,
+                               norm=self.input_layernorm)
     x = x + h
-    x = x + self.mlp(self.post_attention_layernorm(x))
+    x = x + self.mlp(x, norm=self.post_attention_layernorm)
     return x, new_kv
 
 
