@@ -200,6 +200,23 @@ MUTANTS: tuple[Mutant, ...] = (
            "h = g.astype(dtype) * u.astype(dtype)",
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_swiglu_interpret_is_the_composition",)),
+    Mutant("lut-norm-mean-over-half-the-row",
+           "pallas_kernels/gemv_4bit_lut.py",
+           'math += [f"div.rn.f32 ss, ss, {_f32(float(k))};",',
+           'math += [f"div.rn.f32 ss, ss, {_f32(float(k // 2))};",',
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_ptx_norm_build_matches_reference",)),
+    Mutant("lut-norm-last-warp-left-out", "pallas_kernels/gemv_4bit_lut.py",
+           "for w in range(1, threads // 32):",
+           "for w in range(1, threads // 32 - 1):",
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_ptx_norm_build_matches_reference",)),
+    Mutant("model-norm-skipped-when-not-fused", "jaxbnb/_src/models/llama.py",
+           "    x = x if norm is None else norm(x)\n"
+           "    return matmul_lib.matmul_4bit_group(x.astype(dtype), pairs)",
+           "    return matmul_lib.matmul_4bit_group(x.astype(dtype), pairs)",
+           ("tests/models/llama_test.py::"
+            "test_grouped_projections_share_one_gemv",)),
     Mutant("lut-gemv-table-lanes-collide", "pallas_kernels/gemv_4bit_lut.py",
            'f"add.u32 tb{i}, l, {16 * i};"', 'f"add.u32 tb{i}, l, {32 * i};"',
            ("tests/kernels/gemv_4bit_lut_test.py::"
