@@ -199,6 +199,23 @@ def same_vma(*args):
 HOPPER_SMEM = 227 * 1024
 
 
+SMS_DEFAULT = 132  # an H100/H200 SXM's SMs: the count the configs were tuned on
+
+
+@functools.cache
+def num_sms() -> int:
+  """Streaming multiprocessors of the default device where it is a GPU
+  (`Device.core_count`: 132 on an H200, 114 on an H100 PCIe), else
+  `SMS_DEFAULT`. The kernels' default configs size their grids by it
+  (one wave of programs)."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return SMS_DEFAULT
+  count = getattr(dev, "core_count", None) if dev.platform == "gpu" else None
+  return int(count) if count else SMS_DEFAULT
+
+
 @functools.cache
 def on_hopper() -> bool:
   """Whether the default device is a Hopper GPU (compute 9.0: wgmma, TMA

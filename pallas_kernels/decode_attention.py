@@ -197,7 +197,8 @@ def _kernel(index_ref, qkv_ref, cos_ref, sin_ref, mask_ref, kc_ref, vc_ref,
 
 
 def _splits(batch: int, kv_heads: int, seq_len: int, block_s: int,
-            split: int | None = None, num_sms: int = 132) -> tuple[int, int]:
+            split: int | None = None,
+            num_sms: int | None = None) -> tuple[int, int]:
   """(splits of the cache, blocks per split).
 
   By default as many splits as give two programs per SM, at most one per
@@ -208,6 +209,8 @@ def _splits(batch: int, kv_heads: int, seq_len: int, block_s: int,
   with one program of two blocks of 128; 8 rows and 2,048 slots: 34.4 us
   with 4 splits, 64.2 with one).
   """
+  if num_sms is None:
+    num_sms = _backend.num_sms()
   blocks = -(-seq_len // block_s)
   if split is None:
     split = 2 * num_sms // (batch * kv_heads)

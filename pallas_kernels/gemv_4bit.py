@@ -123,7 +123,7 @@ def _pow2_ceil(v: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
-                   num_sms: int = 132, mma: bool = False) -> tuple:
+                   num_sms: int | None = None, mma: bool = False) -> tuple:
   """(variant, block_n, block_kb, split_k, num_warps, num_stages, table,
   prefetch).
 
@@ -143,6 +143,8 @@ def default_config(m: int, n: int, k: int, blocksize: int, dtype: str,
   opt-in: they did not beat the defaults, and their compiled output is
   checked by the GPU tests only from this version on.
   """
+  if num_sms is None:
+    num_sms = _backend.num_sms()
   half = blocksize // 2
   nkb = k // blocksize
   f32 = jnp.dtype(dtype) == jnp.float32

@@ -171,14 +171,16 @@ def check(m: int, n: int, k: int, blocksize: int, dtype, nested: bool,
     raise ValueError(f"n: must be >= 1, got {n}")
 
 
-def default_rows(n: int, k: int, num_sms: int = 132) -> int:
+def default_rows(n: int, k: int, num_sms: int | None = None) -> int:
   """Row groups: as many as keep one wave of programs (one an SM, the
   table fills most of its shared memory)."""
+  if num_sms is None:
+    num_sms = _backend.num_sms()
   chunks = k // CHUNK
   return max(1, min(num_sms // chunks, -(-n // STEP_ROWS[0])))
 
 
-def default_config(n: int, k: int, num_sms: int = 132) -> dict:
+def default_config(n: int, k: int, num_sms: int | None = None) -> dict:
   """`gemv`'s keywords for a weight `[n, k]`: two compute warpgroups of 64
   rows a step beside an early-starting TMA warpgroup, four steps in
   flight, `default_rows` groups (fewer stages, then more groups, where
@@ -186,6 +188,8 @@ def default_config(n: int, k: int, num_sms: int = 132) -> dict:
   twenty-fourth session's sweep (docs/benchmarks.md, run b: 24.1 us on
   28672x4096 against the package's 37.2, 17.3 on 14336x4096 against
   20.9)."""
+  if num_sms is None:
+    num_sms = _backend.num_sms()
   rows, stages = fit((n,), default_rows(n, k, num_sms), 4,
                       functools.partial(_group_smem, (n,), k, step_rows=64,
                                         wgs=2))
@@ -401,9 +405,9 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
 
   With `swiglu`, `$4` is instead an earlier launch's fp32 partials
   (`SwigluInput`) and a thread's two values of x are `silu(gate) * up`
-  of its columns (`swiglu_lines`). With `norm` (`NormInput`; with two compute
-  warpgroups only with `skip`; not with `swiglu`), `$8` is the norm's weight and x is
-  RMSNorm'd first (`norm_lines`).
+  of its columns (`swiglu_lines`). With `norm` (`NormInput`; with two
+  compute warpgroups only with `skip`; not with `swiglu`), `$8` is the
+  norm's weight and x is RMSNorm'd first (`norm_lines`).
   """
   if norm is not None and ((wgs > 1 and not skip) or swiglu is not None):
     raise ValueError("norm: needs skip with two compute warpgroups (the "
@@ -776,11 +780,14 @@ def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
   return (blocks * absmax).reshape(n, chunks, 4).sum(-1).T
 
 
-def group_config(ns: tuple[int, ...], k: int, num_sms: int = 132) -> dict:
+def group_config(ns: tuple[int, ...], k: int,
+                 num_sms: int | None = None) -> dict:
   """`gemv_group`'s keywords for weights `[n_g, k]`: `default_config` of
   all their rows, its row groups shared in proportion to the rows (one at
   least a weight), fewer stages or more groups where the shared memory
   would not hold them."""
+  if num_sms is None:
+    num_sms = _backend.num_sms()
   cfg = default_config(sum(ns), k, num_sms)
   cfg["rows"], cfg["stages"] = fit(
       ns, cfg["rows"], cfg["stages"],

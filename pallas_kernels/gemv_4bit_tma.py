@@ -53,6 +53,7 @@ import numpy as np
 
 from jax import lax
 
+from pallas_kernels import _backend
 from pallas_kernels import lut_decode
 from pallas_kernels.dequantize_4bit import decode_absmax
 from pallas_kernels.split_sum import sum_splits
@@ -80,7 +81,7 @@ def available() -> bool:
   return _HAVE_MGPU
 
 
-def default_config(n: int, k: int, num_sms: int = 132) -> tuple:
+def default_config(n: int, k: int, num_sms: int | None = None) -> tuple:
   """A `gemv_4bit` config of this variant for a weight `[n, k]` (k a
   multiple of 256): 128 bytes a row per step, two steps in flight, K split
   until about eight programs an SM wait (a program keeps two steps or
@@ -88,6 +89,8 @@ def default_config(n: int, k: int, num_sms: int = 132) -> tuple:
   GPU") at M = 8 on 14336x4096, 4096x14336 and 28672x4096; not
   `gemv_4bit`'s default (slower than "warp" on the smaller shapes).
   """
+  if num_sms is None:
+    num_sms = _backend.num_sms()
   total = k // 2 // 128
   tiles = -(-n // BLOCK_N)
   splits = [d for d in range(1, max(1, total // 2) + 1) if total % d == 0]

@@ -122,7 +122,7 @@ def smem_bytes(ns: tuple[int, ...], k: int, rows: tuple[int, ...],
           + accs + stages * tile * (CHUNK // 2 + _CODES))
 
 
-def default_config(ns: tuple[int, ...], k: int, num_sms: int = 132,
+def default_config(ns: tuple[int, ...], k: int, num_sms: int | None = None,
                    kchunks: int = 1) -> dict:
   """`gemv_group`'s keywords: one program an SM (as `gemv_4bit_lut`'s row
   groups, `kchunks` K chunks a program: up to `num_sms / (k / 256 /
@@ -132,6 +132,8 @@ def default_config(ns: tuple[int, ...], k: int, num_sms: int = 132,
   tie) and four steps in flight; fewer stages, then more row groups,
   where the shared memory would not hold that for 16 rows of x (a long
   program's span of nested absmax: 28672x28672, say)."""
+  if num_sms is None:
+    num_sms = _backend.num_sms()
   programs = k // CHUNK // kchunks
   total = max(1, min(num_sms // programs, -(-sum(ns) // STEP_ROWS)))
   share = min(range(total, 0, -1), key=lambda t: makespan(
@@ -143,7 +145,7 @@ def default_config(ns: tuple[int, ...], k: int, num_sms: int = 132,
   return dict(rows=rows, stages=stages, kchunks=kchunks)
 
 
-def makespan(ns, rows, k: int, kchunks: int = 1, num_sms: int = 132,
+def makespan(ns, rows, k: int, kchunks: int = 1, num_sms: int | None = None,
              start: int = 1) -> int:
   """Pipeline steps until the last program ends, programs taken in launch
   order (K chunks fastest) by the first free SM: weight g's row groups
@@ -152,6 +154,8 @@ def makespan(ns, rows, k: int, kchunks: int = 1, num_sms: int = 132,
   group's shares rounded up to a few more programs than SMs (q/k/v at 2
   K chunks a program: 136 on 132 SMs, 19.2 us against 15.5 with 112 in
   docs/benchmarks.md's run "e") cost a second wave."""
+  if num_sms is None:
+    num_sms = _backend.num_sms()
   free = [0] * num_sms
   for n, r in zip(ns, rows):
     steps = -(-(-(-n // (STEP_ROWS * WGS))) // r) * kchunks + start

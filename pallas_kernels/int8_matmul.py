@@ -84,7 +84,7 @@ def _pow2_floor(v: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
+def default_config(m: int, n: int, k: int, num_sms: int | None = None) -> tuple:
   """(block_n, block_k, split_k, num_warps, num_stages, outliers).
 
   Tiles of 64 weight rows and up to 256 bytes of K (16 KB per step); K is
@@ -100,6 +100,8 @@ def default_config(m: int, n: int, k: int, num_sms: int = 132) -> tuple:
   29.4-41.8 us (M = 16). With the whole-tile epilogue (2026-12-01) this
   tile stayed the best at M = 16 (25.2 us; others 25.3-36.1).
   """
+  if num_sms is None:
+    num_sms = _backend.num_sms()
   del m
   block_n = 64
   block_k = max(32, min(256, _pow2_floor(k)))

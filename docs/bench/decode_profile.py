@@ -23,9 +23,10 @@ table GEMV (`gemv_4bit_lut.gemv_group`) with that many row groups for q, k
 and v, whatever `gemv_4bit.lut_serves` says; QKV_LUT=reduce keeps q/k/v
 groups with a weight under `LUT_MIN_N` rows on "reduce" (the routing
 before that session). SHAPE picks another of `jaxbnb bench decode`'s
-shapes (e.g. llama-3.2-3b, llama-3-70b). SWIGLU=fused (thirty-first
-session) turns on `matmul_4bit_swiglu`'s fused launches for the MLP at
-batch 1 (`gemv_4bit.SWIGLU_FUSED`, off by default until measured).
+shapes (e.g. llama-3.2-3b, llama-3-70b). FUSE=swiglu,norm (thirty-first
+session) turns on the table GEMV's build fusions at batch 1, as
+`docs/bench/decode_fusions.py` does (`gemv_4bit.SWIGLU_FUSED`,
+`NORM_FUSED`; off by default until measured).
 """
 import collections, glob, os, sys
 import jax
@@ -43,9 +44,11 @@ if os.environ.get("NORM") == "xla":  # twenty-eighth session: XLA's RMSNorm
   from jaxbnb._src.models import norm_kernel
   norm_kernel.MAX_ROWS = 0
 
-if os.environ.get("SWIGLU") == "fused":  # thirty-first session
+if os.environ.get("FUSE"):  # thirty-first session
   from pallas_kernels import gemv_4bit
-  gemv_4bit.SWIGLU_FUSED = True
+  _fuse = set(os.environ["FUSE"].split(","))
+  gemv_4bit.SWIGLU_FUSED = "swiglu" in _fuse
+  gemv_4bit.NORM_FUSED = "norm" in _fuse
 
 if os.environ.get("QKV_LUT") == "reduce":  # the routing before s29
   from pallas_kernels import gemv_4bit

@@ -142,6 +142,32 @@ def test_default_rows_fill_one_wave():
   assert lg.default_rows(4096, 65536) == 1     # 256 chunks: more than a wave
 
 
+def test_default_rows_follow_the_gpus_sms(monkeypatch):
+  """The default grids size one wave by the device's SMs
+  (`_backend.num_sms`: `core_count` of a GPU, 132 without one): an H100
+  PCIe's 114 SMs take 7 row groups of 14336x4096's 16 K chunks, 112
+  programs, where 132 take 8."""
+  from pallas_kernels import _backend  # pylint: disable=g-import-not-at-top
+
+  class Gpu:
+    platform, core_count = "gpu", 114
+
+  _backend.num_sms.cache_clear()
+  try:
+    assert _backend.num_sms() == (
+        _backend.SMS_DEFAULT if not _util.on_gpu()
+        else jax.devices()[0].core_count)
+    _backend.num_sms.cache_clear()
+    monkeypatch.setattr(jax, "devices", lambda *a: [Gpu()])
+    assert _backend.num_sms() == 114
+    assert lg.default_rows(14336, 4096) == 7
+    assert lg.default_rows(14336, 4096, num_sms=132) == 8
+  finally:
+    monkeypatch.undo()
+    _backend.num_sms.cache_clear()
+  assert _backend.num_sms() >= 1
+
+
 def test_docstring_example_runs():
   helpers.assert_docstring_examples_pass(lg.gemv, "gemv")
 
