@@ -237,6 +237,11 @@ def _split_sum_order(names: list[str]) -> list[tuple[str, str, str]]:
 
 
 _LOG2E_NEG = -1.4426950408889634  # -log2(e): exp(-v) = 2^(v * this)
+# Up to this many gate/up chunks a thread loads gate's and up's partials
+# at once (4 registers a chunk; 16 chunks: 80 registers in the build by
+# ptxas -v); past it, gate's and then up's (32 chunks at once would take
+# 162 of the 168 that 384 threads a program leave each).
+_SWIGLU_LOADS_AHEAD = 16
 
 
 def swiglu_lines(swiglu: SwigluInput, dtype_name: str
@@ -245,7 +250,8 @@ def swiglu_lines(swiglu: SwigluInput, dtype_name: str
 
   The loads: with `a` the thread's first column (even) and `px` the
   partials' global address, columns `a` and `a + 1` of gate and of up in
-  every chunk (`ld.global.nc.v2.f32`). The math, into `x0`/`x1`: each
+  every chunk (`ld.global.nc.v2.f32`; past `_SWIGLU_LOADS_AHEAD` chunks,
+  up's after gate's sum, in the math). The math, into `x0`/`x1`: each
   column's chunks summed as `sum_splits` sums them, rounded to the
   compute dtype (`dtype_name`); then `jax.nn.silu(g) * u` as its ops
   read in the compute dtype, each result rounded to it: `exp(-g)` (by
@@ -256,22 +262,29 @@ def swiglu_lines(swiglu: SwigluInput, dtype_name: str
   def rnd(reg):
     return [f"cvt.rn.{cvt}.f32 hx0, {reg};", f"cvt.f32.{cvt} {reg}, hx0;"]
 
-  loads = ["mul.wide.u32 d, a, 4;", "add.u64 px, px, d;"]
-  for c in range(swiglu.chunks):
-    loads += [f"ld.global.nc.v2.f32 {{pg{2 * c}, pg{2 * c + 1}}}, "
-              f"[px+{4 * c * swiglu.n_pad}];",
-              f"ld.global.nc.v2.f32 {{pu{2 * c}, pu{2 * c + 1}}}, "
-              f"[px+{4 * (c * swiglu.n_pad + swiglu.up_row0)}];"]
-  math = []
+  def fetch(prefix, row0):
+    return [f"ld.global.nc.v2.f32 {{{prefix}{2 * c}, {prefix}{2 * c + 1}}}, "
+            f"[px+{4 * (c * swiglu.n_pad + row0)}];"
+            for c in range(swiglu.chunks)]
+
+  def total(prefix):
+    out = []
+    for col in (0, 1):
+      names = [f"{prefix}{2 * c + col}" for c in range(swiglu.chunks)]
+      out += [f"add.rn.f32 {d}, {a}, {b};"
+              for d, a, b in _split_sum_order(names)]
+      out += rnd(names[0])
+    return out
+
+  loads = ["mul.wide.u32 d, a, 4;", "add.u64 px, px, d;"] + fetch("pg", 0)
+  ups = fetch("pu", swiglu.up_row0)
+  if swiglu.chunks <= _SWIGLU_LOADS_AHEAD:  # all the loads in flight
+    loads += ups
+    math = total("pg") + total("pu")
+  else:  # gate's, then up's: half the registers (70B: 32 chunks)
+    math = total("pg") + ups + total("pu")
   for col in (0, 1):
-    gate, up = (
-        [f"{p}{2 * c + col}" for c in range(swiglu.chunks)]
-        for p in ("pg", "pu"))
-    for names in (gate, up):
-      math += [f"add.rn.f32 {d}, {a}, {b};"
-               for d, a, b in _split_sum_order(names)]
-      math += rnd(names[0])
-    g, u, x = gate[0], up[0], f"x{col}"
+    g, u, x = f"pg{col}", f"pu{col}", f"x{col}"
     math += [f"mul.rn.f32 e, {g}, {_f32(_LOG2E_NEG)};",
              "ex2.approx.ftz.f32 e, e;"] + rnd("e")
     math += [f"add.rn.f32 e, e, {_f32(1.0)};"] + rnd("e")
