@@ -191,8 +191,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/quant/dispatch_test.py::"
             "test_m1_qkv_group_takes_the_table_kernel",)),
     Mutant("lut-swiglu-reads-gate-as-up", "pallas_kernels/gemv_4bit_lut.py",
-           'f"[px+{4 * (c * swiglu.n_pad + swiglu.up_row0)}];"',
-           'f"[px+{4 * (c * swiglu.n_pad)}];"',
+           'ups = fetch("pu", swiglu.up_row0)',
+           'ups = fetch("pu", 0)',
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_ptx_swiglu_build_matches_reference",)),
     Mutant("swiglu-silu-dropped", "pallas_kernels/gemv_4bit_lut.py",
