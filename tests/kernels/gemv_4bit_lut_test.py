@@ -454,6 +454,43 @@ def test_gpu_swiglu(n, k, n_out, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ns,k,dtype", [
+    ((4096, 1024, 1024), 4096, jnp.bfloat16),   # Llama-3-8B's q/k/v
+    ((14336, 14336), 4096, jnp.bfloat16),       # its gate/up
+    ((8192, 1024, 1024), 8192, jnp.bfloat16),   # 70B's q/k/v
+    ((3072, 1024, 1024), 3072, jnp.float16),    # 3.2-3B's, fp16
+])
+def test_gpu_norm_group(ns, k, dtype):
+  """Compiled with the RMSNorm made in the builds (`NormInput`): each
+  weight against the twin (which normalizes by `rms_norm.reference`) and
+  against float64 products of the reference's x, with room for a unit in
+  the last place of a few of its values (the kernel's sum of squares
+  runs in another order, its rsqrt is approximate)."""
+  from pallas_kernels import rms_norm  # pylint: disable=g-import-not-at-top
+  code = _code("nf4")
+  x = jnp.asarray(_util.rng_array((1, k), 17, dtype)) * 3
+  nw = jnp.asarray(1 + 0.2 * _util.rng_array((k,), 18, jnp.float32), dtype)
+  ws = [_weights(n, k, "nf4", dtype, 90 + i) for i, n in enumerate(ns)]
+  args = [(p.reshape(-1), q.absmax, q.nested_absmax, q.nested_code, q.offset)
+          for p, q in ws]
+  cfg = dict(lg.group_config(ns, k), tma_skips_build=True)
+  run = jax.jit(lambda x, a, nw: lg.gemv_group(
+      x, a, code=code, ns=ns, k=k, rms_norm=(nw, 1e-5), **cfg))
+  ys = run(x, args, nw)
+  twins = lg.gemv_group(x, args, code=code, ns=ns, k=k, rms_norm=(nw, 1e-5),
+                        **cfg, interpret=True)
+  normed = np.asarray(rms_norm.reference(x, nw, 1e-5), np.float32)
+  ulp = 2.0 ** (-8 if dtype == jnp.bfloat16 else -11)
+  for y, t, (p, q) in zip(ys, twins, ws):
+    w = np.asarray(_util.kernel_weight(p, q, jnp.float32), np.float64)
+    exact, bound = helpers.matmul_bound(normed, w, jnp.float32)
+    mag = np.abs(normed.astype(np.float64)) @ np.abs(w).T
+    helpers.assert_within(y, exact, bound + 2 * ulp * mag, "norm group")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(t), rtol=1e-2,
+                               atol=1e-2 * float(jnp.max(jnp.abs(t))))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("ns,k", [((14336, 14336), 4096),
                                   ((4096, 1024, 1024), 4096),
                                   ((3072, 1024, 1024), 3072),  # 3.2-3B
