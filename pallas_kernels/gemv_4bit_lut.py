@@ -839,6 +839,31 @@ def group_args(weights, code, ns, rows, stages, default):
   return code, rows
 
 
+def _prepared(weights):
+  """Each weight's `(packed, codes, nested_absmax, nested_code, offset)`
+  as the kernel reads them: fp32 nested absmax and codes, offset `[1]`
+  (a separate input: no XLA kernel to join it to the codes)."""
+  return [(p, c, na.astype(jnp.float32),
+           nc.astype(jnp.float32), jnp.asarray(off, jnp.float32).reshape(1))
+          for p, c, na, nc, off in weights]
+
+
+def _norm_arg(rms_norm, k: int, dtype):
+  """`(NormInput, weight in dtype)` of an `rms_norm=(weight [k], eps)`
+  argument, or None.
+
+  Raises:
+    ValueError: naming `rms_norm` when the weight is not `[k]`.
+  """
+  if rms_norm is None:
+    return None
+  weight, eps = rms_norm
+  if tuple(weight.shape) != (k,):
+    raise ValueError(f"rms_norm: needs a weight of shape ({k},), got "
+                     f"{tuple(weight.shape)}")
+  return NormInput(float(eps)), weight.astype(dtype)
+
+
 def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, step_rows: int = 64,
                stages: int = 4, wgs: int = 1, early: bool = False,
@@ -866,11 +891,8 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     float32 `[1, n_g]` per weight.
   """
   ns = tuple(ns)
-  if rms_norm is not None:
-    norm_weight, eps = rms_norm
-    if tuple(norm_weight.shape) != (k,):
-      raise ValueError(f"rms_norm: needs a weight of shape ({k},), got "
-                       f"{tuple(norm_weight.shape)}")
+  norm = _norm_arg(rms_norm, k, x.dtype)
+  if norm is not None:
     if wgs > 1 and not tma_skips_build:
       raise ValueError("rms_norm: with two compute warpgroups needs "
                        "tma_skips_build=True (the compute threads meet at a "
@@ -900,14 +922,10 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
         f"rows/stages: {what} with {stages} stages of {wgs} x {step_rows} "
         f"rows need {need} bytes of shared memory, more than "
         f"{_backend.HOPPER_SMEM}; take more row groups or fewer stages")
-  prepared = []
-  for packed, codes, nested_absmax, nested_code, offset in weights:
-    offset = jnp.asarray(offset, jnp.float32)
-    prepared.append((packed, codes, nested_absmax.astype(jnp.float32),
-                     nested_code, offset))
+  prepared = _prepared(weights)
   if interpret:
-    if rms_norm is not None:
-      x = rms_norm_lib.reference(x, norm_weight, eps)
+    if norm is not None:
+      x = rms_norm_lib.reference(x, norm[1], norm[0].eps)
     return tuple(jnp.sum(_twin(x, p, c, na, nc, off, code=code, n=n, k=k),
                          axis=0)[None]
                  for (p, c, na, nc, off), n in zip(prepared, ns))
@@ -915,22 +933,10 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     raise RuntimeError(
         "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
         f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
-  # The offset a separate input: no XLA kernel to join it to the codes.
   return tuple(_compiled(
-      x, [(p, c, na, nc.astype(jnp.float32), off.reshape(1))
-          for p, c, na, nc, off in prepared],
-      code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
+      x, prepared, code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
       stages=stages, wgs=wgs, early=early, tma_skips_build=tma_skips_build,
-      norm=None if rms_norm is None else (
-          NormInput(float(eps)), norm_weight.astype(x.dtype))))
-
-
-def _prepared(weights):
-  """Each weight's `(packed, codes, nested_absmax, nested_code, offset)`
-  as the kernel reads them: fp32 nested absmax and codes, offset `[1]`."""
-  return [(p, c, na.astype(jnp.float32),
-           nc.astype(jnp.float32), jnp.asarray(off, jnp.float32).reshape(1))
-          for p, c, na, nc, off in weights]
+      norm=norm))
 
 
 def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
@@ -987,14 +993,14 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
   dtype = jnp.dtype(x.dtype)
   for n_, k_ in ((n, k), (n, k), (n_out, n)):
     check(x.shape[0], n_, k_, 64, dtype, True)
-  for name, w, rows in (("gate", gate, n), ("up", up, n),
-                        ("down", down, n_out)):
+  for name, w in (("gate", gate), ("up", up), ("down", down)):
     if len(w) != 5:
       raise ValueError(f"{name}: needs (packed, codes, nested_absmax, "
                        f"nested_code, offset), got {len(w)} entries")
   code = tuple(float(c) for c in code)
   if len(code) != 16:
     raise ValueError(f"code: needs 16 values, got {len(code)}")
+  norm = _norm_arg(rms_norm, k, dtype)
   gate, up, down = _prepared((gate, up, down))
   if interpret:
     g, u = gemv_group(x, [gate, up], code=code, ns=(n, n), k=k,
@@ -1006,17 +1012,12 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
         "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
         f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
   first = group_config((n, n), k)
-  if rms_norm is not None and tuple(rms_norm[0].shape) != (k,):
-    raise ValueError(f"rms_norm: needs a weight of shape ({k},), got "
-                     f"{tuple(rms_norm[0].shape)}")
   part, plan = _compiled(x, [gate, up], code=code, ns=(n, n), k=k,
                          rows=first["rows"], step_rows=first["step_rows"],
                          stages=first["stages"], wgs=first["wgs"],
                          early=first["early"],
-                         tma_skips_build=rms_norm is not None, raw=True,
-                         norm=None if rms_norm is None else (
-                             NormInput(float(rms_norm[1])),
-                             rms_norm[0].astype(dtype)))
+                         tma_skips_build=norm is not None, raw=True,
+                         norm=norm)
   second = group_config((n_out,), n)
   # The memory warpgroup skips the build: its copies start at once.
   return _compiled(part, [down], code=code, ns=(n_out,), k=n,

@@ -268,6 +268,13 @@ def gemv_group(x2d, packeds, qss, mode):
       code=code(first.quant_type), interpret=mode == "interpret")
 
 
+def _lut_weights(packeds, qss):
+  """`(packed, codes, nested_absmax, nested_code, offset)` per weight, as
+  the table GEMV (`gemv_4bit_lut`) takes double-quantized weights."""
+  return [(p, q.absmax, q.nested_absmax, q.nested_code, q.offset)
+          for p, q in zip(packeds, qss)]
+
+
 def norm_serves(m, k, dtype, qss, mode=None) -> bool:
   """Whether `gemv_group_norm` serves `[m, k]` of `dtype`, RMSNorm'd,
   times these weights in one launch: `can_group`'s conditions, NF4/FP4
@@ -289,11 +296,10 @@ def gemv_group_norm(x2d, norm_weight, eps, packeds, qss, mode):
   GEMV's builds (the weights pass `norm_serves`)."""
   k = x2d.shape[1]
   ns = tuple(q.shape[0] for q in qss)
-  weights = [(p, q.absmax, q.nested_absmax, q.nested_code, q.offset)
-             for p, q in zip(packeds, qss)]
   cfg = lg.group_config(ns, k)
-  ys = lg.gemv_group(x2d, weights, code=code(qss[0].quant_type), ns=ns, k=k,
-                     **cfg, tma_skips_build=True, rms_norm=(norm_weight, eps),
+  ys = lg.gemv_group(x2d, _lut_weights(packeds, qss),
+                     code=code(qss[0].quant_type), ns=ns, k=k, **cfg,
+                     tma_skips_build=True, rms_norm=(norm_weight, eps),
                      interpret=mode == "interpret")
   return tuple(y.astype(x2d.dtype) for y in ys)
 
@@ -328,10 +334,9 @@ def swiglu(x2d, packeds, qss, mode, rms_norm=None):
   with `rms_norm` `(weight, eps)`, x RMSNorm'd first in gate/up's
   builds, `norm_serves` for gate and up)."""
   gate, _, down = qss
-  weights = [(p, q.absmax, q.nested_absmax, q.nested_code, q.offset)
-             for p, q in zip(packeds, qss)]
-  return lg.gemv_swiglu(x2d, *weights, code=code(gate.quant_type),
-                        n=gate.shape[0], k=x2d.shape[1], n_out=down.shape[0],
+  return lg.gemv_swiglu(x2d, *_lut_weights(packeds, qss),
+                        code=code(gate.quant_type), n=gate.shape[0],
+                        k=x2d.shape[1], n_out=down.shape[0],
                         rms_norm=rms_norm,
                         interpret=mode == "interpret").astype(x2d.dtype)
 
