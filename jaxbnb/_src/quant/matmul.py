@@ -335,40 +335,27 @@ def _swiglu_composed(x2d, packeds, qss):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _swiglu_norm(x2d, norm_weight, packeds, qss, eps):
+def _swiglu(x2d, norm_weight, packeds, qss, eps):
+  """The fused launches (`kernels.swiglu`), x RMSNorm'd in them unless
+  `norm_weight` is None; differentiated through the composition."""
+  rms_norm = None if norm_weight is None else (norm_weight, eps)
   return kernels.swiglu(x2d, [ops.from_storage(p) for p in packeds], qss,
-                        dispatch.resolve(), rms_norm=(norm_weight, eps))
+                        dispatch.resolve(), rms_norm=rms_norm)
 
 
-def _swiglu_norm_fwd(x2d, norm_weight, packeds, qss, eps):
-  return (_swiglu_norm(x2d, norm_weight, packeds, qss, eps),
+def _swiglu_fwd(x2d, norm_weight, packeds, qss, eps):
+  return (_swiglu(x2d, norm_weight, packeds, qss, eps),
           (x2d, norm_weight, packeds, qss))
 
 
-def _swiglu_norm_bwd(eps, res, g):
+def _swiglu_bwd(eps, res, g):
   x2d, norm_weight, packeds, qss = res
-  _, vjp = jax.vjp(lambda x, w: _swiglu_composed(
-      rms_norm_lib.reference(x, w, eps), packeds, qss), x2d, norm_weight)
-  zeros = jax.tree.map(_zero_cotangent, (packeds, qss))
-  return vjp(g) + zeros
 
+  def composed(x, w):
+    x = x if w is None else rms_norm_lib.reference(x, w, eps)
+    return _swiglu_composed(x, packeds, qss)
 
-_swiglu_norm.defvjp(_swiglu_norm_fwd, _swiglu_norm_bwd)
-
-
-@jax.custom_vjp
-def _swiglu(x2d, packeds, qss):
-  return kernels.swiglu(x2d, [ops.from_storage(p) for p in packeds], qss,
-                        dispatch.resolve())
-
-
-def _swiglu_fwd(x2d, packeds, qss):
-  return _swiglu(x2d, packeds, qss), (x2d, packeds, qss)
-
-
-def _swiglu_bwd(res, g):
-  x2d, packeds, qss = res
-  _, vjp = jax.vjp(lambda x: _swiglu_composed(x, packeds, qss), x2d)
+  _, vjp = jax.vjp(composed, x2d, norm_weight)
   zeros = jax.tree.map(_zero_cotangent, (packeds, qss))
   return vjp(g) + zeros
 
@@ -456,12 +443,12 @@ def matmul_4bit_swiglu(
     if fused and kernels.norm_serves(x2d.shape[0], k, x2d.dtype, qss[:2]):
       x2d, norm_weight = pallas_kernels.match_vma(
           (x2d, norm_weight), (x2d, norm_weight, packeds, qss))
-      y = _swiglu_norm(x2d, norm_weight, packeds, qss, eps)
+      y = _swiglu(x2d, norm_weight, packeds, qss, eps)
       return y.reshape(*A.shape[:-1], y.shape[-1])
     x2d = rms_norm_lib.reference(x2d, norm_weight, eps)
   if fused:
     x2d = pallas_kernels.match_vma((x2d,), (x2d, packeds, qss))[0]
-    y = _swiglu(x2d, packeds, qss)
+    y = _swiglu(x2d, None, packeds, qss, 0.0)
   else:
     y = _swiglu_composed(x2d, packeds, qss)
   return y.reshape(*A.shape[:-1], y.shape[-1])
