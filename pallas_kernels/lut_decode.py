@@ -130,7 +130,7 @@ def ptx(code: tuple[float, ...], dtype_name: str) -> str:
   names.update({f"o{i}": f"r{i}" for i in range(4)})
   decl, lines = render(code, dtype_name, names)
   out = ["{", decl, ".reg .b32 r0, r1, r2, r3;"] + lines
-  out += [f"mov.b32 $%d, r%d;" % (i, i) for i in range(4)]
+  out += ["mov.b32 $%d, r%d;" % (i, i) for i in range(4)]
   out.append("}")
   return "\n".join(out)
 

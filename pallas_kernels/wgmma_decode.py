@@ -43,7 +43,7 @@ def _scale_lines(groups, blocks, nested, ptrs, dst):
   lines = []
   for i in range(groups):
     for h in range(2):
-      lines += [f"mad.lo.u32 r, wp, 16, g;",
+      lines += ["mad.lo.u32 r, wp, 16, g;",
                 f"add.u32 r, r, {64 * i + 8 * h};",
                 f"mul.wide.u32 ta, r, {nkb};", f"add.u64 ca, {c_step}, ta;",
                 f"ld.global.nc.{width} cw, [ca+{blocks[0]}];",
@@ -205,7 +205,7 @@ def decode_ptx(code: tuple[float, ...], tile_w: int, tile_k: int,
                           lambda i, h, qi: f"sc{(2 * i + h) * nb + qi}")
   for i in range(groups):
     for h in range(2):
-      lines += [f"mad.lo.u32 r, wp, 16, g;", f"add.u32 r, r, {64 * i + 8 * h};",
+      lines += ["mad.lo.u32 r, wp, 16, g;", f"add.u32 r, r, {64 * i + 8 * h};",
                 f"mad.lo.u32 wa, r, {row_bytes}, wbase;"]
       if not (nested or scales):
         lines.append("mad.lo.u32 sa, r, 4, sbase;")

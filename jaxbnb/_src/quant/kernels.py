@@ -177,8 +177,9 @@ def quantize_blockwise_flat(flat, code_np, blocksize, mode):
   """
   tables = None if mode == "reference" else code_tables.quantize_tables(
       code_np)
-  codes_fn = None
-  if tables is not None:
+  if tables is None:
+    codes_fn = None
+  else:
     lo, aux = (jnp.asarray(t) for t in tables)
 
     def codes_fn(x):

@@ -44,7 +44,6 @@ from jaxbnb._src.io import estimate
 from jaxbnb._src.train import mesh as train_mesh
 from jaxbnb._src.tools import argtypes
 from jaxbnb._src.tools import bench_decode
-from jaxbnb._src.tools import measure
 from jaxbnb._src.tools import report
 
 __all__ = ["IMPLS", "TARGETS", "add_parsers", "run_qlora", "qlora_table"]
