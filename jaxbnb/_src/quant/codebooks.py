@@ -9,6 +9,7 @@ here traces: the tables become constants or array inputs of the ops.
 
 from __future__ import annotations
 
+import fractions
 import functools
 import itertools
 
@@ -52,39 +53,48 @@ NF4_CODE = np.asarray(
     _F32,
 )
 
-# Midpoints used by the CUDA NF4 quantizer: nibble n is chosen when
-# t[n-1] < x <= t[n]. The CUDA tree compares the fp32 value against these
-# *double* literals, so a float equal to float32(t) may land above or below.
-_NF4_THRESHOLDS_F64 = np.asarray(
+def _float_literal(text: str) -> np.float32:
+  """The float32 a C compiler makes of the literal `text` + "f".
+
+  The decimal is rounded once, straight to float32. Rounding it to float64
+  first (`np.float32(float(text))`) is a double rounding that lands one ulp
+  off for 4 of the 15 NF4 thresholds.
+  """
+  exact = fractions.Fraction(text)
+  near = np.float32(float(text))
+  candidates = (np.nextafter(near, _F32(-np.inf)), near,
+                np.nextafter(near, _F32(np.inf)))
+  return min(candidates, key=lambda c: abs(fractions.Fraction(float(c)) - exact))
+
+
+# The literals of bitsandbytes' CUDA NF4 decision tree (`dQuantizeNF4`), the
+# midpoints of neighbouring codes: nibble n is chosen when t[n-1] < x <= t[n].
+# They are `float` literals (an `f` suffix): the tree compares the fp32 value
+# against each literal's float32 rounding with a strict `>`, so a value
+# exactly on a threshold goes to the lower code.
+NF4_THRESHOLDS = np.asarray(
     [
-        -0.8480964004993439,
-        -0.6106329262256622,
-        -0.4599952697753906,
-        -0.33967943489551544,
-        -0.23460740596055984,
-        -0.13791173323988914,
-        -0.045525018125772476,
-        0.03979014977812767,
-        0.1202552504837513,
-        0.2035212516784668,
-        0.2920137718319893,
-        0.3893125355243683,
-        0.5016634166240692,
-        0.6427869200706482,
-        0.8614784181118011,
+        _float_literal(t)
+        for t in (
+            "-0.8480964004993439",
+            "-0.6106329262256622",
+            "-0.4599952697753906",
+            "-0.33967943489551544",
+            "-0.23460740596055984",
+            "-0.13791173323988914",
+            "-0.045525018125772476",
+            "0.03979014977812767",
+            "0.1202552504837513",
+            "0.2035212516784668",
+            "0.2920137718319893",
+            "0.3893125355243683",
+            "0.5016634166240692",
+            "0.6427869200706482",
+            "0.8614784181118011",
+        )
     ],
-    np.float64,
+    _F32,
 )
-
-
-def _round_down_f32(t: np.ndarray) -> np.ndarray:
-  """Largest float32 <= t: for a float32 x, `x > t` iff `x > round_down(t)`."""
-  f = t.astype(_F32)
-  return np.where(f.astype(np.float64) > t, np.nextafter(f, _F32(-np.inf)), f)
-
-
-# float32 thresholds giving the same decisions as the double comparison.
-NF4_THRESHOLDS = _round_down_f32(_NF4_THRESHOLDS_F64).astype(_F32)
 
 # FP4 (e2m1) magnitudes for the three low bits (the CUDA
 # `fp4_dequantization_lut`); bit 3 is the sign.
