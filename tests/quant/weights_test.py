@@ -97,3 +97,43 @@ def test_equality_follows_bitsandbytes():
   i = F.Int8Params.from_float(w)
   assert i == F.Int8Params.from_float(w) and i != a
   assert i != F.Int8Params.from_float(w * 2.0 + 0.5)
+
+
+@pytest.mark.parametrize("storage", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_float_storage_compares_bytes_not_floats(storage):
+  # NF4 codes 15, 15 pack to 0xFF: two such bytes read as a float16 or
+  # bfloat16 NaN (four as a float32 NaN). The weight must equal itself.
+  w = jnp.full((4, 64), -1.0).at[:, 1::2].set(1.0)  # bytes 0x0F
+  w = w.at[0, 0:8].set(1.0)  # leading bytes 0xFF
+  p = F.Params4bit.from_float(w, quant_type="nf4", quant_storage=storage)
+  assert np.isnan(np.asarray(p.data, np.float32).reshape(-1)[0])
+  assert p == p  # pylint: disable=comparison-with-itself
+  assert p == F.Params4bit.from_float(w, quant_type="nf4",
+                                      quant_storage=storage)
+  assert p == F.Params4bit.from_state_dict(p.state_dict("fc."), "fc.")
+  # Codes that read as +0.0 and -0.0 are different weights.
+  raw = np.asarray(F.Params4bit.from_float(
+      jnp.full((4, 64), -1.0).at[:, 1::2].set(1.0), quant_type="nf4",
+      quant_storage=storage).data).copy()
+  word = np.dtype(f"u{raw.dtype.itemsize}")
+  pos, neg = raw.copy(), raw.copy()
+  pos.view(word)[5] = 0
+  neg.view(word)[5] = 1 << (8 * raw.dtype.itemsize - 1)  # the sign bit
+  a = F.Params4bit(jnp.asarray(pos), p.quant_state)
+  b = F.Params4bit(jnp.asarray(neg), p.quant_state)
+  assert not np.array_equal(np.asarray(a.dequantize()),
+                            np.asarray(b.dequantize()))
+  assert a != b and b != a
+  # The same bytes in another storage dtype are another weight.
+  assert p != F.Params4bit.from_float(w, quant_type="nf4")
+
+
+def test_int8_equality_with_nan_scales_and_dtype():
+  w = _weight((8, 32))
+  i = F.Int8Params.from_float(w)
+  nan = F.Int8Params(i.CB, i.SCB.at[2].set(jnp.nan), i.dtype)
+  assert nan == nan  # pylint: disable=comparison-with-itself
+  assert nan == F.Int8Params(i.CB, i.SCB.at[2].set(jnp.nan), i.dtype)
+  assert nan != i
+  # The original dtype decides what `dequantize` returns: part of the value.
+  assert F.Int8Params(i.CB, i.SCB, "bfloat16") != i

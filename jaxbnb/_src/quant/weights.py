@@ -32,7 +32,9 @@ import numpy as np
 from jaxbnb._src.quant import matmul as matmul_lib
 from jaxbnb._src.quant import ops
 from jaxbnb._src.quant.state import QuantState
+from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.state import allclose
+from jaxbnb._src.quant.state import bytes_equal
 from jaxbnb._src.quant.state import to_numpy
 
 __all__ = ["QuantizedArray", "Params4bit", "Int8Params", "FORMATS",
@@ -149,8 +151,12 @@ class Params4bit(QuantizedArray):
     """Equal packed bytes and equal `QuantState`s (bitsandbytes' semantics).
 
     The states compare as `QuantState.__eq__` does (absmax and code within
-    `atol=1e-6`); the packed bytes must be identical. Anything that is not a
-    `Params4bit` is unequal. Compared on the host (not under `jax.jit`).
+    `atol=1e-6`); the packed data must have the same `quant_storage` dtype,
+    the same shape and identical bytes. A float `quant_storage` is compared
+    bit for bit, never as numbers: packed codes that read as a NaN still
+    equal themselves, and codes that read as +0.0 and -0.0 differ. Anything
+    that is not a `Params4bit` is unequal. Compared on the host (not under
+    `jax.jit`).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -163,9 +169,7 @@ class Params4bit(QuantizedArray):
     """
     if not isinstance(other, Params4bit):
       return False
-    a, b = to_numpy(self.data), to_numpy(other.data)
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and bool(np.array_equal(a, b))
+    return (bytes_equal(self.data, other.data)
             and self.quant_state == other.quant_state)
 
   __hash__ = None
@@ -216,21 +220,32 @@ class Params4bit(QuantizedArray):
       The `Params4bit`, with the packed storage dtype kept as stored.
 
     Raises:
-      ValueError: if the weight or its quant state is missing or the packed
-        size does not match the recorded shape.
+      ValueError: if the weight or its quant state is missing or
+        inconsistent (see `QuantState.from_dict`: a double-quantized state
+        missing a nested entry, an array of the wrong dtype or length), the
+        packed weight is not of a `quant_storage` dtype, or its size does not
+        match the recorded shape. The message names the key.
     """
+    fn = "Params4bit.from_state_dict"
     wkey = prefix + "weight"
     if wkey not in state:
-      raise ValueError(f"Params4bit.from_state_dict: missing {wkey!r}.")
+      raise ValueError(f"{fn}: missing {wkey!r}.")
     sub = {k[len(wkey) + 1:]: v for k, v in state.items()
            if k.startswith(wkey + ".")}
-    qs = QuantState.from_dict(sub)
+    # Keys in errors are named in full (`prefix + "weight.absmax"`).
+    qs = QuantState._from_dict(  # pylint: disable=protected-access
+        sub, fn, wkey + ".")
     data = np.asarray(state[wkey])
+    if data.dtype.name not in validation.QUANT_STORAGE_DTYPES:
+      raise ValueError(
+          f"{fn}: {wkey!r} must be packed 4-bit codes of a quant_storage "
+          f"dtype {validation.QUANT_STORAGE_DTYPES}, got {data.dtype.name}."
+      )
     nbytes = data.size * data.dtype.itemsize
     expected = (qs.numel + 1) // 2
     if nbytes != expected:
       raise ValueError(
-          f"Params4bit.from_state_dict: {wkey!r} holds {nbytes} bytes, "
+          f"{fn}: {wkey!r} holds {nbytes} bytes, "
           f"expected (n + 1) // 2 = {expected} for shape {qs.shape}."
       )
     return cls(jnp.asarray(data.reshape(-1, 1)), qs)
@@ -305,11 +320,16 @@ class Int8Params(QuantizedArray):
     return tuple(self.CB.shape)
 
   def __eq__(self, other: object) -> bool:
-    """Identical int8 rows and row scales within `atol=1e-6`."""
+    """Identical int8 rows, row scales within `atol=1e-6`, the same dtype.
+
+    `SCB` is compared as `QuantState` compares its absmax (NaNs in the same
+    places are equal, so a weight always equals itself); `dtype` is the
+    original dtype `dequantize` returns. Compared on the host.
+    """
     if not isinstance(other, Int8Params):
       return False
-    return (self.shape == other.shape
-            and bool(np.array_equal(to_numpy(self.CB), to_numpy(other.CB)))
+    return (self.shape == other.shape and self.dtype == other.dtype
+            and bytes_equal(self.CB, other.CB)
             and allclose(self.SCB, other.SCB))
 
   __hash__ = None
