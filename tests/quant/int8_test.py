@@ -8,6 +8,8 @@ bitsandbytes 0.50.2 on CUDA: `int8_vectorwise_quant` of fp16 weights (what
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,3 +239,31 @@ def test_matmul_int8_errors():
     F.matmul_int8(jnp.ones((2, 8)), q.CB.reshape(-1), q.SCB)
   with pytest.raises(ValueError, match=r"`A` must have shape \[\.\.\., 8\]"):
     F.matmul_int8(jnp.ones((2, 7)), q.CB, q.SCB)
+
+
+def test_matmul_int8_scales_and_bias_must_match_the_rows():
+  q = F.Int8Params.from_float(jnp.ones((16, 64)))
+  x = jnp.ones((2, 64))
+  with pytest.raises(ValueError, match=re.escape(
+      "matmul_int8: `SCB` must have shape (N,)=(16,) (one row absmax per "
+      "row of `CB` (16, 64)), got (3,).")):
+    F.matmul_int8(x, q.CB, q.SCB[:3])
+  with pytest.raises(ValueError, match=re.escape("`SCB` must have shape "
+                                                 "(N,)=(16,)")):
+    F.matmul_int8(x, q.CB, q.SCB[:, None])
+  with pytest.raises(TypeError, match=re.escape(
+      "matmul_int8: `SCB` must be a float32 array, got int32.")):
+    F.matmul_int8(x, q.CB, q.SCB.astype(jnp.int32))
+  with pytest.raises(ValueError, match=re.escape(
+      "matmul_int8: `bias` must have shape (N,)=(16,), got (3,).")):
+    F.matmul_int8(x, q.CB, q.SCB, bias=jnp.ones(3))
+  with pytest.raises(ValueError, match=re.escape(
+      "`bias` must have shape (N,)=(16,), got (16, 1).")):
+    F.matmul_int8(x, q.CB, q.SCB, bias=jnp.ones((16, 1)))
+  with pytest.raises(TypeError, match="`bias` must have dtype float32, "
+                     "float16 or bfloat16, got int32"):
+    F.matmul_int8(x, q.CB, q.SCB, bias=jnp.ones(16, jnp.int32))
+  # The checked arguments still run, jitted too.
+  y = F.matmul_int8(x, q.CB, q.SCB, bias=jnp.ones(16))
+  helpers.assert_bits_equal(
+      jax.jit(F.matmul_int8)(x, q.CB, q.SCB, jnp.ones(16)), y)

@@ -9,8 +9,10 @@ and `TestLLMInt8Functional.test_integrated_int8_linear_matmul`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -820,3 +822,90 @@ def test_nested_quantization_by_tables_equals_the_search():
                                 np.asarray(states[1].absmax))
   np.testing.assert_array_equal(np.asarray(states[0].nested_absmax),
                                 np.asarray(states[1].nested_absmax))
+
+
+# --------------------------------------------------------------------------
+# Argument checks of the dequantizers: lengths and dtypes
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_absmax", [3, 7, 9, 100])
+def test_dequantize_blockwise_absmax_length(n_absmax):
+  q = jnp.zeros((8, 64), jnp.uint8)  # 512 codes, blocksize 64: 8 blocks
+  with pytest.raises(ValueError, match=re.escape(
+      f"dequantize_blockwise: `absmax` has {n_absmax} entries, expected "
+      "ceil(n / blocksize) = ceil(512 / 64) = 8 for 512 codes.")):
+    F.dequantize_blockwise(q, absmax=jnp.ones(n_absmax), blocksize=64)
+  assert F.dequantize_blockwise(q, absmax=jnp.ones(8), blocksize=64).shape \
+      == (8, 64)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_blockwise_state_absmax_length(nested):
+  q, qs = F.quantize_blockwise(jnp.linspace(-1, 1, 512), blocksize=64,
+                               nested=nested)
+  for absmax in (qs.absmax[:-1], jnp.concatenate([qs.absmax, qs.absmax])):
+    with pytest.raises(ValueError, match=re.escape(
+        f"dequantize_blockwise: quant_state.absmax has {absmax.shape[0]} "
+        "entries, expected ceil(n / blocksize) = ceil(512 / 64) = 8")):
+      F.dequantize_blockwise(q, dataclasses.replace(qs, absmax=absmax))
+  with pytest.raises(ValueError, match=re.escape(
+      "dequantize_blockwise: quant_state.code must have 256 entries, got "
+      "shape (100,).")):
+    F.dequantize_blockwise(q, dataclasses.replace(qs, code=qs.code[:100]))
+  if nested:
+    with pytest.raises(ValueError, match="quant_state.nested_absmax has 0 "
+                       "entries, expected ceil"):
+      F.dequantize_blockwise(q, dataclasses.replace(
+          qs, nested_absmax=qs.nested_absmax[:0]))
+  with pytest.raises(TypeError, match="`quant_state` must be a QuantState, "
+                     "got dict"):
+    F.dequantize_blockwise(q, qs.as_dict())
+
+
+def test_dequantize_blockwise_code_length():
+  q = jnp.zeros((64,), jnp.uint8)
+  with pytest.raises(ValueError, match=re.escape(
+      "dequantize_blockwise: `code` must have 256 entries, got shape (100,)")):
+    F.dequantize_blockwise(q, absmax=jnp.ones(1), code=jnp.zeros(100),
+                           blocksize=64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, "int8", jnp.bool_,
+                                   jnp.float64, "foo"])
+def test_dequantize_4bit_rejects_a_non_float_dtype(dtype):
+  packed, qs = F.quantize_4bit(jnp.full((8, 64), 0.7), quant_type="nf4")
+  shown = {"foo": "'foo'"}.get(dtype, jnp.dtype(dtype).name
+                               if dtype != "foo" else None)
+  with pytest.raises(TypeError, match=re.escape(
+      "dequantize_4bit: `dtype` must be one of ('float32', 'float16', "
+      f"'bfloat16'), got {shown}.")):
+    F.dequantize_4bit(packed, absmax=qs.absmax, shape=(8, 64), dtype=dtype,
+                      quant_type="nf4")
+  # A state whose recorded dtype is not a float is refused as well.
+  with pytest.raises(TypeError, match=re.escape(
+      "`quant_state.dtype` must be one of")):
+    F.dequantize_4bit(packed, dataclasses.replace(qs, dtype="int32"))
+  out = F.dequantize_4bit(packed, absmax=qs.absmax, shape=(8, 64),
+                          dtype="bfloat16", quant_type="nf4")
+  assert out.dtype == jnp.bfloat16
+
+
+def test_dequantize_4bit_table_lengths():
+  packed, qs = F.quantize_4bit(jnp.linspace(-1, 1, 64 * 600).reshape(-1, 64),
+                               quant_type="nf4", compress_statistics=True)
+  with pytest.raises(ValueError, match=re.escape(
+      "dequantize_4bit: quant_state.code must have 16 entries, got shape "
+      "(256,).")):
+    F.dequantize_4bit(packed, dataclasses.replace(qs, code=qs.nested_code))
+  with pytest.raises(ValueError, match=re.escape(
+      "dequantize_4bit: quant_state.nested_absmax has 2 entries, expected "
+      "ceil(600 / nested_blocksize 256) = 3.")):
+    F.dequantize_4bit(packed, dataclasses.replace(
+        qs, nested_absmax=qs.nested_absmax[:2]))
+  with pytest.raises(ValueError, match=re.escape(
+      "quant_state.nested_code must have 256 entries, got (100,).")):
+    F.dequantize_4bit(packed, dataclasses.replace(
+        qs, nested_code=qs.nested_code[:100]))
+  with pytest.raises(TypeError, match="`quant_state` must be a QuantState"):
+    F.dequantize_4bit(packed, qs.as_dict(packed=True))

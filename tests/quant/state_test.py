@@ -292,7 +292,8 @@ def test_broken_plain_checkpoint_is_an_error(edit, message):
 
 def test_packed_weight_of_a_wrong_dtype_is_an_error():
   _, sd = _checkpoint(compress=False)
-  sd["m.weight"] = sd["m.weight"].reshape(-1).view(np.int16)  # right bytes, wrong kind
+  # The right number of bytes, but not a quant_storage dtype.
+  sd["m.weight"] = sd["m.weight"].reshape(-1).view(np.int16)
   with pytest.raises(ValueError, match=re.escape(
       "'m.weight' must be packed 4-bit codes of a quant_storage dtype "
       "('uint8', 'int8', 'float16', 'bfloat16', 'float32'), got int16")):

@@ -504,6 +504,11 @@ def matmul_int8(
   Returns:
     `[..., N]` in `A.dtype`.
 
+  Raises:
+    TypeError: if `A`, `SCB` or `bias` is not a float array, or `CB` not a
+      2-D int8 array.
+    ValueError: if `A` is not `[..., K]`, or `SCB` or `bias` not `[N]`.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from jaxbnb import functional as F
@@ -521,6 +526,19 @@ def matmul_int8(
   if A.shape[-1] != k:
     raise ValueError(f"{fn}: `A` must have shape [..., {k}], got "
                      f"{tuple(A.shape)}.")
+  if (not hasattr(SCB, "dtype") or not hasattr(SCB, "shape")
+      or not jnp.issubdtype(SCB.dtype, jnp.floating)):
+    raise TypeError(f"{fn}: `SCB` must be a float32 array, got "
+                    f"{getattr(SCB, 'dtype', type(SCB).__name__)}.")
+  if tuple(SCB.shape) != (n,):
+    raise ValueError(f"{fn}: `SCB` must have shape (N,)=({n},) (one row "
+                     f"absmax per row of `CB` {tuple(CB.shape)}), got "
+                     f"{tuple(SCB.shape)}.")
+  if bias is not None:
+    validation.check_float_array(bias, "bias", fn)
+    if tuple(bias.shape) != (n,):
+      raise ValueError(f"{fn}: `bias` must have shape (N,)=({n},), got "
+                       f"{tuple(bias.shape)}.")
   x2d = jnp.asarray(A).reshape(-1, k)
   if bias is not None:
     bias = jnp.asarray(bias)

@@ -224,6 +224,45 @@ def quantize_fp4(A, blocksize=None, compress_statistics=False,  # pylint: disabl
   return quantize_4bit(A, blocksize, compress_statistics, "fp4", quant_storage)
 
 
+def _float_dtype_name(dtype, name: str, fn: str) -> str:
+  """The name of `dtype`, which must be float32, float16 or bfloat16."""
+  try:
+    got = validation.dtype_name(dtype)
+  except TypeError:
+    got = None
+  if got not in validation.FLOAT_DTYPES:
+    raise TypeError(
+        f"{fn}: `{name}` must be one of {validation.FLOAT_DTYPES}, got "
+        f"{got or repr(dtype)}."
+    )
+  return got
+
+
+def _check_tables(qs: QuantState, code_size: int, fn: str,
+                  code_name: str = "quant_state.code") -> None:
+  """`qs.code` has `code_size` entries; a nested state's nested absmax
+  covers every block (a row shard may keep more) and its code is 256."""
+  got = math.prod(jnp.shape(qs.code))
+  if got != code_size:
+    raise ValueError(f"{fn}: {code_name} must have {code_size} entries, "
+                     f"got shape {tuple(jnp.shape(qs.code))}.")
+  if not qs.nested:
+    return
+  nb = math.prod(jnp.shape(qs.absmax))
+  nnb = -(-nb // qs.nested_blocksize)
+  got = math.prod(jnp.shape(qs.nested_absmax))
+  if got < nnb:
+    raise ValueError(
+        f"{fn}: quant_state.nested_absmax has {got} entries, expected "
+        f"ceil({nb} / nested_blocksize {qs.nested_blocksize}) = {nnb}."
+    )
+  if qs.nested_code is None or math.prod(jnp.shape(qs.nested_code)) != 256:
+    raise ValueError(
+        f"{fn}: quant_state.nested_code must have 256 entries, got "
+        f"{None if qs.nested_code is None else tuple(qs.nested_code.shape)}."
+    )
+
+
 def _check_packed(A, fn):  # pylint: disable=invalid-name
   if not hasattr(A, "dtype"):
     raise TypeError(f"{fn}: `A` must be an array, got {type(A).__name__}.")
@@ -254,14 +293,17 @@ def dequantize_4bit(
     blocksize: used only without `quant_state` (default 64).
     quant_type: used only without `quant_state`.
     shape: output shape, used only without `quant_state`.
-    dtype: output dtype, used only without `quant_state`.
+    dtype: output dtype (float32, float16 or bfloat16), used only without
+      `quant_state`.
 
   Returns:
     The array of `quant_state.shape` in `quant_state.dtype`.
 
   Raises:
+    TypeError: if `A` is not of a quant_storage dtype, `quant_state` is not
+      a `QuantState`, or the output dtype is not a float dtype.
     ValueError: if neither a state nor absmax/shape/dtype are given, or the
-      packed size does not match the shape.
+      packed size or the absmax length does not match the shape.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -285,10 +327,14 @@ def dequantize_4bit(
     quant_state = QuantState(
         absmax=jnp.asarray(absmax, jnp.float32),
         code=jnp.asarray(codebooks.get_4bit_type(quant_type)),
-        shape=tuple(shape), dtype=validation.dtype_name(dtype),
+        shape=tuple(shape), dtype=_float_dtype_name(dtype, "dtype", fn),
         blocksize=blocksize, quant_type=quant_type)
+  elif not isinstance(quant_state, QuantState):
+    raise TypeError(f"{fn}: `quant_state` must be a QuantState, got "
+                    f"{type(quant_state).__name__}.")
   qs = quant_state
   validation.check_quant_type(qs.quant_type, "quant_state.quant_type", fn)
+  _float_dtype_name(qs.dtype, "quant_state.dtype", fn)
   packed = from_storage(jnp.asarray(A))
   n = qs.numel
   if packed.shape[0] != (n + 1) // 2:
@@ -302,6 +348,7 @@ def dequantize_4bit(
         f"ceil(n / blocksize) = {-(-n // qs.blocksize)} for shape {qs.shape} "
         f"and blocksize {qs.blocksize}."
     )
+  _check_tables(qs, 16, fn)
   out = dequantize_flat(packed, qs)
   return out.reshape(qs.shape)
 
@@ -431,8 +478,10 @@ def dequantize_blockwise(
     without a state).
 
   Raises:
-    TypeError: if `A` is not uint8.
-    ValueError: if neither a state nor absmax is given.
+    TypeError: if `A` is not uint8 or `quant_state` not a `QuantState`.
+    ValueError: if neither a state nor absmax is given, the absmax does not
+      have one entry per block (`ceil(A.size / blocksize)`) or the code is
+      not 256 values.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -458,7 +507,22 @@ def dequantize_blockwise(
                              code=jnp.asarray(code, jnp.float32),
                              shape=tuple(A.shape), dtype="float32",
                              blocksize=blocksize)
+    what = "`absmax`", "`code`"
+  elif not isinstance(quant_state, QuantState):
+    raise TypeError(f"{fn}: `quant_state` must be a QuantState, got "
+                    f"{type(quant_state).__name__}.")
+  else:
+    what = "quant_state.absmax", "quant_state.code"
+    _float_dtype_name(quant_state.dtype, "quant_state.dtype", fn)
   qs = quant_state
+  nb = -(-A.size // qs.blocksize)
+  if math.prod(jnp.shape(qs.absmax)) != nb:
+    raise ValueError(
+        f"{fn}: {what[0]} has {math.prod(jnp.shape(qs.absmax))} entries, "
+        f"expected ceil(n / blocksize) = ceil({A.size} / {qs.blocksize}) = "
+        f"{nb} for {A.size} codes."
+    )
+  _check_tables(qs, 256, fn, what[1])
   A = jnp.asarray(A)
   out = reference.dequantize_blockwise(
       A.reshape(-1), float_absmax(qs), qs.code, qs.blocksize,
