@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -405,3 +406,73 @@ def test_layers_reject_0d_inputs():
   variables = dense.init(jax.random.key(0), jnp.ones((1, 16)))
   with pytest.raises(ValueError, match=r"`inputs`.*\[\.\.\., in_features\]"):
     dense.apply(variables, jnp.float32(1.0))
+
+
+@pytest.mark.parametrize("cls", [jn.Linear4bit, jn.LinearNF4, jn.LinearFP4])
+def test_linear4bit_quantizes_a_float_weight(cls):
+  # A float [out, in] weight is quantized with the layer's settings, as
+  # Linear8bitLt(has_fp16_weights=False) does with its float weight.
+  w = jax.random.normal(jax.random.key(0), (8, 64), jnp.bfloat16)
+  kw = dict(blocksize=32, compress_statistics=False,
+            quant_storage=jnp.float16)
+  if cls is jn.Linear4bit:
+    kw["quant_type"] = "nf4"
+  layer = cls(64, 8, weight=w, bias=jnp.arange(8.0), **kw)
+  quant_type = {jn.LinearFP4: "fp4"}.get(cls, "nf4")
+  expected = F.Params4bit.from_float(w, **{**kw, "quant_type": quant_type})
+  assert layer.weight.get_value() == expected
+  x = jax.random.normal(jax.random.key(1), (3, 64), jnp.float32)
+  same = cls(64, 8, weight=expected, bias=jnp.arange(8.0))
+  np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(same(x)))
+
+
+@pytest.mark.parametrize("cls", [jn.Linear4bit, jn.Linear8bitLt])
+def test_quantized_linears_check_weight_and_bias_at_construction(cls):
+  name = cls.__name__
+  if cls is jn.Linear4bit:
+    kw = {}
+    wrong = F.Int8Params.from_float(jnp.ones((8, 64)))
+    own, other = "Params4bit", "Int8Params"
+  else:
+    kw = dict(has_fp16_weights=False)
+    wrong = F.Params4bit.from_float(jnp.ones((8, 64)))
+    own, other = "Int8Params", "Params4bit"
+  expected = ("must be a " if own == "Params4bit" else "must be an ") + own
+  for weight, got in ((wrong, other),
+                      (jnp.ones((8, 64), jnp.int32),
+                       "an int32 array of shape [8, 64]"),
+                      ([[1.0] * 64] * 8, "list")):
+    with pytest.raises(TypeError, match=re.escape(
+        f"{name}: `weight` {expected} or a float [out_features, "
+        f"in_features]=[8, 64] array, got {got}.")):
+      cls(64, 8, weight=weight, use_bias=False, **kw)
+  with pytest.raises(ValueError, match=re.escape(
+      f"{name}: `weight` must have shape [out_features, in_features]=[8, 64]"
+      ", got [64, 8].")):
+    cls(64, 8, weight=jnp.ones((64, 8)), use_bias=False, **kw)
+  good = jnp.ones((8, 64))
+  for bias in (jnp.zeros(5), jnp.zeros((8, 1)), jnp.zeros(())):
+    with pytest.raises(ValueError, match=re.escape(
+        f"{name}: `bias` must have shape (out_features,)=(8,), got "
+        f"{tuple(bias.shape)}.")):
+      cls(64, 8, weight=good, bias=bias, **kw)
+  with pytest.raises(TypeError, match=re.escape(
+      f"{name}: `bias` must be a float array of shape (out_features,)=(8,), "
+      "got an int32 array of shape [8].")):
+    cls(64, 8, weight=good, bias=jnp.zeros(8, jnp.int32), **kw)
+  with pytest.raises(ValueError, match=re.escape(
+      f"{name}: `bias` must be None with use_bias=False, got a float32 array "
+      "of shape [8].")):
+    cls(64, 8, weight=good, bias=jnp.zeros(8), use_bias=False, **kw)
+  # Initialized layers (rngs) build their own bias: unchanged.
+  layer = cls(64, 8, rngs=nnx.Rngs(0), **kw)
+  assert layer(jnp.ones((2, 64))).shape == (2, 8)
+
+
+def test_dense4bit_kernel_of_the_wrong_type():
+  layer = jl.Dense4bit(8)
+  variables = layer.init(jax.random.key(0), jnp.ones((1, 16)))
+  variables = {**variables, jl.QUANTIZED: {"kernel": jnp.ones((8, 16))}}
+  with pytest.raises(TypeError, match="Dense4bit: the quantized kernel must "
+                     "be a Params4bit, got ArrayImpl"):
+    layer.apply(variables, jnp.ones((1, 16)))

@@ -12,12 +12,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxbnb._src.quant.weights import QuantizedArray
 
 __all__ = ["QuantizedWeight", "QuantizedLinear", "apply_quantized",
-           "check_inputs", "check_fixed_quant_type"]
+           "check_inputs", "check_fixed_quant_type", "float_weight"]
 
 
 class QuantizedWeight(nnx.Variable):
@@ -35,6 +36,52 @@ def check_fixed_quant_type(fixed, quant_type, fn):
         f"{fn}: `quant_type` must be {fixed!r} (or left out), got "
         f"{quant_type!r}."
     )
+
+
+def _is_array(x) -> bool:
+  """A jax (or traced) or numpy array; not a `QuantizedArray`."""
+  return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _describe(x) -> str:
+  """`x` as an error message shows it: an array's dtype and shape, else its
+  type."""
+  if _is_array(x):
+    dtype = jnp.dtype(x.dtype).name
+    article = "an" if dtype.startswith("i") else "a"
+    return f"{article} {dtype} array of shape {list(x.shape)}"
+  return type(x).__name__
+
+
+def _is_float_array(x) -> bool:
+  return _is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def float_weight(weight, in_features: int, out_features: int, fn: str,
+                 quantized: str) -> jax.Array:
+  """A float `weight` given to a quantized linear, checked: a float array of
+  shape `[out_features, in_features]` (the layer quantizes it).
+
+  `quantized` names the layer's own weight type, with its article ("a
+  Params4bit"), which the caller has already ruled out.
+
+  Raises:
+    TypeError: `weight` is neither a float array nor the layer's
+      `quantized` weight type.
+    ValueError: a float `weight` of another shape.
+  """
+  if not _is_float_array(weight):
+    raise TypeError(
+        f"{fn}: `weight` must be {quantized} or a float "
+        f"[out_features, in_features]=[{out_features}, {in_features}] array, "
+        f"got {_describe(weight)}."
+    )
+  if tuple(weight.shape) != (out_features, in_features):
+    raise ValueError(
+        f"{fn}: `weight` must have shape [out_features, in_features]="
+        f"[{out_features}, {in_features}], got {list(weight.shape)}."
+    )
+  return jnp.asarray(weight)
 
 
 def check_inputs(inputs, in_features, fn):
@@ -90,8 +137,20 @@ class QuantizedLinear(nnx.Module):
     """Sets the attributes every linear of this family has; `weight` is
     the variable that holds it (frozen `QuantizedWeight` or a trainable
     `nnx.Param`)."""
+    name = type(self).__name__
     if use_bias and bias is None:
-      raise ValueError(f"{type(self).__name__}: use_bias=True needs `bias`.")
+      raise ValueError(f"{name}: use_bias=True needs `bias`.")
+    if not use_bias and bias is not None:
+      raise ValueError(f"{name}: `bias` must be None with use_bias=False, "
+                       f"got {_describe(bias)}.")
+    if use_bias:
+      if not _is_float_array(bias):
+        raise TypeError(f"{name}: `bias` must be a float array of shape "
+                        f"(out_features,)=({out_features},), got "
+                        f"{_describe(bias)}.")
+      if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{name}: `bias` must have shape (out_features,)="
+                         f"({out_features},), got {tuple(bias.shape)}.")
     self.in_features = in_features
     self.out_features = out_features
     self.use_bias = use_bias

@@ -76,6 +76,7 @@ class Dense4bit(nn.Module):
     """Applies the layer to `inputs` `[..., in_features]`.
 
     Raises:
+      TypeError: if the "quantized" kernel is not a `Params4bit`.
       ValueError: for a bad quant_type or blocksize, a 0-d `inputs`, a
         quantized kernel whose shape is not `[features, in_features]`, or
         (for `DenseNF4`/`DenseFP4`) a `quant_type` or quantized kernel of
@@ -100,6 +101,11 @@ class Dense4bit(nn.Module):
           quant_storage=self.quant_storage)
 
     w: Params4bit = self.variable(QUANTIZED, "kernel", init_weight).value
+    if not isinstance(w, Params4bit):
+      raise TypeError(
+          f"{name}: the quantized kernel must be a Params4bit, got "
+          f"{type(w).__name__}."
+      )
     if tuple(w.shape) != (self.features, in_features):
       raise ValueError(
           f"{name}: the quantized kernel has shape {list(w.shape)}, expected "

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxbnb._src.layers.common import QuantizedLinear
 from jaxbnb._src.layers.common import check_fixed_quant_type
+from jaxbnb._src.layers.common import float_weight
 from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.weights import Params4bit
 
@@ -62,15 +63,24 @@ class Linear4bit(QuantizedLinear):
     kernel_init: initializer of the float `[in, out]` kernel (quantized
       right away).
     bias_init: initializer of the bias.
-    weight: an existing `Params4bit` of shape `[out_features, in_features]`
-      (then nothing is initialized and `rngs` may be None).
-    bias: an existing bias array (with `weight`).
+    weight: an existing weight `[out_features, in_features]` (then the
+      kernel is not initialized and `rngs` may be None): a `Params4bit`,
+      used as it is, or a float array, quantized now with `quant_type`,
+      `blocksize`, `compress_statistics` and `quant_storage` (as
+      `Linear8bitLt(has_fp16_weights=False)` quantizes a float weight).
+    bias: an existing float bias `[out_features]` (with `weight`; None
+      when `use_bias=False`).
     rngs: random number generators.
 
   Raises:
-    ValueError: for a bad quant_type, blocksize or a `weight` whose shape is
-      not `[out_features, in_features]` (or, for `LinearNF4`/`LinearFP4`, a
-      `quant_type` or `weight` of the other type).
+    TypeError: a `weight` that is neither a `Params4bit` nor a float array
+      (an `Int8Params`, an integer array), or a `bias` that is not a float
+      array.
+    ValueError: for a bad quant_type, blocksize, a `weight` whose shape is
+      not `[out_features, in_features]`, a `bias` whose shape is not
+      `[out_features]` (or given with `use_bias=False`), missing `rngs`, or
+      for `LinearNF4`/`LinearFP4` a `quant_type` or `weight` of the other
+      type.
   """
 
   _default_quant_type = "fp4"
@@ -94,12 +104,19 @@ class Linear4bit(QuantizedLinear):
       bias: jax.Array | None = None,
       rngs: nnx.Rngs | None = None,
   ):
-    _check_config(quant_type, blocksize, type(self).__name__)
+    name = type(self).__name__
+    _check_config(quant_type, blocksize, name)
+    if weight is not None and not isinstance(weight, Params4bit):
+      weight = Params4bit.from_float(
+          float_weight(weight, in_features, out_features, name,
+                       "a Params4bit"),
+          blocksize=blocksize, quant_type=quant_type,
+          compress_statistics=compress_statistics,
+          quant_storage=quant_storage)
     if weight is None:
       if rngs is None:
         raise ValueError(
-            f"{type(self).__name__}: `rngs` is required unless `weight` is "
-            "given."
+            f"{name}: `rngs` is required unless `weight` is given."
         )
       kernel = kernel_init(rngs.params(), (in_features, out_features),
                            param_dtype)
@@ -113,7 +130,7 @@ class Linear4bit(QuantizedLinear):
           and tuple(weight.shape) == (out_features, in_features)
           and weight.quant_state.quant_type != self._fixed_quant_type):
       raise ValueError(
-          f"{type(self).__name__}: `weight` must be quantized with quant_type "
+          f"{name}: `weight` must be quantized with quant_type "
           f"{self._fixed_quant_type!r}, got "
           f"{weight.quant_state.quant_type!r}."
       )

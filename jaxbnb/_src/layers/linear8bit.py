@@ -25,6 +25,7 @@ from flax import nnx
 from jaxbnb._src.layers.common import QuantizedLinear
 from jaxbnb._src.layers.common import QuantizedWeight
 from jaxbnb._src.layers.common import check_inputs
+from jaxbnb._src.layers.common import float_weight
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.quant import int8
 from jaxbnb._src.quant.weights import Int8Params
@@ -100,17 +101,23 @@ class Linear8bitLt(QuantizedLinear):
     kernel_init: initializer of the float `[in, out]` kernel (transposed
       and, for a frozen layer, quantized right away).
     bias_init: initializer of the bias.
-    weight: an existing weight: an `Int8Params` (frozen layer) or a float
-      `[out_features, in_features]` array (then nothing is initialized and
-      `rngs` may be None). A float array with `has_fp16_weights=False` is
-      quantized.
-    bias: an existing bias array (with `weight`).
+    weight: an existing weight `[out_features, in_features]` (then the
+      kernel is not initialized and `rngs` may be None): an `Int8Params`
+      (frozen layer), used as it is, or a float array, kept as the
+      trainable weight (`has_fp16_weights=True`) or quantized now
+      (`has_fp16_weights=False`; as `Linear4bit` quantizes a float weight).
+    bias: an existing float bias `[out_features]` (with `weight`; None
+      when `use_bias=False`).
     rngs: random number generators.
 
   Raises:
+    TypeError: a `weight` that is neither an `Int8Params` nor a float array
+      (a `Params4bit`, an integer array), or a `bias` that is not a float
+      array.
     ValueError: a negative threshold, a `weight` whose shape is not
-      `[out_features, in_features]`, an `Int8Params` with
-      `has_fp16_weights=True`, or missing `rngs`.
+      `[out_features, in_features]`, a `bias` whose shape is not
+      `[out_features]` (or given with `use_bias=False`), an `Int8Params`
+      with `has_fp16_weights=True`, or missing `rngs`.
   """
 
   def __init__(
@@ -146,11 +153,8 @@ class Linear8bitLt(QuantizedLinear):
             f"{name}: an Int8Params `weight` needs has_fp16_weights=False "
             "(a trainable layer holds a float weight).")
     else:
-      weight = jnp.asarray(weight)
-      if tuple(weight.shape) != (out_features, in_features):
-        raise ValueError(
-            f"{name}: `weight` must have shape [out_features, in_features]="
-            f"[{out_features}, {in_features}], got {list(weight.shape)}.")
+      weight = float_weight(weight, in_features, out_features, name,
+                            "an Int8Params")
       if not has_fp16_weights:
         weight = int8.quantize_int8_weight(weight)
     self.has_fp16_weights = has_fp16_weights
