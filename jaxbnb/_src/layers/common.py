@@ -15,10 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxbnb._src.layers import serialization
 from jaxbnb._src.quant.weights import QuantizedArray
 
 __all__ = ["QuantizedWeight", "QuantizedLinear", "apply_quantized",
            "check_inputs", "check_fixed_quant_type", "float_weight"]
+
+
+# Flax's own serializer (`flax.serialization.to_bytes`, `to_state_dict`)
+# handles variables that hold quantized weights.
+serialization.register()
 
 
 class QuantizedWeight(nnx.Variable):
