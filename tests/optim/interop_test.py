@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
+import flax.nnx as nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxbnb import optim
@@ -139,3 +143,120 @@ def test_import_errors_are_clear():
     optim.to_bnb_state_dict((), params)
   with pytest.raises(TypeError, match="state_dict: expected a mapping"):
     imp([1, 2])
+
+
+# ------------------------------------------- nnx.Optimizer, masked, frozen
+
+
+def test_nnx_optimizer_state_round_trip():
+  """`optimizer.opt_state` of an `nnx.Optimizer` (arrays boxed in
+  OptVariable / OptArray) with `nnx.state(model, nnx.Param)` or its pure
+  dict: exported, imported back into a fresh optimizer's `opt_state` with
+  its boxes, and training continues bit for bit."""
+  x = jax.random.normal(jax.random.key(0), (8, 64))
+
+  def create():
+    model = nnx.Linear(64, 64, rngs=nnx.Rngs(0))  # 4096: an 8-bit kernel
+    return model, nnx.Optimizer(model, optim.adamw8bit(1e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  model, optimizer = create()
+  for _ in range(3):
+    step(model, optimizer)
+  params = nnx.state(model, nnx.Param)
+  sd = optim.to_bnb_state_dict(optimizer.opt_state, params)
+  assert sorted(sd) == ["['bias']", "['kernel']"]
+  assert sd["['kernel']"]["state1"].dtype == np.uint8
+  assert sd["['kernel']"]["step"] == 3
+  assert sd["['bias']"]["state1"].shape == (64,)
+  pure = nnx.to_pure_dict(params)
+  _common.assert_trees_bitwise_equal(
+      optim.to_bnb_state_dict(optimizer.opt_state, pure), sd)
+  torch_sd = optim.to_torch_state_dict(optimizer.opt_state, params)
+  assert list(torch_sd["state"]) == [0, 1]  # bias, kernel
+
+  for layout, p in (("paths", params), ("torch", pure)):
+    model2, optimizer2 = create()
+    nnx.update(model2, nnx.state(model))
+    back = optim.from_bnb_state_dict(sd if layout == "paths" else torch_sd,
+                                     p, optimizer2.opt_state)
+    assert jax.tree.structure(back) == jax.tree.structure(
+        optimizer2.opt_state)
+    _common.assert_trees_bitwise_equal(back, optimizer.opt_state)
+    optimizer2.opt_state = back
+    for _ in range(2):
+      step(model2, optimizer2)
+    model3, optimizer3 = create()  # the uninterrupted run, 5 steps
+    for _ in range(5):
+      step(model3, optimizer3)
+    _common.assert_trees_bitwise_equal(nnx.state(model2), nnx.state(model3))
+    _common.assert_trees_bitwise_equal(optimizer2.opt_state,
+                                       optimizer3.opt_state)
+
+
+@pytest.mark.parametrize("wrapper", ["masked", "multi_transform"])
+def test_masked_out_parameters_are_not_exported(wrapper):
+  """Under optax.masked / multi_transform only the optimized parameters are
+  written (torch index = position among them), and the round trip is bit
+  identical, in both layouts."""
+  inner = optim.adamw8bit(1e-3)
+  if wrapper == "masked":
+    tx = optax.masked(inner, {"dense": {"kernel": True, "bias": False},
+                              "embed": True})
+  else:
+    tx = optax.multi_transform(
+        {"a": inner, "z": optax.set_to_zero()},
+        {"dense": {"kernel": "a", "bias": "z"}, "embed": "a"})
+  params = _common.make_params()
+  step = _common.make_step(tx)
+  state = tx.init(params)
+  for i in range(3):
+    params, state = step(params, state, _common.grads_at(params, i))
+  sd = optim.to_bnb_state_dict(state, params)
+  assert list(sd) == [KERNEL, EMBED]
+  assert all(v["state1"].dtype == np.uint8 for v in sd.values())
+  torch_sd = optim.to_torch_state_dict(state, params, {"lr": 1e-3})
+  assert torch_sd["param_groups"] == [{"lr": 1e-3, "params": [0, 1]}]
+  # a torch optimizer that also lists the frozen bias (no state for it)
+  with_frozen = {"state": {1: torch_sd["state"][0], 2: torch_sd["state"][1]},
+                 "param_groups": [{"params": [0, 1, 2]}]}
+  for layout in (sd, torch_sd, with_frozen):
+    back = optim.from_bnb_state_dict(layout, params, tx.init(params))
+    _common.assert_trees_bitwise_equal(back, state)
+    g = _common.grads_at(params, 3)
+    _common.assert_trees_bitwise_equal(step(params, back, g),
+                                       step(params, state, g))
+  with pytest.raises(ValueError, match=r"param_groups list 1 parameters, "
+                     r"but the optimizer holds state for 2 of the params "
+                     r"tree's 3 leaves"):
+    optim.from_bnb_state_dict({"state": {}, "param_groups": [{"params": [0]}]},
+                              params, tx.init(params))
+
+
+def test_params_of_another_tree_are_refused():
+  _, params, state = _trained("adamw8bit", steps=1)
+  other = {"dense": params["dense"]}  # no "embed"
+  with pytest.raises(ValueError, match=r"holds state for \['embed'\], which "
+                     r"are not leaves of params"):
+    optim.to_bnb_state_dict(state, other)
+
+
+def test_linen_partitioned_params_give_the_unboxed_paths():
+  """nn.Partitioned parameters (boxed, one 8-bit and one 32-bit leaf) give
+  the paths of their unboxed tree, and the state comes back as it was."""
+  params = {"params": {
+      "kernel": nn.Partitioned(jnp.ones((64, 80)), names=("a", "b")),
+      "bias": nn.Partitioned(jnp.ones((80,)), names=("b",))}}
+  tx = optim.adamw8bit(1e-3)
+  grads = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), params)
+  _, state = tx.update(grads, tx.init(params), params)
+  sd = optim.to_bnb_state_dict(state, params)
+  assert list(sd) == ["['params']['bias']", "['params']['kernel']"]
+  _common.assert_trees_bitwise_equal(
+      optim.to_bnb_state_dict(state, nn.unbox(params)), sd)
+  _common.assert_trees_bitwise_equal(
+      optim.from_bnb_state_dict(sd, params, tx.init(params)), state)

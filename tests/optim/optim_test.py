@@ -312,3 +312,91 @@ def test_scale_by_8bit_block_matches_its_alias_on_an_8bit_leaf(kind):
     # (a no-op or half-strength block fails: the bound is a few % at most)
     assert np.median(bound / np.maximum(np.abs(want), 1e-30)) < 0.05, kind
     p = new_p
+
+
+# ------------------------------------------------- trees users pass (None)
+
+# Every kind of transformation: 8-bit and 32-bit aliases, paged, 1- and
+# 2-state rules, the scale_by_* blocks.
+_NONE_CASES = {
+    "adamw8bit": lambda: optim.adamw8bit(1e-3),
+    "lion8bit": lambda: optim.lion8bit(1e-4),
+    "sgd8bit": lambda: optim.sgd8bit(1e-2, 0.9),
+    "ademamix8bit": lambda: optim.ademamix8bit(1e-3),
+    "adamw32bit": lambda: optim.adamw32bit(1e-3),
+    "paged_adamw8bit": lambda: optim.paged_adamw8bit(1e-3),
+    "paged_lion32bit": lambda: optim.paged_lion32bit(1e-4),
+    "scale_by_adam8bit": lambda: optim.scale_by_adam8bit(),
+    "scale_by_momentum8bit": lambda: optim.scale_by_momentum8bit(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NONE_CASES))
+def test_none_leaf_stays_none_like_optax(name):
+  """A None in the tree (a layer without bias) is an empty subtree, as in
+  optax: no state, None in the updates, the other leaves as without it."""
+  rng = np.random.default_rng(11)
+  dense = {"w": jnp.asarray(rng.standard_normal((64, 64)), jnp.float32),
+           "v": jnp.asarray(rng.standard_normal((7,)), jnp.float32)}
+  params = {**dense, "bias": None, "nested": [None, {"b": None}]}
+  tx = _NONE_CASES[name]()
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  ref_step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  s, ref_s = tx.init(params), tx.init(dense)
+  for i in range(2):
+    g = jax.tree.map(lambda x: jnp.full_like(x, 0.01 * (i + 1)), params)
+    u, s = step(g, s, params)
+    ref_u, ref_s = ref_step({k: g[k] for k in dense}, ref_s, dense)
+    assert u["bias"] is None and u["nested"] == [None, {"b": None}], u
+    for k in dense:
+      np.testing.assert_array_equal(np.asarray(u[k]), np.asarray(ref_u[k]))
+  assert jax.tree.leaves(s) and len(jax.tree.leaves(s)) == len(
+      jax.tree.leaves(ref_s))
+  new = optax.apply_updates(params, u)
+  assert new["bias"] is None
+  eager_u, _ = tx.update(g, s, params)  # and without jit
+  assert eager_u["bias"] is None
+
+
+def test_renamed_leaf_with_the_same_shapes_raises():
+  """State initialized for "mlp" must not be applied to a layer "ffn" of the
+  same shape (optax.adamw refuses it too); the error names both."""
+  old = {"attn": jnp.ones((64, 64)), "mlp": jnp.ones((64, 64))}
+  new = {"attn": jnp.ones((64, 64)), "ffn": jnp.ones((64, 64))}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), new)
+  for tx in (optim.adamw8bit(1e-3), optim.lion32bit(1e-4),
+             optim.scale_by_adam8bit()):
+    with pytest.raises(ValueError, match=r"the updates have \['ffn'\] where "
+                       r"the state has \['mlp'\]"):
+      tx.update(grads, tx.init(old), new)
+    with pytest.raises(ValueError, match="structure the optimizer state"):
+      jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p))(
+          grads, tx.init(old), new)
+  # The same keys in another container type are the same tree (a list and a
+  # tuple here; an nnx.State and a dict under nnx.Optimizer).
+  tx = optim.adamw8bit(1e-3)
+  state = tx.init([jnp.ones((64, 64))])
+  u, _ = tx.update((jnp.ones((64, 64)),), state, (jnp.ones((64, 64)),))
+  assert isinstance(u, tuple)
+
+
+def test_low_precision_scalar_hyperparameters_are_numbers():
+  """A bfloat16 / float16 0-d hyper-parameter is a number (bnb takes
+  floats): computed in float32 from the value given, bit for bit."""
+  params = {"w": jnp.ones((64, 64), jnp.bfloat16)}
+  grads = {"w": jnp.full((64, 64), 0.01, jnp.bfloat16)}
+  for dtype in (jnp.bfloat16, jnp.float16):
+    lr, b1 = jnp.asarray(1e-3, dtype), jnp.asarray(0.9, dtype)
+    tx = optim.adamw8bit(lr, b1=b1, weight_decay=jnp.asarray(1e-2, dtype))
+    ref = optim.adamw8bit(float(lr), b1=float(b1),
+                          weight_decay=float(jnp.asarray(1e-2, dtype)))
+    u, _ = tx.update(grads, tx.init(params), params)
+    ref_u, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_array_equal(np.asarray(u["w"]), np.asarray(ref_u["w"]))
+  # A value the rounding pushed out of range says why.
+  with pytest.raises(ValueError, match=r"b2 must be in \[0, 1\), got "
+                     r"b2=1.0. It arrived as a bfloat16 value.*"
+                     r"hyperparam_dtype=jnp.float32"):
+    optim.adamw8bit(b2=jnp.asarray(0.999, jnp.bfloat16))
+  with pytest.raises(ValueError, match="must be a scalar number"):
+    optim.adamw8bit(jnp.ones((2,), jnp.bfloat16))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+from jaxbnb import optim
 
 from jaxbnb._src.optim import paged as optim_paged
 from jaxbnb._src.optim import state as optim_state
@@ -62,3 +65,57 @@ def test_paged_state_on_host_and_bitwise_equal_to_unpaged(name="adamw8bit"):
   _common.assert_trees_bitwise_equal(ps, p)
   _common.assert_trees_bitwise_equal(
       optim_paged.to_device(_common.state_of(pst)), _common.state_of(st))
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_jitted_step_compiles_once(committed):
+  """The second step reuses the first one's program: `init` commits the
+  step count beside the (committed) host states, as the step's outputs
+  are, so the inputs' types do not change after step 1."""
+  params = {"w": jnp.ones((64, 67)), "b": jnp.ones((67,))}
+  if committed:
+    params = jax.device_put(params, jax.devices()[0])
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+  for name in ("paged_adamw8bit", "paged_lion32bit"):
+    tx = getattr(optim, name)(1e-3)
+    update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p))
+    state = tx.init(params)
+    for _ in range(3):
+      _, state = update(grads, state, params)
+    assert update._cache_size() == 1, name  # pylint: disable=protected-access
+    assert _state_kinds(state) == {HOST}
+
+
+def test_paged_state_is_sharded_like_its_parameter():
+  """Parameters sharded over a mesh: the host states follow their sharding
+  (a state of the parameter's shape as it, the absmax replicated), so the
+  step runs on the mesh, bit for bit as the unpaged optimizer. (Auto
+  axes: the rules reshape each leaf into blocks, which explicit sharding
+  would ask to spell out.)"""
+  mesh = jax.make_mesh((len(jax.devices()),), ("x",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  spec = jax.sharding.PartitionSpec("x", None)
+  params = {"w": jax.device_put(
+      jnp.asarray(np.random.default_rng(0).standard_normal((64, 67)),
+                  jnp.float32), jax.sharding.NamedSharding(mesh, spec)),
+            "b": jax.device_put(jnp.ones((67,)), jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec()))}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+  for name in ("adamw8bit", "ademamix8bit"):
+    paged, plain = getattr(optim, "paged_" + name)(1e-3), getattr(
+        optim, name)(1e-3)
+    st, ref = paged.init(params), plain.init(params)
+    w = _common.state_of(st).state1["w"]
+    assert w.codes.sharding.device_set == set(jax.devices())
+    lead = (None,) if name == "ademamix8bit" else ()
+    assert tuple(w.codes.sharding.spec) == lead + tuple(spec)
+    assert _state_kinds(st) == {HOST}
+    update = jax.jit(lambda g, s, p, tx=paged: tx.update(g, s, p))
+    ref_update = jax.jit(lambda g, s, p, tx=plain: tx.update(g, s, p))
+    for _ in range(2):
+      u, st = update(grads, st, params)
+      ref_u, ref = ref_update(grads, ref, params)
+      _common.assert_trees_bitwise_equal(u, ref_u)
+    assert _state_kinds(st) == {HOST}
+    _common.assert_trees_bitwise_equal(
+        optim_paged.to_device(_common.state_of(st)), _common.state_of(ref))

@@ -386,3 +386,104 @@ def test_chain_multi_transform_masked(name, tmp_path):
     resumed = step(p, s, _grads(2, frozen=True))
   _common.assert_trees_bitwise_equal(
       resumed, step(params, state, _grads(2, frozen=True)))
+
+
+# ------------------------------- bfloat16 / float16: apply_if_finite, inject
+
+
+def _f32(tree):
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bf16", "fp16"])
+def test_apply_if_finite_with_low_precision_gradients(dtype):
+  """As docs/optim.md says: jaxbnb returns float32 updates (the aliases to
+  land on bnb's parameter exactly), while optax.apply_if_finite's skip
+  branch returns zeros of the gradients' dtype, so lax.cond refuses
+  bfloat16 / float16 gradients. Cast to float32 they work, bit for bit as
+  the unwrapped optimizer on the original gradients (its kernels round the
+  gradient to the parameter's dtype anyway); so does a skip of one's own
+  with `zeros_like(updates)`."""
+  params = jax.tree.map(lambda x: x.astype(dtype), _params())
+  grads = [jax.tree.map(lambda x: x.astype(dtype), _grads(i))
+           for i in range(2)]
+  for inner in (optim.adamw8bit(LR),
+                optax.chain(optim.scale_by_adam8bit(),
+                            optax.scale_by_learning_rate(LR))):
+    tx = optax.apply_if_finite(inner, max_consecutive_errors=3)
+    with pytest.raises(TypeError, match="cond branches must have equal "
+                       "output types"):
+      tx.update(grads[0], tx.init(params), params)
+
+    @jax.jit
+    def step(p, s, g, tx=tx):
+      u, s = tx.update(_f32(g), s, p)
+      return optax.apply_updates(p, u), s
+
+    @jax.jit
+    def plain_step(p, s, g, inner=inner):
+      u, s = inner.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    @jax.jit
+    def skip_step(p, s, g, ok, inner=inner):
+      u, new_s = inner.update(g, s, p)
+      u, s = jax.lax.cond(ok, lambda: (u, new_s),
+                          lambda: (jax.tree.map(jnp.zeros_like, u), s))
+      return optax.apply_updates(p, u), s
+
+    p, s = params, tx.init(params)
+    ref_p, ref_s = params, inner.init(params)
+    own_p, own_s = params, inner.init(params)
+    for g in grads:
+      p, s = step(p, s, g)
+      ref_p, ref_s = plain_step(ref_p, ref_s, g)
+      own_p, own_s = skip_step(own_p, own_s, g, True)
+      assert jax.tree.leaves(p)[0].dtype == dtype
+    _common.assert_trees_bitwise_equal(p, ref_p)
+    _common.assert_trees_bitwise_equal(s.inner_state, ref_s)
+    _common.assert_trees_bitwise_equal(own_p, ref_p)
+    # A non-finite gradient is skipped: parameters and state unchanged.
+    bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), grads[0])
+    p2, s2 = step(p, s, bad)
+    _common.assert_trees_bitwise_equal(p2, p)
+    _common.assert_trees_bitwise_equal(s2.inner_state, s.inner_state)
+    assert int(s2.notfinite_count) == 1
+    own_p2, own_s2 = skip_step(own_p, own_s, bad, False)
+    _common.assert_trees_bitwise_equal((own_p2, own_s2), (own_p, own_s))
+
+
+def test_inject_hyperparams_in_nnx_optimizer_on_a_bf16_model():
+  """optax.inject_hyperparams casts the hyper-parameters to the parameters'
+  dtype: bfloat16 scalars are numbers to jaxbnb (computed in float32 from
+  the rounded value), but Adam's b2 = 0.999 rounds to 1.0, which is refused
+  with the way out (optax.adam would return NaN); with
+  hyperparam_dtype=jnp.float32 it is the plain optimizer."""
+  def create(tx):
+    model = nnx.Linear(64, 64, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  with pytest.raises(ValueError, match=r"adamw8bit: b2 must be in \[0, 1\), "
+                     r"got b2=1.0. It arrived as a bfloat16 value.*"
+                     r"hyperparam_dtype=jnp.float32"):
+    create(optax.inject_hyperparams(optim.adamw8bit)(learning_rate=LR))
+
+  runs = {}
+  for key, tx in [
+      ("inject f32", optax.inject_hyperparams(
+          optim.adamw8bit, hyperparam_dtype=jnp.float32)(learning_rate=LR)),
+      ("plain", optim.adamw8bit(LR)),
+      # lion's betas survive the rounding (0.8984375, 0.98828125)
+      ("inject bf16 lion", optax.inject_hyperparams(optim.lion8bit)(
+          learning_rate=LR)),
+      ("lion rounded", optim.lion8bit(
+          float(jnp.bfloat16(LR)), b1=float(jnp.bfloat16(0.9)),
+          b2=float(jnp.bfloat16(0.99))))]:
+    model, optimizer = create(tx)
+    losses = [float(_nnx_step(model, optimizer, X, Y)) for _ in range(3)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    runs[key] = nnx.state(model, nnx.Param)
+  _common.assert_trees_bitwise_equal(runs["inject f32"], runs["plain"])
+  _common.assert_trees_bitwise_equal(runs["inject bf16 lion"],
+                                     runs["lion rounded"])

@@ -34,7 +34,11 @@ restored into device memory stays there, with a warning.
 Parameters may be boxed, as in `nnx.state(model)` (`nnx.Param`) or linen's
 `nn.Partitioned`: a state with the parameter's shape and dtype kind keeps
 its box (and so its sharding metadata), an 8-bit state is not boxed (a box
-holds one array).
+holds one array). A None in the tree is an empty subtree, as in optax (no
+state, None in the updates). `update` checks the updates against the tree
+the state was initialized for by key paths (boxes left out), so a renamed
+leaf of the same shape is refused, while optax's wrappers (`MaskedNode`
+leaves, `nnx.Optimizer`'s unboxed arrays) pass.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from jaxbnb._src.optim import fused as optim_fused
 from jaxbnb._src.optim import kernels as optim_kernels
 from jaxbnb._src.optim import paged as optim_paged
 from jaxbnb._src.optim import rules as optim_rules
+from jaxbnb._src.optim import state as optim_state
 from jaxbnb._src.optim.rules import Hyper
 from jaxbnb._src.optim.state import Optimizer8bitState
 from jaxbnb._src.optim.state import Quantized8bit
@@ -107,10 +112,24 @@ def _number(fn: str, name: str, value):
     arr = np.asarray(value)
   except (TypeError, ValueError):
     arr = None
-  if arr is None or arr.ndim != 0 or arr.dtype.kind not in "biuf":
+  # bfloat16 (ml_dtypes) has numpy kind "V": ask JAX whether it floats.
+  if (arr is None or arr.ndim != 0 or not (
+      arr.dtype.kind in "biuf" or jnp.issubdtype(arr.dtype, jnp.floating))):
     raise ValueError(f"{fn}: {name} must be a scalar number, got "
                      f"{name}={value!r}.")
-  return arr.item()
+  return float(arr) if arr.dtype.kind not in "biu" else arr.item()
+
+
+def _rounded_hint(value) -> str:
+  """Why a hyper-parameter given as a float16/bfloat16 array may be off."""
+  dtype = getattr(value, "dtype", None)
+  if (dtype is None or not jnp.issubdtype(dtype, jnp.floating)
+      or jnp.dtype(dtype).itemsize >= 4):
+    return ""
+  return (f" It arrived as a {jnp.dtype(dtype).name} value: "
+          "optax.inject_hyperparams casts float hyper-parameters to the "
+          "parameters' dtype (0.999 rounds to 1.0 in bfloat16); pass "
+          "hyperparam_dtype=jnp.float32 to optax.inject_hyperparams.")
 
 
 def _check_nonneg(fn: str, name: str, value) -> None:
@@ -124,7 +143,8 @@ def _check_nonneg(fn: str, name: str, value) -> None:
 def _check_beta(fn: str, name: str, value) -> None:
   v = _number(fn, name, value)
   if v is not None and not 0.0 <= v < 1.0:
-    raise ValueError(f"{fn}: {name} must be in [0, 1), got {name}={v!r}.")
+    raise ValueError(f"{fn}: {name} must be in [0, 1), got {name}={v!r}."
+                     + _rounded_hint(value))
 
 
 def _check_momentum(fn: str, momentum) -> None:
@@ -132,14 +152,14 @@ def _check_momentum(fn: str, momentum) -> None:
   if v is not None and not 0.0 < v < 1.0:
     raise ValueError(
         f"{fn}: momentum must be in (0, 1) (bnb does not support SGD "
-        f"without momentum), got momentum={v!r}.")
+        f"without momentum), got momentum={v!r}." + _rounded_hint(momentum))
 
 
 def _check_rmsprop(fn: str, alpha, eps) -> None:
   v = _number(fn, "alpha", alpha)
   if v is not None and not 0.0 < v < 1.0:
     raise ValueError(f"{fn}: alpha must be in (0, 1) (bnb rejects alpha=0), "
-                     f"got alpha={v!r}.")
+                     f"got alpha={v!r}." + _rounded_hint(alpha))
   _check_nonneg(fn, "eps", eps)
 
 
@@ -189,23 +209,7 @@ def _check_ademamix(fn, b1, b2, b3, alpha, t_alpha, t_beta3, eps):
 # ------------------------------------------------------------ boxed leaves
 
 
-_VALUE_PATH = (jax.tree_util.GetAttrKey("value"),)
-
-
-def _is_box(x) -> bool:
-  """Whether `x` boxes one array: a pytree node whose one child is `.value`.
-
-  `nnx.state(model)` boxes every parameter in an `nnx.Variable` and linen's
-  `nn.with_partitioning` in an `nn.Partitioned`, with metadata (sharding)
-  in the node's static data.
-  """
-  if x is None or isinstance(x, (jax.Array, np.ndarray, np.generic, dict,
-                                 list, tuple)):
-    return False
-  children = jax.tree_util.tree_flatten_with_path(
-      x, is_leaf=lambda y: y is not x)[0]
-  return (len(children) == 1 and children[0][0] == _VALUE_PATH
-          and hasattr(children[0][1], "shape"))
+_is_box = optim_state.is_box
 
 
 def _unbox(item):
@@ -225,8 +229,51 @@ def _rebox(item, state, leaf):
   return state
 
 
-def _is_leaf_state(x) -> bool:
-  return x is None or isinstance(x, Quantized8bit)
+def _is_quantized(x) -> bool:
+  return isinstance(x, Quantized8bit)
+
+
+def _is_entry(x) -> bool:
+  """One parameter's entry in a state tree: a `Quantized8bit` or a box."""
+  return isinstance(x, Quantized8bit) or _is_box(x)
+
+
+def _entry_paths(tree, is_leaf=_is_box) -> list[str]:
+  """The key path of every parameter entry of `tree`, boxes left out.
+
+  Boxes (`nnx.Param`, nnx's `OptVariable`, `nn.Partitioned`) end a path, so
+  a boxed tree and its unboxed arrays (`nnx.as_pure`) give the same paths;
+  None and optax's `MaskedNode` hold no entry.
+  """
+  return [jax.tree_util.keystr(path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
+
+
+def _check_structure(fn: str, updates, state1) -> None:
+  """The updates must be the tree the state was initialized for.
+
+  The leaf count alone would let a renamed layer (same shapes) take
+  another layer's state; optax's own optimizers refuse such updates too.
+  Compared by key paths, boxes left out, so containers of another type
+  with the same keys (an `nnx.State` and a dict) match.
+  """
+  got = _entry_paths(updates)
+  want = _entry_paths(state1, _is_entry)
+  if got == want:
+    return
+  show = lambda keys: ", ".join(keys[:5]) or "nothing"
+  extra = [k for k in got if k not in want]
+  missing = [k for k in want if k not in got]
+  if extra or missing:
+    detail = f"the updates have {show(extra)} where the state has " + show(
+        missing)
+  else:
+    detail = f"the updates come in the order {show(got)}, the state in " + (
+        show(want))
+  raise ValueError(
+      f"{fn}: the updates do not have the structure the optimizer state was "
+      f"initialized for: {detail} ({len(got)} and {len(want)} leaves). Init "
+      "the optimizer with parameters of the updates' structure.")
 
 
 # ----------------------------------------------------------- per-leaf work
@@ -357,14 +404,19 @@ def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits,
       use8 = (optim_bits == 8 and math.prod(leaf.shape) >= min_8bit_size
               and not k32)
       s1, s2 = _init_leaf(kind, leaf, use8)
+      if paged:  # to_host keeps the sharding: first where the leaf is
+        s1, s2 = optim_paged.place_like((s1, s2), leaf)
       s1s.append(_rebox(item, s1, leaf))
       s2s.append(_rebox(item, s2, leaf))
     state1 = treedef.unflatten(s1s)
     state2 = treedef.unflatten(s2s)
+    count = jnp.zeros([], jnp.int32)
     if paged:
       state1, state2 = optim_paged.to_host((state1, state2))
-    return Optimizer8bitState(count=jnp.zeros([], jnp.int32), state1=state1,
-                              state2=state2)
+      # Committed like the host states, or a jitted step would compile
+      # again once its outputs (all committed) come back as inputs.
+      count = optim_paged.commit_beside(count, (state1, state2))
+    return Optimizer8bitState(count=count, state1=state1, state2=state2)
 
   def update_fn(updates, state, params=None):
     if not direction and params is None:
@@ -383,16 +435,23 @@ def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits,
       warnings.warn(_PAGED_ON_DEVICE.format(name=fn), stacklevel=2)
     if paged:
       state1, state2 = optim_paged.to_device((state1, state2))
+    # None and optax's MaskedNode hold no gradient and no state.
     grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    _check_structure(fn, updates, state1)
     # The states keep their own structure (init's: boxes, masked nodes),
-    # one entry per gradient leaf in the same order.
-    s1s, def1 = jax.tree.flatten(state1, is_leaf=_is_leaf_state)
-    s2s, def2 = jax.tree.flatten(state2, is_leaf=_is_leaf_state)
+    # one entry per gradient leaf in the same order. A 1-state optimizer's
+    # state2 holds None per leaf, and passes through.
+    two = optim_rules.num_states(kind) == 2
+    s1s, def1 = jax.tree.flatten(state1, is_leaf=_is_quantized)
+    if two:
+      s2s, def2 = jax.tree.flatten(state2, is_leaf=_is_quantized)
+    else:
+      s2s, def2 = [None] * len(s1s), None
     if not len(s1s) == len(s2s) == len(grads):
       raise ValueError(
           f"{fn}: the updates have {len(grads)} leaves but the optimizer "
-          f"state holds {len(s1s)}; init the optimizer with parameters of "
-          "the updates' structure.")
+          f"state holds {len(s1s)} (state1) and {len(s2s)} (state2); init "
+          "the optimizer with parameters of the updates' structure.")
     if direction:
       ps = [None] * len(grads)
     else:
@@ -426,7 +485,8 @@ def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits,
       out_s1.append(n1)
       out_s2.append(n2)
     state1 = def1.unflatten(out_s1)
-    state2 = def2.unflatten(out_s2)
+    if two:
+      state2 = def2.unflatten(out_s2)
     if on_host:  # the memory space is part of the state's type: keep it
       state1, state2 = optim_paged.to_host((state1, state2))
     new_updates = treedef.unflatten(out_u)

@@ -23,9 +23,18 @@ Two layouts are produced and accepted:
 * `to_torch_state_dict`: what `bnb.optim.Optimizer8bit.state_dict()`
   returns, `{"state": {i: {"step": k, "__bnb_optimizer_quant_state__":
   {...}}}, "param_groups": [{..., "params": [0, 1, ...]}]}`. Parameter index
-  `i` is the position of the parameter in `jax.tree.leaves(params)`, so the
-  torch parameters must be given to the bnb optimizer in that order (for a
-  flax / dict tree: sorted by key path).
+  `i` is the position of the parameter among the optimized ones in
+  `jax.tree.leaves(params)` order, so the torch parameters must be given to
+  the bnb optimizer in that order (for a flax / dict tree: sorted by key
+  path).
+
+Only the parameters the optimizer holds state for are written: under
+`optax.masked` / `optax.multi_transform` the masked-out ones are left out,
+as a torch user leaves frozen parameters out of a bnb optimizer. Boxes are
+looked through: `nnx.state(model, nnx.Param)`, `nnx.to_pure_dict` of it and
+linen's `nn.Partitioned` parameters give the same paths, and the state of
+an `nnx.Optimizer` (`optimizer.opt_state`, its arrays boxed in
+`OptVariable` / `OptArray`) is read and, on import, rebuilt with its boxes.
 
 The arrays are numpy arrays (`torch.from_numpy` takes them as they are);
 imports take numpy arrays or anything `np.asarray` accepts (CPU torch
@@ -69,13 +78,49 @@ def _replace(opt_state, new):
                       is_leaf=lambda x: isinstance(x, cls))
 
 
-def _per_leaf(params, tree, what):
-  treedef = jax.tree.structure(params)
-  try:
-    return treedef.flatten_up_to(tree)
-  except (ValueError, TypeError) as e:
+def _is_entry(x) -> bool:
+  """One parameter's entry of a state tree: 8-bit, boxed, or None."""
+  return (x is None or isinstance(x, optim_state.Quantized8bit)
+          or optim_state.is_box(x))
+
+
+def _keyed(tree, is_leaf) -> list[tuple[str, Any]]:
+  return [(jax.tree_util.keystr(path), x) for path, x in
+          jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
+
+
+def _param_paths(params) -> list[str]:
+  """The path of every parameter leaf (a box ends the path)."""
+  return [k for k, _ in _keyed(params, optim_state.is_box)]
+
+
+def _held(params, st):
+  """The parameters `st` holds state for, and their entries.
+
+  Returns:
+    `(paths, entries1, entries2)`: the paths in `jax.tree.leaves(params)`
+    order (masked-out parameters left out) and `{path: entry}` of `state1`
+    and `state2`.
+  """
+  e1 = dict(_keyed(st.state1, _is_entry))
+  e2 = dict(_keyed(st.state2, _is_entry))
+  all_paths = _param_paths(params)
+  held = {k for k, v in e1.items() if v is not None}
+  known = set(all_paths)
+  unknown = [k for k in e1 if k in held and k not in known]
+  if unknown:
+    more = "..." if len(all_paths) > 5 else ""
     raise ValueError(
-        f"{what}: its tree does not match the params tree {treedef}") from e
+        "params: the optimizer state holds state for "
+        f"{', '.join(unknown[:5])}, which are not leaves of params (its "
+        f"leaves: {', '.join(all_paths[:5])}{more}); pass the parameter "
+        "tree the optimizer was initialized with")
+  return [k for k in all_paths if k in held], e1, e2
+
+
+def _leaf(x):
+  """The array inside a (maybe boxed) leaf."""
+  return jax.tree.leaves(x)[0]
 
 
 def _export_leaf(s1, s2, step: int) -> dict:
@@ -84,11 +129,12 @@ def _export_leaf(s1, s2, step: int) -> dict:
     if s is None:
       continue
     if isinstance(s, optim_state.Quantized8bit):
-      out[f"state{i}"] = to_numpy(s.codes)
-      out[f"absmax{i}"] = to_numpy(s.absmax)
+      codes, absmax = jax.tree.leaves(s)  # unboxed under nnx.Optimizer
+      out[f"state{i}"] = to_numpy(codes)
+      out[f"absmax{i}"] = to_numpy(absmax)
       out[f"qmap{i}"] = np.array(s.qmap, np.float32)
     else:
-      out[f"state{i}"] = to_numpy(s)
+      out[f"state{i}"] = to_numpy(_leaf(s))
   out["step"] = step
   return out
 
@@ -98,13 +144,20 @@ def to_bnb_state_dict(opt_state, params) -> dict[str, dict[str, Any]]:
 
   Args:
     opt_state: the state of a `jaxbnb.optim` optimizer (alone or inside an
-      `optax.chain` / other tuple).
-    params: the parameter tree the state belongs to (for the leaf paths).
+      `optax.chain`, `optax.masked`, `optax.multi_transform` or another
+      wrapper; an `nnx.Optimizer`'s `opt_state`).
+    params: the parameter tree the state belongs to (for the leaf paths),
+      boxed or not (`nnx.state(model, nnx.Param)` or its pure dict).
 
   Returns:
     `{keystr(path): {"state1", "state2", "absmax1", "absmax2", "qmap1",
     "qmap2", "step"}}` with the keys bnb has for that parameter (see the
-    module docstring), numpy arrays and an int step.
+    module docstring), numpy arrays and an int step, for every parameter
+    the optimizer holds state for (masked-out parameters are left out).
+
+  Raises:
+    ValueError: `opt_state` holds no jaxbnb state or several, or state for
+      a path that `params` does not have.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -117,12 +170,9 @@ def to_bnb_state_dict(opt_state, params) -> dict[str, dict[str, Any]]:
     (['state1', 'state2', 'step'], dtype('float32'))
   """
   st = _find(opt_state)
-  step = int(to_numpy(st.count))
-  s1 = _per_leaf(params, st.state1, "opt_state.state1")
-  s2 = _per_leaf(params, st.state2, "opt_state.state2")
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(params)[0]]
-  return {path: _export_leaf(a, b, step) for path, a, b in zip(paths, s1, s2)}
+  step = int(to_numpy(_leaf(st.count)))
+  paths, e1, e2 = _held(params, st)
+  return {path: _export_leaf(e1[path], e2.get(path), step) for path in paths}
 
 
 def to_torch_state_dict(opt_state, params,
@@ -131,8 +181,11 @@ def to_torch_state_dict(opt_state, params,
   """Exports in the layout of `bnb.optim.Optimizer8bit.state_dict()`.
 
   Args:
-    opt_state: the state of a `jaxbnb.optim` optimizer.
-    params: its parameter tree. Parameter `i` is `jax.tree.leaves(params)[i]`.
+    opt_state: the state of a `jaxbnb.optim` optimizer (see
+      :func:`to_bnb_state_dict`).
+    params: its parameter tree. Parameter `i` is the `i`-th leaf of
+      `jax.tree.leaves(params)` that the optimizer holds state for (all of
+      them, unless `optax.masked` / `optax.multi_transform` leave some out).
     param_group: hyper-parameters for the single param group (bnb's names:
       `lr`, `betas`, `eps`, `weight_decay`, ...). torch's `load_state_dict`
       replaces the optimizer's group settings with these, so pass the full
@@ -192,7 +245,12 @@ def _check(where, value, shape, dtype, numel=None):
 
 
 def _import_state(where, entry, i, template):
-  """One state (1 or 2) from a bnb entry, shaped like `template`."""
+  """One state (1 or 2) from a bnb entry, shaped like `template`.
+
+  `template` is the entry the optimizer holds (a `Quantized8bit`, an
+  array, None), maybe boxed as `nnx.Optimizer` boxes it; the result has its
+  structure (boxes included) and its arrays' shardings.
+  """
   key = f"state{i}"
   if template is None:
     if key in entry and entry[key] is not None:
@@ -201,16 +259,16 @@ def _import_state(where, entry, i, template):
     return None
   if key not in entry:
     raise ValueError(f"{where}: missing {key!r} (keys: {sorted(entry)})")
+  arrays, treedef = jax.tree.flatten(template)
   if isinstance(template, optim_state.Quantized8bit):
-    codes = _check(f"{where}.{key}", entry[key], template.codes.shape,
-                   np.uint8)
+    t_codes, t_absmax = arrays
+    codes = _check(f"{where}.{key}", entry[key], t_codes.shape, np.uint8)
     amax_key, qmap_key = f"absmax{i}", f"qmap{i}"
     if amax_key not in entry:
       raise ValueError(f"{where}: missing {amax_key!r} for the 8-bit {key}")
-    lead = template.absmax.ndim - 1
-    absmax = _check(f"{where}.{amax_key}", entry[amax_key],
-                    template.absmax.shape, np.float32,
-                    numel=math.prod(template.codes.shape[lead:]))
+    lead = t_absmax.ndim - 1
+    absmax = _check(f"{where}.{amax_key}", entry[amax_key], t_absmax.shape,
+                    np.float32, numel=math.prod(t_codes.shape[lead:]))
     if qmap_key in entry and entry[qmap_key] is not None:
       qmap = _check(f"{where}.{qmap_key}", entry[qmap_key], (256,),
                     np.float32)
@@ -221,18 +279,25 @@ def _import_state(where, entry, i, template):
             f"{where}.{qmap_key}: not bnb's {kind} dynamic map (max "
             f"difference {np.max(np.abs(qmap - template.qmap)):.3g}); "
             "jaxbnb's 8-bit states use bnb's create_dynamic_map tables")
-    return optim_state.Quantized8bit(
-        codes=jax.device_put(codes, template.codes.sharding),
-        absmax=jax.device_put(absmax, template.absmax.sharding),
-        signed=template.signed)
+    return treedef.unflatten([jax.device_put(codes, t_codes.sharding),
+                              jax.device_put(absmax, t_absmax.sharding)])
+  (t_value,) = arrays
   value = np.asarray(entry[key])
   if value.dtype == np.uint8:
     raise ValueError(
         f"{where}.{key}: the state dict holds an 8-bit (uint8) state but "
         "this optimizer keeps a 32-bit state for the parameter (check "
         "optim_bits, min_8bit_size and the override)")
-  value = _check(f"{where}.{key}", value, template.shape, np.float32)
-  return jax.device_put(value, template.sharding)
+  value = _check(f"{where}.{key}", value, t_value.shape, np.float32)
+  return treedef.unflatten([jax.device_put(value, t_value.sharding)])
+
+
+def _rebuild(tree, new: dict):
+  """`tree` with the entries at the paths of `new` replaced."""
+  keyed, treedef = jax.tree_util.tree_flatten_with_path(tree,
+                                                        is_leaf=_is_entry)
+  return treedef.unflatten([new.get(jax.tree_util.keystr(path), x)
+                            for path, x in keyed])
 
 
 def from_bnb_state_dict(state_dict: Mapping, params, opt_state):
@@ -243,18 +308,26 @@ def from_bnb_state_dict(state_dict: Mapping, params, opt_state):
       (keyed by leaf path, or a torch `{"state", "param_groups"}` dict, its
       tensors wrapped under `"__bnb_optimizer_quant_state__"` or not).
       Values are numpy arrays or CPU torch tensors.
-    params: the parameter tree (defines the order and the leaf paths).
+    params: the parameter tree (defines the order and the leaf paths),
+      boxed or not (`nnx.state(model, nnx.Param)` or its pure dict).
     opt_state: a template, e.g. `optimizer.init(params)` of the jaxbnb
-      optimizer that continues the run; it fixes which leaves are 8-bit and
-      where each array lives (paged state stays in host memory).
+      optimizer that continues the run, or an `nnx.Optimizer`'s
+      `opt_state`; it fixes which leaves are 8-bit, which are masked out
+      (`optax.masked`, `optax.multi_transform`: they keep the template's
+      entry) and where each array lives (paged state stays in host memory).
+      A torch state dict's `param_groups` list either the optimized
+      parameters or every leaf of `params` (frozen ones without state).
 
   Returns:
-    `opt_state` with its `Optimizer8bitState` replaced by the imported one.
+    `opt_state` with its `Optimizer8bitState` replaced by the imported one,
+    boxed as the template is (assign it to `optimizer.opt_state`).
 
   Raises:
     ValueError: a parameter is missing, a tensor has the wrong shape or
       dtype (including another blocksize's absmax), a qmap is not bnb's map,
-      8-bit vs 32-bit disagrees, or the parameters' steps differ.
+      8-bit vs 32-bit disagrees, the parameters' steps differ, or the
+      template holds state for a path `params` does not have.
+    TypeError: `state_dict` is not a mapping.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -268,25 +341,31 @@ def from_bnb_state_dict(state_dict: Mapping, params, opt_state):
     0
   """
   template = _find(opt_state)
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  paths = [jax.tree_util.keystr(p) for p, _ in leaves]
+  paths, e1, e2 = _held(params, template)
   if not isinstance(state_dict, Mapping):
     raise TypeError("state_dict: expected a mapping, got "
                     f"{type(state_dict).__name__}")
   if "state" in state_dict and "param_groups" in state_dict:
     groups = state_dict["param_groups"]
     order = [int(i) for g in groups for i in g.get("params", ())]
-    if len(order) != len(paths):
+    all_paths = _param_paths(params)
+    if len(order) == len(paths):  # the optimized parameters only
+      chosen = list(zip(order, paths))
+    elif len(order) == len(all_paths):  # every parameter, frozen ones too
+      held = set(paths)
+      chosen = [(i, p) for i, p in zip(order, all_paths) if p in held]
+    else:
       raise ValueError(
-          f"state_dict: its param_groups list {len(order)} parameters, the "
-          f"params tree has {len(paths)} leaves")
+          f"state_dict: its param_groups list {len(order)} parameters, but "
+          f"the optimizer holds state for {len(paths)} of the params tree's "
+          f"{len(all_paths)} leaves")
     torch_state = state_dict["state"]
     entries = []
-    for pos, idx in enumerate(order):
+    for idx, path in chosen:
       entry = torch_state.get(idx, torch_state.get(str(idx)))
       if entry is None:
         raise ValueError(f"state_dict['state']: no state for parameter {idx} "
-                         f"({paths[pos]}); was the bnb optimizer stepped?")
+                         f"({path}); was the bnb optimizer stepped?")
       entry = dict(entry)
       entry.update(entry.pop(QUANT_STATE_KEY, {}))
       entries.append((f"state_dict['state'][{idx}]", entry))
@@ -298,27 +377,22 @@ def from_bnb_state_dict(state_dict: Mapping, params, opt_state):
           f"keys {paths[:5]}... (jax.tree_util.keystr of the params paths)")
     entries = [(f"state_dict[{p!r}]", dict(state_dict[p])) for p in paths]
 
-  t1 = _per_leaf(params, template.state1, "opt_state.state1")
-  t2 = _per_leaf(params, template.state2, "opt_state.state2")
-  steps, new1, new2 = set(), [], []
-  for (where, entry), a, b in zip(entries, t1, t2):
+  steps, new1, new2 = set(), {}, {}
+  for (where, entry), path in zip(entries, paths):
     if "step" not in entry:
       raise ValueError(f"{where}: missing 'step'")
     steps.add(int(np.asarray(entry["step"])))
-    new1.append(_import_state(where, entry, 1, a))
-    new2.append(_import_state(where, entry, 2, b))
+    new1[path] = _import_state(where, entry, 1, e1[path])
+    new2[path] = _import_state(where, entry, 2, e2.get(path))
   if len(steps) > 1:
     raise ValueError(
         f"state_dict: the parameters have different steps {sorted(steps)}; "
         "jaxbnb keeps one step count for all of them")
-  step = steps.pop() if steps else int(to_numpy(template.count))
-  treedef = jax.tree.structure(params)
-  count = jax.device_put(np.asarray(step, to_numpy(template.count).dtype),
-                         template.count.sharding)
+  (t_count,), count_def = jax.tree.flatten(template.count)
+  step = steps.pop() if steps else int(to_numpy(t_count))
+  count = count_def.unflatten([jax.device_put(
+      np.asarray(step, t_count.dtype), t_count.sharding)])
   new = template._replace(  # pylint: disable=protected-access
-      count=count,
-      state1=treedef.unflatten(new1),
-      state2=treedef.unflatten(new2)) if hasattr(template, "_replace") else (
-          type(template)(count, treedef.unflatten(new1),
-                         treedef.unflatten(new2)))
+      count=count, state1=_rebuild(template.state1, new1),
+      state2=_rebuild(template.state2, new2))
   return _replace(opt_state, new)

@@ -37,8 +37,9 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["DEVICE_KIND", "HOST_KINDS", "host_memory_kind", "in_host_memory",
-           "memory_kinds", "to_device", "to_host"]
+__all__ = ["DEVICE_KIND", "HOST_KINDS", "commit_beside", "host_memory_kind",
+           "in_host_memory", "memory_kinds", "place_like", "to_device",
+           "to_host"]
 
 DEVICE_KIND = "device"
 HOST_KINDS = ("pinned_host", "unpinned_host")
@@ -176,6 +177,96 @@ def to_device(tree):
   kind = _tree_kind(tree, want_host=False)
   return jax.tree.map(lambda x: _place(x, kind, jax.memory.Space.Device),
                       tree)
+
+
+def place_like(tree, like):
+  """The arrays of `tree` (one parameter's states) on `like`'s devices.
+
+  `to_host` keeps an array's sharding and changes its memory kind, so the
+  states must first be where the parameter is: with a parameter sharded
+  over a mesh (`NamedSharding`), a state of its shape is sharded as it is,
+  a stacked state (AdEMAMix, `(2, *shape)`) too along the other axes, and
+  anything else (the absmax) replicated over the mesh; with a parameter
+  committed to one device, the states go to that device. A parameter that
+  is not a committed array (traced, uncommitted, numpy) or another kind of
+  sharding leaves `tree` as it is.
+
+  Args:
+    tree: a pytree of arrays (the states of one parameter).
+    like: the parameter.
+
+  Returns:
+    `tree` with its arrays placed as described.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> p = jax.device_put(jnp.ones((4, 3)), jax.devices()[0])
+    >>> s = place_like({"m": jnp.zeros((4, 3)), "a": jnp.zeros(1)}, p)
+    >>> s["m"].committed, s["a"].sharding == p.sharding
+    (True, True)
+  """
+  if (not isinstance(like, jax.Array) or isinstance(like, jax.core.Tracer)
+      or not like.committed):
+    return tree
+  sharding = like.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (like.ndim - len(sharding.spec))
+    mesh = sharding.mesh
+    def target(x):
+      if tuple(x.shape) == tuple(like.shape):
+        return sharding
+      if tuple(x.shape[1:]) == tuple(like.shape):
+        return jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(None, *spec))
+      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  elif len(sharding.device_set) == 1:
+    one = jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
+    target = lambda x: one
+  else:
+    return tree
+  return jax.tree.map(
+      lambda x: jax.device_put(x, target(x)) if _is_array(x) else x, tree)
+
+
+def commit_beside(x: jax.Array, tree) -> jax.Array:
+  """`x` committed, replicated, to the devices of `tree`'s arrays.
+
+  `to_host` commits the arrays it places (a memory kind needs an explicit
+  sharding). A jitted step whose outputs are then all committed would see
+  its first input state (the committed host arrays beside an uncommitted
+  `count` from `jnp.zeros`) differ from the second one, and compile
+  twice; committing `count` too keeps one compiled step. `x` stays as it
+  is where `tree` holds no committed array (nothing was placed).
+
+  Args:
+    x: a small array (the step count), in device memory.
+    tree: a pytree of arrays (the paged states).
+
+  Returns:
+    `x`, committed in device memory on `tree`'s devices, or `x` unchanged.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> count = commit_beside(jnp.zeros([], jnp.int32), to_host([jnp.ones(4)]))
+    >>> count.committed if host_memory_kind() else True
+    True
+  """
+  for leaf in jax.tree.leaves(tree):
+    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        and leaf.committed):
+      sharding = leaf.sharding
+      if isinstance(sharding, jax.sharding.NamedSharding):
+        target = jax.sharding.NamedSharding(sharding.mesh,
+                                            jax.sharding.PartitionSpec())
+      elif len(sharding.device_set) == 1:
+        target = jax.sharding.SingleDeviceSharding(
+            next(iter(sharding.device_set)))
+      else:
+        return x
+      if DEVICE_KIND in _kinds(next(iter(sharding.device_set))):
+        target = target.with_memory_kind(DEVICE_KIND)
+      return jax.device_put(x, target)
+  return x
 
 
 def memory_kinds(tree):

@@ -46,6 +46,7 @@ __all__ = [
     "Optimizer8bitState",
     "Quantized8bit",
     "dequantize",
+    "is_box",
     "num_blocks",
     "quantize_state",
     "signed_map",
@@ -136,6 +137,36 @@ class Quantized8bit:
                absmax=jnp.zeros(lead + (nb,), jnp.float32), signed=signed)
 
 
+_VALUE_PATH = (jax.tree_util.GetAttrKey("value"),)
+
+
+def is_box(x) -> bool:
+  """Whether `x` boxes one array: a pytree node whose one child is `.value`.
+
+  `nnx.state(model)` boxes every parameter in an `nnx.Variable`,
+  `nnx.Optimizer` every optimizer state array in an `OptVariable` /
+  `OptArray`, and linen's `nn.with_partitioning` a parameter in an
+  `nn.Partitioned`, with metadata (sharding) in the node's static data.
+
+  Args:
+    x: any pytree node or leaf.
+
+  Returns:
+    True for such a box, False otherwise (arrays, containers, None).
+
+  Examples:
+    >>> is_box(jnp.zeros(3)), is_box({"value": jnp.zeros(3)})
+    (False, False)
+  """
+  if x is None or isinstance(x, (jax.Array, np.ndarray, np.generic, dict,
+                                 list, tuple, Quantized8bit)):
+    return False
+  children = jax.tree_util.tree_flatten_with_path(
+      x, is_leaf=lambda y: y is not x)[0]
+  return (len(children) == 1 and children[0][0] == _VALUE_PATH
+          and hasattr(children[0][1], "shape"))
+
+
 class Optimizer8bitState(NamedTuple):
   """Optax state of every `jaxbnb.optim` optimizer (8-bit, 32-bit, paged).
 
@@ -147,7 +178,10 @@ class Optimizer8bitState(NamedTuple):
   `flax.nnx.Optimizer`, orbax and optax's wrappers unchanged.
 
   Attributes:
-    count: the number of updates done (bnb's `step` - 1).
+    count: the number of updates done. bitsandbytes keeps the same number
+      per parameter as `step` (it increments `step` before each update, so
+      after k updates its `step` is k), and `to_bnb_state_dict` writes
+      `step = count`.
     state1: first state per leaf (AdEMAMix: leading axis 2, `[m1; m2]`).
     state2: second moment per leaf for Adam/AdEMAMix, else None per leaf.
 
@@ -157,6 +191,12 @@ class Optimizer8bitState(NamedTuple):
     >>> state = optim.adam8bit().init({"w": jnp.zeros((64, 64))})
     >>> type(state).__name__, state.count.dtype, state.state1["w"].codes.dtype
     ('Optimizer8bitState', dtype('int32'), dtype('uint8'))
+    >>> params = {"w": jnp.zeros((64, 64))}
+    >>> tx = optim.adam8bit()
+    >>> _, state = tx.update({"w": jnp.ones((64, 64))}, tx.init(params), params)
+    >>> sd = optim.to_bnb_state_dict(state, params)
+    >>> int(state.count), sd["['w']"]["step"]
+    (1, 1)
   """
 
   count: jax.Array  # shape=(), dtype=jnp.int32.
