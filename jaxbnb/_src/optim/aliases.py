@@ -292,6 +292,36 @@ def _update_leaf(kind, p, g, s1, s2, *, lr, step, hyper, mode):
                                   hyper=hyper)
 
 
+def _explicit_axes(*arrays) -> bool:
+  """Whether any of `arrays` is sharded over an Explicit mesh axis."""
+  for x in jax.tree.leaves(arrays):
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
+      return True
+  return False
+
+
+def _update_leaf_auto(kind, p, g, s1, s2, *, lr, step, hyper, mode):
+  """`_update_leaf` on a mesh whose axes are Explicit (sharding in types).
+
+  The rules flatten each leaf into blocks, a reshape that explicit sharding
+  cannot type; inside `auto_axes` the compiler places the intermediates as
+  on an Auto mesh, and the results come back typed like their inputs: the
+  new parameter like the gradient, each state like itself.
+  """
+  def sharding(x):
+    return jax.typeof(x).sharding
+
+  out = (sharding(g), jax.tree.map(sharding, s1), jax.tree.map(sharding, s2))
+
+  def leaf(p, g, s1, s2, lr, step):
+    return _update_leaf(kind, p, g, s1, s2, lr=lr, step=step, hyper=hyper,
+                        mode=mode)
+
+  return jax.sharding.auto_axes(leaf, out_sharding=out)(p, g, s1, s2, lr,
+                                                        step)
+
+
 def _fused_leaf(kind, p, g, s1, s2, *, lr, step, hyper, mode):
   """One leaf of a fused step (`optim_fused.apply_updates_fused`).
 
@@ -404,7 +434,10 @@ def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits,
       use8 = (optim_bits == 8 and math.prod(leaf.shape) >= min_8bit_size
               and not k32)
       s1, s2 = _init_leaf(kind, leaf, use8)
-      if paged:  # to_host keeps the sharding: first where the leaf is
+      # to_host keeps the sharding: first where the leaf is. On a mesh of
+      # Explicit axes the sharding is part of the type: the states take
+      # the parameter's, as optax's zeros_like states do.
+      if paged or _explicit_axes(leaf):
         s1, s2 = optim_paged.place_like((s1, s2), leaf)
       s1s.append(_rebox(item, s1, leaf))
       s2s.append(_rebox(item, s2, leaf))
@@ -471,8 +504,10 @@ def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits,
       if direction:
         p = jnp.zeros(g.shape, jnp.float32)
       if recorder is None:
-        new_p, n1, n2 = _update_leaf(kind, p, g, s1, s2, lr=lr, step=step,
-                                     hyper=hyper, mode=mode)
+        leaf_update = (_update_leaf_auto if _explicit_axes(p, g, s1, s2)
+                       else _update_leaf)
+        new_p, n1, n2 = leaf_update(kind, p, g, s1, s2, lr=lr, step=step,
+                                    hyper=hyper, mode=mode)
       else:
         new_p, n1, n2, written = _fused_leaf(
             kind, p, g, s1, s2, lr=lr, step=step, hyper=hyper, mode=mode)
