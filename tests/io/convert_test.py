@@ -204,7 +204,74 @@ def test_conflicting_quantization():
                             progress=False)
 
 
+def test_int8_on_a_4bit_checkpoint_names_the_kinds_only():
+  """An int8 config's 4-bit fields (its default quant type "fp4") are no
+  one's choice: the error names the kinds, not "passed 'fp4'"."""
+  with pytest.raises(ValueError) as e:
+    convert.from_pretrained(common.golden("nf4_dq_bf16"),
+                            quantization=QuantizationConfig(load_in_8bit=True),
+                            progress=False)
+  msg = str(e.value)
+  assert "asks for LLM.int8 (load_in_8bit)" in msg, msg
+  assert "bitsandbytes 4-bit nf4 (load_in_4bit) checkpoint" in msg, msg
+  assert "fp4" not in msg, msg
+
+
 # -- save_pretrained ----------------------------------------------------------
+
+
+def _merged(targets):
+  """A tiny NF4 model whose `targets` were merged with requantize=False
+  (float weights in a 4-bit model), and its logits."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxbnb import lora, models  # pylint: disable=g-import-not-at-top
+  cfg = models.LlamaConfig(vocab_size=128, hidden_size=64,
+                           intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+  model = models.LlamaForCausalLM(
+      cfg, quantization=QuantizationConfig.nf4(compute_dtype="float32"),
+      rngs=nnx.Rngs(0))
+  model = lora.apply_lora(model, lora.LoRAConfig(
+      r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
+                          rngs=nnx.Rngs(1))
+  return lora.merge_lora(model, requantize=False)
+
+
+def test_float_linears_of_a_4bit_model_are_saved_as_skipped(tmp_path):
+  """`merge_lora(requantize=False)` leaves q_proj float in a 4-bit model:
+  saved, q_proj goes into llm_int8_skip_modules (as transformers keeps a
+  skipped module unquantized), and reloads float, the same model."""
+  model = _merged(["q_proj"])
+  convert.save_pretrained(model, tmp_path / "m", progress=False)
+  qc = common.read_config(tmp_path / "m")["quantization_config"]
+  assert qc["load_in_4bit"] and qc["bnb_4bit_quant_type"] == "nf4"
+  skip = qc["llm_int8_skip_modules"]
+  assert "lm_head" in skip
+  assert {"model.layers.0.self_attn.q_proj",
+          "model.layers.1.self_attn.q_proj"} <= set(skip)
+  again = convert.from_pretrained(tmp_path / "m", progress=False)
+  q = again.model.layers[0].self_attn.q_proj.weight.get_value()
+  assert not isinstance(q, Params4bit)
+  assert isinstance(again.model.layers[0].self_attn.k_proj.weight.get_value(),
+                    Params4bit)
+  common.assert_states_identical(model, again)
+  ids = np.array([[1, 5, 9, 17, 33]])
+  np.testing.assert_array_equal(common.logits(again, ids),
+                                common.logits(model, ids))
+
+
+def test_a_4bit_model_with_only_float_linears_saves_a_float_checkpoint(
+    tmp_path):
+  """Every linear merged in float: nothing is quantized, so the checkpoint
+  is a float one (no quantization_config) that loads back as it was."""
+  model = _merged("all-linear")
+  convert.save_pretrained(model, tmp_path / "m", progress=False)
+  assert "quantization_config" not in common.read_config(tmp_path / "m")
+  again = convert.from_pretrained(tmp_path / "m", progress=False)
+  assert again.quantization is None
+  ids = np.array([[1, 5, 9, 17, 33]])
+  np.testing.assert_array_equal(common.logits(again, ids),
+                                common.logits(model, ids))
 
 
 @pytest.mark.parametrize("variant", common.QUANTIZED)

@@ -147,7 +147,9 @@ def test_save_load_round_trip_bit_identical(tmp_path):
                                   progress=False)
   assert other.model.layers[0].mlp.up_proj.threshold == 3.0
   common.assert_states_identical(model, other)
-  with pytest.raises(ValueError, match="load_in_8bit: passed False"):
+  with pytest.raises(ValueError, match=r"asks for 4-bit nf4 \(load_in_4bit\)"
+                     r" but .* is a bitsandbytes LLM.int8 \(load_in_8bit\) "
+                     "checkpoint"):
     convert.from_pretrained(tmp_path / "a",
                             quantization=QuantizationConfig.nf4(),
                             progress=False)

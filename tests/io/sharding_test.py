@@ -153,6 +153,22 @@ out["err_override_axis"] = error(
 out["err_block"] = error(mesh=MESHES["tensor8"], quantization=
                          models.QuantizationConfig(
                              load_in_4bit=True, bnb_4bit_blocksize=2048))
+# A nested_absmax one entry too long, loaded row shard by row shard: every
+# shard sees the whole tensor's (so from_dict can only ask for "at least"),
+# and the shard path checks it against the whole tensor's block count.
+import tempfile
+with tempfile.TemporaryDirectory() as tmp:
+    tensors = common.read_all(common.golden("nf4_dq_bf16"))
+    key = "model.layers.0.self_attn.q_proj.weight.nested_absmax"
+    tensors[key] = np.concatenate([tensors[key], np.ones(1, np.float32)])
+    bad = common.copy_checkpoint("nf4_dq_bf16", tmp + "/long",
+                                 tensors=tensors)
+    try:
+        convert.from_pretrained(bad, progress=False,
+                                mesh=MESHES["tensor8"])
+        out["err_nested_long"] = None
+    except ValueError as e:
+        out["err_nested_long"] = str(e)
 print("RESULT" + json.dumps(out))
 """
 
@@ -221,6 +237,12 @@ def test_row_shard_cutting_a_4bit_block_is_an_error(results):
   msg = results["err_block"] or ""
   assert "k_proj" in msg and "blocksize 2048" in msg, msg
   assert "'tensor'" in msg, msg
+
+
+def test_too_long_nested_absmax_of_a_sharded_weight_is_an_error(results):
+  msg = results["err_nested_long"] or ""
+  assert "layers.0.self_attn.q_proj.weight.nested_absmax" in msg, msg
+  assert "expected" in msg and "entries" in msg, msg
 
 
 def _mesh1(names):

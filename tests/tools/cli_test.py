@@ -421,8 +421,9 @@ def test_convert_passes_overwrite(monkeypatch, gguf_path, tmp_path, capsys):
   """`--overwrite` reaches `jaxbnb.convert.save_pretrained`."""
   calls = []
 
-  def save_pretrained(model, path, *, progress=True, overwrite=False):
-    del model, progress
+  def save_pretrained(model, path, *, progress=True, overwrite=False,
+                      tokenizer=None):
+    del model, progress, tokenizer
     calls.append(overwrite)
     os.makedirs(path, exist_ok=True)
   monkeypatch.setattr(convert, "save_pretrained", save_pretrained)
@@ -473,8 +474,9 @@ def test_convert_int8_then_info_generate_eval(gguf_path, tmp_path, capsys):
   # A 4-bit request on the int8 checkpoint is a one-line error.
   assert cli.main(["generate", out, "--prompt", "the", "--no-chat",
                    "--quant", "nf4", "--quiet"]) == 2
-  line = _one_line(capsys, "jaxbnb generate: error: ")
-  assert "load_in_8bit" in line
+  line = _one_line(capsys, "jaxbnb generate: error: argument --quant: nf4 "
+                   "cannot apply")
+  assert "LLM.int8" in line
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -502,3 +504,205 @@ def test_int8_threshold_must_be_a_number_at_least_0(capsys):
   line = _one_line(capsys, "jaxbnb convert: error: argument "
                    "--int8-threshold: ")
   assert "expected a number >= 0, got '-1'" in line
+
+
+# ---------------------------------------------------------------------------
+# Interrupted saves: the tokenizer goes in with the weights; SIGTERM cleans
+# up as Ctrl-C does.
+
+
+class _TokenizerThatDies:
+  """A tokenizer whose save writes one file, then is interrupted."""
+
+  def __init__(self, tok):
+    self._tok = tok
+
+  def save_pretrained(self, folder):
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+      f.write("{}")
+    raise KeyboardInterrupt
+
+
+def _leftovers(parent):
+  return [e for e in os.listdir(parent) if ".tmp-" in e or ".old-" in e]
+
+
+@pytest.mark.parametrize("command", ["convert", "merge"])
+def test_interrupted_tokenizer_save_leaves_no_model_folder(
+    command, monkeypatch, gguf_path, tmp_path, capsys):
+  """The tokenizer is written into the temporary folder, before it is
+  renamed: interrupted there, no DST (or OUT) holds a model without its
+  tokenizer, and no temporary folder is left."""
+  real = convert.load_tokenizer
+  monkeypatch.setattr(convert, "load_tokenizer",
+                      lambda path: _TokenizerThatDies(real(path)))
+  out = tmp_path / "out"
+  if command == "convert":
+    argv = ["convert", gguf_path, str(out), "--quiet"]
+  else:
+    adapter = tmp_path / "adapter"
+    _tiny_adapter(gguf_path, adapter)
+    argv = ["merge", gguf_path, str(out), "--adapter", str(adapter),
+            "--quiet"]
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  assert e.value.code == 130
+  assert not out.exists(), sorted(os.listdir(out))
+  assert _leftovers(tmp_path) == []
+
+
+def _tiny_adapter(gguf_path, path):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxbnb import lora  # pylint: disable=g-import-not-at-top
+  base = convert.from_pretrained(gguf_path, progress=False)
+  model = lora.apply_lora(base, lora.LoRAConfig(
+      r=2, target_modules=["q_proj"], init_lora_weights=False),
+                          rngs=nnx.Rngs(0))
+  lora.save_adapter(model, str(path))
+
+
+def test_overwrite_writes_the_new_tokenizer_files(gguf_path, tmp_path,
+                                                   capsys):
+  """Replacing a folder keeps its other files, but the new tokenizer's
+  files win over the old ones of the same name."""
+  out = tmp_path / "nf4"
+  out.mkdir()
+  (out / "tokenizer.json").write_text("old")
+  (out / "notes.txt").write_text("keep me")
+  assert cli.main(["convert", gguf_path, str(out), "--quiet",
+                   "--overwrite"]) == 0
+  assert (out / "tokenizer.json").read_text() != "old"
+  assert (out / "notes.txt").read_text() == "keep me"
+  assert convert.load_tokenizer(str(out)).encode("the") == (
+      convert.load_tokenizer(gguf_path).encode("the"))
+
+
+_SLOW_SAVE = """
+import sys, time
+from jaxbnb import convert
+from jaxbnb._src.tools import cli
+
+real = convert.load_tokenizer
+class Slow:
+  def __init__(self, tok):
+    self.tok = tok
+  def save_pretrained(self, folder):
+    self.tok.save_pretrained(folder)
+    print("ready", flush=True)
+    time.sleep(120)
+
+convert.load_tokenizer = lambda path: Slow(real(path))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_convert_cleans_up(gguf_path, tmp_path):
+  """SIGTERM (kill, timeout, a scheduler) while the model is being saved:
+  one line, status 143, the temporary folder removed, an existing DST
+  left as it was."""
+  dst = tmp_path / "dst"
+  dst.mkdir()
+  (dst / "config.json").write_text("old")
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _SLOW_SAVE, "convert", gguf_path, str(dst),
+       "--quiet", "--overwrite"], cwd=_REPO,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    assert proc.stdout.readline() == "ready\n"
+    assert len(_leftovers(tmp_path)) == 1  # the save's temporary folder
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, err
+  assert err == "jaxbnb convert: terminated\n"
+  assert _leftovers(tmp_path) == []
+  assert os.listdir(dst) == ["config.json"]
+  assert (dst / "config.json").read_text() == "old"
+
+
+def test_sigterm_handler_is_restored(gguf_path):
+  before = signal.getsignal(signal.SIGTERM)
+  assert cli.main(["info", gguf_path]) == 0
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------------------
+# What convert says it wrote; bad destinations and options before the load.
+
+
+def test_info_of_a_gguf_file_reports_its_stored_types(tmp_path, capsys):
+  weights = tiny_gguf.tiny_weights(seed=2)
+  q8 = [n for n in weights if n.endswith("_proj.weight")]
+  path = tiny_gguf.write_tiny_gguf(tmp_path / "q8.gguf", weights,
+                                   q8_names=q8)
+  assert cli.main(["info", path, "--json"]) == 0
+  info = json.loads(capsys.readouterr().out)
+  assert info["tensors_by_dtype"] == {
+      "F32": len(weights) - len(q8), "Q8_0": len(q8)}
+  n_q8 = sum(weights[n].size for n in q8)
+  assert info["bytes_by_dtype"]["Q8_0"] == n_q8 // 32 * 34  # Q8_0 blocks
+  assert info["total_bytes"] < 4 * sum(w.size for w in weights.values())
+  q = info["quantization"]
+  assert q["method"] == "gguf" and q["quantized_tensors"] == len(q8)
+  assert cli.main(["info", path]) == 0
+  out = capsys.readouterr().out
+  assert "Q8_0: " in out and "float32:" not in out
+  assert "quantization: method=gguf" in out
+
+
+def test_convert_of_a_bnb_checkpoint_says_what_it_wrote(tmp_path, capsys):
+  src = os.path.join(_REPO, "tests", "golden", "bnb_llama", "nf4_dq_bf16")
+  out = tmp_path / "c"
+  assert cli.main(["convert", src, str(out), "--quant", "none",
+                   "--quiet"]) == 0
+  line = capsys.readouterr().out
+  assert "(nf4 + double quant, blocksize 64, as stored in SRC;" in line
+  assert "float" not in line
+  # A --quant that cannot apply: named as passed, before the load.
+  assert cli.main(["convert", src, str(tmp_path / "d"), "--quant", "int8",
+                   "--quiet"]) == 2
+  line = _one_line(capsys, "jaxbnb convert: error: argument --quant: int8 "
+                   "cannot apply")
+  assert "4-bit nf4" in line and "fp4" not in line
+  assert not (tmp_path / "d").exists()
+
+
+def _no_load(monkeypatch):
+  def from_pretrained(*a, **k):
+    raise AssertionError("the model was loaded before the check")
+  monkeypatch.setattr(convert, "from_pretrained", from_pretrained)
+
+
+def test_unwritable_destinations_are_refused_before_the_load(
+    monkeypatch, gguf_path, tmp_path, capsys):
+  _no_load(monkeypatch)
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  dst = str(afile / "out")
+  assert cli.main(["convert", gguf_path, dst, "--quiet"]) == 2
+  line = _one_line(capsys, f"jaxbnb convert: error: argument DST: cannot "
+                   f"write {dst!r}")
+  assert str(afile) in line
+  assert cli.main(["demo", "--model", gguf_path, "--save", dst,
+                   "--quiet"]) == 2
+  _one_line(capsys, "jaxbnb demo: error: argument --save: cannot write")
+  full = tmp_path / "full"
+  full.mkdir()
+  (full / "x").write_text("x")
+  assert cli.main(["demo", "--model", gguf_path, "--save", str(full),
+                   "--quiet"]) == 2
+  line = _one_line(capsys, "jaxbnb demo: error: argument --save: ")
+  assert "--overwrite" in line
+
+
+def test_merge_checks_blocksize_before_the_load(monkeypatch, gguf_path,
+                                                tmp_path, capsys):
+  adapter = tmp_path / "adapter"
+  _tiny_adapter(gguf_path, adapter)
+  _no_load(monkeypatch)
+  assert cli.main(["merge", gguf_path, str(tmp_path / "m"), "--adapter",
+                   str(adapter), "--quant", "nf4", "--blocksize", "48",
+                   "--quiet"]) == 2
+  _one_line(capsys, "jaxbnb merge: error: argument --blocksize: ")

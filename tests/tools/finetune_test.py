@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -201,3 +204,80 @@ def test_adapter_of_another_model(gguf_path, tmp_path, capsys):
   assert cli.main(["merge", gguf_path, str(out), "--adapter",
                    str(tmp_path / "none"), "--quiet"]) == 2
   assert "is not a folder" in _one_line(capsys, "jaxbnb merge: error: ")
+
+
+def test_merge_quant_gives_what_convert_quant_gives(adapter, gguf_path,
+                                                   tmp_path, capsys):
+  """`merge GGUF --quant nf4` lays the model out as `convert GGUF --quant
+  nf4` does: the same float dtype (bfloat16 for a float32 GGUF) for the
+  embeddings and norms, the same config; only the merged linears differ."""
+  merged, converted = tmp_path / "merged", tmp_path / "converted"
+  assert cli.main(["merge", gguf_path, str(merged), "--adapter", adapter,
+                   "--quant", "nf4", "--quiet"]) == 0
+  assert "(merged; nf4 + double quant, blocksize 64;" in (
+      capsys.readouterr().out)
+  assert cli.main(["convert", gguf_path, str(converted), "--quant", "nf4",
+                   "--quiet"]) == 0
+  a = safetensors.numpy.load_file(str(merged / "model.safetensors"))
+  b = safetensors.numpy.load_file(str(converted / "model.safetensors"))
+  assert a.keys() == b.keys()
+  # (the quant_state JSON of a merged linear holds another nested_offset)
+  layout = lambda t: {k: (v.dtype, v.shape if "quant_state" not in k else 0)
+                      for k, v in t.items()}
+  assert layout(a) == layout(b)
+  assert str(a["model.embed_tokens.weight"].dtype) == "bfloat16"
+  np.testing.assert_array_equal(a["model.embed_tokens.weight"],
+                                b["model.embed_tokens.weight"])
+  with open(merged / "config.json") as f, open(converted / "config.json") as g:
+    assert json.load(f) == json.load(g)
+
+
+def test_resume_in_a_folder_a_killed_run_left(gguf_path, text_path, tmp_path,
+                                              capsys):
+  """A run killed (SIGKILL) before its first checkpoint leaves only
+  finetune.json and metrics.jsonl: --resume starts afresh there."""
+  out = tmp_path / "killed"
+  out.mkdir()
+  (out / "finetune.json").write_text("{}")
+  (out / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 9}\n')
+  assert cli.main(["finetune", gguf_path, "--data", text_path, "--out",
+                   str(out), "--target", "q_proj", "--resume", *FAST]) == 0
+  assert "steps 1-3" in capsys.readouterr().out
+  assert (out / "adapter_model.safetensors").is_file()
+
+
+_SLOW_FINETUNE = """
+import sys, time
+from jaxbnb._src.tools import cli
+from jaxbnb._src.train import loop
+
+def slow_evaluate(*args, **kwargs):
+  print("ready", flush=True)
+  time.sleep(120)
+
+loop.evaluate = slow_evaluate
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_before_the_first_checkpoint_removes_the_folder(
+    gguf_path, text_path, tmp_path):
+  """SIGTERM before anything resumable was saved: the new OUT is removed
+  (not left holding finetune.json and metrics.jsonl, which could neither
+  be resumed nor reused)."""
+  out = tmp_path / "out"
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _SLOW_FINETUNE, "finetune", gguf_path,
+       "--data", text_path, "--out", str(out), *FAST], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    assert proc.stdout.readline() == "ready\n"
+    assert os.path.isfile(out / "finetune.json")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, err
+  assert err.strip().splitlines()[-1] == "jaxbnb finetune: terminated"
+  assert not out.exists()

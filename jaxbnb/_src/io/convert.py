@@ -46,6 +46,7 @@ from jaxbnb._src.io.checkpoint_source import write_safetensors
 from jaxbnb._src.io.gguf_source import GGUFSource
 from jaxbnb._src.layers.common import QuantizedWeight
 from jaxbnb._src.layers.factory import quantize_weight
+from jaxbnb._src.layers.factory import weight_format
 from jaxbnb._src.layers.lora import check_no_lora
 from jaxbnb._src.layers.quant_config import QuantizationConfig
 from jaxbnb._src.models.config import LlamaConfig
@@ -291,8 +292,23 @@ def _check_scb(src: CheckpointSource, scb: str, wkey: str) -> None:
         f"{src.describe(wkey)} {list(wshape)}.")
 
 
+def _bits(q: QuantizationConfig) -> str:
+  if q.load_in_8bit:
+    return "LLM.int8 (load_in_8bit)"
+  return f"4-bit {q.bnb_4bit_quant_type} (load_in_4bit)"
+
+
 def _check_conflict(passed: QuantizationConfig, ckpt: QuantizationConfig,
                     path: str) -> None:
+  if passed.load_in_8bit != ckpt.load_in_8bit:
+    # The other kind's fields (e.g. an int8 config's default quant type
+    # "fp4") are no one's choice: say what differs, the kind.
+    raise ValueError(
+        f"from_pretrained: `quantization` asks for {_bits(passed)} but "
+        f"{path!r} is a bitsandbytes {_bits(ckpt)} checkpoint, which loads "
+        "as stored (a quantized checkpoint cannot be quantized again). Pass "
+        "quantization=None to use the checkpoint's, or load the float "
+        "checkpoint to quantize differently.")
   fixed = _FIXED_FIELDS_INT8 if ckpt.load_in_8bit else _FIXED_FIELDS
   diffs = [f"{f}: passed {getattr(passed, f)!r}, checkpoint "
            f"{getattr(ckpt, f)!r}" for f in fixed
@@ -329,17 +345,38 @@ def _checkpoint_dtype(src: CheckpointSource) -> jnp.dtype:
 def _default_param_dtype(src: CheckpointSource, quantizing: bool):
   """The float weights' dtype when the caller names none.
 
-  The checkpoint's own dtype (transformers' `dtype="auto"`), except that a
-  GGUF file of llama.cpp-quantized tensors being quantized on load keeps its
-  unquantized tensors (embeddings, norms, the head) in bfloat16: those
-  tensors come out of the GGUF decoder as float32 although the file holds
-  them in 8 bits or fewer, and float32 embeddings would make the 4-bit model
-  nearly twice the size. A float32 Hugging Face checkpoint stays float32.
+  The checkpoint's own dtype (transformers' `dtype="auto"`, which
+  transformers + bitsandbytes also keep for the tensors `load_in_4bit`
+  leaves unquantized), except that a GGUF file reporting float32 (llama.cpp-
+  quantized tensors, which decode to float32) quantized on load keeps its
+  unquantized tensors (embeddings, norms, the head) in bfloat16: the file
+  holds them in 8 bits or fewer, and float32 embeddings would make the
+  4-bit model nearly twice the size. A float32 Hugging Face checkpoint
+  stays float32.
   """
   dt = _checkpoint_dtype(src)
   if quantizing and dt == jnp.float32 and isinstance(src, GGUFSource):
     return jnp.dtype(jnp.bfloat16)
   return dt
+
+
+def default_param_dtype(path: str | os.PathLike | CheckpointSource, *,
+                        quantizing: bool) -> jnp.dtype:
+  """The `param_dtype` `from_pretrained(path)` picks when given none.
+
+  Args:
+    path: an HF folder, a `.gguf` file or a `CheckpointSource`.
+    quantizing: whether the load quantizes a float checkpoint (a
+      `quantization` is passed and `path` is not pre-quantized).
+
+  Returns:
+    The checkpoint's float dtype, or bfloat16 for a float32 GGUF file being
+    quantized (see docs/models.md, "Dtypes"). `jaxbnb merge --quant` uses it
+    so that merging and quantizing give the float tensors the dtype `jaxbnb
+    convert` gives them.
+  """
+  src = path if isinstance(path, CheckpointSource) else open_checkpoint(path)
+  return _default_param_dtype(src, quantizing)
 
 
 def _is_float(dt) -> bool:
@@ -566,6 +603,8 @@ def _prequantized_rows(src, hf_name, groups, param_dtype, want_shape):
     per_row = {k: 1 for k in (hf_name, *extra)
                if len(src.shape(k)) and src.shape(k)[0] == out}
   small = {k: src.load(k) for k in extra if k not in per_row and k != qs_key}
+  if is_4bit:
+    _check_whole_absmax(src, hf_name, extra, meta, small, out * inn)
 
   def rows_of(key, row0, rows):
     lo, hi = row0 * per_row[key], (row0 + rows) * per_row[key]
@@ -585,6 +624,32 @@ def _prequantized_rows(src, hf_name, groups, param_dtype, want_shape):
     return _load_prequantized(_Given(src, state), hf_name, groups,
                               param_dtype, (rows, inn))
   return shard
+
+
+def _check_whole_absmax(src, hf_name, extra, meta, small, n) -> None:
+  """The whole tensor's absmax and nested absmax lengths, checked once for
+  a weight loaded row shard by row shard: each shard's `from_state_dict`
+  sees the whole nested absmax (its codes index it by their global block)
+  and can only ask for at least its own blocks' worth."""
+  nb = -(-n // int(meta["blocksize"]))
+  for k in extra:
+    if k.endswith(".weight.absmax") and tuple(src.shape(k)) != (nb,):
+      raise ValueError(
+          f"{src.path!r}: tensor {src.describe(k)} has shape "
+          f"{list(src.shape(k))}; expected [{nb}], one per "
+          f"{meta['blocksize']} elements of {hf_name!r} "
+          f"{list(meta['shape'])}.")
+  nested = next((k for k in small if k.endswith(".nested_absmax")), None)
+  if nested is None or "nested_blocksize" not in meta:
+    return  # from_state_dict reports a missing nested entry
+  nbs = int(meta["nested_blocksize"])
+  nnb = -(-nb // nbs)
+  got = int(np.asarray(small[nested]).size)
+  if got != nnb:
+    raise ValueError(
+        f"{src.path!r}: tensor {src.describe(nested)} has {got} entries; "
+        f"expected {nnb}, one per {nbs} absmax codes of {hf_name!r} "
+        f"(ceil({nb} / {nbs})).")
 
 
 class _Given:
@@ -837,11 +902,44 @@ def iter_checkpoint_tensors(model: LlamaForCausalLM
       yield {hf_name: to_numpy(value)}
 
 
+def saved_quantization(model: LlamaForCausalLM) -> QuantizationConfig | None:
+  """The `quantization_config` that describes `model`'s linears as they are.
+
+  A linear can hold a float weight although `model.quantization` would
+  quantize it (e.g. after `merge_lora(requantize=False)`). As transformers
+  does for bitsandbytes models, such linears go into
+  `llm_int8_skip_modules` (by full module path, after the config's own skip
+  list), so loading the checkpoint keeps them in float instead of
+  quantizing them again. A model without any quantized linear has no
+  quantization: None (a float checkpoint).
+  """
+  q = model.quantization
+  if q is None or not q.quantized:
+    return None
+  linears = {path for path, _ in model.named_linears()}
+  quantized, floats = 0, []
+  for path, var in model.iter_variables():
+    module = path[:-len(".weight")]
+    if (not path.endswith(".weight") or module not in linears
+        or weight_format(q, module) is None):
+      continue  # norms, embeddings, biases, linears the config skips
+    if isinstance(var.get_value(), weights.QuantizedArray):
+      quantized += 1
+    else:
+      floats.append(module)
+  if not quantized:
+    return None
+  if not floats:
+    return q
+  return dataclasses.replace(
+      q, llm_int8_skip_modules=(*q.skip_modules, *floats))
+
+
 def _hf_config(model: LlamaForCausalLM) -> dict[str, Any]:
   cfg = model.config.to_hf()
   cfg["dtype"] = jnp.dtype(model.param_dtype).name
-  q = model.quantization
-  if q is not None and q.quantized:
+  q = saved_quantization(model)
+  if q is not None:
     cfg["quantization_config"] = q.to_dict()
   return cfg
 
@@ -853,7 +951,7 @@ def _write_json(path: str, data: Mapping[str, Any]) -> None:
 
 def save_pretrained(model: LlamaForCausalLM, path: str | os.PathLike, *,
                     max_shard_size: int | str = "5GB", overwrite: bool = False,
-                    progress: bool = True) -> None:
+                    progress: bool = True, tokenizer: Any = None) -> None:
   """Saves `model` as an HF folder that transformers + bitsandbytes load.
 
   Writes `config.json` (with `quantization_config` for a quantized model),
@@ -864,11 +962,13 @@ def save_pretrained(model: LlamaForCausalLM, path: str | os.PathLike, *,
   (`QuantizedArray.state_dict`), float tensors as they are (bf16 stays
   bf16). A tied head writes no `lm_head.weight`.
 
-  The write is atomic: everything goes to a new folder beside `path`, which
-  then replaces it; on any error the new folder is removed and an existing
-  `path` is left untouched. Replacing a non-empty folder needs
-  `overwrite=True`; its files that are not checkpoint files (e.g. tokenizer
-  files) are kept. A model loaded with `from_pretrained` is never written
+  The write is atomic: everything (the tokenizer's files too) goes to a new
+  folder beside `path`, which then replaces it; on any error or interruption
+  the new folder is removed and an existing `path` is left untouched, so
+  `path` never holds a model without its tokenizer. Replacing a non-empty
+  folder needs `overwrite=True`; its files that are not checkpoint files
+  (e.g. tokenizer files) are kept unless the new folder has a file of that
+  name. A model loaded with `from_pretrained` is never written
   into, around or over the checkpoint it came from.
 
   Args:
@@ -878,9 +978,13 @@ def save_pretrained(model: LlamaForCausalLM, path: str | os.PathLike, *,
       (a single weight larger than this gets a shard of its own).
     overwrite: replace the checkpoint in an existing non-empty folder.
     progress: show a tqdm progress bar.
+    tokenizer: a tokenizer (e.g. `load_tokenizer(...)`) whose
+      `save_pretrained(folder)` writes its files into the new folder before
+      it replaces `path`; None writes none.
 
   Raises:
-    TypeError: if `model` is not a `LlamaForCausalLM`.
+    TypeError: if `model` is not a `LlamaForCausalLM`, or `tokenizer` has no
+      `save_pretrained`.
     ValueError: for a model with LoRA adapters (save them with
       `jaxbnb.lora.save_adapter` or merge them first), a bad
       `max_shard_size`, a `path` that is a file, or a
@@ -893,11 +997,21 @@ def save_pretrained(model: LlamaForCausalLM, path: str | os.PathLike, *,
     raise TypeError("save_pretrained: `model` must be a LlamaForCausalLM, "
                     f"got {type(model).__name__}.")
   check_no_lora(model, "save_pretrained")
+  if tokenizer is not None and not callable(
+      getattr(tokenizer, "save_pretrained", None)):
+    raise TypeError("save_pretrained: `tokenizer` must have a "
+                    "save_pretrained method (a transformers tokenizer) or be "
+                    f"None, got {type(tokenizer).__name__}.")
   limit = parse_size(max_shard_size)
+
+  def write(folder):
+    _write_folder(model, folder, limit, progress)
+    if tokenizer is not None and processes.is_primary():
+      tokenizer.save_pretrained(folder)
   # With several processes all of them walk the weights (each tensor split
   # over their devices is gathered) and process 0 writes.
   paths.write_folder_atomic(
-      path, lambda folder: _write_folder(model, folder, limit, progress),
+      path, write,
       overwrite=overwrite, fn="save_pretrained",
       source=paths.source_of(model),
       keep=lambda entry: not _OWN_FILES.match(entry), collective=True)
@@ -966,6 +1080,10 @@ def _write_folder(model: LlamaForCausalLM, folder: str, limit: int,
 # checkpoint_info
 
 
+# GGUF tensor types that are plain floats (not llama.cpp quantization).
+_GGUF_FLOAT = ("F32", "F16", "BF16", "F64")
+
+
 def checkpoint_info(path: str | os.PathLike | CheckpointSource
                     ) -> dict[str, Any]:
   """Summarizes a checkpoint without loading its weights.
@@ -981,8 +1099,13 @@ def checkpoint_info(path: str | os.PathLike | CheckpointSource
     (whether `from_pretrained` can load the architecture), `config` (the
     main hyperparameters), `num_parameters` (logical: a 4-bit weight counts
     its float elements), `num_tensors`, `tensors_by_dtype`,
-    `bytes_by_dtype`, `total_bytes`, `shards` (file names), and
-    `quantization`: None, or a dict with `method` ("bitsandbytes"),
+    `bytes_by_dtype`, `total_bytes` (as stored: a GGUF file's tensors by
+    their GGUF type, e.g. "Q4_1", and their size in the file, not the
+    float32 `load` decodes them to), `shards` (file names), and
+    `quantization`: None, or for a GGUF file of llama.cpp-quantized tensors
+    a dict with `method` ("gguf"), `file_type` (e.g. "Q4_1"),
+    `quantized_tensors` and `tensor_types`; or a dict with `method`
+    ("bitsandbytes"),
     `bits`, `quantized_linears` and, for 4 bits, `quant_type`,
     `double_quant`, `blocksize`, `quant_storage`, `compute_dtype`; for 8
     bits (LLM.int8), `threshold` (config.json's, else transformers'
@@ -1016,10 +1139,14 @@ def checkpoint_info(path: str | os.PathLike | CheckpointSource
           if fmt == weights.Int8Params.format]
   params = 0
   first_blob = None
+  gguf = isinstance(src, GGUFSource)
   for n in names:
-    dt = np.dtype(src.dtype(n)).name
     shape = tuple(src.shape(n))
-    nbytes = math.prod(shape) * np.dtype(src.dtype(n)).itemsize
+    if gguf:  # as stored in the file, not as decoded (float32)
+      dt, nbytes = src.tensor_type(n), src.stored_bytes(n)
+    else:
+      dt = np.dtype(src.dtype(n)).name
+      nbytes = math.prod(shape) * np.dtype(src.dtype(n)).itemsize
     by_dtype[dt] += 1
     bytes_by[dt] += nbytes
     if n in blobs:
@@ -1051,6 +1178,13 @@ def checkpoint_info(path: str | os.PathLike | CheckpointSource
           compute_dtype=(qc or {}).get("bnb_4bit_compute_dtype"))
   elif qc:
     quant = {"method": qc.get("quant_method")}
+  elif gguf:
+    quantized = sum(v for k, v in by_dtype.items() if k not in _GGUF_FLOAT)
+    if quantized:
+      quant = {"method": "gguf", "file_type": src.file_type,
+               "quantized_tensors": quantized,
+               "tensor_types": ", ".join(
+                   k for k in by_dtype if k not in _GGUF_FLOAT)}
   keys = ("vocab_size", "hidden_size", "intermediate_size",
           "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
           "head_dim", "max_position_embeddings", "tie_word_embeddings",

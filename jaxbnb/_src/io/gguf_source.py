@@ -328,6 +328,22 @@ class GGUFSource:
     """The GGUF storage type of `name`, e.g. "Q4_1" or "F32"."""
     return self._tensor(name).tensor_type.name
 
+  def stored_bytes(self, name: str) -> int:
+    """Bytes `name` takes in the file (as stored, e.g. Q4_1 blocks)."""
+    return int(self._tensor(name).n_bytes)
+
+  @property
+  def file_type(self) -> str | None:
+    """`general.file_type` by llama.cpp's name without "MOSTLY_", e.g.
+    "Q4_1" or "F16"; None when the file does not say."""
+    value = self.metadata.get("general.file_type")
+    if value is None:
+      return None
+    try:
+      return _gguf().LlamaFileType(int(value)).name.removeprefix("MOSTLY_")
+    except ValueError:
+      return str(value)
+
   def describe(self, name: str) -> str:
     """`file.gguf:blk.0.attn_q.weight (Q4_1)` for error messages."""
     t = self._tensor(name)

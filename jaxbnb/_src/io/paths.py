@@ -25,7 +25,7 @@ from typing import Any, Callable
 from jaxbnb._src.io import processes
 
 __all__ = ["record_source", "source_of", "check_destination",
-           "write_folder_atomic", "write_file_atomic"]
+           "check_writable", "write_folder_atomic", "write_file_atomic"]
 
 # model -> the checkpoint path it was loaded from. A side table rather than
 # an attribute: a Python attribute of an nnx.Module becomes part of its
@@ -101,6 +101,34 @@ def _make_folder(parent: str, prefix: str) -> str:
       continue
 
 
+def check_writable(target: str | os.PathLike) -> None:
+  """Checks, before any long work, that a folder can be written at `target`.
+
+  Creates (and removes) a temporary folder where `write_folder_atomic`
+  would make its own: beside `target`, or, when `target`'s parent does not
+  exist yet, in its nearest existing ancestor (`write_folder_atomic`
+  creates the missing parents).
+
+  Raises:
+    OSError: the folder cannot be created (a read-only file system, no
+      permission, a parent that is a file); its `filename` is the folder
+      that refused.
+  """
+  parent = os.path.dirname(os.path.realpath(os.fspath(target)))
+  while not os.path.exists(parent):
+    up = os.path.dirname(parent)
+    if up == parent:
+      break
+    parent = up
+  if not os.path.isdir(parent):
+    raise NotADirectoryError(20, "Not a directory", parent)
+  try:
+    probe = _make_folder(parent, f".{os.path.basename(target)}.probe-")
+  except OSError as e:
+    raise type(e)(e.errno, e.strerror, parent) from e
+  os.rmdir(probe)
+
+
 def write_folder_atomic(target: str | os.PathLike,
                         write: Callable[[str], None], *, overwrite: bool,
                         fn: str, source: str | None = None,
@@ -127,7 +155,8 @@ def write_folder_atomic(target: str | os.PathLike,
     source: the checkpoint the model was loaded from (see
       `check_destination`), or None.
     keep: entries of an existing `target` to carry over into the new folder
-      (e.g. tokenizer files); None keeps nothing.
+      (e.g. tokenizer files) where `write` wrote none of that name; None
+      keeps nothing.
     collective: with several processes, call `write` on every process.
 
   Returns:
@@ -171,7 +200,9 @@ def _swap_in(tmp: str, target: str, exists: bool,
   parent, base = os.path.split(target)
   os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
   for entry in os.listdir(target):
-    if keep is not None and keep(entry):
+    # What `write` put in `tmp` wins over the old folder's file of that name.
+    if (keep is not None and keep(entry)
+        and not os.path.lexists(os.path.join(tmp, entry))):
       src_p, dst_p = os.path.join(target, entry), os.path.join(tmp, entry)
       if os.path.isdir(src_p) and not os.path.islink(src_p):
         shutil.copytree(src_p, dst_p, symlinks=True)

@@ -6,7 +6,12 @@ Errors are one line on stderr, `jaxbnb <command>: error: <message>`:
   (`ValueError`, `TypeError`, `NotImplementedError`, `KeyError`, `OSError`,
   `ImportError` of an optional package): exit status 2;
 * anything else (a bug): exit status 1;
-* Ctrl-C: `jaxbnb <command>: interrupted`, exit status 130.
+* Ctrl-C: `jaxbnb <command>: interrupted`, exit status 130;
+* SIGTERM (`kill`, `timeout`, a job scheduler): `jaxbnb <command>:
+  terminated`, exit status 143. It is raised as an exception in the command
+  (as Ctrl-C is), so the same cleanup runs: a save removes its temporary
+  folder and leaves the old one, `finetune` removes an output folder it
+  created that holds no checkpoint yet. Only SIGKILL skips that.
 
 `jaxbnb --debug ...` (the flag may also follow the command) or
 `JAXBNB_DEBUG=1` prints the full traceback as well.
@@ -22,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -42,6 +50,10 @@ from jaxbnb import nnx as jaxbnb_nnx
 from jaxbnb import train
 # The well-known model names of `jaxbnb estimate` have no public name.
 from jaxbnb._src.io import estimate as estimate_lib
+# What a save writes (its quantization_config, the default dtypes) and the
+# early check that DST is writable have no public name either.
+from jaxbnb._src.io import convert as convert_lib
+from jaxbnb._src.io import paths
 # The output-folder rules of `finetune`, checked before the model loads.
 from jaxbnb._src.train import loop as train_loop
 from jaxbnb._src.train import mesh as train_mesh
@@ -60,6 +72,32 @@ USER_ERRORS = (ValueError, TypeError, NotImplementedError, KeyError, OSError,
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM, raised in the main thread: a `KeyboardInterrupt`, so every
+  cleanup that runs for Ctrl-C (`except BaseException`, `finally`) runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+  """Within: SIGTERM raises `_Terminated` (once; a second SIGTERM during
+  the cleanup is ignored). The previous handler is restored on exit."""
+  if threading.current_thread() is not threading.main_thread():
+    yield  # signal handlers can only be set from the main thread
+    return
+
+  def handler(signum, frame):
+    del signum, frame
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the cleanup finish
+    raise _Terminated()
+
+  previous = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -135,8 +173,10 @@ _INT8_THRESHOLD = 6.0  # transformers' llm_int8_threshold default
 
 
 def _add_quant_args(p: argparse.ArgumentParser, default: str) -> None:
+  # None when not given: a bitsandbytes checkpoint then loads as stored.
+  p.set_defaults(quant_default=default)
   p.add_argument("--quant", choices=["nf4", "fp4", "int8", "none"],
-                 default=default,
+                 default=None,
                  help=f"quantize linear layers while loading: 4-bit nf4 / "
                  f"fp4, or LLM.int8 rows (int8) (default {default}; a "
                  "bitsandbytes checkpoint loads as stored)")
@@ -159,6 +199,8 @@ def _add_quant_args(p: argparse.ArgumentParser, default: str) -> None:
 
 def _check_quant_args(args) -> None:
   """Refuses options of the other quantization; fills in the defaults."""
+  if args.quant is None:
+    args.quant = args.quant_default
   if args.quant == "int8":
     given = [flag for attr, flag, _ in _4BIT_OPTIONS
              if getattr(args, attr) is not None]
@@ -198,7 +240,8 @@ def _quantization(args):
     raise _UsageError(f"argument --blocksize: {e}") from e
 
 
-def _load_model(args, path: str, mesh=None):
+def _load_model(args, path: str, mesh=None, arg: str = "MODEL"):
+  _check_prequantized(args, path, arg)
   dtype = args.dtype
   return convert.from_pretrained(path, quantization=_quantization(args),
                                  dtype=dtype, param_dtype=dtype,
@@ -228,6 +271,17 @@ def _check_destination(src: str, dst: str, overwrite: bool,
   if not overwrite and os.path.isdir(dst) and os.listdir(dst):
     raise _UsageError(f"argument {arg}: folder {dst!r} is not empty; pass "
                       "--overwrite to replace the model in it")
+  _check_writable(dst, arg)
+
+
+def _check_writable(dst: str, arg: str) -> None:
+  """Refuses a DST where the save's temporary folder cannot be created
+  (a read-only file system, no permission), before the model loads."""
+  try:
+    paths.check_writable(dst)
+  except OSError as e:
+    raise _UsageError(
+        f"argument {arg}: cannot write {dst!r}: {error_message(e)}") from e
 
 
 def folder_bytes(path: str | os.PathLike) -> int:
@@ -254,12 +308,60 @@ def _convert(args) -> int:
   src = _existing(args.src, "SRC")
   _check_destination(src, args.dst, args.overwrite)
   t0 = time.perf_counter()
-  model = _load_model(args, src)
+  model = _load_model(args, src, arg="SRC")  # option errors before the load
   _save_with_tokenizer(model, src, args.dst, args)
-  print(f"wrote {args.dst} ({_describe_quant(args)}; "
+  note = ", as stored in SRC" if args.prequantized else ""
+  print(f"wrote {args.dst} ({_describe_written(model)}{note}; "
         f"{folder_bytes(args.dst) / 2**20:,.1f} MiB) in "
         f"{time.perf_counter() - t0:.1f} s")
   return 0
+
+
+def _stored_quantization(path: str) -> dict | None:
+  """`checkpoint_info(path)["quantization"]` of a bitsandbytes checkpoint
+  (read from its headers), else None."""
+  try:
+    q = convert.checkpoint_info(path).get("quantization")
+  except (ValueError, NotImplementedError, KeyError, OSError):
+    return None  # the load reports an unusable checkpoint itself
+  return q if q and q.get("method") == "bitsandbytes" else None
+
+
+def _check_prequantized(args, path: str, arg: str) -> None:
+  """Sets `args.prequantized`: whether `path` is a bitsandbytes checkpoint,
+  which loads as stored. Then the quantization options not given are the
+  checkpoint's (so only what the user passed can conflict), and a --quant
+  that cannot apply is refused before the load, naming what was passed."""
+  args.prequantized = False
+  q = _stored_quantization(path)
+  if q is None:
+    return
+  args.prequantized = True
+  stored = "int8" if q["bits"] == 8 else q.get("quant_type")
+  if args.quant not in (None, "none", stored):
+    what = "LLM.int8" if q["bits"] == 8 else f"4-bit {stored}"
+    raise _UsageError(
+        f"argument --quant: {args.quant} cannot apply: {arg} {path!r} is "
+        f"already quantized (a bitsandbytes {what} checkpoint), which loads "
+        f"as stored and cannot be quantized again; omit --quant (or pass "
+        f"--quant {stored}) to keep its quantization, or start from the "
+        "float checkpoint it was made from")
+  if args.quant in (None, "none"):
+    # Not asked for: as stored (no quantization to check against).
+    args.quant = "none"
+    if args.double_quant is None and args.blocksize is None and (
+        args.int8_threshold is None) and args.compute_dtype is None:
+      return
+    args.quant = stored  # an option was passed: check it against the file
+  if stored == "int8":
+    if args.int8_threshold is None:
+      args.int8_threshold = q.get("threshold", _INT8_THRESHOLD)
+    return
+  for attr, key in (("double_quant", "double_quant"),
+                    ("blocksize", "blocksize"),
+                    ("compute_dtype", "compute_dtype")):
+    if getattr(args, attr) is None and q.get(key) is not None:
+      setattr(args, attr, q[key])
 
 
 def _save_with_tokenizer(model, tokenizer_src, out, args) -> None:
@@ -269,22 +371,23 @@ def _save_with_tokenizer(model, tokenizer_src, out, args) -> None:
   except (ValueError, NotImplementedError, OSError) as e:
     tok = None
     print(f"warning: no tokenizer copied ({e})", file=sys.stderr)
+  # The tokenizer goes into the temporary folder too: an interrupted save
+  # leaves no model folder without its tokenizer.
   convert.save_pretrained(model, out, overwrite=args.overwrite,
-                          progress=not args.quiet)
-  if tok is not None:
-    tok.save_pretrained(out)
+                          progress=not args.quiet, tokenizer=tok)
 
 
-def _describe_quant(args) -> str:
-  """"float", "int8, threshold 6" or e.g. "nf4 + double quant, blocksize
-  64" from the options."""
-  _check_quant_args(args)
-  if args.quant == "none":
-    return "float"
-  if args.quant == "int8":
-    return f"int8, threshold {args.int8_threshold:g}"
-  dq = " + double quant" if args.double_quant else ""
-  return f"{args.quant}{dq}, blocksize {args.blocksize}"
+def _describe_written(model) -> str:
+  """What `save_pretrained(model)` wrote: "float bfloat16", "int8,
+  threshold 6" or e.g. "nf4 + double quant, blocksize 64" (its
+  `quantization_config`, not the options asked for)."""
+  q = convert_lib.saved_quantization(model)
+  if q is None:
+    return f"float {jnp.dtype(model.param_dtype).name}"
+  if q.load_in_8bit:
+    return f"int8, threshold {q.llm_int8_threshold:g}"
+  dq = " + double quant" if q.bnb_4bit_use_double_quant else ""
+  return f"{q.bnb_4bit_quant_type}{dq}, blocksize {q.bnb_4bit_blocksize}"
 
 
 def _parse_mesh(args):
@@ -443,9 +546,11 @@ def _info(args) -> int:
         f"{info.get('num_tensors', 0)} tensors, "
         f"{info.get('total_bytes', 0) / 2**20:,.1f} MiB")
   by_dtype = info.get("tensors_by_dtype") or {}
+  sizes = info.get("bytes_by_dtype") or {}
   if by_dtype:
     print("  tensors by dtype: " + ", ".join(
-        f"{k}: {v}" for k, v in by_dtype.items()))
+        f"{k}: {v} ({sizes.get(k, 0) / 2**20:,.1f} MiB)"
+        for k, v in by_dtype.items()))
   q = info.get("quantization")
   if q:
     print("  quantization: " + ", ".join(f"{k}={v}" for k, v in q.items()))
@@ -659,6 +764,11 @@ def _merge(args) -> int:
   if os.path.realpath(args.out) == os.path.realpath(args.adapter):
     raise _UsageError("argument OUT: is the adapter folder; choose another "
                       "output folder")
+  quantization = _quantization(args)  # option errors before the load
+  if _stored_quantization(path) is not None:
+    raise _UsageError(
+        f"argument MODEL: {path!r} is a quantized checkpoint; merge into the "
+        "float model it was made from (then --quant to quantize the result)")
   t0 = time.perf_counter()
   model = convert.from_pretrained(path, dtype=args.dtype,
                                   param_dtype=args.dtype,
@@ -669,12 +779,18 @@ def _merge(args) -> int:
         "float model it was made from (then --quant to quantize the result)")
   model = _apply_adapter(model, args.adapter)
   model = lora.merge_lora(model, requantize=False)
-  if args.quant != "none":
+  if quantization is not None:
+    # The float tensors get the dtype `jaxbnb convert MODEL --quant` gives
+    # them (bfloat16 for a float32 GGUF file): merging first changes the
+    # linears' values, not the model's layout.
+    dtype = args.dtype or convert_lib.default_param_dtype(path,
+                                                          quantizing=True)
     model = convert.from_pretrained(ModelSource(model, path),
-                                    quantization=_quantization(args),
+                                    quantization=quantization, dtype=dtype,
+                                    param_dtype=dtype,
                                     progress=not args.quiet)
   _save_with_tokenizer(model, path, args.out, args)
-  print(f"wrote {args.out} (merged; {_describe_quant(args)}; "
+  print(f"wrote {args.out} (merged; {_describe_written(model)}; "
         f"{folder_bytes(args.out) / 2**20:,.1f} MiB) in "
         f"{time.perf_counter() - t0:.1f} s")
   return 0
@@ -920,7 +1036,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   Raises:
     SystemExit: from argparse (status 2 for a bad command line, 0 for
-      `--help`), and with status 130 on Ctrl-C.
+      `--help`), with status 130 on Ctrl-C and 143 on SIGTERM.
   """
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
@@ -935,9 +1051,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     parser.error(f"argument {error_message(e)}")
   try:
-    if dist is not None:
-      jax.distributed.initialize(**dist)
-    return args.func(args)
+    with _sigterm_raises():
+      if dist is not None:
+        jax.distributed.initialize(**dist)
+      return args.func(args)
+  except _Terminated:
+    _print_error(f"{prog}: terminated", debug)
+    raise SystemExit(EXIT_TERMINATED) from None
   except KeyboardInterrupt:
     _print_error(f"{prog}: interrupted", debug)
     raise SystemExit(EXIT_INTERRUPTED) from None

@@ -20,6 +20,8 @@ from jaxbnb import convert
 from jaxbnb import functional as F
 from jaxbnb import models
 from jaxbnb import nnx as jaxbnb_nnx
+# The early check that --save is writable has no public name.
+from jaxbnb._src.io import paths
 from jaxbnb._src.tools import argtypes
 
 __all__ = ["DEFAULT_SAVE_DIR", "add_demo_parser", "run_demo"]
@@ -32,14 +34,34 @@ def _mib(n: float) -> str:
   return f"{n / 2**20:,.1f} MiB"
 
 
+def _check_save(out_dir: str, overwrite: bool) -> None:
+  """Refuses a --save folder the save would refuse, before the load."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"argument --save: {out_dir!r} is a file, not a "
+                     "folder")
+  if not overwrite and os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise ValueError(f"argument --save: folder {out_dir!r} is not empty; "
+                     "pass --overwrite to replace the model in it")
+  try:
+    paths.check_writable(out_dir)
+  except OSError as e:
+    raise ValueError(f"argument --save: cannot write {out_dir!r}: "
+                     f"{e.strerror}: {e.filename!r}") from e
+
+
 def run_demo(opts: argparse.Namespace) -> int:
   """Runs the demo; returns the exit code.
 
   Raises:
     FileNotFoundError: without `--model` when SmolLM2 is not installed (the
       message says how to install it).
+    ValueError: a `--save` folder that is not empty (without
+      `--overwrite`), a file, or not writable; checked before the load.
   """
   src = opts.model or convert.smollm2_gguf_path()
+  out_dir = opts.save or DEFAULT_SAVE_DIR
+  overwrite = opts.overwrite or not opts.save
+  _check_save(out_dir, overwrite)  # before the load, not after
   platform = jax.devices()[0].platform
   print(f"jaxbnb demo on {platform}: {os.path.basename(src)}")
   quant = models.QuantizationConfig.nf4(double_quant=True,
@@ -63,10 +85,8 @@ def run_demo(opts: argparse.Namespace) -> int:
   print(f"memory: fp16 {_mib(fp16)} -> NF4 {_mib(nf4)} ({nf4 / fp16:.2f}x; "
         f"the 4-bit linears take {_mib(linear)}, the 16-bit embeddings and "
         f"norms the rest)")
-  out_dir = opts.save or DEFAULT_SAVE_DIR
   convert.save_pretrained(model, out_dir, progress=False,
-                          overwrite=opts.overwrite or not opts.save)
-  tok.save_pretrained(out_dir)
+                          overwrite=overwrite, tokenizer=tok)
   print(f"saved in bitsandbytes' format (transformers loads it): {out_dir}")
   print(f"\n> {opts.prompt}")
   pieces = []

@@ -13,9 +13,12 @@ and at the end the adapter in PEFT's format (`adapter_config.json`,
 `adapter_model.safetensors`, `jaxbnb.lora.save_adapter`) and `loss.png`
 (when matplotlib is installed).
 
-A run that fails or is interrupted before its first checkpoint removes the
-folder it created; after a checkpoint the folder stays, resumable
-(`resume=True`), and never holds a partial adapter.
+A run that fails or is interrupted (any exception, Ctrl-C; on the command
+line SIGTERM too) before its first checkpoint removes the folder it created
+(or, in a folder it did not create, the files it wrote); after a checkpoint
+the folder stays, resumable (`resume=True`), and never holds a partial
+adapter. A run killed outright (SIGKILL) before its first checkpoint leaves
+`finetune.json` and `metrics.jsonl` only: `resume=True` there starts afresh.
 
 With several processes (`jax.distributed`, one per host) every process
 runs `finetune` with the same arguments and `out_dir` on a file system they
@@ -167,7 +170,9 @@ def check_out_dir(out_dir: str | os.PathLike, *, resume: bool,
     ValueError: `out_dir` is a file, or `resume` and `overwrite` are both
       set.
     FileExistsError: a non-empty folder without `resume` or `overwrite`,
-      or `resume` on a non-empty folder without a checkpoint.
+      or `resume` on a non-empty folder without a checkpoint (except one
+      holding only a killed run's `finetune.json` / `metrics.jsonl`, where
+      `resume` starts afresh).
   """
   out = os.path.abspath(os.fspath(out_dir))
   if resume and overwrite:
@@ -179,7 +184,7 @@ def check_out_dir(out_dir: str | os.PathLike, *, resume: bool,
     found = checkpoint.list_checkpoints(out)
     if found:
       return out, found[-1][1]
-    if entries:
+    if entries and not _only_started(out, entries):
       raise FileExistsError(
           f"finetune: {out!r} holds no checkpoint to resume from (and is "
           "not empty); pass overwrite to start again there.")
@@ -190,6 +195,15 @@ def check_out_dir(out_dir: str | os.PathLike, *, resume: bool,
         "in it (resume=True, --resume) or replace it (overwrite=True, "
         "--overwrite).")
   return out, None
+
+
+def _only_started(out: str, entries: list[str]) -> bool:
+  """Whether `out` holds only what a run writes before its first
+  checkpoint (`finetune.json`, `metrics.jsonl`, an empty or unfinished
+  `checkpoints`): a run killed (SIGKILL, power loss) before it could clean
+  up. Resuming there starts afresh, since nothing was saved to resume."""
+  return set(entries) <= {RUN_INFO, METRICS, checkpoint.CHECKPOINTS} and (
+      RUN_INFO in entries or METRICS in entries)
 
 
 def _append(path: str, record: dict[str, Any]) -> None:
