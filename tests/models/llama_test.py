@@ -361,6 +361,52 @@ def test_from_hf_transformers4_keys_and_architectures():
   assert hash(cfg) == hash(LlamaConfig.from_hf(cfg.to_hf()))
 
 
+# transformers 5.25 (`standardize_rope_params`, run again when the rotary
+# embedding is built): for llama3 and yarn a top-level
+# `original_max_position_embeddings` overwrites the rope dict's; the rope
+# dict's comes next, then `max_position_embeddings`; other types ignore it.
+_YARN4 = {"type": "yarn", "factor": 4.0}
+_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+           "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize("extra, want", [
+    (dict(original_max_position_embeddings=16, rope_scaling=_YARN4), 16),
+    (dict(original_max_position_embeddings=16,
+          rope_scaling={**_YARN4, "original_max_position_embeddings": 32}),
+     16),
+    (dict(original_max_position_embeddings=16,
+          rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                           "rope_theta": 1e4,
+                           "original_max_position_embeddings": 32}), 16),
+    (dict(rope_scaling={**_YARN4, "original_max_position_embeddings": 32}),
+     32),
+    (dict(rope_scaling=_YARN4), 128),
+    (dict(original_max_position_embeddings=16, rope_scaling=_LLAMA3), 16),
+    (dict(original_max_position_embeddings=16,
+          rope_scaling={"type": "dynamic", "factor": 4.0}), None),
+    (dict(original_max_position_embeddings=16,
+          rope_scaling={"type": "linear", "factor": 4.0}), None),
+    (dict(original_max_position_embeddings=16), None),
+])
+def test_from_hf_original_max_position_precedence(extra, want):
+  cfg = LlamaConfig.from_hf(dict(
+      model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=64,
+      num_hidden_layers=1, num_attention_heads=4,
+      max_position_embeddings=128, **extra))
+  assert cfg.rope_scaling_dict.get("original_max_position_embeddings") == want
+  assert LlamaConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_from_hf_null_top_level_original_max_position():
+  # transformers fails too (None / float) when it builds the model.
+  with pytest.raises(ValueError, match="original_max_position_embeddings"):
+    LlamaConfig.from_hf(dict(
+        model_type="llama", vocab_size=64, hidden_size=64,
+        intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        original_max_position_embeddings=None, rope_scaling=_YARN4))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_to_hf_round_trips_and_transformers_reads_it(name):
   transformers = pytest.importorskip("transformers")

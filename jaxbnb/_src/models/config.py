@@ -220,7 +220,10 @@ class LlamaConfig:
     """Builds a config from a Hugging Face `config.json` dict.
 
     Reads transformers 4.x keys (`rope_theta`, `rope_scaling` with "type" or
-    "rope_type") and 5.x keys (`rope_parameters`). Qwen2 always has q/k/v
+    "rope_type") and 5.x keys (`rope_parameters`). For llama3 and yarn RoPE a
+    top-level `original_max_position_embeddings` takes precedence over the
+    rope dict's, then the rope dict's, then `max_position_embeddings` (as
+    transformers 5 resolves it). Qwen2 always has q/k/v
     biases; its sliding window is used only with `use_sliding_window`.
 
     Args:
@@ -278,6 +281,18 @@ class LlamaConfig:
       raise NotImplementedError(
           "LlamaConfig.from_hf: partial_rotary_factor="
           f"{partial!r} is not supported (only 1.0).")
+    # transformers 4.x configs may give the pretraining length at the top
+    # level; transformers 5 (`standardize_rope_params`) lets that key win
+    # over the rope dict's for llama3 and yarn, and ignores it otherwise.
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind in ("llama3", "yarn") and (
+        "original_max_position_embeddings" in config):
+      top = config["original_max_position_embeddings"]
+      if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(
+            "LlamaConfig.from_hf: top-level `original_max_position_embeddings`"
+            f" must be a positive int for rope_type {kind!r}, got {top!r}.")
+      scaling["original_max_position_embeddings"] = top
 
     if model_type == "qwen2":
       attention_bias = True
