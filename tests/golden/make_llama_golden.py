@@ -15,6 +15,19 @@ model.safetensors) and expected.npz:
   greedy [2, 10]                      generate(do_sample=False) new tokens
   inv_freq, attention_scaling         the rotary embedding's buffers
 rope.npz holds inverse frequencies of more RoPE types (config json per key).
+
+`make_llama_golden.py dynamic` writes only dynamic/ (its own VERSIONS.txt):
+a llama with dynamic-NTK RoPE and max_position_embeddings=32, every
+measurement on a fresh rotary embedding (transformers keeps the largest
+base it has seen), expected.npz:
+  ids [2, 48], logits [2, 48, V]      one pass past max_position_embeddings
+  decode_ids [1, 48], decode_logits [29, V]   cache: a 20-token prefill's
+                                      last logits, then 28 one-token steps
+  prompt_ids [2, 26], prompt_mask     left-padded prompts of 10 and 26
+  greedy [2, 20]                      generate(do_sample=False), no eos
+  eos_id, greedy_eos [2, 20]          with eos_id, which ends row 1 after
+                                      3 tokens (pad 0 after it); row 0
+                                      goes on with positions still growing
 Never imported by the tests (conftest collect_ignore).
 """
 
@@ -144,7 +157,86 @@ def make_rope():
   np.savez_compressed(os.path.join(OUT, "rope.npz"), **arrays)
 
 
+DYNAMIC = transformers.LlamaConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=64,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=32, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+                     "factor": 4.0},
+    tie_word_embeddings=False, initializer_range=0.1,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def make_dynamic(seed=7):
+  torch.manual_seed(seed)
+  gen = torch.Generator().manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(
+      DYNAMIC, dtype=torch.float32, attn_implementation="eager")
+  randomize(model, gen)
+  model.eval()
+  folder = os.path.join(OUT, "dynamic")
+  model.save_pretrained(folder, safe_serialization=True)
+  rotary = model.model.rotary_emb
+
+  def fresh():  # what a newly loaded model starts from
+    rotary.inv_freq = rotary.original_inv_freq.clone()
+    rotary.max_seq_len_cached = rotary.original_max_seq_len
+
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, DYNAMIC.vocab_size, size=(2, 48)).astype(np.int64)
+  t = torch.from_numpy
+  with torch.no_grad():
+    fresh()
+    logits = model(t(ids)).logits.numpy()
+    fresh()
+    decode_ids = ids[:1]
+    out = model(t(decode_ids[:, :20]), use_cache=True)
+    steps = [out.logits[0, -1].numpy()]
+    cache = out.past_key_values
+    for i in range(20, 48):
+      out = model(t(decode_ids[:, i:i + 1]), past_key_values=cache,
+                  use_cache=True)
+      cache = out.past_key_values
+      steps.append(out.logits[0, -1].numpy())
+    prompt = np.zeros((2, 26), np.int64)
+    mask = np.zeros((2, 26), np.int64)
+    prompt[0, 16:], mask[0, 16:] = ids[0, :10], 1
+    prompt[1], mask[1] = ids[1, :26], 1
+
+    # No eos but the one asked for (generate would merge the model's 2 in;
+    # min_new_tokens would then mask it out of the logits).
+    model.generation_config.eos_token_id = None
+
+    def greedy(eos):
+      fresh()
+      gc = transformers.GenerationConfig(
+          do_sample=False, max_new_tokens=20, pad_token_id=0,
+          eos_token_id=eos, bos_token_id=1)
+      out = model.generate(t(prompt), attention_mask=t(mask),
+                           generation_config=gc).numpy()[:, 26:]
+      return np.pad(out, ((0, 0), (0, 20 - out.shape[1])))
+
+    plain = greedy(None)
+    eos_id = int(plain[1, 2])
+    assert eos_id not in plain[1, :2] and eos_id not in plain[0], plain
+    with_eos = greedy(eos_id)
+    assert (with_eos[1, 3:] == 0).all() and with_eos[1, 2] == eos_id
+  np.savez_compressed(
+      os.path.join(folder, "expected.npz"), ids=ids, logits=logits,
+      decode_ids=decode_ids, decode_logits=np.stack(steps),
+      prompt_ids=prompt, prompt_mask=mask, greedy=plain,
+      eos_id=np.int64(eos_id), greedy_eos=with_eos)
+  with open(os.path.join(folder, "VERSIONS.txt"), "w") as f:
+    f.write(f"torch {torch.__version__}\ntransformers "
+            f"{transformers.__version__}\npython {sys.version.split()[0]}\n")
+  print("dynamic greedy", plain.tolist(), "eos", eos_id, with_eos.tolist())
+
+
 def main():
+  if sys.argv[1:] == ["dynamic"]:
+    os.makedirs(OUT, exist_ok=True)
+    make_dynamic()
+    return
   os.makedirs(OUT, exist_ok=True)
   for seed, (name, config) in enumerate(MODELS.items()):
     make_model(name, config, seed)

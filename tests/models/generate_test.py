@@ -189,6 +189,34 @@ def test_matches_transformers_greedy(family):
   assert out.sequences == exp["greedy"].tolist()
 
 
+def _golden_model(family):
+  folder = os.path.join(GOLDEN, family)
+  with open(os.path.join(folder, "config.json")) as f:
+    cfg = LlamaConfig.from_hf(json.load(f))
+  m = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  tensors = load_file(os.path.join(folder, "model.safetensors"))
+  for name, var in m.iter_variables():
+    var.set_value(jnp.asarray(tensors[name]))
+  return m, np.load(os.path.join(folder, "expected.npz"))
+
+
+def test_dynamic_rope_greedy_past_max_position_matches_transformers():
+  # Left-padded prompts of 10 and 26 tokens, 20 new: past
+  # max_position_embeddings=32 the NTK base follows the batch's largest
+  # position. With eos, row 1 stops after 3 tokens; transformers keeps
+  # feeding it (pad, positions growing), so row 0's base keeps growing too.
+  m, exp = _golden_model("dynamic")
+  prompts = [row[mask.astype(bool)].tolist()
+             for row, mask in zip(exp["prompt_ids"], exp["prompt_mask"])]
+  out = generate(m, prompts, max_new_tokens=20, stop_token_ids=())
+  assert out.sequences == exp["greedy"].tolist()
+  eos = int(exp["eos_id"])
+  out = generate(m, prompts, max_new_tokens=20, stop_token_ids=(eos,))
+  want = exp["greedy_eos"]
+  assert want[1, 2] == eos and out.sequences[1] == want[1, :2].tolist()
+  assert out.sequences[0] == want[0].tolist()
+
+
 @pytest.mark.parametrize("kw,field", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(do_sample=True, temperature=0.0), "temperature"),

@@ -181,6 +181,39 @@ def test_explicit_positions():
   _close(stretched[:, 0], exp["logits"][:, 0])  # sees only itself
 
 
+# -- dynamic NTK RoPE past max_position_embeddings (golden/llama/dynamic) ----
+
+
+def test_dynamic_rope_logits_past_max_position_match_transformers():
+  # max_position_embeddings=32, 48 tokens: the NTK base is rescaled from
+  # seq_len 48 for every position of the pass (plain RoPE: off by ~1).
+  exp = _expected("dynamic")
+  cfg = _config("dynamic")
+  assert cfg.rope_type == "dynamic" and cfg.max_position_embeddings == 32
+  ids = jnp.asarray(exp["ids"], jnp.int32)
+  logits, _ = run_of("dynamic")(ids)
+  _close(logits, exp["logits"])
+  _close(logits[:, :32], exp["logits"][:, :32])  # early rows moved too
+  short, _ = run_of("dynamic")(ids[:, :32])  # within the limit: default
+  assert not np.allclose(short, exp["logits"][:, :32], atol=1e-2)
+
+
+def test_dynamic_rope_cached_decode_matches_transformers():
+  # A 20-token prefill, then one token per step to 48: each step's token
+  # gets the base of its own seq_len, cached keys keep theirs (jitted:
+  # the base comes from traced positions).
+  exp = _expected("dynamic")
+  ids = jnp.asarray(exp["decode_ids"], jnp.int32)
+  run = run_of("dynamic")
+  cache = KVCache.init(_config("dynamic"), batch=1, max_len=48)
+  logits, cache = run(ids[:, :20], cache)
+  out = [logits[0, -1]]
+  for t in range(20, 48):
+    logits, cache = run(ids[:, t:t + 1], cache)
+    out.append(logits[0, -1])
+  _close(np.stack(out), exp["decode_logits"])
+
+
 @functools.lru_cache(maxsize=None)
 def dequantized_float_of(name):
   """The float model whose weights are the 4-bit model's dequantized ones."""

@@ -352,6 +352,10 @@ class Generator:
     first, done, count = self._on_every_host(first, done, count)
     carry = dict(cache=cache, last=first, done=done, count=count,
                  step=jnp.ones((), jnp.int32), keys=keys, seen=seen)
+    if self.config.rope_type == "dynamic":
+      # transformers keeps feeding finished rows (pad, mask 1), so their
+      # positions, and the batch's max that sets the NTK base, keep growing.
+      carry["rope_pos"] = cache.positions
     return carry, first
 
   def _pick(self, logits, keys, step, params, do_sample, seen):
@@ -367,8 +371,12 @@ class Generator:
   def _step(self, model, carry, params, stop_ids, do_sample):
     """One decode step for every row (finished rows emit pad)."""
     done = carry["done"]
-    logits, cache = model(carry["last"][:, None], cache=carry["cache"],
-                          attention_mask=~done[:, None])
+    positions = None
+    if "rope_pos" in carry:  # finished rows' (masked) tokens keep counting
+      positions = jnp.where(done, carry["rope_pos"],
+                            carry["cache"].positions)[:, None]
+    logits, cache = model(carry["last"][:, None], positions,
+                          cache=carry["cache"], attention_mask=~done[:, None])
     cache = self._shard_cache(cache)
     seen = carry["seen"]
     tok = self._pick(logits[:, 0], carry["keys"], carry["step"], params,
@@ -379,10 +387,12 @@ class Generator:
     out = jnp.where(emit, tok, params["pad"])
     if seen is not None:
       seen = seen.at[jnp.arange(tok.shape[0]), tok].max(emit)
-    carry = dict(cache=cache, last=out, count=count, step=carry["step"] + 1,
-                 done=done | is_stop | (count >= params["max_new_tokens"]),
-                 keys=carry["keys"], seen=seen)
-    return carry, out
+    new = dict(cache=cache, last=out, count=count, step=carry["step"] + 1,
+               done=done | is_stop | (count >= params["max_new_tokens"]),
+               keys=carry["keys"], seen=seen)
+    if "rope_pos" in carry:
+      new["rope_pos"] = carry["rope_pos"] + 1
+    return new, out
 
   def _chunk_fn(self, chunk, do_sample, state, carry, params, stop_ids):
     with tensor_parallel.activate(self.tp):

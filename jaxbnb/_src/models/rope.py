@@ -7,9 +7,15 @@ Hugging Face checkpoints (the first and second halves of each head form the
 pairs).
 
 Supported RoPE types: "default", "linear", "dynamic", "llama3" and "yarn".
-"dynamic" (NTK) rescales the base only for sequences longer than
-`max_position_embeddings`; within that length it equals "default", which is
-what jaxbnb computes for every position (longer contexts are not rescaled).
+"dynamic" (NTK) rescales the base for a forward pass whose positions reach
+past `max_position_embeddings`, from that pass's `seq_len = max(positions) +
+1` (over the whole batch, as transformers' `dynamic_rope_update` does); its
+cos/sin are computed from traced positions under jit, the other types use
+fixed frequencies. With a KV cache, each step's new tokens are rotated with
+the base of their own `seq_len` and cached keys keep theirs, which is what
+transformers computes for a model whose calls never shrink `seq_len` (it
+keeps the largest base it has seen until a call fits
+`max_position_embeddings` again; jaxbnb is stateless).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import numpy as np
 
 from jaxbnb._src.models.config import LlamaConfig
 
-__all__ = ["inverse_frequencies", "rope_cos_sin", "apply_rope"]
+__all__ = ["inverse_frequencies", "dynamic_inverse_frequencies",
+           "rope_cos_sin", "apply_rope"]
 
 
 def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
@@ -127,14 +134,50 @@ def inverse_frequencies(config: LlamaConfig) -> tuple[np.ndarray, float]:
       f"inverse_frequencies: rope_type {rope_type!r} is not supported.")
 
 
+def dynamic_inverse_frequencies(config: LlamaConfig,
+                                seq_len: jax.Array) -> jax.Array:
+  """Dynamic-NTK inverse frequencies for a pass of length `seq_len`.
+
+  As transformers' `_compute_dynamic_ntk_parameters` with a tensor
+  `seq_len`, in float32: `seq_len` is raised to `max_position_embeddings`,
+  `base' = base * (factor * seq_len / max_pos - (factor - 1)) **
+  (dim / (dim - 2))` and `inv_freq = 1 / base' ** (arange(0, dim, 2) /
+  dim)`. Up to `max_position_embeddings` the result is the default
+  frequencies (transformers then uses the ones it computed at init).
+
+  Args:
+    config: a config with `rope_type == "dynamic"`.
+    seq_len: int scalar (may be traced).
+
+  Returns:
+    float32 `[head_dim // 2]`.
+  """
+  dim, params = config.head_dim, config.rope_scaling_dict
+  max_pos = config.max_position_embeddings
+  factor = params["factor"]
+  f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+  seq = jnp.maximum(jnp.asarray(seq_len, jnp.int32), max_pos)
+  ratio = f32(factor) * seq.astype(jnp.float32) / f32(max_pos) - f32(
+      factor - 1)
+  base = f32(config.rope_theta) * ratio ** f32(dim / (dim - 2))
+  exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / f32(dim)
+  scaled = f32(1.0) / base ** exponent
+  static, _ = inverse_frequencies(config)
+  return jnp.where(seq > max_pos, scaled, jnp.asarray(static))
+
+
 def rope_cos_sin(config: LlamaConfig, positions: jax.Array,
                  dtype) -> tuple[jax.Array, jax.Array]:
   """cos/sin tables `[..., head_dim]` for integer `positions` `[...]`.
 
   Computed in float32, scaled by the attention factor, then cast to `dtype`
-  (as transformers does).
+  (as transformers does). For "dynamic" RoPE the frequencies depend on
+  `max(positions) + 1` over every entry (padding included), as
+  transformers takes the max of `position_ids`.
   """
   inv, scale = inverse_frequencies(config)
+  if config.rope_type == "dynamic":
+    inv = dynamic_inverse_frequencies(config, jnp.max(positions) + 1)
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   cos, sin = jnp.cos(emb), jnp.sin(emb)
