@@ -5,6 +5,7 @@ cases run on CPU; the nf4 case needs bitsandbytes and a CUDA GPU):
 
   .oracle/bin/python tests/golden/make_peft_golden.py
   .oracle/bin/python tests/golden/make_peft_golden.py --skip-4bit  # no GPU
+  .oracle/bin/python tests/golden/make_peft_golden.py --only CASE  # one case
 
 Each case loads a base model from tests/golden/llama/<base> (float32, eager
 attention), applies `peft.get_peft_model` with `init_lora_weights=False`
@@ -21,9 +22,14 @@ writes expected.npz there:
                                  key in adapter_model.safetensors
   merged_logits [2, 8, V]        logits after merge_and_unload()
 
+llama3_lm_head_auto adapts lm_head, so PEFT's default
+save_embedding_layers="auto" also saves the untied head's own weight as
+base_model.model.lm_head.base_layer.weight (no gradient: not trainable).
+
 VERSIONS.txt records the package versions and any case that was skipped
 (with --skip-4bit); the tests skip exactly the cases listed there and fail
-on any other missing fixture. Never imported by the tests: torch, peft and
+on any other missing fixture. `--only` regenerates the named cases and
+records their versions on lines of their own in VERSIONS.txt. Never imported by the tests: torch, peft and
 transformers are imported inside main() only.
 """
 
@@ -60,6 +66,10 @@ CASES = {
     "llama3_nf4_dora": ("llama3", True, dict(
         r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"],
         use_dora=True)),
+    # lm_head adapted on an untied model: the saved file also holds the
+    # head's base weight (PEFT's default save_embedding_layers="auto").
+    "llama3_lm_head_auto": ("llama3", False, dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])),
 }
 
 
@@ -130,7 +140,8 @@ def make_case(case, base, quantize, lora_kwargs, seed):
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   saved = safetensors.numpy.load_file(
       os.path.join(out, "adapter_model.safetensors"))
-  assert sorted(saved) == sorted(k[len("grad/"):] for k in grads), (
+  trained = [k for k in saved if not k.endswith(".base_layer.weight")]
+  assert sorted(trained) == sorted(k[len("grad/"):] for k in grads), (
       sorted(saved), sorted(grads))
 
   with torch.no_grad():
@@ -148,6 +159,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--skip-4bit", action="store_true",
                       help="skip the cases that need bitsandbytes on a GPU")
+  parser.add_argument("--only", nargs="+", choices=sorted(CASES),
+                      help="regenerate only these cases")
   args = parser.parse_args()
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -156,6 +169,22 @@ def main():
   os.chdir(ROOT)  # base_model_name_or_path is recorded relative to it
   os.makedirs(OUT, exist_ok=True)
   skipped = []
+  if args.only:  # the other cases and their VERSIONS lines stay as they are
+    seeds = {case: seed for seed, case in enumerate(CASES)}
+    for case in args.only:
+      base, quantize, kw = CASES[case]
+      make_case(case, base, quantize, kw, seeds[case])
+    path = os.path.join(OUT, "VERSIONS.txt")
+    with open(path) as f:
+      lines = [l for l in f.read().splitlines()
+               if l.split(":")[0] not in args.only]
+    for case in args.only:
+      lines.append(f"{case}: torch {torch.__version__}, transformers "
+                   f"{transformers.__version__}, peft {peft.__version__}, "
+                   f"python {sys.version.split()[0]}")
+    with open(path, "w") as f:
+      f.write("\n".join(lines) + "\n")
+    return
   for seed, (case, (base, quantize, kw)) in enumerate(CASES.items()):
     if quantize and args.skip_4bit:
       skipped.append(case)

@@ -456,3 +456,87 @@ def test_full_checkpoints_refuse_a_model_with_adapters(tmp_path, save):
   with pytest.raises(ValueError, match="save_adapter.*merge_lora"):
     getattr(convert, save)(model, out)
   assert not out.exists()
+
+
+# -- an adapted lm_head saved with its base weight ----------------------------
+# PEFT's default save_embedding_layers="auto" stores an adapted (untied)
+# lm_head's own weight as `base_model.model.lm_head.base_layer.weight`, and
+# set_peft_model_state_dict loads it over the base layer's.
+_HEAD_KEY = "base_model.model.lm_head.base_layer.weight"
+
+
+def _head_model(quantization=None):
+  return convert.from_pretrained(GOLDEN / "llama" / "llama3",
+                                 quantization=quantization, progress=False)
+
+
+def _head_copy(tmp_path, change):
+  """The llama3_lm_head_auto fixture with its tensors edited by `change`."""
+  src = _fixture("llama3_lm_head_auto")
+  dst = tmp_path / "adapter"
+  dst.mkdir()
+  (dst / "adapter_config.json").write_text(
+      (src / "adapter_config.json").read_text())
+  tensors = safetensors.numpy.load_file(src / "adapter_model.safetensors")
+  change(tensors)
+  safetensors.numpy.save_file(tensors, dst / "adapter_model.safetensors",
+                              {"format": "pt"})
+  return dst
+
+
+def test_golden_lm_head_adapter_with_base_weight_matches_peft():
+  folder = _fixture("llama3_lm_head_auto")
+  saved = safetensors.numpy.load_file(folder / "adapter_model.safetensors")
+  assert _HEAD_KEY in saved  # what this fixture is about
+  exp = np.load(folder / "expected.npz")
+  model = load_adapter(_head_model(), folder)
+  assert isinstance(model.lm_head, LoRALinear)
+  np.testing.assert_array_equal(model.lm_head.base_layer.weight[...],
+                                saved[_HEAD_KEY])
+  _close(_logits(model, exp["ids"]), exp["logits"], LOGITS_REL[None])
+  merge_lora(model)
+  _close(_logits(model, exp["ids"]), exp["merged_logits"], LOGITS_REL[None])
+
+
+def test_lm_head_base_weight_replaces_the_models_as_peft_does(tmp_path):
+  # A different (float16) saved head: PEFT copies it over the base layer,
+  # cast to the parameter's dtype; so does jaxbnb.
+  new = (np.random.default_rng(0).normal(size=(128, 64)) * 0.1).astype(
+      np.float16)
+  folder = _head_copy(tmp_path, lambda t: t.update({_HEAD_KEY: new}))
+  model = load_adapter(_head_model(), folder)
+  w = model.lm_head.base_layer.weight[...]
+  assert w.dtype == jnp.float32
+  np.testing.assert_array_equal(w, new.astype(np.float32))
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda t: t.update({_HEAD_KEY: t[_HEAD_KEY][:100]}), ValueError,
+     r"lm_head.base_layer.weight.*\[100, 64\].*\[128, 64\]"),
+    (lambda t: t.update({_HEAD_KEY: t[_HEAD_KEY].astype(np.int32)}),
+     ValueError, "lm_head.base_layer.weight.*int32"),
+    (lambda t: [t.pop(k) for k in list(t) if "lm_head.lora_" in k],
+     ValueError, "base_layer tensors for 'lm_head' but no lora_A"),
+])
+def test_lm_head_base_weight_checked(tmp_path, change, error, match):
+  folder = _head_copy(tmp_path, change)
+  model = _head_model()
+  before = np.asarray(model.lm_head.weight[...])
+  with pytest.raises(error, match=match):
+    load_adapter(model, folder)
+  assert not lora_layers_of(model)  # refused before any change
+  np.testing.assert_array_equal(model.lm_head.weight[...], before)
+
+
+def test_lm_head_base_weight_over_a_quantized_head_is_refused():
+  q = dataclasses.replace(Q4, llm_int8_skip_modules=())  # lm_head 4-bit too
+  model = _head_model(q)
+  assert isinstance(model.lm_head, Linear4bit)
+  with pytest.raises(NotImplementedError,
+                     match=r"lm_head.base_layer.weight.*Linear4bit.*quantized"):
+    load_adapter(model, _fixture("llama3_lm_head_auto"))
+
+
+def lora_layers_of(model):
+  return [p for p, node in nnx.iter_graph(model)
+          if isinstance(node, LoRALinear)]

@@ -46,7 +46,12 @@ KEY_PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
              ".lora_magnitude_vector": "lora_magnitude_vector",
              # older PEFT versions (a ModuleDict entry's weight)
-             ".lora_magnitude_vector.weight": "lora_magnitude_vector"}
+             ".lora_magnitude_vector.weight": "lora_magnitude_vector",
+             # the adapted layer's own weights: PEFT saves them for an
+             # adapted lm_head (save_embedding_layers="auto") and, loading,
+             # overwrites the base layer with them
+             ".base_layer.weight": "base_layer.weight",
+             ".base_layer.bias": "base_layer.bias"}
 # PEFT condenses target_modules lists at least this long
 # (MIN_TARGET_MODULES_FOR_OPTIMIZATION).
 _MIN_TARGETS_TO_CONDENSE = 20
@@ -267,8 +272,9 @@ def _group(tensors: dict[str, np.ndarray], w_path: str
     else:
       raise NotImplementedError(
           f"load_adapter: {w_path!r}: tensor {key!r} is not a LoRA A/B "
-          "weight or a DoRA magnitude (lora_bias, embedding adapters and "
-          "modules_to_save are not supported).")
+          "weight, a DoRA magnitude or an adapted layer's base_layer "
+          "weight/bias (lora_bias, embedding adapters and modules_to_save "
+          "are not supported).")
     if arg in modules.setdefault(path, {}):
       raise ValueError(f"load_adapter: {w_path!r}: two tensors for "
                        f"{path!r}.{arg} ({modules[path][arg][0]!r}, {key!r}).")
@@ -342,10 +348,16 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
         f"load_adapter: {folder!r} targets {missing[:5]} but has no tensors "
         "for them; with init_lora_weights=False PEFT would give them random "
         "adapters.")
-  weights = {}
+  weights, base_values = {}, []
   for p in sorted(modules, key=list(linears).index):
-    got = modules[p]
+    got = dict(modules[p])
     layer = linears[p]
+    for arg in [a for a in got if a.startswith("base_layer.")]:
+      base_values.append(_base_value(w_path, p, layer, arg, *got.pop(arg)))
+    if not got:
+      raise ValueError(
+          f"load_adapter: {w_path!r} has base_layer tensors for {p!r} but "
+          "no lora_A/lora_B for it.")
     want = {"lora_A": (config.r, layer.in_features),
             "lora_B": (layer.out_features, config.r)}
     if config.use_dora:
@@ -373,6 +385,45 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
     weights[p] = {arg: jnp.asarray(v) for arg, (_, v) in got.items()}
   if rngs is None:
     rngs = nnx.Rngs(0)
+  for var, value in base_values:  # all checked: now PEFT's overwrite
+    var.set_value(value)
   model = attach_adapters(model, config, list(weights), rngs=rngs,
                           lora_dtype=lora_dtype, weights=weights)
   return model
+
+
+def _base_value(w_path: str, path: str, layer: nnx.Module, arg: str,
+                key: str, value: np.ndarray) -> tuple[nnx.Variable, Any]:
+  """The variable a saved `base_layer` tensor replaces, and its new value.
+
+  PEFT's `set_peft_model_state_dict` loads such a tensor into the base
+  layer (`load_state_dict`, which casts to the parameter's dtype); jaxbnb
+  does the same for a float linear after checking shape and dtype.
+  """
+  name = arg[len("base_layer."):]
+  var = getattr(layer, name, None)
+  if name == "weight" and not isinstance(var, nnx.Param):
+    # A quantized weight lives in its own (non-Param) variable type.
+    raise NotImplementedError(
+        f"load_adapter: {w_path!r}: tensor {key!r} holds the base weight of "
+        f"{path!r}, which PEFT loads over the base layer, but {path!r} is a "
+        f"{type(layer).__name__} here: jaxbnb does not replace a quantized "
+        f"weight. Keep {path!r} in float (e.g. in the quantization "
+        f"config's skip modules) or remove the key if it is the base "
+        "model's own weight.")
+  if not isinstance(var, nnx.Param):
+    raise ValueError(
+        f"load_adapter: {w_path!r}: tensor {key!r} but {path!r} has no "
+        f"{name}.")
+  want = tuple(var.get_value().shape)
+  if tuple(value.shape) != want:
+    raise ValueError(
+        f"load_adapter: {w_path!r}: tensor {key!r} (the base layer's {name}, "
+        f"which PEFT loads over the model's) has shape {list(value.shape)}, "
+        f"the model's {path}.{name} is {list(want)} (a resized vocabulary "
+        "or another base model?).")
+  if not np.issubdtype(value.dtype, np.floating) and (
+      value.dtype.name != "bfloat16"):
+    raise ValueError(f"load_adapter: {w_path!r}: tensor {key!r} has dtype "
+                     f"{value.dtype}, expected a float.")
+  return var, jnp.asarray(value).astype(var.get_value().dtype)
