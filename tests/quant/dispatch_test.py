@@ -317,6 +317,10 @@ def test_m1_routing_takes_the_table_kernel(monkeypatch):
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
   n, k = 72, 1024
   monkeypatch.setattr(gk, "LUT_MIN_N", n)
+  # Fresh traces: a trace cached by an earlier test (same shapes, same
+  # mode; with pytest-xdist any test may run first) would never reach
+  # the patched function below.
+  jax.clear_caches()
   calls = []
   real = gemv_4bit_lut.gemv_group
   monkeypatch.setattr(gemv_4bit_lut, "gemv_group",
@@ -350,6 +354,7 @@ def test_m1_qkv_group_takes_the_table_kernel(monkeypatch):
   `gemv_group` call of the table GEMV, each output within the GEMV's
   bound; a group with 512-row k/v (Llama-3.2-1B's) stays off it."""
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()  # see test_m1_routing_takes_the_table_kernel
   calls = []
   real = gemv_4bit_lut.gemv_group
   monkeypatch.setattr(gemv_4bit_lut, "gemv_group",
@@ -444,6 +449,7 @@ def test_matmul_swiglu_is_the_three_matmuls(monkeypatch, mode, m, n, n_out):
   (interpreted on the CPU: the twins in the same order; compiled in
   tests/kernels/gemv_4bit_lut_test.py)."""
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()  # see test_m1_routing_takes_the_table_kernel
   calls = []
   real = gemv_4bit_lut.gemv_swiglu
   monkeypatch.setattr(gemv_4bit_lut, "gemv_swiglu",
@@ -515,6 +521,7 @@ def test_matmul_rms_norm_fused_is_the_norm_then_the_matmuls(monkeypatch,
     return jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1),
                                       has_aux=True))(x, nw)
 
+  jax.clear_caches()  # see test_m1_routing_takes_the_table_kernel
   calls = []
   real = gemv_4bit_lut.gemv_group
   monkeypatch.setattr(gemv_4bit_lut, "gemv_group", lambda *a, **kw: calls.append(
@@ -567,6 +574,7 @@ def test_matmul_swiglu_composes_by_default(monkeypatch):
   `F.matmul_4bit_swiglu` runs them apart."""
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
   assert not gk.SWIGLU_FUSED
+  jax.clear_caches()  # see test_m1_routing_takes_the_table_kernel
   calls = []
   monkeypatch.setattr(gemv_4bit_lut, "gemv_swiglu",
                       lambda *a, **kw: calls.append(1))
