@@ -267,3 +267,21 @@ def test_matmul_int8_scales_and_bias_must_match_the_rows():
   y = F.matmul_int8(x, q.CB, q.SCB, bias=jnp.ones(16))
   helpers.assert_bits_equal(
       jax.jit(F.matmul_int8)(x, q.CB, q.SCB, jnp.ones(16)), y)
+
+
+def test_int8_mm_dequant_adds_the_bias_after_rounding_under_jit():
+  """The product is rounded to float32, then the bias added (two roundings,
+  as bitsandbytes and the kernels' epilogue), also under `jax.jit`, where
+  XLA would otherwise contract the two into one fused multiply-add."""
+  rng = np.random.default_rng(0)
+  m, n = 64, 256
+  acc = jnp.asarray(rng.integers(-20000, 20000, (m, n)), jnp.int32)
+  row = jnp.asarray(rng.uniform(0.5, 4, m), jnp.float32)
+  col = jnp.asarray(rng.uniform(0.5, 4, n), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float16)
+  prod = (np.asarray(acc, np.float32) * np.asarray(row)[:, None]
+          * np.asarray(col)[None, :] * np.float32(6.200012e-05))
+  want = (prod + np.asarray(bias, np.float32)).astype(np.float16)
+  for fn in (F.int8_mm_dequant, jax.jit(F.int8_mm_dequant)):
+    got = np.asarray(fn(acc, row, col, bias))
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))

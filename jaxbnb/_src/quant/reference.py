@@ -226,6 +226,9 @@ def int8_mm_dequant(
   out = out * col_stats.astype(jnp.float32)[None, :]
   out = out * jnp.float32(6.200012e-05)
   if bias is not None:
-    out = out + bias.astype(jnp.float32)
+    # The product rounded, then the add (two roundings, as bitsandbytes and
+    # the kernels' epilogue): the barrier keeps XLA from contracting the
+    # two into an FMA under jit.
+    out = jax.lax.optimization_barrier(out) + bias.astype(jnp.float32)
   # float16 that XLA cannot skip on the GPU (pallas_kernels' helper).
   return round_to_float16(out)
