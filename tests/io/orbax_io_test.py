@@ -82,3 +82,24 @@ def test_restores_layouts_without_format(tmp_path):
       "4bit"}
   meta_path.write_text(json.dumps(meta))
   common.assert_states_identical(orbax_io.restore_checkpoint(path), model)
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], "all-linear"])
+def test_merged_float_linears_restore_without_like(targets, tmp_path):
+  # merge_lora(requantize=False) leaves float linears in a quantized model:
+  # the metadata lists them (llm_int8_skip_modules, as save_pretrained
+  # writes), so restore_checkpoint rebuilds the same model on its own.
+  from jaxbnb.lora import LoRAConfig, apply_lora, merge_lora
+  from jaxbnb._src.io.convert import saved_quantization
+  model = apply_lora(nnx.clone(common.load("nf4_dq_bf16")),
+                     LoRAConfig(r=4, target_modules=targets,
+                                init_lora_weights=False),
+                     rngs=nnx.Rngs(1))
+  merged = merge_lora(model, requantize=False)
+  path = tmp_path / "ckpt"
+  orbax_io.save_checkpoint(merged, path)
+  restored = orbax_io.restore_checkpoint(path)
+  assert restored.quantization == saved_quantization(merged)
+  q_proj = restored.model.layers[0].self_attn.q_proj
+  assert not isinstance(q_proj.weight.get_value(), Params4bit)
+  common.assert_states_identical(merged, restored)

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from jaxbnb._src.io import extras
+from jaxbnb._src.io.convert import saved_quantization
 from jaxbnb._src.io import paths
 from jaxbnb._src.io import processes
 from jaxbnb._src.layers.common import QuantizedWeight
@@ -91,7 +92,10 @@ def save_checkpoint(model: LlamaForCausalLM, path: str | os.PathLike, *,
           "dtype": jnp.dtype(node.dtype).name}
       for path, node in nnx.iter_graph(model)
       if isinstance(node, (Embedding8bit, Embedding4bit))}
-  q = model.quantization
+  # Float linears of a quantized model (merge_lora(requantize=False)) go
+  # into llm_int8_skip_modules, as save_pretrained writes them, so the
+  # restore rebuilds them in float.
+  q = saved_quantization(model)
   meta = {
       "format": _FORMAT,
       "version": 1,
