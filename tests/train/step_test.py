@@ -223,3 +223,44 @@ def test_commit_to_device_makes_the_second_step_reuse_the_program():
 
   assert programs(commit=False) == 2  # the behaviour it fixes
   assert programs(commit=True) == 1
+
+
+def _ones(shape):
+  ids = jnp.ones(shape, jnp.int32)
+  return {"input_ids": ids, "attention_mask": ids > 0, "loss_mask": ids > 0}
+
+
+@pytest.mark.parametrize("step", ["train_step", "layerwise_train_step"])
+def test_steps_refuse_a_model_without_adapters(step):
+  model = common.tiny_model()
+  optimizer = nnx.Optimizer(model, SGD, wrt=nnx.LoRAParam)
+  with pytest.raises(ValueError, match=f"{step}: `model` has no adapters"):
+    getattr(train, step)(model, optimizer, _ones((1, 2, 8)))
+
+
+@pytest.mark.parametrize("step", ["train_step", "layerwise_train_step"])
+def test_steps_name_the_expected_batch_shape(step):
+  model = common.lora_model()
+  optimizer = nnx.Optimizer(model, SGD, wrt=nnx.LoRAParam)
+  fn = getattr(train, step)
+  with pytest.raises(ValueError, match=r"`batch\['input_ids'\]` must have "
+                     r"shape \[A, B, T\].*got shape \(2, 8\)"):
+    fn(model, optimizer, _ones((2, 8)))
+  bad = dict(_ones((1, 2, 8)), loss_mask=jnp.ones((1, 2, 7), bool))
+  with pytest.raises(ValueError, match=r"`batch\['loss_mask'\]` must have "
+                     r"the shape of `batch\['input_ids'\]` \(1, 2, 8\), "
+                     r"got \(1, 2, 7\)"):
+    fn(model, optimizer, bad)
+  with pytest.raises(ValueError, match=r"missing \['attention_mask'\]"):
+    fn(model, optimizer, {k: v for k, v in _ones((1, 2, 8)).items()
+                          if k != "attention_mask"})
+  with pytest.raises(TypeError, match="integer token ids"):
+    fn(model, optimizer, dict(_ones((1, 2, 8)),
+                              input_ids=jnp.ones((1, 2, 8))))
+
+
+def test_eval_step_of_a_model_without_adapters():
+  nll, count = step_lib.eval_step(common.tiny_model(), _ones((2, 8)))
+  assert int(count) == 14 and np.isfinite(float(nll))
+  with pytest.raises(ValueError, match=r"shape \[B, T\]"):
+    step_lib.eval_step(common.tiny_model(), _ones((1, 2, 8)))

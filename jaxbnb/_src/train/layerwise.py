@@ -491,7 +491,9 @@ def layerwise_train_step(model: nnx.Module, optimizer: nnx.Optimizer,
     As `train_step`: `loss`, `grad_norm` and `targets`.
 
   Raises:
-    ValueError: a model `supports_layerwise` refuses, or `chunk` < 1.
+    ValueError: a model without adapters or one `supports_layerwise`
+      refuses, `chunk` < 1, or a `batch` entry missing or not `[A, B, T]`.
+    TypeError: `batch` is not a mapping, or `input_ids` is not integer.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -516,12 +518,15 @@ def layerwise_train_step(model: nnx.Module, optimizer: nnx.Optimizer,
   if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
     raise ValueError(f"layerwise_train_step: `chunk` must be an int >= 1, "
                      f"got {chunk!r}")
+  batch = step_lib.check_batch("layerwise_train_step", batch, "[A, B, T]")
   plan = _PLANS.get(model)
   update = None if plan is None else plan.updates.get(optimizer)
   if update is None or not update.valid((model, optimizer)):
     # First step, a new optimizer, or something in either changed: check
     # and walk everything again.
     _PLANS.pop(model, None)
+    if not _lora_paths(model):
+      raise step_lib.no_adapters_error("layerwise_train_step")
     if not supports_layerwise(model):
       raise ValueError(_UNSUPPORTED)
     plan = _PLANS[model] = _Plan(model)

@@ -249,13 +249,66 @@ def constrain(states, where):
   return tuple(out)
 
 
+_BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+def check_batch(fn: str, batch: Any, layout: str) -> dict[str, Any]:
+  """`batch` as a dict, after checking it holds `input_ids`,
+  `attention_mask` and `loss_mask` of one shape with `layout` (`"[A, B, T]"`
+  or `"[B, T]"`: one dimension per letter).
+
+  Raises:
+    TypeError: `batch` is not a mapping, or `input_ids` is not integer.
+    ValueError: a key is missing, or a shape is not `layout` or differs
+      from `input_ids`'.
+  """
+  if not isinstance(batch, Mapping):
+    raise TypeError(f"{fn}: `batch` must be a mapping with keys "
+                    f"{list(_BATCH_KEYS)}, got {type(batch).__name__}.")
+  missing = [k for k in _BATCH_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"{fn}: `batch` must hold {list(_BATCH_KEYS)}; "
+                     f"missing {missing} (got keys {sorted(batch)}).")
+  ndim = len(layout.split(","))
+  want = None
+  for key in _BATCH_KEYS:
+    shape = tuple(getattr(batch[key], "shape", ()))
+    if len(shape) != ndim:
+      raise ValueError(
+          f"{fn}: `batch[{key!r}]` must have shape {layout}"
+          + (" (A micro-batches of B sequences of T tokens; add a leading "
+             "axis of 1 for one micro-batch)" if ndim == 3 else "")
+          + f", got shape {shape}.")
+    if want is None:
+      want = shape
+    elif shape != want:
+      raise ValueError(f"{fn}: `batch[{key!r}]` must have the shape of "
+                       f"`batch['input_ids']` {want}, got {shape}.")
+  dtype = getattr(batch["input_ids"], "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"{fn}: `batch['input_ids']` must hold integer token "
+                    f"ids, got dtype {dtype}.")
+  return dict(batch)
+
+
+def no_adapters_error(fn: str) -> ValueError:
+  """The error for a model without `nnx.LoRAParam`s to train."""
+  return ValueError(
+      f"{fn}: `model` has no adapters (no nnx.LoRAParam) to train; add them "
+      "with jaxbnb.lora.apply_lora(model, LoRAConfig(...), rngs=...) before "
+      "building `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`.")
+
+
 def run_updating(jitted, nodes, *args):
   """Calls `jitted(graphdef, changing, frozen, *args, placements(nodes))`
   -> `(out, states)` and writes each node's returned state back into it.
 
   On a single device the last argument is None (no constraint)."""
   graphdef, changing, frozen = nnx.split(tuple(nodes), MUTABLE, ...)
-  where = placements(nodes, [changing[i] for i in range(len(nodes))])
+  # A node without mutable state (a model without adapters or dropout RNG)
+  # has no entry in `changing`.
+  where = placements(nodes, [changing[i] if i in changing else nnx.State({})
+                             for i in range(len(nodes))])
   out, states = jitted(graphdef, changing, frozen, *args, where)
   for node, state in zip(nodes, states):
     nnx.update(node, state)
@@ -265,6 +318,10 @@ def run_updating(jitted, nodes, *args):
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _train_step(graphdef, changing, frozen, batch, remat, where=None):
   model, optimizer = nnx.merge(graphdef, changing, frozen)
+  if not jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
+    # Checked while tracing: a model without adapters has its own graphdef,
+    # so this costs nothing per step.
+    raise no_adapters_error("train_step")
   # The whole state is the scan's carry: NNX merges graph nodes only from
   # values of the current trace level (the frozen weights pass through
   # unchanged; the RNG counts of the adapter dropout advance).
@@ -308,8 +365,14 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
     `loss` (mean over the target tokens of all micro-batches, float32),
     `grad_norm` (global norm of that mean's gradient, before clipping) and
     `targets` (number of target tokens).
+
+  Raises:
+    ValueError: `model` has no adapters, or a `batch` entry is missing or
+      not `[A, B, T]` (all of one shape).
+    TypeError: `batch` is not a mapping, or `input_ids` is not integer.
   """
-  return run_updating(_train_step, (model, optimizer), dict(batch), remat)
+  batch = check_batch("train_step", batch, "[A, B, T]")
+  return run_updating(_train_step, (model, optimizer), batch, remat)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -323,8 +386,10 @@ def _eval_step(graphdef, changing, frozen, batch, where=None):
 
 def eval_step(model: nnx.Module, batch: Mapping[str, jax.Array]
               ) -> tuple[jax.Array, jax.Array]:
-  """`(nll_sum, count)` of the target tokens of a `[B, T]` batch."""
-  return run_updating(_eval_step, (model,), dict(batch))
+  """`(nll_sum, count)` of the target tokens of a `[B, T]` batch
+  (`input_ids`, `attention_mask`, `loss_mask`)."""
+  return run_updating(_eval_step, (model,),
+                      check_batch("eval_step", batch, "[B, T]"))
 
 
 def evaluate(model: nnx.Module, data: TokenizedData, batch_size: int, *,
