@@ -80,6 +80,10 @@ def reference(x, base, a, b, scaling, m=None):
     (dict(r=0), ValueError), (dict(r=-2), ValueError),
     (dict(r=2.0), ValueError), (dict(r=True), ValueError),
     (dict(lora_alpha=0), ValueError), (dict(lora_alpha=-1.0), ValueError),
+    (dict(lora_alpha=float("inf")), ValueError),
+    (dict(lora_alpha=float("nan")), ValueError),
+    (dict(lora_dropout=float("nan")), ValueError),
+    (dict(lora_dropout=float("inf")), ValueError),
     (dict(lora_dropout=1.0), ValueError), (dict(lora_dropout=-0.1),
                                            ValueError),
     (dict(bias="all"), NotImplementedError),
@@ -621,3 +625,35 @@ def test_linen_grads_reach_the_adapters_and_dropout_needs_a_flag():
   assert not np.allclose(y_eval, y_train)
   with pytest.raises(ValueError, match="deterministic"):
     linen.apply(variables, x)
+
+
+@pytest.mark.parametrize("lora_dtype", [jnp.int8, "int32", "float33",
+                                        jnp.bool_])
+def test_lora_dtype_must_be_a_float_dtype(lora_dtype):
+  model = tiny(Q4)
+  with pytest.raises(TypeError, match="apply_lora: `lora_dtype` must be a "
+                     "floating-point dtype"):
+    apply_lora(model, LoRAConfig(r=4, target_modules="all-linear"),
+               rngs=nnx.Rngs(1), lora_dtype=lora_dtype)
+  assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+  with pytest.raises(TypeError, match="LoRALinear: `lora_dtype`"):
+    LoRALinear(q4_linear(), LoRAConfig(r=4), lora_dtype=lora_dtype,
+               rngs=nnx.Rngs(1))
+
+
+class _FlaxModel(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.Linear(32, 64, rngs=rngs)
+    self.down = nnx.Linear(64, 32, rngs=rngs)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["up"]])
+def test_plain_flax_linears_are_refused_with_the_way_out(targets):
+  with pytest.raises(NotImplementedError,
+                     match="flax.nnx.Linear is not supported.*quantize_params"):
+    apply_lora(_FlaxModel(nnx.Rngs(0)), LoRAConfig(target_modules=targets),
+               rngs=nnx.Rngs(1))
+  with pytest.raises(TypeError,
+                     match="flax.nnx.Linear is not supported.*quantize_params"):
+    LoRALinear(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), LoRAConfig(r=2),
+               rngs=nnx.Rngs(1))

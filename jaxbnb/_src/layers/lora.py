@@ -167,9 +167,10 @@ class LoRAConfig:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
       raise ValueError(f"LoRAConfig: `r` must be a positive int, got {r!r}.")
     a = self.lora_alpha
-    if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0:
+    if (isinstance(a, bool) or not isinstance(a, (int, float))
+        or not (a > 0 and math.isfinite(a))):
       raise ValueError(
-          f"LoRAConfig: `lora_alpha` must be a number > 0, got {a!r}.")
+          f"LoRAConfig: `lora_alpha` must be a finite number > 0, got {a!r}.")
     d = self.lora_dropout
     if (isinstance(d, bool) or not isinstance(d, (int, float))
         or not 0 <= d < 1):
@@ -496,7 +497,9 @@ class LoRALinear(nnx.Module):
       there is no dropout.
 
   Raises:
-    TypeError: `base_layer` is not a `Linear` or `QuantizedLinear`.
+    TypeError: `base_layer` is not a jaxbnb `Linear` or `QuantizedLinear`
+      (a `flax.nnx.Linear` included), or `lora_dtype` is not a
+      floating-point dtype.
     ValueError: an initial array of the wrong shape, or missing `rngs`.
   """
 
@@ -507,9 +510,12 @@ class LoRALinear(nnx.Module):
                lora_magnitude_vector: jax.Array | None = None,
                rngs: nnx.Rngs | None = None):
     if not isinstance(base_layer, (Linear, QuantizedLinear)):
+      hint = (" " + _FLAX_LINEAR_HINT
+              if isinstance(base_layer, nnx.Linear) else "")
       raise TypeError(
           "LoRALinear: `base_layer` must be a jaxbnb Linear or "
-          f"QuantizedLinear, got {type(base_layer).__name__}.")
+          f"QuantizedLinear, got {type(base_layer).__module__}."
+          f"{type(base_layer).__name__}.{hint}")
     config = LoRAConfig() if config is None else config
     self.base_layer = base_layer
     self.config = config
@@ -518,7 +524,7 @@ class LoRALinear(nnx.Module):
     self.r = config.r
     self.scaling = config.scaling
     self.use_dora = config.use_dora
-    dt = jnp.dtype(lora_dtype)
+    dt = lora_float_dtype(lora_dtype, "LoRALinear")
     needs = [n for n, v in (("lora_A", lora_A), ("lora_B", lora_B))
              if v is None]
     if (needs or config.lora_dropout > 0) and rngs is None:
@@ -656,6 +662,34 @@ def _requantize(q: QuantizedArray, w: jax.Array) -> QuantizedArray:
 # whole models
 
 
+def lora_float_dtype(lora_dtype: Any, fn: str) -> jnp.dtype:
+  """`lora_dtype` as a floating-point dtype.
+
+  Raises:
+    TypeError: it is not a dtype, or not a floating-point one (an integer
+      adapter rounds its initial `lora_A` to zeros and cannot be trained).
+  """
+  try:
+    dt = jnp.dtype(lora_dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(
+        f"{fn}: `lora_dtype` must be a floating-point dtype (e.g. "
+        f"jnp.float32, PEFT's; or jnp.bfloat16), got "
+        f"{dt.name if dt is not None else repr(lora_dtype)}.")
+  return dt
+
+
+# Plain flax.nnx.Linear layers (kernel [in, out]) are not LoRA targets:
+# jaxbnb's adapters wrap its own layers ([out, in], PEFT's layout).
+_FLAX_LINEAR_HINT = (
+    "flax.nnx.Linear is not supported as a LoRA base layer; convert the "
+    "model's flax.nnx.Linear layers to jaxbnb layers first with "
+    "jaxbnb.nnx.quantize_params(model) (QLoRA), or use flax's own "
+    "nnx.LoRA / nnx.LoRALinear for a float flax model.")
+
+
 def _path(path: tuple[Any, ...]) -> str:
   return ".".join(map(str, path))
 
@@ -720,6 +754,10 @@ def find_targets(model: nnx.Module, config: LoRAConfig) -> list[str]:
         continue
       if path in linears:
         found.append(path)
+      elif isinstance(node, nnx.Linear):
+        raise NotImplementedError(
+            f"target_modules={config.target_modules!r} matches {path!r}, a "
+            f"flax.nnx.Linear: {_FLAX_LINEAR_HINT}")
       elif not any(path.startswith(k + ".") for k in linears):
         raise ValueError(
             f"target_modules={config.target_modules!r} matches {path!r}, a "
@@ -727,6 +765,14 @@ def find_targets(model: nnx.Module, config: LoRAConfig) -> list[str]:
     order = {p: i for i, p in enumerate(linears)}
     found.sort(key=order.__getitem__)
   if not found:
+    flax_linears = [_path(p) for p, node in nnx.iter_graph(model)
+                    if isinstance(node, nnx.Linear)]
+    if flax_linears:
+      raise NotImplementedError(
+          f"target_modules={config.target_modules!r} matches no jaxbnb "
+          f"linear layer of {type(model).__name__}, which holds "
+          f"flax.nnx.Linear layers (e.g. {flax_linears[0]!r}): "
+          f"{_FLAX_LINEAR_HINT}")
     names = sorted({p.rsplit(".", 1)[-1] for p in linears})
     example = next(iter(linears), None)
     raise ValueError(
@@ -815,9 +861,12 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs,
     linear).
 
   Raises:
-    TypeError: `config` is not a `LoRAConfig`.
+    TypeError: `config` is not a `LoRAConfig`, or `lora_dtype` is not a
+      floating-point dtype.
     ValueError: nothing matches `target_modules`, a match is not a linear,
       or the model already has adapters.
+    NotImplementedError: a match is a plain `flax.nnx.Linear`, or the model
+      has only those (convert them with `jaxbnb.nnx.quantize_params`).
 
   Examples:
     >>> import jax
@@ -841,6 +890,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs,
   if not isinstance(config, LoRAConfig):
     raise TypeError("apply_lora: `config` must be a LoRAConfig, got "
                     f"{type(config).__name__}.")
+  lora_float_dtype(lora_dtype, "apply_lora")
   _check_fresh(model, "apply_lora")
   targets = find_targets(model, config)
   return attach_adapters(model, config, targets, rngs=rngs,
