@@ -122,8 +122,12 @@ def test_resume_gives_bit_identical_losses(tmp_path):
   with pytest.raises(ValueError, match="learning_rate=0.03 in the "
                      "checkpoint, 0.001 now"):
     _run(out, other, lora, resume=True)
-  with pytest.raises(ValueError, match="LoRA settings differ"):
-    _run(out, config, LoRAConfig(r=2, target_modules="all-linear"),
+  # the message names each differing LoRA field with both values
+  with pytest.raises(ValueError, match=r"LoRA settings differ: "
+                     r"lora_dropout=0\.1 in the checkpoint, 0\.0 now; "
+                     r"r=4 in the checkpoint, 2 now\. "):
+    _run(out, config, LoRAConfig(r=2, lora_alpha=8,
+                                 target_modules="all-linear"),
          resume=True)
 
 

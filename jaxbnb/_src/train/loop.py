@@ -276,8 +276,14 @@ def _resume_mismatch(meta: dict[str, Any], config: TrainConfig,
     if old.get(name) != getattr(config, name):
       return (f"{name}={old.get(name)!r} in the checkpoint, "
               f"{getattr(config, name)!r} now")
-  if meta.get("lora_config") != lora:
-    return "the LoRA settings differ"
+  saved = meta.get("lora_config")
+  if saved != lora:
+    if not isinstance(saved, dict):
+      return f"the checkpoint has no LoRA settings (lora_config={saved!r})"
+    diffs = [f"{k}={saved.get(k)!r} in the checkpoint, {lora.get(k)!r} now"
+             for k in sorted(set(saved) | set(lora))
+             if saved.get(k) != lora.get(k)]
+    return "the LoRA settings differ: " + "; ".join(diffs)
   if meta.get("data_fingerprint") != fingerprint:
     return "the training data differs"
   return None
