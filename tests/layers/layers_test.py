@@ -476,3 +476,28 @@ def test_dense4bit_kernel_of_the_wrong_type():
   with pytest.raises(TypeError, match="Dense4bit: the quantized kernel must "
                      "be a Params4bit, got ArrayImpl"):
     layer.apply(variables, jnp.ones((1, 16)))
+
+
+def test_quantize_params_refuses_jaxbnb_float_linears():
+  """A LlamaForCausalLM built in float holds jaxbnb's own `Linear`s: they
+  are not converted, so quantize_params says so instead of returning the
+  float model unchanged (LoRA on it would look like QLoRA)."""
+  from jaxbnb import models  # pylint: disable=g-import-not-at-top
+  cfg = models.LlamaConfig(vocab_size=64, hidden_size=32,
+                           intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2)
+  model = models.LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
+  before = jax.tree.leaves(nnx.state(model))
+  with pytest.raises(NotImplementedError,
+                     match=r"jaxbnb float Linear layers \(e\.g\. 'model/"
+                     r"layers/0/.*quantization=QuantizationConfig\.nf4\(\)"):
+    jn.quantize_params(model, quant_type="nf4")
+  after = jax.tree.leaves(nnx.state(model))
+  assert all(a is b for a, b in zip(before, after))  # nothing changed
+  assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+  # skipped everywhere: nothing to refuse, nothing converted
+  jn.quantize_params(model, skip_modules=["*"])
+  # a quantized Llama (lm_head is skipped by default) passes unchanged
+  quantized = models.LlamaForCausalLM(
+      cfg, quantization=models.QuantizationConfig.nf4(), rngs=nnx.Rngs(0))
+  assert jn.quantize_params(quantized) is quantized

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from jaxbnb._src.layers.dense4bit import QUANTIZED
+from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.layers.linear4bit import Linear4bit
 from jaxbnb._src.layers.linear8bit import Linear8bitLt
 from jaxbnb._src.layers.linear8bit import check_threshold
@@ -76,6 +77,10 @@ def quantize_params(
 
   Raises:
     TypeError: if `target` is neither a mapping nor an NNX module.
+    NotImplementedError: an NNX `target` holds jaxbnb float `Linear`
+      layers that no `skip_modules` pattern skips (e.g. a
+      `LlamaForCausalLM` built without `quantization`: build it with one
+      instead); nothing is changed.
     ValueError: for a bad quant_type, blocksize, bits or threshold (or a
       threshold with `bits=4`), or a float kernel whose path is already in
       the "quantized" collection.
@@ -174,11 +179,28 @@ def _quantize_linen(params: Mapping, skip, qkw, bits):
 
 
 def _quantize_nnx(module: nnx.Module, skip, qkw, dtype, bits):
-  targets = []
+  targets, own = [], []
   for path, sub in nnx.iter_modules(module):
-    if isinstance(sub, nnx.Linear) and path:
-      if not _skipped("/".join(str(p) for p in path), skip):
+    if isinstance(sub, (nnx.Linear, Linear)) and path:
+      name = "/".join(str(p) for p in path)
+      if _skipped(name, skip):
+        continue
+      if isinstance(sub, Linear):
+        own.append(name)
+      else:
         targets.append((path, sub))
+  if own:
+    # jaxbnb's own float Linear (a LlamaForCausalLM built without
+    # `quantization`) is the model's choice, recorded in its config:
+    # converting it here would leave a model that says it is float (and
+    # saves as float) while holding 4-bit weights. Refused, nothing changed.
+    raise NotImplementedError(
+        f"quantize_params: `target` holds jaxbnb float Linear layers "
+        f"(e.g. {own[0]!r}, {len(own)} in all), which it does not convert "
+        "(it converts flax.nnx.Linear); a jaxbnb model is quantized when "
+        "built: LlamaForCausalLM(config, quantization=QuantizationConfig."
+        "nf4(), rngs=...) or jaxbnb.convert.from_pretrained(path, "
+        "quantization=...). Nothing was changed.")
   for path, linear in targets:
     kw = dict(qkw)
     if dtype is not None:
