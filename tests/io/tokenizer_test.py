@@ -1,6 +1,5 @@
 """load_tokenizer: GGUF metadata tokenizers vs transformers' own conversion."""
 
-import json
 
 import numpy as np
 import pytest

@@ -10,7 +10,6 @@ dequantizing.
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest

@@ -175,13 +175,7 @@ def test_matches_transformers_greedy(family):
     assert os.path.isfile(os.path.join(folder, f)), (
         f"golden fixture {family}/{f} is missing "
         "(tests/golden/make_llama_golden.py)")
-  with open(os.path.join(folder, "config.json")) as f:
-    cfg = LlamaConfig.from_hf(json.load(f))
-  m = LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
-  tensors = load_file(os.path.join(folder, "model.safetensors"))
-  for name, var in m.iter_variables():
-    var.set_value(jnp.asarray(tensors[name]))
-  exp = np.load(os.path.join(folder, "expected.npz"))
+  m, exp = _golden_model(family)
   prompts = [row[mask.astype(bool)].tolist()
              for row, mask in zip(exp["padded_ids"], exp["padded_mask"])]
   out = generate(m, prompts, max_new_tokens=exp["greedy"].shape[1],

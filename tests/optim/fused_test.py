@@ -13,7 +13,6 @@ import warnings
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
