@@ -547,3 +547,30 @@ def test_checkpoint_info():
   assert finfo["num_parameters"] == common.load("orig").num_parameters()
   assert finfo["tensors_by_dtype"] == {"bfloat16": 21}
   assert finfo["shards"] == ["model.safetensors"]
+
+
+def test_generation_config_eos_ids_stop_generation(tmp_path):
+  """generation_config.json's eos_token_id (instruct checkpoints list their
+  end-of-turn token there, not in config.json) is what the model stops on,
+  as transformers' generate does."""
+  from jaxbnb._src.models.generate import generate  # pylint: disable=g-import-not-at-top
+  model = common.load("orig")
+  prompt = [[5, 9, 13, 7, 22]]
+  free = generate(model, prompt, max_new_tokens=6, stop_token_ids=()).sequences[0]
+  stop = next(t for t in free[2:] if t not in free[:2] and t != 2)
+  folder = common.copy_checkpoint("orig", str(tmp_path / "m"))
+  path = os.path.join(folder, "generation_config.json")
+  with open(path) as f:
+    gen = json.load(f)
+  gen["eos_token_id"] = [2, stop]
+  with open(path, "w") as f:
+    json.dump(gen, f)
+  loaded = convert.from_pretrained(folder, progress=False)
+  assert loaded.config.eos_token_id == (2, stop)
+  out = generate(loaded, prompt, max_new_tokens=6).sequences[0]
+  assert out == free[:free.index(stop)]
+  gen["eos_token_id"] = ["x"]
+  with open(path, "w") as f:
+    json.dump(gen, f)
+  with pytest.raises(ValueError, match="eos_token_id"):
+    convert.from_pretrained(folder, progress=False)

@@ -48,6 +48,10 @@ def test_generate_from_gguf_and_converted(gguf_path, converted, capsys):
   assert cli.main(["generate", converted, "--prompt", "the", "--no-chat",
                    "--max-new-tokens", "3", "--quiet"]) == 0
   assert "tok/s" in capsys.readouterr().err
+  # Greedy ignores the sampling filters, and says so (as transformers).
+  assert cli.main(["generate", converted, "--prompt", "the", "--no-chat",
+                   "--max-new-tokens", "2", "--top-p", "0.5", "--quiet"]) == 0
+  assert "apply only when sampling" in capsys.readouterr().err
   # Chat (template read from the GGUF) + streaming + sampling.
   assert cli.main(["generate", gguf_path, "--prompt", "hi", "--chat",
                    "--stream", "--temperature", "0.7", "--top-k", "5",

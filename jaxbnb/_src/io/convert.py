@@ -420,6 +420,25 @@ def _open_everywhere(path, mesh) -> CheckpointSource:
   return src
 
 
+def _with_generation_eos(config: LlamaConfig,
+                         generation_config: Mapping | None) -> LlamaConfig:
+  """`config` with generation_config.json's `eos_token_id` where it has one.
+
+  transformers' `generate` stops on the generation config's EOS ids, which
+  instruct checkpoints use to add end-of-turn tokens that config.json does
+  not list (Llama 3 Instruct: `<|eot_id|>`).
+  """
+  eos = (generation_config or {}).get("eos_token_id")
+  if eos is None:
+    return config
+  ids = [eos] if isinstance(eos, int) else list(eos)
+  if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    raise ValueError(
+        "generation_config.json: eos_token_id must be an int or a list of "
+        f"ints, got {eos!r}.")
+  return dataclasses.replace(config, eos_token_id=tuple(ids))
+
+
 def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
                     quantization: QuantizationConfig | Mapping | None = None,
                     dtype: Any = None, param_dtype: Any = None,
@@ -495,7 +514,8 @@ def from_pretrained(path: str | os.PathLike | CheckpointSource, *,
     raise ValueError("from_pretrained: `sharding` needs a `mesh`.")
   rules = sharding_lib.resolve(sharding) if mesh is not None else None
   src = _open_everywhere(path, mesh)
-  config = LlamaConfig.from_hf(src.config)
+  config = _with_generation_eos(LlamaConfig.from_hf(src.config),
+                                getattr(src, "generation_config", None))
   quantization = _as_quantization(quantization)
   pre = _detect_prequantized(src)
   if pre is not None:

@@ -415,6 +415,10 @@ def _generate(args) -> int:
     raise _UsageError("argument --system: needs --chat")
   if args.adapter is not None:
     _adapter_folder(args.adapter)
+  if args.temperature == 0 and (args.top_k != 0 or args.top_p != 1.0):
+    # As transformers warns: the filters shape sampling, greedy ignores them.
+    print("warning: --top-k/--top-p apply only when sampling "
+          "(--temperature > 0); decoding greedily", file=sys.stderr)
   model = _load_model(args, path, mesh=mesh)
   if args.adapter is not None:
     model = _apply_adapter(model, args.adapter)
@@ -591,10 +595,12 @@ def _add_model_commands(sub) -> None:
   p.add_argument("--temperature", type=argtypes.number(float, 0),
                  default=0.0, help="0 = greedy (default)")
   p.add_argument("--top-k", type=int_from(0), default=0,
-                 help="sample among the k most likely tokens (0: all)")
+                 help="sample among the k most likely tokens (0: all); "
+                 "only with --temperature > 0")
   p.add_argument("--top-p", type=argtypes.number(float, 0, 1, lo_open=True),
                  default=1.0, help="sample among the most likely tokens "
-                 "of total probability p, in (0, 1] (default 1: all)")
+                 "of total probability p, in (0, 1] (default 1: all); only "
+                 "with --temperature > 0")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stream", action=argparse.BooleanOptionalAction,
                  default=False, help="print text as it is generated")
