@@ -84,3 +84,13 @@ def test_bad_values(kwargs, match):
 def test_from_dict_rejects_other_methods():
   with pytest.raises(ValueError, match="quant_method"):
     QuantizationConfig.from_dict({"quant_method": "gptq"})
+
+
+def test_compute_dtype_none_is_transformers_default_float32():
+  """`BitsAndBytesConfig(bnb_4bit_compute_dtype=None)` computes in float32;
+  the same argument is accepted here, and from a config.json's null."""
+  cfg = QuantizationConfig(load_in_4bit=True, bnb_4bit_compute_dtype=None)
+  assert cfg.bnb_4bit_compute_dtype == "float32"
+  assert cfg == QuantizationConfig(load_in_4bit=True)
+  assert QuantizationConfig.from_dict(
+      {"load_in_4bit": True, "bnb_4bit_compute_dtype": None}) == cfg

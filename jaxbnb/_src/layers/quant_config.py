@@ -53,7 +53,7 @@ class QuantizationConfig:
     llm_int8_enable_fp32_cpu_offload: recorded for compatibility only.
     llm_int8_has_fp16_weight: recorded for compatibility only.
     bnb_4bit_compute_dtype: dtype the 4-bit matmuls run in ("float32",
-      "float16" or "bfloat16").
+      "float16" or "bfloat16"; None, transformers' default, is "float32").
     bnb_4bit_quant_type: "fp4" (the transformers default) or "nf4".
     bnb_4bit_use_double_quant: double-quantize the absmax.
     bnb_4bit_quant_storage: dtype the packed bytes are stored as.
@@ -118,9 +118,12 @@ class QuantizationConfig:
                                validation.BLOCKSIZES_4BIT,
                                name="bnb_4bit_blocksize",
                                fn="QuantizationConfig")
+    # None is transformers' default, which computes in float32.
+    compute = ("float32" if self.bnb_4bit_compute_dtype is None
+               else self.bnb_4bit_compute_dtype)
     object.__setattr__(
         self, "bnb_4bit_compute_dtype",
-        _dtype_name(self.bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype",
+        _dtype_name(compute, "bnb_4bit_compute_dtype",
                     validation.FLOAT_DTYPES))
     object.__setattr__(
         self, "bnb_4bit_quant_storage",
