@@ -303,22 +303,34 @@ def test_lowers_for_cuda():
   assert "mosaic_gpu" in _util.lowered_gemv_4bit(_config(3), 1)
 
 
+def _abstract_weight(rows, cols):
+  """A double-quantized NF4 weight's kernel arguments, as shapes: packed
+  codes, uint8 absmax, nested absmax, nested code, offset."""
+  s = jax.ShapeDtypeStruct
+  return (s((rows * cols // 2,), jnp.uint8), s((rows * cols // 64,), jnp.uint8),
+          s((-(-rows * cols // 64 // 256),), jnp.float32),
+          s((256,), jnp.float32), s((), jnp.float32))
+
+
+def _lowered_or_skip(fn, *args):
+  """`fn` lowered for the H200, or a skip where this JAX has no Mosaic GPU
+  lowering (no CUDA plugin)."""
+  try:
+    return helpers.lowered_for_h200(fn, *args)
+  except AssertionError as e:  # no Mosaic GPU lowering rule registered
+    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+
+
 @pytest.mark.parametrize("skip", [False, True])
 def test_group_lowers_for_cuda(skip):
   """Three weights in one kernel lower (one build and pipeline a weight
   under `pl.when`), also with the memory warpgroup skipping the builds."""
-  s = jax.ShapeDtypeStruct
   k, ns = 2048, (1000, 4096, 300)
-  ws = [(s((n * k // 2,), jnp.uint8), s((n * k // 64,), jnp.uint8),
-         s((-(-n * k // 64 // 256),), jnp.float32), s((256,), jnp.float32),
-         s((), jnp.float32)) for n in ns]
   fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k,
                          wgs=2, early=True, tma_skips_build=skip)
-  try:
-    text = helpers.lowered_for_h200(lambda x, w: fn(x, w),
-                                    s((1, k), jnp.bfloat16), ws)
-  except AssertionError as e:  # no Mosaic GPU lowering rule registered
-    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+  text = _lowered_or_skip(lambda x, w: fn(x, w),
+                          jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
+                          [_abstract_weight(n, k) for n in ns])
   assert "mosaic_gpu" in text
 
 
@@ -398,39 +410,23 @@ def test_norm_group_lowers_for_cuda():
   norm's weight an input after x)."""
   s = jax.ShapeDtypeStruct
   k, ns = 2048, (2048, 1024)
-  ws = [(s((n * k // 2,), jnp.uint8), s((n * k // 64,), jnp.uint8),
-         s((-(-n * k // 64 // 256),), jnp.float32), s((256,), jnp.float32),
-         s((), jnp.float32)) for n in ns]
   fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k,
                          wgs=2, early=True, tma_skips_build=True)
-  try:
-    text = helpers.lowered_for_h200(
-        lambda x, w, nw: fn(x, w, rms_norm=(nw, 1e-5)),
-        s((1, k), jnp.bfloat16), ws, s((k,), jnp.bfloat16))
-  except AssertionError as e:  # no Mosaic GPU lowering rule registered
-    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+  text = _lowered_or_skip(lambda x, w, nw: fn(x, w, rms_norm=(nw, 1e-5)),
+                          s((1, k), jnp.bfloat16),
+                          [_abstract_weight(n, k) for n in ns],
+                          s((k,), jnp.bfloat16))
   assert "mosaic_gpu" in text
 
 
 def test_swiglu_lowers_for_cuda():
   """Both launches lower to Mosaic GPU (needs JAX's CUDA plugin)."""
-  s = jax.ShapeDtypeStruct
   n, k, n_out = 2048, 1024, 1024
-
-  def shapes(rows, cols):
-    return (s((rows * cols // 2,), jnp.uint8), s((rows * cols // 64,),
-                                                  jnp.uint8),
-            s((-(-rows * cols // 64 // 256),), jnp.float32),
-            s((256,), jnp.float32), s((), jnp.float32))
-
   fn = functools.partial(lg.gemv_swiglu, code=_code("nf4"), n=n, k=k,
                          n_out=n_out)
-  try:
-    text = helpers.lowered_for_h200(fn, s((1, k), jnp.bfloat16),
-                                    shapes(n, k), shapes(n, k),
-                                    shapes(n_out, n))
-  except AssertionError as e:  # no Mosaic GPU lowering rule registered
-    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+  text = _lowered_or_skip(fn, jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
+                          _abstract_weight(n, k), _abstract_weight(n, k),
+                          _abstract_weight(n_out, n))
   assert text.count("mosaic_gpu") >= 2
 
 
