@@ -98,7 +98,9 @@ def randomize(model, gen):
         p.copy_(0.2 * torch.randn(p.shape, generator=gen))
 
 
-def make_model(name, config, seed):
+def build_model(name, config, seed):
+  """A randomized float32 eager model of `config`, saved in OUT/`name`;
+  returns `(model, folder)`."""
   torch.manual_seed(seed)
   gen = torch.Generator().manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(
@@ -107,6 +109,11 @@ def make_model(name, config, seed):
   model.eval()
   folder = os.path.join(OUT, name)
   model.save_pretrained(folder, safe_serialization=True)
+  return model, folder
+
+
+def make_model(name, config, seed):
+  model, folder = build_model(name, config, seed)
 
   rng = np.random.default_rng(seed)
   ids = rng.integers(3, config.vocab_size, size=(2, SEQ)).astype(np.int64)
@@ -168,14 +175,7 @@ DYNAMIC = transformers.LlamaConfig(
 
 
 def make_dynamic(seed=7):
-  torch.manual_seed(seed)
-  gen = torch.Generator().manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(
-      DYNAMIC, dtype=torch.float32, attn_implementation="eager")
-  randomize(model, gen)
-  model.eval()
-  folder = os.path.join(OUT, "dynamic")
-  model.save_pretrained(folder, safe_serialization=True)
+  model, folder = build_model("dynamic", DYNAMIC, seed)
   rotary = model.model.rotary_emb
 
   def fresh():  # what a newly loaded model starts from
