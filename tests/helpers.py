@@ -156,3 +156,15 @@ def assert_docstring_examples_pass(obj, name: str) -> None:
     runner.run(test)
   result = runner.summarize(verbose=False)
   assert result.attempted > 0 and result.failed == 0, result
+
+
+def assert_trees_bitwise_equal(a, b):
+  """Same structure (None where None), same dtypes, shapes and bytes."""
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb, (ta, tb)
+  for x, y in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype)
+    np.testing.assert_array_equal(x.reshape(-1).view(np.uint8),
+                                  y.reshape(-1).view(np.uint8))

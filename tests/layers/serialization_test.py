@@ -16,19 +16,9 @@ from flax import serialization
 from jaxbnb import functional as F
 from jaxbnb import linen as jl
 from jaxbnb import nnx as jn
+from tests import helpers
 
 _X = jax.random.normal(jax.random.key(9), (3, 64), jnp.float32)
-
-
-def _assert_trees_bit_equal(a, b):
-  """Same structure (None where None), same dtypes, shapes and bytes."""
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb, (ta, tb)
-  for x, y in zip(la, lb):
-    x, y = np.asarray(x), np.asarray(y)
-    assert (x.dtype, x.shape) == (y.dtype, y.shape)
-    assert x.tobytes() == y.tobytes()
 
 
 _LINEN = [
@@ -54,7 +44,7 @@ def test_linen_to_bytes_from_bytes_round_trip(make):
       variables, template))
   restored = serialization.from_bytes(template,
                                       serialization.to_bytes(variables))
-  _assert_trees_bit_equal(restored, variables)
+  helpers.assert_trees_bitwise_equal(restored, variables)
   kernel = restored[jl.QUANTIZED]["kernel"]
   assert type(kernel) is type(variables[jl.QUANTIZED]["kernel"])
   assert kernel == variables[jl.QUANTIZED]["kernel"]
@@ -64,12 +54,12 @@ def test_linen_to_bytes_from_bytes_round_trip(make):
   # to_state_dict / from_state_dict: the same round trip, without bytes.
   state = serialization.to_state_dict(variables)
   back = serialization.from_state_dict(template, state)
-  _assert_trees_bit_equal(back, variables)
+  helpers.assert_trees_bitwise_equal(back, variables)
   # An abstract target (jax.eval_shape of init) serves as well.
   abstract = jax.eval_shape(layer.init, jax.random.key(1), _X)
   assert isinstance(jax.tree.leaves(abstract)[0], jax.ShapeDtypeStruct)
   back = serialization.from_bytes(abstract, serialization.to_bytes(variables))
-  _assert_trees_bit_equal(back, variables)
+  helpers.assert_trees_bitwise_equal(back, variables)
 
 
 def test_linen_model_with_4bit_and_8bit_layers_round_trips():
@@ -86,7 +76,7 @@ def test_linen_model_with_4bit_and_8bit_layers_round_trips():
   template = model.init(jax.random.key(1), _X)
   restored = serialization.from_bytes(template,
                                       serialization.to_bytes(variables))
-  _assert_trees_bit_equal(restored, variables)
+  helpers.assert_trees_bitwise_equal(restored, variables)
   np.testing.assert_array_equal(np.asarray(model.apply(restored, _X)),
                                 np.asarray(model.apply(variables, _X)))
 
@@ -112,7 +102,7 @@ def test_nnx_pure_dict_round_trip(make):
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(other, state)
   assert other.weight.get_value() == layer.weight.get_value()
-  _assert_trees_bit_equal(nnx.state(other), nnx.state(layer))
+  helpers.assert_trees_bitwise_equal(nnx.state(other), nnx.state(layer))
   np.testing.assert_array_equal(np.asarray(other(_X)), np.asarray(layer(_X)))
 
 
@@ -124,7 +114,7 @@ def test_quant_state_alone_round_trips():
                                   compress_statistics=compress)
     back = serialization.from_bytes(template, serialization.to_bytes(qs))
     assert isinstance(back, F.QuantState) and back == qs
-    _assert_trees_bit_equal(back, qs)
+    helpers.assert_trees_bitwise_equal(back, qs)
   _, qs8 = F.quantize_blockwise(_X, blocksize=64)
   _, t8 = F.quantize_blockwise(3 * _X, blocksize=64)
   back = serialization.from_bytes(t8, serialization.to_bytes(qs8))

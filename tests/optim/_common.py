@@ -6,10 +6,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxbnb import optim
+from tests.helpers import assert_trees_bitwise_equal  # pylint: disable=unused-import
 
 
 @functools.cache
@@ -70,17 +70,6 @@ def train(name: str, params, state, start: int, stop: int):
   for i in range(start, stop):
     params, state = step_fn(params, state, grads_at(params, i))
   return params, state
-
-
-def assert_trees_bitwise_equal(a, b):
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb, (ta, tb)
-  for x, y in zip(la, lb):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype)
-    np.testing.assert_array_equal(x.reshape(-1).view(np.uint8),
-                                  y.reshape(-1).view(np.uint8))
 
 
 def state_of(opt_state):
