@@ -763,6 +763,13 @@ def _finetune(args) -> int:
   return 0
 
 
+def _quantized_model_error(path: str) -> _UsageError:
+  """The refusal of a quantized MODEL: a merge needs the float weights."""
+  return _UsageError(
+      f"argument MODEL: {path!r} is a quantized checkpoint; merge into the "
+      "float model it was made from (then --quant to quantize the result)")
+
+
 def _merge(args) -> int:
   path = _existing(args.model, "MODEL")
   _adapter_folder(args.adapter)
@@ -772,17 +779,13 @@ def _merge(args) -> int:
                       "output folder")
   quantization = _quantization(args)  # option errors before the load
   if _stored_quantization(path) is not None:
-    raise _UsageError(
-        f"argument MODEL: {path!r} is a quantized checkpoint; merge into the "
-        "float model it was made from (then --quant to quantize the result)")
+    raise _quantized_model_error(path)
   t0 = time.perf_counter()
   model = convert.from_pretrained(path, dtype=args.dtype,
                                   param_dtype=args.dtype,
                                   progress=not args.quiet)
   if model.quantization is not None:
-    raise _UsageError(
-        f"argument MODEL: {path!r} is a quantized checkpoint; merge into the "
-        "float model it was made from (then --quant to quantize the result)")
+    raise _quantized_model_error(path)
   model = _apply_adapter(model, args.adapter)
   model = lora.merge_lora(model, requantize=False)
   if quantization is not None:
