@@ -228,14 +228,19 @@ _NESTED_BROKEN = [
 ]
 
 
+def _assert_load_refused(sd, message):
+  """Params4bit.from_state_dict raises a ValueError ending in `message`."""
+  with pytest.raises(ValueError, match="^Params4bit.from_state_dict: .*"
+                     + re.escape(message)):
+    F.Params4bit.from_state_dict(sd, _PREFIX)
+
+
 @pytest.mark.parametrize("edit,message", [
     pytest.param(e, m, id=i) for i, e, m in _NESTED_BROKEN])
 def test_broken_double_quantized_checkpoint_is_an_error(edit, message):
   _, sd = _checkpoint(compress=True)
   edit(sd)
-  with pytest.raises(ValueError, match="^Params4bit.from_state_dict: .*"
-                     + re.escape(message)):
-    F.Params4bit.from_state_dict(sd, _PREFIX)
+  _assert_load_refused(sd, message)
   # The same checks through QuantState.from_dict, keys named without the
   # module prefix.
   sub = {k[len("m.weight."):]: v for k, v in sd.items()
@@ -285,9 +290,7 @@ _PLAIN_BROKEN = [
 def test_broken_plain_checkpoint_is_an_error(edit, message):
   _, sd = _checkpoint(compress=False)
   edit(sd)
-  with pytest.raises(ValueError, match="^Params4bit.from_state_dict: .*"
-                     + re.escape(message)):
-    F.Params4bit.from_state_dict(sd, _PREFIX)
+  _assert_load_refused(sd, message)
 
 
 def test_packed_weight_of_a_wrong_dtype_is_an_error():
