@@ -360,18 +360,28 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_exits_130_with_one_line(gguf_path):
-  """A real SIGINT while a command runs: one line, status 130."""
+def _signal_when_ready(args, sig, *, env=None, at_ready=None):
+  """Runs `python -c *args`, sends `sig` once it prints "ready" (after
+  `at_ready()`, if given); returns its exit status and stderr."""
   proc = subprocess.Popen(
-      [sys.executable, "-c", _SLOW_INFO, "info", gguf_path], cwd=_REPO,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [sys.executable, "-c", *args], cwd=_REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, env=env)
   try:
     assert proc.stdout.readline() == "ready\n"
-    proc.send_signal(signal.SIGINT)
+    if at_ready is not None:
+      at_ready()
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
   finally:
     proc.kill()
-  assert proc.returncode == 130, err
+  return proc.returncode, err
+
+
+def test_ctrl_c_exits_130_with_one_line(gguf_path):
+  """A real SIGINT while a command runs: one line, status 130."""
+  returncode, err = _signal_when_ready(
+      [_SLOW_INFO, "info", gguf_path], signal.SIGINT)
+  assert returncode == 130, err
   assert err == "jaxbnb info: interrupted\n"
 
 
@@ -607,19 +617,15 @@ def test_sigterm_during_convert_cleans_up(gguf_path, tmp_path):
   dst = tmp_path / "dst"
   dst.mkdir()
   (dst / "config.json").write_text("old")
-  proc = subprocess.Popen(
-      [sys.executable, "-c", _SLOW_SAVE, "convert", gguf_path, str(dst),
-       "--quiet", "--overwrite"], cwd=_REPO,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  try:
-    assert proc.stdout.readline() == "ready\n"
+
+  def at_ready():
     assert len(_leftovers(tmp_path)) == 1  # the save's temporary folder
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-  finally:
-    proc.kill()
-  assert proc.returncode == 143, err
+
+  returncode, err = _signal_when_ready(
+      [_SLOW_SAVE, "convert", gguf_path, str(dst), "--quiet", "--overwrite"],
+      signal.SIGTERM, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      at_ready=at_ready)
+  assert returncode == 143, err
   assert err == "jaxbnb convert: terminated\n"
   assert _leftovers(tmp_path) == []
   assert os.listdir(dst) == ["config.json"]
