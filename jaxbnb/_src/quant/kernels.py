@@ -227,6 +227,8 @@ def dequantize_4bit_flat(packed, absmax, nested, n, blocksize, quant_type,
 
 
 def can_dequantize(n, blocksize, dtype) -> bool:
+  """Whether the dequantize kernel serves `n` elements in blocks of
+  `blocksize` to `dtype`."""
   return dk.can_use(n, blocksize, dtype)
 
 

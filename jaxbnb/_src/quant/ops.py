@@ -114,6 +114,8 @@ def float_absmax(qs: QuantState, first=None) -> jax.Array:
 
 
 def to_storage(packed: jax.Array, quant_storage) -> jax.Array:
+  """The packed uint8 bytes `packed` reinterpreted as `quant_storage`
+  elements, as a `[n, 1]` column (bnb's 4-bit weight layout)."""
   storage = jnp.dtype(quant_storage)
   if storage.name not in validation.QUANT_STORAGE_DTYPES:
     raise ValueError(
@@ -138,6 +140,7 @@ def to_storage(packed: jax.Array, quant_storage) -> jax.Array:
 
 
 def from_storage(a: jax.Array) -> jax.Array:
+  """The inverse of `to_storage`: the flat uint8 bytes of a packed weight."""
   a = a.reshape(-1)
   if a.dtype == jnp.uint8:
     return a
