@@ -435,3 +435,17 @@ def test_link_and_signature_checks(tmp_path, monkeypatch):
                                  " dtype=None)\n")[0]
   assert "not a public name" in check("no_such_function(a)\n")[0]
   assert "not a signature" in check("just text\n")[0]
+
+
+def test_api_names_lists_match_the_modules():
+  # Each "## `jaxbnb.X`" section's "Names:" paragraph lists exactly the
+  # module's `__all__` (a name exported but never mentioned was missed).
+  text = (ROOT / "docs" / "api.md").read_text()
+  sections = re.findall(r"^## `(jaxbnb\.\w+)`\n\n(Names:.*?)\n\n", text,
+                        re.S | re.M)
+  assert {m for m, _ in sections} >= {"jaxbnb.linen", "jaxbnb.nnx"}
+  for module, names in sections:
+    listed = set(re.findall(r"`(\w+)`", names))
+    want = set(importlib.import_module(module).__all__)
+    assert listed == want, (module, sorted(want - listed),
+                            sorted(listed - want))

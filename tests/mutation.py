@@ -544,6 +544,23 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/quant/weights_test.py::test_state_dict_and_layout_round_trip",
             "tests/io/orbax_io_test.py::test_roundtrip_bit_identical")),
     # ----------------------------------------------------------- layers
+    Mutant("embedding8bit-reciprocal-scale",
+           "jaxbnb/_src/layers/embedding.py",
+           "return cb.astype(jnp.float32) * (scb / divisor)[:, None]",
+           "return cb.astype(jnp.float32) * (scb * (1 / divisor))[:, None]",
+           ("tests/layers/embedding_test.py::"
+            "test_embedding8bit_matches_numpy_row_quant",)),
+    Mutant("embedding-ids-below-minus-n-wrap", "jaxbnb/_src/layers/embedding.py",
+           "    in_range &= ids >= -n\n", "",
+           ("tests/layers/embedding_test.py::"
+            "test_ids_outside_the_table_give_nan_as_jnp_take",)),
+    Mutant("shared-module-replaced-once", "jaxbnb/_src/layers/common.py",
+           "  for parent, key, new in edges:\n",
+           "  for parent, key, new in edges[:1]:\n",
+           ("tests/layers/embedding_test.py::"
+            "test_quantize_embeddings_keeps_a_shared_embedding_shared",
+            "tests/layers/layers_test.py::"
+            "test_quantize_params_nnx_keeps_a_shared_layer_shared")),
     Mutant("quantized-bias-dropped", "jaxbnb/_src/layers/common.py",
            "None if bias is None else bias.astype(dtype))",
            "None)",

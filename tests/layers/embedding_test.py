@@ -80,16 +80,13 @@ def test_embedding8bit_matches_numpy_row_quant(dtype):
   ids = _ids(50)
   out = emb(ids)
   assert out.shape == (3, 7, 24) and out.dtype == jnp.dtype(dtype)
-  # bnb: out = CB[ids] * SCB[ids] / 127, rounded to the table dtype. Our
-  # float32 product and the numpy one may round differently (two float32
-  # roundings each side: <= 2 eps relative), then one rounding to `dtype`
-  # (<= 1 ulp there).
-  ref = (want_cb[np.asarray(ids)].astype(np.float64)
-         * want_scb[np.asarray(ids)][..., None] / 127.0)
-  bound = 2 * F32_EPS * np.abs(ref)
-  if dtype != jnp.float32:
-    bound = bound + helpers.ulp(np.abs(ref) + bound, dtype)
-  helpers.assert_within(out, ref, bound, "Embedding8bit lookup")
+  # bnb's `Embedding8bit.forward`: `CB * (SCB / 127.0)` in float32, then
+  # one rounding to the table dtype: bit for bit.
+  ref = (want_cb[np.asarray(ids)].astype(np.float32)
+         * (want_scb[np.asarray(ids)] / np.float32(127.0))[..., None])
+  helpers.assert_bits_equal(out, ref.astype(dtype), err_msg="Embedding8bit lookup")
+  jitted = nnx.jit(lambda m, i: m(i))(emb, ids)
+  helpers.assert_bits_equal(jitted, ref.astype(dtype), err_msg="jitted lookup")
 
 
 def test_embedding8bit_quantizes_each_token_row_alone():
@@ -194,6 +191,41 @@ def test_negative_ids_count_from_the_end():
                                   np.asarray(emb(jnp.array([9]))))
 
 
+def test_ids_outside_the_table_give_nan_as_jnp_take():
+  # Ids below -num_embeddings, past the end, and unsigned ids past the
+  # int32 range are out of range (NaN), never a wrapped real row; the
+  # nested absmax gather of a double-quantized table included (its uint8
+  # fill would decode to a finite scale).
+  w = _table((100, 64))
+  embs = (Embedding8bit.from_float(w), Embedding4bit.from_float(w),
+          Embedding4bit.from_float(w, compress_statistics=True),
+          StableEmbedding(100, 64, rngs=nnx.Rngs(0)))
+  for emb in embs:
+    name = type(emb).__name__
+    for ids in (jnp.array([-101, -150, -200, 100, 101, 120]),
+                jnp.array([2**32 - 1, 2**31], jnp.uint32)):
+      out = np.asarray(emb(ids))
+      assert np.isnan(out).all(), (name, ids)
+    ok = np.asarray(emb(jnp.array([99, 5], jnp.uint32)))
+    np.testing.assert_array_equal(ok, np.asarray(emb(jnp.array([-1, 5]))))
+    assert not np.isnan(ok).any(), name
+    small = np.asarray(emb(jnp.array([3, 99], jnp.uint8)))
+    np.testing.assert_array_equal(small, np.asarray(emb(jnp.array([3, 99]))))
+
+
+def test_quantize_embeddings_keeps_a_shared_embedding_shared():
+  class Tied(nnx.Module):
+    def __init__(self, rngs):
+      self.enc = nnx.Embed(20, 64, rngs=rngs)
+      self.dec = self.enc
+      self.heads = nnx.List([self.enc])
+
+  for bits in (8, 4):
+    m = quantize_embeddings(Tied(nnx.Rngs(0)), bits=bits)
+    assert isinstance(m.enc, Embedding8bit if bits == 8 else Embedding4bit)
+    assert m.dec is m.enc and m.heads[0] is m.enc
+
+
 def test_fixed_type_classes_and_defaults():
   assert EmbeddingNF4(8, 64, rngs=nnx.Rngs(0)).weight.get_value(
   ).quant_state.quant_type == "nf4"
@@ -237,6 +269,24 @@ def test_errors_name_the_argument():
     quantize_embeddings(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
   with pytest.raises(TypeError, match="bits=8 takes only `dtype`"):
     quantize_embeddings(nnx.Embed(4, 64, rngs=nnx.Rngs(0)), quant_type="nf4")
+  for cls in (Embedding8bit, Embedding4bit, StableEmbedding):
+    with pytest.raises(TypeError, match=f"{cls.__name__}: `dtype` must be a "
+                       "dtype .* got 'xx'"):
+      cls(10, 64, dtype="xx", rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="`param_dtype` must be a dtype"):
+      cls(10, 64, param_dtype="yy", rngs=nnx.Rngs(0))
+    # numpy integer sizes are sizes (as nnx.Embed takes them).
+    assert cls(np.int64(10), np.int32(64), rngs=nnx.Rngs(0))(
+        jnp.array([1])).shape == (1, 64)
+  for cls in (Embedding8bit, Embedding4bit):
+    with pytest.raises(ValueError, match=r"from_float: `table` must be 2-D"):
+      cls.from_float(jnp.ones((64,)))
+    with pytest.raises(TypeError, match=r"from_float: `table` must have dtype "
+                       "float32, float16 or bfloat16, got int32"):
+      cls.from_float(jnp.ones((4, 64), jnp.int32))
+    with pytest.raises(ValueError, match=r"attend: `query` must have shape "
+                       r"\[..., embedding_dim=64\], got \(2, 7\)"):
+      cls(10, 64, rngs=nnx.Rngs(0)).attend(jnp.ones((2, 7)))
 
 
 # ---------------------------------------------------- jit and state
@@ -383,7 +433,11 @@ def test_quantize_embeddings_on_a_tiny_llama(tie, bits, kwargs):
   # are too; the tied head (8-bit) scales after the matmul instead of
   # before: both are float32 products of K=64 terms, so they differ by at
   # most 2 * K * eps * sum|h||w| per logit (plus 2 eps for the scale).
-  deq = np.asarray(model.model.embed_tokens.weight.get_value().dequantize())
+  # (8-bit: the table its lookup reads, bnb's forward `CB * (SCB / 127)`,
+  # which may differ by an ulp from `dequantize()`'s `CB * SCB / 127`.)
+  emb = model.model.embed_tokens
+  deq = np.asarray(emb(jnp.arange(96)) if bits == 8
+                   else emb.weight.get_value().dequantize())
   ref_model = _tiny_llama(tie)
   ref_model.model.embed_tokens.weight[...] = jnp.asarray(deq)
   hidden = np.asarray(ref_model.model(ids)[0])

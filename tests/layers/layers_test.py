@@ -209,6 +209,23 @@ def test_dense4bit_drops_into_a_linen_model():
   assert _moved(y4, y, bound) > 0.9
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_params_nnx_keeps_a_shared_layer_shared(bits):
+  # A layer held at two attributes (weights tied) is quantized once and
+  # replaced at both: no float copy left behind, the tie kept.
+  class Tied(nnx.Module):
+
+    def __init__(self, rngs):
+      self.a = nnx.Linear(64, 64, rngs=rngs)
+      self.b = self.a
+      self.more = nnx.Dict(c=self.a)
+
+  model = jn.quantize_params(Tied(nnx.Rngs(0)), bits=bits)
+  cls = jn.Linear4bit if bits == 4 else jn.Linear8bitLt
+  assert isinstance(model.a, cls)
+  assert model.b is model.a and model.more["c"] is model.a
+
+
 def test_quantize_params_nnx_in_place_with_skip():
   class Net(nnx.Module):
 
@@ -293,6 +310,17 @@ def test_layer_bad_input():
   w = F.Params4bit.from_float(jnp.ones((8, 16)))
   with pytest.raises(ValueError, match="out_features, in_features"):
     jn.Linear4bit(8, 16, weight=w, use_bias=False)
+  for layer in (jl.Dense4bit(0), jl.Dense4bit(-3), jl.Dense8bit(0),
+                jl.Dense8bit(1.5)):
+    with pytest.raises(ValueError, match=f"{type(layer).__name__}: "
+                       "`features` must be a positive int, got"):
+      layer.init(jax.random.key(0), jnp.ones((1, 16)))
+  for cls in (jn.Linear4bit, jn.Linear8bitLt):
+    with pytest.raises(ValueError, match=f"{cls.__name__}: `out_features` "
+                       "must be a positive int, got 0"):
+      cls(8, 0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="`in_features` must be a positive"):
+      cls(-1, 8, rngs=nnx.Rngs(0))
   layer = jl.Dense4bit(8, quant_type="nf5")
   with pytest.raises(ValueError, match="quant_type"):
     layer.init(jax.random.key(0), jnp.ones((1, 16)))

@@ -19,7 +19,8 @@ from jaxbnb._src.layers import serialization
 from jaxbnb._src.quant.weights import QuantizedArray
 
 __all__ = ["QuantizedWeight", "QuantizedLinear", "apply_quantized",
-           "check_inputs", "check_fixed_quant_type", "float_weight"]
+           "check_inputs", "check_fixed_quant_type", "float_weight",
+           "replace_modules"]
 
 
 # Flax's own serializer (`flax.serialization.to_bytes`, `to_state_dict`)
@@ -33,6 +34,26 @@ class QuantizedWeight(nnx.Variable):
   `nnx.grad`, `nnx.Optimizer(..., wrt=nnx.Param)` and
   `nnx.split(model, nnx.Param)` never see it.
   """
+
+
+def replace_modules(root: nnx.Module, new_by_id: dict[int, Any]) -> None:
+  """Puts `new_by_id[id(old)]` at every place under `root` that holds `old`.
+
+  `nnx.iter_graph` yields a shared module once, at one path; a module held
+  by several attributes (a tied embedding, a layer used twice) is replaced
+  at each of them here, so the modules stay shared. `root` itself is not
+  replaced.
+  """
+  edges = [(parent, key, new_by_id[id(child)])
+           for _, parent in nnx.iter_graph(root)
+           if isinstance(parent, nnx.Pytree)
+           for key, child in nnx.iter_children(parent)
+           if id(child) in new_by_id]
+  for parent, key, new in edges:
+    if isinstance(parent, (nnx.List, nnx.Dict)):
+      parent[key] = new
+    else:
+      setattr(parent, key, new)
 
 
 def check_fixed_quant_type(fixed, quant_type, fn):

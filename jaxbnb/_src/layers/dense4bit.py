@@ -77,7 +77,8 @@ class Dense4bit(nn.Module):
 
     Raises:
       TypeError: if the "quantized" kernel is not a `Params4bit`.
-      ValueError: for a bad quant_type or blocksize, a 0-d `inputs`, a
+      ValueError: for a `features` that is not a positive int, a bad
+        quant_type or blocksize, a 0-d `inputs`, a
         quantized kernel whose shape is not `[features, in_features]`, or
         (for `DenseNF4`/`DenseFP4`) a `quant_type` or quantized kernel of
         the other type.
@@ -88,12 +89,13 @@ class Dense4bit(nn.Module):
     validation.check_quant_type(self.quant_type, fn=name)
     validation.check_blocksize(self.blocksize, validation.BLOCKSIZES_4BIT,
                                fn=name)
+    features = validation.check_positive_int(self.features, "features", name)
     check_inputs(inputs, None, name)
     in_features = inputs.shape[-1]
 
     def init_weight():
       kernel = self.kernel_init(self.make_rng("params"),
-                                (in_features, self.features),
+                                (in_features, features),
                                 self.param_dtype)
       return Params4bit.from_float(
           kernel.T, blocksize=self.blocksize, quant_type=self.quant_type,
@@ -106,10 +108,10 @@ class Dense4bit(nn.Module):
           f"{name}: the quantized kernel must be a Params4bit, got "
           f"{type(w).__name__}."
       )
-    if tuple(w.shape) != (self.features, in_features):
+    if tuple(w.shape) != (features, in_features):
       raise ValueError(
           f"{name}: the quantized kernel has shape {list(w.shape)}, expected "
-          f"[features, in_features]=[{self.features}, {in_features}]."
+          f"[features, in_features]=[{features}, {in_features}]."
       )
     if fixed is not None and w.quant_state.quant_type != fixed:
       raise ValueError(
@@ -118,7 +120,7 @@ class Dense4bit(nn.Module):
       )
     bias = None
     if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,),
+      bias = self.param("bias", self.bias_init, (features,),
                         self.param_dtype)
     return apply_quantized(inputs, w, bias, self.dtype)
 

@@ -21,6 +21,7 @@ from jaxbnb._src.layers.dense4bit import QUANTIZED
 from jaxbnb._src.layers.linear8bit import check_threshold
 from jaxbnb._src.layers.linear8bit import forward_8bit
 from jaxbnb._src.quant import int8
+from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.weights import Int8Params
 
 __all__ = ["Dense8bit"]
@@ -75,37 +76,40 @@ class Dense8bit(nn.Module):
     """Applies the layer to `inputs` `[..., in_features]`.
 
     Raises:
-      ValueError: a negative threshold, a 0-d `inputs`, or a kernel whose
-        shape does not fit `features` and the input.
+      TypeError: if the "quantized" kernel is not an `Int8Params`.
+      ValueError: a `features` that is not a positive int, a negative
+        threshold, a 0-d `inputs`, or a kernel whose shape does not fit
+        `features` and the input.
     """
     name = type(self).__name__
     threshold = check_threshold(self.threshold, name)
+    features = validation.check_positive_int(self.features, "features", name)
     check_inputs(inputs, None, name)
     in_features = inputs.shape[-1]
     if self.has_fp16_weights:
       kernel = self.param("kernel", self.kernel_init,
-                          (in_features, self.features), self.param_dtype)
+                          (in_features, features), self.param_dtype)
       weight = kernel.T
     else:
 
       def init_weight():
         kernel = self.kernel_init(self.make_rng("params"),
-                                  (in_features, self.features),
+                                  (in_features, features),
                                   self.param_dtype)
         return int8.quantize_int8_weight(kernel.T)
 
       weight = self.variable(QUANTIZED, "kernel", init_weight).value
       if not isinstance(weight, Int8Params):
-        raise ValueError(
+        raise TypeError(
             f"{name}: the quantized kernel must be an Int8Params, got "
             f"{type(weight).__name__}.")
-    if tuple(weight.shape) != (self.features, in_features):
+    if tuple(weight.shape) != (features, in_features):
       raise ValueError(
           f"{name}: the kernel has shape [out, in]={list(weight.shape)}, "
-          f"expected [features, in_features]=[{self.features}, "
+          f"expected [features, in_features]=[{features}, "
           f"{in_features}].")
     bias = None
     if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,),
+      bias = self.param("bias", self.bias_init, (features,),
                         self.param_dtype)
     return forward_8bit(inputs, weight, bias, self.dtype, threshold)

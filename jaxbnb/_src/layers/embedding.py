@@ -1,7 +1,7 @@
 """Flax NNX embeddings from bitsandbytes: 8-bit, 4-bit and stable.
 
 * `Embedding8bit`: the table as LLM.int8 rows (`Int8Params`): one int8 row
-  and one float32 absmax per token, `out = CB[ids] * SCB[ids] / 127`.
+  and one float32 absmax per token, `out = CB[ids] * (SCB[ids] / 127)`.
 * `Embedding4bit` (`EmbeddingNF4`, `EmbeddingFP4`): the table as a packed
   NF4/FP4 `Params4bit`; a lookup gathers the packed bytes and absmax blocks
   of the requested rows and dequantizes only those.
@@ -28,6 +28,7 @@ from flax import nnx
 
 from jaxbnb._src.layers.common import QuantizedWeight
 from jaxbnb._src.layers.common import check_fixed_quant_type
+from jaxbnb._src.layers.common import replace_modules
 from jaxbnb._src.layers.linear import precision_for
 from jaxbnb._src.quant import ops
 from jaxbnb._src.quant import reference
@@ -48,20 +49,58 @@ default_embed_init = nnx.initializers.variance_scaling(
 default_stable_init = nnx.initializers.xavier_uniform()
 
 
-def _check_dims(num_embeddings, embedding_dim, fn):
-  for name, v in (("num_embeddings", num_embeddings),
-                  ("embedding_dim", embedding_dim)):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise ValueError(f"{fn}: `{name}` must be a positive int, got {v!r}.")
+def _check_args(num_embeddings, embedding_dim, dtype, param_dtype,
+                fn) -> tuple[int, int]:
+  """The sizes as Python ints, after checking them and the dtypes."""
+  if dtype is not None:
+    validation.check_dtype(dtype, "dtype", fn)
+  validation.check_dtype(param_dtype, "param_dtype", fn)
+  return (validation.check_positive_int(num_embeddings, "num_embeddings", fn),
+          validation.check_positive_int(embedding_dim, "embedding_dim", fn))
+
+
+def _check_table(table, fn) -> jax.Array:
+  """A float `[num_embeddings, embedding_dim]` table to quantize."""
+  table = jnp.asarray(table)
+  if table.ndim != 2:
+    raise ValueError(f"{fn}: `table` must be 2-D [num_embeddings, "
+                     f"embedding_dim], got shape {tuple(table.shape)}.")
+  validation.check_float_array(table, "table", fn)
+  return table
+
+
+def _check_query(query, embedding_dim, fn) -> jax.Array:
+  query = jnp.asarray(query)
+  if query.ndim == 0 or query.shape[-1] != embedding_dim:
+    raise ValueError(f"{fn}: `query` must have shape [..., embedding_dim="
+                     f"{embedding_dim}], got {tuple(query.shape)}.")
+  return query
 
 
 def _check_ids(ids, fn) -> jax.Array:
-  """`ids` as an int32 array; float ids are an error (as `nnx.Embed`)."""
+  """`ids` as an integer array; float ids are an error (as `nnx.Embed`)."""
   ids = jnp.asarray(ids)
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"{fn}: `ids` must be an integer array, got dtype "
                      f"{ids.dtype}.")
-  return ids.astype(jnp.int32)
+  return ids
+
+
+def _row_index(ids: jax.Array, n: int) -> jax.Array:
+  """Flat int32 rows of `ids`: a row in `[0, n)`, or `n` when out of range.
+
+  Read as `jnp.take` reads them: `-n <= id < 0` counts from the end; any
+  other id outside `[0, n)` (below `-n`, past the end, an unsigned id past
+  the int32 range) is out of range.
+  """
+  ids = ids.reshape(-1)
+  if ids.dtype.itemsize < 4:
+    ids = ids.astype(jnp.int32)
+  in_range = ids < n
+  if jnp.issubdtype(ids.dtype, jnp.signedinteger):
+    in_range &= ids >= -n
+    ids = jnp.where(ids < 0, ids + n, ids)
+  return jnp.where(in_range, ids, n).astype(jnp.int32)
 
 
 def _float_table(embed) -> jax.Array:
@@ -111,11 +150,13 @@ class _QuantizedEmbedding(nnx.Module):
     (as `jnp.take` fills), a negative one counts from the end.
     """
     ids = _check_ids(ids, type(self).__name__)
-    flat = ids.reshape(-1)
-    flat = jnp.where(flat < 0, flat + self.num_embeddings, flat)
+    flat = _row_index(ids, self.num_embeddings)
     if flat.shape[0] == 0:
       return jnp.zeros(ids.shape + (self.embedding_dim,), self.dtype)
-    rows = self._rows(flat)
+    # Out-of-range rows are NaN whatever the gathers fill (a uint8 nested
+    # absmax code filled with 255 would decode to a finite scale).
+    rows = self._rows(flat).reshape(flat.shape[0], self.embedding_dim)
+    rows = jnp.where((flat == self.num_embeddings)[:, None], jnp.nan, rows)
     return rows.reshape(ids.shape + (self.embedding_dim,)).astype(self.dtype)
 
   def _rows(self, flat_ids: jax.Array) -> jax.Array:
@@ -128,7 +169,8 @@ class Embedding8bit(_QuantizedEmbedding):
   Each embedding row (one token's vector) is quantized on its own, as
   LLM.int8 quantizes weight rows: `CB[r] = rint(W[r] * 127 / SCB[r])` with
   `SCB[r] = max |W[r]|`. A lookup gathers the int8 rows and their scales and
-  returns `CB[ids] * SCB[ids] / 127`; the whole table is never dequantized.
+  returns `CB[ids] * (SCB[ids] / 127)` in float32, bit for bit
+  bitsandbytes' forward; the whole table is never dequantized.
   The table takes `num_embeddings * (embedding_dim + 4)` bytes, about a
   quarter of float32.
 
@@ -176,7 +218,8 @@ class Embedding8bit(_QuantizedEmbedding):
       rngs: nnx.Rngs | None = None,
   ):
     name = type(self).__name__
-    _check_dims(num_embeddings, embedding_dim, name)
+    num_embeddings, embedding_dim = _check_args(
+        num_embeddings, embedding_dim, dtype, param_dtype, name)
     if weight is None:
       if rngs is None:
         raise ValueError(f"{name}: `rngs` is required unless `weight` is "
@@ -202,7 +245,7 @@ class Embedding8bit(_QuantizedEmbedding):
     Returns:
       The 8-bit embedding.
     """
-    table = jnp.asarray(table)
+    table = _check_table(table, f"{cls.__name__}.from_float")
     weight = Int8Params.from_float(table)
     return cls(*weight.shape, dtype=dtype, param_dtype=table.dtype,
                weight=weight)
@@ -227,7 +270,13 @@ class Embedding8bit(_QuantizedEmbedding):
     w = self.weight.get_value()
     cb = jnp.take(w.CB, flat_ids, axis=0)
     scb = jnp.take(w.SCB, flat_ids, axis=0)
-    return ops.int8_vectorwise_dequant(cb, scb)
+    # bitsandbytes' `Embedding8bit.forward`: `CB * (SCB / 127.0)` in
+    # float32 (not `int8_vectorwise_dequant`'s `CB * SCB * (1 / 127)`). XLA
+    # turns a division by a broadcast constant into a multiplication by its
+    # rounded reciprocal; the barrier hides that the divisor is one.
+    scb, divisor = jax.lax.optimization_barrier(
+        (scb.astype(jnp.float32), jnp.full(scb.shape, 127.0, jnp.float32)))
+    return cb.astype(jnp.float32) * (scb / divisor)[:, None]
 
   def attend(self, query: jax.Array) -> jax.Array:
     """Tied output head: float32 logits `query @ W.T`, `[..., num_embeddings]`.
@@ -239,7 +288,9 @@ class Embedding8bit(_QuantizedEmbedding):
     """
     w = self.weight.get_value()
     dtype = self.dtype
-    acc = jnp.einsum("...h,vh->...v", jnp.asarray(query).astype(dtype),
+    query = _check_query(query, self.embedding_dim,
+                         f"{type(self).__name__}.attend")
+    acc = jnp.einsum("...h,vh->...v", query.astype(dtype),
                      w.CB.astype(dtype), precision=precision_for(dtype),
                      preferred_element_type=jnp.float32)
     return acc * (w.SCB.astype(jnp.float32) * jnp.float32(1.0 / 127.0))
@@ -340,7 +391,8 @@ class Embedding4bit(_QuantizedEmbedding):
       rngs: nnx.Rngs | None = None,
   ):
     name = type(self).__name__
-    _check_dims(num_embeddings, embedding_dim, name)
+    num_embeddings, embedding_dim = _check_args(
+        num_embeddings, embedding_dim, dtype, param_dtype, name)
     if weight is None:
       _check_4bit(quant_type, blocksize, embedding_dim, name)
       if rngs is None:
@@ -391,10 +443,7 @@ class Embedding4bit(_QuantizedEmbedding):
       raise TypeError(f"{name}: unexpected arguments {sorted(unknown)}.")
     quant_type = kwargs.setdefault("quant_type", cls._default_quant_type)
     check_fixed_quant_type(cls._fixed_quant_type, quant_type, name)
-    table = jnp.asarray(table)
-    if table.ndim != 2:
-      raise ValueError(f"{name}: `table` must be 2-D [num_embeddings, "
-                       f"embedding_dim], got shape {tuple(table.shape)}.")
+    table = _check_table(table, name)
     _check_4bit(quant_type, kwargs.get("blocksize", 64), table.shape[1], name)
     weight = Params4bit.from_float(table, **kwargs)
     return cls(*table.shape, dtype=dtype, param_dtype=table.dtype,
@@ -439,8 +488,10 @@ class Embedding4bit(_QuantizedEmbedding):
     float32.
     """
     dtype = self.dtype
+    query = _check_query(query, self.embedding_dim,
+                         f"{type(self).__name__}.attend")
     table = self.weight.get_value().dequantize().astype(dtype)
-    return jnp.einsum("...h,vh->...v", jnp.asarray(query).astype(dtype),
+    return jnp.einsum("...h,vh->...v", query.astype(dtype),
                       table, precision=precision_for(dtype),
                       preferred_element_type=jnp.float32)
 
@@ -517,7 +568,8 @@ class StableEmbedding(nnx.Module):
       epsilon: float = 1e-5,
       rngs: nnx.Rngs,
   ):
-    _check_dims(num_embeddings, embedding_dim, type(self).__name__)
+    num_embeddings, embedding_dim = _check_args(
+        num_embeddings, embedding_dim, dtype, param_dtype, type(self).__name__)
     self.num_embeddings = num_embeddings
     self.embedding_dim = embedding_dim
     self.dtype = jnp.dtype(param_dtype if dtype is None else dtype)
@@ -585,19 +637,6 @@ def stable_embedding_override(
   return override
 
 
-def _get_child(parent, key):
-  if isinstance(key, int):
-    return parent[key]
-  return getattr(parent, key)
-
-
-def _set_child(parent, key, value) -> None:
-  if isinstance(key, int):
-    parent[key] = value
-  else:
-    setattr(parent, key, value)
-
-
 def quantize_embeddings(model: nnx.Module, bits: int = 8,
                         **kwargs) -> nnx.Module:
   """Swaps every embedding of `model` for an 8-bit or 4-bit one, in place.
@@ -656,11 +695,8 @@ def quantize_embeddings(model: nnx.Module, bits: int = 8,
     raise ValueError(
         "quantize_embeddings: `model` has no embedding (an nnx.Embed or a "
         "module with a 2-D `weight` nnx.Param and an `attend` method).")
-  # Quantize all first, so an error leaves the model unchanged.
-  new = [(path, cls.from_embed(node, **kwargs)) for path, node in targets]
-  for path, module in new:
-    parent = model
-    for key in path[:-1]:
-      parent = _get_child(parent, key)
-    _set_child(parent, path[-1], module)
+  # Quantize all first, so an error leaves the model unchanged; a shared
+  # embedding (tied) is quantized once and stays shared.
+  replace_modules(model, {id(node): cls.from_embed(node, **kwargs)
+                          for _, node in targets})
   return model

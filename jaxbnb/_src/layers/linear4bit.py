@@ -105,6 +105,10 @@ class Linear4bit(QuantizedLinear):
       rngs: nnx.Rngs | None = None,
   ):
     name = type(self).__name__
+    in_features = validation.check_positive_int(in_features, "in_features",
+                                                name)
+    out_features = validation.check_positive_int(out_features,
+                                                 "out_features", name)
     _check_config(quant_type, blocksize, name)
     if weight is not None and not isinstance(weight, Params4bit):
       weight = Params4bit.from_float(

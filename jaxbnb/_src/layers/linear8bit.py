@@ -28,6 +28,7 @@ from jaxbnb._src.layers.common import check_inputs
 from jaxbnb._src.layers.common import float_weight
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.quant import int8
+from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.weights import Int8Params
 
 __all__ = ["Linear8bitLt"]
@@ -137,6 +138,10 @@ class Linear8bitLt(QuantizedLinear):
       rngs: nnx.Rngs | None = None,
   ):
     name = type(self).__name__
+    in_features = validation.check_positive_int(in_features, "in_features",
+                                                name)
+    out_features = validation.check_positive_int(out_features,
+                                                 "out_features", name)
     threshold = check_threshold(threshold, name)
     if weight is None:
       if rngs is None:

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxbnb._src.layers.common import replace_modules
 from jaxbnb._src.layers.dense4bit import QUANTIZED
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.layers.linear4bit import Linear4bit
@@ -201,22 +202,19 @@ def _quantize_nnx(module: nnx.Module, skip, qkw, dtype, bits):
         "built: LlamaForCausalLM(config, quantization=QuantizationConfig."
         "nf4(), rngs=...) or jaxbnb.convert.from_pretrained(path, "
         "quantization=...). Nothing was changed.")
-  for path, linear in targets:
+  new_by_id = {}
+  for _, linear in targets:
     kw = dict(qkw)
     if dtype is not None:
       kw["dtype"] = dtype
     if bits == 8:
-      new = Linear8bitLt.from_linear(linear, has_fp16_weights=False, **kw)
+      new_by_id[id(linear)] = Linear8bitLt.from_linear(
+          linear, has_fp16_weights=False, **kw)
     else:
-      new = Linear4bit.from_linear(linear, **kw)
-    parent = module
-    for key in path[:-1]:
-      parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    last = path[-1]
-    if isinstance(last, int):
-      parent[last] = new
-    else:
-      setattr(parent, last, new)
+      new_by_id[id(linear)] = Linear4bit.from_linear(linear, **kw)
+  # A layer held at several paths (shared) is replaced at each: it stays
+  # shared, and no float copy is left behind.
+  replace_modules(module, new_by_id)
   return module
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import jax.numpy as jnp
 
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -13,6 +15,28 @@ QUANT_STORAGE_DTYPES = ("uint8", "int8", "float16", "bfloat16", "float32")
 
 def dtype_name(dtype) -> str:
   return jnp.dtype(dtype).name
+
+
+def check_positive_int(value, name: str, fn: str) -> int:
+  """`value` as a Python int >= 1 (numpy integers accepted); else an error."""
+  try:
+    if isinstance(value, bool):
+      raise TypeError
+    number = operator.index(value)
+  except TypeError:
+    number = None
+  if number is None or number < 1:
+    raise ValueError(f"{fn}: `{name}` must be a positive int, got {value!r}.")
+  return number
+
+
+def check_dtype(value, name: str, fn: str) -> jnp.dtype:
+  """`value` as a `jnp.dtype`; a value that names no dtype is an error."""
+  try:
+    return jnp.dtype(value)
+  except TypeError:
+    raise TypeError(f"{fn}: `{name}` must be a dtype (e.g. jnp.bfloat16 or "
+                    f"'float32'), got {value!r}.") from None
 
 
 def check_float_array(a, name: str, fn: str) -> None:
