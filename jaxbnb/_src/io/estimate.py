@@ -28,11 +28,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import os
 from typing import Any, Mapping
 
 from jaxbnb._src.io import gguf_source
 from jaxbnb._src.models.config import LlamaConfig
+from jaxbnb._src.quant import validation
 
 __all__ = ["MemoryEstimate", "TrainingMemoryEstimate", "estimate_memory",
            "estimate_training_memory", "KNOWN_MODELS", "GPU_SIZES_GB",
@@ -210,6 +212,20 @@ def _linears(cfg) -> list[tuple[int, int, bool]]:
   return per_layer * cfg.num_hidden_layers
 
 
+def _check_blocksize(fn: str, blocksize) -> int:
+  """`blocksize` as an int, if it is one of jaxbnb's 4-bit block sizes."""
+  try:
+    if isinstance(blocksize, bool):
+      raise TypeError
+    size = operator.index(blocksize)
+  except TypeError:
+    size = None
+  if size not in validation.BLOCKSIZES_4BIT:
+    raise ValueError(f"{fn}: `blocksize` must be a 4-bit block size, one of "
+                     f"{list(validation.BLOCKSIZES_4BIT)}, got {blocksize!r}")
+  return size
+
+
 def estimate_memory(config, *, blocksize: int = 64,
                     headroom: float = 1.2) -> MemoryEstimate:
   """Estimates the weight memory of a Llama-family model in each format.
@@ -218,8 +234,10 @@ def estimate_memory(config, *, blocksize: int = 64,
     config: a `LlamaConfig`, an HF `config.json` dict, a path (HF folder,
       config.json, or `.gguf` file) or a name from `KNOWN_MODELS`
       ("llama-3-8b", "mistral-7b", ...).
-    blocksize: 4-bit absmax block size.
-    headroom: memory multiplier for GPU fit (activations, workspace).
+    blocksize: 4-bit absmax block size, one of
+      `jaxbnb.functional`'s 4-bit block sizes (32, 64, ..., 4096).
+    headroom: memory multiplier for GPU fit (activations, workspace), a
+      finite number >= 1.
 
   Returns:
     A `MemoryEstimate`.
@@ -237,12 +255,11 @@ def estimate_memory(config, *, blocksize: int = 64,
     >>> e.smallest_gpu("bf16")
     24
   """
-  if not isinstance(blocksize, int) or blocksize < 2:
-    raise ValueError(f"estimate_memory: `blocksize` must be an int >= 2, got "
-                     f"{blocksize!r}")
-  if not headroom >= 1.0:
-    raise ValueError(f"estimate_memory: `headroom` must be >= 1, got "
-                     f"{headroom!r}")
+  blocksize = _check_blocksize("estimate_memory", blocksize)
+  if (isinstance(headroom, bool) or not isinstance(headroom, (int, float))
+      or not math.isfinite(headroom) or headroom < 1.0):
+    raise ValueError(f"estimate_memory: `headroom` must be a finite number "
+                     f">= 1, got {headroom!r}")
   name, cfg = _resolve_config(config)
   linears = _linears(cfg)
   lin_w = sum(o * i for o, i, _ in linears)
@@ -311,11 +328,26 @@ class TrainingMemoryEstimate:
     return "\n".join(lines)
 
 
-_OPTIMIZER_BYTES = {  # state bytes per adapter parameter
-    "adamw8bit": 2 + 2 * 4 / 256,  # two uint8 states + float32 absmax/256
-    "paged_adamw8bit": 2 + 2 * 4 / 256,
-    "adamw": 8,
-}
+_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "adamw")
+# jaxbnb's (and bitsandbytes') 8-bit optimizers keep float32 states for a
+# leaf of fewer elements (`min_8bit_size`), and 8-bit states for the rest:
+# a uint8 code per element and a float32 absmax per block of 256.
+_MIN_8BIT_SIZE = 4096
+_STATE_BLOCK = 256
+
+
+def _optimizer_state_bytes(optimizer: str, leaf_sizes) -> int:
+  """AdamW's two states over leaves of `leaf_sizes` elements (its scalar
+  step counts left out)."""
+  total = 0
+  for n in leaf_sizes:
+    if optimizer == "adamw" or n < _MIN_8BIT_SIZE:
+      total += 2 * 4 * n
+    else:
+      total += 2 * (n + 4 * -(-n // _STATE_BLOCK))
+  return total
+
+
 # The seven projections of a decoder layer (the QLoRA targets).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                "up_proj", "down_proj")
@@ -336,7 +368,11 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
 
   * the frozen weights (`estimate_memory`'s bytes for `weights`);
   * adapters: 12 bytes per parameter (float32 value, gradient and the
-    micro-batch accumulator), plus the optimizer's state;
+    micro-batch accumulator), plus the optimizer's state: AdamW's two
+    float32 states (8 bytes per parameter), or with an 8-bit AdamW two
+    uint8 codes and a float32 absmax per 256 for each adapter matrix of
+    4096 elements or more (`min_8bit_size`) and float32 states for the
+    smaller ones;
   * with `remat`, each layer's bf16 input `[batch, seq, hidden]`; without,
     every layer's working set;
   * one layer's backward working set: the bf16 projections' outputs
@@ -357,13 +393,14 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
     remat: gradient checkpointing per decoder layer.
     optimizer: "adamw8bit", "paged_adamw8bit" or "adamw".
     head_chunk: tokens per chunk of the output head and loss, or None.
-    blocksize: 4-bit absmax block size.
+    blocksize: 4-bit absmax block size (as `estimate_memory`).
 
   Returns:
     A `TrainingMemoryEstimate`.
 
   Raises:
-    ValueError: an unknown `weights` format or optimizer, or a size < 1.
+    ValueError: an unknown `weights` format or optimizer, a size < 1, or a
+      `blocksize` jaxbnb does not quantize with.
 
   Example:
     >>> e = estimate_training_memory("llama-3-8b", batch=2, seq=2048)
@@ -374,9 +411,9 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
   if weights not in FORMATS:
     raise ValueError(f"{fn}: `weights` must be one of {list(FORMATS)}, got "
                      f"{weights!r}")
-  if optimizer not in _OPTIMIZER_BYTES:
+  if optimizer not in _OPTIMIZERS:
     raise ValueError(f"{fn}: `optimizer` must be one of "
-                     f"{list(_OPTIMIZER_BYTES)}, got {optimizer!r}")
+                     f"{list(_OPTIMIZERS)}, got {optimizer!r}")
   sizes = [("batch", batch), ("seq", seq), ("lora_r", lora_r)]
   if head_chunk is not None:
     sizes.append(("head_chunk", head_chunk))
@@ -389,6 +426,7 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
   if unknown:
     raise ValueError(f"{fn}: `target_modules` must be projection names "
                      f"from {list(PROJECTIONS)}, got {unknown}")
+  blocksize = _check_blocksize(fn, blocksize)
   _, cfg = _resolve_config(config)
   base = estimate_memory(cfg, blocksize=blocksize).weight_bytes[weights]
   h, hd, layers = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
@@ -397,7 +435,9 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
   shapes = {"q_proj": (nq, h), "k_proj": (nkv, h), "v_proj": (nkv, h),
             "o_proj": (h, nq), "gate_proj": (i, h), "up_proj": (i, h),
             "down_proj": (h, i)}
-  n_lora = layers * sum(lora_r * sum(shapes[t]) for t in targets)
+  # Each adapter is two leaves, A [r, in] and B [out, r], per layer.
+  leaves = [lora_r * d for t in targets for d in shapes[t]] * layers
+  n_lora = sum(leaves)
   tokens = batch * seq
   per_layer = 2 * tokens * (2 * nq + 2 * nkv + 3 * i) * 2  # values + grads
   scores = batch * cfg.num_attention_heads * seq * seq * (4 + 2)
@@ -405,6 +445,6 @@ def estimate_training_memory(config, *, weights: str = "nf4+dq",
   saved = layers * 2 * tokens * h if remat else layers * working
   return TrainingMemoryEstimate(
       weights=base, adapters=12 * n_lora,
-      optimizer=math.ceil(_OPTIMIZER_BYTES[optimizer] * n_lora),
+      optimizer=_optimizer_state_bytes(optimizer, leaves),
       saved_activations=saved, layer_working_set=working,
       logits=12 * min(tokens, head_chunk or tokens) * cfg.vocab_size)
