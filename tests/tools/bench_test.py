@@ -123,6 +123,28 @@ def test_bench_qlora_tiny(tmp_path, capsys):
   assert "| jax-nf4-dq | 1x16 |" in capsys.readouterr().out
 
 
+def test_bench_qlora_estimate_takes_the_runs_optimizer_and_step(tmp_path):
+  """`--optimizer adamw` (float32 states, where r 32 makes adapter
+  matrices of 4096+ elements that an 8-bit AdamW would keep in 8 bits) and
+  `--step jit` (the head's logits of all tokens at once, `train_step`) are
+  in the estimate."""
+  from jaxbnb import models
+  out = tmp_path / "qlora.json"
+  assert cli.main(["bench", "qlora", "--impl", "jax-nf4-dq", "--shape",
+                   "tiny", "--layers", "1", "--batch", "1", "--seq", "1040",
+                   "--warmup", "0", "--steps", "1", "--lora-r", "32",
+                   "--optimizer", "adamw", "--step", "jit",
+                   "--json", str(out)]) == 0
+  doc = json.loads(out.read_text())
+  want = models.estimate_training_memory(
+      models.LlamaConfig(**doc["shape"]), weights="nf4+dq", batch=1,
+      seq=1040, lora_r=32, optimizer="adamw", head_chunk=None)
+  assert doc["estimate"] == want.breakdown()
+  assert doc["estimate"]["optimizer"] == 8 * doc["adapter_parameters"]
+  assert doc["estimate"]["logits"] == 12 * 1040 * 512  # vocabulary 512
+  assert doc["estimate_bytes"] == want.total_bytes
+
+
 def test_bench_qlora_on_a_mesh_equals_one_device(tmp_path, capsys):
   """`--mesh` splits the run as `finetune --mesh` does: same losses."""
   args = ["bench", "qlora", "--impl", "jax-nf4-dq", "--shape", "tiny",

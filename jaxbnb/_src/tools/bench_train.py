@@ -41,12 +41,14 @@ from jaxbnb import models
 from jaxbnb import train
 from jaxbnb import convert
 from jaxbnb._src.io import estimate
+from jaxbnb._src.train import layerwise as train_layerwise
 from jaxbnb._src.train import mesh as train_mesh
 from jaxbnb._src.tools import argtypes
 from jaxbnb._src.tools import bench_decode
 from jaxbnb._src.tools import report
 
-__all__ = ["IMPLS", "TARGETS", "add_parsers", "run_qlora", "qlora_table"]
+__all__ = ["IMPLS", "TARGETS", "add_parsers", "estimate_doc", "run_qlora",
+           "qlora_table"]
 
 IMPLS = ("jax-nf4-dq", "jax-bf16")
 TARGETS = estimate.PROJECTIONS  # all seven projections
@@ -115,10 +117,11 @@ def run_qlora(opts: argparse.Namespace) -> dict:
   doc["bytes_in_use_after_build"] = _max_stat("bytes_in_use")
   doc["adapter_parameters"] = int(sum(
       x.size for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
-  in_use = doc["bytes_in_use_after_build"] or 0
+  in_use = doc["bytes_in_use_after_build"]
   report.log(f"{opts.impl}: built in {doc['build_s']:.1f}s, "
-             f"{in_use / 2**30:.2f} GiB in use, "
-             f"{doc['adapter_parameters']:,} adapter parameters")
+             + ("memory in use unknown (the device reports none), "
+                if in_use is None else f"{in_use / 2**30:.2f} GiB in use, ")
+             +              f"{doc['adapter_parameters']:,} adapter parameters")
   key = jax.random.key(0)
   ids = jax.random.randint(key, (1, opts.batch, opts.seq), 0,
                            min(cfg.vocab_size, 128000), jnp.int32)
@@ -144,15 +147,26 @@ def run_qlora(opts: argparse.Namespace) -> dict:
   doc.update(step_s=med, steps_s=times, losses=losses,
              tokens_per_s=opts.batch * opts.seq / med,
              peak_bytes_in_use=_max_stat("peak_bytes_in_use"))
-  fmt = "nf4+dq" if opts.impl == "jax-nf4-dq" else "bf16"
-  est = models.estimate_training_memory(
-      cfg, weights=fmt, batch=opts.batch, seq=opts.seq, lora_r=opts.lora_r,
-      target_modules=TARGETS, remat=opts.remat)
-  doc["estimate_bytes"] = est.total_bytes
-  doc["estimate"] = est.breakdown()
+  doc.update(estimate_doc(opts, cfg))
   if opts.json:
     report.write_json(doc, opts.json)
   return doc
+
+
+def estimate_doc(opts: argparse.Namespace, cfg) -> dict:
+  """`estimate_bytes` and `estimate` (the parts) of a run's settings.
+
+  `estimate_training_memory` with the run's optimizer, and the head in
+  `layerwise_train_step`'s chunks (`--step layerwise`) or all tokens at
+  once (`--step jit`: `train_step`).
+  """
+  est = models.estimate_training_memory(
+      cfg, weights="nf4+dq" if opts.impl == "jax-nf4-dq" else "bf16",
+      batch=opts.batch, seq=opts.seq, lora_r=opts.lora_r,
+      target_modules=TARGETS, remat=opts.remat, optimizer=opts.optimizer,
+      head_chunk=(train_layerwise.DEFAULT_CHUNK
+                  if opts.step == "layerwise" else None))
+  return {"estimate_bytes": est.total_bytes, "estimate": est.breakdown()}
 
 
 def qlora_table(docs: list[dict]) -> list[str]:
