@@ -544,6 +544,16 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/quant/weights_test.py::test_state_dict_and_layout_round_trip",
             "tests/io/orbax_io_test.py::test_roundtrip_bit_identical")),
     # ----------------------------------------------------------- layers
+    Mutant("hf-skip-without-module-boundary", "jaxbnb/_src/layers/skip.py",
+           'if re.match(rf"(?:{pattern}){_BOUNDARY}", path):',
+           'if re.match(rf"(?:{pattern})", path):',
+           ("tests/layers/quant_config_test.py::"
+            "test_skips_reads_entries_as_transformers_5",)),
+    Mutant("hf-skip-saved-glob-kept", "jaxbnb/_src/io/convert.py",
+           "  skip = _regex_entries(q.skip_modules, sorted(linears))\n",
+           "  skip = q.skip_modules\n",
+           ("tests/io/convert_test.py::"
+            "test_a_saved_glob_skip_entry_becomes_module_paths",)),
     Mutant("embedding8bit-reciprocal-scale",
            "jaxbnb/_src/layers/embedding.py",
            "return cb.astype(jnp.float32) * (scb / divisor)[:, None]",

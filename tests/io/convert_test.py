@@ -3,12 +3,14 @@
 import dataclasses
 import json
 import os
+import re
 import stat
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from jaxbnb._src.io import convert
 from jaxbnb._src.io import orbax_io
@@ -249,6 +251,11 @@ def test_float_linears_of_a_4bit_model_are_saved_as_skipped(tmp_path):
   assert "lm_head" in skip
   assert {"model.layers.0.self_attn.q_proj",
           "model.layers.1.self_attn.q_proj"} <= set(skip)
+  # transformers (5.x: every entry a regex) keeps exactly these float.
+  kept = {p for p, _ in model.named_linears()
+          if not should_convert_module(p, skip)}
+  assert kept == {"lm_head", "model.layers.0.self_attn.q_proj",
+                  "model.layers.1.self_attn.q_proj"}, kept
   again = convert.from_pretrained(tmp_path / "m", progress=False)
   q = again.model.layers[0].self_attn.q_proj.weight.get_value()
   assert not isinstance(q, Params4bit)
@@ -258,6 +265,27 @@ def test_float_linears_of_a_4bit_model_are_saved_as_skipped(tmp_path):
   ids = np.array([[1, 5, 9, 17, 33]])
   np.testing.assert_array_equal(common.logits(again, ids),
                                 common.logits(model, ids))
+
+
+def test_a_saved_glob_skip_entry_becomes_module_paths(tmp_path):
+  """A glob entry (no regex: transformers would fail on it) is saved as the
+  module paths it matches; the checkpoint reloads the same model."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxbnb import models  # pylint: disable=g-import-not-at-top
+  cfg = models.LlamaConfig(vocab_size=128, hidden_size=64,
+                           intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+  q = QuantizationConfig.nf4(llm_int8_skip_modules=("lm_head", "*down*"))
+  model = models.LlamaForCausalLM(cfg, quantization=q, rngs=nnx.Rngs(0))
+  convert.save_pretrained(model, tmp_path / "m", progress=False)
+  skip = common.read_config(tmp_path / "m")["quantization_config"][
+      "llm_int8_skip_modules"]
+  assert skip == ["lm_head", "model.layers.0.mlp.down_proj",
+                  "model.layers.1.mlp.down_proj"], skip
+  for entry in skip:
+    re.compile(entry)
+  again = convert.from_pretrained(tmp_path / "m", progress=False)
+  common.assert_states_identical(model, again)
 
 
 def test_a_4bit_model_with_only_float_linears_saves_a_float_checkpoint(

@@ -157,6 +157,9 @@ def test_constructor_errors():
   with pytest.raises(ValueError, match=r"Linear8bitLt: `threshold` must be a "
                      r"float >= 0, got -1\.0"):
     jn.Linear8bitLt(8, 4, threshold=-1.0, rngs=nnx.Rngs(0))
+  # numpy scalars are thresholds, as matmul_8bit takes them.
+  for t in (np.float32(6.0), np.int64(6)):
+    assert jn.Linear8bitLt(8, 4, threshold=t, rngs=nnx.Rngs(0)).threshold == 6.0
   with pytest.raises(ValueError, match="`rngs` is required"):
     jn.Linear8bitLt(8, 4)
   with pytest.raises(ValueError, match=r"`weight` must have shape "

@@ -3,6 +3,7 @@
 import json
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxbnb._src.layers.quant_config import QuantizationConfig
@@ -56,14 +57,43 @@ def test_dtype_spellings():
 
 def test_skips():
   q = QuantizationConfig.nf4()
-  assert q.skips("lm_head")
+  assert q.skips("lm_head") and q.skip_modules == ("lm_head",)
   assert not q.skips("model.layers.0.self_attn.q_proj")
-  q = QuantizationConfig.nf4(llm_int8_skip_modules=["mlp.down_proj", "o_*"])
+  q = QuantizationConfig.nf4(llm_int8_skip_modules=["mlp.down_proj", "o_proj"])
   assert q.skips("model.layers.3.mlp.down_proj")
   assert q.skips("model.layers.3.self_attn.o_proj")
   assert not q.skips("model.layers.3.mlp.up_proj")
   assert not q.skips("lm_head")  # an explicit list replaces the default
   assert QuantizationConfig().skips("model.layers.0.mlp.up_proj")
+  # A glob of an earlier jaxbnb save (no regular expression) still reads.
+  assert QuantizationConfig.nf4(
+      llm_int8_skip_modules=["*embed*"]).skips("model.embed_proj")
+
+
+# transformers 5.25's `should_convert_module`, run on these paths and single
+# entries (transformers 5.25.0, Python-only, no torch model needed): the
+# modules each entry keeps in full precision.
+_PATHS = [f"model.layers.{i}.{m}" for i in (1, 11)
+          for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj",
+                    "mlp.down_proj")] + ["lm_head"]
+_L1 = [p for p in _PATHS if p.startswith("model.layers.1.")]
+_L11 = [p for p in _PATHS if p.startswith("model.layers.11.")]
+_TRANSFORMERS_SKIPS = {
+    "mlp": [], "self_attn": [], "layers.1": [], "o_*": [],
+    "proj": _PATHS[:-1],
+    "q_proj": [_PATHS[0], _PATHS[4]],
+    "model.layers.1": _L1,
+    "mlp.down_proj": [_PATHS[3], _PATHS[7]],
+    "model.layers.*.self_attn": [p for p in _PATHS if "self_attn" in p],
+    r"model\.layers\.1\d\..*": _L11,
+    "lm_head": ["lm_head"], "head": ["lm_head"],
+}
+
+
+@pytest.mark.parametrize("entry", sorted(_TRANSFORMERS_SKIPS))
+def test_skips_reads_entries_as_transformers_5(entry):
+  q = QuantizationConfig.nf4(llm_int8_skip_modules=[entry])
+  assert [p for p in _PATHS if q.skips(p)] == _TRANSFORMERS_SKIPS[entry]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -94,3 +124,11 @@ def test_compute_dtype_none_is_transformers_default_float32():
   assert cfg == QuantizationConfig(load_in_4bit=True)
   assert QuantizationConfig.from_dict(
       {"load_in_4bit": True, "bnb_4bit_compute_dtype": None}) == cfg
+
+
+def test_threshold_takes_numpy_scalars_and_refuses_nan():
+  q = QuantizationConfig(load_in_8bit=True, llm_int8_threshold=np.float32(4))
+  assert q.llm_int8_threshold == 4.0 and type(q.llm_int8_threshold) is float
+  with pytest.raises(ValueError, match="`llm_int8_threshold` must be a float "
+                     ">= 0, got nan"):
+    QuantizationConfig(load_in_8bit=True, llm_int8_threshold=float("nan"))

@@ -49,6 +49,7 @@ from jaxbnb._src.layers.factory import quantize_weight
 from jaxbnb._src.layers.factory import weight_format
 from jaxbnb._src.layers.lora import check_no_lora
 from jaxbnb._src.layers.quant_config import QuantizationConfig
+from jaxbnb._src.layers.skip import hf_skips
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.models.llama import LlamaForCausalLM
 from jaxbnb._src.quant import ops as quant_ops
@@ -930,8 +931,10 @@ def saved_quantization(model: LlamaForCausalLM) -> QuantizationConfig | None:
   does for bitsandbytes models, such linears go into
   `llm_int8_skip_modules` (by full module path, after the config's own skip
   list), so loading the checkpoint keeps them in float instead of
-  quantizing them again. A model without any quantized linear has no
-  quantization: None (a float checkpoint).
+  quantizing them again. The saved list is one transformers 5 can read:
+  an entry that is no regular expression (a glob such as `"*embed*"`) is
+  written as the module paths it matches. A model without any quantized
+  linear has no quantization: None (a float checkpoint).
   """
   q = model.quantization
   if q is None or not q.quantized:
@@ -949,10 +952,24 @@ def saved_quantization(model: LlamaForCausalLM) -> QuantizationConfig | None:
       floats.append(module)
   if not quantized:
     return None
-  if not floats:
+  skip = _regex_entries(q.skip_modules, sorted(linears))
+  if not floats and skip == q.skip_modules:
     return q
-  return dataclasses.replace(
-      q, llm_int8_skip_modules=(*q.skip_modules, *floats))
+  return dataclasses.replace(q, llm_int8_skip_modules=(*skip, *floats))
+
+
+def _regex_entries(entries: tuple[str, ...],
+                   linears: list[str]) -> tuple[str, ...]:
+  """`entries` with each one that is no regular expression replaced by the
+  linears it matches (transformers reads every entry as a regex)."""
+  out = []
+  for entry in entries:
+    try:
+      re.compile(entry)
+      out.append(entry)
+    except re.error:
+      out.extend(p for p in linears if hf_skips(p, [entry]))
+  return tuple(out)
 
 
 def _hf_config(model: LlamaForCausalLM) -> dict[str, Any]:

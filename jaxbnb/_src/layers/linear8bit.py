@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxbnb._src.layers.common import QuantizedLinear
@@ -38,9 +39,9 @@ default_bias_init = nnx.initializers.zeros_init()
 
 
 def check_threshold(threshold, fn: str) -> float:
-  """`threshold` must be a Python float >= 0 (it is static)."""
+  """`threshold` must be a float >= 0 (it is static; numpy scalars too)."""
   if (isinstance(threshold, bool)
-      or not isinstance(threshold, (int, float))
+      or not isinstance(threshold, (int, float, np.integer, np.floating))
       or not threshold >= 0.0):
     raise ValueError(f"{fn}: `threshold` must be a float >= 0, got "
                      f"{threshold!r}.")

@@ -13,9 +13,11 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxbnb._src.layers.skip import DEFAULT_SKIP_MODULES
-from jaxbnb._src.layers.skip import skips
+from jaxbnb._src.layers.skip import HF_DEFAULT_SKIP_MODULES
+from jaxbnb._src.layers.skip import hf_skips
 from jaxbnb._src.quant import validation
 
 __all__ = ["QuantizationConfig", "DEFAULT_SKIP_MODULES"]
@@ -47,9 +49,11 @@ class QuantizationConfig:
     load_in_4bit: quantize linear layers to NF4/FP4.
     load_in_8bit: LLM.int8 linear layers.
     llm_int8_threshold: the LLM.int8 outlier threshold.
-    llm_int8_skip_modules: module names (or glob patterns) kept in full
-      precision, for 4-bit and 8-bit alike; None keeps `lm_head` (and
-      embeddings, which Llama models never quantize), like transformers.
+    llm_int8_skip_modules: modules kept in full precision, for 4-bit and
+      8-bit alike, matched as transformers 5 matches them (see `skips`);
+      None keeps `lm_head` (embeddings are never quantized), transformers'
+      default. A list replaces the default: name `lm_head` in it to keep
+      the head in full precision.
     llm_int8_enable_fp32_cpu_offload: recorded for compatibility only.
     llm_int8_has_fp16_weight: recorded for compatibility only.
     bnb_4bit_compute_dtype: dtype the 4-bit matmuls run in ("float32",
@@ -97,8 +101,9 @@ class QuantizationConfig:
           "QuantizationConfig: `load_in_4bit` and `load_in_8bit` cannot both "
           "be True.")
     if (isinstance(self.llm_int8_threshold, bool)
-        or not isinstance(self.llm_int8_threshold, (int, float))
-        or self.llm_int8_threshold < 0):
+        or not isinstance(self.llm_int8_threshold,
+                          (int, float, np.integer, np.floating))
+        or not self.llm_int8_threshold >= 0):
       raise ValueError(
           "QuantizationConfig: `llm_int8_threshold` must be a float >= 0, got "
           f"{self.llm_int8_threshold!r}.")
@@ -163,18 +168,21 @@ class QuantizationConfig:
 
   @property
   def skip_modules(self) -> tuple[str, ...]:
-    """The effective skip list (`DEFAULT_SKIP_MODULES` when None)."""
+    """The effective skip list (`("lm_head",)` when None)."""
     if self.llm_int8_skip_modules is None:
-      return DEFAULT_SKIP_MODULES
+      return HF_DEFAULT_SKIP_MODULES
     return self.llm_int8_skip_modules
 
   def skips(self, module_path: str) -> bool:
     """Whether the linear at dotted `module_path` stays in full precision.
 
-    As in transformers, a skip entry matches a module whose dotted path
-    equals it, ends with "." + it, or contains it as a path component; glob
-    patterns (`*`, `?`) are matched against the whole path and each
-    component.
+    As in transformers 5, a skip entry matches a module when it is a suffix
+    of the dotted path, or, as a regular expression, matches from the
+    start of the path up to a module boundary: `"lm_head"`,
+    `"mlp.down_proj"`, `"model.layers.1"` (not `model.layers.11`),
+    `"model.layers.*.self_attn"`; `"mlp"` or `"self_attn"` alone match no
+    Llama linear. An entry that is no regular expression (`"*embed*"`) is
+    matched as a glob against the path and each component.
 
     Args:
       module_path: e.g. "model.layers.0.self_attn.q_proj" or "lm_head".
@@ -184,7 +192,7 @@ class QuantizationConfig:
     """
     if not self.quantized:
       return True
-    return skips(module_path, self.skip_modules)
+    return hf_skips(module_path, self.skip_modules)
 
   def to_dict(self) -> dict[str, Any]:
     """The `quantization_config` dict, keys in transformers' order."""
