@@ -554,6 +554,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "  skip = q.skip_modules\n",
            ("tests/io/convert_test.py::"
             "test_a_saved_glob_skip_entry_becomes_module_paths",)),
+    Mutant("int8-merge-rounds-base-to-dtype", "jaxbnb/_src/layers/lora.py",
+           "    return ops.int8_vectorwise_dequant(value.CB, value.SCB)\n",
+           "    return value.dequantize()\n",
+           ("tests/layers/lora_test.py::test_merge_int8_as_peft",)),
     Mutant("embedding8bit-reciprocal-scale",
            "jaxbnb/_src/layers/embedding.py",
            "return cb.astype(jnp.float32) * (scb / divisor)[:, None]",

@@ -22,6 +22,7 @@ from jaxbnb.lora import merge_lora
 from jaxbnb.lora import unload_lora
 from jaxbnb.nnx import Linear
 from jaxbnb.nnx import Linear4bit
+from jaxbnb.nnx import Linear8bitLt
 from jaxbnb.nnx import QuantizedWeight
 
 CFG = models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
@@ -529,6 +530,30 @@ def test_merge_4bit_requantize_or_float(dora):
   # the 4-bit rounding of the merged weight: a real but small error
   err = float(jnp.linalg.norm(requant(x) - want) / jnp.linalg.norm(want))
   assert 1e-4 < err < 0.15, err
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_merge_int8_as_peft(dtype):
+  # PEFT's `Linear8bitLt.merge`: the adapter added to the float32
+  # `int8_vectorwise_dequant(CB, SCB)` (never rounded to the layer dtype),
+  # then `bnb.nn.Int8Params(merged)`: cast to float16, quantized by rows.
+  w = jax.random.normal(jax.random.key(0), (64, 128)) * 0.05
+  base = Linear8bitLt(128, 64, use_bias=False, has_fp16_weights=False,
+                      threshold=6.0, weight=w.astype(dtype))
+  layer = LoRALinear(base, LoRAConfig(r=4, init_lora_weights=False),
+                     rngs=nnx.Rngs(1))
+  q = base.weight.get_value()
+  want = F.quantize_int8_weight(
+      F.int8_vectorwise_dequant(q.CB, q.SCB) + layer.delta_weight())
+  got = layer.merge().weight.get_value()
+  np.testing.assert_array_equal(np.asarray(got.CB), np.asarray(want.CB))
+  np.testing.assert_array_equal(np.asarray(got.SCB), np.asarray(want.SCB))
+  # The rounding to `dtype` first would change some codes: the test can
+  # tell the two apart.
+  rounded = F.quantize_int8_weight(
+      F.int8_vectorwise_dequant(q.CB, q.SCB).astype(dtype).astype(jnp.float32)
+      + layer.delta_weight())
+  assert (np.asarray(rounded.CB) != np.asarray(want.CB)).any()
 
 
 def test_merge_4bit_model():

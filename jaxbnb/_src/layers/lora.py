@@ -43,6 +43,7 @@ from jaxbnb._src.layers.dense4bit import default_kernel_init
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.layers.linear import precision_for
 from jaxbnb._src.quant import int8
+from jaxbnb._src.quant import ops
 from jaxbnb._src.quant.weights import Int8Params
 from jaxbnb._src.quant.weights import Params4bit
 from jaxbnb._src.quant.weights import QuantizedArray
@@ -437,12 +438,16 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
 def dense_weight(layer: nnx.Module) -> jax.Array:
   """The float `[out, in]` weight of a `Linear` or `QuantizedLinear`.
 
-  A quantized weight is dequantized; a `Linear8bitLt` with
-  `has_fp16_weights=True` holds a float weight, returned as is.
+  A quantized weight is dequantized as PEFT's `dequantize_bnb_weight` does:
+  a 4-bit one to its original dtype, an LLM.int8 one to float32
+  (`CB * SCB / 127`, not rounded to the original dtype); a `Linear8bitLt`
+  with `has_fp16_weights=True` holds a float weight, returned as is.
   """
   if isinstance(layer, Linear):
     return layer.weight[...]
   value = layer.weight.get_value()
+  if isinstance(value, Int8Params):
+    return ops.int8_vectorwise_dequant(value.CB, value.SCB)
   if isinstance(value, QuantizedArray):
     return value.dequantize()
   return value
@@ -628,11 +633,15 @@ class LoRALinear(nnx.Module):
       out.weight.set_value(w.astype(base.weight.get_value().dtype))
       return out
     q: QuantizedArray = base.weight.get_value()
-    w = w.astype(q.dtype)
     if requantize:
+      # PEFT quantizes the merged weight as it is (an LLM.int8 one: cast
+      # to float16 by `Int8Params`, never rounded to the original dtype
+      # first); a 4-bit merge is in the original dtype already.
       out = nnx.clone(base)
-      out.weight.set_value(_requantize(q, w))
+      out.weight.set_value(_requantize(
+          q, w if isinstance(q, Int8Params) else w.astype(q.dtype)))
       return out
+    w = w.astype(q.dtype)
     dtype = base.dtype if base.dtype is not None else jnp.dtype(q.dtype)
     bias = _bias(base)
     out = nnx.eval_shape(lambda: Linear(
