@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
+import pathlib
+import re
+import shlex
 import types
 
 import jax
@@ -107,6 +111,9 @@ def test_bench_qlora_tiny(tmp_path, capsys):
                    "tiny", "--layers", "1", "--batch", "1", "--seq", "16",
                    "--warmup", "1", "--steps", "2", "--lora-r", "4",
                    "--json", str(out)]) == 0
+  if jax.devices()[0].memory_stats() is None:  # e.g. on a CPU
+    err = capsys.readouterr().err
+    assert "memory in use unknown" in err and "0.00 GiB" not in err
   doc = json.loads(out.read_text())
   assert doc["kind"] == "qlora" and doc["shape"]["num_hidden_layers"] == 1
   assert len(doc["steps_s"]) == 2 and len(doc["losses"]) == 3
@@ -302,3 +309,266 @@ def test_n_inner_leaves_a_short_call_on_the_gpu(monkeypatch):
   assert measure.n_inner(0.0, 1e-3) == 1
   monkeypatch.setattr(measure, "on_gpu", lambda: False)
   assert measure.n_inner(5e-3, 1e-3) == 1
+
+
+# ---------------------------------------------------------------------------
+# Bad arguments and outputs are refused before anything is measured.
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+  """Any measurement or model build fails the test: the checks come first."""
+  from jaxbnb._src.tools import bench_decode
+  from jaxbnb._src.tools import bench_train
+
+  def measured(*args, **kwargs):
+    raise AssertionError("measured before the arguments were checked")
+  for name in ("roofs", "copy_bandwidth", "time_jax", "time_torch"):
+    monkeypatch.setattr(measure, name, measured)
+  monkeypatch.setattr(bench_decode, "random_model", measured)
+  monkeypatch.setattr(bench_train, "_build", measured)
+
+
+def _error_line(capsys) -> str:
+  return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", ["matmul", "quant"])
+@pytest.mark.parametrize("blocksize", ["16", "33", "96", "8192"])
+def test_bench_blocksize_is_checked_first(command, blocksize, capsys,
+                                          no_measuring):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["bench", command, "--quick", "--blocksize", blocksize])
+  assert e.value.code == 2
+  line = _error_line(capsys)
+  assert (f"jaxbnb bench {command}: error: argument --blocksize: expected "
+          "one of 32, 64, 128, 256, 512, 1024, 2048, 4096, got "
+          f"{blocksize!r}") == line
+
+
+_OUTPUTS = [
+    (["matmul", "--quick"], "--out"),
+    (["quant", "--quick"], "--out"),
+    (["int8", "--quick"], "--out"),
+    (["optim", "--quick"], "--json"),
+    (["decode", "--quant", "nf4", "--shape", "tiny"], "--json"),
+    (["qlora", "--impl", "jax-bf16", "--shape", "tiny"], "--json"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", _OUTPUTS)
+def test_bench_refuses_a_folder_as_output_before_measuring(
+    argv, flag, tmp_path, capsys, no_measuring):
+  assert cli.main(["bench", *argv, flag, str(tmp_path)]) == 2
+  assert _error_line(capsys) == (
+      f"jaxbnb bench: error: argument {flag}: expected a file to write, got "
+      f"the folder {str(tmp_path)!r}")
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("argv, flag", _OUTPUTS)
+def test_bench_refuses_an_output_under_a_file_before_measuring(
+    argv, flag, tmp_path, capsys, no_measuring):
+  (tmp_path / "file").write_text("x")
+  out = tmp_path / "file" / "out.json"
+  assert cli.main(["bench", *argv, flag, str(out)]) == 2
+  line = _error_line(capsys)
+  assert line.startswith(f"jaxbnb bench: error: argument {flag}: cannot "
+                         f"write {str(out)!r}: Not a directory"), line
+
+
+@pytest.mark.parametrize("flag", [["--sweep"],
+                                  ["--configs", "64,256,1,4,3,skip"]])
+def test_bench_int8_sweep_is_refused_where_the_kernels_do_not_run(
+    flag, tmp_path, capsys, no_measuring):
+  import jaxbnb
+  with jaxbnb.kernel_mode("reference"):
+    assert cli.main(["bench", "int8", "--quick", *flag, "--out",
+                     str(tmp_path / "i8.json")]) == 2
+  line = _error_line(capsys)
+  assert line.startswith(f"jaxbnb bench: error: argument {flag[0]}: times "
+                         "the Pallas kernels, which do not run here (kernel "
+                         "mode 'reference' resolves to 'reference'"), line
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("impl, needs", [
+    ("torch-bf16", "torch and transformers"),
+    ("torch-bnb-nf4-dq", "torch, transformers and bitsandbytes")])
+def test_bench_decode_torch_impl_says_what_it_needs(impl, needs, monkeypatch,
+                                                   capsys, no_measuring):
+  import sys
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
+  assert cli.main(["bench", "decode", "--impl", impl, "--shape", "tiny"]) == 2
+  line = _error_line(capsys)
+  assert line.startswith(f"jaxbnb bench: error: --impl {impl} needs {needs} "
+                         "installed"), line
+
+
+def test_bench_optim_refuses_to_skip_every_column(capsys, no_measuring):
+  jax_columns = "optax-adamw,adamw8bit,adamw8bit-fused,paged_adamw8bit"
+  assert cli.main(["bench", "optim", "--quick", "--no-bnb", "--skip",
+                   jax_columns]) == 2
+  line = _error_line(capsys)
+  assert line.startswith("jaxbnb bench: error: argument --skip: expected a "
+                         "column of optax-adamw,"), line
+  assert line.endswith(f"got {jax_columns!r}")
+
+
+def test_bench_optim_floor_of_float32_state_leaves(tmp_path):
+  """A leaf under 4096 elements keeps float32 states in the 8-bit
+  optimizers: it moves fp32 AdamW's 28 bytes per parameter, not 16."""
+  from jaxbnb._src.tools import bench_optim
+  out = tmp_path / "optim.json"
+  assert cli.main(["bench", "optim", "--quick", "--sizes", "100,4196",
+                   "--skip", "adamw8bit-fused,paged_adamw8bit", "--json",
+                   str(out)]) == 0
+  small, mixed = json.loads(out.read_text())["results"]
+  assert small["columns"]["adamw8bit"]["bytes_per_param"] == 28
+  assert small["columns"]["optax-adamw"]["bytes_per_param"] == 28
+  # 4196 = a [1, 4096] leaf (8-bit states) and a [100] one (float32).
+  assert mixed["columns"]["adamw8bit"]["bytes_per_param"] == pytest.approx(
+      (16 * 4096 + 28 * 100) / 4196)
+  assert bench_optim.bytes_per_param("adamw8bit", 4095) == 28
+  assert bench_optim.bytes_per_param("adamw8bit", 4096) == 16
+
+
+# ---------------------------------------------------------------------------
+# The report commands: inputs of the right benchmark, outputs checked first.
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  """One small `bench matmul` and one `bench decode` result file."""
+  folder = tmp_path_factory.mktemp("results")
+  mm, dec = folder / "matmul.json", folder / "decode.json"
+  assert cli.main(["bench", "matmul", "--quick", "--shapes", "128x256",
+                   "--m", "1", "--no-ref", "--out", str(mm)]) == 0
+  assert cli.main(["bench", "decode", "--quant", "nf4", "--shape", "tiny",
+                   "--layers", "1", "--batch", "1", "--steps", "2", "--reps",
+                   "1", "--prompt-len", "4", "--json", str(dec)]) == 0
+  return {"report": mm, "decode-report": dec}
+
+
+def _report_argv(command, inputs, folder):
+  argv = ["bench", command, "--inputs", *map(str, inputs)]
+  return argv + (["--md", str(folder / "r.md")] if command == "report"
+                 else [])
+
+
+@pytest.mark.parametrize("command, other, held, wanted", [
+    ("report", "decode-report", "the results of `bench decode`",
+     "`bench matmul` or `bench quant`"),
+    ("decode-report", "report", "the results of `bench matmul`",
+     "`bench decode`"),
+    ("qlora-report", "decode-report", "the results of `bench decode`",
+     "`bench qlora`"),
+])
+def test_reports_name_the_file_of_another_benchmark(
+    command, other, held, wanted, results, tmp_path, capsys):
+  path = results[other]
+  assert cli.main(_report_argv(command, [path], tmp_path)) == 2
+  assert _error_line(capsys) == (
+      f"jaxbnb bench: error: argument --inputs: {str(path)!r} holds {held}; "
+      f"expected the results of {wanted}")
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["report", "decode-report",
+                                     "qlora-report"])
+@pytest.mark.parametrize("text, held", [
+    ('{"results": []}', "holds no jaxbnb benchmark results"),
+    ("[1, 2]", "holds no jaxbnb benchmark results"),
+    ("{nope", "is not JSON ("),
+])
+def test_reports_name_a_file_that_is_no_result(command, text, held, tmp_path,
+                                               capsys):
+  path = tmp_path / "x.json"
+  path.write_text(text)
+  assert cli.main(_report_argv(command, [path], tmp_path)) == 2
+  line = _error_line(capsys)
+  assert line.startswith(f"jaxbnb bench: error: argument --inputs: "
+                         f"{str(path)!r} {held}"), line
+  assert "expected the results of `bench " in line
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+@pytest.mark.parametrize("command", ["report", "decode-report"])
+@pytest.mark.parametrize("plot", ["plot", "plot.xyz", "plot.png/"])
+def test_report_plot_needs_an_image_extension_before_writing(
+    command, plot, results, tmp_path, capsys):
+  path = f"{tmp_path}/{plot}"  # (pathlib would drop the trailing "/")
+  argv = _report_argv(command, [results[command]], tmp_path)
+  assert cli.main(argv + ["--plot", path]) == 2
+  line = _error_line(capsys)
+  assert line.startswith("jaxbnb bench: error: argument --plot: expected an "
+                         "image file name ending in one of "), line
+  assert ".png" in line and ".svg" in line and line.endswith(f"got {path!r}")
+  assert not list(tmp_path.iterdir())  # no markdown, no image
+
+
+@pytest.mark.parametrize("command", ["report", "decode-report"])
+def test_report_says_where_the_plot_is(command, results, tmp_path, capsys):
+  plot = tmp_path / "new" / "plot.svg"
+  argv = _report_argv(command, [results[command]], tmp_path)
+  assert cli.main(argv + ["--plot", str(plot)]) == 0
+  assert f"wrote {plot}" in capsys.readouterr().err.splitlines()
+  assert plot.read_text().lstrip().startswith("<?xml")
+  assert [p.name for p in plot.parent.iterdir()] == ["plot.svg"]  # no temp
+
+
+def test_report_refuses_a_folder_as_markdown(results, tmp_path, capsys):
+  assert cli.main(["bench", "report", "--inputs", str(results["report"]),
+                   "--md", str(tmp_path)]) == 2
+  assert _error_line(capsys) == (
+      f"jaxbnb bench: error: argument --md: expected a file to write, got "
+      f"the folder {str(tmp_path)!r}")
+
+
+# ---------------------------------------------------------------------------
+# The `jaxbnb bench` commands the documentation gives run as written.
+
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
+_PAGES = ["README.md"] + sorted(
+    p.relative_to(_ROOT).as_posix() for p in (_ROOT / "docs").glob("*.md"))
+
+
+def _doc_commands():
+  """(page:line, command) of each `jaxbnb bench` command with options in
+  the pages: inline code (which may wrap) and shell lines (with `\\`
+  continuations)."""
+  for page in _PAGES:
+    text = (_ROOT / page).read_text(encoding="utf-8")
+    found = []
+    for m in re.finditer(r"`(jaxbnb bench [^`]*)`", text):
+      found.append((text.count("\n", 0, m.start()) + 1, m[1]))
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+      cmd = line.strip().removeprefix("$ ")
+      if not cmd.startswith("jaxbnb bench "):
+        continue
+      j = i
+      while cmd.endswith("\\") and j + 1 < len(lines):
+        j += 1
+        cmd = cmd[:-1] + " " + lines[j].strip()
+      found.append((i + 1, cmd))
+    for line, cmd in found:
+      cmd = " ".join(cmd.split())
+      # A command (not a name such as `jaxbnb bench decode`, nor a list
+      # of them such as `jaxbnb bench matmul|quant`).
+      if " --" in cmd and "|" not in cmd:
+        yield f"{page}:{line}", cmd
+
+
+@pytest.mark.parametrize("where, command", list(_doc_commands()))
+def test_documented_bench_commands_parse(where, command):
+  from jaxbnb._src.tools import bench_decode
+  argv = shlex.split(command, comments=True)[1:]
+  err = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(err):
+      args = cli.build_parser().parse_args(argv)
+    if args.bench_command == "decode":
+      bench_decode._check_impl(args)  # one of --impl or --quant
+  except (SystemExit, ValueError) as e:
+    pytest.fail(f"{where}: {command!r}: {err.getvalue().strip() or e}")

@@ -10,6 +10,7 @@ import pytest
 import safetensors.numpy
 
 from jaxbnb import convert
+from jaxbnb import models
 from jaxbnb._src.tools import cli
 from tests.tools import tiny_gguf
 
@@ -293,6 +294,33 @@ def test_bad_numbers_exit_2(argv, capsys):
   assert e.value.code == 2
   line = _one_line(capsys, "jaxbnb ")
   assert ": error: argument " in line and "expected" in line
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--blocksize", "1"), ("--blocksize", "2"), ("--blocksize", "48"),
+    ("--blocksize", "8192"), ("--headroom", "0.5"), ("--headroom", "inf"),
+    ("--headroom", "nan"),
+])
+def test_estimate_refuses_what_estimate_memory_refuses(flag, value, capsys):
+  """The flag is named (not MODEL_OR_NAME), and what the library takes."""
+  with pytest.raises(SystemExit) as e:
+    cli.main(["estimate", "llama-3-8b", flag, value])
+  assert e.value.code == 2
+  line = _one_line(capsys, f"jaxbnb estimate: error: argument {flag}: "
+                   "expected ")
+  assert line.endswith(f"got {value!r}")
+  kwargs = {flag[2:]: float(value) if flag == "--headroom" else int(value)}
+  with pytest.raises(ValueError):
+    models.estimate_memory("llama-3-8b", **kwargs)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048,
+                                       4096])
+def test_estimate_takes_every_4bit_blocksize(blocksize, capsys):
+  assert cli.main(["estimate", "llama-3-8b", "--blocksize", str(blocksize),
+                   "--headroom", "1"]) == 0
+  assert (f"4-bit block size {blocksize}, headroom x1"
+          in capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("where", ["before", "after", "env"])

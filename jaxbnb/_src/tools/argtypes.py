@@ -12,7 +12,9 @@ from collections.abc import Callable
 import math
 from typing import Any
 
-__all__ = ["from_parser", "int_list", "number"]
+from jaxbnb._src.quant import validation
+
+__all__ = ["blocksize_4bit", "from_parser", "int_list", "number", "one_of"]
 
 
 def from_parser(parse: Callable[..., Any], *extra: Any) -> Callable[[str], Any]:
@@ -124,3 +126,49 @@ def int_list(lo: int = 1, example: str = "1,8") -> Callable[[str], list[int]]:
     return values
   parse.__name__ = "int_list"
   return from_parser(parse)
+
+
+def one_of(values, kind: type = int) -> Callable[[str], Any]:
+  """An argparse `type` for one of `values` (e.g. the 4-bit block sizes).
+
+  Unlike `choices=`, the message names the flag's value and every allowed
+  one in one line.
+
+  Args:
+    values: the allowed values, of type `kind`.
+    kind: what the text converts to.
+
+  Returns:
+    The converter.
+
+  Examples:
+    >>> one_of((32, 64, 128))("64")
+    64
+    >>> one_of((32, 64, 128))("48")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected one of 32, 64, 128, got '48'
+  """
+  allowed = tuple(values)
+
+  def parse(text):
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if value not in allowed:
+      raise ValueError(f"expected one of {', '.join(map(str, allowed))}, "
+                       f"got {text!r}")
+    return value
+  parse.__name__ = kind.__name__
+  return from_parser(parse)
+
+
+def blocksize_4bit() -> Callable[[str], int]:
+  """An argparse `type` for a 4-bit block size jaxbnb quantizes with.
+
+  Examples:
+    >>> blocksize_4bit()("128")
+    128
+  """
+  return one_of(validation.BLOCKSIZES_4BIT)

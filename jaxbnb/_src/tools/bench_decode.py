@@ -287,8 +287,9 @@ def _jax_decode(opts, shape) -> dict:
          "mesh": None if mesh is None else dict(mesh.shape),
          "devices": 1 if mesh is None else int(mesh.size)}
   report.log(f"{opts.impl}: built in {out['build_s']:.1f}s, "
-             f"{(used or 0) / 2**30:.2f} GiB in use on {len(devices)} "
-             "device(s)")
+             + ("memory in use unknown (the device reports none)"
+                if used is None else f"{used / 2**30:.2f} GiB in use")
+             + f" on {len(devices)} device(s)")
   gen = models.Generator(model)
   for batch in opts.batches:
     r = gen.benchmark_decode(batch=batch, prompt_len=opts.prompt_len,
@@ -300,9 +301,24 @@ def _jax_decode(opts, shape) -> dict:
   return out
 
 
+def _torch_modules(impl: str) -> tuple:
+  """(torch, transformers, bitsandbytes or None) for a torch `impl`."""
+  needs = ("torch, transformers and bitsandbytes"
+           if impl.startswith("torch-bnb") else "torch and transformers")
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    bnb = None
+    if impl.startswith("torch-bnb"):
+      import bitsandbytes as bnb  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"--impl {impl} needs {needs} installed (with a CUDA "
+                      f"GPU); {e}") from e
+  return torch, transformers, bnb
+
+
 def _torch_decode(opts, shape) -> dict:
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  torch, transformers, bnb = _torch_modules(opts.impl)
 
   kw = {k: v for k, v in shape.items() if k != "model_type"}
   kw.setdefault("tie_word_embeddings", False)
@@ -317,7 +333,6 @@ def _torch_decode(opts, shape) -> dict:
   versions = {"torch": torch.__version__,
               "transformers": transformers.__version__}
   if opts.impl.startswith("torch-bnb"):
-    import bitsandbytes as bnb  # pylint: disable=g-import-not-at-top
     versions["bitsandbytes"] = bnb.__version__
     dq = opts.impl.endswith("-dq")
 
@@ -382,6 +397,10 @@ def run_decode(opts: argparse.Namespace) -> dict:
   writes `--json`.
   """
   _check_impl(opts)
+  if jax.process_index() == 0:
+    report.check_output(opts.json, "--json")
+  if opts.impl.startswith("torch"):
+    _torch_modules(opts.impl)  # before any measurement
   shape = dict(SHAPES[opts.shape])
   if opts.layers:
     shape["num_hidden_layers"] = opts.layers
@@ -466,7 +485,10 @@ def decode_table(docs: list[dict], copy_bw: float | None = None
 
 def plot_decode(docs: list[dict], path: str,
                 copy_bw: float | None = None) -> None:
-  """Bar chart of decode tokens/s per implementation and batch (matplotlib)."""
+  """Bar chart of decode tokens/s per implementation and batch (matplotlib).
+
+  The extension of `path` names the format (`.png`, `.svg`, `.pdf`, ...).
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -496,7 +518,7 @@ def plot_decode(docs: list[dict], path: str,
   fig.suptitle(f"{shape} decode on {docs[0].get('device', '')} "
                "(red dashes: bandwidth floor)", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  report.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -536,18 +558,21 @@ def add_parsers(sub) -> None:
   rep = sub.add_parser("decode-report", help="decode JSON results -> "
                        "markdown table (+ plot)")
   rep.add_argument("--inputs", nargs="+", required=True)
-  rep.add_argument("--plot", help="image to write (matplotlib)")
+  rep.add_argument("--plot", help="image to write, its format named by its "
+                   "extension, e.g. decode.png or decode.svg (matplotlib)")
   rep.add_argument("--copy-gbs", type=argtypes.number(float, 0), default=None,
                    help="copy bandwidth in GB/s for the floor (default: "
                    "measured in the runs)")
 
   def run_report(opts):
-    docs = report.read_json(opts.inputs)
+    docs = report.read_results(opts.inputs, ("decode",))
+    report.check_plot(opts.plot)
     bw = opts.copy_gbs * 1e9 if opts.copy_gbs else None
     print("\n".join(decode_table(docs, bw)))
     if opts.plot:
       plot_decode(docs, opts.plot, bw or max(
           (d["copy_bytes_per_s"] for d in docs if d.get("copy_bytes_per_s")),
           default=None))
+      report.log(f"wrote {opts.plot}")
     return 0
   rep.set_defaults(func=run_report)

@@ -20,6 +20,8 @@ at threshold 0 and at threshold 6 with `--outliers` planted outlier columns
 `--sweep` also times the kernel alone at threshold 6 over 48 tile
 configurations at M <= 16 (`sweep_configs`) and 12 at larger M
 (`gemm_sweep_configs`); `--configs` times a list of your own instead.
+Both need the kernels to run (an NVIDIA GPU, or kernel mode
+"interpret"): elsewhere they are refused before anything is timed.
 Timing follows `bench matmul` (`measure.time_jax`: a jitted loop
 over rotating weights that together exceed the L2). The results go to a
 JSON file (`--out`) and a markdown table on stdout.
@@ -120,7 +122,12 @@ def _kernel_args(x, threshold):
 
 
 def run_int8(opts: argparse.Namespace) -> dict:
-  """Runs `bench int8` with parsed options; returns the JSON document."""
+  """Runs `bench int8` with parsed options; returns the JSON document.
+
+  Raises:
+    ValueError: `--sweep` or `--configs` where the kernels do not run (before
+      any measurement).
+  """
   quick = opts.quick
   for name, value in {"reps": 3 if quick else 30, "warmup": 1 if quick else 2,
                       "target_ms": 0.0 if quick else 5.0,
@@ -130,11 +137,18 @@ def run_int8(opts: argparse.Namespace) -> dict:
   n = opts.n or (256 if quick else 14336)
   k = opts.k or (512 if quick else 4096)
   ms = opts.m or ([1, 16] if quick else list(DEFAULT_M))
+  mode = dispatch.resolve()
+  kernels = mode != "reference"
+  if (opts.sweep or opts.configs) and not kernels:
+    flag = "--configs" if opts.configs else "--sweep"
+    raise ValueError(
+        f"argument {flag}: times the Pallas kernels, which do not run here "
+        f"(kernel mode {jaxbnb.get_kernel_mode()!r} resolves to "
+        f"'reference' on {jax.devices()[0].platform}); run it on an NVIDIA "
+        "GPU, or without the flag")
   copy_bw = measure.copy_bandwidth(quick=quick, reps=opts.reps,
                                    warmup=opts.warmup)
   report.log(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
-  mode = dispatch.resolve()
-  kernels = mode != "reference"
   budget = opts.rotate_mb * 1e6
   rot8 = bench_matmul.n_rotations(n * k, budget, 2, opts.max_rot)
   rot16 = bench_matmul.n_rotations(2 * n * k, budget, 2, opts.max_rot)
@@ -172,6 +186,10 @@ def run_int8(opts: argparse.Namespace) -> dict:
       decode = m <= int8_kernel.MAX_M
       use_kernel = kernels and (int8_kernel if decode else int8_gemm).can_use(
           m, n, k, jnp.bfloat16)
+      if kernels and not use_kernel and threshold > 0:
+        report.log(f"  M={m}: the kernel does not take this shape; no "
+                   "kernel column" + (" and no sweep" if opts.sweep
+                                      or opts.configs else ""))
       if use_kernel:
         kargs = _kernel_args(x, threshold)
         kslots = tuple((*kargs, w) for w in w8)
@@ -184,6 +202,10 @@ def run_int8(opts: argparse.Namespace) -> dict:
           configs = [c for c in opts.configs if _is_decode_config(c) == decode]
         else:
           configs = sweep_configs() if decode else gemm_sweep_configs()
+        if sweeping and not configs:
+          report.log(f"  M={m}: none of --configs is "
+                     f"{'a decode kernel' if decode else 'an int8_gemm'} "
+                     "configuration; no sweep at this M")
         for config in (configs if sweeping else ()):
           t, e = {}, {}
           measure.record(t, e, "kernel", _time, opts,
@@ -279,6 +301,7 @@ def _sweep_table(doc) -> tuple[list[str], list[list[str]]]:
 
 
 def _run(opts) -> int:
+  report.check_output(opts.out, "--out")
   doc = run_int8(opts)
   m = doc["meta"]
   print(f"**int8** on {m['device_kind']}, {m['date_utc']}: jax "

@@ -456,28 +456,37 @@ def _plot_matmul(docs, plot_path: str) -> None:
   for ax in axes[len(series):]:
     ax.set_visible(False)
   fig.tight_layout()
-  fig.savefig(plot_path, dpi=120)
+  report.save_figure(fig, plot_path, dpi=120)
 
 
 def write_markdown(results_json_paths, md_path: str,
                    plot_path: str | None = None) -> list[str]:
   """Renders `bench matmul` / `bench quant` JSON files as markdown (+ plot).
 
+  Both outputs are checked before either is written, and each is written
+  whole or not at all.
+
   Args:
     results_json_paths: JSON files written by `jaxbnb bench ... --out`.
     md_path: markdown file to write: a header line and a table per input.
     plot_path: optional image of the matmul results (time vs M, log-log, a
-      subplot per weight shape); needs matplotlib.
+      subplot per weight shape); its extension names the format (`.png`,
+      `.svg`, `.pdf`, ...); needs matplotlib.
 
   Returns:
     The paths written.
+
+  Raises:
+    ValueError: an input that is not `bench matmul` / `bench quant`
+      results, or an output that cannot be written (naming its flag).
   """
-  docs = report.read_json(results_json_paths)
+  docs = report.read_results(results_json_paths, ("matmul", "quant"))
+  report.check_output(md_path, "--md")
+  report.check_plot(plot_path)
   lines = ["<!-- written by `jaxbnb bench report` -->", ""]
   for doc in docs:
     lines += [_header(doc), "", *report.markdown_table(*_rows(doc)), ""]
-  with open(md_path, "w") as f:
-    f.write("\n".join(lines))
+  report.write_text("\n".join(lines), md_path)
   written = [md_path]
   matmul = [d for d in docs if d["meta"]["benchmark"] == "matmul"]
   if plot_path and matmul:
@@ -489,6 +498,9 @@ def write_markdown(results_json_paths, md_path: str,
 
 
 def _run(opts) -> int:
+  if opts.out is None:
+    opts.out = f"jaxbnb_bench_{opts.bench_command}.json"
+  report.check_output(opts.out, "--out")
   doc = (run_matmul if opts.bench_command == "matmul" else run_quant)(opts)
   print(_header(doc))
   print(report.format_table(*_rows(doc)))
@@ -525,7 +537,8 @@ def add_parsers(sub) -> None:
       ("--no-double-quant", dict(action="store_true", help=(
           "no double quantization of the absmax (quant runs both by "
           "default)"))),
-      ("--blocksize", dict(type=argtypes.number(int, 32), default=64)),
+      ("--blocksize", dict(type=argtypes.blocksize_4bit(), default=64,
+                           help="4-bit block size (default 64)")),
       ("--quick", dict(action="store_true", help=(
           "tiny sizes, few repetitions (CPU smoke test)"))),
       ("--reps", dict(type=argtypes.number(int, 1), help=(
@@ -552,5 +565,7 @@ def add_parsers(sub) -> None:
   rep.add_argument("--inputs", nargs="+", required=True,
                    help="JSON files from bench matmul / quant")
   rep.add_argument("--md", required=True, help="markdown file to write")
-  rep.add_argument("--plot", help="matmul plot image to write (matplotlib)")
+  rep.add_argument("--plot", help="matmul plot image to write, its format "
+                   "named by its extension, e.g. plot.png or plot.svg "
+                   "(matplotlib)")
   rep.set_defaults(func=_report)

@@ -26,7 +26,9 @@ The floor is the bytes one step must move over the measured copy bandwidth
 (`measure.roofs`, read + write counted): per fp32 parameter, read and write
 p (8 B), read g (4 B) and read and write the states: 16 B for 8-bit AdamW
 (2 x 1 B codes, read and written) and 28 B for fp32 AdamW (2 x 4 B states,
-read and written). The unfused 8-bit step moves 12 B more (XLA reads the
+read and written); a leaf under 4096 elements (`MIN_8BIT_SIZE`) keeps
+float32 states in the 8-bit optimizers too, so it counts 28 B. The
+unfused 8-bit step moves 12 B more (XLA reads the
 kernel's new p and p, and writes the new p); the fused one moves the floor's
 16 B. The paged variant additionally moves its 2 B/param of
 state over the host link twice (in and out), which is reported, not floored.
@@ -55,7 +57,8 @@ from jaxbnb._src.tools import argtypes
 from jaxbnb._src.tools import measure
 from jaxbnb._src.tools import report
 
-__all__ = ["COLUMNS", "LLAMA_1B", "add_parsers", "bytes_per_param",
+__all__ = ["COLUMNS", "LLAMA_1B", "MIN_8BIT_SIZE", "add_parsers",
+           "bytes_per_param", "floor_bytes",
            "optim_table", "parse_columns", "parse_sizes", "run_optim",
            "tree_shapes"]
 
@@ -73,16 +76,35 @@ _SUFFIX = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 _MAX_LEAF = 2**24
 _COLS = 4096
 LR = 1e-3
+# jaxbnb's and bitsandbytes' default: smaller leaves keep float32 states.
+MIN_8BIT_SIZE = 4096
 
 
-def bytes_per_param(column: str) -> int:
+def bytes_per_param(column: str, leaf_size: int | None = None) -> int:
   """Bytes one step moves per fp32 parameter (see the module docstring).
+
+  Args:
+    column: a name from `COLUMNS`.
+    leaf_size: the elements of the parameter's leaf, or None (a large one).
+      The 8-bit optimizers (jaxbnb's and bitsandbytes') keep float32 states
+      for a leaf under `MIN_8BIT_SIZE` elements, which then moves as much as
+      fp32 AdamW.
 
   Examples:
     >>> bytes_per_param("adamw8bit"), bytes_per_param("optax-adamw")
     (16, 28)
+    >>> bytes_per_param("adamw8bit", 100)
+    28
   """
-  return 28 if column in ("optax-adamw", "torch-adamw-fused") else 16
+  if column in ("optax-adamw", "torch-adamw-fused"):
+    return 28
+  return 28 if leaf_size is not None and leaf_size < MIN_8BIT_SIZE else 16
+
+
+def floor_bytes(column: str, shapes: dict[str, tuple[int, ...]]) -> int:
+  """Bytes one step of `column` must move over a tree of `shapes`."""
+  return sum(bytes_per_param(column, math.prod(s)) * math.prod(s)
+             for s in shapes.values())
 
 
 def parse_sizes(text: str) -> list[str]:
@@ -277,7 +299,11 @@ def _columns(opts, torch, bnb):
 
 
 def run_optim(opts: argparse.Namespace) -> dict:
-  """Runs `bench optim` with parsed options; returns the JSON document."""
+  """Runs `bench optim` with parsed options; returns the JSON document.
+
+  Raises:
+    ValueError: `--skip` leaves no column to run (before any measurement).
+  """
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   quick = opts.quick
   for name, value in {"reps": 3 if quick else 20, "warmup": 1 if quick else 3,
@@ -288,6 +314,12 @@ def run_optim(opts: argparse.Namespace) -> dict:
   torch, bnb, skipped = measure.load_torch(not opts.no_bnb)
   if skipped:
     report.log(f"bitsandbytes / torch columns skipped: {skipped}")
+  if not _columns(opts, torch, bnb):
+    why = (f" ({','.join(_TORCH_COLUMNS)} do not run: {skipped})"
+           if skipped else "")
+    raise ValueError(f"argument --skip: expected a column of "
+                     f"{','.join(COLUMNS)} left to run{why}, got "
+                     f"{','.join(opts.skip)!r}")
   copy_bw, _ = measure.roofs(quick=opts.quick, reps=opts.reps,
                              warmup=opts.warmup)
   dev = jax.devices()[0]
@@ -322,8 +354,9 @@ def run_optim(opts: argparse.Namespace) -> dict:
       gc.collect()
       if col in row["columns"]:
         r = row["columns"][col]
-        r["bytes_per_param"] = bytes_per_param(col)
-        r["floor_us"] = bytes_per_param(col) * numel / copy_bw * 1e6
+        floor = floor_bytes(col, shapes)
+        r["bytes_per_param"] = floor / numel
+        r["floor_us"] = floor / copy_bw * 1e6
         r["pct_of_floor"] = 100 * r["floor_us"] / r["median_us"]
     results.append(row)
   return {"meta": meta, "results": results}
@@ -376,6 +409,7 @@ def add_parsers(sub) -> None:
   p.add_argument("--json", help="write the JSON document here")
 
   def run(opts):
+    report.check_output(opts.json, "--json")
     doc = run_optim(opts)
     headers, rows = optim_table(doc)
     print("\n".join(report.markdown_table(headers, rows)))

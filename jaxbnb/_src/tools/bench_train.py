@@ -96,6 +96,7 @@ def run_qlora(opts: argparse.Namespace) -> dict:
          "date": datetime.date.today().isoformat(),
          "python": platform.python_version(), "jax": jax.__version__,
          "device": jax.devices()[0].device_kind}
+  report.check_output(opts.json, "--json")
   if opts.step == "layerwise" and not opts.remat:
     raise ValueError("bench qlora: --step layerwise recomputes each layer "
                      "(gradient checkpointing); use --step jit with "
@@ -235,6 +236,7 @@ def add_parsers(sub) -> None:
   rep.add_argument("--inputs", nargs="+", required=True)
 
   def run_report(opts):
-    print("\n".join(qlora_table(report.read_json(opts.inputs))))
+    print("\n".join(qlora_table(report.read_results(opts.inputs,
+                                                     ("qlora",)))))
     return 0
   rep.set_defaults(func=run_report)

@@ -629,10 +629,13 @@ def _add_model_commands(sub) -> None:
           "weight memory per format and which GPUs fit",
           ("model", "MODEL_OR_NAME",
            "a model folder, config.json, .gguf file or a known name"))
-  p.add_argument("--blocksize", type=int_from(1), default=64)
-  p.add_argument("--headroom", type=argtypes.number(float, 0, lo_open=True),
-                 default=1.2,
-                 help="multiplier on the weights for GPU fit (default 1.2)")
+  # The bounds estimate_memory checks, so a bad value names its flag.
+  p.add_argument("--blocksize",
+                 type=argtypes.blocksize_4bit(),
+                 default=64, help="4-bit block size (default 64)")
+  p.add_argument("--headroom", type=argtypes.number(float, 1), default=1.2,
+                 help="multiplier on the weights for GPU fit, >= 1 "
+                 "(default 1.2)")
   p.add_argument("--tokens", type=int_from(0), default=0,
                  help="add a bf16 KV cache of this many tokens")
   p.add_argument("--batch", type=int_from(1), default=1,
