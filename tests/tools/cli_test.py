@@ -284,6 +284,8 @@ def test_generate_rejects_bad_numbers(flag, value, needle, capsys):
     ["estimate", "llama-3-8b", "--tokens", "-1"],
     ["estimate", "llama-3-8b", "--headroom", "0"],
     ["quant-demo", "--rows", "0"],
+    ["quant-demo", "--blocksize", "100"],
+    ["convert", "src", "dst", "--blocksize", "48"],
     ["demo", "--max-new-tokens", "0"],
     ["bench", "decode", "--impl", "jax-bf16", "--batch", "1,0"],
     ["bench", "optim", "--skip", "adamw9bit"],

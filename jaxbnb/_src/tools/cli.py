@@ -183,7 +183,7 @@ def _add_quant_args(p: argparse.ArgumentParser, default: str) -> None:
   p.add_argument("--double-quant", action=argparse.BooleanOptionalAction,
                  default=None,
                  help="double-quantize the 4-bit absmax (default on)")
-  p.add_argument("--blocksize", type=int, default=None,
+  p.add_argument("--blocksize", type=argtypes.blocksize_4bit(), default=None,
                  help="4-bit block size (default 64)")
   p.add_argument("--compute-dtype", choices=_DTYPES, default=None,
                  help="dtype of the 4-bit matmuls (default bfloat16)")
@@ -942,7 +942,7 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--cols", type=argtypes.number(int, 1), default=4096)
   demo.add_argument("--dtype", default="bfloat16",
                     choices=["float32", "float16", "bfloat16"])
-  demo.add_argument("--blocksize", type=int, default=64)
+  demo.add_argument("--blocksize", type=argtypes.blocksize_4bit(), default=64)
   demo.add_argument("--batch", type=argtypes.number(int, 1), default=8)
   demo.add_argument("--seed", type=int, default=0)
   demo.set_defaults(func=_demo)
