@@ -157,10 +157,18 @@ def test_unusable_data(content, needle, gguf_path, tmp_path, capsys):
      "matches no linear layer"),
     (["--seq-len", "256"], "argument --seq-len: ",
      "256 exceeds the model's max_position_embeddings (128)"),
-    (["--warmup", "9"], "TrainConfig: ", "at most `steps` (3)"),
+    (["--warmup", "9"], "argument --warmup: ",
+     "--warmup (9) must be at most --steps (3)"),
+    # 2000 characters make a few 32-token sequences: none left to train on.
+    (["--eval-split", "0.99"], "argument --eval-split: ",
+     "too few to hold out 0.99"),
 ])
 def test_bad_settings(extra, prefix, needle, gguf_path, text_path, tmp_path,
-                      capsys):
+                      capsys, monkeypatch):
+  if "--target" not in extra:  # refused before the model loads
+    def from_pretrained(*a, **k):
+      raise AssertionError("the model was loaded before the check")
+    monkeypatch.setattr(convert, "from_pretrained", from_pretrained)
   out = tmp_path / "out"
   assert cli.main(["finetune", gguf_path, "--data", text_path, "--out",
                    str(out), *FAST, *extra]) == 2

@@ -710,6 +710,34 @@ def _finetune_mesh(args):
   return mesh
 
 
+# TrainConfig / LoRAConfig fields and the finetune flags that set them.
+_FINETUNE_FLAGS = {
+    "steps": "--steps", "batch_size": "--batch-size", "seq_len": "--seq-len",
+    "learning_rate": "--lr", "warmup_steps": "--warmup",
+    "weight_decay": "--weight-decay", "max_grad_norm": "--max-grad-norm",
+    "grad_accum": "--grad-accum", "seed": "--seed",
+    "eval_every": "--eval-every", "log_every": "--log-every",
+    "save_every": "--save-every", "eval_split": "--eval-split",
+    "remat": "--remat", "optimizer": "--optimizer", "r": "--lora-r",
+    "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
+    "target_modules": "--target",
+    "base_model_name_or_path": "--base-model-name",
+}
+
+
+def _name_the_flag(message: str) -> str:
+  """A config's error in the flags' words: `argument --warmup: ...`, the
+  first field it names as its flag, every named field spelled as a flag."""
+  fields = [f for f in re.findall(r"`(\w+)`", message)
+            if f in _FINETUNE_FLAGS]
+  if not fields:
+    return message
+  message = re.sub(r"^\w+: ", "", message)  # "TrainConfig: "
+  for f in fields:
+    message = message.replace(f"`{f}`", _FINETUNE_FLAGS[f])
+  return f"argument {_FINETUNE_FLAGS[fields[0]]}: {message}"
+
+
 def _finetune(args) -> int:
   path = _existing(args.model, "MODEL")
   mesh = _finetune_mesh(args)
@@ -731,7 +759,7 @@ def _finetune(args) -> int:
         save_every=args.save_every, eval_split=args.eval_split,
         remat=args.remat, optimizer=args.optimizer)
   except (ValueError, NotImplementedError) as e:
-    raise _UsageError(error_message(e)) from e
+    raise _UsageError(_name_the_flag(error_message(e))) from e
   if args.resume and args.overwrite:
     raise _UsageError("argument --resume: not allowed with --overwrite")
   try:
@@ -741,6 +769,16 @@ def _finetune(args) -> int:
     raise _UsageError(f"argument --out: {error_message(e)}") from e
   _check_seq_len(path, args.seq_len)
   tok = _load_tokenizer(path, "MODEL")
+  # The data tokenized and split before the (slow) model load, so that
+  # data too small for --eval-split is refused at once.
+  try:
+    data = train.prepare_data(tok, data, cfg.seq_len)
+  except ValueError as e:
+    raise _UsageError(f"argument --data: {error_message(e)}") from e
+  try:
+    data.split(cfg.eval_split)
+  except ValueError as e:
+    raise _UsageError(f"argument --eval-split: {error_message(e)}") from e
   # on a mesh, each device reads and quantizes only its shard of the base
   model = _load_model(args, path, mesh=mesh)
   try:
