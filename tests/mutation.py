@@ -558,6 +558,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "    return ops.int8_vectorwise_dequant(value.CB, value.SCB)\n",
            "    return value.dequantize()\n",
            ("tests/layers/lora_test.py::test_merge_int8_as_peft",)),
+    Mutant("gguf-rope-freqs-ignored", "jaxbnb/_src/io/gguf_source.py",
+           "      if self._rope_freqs is None:\n",
+           "      if True:\n",
+           ("tests/io/gguf_source_test.py::"
+            "test_llama3_rope_freqs_tensor_becomes_rope_scaling",)),
     Mutant("embedding8bit-reciprocal-scale",
            "jaxbnb/_src/layers/embedding.py",
            "return cb.astype(jnp.float32) * (scb / divisor)[:, None]",

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+from jaxbnb._src.io import gguf_rope
 from jaxbnb._src.io.gguf_source import GGUFSource
 from jaxbnb._src.io.gguf_source import smollm2_gguf_path
+from jaxbnb._src.models import rope
 from tests.tools import smollm2
 from tests.tools import tiny_gguf
 
@@ -49,6 +51,58 @@ def test_tiny_config(tiny):
   assert "lm_head.weight" not in src.names()
   assert src.describe("model.layers.1.self_attn.k_proj.weight") == (
       "tiny.gguf:blk.1.attn_k.weight (F32)")
+
+
+# Llama 3.1 (factor 8) and 3.2 (factor 32) RoPE, head_dim 128, theta 5e5.
+_LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA32 = dict(_LLAMA31, factor=32.0)
+
+
+@pytest.mark.parametrize("params", [_LLAMA31, _LLAMA32])
+def test_llama3_rope_factors_are_hf_llama3(params):
+  # llama.cpp's `rope_freqs` (inv_freq is divided by them) rotate as HF's
+  # llama3 RoPE (jaxbnb's `rope` module) does, and the parameters come
+  # back from the factors alone.
+  theta, dim = 500000.0, 128
+  factors = gguf_rope.llama3_factors(params, theta, dim).astype(np.float32)
+  inv = rope._base_inv_freq(theta, dim)  # pylint: disable=protected-access
+  hf = rope._llama3(inv, params)  # pylint: disable=protected-access
+  np.testing.assert_allclose(inv / factors, hf, rtol=2e-6)
+  assert factors.min() == 1 and factors.max() == params["factor"]
+  assert ((factors > 1) & (factors < params["factor"])).sum() >= 2
+  got = gguf_rope.llama3_from_factors(factors, theta, dim, None, "f")
+  assert got == params
+
+
+def test_llama3_rope_freqs_tensor_becomes_rope_scaling(tmp_path):
+  # tiny: head_dim 8, theta 1e4: one factor in the band; the original
+  # context comes back from it.
+  params = dict(_LLAMA31, original_max_position_embeddings=64)
+  factors = gguf_rope.llama3_factors(params, 10000.0, 8)
+  path = tiny_gguf.write_tiny_gguf(tmp_path / "l3.gguf",
+                                   tiny_gguf.tiny_weights(seed=3),
+                                   tokenizer=False, rope_freqs=factors)
+  src = GGUFSource(path)
+  assert src.config["rope_scaling"] == params
+  assert src.skipped == ["rope_freqs.weight"]
+  bad = tiny_gguf.write_tiny_gguf(tmp_path / "bad.gguf",
+                                  tiny_gguf.tiny_weights(seed=3),
+                                  tokenizer=False,
+                                  rope_freqs=[1.0, 3.0, 2.0, 8.0])
+  with pytest.raises(ValueError, match="rope_freqs.weight: the rotary "
+                     "frequency factors follow no Llama 3 RoPE scaling"):
+    GGUFSource(bad)
+
+
+def test_yarn_keys_become_rope_scaling(tmp_path):
+  path = tiny_gguf.write_tiny_gguf(tmp_path / "yarn.gguf",
+                                   tiny_gguf.tiny_weights(seed=3),
+                                   tokenizer=False, yarn=(4.0, 32, 16.0, 2.0))
+  assert GGUFSource(path).config["rope_scaling"] == {
+      "rope_type": "yarn", "factor": 4.0,
+      "original_max_position_embeddings": 32, "beta_fast": 16.0,
+      "beta_slow": 2.0}
 
 
 def test_untied_and_q8(tmp_path):

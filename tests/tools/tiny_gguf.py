@@ -94,8 +94,14 @@ def gguf_name(hf: str) -> str:
 
 def write_tiny_gguf(path: str | os.PathLike, weights: dict[str, np.ndarray],
                     *, arch: str = "llama", q8_names=(), tokenizer=True,
-                    tokenizer_model: str = "gpt2") -> str:
-  """Writes `weights` (HF names, HF layout) as a llama.cpp-style GGUF."""
+                    tokenizer_model: str = "gpt2", rope_freqs=None,
+                    yarn=None) -> str:
+  """Writes `weights` (HF names, HF layout) as a llama.cpp-style GGUF.
+
+  `rope_freqs`: a `rope_freqs.weight` tensor (Llama 3.x RoPE, as llama.cpp
+  writes it); `yarn`: `(factor, original_context, beta_fast, beta_slow)`
+  written as llama.cpp's `rope.scaling.*` keys.
+  """
   import gguf  # pylint: disable=g-import-not-at-top
 
   c = TINY
@@ -111,6 +117,15 @@ def write_tiny_gguf(path: str | os.PathLike, weights: dict[str, np.ndarray],
   w.add_layer_norm_rms_eps(c["eps"])
   w.add_rope_dimension_count(c["hidden"] // c["heads"])
   w.add_vocab_size(weights["model.embed_tokens.weight"].shape[0])
+  if yarn is not None:
+    factor, original, beta_fast, beta_slow = yarn
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(factor)
+    w.add_rope_scaling_orig_ctx_len(original)
+    w.add_rope_scaling_yarn_beta_fast(beta_fast)
+    w.add_rope_scaling_yarn_beta_slow(beta_slow)
+  if rope_freqs is not None:
+    w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
   if tokenizer:
     tokens = tiny_tokens()
     w.add_tokenizer_model(tokenizer_model)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from jaxbnb._src.io import extras
+from jaxbnb._src.io import gguf_rope
 
 __all__ = ["GGUFSource", "open_reader", "read_metadata", "smollm2_gguf_path",
            "SMOLLM2_INSTALL"]
@@ -53,9 +54,10 @@ _TOP_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-# Tensors llama.cpp writes that have no HF parameter (rope frequency factors
-# are recomputed from `rope_scaling`).
-_IGNORED = ("rope_freqs.weight", "rope_factors_long.weight",
+# Tensors llama.cpp writes that have no HF parameter: rope frequency factors
+# (`rope_freqs.weight` becomes the config's `rope_scaling`, see gguf_rope).
+_ROPE_FREQS = "rope_freqs.weight"
+_IGNORED = (_ROPE_FREQS, "rope_factors_long.weight",
             "rope_factors_short.weight")
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
@@ -213,8 +215,11 @@ class GGUFSource:
           f"(llama.expert_count={self.metadata['llama.expert_count']}) are "
           "not supported")
     self._tensors = {}
+    self._rope_freqs = None
     self.skipped: list[str] = []
     for t in self._reader.tensors:
+      if t.name == _ROPE_FREQS:
+        self._rope_freqs = t
       hf = _hf_name(t.name)
       if hf is None:
         if t.name not in _IGNORED:
@@ -295,12 +300,25 @@ class GGUFSource:
   def _rope_scaling(self) -> dict[str, Any] | None:
     kind = self._meta("rope.scaling.type")
     factor = self._meta("rope.scaling.factor")
-    if kind in (None, "none") or factor is None:
-      return None
-    scaling = {"rope_type": str(kind), "factor": float(factor)}
     original = self._meta("rope.scaling.original_context_length")
+    if kind in (None, "none") or factor is None:
+      if self._rope_freqs is None:
+        return None
+      # Llama 3.x: the scaling is only in the `rope_freqs` tensor.
+      head_dim = int(self._meta(
+          "rope.dimension_count",
+          int(self._meta("embedding_length"))
+          // int(self._meta("attention.head_count"))))
+      return gguf_rope.llama3_from_factors(
+          np.asarray(self._rope_freqs.data, np.float32),
+          float(self._meta("rope.freq_base", 10000.0)), head_dim,
+          None if original is None else int(original),
+          f"GGUF file {self.path!r}: tensor {_ROPE_FREQS}")
+    scaling = {"rope_type": str(kind), "factor": float(factor)}
     if original is not None:
       scaling["original_max_position_embeddings"] = int(original)
+    if kind == "yarn":
+      scaling.update(gguf_rope.yarn_extras(self._meta))
     return scaling
 
   def _tensor(self, name: str):
