@@ -222,6 +222,14 @@ def test_dynamic_rope_greedy_past_max_position_matches_transformers():
     (dict(stop_token_ids=["a"]), "stop_token_ids"),
     (dict(pad_token_id=-1), "pad_token_id"),
     (dict(max_length=1), "max_length"),
+    # past int32 (token ids and counts) or int64 (the seed): refused here,
+    # not an OverflowError deep inside
+    (dict(max_new_tokens=2**31), "max_new_tokens"),
+    (dict(top_k=2**31), "top_k"),
+    (dict(pad_token_id=10**10), "pad_token_id"),
+    (dict(stop_token_ids=[2**31]), "stop_token_ids"),
+    (dict(seed=2**64), "seed"),
+    (dict(max_length=2**31), "max_length"),
 ])
 def test_config_validation(kw, field):
   with pytest.raises(ValueError, match=f"`{field}`"):
@@ -232,6 +240,15 @@ def test_config_normalizes_stop_ids():
   assert GenerationConfig(stop_token_ids=[3, 4]).stop_token_ids == (3, 4)
   assert GenerationConfig(stop_token_ids=5).stop_token_ids == (5,)
   assert GenerationConfig(temperature=0.0).temperature == 0.0  # greedy: ok
+
+
+def test_pad_token_id_must_be_in_the_vocabulary(gen):
+  # Prompts are left-padded to a bucket: an id outside the vocabulary would
+  # look up NaN rows that reach every logit (tokens 0, 0, ...).
+  vocab = gen.config.vocab_size
+  with pytest.raises(ValueError, match=rf"`pad_token_id` must be a token id "
+                     rf"in \[0, {vocab}\), got {vocab}"):
+    gen.generate(PROMPTS, max_new_tokens=2, pad_token_id=vocab)
 
 
 def test_bad_arguments(gen):

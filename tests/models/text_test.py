@@ -60,6 +60,23 @@ def test_text_stream_never_splits_characters():
   assert "\U0001f917" in deltas  # the emoji's 4 bytes came out at once
 
 
+def test_text_stream_sends_whole_characters_of_odd_chunks():
+  # Two tokens per character, chunks of 3 tokens: every chunk ends inside a
+  # character, yet the characters completed in it are sent at once (not
+  # all at the flush).
+  tok = byte_tokenizer(ascii_only=False)
+  text = "\u00e9" * 9
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  assert len(ids) == 18
+  deltas = []
+  stream = gen_lib._TextStream(tok, deltas.append)
+  for i in range(0, 18, 3):
+    stream.push(ids[i:i + 3])
+    assert "".join(deltas) == "\u00e9" * ((i + 3) // 2)
+  stream.flush()
+  assert "".join(deltas) == text
+
+
 def test_chat_prompt_and_output(model, tokenizer):
   out = gen_lib.generate_text(model, tokenizer, "Hi there", max_new_tokens=6,
                               system="Be brief.", return_result=True)

@@ -263,11 +263,15 @@ def test_eval_unusable_text(content, needle, gguf_path, tmp_path, capsys):
 @pytest.mark.parametrize("flag,value,needle", [
     ("--temperature", "-1", "expected a number >= 0, got '-1'"),
     ("--temperature", "nan", "got 'nan'"),
-    ("--max-new-tokens", "-5", "expected an integer >= 1, got '-5'"),
+    ("--max-new-tokens", "-5",
+     "expected an integer in [1, 2147483647], got '-5'"),
+    ("--max-new-tokens", "3000000000", "got '3000000000'"),
+    ("--seed", "99999999999999999999",
+     "expected an integer in [0, 9223372036854775807]"),
     ("--max-new-tokens", "0", "got '0'"),
     ("--top-p", "0", "expected a number in (0, 1], got '0'"),
     ("--top-p", "1.5", "got '1.5'"),
-    ("--top-k", "-1", "expected an integer >= 0, got '-1'"),
+    ("--top-k", "-1", "expected an integer in [0, 2147483647], got '-1'"),
     ("--top-k", "2.5", "got '2.5'"),
 ])
 def test_generate_rejects_bad_numbers(flag, value, needle, capsys):

