@@ -321,6 +321,37 @@ def test_parse_mesh_orders_axes_as_written():
   assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
 
 
+def test_batch_axes_once_when_the_fsdp_axis_is_data():
+  # ShardingRules(fsdp="data") renames the FSDP axis to "data": a batch
+  # splits over "data" once (not ("data", "data"), size 4 on 2 devices).
+  from jaxbnb._src.train import mesh as train_mesh  # pylint: disable=g-import-not-at-top
+  mesh = convert.parse_mesh("data=2", jax.devices()[:2])
+  rules = convert.ShardingRules(fsdp="data")
+  assert train_mesh.batch_axes(mesh, rules) == ("data",)
+  train_mesh.check_batch_size(2, mesh, rules)
+  sharding = train_mesh.batch_sharding(mesh, 2, 0, rules)
+  assert sharding.shard_shape((4, 3)) == (2, 3)
+
+
+def test_a_tensor_axis_that_does_not_divide_the_heads_is_refused_first(
+    tmp_path, monkeypatch, capsys):
+  # generate --mesh: the heads come from the checkpoint's config, before
+  # any weight loads.
+  from jaxbnb._src.tools import cli  # pylint: disable=g-import-not-at-top
+  from tests.tools import tiny_gguf  # pylint: disable=g-import-not-at-top
+  path = tiny_gguf.write_tiny_gguf(tmp_path / "t.gguf",
+                                   tiny_gguf.tiny_weights(seed=0))
+  def from_pretrained(*a, **k):
+    raise AssertionError("the model was loaded before the check")
+  monkeypatch.setattr(convert, "from_pretrained", from_pretrained)
+  kv = tiny_gguf.TINY["kv_heads"]
+  assert cli.main(["generate", path, "--prompt", "hi", "--mesh",
+                   f"tensor={kv * 2},data={8 // (kv * 2)}"]) == 2
+  err = capsys.readouterr().err
+  assert ("argument --mesh: mesh axis 'tensor' (size 4) must divide the "
+          f"model's num_key_value_heads, got {kv}") in err, err
+
+
 # ---------------------------------------------------------------------------
 # What moves between devices in a layer's programs.
 

@@ -153,6 +153,20 @@ class TensorParallel:
                                       *([None] * (ndim - 1))))
 
 
+def check_mesh(mesh: Mesh, config: LlamaConfig, what: str) -> None:
+  """Refuses a mesh whose "tensor" axis does not divide `config`'s heads.
+
+  What `Generator` checks once the model is loaded, for callers that know
+  the config before loading it (the CLI's `--mesh`).
+
+  Raises:
+    ValueError: starting with `what`, as `TensorParallel.check`.
+  """
+  if "tensor" in mesh.shape:
+    data = "data" if "data" in mesh.shape else None
+    TensorParallel(mesh, "tensor", data).check(config, what)
+
+
 def from_arrays(tree: Any, *, axis: str | None = "tensor",
                 data_axis: str | None = "data") -> TensorParallel | None:
   """The `TensorParallel` of a pytree of arrays on a mesh, or None.

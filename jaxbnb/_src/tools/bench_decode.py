@@ -55,6 +55,7 @@ from jaxbnb import models
 from jaxbnb._src.io import estimate
 # Where each parameter lives on a mesh: the loader's rules.
 from jaxbnb._src.io import sharding as sharding_lib
+from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.quant.weights import Int8Params
 from jaxbnb._src.quant.weights import Params4bit
 from jaxbnb._src.tools import argtypes
@@ -274,6 +275,9 @@ def _memory(devices) -> tuple[int | None, int | None]:
 
 def _jax_decode(opts, shape) -> dict:
   mesh = None if opts.mesh is None else convert.parse_mesh(opts.mesh)
+  if mesh is not None:  # before building: heads the tensor axis must split
+    tensor_parallel.check_mesh(mesh, models.LlamaConfig(**shape),
+                               "argument --mesh")
   t0 = time.perf_counter()
   model = random_model(shape, opts.impl, mesh=mesh)
   jax.block_until_ready(nnx.state(model))

@@ -54,6 +54,7 @@ from jaxbnb._src.io import estimate as estimate_lib
 # early check that DST is writable have no public name either.
 from jaxbnb._src.io import convert as convert_lib
 from jaxbnb._src.io import paths
+from jaxbnb._src.models import tensor_parallel
 # The output-folder rules of `finetune`, checked before the model loads.
 from jaxbnb._src.train import loop as train_loop
 from jaxbnb._src.train import mesh as train_mesh
@@ -403,6 +404,7 @@ def _parse_mesh(args):
 def _generate(args) -> int:
   path = _existing(args.model, "MODEL")
   mesh = _parse_mesh(args)
+  _check_mesh_heads(path, mesh)
   # On several processes every one runs the same program; one prints.
   main_process = jax.process_index() == 0
   tok = _load_tokenizer(path, "MODEL")
@@ -687,12 +689,31 @@ def parse_targets(text: str) -> str | tuple[str, ...]:
   return text
 
 
+def _checkpoint_config(path: str) -> models.LlamaConfig | None:
+  """The checkpoint's config, read without its weights (None if unusable:
+  from_pretrained reports that itself)."""
+  try:
+    return models.LlamaConfig.from_hf(convert.open_checkpoint(path).config)
+  except (ValueError, NotImplementedError, KeyError):
+    return None
+
+
+def _check_mesh_heads(path: str, mesh) -> None:
+  """Refuses a --mesh tensor axis that does not divide the heads, before
+  the weights load."""
+  cfg = None if mesh is None else _checkpoint_config(path)
+  if cfg is not None:
+    try:
+      tensor_parallel.check_mesh(mesh, cfg, "argument --mesh")
+    except ValueError as e:
+      raise _UsageError(error_message(e)) from e
+
+
 def _check_seq_len(path: str, seq_len: int) -> None:
   """Refuses --seq-len beyond the checkpoint's context, before loading."""
-  try:
-    cfg = models.LlamaConfig.from_hf(convert.open_checkpoint(path).config)
-  except (ValueError, NotImplementedError, KeyError):
-    return  # from_pretrained reports an unusable checkpoint itself
+  cfg = _checkpoint_config(path)
+  if cfg is None:
+    return
   if seq_len > cfg.max_position_embeddings:
     raise _UsageError(
         f"argument --seq-len: {seq_len} exceeds the model's "

@@ -235,7 +235,9 @@ def batch_axes(mesh: Mesh,
   """The mesh axes a batch splits over: "data" and the FSDP axis, those
   the mesh has."""
   fsdp, _ = sharding_lib.resolve(sharding).axes(mesh)
-  return tuple(a for a in (DATA, fsdp) if a is not None and a in mesh.shape)
+  # dict: once each, also when the rules name "data" as the FSDP axis
+  return tuple(dict.fromkeys(a for a in (DATA, fsdp)
+                             if a is not None and a in mesh.shape))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, axis: int,
