@@ -92,7 +92,7 @@ class GenerationConfig:
     >>> GenerationConfig(top_k=-1)
     Traceback (most recent call last):
     ...
-    ValueError: GenerationConfig: `top_k` must be an int >= 0 (0: off), got -1.
+    ValueError: GenerationConfig: `top_k` must be an int in [0, 2147483647] (0: off), got -1.
 
   Attributes:
     max_new_tokens: most new tokens per prompt (>= 1).
