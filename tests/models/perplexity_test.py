@@ -129,6 +129,12 @@ def test_errors(model):
     perplexity(model, [1, 2, 500], progress=False)
   with pytest.raises(ValueError, match="1-D"):
     perplexity(model, [[1, 2]], progress=False)
+  vocab = model.config.vocab_size
+  # A pad id the embedding cannot look up made the result NaN.
+  with pytest.raises(ValueError, match=f"`pad_token_id` must be a token id "
+                     f"in 0..{vocab - 1}, got {vocab}"):
+    perplexity(model, [1, 2, 3], window=2, pad_token_id=vocab,
+               progress=False)
 
 
 def test_evaluate_text(model):

@@ -67,6 +67,10 @@ def test_eval_and_estimate(gguf_path, tmp_path, capsys):
                    "--stride", "16", "--quiet"]) == 0
   out = capsys.readouterr().out
   assert out.startswith("perplexity ") and "stride 16" in out
+  assert cli.main(["eval", gguf_path, "--text", str(text), "--window", "4",
+                   "--stride", "8", "--quiet"]) == 2
+  _one_line(capsys, "jaxbnb eval: error: argument --stride: expected an "
+            "integer in [1, --window=4], got 8")
   assert cli.main(["estimate", "llama-3-8b", "--tokens", "4096"]) == 0
   out = capsys.readouterr().out
   assert "| nf4/fp4 | 5.61 GiB |" in out

@@ -149,6 +149,11 @@ def perplexity(model, token_ids: Sequence[int] | np.ndarray, *,
   if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
     raise ValueError(f"perplexity: token ids must be in 0..{vocab - 1}, got "
                      f"min {ids.min()} max {ids.max()}")
+  if vocab is not None and not 0 <= pad_token_id < vocab:
+    # the padding is never scored, but an id the embedding cannot look up
+    # gives NaN rows that reach every position through attention
+    raise ValueError(f"perplexity: `pad_token_id` must be a token id in "
+                     f"0..{vocab - 1}, got {pad_token_id}")
   t0 = time.perf_counter()
   spans = window_spans(ids.size, window, stride)
   width = min(window, ids.size)

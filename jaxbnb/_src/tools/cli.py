@@ -490,7 +490,8 @@ def _read_text(path: str, arg: str) -> str:
 def _eval(args) -> int:
   path = _existing(args.model, "MODEL")
   if args.stride is not None and not 1 <= args.stride <= args.window:
-    raise _UsageError(f"argument --stride: must be in 1..{args.window}")
+    raise _UsageError(f"argument --stride: expected an integer in "
+                      f"[1, --window={args.window}], got {args.stride}")
   text = _read_text(args.text, "--text")
   tok = _load_tokenizer(path, "MODEL")
   model = _load_model(args, path)
