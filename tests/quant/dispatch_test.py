@@ -523,9 +523,13 @@ def test_matmul_rms_norm_fused_is_the_norm_then_the_matmuls(monkeypatch,
 
   jax.clear_caches()  # see test_m1_routing_takes_the_table_kernel
   calls = []
-  real = gemv_4bit_lut.gemv_group
-  monkeypatch.setattr(gemv_4bit_lut, "gemv_group", lambda *a, **kw: calls.append(
-      kw.get("rms_norm") is not None) or real(*a, **kw))
+  # Interpreted, the builds are `gemv_group`'s twins; compiled, the launches
+  # are `_compiled`'s (`gemv_swiglu` calls it for gate/up directly).
+  spied, kwarg = (("gemv_group", "rms_norm") if mode == "interpret"
+                  else ("_compiled", "norm"))
+  real = getattr(gemv_4bit_lut, spied)
+  monkeypatch.setattr(gemv_4bit_lut, spied, lambda *a, **kw: calls.append(
+      kw.get(kwarg) is not None) or real(*a, **kw))
   with jaxbnb.kernel_mode(mode):
     (_, want), dwant = step(x, nw)
     assert True not in calls
