@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import operator
 import os
 from typing import Any, Mapping
 
@@ -214,12 +213,7 @@ def _linears(cfg) -> list[tuple[int, int, bool]]:
 
 def _check_blocksize(fn: str, blocksize) -> int:
   """`blocksize` as an int, if it is one of jaxbnb's 4-bit block sizes."""
-  try:
-    if isinstance(blocksize, bool):
-      raise TypeError
-    size = operator.index(blocksize)
-  except TypeError:
-    size = None
+  size = validation.as_int(blocksize)
   if size not in validation.BLOCKSIZES_4BIT:
     raise ValueError(f"{fn}: `blocksize` must be a 4-bit block size, one of "
                      f"{list(validation.BLOCKSIZES_4BIT)}, got {blocksize!r}")

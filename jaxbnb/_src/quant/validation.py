@@ -17,14 +17,20 @@ def dtype_name(dtype) -> str:
   return jnp.dtype(dtype).name
 
 
+def as_int(value) -> int | None:
+  """`value` as a Python int (numpy integers too), or None: bools, floats
+  and anything else that is no integer."""
+  if isinstance(value, bool):
+    return None
+  try:
+    return operator.index(value)
+  except TypeError:
+    return None
+
+
 def check_positive_int(value, name: str, fn: str) -> int:
   """`value` as a Python int >= 1 (numpy integers accepted); else an error."""
-  try:
-    if isinstance(value, bool):
-      raise TypeError
-    number = operator.index(value)
-  except TypeError:
-    number = None
+  number = as_int(value)
   if number is None or number < 1:
     raise ValueError(f"{fn}: `{name}` must be a positive int, got {value!r}.")
   return number
