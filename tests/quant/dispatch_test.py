@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbnb
 from jaxbnb import functional as F
+from jaxbnb import optim
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import kernels
 from pallas_kernels import gemv_4bit as gk
@@ -82,6 +84,48 @@ def test_auto_mode_uses_reference_on_cpu():
     assert not _uses_pallas(lambda x: F.matmul_4bit(x, packed, qs), x)
   with jaxbnb.kernel_mode("interpret"):
     assert _uses_pallas(lambda x: F.matmul_4bit(x, packed, qs), x)
+
+
+def test_jitted_function_follows_the_mode_it_is_called_under():
+  # The mode is in jit's cache key: one jitted function (or one function
+  # jitted twice) traced under "reference" is traced again under
+  # "interpret", and back; 8-bit optimizer updates the same.
+  packed, qs = F.quantize_4bit(_w(16, 64), quant_type="nf4")
+  x = jnp.ones((2, 64))
+  f = jax.jit(lambda x: F.matmul_4bit(x, packed, qs))
+  for mode, want in (("reference", False), ("interpret", True),
+                     ("reference", False)):
+    with jaxbnb.kernel_mode(mode):
+      assert ("pallas_call" in str(f.trace(x).jaxpr)) == want, mode
+      assert ("pallas_call" in str(jax.make_jaxpr(f)(x))) == want, mode
+  tx = optim.adam8bit(1e-3)
+  params = {"w": jnp.ones((64, 64))}
+  state = tx.init(params)
+  for mode, want in (("reference", False), ("interpret", True)):
+    with jaxbnb.kernel_mode(mode):
+      jaxpr = jax.make_jaxpr(jax.jit(tx.update))(params, state, params)
+      assert ("pallas_call" in str(jaxpr)) == want, mode
+
+
+def test_set_kernel_mode_is_per_thread():
+  before = jaxbnb.get_kernel_mode()
+  try:
+    jaxbnb.set_kernel_mode("interpret")
+    out = []
+    thread = threading.Thread(
+        target=lambda: out.append(jaxbnb.get_kernel_mode()))
+    thread.start()
+    thread.join()
+    assert jaxbnb.get_kernel_mode() == "interpret"
+    assert out == [dispatch._initial_mode()]  # pylint: disable=protected-access
+    with jaxbnb.kernel_mode("reference"):
+      with jaxbnb.kernel_mode("pallas"):
+        assert jaxbnb.get_kernel_mode() == "pallas"
+      assert jaxbnb.get_kernel_mode() == "reference"
+    assert jaxbnb.get_kernel_mode() == "interpret"
+  finally:
+    jaxbnb.set_kernel_mode(before)
+  assert jaxbnb.get_kernel_mode() == before
 
 
 def _mode_in_subprocess(value):

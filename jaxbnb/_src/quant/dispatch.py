@@ -1,8 +1,8 @@
 """Which implementation serves an op: a Pallas kernel or the jnp reference.
 
-The mode is read when an op is traced, so a function jitted under one mode
-keeps that choice; jaxbnb's own jitted helpers take the mode as a static
-argument and retrace when it changes.
+The mode is read when an op is traced, and it is part of `jax.jit`'s cache
+key (a `jax.make_user_context`): a jitted function called under another
+mode is traced again, as it is under another `jax.default_matmul_precision`.
 
 Modes:
 
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
+
+import jax
 
 import pallas_kernels
 
@@ -38,19 +39,19 @@ def _check(mode: str) -> str:
   return mode
 
 
-class _State(threading.local):
-
-  def __init__(self):
-    super().__init__()
-    mode = os.environ.get("JAXBNB_KERNELS", "auto")
-    if mode not in MODES:
-      raise ValueError(
-          f"environment variable JAXBNB_KERNELS must be one of {MODES}, got "
-          f"{mode!r}.")
-    self.mode = mode
+def _initial_mode() -> str:
+  mode = os.environ.get("JAXBNB_KERNELS", "auto")
+  if mode not in MODES:
+    raise ValueError(
+        f"environment variable JAXBNB_KERNELS must be one of {MODES}, got "
+        f"{mode!r}.")
+  return mode
 
 
-_STATE = _State()
+# The mode: a thread's own value where set (`kernel_mode`, `set_kernel_mode`),
+# else the initial one; in jit's cache key, so a function traced under one
+# mode is not reused under another.
+_MODE = jax.make_user_context(default_value=_initial_mode())
 
 
 def get_kernel_mode() -> str:
@@ -61,7 +62,7 @@ def get_kernel_mode() -> str:
     >>> jaxbnb.get_kernel_mode() in jaxbnb.KERNEL_MODES
     True
   """
-  return _STATE.mode
+  return _MODE.value
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -73,7 +74,8 @@ def set_kernel_mode(mode: str) -> None:
     >>> jaxbnb.set_kernel_mode("reference")
     >>> jaxbnb.set_kernel_mode(old)
   """
-  _STATE.mode = _check(mode)
+  # The context entered and never left: the thread's value from now on.
+  _MODE(_check(mode)).__enter__()
 
 
 @contextlib.contextmanager
@@ -87,17 +89,13 @@ def kernel_mode(mode: str):
     >>> with jaxbnb.kernel_mode("reference"):  # never a Pallas kernel
     ...   packed, qs = F.quantize_4bit(jnp.ones((64, 64)))
   """
-  old = _STATE.mode
-  _STATE.mode = _check(mode)
-  try:
+  with _MODE(_check(mode)):
     yield
-  finally:
-    _STATE.mode = old
 
 
 def use_kernels(mode: str | None = None) -> tuple[bool, bool]:
   """(use a kernel, in interpret mode) for `mode` (default: the current)."""
-  mode = _STATE.mode if mode is None else mode
+  mode = _MODE.value if mode is None else mode
   if mode == "reference":
     return False, False
   if mode == "interpret":
