@@ -37,6 +37,9 @@ CONFIG = dict(vocab_size=256, hidden_size=256, intermediate_size=512,
 QUANT = {
     "float32": None,
     "nf4-dq": models.QuantizationConfig.nf4(compute_dtype="float32"),
+    # LLM.int8 with outliers (threshold 6): the random model's activations
+    # have outlier columns in some rows only.
+    "int8": models.QuantizationConfig(load_in_8bit=True),
 }
 PROMPTS = [[5, 17, 42, 7, 99], [3, 8], [200, 1, 2], [9]]
 NEW = 6
@@ -80,6 +83,7 @@ def _reference(folder, quant):
     ("tensor=4", "nf4-dq"),
     ("data=4,tensor=2", "nf4-dq"),
     ("tensor=4", "float32"),
+    ("data=2,tensor=4", "int8"),
 ])
 def test_greedy_tokens_match_single_device(folder, spec, quant):
   mesh = _mesh(spec)
@@ -96,7 +100,8 @@ def test_greedy_tokens_match_single_device(folder, spec, quant):
     assert kv.spec == P(None, data, None, "tensor"), kv.spec
   # The model's weights were not moved or replaced.
   q = model.model.layers[0].self_attn.q_proj.weight.get_value()
-  leaf = q if quant == "float32" else q.data
+  leaf = {"float32": q, "int8": getattr(q, "CB", None)}.get(
+      quant, getattr(q, "data", None))
   assert leaf.sharding.spec[0] == "tensor"
 
 
@@ -144,6 +149,30 @@ def test_row_shards_run_the_layer_forward(kind, rows, cols):
   # The same weight, the same float32 sums over the whole input: equal up
   # to the order XLA adds in.
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_int8_outlier_columns_come_from_the_whole_batch():
+  # LLM.int8 picks its outlier columns over all the rows of a matmul (as
+  # on one device): a batch split over "data" must not let each shard pick
+  # its own. The outlier column here is in row 0 only.
+  mesh = _mesh("data=2,tensor=4")
+  layer = Linear8bitLt(64, 128, has_fp16_weights=False, threshold=6.0,
+                       use_bias=False, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 3, 64))
+  x = x.at[0, :, 5].set(10.0)
+  want = layer(x)
+  w = layer.weight.get_value()
+  layer.weight.set_value(jax.tree.map(
+      lambda a: jax.device_put(a, NamedSharding(
+          mesh, P("tensor") if a.ndim else P())), w))
+  tp = tensor_parallel.TensorParallel(mesh, "tensor", "data")
+
+  @jax.jit
+  def run(x):
+    with tensor_parallel.activate(tp):
+      return tensor_parallel.linear(layer, x)
+
+  np.testing.assert_allclose(run(x), want, rtol=1e-6, atol=1e-5)
 
 
 def _decode_hlo(gen):

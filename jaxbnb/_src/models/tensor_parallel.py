@@ -295,7 +295,12 @@ def _rows_call(tp: TensorParallel, layer, x):
   runs the layer's own forward on its rows; the output's last dimension
   comes out split the same way."""
   axis, n = tp.axis, tp.size
-  batch = tp.batch_axis(x.shape[0])
+  # LLM.int8 with outliers picks its outlier columns over the whole batch:
+  # split over a data axis, each shard would pick its own. Such a layer
+  # takes the whole batch on every device.
+  outliers = (isinstance(layer.weight.get_value(), Int8Params)
+              and getattr(layer, "threshold", 0.0) > 0)
+  batch = None if outliers else tp.batch_axis(x.shape[0])
   x_spec = P(batch, *([None] * (x.ndim - 1)))
   out_spec = P(batch, *([None] * (x.ndim - 2)), axis)
   graphdef, state = nnx.split(layer)
