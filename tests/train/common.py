@@ -91,9 +91,9 @@ def lora_arrays(model):
           jax.tree.leaves(nnx.state(model, nnx.LoRAParam))]
 
 
-def sgd_qlora(path, mesh=None):
+def sgd_qlora(path, mesh=None, storage="uint8"):
   """`(model, optimizer)`: the NF4 (float32 compute) model at `path`,
-  loaded onto `mesh` when given, with LoRA r 4 and dropout 0.1 on every
+  its packed bytes in `storage`, loaded onto `mesh` when given, with LoRA r 4 and dropout 0.1 on every
   linear (random B, so the first step already moves the loss) in train
   mode, and plain SGD (lr 0.1) on the adapters. SGD moves the adapters by
   the gradients themselves: Adam's normalized, 8-bit quantized steps
@@ -104,7 +104,8 @@ def sgd_qlora(path, mesh=None):
   kw = {} if mesh is None else {"mesh": mesh}
   m = convert.from_pretrained(
       path, progress=False, param_dtype="float32",
-      quantization=models.QuantizationConfig.nf4(compute_dtype="float32"),
+      quantization=models.QuantizationConfig.nf4(
+          compute_dtype="float32", bnb_4bit_quant_storage=storage),
       **kw)
   m = lora.apply_lora(m, lora.LoRAConfig(r=4, lora_dropout=0.1,
                                          target_modules="all-linear",

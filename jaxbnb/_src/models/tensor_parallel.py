@@ -79,6 +79,7 @@ from jaxbnb._src.layers.lora import LoRALinear
 from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import ops
+from jaxbnb._src.quant import storage_words
 from jaxbnb._src.quant.weights import Int8Params
 from jaxbnb._src.quant.weights import Params4bit
 
@@ -307,8 +308,19 @@ def _rows_call(tp: TensorParallel, layer, x):
   paths, treedef = jax.tree_util.tree_flatten_with_path(state)
   state_spec = jax.tree.unflatten(
       treedef, [_leaf_spec(path, axis) for path, _ in paths])
+  # Packed bytes in a 16-bit float storage cross into the shard_map (a
+  # reshard on an fsdp x tensor mesh) as 32-bit words (`storage_words`).
+  words = [storage_words.word_dtype(leaf, n)
+           if _names(path)[-1:] == ("data",) else None
+           for path, leaf in paths]
+  state = jax.tree.unflatten(treedef, [
+      leaf if w is None else storage_words.as_words(leaf)
+      for w, (_, leaf) in zip(words, paths)])
 
   def body(x, state):
+    state = jax.tree.unflatten(treedef, [
+        leaf if w is None else storage_words.from_words(leaf, w)
+        for w, leaf in zip(words, jax.tree.leaves(state))])
     local = nnx.merge(graphdef, state)
     local.weight.set_value(_local_weight(local.weight.get_value(), n, axis))
     return local(x)
