@@ -50,6 +50,7 @@ __all__ = [
     "MemoryEstimate",
     "PerplexityResult",
     "QuantizationConfig",
+    "TrainingMemoryEstimate",
     "estimate_memory",
     "estimate_training_memory",
     "evaluate_text",
