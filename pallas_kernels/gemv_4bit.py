@@ -855,11 +855,12 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
           and sum(ns) >= LUT_MIN_N)
 
 
-# Off until measured: the thirty-first session built the fused SwiGLU
-# launches and checked them on the CPU (the PTX emulated against its
-# reference, assembled by ptxas for sm_90a, lowered to Mosaic GPU), but
-# the GPU machine was withdrawn before their first compiled run.
-SWIGLU_FUSED = False
+# On since the thirty-fourth session's run (docs/benchmarks.md): the
+# Llama-3-8B shape in NF4 + DQ decoded 406.6 tokens/s at batch 1 with this
+# and `NORM_FUSED` on, 392.8 with both off, in one call on the H200 (4-layer
+# profiles, thirty-third session: 597.5 against 610.1 us of kernels a
+# step). Set it False for the unfused launches.
+SWIGLU_FUSED = True
 
 
 def swiglu_serves(m: int, n: int, k: int, n_out: int, blocksize: int, dtype,
@@ -878,9 +879,9 @@ def swiglu_serves(m: int, n: int, k: int, n_out: int, blocksize: int, dtype,
                          nested_blocksize, code, interpret))
 
 
-# Off until measured, as SWIGLU_FUSED: an RMSNorm made in the table
-# GEMV's build (`gemv_4bit_lut.NormInput`), checked on the CPU only.
-NORM_FUSED = False
+# On, measured with SWIGLU_FUSED (above): an RMSNorm made in the table
+# GEMV's build (`gemv_4bit_lut.NormInput`).
+NORM_FUSED = True
 
 
 def norm_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,

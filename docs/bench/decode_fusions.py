@@ -1,9 +1,10 @@
-"""Runs the CLI with the table GEMV's opt-in build fusions (thirty-first
-session) named in FUSE, a comma-separated list: "swiglu"
+"""Runs the CLI with the table GEMV's build fusions (thirty-first
+session) set from FUSE, a comma-separated list of those on: "swiglu"
 (`gemv_4bit.SWIGLU_FUSED`: the MLP's down GEMV makes silu(gate) * up from
 gate/up's partials) and "norm" (`gemv_4bit.NORM_FUSED`: the q/k/v and
-gate/up GEMVs make the layer's RMSNorms). Unset, both stay off, the
-default. On the GPU machine:
+gate/up GEMVs make the layer's RMSNorms). Unset, both are off (the
+library's default is both on since the thirty-fourth session measured
+them). On the GPU machine:
 
     FUSE=swiglu,norm python docs/bench/decode_fusions.py bench decode --impl jax-nf4-dq --batch 1
 """

@@ -498,7 +498,7 @@ def test_matmul_swiglu_is_the_three_matmuls(monkeypatch, mode, m, n, n_out):
   real = gemv_4bit_lut.gemv_swiglu
   monkeypatch.setattr(gemv_4bit_lut, "gemv_swiglu",
                       lambda *a, **kw: calls.append(kw["n"]) or real(*a, **kw))
-  monkeypatch.setattr(gk, "SWIGLU_FUSED", True)  # off by default: unmeasured
+  monkeypatch.setattr(gk, "SWIGLU_FUSED", True)  # the default
   k = 1024
   weights = [F.quantize_4bit(_w(rows, cols, 60 + i, jnp.bfloat16),
                              quant_type="nf4", compress_statistics=True)
@@ -575,9 +575,10 @@ def test_matmul_rms_norm_fused_is_the_norm_then_the_matmuls(monkeypatch,
   monkeypatch.setattr(gemv_4bit_lut, spied, lambda *a, **kw: calls.append(
       kw.get(kwarg) is not None) or real(*a, **kw))
   with jaxbnb.kernel_mode(mode):
+    monkeypatch.setattr(gk, "NORM_FUSED", False)  # the path with it off
     (_, want), dwant = step(x, nw)
     assert True not in calls
-    monkeypatch.setattr(gk, "NORM_FUSED", True)
+    monkeypatch.setattr(gk, "NORM_FUSED", True)  # the default
     monkeypatch.setattr(gk, "SWIGLU_FUSED", True)
     (_, ys), dgot = step(x, nw)
   assert calls.count(True) == 1, calls
@@ -616,12 +617,13 @@ def test_matmul_rms_norm_errors_name_the_argument():
                          rms_norm=jnp.ones((64,)))
 
 
-def test_matmul_swiglu_composes_by_default(monkeypatch):
-  """`gemv_4bit.SWIGLU_FUSED` is off (the fused launches are not yet
-  measured on a GPU): even where the table GEMV serves the three weights,
+def test_matmul_swiglu_composes_when_switched_off(monkeypatch):
+  """With `gemv_4bit.SWIGLU_FUSED` off (on by default since the H200
+  measured it), even where the table GEMV serves the three weights,
   `F.matmul_4bit_swiglu` runs them apart."""
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
-  assert not gk.SWIGLU_FUSED
+  assert gk.SWIGLU_FUSED and gk.NORM_FUSED
+  monkeypatch.setattr(gk, "SWIGLU_FUSED", False)
   jax.clear_caches()  # see test_m1_routing_takes_the_table_kernel
   calls = []
   monkeypatch.setattr(gemv_4bit_lut, "gemv_swiglu",
