@@ -1,5 +1,6 @@
 """LlamaForCausalLM vs transformers (tests/golden/llama, fp32 tiny models)."""
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -392,6 +393,50 @@ def test_from_hf_transformers4_keys_and_architectures():
   assert [qwen.layer_sliding_window(i) for i in range(2)] == [None, 16]
   assert LlamaConfig.from_hf(qwen.to_hf()) == qwen
   assert hash(cfg) == hash(LlamaConfig.from_hf(cfg.to_hf()))
+
+
+def test_from_hf_mistral_layer_types_and_bias_keys():
+  # A Mistral config with `layer_types` is built by transformers as
+  # Ministral: the window on the "sliding_attention" layers only; an
+  # `mlp_bias` key is ignored by transformers for Mistral and Qwen2 (their
+  # MLPs have no bias); "swish" is transformers' other name for SiLU.
+  hf = json.loads((GOLDEN / "mistral" / "config.json").read_text())
+  cfg = LlamaConfig.from_hf(
+      {**hf, "layer_types": ["full_attention", "sliding_attention"]})
+  assert [cfg.layer_sliding_window(i) for i in range(2)] == [None, 8]
+  assert cfg.to_hf()["layer_types"] == ["full_attention", "sliding_attention"]
+  assert LlamaConfig.from_hf(cfg.to_hf()) == cfg
+  assert LlamaConfig.from_hf({**hf, "layer_types": None}) == _config("mistral")
+  for name in ("mistral", "qwen2"):
+    base = json.loads((GOLDEN / name / "config.json").read_text())
+    assert not LlamaConfig.from_hf({**base, "mlp_bias": True}).mlp_bias
+  llama = json.loads((GOLDEN / "llama3" / "config.json").read_text())
+  assert LlamaConfig.from_hf({**llama, "mlp_bias": True}).mlp_bias
+  assert LlamaConfig.from_hf({**llama, "hidden_act": "swish"}).hidden_act \
+      == "swish"
+  with pytest.raises(NotImplementedError, match="hidden_act 'gelu'"):
+    LlamaConfig.from_hf({**llama, "hidden_act": "gelu"})
+
+
+def test_mistral_layer_types_set_the_window_per_layer():
+  # The golden Mistral (window 8 on both layers) with `layer_types` naming
+  # both layers sliding: transformers' logits; with the first layer full,
+  # the logits past the window change.
+  exp = _expected("mistral")
+  ids = jnp.asarray(exp["ids"], jnp.int32)
+  tensors = _tensors("mistral")
+
+  def logits(layer_types):
+    cfg = dataclasses.replace(_config("mistral"), layer_types=layer_types)
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    for n, var in model.iter_variables():
+      var.set_value(jnp.asarray(tensors[n]))
+    return np.asarray(_jitted(model)(ids)[0])
+
+  _close(logits(("sliding_attention", "sliding_attention")), exp["logits"])
+  mixed = logits(("full_attention", "sliding_attention"))
+  _close(mixed[:, :8], exp["logits"][:, :8])
+  assert not np.allclose(mixed[:, 8:], exp["logits"][:, 8:], atol=1e-3)
 
 
 # transformers 5.25 (`standardize_rope_params`, run again when the rotary

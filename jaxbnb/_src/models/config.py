@@ -71,7 +71,7 @@ class LlamaConfig:
     num_key_value_heads: key/value heads (GQA); None means
       `num_attention_heads`.
     head_dim: per-head width; None means `hidden_size // num_attention_heads`.
-    hidden_act: MLP activation; only "silu".
+    hidden_act: MLP activation; only "silu" (or its other name, "swish").
     max_position_embeddings: longest context the model was trained for.
     rms_norm_eps: RMSNorm epsilon.
     rope_theta: RoPE base.
@@ -86,8 +86,9 @@ class LlamaConfig:
     sliding_window: attention window in tokens (a key is visible when fewer
       than `sliding_window` real tokens separate it from the query, itself
       included), or None.
-    layer_types: per-layer "full_attention" / "sliding_attention" (Qwen2);
-      None means every layer uses `sliding_window` when it is set.
+    layer_types: per-layer "full_attention" / "sliding_attention" (Qwen2;
+      Mistral, which transformers then builds as Ministral); None means
+      every layer uses `sliding_window` when it is set.
     initializer_range: std of the normal initializer of fresh weights.
     bos_token_id: beginning-of-sequence token.
     eos_token_id: end-of-sequence tokens (a tuple).
@@ -132,10 +133,10 @@ class LlamaConfig:
       raise ValueError(
           f"LlamaConfig: unsupported model_type {self.model_type!r}; "
           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    if self.hidden_act != "silu":
+    if self.hidden_act not in ("silu", "swish"):  # transformers: the same
       raise NotImplementedError(
           f"LlamaConfig: hidden_act {self.hidden_act!r} is not supported "
-          "(only 'silu').")
+          "(only 'silu', also named 'swish').")
     if self.num_key_value_heads is None:
       setf("num_key_value_heads", self.num_attention_heads)
     if self.head_dim is None:
@@ -308,7 +309,10 @@ class LlamaConfig:
     elif model_type == "mistral":
       attention_bias = False
       sliding_window = get("sliding_window")
-      layer_types = None
+      # With `layer_types` transformers builds it as Ministral: the window
+      # on the "sliding_attention" layers only.
+      layer_types = (config.get("layer_types") if sliding_window is not None
+                     else None)
     else:
       attention_bias = bool(config.get("attention_bias", False))
       sliding_window = None
@@ -328,7 +332,10 @@ class LlamaConfig:
         rope_theta=float(rope_theta),
         rope_scaling=scaling or None,
         attention_bias=attention_bias,
-        mlp_bias=bool(config.get("mlp_bias", False)),
+        # Mistral's and Qwen2's MLPs have no bias whatever the config says
+        # (transformers ignores the key there).
+        mlp_bias=(model_type == "llama"
+                  and bool(config.get("mlp_bias", False))),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         model_type=model_type,
         sliding_window=sliding_window,
@@ -373,6 +380,8 @@ class LlamaConfig:
       out["mlp_bias"] = self.mlp_bias
     elif self.model_type == "mistral":
       out["sliding_window"] = self.sliding_window
+      if self.layer_types is not None:
+        out["layer_types"] = list(self.layer_types)
     else:
       out["use_sliding_window"] = self.sliding_window is not None
       out["sliding_window"] = self.sliding_window
