@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["as_words", "from_words", "word_dtype"]
+__all__ = ["as_words", "from_words", "with_sharding_constraint", "word_dtype"]
 
 
 def word_dtype(leaf, shards: int = 1):
@@ -64,3 +64,22 @@ def from_words(words: jax.Array, dtype) -> jax.Array:
   """
   return jax.lax.bitcast_convert_type(
       words.reshape(-1), dtype).reshape(-1, 1)
+
+
+def with_sharding_constraint(x: jax.Array, sharding) -> jax.Array:
+  """`jax.lax.with_sharding_constraint(x, sharding)`, the move made on
+  `as_words`' words where `word_dtype` takes `x` (its bytes kept).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import SingleDeviceSharding
+    >>> x = jnp.zeros((4, 1), jnp.bfloat16)
+    >>> jax.jit(lambda x: with_sharding_constraint(
+    ...     x, SingleDeviceSharding(jax.devices()[0])))(x).dtype
+    dtype(bfloat16)
+  """
+  dtype = word_dtype(x)
+  if dtype is None:
+    return jax.lax.with_sharding_constraint(x, sharding)
+  return from_words(jax.lax.with_sharding_constraint(as_words(x), sharding),
+                    dtype)

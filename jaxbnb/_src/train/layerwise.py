@@ -201,17 +201,8 @@ def _split_axes(x) -> frozenset:
 def _gather(leaves, gathered):
   """`leaves` constrained to `gathered` (None: as they are); packed bytes
   in a 16-bit float storage move as 32-bit words (`storage_words`)."""
-  out = []
-  for x, s in zip(leaves, gathered, strict=True):
-    dtype = None if s is None else storage_words.word_dtype(x)
-    if s is None:
-      out.append(x)
-    elif dtype is None:
-      out.append(jax.lax.with_sharding_constraint(x, s))
-    else:
-      words = jax.lax.with_sharding_constraint(storage_words.as_words(x), s)
-      out.append(storage_words.from_words(words, dtype))
-  return out
+  return [x if s is None else storage_words.with_sharding_constraint(x, s)
+          for x, s in zip(leaves, gathered, strict=True)]
 
 
 def _fingerprint(node) -> tuple:
