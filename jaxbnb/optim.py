@@ -18,6 +18,10 @@ from jaxbnb._src.optim.aliases import adamw32bit as adamw32bit
 from jaxbnb._src.optim.aliases import adamw8bit as adamw8bit
 from jaxbnb._src.optim.aliases import ademamix32bit as ademamix32bit
 from jaxbnb._src.optim.aliases import ademamix8bit as ademamix8bit
+from jaxbnb._src.optim.trust_ratio import lamb32bit as lamb32bit
+from jaxbnb._src.optim.trust_ratio import lamb8bit as lamb8bit
+from jaxbnb._src.optim.trust_ratio import lars32bit as lars32bit
+from jaxbnb._src.optim.trust_ratio import lars8bit as lars8bit
 from jaxbnb._src.optim.aliases import lion32bit as lion32bit
 from jaxbnb._src.optim.aliases import lion8bit as lion8bit
 from jaxbnb._src.optim.aliases import paged_adam32bit as paged_adam32bit
@@ -61,6 +65,10 @@ __all__ = [
     "ademamix32bit",
     "ademamix8bit",
     "apply_updates_fused",
+    "lamb32bit",
+    "lamb8bit",
+    "lars32bit",
+    "lars8bit",
     "lion32bit",
     "lion8bit",
     "paged_adam32bit",

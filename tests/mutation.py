@@ -88,6 +88,7 @@ _BNB4_CASES = ("[sweep_nf4_float32_64_0]", "[odd_fp4_bfloat16]",
 _OPTIM_GOLDEN = "tests/optim/bnb_golden_test.py"
 _STEP = _OPTIM_GOLDEN + "::test_step_by_step_from_imported_bnb_state"
 _RULES = "tests/optim/rules_test.py"
+_TRUST = "tests/optim/trust_ratio_test.py"
 _FIRST_STEP = _RULES + "::test_first_step_8bit_close_to_32bit"
 
 
@@ -641,6 +642,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "step_size = -0.5 * lr * c2 / c1",
            _cases(_RULES + "::test_update_32bit_matches_float64_formulas",
                   "[adam-fp32]", "[adam-bf16]")),
+    # LAMB's update norm with bnb CPU backend's formula (no bias
+    # corrections), LARS's with the weight-decayed gradient: both differ
+    # from bnb's CUDA kernels.
+    Mutant("lamb-unorm-without-bias-corrections",
+           "jaxbnb/_src/optim/rules.py",
+           "u = ((s1 * (one / (one - jnp.power(b1, step))))",
+           "u = ((s1 * (one / (one - jnp.power(b1, step * 0.0 + 1.0))))",
+           (_TRUST + "::test_trajectory_matches_bitsandbytes[lamb]",)),
+    Mutant("lars-unorm-after-weight-decay", "jaxbnb/_src/optim/rules.py",
+           "pre = jnp.where(step == 1, g_raw, s1 * b1 + g_raw)",
+           "pre = jnp.where(step == 1, gf, s1 * b1 + gf)",
+           (_TRUST + "::test_trajectory_matches_bitsandbytes[lars_wd]",
+            _TRUST + "::test_rules_match_the_cuda_formulas[lars-float32]")),
 )
 # fmt: on
 

@@ -34,7 +34,7 @@ def test_every_public_name_is_exported():
   assert len(set(optim.__all__)) == len(optim.__all__)
   for name in optim.__all__:
     assert hasattr(optim, name), name
-  assert len(FACTORIES) == 22, FACTORIES
+  assert len(FACTORIES) == 26, FACTORIES
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)

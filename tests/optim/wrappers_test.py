@@ -61,7 +61,7 @@ Y = _commit(jnp.asarray(np.random.default_rng(1).standard_normal((8, 64)),
 
 
 def _make(name):
-  kwargs = {"momentum": 0.9} if name.startswith("sgd") else {}
+  kwargs = {"momentum": 0.9} if name.startswith(("sgd", "lars")) else {}
   return getattr(optim, name)(learning_rate=LR, **kwargs)
 
 
@@ -246,7 +246,7 @@ def _set(hyperparams, key, value):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_inject_hyperparams(name, tmp_path):
-  kwargs = {"momentum": 0.9} if name.startswith("sgd") else {}
+  kwargs = {"momentum": 0.9} if name.startswith(("sgd", "lars")) else {}
   tx = optax.inject_hyperparams(getattr(optim, name))(learning_rate=LR,
                                                        **kwargs)
   step = _step_fn(tx)

@@ -50,10 +50,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
-import numpy as np
 import optax
 
 from jaxbnb._src.optim import fused as optim_fused
+from jaxbnb._src.optim import hyper_checks
 from jaxbnb._src.optim import kernels as optim_kernels
 from jaxbnb._src.optim import paged as optim_paged
 from jaxbnb._src.optim import rules as optim_rules
@@ -65,6 +65,7 @@ from jaxbnb._src.quant import dispatch
 
 __all__ = [
     "Optimizer8bitState",
+    "bnb_alias",
     "scale_by_adam8bit",
     "scale_by_ademamix8bit",
     "scale_by_lion8bit",
@@ -89,7 +90,6 @@ _TRACED_SETTING = (
     "which leaves keep 8-bit state. optax.inject_hyperparams turns every "
     "number into an array: call init outside jax.jit / jax.eval_shape, or "
     "pass static_args={args!r} to optax.inject_hyperparams.")
-_TRACED = object()  # a static setting that arrived as a tracer
 _PAGED_ON_DEVICE = (
     "{name}: the paged optimizer state arrived typed as device memory and "
     "stays there (an update keeps the memory space, which is part of the "
@@ -97,113 +97,6 @@ _PAGED_ON_DEVICE = (
     "and jax.eval_shape drops memory kinds: after a restore, move the "
     "state's `state1` and `state2` back with jax.device_put(x, "
     "jax.memory.Space.Host).")
-
-
-# ------------------------------------------------------------- validation
-
-
-def _number(fn: str, name: str, value):
-  """A scalar hyper-parameter as a Python number; None if it is traced."""
-  if isinstance(value, (bool, int, float)):
-    return value
-  if isinstance(value, jax.core.Tracer):
-    return None
-  try:
-    arr = np.asarray(value)
-  except (TypeError, ValueError):
-    arr = None
-  # bfloat16 (ml_dtypes) has numpy kind "V": ask JAX whether it floats.
-  if (arr is None or arr.ndim != 0 or not (
-      arr.dtype.kind in "biuf" or jnp.issubdtype(arr.dtype, jnp.floating))):
-    raise ValueError(f"{fn}: {name} must be a scalar number, got "
-                     f"{name}={value!r}.")
-  return float(arr) if arr.dtype.kind not in "biu" else arr.item()
-
-
-def _rounded_hint(value) -> str:
-  """Why a hyper-parameter given as a float16/bfloat16 array may be off."""
-  dtype = getattr(value, "dtype", None)
-  if (dtype is None or not jnp.issubdtype(dtype, jnp.floating)
-      or jnp.dtype(dtype).itemsize >= 4):
-    return ""
-  return (f" It arrived as a {jnp.dtype(dtype).name} value: "
-          "optax.inject_hyperparams casts float hyper-parameters to the "
-          "parameters' dtype (0.999 rounds to 1.0 in bfloat16); pass "
-          "hyperparam_dtype=jnp.float32 to optax.inject_hyperparams.")
-
-
-def _check_nonneg(fn: str, name: str, value) -> None:
-  if callable(value):  # a schedule
-    return
-  v = _number(fn, name, value)
-  if v is not None and not v >= 0.0:
-    raise ValueError(f"{fn}: {name} must be >= 0, got {name}={v!r}.")
-
-
-def _check_beta(fn: str, name: str, value) -> None:
-  v = _number(fn, name, value)
-  if v is not None and not 0.0 <= v < 1.0:
-    raise ValueError(f"{fn}: {name} must be in [0, 1), got {name}={v!r}."
-                     + _rounded_hint(value))
-
-
-def _check_momentum(fn: str, momentum) -> None:
-  v = _number(fn, "momentum", momentum)
-  if v is not None and not 0.0 < v < 1.0:
-    raise ValueError(
-        f"{fn}: momentum must be in (0, 1) (bnb does not support SGD "
-        f"without momentum), got momentum={v!r}." + _rounded_hint(momentum))
-
-
-def _check_rmsprop(fn: str, alpha, eps) -> None:
-  v = _number(fn, "alpha", alpha)
-  if v is not None and not 0.0 < v < 1.0:
-    raise ValueError(f"{fn}: alpha must be in (0, 1) (bnb rejects alpha=0), "
-                     f"got alpha={v!r}." + _rounded_hint(alpha))
-  _check_nonneg(fn, "eps", eps)
-
-
-def _static_int(fn: str, name: str, value):
-  """An integer setting as a Python int (concrete arrays too), or _TRACED."""
-  if isinstance(value, jax.core.Tracer):
-    return _TRACED
-  v = _number(fn, name, value)
-  if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-    raise ValueError(f"{fn}: {name} must be an int >= 0, got {name}={v!r}.")
-  return v
-
-
-def _settings(fn: str, optim_bits, min_8bit_size):
-  """(optim_bits, min_8bit_size) as Python ints or _TRACED."""
-  bits = (_TRACED if isinstance(optim_bits, jax.core.Tracer)
-          else _number(fn, "optim_bits", optim_bits))
-  if bits is not _TRACED and bits not in (8, 32):
-    raise ValueError(f"{fn}: optim_bits must be 8 or 32, got "
-                     f"optim_bits={bits!r}.")
-  return bits, _static_int(fn, "min_8bit_size", min_8bit_size)
-
-
-def _steps(fn: str, name: str, value):
-  """A scheduler length: None, a Python int, or a traced array (dynamic)."""
-  if value is None or isinstance(value, jax.core.Tracer):
-    return value
-  return _static_int(fn, name, value)
-
-
-def _check_ademamix(fn, b1, b2, b3, alpha, t_alpha, t_beta3, eps):
-  _check_beta(fn, "b1", b1)
-  _check_beta(fn, "b2", b2)
-  _check_beta(fn, "b3", b3)
-  _check_nonneg(fn, "alpha", alpha)
-  _check_nonneg(fn, "eps", eps)
-  t_alpha = _steps(fn, "t_alpha", t_alpha)
-  t_beta3 = _steps(fn, "t_beta3", t_beta3)
-  v1, v3 = _number(fn, "b1", b1), _number(fn, "b3", b3)
-  if (isinstance(t_beta3, int) and t_beta3 > 0 and v1 is not None
-      and v3 is not None and (v1 == 0.0 or v3 == 0.0)):
-    raise ValueError(f"{fn}: the beta3 schedule (t_beta3={t_beta3}) needs "
-                     f"b1 > 0 and b3 > 0, got b1={v1!r}, b3={v3!r}.")
-  return t_alpha, t_beta3
 
 
 # ------------------------------------------------------------ boxed leaves
@@ -416,12 +309,13 @@ def _transform(fn: str, hyper: Hyper, learning_rate, *, optim_bits,
   `new_p - p`.
   """
   kind = hyper.kind
-  optim_bits, min_8bit_size = _settings(fn, optim_bits, min_8bit_size)
+  optim_bits, min_8bit_size = hyper_checks.settings(fn, optim_bits,
+                                                    min_8bit_size)
 
   def init_fn(params):
     traced = tuple(name for name, v in (("optim_bits", optim_bits),
                                         ("min_8bit_size", min_8bit_size))
-                   if v is _TRACED)
+                   if v is hyper_checks.TRACED)
     if traced:
       raise ValueError(_TRACED_SETTING.format(name=fn, args=traced))
     items, treedef = jax.tree_util.tree_flatten_with_path(params,
@@ -575,9 +469,9 @@ def scale_by_adam8bit(b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
     ((64, 64), -0.001)
   """
   fn = "scale_by_adam8bit"
-  _check_beta(fn, "b1", b1)
-  _check_beta(fn, "b2", b2)
-  _check_nonneg(fn, "eps", eps)
+  hyper_checks.check_beta(fn, "b1", b1)
+  hyper_checks.check_beta(fn, "b2", b2)
+  hyper_checks.check_nonneg(fn, "eps", eps)
   return _block(fn, Hyper("adam", beta1=b1, beta2=b2, eps=eps), optim_bits,
                 min_8bit_size, override, paged)
 
@@ -618,8 +512,8 @@ def scale_by_ademamix8bit(b1: ArrayLike = 0.9, b2: ArrayLike = 0.999,
     1.0005
   """
   fn = "scale_by_ademamix8bit"
-  t_alpha, t_beta3 = _check_ademamix(fn, b1, b2, b3, alpha, t_alpha, t_beta3,
-                                     eps)
+  t_alpha, t_beta3 = hyper_checks.check_ademamix(
+      fn, b1, b2, b3, alpha, t_alpha, t_beta3, eps)
   return _block(fn, Hyper("ademamix", beta1=b1, beta2=b2, beta3=b3,
                           alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3,
                           eps=eps),
@@ -654,8 +548,8 @@ def scale_by_lion8bit(b1: ArrayLike = 0.9, b2: ArrayLike = 0.99, *,
     [1.0, -1.0, 0.0]
   """
   fn = "scale_by_lion8bit"
-  _check_beta(fn, "b1", b1)
-  _check_beta(fn, "b2", b2)
+  hyper_checks.check_beta(fn, "b1", b1)
+  hyper_checks.check_beta(fn, "b2", b2)
   return _block(fn, Hyper("lion", beta1=b1, beta2=b2), optim_bits,
                 min_8bit_size, override, paged)
 
@@ -691,7 +585,7 @@ def scale_by_momentum8bit(momentum: ArrayLike = 0.9, *,
     [1.5, 1.5]
   """
   fn = "scale_by_momentum8bit"
-  _check_momentum(fn, momentum)
+  hyper_checks.check_momentum(fn, momentum)
   return _block(fn, Hyper("momentum", beta1=momentum, nesterov=nesterov),
                 optim_bits, min_8bit_size, override, paged)
 
@@ -724,7 +618,7 @@ def scale_by_rmsprop8bit(alpha: ArrayLike = 0.99, eps: ArrayLike = 1e-8, *,
     [2.0, 2.0]
   """
   fn = "scale_by_rmsprop8bit"
-  _check_rmsprop(fn, alpha, eps)
+  hyper_checks.check_rmsprop(fn, alpha, eps)
   return _block(fn, Hyper("rmsprop", beta1=alpha, beta2=0.0, eps=eps),
                 optim_bits, min_8bit_size, override, paged)
 
@@ -755,7 +649,7 @@ def scale_by_adagrad8bit(eps: ArrayLike = 1e-10, *, optim_bits: int = 8,
     [1.0, 1.0]
   """
   fn = "scale_by_adagrad8bit"
-  _check_nonneg(fn, "eps", eps)
+  hyper_checks.check_nonneg(fn, "eps", eps)
   return _block(fn, Hyper("adagrad", beta1=0.0, beta2=0.0, eps=eps),
                 optim_bits, min_8bit_size, override, paged)
 
@@ -763,10 +657,29 @@ def scale_by_adagrad8bit(eps: ArrayLike = 1e-10, *, optim_bits: int = 8,
 # ------------------------------------------------- shared alias builders
 
 
-def _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size, override,
-           paged):
-  _check_nonneg(fn, "learning_rate", learning_rate)
-  _check_nonneg(fn, "weight_decay", hyper.weight_decay)
+def bnb_alias(fn, hyper, learning_rate, optim_bits, min_8bit_size, override,
+              paged):
+  """An alias's transformation: its checks, then `_transform`'s full step.
+
+  Args:
+    fn: the alias's name, for error messages.
+    hyper: the rule and its hyper-parameters.
+    learning_rate: a float >= 0 or an optax schedule.
+    optim_bits: 8 or 32.
+    min_8bit_size: leaves with fewer elements keep float32 states.
+    override: None, a pytree of bools or `callable(path, leaf) -> bool`.
+    paged: keep the states in host memory between steps.
+
+  Returns:
+    The `optax.GradientTransformation` (see :func:`adam8bit`).
+
+  Examples:
+    >>> tx = bnb_alias("mine", Hyper("adam"), 1e-3, 8, 4096, None, False)
+    >>> type(tx).__name__
+    'GradientTransformation'
+  """
+  hyper_checks.check_nonneg(fn, "learning_rate", learning_rate)
+  hyper_checks.check_nonneg(fn, "weight_decay", hyper.weight_decay)
   return _transform(fn, hyper, learning_rate, optim_bits=optim_bits,
                     min_8bit_size=min_8bit_size, override=override,
                     paged=paged, direction=False)
@@ -774,59 +687,59 @@ def _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size, override,
 
 def _adam(fn, learning_rate, b1, b2, eps, weight_decay, optim_bits,
           min_8bit_size, override, paged):
-  _check_beta(fn, "b1", b1)
-  _check_beta(fn, "b2", b2)
-  _check_nonneg(fn, "eps", eps)
+  hyper_checks.check_beta(fn, "b1", b1)
+  hyper_checks.check_beta(fn, "b2", b2)
+  hyper_checks.check_nonneg(fn, "eps", eps)
   hyper = Hyper("adam", beta1=b1, beta2=b2, eps=eps,
                 weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+  return bnb_alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
                 override, paged)
 
 
 def _lion(fn, learning_rate, b1, b2, weight_decay, optim_bits, min_8bit_size,
           override, paged):
-  _check_beta(fn, "b1", b1)
-  _check_beta(fn, "b2", b2)
+  hyper_checks.check_beta(fn, "b1", b1)
+  hyper_checks.check_beta(fn, "b2", b2)
   hyper = Hyper("lion", beta1=b1, beta2=b2, weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+  return bnb_alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
                 override, paged)
 
 
 def _sgd(fn, learning_rate, momentum, nesterov, weight_decay, optim_bits,
          min_8bit_size, override, paged):
-  _check_momentum(fn, momentum)
+  hyper_checks.check_momentum(fn, momentum)
   hyper = Hyper("momentum", beta1=momentum, beta2=0.0, nesterov=nesterov,
                 weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+  return bnb_alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
                 override, paged)
 
 
 def _rmsprop(fn, learning_rate, alpha, eps, weight_decay, optim_bits,
              min_8bit_size, override, paged):
-  _check_rmsprop(fn, alpha, eps)
+  hyper_checks.check_rmsprop(fn, alpha, eps)
   hyper = Hyper("rmsprop", beta1=alpha, beta2=0.0, eps=eps,
                 weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+  return bnb_alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
                 override, paged)
 
 
 def _adagrad(fn, learning_rate, eps, weight_decay, optim_bits, min_8bit_size,
              override, paged):
-  _check_nonneg(fn, "eps", eps)
+  hyper_checks.check_nonneg(fn, "eps", eps)
   hyper = Hyper("adagrad", beta1=0.0, beta2=0.0, eps=eps,
                 weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+  return bnb_alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
                 override, paged)
 
 
 def _ademamix(fn, learning_rate, b1, b2, b3, alpha, t_alpha, t_beta3, eps,
               weight_decay, optim_bits, min_8bit_size, override, paged):
-  t_alpha, t_beta3 = _check_ademamix(fn, b1, b2, b3, alpha, t_alpha, t_beta3,
-                                     eps)
+  t_alpha, t_beta3 = hyper_checks.check_ademamix(
+      fn, b1, b2, b3, alpha, t_alpha, t_beta3, eps)
   hyper = Hyper("ademamix", beta1=b1, beta2=b2, beta3=b3, alpha=alpha,
                 t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
                 weight_decay=weight_decay)
-  return _alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
+  return bnb_alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,
                 override, paged)
 
 

@@ -56,7 +56,8 @@ __all__ = ["QUANT_STATE_KEY", "from_bnb_state_dict", "to_bnb_state_dict",
            "to_torch_state_dict"]
 
 QUANT_STATE_KEY = "__bnb_optimizer_quant_state__"
-_TENSOR_KEYS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
+_TENSOR_KEYS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2",
+                "unorm_vec")
 
 
 def _find(opt_state):
@@ -123,7 +124,7 @@ def _leaf(x):
   return jax.tree.leaves(x)[0]
 
 
-def _export_leaf(s1, s2, step: int) -> dict:
+def _export_leaf(s1, s2, step: int, unorm_vec: bool) -> dict:
   out = {}
   for i, s in ((1, s1), (2, s2)):
     if s is None:
@@ -135,11 +136,14 @@ def _export_leaf(s1, s2, step: int) -> dict:
       out[f"qmap{i}"] = np.array(s.qmap, np.float32)
     else:
       out[f"state{i}"] = to_numpy(_leaf(s))
+  if unorm_vec:
+    out["unorm_vec"] = np.zeros((1,), np.float32)
   out["step"] = step
   return out
 
 
-def to_bnb_state_dict(opt_state, params) -> dict[str, dict[str, Any]]:
+def to_bnb_state_dict(opt_state, params, unorm_vec: bool = False
+                      ) -> dict[str, dict[str, Any]]:
   """Exports a jaxbnb optimizer state in bitsandbytes' per-parameter layout.
 
   Args:
@@ -148,6 +152,10 @@ def to_bnb_state_dict(opt_state, params) -> dict[str, dict[str, Any]]:
       wrapper; an `nnx.Optimizer`'s `opt_state`).
     params: the parameter tree the state belongs to (for the leaf paths),
       boxed or not (`nnx.state(model, nnx.Param)` or its pure dict).
+    unorm_vec: also write bnb's `unorm_vec` (a float32 `[1]` scratch
+      tensor, zeros: bnb refills it before each step) for every parameter.
+      bnb's LAMB and LARS (`max_unorm > 0`) create it and their 32-bit
+      step reads it, so a state loaded into them needs it.
 
   Returns:
     `{keystr(path): {"state1", "state2", "absmax1", "absmax2", "qmap1",
@@ -172,12 +180,13 @@ def to_bnb_state_dict(opt_state, params) -> dict[str, dict[str, Any]]:
   st = _find(opt_state)
   step = int(to_numpy(_leaf(st.count)))
   paths, e1, e2 = _held(params, st)
-  return {path: _export_leaf(e1[path], e2.get(path), step) for path in paths}
+  return {path: _export_leaf(e1[path], e2.get(path), step, unorm_vec)
+          for path in paths}
 
 
 def to_torch_state_dict(opt_state, params,
                         param_group: Mapping[str, Any] | None = None,
-                        wrap: bool = True) -> dict:
+                        wrap: bool = True, unorm_vec: bool = False) -> dict:
   """Exports in the layout of `bnb.optim.Optimizer8bit.state_dict()`.
 
   Args:
@@ -193,6 +202,8 @@ def to_torch_state_dict(opt_state, params,
       into a live bnb optimizer. `params` in it is replaced.
     wrap: put the tensors under `"__bnb_optimizer_quant_state__"` as bnb
       >= 0.49.2 does (its `load_state_dict` accepts both forms).
+    unorm_vec: write bnb's `unorm_vec` for LAMB / LARS (see
+      :func:`to_bnb_state_dict`).
 
   Returns:
     `{"state": {i: {...}}, "param_groups": [{..., "params": [0..n-1]}]}`.
@@ -206,7 +217,7 @@ def to_torch_state_dict(opt_state, params,
     >>> sd["param_groups"], sorted(sd["state"][0])
     ([{'lr': 0.001, 'params': [0]}], ['__bnb_optimizer_quant_state__', 'step'])
   """
-  per_leaf = list(to_bnb_state_dict(opt_state, params).values())
+  per_leaf = list(to_bnb_state_dict(opt_state, params, unorm_vec).values())
   state = {}
   for i, leaf in enumerate(per_leaf):
     entry = {"step": leaf["step"]}

@@ -10,7 +10,12 @@ store into a `T` register:
   `kOptimizerStatic8bit1StateBlockwise` (momentum, lion, rmsprop, adagrad),
   256-element blocks, the tail block padded as the kernel's loads pad it
   (gradient 0, parameter 0, signed codes 128, unsigned codes 0);
-* `update_32bit`: `kOptimizer32bit2State` / `kOptimizer32bit1State`.
+* `update_32bit`: `kOptimizer32bit2State` / `kOptimizer32bit1State`, with
+  the update-norm clipping of LAMB and LARS (`Hyper.max_unorm`) that bnb's
+  `kPreconditionOptimizer32bit{2,1}State` computes first. The 8-bit
+  blockwise kernels have no such clipping (bnb: "the 8-bit blockwise update
+  does not implement update-norm clipping"), so `update_8bit` ignores
+  `max_unorm`, as bnb's LAMB8bit / LARS8bit do on their 8-bit leaves.
 
 Differences from bnb, all deliberate:
 
@@ -50,6 +55,7 @@ from jaxbnb._src.optim.state import Quantized8bit
 __all__ = [
     "KINDS",
     "TWO_STATE_KINDS",
+    "UNORM_KINDS",
     "Hyper",
     "ademamix_schedule",
     "bias_corrections",
@@ -61,6 +67,7 @@ __all__ = [
 
 KINDS = ("adam", "ademamix", "lion", "momentum", "rmsprop", "adagrad")
 TWO_STATE_KINDS = ("adam", "ademamix")
+UNORM_KINDS = ("adam", "momentum")  # bnb's "lamb" and "lars"
 
 _F32 = jnp.float32
 
@@ -85,6 +92,10 @@ class Hyper:
     weight_decay: decoupled (adam, ademamix, lion) or coupled (momentum,
       rmsprop, adagrad) weight decay, as in bnb.
     nesterov: momentum only (see the module docstring).
+    max_unorm: adam and momentum only, 32-bit rules only (LAMB: 1.0, LARS:
+      0.02): when > 0, the step is scaled by `max_unorm ||p|| / ||u||` where
+      the update norm `||u||` exceeds `max_unorm ||p||` (bnb's trust ratio;
+      `||p||` is the norm of the parameter before the step). 0: off.
 
   Examples:
     >>> Hyper("adam").beta2
@@ -101,11 +112,17 @@ class Hyper:
   eps: float = 1e-8
   weight_decay: float = 0.0
   nesterov: bool = False
+  max_unorm: float = 0.0
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(
           f"Hyper: unknown kind {self.kind!r}; expected one of {KINDS}.")
+    if self.kind not in UNORM_KINDS and _positive(self.max_unorm) is not False:
+      raise ValueError(
+          f"Hyper: max_unorm (update-norm clipping) applies to kinds "
+          f"{UNORM_KINDS} (bnb's LAMB and LARS); got kind={self.kind!r}, "
+          f"max_unorm={self.max_unorm!r}.")
 
 
 def num_states(kind: str) -> int:
@@ -262,6 +279,18 @@ def _check(kind: str, hyper: Hyper) -> None:
 # ---------------------------------------------------------------- 32-bit
 
 
+def _update_scale(h: Hyper, unorm_sq, pf: jax.Array, slack):
+  """bnb's trust ratio: `min(1, (max_unorm ||p|| + slack) / ||u||)`.
+
+  `unorm_sq` is the squared update norm the preconditioning kernel sums,
+  `pf` the float32 parameter before the step (bnb: `torch.norm(p.float())`)
+  and `slack` the 1-state kernels' `+ eps` (0 for the 2-state ones).
+  """
+  unorm = jnp.sqrt(unorm_sq)
+  limit = (_c(h.max_unorm) * jnp.sqrt(jnp.sum(pf * pf))) + slack
+  return jnp.where(unorm > limit, limit / unorm, _c(1.0))
+
+
 def update_32bit(kind: str, p: jax.Array, g: jax.Array, s1: jax.Array,
                  s2: jax.Array | None, *, lr, step, hyper: Hyper):
   """One bnb 32-bit optimizer step for one leaf.
@@ -302,6 +331,13 @@ def update_32bit(kind: str, p: jax.Array, g: jax.Array, s1: jax.Array,
       s1 = s1 * b1 + ((one - b1) * gf)
       s2 = s2 * b2 + ((one - b2) * (gf * gf))
       step_size = -lr * c2 / c1
+
+      def lamb_scale():  # kPreconditionOptimizer32bit2State, then the ratio
+        u = ((s1 * (one / (one - jnp.power(b1, step))))
+             / (jnp.sqrt(s2 * (one / (one - jnp.power(b2, step)))) + eps))
+        return _update_scale(h, jnp.sum(u * u), pf, _c(0.0)) * step_size
+
+      step_size = _if_positive(h.max_unorm, lamb_scale, step_size)
       new = _round_to(pf + (step_size * (s1 / (jnp.sqrt(s2) + (eps * c2)))),
                       dt)
     else:
@@ -317,13 +353,22 @@ def update_32bit(kind: str, p: jax.Array, g: jax.Array, s1: jax.Array,
                        lambda: _round_to(new * (one - (lr * wd)), dt), new)
     return new.astype(dt), s1, s2
 
+  g_raw = gf
   if kind != "lion":
     gf = _if_positive(h.weight_decay, lambda: _round_to(gf + (pf * wd), dt),
                       gf)
   if kind == "momentum":
+    def lars_scale():
+      # kPreconditionOptimizer32bit1State sums the squared momentum update
+      # of the gradient *without* the weight decay (bnb's kernel).
+      pre = jnp.where(step == 1, g_raw, s1 * b1 + g_raw)
+      pre = g_raw + b1 * pre if h.nesterov else pre
+      return _update_scale(h, jnp.sum(pre * pre), pf, eps)
+
+    scale = _if_positive(h.max_unorm, lars_scale, one)  # 1 * x == x
     s1 = jnp.where(step == 1, gf, s1 * b1 + gf)
     d = gf + b1 * s1 if h.nesterov else s1
-    new = _round_to(pf + (-lr * d), dt)
+    new = _round_to(pf + (scale * (-lr * d)), dt)
   elif kind == "lion":
     pf = _if_positive(h.weight_decay,
                       lambda: _round_to(pf * (one - lr * wd), dt), pf)
