@@ -41,6 +41,9 @@ def test_restore_like_and_overwrite(tmp_path):
   with pytest.raises(FileExistsError, match="overwrite"):
     orbax_io.save_checkpoint(model, path)
   orbax_io.save_checkpoint(model, path, overwrite=True)
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(ValueError, match="a_file' is a file, not a folder"):
+    orbax_io.save_checkpoint(model, tmp_path / "a_file" / "ckpt")
   abstract = nnx.eval_shape(lambda: model)
   assert isinstance(jax.tree.leaves(nnx.state(abstract))[0],
                     jax.ShapeDtypeStruct)

@@ -57,3 +57,18 @@ def test_write_folder_atomic(tmp_path):
   with pytest.raises(ValueError, match="not a folder"):
     paths.write_folder_atomic(tmp_path / "file", _write({}), overwrite=True,
                               fn="f")
+
+
+@pytest.mark.parametrize("below", [("out",), ("a", "b", "out")])
+def test_write_folder_atomic_under_a_file_names_the_file(tmp_path, below):
+  """A file where a parent folder should be: the documented ValueError
+  (not makedirs' FileExistsError), and nothing written."""
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  target = blocker.joinpath(*below)
+  with pytest.raises(ValueError,
+                     match=r"f: cannot write the folder .*file.* is a file"):
+    paths.write_folder_atomic(target, _write({"a": "1"}), overwrite=True,
+                              fn="f")
+  assert sorted(os.listdir(tmp_path)) == ["file"]
+  assert blocker.read_text() == "x"

@@ -129,6 +129,19 @@ def check_writable(target: str | os.PathLike) -> None:
   os.rmdir(probe)
 
 
+def _check_parents(target: str, fn: str) -> None:
+  """The nearest existing folder above `target` must be a folder."""
+  parent = os.path.dirname(target)
+  while parent and not os.path.exists(parent):
+    up = os.path.dirname(parent)
+    if up == parent:
+      return
+    parent = up
+  if parent and not os.path.isdir(parent):
+    raise ValueError(f"{fn}: cannot write the folder {target!r}: "
+                     f"{parent!r} is a file, not a folder.")
+
+
 def write_folder_atomic(target: str | os.PathLike,
                         write: Callable[[str], None], *, overwrite: bool,
                         fn: str, source: str | None = None,
@@ -163,7 +176,8 @@ def write_folder_atomic(target: str | os.PathLike,
     The absolute path written.
 
   Raises:
-    ValueError: `target` is a file, or overlaps `source`.
+    ValueError: `target` or a folder above it is a file, or `target`
+      overlaps `source`.
     FileExistsError: `target` is a non-empty folder and `overwrite` is False.
     RuntimeError: another process failed to write its part.
   """
@@ -172,6 +186,7 @@ def write_folder_atomic(target: str | os.PathLike,
   exists = os.path.exists(target)
   if exists and not os.path.isdir(target):
     raise ValueError(f"{fn}: {target!r} exists and is not a folder.")
+  _check_parents(target, fn)
   if exists and os.listdir(target) and not overwrite:
     raise FileExistsError(
         f"{fn}: {target!r} already exists and is not empty; pass "
