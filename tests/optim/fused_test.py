@@ -74,6 +74,10 @@ CASES = [
     ("adagrad8bit", dict(learning_rate=0.1), jnp.bfloat16),
     ("ademamix8bit", dict(learning_rate=1e-2, t_alpha=4, t_beta3=4),
      jnp.float32),
+    # the 32-bit leaf clipped by the trust ratio, the 8-bit one by the kernel
+    ("lamb8bit", dict(learning_rate=1e-2, weight_decay=1e-2), jnp.bfloat16),
+    ("lars8bit", dict(learning_rate=0.1, momentum=0.9, weight_decay=0.1),
+     jnp.float32),
 ]
 
 
