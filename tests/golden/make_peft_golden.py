@@ -70,6 +70,19 @@ CASES = {
     # head's base weight (PEFT's default save_embedding_layers="auto").
     "llama3_lm_head_auto": ("llama3", False, dict(
         r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])),
+    # Per-module ranks and alphas (a suffix key and a full-path key), on
+    # the layers that layers_to_transform/layers_pattern select.
+    "llama3_patterns_layers": ("llama3", False, dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 2, "model.layers.1.mlp.down_proj": 6},
+        alpha_pattern={"down_proj": 3, "q_proj": 16},
+        layers_to_transform=[1], layers_pattern="layers")),
+    # The same with rsLoRA, one layer index (an int) and PEFT's default
+    # layer-index rule (no layers_pattern).
+    "mistral_rslora_patterns": ("mistral", False, dict(
+        r=8, lora_alpha=8, target_modules=["k_proj", "o_proj", "up_proj"],
+        use_rslora=True, rank_pattern={"up_proj": 4},
+        alpha_pattern={r"self_attn\.o_proj": 2}, layers_to_transform=0)),
 }
 
 

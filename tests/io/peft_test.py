@@ -255,10 +255,10 @@ def test_load_errors(tmp_path):
   with pytest.raises(NotImplementedError, match="lora_bias"):
     load("bias", ten={**tensors, b_key.replace("weight", "bias"):
                       np.zeros(32, np.float32)})
-  with pytest.raises(NotImplementedError, match="rank_pattern"):
+  # the pattern's rank applies: the saved r=4 tensors do not fit it
+  with pytest.raises(ValueError, match=r"q_proj.lora_A.weight.*\[4, 32\], "
+                     r"the model needs \[2, 32\] \(r=2"):
     load("pattern", cfg={**config, "rank_pattern": {"q_proj": 2}})
-  with pytest.raises(NotImplementedError, match="layers_to_transform"):
-    load("layers", cfg={**config, "layers_to_transform": [0]})
   with pytest.raises(NotImplementedError, match="modules_to_save"):
     load("save", cfg={**config, "modules_to_save": ["lm_head"]})
   with pytest.raises(ValueError, match="peft_type"):
@@ -329,6 +329,8 @@ CASES = {
     "llama3_r8_rslora_qv": ("llama3", None),
     "mistral_dora_regex": ("mistral", None),
     "llama3_nf4_dora": ("llama3", Q4),
+    "llama3_patterns_layers": ("llama3", None),
+    "mistral_rslora_patterns": ("mistral", None),
 }
 # Logits: the float base models match transformers to 1e-5 of the largest
 # logit (tests/models/llama_test.py); the adapters add float32 matmuls of

@@ -162,10 +162,7 @@ def test_config_from_dict_keeps_bookkeeping_and_refuses_math_changes():
   for key in ("peft_version", "revision", "eva_config", "new_future_field",
               "megatron_core", "qalora_group_size"):
     assert out[key] == d[key], key
-  for key, value in [("rank_pattern", {"q_proj": 4}),
-                     ("alpha_pattern", {"q_proj": 4}),
-                     ("layers_to_transform", [0]),
-                     ("layers_pattern", "layers"), ("lora_bias", True),
+  for key, value in [("lora_bias", True),
                      ("use_qalora", True), ("trainable_token_indices", [1]),
                      ("layer_replication", [[0, 1]]),
                      ("alora_invocation_tokens", [5]),
@@ -682,3 +679,62 @@ def test_plain_flax_linears_are_refused_with_the_way_out(targets):
                      match="flax.nnx.Linear is not supported.*quantize_params"):
     LoRALinear(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), LoRAConfig(r=2),
                rngs=nnx.Rngs(1))
+
+
+# ---------------------------------------------------------------------------
+# rank_pattern, alpha_pattern, layers_to_transform (PEFT's rules; the files
+# PEFT writes with them are in tests/io/peft_test.py's golden cases)
+
+
+def test_patterns_and_layers_select_as_peft_does():
+  model = tiny()
+  n = len(model.model.layers)
+  cfg = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                   rank_pattern={"model.layers.1.mlp.up_proj": 6,
+                                 "q_proj": 2},
+                   alpha_pattern={r"mlp\.up_proj": 3},
+                   layers_to_transform=[1], layers_pattern="layers")
+  assert sorted(find_targets(model, cfg)) == [
+      "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+  model = apply_lora(model, cfg, rngs=nnx.Rngs(0))
+  q = model.model.layers[1].self_attn.q_proj
+  up = model.model.layers[1].mlp.up_proj
+  assert (q.r, q.scaling, q.lora_A.shape[0]) == (2, 4.0, 2)
+  assert (up.r, up.scaling, up.lora_B.shape[1]) == (6, 0.5, 6)
+  assert not isinstance(model.model.layers[0].mlp.up_proj, LoRALinear)
+  assert n == 2
+  # an exact module name skips the layer filter (PEFT: `key in targets`)
+  exact = LoRAConfig(target_modules=["model.layers.0.self_attn.q_proj"],
+                     layers_to_transform=1)
+  assert exact.matches("model.layers.0.self_attn.q_proj")
+  # no layers_pattern: the first number after any name
+  assert LoRAConfig(target_modules=["q_proj"], layers_to_transform=0).matches(
+      "model.layers.0.self_attn.q_proj")
+  assert not LoRAConfig(target_modules=["q_proj"],
+                        layers_to_transform=(2, 3)).matches(
+                            "model.layers.0.self_attn.q_proj")
+  d = cfg.to_dict()
+  assert d["rank_pattern"] == {"model.layers.1.mlp.up_proj": 6, "q_proj": 2}
+  assert d["layers_to_transform"] == [1] and d["layers_pattern"] == "layers"
+  assert LoRAConfig.from_dict(d) == cfg
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(target_modules="all-linear", layers_to_transform=[0]),
+     "`layers_to_transform` cannot be used when `target_modules` is a str"),
+    (dict(target_modules=r".*q_proj", layers_pattern="layers",
+          layers_to_transform=0),
+     "`layers_to_transform` cannot be used when `target_modules` is a str"),
+    (dict(layers_pattern="layers"), "`layers_pattern` needs"),
+    (dict(layers_to_transform=[0, -1]), "`layers_to_transform` must be"),
+    (dict(rank_pattern={"q_proj": 0}), r"`rank_pattern\['q_proj'\]` must be a "
+     "positive int, got 0"),
+    (dict(alpha_pattern={"q_proj": float("nan")}),
+     r"`alpha_pattern\['q_proj'\]` must be a finite number > 0"),
+    (dict(rank_pattern={"(q_proj": 2}), "`rank_pattern` key '\\(q_proj' is "
+     "not a valid regex"),
+    (dict(rank_pattern=[1, 2]), "`rank_pattern` must be a dict"),
+])
+def test_pattern_and_layer_options_are_checked(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    LoRAConfig(**kwargs)

@@ -135,9 +135,10 @@ def adapter_config(model: nnx.Module, *,
   config = layers[0][1].config
   for path, layer in layers:
     c = layer.config
-    if (c.r, c.lora_alpha, c.use_rslora, c.use_dora, c.lora_dropout) != (
-        config.r, config.lora_alpha, config.use_rslora, config.use_dora,
-        config.lora_dropout):
+    if (c.r, c.lora_alpha, c.use_rslora, c.use_dora, c.lora_dropout,
+        c.rank_pattern, c.alpha_pattern) != (
+            config.r, config.lora_alpha, config.use_rslora, config.use_dora,
+            config.lora_dropout, config.rank_pattern, config.alpha_pattern):
       raise ValueError(
           f"save_adapter: the adapter at {path!r} has other hyperparameters "
           f"({c}) than the one at {layers[0][0]!r} ({config}); PEFT's "
@@ -358,8 +359,9 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
       raise ValueError(
           f"load_adapter: {w_path!r} has base_layer tensors for {p!r} but "
           "no lora_A/lora_B for it.")
-    want = {"lora_A": (config.r, layer.in_features),
-            "lora_B": (layer.out_features, config.r)}
+    r = config.rank_for(p)
+    want = {"lora_A": (r, layer.in_features),
+            "lora_B": (layer.out_features, r)}
     if config.use_dora:
       want["lora_magnitude_vector"] = (layer.out_features,)
     for arg in want:
@@ -376,7 +378,7 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
         raise ValueError(
             f"load_adapter: {w_path!r}: tensor {key!r} has shape "
             f"{list(value.shape)}, the model needs {list(want[arg])} "
-            f"(r={config.r}, in_features={layer.in_features}, "
+            f"(r={r}, in_features={layer.in_features}, "
             f"out_features={layer.out_features}).")
       if not np.issubdtype(value.dtype, np.floating) and (
           value.dtype.name != "bfloat16"):

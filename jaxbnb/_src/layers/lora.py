@@ -69,14 +69,70 @@ _BOOKKEEPING = ("revision", "inference_mode", "auto_mapping", "peft_version",
                 "runtime_config", "megatron_core", "qalora_group_size")
 # What to_dict writes besides the fields: PEFT's defaults of the options
 # jaxbnb does not implement (they must stay at these values).
-_WRITTEN = {"alpha_pattern": {}, "auto_mapping": None, "inference_mode": True,
-            "layers_pattern": None, "layers_to_transform": None,
-            "lora_bias": False, "rank_pattern": {}, "revision": None}
+_WRITTEN = {"auto_mapping": None, "inference_mode": True, "lora_bias": False,
+            "revision": None}
 
 
 def _falsy(value: Any) -> bool:
   return value is None or value is False or (
       isinstance(value, (str, list, tuple, dict, set)) and not value)
+
+
+def _check_rank(r: Any, name: str) -> int:
+  if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+    raise ValueError(f"LoRAConfig: `{name}` must be a positive int, got "
+                     f"{r!r}.")
+  return r
+
+
+def _check_alpha(a: Any, name: str) -> float:
+  if (isinstance(a, bool) or not isinstance(a, (int, float))
+      or not (a > 0 and math.isfinite(a))):
+    raise ValueError(
+        f"LoRAConfig: `{name}` must be a finite number > 0, got {a!r}.")
+  return a
+
+
+def _pattern(value: Any, name: str, check) -> tuple[tuple[str, Any], ...]:
+  """PEFT's `rank_pattern` / `alpha_pattern` dict as ordered pairs."""
+  if _falsy(value):
+    return ()
+  if isinstance(value, Mapping):
+    items = tuple(value.items())
+  else:
+    try:
+      items = tuple((k, v) for k, v in value)
+    except (TypeError, ValueError):
+      raise ValueError(f"LoRAConfig: `{name}` must be a dict of module "
+                       f"name regex -> value, got {value!r}.") from None
+  for key, v in items:
+    if not isinstance(key, str) or not key:
+      raise ValueError(f"LoRAConfig: `{name}` keys must be non-empty "
+                       f"strings, got {key!r}.")
+    try:
+      re.compile(_pattern_regex(key))
+    except re.error as e:
+      raise ValueError(f"LoRAConfig: `{name}` key {key!r} is not a valid "
+                       f"regex: {e}") from e
+    check(v, f"{name}[{key!r}]")
+  return items
+
+
+def _pattern_regex(key: str) -> str:
+  """PEFT's `get_pattern_key`: the key matches the end of a module path."""
+  return rf"(.*\.)?({key})$"
+
+
+def _layers(value: Any) -> int | tuple[int, ...] | None:
+  """`layers_to_transform`: None, an int or a tuple of ints (>= 0)."""
+  if value is None or (isinstance(value, (list, tuple)) and not value):
+    return None
+  items = (value,) if not isinstance(value, (list, tuple)) else tuple(value)
+  for i in items:
+    if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+      raise ValueError("LoRAConfig: `layers_to_transform` must be a layer "
+                       f"index or a list of them (ints >= 0), got {value!r}.")
+  return items if isinstance(value, (list, tuple)) else value
 
 
 def _names(value: Any, name: str) -> str | tuple[str, ...] | None:
@@ -115,6 +171,17 @@ class LoRAConfig:
       head (`lm_head`); None means PEFT's default for the Llama family,
       `["q_proj", "v_proj"]`.
     exclude_modules: modules never adapted (same matching; None: none).
+    rank_pattern: per-module ranks, PEFT's dict `{regex: r}`: the first key
+      that matches the end of a module's path (regex `(.*[.])?(key)$`) gives
+      its rank, others get `r`. Held as ordered `(key, r)` pairs.
+    alpha_pattern: per-module `lora_alpha`, the same way.
+    layers_to_transform: only the layers with these indices (an int or a
+      list) are adapted, as PEFT selects them: the index is the first
+      number after a `layers_pattern` entry (default: after any name) in
+      the module path, e.g. 3 in `model.layers.3.mlp.up_proj`. Needs a list
+      `target_modules` (PEFT refuses a regex string).
+    layers_pattern: the name before the layer index (e.g. "layers"); needs
+      `layers_to_transform`.
     use_rslora: rank-stabilised scaling `lora_alpha / sqrt(r)`.
     use_dora: weight-decomposed LoRA (a trained magnitude per output).
     bias: only "none" (no bias is trained).
@@ -152,6 +219,10 @@ class LoRAConfig:
   lora_dropout: float = 0.0
   target_modules: str | tuple[str, ...] | None = None
   exclude_modules: str | tuple[str, ...] | None = None
+  rank_pattern: tuple[tuple[str, int], ...] = ()
+  alpha_pattern: tuple[tuple[str, float], ...] = ()
+  layers_to_transform: int | tuple[int, ...] | None = None
+  layers_pattern: str | tuple[str, ...] | None = None
   use_rslora: bool = False
   use_dora: bool = False
   bias: str = "none"
@@ -164,14 +235,12 @@ class LoRAConfig:
       default_factory=dict, compare=False, hash=False, repr=False)
 
   def __post_init__(self):
-    r = self.r
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-      raise ValueError(f"LoRAConfig: `r` must be a positive int, got {r!r}.")
-    a = self.lora_alpha
-    if (isinstance(a, bool) or not isinstance(a, (int, float))
-        or not (a > 0 and math.isfinite(a))):
-      raise ValueError(
-          f"LoRAConfig: `lora_alpha` must be a finite number > 0, got {a!r}.")
+    _check_rank(self.r, "r")
+    _check_alpha(self.lora_alpha, "lora_alpha")
+    object.__setattr__(self, "rank_pattern", _pattern(
+        self.rank_pattern, "rank_pattern", _check_rank))
+    object.__setattr__(self, "alpha_pattern", _pattern(
+        self.alpha_pattern, "alpha_pattern", _check_alpha))
     d = self.lora_dropout
     if (isinstance(d, bool) or not isinstance(d, (int, float))
         or not 0 <= d < 1):
@@ -225,6 +294,20 @@ class LoRAConfig:
     if isinstance(self.target_modules, str) and (
         self.target_modules.lower() == ALL_LINEAR):
       object.__setattr__(self, "target_modules", ALL_LINEAR)
+    object.__setattr__(self, "layers_to_transform",
+                       _layers(self.layers_to_transform))
+    lp = self.layers_pattern
+    lp = None if _falsy(lp) else _names(lp, "layers_pattern")
+    object.__setattr__(self, "layers_pattern", lp)
+    for name in ("layers_to_transform", "layers_pattern"):  # PEFT's checks
+      if getattr(self, name) is not None and isinstance(
+          self.target_modules, str):
+        raise ValueError(
+            f"LoRAConfig: `{name}` cannot be used when `target_modules` is a "
+            f"string ({self.target_modules!r}); give a list of names.")
+    if self.layers_pattern is not None and self.layers_to_transform is None:
+      raise ValueError("LoRAConfig: `layers_pattern` needs "
+                       "`layers_to_transform`.")
     object.__setattr__(self, "extra", dict(self.extra))
 
   @property
@@ -233,6 +316,28 @@ class LoRAConfig:
     if self.use_rslora:
       return self.lora_alpha / math.sqrt(self.r)
     return self.lora_alpha / self.r
+
+  def rank_for(self, path: str) -> int:
+    """The rank of the adapter at dotted `path` (`rank_pattern`, else `r`).
+
+    Examples:
+      >>> cfg = LoRAConfig(r=8, rank_pattern={"v_proj": 4})
+      >>> cfg.rank_for("model.layers.0.self_attn.v_proj")
+      4
+    """
+    return _pattern_value(self.rank_pattern, path, self.r)
+
+  def scaling_for(self, path: str) -> float:
+    """The scale of the adapter at `path`, from its rank and alpha.
+
+    Examples:
+      >>> cfg = LoRAConfig(r=8, lora_alpha=16, alpha_pattern={"q_proj": 4})
+      >>> cfg.scaling_for("model.layers.0.self_attn.q_proj")
+      0.5
+    """
+    r = self.rank_for(path)
+    alpha = _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+    return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
   @property
   def all_linear(self) -> bool:
@@ -256,7 +361,17 @@ class LoRAConfig:
     if tm == ALL_LINEAR:
       raise ValueError("LoRAConfig.matches: 'all-linear' depends on the "
                        "model; use find_targets(model, config).")
-    return _match(DEFAULT_TARGET_MODULES if tm is None else tm, path)
+    names = DEFAULT_TARGET_MODULES if tm is None else tm
+    if not _match(names, path):
+      return False
+    if self.layers_to_transform is None or isinstance(names, str) or (
+        path in names):  # PEFT: an exact name skips the layer filter
+      return True
+    index = _layer_index(path, self.layers_pattern)
+    if index is None:
+      return False
+    want = self.layers_to_transform
+    return index == want if isinstance(want, int) else index in want
 
   def to_dict(self) -> dict[str, Any]:
     """The `adapter_config.json` contents (PEFT's field names).
@@ -279,6 +394,14 @@ class LoRAConfig:
         "exclude_modules": (self.exclude_modules
                             if not isinstance(self.exclude_modules, tuple)
                             else list(self.exclude_modules)),
+        "rank_pattern": dict(self.rank_pattern),
+        "alpha_pattern": dict(self.alpha_pattern),
+        "layers_to_transform": (list(self.layers_to_transform)
+                                if isinstance(self.layers_to_transform, tuple)
+                                else self.layers_to_transform),
+        "layers_pattern": (list(self.layers_pattern)
+                           if isinstance(self.layers_pattern, tuple)
+                           else self.layers_pattern),
         "use_rslora": self.use_rslora,
         "use_dora": self.use_dora,
         "bias": self.bias,
@@ -333,6 +456,29 @@ class LoRAConfig:
             "lora_dropout, target_modules, exclude_modules, use_rslora, "
             "use_dora and init_lora_weights).")
     return cls(**kwargs, extra=extra)
+
+
+def _pattern_value(pattern: tuple[tuple[str, Any], ...], path: str,
+                   default: Any) -> Any:
+  for key, value in pattern:
+    if re.match(_pattern_regex(key), path):
+      return value
+  return default
+
+
+def _layer_index(path: str, layers_pattern) -> int | None:
+  """PEFT's layer index of a module path: the first number after
+  `layers_pattern` (any name when None), followed by a "."."""
+  if layers_pattern is None:
+    match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+  else:
+    match = None
+    for name in ((layers_pattern,) if isinstance(layers_pattern, str)
+                 else layers_pattern):
+      match = re.match(rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.", path)
+      if match is not None:
+        break
+  return int(match.group("idx")) if match else None
 
 
 def _match(names: str | tuple[str, ...] | None, path: str) -> bool:
@@ -492,6 +638,9 @@ class LoRALinear(nnx.Module):
   Args:
     base_layer: the frozen `Linear` or `QuantizedLinear`.
     config: the hyperparameters (default `LoRAConfig()`).
+    path: the layer's dotted module path in its model, which picks its rank
+      and alpha from `config.rank_pattern` / `alpha_pattern` ("": `r` and
+      `lora_alpha`).
     lora_dtype: dtype of the adapter weights and of the adapter math.
     lora_A: initial `[r, in]` (default: `config.init_lora_weights`).
     lora_B: initial `[out, r]`.
@@ -509,7 +658,7 @@ class LoRALinear(nnx.Module):
   """
 
   def __init__(self, base_layer: nnx.Module, config: LoRAConfig | None = None,
-               *, lora_dtype: Any = jnp.float32,
+               *, path: str = "", lora_dtype: Any = jnp.float32,
                lora_A: jax.Array | None = None,
                lora_B: jax.Array | None = None,
                lora_magnitude_vector: jax.Array | None = None,
@@ -526,8 +675,8 @@ class LoRALinear(nnx.Module):
     self.config = config
     self.in_features = base_layer.in_features
     self.out_features = base_layer.out_features
-    self.r = config.r
-    self.scaling = config.scaling
+    self.r = config.rank_for(path)
+    self.scaling = config.scaling_for(path)
     self.use_dora = config.use_dora
     dt = lora_float_dtype(lora_dtype, "LoRALinear")
     needs = [n for n, v in (("lora_A", lora_A), ("lora_B", lora_B))
@@ -843,8 +992,8 @@ def attach_adapters(model: nnx.Module, config: LoRAConfig,
   linears = dict(linear_layers(model))
   for path in targets:
     kw = dict((weights or {}).get(path, {}))
-    layer = LoRALinear(linears[path], config, lora_dtype=lora_dtype,
-                       rngs=rngs, **kw)
+    layer = LoRALinear(linears[path], config, path=path,
+                       lora_dtype=lora_dtype, rngs=rngs, **kw)
     model = _replace(model, path, layer)
   return model
 
