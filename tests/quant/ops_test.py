@@ -909,3 +909,42 @@ def test_dequantize_4bit_table_lengths():
         qs, nested_code=qs.nested_code[:100]))
   with pytest.raises(TypeError, match="`quant_state` must be a QuantState"):
     F.dequantize_4bit(packed, qs.as_dict(packed=True))
+
+
+def test_bad_arguments_found_by_the_audit_name_the_argument():
+  """Each of these gave a raw XLA/numpy error or a silent wrong result."""
+  x = jnp.ones((3, 64), jnp.float32)
+  packed, qs = F.quantize_4bit(jnp.ones((16, 64)), quant_type="nf4")
+  with pytest.raises(TypeError, match=r"matmul_4bit: `dtype` must be one of "
+                     r"\('float32', 'float16', 'bfloat16'\), got int8"):
+    F.matmul_4bit(x, packed, qs, dtype=jnp.int8)
+  with pytest.raises(ValueError, match=r"matmul_4bit: packed `B` has 510 "
+                     r"bytes, expected \(n \+ 1\) // 2 = 512"):
+    F.matmul_4bit(x, packed[:-2], qs)
+  acc = jnp.ones((2, 3), jnp.int32)
+  row, col = jnp.ones(2), jnp.ones(3)
+  with pytest.raises(ValueError, match=r"`row_stats` must have one entry per "
+                     r"row of `A` \(2\), got shape \(3,\)"):
+    F.int8_mm_dequant(acc, col, col)
+  with pytest.raises(ValueError, match=r"`col_stats` must have one entry per "
+                     r"column of `A` \(3\), got shape \(2,\)"):
+    F.int8_mm_dequant(acc, row, row)
+  for bias in (jnp.ones(1), jnp.ones(2)):
+    with pytest.raises(ValueError, match=r"`bias` must have shape \(3,\)"):
+      F.int8_mm_dequant(acc, row, col, bias)
+  assert F.int8_mm_dequant(acc, row, col, jnp.ones(3)).shape == (2, 3)
+  p4, qs4 = F.quantize_4bit(jnp.ones(512), quant_type="fp4")
+  with pytest.raises(ValueError, match=r"dequantize_blockwise: `quant_state` "
+                     r"is a 4-bit \(fp4\) state .* dequantize_4bit"):
+    F.dequantize_blockwise(p4, qs4)
+  with pytest.raises(ValueError, match=r"int8_vectorwise_quant: `A` must have "
+                     "at least one dimension"):
+    F.int8_vectorwise_quant(jnp.float16(1.0))
+
+
+def test_create_linear_map_past_8_bits_as_bitsandbytes():
+  """bnb returns 2**bits values (less one when signed), no padding."""
+  assert F.create_linear_map(True, 9).shape == (511,)
+  assert F.create_linear_map(False, 9).shape == (512,)
+  np.testing.assert_array_equal(F.create_linear_map(False, 9)[[0, -1]],
+                                [0.0, 1.0])

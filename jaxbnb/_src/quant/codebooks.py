@@ -209,7 +209,8 @@ def create_linear_map(
     add_zero: keep an exact zero in a signed map (one fewer level).
 
   Returns:
-    A float32 array of 256 values.
+    A float32 array of 256 values (more than 8 bits: `2**total_bits`, less
+    one when signed, as bitsandbytes returns).
 
   Examples:
     >>> from jaxbnb.functional import create_linear_map
@@ -225,8 +226,10 @@ def create_linear_map(
   if gap == 0:
     return values
   half = values.size // 2
+  # More than 8 bits: more than 256 values and no padding (as bnb, whose
+  # `[0] * gap` is empty for a negative gap).
   return np.concatenate(
-      [values[:half], np.zeros(gap, _F32), values[half:]]
+      [values[:half], np.zeros(max(gap, 0), _F32), values[half:]]
   ).astype(_F32)
 
 

@@ -176,7 +176,9 @@ def matmul_4bit(
     raise ValueError(
         f"{fn}: `bias` must have shape ({n_out},), got {tuple(bias.shape)}."
     )
-  compute = jnp.dtype(dtype) if dtype is not None else A.dtype
+  ops.check_packed_4bit(B, quant_state, fn, "B")
+  compute = (jnp.dtype(validation.float_dtype_name(dtype, "dtype", fn))
+             if dtype is not None else A.dtype)
   x2d = jnp.asarray(A).astype(compute).reshape(-1, k)
   if bias is not None:
     bias = jnp.asarray(bias).astype(compute)

@@ -21,6 +21,7 @@ from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.state import QuantState
 
 __all__ = [
+    "check_packed_4bit",
     "double_quantize",
     "quantize_4bit",
     "dequantize_4bit",
@@ -227,20 +228,6 @@ def quantize_fp4(A, blocksize=None, compress_statistics=False,  # pylint: disabl
   return quantize_4bit(A, blocksize, compress_statistics, "fp4", quant_storage)
 
 
-def _float_dtype_name(dtype, name: str, fn: str) -> str:
-  """The name of `dtype`, which must be float32, float16 or bfloat16."""
-  try:
-    got = validation.dtype_name(dtype)
-  except TypeError:
-    got = None
-  if got not in validation.FLOAT_DTYPES:
-    raise TypeError(
-        f"{fn}: `{name}` must be one of {validation.FLOAT_DTYPES}, got "
-        f"{got or repr(dtype)}."
-    )
-  return got
-
-
 def _check_tables(qs: QuantState, code_size: int, fn: str,
                   code_name: str = "quant_state.code") -> None:
   """`qs.code` has `code_size` entries; a nested state's nested absmax
@@ -266,12 +253,13 @@ def _check_tables(qs: QuantState, code_size: int, fn: str,
     )
 
 
-def _check_packed(A, fn):  # pylint: disable=invalid-name
+def _check_packed(A, fn, name="A"):  # pylint: disable=invalid-name
   if not hasattr(A, "dtype"):
-    raise TypeError(f"{fn}: `A` must be an array, got {type(A).__name__}.")
+    raise TypeError(f"{fn}: `{name}` must be an array, got "
+                    f"{type(A).__name__}.")
   if validation.dtype_name(A.dtype) not in validation.QUANT_STORAGE_DTYPES:
     raise TypeError(
-        f"{fn}: packed `A` must have a quant_storage dtype "
+        f"{fn}: packed `{name}` must have a quant_storage dtype "
         f"{validation.QUANT_STORAGE_DTYPES}, got {validation.dtype_name(A.dtype)}."
     )
 
@@ -330,19 +318,38 @@ def dequantize_4bit(
     quant_state = QuantState(
         absmax=jnp.asarray(absmax, jnp.float32),
         code=jnp.asarray(codebooks.get_4bit_type(quant_type)),
-        shape=tuple(shape), dtype=_float_dtype_name(dtype, "dtype", fn),
+        shape=tuple(shape),
+        dtype=validation.float_dtype_name(dtype, "dtype", fn),
         blocksize=blocksize, quant_type=quant_type)
   elif not isinstance(quant_state, QuantState):
     raise TypeError(f"{fn}: `quant_state` must be a QuantState, got "
                     f"{type(quant_state).__name__}.")
   qs = quant_state
   validation.check_quant_type(qs.quant_type, "quant_state.quant_type", fn)
-  _float_dtype_name(qs.dtype, "quant_state.dtype", fn)
-  packed = from_storage(jnp.asarray(A))
+  validation.float_dtype_name(qs.dtype, "quant_state.dtype", fn)
+  check_packed_4bit(A, qs, fn)
+  out = dequantize_flat(from_storage(jnp.asarray(A)), qs)
+  return out.reshape(qs.shape)
+
+
+def check_packed_4bit(A, qs: QuantState, fn: str,  # pylint: disable=invalid-name
+                      name: str = "A") -> None:
+  """Packed 4-bit bytes `A` fit the state `qs`: their count, the absmax
+  length and the code tables, each error naming the argument.
+
+  Examples:
+    >>> packed, qs = quantize_4bit(jnp.ones((4, 64)), quant_type="nf4")
+    >>> check_packed_4bit(packed[:-1], qs, "f")
+    Traceback (most recent call last):
+    ...
+    ValueError: f: packed `A` has 127 bytes, expected (n + 1) // 2 = 128 for shape (4, 64).
+  """
+  _check_packed(A, fn, name)
   n = qs.numel
-  if packed.shape[0] != (n + 1) // 2:
+  nbytes = A.size * jnp.dtype(A.dtype).itemsize
+  if nbytes != (n + 1) // 2:
     raise ValueError(
-        f"{fn}: packed `A` has {packed.shape[0]} bytes, expected "
+        f"{fn}: packed `{name}` has {nbytes} bytes, expected "
         f"(n + 1) // 2 = {(n + 1) // 2} for shape {qs.shape}."
     )
   if qs.absmax.shape[0] != -(-n // qs.blocksize):
@@ -352,8 +359,6 @@ def dequantize_4bit(
         f"and blocksize {qs.blocksize}."
     )
   _check_tables(qs, 16, fn)
-  out = dequantize_flat(packed, qs)
-  return out.reshape(qs.shape)
 
 
 def dequantize_flat(packed: jax.Array, qs: QuantState, dtype=None,
@@ -516,8 +521,12 @@ def dequantize_blockwise(
                     f"{type(quant_state).__name__}.")
   else:
     what = "quant_state.absmax", "quant_state.code"
-    _float_dtype_name(quant_state.dtype, "quant_state.dtype", fn)
+    validation.float_dtype_name(quant_state.dtype, "quant_state.dtype", fn)
   qs = quant_state
+  if qs.quant_type in validation.QUANT_TYPES:
+    raise ValueError(
+        f"{fn}: `quant_state` is a 4-bit ({qs.quant_type}) state from "
+        "quantize_4bit; dequantize its codes with dequantize_4bit.")
   nb = -(-A.size // qs.blocksize)
   if math.prod(jnp.shape(qs.absmax)) != nb:
     raise ValueError(
@@ -588,6 +597,9 @@ def int8_vectorwise_quant_mask(A: jax.Array, threshold: float = 0.0):  # pylint:
   """
   fn = "int8_vectorwise_quant"
   validation.check_float_array(A, "A", fn)
+  if A.ndim < 1:
+    raise ValueError(f"{fn}: `A` must have at least one dimension (rows of "
+                     f"columns), got a scalar of shape {tuple(A.shape)}.")
   threshold = float(threshold)
   if threshold < 0.0 or math.isnan(threshold):
     raise ValueError(f"{fn}: `threshold` must be >= 0, got {threshold}.")
@@ -647,6 +659,11 @@ def int8_mm_dequant(
 
   Returns:
     float16 `[rows, cols]`.
+
+  Raises:
+    TypeError: `A` is not int32.
+    ValueError: `row_stats` / `col_stats` without one entry per row /
+      column of `A`, or a `bias` that is not `[cols]`.
   """
   fn = "int8_mm_dequant"
   if not hasattr(A, "dtype") or A.dtype != jnp.int32:
@@ -654,9 +671,21 @@ def int8_mm_dequant(
         f"{fn}: `A` must be int32, got {getattr(A, 'dtype', type(A).__name__)}."
     )
   A = jnp.asarray(A)
+  if A.ndim < 1:
+    raise ValueError(f"{fn}: `A` must be [rows, cols], got a scalar.")
   a2d = A.reshape(-1, A.shape[-1])
-  out = reference.int8_mm_dequant(a2d, jnp.asarray(row_stats).reshape(-1),
-                                  jnp.asarray(col_stats).reshape(-1), bias)
+  rows, cols = a2d.shape
+  row_stats, col_stats = jnp.asarray(row_stats), jnp.asarray(col_stats)
+  for name, stats, want, what in (("row_stats", row_stats, rows, "row"),
+                                  ("col_stats", col_stats, cols, "column")):
+    if stats.size != want:
+      raise ValueError(f"{fn}: `{name}` must have one entry per {what} of "
+                       f"`A` ({want}), got shape {tuple(stats.shape)}.")
+  if bias is not None and tuple(jnp.shape(bias)) != (cols,):
+    raise ValueError(f"{fn}: `bias` must have shape ({cols},) (one entry per "
+                     f"column of `A`), got {tuple(jnp.shape(bias))}.")
+  out = reference.int8_mm_dequant(a2d, row_stats.reshape(-1),
+                                  col_stats.reshape(-1), bias)
   return out.reshape(A.shape)
 
 

@@ -45,6 +45,20 @@ def check_dtype(value, name: str, fn: str) -> jnp.dtype:
                     f"'float32'), got {value!r}.") from None
 
 
+def float_dtype_name(dtype, name: str, fn: str) -> str:
+  """The name of `dtype`, which must be float32, float16 or bfloat16."""
+  try:
+    got = dtype_name(dtype)
+  except TypeError:
+    got = None
+  if got not in FLOAT_DTYPES:
+    raise TypeError(
+        f"{fn}: `{name}` must be one of {FLOAT_DTYPES}, got "
+        f"{got or repr(dtype)}."
+    )
+  return got
+
+
 def check_float_array(a, name: str, fn: str) -> None:
   """`a` must be a non-empty fp32/fp16/bf16 array."""
   if not hasattr(a, "dtype") or not hasattr(a, "shape"):
