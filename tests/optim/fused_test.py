@@ -234,6 +234,7 @@ GPU_CASES = [
     ("lion8bit", dict(learning_rate=1e-4, weight_decay=0.1), jnp.float32),
     ("sgd8bit", dict(learning_rate=1e-2, momentum=0.9, weight_decay=0.01),
      jnp.bfloat16),
+    ("lamb8bit", dict(learning_rate=1e-3, weight_decay=0.01), jnp.float32),
 ]
 
 
