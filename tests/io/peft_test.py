@@ -35,6 +35,7 @@ from jaxbnb.lora import LoRAConfig
 from jaxbnb.lora import LoRALinear
 from jaxbnb.lora import adapter_state_dict
 from jaxbnb.lora import apply_lora
+from jaxbnb.lora import find_targets
 from jaxbnb.lora import load_adapter
 from jaxbnb.lora import merge_lora
 from jaxbnb.lora import read_adapter
@@ -542,3 +543,43 @@ def test_lm_head_base_weight_over_a_quantized_head_is_refused():
 def lora_layers_of(model):
   return [p for p, node in nnx.iter_graph(model)
           if isinstance(node, LoRALinear)]
+
+
+def test_overlapping_patterns_keep_their_order_through_a_save(tmp_path):
+  """The first matching pattern key applies (PEFT's get_pattern_key), so
+  save_adapter writes the pattern dicts in their order (PEFT's own
+  save_pretrained sorts them, which changes the model it loads back)."""
+  cfg = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                   alpha_pattern={"self_attn.*": 2, "q_proj": 32},
+                   rank_pattern={"v_proj|q_proj": 2, "q_proj": 6},
+                   init_lora_weights=False)
+  model = apply_lora(tiny(), cfg, rngs=nnx.Rngs(0))
+  q = model.model.layers[0].self_attn.q_proj
+  assert (q.r, q.scaling) == (2, 1.0)
+  out = pathlib.Path(save_adapter(model, tmp_path / "a"))
+  text = (out / "adapter_config.json").read_text()
+  assert text.index('"self_attn.*"') < text.index('"q_proj": 32')
+  assert text.index('"v_proj|q_proj"') < text.index('"q_proj": 6')
+  keys = list(json.loads(text))
+  assert keys == sorted(keys)  # the rest sorted, as PEFT writes it
+  again = load_adapter(tiny(), out)
+  q2 = again.model.layers[0].self_attn.q_proj
+  assert (q2.r, q2.scaling) == (2, 1.0)
+
+
+def test_layer_options_as_peft_reads_them():
+  # PEFT accepts an empty layers_to_transform beside a layers_pattern
+  # (no layer filter) and refuses it beside a target_modules string.
+  cfg = LoRAConfig(target_modules=["v_proj"], layers_to_transform=[],
+                   layers_pattern="layers")
+  assert sorted(find_targets(tiny(), cfg)) == [
+      "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+  with pytest.raises(ValueError, match="`layers_to_transform` cannot be used"):
+    LoRAConfig(target_modules="all-linear", layers_to_transform=[])
+  with pytest.raises(ValueError, match=r"matches no linear layer of "
+                     r"LlamaForCausalLM in the layers layers_to_transform="
+                     r"\(5,\) \(layers_pattern='layers'\) selects"):
+    apply_lora(tiny(), LoRAConfig(target_modules=["v_proj"],
+                                  layers_to_transform=[5],
+                                  layers_pattern="layers"),
+               rngs=nnx.Rngs(0))

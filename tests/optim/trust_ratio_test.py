@@ -256,3 +256,13 @@ def test_lamb8bit_with_32bit_states_takes_any_max_unorm():
   opt = optim.lamb8bit(max_unorm=0.5, optim_bits=32)
   state = opt.init({"w": jnp.ones((64, 80))})
   assert state.state1["w"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.lars32bit(0.1, 0.9, nesterov="yes"),
+    lambda: optim.sgd8bit(0.1, 0.9, nesterov=1),
+])
+def test_nesterov_must_be_a_bool(make):
+  with pytest.raises(ValueError, match=r"nesterov must be a bool, got "
+                     r"nesterov="):
+    make()

@@ -164,9 +164,27 @@ def adapter_config(model: nnx.Module, *,
   return d
 
 
+# Dicts whose key order is meaning: the first matching key wins.
+_ORDERED = ("rank_pattern", "alpha_pattern")
+
+
+def _sorted(data: Any, ordered: bool = False) -> Any:
+  """`data` with dict keys sorted (PEFT writes `sort_keys=True`), except
+  the pattern dicts, whose order decides which key applies."""
+  if isinstance(data, dict):
+    items = data.items() if ordered else sorted(data.items())
+    return {k: _sorted(v, k in _ORDERED) for k, v in items}
+  if isinstance(data, list):
+    return [_sorted(v) for v in data]
+  return data
+
+
 def _write_json(path: str, data: Any) -> None:
+  # PEFT's save_pretrained sorts every key, the pattern dicts' too, which
+  # changes which overlapping pattern applies when they are read back:
+  # jaxbnb keeps their order (PEFT reads them in file order).
   with open(path, "w", encoding="utf-8") as f:
-    f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    f.write(json.dumps(_sorted(data), indent=2) + "\n")
 
 
 def save_adapter(model: nnx.Module, path: str | os.PathLike, *,

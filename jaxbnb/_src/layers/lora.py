@@ -294,20 +294,21 @@ class LoRAConfig:
     if isinstance(self.target_modules, str) and (
         self.target_modules.lower() == ALL_LINEAR):
       object.__setattr__(self, "target_modules", ALL_LINEAR)
-    object.__setattr__(self, "layers_to_transform",
-                       _layers(self.layers_to_transform))
-    lp = self.layers_pattern
-    lp = None if _falsy(lp) else _names(lp, "layers_pattern")
-    object.__setattr__(self, "layers_pattern", lp)
-    for name in ("layers_to_transform", "layers_pattern"):  # PEFT's checks
+    # PEFT's checks, on the values as given ([] is not None there).
+    for name in ("layers_to_transform", "layers_pattern"):
       if getattr(self, name) is not None and isinstance(
           self.target_modules, str):
         raise ValueError(
             f"LoRAConfig: `{name}` cannot be used when `target_modules` is a "
             f"string ({self.target_modules!r}); give a list of names.")
-    if self.layers_pattern is not None and self.layers_to_transform is None:
+    if self.layers_pattern and self.layers_to_transform is None:
       raise ValueError("LoRAConfig: `layers_pattern` needs "
                        "`layers_to_transform`.")
+    ltt = _layers(self.layers_to_transform)
+    object.__setattr__(self, "layers_to_transform", ltt)
+    lp = self.layers_pattern
+    lp = None if _falsy(lp) or ltt is None else _names(lp, "layers_pattern")
+    object.__setattr__(self, "layers_pattern", lp)
     object.__setattr__(self, "extra", dict(self.extra))
 
   @property
@@ -424,9 +425,9 @@ class LoRAConfig:
     Raises:
       ValueError: `peft_type` is not "LORA", or a bad value.
       NotImplementedError: an option that changes the adapter's math and
-        that jaxbnb does not implement (`rank_pattern`, `alpha_pattern`,
-        `layers_to_transform`, `lora_bias`, `modules_to_save`, variants
-        such as aLoRA or QALoRA, ... set away from its default), naming it.
+        that jaxbnb does not implement (`lora_bias`, `modules_to_save`,
+        `trainable_token_indices`, variants such as aLoRA or QALoRA, ...
+        set away from its default), naming it.
     """
     if not isinstance(d, Mapping):
       raise ValueError("LoRAConfig.from_dict: expected a JSON object, got "
@@ -453,7 +454,8 @@ class LoRAConfig:
         raise NotImplementedError(
             f"LoRAConfig.from_dict: {key}={value!r} changes the adapter's "
             "math and is not supported by jaxbnb (it supports r, lora_alpha, "
-            "lora_dropout, target_modules, exclude_modules, use_rslora, "
+            "lora_dropout, target_modules, exclude_modules, rank_pattern, "
+            "alpha_pattern, layers_to_transform, layers_pattern, use_rslora, "
             "use_dora and init_lora_weights).")
     return cls(**kwargs, extra=extra)
 
@@ -933,10 +935,15 @@ def find_targets(model: nnx.Module, config: LoRAConfig) -> list[str]:
           f"{_FLAX_LINEAR_HINT}")
     names = sorted({p.rsplit(".", 1)[-1] for p in linears})
     example = next(iter(linears), None)
+    layers = ""
+    if config.layers_to_transform is not None:
+      layers = (f" in the layers layers_to_transform="
+                f"{config.layers_to_transform!r} (layers_pattern="
+                f"{config.layers_pattern!r}) selects")
     raise ValueError(
         f"target_modules={config.target_modules!r} matches no linear layer "
-        f"of {type(model).__name__}; its linear layers are named {names} "
-        f"(full paths such as {example!r}).")
+        f"of {type(model).__name__}{layers}; its linear layers are named "
+        f"{names} (full paths such as {example!r}).")
   return found
 
 

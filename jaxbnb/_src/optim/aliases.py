@@ -708,6 +708,7 @@ def _lion(fn, learning_rate, b1, b2, weight_decay, optim_bits, min_8bit_size,
 def _sgd(fn, learning_rate, momentum, nesterov, weight_decay, optim_bits,
          min_8bit_size, override, paged):
   hyper_checks.check_momentum(fn, momentum)
+  hyper_checks.check_bool(fn, "nesterov", nesterov)
   hyper = Hyper("momentum", beta1=momentum, beta2=0.0, nesterov=nesterov,
                 weight_decay=weight_decay)
   return bnb_alias(fn, hyper, learning_rate, optim_bits, min_8bit_size,

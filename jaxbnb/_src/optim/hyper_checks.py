@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["TRACED", "check_ademamix", "check_beta", "check_momentum",
+__all__ = ["TRACED", "check_ademamix", "check_beta", "check_bool",
+           "check_momentum",
            "check_nonneg", "check_rmsprop", "number", "settings",
            "static_int", "steps"]
 
@@ -64,6 +65,12 @@ def check_beta(fn: str, name: str, value) -> None:
   if v is not None and not 0.0 <= v < 1.0:
     raise ValueError(f"{fn}: {name} must be in [0, 1), got {name}={v!r}."
                      + rounded_hint(value))
+
+
+def check_bool(fn: str, name: str, value) -> None:
+  """A static flag must be a bool (a truthy string would switch it on)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{fn}: {name} must be a bool, got {name}={value!r}.")
 
 
 def check_momentum(fn: str, momentum) -> None:

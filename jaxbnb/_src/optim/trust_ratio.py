@@ -50,6 +50,7 @@ def _lamb(fn, learning_rate, b1, b2, eps, weight_decay, max_unorm,
 def _lars(fn, learning_rate, momentum, dampening, weight_decay, nesterov,
           max_unorm, optim_bits, min_8bit_size, override, paged):
   hyper_checks.check_momentum(fn, momentum)
+  hyper_checks.check_bool(fn, "nesterov", nesterov)
   hyper_checks.check_nonneg(fn, "max_unorm", max_unorm)
   damp = hyper_checks.number(fn, "dampening", dampening)
   if damp is not None and damp != 0.0:
