@@ -666,6 +666,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "    if True or isinstance(names, str) or (",
            ("tests/io/peft_test.py::test_golden_resave_gives_peft_s_files"
             "[llama3_patterns_layers]",)),
+    # modules_to_save: PEFT's plain suffix test (no "." boundary), and the
+    # saved copies must be loaded.
+    Mutant("modules-to-save-dot-boundary",
+           "jaxbnb/_src/layers/modules_to_save.py",
+           "    if not any(path.endswith(n) for n in names):",
+           "    if not any(path == n or path.endswith('.' + n) for n in names):",
+           ("tests/io/peft_test.py::test_golden_logits_match_peft"
+            "[llama3_modules_to_save]",)),
+    Mutant("modules-to-save-not-loaded", "jaxbnb/_src/io/peft.py",
+           "  for var, value in saved_values.values():\n    var.set_value(value)",
+           "  for var, value in saved_values.values():\n    pass",
+           ("tests/io/peft_test.py::test_golden_logits_match_peft"
+            "[mistral_modules_to_save_embed_mlp]",)),
 )
 # fmt: on
 

@@ -22,6 +22,11 @@ writes expected.npz there:
                                  key in adapter_model.safetensors
   merged_logits [2, 8, V]        logits after merge_and_unload()
 
+The *_modules_to_save* cases also train whole modules (PEFT's
+`modules_to_save`); their copies are scaled by random factors so that they
+differ from the base, and are saved under the modules' own names
+(base_model.model.lm_head.weight).
+
 llama3_lm_head_auto adapts lm_head, so PEFT's default
 save_embedding_layers="auto" also saves the untied head's own weight as
 base_model.model.lm_head.base_layer.weight (no gradient: not trainable).
@@ -83,6 +88,15 @@ CASES = {
         r=8, lora_alpha=8, target_modules=["k_proj", "o_proj", "up_proj"],
         use_rslora=True, rank_pattern={"up_proj": 4},
         alpha_pattern={r"self_attn\.o_proj": 2}, layers_to_transform=0)),
+    # Whole modules trained beside the adapters (PEFT's plain suffix test:
+    # "norm" also selects every input_layernorm/post_attention_layernorm).
+    "llama3_modules_to_save": ("llama3", False, dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+        modules_to_save=["lm_head", "norm"])),
+    # The embeddings and one whole MLP block (its three float linears).
+    "mistral_modules_to_save_embed_mlp": ("mistral", False, dict(
+        r=4, lora_alpha=16, target_modules=["k_proj", "o_proj"],
+        modules_to_save=["embed_tokens", "layers.1.mlp"])),
 }
 
 
@@ -90,6 +104,8 @@ def saved_key(name: str) -> str:
   """A PEFT parameter name -> its key in adapter_model.safetensors."""
   name = name.replace(".lora_magnitude_vector.default.weight",
                       ".lora_magnitude_vector")
+  # a modules_to_save copy is saved under the module's own names
+  name = name.replace(".modules_to_save.default.", ".")
   return name.replace(".default.", ".")
 
 
@@ -120,6 +136,9 @@ def make_case(case, base, quantize, lora_kwargs, seed):
   with torch.no_grad():
     for name, p in pm.named_parameters():
       if "lora_magnitude_vector" in name:
+        noise = 1 + 0.2 * torch.randn(p.shape, generator=gen)
+        p.mul_(noise.to(p.device))
+      if ".modules_to_save." in name:  # the trained copies differ too
         noise = 1 + 0.2 * torch.randn(p.shape, generator=gen)
         p.mul_(noise.to(p.device))
   pm.eval()

@@ -260,8 +260,10 @@ def test_load_errors(tmp_path):
   with pytest.raises(ValueError, match=r"q_proj.lora_A.weight.*\[4, 32\], "
                      r"the model needs \[2, 32\] \(r=2"):
     load("pattern", cfg={**config, "rank_pattern": {"q_proj": 2}})
-  with pytest.raises(NotImplementedError, match="modules_to_save"):
-    load("save", cfg={**config, "modules_to_save": ["lm_head"]})
+  # a whole module's tensor that the config's modules_to_save does not name
+  with pytest.raises(NotImplementedError, match="modules_to_save selects"):
+    load("save", ten={**tensors, "base_model.model.lm_head.weight":
+                      np.zeros((4, 4), np.float32)})
   with pytest.raises(ValueError, match="peft_type"):
     load("ia3", cfg={**config, "peft_type": "IA3"})
   with pytest.raises(ValueError, match="not start with"):
@@ -332,6 +334,8 @@ CASES = {
     "llama3_nf4_dora": ("llama3", Q4),
     "llama3_patterns_layers": ("llama3", None),
     "mistral_rslora_patterns": ("mistral", None),
+    "llama3_modules_to_save": ("llama3", None),
+    "mistral_modules_to_save_embed_mlp": ("mistral", None),
 }
 # Logits: the float base models match transformers to 1e-5 of the largest
 # logit (tests/models/llama_test.py); the adapters add float32 matmuls of

@@ -33,6 +33,8 @@ from jaxbnb._src.layers.lora import attach_adapters
 from jaxbnb._src.layers.lora import find_targets
 from jaxbnb._src.layers.lora import linear_layers
 from jaxbnb._src.layers.lora import lora_layers
+from jaxbnb._src.layers.lora import saved_module_params
+from jaxbnb._src.layers import modules_to_save
 from jaxbnb._src.quant.state import to_numpy
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "KEY_PREFIX",
@@ -79,6 +81,8 @@ def adapter_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     base_model.model.lora_B.weight (4, 2) float32
   """
   out = {}
+  for path, var in saved_module_params(model).items():
+    out[KEY_PREFIX + path] = to_numpy(var.get_value())
   for path, layer in lora_layers(model):
     prefix = KEY_PREFIX + (path + "." if path else "")
     out[prefix + "lora_A.weight"] = to_numpy(layer.lora_A[...])
@@ -156,12 +160,33 @@ def adapter_config(model: nnx.Module, *,
       d["target_modules"] = minimal_target_modules(wrapped, others)
     else:
       d["target_modules"] = sorted(wrapped)
+  d["modules_to_save"] = _modules_to_save_entry(
+      config.modules_to_save, list(saved_module_params(model)))
   name = base_model_name_or_path or config.base_model_name_or_path
   if name is None:
     name = paths.source_of(model)
   d["base_model_name_or_path"] = name
   d["inference_mode"] = True
   return d
+
+
+def _modules_to_save_entry(names: tuple[str, ...] | None,
+                           params: list[str]) -> list[str] | None:
+  """`modules_to_save` for the config: the config's entries when they
+  select the modules of `params` (dotted param paths), else those modules'
+  paths; None without trained whole modules."""
+  if not params:
+    return None
+  modules = sorted({p.rsplit(".", 1)[0] for p in params})
+
+  def selected(module: str) -> bool:  # the module or one above it
+    parts = module.split(".")
+    return any(".".join(parts[:i]).endswith(n) for n in names
+               for i in range(1, len(parts) + 1))
+
+  if names and all(selected(m) for m in modules):
+    return list(names)
+  return modules
 
 
 # Dicts whose key order is meaning: the first matching key wins.
@@ -292,8 +317,8 @@ def _group(tensors: dict[str, np.ndarray], w_path: str
       raise NotImplementedError(
           f"load_adapter: {w_path!r}: tensor {key!r} is not a LoRA A/B "
           "weight, a DoRA magnitude or an adapted layer's base_layer "
-          "weight/bias (lora_bias, embedding adapters and modules_to_save "
-          "are not supported).")
+          "weight/bias, nor a parameter of a module its modules_to_save "
+          "selects (lora_bias and embedding adapters are not supported).")
     if arg in modules.setdefault(path, {}):
       raise ValueError(f"load_adapter: {w_path!r}: two tensors for "
                        f"{path!r}.{arg} ({modules[path][arg][0]!r}, {key!r}).")
@@ -343,6 +368,13 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
         "merge_lora or unload_lora first.")
   if not tensors:
     raise ValueError(f"load_adapter: {w_path!r} holds no tensors.")
+  saved = modules_to_save.find_modules_to_save(
+      model, config.modules_to_save, [], fn=f"load_adapter: {folder!r}")
+  saved_values = _saved_module_values(model, saved, tensors, w_path)
+  tensors = {k: v for k, v in tensors.items()
+             if k[len(KEY_PREFIX):] not in saved_values}
+  if not tensors:
+    raise ValueError(f"load_adapter: {w_path!r} holds no LoRA tensors.")
   modules = _group(tensors, w_path)
   linears = dict(linear_layers(model))
   unknown = sorted(p for p in modules if p not in linears)
@@ -403,13 +435,54 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
         raise ValueError(f"load_adapter: {w_path!r}: tensor {key!r} has "
                          f"dtype {value.dtype}, expected a float.")
     weights[p] = {arg: jnp.asarray(v) for arg, (_, v) in got.items()}
+  modules_to_save.find_modules_to_save(  # a saved module adapted too?
+      model, config.modules_to_save, list(weights),
+      fn=f"load_adapter: {folder!r}")
   if rngs is None:
     rngs = nnx.Rngs(0)
   for var, value in base_values:  # all checked: now PEFT's overwrite
     var.set_value(value)
+  for var, value in saved_values.values():
+    var.set_value(value)
   model = attach_adapters(model, config, list(weights), rngs=rngs,
                           lora_dtype=lora_dtype, weights=weights)
+  modules_to_save.make_trainable(model, saved)
   return model
+
+
+def _saved_module_values(model: nnx.Module, saved: list[str],
+                         tensors: dict[str, np.ndarray], w_path: str
+                         ) -> dict[str, tuple[nnx.Variable, Any]]:
+  """`{dotted param path: (variable, new value)}` for the tensors of the
+  modules trained whole (`modules_to_save`, saved under their own names).
+
+  PEFT loads them into its copy of the module (`load_state_dict`, cast to
+  the parameter's dtype; a param without a tensor keeps the original
+  value); jaxbnb checks shape and dtype first.
+  """
+  out = {}
+  for path in saved:
+    params = modules_to_save.module_params(
+        modules_to_save.module_at(model, path))
+    for name, var in params.items():
+      key = f"{KEY_PREFIX}{path}.{name}"
+      if key not in tensors:
+        continue
+      value = tensors[key]
+      want = tuple(var.get_value().shape)
+      if tuple(value.shape) != want:
+        raise ValueError(
+            f"load_adapter: {w_path!r}: tensor {key!r} (a modules_to_save "
+            f"module's {name}) has shape {list(value.shape)}, the model's "
+            f"{path}.{name} is {list(want)} (a resized vocabulary or "
+            "another base model?).")
+      if not np.issubdtype(value.dtype, np.floating) and (
+          value.dtype.name != "bfloat16"):
+        raise ValueError(f"load_adapter: {w_path!r}: tensor {key!r} has "
+                         f"dtype {value.dtype}, expected a float.")
+      out[f"{path}.{name}"] = (
+          var, jnp.asarray(value).astype(var.get_value().dtype))
+  return out
 
 
 def _base_value(w_path: str, path: str, layer: nnx.Module, arg: str,

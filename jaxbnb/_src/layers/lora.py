@@ -42,6 +42,7 @@ from jaxbnb._src.layers.dense4bit import Dense4bit
 from jaxbnb._src.layers.dense4bit import default_kernel_init
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.layers.linear import precision_for
+from jaxbnb._src.layers import modules_to_save
 from jaxbnb._src.quant import int8
 from jaxbnb._src.quant import ops
 from jaxbnb._src.quant.weights import Int8Params
@@ -53,7 +54,7 @@ __all__ = [
     "LoRALinear", "Dense4bitLoRA", "apply_lora", "merge_lora", "unload_lora",
     "attach_adapters", "find_targets", "linear_layers", "lora_layers",
     "lora_output", "dora_weight_norm", "dense_weight", "init_lora_A",
-    "init_lora_B",
+    "init_lora_B", "saved_module_params",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -116,6 +117,22 @@ def _pattern(value: Any, name: str, check) -> tuple[tuple[str, Any], ...]:
                        f"regex: {e}") from e
     check(v, f"{name}[{key!r}]")
   return items
+
+
+def _modules_to_save(value: Any) -> tuple[str, ...] | None:
+  """`modules_to_save`: None or a tuple of non-empty names."""
+  if _falsy(value):
+    return None
+  if isinstance(value, str) or not isinstance(value, Iterable):
+    # PEFT iterates the value: a string would select by single letters.
+    raise ValueError("LoRAConfig: `modules_to_save` must be a list of module "
+                     f"names (e.g. ['lm_head']) or None, got {value!r}.")
+  value = tuple(sorted(value) if isinstance(value, (set, frozenset))
+                else value)
+  if not all(isinstance(v, str) and v for v in value):
+    raise ValueError("LoRAConfig: `modules_to_save` must hold non-empty "
+                     f"strings, got {value!r}.")
+  return value
 
 
 def _pattern_regex(key: str) -> str:
@@ -189,8 +206,11 @@ class LoRAConfig:
       default, bound `1/sqrt(in)`), B zeros (the adapted model starts equal
       to the base); "gaussian": A normal with std `1/r`, B zeros; False: B
       kaiming-uniform too (the model changes at once; for tests).
-    modules_to_save: only None (fully trained module copies are not
-      supported).
+    modules_to_save: modules trained whole beside the adapters (PEFT's
+      `ModulesToSaveWrapper`), e.g. `["lm_head"]`: every module whose path
+      ends with an entry (a plain suffix test, as PEFT's). Their params
+      become `nnx.LoRAParam`s and are saved in the adapter file; float
+      modules only, on models with untied embeddings.
     fan_in_fan_out: only False (jaxbnb's linears store `[out, in]`).
     task_type: PEFT's task type, recorded ("CAUSAL_LM").
     base_model_name_or_path: the base model the adapter belongs to,
@@ -200,9 +220,9 @@ class LoRAConfig:
 
   Raises:
     ValueError: for a bad r, lora_alpha, lora_dropout, regex or init value.
-    NotImplementedError: for `bias` other than "none", `modules_to_save`,
-      `fan_in_fan_out`, and PEFT initialisations that change the base
-      weights ("pissa", "olora", "loftq", "corda", ...).
+    NotImplementedError: for `bias` other than "none", `fan_in_fan_out`,
+      and PEFT initialisations that change the base weights ("pissa",
+      "olora", "loftq", "corda", ...).
 
   Examples:
     >>> from jaxbnb.lora import LoRAConfig
@@ -274,12 +294,8 @@ class LoRAConfig:
       raise NotImplementedError(
           "LoRAConfig: fan_in_fan_out=True (GPT-2 style Conv1D weights) is "
           "not supported; jaxbnb's linears store [out, in] weights.")
-    if not _falsy(self.modules_to_save):
-      raise NotImplementedError(
-          f"LoRAConfig: modules_to_save={self.modules_to_save!r} (fully "
-          "trained copies of whole modules) is not supported by jaxbnb; "
-          "only LoRA adapters on linear layers are.")
-    object.__setattr__(self, "modules_to_save", None)
+    object.__setattr__(self, "modules_to_save",
+                       _modules_to_save(self.modules_to_save))
     for name in ("target_modules", "exclude_modules"):
       value = _names(getattr(self, name), name)
       if isinstance(value, str) and value.lower() != ALL_LINEAR:
@@ -407,7 +423,8 @@ class LoRAConfig:
         "use_dora": self.use_dora,
         "bias": self.bias,
         "init_lora_weights": self.init_lora_weights,
-        "modules_to_save": None,
+        "modules_to_save": (None if self.modules_to_save is None
+                            else list(self.modules_to_save)),
         "fan_in_fan_out": False,
     })
     return out
@@ -425,7 +442,7 @@ class LoRAConfig:
     Raises:
       ValueError: `peft_type` is not "LORA", or a bad value.
       NotImplementedError: an option that changes the adapter's math and
-        that jaxbnb does not implement (`lora_bias`, `modules_to_save`,
+        that jaxbnb does not implement (`lora_bias`,
         `trainable_token_indices`, variants such as aLoRA or QALoRA, ...
         set away from its default), naming it.
     """
@@ -456,7 +473,7 @@ class LoRAConfig:
             "math and is not supported by jaxbnb (it supports r, lora_alpha, "
             "lora_dropout, target_modules, exclude_modules, rank_pattern, "
             "alpha_pattern, layers_to_transform, layers_pattern, use_rslora, "
-            "use_dora and init_lora_weights).")
+            "use_dora, init_lora_weights and modules_to_save).")
     return cls(**kwargs, extra=extra)
 
 
@@ -1011,7 +1028,9 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs,
 
   Each targeted float `Linear` or `QuantizedLinear` (e.g. a 4-bit
   `Linear4bit`: QLoRA) is replaced by a `LoRALinear` holding it; the module
-  paths stay the Hugging Face names. Train the adapters with
+  paths stay the Hugging Face names. The params of the modules
+  `config.modules_to_save` selects (e.g. a float `lm_head`) become
+  `nnx.LoRAParam`s, trained whole. Train with
   `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`.
 
   Args:
@@ -1029,9 +1048,11 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs,
     TypeError: `config` is not a `LoRAConfig`, or `lora_dtype` is not a
       floating-point dtype.
     ValueError: nothing matches `target_modules`, a match is not a linear,
-      or the model already has adapters.
+      the model already has adapters, or a `modules_to_save` entry selects
+      nothing, a LoRA target or a quantized module.
     NotImplementedError: a match is a plain `flax.nnx.Linear`, or the model
-      has only those (convert them with `jaxbnb.nnx.quantize_params`).
+      has only those (convert them with `jaxbnb.nnx.quantize_params`);
+      `modules_to_save` selects tied embeddings or a tied output head.
 
   Examples:
     >>> import jax
@@ -1058,8 +1079,12 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs,
   lora_float_dtype(lora_dtype, "apply_lora")
   _check_fresh(model, "apply_lora")
   targets = find_targets(model, config)
-  return attach_adapters(model, config, targets, rngs=rngs,
-                         lora_dtype=lora_dtype)
+  saved = modules_to_save.find_modules_to_save(
+      model, config.modules_to_save, targets, fn="apply_lora")
+  model = attach_adapters(model, config, targets, rngs=rngs,
+                          lora_dtype=lora_dtype)
+  modules_to_save.make_trainable(model, saved)
+  return model
 
 
 def merge_lora(model: nnx.Module, *, requantize: bool = True) -> nnx.Module:
@@ -1078,7 +1103,8 @@ def merge_lora(model: nnx.Module, *, requantize: bool = True) -> nnx.Module:
   its compute dtype is the base's, or the weight's when that is None).
 
   The adapters are gone afterwards: save them first (`save_adapter`) or
-  keep a copy (`nnx.clone`) to go back.
+  keep a copy (`nnx.clone`) to go back. Modules trained whole
+  (`modules_to_save`) keep their trained values, as `nnx.Param`s again.
 
   Args:
     model: a model with `LoRALinear` layers.
@@ -1095,11 +1121,15 @@ def merge_lora(model: nnx.Module, *, requantize: bool = True) -> nnx.Module:
     raise ValueError("merge_lora: the model has no LoRA adapters.")
   for path, layer in layers:
     model = _replace(model, path, layer.merge(requantize=requantize))
+  modules_to_save.make_frozen(model, _is_lora)
   return model
 
 
 def unload_lora(model: nnx.Module) -> nnx.Module:
   """Removes every adapter, restoring the base layers (PEFT's `unload`).
+
+  As in PEFT, modules trained whole (`modules_to_save`) keep their trained
+  values (as `nnx.Param`s again); PEFT's `unload` keeps the trained copy.
 
   Returns:
     The model (the base layer itself when `model` is a `LoRALinear`).
@@ -1112,7 +1142,18 @@ def unload_lora(model: nnx.Module) -> nnx.Module:
     raise ValueError("unload_lora: the model has no LoRA adapters.")
   for path, layer in layers:
     model = _replace(model, path, layer.base_layer)
+  modules_to_save.make_frozen(model, _is_lora)
   return model
+
+
+def _is_lora(node: Any) -> bool:
+  return isinstance(node, LoRALinear)
+
+
+def saved_module_params(model: nnx.Module) -> dict[str, nnx.Param]:
+  """`{dotted path: variable}` of the trained whole modules'
+  (`modules_to_save`) params: the `nnx.LoRAParam`s outside `LoRALinear`s."""
+  return modules_to_save.trained_modules(model, _is_lora)
 
 
 # ----------------------------------------------------------------------------
