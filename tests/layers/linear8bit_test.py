@@ -47,13 +47,15 @@ def test_frozen_layer_is_matmul_8bit(threshold, dtype):
   # to it; nothing else happens around matmul_8bit.
   assert y.dtype == dtype and y.shape == (2, 3, 32)
   helpers.assert_bits_equal(
-      y, F.matmul_8bit(x, q, layer.bias[...], threshold=threshold))
+      y, F.matmul_8bit(x, q, layer.bias[...].astype(dtype),
+                       threshold=threshold))
   # dtype= casts the input first and returns that dtype.
   layer.dtype = jnp.bfloat16
   yb = layer(x)
   assert yb.dtype == jnp.bfloat16
   helpers.assert_bits_equal(yb, F.matmul_8bit(
-      x.astype(jnp.bfloat16), q, layer.bias[...], threshold=threshold))
+      x.astype(jnp.bfloat16), q, layer.bias[...].astype(jnp.bfloat16),
+      threshold=threshold))
 
 
 def test_trainable_layer_quantizes_its_float_weight_each_call():
@@ -154,9 +156,12 @@ def test_from_linear(source, has_fp16_weights):
 
 
 def test_constructor_errors():
-  with pytest.raises(ValueError, match=r"Linear8bitLt: `threshold` must be a "
-                     r"float >= 0, got -1\.0"):
+  with pytest.raises(ValueError, match=r"Linear8bitLt: `threshold` must be "
+                     r">= 0, got -1\.0"):
     jn.Linear8bitLt(8, 4, threshold=-1.0, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"Linear8bitLt: `threshold` must be a "
+                     r"float >= 0, got '6'"):
+    jn.Linear8bitLt(8, 4, threshold="6", rngs=nnx.Rngs(0))
   # numpy scalars are thresholds, as matmul_8bit takes them.
   for t in (np.float32(6.0), np.int64(6)):
     assert jn.Linear8bitLt(8, 4, threshold=t, rngs=nnx.Rngs(0)).threshold == 6.0

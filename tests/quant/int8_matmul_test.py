@@ -274,7 +274,8 @@ def test_tolerances_catch_broken_forwards(monkeypatch):
   # The default backend's constant (1.8e-5 relative) instead of CUDA's: it
   # flips a few float16 roundings, seen where the check is bit-exact.
   broken("float16", 0.0, reference=reference_with(
-      int8_mm_dequant=mm_dequant_default_backend))
+      int8_mm_dequant=mm_dequant_default_backend,
+      int8_mm_dequant_any_bias=mm_dequant_default_backend))
 
 
 # --------------------------------------------------------------------------
@@ -574,3 +575,34 @@ def test_near_tie_codes_allows_only_tie_flips():
     _near_tie_codes(np.array([[63, 26, -127]]), q, xh, absmax)
   with pytest.raises(AssertionError, match="more than one"):
     _near_tie_codes(np.array([[65, 27, -127]]), q, xh, absmax)
+
+
+@pytest.mark.parametrize("x_dtype, bias_dtype", [
+    ("bfloat16", "float32"), ("float16", "float32"), ("float16", "bfloat16"),
+    ("float32", "float16"), ("bfloat16", "float16")])
+def test_a_bias_of_another_dtype_is_taken_as_bnb_matmul_takes_it(
+    x_dtype, bias_dtype):
+  """`bnb.matmul` does not cast the bias: a float16 bias is fused in the
+  epilogue, any other added to the float16 result (`Linear8bitLt` casts
+  its bias to the input's dtype first)."""
+  x, q, _, _ = _inputs(x_dtype, planted=False)
+  rng = np.random.default_rng(3)
+  # 1 + 2**-8 + 2**-12 sits past a bfloat16 tie: rounded to bfloat16 first
+  # (the old cast) it gives 1 + 2**-7, through float16 1.0
+  bias = (rng.choice([1 + 2.0**-8 + 2.0**-12, -3.3, 0.71], 24)
+          + rng.standard_normal(24) * 1e-3 * (bias_dtype != "float32"))
+  bias = bias.astype(np.float32).astype(DTYPES[bias_dtype])
+  y = F.matmul_8bit(jnp.asarray(x), q, jnp.asarray(bias))
+  _assert_forward(y, x, q, bias, 0.0)
+  cast = bias.astype(DTYPES[x_dtype])
+  if x_dtype == "bfloat16" and bias_dtype == "float32":
+    assert not np.array_equal(
+        np.asarray(y), np.asarray(F.matmul_8bit(jnp.asarray(x), q,
+                                                jnp.asarray(cast))))
+  # the layer casts first, as bitsandbytes' Linear8bitLt
+  from jaxbnb._src.layers.linear8bit import forward_8bit  # pylint: disable=g-import-not-at-top
+  _assert_forward(forward_8bit(jnp.asarray(x), q, jnp.asarray(bias), None,
+                               0.0), x, q, cast, 0.0)
+  g = jax.grad(lambda b: F.matmul_8bit(jnp.asarray(x), q, b).sum())(
+      jnp.asarray(bias))
+  assert g.dtype == jnp.dtype(bias_dtype)

@@ -199,9 +199,10 @@ def test_matmul_int8_gradients_jit_and_vmap():
     return jnp.sum(F.matmul_int8(x, q.CB, q.SCB, b) * g)
 
   dx, db = jax.grad(loss, argnums=(0, 1))(x, bias)
-  # bnb's MatMul8bitLt backward: grad_A = grad_out @ (CB * SCB / 127), with
+  # bnb's MatMul8bitLt backward: grad_A = grad_out @ (CB * (SCB * (1/127))),
   # the dequantized weight in float32 (the same dot: bit-identical).
-  wd = F.int8_vectorwise_dequant(q.CB, q.SCB)
+  wd = (np.asarray(q.CB, np.float32)
+        * (np.asarray(q.SCB, np.float32) * np.float32(1 / 127))[:, None])
   helpers.assert_bits_equal(
       dx, jnp.dot(g.reshape(-1, 16), wd,
                   precision=jax.lax.Precision.HIGHEST).reshape(x.shape))
@@ -285,3 +286,56 @@ def test_int8_mm_dequant_adds_the_bias_after_rounding_under_jit():
   for fn in (F.int8_mm_dequant, jax.jit(F.int8_mm_dequant)):
     got = np.asarray(fn(acc, row, col, bias))
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("bias_dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_mm_dequant_adds_a_non_float16_bias_to_the_float16_result(
+    bias_dtype):
+  """bitsandbytes' CUDA op fuses only a float16 bias; any other is added to
+  the float16 result (`out.add_(bias)`): two float16 roundings."""
+  rng = np.random.default_rng(1)
+  m, n = 32, 128
+  acc = jnp.asarray(rng.integers(-20000, 20000, (m, n)), jnp.int32)
+  row = jnp.asarray(rng.uniform(0.5, 4, m), jnp.float32)
+  col = jnp.asarray(rng.uniform(0.5, 4, n), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(n) * 100, bias_dtype)
+  prod = (np.asarray(acc, np.float32) * np.asarray(row)[:, None]
+          * np.asarray(col)[None, :] * np.float32(6.200012e-05))
+  out16 = prod.astype(np.float16)
+  want = (out16.astype(np.float32)
+          + np.asarray(bias.astype(jnp.float32))).astype(np.float16)
+  fused = (prod + np.asarray(bias.astype(jnp.float32))).astype(np.float16)
+  assert (want != fused).any()  # the case tells the two apart
+  for fn in (F.int8_mm_dequant, jax.jit(F.int8_mm_dequant)):
+    got = np.asarray(fn(acc, row, col, bias))
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ("6", TypeError, "`threshold` must be a float >= 0, got '6'"),
+    (True, TypeError, "`threshold` must be a float >= 0, got True"),
+    (None, TypeError, "`threshold` must be a float >= 0, got None"),
+    (-1.0, ValueError, "`threshold` must be >= 0, got -1.0"),
+])
+def test_int8_vectorwise_quant_checks_the_threshold(value, error, match):
+  x = jnp.ones((2, 8), jnp.float16)
+  for fn in (F.int8_vectorwise_quant, F.int8_vectorwise_quant_mask):
+    with pytest.raises(error, match="int8_vectorwise_quant: " + match):
+      fn(x, value)
+  with pytest.raises(TypeError, match="static Python float"):
+    jax.jit(F.int8_vectorwise_quant_mask)(x, 6.0)
+
+
+def test_int8_params_state_dict_formats():
+  q = F.Int8Params.from_float(jnp.ones((3, 4)))
+  sd = q.state_dict("l.")
+  # bitsandbytes' own format name loads as 0 does
+  assert F.Int8Params.from_state_dict({**sd, "l.weight_format": "row"},
+                                      "l.") == q
+  with pytest.raises(ValueError, match="only weight_format 'row' .* 'col32'"):
+    F.Int8Params.from_state_dict({**sd, "l.weight_format": "col32"}, "l.")
+  with pytest.raises(ValueError, match=r"`CB` must be int8 \[out, in\], got "
+                     r"float32 \[3, 4\]"):
+    F.Int8Params(jnp.ones((3, 4)), jnp.ones(3)).state_dict()
+  with pytest.raises(ValueError, match=r"`SCB` must have shape \[3\]"):
+    F.Int8Params(q.CB, jnp.ones(2)).state_dict()

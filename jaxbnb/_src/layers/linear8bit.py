@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxbnb._src.layers.common import QuantizedLinear
@@ -39,13 +38,8 @@ default_bias_init = nnx.initializers.zeros_init()
 
 
 def check_threshold(threshold, fn: str) -> float:
-  """`threshold` must be a float >= 0 (it is static; numpy scalars too)."""
-  if (isinstance(threshold, bool)
-      or not isinstance(threshold, (int, float, np.integer, np.floating))
-      or not threshold >= 0.0):
-    raise ValueError(f"{fn}: `threshold` must be a float >= 0, got "
-                     f"{threshold!r}.")
-  return float(threshold)
+  """`threshold` must be a static float >= 0 (numpy scalars too)."""
+  return validation.check_threshold(threshold, fn)
 
 
 def forward_8bit(inputs: jax.Array, weight: jax.Array | Int8Params,
@@ -58,6 +52,8 @@ def forward_8bit(inputs: jax.Array, weight: jax.Array | Int8Params,
   first. A float `weight` `[out, in]` is quantized on the fly.
   """
   x = inputs if dtype is None else inputs.astype(dtype)
+  if bias is not None:  # bitsandbytes' layer casts its bias to x's dtype
+    bias = bias.astype(x.dtype)
   if isinstance(weight, Int8Params):
     return int8.matmul_8bit(x, weight, bias, threshold=threshold)
   return int8.matmul_8bit_fp16_weights(x, weight, bias, threshold=threshold)

@@ -48,7 +48,6 @@ int8_bnb_golden_test.py measures both against bitsandbytes).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -74,18 +73,16 @@ _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # [M, K] x [N, K] -> [M, N]
 # --------------------------------------------------------------------------
 
 
-def _check_threshold(threshold, fn: str) -> float:
-  if isinstance(threshold, jax.core.Tracer):
-    raise TypeError(f"{fn}: `threshold` must be a static Python float, got a "
-                    "traced value; pass it as a static argument.")
-  if isinstance(threshold, bool) or not isinstance(
-      threshold, (int, float, np.integer, np.floating)):
-    raise TypeError(f"{fn}: `threshold` must be a float >= 0, got "
-                    f"{threshold!r}.")
-  threshold = float(threshold)
-  if threshold < 0.0 or math.isnan(threshold):
-    raise ValueError(f"{fn}: `threshold` must be >= 0, got {threshold}.")
-  return threshold
+def _epilogue_bias(bias):
+  """The bias as bitsandbytes' float16 epilogue takes it, uncast
+  (`bnb.matmul`): float16 is added before the float16 rounding, any other
+  dtype to the float16 result in float32 (`out.add_(bias)`), which holds
+  every bfloat16 value exactly. The cotangent comes back in the bias's own
+  dtype through the cast."""
+  if bias is None:
+    return None
+  bias = jnp.asarray(bias)
+  return bias if bias.dtype == jnp.float16 else bias.astype(jnp.float32)
 
 
 def _check_int8_matrix(a, name: str, fn: str, ndim=None) -> None:
@@ -125,15 +122,7 @@ def _scaled_mm(ca, cb, sca, scb, bias):
   """bnb's `int8_scaled_mm`: int32 GEMM + fp16 epilogue (+ bias)."""
   acc = jax.lax.dot_general(ca, cb, _CONTRACT_LAST,
                             preferred_element_type=jnp.int32)
-  if bias is not None and bias.dtype == jnp.float16:
-    # Fused in the CUDA kernel (one fmaf; here two float32 roundings).
-    return reference.int8_mm_dequant(acc, sca, scb, bias)
-  out = reference.int8_mm_dequant(acc, sca, scb)
-  if bias is not None:  # `out.add_(bias)` on the float16 buffer
-    out = reference.round_to_float16(
-        out.astype(jnp.float32) + bias.astype(jnp.float32)).astype(
-            jnp.float16)
-  return out
+  return reference.int8_mm_dequant_any_bias(acc, sca, scb, bias)
 
 
 def _dequantized(cb, scb, dtype):
@@ -355,8 +344,10 @@ def matmul_8bit(
   Args:
     A: float activations `[..., in_features]` (float32, float16, bfloat16).
     weight: the `Int8Params` (`CB` int8 `[out, in]`, `SCB` float32 `[out]`).
-    bias: optional `[out_features]`; cast to `A.dtype` first (as
-      `Linear8bitLt` does).
+    bias: optional `[out_features]`, taken as `bnb.matmul` takes it: a
+      float16 bias is added in the epilogue before its float16 rounding,
+      any other dtype to the float16 result (`Linear8bitLt` casts its bias
+      to the input's dtype first).
     threshold: the outlier threshold (a static float >= 0); 0 disables the
       decomposition (bitsandbytes' default; transformers uses 6.0).
 
@@ -382,7 +373,7 @@ def matmul_8bit(
            [ 4.       ,  2.9921875,  2.015625 ,  1.       ]], dtype=float32)
   """
   fn = "matmul_8bit"
-  threshold = _check_threshold(threshold, fn)
+  threshold = validation.check_threshold(threshold, fn)
   if not isinstance(weight, Int8Params):
     raise TypeError(f"{fn}: `weight` must be an Int8Params, got "
                     f"{type(weight).__name__}.")
@@ -393,8 +384,7 @@ def matmul_8bit(
                      f"{tuple(jnp.shape(weight.SCB))}.")
   _check_inputs(A, k, n, bias, fn)
   x2d = jnp.asarray(A).reshape(-1, k)
-  if bias is not None:
-    bias = jnp.asarray(bias).astype(x2d.dtype)
+  bias = _epilogue_bias(bias)
   y = _matmul_frozen(x2d, weight.CB, jnp.asarray(weight.SCB, jnp.float32),
                      bias, threshold)
   return y.reshape(*A.shape[:-1], n)
@@ -421,7 +411,7 @@ def matmul_8bit_fp16_weights(
   Args:
     A: float activations `[..., in_features]`.
     weight: float `[out_features, in_features]` (PyTorch orientation).
-    bias: optional `[out_features]`, cast to `A.dtype`.
+    bias: optional `[out_features]`, taken as in `matmul_8bit`.
     threshold: the outlier threshold (a static float >= 0).
 
   Returns:
@@ -442,7 +432,7 @@ def matmul_8bit_fp16_weights(
     Array([1., 2., 3., 4.], dtype=float32)
   """
   fn = "matmul_8bit_fp16_weights"
-  threshold = _check_threshold(threshold, fn)
+  threshold = validation.check_threshold(threshold, fn)
   validation.check_float_array(weight, "weight", fn)
   if weight.ndim != 2:
     raise ValueError(f"{fn}: `weight` must be 2-D [out_features, "
@@ -450,8 +440,7 @@ def matmul_8bit_fp16_weights(
   n, k = weight.shape
   _check_inputs(A, k, n, bias, fn)
   x2d = jnp.asarray(A).reshape(-1, k)
-  if bias is not None:
-    bias = jnp.asarray(bias).astype(x2d.dtype)
+  bias = _epilogue_bias(bias)
   y = _matmul_fp16_weights(x2d, jnp.asarray(weight), bias, threshold)
   return y.reshape(*A.shape[:-1], n)
 
@@ -562,7 +551,7 @@ def int8_double_quant(A: jax.Array, threshold: float = 0.0):  # pylint: disable=
   """
   fn = "int8_double_quant"
   validation.check_float_array(A, "A", fn)
-  threshold = _check_threshold(threshold, fn)
+  threshold = validation.check_threshold(threshold, fn)
   A = jnp.asarray(A)
   a2d = A.reshape(-1, A.shape[-1])
   ca, row_stats, mask = reference.int8_vectorwise_quant(a2d, threshold)

@@ -17,7 +17,6 @@ from pallas_kernels import rms_norm as rms_norm_lib
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import kernels
 from jaxbnb._src.quant import ops
-from jaxbnb._src.quant import reference
 from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.state import QuantState
 
@@ -456,34 +455,6 @@ def matmul_4bit_swiglu(
   return y.reshape(*A.shape[:-1], y.shape[-1])
 
 
-@jax.custom_vjp
-def _int8_matmul(x2d, cb, scb, bias):
-  ca, row_stats, _ = reference.int8_vectorwise_quant(x2d, 0.0)
-  acc = jax.lax.dot_general(ca, cb, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.int32)
-  out = reference.int8_mm_dequant(acc, row_stats, scb, bias)
-  return out.astype(x2d.dtype)
-
-
-def _int8_matmul_fwd(x2d, cb, scb, bias):
-  return _int8_matmul(x2d, cb, scb, bias), (cb, scb, bias)
-
-
-def _int8_matmul_bwd(res, g):
-  cb, scb, bias = res
-  w = reference.int8_vectorwise_dequant(cb, scb)
-  dx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())),
-                           precision=_PRECISION,
-                           preferred_element_type=jnp.float32).astype(g.dtype)
-  dbias = None
-  if bias is not None:
-    dbias = jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
-  return (dx, _zero_cotangent(cb), jnp.zeros_like(scb), dbias)
-
-
-_int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
-
-
 def matmul_int8(
     A: jax.Array,  # pylint: disable=invalid-name
     CB: jax.Array,  # pylint: disable=invalid-name
@@ -492,10 +463,11 @@ def matmul_int8(
 ) -> jax.Array:
   """`A @ W.T (+ bias)` for an LLM.int8 weight `W ~= CB * SCB / 127`.
 
-  bitsandbytes' `Linear8bitLt` forward with threshold 0: `A` is quantized
+  `matmul_8bit(A, Int8Params(CB, SCB), bias)`: bitsandbytes' `bnb.matmul`
+  with a frozen weight and threshold 0: `A` is cast to float16, quantized
   row-wise to int8, multiplied with `CB` in int32 and dequantized with both
-  scales in float32 (rounded through float16, as bitsandbytes' epilogue);
-  the result is returned in `A.dtype`. Gradients flow to `A` and `bias`.
+  scales (bitsandbytes' float16 epilogue); the result is returned in
+  `A.dtype`. Gradients flow to `A` and `bias`.
 
   Args:
     A: float activations `[..., K]`.
@@ -541,8 +513,8 @@ def matmul_int8(
     if tuple(bias.shape) != (n,):
       raise ValueError(f"{fn}: `bias` must have shape (N,)=({n},), got "
                        f"{tuple(bias.shape)}.")
-  x2d = jnp.asarray(A).reshape(-1, k)
-  if bias is not None:
-    bias = jnp.asarray(bias)
-  y = _int8_matmul(x2d, CB, jnp.asarray(SCB, jnp.float32), bias)
-  return y.reshape(*A.shape[:-1], n)
+  # int8 -> weights -> this module: imported here.
+  from jaxbnb._src.quant import int8  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.quant.weights import Int8Params  # pylint: disable=g-import-not-at-top
+  return int8.matmul_8bit(
+      A, Int8Params(CB, jnp.asarray(SCB, jnp.float32)), bias)

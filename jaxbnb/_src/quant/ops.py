@@ -600,9 +600,7 @@ def int8_vectorwise_quant_mask(A: jax.Array, threshold: float = 0.0):  # pylint:
   if A.ndim < 1:
     raise ValueError(f"{fn}: `A` must have at least one dimension (rows of "
                      f"columns), got a scalar of shape {tuple(A.shape)}.")
-  threshold = float(threshold)
-  if threshold < 0.0 or math.isnan(threshold):
-    raise ValueError(f"{fn}: `threshold` must be >= 0, got {threshold}.")
+  threshold = validation.check_threshold(threshold, fn)
   A = jnp.asarray(A)
   a2d = A.reshape(-1, A.shape[-1])
   ca, stats, mask = reference.int8_vectorwise_quant(a2d, threshold)
@@ -655,7 +653,9 @@ def int8_mm_dequant(
     A: int32 `[rows, cols]` accumulator of `CA @ CB.T`.
     row_stats: float32 `[rows]` (activation absmax).
     col_stats: float32 `[cols]` (weight `SCB`).
-    bias: optional `[cols]`.
+    bias: optional `[cols]`: a float16 bias is added before the float16
+      rounding (fused, as bitsandbytes' CUDA kernel), any other dtype to
+      the float16 result (bitsandbytes' `out.add_(bias)`).
 
   Returns:
     float16 `[rows, cols]`.
@@ -684,8 +684,9 @@ def int8_mm_dequant(
   if bias is not None and tuple(jnp.shape(bias)) != (cols,):
     raise ValueError(f"{fn}: `bias` must have shape ({cols},) (one entry per "
                      f"column of `A`), got {tuple(jnp.shape(bias))}.")
-  out = reference.int8_mm_dequant(a2d, row_stats.reshape(-1),
-                                  col_stats.reshape(-1), bias)
+  out = reference.int8_mm_dequant_any_bias(
+      a2d, row_stats.reshape(-1), col_stats.reshape(-1),
+      None if bias is None else jnp.asarray(bias))
   return out.reshape(A.shape)
 
 

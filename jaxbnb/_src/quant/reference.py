@@ -232,3 +232,18 @@ def int8_mm_dequant(
     out = jax.lax.optimization_barrier(out) + bias.astype(jnp.float32)
   # float16 that XLA cannot skip on the GPU (pallas_kernels' helper).
   return round_to_float16(out)
+
+
+def int8_mm_dequant_any_bias(
+    acc: jax.Array,
+    row_stats: jax.Array,
+    col_stats: jax.Array,
+    bias: jax.Array | None = None,
+) -> jax.Array:
+  """bnb's CUDA `int8_mm_dequant` for a bias of any dtype: a float16 bias
+  fused in the epilogue (`int8_mm_dequant`), any other added to the
+  float16 result in float32 and rounded again (`out.add_(bias)`)."""
+  if bias is None or bias.dtype == jnp.float16:
+    return int8_mm_dequant(acc, row_stats, col_stats, bias)
+  out = int8_mm_dequant(acc, row_stats, col_stats)
+  return round_to_float16(out.astype(jnp.float32) + bias.astype(jnp.float32))

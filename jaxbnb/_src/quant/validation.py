@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import operator
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -91,3 +94,23 @@ def check_quant_type(quant_type, name: str = "quant_type",
     raise ValueError(
         f"{prefix}`{name}` must be 'nf4' or 'fp4', got {quant_type!r}."
     )
+
+
+def check_threshold(threshold, fn: str) -> float:
+  """An LLM.int8 outlier `threshold`: a static float >= 0.
+
+  Raises:
+    TypeError: a traced value, a bool, or not a real number.
+    ValueError: negative or NaN.
+  """
+  if isinstance(threshold, jax.core.Tracer):
+    raise TypeError(f"{fn}: `threshold` must be a static Python float, got a "
+                    "traced value; pass it as a static argument.")
+  if isinstance(threshold, bool) or not isinstance(
+      threshold, (int, float, np.integer, np.floating)):
+    raise TypeError(f"{fn}: `threshold` must be a float >= 0, got "
+                    f"{threshold!r}.")
+  threshold = float(threshold)
+  if threshold < 0.0 or math.isnan(threshold):
+    raise ValueError(f"{fn}: `threshold` must be >= 0, got {threshold}.")
+  return threshold

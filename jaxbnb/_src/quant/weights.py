@@ -382,7 +382,21 @@ class Int8Params(QuantizedArray):
                _abstract_array(layout["SCB"], sharding), layout["dtype"])
 
   def state_dict(self, prefix: str = "") -> dict[str, np.ndarray]:
-    """bitsandbytes' `Linear8bitLt` entries: `weight`, `SCB`, `weight_format`."""
+    """bitsandbytes' `Linear8bitLt` entries: `weight`, `SCB`, `weight_format`.
+
+    Raises:
+      ValueError: `CB` is not int8 `[out, in]` or `SCB` not `[out]` (a file
+        bitsandbytes could not load).
+    """
+    fn = "Int8Params.state_dict"
+    cb_dtype = jnp.dtype(getattr(self.CB, "dtype", np.float64))
+    cb_shape = tuple(np.shape(self.CB))
+    if cb_dtype != jnp.int8 or len(cb_shape) != 2:
+      raise ValueError(f"{fn}: `CB` must be int8 [out, in], got "
+                       f"{cb_dtype.name} {list(cb_shape)}.")
+    if tuple(np.shape(self.SCB)) != cb_shape[:1]:
+      raise ValueError(f"{fn}: `SCB` must have shape [{cb_shape[0]}] (one "
+                       f"scale per row of CB), got {list(np.shape(self.SCB))}.")
     return {
         prefix + "weight": to_numpy(self.CB),
         prefix + "SCB": to_numpy(self.SCB).astype(np.float32),
@@ -402,7 +416,11 @@ class Int8Params(QuantizedArray):
         raise ValueError(f"Int8Params.from_state_dict: missing {prefix + k!r}.")
     fn = "Int8Params.from_state_dict"
     fmt = np.asarray(state.get(prefix + "weight_format", np.asarray(0)))
-    if fmt.size != 1 or int(fmt.reshape(-1)[0]) != 0:
+    if fmt.dtype.kind in "US":  # bitsandbytes' format names
+      if fmt.size != 1 or str(fmt.reshape(-1)[0]) != "row":
+        raise ValueError(f"{fn}: only weight_format 'row' (0) is supported, "
+                         f"got {fmt.tolist()!r}.")
+    elif fmt.size != 1 or int(fmt.reshape(-1)[0]) != 0:
       shown = int(fmt.reshape(-1)[0]) if fmt.size == 1 else fmt.tolist()
       raise ValueError(
           f"{fn}: only weight_format 0 ('row') is supported, got {shown}."
