@@ -240,8 +240,9 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     v_cache: stacked values, same shape.
     mask: `[B, S]`, nonzero where the token may see the slot (the new
       slot included).
-    index: int32 scalar, the slot the token takes (clamped to the cache,
-      as `jax.lax.dynamic_update_slice` clamps it).
+    index: int32 scalar, the slot the token takes (negative: from the end;
+      then clamped to the cache, as `jax.lax.dynamic_update_slice` takes
+      it).
     layer: which layer's cache (static).
     scale: the score scale (`d ** -0.5`).
     block_s: cache slots per step (default 64 up to 512 slots, else 128).
@@ -298,9 +299,12 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
   split, steps = _splits(b, nkv, seq_len, block_s, split)
   final = split == 1
   dtype = q.dtype
-  # Clamped as `dynamic_update_slice` clamps the einsum path's write: a
-  # slot past the cache never becomes a store out of bounds.
-  idx = jnp.clip(jnp.asarray(index, jnp.int32), 0, seq_len - 1).reshape(1)
+  # As `dynamic_update_slice` takes the einsum path's write: a negative
+  # slot counts from the end, then the slot is clamped to the cache (never
+  # a store out of bounds).
+  idx = jnp.asarray(index, jnp.int32)
+  idx = jnp.where(idx < 0, idx + seq_len, idx)
+  idx = jnp.clip(idx, 0, seq_len - 1).reshape(1)
   # The token's queries, keys and values as one input: where they are
   # slices of one producer (a layer's q/k/v GEMV), XLA writes them in one
   # fusion instead of a kernel each.

@@ -79,6 +79,23 @@ def test_matches_einsum_path(mode, b, nq, nkv, d, s, block_s, index):
 
 
 @pytest.mark.parametrize("mode", _util.modes())
+@pytest.mark.parametrize("index, slot", [(-1, 39), (-3, 37), (40, 39),
+                                         (100, 39), (-100, 0)])
+def test_out_of_range_slots_are_taken_as_dynamic_update_slice_takes_them(
+    mode, index, slot):
+  # Negative: from the end; then clamped to the cache (never out of bounds).
+  q, kn, vn, cos, sin, kc, vc, rng = _inputs(1, 4, 2, 32, 40, 1, seed=5)
+  mask = jnp.asarray(rng.random((1, 40)) < 0.7).at[:, slot].set(True)
+  kw = dict(layer=0, scale=32 ** -0.5)
+  want = da.reference(q, kn, vn, cos, sin, kc, vc, mask, jnp.int32(index),
+                      **kw)
+  out, kc2, vc2 = da.decode_attention(
+      q, kn, vn, cos, sin, kc, vc, mask, jnp.int32(index),
+      interpret=mode == "interpret", **kw)
+  _check(out, kc2, vc2, want, kc, vc, 0, slot)
+
+
+@pytest.mark.parametrize("mode", _util.modes())
 def test_float16_sliding_window_and_traced_index(mode):
   """float16, a window mask (only the last 5 slots before the token), and
   the slot and mask as traced values of one jitted function (as in the

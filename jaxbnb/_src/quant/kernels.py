@@ -347,16 +347,16 @@ def swiglu(x2d, packeds, qss, mode, rms_norm=None):
 def gemv(x2d, packed, qs, bias, mode):
   """`x2d @ W.T + bias` through the fused kernel, or None if it cannot.
 
-  M that `gemv_serves` leaves out is not the GEMV's work (the caller
-  dequantizes with the kernel and multiplies), so it returns None without
-  `no_kernel`.
+  What the GEMV leaves out (M that `gemv_serves` does not take, K not a
+  multiple of the blocksize) the caller dequantizes with the dequantize
+  kernel and multiplies, so it returns None without `no_kernel` (which
+  would raise in "pallas" mode although a kernel serves the product).
   """
   m, k = x2d.shape
   n = qs.shape[0]
   if not gemv_serves(m, n, k, x2d.dtype):
     return None
   if not gk.can_use(m, n, k, qs.blocksize, x2d.dtype):
-    dispatch.no_kernel(f"the 4-bit GEMV of [{m}, {k}] x [{n}, {k}]")
     return None
   return gk.gemv_4bit(
       x2d, packed, qs.absmax, lut(qs.quant_type), n=n, k=k,
