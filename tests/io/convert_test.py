@@ -327,10 +327,28 @@ def test_quantized_save_load_roundtrip_sharded(tmp_path):
       double_quant=True, bnb_4bit_quant_storage="float16"))
   out = tmp_path / "q"
   convert.save_pretrained(model, out, max_shard_size=60_000, progress=False)
-  assert (out / "model.safetensors.index.json").exists()
+  index = json.loads((out / "model.safetensors.index.json").read_text())
+  # transformers 5 writes the logical parameter count beside the bytes
+  assert index["metadata"]["total_parameters"] == model.num_parameters()
+  assert index["metadata"]["total_size"] == sum(
+      (out / f).stat().st_size for f in set(index["weight_map"].values())
+  ) - sum(_header_bytes(out / f) for f in set(index["weight_map"].values()))
   again = convert.from_pretrained(out, progress=False)
   assert again.quantization == model.quantization
   common.assert_states_identical(model, again)
+
+
+def _header_bytes(path) -> int:
+  with open(path, "rb") as f:
+    return 8 + int.from_bytes(f.read(8), "little")
+
+
+@pytest.mark.parametrize("arg", ["param_dtype", "dtype"])
+def test_from_pretrained_refuses_a_dtype_jax_would_truncate(arg):
+  with pytest.raises(ValueError, match=f"`{arg}` must be one of float32, "
+                     "float16, bfloat16, got float64"):
+    convert.from_pretrained(common.golden("orig"), progress=False,
+                            **{arg: "float64"})
 
 
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):

@@ -129,6 +129,11 @@ def test_errors(model):
     perplexity(model, [1, 2, 500], progress=False)
   with pytest.raises(ValueError, match="1-D"):
     perplexity(model, [[1, 2]], progress=False)
+  for kw in (dict(stride=2.5), dict(batch_size=1.5), dict(window=4.5),
+             dict(window=True), dict(pad_token_id=None)):
+    name = next(iter(kw))
+    with pytest.raises(TypeError, match=f"`{name}` must be an int, got "):
+      perplexity(model, [1, 2, 3], progress=False, **kw)
   vocab = model.config.vocab_size
   # A pad id the embedding cannot look up made the result NaN.
   with pytest.raises(ValueError, match=f"`pad_token_id` must be a token id "

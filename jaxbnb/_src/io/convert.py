@@ -54,6 +54,7 @@ from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.models.llama import LlamaForCausalLM
 from jaxbnb._src.quant import ops as quant_ops
 from jaxbnb._src.quant import weights
+from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.state import to_numpy
 
 __all__ = ["from_pretrained", "save_pretrained", "checkpoint_info",
@@ -107,10 +108,15 @@ def _dtype_or_none(d: Any, name: str):
   if d is None:
     return None
   try:
-    return jnp.dtype(d.removeprefix("torch.") if isinstance(d, str) else d)
+    dt = jnp.dtype(d.removeprefix("torch.") if isinstance(d, str) else d)
   except TypeError as e:
     raise ValueError(f"from_pretrained: `{name}` must be a dtype, got "
                      f"{d!r}.") from e
+  if dt.name not in validation.FLOAT_DTYPES:
+    # float64 would be truncated to float32 without jax_enable_x64
+    raise ValueError(f"from_pretrained: `{name}` must be one of "
+                     f"{', '.join(validation.FLOAT_DTYPES)}, got {dt.name}.")
+  return dt
 
 
 def _read_blob(src: CheckpointSource, name: str) -> dict[str, Any]:
@@ -1109,7 +1115,8 @@ def _write_folder(model: LlamaForCausalLM, folder: str, limit: int,
     weight_map.update({k: final for k in keys})
     total += nbytes
   _write_json(os.path.join(folder, "model.safetensors.index.json"),
-              {"metadata": {"total_size": total},
+              {"metadata": {"total_parameters": model.num_parameters(),
+                            "total_size": total},
                "weight_map": dict(sorted(weight_map.items()))})
 
 

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxbnb._src.quant import validation
+
 __all__ = ["PerplexityResult", "perplexity", "evaluate_text",
            "window_spans"]
 
@@ -118,6 +120,8 @@ def perplexity(model, token_ids: Sequence[int] | np.ndarray, *,
 
   Raises:
     ValueError: for fewer than 2 tokens or a bad window/stride/batch size.
+    TypeError: `window`, `stride`, `batch_size` or `pad_token_id` is not an
+      int.
 
   Example:
     >>> from flax import nnx
@@ -136,7 +140,16 @@ def perplexity(model, token_ids: Sequence[int] | np.ndarray, *,
   if ids.size < 2:
     raise ValueError(f"perplexity: `token_ids` needs at least 2 tokens, got "
                      f"{ids.size}")
-  stride = window if stride is None else stride
+  for name, value in (("window", window), ("stride", stride),
+                      ("batch_size", batch_size), ("pad_token_id",
+                                                   pad_token_id)):
+    if (value is not None or name != "stride") and (
+        validation.as_int(value) is None):
+      raise TypeError(f"perplexity: `{name}` must be an int, got "
+                      f"{value!r}")
+  window, batch_size = int(window), int(batch_size)
+  pad_token_id = int(pad_token_id)
+  stride = window if stride is None else int(stride)
   if window < 2:
     raise ValueError(f"perplexity: `window` must be >= 2, got {window}")
   if not 1 <= stride <= window:
