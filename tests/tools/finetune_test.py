@@ -162,6 +162,11 @@ def test_unusable_data(content, needle, gguf_path, tmp_path, capsys):
     # 2000 characters make a few 32-token sequences: none left to train on.
     (["--eval-split", "0.99"], "argument --eval-split: ",
      "too few to hold out 0.99"),
+    # the tiny model ties its head to the embeddings
+    (["--target", "q_proj", "--modules-to-save", "lm_head"],
+     "argument --modules-to-save: ", "ties to its input embeddings"),
+    (["--target", "q_proj", "--modules-to-save", "mlp"],
+     "argument --modules-to-save: ", "only float modules"),
 ])
 def test_bad_settings(extra, prefix, needle, gguf_path, text_path, tmp_path,
                       capsys, monkeypatch):
@@ -183,6 +188,7 @@ def test_bad_settings(extra, prefix, needle, gguf_path, text_path, tmp_path,
     ("--target", "(", "not a valid regex"),
     ("--eval-split", "1", "expected a number in [0, 1)"),
     ("--grad-accum", "0", "expected an integer >= 1"),
+    ("--modules-to-save", "lm_head,(", "expected module names separated"),
 ])
 def test_bad_numbers(flag, value, needle, capsys):
   with pytest.raises(SystemExit) as e:
@@ -289,3 +295,21 @@ def test_sigterm_before_the_first_checkpoint_removes_the_folder(
   assert proc.returncode == 143, err
   assert err.strip().splitlines()[-1] == "jaxbnb finetune: terminated"
   assert not out.exists()
+
+
+def test_finetune_modules_to_save(text_path, tmp_path):
+  gguf = tiny_gguf.write_tiny_gguf(tmp_path / "untied.gguf",
+                                   tiny_gguf.tiny_weights(seed=5, tied=False))
+  out = str(tmp_path / "adapter")
+  assert cli.main(["finetune", gguf, "--data", text_path, "--out", out,
+                   "--target", "q_proj", "--modules-to-save", "lm_head",
+                   *FAST]) == 0
+  with open(os.path.join(out, "adapter_config.json")) as f:
+    assert json.load(f)["modules_to_save"] == ["lm_head"]
+  saved = safetensors.numpy.load_file(
+      os.path.join(out, "adapter_model.safetensors"))
+  head = saved["base_model.model.lm_head.weight"]
+  base = _base(gguf)
+  assert np.abs(head - np.asarray(base.lm_head.weight[...])).max() > 0
+  adapted = lora.load_adapter(base, out)
+  np.testing.assert_array_equal(adapted.lm_head.weight[...], head)

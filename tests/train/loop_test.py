@@ -187,3 +187,34 @@ def test_model_with_adapters(tmp_path):
                           rngs=nnx.Rngs(1), progress=False)
   assert result.model is model and len(result.losses) == 6
   assert jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+
+
+def test_modules_to_save_train_resume_and_load(tmp_path):
+  """A head trained whole (PEFT's modules_to_save) goes through the run,
+  its checkpoints and the saved adapter like the LoRA weights."""
+  config = train.TrainConfig(steps=4, batch_size=2, seq_len=16,
+                             learning_rate=3e-2, save_every=2, eval_every=0,
+                             eval_split=0.0)
+  lora = LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                    modules_to_save=["lm_head"])
+  full = _run(tmp_path / "full", config, lora)
+  head0 = common.tiny_model().lm_head.weight[...]
+  assert np.abs(np.asarray(full.model.lm_head.weight[...] - head0)).max() > 0
+
+  def stop(step, record):
+    del record
+    if step == 3:
+      raise _Stop()
+
+  out = tmp_path / "cut"
+  with pytest.raises(_Stop):
+    _run(out, config, lora, callback=stop)
+  resumed = _run(out, config, lora, resume=True)
+  assert resumed.losses == full.losses[2:]  # bit for bit, head included
+  saved = safetensors.numpy.load_file(out / "adapter_model.safetensors")
+  np.testing.assert_array_equal(saved["base_model.model.lm_head.weight"],
+                                np.asarray(full.model.lm_head.weight[...]))
+  fresh = load_adapter(common.tiny_model(), out)
+  ids = jnp.asarray(TOK.encode("a single man"))[None]
+  np.testing.assert_array_equal(common.logits(fresh, ids),
+                                common.logits(full.model, ids))

@@ -54,6 +54,7 @@ from jaxbnb._src.io import estimate as estimate_lib
 # early check that DST is writable have no public name either.
 from jaxbnb._src.io import convert as convert_lib
 from jaxbnb._src.io import paths
+from jaxbnb._src.layers import modules_to_save
 from jaxbnb._src.models import tensor_parallel
 # The output-folder rules of `finetune`, checked before the model loads.
 from jaxbnb._src.train import loop as train_loop
@@ -663,6 +664,15 @@ def _add_model_commands(sub) -> None:
 # Fine-tuning commands: finetune, merge.
 
 
+def _module_names(text: str) -> tuple[str, ...]:
+  """`--modules-to-save`: module names separated by commas."""
+  names = tuple(t.strip() for t in text.split(","))
+  if not all(re.fullmatch(r"[\w.]+", n) for n in names):
+    raise ValueError(f"expected module names separated by commas (e.g. "
+                     f"lm_head), got {text!r}")
+  return names
+
+
 def parse_targets(text: str) -> str | tuple[str, ...]:
   r"""`--target`: "all-linear", comma-separated module names, or a regex.
 
@@ -745,7 +755,7 @@ _FINETUNE_FLAGS = {
     "save_every": "--save-every", "eval_split": "--eval-split",
     "remat": "--remat", "optimizer": "--optimizer", "r": "--lora-r",
     "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
-    "target_modules": "--target",
+    "target_modules": "--target", "modules_to_save": "--modules-to-save",
     "base_model_name_or_path": "--base-model-name",
 }
 
@@ -774,6 +784,7 @@ def _finetune(args) -> int:
     lora_cfg = lora.LoRAConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, target_modules=args.target,
+        modules_to_save=args.modules_to_save,
         base_model_name_or_path=args.base_model_name)
     cfg = train.TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -807,9 +818,15 @@ def _finetune(args) -> int:
   # on a mesh, each device reads and quantizes only its shard of the base
   model = _load_model(args, path, mesh=mesh)
   try:
-    lora.find_targets(model, lora_cfg)
+    targets = lora.find_targets(model, lora_cfg)
   except ValueError as e:
     raise _UsageError(f"argument --target: {error_message(e)}") from e
+  try:
+    modules_to_save.find_modules_to_save(
+        model, lora_cfg.modules_to_save, targets, fn="finetune")
+  except (ValueError, NotImplementedError) as e:
+    raise _UsageError(
+        f"argument --modules-to-save: {error_message(e)}") from e
   result = train.finetune(
       model, tok, data, cfg, lora_cfg, args.out, resume=args.resume,
       overwrite=args.overwrite, rngs=nnx.Rngs(args.seed),
@@ -898,6 +915,12 @@ def _add_train_commands(sub) -> None:
                  help="modules to adapt: all-linear (default), names "
                  "separated by commas (q_proj,v_proj) or a regex on the "
                  "module path")
+  p.add_argument("--modules-to-save", type=argtypes.from_parser(_module_names),
+                 default=None,
+                 metavar="NAMES",
+                 help="modules trained whole and saved with the adapter "
+                 "(PEFT's modules_to_save), names separated by commas, "
+                 "e.g. lm_head; float modules of untied models only")
   p.add_argument("--steps", type=int_from(1), default=100)
   p.add_argument("--batch-size", type=int_from(1), default=4,
                  help="sequences per micro-batch (default 4)")
