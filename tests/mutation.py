@@ -674,9 +674,16 @@ MUTANTS: tuple[Mutant, ...] = (
            "    if not any(path == n or path.endswith('.' + n) for n in names):",
            ("tests/io/peft_test.py::test_golden_logits_match_peft"
             "[llama3_modules_to_save]",)),
+    Mutant("modules-to-save-untied-head-not-copied",
+           "jaxbnb/_src/layers/modules_to_save.py",
+           "  head.weight.set_value(jnp.array(weight, copy=True))",
+           "  pass",
+           ("tests/io/peft_test.py::test_golden_logits_match_peft"
+            "[qwen2_tied_embed_to_save]",)),
     Mutant("modules-to-save-not-loaded", "jaxbnb/_src/io/peft.py",
-           "  for var, value in saved_values.values():\n    var.set_value(value)",
-           "  for var, value in saved_values.values():\n    pass",
+           "  for name, value in saved_values.items():\n"
+           "    params[name].set_value(value)",
+           "  for name, value in saved_values.items():\n    pass",
            ("tests/io/peft_test.py::test_golden_logits_match_peft"
             "[mistral_modules_to_save_embed_mlp]",)),
 )

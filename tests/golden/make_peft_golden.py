@@ -97,6 +97,15 @@ CASES = {
     "mistral_modules_to_save_embed_mlp": ("mistral", False, dict(
         r=4, lora_alpha=16, target_modules=["k_proj", "o_proj"],
         modules_to_save=["embed_tokens", "layers.1.mlp"])),
+    # On a model with tied embeddings PEFT trains an untied copy: of the
+    # head (the input keeps the embeddings), or of the embeddings (the head
+    # keeps the original).
+    "qwen2_tied_head_to_save": ("qwen2", False, dict(
+        r=4, lora_alpha=8, target_modules=["q_proj"],
+        modules_to_save=["lm_head"])),
+    "qwen2_tied_embed_to_save": ("qwen2", False, dict(
+        r=4, lora_alpha=8, target_modules=["v_proj"],
+        modules_to_save=["embed_tokens"])),
 }
 
 

@@ -156,16 +156,33 @@ def test_apply_refuses(names, quantization, error, match):
                rngs=nnx.Rngs(1))
 
 
-@pytest.mark.parametrize("names, match", [
-    (["lm_head"], "ties to its input embeddings"),
-    (["embed_tokens"], "embeddings this model ties"),
-])
-def test_tied_embeddings_are_refused(names, match):
+@pytest.mark.parametrize("names", [["lm_head"], ["embed_tokens"],
+                                   ["lm_head", "embed_tokens"]])
+def test_a_tied_pair_is_untied_as_peft_s_copy_unties_it(names):
+  # PEFT trains a copy of the selected side; the other keeps the original.
   import dataclasses  # pylint: disable=g-import-not-at-top
   tied = tiny(Q4, dataclasses.replace(CFG, tie_word_embeddings=True))
   assert tied.lm_head is None
-  with pytest.raises(NotImplementedError, match=match):
-    apply_lora(tied, lora(modules_to_save=names), rngs=nnx.Rngs(1))
+  before = tied(IDS)[0]
+  emb = np.asarray(tied.model.embed_tokens.weight[...])
+  model = apply_lora(tied, lora(modules_to_save=names), rngs=nnx.Rngs(1))
+  assert not model.config.tie_word_embeddings
+  assert not model.model.config.tie_word_embeddings
+  np.testing.assert_array_equal(model.lm_head.weight[...], emb)
+  np.testing.assert_array_equal(model(IDS)[0], before)  # B = 0: unchanged
+  k = kinds(model)
+  assert k["lm_head.weight"] == ("LoRAParam" if "lm_head" in names
+                                 else "Param")
+  assert k["model.embed_tokens.weight"] == ("LoRAParam"
+                                            if "embed_tokens" in names
+                                            else "Param")
+  opt = nnx.Optimizer(model, optax.sgd(1.0), wrt=nnx.LoRAParam)
+  opt.update(model, nnx.grad(
+      loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model))
+  moved = {n: bool(np.abs(np.asarray(w) - emb).max() > 0) for n, w in (
+      ("lm_head", model.lm_head.weight[...]),
+      ("embed_tokens", model.model.embed_tokens.weight[...]))}
+  assert moved == {n: n in names for n in moved}
 
 
 def test_load_checks_a_saved_module_tensor(tmp_path):

@@ -162,9 +162,8 @@ def test_unusable_data(content, needle, gguf_path, tmp_path, capsys):
     # 2000 characters make a few 32-token sequences: none left to train on.
     (["--eval-split", "0.99"], "argument --eval-split: ",
      "too few to hold out 0.99"),
-    # the tiny model ties its head to the embeddings
-    (["--target", "q_proj", "--modules-to-save", "lm_head"],
-     "argument --modules-to-save: ", "ties to its input embeddings"),
+    (["--target", "q_proj", "--modules-to-save", "lm_head,nothing"],
+     "argument --modules-to-save: ", "['nothing'] select no module"),
     (["--target", "q_proj", "--modules-to-save", "mlp"],
      "argument --modules-to-save: ", "only float modules"),
 ])
@@ -297,9 +296,10 @@ def test_sigterm_before_the_first_checkpoint_removes_the_folder(
   assert not out.exists()
 
 
-def test_finetune_modules_to_save(text_path, tmp_path):
-  gguf = tiny_gguf.write_tiny_gguf(tmp_path / "untied.gguf",
-                                   tiny_gguf.tiny_weights(seed=5, tied=False))
+@pytest.mark.parametrize("tied", [False, True])
+def test_finetune_modules_to_save(tied, text_path, tmp_path):
+  gguf = tiny_gguf.write_tiny_gguf(tmp_path / "m.gguf",
+                                   tiny_gguf.tiny_weights(seed=5, tied=tied))
   out = str(tmp_path / "adapter")
   assert cli.main(["finetune", gguf, "--data", text_path, "--out", out,
                    "--target", "q_proj", "--modules-to-save", "lm_head",
@@ -310,6 +310,7 @@ def test_finetune_modules_to_save(text_path, tmp_path):
       os.path.join(out, "adapter_model.safetensors"))
   head = saved["base_model.model.lm_head.weight"]
   base = _base(gguf)
-  assert np.abs(head - np.asarray(base.lm_head.weight[...])).max() > 0
+  original = (base.model.embed_tokens if tied else base.lm_head).weight[...]
+  assert np.abs(head - np.asarray(original)).max() > 0
   adapted = lora.load_adapter(base, out)
   np.testing.assert_array_equal(adapted.lm_head.weight[...], head)

@@ -20,6 +20,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
@@ -442,18 +443,19 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
     rngs = nnx.Rngs(0)
   for var, value in base_values:  # all checked: now PEFT's overwrite
     var.set_value(value)
-  for var, value in saved_values.values():
-    var.set_value(value)
   model = attach_adapters(model, config, list(weights), rngs=rngs,
                           lora_dtype=lora_dtype, weights=weights)
-  modules_to_save.make_trainable(model, saved)
+  modules_to_save.make_trainable(model, saved)  # unties a tied pair
+  params = saved_module_params(model)
+  for name, value in saved_values.items():
+    params[name].set_value(value)
   return model
 
 
 def _saved_module_values(model: nnx.Module, saved: list[str],
                          tensors: dict[str, np.ndarray], w_path: str
-                         ) -> dict[str, tuple[nnx.Variable, Any]]:
-  """`{dotted param path: (variable, new value)}` for the tensors of the
+                         ) -> dict[str, jax.Array]:
+  """`{dotted param path: new value}` for the tensors of the
   modules trained whole (`modules_to_save`, saved under their own names).
 
   PEFT loads them into its copy of the module (`load_state_dict`, cast to
@@ -462,9 +464,11 @@ def _saved_module_values(model: nnx.Module, saved: list[str],
   """
   out = {}
   for path in saved:
-    params = modules_to_save.module_params(
-        modules_to_save.module_at(model, path))
-    for name, var in params.items():
+    module = modules_to_save.module_at(model, path)
+    if module is None and path == modules_to_save.TIED_HEAD:
+      # a tied head: its copy will hold the embedding's shape and dtype
+      module = modules_to_save.tied_embedding(model)
+    for name, var in modules_to_save.module_params(module).items():
       key = f"{KEY_PREFIX}{path}.{name}"
       if key not in tensors:
         continue
@@ -480,8 +484,8 @@ def _saved_module_values(model: nnx.Module, saved: list[str],
           value.dtype.name != "bfloat16"):
         raise ValueError(f"load_adapter: {w_path!r}: tensor {key!r} has "
                          f"dtype {value.dtype}, expected a float.")
-      out[f"{path}.{name}"] = (
-          var, jnp.asarray(value).astype(var.get_value().dtype))
+      out[f"{path}.{name}"] = jnp.asarray(value).astype(
+          var.get_value().dtype)
   return out
 
 

@@ -210,7 +210,8 @@ class LoRAConfig:
       `ModulesToSaveWrapper`), e.g. `["lm_head"]`: every module whose path
       ends with an entry (a plain suffix test, as PEFT's). Their params
       become `nnx.LoRAParam`s and are saved in the adapter file; float
-      modules only, on models with untied embeddings.
+      modules only. A tied head or embedding is untied first, as PEFT's
+      copy unties it.
     fan_in_fan_out: only False (jaxbnb's linears store `[out, in]`).
     task_type: PEFT's task type, recorded ("CAUSAL_LM").
     base_model_name_or_path: the base model the adapter belongs to,
@@ -1051,8 +1052,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs,
       the model already has adapters, or a `modules_to_save` entry selects
       nothing, a LoRA target or a quantized module.
     NotImplementedError: a match is a plain `flax.nnx.Linear`, or the model
-      has only those (convert them with `jaxbnb.nnx.quantize_params`);
-      `modules_to_save` selects tied embeddings or a tied output head.
+      has only those (convert them with `jaxbnb.nnx.quantize_params`).
 
   Examples:
     >>> import jax

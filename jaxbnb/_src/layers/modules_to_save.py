@@ -12,18 +12,25 @@ jaxbnb does the same in place: the selected modules' `nnx.Param`s become
 them with the adapters and `save_adapter` writes them; merging or
 unloading turns them back into `nnx.Param`s holding the trained values.
 The original values are not kept: PEFT uses them only when the adapter is
-disabled, which jaxbnb does not offer.
+disabled, which jaxbnb does not offer. On a model with tied embeddings
+(`lm_head` None) selecting the head or the embeddings unties the pair
+first (`untie`), as PEFT's copy does: the trained side changes, the other
+keeps the original weight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxbnb._src.layers.linear import Linear
+
 __all__ = ["find_modules_to_save", "trained_modules", "make_trainable",
-           "make_frozen", "module_params", "module_at", "TIED_HEAD"]
+           "make_frozen", "module_params", "module_at", "tied_embedding",
+           "untie", "TIED_HEAD"]
 
 # A tied model's output head: PEFT's key list has it (transformers makes
 # an `lm_head` whose weight is the embedding), jaxbnb's model has None.
@@ -80,18 +87,9 @@ def find_modules_to_save(model: nnx.Module, names: tuple[str, ...] | None,
   Raises:
     ValueError: an entry selects nothing, a LoRA target (or a module
       holding one), or a module with a quantized or integer variable.
-    NotImplementedError: an entry selects the output head or the
-      embeddings of a model with tied embeddings.
   """
   if not names:
     return []
-  tied = getattr(model, "lm_head", False) is None
-  if tied and any(TIED_HEAD.endswith(n) for n in names):
-    raise NotImplementedError(
-        f"{fn}: modules_to_save={list(names)!r} selects {TIED_HEAD!r}, "
-        "which this model ties to its input embeddings (no lm_head "
-        "module). PEFT would train an untied copy of the head; jaxbnb "
-        "supports modules_to_save on models with untied embeddings only.")
   found: list[str] = []
   for p, node in nnx.iter_graph(model):
     path = _path(p)
@@ -107,12 +105,6 @@ def find_modules_to_save(model: nnx.Module, names: tuple[str, ...] | None,
             f"{fn}: modules_to_save={list(names)!r} selects {path!r}, which "
             f"{'is' if t == path else 'overlaps'} the LoRA target {t!r}; a "
             "module is either adapted or fully trained.")
-    if tied and path.rsplit(".", 1)[-1] == "embed_tokens":
-      raise NotImplementedError(
-          f"{fn}: modules_to_save={list(names)!r} selects {path!r}, the "
-          "embeddings this model ties to its output head. PEFT would train "
-          "an untied copy (the head keeping the original); jaxbnb supports "
-          "modules_to_save on models with untied embeddings only.")
     bad = _frozen_nonfloat(node)
     if bad is not None:
       raise ValueError(
@@ -122,6 +114,10 @@ def find_modules_to_save(model: nnx.Module, names: tuple[str, ...] | None,
           "keep the module in float (the quantization config's skip "
           "modules) or adapt it with LoRA instead.")
     found.append(path)
+  if tied_embedding(model) is not None and any(
+      TIED_HEAD.endswith(n) for n in names):
+    # transformers' tied head is a module of its own: PEFT selects it
+    found.append(TIED_HEAD)
   missing = [n for n in names if not any(f.endswith(n) for f in found)]
   if missing:
     raise ValueError(
@@ -150,8 +146,43 @@ def module_at(model: nnx.Module, path: str) -> nnx.Module:
   return node
 
 
+def tied_embedding(model: nnx.Module) -> nnx.Module | None:
+  """The input embeddings a model's absent head is tied to, or None (a
+  jaxbnb Llama model with `tie_word_embeddings`: `lm_head` is None)."""
+  if getattr(model, TIED_HEAD, False) is not None:
+    return None
+  return getattr(getattr(model, "model", None), "embed_tokens", None)
+
+
+def untie(model: nnx.Module) -> None:
+  """Gives a tied model an `lm_head` of its own holding a copy of the
+  embedding weight (same logits), and `tie_word_embeddings=False`.
+
+  What PEFT's `modules_to_save` does to a tied pair: its copy of one side
+  is trained while the other keeps the original weight (PEFT's
+  `merge_and_unload` then sets `tie_word_embeddings=False`).
+  """
+  embed = tied_embedding(model)
+  weight = embed.weight.get_value()
+  vocab, hidden = weight.shape
+  head = Linear(hidden, vocab, use_bias=False, dtype=embed.dtype,
+                param_dtype=weight.dtype, init_std=0.0, rngs=nnx.Rngs(0))
+  head.weight.set_value(jnp.array(weight, copy=True))
+  setattr(model, TIED_HEAD, head)
+  for owner in (model, getattr(model, "model", None)):
+    config = getattr(owner, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+      owner.config = dataclasses.replace(config, tie_word_embeddings=False)
+
+
 def make_trainable(model: nnx.Module, paths: list[str]) -> None:
-  """The `nnx.Param`s of the modules at `paths` become `nnx.LoRAParam`s."""
+  """The `nnx.Param`s of the modules at `paths` become `nnx.LoRAParam`s;
+  a tied model is untied first (`untie`) when its head or its embeddings
+  are among them."""
+  if tied_embedding(model) is not None and any(
+      p == TIED_HEAD or p.rsplit(".", 1)[-1] == "embed_tokens"
+      for p in paths):
+    untie(model)
   for path in paths:
     _retype(module_at(model, path), nnx.Param, nnx.LoRAParam)
 

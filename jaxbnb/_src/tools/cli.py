@@ -920,7 +920,7 @@ def _add_train_commands(sub) -> None:
                  metavar="NAMES",
                  help="modules trained whole and saved with the adapter "
                  "(PEFT's modules_to_save), names separated by commas, "
-                 "e.g. lm_head; float modules of untied models only")
+                 "e.g. lm_head (float modules; a tied head is untied)")
   p.add_argument("--steps", type=int_from(1), default=100)
   p.add_argument("--batch-size", type=int_from(1), default=4,
                  help="sequences per micro-batch (default 4)")
