@@ -95,6 +95,47 @@ def test_llama3_rope_freqs_tensor_becomes_rope_scaling(tmp_path):
     GGUFSource(bad)
 
 
+@pytest.mark.parametrize("dim, theta, factor, old_len", [
+    (32, 10000.0, 8.0, 8192),    # no factor inside the band
+    (32, 500000.0, 8.0, 32768),  # one factor inside it
+    (64, 100000.0, 32.0, 4096)])
+def test_llama3_rope_with_another_band_ratio(dim, theta, factor, old_len):
+  # The converter's formula with low_freq_factor 2 (band ratio 2, not
+  # Llama 3.x's 4): parameters that give the same factors, so the same
+  # rotation, are found.
+  params = {"factor": factor, "low_freq_factor": 2.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings":
+                old_len}
+  factors = gguf_rope.llama3_factors(params, theta, dim).astype(np.float32)
+  got = gguf_rope.llama3_from_factors(factors, theta, dim, None, "f")
+  assert got["rope_type"] == "llama3" and got["factor"] == factor
+  np.testing.assert_allclose(gguf_rope.llama3_factors(got, theta, dim),
+                             factors, rtol=1e-5)
+
+
+def test_f64_weights_load(tmp_path):
+  weights = tiny_gguf.tiny_weights(seed=2)
+  name = "model.layers.0.mlp.up_proj.weight"
+  path = tiny_gguf.write_tiny_gguf(tmp_path / "f64.gguf", weights,
+                                   f64_names=(name,), tokenizer=False)
+  src = GGUFSource(path)
+  assert src.tensor_type(name) == "F64"
+  np.testing.assert_array_equal(src.load(name), weights[name])
+
+
+@pytest.mark.parametrize("omit, key", [("context_length",
+                                         "llama.context_length"),
+                                        ("rms_eps", "llama.attention."
+                                         "layer_norm_rms_epsilon")])
+def test_required_metadata(tmp_path, omit, key):
+  # llama.cpp refuses such a file; a default would be another model
+  path = tiny_gguf.write_tiny_gguf(tmp_path / "m.gguf",
+                                   tiny_gguf.tiny_weights(seed=2),
+                                   tokenizer=False, omit=(omit,))
+  with pytest.raises(ValueError, match=f"lacks metadata {key}"):
+    GGUFSource(path)
+
+
 def test_yarn_keys_become_rope_scaling(tmp_path):
   path = tiny_gguf.write_tiny_gguf(tmp_path / "yarn.gguf",
                                    tiny_gguf.tiny_weights(seed=3),

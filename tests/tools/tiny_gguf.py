@@ -95,12 +95,13 @@ def gguf_name(hf: str) -> str:
 def write_tiny_gguf(path: str | os.PathLike, weights: dict[str, np.ndarray],
                     *, arch: str = "llama", q8_names=(), tokenizer=True,
                     tokenizer_model: str = "gpt2", rope_freqs=None,
-                    yarn=None) -> str:
+                    yarn=None, f64_names=(), omit=()) -> str:
   """Writes `weights` (HF names, HF layout) as a llama.cpp-style GGUF.
 
   `rope_freqs`: a `rope_freqs.weight` tensor (Llama 3.x RoPE, as llama.cpp
   writes it); `yarn`: `(factor, original_context, beta_fast, beta_slow)`
-  written as llama.cpp's `rope.scaling.*` keys.
+  written as llama.cpp's `rope.scaling.*` keys; `f64_names`: weights
+  stored as F64; `omit`: metadata left out ("context_length", "rms_eps").
   """
   import gguf  # pylint: disable=g-import-not-at-top
 
@@ -108,13 +109,15 @@ def write_tiny_gguf(path: str | os.PathLike, weights: dict[str, np.ndarray],
   path = os.fspath(path)
   w = gguf.GGUFWriter(path, arch)
   w.add_block_count(c["layers"])
-  w.add_context_length(c["ctx"])
+  if "context_length" not in omit:
+    w.add_context_length(c["ctx"])
   w.add_embedding_length(c["hidden"])
   w.add_feed_forward_length(c["ffn"])
   w.add_head_count(c["heads"])
   w.add_head_count_kv(c["kv_heads"])
   w.add_rope_freq_base(c["theta"])
-  w.add_layer_norm_rms_eps(c["eps"])
+  if "rms_eps" not in omit:
+    w.add_layer_norm_rms_eps(c["eps"])
   w.add_rope_dimension_count(c["hidden"] // c["heads"])
   w.add_vocab_size(weights["model.embed_tokens.weight"].shape[0])
   if yarn is not None:
@@ -149,6 +152,8 @@ def write_tiny_gguf(path: str | os.PathLike, weights: dict[str, np.ndarray],
     if hf in q8_names:
       qt = gguf.GGMLQuantizationType.Q8_0
       w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+    elif hf in f64_names:
+      w.add_tensor(name, arr.astype(np.float64))
     else:
       w.add_tensor(name, arr)
   w.write_header_to_file()

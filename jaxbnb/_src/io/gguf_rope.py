@@ -113,6 +113,8 @@ def llama3_from_factors(factors: np.ndarray, theta: float, rotary_dim: int,
     candidates.append({"factor": factor, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0,
                        "original_max_position_embeddings": int(old_len)})
+  if band.sum() <= 1 and factor > 1:
+    candidates += _sparse_band_candidates(factors, factor, wavelen, band)
   for params in candidates:
     want = llama3_factors(params, theta, rotary_dim)
     if np.allclose(factors, want, rtol=_RTOL, atol=0):
@@ -122,6 +124,43 @@ def llama3_from_factors(factors: np.ndarray, theta: float, rotary_dim: int,
       f"scaling (factors {np.round(factors[:4], 4).tolist()} ... "
       f"{np.round(factors[-4:], 4).tolist()}); jaxbnb cannot rotate as "
       "llama.cpp would with them.")
+
+
+def _sparse_band_candidates(factors, factor, wavelen, band
+                            ) -> list[dict[str, Any]]:
+  """Parameters for factors with at most one divisor inside the band,
+  other band ratios than Llama 3.x's 4 (the converter's formula with, e.g.,
+  low 2 and high 4): many parameters give such factors, all the same
+  rotation. For each whole original length between the last wavelength
+  left unscaled and the first one fully scaled, `high_freq_factor` (with
+  `low_freq_factor` 1) is the one that puts the band's divisor where it
+  is, or puts the band's lower edge just past the unscaled wavelengths."""
+  ones = wavelen[~band & (factors < factor * (1 - _RTOL))]
+  fulls = wavelen[~band & (factors >= factor * (1 - _RTOL))]
+  w1 = float(ones.max()) if ones.size else 0.0
+  lo = float(wavelen[band][0]) if band.any() else w1
+  hi = float(fulls.min()) if fulls.size else 2 * float(wavelen.max())
+  out = []
+  first, last = int(math.floor(lo)) + 1, int(math.ceil(hi)) - 1
+  if last < first:
+    return []
+  # 64 lengths spread over the range (the middle ones are the least
+  # sensitive to the rounding of high_freq_factor)
+  lengths = sorted({int(round(v)) for v in np.geomspace(first, last, 64)},
+                   key=lambda v: abs(math.log(v / math.sqrt(first * last))))
+  for old_len in lengths:
+    if band.any():  # s = (old / wb - 1) / (high - 1) at the band's divisor
+      s = (1 / factors[band][0] - 1 / factor) / (1 - 1 / factor)
+      if not 0 < s < 1:
+        return []
+      high = 1 + (old_len / lo - 1) / s
+    else:  # the band's lower edge old / high just above w1
+      high = old_len / (w1 * (1 + 1e-4)) if w1 else 4.0
+    if high > 1 and old_len / high > w1:
+      out.append({"factor": factor, "low_freq_factor": 1.0,
+                  "high_freq_factor": float(f"{high:.9g}"),
+                  "original_max_position_embeddings": old_len})
+  return out
 
 
 def yarn_extras(meta: Callable[[str], Any]) -> dict[str, Any]:

@@ -237,8 +237,12 @@ class GGUFSource:
 
   def _build_config(self) -> dict[str, Any]:
     """HF Llama config.json contents from the GGUF metadata."""
+    # llama.cpp's loader requires these too (context length and norm eps
+    # included: a default would be a silently different model).
     missing = [k for k in ("embedding_length", "block_count",
-                           "feed_forward_length", "attention.head_count")
+                           "feed_forward_length", "attention.head_count",
+                           "context_length",
+                           "attention.layer_norm_rms_epsilon")
                if self._meta(k) is None]
     if missing:
       raise ValueError(
@@ -268,9 +272,9 @@ class GGUFSource:
         "hidden_act": "silu",
         # Shortest decimal of the stored float32 (1e-05, not 9.99999974e-06).
         "rms_norm_eps": float(str(np.float32(
-            self._meta("attention.layer_norm_rms_epsilon", 1e-5)))),
+            self._meta("attention.layer_norm_rms_epsilon")))),
         "rope_theta": float(self._meta("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(self._meta("context_length", 2048)),
+        "max_position_embeddings": int(self._meta("context_length")),
         "vocab_size": int(vocab),
         "tie_word_embeddings": tied,
         "attention_bias": "model.layers.0.self_attn.q_proj.bias"
@@ -372,7 +376,10 @@ class GGUFSource:
     """Dequantizes one tensor to a float32 numpy array in HF layout."""
     t = self._tensor(name)
     try:
-      w = _gguf().quants.dequantize(t.data, t.tensor_type)
+      if t.tensor_type.name == "F64":  # a plain float type gguf leaves out
+        w = np.asarray(t.data).view(np.float64)
+      else:
+        w = _gguf().quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError as e:
       raise ValueError(
           f"{self.describe(name)}: the gguf package cannot dequantize "
