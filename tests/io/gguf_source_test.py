@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from jaxbnb import convert
 from jaxbnb._src.io import gguf_rope
 from jaxbnb._src.io.gguf_source import GGUFSource
 from jaxbnb._src.io.gguf_source import smollm2_gguf_path
@@ -33,6 +34,29 @@ def test_tiny_roundtrip_undoes_qk_permutation(tiny):
   raw = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
   assert not np.array_equal(raw["blk.0.attn_q.weight"],
                             weights["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_qwen2_file_is_read_unpermuted_with_its_biases(tmp_path):
+  # llama.cpp writes qwen2 Q/K rows as they are (only llama's are permuted)
+  weights = tiny_gguf.tiny_weights(seed=6, tied=False, qkv_bias=True)
+  path = tiny_gguf.write_tiny_gguf(tmp_path / "q.gguf", weights,
+                                   arch="qwen2")
+  src = GGUFSource(path)
+  c = src.config
+  assert c["architectures"] == ["Qwen2ForCausalLM"]
+  assert c["model_type"] == "qwen2" and c["max_position_embeddings"] == 128
+  assert sorted(src.names()) == sorted(weights)
+  for name, want in weights.items():
+    np.testing.assert_array_equal(src.load(name), want, err_msg=name)
+  model = convert.from_pretrained(path, progress=False)
+  assert model.config.model_type == "qwen2"
+  q = model.model.layers[1].self_attn.q_proj
+  np.testing.assert_array_equal(
+      q.bias[...], weights["model.layers.1.self_attn.q_proj.bias"])
+  assert model.model.layers[0].self_attn.o_proj.bias is None
+  assert convert.load_tokenizer(path).encode("the cat") == (
+      convert.load_tokenizer(tiny_gguf.write_tiny_gguf(
+          tmp_path / "l.gguf", weights)).encode("the cat"))
 
 
 def test_tiny_config(tiny):
@@ -178,10 +202,11 @@ def test_errors(tmp_path, tiny):
   cut.write_bytes(data[:200])
   with pytest.raises(ValueError, match="truncated or corrupt"):
     GGUFSource(cut)
-  other = tiny_gguf.write_tiny_gguf(tmp_path / "gpt2.gguf",
-                                    tiny_gguf.tiny_weights(), arch="qwen2",
+  other = tiny_gguf.write_tiny_gguf(tmp_path / "phi3.gguf",
+                                    tiny_gguf.tiny_weights(), arch="phi3",
                                     tokenizer=False)
-  with pytest.raises(ValueError, match="general.architecture is 'qwen2'"):
+  with pytest.raises(ValueError, match="general.architecture is 'phi3'; "
+                     "supported: 'llama', 'qwen2'"):
     GGUFSource(other)
   with pytest.raises(KeyError, match="no tensor"):
     GGUFSource(tiny[0]).load("lm_head.weight")

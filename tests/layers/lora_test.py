@@ -337,6 +337,27 @@ def test_bfloat16_4bit_base_rounds_the_term_first():
 
 
 @pytest.mark.parametrize("dora", [False, True])
+def test_4bit_base_with_bfloat16_compute_keeps_a_float32_input_s_dtype(dora):
+  # bitsandbytes' Linear4bit returns the input's dtype whatever its compute
+  # dtype, and PEFT adds the adapter term in that dtype: a float32 model
+  # with bfloat16 compute keeps a small adapter term that bfloat16 would
+  # round away.
+  base = Linear4bit(64, 32, use_bias=False, quant_type="nf4",
+                    dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  layer = LoRALinear(base, LoRAConfig(r=4, init_lora_weights=False,
+                                      use_dora=dora), rngs=nnx.Rngs(1))
+  layer.lora_B[...] = layer.lora_B[...] * 1e-4
+  x = jax.random.normal(jax.random.key(0), (3, 64))
+  y = layer(x)
+  assert y.dtype == jnp.float32
+  base_y = base(x).astype(jnp.float32)
+  assert np.abs(np.asarray(y - base_y)).max() > 0
+  if not dora:
+    delta = (x @ layer.lora_A[...].T @ layer.lora_B[...].T) * layer.scaling
+    np.testing.assert_array_equal(y, base_y + delta)
+
+
+@pytest.mark.parametrize("dora", [False, True])
 def test_dropout_only_in_training(dora):
   cfg = LoRAConfig(r=4, lora_dropout=0.5, use_dora=dora,
                    init_lora_weights=False)

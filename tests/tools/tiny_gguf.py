@@ -1,4 +1,5 @@
-"""Writers of tiny GGUF Llama files for the tools tests (no download needed)."""
+"""Writers of tiny GGUF Llama/Qwen2 files for the tools tests (no download
+needed)."""
 
 # `gguf` is slow to import: the writer imports it where it is used.
 
@@ -43,8 +44,10 @@ def permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def tiny_weights(seed: int = 0, *, tied: bool = True,
-                 vocab: int | None = None) -> dict[str, np.ndarray]:
-  """Random HF-named float32 weights for the TINY shapes."""
+                 vocab: int | None = None,
+                 qkv_bias: bool = False) -> dict[str, np.ndarray]:
+  """Random HF-named float32 weights for the TINY shapes (`qkv_bias`:
+  q/k/v biases, as Qwen2's)."""
   c = TINY
   vocab = vocab or len(tiny_tokens())
   rng = np.random.default_rng(seed)
@@ -62,6 +65,11 @@ def tiny_weights(seed: int = 0, *, tied: bool = True,
     w[p + "self_attn.k_proj.weight"] = mat(c["kv_heads"] * hd, c["hidden"])
     w[p + "self_attn.v_proj.weight"] = mat(c["kv_heads"] * hd, c["hidden"])
     w[p + "self_attn.o_proj.weight"] = mat(c["hidden"], c["heads"] * hd)
+    if qkv_bias:
+      for n, rows in (("q", c["heads"] * hd), ("k", c["kv_heads"] * hd),
+                      ("v", c["kv_heads"] * hd)):
+        w[p + f"self_attn.{n}_proj.bias"] = (
+            0.1 * rng.standard_normal(rows)).astype(np.float32)
     w[p + "mlp.gate_proj.weight"] = mat(c["ffn"], c["hidden"])
     w[p + "mlp.up_proj.weight"] = mat(c["ffn"], c["hidden"])
     w[p + "mlp.down_proj.weight"] = mat(c["hidden"], c["ffn"])
@@ -144,9 +152,11 @@ def write_tiny_gguf(path: str | os.PathLike, weights: dict[str, np.ndarray],
     w.add_chat_template(CHAT_TEMPLATE)
   for hf, arr in weights.items():
     arr = np.asarray(arr, np.float32)
-    if hf.endswith("q_proj.weight"):
+    if arch != "llama":  # llama.cpp permutes only llama's Q/K rows
+      pass
+    elif hf.endswith(("q_proj.weight", "q_proj.bias")):
       arr = permute(arr, c["heads"])
-    elif hf.endswith("k_proj.weight"):
+    elif hf.endswith(("k_proj.weight", "k_proj.bias")):
       arr = permute(arr, c["kv_heads"])
     name = gguf_name(hf)
     if hf in q8_names:

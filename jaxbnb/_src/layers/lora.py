@@ -562,13 +562,17 @@ def lora_output(inputs: jax.Array, base_output: jax.Array, *,
     magnitude: DoRA's magnitude `[out]`, or None for plain LoRA.
     weight: DoRA only: the base weight `[out, in]` (dequantized).
     bias: DoRA only: the base bias (subtracted from `base_output`).
-    round_first: plain LoRA only: round the adapter term to the output
-      dtype before adding it (PEFT's bitsandbytes layers do; its float
-      layers add in float32 and round the sum).
+    round_first: the base is a quantized (bitsandbytes) layer: its output
+      is taken in the input's dtype (bitsandbytes' layers return
+      `inp_dtype`, whatever their compute dtype) and a plain-LoRA term is
+      rounded to that dtype before it is added (PEFT's bitsandbytes
+      layers do; its float layers add in float32 and round the sum).
 
   Returns:
-    `[..., out]` in `base_output`'s dtype.
+    `[..., out]` in `base_output`'s dtype (the input's with `round_first`).
   """
+  if round_first:
+    base_output = base_output.astype(inputs.dtype)
   dt = lora_A.dtype
   acc = jnp.promote_types(base_output.dtype, dt)
   prec = precision_for(dt)
