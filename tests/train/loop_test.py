@@ -80,6 +80,17 @@ class _Stop(KeyboardInterrupt):
   pass
 
 
+def _interrupted_run(out, config, lora, *, after: int) -> None:
+  """A run stopped (as by Ctrl-C) once step `after` is done."""
+  def stop(step, record):
+    del record
+    if step == after:
+      raise _Stop()
+
+  with pytest.raises(_Stop):
+    _run(out, config, lora, callback=stop)
+
+
 def test_resume_gives_bit_identical_losses(tmp_path):
   """Interrupted after step 5 (last checkpoint: step 3), then resumed."""
   config = train.TrainConfig(steps=7, batch_size=2, grad_accum=2, seq_len=16,
@@ -89,14 +100,8 @@ def test_resume_gives_bit_identical_losses(tmp_path):
                     target_modules="all-linear")
   full = _run(tmp_path / "full", config, lora)
 
-  def stop(step, record):
-    del record
-    if step == 5:
-      raise _Stop()
-
   out = tmp_path / "cut"
-  with pytest.raises(_Stop):
-    _run(out, config, lora, callback=stop)
+  _interrupted_run(out, config, lora, after=5)
   assert not (out / "adapter_model.safetensors").exists()
   assert [s for s, _ in checkpoint.list_checkpoints(out)] == [3]
   resumed = _run(out, config, lora, resume=True)
@@ -201,14 +206,8 @@ def test_modules_to_save_train_resume_and_load(tmp_path):
   head0 = common.tiny_model().lm_head.weight[...]
   assert np.abs(np.asarray(full.model.lm_head.weight[...] - head0)).max() > 0
 
-  def stop(step, record):
-    del record
-    if step == 3:
-      raise _Stop()
-
   out = tmp_path / "cut"
-  with pytest.raises(_Stop):
-    _run(out, config, lora, callback=stop)
+  _interrupted_run(out, config, lora, after=3)
   resumed = _run(out, config, lora, resume=True)
   assert resumed.losses == full.losses[2:]  # bit for bit, head included
   saved = safetensors.numpy.load_file(out / "adapter_model.safetensors")

@@ -472,21 +472,27 @@ def _saved_module_values(model: nnx.Module, saved: list[str],
       key = f"{KEY_PREFIX}{path}.{name}"
       if key not in tensors:
         continue
-      value = tensors[key]
-      want = tuple(var.get_value().shape)
-      if tuple(value.shape) != want:
-        raise ValueError(
-            f"load_adapter: {w_path!r}: tensor {key!r} (a modules_to_save "
-            f"module's {name}) has shape {list(value.shape)}, the model's "
-            f"{path}.{name} is {list(want)} (a resized vocabulary or "
-            "another base model?).")
-      if not np.issubdtype(value.dtype, np.floating) and (
-          value.dtype.name != "bfloat16"):
-        raise ValueError(f"load_adapter: {w_path!r}: tensor {key!r} has "
-                         f"dtype {value.dtype}, expected a float.")
-      out[f"{path}.{name}"] = jnp.asarray(value).astype(
-          var.get_value().dtype)
+      out[f"{path}.{name}"] = _replacement(
+          w_path, key, tensors[key], var, f"a modules_to_save module's "
+          f"{name}", f"{path}.{name}")
   return out
+
+
+def _replacement(w_path: str, key: str, value: np.ndarray,
+                 var: nnx.Variable, what: str, where: str) -> jax.Array:
+  """`value` cast to `var`'s dtype, as PEFT's `load_state_dict` casts,
+  after checking that it is a float array of `var`'s shape."""
+  want = tuple(var.get_value().shape)
+  if tuple(value.shape) != want:
+    raise ValueError(
+        f"load_adapter: {w_path!r}: tensor {key!r} ({what}) has shape "
+        f"{list(value.shape)}, the model's {where} is {list(want)} (a "
+        "resized vocabulary or another base model?).")
+  if not np.issubdtype(value.dtype, np.floating) and (
+      value.dtype.name != "bfloat16"):
+    raise ValueError(f"load_adapter: {w_path!r}: tensor {key!r} has dtype "
+                     f"{value.dtype}, expected a float.")
+  return jnp.asarray(value).astype(var.get_value().dtype)
 
 
 def _base_value(w_path: str, path: str, layer: nnx.Module, arg: str,
@@ -512,15 +518,7 @@ def _base_value(w_path: str, path: str, layer: nnx.Module, arg: str,
     raise ValueError(
         f"load_adapter: {w_path!r}: tensor {key!r} but {path!r} has no "
         f"{name}.")
-  want = tuple(var.get_value().shape)
-  if tuple(value.shape) != want:
-    raise ValueError(
-        f"load_adapter: {w_path!r}: tensor {key!r} (the base layer's {name}, "
-        f"which PEFT loads over the model's) has shape {list(value.shape)}, "
-        f"the model's {path}.{name} is {list(want)} (a resized vocabulary "
-        "or another base model?).")
-  if not np.issubdtype(value.dtype, np.floating) and (
-      value.dtype.name != "bfloat16"):
-    raise ValueError(f"load_adapter: {w_path!r}: tensor {key!r} has dtype "
-                     f"{value.dtype}, expected a float.")
-  return var, jnp.asarray(value).astype(var.get_value().dtype)
+  return var, _replacement(
+      w_path, key, value, var,
+      f"the base layer's {name}, which PEFT loads over the model's",
+      f"{path}.{name}")
