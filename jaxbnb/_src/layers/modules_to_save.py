@@ -97,8 +97,6 @@ def find_modules_to_save(model: nnx.Module, names: tuple[str, ...] | None,
       continue
     if not any(path.endswith(n) for n in names):
       continue
-    if any(path.startswith(f + ".") for f in found):
-      continue
     for t in targets:
       if t == path or t.startswith(path + ".") or path.startswith(t + "."):
         raise ValueError(
@@ -114,6 +112,8 @@ def find_modules_to_save(model: nnx.Module, names: tuple[str, ...] | None,
           "keep the module in float (the quantization config's skip "
           "modules) or adapt it with LoRA instead.")
     found.append(path)
+  # the graph is walked children first: keep the outermost selections
+  found = [f for f in found if not any(f.startswith(g + ".") for g in found)]
   if tied_embedding(model) is not None and any(
       TIED_HEAD.endswith(n) for n in names):
     # transformers' tied head is a module of its own: PEFT selects it
