@@ -529,3 +529,28 @@ def test_quantize_params_refuses_jaxbnb_float_linears():
   quantized = models.LlamaForCausalLM(
       cfg, quantization=models.QuantizationConfig.nf4(), rngs=nnx.Rngs(0))
   assert jn.quantize_params(quantized) is quantized
+
+
+@pytest.mark.parametrize("make", [
+    lambda: jn.Linear4bit(64, 32, rngs=nnx.Rngs(0)),
+    lambda: jn.Linear4bit(64, 32, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)),
+    lambda: jn.Linear8bitLt(64, 32, has_fp16_weights=False, threshold=6.0,
+                            rngs=nnx.Rngs(0)),
+    lambda: jn.Linear8bitLt(64, 32, rngs=nnx.Rngs(0))])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_an_empty_batch_gives_an_empty_output(make, dtype):
+  # as bitsandbytes' layers: [0, in] -> [0, out] in the dtype a row gets
+  layer = make()
+  one = layer(jnp.ones((1, 64), dtype))
+  for shape in ((0, 64), (2, 0, 64)):
+    y = layer(jnp.zeros(shape, dtype))
+    assert y.shape == shape[:-1] + (32,) and y.dtype == one.dtype
+  g = jax.grad(lambda x: layer(x).sum())(jnp.zeros((0, 64), dtype))
+  assert g.shape == (0, 64)
+
+
+@pytest.mark.parametrize("module", [jl.Dense4bit(features=32),
+                                    jl.Dense8bit(features=32)])
+def test_linen_empty_batch(module):
+  variables = module.init(jax.random.key(0), jnp.ones((1, 64)))
+  assert module.apply(variables, jnp.zeros((0, 64))).shape == (0, 32)

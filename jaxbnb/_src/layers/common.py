@@ -122,16 +122,28 @@ def check_inputs(inputs, in_features, fn):
     )
 
 
+def empty_batch(forward, inputs: jax.Array, out_features: int) -> jax.Array:
+  """The `[..., out_features]` zeros a layer returns for an input with no
+  rows (as bitsandbytes' layers do), in the dtype `forward` gives a row."""
+  row = jax.ShapeDtypeStruct((1, inputs.shape[-1]), inputs.dtype)
+  dtype = jax.eval_shape(forward, row).dtype
+  return jnp.zeros((*inputs.shape[:-1], out_features), dtype)
+
+
 def apply_quantized(inputs: jax.Array, weight: QuantizedArray,
                     bias: jax.Array | None, dtype: Any) -> jax.Array:
   """The quantized layer forward shared by linen and NNX layers.
 
   `dtype=None` infers the compute dtype from the input, the original weight
-  dtype and the bias, as Flax's `promote_dtype` does.
+  dtype and the bias, as Flax's `promote_dtype` does. An input without
+  rows gives an empty output.
   """
   if dtype is None:
     dtype = jnp.result_type(inputs.dtype, weight.dtype,
                             *(() if bias is None else (bias.dtype,)))
+  if inputs.size == 0:
+    return empty_batch(lambda x: apply_quantized(x, weight, bias, dtype),
+                       inputs, weight.shape[0])
   return weight.matmul(inputs.astype(dtype),
                        None if bias is None else bias.astype(dtype))
 

@@ -30,6 +30,7 @@ from jaxbnb._src.layers.common import QuantizedWeight
 from jaxbnb._src.layers.common import check_fixed_quant_type
 from jaxbnb._src.layers.common import replace_modules
 from jaxbnb._src.layers.linear import precision_for
+from jaxbnb._src.quant import int8
 from jaxbnb._src.quant import ops
 from jaxbnb._src.quant import reference
 from jaxbnb._src.quant import validation
@@ -167,8 +168,9 @@ class Embedding8bit(_QuantizedEmbedding):
   """bitsandbytes' `Embedding8bit`: a frozen table of int8 rows.
 
   Each embedding row (one token's vector) is quantized on its own, as
-  LLM.int8 quantizes weight rows: `CB[r] = rint(W[r] * 127 / SCB[r])` with
-  `SCB[r] = max |W[r]|`. A lookup gathers the int8 rows and their scales and
+  LLM.int8 quantizes weight rows, from the table cast to float16 as
+  bitsandbytes' `Int8Params` casts it: `CB[r] = rint(W[r] * 127 / SCB[r])`
+  with `SCB[r] = max |W[r]|`. A lookup gathers the int8 rows and their scales and
   returns `CB[ids] * (SCB[ids] / 127)` in float32, bit for bit
   bitsandbytes' forward; the whole table is never dequantized.
   The table takes `num_embeddings * (embedding_dim + 4)` bytes, about a
@@ -226,7 +228,7 @@ class Embedding8bit(_QuantizedEmbedding):
                          "given.")
       table = embedding_init(rngs.params(), (num_embeddings, embedding_dim),
                              param_dtype)
-      weight = Int8Params.from_float(table)
+      weight = int8.quantize_int8_weight(table)
     elif not isinstance(weight, Int8Params):
       raise TypeError(f"{name}: `weight` must be an Int8Params, got "
                       f"{type(weight).__name__}.")
@@ -246,7 +248,7 @@ class Embedding8bit(_QuantizedEmbedding):
       The 8-bit embedding.
     """
     table = _check_table(table, f"{cls.__name__}.from_float")
-    weight = Int8Params.from_float(table)
+    weight = int8.quantize_int8_weight(table)
     return cls(*weight.shape, dtype=dtype, param_dtype=table.dtype,
                weight=weight)
 
@@ -296,16 +298,9 @@ class Embedding8bit(_QuantizedEmbedding):
     return acc * (w.SCB.astype(jnp.float32) * jnp.float32(1.0 / 127.0))
 
 
-def _check_4bit(quant_type, blocksize, embedding_dim, fn):
+def _check_4bit(quant_type, blocksize, fn):
   validation.check_quant_type(quant_type, fn=fn)
   validation.check_blocksize(blocksize, validation.BLOCKSIZES_4BIT, fn=fn)
-  if embedding_dim % blocksize:
-    raise ValueError(
-        f"{fn}: `embedding_dim` ({embedding_dim}) must be a multiple of "
-        f"`blocksize` ({blocksize}) so that a row's packed bytes and absmax "
-        "blocks can be gathered alone (bitsandbytes' condition for partial "
-        f"dequantization); pick a blocksize in "
-        f"{validation.BLOCKSIZES_4BIT} that divides it.")
 
 
 def _gathered_absmax(qs: QuantState, blocks: jax.Array) -> jax.Array:
@@ -331,10 +326,11 @@ class Embedding4bit(_QuantizedEmbedding):
 
   The `[num_embeddings, embedding_dim]` table is stored as a `Params4bit`,
   exactly as `quantize_4bit` stores it (flattened row-major, blockwise
-  absmax). As in bitsandbytes, `embedding_dim` must be a multiple of
-  `blocksize`: then row `r` is the packed bytes `[r * dim / 2, (r + 1) *
-  dim / 2)` and the absmax blocks `[r * dim / blocksize, ...)`, and a lookup
-  gathers and dequantizes only those (nested absmax included). Defaults
+  absmax). When `embedding_dim` is a multiple of `blocksize`, row `r` is
+  the packed bytes `[r * dim / 2, (r + 1) * dim / 2)` and the absmax blocks
+  `[r * dim / blocksize, ...)`, and a lookup gathers and dequantizes only
+  those (nested absmax included); otherwise blocks span rows and, as in
+  bitsandbytes, a lookup dequantizes the whole table. Defaults
   follow bitsandbytes: `quant_type="fp4"`, `blocksize=64`, no double
   quantization.
 
@@ -352,7 +348,8 @@ class Embedding4bit(_QuantizedEmbedding):
 
   Args:
     num_embeddings: number of rows (vocabulary size).
-    embedding_dim: features per row, a multiple of `blocksize`.
+    embedding_dim: features per row (a multiple of `blocksize` lets a
+      lookup dequantize only its rows).
     dtype: output (and `attend` compute) dtype; None means the dtype of the
       float table that was quantized (`param_dtype`).
     param_dtype: dtype of the initial float table.
@@ -366,8 +363,8 @@ class Embedding4bit(_QuantizedEmbedding):
     rngs: random number generators.
 
   Raises:
-    ValueError: for a bad quant_type or blocksize, an `embedding_dim` that
-      is not a multiple of the blocksize, a missing `rngs`, or a `weight`
+    ValueError: for a bad quant_type or blocksize, a missing `rngs`, or a
+      `weight`
       of another shape (or, for `EmbeddingNF4`/`EmbeddingFP4`, of the other
       quant_type).
   """
@@ -394,7 +391,7 @@ class Embedding4bit(_QuantizedEmbedding):
     num_embeddings, embedding_dim = _check_args(
         num_embeddings, embedding_dim, dtype, param_dtype, name)
     if weight is None:
-      _check_4bit(quant_type, blocksize, embedding_dim, name)
+      _check_4bit(quant_type, blocksize, name)
       if rngs is None:
         raise ValueError(f"{name}: `rngs` is required unless `weight` is "
                          "given.")
@@ -409,7 +406,7 @@ class Embedding4bit(_QuantizedEmbedding):
                       f"{type(weight).__name__}.")
     else:
       qs = weight.quant_state
-      _check_4bit(qs.quant_type, qs.blocksize, embedding_dim, name)
+      _check_4bit(qs.quant_type, qs.blocksize, name)
       if (self._fixed_quant_type is not None
           and qs.quant_type != self._fixed_quant_type):
         raise ValueError(
@@ -444,7 +441,7 @@ class Embedding4bit(_QuantizedEmbedding):
     quant_type = kwargs.setdefault("quant_type", cls._default_quant_type)
     check_fixed_quant_type(cls._fixed_quant_type, quant_type, name)
     table = _check_table(table, name)
-    _check_4bit(quant_type, kwargs.get("blocksize", 64), table.shape[1], name)
+    _check_4bit(quant_type, kwargs.get("blocksize", 64), name)
     weight = Params4bit.from_float(table, **kwargs)
     return cls(*table.shape, dtype=dtype, param_dtype=table.dtype,
                weight=weight)
@@ -470,6 +467,10 @@ class Embedding4bit(_QuantizedEmbedding):
     w = self.weight.get_value()
     qs = w.quant_state
     dim = self.embedding_dim
+    if dim % qs.blocksize:
+      # Blocks (and, for an odd dim, bytes) span rows: as bitsandbytes
+      # (which warns), the whole table is dequantized and the rows taken.
+      return jnp.take(w.dequantize(), flat_ids, axis=0)
     packed = ops.from_storage(w.data).reshape(self.num_embeddings, dim // 2)
     rows = jnp.take(packed, flat_ids, axis=0).reshape(-1)
     per_row = dim // qs.blocksize
@@ -576,7 +577,10 @@ class StableEmbedding(nnx.Module):
     self.param_dtype = jnp.dtype(param_dtype)
     self.weight = nnx.Param(embedding_init(
         rngs.params(), (num_embeddings, embedding_dim), param_dtype))
+    # The two-pass variance, as torch's LayerNorm: flax's default
+    # E[x^2] - E[x]^2 cancels on rows with a large mean and a small spread.
     self.norm = nnx.LayerNorm(embedding_dim, epsilon=epsilon,
+                              use_fast_variance=False,
                               dtype=jnp.float32, param_dtype=jnp.float32,
                               rngs=rngs)
 

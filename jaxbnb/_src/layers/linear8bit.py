@@ -25,6 +25,7 @@ from flax import nnx
 from jaxbnb._src.layers.common import QuantizedLinear
 from jaxbnb._src.layers.common import QuantizedWeight
 from jaxbnb._src.layers.common import check_inputs
+from jaxbnb._src.layers.common import empty_batch
 from jaxbnb._src.layers.common import float_weight
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.quant import int8
@@ -52,6 +53,10 @@ def forward_8bit(inputs: jax.Array, weight: jax.Array | Int8Params,
   first. A float `weight` `[out, in]` is quantized on the fly.
   """
   x = inputs if dtype is None else inputs.astype(dtype)
+  if x.size == 0:  # no rows: an empty output, as bitsandbytes' layer
+    return empty_batch(
+        lambda r: forward_8bit(r, weight, bias, dtype, threshold), x,
+        weight.shape[0])
   if bias is not None:  # bitsandbytes' layer casts its bias to x's dtype
     bias = bias.astype(x.dtype)
   if isinstance(weight, Int8Params):
