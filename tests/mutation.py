@@ -680,6 +680,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "  pass",
            ("tests/io/peft_test.py::test_golden_logits_match_peft"
             "[qwen2_tied_embed_to_save]",)),
+    Mutant("modules-to-save-still-adapted", "jaxbnb/_src/layers/lora.py",
+           "        re.match(_saved_regex(m), path)",
+           "        False",
+           ("tests/io/peft_test.py::test_golden_logits_match_peft"
+            "[llama3_all_linear_mlp_saved]",)),
     Mutant("modules-to-save-not-loaded", "jaxbnb/_src/io/peft.py",
            "  for name, value in saved_values.items():\n"
            "    params[name].set_value(value)",

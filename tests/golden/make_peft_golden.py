@@ -106,6 +106,11 @@ CASES = {
     "qwen2_tied_embed_to_save": ("qwen2", False, dict(
         r=4, lora_alpha=8, target_modules=["v_proj"],
         modules_to_save=["embed_tokens"])),
+    # A module to save gets no adapter: all-linear adapts the attention
+    # only, the MLPs are trained whole.
+    "llama3_all_linear_mlp_saved": ("llama3", False, dict(
+        r=4, lora_alpha=8, target_modules="all-linear",
+        modules_to_save=["mlp"])),
 }
 
 

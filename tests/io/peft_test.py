@@ -338,6 +338,7 @@ CASES = {
     "mistral_modules_to_save_embed_mlp": ("mistral", None),
     "qwen2_tied_head_to_save": ("qwen2", None),
     "qwen2_tied_embed_to_save": ("qwen2", None),
+    "llama3_all_linear_mlp_saved": ("llama3", None),
 }
 # Logits: the float base models match transformers to 1e-5 of the largest
 # logit (tests/models/llama_test.py); the adapters add float32 matmuls of

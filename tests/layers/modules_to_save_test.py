@@ -145,8 +145,8 @@ def test_config_refuses_bad_values(value, match):
 
 @pytest.mark.parametrize("names, quantization, error, match", [
     (["lm_hed"], Q4, ValueError, r"\['lm_hed'\] select no module"),
-    (["q_proj"], Q4, ValueError, "is the LoRA target"),
-    (["self_attn"], Q4, ValueError, "overlaps the LoRA target"),
+    # kept out of LoRA (PEFT's rule), trained whole: a 4-bit one cannot be
+    (["q_proj"], Q4, ValueError, "a Linear4bit with weight.*only float"),
     (["mlp"], Q4, ValueError, "a MLP with .*QuantizedWeight.*only float"),
     (["up_proj"], Q4, ValueError, "a Linear4bit with weight.*only float"),
 ])
@@ -196,3 +196,45 @@ def test_load_checks_a_saved_module_tensor(tmp_path):
     load_adapter(other, tmp_path / "a")
   # nothing was changed by the failed load
   assert not jax.tree.leaves(nnx.state(other, nnx.LoRAParam))
+
+
+@pytest.mark.parametrize("names, adapted, whole", [
+    (["q_proj"], ["layers.0.self_attn.v_proj", "layers.1.self_attn.v_proj"],
+     ["layers.0.self_attn.q_proj.weight", "layers.1.self_attn.q_proj.weight"]),
+    (["layers.0.self_attn"],
+     ["layers.1.self_attn.q_proj", "layers.1.self_attn.v_proj"],
+     [f"layers.0.self_attn.{n}_proj.weight" for n in "qkvo"]),
+])
+def test_a_module_to_save_gets_no_adapter_as_in_peft(names, adapted, whole):
+  # PEFT's check_target_module_exists: no LoRA on or inside a module an
+  # entry names (between "." boundaries); that module is trained whole.
+  from jaxbnb._src.layers.lora import lora_layers  # pylint: disable=g-import-not-at-top
+  model = apply_lora(tiny(None), lora(modules_to_save=names),
+                     rngs=nnx.Rngs(1))
+  assert sorted(p.removeprefix("model.") for p, _ in lora_layers(model)) == (
+      adapted)
+  trained = sorted(p.removeprefix("model.") for p, t in kinds(model).items()
+                   if t == "LoRAParam")
+  assert trained == sorted(whole)
+
+
+def test_every_target_inside_modules_to_save_leaves_nothing_to_adapt():
+  with pytest.raises(ValueError, match="matches no linear layer"):
+    apply_lora(tiny(None), lora(modules_to_save=["self_attn"]),
+               rngs=nnx.Rngs(1))
+
+
+def test_load_ignores_an_entry_that_selects_nothing_as_peft(tmp_path):
+  model = apply_lora(tiny(), lora(modules_to_save=["lm_head"]),
+                     rngs=nnx.Rngs(1))
+  save_adapter(model, tmp_path / "a")
+  cfg_path = tmp_path / "a" / "adapter_config.json"
+  cfg = json.loads(cfg_path.read_text())
+  cfg["modules_to_save"] = ["nonexistent", "lm_head"]
+  cfg_path.write_text(json.dumps(cfg))
+  with pytest.warns(UserWarning, match=r"\['nonexistent'\] select no module"):
+    fresh = load_adapter(tiny(), tmp_path / "a")
+  np.testing.assert_array_equal(fresh(IDS)[0], model(IDS)[0])
+  with pytest.raises(ValueError, match="select no module"):  # but applying
+    apply_lora(tiny(), lora(modules_to_save=["nonexistent"]),
+               rngs=nnx.Rngs(1))

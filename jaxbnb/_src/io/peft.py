@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -370,7 +371,8 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
   if not tensors:
     raise ValueError(f"load_adapter: {w_path!r} holds no tensors.")
   saved = modules_to_save.find_modules_to_save(
-      model, config.modules_to_save, [], fn=f"load_adapter: {folder!r}")
+      model, config.modules_to_save, [], fn=f"load_adapter: {folder!r}",
+      missing_ok=True)
   saved_values = _saved_module_values(model, saved, tensors, w_path)
   tensors = {k: v for k, v in tensors.items()
              if k[len(KEY_PREFIX):] not in saved_values}
@@ -436,9 +438,11 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
         raise ValueError(f"load_adapter: {w_path!r}: tensor {key!r} has "
                          f"dtype {value.dtype}, expected a float.")
     weights[p] = {arg: jnp.asarray(v) for arg, (_, v) in got.items()}
-  modules_to_save.find_modules_to_save(  # a saved module adapted too?
-      model, config.modules_to_save, list(weights),
-      fn=f"load_adapter: {folder!r}")
+  with warnings.catch_warnings():  # warned above already
+    warnings.simplefilter("ignore")
+    modules_to_save.find_modules_to_save(  # a saved module adapted too?
+        model, config.modules_to_save, list(weights),
+        fn=f"load_adapter: {folder!r}", missing_ok=True)
   if rngs is None:
     rngs = nnx.Rngs(0)
   for var, value in base_values:  # all checked: now PEFT's overwrite

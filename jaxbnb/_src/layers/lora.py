@@ -132,7 +132,20 @@ def _modules_to_save(value: Any) -> tuple[str, ...] | None:
   if not all(isinstance(v, str) and v for v in value):
     raise ValueError("LoRAConfig: `modules_to_save` must hold non-empty "
                      f"strings, got {value!r}.")
+  for v in value:
+    try:
+      re.compile(_saved_regex(v))
+    except re.error as e:
+      raise ValueError(f"LoRAConfig: `modules_to_save` entry {v!r} is not a "
+                       f"valid regex (PEFT matches it as one): {e}") from e
   return value
+
+
+def _saved_regex(name: str) -> str:
+  """PEFT's regex for the modules a `modules_to_save` entry keeps out of
+  LoRA: the named module and anything inside it (the entry itself is a
+  regex there, as PEFT writes it unescaped)."""
+  return rf"(^|.*\.){name}($|\..*)"
 
 
 def _pattern_regex(key: str) -> str:
@@ -208,7 +221,9 @@ class LoRAConfig:
       kaiming-uniform too (the model changes at once; for tests).
     modules_to_save: modules trained whole beside the adapters (PEFT's
       `ModulesToSaveWrapper`), e.g. `["lm_head"]`: every module whose path
-      ends with an entry (a plain suffix test, as PEFT's). Their params
+      ends with an entry (a plain suffix test, as PEFT's); as in PEFT, no
+      module named by an entry (between "." boundaries) or inside one gets
+      a LoRA adapter, whatever `target_modules` says. Their params
       become `nnx.LoRAParam`s and are saved in the adapter file; float
       modules only. A tied head or embedding is untied first, as PEFT's
       copy unties it.
@@ -363,8 +378,13 @@ class LoRAConfig:
     return self.target_modules == ALL_LINEAR
 
   def excludes(self, path: str) -> bool:
-    """Whether `exclude_modules` names the module at dotted `path`."""
-    return _match(self.exclude_modules, path)
+    """Whether the module at dotted `path` never gets an adapter: named by
+    `exclude_modules`, or inside (or equal to) a `modules_to_save` module
+    (PEFT's `check_target_module_exists`: such a module is trained whole,
+    the entry matched as a regex between "." boundaries)."""
+    return _match(self.exclude_modules, path) or any(
+        re.match(_saved_regex(m), path)
+        for m in (self.modules_to_save or ()))
 
   def matches(self, path: str) -> bool:
     """Whether `target_modules` names the module at dotted `path`.

@@ -21,6 +21,7 @@ keeps the original weight.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -67,7 +68,8 @@ def _frozen_nonfloat(module: nnx.Module) -> str | None:
 
 
 def find_modules_to_save(model: nnx.Module, names: tuple[str, ...] | None,
-                         targets: list[str], *, fn: str) -> list[str]:
+                         targets: list[str], *, fn: str,
+                         missing_ok: bool = False) -> list[str]:
   """The dotted paths of the modules `names` selects, PEFT's way.
 
   A module is selected when its path ends with an entry (`str.endswith`,
@@ -80,13 +82,16 @@ def find_modules_to_save(model: nnx.Module, names: tuple[str, ...] | None,
     names: `LoRAConfig.modules_to_save`.
     targets: the paths of the LoRA-adapted linears.
     fn: the caller, for messages.
+    missing_ok: an entry that selects nothing is a warning (PEFT ignores
+      it; loading its files must too), not an error.
 
   Returns:
     The selected paths, in graph order.
 
   Raises:
-    ValueError: an entry selects nothing, a LoRA target (or a module
-      holding one), or a module with a quantized or integer variable.
+    ValueError: an entry selects nothing (unless `missing_ok`), a LoRA
+      target (or a module holding one), or a module with a quantized or
+      integer variable.
   """
   if not names:
     return []
@@ -120,10 +125,13 @@ def find_modules_to_save(model: nnx.Module, names: tuple[str, ...] | None,
     found.append(TIED_HEAD)
   missing = [n for n in names if not any(f.endswith(n) for f in found)]
   if missing:
-    raise ValueError(
+    message = (
         f"{fn}: modules_to_save entries {missing!r} select no module of "
         f"this {type(model).__name__} (a module is selected when its path "
         "ends with the entry, e.g. 'lm_head' or 'model.norm').")
+    if not missing_ok:
+      raise ValueError(message)
+    warnings.warn(message, stacklevel=3)
   return found
 
 
