@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxbnb
 from jaxbnb import functional as F
 from tests import helpers
 
@@ -339,3 +340,20 @@ def test_int8_params_state_dict_formats():
     F.Int8Params(jnp.ones((3, 4)), jnp.ones(3)).state_dict()
   with pytest.raises(ValueError, match=r"`SCB` must have shape \[3\]"):
     F.Int8Params(q.CB, jnp.ones(2)).state_dict()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("bias_dtype", [None, jnp.float32, jnp.float16])
+def test_matmul_int8_is_matmul_8bit_at_threshold_0(dtype, bias_dtype):
+  # float32 inputs go through float16 first, as bnb.matmul casts them
+  x = (jax.random.normal(jax.random.key(0), (6, 96)) * 3).astype(dtype)
+  q = F.quantize_int8_weight(jax.random.normal(jax.random.key(1), (16, 96)))
+  b = None if bias_dtype is None else jax.random.normal(
+      jax.random.key(2), (16,)).astype(bias_dtype)
+  with jaxbnb.kernel_mode("reference"):
+    helpers.assert_bits_equal(F.matmul_int8(x, q.CB, q.SCB, b),
+                              F.matmul_8bit(x, q, b))
+    grads = [jax.grad(lambda x, f=f: f(x).astype(jnp.float32).sum())(x)
+             for f in (lambda x: F.matmul_int8(x, q.CB, q.SCB, b),
+                       lambda x: F.matmul_8bit(x, q, b))]
+  helpers.assert_bits_equal(*grads)

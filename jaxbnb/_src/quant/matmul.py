@@ -17,6 +17,7 @@ from pallas_kernels import rms_norm as rms_norm_lib
 from jaxbnb._src.quant import dispatch
 from jaxbnb._src.quant import kernels
 from jaxbnb._src.quant import ops
+from jaxbnb._src.quant import reference
 from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.state import QuantState
 
@@ -463,8 +464,9 @@ def matmul_int8(
 ) -> jax.Array:
   """`A @ W.T (+ bias)` for an LLM.int8 weight `W ~= CB * SCB / 127`.
 
-  `matmul_8bit(A, Int8Params(CB, SCB), bias)`: bitsandbytes' `bnb.matmul`
-  with a frozen weight and threshold 0: `A` is cast to float16, quantized
+  As `matmul_8bit(A, Int8Params(CB, SCB), bias)` computes it on its
+  reference path: bitsandbytes' `bnb.matmul` with a frozen weight and
+  threshold 0: `A` is cast to float16, quantized
   row-wise to int8, multiplied with `CB` in int32 and dequantized with both
   scales (bitsandbytes' float16 epilogue); the result is returned in
   `A.dtype`. Gradients flow to `A` and `bias`.
@@ -513,8 +515,43 @@ def matmul_int8(
     if tuple(bias.shape) != (n,):
       raise ValueError(f"{fn}: `bias` must have shape (N,)=({n},), got "
                        f"{tuple(bias.shape)}.")
-  # int8 -> weights -> this module: imported here.
-  from jaxbnb._src.quant import int8  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.quant.weights import Int8Params  # pylint: disable=g-import-not-at-top
-  return int8.matmul_8bit(
-      A, Int8Params(CB, jnp.asarray(SCB, jnp.float32)), bias)
+  x2d = jnp.asarray(A).reshape(-1, k)
+  if bias is not None:  # bnb.matmul's epilogue takes it uncast
+    bias = jnp.asarray(bias)
+    if bias.dtype != jnp.float16:
+      bias = bias.astype(jnp.float32)
+  y = _int8_matmul(x2d, CB, jnp.asarray(SCB, jnp.float32), bias)
+  return y.reshape(*A.shape[:-1], n)
+
+
+@jax.custom_vjp
+def _int8_matmul(x2d, cb, scb, bias):
+  """`matmul_8bit`'s forward at threshold 0 on the reference path (that
+  module builds on `Int8Params`, which builds on this one)."""
+  ca, row_stats, _ = reference.int8_vectorwise_quant(
+      x2d.astype(jnp.float16), 0.0)
+  acc = jax.lax.dot_general(ca, cb, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  out = reference.int8_mm_dequant_any_bias(acc, row_stats, scb, bias)
+  return out.astype(x2d.dtype)
+
+
+def _int8_matmul_fwd(x2d, cb, scb, bias):
+  return _int8_matmul(x2d, cb, scb, bias), (cb, scb, bias)
+
+
+def _int8_matmul_bwd(res, g):
+  """bitsandbytes' backward: `g @ (CB * (SCB * (1/127)))` in g's dtype."""
+  cb, scb, bias = res
+  scale = scb.astype(jnp.float32) * jnp.float32(1.0 / 127.0)
+  w = (cb.astype(jnp.float32) * scale[:, None]).astype(g.dtype)
+  dx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())),
+                           precision=_PRECISION,
+                           preferred_element_type=jnp.float32).astype(g.dtype)
+  dbias = None
+  if bias is not None:
+    dbias = jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
+  return (dx, _zero_cotangent(cb), jnp.zeros_like(scb), dbias)
+
+
+_int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
