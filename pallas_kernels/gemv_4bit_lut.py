@@ -52,7 +52,6 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import _backend
-from pallas_kernels import l2_prefetch
 from pallas_kernels import rms_norm as rms_norm_lib
 from pallas_kernels.dequantize_4bit import decode_absmax
 from pallas_kernels.split_sum import sum_splits
@@ -73,8 +72,7 @@ __all__ = ["CHUNK", "NormInput", "STEP_ROWS", "SwigluInput", "available",
            "build_ptx",
            "check", "default_config", "default_rows", "fit", "gemv",
            "gemv_group", "gemv_swiglu", "group_args", "group_config",
-           "inline_ptx", "layout", "lead_prefetch", "nested_span",
-           "pipelines", "row_plan",
+           "inline_ptx", "layout", "nested_span", "pipelines", "row_plan",
            "smem_bytes", "span_start", "step_ptx", "swiglu_reference"]
 
 CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
@@ -660,8 +658,7 @@ def inline_ptx(text: str, refs, shared: int) -> None:
 
 
 def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
-              wgs: int, kchunks: int = 1, norm_weight: bool = False,
-              prefetch: tuple[str, int, bool] | None = None):
+              wgs: int, kchunks: int = 1, norm_weight: bool = False):
   """The kernel body of a program over the weights' row groups (`row_plan`),
   named `name`: for the weight that owns row group `n`, its build PTX
   (`ptx[g][0]`), then a TMA pipeline of its `[tile_rows, 128]` weight and
@@ -672,11 +669,7 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
   buffer (the step PTX's accumulators between steps) follows the step
   counters. Refs: x, five inputs a weight, the output, then the scratch
   buffers: the kernel's own (a table, x's copy), the nested table, the
-  span, the step counters (and the accumulators). With `prefetch`, `(PTX
-  of `l2_prefetch.ptx`, its inputs, first)`, those inputs follow the
-  weights' and every program runs the PTX (its share of their L2
-  prefetches) after its pipeline, or before its build when `first`. The
-  build PTX gets the
+  span, the step counters (and the accumulators). The build PTX gets the
   four first scratch addresses, x and the weight's nested codes, nested
   absmax and offset (and, with `norm_weight`, the ref after x: an
   RMSNorm's weight, `NormInput`); the step PTX the two tiles, the scratch
@@ -685,15 +678,10 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
     norm_gmem = (refs[0],) if norm_weight else ()
     refs = refs[len(norm_gmem):]
     ins = refs[:5 * len(ns)]
-    pf_ptx, n_pf, pf_first = prefetch or (None, 0, False)
-    pf_gmem = refs[5 * len(ns):5 * len(ns) + n_pf]
-    refs = refs[5 * len(ns) + n_pf:]
-    o_gmem, own_smem, c2_smem, sp_smem, cnt_smem = refs[:5]
-    extra = refs[5:]
+    o_gmem, own_smem, c2_smem, sp_smem, cnt_smem = refs[5 * len(ns):][:5]
+    extra = refs[5 * len(ns) + 5:]
     i = lax.axis_index("n")
     s = lax.axis_index("s")
-    if pf_ptx is not None and pf_first:
-      inline_ptx(pf_ptx, pf_gmem, 0)
     for g, (n, (r, steps, _, _, group0, _)) in enumerate(zip(ns, plan)):
       w_gmem, c_gmem, ns_gmem, nc_gmem, off_gmem = ins[5 * g:5 * g + 5]
       bptx, sptx = ptx[g]
@@ -737,8 +725,6 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
               in_specs=specs,
               wg_axis="wg", num_compute_wgs=wgs,
               max_concurrent_steps=stages)(w_gmem, c_gmem)
-    if pf_ptx is not None and not pf_first:
-      inline_ptx(pf_ptx, pf_gmem, 0)
 
   kernel.__name__ = kernel.__qualname__ = name
   return kernel
@@ -746,16 +732,14 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
 
 def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
               early, tma_skips_build, swiglu=None, dtype=None, raw=False,
-              norm=None, prefetch=(), prefetch_first=False):
+              norm=None):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,
   nested absmax, nested codes, offset `[1]`)`, its fp32 partials
   `[chunks, sum n_pad]` summed over the chunks: `[1, n]` per weight; with
   `raw`, the partials themselves and `row_plan`'s plan. With `swiglu`,
   `x` is an earlier launch's partials (`SwigluInput`) and `dtype` the
   compute dtype; with `norm`, `(NormInput, weight)`, x is RMSNorm'd in
-  the build (the weight in x's dtype). `prefetch`: `(input,
-  l2_prefetch.Prefetch)` pairs the programs prefetch into L2 after their
-  pipelines (before their builds with `prefetch_first`)."""
+  the build (the weight in x's dtype)."""
   dtype = jnp.dtype(x.dtype if swiglu is None else dtype)
   chunks = k // CHUNK
   tile_rows = step_rows * wgs
@@ -768,13 +752,9 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 
   threads = {} if wgs == 1 else dict(num_threads=wgs + 1, thread_name="wg")
-  pf = None
-  if prefetch:
-    pf = (l2_prefetch.ptx(tuple(spec for _, spec in prefetch),
-                          sum(rows) * chunks), len(prefetch), prefetch_first)
   kernel = plgpu.kernel(
       pipelines("jaxbnb_gemv_4bit_lut", ns, plan, ptx, tile_rows, stages,
-                wgs, norm_weight=norm is not None, prefetch=pf),
+                wgs, norm_weight=norm is not None),
       out_type=jax.ShapeDtypeStruct((chunks, n_pad), jnp.float32),
       grid=(sum(rows), chunks), grid_names=("n", "s"), **threads,
       scratch_types=[plgpu.SMEM((256, CHUNK // 2), jnp.float32),
@@ -786,7 +766,6 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
                                                                    ns):
     args += [packed.reshape(n, k // 2), codes.reshape(n, k // 64),
              nested_absmax, nested_code, offset]
-  args += [a.reshape(-1) for a, _ in prefetch]
   part = kernel(x.reshape(-1), *(() if norm is None else (norm[1],)), *args)
   if raw:
     return part, plan
@@ -889,7 +868,6 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, step_rows: int = 64,
                stages: int = 4, wgs: int = 1, early: bool = False,
                tma_skips_build: bool = False, rms_norm=None,
-               prefetch=(), prefetch_first: bool = False,
                interpret: bool = False) -> tuple[jax.Array, ...]:
   """`gemv` of several weights that read the same x, in one launch (a
   layer's gate and up projections): the programs' row groups are shared
@@ -908,11 +886,6 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
       eps)` instead of x, the norm made in each program's table build
       (`NormInput`; with two compute warpgroups, only with
       `tma_skips_build`). The twin normalizes by the reference.
-    prefetch: `(input, l2_prefetch.Prefetch)` pairs: bytes of a later
-      kernel's inputs (`lead_prefetch`: the next GEMV's weight) that the
-      programs bring into L2 when their pipelines end. No effect on the
-      values; the twin ignores them.
-    prefetch_first: issue them before the tables instead.
 
   Returns:
     float32 `[1, n_g]` per weight.
@@ -950,7 +923,6 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
         f"rows need {need} bytes of shared memory, more than "
         f"{_backend.HOPPER_SMEM}; take more row groups or fewer stages")
   prepared = _prepared(weights)
-  prefetch = _prefetch_arg(prefetch)
   if interpret:
     if norm is not None:
       x = rms_norm_lib.reference(x, norm[1], norm[0].eps)
@@ -964,66 +936,11 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
   return tuple(_compiled(
       x, prepared, code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
       stages=stages, wgs=wgs, early=early, tma_skips_build=tma_skips_build,
-      norm=norm, prefetch=prefetch, prefetch_first=prefetch_first))
-
-
-def _prefetch_arg(prefetch) -> tuple:
-  """The checked `(input, Prefetch)` pairs of a `prefetch` argument.
-
-  Raises:
-    ValueError: naming `prefetch` when an entry is not such a pair or its
-      spec's size is not its input's bytes.
-  """
-  out = []
-  for i, entry in enumerate(prefetch):
-    if (not isinstance(entry, tuple) or len(entry) != 2
-        or not isinstance(entry[1], l2_prefetch.Prefetch)):
-      raise ValueError(f"prefetch[{i}]: needs (input, l2_prefetch.Prefetch), "
-                       f"got {type(entry).__name__}")
-    array, spec = entry
-    nbytes = int(np.prod(array.shape)) * jnp.dtype(array.dtype).itemsize
-    if nbytes != spec.size:
-      raise ValueError(f"prefetch[{i}]: the spec's size {spec.size} is not "
-                       f"its input's {nbytes} bytes")
-    out.append((array, spec))
-  return tuple(out)
-
-
-def lead_prefetch(weights, ns: tuple[int, ...], k: int, lead_rows: int,
-                  rows=None) -> list:
-  """`gemv_group`'s `prefetch` for the first `lead_rows` rows of each row
-  group of a later table GEMV launch of `weights` (`(packed, codes, ...)`
-  `[n_g, k]` as `gemv_group` takes them; `rows` its row groups, default
-  `group_config`'s): what its programs, all starting at once, read
-  first. The packed bytes and the absmax codes of each weight.
-
-  Example:
-
-    >>> import jax.numpy as jnp
-    >>> from pallas_kernels import gemv_4bit_lut
-    >>> w = (jnp.zeros((4096 * 2048,), jnp.uint8),
-    ...      jnp.zeros((4096 * 64,), jnp.uint8))
-    >>> [spec.length for _, spec in gemv_4bit_lut.lead_prefetch(
-    ...     [w], (4096,), 4096, 64, rows=(8,))]
-    [131072, 4096]
-  """
-  ns = tuple(ns)
-  if rows is None:
-    rows = group_config(ns, k)["rows"]
-  tile_rows = 128  # default_config's two warpgroups of 64 rows
-  out = []
-  for w, n, r in zip(weights, ns, rows):
-    steps = layout(n, k, r, tile_rows)[0]
-    for array, row_bytes in ((w[0], k // 2), (w[1], k // 64)):
-      out.append((array, l2_prefetch.leading_rows(n, row_bytes,
-                                                  steps * tile_rows,
-                                                  lead_rows)))
-  return out
+      norm=norm))
 
 
 def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
                 n: int, k: int, n_out: int, rms_norm=None,
-                lead_down: int = 0, prefetch=(),
                 interpret: bool = False) -> jax.Array:
   """`down(silu(x @ gate.T) * (x @ up.T))` for one row of x (a SwiGLU
   MLP at decode time) in two launches: gate and up in one (`gemv_group`'s
@@ -1052,10 +969,6 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
     n_out: rows of down.
     rms_norm: `(weight [k], eps)`: x RMSNorm'd first, in gate/up's table
       builds (`gemv_group`'s `rms_norm`).
-    lead_down: rows of each of down's row groups that gate/up's programs
-      prefetch into L2 when they end (`lead_prefetch`); 0: none.
-    prefetch: L2 prefetches of down's launch for a later kernel
-      (`gemv_group`'s).
     interpret: the jnp twins (CPU).
 
   Returns:
@@ -1088,9 +1001,6 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
   if len(code) != 16:
     raise ValueError(f"code: needs 16 values, got {len(code)}")
   norm = _norm_arg(rms_norm, k, dtype)
-  prefetch = _prefetch_arg(prefetch)
-  if lead_down < 0:
-    raise ValueError(f"lead_down: must be >= 0, got {lead_down}")
   gate, up, down = _prepared((gate, up, down))
   if interpret:
     g, u = gemv_group(x, [gate, up], code=code, ns=(n, n), k=k,
@@ -1102,22 +1012,20 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
         "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
         f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
   first = group_config((n, n), k)
-  second = group_config((n_out,), n)
   part, plan = _compiled(x, [gate, up], code=code, ns=(n, n), k=k,
                          rows=first["rows"], step_rows=first["step_rows"],
                          stages=first["stages"], wgs=first["wgs"],
                          early=first["early"],
                          tma_skips_build=norm is not None, raw=True,
-                         norm=norm, prefetch=tuple(lead_prefetch(
-                             [down], (n_out,), n, lead_down,
-                             second["rows"])) if lead_down else ())
+                         norm=norm)
+  second = group_config((n_out,), n)
   # The memory warpgroup skips the build: its copies start at once.
   return _compiled(part, [down], code=code, ns=(n_out,), k=n,
                    rows=second["rows"], step_rows=second["step_rows"],
                    stages=second["stages"], wgs=second["wgs"],
                    early=second["early"], tma_skips_build=True,
                    swiglu=SwigluInput(k // CHUNK, part.shape[1], plan[1][5]),
-                   dtype=dtype, prefetch=prefetch)[0]
+                   dtype=dtype)[0]
 
 
 def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
@@ -1125,7 +1033,6 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
          offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
          rows: int | None = None, step_rows: int = 64, stages: int = 4,
          wgs: int = 1, early: bool = False, tma_skips_build: bool = False,
-         prefetch=(), prefetch_first: bool = False,
          interpret: bool = False) -> jax.Array:
   """`x @ W.T` in fp32 for one row of x and a double-quantized 4-bit
   `W [n, k]` (blocksize 64, 256 codes a nested absmax).
@@ -1153,8 +1060,6 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
       of running it with its stores off. Same bits on the GPU; timed in
       the twenty-sixth session (docs/bench/gemv_lut_sweep.py run e) with
       no steady difference from the default; off by default.
-    prefetch, prefetch_first: L2 prefetches for a later kernel, as
-      `gemv_group`'s.
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -1181,5 +1086,4 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
                     code=code, ns=(n,), k=k,
                     rows=None if rows is None else (rows,),
                     step_rows=step_rows, stages=stages, wgs=wgs, early=early,
-                    tma_skips_build=tma_skips_build, prefetch=prefetch,
-                    prefetch_first=prefetch_first, interpret=interpret)[0]
+                    tma_skips_build=tma_skips_build, interpret=interpret)[0]
