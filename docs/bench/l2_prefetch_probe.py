@@ -5,7 +5,9 @@ gate/up with the norm and down on its partials, `gemv_swiglu`), with a
 stand-in for RoPE and attention (XLA elementwise kernels) and the
 residual adds, timed with and without the kernels prefetching the next
 GEMV's weight (`pallas_kernels.l2_prefetch`). Random NF4 + DQ weights,
-8 layers (0.9 GB, past the 50 MB L2). On the GPU machine:
+8 layers (0.9 GB, past the 50 MB L2). It measured no gain (docs/
+benchmarks.md, thirty-seventh session) and the prefetch was removed: the
+script runs at commit ccde3e1 (`git checkout ccde3e1`), on the GPU machine:
 
     python docs/bench/l2_prefetch_probe.py [MODES...]
 
