@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from jaxbnb import functional as F
-from jaxbnb._src.quant import int8 as int8_lib
+from jaxbnb._src.quant import int8_frozen
 from tests import helpers
 
 G8 = helpers.load_golden("bnb_8bit.npz")
@@ -236,14 +236,15 @@ def test_outlier_columns_are_exact_up_to_the_weight():
 
 
 def test_tolerances_catch_broken_forwards(monkeypatch):
-  """The checks above fail for the usual mistakes (mutations of the code)."""
-  ref = int8_lib.reference
+  """The checks above fail for the usual mistakes (mutations of the code,
+  patched into `int8_frozen`, where `matmul_8bit`'s forward lives)."""
+  ref = int8_frozen.reference
 
   def broken(dtype, threshold, **patch):
     x, q, bias, _ = _inputs(dtype)
     with monkeypatch.context() as m:
       for name, fn in patch.items():
-        m.setattr(int8_lib, name, fn)
+        m.setattr(int8_frozen, name, fn)
       y = F.matmul_8bit(jnp.asarray(x), q, jnp.asarray(bias),
                         threshold=threshold)
     with pytest.raises(AssertionError):

@@ -17,6 +17,7 @@ import pytest
 
 import jaxbnb
 from jaxbnb import functional as F
+from jaxbnb._src.quant import int8_frozen
 from tests import helpers
 
 G8 = helpers.load_golden("bnb_8bit.npz")
@@ -229,6 +230,28 @@ def test_matmul_int8_gradients_jit_and_vmap():
   helpers.assert_within(db_j, np.asarray(g, np.float64).sum((0, 1)),
                         helpers.sum_bound(np.asarray(g).reshape(-1, 16), 0),
                         "jit dbias")
+
+
+@pytest.mark.parametrize("m", [3, 40])  # the decode kernel, the int8 GEMM
+def test_matmul_int8_goes_through_the_int8_kernels(m, monkeypatch):
+  # matmul_int8 is matmul_8bit's frozen-weight product at threshold 0: the
+  # same dispatch, so the LLM.int8 kernels serve it where they may (here in
+  # interpret mode), with the reference's values bit for bit.
+  q = F.Int8Params.from_float(jax.random.normal(jax.random.key(9), (64, 128)))
+  x = jax.random.normal(jax.random.key(10), (m, 128), jnp.bfloat16)
+  bias = jax.random.normal(jax.random.key(11), (64,), jnp.bfloat16)
+  with jaxbnb.kernel_mode("reference"):
+    y_ref = F.matmul_int8(x, q.CB, q.SCB, bias)
+  served = []
+  kernel_forward = int8_frozen._kernel_forward  # pylint: disable=protected-access
+  monkeypatch.setattr(int8_frozen, "_kernel_forward",
+                      lambda *a: served.append(kernel_forward(*a)) or served[-1])
+  with jaxbnb.kernel_mode("interpret"):
+    y = F.matmul_int8(x, q.CB, q.SCB, bias)
+    assert served and all(s is not None for s in served)
+    y_8bit = F.matmul_8bit(x, q, bias)
+  helpers.assert_bits_equal(y, y_ref)
+  helpers.assert_bits_equal(y, y_8bit)
 
 
 def test_matmul_int8_errors():

@@ -15,9 +15,9 @@ import pallas_kernels
 from pallas_kernels import rms_norm as rms_norm_lib
 
 from jaxbnb._src.quant import dispatch
+from jaxbnb._src.quant import int8_frozen
 from jaxbnb._src.quant import kernels
 from jaxbnb._src.quant import ops
-from jaxbnb._src.quant import reference
 from jaxbnb._src.quant import validation
 from jaxbnb._src.quant.state import QuantState
 
@@ -516,42 +516,9 @@ def matmul_int8(
       raise ValueError(f"{fn}: `bias` must have shape (N,)=({n},), got "
                        f"{tuple(bias.shape)}.")
   x2d = jnp.asarray(A).reshape(-1, k)
-  if bias is not None:  # bnb.matmul's epilogue takes it uncast
-    bias = jnp.asarray(bias)
-    if bias.dtype != jnp.float16:
-      bias = bias.astype(jnp.float32)
-  y = _int8_matmul(x2d, CB, jnp.asarray(SCB, jnp.float32), bias)
+  # bnb.matmul's epilogue takes the bias uncast (float16 stays float16)
+  bias = int8_frozen.epilogue_bias(bias)
+  y = int8_frozen.matmul_frozen(x2d, CB, jnp.asarray(SCB, jnp.float32), bias,
+                                0.0)
   return y.reshape(*A.shape[:-1], n)
 
-
-@jax.custom_vjp
-def _int8_matmul(x2d, cb, scb, bias):
-  """`matmul_8bit`'s forward at threshold 0 on the reference path (that
-  module builds on `Int8Params`, which builds on this one)."""
-  ca, row_stats, _ = reference.int8_vectorwise_quant(
-      x2d.astype(jnp.float16), 0.0)
-  acc = jax.lax.dot_general(ca, cb, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.int32)
-  out = reference.int8_mm_dequant_any_bias(acc, row_stats, scb, bias)
-  return out.astype(x2d.dtype)
-
-
-def _int8_matmul_fwd(x2d, cb, scb, bias):
-  return _int8_matmul(x2d, cb, scb, bias), (cb, scb, bias)
-
-
-def _int8_matmul_bwd(res, g):
-  """bitsandbytes' backward: `g @ (CB * (SCB * (1/127)))` in g's dtype."""
-  cb, scb, bias = res
-  scale = scb.astype(jnp.float32) * jnp.float32(1.0 / 127.0)
-  w = (cb.astype(jnp.float32) * scale[:, None]).astype(g.dtype)
-  dx = jax.lax.dot_general(g, w, (((1,), (0,)), ((), ())),
-                           precision=_PRECISION,
-                           preferred_element_type=jnp.float32).astype(g.dtype)
-  dbias = None
-  if bias is not None:
-    dbias = jnp.sum(g.astype(jnp.float32), axis=0).astype(bias.dtype)
-  return (dx, _zero_cotangent(cb), jnp.zeros_like(scb), dbias)
-
-
-_int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
