@@ -24,9 +24,14 @@ over a chain of phases:
   so no call has to reset it;
 * "seq": one launch that runs a pipeline a phase in turn, each over its
   own weight, with the grid barrier (the compute warps) between them:
-  what the
-  simpler build would get, which saves the launches but starts every
-  phase's stream afresh.
+  what the simpler build would get, which saves the launches but starts
+  every phase's stream afresh;
+* "pp": the same pipelines as a pipeline of pipelines (Mosaic GPU's
+  `pipeline_state` START / STEADY / STOP over one shared allocation), so
+  that the TMA warpgroup goes on into the next phase's tiles as the
+  compute frees its slots; each phase's steps are rounded up to a
+  multiple of the stages (the extra steps re-read the phase's last
+  tile).
 
 Phases, in rows of 2,048 bytes (a 4096-column NF4 weight's rows): the
 MLP (gate/up 28,672 rows, then down's 29.4 MB as 14,336 rows) and a whole
@@ -130,12 +135,16 @@ def stream(phases, barrier: bool, stages: int = 4):
   return call
 
 
-def sequential(phases, stages: int = 4):
+def sequential(phases, stages: int = 4, chained: bool = False):
   """f(*ws, *cs, counter): one launch, a pipeline a phase in turn, the
-  grid barrier of all warps between them."""
+  compute warps' grid barrier between them; `chained`: a pipeline of
+  pipelines over one allocation."""
   n = len(phases)
   tiles = [-(-r // TILE) for r in phases]
   steps = [-(-t // GROUPS) for t in tiles]
+  if chained:
+    steps = [-(-st // stages) * stages for st in steps]
+  state = plgpu.PipelinePipeline
   ptx = barrier_ptx(GROUPS * CHUNKS * WARPS)
 
   def kernel(*refs):
@@ -146,23 +155,39 @@ def sequential(phases, stages: int = 4):
     def body(idx, *refs):
       del idx, refs
 
-    for p in range(n):
-      if p:  # the compute warpgroups wait; the TMA one goes on loading
-
-        @pl.when(jax.lax.axis_index("wg") < 2)
-        def _():
-          lg.inline_ptx(ptx, (ctr_gmem,), 0)
-
-      def at(t, p=p):
+    def pipe(p):
+      def at(t):
         return jnp.minimum(i * steps[p] + t, tiles[p] - 1)
 
-      specs = [pl.BlockSpec((TILE, WIDTH), lambda t, at=at: (at(t), s)),
-               pl.BlockSpec((TILE, 16),
-                            lambda t, at=at: (at(t), s * WIDTH // 512))]
-      plgpu.emit_pipeline_warp_specialized(
+      specs = [pl.BlockSpec((TILE, WIDTH), lambda t: (at(t), s)),
+               pl.BlockSpec((TILE, 16), lambda t: (at(t), s * WIDTH // 512))]
+      kw = {}
+      if chained:
+        kw["pipeline_state"] = (state.START if p == 0 else
+                                state.STOP if p == n - 1 else state.STEADY)
+      return plgpu.emit_pipeline_warp_specialized(
           body, grid=(steps[p],), memory_registers=40, in_specs=specs,
-          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages)(
-              ws[p], cs[p])
+          wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, **kw)
+
+    def run(allocations=None):
+      for p in range(n):
+        if p:  # the compute warpgroups wait; the TMA one goes on loading
+
+          @pl.when(jax.lax.axis_index("wg") < 2)
+          def _():
+            lg.inline_ptx(ptx, (ctr_gmem,), 0)
+
+        if allocations is None:
+          pipe(p)(ws[p], cs[p])
+        else:
+          pipe(p)(ws[p], cs[p], allocations=allocations)
+
+    if chained:
+      pl.run_scoped(lambda **allocs: run(allocs),
+                    **pipe(0).get_allocations(ws[0], cs[0]),
+                    collective_axes="wg")
+    else:
+      run()
 
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct((CHUNKS, 128), jnp.float32),
@@ -204,9 +229,12 @@ def main():
                [(w, c, ctr) for w, c in whole]),
               (meta, "barrier", stream(phases, True),
                [(w, c, ctr) for w, c in whole]),
-              (meta, "seq", sequential(phases), [p + (ctr,) for p in parts])]
-  # "seq" last: two pipelines in one program is the case least tried.
-  cases.sort(key=lambda c: c[1] == "seq")
+              (meta, "seq", sequential(phases), [p + (ctr,) for p in parts]),
+              (meta, "pp", sequential(phases, chained=True),
+               [p + (ctr,) for p in parts])]
+  # "seq" and "pp" last: several pipelines in one program are the cases
+  # least tried.
+  cases.sort(key=lambda c: c[1] in ("seq", "pp"))
   with open(path, "a") as out:
     for meta, mode, f, slots in cases:
       for rep in range(2):
