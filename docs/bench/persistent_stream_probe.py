@@ -38,6 +38,11 @@ MLP (gate/up 28,672 rows, then down's 29.4 MB as 14,336 rows) and a whole
 layer (q/k/v 6,144, o 4,096, gate/up, down). Weights rotate past L2
 (`measure.time_jax`, the difference of a long and a short call). One
 JSON line per case to $OUT/persistent_stream_probe.jsonl.
+
+Measured on an H100 (docs/benchmarks.md, thirty-eighth session): one
+launch with no barrier saved nothing on the MLP and 2.5-2.9 us on a
+layer; every mode with the barrier was 2-6 us slower than a launch a
+phase. The persistent kernel was not built.
 """
 import json
 import os
