@@ -92,7 +92,7 @@ def barrier_ptx(arrivals: int) -> str:
 
 
 def stream(phases, barrier: bool, stages: int = 4):
-  """A jitted f(w, c, counter) that streams the tiles of `phases` (rows a
+  """The kernel f(w, c, counter) that streams the tiles of `phases` (rows a
   phase, laid one after another in `w`) in one launch."""
   tiles = [-(-r // TILE) for r in phases]
   steps = [-(-t // GROUPS) for t in tiles]
@@ -212,7 +212,8 @@ def launches(phases):
 
 
 def main():
-  path = os.path.join(os.environ.get("OUT", "."), "persistent_stream_probe.jsonl")
+  path = os.path.join(os.environ.get("OUT", "."),
+                      "persistent_stream_probe.jsonl")
   ctr = jnp.zeros((2,), jnp.uint32)
   cases = []
   for name, phases in CHAINS.items():

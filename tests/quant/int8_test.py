@@ -244,8 +244,12 @@ def test_matmul_int8_goes_through_the_int8_kernels(m, monkeypatch):
     y_ref = F.matmul_int8(x, q.CB, q.SCB, bias)
   served = []
   kernel_forward = int8_frozen._kernel_forward  # pylint: disable=protected-access
-  monkeypatch.setattr(int8_frozen, "_kernel_forward",
-                      lambda *a: served.append(kernel_forward(*a)) or served[-1])
+
+  def spy(*args):
+    served.append(kernel_forward(*args))
+    return served[-1]
+
+  monkeypatch.setattr(int8_frozen, "_kernel_forward", spy)
   with jaxbnb.kernel_mode("interpret"):
     y = F.matmul_int8(x, q.CB, q.SCB, bias)
     assert served and all(s is not None for s in served)

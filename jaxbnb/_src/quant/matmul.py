@@ -467,9 +467,9 @@ def matmul_int8(
   The same program as `matmul_8bit(A, Int8Params(CB, SCB), bias)` at
   threshold 0 (the LLM.int8 kernels on an NVIDIA GPU), which is
   bitsandbytes' `bnb.matmul` with a frozen weight and threshold 0: `A` is
-  cast to float16, quantized row-wise to int8, multiplied with `CB` in int32 and dequantized with both
-  scales (bitsandbytes' float16 epilogue); the result is returned in
-  `A.dtype`. Gradients flow to `A` and `bias`.
+  cast to float16, quantized row-wise to int8, multiplied with `CB` in
+  int32 and dequantized with both scales (bitsandbytes' float16 epilogue);
+  the result is returned in `A.dtype`. Gradients flow to `A` and `bias`.
 
   Args:
     A: float activations `[..., K]`.
