@@ -930,12 +930,10 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
     _, block_n, bk, rows, num_warps, stages = config[:6]
     early = bool(config[6]) if len(config) > 6 else False
     if (block_n not in gemv_4bit_lut.STEP_ROWS
-        or bk != gemv_4bit_lut.CHUNK // 2
-        or num_warps not in (4, 8, 12, 16)):
+        or bk != gemv_4bit_lut.CHUNK // 2 or num_warps not in (4, 8)):
       raise ValueError(
           "config: variant 'lut' runs 64 or 128 rows a step, "
-          f"{gemv_4bit_lut.CHUNK // 2} bytes a row and 4, 8, 12 or 16 "
-          "warps, got "
+          f"{gemv_4bit_lut.CHUNK // 2} bytes a row and 4 or 8 warps, got "
           f"block_n {block_n}, {bk} bytes and {num_warps} warps")
     ys = [gemv_4bit_lut.gemv(x, *w, code=code, n=n, k=k, rows=rows,
                              step_rows=block_n, stages=stages,

@@ -68,7 +68,7 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
-__all__ = ["CHUNK", "LUT_WGS", "NormInput", "STEP_ROWS", "SwigluInput", "available",
+__all__ = ["CHUNK", "NormInput", "STEP_ROWS", "SwigluInput", "available",
            "build_ptx",
            "check", "default_config", "default_rows", "fit", "gemv",
            "gemv_group", "gemv_swiglu", "group_args", "group_config",
@@ -77,9 +77,6 @@ __all__ = ["CHUNK", "LUT_WGS", "NormInput", "STEP_ROWS", "SwigluInput", "availab
 
 CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
 STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
-# Compute warpgroups of the default configs (`default_config`,
-# `group_config`), beside the TMA one.
-LUT_WGS = 2
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _ROW = 256  # bytes between a position's entries for byte values b, b + 1
 _DTYPES = ("bfloat16", "float16")
@@ -195,9 +192,8 @@ def default_config(n: int, k: int, num_sms: int | None = None) -> dict:
     num_sms = _backend.num_sms()
   rows, stages = fit((n,), default_rows(n, k, num_sms), 4,
                       functools.partial(_group_smem, (n,), k, step_rows=64,
-                                        wgs=LUT_WGS))
-  return dict(rows=rows[0], step_rows=64, stages=stages, wgs=LUT_WGS,
-              early=True)
+                                        wgs=2))
+  return dict(rows=rows[0], step_rows=64, stages=stages, wgs=2, early=True)
 
 
 def fit(ns: tuple[int, ...], total: int, stages: int,
@@ -214,14 +210,6 @@ def fit(ns: tuple[int, ...], total: int, stages: int,
       stages -= 1
     else:
       total *= 2
-
-
-def _build_wgs(wgs: int) -> int:
-  """The compute warpgroups that make the table: all of them, but two of
-  three (256 byte values split evenly)."""
-  if wgs not in (1, 2, 3, 4):
-    raise ValueError(f"wgs: expected 1 to 4 compute warpgroups, got {wgs!r}")
-  return 2 if wgs == 3 else wgs
 
 
 def _offset(reg: str, tmp: str) -> list[str]:
@@ -420,11 +408,10 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   latencies pass together and while the table is made. Thread `t` makes
   the entries of byte position `p = 4 l + i` (`l = t % 32`,
   `i = t % 128 // 32`) of the chunk `%ctaid.x`, all 256 byte values with
-  one compute warpgroup (`wgs`), half of them with two or three (the
-  third stores nothing), a quarter with four. Threads past the
+  one compute warpgroup (`wgs`), half of them with two. Threads past the
   compute warpgroups (the pipeline's memory warpgroup) store nothing;
   with `skip` they branch past the whole block to its barrier. With
-  `early` (two or more compute warpgroups) they do not wait either: the compute
+  `early` (two compute warpgroups) they do not wait either: the compute
   threads meet at named barrier 15, and the memory warpgroup starts the
   pipeline's first copies meanwhile. In a group of weights, this weight's
   row groups start at `group0`.
@@ -446,7 +433,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
       f".reg .f32 x0, x1, e, cc, h<16>, o<16>, g<{loads + 3}>;",
       ".reg .b64 px, pc, pf, d;",
       ".reg .b16 hx0, hx1;",
-      ".reg .pred p0, pw, pt, pb, lo;",
+      ".reg .pred p0, pw, pt, lo;",
       "mov.u32 t, %tid.x;", f"setp.lt.u32 pw, t, {128 * wgs};",
   ]
   if swiglu is not None:
@@ -496,33 +483,23 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               "cvt.f32.f16 x1, hx1;"]
   if norm is not None:
     lines += norm_math
-  bw = _build_wgs(wgs)
-  values = 256 // bw  # byte values a thread
+  values = 256 // wgs  # byte values a thread
   his = values // 16
   # a: the table address of byte position 4 l + i for byte value 0.
   lines += ["shl.b32 a, i, 4;", "add.u32 a, a, l;"] + _offset("a", "b")
-  lines += ["add.u32 a, a, $0;", f"setp.lt.u32 pb, t, {128 * bw};"]
-  if bw == 1:
+  lines += ["add.u32 a, a, $0;"]
+  if wgs == 1:
     lines += [f"mul.rn.f32 h{c}, x0, {_f32(v)};" for c, v in enumerate(code)]
-  elif bw == 2:  # warpgroup 1 takes byte values 128-255: high nibbles 8-15
+  else:  # warpgroup 1 takes byte values 128-255: high nibbles 8-15
     lines += ["shr.u32 b, t, 7;", "setp.eq.u32 lo, b, 0;"]
     for c in range(his):
       lines += [f"selp.f32 cc, {_f32(code[c])}, {_f32(code[c + his])}, lo;",
                 f"mul.rn.f32 h{c}, x0, cc;"]
     lines += ["and.b32 b, b, 1;", f"mad.lo.u32 a, b, {_ROW * values}, a;"]
-  else:  # warpgroup w takes high nibbles 4 w .. 4 w + 3
-    lines += ["shr.u32 b, t, 7;", "and.b32 q, b, 1;", "setp.ne.u32 lo, q, 0;",
-              "and.b32 q, b, 2;", "setp.ne.u32 p0, q, 0;"]
-    for c in range(his):
-      lines += [f"selp.f32 cc, {_f32(code[c + 12])}, {_f32(code[c + 8])}, lo;",
-                f"selp.f32 e, {_f32(code[c + 4])}, {_f32(code[c])}, lo;",
-                "selp.f32 cc, cc, e, p0;", f"mul.rn.f32 h{c}, x0, cc;"]
-    lines += ["and.b32 b, b, 3;", f"mad.lo.u32 a, b, {_ROW * values}, a;",
-              "setp.eq.u32 p0, t, 0;"]
   lines += [f"mul.rn.f32 o{c}, x1, {_f32(v)};" for c, v in enumerate(code)]
   for b in range(values):
     lines += [f"add.rn.f32 e, h{b >> 4}, o{b & 15};",
-              f"@pb st.shared.f32 [a+{_ROW * b}], e;"]
+              f"@pw st.shared.f32 [a+{_ROW * b}], e;"]
   lines += ["shl.b32 a, c, 2;", "add.u32 a, a, $1;",
             "@pt st.shared.f32 [a], g0;", "@pt st.shared.f32 [a+512], g1;",
             "@p0 st.shared.f32 [a+1024], g2;",
@@ -827,7 +804,7 @@ def group_config(ns: tuple[int, ...], k: int,
   cfg = default_config(sum(ns), k, num_sms)
   cfg["rows"], cfg["stages"] = fit(
       ns, cfg["rows"], cfg["stages"],
-      functools.partial(_group_smem, ns, k, step_rows=64, wgs=cfg["wgs"]))
+      functools.partial(_group_smem, ns, k, step_rows=64, wgs=2))
   return cfg
 
 
@@ -907,7 +884,7 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     step_rows, stages, wgs, early, tma_skips_build, interpret: as `gemv`.
     rms_norm: `(weight [k], eps)`: multiply `rms_norm.reference(x, weight,
       eps)` instead of x, the norm made in each program's table build
-      (`NormInput`; with two or more compute warpgroups, only with
+      (`NormInput`; with two compute warpgroups, only with
       `tma_skips_build`). The twin normalizes by the reference.
 
   Returns:
@@ -917,7 +894,7 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
   norm = _norm_arg(rms_norm, k, x.dtype)
   if norm is not None:
     if wgs > 1 and not tma_skips_build:
-      raise ValueError("rms_norm: with two or more compute warpgroups needs "
+      raise ValueError("rms_norm: with two compute warpgroups needs "
                        "tma_skips_build=True (the compute threads meet at a "
                        "barrier the memory warpgroup must skip)")
   if len(weights) == len(ns):
@@ -929,14 +906,14 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
           default_rows(ns[0], k),))
   if step_rows not in STEP_ROWS:
     raise ValueError(f"step_rows: must be 64 or 128, got {step_rows}")
-  if wgs not in (1, 2, 3, 4):
-    raise ValueError(f"wgs: must be 1, 2, 3 or 4, got {wgs}")
-  if early and wgs == 1:
-    raise ValueError("early: needs two or more compute warpgroups (wgs >= "
-                     f"2), got wgs={wgs}")
-  if tma_skips_build and wgs == 1:
-    raise ValueError("tma_skips_build: needs two or more compute warpgroups "
-                     f"(wgs >= 2; one beside them for the TMA), got wgs={wgs}")
+  if wgs not in (1, 2):
+    raise ValueError(f"wgs: must be 1 or 2, got {wgs}")
+  if early and wgs != 2:
+    raise ValueError("early: needs two compute warpgroups (wgs=2), got "
+                     f"wgs={wgs}")
+  if tma_skips_build and wgs != 2:
+    raise ValueError("tma_skips_build: needs two compute warpgroups (wgs=2; "
+                     f"one beside them for the TMA), got wgs={wgs}")
   need = _group_smem(ns, k, rows, step_rows, stages, wgs)
   if need > _backend.HOPPER_SMEM:
     what = (f"{rows[0]} row groups of {ns[0]} rows" if len(ns) == 1 else
@@ -1073,10 +1050,10 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     step_rows: rows a compute warpgroup takes a pipeline step, 64 or 128
       (16 or 32 a warp).
     stages: pipeline steps in flight.
-    wgs: compute warpgroups: 1, or 2 to 4 beside a TMA warpgroup
+    wgs: compute warpgroups: 1, or 2 beside a TMA warpgroup
       (`emit_pipeline_warp_specialized`), each taking `step_rows` rows of
       a step.
-    early: with two or more compute warpgroups, the memory warpgroup does not wait
+    early: with two compute warpgroups, the memory warpgroup does not wait
       for the table (`build_ptx`).
     tma_skips_build: with two compute warpgroups, the memory warpgroup
       branches past the table's whole block (`build_ptx`'s `skip`) instead

@@ -4,12 +4,9 @@ session) set from FUSE, a comma-separated list of those on: "swiglu"
 gate/up's partials) and "norm" (`gemv_4bit.NORM_FUSED`: the q/k/v and
 gate/up GEMVs make the layer's RMSNorms). Unset, both are off (the
 library's default is both on since the thirty-fourth session measured
-them). LUT_WGS, where set, is the table GEMV's compute warpgroups in its
-default configs (`gemv_4bit_lut.LUT_WGS`, 2 unset; thirty-ninth session).
-On the GPU machine:
+them). On the GPU machine:
 
     FUSE=swiglu,norm python docs/bench/decode_fusions.py bench decode --impl jax-nf4-dq --batch 1
-    FUSE=swiglu,norm LUT_WGS=4 python docs/bench/decode_fusions.py bench matmul --m 1
 """
 import os
 import sys
@@ -19,8 +16,5 @@ if _fuse - {"swiglu", "norm"}:
   sys.exit(f"FUSE: names swiglu and norm, got {sorted(_fuse)}")
 gemv_4bit.SWIGLU_FUSED = "swiglu" in _fuse
 gemv_4bit.NORM_FUSED = "norm" in _fuse
-if os.environ.get("LUT_WGS"):
-  from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
-  gemv_4bit_lut.LUT_WGS = int(os.environ["LUT_WGS"])
 from jaxbnb._src.tools import cli  # pylint: disable=g-import-not-at-top
 sys.exit(cli.main(sys.argv[1:]))
