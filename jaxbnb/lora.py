@@ -14,6 +14,7 @@ from jaxbnb._src.io.peft import save_adapter as save_adapter
 from jaxbnb._src.layers.lora import Dense4bitLoRA as Dense4bitLoRA
 from jaxbnb._src.layers.lora import LoRAConfig as LoRAConfig
 from jaxbnb._src.layers.lora import LoRALinear as LoRALinear
+from jaxbnb._src.layers.lora_bias import LoRABias as LoRABias
 from jaxbnb._src.layers.lora import apply_lora as apply_lora
 from jaxbnb._src.layers.lora import find_targets as find_targets
 from jaxbnb._src.layers.lora import merge_lora as merge_lora
@@ -21,6 +22,7 @@ from jaxbnb._src.layers.lora import unload_lora as unload_lora
 
 __all__ = [
     "Dense4bitLoRA",
+    "LoRABias",
     "LoRAConfig",
     "LoRALinear",
     "adapter_state_dict",

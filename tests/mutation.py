@@ -691,6 +691,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "  for name, value in saved_values.items():\n    pass",
            ("tests/io/peft_test.py::test_golden_logits_match_peft"
             "[mistral_modules_to_save_embed_mlp]",)),
+    # LoRA's bias option: the saved biases of modules without an adapter
+    # loaded; "lora_only" trains the adapted linears' biases only.
+    Mutant("lora-bias-not-loaded", "jaxbnb/_src/io/peft.py",
+           "  for var, value in base_values + list(bias_values.values()):",
+           "  for var, value in base_values:",
+           ("tests/io/peft_test.py::test_golden_logits_match_peft"
+            "[qwen2_bias_all]",)),
+    Mutant("lora-only-trains-every-bias", "jaxbnb/_src/layers/lora_bias.py",
+           'if bias == "all"\n',
+           'if bias != "none"\n',
+           ("tests/io/peft_test.py::test_golden_resave_gives_peft_s_files"
+            "[qwen2_bias_lora_only]",)),
 )
 # fmt: on
 

@@ -22,6 +22,9 @@ writes expected.npz there:
                                  key in adapter_model.safetensors
   merged_logits [2, 8, V]        logits after merge_and_unload()
 
+The *_bias_* cases train biases too (LoraConfig `bias`); random noise is
+added to them, so that the saved biases differ from the base model's.
+
 The *_modules_to_save* cases also train whole modules (PEFT's
 `modules_to_save`); their copies are scaled by random factors so that they
 differ from the base, and are saved under the modules' own names
@@ -111,6 +114,15 @@ CASES = {
     "llama3_all_linear_mlp_saved": ("llama3", False, dict(
         r=4, lora_alpha=8, target_modules="all-linear",
         modules_to_save=["mlp"])),
+    # Trained biases (Qwen2's q/k/v have them): every bias of the model,
+    # saved as q_proj.base_layer.bias for the adapted q_proj and as
+    # k_proj.bias / v_proj.bias for the others; or only the adapted
+    # layers' (v_proj's stays the base model's and is not saved).
+    "qwen2_bias_all": ("qwen2", False, dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], bias="all")),
+    "qwen2_bias_lora_only": ("qwen2", False, dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"],
+        bias="lora_only")),
 }
 
 
@@ -155,6 +167,9 @@ def make_case(case, base, quantize, lora_kwargs, seed):
       if ".modules_to_save." in name:  # the trained copies differ too
         noise = 1 + 0.2 * torch.randn(p.shape, generator=gen)
         p.mul_(noise.to(p.device))
+      if name.endswith(".bias") and p.requires_grad:  # trained biases
+        noise = 0.1 * torch.randn(p.shape, generator=gen)
+        p.add_(noise.to(p.device))
   pm.eval()
 
   out = os.path.join(OUT, case)

@@ -339,6 +339,8 @@ CASES = {
     "qwen2_tied_head_to_save": ("qwen2", None),
     "qwen2_tied_embed_to_save": ("qwen2", None),
     "llama3_all_linear_mlp_saved": ("llama3", None),
+    "qwen2_bias_all": ("qwen2", None),
+    "qwen2_bias_lora_only": ("qwen2", None),
 }
 # Logits: the float base models match transformers to 1e-5 of the largest
 # logit (tests/models/llama_test.py); the adapters add float32 matmuls of

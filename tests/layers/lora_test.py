@@ -87,8 +87,6 @@ def reference(x, base, a, b, scaling, m=None):
     (dict(lora_dropout=float("inf")), ValueError),
     (dict(lora_dropout=1.0), ValueError), (dict(lora_dropout=-0.1),
                                            ValueError),
-    (dict(bias="all"), NotImplementedError),
-    (dict(bias="lora_only"), NotImplementedError),
     (dict(bias="some"), ValueError),
     (dict(modules_to_save="lm_head"), ValueError),
     (dict(fan_in_fan_out=True), NotImplementedError),

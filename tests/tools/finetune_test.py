@@ -44,7 +44,8 @@ def text_path(tmp_path_factory):
 def adapter(gguf_path, text_path, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("ft") / "adapter")
   assert cli.main(["finetune", gguf_path, "--data", text_path, "--out", out,
-                   "--target", "q_proj,v_proj,down_proj", *FAST]) == 0
+                   "--target", "q_proj,v_proj,down_proj",
+                   "--lora-bias", "lora_only", *FAST]) == 0
   return out
 
 
@@ -72,6 +73,7 @@ def test_finetune_writes_a_peft_adapter(adapter, gguf_path):
     config = json.load(f)
   assert config["peft_type"] == "LORA" and config["r"] == 4
   assert config["lora_alpha"] == 16 and config["task_type"] == "CAUSAL_LM"
+  assert config["bias"] == "lora_only"  # the tiny model has no biases
   assert sorted(config["target_modules"]) == ["down_proj", "q_proj",
                                               "v_proj"]
   assert config["base_model_name_or_path"] == os.path.realpath(gguf_path)
@@ -91,7 +93,7 @@ def test_finetune_writes_a_peft_adapter(adapter, gguf_path):
 def test_resume_of_a_finished_run(adapter, gguf_path, text_path, capsys):
   assert cli.main(["finetune", gguf_path, "--data", text_path, "--out",
                    adapter, "--target", "q_proj,v_proj,down_proj",
-                   "--resume", *FAST]) == 0
+                   "--lora-bias", "lora_only", "--resume", *FAST]) == 0
   assert "nothing left to train" in capsys.readouterr().out
 
 
@@ -188,6 +190,7 @@ def test_bad_settings(extra, prefix, needle, gguf_path, text_path, tmp_path,
     ("--eval-split", "1", "expected a number in [0, 1)"),
     ("--grad-accum", "0", "expected an integer >= 1"),
     ("--modules-to-save", "lm_head,(", "expected module names separated"),
+    ("--lora-bias", "some", "invalid choice: 'some'"),
 ])
 def test_bad_numbers(flag, value, needle, capsys):
   with pytest.raises(SystemExit) as e:

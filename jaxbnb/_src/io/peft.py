@@ -10,6 +10,9 @@ A PEFT LoRA adapter is a folder with `adapter_config.json` (the
 
 (PEFT strips the adapter name, `.default`, and DoRA's trailing `.weight`
 on save: `peft.tuners.lora.model.LoraModel._get_adapter_state_dict`.)
+With `bias="all"` or `"lora_only"` the trained biases follow under the
+model's own names: `base_model.model.<p>.base_layer.bias` for an adapted
+linear, `base_model.model.<q>.bias` for another module ("all" only).
 jaxbnb models keep HF module names, so `<p>` is the path of the
 `LoRALinear` in the model and nothing is renamed.
 """
@@ -37,6 +40,8 @@ from jaxbnb._src.layers.lora import linear_layers
 from jaxbnb._src.layers.lora import lora_layers
 from jaxbnb._src.layers.lora import saved_module_params
 from jaxbnb._src.layers import modules_to_save
+from jaxbnb._src.layers.lora_bias import train_biases
+from jaxbnb._src.layers.lora_bias import trained_biases
 from jaxbnb._src.quant.state import to_numpy
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "KEY_PREFIX",
@@ -84,6 +89,8 @@ def adapter_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """
   out = {}
   for path, var in saved_module_params(model).items():
+    out[KEY_PREFIX + path] = to_numpy(var.get_value())
+  for path, var in trained_biases(model).items():  # LoRAConfig.bias
     out[KEY_PREFIX + path] = to_numpy(var.get_value())
   for path, layer in lora_layers(model):
     prefix = KEY_PREFIX + (path + "." if path else "")
@@ -223,7 +230,8 @@ def save_adapter(model: nnx.Module, path: str | os.PathLike, *,
   `save_pretrained` writes them: keys `base_model.model.<module path>.
   lora_A.weight` `[r, in]`, `.lora_B.weight` `[out, r]` and, for DoRA,
   `.lora_magnitude_vector` `[out]`, in the adapter dtype (float32 by
-  default), with metadata `{"format": "pt"}`; `PeftModel.from_pretrained`
+  default), the trained biases (`LoRAConfig.bias`) under the model's
+  names, with metadata `{"format": "pt"}`; `PeftModel.from_pretrained`
   loads it onto the transformers model. The folder is written beside
   `path` and renamed into place; other files of an existing folder (e.g.
   a README.md) are kept when `overwrite=True`.
@@ -338,7 +346,8 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
   tensors in `LoRALinear`s (float or quantized bases alike) and loads the
   weights. Every module must exist as a linear layer of `model`, be
   selected by the config's `target_modules`, and have tensors of the
-  shapes its layer needs.
+  shapes its layer needs. Saved biases (`bias="all"` or `"lora_only"`)
+  replace the model's, which then train with the adapters (`LoRABias`).
 
   Args:
     model: the base model (e.g. `from_pretrained` of the adapter's base).
@@ -376,6 +385,15 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
   saved_values = _saved_module_values(model, saved, tensors, w_path)
   tensors = {k: v for k, v in tensors.items()
              if k[len(KEY_PREFIX):] not in saved_values}
+  # bias="all" also saves a module to save's two biases in PEFT's wrapper
+  # (the trained copy's, also saved as `<path>.bias`, and the frozen
+  # original's): jaxbnb keeps neither wrapper.
+  tensors = {k: v for k, v in tensors.items()
+             if k not in {f"{KEY_PREFIX}{p}.{w}.bias" for p in saved
+                          for w in ("modules_to_save", "original_module")}}
+  bias_values = _bias_values(model, config, tensors, w_path)
+  tensors = {k: v for k, v in tensors.items()
+             if k[len(KEY_PREFIX):] not in bias_values}
   if not tensors:
     raise ValueError(f"load_adapter: {w_path!r} holds no LoRA tensors.")
   modules = _group(tensors, w_path)
@@ -445,11 +463,12 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
         fn=f"load_adapter: {folder!r}", missing_ok=True)
   if rngs is None:
     rngs = nnx.Rngs(0)
-  for var, value in base_values:  # all checked: now PEFT's overwrite
-    var.set_value(value)
+  for var, value in base_values + list(bias_values.values()):
+    var.set_value(value)  # all checked: now PEFT's overwrite
   model = attach_adapters(model, config, list(weights), rngs=rngs,
                           lora_dtype=lora_dtype, weights=weights)
   modules_to_save.make_trainable(model, saved)  # unties a tied pair
+  train_biases(model, config.bias, [layer for _, layer in lora_layers(model)])
   params = saved_module_params(model)
   for name, value in saved_values.items():
     params[name].set_value(value)
@@ -479,6 +498,41 @@ def _saved_module_values(model: nnx.Module, saved: list[str],
       out[f"{path}.{name}"] = _replacement(
           w_path, key, tensors[key], var, f"a modules_to_save module's "
           f"{name}", f"{path}.{name}")
+  return out
+
+
+def _bias_values(model: nnx.Module, config: LoRAConfig,
+                 tensors: dict[str, np.ndarray], w_path: str
+                 ) -> dict[str, tuple[nnx.Variable, jax.Array]]:
+  """`{dotted path: (variable, new value)}` for the biases of modules
+  without an adapter that a `bias="all"` adapter holds (`<path>.bias`;
+  an adapted linear's is `<path>.base_layer.bias`, loaded with it)."""
+  plain = [k for k in tensors if k.startswith(KEY_PREFIX)
+           and k.endswith(".bias") and not k.endswith(".base_layer.bias")
+           and ".lora_" not in k]  # lora_B.bias: PEFT's lora_bias
+  if config.bias != "all":
+    if plain:
+      raise ValueError(
+          f"load_adapter: {w_path!r}: tensor {plain[0]!r} is the bias of a "
+          "module without an adapter, which PEFT saves for bias='all' only; "
+          f"the adapter's config has bias={config.bias!r}.")
+    return {}
+  variables = {".".join(map(str, p)): node
+               for p, node in nnx.iter_graph(model)
+               if isinstance(node, nnx.Variable)}
+  out = {}
+  for key in plain:
+    path, value = key[len(KEY_PREFIX):], tensors[key]
+    var = variables.get(path)
+    if not isinstance(var, nnx.Param):
+      raise ValueError(
+          f"load_adapter: {w_path!r}: tensor {key!r} (a bias trained with "
+          f"bias='all') but this {type(model).__name__} has no bias "
+          f"{path!r} (another architecture?).")
+    out[path] = (var, _replacement(
+        w_path, key, value, var,
+        "a bias trained with bias='all', which PEFT loads over the model's",
+        path))
   return out
 
 

@@ -43,6 +43,9 @@ from jaxbnb._src.layers.dense4bit import default_kernel_init
 from jaxbnb._src.layers.linear import Linear
 from jaxbnb._src.layers.linear import precision_for
 from jaxbnb._src.layers import modules_to_save
+from jaxbnb._src.layers.lora_bias import BIASES
+from jaxbnb._src.layers.lora_bias import LoRABias
+from jaxbnb._src.layers.lora_bias import train_biases
 from jaxbnb._src.quant import int8
 from jaxbnb._src.quant import ops
 from jaxbnb._src.quant.weights import Int8Params
@@ -214,7 +217,12 @@ class LoRAConfig:
       `layers_to_transform`.
     use_rslora: rank-stabilised scaling `lora_alpha / sqrt(r)`.
     use_dora: weight-decomposed LoRA (a trained magnitude per output).
-    bias: only "none" (no bias is trained).
+    bias: which of the model's biases are trained beside the adapters, as
+      PEFT's: "none"; "all" (every `bias` param of the model); or
+      "lora_only" (the biases of the adapted linears). They become
+      `nnx.LoRAParam`s and are saved in the adapter file under PEFT's
+      names (`<path>.base_layer.bias` for an adapted linear, `<path>.bias`
+      for another module).
     init_lora_weights: True: A kaiming-uniform (PyTorch `nn.Linear`'s
       default, bound `1/sqrt(in)`), B zeros (the adapted model starts equal
       to the base); "gaussian": A normal with std `1/r`, B zeros; False: B
@@ -235,9 +243,9 @@ class LoRAConfig:
       back (not compared).
 
   Raises:
-    ValueError: for a bad r, lora_alpha, lora_dropout, regex or init value.
-    NotImplementedError: for `bias` other than "none", `fan_in_fan_out`,
-      and PEFT initialisations that change the base weights ("pissa",
+    ValueError: for a bad r, lora_alpha, lora_dropout, bias, regex or init
+      value.
+    NotImplementedError: for `fan_in_fan_out`, and PEFT initialisations that change the base weights ("pissa",
       "olora", "loftq", "corda", ...).
 
   Examples:
@@ -287,11 +295,7 @@ class LoRAConfig:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"LoRAConfig: `{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
-    if self.bias != "none":
-      if self.bias in ("all", "lora_only"):
-        raise NotImplementedError(
-            f"LoRAConfig: bias={self.bias!r} (training the base biases) is "
-            "not supported; jaxbnb supports bias='none' only.")
+    if self.bias not in BIASES:
       raise ValueError(f"LoRAConfig: `bias` must be 'none', 'all' or "
                        f"'lora_only', got {self.bias!r}.")
     init = self.init_lora_weights
@@ -824,7 +828,7 @@ class LoRALinear(nnx.Module):
       # a float Linear, or a Linear8bitLt with has_fp16_weights=True
       out = nnx.clone(base)
       out.weight.set_value(w.astype(base.weight.get_value().dtype))
-      return out
+      return _frozen_bias(out)
     q: QuantizedArray = base.weight.get_value()
     if requantize:
       # PEFT quantizes the merged weight as it is (an LLM.int8 one: cast
@@ -833,7 +837,7 @@ class LoRALinear(nnx.Module):
       out = nnx.clone(base)
       out.weight.set_value(_requantize(
           q, w if isinstance(q, Int8Params) else w.astype(q.dtype)))
-      return out
+      return _frozen_bias(out)
     w = w.astype(q.dtype)
     dtype = base.dtype if base.dtype is not None else jnp.dtype(q.dtype)
     bias = _bias(base)
@@ -844,6 +848,14 @@ class LoRALinear(nnx.Module):
     if bias is not None:
       out.bias.set_value(bias.astype(w.dtype))
     return out
+
+
+def _frozen_bias(layer: nnx.Module) -> nnx.Module:
+  """`layer` with a trained bias (`LoRABias`) as a plain `nnx.Param`."""
+  if isinstance(layer.bias, LoRABias):
+    layer.bias = nnx.Param(layer.bias.get_value(),
+                           **layer.bias.get_metadata())
+  return layer
 
 
 def _requantize(q: QuantizedArray, w: jax.Array) -> QuantizedArray:
@@ -1055,7 +1067,8 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs,
   `Linear4bit`: QLoRA) is replaced by a `LoRALinear` holding it; the module
   paths stay the Hugging Face names. The params of the modules
   `config.modules_to_save` selects (e.g. a float `lm_head`) become
-  `nnx.LoRAParam`s, trained whole. Train with
+  `nnx.LoRAParam`s, trained whole; so do the biases `config.bias` selects
+  (as `LoRABias`es). Train with
   `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`.
 
   Args:
@@ -1108,6 +1121,7 @@ def apply_lora(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs,
   model = attach_adapters(model, config, targets, rngs=rngs,
                           lora_dtype=lora_dtype)
   modules_to_save.make_trainable(model, saved)
+  train_biases(model, config.bias, [layer for _, layer in lora_layers(model)])
   return model
 
 

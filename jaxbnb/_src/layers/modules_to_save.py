@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbnb._src.layers.linear import Linear
+from jaxbnb._src.layers.lora_bias import LoRABias
 
 __all__ = ["find_modules_to_save", "trained_modules", "make_trainable",
            "make_frozen", "module_params", "module_at", "tied_embedding",
@@ -203,20 +204,22 @@ def trained_modules(model: nnx.Module, is_adapter) -> dict[str, nnx.Param]:
   out = {}
   for p, node in nodes:
     path = _path(p)
-    if isinstance(node, nnx.LoRAParam) and not any(
-        not s or path.startswith(s + ".") for s in skip):
+    if isinstance(node, nnx.LoRAParam) and not isinstance(
+        node, LoRABias) and not any(
+            not s or path.startswith(s + ".") for s in skip):
       out[path] = node
   return dict(sorted(out.items()))
 
 
 def make_frozen(model: nnx.Module, is_adapter) -> None:
-  """The `nnx.LoRAParam`s outside the adapter layers become `nnx.Param`s
-  (PEFT's merge and unload keep the trained copy)."""
+  """The `nnx.LoRAParam`s (and trained biases, `LoRABias`) outside the
+  adapter layers become `nnx.Param`s (PEFT's merge and unload keep the
+  trained copy)."""
   skip = [n for _, n in nnx.iter_graph(model) if is_adapter(n)]
   for _, node in list(nnx.iter_graph(model)):
     if not isinstance(node, nnx.Module) or any(node is s for s in skip):
       continue
     for name, value in list(vars(node).items()):
-      if type(value) is nnx.LoRAParam:  # pylint: disable=unidiomatic-typecheck
+      if type(value) in (nnx.LoRAParam, LoRABias):  # pylint: disable=unidiomatic-typecheck
         setattr(node, name, nnx.Param(value.get_value(),
                                       **value.get_metadata()))

@@ -756,6 +756,7 @@ _FINETUNE_FLAGS = {
     "remat": "--remat", "optimizer": "--optimizer", "r": "--lora-r",
     "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
     "target_modules": "--target", "modules_to_save": "--modules-to-save",
+    "bias": "--lora-bias",
     "base_model_name_or_path": "--base-model-name",
 }
 
@@ -784,7 +785,7 @@ def _finetune(args) -> int:
     lora_cfg = lora.LoRAConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, target_modules=args.target,
-        modules_to_save=args.modules_to_save,
+        modules_to_save=args.modules_to_save, bias=args.lora_bias,
         base_model_name_or_path=args.base_model_name)
     cfg = train.TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -921,6 +922,11 @@ def _add_train_commands(sub) -> None:
                  help="modules trained whole and saved with the adapter "
                  "(PEFT's modules_to_save), names separated by commas, "
                  "e.g. lm_head (float modules; a tied head is untied)")
+  p.add_argument("--lora-bias", choices=("none", "all", "lora_only"),
+                 default="none",
+                 help="biases trained with the adapters and saved with them "
+                 "(PEFT's bias): none (default), all, or lora_only (the "
+                 "adapted linears')")
   p.add_argument("--steps", type=int_from(1), default=100)
   p.add_argument("--batch-size", type=int_from(1), default=4,
                  help="sequences per micro-batch (default 4)")
