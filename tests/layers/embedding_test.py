@@ -273,6 +273,34 @@ def test_stable_embedding_norm_of_a_row_with_a_large_mean():
   assert np.abs(got - ref).max() < 1e-2, np.abs(got - ref).max()
 
 
+@pytest.mark.parametrize("padding_idx", [3, -2])
+def test_stable_embedding_padding_row_starts_at_zero_and_gets_no_gradient(
+    padding_idx):
+  """As bitsandbytes' (PyTorch's `padding_idx`); checked against
+  bitsandbytes 0.50.2 on the CPU in the thirty-ninth session (outputs to
+  5e-7, gradients to 1.2e-5)."""
+  emb = StableEmbedding(10, 8, padding_idx=padding_idx, rngs=nnx.Rngs(0))
+  pad = padding_idx % 10
+  assert emb.padding_idx == pad
+  assert not np.asarray(emb.weight[...][pad]).any()
+  emb.weight[...] = jnp.asarray(_table((10, 8)))  # a non-zero row too
+  ids = jnp.array([[pad, 1, 8, pad], [0, 8, 2, 5]])
+
+  def loss(m):
+    return jnp.sum(m(ids) * jnp.arange(8.0))
+
+  grad = np.asarray(nnx.grad(loss)(emb).weight[...])
+  assert not grad[pad].any()
+  assert all(grad[i].any() for i in {0, 1, 2, 5, 8} - {pad})
+  plain = StableEmbedding(10, 8, rngs=nnx.Rngs(0))
+  plain.weight[...] = emb.weight[...]
+  helpers.assert_bits_equal(emb(ids), plain(ids))  # the forward is the same
+  grad_plain = np.asarray(nnx.grad(loss)(plain).weight[...])
+  assert grad_plain[pad].any()
+  np.testing.assert_array_equal(np.delete(grad, pad, 0),
+                                np.delete(grad_plain, pad, 0))
+
+
 # ------------------------------------------------------------- errors
 
 
@@ -289,6 +317,10 @@ def test_errors_name_the_argument():
     Embedding8bit(10, 8)
   with pytest.raises(ValueError, match="`num_embeddings` must be a positive"):
     Embedding8bit(0, 8, rngs=nnx.Rngs(0))
+  for bad in (10, -11, 1.0, True):
+    with pytest.raises(ValueError, match=r"`padding_idx` must be an int in "
+                       r"\[-10, 10\) \(num_embeddings\), got"):
+      StableEmbedding(10, 8, padding_idx=bad, rngs=nnx.Rngs(0))
   w8 = Embedding8bit(10, 8, rngs=nnx.Rngs(0)).weight.get_value()
   with pytest.raises(ValueError, match=r"\[num_embeddings, embedding_dim\]="
                      r"\[10, 16\], got \[10, 8\]"):

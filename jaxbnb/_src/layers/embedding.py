@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxbnb._src.layers.common import QuantizedWeight
@@ -552,10 +553,13 @@ class StableEmbedding(nnx.Module):
     param_dtype: dtype of the table (the LayerNorm's parameters are float32).
     embedding_init: initializer of the table (Xavier uniform).
     epsilon: the LayerNorm's epsilon.
+    padding_idx: as bitsandbytes' (PyTorch's `nn.Embedding`): this row
+      starts at zero and gets no gradient; negative counts from the end.
     rngs: random number generators.
 
   Raises:
-    ValueError: for non-positive sizes or float `ids`.
+    ValueError: for non-positive sizes, a `padding_idx` outside the table
+      or float `ids`.
   """
 
   def __init__(
@@ -567,16 +571,30 @@ class StableEmbedding(nnx.Module):
       param_dtype: Any = jnp.float32,
       embedding_init=default_stable_init,
       epsilon: float = 1e-5,
+      padding_idx: int | None = None,
       rngs: nnx.Rngs,
   ):
     num_embeddings, embedding_dim = _check_args(
         num_embeddings, embedding_dim, dtype, param_dtype, type(self).__name__)
+    if padding_idx is not None:
+      if (isinstance(padding_idx, bool)
+          or not isinstance(padding_idx, (int, np.integer))
+          or not -num_embeddings <= padding_idx < num_embeddings):
+        raise ValueError(
+            f"{type(self).__name__}: `padding_idx` must be an int in "
+            f"[-{num_embeddings}, {num_embeddings}) (num_embeddings), got "
+            f"{padding_idx!r}.")
+      padding_idx = int(padding_idx) % num_embeddings
     self.num_embeddings = num_embeddings
     self.embedding_dim = embedding_dim
+    self.padding_idx = padding_idx
     self.dtype = jnp.dtype(param_dtype if dtype is None else dtype)
     self.param_dtype = jnp.dtype(param_dtype)
-    self.weight = nnx.Param(embedding_init(
-        rngs.params(), (num_embeddings, embedding_dim), param_dtype))
+    table = embedding_init(rngs.params(), (num_embeddings, embedding_dim),
+                           param_dtype)
+    if padding_idx is not None:
+      table = table.at[padding_idx].set(0)
+    self.weight = nnx.Param(table)
     # The two-pass variance, as torch's LayerNorm: flax's default
     # E[x^2] - E[x]^2 cancels on rows with a large mean and a small spread.
     self.norm = nnx.LayerNorm(embedding_dim, epsilon=epsilon,
@@ -588,6 +606,9 @@ class StableEmbedding(nnx.Module):
     """LayerNorm(float32(weight[ids])) in `dtype`, `ids.shape + (dim,)`."""
     ids = _check_ids(ids, type(self).__name__)
     rows = jnp.take(self.weight[...], ids, axis=0)
+    if self.padding_idx is not None:  # no gradient to the padding row
+      rows = jnp.where((ids == self.padding_idx)[..., None],
+                       jax.lax.stop_gradient(rows), rows)
     return self.norm(rows.astype(jnp.float32)).astype(self.dtype)
 
 
