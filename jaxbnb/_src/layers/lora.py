@@ -220,8 +220,8 @@ class LoRAConfig:
     bias: which of the model's biases are trained beside the adapters, as
       PEFT's: "none"; "all" (every `bias` param of the model); or
       "lora_only" (the biases of the adapted linears). They become
-      `nnx.LoRAParam`s and are saved in the adapter file under PEFT's
-      names (`<path>.base_layer.bias` for an adapted linear, `<path>.bias`
+      `LoRABias` variables (a kind of `nnx.LoRAParam`) and are saved in
+      the adapter file under PEFT's names (`<path>.base_layer.bias` for an adapted linear, `<path>.bias`
       for another module).
     init_lora_weights: True: A kaiming-uniform (PyTorch `nn.Linear`'s
       default, bound `1/sqrt(in)`), B zeros (the adapted model starts equal
@@ -245,8 +245,9 @@ class LoRAConfig:
   Raises:
     ValueError: for a bad r, lora_alpha, lora_dropout, bias, regex or init
       value.
-    NotImplementedError: for `fan_in_fan_out`, and PEFT initialisations that change the base weights ("pissa",
-      "olora", "loftq", "corda", ...).
+    NotImplementedError: for `fan_in_fan_out`, and PEFT initialisations
+      that change the base weights ("pissa", "olora", "loftq", "corda",
+      ...).
 
   Examples:
     >>> from jaxbnb.lora import LoRAConfig
