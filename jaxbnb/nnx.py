@@ -12,6 +12,7 @@ from jaxbnb._src.layers.linear import Linear as Linear
 from jaxbnb._src.layers.skip import DEFAULT_SKIP_MODULES as DEFAULT_SKIP_MODULES
 from jaxbnb._src.layers.quantize_model import memory_footprint as memory_footprint
 from jaxbnb._src.layers.quantize_model import quantize_params as quantize_params
+from jaxbnb._src.layers.embedding import Embedding as Embedding
 from jaxbnb._src.layers.embedding import Embedding4bit as Embedding4bit
 from jaxbnb._src.layers.embedding import Embedding8bit as Embedding8bit
 from jaxbnb._src.layers.embedding import EmbeddingFP4 as EmbeddingFP4
@@ -21,6 +22,7 @@ from jaxbnb._src.layers.embedding import quantize_embeddings as quantize_embeddi
 from jaxbnb._src.layers.embedding import stable_embedding_override as stable_embedding_override
 
 __all__ = [
+    "Embedding",
     "Embedding4bit",
     "Embedding8bit",
     "EmbeddingFP4",

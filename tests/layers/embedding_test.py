@@ -20,6 +20,7 @@ from jaxbnb import functional as F
 from jaxbnb.models import LlamaConfig, LlamaForCausalLM
 from jaxbnb.nnx import (Embedding4bit, Embedding8bit, EmbeddingFP4,
                         EmbeddingNF4, QuantizedWeight, StableEmbedding,
+                        Embedding,
                         quantize_embeddings, stable_embedding_override)
 from tests import helpers
 
@@ -273,13 +274,13 @@ def test_stable_embedding_norm_of_a_row_with_a_large_mean():
   assert np.abs(got - ref).max() < 1e-2, np.abs(got - ref).max()
 
 
+@pytest.mark.parametrize("cls", [StableEmbedding, Embedding])
 @pytest.mark.parametrize("padding_idx", [3, -2])
-def test_stable_embedding_padding_row_starts_at_zero_and_gets_no_gradient(
-    padding_idx):
-  """As bitsandbytes' (PyTorch's `padding_idx`); checked against
-  bitsandbytes 0.50.2 on the CPU in the thirty-ninth session (outputs to
-  5e-7, gradients to 1.2e-5)."""
-  emb = StableEmbedding(10, 8, padding_idx=padding_idx, rngs=nnx.Rngs(0))
+def test_padding_row_starts_at_zero_and_gets_no_gradient(cls, padding_idx):
+  """As bitsandbytes' (PyTorch's `padding_idx`); StableEmbedding checked
+  against bitsandbytes 0.50.2 on the CPU in the thirty-ninth session
+  (outputs to 5e-7, gradients to 1.2e-5)."""
+  emb = cls(10, 8, padding_idx=padding_idx, rngs=nnx.Rngs(0))
   pad = padding_idx % 10
   assert emb.padding_idx == pad
   assert not np.asarray(emb.weight[...][pad]).any()
@@ -292,13 +293,28 @@ def test_stable_embedding_padding_row_starts_at_zero_and_gets_no_gradient(
   grad = np.asarray(nnx.grad(loss)(emb).weight[...])
   assert not grad[pad].any()
   assert all(grad[i].any() for i in {0, 1, 2, 5, 8} - {pad})
-  plain = StableEmbedding(10, 8, rngs=nnx.Rngs(0))
+  plain = cls(10, 8, rngs=nnx.Rngs(0))
   plain.weight[...] = emb.weight[...]
   helpers.assert_bits_equal(emb(ids), plain(ids))  # the forward is the same
   grad_plain = np.asarray(nnx.grad(loss)(plain).weight[...])
   assert grad_plain[pad].any()
   np.testing.assert_array_equal(np.delete(grad, pad, 0),
                                 np.delete(grad_plain, pad, 0))
+
+
+def test_embedding_is_the_xavier_table_without_the_norm():
+  emb = Embedding(300, 40, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  w = np.asarray(emb.weight[...])
+  bound = np.sqrt(6 / (300 + 40))  # torch's xavier_uniform_
+  assert w.dtype == np.float32 and np.abs(w).max() <= bound
+  assert np.abs(w).max() > 0.95 * bound
+  ids = jnp.array([[5, 299, 5], [0, 1, 2]])
+  y = emb(ids)
+  assert y.dtype == jnp.bfloat16
+  helpers.assert_bits_equal(y, jnp.take(emb.weight[...], ids, axis=0)
+                            .astype(jnp.bfloat16))
+  stable = StableEmbedding(300, 40, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(np.asarray(stable.weight[...]), w)
 
 
 # ------------------------------------------------------------- errors
@@ -419,11 +435,13 @@ class _Mixed(nnx.Module):
 
   def __init__(self):
     self.stable = StableEmbedding(1000, 16, rngs=nnx.Rngs(0))
+    self.plain = Embedding(1000, 16, rngs=nnx.Rngs(3))
     self.embed = nnx.Embed(1000, 16, rngs=nnx.Rngs(1))
     self.layers = nnx.List([nnx.Linear(16, 512, rngs=nnx.Rngs(2))])
 
   def __call__(self, ids):
-    return self.layers[0](self.stable(ids) + self.embed(ids))
+    return self.layers[0](self.stable(ids) + self.plain(ids)
+                          + self.embed(ids))
 
 
 def test_stable_embedding_optimizer_state_stays_32bit():
@@ -437,6 +455,9 @@ def test_stable_embedding_optimizer_state_stays_32bit():
     stable = s["stable"]["weight"].get_value()
     assert isinstance(stable, jax.Array) and stable.dtype == jnp.float32
     assert stable.shape == (1000, 16)
+    plain_table = s["plain"]["weight"].get_value()  # bnb's Embedding too
+    assert isinstance(plain_table, jax.Array)
+    assert plain_table.dtype == jnp.float32
     # The same-sized plain embedding and the linear keep 8-bit state.
     assert isinstance(s["embed"]["embedding"], jaxbnb.optim.Quantized8bit)
     assert isinstance(s["layers"][0]["kernel"], jaxbnb.optim.Quantized8bit)

@@ -39,8 +39,8 @@ from jaxbnb._src.quant.state import QuantState
 from jaxbnb._src.quant.weights import Int8Params
 from jaxbnb._src.quant.weights import Params4bit
 
-__all__ = ["Embedding8bit", "Embedding4bit", "EmbeddingNF4", "EmbeddingFP4",
-           "StableEmbedding", "quantize_embeddings",
+__all__ = ["Embedding", "Embedding8bit", "Embedding4bit", "EmbeddingNF4",
+           "EmbeddingFP4", "StableEmbedding", "quantize_embeddings",
            "stable_embedding_override"]
 
 # flax's `nnx.Embed` default: normal with variance 1 / embedding_dim.
@@ -121,7 +121,7 @@ def _is_embedding(node) -> bool:
   if isinstance(node, nnx.Embed):
     return True
   if (not isinstance(node, nnx.Module) or isinstance(
-      node, (_QuantizedEmbedding, StableEmbedding))):
+      node, (_QuantizedEmbedding, Embedding))):
     return False
   weight = getattr(node, "weight", None)
   return (callable(getattr(type(node), "attend", None))
@@ -523,11 +523,92 @@ class EmbeddingFP4(Embedding4bit):
     super().__init__(num_embeddings, embedding_dim, **kwargs)
 
 
-class StableEmbedding(nnx.Module):
-  """bitsandbytes' `StableEmbedding`: Xavier init, LayerNorm, 32-bit state.
+class Embedding(nnx.Module):
+  """bitsandbytes' `Embedding`: a float table, Xavier init, 32-bit state.
 
   A float table (`weight`, an `nnx.Param`, trainable) initialized
-  Xavier-uniform; the looked-up rows go through a LayerNorm computed in
+  Xavier-uniform; a lookup returns its rows in `dtype`. bitsandbytes keeps
+  the table's optimizer state in 32 bits; in jaxbnb pass
+  `override=stable_embedding_override(model)` to the 8-bit optimizer.
+
+  Example usage::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxbnb.nnx import Embedding
+    >>> emb = Embedding(100, 16, padding_idx=0, rngs=nnx.Rngs(0))
+    >>> y = emb(jnp.array([[0, 2, 3]]))
+    >>> y.shape, y.dtype, float(abs(y[0, 0]).max())
+    ((1, 3, 16), dtype('float32'), 0.0)
+
+  Args:
+    num_embeddings: number of rows.
+    embedding_dim: features per row.
+    dtype: output dtype; None means `param_dtype` (bitsandbytes returns the
+      weight's dtype).
+    param_dtype: dtype of the table.
+    embedding_init: initializer of the table (Xavier uniform).
+    padding_idx: as bitsandbytes' (PyTorch's `nn.Embedding`): this row
+      starts at zero and gets no gradient; negative counts from the end.
+    rngs: random number generators.
+
+  Raises:
+    ValueError: for non-positive sizes, a `padding_idx` outside the table
+      or float `ids`.
+  """
+
+  def __init__(
+      self,
+      num_embeddings: int,
+      embedding_dim: int,
+      *,
+      dtype: Any = None,
+      param_dtype: Any = jnp.float32,
+      embedding_init=default_stable_init,
+      padding_idx: int | None = None,
+      rngs: nnx.Rngs,
+  ):
+    num_embeddings, embedding_dim = _check_args(
+        num_embeddings, embedding_dim, dtype, param_dtype, type(self).__name__)
+    if padding_idx is not None:
+      if (isinstance(padding_idx, bool)
+          or not isinstance(padding_idx, (int, np.integer))
+          or not -num_embeddings <= padding_idx < num_embeddings):
+        raise ValueError(
+            f"{type(self).__name__}: `padding_idx` must be an int in "
+            f"[-{num_embeddings}, {num_embeddings}) (num_embeddings), got "
+            f"{padding_idx!r}.")
+      padding_idx = int(padding_idx) % num_embeddings
+    self.num_embeddings = num_embeddings
+    self.embedding_dim = embedding_dim
+    self.padding_idx = padding_idx
+    self.dtype = jnp.dtype(param_dtype if dtype is None else dtype)
+    self.param_dtype = jnp.dtype(param_dtype)
+    table = embedding_init(rngs.params(), (num_embeddings, embedding_dim),
+                           param_dtype)
+    if padding_idx is not None:
+      table = table.at[padding_idx].set(0)
+    self.weight = nnx.Param(table)
+
+  def rows(self, ids: jax.Array) -> jax.Array:
+    """`weight[ids]` in the table's dtype, `ids.shape + (dim,)`; the
+    padding row's lookups pass no gradient to the table."""
+    ids = _check_ids(ids, type(self).__name__)
+    rows = jnp.take(self.weight[...], ids, axis=0)
+    if self.padding_idx is not None:
+      rows = jnp.where((ids == self.padding_idx)[..., None],
+                       jax.lax.stop_gradient(rows), rows)
+    return rows
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    """`weight[ids]` in `dtype`, `ids.shape + (dim,)`."""
+    return self.rows(ids).astype(self.dtype)
+
+
+class StableEmbedding(Embedding):
+  """bitsandbytes' `StableEmbedding`: Xavier init, LayerNorm, 32-bit state.
+
+  An `Embedding` whose looked-up rows go through a LayerNorm computed in
   float32 (bitsandbytes' "full precision"; epsilon 1e-5, scale 1, bias 0,
   as `torch.nn.LayerNorm`) and come out in `dtype`. bitsandbytes keeps the
   table's optimizer state in 32 bits; in jaxbnb pass
@@ -574,42 +655,19 @@ class StableEmbedding(nnx.Module):
       padding_idx: int | None = None,
       rngs: nnx.Rngs,
   ):
-    num_embeddings, embedding_dim = _check_args(
-        num_embeddings, embedding_dim, dtype, param_dtype, type(self).__name__)
-    if padding_idx is not None:
-      if (isinstance(padding_idx, bool)
-          or not isinstance(padding_idx, (int, np.integer))
-          or not -num_embeddings <= padding_idx < num_embeddings):
-        raise ValueError(
-            f"{type(self).__name__}: `padding_idx` must be an int in "
-            f"[-{num_embeddings}, {num_embeddings}) (num_embeddings), got "
-            f"{padding_idx!r}.")
-      padding_idx = int(padding_idx) % num_embeddings
-    self.num_embeddings = num_embeddings
-    self.embedding_dim = embedding_dim
-    self.padding_idx = padding_idx
-    self.dtype = jnp.dtype(param_dtype if dtype is None else dtype)
-    self.param_dtype = jnp.dtype(param_dtype)
-    table = embedding_init(rngs.params(), (num_embeddings, embedding_dim),
-                           param_dtype)
-    if padding_idx is not None:
-      table = table.at[padding_idx].set(0)
-    self.weight = nnx.Param(table)
+    super().__init__(num_embeddings, embedding_dim, dtype=dtype,
+                     param_dtype=param_dtype, embedding_init=embedding_init,
+                     padding_idx=padding_idx, rngs=rngs)
     # The two-pass variance, as torch's LayerNorm: flax's default
     # E[x^2] - E[x]^2 cancels on rows with a large mean and a small spread.
-    self.norm = nnx.LayerNorm(embedding_dim, epsilon=epsilon,
+    self.norm = nnx.LayerNorm(self.embedding_dim, epsilon=epsilon,
                               use_fast_variance=False,
                               dtype=jnp.float32, param_dtype=jnp.float32,
                               rngs=rngs)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     """LayerNorm(float32(weight[ids])) in `dtype`, `ids.shape + (dim,)`."""
-    ids = _check_ids(ids, type(self).__name__)
-    rows = jnp.take(self.weight[...], ids, axis=0)
-    if self.padding_idx is not None:  # no gradient to the padding row
-      rows = jnp.where((ids == self.padding_idx)[..., None],
-                       jax.lax.stop_gradient(rows), rows)
-    return self.norm(rows.astype(jnp.float32)).astype(self.dtype)
+    return self.norm(self.rows(ids).astype(jnp.float32)).astype(self.dtype)
 
 
 def _plain_key(key) -> Any:
@@ -621,13 +679,15 @@ def _plain_key(key) -> Any:
 
 def stable_embedding_override(
     model: nnx.Module) -> Callable[[Any, Any], bool]:
-  """The `override=` of `jaxbnb.optim` that keeps `StableEmbedding`s 32-bit.
+  """The `override=` of `jaxbnb.optim` that keeps `StableEmbedding`s (and
+  `Embedding`s) 32-bit.
 
-  bitsandbytes' `StableEmbedding` registers `{"optim_bits": 32}` for its
-  weight with `GlobalOptimManager`; jaxbnb's optimizers take the same pin as
-  their `override` argument, a `callable(path, leaf) -> bool`. The callable
-  returned here is True exactly for the `weight` of every `StableEmbedding`
-  in `model` (matched by its path in `nnx.state(model)`, boxed or as a pure
+  bitsandbytes' `StableEmbedding` and `Embedding` register
+  `{"optim_bits": 32}` for their weight with `GlobalOptimManager`;
+  jaxbnb's optimizers take the same pin as their `override` argument, a
+  `callable(path, leaf) -> bool`. The callable returned here is True
+  exactly for the `weight` of every `StableEmbedding` and `Embedding` in
+  `model` (matched by its path in `nnx.state(model)`, boxed or as a pure
   dict); combine it with another predicate with `or`.
 
   Example usage::
@@ -644,13 +704,13 @@ def stable_embedding_override(
     dtype('float32')
 
   Args:
-    model: the NNX model (the `StableEmbedding`s are found by traversal).
+    model: the NNX model (the embeddings are found by traversal).
 
   Returns:
     `fn(path, leaf) -> bool` for the optimizer's `override`.
   """
   pinned = {tuple(path) + ("weight",) for path, node in nnx.iter_graph(model)
-            if isinstance(node, StableEmbedding)}
+            if isinstance(node, Embedding)}  # StableEmbedding too
 
   def override(path, leaf) -> bool:
     del leaf
