@@ -703,6 +703,17 @@ MUTANTS: tuple[Mutant, ...] = (
            'if bias != "none"\n',
            ("tests/io/peft_test.py::test_golden_resave_gives_peft_s_files"
             "[qwen2_bias_lora_only]",)),
+    # lora_bias: B's bias in the forward, scaled in the merge.
+    Mutant("lora-b-bias-dropped", "jaxbnb/_src/layers/lora.py",
+           "    lora = lora + lora_bias.astype(dt)",
+           "    lora = lora",
+           ("tests/io/peft_test.py::test_golden_logits_match_peft"
+            "[qwen2_lora_bias]",)),
+    Mutant("lora-b-bias-merged-unscaled", "jaxbnb/_src/layers/lora.py",
+           "bias.astype(b.dtype) + b * self.scaling",
+           "bias.astype(b.dtype) + b",
+           ("tests/io/peft_test.py::test_golden_merged_equals_unmerged"
+            "[qwen2_lora_bias]",)),
 )
 # fmt: on
 

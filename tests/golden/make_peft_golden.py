@@ -123,6 +123,11 @@ CASES = {
     "qwen2_bias_lora_only": ("qwen2", False, dict(
         r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"],
         bias="lora_only")),
+    # A bias on B (lora_bias; random as nn.Linear's with init False),
+    # merged into the base biases (q/v have them).
+    "qwen2_lora_bias": ("qwen2", False, dict(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+        lora_bias=True)),
 }
 
 

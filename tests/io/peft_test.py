@@ -253,9 +253,12 @@ def test_load_errors(tmp_path):
         "lora_A.weight", "lora_magnitude_vector"): np.ones(32, np.float32)})
   with pytest.raises(ValueError, match="no lora_magnitude_vector"):
     load("nodora", cfg={**config, "use_dora": True})
-  with pytest.raises(NotImplementedError, match="lora_bias"):
+  with pytest.raises(ValueError, match="lora_B.bias' but the config has "
+                     "lora_bias=False"):
     load("bias", ten={**tensors, b_key.replace("weight", "bias"):
                       np.zeros(32, np.float32)})
+  with pytest.raises(ValueError, match="no lora_B_bias for"):
+    load("nobias", cfg={**config, "lora_bias": True})
   # the pattern's rank applies: the saved r=4 tensors do not fit it
   with pytest.raises(ValueError, match=r"q_proj.lora_A.weight.*\[4, 32\], "
                      r"the model needs \[2, 32\] \(r=2"):
@@ -341,6 +344,7 @@ CASES = {
     "llama3_all_linear_mlp_saved": ("llama3", None),
     "qwen2_bias_all": ("qwen2", None),
     "qwen2_bias_lora_only": ("qwen2", None),
+    "qwen2_lora_bias": ("qwen2", None),
 }
 # Logits: the float base models match transformers to 1e-5 of the largest
 # logit (tests/models/llama_test.py); the adapters add float32 matmuls of

@@ -24,6 +24,7 @@ from jaxbnb.nnx import Linear
 from jaxbnb.nnx import Linear4bit
 from jaxbnb.nnx import Linear8bitLt
 from jaxbnb.nnx import QuantizedWeight
+from tests import helpers
 
 CFG = models.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4,
@@ -160,8 +161,8 @@ def test_config_from_dict_keeps_bookkeeping_and_refuses_math_changes():
   for key in ("peft_version", "revision", "eva_config", "new_future_field",
               "megatron_core", "qalora_group_size"):
     assert out[key] == d[key], key
-  for key, value in [("lora_bias", True),
-                     ("use_qalora", True), ("trainable_token_indices", [1]),
+  assert LoRAConfig.from_dict({**d, "lora_bias": True}).lora_bias
+  for key, value in [("use_qalora", True), ("trainable_token_indices", [1]),
                      ("layer_replication", [[0, 1]]),
                      ("alora_invocation_tokens", [5]),
                      ("target_parameters", ["mlp.experts.down_proj"]),
@@ -757,3 +758,58 @@ def test_patterns_and_layers_select_as_peft_does():
 def test_pattern_and_layer_options_are_checked(kwargs, match):
   with pytest.raises(ValueError, match=match):
     LoRAConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------
+# lora_bias: a bias on B (PEFT's `lora_B.bias`; golden case qwen2_lora_bias
+# in tests/io/peft_test.py)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(lora_bias=True, use_dora=True), "not supported with DoRA"),
+    (dict(lora_bias=True, init_lora_weights="gaussian"),
+     "needs `init_lora_weights` True or False"),
+    (dict(lora_bias=1), "`lora_bias` must be a bool"),
+])
+def test_lora_bias_config_checks_as_peft(kw, match):
+  with pytest.raises(ValueError, match=match):
+    LoRAConfig(**kw)
+
+
+@pytest.mark.parametrize("make", [float_linear, q4_linear],
+                         ids=["float", "nf4"])
+def test_lora_bias_forward_merge_and_training(make):
+  base = make()
+  x = jax.random.normal(jax.random.key(0), (2, 5, 64))
+  zero = LoRALinear(base, LoRAConfig(r=4, lora_bias=True), rngs=nnx.Rngs(3))
+  assert not np.asarray(zero.lora_B_bias[...]).any()  # PEFT's zeros
+  helpers.assert_bits_equal(zero(x), base(x))
+  layer = LoRALinear(base, LoRAConfig(r=4, lora_alpha=12, lora_bias=True,
+                                      init_lora_weights=False),
+                     rngs=nnx.Rngs(3))
+  b = np.asarray(layer.lora_B_bias[...], np.float64)
+  assert np.abs(b).max() <= 0.5 and np.abs(b).max() > 0  # 1/sqrt(r)
+  want = reference(x, base, layer.lora_A[...], layer.lora_B[...],
+                   layer.scaling) + layer.scaling * b
+  got = layer(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # merged: base bias + scaling * b
+  for merged in (layer.merge(requantize=False), layer.merge()):
+    np.testing.assert_allclose(
+        merged.bias[...], np.asarray(base.bias[...]) + layer.scaling * b,
+        rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(layer.merge(requantize=False)(x), got,
+                             rtol=1e-5, atol=1e-5)
+  # trained with the adapters
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2),
+                   argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
+  assert np.asarray(grads.lora_B_bias[...]).any()
+
+
+def test_lora_bias_on_a_base_without_bias_warns_and_cannot_merge():
+  with pytest.warns(UserWarning, match="cannot be merged"):
+    layer = LoRALinear(float_linear(bias=False),
+                       LoRAConfig(r=4, lora_bias=True), rngs=nnx.Rngs(3))
+  with pytest.raises(ValueError, match="no bias to fold B's bias into"):
+    layer.merge()
+  unload_lora(layer)  # unloading is fine

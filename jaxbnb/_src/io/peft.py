@@ -7,6 +7,7 @@ A PEFT LoRA adapter is a folder with `adapter_config.json` (the
   base_model.model.<p>.lora_A.weight       [r, in]
   base_model.model.<p>.lora_B.weight       [out, r]
   base_model.model.<p>.lora_magnitude_vector   [out]   (DoRA only)
+  base_model.model.<p>.lora_B.bias         [out]   (lora_bias=True only)
 
 (PEFT strips the adapter name, `.default`, and DoRA's trailing `.weight`
 on save: `peft.tuners.lora.model.LoraModel._get_adapter_state_dict`.)
@@ -53,6 +54,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 # key suffix -> LoRALinear argument
 _SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
+             ".lora_B.bias": "lora_B_bias",  # lora_bias=True
              ".lora_magnitude_vector": "lora_magnitude_vector",
              # older PEFT versions (a ModuleDict entry's weight)
              ".lora_magnitude_vector.weight": "lora_magnitude_vector",
@@ -96,6 +98,8 @@ def adapter_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     prefix = KEY_PREFIX + (path + "." if path else "")
     out[prefix + "lora_A.weight"] = to_numpy(layer.lora_A[...])
     out[prefix + "lora_B.weight"] = to_numpy(layer.lora_B[...])
+    if layer.lora_B_bias is not None:
+      out[prefix + "lora_B.bias"] = to_numpy(layer.lora_B_bias[...])
     if layer.lora_magnitude_vector is not None:
       out[prefix + "lora_magnitude_vector"] = to_numpy(
           layer.lora_magnitude_vector[...])
@@ -328,7 +332,7 @@ def _group(tensors: dict[str, np.ndarray], w_path: str
           f"load_adapter: {w_path!r}: tensor {key!r} is not a LoRA A/B "
           "weight, a DoRA magnitude or an adapted layer's base_layer "
           "weight/bias, nor a parameter of a module its modules_to_save "
-          "selects (lora_bias and embedding adapters are not supported).")
+          "selects (embedding adapters are not supported).")
     if arg in modules.setdefault(path, {}):
       raise ValueError(f"load_adapter: {w_path!r}: two tensors for "
                        f"{path!r}.{arg} ({modules[path][arg][0]!r}, {key!r}).")
@@ -435,6 +439,8 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
             "lora_B": (layer.out_features, r)}
     if config.use_dora:
       want["lora_magnitude_vector"] = (layer.out_features,)
+    if config.lora_bias:
+      want["lora_B_bias"] = (layer.out_features,)
     for arg in want:
       if arg not in got:
         key = next(KEY_PREFIX + p + s for s, a in _SUFFIXES.items()
@@ -443,8 +449,9 @@ def load_adapter(model: nnx.Module, path: str | os.PathLike, *,
                          f"{p!r} (expected the key {key!r}).")
     for arg, (key, value) in got.items():
       if arg not in want:
+        option = ("lora_bias" if arg == "lora_B_bias" else "use_dora")
         raise ValueError(f"load_adapter: {w_path!r}: tensor {key!r} but the "
-                         "config has use_dora=False.")
+                         f"config has {option}=False.")
       if tuple(value.shape) != want[arg]:
         raise ValueError(
             f"load_adapter: {w_path!r}: tensor {key!r} has shape "

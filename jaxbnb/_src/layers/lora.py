@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
@@ -73,8 +74,7 @@ _BOOKKEEPING = ("revision", "inference_mode", "auto_mapping", "peft_version",
                 "runtime_config", "megatron_core", "qalora_group_size")
 # What to_dict writes besides the fields: PEFT's defaults of the options
 # jaxbnb does not implement (they must stay at these values).
-_WRITTEN = {"auto_mapping": None, "inference_mode": True, "lora_bias": False,
-            "revision": None}
+_WRITTEN = {"auto_mapping": None, "inference_mode": True, "revision": None}
 
 
 def _falsy(value: Any) -> bool:
@@ -221,8 +221,12 @@ class LoRAConfig:
       PEFT's: "none"; "all" (every `bias` param of the model); or
       "lora_only" (the biases of the adapted linears). They become
       `LoRABias` variables (a kind of `nnx.LoRAParam`) and are saved in
-      the adapter file under PEFT's names (`<path>.base_layer.bias` for an adapted linear, `<path>.bias`
-      for another module).
+      the adapter file under PEFT's names (`<path>.base_layer.bias` for
+      an adapted linear, `<path>.bias` for another module).
+    lora_bias: a trained bias on B (PEFT's `lora_B.bias`), added to
+      `B @ A x` before the scaling: zeros at first (`init_lora_weights`
+      True), or PyTorch `nn.Linear`'s default (False). Not with DoRA;
+      merging needs a base layer with a bias.
     init_lora_weights: True: A kaiming-uniform (PyTorch `nn.Linear`'s
       default, bound `1/sqrt(in)`), B zeros (the adapted model starts equal
       to the base); "gaussian": A normal with std `1/r`, B zeros; False: B
@@ -271,6 +275,7 @@ class LoRAConfig:
   use_rslora: bool = False
   use_dora: bool = False
   bias: str = "none"
+  lora_bias: bool = False
   init_lora_weights: bool | str = True
   modules_to_save: tuple[str, ...] | None = None
   fan_in_fan_out: bool = False
@@ -292,7 +297,7 @@ class LoRAConfig:
       raise ValueError(
           f"LoRAConfig: `lora_dropout` must be in [0, 1), got {d!r}.")
     object.__setattr__(self, "lora_dropout", float(d))
-    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+    for name in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"LoRAConfig: `{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
@@ -311,6 +316,13 @@ class LoRAConfig:
     elif not isinstance(init, bool):
       raise ValueError(f"LoRAConfig: `init_lora_weights` must be one of "
                        f"{_INITS}, got {init!r}.")
+    if self.lora_bias and self.use_dora:  # PEFT's checks
+      raise ValueError("LoRAConfig: `lora_bias`=True is not supported with "
+                       "DoRA (use_dora=True), as in PEFT.")
+    if self.lora_bias and not isinstance(self.init_lora_weights, bool):
+      raise ValueError("LoRAConfig: `lora_bias`=True needs "
+                       "`init_lora_weights` True or False, as in PEFT; got "
+                       f"{self.init_lora_weights!r}.")
     if self.fan_in_fan_out:
       raise NotImplementedError(
           "LoRAConfig: fan_in_fan_out=True (GPT-2 style Conv1D weights) is "
@@ -448,6 +460,7 @@ class LoRAConfig:
         "use_rslora": self.use_rslora,
         "use_dora": self.use_dora,
         "bias": self.bias,
+        "lora_bias": self.lora_bias,
         "init_lora_weights": self.init_lora_weights,
         "modules_to_save": (None if self.modules_to_save is None
                             else list(self.modules_to_save)),
@@ -468,7 +481,7 @@ class LoRAConfig:
     Raises:
       ValueError: `peft_type` is not "LORA", or a bad value.
       NotImplementedError: an option that changes the adapter's math and
-        that jaxbnb does not implement (`lora_bias`,
+        that jaxbnb does not implement (
         `trainable_token_indices`, variants such as aLoRA or QALoRA, ...
         set away from its default), naming it.
     """
@@ -499,7 +512,8 @@ class LoRAConfig:
             "math and is not supported by jaxbnb (it supports r, lora_alpha, "
             "lora_dropout, target_modules, exclude_modules, rank_pattern, "
             "alpha_pattern, layers_to_transform, layers_pattern, use_rslora, "
-            "use_dora, init_lora_weights and modules_to_save).")
+            "use_dora, bias, lora_bias, init_lora_weights and "
+            "modules_to_save).")
     return cls(**kwargs, extra=extra)
 
 
@@ -559,6 +573,18 @@ def init_lora_B(key: jax.Array, out_features: int, r: int, init: bool | str,
   return jnp.zeros((out_features, r), dtype)
 
 
+def init_lora_B_bias(key: jax.Array | None, out_features: int, r: int,
+                     init: bool | str, dtype: Any) -> jax.Array:
+  """PEFT's initial `lora_B.bias` `[out]` (`lora_bias=True`): zeros, or
+  PyTorch `nn.Linear`'s default bias (uniform, bound `1/sqrt(r)`) for
+  `False` (the only case that uses `key`)."""
+  if init is False:
+    bound = 1.0 / math.sqrt(r)
+    return jax.random.uniform(key, (out_features,), jnp.float32, -bound,
+                              bound).astype(dtype)
+  return jnp.zeros((out_features,), dtype)
+
+
 def dora_weight_norm(weight: jax.Array, lora_A: jax.Array, lora_B: jax.Array,
                      scaling: float) -> jax.Array:
   """`||W + scaling * B @ A||` per output row `[out]`, in A's dtype."""
@@ -573,6 +599,7 @@ def lora_output(inputs: jax.Array, base_output: jax.Array, *,
                 magnitude: jax.Array | None = None,
                 weight: jax.Array | None = None,
                 bias: jax.Array | None = None,
+                lora_bias: jax.Array | None = None,
                 round_first: bool = False) -> jax.Array:
   """The base output plus the (Do)LoRA term, as PEFT computes it.
 
@@ -587,6 +614,8 @@ def lora_output(inputs: jax.Array, base_output: jax.Array, *,
     magnitude: DoRA's magnitude `[out]`, or None for plain LoRA.
     weight: DoRA only: the base weight `[out, in]` (dequantized).
     bias: DoRA only: the base bias (subtracted from `base_output`).
+    lora_bias: plain LoRA only: B's bias `[out]` (`LoRAConfig.lora_bias`),
+      added to `B @ A x` before the scaling.
     round_first: the base is a quantized (bitsandbytes) layer: its output
       is taken in the input's dtype (bitsandbytes' layers return
       `inp_dtype`, whatever their compute dtype) and a plain-LoRA term is
@@ -605,6 +634,11 @@ def lora_output(inputs: jax.Array, base_output: jax.Array, *,
   xd = x if dropout is None else dropout(x)
   h = jnp.einsum("...i,ri->...r", xd, lora_A, precision=prec)
   lora = jnp.einsum("...r,or->...o", h, lora_B.astype(dt), precision=prec)
+  if lora_bias is not None:
+    if magnitude is not None:
+      raise ValueError("lora_output: `lora_bias` is for plain LoRA, not "
+                       "DoRA.")
+    lora = lora + lora_bias.astype(dt)
   out = base_output.astype(acc)
   if magnitude is None:
     if round_first:
@@ -695,6 +729,8 @@ class LoRALinear(nnx.Module):
     lora_B: initial `[out, r]`.
     lora_magnitude_vector: DoRA's initial magnitude `[out]` (default: the
       row norms of `W + scaling * B @ A`, W dequantized).
+    lora_B_bias: with `config.lora_bias`, B's initial bias `[out]`
+      (default: `init_lora_B_bias`).
     rngs: random generators for the initial adapters (`params`) and the
       dropout (`dropout`); may be None when both adapters are given and
       there is no dropout.
@@ -711,6 +747,7 @@ class LoRALinear(nnx.Module):
                lora_A: jax.Array | None = None,
                lora_B: jax.Array | None = None,
                lora_magnitude_vector: jax.Array | None = None,
+               lora_B_bias: jax.Array | None = None,
                rngs: nnx.Rngs | None = None):
     if not isinstance(base_layer, (Linear, QuantizedLinear)):
       hint = (" " + _FLAX_LINEAR_HINT
@@ -730,6 +767,9 @@ class LoRALinear(nnx.Module):
     dt = lora_float_dtype(lora_dtype, "LoRALinear")
     needs = [n for n, v in (("lora_A", lora_A), ("lora_B", lora_B))
              if v is None]
+    if (config.lora_bias and lora_B_bias is None
+        and config.init_lora_weights is False):
+      needs.append("lora_B_bias")  # random, as nn.Linear's
     if (needs or config.lora_dropout > 0) and rngs is None:
       raise ValueError("LoRALinear: `rngs` is required to initialize "
                        f"{needs or 'the dropout'}.")
@@ -742,6 +782,22 @@ class LoRALinear(nnx.Module):
     lora_B = self._checked("lora_B", lora_B, (self.out_features, self.r), dt)
     self.lora_A = nnx.LoRAParam(lora_A)
     self.lora_B = nnx.LoRAParam(lora_B)
+    if config.lora_bias:
+      if base_layer.bias is None:
+        warnings.warn(
+            f"LoRALinear: lora_bias=True on a base layer without a bias "
+            f"({path or type(base_layer).__name__}): the adapter cannot be "
+            "merged into it (as in PEFT).", stacklevel=2)
+      if lora_B_bias is None:
+        lora_B_bias = init_lora_B_bias(
+            rngs.params() if init is False else None, self.out_features,
+            self.r, init, dt)
+      self.lora_B_bias = nnx.LoRAParam(self._checked(
+          "lora_B_bias", lora_B_bias, (self.out_features,), dt))
+    else:
+      if lora_B_bias is not None:
+        raise ValueError("LoRALinear: `lora_B_bias` needs lora_bias=True.")
+      self.lora_B_bias = nnx.data(None)
     if config.use_dora:
       if lora_magnitude_vector is None:
         lora_magnitude_vector = dora_weight_norm(
@@ -786,9 +842,11 @@ class LoRALinear(nnx.Module):
     if m is not None:
       dora = dict(magnitude=m[...], weight=dense_weight(self.base_layer),
                   bias=_bias(self.base_layer))
+    b = self.lora_B_bias
     return lora_output(inputs, y, lora_A=self.lora_A[...],
                        lora_B=self.lora_B[...], scaling=self.scaling,
                        dropout=dropout,
+                       lora_bias=None if b is None else b[...],
                        round_first=isinstance(self.base_layer,
                                               QuantizedLinear), **dora)
 
@@ -811,6 +869,29 @@ class LoRALinear(nnx.Module):
     m = self.lora_magnitude_vector[...]
     return (m / jnp.linalg.norm(w, axis=1))[:, None] * w
 
+  def merged_bias(self) -> jax.Array | None:
+    """The base bias with B's bias folded in (`lora_bias`): `bias +
+    scaling * b`, added in the adapter dtype and rounded to the bias's, as
+    PEFT's float layers merge it in place. (PEFT's bitsandbytes layers add
+    `b` unscaled, which their own forward does not compute; jaxbnb merges
+    every base the same way.)
+
+    Raises:
+      ValueError: `lora_bias` on a base layer without a bias (PEFT: it
+        cannot merge either).
+    """
+    bias = _bias(self.base_layer)
+    b = self.lora_B_bias
+    if b is None:
+      return bias
+    if bias is None:
+      raise ValueError(
+          "LoRALinear.merge: lora_bias=True but the base layer has no bias "
+          "to fold B's bias into (PEFT cannot merge it either); unload the "
+          "adapter or keep it unmerged.")
+    b = b[...]
+    return (bias.astype(b.dtype) + b * self.scaling).astype(bias.dtype)
+
   def merge(self, *, requantize: bool = True) -> nnx.Module:
     """A copy of the base layer with the adapter folded in.
 
@@ -825,11 +906,12 @@ class LoRALinear(nnx.Module):
     """
     base = self.base_layer
     w = self.merged_weight()
+    bias = self.merged_bias()
     if not isinstance(base.weight.get_value(), QuantizedArray):
       # a float Linear, or a Linear8bitLt with has_fp16_weights=True
       out = nnx.clone(base)
       out.weight.set_value(w.astype(base.weight.get_value().dtype))
-      return _frozen_bias(out)
+      return _frozen_bias(out, bias)
     q: QuantizedArray = base.weight.get_value()
     if requantize:
       # PEFT quantizes the merged weight as it is (an LLM.int8 one: cast
@@ -838,10 +920,9 @@ class LoRALinear(nnx.Module):
       out = nnx.clone(base)
       out.weight.set_value(_requantize(
           q, w if isinstance(q, Int8Params) else w.astype(q.dtype)))
-      return _frozen_bias(out)
+      return _frozen_bias(out, bias)
     w = w.astype(q.dtype)
     dtype = base.dtype if base.dtype is not None else jnp.dtype(q.dtype)
-    bias = _bias(base)
     out = nnx.eval_shape(lambda: Linear(
         base.in_features, base.out_features, use_bias=bias is not None,
         dtype=dtype, param_dtype=w.dtype, init_std=0.0, rngs=nnx.Rngs(0)))
@@ -851,11 +932,14 @@ class LoRALinear(nnx.Module):
     return out
 
 
-def _frozen_bias(layer: nnx.Module) -> nnx.Module:
-  """`layer` with a trained bias (`LoRABias`) as a plain `nnx.Param`."""
+def _frozen_bias(layer: nnx.Module, bias: jax.Array | None) -> nnx.Module:
+  """`layer` with its bias set to `bias` (the merged one) and a trained
+  bias (`LoRABias`) made a plain `nnx.Param`."""
   if isinstance(layer.bias, LoRABias):
     layer.bias = nnx.Param(layer.bias.get_value(),
                            **layer.bias.get_metadata())
+  if bias is not None:
+    layer.bias.set_value(bias)
   return layer
 
 
