@@ -627,20 +627,13 @@ class StableEmbedding(Embedding):
     True
 
   Args:
-    num_embeddings: number of rows.
-    embedding_dim: features per row.
-    dtype: output dtype; None means `param_dtype` (bitsandbytes returns the
-      weight's dtype).
-    param_dtype: dtype of the table (the LayerNorm's parameters are float32).
-    embedding_init: initializer of the table (Xavier uniform).
+    num_embeddings, embedding_dim, dtype, param_dtype, embedding_init,
+      padding_idx, rngs: as `Embedding`'s (the LayerNorm's parameters are
+      float32 whatever `param_dtype`).
     epsilon: the LayerNorm's epsilon.
-    padding_idx: as bitsandbytes' (PyTorch's `nn.Embedding`): this row
-      starts at zero and gets no gradient; negative counts from the end.
-    rngs: random number generators.
 
   Raises:
-    ValueError: for non-positive sizes, a `padding_idx` outside the table
-      or float `ids`.
+    ValueError: as `Embedding`.
   """
 
   def __init__(

@@ -54,6 +54,7 @@ from jaxbnb._src.io import estimate as estimate_lib
 # early check that DST is writable have no public name either.
 from jaxbnb._src.io import convert as convert_lib
 from jaxbnb._src.io import paths
+from jaxbnb._src.layers import lora_bias
 from jaxbnb._src.layers import modules_to_save
 from jaxbnb._src.models import tensor_parallel
 # The output-folder rules of `finetune`, checked before the model loads.
@@ -922,7 +923,7 @@ def _add_train_commands(sub) -> None:
                  help="modules trained whole and saved with the adapter "
                  "(PEFT's modules_to_save), names separated by commas, "
                  "e.g. lm_head (float modules; a tied head is untied)")
-  p.add_argument("--lora-bias", choices=("none", "all", "lora_only"),
+  p.add_argument("--lora-bias", choices=lora_bias.BIASES,
                  default="none",
                  help="biases trained with the adapters and saved with them "
                  "(PEFT's bias): none (default), all, or lora_only (the "
