@@ -989,7 +989,8 @@ def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
   """The "warp_tma" variant (`gemv_4bit_warp_tma`), all the weights in one
   launch: config ("warp_tma", 64, 128, row groups of each weight (an int
   for one weight), compute warps (8 or 12: 2 or 3 compute
-  warpgroups), stages[, K chunks a program (1, 2 or 4; default 1)]);
+  warpgroups), stages[, K chunks a program (1, 2 or 4; default 1)[,
+  decode ("prmt" or "lds"; default `gemv_4bit_warp_tma.DECODE`)]]);
   None: `default_config`'s."""
   dtype = _check_weights(
       gemv_4bit_warp_tma.check, x, weights, ns, k, blocksize,
@@ -1007,8 +1008,10 @@ def _gemv_warp_tma(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
           "config: variant 'warp_tma' runs 64 rows a step, "
           f"{gemv_4bit_warp_tma.CHUNK // 2} bytes a row and 8 or 12 "
           f"warps, got block_n {block_n}, {bk} bytes and {num_warps} warps")
+    decode = (config[7] if len(config) > 7
+              else gemv_4bit_warp_tma.DECODE)
     cfg = dict(rows=rows, stages=stages, wgs=num_warps // 4,
-               kchunks=kchunks)
+               kchunks=kchunks, decode=decode)
   ys = gemv_4bit_warp_tma.gemv_group(
       x, [(packed, absmax, *nested) for packed, absmax, nested in weights],
       code=code, ns=tuple(ns), k=k, interpret=interpret, **cfg)

@@ -58,7 +58,7 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   pass
 
-__all__ = ["KCHUNKS", "MAX_M", "available", "build_ptx", "check",
+__all__ = ["DECODES", "KCHUNKS", "MAX_M", "available", "build_ptx", "check",
            "default_config", "gemv", "gemv_group", "makespan", "smem_bytes",
            "step_ptx"]
 
@@ -67,6 +67,9 @@ STEP_ROWS = 64  # rows a compute warpgroup a step: 4 warps x 16
 WGS = 2  # compute warpgroups beside the TMA one, by default (2 or 3)
 MAX_M = 16  # rows of x: two MMAs of 8 columns from 9 rows on
 KCHUNKS = (1, 2, 4)  # K chunks a program can take in turn
+DECODES = ("prmt", "lds")  # byte permutes, or a shared-memory table
+DECODE = "prmt"  # the default decode
+_LDS_ROWS = 57  # rows of x's scratch the "lds" table takes: 32 KiB
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
 _XROW = 4 * _XBLOCK  # bytes a row of x
@@ -108,22 +111,35 @@ def x_rows(m: int) -> int:
   return 8 if m <= 8 else 16
 
 
+def x_bytes(m: int, kchunks: int = 1) -> int:
+  """Bytes of x's copy in the kernel's own scratch; the "lds" decode's
+  table follows it."""
+  return kchunks * x_rows(m) * _XROW
+
+
+def own_rows(m: int, kchunks: int = 1, decode: str = "prmt") -> int:
+  """Rows (of 576 bytes) of the kernel's own scratch: x's copy, then for
+  the "lds" decode its 32 KiB table."""
+  return kchunks * x_rows(m) + (decode == "lds") * _LDS_ROWS
+
+
 def smem_bytes(ns: tuple[int, ...], k: int, rows: tuple[int, ...],
                stages: int, m: int = 8, wgs: int = WGS,
-               kchunks: int = 1) -> int:
-  """Shared memory of a config: x's chunks, the nested table and span, the
-  step counters, the accumulators between steps (`kchunks` > 1) and the
-  pipeline's weight and codes tiles."""
+               kchunks: int = 1, decode: str = "prmt") -> int:
+  """Shared memory of a config: x's chunks (and the "lds" table), the
+  nested table and span, the step counters, the accumulators between
+  steps (`kchunks` > 1) and the pipeline's weight and codes tiles."""
   tile = STEP_ROWS * wgs
   span = max(lut.layout(n, k, r, tile, 4 * kchunks)[2]
              for n, r in zip(ns, rows))
   accs = (kchunks > 1) * (1 + (m > 8)) * 128 * wgs * 16
-  return (kchunks * x_rows(m) * _XROW + 512 * 4 + span * 4 + wgs * 512
+  return (own_rows(m, kchunks, decode) * _XROW + 512 * 4 + span * 4
+          + wgs * 512
           + accs + stages * tile * (CHUNK // 2 + _CODES))
 
 
 def default_config(ns: tuple[int, ...], k: int, num_sms: int | None = None,
-                   kchunks: int = 1) -> dict:
+                   kchunks: int = 1, decode: str | None = None) -> dict:
   """`gemv_group`'s keywords: one program an SM (as `gemv_4bit_lut`'s row
   groups, `kchunks` K chunks a program: up to `num_sms / (k / 256 /
   kchunks)` groups, shared among the weights in proportion to their rows
@@ -131,7 +147,9 @@ def default_config(ns: tuple[int, ...], k: int, num_sms: int | None = None,
   down, the one whose groups end soonest by `makespan`, the largest on a
   tie) and four steps in flight; fewer stages, then more row groups,
   where the shared memory would not hold that for 16 rows of x (a long
-  program's span of nested absmax: 28672x28672, say)."""
+  program's span of nested absmax: 28672x28672, say), with `decode`'s
+  table if it has one (`decode`: by default `DECODE`)."""
+  decode = DECODE if decode is None else decode
   if num_sms is None:
     num_sms = _backend.num_sms()
   programs = k // CHUNK // kchunks
@@ -141,8 +159,9 @@ def default_config(ns: tuple[int, ...], k: int, num_sms: int | None = None,
       num_sms))
   rows, stages = lut.fit(
       tuple(ns), share, 4,
-      functools.partial(smem_bytes, tuple(ns), k, m=MAX_M, kchunks=kchunks))
-  return dict(rows=rows, stages=stages, kchunks=kchunks)
+      functools.partial(smem_bytes, tuple(ns), k, m=MAX_M, kchunks=kchunks,
+                        decode=decode))
+  return dict(rows=rows, stages=stages, kchunks=kchunks, decode=decode)
 
 
 def makespan(ns, rows, k: int, kchunks: int = 1, num_sms: int | None = None,
@@ -167,7 +186,8 @@ def makespan(ns, rows, k: int, kchunks: int = 1, num_sms: int | None = None,
 @functools.lru_cache(maxsize=None)
 def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
               k: int, rows_a_program: int, span: int, n_nested: int,
-              group0: int = 0, wgs: int = WGS, kchunks: int = 1) -> str:
+              group0: int = 0, wgs: int = WGS, kchunks: int = 1,
+              decode: str = DECODE) -> str:
   """x's chunk, the nested code table, the program's span of nested
   absmax and the step counters, copied by the compute threads; then a
   barrier of every thread of the program.
@@ -186,6 +206,13 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   `q = u / 128 % kchunks` of row `a = u / (128 kchunks)`) goes to
   `576 (x_rows q + a) + 144 (e / 32) + 4 (e % 32)`. The TMA warpgroup's
   threads load and store nothing.
+
+  With the "lds" decode, thread `t < 256` also writes the table after x's
+  copy (`x_bytes`): byte value t's pair of codes (`lut_decode`'s permutes
+  on t, times 1), 32 copies, copy l at word `32 t + l`, so that lane l of
+  a step reads its own bank. The thread's eight 16-byte stores go to
+  copies `4 ((i + t) % 8)` onward, so a quarter-warp's stores meet
+  distinct banks.
   """
   loads = span // 128
   lk = kchunks.bit_length() - 1
@@ -253,14 +280,41 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
             "shl.b32 b, c, 2;", "add.u32 b, b, $2;"]
   lines += [f"@pt st.shared.f32 [b+{512 * j}], g{3 + j};"
             for j in range(loads)]
+  if decode == "lds":
+    lines += _lds_fill(code, dtype_name, x_bytes(m, kchunks))
   lines += ["bar.sync 0;", "}"]
   return "\n".join(lines)
+
+
+def _lds_fill(code, dtype_name: str, table: int) -> list[str]:
+  """`build_ptx`'s lines writing the "lds" table at byte `table` of `$0`:
+  thread t < 256 decodes byte value t with `lut_decode`'s permutes (its
+  scale 1, so its pair is the code values themselves) and stores it 32
+  times."""
+  words = lut_decode.table_words(code, jnp.dtype(dtype_name))
+  one = {"bfloat16": 0x3F803F80, "float16": 0x3C003C00}[dtype_name]
+  names = {"w": "t", **{f"s{j}": "fo" for j in range(4)},
+           **{f"t{i}": f"fw{i}" for i in range(8)},
+           **{f"o{j}": f"fv{j}" for j in range(4)}}
+  decl, body = lut_decode.render(code, dtype_name, names, prefix="f_")
+  lines = ["{", decl, ".reg .b32 fo, fa, fq, fw<8>, fv<4>;", ".reg .pred pf;",
+           "mov.u32 t, %tid.x;", "setp.lt.u32 pf, t, 256;",
+           f"mov.b32 fo, 0x{one:08x};"]
+  lines += [f"mov.b32 fw{i}, 0x{w:08x};" for i, w in enumerate(words)]
+  lines += body
+  lines += ["shl.b32 fa, t, 7;", "add.u32 fa, fa, $0;"]
+  for i in range(8):
+    lines += [f"add.u32 fq, t, {i};", "and.b32 fq, fq, 7;",
+              "shl.b32 fq, fq, 4;", "add.u32 fq, fq, fa;",
+              f"@pf st.shared.v4.b32 [fq+{table}], {{fv0, fv0, fv0, fv0}};"]
+  return lines + ["}"]
 
 
 @functools.lru_cache(maxsize=None)
 def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
              k: int, steps: int, n_pad: int, group0: int = 0,
-             row0: int = 0, wgs: int = WGS, kchunks: int = 1) -> str:
+             row0: int = 0, wgs: int = WGS, kchunks: int = 1,
+             decode: str = DECODE) -> str:
   """One pipeline step of one compute thread: its warp's 16 rows of the
   step's 128-row tile (warp `tid / 32`), all 256 columns of the chunk.
 
@@ -277,6 +331,12 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   load them from `$6` (shared, 16 bytes a thread for columns 0-7, then as
   many for 8-15), all but the last store them there, and the last stores
   the row tile's partial to the output, now `$7`.
+
+  The decode is `lut_decode`'s permutes ("prmt"), or ("lds") for each
+  byte: a permute to take it out of its word, a multiply-add for its
+  entry's address in `build_ptx`'s table (the lane's own copy), the
+  shared load of its pair of codes and the packed multiply by the
+  block's absmax: the same values.
   """
   lk = kchunks.bit_length() - 1
   out = "$7" if kchunks > 1 else "$6"
@@ -300,11 +360,17 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   # immediates (ptxas folds them into the permutes).
   # Each lane its own copy: from one address for all, ptxas would hold
   # them in uniform registers again.
-  lines += ["mov.u32 tid, %tid.x;", "and.b32 l, tid, 31;",
-            "shl.b32 a, l, 4;", "add.u32 a, a, $3;",
-            "ld.shared.v4.b32 {tw0, tw2, tw4, tw6}, [a+1056];"]
-  lines += [f"mov.b32 tw{i}, 0x{w:08x};" for i, w in enumerate(words)
-            if i % 2]
+  if decode == "lds":  # tw0: the lane's copy in the table; tw1: -0, -0
+    lines += ["mov.u32 tid, %tid.x;", "and.b32 l, tid, 31;",
+              "shl.b32 a, l, 2;", "add.u32 a, a, $2;",
+              f"add.u32 tw0, a, {x_bytes(m, kchunks)};",
+              "mov.b32 tw1, 0x80008000;", "mov.b32 tw2, 0;"]
+  else:
+    lines += ["mov.u32 tid, %tid.x;", "and.b32 l, tid, 31;",
+              "shl.b32 a, l, 4;", "add.u32 a, a, $3;",
+              "ld.shared.v4.b32 {tw0, tw2, tw4, tw6}, [a+1056];"]
+    lines += [f"mov.b32 tw{i}, 0x{w:08x};" for i, w in enumerate(words)
+              if i % 2]
   lines += [
       "mov.u32 tid, %tid.x;", "and.b32 l, tid, 31;", "shr.u32 wp, tid, 5;",
       "shr.u32 g, l, 2;", "and.b32 c, l, 3;",
@@ -374,6 +440,9 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
               f"[ac+{2048 * wgs * h}];" for h, v in enumerate(accs)]
   for i in range(8):
     for tile, w, sc in (("pa", f"wA{i}", "sc0"), ("pb", f"wB{i}", "sc1")):
+      if decode == "lds":
+        lines += _lds_decode(w, sc, tile, cvt)
+        continue
       names = dict(table, w=w, **{f"s{j}": sc for j in range(4)},
                    **{f"o{j}": f"{tile}{j}" for j in range(4)})
       dcl, body = lut_decode.render(code, dtype_name, names, prefix="u_")
@@ -415,12 +484,29 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
               f"@p1 st.global.f32 [dd+{36 * n_pad}], e1;",
               f"@p1 st.global.f32 [dd+{36 * n_pad + 32}], e3;"]
   lines += ["add.u32 stp, stp, 1;", "st.shared.u32 [sa], stp;", "}"]
+  if decode == "lds":
+    decl = ".reg .b32 kb<4>, ka<4>, kp<4>;"
   if m > 8:
     decl += "\n.reg .b32 xu<32>;\n.reg .f32 e<4>;"
   return "\n".join(lines[:1] + [decl] + lines[1:])
 
 
-def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks):
+def _lds_decode(w: str, sc: str, out: str, cvt: str) -> list[str]:
+  """The "lds" decode of word `w` into `out`0-3 (`step_ptx`): byte j's
+  pair of codes from the lane's copy of the table (`tw0`; `tw2` is 0),
+  times the scale `sc` in one rounding (plus -0 in `tw1`, as
+  `lut_decode`)."""
+  lines = []
+  for j in range(4):
+    lines += [f"prmt.b32 kb{j}, {w}, tw2, 0x{0x4440 + j:x};",
+              f"mad.lo.u32 ka{j}, kb{j}, 128, tw0;",
+              f"ld.shared.b32 kp{j}, [ka{j}];",
+              f"fma.rn.{cvt} {out}{j}, kp{j}, {sc}, tw1;"]
+  return lines
+
+
+def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks,
+              decode):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,
   nested absmax, nested codes, offset `[1]`)`: `[m, n]` fp32 per weight."""
   m = x.shape[0]
@@ -430,9 +516,9 @@ def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks):
   plan, n_pad = lut.row_plan(ns, k, rows, tile_rows, 4 * kchunks)
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                    w[2].shape[0], group0, wgs, kchunks),
+                    w[2].shape[0], group0, wgs, kchunks, decode),
           step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0,
-                   wgs, kchunks))
+                   wgs, kchunks, decode))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
   accs = ([plgpu.SMEM((1 + (m > 8), 512 * wgs), jnp.float32)]
           if kchunks > 1 else [])
@@ -443,7 +529,7 @@ def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks):
       out_type=jax.ShapeDtypeStruct((programs, m, n_pad), jnp.float32),
       grid=(sum(rows), programs), grid_names=("n", "s"),
       num_threads=wgs + 1, thread_name="wg",
-      scratch_types=[plgpu.SMEM((kchunks * x_rows(m), _XROW // 4),
+      scratch_types=[plgpu.SMEM((own_rows(m, kchunks, decode), _XROW // 4),
                                 jnp.float32),
                      plgpu.SMEM((4, 128), jnp.float32),
                      plgpu.SMEM((span // 128, 128), jnp.float32),
@@ -476,8 +562,8 @@ def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
 
 def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, stages: int = 4,
-               wgs: int = WGS, kchunks: int = 1, interpret: bool = False
-               ) -> tuple[jax.Array, ...]:
+               wgs: int = WGS, kchunks: int = 1, decode: str = DECODE,
+               interpret: bool = False) -> tuple[jax.Array, ...]:
   """`x @ W_g.T` in fp32 for 2 to 16 rows of x and several double-quantized
   4-bit weights that read it (a layer's q/k/v, its gate/up), in one
   launch.
@@ -497,6 +583,9 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
       its row tiles, its accumulators kept between them: 1, 2 or 4 (a
       power of two dividing k / 256); the fp32 partials XLA sums are
       `k / 256 / kchunks` instead of `k / 256`.
+    decode: "prmt" (byte permutes in registers) or "lds" (a 32 KiB table
+      of each byte's pair of codes in shared memory, a copy a lane): the
+      same values.
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -511,12 +600,14 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
   if kchunks not in KCHUNKS or (k // CHUNK) % kchunks:
     raise ValueError(f"kchunks: must be one of {KCHUNKS} and divide "
                      f"k / {CHUNK} = {k // CHUNK}, got {kchunks}")
+  if decode not in DECODES:
+    raise ValueError(f"decode: must be one of {DECODES}, got {decode!r}")
   code, rows = lut.group_args(
       weights, code, ns, rows, stages,
-      lambda: default_config(ns, k, kchunks=kchunks)["rows"])
+      lambda: default_config(ns, k, kchunks=kchunks, decode=decode)["rows"])
   if wgs not in (2, 3):
     raise ValueError(f"wgs: must be 2 or 3, got {wgs}")
-  need = smem_bytes(ns, k, rows, stages, x.shape[0], wgs, kchunks)
+  need = smem_bytes(ns, k, rows, stages, x.shape[0], wgs, kchunks, decode)
   if need > _backend.HOPPER_SMEM:
     raise ValueError(
         f"rows/stages: row groups {rows} of {ns} rows with {stages} stages "
@@ -536,14 +627,15 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
   return tuple(_compiled(
       x, [(p, c, na, nc, off.reshape(1)) for p, c, na, nc, off in prepared],
       code=code, ns=ns, k=k, rows=rows, stages=stages, wgs=wgs,
-      kchunks=kchunks))
+      kchunks=kchunks, decode=decode))
 
 
 def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
          nested_absmax: jax.Array, nested_code: jax.Array,
          offset: jax.Array, *, code: tuple[float, ...], n: int, k: int,
          rows: int | None = None, stages: int = 4, wgs: int = WGS,
-         kchunks: int = 1, interpret: bool = False) -> jax.Array:
+         kchunks: int = 1, decode: str = DECODE,
+         interpret: bool = False) -> jax.Array:
   """`x @ W.T` in fp32 for 2 to 16 rows of x and a double-quantized 4-bit
   `W [n, k]` (blocksize 64, 256 codes a nested absmax).
 
@@ -560,6 +652,7 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     stages: pipeline steps in flight.
     wgs: compute warpgroups, 2 or 3 (`gemv_group`).
     kchunks: K chunks a program (`gemv_group`).
+    decode: "prmt" or "lds" (`gemv_group`).
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -585,4 +678,5 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
   return gemv_group(x, [(packed, codes, nested_absmax, nested_code, offset)],
                     code=code, ns=(n,), k=k,
                     rows=None if rows is None else (rows,), stages=stages,
-                    wgs=wgs, kchunks=kchunks, interpret=interpret)[0]
+                    wgs=wgs, kchunks=kchunks, decode=decode,
+                    interpret=interpret)[0]

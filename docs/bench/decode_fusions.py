@@ -4,17 +4,26 @@ session) set from FUSE, a comma-separated list of those on: "swiglu"
 gate/up's partials) and "norm" (`gemv_4bit.NORM_FUSED`: the q/k/v and
 gate/up GEMVs make the layer's RMSNorms). Unset, both are off (the
 library's default is both on since the thirty-fourth session measured
-them). On the GPU machine:
+them). WARP_DECODE, if set, is the TMA warp GEMV's decode
+(`gemv_4bit_warp_tma.DECODE`: "prmt" or "lds", fortieth session). On the
+GPU machine:
 
     FUSE=swiglu,norm python docs/bench/decode_fusions.py bench decode --impl jax-nf4-dq --batch 1
 """
 import os
 import sys
 from pallas_kernels import gemv_4bit
+from pallas_kernels import gemv_4bit_warp_tma
 _fuse = {f for f in os.environ.get("FUSE", "").split(",") if f}
 if _fuse - {"swiglu", "norm"}:
   sys.exit(f"FUSE: names swiglu and norm, got {sorted(_fuse)}")
 gemv_4bit.SWIGLU_FUSED = "swiglu" in _fuse
 gemv_4bit.NORM_FUSED = "norm" in _fuse
+_decode = os.environ.get("WARP_DECODE")
+if _decode is not None:
+  if _decode not in gemv_4bit_warp_tma.DECODES:
+    sys.exit(f"WARP_DECODE: one of {gemv_4bit_warp_tma.DECODES}, got "
+             f"{_decode!r}")
+  gemv_4bit_warp_tma.DECODE = _decode
 from jaxbnb._src.tools import cli  # pylint: disable=g-import-not-at-top
 sys.exit(cli.main(sys.argv[1:]))

@@ -2,7 +2,7 @@
 against the "warp" kernel it replaces as the default and XLA's bf16 matmul
 (docs/benchmarks.md, twenty-sixth session; run on the GPU):
 
-    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b|c|d|e|f]   # budget (s), run
+    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b|c|d|e|f|g]   # budget (s), run
 
 NF4 + DQ, bf16 x. Single weights and the decode's groups (gate/up, q/k/v)
 in one `gemv_4bit_group` call, each timed with `measure.time_jax` over
@@ -69,7 +69,17 @@ RUNS = {"a": (CASES, CONFIGS),
         "f": ([((4096, 1024, 1024), K, 8), ((4096, 1024, 1024), K, 16),
                ((4096,), K, 16), ((14336,), K, 8), ((14336,), K, 16)],
               [("default", None), ("warp_tma", dict(kchunks=2)),
-               ("warp_tma", dict(kchunks=4))])}
+               ("warp_tma", dict(kchunks=4))]),
+        # Run "g" (fortieth session): the "lds" decode (a table of each
+        # byte's pair of codes in shared memory) against the permutes.
+        "g": ([((14336,), K, 16), ((4096,), 14336, 16),
+               ((14336, 14336), K, 16), ((4096, 1024, 1024), K, 16),
+               ((4096,), K, 16), ((14336,), K, 8), ((4096,), 14336, 8),
+               ((14336, 14336), K, 8), ((4096, 1024, 1024), K, 8),
+               ((14336,), K, 4), ((14336, 14336), K, 4), ((14336,), K, 2)],
+              [("warp_tma", dict(decode="prmt")),
+               ("warp_tma", dict(decode="lds")),
+               ("warp_tma", dict(decode="lds", stages=6))])}
 
 
 def main():
@@ -111,7 +121,7 @@ def main():
               base["rows"])
           cfg = ("warp_tma", 64, 128, rows if len(ns) > 1 else rows[0],
                  kw.get("warps", 8), kw.get("stages", base["stages"]),
-                 base["kchunks"])
+                 base["kchunks"], kw.get("decode", "prmt"))
 
         def f(x, w, cfg=cfg):
           return gk.gemv_4bit_group(x, w, LUT, ns=ns, k=k, blocksize=64,

@@ -122,13 +122,13 @@ def test_default_config_of_the_measured_shapes():
   """Where the shared memory holds it, the measured default: one program
   an SM and four stages."""
   assert wt.default_config((14336,), 4096) == dict(rows=(8,), stages=4,
-                                                   kchunks=1)
+                                                   kchunks=1, decode="prmt")
   assert wt.default_config((4096,), 14336) == dict(rows=(2,), stages=4,
-                                                   kchunks=1)
+                                                   kchunks=1, decode="prmt")
   assert wt.default_config((14336, 14336), 4096) == dict(
-      rows=(4, 4), stages=4, kchunks=1)
+      rows=(4, 4), stages=4, kchunks=1, decode="prmt")
   assert wt.default_config((4096, 1024, 1024), 4096) == dict(
-      rows=(5, 1, 1), stages=4, kchunks=1)
+      rows=(5, 1, 1), stages=4, kchunks=1, decode="prmt")
 
 
 def test_default_rows_keep_the_shortest_wave():
@@ -207,7 +207,7 @@ def test_config_names_its_shape():
 
 
 def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None,
-             kchunks=1, partials=None):
+             kchunks=1, partials=None, decode="prmt"):
   """The kernel's PTX run by `_ptx` over every program of a group of
   weights `(packed, qs)`: build, then each pipeline step with its TMA
   tiles written into shared memory (rows past the weight zero, as TMA
@@ -222,9 +222,9 @@ def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None,
 
   def texts(n, steps, group0, row0, n_nested):
     return (wt.build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                         n_nested, group0, wgs, kchunks),
+                         n_nested, group0, wgs, kchunks, decode),
             wt.step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0,
-                        row0, wgs, kchunks))
+                        row0, wgs, kchunks, decode))
 
   def on_program(mc, _):
     if ways is not None:
@@ -232,7 +232,8 @@ def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None,
         ways[line] = max(w, ways.get(line, 1))
 
   _ptx.run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs,
-                    kchunks * wt.x_rows(m) * 576, out, texts, on_program,
+                    wt.own_rows(m, kchunks, decode) * 576, out, texts,
+                    on_program,
                     kchunks, (1 + (m > 8)) * 128 * wgs * 16)
   if partials is not None:
     partials.append(out)
@@ -259,6 +260,59 @@ def test_ptx_emulated_matches_weight(m, ns, k, rows, dtype, quant_type, wgs):
     w = _util.kernel_weight(p, q, dtype, in_dtype=True)
     exact, bound = helpers.matmul_bound(x, w, jnp.float32)
     helpers.assert_within(y, exact, bound, "emulated warp_tma PTX")
+
+
+@pytest.mark.parametrize("m,ns,k,rows,dtype,quant_type,wgs,kchunks", [
+    (3, (200,), 1024, (2,), jnp.bfloat16, "nf4", 2, 1),
+    (8, (100,), 2048, (1,), jnp.float16, "fp4", 2, 1),
+    (16, (130, 64), 1024, (1, 1), jnp.bfloat16, "nf4", 3, 1),
+    (11, (70,), 2048, (1,), jnp.bfloat16, "fp4", 2, 2),
+])
+def test_ptx_emulated_lds_decode_equals_prmt(m, ns, k, rows, dtype,
+                                             quant_type, wgs, kchunks):
+  """The "lds" decode's table holds the permutes' values, so the emulated
+  kernel gives the "prmt" kernel's partials bit for bit (the same MMAs in
+  the same order), and `x @ W.T` for the documented weight."""
+  made = [_weights(n, k, quant_type, dtype, 5 * n + m) for n in ns]
+  x = jnp.asarray(_util.rng_array((m, k), m + 2, dtype))
+  parts = {}
+  for decode in wt.DECODES:
+    parts[decode] = []
+    got = _emulate(x, made, _code(quant_type), ns, k, rows, wgs,
+                   kchunks=kchunks, partials=parts[decode], decode=decode)
+  np.testing.assert_array_equal(parts["lds"][0], parts["prmt"][0])
+  for y, (p, q) in zip(got, made):
+    w = _util.kernel_weight(p, q, dtype, in_dtype=True)
+    exact, bound = helpers.matmul_bound(x, w, jnp.float32)
+    helpers.assert_within(y, exact, bound, "emulated warp_tma PTX, lds")
+
+
+def test_ptx_lds_table_has_no_bank_conflicts():
+  """The "lds" table's fill (a quarter-warp's 16-byte stores) and every
+  lane's lookups (each its own copy) meet distinct banks."""
+  n, k = 128, 1024
+  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 4)
+  x = jnp.asarray(_util.rng_array((16, k), 5, jnp.bfloat16))
+  ways = {}
+  _emulate(x, [(packed, qs)], _code("nf4"), (n,), k, (1,), ways=ways,
+           decode="lds")
+  lookups = {l: w for l, w in ways.items() if "[ka" in l}
+  fills = {l: w for l, w in ways.items() if "{fv0" in l}
+  assert len(lookups) == 4 and len(fills) == 1  # one line, eight times
+  assert set(lookups.values()) == set(fills.values()) == {1}, (lookups,
+                                                               fills)
+
+
+def test_lds_config_names_its_decode():
+  """A decode other than the two is refused, naming the argument; the
+  "lds" table counts in the shared memory of the default config."""
+  packed, qs = _weights(64, 1024, "nf4", jnp.bfloat16, 1)
+  with pytest.raises(ValueError, match="decode: must be one of"):
+    wt.gemv(jnp.ones((2, 1024), jnp.bfloat16), packed.reshape(-1),
+            qs.absmax, *_nested(qs), code=_code("nf4"), n=64, k=1024,
+            decode="gather", interpret=True)
+  assert (wt.smem_bytes((14336,), 4096, (8,), 4, 16, decode="lds")
+          - wt.smem_bytes((14336,), 4096, (8,), 4, 16)) >= 256 * 32 * 4
 
 
 @pytest.mark.parametrize("m,ns,k,rows,kchunks,wgs", [
@@ -316,7 +370,9 @@ def test_ptx_x_loads_have_no_bank_conflicts(m):
 
 
 @pytest.mark.parametrize("which", ["build", "step_bf16", "step_f16",
-                                   "step_m16", "build_k4", "step_m16_k4"])
+                                   "step_m16", "build_k4", "step_m16_k4",
+                                   "build_lds", "step_m16_lds",
+                                   "step_f16_lds"])
 def test_ptx_assembles_for_sm90a(tmp_path, which):
   """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
   test skips where Triton is not installed)."""
@@ -324,27 +380,31 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
   if ptxas is None:
     pytest.skip("no ptxas: Triton is not installed")
   kchunks = 4 if which.endswith("_k4") else 1
+  decode = "lds" if which.endswith("_lds") else "prmt"
   if which.startswith("build"):
     src = _entry(wt.build_ptx(_code("nf4"), "bfloat16", 8, 14336, 4096, 1792,
-                              512, 896, kchunks=kchunks),
+                              512, 896, kchunks=kchunks, decode=decode),
                  ["r"] * 4 + ["l"] * 4)
   else:
-    src = _entry(wt.step_ptx(_code("nf4"), "float16" if which == "step_f16"
-                             else "bfloat16",
+    src = _entry(wt.step_ptx(_code("nf4"), "float16"
+                             if which.startswith("step_f16") else "bfloat16",
                              16 if which.startswith("step_m16") else 5,
-                             14336, 4096, 14, 14336, kchunks=kchunks),
+                             14336, 4096, 14, 14336, kchunks=kchunks,
+                             decode=decode),
                  ["r"] * (6 + (kchunks > 1)) + ["l"])
   _assert_assembles(ptxas, src, tmp_path / which)
 
 
-@pytest.mark.parametrize("m,warps,kchunks", [(4, 8, 1), (16, 12, 1),
-                                             (8, 12, 1), (8, 8, 2),
-                                             (16, 8, 4)])
-def test_lowers_for_cuda(m, warps, kchunks):
+@pytest.mark.parametrize("m,warps,kchunks,decode", [
+    (4, 8, 1, "prmt"), (16, 12, 1, "prmt"), (8, 12, 1, "prmt"),
+    (8, 8, 2, "prmt"), (16, 8, 4, "prmt"), (16, 8, 1, "lds"),
+    (8, 12, 2, "lds")])
+def test_lowers_for_cuda(m, warps, kchunks, decode):
   """The kernel lowers to a Mosaic GPU module (needs JAX's CUDA plugin),
-  with 2 or 3 compute warpgroups and 1, 2 or 4 K chunks a program."""
+  with 2 or 3 compute warpgroups, 1, 2 or 4 K chunks a program and
+  either decode."""
   assert "mosaic_gpu" in _util.lowered_gemv_4bit(
-      ("warp_tma", 64, 128, 2, warps, 4, kchunks), m)
+      ("warp_tma", 64, 128, 2, warps, 4, kchunks, decode), m)
 
 
 _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
@@ -373,6 +433,25 @@ def test_gpu_matches_weight(case, dtype):
       x, tuple((p.reshape(-1), q.absmax, _nested(q)) for p, q in made),
       jnp.asarray(codebooks.code_for("nf4")), ns=ns, k=k, blocksize=64,
       config=config, code=_code("nf4"))
+  for y, (p, q) in zip(ys, made):
+    _check(y, x, p, q)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [0, 3, 4, 6, 7])
+def test_gpu_lds_decode_matches_weight(case):
+  """Compiled with the "lds" decode (config's eighth entry), through
+  `gemv_4bit_group`, against the documented weight."""
+  m, ns, k = _GPU_CASES[case]
+  made = [_weights(n, k, "nf4", jnp.bfloat16, 3 * n + g)
+          for g, n in enumerate(ns)]
+  x = jnp.asarray(_util.rng_array((m, k), 25, jnp.bfloat16))
+  cfg = gk.gemv_4bit_warp_tma.default_config(ns, k, decode="lds")
+  ys = gk.gemv_4bit_group(
+      x, tuple((p.reshape(-1), q.absmax, _nested(q)) for p, q in made),
+      jnp.asarray(codebooks.code_for("nf4")), ns=ns, k=k, blocksize=64,
+      config=("warp_tma", 64, 128, cfg["rows"], 8, cfg["stages"], 1, "lds"),
+      code=_code("nf4"))
   for y, (p, q) in zip(ys, made):
     _check(y, x, p, q)
 
