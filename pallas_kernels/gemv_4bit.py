@@ -944,9 +944,13 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
 
 
 WARP_TMA_MIN_SIDE = 8192  # below WARP_TMA_ALL_M rows of x, the TMA warp
-# GEMV serves single weights with a side this long; from WARP_TMA_ALL_M to
-# WARP_TMA_MAX_M rows every weight and group of weights with at least
-# WARP_TMA_MIN_N rows each (the smallest measured: q/k/v's 1024)
+# GEMV serves single weights with k this long or WARP_TMA_MIN_ROWS rows,
+# and groups of weights of WARP_TMA_GROUP_MIN_N rows each (gate/up, not
+# q/k/v); from WARP_TMA_ALL_M to WARP_TMA_MAX_M rows every weight and
+# group of weights with at least WARP_TMA_MIN_N rows each (the smallest
+# measured: q/k/v's 1024)
+WARP_TMA_MIN_ROWS = 4096
+WARP_TMA_GROUP_MIN_N = 8192
 WARP_TMA_ALL_M = 8
 WARP_TMA_MAX_M = 16
 WARP_TMA_MIN_N = 1024
@@ -958,27 +962,34 @@ def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
   """Whether the default at these arguments is the TMA warp GEMV
   (`gemv_4bit_warp_tma`): 2 to 16 rows of 16-bit x, NF4/FP4 weights
   double-quantized in blocks of 64 (256 codes a nested absmax) with k a
-  multiple of 1024: a single weight with n or k at least
-  `WARP_TMA_MIN_SIDE`, and from `WARP_TMA_ALL_M` rows any weight or group
-  of at least `WARP_TMA_MIN_N` rows each; compiled (`interpret` False), a
-  Hopper GPU and a JAX with Mosaic GPU.
+  multiple of 1024: below `WARP_TMA_ALL_M` rows a single weight of at
+  least `WARP_TMA_MIN_ROWS` rows or with k at least `WARP_TMA_MIN_SIDE`,
+  or a group of at least `WARP_TMA_GROUP_MIN_N` rows a weight; from
+  `WARP_TMA_ALL_M` rows any weight or group of at least `WARP_TMA_MIN_N`
+  rows each; compiled (`interpret` False), a Hopper GPU and a JAX with
+  Mosaic GPU.
 
-  Measured on the H200 (docs/benchmarks.md, twenty-sixth and
-  twenty-seventh sessions). M = 8: 22.5 us against the "warp" kernel's
-  27.3 on 14336x4096, 24.7 against 42.0 on 4096x14336; the 8B decode at
-  batch 8 with every weight and group on it 2,245.1 tokens/s against
-  2,081.9 with the groups and 4096x4096 on "warp" (one call; the isolated
-  sweep, whose small weights stay in L2, had put those level or 1-2 us
-  slower). M = 12 and 16 against the Triton "mma" GEMV that served them
-  before: 24.7 us against 26.5 (14336x4096, M = 16), 27.8 against 28.7
-  (4096x14336), 46.3 against 51.1 (gate/up pair), level on q/k/v. At
-  M = 2 the gate/up pair takes 45.7 us against "warp"'s 32.5, so below
-  M = 8 groups keep "warp".
+  Measured on the H200 with the permutes (docs/benchmarks.md,
+  twenty-sixth and twenty-seventh sessions): M = 8..16 every weight and
+  group, 22.5 us against the "warp" kernel's 27.3 on 14336x4096 at M = 8,
+  and 2,245.1 tokens/s against 2,081.9 for the 8B decode at batch 8.
+  Below M = 8, measured on the H100 with the "lds" decode (fortieth
+  session), us against "warp": 4096x4096 7.9 against 9.7 (M = 2) and
+  8.4 against 10.8 (M = 4), 4096x14336 19.2 against 24.5, the gate/up
+  pair 30.8 against 34.8 (M = 2) and 30.6 against 36.9 (M = 4); q/k/v
+  (4096 + 2 x 1024 rows) 13.1 against 12.8 and 14.1 against 11.9, so
+  q/k/v keeps "warp" there.
   """
   if not 2 <= m <= WARP_TMA_MAX_M:
     return False
-  long_one = len(ns) == 1 and max(ns[0], k) >= WARP_TMA_MIN_SIDE
-  if not (long_one or m >= WARP_TMA_ALL_M and min(ns) >= WARP_TMA_MIN_N):
+  if m >= WARP_TMA_ALL_M:
+    wanted = min(ns) >= WARP_TMA_MIN_N or (
+        len(ns) == 1 and k >= WARP_TMA_MIN_SIDE)
+  elif len(ns) == 1:
+    wanted = ns[0] >= WARP_TMA_MIN_ROWS or k >= WARP_TMA_MIN_SIDE
+  else:
+    wanted = min(ns) >= WARP_TMA_GROUP_MIN_N
+  if not wanted:
     return False
   return _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize, code,
                       interpret)

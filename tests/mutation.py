@@ -253,7 +253,8 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_ptx_emulated_matches_weight",)),
     # The default config not fitted to the shared memory.
     Mutant("warp-tma-default-unfitted", "pallas_kernels/gemv_4bit_warp_tma.py",
-           "functools.partial(smem_bytes, tuple(ns), k, m=MAX_M, kchunks=kchunks))",
+           "functools.partial(smem_bytes, tuple(ns), k, m=MAX_M, kchunks=kchunks,\n"
+           "                        decode=decode))",
            "lambda **_: 0)",
            ("tests/kernels/gemv_4bit_warp_tma_test.py::"
             "test_default_config_fits_shared_memory",)),
@@ -283,12 +284,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "if rows > MAX_ROWS or", "if rows > MAX_ROWS + 1 or",
            ("tests/models/generate_test.py::"
             "test_rms_norm_kernel_at_one_row",)),
-    # The default taking the groups at M < 8 (slower at M = 2).
+    # The default taking q/k/v at M < 8 (slower at M = 2 and 4).
     Mutant("warp-tma-serves-groups", "pallas_kernels/gemv_4bit.py",
-           "long_one = len(ns) == 1 and max(ns[0], k) >= WARP_TMA_MIN_SIDE",
-           "long_one = max(max(ns), k) >= WARP_TMA_MIN_SIDE",
+           "wanted = min(ns) >= WARP_TMA_GROUP_MIN_N",
+           "wanted = min(ns) >= WARP_TMA_MIN_N",
            ("tests/kernels/gemv_4bit_warp_tma_test.py::"
             "test_served_where_it_was_measured_faster",)),
+    # The "lds" decode reading another lane's copy of an entry.
+    Mutant("warp-tma-lds-entry-stride", "pallas_kernels/gemv_4bit_warp_tma.py",
+           'f"mad.lo.u32 ka{j}, kb{j}, 128, tw0;"',
+           'f"mad.lo.u32 ka{j}, kb{j}, 132, tw0;"',
+           ("tests/kernels/gemv_4bit_warp_tma_test.py::"
+            "test_ptx_emulated_lds_decode_equals_prmt",)),
     Mutant("large-m-gemv-for-fp32", "jaxbnb/_src/quant/kernels.py",
            "return (m <= GEMV_MAX_M and jnp.dtype(dtype) != jnp.float32",
            "return (m <= GEMV_MAX_M",

@@ -5,8 +5,9 @@ gate/up's partials) and "norm" (`gemv_4bit.NORM_FUSED`: the q/k/v and
 gate/up GEMVs make the layer's RMSNorms). Unset, both are off (the
 library's default is both on since the thirty-fourth session measured
 them). WARP_DECODE, if set, is the TMA warp GEMV's decode
-(`gemv_4bit_warp_tma.DECODE`: "prmt" or "lds", fortieth session). On the
-GPU machine:
+(`gemv_4bit_warp_tma.DECODE`: "prmt" or "lds", fortieth session);
+WARP_ROUTE=s39 gives it the thirty-ninth session's routing below M = 8
+(single weights with a side of 8192, no groups). On the GPU machine:
 
     FUSE=swiglu,norm python docs/bench/decode_fusions.py bench decode --impl jax-nf4-dq --batch 1
 """
@@ -25,5 +26,10 @@ if _decode is not None:
     sys.exit(f"WARP_DECODE: one of {gemv_4bit_warp_tma.DECODES}, got "
              f"{_decode!r}")
   gemv_4bit_warp_tma.DECODE = _decode
+if os.environ.get("WARP_ROUTE") == "s39":
+  gemv_4bit.WARP_TMA_MIN_ROWS = 8192
+  gemv_4bit.WARP_TMA_GROUP_MIN_N = 1 << 40
+elif os.environ.get("WARP_ROUTE"):
+  sys.exit(f"WARP_ROUTE: s39 or unset, got {os.environ['WARP_ROUTE']!r}")
 from jaxbnb._src.tools import cli  # pylint: disable=g-import-not-at-top
 sys.exit(cli.main(sys.argv[1:]))

@@ -79,7 +79,14 @@ RUNS = {"a": (CASES, CONFIGS),
                ((14336,), K, 4), ((14336, 14336), K, 4), ((14336,), K, 2)],
               [("warp_tma", dict(decode="prmt")),
                ("warp_tma", dict(decode="lds")),
-               ("warp_tma", dict(decode="lds", stages=6))])}
+               ("warp_tma", dict(decode="lds", stages=6))]),
+        # Run "h" (fortieth session): at M = 2..4 the groups and the
+        # 4096-row weights, "warp" (their default there) against "lds".
+        "h": ([((14336, 14336), K, 2), ((4096, 1024, 1024), K, 2),
+               ((4096,), K, 2), ((4096,), 14336, 2), ((14336, 14336), K, 4),
+               ((4096, 1024, 1024), K, 4), ((4096,), K, 4),
+               ((4096,), 14336, 4), ((14336, 14336), K, 6)],
+              [("default", None), ("warp_tma", dict(decode="lds"))])}
 
 
 def main():

@@ -109,12 +109,13 @@ def test_group_matches_each_weight():
 def test_default_config_fits_shared_memory(ns, k):
   """Long programs' spans of nested absmax would overflow the SM's shared
   memory with one row group; the default takes fewer stages, then more
-  groups, for any M the default serves (16 rows of x the most)."""
+  groups, for any M the default serves (16 rows of x the most), with the
+  default decode's table."""
   one = lg.default_rows(sum(ns), k)
   assert wt.smem_bytes(ns, k, (one,) * len(ns), 4, 16) > _backend.HOPPER_SMEM
   cfg = wt.default_config(ns, k)
-  assert wt.smem_bytes(ns, k, cfg["rows"], cfg["stages"],
-                       16) <= _backend.HOPPER_SMEM
+  assert wt.smem_bytes(ns, k, cfg["rows"], cfg["stages"], 16,
+                       decode=cfg["decode"]) <= _backend.HOPPER_SMEM
   assert cfg["stages"] >= 2 and min(cfg["rows"]) >= 1
 
 
@@ -122,13 +123,13 @@ def test_default_config_of_the_measured_shapes():
   """Where the shared memory holds it, the measured default: one program
   an SM and four stages."""
   assert wt.default_config((14336,), 4096) == dict(rows=(8,), stages=4,
-                                                   kchunks=1, decode="prmt")
+                                                   kchunks=1, decode="lds")
   assert wt.default_config((4096,), 14336) == dict(rows=(2,), stages=4,
-                                                   kchunks=1, decode="prmt")
+                                                   kchunks=1, decode="lds")
   assert wt.default_config((14336, 14336), 4096) == dict(
-      rows=(4, 4), stages=4, kchunks=1, decode="prmt")
+      rows=(4, 4), stages=4, kchunks=1, decode="lds")
   assert wt.default_config((4096, 1024, 1024), 4096) == dict(
-      rows=(5, 1, 1), stages=4, kchunks=1, decode="prmt")
+      rows=(5, 1, 1), stages=4, kchunks=1, decode="lds")
 
 
 def test_default_rows_keep_the_shortest_wave():
@@ -148,8 +149,9 @@ def test_default_rows_keep_the_shortest_wave():
 
 
 def test_served_where_it_was_measured_faster():
-  """The default: M = 2..7 one weight with a side of 8192 or more (not
-  groups, not 4096x4096); M = 8..16 every weight and group;
+  """The default: M = 2..7 one weight of 4096 rows or more or with k of
+  8192 or more, and groups of 8192 rows a weight (gate/up, not q/k/v);
+  M = 8..16 every weight and group of 1024 rows a weight;
   double-quantized blocks of 64, 16-bit x."""
   code = _code("nf4")
 
@@ -158,8 +160,10 @@ def test_served_where_it_was_measured_faster():
   assert serves() and serves(ns=(4096,), k=14336) and serves(m=2)
   assert serves(m=8, ns=(11008,)) and serves(m=16, ns=(4096,), k=14336)
   assert not serves(m=1) and not serves(m=17)
-  assert not serves(ns=(4096,)) and not serves(ns=(14336, 14336))
+  assert serves(ns=(4096,)) and serves(m=2, ns=(14336, 14336))
+  assert serves(m=7, ns=(11008, 11008)) and serves(m=3, ns=(70,), k=8192)
   assert not serves(m=7, ns=(4096, 1024, 1024))
+  assert not serves(m=2, ns=(2048,)) and not serves(m=4, ns=(4096, 4096))
   for m in (8, 12, 16):
     assert serves(m=m, ns=(4096,)) and serves(m=m, ns=(14336, 14336))
     assert serves(m=m, ns=(4096, 1024, 1024))
@@ -422,10 +426,8 @@ def test_gpu_matches_weight(case, dtype):
   made = [_weights(n, k, "nf4", dtype, n + g) for g, n in enumerate(ns)]
   x = jnp.asarray(_util.rng_array((m, k), 21, dtype))
   cfg = gk.gemv_4bit_warp_tma.default_config(ns, k)
-  if (m >= gk.WARP_TMA_ALL_M and min(ns) >= gk.WARP_TMA_MIN_N) or (
-      len(ns) == 1 and max(ns[0], k) >= gk.WARP_TMA_MIN_SIDE):
-    assert gk.warp_tma_serves(m, ns, k, 64, dtype, True, 256, _code("nf4"),
-                              interpret=False)
+  if gk.warp_tma_serves(m, ns, k, 64, dtype, True, 256, _code("nf4"),
+                        interpret=False):
     config = None  # the default
   else:
     config = ("warp_tma", 64, 128, cfg["rows"], 8, cfg["stages"])
