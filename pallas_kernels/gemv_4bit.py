@@ -48,6 +48,10 @@ double-quantized absmax is decoded in place. Six variants:
   GPU): no decode at all: each program makes the table of x's products
   for every byte value of its 256 columns in shared memory and looks each
   weight byte up there. A group of such weights goes in one launch.
+* ``"warp_tma"`` (the default at M = 2..16 where `warp_tma_serves`, on
+  Hopper; `gemv_4bit_warp_tma`, Mosaic GPU): "warp"'s products on the
+  table GEMV's TMA pipeline, each byte's pair of codes read from a table
+  in shared memory (a copy a lane; the permutes by config).
 
 With `split_k > 1` the programs of one row tile split K and write fp32
 partial sums that the caller adds (deterministic, no atomics).

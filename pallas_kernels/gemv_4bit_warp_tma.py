@@ -3,7 +3,7 @@
 The "warp" kernel (`warp_mma`, Triton) decodes each thread's bytes in
 registers and feeds them to `mma.sync.m16n8k16`; it is latency-bound,
 with one or two steps of loads in flight (docs/benchmarks.md, fifth
-session). Here the same decode and product run on the table GEMV's
+session). Here the same values and product run on the table GEMV's
 pipeline (`gemv_4bit_lut`): a TMA warpgroup streams the weight and absmax
 code tiles into shared memory, several steps ahead, while two compute
 warpgroups take them.
@@ -18,8 +18,8 @@ warpgroups take them.
   with the nested codes and the program's span of nested absmax.
 * A warp's 16 rows are the MMA's A: lane `4 g + c` holds block `c` of rows
   `g` and `g + 8` (8 words each). Word `i` of row g and of row g + 8,
-  decoded by `lut_decode`'s permutes into the values times the block's
-  absmax (rounded once to x's dtype), give two MMAs: bytes 0-1, then
+  decoded into the values times the block's absmax (rounded once to x's
+  dtype; the decode below), give two MMAs: bytes 0-1, then
   2-3. x is B: lane `4 g' + c` gives `x[g' % M]` at the columns of the
   same bytes of block c (every lane with equal `c` holds the same byte
   positions of its rows), so the MMA's column n is row `n % M` of x.
@@ -29,9 +29,8 @@ warpgroups take them.
   decoded words go to a second pair of MMAs a word, whose B is rows
   `8 + g' % (M - 8)`: M = 9..16 costs 16 more MMAs a step, not a second
   decode. The default (`gemv_4bit.warp_tma_serves`) takes M = 8..16 for
-  every weight and group, M = 2..7 for single weights with a side of
-  8192 or more.
-
+  every weight and group, M = 2..7 for single weights of 4096 rows or k
+  of 8192 and for groups of 8192-row weights (gate/up).
 * The decode ("lds", the default): a 32 KiB table in shared memory
   holds each byte value's pair of codes, 32 copies (lane l reads copy l,
   so a warp's lookups never share a bank), written by the compute threads
