@@ -948,13 +948,15 @@ def _gemv_lut(x, weights, *, ns, k, blocksize, nested_blocksize, bias,
 
 
 WARP_TMA_MIN_SIDE = 8192  # below WARP_TMA_ALL_M rows of x, the TMA warp
-# GEMV serves single weights with k this long or WARP_TMA_MIN_ROWS rows,
+# GEMV serves single weights with a side this long, and, with k of at least
+# WARP_TMA_MIN_K (as measured), single weights of WARP_TMA_MIN_ROWS rows
 # and groups of weights of WARP_TMA_GROUP_MIN_N rows each (gate/up, not
 # q/k/v); from WARP_TMA_ALL_M to WARP_TMA_MAX_M rows every weight and
 # group of weights with at least WARP_TMA_MIN_N rows each (the smallest
 # measured: q/k/v's 1024)
 WARP_TMA_MIN_ROWS = 4096
 WARP_TMA_GROUP_MIN_N = 8192
+WARP_TMA_MIN_K = 4096
 WARP_TMA_ALL_M = 8
 WARP_TMA_MAX_M = 16
 WARP_TMA_MIN_N = 1024
@@ -966,9 +968,10 @@ def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
   """Whether the default at these arguments is the TMA warp GEMV
   (`gemv_4bit_warp_tma`): 2 to 16 rows of 16-bit x, NF4/FP4 weights
   double-quantized in blocks of 64 (256 codes a nested absmax) with k a
-  multiple of 1024: below `WARP_TMA_ALL_M` rows a single weight of at
-  least `WARP_TMA_MIN_ROWS` rows or with k at least `WARP_TMA_MIN_SIDE`,
-  or a group of at least `WARP_TMA_GROUP_MIN_N` rows a weight; from
+  multiple of 1024: below `WARP_TMA_ALL_M` rows a single weight with n or
+  k at least `WARP_TMA_MIN_SIDE`, and where k is at least `WARP_TMA_MIN_K`
+  a single weight of at least `WARP_TMA_MIN_ROWS` rows or a group of at
+  least `WARP_TMA_GROUP_MIN_N` rows a weight; from
   `WARP_TMA_ALL_M` rows any weight or group of at least `WARP_TMA_MIN_N`
   rows each; compiled (`interpret` False), a Hopper GPU and a JAX with
   Mosaic GPU.
@@ -990,9 +993,10 @@ def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
     wanted = min(ns) >= WARP_TMA_MIN_N or (
         len(ns) == 1 and k >= WARP_TMA_MIN_SIDE)
   elif len(ns) == 1:
-    wanted = ns[0] >= WARP_TMA_MIN_ROWS or k >= WARP_TMA_MIN_SIDE
+    wanted = max(ns[0], k) >= WARP_TMA_MIN_SIDE or (
+        ns[0] >= WARP_TMA_MIN_ROWS and k >= WARP_TMA_MIN_K)
   else:
-    wanted = min(ns) >= WARP_TMA_GROUP_MIN_N
+    wanted = min(ns) >= WARP_TMA_GROUP_MIN_N and k >= WARP_TMA_MIN_K
   if not wanted:
     return False
   return _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize, code,

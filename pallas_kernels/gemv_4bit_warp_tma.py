@@ -29,8 +29,9 @@ warpgroups take them.
   decoded words go to a second pair of MMAs a word, whose B is rows
   `8 + g' % (M - 8)`: M = 9..16 costs 16 more MMAs a step, not a second
   decode. The default (`gemv_4bit.warp_tma_serves`) takes M = 8..16 for
-  every weight and group, M = 2..7 for single weights of 4096 rows or k
-  of 8192 and for groups of 8192-row weights (gate/up).
+  every weight and group, M = 2..7 for single weights with a side of
+  8192, and with k of 4096 for single weights of 4096 rows and groups of
+  8192-row weights (gate/up).
 * The decode ("lds", the default): a 32 KiB table in shared memory
   holds each byte value's pair of codes, 32 copies (lane l reads copy l,
   so a warp's lookups never share a bank), written by the compute threads

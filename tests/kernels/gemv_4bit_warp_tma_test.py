@@ -149,8 +149,9 @@ def test_default_rows_keep_the_shortest_wave():
 
 
 def test_served_where_it_was_measured_faster():
-  """The default: M = 2..7 one weight of 4096 rows or more or with k of
-  8192 or more, and groups of 8192 rows a weight (gate/up, not q/k/v);
+  """The default: M = 2..7 one weight with a side of 8192 or more, and
+  with k of 4096 or more (as measured) one of 4096 rows or more and groups of
+  8192 rows a weight (gate/up, not q/k/v);
   M = 8..16 every weight and group of 1024 rows a weight;
   double-quantized blocks of 64, 16-bit x."""
   code = _code("nf4")
@@ -164,6 +165,9 @@ def test_served_where_it_was_measured_faster():
   assert serves(m=7, ns=(11008, 11008)) and serves(m=3, ns=(70,), k=8192)
   assert not serves(m=7, ns=(4096, 1024, 1024))
   assert not serves(m=2, ns=(2048,)) and not serves(m=4, ns=(4096, 4096))
+  assert not serves(ns=(4096,), k=2048) and not serves(
+      m=2, ns=(14336, 14336), k=3072)
+  assert serves(m=2, ns=(14336,), k=2048)  # a side of 8192, as before
   for m in (8, 12, 16):
     assert serves(m=m, ns=(4096,)) and serves(m=m, ns=(14336, 14336))
     assert serves(m=m, ns=(4096, 1024, 1024))
