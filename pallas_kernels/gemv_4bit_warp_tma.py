@@ -81,10 +81,11 @@ MAX_M = 16  # rows of x: two MMAs of 8 columns from 9 rows on
 KCHUNKS = (1, 2, 4)  # K chunks a program can take in turn
 DECODES = ("prmt", "lds")  # byte permutes, or a shared-memory table
 DECODE = "lds"  # the default decode (fortieth session, measured faster)
-_LDS_ROWS = 57  # rows of x's scratch the "lds" table takes: 32 KiB
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
 _XROW = 4 * _XBLOCK  # bytes a row of x
+_LDS_BYTES = 256 * 32 * 4  # the "lds" table: 256 entries, 32 copies
+_LDS_ROWS = -(-_LDS_BYTES // _XROW)  # its rows of the kernel's own scratch
 _MMA = {"bfloat16": "bf16", "float16": "f16"}
 
 
@@ -129,7 +130,7 @@ def x_bytes(m: int, kchunks: int = 1) -> int:
   return kchunks * x_rows(m) * _XROW
 
 
-def own_rows(m: int, kchunks: int = 1, decode: str = "prmt") -> int:
+def own_rows(m: int, kchunks: int, decode: str) -> int:
   """Rows (of 576 bytes) of the kernel's own scratch: x's copy, then for
   the "lds" decode its 32 KiB table."""
   return kchunks * x_rows(m) + (decode == "lds") * _LDS_ROWS
@@ -137,10 +138,12 @@ def own_rows(m: int, kchunks: int = 1, decode: str = "prmt") -> int:
 
 def smem_bytes(ns: tuple[int, ...], k: int, rows: tuple[int, ...],
                stages: int, m: int = 8, wgs: int = WGS,
-               kchunks: int = 1, decode: str = "prmt") -> int:
+               kchunks: int = 1, decode: str | None = None) -> int:
   """Shared memory of a config: x's chunks (and the "lds" table), the
   nested table and span, the step counters, the accumulators between
-  steps (`kchunks` > 1) and the pipeline's weight and codes tiles."""
+  steps (`kchunks` > 1) and the pipeline's weight and codes tiles
+  (`decode`: by default `DECODE`)."""
+  decode = DECODE if decode is None else decode
   tile = STEP_ROWS * wgs
   span = max(lut.layout(n, k, r, tile, 4 * kchunks)[2]
              for n, r in zip(ns, rows))
@@ -368,16 +371,16 @@ def step_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
       ".reg .b64 po, dd;",
       ".reg .pred p0, p1, pf, pl;",
   ]
-  # The even permute words from shared memory (`build_ptx`), the odd ones
-  # immediates (ptxas folds them into the permutes).
-  # Each lane its own copy: from one address for all, ptxas would hold
-  # them in uniform registers again.
   if decode == "lds":  # tw0: the lane's copy in the table; tw1: -0, -0
     lines += ["mov.u32 tid, %tid.x;", "and.b32 l, tid, 31;",
               "shl.b32 a, l, 2;", "add.u32 a, a, $2;",
               f"add.u32 tw0, a, {x_bytes(m, kchunks)};",
               "mov.b32 tw1, 0x80008000;", "mov.b32 tw2, 0;"]
   else:
+    # The even permute words from shared memory (`build_ptx`), the odd
+    # ones immediates (ptxas folds them into the permutes). Each lane its
+    # own copy: from one address for all, ptxas would hold them in
+    # uniform registers again.
     lines += ["mov.u32 tid, %tid.x;", "and.b32 l, tid, 31;",
               "shl.b32 a, l, 4;", "add.u32 a, a, $3;",
               "ld.shared.v4.b32 {tw0, tw2, tw4, tw6}, [a+1056];"]

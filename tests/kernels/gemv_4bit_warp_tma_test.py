@@ -215,13 +215,14 @@ def test_config_names_its_shape():
 
 
 def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None,
-             kchunks=1, partials=None, decode="prmt"):
+             kchunks=1, partials=None, decode=None):
   """The kernel's PTX run by `_ptx` over every program of a group of
   weights `(packed, qs)`: build, then each pipeline step with its TMA
   tiles written into shared memory (rows past the weight zero, as TMA
   fills them). fp32 `[m, n_g]` per weight (the partials summed; the
   partials themselves appended to the list `partials`, if given)."""
   m = x.shape[0]
+  decode = wt.DECODE if decode is None else decode
   tile_rows = wt.STEP_ROWS * wgs
   plan, n_pad = lg.row_plan(ns, k, rows, tile_rows, 4 * kchunks)
   span = max(p[3] for p in plan)
@@ -320,7 +321,8 @@ def test_lds_config_names_its_decode():
             qs.absmax, *_nested(qs), code=_code("nf4"), n=64, k=1024,
             decode="gather", interpret=True)
   assert (wt.smem_bytes((14336,), 4096, (8,), 4, 16, decode="lds")
-          - wt.smem_bytes((14336,), 4096, (8,), 4, 16)) >= 256 * 32 * 4
+          - wt.smem_bytes((14336,), 4096, (8,), 4, 16, decode="prmt")
+          ) >= 256 * 32 * 4
 
 
 @pytest.mark.parametrize("m,ns,k,rows,kchunks,wgs", [
@@ -367,7 +369,8 @@ def test_ptx_x_loads_have_no_bank_conflicts(m):
   packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 3)
   x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))
   ways = {}
-  _emulate(x, [(packed, qs)], _code("nf4"), (n,), k, (1,), ways=ways)
+  _emulate(x, [(packed, qs)], _code("nf4"), (n,), k, (1,), ways=ways,
+           decode="prmt")  # "prmt" also loads the permute words
   xs = {l: w for l, w in ways.items() if "{xv" in l or "{xu" in l}
   words = {l: w for l, w in ways.items() if "{tw0" in l}
   weights = {l: w for l, w in ways.items() if "{wA" in l or "{wB" in l}
