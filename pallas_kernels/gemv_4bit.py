@@ -811,16 +811,25 @@ def _with_bias(ys, bias, dtype) -> tuple:
   return tuple(y.astype(dtype) for y in ys)
 
 
+# k a multiple of this for the Mosaic GPU GEMVs: their K chunks of 256
+# columns. Up to the forty-first session it was 1024 (TMA's 16-byte rows of
+# absmax codes); since then the codes' rows are padded where k is not a
+# multiple of 1024 (`gemv_4bit_lut.codes_tiles`: Llama-2's down projection
+# at k = 11008, Qwen2.5's 3584 and 18944), measured in docs/benchmarks.md.
+MOSAIC_K_MULTIPLE = gemv_4bit_lut.CHUNK
+
+
 def _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize, code,
                  interpret) -> bool:
   """What both Mosaic GPU GEMVs need of their arguments: the 16 code values,
   NF4/FP4 double-quantized in blocks of 64 (256 codes a nested absmax),
-  16-bit x, k a multiple of 1024; compiled (`interpret` False), a Hopper
-  GPU and a JAX with Mosaic GPU (both kernels' `available`)."""
+  16-bit x, k a multiple of `MOSAIC_K_MULTIPLE`; compiled (`interpret`
+  False), a Hopper GPU and a JAX with Mosaic GPU (both kernels'
+  `available`)."""
   return (code is not None and nested and blocksize == 64
           and nested_blocksize == 256
           and jnp.dtype(dtype).name in ("bfloat16", "float16")
-          and k % (4 * gemv_4bit_lut.CHUNK) == 0
+          and k % MOSAIC_K_MULTIPLE == 0
           and (interpret or (gemv_4bit_lut.available()
                              and _backend.on_hopper())))
 
@@ -835,10 +844,10 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
   """Whether the default at these arguments is the table GEMV
   (`gemv_4bit_lut`, all the weights in one launch): one row of 16-bit x,
   NF4/FP4 double-quantized in blocks of 64 (256 codes a nested absmax), k
-  a multiple of 1024, and every weight at least `LUT_MIN_N` rows, or, for
-  a group of weights (q/k/v), every weight at least `LUT_GROUP_MIN_N` rows
-  and `LUT_MIN_N` in all; compiled (`interpret` False), a Hopper GPU and a
-  JAX with Mosaic GPU.
+  a multiple of `MOSAIC_K_MULTIPLE`, and every weight at least `LUT_MIN_N`
+  rows, or, for a group of weights (q/k/v), every weight at least
+  `LUT_GROUP_MIN_N` rows and `LUT_MIN_N` in all; compiled (`interpret`
+  False), a Hopper GPU and a JAX with Mosaic GPU.
 
   Measured on the H200 (docs/benchmarks.md, twenty-fourth session, sweep
   run b): faster than the "reduce" default on every Llama decode shape
@@ -968,10 +977,10 @@ def warp_tma_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int,
   """Whether the default at these arguments is the TMA warp GEMV
   (`gemv_4bit_warp_tma`): 2 to 16 rows of 16-bit x, NF4/FP4 weights
   double-quantized in blocks of 64 (256 codes a nested absmax) with k a
-  multiple of 1024: below `WARP_TMA_ALL_M` rows a single weight with n or
-  k at least `WARP_TMA_MIN_SIDE`, and where k is at least `WARP_TMA_MIN_K`
-  a single weight of at least `WARP_TMA_MIN_ROWS` rows or a group of at
-  least `WARP_TMA_GROUP_MIN_N` rows a weight; from
+  multiple of `MOSAIC_K_MULTIPLE`: below `WARP_TMA_ALL_M` rows a single
+  weight with n or k at least `WARP_TMA_MIN_SIDE`, and where k is at least
+  `WARP_TMA_MIN_K` a single weight of at least `WARP_TMA_MIN_ROWS` rows or
+  a group of at least `WARP_TMA_GROUP_MIN_N` rows a weight; from
   `WARP_TMA_ALL_M` rows any weight or group of at least `WARP_TMA_MIN_N`
   rows each; compiled (`interpret` False), a Hopper GPU and a JAX with
   Mosaic GPU.

@@ -69,9 +69,9 @@ except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
 __all__ = ["CHUNK", "NormInput", "STEP_ROWS", "SwigluInput", "available",
-           "build_ptx",
-           "check", "default_config", "default_rows", "fit", "gemv",
-           "gemv_group", "gemv_swiglu", "group_args", "group_config",
+           "build_ptx", "check", "codes_tiles", "default_config",
+           "default_rows", "fit", "gemv", "gemv_group", "gemv_swiglu",
+           "group_args", "group_config",
            "inline_ptx", "layout", "nested_span", "pipelines", "row_plan",
            "smem_bytes", "span_start", "step_ptx", "swiglu_reference"]
 
@@ -164,11 +164,24 @@ def check(m: int, n: int, k: int, blocksize: int, dtype, nested: bool,
   if dtype.name not in _DTYPES:
     raise ValueError(f"x: the table GEMV needs bfloat16 or float16, got "
                      f"{dtype.name}")
-  if k % (4 * CHUNK):
-    raise ValueError(f"k: the table GEMV needs a multiple of {4 * CHUNK} "
-                     f"(TMA's 16-byte rows of absmax codes), got {k}")
+  if k % CHUNK:
+    raise ValueError(f"k: the table GEMV needs a multiple of {CHUNK} (its "
+                     f"K chunks), got {k}")
   if n < 1:
     raise ValueError(f"n: must be >= 1, got {n}")
+
+
+def codes_tiles(codes: jax.Array, n: int, k: int) -> jax.Array:
+  """The absmax codes of a `[n, k]` weight as the kernels' TMA reads them:
+  `[n, k / 64]`, each row padded with zero codes to whole 16 bytes
+  (`_CODES`, TMA's least row stride) where k is not a multiple of 1024
+  (Llama-2's 11008, Qwen2.5's 3584): an XLA pad of the `n k / 64` bytes,
+  a small copy beside the weight's own `n k / 2`. The steps read a K
+  chunk's four codes at column `4 (s % 4)` of tile `s // 4` either way,
+  and the nested absmax by the unpadded index."""
+  rows = codes.reshape(n, k // 64)
+  pad = -(k // 64) % _CODES
+  return jnp.pad(rows, ((0, 0), (0, pad))) if pad else rows
 
 
 def default_rows(n: int, k: int, num_sms: int | None = None) -> int:
@@ -764,7 +777,7 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
   args = []
   for (packed, codes, nested_absmax, nested_code, offset), n in zip(weights,
                                                                    ns):
-    args += [packed.reshape(n, k // 2), codes.reshape(n, k // 64),
+    args += [packed.reshape(n, k // 2), codes_tiles(codes, n, k),
              nested_absmax, nested_code, offset]
   part = kernel(x.reshape(-1), *(() if norm is None else (norm[1],)), *args)
   if raw:
@@ -879,7 +892,7 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
       weight, as `gemv` takes them.
     code: the 16 code values (static), one code for all.
     ns: rows of each weight.
-    k: columns, a multiple of 1024.
+    k: columns, a multiple of 256 (`CHUNK`).
     rows: row groups of each weight; default `group_config`'s.
     step_rows, stages, wgs, early, tma_skips_build, interpret: as `gemv`.
     rms_norm: `(weight [k], eps)`: multiply `rms_norm.reference(x, weight,
@@ -964,8 +977,8 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
       the `[n, k]` weights, as `gemv` takes them.
     down: the same of the `[n_out, n]` weight.
     code: the 16 code values (static), one code for all three.
-    n: rows of gate and up (down's k), a multiple of 1024.
-    k: columns of gate and up, a multiple of 1024.
+    n: rows of gate and up (down's k), a multiple of 256.
+    k: columns of gate and up, a multiple of 256.
     n_out: rows of down.
     rms_norm: `(weight [k], eps)`: x RMSNorm'd first, in gate/up's table
       builds (`gemv_group`'s `rms_norm`).
@@ -1045,7 +1058,8 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     nested_code: float32 `[256]`, the nested map.
     offset: float32 scalar.
     code: the 16 code values (static).
-    n, k: the weight's shape; k a multiple of 1024.
+    n, k: the weight's shape; k a multiple of 256 (`CHUNK`; past whole
+      1024s the codes' rows are padded, `codes_tiles`).
     rows: row groups (programs a K chunk); default `default_rows`.
     step_rows: rows a compute warpgroup takes a pipeline step, 64 or 128
       (16 or 32 a warp).

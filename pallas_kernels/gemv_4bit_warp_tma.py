@@ -112,9 +112,9 @@ def check(m: int, n: int, k: int, blocksize: int, dtype, nested: bool,
   if dtype.name not in _MMA:
     raise ValueError(f"x: the TMA warp GEMV needs bfloat16 or float16, got "
                      f"{dtype.name}")
-  if k % (4 * CHUNK):
-    raise ValueError(f"k: the TMA warp GEMV needs a multiple of {4 * CHUNK} "
-                     f"(TMA's 16-byte rows of absmax codes), got {k}")
+  if k % CHUNK:
+    raise ValueError(f"k: the TMA warp GEMV needs a multiple of {CHUNK} "
+                     f"(its K chunks), got {k}")
   if n < 1:
     raise ValueError(f"n: must be >= 1, got {n}")
 
@@ -552,7 +552,7 @@ def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks,
   args = []
   for (packed, codes, nested_absmax, nested_code, offset), n in zip(weights,
                                                                    ns):
-    args += [packed.reshape(n, k // 2), codes.reshape(n, k // 64),
+    args += [packed.reshape(n, k // 2), lut.codes_tiles(codes, n, k),
              nested_absmax, nested_code, offset]
   total = sum_splits(kernel(x, *args))
   return [total[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
@@ -589,7 +589,7 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
       weight, as `gemv` takes them.
     code: the 16 code values (static), one code for all.
     ns: rows of each weight.
-    k: columns, a multiple of 1024.
+    k: columns, a multiple of 256 (`CHUNK`).
     rows: row groups of each weight; default `default_config`'s.
     stages: pipeline steps in flight.
     wgs: compute warpgroups beside the TMA one, 2 or 3, each taking 64
@@ -662,7 +662,8 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
     nested_code: float32 `[256]`, the nested map.
     offset: float32 scalar.
     code: the 16 code values (static).
-    n, k: the weight's shape; k a multiple of 1024.
+    n, k: the weight's shape; k a multiple of 256 (`CHUNK`; past whole
+      1024s the codes' rows are padded, `gemv_4bit_lut.codes_tiles`).
     rows: row groups (programs a K chunk); default `default_config`'s.
     stages: pipeline steps in flight.
     wgs: compute warpgroups, 2 or 3 (`gemv_group`).

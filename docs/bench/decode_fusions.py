@@ -7,7 +7,10 @@ library's default is both on since the thirty-fourth session measured
 them). WARP_DECODE, if set, is the TMA warp GEMV's decode
 (`gemv_4bit_warp_tma.DECODE`: "prmt" or "lds", fortieth session);
 WARP_ROUTE=s39 gives it the thirty-ninth session's routing below M = 8
-(single weights with a side of 8192, no groups). On the GPU machine:
+(single weights with a side of 8192, no groups). K_MULTIPLE=1024 keeps
+the Mosaic GPU GEMVs off weights whose k is not a multiple of 1024, as
+before the forty-first session (`gemv_4bit.MOSAIC_K_MULTIPLE`). On the GPU
+machine:
 
     FUSE=swiglu,norm python docs/bench/decode_fusions.py bench decode --impl jax-nf4-dq --batch 1
 """
@@ -31,5 +34,10 @@ if os.environ.get("WARP_ROUTE") == "s39":
   gemv_4bit.WARP_TMA_GROUP_MIN_N = 1 << 40
 elif os.environ.get("WARP_ROUTE"):
   sys.exit(f"WARP_ROUTE: s39 or unset, got {os.environ['WARP_ROUTE']!r}")
+_k_multiple = os.environ.get("K_MULTIPLE")
+if _k_multiple is not None:
+  if _k_multiple not in ("256", "1024"):
+    sys.exit(f"K_MULTIPLE: 256 or 1024, got {_k_multiple!r}")
+  gemv_4bit.MOSAIC_K_MULTIPLE = int(_k_multiple)
 from jaxbnb._src.tools import cli  # pylint: disable=g-import-not-at-top
 sys.exit(cli.main(sys.argv[1:]))

@@ -19,7 +19,8 @@ defaults against the "reduce" kernel that was the default before
 the 8B shape in one launch (`gemv_4bit_group`) both ways. Run d
 (twenty-fifth session) has the byte offsets by `prmt`; run e (written
 then, run in the twenty-sixth session) times `tma_skips_build` against
-the default.
+the default. Run f (forty-first session) has shapes whose k is not a
+multiple of 1024 (`python docs/bench/gemv_lut_sweep.py 200 f`).
 """
 import json
 import os
@@ -62,17 +63,26 @@ RUNS = {
     "e": ([(4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096),
            (6144, 4096)],
           [(None, 4, 64, 2, True), (None, 4, 64, 2, True, True)] * 2),
+    # f (forty-first session): k not a multiple of 1024, the codes' rows
+    # padded (`gemv_4bit_lut.codes_tiles`): Llama-2-7B's and 13B's down,
+    # Qwen2.5-7B's gate/up, down and q/o, Qwen2.5-1.5B's gate/up and down;
+    # the table against "reduce", their default before.
+    "f": ([(4096, 11008), (5120, 13824), (18944, 3584), (3584, 18944),
+           (3584, 3584), (8960, 1536), (1536, 8960)],
+          [(None, 4, 64, 2, True), ("double", 4, 64, 2, True), "reduce"]),
 }
 GROUPS = {"c": [(14336, 14336)],
           "d": [(14336, 14336), (4096, 1024, 1024)],
-          "e": [(14336, 14336)]}
+          "e": [(14336, 14336)],
+          "f": [(18944, 18944), (3584, 512, 512)]}
+GROUP_K = {"f": 3584}  # k of a run's groups (4096 where not named)
 
 
 def group(run, ns, t_end, out):
   """A layer's weights that read one x, in one `gemv_4bit_group` call (run
   c: gate and up of 14336x4096; run d also q/k/v): the table kernel
   (`group_config`) against "reduce" (the default for such groups before)."""
-  k = 4096
+  k = GROUP_K.get(run, 4096)
   made = [make(n, k, nslots=2) for n in ns]
   x = jax.random.normal(jax.random.key(99), (1, k), jnp.bfloat16)
   slots = [tuple((made[g][i][0], made[g][i][1],

@@ -2,7 +2,7 @@
 against the "warp" kernel it replaces as the default and XLA's bf16 matmul
 (docs/benchmarks.md, twenty-sixth session; run on the GPU):
 
-    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b|c|d|e|f|g]   # budget (s), run
+    python docs/bench/gemv_warp_tma_sweep.py 150 [a|b|...|i]   # budget (s), run
 
 NF4 + DQ, bf16 x. Single weights and the decode's groups (gate/up, q/k/v)
 in one `gemv_4bit_group` call, each timed with `measure.time_jax` over
@@ -86,7 +86,19 @@ RUNS = {"a": (CASES, CONFIGS),
                ((4096,), K, 2), ((4096,), 14336, 2), ((14336, 14336), K, 4),
                ((4096, 1024, 1024), K, 4), ((4096,), K, 4),
                ((4096,), 14336, 4), ((14336, 14336), K, 6)],
-              [("default", None), ("warp_tma", dict(decode="lds"))])}
+              [("default", None), ("warp_tma", dict(decode="lds"))]),
+        # Run "i" (forty-first session): k not a multiple of 1024, the
+        # codes' rows padded (`gemv_4bit_lut.codes_tiles`): Llama-2-7B's
+        # down, Llama-2-13B's down, Qwen2.5-7B's gate/up, down and q/k/v;
+        # "warp" (the Triton kernel, their default before), the package's
+        # default and the TMA warp GEMV with the "lds" decode.
+        "i": ([((4096,), 11008, 2), ((4096,), 11008, 8), ((4096,), 11008, 16),
+               ((5120,), 13824, 8), ((18944, 18944), 3584, 8),
+               ((18944, 18944), 3584, 16), ((3584,), 18944, 4),
+               ((3584,), 18944, 8), ((3584,), 18944, 16),
+               ((3584, 512, 512), 3584, 8)],
+              [("warp", None), ("default", None),
+               ("warp_tma", dict(decode="lds"))])}
 
 
 def main():

@@ -15,6 +15,8 @@ import re
 
 import numpy as np
 
+from pallas_kernels import gemv_4bit_lut
+
 _U32 = np.uint32
 _MASK = (1 << 32) - 1
 
@@ -386,8 +388,11 @@ def run_pipeline(x, weights, ns, k, plan, span, tile_rows, wgs, own_bytes,
     offset = np.asarray(qs.offset, np.float32).reshape(1)
     w2 = np.zeros((tiles * tile_rows, k // 2), np.uint8)
     w2[:n] = np.asarray(packed).reshape(n, k // 2)
-    c2 = np.zeros((tiles * tile_rows, k // 64), np.uint8)
-    c2[:n] = np.asarray(qs.absmax).reshape(n, k // 64)
+    # The codes as the kernels hand them to TMA (rows padded to 16 bytes
+    # where k is not a multiple of 1024).
+    rows = np.asarray(gemv_4bit_lut.codes_tiles(qs.absmax, n, k))
+    c2 = np.zeros((tiles * tile_rows, rows.shape[1]), np.uint8)
+    c2[:n] = rows
     bptx, sptx = texts(n, steps, group0, row0, nested.shape[0])
     for i in range(group0, group0 + r):
       for s in range(k // 256 // kchunks):

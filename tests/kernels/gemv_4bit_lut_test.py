@@ -105,8 +105,8 @@ def test_twin_tables_are_the_products():
      "blocksize: the table GEMV needs 64, got 128"),
     (1, 64, 1024, True, 64, jnp.float32, _config(1),
      "x: the table GEMV needs bfloat16 or float16, got float32"),
-    (1, 64, 1536, True, 64, jnp.bfloat16, _config(1),
-     "k: the table GEMV needs a multiple of 1024 .*got 1536"),
+    (1, 64, 1600, True, 64, jnp.bfloat16, _config(1),
+     "k: the table GEMV needs a multiple of 256 .*got 1600"),
     (1, 64, 1024, True, 64, jnp.bfloat16, ("lut", 32, 128, 1, 4, 2),
      "runs 64 or 128 rows a step, 128 bytes a row and 4 or 8 warps, got "
      "block_n 32"),
@@ -385,7 +385,7 @@ def test_swiglu_interpret_is_the_composition(dtype):
 
 @pytest.mark.parametrize("what,match", [
     ("x", "x: the table GEMV takes 1 row, got 2"),
-    ("n", "k: the table GEMV needs a multiple of 1024 .*got 1536"),
+    ("n", "k: the table GEMV needs a multiple of 256 .*got 1600"),
     ("down", "down: needs \\(packed, codes, nested_absmax, nested_code, "
              "offset\\), got 4 entries"),
     ("code", "code: needs 16 values, got 15"),
@@ -396,7 +396,7 @@ def test_swiglu_errors_name_the_argument(what, match):
   kw = dict(code=_code("nf4"), n=n, k=k, n_out=n_out, interpret=True)
   x = jnp.ones((2 if what == "x" else 1, k), jnp.bfloat16)
   if what == "n":
-    kw["n"] = 1536
+    kw["n"] = 1600
   if what == "down":
     args[2] = args[2][:4]
   if what == "code":
@@ -435,6 +435,8 @@ def test_swiglu_lowers_for_cuda():
     (14336, 4096, 4096, jnp.bfloat16),   # Llama-3-8B's MLP
     (8192, 2048, 2048, jnp.bfloat16),    # Llama-3.2-1B's
     (2048, 1024, 1000, jnp.float16),     # a partial tile of down
+    (11008, 4096, 4096, jnp.bfloat16),   # Llama-2-7B's: down's k 11008
+    (18944, 3584, 3584, jnp.bfloat16),   # Qwen2.5-7B's
 ])
 def test_gpu_swiglu(n, k, n_out, dtype):
   """Compiled: the down partials made from gate/up's raw partials against
@@ -455,6 +457,7 @@ def test_gpu_swiglu(n, k, n_out, dtype):
     ((14336, 14336), 4096, jnp.bfloat16),       # its gate/up
     ((8192, 1024, 1024), 8192, jnp.bfloat16),   # 70B's q/k/v
     ((3072, 1024, 1024), 3072, jnp.float16),    # 3.2-3B's, fp16
+    ((18944, 18944), 3584, jnp.bfloat16),       # Qwen2.5-7B's gate/up
 ])
 def test_gpu_norm_group(ns, k, dtype):
   """Compiled with the RMSNorm made in the builds (`NormInput`): each
@@ -491,7 +494,9 @@ def test_gpu_norm_group(ns, k, dtype):
                                   ((4096, 1024, 1024), 4096),
                                   ((3072, 1024, 1024), 3072),  # 3.2-3B
                                   ((8192, 1024, 1024), 8192),  # 70B
-                                  ((1000, 300), 2048)])
+                                  ((1000, 300), 2048),
+                                  ((11008, 11008), 4096),  # Llama-2-7B
+                                  ((3584, 512, 512), 3584)])  # Qwen2.5-7B
 def test_gpu_lut_group(ns, k):
   """The group kernel compiled (the default config): each weight against
   its twin and the documented weight."""
@@ -521,6 +526,9 @@ def test_gpu_lut_group(ns, k):
     (14336, 4096, _config(8, 4, 64, 2)),
     (1000, 4096, _config(3, 2, 128, 2)),
     (4096, 14336, _config(2, 3, 64, 2)),
+    (4096, 11008, None),             # k past whole 1024s: codes padded
+    (3584, 18944, _config(1, 4, 64, 2)),
+    (1000, 1280, _config(3, 2, 128)),
 ])
 @pytest.mark.parametrize("dtype,quant_type", [(jnp.bfloat16, "nf4"),
                                               (jnp.float16, "fp4")])
@@ -597,6 +605,10 @@ def _twin_parts(x, packed, qs, code, n, k):
     (100, 2048, 3, 128, 1, jnp.float16, "fp4"),   # a group with no tile
     (300, 1024, 1, 64, 2, jnp.bfloat16, "nf4"),   # two compute warpgroups
     (70, 14336 // 7, 1, 128, 2, jnp.bfloat16, "nf4"),
+    # k not a multiple of 1024: the codes' rows padded (`codes_tiles`);
+    # 5 and 11 chunks, the last tile of codes part padding.
+    (130, 1280, 1, 64, 2, jnp.bfloat16, "nf4"),
+    (90, 2816, 2, 64, 1, jnp.float16, "fp4"),
 ])
 def test_ptx_emulated_matches_twin(n, k, rows, step_rows, wgs, dtype,
                                    quant_type):
@@ -610,6 +622,19 @@ def test_ptx_emulated_matches_twin(n, k, rows, step_rows, wgs, dtype,
   want = _twin_parts(x, packed, qs, code, n, k)
   scale = float(np.max(np.abs(want)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("n,k,cols", [(3, 1024, 16), (5, 11008, 176),
+                                      (2, 1280, 32), (4, 4096, 64)])
+def test_codes_tiles_pads_rows_to_16_bytes(n, k, cols):
+  """Each row of codes keeps its `k / 64` codes, then zeros to whole 16
+  bytes; k a multiple of 1024 is left as it is."""
+  codes = jnp.arange(n * k // 64, dtype=jnp.int32).astype(jnp.uint8)
+  got = np.asarray(lg.codes_tiles(codes, n, k))
+  assert got.shape == (n, cols)
+  want = np.asarray(codes).reshape(n, k // 64)
+  np.testing.assert_array_equal(got[:, :k // 64], want)
+  assert not got[:, k // 64:].any()
 
 
 @pytest.mark.parametrize("step_rows,wgs", [(64, 1), (128, 2)])
@@ -803,6 +828,12 @@ def test_default_group_is_one_launch_of_the_tables(monkeypatch):
                  ((1024, 1024, 1024), 4096), ((1024,), 4096)):
     assert not gk.lut_serves(1, ns, k_, 64, jnp.bfloat16, True, 256,
                              _code("nf4")), ns
+  # k a multiple of 256, past whole 1024s (the codes' rows padded):
+  # Llama-2-7B's down, Qwen2.5-7B's gate/up; not past a K chunk.
+  for ns, k_, served in (((4096,), 11008, True), ((18944, 18944), 3584, True),
+                         ((4096,), 4096 + 64, False)):
+    assert gk.lut_serves(1, ns, k_, 64, jnp.bfloat16, True, 256,
+                         _code("nf4")) == served, (ns, k_)
   assert not gk.lut_serves(2, (14336,), 4096, 64, jnp.bfloat16, True, 256,
                            _code("nf4"))
   assert not gk.lut_serves(1, (14336,), 4096, 64, jnp.bfloat16, False, 256,

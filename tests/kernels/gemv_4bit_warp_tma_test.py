@@ -2,7 +2,7 @@
 2..8).
 
 Called as users' code reaches it: through `gemv_4bit` (the default at M =
-2..8 for double-quantized blocksize-64 weights, K a multiple of 1024) and
+2..16 for double-quantized blocksize-64 weights, K a multiple of 256) and
 `gemv_4bit_group`. On the CPU the jnp twin runs against the documented
 weight (code and absmax rounded to x's dtype, their product rounded once),
 and the PTX itself runs in the emulator (`_ptx`: the x copy's layout, the
@@ -171,17 +171,22 @@ def test_served_where_it_was_measured_faster():
   for m in (8, 12, 16):
     assert serves(m=m, ns=(4096,)) and serves(m=m, ns=(14336, 14336))
     assert serves(m=m, ns=(4096, 1024, 1024))
-  assert not serves(m=16, k=4096 + 512)
+  assert not serves(m=16, k=4096 + 640)
   assert not serves(m=8, ns=(1000,)) and not serves(m=8, ns=(4096, 512))
   assert serves(m=8, ns=(70,), k=8192)  # a long single weight, as below 8
-  assert not serves(k=8192 + 768)  # not a multiple of 1024
+  assert not serves(k=8192 + 64)  # not a multiple of 256 (a K chunk)
+  # k past whole 1024s (the codes' rows padded): Llama-2-7B's down,
+  # Qwen2.5-7B's gate/up and down.
+  assert serves(ns=(4096,), k=11008) and serves(m=8, ns=(4096,), k=11008)
+  assert serves(m=8, ns=(18944, 18944), k=3584)
+  assert serves(m=16, ns=(3584,), k=18944)
   assert not serves(nested=False) and not serves(dtype=jnp.float32)
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(m=1), "x: the TMA warp GEMV takes 2 to 16 rows, got 1"),
     (dict(m=17), "x: the TMA warp GEMV takes 2 to 16 rows, got 17"),
-    (dict(k=1536), "k: the TMA warp GEMV needs a multiple of 1024"),
+    (dict(k=1600), "k: the TMA warp GEMV needs a multiple of 256"),
     (dict(stages=0), "stages: must be >= 1, got 0"),
     (dict(rows=0), r"rows: one count >= 1 per weight \(1\), got 0"),
     (dict(rows=1, stages=60), "rows/stages: row groups"),
@@ -258,6 +263,9 @@ def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None,
     (11, (70,), 2048, (1,), jnp.float16, "fp4", 2),   # the second one partly
     (4, (300,), 1024, (1,), jnp.bfloat16, "nf4", 3),  # three compute WGs
     (16, (130,), 1024, (1,), jnp.bfloat16, "fp4", 3),  # three, 16 rows of x
+    # k not a multiple of 1024: the codes' rows padded (`codes_tiles`).
+    (6, (130,), 1280, (1,), jnp.bfloat16, "nf4", 2),
+    (12, (70, 90), 2816, (1, 1), jnp.float16, "fp4", 2),
 ])
 def test_ptx_emulated_matches_weight(m, ns, k, rows, dtype, quant_type, wgs):
   """The PTX itself on the CPU gives `x @ W.T` for the documented weight
@@ -420,7 +428,10 @@ def test_lowers_for_cuda(m, warps, kchunks, decode):
 
 _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
               (8, (14336, 14336), 4096), (4, (4096, 1024, 1024), 4096),
-              (3, (4096,), 14336), (16, (14336,), 4096), (11, (1000,), 2048)]
+              (3, (4096,), 14336), (16, (14336,), 4096), (11, (1000,), 2048),
+              # k past whole 1024s: Llama-2-7B's down, Qwen2.5-7B's MLP
+              (2, (4096,), 11008), (8, (18944, 18944), 3584),
+              (16, (3584,), 18944)]
 
 
 @pytest.mark.gpu
