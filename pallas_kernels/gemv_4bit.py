@@ -817,25 +817,48 @@ def _with_bias(ys, bias, dtype) -> tuple:
 # multiple of 1024 (`gemv_4bit_lut.codes_tiles`: Llama-2's down projection
 # at k = 11008, Qwen2.5's 3584 and 18944), measured in docs/benchmarks.md.
 MOSAIC_K_MULTIPLE = gemv_4bit_lut.CHUNK
+# Both Mosaic GPU GEMVs run a program an SM, a K chunk of 256 columns and
+# as many row groups as keep one wave (`gemv_4bit_lut.default_rows`). Past
+# 66 chunks (k > 16896 on 132 SMs) that is one row group, k / 256 programs:
+# 3584x18944 (Qwen2.5-7B's down, 74 of 132 SMs) ran slower than the Triton
+# kernels at M = 1 (26.8 us against 23.3), 4 and 16 (33.3 against 31.1,
+# 40.4 against 35.3; H100, forty-first session), where 5120x13824's 108
+# programs (82%) ran faster. So they serve only where the K chunks times the
+# row groups fill this share of the SMs: on 132 SMs not 45-46 chunks (90
+# and 92 programs) nor 67-92 (k = 17152-23552, one row group).
+MOSAIC_MIN_FILL = 0.7
+
+
+def mosaic_fills_sms(k: int, num_sms: int | None = None) -> bool:
+  """Whether k's K chunks (`k / 256`) times the row groups that keep them
+  in one wave fill `MOSAIC_MIN_FILL` of the SMs."""
+  if num_sms is None:
+    num_sms = _backend.num_sms()
+  chunks = max(1, k // gemv_4bit_lut.CHUNK)
+  return chunks * max(1, num_sms // chunks) >= MOSAIC_MIN_FILL * num_sms
 
 
 def _mosaic_dq64(k, blocksize, dtype, nested, nested_blocksize, code,
                  interpret) -> bool:
   """What both Mosaic GPU GEMVs need of their arguments: the 16 code values,
   NF4/FP4 double-quantized in blocks of 64 (256 codes a nested absmax),
-  16-bit x, k a multiple of `MOSAIC_K_MULTIPLE`; compiled (`interpret`
-  False), a Hopper GPU and a JAX with Mosaic GPU (both kernels'
-  `available`)."""
+  16-bit x, k a multiple of `MOSAIC_K_MULTIPLE` whose chunks fill the SMs
+  (`mosaic_fills_sms`); compiled (`interpret` False), a Hopper GPU and a
+  JAX with Mosaic GPU (both kernels' `available`)."""
   return (code is not None and nested and blocksize == 64
           and nested_blocksize == 256
           and jnp.dtype(dtype).name in ("bfloat16", "float16")
-          and k % MOSAIC_K_MULTIPLE == 0
+          and k % MOSAIC_K_MULTIPLE == 0 and mosaic_fills_sms(k)
           and (interpret or (gemv_4bit_lut.available()
                              and _backend.on_hopper())))
 
 
 LUT_MIN_N = 4096  # the table GEMV's default from this many rows a weight
 LUT_GROUP_MIN_N = 1024  # or a group's weight, LUT_MIN_N in all
+# and k at least this: 8960x1536 (Qwen2.5-1.5B's gate/up, 6 K chunks)
+# took 8.5 us on the table against 7.1 for "reduce" (H100, forty-first
+# session); k = 2048 (Llama-3.2-1B) was served before and stays.
+LUT_MIN_K = 2048
 
 
 def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
@@ -844,10 +867,10 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
   """Whether the default at these arguments is the table GEMV
   (`gemv_4bit_lut`, all the weights in one launch): one row of 16-bit x,
   NF4/FP4 double-quantized in blocks of 64 (256 codes a nested absmax), k
-  a multiple of `MOSAIC_K_MULTIPLE`, and every weight at least `LUT_MIN_N`
-  rows, or, for a group of weights (q/k/v), every weight at least
-  `LUT_GROUP_MIN_N` rows and `LUT_MIN_N` in all; compiled (`interpret`
-  False), a Hopper GPU and a JAX with Mosaic GPU.
+  a multiple of `MOSAIC_K_MULTIPLE` and at least `LUT_MIN_K`, and every
+  weight at least `LUT_MIN_N` rows, or, for a group of weights (q/k/v),
+  every weight at least `LUT_GROUP_MIN_N` rows and `LUT_MIN_N` in all;
+  compiled (`interpret` False), a Hopper GPU and a JAX with Mosaic GPU.
 
   Measured on the H200 (docs/benchmarks.md, twenty-fourth session, sweep
   run b): faster than the "reduce" default on every Llama decode shape
@@ -859,8 +882,8 @@ def lut_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
   (8192 + 1024 + 1024, k 8192, (3, 1, 1), 160 programs: past one wave of
   the SMs) 18.7 against 28.1 (thirtieth session).
   """
-  if m != 1 or not _mosaic_dq64(k, blocksize, dtype, nested,
-                                nested_blocksize, code, interpret):
+  if m != 1 or k < LUT_MIN_K or not _mosaic_dq64(
+      k, blocksize, dtype, nested, nested_blocksize, code, interpret):
     return False
   if min(ns) >= LUT_MIN_N:
     return True

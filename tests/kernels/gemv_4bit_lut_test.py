@@ -830,8 +830,12 @@ def test_default_group_is_one_launch_of_the_tables(monkeypatch):
                              _code("nf4")), ns
   # k a multiple of 256, past whole 1024s (the codes' rows padded):
   # Llama-2-7B's down, Qwen2.5-7B's gate/up; not past a K chunk.
+  # Nor where the chunks leave a quarter of the SMs idle (3584x18944: 74
+  # programs on 132), nor below LUT_MIN_K (8960x1536: 6 chunks).
   for ns, k_, served in (((4096,), 11008, True), ((18944, 18944), 3584, True),
-                         ((4096,), 4096 + 64, False)):
+                         ((4096,), 4096 + 64, False), ((4096,), 18944, False),
+                         ((8960,), 1536, False), ((8192,), 2048, True),
+                         ((8192,), 28672, True)):
     assert gk.lut_serves(1, ns, k_, 64, jnp.bfloat16, True, 256,
                          _code("nf4")) == served, (ns, k_)
   assert not gk.lut_serves(2, (14336,), 4096, 64, jnp.bfloat16, True, 256,
@@ -841,6 +845,7 @@ def test_default_group_is_one_launch_of_the_tables(monkeypatch):
   cfg = lg.group_config((14336, 14336), 4096)
   assert cfg["rows"] == (4, 4) and cfg["wgs"] == 2 and cfg["early"]
   assert lg.group_config((4096, 1024, 1024), 4096)["rows"] == (5, 1, 1)
+  monkeypatch.setattr(gk, "LUT_MIN_K", k)  # a small k for the CPU
   ns = (4096, 4160)
   ws = [_weights(n, k, "nf4", jnp.bfloat16, 60 + i) for i, n in enumerate(ns)]
   x = jnp.asarray(_util.rng_array((1, k), 8, jnp.bfloat16))

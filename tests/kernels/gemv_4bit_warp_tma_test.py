@@ -179,8 +179,31 @@ def test_served_where_it_was_measured_faster():
   # Qwen2.5-7B's gate/up and down.
   assert serves(ns=(4096,), k=11008) and serves(m=8, ns=(4096,), k=11008)
   assert serves(m=8, ns=(18944, 18944), k=3584)
-  assert serves(m=16, ns=(3584,), k=18944)
+  # Not where k's 256-column chunks leave a quarter of the SMs idle:
+  # 3584x18944 (74 chunks, one row group; 132 SMs here, as on the H200).
+  assert not serves(m=16, ns=(3584,), k=18944)
+  assert not serves(m=4, ns=(3584,), k=18944)
+  assert serves(m=8, ns=(8192,), k=28672)  # 112 chunks: 85%
   assert not serves(nested=False) and not serves(dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("k,num_sms,fills", [
+    (4096, 132, True),    # 16 chunks x 8 row groups: 128 programs
+    (14336, 132, True),   # 56 x 2: 112
+    (18944, 132, False),  # 74 x 1: 74, 56%
+    (28672, 132, True),   # 112 x 1: 85%
+    (11008, 114, True),   # 43 x 2: 86 of an H100 PCIe's 114, 75%
+    (11520, 132, False),  # 45 x 2: 90, 68%
+    (12288, 132, True),   # 48 x 2: 96, 73%
+    (23552, 132, False),  # 92 x 1: 70% less a little
+    (13824, 114, True),   # 54 x 2: 108 of 114
+    (16384, 114, False),  # 64 x 1: one row group past 57 chunks, 56%
+    (256, 132, True),     # 1 x 132
+])
+def test_mosaic_fills_sms(k, num_sms, fills):
+  """The Mosaic GPU GEMVs serve only where k's 256-column chunks times
+  the row groups of one wave fill MOSAIC_MIN_FILL of the SMs."""
+  assert gk.mosaic_fills_sms(k, num_sms) == fills
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -431,7 +454,7 @@ _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
               (3, (4096,), 14336), (16, (14336,), 4096), (11, (1000,), 2048),
               # k past whole 1024s: Llama-2-7B's down, Qwen2.5-7B's MLP
               (2, (4096,), 11008), (8, (18944, 18944), 3584),
-              (16, (3584,), 18944)]
+              (16, (5120,), 13824)]
 
 
 @pytest.mark.gpu

@@ -362,6 +362,7 @@ def test_m1_routing_takes_the_table_kernel(monkeypatch):
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
   n, k = 72, 1024
   monkeypatch.setattr(gk, "LUT_MIN_N", n)
+  monkeypatch.setattr(gk, "LUT_MIN_K", k)  # small shapes for the CPU
   # Fresh traces: a trace cached by an earlier test (same shapes, same
   # mode; with pytest-xdist any test may run first) would never reach
   # the patched function below.
@@ -501,6 +502,7 @@ def test_matmul_swiglu_is_the_three_matmuls(monkeypatch, mode, m, n, n_out):
                       lambda *a, **kw: calls.append(kw["n"]) or real(*a, **kw))
   monkeypatch.setattr(gk, "SWIGLU_FUSED", True)  # the default
   k = 1024
+  monkeypatch.setattr(gk, "LUT_MIN_K", k)  # a small k for the CPU
   weights = [F.quantize_4bit(_w(rows, cols, 60 + i, jnp.bfloat16),
                              quant_type="nf4", compress_statistics=True)
              for i, (rows, cols) in enumerate(((n, k), (n, k), (n_out, n)))]
@@ -542,6 +544,7 @@ def test_matmul_rms_norm_fused_is_the_norm_then_the_matmuls(monkeypatch,
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
   from pallas_kernels import rms_norm  # pylint: disable=g-import-not-at-top
   k = 1024
+  monkeypatch.setattr(gk, "LUT_MIN_K", k)  # a small k for the CPU
   shapes = (((4096, k), (1024, k), (1024, k)) if what == "group" else
             ((4096, k), (4096, k), (4096, 4096)))
   weights = [F.quantize_4bit(_w(r, c, 80 + i, jnp.bfloat16),
