@@ -98,7 +98,15 @@ RUNS = {"a": (CASES, CONFIGS),
                ((3584,), 18944, 8), ((3584,), 18944, 16),
                ((3584, 512, 512), 3584, 8)],
               [("warp", None), ("default", None),
-               ("warp_tma", dict(decode="lds"))])}
+               ("warp_tma", dict(decode="lds"))]),
+        # Run "j" (written in the forty-first session, not yet run): where
+        # k has more than 66 chunks (one row group, too few programs: run
+        # "i"'s 3584x18944), two K chunks a program take 3 row groups (111
+        # programs for 74 chunks) against "warp".
+        "j": ([((3584,), 18944, 4), ((3584,), 18944, 8), ((3584,), 18944, 16),
+               ((4096,), 18944, 8), ((3584,), 18944, 2)],
+              [("warp", None), ("warp_tma", dict(decode="lds")),
+               ("warp_tma", dict(decode="lds", kchunks=2))])}
 
 
 def main():
