@@ -178,7 +178,16 @@ def codes_tiles(codes: jax.Array, n: int, k: int) -> jax.Array:
   (Llama-2's 11008, Qwen2.5's 3584): an XLA pad of the `n k / 64` bytes,
   a small copy beside the weight's own `n k / 2`. The steps read a K
   chunk's four codes at column `4 (s % 4)` of tile `s // 4` either way,
-  and the nested absmax by the unpadded index."""
+  and the nested absmax by the unpadded index.
+
+  Example: k = 1280 gives 20 codes a row, padded to 32:
+
+    >>> import jax.numpy as jnp
+    >>> from pallas_kernels import gemv_4bit_lut
+    >>> tiles = gemv_4bit_lut.codes_tiles(jnp.ones((40,), jnp.uint8), 2, 1280)
+    >>> tiles.shape, int(tiles[0, 19]), int(tiles[0, 20])
+    ((2, 32), 1, 0)
+  """
   rows = codes.reshape(n, k // 64)
   pad = -(k // 64) % _CODES
   return jnp.pad(rows, ((0, 0), (0, pad))) if pad else rows

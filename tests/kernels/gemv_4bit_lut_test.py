@@ -635,6 +635,7 @@ def test_codes_tiles_pads_rows_to_16_bytes(n, k, cols):
   want = np.asarray(codes).reshape(n, k // 64)
   np.testing.assert_array_equal(got[:, :k // 64], want)
   assert not got[:, k // 64:].any()
+  helpers.assert_docstring_examples_pass(lg.codes_tiles, "codes_tiles")
 
 
 @pytest.mark.parametrize("step_rows,wgs", [(64, 1), (128, 2)])
