@@ -361,6 +361,9 @@ def test_lds_config_names_its_decode():
     (16, (130, 64), 2048, (1, 1), 4, 2),  # four, a group, 16 rows of x
     (5, (300,), 1024, (1,), 4, 3),    # the whole K, three compute WGs
     (11, (70,), 2048, (1,), 2, 2),    # the second MMA column tile partly
+    # k past whole 1024s (codes padded): a pair of chunks across a tile of
+    # codes, as run "j" of the sweep times on Qwen2.5-7B's down.
+    (6, (90,), 1536, (1,), 2, 2),
 ])
 def test_ptx_emulated_k_chunks_a_program(m, ns, k, rows, kchunks, wgs):
   """With `kchunks` K chunks a program the PTX keeps its accumulators
