@@ -831,7 +831,7 @@ def test_default_group_is_one_launch_of_the_tables(monkeypatch):
                              _code("nf4")), ns
   # k a multiple of 256, past whole 1024s (the codes' rows padded):
   # Llama-2-7B's down, Qwen2.5-7B's gate/up; not past a K chunk.
-  # Nor where the chunks leave a quarter of the SMs idle (3584x18944: 74
+  # Nor where the chunks leave over 30% of the SMs idle (3584x18944: 74
   # programs on 132), nor below LUT_MIN_K (8960x1536: 6 chunks).
   for ns, k_, served in (((4096,), 11008, True), ((18944, 18944), 3584, True),
                          ((4096,), 4096 + 64, False), ((4096,), 18944, False),

@@ -1,5 +1,5 @@
 """The "warp_tma" GEMV (`pallas_kernels.gemv_4bit_warp_tma`, Mosaic GPU, M =
-2..8).
+2..16).
 
 Called as users' code reaches it: through `gemv_4bit` (the default at M =
 2..16 for double-quantized blocksize-64 weights, K a multiple of 256) and
@@ -179,7 +179,7 @@ def test_served_where_it_was_measured_faster():
   # Qwen2.5-7B's gate/up and down.
   assert serves(ns=(4096,), k=11008) and serves(m=8, ns=(4096,), k=11008)
   assert serves(m=8, ns=(18944, 18944), k=3584)
-  # Not where k's 256-column chunks leave a quarter of the SMs idle:
+  # Not where k's 256-column chunks leave over 30% of the SMs idle:
   # 3584x18944 (74 chunks, one row group; 132 SMs here, as on the H200).
   assert not serves(m=16, ns=(3584,), k=18944)
   assert not serves(m=4, ns=(3584,), k=18944)
