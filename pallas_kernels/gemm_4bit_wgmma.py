@@ -68,6 +68,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import _backend
+from pallas_kernels import lowering
 from pallas_kernels import lut_decode
 from pallas_kernels import wgmma_decode
 from pallas_kernels.dequantize_4bit import decode_absmax
@@ -317,6 +318,7 @@ def _fragments(regs, shape):
                               _is_signed=None)
 
 
+@lowering.lowered_once
 def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
               split, stages, variant="plain", out_f32=False, out_t=None,
               cluster=1, swizzle=False, load_table=False, overlap=False,

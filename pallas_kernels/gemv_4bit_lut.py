@@ -52,6 +52,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import _backend
+from pallas_kernels import lowering
 from pallas_kernels import rms_norm as rms_norm_lib
 from pallas_kernels.dequantize_4bit import decode_absmax
 from pallas_kernels.split_sum import sum_splits
@@ -752,6 +753,7 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
   return kernel
 
 
+@lowering.lowered_once
 def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
               early, tma_skips_build, swiglu=None, dtype=None, raw=False,
               norm=None):

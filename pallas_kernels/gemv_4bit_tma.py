@@ -54,6 +54,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import _backend
+from pallas_kernels import lowering
 from pallas_kernels import lut_decode
 from pallas_kernels.dequantize_4bit import decode_absmax
 from pallas_kernels.split_sum import sum_splits
@@ -278,6 +279,7 @@ def _elements(arr, count):
                for i in range(count)]
 
 
+@lowering.lowered_once
 def _compiled(x, packed, codes, nested_absmax, table, *, code, n, k, bk,
               split, stages):
   """The Mosaic GPU kernel: fp32 partials `[split, m, n_pad]`."""

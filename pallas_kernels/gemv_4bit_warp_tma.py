@@ -60,6 +60,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _backend
+from pallas_kernels import lowering
 from pallas_kernels import gemv_4bit_lut as lut
 from pallas_kernels import lut_decode
 from pallas_kernels.dequantize_4bit import decode_absmax
@@ -520,6 +521,7 @@ def _lds_decode(w: str, sc: str, out: str, cvt: str) -> list[str]:
   return lines
 
 
+@lowering.lowered_once
 def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks,
               decode):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,

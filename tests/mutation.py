@@ -741,6 +741,20 @@ MUTANTS: tuple[Mutant, ...] = (
            "if m != 1 or k < LUT_MIN_K or", "if m != 1 or",
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_default_group_is_one_launch_of_the_tables",)),
+    # Every layer's kernel traced and lowered again (the 8B decode's
+    # lowering 32 times one layer's).
+    Mutant("lowered-once-never-hits", "pallas_kernels/lowering.py",
+           "hit = _JITTED.get((head, _constants()))", "hit = None",
+           ("tests/kernels/lowering_test.py::"
+            "test_one_trace_per_distinct_launch",
+            "tests/kernels/lowering_test.py::"
+            "test_decode_layers_lower_each_kernel_once")),
+    # A kernel constant set by a test reusing the function traced before.
+    Mutant("lowered-once-ignores-constants", "pallas_kernels/lowering.py",
+           "      if k.isupper() and isinstance(v, _SIMPLE):",
+           "      if False:",
+           ("tests/kernels/lowering_test.py::"
+            "test_kernel_constants_key_the_cache",)),
 )
 # fmt: on
 

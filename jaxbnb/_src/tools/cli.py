@@ -16,6 +16,10 @@ Errors are one line on stderr, `jaxbnb <command>: error: <message>`:
 `jaxbnb --debug ...` (the flag may also follow the command) or
 `JAXBNB_DEBUG=1` prints the full traceback as well.
 
+Compiled programs are kept in JAX's persistent compilation cache
+(`~/.cache/jaxbnb/jax`; `JAXBNB_COMPILATION_CACHE=PATH` or `off`, see
+`compile_cache`), so the next run of a command skips most of its compile.
+
 Several hosts: start the same command once per host with `jaxbnb
 --coordinator HOST:PORT --num-processes N --process-id I <command> ...`
 (or the environment variables `JAX_COORDINATOR_ADDRESS`,
@@ -62,6 +66,7 @@ from jaxbnb._src.train import loop as train_loop
 from jaxbnb._src.train import mesh as train_mesh
 from jaxbnb._src.tools import argtypes
 from jaxbnb._src.tools import bench
+from jaxbnb._src.tools import compile_cache
 from jaxbnb._src.tools import demo as demo_lib
 from jaxbnb._src.tools.model_source import ModelSource
 
@@ -1159,6 +1164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _sigterm_raises():
       if dist is not None:
         jax.distributed.initialize(**dist)
+      compile_cache.enable()
       return args.func(args)
   except _Terminated:
     _print_error(f"{prog}: terminated", debug)

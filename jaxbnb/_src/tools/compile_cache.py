@@ -1,0 +1,80 @@
+"""JAX's persistent compilation cache for the `jaxbnb` command line.
+
+An 8B model's decode and prefill programs take one to two and a half
+minutes to compile on the GPU, and each `jaxbnb generate`, `eval` or
+`bench` process compiled them again. The command line turns on JAX's
+persistent compilation cache (`jax_compilation_cache_dir`), so a program
+compiled once is read back by the next run on the same machine, JAX and
+jaxbnb version (JAX keys each entry by the program, the compile options,
+the backend and its version).
+
+`JAXBNB_COMPILATION_CACHE` picks the folder: unset, `~/.cache/jaxbnb/jax`
+(`$XDG_CACHE_HOME/jaxbnb/jax` where that is set); a path, that folder;
+`off` (or `0`, `false`, `no`, `none`), no cache. A cache folder set for
+JAX itself (`JAX_COMPILATION_CACHE_DIR`, `jax.config`) wins over all of
+these. The library alone never turns the cache on: that is the program's
+choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import os
+
+import jax
+
+__all__ = ["ENV", "OFF", "default_dir", "enable"]
+
+ENV = "JAXBNB_COMPILATION_CACHE"
+OFF = ("off", "0", "false", "no", "none")
+
+
+def default_dir(environ: Mapping[str, str] | None = None) -> str:
+  """`$XDG_CACHE_HOME/jaxbnb/jax`, else `~/.cache/jaxbnb/jax`.
+
+  Examples:
+    >>> from jaxbnb._src.tools import compile_cache
+    >>> compile_cache.default_dir({"XDG_CACHE_HOME": "/var/cache"})
+    '/var/cache/jaxbnb/jax'
+  """
+  environ = os.environ if environ is None else environ
+  base = environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "jaxbnb", "jax")
+
+
+def enable(environ: Mapping[str, str] | None = None) -> str | None:
+  """Turns on JAX's persistent compilation cache, unless it is on already
+  or `JAXBNB_COMPILATION_CACHE` says off.
+
+  Examples:
+    >>> import jax
+    >>> from jaxbnb._src.tools import compile_cache
+    >>> d = compile_cache.enable({"JAXBNB_COMPILATION_CACHE": "off"})
+    >>> d is None or d == jax.config.jax_compilation_cache_dir  # JAX's own
+    True
+
+  Args:
+    environ: the environment (default: `os.environ`).
+
+  Returns:
+    The cache folder in use, or None where there is none.
+
+  Raises:
+    ValueError: if `JAXBNB_COMPILATION_CACHE` names a path that exists and
+      is not a folder.
+  """
+  environ = os.environ if environ is None else environ
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  value = environ.get(ENV, "").strip()
+  if value.lower() in OFF and value:
+    return None
+  path = os.path.abspath(os.path.expanduser(value or default_dir(environ)))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(
+        f"environment variable {ENV}: expected a folder for JAX's "
+        f"compilation cache (or 'off'), got {value!r}, a file")
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path

@@ -1,0 +1,116 @@
+"""One trace and one lowering per distinct kernel launch in a program.
+
+A decode step calls the same kernel, on weights of the same shapes, once
+per layer. Each `pallas_call` / `plgpu.kernel` call is traced and lowered
+on its own (for a Mosaic GPU kernel: its PTX built, its module serialized
+into the program, 0.2-1 s a call), so a 32-layer model paid that 32 times
+per program. `lowered_once` routes such calls through one `jax.jit` per
+distinct launch: its jaxpr is traced once and JAX lowers each distinct
+jaxpr once per program, every layer calling the same function.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+__all__ = ["lowered_once", "cache_size", "clear_cache"]
+
+_SIMPLE = (bool, int, float, str, tuple, frozenset, type(None))
+_JITTED: dict[Any, tuple[Callable, dict]] = {}
+
+
+def _constants() -> tuple:
+  """The `pallas_kernels` modules' upper-case constants of simple types:
+  the builders read some of them (decodes, step rows), and tests and
+  benchmarks set them, so they key the cache."""
+  out = []
+  for name, mod in list(sys.modules.items()):
+    if mod is None or not name.startswith("pallas_kernels."):
+      continue
+    for k, v in vars(mod).items():
+      if k.isupper() and isinstance(v, _SIMPLE):
+        try:
+          hash(v)
+        except TypeError:
+          continue
+        out.append((name, k, v))
+  return tuple(sorted(out, key=lambda t: (t[0], t[1])))
+
+
+def _is_array(leaf) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray))
+
+
+def lowered_once(fn: Callable) -> Callable:
+  """Decorator: calls of `fn` with equal non-array arguments, equal array
+  types (shape, dtype, varying axes) and equal module constants share one
+  jitted function, so a program holding many such calls traces and lowers
+  `fn` once.
+
+  The array leaves of the arguments become the jitted function's inputs;
+  every other leaf is static and must be hashable. Array leaves of the
+  result come back through the jitted function; the others (Python
+  values, e.g. a row plan) are returned as the one trace made them.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> @lowered_once
+    ... def scaled(x, *, by):
+    ...   return x * by, by + 1
+    >>> f = jax.jit(lambda a, b: (scaled(a, by=2)[0] + scaled(b, by=2)[0]))
+    >>> f(jnp.ones(3), jnp.ones(3)).tolist()
+    [4.0, 4.0, 4.0]
+    >>> scaled(jnp.ones(2), by=3)[1]
+    4
+  """
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    mask = tuple(_is_array(leaf) for leaf in leaves)
+    arrays = [leaf for leaf, a in zip(leaves, mask) if a]
+    statics = tuple(leaf for leaf, a in zip(leaves, mask) if not a)
+    types = tuple(jax.typeof(a) for a in arrays)
+    head = (fn.__module__, fn.__qualname__, treedef, mask, statics, types)
+    hit = _JITTED.get((head, _constants()))
+    miss = hit is None
+    if miss:
+      meta: dict = {}
+
+      def inner(*arrays):
+        it, st = iter(arrays), iter(statics)
+        a, kw = jax.tree.unflatten(
+            treedef, [next(it) if m else next(st) for m in mask])
+        out_leaves, out_tree = jax.tree.flatten(fn(*a, **kw))
+        out_mask = tuple(_is_array(leaf) for leaf in out_leaves)
+        meta["out"] = (out_tree, out_mask,
+                       [leaf for leaf, m in zip(out_leaves, out_mask)
+                        if not m])
+        return [leaf for leaf, m in zip(out_leaves, out_mask) if m]
+
+      hit = (jax.jit(inner), meta)
+    jitted, meta = hit
+    out_arrays = jitted(*arrays)
+    if miss:  # keyed by the constants after the trace: it may import
+      _JITTED[(head, _constants())] = hit  # modules with constants of their own
+    out_tree, out_mask, out_statics = meta["out"]
+    it, st = iter(out_arrays), iter(out_statics)
+    return jax.tree.unflatten(
+        out_tree, [next(it) if m else next(st) for m in out_mask])
+
+  return wrapper
+
+
+def cache_size() -> int:
+  """How many distinct launches `lowered_once` holds a function for."""
+  return len(_JITTED)
+
+
+def clear_cache() -> None:
+  """Drops every function `lowered_once` made (their compiled code too)."""
+  _JITTED.clear()

@@ -1,0 +1,109 @@
+"""`pallas_kernels.lowering.lowered_once`: one trace and one lowering per
+distinct kernel launch in a program."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import gemv_4bit_lut as lg
+from pallas_kernels import gemv_4bit_warp_tma as wt
+from pallas_kernels import lowering
+from tests.kernels.gemv_4bit_lut_test import _abstract_weight, _lowered_or_skip
+from tests.kernels.gemv_4bit_test import _code
+
+
+def _counted():
+  traces = []
+
+  @lowering.lowered_once
+  def scaled(x, pair, *, by, plan=None):
+    traces.append((x.shape, by))
+    return {"y": x * by + pair[0] - pair[1], "plan": (by, plan)}
+
+  return scaled, traces
+
+
+def test_values_and_static_outputs():
+  scaled, _ = _counted()
+  x = jnp.arange(4.0)
+  out = scaled(x, (jnp.ones(4), jnp.full(4, 3.0)), by=2.0, plan=[1, 2])
+  np.testing.assert_array_equal(out["y"], np.arange(4.0) * 2 - 2)
+  assert out["plan"] == (2.0, [1, 2])  # Python values, as the trace made them
+  assert isinstance(out["plan"][1][0], int)
+
+
+def test_one_trace_per_distinct_launch():
+  scaled, traces = _counted()
+  lowering.clear_cache()
+
+  def three(a, b, c):
+    pair = (a, b)
+    return (scaled(a, pair, by=2.0)["y"] + scaled(b, pair, by=2.0)["y"]
+            + scaled(c, pair, by=2.0)["y"])
+
+  s = jax.ShapeDtypeStruct((8,), jnp.float32)
+  text = jax.jit(three).trace(s, s, s).lower().as_text()
+  assert len(traces) == 1
+  assert lowering.cache_size() == 1
+  # One function body, called three times.
+  assert len(re.findall(r"func\.func private", text)) == 1
+  assert len(re.findall(r"call @", text)) == 3
+  # Another static value, shape or dtype is another launch.
+  scaled(jnp.ones(8), (jnp.ones(8), jnp.ones(8)), by=3.0)
+  scaled(jnp.ones(5), (jnp.ones(5), jnp.ones(5)), by=2.0)
+  scaled(jnp.ones(8, jnp.bfloat16), (jnp.ones(8), jnp.ones(8)), by=2.0)
+  assert len(traces) == 4
+  assert lowering.cache_size() == 4
+
+
+def test_kernel_constants_key_the_cache(monkeypatch):
+  """A `pallas_kernels` constant set by a test or benchmark is another
+  launch, not the function traced under the old value."""
+  scaled, traces = _counted()
+  args = (jnp.ones(3), (jnp.ones(3), jnp.ones(3)))
+  scaled(*args, by=1.0)
+  scaled(*args, by=1.0)
+  assert len(traces) == 1
+  monkeypatch.setattr(wt, "DECODE", "prmt" if wt.DECODE != "prmt" else "lds")
+  scaled(*args, by=1.0)
+  assert len(traces) == 2
+
+
+def test_unhashable_static_argument_is_an_error():
+  scaled, _ = _counted()
+  with pytest.raises(TypeError, match="unhashable"):
+    scaled(jnp.ones(2), (jnp.ones(2), jnp.ones(2)), by=1.0, plan=bytearray(b"a"))
+
+
+def test_decode_layers_lower_each_kernel_once():
+  """Four layers' table GEMVs of the same shapes (a decode step) hold one
+  Mosaic GPU module, not four: the program's lowering is that of one
+  layer's kernels."""
+  k, ns = 2048, (2048, 512, 512)
+  fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k)
+
+  def layers(x, ws):
+    # An intermediate, as a model's hidden state is: the argument's type
+    # carries the abstract mesh without its device, another key.
+    x = -(-x)
+    for w in ws:
+      x = x + jnp.concatenate(fn(x, w), axis=1)[:, :k].astype(x.dtype)
+    return x
+
+  text = _lowered_or_skip(
+      layers, jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
+      [[_abstract_weight(n, k) for n in ns] for _ in range(4)])
+  hashes = re.findall(r'kernel_hash = "(.*?)", module', text)
+  assert len(hashes) == 1, len(hashes)
+
+
+def test_docstring_example_runs():
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  helpers.assert_docstring_examples_pass(lowering.lowered_once,
+                                         "lowered_once")
