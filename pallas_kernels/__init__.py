@@ -21,6 +21,9 @@ Triton lowering
   (Hopper).
 * `split_sum`: the K-split partials summed by adds, which XLA fuses into
   their consumer.
+* `lowering`: the Mosaic GPU kernels' entry points wrapped so that a
+  program calling one on equal shapes (a model's layers) traces and lowers
+  it once (`lowered_once`).
 * `gemm_4bit_wgmma`: the 4-bit GEMM for M = 64-256 on Hopper (Mosaic GPU):
   the weight decoded by inline PTX into wgmma's register operand.
 * `int8_matmul`: the LLM.int8 forward for decoding (M <= 16): int8 weight
