@@ -18,7 +18,11 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-__all__ = ["lowered_once", "cache_size", "clear_cache"]
+__all__ = ["ENABLED", "lowered_once", "cache_size", "clear_cache"]
+
+# False: every call traced and lowered on its own, as before (a switch for
+# timing the difference, `docs/bench/decode_fusions.py`'s LOWER_ONCE=0).
+ENABLED = True
 
 _SIMPLE = (bool, int, float, str, tuple, frozenset, type(None))
 _JITTED: dict[Any, tuple[Callable, dict]] = {}
@@ -71,6 +75,8 @@ def lowered_once(fn: Callable) -> Callable:
 
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
+    if not ENABLED:
+      return fn(*args, **kwargs)
     leaves, treedef = jax.tree.flatten((args, kwargs))
     mask = tuple(_is_array(leaf) for leaf in leaves)
     arrays = [leaf for leaf, a in zip(leaves, mask) if a]

@@ -9,7 +9,9 @@ them). WARP_DECODE, if set, is the TMA warp GEMV's decode
 WARP_ROUTE=s39 gives it the thirty-ninth session's routing below M = 8
 (single weights with a side of 8192, no groups). K_MULTIPLE=1024 keeps
 the Mosaic GPU GEMVs off weights whose k is not a multiple of 1024, as
-before the forty-first session (`gemv_4bit.MOSAIC_K_MULTIPLE`). On the GPU
+before the forty-first session (`gemv_4bit.MOSAIC_K_MULTIPLE`). LOWER_ONCE=0
+traces and lowers every kernel call on its own, as before the forty-second
+session (`pallas_kernels.lowering.ENABLED`). On the GPU
 machine:
 
     FUSE=swiglu,norm python docs/bench/decode_fusions.py bench decode --impl jax-nf4-dq --batch 1
@@ -39,5 +41,11 @@ if _k_multiple is not None:
   if _k_multiple not in ("256", "1024"):
     sys.exit(f"K_MULTIPLE: 256 or 1024, got {_k_multiple!r}")
   gemv_4bit.MOSAIC_K_MULTIPLE = int(_k_multiple)
+_lower_once = os.environ.get("LOWER_ONCE")
+if _lower_once is not None:
+  if _lower_once not in ("0", "1"):
+    sys.exit(f"LOWER_ONCE: 0 or 1, got {_lower_once!r}")
+  from pallas_kernels import lowering  # pylint: disable=g-import-not-at-top
+  lowering.ENABLED = _lower_once == "1"
 from jaxbnb._src.tools import cli  # pylint: disable=g-import-not-at-top
 sys.exit(cli.main(sys.argv[1:]))

@@ -81,10 +81,12 @@ def test_unhashable_static_argument_is_an_error():
     scaled(jnp.ones(2), (jnp.ones(2), jnp.ones(2)), by=1.0, plan=bytearray(b"a"))
 
 
-def test_decode_layers_lower_each_kernel_once():
+@pytest.mark.parametrize("enabled", [True, False])
+def test_decode_layers_lower_each_kernel_once(monkeypatch, enabled):
   """Four layers' table GEMVs of the same shapes (a decode step) hold one
   Mosaic GPU module, not four: the program's lowering is that of one
   layer's kernels."""
+  monkeypatch.setattr(lowering, "ENABLED", enabled)
   k, ns = 2048, (2048, 512, 512)
   fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k)
 
@@ -100,7 +102,8 @@ def test_decode_layers_lower_each_kernel_once():
       layers, jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
       [[_abstract_weight(n, k) for n in ns] for _ in range(4)])
   hashes = re.findall(r'kernel_hash = "(.*?)", module', text)
-  assert len(hashes) == 1, len(hashes)
+  assert len(hashes) == (1 if enabled else 4), len(hashes)
+  assert len(set(hashes)) == 1  # the same module: one compile on the GPU
 
 
 def test_docstring_example_runs():
