@@ -110,3 +110,22 @@ def test_docstring_example_runs():
   from tests import helpers  # pylint: disable=g-import-not-at-top
   helpers.assert_docstring_examples_pass(lowering.lowered_once,
                                          "lowered_once")
+
+
+def test_works_inside_shard_map():
+  """Tensor-parallel decoding calls the kernels inside `shard_map` (with
+  its varying-axes check): the jitted launch keeps the shard's types."""
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  scaled, traces = _counted()
+  mesh = jax.make_mesh((4,), ("t",))
+
+  def body(x, w):
+    return (scaled(w, (x, x), by=2.0)["y"]
+            + scaled(w, (x, x), by=2.0)["y"])
+
+  fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("t")),
+                             out_specs=P("t")))
+  w = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("t")))
+  np.testing.assert_array_equal(fn(jnp.ones(2), w), np.arange(8.0) * 4)
+  assert len(traces) == 1
