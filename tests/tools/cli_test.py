@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +49,9 @@ def test_convert_writes_bnb_folder_with_tokenizer(converted, capsys):
 def test_generate_from_gguf_and_converted(gguf_path, converted, capsys):
   assert cli.main(["generate", converted, "--prompt", "the", "--no-chat",
                    "--max-new-tokens", "3", "--quiet"]) == 0
-  assert "tok/s" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "tok/s" in err
+  assert re.search(r"compile \d+\.\d s, prefill", err), err
   # Greedy ignores the sampling filters, and says so (as transformers).
   assert cli.main(["generate", converted, "--prompt", "the", "--no-chat",
                    "--max-new-tokens", "2", "--top-p", "0.5", "--quiet"]) == 0

@@ -451,6 +451,7 @@ def _generate(args) -> int:
   else:
     print(result.texts[0])
   print(f"[{result.new_tokens} new tokens, prompt {result.prompt_tokens}; "
+        f"compile {result.compile_seconds:.1f} s, "
         f"prefill {result.prefill_seconds:.2f} s, decode "
         f"{result.tokens_per_second:.1f} tok/s]", file=sys.stderr)
   return 0
