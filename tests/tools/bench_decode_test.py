@@ -55,6 +55,8 @@ def test_bench_decode_on_a_mesh(tmp_path, capsys):
   doc = json.loads(out.read_text())
   assert doc["impl"] == "jax-nf4" and doc["devices"] == 8
   assert doc["mesh"] == {"data": 4, "tensor": 2}
+  # The command line's compilation cache (here the tests' own folder).
+  assert doc["compilation_cache"] == jax.config.jax_compilation_cache_dir
   (row,) = doc["rows"]
   assert row["batch"] == 4 and row["tokens_per_s"] > 0
   # The floor counts one device's bytes: the step's over the tensor size.

@@ -411,7 +411,9 @@ def run_decode(opts: argparse.Namespace) -> dict:
   doc = {"kind": "decode", "impl": opts.impl, "shape_name": opts.shape,
          "shape": shape, "prompt_len": opts.prompt_len, "steps": opts.steps,
          "date": datetime.date.today().isoformat(),
-         "python": platform.python_version()}
+         "python": platform.python_version(),
+         # `compile_s` reads programs back from here when they are cached.
+         "compilation_cache": jax.config.jax_compilation_cache_dir or None}
   try:
     doc["device"] = jax.devices()[0].device_kind
     doc["jax"] = jax.__version__
