@@ -28,22 +28,37 @@ _SIMPLE = (bool, int, float, str, tuple, frozenset, type(None))
 _JITTED: dict[Any, tuple[Callable, dict]] = {}
 
 
+_SCAN: dict[str, Any] = {"modules": -1, "names": ()}
+
+
+def _constant_names() -> tuple:
+  """(module name, module, its upper-case names of simple hashable values)
+  for every imported `pallas_kernels` module; rescanned when a module is
+  imported."""
+  if len(sys.modules) != _SCAN["modules"]:
+    names = []
+    for name, mod in sorted(list(sys.modules.items()), key=lambda t: t[0]):
+      if mod is None or not name.startswith("pallas_kernels."):
+        continue
+      keep = []
+      for k, v in vars(mod).items():
+        if k.isupper() and isinstance(v, _SIMPLE):
+          try:
+            hash(v)
+          except TypeError:
+            continue
+          keep.append(k)
+      names.append((name, mod, tuple(sorted(keep))))
+    _SCAN.update(modules=len(sys.modules), names=tuple(names))
+  return _SCAN["names"]
+
+
 def _constants() -> tuple:
   """The `pallas_kernels` modules' upper-case constants of simple types:
   the builders read some of them (decodes, step rows), and tests and
   benchmarks set them, so they key the cache."""
-  out = []
-  for name, mod in list(sys.modules.items()):
-    if mod is None or not name.startswith("pallas_kernels."):
-      continue
-    for k, v in vars(mod).items():
-      if k.isupper() and isinstance(v, _SIMPLE):
-        try:
-          hash(v)
-        except TypeError:
-          continue
-        out.append((name, k, v))
-  return tuple(sorted(out, key=lambda t: (t[0], t[1])))
+  return tuple((name, k, getattr(mod, k, None))
+               for name, mod, keys in _constant_names() for k in keys)
 
 
 def _is_array(leaf) -> bool:

@@ -751,8 +751,8 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_decode_layers_lower_each_kernel_once")),
     # A kernel constant set by a test reusing the function traced before.
     Mutant("lowered-once-ignores-constants", "pallas_kernels/lowering.py",
-           "      if k.isupper() and isinstance(v, _SIMPLE):",
-           "      if False:",
+           "        if k.isupper() and isinstance(v, _SIMPLE):",
+           "        if False:",
            ("tests/kernels/lowering_test.py::"
             "test_kernel_constants_key_the_cache",)),
 )
