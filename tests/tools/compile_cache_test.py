@@ -101,3 +101,16 @@ def test_cli_fills_the_default_cache_and_off_writes_nothing(tmp_path):
 def test_docstring_examples_run(name):
   from tests import helpers  # pylint: disable=g-import-not-at-top
   helpers.assert_docstring_examples_pass(getattr(compile_cache, name), name)
+
+
+def test_unwritable_folders(tmp_path, capsys, monkeypatch):
+  """A folder named by the variable that cannot be written is an error
+  naming it; the default folder unwritable leaves the cache off, with one
+  warning (not a warning at every compile)."""
+  monkeypatch.setattr(compile_cache.os, "access", lambda *a: False)
+  with _no_jax_cache_dir():
+    with pytest.raises(ValueError, match=r"JAXBNB_COMPILATION_CACHE.*write"):
+      compile_cache.enable({compile_cache.ENV: str(tmp_path / "ro")})
+    assert compile_cache.enable({"XDG_CACHE_HOME": str(tmp_path)}) is None
+    assert not jax.config.jax_compilation_cache_dir
+  assert "cannot write" in capsys.readouterr().err

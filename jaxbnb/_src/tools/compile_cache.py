@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import os
+import sys
 
 import jax
 
@@ -61,8 +62,9 @@ def enable(environ: Mapping[str, str] | None = None) -> str | None:
     The cache folder in use, or None where there is none.
 
   Raises:
-    ValueError: if `JAXBNB_COMPILATION_CACHE` names a path that exists and
-      is not a folder.
+    ValueError: if `JAXBNB_COMPILATION_CACHE` names a file, or a folder
+      this user cannot make or write. (The default folder, unwritable,
+      leaves the cache off with a warning on stderr.)
   """
   environ = os.environ if environ is None else environ
   current = jax.config.jax_compilation_cache_dir
@@ -76,5 +78,20 @@ def enable(environ: Mapping[str, str] | None = None) -> str | None:
     raise ValueError(
         f"environment variable {ENV}: expected a folder for JAX's "
         f"compilation cache (or 'off'), got {value!r}, a file")
+  try:
+    os.makedirs(path, exist_ok=True)
+    writable = os.access(path, os.W_OK | os.X_OK)
+  except OSError:
+    writable = False
+  if not writable:
+    if value:
+      raise ValueError(
+          f"environment variable {ENV}: expected a folder this user can "
+          f"write (or 'off'), got {value!r}")
+    # The default folder only: run without the cache rather than fail.
+    print(f"warning: cannot write {path}; compiling without JAX's "
+          f"persistent cache (set {ENV} to a writable folder, or 'off')",
+          file=sys.stderr)
+    return None
   jax.config.update("jax_compilation_cache_dir", path)
   return path
