@@ -1,0 +1,61 @@
+"""docs/benchmark_compile_s42.png: the forty-second session's compile-time
+figures from their raw files (docs/benchmarks.md, "Compile time").
+
+    python docs/bench/compile_s42_plot.py
+"""
+import json
+import os
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _jsonl(name):
+  with open(os.path.join(HERE, name)) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def main():
+  low = _jsonl("lowering_2026-12-05_cpu_s42_32layers.jsonl")
+  comp = {d["tag"]: d for d in _jsonl(
+      "compile_2026-12-05_h100_s42_4layers_b1.jsonl")}
+  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+
+  labels, before, after = [], [], []
+  for batch in (1, 8):
+    rows = {d["lower_once"]: d for d in low if d["batch"] == batch}
+    for prog in ("decode", "prefill"):
+      labels.append(f"{prog}\nbatch {batch}")
+      before.append(rows[False][f"{prog}_s"])
+      after.append(rows[True][f"{prog}_s"])
+  x = range(len(labels))
+  a.bar([i - 0.2 for i in x], before, 0.4, label="every call lowered")
+  a.bar([i + 0.2 for i in x], after, 0.4, label="lowered_once")
+  a.set_xticks(list(x), labels)
+  a.set_ylabel("seconds")
+  a.set_title("Lowering for an H200, 32 layers of Llama-3-8B (CPU host)")
+  a.legend()
+
+  progs = ["bench prefill", "bench decode", "generate prefill",
+           "generate chunk"]
+  runs = [("l4b1", "kernels"), ("l4b1ref", "reference (XLA)"),
+          ("l4b1c2", "kernels, cache hit")]
+  for j, (tag, name) in enumerate(runs):
+    vals = [p["compile_s"] for p in comp[tag]["programs"]]
+    b.bar([i + (j - 1) * 0.27 for i in range(4)], vals, 0.27, label=name)
+  b.set_xticks(range(4), [p.replace(" ", "\n") for p in progs])
+  b.set_ylabel("XLA compile, seconds")
+  b.set_ylim(0, 12.5)  # room for the legend
+  b.set_title("XLA compile, 4 layers, batch 1 (H100)")
+  b.legend()
+  fig.tight_layout()
+  out = os.path.join(os.path.dirname(HERE), "benchmark_compile_s42.png")
+  fig.savefig(out, dpi=110)
+  print("wrote", out)
+
+
+if __name__ == "__main__":
+  main()
