@@ -26,8 +26,6 @@ ENABLED = True
 
 _SIMPLE = (bool, int, float, str, tuple, frozenset, type(None))
 _JITTED: dict[Any, tuple[Callable, dict]] = {}
-
-
 _SCAN: dict[str, Any] = {"modules": -1, "names": ()}
 
 
@@ -61,8 +59,17 @@ def _constants() -> tuple:
                for name, mod, keys in _constant_names() for k in keys)
 
 
-def _is_array(leaf) -> bool:
-  return isinstance(leaf, (jax.Array, np.ndarray))
+def _split(leaves) -> tuple[tuple, list, tuple]:
+  """(which leaves are arrays, the arrays, the other leaves)."""
+  mask = tuple(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+  return (mask, [leaf for leaf, m in zip(leaves, mask) if m],
+          tuple(leaf for leaf, m in zip(leaves, mask) if not m))
+
+
+def _merge(mask, arrays, statics) -> list:
+  """`_split`'s inverse: the leaves in their order."""
+  it, st = iter(arrays), iter(statics)
+  return [next(it) if m else next(st) for m in mask]
 
 
 def lowered_once(fn: Callable) -> Callable:
@@ -93,9 +100,7 @@ def lowered_once(fn: Callable) -> Callable:
     if not ENABLED:
       return fn(*args, **kwargs)
     leaves, treedef = jax.tree.flatten((args, kwargs))
-    mask = tuple(_is_array(leaf) for leaf in leaves)
-    arrays = [leaf for leaf, a in zip(leaves, mask) if a]
-    statics = tuple(leaf for leaf, a in zip(leaves, mask) if not a)
+    mask, arrays, statics = _split(leaves)
     types = tuple(jax.typeof(a) for a in arrays)
     head = (fn.__module__, fn.__qualname__, treedef, mask, statics, types)
     hit = _JITTED.get((head, _constants()))
@@ -104,15 +109,11 @@ def lowered_once(fn: Callable) -> Callable:
       meta: dict = {}
 
       def inner(*arrays):
-        it, st = iter(arrays), iter(statics)
-        a, kw = jax.tree.unflatten(
-            treedef, [next(it) if m else next(st) for m in mask])
+        a, kw = jax.tree.unflatten(treedef, _merge(mask, arrays, statics))
         out_leaves, out_tree = jax.tree.flatten(fn(*a, **kw))
-        out_mask = tuple(_is_array(leaf) for leaf in out_leaves)
-        meta["out"] = (out_tree, out_mask,
-                       [leaf for leaf, m in zip(out_leaves, out_mask)
-                        if not m])
-        return [leaf for leaf, m in zip(out_leaves, out_mask) if m]
+        out_mask, out_arrays, out_statics = _split(out_leaves)
+        meta["out"] = (out_tree, out_mask, out_statics)
+        return out_arrays
 
       hit = (jax.jit(inner), meta)
     jitted, meta = hit
@@ -120,9 +121,8 @@ def lowered_once(fn: Callable) -> Callable:
     if miss:  # keyed by the constants after the trace: it may import
       _JITTED[(head, _constants())] = hit  # modules with constants of their own
     out_tree, out_mask, out_statics = meta["out"]
-    it, st = iter(out_arrays), iter(out_statics)
-    return jax.tree.unflatten(
-        out_tree, [next(it) if m else next(st) for m in out_mask])
+    return jax.tree.unflatten(out_tree,
+                              _merge(out_mask, out_arrays, out_statics))
 
   return wrapper
 

@@ -71,7 +71,7 @@ def enable(environ: Mapping[str, str] | None = None) -> str | None:
   if current:
     return current
   value = environ.get(ENV, "").strip()
-  if value.lower() in OFF and value:
+  if value.lower() in OFF:
     return None
   path = os.path.abspath(os.path.expanduser(value or default_dir(environ)))
   if os.path.exists(path) and not os.path.isdir(path):
