@@ -106,6 +106,42 @@ def test_decode_layers_lower_each_kernel_once(monkeypatch, enabled):
   assert len(set(hashes)) == 1  # the same module: one compile on the GPU
 
 
+@pytest.mark.gpu
+def test_gpu_decode_layers_match_unshared_lowering(monkeypatch):
+  """Compiled on the GPU: four layers' table GEMVs through the shared
+  launch give the very bits of the old lowering (a kernel per call), and
+  the four layers of one jitted program share one Mosaic GPU function."""
+  from jaxbnb import functional as F  # pylint: disable=g-import-not-at-top
+  from tests.kernels import _util  # pylint: disable=g-import-not-at-top
+  k, ns = 2048, (2048, 512, 512)
+  fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k)
+  layers_w = []
+  for layer in range(4):
+    ws = [F.quantize_4bit(jnp.asarray(_util.rng_array((n, k), 10 * layer + i,
+                                                      jnp.bfloat16)),
+                          blocksize=64, quant_type="nf4",
+                          compress_statistics=True) for i, n in enumerate(ns)]
+    layers_w.append([(p.reshape(-1), q.absmax, q.nested_absmax,
+                      q.nested_code, q.offset) for p, q in ws])
+
+  def layers(x, ws):
+    for w in ws:
+      x = x + jnp.concatenate(fn(x, w), axis=1)[:, :k].astype(x.dtype) * 0.01
+    return x
+
+  x = jnp.asarray(_util.rng_array((1, k), 5, jnp.bfloat16))
+  outs = {}
+  for enabled in (True, False):
+    monkeypatch.setattr(lowering, "ENABLED", enabled)
+    lowering.clear_cache()
+    outs[enabled] = np.asarray(jax.jit(layers)(x, layers_w), np.float32)
+  np.testing.assert_array_equal(outs[True], outs[False])
+  assert np.all(np.isfinite(outs[True]))
+  monkeypatch.setattr(lowering, "ENABLED", True)
+  text = jax.jit(layers).lower(x, layers_w).as_text()
+  assert len(re.findall(r'kernel_hash = "(.*?)", module', text)) == 1
+
+
 def test_docstring_example_runs():
   from tests import helpers  # pylint: disable=g-import-not-at-top
   helpers.assert_docstring_examples_pass(lowering.lowered_once,
