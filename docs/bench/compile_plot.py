@@ -1,7 +1,8 @@
-"""docs/benchmark_compile_s42.png: the forty-second session's compile-time
-figures from their raw files (docs/benchmarks.md, "Compile time").
+"""docs/benchmark_compile.png: the compile-time figures of the
+forty-second and forty-third sessions from their raw files
+(docs/benchmarks.md, the two "Compile time" sections).
 
-    python docs/bench/compile_s42_plot.py
+    python docs/bench/compile_plot.py
 """
 import json
 import os
@@ -18,11 +19,20 @@ def _jsonl(name):
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _compile_s(name):
+  with open(os.path.join(HERE, name)) as f:
+    return {r["batch"]: r["compile_s"] for r in json.load(f)["rows"]}
+
+
 def main():
   low = _jsonl("lowering_2026-12-05_cpu_s42_32layers.jsonl")
   comp = {d["tag"]: d for d in _jsonl(
       "compile_2026-12-05_h100_s42_4layers_b1.jsonl")}
-  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+  old = _compile_s(
+      "decode_nf4dq_2026-12-05_h100_s43_b1_every_call_lowered.json")
+  new = _compile_s("decode_nf4dq_2026-12-05_h100_s43_b1_b8_lowered_once.json")
+  b8_s40 = _compile_s("decode_nf4dq_2026-12-05_h100_s40_b8_lds.json")
+  fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
 
   labels, before, after = [], [], []
   for batch in (1, 8):
@@ -51,8 +61,20 @@ def main():
   b.set_ylim(0, 12.5)  # room for the legend
   b.set_title("XLA compile, 4 layers, batch 1 (H100)")
   b.legend()
+
+  c.bar([-0.2], [old[1]], 0.4, label="every call lowered", color="C0")
+  c.bar([0.2], [new[1]], 0.4, label="lowered_once", color="C1")
+  c.bar([0.8], [b8_s40[8]], 0.4, color="C0")
+  c.bar([1.2], [new[8]], 0.4, color="C1")
+  for x, v in ((-0.2, old[1]), (0.2, new[1]), (0.8, b8_s40[8]),
+               (1.2, new[8])):
+    c.annotate(f"{v:.1f}", (x, v), ha="center", va="bottom")
+  c.set_xticks([0, 1], ["batch 1\n(one call)", "batch 8\n(before: session 40)"])
+  c.set_ylabel("seconds")
+  c.set_title("bench decode compile, Llama-3-8B, 32 layers (H100)")
+  c.legend()
   fig.tight_layout()
-  out = os.path.join(os.path.dirname(HERE), "benchmark_compile_s42.png")
+  out = os.path.join(os.path.dirname(HERE), "benchmark_compile.png")
   fig.savefig(out, dpi=110)
   print("wrote", out)
 
