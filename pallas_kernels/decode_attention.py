@@ -9,7 +9,8 @@ program per (row, key/value head[, split of the cache]) does it all:
 * it applies RoPE to the token's queries and key (the model's formula and
   roundings);
 * it writes the new key and value into the stacked cache in place (the
-  cache is aliased from input to output; slot `index` of `layer`);
+  cache is aliased from input to output; slot `index` of `layer`, both
+  read at run time, so a model's layers share one kernel);
 * it walks the cache in blocks of `block_s` slots, the new key/value
   taking slot `index`'s place in registers, and runs an online softmax:
   the scores of the head's `g` query heads (padded to 16 rows for the
@@ -107,18 +108,17 @@ def _rope(lo, hi, cos_ref, sin_ref, b, half, dtype, interpret):
 
 
 def _kernel(index_ref, qkv_ref, cos_ref, sin_ref, mask_ref, kc_ref, vc_ref,
-            *outs, layer, groups, block_s, steps, seq_len, scale, final,
+            *outs, groups, block_s, steps, seq_len, scale, final,
             interpret):
   if final:
     o_ref, kc_out, vc_out = outs
   else:
     acc_ref, m_ref, l_ref, kc_out, vc_out = outs
   b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  layer = jnp.int32(layer)  # interpret mode's discharge indexes by arrays
   d = qkv_ref.shape[-1]
   half = d // 2
   dtype = qkv_ref.dtype
-  index = index_ref[0]
+  index, layer = index_ref[0], index_ref[1]
   # The token's heads in one array: queries, then keys, then values.
   nkv = kc_ref.shape[3]
   nq = qkv_ref.shape[1] - 2 * nkv
@@ -219,10 +219,8 @@ def _splits(batch: int, kv_heads: int, seq_len: int, block_s: int,
   return -(-blocks // steps), steps  # every split holds a real slot
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "layer", "scale", "block_s", "split", "num_warps", "interpret"))
 def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
-                     index, *, layer: int, scale: float,
+                     index, *, layer: int | jax.Array, scale: float,
                      block_s: int | None = None, split: int | None = None,
                      num_warps: int = 4, interpret: bool = False):
   """One token per row attends to the cache, which takes its key and value.
@@ -243,7 +241,10 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     index: int32 scalar, the slot the token takes (negative: from the end;
       then clamped to the cache, as `jax.lax.dynamic_update_slice` takes
       it).
-    layer: which layer's cache (static).
+    layer: which layer's cache: a Python int, checked against `L`, or an
+      integer scalar array, clamped to `[0, L)`. The kernel reads it at
+      run time, so every layer of a model calls one kernel (one lowering
+      and one compile a program, not one a layer).
     scale: the score scale (`d ** -0.5`).
     block_s: cache slots per step (default 64 up to 512 slots, else 128).
     split: programs per row and key/value head, each on its share of the
@@ -269,6 +270,27 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     >>> out.shape, float(kc[1, 0, 2, 0, 0]), float(out[0, 0, 0])
     ((1, 4, 32), 1.0, 0.96484375)
   """
+  n_layers = k_cache.shape[0]
+  if isinstance(layer, (int, np.integer)):
+    if not 0 <= layer < n_layers:
+      raise ValueError(f"decode_attention: layer must be in [0, {n_layers}), "
+                       f"got {layer}.")
+  elif (not hasattr(layer, "dtype") or jnp.shape(layer) != ()
+        or not jnp.issubdtype(layer.dtype, jnp.integer)):
+    raise ValueError("decode_attention: layer must be an int or an integer "
+                     f"scalar array, got {layer!r}.")
+  return _decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
+                           index, jnp.asarray(layer, jnp.int32), scale=scale,
+                           block_s=block_s, split=split, num_warps=num_warps,
+                           interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "block_s", "split", "num_warps", "interpret"))
+def _decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
+                      index, layer, *, scale, block_s, split, num_warps,
+                      interpret):
+  """`decode_attention` after its `layer` check; `layer` an int32 scalar."""
   b, nq, d = q.shape
   n_layers, cb, seq_len, nkv, cd = k_cache.shape
   if k_new.shape != (b, nkv, d) or v_new.shape != (b, nkv, d):
@@ -284,9 +306,6 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     raise ValueError(
         f"decode_attention: k_cache and v_cache must be q's dtype "
         f"{q.dtype}, got {k_cache.dtype} and {v_cache.dtype}.")
-  if not 0 <= layer < n_layers:
-    raise ValueError(f"decode_attention: layer must be in [0, {n_layers}), "
-                     f"got {layer}.")
   groups = nq // nkv
   if groups > _ROWS:
     raise ValueError(f"decode_attention: at most {_ROWS} query heads per "
@@ -304,7 +323,9 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
   # a store out of bounds).
   idx = jnp.asarray(index, jnp.int32)
   idx = jnp.where(idx < 0, idx + seq_len, idx)
-  idx = jnp.clip(idx, 0, seq_len - 1).reshape(1)
+  idx = jnp.clip(idx, 0, seq_len - 1)
+  # The slot and the layer, read by the kernel at run time.
+  idx = jnp.stack([idx, jnp.clip(layer, 0, n_layers - 1)])
   # The token's queries, keys and values as one input: where they are
   # slices of one producer (a layer's q/k/v GEMV), XLA writes them in one
   # fusion instead of a kernel each.
@@ -323,7 +344,7 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     ] + cache_out
   n_out = len(out_shape)
   kernel = functools.partial(
-      _kernel, layer=layer, groups=groups, block_s=block_s, steps=steps,
+      _kernel, groups=groups, block_s=block_s, steps=steps,
       seq_len=seq_len, scale=float(scale), final=final, interpret=interpret)
   cache_bytes = 4 * b * seq_len * nkv * d * jnp.dtype(dtype).itemsize
   res = pl.pallas_call(

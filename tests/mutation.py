@@ -308,6 +308,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "kn = _rope(*(qkv_ref[b, h, i] for i in lo_hi)",
            (_ATTN + "test_matches_einsum_path[1-32-8-128-256-None-131-"
             "interpret]",)),
+    # The layer read at run time: taken from the slot's word.
+    Mutant("decode-attn-layer-from-the-slot-word",
+           "pallas_kernels/decode_attention.py",
+           "index, layer = index_ref[0], index_ref[1]",
+           "index, layer = index_ref[0], index_ref[0] % 3",
+           (_ATTN + "test_layer_as_a_traced_array[interpret]",)),
     Mutant("decode-attn-mask-ignored", "pallas_kernels/decode_attention.py",
            "s = jnp.where((allowed != 0)[None, :], s, jnp.float32(_NEG))",
            "s = jnp.where((allowed != 2)[None, :], s, jnp.float32(_NEG))",

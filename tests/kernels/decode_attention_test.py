@@ -141,6 +141,52 @@ def test_forced_splits(mode, split):
   _check(*got, want, kc, vc, 1, index)
 
 
+@pytest.mark.parametrize("mode", _util.modes())
+def test_layer_as_a_traced_array(mode):
+  """`layer` may be an int32 scalar computed in the program (a
+  `fori_loop` over layers): each step writes and reads its own layer, and
+  a layer past the cache is clamped as `dynamic_update_slice` clamps."""
+  b, nq, nkv, d, s, index = 1, 8, 2, 64, 128, 40
+  q, kn, vn, cos, sin, kc, vc, rng = _inputs(b, nq, nkv, d, s, 3, seed=7)
+  mask = jnp.asarray(rng.random((b, s)) < 0.7).at[:, index].set(True)
+  kw = dict(scale=d ** -0.5)
+
+  @jax.jit
+  def run(layer, kc, vc):
+    return da.decode_attention(q, kn, vn, cos, sin, kc, vc, mask,
+                               jnp.int32(index), layer=layer,
+                               interpret=mode == "interpret", **kw)
+
+  for layer, written in ((0, 0), (2, 2), (5, 2)):
+    want = da.reference(q, kn, vn, cos, sin, kc, vc, mask, jnp.int32(index),
+                        layer=written, **kw)
+    got = run(jnp.int32(layer), kc, vc)
+    _check(*got, want, kc, vc, written, index)
+
+
+def test_one_kernel_for_every_layer():
+  """Lowered for the H200: four layers' calls (Python ints, as the model
+  passes them) hold one Triton kernel, lowered and compiled once a
+  program, not one a layer."""
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  b, nq, nkv, d, s = 1, 32, 8, 128, 256
+  q, kn, vn, cos, sin, kc, vc, _ = _inputs(b, nq, nkv, d, s, 4, seed=3)
+  mask = jnp.ones((b, s), bool)
+
+  def layers(q, kc, vc):
+    outs = []
+    for layer in range(4):
+      out, kc, vc = da.decode_attention(q, kn, vn, cos, sin, kc, vc, mask,
+                                        jnp.int32(9), layer=layer,
+                                        scale=d ** -0.5)
+      outs.append(out)
+    return outs, kc, vc
+
+  text = helpers.lowered_for_h200(layers, q, kc, vc)
+  assert text.count('"jaxbnb_decode_attention"') == 1, text.count(
+      '"jaxbnb_decode_attention"')
+
+
 def test_splits_cover_the_cache_once():
   """Every split holds at least one real slot (an empty one would divide
   by zero) and together they hold all blocks once; by default splits are
@@ -172,6 +218,13 @@ def test_bad_arguments_name_what_is_wrong():
     run(q, kn, vn, cos, sin, kc.astype(jnp.float32), vc, layer=0)
   with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got 2"):
     run(q, kn, vn, cos, sin, kc, vc, layer=2)
+  with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got -1"):
+    run(q, kn, vn, cos, sin, kc, vc, layer=-1)
+  with pytest.raises(ValueError, match="layer must be an int or an integer "
+                     "scalar array, got 1.0"):
+    run(q, kn, vn, cos, sin, kc, vc, layer=1.0)
+  with pytest.raises(ValueError, match="integer scalar array"):
+    run(q, kn, vn, cos, sin, kc, vc, layer=jnp.zeros(2, jnp.int32))
   with pytest.raises(ValueError, match=r"cos and sin must be \(1, 32\)"):
     run(q, kn, vn, cos[:, :16], sin, kc, vc, layer=0)
   assert da.can_use(128, jnp.bfloat16, jnp.bfloat16)
