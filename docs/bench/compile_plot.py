@@ -34,16 +34,21 @@ def main():
   b8_s40 = _compile_s("decode_nf4dq_2026-12-05_h100_s40_b8_lds.json")
   fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
 
-  labels, before, after = [], [], []
+  attn = {d["batch"]: d for d in _jsonl(
+      "lowering_2026-12-05_cpu_s43_32layers.jsonl")}
+  labels, before, after, one = [], [], [], []
   for batch in (1, 8):
     rows = {d["lower_once"]: d for d in low if d["batch"] == batch}
     for prog in ("decode", "prefill"):
       labels.append(f"{prog}\nbatch {batch}")
       before.append(rows[False][f"{prog}_s"])
       after.append(rows[True][f"{prog}_s"])
+      one.append(attn[batch][f"{prog}_s"])
   x = range(len(labels))
-  a.bar([i - 0.2 for i in x], before, 0.4, label="every call lowered")
-  a.bar([i + 0.2 for i in x], after, 0.4, label="lowered_once")
+  a.bar([i - 0.27 for i in x], before, 0.27, label="every call lowered")
+  a.bar(list(x), after, 0.27, label="lowered_once")
+  a.bar([i + 0.27 for i in x], one, 0.27,
+        label="+ one attention kernel (s43)")
   a.set_xticks(list(x), labels)
   a.set_ylabel("seconds")
   a.set_title("Lowering for an H200, 32 layers of Llama-3-8B (CPU host)")
