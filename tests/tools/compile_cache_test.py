@@ -45,6 +45,9 @@ def test_a_path_or_the_default_turns_it_on(tmp_path):
     got = compile_cache.enable({compile_cache.ENV: str(tmp_path / "c")})
     assert got == str(tmp_path / "c")
     assert jax.config.jax_compilation_cache_dir == got
+    # Not made until something compiles (JAX makes it then): a command
+    # that compiles nothing leaves no folder behind.
+    assert not (tmp_path / "c").exists()
   with _no_jax_cache_dir():
     got = compile_cache.enable({"XDG_CACHE_HOME": str(tmp_path)})
     assert got == os.path.join(str(tmp_path), "jaxbnb", "jax")
@@ -65,6 +68,10 @@ def test_a_file_is_an_error_naming_the_variable(tmp_path):
   with _no_jax_cache_dir():
     with pytest.raises(ValueError, match=r"JAXBNB_COMPILATION_CACHE.*folder"):
       compile_cache.enable({compile_cache.ENV: str(f)})
+    assert not jax.config.jax_compilation_cache_dir
+    # A folder under a file can never be made.
+    with pytest.raises(ValueError, match=r"JAXBNB_COMPILATION_CACHE.*write"):
+      compile_cache.enable({compile_cache.ENV: str(f / "sub")})
     assert not jax.config.jax_compilation_cache_dir
 
 
