@@ -106,6 +106,56 @@ def test_decode_layers_lower_each_kernel_once(monkeypatch, enabled):
   assert len(set(hashes)) == 1  # the same module: one compile on the GPU
 
 
+@pytest.mark.parametrize("hidden,inter,heads,kv_heads", [
+    (4096, 14336, 32, 8),   # Llama-3-8B's widths: the Mosaic GPU kernels
+    (2048, 5632, 16, 4),    # TinyLlama's: Triton groups at q/k/v
+])
+def test_model_decode_step_holds_each_kernel_once(monkeypatch, hidden, inter,
+                                                  heads, kv_heads):
+  """A Llama decode step (NF4 + DQ, one token, the cache carried through),
+  lowered for an H200: three layers hold exactly the kernels one layer
+  holds, so the program's lowering and compile do not grow with the
+  layers (one decode-attention kernel, one module per distinct GEMV)."""
+  import jaxbnb  # pylint: disable=g-import-not-at-top
+  import pallas_kernels  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxbnb import models  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import _backend  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  for mod, name, value in ((_backend, "on_hopper", True),
+                           (_backend, "on_nvidia_gpu", True),
+                           (_backend, "num_sms", 132),
+                           (pallas_kernels, "on_nvidia_gpu", True)):
+    monkeypatch.setattr(mod, name, lambda value=value: value)
+
+  def kernels(layers):
+    cfg = models.LlamaConfig(
+        vocab_size=256, hidden_size=hidden, intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=512)
+    model = nnx.eval_shape(lambda: models.LlamaForCausalLM(
+        cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+        quantization=models.QuantizationConfig.nf4(
+            double_quant=True, compute_dtype="bfloat16"),
+        rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    cache = jax.eval_shape(lambda: models.KVCache.init(
+        cfg, batch=1, max_len=256, dtype=jnp.bfloat16))
+
+    def step(state, ids, cache):
+      return nnx.merge(graphdef, state)(ids, cache=cache)
+
+    with jaxbnb.kernel_mode("pallas"):
+      text = helpers.lowered_for_h200(
+          step, state, jax.ShapeDtypeStruct((1, 1), jnp.int32), cache)
+    return (len(re.findall(r'kernel_hash = "(.*?)", module', text)),
+            text.count('"jaxbnb_decode_attention"'))
+
+  one, three = kernels(1), kernels(3)
+  assert three == one, (one, three)
+  assert three[1] == 1
+
+
 @pytest.mark.gpu
 def test_gpu_decode_layers_match_unshared_lowering(monkeypatch):
   """Compiled on the GPU: four layers' table GEMVs through the shared
