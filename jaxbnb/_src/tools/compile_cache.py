@@ -1,7 +1,7 @@
 """JAX's persistent compilation cache for the `jaxbnb` command line.
 
-An 8B model's decode and prefill programs take about 16 s to compile on
-an H100 (one to two and a half minutes before each kernel was lowered
+An 8B model's decode and prefill programs take 16-21 s to compile on an
+H100 (one to two and a half minutes before each kernel was lowered
 once a program, `pallas_kernels.lowering`), and each `jaxbnb generate`,
 `eval` or `bench` process compiled them again. The command line turns on JAX's
 persistent compilation cache (`jax_compilation_cache_dir`), so a program
