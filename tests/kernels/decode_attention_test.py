@@ -225,6 +225,8 @@ def test_bad_arguments_name_what_is_wrong():
     run(q, kn, vn, cos, sin, kc, vc, layer=1.0)
   with pytest.raises(ValueError, match="integer scalar array"):
     run(q, kn, vn, cos, sin, kc, vc, layer=jnp.zeros(2, jnp.int32))
+  with pytest.raises(ValueError, match="integer scalar array, got True"):
+    run(q, kn, vn, cos, sin, kc, vc, layer=True)
   with pytest.raises(ValueError, match=r"cos and sin must be \(1, 32\)"):
     run(q, kn, vn, cos[:, :16], sin, kc, vc, layer=0)
   assert da.can_use(128, jnp.bfloat16, jnp.bfloat16)
