@@ -107,8 +107,8 @@ def _rope(lo, hi, cos_ref, sin_ref, b, half, dtype, interpret):
           (rnd(hi * c_hi) + rnd(lo * s_hi)).astype(dtype))
 
 
-def _kernel(index_ref, qkv_ref, cos_ref, sin_ref, mask_ref, kc_ref, vc_ref,
-            *outs, groups, block_s, steps, seq_len, scale, final,
+def _kernel(index_ref, layer_ref, qkv_ref, cos_ref, sin_ref, mask_ref, kc_ref,
+            vc_ref, *outs, groups, block_s, steps, seq_len, scale, final,
             interpret):
   if final:
     o_ref, kc_out, vc_out = outs
@@ -118,7 +118,7 @@ def _kernel(index_ref, qkv_ref, cos_ref, sin_ref, mask_ref, kc_ref, vc_ref,
   d = qkv_ref.shape[-1]
   half = d // 2
   dtype = qkv_ref.dtype
-  index, layer = index_ref[0], index_ref[1]
+  index, layer = index_ref[0], layer_ref[0]
   # The token's heads in one array: queries, then keys, then values.
   nkv = kc_ref.shape[3]
   nq = qkv_ref.shape[1] - 2 * nkv
@@ -326,14 +326,17 @@ def _decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
   # a store out of bounds).
   idx = jnp.asarray(index, jnp.int32)
   idx = jnp.where(idx < 0, idx + seq_len, idx)
-  idx = jnp.clip(idx, 0, seq_len - 1)
-  # The slot and the layer, read by the kernel at run time.
-  idx = jnp.stack([idx, jnp.clip(layer, 0, n_layers - 1)])
+  idx = jnp.clip(idx, 0, seq_len - 1).reshape(1)
+  # The slot and the layer, read by the kernel at run time, each an input
+  # of its own: the slot is the same for every layer of a step (one XLA
+  # kernel makes it for all of them), and a layer given as a Python int
+  # is a constant XLA folds (no kernel a layer to pack it with the slot).
+  layer = jnp.clip(layer, 0, n_layers - 1).reshape(1)
   # The token's queries, keys and values as one input: where they are
   # slices of one producer (a layer's q/k/v GEMV), XLA writes them in one
   # fusion instead of a kernel each.
   qkv = jnp.concatenate([q, k_new.astype(dtype), v_new.astype(dtype)], axis=1)
-  args = _backend.same_vma(idx, qkv, cos, sin,
+  args = _backend.same_vma(idx, layer, qkv, cos, sin,
                            jnp.asarray(mask).astype(jnp.int8), k_cache,
                            v_cache)
   cache_out = [_backend.out_struct(k_cache.shape, k_cache.dtype, *args)] * 2
@@ -354,7 +357,7 @@ def _decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
       kernel,
       out_shape=tuple(out_shape),
       grid=(b, nkv, split),
-      input_output_aliases={5: n_out - 2, 6: n_out - 1},
+      input_output_aliases={6: n_out - 2, 7: n_out - 1},
       compiler_params=_backend.compiler_params(num_warps=num_warps,
                                                num_stages=1),
       interpret=interpret,

@@ -311,7 +311,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # The layer read at run time: taken from the slot's word.
     Mutant("decode-attn-layer-from-the-slot-word",
            "pallas_kernels/decode_attention.py",
-           "index, layer = index_ref[0], index_ref[1]",
+           "index, layer = index_ref[0], layer_ref[0]",
            "index, layer = index_ref[0], index_ref[0] % 3",
            (_ATTN + "test_layer_as_a_traced_array[interpret]",)),
     Mutant("decode-attn-mask-ignored", "pallas_kernels/decode_attention.py",
