@@ -271,10 +271,7 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     ((1, 4, 32), 1.0, 0.96484375)
   """
   n_layers = k_cache.shape[0]
-  if isinstance(layer, (bool, np.bool_)):
-    raise ValueError("decode_attention: layer must be an int or an integer "
-                     f"scalar array, got {layer!r}.")
-  if isinstance(layer, (int, np.integer)):
+  if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
     if not 0 <= layer < n_layers:
       raise ValueError(f"decode_attention: layer must be in [0, {n_layers}), "
                        f"got {layer}.")
