@@ -1,0 +1,102 @@
+"""docs/benchmark_targets_standing.png: each of issue 14's targets, the
+latest figure as a fraction of the target (1 = met), read from the raw
+files named in docs/benchmarks.md ("Issue 14's targets: where each
+stands").
+
+    python docs/bench/targets_standing_plot.py
+"""
+import json
+import os
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = ("14336x4096", "4096x14336", "11008x4096", "4096x4096", "1024x4096")
+
+
+def _load(name):
+  with open(os.path.join(HERE, name)) as f:
+    return json.load(f)
+
+
+def _matmul(name):
+  """{(shape, m): row} of a `jaxbnb bench matmul` file."""
+  return {(r["shape"], r["m"]): r for r in _load(name)["results"]}
+
+
+def _tokens(name, batch):
+  return next(r["tokens_per_s"] for r in _load(name)["rows"]
+              if r["batch"] == batch)
+
+
+def _fractions():
+  """[(label, H200 fraction, H100 fraction or None)]: higher is better."""
+  s21 = _matmul("matmul_2026-12-03_h200_s21.json")
+  s25 = _matmul("matmul_2026-12-04_h200_s25_m1.json")
+  s27 = _matmul("matmul_2026-12-04_h200_s27_m16.json")
+  h100 = _matmul("matmul_2026-12-05_h100_s43_m1_16.json")
+  big = "14336x4096"
+  us = lambda rows, shape, m: rows[(shape, m)]["us"]["jaxbnb"]
+  worst = lambda m: min(s21[(s, m)]["speedup_vs_bf16"] for s in SHAPES)
+  quant = next(r for r in _load("quant_2026-12-03_h200_s21.json")["results"]
+               if r["op"] == "quantize" and r["double_quant"]
+               and r["numel"] == 2**28)
+  adam = _load("optim_2026-12-01_h200_tables.json")["results"][0]["columns"]
+  decode_h100 = "decode_nf4dq_2026-12-06_h100_s45_b1_b8.json"
+  return [
+      ("1. M = 1, 14336x4096 <= 14 us",
+       14 / us(s25, big, 1), 14 / us(h100, big, 1)),
+      ("1. M = 1, 4096x4096 >= 60% of floor",
+       s25[("4096x4096", 1)]["pct_of_floor"] / 60,
+       h100[("4096x4096", 1)]["pct_of_floor"] / 60),
+      ("1. M = 1, 1024x4096 >= 60% of floor",
+       s21[("1024x4096", 1)]["pct_of_floor"] / 60,
+       h100[("1024x4096", 1)]["pct_of_floor"] / 60),
+      ("2. M = 16 >= 2x bf16 (14336x4096)",
+       s27[(big, 16)]["speedup_vs_bf16"] / 2,
+       h100[(big, 16)]["speedup_vs_bf16"] / 2),
+      ("2. M = 16 <= 1.3x M = 1 (14336x4096)",
+       1.3 * us(s25, big, 1) / us(s27, big, 16),
+       1.3 * us(h100, big, 1) / us(h100, big, 16)),
+      ("2. M = 64 >= 1.3x bf16 (worst shape)", worst(64) / 1.3, None),
+      ("2. M = 256 >= 1x bf16 (worst shape)", worst(256), None),
+      ("2. M = 4096 >= 0.97x bf16 (worst shape)", worst(4096) / 0.97, None),
+      ("3. decode batch 1 >= 450 tokens/s",
+       _tokens("decode_b1_2026-12-05_h200_s34_fuse_swiglu_norm.json", 1) / 450,
+       _tokens(decode_h100, 1) / 450),
+      ("3. decode batch 8 >= 2,500 tokens/s",
+       _tokens("decode_nf4dq_2026-12-04_h200_s30_b8_qkv_one_input.json", 8)
+       / 2500, _tokens(decode_h100, 8) / 2500),
+      ("4. quantize + DQ >= 80% of copy",
+       quant["pct_copy_bw"]["jaxbnb"] / 80, None),
+      ("5. AdamW 8-bit, 64M, <= 0.45 ms",
+       450 / adam["adamw8bit-fused"]["median_us"], None),
+  ]
+
+
+def main():
+  rows = _fractions()[::-1]
+  fig, ax = plt.subplots(figsize=(9, 6))
+  y = range(len(rows))
+  ax.barh([i + 0.2 for i in y], [r[1] for r in rows], 0.4,
+          label="H200 (the targets' device), latest run")
+  ax.barh([i - 0.2 for i in y], [r[2] or 0 for r in rows], 0.4,
+          label="H100, latest run (not a target figure)", color="0.65")
+  ax.axvline(1.0, color="k", lw=1)
+  ax.set_yticks(list(y), [r[0] for r in rows], fontsize=8)
+  ax.set_xlabel("figure / target (1 = met; higher is better)")
+  ax.set_title("Issue 14's targets, the latest figure for each (2026-12-06)")
+  ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.1), ncol=2,
+            fontsize=8)
+  fig.tight_layout()
+  out = os.path.join(HERE, "..", "benchmark_targets_standing.png")
+  fig.savefig(out, dpi=110)
+  for label, h200, h100 in rows[::-1]:
+    print(f"{label:45s} H200 {h200:.3f}  H100 "
+          + (f"{h100:.3f}" if h100 else "-"))
+
+
+if __name__ == "__main__":
+  main()
