@@ -53,8 +53,9 @@ which may live in registers:
 `interpret=True` runs a jnp twin with the same values (no PTX); the tests
 run the decode PTX itself through an emulator on the CPU. Measured on the
 H200 in docs/benchmarks.md ("4-bit GEMM on wgmma"); jaxbnb routes M =
-64-256 on large weights here on Hopper, and M = 64-128 on weights of 4096
-rows or more with K split (`kernels.gemm_serves`).
+64-256 on large weights here on Hopper, M = 64-128 on weights of 4096
+rows or more with K split, and M up to 1024 on double-quantized weights
+of 4096 rows or more (`kernels.gemm_serves`).
 """
 
 from __future__ import annotations
@@ -211,9 +212,12 @@ def default_config(m: int, out_f32: bool = False,
   (`_split_config`; seventeenth session's sweep run m: on 4096x14336 and
   4096x4096 at M = 64 "ks" split 2 took 38.2 and 20.2 us, "plain" split
   2 48.2 and 22.8, unsplit 80.2 and 30.2, and the package's path before
-  51.5 and 29.8)."""
-  if n is not None and n < SPLIT_BELOW_N and (m <= SPLIT_MAX_M
-                                              or n <= SPLIT_WIDE_MAX_N):
+  51.5 and 29.8). Past M = 256 no weight splits K: x's 256-row tiles
+  multiply the programs (forty-sixth session's sweep run t: unsplit
+  "ws" took 53.3 us on 4096x4096 at M = 1024, where dequantize + dot
+  took 59.6)."""
+  if n is not None and n < SPLIT_BELOW_N and m <= 256 and (
+      m <= SPLIT_MAX_M or n <= SPLIT_WIDE_MAX_N):
     return _split_config(m, n, k)
   if m <= 64:
     if k is not None and k % 256:
@@ -239,7 +243,7 @@ def can_use(m: int, n: int, k: int, blocksize: int, dtype,
             out_f32: bool = False) -> bool:
   """Whether `gemm` with `default_config(m, out_f32, k, n=n)` takes these
   operands."""
-  if not 1 <= m <= 256 or blocksize != 64:
+  if m < 1 or blocksize != 64:
     return False
   cfg = default_config(m, out_f32, k, n=n)
   try:

@@ -35,6 +35,7 @@ steps in flight (the float32 sums meeting in the output tile). Run q
 K splits at M = 128 on 6144-14336 rows; run r: M = 256 on 3072-9216
 rows after run q's routing, and run q's M = 128 cases its budget cut;
 run s: one wave of K splits at M = 64 and 128 on 6144 and 3072 rows.
+Run t (forty-sixth session): M = 512-4096, past the kernel's routing.
 """
 import os
 import sys
@@ -291,6 +292,19 @@ RUNS = {
                 (64, 64, 256, 4, 2, "ks", "dqswlt")],
            128: [(64, 128, 128, 2, 3, "ws", "dqlt"),
                  (64, 128, 128, 4, 3, "ws", "dqlt")]}),
+    # t (forty-sixth session): past M = 256, where the package runs
+    # dequantize + dot: the M = 256 default ("ws", x's 256-row tile, the
+    # statistics decoded in the kernel, their scale words made ahead),
+    # 64-column steps four in flight, without the words made ahead, and
+    # x's tile shared by a cluster of two programs ("c2").
+    "t": ([((14336, 4096), 512), ((14336, 4096), 1024),
+           ((14336, 4096), 4096), ((4096, 14336), 1024),
+           ((4096, 14336), 4096), ((11008, 4096), 1024),
+           ((4096, 4096), 1024), ((4096, 4096), 4096)],
+          {4096: [(64, 256, 128, 1, 2, "ws", "dqpf"),
+                  (64, 256, 64, 1, 4, "ws", "dqpf"),
+                  (64, 256, 128, 1, 2, "ws", "dq"),
+                  (64, 256, 128, 1, 2, "ws", "dqpfc2")]}),
 }
 
 def fn(n, k, cfg):
@@ -307,7 +321,7 @@ def fn(n, k, cfg):
       return yt[0, :, :x.shape[0]].T
     return f_old
   tag = cfg[6] if cfg[6:] else ""
-  cluster = int(tag[1:]) if tag.startswith("c") else 1
+  cluster = int(tag[tag.index("c") + 1]) if "c" in tag else 1
   def f(x, p, qs):
     absmax = ((qs.absmax, qs.nested_absmax, qs.nested_code, qs.offset)
               if "dq" in tag else ops.float_absmax(qs))
@@ -328,7 +342,7 @@ def main():
                           "gemm_wgmma_sweep.jsonl"), "a")
   for n, k, m, base, x in each_case(cases, t_end):
     tiles = tiles_by_m[min(tiles_by_m, key=lambda t: abs(t - m))]
-    if k >= 4 * n and run not in ("o", "p", "q", "r", "s"):  # few row tiles: split K
+    if k >= 4 * n and run not in ("o", "p", "q", "r", "s", "t"):  # few row tiles: split K
       tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[1:4]
                        for s in (2, 4)]
     if n * k < 2 ** 20:  # the small case: checked, not timed

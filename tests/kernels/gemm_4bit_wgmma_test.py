@@ -163,6 +163,60 @@ def test_gemm_serves(m, n, k, blocksize, dtype, mode, served):
   assert kernels.gemm_serves(m, n, k, dtype, qs, mode) is served
 
 
+@pytest.mark.parametrize("m,n,nested,bias,served", [
+    (512, 14336, True, False, True),
+    (1024, 4096, True, False, True),
+    (768, 11008, True, False, True),
+    (456, 4096, True, False, True),     # 512 padded rows: 9/8 of 456
+    (455, 4096, True, False, False),    # more than 9/8
+    (300, 14336, True, False, False),   # would run as 512
+    (257, 14336, True, False, False),
+    (1025, 14336, True, False, False),  # past GEMM_LARGE_MAX_M
+    (4096, 14336, True, False, False),  # dequantize + dot wins there
+    (512, 2048, True, False, False),    # too few rows
+    (512, 14336, False, False, False),  # plain absmax: not measured
+    (512, 14336, True, True, False),    # a bias: not measured
+])
+def test_gemm_serves_past_256_rows(m, n, nested, bias, served):
+  """Past GEMM_MAX_M the GEMM takes up to GEMM_LARGE_MAX_M rows where
+  their 256-row tiles pad them by at most an eighth, on double-quantized
+  weights of GEMM_LARGE_MIN_N rows or more without a bias (the forty-sixth
+  session's sweep run t); elsewhere dequantize + dot stays."""
+  k = 4096
+  qs = F.QuantState(absmax=jnp.zeros((1,)), code=jnp.zeros((16,)),
+                    shape=(n, k), blocksize=64, quant_type="nf4",
+                    dtype="bfloat16",
+                    **(dict(nested_absmax=jnp.zeros((1,)),
+                            nested_code=jnp.zeros((256,)),
+                            offset=jnp.zeros(())) if nested else {}))
+  assert qs.nested is nested
+  assert kernels.gemm_large_m(m, n, qs, bias) is served
+  assert kernels.gemm_serves(m, n, k, jnp.bfloat16, qs, "interpret",
+                             bias) is served
+  if served:  # unsplit, x's 256-row tile, the scale words made ahead
+    cfg = gw.default_config(m, bias, k, nested=True, n=n)
+    assert (cfg["variant"], cfg["tile_x"], cfg["tile_k"], cfg["split"],
+            cfg["prefetch"]) == ("ws", 256, 128, 1, True)
+
+
+def test_matmul_4bit_takes_the_gemm_past_256_rows(monkeypatch):
+  """`F.matmul_4bit` at M = 512 (a prefill of 2 x 256 tokens) on a
+  4096-row double-quantized weight runs the wgmma GEMM unsplit with the
+  statistics, and its product is the kernel weight's; at M = 300 it
+  dequantizes and multiplies with XLA's dot."""
+  n, k = 4096, 256
+  packed, qs = _weights(n, k, "nf4", 15)
+  seen = _spy_on_gemm(monkeypatch)
+  x = jnp.asarray(_util.rng_array((2, 256, k), 16, jnp.bfloat16))
+  with jaxbnb.kernel_mode("interpret"):
+    y = F.matmul_4bit(x, packed, qs)
+    F.matmul_4bit(x[:, :150], packed, qs)
+  assert [(stats, kw["variant"], kw["tile_x"], kw["split"])
+          for stats, kw in seen] == [(True, "ws", 256, 1)]
+  assert y.shape == (2, 256, n)
+  _check(y.reshape(512, n), x.reshape(512, k), packed, qs)
+
+
 def test_default_config_splits_few_rows():
   """Below SPLIT_BELOW_N rows, at M <= 128, K splits as many ways as
   keep the programs within one wave of SMS (132): "ks" (64 rows a
@@ -737,12 +791,15 @@ def test_gpu_gemm(case, nested, with_bias):
                                    (4096, 4096, 64), (4096, 4096, 128),
                                    (4096, 4096, 256), (1024, 4096, 64),
                                    (1024, 4096, 100), (1024, 4096, 256),
-                                   (6144, 4096, 256), (8192, 4096, 200)])
+                                   (6144, 4096, 256), (8192, 4096, 200),
+                                   (14336, 1024, 512), (4096, 4096, 1024),
+                                   (4096, 2048, 700)])
 def test_gpu_matmul_4bit_takes_the_gemm(n, k, m):
   """`F.matmul_4bit` in the default ("pallas") mode on the H200 runs the
   wgmma GEMM (`gemm_serves`) on a 14336-row weight, with K split on
-  4096- and 1024-row ones, and at M = 129-256 unsplit on 6144 and 8192
-  rows, within the bound of the kernel's weight."""
+  4096- and 1024-row ones, at M = 129-256 unsplit on 6144 and 8192
+  rows, and past 256 rows unsplit in x's 256-row tiles (700 padded to
+  768), within the bound of the kernel's weight."""
   packed, qs = _weights(n, k, "nf4", 9)
   assert kernels.gemm_serves(m, n, k, jnp.bfloat16, qs, "pallas")
   x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))

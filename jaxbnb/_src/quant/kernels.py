@@ -85,6 +85,31 @@ GEMM_SPLIT_WIDE_MAX_N = gw.SPLIT_WIDE_MAX_N
 # (a float32 output tile, less shared memory) that form does not fit, so
 # there XLA decodes above GEMM_NESTED_BIAS_MAX_M rows.
 GEMM_NESTED_BIAS_MAX_M = 128
+# Past GEMM_MAX_M, up to GEMM_LARGE_MAX_M rows, the GEMM also serves
+# double-quantized weights of GEMM_LARGE_MIN_N rows or more without a
+# bias, unsplit ("ws", x's 256-row tile, `gemm_4bit_wgmma.default_config`),
+# where x's rows padded to whole 256-row tiles are at most 9/8 of them
+# (`gemm_large_m`). Forty-sixth session, sweep run t (H100, NF4 + DQ, the
+# sweep timer, docs/benchmarks.md "The wgmma GEMM past M = 256"), us,
+# against dequantize + dot and XLA bf16: 14336x4096 at M = 512 103.7
+# against 141.9 and 89.2, at 1024 206.3 against 209.2 and 168.3;
+# 4096x14336 at 1024 182.3 against 198.5; 11008x4096 158.4 against
+# 162.1; 4096x4096 53.3 against 59.6. At M = 4096 it lost on the two
+# large shapes (809.5 against 733.4 on 14336x4096, 802.4 against 718.5)
+# and tied on 4096x4096 (218.5 against 210.7). Its time grows with the
+# padded rows, dequantize + dot's with the rows: 300 rows would run as 512.
+GEMM_LARGE_MAX_M = 1024
+GEMM_LARGE_MIN_N = 4096
+
+
+def gemm_large_m(m: int, n: int, qs, bias: bool = False) -> bool:
+  """Whether M = m past GEMM_MAX_M is in the GEMM's range (above):
+  at most GEMM_LARGE_MAX_M rows, padded to 256-row tiles by at most an
+  eighth, on a double-quantized weight of GEMM_LARGE_MIN_N rows or more,
+  without a bias."""
+  padded = -(-m // 256) * 256
+  return (GEMM_MAX_M < m <= GEMM_LARGE_MAX_M and 8 * padded <= 9 * m
+          and n >= GEMM_LARGE_MIN_N and qs.nested and not bias)
 
 
 def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
@@ -92,10 +117,14 @@ def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
   """Whether `[m, k]` times the 4-bit weight of `qs` (`[n, k]`) goes to
   the wgmma GEMM: M, N and the dtype in its range (above), blocksize 64,
   a kernel mode, and for "pallas" a Hopper GPU and a JAX with Mosaic GPU."""
-  rows = n >= GEMM_MIN_N or (
-      GEMM_SPLIT_MIN_N <= n and k >= GEMM_SPLIT_MIN_K
-      and (m <= GEMM_SPLIT_MAX_M or n <= GEMM_SPLIT_WIDE_MAX_N))
-  if not (GEMM_MIN_M <= m <= GEMM_MAX_M and rows
+  if m > GEMM_MAX_M:
+    rows = in_range = gemm_large_m(m, n, qs, bias)
+  else:
+    in_range = m >= GEMM_MIN_M
+    rows = n >= GEMM_MIN_N or (
+        GEMM_SPLIT_MIN_N <= n and k >= GEMM_SPLIT_MIN_K
+        and (m <= GEMM_SPLIT_MAX_M or n <= GEMM_SPLIT_WIDE_MAX_N))
+  if not (in_range and rows
           and qs.blocksize == 64 and jnp.dtype(dtype) == jnp.bfloat16
           and gw.can_use(m, n, k, qs.blocksize, dtype, bias)):
     return False
