@@ -164,11 +164,16 @@ def test_gemm_serves(m, n, k, blocksize, dtype, mode, served):
 
 
 @pytest.mark.parametrize("m,n,nested,bias,served", [
-    (512, 14336, True, False, True),
-    (1024, 4096, True, False, True),
-    (768, 11008, True, False, True),
-    (456, 4096, True, False, True),     # 512 padded rows: 9/8 of 456
-    (455, 4096, True, False, False),    # more than 9/8
+    (512, 14336, True, False, True),    # 224 programs, 2 waves of 132
+    (768, 14336, True, False, True),
+    (1024, 4096, True, False, True),    # 128 programs: one wave
+    (768, 11008, True, False, True),    # 258
+    (1024, 11008, True, False, True),   # 344 in 3 waves
+    (512, 11008, True, False, False),   # 172 in 2 waves: 65% filled
+    (512, 4096, True, False, False),    # 64 programs
+    (768, 4096, True, False, False),    # 96: 73%
+    (456, 14336, True, False, True),    # 512 padded rows: 9/8 of 456
+    (455, 14336, True, False, False),   # more than 9/8
     (300, 14336, True, False, False),   # would run as 512
     (257, 14336, True, False, False),
     (1025, 14336, True, False, False),  # past GEMM_LARGE_MAX_M
@@ -180,8 +185,10 @@ def test_gemm_serves(m, n, k, blocksize, dtype, mode, served):
 def test_gemm_serves_past_256_rows(m, n, nested, bias, served):
   """Past GEMM_MAX_M the GEMM takes up to GEMM_LARGE_MAX_M rows where
   their 256-row tiles pad them by at most an eighth, on double-quantized
-  weights of GEMM_LARGE_MIN_N rows or more without a bias (the forty-sixth
-  session's sweep run t); elsewhere dequantize + dot stays."""
+  weights of GEMM_LARGE_MIN_N rows or more without a bias, where its
+  programs (128 weight rows by 256 of x) fill at least 80% of their waves
+  of 132 SMs (the forty-sixth session's sweep run t and `bench matmul`);
+  elsewhere dequantize + dot stays."""
   k = 4096
   qs = F.QuantState(absmax=jnp.zeros((1,)), code=jnp.zeros((16,)),
                     shape=(n, k), blocksize=64, quant_type="nf4",
@@ -200,21 +207,23 @@ def test_gemm_serves_past_256_rows(m, n, nested, bias, served):
 
 
 def test_matmul_4bit_takes_the_gemm_past_256_rows(monkeypatch):
-  """`F.matmul_4bit` at M = 512 (a prefill of 2 x 256 tokens) on a
+  """`F.matmul_4bit` at M = 1024 (a prefill of 4 x 256 tokens) on a
   4096-row double-quantized weight runs the wgmma GEMM unsplit with the
-  statistics, and its product is the kernel weight's; at M = 300 it
-  dequantizes and multiplies with XLA's dot."""
-  n, k = 4096, 256
+  statistics, and its product is the kernel weight's; at M = 512 (64
+  programs) and 600 (padded to 768) it dequantizes and multiplies with
+  XLA's dot."""
+  n, k = 4096, 128
   packed, qs = _weights(n, k, "nf4", 15)
   seen = _spy_on_gemm(monkeypatch)
-  x = jnp.asarray(_util.rng_array((2, 256, k), 16, jnp.bfloat16))
+  x = jnp.asarray(_util.rng_array((4, 256, k), 16, jnp.bfloat16))
   with jaxbnb.kernel_mode("interpret"):
     y = F.matmul_4bit(x, packed, qs)
+    F.matmul_4bit(x[:2], packed, qs)
     F.matmul_4bit(x[:, :150], packed, qs)
   assert [(stats, kw["variant"], kw["tile_x"], kw["split"])
           for stats, kw in seen] == [(True, "ws", 256, 1)]
-  assert y.shape == (2, 256, n)
-  _check(y.reshape(512, n), x.reshape(512, k), packed, qs)
+  assert y.shape == (4, 256, n)
+  _check(y.reshape(1024, n), x.reshape(1024, k), packed, qs)
 
 
 def test_default_config_splits_few_rows():
@@ -793,7 +802,7 @@ def test_gpu_gemm(case, nested, with_bias):
                                    (1024, 4096, 100), (1024, 4096, 256),
                                    (6144, 4096, 256), (8192, 4096, 200),
                                    (14336, 1024, 512), (4096, 4096, 1024),
-                                   (4096, 2048, 700)])
+                                   (14336, 2048, 700)])
 def test_gpu_matmul_4bit_takes_the_gemm(n, k, m):
   """`F.matmul_4bit` in the default ("pallas") mode on the H200 runs the
   wgmma GEMM (`gemm_serves`) on a 14336-row weight, with K split on

@@ -89,7 +89,7 @@ GEMM_NESTED_BIAS_MAX_M = 128
 # double-quantized weights of GEMM_LARGE_MIN_N rows or more without a
 # bias, unsplit ("ws", x's 256-row tile, `gemm_4bit_wgmma.default_config`),
 # where x's rows padded to whole 256-row tiles are at most 9/8 of them
-# (`gemm_large_m`). Forty-sixth session, sweep run t (H100, NF4 + DQ, the
+# and its programs fill their waves (`gemm_large_m`). Forty-sixth session, sweep run t (H100, NF4 + DQ, the
 # sweep timer, docs/benchmarks.md "The wgmma GEMM past M = 256"), us,
 # against dequantize + dot and XLA bf16: 14336x4096 at M = 512 103.7
 # against 141.9 and 89.2, at 1024 206.3 against 209.2 and 168.3;
@@ -102,14 +102,31 @@ GEMM_LARGE_MAX_M = 1024
 GEMM_LARGE_MIN_N = 4096
 
 
+# Its programs (128 weight rows by 256 rows of x) must fill at least
+# GEMM_LARGE_MIN_FILL of the waves of SMs they take: each program's time is
+# about the same, so a GEMM of 64 programs takes as long as one of 132.
+# `jaxbnb bench matmul` in the same session (H100), us, against
+# dequantize + dot: 4096x14336 at M = 512 (64 programs) 169.7 against
+# 129.8, at 768 (96) 175.3 against 169.4, at 1024 (128) 185.3 against
+# 200.3; 4096x4096 48.1 / 49.7 / 52.2 against 41.2 / 49.2 / 59.9;
+# 11008x4096 at 512 (172 programs in two waves) 102.0 against 102.9, at
+# 768 (258) 103.1 against 127.6; 14336x4096 (224 / 336 / 448) 102.8 /
+# 150.8 / 206.6 against 139.9 / 172.9 / 210.2.
+GEMM_LARGE_MIN_FILL = 0.8
+
+
 def gemm_large_m(m: int, n: int, qs, bias: bool = False) -> bool:
   """Whether M = m past GEMM_MAX_M is in the GEMM's range (above):
   at most GEMM_LARGE_MAX_M rows, padded to 256-row tiles by at most an
   eighth, on a double-quantized weight of GEMM_LARGE_MIN_N rows or more,
-  without a bias."""
-  padded = -(-m // 256) * 256
-  return (GEMM_MAX_M < m <= GEMM_LARGE_MAX_M and 8 * padded <= 9 * m
-          and n >= GEMM_LARGE_MIN_N and qs.nested and not bias)
+  without a bias, its programs filling at least GEMM_LARGE_MIN_FILL of
+  their waves of `gemm_4bit_wgmma.SMS` SMs."""
+  tiles = -(-m // 256)
+  programs = n // 128 * tiles
+  waves = -(-programs // gw.SMS)
+  return (GEMM_MAX_M < m <= GEMM_LARGE_MAX_M and 8 * 256 * tiles <= 9 * m
+          and n >= GEMM_LARGE_MIN_N and qs.nested and not bias
+          and programs >= GEMM_LARGE_MIN_FILL * waves * gw.SMS)
 
 
 def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
