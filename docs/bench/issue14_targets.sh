@@ -1,0 +1,40 @@
+#!/bin/bash
+# Issue 14's targets, measured on the GPU machine in two calls of under
+# 600 s each (docs/benchmarks.md, "Issue 14's targets: where each stands").
+# The targets are set on the H200; on another GPU the figures are that
+# GPU's, not target figures.
+#
+#   bash docs/bench/issue14_targets.sh a   # decode 8B b1/b8; M = 1, 16
+#   bash docs/bench/issue14_targets.sh b   # M = 64/256/4096; quantize; AdamW
+#
+# Results go to $OUT (default .): JSON per command, and the tables on
+# stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
+set -u
+OUT=${OUT:-.}
+part=${1:-a}
+nvidia-smi --query-gpu=name,clocks.max.sm,driver_version --format=csv,noheader
+date -u +%FT%TZ
+J="python -m jaxbnb bench"
+case $part in
+  a)
+    timeout 170 $J decode --impl jax-nf4-dq --shape llama-3-8b \
+        --batch 1,8 --steps 64 --reps 3 --json "$OUT/decode_b1_b8.json" 2>&1 \
+        | grep "batch \|built"
+    timeout 170 $J matmul --m 1,16 --no-ref --reps 20 \
+        --shapes 14336x4096,4096x4096,1024x4096,4096x14336,11008x4096 \
+        --out "$OUT/matmul_m1_m16.json" 2>&1 | grep -A14 "^\*\*matmul"
+    ;;
+  b)
+    timeout 200 $J matmul --m 64,256,4096 --no-ref --reps 15 \
+        --shapes 14336x4096,4096x14336,11008x4096,4096x4096,1024x4096 \
+        --out "$OUT/matmul_m64_4096.json" 2>&1 | grep -A18 "^\*\*matmul"
+    timeout 100 $J quant --sizes 2^28 --no-ref \
+        --out "$OUT/quant_2_28.json" 2>&1 | tail -8
+    timeout 100 $J optim --sizes 64M --json "$OUT/optim_64m.json" 2>&1 \
+        | tail -10
+    ;;
+  *)
+    echo "part: expected a or b, got $part" >&2
+    exit 2
+    ;;
+esac
