@@ -89,29 +89,27 @@ GEMM_NESTED_BIAS_MAX_M = 128
 # double-quantized weights of GEMM_LARGE_MIN_N rows or more without a
 # bias, unsplit ("ws", x's 256-row tile, `gemm_4bit_wgmma.default_config`),
 # where x's rows padded to whole 256-row tiles are at most 9/8 of them
-# and its programs fill their waves (`gemm_large_m`). Forty-sixth session, sweep run t (H100, NF4 + DQ, the
-# sweep timer, docs/benchmarks.md "The wgmma GEMM past M = 256"), us,
-# against dequantize + dot and XLA bf16: 14336x4096 at M = 512 103.7
-# against 141.9 and 89.2, at 1024 206.3 against 209.2 and 168.3;
-# 4096x14336 at 1024 182.3 against 198.5; 11008x4096 158.4 against
-# 162.1; 4096x4096 53.3 against 59.6. At M = 4096 it lost on the two
-# large shapes (809.5 against 733.4 on 14336x4096, 802.4 against 718.5)
-# and tied on 4096x4096 (218.5 against 210.7). Its time grows with the
-# padded rows, dequantize + dot's with the rows: 300 rows would run as 512.
+# and its programs (128 weight rows by 256 rows of x) fill at least
+# GEMM_LARGE_MIN_FILL of the waves of SMs they take (`gemm_large_m`).
+# Forty-sixth session (H100, NF4 + DQ, docs/benchmarks.md "The wgmma GEMM
+# past M = 256"), sweep run t (the sweep timer), us, against dequantize +
+# dot and XLA bf16: 14336x4096 at M = 512 103.7 against 141.9 and 89.2,
+# at 1024 206.3 against 209.2 and 168.3; 4096x14336 at 1024 182.3
+# against 198.5; 11008x4096 158.4 against 162.1; 4096x4096 53.3 against
+# 59.6. At M = 4096 it lost on the two large shapes (809.5 against 733.4
+# on 14336x4096, 802.4 against 718.5) and tied on 4096x4096 (218.5
+# against 210.7). Its time grows with the padded rows, dequantize +
+# dot's with the rows: 300 rows would run as 512. Each program takes
+# about the same time, so 64 programs take as long as 132: `jaxbnb bench
+# matmul`, same session, us, against dequantize + dot: 4096x14336 at M =
+# 512 (64 programs) 169.7 against 129.8, at 768 (96) 175.3 against
+# 169.4, at 1024 (128) 185.3 against 200.3; 4096x4096 48.1 / 49.7 / 52.2
+# against 41.2 / 49.2 / 59.9; 11008x4096 at 512 (172 programs in two
+# waves) 102.0 against 102.9, at 768 (258) 103.1 against 127.6;
+# 14336x4096 (224 / 336 / 448) 102.8 / 150.8 / 206.6 against 139.9 /
+# 172.9 / 210.2.
 GEMM_LARGE_MAX_M = 1024
 GEMM_LARGE_MIN_N = 4096
-
-
-# Its programs (128 weight rows by 256 rows of x) must fill at least
-# GEMM_LARGE_MIN_FILL of the waves of SMs they take: each program's time is
-# about the same, so a GEMM of 64 programs takes as long as one of 132.
-# `jaxbnb bench matmul` in the same session (H100), us, against
-# dequantize + dot: 4096x14336 at M = 512 (64 programs) 169.7 against
-# 129.8, at 768 (96) 175.3 against 169.4, at 1024 (128) 185.3 against
-# 200.3; 4096x4096 48.1 / 49.7 / 52.2 against 41.2 / 49.2 / 59.9;
-# 11008x4096 at 512 (172 programs in two waves) 102.0 against 102.9, at
-# 768 (258) 103.1 against 127.6; 14336x4096 (224 / 336 / 448) 102.8 /
-# 150.8 / 206.6 against 139.9 / 172.9 / 210.2.
 GEMM_LARGE_MIN_FILL = 0.8
 
 
