@@ -162,6 +162,24 @@ MUTANTS: tuple[Mutant, ...] = (
            "and m <= GEMM_SPLIT_MAX_M)",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_gemm_serves[256-4096-4096-64-bfloat16-interpret-True]",)),
+    Mutant("wgmma-gemm-past-256-ignores-the-waves",
+           "jaxbnb/_src/quant/kernels.py",
+           "and programs >= GEMM_LARGE_MIN_FILL * waves * gw.SMS)",
+           ")",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_gemm_serves_past_256_rows[512-4096-True-False-False]",)),
+    Mutant("wgmma-gemm-past-256-pads-freely",
+           "jaxbnb/_src/quant/kernels.py",
+           "and 8 * 256 * tiles <= 9 * m",
+           "and 256 * tiles <= 2 * m",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_gemm_serves_past_256_rows[300-14336-True-False-False]",)),
+    Mutant("wgmma-gemm-past-256-splits-k",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "if n is not None and n < SPLIT_BELOW_N and m <= 256 and (",
+           "if n is not None and n < SPLIT_BELOW_N and (",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_gemm_serves_past_256_rows[1024-4096-True-False-True]",)),
     Mutant("wgmma-gemm-ks-sums-in-a-second-tile",
            "pallas_kernels/gemm_4bit_wgmma.py",
            "+ (0 if out_f32 else tile_w * tile_x * 2))",
