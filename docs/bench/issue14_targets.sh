@@ -6,6 +6,9 @@
 #
 #   bash docs/bench/issue14_targets.sh a   # decode 8B b1/b8; M = 1, 16
 #   bash docs/bench/issue14_targets.sh b   # M = 64/256/4096; quantize; AdamW
+#   bash docs/bench/issue14_targets.sh c   # batch 4 / 8 prefill (M = 512 /
+#                                          # 1024): the wgmma GEMM past 256
+#                                          # rows, then without it
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -33,8 +36,20 @@ case $part in
     timeout 100 $J optim --sizes 64M --json "$OUT/optim_64m.json" 2>&1 \
         | tail -10
     ;;
+  c)
+    for limit in 1024 0; do
+      timeout 120 python -c "import sys
+from jaxbnb._src.quant import kernels
+kernels.GEMM_LARGE_MAX_M = $limit
+from jaxbnb._src.tools.cli import main
+sys.exit(main(sys.argv[1:]))" bench decode --impl jax-nf4-dq \
+          --shape llama-3-8b --batch 4,8 --steps 2 --reps 5 \
+          --json "$OUT/prefill_b4_b8_gemm_large_max_m_$limit.json" 2>&1 \
+        | grep "batch \|built"
+    done
+    ;;
   *)
-    echo "part: expected a or b, got $part" >&2
+    echo "part: expected a, b or c, got $part" >&2
     exit 2
     ;;
 esac
