@@ -35,7 +35,9 @@ steps in flight (the float32 sums meeting in the output tile). Run q
 K splits at M = 128 on 6144-14336 rows; run r: M = 256 on 3072-9216
 rows after run q's routing, and run q's M = 128 cases its budget cut;
 run s: one wave of K splits at M = 64 and 128 on 6144 and 3072 rows.
-Run t (forty-sixth session): M = 512-4096, past the kernel's routing.
+Run t (forty-sixth session): M = 512-4096, past the kernel's routing;
+run u (defined, not run): K splits and 128-row x tiles where run t's
+config leaves SMs idle.
 """
 import os
 import sys
@@ -305,6 +307,19 @@ RUNS = {
                   (64, 256, 64, 1, 4, "ws", "dqpf"),
                   (64, 256, 128, 1, 2, "ws", "dq"),
                   (64, 256, 128, 1, 2, "ws", "dqpfc2")]}),
+    # u (defined in the forty-sixth session, not run): where run t's
+    # config leaves SMs idle past M = 256 (4096-row weights at M = 512
+    # and 768: 64 and 96 programs; 11008 rows at 512: 172 in two waves),
+    # K split in two, and x's 128-row tiles (M = 512 on 4096 rows: 128
+    # programs).
+    "u": ([((4096, 14336), 512), ((4096, 4096), 512), ((4096, 14336), 768),
+           ((4096, 4096), 768), ((11008, 4096), 512)],
+          {512: [(64, 256, 128, 1, 2, "ws", "dqpf"),
+                 (64, 256, 128, 2, 2, "plain", "dqpf"),
+                 (64, 256, 64, 2, 2, "ws", "dq"),
+                 (64, 256, 64, 2, 2, "ks", "dq"),
+                 (64, 128, 128, 1, 3, "ws", "dqlt"),
+                 (64, 128, 128, 2, 3, "ws", "dqlt")]}),
 }
 
 def fn(n, k, cfg):
@@ -342,7 +357,7 @@ def main():
                           "gemm_wgmma_sweep.jsonl"), "a")
   for n, k, m, base, x in each_case(cases, t_end):
     tiles = tiles_by_m[min(tiles_by_m, key=lambda t: abs(t - m))]
-    if k >= 4 * n and run not in ("o", "p", "q", "r", "s", "t"):  # few row tiles: split K
+    if k >= 4 * n and run not in ("o", "p", "q", "r", "s", "t", "u"):  # few row tiles: split K
       tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[1:4]
                        for s in (2, 4)]
     if n * k < 2 ** 20:  # the small case: checked, not timed
