@@ -152,8 +152,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_follows_k",)),
     Mutant("wgmma-gemm-for-small-weights", "jaxbnb/_src/quant/kernels.py",
-           "rows = n >= GEMM_MIN_N or",
-           "rows = n >= 128 or",
+           "(n >= GEMM_MIN_N or (",
+           "(n >= 128 or (",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_gemm_serves[256-9216-4096-64-bfloat16-interpret-False]",)),
     Mutant("wgmma-gemm-split-only-to-128-rows-of-x",
@@ -170,8 +170,8 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_gemm_serves_past_256_rows[512-4096-True-False-False]",)),
     Mutant("wgmma-gemm-past-256-pads-freely",
            "jaxbnb/_src/quant/kernels.py",
-           "and 8 * 256 * tiles <= 9 * m",
-           "and 256 * tiles <= 2 * m",
+           "and 8 * cfg[\"tile_x\"] * tiles <= 9 * m",
+           "and cfg[\"tile_x\"] * tiles <= 2 * m",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_gemm_serves_past_256_rows[300-14336-True-False-False]",)),
     Mutant("wgmma-gemm-past-256-splits-k",

@@ -118,11 +118,15 @@ def gemm_large_m(m: int, n: int, qs, bias: bool = False) -> bool:
   at most GEMM_LARGE_MAX_M rows, padded to 256-row tiles by at most an
   eighth, on a double-quantized weight of GEMM_LARGE_MIN_N rows or more,
   without a bias, its programs filling at least GEMM_LARGE_MIN_FILL of
-  their waves of `gemm_4bit_wgmma.SMS` SMs."""
-  tiles = -(-m // 256)
-  programs = n // 128 * tiles
+  their waves of `gemm_4bit_wgmma.SMS` SMs. The tiles are the ones
+  `gemm` will take (`gemm_4bit_wgmma.default_config`)."""
+  cfg = gw.default_config(m, bias, nested=True)
+  rows = cfg["tile_w"] * (2 if cfg["variant"] == "ws" else 1)
+  tiles = -(-m // cfg["tile_x"])
+  programs = n // rows * tiles
   waves = -(-programs // gw.SMS)
-  return (GEMM_MAX_M < m <= GEMM_LARGE_MAX_M and 8 * 256 * tiles <= 9 * m
+  return (GEMM_MAX_M < m <= GEMM_LARGE_MAX_M
+          and 8 * cfg["tile_x"] * tiles <= 9 * m
           and n >= GEMM_LARGE_MIN_N and qs.nested and not bias
           and programs >= GEMM_LARGE_MIN_FILL * waves * gw.SMS)
 
@@ -133,13 +137,12 @@ def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
   the wgmma GEMM: M, N and the dtype in its range (above), blocksize 64,
   a kernel mode, and for "pallas" a Hopper GPU and a JAX with Mosaic GPU."""
   if m > GEMM_MAX_M:
-    rows = in_range = gemm_large_m(m, n, qs, bias)
+    shape_ok = gemm_large_m(m, n, qs, bias)
   else:
-    in_range = m >= GEMM_MIN_M
-    rows = n >= GEMM_MIN_N or (
+    shape_ok = m >= GEMM_MIN_M and (n >= GEMM_MIN_N or (
         GEMM_SPLIT_MIN_N <= n and k >= GEMM_SPLIT_MIN_K
-        and (m <= GEMM_SPLIT_MAX_M or n <= GEMM_SPLIT_WIDE_MAX_N))
-  if not (in_range and rows
+        and (m <= GEMM_SPLIT_MAX_M or n <= GEMM_SPLIT_WIDE_MAX_N)))
+  if not (shape_ok
           and qs.blocksize == 64 and jnp.dtype(dtype) == jnp.bfloat16
           and gw.can_use(m, n, k, qs.blocksize, dtype, bias)):
     return False
