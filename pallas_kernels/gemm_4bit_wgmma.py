@@ -130,8 +130,6 @@ def smem_bytes(tile_w: int, tile_x: int, tile_k: int, stages: int,
 SPLIT_BELOW_N = 10240
 SPLIT_MAX_M = 128
 SPLIT_WIDE_MAX_N = 8192
-# The SMs of an H100 or H200 (SXM): K splits keep the programs to one wave.
-SMS = 132
 
 
 def _split_config(m: int, n: int, k: int | None) -> dict:
@@ -140,7 +138,8 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
   in "plain" with 128-column steps and the scale words made ahead where
   the split is 1 or 2 (more than 2112 rows), else "ks" with 64-column
   steps. K is split as many ways (at most 8, 16 at M = 65-128) as keep
-  the programs within one wave of SMS (sweep run s, twenty-third
+  the programs within one wave of the GPU's SMs (`_backend.num_sms`:
+  132 on an H100 or H200 SXM; sweep run s, twenty-third
   session: on 6144x4096 at M = 64 "ks" unsplit 19.2 us against split 2's
   24.1, at M = 128 "ws" split 2 27.4 against split 4's 30.0; on 3072x4096
   at M = 64 split 2 13.8 against split 4's 17.5; XLA bf16 20.6, 23.4 and
@@ -171,8 +170,9 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
     rows, most = 64, 8
   tiles = n // rows
   # As many ways as keep the programs within one wave of the SMs.
+  sms = _backend.num_sms()
   split = max(s for s in (1, 2, 4, 8, 16)
-              if s == 1 or (s <= most and tiles * s <= SMS))
+              if s == 1 or (s <= most and tiles * s <= sms))
   if cfg["variant"] == "plain" and split > 2:
     cfg = dict(tile_w=64, tile_x=256, tile_k=64, stages=2, variant="ks",
                load_table=True)

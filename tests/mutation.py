@@ -164,7 +164,7 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_gemm_serves[256-4096-4096-64-bfloat16-interpret-True]",)),
     Mutant("wgmma-gemm-past-256-ignores-the-waves",
            "jaxbnb/_src/quant/kernels.py",
-           "and programs >= GEMM_LARGE_MIN_FILL * waves * gw.SMS)",
+           "and programs >= GEMM_LARGE_MIN_FILL * waves * sms)",
            ")",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_gemm_serves_past_256_rows[512-4096-True-False-False]",)),
@@ -193,14 +193,14 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_group_keeps_weights_served_only_with_a_split",)),
     Mutant("wgmma-gemm-unsplit-for-few-rows",
            "pallas_kernels/gemm_4bit_wgmma.py",
-           "if s == 1 or (s <= most and tiles * s <= SMS))",
+           "if s == 1 or (s <= most and tiles * s <= sms))",
            "if s == 1)",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
     Mutant("wgmma-gemm-split-past-one-wave",
            "pallas_kernels/gemm_4bit_wgmma.py",
-           "if s == 1 or (s <= most and tiles * s <= SMS))",
-           "if s == 1 or (s <= most and tiles * s <= 2 * SMS))",
+           "if s == 1 or (s <= most and tiles * s <= sms))",
+           "if s == 1 or (s <= most and tiles * s <= 2 * sms))",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
     # q/k/v sent back to "reduce" (the rule before the 29th session).

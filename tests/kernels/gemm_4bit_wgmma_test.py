@@ -25,6 +25,7 @@ from jaxbnb import functional as F
 from jaxbnb._src.quant import codebooks
 from jaxbnb._src.quant import kernels
 from jaxbnb._src.quant import ops
+from pallas_kernels import _backend
 from pallas_kernels import gemm_4bit_wgmma as gw
 from pallas_kernels import lut_decode
 from pallas_kernels import wgmma_decode as wd
@@ -163,6 +164,17 @@ def test_gemm_serves(m, n, k, blocksize, dtype, mode, served):
   assert kernels.gemm_serves(m, n, k, dtype, qs, mode) is served
 
 
+def _nested_state(n, k, nested=True):
+  """A QuantState of `[n, k]` with (or without) the double quantization's
+  fields: what the routing reads."""
+  return F.QuantState(absmax=jnp.zeros((1,)), code=jnp.zeros((16,)),
+                      shape=(n, k), blocksize=64, quant_type="nf4",
+                      dtype="bfloat16",
+                      **(dict(nested_absmax=jnp.zeros((1,)),
+                              nested_code=jnp.zeros((256,)),
+                              offset=jnp.zeros(())) if nested else {}))
+
+
 @pytest.mark.parametrize("m,n,nested,bias,served", [
     (512, 14336, True, False, True),    # 224 programs, 2 waves of 132
     (768, 14336, True, False, True),
@@ -182,20 +194,16 @@ def test_gemm_serves(m, n, k, blocksize, dtype, mode, served):
     (512, 14336, False, False, False),  # plain absmax: not measured
     (512, 14336, True, True, False),    # a bias: not measured
 ])
-def test_gemm_serves_past_256_rows(m, n, nested, bias, served):
+def test_gemm_serves_past_256_rows(m, n, nested, bias, served, monkeypatch):
   """Past GEMM_MAX_M the GEMM takes up to GEMM_LARGE_MAX_M rows where
   their 256-row tiles pad them by at most an eighth, on double-quantized
   weights of GEMM_LARGE_MIN_N rows or more without a bias, where its
   programs (128 weight rows by 256 of x) fill at least 80% of their waves
   of 132 SMs (the forty-sixth session's sweep run t and `bench matmul`);
   elsewhere dequantize + dot stays."""
+  monkeypatch.setattr(_backend, "num_sms", lambda: 132)
   k = 4096
-  qs = F.QuantState(absmax=jnp.zeros((1,)), code=jnp.zeros((16,)),
-                    shape=(n, k), blocksize=64, quant_type="nf4",
-                    dtype="bfloat16",
-                    **(dict(nested_absmax=jnp.zeros((1,)),
-                            nested_code=jnp.zeros((256,)),
-                            offset=jnp.zeros(())) if nested else {}))
+  qs = _nested_state(n, k, nested)
   assert qs.nested is nested
   assert kernels.gemm_large_m(m, n, qs, bias) is served
   assert kernels.gemm_serves(m, n, k, jnp.bfloat16, qs, "interpret",
@@ -204,6 +212,22 @@ def test_gemm_serves_past_256_rows(m, n, nested, bias, served):
     cfg = gw.default_config(m, bias, k, nested=True, n=n)
     assert (cfg["variant"], cfg["tile_x"], cfg["tile_k"], cfg["split"],
             cfg["prefetch"]) == ("ws", 256, 128, 1, True)
+
+
+@pytest.mark.parametrize("m,n,served", [
+    (1024, 4096, False),   # 128 programs: 56% of two waves of 114
+    (512, 14336, True),    # 224: 98% of two waves
+    (768, 11008, False),   # 258: 75% of three waves
+    (1024, 11008, False),  # 344: 75% of four waves
+    (768, 14336, True),    # 336: 98% of three waves
+])
+def test_gemm_past_256_rows_counts_the_gpus_sms(m, n, served, monkeypatch):
+  """The wave rule counts the device's SMs (`_backend.num_sms`): on an
+  H100 PCIe's 114 a 4096-row weight at M = 1024 (128 programs) would
+  leave a second wave of 14 programs, so it stays on dequantize + dot,
+  where 132 SMs take it in one wave."""
+  monkeypatch.setattr(_backend, "num_sms", lambda: 114)
+  assert kernels.gemm_large_m(m, n, _nested_state(n, 4096)) is served
 
 
 def test_matmul_4bit_takes_the_gemm_past_256_rows(monkeypatch):
@@ -226,9 +250,9 @@ def test_matmul_4bit_takes_the_gemm_past_256_rows(monkeypatch):
   _check(y.reshape(1024, n), x.reshape(1024, k), packed, qs)
 
 
-def test_default_config_splits_few_rows():
+def test_default_config_splits_few_rows(monkeypatch):
   """Below SPLIT_BELOW_N rows, at M <= 128, K splits as many ways as
-  keep the programs within one wave of SMS (132): "ks" (64 rows a
+  keep the programs within one wave of the GPU's SMs (132 here): "ks" (64 rows a
   program) at M <= 64, "ws" (128) above; at M = 129-256 on at most
   SPLIT_WIDE_MAX_N rows, x's 256-row tile in "plain" split 2 (4096
   rows), unsplit (6144 and 8192 rows: one program an SM) or "ks" split
@@ -236,6 +260,7 @@ def test_default_config_splits_few_rows():
   no more steps are in flight than a program has; every such default
   passes `check_config` and fits shared memory. Larger weights keep
   theirs."""
+  monkeypatch.setattr(_backend, "num_sms", lambda: 132)
   cfg = gw.default_config(64, k=4096, n=4096)
   assert (cfg["variant"], cfg["tile_k"], cfg["split"]) == ("ks", 256, 2)
   cfg = gw.default_config(128, k=14336, n=4096)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import _backend
 from pallas_kernels import code_tables
 from pallas_kernels import dequantize_4bit as dk
 from pallas_kernels import gemm_4bit_wgmma as gw
@@ -118,17 +119,19 @@ def gemm_large_m(m: int, n: int, qs, bias: bool = False) -> bool:
   at most GEMM_LARGE_MAX_M rows, padded to 256-row tiles by at most an
   eighth, on a double-quantized weight of GEMM_LARGE_MIN_N rows or more,
   without a bias, its programs filling at least GEMM_LARGE_MIN_FILL of
-  their waves of `gemm_4bit_wgmma.SMS` SMs. The tiles are the ones
+  their waves of the GPU's SMs (`_backend.num_sms`: 132 on an H100 or
+  H200 SXM, 114 on an H100 PCIe). The tiles are the ones
   `gemm` will take (`gemm_4bit_wgmma.default_config`)."""
   cfg = gw.default_config(m, bias, nested=True)
   rows = cfg["tile_w"] * (2 if cfg["variant"] == "ws" else 1)
   tiles = -(-m // cfg["tile_x"])
   programs = n // rows * tiles
-  waves = -(-programs // gw.SMS)
+  sms = _backend.num_sms()
+  waves = -(-programs // sms)
   return (GEMM_MAX_M < m <= GEMM_LARGE_MAX_M
           and 8 * cfg["tile_x"] * tiles <= 9 * m
           and n >= GEMM_LARGE_MIN_N and qs.nested and not bias
-          and programs >= GEMM_LARGE_MIN_FILL * waves * gw.SMS)
+          and programs >= GEMM_LARGE_MIN_FILL * waves * sms)
 
 
 def gemm_serves(m: int, n: int, k: int, dtype, qs, mode: str,
