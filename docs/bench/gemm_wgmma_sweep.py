@@ -37,7 +37,9 @@ rows after run q's routing, and run q's M = 128 cases its budget cut;
 run s: one wave of K splits at M = 64 and 128 on 6144 and 3072 rows.
 Run t (forty-sixth session): M = 512-4096, past the kernel's routing;
 run u (defined, not run): K splits and 128-row x tiles where run t's
-config leaves SMs idle.
+config leaves SMs idle. Run v (forty-seventh session): "ks" unsplit, x's
+128-row tiles and K splits at M = 256 on Qwen2.5-7B's and Llama-3-70B's
+weights.
 """
 import os
 import sys
@@ -320,6 +322,23 @@ RUNS = {
                  (64, 256, 64, 2, 2, "ks", "dq"),
                  (64, 128, 128, 1, 3, "ws", "dqlt"),
                  (64, 128, 128, 2, 3, "ws", "dqlt")]}),
+    # v (forty-seventh session): M = 256 on weights outside the 8B
+    # suite where `jaxbnb bench matmul` ran 0.65-0.78x bf16: Qwen2.5-7B's
+    # 18944x3584 ("ws", 148 programs: a second wave of 16) and
+    # Llama-3-70B's 8192-row weights ("plain", one compute warpgroup a
+    # program), against "ks" unsplit (two compute warpgroups on the same
+    # 64 rows, alternate K steps: twice the programs of "ws", twice the
+    # warps of "plain"), x's 128-row tiles and K splits.
+    "v": ([((18944, 3584), 256), ((8192, 28672), 256), ((8192, 8192), 256),
+           ((3584, 18944), 256)],
+          {256: [(64, 256, 128, 1, 2, "ws", "dqpf"),
+                 (64, 256, 128, 1, 2, "plain", "dqpf"),
+                 (64, 256, 64, 1, 1, "ks", "dq"),
+                 (64, 256, 64, 1, 1, "ks", "dqlt"),
+                 (64, 128, 64, 1, 3, "ks", "dqlt"),
+                 (64, 128, 128, 1, 3, "ws", "dqlt"),
+                 (64, 256, 128, 2, 2, "plain", "dqpf"),
+                 (64, 256, 64, 2, 2, "ks", "dqlt")]}),
 }
 
 def fn(n, k, cfg):
@@ -357,7 +376,7 @@ def main():
                           "gemm_wgmma_sweep.jsonl"), "a")
   for n, k, m, base, x in each_case(cases, t_end):
     tiles = tiles_by_m[min(tiles_by_m, key=lambda t: abs(t - m))]
-    if k >= 4 * n and run not in ("o", "p", "q", "r", "s", "t", "u"):  # few row tiles: split K
+    if k >= 4 * n and run not in ("o", "p", "q", "r", "s", "t", "u", "v"):  # few row tiles: split K
       tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[1:4]
                        for s in (2, 4)]
     if n * k < 2 ** 20:  # the small case: checked, not timed
