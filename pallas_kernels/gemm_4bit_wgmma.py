@@ -43,7 +43,10 @@ which may live in registers:
   gain measured at M <= 128).
 * Weights of fewer than SPLIT_BELOW_N rows fill the SMs with K splits
   (`default_config`'s `n`): each program sums a part of K in float32 and
-  XLA adds the parts.
+  XLA adds the parts. With `tail_rows`, a weight's last rows run in a
+  second launch split that way (a thin last wave of programs made into
+  a full wave of short ones; `tail_rows_for`, off by default until
+  timed on the GPU).
 * The decode's PTX text is built in `wgmma_decode`.
 * The bf16 result is stored transposed into shared memory and goes out by
   TMA as `y[tile_x, tile_w]`. A float32 result (a bias, or K splits to
@@ -240,6 +243,46 @@ def default_config(m: int, out_f32: bool = False,
               stages=2 if out_f32 else 4, variant="ws")
 
 
+# A last wave of programs that fills less than this share of the SMs
+# runs as a tail launch with K split (`gemm`'s `tail_rows`,
+# `tail_rows_for`). 0 turns it off, the default until it is timed on the
+# GPU: the forty-seventh session's sweep run v found 18944x3584 at M =
+# 256 ("ws", 148 programs, a second wave of 16) at 94.7 us against XLA's
+# 60.2, each wave costing about the same however few programs it holds;
+# run w (defined, not run) times the tail against it.
+TAIL_BELOW_FILL = 0.0
+
+
+def tail_rows_for(m: int, n: int, k: int, cfg: dict,
+                  below: float | None = None) -> int:
+  """The weight rows `gemm` runs as a tail launch for `cfg` (a
+  `default_config`) at M = m: where x is one tile, K is not split, and
+  the programs take more than one wave of the GPU's SMs
+  (`_backend.num_sms`) with a last wave below `below` (default
+  TAIL_BELOW_FILL) of them, that wave's rows, if `_split_config` splits
+  K for so few rows; else 0.
+
+  Example:
+    >>> from pallas_kernels import gemm_4bit_wgmma as gw
+    >>> cfg = gw.default_config(256, k=3584, nested=True, n=18944)
+    >>> gw.tail_rows_for(256, 18944, 3584, cfg, below=0.5)  # 148 programs
+    2048
+  """
+  below = TAIL_BELOW_FILL if below is None else below
+  rows = cfg["tile_w"] * (2 if cfg["variant"] == "ws" else 1)
+  programs, sms = n // rows, _backend.num_sms()
+  last = programs % sms
+  if (m > cfg["tile_x"] or cfg["split"] != 1 or programs <= sms
+      or not 0 < last < below * sms):
+    return 0
+  try:
+    tail = _tail_config(m, n, k, last * rows, cfg["tile_w"], cfg["variant"],
+                        1, 1, False)
+  except ValueError:
+    return 0
+  return last * rows if tail["split"] > 1 else 0
+
+
 def can_use(m: int, n: int, k: int, blocksize: int, dtype,
             out_f32: bool = False) -> bool:
   """Whether `gemm` with `default_config(m, out_f32, k, n=n)` takes these
@@ -327,7 +370,8 @@ def _fragments(regs, shape):
 def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
               split, stages, variant="plain", out_f32=False, out_t=None,
               cluster=1, swizzle=False, load_table=False, overlap=False,
-              nested_blocksize=None, prefetch=False):
+              nested_blocksize=None, prefetch=False, n_rows=None,
+              row_offset=0, out_n=None):
   """The Mosaic GPU kernel: `[split, m, n]` (`out_t`, y itself) or `[split,
   n, m]` (y.T) partials, m a multiple of tile_x; bf16 when split is 1 (and
   not `out_f32`), else float32 (`out_t` needs bf16: Mosaic GPU stores only
@@ -354,6 +398,10 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       second's sums added through shared memory at the end, in the output
       tile itself when that is float32): twice the
       programs of "ws" for weights of few rows.
+  `n_rows` weight rows from `row_offset` on (default all `n` from 0)
+  are multiplied, into an output of `out_n` rows (default `n_rows`) at
+  their local index: `gemm`'s tail launch reads the weight's last rows,
+  and its first launch leaves them unwritten in `y`.
   `swizzle` and `load_table`: see `wgmma_decode.decode_ptx` (the weight
   tile then arrives swizzled; the table words are one more input).
   Each waits for its wgmma before the next step's decode: with the wait
@@ -364,6 +412,8 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   the previous part's wgmma, each A operand fenced after its wait.
   """
   m = x.shape[0]
+  n_rows = n if n_rows is None else n_rows
+  out_n = n_rows if out_n is None else out_n
   steps = k // tile_k // split
   kb = tile_k // 64
   nested = (k // 64, nested_blocksize) if nested_blocksize else None
@@ -460,6 +510,13 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
           plgpu.SwizzleTransform(r_swizzle))
 
   cta_w = tile_w if variant == "ks" else wgs * tile_w
+  if (row_offset % (cta_w * cluster) or n_rows % (cta_w * cluster)
+      or row_offset + n_rows > n or n_rows > out_n):
+    raise ValueError(
+        f"row_offset, n_rows: expected multiples of {cta_w * cluster} rows "
+        f"within the weight's {n} and n_rows at most out_n {out_n}, got "
+        f"{row_offset} and {n_rows}")
+  off = row_offset // cta_w  # the first weight row's program, read side
 
   # With a cluster of CTAs along the weight rows, x's tile (the same for
   # all of them) is loaded once and multicast.
@@ -473,10 +530,11 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   def specs(iw, ix, isp):
     s_spec = [] if nested else [
         plgpu.BlockSpec((tile_k // 64, cta_w),
-                        lambda t: (isp * steps + t, iw))]
+                        lambda t: (isp * steps + t, iw + off))]
     return [
         plgpu.BlockSpec((cta_w, tile_k // 2),
-                        lambda t: (iw, isp * steps + t), transforms=w_tr),
+                        lambda t: (iw + off, isp * steps + t),
+                        transforms=w_tr),
         *s_spec,
         plgpu.BlockSpec((tile_x, tile_k), lambda t: (ix, isp * steps + t),
                         transforms=x_tr, collective_axes=x_collective),
@@ -586,17 +644,19 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       def step(idx, *smem):
         w_smem, s_smem, x_smem = unpack(smem)
         multiply(acc_ref, w_smem,
-                 step_scales(s_in, s_smem, iw * cta_w, isp * steps + idx[0]),
+                 step_scales(s_in, s_smem, iw * cta_w + row_offset,
+                             isp * steps + idx[0]),
                  x_smem, t_gmem)
 
       def step_ahead(idx, *smem_carry):
         *smem, scales = smem_carry
         w_smem, _, x_smem = unpack(smem)
-        nxt = ahead(s_in, iw * cta_w, isp, idx[0], 1)
+        nxt = ahead(s_in, iw * cta_w + row_offset, isp, idx[0], 1)
         multiply(acc_ref, w_smem, (scales,), x_smem, t_gmem)
         return nxt
 
-      carry = ({"init_carry": ahead(s_in, iw * cta_w, isp, 0, 0)}
+      carry = ({"init_carry": ahead(s_in, iw * cta_w + row_offset, isp, 0,
+                                    0)}
                if prefetch else {})
       plgpu.emit_pipeline(step_ahead if prefetch else step, grid=(steps,),
                           in_specs=specs(iw, ix, isp),
@@ -612,7 +672,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     wg = lax.axis_index("wg")
     rows = pl.ds(wg * tile_w, tile_w)
 
-    row0 = iw * cta_w + wg * tile_w
+    row0 = iw * cta_w + wg * tile_w + row_offset
 
     def context(eval_pipeline):
       @functools.partial(pl.run_scoped,
@@ -644,10 +704,11 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     def at(h):
       return lambda t: 2 * (isp * steps + t) + h
     return [spec for h in (0, 1) for spec in (
-        plgpu.BlockSpec((tile_w, tile_k // 2), lambda t, f=at(h): (iw, f(t)),
-                        transforms=w_tr),
+        plgpu.BlockSpec((tile_w, tile_k // 2),
+                        lambda t, f=at(h): (iw + off, f(t)), transforms=w_tr),
         *([] if nested else [plgpu.BlockSpec((tile_k // 64, tile_w),
-                                             lambda t, f=at(h): (f(t), iw))]),
+                                             lambda t, f=at(h): (f(t),
+                                                                 iw + off))]),
         plgpu.BlockSpec((tile_x, tile_k), lambda t, f=at(h): (ix, f(t)),
                         transforms=x_tr, collective_axes=x_collective))]
 
@@ -686,7 +747,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       half = len(smem) // 2
       for h in (0, 1):
         w_smem, s_smem, x_smem = unpack(smem[h * half:(h + 1) * half])
-        s_args = step_scales(s_in, s_smem, iw * tile_w,
+        s_args = step_scales(s_in, s_smem, iw * tile_w + row_offset,
                              2 * (isp * steps + idx[0]) + h)
         pl.when(wg == h)(functools.partial(multiply, acc_ref, w_smem,
                                            s_args, x_smem, t_gmem))
@@ -697,14 +758,14 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
 
   cluster_kw = (dict(cluster=(cluster,), cluster_names=("c",))
                 if cluster > 1 else {})
-  out_shape = (split, m, n) if out_t else (split, n, m)
+  out_shape = (split, m, out_n) if out_t else (split, out_n, m)
   o_tile = (tile_x, tile_w) if out_t else (tile_w, tile_x)
   s_inputs = tuple(scales) if nested else (scales,)
   out_type = _backend.out_struct(out_shape, out_dtype, x, packed, *s_inputs)
   if variant == "ks":
     kernel = plgpu.kernel(
         jaxbnb_gemm_4bit_wgmma_ks, out_type=out_type,
-        grid=(n // cta_w // cluster, m // tile_x, split),
+        grid=(n_rows // cta_w // cluster, m // tile_x, split),
         grid_names=("w", "x", "s"), **cluster_kw,
         num_threads=3, thread_name="wg",
         scratch_types=[
@@ -715,19 +776,44 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
   elif variant == "ws":
     kernel = plgpu.kernel(
         jaxbnb_gemm_4bit_wgmma_ws, out_type=out_type,
-        grid=(n // cta_w // cluster, m // tile_x, split),
+        grid=(n_rows // cta_w // cluster, m // tile_x, split),
         grid_names=("w", "x", "s"), **cluster_kw,
         num_threads=3, thread_name="wg",
         scratch_types=[plgpu.SMEM((2, *o_tile), out_dtype, transforms=o_tr)])
   else:
     kernel = plgpu.kernel(
         jaxbnb_gemm_4bit_wgmma, out_type=out_type,
-        grid=(n // cta_w, m // tile_x, split), grid_names=("w", "x", "s"),
+        grid=(n_rows // cta_w, m // tile_x, split),
+        grid_names=("w", "x", "s"),
         scratch_types=[plgpu.SMEM(o_tile, out_dtype, transforms=o_tr)])
   args = _backend.same_vma(packed.reshape(n, k // 2), x,
                            jnp.asarray(wgmma_decode.table_operands(code)),
                            *s_inputs)
   return kernel(*args)
+
+
+def _tail_config(m: int, n: int, k: int, tail_rows: int, tile_w: int,
+                 variant: str, split: int, cluster: int,
+                 bias: bool) -> dict | None:
+  """The config of `gemm`'s launch for the last `tail_rows` rows
+  (`_split_config` for a weight of that many rows), or None for none;
+  raises ValueError naming what the tail cannot take."""
+  if not tail_rows:
+    return None
+  rows = tile_w * (2 if variant == "ws" else 1) * cluster
+  if split != 1 or bias or not 0 < tail_rows < n or tail_rows % rows:
+    raise ValueError(
+        f"tail_rows: expected a multiple of {rows} rows below n = {n}, with "
+        f"split 1 and no bias, got {tail_rows} (split {split}, bias {bias})")
+  tail = _split_config(m, tail_rows, k)
+  try:
+    check_config(m, tail_rows, k, jnp.bfloat16, tail["tile_w"],
+                 tail["tile_x"], tail["tile_k"], tail["split"],
+                 tail["stages"], tail["variant"])
+  except ValueError as e:
+    raise ValueError(f"tail_rows: {tail_rows} rows take no K split at M = "
+                     f"{m}, K = {k}: {e}") from e
+  return tail
 
 
 def _twin(x, packed, scales, *, code, n, k, split):
@@ -753,6 +839,7 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
          overlap: bool = False, nested_blocksize: int = 256,
          prefetch: bool = False,
          bias: jax.Array | None = None,
+         tail_rows: int = 0,
          interpret: bool = False) -> jax.Array:
   """`x @ W.T + bias` for a 4-bit `W [n, k]` (blocksize 64), bf16.
 
@@ -793,6 +880,12 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
       kernel cannot index).
     bias: optional `[n]`, added to the float32 sums before the one
       rounding to bf16.
+    tail_rows: the weight's last `tail_rows` rows in a launch of their
+      own, with K split as `_split_config` splits a weight of that many
+      rows, so that a last wave of few programs becomes one of many short
+      ones (`tail_rows_for`); the first launch stores the other rows'
+      `y` in place and the tail's sums are written into it. With split 1
+      and no bias; 0: one launch.
     interpret: the jnp twin (CPU).
 
   Returns:
@@ -816,6 +909,8 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
     tile_x = min(256, -(-m // 64) * 64)
   check_config(m, n, k, x.dtype, tile_w, tile_x, tile_k, split, stages,
                variant, bias is not None, cluster)
+  tail = _tail_config(m, n, k, tail_rows, tile_w, variant, split, cluster,
+                      bias is not None)
   if prefetch and variant == "ks":
     raise ValueError("prefetch: expected variant 'plain' or 'ws', got 'ks'")
   code = tuple(float(c) for c in code)
@@ -840,6 +935,14 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
                 jnp.asarray(offset, jnp.float32).reshape(1))
   if nested is None:
     scales = scale_words_t(absmax.astype(jnp.float32), n, k)
+  if interpret and tail:
+    head_n = n - tail_rows
+    head = _twin(x, packed[:head_n * k // 2], scales[:, :head_n], code=code,
+                 n=head_n, k=k, split=1)[0]
+    rest = sum_splits(_twin(x, packed[head_n * k // 2:], scales[:, head_n:],
+                            code=code, n=tail_rows, k=k,
+                            split=tail["split"]))
+    return jnp.concatenate([head, rest]).T.astype(x.dtype)
   if interpret:
     part = _twin(x, packed, scales, code=code, n=n, k=k, split=split)
   else:
@@ -847,16 +950,28 @@ def gemm(x: jax.Array, packed: jax.Array, absmax: jax.Array, *,
       raise RuntimeError("the wgmma kernel needs Mosaic GPU's inline_mgpu, "
                          f"emit_pipeline and wgmma; this JAX is "
                          f"{jax.__version__}")
-    mp = -(-m // tile_x) * tile_x
-    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
-    part = _compiled(xp, packed, nested or scales, code=code, n=n, k=k,
-                     tile_w=tile_w, tile_x=tile_x, tile_k=tile_k,
+    def pad(tx):
+      mp = -(-m // tx) * tx
+      return jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+
+    nbs = nested_blocksize if nested else None
+    part = _compiled(pad(tile_x), packed, nested or scales, code=code, n=n,
+                     k=k, tile_w=tile_w, tile_x=tile_x, tile_k=tile_k,
                      split=split, stages=stages, variant=variant,
                      out_f32=bias is not None, cluster=cluster,
                      swizzle=swizzle, load_table=load_table,
-                     overlap=overlap,
-                     nested_blocksize=nested_blocksize if nested else None,
-                     prefetch=prefetch and nested is not None)
+                     overlap=overlap, nested_blocksize=nbs,
+                     prefetch=prefetch and nested is not None,
+                     n_rows=n - tail_rows, out_n=n)
+    if tail:  # the last rows' sums into y's columns left unwritten
+      rest = _compiled(pad(tail["tile_x"]), packed, nested or scales,
+                       code=code, n=n, k=k, nested_blocksize=nbs,
+                       **dict(tail, prefetch=tail.get("prefetch", False)
+                              and nested is not None),
+                       n_rows=tail_rows, row_offset=n - tail_rows)
+      rest = rest[0, :m] if rest.dtype == jnp.bfloat16 else sum_splits(
+          rest[:, :, :m].astype(jnp.float32)).T.astype(x.dtype)
+      return lax.dynamic_update_slice(part[0, :m], rest, (0, n - tail_rows))
     if part.dtype == jnp.bfloat16:  # y itself, [1, mp, n]
       return part[0, :m]
     part = part[:, :, :m]

@@ -162,6 +162,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "and m <= GEMM_SPLIT_MAX_M)",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_gemm_serves[256-4096-4096-64-bfloat16-interpret-True]",)),
+    Mutant("wgmma-gemm-tail-never-passed",
+           "jaxbnb/_src/quant/kernels.py",
+           "tail = 0 if bias is not None else gw.tail_rows_for(m, n, k, cfg)",
+           "tail = 0",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_package_gemm_takes_the_tail",)),
+    Mutant("wgmma-gemm-tail-ignores-the-fill",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "or not 0 < last < below * sms):",
+           "or not 0 < last):",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_tail_rows_for_a_thin_last_wave",)),
     Mutant("wgmma-gemm-past-256-ignores-the-waves",
            "jaxbnb/_src/quant/kernels.py",
            "and programs >= GEMM_LARGE_MIN_FILL * waves * sms)",

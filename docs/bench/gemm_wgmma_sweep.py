@@ -39,7 +39,8 @@ Run t (forty-sixth session): M = 512-4096, past the kernel's routing;
 run u (defined, not run): K splits and 128-row x tiles where run t's
 config leaves SMs idle. Run v (forty-seventh session): "ks" unsplit, x's
 128-row tiles and K splits at M = 256 on Qwen2.5-7B's and Llama-3-70B's
-weights.
+weights; run w (defined, not run): a thin last wave's rows as a tail
+launch with K split (`gemm`'s `tail_rows`).
 """
 import os
 import sys
@@ -339,6 +340,20 @@ RUNS = {
                  (64, 128, 128, 1, 3, "ws", "dqlt"),
                  (64, 256, 128, 2, 2, "plain", "dqpf"),
                  (64, 256, 64, 2, 2, "ks", "dqlt")]}),
+    # w (defined in the forty-seventh session, not run): the last wave's
+    # rows as a tail launch with K split ("tail": `gemm`'s `tail_rows`
+    # from `tail_rows_for` with any last wave below a full one) against
+    # one launch, where the default leaves a thin last wave: Qwen2.5-7B's
+    # 18944x3584 (148 programs of "ws" at M = 129-256, 296 of "plain" at
+    # M = 64), Yi-34B's 20480x7168 (160) and Gemma-2-27B's 36864x4608 (288).
+    "w": ([((18944, 3584), 256), ((18944, 3584), 128), ((18944, 3584), 64),
+           ((20480, 7168), 256), ((36864, 4608), 256)],
+          {256: [(64, 256, 128, 1, 2, "ws", "dqpf"),
+                 (64, 256, 128, 1, 2, "ws", "dqpftail")],
+           128: [(64, 128, 256, 1, 2, "ws", "dqlt"),
+                 (64, 128, 256, 1, 2, "ws", "dqlttail")],
+           64: [(64, 64, 256, 1, 2, "plain", "dqswlt"),
+                (64, 64, 256, 1, 2, "plain", "dqswlttail")]}),
 }
 
 def fn(n, k, cfg):
@@ -359,11 +374,16 @@ def fn(n, k, cfg):
   def f(x, p, qs):
     absmax = ((qs.absmax, qs.nested_absmax, qs.nested_code, qs.offset)
               if "dq" in tag else ops.float_absmax(qs))
+    tail = gw.tail_rows_for(
+        x.shape[0], n, k, dict(tile_w=tw, tile_x=tx, split=split,
+                               variant=variant), below=1.0) if (
+                                   "tail" in tag) else 0
     return gw.gemm(x, p.reshape(-1), absmax, code=CODE, n=n,
                    k=k, tile_w=tw, tile_x=tx, tile_k=tk, split=split,
                    stages=stages, variant=variant, cluster=cluster,
                    swizzle="sw" in tag, load_table="lt" in tag,
-                   overlap="ov" in tag, prefetch="pf" in tag)
+                   overlap="ov" in tag, prefetch="pf" in tag,
+                   tail_rows=tail)
   return f
 
 
@@ -376,7 +396,7 @@ def main():
                           "gemm_wgmma_sweep.jsonl"), "a")
   for n, k, m, base, x in each_case(cases, t_end):
     tiles = tiles_by_m[min(tiles_by_m, key=lambda t: abs(t - m))]
-    if k >= 4 * n and run not in ("o", "p", "q", "r", "s", "t", "u", "v"):  # few row tiles: split K
+    if k >= 4 * n and run not in ("o", "p", "q", "r", "s", "t", "u", "v", "w"):  # few row tiles: split K
       tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[1:4]
                        for s in (2, 4)]
     if n * k < 2 ** 20:  # the small case: checked, not timed

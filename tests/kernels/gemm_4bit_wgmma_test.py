@@ -89,6 +89,95 @@ def _stats(qs, nested=True):
   return ops.float_absmax(qs)
 
 
+_TAIL_CFG = dict(tile_w=64, tile_x=256, tile_k=128, stages=2, variant="ws",
+                 prefetch=True)
+
+
+def test_tail_rows_run_apart_with_k_split(monkeypatch):
+  """`tail_rows`: the weight's last rows in a launch of their own, K split
+  as `_split_config` splits so few rows (here "ks" in 4), the rest as
+  one launch would run them: the head's columns equal the one-launch
+  product's, the whole within the bound of the kernel's weight."""
+  monkeypatch.setattr(_backend, "num_sms", lambda: 8)
+  n, k, m = 1152, 1024, 256
+  packed, qs = _weights(n, k, "nf4", 5)
+  x = jnp.asarray(_util.rng_array((m, k), 6, jnp.bfloat16))
+  assert gw._tail_config(m, n, k, 128, 64, "ws", 1, 1, False)["split"] == 4  # pylint: disable=protected-access
+  y = gw.gemm(x, packed.reshape(-1), _stats(qs), code=_code("nf4"), n=n,
+              k=k, tail_rows=128, interpret=True, **_TAIL_CFG)
+  one = gw.gemm(x, packed.reshape(-1), _stats(qs), code=_code("nf4"), n=n,
+                k=k, interpret=True, **_TAIL_CFG)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y[:, :n - 128], np.float32),
+                                np.asarray(one[:, :n - 128], np.float32))
+  _check(y, x, packed, qs)
+
+
+@pytest.mark.parametrize("tail_rows,kw,match", [
+    (64, {}, "tail_rows: expected a multiple of 128 rows below n = 1152"),
+    (1152, {}, "tail_rows: expected a multiple of 128 rows below n = 1152"),
+    (128, dict(split=2), r"split 2"),
+    (128, dict(bias=True), r"bias True"),
+])
+def test_tail_rows_refused_where_the_tail_cannot_run(tail_rows, kw, match):
+  n, k = 1152, 1024
+  packed, qs = _weights(n, k, "nf4", 5)
+  cfg = dict(_TAIL_CFG, split=kw.get("split", 1))
+  if cfg["split"] > 1:
+    cfg.update(tile_k=64, prefetch=False)
+  bias = jnp.zeros((n,), jnp.bfloat16) if kw.get("bias") else None
+  if bias is not None:  # a float32 output tile: 64-column steps
+    cfg.update(tile_k=64, prefetch=False)
+  with pytest.raises(ValueError, match=match):
+    gw.gemm(jnp.ones((256, k), jnp.bfloat16), packed.reshape(-1),
+            _stats(qs), code=_code("nf4"), n=n, k=k, bias=bias,
+            tail_rows=tail_rows, interpret=True, **cfg)
+
+
+@pytest.mark.parametrize("m,n,k,sms,below,rows", [
+    (256, 18944, 3584, 132, 0.5, 2048),  # 148 programs: a last wave of 16
+    (128, 18944, 3584, 132, 0.5, 2048),
+    (256, 18944, 3584, 132, None, 0),    # TAIL_BELOW_FILL: off by default
+    (256, 14336, 4096, 132, 0.5, 0),     # 112 programs: one wave
+    (256, 28672, 8192, 132, 0.5, 0),     # a last wave of 92: 70%
+    (256, 24576, 3072, 132, 0.5, 0),     # the tail's 7680 rows take no split
+    (512, 18944, 3584, 132, 0.5, 0),     # two x tiles
+    (256, 18944, 3584, 114, 0.5, 0),     # 148 on 114 SMs: 30% filled
+])
+def test_tail_rows_for_a_thin_last_wave(m, n, k, sms, below, rows,
+                                        monkeypatch):
+  """`tail_rows_for`: a default config's last wave of programs, where it
+  fills less than `below` of the GPU's SMs and one x tile holds M, runs
+  as a tail with K split; nowhere by default (TAIL_BELOW_FILL is 0 until
+  timed)."""
+  monkeypatch.setattr(_backend, "num_sms", lambda: sms)
+  cfg = gw.default_config(m, k=k, nested=True, n=n)
+  assert gw.tail_rows_for(m, n, k, cfg, below) == rows
+
+
+def test_package_gemm_takes_the_tail(monkeypatch):
+  """`kernels.gemm` (the matmul path's call) passes `tail_rows_for`'s rows
+  to the kernel when TAIL_BELOW_FILL allows it: 81 programs of 128 rows
+  on 8 SMs leave a last wave of one, run as 2 x 4 K splits; the product
+  within the bound of the kernel's weight."""
+  monkeypatch.setattr(_backend, "num_sms", lambda: 8)
+  monkeypatch.setattr(gw, "TAIL_BELOW_FILL", 0.5)
+  seen = []
+  real = gw.gemm
+
+  def spy(*args, **kw):
+    seen.append(kw["tail_rows"])
+    return real(*args, **kw)
+
+  monkeypatch.setattr(gw, "gemm", spy)
+  n, k, m = 10368, 1024, 256
+  packed, qs = _weights(n, k, "nf4", 8)
+  x = jnp.asarray(_util.rng_array((m, k), 9, jnp.bfloat16))
+  y = kernels.gemm(x, packed, qs, None, None, "interpret")
+  assert seen == [128]
+  _check(y, x, packed, qs)
+
+
 def test_prefetch_takes_plain_and_ws_only():
   packed, qs = _weights(64, 256, "nf4", 3)
   with pytest.raises(ValueError, match="prefetch: expected variant 'plain' "
@@ -708,6 +797,27 @@ def test_lowers_for_cuda():
     assert "mosaic_gpu" in text
 
 
+def test_tail_rows_lower_as_two_kernels():
+  """With `tail_rows` the GEMM lowers to two Mosaic GPU kernels, the
+  second reading the weight from row `n - tail_rows` (needs JAX's CUDA
+  plugin; CPU-only installs skip)."""
+  s = jax.ShapeDtypeStruct
+  n, k, m = 1152, 1024, 256
+  stats = (s((n * k // 64,), jnp.uint8), s((n * k // 64 // 256,), jnp.float32),
+           s((256,), jnp.float32), s((), jnp.float32))
+  for absmax in (stats, s((n * k // 64,), jnp.float32)):
+    fn = functools.partial(gw.gemm, code=_code("nf4"), n=n, k=k,
+                           tail_rows=128, **_TAIL_CFG)
+    try:
+      text = helpers.lowered_for_h200(
+          lambda x, p, a, fn=fn: fn(x, p, a), s((m, k), jnp.bfloat16),
+          s((n * k // 2,), jnp.uint8), absmax)
+    except AssertionError as e:  # no Mosaic GPU lowering rule registered
+      pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+    assert text.count("custom_call @mosaic_gpu") == 2
+    assert "dynamic_update_slice" in text
+
+
 _GPU_CASES = [
     (64, None), (96, None), (128, None), (200, None), (256, None),
     (256, dict(tile_w=64, tile_x=256, tile_k=64, split=2, stages=2,
@@ -909,3 +1019,46 @@ def test_matmul_4bit_hands_the_statistics_to_the_kernel(monkeypatch, m,
     y = F.matmul_4bit(x, packed, qs, bias=bias)
   assert [stats for stats, _ in seen] == [decodes]
   _check(y, x, packed, qs, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [256, 200, 128, 64])
+@pytest.mark.parametrize("nested", [True, False])
+def test_gpu_gemm_tail_rows(m, nested):
+  """The compiled kernel with Qwen2.5-7B's 18944x3584 (gate or up) split
+  into two launches: the first 16896 rows (132 programs of "ws", or 264
+  of "plain" at M = 64) writing `y` in place, the last 2048 rows with K
+  split ("ks" or "ws", `_split_config`) read from the weight's row 16896
+  on and written into the columns left; against the documented weight,
+  with the statistics decoded in the kernel and with float32 absmax."""
+  n, k = 18944, 3584
+  packed, qs = _weights(n, k, "nf4", m)
+  x = jnp.asarray(_util.rng_array((m, k), m + 1, jnp.bfloat16))
+  cfg = gw.default_config(m, k=k, nested=nested, n=n)
+  y = jax.jit(functools.partial(
+      gw.gemm, code=_code("nf4"), n=n, k=k, tail_rows=2048, **cfg))(
+          x, packed.reshape(-1), _stats(qs, nested))
+  _check(y, x, packed, qs)
+
+
+@pytest.mark.gpu
+def test_gpu_package_gemm_takes_the_tail(monkeypatch):
+  """With TAIL_BELOW_FILL at 0.5, `F.matmul_4bit` at M = 256 on 18944x3584
+  (148 programs: a last wave of 16 on 132 SMs) runs its last 2048 rows
+  as the tail launch, within the bound of the kernel's weight."""
+  monkeypatch.setattr(gw, "TAIL_BELOW_FILL", 0.5)
+  monkeypatch.setattr(_backend, "num_sms", lambda: 132)
+  seen = []
+  real = gw.gemm
+
+  def spy(*args, **kw):
+    seen.append(kw["tail_rows"])
+    return real(*args, **kw)
+
+  monkeypatch.setattr(gw, "gemm", spy)
+  n, k, m = 18944, 3584, 256
+  packed, qs = _weights(n, k, "nf4", 4)
+  x = jnp.asarray(_util.rng_array((m, k), 5, jnp.bfloat16))
+  y = F.matmul_4bit(x, packed, qs)
+  assert seen == [2048]
+  _check(y, x, packed, qs)

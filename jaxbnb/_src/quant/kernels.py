@@ -169,11 +169,12 @@ def gemm(x2d, packed, qs, absmax, bias, mode):
   nested = absmax is None
   if nested:
     absmax = (qs.absmax, qs.nested_absmax, qs.nested_code, qs.offset)
+  m = x2d.shape[0]
+  cfg = gw.default_config(m, bias is not None, k, nested=nested, n=n)
+  tail = 0 if bias is not None else gw.tail_rows_for(m, n, k, cfg)
   return gw.gemm(x2d, packed, absmax, code=code(qs.quant_type),
                  n=n, k=k, bias=bias, interpret=mode == "interpret",
-                 nested_blocksize=qs.nested_blocksize,
-                 **gw.default_config(x2d.shape[0], bias is not None, k,
-                                     nested=nested, n=n))
+                 nested_blocksize=qs.nested_blocksize, tail_rows=tail, **cfg)
 
 
 def gemv_serves(m: int, n: int, k: int, dtype) -> bool:
