@@ -155,12 +155,10 @@ def test_tail_rows_for_a_thin_last_wave(m, n, k, sms, below, rows,
   assert gw.tail_rows_for(m, n, k, cfg, below) == rows
 
 
-def test_package_gemm_takes_the_tail(monkeypatch):
-  """`kernels.gemm` (the matmul path's call) passes `tail_rows_for`'s rows
-  to the kernel when TAIL_BELOW_FILL allows it: 81 programs of 128 rows
-  on 8 SMs leave a last wave of one, run as 2 x 4 K splits; the product
-  within the bound of the kernel's weight."""
-  monkeypatch.setattr(_backend, "num_sms", lambda: 8)
+def _tail_spy(monkeypatch, sms):
+  """The routing on `sms` SMs with TAIL_BELOW_FILL at 0.5; returns the list
+  the `tail_rows` of each `gw.gemm` call will be appended to."""
+  monkeypatch.setattr(_backend, "num_sms", lambda: sms)
   monkeypatch.setattr(gw, "TAIL_BELOW_FILL", 0.5)
   seen = []
   real = gw.gemm
@@ -170,6 +168,15 @@ def test_package_gemm_takes_the_tail(monkeypatch):
     return real(*args, **kw)
 
   monkeypatch.setattr(gw, "gemm", spy)
+  return seen
+
+
+def test_package_gemm_takes_the_tail(monkeypatch):
+  """`kernels.gemm` (the matmul path's call) passes `tail_rows_for`'s rows
+  to the kernel when TAIL_BELOW_FILL allows it: 81 programs of 128 rows
+  on 8 SMs leave a last wave of one, run as 2 x 4 K splits; the product
+  within the bound of the kernel's weight."""
+  seen = _tail_spy(monkeypatch, 8)
   n, k, m = 10368, 1024, 256
   packed, qs = _weights(n, k, "nf4", 8)
   x = jnp.asarray(_util.rng_array((m, k), 9, jnp.bfloat16))
@@ -785,16 +792,22 @@ def test_lowers_for_cuda():
       *itertools.product(("plain", "ws", "ks"),
                          (s((n * k // 64,), jnp.float32), stats), (False,)),
       ("plain", stats, True), ("ws", stats, True)]:
-    fn = functools.partial(gw.gemm, code=_code("nf4"), n=n, k=k, tile_w=64,
-                           tile_x=128, tile_k=64, variant=variant,
-                           prefetch=prefetch)
-    try:
-      text = helpers.lowered_for_h200(
-          lambda x, p, a, fn=fn: fn(x, p, a), s((m, k), jnp.bfloat16),
-          s((n * k // 2,), jnp.uint8), absmax)
-    except AssertionError as e:  # no Mosaic GPU lowering rule registered
-      pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+    text = _lowered(functools.partial(
+        gw.gemm, code=_code("nf4"), n=n, k=k, tile_w=64, tile_x=128,
+        tile_k=64, variant=variant, prefetch=prefetch), m, n, k, absmax)
     assert "mosaic_gpu" in text
+
+
+def _lowered(fn, m, n, k, absmax):
+  """`fn(x, packed, absmax)` lowered for an H200, or the test skipped
+  where this JAX has no Mosaic GPU lowering (CPU-only installs)."""
+  s = jax.ShapeDtypeStruct
+  try:
+    return helpers.lowered_for_h200(
+        lambda x, p, a: fn(x, p, a), s((m, k), jnp.bfloat16),
+        s((n * k // 2,), jnp.uint8), absmax)
+  except AssertionError as e:  # no Mosaic GPU lowering rule registered
+    pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
 
 
 def test_tail_rows_lower_as_two_kernels():
@@ -806,14 +819,9 @@ def test_tail_rows_lower_as_two_kernels():
   stats = (s((n * k // 64,), jnp.uint8), s((n * k // 64 // 256,), jnp.float32),
            s((256,), jnp.float32), s((), jnp.float32))
   for absmax in (stats, s((n * k // 64,), jnp.float32)):
-    fn = functools.partial(gw.gemm, code=_code("nf4"), n=n, k=k,
-                           tail_rows=128, **_TAIL_CFG)
-    try:
-      text = helpers.lowered_for_h200(
-          lambda x, p, a, fn=fn: fn(x, p, a), s((m, k), jnp.bfloat16),
-          s((n * k // 2,), jnp.uint8), absmax)
-    except AssertionError as e:  # no Mosaic GPU lowering rule registered
-      pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
+    text = _lowered(functools.partial(gw.gemm, code=_code("nf4"), n=n, k=k,
+                                      tail_rows=128, **_TAIL_CFG), m, n, k,
+                    absmax)
     assert text.count("custom_call @mosaic_gpu") == 2
     assert "dynamic_update_slice" in text
 
@@ -1046,16 +1054,7 @@ def test_gpu_package_gemm_takes_the_tail(monkeypatch):
   """With TAIL_BELOW_FILL at 0.5, `F.matmul_4bit` at M = 256 on 18944x3584
   (148 programs: a last wave of 16 on 132 SMs) runs its last 2048 rows
   as the tail launch, within the bound of the kernel's weight."""
-  monkeypatch.setattr(gw, "TAIL_BELOW_FILL", 0.5)
-  monkeypatch.setattr(_backend, "num_sms", lambda: 132)
-  seen = []
-  real = gw.gemm
-
-  def spy(*args, **kw):
-    seen.append(kw["tail_rows"])
-    return real(*args, **kw)
-
-  monkeypatch.setattr(gw, "gemm", spy)
+  seen = _tail_spy(monkeypatch, 132)
   n, k, m = 18944, 3584, 256
   packed, qs = _weights(n, k, "nf4", 4)
   x = jnp.asarray(_util.rng_array((m, k), 5, jnp.bfloat16))
