@@ -9,6 +9,10 @@
 #   bash docs/bench/issue14_targets.sh c   # batch 4 / 8 prefill (M = 512 /
 #                                          # 1024): the wgmma GEMM past 256
 #                                          # rows, then without it
+#   bash docs/bench/issue14_targets.sh d   # a thin last wave as a tail
+#                                          # launch: its GPU tests, then
+#                                          # sweep run w (one launch
+#                                          # against the tail)
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -48,8 +52,14 @@ sys.exit(main(sys.argv[1:]))" bench decode --impl jax-nf4-dq \
         | grep "batch \|built"
     done
     ;;
+  d)
+    timeout 200 python -m pytest -q -m gpu -p no:cacheprovider \
+        tests/kernels/gemm_4bit_wgmma_test.py -k tail 2>&1 | tail -3
+    OUT=$OUT timeout 300 python docs/bench/gemm_wgmma_sweep.py 240 w 2>&1 \
+        | grep "M=\|FAILED"
+    ;;
   *)
-    echo "part: expected a, b or c, got $part" >&2
+    echo "part: expected a, b, c or d, got $part" >&2
     exit 2
     ;;
 esac
