@@ -40,7 +40,8 @@ run u (defined, not run): K splits and 128-row x tiles where run t's
 config leaves SMs idle. Run v (forty-seventh session): "ks" unsplit, x's
 128-row tiles and K splits at M = 256 on Qwen2.5-7B's and Llama-3-70B's
 weights; run w (defined, not run): a thin last wave's rows as a tail
-launch with K split (`gemm`'s `tail_rows`).
+launch with K split (`gemm`'s `tail_rows`); run x (defined, not run):
+K splits on Qwen2.5-7B's K = 3584 weights, which the GEMM never takes.
 """
 import os
 import sys
@@ -354,6 +355,21 @@ RUNS = {
                  (64, 128, 256, 1, 2, "ws", "dqlttail")],
            64: [(64, 64, 256, 1, 2, "plain", "dqswlt"),
                 (64, 64, 256, 1, 2, "plain", "dqswlttail")]}),
+    # x (defined in the forty-seventh session, not run): Qwen2.5-7B's
+    # weights of K = 3584, below GEMM_SPLIT_MIN_K (4096), which the GEMM
+    # never takes: at M = 64 the GEMV ran 3584x3584 at 21.4 us and
+    # 512x3584 at 9.9 (XLA 15.6 and 6.2), at M = 256 dequantize + dot
+    # 3584x3584 at 28.5 (XLA 17.0); K splits as `_split_config` would
+    # make them.
+    "x": ([((3584, 3584), 64), ((512, 3584), 64), ((3584, 3584), 256),
+           ((3584, 3584), 128)],
+          {64: [(64, 64, 128, 2, 2, "ks", "dqswlt"),
+                (64, 64, 256, 1, 2, "ks", "dqswlt"),
+                (64, 64, 64, 4, 2, "ks", "dqswlt")],
+           128: [(64, 128, 128, 2, 3, "ws", "dqlt"),
+                 (64, 128, 128, 2, 2, "ks", "dqlt")],
+           256: [(64, 256, 128, 2, 2, "plain", "dqpf"),
+                 (64, 256, 64, 4, 2, "ks", "dqlt")]}),
 }
 
 def fn(n, k, cfg):
@@ -396,7 +412,7 @@ def main():
                           "gemm_wgmma_sweep.jsonl"), "a")
   for n, k, m, base, x in each_case(cases, t_end):
     tiles = tiles_by_m[min(tiles_by_m, key=lambda t: abs(t - m))]
-    if k >= 4 * n and run not in ("o", "p", "q", "r", "s", "t", "u", "v", "w"):  # few row tiles: split K
+    if k >= 4 * n and run not in ("o", "p", "q", "r", "s", "t", "u", "v", "w", "x"):  # few row tiles: split K
       tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[1:4]
                        for s in (2, 4)]
     if n * k < 2 ** 20:  # the small case: checked, not timed
