@@ -137,3 +137,25 @@ def test_bench_matmul_quick_no_bnb_json(tmp_path, capsys):
   for col in ("jaxbnb", "jaxbnb-ref", "xla-bf16"):
     assert r["us"][col] > 0 and math.isfinite(r["us"][col]), (col, r)
   assert r["bytes_4bit"] == bench_matmul.matmul_bytes(2, 64, 128)
+
+
+def test_bench_matmul_takes_a_models_shapes(tmp_path, capsys):
+  """`--model` times the distinct shapes of a model's linear layers (here
+  SmolLM2-135M's q/o, k/v, gate/up and down), in layer order; it excludes
+  `--shapes`, and an unknown name is refused naming the flag."""
+  path = tmp_path / "mm.json"
+  assert cli.main(["bench", "matmul", "--quick", "--no-bnb", "--no-ref",
+                   "--model", "smollm2-135m", "--m", "1", "--reps", "1",
+                   "--out", str(path)]) == 0
+  capsys.readouterr()
+  doc = json.loads(path.read_text())
+  assert [r["shape"] for r in doc["results"]] == [
+      "576x576", "192x576", "1536x576", "576x1536"]
+  with pytest.raises(SystemExit) as e:
+    cli.main(["bench", "matmul", "--model", "smollm2-135m", "--shapes",
+              "64x128"])
+  assert e.value.code == 2
+  assert "not allowed with argument" in capsys.readouterr().err
+  with pytest.raises(SystemExit, match="--model: .*no-such-model"):
+    cli.main(["bench", "matmul", "--quick", "--no-bnb", "--model",
+              "no-such-model"])

@@ -36,8 +36,8 @@ from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.quant import validation
 
 __all__ = ["MemoryEstimate", "TrainingMemoryEstimate", "estimate_memory",
-           "estimate_training_memory", "KNOWN_MODELS", "GPU_SIZES_GB",
-           "FORMATS", "PROJECTIONS"]
+           "estimate_training_memory", "linear_shapes", "KNOWN_MODELS",
+           "GPU_SIZES_GB", "FORMATS", "PROJECTIONS"]
 
 GPU_SIZES_GB = (8, 12, 16, 24, 40, 48, 80)
 FORMATS = ("fp32", "bf16", "int8", "nf4", "nf4+dq")
@@ -209,6 +209,28 @@ def _linears(cfg) -> list[tuple[int, int, bool]]:
                (h, q, cfg.o_proj_bias),
                (i, h, mlp_bias), (i, h, mlp_bias), (h, i, mlp_bias)]
   return per_layer * cfg.num_hidden_layers
+
+
+def linear_shapes(config) -> list[tuple[int, int]]:
+  """The distinct `[out, in]` shapes of a model's quantizable linears
+  (q, k/v, o, gate/up, down; not `lm_head`), in layer order.
+
+  Args:
+    config: as `estimate_memory` takes it: a `LlamaConfig`, an HF
+      `config.json` dict, a path (HF folder, config.json or `.gguf` file)
+      or a name from `KNOWN_MODELS`.
+
+  Returns:
+    `(out, in)` pairs, each once.
+
+  Example:
+    >>> from jaxbnb._src.io.estimate import linear_shapes
+    >>> linear_shapes("qwen2.5-7b")
+    [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)]
+  """
+  _, cfg = _resolve_config(config)
+  one_layer = _linears(dataclasses.replace(cfg, num_hidden_layers=1))
+  return list(dict.fromkeys((out, inp) for out, inp, _ in one_layer))
 
 
 def _check_blocksize(fn: str, blocksize) -> int:

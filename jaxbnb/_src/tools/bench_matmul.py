@@ -37,6 +37,7 @@ from jax import lax
 
 import jaxbnb
 from jaxbnb import functional as F
+from jaxbnb._src.io import estimate
 # `use_kernels` (whether the kernels serve the current mode) has no public
 # name; the result documents record it.
 from jaxbnb._src.quant import dispatch
@@ -220,7 +221,13 @@ def _meta(opts, kind, torch, bnb, skipped, copy_bw, peak) -> dict:
 
 def run_matmul(opts: argparse.Namespace) -> dict:
   """Runs `bench matmul` with parsed options; returns the JSON document."""
-  shapes = opts.shapes or ([(128, 256)] if opts.quick else DEFAULT_SHAPES)
+  if getattr(opts, "model", None):
+    try:
+      shapes = estimate.linear_shapes(opts.model)
+    except (ValueError, OSError) as e:
+      raise SystemExit(f"bench matmul: --model: {e}") from e
+  else:
+    shapes = opts.shapes or ([(128, 256)] if opts.quick else DEFAULT_SHAPES)
   ms = opts.m or ([1, 4] if opts.quick else DEFAULT_M)
   torch, bnb, skipped, copy_bw, peak = _prepare(opts, "matmul")
   meta = _meta(opts, "matmul", torch, bnb, skipped, copy_bw, peak)
@@ -522,9 +529,15 @@ def add_parsers(sub) -> None:
     sub: the subparsers action of `jaxbnb bench`.
   """
   mm = sub.add_parser("matmul", help="matmul_4bit vs bf16 and bitsandbytes")
-  mm.add_argument("--shapes", type=argtypes.from_parser(parse_shapes), help=(
-      "weight shapes NxK ([out, in]; K is reduced), comma-separated "
-      "(default: " + ",".join(f"{n}x{k}" for n, k in DEFAULT_SHAPES) + ")"))
+  which = mm.add_mutually_exclusive_group()
+  which.add_argument("--shapes", type=argtypes.from_parser(parse_shapes),
+                     help=("weight shapes NxK ([out, in]; K is reduced), "
+                           "comma-separated (default: " + ",".join(
+                               f"{n}x{k}" for n, k in DEFAULT_SHAPES) + ")"))
+  which.add_argument("--model", help=(
+      "the shapes of a model's linear layers instead: a known name (" +
+      ", ".join(estimate.KNOWN_MODELS) + "), an HF folder or config.json, "
+      "or a .gguf file"))
   mm.add_argument("--m", type=argtypes.from_parser(parse_ints, "1,16,4096"),
                   help=("rows of x, comma-separated (default: "
                         + ",".join(map(str, DEFAULT_M)) + ")"))
