@@ -637,6 +637,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     iw = lax.axis_index("w")
     ix = lax.axis_index("x")
     isp = lax.axis_index("s")
+    row0 = iw * cta_w + row_offset
 
     @functools.partial(pl.run_scoped,
                        acc_ref=plgpu.ACC((tile_w, tile_x), jnp.float32))
@@ -644,19 +645,17 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
       def step(idx, *smem):
         w_smem, s_smem, x_smem = unpack(smem)
         multiply(acc_ref, w_smem,
-                 step_scales(s_in, s_smem, iw * cta_w + row_offset,
-                             isp * steps + idx[0]),
+                 step_scales(s_in, s_smem, row0, isp * steps + idx[0]),
                  x_smem, t_gmem)
 
       def step_ahead(idx, *smem_carry):
         *smem, scales = smem_carry
         w_smem, _, x_smem = unpack(smem)
-        nxt = ahead(s_in, iw * cta_w + row_offset, isp, idx[0], 1)
+        nxt = ahead(s_in, row0, isp, idx[0], 1)
         multiply(acc_ref, w_smem, (scales,), x_smem, t_gmem)
         return nxt
 
-      carry = ({"init_carry": ahead(s_in, iw * cta_w + row_offset, isp, 0,
-                                    0)}
+      carry = ({"init_carry": ahead(s_in, row0, isp, 0, 0)}
                if prefetch else {})
       plgpu.emit_pipeline(step_ahead if prefetch else step, grid=(steps,),
                           in_specs=specs(iw, ix, isp),

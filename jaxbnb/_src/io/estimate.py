@@ -36,8 +36,8 @@ from jaxbnb._src.models.config import LlamaConfig
 from jaxbnb._src.quant import validation
 
 __all__ = ["MemoryEstimate", "TrainingMemoryEstimate", "estimate_memory",
-           "estimate_training_memory", "linear_shapes", "KNOWN_MODELS",
-           "GPU_SIZES_GB", "FORMATS", "PROJECTIONS"]
+           "estimate_training_memory", "KNOWN_MODELS", "GPU_SIZES_GB",
+           "FORMATS", "PROJECTIONS"]
 
 GPU_SIZES_GB = (8, 12, 16, 24, 40, 48, 80)
 FORMATS = ("fp32", "bf16", "int8", "nf4", "nf4+dq")

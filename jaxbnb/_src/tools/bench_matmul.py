@@ -221,7 +221,7 @@ def _meta(opts, kind, torch, bnb, skipped, copy_bw, peak) -> dict:
 
 def run_matmul(opts: argparse.Namespace) -> dict:
   """Runs `bench matmul` with parsed options; returns the JSON document."""
-  if getattr(opts, "model", None):
+  if opts.model:
     try:
       shapes = estimate.linear_shapes(opts.model)
     except (ValueError, OSError) as e:
