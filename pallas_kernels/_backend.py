@@ -226,3 +226,22 @@ def on_hopper() -> bool:
     return False
   return (dev.platform == "gpu"
           and str(getattr(dev, "compute_capability", "")) == "9.0")
+
+
+def ref_type(transforms: tuple = (), *, write: bool = True):
+  """`plgpu.RefType` for an `inline_mgpu` argument; `write=False` for a ref
+  the inline code only reads. JAX 0.12.1 takes a written ref to be an
+  effect, refused on a kernel's inputs (they are arrays, not `Ref`s), so a
+  kernel input passed to inline code must be declared read-only; earlier
+  JAX has no such field and every ref is passed as it is.
+
+  Example:
+    >>> from pallas_kernels import _backend
+    >>> type(_backend.ref_type(write=False)).__name__
+    'RefType'
+  """
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  if write or "write" not in getattr(plgpu.RefType,
+                                     "__dataclass_fields__", {}):
+    return plgpu.RefType(transforms)
+  return plgpu.RefType(transforms, write=False)

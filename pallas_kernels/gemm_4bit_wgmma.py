@@ -452,8 +452,8 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     s_types = (plgpu.Layout.WGMMA,) if prefetch else ()
 
     @plgpu.inline_mgpu(
-        arg_types=((plgpu.RefType(transforms=w_tr),) + s_types
-                   + (plgpu.RefType(),) * n_refs),
+        arg_types=((_backend.ref_type(w_tr, write=False),) + s_types
+                   + (_backend.ref_type(write=False),) * n_refs),
         return_type=plgpu.ShapeDtypeStruct((tile_w, cols), jnp.bfloat16,
                                            layout=plgpu.Layout.WGMMA))
     def decode(ctx, w_ref, *refs):
@@ -541,7 +541,7 @@ def _compiled(x, packed, scales, *, code, n, k, tile_w, tile_x, tile_k,
     ]
 
   @plgpu.inline_mgpu(
-      arg_types=(plgpu.RefType(),) * 5,
+      arg_types=(_backend.ref_type(write=False),) * 5,
       return_type=plgpu.ShapeDtypeStruct(s_shape, jnp.float32,
                                          layout=plgpu.Layout.WGMMA))
   def make_scales(ctx, *refs):

@@ -664,11 +664,15 @@ def row_plan(ns, k, rows, tile_rows, blocks=4):
   return plan, row0
 
 
-def inline_ptx(text: str, refs, shared: int) -> None:
+def inline_ptx(text: str, refs, shared: int,
+               written: int | None = None) -> None:
   """Runs the PTX block `text` (no results) with the addresses of `refs` as
   its operands: the first `shared` as 32-bit shared-memory addresses, the
-  rest as 64-bit global ones."""
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs))
+  rest as 64-bit global ones. The PTX writes the first `written` refs
+  (all by default) and only reads the rest (the kernel's inputs)."""
+  written = len(refs) if written is None else written
+  @plgpu.inline_mgpu(arg_types=tuple(_backend.ref_type(write=j < written)
+                                     for j in range(len(refs))))
   def call(ctx, *refs):
     del ctx
     llvm.inline_asm(ir.Type.parse("!llvm.void"),
@@ -715,7 +719,8 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
             off_gmem=off_gmem, bptx=bptx, sptx=sptx, steps=steps,
             group0=group0, last=last):
         inline_ptx(bptx, (own_smem, c2_smem, sp_smem, cnt_smem, x_gmem,
-                          nc_gmem, ns_gmem, off_gmem, *norm_gmem), 4)
+                          nc_gmem, ns_gmem, off_gmem, *norm_gmem), 4,
+                   written=4)
 
         def body(_, w_smem, c_smem):
           inline_ptx(sptx, (w_smem, c_smem, own_smem, c2_smem, sp_smem,

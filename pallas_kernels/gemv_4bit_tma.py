@@ -297,7 +297,7 @@ def _compiled(x, packed, codes, nested_absmax, table, *, code, n, k, bk,
   f32 = ir.F32Type.get
 
   @plgpu.inline_mgpu(
-      arg_types=(plgpu.RefType(),) * 5 + (layout,),
+      arg_types=(_backend.ref_type(write=False),) * 5 + (layout,),
       return_type=plgpu.ShapeDtypeStruct((128 * v,), jnp.float32,
                                          layout=layout))
   def step(ctx, w_ref, x_ref, t_ref, c_ref, ns_ref, carry):

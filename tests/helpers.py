@@ -168,3 +168,33 @@ def assert_trees_bitwise_equal(a, b):
     assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype)
     np.testing.assert_array_equal(x.reshape(-1).view(np.uint8),
                                   y.reshape(-1).view(np.uint8))
+
+
+def assert_trees_equal_but_fma(a, b, *, ulps: int = 2, codes: float = 0.05):
+  """`assert_trees_bitwise_equal` for two XLA:CPU programs of the same
+  float32 arithmetic, which XLA may contract into fused multiply-adds
+  apart (JAX 0.12.1 decides per fusion: the same `s * b1 + (1 - b1) * g`
+  rounds once in one program and twice in the other). Same structure,
+  dtypes and shapes; integer arrays but uint8 identical; floats within
+  `ulps` units in the last place of their dtype; uint8 (8-bit state codes)
+  identical but for at most a fraction `codes` of elements, each one code
+  off (a value a unit away landing past a code midpoint)."""
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb, (ta, tb)
+  for x, y in zip(la, lb):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype)
+    if x.dtype == np.uint8:
+      d = (x.astype(np.int64) - y.astype(np.int64)) % 256
+      d = np.minimum(d, 256 - d)
+      assert d.max(initial=0) <= 1 and (d > 0).mean() <= codes, (
+          d.max(initial=0), (d > 0).mean())
+    elif np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16:
+      x32, y32 = x.astype(np.float32), y.astype(np.float32)
+      same = (x32 == y32) | (np.isnan(x32) & np.isnan(y32))
+      bound = ulps * ulp(np.maximum(np.abs(x32), np.abs(y32)), x.dtype)
+      bad = ~same & ~(np.abs(x32 - y32) <= bound)
+      assert not bad.any(), (x.dtype, x32[bad][:4], y32[bad][:4])
+    else:
+      np.testing.assert_array_equal(x, y)

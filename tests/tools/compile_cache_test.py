@@ -121,3 +121,17 @@ def test_unwritable_folders(tmp_path, capsys, monkeypatch):
     assert compile_cache.enable({"XDG_CACHE_HOME": str(tmp_path)}) is None
     assert not jax.config.jax_compilation_cache_dir
   assert "cannot write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend,on", [("cpu", False), ("gpu", True)])
+def test_several_cpu_processes_run_without_the_cache(tmp_path, monkeypatch,
+                                                     backend, on):
+  """One of two processes: on the CPU the cache stays off (JAX 0.12.1 hangs
+  a process that reads a program back there); on a GPU it is on. (The real
+  two-process run: tests/tools/distributed_test.py.)"""
+  monkeypatch.setattr(compile_cache.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(compile_cache.jax, "default_backend", lambda: backend)
+  with _no_jax_cache_dir():
+    got = compile_cache.enable({compile_cache.ENV: str(tmp_path / "c")})
+    assert (got == str(tmp_path / "c")) is on
+    assert bool(jax.config.jax_compilation_cache_dir) is on

@@ -92,7 +92,18 @@ def _place(x, kind: str | None, space):
   sharding = x.sharding
   if sharding.memory_kind == kind:
     return x
-  return jax.device_put(x, sharding.with_memory_kind(kind))
+  target = sharding.with_memory_kind(kind)
+  try:
+    return jax.device_put(x, target)
+  except jax.errors.JaxRuntimeError as e:
+    # JAX 0.12.1 on the CPU: a jitted program's host-memory output carries
+    # a layout (`S(5)`) that `device_put` refuses to copy ("Unsupported
+    # layout used for PjRt CPU buffers"); a jitted move does it (a jitted
+    # identity would keep the host memory space in the array's type).
+    if "Unsupported layout" not in str(e):
+      raise
+    return jax.jit(lambda a: jax.device_put(a, space),
+                   out_shardings=target)(x)
 
 
 def _tree_kind(tree, want_host: bool) -> str | None:

@@ -386,7 +386,9 @@ def matmul_4bit_swiglu(
   the partials' sum and `silu(gate) * up` need no kernel of their own
   (`gemv_4bit_lut.gemv_swiglu`; its sigmoid rounds `exp` by the GPU's
   `ex2.approx`, which may differ from XLA's by a unit in the last place
-  of the 16-bit value). Otherwise, and with the reference ops, the three
+  of the 16-bit value; from JAX 0.12.1, whose sigmoid is the
+  `exp(-|g|)` form, float16 values may differ from `jax.nn.silu` by up
+  to three). Otherwise, and with the reference ops, the three
   matmuls run in turn. With `rms_norm=(weight, eps)`, `A` is RMSNorm'd
   first, as `matmul_4bit_group`'s `rms_norm` (in gate/up's table builds
   where that serves). Differentiable in `A` and the norm's weight

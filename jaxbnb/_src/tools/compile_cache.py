@@ -15,6 +15,11 @@ the backend and its version).
 JAX itself (`JAX_COMPILATION_CACHE_DIR`, `jax.config`) wins over all of
 these. The library alone never turns the cache on: that is the program's
 choice.
+
+Not in a run of several processes on the CPU (`--num-processes`, gloo's
+collectives): there, with JAX 0.12.1, a process that reads a program back
+from the cache waits forever in the program's first collective, so such a
+run compiles every program itself.
 """
 
 from __future__ import annotations
@@ -59,6 +64,12 @@ def _can_make(path: str) -> bool:
   return os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK)
 
 
+def _multi_process_cpu() -> bool:
+  """Whether this is one of several processes of a CPU run (see the module
+  docstring: the cache would hang it)."""
+  return jax.process_count() > 1 and jax.default_backend() == "cpu"
+
+
 def enable(environ: Mapping[str, str] | None = None) -> str | None:
   """Turns on JAX's persistent compilation cache, unless it is on already
   or `JAXBNB_COMPILATION_CACHE` says off.
@@ -74,7 +85,8 @@ def enable(environ: Mapping[str, str] | None = None) -> str | None:
     environ: the environment (default: `os.environ`).
 
   Returns:
-    The cache folder in use, or None where there is none.
+    The cache folder in use, or None where there is none (also in a run of
+    several processes on the CPU, which the cache would hang).
 
   Raises:
     ValueError: if `JAXBNB_COMPILATION_CACHE` names a file, or a folder
@@ -87,6 +99,8 @@ def enable(environ: Mapping[str, str] | None = None) -> str | None:
     return current
   value = environ.get(ENV, "").strip()
   if value.lower() in OFF:
+    return None
+  if _multi_process_cpu():
     return None
   path = os.path.abspath(os.path.expanduser(value or default_dir(environ)))
   if os.path.exists(path) and not os.path.isdir(path):
