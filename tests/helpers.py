@@ -158,14 +158,21 @@ def assert_docstring_examples_pass(obj, name: str) -> None:
   assert result.attempted > 0 and result.failed == 0, result
 
 
-def assert_trees_bitwise_equal(a, b):
-  """Same structure (None where None), same dtypes, shapes and bytes."""
+def _leaf_pairs(a, b):
+  """The leaves of `a` and `b` as numpy pairs, after checking the same
+  structure (None where None), dtypes and shapes."""
   la, ta = jax.tree.flatten(a)
   lb, tb = jax.tree.flatten(b)
   assert ta == tb, (ta, tb)
   for x, y in zip(la, lb):
     x, y = np.asarray(x), np.asarray(y)
     assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype)
+    yield x, y
+
+
+def assert_trees_bitwise_equal(a, b):
+  """Same structure (None where None), same dtypes, shapes and bytes."""
+  for x, y in _leaf_pairs(a, b):
     np.testing.assert_array_equal(x.reshape(-1).view(np.uint8),
                                   y.reshape(-1).view(np.uint8))
 
@@ -179,12 +186,7 @@ def assert_trees_equal_but_fma(a, b, *, ulps: int = 2, codes: float = 0.05):
   `ulps` units in the last place of their dtype; uint8 (8-bit state codes)
   identical but for at most a fraction `codes` of elements, each one code
   off (a value a unit away landing past a code midpoint)."""
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb, (ta, tb)
-  for x, y in zip(la, lb):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, (x.dtype, y.dtype)
+  for x, y in _leaf_pairs(a, b):
     if x.dtype == np.uint8:
       d = (x.astype(np.int64) - y.astype(np.int64)) % 256
       d = np.minimum(d, 256 - d)
