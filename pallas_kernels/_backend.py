@@ -26,6 +26,11 @@ except ImportError:  # pragma: no cover
   pl = None
   pltriton = None
 
+try:  # pragma: no cover - depends on the installed JAX
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover
+  plgpu = None
+
 __all__ = ["available", "compiler_params", "pl", "pltriton", "add_rn",
            "on_nvidia_gpu", "varying_axes", "match_vma", "same_vma"]
 
@@ -240,7 +245,6 @@ def ref_type(transforms: tuple = (), *, write: bool = True):
     >>> type(_backend.ref_type(write=False)).__name__
     'RefType'
   """
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   if write or "write" not in getattr(plgpu.RefType,
                                      "__dataclass_fields__", {}):
     return plgpu.RefType(transforms)
