@@ -233,7 +233,7 @@ def restore_checkpoint(path: str | os.PathLike,
   """
   path = os.path.abspath(os.fspath(path))
   meta = _read_meta(path)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  sharding = jax.sharding.make_single_device_sharding(jax.devices()[0])
   if like is None:
     like = _abstract_model(meta, sharding, path)
   graphdef, state = nnx.split(like)

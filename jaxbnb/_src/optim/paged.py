@@ -231,7 +231,7 @@ def place_like(tree, like):
             mesh, jax.sharding.PartitionSpec(None, *spec))
       return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   elif len(sharding.device_set) == 1:
-    one = jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
+    one = jax.sharding.make_single_device_sharding(next(iter(sharding.device_set)))
     target = lambda x: one
   else:
     return tree
@@ -270,7 +270,7 @@ def commit_beside(x: jax.Array, tree) -> jax.Array:
         target = jax.sharding.NamedSharding(sharding.mesh,
                                             jax.sharding.PartitionSpec())
       elif len(sharding.device_set) == 1:
-        target = jax.sharding.SingleDeviceSharding(
+        target = jax.sharding.make_single_device_sharding(
             next(iter(sharding.device_set)))
       else:
         return x

@@ -72,10 +72,10 @@ def with_sharding_constraint(x: jax.Array, sharding) -> jax.Array:
 
   Examples:
     >>> import jax, jax.numpy as jnp
-    >>> from jax.sharding import SingleDeviceSharding
+    >>> from jax.sharding import make_single_device_sharding
     >>> x = jnp.zeros((4, 1), jnp.bfloat16)
     >>> jax.jit(lambda x: with_sharding_constraint(
-    ...     x, SingleDeviceSharding(jax.devices()[0])))(x).dtype
+    ...     x, make_single_device_sharding(jax.devices()[0])))(x).dtype
     dtype(bfloat16)
   """
   dtype = word_dtype(x)

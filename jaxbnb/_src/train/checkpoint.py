@@ -145,7 +145,7 @@ def restore_checkpoint(folder: str, model: nnx.Module,
              "rngs": nnx.state(model, nnx.RngState),
              "optimizer": nnx.state(optimizer)}
   pure = {k: nnx.to_pure_dict(v) for k, v in current.items()}
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  default = jax.sharding.make_single_device_sharding(jax.devices()[0])
 
   def abstract(x):
     if _is_key(x):
