@@ -139,8 +139,8 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
   """The K-split tiles for `n < SPLIT_BELOW_N` rows: "ks" with 256-column
   steps at M <= 64, "ws" with 128 at 65-128; at 129-256, x's 256-row tile
   in "plain" with 128-column steps and the scale words made ahead where
-  the split is 1 or 2 (more than 2112 rows), else "ks" with 64-column
-  steps. K is split as many ways (at most 8, 16 at M = 65-128) as keep
+  the split is 1 or 2 (more than 16 rows an SM: 2112 on 132 SMs), else
+  "ks" with 64-column steps. K is split as many ways (at most 8, 16 at M = 65-128) as keep
   the programs within one wave of the GPU's SMs (`_backend.num_sms`:
   132 on an H100 or H200 SXM; sweep run s, twenty-third
   session: on 6144x4096 at M = 64 "ks" unsplit 19.2 us against split 2's
