@@ -51,6 +51,27 @@ def test_jitted_round_trip_outputs_host_memory_and_keeps_sharding():
   np.testing.assert_array_equal(np.asarray(y), 2 * np.arange(64.0))
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_paged_state_moves_back_to_device_memory(sharded):
+  """A jitted program's host-memory output back in device memory, typed so
+  (the next op takes it beside device arrays). JAX 0.12.1's CPU refuses
+  `device_put` for such an array ("Unsupported layout"); `to_device`
+  then moves it in a jitted `device_put`."""
+  x = jnp.arange(64.0)
+  if sharded:
+    mesh = jax.make_mesh((len(jax.devices()),), ("x",))
+    x = jax.device_put(x, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("x")))
+  y = jax.jit(lambda s: optim_paged.to_host(optim_paged.to_device(s) * 2))(
+      optim_paged.to_host(x))
+  assert y.sharding.memory_kind == HOST
+  back = optim_paged.to_device(y)
+  assert back.sharding.memory_kind == optim_paged.DEVICE_KIND
+  assert back.sharding.is_equivalent_to(x.sharding, 1)
+  assert not optim_paged.in_host_memory(back)
+  np.testing.assert_array_equal(np.asarray(back + x), 3 * np.arange(64.0))
+
+
 def test_paged_state_on_host_and_bitwise_equal_to_unpaged(name="adamw8bit"):
   params = _common.make_params()
   paged_opt, step = _common.optimizer("paged_" + name)
