@@ -800,7 +800,8 @@ MUTANTS: tuple[Mutant, ...] = (
     # Kernel inputs handed to inline PTX as written refs: JAX 0.12.1 refuses
     # the kernel (older JAX takes it, so this one is killed from 0.12.1 on).
     Mutant("inline-ptx-inputs-written", "pallas_kernels/_backend.py",
-           "  if write or \"write\" not in getattr(", "  if True or \"write\" not in getattr(",
+           "  if write or \"write\" not in getattr(",
+           "  if True or \"write\" not in getattr(",
            ("tests/kernels/backend_test.py::"
             "test_ref_type_declares_read_only_refs",
             "tests/kernels/gemv_4bit_tma_test.py::test_lowers_for_cuda")),

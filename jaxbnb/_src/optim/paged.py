@@ -231,7 +231,8 @@ def place_like(tree, like):
             mesh, jax.sharding.PartitionSpec(None, *spec))
       return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   elif len(sharding.device_set) == 1:
-    one = jax.sharding.make_single_device_sharding(next(iter(sharding.device_set)))
+    one = jax.sharding.make_single_device_sharding(
+        next(iter(sharding.device_set)))
     target = lambda x: one
   else:
     return tree
