@@ -136,19 +136,18 @@ SPLIT_WIDE_MAX_N = 8192
 
 
 def _split_config(m: int, n: int, k: int | None) -> dict:
-  """The K-split tiles for `n < SPLIT_BELOW_N` rows: "ks" with 256-column
-  steps at M <= 64, "ws" with 128 at 65-128; at 129-256, x's 256-row tile
-  in "plain" with 128-column steps and the scale words made ahead where
-  the split is 1 or 2 (more than 16 rows an SM: 2112 on 132 SMs), else
-  "ks" with 64-column steps. K is split as many ways (at most 8, 16 at
-  M = 65-128) as keep the programs within one wave of the GPU's SMs
-  (`_backend.num_sms`: 132 on an H100 or H200 SXM; sweep run s,
-  twenty-third session: on 6144x4096 at M = 64 "ks" unsplit 19.2 us against split 2's
-  24.1, at M = 128 "ws" split 2 27.4 against split 4's 30.0; on 3072x4096
-  at M = 64 split 2 13.8 against split 4's 17.5; XLA bf16 20.6, 23.4 and
-  17.0). The steps are narrowed (more in flight) where K does not take
-  the split or each warpgroup would get a single step, then the split
-  halved while K still does not take it.
+  """The K-split tiles for `n < SPLIT_BELOW_N` rows: "ks" with 256-column steps
+  at M <= 64, "ws" with 128 at 65-128; at 129-256, x's 256-row tile in "plain"
+  with 128-column steps and the scale words made ahead where the split is 1 or
+  2 (more than 16 rows an SM: 2112 on 132 SMs), else "ks" with 64-column
+  steps. K is split as many ways (at most 8, 16 at M = 65-128) as keep the
+  programs within one wave of the GPU's SMs (`_backend.num_sms`: 132 on an
+  H100 or H200 SXM; sweep run s, twenty-third session: on 6144x4096 at M = 64
+  "ks" unsplit 19.2 us against split 2's 24.1, at M = 128 "ws" split 2 27.4
+  against split 4's 30.0; on 3072x4096 at M = 64 split 2 13.8 against split
+  4's 17.5; XLA bf16 20.6, 23.4 and 17.0). The steps are narrowed (more in
+  flight) where K does not take the split or each warpgroup would get a single
+  step, then the split halved while K still does not take it.
 
   Sweep runs o and p (twenty-second session, the sweep timer, NF4 + DQ,
   us): 4096x14336 at M = 256 "plain" split 2 66.6 / 65.0 against the
