@@ -244,34 +244,53 @@ def default_config(m: int, out_f32: bool = False,
 
 # A last wave of programs that fills less than this share of the SMs
 # runs as a tail launch with K split (`gemm`'s `tail_rows`,
-# `tail_rows_for`). 0 turns it off, the default until it is timed on the
-# GPU: the forty-seventh session's sweep run v found 18944x3584 at M =
-# 256 ("ws", 148 programs, a second wave of 16) at 94.7 us against XLA's
-# 60.2, each wave costing about the same however few programs it holds;
-# run w (defined, not run) times the tail against it.
-TAIL_BELOW_FILL = 0.0
+# `tail_rows_for`); 0 turns it off. Forty-ninth session (H100, NF4 + DQ,
+# docs/benchmarks.md "A thin last wave as a tail launch"), sweep run w,
+# us, one launch against the tail: 18944x3584 at M = 256 (148 programs,
+# a second wave of 16) 94.8 against 68.1, at M = 128 60.9 against 53.0,
+# at M = 64 46.6 against 42.9; 20480x7168 at 256 178.4 against 134.7;
+# 36864x4608 at 256 179.4 against 154.5. `jaxbnb bench matmul` with the
+# tail off and at 0.5: 18944x3584 at M = 128 / 256 60.4 / 91.4 against
+# 51.1 / 70.1; 20480x7168 at 64 / 128 / 256 86.5 / 117.0 / 178.9 against
+# 77.1 / 88.7 / 138.8; 28672x8192 (a last wave of 92 programs: 70%, no
+# tail) within 3%. A program's wave must be long enough to pay for the
+# second launch: programs of fewer than TAIL_MIN_PROGRAM_SIZE weight
+# elements (rows times K) keep one launch. Same session, the package at M
+# = 64 (64-row programs), tail off against on: 11008x4096 31.1 against
+# 35.4 us and 28672x4096 60.9 against 64.9 (64 x 4096 elements a
+# program), but 10240x8192 60.3 against 55.0, 20480x7168 86.5 against
+# 77.1 and 28672x8192 121.2 against 116.7 (64 x 7168 and more).
+TAIL_BELOW_FILL = 0.5
+TAIL_MIN_PROGRAM_SIZE = 128 * 3584
 
 
 def tail_rows_for(m: int, n: int, k: int, cfg: dict,
-                  below: float | None = None) -> int:
+                  below: float | None = None,
+                  min_size: int | None = None) -> int:
   """The weight rows `gemm` runs as a tail launch for `cfg` (a
   `default_config`) at M = m: where x is one tile, K is not split, and
   the programs take more than one wave of the GPU's SMs
   (`_backend.num_sms`) with a last wave below `below` (default
-  TAIL_BELOW_FILL) of them, that wave's rows, if `_split_config` splits
-  K for so few rows; else 0.
+  TAIL_BELOW_FILL) of them, and each program's weight tile holds
+  `min_size` (default TAIL_MIN_PROGRAM_SIZE) elements or more, that
+  wave's rows, if `_split_config` splits K for so few rows; else 0.
 
   Example:
     >>> from pallas_kernels import gemm_4bit_wgmma as gw
     >>> cfg = gw.default_config(256, k=3584, nested=True, n=18944)
-    >>> gw.tail_rows_for(256, 18944, 3584, cfg, below=0.5)  # 148 programs
+    >>> gw.tail_rows_for(256, 18944, 3584, cfg)  # 148 programs of 128 rows
     2048
+    >>> cfg = gw.default_config(64, k=3584, nested=True, n=18944)
+    >>> gw.tail_rows_for(64, 18944, 3584, cfg)  # 64 x 3584: too short
+    0
   """
   below = TAIL_BELOW_FILL if below is None else below
+  min_size = TAIL_MIN_PROGRAM_SIZE if min_size is None else min_size
   rows = cfg["tile_w"] * (2 if cfg["variant"] == "ws" else 1)
   programs, sms = n // rows, _backend.num_sms()
   last = programs % sms
   if (m > cfg["tile_x"] or cfg["split"] != 1 or programs <= sms
+      or rows * k < min_size
       or not 0 < last < below * sms):
     return 0
   try:

@@ -162,6 +162,24 @@ MUTANTS: tuple[Mutant, ...] = (
            "and m <= GEMM_SPLIT_MAX_M)",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_gemm_serves[256-4096-4096-64-bfloat16-interpret-True]",)),
+    Mutant("wgmma-gemm-split-k-from-4096",
+           "jaxbnb/_src/quant/kernels.py",
+           "GEMM_SPLIT_MIN_K = 3584",
+           "GEMM_SPLIT_MIN_K = 4096",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_gemm_serves[64-3584-3584-64-bfloat16-interpret-True]",)),
+    Mutant("wgmma-gemm-tail-off-by-default",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "TAIL_BELOW_FILL = 0.5",
+           "TAIL_BELOW_FILL = 0.0",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_tail_rows_for_a_thin_last_wave",)),
+    Mutant("wgmma-gemm-tail-for-short-programs",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "      or rows * k < min_size\n",
+           "",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_tail_rows_for_a_thin_last_wave",)),
     Mutant("wgmma-gemm-tail-never-passed",
            "jaxbnb/_src/quant/kernels.py",
            "tail = 0 if bias is not None else gw.tail_rows_for(m, n, k, cfg)",

@@ -39,9 +39,10 @@ Run t (forty-sixth session): M = 512-4096, past the kernel's routing;
 run u (defined, not run): K splits and 128-row x tiles where run t's
 config leaves SMs idle. Run v (forty-seventh session): "ks" unsplit, x's
 128-row tiles and K splits at M = 256 on Qwen2.5-7B's and Llama-3-70B's
-weights; run w (defined, not run): a thin last wave's rows as a tail
-launch with K split (`gemm`'s `tail_rows`); run x (defined, not run):
-K splits on Qwen2.5-7B's K = 3584 weights, which the GEMM never takes.
+weights; run w (forty-ninth session): a thin last wave's rows as a tail
+launch with K split (`gemm`'s `tail_rows`); run x (forty-ninth
+session): K splits on Qwen2.5-7B's K = 3584 weights, which the GEMM
+did not take before it.
 """
 import os
 import sys
@@ -341,9 +342,10 @@ RUNS = {
                  (64, 128, 128, 1, 3, "ws", "dqlt"),
                  (64, 256, 128, 2, 2, "plain", "dqpf"),
                  (64, 256, 64, 2, 2, "ks", "dqlt")]}),
-    # w (defined in the forty-seventh session, not run): the last wave's
-    # rows as a tail launch with K split ("tail": `gemm`'s `tail_rows`
-    # from `tail_rows_for` with any last wave below a full one) against
+    # w (defined in the forty-seventh session, run in the forty-ninth):
+    # the last wave's rows as a tail launch with K split ("tail": `gemm`'s
+    # `tail_rows` from `tail_rows_for` with any last wave below a full one
+    # and programs of any size) against
     # one launch, where the default leaves a thin last wave: Qwen2.5-7B's
     # 18944x3584 (148 programs of "ws" at M = 129-256, 296 of "plain" at
     # M = 64), Yi-34B's 20480x7168 (160) and Gemma-2-27B's 36864x4608 (288).
@@ -355,9 +357,9 @@ RUNS = {
                  (64, 128, 256, 1, 2, "ws", "dqlttail")],
            64: [(64, 64, 256, 1, 2, "plain", "dqswlt"),
                 (64, 64, 256, 1, 2, "plain", "dqswlttail")]}),
-    # x (defined in the forty-seventh session, not run): Qwen2.5-7B's
-    # weights of K = 3584, below GEMM_SPLIT_MIN_K (4096), which the GEMM
-    # never takes: at M = 64 the GEMV ran 3584x3584 at 21.4 us and
+    # x (defined in the forty-seventh session, run in the forty-ninth):
+    # Qwen2.5-7B's weights of K = 3584, then below GEMM_SPLIT_MIN_K
+    # (4096), which the GEMM did not take: at M = 64 the GEMV ran 3584x3584 at 21.4 us and
     # 512x3584 at 9.9 (XLA 15.6 and 6.2), at M = 256 dequantize + dot
     # 3584x3584 at 28.5 (XLA 17.0); K splits as `_split_config` would
     # make them.
@@ -392,8 +394,8 @@ def fn(n, k, cfg):
               if "dq" in tag else ops.float_absmax(qs))
     tail = gw.tail_rows_for(
         x.shape[0], n, k, dict(tile_w=tw, tile_x=tx, split=split,
-                               variant=variant), below=1.0) if (
-                                   "tail" in tag) else 0
+                               variant=variant), below=1.0,
+        min_size=0) if "tail" in tag else 0
     return gw.gemm(x, p.reshape(-1), absmax, code=CODE, n=n,
                    k=k, tile_w=tw, tile_x=tx, tile_k=tk, split=split,
                    stages=stages, variant=variant, cluster=cluster,

@@ -137,7 +137,12 @@ def test_tail_rows_refused_where_the_tail_cannot_run(tail_rows, kw, match):
 @pytest.mark.parametrize("m,n,k,sms,below,rows", [
     (256, 18944, 3584, 132, 0.5, 2048),  # 148 programs: a last wave of 16
     (128, 18944, 3584, 132, 0.5, 2048),
-    (256, 18944, 3584, 132, None, 0),    # TAIL_BELOW_FILL: off by default
+    (256, 18944, 3584, 132, None, 2048),  # TAIL_BELOW_FILL's 0.5
+    (256, 18944, 3584, 132, 0.0, 0),     # 0 turns the tail off
+    (64, 18944, 3584, 132, 0.5, 0),      # 64 x 3584 a program: too short
+    (64, 11008, 4096, 132, 0.5, 0),      # 64 x 4096: too short
+    (64, 10240, 8192, 132, 0.5, 1792),   # 64 x 8192: a last wave of 28
+    (64, 20480, 7168, 132, 0.5, 3584),   # 64 x 7168: a last wave of 56
     (256, 14336, 4096, 132, 0.5, 0),     # 112 programs: one wave
     (256, 28672, 8192, 132, 0.5, 0),     # a last wave of 92: 70%
     (256, 24576, 3072, 132, 0.5, 0),     # the tail's 7680 rows take no split
@@ -148,18 +153,20 @@ def test_tail_rows_for_a_thin_last_wave(m, n, k, sms, below, rows,
                                         monkeypatch):
   """`tail_rows_for`: a default config's last wave of programs, where it
   fills less than `below` of the GPU's SMs and one x tile holds M, runs
-  as a tail with K split; nowhere by default (TAIL_BELOW_FILL is 0 until
-  timed)."""
+  as a tail with K split (by default below half of them:
+  TAIL_BELOW_FILL); nowhere where `below` is 0."""
   monkeypatch.setattr(_backend, "num_sms", lambda: sms)
   cfg = gw.default_config(m, k=k, nested=True, n=n)
   assert gw.tail_rows_for(m, n, k, cfg, below) == rows
 
 
 def _tail_spy(monkeypatch, sms):
-  """The routing on `sms` SMs with TAIL_BELOW_FILL at 0.5; returns the list
-  the `tail_rows` of each `gw.gemm` call will be appended to."""
+  """The routing on `sms` SMs with TAIL_BELOW_FILL at 0.5 and programs of
+  any size taking the tail; returns the list the `tail_rows` of each
+  `gw.gemm` call will be appended to."""
   monkeypatch.setattr(_backend, "num_sms", lambda: sms)
   monkeypatch.setattr(gw, "TAIL_BELOW_FILL", 0.5)
+  monkeypatch.setattr(gw, "TAIL_MIN_PROGRAM_SIZE", 0)
   seen = []
   real = gw.gemm
 
@@ -248,6 +255,9 @@ def test_matmul_4bit_routes_large_m_through_the_gemm():
     (128, 9216, 4096, 64, jnp.bfloat16, "interpret", True),    # K split
     (128, 512, 4096, 64, jnp.bfloat16, "interpret", False),    # too few rows
     (128, 4096, 2048, 64, jnp.bfloat16, "interpret", False),   # K short
+    (64, 3584, 3584, 64, jnp.bfloat16, "interpret", True),     # K split
+    (256, 3584, 3584, 64, jnp.bfloat16, "interpret", True),    # K split
+    (128, 4096, 3072, 64, jnp.bfloat16, "interpret", False),   # K short
     (128, 14336, 4096, 128, jnp.bfloat16, "interpret", False),  # blocksize
     (128, 14336, 4096, 64, jnp.float16, "interpret", False),   # dtype
     (128, 14336, 4096, 64, jnp.bfloat16, "reference", False),
@@ -945,11 +955,12 @@ def test_gpu_gemm(case, nested, with_bias):
                                    (1024, 4096, 100), (1024, 4096, 256),
                                    (6144, 4096, 256), (8192, 4096, 200),
                                    (14336, 1024, 512), (4096, 4096, 1024),
-                                   (14336, 2048, 700)])
+                                   (14336, 2048, 700), (3584, 3584, 64),
+                                   (3584, 3584, 128), (3584, 3584, 256)])
 def test_gpu_matmul_4bit_takes_the_gemm(n, k, m):
   """`F.matmul_4bit` in the default ("pallas") mode on the H200 runs the
   wgmma GEMM (`gemm_serves`) on a 14336-row weight, with K split on
-  4096- and 1024-row ones, at M = 129-256 unsplit on 6144 and 8192
+  4096-, 3584- and 1024-row ones, at M = 129-256 unsplit on 6144 and 8192
   rows, and past 256 rows unsplit in x's 256-row tiles (700 padded to
   768), within the bound of the kernel's weight."""
   packed, qs = _weights(n, k, "nf4", 9)

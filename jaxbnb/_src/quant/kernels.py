@@ -70,9 +70,12 @@ GEMM_MIN_N = gw.SPLIT_BELOW_N  # the kernel's own tiles split K below it
 # and 39.2 on 8192x4096 against dequantize + dot's 46.0 and 51.3 and XLA
 # bf16's 25.1 and 27.3). At every M the split stops where the programs
 # would pass one wave of the SMs (run s: 6144x4096 at M = 64 19.2 us
-# unsplit against split 2's 24.1 and XLA's 20.6).
+# unsplit against split 2's 24.1 and XLA's 20.6). K of 3584 (Qwen2.5-7B's
+# hidden size) takes it too (forty-ninth session, H100, sweep run x:
+# 3584x3584 at M = 64 / 128 / 256 13.9 / 19.3 / 21.7 us against the path
+# before's 19.5 / 23.4 / 28.7 and XLA bf16's 17.2 / 16.9 / 15.9).
 GEMM_SPLIT_MIN_N = 1024
-GEMM_SPLIT_MIN_K = 4096
+GEMM_SPLIT_MIN_K = 3584
 GEMM_SPLIT_MAX_M = gw.SPLIT_MAX_M
 GEMM_SPLIT_WIDE_MAX_N = gw.SPLIT_WIDE_MAX_N
 # The kernel decodes the double quantization itself (docs/benchmarks.md,
