@@ -42,7 +42,9 @@ config leaves SMs idle. Run v (forty-seventh session): "ks" unsplit, x's
 weights; run w (forty-ninth session): a thin last wave's rows as a tail
 launch with K split (`gemm`'s `tail_rows`); run x (forty-ninth
 session): K splits on Qwen2.5-7B's K = 3584 weights, which the GEMM
-did not take before it.
+did not take before it. Runs y and z (defined, not run): K splits on
+K = 3072 and 2048 weights (Llama-3.2-3B, -1B, TinyLlama), and on
+512-row weights.
 """
 import os
 import sys
@@ -63,6 +65,19 @@ CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
 # (tile_w, tile_x, tile_k, split, stages, variant[, "old" | "cN"]): "old"
 # stores y.T for XLA to transpose, as the kernel did before the fourteenth
 # session; "c2", "c4": clusters of 2 or 4 programs sharing x's tile.
+# Runs y and z: K split 1, 2 and 4 ways in the variants `_split_config`
+# picks at each M (every K there is a multiple of 256).
+_SHORT_K_TILES = {
+    64: [(64, 64, 128, 2, 2, "ks", "dqswlt"),
+         (64, 64, 256, 1, 2, "ks", "dqswlt"),
+         (64, 64, 64, 4, 2, "ks", "dqswlt")],
+    128: [(64, 128, 128, 2, 2, "ks", "dqlt"),
+          (64, 128, 64, 4, 2, "ks", "dqlt"),
+          (64, 128, 128, 2, 3, "ws", "dqlt")],
+    256: [(64, 256, 128, 2, 2, "plain", "dqpf"),
+          (64, 256, 128, 1, 2, "plain", "dqpf"),
+          (64, 256, 64, 4, 2, "ks", "dqlt")]}
+
 RUNS = {
     # d: the in-kernel transposed store against "old", and the "ks"
     # variant, on the served shapes and a few below them.
@@ -372,6 +387,19 @@ RUNS = {
                  (64, 128, 128, 2, 2, "ks", "dqlt")],
            256: [(64, 256, 128, 2, 2, "plain", "dqpf"),
                  (64, 256, 64, 4, 2, "ks", "dqlt")]}),
+    # y (defined in the forty-ninth session, not run): Llama-3.2-3B's K =
+    # 3072 weights (q/o 3072x3072, gate/up 8192x3072, k/v 1024x3072),
+    # below GEMM_SPLIT_MIN_K (3584), which the GEMM does not take.
+    "y": ([((3072, 3072), 64), ((3072, 3072), 128), ((3072, 3072), 256),
+           ((8192, 3072), 64), ((8192, 3072), 128), ((8192, 3072), 256),
+           ((1024, 3072), 64), ((1024, 3072), 128)], _SHORT_K_TILES),
+    # z (defined in the forty-ninth session, not run): K = 2048
+    # (Llama-3.2-1B, TinyLlama: q/o 2048x2048, gate/up 8192x2048 and
+    # 5632x2048) and Qwen2.5-7B's k/v (512x3584), which has fewer rows
+    # than GEMM_SPLIT_MIN_N (1024).
+    "z": ([((2048, 2048), 64), ((2048, 2048), 256), ((8192, 2048), 64),
+           ((8192, 2048), 256), ((5632, 2048), 128), ((512, 3584), 128),
+           ((512, 3584), 256)], _SHORT_K_TILES),
 }
 
 def fn(n, k, cfg):
@@ -414,7 +442,7 @@ def main():
                           "gemm_wgmma_sweep.jsonl"), "a")
   for n, k, m, base, x in each_case(cases, t_end):
     tiles = tiles_by_m[min(tiles_by_m, key=lambda t: abs(t - m))]
-    if k >= 4 * n and run not in ("o", "p", "q", "r", "s", "t", "u", "v", "w", "x"):  # few row tiles: split K
+    if k >= 4 * n and run < "o":  # few row tiles: split K
       tiles = tiles + [(t[0], t[1], t[2], s, t[4], t[5]) for t in tiles[1:4]
                        for s in (2, 4)]
     if n * k < 2 ** 20:  # the small case: checked, not timed

@@ -13,6 +13,10 @@
 #                                          # launch: its GPU tests, then
 #                                          # sweep run w (one launch
 #                                          # against the tail)
+#   bash docs/bench/issue14_targets.sh e   # sweep run y: K splits on
+#                                          # K = 3072 weights
+#   bash docs/bench/issue14_targets.sh f   # sweep run z: K = 2048 and
+#                                          # 512-row weights
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -58,8 +62,13 @@ sys.exit(main(sys.argv[1:]))" bench decode --impl jax-nf4-dq \
     OUT=$OUT timeout 300 python docs/bench/gemm_wgmma_sweep.py 240 w 2>&1 \
         | grep "M=\|FAILED"
     ;;
+  e|f)
+    run=$([ "$part" = e ] && echo y || echo z)
+    OUT=$OUT timeout 400 python docs/bench/gemm_wgmma_sweep.py 360 $run 2>&1 \
+        | grep "M=\|FAILED"
+    ;;
   *)
-    echo "part: expected a, b, c or d, got $part" >&2
+    echo "part: expected a, b, c, d, e or f, got $part" >&2
     exit 2
     ;;
 esac
