@@ -123,6 +123,22 @@ def test_unwritable_folders(tmp_path, capsys, monkeypatch):
   assert "cannot write" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("backend,warned", [("cpu", True), ("gpu", False)])
+def test_jax_own_cache_folder_in_several_cpu_processes_warns(
+    tmp_path, monkeypatch, capsys, backend, warned):
+  """A folder set for JAX itself stays (the user's choice), but one of two
+  processes on the CPU says on stderr that it can hang the run, naming
+  the folder and how to unset it; on a GPU nothing is said."""
+  monkeypatch.setattr(compile_cache.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(compile_cache.jax, "default_backend", lambda: backend)
+  with _no_jax_cache_dir():
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "own"))
+    assert compile_cache.enable({}) == str(tmp_path / "own")
+  err = capsys.readouterr().err
+  assert ("JAX_COMPILATION_CACHE_DIR" in err
+          and str(tmp_path / "own") in err) is warned
+
+
 @pytest.mark.parametrize("backend,on", [("cpu", False), ("gpu", True)])
 def test_several_cpu_processes_run_without_the_cache(tmp_path, monkeypatch,
                                                      backend, on):

@@ -19,7 +19,8 @@ choice.
 Not in a run of several processes on the CPU (`--num-processes`, gloo's
 collectives): there, with JAX 0.12.1, a process that reads a program back
 from the cache waits forever in the program's first collective, so such a
-run compiles every program itself.
+run compiles every program itself. A folder set for JAX itself is left
+as it is there, with a warning on stderr.
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ def enable(environ: Mapping[str, str] | None = None) -> str | None:
   environ = os.environ if environ is None else environ
   current = jax.config.jax_compilation_cache_dir
   if current:
+    if _multi_process_cpu():
+      print(f"warning: JAX's compilation cache is on ({current}) in a run "
+            "of several processes on the CPU, where a process that reads a "
+            "program back from it can wait forever (JAX 0.12.1); unset "
+            "JAX_COMPILATION_CACHE_DIR (or jax_compilation_cache_dir) for "
+            "such runs", file=sys.stderr)
     return current
   value = environ.get(ENV, "").strip()
   if value.lower() in OFF:
