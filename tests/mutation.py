@@ -815,6 +815,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "  if _multi_process_cpu():\n    return None\n", "",
            ("tests/tools/compile_cache_test.py::"
             "test_several_cpu_processes_run_without_the_cache",)),
+    Mutant("compile-cache-own-folder-in-cpu-processes-silent",
+           "jaxbnb/_src/tools/compile_cache.py",
+           "    if _multi_process_cpu():\n      print(",
+           "    if False:\n      print(",
+           ("tests/tools/compile_cache_test.py::"
+            "test_jax_own_cache_folder_in_several_cpu_processes_warns",)),
     # Kernel inputs handed to inline PTX as written refs: JAX 0.12.1 refuses
     # the kernel (older JAX takes it, so this one is killed from 0.12.1 on).
     Mutant("inline-ptx-inputs-written", "pallas_kernels/_backend.py",
