@@ -45,8 +45,9 @@ which may live in registers:
   (`default_config`'s `n`): each program sums a part of K in float32 and
   XLA adds the parts. With `tail_rows`, a weight's last rows run in a
   second launch split that way (a thin last wave of programs made into
-  a full wave of short ones; `tail_rows_for`, off by default until
-  timed on the GPU).
+  a full wave of short ones; `tail_rows_for`: by default where the last
+  wave fills less than half of the SMs, for programs of at least
+  TAIL_MIN_PROGRAM_SIZE weight elements).
 * The decode's PTX text is built in `wgmma_decode`.
 * The bf16 result is stored transposed into shared memory and goes out by
   TMA as `y[tile_x, tile_w]`. A float32 result (a bias, or K splits to
