@@ -387,19 +387,33 @@ RUNS = {
                  (64, 128, 128, 2, 2, "ks", "dqlt")],
            256: [(64, 256, 128, 2, 2, "plain", "dqpf"),
                  (64, 256, 64, 4, 2, "ks", "dqlt")]}),
-    # y (defined in the forty-ninth session, not run): Llama-3.2-3B's K =
+    # y (defined in the forty-ninth session, run in the fiftieth): Llama-3.2-3B's K =
     # 3072 weights (q/o 3072x3072, gate/up 8192x3072, k/v 1024x3072),
     # below GEMM_SPLIT_MIN_K (3584), which the GEMM does not take.
     "y": ([((3072, 3072), 64), ((3072, 3072), 128), ((3072, 3072), 256),
            ((8192, 3072), 64), ((8192, 3072), 128), ((8192, 3072), 256),
            ((1024, 3072), 64), ((1024, 3072), 128)], _SHORT_K_TILES),
-    # z (defined in the forty-ninth session, not run): K = 2048
+    # z (defined in the forty-ninth session, run in the fiftieth): K = 2048
     # (Llama-3.2-1B, TinyLlama: q/o 2048x2048, gate/up 8192x2048 and
     # 5632x2048) and Qwen2.5-7B's k/v (512x3584), which has fewer rows
     # than GEMM_SPLIT_MIN_N (1024).
     "z": ([((2048, 2048), 64), ((2048, 2048), 256), ((8192, 2048), 64),
            ((8192, 2048), 256), ((5632, 2048), 128), ((512, 3584), 128),
            ((512, 3584), 256)], _SHORT_K_TILES),
+    # aa (fiftieth session): after runs y and z (the GEMM won on K = 3072
+    # and 2048), the splits `_split_config` picks where those runs did not
+    # time them: "ws" split 4 / 8 at M = 128 on 3072x3072 / 2048x2048
+    # against "ks" split 2 and 4; at M = 256 "ks" split 4 / 8 (`plain`
+    # past split 2 becomes "ks") against "plain" split 2.
+    "aa": ([((3072, 3072), 128), ((2048, 2048), 128), ((2048, 2048), 256),
+            ((1024, 4096), 256), ((1024, 3072), 256)],
+           {128: [(64, 128, 128, 4, 3, "ws", "dqlt"),
+                  (64, 128, 128, 8, 2, "ws", "dqlt"),
+                  (64, 128, 128, 2, 2, "ks", "dqlt"),
+                  (64, 128, 64, 4, 2, "ks", "dqlt")],
+            256: [(64, 256, 128, 2, 2, "plain", "dqpf"),
+                  (64, 256, 64, 4, 2, "ks", "dqlt"),
+                  (64, 256, 64, 8, 2, "ks", "dqlt")]}),
 }
 
 def fn(n, k, cfg):

@@ -254,10 +254,18 @@ def test_matmul_4bit_routes_large_m_through_the_gemm():
     (256, 9216, 4096, 64, jnp.bfloat16, "interpret", False),   # M > 128
     (128, 9216, 4096, 64, jnp.bfloat16, "interpret", True),    # K split
     (128, 512, 4096, 64, jnp.bfloat16, "interpret", False),    # too few rows
-    (128, 4096, 2048, 64, jnp.bfloat16, "interpret", False),   # K short
+    (128, 4096, 2048, 64, jnp.bfloat16, "interpret", True),    # K split
     (64, 3584, 3584, 64, jnp.bfloat16, "interpret", True),     # K split
     (256, 3584, 3584, 64, jnp.bfloat16, "interpret", True),    # K split
-    (128, 4096, 3072, 64, jnp.bfloat16, "interpret", False),   # K short
+    (128, 4096, 3072, 64, jnp.bfloat16, "interpret", True),    # K split
+    (64, 8192, 3072, 64, jnp.bfloat16, "interpret", True),     # K split
+    (256, 2048, 2048, 64, jnp.bfloat16, "interpret", True),    # K split
+    (64, 5632, 2048, 64, jnp.bfloat16, "interpret", True),     # K split
+    (64, 2048, 1536, 64, jnp.bfloat16, "interpret", True),     # K split
+    (128, 8960, 1536, 64, jnp.bfloat16, "interpret", True),    # K split
+    (128, 2048, 1024, 64, jnp.bfloat16, "interpret", False),   # K short
+    (256, 4096, 1024, 64, jnp.bfloat16, "interpret", False),   # K short
+    (64, 512, 2048, 64, jnp.bfloat16, "interpret", False),     # too few rows
     (128, 14336, 4096, 128, jnp.bfloat16, "interpret", False),  # blocksize
     (128, 14336, 4096, 64, jnp.float16, "interpret", False),   # dtype
     (128, 14336, 4096, 64, jnp.bfloat16, "reference", False),
@@ -956,11 +964,14 @@ def test_gpu_gemm(case, nested, with_bias):
                                    (6144, 4096, 256), (8192, 4096, 200),
                                    (14336, 1024, 512), (4096, 4096, 1024),
                                    (14336, 2048, 700), (3584, 3584, 64),
-                                   (3584, 3584, 128), (3584, 3584, 256)])
+                                   (3584, 3584, 128), (3584, 3584, 256),
+                                   (8192, 3072, 64), (3072, 3072, 128),
+                                   (2048, 2048, 256), (5632, 2048, 100),
+                                   (8960, 1536, 128), (1536, 1536, 64)])
 def test_gpu_matmul_4bit_takes_the_gemm(n, k, m):
   """`F.matmul_4bit` in the default ("pallas") mode on the H200 runs the
   wgmma GEMM (`gemm_serves`) on a 14336-row weight, with K split on
-  4096-, 3584- and 1024-row ones, at M = 129-256 unsplit on 6144 and 8192
+  weights of 1024-8960 rows and K = 1536-4096, at M = 129-256 unsplit on 6144 and 8192
   rows, and past 256 rows unsplit in x's 256-row tiles (700 padded to
   768), within the bound of the kernel's weight."""
   packed, qs = _weights(n, k, "nf4", 9)

@@ -73,9 +73,20 @@ GEMM_MIN_N = gw.SPLIT_BELOW_N  # the kernel's own tiles split K below it
 # unsplit against split 2's 24.1 and XLA's 20.6). K of 3584 (Qwen2.5-7B's
 # hidden size) takes it too (forty-ninth session, H100, sweep run x:
 # 3584x3584 at M = 64 / 128 / 256 13.9 / 19.3 / 21.7 us against the path
-# before's 19.5 / 23.4 / 28.7 and XLA bf16's 17.2 / 16.9 / 15.9).
+# before's 19.5 / 23.4 / 28.7 and XLA bf16's 17.2 / 16.9 / 15.9), and so
+# do K = 3072 and 2048 (Llama-3.2-3B and 1B, TinyLlama; fiftieth session,
+# H100, `jaxbnb bench matmul`, us, against the path before and XLA bf16:
+# 8192x3072 at M = 64 / 128 / 256 14.5 / 21.4 / 28.0 against 25.3 / 31.9
+# / 46.2 and 25.7 / 26.7 / 23.9; 3072x3072 10.6 / 13.5 / 19.2 against
+# 16.9 / 19.3 / 23.8 and 11.8 / 13.5 / 15.6; 2048x2048 7.0 / 10.0 / 12.1
+# against 10.1 / 13.8 / 16.1 and 7.2 / 10.5 / 12.2; faster on all 18
+# cases of six weights), and K = 1536 (Qwen2.5-1.5B; same session:
+# 8960x1536 at M = 64 / 128 15.3 / 16.8 against 18.8 / 27.8, 1536x1536
+# at M = 64 / 128 / 256 6.4 / 8.8 / 10.2 against 8.8 / 9.8 / 12.4). At K =
+# 1024 it lost on 2 of 6 cases (4096x1024 at M = 256 12.0 against 10.4,
+# 2048x1024 at 128 9.3 against 8.4).
 GEMM_SPLIT_MIN_N = 1024
-GEMM_SPLIT_MIN_K = 3584
+GEMM_SPLIT_MIN_K = 1536
 GEMM_SPLIT_MAX_M = gw.SPLIT_MAX_M
 GEMM_SPLIT_WIDE_MAX_N = gw.SPLIT_WIDE_MAX_N
 # The kernel decodes the double quantization itself (docs/benchmarks.md,
