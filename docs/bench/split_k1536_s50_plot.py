@@ -9,9 +9,7 @@ named in docs/benchmarks.md (each pair ran in one call).
 import json
 import os
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import before_after_bars
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREFIX = "matmul_2026-12-06_h100_s50_"
@@ -36,24 +34,13 @@ def main():
     before.update(speeds(b))
     after.update(speeds(a))
   cases = sorted(set(before) & set(after), key=lambda c: (-c[1], c[0], c[2]))
-  fig, ax = plt.subplots(figsize=(12, 4.8))
-  xs = range(len(cases))
-  ax.bar([x - 0.2 for x in xs], [before[c] for c in cases], 0.4,
-         label="before (K split from 3584)")
-  ax.bar([x + 0.2 for x in xs], [after[c] for c in cases], 0.4,
-         label="after (K split from 1536)")
-  ax.axhline(1.0, color="k", lw=1)
-  ax.set_xticks(list(xs))
-  ax.set_xticklabels([f"{s}\nM={m}" for s, _, m in cases], fontsize=6.5,
-                     rotation=90)
-  ax.set_ylabel("speed against XLA's bf16 dot (> 1 is faster)")
-  ax.set_title("NF4 + DQ matmul on K = 3072 / 2048 / 1536 weights, before "
-               "and after (H100, fiftieth session)", fontsize=10)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  out = os.path.join(HERE, "..", "benchmark_split_k1536_s50.png")
-  fig.savefig(out, dpi=110)
-  print("wrote", os.path.normpath(out))
+  before_after_bars.draw(
+      cases, before, after,
+      ("before (K split from 3584)",
+       "after (K split from 1536)"),
+      "NF4 + DQ matmul on K = 3072 / 2048 / 1536 weights, before "
+      "and after (H100, fiftieth session)",
+      os.path.join(HERE, "..", "benchmark_split_k1536_s50.png"), width=12)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ docs/benchmarks.md.
 import json
 import os
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import before_after_bars
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREFIX = "matmul_2026-12-06_h100_s49_"
@@ -39,24 +37,13 @@ def main():
   before, after = speeds(BEFORE), speeds(AFTER)
   cases = sorted(set(before) & set(after),
                  key=lambda c: (int(c[0].split("x")[1]), c[0], c[1]))
-  fig, ax = plt.subplots(figsize=(13, 4.8))
-  xs = range(len(cases))
-  ax.bar([x - 0.2 for x in xs], [before[c] for c in cases], 0.4,
-         label="before (one launch; K split from 4096)")
-  ax.bar([x + 0.2 for x in xs], [after[c] for c in cases], 0.4,
-         label="after (tail launch; K split from 3584)")
-  ax.axhline(1.0, color="k", lw=1)
-  ax.set_xticks(list(xs))
-  ax.set_xticklabels([f"{s}\nM={m}" for s, m in cases], fontsize=6.5,
-                     rotation=90)
-  ax.set_ylabel("speed against XLA's bf16 dot (> 1 is faster)")
-  ax.set_title("NF4 + DQ matmul, the wgmma GEMM's routing before and after "
-               "(H100, forty-ninth session)", fontsize=10)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  out = os.path.join(HERE, "..", "benchmark_tail_k3584_s49.png")
-  fig.savefig(out, dpi=110)
-  print("wrote", os.path.normpath(out))
+  before_after_bars.draw(
+      cases, before, after,
+      ("before (one launch; K split from 4096)",
+       "after (tail launch; K split from 3584)"),
+      "NF4 + DQ matmul, the wgmma GEMM's routing before and after "
+      "(H100, forty-ninth session)",
+      os.path.join(HERE, "..", "benchmark_tail_k3584_s49.png"), width=13)
 
 
 if __name__ == "__main__":
