@@ -414,6 +414,17 @@ RUNS = {
             256: [(64, 256, 128, 2, 2, "plain", "dqpf"),
                   (64, 256, 64, 4, 2, "ks", "dqlt"),
                   (64, 256, 64, 8, 2, "ks", "dqlt")]}),
+    # ab (fiftieth session; the default stayed best): M = 256 on the K =
+    # 2048 / 3072 weights of 5632-8192 rows, where the package's "plain"
+    # unsplit (one wave) ran 0.65-0.85x XLA bf16 after runs y and z: more
+    # stages, 64-column steps, "ws" (half the programs), x's 128-row
+    # tiles (twice the programs).
+    "ab": ([((8192, 3072), 256), ((8192, 2048), 256), ((5632, 2048), 256)],
+           {256: [(64, 256, 128, 1, 2, "plain", "dqpf"),
+                  (64, 256, 64, 1, 4, "plain", "dqpf"),
+                  (64, 256, 128, 1, 2, "ws", "dqpf"),
+                  (64, 128, 128, 1, 3, "ws", "dqlt"),
+                  (64, 128, 128, 1, 3, "plain", "dqlt")]}),
 }
 
 def fn(n, k, cfg):
