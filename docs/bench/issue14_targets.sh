@@ -17,6 +17,9 @@
 #                                          # K = 3072 weights
 #   bash docs/bench/issue14_targets.sh f   # sweep run z: K = 2048 and
 #                                          # 512-row weights
+#   bash docs/bench/issue14_targets.sh g   # the package on K = 2304
+#                                          # (Gemma-2-2B), K split from
+#                                          # 1536 against 4096
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -67,8 +70,20 @@ sys.exit(main(sys.argv[1:]))" bench decode --impl jax-nf4-dq \
     OUT=$OUT timeout 400 python docs/bench/gemm_wgmma_sweep.py 360 $run 2>&1 \
         | grep "M=\|FAILED"
     ;;
+  g)
+    for limit in 1536 4096; do
+      timeout 130 python -c "import sys
+from jaxbnb._src.quant import kernels
+kernels.GEMM_SPLIT_MIN_K = $limit
+from jaxbnb._src.tools.cli import main
+sys.exit(main(sys.argv[1:]))" bench matmul --m 64,128,256 --no-ref \
+          --no-bnb --reps 10 --shapes 2304x2304,9216x2304,2048x2304,1024x2304 \
+          --out "$OUT/matmul_k2304_min_k_$limit.json" 2>&1 \
+        | grep -A16 "^\*\*matmul"
+    done
+    ;;
   *)
-    echo "part: expected a, b, c, d, e or f, got $part" >&2
+    echo "part: expected a, b, c, d, e, f or g, got $part" >&2
     exit 2
     ;;
 esac
