@@ -1026,6 +1026,22 @@ def test_matmul_4bit_splits_k_for_few_rows(monkeypatch):
   _check(y, x, packed, qs, bias)
 
 
+def test_matmul_4bit_splits_short_k_with_narrowed_steps(monkeypatch):
+  """`F.matmul_4bit` on Qwen2.5-1.5B's 1536x1536 at M = 64 (K = 1536,
+  since the fiftieth session in the GEMM's range) runs the wgmma GEMM
+  with K split four ways in 64-column steps ("ks": 256-column steps would
+  leave K = 1536 unsplittable), and the product is the kernel weight's."""
+  n, k, m = 1536, 1536, 64
+  packed, qs = _weights(n, k, "nf4", 15)
+  seen = _spy_on_gemm(monkeypatch)
+  x = jnp.asarray(_util.rng_array((m, k), 16, jnp.bfloat16))
+  with jaxbnb.kernel_mode("interpret"):
+    y = F.matmul_4bit(x, packed, qs)
+  assert [(kw["split"], kw["tile_k"], kw["variant"], stats)
+          for stats, kw in seen] == [(4, 64, "ks", True)]
+  _check(y, x, packed, qs)
+
+
 @pytest.mark.parametrize("m,nested,with_bias,decodes", [
     (64, True, False, True), (128, True, False, True),
     (129, True, False, True), (256, True, False, True),
