@@ -57,10 +57,11 @@ which may live in registers:
 `interpret=True` runs a jnp twin with the same values (no PTX); the tests
 run the decode PTX itself through an emulator on the CPU. Measured on the
 H200 in docs/benchmarks.md ("4-bit GEMM on wgmma"); jaxbnb routes M =
-64-256 on large weights here on Hopper, M = 64-128 on weights of 4096
-rows or more with K split, and M up to 1024 on double-quantized weights
-of 4096 rows or more where its programs fill the SMs' waves
-(`kernels.gemm_serves`, `kernels.gemm_large_m`).
+64-256 on large weights here on Hopper, M = 64-128 (64-256 up to 8192
+rows) on weights of 1024 rows or more and K of 1536 or more with K split,
+and M up to 1024 on double-quantized weights of 4096 rows or more where
+its programs fill the SMs' waves (`kernels.gemm_serves`,
+`kernels.gemm_large_m`).
 """
 
 from __future__ import annotations
