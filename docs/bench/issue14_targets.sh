@@ -20,6 +20,10 @@
 #   bash docs/bench/issue14_targets.sh g   # the package on K = 2304
 #                                          # (Gemma-2-2B), K split from
 #                                          # 1536 against 4096
+#   bash docs/bench/issue14_targets.sh h   # prefill of 128 / 256 rows
+#                                          # (batch 1 / 2) on Llama-3.2-3B
+#                                          # and 1B, K split from 1536
+#                                          # against 4096
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -82,8 +86,23 @@ sys.exit(main(sys.argv[1:]))" bench matmul --m 64,128,256 --no-ref \
         | grep -A16 "^\*\*matmul"
     done
     ;;
+  h)
+    for shape in llama-3.2-3b llama-3.2-1b; do
+      for limit in 1536 4096; do
+        echo "$shape GEMM_SPLIT_MIN_K=$limit"
+        timeout 120 python -c "import sys
+from jaxbnb._src.quant import kernels
+kernels.GEMM_SPLIT_MIN_K = $limit
+from jaxbnb._src.tools.cli import main
+sys.exit(main(sys.argv[1:]))" bench decode --impl jax-nf4-dq \
+            --shape $shape --batch 1,2 --steps 2 --reps 5 \
+            --json "$OUT/prefill_${shape}_min_k_$limit.json" 2>&1 \
+          | grep -o "batch [0-9]*: {'batch': [0-9]*, 'steps': [0-9]*, 'prompt_len': [0-9]*, 'max_len': [0-9]*, 'prefill_s': [0-9.e-]*"
+      done
+    done
+    ;;
   *)
-    echo "part: expected a, b, c, d, e, f or g, got $part" >&2
+    echo "part: expected a, b, c, d, e, f, g or h, got $part" >&2
     exit 2
     ;;
 esac
