@@ -387,14 +387,15 @@ RUNS = {
                  (64, 128, 128, 2, 2, "ks", "dqlt")],
            256: [(64, 256, 128, 2, 2, "plain", "dqpf"),
                  (64, 256, 64, 4, 2, "ks", "dqlt")]}),
-    # y (defined in the forty-ninth session, run in the fiftieth): Llama-3.2-3B's K =
-    # 3072 weights (q/o 3072x3072, gate/up 8192x3072, k/v 1024x3072),
-    # below GEMM_SPLIT_MIN_K (3584), which the GEMM does not take.
+    # y (defined in the forty-ninth session, run in the fiftieth):
+    # Llama-3.2-3B's K = 3072 weights (q/o 3072x3072, gate/up 8192x3072,
+    # k/v 1024x3072), below GEMM_SPLIT_MIN_K (then 3584), which the GEMM
+    # did not take.
     "y": ([((3072, 3072), 64), ((3072, 3072), 128), ((3072, 3072), 256),
            ((8192, 3072), 64), ((8192, 3072), 128), ((8192, 3072), 256),
            ((1024, 3072), 64), ((1024, 3072), 128)], _SHORT_K_TILES),
-    # z (defined in the forty-ninth session, run in the fiftieth): K = 2048
-    # (Llama-3.2-1B, TinyLlama: q/o 2048x2048, gate/up 8192x2048 and
+    # z (defined in the forty-ninth session, run in the fiftieth): K =
+    # 2048 (Llama-3.2-1B, TinyLlama: q/o 2048x2048, gate/up 8192x2048 and
     # 5632x2048) and Qwen2.5-7B's k/v (512x3584), which has fewer rows
     # than GEMM_SPLIT_MIN_N (1024).
     "z": ([((2048, 2048), 64), ((2048, 2048), 256), ((8192, 2048), 64),

@@ -971,9 +971,9 @@ def test_gpu_gemm(case, nested, with_bias):
 def test_gpu_matmul_4bit_takes_the_gemm(n, k, m):
   """`F.matmul_4bit` in the default ("pallas") mode on the H200 runs the
   wgmma GEMM (`gemm_serves`) on a 14336-row weight, with K split on
-  weights of 1024-8960 rows and K = 1536-4096, at M = 129-256 unsplit on 6144 and 8192
-  rows, and past 256 rows unsplit in x's 256-row tiles (700 padded to
-  768), within the bound of the kernel's weight."""
+  weights of 1024-8960 rows and K = 1536-4096, at M = 129-256 unsplit on
+  6144 and 8192 rows, and past 256 rows unsplit in x's 256-row tiles (700
+  padded to 768), within the bound of the kernel's weight."""
   packed, qs = _weights(n, k, "nf4", 9)
   assert kernels.gemm_serves(m, n, k, jnp.bfloat16, qs, "pallas")
   x = jnp.asarray(_util.rng_array((m, k), 4, jnp.bfloat16))
