@@ -43,7 +43,8 @@ which may live in registers:
   gain measured at M <= 128).
 * Weights of fewer than SPLIT_BELOW_N rows fill the SMs with K splits
   (`default_config`'s `n`): each program sums a part of K in float32 and
-  XLA adds the parts. With `tail_rows`, a weight's last rows run in a
+  XLA adds the parts. K splits as many of SPLIT_WAYS' ways as fit one
+  wave: powers of two, and 3, 6, 9 or 12 where K takes them. With `tail_rows`, a weight's last rows run in a
   second launch split that way (a thin last wave of programs made into
   a full wave of short ones; `tail_rows_for`: by default where the last
   wave fills less than half of the SMs, for programs of at least
@@ -137,19 +138,36 @@ SPLIT_MAX_M = 128
 SPLIT_WIDE_MAX_N = 8192
 
 
+# The ways K may split (`_split_config`). With powers of two only, a K of
+# 2304 (Gemma-2-2B, 9 x 256) split at most 2 ways in "ks" and a 2304-row
+# weight at M = 64 stopped at 72 programs of 132. Fifty-first session,
+# sweep run ac (H100, NF4 + DQ, the sweep timer, us): 1024x2304 at M =
+# 64 / 128 / 256 split 6 / 12 / 6 took 6.8 / 9.3 / 11.6 against the powers
+# of two's split 2 / 4 / 2, 10.2 / 11.7 / 15.8; 2304x2304 split 3 / 6 / 3
+# 9.0 / 11.3 / 14.9 against 10.8 / 12.1 / 16.5; 2048x2304 at M = 64 / 256
+# split 3 8.8 / 14.2 against 10.8 / 14.8. `jaxbnb bench matmul`, both in
+# one call: faster on all 13 cases whose split changed (1024x2304 at M =
+# 64 / 128 / 256 6.6 / 8.7 / 10.8 against 10.0 / 11.0 / 14.8, XLA bf16
+# 7.2 / 8.7 / 10.9; 2304x9216 16.9 / 20.8 / 31.5 against 20.6 / 25.6 /
+# 42.5; 5120x13824 at M = 128 48.2 against 67.0).
+SPLIT_WAYS = (1, 2, 3, 4, 6, 8, 9, 12, 16)
+
+
 def _split_config(m: int, n: int, k: int | None) -> dict:
   """The K-split tiles for `n < SPLIT_BELOW_N` rows: "ks" with 256-column steps
   at M <= 64, "ws" with 128 at 65-128; at 129-256, x's 256-row tile in "plain"
   with 128-column steps and the scale words made ahead where the split is 1 or
   2 (more than 16 rows an SM: 2112 on 132 SMs), else "ks" with 64-column
-  steps. K is split as many ways (at most 8, 16 at M = 65-128) as keep the
-  programs within one wave of the GPU's SMs (`_backend.num_sms`: 132 on an
-  H100 or H200 SXM; sweep run s, twenty-third session: on 6144x4096 at M = 64
-  "ks" unsplit 19.2 us against split 2's 24.1, at M = 128 "ws" split 2 27.4
-  against split 4's 30.0; on 3072x4096 at M = 64 split 2 13.8 against split
-  4's 17.5; XLA bf16 20.6, 23.4 and 17.0). The steps are narrowed (more in
-  flight) where K does not take the split or each warpgroup would get a single
-  step, then the split halved while K still does not take it.
+  steps. K is split as many ways of SPLIT_WAYS (at most 8, 16 at M = 65-128)
+  as keep the programs within one wave of the GPU's SMs (`_backend.num_sms`:
+  132 on an H100 or H200 SXM; sweep run s, twenty-third session: on 6144x4096
+  at M = 64 "ks" unsplit 19.2 us against split 2's 24.1, at M = 128 "ws"
+  split 2 27.4 against split 4's 30.0; on 3072x4096 at M = 64 split 2 13.8
+  against split 4's 17.5; XLA bf16 20.6, 23.4 and 17.0) and that K takes:
+  the most ways first, each with the widest steps (halved from the
+  variant's) that give every warpgroup two steps or more, else 64-column
+  steps if K takes them. The stages double with each halving of the steps
+  (at most 4, at most the steps).
 
   Sweep runs o and p (twenty-second session, the sweep timer, NF4 + DQ,
   us): 4096x14336 at M = 256 "plain" split 2 66.6 / 65.0 against the
@@ -173,24 +191,32 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
                prefetch=True)
     rows, most = 64, 8
   tiles = n // rows
-  # As many ways as keep the programs within one wave of the SMs.
+  # As many ways as keep the programs within one wave of the SMs; a way
+  # that is not a power of two only where K takes it in 64-column steps.
   sms = _backend.num_sms()
-  split = max(s for s in (1, 2, 4, 8, 16)
-              if s == 1 or (s <= most and tiles * s <= sms))
-  if cfg["variant"] == "plain" and split > 2:
+  halves = 1 if cfg["variant"] == "ws" else 2  # "plain" splits as "ks"
+  ways = [s for s in SPLIT_WAYS if s == 1 or (
+      s <= most and tiles * s <= sms
+      and (not s & (s - 1) or k is not None and k % (64 * s * halves) == 0))]
+  if cfg["variant"] == "plain" and ways[-1] > 2:
     cfg = dict(tile_w=64, tile_x=256, tile_k=64, stages=2, variant="ks",
                load_table=True)
+  if k is None:
+    return dict(cfg, split=ways[-1])
   halves = 2 if cfg["variant"] == "ks" else 1
-  while k is not None and cfg["tile_k"] > 64 and (
-      k % (cfg["tile_k"] * split * halves)
-      or k // (cfg["tile_k"] * split * halves) < 2):
-    cfg["tile_k"] //= 2
-    cfg["stages"] = min(4, cfg["stages"] * 2)
-  while k is not None and split > 1 and k % (cfg["tile_k"] * split * halves):
-    split //= 2
-  if k is not None:
-    cfg["stages"] = max(1, min(cfg["stages"],
-                               k // (cfg["tile_k"] * split * halves)))
+  widths = [cfg["tile_k"] >> i for i in range(3) if cfg["tile_k"] >> i >= 64]
+
+  def steps(tile_k, split):
+    per = tile_k * split * halves
+    return 0 if k % per else k // per
+
+  split, tile_k = next(
+      ((s, next((w for w in widths if steps(w, s) >= 2), 64))
+       for s in reversed(ways) if steps(64, s)), (1, 64))
+  cfg["stages"] = max(1, min(
+      min(4, cfg["stages"] * (cfg["tile_k"] // tile_k))
+      if tile_k < cfg["tile_k"] else cfg["stages"], steps(tile_k, split)))
+  cfg["tile_k"] = tile_k
   return dict(cfg, split=split)
 
 

@@ -186,6 +186,31 @@ MUTANTS: tuple[Mutant, ...] = (
            "GEMM_SPLIT_MIN_K = 1024",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_gemm_serves[128-2048-1024-64-bfloat16-interpret-False]",)),
+    Mutant("wgmma-gemm-split-ways-powers-of-two",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "SPLIT_WAYS = (1, 2, 3, 4, 6, 8, 9, 12, 16)",
+           "SPLIT_WAYS = (1, 2, 4, 8, 16)",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_default_config_splits_k_ways_not_powers_of_two",)),
+    Mutant("wgmma-gemm-split-ways-k-does-not-take",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "\n      and (not s & (s - 1) or k is not None"
+           " and k % (64 * s * halves) == 0))]",
+           ")]",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_default_config_splits_k_ways_not_powers_of_two",)),
+    Mutant("wgmma-gemm-split-ways-narrowest-steps",
+           "pallas_kernels/gemm_4bit_wgmma.py",
+           "next((w for w in widths if steps(w, s) >= 2), 64)",
+           "64",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_default_config_splits_k_ways_not_powers_of_two",)),
+    Mutant("group-drops-split-weights-past-64-rows",
+           "jaxbnb/_src/quant/kernels.py",
+           "GROUP_KEEPS_SPLIT_MAX_M = 128",
+           "GROUP_KEEPS_SPLIT_MAX_M = 64",
+           ("tests/kernels/gemm_4bit_wgmma_test.py::"
+            "test_group_keeps_split_weights_at_128_rows",)),
     Mutant("wgmma-gemm-tail-off-by-default",
            "pallas_kernels/gemm_4bit_wgmma.py",
            "TAIL_BELOW_FILL = 0.5",
@@ -235,20 +260,20 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
     Mutant("wgmma-gemm-split-breaks-groups", "jaxbnb/_src/quant/kernels.py",
-           "if any(q.shape[0] >= GEMM_MIN_N and gemm_serves(",
-           "if any(q.shape[0] >= 0 and gemm_serves(",
+           "if any((q.shape[0] >= GEMM_MIN_N or m > GROUP_KEEPS_SPLIT_MAX_M)",
+           "if any((q.shape[0] >= 0 or m > GROUP_KEEPS_SPLIT_MAX_M)",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_group_keeps_weights_served_only_with_a_split",)),
     Mutant("wgmma-gemm-unsplit-for-few-rows",
            "pallas_kernels/gemm_4bit_wgmma.py",
-           "if s == 1 or (s <= most and tiles * s <= sms))",
-           "if s == 1)",
+           "ways = [s for s in SPLIT_WAYS if s == 1 or (",
+           "ways = [s for s in SPLIT_WAYS if s == 1 or False and (",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
     Mutant("wgmma-gemm-split-past-one-wave",
            "pallas_kernels/gemm_4bit_wgmma.py",
-           "if s == 1 or (s <= most and tiles * s <= sms))",
-           "if s == 1 or (s <= most and tiles * s <= 2 * sms))",
+           "s <= most and tiles * s <= sms\n",
+           "s <= most and tiles * s <= 2 * sms\n",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_few_rows",)),
     # q/k/v sent back to "reduce" (the rule before the 29th session).

@@ -42,9 +42,10 @@ config leaves SMs idle. Run v (forty-seventh session): "ks" unsplit, x's
 weights; run w (forty-ninth session): a thin last wave's rows as a tail
 launch with K split (`gemm`'s `tail_rows`); run x (forty-ninth
 session): K splits on Qwen2.5-7B's K = 3584 weights, which the GEMM
-did not take before it. Runs y and z (defined, not run): K splits on
+did not take before it. Runs y and z: K splits on
 K = 3072 and 2048 weights (Llama-3.2-3B, -1B, TinyLlama), and on
-512-row weights.
+512-row weights (both run in the fiftieth session, with aa and ab). Run
+ac (fifty-first session): splits that are not powers of two on K = 2304.
 """
 import os
 import sys
@@ -426,6 +427,28 @@ RUNS = {
                   (64, 256, 128, 1, 2, "ws", "dqpf"),
                   (64, 128, 128, 1, 3, "ws", "dqlt"),
                   (64, 128, 128, 1, 3, "plain", "dqlt")]}),
+    # ac (fifty-first session): K = 2304 (Gemma-2-2B: q 2048x2304, k/v
+    # 1024x2304, a 2304-row weight). 2304 = 9 x 256 takes no power-of-two
+    # split past 2 ("ks") or 4 ("ws") in 64-column steps, so the default
+    # leaves 1024x2304 at 32 programs; the package A/B (issue14_targets.sh
+    # g) had it lose to the path before. Here the default against splits
+    # of 3, 6, 9 and 12, which divide K.
+    "ac": ([((1024, 2304), 64), ((2048, 2304), 64), ((2304, 2304), 64),
+            ((1024, 2304), 128), ((2048, 2304), 128), ((2304, 2304), 128),
+            ((1024, 2304), 256), ((2048, 2304), 256), ((2304, 2304), 256)],
+           {64: [(64, 64, 64, 2, 4, "ks", "dqswlt"),
+                 (64, 64, 64, 3, 4, "ks", "dqswlt"),
+                 (64, 64, 128, 3, 3, "ks", "dqswlt"),
+                 (64, 64, 64, 6, 3, "ks", "dqswlt")],
+            128: [(64, 128, 64, 4, 4, "ws", "dqlt"),
+                  (64, 128, 64, 6, 4, "ws", "dqlt"),
+                  (64, 128, 128, 6, 3, "ws", "dqlt"),
+                  (64, 128, 64, 9, 4, "ws", "dqlt"),
+                  (64, 128, 64, 12, 3, "ws", "dqlt")],
+            256: [(64, 256, 64, 2, 2, "ks", "dqlt"),
+                  (64, 256, 128, 2, 2, "plain", "dqpf"),
+                  (64, 256, 64, 3, 2, "ks", "dqlt"),
+                  (64, 256, 64, 6, 2, "ks", "dqlt")]}),
 }
 
 def fn(n, k, cfg):

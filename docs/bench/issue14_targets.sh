@@ -24,6 +24,14 @@
 #                                          # (batch 1 / 2) on Llama-3.2-3B
 #                                          # and 1B, K split from 1536
 #                                          # against 4096
+#   bash docs/bench/issue14_targets.sh i   # sweep run ac: K splits that
+#                                          # are not powers of two on
+#                                          # K = 2304
+#   bash docs/bench/issue14_targets.sh j   # the package with K split 3,
+#                                          # 6, 9, 12 ways against powers
+#                                          # of two only (K = 2304, 9216,
+#                                          # 13824); the wgmma GEMM's GPU
+#                                          # tests
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -101,8 +109,23 @@ case $part in
       done
     done
     ;;
+  i)
+    OUT=$OUT timeout 420 python docs/bench/gemm_wgmma_sweep.py 380 ac 2>&1 \
+        | grep "M=\|FAILED"
+    ;;
+  j)
+    for ways in 1,2,3,4,6,8,9,12,16 1,2,4,8,16; do
+      with_bound 150 gw.SPLIT_WAYS "($ways)" matmul --m 64,128,256 --no-ref \
+          --no-bnb --reps 10 \
+          --shapes 1024x2304,2048x2304,2304x2304,2304x9216,5120x13824 \
+          --out "$OUT/matmul_split_ways_${ways//,/_}.json" 2>&1 \
+        | grep -A18 "^\*\*matmul"
+    done
+    timeout 250 python -m pytest -q -m gpu -n 8 -p no:cacheprovider \
+        tests/kernels/gemm_4bit_wgmma_test.py 2>&1 | tail -4
+    ;;
   *)
-    echo "part: expected a, b, c, d, e, f, g or h, got $part" >&2
+    echo "part: expected one of a-j, got $part" >&2
     exit 2
     ;;
 esac

@@ -419,6 +419,60 @@ def test_default_config_splits_few_rows(monkeypatch):
     assert gw.can_use(m, n, k, 64, jnp.bfloat16, out_f32)
 
 
+@pytest.mark.parametrize("m,n,k,expected", [
+    # Gemma-2-2B's K = 2304 (9 x 256): 3, 6, 9 and 12 ways fill the SMs
+    # where powers of two took 2 ("ks") or 4 ("ws").
+    (64, 1024, 2304, ("ks", 6, 64, 3)),
+    (128, 1024, 2304, ("ws", 12, 64, 3)),
+    (256, 1024, 2304, ("ks", 6, 64, 2)),
+    (64, 2048, 2304, ("ks", 3, 128, 3)),
+    (64, 2304, 2304, ("ks", 3, 128, 3)),
+    (128, 2304, 2304, ("ws", 6, 128, 3)),
+    (256, 2304, 2304, ("ks", 3, 64, 2)),  # 3 ways take "ks", not "plain"
+    (64, 2304, 9216, ("ks", 3, 256, 2)),
+    (128, 5120, 13824, ("ws", 3, 128, 3)),
+    # A way K does not take is not counted: 2560 rows at M = 256 stay in
+    # "plain" split 2 (3 ways would fit the SMs, but 2560 = 5 x 512).
+    (256, 2560, 2560, ("plain", 2, 128, 2)),
+    # Powers of two where they divide K: as before.
+    (64, 1024, 4096, ("ks", 8, 128, 2)),
+    (128, 3072, 3072, ("ws", 4, 128, 3)),
+    (64, 1536, 8960, ("ks", 2, 64, 4)),
+])
+def test_default_config_splits_k_ways_not_powers_of_two(monkeypatch, m, n, k,
+                                                        expected):
+  """K splits as many ways of SPLIT_WAYS (3, 6, 9, 12 among them) as keep
+  the programs within one wave of the SMs (132 here) and that K takes in
+  64-column steps, each way with the widest steps that give a warpgroup
+  two; every such default passes `check_config`."""
+  monkeypatch.setattr(_backend, "num_sms", lambda: 132)
+  cfg = gw.default_config(m, k=k, n=n, nested=True)
+  assert (cfg["variant"], cfg["split"], cfg["tile_k"], cfg["stages"]) == (
+      expected)
+  for out_f32 in (False, True):
+    gw.check_config(m, n, k, jnp.bfloat16, out_f32=out_f32,
+                    **{a: cfg[a] for a in ("tile_w", "tile_x", "tile_k",
+                                           "split", "stages", "variant")})
+
+
+def test_default_split_configs_pass_check_config(monkeypatch):
+  """Every K-split default on weights of 1024-8192 rows and K of 1536-
+  14336 (powers of two and multiples of 3, 5, 7 and 9 of 256) is one the
+  kernel takes, with a float32 output, within shared memory."""
+  monkeypatch.setattr(_backend, "num_sms", lambda: 132)
+  for m, n, k in itertools.product(
+      (64, 100, 128, 200, 256), (1024, 1536, 2048, 2304, 2560, 3072, 5120,
+                                 8192),
+      (1536, 2048, 2304, 2560, 3584, 4608, 6912, 8960, 9216, 14336)):
+    cfg = gw.default_config(m, k=k, n=n, nested=True)
+    assert cfg["split"] in gw.SPLIT_WAYS
+    gw.check_config(m, n, k, jnp.bfloat16, out_f32=True,
+                    **{a: cfg[a] for a in ("tile_w", "tile_x", "tile_k",
+                                           "split", "stages", "variant")})
+    rows = cfg["tile_w"] * (2 if cfg["variant"] == "ws" else 1)
+    assert cfg["split"] == 1 or n // rows * cfg["split"] <= 132
+
+
 def test_pallas_mode_needs_hopper():
   """On a machine without a Hopper GPU the "pallas" mode never picks it."""
   qs = F.QuantState(absmax=jnp.zeros((1,)), code=jnp.zeros((16,)),
@@ -957,6 +1011,38 @@ def test_gpu_gemm(case, nested, with_bias):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m,cfg", [
+    (64, dict(tile_w=64, tile_x=64, tile_k=64, split=6, stages=3,
+              variant="ks", swizzle=True, load_table=True)),
+    (64, dict(tile_w=64, tile_x=64, tile_k=128, split=3, stages=3,
+              variant="ks", swizzle=True, load_table=True)),
+    (128, dict(tile_w=64, tile_x=128, tile_k=64, split=12, stages=3,
+               variant="ws", load_table=True)),
+    (100, dict(tile_w=64, tile_x=128, tile_k=128, split=6, stages=3,
+               variant="ws", load_table=True)),
+    (256, dict(tile_w=64, tile_x=256, tile_k=64, split=6, stages=2,
+               variant="ks", load_table=True)),
+    (200, dict(tile_w=64, tile_x=256, tile_k=64, split=3, stages=2,
+               variant="ks", load_table=True))])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gpu_gemm_splits_k_ways_not_powers_of_two(m, cfg, nested, with_bias):
+  """The compiled kernel with K = 2304 split 3, 6 and 12 ways (the
+  defaults `_split_config` picks for Gemma-2-2B's weights), with the
+  statistics decoded in the kernel and as float32 absmax, with and
+  without a bias, against the documented weight."""
+  n, k = 1024, 2304
+  packed, qs = _weights(n, k, "nf4", m + cfg["split"])
+  x = jnp.asarray(_util.rng_array((m, k), m + 3, jnp.bfloat16))
+  bias = (jnp.asarray(_util.rng_array((n,), 5, jnp.bfloat16)) if with_bias
+          else None)
+  y = gw.gemm(x, packed.reshape(-1), _stats(qs, nested), code=_code("nf4"),
+              n=n, k=k, bias=bias, **cfg)
+  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+  _check(y, x, packed, qs, bias)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,k,m", [(14336, 1024, 128), (14336, 1024, 256),
                                    (4096, 4096, 64), (4096, 4096, 128),
                                    (4096, 4096, 256), (1024, 4096, 64),
@@ -967,11 +1053,15 @@ def test_gpu_gemm(case, nested, with_bias):
                                    (3584, 3584, 128), (3584, 3584, 256),
                                    (8192, 3072, 64), (3072, 3072, 128),
                                    (2048, 2048, 256), (5632, 2048, 100),
-                                   (8960, 1536, 128), (1536, 1536, 64)])
+                                   (8960, 1536, 128), (1536, 1536, 64),
+                                   (1024, 2304, 64), (1024, 2304, 128),
+                                   (2048, 2304, 256), (2304, 2304, 256),
+                                   (2304, 9216, 128)])
 def test_gpu_matmul_4bit_takes_the_gemm(n, k, m):
   """`F.matmul_4bit` in the default ("pallas") mode on the H200 runs the
   wgmma GEMM (`gemm_serves`) on a 14336-row weight, with K split on
-  weights of 1024-8960 rows and K = 1536-4096, at M = 129-256 unsplit on
+  weights of 1024-8960 rows and K = 1536-9216 (3, 6 or 12 ways on K =
+  2304 and 9216), at M = 129-256 unsplit on
   6144 and 8192 rows, and past 256 rows unsplit in x's 256-row tiles (700
   padded to 768), within the bound of the kernel's weight."""
   packed, qs = _weights(n, k, "nf4", 9)
@@ -993,6 +1083,18 @@ def test_group_keeps_weights_served_only_with_a_split():
                            (qs[4096], qs[1024], qs[1024]), "interpret")
   assert not kernels.can_group(64, k, jnp.bfloat16, (qs[14336], qs[14336]),
                                "interpret")
+
+
+def test_group_keeps_split_weights_at_128_rows():
+  """Llama-3.2-1B's gate and up (8192x2048 each) at M = 128 stay one GEMV
+  group launch (GROUP_KEEPS_SPLIT_MAX_M), though the wgmma GEMM would
+  take each alone with K split."""
+  k = 2048
+  qs = F.QuantState(absmax=jnp.zeros((1,)), code=jnp.zeros((16,)),
+                    shape=(8192, k), blocksize=64, quant_type="nf4",
+                    dtype="bfloat16")
+  assert kernels.gemm_serves(128, 8192, k, jnp.bfloat16, qs, "interpret")
+  assert kernels.can_group(128, k, jnp.bfloat16, (qs, qs), "interpret")
 
 
 def _spy_on_gemm(monkeypatch):
@@ -1039,6 +1141,23 @@ def test_matmul_4bit_splits_short_k_with_narrowed_steps(monkeypatch):
     y = F.matmul_4bit(x, packed, qs)
   assert [(kw["split"], kw["tile_k"], kw["variant"], stats)
           for stats, kw in seen] == [(4, 64, "ks", True)]
+  _check(y, x, packed, qs)
+
+
+def test_matmul_4bit_splits_k_twelve_ways(monkeypatch):
+  """`F.matmul_4bit` on Gemma-2-2B's k/v weight (1024x2304) at M = 128
+  runs the wgmma GEMM with K split twelve ways ("ws", 64-column steps:
+  2304 takes no power of two past 4), and the product is the kernel
+  weight's (the twelve partials summed)."""
+  monkeypatch.setattr(_backend, "num_sms", lambda: 132)
+  n, k, m = 1024, 2304, 128
+  packed, qs = _weights(n, k, "fp4", 17)
+  seen = _spy_on_gemm(monkeypatch)
+  x = jnp.asarray(_util.rng_array((m, k), 18, jnp.bfloat16))
+  with jaxbnb.kernel_mode("interpret"):
+    y = F.matmul_4bit(x, packed, qs)
+  assert [(kw["split"], kw["tile_k"], kw["variant"], stats)
+          for stats, kw in seen] == [(12, 64, "ws", True)]
   _check(y, x, packed, qs)
 
 

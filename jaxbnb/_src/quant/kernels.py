@@ -303,6 +303,17 @@ def nested_of(qs):
   return (qs.nested_absmax, qs.nested_code, qs.offset) if qs.nested else None
 
 
+# A weight the wgmma GEMM serves with K split stays in a GEMV group up to
+# this many rows of x (`can_group`; the GEMV takes groups up to GEMV_MAX_M
+# rows). Fifty-first session (H100, `jaxbnb bench decode --impl
+# jax-nf4-dq`, 15 reps) against 0 (each such weight alone on the GEMM):
+# decode at batch 64 (M = 64) 2.78 / 2.65 ms a step against 2.85 on
+# Llama-3.2-1B, 6.16 against 6.33 on 3B; the prefill of 128 tokens (M =
+# 128) 4.73 / 4.08 ms against 4.97 on 1B, 12.49 against 10.86 on 3B, a
+# spread the prefill's own (3B: 9.02-9.37 ms in another call) covers.
+GROUP_KEEPS_SPLIT_MAX_M = 128
+
+
 def can_group(m, k, dtype, qss, mode=None) -> bool:
   """Whether `gemv_group` serves `[m, k]` times these 4-bit weights in one
   launch: M the GEMV serves (`gemv_serves`, all rows together), one K,
@@ -313,8 +324,8 @@ def can_group(m, k, dtype, qss, mode=None) -> bool:
   split was measured on single weights only."""
   first = qss[0]
   mode = mode or dispatch.resolve()
-  if any(q.shape[0] >= GEMM_MIN_N and gemm_serves(m, q.shape[0], k, dtype,
-                                                   q, mode) for q in qss):
+  if any((q.shape[0] >= GEMM_MIN_N or m > GROUP_KEEPS_SPLIT_MAX_M)
+         and gemm_serves(m, q.shape[0], k, dtype, q, mode) for q in qss):
     return False
   return gemv_serves(m, sum(q.shape[0] for q in qss), k, dtype) and all(
       q.shape[1] == k and q.quant_type == first.quant_type
