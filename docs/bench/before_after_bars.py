@@ -1,6 +1,6 @@
 """A bar chart of speed against XLA's bf16 dot, before and after a routing
 change, one pair of bars per weight and M: what the plot scripts of the
-forty-ninth and fiftieth sessions draw."""
+forty-ninth to fifty-first sessions draw."""
 import os
 
 import matplotlib
