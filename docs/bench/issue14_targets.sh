@@ -32,6 +32,13 @@
 #                                          # of two only (K = 2304, 9216,
 #                                          # 13824); the wgmma GEMM's GPU
 #                                          # tests
+#   bash docs/bench/issue14_targets.sh k   # part h on Llama-3.2-1B, 15
+#                                          # reps, the bounds alternated
+#                                          # in two rounds
+#   bash docs/bench/issue14_targets.sh l   # split-served weights kept in
+#                                          # the GEMV group (128) or not
+#                                          # (0): 3B / 1B prefill of 128
+#                                          # rows, decode at batch 64
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -124,8 +131,30 @@ case $part in
     timeout 250 python -m pytest -q -m gpu -n 8 -p no:cacheprovider \
         tests/kernels/gemm_4bit_wgmma_test.py 2>&1 | tail -4
     ;;
+  k)
+    for round in 1 2; do
+      for limit in 4096 1536; do
+        echo "round $round GEMM_SPLIT_MIN_K=$limit"
+        with_bound 120 GEMM_SPLIT_MIN_K $limit decode --impl jax-nf4-dq \
+            --shape llama-3.2-1b --batch 1,2 --steps 2 --reps 15 \
+            --json "$OUT/prefill_llama-3.2-1b_min_k_${limit}_r$round.json" \
+            2>&1 | grep -o "batch [0-9]*: {.*'prefill_s': [0-9.e-]*"
+      done
+    done
+    ;;
+  l)
+    for run in "llama-3.2-1b 128" "llama-3.2-1b 0" "llama-3.2-3b 128" \
+               "llama-3.2-3b 0" "llama-3.2-1b 128"; do
+      set -- $run
+      echo "$1 GROUP_KEEPS_SPLIT_MAX_M=$2"
+      with_bound 110 GROUP_KEEPS_SPLIT_MAX_M $2 decode --impl jax-nf4-dq \
+          --shape $1 --batch 1,64 --steps 4 --reps 15 \
+          --json "$OUT/group_${1}_keeps_$2_$(date +%s).json" 2>&1 \
+        | grep -o "batch [0-9]*: {.*'prefill_s': [0-9.e-]*\|'ms_per_step': [0-9.]*"
+    done
+    ;;
   *)
-    echo "part: expected one of a-j, got $part" >&2
+    echo "part: expected one of a-l, got $part" >&2
     exit 2
     ;;
 esac
