@@ -210,12 +210,14 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
     per = tile_k * split * halves
     return 0 if k % per else k // per
 
-  split, tile_k = next(
-      ((s, next((w for w in widths if steps(w, s) >= 2), 64))
-       for s in reversed(ways) if steps(64, s)), (1, 64))
-  cfg["stages"] = max(1, min(
-      min(4, cfg["stages"] * (cfg["tile_k"] // tile_k))
-      if tile_k < cfg["tile_k"] else cfg["stages"], steps(tile_k, split)))
+  split, tile_k = 1, 64
+  for s in reversed(ways):
+    if steps(64, s):
+      split = s
+      tile_k = next((w for w in widths if steps(w, s) >= 2), 64)
+      break
+  cfg["stages"] = max(1, min(4, cfg["stages"] * (cfg["tile_k"] // tile_k),
+                             steps(tile_k, split)))
   cfg["tile_k"] = tile_k
   return dict(cfg, split=split)
 

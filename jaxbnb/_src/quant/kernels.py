@@ -320,8 +320,9 @@ def can_group(m, k, dtype, qss, mode=None) -> bool:
   quantization type, block size and double quantization for all, and no
   weight of GEMM_MIN_N rows or more the wgmma GEMM serves (`gemm_serves`:
   it is faster alone). A smaller weight it would serve with K split (a
-  4096 x 4096 q projection beside its k and v) stays in the group: the
-  split was measured on single weights only."""
+  4096 x 4096 q projection beside its k and v) stays in the group up to
+  GROUP_KEEPS_SPLIT_MAX_M rows of x (decode at batch 64 measured faster
+  with it in the group)."""
   first = qss[0]
   mode = mode or dispatch.resolve()
   if any((q.shape[0] >= GEMM_MIN_N or m > GROUP_KEEPS_SPLIT_MAX_M)
