@@ -1,11 +1,32 @@
 """A bar chart of speed against XLA's bf16 dot, before and after a routing
 change, one pair of bars per weight and M: what the plot scripts of the
-forty-ninth to fifty-first sessions draw."""
+forty-ninth to fifty-first sessions draw, and the reader of the
+`jaxbnb bench matmul` files they plot."""
+import json
 import os
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def speeds(paths, keep=lambda r: True):
+  """{(shape, m): jaxbnb's speed against XLA bf16} over the `jaxbnb bench
+  matmul` JSON files `paths`, for the rows `keep` takes, the first file
+  holding a case winning."""
+  out = {}
+  for path in paths:
+    with open(path) as f:
+      for r in json.load(f)["results"]:
+        if keep(r):
+          out.setdefault((r["shape"], r["m"]),
+                         r["us"]["xla-bf16"] / r["us"]["jaxbnb"])
+  return out
+
+
+def k_of(case):
+  """K of a `(shape, m)` case, from its "NxK" shape."""
+  return int(case[0].split("x")[1])
 
 
 def draw(cases, before, after, labels, title, out, width=13):

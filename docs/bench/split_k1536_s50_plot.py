@@ -6,7 +6,6 @@ named in docs/benchmarks.md (each pair ran in one call).
 
     python docs/bench/split_k1536_s50_plot.py
 """
-import json
 import os
 
 import before_after_bars
@@ -20,20 +19,12 @@ PAIRS = (("min_k_3584.json", "min_k_2048.json"),
          ("k1536_min_k_2048.json", "k1536_min_k_1024.json"))
 
 
-def speeds(name):
-  """{(shape, k, m): jaxbnb's speed against XLA bf16} of a file."""
-  with open(os.path.join(HERE, PREFIX + name)) as f:
-    return {(r["shape"], r["k"], r["m"]):
-            r["us"]["xla-bf16"] / r["us"]["jaxbnb"]
-            for r in json.load(f)["results"] if r["k"] >= 1536}
-
-
 def main():
-  before, after = {}, {}
-  for b, a in PAIRS:
-    before.update(speeds(b))
-    after.update(speeds(a))
-  cases = sorted(set(before) & set(after), key=lambda c: (-c[1], c[0], c[2]))
+  before, after = (before_after_bars.speeds(
+      [os.path.join(HERE, PREFIX + pair[side]) for pair in PAIRS],
+      keep=lambda r: r["k"] >= 1536) for side in (0, 1))
+  cases = sorted(set(before) & set(after),
+                 key=lambda c: (-before_after_bars.k_of(c), c[0], c[1]))
   before_after_bars.draw(
       cases, before, after,
       ("before (K split from 3584)",

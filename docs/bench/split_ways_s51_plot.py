@@ -7,7 +7,6 @@ run, before and after, from the A/B files named in docs/benchmarks.md
 
     python docs/bench/split_ways_s51_plot.py
 """
-import json
 import os
 
 import before_after_bars
@@ -19,18 +18,14 @@ PREFIX = "matmul_2026-12-06_h100_s51_split_ways_"
 UNCHANGED = {("5120x13824", 64), ("5120x13824", 256)}
 
 
-def speeds(name):
-  """{(shape, k, m): jaxbnb's speed against XLA bf16} of a file."""
-  with open(os.path.join(HERE, PREFIX + name)) as f:
-    return {(r["shape"], r["k"], r["m"]):
-            r["us"]["xla-bf16"] / r["us"]["jaxbnb"]
-            for r in json.load(f)["results"]
-            if (r["shape"], r["m"]) not in UNCHANGED}
-
-
 def main():
-  before, after = speeds("pow2.json"), speeds("any.json")
-  cases = sorted(set(before) & set(after), key=lambda c: (c[1], c[0], c[2]))
+  before, after = (
+      before_after_bars.speeds(
+          [os.path.join(HERE, PREFIX + name)],
+          keep=lambda r: (r["shape"], r["m"]) not in UNCHANGED)
+      for name in ("pow2.json", "any.json"))
+  cases = sorted(set(before) & set(after),
+                 key=lambda c: (before_after_bars.k_of(c), c[0], c[1]))
   before_after_bars.draw(
       cases, before, after,
       ("before (K split 1, 2, 4, 8 or 16 ways)",

@@ -7,7 +7,6 @@ docs/benchmarks.md.
 
     python docs/bench/tail_k3584_s49_plot.py
 """
-import json
 import os
 
 import before_after_bars
@@ -21,22 +20,13 @@ BEFORE = ("tail_off.json", "before.json")
 AFTER = ("qwen7b_final.json", "big_final.json", "tail_all_k3584.json")
 
 
-def speeds(names):
-  """{(shape, m): jaxbnb's speed against XLA bf16}, the first file
-  holding a case winning."""
-  out = {}
-  for name in names:
-    with open(os.path.join(HERE, PREFIX + name)) as f:
-      for r in json.load(f)["results"]:
-        out.setdefault((r["shape"], r["m"]),
-                       r["us"]["xla-bf16"] / r["us"]["jaxbnb"])
-  return out
-
-
 def main():
-  before, after = speeds(BEFORE), speeds(AFTER)
+  before, after = (
+      before_after_bars.speeds([os.path.join(HERE, PREFIX + name)
+                                for name in names])
+      for names in (BEFORE, AFTER))
   cases = sorted(set(before) & set(after),
-                 key=lambda c: (int(c[0].split("x")[1]), c[0], c[1]))
+                 key=lambda c: (before_after_bars.k_of(c), c[0], c[1]))
   before_after_bars.draw(
       cases, before, after,
       ("before (one launch; K split from 4096)",
