@@ -82,6 +82,15 @@ MAX_M = 16  # rows of x: two MMAs of 8 columns from 9 rows on
 KCHUNKS = (1, 2, 4)  # K chunks a program can take in turn
 DECODES = ("prmt", "lds")  # byte permutes, or a shared-memory table
 DECODE = "lds"  # the default decode (fortieth session, measured faster)
+# K chunks a program by default for a launch of two weights (a gate/up
+# pair), by K; 1 elsewhere. Fifty-second session (H100, the 8B decode,
+# `jaxbnb bench decode --impl jax-nf4-dq`, 3 reps, two rounds): at K =
+# 4096, 2 chunks halve the fp32 partials `silu(gate) * up` reads (14.7 MB
+# at batch 8: that XLA kernel 3.6 us against 5.4 a layer): batch 8
+# 2,512 / 2,517 tokens/s against 2,473 / 2,490 / 2,484, batch 16 4,096
+# against 3,911 / 3,906. Two chunks for every K = 4096 launch (q/k/v and
+# o as well) made those slower (4-layer profiles, same call).
+PAIR_KCHUNKS = {4096: 2}
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
 _XROW = 4 * _XBLOCK  # bytes a row of x
@@ -155,7 +164,8 @@ def smem_bytes(ns: tuple[int, ...], k: int, rows: tuple[int, ...],
 
 
 def default_config(ns: tuple[int, ...], k: int, num_sms: int | None = None,
-                   kchunks: int = 1, decode: str | None = None) -> dict:
+                   kchunks: int | None = None, decode: str | None = None
+                   ) -> dict:
   """`gemv_group`'s keywords: one program an SM (as `gemv_4bit_lut`'s row
   groups, `kchunks` K chunks a program: up to `num_sms / (k / 256 /
   kchunks)` groups, shared among the weights in proportion to their rows
@@ -164,8 +174,11 @@ def default_config(ns: tuple[int, ...], k: int, num_sms: int | None = None,
   tie) and four steps in flight; fewer stages, then more row groups,
   where the shared memory would not hold that for 16 rows of x (a long
   program's span of nested absmax: 28672x28672, say), with `decode`'s
-  table if it has one (`decode`: by default `DECODE`)."""
+  table if it has one (`decode`: by default `DECODE`). `kchunks` None:
+  `PAIR_KCHUNKS[k]` for two weights (a gate/up pair), else 1."""
   decode = DECODE if decode is None else decode
+  if kchunks is None:
+    kchunks = PAIR_KCHUNKS.get(k, 1) if len(ns) == 2 else 1
   if num_sms is None:
     num_sms = _backend.num_sms()
   programs = k // CHUNK // kchunks

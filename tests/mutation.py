@@ -205,6 +205,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "64",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_k_ways_not_powers_of_two",)),
+    Mutant("warp-tma-pair-one-k-chunk",
+           "pallas_kernels/gemv_4bit_warp_tma.py",
+           "PAIR_KCHUNKS.get(k, 1) if len(ns) == 2 else 1",
+           "1",
+           ("tests/kernels/gemv_4bit_warp_tma_test.py::"
+            "test_default_k_chunks_two_for_a_pair_at_k_4096",)),
     Mutant("group-drops-split-weights-past-64-rows",
            "jaxbnb/_src/quant/kernels.py",
            "GROUP_KEEPS_SPLIT_MAX_M = 128",

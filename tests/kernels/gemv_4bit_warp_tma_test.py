@@ -127,9 +127,31 @@ def test_default_config_of_the_measured_shapes():
   assert wt.default_config((4096,), 14336) == dict(rows=(2,), stages=4,
                                                    kchunks=1, decode="lds")
   assert wt.default_config((14336, 14336), 4096) == dict(
+      rows=(8, 8), stages=4, kchunks=2, decode="lds")
+  assert wt.default_config((14336, 14336), 4096, kchunks=1) == dict(
       rows=(4, 4), stages=4, kchunks=1, decode="lds")
   assert wt.default_config((4096, 1024, 1024), 4096) == dict(
       rows=(5, 1, 1), stages=4, kchunks=1, decode="lds")
+
+
+@pytest.mark.parametrize("ns,k,kchunks", [
+    ((14336, 14336), 4096, 2),   # Llama-3-8B's gate/up: measured faster
+    ((11008, 11008), 4096, 2),   # Llama-2-7B's
+    ((14336,), 4096, 1),         # one weight
+    ((4096, 1024, 1024), 4096, 1),  # q/k/v: measured slower at 2
+    ((4096,), 14336, 1),
+    ((8192, 8192), 2048, 1),     # a pair at another K: not measured
+    ((28672, 28672), 8192, 1)])
+def test_default_k_chunks_two_for_a_pair_at_k_4096(ns, k, kchunks):
+  """Two weights in one launch (a gate/up pair) at K = 4096 take 2 K
+  chunks a program by default (`PAIR_KCHUNKS`): half the partials that
+  `silu(gate) * up` reads; every other launch 1."""
+  assert wt.default_config(ns, k)["kchunks"] == kchunks
+  cfg = wt.default_config(ns, k)
+  assert wt.smem_bytes(ns, k, cfg["rows"], cfg["stages"], wt.MAX_M,
+                       kchunks=kchunks, decode=cfg["decode"]
+                       ) <= _backend.HOPPER_SMEM
+  assert sum(cfg["rows"]) * (k // wt.CHUNK // kchunks) <= 132
 
 
 def test_default_rows_keep_the_shortest_wave():

@@ -1,0 +1,59 @@
+"""The fifty-second session's decode knobs (docs/benchmarks.md), set before
+`docs/bench/decode_profile.py` or the CLI runs. On the GPU machine:
+
+    KCHUNKS=GU LAYERS=4 python docs/bench/decode_knobs_s52.py profile jax-nf4-dq 8 32
+    KCHUNKS=1 python docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq --batch 8
+
+KCHUNKS: the TMA warp GEMV's K chunks a program, "1", "2", "A" (2 where
+k <= 4096) or "GU" (2 for a launch of two weights at k <= 4096, the
+gate/up pair; what `gemv_4bit_warp_tma.PAIR_KCHUNKS` now does at k =
+4096); unset: the package's default. ATTN_SPLIT: the decode attention's
+cache splits (unset: the kernel's rule). PART_HINT=last: the TMA warp
+GEMV's partials stored with an L2 `evict_last` policy (a PTX rewrite).
+"""
+import os, sys
+from pallas_kernels import gemv_4bit_warp_tma as wt, decode_attention as da
+_orig = wt.default_config
+def default_config(ns, k, num_sms=None, kchunks=None, decode=None):
+  if kchunks is None and os.environ.get("KCHUNKS"):
+    rule = os.environ["KCHUNKS"]
+    if rule == "A":
+      kchunks = 2 if k <= 4096 else 1
+    elif rule == "GU":
+      kchunks = 2 if (k <= 4096 and len(ns) == 2) else 1
+    else:
+      kchunks = int(rule)
+  return _orig(ns, k, num_sms, kchunks=kchunks, decode=decode)
+wt.default_config = default_config
+if os.environ.get("ATTN_SPLIT"):
+  _s = da._splits
+  da._splits = lambda b, h, s, bs, split=None, num_sms=None: _s(
+      b, h, s, bs, int(os.environ["ATTN_SPLIT"]), num_sms)
+if os.environ.get("PART_HINT"):  # the partials' stores kept in L2
+  _step = wt.step_ptx
+  def step_ptx(*a, **kw):
+    text = _step(*a, **kw)
+    text = text.replace("st.global.f32 [", "st.global.L2::cache_hint.f32 [")
+    lines, made = [], False
+    for line in text.split("\n"):
+      if "L2::cache_hint" in line:
+        if not made:
+          lines.append("createpolicy.fractional.L2::evict_"
+                       + os.environ["PART_HINT"] + ".b64 pol, 1.0;")
+          made = True
+        line = line.rstrip(";") + ", pol;"
+      lines.append(line)
+    lines.insert(1, ".reg .b64 pol;")
+    return "\n".join(lines)
+  wt.step_ptx = step_ptx
+
+if __name__ == "__main__":
+  import runpy
+  what, sys.argv = sys.argv[1], sys.argv[1:]
+  if what == "profile":
+    sys.argv[0] = "decode_profile.py"
+    runpy.run_path(os.path.join(os.path.dirname(__file__),
+                                "decode_profile.py"), run_name="__main__")
+  else:
+    from jaxbnb._src.tools import cli
+    sys.exit(cli.main(sys.argv[1:]))
