@@ -44,11 +44,12 @@ which may live in registers:
 * Weights of fewer than SPLIT_BELOW_N rows fill the SMs with K splits
   (`default_config`'s `n`): each program sums a part of K in float32 and
   XLA adds the parts. K splits as many of SPLIT_WAYS' ways as fit one
-  wave: powers of two, and 3, 6, 9 or 12 where K takes them. With `tail_rows`, a weight's last rows run in a
-  second launch split that way (a thin last wave of programs made into
-  a full wave of short ones; `tail_rows_for`: by default where the last
-  wave fills less than half of the SMs, for programs of at least
-  TAIL_MIN_PROGRAM_SIZE weight elements).
+  wave: powers of two, and 3, 6, 9 or 12 where K takes them. With
+  `tail_rows`, a weight's last rows run in a second launch split that
+  way (a thin last wave of programs made into a full wave of short ones;
+  `tail_rows_for`: by default where the last wave fills less than half
+  of the SMs, for programs of at least TAIL_MIN_PROGRAM_SIZE weight
+  elements).
 * The decode's PTX text is built in `wgmma_decode`.
 * The bf16 result is stored transposed into shared memory and goes out by
   TMA as `y[tile_x, tile_w]`. A float32 result (a bias, or K splits to
@@ -194,10 +195,12 @@ def _split_config(m: int, n: int, k: int | None) -> dict:
   # As many ways as keep the programs within one wave of the SMs; a way
   # that is not a power of two only where K takes it in 64-column steps.
   sms = _backend.num_sms()
-  halves = 1 if cfg["variant"] == "ws" else 2  # "plain" splits as "ks"
+  # Past 2 ways "plain" becomes "ks" (below), so it counts as "ks" here.
+  way_halves = 1 if cfg["variant"] == "ws" else 2
   ways = [s for s in SPLIT_WAYS if s == 1 or (
       s <= most and tiles * s <= sms
-      and (not s & (s - 1) or k is not None and k % (64 * s * halves) == 0))]
+      and (not s & (s - 1)
+           or k is not None and k % (64 * s * way_halves) == 0))]
   if cfg["variant"] == "plain" and ways[-1] > 2:
     cfg = dict(tile_w=64, tile_x=256, tile_k=64, stages=2, variant="ks",
                load_table=True)

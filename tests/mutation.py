@@ -194,8 +194,8 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_default_config_splits_k_ways_not_powers_of_two",)),
     Mutant("wgmma-gemm-split-ways-k-does-not-take",
            "pallas_kernels/gemm_4bit_wgmma.py",
-           "\n      and (not s & (s - 1) or k is not None"
-           " and k % (64 * s * halves) == 0))]",
+           "\n      and (not s & (s - 1)\n"
+           "           or k is not None and k % (64 * s * way_halves) == 0))]",
            ")]",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_k_ways_not_powers_of_two",)),
