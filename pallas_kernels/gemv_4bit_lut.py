@@ -210,13 +210,21 @@ def default_config(n: int, k: int, num_sms: int | None = None) -> dict:
   the shared memory would not hold them). The best single setting of the
   twenty-fourth session's sweep (docs/benchmarks.md, run b: 24.1 us on
   28672x4096 against the package's 37.2, 17.3 on 14336x4096 against
-  20.9)."""
+  20.9). The TMA warpgroup branches past the table's build
+  (`tma_skips_build`): timed per program in the fifty-third session
+  (H100, docs/bench/gemv_timeline_probe.py), a program's first tile comes
+  2.75-3.5 us after it starts, and the TMA warpgroup running the build's
+  instructions first held it back by about 0.25 us more (launches of
+  7.20 / 7.39 us against 7.68 / 7.87 on 4096x4096, 15.07 / 15.14 against
+  15.52 / 15.62 on 14336x4096; the 8B decode at batch 1 372.3 tokens/s
+  against 369.6-370.9)."""
   if num_sms is None:
     num_sms = _backend.num_sms()
   rows, stages = fit((n,), default_rows(n, k, num_sms), 4,
                       functools.partial(_group_smem, (n,), k, step_rows=64,
                                         wgs=2))
-  return dict(rows=rows[0], step_rows=64, stages=stages, wgs=2, early=True)
+  return dict(rows=rows[0], step_rows=64, stages=stages, wgs=2, early=True,
+              tma_skips_build=True)
 
 
 def fit(ns: tuple[int, ...], total: int, stages: int,
@@ -1045,14 +1053,14 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
                          rows=first["rows"], step_rows=first["step_rows"],
                          stages=first["stages"], wgs=first["wgs"],
                          early=first["early"],
-                         tma_skips_build=norm is not None, raw=True,
+                         tma_skips_build=first["tma_skips_build"], raw=True,
                          norm=norm)
   second = group_config((n_out,), n)
-  # The memory warpgroup skips the build: its copies start at once.
   return _compiled(part, [down], code=code, ns=(n_out,), k=n,
                    rows=second["rows"], step_rows=second["step_rows"],
                    stages=second["stages"], wgs=second["wgs"],
-                   early=second["early"], tma_skips_build=True,
+                   early=second["early"],
+                   tma_skips_build=second["tma_skips_build"],
                    swiglu=SwigluInput(k // CHUNK, part.shape[1], plan[1][5]),
                    dtype=dtype)[0]
 
@@ -1087,9 +1095,12 @@ def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,
       for the table (`build_ptx`).
     tma_skips_build: with two compute warpgroups, the memory warpgroup
       branches past the table's whole block (`build_ptx`'s `skip`) instead
-      of running it with its stores off. Same bits on the GPU; timed in
-      the twenty-sixth session (docs/bench/gemv_lut_sweep.py run e) with
-      no steady difference from the default; off by default.
+      of running it with its stores off. Same bits on the GPU. The
+      twenty-sixth session's sweep (docs/bench/gemv_lut_sweep.py run e)
+      saw no steady difference; the fifty-third session's per-program
+      timeline saw its first tile come sooner, and `default_config`
+      turns it on (this call's own defaults have one compute warpgroup,
+      so it is off here).
     interpret: the jnp twin (CPU).
 
   Returns:

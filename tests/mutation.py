@@ -211,6 +211,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "1",
            ("tests/kernels/gemv_4bit_warp_tma_test.py::"
             "test_default_k_chunks_two_for_a_pair_at_k_4096",)),
+    Mutant("lut-default-tma-runs-the-build",
+           "pallas_kernels/gemv_4bit_lut.py",
+           "early=True,\n              tma_skips_build=True)",
+           "early=True,\n              tma_skips_build=False)",
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_default_group_is_one_launch_of_the_tables",)),
     Mutant("group-drops-split-weights-past-64-rows",
            "jaxbnb/_src/quant/kernels.py",
            "GROUP_KEEPS_SPLIT_MAX_M = 128",

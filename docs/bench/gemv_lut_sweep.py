@@ -95,8 +95,9 @@ def group(run, ns, t_end, out):
 
     def table(x, ws, skip=skip):
       return lg.gemv_group(x, [(p, a, *nested) for p, a, nested in ws],
-                           code=CODE, ns=ns, k=k, tma_skips_build=skip,
-                           **lg.group_config(ns, k))
+                           code=CODE, ns=ns, k=k,
+                           **dict(lg.group_config(ns, k),
+                                  tma_skips_build=skip))
     rec[name] = median_us(table, [(x, w) for w in slots])
   if time.time() < t_end:
     cfg = gk.default_config(1, sum(ns), k, 64, "bfloat16", mma=True)

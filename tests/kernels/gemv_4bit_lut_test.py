@@ -549,15 +549,17 @@ def test_gpu_lut_variant(n, k, config, dtype, quant_type):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", [(14336, 4096), (4096, 4096), (1000, 2048)])
 def test_gpu_tma_skips_build(n, k):
-  """The memory warpgroup branching past the build gives the same bits as
-  the default on the GPU."""
+  """The memory warpgroup branching past the build (the default since the
+  fifty-third session) gives the same bits as its running the build with
+  its stores off, on the GPU."""
   packed, qs = _weights(n, k, "nf4", jnp.bfloat16, n + 9)
   x = jnp.asarray(_util.rng_array((1, k), 13, jnp.bfloat16))
   args = (x, packed.reshape(-1), qs.absmax, qs.nested_absmax, qs.nested_code,
           qs.offset)
   cfg = lg.default_config(n, k)
-  ys = [np.asarray(lg.gemv(*args, code=_code("nf4"), n=n, k=k, **cfg,
-                           tma_skips_build=skip)) for skip in (False, True)]
+  ys = [np.asarray(lg.gemv(*args, code=_code("nf4"), n=n, k=k,
+                           **dict(cfg, tma_skips_build=skip)))
+        for skip in (False, True)]
   np.testing.assert_array_equal(ys[1], ys[0])
 
 
@@ -850,6 +852,10 @@ def test_default_group_is_one_launch_of_the_tables(monkeypatch):
                            _code("nf4"))
   cfg = lg.group_config((14336, 14336), 4096)
   assert cfg["rows"] == (4, 4) and cfg["wgs"] == 2 and cfg["early"]
+  # The TMA warpgroup branches past the table's build (fifty-third
+  # session: its first copies start at once).
+  assert cfg["tma_skips_build"] and lg.default_config(4096, 4096)[
+      "tma_skips_build"]
   assert lg.group_config((4096, 1024, 1024), 4096)["rows"] == (5, 1, 1)
   monkeypatch.setattr(gk, "LUT_MIN_K", k)  # a small k for the CPU
   ns = (4096, 4160)

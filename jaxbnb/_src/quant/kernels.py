@@ -379,7 +379,7 @@ def gemv_group_norm(x2d, norm_weight, eps, packeds, qss, mode):
   cfg = lg.group_config(ns, k)
   ys = lg.gemv_group(x2d, _lut_weights(packeds, qss),
                      code=code(qss[0].quant_type), ns=ns, k=k, **cfg,
-                     tma_skips_build=True, rms_norm=(norm_weight, eps),
+                     rms_norm=(norm_weight, eps),
                      interpret=mode == "interpret")
   return tuple(y.astype(x2d.dtype) for y in ys)
 
