@@ -49,7 +49,7 @@ def _fractions():
                if r["op"] == "quantize" and r["double_quant"]
                and r["numel"] == 2**28)
   adam = _load("optim_2026-12-01_h200_tables.json")["results"][0]["columns"]
-  decode_h100 = "decode_nf4dq_2026-12-06_h100_s47_b1_b8.json"
+  decode_h100 = "decode_nf4dq_2026-12-06_h100_s53_b1_skip1_call5.json"
   # batch 8 since the fifty-second session's K chunks for gate/up: the
   # lower of its two runs
   decode_h100_b8 = "decode_nf4dq_2026-12-06_h100_s52_b8_pair_kchunks2_call1.json"
