@@ -27,6 +27,14 @@ package's kernel. Random NF4 + DQ weights, enough copies of each to pass
 the 50 MB L2, called in turn in one jitted function. On the GPU machine:
 
     python docs/bench/gemv_timeline_probe.py [NxK ...]
+    SKIP=1 python docs/bench/gemv_timeline_probe.py ...  # TMA skips build
+    COPIES=1 python docs/bench/gemv_timeline_probe.py ...  # one weight,
+        # called again and again: its pages mapped, part of it in L2
+
+The kernel follows the package's default config except for the TMA
+warpgroup's build: it runs the build's instructions (stores off) before
+its first copy, the default before the fifty-third session, unless
+SKIP=1 (`tma_skips_build`, the default since).
 
 Writes $OUT/gemv_timeline_probe.json (the summaries and one call's raw
 stamps a shape) and prints a table.
@@ -236,7 +244,7 @@ def summary(stamps, dur_us, n, k):
 def run(n, k, key):
   size = n * k // 2 + n * k // 64
   copies = max(8, -(-256 * 2 ** 20 // size))
-  copies = min(copies, 32)
+  copies = int(os.environ.get("COPIES", min(copies, 32)))
   ws = [weight(jax.random.fold_in(key, c), n, k) for c in range(copies)]
   x = (jax.random.normal(jax.random.key(7), (1, k), jnp.float32) * 0.5
        ).astype(jnp.bfloat16)
