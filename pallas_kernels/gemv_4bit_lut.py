@@ -77,6 +77,16 @@ __all__ = ["CHUNK", "NormInput", "STEP_ROWS", "SwigluInput", "available",
            "smem_bytes", "span_start", "step_ptx", "swiglu_reference"]
 
 CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
+# With two compute warpgroups: allocate the pipeline's buffers and
+# barriers before the build (`get_allocations`, passed back as
+# `allocations=`). The pipeline's own scoped allocation starts with a
+# barrier of every thread (Mosaic GPU's `run_scoped` lowering), so the TMA
+# warpgroup cannot issue its first copy until the build is done, whatever
+# `early` and `tma_skips_build` say: a program's first tile came 1.5-1.75
+# us after its build (fifty-third session, H100,
+# docs/bench/gemv_timeline_probe.py). Off until measured on the GPU
+# (lowered on the CPU only).
+ALLOC_FIRST = False
 STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _ROW = 256  # bytes between a position's entries for byte values b, b + 1
@@ -726,9 +736,10 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
       def _(w_gmem=w_gmem, c_gmem=c_gmem, ns_gmem=ns_gmem, nc_gmem=nc_gmem,
             off_gmem=off_gmem, bptx=bptx, sptx=sptx, steps=steps,
             group0=group0, last=last):
-        inline_ptx(bptx, (own_smem, c2_smem, sp_smem, cnt_smem, x_gmem,
-                          nc_gmem, ns_gmem, off_gmem, *norm_gmem), 4,
-                   written=4)
+        def build():
+          inline_ptx(bptx, (own_smem, c2_smem, sp_smem, cnt_smem, x_gmem,
+                            nc_gmem, ns_gmem, off_gmem, *norm_gmem), 4,
+                     written=4)
 
         def body(_, w_smem, c_smem):
           inline_ptx(sptx, (w_smem, c_smem, own_smem, c2_smem, sp_smem,
@@ -753,14 +764,25 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
                        lambda t: (tile(t // kchunks),
                                   (s * kchunks + t % kchunks) // 4))]
         if wgs == 1:
+          build()
           plgpu.emit_pipeline(body, grid=(steps * kchunks,), in_specs=specs,
                               max_concurrent_steps=stages)(w_gmem, c_gmem)
-        else:
-          plgpu.emit_pipeline_warp_specialized(
-              body, grid=(steps * kchunks,), memory_registers=40,
-              in_specs=specs,
-              wg_axis="wg", num_compute_wgs=wgs,
-              max_concurrent_steps=stages)(w_gmem, c_gmem)
+          return
+        pipe = plgpu.emit_pipeline_warp_specialized(
+            body, grid=(steps * kchunks,), memory_registers=40,
+            in_specs=specs, wg_axis="wg", num_compute_wgs=wgs,
+            max_concurrent_steps=stages)
+        if not ALLOC_FIRST:
+          build()
+          pipe(w_gmem, c_gmem)
+          return
+
+        def built_then_pipelined(**allocations):
+          build()
+          pipe(w_gmem, c_gmem, allocations=allocations)
+        pl.run_scoped(built_then_pipelined,
+                      **pipe.get_allocations(w_gmem, c_gmem),
+                      collective_axes="wg")
 
   kernel.__name__ = kernel.__qualname__ = name
   return kernel

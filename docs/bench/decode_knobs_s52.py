@@ -10,6 +10,10 @@ gate/up pair; what `gemv_4bit_warp_tma.PAIR_KCHUNKS` now does at k =
 4096); unset: the package's default. ATTN_SPLIT: the decode attention's
 cache splits (unset: the kernel's rule). PART_HINT=last: the TMA warp
 GEMV's partials stored with an L2 `evict_last` policy (a PTX rewrite).
+ALLOC_FIRST=1 (fifty-third session, for the next GPU call):
+`gemv_4bit_lut.ALLOC_FIRST`, the table and TMA warp GEMVs' pipeline
+buffers allocated before their builds, so the first copies need not wait
+for them.
 """
 import os, sys
 from pallas_kernels import gemv_4bit_warp_tma as wt, decode_attention as da
@@ -25,6 +29,9 @@ def default_config(ns, k, num_sms=None, kchunks=None, decode=None):
       kchunks = int(rule)
   return _orig(ns, k, num_sms, kchunks=kchunks, decode=decode)
 wt.default_config = default_config
+if os.environ.get("ALLOC_FIRST") == "1":
+  from pallas_kernels import gemv_4bit_lut
+  gemv_4bit_lut.ALLOC_FIRST = True
 if os.environ.get("ATTN_SPLIT"):
   _s = da._splits
   da._splits = lambda b, h, s, bs, split=None, num_sms=None: _s(

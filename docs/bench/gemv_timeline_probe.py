@@ -30,6 +30,8 @@ the 50 MB L2, called in turn in one jitted function. On the GPU machine:
     SKIP=1 python docs/bench/gemv_timeline_probe.py ...  # TMA skips build
     COPIES=1 python docs/bench/gemv_timeline_probe.py ...  # one weight,
         # called again and again: its pages mapped, part of it in L2
+    ALLOC=1 SKIP=1 python docs/bench/gemv_timeline_probe.py ...  # the
+        # pipeline's buffers allocated before the build (see ALLOC)
 
 The kernel follows the package's default config except for the TMA
 warpgroup's build: it runs the build's instructions (stores off) before
@@ -60,6 +62,13 @@ CODE = tuple(float(c) for c in codebooks.code_for("nf4"))
 SLOTS = 8  # u64 stamps a program: 7 timer stamps and the SM id
 STEPS = 64  # step stamps a program (the last holds any later steps)
 NAME = "jaxbnb_gemv_lut_stamped"
+# ALLOC=1: the pipeline's shared memory and barriers allocated before the
+# table's build (`get_allocations`, passed back as `allocations=`), not
+# by the pipeline itself: its own scoped allocation starts with a barrier
+# of every thread (Mosaic GPU's `run_scoped` lowering, jax 0.11.2), so
+# the TMA warpgroup cannot issue a copy until the build is done, whatever
+# `early` says.
+ALLOC = os.environ.get("ALLOC") == "1"
 
 
 def stamp_ptx(slot: int, thread: int, first_step: bool = False) -> str:
@@ -126,9 +135,6 @@ def stamped(x, weight, n, k):
     i = lax.axis_index("n")
     s = lax.axis_index("s")
     lut.inline_ptx(stamp_ptx(0, 0), (st_gmem,), 0)
-    lut.inline_ptx(bptx, (own_smem, c2_smem, sp_smem, cnt_smem, x_gmem,
-                          nc_gmem, ns_gmem, off_gmem), 4, written=4)
-    lut.inline_ptx(stamp_ptx(1, 0), (st_gmem,), 0)
 
     def body(_, w_smem, c_smem):
       lut.inline_ptx(stamp_ptx(2, 0, first_step=True), (cnt_smem, st_gmem),
@@ -145,10 +151,24 @@ def stamped(x, weight, n, k):
     specs = [pl.BlockSpec((tile_rows, lut.CHUNK // 2),
                           lambda t: (tile(t), s)),
              pl.BlockSpec((tile_rows, 16), lambda t: (tile(t), s // 4))]
-    plgpu.emit_pipeline_warp_specialized(
+    pipe = plgpu.emit_pipeline_warp_specialized(
         body, grid=(steps,), memory_registers=40, in_specs=specs,
-        wg_axis="wg", num_compute_wgs=wgs,
-        max_concurrent_steps=stages)(w_gmem, c_gmem)
+        wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=stages)
+
+    def build_and_pipeline(**allocations):
+      lut.inline_ptx(bptx, (own_smem, c2_smem, sp_smem, cnt_smem, x_gmem,
+                            nc_gmem, ns_gmem, off_gmem), 4, written=4)
+      lut.inline_ptx(stamp_ptx(1, 0), (st_gmem,), 0)
+      pipe(w_gmem, c_gmem, allocations=allocations or None)
+
+    if ALLOC:
+      # The pipeline's buffers and barriers allocated before the build:
+      # entering the pipeline then needs no barrier of every thread.
+      pl.run_scoped(build_and_pipeline,
+                    **pipe.get_allocations(w_gmem, c_gmem),
+                    collective_axes="wg")
+    else:
+      build_and_pipeline()
     lut.inline_ptx(stamp_ptx(5, 128 * wgs), (st_gmem,), 0)
     lut.inline_ptx(stamp_ptx(6, 0), (st_gmem,), 0)
 

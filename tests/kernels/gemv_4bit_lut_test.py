@@ -321,10 +321,14 @@ def _lowered_or_skip(fn, *args):
     pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_group_lowers_for_cuda(skip):
+@pytest.mark.parametrize("skip,alloc_first", [(False, False), (True, False),
+                                               (True, True), (False, True)])
+def test_group_lowers_for_cuda(skip, alloc_first, monkeypatch):
   """Three weights in one kernel lower (one build and pipeline a weight
-  under `pl.when`), also with the memory warpgroup skipping the builds."""
+  under `pl.when`), also with the memory warpgroup skipping the builds,
+  and with the pipelines' buffers allocated before the builds
+  (`ALLOC_FIRST`)."""
+  monkeypatch.setattr(lg, "ALLOC_FIRST", alloc_first)
   k, ns = 2048, (1000, 4096, 300)
   fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k,
                          wgs=2, early=True, tma_skips_build=skip)

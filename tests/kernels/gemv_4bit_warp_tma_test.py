@@ -474,6 +474,14 @@ def test_lowers_for_cuda(m, warps, kchunks, decode):
       ("warp_tma", 64, 128, 2, warps, 4, kchunks, decode), m)
 
 
+def test_lowers_for_cuda_with_the_pipeline_allocated_first(monkeypatch):
+  """With `gemv_4bit_lut.ALLOC_FIRST` (the pipeline's buffers allocated
+  before the build, which this kernel's body shares) it lowers too."""
+  monkeypatch.setattr(lg, "ALLOC_FIRST", True)
+  assert "mosaic_gpu" in _util.lowered_gemv_4bit(
+      ("warp_tma", 64, 128, 2, 8, 4, 2, "lds"), 8)
+
+
 _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
               (8, (14336, 14336), 4096), (4, (4096, 1024, 1024), 4096),
               (3, (4096,), 14336), (16, (14336,), 4096), (11, (1000,), 2048),
