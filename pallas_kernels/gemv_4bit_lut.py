@@ -453,8 +453,9 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   compute warpgroups (the pipeline's memory warpgroup) store nothing;
   with `skip` they branch past the whole block to its barrier. With
   `early` (two compute warpgroups) they do not wait either: the compute
-  threads meet at named barrier 15, and the memory warpgroup starts the
-  pipeline's first copies meanwhile. In a group of weights, this weight's
+  threads meet at named barrier 15, and the memory warpgroup goes on to
+  the pipeline meanwhile (whose own scoped allocation waits for every
+  thread unless `ALLOC_FIRST`). In a group of weights, this weight's
   row groups start at `group0`.
 
   With `swiglu`, `$4` is instead an earlier launch's fp32 partials
