@@ -69,7 +69,7 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
-__all__ = ["CHUNK", "NormInput", "STEP_ROWS", "SwigluInput", "available",
+__all__ = ["ALLOC_FIRST", "CHUNK", "NormInput", "STEP_ROWS", "SwigluInput", "available",
            "build_ptx", "check", "codes_tiles", "default_config",
            "default_rows", "fit", "gemv", "gemv_group", "gemv_swiglu",
            "group_args", "group_config",
@@ -77,6 +77,7 @@ __all__ = ["CHUNK", "NormInput", "STEP_ROWS", "SwigluInput", "available",
            "smem_bytes", "span_start", "step_ptx", "swiglu_reference"]
 
 CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
+STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
 # With two compute warpgroups: allocate the pipeline's buffers and
 # barriers before the build (`get_allocations`, passed back as
 # `allocations=`). The pipeline's own scoped allocation starts with a
@@ -87,7 +88,6 @@ CHUNK = 256  # columns of x (and of W) a program: 128 bytes a row
 # docs/bench/gemv_timeline_probe.py). Off until measured on the GPU
 # (lowered on the CPU only).
 ALLOC_FIRST = False
-STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _ROW = 256  # bytes between a position's entries for byte values b, b + 1
 _DTYPES = ("bfloat16", "float16")
@@ -222,12 +222,11 @@ def default_config(n: int, k: int, num_sms: int | None = None) -> dict:
   28672x4096 against the package's 37.2, 17.3 on 14336x4096 against
   20.9). The TMA warpgroup branches past the table's build
   (`tma_skips_build`): timed per program in the fifty-third session
-  (H100, docs/bench/gemv_timeline_probe.py), a program's first tile comes
-  2.75-3.5 us after it starts, and the TMA warpgroup running the build's
-  instructions first held it back by about 0.25 us more (launches of
-  7.20 / 7.39 us against 7.68 / 7.87 on 4096x4096, 15.07 / 15.14 against
-  15.52 / 15.62 on 14336x4096; the 8B decode at batch 1 372.3 tokens/s
-  against 369.6-370.9)."""
+  (H100, docs/bench/gemv_timeline_probe.py), the build then ends sooner
+  and the first tile comes about 0.25 us earlier (launches of 7.20 /
+  7.39 us against 7.68 / 7.87 on 4096x4096, 15.07 / 15.14 against 15.52
+  / 15.62 on 14336x4096; the 8B decode at batch 1 372.3 tokens/s against
+  369.6-370.9)."""
   if num_sms is None:
     num_sms = _backend.num_sms()
   rows, stages = fit((n,), default_rows(n, k, num_sms), 4,
@@ -773,17 +772,17 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
             body, grid=(steps * kchunks,), memory_registers=40,
             in_specs=specs, wg_axis="wg", num_compute_wgs=wgs,
             max_concurrent_steps=stages)
-        if not ALLOC_FIRST:
-          build()
-          pipe(w_gmem, c_gmem)
-          return
 
         def built_then_pipelined(**allocations):
           build()
-          pipe(w_gmem, c_gmem, allocations=allocations)
-        pl.run_scoped(built_then_pipelined,
-                      **pipe.get_allocations(w_gmem, c_gmem),
-                      collective_axes="wg")
+          # None: the pipeline allocates its buffers itself.
+          pipe(w_gmem, c_gmem, allocations=allocations or None)
+        if ALLOC_FIRST:
+          pl.run_scoped(built_then_pipelined,
+                        **pipe.get_allocations(w_gmem, c_gmem),
+                        collective_axes="wg")
+        else:
+          built_then_pipelined()
 
   kernel.__name__ = kernel.__qualname__ = name
   return kernel
