@@ -27,16 +27,16 @@ package's kernel. Random NF4 + DQ weights, enough copies of each to pass
 the 50 MB L2, called in turn in one jitted function. On the GPU machine:
 
     python docs/bench/gemv_timeline_probe.py [NxK ...]
-    SKIP=1 python docs/bench/gemv_timeline_probe.py ...  # TMA skips build
+    SKIP=0 python docs/bench/gemv_timeline_probe.py ...  # TMA runs build
     COPIES=1 python docs/bench/gemv_timeline_probe.py ...  # one weight,
         # called again and again: its pages mapped, part of it in L2
     ALLOC=1 SKIP=1 python docs/bench/gemv_timeline_probe.py ...  # the
         # pipeline's buffers allocated before the build (see ALLOC)
 
-The kernel follows the package's default config except for the TMA
-warpgroup's build: it runs the build's instructions (stores off) before
-its first copy, the default before the fifty-third session, unless
-SKIP=1 (`tma_skips_build`, the default since).
+The kernel follows the package's default config. SKIP=0 or 1 sets the
+TMA warpgroup's `tma_skips_build` instead: 0 runs the build's
+instructions (stores off) before its first copy, the default before the
+fifty-third session (its call 1 ran so), 1 branches past them.
 
 Writes $OUT/gemv_timeline_probe.json (the summaries and one call's raw
 stamps a shape) and prints a table.
@@ -126,7 +126,8 @@ def stamped(x, weight, n, k):
   packed, codes, nested_absmax, nested_code, offset = weight
   bptx = lut.build_ptx(CODE, x.dtype.name, n, k, steps * tile_rows, span,
                        nested_absmax.shape[0], wgs, cfg["early"], group0,
-                       os.environ.get("SKIP") == "1")
+                       os.environ.get("SKIP", str(int(cfg["tma_skips_build"])))
+                       == "1")
   sptx = lut.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0)
   last = -(-n // tile_rows) - 1
 
