@@ -217,6 +217,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "early=True,\n              tma_skips_build=False)",
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_default_group_is_one_launch_of_the_tables",)),
+    Mutant("lut-pipeline-allocated-after-the-build",
+           "pallas_kernels/gemv_4bit_lut.py",
+           "ALLOC_FIRST = True",
+           "ALLOC_FIRST = False",
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_default_allocates_the_pipeline_before_the_build",)),
     Mutant("group-drops-split-weights-past-64-rows",
            "jaxbnb/_src/quant/kernels.py",
            "GROUP_KEEPS_SPLIT_MAX_M = 128",

@@ -68,7 +68,16 @@ NAME = "jaxbnb_gemv_lut_stamped"
 # of every thread (Mosaic GPU's `run_scoped` lowering, jax 0.11.2), so
 # the TMA warpgroup cannot issue a copy until the build is done, whatever
 # `early` says.
-ALLOC = os.environ.get("ALLOC") == "1"
+# Unset: the package's `gemv_4bit_lut.ALLOC_FIRST` (on since the
+# fifty-fourth session).
+ALLOC = os.environ.get("ALLOC", str(int(lut.ALLOC_FIRST))) == "1"
+# STAGES=N: the pipeline's steps in flight instead of the config's.
+# LOADSTAMP=1 (fifty-fourth session): thread 0 also stamps the global
+# timer once the build's global loads are back (x, the nested code, the
+# span's nested absmax), before the table is made: u64 stamp 15 (the
+# clock slot of the SM id's); the loads' wait is then no longer hidden
+# behind the table's making.
+LOADSTAMP = os.environ.get("LOADSTAMP") == "1"
 
 
 def stamp_ptx(slot: int, thread: int, first_step: bool = False) -> str:
@@ -97,6 +106,28 @@ def stamp_ptx(slot: int, thread: int, first_step: bool = False) -> str:
   return "\n".join(lines + ["}"])
 
 
+def loads_stamped(bptx: str, loads: int, operand: int) -> str:
+  """`bptx` (`build_ptx`) with thread 0 waiting for the build's global
+  loads and writing the global timer to u64 stamp 15 of its program
+  before the table is made; the stamps' global address is operand
+  `operand`."""
+  use = " ".join(f"add.f32 e, e, g{3 + j};" for j in range(loads))
+  block = "\n".join([
+      "{", ".reg .b32 sp, sq, sr;", ".reg .b64 sg, sd, sc;", ".reg .pred sz;",
+      "add.f32 e, x0, x1;", "add.f32 e, e, g0;", "add.f32 e, e, g1;", use,
+      "setp.eq.u32 sz, t, 0;", "@sz add.f32 e, e, g2;",
+      "mov.u32 sp, %ctaid.x;", "mov.u32 sq, %ctaid.y;",
+      "mov.u32 sr, %nctaid.x;", "mad.lo.u32 sp, sq, sr, sp;",
+      f"mul.wide.u32 sd, sp, {16 * SLOTS};",
+      f"cvta.to.global.u64 sc, ${operand};", "add.u64 sd, sd, sc;",
+      "setp.eq.f32 sz, e, 0f7F7FFFFF;",  # e used: the loads' wait first
+      "setp.eq.or.u32 sz, t, 0, sz;", "@!sz bra LOADS_STAMPED;",
+      "mov.u64 sg, %globaltimer;", f"st.global.u64 [sd+{8 * 15}], sg;",
+      "LOADS_STAMPED:", "}"])
+  at = bptx.index("shl.b32 a, i, 4;")
+  return bptx[:at] + block + "\n" + bptx[at:]
+
+
 def step_stamp_ptx() -> str:
   """PTX: thread 0 writes the global timer to entry `min(c, STEPS - 1)` of
   its program's step stamps, `c` its step counter (shared memory at
@@ -118,7 +149,9 @@ def stamped(x, weight, n, k):
   STEPS]`, uint64 as uint32 pairs)."""
   cfg = lut.default_config(n, k)
   rows, step_rows, stages, wgs = ((cfg["rows"],), cfg["step_rows"],
-                                  cfg["stages"], cfg["wgs"])
+                                  int(os.environ.get("STAGES",
+                                                     cfg["stages"])),
+                                  cfg["wgs"])
   tile_rows = step_rows * wgs
   chunks = k // lut.CHUNK
   plan, n_pad = lut.row_plan((n,), k, rows, tile_rows)
@@ -128,6 +161,8 @@ def stamped(x, weight, n, k):
                        nested_absmax.shape[0], wgs, cfg["early"], group0,
                        os.environ.get("SKIP", str(int(cfg["tma_skips_build"])))
                        == "1")
+  if LOADSTAMP:
+    bptx = loads_stamped(bptx, span // 128, 8)
   sptx = lut.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0)
   last = -(-n // tile_rows) - 1
 
@@ -158,7 +193,9 @@ def stamped(x, weight, n, k):
 
     def build_and_pipeline(**allocations):
       lut.inline_ptx(bptx, (own_smem, c2_smem, sp_smem, cnt_smem, x_gmem,
-                            nc_gmem, ns_gmem, off_gmem), 4, written=4)
+                            nc_gmem, ns_gmem, off_gmem,
+                            *((st_gmem,) if LOADSTAMP else ())), 4,
+                     written=4)
       lut.inline_ptx(stamp_ptx(1, 0), (st_gmem,), 0)
       pipe(w_gmem, c_gmem, allocations=allocations or None)
 
@@ -246,6 +283,8 @@ def summary(stamps, dur_us, n, k):
       starts_spread_us=float(gt[:, 0].max() - t0),
       build_us=med(gt[:, 1] - gt[:, 0]),
       build_cycles=med(ck[:, 1] - ck[:, 0]),
+      loads_back_us=(med(stamps[:, 15].astype(np.float64) / 1e3 - gt[:, 0])
+                     if LOADSTAMP else None),
       first_step_after_build_us=med(gt[:, 2] - gt[:, 1]),
       first_step_after_start_us=med(gt[:, 2] - gt[:, 0]),
       steps_us=med(gt[:, 3] - gt[:, 2]),
@@ -288,7 +327,8 @@ def run(n, k, key):
   sums = [summary(st, d, n, k) for st, d in zip(stamps, durs)]
   keys = sums[0].keys()
   agg = {kk: (float(np.median([s[kk] for s in sums]))
-              if not isinstance(sums[0][kk], list) else None) for kk in keys}
+              if not isinstance(sums[0][kk], (list, type(None))) else None)
+         for kk in keys}
   # Step starts against the first step's, each program; the median over
   # programs and calls by step (how the stream ramps).
   steps = lut.row_plan((n,), k, (lut.default_config(n, k)["rows"],),
@@ -321,7 +361,9 @@ def main():
           f"{m['span_us']:.2f}, outside programs "
           f"{m['outside_programs_us']:.2f}, starts spread "
           f"{m['starts_spread_us']:.2f}, build {m['build_us']:.2f} "
-          f"({m['build_cycles']:.0f} cycles), first step after start "
+          f"({m['build_cycles']:.0f} cycles"
+          + (f", loads back {m['loads_back_us']:.2f}" if LOADSTAMP else "")
+          + "), first step after start "
           f"{m['first_step_after_start_us']:.2f}, steps "
           f"{m['steps_us']:.2f}, program {m['program_us']:.2f}, ends "
           f"spread {m['ends_spread_us']:.2f}, TMA done before end "

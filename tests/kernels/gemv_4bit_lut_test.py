@@ -338,6 +338,26 @@ def test_group_lowers_for_cuda(skip, alloc_first, monkeypatch):
   assert "mosaic_gpu" in text
 
 
+def test_default_allocates_the_pipeline_before_the_build(monkeypatch):
+  """By default (`ALLOC_FIRST`) the default config's kernel lowers with the
+  pipeline's buffers and barriers allocated before the table build, so
+  the TMA warpgroup's first copies need not wait for it: the module
+  equals the one lowered with the flag on and differs from the one with
+  it off."""
+  k, ns = 4096, (4096,)
+  cfg = lg.group_config(ns, k)
+  fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k, **cfg)
+  args = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
+          [_abstract_weight(n, k) for n in ns])
+  default = _lowered_or_skip(lambda x, w: fn(x, w), *args)
+  texts = {}
+  for on in (True, False):
+    monkeypatch.setattr(lg, "ALLOC_FIRST", on)
+    texts[on] = _lowered_or_skip(lambda x, w: fn(x, w), *args)
+  assert cfg["wgs"] == 2
+  assert default == texts[True] != texts[False]
+
+
 def _swiglu_weights(n, k, n_out, dtype, seed):
   ws = [_weights(n, k, "nf4", dtype, seed), _weights(n, k, "nf4", dtype,
                                                      seed + 1),
