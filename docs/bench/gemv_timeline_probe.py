@@ -77,7 +77,11 @@ ALLOC = os.environ.get("ALLOC", str(int(lut.ALLOC_FIRST))) == "1"
 # span's nested absmax), before the table is made: u64 stamp 15 (the
 # clock slot of the SM id's); the loads' wait is then no longer hidden
 # behind the table's making.
-LOADSTAMP = os.environ.get("LOADSTAMP") == "1"
+# LOADWAIT=1 (with LOADSTAMP): the TMA warpgroup waits (named barrier 14)
+# until every compute thread has its build's global loads back before it
+# enters the pipeline, so the first copies do not queue ahead of them.
+LOADWAIT = os.environ.get("LOADWAIT") == "1"
+LOADSTAMP = os.environ.get("LOADSTAMP") == "1" or LOADWAIT
 
 
 def stamp_ptx(slot: int, thread: int, first_step: bool = False) -> str:
@@ -106,11 +110,14 @@ def stamp_ptx(slot: int, thread: int, first_step: bool = False) -> str:
   return "\n".join(lines + ["}"])
 
 
-def loads_stamped(bptx: str, loads: int, operand: int) -> str:
-  """`bptx` (`build_ptx`) with thread 0 waiting for the build's global
-  loads and writing the global timer to u64 stamp 15 of its program
-  before the table is made; the stamps' global address is operand
-  `operand`."""
+def loads_stamped(bptx: str, loads: int, operand: int, wgs: int,
+                  wait: bool) -> str:
+  """`bptx` (`build_ptx`, with `skip`) with thread 0 waiting for the
+  build's global loads and writing the global timer to u64 stamp 15 of
+  its program before the table is made; the stamps' global address is
+  operand `operand`. With `wait`, the compute threads arrive at named
+  barrier 14 once their loads are back, and the TMA warpgroup waits
+  there past the build."""
   use = " ".join(f"add.f32 e, e, g{3 + j};" for j in range(loads))
   block = "\n".join([
       "{", ".reg .b32 sp, sq, sr;", ".reg .b64 sg, sd, sc;", ".reg .pred sz;",
@@ -123,9 +130,14 @@ def loads_stamped(bptx: str, loads: int, operand: int) -> str:
       "setp.eq.f32 sz, e, 0f7F7FFFFF;",  # e used: the loads' wait first
       "setp.eq.or.u32 sz, t, 0, sz;", "@!sz bra LOADS_STAMPED;",
       "mov.u64 sg, %globaltimer;", f"st.global.u64 [sd+{8 * 15}], sg;",
-      "LOADS_STAMPED:", "}"])
+      "LOADS_STAMPED:",
+      *([f"bar.arrive 14, {128 * (wgs + 1)};"] if wait else []), "}"])
   at = bptx.index("shl.b32 a, i, 4;")
-  return bptx[:at] + block + "\n" + bptx[at:]
+  bptx = bptx[:at] + block + "\n" + bptx[at:]
+  if wait:
+    bptx = bptx.replace("LUT_BUILT:", "LUT_BUILT:\n"
+                        f"@!pw bar.sync 14, {128 * (wgs + 1)};")
+  return bptx
 
 
 def step_stamp_ptx() -> str:
@@ -162,7 +174,7 @@ def stamped(x, weight, n, k):
                        os.environ.get("SKIP", str(int(cfg["tma_skips_build"])))
                        == "1")
   if LOADSTAMP:
-    bptx = loads_stamped(bptx, span // 128, 8)
+    bptx = loads_stamped(bptx, span // 128, 8, wgs, LOADWAIT)
   sptx = lut.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0)
   last = -(-n // tile_rows) - 1
 
