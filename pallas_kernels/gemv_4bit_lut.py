@@ -69,7 +69,8 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
-__all__ = ["ALLOC_FIRST", "CHUNK", "NormInput", "STEP_ROWS", "SwigluInput", "available",
+__all__ = ["ALLOC_FIRST", "CHUNK", "LOADS_FIRST", "NormInput", "STEP_ROWS",
+           "SwigluInput", "available",
            "build_ptx", "check", "codes_tiles", "default_config",
            "default_rows", "fit", "gemv", "gemv_group", "gemv_swiglu",
            "group_args", "group_config",
@@ -89,6 +90,12 @@ STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
 # took 6.66 us against 7.49, and the 8B decode at batch 1 ran 386-388
 # tok/s against 368 (fifty-fourth session, H100; batch 8 even).
 ALLOC_FIRST = True
+# With ALLOC_FIRST: the TMA warpgroup waits for the compute threads'
+# build loads before its first copies (`build_ptx`'s `loads_first`). On
+# 14336x4096 at M = 1 a program's build took 3 us with the pipeline
+# allocated first against 1.5 without (fifty-fourth session, H100), as if
+# its loads queued behind the first copies. Off until measured.
+LOADS_FIRST = False
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _ROW = 256  # bytes between a position's entries for byte values b, b + 1
 _DTYPES = ("bfloat16", "float16")
@@ -436,7 +443,8 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               wgs: int = 1, early: bool = False, group0: int = 0,
               skip: bool = False,
               swiglu: SwigluInput | None = None,
-              norm: NormInput | None = None) -> str:
+              norm: NormInput | None = None,
+              loads_first: bool = False) -> str:
   """The table, the nested code table, the program's span of nested
   absmax and the step counters, made by the compute threads; then a
   barrier of every thread of the program.
@@ -463,11 +471,20 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   of its columns (`swiglu_lines`). With `norm` (`NormInput`; with two
   compute warpgroups only with `skip`; not with `swiglu`), `$8` is the
   norm's weight and x is RMSNorm'd first (`norm_lines`).
+
+  With `loads_first` (`skip`, `early` and two compute warpgroups), the
+  memory warpgroup waits past the block at named barrier 14 until every
+  compute thread has its global loads back (x made, the span loaded), so
+  that the pipeline's first copies do not queue ahead of them.
   """
   if norm is not None and ((wgs > 1 and not skip) or swiglu is not None):
     raise ValueError("norm: needs skip with two compute warpgroups (the "
                      "memory warpgroup past the block: the compute threads "
                      "meet at a barrier in it) and no swiglu")
+  if loads_first and not (skip and early and wgs > 1):
+    raise ValueError("loads_first: needs skip, early and two compute "
+                     f"warpgroups; got skip={skip}, early={early}, "
+                     f"wgs={wgs}")
   loads = span // 128
   lines = [
       "{",
@@ -525,6 +542,16 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               "cvt.f32.f16 x1, hx1;"]
   if norm is not None:
     lines += norm_math
+  if loads_first:
+    # Every loaded value used by a store (never made: e is finite) that
+    # the barrier keeps before the arrival, so the arrival waits for the
+    # loads.
+    lines += ["{", ".reg .pred lf;", "add.f32 e, x0, x1;",
+              "add.f32 e, e, g0;", "add.f32 e, e, g1;"]
+    lines += [f"add.f32 e, e, g{3 + j};" for j in range(loads)]
+    lines += ["@p0 add.f32 e, e, g2;", "setp.eq.f32 lf, e, 0f7F7FFFFF;",
+              "@lf st.shared.f32 [$3], e;",
+              f"bar.arrive 14, {128 * (wgs + 1)};", "}"]
   values = 256 // wgs  # byte values a thread
   his = values // 16
   # a: the table address of byte position 4 l + i for byte value 0.
@@ -552,6 +579,8 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
             for j in range(loads)]
   if skip:
     lines += ["LUT_BUILT:"]
+  if loads_first:
+    lines += [f"@!pw bar.sync 14, {128 * (wgs + 1)};"]
   lines += [f"@pw bar.sync 15, {128 * wgs};" if early else "bar.sync 0;",
             "}"]
   return "\n".join(lines)
@@ -807,7 +836,8 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
                     w[2].shape[0], wgs, early, group0, tma_skips_build,
-                    swiglu, None if norm is None else norm[0]),
+                    swiglu, None if norm is None else norm[0],
+                    LOADS_FIRST and tma_skips_build and early and wgs > 1),
           step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 

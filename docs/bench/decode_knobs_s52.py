@@ -10,10 +10,12 @@ gate/up pair; what `gemv_4bit_warp_tma.PAIR_KCHUNKS` now does at k =
 4096); unset: the package's default. ATTN_SPLIT: the decode attention's
 cache splits (unset: the kernel's rule). PART_HINT=last: the TMA warp
 GEMV's partials stored with an L2 `evict_last` policy (a PTX rewrite).
-ALLOC_FIRST=1 (fifty-third session, for the next GPU call):
-`gemv_4bit_lut.ALLOC_FIRST`, the table and TMA warp GEMVs' pipeline
-buffers allocated before their builds, so the first copies need not wait
-for them.
+ALLOC_FIRST=1 or 0 (fifty-third session; on by default since the
+fifty-fourth): `gemv_4bit_lut.ALLOC_FIRST`, the table and TMA warp GEMVs'
+pipeline buffers allocated before their builds, so the first copies need
+not wait for them. LOADS_FIRST=1 or 0 (fifty-fourth session):
+`gemv_4bit_lut.LOADS_FIRST`, the table GEMV's TMA warpgroup waiting for
+the build's global loads.
 """
 import os, sys
 from pallas_kernels import gemv_4bit_warp_tma as wt, decode_attention as da
@@ -29,9 +31,12 @@ def default_config(ns, k, num_sms=None, kchunks=None, decode=None):
       kchunks = int(rule)
   return _orig(ns, k, num_sms, kchunks=kchunks, decode=decode)
 wt.default_config = default_config
-if os.environ.get("ALLOC_FIRST") == "1":
+if os.environ.get("ALLOC_FIRST") in ("0", "1"):
   from pallas_kernels import gemv_4bit_lut
-  gemv_4bit_lut.ALLOC_FIRST = True
+  gemv_4bit_lut.ALLOC_FIRST = os.environ["ALLOC_FIRST"] == "1"
+if os.environ.get("LOADS_FIRST") in ("0", "1"):
+  from pallas_kernels import gemv_4bit_lut
+  gemv_4bit_lut.LOADS_FIRST = os.environ["LOADS_FIRST"] == "1"
 if os.environ.get("ATTN_SPLIT"):
   _s = da._splits
   da._splits = lambda b, h, s, bs, split=None, num_sms=None: _s(

@@ -269,28 +269,34 @@ def _assert_assembles(ptxas, src, stem):
 
 @pytest.mark.parametrize("which", ["build", "build_skip", "step", "step128",
                                    "swiglu_bf16", "swiglu_f16", "norm_bf16",
-                                   "norm_f16_one_warpgroup"])
+                                   "norm_f16_one_warpgroup",
+                                   "build_skip_loads_first",
+                                   "swiglu_bf16_loads_first",
+                                   "norm_bf16_loads_first"])
 def test_ptx_assembles_for_sm90a(tmp_path, which):
   """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
   test skips where Triton is not installed)."""
   ptxas = _ptxas()
   if ptxas is None:
     pytest.skip("no ptxas: Triton is not installed")
+  first = which.endswith("loads_first")
   if which.startswith("norm"):  # 8B's q/k/v after its input norm
     wgs = 1 if which.endswith("warpgroup") else 2
     src = _entry(lg.build_ptx(
         _code("nf4"), "bfloat16" if "bf16" in which else "float16",
         4096, 4096, 1024, 512, 896, wgs, wgs == 2, 0, wgs == 2, None,
-        lg.NormInput(1e-5)), ["r"] * 4 + ["l"] * 5)
+        lg.NormInput(1e-5), first), ["r"] * 4 + ["l"] * 5)
   elif which.startswith("swiglu"):  # 8B's down after its gate/up
     src = _entry(lg.build_ptx(
-        _code("nf4"), "bfloat16" if which.endswith("bf16") else "float16",
+        _code("nf4"), "bfloat16" if "bf16" in which else "float16",
         4096, 14336, 2048, 512, 896, 2, True, 0, True,
-        lg.SwigluInput(16, 28672, 14336)), ["r"] * 4 + ["l"] * 4)
+        lg.SwigluInput(16, 28672, 14336), loads_first=first),
+                 ["r"] * 4 + ["l"] * 4)
   elif which.startswith("build"):
+    skip = which.startswith("build_skip")
     src = _entry(lg.build_ptx(_code("nf4"), "float16", 14336, 4096, 1792, 512,
-                              896, 2, which == "build_skip", 0,
-                              which == "build_skip"), ["r"] * 4 + ["l"] * 4)
+                              896, 2, skip, 0, skip, loads_first=first),
+                 ["r"] * 4 + ["l"] * 4)
   else:
     src = _entry(lg.step_ptx(14336, 4096, 28 // (1 + (which == "step128")),
                              14336, 128 if which == "step128" else 64),
@@ -321,14 +327,17 @@ def _lowered_or_skip(fn, *args):
     pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
 
 
-@pytest.mark.parametrize("skip,alloc_first", [(False, False), (True, False),
-                                               (True, True), (False, True)])
-def test_group_lowers_for_cuda(skip, alloc_first, monkeypatch):
+@pytest.mark.parametrize("skip,alloc_first,loads_first", [
+    (False, False, False), (True, False, False), (True, True, False),
+    (False, True, False), (True, True, True)])
+def test_group_lowers_for_cuda(skip, alloc_first, loads_first, monkeypatch):
   """Three weights in one kernel lower (one build and pipeline a weight
   under `pl.when`), also with the memory warpgroup skipping the builds,
-  and with the pipelines' buffers allocated before the builds
-  (`ALLOC_FIRST`)."""
+  with the pipelines' buffers allocated before the builds
+  (`ALLOC_FIRST`), and with the memory warpgroup waiting for the builds'
+  loads (`LOADS_FIRST`, in the PTX)."""
   monkeypatch.setattr(lg, "ALLOC_FIRST", alloc_first)
+  monkeypatch.setattr(lg, "LOADS_FIRST", loads_first)
   k, ns = 2048, (1000, 4096, 300)
   fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k,
                          wgs=2, early=True, tma_skips_build=skip)
@@ -336,6 +345,7 @@ def test_group_lowers_for_cuda(skip, alloc_first, monkeypatch):
                           jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
                           [_abstract_weight(n, k) for n in ns])
   assert "mosaic_gpu" in text
+  assert ("bar.arrive 14" in text) == loads_first
 
 
 def test_default_allocates_the_pipeline_before_the_build(monkeypatch):
@@ -588,13 +598,14 @@ def test_gpu_tma_skips_build(n, k):
 
 
 def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None,
-             skip=False, executed=None):
+             skip=False, executed=None, loads_first=False):
   """The kernel's PTX run by `_ptx` over every program of a group of
   weights `(packed, qs)`: build, then each pipeline step with its TMA
   tiles written into shared memory (rows past the weight zero, as TMA
   fills them). fp32 partials `[chunks, n_g]` per weight; `ways` (a dict)
   gets each shared access's most bank conflict ways, `executed` (a list)
-  each program's build instructions a thread; `skip`: `build_ptx`'s."""
+  each program's build instructions a thread; `skip` and `loads_first`
+  (with `early`): `build_ptx`'s."""
   chunks = k // lg.CHUNK
   tile_rows = step_rows * wgs
   plan, n_pad = lg.row_plan(ns, k, rows, tile_rows)
@@ -604,7 +615,8 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None,
 
   def texts(n, steps, group0, row0, n_nested):
     return (lg.build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                         n_nested, wgs, False, group0, skip),
+                         n_nested, wgs, loads_first, group0, skip,
+                         loads_first=loads_first),
             lg.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
 
   def on_program(m, count):
@@ -713,6 +725,37 @@ def test_ptx_memory_warpgroup_skips_the_build():
     lg.gemv(x, packed.reshape(-1), qs.absmax, qs.nested_absmax,
             qs.nested_code, qs.offset, code=code, n=n, k=k, wgs=1,
             tma_skips_build=True, interpret=True)
+
+
+def test_ptx_memory_warpgroup_waits_for_the_build_loads():
+  """`loads_first`: the compute threads use every loaded value in a store
+  the barrier keeps first, then arrive at named barrier 14 before making
+  the table; the memory warpgroup, past the block, waits there; the
+  partials are the same."""
+  n, k = 1000, 2048
+  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 23)
+  x = jnp.asarray(_util.rng_array((1, k), 5, jnp.bfloat16))
+  code = _code("nf4")
+  runs = [_emulate(x, [(packed, qs)], code, (n,), k, (3,), 64, 2, skip=True,
+                   loads_first=first)[0] for first in (False, True)]
+  np.testing.assert_array_equal(runs[0], runs[1])
+  text = lg.build_ptx(code, "bfloat16", n, k, 384, 256, 63, 2, True, 0, True,
+                      loads_first=True)
+  arrive = text.index("bar.arrive 14, 384;")
+  assert text.rindex("ld.global") < text.index("@lf st.shared.f32 [$3], e;")
+  assert text.index("@lf st.shared.f32 [$3], e;") < arrive
+  assert arrive < text.index("@pw st.shared.f32 [a+")
+  assert "add.f32 e, e, g4;" in text[:arrive]  # the span's second load
+  assert text.index("LUT_BUILT:") < text.index("@!pw bar.sync 14, 384;")
+  assert text.index("@!pw bar.sync 14, 384;") < text.index(
+      "@pw bar.sync 15, 256;")
+  assert "bar.arrive" not in lg.build_ptx(code, "bfloat16", n, k, 384, 256,
+                                          63, 2, True, 0, True)
+  for early, skip, wgs in ((True, False, 2), (False, True, 2),
+                           (False, False, 1)):
+    with pytest.raises(ValueError, match="loads_first: needs skip"):
+      lg.build_ptx(code, "bfloat16", n, k, 384, 256, 63, wgs, early, 0, skip,
+                   loads_first=True)
 
 
 @pytest.mark.parametrize("dtype,chunks", [(jnp.bfloat16, 5),
