@@ -90,11 +90,14 @@ STEP_ROWS = (64, 128)  # rows a pipeline step: 4 warps x 16 or x 32
 # took 6.66 us against 7.49, and the 8B decode at batch 1 ran 386-388
 # tok/s against 368 (fifty-fourth session, H100; batch 8 even).
 ALLOC_FIRST = True
-# With ALLOC_FIRST: the TMA warpgroup waits for the compute threads'
-# build loads before its first copies (`build_ptx`'s `loads_first`). On
-# 14336x4096 at M = 1 a program's build took 3 us with the pipeline
-# allocated first against 1.5 without (fifty-fourth session, H100), as if
-# its loads queued behind the first copies. Off until measured.
+# The compute threads take their build's global loads back before they
+# store the table (`build_ptx`'s `loads_first`). With the pipeline
+# allocated first, a 14336x4096 program's build took 3 us against 1.5
+# without, as if its loads were issued late, behind the first copies;
+# the timeline probe's LOADSTAMP (these instructions with a timer store
+# in the branch) took 13.89 us a launch against 14.56-14.75, and 6.40
+# against 6.66 on 4096x4096 (fifty-fourth session, H100). Off until the
+# package's form is measured.
 LOADS_FIRST = False
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _ROW = 256  # bytes between a position's entries for byte values b, b + 1
@@ -472,19 +475,17 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   compute warpgroups only with `skip`; not with `swiglu`), `$8` is the
   norm's weight and x is RMSNorm'd first (`norm_lines`).
 
-  With `loads_first` (`skip`, `early` and two compute warpgroups), the
-  memory warpgroup waits past the block at named barrier 14 until every
-  compute thread has its global loads back (x made, the span loaded), so
-  that the pipeline's first copies do not queue ahead of them.
+  With `loads_first`, a thread has every global load back (x made, the
+  span loaded) before it stores the table: a branch on a sum of the loaded
+  values past a store of that sum to the thread's own first entry
+  (never taken for a finite sum short of the largest float, and
+  overwritten by the table if it is), so that no later instruction is
+  scheduled ahead of the loads.
   """
   if norm is not None and ((wgs > 1 and not skip) or swiglu is not None):
     raise ValueError("norm: needs skip with two compute warpgroups (the "
                      "memory warpgroup past the block: the compute threads "
                      "meet at a barrier in it) and no swiglu")
-  if loads_first and not (skip and early and wgs > 1):
-    raise ValueError("loads_first: needs skip, early and two compute "
-                     f"warpgroups; got skip={skip}, early={early}, "
-                     f"wgs={wgs}")
   loads = span // 128
   lines = [
       "{",
@@ -542,16 +543,6 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               "cvt.f32.f16 x1, hx1;"]
   if norm is not None:
     lines += norm_math
-  if loads_first:
-    # Every loaded value used by a store (never made: e is finite) that
-    # the barrier keeps before the arrival, so the arrival waits for the
-    # loads.
-    lines += ["{", ".reg .pred lf;", "add.f32 e, x0, x1;",
-              "add.f32 e, e, g0;", "add.f32 e, e, g1;"]
-    lines += [f"add.f32 e, e, g{3 + j};" for j in range(loads)]
-    lines += ["@p0 add.f32 e, e, g2;", "setp.eq.f32 lf, e, 0f7F7FFFFF;",
-              "@lf st.shared.f32 [$3], e;",
-              f"bar.arrive 14, {128 * (wgs + 1)};", "}"]
   values = 256 // wgs  # byte values a thread
   his = values // 16
   # a: the table address of byte position 4 l + i for byte value 0.
@@ -566,6 +557,13 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
                 f"mul.rn.f32 h{c}, x0, cc;"]
     lines += ["and.b32 b, b, 1;", f"mad.lo.u32 a, b, {_ROW * values}, a;"]
   lines += [f"mul.rn.f32 o{c}, x1, {_f32(v)};" for c, v in enumerate(code)]
+  if loads_first:
+    lines += ["{", ".reg .pred lf;", "add.f32 e, x0, x1;",
+              "add.f32 e, e, g0;", "add.f32 e, e, g1;"]
+    lines += [f"add.f32 e, e, g{3 + j};" for j in range(loads)]
+    lines += ["@p0 add.f32 e, e, g2;", "setp.eq.f32 lf, e, 0f7F7FFFFF;",
+              "and.pred lf, lf, pw;", "@!lf bra LUT_LOADED;",
+              "st.shared.f32 [a], e;", "LUT_LOADED:", "}"]
   for b in range(values):
     lines += [f"add.rn.f32 e, h{b >> 4}, o{b & 15};",
               f"@pw st.shared.f32 [a+{_ROW * b}], e;"]
@@ -579,8 +577,6 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
             for j in range(loads)]
   if skip:
     lines += ["LUT_BUILT:"]
-  if loads_first:
-    lines += [f"@!pw bar.sync 14, {128 * (wgs + 1)};"]
   lines += [f"@pw bar.sync 15, {128 * wgs};" if early else "bar.sync 0;",
             "}"]
   return "\n".join(lines)
@@ -837,7 +833,7 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
   ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
                     w[2].shape[0], wgs, early, group0, tma_skips_build,
                     swiglu, None if norm is None else norm[0],
-                    LOADS_FIRST and tma_skips_build and early and wgs > 1),
+                    LOADS_FIRST),
           step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 

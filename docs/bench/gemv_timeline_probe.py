@@ -82,6 +82,11 @@ ALLOC = os.environ.get("ALLOC", str(int(lut.ALLOC_FIRST))) == "1"
 # enters the pipeline, so the first copies do not queue ahead of them.
 LOADWAIT = os.environ.get("LOADWAIT") == "1"
 LOADSTAMP = os.environ.get("LOADSTAMP") == "1" or LOADWAIT
+# LOADS_FIRST=1 or 0: the package's `gemv_4bit_lut.LOADS_FIRST` (the
+# compute threads take the build's loads back before storing the table;
+# what LOADSTAMP's timer block did in the fifty-fourth session's call 3).
+if os.environ.get("LOADS_FIRST") in ("0", "1"):
+  lut.LOADS_FIRST = os.environ["LOADS_FIRST"] == "1"
 
 
 def stamp_ptx(slot: int, thread: int, first_step: bool = False) -> str:
@@ -172,7 +177,7 @@ def stamped(x, weight, n, k):
   bptx = lut.build_ptx(CODE, x.dtype.name, n, k, steps * tile_rows, span,
                        nested_absmax.shape[0], wgs, cfg["early"], group0,
                        os.environ.get("SKIP", str(int(cfg["tma_skips_build"])))
-                       == "1")
+                       == "1", loads_first=lut.LOADS_FIRST)
   if LOADSTAMP:
     bptx = loads_stamped(bptx, span // 128, 8, wgs, LOADWAIT)
   sptx = lut.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0)

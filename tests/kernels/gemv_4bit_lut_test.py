@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -334,8 +335,8 @@ def test_group_lowers_for_cuda(skip, alloc_first, loads_first, monkeypatch):
   """Three weights in one kernel lower (one build and pipeline a weight
   under `pl.when`), also with the memory warpgroup skipping the builds,
   with the pipelines' buffers allocated before the builds
-  (`ALLOC_FIRST`), and with the memory warpgroup waiting for the builds'
-  loads (`LOADS_FIRST`, in the PTX)."""
+  (`ALLOC_FIRST`), and with the builds' loads back before their tables
+  (`LOADS_FIRST`, in the PTX)."""
   monkeypatch.setattr(lg, "ALLOC_FIRST", alloc_first)
   monkeypatch.setattr(lg, "LOADS_FIRST", loads_first)
   k, ns = 2048, (1000, 4096, 300)
@@ -345,7 +346,7 @@ def test_group_lowers_for_cuda(skip, alloc_first, loads_first, monkeypatch):
                           jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
                           [_abstract_weight(n, k) for n in ns])
   assert "mosaic_gpu" in text
-  assert ("bar.arrive 14" in text) == loads_first
+  assert ("LUT_LOADED" in text) == loads_first
 
 
 def test_default_allocates_the_pipeline_before_the_build(monkeypatch):
@@ -727,35 +728,43 @@ def test_ptx_memory_warpgroup_skips_the_build():
             tma_skips_build=True, interpret=True)
 
 
-def test_ptx_memory_warpgroup_waits_for_the_build_loads():
-  """`loads_first`: the compute threads use every loaded value in a store
-  the barrier keeps first, then arrive at named barrier 14 before making
-  the table; the memory warpgroup, past the block, waits there; the
-  partials are the same."""
+@pytest.mark.parametrize("wgs,skip", [(2, True), (2, False), (1, False)])
+def test_ptx_build_takes_its_loads_back_first(wgs, skip):
+  """`loads_first`: every loaded value summed, and a branch on the sum past
+  a store to the thread's own first entry, after the last global load and
+  before the table's first store; no barrier added; the partials are the
+  same, and the store, taken, leaves them so (the table overwrites it)."""
   n, k = 1000, 2048
   packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 23)
   x = jnp.asarray(_util.rng_array((1, k), 5, jnp.bfloat16))
   code = _code("nf4")
-  runs = [_emulate(x, [(packed, qs)], code, (n,), k, (3,), 64, 2, skip=True,
-                   loads_first=first)[0] for first in (False, True)]
+  runs = [_emulate(x, [(packed, qs)], code, (n,), k, (3,), 64, wgs,
+                   skip=skip, loads_first=first)[0] for first in (False, True)]
   np.testing.assert_array_equal(runs[0], runs[1])
-  text = lg.build_ptx(code, "bfloat16", n, k, 384, 256, 63, 2, True, 0, True,
-                      loads_first=True)
-  arrive = text.index("bar.arrive 14, 384;")
-  assert text.rindex("ld.global") < text.index("@lf st.shared.f32 [$3], e;")
-  assert text.index("@lf st.shared.f32 [$3], e;") < arrive
-  assert arrive < text.index("@pw st.shared.f32 [a+")
-  assert "add.f32 e, e, g4;" in text[:arrive]  # the span's second load
-  assert text.index("LUT_BUILT:") < text.index("@!pw bar.sync 14, 384;")
-  assert text.index("@!pw bar.sync 14, 384;") < text.index(
-      "@pw bar.sync 15, 256;")
-  assert "bar.arrive" not in lg.build_ptx(code, "bfloat16", n, k, 384, 256,
-                                          63, 2, True, 0, True)
-  for early, skip, wgs in ((True, False, 2), (False, True, 2),
-                           (False, False, 1)):
-    with pytest.raises(ValueError, match="loads_first: needs skip"):
-      lg.build_ptx(code, "bfloat16", n, k, 384, 256, 63, wgs, early, 0, skip,
-                   loads_first=True)
+  text = lg.build_ptx(code, "bfloat16", n, k, 384, 256, 63, wgs, wgs > 1, 0,
+                      skip, loads_first=True)
+  branch = text.index("@!lf bra LUT_LOADED;")
+  assert text.rindex("ld.global") < text.index("add.f32 e, e, g4;") < branch
+  assert branch < text.index("st.shared.f32 [a], e;") < text.index(
+      "LUT_LOADED:") < text.index("@pw st.shared.f32 [a+")
+  assert "and.pred lf, lf, pw;" in text  # compute threads' entries only
+  plain = lg.build_ptx(code, "bfloat16", n, k, 384, 256, 63, wgs, wgs > 1, 0,
+                       skip)
+  assert "LUT_LOADED" not in plain
+  assert text.count("bar.") == plain.count("bar.") == 1
+  # The store taken (the sum's test made always true): the table's own
+  # stores overwrite it.
+  build = lg.build_ptx
+
+  def taken(*args, **kwargs):
+    text = build(*args, **kwargs)
+    assert "setp.eq.f32 lf, e, 0f7F7FFFFF;" in text
+    return text.replace("setp.eq.f32 lf, e, 0f7F7FFFFF;",
+                        "setp.eq.f32 lf, e, e;")
+  with mock.patch.object(lg, "build_ptx", taken):
+    got = _emulate(x, [(packed, qs)], code, (n,), k, (3,), 64, wgs,
+                   skip=skip, loads_first=True)[0]
+  np.testing.assert_array_equal(got, runs[0])
 
 
 @pytest.mark.parametrize("dtype,chunks", [(jnp.bfloat16, 5),
