@@ -71,7 +71,8 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   pass
 
-__all__ = ["DECODES", "KCHUNKS", "MAX_M", "available", "build_ptx", "check",
+__all__ = ["DECODES", "EARLY", "KCHUNKS", "MAX_M", "available", "build_ptx",
+           "check",
            "default_config", "gemv", "gemv_group", "makespan", "smem_bytes",
            "step_ptx"]
 
@@ -91,6 +92,15 @@ DECODE = "lds"  # the default decode (fortieth session, measured faster)
 # against 3,911 / 3,906. Two chunks for every K = 4096 launch (q/k/v and
 # o as well) made those slower (4-layer profiles, same call).
 PAIR_KCHUNKS = {4096: 2}
+# The TMA warpgroup branches past the build and the compute threads meet
+# at named barrier 15 instead of a barrier of every thread
+# (`build_ptx`'s `early`), so that, with the pipeline allocated first
+# (`gemv_4bit_lut.ALLOC_FIRST`), the first copies go out while x is
+# copied. The table GEMV's same change gained 0.8 us a launch on
+# 4096x4096 and 5% on the 8B decode at batch 1 (fifty-fourth session,
+# H100); this kernel's batch 8 moved by -0.3% with the allocation alone,
+# its build still ending in a barrier of every thread. Off until measured.
+EARLY = False
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
 _XROW = 4 * _XBLOCK  # bytes a row of x
@@ -216,7 +226,7 @@ def makespan(ns, rows, k: int, kchunks: int = 1, num_sms: int | None = None,
 def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
               k: int, rows_a_program: int, span: int, n_nested: int,
               group0: int = 0, wgs: int = WGS, kchunks: int = 1,
-              decode: str = DECODE) -> str:
+              decode: str = DECODE, early: bool = False) -> str:
   """x's chunk, the nested code table, the program's span of nested
   absmax and the step counters, copied by the compute threads; then a
   barrier of every thread of the program.
@@ -242,6 +252,9 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
   a step reads its own bank. The thread's eight 16-byte stores go to
   copies `4 ((i + t) % 8)` onward, so a quarter-warp's stores meet
   distinct banks.
+
+  With `early`, the TMA warpgroup's threads branch past the block and
+  the compute threads meet at named barrier 15 instead.
   """
   loads = span // 128
   lk = kchunks.bit_length() - 1
@@ -255,6 +268,10 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
       ".reg .b64 px, pc, pf, d;",
       f".reg .pred pw, pt, p0, px<{words}>;",
       "mov.u32 t, %tid.x;", f"setp.lt.u32 pw, t, {128 * wgs};",
+  ]
+  if early:
+    lines += ["@!pw bra WT_BUILT;"]
+  lines += [
       "and.b32 c, t, 127;",
       "setp.lt.u32 pt, t, 128;", "setp.eq.u32 p0, t, 0;",
       "cvta.to.global.u64 px, $4;",
@@ -311,7 +328,10 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, m: int, n: int,
             for j in range(loads)]
   if decode == "lds":
     lines += _lds_fill(code, dtype_name, x_bytes(m, kchunks))
-  lines += ["bar.sync 0;", "}"]
+  if early:
+    lines += ["WT_BUILT:", f"@pw bar.sync 15, {128 * wgs};", "}"]
+  else:
+    lines += ["bar.sync 0;", "}"]
   return "\n".join(lines)
 
 
@@ -546,7 +566,7 @@ def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks,
   plan, n_pad = lut.row_plan(ns, k, rows, tile_rows, 4 * kchunks)
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                    w[2].shape[0], group0, wgs, kchunks, decode),
+                    w[2].shape[0], group0, wgs, kchunks, decode, EARLY),
           step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0,
                    wgs, kchunks, decode))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]

@@ -15,7 +15,9 @@ fifty-fourth): `gemv_4bit_lut.ALLOC_FIRST`, the table and TMA warp GEMVs'
 pipeline buffers allocated before their builds, so the first copies need
 not wait for them. LOADS_FIRST=1 or 0 (fifty-fourth session):
 `gemv_4bit_lut.LOADS_FIRST`, the table GEMV's TMA warpgroup waiting for
-the build's global loads.
+the build's global loads. WT_EARLY=1 or 0 (fifty-fourth session):
+`gemv_4bit_warp_tma.EARLY`, the TMA warp GEMV's TMA warpgroup past its
+build (the compute threads meet at a named barrier).
 """
 import os, sys
 from pallas_kernels import gemv_4bit_warp_tma as wt, decode_attention as da
@@ -37,6 +39,8 @@ if os.environ.get("ALLOC_FIRST") in ("0", "1"):
 if os.environ.get("LOADS_FIRST") in ("0", "1"):
   from pallas_kernels import gemv_4bit_lut
   gemv_4bit_lut.LOADS_FIRST = os.environ["LOADS_FIRST"] == "1"
+if os.environ.get("WT_EARLY") in ("0", "1"):
+  wt.EARLY = os.environ["WT_EARLY"] == "1"
 if os.environ.get("ATTN_SPLIT"):
   _s = da._splits
   da._splits = lambda b, h, s, bs, split=None, num_sms=None: _s(

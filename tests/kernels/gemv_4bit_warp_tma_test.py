@@ -265,12 +265,13 @@ def test_config_names_its_shape():
 
 
 def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None,
-             kchunks=1, partials=None, decode=None):
+             kchunks=1, partials=None, decode=None, early=False):
   """The kernel's PTX run by `_ptx` over every program of a group of
   weights `(packed, qs)`: build, then each pipeline step with its TMA
   tiles written into shared memory (rows past the weight zero, as TMA
   fills them). fp32 `[m, n_g]` per weight (the partials summed; the
-  partials themselves appended to the list `partials`, if given)."""
+  partials themselves appended to the list `partials`, if given);
+  `early`: `build_ptx`'s."""
   m = x.shape[0]
   decode = wt.DECODE if decode is None else decode
   tile_rows = wt.STEP_ROWS * wgs
@@ -281,7 +282,7 @@ def _emulate(x, weights, code, ns, k, rows, wgs=wt.WGS, ways=None,
 
   def texts(n, steps, group0, row0, n_nested):
     return (wt.build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                         n_nested, group0, wgs, kchunks, decode),
+                         n_nested, group0, wgs, kchunks, decode, early),
             wt.step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0,
                         row0, wgs, kchunks, decode))
 
@@ -322,6 +323,35 @@ def test_ptx_emulated_matches_weight(m, ns, k, rows, dtype, quant_type, wgs):
     w = _util.kernel_weight(p, q, dtype, in_dtype=True)
     exact, bound = helpers.matmul_bound(x, w, jnp.float32)
     helpers.assert_within(y, exact, bound, "emulated warp_tma PTX")
+
+
+@pytest.mark.parametrize("m,ns,k,rows,wgs,kchunks,decode", [
+    (8, (200,), 1024, (2,), 2, 1, "lds"),
+    (5, (130, 64), 1024, (1, 1), 2, 2, "prmt"),
+    (16, (130,), 2048, (1,), 3, 2, "lds"),
+])
+def test_ptx_early_build_gives_the_same_partials(m, ns, k, rows, wgs, kchunks,
+                                                 decode):
+  """`early`: the TMA warpgroup branches past the build at once and the
+  compute threads meet at named barrier 15, not barrier 0; the partials
+  are the same."""
+  made = [_weights(n, k, "nf4", jnp.bfloat16, 5 * n + m) for n in ns]
+  x = jnp.asarray(_util.rng_array((m, k), m + 1, jnp.bfloat16))
+  parts = {}
+  for early in (False, True):
+    parts[early] = []
+    _emulate(x, made, _code("nf4"), ns, k, rows, wgs, kchunks=kchunks,
+             partials=parts[early], decode=decode, early=early)
+  np.testing.assert_array_equal(parts[True][0], parts[False][0])
+  text = wt.build_ptx(_code("nf4"), "bfloat16", m, 1000, k, 384, 256, 63,
+                      wgs=wgs, kchunks=kchunks, decode=decode, early=True)
+  assert text.index("@!pw bra WT_BUILT;") < text.index("ld.global")
+  assert text.rindex("st.shared") < text.index("WT_BUILT:") < text.index(
+      f"@pw bar.sync 15, {128 * wgs};")
+  assert "bar.sync 0;" not in text
+  assert "bar.sync 0;" in wt.build_ptx(_code("nf4"), "bfloat16", m, 1000, k,
+                                       384, 256, 63, wgs=wgs, kchunks=kchunks,
+                                       decode=decode)
 
 
 @pytest.mark.parametrize("m,ns,k,rows,dtype,quant_type,wgs,kchunks", [
@@ -439,18 +469,22 @@ def test_ptx_x_loads_have_no_bank_conflicts(m):
 @pytest.mark.parametrize("which", ["build", "step_bf16", "step_f16",
                                    "step_m16", "build_k4", "step_m16_k4",
                                    "build_lds", "step_m16_lds",
-                                   "step_f16_lds"])
+                                   "step_f16_lds", "build_early",
+                                   "build_lds_early"])
 def test_ptx_assembles_for_sm90a(tmp_path, which):
   """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
   test skips where Triton is not installed)."""
   ptxas = _ptxas()
   if ptxas is None:
     pytest.skip("no ptxas: Triton is not installed")
+  early = which.endswith("_early")
+  which = which.removesuffix("_early")
   kchunks = 4 if which.endswith("_k4") else 1
   decode = "lds" if which.endswith("_lds") else "prmt"
   if which.startswith("build"):
     src = _entry(wt.build_ptx(_code("nf4"), "bfloat16", 8, 14336, 4096, 1792,
-                              512, 896, kchunks=kchunks, decode=decode),
+                              512, 896, kchunks=kchunks, decode=decode,
+                              early=early),
                  ["r"] * 4 + ["l"] * 4)
   else:
     src = _entry(wt.step_ptx(_code("nf4"), "float16"
@@ -474,12 +508,20 @@ def test_lowers_for_cuda(m, warps, kchunks, decode):
       ("warp_tma", 64, 128, 2, warps, 4, kchunks, decode), m)
 
 
-def test_lowers_for_cuda_with_the_pipeline_allocated_first(monkeypatch):
+@pytest.mark.parametrize("alloc_first,early", [(False, False), (True, False),
+                                               (True, True)])
+def test_lowers_for_cuda_with_the_pipeline_allocated_first(alloc_first, early,
+                                                           monkeypatch):
   """With `gemv_4bit_lut.ALLOC_FIRST` (the pipeline's buffers allocated
-  before the build, which this kernel's body shares) it lowers too."""
-  monkeypatch.setattr(lg, "ALLOC_FIRST", True)
-  assert "mosaic_gpu" in _util.lowered_gemv_4bit(
-      ("warp_tma", 64, 128, 2, 8, 4, 2, "lds"), 8)
+  before the build, which this kernel's body shares; the default) or
+  without, and with the TMA warpgroup past the build (`EARLY`), it
+  lowers."""
+  monkeypatch.setattr(lg, "ALLOC_FIRST", alloc_first)
+  monkeypatch.setattr(wt, "EARLY", early)
+  gk.gemv_4bit.clear_cache()  # its traces are keyed by arguments only
+  text = _util.lowered_gemv_4bit(("warp_tma", 64, 128, 2, 8, 4, 2, "lds"), 8)
+  assert "mosaic_gpu" in text
+  assert ("WT_BUILT" in text) == early
 
 
 _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
