@@ -14,13 +14,15 @@ ALLOC_FIRST=1 or 0 (fifty-third session; on by default since the
 fifty-fourth): `gemv_4bit_lut.ALLOC_FIRST`, the table and TMA warp GEMVs'
 pipeline buffers allocated before their builds, so the first copies need
 not wait for them. LOADS_FIRST=1 or 0 (fifty-fourth session):
-`gemv_4bit_lut.LOADS_FIRST`, the table GEMV's TMA warpgroup waiting for
-the build's global loads. WT_EARLY=1 or 0 (fifty-fourth session):
+`gemv_4bit_lut.LOADS_FIRST`, the table GEMV's compute threads taking the
+build's global loads back before they store the table (in call 3 of that
+session it instead held the TMA warpgroup until then). WT_EARLY=1 or 0 (fifty-fourth session):
 `gemv_4bit_warp_tma.EARLY`, the TMA warp GEMV's TMA warpgroup past its
 build (the compute threads meet at a named barrier).
 """
 import os, sys
 from pallas_kernels import gemv_4bit_warp_tma as wt, decode_attention as da
+from pallas_kernels import gemv_4bit_lut
 _orig = wt.default_config
 def default_config(ns, k, num_sms=None, kchunks=None, decode=None):
   if kchunks is None and os.environ.get("KCHUNKS"):
@@ -33,14 +35,11 @@ def default_config(ns, k, num_sms=None, kchunks=None, decode=None):
       kchunks = int(rule)
   return _orig(ns, k, num_sms, kchunks=kchunks, decode=decode)
 wt.default_config = default_config
-if os.environ.get("ALLOC_FIRST") in ("0", "1"):
-  from pallas_kernels import gemv_4bit_lut
-  gemv_4bit_lut.ALLOC_FIRST = os.environ["ALLOC_FIRST"] == "1"
-if os.environ.get("LOADS_FIRST") in ("0", "1"):
-  from pallas_kernels import gemv_4bit_lut
-  gemv_4bit_lut.LOADS_FIRST = os.environ["LOADS_FIRST"] == "1"
-if os.environ.get("WT_EARLY") in ("0", "1"):
-  wt.EARLY = os.environ["WT_EARLY"] == "1"
+for env, module, name in (("ALLOC_FIRST", gemv_4bit_lut, "ALLOC_FIRST"),
+                          ("LOADS_FIRST", gemv_4bit_lut, "LOADS_FIRST"),
+                          ("WT_EARLY", wt, "EARLY")):
+  if os.environ.get(env) in ("0", "1"):
+    setattr(module, name, os.environ[env] == "1")
 if os.environ.get("ATTN_SPLIT"):
   _s = da._splits
   da._splits = lambda b, h, s, bs, split=None, num_sms=None: _s(

@@ -605,8 +605,8 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None,
   tiles written into shared memory (rows past the weight zero, as TMA
   fills them). fp32 partials `[chunks, n_g]` per weight; `ways` (a dict)
   gets each shared access's most bank conflict ways, `executed` (a list)
-  each program's build instructions a thread; `skip` and `loads_first`
-  (with `early`): `build_ptx`'s."""
+  each program's build instructions a thread; `skip` and `loads_first`:
+  `build_ptx`'s."""
   chunks = k // lg.CHUNK
   tile_rows = step_rows * wgs
   plan, n_pad = lg.row_plan(ns, k, rows, tile_rows)
@@ -616,7 +616,7 @@ def _emulate(x, weights, code, ns, k, rows, step_rows, wgs, ways=None,
 
   def texts(n, steps, group0, row0, n_nested):
     return (lg.build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
-                         n_nested, wgs, loads_first, group0, skip,
+                         n_nested, wgs, False, group0, skip,
                          loads_first=loads_first),
             lg.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
 
