@@ -71,7 +71,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["ALLOC_FIRST", "CHUNK", "LOADS_FIRST", "NormInput", "STEP_ROWS",
            "SwigluInput", "available",
-           "build_ptx", "check", "codes_tiles", "default_config",
+           "build_ptx", "built_then_pipelined", "check", "codes_tiles",
+           "default_config",
            "default_rows", "fit", "gemv", "gemv_group", "gemv_swiglu",
            "group_args", "group_config",
            "inline_ptx", "layout", "nested_span", "pipelines", "row_plan",
@@ -798,20 +799,29 @@ def pipelines(name: str, ns, plan, ptx, tile_rows: int, stages: int,
             body, grid=(steps * kchunks,), memory_registers=40,
             in_specs=specs, wg_axis="wg", num_compute_wgs=wgs,
             max_concurrent_steps=stages)
-
-        def built_then_pipelined(**allocations):
-          build()
-          # None: the pipeline allocates its buffers itself.
-          pipe(w_gmem, c_gmem, allocations=allocations or None)
-        if ALLOC_FIRST:
-          pl.run_scoped(built_then_pipelined,
-                        **pipe.get_allocations(w_gmem, c_gmem),
-                        collective_axes="wg")
-        else:
-          built_then_pipelined()
+        built_then_pipelined(build, pipe, w_gmem, c_gmem)
 
   kernel.__name__ = kernel.__qualname__ = name
   return kernel
+
+
+def built_then_pipelined(build, pipe, *gmem,
+                         alloc_first: bool | None = None) -> None:
+  """`build()`, then the warp-specialized pipeline `pipe` over the global
+  refs `gmem`. With `alloc_first` (default `ALLOC_FIRST`), the pipeline's
+  buffers and barriers are allocated before the build, in a scope of the
+  "wg" threads, and handed to it (`allocations=`): its own scope would
+  start with a barrier of every thread, after the build."""
+  alloc_first = ALLOC_FIRST if alloc_first is None else alloc_first
+
+  def run(**allocations):
+    build()
+    # None: the pipeline allocates its buffers itself.
+    pipe(*gmem, allocations=allocations or None)
+  if alloc_first:
+    pl.run_scoped(run, **pipe.get_allocations(*gmem), collective_axes="wg")
+  else:
+    run()
 
 
 @lowering.lowered_once

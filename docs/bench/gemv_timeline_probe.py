@@ -208,22 +208,14 @@ def stamped(x, weight, n, k):
         body, grid=(steps,), memory_registers=40, in_specs=specs,
         wg_axis="wg", num_compute_wgs=wgs, max_concurrent_steps=stages)
 
-    def build_and_pipeline(**allocations):
+    def build():
       lut.inline_ptx(bptx, (own_smem, c2_smem, sp_smem, cnt_smem, x_gmem,
                             nc_gmem, ns_gmem, off_gmem,
                             *((st_gmem,) if LOADSTAMP else ())), 4,
                      written=4)
       lut.inline_ptx(stamp_ptx(1, 0), (st_gmem,), 0)
-      pipe(w_gmem, c_gmem, allocations=allocations or None)
 
-    if ALLOC:
-      # The pipeline's buffers and barriers allocated before the build:
-      # entering the pipeline then needs no barrier of every thread.
-      pl.run_scoped(build_and_pipeline,
-                    **pipe.get_allocations(w_gmem, c_gmem),
-                    collective_axes="wg")
-    else:
-      build_and_pipeline()
+    lut.built_then_pipelined(build, pipe, w_gmem, c_gmem, alloc_first=ALLOC)
     lut.inline_ptx(stamp_ptx(5, 128 * wgs), (st_gmem,), 0)
     lut.inline_ptx(stamp_ptx(6, 0), (st_gmem,), 0)
 

@@ -369,6 +369,37 @@ def test_default_allocates_the_pipeline_before_the_build(monkeypatch):
   assert default == texts[True] != texts[False]
 
 
+@pytest.mark.parametrize("alloc_first", [None, True, False])
+def test_built_then_pipelined_allocates_before_the_build(alloc_first,
+                                                         monkeypatch):
+  """`built_then_pipelined`: the build, then the pipeline; allocated first
+  (`ALLOC_FIRST` unless told), the pipeline's allocations come from a
+  scope of the "wg" threads entered before the build and are handed to
+  it; otherwise it allocates its own (`allocations=None`)."""
+  events = []
+
+  class Pipe:
+    def get_allocations(self, *gmem):
+      events.append(("allocate", gmem))
+      return {"buffers": "smem"}
+
+    def __call__(self, *gmem, allocations):
+      events.append(("pipeline", gmem, allocations))
+
+  def run_scoped(fn, collective_axes, **allocations):
+    events.append(("scope", collective_axes))
+    fn(**allocations)
+  monkeypatch.setattr(lg.pl, "run_scoped", run_scoped)
+  lg.built_then_pipelined(lambda: events.append(("build",)), Pipe(), "w", "c",
+                          alloc_first=alloc_first)
+  first = lg.ALLOC_FIRST if alloc_first is None else alloc_first
+  if first:
+    assert events == [("allocate", ("w", "c")), ("scope", "wg"), ("build",),
+                      ("pipeline", ("w", "c"), {"buffers": "smem"})]
+  else:
+    assert events == [("build",), ("pipeline", ("w", "c"), None)]
+
+
 def _swiglu_weights(n, k, n_out, dtype, seed):
   ws = [_weights(n, k, "nf4", dtype, seed), _weights(n, k, "nf4", dtype,
                                                      seed + 1),
