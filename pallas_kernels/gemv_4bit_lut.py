@@ -97,8 +97,13 @@ ALLOC_FIRST = True
 # without, as if its loads were issued late, behind the first copies;
 # the timeline probe's LOADSTAMP (these instructions with a timer store
 # in the branch) took 13.89 us a launch against 14.56-14.75, and 6.40
-# against 6.66 on 4096x4096 (fifty-fourth session, H100). Off until the
-# package's form is measured.
+# against 6.66 on 4096x4096 (fifty-fourth session, H100). This form,
+# measured (fifty-fifth session, H100): the launch alone faster (probe
+# 13.98 / 14.18 us against 14.62 on 14336x4096, 14.69 / 14.85 against
+# 15.62 on 4096x14336; `jaxbnb bench matmul` 7.27 against 7.70 us on
+# 4096x4096, 15.19-15.30 against 16.24-16.28 on 4096x14336), but the 8B
+# decode at batch 1 slower: 382.3-384.7 tokens/s against 386.1-388.8 in
+# five pairs of runs over two calls. Off.
 LOADS_FIRST = False
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _ROW = 256  # bytes between a position's entries for byte values b, b + 1

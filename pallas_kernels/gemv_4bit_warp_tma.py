@@ -71,7 +71,7 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   pass
 
-__all__ = ["DECODES", "EARLY", "KCHUNKS", "MAX_M", "available", "build_ptx",
+__all__ = ["DECODES", "EARLY_MAX_M", "KCHUNKS", "MAX_M", "available", "build_ptx",
            "check",
            "default_config", "gemv", "gemv_group", "makespan", "smem_bytes",
            "step_ptx"]
@@ -92,15 +92,20 @@ DECODE = "lds"  # the default decode (fortieth session, measured faster)
 # against 3,911 / 3,906. Two chunks for every K = 4096 launch (q/k/v and
 # o as well) made those slower (4-layer profiles, same call).
 PAIR_KCHUNKS = {4096: 2}
-# The TMA warpgroup branches past the build and the compute threads meet
-# at named barrier 15 instead of a barrier of every thread
-# (`build_ptx`'s `early`), so that, with the pipeline allocated first
-# (`gemv_4bit_lut.ALLOC_FIRST`), the first copies go out while x is
-# copied. The table GEMV's same change gained 0.8 us a launch on
-# 4096x4096 and 5% on the 8B decode at batch 1 (fifty-fourth session,
-# H100); this kernel's batch 8 moved by -0.3% with the allocation alone,
-# its build still ending in a barrier of every thread. Off until measured.
-EARLY = False
+# Rows of x up to which the TMA warpgroup branches past the build and the
+# compute threads meet at named barrier 15 instead of a barrier of every
+# thread (`build_ptx`'s `early`), so that, with the pipeline allocated
+# first (`gemv_4bit_lut.ALLOC_FIRST`), the first copies go out while x is
+# copied; 0 turns it off, `MAX_M` puts it on for every launch. Fifty-fifth
+# session (H100, `jaxbnb bench matmul`, 20 reps, two rounds each, the
+# table GEMV's loads first as well): M = 4 and 8 0.1-1.2 us faster on
+# 14336x4096, 4096x4096, 4096x14336 and 1024x4096 (4096x4096 at M = 8:
+# 8.12 / 8.35 us against 9.30 / 9.30); M = 16 0.1-0.6 us slower on
+# 14336x4096 and 4096x14336 (22.45 / 22.74 against 22.34 / 22.06), even
+# on 4096x4096, 0.7 us faster on 1024x4096. The 8B decode at batch 8
+# (`jaxbnb bench decode`, 3 reps): 2,571.6 / 2,574.5 tokens/s against
+# 2,506.0 in the same call.
+EARLY_MAX_M = 8
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
 _XROW = 4 * _XBLOCK  # bytes a row of x
@@ -566,7 +571,8 @@ def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks,
   plan, n_pad = lut.row_plan(ns, k, rows, tile_rows, 4 * kchunks)
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                    w[2].shape[0], group0, wgs, kchunks, decode, EARLY),
+                    w[2].shape[0], group0, wgs, kchunks, decode,
+                    m <= EARLY_MAX_M),
           step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0,
                    wgs, kchunks, decode))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]

@@ -223,6 +223,12 @@ MUTANTS: tuple[Mutant, ...] = (
            "ALLOC_FIRST = False",
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_default_allocates_the_pipeline_before_the_build",)),
+    Mutant("warp-tma-early-below-its-bound",
+           "pallas_kernels/gemv_4bit_warp_tma.py",
+           "m <= EARLY_MAX_M),",
+           "m < EARLY_MAX_M),",
+           ("tests/kernels/gemv_4bit_warp_tma_test.py::"
+            "test_default_skips_the_build_up_to_early_max_m",)),
     Mutant("group-drops-split-weights-past-64-rows",
            "jaxbnb/_src/quant/kernels.py",
            "GROUP_KEEPS_SPLIT_MAX_M = 128",

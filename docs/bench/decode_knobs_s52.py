@@ -16,9 +16,11 @@ pipeline buffers allocated before their builds, so the first copies need
 not wait for them. LOADS_FIRST=1 or 0 (fifty-fourth session):
 `gemv_4bit_lut.LOADS_FIRST`, the table GEMV's compute threads taking the
 build's global loads back before they store the table (in call 3 of that
-session it instead held the TMA warpgroup until then). WT_EARLY=1 or 0 (fifty-fourth session):
-`gemv_4bit_warp_tma.EARLY`, the TMA warp GEMV's TMA warpgroup past its
-build (the compute threads meet at a named barrier).
+session it instead held the TMA warpgroup until then). WT_EARLY=1 or 0
+(fifty-fourth session): the TMA warp GEMV's TMA warpgroup past its build
+(the compute threads meet at a named barrier) for every launch or none,
+`gemv_4bit_warp_tma.EARLY_MAX_M` set to 16 or 0 (since the fifty-fifth
+session 8 by default); WT_EARLY=N above 1 sets it to N.
 """
 import os, sys
 from pallas_kernels import gemv_4bit_warp_tma as wt, decode_attention as da
@@ -36,10 +38,12 @@ def default_config(ns, k, num_sms=None, kchunks=None, decode=None):
   return _orig(ns, k, num_sms, kchunks=kchunks, decode=decode)
 wt.default_config = default_config
 for env, module, name in (("ALLOC_FIRST", gemv_4bit_lut, "ALLOC_FIRST"),
-                          ("LOADS_FIRST", gemv_4bit_lut, "LOADS_FIRST"),
-                          ("WT_EARLY", wt, "EARLY")):
+                          ("LOADS_FIRST", gemv_4bit_lut, "LOADS_FIRST")):
   if os.environ.get(env) in ("0", "1"):
     setattr(module, name, os.environ[env] == "1")
+if os.environ.get("WT_EARLY"):
+  _early = int(os.environ["WT_EARLY"])
+  wt.EARLY_MAX_M = wt.MAX_M if _early == 1 else _early
 if os.environ.get("ATTN_SPLIT"):
   _s = da._splits
   da._splits = lambda b, h, s, bs, split=None, num_sms=None: _s(

@@ -39,6 +39,16 @@
 #                                          # the GEMV group (128) or not
 #                                          # (0): 3B / 1B prefill of 128
 #                                          # rows, decode at batch 64
+#   bash docs/bench/issue14_targets.sh m   # the table GEMV's loads first
+#                                          # (LOADS_FIRST) in the timeline
+#                                          # probe, then with the TMA warp
+#                                          # GEMV past its build at every
+#                                          # M (WT_EARLY) on the 8B decode,
+#                                          # 1 / 0 / 1
+#   bash docs/bench/issue14_targets.sh n   # both at M = 1-16, two rounds;
+#                                          # the decode at batch 1 with
+#                                          # LOADS_FIRST 0 / 1, two rounds
+#                                          # (m and n: fifty-fifth session)
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -153,8 +163,38 @@ case $part in
         | grep -o "batch [0-9]*: {.*'prefill_s': [0-9.e-]*\|'ms_per_step': [0-9.]*"
     done
     ;;
+  m)
+    for a in 1 0 1; do
+      mkdir -p "$OUT/probe_lf$a"
+      echo "probe LOADS_FIRST=$a"
+      LOADS_FIRST=$a OUT=$OUT/probe_lf$a timeout 100 \
+          python docs/bench/gemv_timeline_probe.py \
+          14336x4096 4096x4096 28672x4096 4096x14336 2>&1 | grep "copies"
+    done
+    for a in 1 0 1; do
+      echo "decode LOADS_FIRST=$a WT_EARLY=$a"
+      LOADS_FIRST=$a WT_EARLY=$a timeout 120 python docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq \
+          --shape llama-3-8b --batch 1,8 --steps 64 --reps 3 \
+          --json "$OUT/decode_lf_wt$a.$RANDOM.json" 2>&1 | grep "batch "
+    done
+    ;;
+  n)
+    for a in 1 0 1 0; do
+      echo "matmul LOADS_FIRST=$a WT_EARLY=$a"
+      LOADS_FIRST=$a WT_EARLY=$a timeout 100 python docs/bench/decode_knobs_s52.py cli bench matmul --m 1,4,8,16 \
+          --no-ref --no-bnb --reps 20 \
+          --shapes 14336x4096,4096x4096,4096x14336,1024x4096 \
+          --out "$OUT/matmul_lf_wt$a.$RANDOM.json" 2>&1 | grep -A22 "^\*\*matmul"
+    done
+    for a in 0 1 0 1; do
+      echo "decode batch 1, WT_EARLY=1 LOADS_FIRST=$a"
+      LOADS_FIRST=$a WT_EARLY=1 timeout 100 python docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq \
+          --shape llama-3-8b --batch 1 --steps 64 --reps 3 \
+          --json "$OUT/decode_b1_lf$a.$RANDOM.json" 2>&1 | grep "batch "
+    done
+    ;;
   *)
-    echo "part: expected one of a-l, got $part" >&2
+    echo "part: expected one of a-n, got $part" >&2
     exit 2
     ;;
 esac

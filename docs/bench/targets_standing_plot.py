@@ -39,7 +39,8 @@ def _fractions():
     latest.update(_matmul(f"matmul_2026-12-04_h200_s23a_{shape}.json"))
   s25 = _matmul("matmul_2026-12-04_h200_s25_m1.json")
   s27 = _matmul("matmul_2026-12-04_h200_s27_m16.json")
-  h100 = _matmul("matmul_m1_m16_2026-12-06_h100_s54.json")
+  # the package's default at M = 1 and 16 (fifty-fifth session, first round)
+  h100 = _matmul("matmul_m1_16_2026-12-06_h100_s55_lf_wt_off_1.json")
   h100_large = _matmul("matmul_2026-12-06_h100_s46_m64_256_4096.json")
   big = "14336x4096"
   us = lambda rows, shape, m: rows[(shape, m)]["us"]["jaxbnb"]
@@ -49,10 +50,10 @@ def _fractions():
                if r["op"] == "quantize" and r["double_quant"]
                and r["numel"] == 2**28)
   adam = _load("optim_2026-12-01_h200_tables.json")["results"][0]["columns"]
-  decode_h100 = "decode_nf4dq_2026-12-06_h100_s54_default_b1_b8.json"
-  # batch 8 since the fifty-second session's K chunks for gate/up: the
-  # lower of its two runs
-  decode_h100_b8 = "decode_nf4dq_2026-12-06_h100_s52_b8_pair_kchunks2_call1.json"
+  # the package's default at batch 1 and 8 (fifty-fifth session): the
+  # lower of two runs each
+  decode_h100 = "decode_b1_2026-12-06_h100_s55_wt_on_lf_off_1.json"
+  decode_h100_b8 = "decode_nf4dq_2026-12-06_h100_s55_lf_wt_on_1.json"
   return [
       ("1. M = 1, 14336x4096 <= 14 us",
        14 / us(s25, big, 1), 14 / us(h100, big, 1)),

@@ -508,20 +508,38 @@ def test_lowers_for_cuda(m, warps, kchunks, decode):
       ("warp_tma", 64, 128, 2, warps, 4, kchunks, decode), m)
 
 
-@pytest.mark.parametrize("alloc_first,early", [(False, False), (True, False),
-                                               (True, True)])
-def test_lowers_for_cuda_with_the_pipeline_allocated_first(alloc_first, early,
+@pytest.mark.parametrize("alloc_first,early_max_m", [(False, 0), (True, 0),
+                                                     (True, 16)])
+def test_lowers_for_cuda_with_the_pipeline_allocated_first(alloc_first,
+                                                           early_max_m,
                                                            monkeypatch):
   """With `gemv_4bit_lut.ALLOC_FIRST` (the pipeline's buffers allocated
   before the build, which this kernel's body shares; the default) or
-  without, and with the TMA warpgroup past the build (`EARLY`), it
-  lowers."""
+  without, and with the TMA warpgroup past the build (`EARLY_MAX_M`) or
+  not, it lowers."""
   monkeypatch.setattr(lg, "ALLOC_FIRST", alloc_first)
-  monkeypatch.setattr(wt, "EARLY", early)
+  monkeypatch.setattr(wt, "EARLY_MAX_M", early_max_m)
   gk.gemv_4bit.clear_cache()  # its traces are keyed by arguments only
   text = _util.lowered_gemv_4bit(("warp_tma", 64, 128, 2, 8, 4, 2, "lds"), 8)
   assert "mosaic_gpu" in text
-  assert ("WT_BUILT" in text) == early
+  assert ("WT_BUILT" in text) == (early_max_m >= 8)
+
+
+@pytest.mark.parametrize("m", [2, 8, 9, 16])
+def test_default_skips_the_build_up_to_early_max_m(m, monkeypatch):
+  """By default the TMA warpgroup branches past the build for launches of
+  at most `EARLY_MAX_M` (8) rows of x, where it was measured faster, and
+  waits at the build's barrier above that (M = 16 was slower on the
+  large weights)."""
+  assert wt.EARLY_MAX_M == 8
+  gk.gemv_4bit.clear_cache()
+  text = _util.lowered_gemv_4bit(("warp_tma", 64, 128, 2, 8, 4, 1, "lds"), m)
+  assert ("WT_BUILT" in text) == (m <= 8)
+  monkeypatch.setattr(wt, "EARLY_MAX_M", 0)
+  gk.gemv_4bit.clear_cache()
+  text = _util.lowered_gemv_4bit(("warp_tma", 64, 128, 2, 8, 4, 1, "lds"), m)
+  assert "WT_BUILT" not in text
+  gk.gemv_4bit.clear_cache()
 
 
 _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
