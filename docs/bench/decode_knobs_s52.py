@@ -15,7 +15,8 @@ fifty-fourth): `gemv_4bit_lut.ALLOC_FIRST`, the table and TMA warp GEMVs'
 pipeline buffers allocated before their builds, so the first copies need
 not wait for them. LOADS_FIRST=1 or 0 (fifty-fourth session):
 `gemv_4bit_lut.LOADS_FIRST`, the table GEMV's compute threads taking the
-build's global loads back before they store the table (in call 3 of that
+build's global loads back before they store the table (LOADS_FIRST=plain,
+norm or swiglu: only in builds of that kind, fifty-fifth session) (in call 3 of that
 session it instead held the TMA warpgroup until then). WT_EARLY=1 or 0
 (fifty-fourth session): the TMA warp GEMV's TMA warpgroup past its build
 (the compute threads meet at a named barrier) for every launch or none,
@@ -41,6 +42,22 @@ for env, module, name in (("ALLOC_FIRST", gemv_4bit_lut, "ALLOC_FIRST"),
                           ("LOADS_FIRST", gemv_4bit_lut, "LOADS_FIRST")):
   if os.environ.get(env) in ("0", "1"):
     setattr(module, name, os.environ[env] == "1")
+if os.environ.get("LOADS_FIRST") in ("plain", "norm", "swiglu"):
+  # loads first only in the table GEMV's builds of that kind: x as given
+  # (o), RMSNorm'd in the build (q/k/v, gate/up), silu(gate) * up (down)
+  _build = gemv_4bit_lut.build_ptx
+  def build_ptx(*a, **kw):
+    a = list(a)
+    swiglu = a[11] if len(a) > 11 else kw.get("swiglu")
+    norm = a[12] if len(a) > 12 else kw.get("norm")
+    kind = ("swiglu" if swiglu is not None else
+            "norm" if norm is not None else "plain")
+    if len(a) > 13:
+      a[13] = kind == os.environ["LOADS_FIRST"]
+    else:
+      kw["loads_first"] = kind == os.environ["LOADS_FIRST"]
+    return _build(*a, **kw)
+  gemv_4bit_lut.build_ptx = build_ptx
 if os.environ.get("WT_EARLY"):
   _early = int(os.environ["WT_EARLY"])
   wt.EARLY_MAX_M = wt.MAX_M if _early == 1 else _early
