@@ -97,14 +97,18 @@ ALLOC_FIRST = True
 # without, as if its loads were issued late, behind the first copies;
 # the timeline probe's LOADSTAMP (these instructions with a timer store
 # in the branch) took 13.89 us a launch against 14.56-14.75, and 6.40
-# against 6.66 on 4096x4096 (fifty-fourth session, H100). This form,
-# measured (fifty-fifth session, H100): the launch alone faster (probe
-# 13.98 / 14.18 us against 14.62 on 14336x4096, 14.69 / 14.85 against
-# 15.62 on 4096x14336; `jaxbnb bench matmul` 7.27 against 7.70 us on
-# 4096x4096, 15.19-15.30 against 16.24-16.28 on 4096x14336), but the 8B
-# decode at batch 1 slower: 382.3-384.7 tokens/s against 386.1-388.8 in
-# five pairs of runs over two calls. Off.
-LOADS_FIRST = False
+# against 6.66 on 4096x4096 (fifty-fourth session, H100). On in builds
+# of x as given, off in builds that make x (RMSNorm'd, `norm`, or
+# `silu(gate) * up`, `swiglu`). Fifty-fifth session, H100: the launch
+# alone faster (timeline probe 13.98 / 14.18 us against 14.62 on
+# 14336x4096, 14.69 / 14.85 against 15.62 on 4096x14336; `jaxbnb bench
+# matmul` 7.27 against 7.70 us on 4096x4096, 15.19-15.30 against
+# 16.24-16.28 on 4096x14336); the 8B decode at batch 1 (3 reps, tokens/s)
+# 392.3 / 393.3 with it in plain builds only against 390.6 / 392.0
+# without, but 385.0 in the norm builds only and 388.7 in the swiglu
+# builds only; in every build 382.3-384.7 against 386.1-388.8 (five
+# pairs over two calls).
+LOADS_FIRST = True
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _ROW = 256  # bytes between a position's entries for byte values b, b + 1
 _DTYPES = ("bfloat16", "float16")
@@ -848,7 +852,7 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
   ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
                     w[2].shape[0], wgs, early, group0, tma_skips_build,
                     swiglu, None if norm is None else norm[0],
-                    LOADS_FIRST),
+                    LOADS_FIRST and swiglu is None and norm is None),
           step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 

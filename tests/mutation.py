@@ -223,6 +223,20 @@ MUTANTS: tuple[Mutant, ...] = (
            "ALLOC_FIRST = False",
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_default_allocates_the_pipeline_before_the_build",)),
+    Mutant("lut-loads-first-off-by-default",
+           "pallas_kernels/gemv_4bit_lut.py",
+           "LOADS_FIRST = True",
+           "LOADS_FIRST = False",
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_default_takes_the_loads_back_first_in_plain_builds",)),
+    Mutant("lut-loads-first-in-fused-builds",
+           "pallas_kernels/gemv_4bit_lut.py",
+           "LOADS_FIRST and swiglu is None and norm is None),",
+           "LOADS_FIRST),",
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_swiglu_lowers_for_cuda",
+            "tests/kernels/gemv_4bit_lut_test.py::"
+            "test_norm_group_lowers_for_cuda")),
     Mutant("warp-tma-early-below-its-bound",
            "pallas_kernels/gemv_4bit_warp_tma.py",
            "m <= EARLY_MAX_M),",

@@ -13,11 +13,13 @@ GEMV's partials stored with an L2 `evict_last` policy (a PTX rewrite).
 ALLOC_FIRST=1 or 0 (fifty-third session; on by default since the
 fifty-fourth): `gemv_4bit_lut.ALLOC_FIRST`, the table and TMA warp GEMVs'
 pipeline buffers allocated before their builds, so the first copies need
-not wait for them. LOADS_FIRST=1 or 0 (fifty-fourth session):
+not wait for them. LOADS_FIRST=1 or 0 (fifty-fourth session; in call 3
+of that session it instead held the TMA warpgroup until then):
 `gemv_4bit_lut.LOADS_FIRST`, the table GEMV's compute threads taking the
-build's global loads back before they store the table (LOADS_FIRST=plain,
-norm or swiglu: only in builds of that kind, fifty-fifth session) (in call 3 of that
-session it instead held the TMA warpgroup until then). WT_EARLY=1 or 0
+build's global loads back before they store the table; on by default in
+builds of x as given since the fifty-fifth session, which LOADS_FIRST=1
+keeps. LOADS_FIRST=plain, norm, swiglu or all: only in builds of that
+kind (x as given, RMSNorm'd, silu(gate) * up), or in every build. WT_EARLY=1 or 0
 (fifty-fourth session): the TMA warp GEMV's TMA warpgroup past its build
 (the compute threads meet at a named barrier) for every launch or none,
 `gemv_4bit_warp_tma.EARLY_MAX_M` set to 16 or 0 (since the fifty-fifth
@@ -42,7 +44,7 @@ for env, module, name in (("ALLOC_FIRST", gemv_4bit_lut, "ALLOC_FIRST"),
                           ("LOADS_FIRST", gemv_4bit_lut, "LOADS_FIRST")):
   if os.environ.get(env) in ("0", "1"):
     setattr(module, name, os.environ[env] == "1")
-if os.environ.get("LOADS_FIRST") in ("plain", "norm", "swiglu"):
+if os.environ.get("LOADS_FIRST") in ("plain", "norm", "swiglu", "all"):
   # loads first only in the table GEMV's builds of that kind: x as given
   # (o), RMSNorm'd in the build (q/k/v, gate/up), silu(gate) * up (down)
   _build = gemv_4bit_lut.build_ptx
@@ -53,9 +55,9 @@ if os.environ.get("LOADS_FIRST") in ("plain", "norm", "swiglu"):
     kind = ("swiglu" if swiglu is not None else
             "norm" if norm is not None else "plain")
     if len(a) > 13:
-      a[13] = kind == os.environ["LOADS_FIRST"]
+      a[13] = os.environ["LOADS_FIRST"] in (kind, "all")
     else:
-      kw["loads_first"] = kind == os.environ["LOADS_FIRST"]
+      kw["loads_first"] = os.environ["LOADS_FIRST"] in (kind, "all")
     return _build(*a, **kw)
   gemv_4bit_lut.build_ptx = build_ptx
 if os.environ.get("WT_EARLY"):

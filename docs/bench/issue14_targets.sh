@@ -47,8 +47,13 @@
 #                                          # 1 / 0 / 1
 #   bash docs/bench/issue14_targets.sh n   # both at M = 1-16, two rounds;
 #                                          # the decode at batch 1 with
-#                                          # LOADS_FIRST 0 / 1, two rounds
-#                                          # (m and n: fifty-fifth session)
+#                                          # LOADS_FIRST 0 / all, two
+#                                          # rounds
+#   bash docs/bench/issue14_targets.sh o   # the decode at batch 1 with
+#                                          # LOADS_FIRST in no build, in
+#                                          # plain, norm or swiglu builds
+#                                          # only (m to o: fifty-fifth
+#                                          # session)
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -172,29 +177,42 @@ case $part in
           14336x4096 4096x4096 28672x4096 4096x14336 2>&1 | grep "copies"
     done
     for a in 1 0 1; do
-      echo "decode LOADS_FIRST=$a WT_EARLY=$a"
-      LOADS_FIRST=$a WT_EARLY=$a timeout 120 python docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq \
+      # all: every build, as LOADS_FIRST=1 was then
+      lf=$([ $a = 1 ] && echo all || echo 0)
+      echo "decode LOADS_FIRST=$lf WT_EARLY=$a"
+      LOADS_FIRST=$lf WT_EARLY=$a timeout 120 python docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq \
           --shape llama-3-8b --batch 1,8 --steps 64 --reps 3 \
           --json "$OUT/decode_lf_wt$a.$RANDOM.json" 2>&1 | grep "batch "
     done
     ;;
   n)
     for a in 1 0 1 0; do
-      echo "matmul LOADS_FIRST=$a WT_EARLY=$a"
-      LOADS_FIRST=$a WT_EARLY=$a timeout 100 python docs/bench/decode_knobs_s52.py cli bench matmul --m 1,4,8,16 \
+      lf=$([ $a = 1 ] && echo all || echo 0)
+      echo "matmul LOADS_FIRST=$lf WT_EARLY=$a"
+      LOADS_FIRST=$lf WT_EARLY=$a timeout 100 python docs/bench/decode_knobs_s52.py cli bench matmul --m 1,4,8,16 \
           --no-ref --no-bnb --reps 20 \
           --shapes 14336x4096,4096x4096,4096x14336,1024x4096 \
           --out "$OUT/matmul_lf_wt$a.$RANDOM.json" 2>&1 | grep -A22 "^\*\*matmul"
     done
     for a in 0 1 0 1; do
-      echo "decode batch 1, WT_EARLY=1 LOADS_FIRST=$a"
-      LOADS_FIRST=$a WT_EARLY=1 timeout 100 python docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq \
+      lf=$([ $a = 1 ] && echo all || echo 0)
+      echo "decode batch 1, WT_EARLY=1 LOADS_FIRST=$lf"
+      LOADS_FIRST=$lf WT_EARLY=1 timeout 100 python docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq \
           --shape llama-3-8b --batch 1 --steps 64 --reps 3 \
           --json "$OUT/decode_b1_lf$a.$RANDOM.json" 2>&1 | grep "batch "
     done
     ;;
+  o)
+    for lf in 0 plain norm swiglu 0 plain; do
+      echo "decode batch 1, LOADS_FIRST=$lf"
+      LOADS_FIRST=$lf timeout 50 python docs/bench/decode_knobs_s52.py cli \
+          bench decode --impl jax-nf4-dq --shape llama-3-8b --batch 1 \
+          --steps 64 --reps 3 --json "$OUT/decode_b1_lf_$lf.$(date +%s).json" \
+          2>&1 | grep "batch "
+    done
+    ;;
   *)
-    echo "part: expected one of a-n, got $part" >&2
+    echo "part: expected one of a-o, got $part" >&2
     exit 2
     ;;
 esac

@@ -39,8 +39,12 @@ def _fractions():
     latest.update(_matmul(f"matmul_2026-12-04_h200_s23a_{shape}.json"))
   s25 = _matmul("matmul_2026-12-04_h200_s25_m1.json")
   s27 = _matmul("matmul_2026-12-04_h200_s27_m16.json")
-  # the package's default at M = 1 and 16 (fifty-fifth session, first round)
-  h100 = _matmul("matmul_m1_16_2026-12-06_h100_s55_lf_wt_off_1.json")
+  # the package's defaults (fifty-fifth session, first round): M = 1 with
+  # the build's loads first, M = 16 without the early start
+  h100 = _matmul("matmul_m1_16_2026-12-06_h100_s55_lf_wt_on_1.json")
+  h100.update({key: row for key, row in _matmul(
+      "matmul_m1_16_2026-12-06_h100_s55_lf_wt_off_1.json").items()
+      if key[1] == 16})
   h100_large = _matmul("matmul_2026-12-06_h100_s46_m64_256_4096.json")
   big = "14336x4096"
   us = lambda rows, shape, m: rows[(shape, m)]["us"]["jaxbnb"]
@@ -52,7 +56,7 @@ def _fractions():
   adam = _load("optim_2026-12-01_h200_tables.json")["results"][0]["columns"]
   # the package's default at batch 1 and 8 (fifty-fifth session): the
   # lower of two runs each
-  decode_h100 = "decode_b1_2026-12-06_h100_s55_wt_on_lf_off_1.json"
+  decode_h100 = "decode_b1_2026-12-06_h100_s55_lf_plain_1.json"
   decode_h100_b8 = "decode_nf4dq_2026-12-06_h100_s55_lf_wt_on_1.json"
   return [
       ("1. M = 1, 14336x4096 <= 14 us",

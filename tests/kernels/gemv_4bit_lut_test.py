@@ -349,6 +349,24 @@ def test_group_lowers_for_cuda(skip, alloc_first, loads_first, monkeypatch):
   assert ("LUT_LOADED" in text) == loads_first
 
 
+@pytest.mark.parametrize("loads_first", [None, False])
+def test_default_takes_the_loads_back_first_in_plain_builds(loads_first,
+                                                            monkeypatch):
+  """By default (`LOADS_FIRST`) a build of x as given takes its global
+  loads back before it stores the table: the branch past the never-taken
+  store is in the default config's module, one a weight, and not with
+  the flag off."""
+  if loads_first is not None:
+    monkeypatch.setattr(lg, "LOADS_FIRST", loads_first)
+  k, ns = 4096, (4096, 1024, 1024)
+  cfg = lg.group_config(ns, k)
+  fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k, **cfg)
+  text = _lowered_or_skip(lambda x, w: fn(x, w),
+                          jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
+                          [_abstract_weight(n, k) for n in ns])
+  assert text.count("LUT_LOADED:") == (3 if loads_first is None else 0)
+
+
 def test_default_allocates_the_pipeline_before_the_build(monkeypatch):
   """By default (`ALLOC_FIRST`) the default config's kernel lowers with the
   pipeline's buffers and barriers allocated before the table build, so
@@ -483,10 +501,15 @@ def test_norm_group_lowers_for_cuda():
                           [_abstract_weight(n, k) for n in ns],
                           s((k,), jnp.bfloat16))
   assert "mosaic_gpu" in text
+  # `LOADS_FIRST` leaves the builds that RMSNorm x alone (measured slower)
+  assert lg.LOADS_FIRST and "LUT_LOADED" not in text
 
 
 def test_swiglu_lowers_for_cuda():
-  """Both launches lower to Mosaic GPU (needs JAX's CUDA plugin)."""
+  """Both launches lower to Mosaic GPU (needs JAX's CUDA plugin). By
+  default (`LOADS_FIRST`) gate's and up's builds, of x as given, take
+  their loads back before their tables; down's, which makes its x from
+  their partials, does not (measured slower in the decode)."""
   n, k, n_out = 2048, 1024, 1024
   fn = functools.partial(lg.gemv_swiglu, code=_code("nf4"), n=n, k=k,
                          n_out=n_out)
@@ -494,6 +517,8 @@ def test_swiglu_lowers_for_cuda():
                           _abstract_weight(n, k), _abstract_weight(n, k),
                           _abstract_weight(n_out, n))
   assert text.count("mosaic_gpu") >= 2
+  assert text.count("LUT_BUILT:") == 3  # gate, up; down
+  assert text.count("LUT_LOADED:") == 2  # gate and up only
 
 
 @pytest.mark.gpu
