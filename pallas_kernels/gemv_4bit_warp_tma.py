@@ -15,7 +15,9 @@ warpgroups take them.
 * Before the pipeline the compute threads copy the chunk of x (`[M, 256]`)
   to shared memory, a row of x at 576 bytes and each block of it at 144
   (16 bytes of padding, so the warp's 16-byte loads hit distinct banks),
-  with the nested codes and the program's span of nested absmax.
+  with the nested codes and the program's span of nested absmax. Up to
+  `EARLY_MAX_M` rows of x the TMA warpgroup does not wait for them: it
+  branches past the build, so its first copies go out meanwhile.
 * A warp's 16 rows are the MMA's A: lane `4 g + c` holds block `c` of rows
   `g` and `g + 8` (8 words each). Word `i` of row g and of row g + 8,
   decoded into the values times the block's absmax (rounded once to x's

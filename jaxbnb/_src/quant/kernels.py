@@ -28,8 +28,9 @@ from jaxbnb._src.quant import reference
 
 # The fused GEMV serves M up to GEMV_ALL_WEIGHTS_M (16-bit x: at 1 the
 # table kernel on Hopper for NF4/FP4 + DQ weights of >= 4096 rows and
-# groups such as q/k/v, `gemv_4bit.lut_serves`, else "reduce"; "warp" at
-# 2 to 8, "mma" above; `gemv_4bit.default_config`), and up to
+# groups such as q/k/v, `gemv_4bit.lut_serves`, else "reduce"; at 2 to
+# 16 the TMA warp GEMV on Hopper where `gemv_4bit.warp_tma_serves`, else
+# "warp" at 2 to 8, "mma" above; `gemv_4bit.default_config`), and up to
 # GEMV_MAX_M for 16-bit x and weights of at least GEMV_LARGE_M_MIN_SIZE
 # elements; other M dequantizes with the kernel and multiplies with XLA's
 # dot (cuBLAS).
