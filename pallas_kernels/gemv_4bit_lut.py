@@ -69,8 +69,8 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   _HAVE_MGPU = False
 
-__all__ = ["ALLOC_FIRST", "CHUNK", "LOADS_FIRST", "NormInput", "STEP_ROWS",
-           "SwigluInput", "available",
+__all__ = ["ALLOC_FIRST", "CHUNK", "LOADS_FENCE", "LOADS_FIRST",
+           "NormInput", "STEP_ROWS", "SwigluInput", "available",
            "build_ptx", "built_then_pipelined", "check", "codes_tiles",
            "default_config",
            "default_rows", "fit", "gemv", "gemv_group", "gemv_swiglu",
@@ -109,6 +109,16 @@ ALLOC_FIRST = True
 # builds only; in every build 382.3-384.7 against 386.1-388.8 (five
 # pairs over two calls).
 LOADS_FIRST = True
+# How a build takes its loads back first: a fence (`fence.acq_rel.cta`)
+# before the table's stores instead of the branch on the loads' sum.
+# Assembled alone (fifty-fifth session, Triton's ptxas for CUDA 12.9,
+# sm_90a, read with nvdisasm), the branch becomes a predicated store that
+# ptxas schedules among the table's stores: after 4 of the plain build's
+# 137 shared stores but after 81 of the RMSNorm build's 138, so there
+# the loads are not back first at all; the fence (MEMBAR.ALL.CTA) comes
+# before all of them in both, in as many instructions as the build
+# without either. Off until measured on the GPU.
+LOADS_FENCE = False
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _ROW = 256  # bytes between a position's entries for byte values b, b + 1
 _DTYPES = ("bfloat16", "float16")
@@ -457,7 +467,7 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
               skip: bool = False,
               swiglu: SwigluInput | None = None,
               norm: NormInput | None = None,
-              loads_first: bool = False) -> str:
+              loads_first: bool = False, loads_fence: bool = False) -> str:
   """The table, the nested code table, the program's span of nested
   absmax and the step counters, made by the compute threads; then a
   barrier of every thread of the program.
@@ -490,7 +500,10 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
   values past a store of that sum to the thread's own first entry
   (never taken for a finite sum short of the largest float, and
   overwritten by the table if it is), so that no later instruction is
-  scheduled ahead of the loads.
+  scheduled ahead of the loads. With `loads_fence` as well, a fence
+  (`fence.acq_rel.cta`) there instead: memory accesses after it are not
+  moved above it, where ptxas turns the branch into a predicated store
+  and may schedule it among the table's stores.
   """
   if norm is not None and ((wgs > 1 and not skip) or swiglu is not None):
     raise ValueError("norm: needs skip with two compute warpgroups (the "
@@ -567,7 +580,9 @@ def build_ptx(code: tuple[float, ...], dtype_name: str, n: int, k: int,
                 f"mul.rn.f32 h{c}, x0, cc;"]
     lines += ["and.b32 b, b, 1;", f"mad.lo.u32 a, b, {_ROW * values}, a;"]
   lines += [f"mul.rn.f32 o{c}, x1, {_f32(v)};" for c, v in enumerate(code)]
-  if loads_first:
+  if loads_first and loads_fence:
+    lines += ["fence.acq_rel.cta;"]
+  elif loads_first:
     lines += ["{", ".reg .pred lf;", "add.f32 e, x0, x1;",
               "add.f32 e, e, g0;", "add.f32 e, e, g1;"]
     lines += [f"add.f32 e, e, g{3 + j};" for j in range(loads)]
@@ -852,7 +867,8 @@ def _compiled(x, weights, *, code, ns, k, rows, step_rows, stages, wgs,
   ptx = [(build_ptx(code, dtype.name, n, k, steps * tile_rows, span,
                     w[2].shape[0], wgs, early, group0, tma_skips_build,
                     swiglu, None if norm is None else norm[0],
-                    LOADS_FIRST and swiglu is None and norm is None),
+                    LOADS_FIRST and swiglu is None and norm is None,
+                    LOADS_FENCE),
           step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]
 

@@ -231,12 +231,18 @@ MUTANTS: tuple[Mutant, ...] = (
             "test_default_takes_the_loads_back_first_in_plain_builds",)),
     Mutant("lut-loads-first-in-fused-builds",
            "pallas_kernels/gemv_4bit_lut.py",
-           "LOADS_FIRST and swiglu is None and norm is None),",
-           "LOADS_FIRST),",
+           "LOADS_FIRST and swiglu is None and norm is None,",
+           "LOADS_FIRST,",
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_swiglu_lowers_for_cuda",
             "tests/kernels/gemv_4bit_lut_test.py::"
             "test_norm_group_lowers_for_cuda")),
+    Mutant("lut-loads-fence-dropped",
+           "pallas_kernels/gemv_4bit_lut.py",
+           'lines += ["fence.acq_rel.cta;"]',
+           "lines += []",
+           ("tests/kernels/gemv_4bit_lut_test.py::"
+            "test_ptx_build_fences_its_loads_first",)),
     Mutant("warp-tma-early-below-its-bound",
            "pallas_kernels/gemv_4bit_warp_tma.py",
            "m <= EARLY_MAX_M),",

@@ -19,7 +19,9 @@ of that session it instead held the TMA warpgroup until then):
 build's global loads back before they store the table; on by default in
 builds of x as given since the fifty-fifth session, which LOADS_FIRST=1
 keeps. LOADS_FIRST=plain, norm, swiglu or all: only in builds of that
-kind (x as given, RMSNorm'd, silu(gate) * up), or in every build. WT_EARLY=1 or 0
+kind (x as given, RMSNorm'd, silu(gate) * up), or in every build.
+LOADS_FENCE=1 or 0 (fifty-fifth session): `gemv_4bit_lut.LOADS_FENCE`,
+those builds' loads taken back by a fence instead of a branch. WT_EARLY=1 or 0
 (fifty-fourth session): the TMA warp GEMV's TMA warpgroup past its build
 (the compute threads meet at a named barrier) for every launch or none,
 `gemv_4bit_warp_tma.EARLY_MAX_M` set to 16 or 0 (since the fifty-fifth
@@ -41,7 +43,8 @@ def default_config(ns, k, num_sms=None, kchunks=None, decode=None):
   return _orig(ns, k, num_sms, kchunks=kchunks, decode=decode)
 wt.default_config = default_config
 for env, module, name in (("ALLOC_FIRST", gemv_4bit_lut, "ALLOC_FIRST"),
-                          ("LOADS_FIRST", gemv_4bit_lut, "LOADS_FIRST")):
+                          ("LOADS_FIRST", gemv_4bit_lut, "LOADS_FIRST"),
+                          ("LOADS_FENCE", gemv_4bit_lut, "LOADS_FENCE")):
   if os.environ.get(env) in ("0", "1"):
     setattr(module, name, os.environ[env] == "1")
 if os.environ.get("LOADS_FIRST") in ("plain", "norm", "swiglu", "all"):

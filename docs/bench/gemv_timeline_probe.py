@@ -87,6 +87,10 @@ LOADSTAMP = os.environ.get("LOADSTAMP") == "1" or LOADWAIT
 # what LOADSTAMP's timer block did in the fifty-fourth session's call 3).
 if os.environ.get("LOADS_FIRST") in ("0", "1"):
   lut.LOADS_FIRST = os.environ["LOADS_FIRST"] == "1"
+# LOADS_FENCE=1 or 0: `gemv_4bit_lut.LOADS_FENCE` (a fence before the
+# table's stores instead of the branch; fifty-fifth session).
+if os.environ.get("LOADS_FENCE") in ("0", "1"):
+  lut.LOADS_FENCE = os.environ["LOADS_FENCE"] == "1"
 
 
 def stamp_ptx(slot: int, thread: int, first_step: bool = False) -> str:
@@ -177,7 +181,8 @@ def stamped(x, weight, n, k):
   bptx = lut.build_ptx(CODE, x.dtype.name, n, k, steps * tile_rows, span,
                        nested_absmax.shape[0], wgs, cfg["early"], group0,
                        os.environ.get("SKIP", str(int(cfg["tma_skips_build"])))
-                       == "1", loads_first=lut.LOADS_FIRST)
+                       == "1", loads_first=lut.LOADS_FIRST,
+                       loads_fence=lut.LOADS_FENCE)
   if LOADSTAMP:
     bptx = loads_stamped(bptx, span // 128, 8, wgs, LOADWAIT)
   sptx = lut.step_ptx(n, k, steps, n_pad, step_rows, wgs, group0, row0)

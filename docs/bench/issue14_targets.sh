@@ -54,6 +54,13 @@
 #                                          # plain, norm or swiglu builds
 #                                          # only (m to o: fifty-fifth
 #                                          # session)
+#   bash docs/bench/issue14_targets.sh p   # the loads taken back by a
+#                                          # fence (LOADS_FENCE): the
+#                                          # probe, then the decode at
+#                                          # batch 1 with it in plain,
+#                                          # norm or all builds against
+#                                          # the default (staged in the
+#                                          # fifty-fifth session)
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -211,8 +218,26 @@ case $part in
           2>&1 | grep "batch "
     done
     ;;
+  p)
+    for fence in 1 0 1; do
+      mkdir -p "$OUT/probe_fence$fence"
+      echo "probe LOADS_FIRST=1 LOADS_FENCE=$fence"
+      LOADS_FIRST=1 LOADS_FENCE=$fence OUT=$OUT/probe_fence$fence \
+          timeout 100 python docs/bench/gemv_timeline_probe.py \
+          14336x4096 4096x4096 28672x4096 4096x14336 2>&1 | grep "copies"
+    done
+    for run in "1 0" "1 1" "norm 1" "all 1" "1 0" "1 1" "norm 1" "all 1"; do
+      set -- $run
+      echo "decode batch 1, LOADS_FIRST=$1 LOADS_FENCE=$2"
+      LOADS_FIRST=$1 LOADS_FENCE=$2 timeout 50 python \
+          docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq \
+          --shape llama-3-8b --batch 1 --steps 64 --reps 3 \
+          --json "$OUT/decode_b1_lf_$1_fence_$2.$(date +%s).json" 2>&1 \
+        | grep "batch "
+    done
+    ;;
   *)
-    echo "part: expected one of a-o, got $part" >&2
+    echo "part: expected one of a-p, got $part" >&2
     exit 2
     ;;
 esac

@@ -211,7 +211,7 @@ def run(text: str, machine: Machine, operands: dict[int, int]) -> np.ndarray:
 
     parts = op.split(".")
     base = parts[0]
-    if base == "bar":
+    if base in ("bar", "fence"):  # every thread runs each line in turn
       continue
     if base == "mov" and args[0].startswith("{"):
       lo, hi = [r.strip() for r in args[0][1:-1].split(",")]

@@ -273,20 +273,23 @@ def _assert_assembles(ptxas, src, stem):
                                    "norm_f16_one_warpgroup",
                                    "build_skip_loads_first",
                                    "swiglu_bf16_loads_first",
-                                   "norm_bf16_loads_first"])
+                                   "norm_bf16_loads_first",
+                                   "build_skip_loads_fence",
+                                   "norm_bf16_loads_fence"])
 def test_ptx_assembles_for_sm90a(tmp_path, which):
   """The blocks assemble with `ptxas -arch=sm_90a` (Triton's copy; the
   test skips where Triton is not installed)."""
   ptxas = _ptxas()
   if ptxas is None:
     pytest.skip("no ptxas: Triton is not installed")
-  first = which.endswith("loads_first")
+  fence = which.endswith("loads_fence")
+  first = which.endswith("loads_first") or fence
   if which.startswith("norm"):  # 8B's q/k/v after its input norm
     wgs = 1 if which.endswith("warpgroup") else 2
     src = _entry(lg.build_ptx(
         _code("nf4"), "bfloat16" if "bf16" in which else "float16",
         4096, 4096, 1024, 512, 896, wgs, wgs == 2, 0, wgs == 2, None,
-        lg.NormInput(1e-5), first), ["r"] * 4 + ["l"] * 5)
+        lg.NormInput(1e-5), first, fence), ["r"] * 4 + ["l"] * 5)
   elif which.startswith("swiglu"):  # 8B's down after its gate/up
     src = _entry(lg.build_ptx(
         _code("nf4"), "bfloat16" if "bf16" in which else "float16",
@@ -296,7 +299,8 @@ def test_ptx_assembles_for_sm90a(tmp_path, which):
   elif which.startswith("build"):
     skip = which.startswith("build_skip")
     src = _entry(lg.build_ptx(_code("nf4"), "float16", 14336, 4096, 1792, 512,
-                              896, 2, skip, 0, skip, loads_first=first),
+                              896, 2, skip, 0, skip, loads_first=first,
+                              loads_fence=fence),
                  ["r"] * 4 + ["l"] * 4)
   else:
     src = _entry(lg.step_ptx(14336, 4096, 28 // (1 + (which == "step128")),
@@ -328,17 +332,49 @@ def _lowered_or_skip(fn, *args):
     pytest.skip(f"this JAX has no Mosaic GPU lowering (CUDA plugin): {e!r}")
 
 
-@pytest.mark.parametrize("skip,alloc_first,loads_first", [
-    (False, False, False), (True, False, False), (True, True, False),
-    (False, True, False), (True, True, True)])
-def test_group_lowers_for_cuda(skip, alloc_first, loads_first, monkeypatch):
+@pytest.mark.parametrize("norm", [False, True])
+def test_sass_fence_comes_before_the_tables_stores(tmp_path, norm):
+  """With `loads_fence`, the assembled build (Triton's ptxas, read back
+  with its nvdisasm; the test skips without them) has its memory barrier
+  before every shared store of the table: ptxas cannot schedule them
+  ahead of the loads, in the plain build and in the RMSNorm one alike."""
+  ptxas = _ptxas()
+  nvdisasm = ptxas and os.path.join(os.path.dirname(ptxas), "nvdisasm")
+  if ptxas is None or not os.path.exists(nvdisasm):
+    pytest.skip("no ptxas / nvdisasm: Triton is not installed")
+  args = ((None, lg.NormInput(1e-5)) if norm else (None, None))
+  text = lg.build_ptx(_code("nf4"), "bfloat16", 4096, 4096, 1024, 512, 896,
+                      2, True, 0, True, *args, loads_first=True,
+                      loads_fence=True)
+  src = _entry(text, ["r"] * 4 + ["l"] * (5 if norm else 4))
+  _assert_assembles(ptxas, src, tmp_path / "build")
+  sass = subprocess.run([nvdisasm, "-c", str(tmp_path / "build.cubin")],
+                        capture_output=True, text=True, check=True).stdout
+  ops = [re.sub(r"^@!?U?P\w+\s+", "", line.split("*/", 1)[1].strip())
+         for line in sass.splitlines()
+         if re.search(r"/\*[0-9a-f]{4}\*/", line)]  # predicates dropped
+  fence = next(i for i, op in enumerate(ops) if op.startswith("MEMBAR"))
+  stores = [i for i, op in enumerate(ops) if op.split()[0] == "STS"]
+  loads = [i for i, op in enumerate(ops) if "LDG" in op]
+  # the norm's per-warp sum is the one shared store before the table
+  assert sum(i < fence for i in stores) == (1 if norm else 0)
+  assert len(stores) > 128 and max(loads) < fence
+
+
+@pytest.mark.parametrize("skip,alloc_first,loads_first,fence", [
+    (False, False, False, False), (True, False, False, False),
+    (True, True, False, False), (False, True, False, False),
+    (True, True, True, False), (True, True, True, True)])
+def test_group_lowers_for_cuda(skip, alloc_first, loads_first, fence,
+                               monkeypatch):
   """Three weights in one kernel lower (one build and pipeline a weight
   under `pl.when`), also with the memory warpgroup skipping the builds,
   with the pipelines' buffers allocated before the builds
   (`ALLOC_FIRST`), and with the builds' loads back before their tables
-  (`LOADS_FIRST`, in the PTX)."""
+  (`LOADS_FIRST`, in the PTX; by a fence with `LOADS_FENCE`)."""
   monkeypatch.setattr(lg, "ALLOC_FIRST", alloc_first)
   monkeypatch.setattr(lg, "LOADS_FIRST", loads_first)
+  monkeypatch.setattr(lg, "LOADS_FENCE", fence)
   k, ns = 2048, (1000, 4096, 300)
   fn = functools.partial(lg.gemv_group, code=_code("nf4"), ns=ns, k=k,
                          wgs=2, early=True, tma_skips_build=skip)
@@ -346,7 +382,8 @@ def test_group_lowers_for_cuda(skip, alloc_first, loads_first, monkeypatch):
                           jax.ShapeDtypeStruct((1, k), jnp.bfloat16),
                           [_abstract_weight(n, k) for n in ns])
   assert "mosaic_gpu" in text
-  assert ("LUT_LOADED" in text) == loads_first
+  assert ("LUT_LOADED" in text) == (loads_first and not fence)
+  assert text.count("fence.acq_rel.cta") == (3 if fence else 0)
 
 
 @pytest.mark.parametrize("loads_first", [None, False])
@@ -821,6 +858,36 @@ def test_ptx_build_takes_its_loads_back_first(wgs, skip):
     got = _emulate(x, [(packed, qs)], code, (n,), k, (3,), 64, wgs,
                    skip=skip, loads_first=True)[0]
   np.testing.assert_array_equal(got, runs[0])
+
+
+@pytest.mark.parametrize("wgs,skip", [(2, True), (1, False)])
+def test_ptx_build_fences_its_loads_first(wgs, skip):
+  """`loads_first` with `loads_fence`: a fence after the last global load
+  and before the table's first store, no branch and no barrier added; the
+  partials are the same."""
+  n, k = 1000, 2048
+  packed, qs = _weights(n, k, "nf4", jnp.bfloat16, 29)
+  x = jnp.asarray(_util.rng_array((1, k), 7, jnp.bfloat16))
+  code = _code("nf4")
+  build = lg.build_ptx
+
+  def fenced(*args, **kwargs):
+    return build(*args, **dict(kwargs, loads_fence=True))
+  plain = _emulate(x, [(packed, qs)], code, (n,), k, (3,), 64, wgs,
+                   skip=skip)[0]
+  with mock.patch.object(lg, "build_ptx", fenced):
+    got = _emulate(x, [(packed, qs)], code, (n,), k, (3,), 64, wgs,
+                   skip=skip, loads_first=True)[0]
+  np.testing.assert_array_equal(got, plain)
+  text = fenced(code, "bfloat16", n, k, 384, 256, 63, wgs, wgs > 1, 0, skip,
+                loads_first=True)
+  assert text.count("fence.acq_rel.cta;") == 1
+  assert (text.rindex("ld.global") < text.index("fence.acq_rel.cta;")
+          < text.index("@pw st.shared.f32 [a+"))
+  assert "LUT_LOADED" not in text and text.count("bar.") == 1
+  # without `loads_first` the fence asks for nothing
+  assert "fence" not in build(code, "bfloat16", n, k, 384, 256, 63, wgs,
+                              wgs > 1, 0, skip, loads_fence=True)
 
 
 @pytest.mark.parametrize("dtype,chunks", [(jnp.bfloat16, 5),
