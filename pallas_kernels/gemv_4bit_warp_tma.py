@@ -73,8 +73,8 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   pass
 
-__all__ = ["DECODES", "EARLY_MAX_M", "KCHUNKS", "MAX_M", "available", "build_ptx",
-           "check",
+__all__ = ["DECODES", "EARLY_MAX_M", "KCHUNKS", "MAX_M", "available",
+           "build_ptx", "check",
            "default_config", "gemv", "gemv_group", "makespan", "smem_bytes",
            "step_ptx"]
 
