@@ -50,18 +50,15 @@ for env, module, name in (("ALLOC_FIRST", gemv_4bit_lut, "ALLOC_FIRST"),
 if os.environ.get("LOADS_FIRST") in ("plain", "norm", "swiglu", "all"):
   # loads first only in the table GEMV's builds of that kind: x as given
   # (o), RMSNorm'd in the build (q/k/v, gate/up), silu(gate) * up (down)
+  import inspect
   _build = gemv_4bit_lut.build_ptx
+  _params = inspect.signature(_build)
   def build_ptx(*a, **kw):
-    a = list(a)
-    swiglu = a[11] if len(a) > 11 else kw.get("swiglu")
-    norm = a[12] if len(a) > 12 else kw.get("norm")
-    kind = ("swiglu" if swiglu is not None else
-            "norm" if norm is not None else "plain")
-    if len(a) > 13:
-      a[13] = os.environ["LOADS_FIRST"] in (kind, "all")
-    else:
-      kw["loads_first"] = os.environ["LOADS_FIRST"] in (kind, "all")
-    return _build(*a, **kw)
+    args = _params.bind(*a, **kw).arguments
+    kind = ("swiglu" if args.get("swiglu") is not None else
+            "norm" if args.get("norm") is not None else "plain")
+    args["loads_first"] = os.environ["LOADS_FIRST"] in (kind, "all")
+    return _build(**args)
   gemv_4bit_lut.build_ptx = build_ptx
 if os.environ.get("WT_EARLY"):
   _early = int(os.environ["WT_EARLY"])
