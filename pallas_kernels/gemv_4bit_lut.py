@@ -989,7 +989,7 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, step_rows: int = 64,
                stages: int = 4, wgs: int = 1, early: bool = False,
                tma_skips_build: bool = False, rms_norm=None,
-               interpret: bool = False) -> tuple[jax.Array, ...]:
+               partials: bool = False, interpret: bool = False):
   """`gemv` of several weights that read the same x, in one launch (a
   layer's gate and up projections): the programs' row groups are shared
   among the weights, each program making its weight's table.
@@ -1007,9 +1007,14 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
       eps)` instead of x, the norm made in each program's table build
       (`NormInput`; with two compute warpgroups, only with
       `tma_skips_build`). The twin normalizes by the reference.
+    partials: return the K chunks' partials unsummed (see Returns), for a
+      consumer that sums them itself (`decode_attention_partials`).
 
   Returns:
-    float32 `[1, n_g]` per weight.
+    float32 `[1, n_g]` per weight; with `partials`, `(part, cols)`: the
+    float32 partials `[chunks, 1, N]` whose `sum_splits` holds weight g's
+    outputs at columns `cols[g]` onward (the twin's: the weights side by
+    side, unpadded).
   """
   ns = tuple(ns)
   norm = _norm_arg(rms_norm, k, x.dtype)
@@ -1047,17 +1052,24 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
   if interpret:
     if norm is not None:
       x = rms_norm_lib.reference(x, norm[1], norm[0].eps)
-    return tuple(jnp.sum(_twin(x, p, c, na, nc, off, code=code, n=n, k=k),
-                         axis=0)[None]
-                 for (p, c, na, nc, off), n in zip(prepared, ns))
+    parts = [_twin(x, p, c, na, nc, off, code=code, n=n, k=k)
+             for (p, c, na, nc, off), n in zip(prepared, ns)]
+    if partials:
+      return (jnp.concatenate(parts, axis=1)[:, None],
+              tuple(int(c) for c in np.cumsum((0,) + ns[:-1])))
+    return tuple(sum_splits(part)[None] for part in parts)
   if not available():
     raise RuntimeError(
         "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
         f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
-  return tuple(_compiled(
+  out = _compiled(
       x, prepared, code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
       stages=stages, wgs=wgs, early=early, tma_skips_build=tma_skips_build,
-      norm=norm))
+      norm=norm, raw=partials)
+  if partials:
+    part, plan = out
+    return part[:, None], tuple(p[5] for p in plan)
+  return tuple(out)
 
 
 def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],

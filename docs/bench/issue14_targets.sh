@@ -61,6 +61,13 @@
 #                                          # norm or all builds against
 #                                          # the default (staged in the
 #                                          # fifty-fifth session)
+#   bash docs/bench/issue14_targets.sh q   # the q/k/v partials summed by
+#                                          # the attention kernel
+#                                          # (QKV_PARTIALS): its GPU
+#                                          # tests, then the decode at
+#                                          # batch 1 and 8, 0 / 1, two
+#                                          # rounds (staged in the
+#                                          # fifty-sixth session)
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -236,8 +243,21 @@ case $part in
         | grep "batch "
     done
     ;;
+  q)
+    timeout 200 python -m pytest -q -m gpu -p no:cacheprovider \
+        tests/kernels/decode_attention_test.py \
+        tests/models/llama_test.py -k "partials" 2>&1 | tail -4
+    for run in 0 1 0 1; do
+      echo "decode batch 1, 8, QKV_PARTIALS=$run"
+      QKV_PARTIALS=$run timeout 90 python docs/bench/decode_knobs_s52.py \
+          cli bench decode --impl jax-nf4-dq --shape llama-3-8b \
+          --batch 1,8 --steps 64 --reps 3 \
+          --json "$OUT/decode_b1_b8_qkv_partials_$run.$(date +%s).json" \
+          2>&1 | grep "batch "
+    done
+    ;;
   *)
-    echo "part: expected one of a-p, got $part" >&2
+    echo "part: expected one of a-q, got $part" >&2
     exit 2
     ;;
 esac

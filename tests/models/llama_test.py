@@ -601,6 +601,96 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
                                atol=2.0**-6 * np.abs(apart_k).max())
 
 
+@pytest.mark.parametrize("mode", [
+    "interpret", pytest.param("pallas", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_attention_sums_the_qkv_partials(monkeypatch, batch, mode):
+  """With `decode_kernel.QKV_PARTIALS` on, a one-token decode step of
+  4-bit bf16 layers hands the q/k/v GEMV's K-split partials to the
+  attention kernel (`decode_attention_partials`: the table GEMV with the
+  norm in its build at batch 1, the TMA warp GEMV at batch 8; interpreted
+  on the CPU, compiled on a Hopper GPU), which sums them itself: the
+  logits and the cache bit for bit those of the path that sums them
+  first; the prefill (several tokens a row) takes that path."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.models import decode_kernel  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import decode_attention as da  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(
+      _config("llama3"), vocab_size=64, hidden_size=4096,
+      intermediate_size=256, num_hidden_layers=1, num_attention_heads=32,
+      num_key_value_heads=8, head_dim=128)
+  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           quantization=QuantizationConfig.nf4(
+                               double_quant=True, compute_dtype="bfloat16"),
+                           rngs=nnx.Rngs(9))
+  model.model.layers[0].input_layernorm.weight[...] = (
+      1 + 0.3 * jnp.linspace(-1, 1, 4096)).astype(jnp.bfloat16)
+  calls = []
+  real = da.decode_attention_partials
+  monkeypatch.setattr(da, "decode_attention_partials", (
+      lambda part, *a, **kw: calls.append(part.shape) or real(part, *a,
+                                                              **kw)))
+  ids = jnp.asarray(np.arange(3 * batch).reshape(batch, 3) % 64, jnp.int32)
+  graph, state = nnx.split(model)
+
+  def decode():  # a new jitted function a call: the switch is traced
+    run = jax.jit(lambda state, ids, cache: nnx.merge(graph, state)(
+        ids, cache=cache))
+    cache = KVCache.init(cfg, batch=batch, max_len=8, dtype=jnp.bfloat16)
+    _, cache = run(state, ids, cache)
+    out = []
+    for tok in (7, 9):
+      logits, cache = run(state, jnp.full((batch, 1), tok, jnp.int32), cache)
+      out.append(np.asarray(logits, np.float32))
+    return np.stack(out), np.asarray(cache.k), np.asarray(cache.v)
+
+  with jaxbnb.kernel_mode(mode):
+    monkeypatch.setattr(decode_kernel, "QKV_PARTIALS", True)
+    fused = decode()
+    # one trace of the step: the 16 K chunks' partials of the table GEMV
+    # (q/k/v side by side: 6144 columns; compiled, padded rows between),
+    # the TMA warp GEMV's (its twin's: one partial)
+    assert len(calls) == 1, calls
+    if mode == "interpret":
+      assert calls == [(16, 1, 6144) if batch == 1 else (1, 8, 6144)], calls
+    else:
+      assert calls[0][:2] == (16, batch) and calls[0][2] >= 6144, calls
+    monkeypatch.setattr(decode_kernel, "QKV_PARTIALS", False)
+    calls.clear()
+    apart = decode()
+  assert not calls
+  assert np.abs(fused[0]).max() > 0
+  for got, want in zip(fused, apart):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_qkv_partials_only_where_a_mosaic_gemv_serves(monkeypatch):
+  """Where no Mosaic GPU GEMV serves the q/k/v group (K = 128 here),
+  `QKV_PARTIALS` changes nothing: the attention takes the summed
+  products."""
+  from jaxbnb._src.models import decode_kernel  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import decode_attention as da  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(
+      _config("llama3"), vocab_size=64, hidden_size=128,
+      intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=32)
+  m4 = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                        quantization=QuantizationConfig.nf4(
+                            double_quant=True, compute_dtype="bfloat16"),
+                        rngs=nnx.Rngs(2))
+  calls = []
+  for name in ("decode_attention", "decode_attention_partials"):
+    real = getattr(da, name)
+    monkeypatch.setattr(da, name, (lambda *a, real=real, name=name, **kw:
+                                   calls.append(name) or real(*a, **kw)))
+  monkeypatch.setattr(decode_kernel, "QKV_PARTIALS", True)
+  with jaxbnb.kernel_mode("interpret"):
+    cache = KVCache.init(cfg, batch=1, max_len=6, dtype=jnp.bfloat16)
+    _, cache = m4(jnp.asarray([[1, 2]], jnp.int32), cache=cache)
+    m4(jnp.asarray([[3]], jnp.int32), cache=cache)
+  assert calls and set(calls) == {"decode_attention"}, calls
+
+
 def test_grouped_projections_share_one_gemv(monkeypatch):
   """With the kernels (interpret mode on CPU) a layer's q/k/v and its
   gate/up each take one GEMV launch (`matmul_4bit_group`); the logits are

@@ -94,6 +94,27 @@ def _linears(layers: tuple[nnx.Module, ...], x: jax.Array,
   return [_linear(layer, x) for layer in layers]
 
 
+def _linears_partials(layers: tuple[nnx.Module, ...], x: jax.Array,
+                      norm: "RMSNorm | None" = None) -> tuple | None:
+  """`(part, cols)`: the float32 K-split partials of `_linears(layers, x,
+  norm)`'s one GEMV launch, unsummed (`quant.kernels.group_partials`), or
+  None where `_linears` would not run them as one Mosaic GPU GEMV (its
+  consumer then takes `_linears`' products)."""
+  weights = [_grouped_weight(layer) for layer in layers]
+  if (None in weights or tensor_parallel.current() is not None
+      or len({layer.dtype for layer in layers}) != 1):
+    return None
+  dtype = layers[0].dtype
+  for layer in layers:
+    check_inputs(x, layer.in_features, type(layer).__name__)
+  qss = tuple(w.quant_state for w in weights)
+  pairs = [(w.data, w.quant_state) for w in weights]
+  rms = _fusable_norm(norm, x, dtype, qss)
+  if rms is None:
+    x = (x if norm is None else norm(x)).astype(dtype)
+  return matmul_lib.group_partials(x, pairs, rms_norm=rms)
+
+
 def _fusable_norm(norm, x: jax.Array, dtype: Any, qss) -> tuple | None:
   """`(weight, eps)` of `norm` where the GEMV of these 4-bit weights makes
   it in its programs (`quant.kernels.norm_serves`: one row, the table
@@ -237,12 +258,23 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     d, nkv = cfg.head_dim, cfg.num_key_value_heads
     g = cfg.num_key_value_groups
-    q, k, v = (y.astype(self.dtype) for y in _linears(
-        (self.q_proj, self.k_proj, self.v_proj), x, norm))
-    q = q.reshape(b, t, nkv * g, d)
-    k, v = k.reshape(b, t, nkv, d), v.reshape(b, t, nkv, d)
     run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype, g)
                 if kv_cache is not None and t == 1 else None)
+    projections = (self.q_proj, self.k_proj, self.v_proj)
+    if run_mode is not None and decode_kernel.QKV_PARTIALS:
+      # The q/k/v GEMV's partials summed by the attention kernel itself
+      # (models/decode_kernel.py), where one Mosaic GPU GEMV runs them.
+      got = _linears_partials(projections, x, norm)
+      if got is not None:
+        part, cols = got
+        out, new_kv = decode_kernel.attend_partials(
+            part, cols, nkv * g, cos, sin, kv_cache, allowed, index,
+            run_mode)
+        out = _linear(self.o_proj, out.astype(self.dtype))
+        return out.astype(self.dtype), new_kv
+    q, k, v = (y.astype(self.dtype) for y in _linears(projections, x, norm))
+    q = q.reshape(b, t, nkv * g, d)
+    k, v = k.reshape(b, t, nkv, d), v.reshape(b, t, nkv, d)
     if run_mode is not None:
       # One token per row: RoPE, the cache write and the attention in one
       # kernel (models/decode_kernel.py).

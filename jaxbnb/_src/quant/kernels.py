@@ -385,6 +385,35 @@ def gemv_group_norm(x2d, norm_weight, eps, packeds, qss, mode):
   return tuple(y.astype(x2d.dtype) for y in ys)
 
 
+def partials_serve(m, k, dtype, qss, mode=None, norm=False) -> bool:
+  """Whether `group_partials` serves `[m, k]` of `dtype` (RMSNorm'd first,
+  with `norm`) times these weights: `can_group`'s conditions, NF4/FP4
+  double-quantized, and a Mosaic GPU GEMV's default
+  (`gemv_4bit.partials_serve`)."""
+  mode = mode or dispatch.resolve()
+  first = qss[0]
+  return (mode != "reference" and first.nested
+          and first.quant_type in ("nf4", "fp4")
+          and can_group(m, k, dtype, qss, mode)
+          and gk.partials_serve(m, tuple(q.shape[0] for q in qss), k,
+                                first.blocksize, dtype, True,
+                                first.nested_blocksize,
+                                code(first.quant_type), norm=norm,
+                                interpret=mode == "interpret"))
+
+
+def group_partials(x2d, packeds, qss, mode, rms_norm=None):
+  """`(part, cols)`: the fp32 K-split partials of `[x2d @ W_g.T]` (x2d
+  RMSNorm'd first with `rms_norm` `(weight, eps)`), one launch, unsummed;
+  weight g's product is `sum_splits(part)[:, cols[g]:][:, :n_g]` (the
+  weights pass `partials_serve`)."""
+  return gk.gemv_4bit_group_partials(
+      x2d, [(p, q.absmax, nested_of(q)) for p, q in zip(packeds, qss)],
+      ns=tuple(q.shape[0] for q in qss), k=x2d.shape[1],
+      code=code(qss[0].quant_type), rms_norm=rms_norm,
+      interpret=mode == "interpret")
+
+
 def swiglu_serves(m, k, dtype, qss, mode=None) -> bool:
   """Whether `swiglu` runs `[m, k]` of `dtype` through a SwiGLU MLP's
   weights `qss` (gate, up, down): gate and up `[n, k]`, down `[n_out,
