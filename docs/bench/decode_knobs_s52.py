@@ -25,9 +25,10 @@ those builds' loads taken back by a fence instead of a branch. WT_EARLY=1 or 0
 (fifty-fourth session): the TMA warp GEMV's TMA warpgroup past its build
 (the compute threads meet at a named barrier) for every launch or none,
 `gemv_4bit_warp_tma.EARLY_MAX_M` set to 16 or 0 (since the fifty-fifth
-session 8 by default); WT_EARLY=N above 1 sets it to N. QKV_PARTIALS=1 or
-0 (fifty-sixth session): `models.decode_kernel.QKV_PARTIALS`, the q/k/v
-GEMV's K-split partials summed by the decode attention kernel itself.
+session 8 by default); WT_EARLY=N above 1 sets it to N. QKV_PARTIALS=N
+(fifty-sixth session): `models.decode_kernel.QKV_PARTIALS_MAX_B` set to
+N, the q/k/v GEMV's K-split partials summed by the decode attention kernel
+itself at batches of up to N rows (0: never).
 """
 import os, sys
 from pallas_kernels import gemv_4bit_warp_tma as wt, decode_attention as da
@@ -62,9 +63,9 @@ if os.environ.get("LOADS_FIRST") in ("plain", "norm", "swiglu", "all"):
     args["loads_first"] = os.environ["LOADS_FIRST"] in (kind, "all")
     return _build(**args)
   gemv_4bit_lut.build_ptx = build_ptx
-if os.environ.get("QKV_PARTIALS") in ("0", "1"):
+if os.environ.get("QKV_PARTIALS"):
   from jaxbnb._src.models import decode_kernel
-  decode_kernel.QKV_PARTIALS = os.environ["QKV_PARTIALS"] == "1"
+  decode_kernel.QKV_PARTIALS_MAX_B = int(os.environ["QKV_PARTIALS"])
 if os.environ.get("WT_EARLY"):
   _early = int(os.environ["WT_EARLY"])
   wt.EARLY_MAX_M = wt.MAX_M if _early == 1 else _early

@@ -63,9 +63,9 @@
 #                                          # fifty-fifth session)
 #   bash docs/bench/issue14_targets.sh q   # the q/k/v partials summed by
 #                                          # the attention kernel
-#                                          # (QKV_PARTIALS): its GPU
+#                                          # (QKV_PARTIALS_MAX_B): its GPU
 #                                          # tests, then the decode at
-#                                          # batch 1 and 8, 0 / 1, two
+#                                          # batch 1 and 8, 0 / 8, two
 #                                          # rounds (staged in the
 #                                          # fifty-sixth session)
 #
@@ -247,7 +247,7 @@ case $part in
     timeout 200 python -m pytest -q -m gpu -p no:cacheprovider \
         tests/kernels/decode_attention_test.py \
         tests/models/llama_test.py -k "partials" 2>&1 | tail -4
-    for run in 0 1 0 1; do
+    for run in 0 8 0 8; do
       echo "decode batch 1, 8, QKV_PARTIALS=$run"
       QKV_PARTIALS=$run timeout 90 python docs/bench/decode_knobs_s52.py \
           cli bench decode --impl jax-nf4-dq --shape llama-3-8b \

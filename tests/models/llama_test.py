@@ -605,7 +605,7 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
     "interpret", pytest.param("pallas", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_decode_attention_sums_the_qkv_partials(monkeypatch, batch, mode):
-  """With `decode_kernel.QKV_PARTIALS` on, a one-token decode step of
+  """With `decode_kernel.QKV_PARTIALS_MAX_B` at the batch, a one-token decode step of
   4-bit bf16 layers hands the q/k/v GEMV's K-split partials to the
   attention kernel (`decode_attention_partials`: the table GEMV with the
   norm in its build at batch 1, the TMA warp GEMV at batch 8; interpreted
@@ -645,7 +645,7 @@ def test_decode_attention_sums_the_qkv_partials(monkeypatch, batch, mode):
     return np.stack(out), np.asarray(cache.k), np.asarray(cache.v)
 
   with jaxbnb.kernel_mode(mode):
-    monkeypatch.setattr(decode_kernel, "QKV_PARTIALS", True)
+    monkeypatch.setattr(decode_kernel, "QKV_PARTIALS_MAX_B", batch)
     fused = decode()
     # one trace of the step: the 16 K chunks' partials of the table GEMV
     # (q/k/v side by side: 6144 columns; compiled, padded rows between),
@@ -655,7 +655,7 @@ def test_decode_attention_sums_the_qkv_partials(monkeypatch, batch, mode):
       assert calls == [(16, 1, 6144) if batch == 1 else (1, 8, 6144)], calls
     else:
       assert calls[0][:2] == (16, batch) and calls[0][2] >= 6144, calls
-    monkeypatch.setattr(decode_kernel, "QKV_PARTIALS", False)
+    monkeypatch.setattr(decode_kernel, "QKV_PARTIALS_MAX_B", batch - 1)
     calls.clear()
     apart = decode()
   assert not calls
@@ -666,7 +666,7 @@ def test_decode_attention_sums_the_qkv_partials(monkeypatch, batch, mode):
 
 def test_qkv_partials_only_where_a_mosaic_gemv_serves(monkeypatch):
   """Where no Mosaic GPU GEMV serves the q/k/v group (K = 128 here),
-  `QKV_PARTIALS` changes nothing: the attention takes the summed
+  `QKV_PARTIALS_MAX_B` changes nothing: the attention takes the summed
   products."""
   from jaxbnb._src.models import decode_kernel  # pylint: disable=g-import-not-at-top
   from pallas_kernels import decode_attention as da  # pylint: disable=g-import-not-at-top
@@ -683,7 +683,7 @@ def test_qkv_partials_only_where_a_mosaic_gemv_serves(monkeypatch):
     real = getattr(da, name)
     monkeypatch.setattr(da, name, (lambda *a, real=real, name=name, **kw:
                                    calls.append(name) or real(*a, **kw)))
-  monkeypatch.setattr(decode_kernel, "QKV_PARTIALS", True)
+  monkeypatch.setattr(decode_kernel, "QKV_PARTIALS_MAX_B", 16)
   with jaxbnb.kernel_mode("interpret"):
     cache = KVCache.init(cfg, batch=1, max_len=6, dtype=jnp.bfloat16)
     _, cache = m4(jnp.asarray([[1, 2]], jnp.int32), cache=cache)

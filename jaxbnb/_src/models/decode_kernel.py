@@ -23,7 +23,7 @@ from pallas_kernels import decode_attention as kernel
 from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.quant import dispatch
 
-__all__ = ["QKV_PARTIALS", "attend", "attend_partials", "attention_choice",
+__all__ = ["QKV_PARTIALS_MAX_B", "attend", "attend_partials", "attention_choice",
            "mode"]
 
 # Staged, off (fifty-sixth session, not yet measured on a GPU): a decode
@@ -32,8 +32,9 @@ __all__ = ["QKV_PARTIALS", "attend", "attend_partials", "attention_choice",
 # (`decode_attention_partials`), in place of the XLA kernel that summed
 # and rounded them between the two (1.8 us of a 72.7 us layer at batch
 # 1, 2.2 of 87.5 at batch 8 on the H100, fifty-second session's
-# profile). The same values, bit for bit.
-QKV_PARTIALS = False
+# profile). The same values, bit for bit. Used for decode batches of up to
+# this many rows (0: never).
+QKV_PARTIALS_MAX_B = 0
 
 
 def attention_choice() -> str:

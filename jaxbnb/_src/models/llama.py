@@ -261,7 +261,7 @@ class Attention(nnx.Module):
     run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype, g)
                 if kv_cache is not None and t == 1 else None)
     projections = (self.q_proj, self.k_proj, self.v_proj)
-    if run_mode is not None and decode_kernel.QKV_PARTIALS:
+    if run_mode is not None and b <= decode_kernel.QKV_PARTIALS_MAX_B:
       # The q/k/v GEMV's partials summed by the attention kernel itself
       # (models/decode_kernel.py), where one Mosaic GPU GEMV runs them.
       got = _linears_partials(projections, x, norm)
