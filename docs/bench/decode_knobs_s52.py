@@ -28,7 +28,11 @@ those builds' loads taken back by a fence instead of a branch. WT_EARLY=1 or 0
 session 8 by default); WT_EARLY=N above 1 sets it to N. QKV_PARTIALS=N
 (fifty-sixth session): `models.decode_kernel.QKV_PARTIALS_MAX_B` set to
 N, the q/k/v GEMV's K-split partials summed by the decode attention kernel
-itself at batches of up to N rows (0: never).
+itself at batches of up to N rows (0: never). SUM_REDUCE=N (fifty-sixth
+session): the table and TMA warp GEMVs' partials of N or more K splits
+summed by XLA's reduction (`jnp.sum`) instead of `sum_splits`' adds (the
+down projection's 56 at K = 14336: an XLA kernel of 3.1 us at batch 1
+on the H100, fifty-second session).
 """
 import os, sys
 from pallas_kernels import gemv_4bit_warp_tma as wt, decode_attention as da
@@ -66,6 +70,14 @@ if os.environ.get("LOADS_FIRST") in ("plain", "norm", "swiglu", "all"):
 if os.environ.get("QKV_PARTIALS"):
   from jaxbnb._src.models import decode_kernel
   decode_kernel.QKV_PARTIALS_MAX_B = int(os.environ["QKV_PARTIALS"])
+if int(os.environ.get("SUM_REDUCE", "0")) > 0:
+  _min_splits = int(os.environ["SUM_REDUCE"])
+  _sum_splits = gemv_4bit_lut.sum_splits
+  def sum_splits(part):
+    if part.shape[0] >= _min_splits:
+      return part.sum(0)
+    return _sum_splits(part)
+  gemv_4bit_lut.sum_splits = wt.sum_splits = sum_splits
 if os.environ.get("WT_EARLY"):
   _early = int(os.environ["WT_EARLY"])
   wt.EARLY_MAX_M = wt.MAX_M if _early == 1 else _early

@@ -65,8 +65,11 @@
 #                                          # the attention kernel
 #                                          # (QKV_PARTIALS_MAX_B): its GPU
 #                                          # tests, then the decode at
-#                                          # batch 1 and 8, 0 / 8, two
-#                                          # rounds (staged in the
+#                                          # batch 1 and 8, 0 / 8, and
+#                                          # with 32 or more K splits
+#                                          # summed by XLA's reduction
+#                                          # (SUM_REDUCE), two rounds
+#                                          # (staged in the
 #                                          # fifty-sixth session)
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
@@ -247,12 +250,13 @@ case $part in
     timeout 200 python -m pytest -q -m gpu -p no:cacheprovider \
         tests/kernels/decode_attention_test.py \
         tests/models/llama_test.py -k "partials" 2>&1 | tail -4
-    for run in 0 8 0 8; do
-      echo "decode batch 1, 8, QKV_PARTIALS=$run"
-      QKV_PARTIALS=$run timeout 90 python docs/bench/decode_knobs_s52.py \
-          cli bench decode --impl jax-nf4-dq --shape llama-3-8b \
-          --batch 1,8 --steps 64 --reps 3 \
-          --json "$OUT/decode_b1_b8_qkv_partials_$run.$(date +%s).json" \
+    for run in "0 0" "8 0" "0 32" "0 0" "8 0" "0 32"; do
+      set -- $run
+      echo "decode batch 1, 8, QKV_PARTIALS=$1 SUM_REDUCE=$2"
+      QKV_PARTIALS=$1 SUM_REDUCE=$2 timeout 75 python \
+          docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq \
+          --shape llama-3-8b --batch 1,8 --steps 64 --reps 3 \
+          --json "$OUT/decode_b1_b8_qkv_$1_reduce_$2.$(date +%s).json" \
           2>&1 | grep "batch "
     done
     ;;
