@@ -14,7 +14,6 @@ assembled for sm_90a; the kernel runs under `pytest -m gpu`.
 from __future__ import annotations
 
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -618,29 +617,9 @@ def test_gpu_k_chunks_a_program_match_weight(case):
 
 
 def test_group_partials_name_the_padded_columns():
-  """`gemv_group(partials=True)` compiled (lowered for the H200) at 8 rows
-  of x: the programs' partials `[16, 8, N]` unsummed, each weight's
-  columns where the row plan put them (q/k/v's 4096, 1024 and 1024 rows,
-  padded to their row groups' tiles)."""
-  from tests.kernels.gemv_4bit_lut_test import (  # pylint: disable=g-import-not-at-top
-      _abstract_weight, _lowered_or_skip)
-  s = jax.ShapeDtypeStruct
-  k, ns = 4096, (4096, 1024, 1024)
-  cfg = wt.default_config(ns, k)
-  seen = []
-
-  def fn(x, w):
-    part, cols = wt.gemv_group(x, w, code=_code("nf4"), ns=ns, k=k,
-                               partials=True, **cfg)
-    seen.append((part.shape, cols))
-    return part
-
-  text = _lowered_or_skip(fn, s((8, k), jnp.bfloat16),
-                          [_abstract_weight(n, k) for n in ns])
-  assert "mosaic_gpu" in text
-  plan, n_pad = lg.row_plan(ns, k, cfg["rows"], wt.STEP_ROWS * wt.WGS,
-                            4 * cfg["kchunks"])
-  (shape, cols), = seen
-  assert shape == (16 // cfg["kchunks"], 8, n_pad) and n_pad > sum(ns)
-  assert cols == tuple(p[5] for p in plan) != (0, 4096, 5120)
-  assert all(c + n <= n_pad for c, n in zip(cols, ns))
+  """The TMA warp GEMV's partials at 8 rows of x
+  (`gemv_4bit_lut_test.check_partials_columns`)."""
+  from tests.kernels.gemv_4bit_lut_test import check_partials_columns  # pylint: disable=g-import-not-at-top
+  cfg = wt.default_config((4096, 1024, 1024), 4096)
+  check_partials_columns(wt.gemv_group, 8, cfg, wt.STEP_ROWS * wt.WGS,
+                         4 * cfg["kchunks"])

@@ -529,6 +529,22 @@ def test_bad_model_arguments():
     model(ids, cache=KVCache.init(cfg, batch=2, max_len=3))
 
 
+def _nf4_bf16_model(seed, hidden=4096, intermediate=4096, heads=32,
+                    kv_heads=8, head_dim=128):
+  """(config, one-layer NF4 + DQ bf16 Llama): by default Llama-3-8B's
+  widths (the Mosaic GPU GEMVs serve them), 64 tokens, random weights."""
+  cfg = dataclasses.replace(
+      _config("llama3"), vocab_size=64, hidden_size=hidden,
+      intermediate_size=intermediate, num_hidden_layers=1,
+      num_attention_heads=heads, num_key_value_heads=kv_heads,
+      head_dim=head_dim)
+  return cfg, LlamaForCausalLM(
+      cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+      quantization=QuantizationConfig.nf4(double_quant=True,
+                                          compute_dtype="bfloat16"),
+      rngs=nnx.Rngs(seed))
+
+
 @pytest.mark.parametrize("norms", [False, True])
 def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
   """With `gemv_4bit.SWIGLU_FUSED` on, at a one-row decode step of 4-bit
@@ -540,20 +556,12 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
   the q/k/v and gate/up GEMVs' programs: the logits and cache within a
   few bf16 ulps of the unfused path (the norm kernel's sum of squares
   runs in another order)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from jaxbnb._src.quant import kernels  # pylint: disable=g-import-not-at-top
   from pallas_kernels import gemv_4bit  # pylint: disable=g-import-not-at-top
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gemv_4bit, "SWIGLU_FUSED", True)
   monkeypatch.setattr(gemv_4bit, "NORM_FUSED", norms)
-  cfg = dataclasses.replace(
-      _config("llama3"), vocab_size=64, hidden_size=4096,
-      intermediate_size=4096, num_hidden_layers=1, num_attention_heads=32,
-      num_key_value_heads=8, head_dim=128)
-  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                           quantization=QuantizationConfig.nf4(
-                               double_quant=True, compute_dtype="bfloat16"),
-                           rngs=nnx.Rngs(5))
+  cfg, model = _nf4_bf16_model(5)
   layer = model.model.layers[0]
   for norm, scale in ((layer.input_layernorm, 0.3),
                       (layer.post_attention_layernorm, -0.2)):
@@ -612,17 +620,9 @@ def test_decode_attention_sums_the_qkv_partials(monkeypatch, batch, mode):
   on the CPU, compiled on a Hopper GPU), which sums them itself: the
   logits and the cache bit for bit those of the path that sums them
   first; the prefill (several tokens a row) takes that path."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from jaxbnb._src.models import decode_kernel  # pylint: disable=g-import-not-at-top
   from pallas_kernels import decode_attention as da  # pylint: disable=g-import-not-at-top
-  cfg = dataclasses.replace(
-      _config("llama3"), vocab_size=64, hidden_size=4096,
-      intermediate_size=256, num_hidden_layers=1, num_attention_heads=32,
-      num_key_value_heads=8, head_dim=128)
-  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                           quantization=QuantizationConfig.nf4(
-                               double_quant=True, compute_dtype="bfloat16"),
-                           rngs=nnx.Rngs(9))
+  cfg, model = _nf4_bf16_model(9, intermediate=256)
   model.model.layers[0].input_layernorm.weight[...] = (
       1 + 0.3 * jnp.linspace(-1, 1, 4096)).astype(jnp.bfloat16)
   calls = []
@@ -670,14 +670,8 @@ def test_qkv_partials_only_where_a_mosaic_gemv_serves(monkeypatch):
   products."""
   from jaxbnb._src.models import decode_kernel  # pylint: disable=g-import-not-at-top
   from pallas_kernels import decode_attention as da  # pylint: disable=g-import-not-at-top
-  cfg = dataclasses.replace(
-      _config("llama3"), vocab_size=64, hidden_size=128,
-      intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
-      num_key_value_heads=2, head_dim=32)
-  m4 = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                        quantization=QuantizationConfig.nf4(
-                            double_quant=True, compute_dtype="bfloat16"),
-                        rngs=nnx.Rngs(2))
+  cfg, m4 = _nf4_bf16_model(2, hidden=128, intermediate=256, heads=4,
+                            kv_heads=2, head_dim=32)
   calls = []
   for name in ("decode_attention", "decode_attention_partials"):
     real = getattr(da, name)
