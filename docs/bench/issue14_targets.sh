@@ -247,18 +247,19 @@ case $part in
     done
     ;;
   q)
-    timeout 200 python -m pytest -q -m gpu -p no:cacheprovider \
-        tests/kernels/decode_attention_test.py \
-        tests/models/llama_test.py -k "partials" 2>&1 | tail -4
-    for run in "0 0" "8 0" "0 32" "0 0" "8 0" "0 32"; do
-      set -- $run
+    decode() {
       echo "decode batch 1, 8, QKV_PARTIALS=$1 SUM_REDUCE=$2"
       QKV_PARTIALS=$1 SUM_REDUCE=$2 timeout 75 python \
           docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq \
           --shape llama-3-8b --batch 1,8 --steps 64 --reps 3 \
           --json "$OUT/decode_b1_b8_qkv_$1_reduce_$2.$(date +%s).json" \
           2>&1 | grep "batch "
-    done
+    }
+    decode 0 0; decode 8 0; decode 0 32
+    timeout 150 python -m pytest -q -m gpu -p no:cacheprovider \
+        tests/kernels/decode_attention_test.py \
+        tests/models/llama_test.py -k "partials" 2>&1 | tail -4
+    decode 0 0; decode 8 0; decode 0 32
     ;;
   *)
     echo "part: expected one of a-q, got $part" >&2
