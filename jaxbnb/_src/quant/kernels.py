@@ -9,6 +9,8 @@ returns at trace time: "reference" (the pure-jnp reference), "pallas"
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -356,20 +358,25 @@ def _lut_weights(packeds, qss):
           for p, q in zip(packeds, qss)]
 
 
-def norm_serves(m, k, dtype, qss, mode=None) -> bool:
-  """Whether `gemv_group_norm` serves `[m, k]` of `dtype`, RMSNorm'd,
-  times these weights in one launch: `can_group`'s conditions, NF4/FP4
-  double-quantized, and `gemv_4bit.norm_serves` (`NORM_FUSED` on, the
-  table GEMV)."""
+def _mosaic_group_serves(serves, m, k, dtype, qss, mode) -> bool:
+  """`can_group`'s conditions, NF4/FP4 double-quantized, and `serves`
+  (a `gemv_4bit` predicate of a Mosaic GPU GEMV) for these weights."""
   mode = mode or dispatch.resolve()
   first = qss[0]
   return (mode != "reference" and first.nested
           and first.quant_type in ("nf4", "fp4")
           and can_group(m, k, dtype, qss, mode)
-          and gk.norm_serves(m, tuple(q.shape[0] for q in qss), k,
-                             first.blocksize, dtype, True,
-                             first.nested_blocksize, code(first.quant_type),
-                             interpret=mode == "interpret"))
+          and serves(m, tuple(q.shape[0] for q in qss), k, first.blocksize,
+                     dtype, True, first.nested_blocksize,
+                     code(first.quant_type), interpret=mode == "interpret"))
+
+
+def norm_serves(m, k, dtype, qss, mode=None) -> bool:
+  """Whether `gemv_group_norm` serves `[m, k]` of `dtype`, RMSNorm'd,
+  times these weights in one launch: `can_group`'s conditions, NF4/FP4
+  double-quantized, and `gemv_4bit.norm_serves` (`NORM_FUSED` on, the
+  table GEMV)."""
+  return _mosaic_group_serves(gk.norm_serves, m, k, dtype, qss, mode)
 
 
 def gemv_group_norm(x2d, norm_weight, eps, packeds, qss, mode):
@@ -390,16 +397,8 @@ def partials_serve(m, k, dtype, qss, mode=None, norm=False) -> bool:
   with `norm`) times these weights: `can_group`'s conditions, NF4/FP4
   double-quantized, and a Mosaic GPU GEMV's default
   (`gemv_4bit.partials_serve`)."""
-  mode = mode or dispatch.resolve()
-  first = qss[0]
-  return (mode != "reference" and first.nested
-          and first.quant_type in ("nf4", "fp4")
-          and can_group(m, k, dtype, qss, mode)
-          and gk.partials_serve(m, tuple(q.shape[0] for q in qss), k,
-                                first.blocksize, dtype, True,
-                                first.nested_blocksize,
-                                code(first.quant_type), norm=norm,
-                                interpret=mode == "interpret"))
+  return _mosaic_group_serves(functools.partial(gk.partials_serve, norm=norm),
+                              m, k, dtype, qss, mode)
 
 
 def group_partials(x2d, packeds, qss, mode, rms_norm=None):
