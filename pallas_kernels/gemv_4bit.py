@@ -973,27 +973,24 @@ def gemv_4bit_group_partials(x, weights, *, ns: tuple[int, ...], k: int,
   Raises:
     ValueError: where `partials_serve` is false for these arguments.
   """
-  m, ns = x.shape[0], tuple(ns)
+  ns = tuple(ns)
+  args = (x.shape[0], ns, k, 64, x.dtype, True, 256, code)
   lut_weights = [(packed, absmax, *nested) for packed, absmax, nested in
                  weights]
-  args = (m, ns, k, 64, x.dtype, True, 256, code)
-  if rms_norm is not None or lut_serves(*args, interpret=interpret):
-    if not partials_serve(*args, norm=rms_norm is not None,
-                          interpret=interpret):
-      raise ValueError(
-          f"x: the table GEMV's partials need one row (m = {m}) of 16-bit "
-          f"x and weights it serves, got {x.dtype} {x.shape} and rows {ns}")
+  if (norm_serves if rms_norm is not None else lut_serves)(
+      *args, interpret=interpret):
     return gemv_4bit_lut.gemv_group(
         x, lut_weights, code=code, ns=ns, k=k, rms_norm=rms_norm,
         partials=True, interpret=interpret,
         **gemv_4bit_lut.group_config(ns, k))
-  if not warp_tma_serves(*args, interpret=interpret):
-    raise ValueError(
-        f"x: no Mosaic GPU GEMV serves {x.dtype} {x.shape} times weights of "
-        f"rows {ns} (partials_serve is false)")
-  return gemv_4bit_warp_tma.gemv_group(
-      x, lut_weights, code=code, ns=ns, k=k, partials=True,
-      interpret=interpret, **gemv_4bit_warp_tma.default_config(ns, k))
+  if rms_norm is None and warp_tma_serves(*args, interpret=interpret):
+    return gemv_4bit_warp_tma.gemv_group(
+        x, lut_weights, code=code, ns=ns, k=k, partials=True,
+        interpret=interpret, **gemv_4bit_warp_tma.default_config(ns, k))
+  normed = " RMSNorm'd" if rms_norm is not None else ""
+  raise ValueError(
+      f"x: no Mosaic GPU GEMV serves {x.dtype} {x.shape}{normed} times "
+      f"weights of rows {ns} (partials_serve is false)")
 
 
 def _check_weights(check, x, weights, ns, k, blocksize, nested_blocksize,
