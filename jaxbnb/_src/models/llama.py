@@ -69,6 +69,27 @@ def _linear(layer: nnx.Module, x: jax.Array) -> jax.Array:
   return tensor_parallel.linear(layer, x)
 
 
+def _group_inputs(layers: tuple[nnx.Module, ...], x: jax.Array,
+                  norm: "RMSNorm | None") -> tuple | None:
+  """`(x, pairs, rms)` for one 4-bit GEMV launch over `layers` (plain
+  bias-free 4-bit linears of one dtype, no tensor parallelism): x, or
+  `norm(x)` in the layers' dtype where the GEMV cannot make the norm in
+  its programs (`rms` None; else `rms` is `_fusable_norm`'s `(weight,
+  eps)`), and the `(packed, quant_state)` pairs; else None."""
+  weights = [_grouped_weight(layer) for layer in layers]
+  if (None in weights or tensor_parallel.current() is not None
+      or len({layer.dtype for layer in layers}) != 1):
+    return None
+  dtype = layers[0].dtype
+  for layer in layers:
+    check_inputs(x, layer.in_features, type(layer).__name__)
+  pairs = [(w.data, w.quant_state) for w in weights]
+  rms = _fusable_norm(norm, x, dtype, [w.quant_state for w in weights])
+  if rms is None:
+    x = (x if norm is None else norm(x)).astype(dtype)
+  return x, pairs, rms
+
+
 def _linears(layers: tuple[nnx.Module, ...], x: jax.Array,
              norm: "RMSNorm | None" = None) -> list[jax.Array]:
   """`[layer(norm(x)) for layer in layers]` (`norm` None: x itself).
@@ -76,20 +97,10 @@ def _linears(layers: tuple[nnx.Module, ...], x: jax.Array,
   one GEMV launch at decode time (`matmul_4bit_group`), unless tensor
   parallelism is active; there the norm can be made in the GEMV's
   programs (`_fusable_norm`)."""
-  weights = [_grouped_weight(layer) for layer in layers]
-  dtypes = ({layer.dtype for layer in layers} if None not in weights
-            else {None})
-  if (tensor_parallel.current() is None and len(dtypes) == 1
-      and None not in dtypes):
-    for layer in layers:
-      check_inputs(x, layer.in_features, type(layer).__name__)
-    dtype = dtypes.pop()
-    pairs = [(w.data, w.quant_state) for w in weights]
-    rms = _fusable_norm(norm, x, dtype, [w.quant_state for w in weights])
-    if rms is not None:
-      return matmul_lib.matmul_4bit_group(x, pairs, rms_norm=rms)
-    x = x if norm is None else norm(x)
-    return matmul_lib.matmul_4bit_group(x.astype(dtype), pairs)
+  grouped = _group_inputs(layers, x, norm)
+  if grouped is not None:
+    x, pairs, rms = grouped
+    return matmul_lib.matmul_4bit_group(x, pairs, rms_norm=rms)
   x = x if norm is None else norm(x)
   return [_linear(layer, x) for layer in layers]
 
@@ -100,18 +111,10 @@ def _linears_partials(layers: tuple[nnx.Module, ...], x: jax.Array,
   norm)`'s one GEMV launch, unsummed (`quant.kernels.group_partials`), or
   None where `_linears` would not run them as one Mosaic GPU GEMV (its
   consumer then takes `_linears`' products)."""
-  weights = [_grouped_weight(layer) for layer in layers]
-  if (None in weights or tensor_parallel.current() is not None
-      or len({layer.dtype for layer in layers}) != 1):
+  grouped = _group_inputs(layers, x, norm)
+  if grouped is None:
     return None
-  dtype = layers[0].dtype
-  for layer in layers:
-    check_inputs(x, layer.in_features, type(layer).__name__)
-  qss = tuple(w.quant_state for w in weights)
-  pairs = [(w.data, w.quant_state) for w in weights]
-  rms = _fusable_norm(norm, x, dtype, qss)
-  if rms is None:
-    x = (x if norm is None else norm(x)).astype(dtype)
+  x, pairs, rms = grouped
   return matmul_lib.group_partials(x, pairs, rms_norm=rms)
 
 
