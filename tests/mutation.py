@@ -379,9 +379,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/kernels/gemv_4bit_lut_test.py::"
             "test_ptx_norm_build_matches_reference",)),
     Mutant("model-norm-skipped-when-not-fused", "jaxbnb/_src/models/llama.py",
-           "    x = x if norm is None else norm(x)\n"
-           "    return matmul_lib.matmul_4bit_group(x.astype(dtype), pairs)",
-           "    return matmul_lib.matmul_4bit_group(x.astype(dtype), pairs)",
+           "    x = (x if norm is None else norm(x)).astype(dtype)",
+           "    x = x.astype(dtype)",
            ("tests/models/llama_test.py::"
             "test_grouped_projections_share_one_gemv",)),
     Mutant("lut-gemv-table-lanes-collide", "pallas_kernels/gemv_4bit_lut.py",
