@@ -231,17 +231,18 @@ def _splits(batch: int, kv_heads: int, seq_len: int, block_s: int,
   return -(-blocks // steps), steps  # every split holds a real slot
 
 
-def _checked_layer(layer, n_layers: int) -> jax.Array:
+def _checked_layer(layer, n_layers: int, name: str) -> jax.Array:
   """`layer` as an int32 scalar: a Python int in `[0, n_layers)` or an
-  integer scalar array (clamped by the kernel's caller)."""
+  integer scalar array (clamped by the kernel's caller); errors name the
+  function `name`."""
   if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
     if not 0 <= layer < n_layers:
-      raise ValueError(f"decode_attention: layer must be in [0, {n_layers}), "
-                       f"got {layer}.")
+      raise ValueError(f"{name}: layer must be in [0, {n_layers}), got "
+                       f"{layer}.")
   elif (not hasattr(layer, "dtype") or jnp.shape(layer) != ()
         or not jnp.issubdtype(layer.dtype, jnp.integer)):
-    raise ValueError("decode_attention: layer must be an int or an integer "
-                     f"scalar array, got {layer!r}.")
+    raise ValueError(f"{name}: layer must be an int or an integer scalar "
+                     f"array, got {layer!r}.")
   return jnp.asarray(layer, jnp.int32)
 
 
@@ -296,7 +297,7 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     >>> out.shape, float(kc[1, 0, 2, 0, 0]), float(out[0, 0, 0])
     ((1, 4, 32), 1.0, 0.96484375)
   """
-  layer = _checked_layer(layer, k_cache.shape[0])
+  layer = _checked_layer(layer, k_cache.shape[0], "decode_attention")
   return _decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
                            index, layer, scale=scale,
                            block_s=block_s, split=split, num_warps=num_warps,
@@ -330,8 +331,9 @@ def _decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
   qkv = jnp.concatenate([q, k_new.astype(q.dtype), v_new.astype(q.dtype)],
                         axis=1)
   return _attend(qkv, None, nq, cos, sin, k_cache, v_cache, mask, index,
-                 layer, scale=scale, block_s=block_s, split=split,
-                 num_warps=num_warps, interpret=interpret)
+                 layer, name="decode_attention", scale=scale,
+                 block_s=block_s, split=split, num_warps=num_warps,
+                 interpret=interpret)
 
 
 def decode_attention_partials(part, cols, cos, sin, k_cache, v_cache, mask,
@@ -383,7 +385,8 @@ def decode_attention_partials(part, cols, cos, sin, k_cache, v_cache, mask,
     >>> out.shape, float(kc[1, 0, 2, 0, 0]), float(out[0, 0, 0])
     ((1, 4, 32), 1.0, 0.96484375)
   """
-  layer = _checked_layer(layer, k_cache.shape[0])
+  layer = _checked_layer(layer, k_cache.shape[0],
+                          "decode_attention_partials")
   return _decode_attention_partials(
       part, cos, sin, k_cache, v_cache, mask, index, layer,
       cols=tuple(int(c) for c in cols), nq=int(nq), scale=scale,
@@ -416,23 +419,24 @@ def _decode_attention_partials(part, cos, sin, k_cache, v_cache, mask, index,
         f"{name}: v_cache must be k_cache's {k_cache.dtype} "
         f"{k_cache.shape}, got {v_cache.dtype} {v_cache.shape}.")
   return _attend(part, cols, nq, cos, sin, k_cache, v_cache, mask, index,
-                 layer, scale=scale, block_s=block_s, split=split,
-                 num_warps=num_warps, interpret=interpret)
+                 layer, name=name, scale=scale, block_s=block_s,
+                 split=split, num_warps=num_warps, interpret=interpret)
 
 
 def _attend(qkv, cols, nq, cos, sin, k_cache, v_cache, mask, index, layer, *,
-            scale, block_s, split, num_warps, interpret):
+            name, scale, block_s, split, num_warps, interpret):
   """The kernel and the combine of its splits; `qkv` the token's heads
-  `[B, nq + 2 nkv, d]` (`cols` None) or float32 partials `[S, B, N]`."""
+  `[B, nq + 2 nkv, d]` (`cols` None) or float32 partials `[S, B, N]`;
+  errors name the function `name`."""
   _, b, seq_len, nkv, d = k_cache.shape
   n_layers = k_cache.shape[0]
   dtype = k_cache.dtype
   groups = nq // nkv
   if groups > _ROWS:
-    raise ValueError(f"decode_attention: at most {_ROWS} query heads per "
-                     f"key/value head, got {groups}.")
+    raise ValueError(f"{name}: at most {_ROWS} query heads per key/value "
+                     f"head, got {groups}.")
   if cos.shape != (b, d) or sin.shape != (b, d):
-    raise ValueError(f"decode_attention: cos and sin must be {(b, d)}, got "
+    raise ValueError(f"{name}: cos and sin must be {(b, d)}, got "
                      f"{cos.shape} and {sin.shape}.")
   if block_s is None:  # the sweep's best: 64 up to 512 slots, then 128
     block_s = 64 if seq_len <= 512 else 128

@@ -313,8 +313,14 @@ def test_partials_bad_arguments_name_what_is_wrong():
   with pytest.raises(ValueError, match="nq must be a positive multiple of "
                      "the caches' 2 key/value heads, got 3"):
     run(part, (0, 128, 192), nq=3)
-  with pytest.raises(ValueError, match=r"layer must be in \[0, 2\), got 5"):
+  with pytest.raises(ValueError, match=r"^decode_attention_partials: layer "
+                     r"must be in \[0, 2\), got 5"):
     run(part, (0, 128, 192), layer=5)
+  with pytest.raises(ValueError, match=r"^decode_attention_partials: cos and "
+                     r"sin must be \(1, 32\)"):
+    da.decode_attention_partials(
+        part, (0, 128, 192), cos[:, :16], sin, kc, vc, mask, jnp.int32(0),
+        nq=4, layer=0, scale=0.25, interpret=True)
 
 
 def test_partials_docstring_example():
