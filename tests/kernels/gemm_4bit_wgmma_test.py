@@ -997,13 +997,19 @@ def test_gpu_gemm(case, nested, with_bias):
   kernel itself, transposed in shared memory). NF4 and FP4 alternate over
   the cases."""
   m, cfg = _GPU_CASES[case]
-  quant_type = ("nf4", "fp4")[case % 2]
-  n, k = 1024, 2048
-  packed, qs = _weights(n, k, quant_type, m)
-  x = jnp.asarray(_util.rng_array((m, k), m + 1, jnp.bfloat16))
-  bias = (jnp.asarray(_util.rng_array((n,), 2, jnp.bfloat16)) if with_bias
-          else None)
-  cfg = cfg or gw.default_config(m, with_bias, k, nested=nested)
+  k = 2048
+  _gemm_checked(m, 1024, k, ("nf4", "fp4")[case % 2],
+                cfg or gw.default_config(m, with_bias, k, nested=nested),
+                nested, with_bias, seeds=(m, m + 1, 2))
+
+
+def _gemm_checked(m, n, k, quant_type, cfg, nested, with_bias, seeds):
+  """`gw.gemm` with `cfg` on random weights, x and bias (`seeds`), against
+  the documented weight."""
+  packed, qs = _weights(n, k, quant_type, seeds[0])
+  x = jnp.asarray(_util.rng_array((m, k), seeds[1], jnp.bfloat16))
+  bias = (jnp.asarray(_util.rng_array((n,), seeds[2], jnp.bfloat16))
+          if with_bias else None)
   y = gw.gemm(x, packed.reshape(-1), _stats(qs, nested),
               code=_code(quant_type), n=n, k=k, bias=bias, **cfg)
   assert y.shape == (m, n) and y.dtype == jnp.bfloat16
@@ -1031,15 +1037,8 @@ def test_gpu_gemm_splits_k_ways_not_powers_of_two(m, cfg, nested, with_bias):
   defaults `_split_config` picks for Gemma-2-2B's weights), with the
   statistics decoded in the kernel and as float32 absmax, with and
   without a bias, against the documented weight."""
-  n, k = 1024, 2304
-  packed, qs = _weights(n, k, "nf4", m + cfg["split"])
-  x = jnp.asarray(_util.rng_array((m, k), m + 3, jnp.bfloat16))
-  bias = (jnp.asarray(_util.rng_array((n,), 5, jnp.bfloat16)) if with_bias
-          else None)
-  y = gw.gemm(x, packed.reshape(-1), _stats(qs, nested), code=_code("nf4"),
-              n=n, k=k, bias=bias, **cfg)
-  assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-  _check(y, x, packed, qs, bias)
+  _gemm_checked(m, 1024, 2304, "nf4", cfg, nested, with_bias,
+                seeds=(m + cfg["split"], m + 3, 5))
 
 
 @pytest.mark.gpu
