@@ -685,6 +685,62 @@ def test_qkv_partials_only_where_a_mosaic_gemv_serves(monkeypatch):
   assert calls and set(calls) == {"decode_attention"}, calls
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_qkv_partials_step_lowers_for_the_h200(monkeypatch, batch):
+  """The decode step of `test_decode_attention_sums_the_qkv_partials`, in
+  kernel mode "pallas", lowers for CUDA on an abstract H200 (no GPU
+  needed; the Mosaic GPU GEMVs told they run on a Hopper GPU of 132 SMs):
+  the attention kernel reads the q/k/v GEMV's float32 partials, 16 K
+  chunks of the padded q/k/v columns, as a Mosaic GPU launch made them
+  (the table GEMV at one row, the TMA warp GEMV at 8); with the bound
+  below the batch it reads the summed heads."""
+  import re  # pylint: disable=g-import-not-at-top
+  from jaxbnb._src.models import decode_kernel  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import _backend  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(_backend, "on_hopper", lambda: True)
+  monkeypatch.setattr(_backend, "num_sms", lambda: 132)
+  cfg, model = _nf4_bf16_model(9, intermediate=256)
+  graph, state = nnx.split(model)
+  cache = KVCache.init(cfg, batch=batch, max_len=8, dtype=jnp.bfloat16)
+  ids = jnp.full((batch, 1), 7, jnp.int32)
+
+  def attention_call(bound):
+    """The attention kernel's operand types and the Mosaic GPU launches'
+    result types in the step lowered with `QKV_PARTIALS_MAX_B` at
+    `bound`."""
+    monkeypatch.setattr(decode_kernel, "QKV_PARTIALS_MAX_B", bound)
+    with jaxbnb.kernel_mode("pallas"):
+      try:
+        text = helpers.lowered_for_h200(
+            lambda s, i, c: nnx.merge(graph, s)(i, cache=c), state, ids,
+            cache)
+      except AssertionError as e:  # no Mosaic GPU lowering rule
+        pytest.skip(f"this JAX has no Mosaic GPU lowering: {e!r}")
+    made = set()  # the result types of the Mosaic GPU launches
+    attention = None  # the attention kernel's operand types
+    for line in text.splitlines():
+      hit = re.search(r"stablehlo\.custom_call @([^(]+)\(.* : \((.*)\) -> "
+                      r"\(?(.*?)\)?$", line)
+      if hit and hit.group(1) == "mosaic_gpu_v2":
+        made.update(hit.group(3).split(", "))
+      elif hit and hit.group(3).startswith(f"tensor<{batch}x32x128xbf16>, "
+                                           f"tensor<1x{batch}x8x8x128"):
+        attention = hit.group(2).split(", ")
+    assert attention is not None, text
+    return attention, made
+
+  # the third operand of the attention kernel is the token's q/k/v
+  attention, made = attention_call(batch)
+  part = re.fullmatch(r"tensor<16x%dx(\d+)xf32>" % batch, attention[2])
+  assert part and int(part.group(1)) >= 6144, attention
+  # made by a Mosaic GPU launch (at one row, [16, N] and reshaped)
+  assert {attention[2], f"tensor<16x{part.group(1)}xf32>"} & made, (
+      attention, made)
+  attention, _ = attention_call(batch - 1)
+  assert attention[2] == f"tensor<{batch}x48x128xbf16>", attention
+
+
 def test_grouped_projections_share_one_gemv(monkeypatch):
   """With the kernels (interpret mode on CPU) a layer's q/k/v and its
   gate/up each take one GEMV launch (`matmul_4bit_group`); the logits are
