@@ -26,14 +26,17 @@ from jaxbnb._src.quant import dispatch
 __all__ = ["QKV_PARTIALS_MAX_B", "attend", "attend_partials", "attention_choice",
            "mode"]
 
-# Staged, off (fifty-sixth session, not yet measured on a GPU): a decode
-# step's q/k/v GEMV hands its float32 K-split partials to the attention
-# kernel, which sums the columns of its heads itself
-# (`decode_attention_partials`), in place of the XLA kernel that summed
-# and rounded them between the two (1.8 us of a 72.7 us layer at batch
-# 1, 2.2 of 87.5 at batch 8 on the H100, fifty-second session's
-# profile). The same values, bit for bit. Used for decode batches of up to
-# this many rows (0: never).
+# Off (0: never): a decode step's q/k/v GEMV hands its float32 K-split
+# partials to the attention kernel, which sums the columns of its heads
+# itself (`decode_attention_partials`), in place of the XLA kernel that
+# summed and rounded them between the two (1.8 us of a 72.7 us layer at
+# batch 1, 2.2 of 87.5 at batch 8 on the H100, fifty-second session's
+# profile). The same values, bit for bit, but slower: the 8B decode at
+# 350.5 against 384.9 tokens/s at batch 1 and 2,135.8 against
+# 2,537-2,542 at batch 8 with the bound at 8 (fifty-seventh session,
+# H100; docs/benchmarks.md): each attention program sums 16 K chunks of
+# its heads before its first score. Used for decode batches of up to
+# this many rows.
 QKV_PARTIALS_MAX_B = 0
 
 
