@@ -20,8 +20,7 @@ Triton lowering
   "warp"'s decode and `mma.sync` on `gemv_4bit_lut`'s TMA pipeline
   (Hopper).
 * `split_sum`: the K-split partials summed by adds, which XLA fuses into
-  their consumer (`sum_rows`: the same order, for a kernel that sums
-  them itself).
+  their consumer.
 * `lowering`: the Mosaic GPU kernels' entry points wrapped so that a
   program calling one on equal shapes (a model's layers) traces and lowers
   it once (`lowered_once`).
@@ -34,9 +33,7 @@ Triton lowering
   gathered outlier columns and bitsandbytes' epilogue fused.
 * `decode_attention`: one new token per row against the KV cache (RoPE,
   the cache write, scores, online softmax and the value product) in one
-  launch, split over the cache for long ones; the token's q/k/v given
-  summed, or as their GEMV's K-split partials
-  (`decode_attention_partials`).
+  launch, split over the cache for long ones.
 * `rms_norm`: RMSNorm of a few rows in one launch (the decode step's
   norms at batch 1, where XLA runs two kernels).
 * `optim_8bit`: fused 8-bit blockwise optimizer update (dequantize the

@@ -37,12 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _backend
-from pallas_kernels import split_sum
 from pallas_kernels._backend import pl
 from pallas_kernels._backend import pltriton
 
-__all__ = ["can_use", "decode_attention", "decode_attention_partials",
-           "reference"]
+__all__ = ["can_use", "decode_attention", "reference"]
 
 _NEG = float(np.finfo(np.float32).min)
 _ROWS = 16  # the tensor cores' smallest M
@@ -110,46 +108,36 @@ def _rope(lo, hi, cos_ref, sin_ref, b, half, dtype, interpret):
 
 
 def _kernel(index_ref, layer_ref, qkv_ref, cos_ref, sin_ref, mask_ref, kc_ref,
-            vc_ref, *outs, groups, nq, cols, dtype, block_s, steps, seq_len,
-            scale, final, interpret):
+            vc_ref, *outs, groups, block_s, steps, seq_len, scale, final,
+            interpret):
   if final:
     o_ref, kc_out, vc_out = outs
   else:
     acc_ref, m_ref, l_ref, kc_out, vc_out = outs
   b, h, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  d = kc_ref.shape[-1]
+  d = qkv_ref.shape[-1]
   half = d // 2
-  nkv = kc_ref.shape[3]
+  dtype = qkv_ref.dtype
   index, layer = index_ref[0], layer_ref[0]
-  lo_hi = ((0, half), (half, half))
-
-  def head(part, j, start, size):
-    """Columns `[start, start + size)` of head `j` of the token's queries
-    (`part` 0), keys (1) or values (2), in `dtype`: from the one array of
-    heads, or summed from the K-split partials (`cols`) in `sum_splits`'
-    order and rounded, as the GEMV's own sum would give them."""
-    if cols is None:
-      return qkv_ref[b, (0, nq, nq + nkv)[part] + j, pl.ds(start, size)]
-    c0 = cols[part] + j * d + start
-    return split_sum.sum_rows(
-        [qkv_ref[s, b, pl.ds(c0, size)] for s in range(qkv_ref.shape[0])]
-    ).astype(dtype)
-
-  kn = _rope(*(head(1, h, *i) for i in lo_hi), cos_ref, sin_ref, b, half,
-             dtype, interpret)
-  vn = head(2, h, 0, d)
+  # The token's heads in one array: queries, then keys, then values.
+  nkv = kc_ref.shape[3]
+  nq = qkv_ref.shape[1] - 2 * nkv
+  lo_hi = (pl.ds(0, half), pl.ds(half, half))
+  kn = _rope(*(qkv_ref[b, nq + h, i] for i in lo_hi), cos_ref, sin_ref, b,
+             half, dtype, interpret)
+  vn = qkv_ref[b, nq + nkv + h, :]
 
   @pl.when(sp == 0)
   def _write():
-    for (start, size), part in zip(lo_hi, kn):
-      kc_out[layer, b, index, h, pl.ds(start, size)] = part
+    for i, part in zip(lo_hi, kn):
+      kc_out[layer, b, index, h, i] = part
     vc_out[layer, b, index, h, :] = vn
 
   # The group's query heads (after RoPE) as the rows of two half tiles.
   rows = jax.lax.broadcasted_iota(jnp.int32, (_ROWS, half), 0)
   q_lo = q_hi = jnp.zeros((_ROWS, half), jnp.float32)
   for j in range(groups):
-    lo, hi = _rope(*(head(0, h * groups + j, *i) for i in lo_hi),
+    lo, hi = _rope(*(qkv_ref[b, h * groups + j, i] for i in lo_hi),
                    cos_ref, sin_ref, b, half, dtype, interpret)
     q_lo = jnp.where(rows == j, lo.astype(jnp.float32)[None, :], q_lo)
     q_hi = jnp.where(rows == j, hi.astype(jnp.float32)[None, :], q_hi)
@@ -168,8 +156,8 @@ def _kernel(index_ref, layer_ref, qkv_ref, cos_ref, sin_ref, mask_ref, kc_ref,
                         mask=okw, other=0)
       return jnp.where(jnp.broadcast_to(new, (block_s, width)),
                        jnp.broadcast_to(fresh[None, :], (block_s, width)), x)
-    k_lo = tile(kc_ref, pl.ds(0, half), half, kn[0])
-    k_hi = tile(kc_ref, pl.ds(half, half), half, kn[1])
+    k_lo = tile(kc_ref, lo_hi[0], half, kn[0])
+    k_hi = tile(kc_ref, lo_hi[1], half, kn[1])
     vt = tile(vc_ref, slice(None), d, vn)
     allowed = pltriton.load(mask_ref.at[b, pl.ds(start, block_s)], mask=ok,
                             other=0)
@@ -231,21 +219,6 @@ def _splits(batch: int, kv_heads: int, seq_len: int, block_s: int,
   return -(-blocks // steps), steps  # every split holds a real slot
 
 
-def _checked_layer(layer, n_layers: int, name: str) -> jax.Array:
-  """`layer` as an int32 scalar: a Python int in `[0, n_layers)` or an
-  integer scalar array (clamped by the kernel's caller); errors name the
-  function `name`."""
-  if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
-    if not 0 <= layer < n_layers:
-      raise ValueError(f"{name}: layer must be in [0, {n_layers}), got "
-                       f"{layer}.")
-  elif (not hasattr(layer, "dtype") or jnp.shape(layer) != ()
-        or not jnp.issubdtype(layer.dtype, jnp.integer)):
-    raise ValueError(f"{name}: layer must be an int or an integer scalar "
-                     f"array, got {layer!r}.")
-  return jnp.asarray(layer, jnp.int32)
-
-
 def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
                      index, *, layer: int | jax.Array, scale: float,
                      block_s: int | None = None, split: int | None = None,
@@ -297,9 +270,17 @@ def decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     >>> out.shape, float(kc[1, 0, 2, 0, 0]), float(out[0, 0, 0])
     ((1, 4, 32), 1.0, 0.96484375)
   """
-  layer = _checked_layer(layer, k_cache.shape[0], "decode_attention")
+  n_layers = k_cache.shape[0]
+  if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+    if not 0 <= layer < n_layers:
+      raise ValueError(f"decode_attention: layer must be in [0, {n_layers}), "
+                       f"got {layer}.")
+  elif (not hasattr(layer, "dtype") or jnp.shape(layer) != ()
+        or not jnp.issubdtype(layer.dtype, jnp.integer)):
+    raise ValueError("decode_attention: layer must be an int or an integer "
+                     f"scalar array, got {layer!r}.")
   return _decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
-                           index, layer, scale=scale,
+                           index, jnp.asarray(layer, jnp.int32), scale=scale,
                            block_s=block_s, split=split, num_warps=num_warps,
                            interpret=interpret)
 
@@ -325,123 +306,18 @@ def _decode_attention(q, k_new, v_new, cos, sin, k_cache, v_cache, mask,
     raise ValueError(
         f"decode_attention: k_cache and v_cache must be q's dtype "
         f"{q.dtype}, got {k_cache.dtype} and {v_cache.dtype}.")
-  # The token's queries, keys and values as one input: where they are
-  # slices of one producer (a layer's q/k/v GEMV), XLA writes them in one
-  # fusion instead of a kernel each.
-  qkv = jnp.concatenate([q, k_new.astype(q.dtype), v_new.astype(q.dtype)],
-                        axis=1)
-  return _attend(qkv, None, nq, cos, sin, k_cache, v_cache, mask, index,
-                 layer, name="decode_attention", scale=scale,
-                 block_s=block_s, split=split, num_warps=num_warps,
-                 interpret=interpret)
-
-
-def decode_attention_partials(part, cols, cos, sin, k_cache, v_cache, mask,
-                              index, *, nq: int, layer: int | jax.Array,
-                              scale: float, block_s: int | None = None,
-                              split: int | None = None, num_warps: int = 4,
-                              interpret: bool = False):
-  """`decode_attention` of the token's q/k/v given as a GEMV's K-split
-  partials: each program sums the columns of its heads itself.
-
-  A layer's q/k/v GEMV leaves float32 partials `[S, B, N]` (`S` programs
-  along K, the three weights' rows side by side, maybe padded). Summed by
-  XLA (`split_sum.sum_splits`) and rounded to the compute dtype, they
-  were a kernel of their own between the GEMV and this one; here each
-  program sums the columns it reads in the same order (`sum_rows`) and
-  rounds them, so the output and the caches are those of
-  `decode_attention` on `sum_splits(part)`'s slices, bit for bit.
-
-  Args:
-    part: float32 `[S, B, N]`, the partials of `[B, N]`.
-    cols: `(q0, k0, v0)`: the first columns of the queries (`nq d` wide),
-      the keys and the values (`nkv d` each) in `part`.
-    cos: as `decode_attention`.
-    sin: as `decode_attention`.
-    k_cache: as `decode_attention`; its dtype is the compute dtype.
-    v_cache: as `decode_attention`.
-    mask: as `decode_attention`.
-    index: as `decode_attention`.
-    nq: query heads.
-    layer: as `decode_attention`.
-    scale: as `decode_attention`.
-    block_s: as `decode_attention`.
-    split: as `decode_attention`.
-    num_warps: as `decode_attention`.
-    interpret: as `decode_attention`.
-
-  Returns:
-    `(out [B, nq, d], k_cache, v_cache)`, as `decode_attention`.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> part = jnp.ones((3, 1, 4 * 32 + 2 * 2 * 32), jnp.float32) / 3
-    >>> cos, sin = jnp.ones((1, 32), jnp.bfloat16), jnp.zeros((1, 32))
-    >>> cache = jnp.zeros((2, 1, 8, 2, 32), jnp.bfloat16)
-    >>> mask = jnp.arange(8)[None] < 3
-    >>> out, kc, vc = decode_attention_partials(
-    ...     part, (0, 128, 192), cos, sin, cache, cache, mask, jnp.int32(2),
-    ...     nq=4, layer=1, scale=0.125, interpret=True)
-    >>> out.shape, float(kc[1, 0, 2, 0, 0]), float(out[0, 0, 0])
-    ((1, 4, 32), 1.0, 0.96484375)
-  """
-  layer = _checked_layer(layer, k_cache.shape[0],
-                          "decode_attention_partials")
-  return _decode_attention_partials(
-      part, cos, sin, k_cache, v_cache, mask, index, layer,
-      cols=tuple(int(c) for c in cols), nq=int(nq), scale=scale,
-      block_s=block_s, split=split, num_warps=num_warps, interpret=interpret)
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "cols", "nq", "scale", "block_s", "split", "num_warps", "interpret"))
-def _decode_attention_partials(part, cos, sin, k_cache, v_cache, mask, index,
-                               layer, *, cols, nq, scale, block_s, split,
-                               num_warps, interpret):
-  """`decode_attention_partials` after its `layer` check."""
-  _, cb, _, nkv, d = k_cache.shape
-  name = "decode_attention_partials"
-  if part.ndim != 3 or part.shape[1] != cb or part.dtype != jnp.float32:
-    raise ValueError(
-        f"{name}: part must be float32 [S, B, N] with B = {cb} (the "
-        f"caches'), got {part.dtype} {part.shape}.")
-  if nq < 1 or nq % nkv:
-    raise ValueError(f"{name}: nq must be a positive multiple of the "
-                     f"caches' {nkv} key/value heads, got {nq}.")
-  widths = (nq * d, nkv * d, nkv * d)
-  if len(cols) != 3 or any(c < 0 or c + w > part.shape[2]
-                           for c, w in zip(cols, widths)):
-    raise ValueError(
-        f"{name}: cols must be 3 column offsets (q0, k0, v0) whose "
-        f"{widths} columns lie in part's {part.shape[2]}, got {cols}.")
-  if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
-    raise ValueError(
-        f"{name}: v_cache must be k_cache's {k_cache.dtype} "
-        f"{k_cache.shape}, got {v_cache.dtype} {v_cache.shape}.")
-  return _attend(part, cols, nq, cos, sin, k_cache, v_cache, mask, index,
-                 layer, name=name, scale=scale, block_s=block_s,
-                 split=split, num_warps=num_warps, interpret=interpret)
-
-
-def _attend(qkv, cols, nq, cos, sin, k_cache, v_cache, mask, index, layer, *,
-            name, scale, block_s, split, num_warps, interpret):
-  """The kernel and the combine of its splits; `qkv` the token's heads
-  `[B, nq + 2 nkv, d]` (`cols` None) or float32 partials `[S, B, N]`;
-  errors name the function `name`."""
-  _, b, seq_len, nkv, d = k_cache.shape
-  n_layers = k_cache.shape[0]
-  dtype = k_cache.dtype
   groups = nq // nkv
   if groups > _ROWS:
-    raise ValueError(f"{name}: at most {_ROWS} query heads per key/value "
-                     f"head, got {groups}.")
+    raise ValueError(f"decode_attention: at most {_ROWS} query heads per "
+                     f"key/value head, got {groups}.")
   if cos.shape != (b, d) or sin.shape != (b, d):
-    raise ValueError(f"{name}: cos and sin must be {(b, d)}, got "
+    raise ValueError(f"decode_attention: cos and sin must be {(b, d)}, got "
                      f"{cos.shape} and {sin.shape}.")
   if block_s is None:  # the sweep's best: 64 up to 512 slots, then 128
     block_s = 64 if seq_len <= 512 else 128
   split, steps = _splits(b, nkv, seq_len, block_s, split)
   final = split == 1
+  dtype = q.dtype
   # As `dynamic_update_slice` takes the einsum path's write: a negative
   # slot counts from the end, then the slot is clamped to the cache (never
   # a store out of bounds).
@@ -453,6 +329,10 @@ def _attend(qkv, cols, nq, cos, sin, k_cache, v_cache, mask, index, layer, *,
   # kernel makes it for all of them), and a layer given as a Python int
   # is a constant XLA folds (no kernel a layer to pack it with the slot).
   layer = jnp.clip(layer, 0, n_layers - 1).reshape(1)
+  # The token's queries, keys and values as one input: where they are
+  # slices of one producer (a layer's q/k/v GEMV), XLA writes them in one
+  # fusion instead of a kernel each.
+  qkv = jnp.concatenate([q, k_new.astype(dtype), v_new.astype(dtype)], axis=1)
   args = _backend.same_vma(idx, layer, qkv, cos, sin,
                            jnp.asarray(mask).astype(jnp.int8), k_cache,
                            v_cache)
@@ -467,8 +347,7 @@ def _attend(qkv, cols, nq, cos, sin, k_cache, v_cache, mask, index, layer, *,
     ] + cache_out
   n_out = len(out_shape)
   kernel = functools.partial(
-      _kernel, groups=groups, nq=nq, cols=cols, dtype=dtype,
-      block_s=block_s, steps=steps,
+      _kernel, groups=groups, block_s=block_s, steps=steps,
       seq_len=seq_len, scale=float(scale), final=final, interpret=interpret)
   cache_bytes = 4 * b * seq_len * nkv * d * jnp.dtype(dtype).itemsize
   res = pl.pallas_call(

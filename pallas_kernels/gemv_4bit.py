@@ -85,8 +85,7 @@ from pallas_kernels.split_sum import sum_splits
 
 __all__ = ["can_use", "gemv_4bit", "gemv_4bit_group", "default_config",
            "pair_table", "scales_in_compute_dtype", "swiglu_serves",
-           "norm_serves", "partials_serve", "gemv_4bit_group_partials",
-           "NORM_FUSED", "SWIGLU_FUSED"]
+           "norm_serves", "NORM_FUSED", "SWIGLU_FUSED"]
 
 _HI = np.uint32(0xFFFF0000)
 
@@ -931,66 +930,6 @@ def norm_serves(m: int, ns: tuple[int, ...], k: int, blocksize: int, dtype,
   the norm as a kernel of its own before them."""
   return NORM_FUSED and lut_serves(m, ns, k, blocksize, dtype, nested,
                                    nested_blocksize, code, interpret)
-
-
-def partials_serve(m: int, ns: tuple[int, ...], k: int, blocksize: int,
-                   dtype, nested: bool, nested_blocksize: int, code,
-                   norm: bool = False, interpret: bool = True) -> bool:
-  """Whether `gemv_4bit_group_partials` serves these weights: the default
-  is a Mosaic GPU GEMV (`lut_serves` or `warp_tma_serves`), whose fp32
-  partials its consumer may sum itself; with `norm` (x RMSNorm'd in the
-  GEMV), `norm_serves`."""
-  args = (m, ns, k, blocksize, dtype, nested, nested_blocksize, code)
-  if norm:
-    return norm_serves(*args, interpret=interpret)
-  return (lut_serves(*args, interpret=interpret)
-          or warp_tma_serves(*args, interpret=interpret))
-
-
-def gemv_4bit_group_partials(x, weights, *, ns: tuple[int, ...], k: int,
-                             code: tuple[float, ...], rms_norm=None,
-                             interpret: bool = False):
-  """`gemv_4bit_group`'s default Mosaic GPU GEMV on double-quantized
-  weights, its float32 K-split partials left unsummed: a consumer that
-  reads a few columns each (`decode_attention_partials`, a layer's
-  q/k/v) sums them itself instead of an XLA kernel between the two.
-
-  Args:
-    x: `[m, k]` bfloat16 or float16.
-    weights: `(packed, absmax codes, (nested_absmax, nested_code,
-      offset))` per weight, as `gemv_4bit_group` takes them.
-    ns: rows of each weight.
-    k: columns.
-    code: the 16 code values.
-    rms_norm: `(weight [k], eps)`: x RMSNorm'd in the table GEMV's build
-      (`norm_serves`).
-    interpret: the kernels' jnp twins (CPU).
-
-  Returns:
-    `(part, cols)`: float32 `[S, m, N]` whose `split_sum.sum_splits` holds
-    weight g's `[m, n_g]` product at columns `cols[g]` onward.
-
-  Raises:
-    ValueError: where `partials_serve` is false for these arguments.
-  """
-  ns = tuple(ns)
-  args = (x.shape[0], ns, k, 64, x.dtype, True, 256, code)
-  lut_weights = [(packed, absmax, *nested) for packed, absmax, nested in
-                 weights]
-  if (norm_serves if rms_norm is not None else lut_serves)(
-      *args, interpret=interpret):
-    return gemv_4bit_lut.gemv_group(
-        x, lut_weights, code=code, ns=ns, k=k, rms_norm=rms_norm,
-        partials=True, interpret=interpret,
-        **gemv_4bit_lut.group_config(ns, k))
-  if rms_norm is None and warp_tma_serves(*args, interpret=interpret):
-    return gemv_4bit_warp_tma.gemv_group(
-        x, lut_weights, code=code, ns=ns, k=k, partials=True,
-        interpret=interpret, **gemv_4bit_warp_tma.default_config(ns, k))
-  normed = " RMSNorm'd" if rms_norm is not None else ""
-  raise ValueError(
-      f"x: no Mosaic GPU GEMV serves {x.dtype} {x.shape}{normed} times "
-      f"weights of rows {ns} (partials_serve is false)")
 
 
 def _check_weights(check, x, weights, ns, k, blocksize, nested_blocksize,

@@ -991,7 +991,7 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, step_rows: int = 64,
                stages: int = 4, wgs: int = 1, early: bool = False,
                tma_skips_build: bool = False, rms_norm=None,
-               partials: bool = False, interpret: bool = False):
+               interpret: bool = False) -> tuple[jax.Array, ...]:
   """`gemv` of several weights that read the same x, in one launch (a
   layer's gate and up projections): the programs' row groups are shared
   among the weights, each program making its weight's table.
@@ -1009,14 +1009,10 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
       eps)` instead of x, the norm made in each program's table build
       (`NormInput`; with two compute warpgroups, only with
       `tma_skips_build`). The twin normalizes by the reference.
-    partials: return the K chunks' partials unsummed (see Returns), for a
-      consumer that sums them itself (`decode_attention_partials`).
 
   Returns:
-    float32 `[1, n_g]` per weight; with `partials`, `(part, cols)`: the
-    float32 partials `[chunks, 1, N]` whose `sum_splits` holds weight g's
-    outputs at columns `cols[g]` onward (the twin's: the weights side by
-    side, unpadded).
+    float32 `[1, n_g]` per weight (the twin sums its K chunks in
+    `sum_splits`' order, as the compiled path sums the kernel's).
   """
   ns = tuple(ns)
   norm = _norm_arg(rms_norm, k, x.dtype)
@@ -1054,24 +1050,17 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
   if interpret:
     if norm is not None:
       x = rms_norm_lib.reference(x, norm[1], norm[0].eps)
-    parts = [_twin(x, p, c, na, nc, off, code=code, n=n, k=k)
-             for (p, c, na, nc, off), n in zip(prepared, ns)]
-    if partials:
-      return (jnp.concatenate(parts, axis=1)[:, None],
-              tuple(int(c) for c in np.cumsum((0,) + ns[:-1])))
-    return tuple(sum_splits(part)[None] for part in parts)
+    return tuple(sum_splits(_twin(x, p, c, na, nc, off, code=code, n=n,
+                                  k=k))[None]
+                 for (p, c, na, nc, off), n in zip(prepared, ns))
   if not available():
     raise RuntimeError(
         "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
         f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
-  out = _compiled(
+  return tuple(_compiled(
       x, prepared, code=code, ns=ns, k=k, rows=rows, step_rows=step_rows,
       stages=stages, wgs=wgs, early=early, tma_skips_build=tma_skips_build,
-      norm=norm, raw=partials)
-  if partials:
-    part, plan = out
-    return part[:, None], tuple(p[5] for p in plan)
-  return tuple(out)
+      norm=norm))
 
 
 def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],

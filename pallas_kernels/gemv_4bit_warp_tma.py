@@ -58,7 +58,6 @@ import heapq
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax import lax
 
@@ -564,11 +563,9 @@ def _lds_decode(w: str, sc: str, out: str, cvt: str) -> list[str]:
 
 @lowering.lowered_once
 def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks,
-              decode, raw=False):
+              decode):
   """The Mosaic GPU kernel over one or several weights `(packed, codes,
-  nested absmax, nested codes, offset `[1]`)`: `[m, n]` fp32 per weight;
-  with `raw`, the partials `[programs, m, n_pad]` and `row_plan`'s
-  plan."""
+  nested absmax, nested codes, offset `[1]`)`: `[m, n]` fp32 per weight."""
   m = x.shape[0]
   dtype = jnp.dtype(x.dtype)
   programs = k // CHUNK // kchunks
@@ -600,10 +597,7 @@ def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks,
                                                                    ns):
     args += [packed.reshape(n, k // 2), lut.codes_tiles(codes, n, k),
              nested_absmax, nested_code, offset]
-  part = kernel(x, *args)
-  if raw:
-    return part, plan
-  total = sum_splits(part)
+  total = sum_splits(kernel(x, *args))
   return [total[:, p[5]:p[5] + n] for p, n in zip(plan, ns)]
 
 
@@ -627,7 +621,7 @@ def _twin(x, packed, codes, nested_absmax, nested_code, offset, *, code, n,
 def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                ns: tuple[int, ...], k: int, rows=None, stages: int = 4,
                wgs: int = WGS, kchunks: int = 1, decode: str = DECODE,
-               partials: bool = False, interpret: bool = False):
+               interpret: bool = False) -> tuple[jax.Array, ...]:
   """`x @ W_g.T` in fp32 for 2 to 16 rows of x and several double-quantized
   4-bit weights that read it (a layer's q/k/v, its gate/up), in one
   launch.
@@ -650,15 +644,10 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
     decode: "prmt" (byte permutes in registers) or "lds" (a 32 KiB table
       of each byte's pair of codes in shared memory, a copy a lane): the
       same values.
-    partials: return the programs' partials unsummed (see Returns), for
-      a consumer that sums them itself (`decode_attention_partials`).
     interpret: the jnp twin (CPU).
 
   Returns:
-    float32 `[m, n_g]` per weight; with `partials`, `(part, cols)`: the
-    float32 partials `[k / 256 / kchunks, m, N]` whose `sum_splits` holds
-    weight g's outputs at columns `cols[g]` onward (the twin's: one
-    partial, the weights side by side, unpadded).
+    float32 `[m, n_g]` per weight.
   """
   ns = tuple(ns)
   if len(weights) == len(ns):
@@ -687,24 +676,16 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
                jnp.asarray(off, jnp.float32))
               for p, c, na, nc, off in weights]
   if interpret:
-    ys = tuple(_twin(x, *w, code=code, n=n, k=k)
-               for w, n in zip(prepared, ns))
-    if partials:
-      return (jnp.concatenate(ys, axis=1)[None],
-              tuple(int(c) for c in np.cumsum((0,) + ns[:-1])))
-    return ys
+    return tuple(_twin(x, *w, code=code, n=n, k=k)
+                 for w, n in zip(prepared, ns))
   if not available():
     raise RuntimeError(
         "the TMA warp GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
         f"(jax 0.11.2 has them); this JAX is {jax.__version__}")
-  out = _compiled(
+  return tuple(_compiled(
       x, [(p, c, na, nc, off.reshape(1)) for p, c, na, nc, off in prepared],
       code=code, ns=ns, k=k, rows=rows, stages=stages, wgs=wgs,
-      kchunks=kchunks, decode=decode, raw=partials)
-  if partials:
-    part, plan = out
-    return part, tuple(p[5] for p in plan)
-  return tuple(out)
+      kchunks=kchunks, decode=decode))
 
 
 def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,

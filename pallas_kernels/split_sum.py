@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["sum_rows", "sum_splits"]
+__all__ = ["sum_splits"]
 
 
 def sum_splits(part: jax.Array) -> jax.Array:
@@ -45,37 +45,6 @@ def sum_splits(part: jax.Array) -> jax.Array:
       part = part[:-1]
     part = part[0::2] + part[1::2]
   total = part[0]
-  for row in aside:
-    total = total + row
-  return total
-
-
-def sum_rows(rows: list) -> jax.Array:
-  """`rows` (arrays of one shape) summed in `sum_splits`' order, so a
-  kernel that reads K-split partials itself (`decode_attention`'s
-  `partials`) makes the same float32 sums as `sum_splits` of their stack.
-
-  Args:
-    rows: a non-empty list of arrays (or values a kernel loaded).
-
-  Returns:
-    Their sum.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from pallas_kernels.split_sum import sum_rows
-    >>> sum_rows([jnp.float32(1), jnp.float32(2), jnp.float32(4)]).item()
-    7.0
-  """
-  rows = list(rows)
-  if not rows:
-    raise ValueError("rows: needs >= 1 row, got none")
-  aside = []
-  while len(rows) > 1:
-    if len(rows) % 2:
-      aside.append(rows.pop())
-    rows = [a + b for a, b in zip(rows[0::2], rows[1::2])]
-  total = rows[0]
   for row in aside:
     total = total + row
   return total

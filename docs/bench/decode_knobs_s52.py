@@ -26,9 +26,9 @@ those builds' loads taken back by a fence instead of a branch. WT_EARLY=1 or 0
 (the compute threads meet at a named barrier) for every launch or none,
 `gemv_4bit_warp_tma.EARLY_MAX_M` set to 16 or 0 (since the fifty-fifth
 session 8 by default); WT_EARLY=N above 1 sets it to N. QKV_PARTIALS=N
-(fifty-sixth session): `models.decode_kernel.QKV_PARTIALS_MAX_B` set to
-N, the q/k/v GEMV's K-split partials summed by the decode attention kernel
-itself at batches of up to N rows (0: never). SUM_REDUCE=N (fifty-sixth
+(fifty-sixth session, measured slower in the fifty-seventh, its code taken
+out in the fifty-eighth; at commit 0168530 it set
+`models.decode_kernel.QKV_PARTIALS_MAX_B`). SUM_REDUCE=N (fifty-sixth
 session): the table and TMA warp GEMVs' partials of N or more K splits
 summed by XLA's reduction (`jnp.sum`) instead of `sum_splits`' adds (the
 down projection's 56 at K = 14336: an XLA kernel of 3.1 us at batch 1
@@ -68,8 +68,8 @@ if os.environ.get("LOADS_FIRST") in ("plain", "norm", "swiglu", "all"):
     return _build(**args)
   gemv_4bit_lut.build_ptx = build_ptx
 if os.environ.get("QKV_PARTIALS"):
-  from jaxbnb._src.models import decode_kernel
-  decode_kernel.QKV_PARTIALS_MAX_B = int(os.environ["QKV_PARTIALS"])
+  sys.exit("QKV_PARTIALS: the q/k/v partials hand-off was taken out "
+           "(fifty-eighth session); run commit 0168530 to measure it")
 if int(os.environ.get("SUM_REDUCE", "0")) > 0:
   _min_splits = int(os.environ["SUM_REDUCE"])
   _sum_splits = gemv_4bit_lut.sum_splits

@@ -61,17 +61,9 @@
 #                                          # norm or all builds against
 #                                          # the default (staged in the
 #                                          # fifty-fifth session)
-#   bash docs/bench/issue14_targets.sh q   # the q/k/v partials summed by
-#                                          # the attention kernel
-#                                          # (QKV_PARTIALS_MAX_B): its GPU
-#                                          # tests, then the decode at
-#                                          # batch 1 and 8, 0 / 8, and
-#                                          # with 32 or more K splits
-#                                          # summed by XLA's reduction
-#                                          # (SUM_REDUCE), two rounds
-#                                          # (ROUNDS=1: the first only)
-#                                          # (staged in the
-#                                          # fifty-sixth session)
+#   (part q, the q/k/v partials summed by the attention kernel, ran in
+#   the fifty-seventh session; measured slower, its code was taken out
+#   in the fifty-eighth: see commit 0168530)
 #
 # Results go to $OUT (default .): JSON per command, and the tables on
 # stdout. bitsandbytes must be importable for its columns (PYTHONPATH).
@@ -247,23 +239,8 @@ case $part in
         | grep "batch "
     done
     ;;
-  q)
-    decode() {
-      echo "decode batch 1, 8, QKV_PARTIALS=$1 SUM_REDUCE=$2"
-      QKV_PARTIALS=$1 SUM_REDUCE=$2 timeout 75 python \
-          docs/bench/decode_knobs_s52.py cli bench decode --impl jax-nf4-dq \
-          --shape llama-3-8b --batch 1,8 --steps 64 --reps 3 \
-          --json "$OUT/decode_b1_b8_qkv_$1_reduce_$2.$(date +%s).json" \
-          2>&1 | grep "batch "
-    }
-    decode 0 0; decode 8 0; decode 0 32
-    timeout 150 python -m pytest -q -m gpu -p no:cacheprovider \
-        tests/kernels/decode_attention_test.py \
-        tests/models/llama_test.py -k "partials" 2>&1 | tail -4
-    if [ "${ROUNDS:-2}" = 2 ]; then decode 0 0; decode 8 0; decode 0 32; fi
-    ;;
   *)
-    echo "part: expected one of a-q, got $part" >&2
+    echo "part: expected one of a-p, got $part" >&2
     exit 2
     ;;
 esac

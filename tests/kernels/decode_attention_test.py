@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from pallas_kernels import decode_attention as da
-from pallas_kernels import split_sum
 from tests.kernels import _util
 
 
@@ -237,93 +236,3 @@ def test_bad_arguments_name_what_is_wrong():
   assert not da.can_use(128, jnp.bfloat16, jnp.float32)
   assert da.can_use(128, jnp.bfloat16, jnp.bfloat16, groups=16)
   assert not da.can_use(128, jnp.bfloat16, jnp.bfloat16, groups=32)
-
-
-def _partials(s_splits, b, nq, nkv, d, cols, width, seed):
-  """float32 partials `[S, B, width]` and the q/k/v they sum to:
-  `sum_splits` in float32, rounded to bfloat16, sliced at `cols`. Large
-  values that cancel across the partials (up to 1e5, each row's negated
-  in a later row) beside O(1) ones: their float32 sum's rounding errors
-  are bfloat16 ulps of the total, so another order of adds shows."""
-  rng = np.random.default_rng(seed)
-  part = rng.standard_normal((s_splits, b, width))
-  big = rng.standard_normal((s_splits // 2, b, width)) * 1e5
-  part[:s_splits // 2] += big
-  part[s_splits - s_splits // 2:] -= big[::-1]
-  part = jnp.asarray(part.astype(np.float32))
-  total = split_sum.sum_splits(part).astype(jnp.bfloat16)
-  q0, k0, v0 = cols
-  q = total[:, q0:q0 + nq * d].reshape(b, nq, d)
-  k = total[:, k0:k0 + nkv * d].reshape(b, nkv, d)
-  v = total[:, v0:v0 + nkv * d].reshape(b, nkv, d)
-  return part, q, k, v
-
-
-@pytest.mark.parametrize("mode", _util.modes())
-@pytest.mark.parametrize(
-    "s_splits,b,nq,nkv,d,s,cols,width,split", [
-        # Llama-3-8B at batch 1: the table GEMV's 16 K chunks, q/k/v's
-        # 6144 rows padded to 6528, k and v after gaps.
-        (16, 1, 32, 8, 128, 256, (0, 4160, 5248), 6528, None),
-        # batch 2, one split (no combine), odd partial counts.
-        (7, 2, 8, 2, 64, 40, (128, 0, 1280), 1500, 1),
-        (1, 3, 4, 4, 32, 100, (0, 128, 256), 384, 3),
-        (56, 1, 16, 1, 64, 520, (64, 1100, 1200), 1300, None)])
-def test_partials_match_their_sum(mode, s_splits, b, nq, nkv, d, s, cols,
-                                  width, split):
-  """`decode_attention_partials` gives `decode_attention` of the partials'
-  `sum_splits`, rounded, bit for bit: the output and both caches."""
-  part, q, kn, vn = _partials(s_splits, b, nq, nkv, d, cols, width,
-                              seed=s_splits + b)
-  _, _, _, cos, sin, kc, vc, rng = _inputs(b, nq, nkv, d, s, 2, seed=s)
-  index = s // 3
-  mask = jnp.asarray(rng.random((b, s)) < 0.6).at[:, index].set(True)
-  kw = dict(layer=1, scale=d ** -0.5, split=split,
-            interpret=mode == "interpret")
-  want = da.decode_attention(q, kn, vn, cos, sin, kc, vc, mask,
-                             jnp.int32(index), **kw)
-  got = da.decode_attention_partials(part, cols, cos, sin, kc, vc, mask,
-                                     jnp.int32(index), nq=nq, **kw)
-  for g, w in zip(got, want):
-    assert g.shape == w.shape and g.dtype == w.dtype
-    np.testing.assert_array_equal(np.asarray(g, np.float32),
-                                  np.asarray(w, np.float32))
-  # The new key and value came from the partials (not zeros or q's).
-  assert np.asarray(got[2][1, :, index] == vn).all()
-
-
-def test_partials_bad_arguments_name_what_is_wrong():
-  _, _, _, cos, sin, kc, vc, _ = _inputs(1, 4, 2, 32, 8, 2, seed=0)
-  part = jnp.zeros((3, 1, 256), jnp.float32)
-  mask = jnp.ones((1, 8), bool)
-  run = lambda part, cols, **kw: da.decode_attention_partials(  # noqa: E731
-      part, cols, cos, sin, kc, vc, mask, jnp.int32(0),
-      **{"nq": 4, "layer": 0, "scale": 0.25, "interpret": True, **kw})
-  with pytest.raises(ValueError, match=r"part must be float32 \[S, B, N\] "
-                     r"with B = 1 \(the caches'\), got bfloat16 \(3, 1, 256\)"):
-    run(part.astype(jnp.bfloat16), (0, 128, 192))
-  with pytest.raises(ValueError, match=r"got float32 \(3, 2, 256\)"):
-    run(jnp.zeros((3, 2, 256), jnp.float32), (0, 128, 192))
-  with pytest.raises(ValueError, match=r"cols must be 3 column offsets "
-                     r"\(q0, k0, v0\) whose \(128, 64, 64\) columns lie in "
-                     r"part's 256, got \(0, 128, 200\)"):
-    run(part, (0, 128, 200))
-  with pytest.raises(ValueError, match=r"got \(0, 128\)"):
-    run(part, (0, 128))
-  with pytest.raises(ValueError, match="nq must be a positive multiple of "
-                     "the caches' 2 key/value heads, got 3"):
-    run(part, (0, 128, 192), nq=3)
-  with pytest.raises(ValueError, match=r"^decode_attention_partials: layer "
-                     r"must be in \[0, 2\), got 5"):
-    run(part, (0, 128, 192), layer=5)
-  with pytest.raises(ValueError, match=r"^decode_attention_partials: cos and "
-                     r"sin must be \(1, 32\)"):
-    da.decode_attention_partials(
-        part, (0, 128, 192), cos[:, :16], sin, kc, vc, mask, jnp.int32(0),
-        nq=4, layer=0, scale=0.25, interpret=True)
-
-
-def test_partials_docstring_example():
-  from tests import helpers  # pylint: disable=g-import-not-at-top
-  helpers.assert_docstring_examples_pass(da.decode_attention_partials,
-                                         "decode_attention_partials")

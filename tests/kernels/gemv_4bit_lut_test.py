@@ -1085,37 +1085,3 @@ def test_early_start_barrier():
     lg.gemv(jnp.ones((1, 1024), jnp.bfloat16), packed.reshape(-1),
             qs.absmax, qs.nested_absmax, qs.nested_code, qs.offset,
             code=_code("nf4"), n=64, k=1024, early=True, interpret=True)
-
-
-def check_partials_columns(gemv_group, m, cfg, tile_rows, blocks):
-  """`gemv_group(partials=True, **cfg)` of m rows compiled (lowered for
-  the H200) on q/k/v's 4096, 1024 and 1024 rows at K = 4096: partials
-  `[16 / kchunks, m, N]` unsummed, each weight's columns where
-  `row_plan` put it, padded to its row groups' tiles (so k and v do not
-  start at 4096 and 5120). Also the TMA warp GEMV's test."""
-  s = jax.ShapeDtypeStruct
-  k, ns = 4096, (4096, 1024, 1024)
-  seen = []
-
-  def fn(x, w):
-    part, cols = gemv_group(x, w, code=_code("nf4"), ns=ns, k=k,
-                            partials=True, **cfg)
-    seen.append((part.shape, cols))
-    return part
-
-  text = _lowered_or_skip(fn, s((m, k), jnp.bfloat16),
-                          [_abstract_weight(n, k) for n in ns])
-  assert "mosaic_gpu" in text
-  plan, n_pad = lg.row_plan(ns, k, cfg["rows"], tile_rows, blocks)
-  (shape, cols), = seen
-  assert shape == (16 // cfg.get("kchunks", 1), m, n_pad)
-  assert n_pad > sum(ns)
-  assert cols == tuple(p[5] for p in plan) != (0, 4096, 5120)
-  assert all(c + n <= n_pad for c, n in zip(cols, ns))
-
-
-def test_group_partials_name_the_padded_columns():
-  """The table GEMV's partials at one row (`check_partials_columns`)."""
-  cfg = lg.group_config((4096, 1024, 1024), 4096)
-  check_partials_columns(lg.gemv_group, 1, cfg,
-                         cfg["step_rows"] * cfg["wgs"], 4)

@@ -462,28 +462,3 @@ def test_gpu_group_equals_one_call_per_weight(m):
     top = np.maximum(np.abs(y32), np.abs(one32))
     assert np.all(np.abs(y32 - one32) <= helpers.ulp(top, jnp.bfloat16))
     _check(y, x, packed, qs, None, config)
-
-
-def test_group_partials_name_what_no_gemv_serves():
-  """`gemv_4bit_group_partials` where `partials_serve` is false (q/k/v's
-  rows at 2 rows of x: neither the table GEMV, one row only, nor the TMA
-  warp GEMV, 8 rows for such a group; with the norm, the table GEMV only)
-  says what it got, before it touches the weights."""
-  code = _code("nf4")
-  ns = (4096, 1024, 1024)
-  weights = [(None, None, (None, None, None))] * 3
-  args = (2, ns, 4096, 64, jnp.bfloat16, True, 256, code)
-  assert not gk.partials_serve(*args)
-  assert gk.partials_serve(1, *args[1:]) and gk.partials_serve(8, *args[1:])
-  assert not gk.partials_serve(8, *args[1:], norm=True)
-  x = jnp.zeros((2, 4096), jnp.bfloat16)
-  with pytest.raises(ValueError, match=r"x: no Mosaic GPU GEMV serves "
-                     r"bfloat16 \(2, 4096\) times weights of rows "
-                     r"\(4096, 1024, 1024\) \(partials_serve is false\)"):
-    gk.gemv_4bit_group_partials(x, weights, ns=ns, k=4096, code=code,
-                                interpret=True)
-  with pytest.raises(ValueError, match=r"\(8, 4096\) RMSNorm'd times"):
-    gk.gemv_4bit_group_partials(
-        jnp.zeros((8, 4096), jnp.bfloat16), weights, ns=ns, k=4096,
-        code=code, rms_norm=(jnp.ones(4096, jnp.bfloat16), 1e-5),
-        interpret=True)

@@ -614,12 +614,3 @@ def test_gpu_k_chunks_a_program_match_weight(case):
       code=_code("nf4"))
   for y, (p, q) in zip(ys, made):
     _check(y, x, p, q)
-
-
-def test_group_partials_name_the_padded_columns():
-  """The TMA warp GEMV's partials at 8 rows of x
-  (`gemv_4bit_lut_test.check_partials_columns`)."""
-  from tests.kernels.gemv_4bit_lut_test import check_partials_columns  # pylint: disable=g-import-not-at-top
-  cfg = wt.default_config((4096, 1024, 1024), 4096)
-  check_partials_columns(wt.gemv_group, 8, cfg, wt.STEP_ROWS * wt.WGS,
-                         4 * cfg["kchunks"])

@@ -46,30 +46,3 @@ def test_names_the_bad_argument():
 
 def test_docstring_example():
   helpers.assert_docstring_examples_pass(split_sum.sum_splits, "sum_splits")
-
-
-@pytest.mark.parametrize("splits", [1, 2, 3, 5, 7, 16, 56, 113])
-def test_rows_sum_in_the_same_order(splits):
-  """`sum_rows` of the rows is `sum_splits` of their stack, bit for bit
-  (random values of mixed scale, where another order of adds differs)."""
-  rng = np.random.default_rng(splits + 100)
-  part = (rng.standard_normal((splits, 2, 300))
-          * 10.0 ** rng.integers(-6, 6, (splits, 2, 300))).astype(np.float32)
-  rows = [jnp.asarray(r) for r in part]
-  got = np.asarray(split_sum.sum_rows(rows))
-  np.testing.assert_array_equal(
-      got, np.asarray(split_sum.sum_splits(jnp.asarray(part))))
-  if splits >= 5:  # the order shows: a left-to-right sum differs somewhere
-    ahead = part[0]
-    for r in part[1:]:
-      ahead = ahead + r
-    assert np.any(ahead != got)
-
-
-def test_rows_names_the_bad_argument():
-  with pytest.raises(ValueError, match=r"rows: needs >= 1 row, got none"):
-    split_sum.sum_rows([])
-
-
-def test_rows_docstring_example():
-  helpers.assert_docstring_examples_pass(split_sum.sum_rows, "sum_rows")

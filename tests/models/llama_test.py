@@ -529,22 +529,6 @@ def test_bad_model_arguments():
     model(ids, cache=KVCache.init(cfg, batch=2, max_len=3))
 
 
-def _nf4_bf16_model(seed, hidden=4096, intermediate=4096, heads=32,
-                    kv_heads=8, head_dim=128):
-  """(config, one-layer NF4 + DQ bf16 Llama): by default Llama-3-8B's
-  widths (the Mosaic GPU GEMVs serve them), 64 tokens, random weights."""
-  cfg = dataclasses.replace(
-      _config("llama3"), vocab_size=64, hidden_size=hidden,
-      intermediate_size=intermediate, num_hidden_layers=1,
-      num_attention_heads=heads, num_key_value_heads=kv_heads,
-      head_dim=head_dim)
-  return cfg, LlamaForCausalLM(
-      cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-      quantization=QuantizationConfig.nf4(double_quant=True,
-                                          compute_dtype="bfloat16"),
-      rngs=nnx.Rngs(seed))
-
-
 @pytest.mark.parametrize("norms", [False, True])
 def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
   """With `gemv_4bit.SWIGLU_FUSED` on, at a one-row decode step of 4-bit
@@ -556,12 +540,20 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
   the q/k/v and gate/up GEMVs' programs: the logits and cache within a
   few bf16 ulps of the unfused path (the norm kernel's sum of squares
   runs in another order)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
   from jaxbnb._src.quant import kernels  # pylint: disable=g-import-not-at-top
   from pallas_kernels import gemv_4bit  # pylint: disable=g-import-not-at-top
   from pallas_kernels import gemv_4bit_lut  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(gemv_4bit, "SWIGLU_FUSED", True)
   monkeypatch.setattr(gemv_4bit, "NORM_FUSED", norms)
-  cfg, model = _nf4_bf16_model(5)
+  cfg = dataclasses.replace(
+      _config("llama3"), vocab_size=64, hidden_size=4096,
+      intermediate_size=4096, num_hidden_layers=1, num_attention_heads=32,
+      num_key_value_heads=8, head_dim=128)
+  model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                           quantization=QuantizationConfig.nf4(
+                               double_quant=True, compute_dtype="bfloat16"),
+                           rngs=nnx.Rngs(5))
   layer = model.model.layers[0]
   for norm, scale in ((layer.input_layernorm, 0.3),
                       (layer.post_attention_layernorm, -0.2)):
@@ -607,138 +599,6 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
     assert np.abs(fused - apart).max() < 3e-2 * np.abs(apart).max()
     np.testing.assert_allclose(fused_k, apart_k, rtol=2.0**-6,
                                atol=2.0**-6 * np.abs(apart_k).max())
-
-
-@pytest.mark.parametrize("mode", [
-    "interpret", pytest.param("pallas", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("batch", [1, 8])
-def test_decode_attention_sums_the_qkv_partials(monkeypatch, batch, mode):
-  """With `decode_kernel.QKV_PARTIALS_MAX_B` at the batch, a one-token decode step of
-  4-bit bf16 layers hands the q/k/v GEMV's K-split partials to the
-  attention kernel (`decode_attention_partials`: the table GEMV with the
-  norm in its build at batch 1, the TMA warp GEMV at batch 8; interpreted
-  on the CPU, compiled on a Hopper GPU), which sums them itself: the
-  logits and the cache bit for bit those of the path that sums them
-  first; the prefill (several tokens a row) takes that path."""
-  from jaxbnb._src.models import decode_kernel  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import decode_attention as da  # pylint: disable=g-import-not-at-top
-  cfg, model = _nf4_bf16_model(9, intermediate=256)
-  model.model.layers[0].input_layernorm.weight[...] = (
-      1 + 0.3 * jnp.linspace(-1, 1, 4096)).astype(jnp.bfloat16)
-  calls = []
-  real = da.decode_attention_partials
-  monkeypatch.setattr(da, "decode_attention_partials", (
-      lambda part, *a, **kw: calls.append(part.shape) or real(part, *a,
-                                                              **kw)))
-  ids = jnp.asarray(np.arange(3 * batch).reshape(batch, 3) % 64, jnp.int32)
-  graph, state = nnx.split(model)
-
-  def decode():  # a new jitted function a call: the switch is traced
-    run = jax.jit(lambda state, ids, cache: nnx.merge(graph, state)(
-        ids, cache=cache))
-    cache = KVCache.init(cfg, batch=batch, max_len=8, dtype=jnp.bfloat16)
-    _, cache = run(state, ids, cache)
-    out = []
-    for tok in (7, 9):
-      logits, cache = run(state, jnp.full((batch, 1), tok, jnp.int32), cache)
-      out.append(np.asarray(logits, np.float32))
-    return np.stack(out), np.asarray(cache.k), np.asarray(cache.v)
-
-  with jaxbnb.kernel_mode(mode):
-    monkeypatch.setattr(decode_kernel, "QKV_PARTIALS_MAX_B", batch)
-    fused = decode()
-    # one trace of the step: the 16 K chunks' partials of the table GEMV
-    # (q/k/v side by side: 6144 columns; compiled, padded rows between),
-    # the TMA warp GEMV's (its twin's: one partial)
-    assert len(calls) == 1, calls
-    if mode == "interpret":
-      assert calls == [(16, 1, 6144) if batch == 1 else (1, 8, 6144)], calls
-    else:
-      assert calls[0][:2] == (16, batch) and calls[0][2] >= 6144, calls
-    monkeypatch.setattr(decode_kernel, "QKV_PARTIALS_MAX_B", batch - 1)
-    calls.clear()
-    apart = decode()
-  assert not calls
-  assert np.abs(fused[0]).max() > 0
-  for got, want in zip(fused, apart):
-    np.testing.assert_array_equal(got, want)
-
-
-def test_qkv_partials_only_where_a_mosaic_gemv_serves(monkeypatch):
-  """Where no Mosaic GPU GEMV serves the q/k/v group (K = 128 here),
-  `QKV_PARTIALS_MAX_B` changes nothing: the attention takes the summed
-  products."""
-  from jaxbnb._src.models import decode_kernel  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import decode_attention as da  # pylint: disable=g-import-not-at-top
-  cfg, m4 = _nf4_bf16_model(2, hidden=128, intermediate=256, heads=4,
-                            kv_heads=2, head_dim=32)
-  calls = []
-  for name in ("decode_attention", "decode_attention_partials"):
-    real = getattr(da, name)
-    monkeypatch.setattr(da, name, (lambda *a, real=real, name=name, **kw:
-                                   calls.append(name) or real(*a, **kw)))
-  monkeypatch.setattr(decode_kernel, "QKV_PARTIALS_MAX_B", 16)
-  with jaxbnb.kernel_mode("interpret"):
-    cache = KVCache.init(cfg, batch=1, max_len=6, dtype=jnp.bfloat16)
-    _, cache = m4(jnp.asarray([[1, 2]], jnp.int32), cache=cache)
-    m4(jnp.asarray([[3]], jnp.int32), cache=cache)
-  assert calls and set(calls) == {"decode_attention"}, calls
-
-
-@pytest.mark.parametrize("batch", [1, 8])
-def test_qkv_partials_step_lowers_for_the_h200(monkeypatch, batch):
-  """The decode step of `test_decode_attention_sums_the_qkv_partials`, in
-  kernel mode "pallas", lowers for CUDA on an abstract H200 (no GPU
-  needed; the Mosaic GPU GEMVs told they run on a Hopper GPU of 132 SMs):
-  the attention kernel reads the q/k/v GEMV's float32 partials, 16 K
-  chunks of the padded q/k/v columns, as a Mosaic GPU launch made them
-  (the table GEMV at one row, the TMA warp GEMV at 8); with the bound
-  below the batch it reads the summed heads."""
-  import re  # pylint: disable=g-import-not-at-top
-  from jaxbnb._src.models import decode_kernel  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import _backend  # pylint: disable=g-import-not-at-top
-  from tests import helpers  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(_backend, "on_hopper", lambda: True)
-  monkeypatch.setattr(_backend, "num_sms", lambda: 132)
-  cfg, model = _nf4_bf16_model(9, intermediate=256)
-  graph, state = nnx.split(model)
-  cache = KVCache.init(cfg, batch=batch, max_len=8, dtype=jnp.bfloat16)
-  ids = jnp.full((batch, 1), 7, jnp.int32)
-
-  def attention_call(bound):
-    """The attention kernel's operand types and the Mosaic GPU launches'
-    result types in the step lowered with `QKV_PARTIALS_MAX_B` at
-    `bound`."""
-    monkeypatch.setattr(decode_kernel, "QKV_PARTIALS_MAX_B", bound)
-    with jaxbnb.kernel_mode("pallas"):
-      try:
-        text = helpers.lowered_for_h200(
-            lambda s, i, c: nnx.merge(graph, s)(i, cache=c), state, ids,
-            cache)
-      except AssertionError as e:  # no Mosaic GPU lowering rule
-        pytest.skip(f"this JAX has no Mosaic GPU lowering: {e!r}")
-    made = set()  # the result types of the Mosaic GPU launches
-    attention = None  # the attention kernel's operand types
-    for line in text.splitlines():
-      hit = re.search(r"stablehlo\.custom_call @([^(]+)\(.* : \((.*)\) -> "
-                      r"\(?(.*?)\)?$", line)
-      if hit and hit.group(1) == "mosaic_gpu_v2":
-        made.update(hit.group(3).split(", "))
-      elif hit and hit.group(3).startswith(f"tensor<{batch}x32x128xbf16>, "
-                                           f"tensor<1x{batch}x8x8x128"):
-        attention = hit.group(2).split(", ")
-    assert attention is not None, text
-    return attention, made
-
-  # the third operand of the attention kernel is the token's q/k/v
-  attention, made = attention_call(batch)
-  part = re.fullmatch(r"tensor<16x%dx(\d+)xf32>" % batch, attention[2])
-  assert part and int(part.group(1)) >= 6144, attention
-  # made by a Mosaic GPU launch (at one row, [16, N] and reshaped)
-  assert {attention[2], f"tensor<16x{part.group(1)}xf32>"} & made, (
-      attention, made)
-  attention, _ = attention_call(batch - 1)
-  assert attention[2] == f"tensor<{batch}x48x128xbf16>", attention
 
 
 def test_grouped_projections_share_one_gemv(monkeypatch):

@@ -23,21 +23,7 @@ from pallas_kernels import decode_attention as kernel
 from jaxbnb._src.models import tensor_parallel
 from jaxbnb._src.quant import dispatch
 
-__all__ = ["QKV_PARTIALS_MAX_B", "attend", "attend_partials", "attention_choice",
-           "mode"]
-
-# Off (0: never): a decode step's q/k/v GEMV hands its float32 K-split
-# partials to the attention kernel, which sums the columns of its heads
-# itself (`decode_attention_partials`), in place of the XLA kernel that
-# summed and rounded them between the two (1.8 us of a 72.7 us layer at
-# batch 1, 2.2 of 87.5 at batch 8 on the H100, fifty-second session's
-# profile). The same values, bit for bit, but slower: the 8B decode at
-# 350.5 against 384.9 tokens/s at batch 1 and 2,135.8 against
-# 2,537-2,542 at batch 8 with the bound at 8 (fifty-seventh session,
-# H100; docs/benchmarks.md): each attention program sums 16 K chunks of
-# its heads before its first score. Used for decode batches of up to
-# this many rows.
-QKV_PARTIALS_MAX_B = 0
+__all__ = ["attend", "attention_choice", "mode"]
 
 
 def attention_choice() -> str:
@@ -92,29 +78,5 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array,
       q[:, 0], k[:, 0].astype(ck.dtype), v[:, 0].astype(cv.dtype),
       cos[:, 0].astype(q.dtype), sin[:, 0].astype(q.dtype), ck, cv,
       allowed[:, 0], index, layer=int(layer),
-      scale=float(np.float32(d ** -0.5)), interpret=run_mode == "interpret")
-  return out.reshape(b, 1, nq * d), (ck, cv)
-
-
-def attend_partials(part: jax.Array, cols: tuple[int, int, int], nq: int,
-                    cos: jax.Array, sin: jax.Array,
-                    kv_cache: tuple[jax.Array, jax.Array, int],
-                    allowed: jax.Array, index: jax.Array, run_mode: str
-                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """`attend` of the token's q/k/v given as their GEMV's float32 K-split
-  partials `part` `[S, B, N]` (`quant.kernels.group_partials`: the
-  queries at column `cols[0]`, the keys at `cols[1]`, the values at
-  `cols[2]`), `nq` query heads; the same values as `attend` of their sums
-  rounded to the caches' dtype.
-
-  Returns:
-    `(out [B, 1, nq * d], (k_cache, v_cache))`.
-  """
-  ck, cv, layer = kv_cache
-  d = ck.shape[-1]
-  b = part.shape[1]
-  out, ck, cv = kernel.decode_attention_partials(
-      part, cols, cos[:, 0].astype(ck.dtype), sin[:, 0].astype(ck.dtype), ck,
-      cv, allowed[:, 0], index, nq=nq, layer=int(layer),
       scale=float(np.float32(d ** -0.5)), interpret=run_mode == "interpret")
   return out.reshape(b, 1, nq * d), (ck, cv)

@@ -69,27 +69,6 @@ def _linear(layer: nnx.Module, x: jax.Array) -> jax.Array:
   return tensor_parallel.linear(layer, x)
 
 
-def _group_inputs(layers: tuple[nnx.Module, ...], x: jax.Array,
-                  norm: "RMSNorm | None") -> tuple | None:
-  """`(x, pairs, rms)` for one 4-bit GEMV launch over `layers` (plain
-  bias-free 4-bit linears of one dtype, no tensor parallelism): x, or
-  `norm(x)` in the layers' dtype where the GEMV cannot make the norm in
-  its programs (`rms` None; else `rms` is `_fusable_norm`'s `(weight,
-  eps)`), and the `(packed, quant_state)` pairs; else None."""
-  weights = [_grouped_weight(layer) for layer in layers]
-  if (None in weights or tensor_parallel.current() is not None
-      or len({layer.dtype for layer in layers}) != 1):
-    return None
-  dtype = layers[0].dtype
-  for layer in layers:
-    check_inputs(x, layer.in_features, type(layer).__name__)
-  pairs = [(w.data, w.quant_state) for w in weights]
-  rms = _fusable_norm(norm, x, dtype, [w.quant_state for w in weights])
-  if rms is None:
-    x = (x if norm is None else norm(x)).astype(dtype)
-  return x, pairs, rms
-
-
 def _linears(layers: tuple[nnx.Module, ...], x: jax.Array,
              norm: "RMSNorm | None" = None) -> list[jax.Array]:
   """`[layer(norm(x)) for layer in layers]` (`norm` None: x itself).
@@ -97,25 +76,22 @@ def _linears(layers: tuple[nnx.Module, ...], x: jax.Array,
   one GEMV launch at decode time (`matmul_4bit_group`), unless tensor
   parallelism is active; there the norm can be made in the GEMV's
   programs (`_fusable_norm`)."""
-  grouped = _group_inputs(layers, x, norm)
-  if grouped is not None:
-    x, pairs, rms = grouped
-    return matmul_lib.matmul_4bit_group(x, pairs, rms_norm=rms)
+  weights = [_grouped_weight(layer) for layer in layers]
+  dtypes = ({layer.dtype for layer in layers} if None not in weights
+            else {None})
+  if (tensor_parallel.current() is None and len(dtypes) == 1
+      and None not in dtypes):
+    for layer in layers:
+      check_inputs(x, layer.in_features, type(layer).__name__)
+    dtype = dtypes.pop()
+    pairs = [(w.data, w.quant_state) for w in weights]
+    rms = _fusable_norm(norm, x, dtype, [w.quant_state for w in weights])
+    if rms is not None:
+      return matmul_lib.matmul_4bit_group(x, pairs, rms_norm=rms)
+    x = x if norm is None else norm(x)
+    return matmul_lib.matmul_4bit_group(x.astype(dtype), pairs)
   x = x if norm is None else norm(x)
   return [_linear(layer, x) for layer in layers]
-
-
-def _linears_partials(layers: tuple[nnx.Module, ...], x: jax.Array,
-                      norm: "RMSNorm | None" = None) -> tuple | None:
-  """`(part, cols)`: the float32 K-split partials of `_linears(layers, x,
-  norm)`'s one GEMV launch, unsummed (`quant.kernels.group_partials`), or
-  None where `_linears` would not run them as one Mosaic GPU GEMV (its
-  consumer then takes `_linears`' products)."""
-  grouped = _group_inputs(layers, x, norm)
-  if grouped is None:
-    return None
-  x, pairs, rms = grouped
-  return matmul_lib.group_partials(x, pairs, rms_norm=rms)
 
 
 def _fusable_norm(norm, x: jax.Array, dtype: Any, qss) -> tuple | None:
@@ -261,23 +237,12 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     d, nkv = cfg.head_dim, cfg.num_key_value_heads
     g = cfg.num_key_value_groups
-    run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype, g)
-                if kv_cache is not None and t == 1 else None)
-    projections = (self.q_proj, self.k_proj, self.v_proj)
-    if run_mode is not None and b <= decode_kernel.QKV_PARTIALS_MAX_B:
-      # The q/k/v GEMV's partials summed by the attention kernel itself
-      # (models/decode_kernel.py), where one Mosaic GPU GEMV runs them.
-      got = _linears_partials(projections, x, norm)
-      if got is not None:
-        part, cols = got
-        out, new_kv = decode_kernel.attend_partials(
-            part, cols, nkv * g, cos, sin, kv_cache, allowed, index,
-            run_mode)
-        out = _linear(self.o_proj, out.astype(self.dtype))
-        return out.astype(self.dtype), new_kv
-    q, k, v = (y.astype(self.dtype) for y in _linears(projections, x, norm))
+    q, k, v = (y.astype(self.dtype) for y in _linears(
+        (self.q_proj, self.k_proj, self.v_proj), x, norm))
     q = q.reshape(b, t, nkv * g, d)
     k, v = k.reshape(b, t, nkv, d), v.reshape(b, t, nkv, d)
+    run_mode = (decode_kernel.mode(self.dtype, d, kv_cache[0].dtype, g)
+                if kv_cache is not None and t == 1 else None)
     if run_mode is not None:
       # One token per row: RoPE, the cache write and the attention in one
       # kernel (models/decode_kernel.py).

@@ -9,8 +9,6 @@ returns at trace time: "reference" (the pure-jnp reference), "pallas"
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -358,25 +356,20 @@ def _lut_weights(packeds, qss):
           for p, q in zip(packeds, qss)]
 
 
-def _mosaic_group_serves(serves, m, k, dtype, qss, mode) -> bool:
-  """`can_group`'s conditions, NF4/FP4 double-quantized, and `serves`
-  (a `gemv_4bit` predicate of a Mosaic GPU GEMV) for these weights."""
-  mode = mode or dispatch.resolve()
-  first = qss[0]
-  return (mode != "reference" and first.nested
-          and first.quant_type in ("nf4", "fp4")
-          and can_group(m, k, dtype, qss, mode)
-          and serves(m, tuple(q.shape[0] for q in qss), k, first.blocksize,
-                     dtype, True, first.nested_blocksize,
-                     code(first.quant_type), interpret=mode == "interpret"))
-
-
 def norm_serves(m, k, dtype, qss, mode=None) -> bool:
   """Whether `gemv_group_norm` serves `[m, k]` of `dtype`, RMSNorm'd,
   times these weights in one launch: `can_group`'s conditions, NF4/FP4
   double-quantized, and `gemv_4bit.norm_serves` (`NORM_FUSED` on, the
   table GEMV)."""
-  return _mosaic_group_serves(gk.norm_serves, m, k, dtype, qss, mode)
+  mode = mode or dispatch.resolve()
+  first = qss[0]
+  return (mode != "reference" and first.nested
+          and first.quant_type in ("nf4", "fp4")
+          and can_group(m, k, dtype, qss, mode)
+          and gk.norm_serves(m, tuple(q.shape[0] for q in qss), k,
+                             first.blocksize, dtype, True,
+                             first.nested_blocksize, code(first.quant_type),
+                             interpret=mode == "interpret"))
 
 
 def gemv_group_norm(x2d, norm_weight, eps, packeds, qss, mode):
@@ -390,27 +383,6 @@ def gemv_group_norm(x2d, norm_weight, eps, packeds, qss, mode):
                      rms_norm=(norm_weight, eps),
                      interpret=mode == "interpret")
   return tuple(y.astype(x2d.dtype) for y in ys)
-
-
-def partials_serve(m, k, dtype, qss, mode=None, norm=False) -> bool:
-  """Whether `group_partials` serves `[m, k]` of `dtype` (RMSNorm'd first,
-  with `norm`) times these weights: `can_group`'s conditions, NF4/FP4
-  double-quantized, and a Mosaic GPU GEMV's default
-  (`gemv_4bit.partials_serve`)."""
-  return _mosaic_group_serves(functools.partial(gk.partials_serve, norm=norm),
-                              m, k, dtype, qss, mode)
-
-
-def group_partials(x2d, packeds, qss, mode, rms_norm=None):
-  """`(part, cols)`: the fp32 K-split partials of `[x2d @ W_g.T]` (x2d
-  RMSNorm'd first with `rms_norm` `(weight, eps)`), one launch, unsummed;
-  weight g's product is `sum_splits(part)[:, cols[g]:][:, :n_g]` (the
-  weights pass `partials_serve`)."""
-  return gk.gemv_4bit_group_partials(
-      x2d, [(p, q.absmax, nested_of(q)) for p, q in zip(packeds, qss)],
-      ns=tuple(q.shape[0] for q in qss), k=x2d.shape[1],
-      code=code(qss[0].quant_type), rms_norm=rms_norm,
-      interpret=mode == "interpret")
 
 
 def swiglu_serves(m, k, dtype, qss, mode=None) -> bool:

@@ -330,52 +330,6 @@ def matmul_4bit_group(
   return [matmul_4bit(A, p, qs) for p, qs in weights]
 
 
-def group_partials(A: jax.Array,  # pylint: disable=invalid-name
-                   weights: list[tuple[jax.Array, QuantState]], *,
-                   rms_norm: tuple[jax.Array, float] | None = None
-                   ) -> tuple[jax.Array, tuple[int, ...]] | None:
-  """`matmul_4bit_group(A, weights, rms_norm=rms_norm)`'s one Mosaic GPU
-  GEMV launch with its float32 K-split partials left unsummed, for a
-  consumer kernel that sums the columns it reads itself (a decode step's
-  attention, `decode_attention_partials`); None where
-  `kernels.partials_serve` is false (then call `matmul_4bit_group`).
-  Not differentiable: for decoding.
-
-  Args:
-    A: `[B, K]` (or `[B, 1, K]`) activations in the weights' compute
-      dtype.
-    weights: `(packed, quant_state)` pairs, each `[N_g, K]`.
-    rms_norm: `(weight [K], eps)`, made in the GEMV's build (given only
-      where `kernels.norm_serves`, as `matmul_4bit_group` would).
-
-  Returns:
-    `(part [S, B, N], cols)`: weight g's `[B, N_g]` product, as
-    `matmul_4bit_group` gives it, is `sum_splits(part)[:, cols[g]:][:,
-    :N_g]` rounded to `A.dtype`; or None.
-  """
-  k = A.shape[-1]
-  qss = tuple(qs for _, qs in weights)
-  if not (jnp.issubdtype(A.dtype, jnp.floating)
-          and all(isinstance(qs, QuantState) and len(qs.shape) == 2
-                  for qs in qss)):
-    return None
-  x2d = jnp.asarray(A).reshape(-1, k)
-  mode = dispatch.resolve()
-  norm = rms_norm is not None
-  if not kernels.partials_serve(x2d.shape[0], k, x2d.dtype, qss, mode,
-                                norm=norm):
-    return None
-  packeds = tuple(ops.from_storage(p) for p, _ in weights)
-  if norm:
-    norm_weight, eps = _checked_norm("group_partials", rms_norm, k)
-    x2d, norm_weight = pallas_kernels.match_vma(
-        (x2d, norm_weight), (x2d, norm_weight, packeds, qss))
-    rms_norm = (norm_weight, eps)
-  else:
-    x2d = pallas_kernels.match_vma((x2d,), (x2d, packeds, qss))[0]
-  return kernels.group_partials(x2d, packeds, qss, mode, rms_norm=rms_norm)
-
-
 def _swiglu_composed(x2d, packeds, qss):
   """The three matmuls of `matmul_4bit_swiglu` one after another."""
   g, u = matmul_4bit_group(x2d, list(zip(packeds[:2], qss[:2])))
