@@ -73,9 +73,9 @@ try:  # pragma: no cover - depends on the installed JAX
 except ImportError:  # pragma: no cover
   pass
 
-__all__ = ["DECODES", "EARLY_MAX_M", "KCHUNKS", "MAX_M", "available",
-           "build_ptx", "check",
-           "default_config", "gemv", "gemv_group", "makespan", "smem_bytes",
+__all__ = ["DECODES", "EARLY_MAX_M", "EARLY_SMALL_ELEMENTS", "KCHUNKS",
+           "MAX_M", "available", "build_ptx", "check", "default_config",
+           "gemv", "gemv_group", "makespan", "skips_build", "smem_bytes",
            "step_ptx"]
 
 CHUNK = lut.CHUNK  # columns of x (and of W) a program: 128 bytes a row
@@ -108,6 +108,20 @@ PAIR_KCHUNKS = {4096: 2}
 # (`jaxbnb bench decode`, 3 reps): 2,571.6 / 2,574.5 tokens/s against
 # 2,506.0 in the same call.
 EARLY_MAX_M = 8
+# Past `EARLY_MAX_M`, up to `MAX_M` rows, launches whose weights hold at
+# most this many elements together branch past the build as well:
+# 1024x4096 at M = 16 took 5.13 us against 5.78 (fifty-seventh session,
+# H100, two rounds; 0.7 us faster in the fifty-fifth too), where
+# 4096x4096 was even and the larger weights slower. 0 turns it off.
+EARLY_SMALL_ELEMENTS = 1024 * 4096
+
+
+def skips_build(m: int, ns: tuple[int, ...], k: int) -> bool:
+  """Whether a launch of `m` rows of x over weights of `ns` rows and `k`
+  columns has its TMA warpgroup branch past the build (`EARLY_MAX_M`,
+  `EARLY_SMALL_ELEMENTS`)."""
+  return m <= EARLY_MAX_M or (m <= MAX_M
+                              and sum(ns) * k <= EARLY_SMALL_ELEMENTS)
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
 _XROW = 4 * _XBLOCK  # bytes a row of x
@@ -574,7 +588,7 @@ def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks,
   span = max(p[3] for p in plan)
   ptx = [(build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
                     w[2].shape[0], group0, wgs, kchunks, decode,
-                    m <= EARLY_MAX_M),
+                    skips_build(m, ns, k)),
           step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0,
                    wgs, kchunks, decode))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]

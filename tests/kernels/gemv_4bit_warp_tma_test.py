@@ -519,27 +519,47 @@ def test_lowers_for_cuda_with_the_pipeline_allocated_first(alloc_first,
   not, it lowers."""
   monkeypatch.setattr(lg, "ALLOC_FIRST", alloc_first)
   monkeypatch.setattr(wt, "EARLY_MAX_M", early_max_m)
+  monkeypatch.setattr(wt, "EARLY_SMALL_ELEMENTS", 0)
   gk.gemv_4bit.clear_cache()  # its traces are keyed by arguments only
   text = _util.lowered_gemv_4bit(("warp_tma", 64, 128, 2, 8, 4, 2, "lds"), 8)
   assert "mosaic_gpu" in text
   assert ("WT_BUILT" in text) == (early_max_m >= 8)
 
 
-@pytest.mark.parametrize("m", [2, 8, 9, 16])
-def test_default_skips_the_build_up_to_early_max_m(m, monkeypatch):
+@pytest.mark.parametrize("m,n,k,skips", [
+    (2, 4096, 4096, True), (8, 4096, 4096, True), (9, 4096, 4096, False),
+    (16, 4096, 4096, False), (16, 1024, 4096, True), (9, 1000, 2048, True),
+    (16, 2048, 4096, False)])
+def test_default_skips_the_build_up_to_early_max_m(m, n, k, skips,
+                                                   monkeypatch):
   """By default the TMA warpgroup branches past the build for launches of
   at most `EARLY_MAX_M` (8) rows of x, where it was measured faster, and
-  waits at the build's barrier above that (M = 16 was slower on the
-  large weights)."""
-  assert wt.EARLY_MAX_M == 8
+  up to 16 rows for weights of at most 1024 x 4096 elements
+  (`EARLY_SMALL_ELEMENTS`); it waits at the build's barrier otherwise
+  (M = 16 was slower on the large weights). Both bounds at 0 turn it
+  off."""
+  assert wt.EARLY_MAX_M == 8 and wt.EARLY_SMALL_ELEMENTS == 1024 * 4096
+  assert wt.skips_build(m, (n,), k) == skips
+  config = ("warp_tma", 64, 128, 2, 8, 4, 1, "lds")
   gk.gemv_4bit.clear_cache()
-  text = _util.lowered_gemv_4bit(("warp_tma", 64, 128, 2, 8, 4, 1, "lds"), m)
-  assert ("WT_BUILT" in text) == (m <= 8)
+  text = _util.lowered_gemv_4bit(config, m, n, k)
+  assert ("WT_BUILT" in text) == skips
   monkeypatch.setattr(wt, "EARLY_MAX_M", 0)
+  monkeypatch.setattr(wt, "EARLY_SMALL_ELEMENTS", 0)
   gk.gemv_4bit.clear_cache()
-  text = _util.lowered_gemv_4bit(("warp_tma", 64, 128, 2, 8, 4, 1, "lds"), m)
-  assert "WT_BUILT" not in text
+  assert "WT_BUILT" not in _util.lowered_gemv_4bit(config, m, n, k)
   gk.gemv_4bit.clear_cache()
+
+
+def test_skips_build_counts_every_weight_of_the_launch():
+  """`skips_build` past `EARLY_MAX_M` rows counts the launch's weights
+  together: q/k/v of Llama-3-8B (6,144 rows) wait at 16 rows, where one
+  1024-row weight alone does not."""
+  assert wt.skips_build(16, (1024,), 4096)
+  assert not wt.skips_build(16, (4096, 1024, 1024), 4096)
+  assert not wt.skips_build(16, (512, 512, 512), 4096)
+  assert wt.skips_build(16, (512, 512), 4096)
+  assert not wt.skips_build(17, (512,), 1024)
 
 
 _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
