@@ -39,13 +39,9 @@ def _fractions():
     latest.update(_matmul(f"matmul_2026-12-04_h200_s23a_{shape}.json"))
   s25 = _matmul("matmul_2026-12-04_h200_s25_m1.json")
   s27 = _matmul("matmul_2026-12-04_h200_s27_m16.json")
-  # the package's defaults (fifty-fifth session, first round): M = 1 with
-  # the build's loads first, M = 16 without the early start
-  h100 = _matmul("matmul_m1_16_2026-12-06_h100_s55_lf_wt_on_1.json")
-  h100.update({key: row for key, row in _matmul(
-      "matmul_m1_16_2026-12-06_h100_s55_lf_wt_off_1.json").items()
-      if key[1] == 16})
-  h100_large = _matmul("matmul_2026-12-06_h100_s46_m64_256_4096.json")
+  # the package's defaults, re-run on an H100 (fifty-eighth session)
+  h100 = _matmul("matmul_m1_m16_2026-12-07_h100_s58.json")
+  h100_large = _matmul("matmul_m64_4096_2026-12-07_h100_s58.json")
   big = "14336x4096"
   us = lambda rows, shape, m: rows[(shape, m)]["us"]["jaxbnb"]
   worst = lambda m, rows=latest: min(rows[(s, m)]["speedup_vs_bf16"]
@@ -54,10 +50,12 @@ def _fractions():
                if r["op"] == "quantize" and r["double_quant"]
                and r["numel"] == 2**28)
   adam = _load("optim_2026-12-01_h200_tables.json")["results"][0]["columns"]
-  # the package's default at batch 1 and 8 (fifty-fifth session): the
-  # lower of two runs each
-  decode_h100 = "decode_b1_2026-12-06_h100_s55_lf_plain_1.json"
-  decode_h100_b8 = "decode_nf4dq_2026-12-06_h100_s55_lf_wt_on_1.json"
+  quant_h100 = next(
+      r for r in _load("quant_2_28_2026-12-07_h100_s58.json")["results"]
+      if r["op"] == "quantize" and r["double_quant"])
+  adam_h100 = _load("optim_64m_2026-12-07_h100_s58.json")["results"][0][
+      "columns"]
+  decode_h100 = decode_h100_b8 = "decode_b1_b8_2026-12-07_h100_s58.json"
   return [
       ("1. M = 1, 14336x4096 <= 14 us",
        14 / us(s25, big, 1), 14 / us(h100, big, 1)),
@@ -86,9 +84,11 @@ def _fractions():
        _tokens("decode_nf4dq_2026-12-04_h200_s30_b8_qkv_one_input.json", 8)
        / 2500, _tokens(decode_h100_b8, 8) / 2500),
       ("4. quantize + DQ >= 80% of copy",
-       quant["pct_copy_bw"]["jaxbnb"] / 80, None),
+       quant["pct_copy_bw"]["jaxbnb"] / 80,
+       quant_h100["pct_copy_bw"]["jaxbnb"] / 80),
       ("5. AdamW 8-bit, 64M, <= 0.45 ms",
-       450 / adam["adamw8bit-fused"]["median_us"], None),
+       450 / adam["adamw8bit-fused"]["median_us"],
+       450 / adam_h100["adamw8bit-fused"]["median_us"]),
   ]
 
 
@@ -103,7 +103,7 @@ def main():
   ax.axvline(1.0, color="k", lw=1)
   ax.set_yticks(list(y), [r[0] for r in rows], fontsize=8)
   ax.set_xlabel("figure / target (1 = met; higher is better)")
-  ax.set_title("Issue 14's targets, the latest figure for each (2026-12-06)")
+  ax.set_title("Issue 14's targets, the latest figure for each (2026-12-07)")
   ax.legend(loc="upper center", bbox_to_anchor=(0.4, -0.1), ncol=2,
             fontsize=8)
   fig.tight_layout()
