@@ -61,6 +61,10 @@
 #                                          # norm or all builds against
 #                                          # the default (staged in the
 #                                          # fifty-fifth session)
+#   HALF=1 bash docs/bench/issue14_targets.sh r   # the whole pytest -m
+#   HALF=2 bash docs/bench/issue14_targets.sh r   # gpu in two calls: in
+#                                          # one it ran past 440 s on an
+#                                          # H100 (fifty-eighth session)
 #   (part q, the q/k/v partials summed by the attention kernel, ran in
 #   the fifty-seventh session; measured slower, its code was taken out
 #   in the fifty-eighth: see commit 0168530)
@@ -239,8 +243,20 @@ case $part in
         | grep "batch "
     done
     ;;
+  r)
+    # about 400 of the 776 GPU tests in each half
+    first="tests/kernels/gemm_4bit_wgmma_test.py tests/kernels/gemv_4bit_test.py
+           tests/quant/model_shapes_gpu_test.py"
+    if [ "${HALF:-1}" = 1 ]; then
+      timeout 500 python -m pytest -q -m gpu -n 8 -p no:cacheprovider \
+          $first 2>&1 | tail -15
+    else
+      timeout 500 python -m pytest -q -m gpu -n 8 -p no:cacheprovider tests \
+          $(for f in $first; do echo "--ignore=$f"; done) 2>&1 | tail -15
+    fi
+    ;;
   *)
-    echo "part: expected one of a-p, got $part" >&2
+    echo "part: expected one of a-p or r, got $part" >&2
     exit 2
     ;;
 esac
