@@ -119,7 +119,13 @@ EARLY_SMALL_ELEMENTS = 1024 * 4096
 def skips_build(m: int, ns: tuple[int, ...], k: int) -> bool:
   """Whether a launch of `m` rows of x over weights of `ns` rows and `k`
   columns has its TMA warpgroup branch past the build (`EARLY_MAX_M`,
-  `EARLY_SMALL_ELEMENTS`)."""
+  `EARLY_SMALL_ELEMENTS`).
+
+  Example:
+    >>> from pallas_kernels.gemv_4bit_warp_tma import skips_build
+    >>> skips_build(16, (1024,), 4096), skips_build(16, (4096,), 4096)
+    (True, False)
+  """
   return m <= EARLY_MAX_M or (m <= MAX_M
                               and sum(ns) * k <= EARLY_SMALL_ELEMENTS)
 _CODES = 16  # absmax codes a row in the codes tile
@@ -586,9 +592,9 @@ def _compiled(x, weights, *, code, ns, k, rows, stages, wgs, kchunks,
   tile_rows = STEP_ROWS * wgs
   plan, n_pad = lut.row_plan(ns, k, rows, tile_rows, 4 * kchunks)
   span = max(p[3] for p in plan)
+  early = skips_build(m, ns, k)
   ptx = [(build_ptx(code, dtype.name, m, n, k, steps * tile_rows, span,
-                    w[2].shape[0], group0, wgs, kchunks, decode,
-                    skips_build(m, ns, k)),
+                    w[2].shape[0], group0, wgs, kchunks, decode, early),
           step_ptx(code, dtype.name, m, n, k, steps, n_pad, group0, row0,
                    wgs, kchunks, decode))
          for n, w, (_, steps, _, _, group0, row0) in zip(ns, weights, plan)]

@@ -560,6 +560,7 @@ def test_skips_build_counts_every_weight_of_the_launch():
   assert not wt.skips_build(16, (512, 512, 512), 4096)
   assert wt.skips_build(16, (512, 512), 4096)
   assert not wt.skips_build(17, (512,), 1024)
+  helpers.assert_docstring_examples_pass(wt.skips_build, "skips_build")
 
 
 _GPU_CASES = [(2, (14336,), 4096), (8, (4096,), 4096), (5, (1000,), 2048),
