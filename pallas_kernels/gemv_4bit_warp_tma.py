@@ -112,8 +112,13 @@ EARLY_MAX_M = 8
 # most this many elements together branch past the build as well:
 # 1024x4096 at M = 16 took 5.13 us against 5.78 (fifty-seventh session,
 # H100, two rounds; 0.7 us faster in the fifty-fifth too), where
-# 4096x4096 was even and the larger weights slower. 0 turns it off.
-EARLY_SMALL_ELEMENTS = 1024 * 4096
+# 4096x4096 was even and the larger weights slower. Fifty-ninth session
+# (H100, 20 reps, two rounds, M = 12 / 16): 2048x2048 5.74-5.85 us
+# against 6.35-6.50, and past the old bound of 1024 x 4096 elements
+# 3072x2048, 1536x4096 and 2048x4096 0.3-0.6 us faster (2048x4096 7.38-
+# 7.59 against 8.00-8.19), 4096x4096 0.1-0.5 us slower; so the bound is
+# 2048 x 4096. 0 turns it off.
+EARLY_SMALL_ELEMENTS = 2048 * 4096
 
 
 def skips_build(m: int, ns: tuple[int, ...], k: int) -> bool:

@@ -27,7 +27,9 @@ those builds' loads taken back by a fence instead of a branch. WT_EARLY=1 or 0
 `gemv_4bit_warp_tma.EARLY_MAX_M` set to 16 or 0 (since the fifty-fifth
 session 8 by default; 0 sets `EARLY_SMALL_ELEMENTS`, the fifty-eighth
 session's bound for small weights up to 16 rows, to 0 as well);
-WT_EARLY=N above 1 sets it to N. QKV_PARTIALS=N
+WT_EARLY=N above 1 sets it to N. WT_SMALL=N (fifty-ninth session) sets
+`EARLY_SMALL_ELEMENTS` to N (1024 x 4096 = 4194304 until then, 2048 x 4096
+since). QKV_PARTIALS=N
 (fifty-sixth session, measured slower in the fifty-seventh, its code taken
 out in the fifty-eighth; at commit 0168530 it set
 `models.decode_kernel.QKV_PARTIALS_MAX_B`). SUM_REDUCE=N (fifty-sixth
@@ -85,6 +87,8 @@ if os.environ.get("WT_EARLY"):
   wt.EARLY_MAX_M = wt.MAX_M if _early == 1 else _early
   if _early == 0:  # none: small weights past EARLY_MAX_M as well
     wt.EARLY_SMALL_ELEMENTS = 0
+if os.environ.get("WT_SMALL"):
+  wt.EARLY_SMALL_ELEMENTS = int(os.environ["WT_SMALL"])
 if os.environ.get("ATTN_SPLIT"):
   _s = da._splits
   da._splits = lambda b, h, s, bs, split=None, num_sms=None: _s(

@@ -39,8 +39,9 @@ def _fractions():
     latest.update(_matmul(f"matmul_2026-12-04_h200_s23a_{shape}.json"))
   s25 = _matmul("matmul_2026-12-04_h200_s25_m1.json")
   s27 = _matmul("matmul_2026-12-04_h200_s27_m16.json")
-  # the package's defaults, re-run on an H100 (fifty-eighth session)
-  h100 = _matmul("matmul_m1_m16_2026-12-07_h100_s58.json")
+  # the package's defaults, re-run on an H100 (M = 1 / 16 and the decode
+  # in the fifty-ninth session, the rest in the fifty-eighth)
+  h100 = _matmul("matmul_m1_m16_2026-12-07_h100_s59.json")
   h100_large = _matmul("matmul_m64_4096_2026-12-07_h100_s58.json")
   big = "14336x4096"
   us = lambda rows, shape, m: rows[(shape, m)]["us"]["jaxbnb"]
@@ -55,7 +56,7 @@ def _fractions():
       if r["op"] == "quantize" and r["double_quant"])
   adam_h100 = _load("optim_64m_2026-12-07_h100_s58.json")["results"][0][
       "columns"]
-  decode_h100 = decode_h100_b8 = "decode_b1_b8_2026-12-07_h100_s58.json"
+  decode_h100 = decode_h100_b8 = "decode_b1_b8_2026-12-07_h100_s59.json"
   return [
       ("1. M = 1, 14336x4096 <= 14 us",
        14 / us(s25, big, 1), 14 / us(h100, big, 1)),
