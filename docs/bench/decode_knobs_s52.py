@@ -28,7 +28,7 @@ those builds' loads taken back by a fence instead of a branch. WT_EARLY=1 or 0
 session 8 by default; 0 sets `EARLY_SMALL_ELEMENTS`, the fifty-eighth
 session's bound for small weights up to 16 rows, to 0 as well);
 WT_EARLY=N above 1 sets it to N. WT_SMALL=N (fifty-ninth session) sets
-`EARLY_SMALL_ELEMENTS` to N (1024 x 4096 = 4194304 until then, 2048 x 4096
+`EARLY_SMALL_ELEMENTS` to N (1024 x 4096 = 4194304 until then, 3072 x 4096
 since). QKV_PARTIALS=N
 (fifty-sixth session, measured slower in the fifty-seventh, its code taken
 out in the fifty-eighth; at commit 0168530 it set

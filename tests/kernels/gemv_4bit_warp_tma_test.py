@@ -529,17 +529,17 @@ def test_lowers_for_cuda_with_the_pipeline_allocated_first(alloc_first,
 @pytest.mark.parametrize("m,n,k,skips", [
     (2, 4096, 4096, True), (8, 4096, 4096, True), (9, 4096, 4096, False),
     (16, 4096, 4096, False), (16, 1024, 4096, True), (9, 1000, 2048, True),
-    (16, 2048, 4096, True), (16, 3072, 4096, False), (12, 4096, 2048, True),
-    (12, 4096, 2304, False)])
+    (16, 3072, 4096, True), (16, 3584, 4096, False), (12, 6144, 2048, True),
+    (12, 6144, 2304, False)])
 def test_default_skips_the_build_up_to_early_max_m(m, n, k, skips,
                                                    monkeypatch):
   """By default the TMA warpgroup branches past the build for launches of
   at most `EARLY_MAX_M` (8) rows of x, where it was measured faster, and
-  up to 16 rows for weights of at most 2048 x 4096 elements
+  up to 16 rows for weights of at most 3072 x 4096 elements
   (`EARLY_SMALL_ELEMENTS`); it waits at the build's barrier otherwise
   (M = 12 and 16 were slower on 4096x4096 and the larger weights). Both
   bounds at 0 turn it off."""
-  assert wt.EARLY_MAX_M == 8 and wt.EARLY_SMALL_ELEMENTS == 2048 * 4096
+  assert wt.EARLY_MAX_M == 8 and wt.EARLY_SMALL_ELEMENTS == 3072 * 4096
   assert wt.skips_build(m, (n,), k) == skips
   config = ("warp_tma", 64, 128, 2, 8, 4, 1, "lds")
   gk.gemv_4bit.clear_cache()
@@ -556,8 +556,11 @@ def test_skips_build_counts_every_weight_of_the_launch():
   """`skips_build` past `EARLY_MAX_M` rows counts the launch's weights
   together: q/k/v of Llama-3-8B (6,144 rows) wait at 16 rows, and so do
   three weights of 2048, 1024 and 1024 rows, where the 2048-row weight
-  alone does not; Llama-3.2-1B's q/k/v (3,072 rows of 2048) skip it."""
+  alone does not; Llama-3.2-1B's q/k/v (3,072 rows of 2048) skip it,
+  Llama-3.2-3B's (5,120 rows of 3072) wait and its o (3072x3072) skips."""
   assert wt.skips_build(16, (2048,), 4096)
+  assert not wt.skips_build(16, (3072, 1024, 1024), 3072)
+  assert wt.skips_build(16, (3072,), 3072)
   assert not wt.skips_build(16, (4096, 1024, 1024), 4096)
   assert not wt.skips_build(16, (2048, 1024, 1024), 4096)
   assert wt.skips_build(16, (2048, 512, 512), 2048)
