@@ -65,6 +65,15 @@
 #   HALF=2 bash docs/bench/issue14_targets.sh r   # gpu in two calls: in
 #                                          # one it ran past 440 s on an
 #                                          # H100 (fifty-eighth session)
+#   bash docs/bench/issue14_targets.sh s   # the small-weight bound
+#                                          # (EARLY_SMALL_ELEMENTS, 3072 x
+#                                          # 4096 since the fifty-ninth
+#                                          # session): Llama-3.2-3B's
+#                                          # decode at batch 12 / 16 with
+#                                          # 2048 x 4096 against it, two
+#                                          # rounds; M = 12 / 16 past the
+#                                          # build or not between 9.4M and
+#                                          # 16.8M elements (about 250 s)
 #   (part q, the q/k/v partials summed by the attention kernel, ran in
 #   the fifty-seventh session; measured slower, its code was taken out
 #   in the fifty-eighth: see commit 0168530)
@@ -255,8 +264,27 @@ case $part in
           $(for f in $first; do echo "--ignore=$f"; done) 2>&1 | tail -15
     fi
     ;;
+  s)
+    K=docs/bench/decode_knobs_s52.py
+    for round in 1 2; do
+      for w in 8388608 ""; do
+        echo "== decode 3B round $round WT_SMALL=${w:-default}"
+        WT_SMALL=$w timeout 70 python $K cli bench decode --impl jax-nf4-dq \
+            --shape llama-3.2-3b --batch 12,16 --steps 64 --reps 3 \
+            --json "$OUT/decode_3b_r${round}_w${w:-default}.json" 2>&1 \
+            | grep -o "'batch': [0-9]*\|'tokens_per_s': [0-9.]*"
+      done
+    done
+    for e in "" 16; do
+      echo "== matmul WT_EARLY=${e:-default}"
+      WT_EARLY=$e timeout 60 python $K cli bench matmul --m 12,16 --no-ref \
+          --no-bnb --reps 20 \
+          --shapes 3072x3072,3072x4096,3584x4096,5120x3072,4096x4096 \
+          --out "$OUT/matmul_mid_e${e:-default}.json" 2>&1 | grep -E "^[0-9]+x"
+    done
+    ;;
   *)
-    echo "part: expected one of a-p or r, got $part" >&2
+    echo "part: expected one of a-p, r or s, got $part" >&2
     exit 2
     ;;
 esac
