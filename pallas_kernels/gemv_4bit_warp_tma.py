@@ -115,8 +115,8 @@ EARLY_MAX_M = 8
 # 4096x4096 was even and the larger weights slower. Fifty-ninth session
 # (H100, 20 reps, two rounds, M = 12 / 16): 2048x2048 5.74-5.85 us
 # against 6.35-6.50, and past the old bound of 1024 x 4096 elements
-# 3072x2048, 1536x4096 and 2048x4096 0.3-0.6 us faster (2048x4096 7.38-
-# 7.59 against 8.00-8.19), 4096x4096 0.1-0.5 us slower; and on an H200
+# 3072x2048, 1536x4096 and 2048x4096 0.2-0.6 us faster (2048x4096 7.38-
+# 7.59 against 8.00-8.19), 4096x4096 up to 0.2 us slower; and on an H200
 # (one round, M = 16) 3072x3072 7.80 against 8.16 and 3072x4096 8.19
 # against 8.58. So the bound is 3072 x 4096; 4096x4096 stays out. 0 turns
 # it off.
