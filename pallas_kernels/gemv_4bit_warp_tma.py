@@ -135,6 +135,8 @@ def skips_build(m: int, ns: tuple[int, ...], k: int) -> bool:
   """
   return m <= EARLY_MAX_M or (m <= MAX_M
                               and sum(ns) * k <= EARLY_SMALL_ELEMENTS)
+
+
 _CODES = 16  # absmax codes a row in the codes tile
 _XBLOCK = 144  # bytes a block of x in shared memory: 128 + 16 of padding
 _XROW = 4 * _XBLOCK  # bytes a row of x
