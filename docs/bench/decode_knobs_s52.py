@@ -29,7 +29,11 @@ session 8 by default; 0 sets `EARLY_SMALL_ELEMENTS`, the fifty-eighth
 session's bound for small weights up to 16 rows, to 0 as well);
 WT_EARLY=N above 1 sets it to N. WT_SMALL=N (fifty-ninth session) sets
 `EARLY_SMALL_ELEMENTS` to N (1024 x 4096 = 4194304 until then, 3072 x 4096
-since). QKV_PARTIALS=N
+since). ATTN_BLOCK=N and ATTN_WARPS=N (sixtieth session): the decode
+attention's cache slots a step (`block_s`; default 64 up to 512 slots)
+and Triton warps a program (default 4); with ATTN_SPLIT=1 and
+ATTN_BLOCK=256, one program a key/value head takes a 256-slot cache in
+one step and writes the normalized output (no combine after it). QKV_PARTIALS=N
 (fifty-sixth session, measured slower in the fifty-seventh, its code taken
 out in the fifty-eighth; at commit 0168530 it set
 `models.decode_kernel.QKV_PARTIALS_MAX_B`). SUM_REDUCE=N (fifty-sixth
@@ -93,6 +97,15 @@ if os.environ.get("ATTN_SPLIT"):
   _s = da._splits
   da._splits = lambda b, h, s, bs, split=None, num_sms=None: _s(
       b, h, s, bs, int(os.environ["ATTN_SPLIT"]), num_sms)
+if os.environ.get("ATTN_BLOCK") or os.environ.get("ATTN_WARPS"):
+  _attn = da.decode_attention
+  def decode_attention(*a, **kw):
+    if os.environ.get("ATTN_BLOCK"):
+      kw["block_s"] = int(os.environ["ATTN_BLOCK"])
+    if os.environ.get("ATTN_WARPS"):
+      kw["num_warps"] = int(os.environ["ATTN_WARPS"])
+    return _attn(*a, **kw)
+  da.decode_attention = decode_attention
 if os.environ.get("PART_HINT"):  # the partials' stores kept in L2
   _step = wt.step_ptx
   def step_ptx(*a, **kw):

@@ -74,6 +74,14 @@
 #                                          # rounds; M = 12 / 16 past the
 #                                          # build or not between 9.4M and
 #                                          # 16.8M elements (about 250 s)
+#   bash docs/bench/issue14_targets.sh t   # the decode attention at
+#                                          # batch 1 (8B, 256 slots): one
+#                                          # program a key/value head in
+#                                          # one 256-slot step (no
+#                                          # combine), 4 or 8 warps, 2
+#                                          # splits of 128, against the
+#                                          # default 4 splits of 64; two
+#                                          # rounds (about 260 s)
 #   (part q, the q/k/v partials summed by the attention kernel, ran in
 #   the fifty-seventh session; measured slower, its code was taken out
 #   in the fifty-eighth: see commit 0168530)
@@ -283,8 +291,24 @@ case $part in
           --out "$OUT/matmul_mid_e${e:-default}.json" 2>&1 | grep -E "^[0-9]+x"
     done
     ;;
+  t)
+    K=docs/bench/decode_knobs_s52.py
+    for round in 1 2; do
+      for cfg in "" 1/256/4 1/256/8 2/128/4; do
+        [ "$round" = 2 ] && [ "$cfg" = 2/128/4 ] && continue
+        IFS=/ read -r sp bl wa <<< "$cfg"
+        name=${cfg:-default}
+        echo "== decode b1 round $round attention ${cfg:-default}"
+        ATTN_SPLIT=$sp ATTN_BLOCK=$bl ATTN_WARPS=$wa timeout 60 python $K \
+            cli bench decode --impl jax-nf4-dq --shape llama-3-8b --batch 1 \
+            --steps 64 --reps 3 \
+            --json "$OUT/decode_b1_r${round}_attn_${name//\//_}.json" 2>&1 \
+            | grep -o "'tokens_per_s': [0-9.]*"
+      done
+    done
+    ;;
   *)
-    echo "part: expected one of a-p, r or s, got $part" >&2
+    echo "part: expected one of a-p, r, s or t, got $part" >&2
     exit 2
     ;;
 esac
