@@ -33,7 +33,10 @@ since). ATTN_BLOCK=N and ATTN_WARPS=N (sixtieth session): the decode
 attention's cache slots a step (`block_s`; default 64 up to 512 slots)
 and Triton warps a program (default 4); with ATTN_SPLIT=1 and
 ATTN_BLOCK=256, one program a key/value head takes a 256-slot cache in
-one step and writes the normalized output (no combine after it). QKV_PARTIALS=N
+one step and writes the normalized output (no combine after it).
+ATTN_STAGES=N: its Triton pipeline stages (default 1), so that a program
+walking several blocks of the cache can have the next one's loads in
+flight. QKV_PARTIALS=N
 (fifty-sixth session, measured slower in the fifty-seventh, its code taken
 out in the fifty-eighth; at commit 0168530 it set
 `models.decode_kernel.QKV_PARTIALS_MAX_B`). SUM_REDUCE=N (fifty-sixth
@@ -106,6 +109,14 @@ if os.environ.get("ATTN_BLOCK") or os.environ.get("ATTN_WARPS"):
       kw["num_warps"] = int(os.environ["ATTN_WARPS"])
     return _attn(*a, **kw)
   da.decode_attention = decode_attention
+if os.environ.get("ATTN_STAGES"):  # the decode attention's pipeline stages
+  class _Backend:
+    def __getattr__(self, name):
+      return getattr(_real_backend, name)
+    def compiler_params(self, **kw):
+      kw["num_stages"] = int(os.environ["ATTN_STAGES"])
+      return _real_backend.compiler_params(**kw)
+  _real_backend, da._backend = da._backend, _Backend()
 if os.environ.get("PART_HINT"):  # the partials' stores kept in L2
   _step = wt.step_ptx
   def step_ptx(*a, **kw):

@@ -78,10 +78,12 @@
 #                                          # batch 1 (8B, 256 slots): one
 #                                          # program a key/value head in
 #                                          # one 256-slot step (no
-#                                          # combine), 4 or 8 warps, 2
-#                                          # splits of 128, against the
+#                                          # combine), 4 or 8 warps; one
+#                                          # program on 4 blocks of 64
+#                                          # in a 3-stage pipeline; 2
+#                                          # splits of 128; against the
 #                                          # default 4 splits of 64; two
-#                                          # rounds (about 260 s)
+#                                          # rounds (about 300 s)
 #   (part q, the q/k/v partials summed by the attention kernel, ran in
 #   the fifty-seventh session; measured slower, its code was taken out
 #   in the fifty-eighth: see commit 0168530)
@@ -294,12 +296,13 @@ case $part in
   t)
     K=docs/bench/decode_knobs_s52.py
     for round in 1 2; do
-      for cfg in "" 1/256/4 1/256/8 2/128/4; do
-        [ "$round" = 2 ] && [ "$cfg" = 2/128/4 ] && continue
-        IFS=/ read -r sp bl wa <<< "$cfg"
+      for cfg in "" 1/256/4/1 1/256/8/1 1/64/4/3 2/128/4/1; do
+        [ "$round" = 2 ] && [ "$cfg" = 2/128/4/1 ] && continue
+        IFS=/ read -r sp bl wa st <<< "$cfg"
         name=${cfg:-default}
         echo "== decode b1 round $round attention ${cfg:-default}"
-        ATTN_SPLIT=$sp ATTN_BLOCK=$bl ATTN_WARPS=$wa timeout 60 python $K \
+        ATTN_SPLIT=$sp ATTN_BLOCK=$bl ATTN_WARPS=$wa ATTN_STAGES=$st \
+            timeout 60 python $K \
             cli bench decode --impl jax-nf4-dq --shape llama-3-8b --batch 1 \
             --steps 64 --reps 3 \
             --json "$OUT/decode_b1_r${round}_attn_${name//\//_}.json" 2>&1 \
