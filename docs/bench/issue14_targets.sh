@@ -83,7 +83,7 @@
 #                                          # in a 3-stage pipeline; 2
 #                                          # splits of 128; against the
 #                                          # default 4 splits of 64; two
-#                                          # rounds (about 300 s)
+#                                          # rounds (about 360 s)
 #   (part q, the q/k/v partials summed by the attention kernel, ran in
 #   the fifty-seventh session; measured slower, its code was taken out
 #   in the fifty-eighth: see commit 0168530)
