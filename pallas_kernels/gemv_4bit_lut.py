@@ -54,6 +54,7 @@ from jax import lax
 from pallas_kernels import _backend
 from pallas_kernels import lowering
 from pallas_kernels import rms_norm as rms_norm_lib
+from pallas_kernels import split_sum
 from pallas_kernels.dequantize_4bit import decode_absmax
 from pallas_kernels.split_sum import sum_splits
 
@@ -121,6 +122,11 @@ LOADS_FIRST = True
 # session, H100, with it and without, alternated): 380.9 and 385.6
 # against 382.9 and 382.6 tokens/s, within the runs' spread; off.
 LOADS_FENCE = False
+# `gemv_swiglu`'s `residual` added with down's partials' sum in one
+# Pallas kernel (`split_sum.add_splits`, columns spread over the GPU)
+# instead of XLA's fusion of the two (one thread a value). Sixtieth
+# session: staged, to be measured on the 8B decode at batch 1.
+RESIDUAL_KERNEL = True
 _CODES = 16  # absmax codes a row in the codes tile (TMA's 16-byte minimum)
 _ROW = 256  # bytes between a position's entries for byte values b, b + 1
 _DTYPES = ("bfloat16", "float16")
@@ -1065,6 +1071,7 @@ def gemv_group(x: jax.Array, weights, *, code: tuple[float, ...],
 
 def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
                 n: int, k: int, n_out: int, rms_norm=None,
+                residual: jax.Array | None = None,
                 interpret: bool = False) -> jax.Array:
   """`down(silu(x @ gate.T) * (x @ up.T))` for one row of x (a SwiGLU
   MLP at decode time) in two launches: gate and up in one (`gemv_group`'s
@@ -1093,10 +1100,16 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
     n_out: rows of down.
     rms_norm: `(weight [k], eps)`: x RMSNorm'd first, in gate/up's table
       builds (`gemv_group`'s `rms_norm`).
-    interpret: the jnp twins (CPU).
+    residual: `[1, n_out]` in x's dtype, or None: the result is then
+      `residual + y` with y rounded to x's dtype first (a decoder layer's
+      `x + mlp(x)`), made from down's partials in one more launch
+      (`split_sum.add_splits`, where `RESIDUAL_KERNEL` is on and it
+      takes `n_out`) instead of XLA's sum and add.
+    interpret: the jnp twins (CPU); with `residual`, `add_splits` in
+      Pallas' interpreter on down's twin partials.
 
   Returns:
-    float32 `[1, n_out]`.
+    float32 `[1, n_out]`, or with `residual` `[1, n_out]` in x's dtype.
 
   Example (the jnp twins, on any device):
 
@@ -1125,12 +1138,22 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
   if len(code) != 16:
     raise ValueError(f"code: needs 16 values, got {len(code)}")
   norm = _norm_arg(rms_norm, k, dtype)
+  if residual is not None and (residual.shape != (1, n_out)
+                               or residual.dtype != dtype):
+    raise ValueError(f"residual: needs {dtype} {(1, n_out)}, got "
+                     f"{residual.dtype} {residual.shape}")
+  add_kernel = (residual is not None and RESIDUAL_KERNEL
+                and split_sum.can_add(n_out))
   gate, up, down = _prepared((gate, up, down))
   if interpret:
     g, u = gemv_group(x, [gate, up], code=code, ns=(n, n), k=k,
                       rms_norm=rms_norm, interpret=True)
     h = jax.nn.silu(g.astype(dtype)) * u.astype(dtype)
-    return gemv(h, *down, code=code, n=n_out, k=n, interpret=True)
+    if add_kernel:
+      return split_sum.add_splits(_twin(h, *down, code=code, n=n_out, k=n),
+                                  residual, interpret=True)
+    y = gemv(h, *down, code=code, n=n_out, k=n, interpret=True)
+    return y if residual is None else residual + y.astype(dtype)
   if not available():
     raise RuntimeError(
         "the table GEMV needs Mosaic GPU's inline_mgpu and emit_pipeline "
@@ -1143,13 +1166,18 @@ def gemv_swiglu(x: jax.Array, gate, up, down, *, code: tuple[float, ...],
                          tma_skips_build=first["tma_skips_build"], raw=True,
                          norm=norm)
   second = group_config((n_out,), n)
-  return _compiled(part, [down], code=code, ns=(n_out,), k=n,
-                   rows=second["rows"], step_rows=second["step_rows"],
-                   stages=second["stages"], wgs=second["wgs"],
-                   early=second["early"],
-                   tma_skips_build=second["tma_skips_build"],
-                   swiglu=SwigluInput(k // CHUNK, part.shape[1], plan[1][5]),
-                   dtype=dtype)[0]
+  out = _compiled(part, [down], code=code, ns=(n_out,), k=n,
+                  rows=second["rows"], step_rows=second["step_rows"],
+                  stages=second["stages"], wgs=second["wgs"],
+                  early=second["early"],
+                  tma_skips_build=second["tma_skips_build"],
+                  swiglu=SwigluInput(k // CHUNK, part.shape[1], plan[1][5]),
+                  dtype=dtype, raw=add_kernel)
+  if add_kernel:
+    down_part, down_plan = out
+    return split_sum.add_splits(down_part, residual, row0=down_plan[0][5])
+  y = out[0]
+  return y if residual is None else residual + y.astype(dtype)
 
 
 def gemv(x: jax.Array, packed: jax.Array, codes: jax.Array,

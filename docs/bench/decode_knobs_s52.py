@@ -36,7 +36,10 @@ ATTN_BLOCK=256, one program a key/value head takes a 256-slot cache in
 one step and writes the normalized output (no combine after it).
 ATTN_STAGES=N: its Triton pipeline stages (default 1), so that a program
 walking several blocks of the cache can have the next one's loads in
-flight. QKV_PARTIALS=N
+flight. RESIDUAL=1 or 0 (sixtieth session):
+`gemv_4bit_lut.RESIDUAL_KERNEL`, the decoder layer's residual add made
+with the down projection's partials' sum in one Pallas kernel
+(`split_sum.add_splits`) at batch 1, or by XLA's fusion. QKV_PARTIALS=N
 (fifty-sixth session, measured slower in the fifty-seventh, its code taken
 out in the fifty-eighth; at commit 0168530 it set
 `models.decode_kernel.QKV_PARTIALS_MAX_B`). SUM_REDUCE=N (fifty-sixth
@@ -89,6 +92,8 @@ if int(os.environ.get("SUM_REDUCE", "0")) > 0:
       return part.sum(0)
     return _sum_splits(part)
   gemv_4bit_lut.sum_splits = wt.sum_splits = sum_splits
+if os.environ.get("RESIDUAL") in ("0", "1"):  # sixtieth session
+  gemv_4bit_lut.RESIDUAL_KERNEL = os.environ["RESIDUAL"] == "1"
 if os.environ.get("WT_EARLY"):
   _early = int(os.environ["WT_EARLY"])
   wt.EARLY_MAX_M = wt.MAX_M if _early == 1 else _early

@@ -84,6 +84,15 @@
 #                                          # splits of 128; against the
 #                                          # default 4 splits of 64; two
 #                                          # rounds (about 360 s)
+#   bash docs/bench/issue14_targets.sh u   # the residual add with the
+#                                          # down projection's partials'
+#                                          # sum in one kernel
+#                                          # (RESIDUAL_KERNEL): its GPU
+#                                          # tests, the 8B decode at
+#                                          # batch 1 with it and without,
+#                                          # alternated twice, 4-layer
+#                                          # profiles of both (about
+#                                          # 330 s)
 #   (part q, the q/k/v partials summed by the attention kernel, ran in
 #   the fifty-seventh session; measured slower, its code was taken out
 #   in the fifty-eighth: see commit 0168530)
@@ -310,8 +319,30 @@ case $part in
       done
     done
     ;;
+  u)
+    K=docs/bench/decode_knobs_s52.py
+    timeout 150 python -m pytest -q -m gpu -n 4 tests/kernels/split_sum_test.py \
+        tests/kernels/gemv_4bit_lut_test.py tests/quant/dispatch_test.py \
+        -k "add_splits or swiglu or residual" 2>&1 | tail -4
+    for round in 1 2; do
+      for r in 1 0; do
+        echo "== decode b1 round $round RESIDUAL=$r"
+        RESIDUAL=$r timeout 60 python $K cli bench decode --impl jax-nf4-dq \
+            --shape llama-3-8b --batch 1 --steps 64 --reps 3 \
+            --json "$OUT/decode_b1_r${round}_residual_$r.json" 2>&1 \
+            | grep -o "'tokens_per_s': [0-9.]*"
+      done
+    done
+    for r in 1 0; do
+      echo "== profile b1 4 layers RESIDUAL=$r"
+      RESIDUAL=$r LAYERS=4 SEQUENCE=1 timeout 60 python $K profile \
+          jax-nf4-dq 1 16 > "$OUT/profile_b1_residual_$r.txt" 2>&1
+      grep -E "add_splits|loop_add_fusion|tok/s|per decode step" \
+          "$OUT/profile_b1_residual_$r.txt" | head -8
+    done
+    ;;
   *)
-    echo "part: expected one of a-p, r, s or t, got $part" >&2
+    echo "part: expected one of a-p, r, s, t or u, got $part" >&2
     exit 2
     ;;
 esac

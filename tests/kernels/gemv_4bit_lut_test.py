@@ -504,6 +504,33 @@ def test_swiglu_interpret_is_the_composition(dtype):
   _swiglu_check(y, x, ws, dtype)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_swiglu_residual_is_the_add(monkeypatch, kernel):
+  """With `residual`, `gemv_swiglu` gives `residual + y` (y rounded to
+  x's dtype first) bit for bit, whether `split_sum.add_splits` sums
+  down's partials with it (`RESIDUAL_KERNEL`) or XLA adds; a residual
+  of another shape or dtype is named."""
+  monkeypatch.setattr(lg, "RESIDUAL_KERNEL", kernel)
+  calls = []
+  real = lg.split_sum.add_splits
+  monkeypatch.setattr(lg.split_sum, "add_splits", lambda *a, **kw: (
+      calls.append(a[0].shape) or real(*a, **kw)))
+  n, k, n_out = 1024, 1024, 192
+  _, args = _swiglu_weights(n, k, n_out, jnp.bfloat16, 91)
+  x = jnp.asarray(_util.rng_array((1, k), 22, jnp.bfloat16))
+  residual = jnp.asarray(_util.rng_array((1, n_out), 23, jnp.bfloat16))
+  kw = dict(code=_code("nf4"), n=n, k=k, n_out=n_out, interpret=True)
+  got = lg.gemv_swiglu(x, *args, **kw, residual=residual)
+  y = lg.gemv_swiglu(x, *args, **kw)
+  assert got.dtype == jnp.bfloat16 and got.shape == (1, n_out)
+  helpers.assert_bits_equal(np.asarray(got),
+                            np.asarray(residual + y.astype(jnp.bfloat16)))
+  assert calls == ([(n // 256, n_out)] if kernel else []), calls
+  with pytest.raises(ValueError, match=r"residual: needs bfloat16 \(1, "
+                     r"192\), got float32 \(1, 192\)"):
+    lg.gemv_swiglu(x, *args, **kw, residual=residual.astype(jnp.float32))
+
+
 @pytest.mark.parametrize("what,match", [
     ("x", "x: the table GEMV takes 1 row, got 2"),
     ("n", "k: the table GEMV needs a multiple of 256 .*got 1600"),
@@ -577,6 +604,13 @@ def test_gpu_swiglu(n, k, n_out, dtype):
   _swiglu_check(y, x, ws, dtype)
   np.testing.assert_allclose(np.asarray(y), np.asarray(twin), rtol=2e-2,
                              atol=2e-2 * float(jnp.max(jnp.abs(twin))))
+  # with a residual (`split_sum.add_splits` where n_out takes it): the
+  # residual plus y rounded, bit for bit
+  residual = jnp.asarray(_util.rng_array((1, n_out), 24, dtype))
+  got = jax.jit(functools.partial(lg.gemv_swiglu, **kw))(
+      x, *args, residual=residual)
+  helpers.assert_bits_equal(np.asarray(got),
+                            np.asarray(residual + y.astype(dtype)))
 
 
 @pytest.mark.gpu

@@ -535,7 +535,8 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
   bf16 layers the table GEMV serves (widths of 4096, as Llama-3-8B's), a
   layer's MLP is one `matmul_4bit_swiglu`: interpreted on the CPU, its
   logits and cache are bit for bit those of the three matmuls apart,
-  which it replaces; the prefill (several rows) composes them. With
+  which it replaces, its residual add made with down's partials' sum
+  (`split_sum.add_splits`); the prefill (several rows) composes them. With
   `NORM_FUSED` on too (`norms`), the layer's two RMSNorms are made in
   the q/k/v and gate/up GEMVs' programs: the logits and cache within a
   few bf16 ulps of the unfused path (the norm kernel's sum of squares
@@ -566,6 +567,11 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
         lambda *a, real=real, name=name, **kw: calls.append(
             (name, a[0].shape, kw.get("rms_norm") is not None))
         or real(*a, **kw)))
+  from pallas_kernels import split_sum  # pylint: disable=g-import-not-at-top
+  adds = []
+  real_add = split_sum.add_splits
+  monkeypatch.setattr(split_sum, "add_splits", lambda *a, **kw: (
+      adds.append(a[1].shape) or real_add(*a, **kw)))
   ids = jnp.asarray([[5, 17, 3]], jnp.int32)
   graph, state = nnx.split(model)
 
@@ -584,6 +590,8 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
     fused, fused_k = decode()
     step = {c for c in calls if c[1] == (1, 4096)}
     assert ("gemv_swiglu", (1, 4096), norms) in step, calls
+    assert adds == [(1, 4096)], adds  # traced once: one layer
+    adds.clear()
     # q/k/v: the group launch, its norm made in the build with NORM_FUSED
     assert [c for c in step if c[0] == "gemv_group" and c[2] == norms], calls
     calls.clear()
@@ -591,6 +599,7 @@ def test_decode_mlp_runs_down_on_gate_up_partials(monkeypatch, norms):
     monkeypatch.setattr(kernels, "norm_serves", lambda *a, **kw: False)
     apart, apart_k = decode()
   assert not [c for c in calls if c[0] == "gemv_swiglu" or c[2]], calls
+  assert not adds, adds
   assert np.abs(fused).max() > 0
   if not norms:
     np.testing.assert_array_equal(fused, apart)

@@ -621,6 +621,78 @@ def test_matmul_rms_norm_errors_name_the_argument():
                          rms_norm=jnp.ones((64,)))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("m,n_out", [(1, 4096),   # fused: one add kernel
+                                     (2, 4096),   # composed
+                                     (1, 1024)])  # down too small
+def test_matmul_swiglu_residual_is_the_add(monkeypatch, mode, m, n_out):
+  """`residual=` on `F.matmul_4bit_swiglu` (a decoder layer's `x +
+  mlp(x)`), jitted and differentiated: values bit for bit `residual + y`,
+  the gradient to the residual the output's, to A unchanged; where the
+  fused launches serve it, down's partials and the residual meet in one
+  `split_sum.add_splits` (interpreted on the CPU)."""
+  from pallas_kernels import split_sum  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()  # see test_m1_routing_takes_the_table_kernel
+  calls = []
+  real = split_sum.add_splits
+  monkeypatch.setattr(split_sum, "add_splits", lambda *a, **kw: (
+      calls.append(a[1].shape) or real(*a, **kw)))
+  k, n = 1024, 4096
+  monkeypatch.setattr(gk, "LUT_MIN_K", k)  # a small k for the CPU
+  weights = [F.quantize_4bit(_w(rows, cols, 90 + i, jnp.bfloat16),
+                             quant_type="nf4", compress_statistics=True)
+             for i, (rows, cols) in enumerate(((n, k), (n, k), (n_out, n)))]
+  x = jnp.asarray(_util.rng_array((m, k), 91, jnp.bfloat16))
+  res = jnp.asarray(_util.rng_array((m, n_out), 92, jnp.bfloat16))
+  gs = jnp.asarray(_util.rng_array((m, n_out), 93, jnp.float32))
+
+  def loss(x, res, with_residual):
+    if with_residual:
+      y = F.matmul_4bit_swiglu(x, *weights, residual=res)
+    else:
+      y = res + F.matmul_4bit_swiglu(x, *weights)
+    return jnp.sum(y.astype(jnp.float32) * gs), y
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+                 static_argnums=2)
+  with jaxbnb.kernel_mode(mode):
+    (_, y), grads = step(x, res, True)
+    (_, want), grads_want = step(x, res, False)
+    fused = kernels.swiglu_serves(m, k, x.dtype,
+                                  tuple(q for _, q in weights), mode)
+  assert fused == (m == 1 and n_out >= 4096)
+  assert calls == ([(1, n_out)] if fused else []), calls
+  assert y.shape == (m, n_out) and y.dtype == jnp.bfloat16
+  helpers.assert_bits_equal(np.asarray(grads[1]),
+                            np.asarray(gs.astype(jnp.bfloat16)))
+  if mode == "interpret":
+    helpers.assert_bits_equal(np.asarray(y), np.asarray(want))
+    helpers.assert_bits_equal(np.asarray(grads[0]), np.asarray(grads_want[0]))
+    return
+  # Compiled whole, XLA may add y to the residual before rounding it to
+  # bf16 (excess precision), where the kernel rounds it first: within a
+  # unit in the last place of bf16 of the operands.
+  y, want = np.asarray(y, np.float32), np.asarray(want, np.float32)
+  scale = np.abs(want) + np.abs(np.asarray(res, np.float32))
+  assert np.all(np.abs(y - want) <= 2.0**-7 * scale), np.abs(y - want).max()
+  np.testing.assert_allclose(np.asarray(grads[0], np.float32),
+                             np.asarray(grads_want[0], np.float32),
+                             rtol=2.0**-6, atol=1e-6)
+
+
+def test_matmul_swiglu_residual_errors_name_the_argument():
+  gate, up = (F.quantize_4bit(_w(128, 64, i)) for i in range(2))
+  down = F.quantize_4bit(_w(32, 128, 2))
+  x = jnp.ones((2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"`residual` must be bfloat16 \[2, "
+                     r"32\] \(A's rows, down's N_out\), got bfloat16 "
+                     r"\[2, 64\]"):
+    F.matmul_4bit_swiglu(x, gate, up, down,
+                         residual=jnp.ones((2, 64), jnp.bfloat16))
+  with pytest.raises(ValueError, match=r"got float32 \[2, 32\]"):
+    F.matmul_4bit_swiglu(x, gate, up, down, residual=jnp.ones((2, 32)))
+
+
 def test_matmul_swiglu_composes_when_switched_off(monkeypatch):
   """With `gemv_4bit.SWIGLU_FUSED` off (on by default since the H200
   measured it), even where the table GEMV serves the three weights,

@@ -165,14 +165,16 @@ class MLP(nnx.Module):
     self.down_proj = make_linear(i, h, use_bias=b, path=path + ".down_proj",
                                  **kw)
 
-  def __call__(self, x: jax.Array, norm: "RMSNorm | None" = None
-               ) -> jax.Array:
-    """`down(silu(gate(h)) * up(h))` with `h = norm(x)` (`norm` None: x).
+  def __call__(self, x: jax.Array, norm: "RMSNorm | None" = None,
+               residual: jax.Array | None = None) -> jax.Array:
+    """`down(silu(gate(h)) * up(h))` with `h = norm(x)` (`norm` None: x),
+    plus `residual` (in the MLP's dtype) unless it is None.
 
     Plain 4-bit linears at a decode step the table GEMV serves can run as
     `matmul_4bit_swiglu`'s two launches (down's GEMV on gate/up's
     partials, `pallas_kernels.gemv_4bit.SWIGLU_FUSED`), the norm made in
-    gate/up's programs (`NORM_FUSED`)."""
+    gate/up's programs (`NORM_FUSED`) and the residual added with down's
+    partials' sum (`gemv_4bit_lut.RESIDUAL_KERNEL`)."""
     layers = (self.gate_proj, self.up_proj, self.down_proj)
     weights = [_grouped_weight(layer) for layer in layers]
     if (tensor_parallel.current() is None and None not in weights
@@ -186,12 +188,17 @@ class MLP(nnx.Module):
         rms = _fusable_norm(norm, x, self.dtype, qss[:2])
         if rms is None and norm is not None:
           x = norm(x)
-        return matmul_lib.matmul_4bit_swiglu(
-            x.astype(self.dtype), *((w.data, w.quant_state) for w in weights),
-            rms_norm=rms).astype(self.dtype)
+        pairs = [(w.data, w.quant_state) for w in weights]
+        if residual is not None and residual.dtype == self.dtype:
+          return matmul_lib.matmul_4bit_swiglu(
+              x.astype(self.dtype), *pairs, rms_norm=rms, residual=residual)
+        y = matmul_lib.matmul_4bit_swiglu(
+            x.astype(self.dtype), *pairs, rms_norm=rms).astype(self.dtype)
+        return y if residual is None else residual + y
     gate, up = (y.astype(self.dtype)
                 for y in _linears((self.gate_proj, self.up_proj), x, norm))
-    return _linear(self.down_proj, jax.nn.silu(gate) * up).astype(self.dtype)
+    y = _linear(self.down_proj, jax.nn.silu(gate) * up).astype(self.dtype)
+    return y if residual is None else residual + y
 
 
 class Attention(nnx.Module):
@@ -308,7 +315,8 @@ class DecoderLayer(nnx.Module):
     h, new_kv = self.self_attn(x, cos, sin, allowed, kv_cache, index,
                                norm=self.input_layernorm)
     x = x + h
-    x = x + self.mlp(x, norm=self.post_attention_layernorm)
+    # `x + mlp(x)`: at a decode step the add can join down's partials' sum.
+    x = self.mlp(x, norm=self.post_attention_layernorm, residual=x)
     return x, new_kv
 
 

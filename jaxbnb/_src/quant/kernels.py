@@ -408,17 +408,18 @@ def swiglu_serves(m, k, dtype, qss, mode=None) -> bool:
                                interpret=mode == "interpret"))
 
 
-def swiglu(x2d, packeds, qss, mode, rms_norm=None):
+def swiglu(x2d, packeds, qss, mode, rms_norm=None, residual=None):
   """`down(silu(x2d @ gate.T) * (x2d @ up.T))` in x2d's dtype through the
   table GEMV's two launches (`gemv_4bit_lut.gemv_swiglu`: down makes its
   input from gate/up's partials); the weights pass `swiglu_serves` (and,
   with `rms_norm` `(weight, eps)`, x RMSNorm'd first in gate/up's
-  builds, `norm_serves` for gate and up)."""
+  builds, `norm_serves` for gate and up). With `residual` (`[1, n_out]`
+  in x2d's dtype), `residual + ` that, added with down's partials' sum."""
   gate, _, down = qss
   return lg.gemv_swiglu(x2d, *_lut_weights(packeds, qss),
                         code=code(gate.quant_type), n=gate.shape[0],
                         k=x2d.shape[1], n_out=down.shape[0],
-                        rms_norm=rms_norm,
+                        rms_norm=rms_norm, residual=residual,
                         interpret=mode == "interpret").astype(x2d.dtype)
 
 

@@ -336,22 +336,24 @@ def _swiglu_composed(x2d, packeds, qss):
   return matmul_4bit(jax.nn.silu(g) * u, packeds[2], qss[2])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _swiglu(x2d, norm_weight, packeds, qss, eps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _swiglu(x2d, norm_weight, residual, packeds, qss, eps):
   """The fused launches (`kernels.swiglu`), x RMSNorm'd in them unless
-  `norm_weight` is None; differentiated through the composition."""
+  `norm_weight` is None, `residual` added unless None; differentiated
+  through the composition."""
   rms_norm = None if norm_weight is None else (norm_weight, eps)
   return kernels.swiglu(x2d, [ops.from_storage(p) for p in packeds], qss,
-                        dispatch.resolve(), rms_norm=rms_norm)
+                        dispatch.resolve(), rms_norm=rms_norm,
+                        residual=residual)
 
 
-def _swiglu_fwd(x2d, norm_weight, packeds, qss, eps):
-  return (_swiglu(x2d, norm_weight, packeds, qss, eps),
-          (x2d, norm_weight, packeds, qss))
+def _swiglu_fwd(x2d, norm_weight, residual, packeds, qss, eps):
+  return (_swiglu(x2d, norm_weight, residual, packeds, qss, eps),
+          (x2d, norm_weight, residual is not None, packeds, qss))
 
 
 def _swiglu_bwd(eps, res, g):
-  x2d, norm_weight, packeds, qss = res
+  x2d, norm_weight, has_residual, packeds, qss = res
 
   def composed(x, w):
     x = x if w is None else rms_norm_lib.reference(x, w, eps)
@@ -359,7 +361,7 @@ def _swiglu_bwd(eps, res, g):
 
   _, vjp = jax.vjp(composed, x2d, norm_weight)
   zeros = jax.tree.map(_zero_cotangent, (packeds, qss))
-  return vjp(g) + zeros
+  return vjp(g) + (g if has_residual else None,) + zeros
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
@@ -372,6 +374,7 @@ def matmul_4bit_swiglu(
     down: tuple[jax.Array, QuantState],
     *,
     rms_norm: tuple[jax.Array, float] | None = None,
+    residual: jax.Array | None = None,
 ) -> jax.Array:
   """A SwiGLU MLP on 4-bit weights: `down(silu(A @ gate.T) * (A @ up.T))`.
 
@@ -391,8 +394,12 @@ def matmul_4bit_swiglu(
   to three). Otherwise, and with the reference ops, the three
   matmuls run in turn. With `rms_norm=(weight, eps)`, `A` is RMSNorm'd
   first, as `matmul_4bit_group`'s `rms_norm` (in gate/up's table builds
-  where that serves). Differentiable in `A` and the norm's weight
-  (through the three matmuls).
+  where that serves). With `residual`, the result is `residual + y` (a
+  decoder layer's `x + mlp(x)`, y in `A.dtype` first); in the two
+  launches' path down's partials are summed and added to it in one
+  kernel (`pallas_kernels.split_sum.add_splits`), not by XLA. Same
+  bits either way. Differentiable in `A`, the norm's weight (through
+  the three matmuls) and `residual`.
 
   Args:
     A: float activations `[..., K]`, in the compute dtype.
@@ -400,6 +407,7 @@ def matmul_4bit_swiglu(
     up: the same of the `[N, K]` up projection.
     down: the same of the `[N_out, N]` down projection.
     rms_norm: optional `(weight [K], eps)`.
+    residual: optional `[..., N_out]` in `A.dtype`, added to the output.
 
   Returns:
     `[..., N_out]` in `A.dtype`.
@@ -439,23 +447,34 @@ def matmul_4bit_swiglu(
           f"{fn}: {name}'s weight shape must be {list(want[name])} (A has "
           f"K={k}, gate N={n}), got {list(pair[1].shape)}.")
   x2d = jnp.asarray(A).reshape(-1, k)
+  out_shape = (*A.shape[:-1], want["down"][0])
+  res2d = None
+  if residual is not None:
+    residual = jnp.asarray(residual)
+    if residual.shape != out_shape or residual.dtype != x2d.dtype:
+      raise ValueError(
+          f"{fn}: `residual` must be {x2d.dtype} {list(out_shape)} (A's "
+          f"rows, down's N_out), got {residual.dtype} "
+          f"{list(residual.shape)}.")
+    res2d = residual.reshape(-1, out_shape[-1])
   packeds = tuple(p for p, _ in (gate, up, down))
   qss = tuple(qs for _, qs in (gate, up, down))
   fused = kernels.swiglu_serves(x2d.shape[0], k, x2d.dtype, qss)
   if rms_norm is not None:
     norm_weight, eps = _checked_norm(fn, rms_norm, k)
     if fused and kernels.norm_serves(x2d.shape[0], k, x2d.dtype, qss[:2]):
-      x2d, norm_weight = pallas_kernels.match_vma(
-          (x2d, norm_weight), (x2d, norm_weight, packeds, qss))
-      y = _swiglu(x2d, norm_weight, packeds, qss, eps)
-      return y.reshape(*A.shape[:-1], y.shape[-1])
+      x2d, norm_weight, res2d = pallas_kernels.match_vma(
+          (x2d, norm_weight, res2d), (x2d, norm_weight, res2d, packeds, qss))
+      y = _swiglu(x2d, norm_weight, res2d, packeds, qss, eps)
+      return y.reshape(out_shape)
     x2d = rms_norm_lib.reference(x2d, norm_weight, eps)
   if fused:
-    x2d = pallas_kernels.match_vma((x2d,), (x2d, packeds, qss))[0]
-    y = _swiglu(x2d, None, packeds, qss, 0.0)
-  else:
-    y = _swiglu_composed(x2d, packeds, qss)
-  return y.reshape(*A.shape[:-1], y.shape[-1])
+    x2d, res2d = pallas_kernels.match_vma((x2d, res2d),
+                                          (x2d, res2d, packeds, qss))
+    y = _swiglu(x2d, None, res2d, packeds, qss, 0.0)
+    return y.reshape(out_shape)
+  y = _swiglu_composed(x2d, packeds, qss).reshape(out_shape)
+  return y if residual is None else residual + y
 
 
 def matmul_int8(
