@@ -205,6 +205,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "64",
            ("tests/kernels/gemm_4bit_wgmma_test.py::"
             "test_default_config_splits_k_ways_not_powers_of_two",)),
+    Mutant("add-splits-y-not-rounded",
+           "pallas_kernels/split_sum.py",
+           "y = total.astype(dtype).astype(jnp.float32)",
+           "y = total",
+           ("tests/kernels/split_sum_test.py::"
+            "test_add_splits_is_the_reference_bit_for_bit",)),
+    Mutant("mlp-residual-not-fused",
+           "jaxbnb/_src/models/llama.py",
+           "if residual is not None and residual.dtype == self.dtype:",
+           "if False:",
+           ("tests/models/llama_test.py::"
+            "test_decode_mlp_runs_down_on_gate_up_partials",)),
     Mutant("warp-tma-pair-one-k-chunk",
            "pallas_kernels/gemv_4bit_warp_tma.py",
            "PAIR_KCHUNKS.get(k, 1) if len(ns) == 2 else 1",
