@@ -83,8 +83,9 @@ def _pairwise(rows: list) -> jax.Array:
 
 
 def can_add(n: int) -> bool:
-  """Whether `add_splits` takes `n` columns: a multiple of `ADD_BLOCK`,
-  on a backend with Pallas' Triton lowering (or interpret mode)."""
+  """Whether `add_splits` takes `n` columns: a positive multiple of
+  `ADD_BLOCK` (the caller picks the kernel only where Pallas' GPU
+  kernels run, or interpret mode)."""
   return n > 0 and n % ADD_BLOCK == 0
 
 
