@@ -93,6 +93,17 @@
 #                                          # alternated twice, 4-layer
 #                                          # profiles of both (about
 #                                          # 330 s)
+#   bash docs/bench/issue14_targets.sh v   # is the 8B decode at batch
+#                                          # 1 bound by the host's
+#                                          # launches? A 32-layer
+#                                          # profile (kernel time a step
+#                                          # against the wall step, the
+#                                          # gaps), then the decode at
+#                                          # batch 1 / 8 with XLA's
+#                                          # command buffers taking the
+#                                          # Pallas custom calls, and the
+#                                          # decode loop too, against the
+#                                          # default (about 400 s)
 #   (part q, the q/k/v partials summed by the attention kernel, ran in
 #   the fifty-seventh session; measured slower, its code was taken out
 #   in the fifty-eighth: see commit 0168530)
@@ -341,8 +352,25 @@ case $part in
           "$OUT/profile_b1_residual_$r.txt" | head -8
     done
     ;;
+  v)
+    K=docs/bench/decode_knobs_s52.py
+    echo "== profile b1, 32 layers"
+    SEQUENCE=1 timeout 120 python $K profile jax-nf4-dq 1 16 \
+        > "$OUT/profile_b1_32layers.txt" 2>&1
+    grep -E "tok/s|per decode step|gaps|GPU busy" "$OUT/profile_b1_32layers.txt"
+    base=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN
+    for flags in "" "$base" "$base,WHILE"; do
+      name=${flags##*=}
+      name=${name//,/_}
+      echo "== decode b1/b8 XLA_FLAGS=${flags:-default}"
+      XLA_FLAGS="$flags" timeout 95 python $K cli bench decode \
+          --impl jax-nf4-dq --shape llama-3-8b --batch 1,8 --steps 64 \
+          --reps 3 --json "$OUT/decode_b1_b8_cmdbuf_${name:-default}.json" \
+          2>&1 | grep -o "'batch': [0-9]*\|'tokens_per_s': [0-9.]*"
+    done
+    ;;
   *)
-    echo "part: expected one of a-p, r, s, t or u, got $part" >&2
+    echo "part: expected one of a-p, r, s, t, u or v, got $part" >&2
     exit 2
     ;;
 esac
