@@ -20,7 +20,8 @@ Triton lowering
   "warp"'s decode and `mma.sync` on `gemv_4bit_lut`'s TMA pipeline
   (Hopper).
 * `split_sum`: the K-split partials summed by adds, which XLA fuses into
-  their consumer.
+  their consumer; `add_splits`, a residual add with that sum in one
+  Pallas kernel (the decode's `x + mlp(x)` at one row).
 * `lowering`: the Mosaic GPU kernels' entry points wrapped so that a
   program calling one on equal shapes (a model's layers) traces and lowers
   it once (`lowered_once`).
