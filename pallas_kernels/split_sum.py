@@ -69,7 +69,9 @@ def sum_splits(part: jax.Array) -> jax.Array:
 
 
 def _pairwise(rows: list) -> jax.Array:
-  """`sum_splits`' order over a list of equal arrays (row i = part[i])."""
+  """`sum_splits`' order over a list of equal arrays (row i = part[i]):
+  `add_splits`' programs load their partials a row at a time (Triton's
+  blocks are powers of two; the splits, 56 at K = 14336, are not)."""
   aside = []
   while len(rows) > 1:
     if len(rows) % 2:
